@@ -1,0 +1,374 @@
+//! Layered configuration: built-in defaults, then a TOML file, then
+//! `OTS_SERVER_…` / `OTS_WORKER_…` environment variables, then flags.
+//! Unknown keys and invalid values are refused at start with the key and
+//! the reason, so a typo never silently falls back to a default.
+
+use crate::delivery::RetryPolicy;
+use crate::protocol::{DeviceProps, DeviceSpecError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("configuration (file or {prefix}_* environment): {source}")]
+    Layer {
+        prefix: &'static str,
+        source: config::ConfigError,
+    },
+    #[error("configuration key `{key}` = {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("configuration key `device`: {0}")]
+    Device(#[from] DeviceSpecError),
+}
+
+fn invalid(key: &'static str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A flag given on the command line, applied over file and environment.
+pub type Override = (&'static str, Option<String>);
+
+fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
+    prefix: &'static str,
+    file: Option<&Path>,
+    overrides: &[Override],
+    list_keys: &[&str],
+) -> Result<T, ConfigError> {
+    let defaults = config::Config::try_from(&T::default()).map_err(|source| ConfigError::Layer { prefix, source })?;
+    let mut builder = config::Config::builder().add_source(defaults);
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::File {
+                path: path.to_path_buf(),
+                source: config::ConfigError::Message("file does not exist or is not a regular file".into()),
+            });
+        }
+        // Parse the file alone first, so its errors name the file.
+        config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .build()
+            .map_err(|source| ConfigError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let mut env = config::Environment::with_prefix(prefix)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true);
+    if !list_keys.is_empty() {
+        env = env.list_separator(",");
+        for k in list_keys {
+            env = env.with_list_parse_key(k);
+        }
+    }
+    builder = builder.add_source(env);
+    for (key, value) in overrides {
+        if let Some(v) = value {
+            builder = builder
+                .set_override(*key, v.clone())
+                .map_err(|source| ConfigError::Layer { prefix, source })?;
+        }
+    }
+    builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|source| ConfigError::Layer { prefix, source })
+}
+
+fn check_endpoint(key: &'static str, ep: &str) -> Result<(), ConfigError> {
+    let rest = ep
+        .strip_prefix("tcp://")
+        .ok_or_else(|| invalid(key, ep, "must be tcp://HOST:PORT (the zeromq crate supports tcp here)"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(key, ep, "must be tcp://HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid(key, ep, "must be tcp://HOST:PORT with a port number 0–65535"));
+    }
+    Ok(())
+}
+
+/// `ots-server` configuration (`conf/server.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// ROUTER endpoint workers and clients connect to.
+    pub control: String,
+    /// PUB endpoint for heartbeats and progress.
+    pub events: String,
+    /// Where task logs and result files are kept.
+    pub state_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+    /// A worker is lost after this many silent heartbeat intervals.
+    pub liveness: u32,
+    /// A dispatch not started within this is stale.
+    pub dispatch_ttl_ms: u64,
+    /// How long a lost worker's task is held for it.
+    pub lost_grace_ms: u64,
+    pub max_attempts: u32,
+    pub queue_timeout_secs: u64,
+    pub backstop_grace_secs: u64,
+    /// A send to one peer that does not complete within this is dropped and
+    /// counted, so one stuck peer cannot stall the server.
+    pub send_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            control: "tcp://127.0.0.1:5555".into(),
+            events: "tcp://127.0.0.1:5556".into(),
+            state_dir: PathBuf::from("/var/lib/ots/server"),
+            heartbeat_interval_ms: 1000,
+            liveness: 3,
+            dispatch_ttl_ms: 30_000,
+            lost_grace_ms: 30_000,
+            max_attempts: 3,
+            queue_timeout_secs: 24 * 3600,
+            backstop_grace_secs: 60,
+            send_timeout_ms: 2000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads and validates: defaults, `file`, `OTS_SERVER_*`, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
+        let cfg: ServerConfig = load("OTS_SERVER", file, overrides, &[])?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_endpoint("control", &self.control)?;
+        check_endpoint("events", &self.events)?;
+        if self.heartbeat_interval_ms < 10 {
+            return Err(invalid("heartbeat_interval_ms", self.heartbeat_interval_ms, "must be at least 10"));
+        }
+        if self.liveness < 2 {
+            return Err(invalid("liveness", self.liveness, "must be at least 2 (one missed heartbeat is not a loss)"));
+        }
+        if self.max_attempts < 1 {
+            return Err(invalid("max_attempts", self.max_attempts, "must be at least 1"));
+        }
+        if self.dispatch_ttl_ms < self.heartbeat_interval_ms {
+            return Err(invalid("dispatch_ttl_ms", self.dispatch_ttl_ms, "must be at least heartbeat_interval_ms"));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "", "must name a directory"));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+}
+
+/// How the worker runs a task (`[conductor]` in `conf/worker.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConductorConfig {
+    /// Argument vector template; no shell. Placeholders: `{image}`,
+    /// `{packages}` (comma-separated), `{packages...}` (one argument per
+    /// package), `{results_dir}`, `{work_dir}`, `{task_id}`, `{run_id}`,
+    /// `{attempt}`, `{timeout}`, `{device_group}`, `{device_name}`,
+    /// `{device_id}`, `{option:NAME}`.
+    pub command: Vec<String>,
+    /// Globs, relative to the task's results folder, of files to upload.
+    pub result_globs: Vec<String>,
+    /// Between TERM and KILL of the conductor's process group.
+    pub kill_grace_ms: u64,
+}
+
+impl Default for ConductorConfig {
+    fn default() -> Self {
+        ConductorConfig {
+            command: vec![
+                "examples/conductor.sh".into(),
+                "--image".into(),
+                "{image}".into(),
+                "--packages".into(),
+                "{packages}".into(),
+                "--results".into(),
+                "{results_dir}".into(),
+            ],
+            result_globs: vec!["**/*".into()],
+            kill_grace_ms: 5000,
+        }
+    }
+}
+
+/// `ots-worker` configuration (`conf/worker.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Logical worker name, unique per server.
+    pub name: String,
+    /// The server's control (ROUTER) endpoint.
+    pub server: String,
+    /// The server's events (PUB) endpoint.
+    pub events: String,
+    /// `devicegroup:X [devicename:Y] [deviceid:Z]` of the device this worker owns.
+    pub device: String,
+    /// Per-task working folders live here.
+    pub state_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+    /// The server is lost after this many silent heartbeat intervals.
+    pub liveness: u32,
+    /// One connection attempt gives up after this long.
+    pub connect_timeout_ms: u64,
+    /// Reconnect backoff: first delay, cap (randomized, exponential).
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Log lines kept while the server is unreachable (oldest dropped first).
+    pub log_buffer_lines: usize,
+    /// Log lines are sent in batches at most this old…
+    pub log_batch_ms: u64,
+    /// …and at most this many lines.
+    pub log_batch_lines: usize,
+    /// Resend timing of mandatory messages.
+    pub retry: RetryPolicy,
+    pub conductor: ConductorConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            name: String::new(),
+            server: "tcp://127.0.0.1:5555".into(),
+            events: "tcp://127.0.0.1:5556".into(),
+            device: String::new(),
+            state_dir: PathBuf::from("/var/lib/ots/worker"),
+            heartbeat_interval_ms: 1000,
+            liveness: 3,
+            connect_timeout_ms: 2000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 2000,
+            log_buffer_lines: 100_000,
+            log_batch_ms: 20,
+            log_batch_lines: 500,
+            retry: RetryPolicy::default(),
+            conductor: ConductorConfig::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Loads and validates: defaults, `file`, `OTS_WORKER_*`, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
+        let cfg: WorkerConfig = load(
+            "OTS_WORKER",
+            file,
+            overrides,
+            &["conductor.command", "conductor.result_globs"],
+        )?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.name.len() > 128 || self.name.contains(char::is_whitespace) {
+            return Err(invalid("name", &self.name, "must be 1–128 characters without whitespace (set it with --name)"));
+        }
+        check_endpoint("server", &self.server)?;
+        check_endpoint("events", &self.events)?;
+        self.device_props()?;
+        if self.heartbeat_interval_ms < 10 {
+            return Err(invalid("heartbeat_interval_ms", self.heartbeat_interval_ms, "must be at least 10"));
+        }
+        if self.liveness < 2 {
+            return Err(invalid("liveness", self.liveness, "must be at least 2"));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(invalid("reconnect_max_ms", self.reconnect_max_ms, "must be ≥ reconnect_min_ms > 0"));
+        }
+        if self.log_batch_lines == 0 {
+            return Err(invalid("log_batch_lines", 0, "must be at least 1"));
+        }
+        if self.conductor.command.is_empty() {
+            return Err(invalid("conductor.command", "[]", "must name the conductor program"));
+        }
+        for arg in &self.conductor.command {
+            crate::worker::conductor::check_template(arg)
+                .map_err(|reason| invalid("conductor.command", arg, reason))?;
+        }
+        for g in &self.conductor.result_globs {
+            glob::Pattern::new(g).map_err(|e| invalid("conductor.result_globs", g, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn device_props(&self) -> Result<DeviceProps, ConfigError> {
+        if self.device.trim().is_empty() {
+            return Err(invalid("device", "", "must give the device, e.g. \"devicegroup:n900\" (set it with --device)"));
+        }
+        Ok(DeviceProps::parse(&self.device)?)
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_defaults_are_valid_and_flags_override() {
+        let cfg = ServerConfig::load(None, &[("control", Some("tcp://127.0.0.1:0".into()))]).unwrap();
+        assert_eq!(cfg.control, "tcp://127.0.0.1:0");
+        assert_eq!(cfg.liveness, 3);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = ServerConfig::load(None, &[("control", Some("udp://x".into()))]).unwrap_err();
+        assert!(e.to_string().contains("`control`"), "{e}");
+        let e = ServerConfig::load(None, &[("liveness", Some("1".into()))]).unwrap_err();
+        assert!(e.to_string().contains("`liveness`"), "{e}");
+        let e = WorkerConfig::load(None, &[("name", Some("w".into()))]).unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "hearbeat_interval_ms = 5\n").unwrap();
+        let e = ServerConfig::load(Some(&path), &[]).unwrap_err();
+        assert!(e.to_string().contains("hearbeat_interval_ms"), "{e}");
+        std::fs::write(&path, "liveness = \"three\"\n").unwrap();
+        let e = ServerConfig::load(Some(&path), &[]).unwrap_err();
+        assert!(e.to_string().contains("liveness"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_config_files_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        ServerConfig::load(Some(&root.join("conf/server.toml")), &[]).unwrap();
+        WorkerConfig::load(
+            Some(&root.join("conf/worker.toml")),
+            &[("name", Some("w1".into()))],
+        )
+        .unwrap();
+    }
+}

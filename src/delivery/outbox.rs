@@ -1,0 +1,220 @@
+//! Sender side of mandatory delivery: keep every mandatory message until
+//! the receiver acknowledges it, resend with randomized exponential backoff
+//! (`backon`), and resend everything in order after a reconnect.
+
+use crate::protocol::{Body, Class, Header, TaskId, PROTOCOL_VERSION};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Resend timing of unacknowledged mandatory messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// First resend after this long without an ack.
+    pub initial_ms: u64,
+    /// Each further resend waits this factor longer…
+    pub factor: f32,
+    /// …up to this cap.
+    pub cap_ms: u64,
+    /// Randomize each delay (up to double it) so many senders do not resend in step.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_ms: 1000,
+            factor: 2.0,
+            cap_ms: 16_000,
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self) -> ExponentialBackoff {
+        let mut b = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.initial_ms))
+            .with_factor(self.factor)
+            .with_max_delay(Duration::from_millis(self.cap_ms))
+            .without_max_times();
+        if self.jitter {
+            b = b.with_jitter();
+        }
+        b.build()
+    }
+}
+
+/// One message waiting for its ack.
+#[derive(Debug)]
+pub struct Pending {
+    pub class: Class,
+    pub task: Option<TaskId>,
+    pub body: Body,
+    pub raw: Option<Bytes>,
+    /// When to (re)send; `None`: at the next opportunity.
+    due: Option<Instant>,
+    backoff: ExponentialBackoff,
+    /// How many times it was sent.
+    pub sends: u32,
+}
+
+/// The outbox of one sender session.
+#[derive(Debug)]
+pub struct Outbox {
+    policy: RetryPolicy,
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+/// A message to put on the wire now.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub header: Header,
+    pub body: Body,
+    pub raw: Option<Bytes>,
+}
+
+impl Outbox {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Outbox {
+            policy,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Queues a mandatory message; returns its sequence number.
+    pub fn push(&mut self, task: Option<TaskId>, body: Body, raw: Option<Bytes>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(
+            seq,
+            Pending {
+                class: body.class(),
+                task,
+                body,
+                raw,
+                due: None,
+                backoff: self.policy.backoff(),
+                sends: 0,
+            },
+        );
+        seq
+    }
+
+    /// Messages to send now (first sends and resends), in sequence order.
+    pub fn due(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for (&seq, p) in self.pending.iter_mut() {
+            if p.due.is_some_and(|d| d > now) {
+                continue;
+            }
+            let delay = p.backoff.next().unwrap_or(Duration::from_millis(self.policy.cap_ms));
+            p.due = Some(now + delay);
+            p.sends += 1;
+            out.push(Outgoing {
+                header: Header {
+                    v: PROTOCOL_VERSION,
+                    class: p.class,
+                    mandatory: true,
+                    seq,
+                    task: p.task.clone(),
+                },
+                body: p.body.clone(),
+                raw: p.raw.clone(),
+            });
+        }
+        out
+    }
+
+    /// Earliest time something becomes due, for the shell's timer.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.pending.values().filter_map(|p| p.due).min()
+    }
+
+    /// The receiver acknowledged `seq`. Returns false for an unknown seq
+    /// (a duplicate ack).
+    pub fn ack(&mut self, seq: u64) -> bool {
+        self.pending.remove(&seq).is_some()
+    }
+
+    /// The receiver closed `task`: drop everything for it. Returns how many
+    /// messages were dropped.
+    pub fn drop_task(&mut self, task: &str) -> usize {
+        let before = self.pending.len();
+        self.pending.retain(|_, p| p.task.as_deref() != Some(task));
+        before - self.pending.len()
+    }
+
+    /// After a reconnect: everything pending goes out again at once, in
+    /// order, with a fresh backoff.
+    pub fn resend_all(&mut self) {
+        for p in self.pending.values_mut() {
+            p.due = None;
+            p.backoff = self.policy.backoff();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// True if a message for `task` is still unacknowledged.
+    pub fn has_task(&self, task: &str) -> bool {
+        self.pending.values().any(|p| p.task.as_deref() == Some(task))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial_ms: 100,
+            factor: 2.0,
+            cap_ms: 400,
+            jitter: false,
+        }
+    }
+
+    #[test]
+    fn unacked_messages_are_resent_with_growing_delay_until_acked() {
+        let t0 = Instant::now();
+        let mut outbox = Outbox::new(policy());
+        let seq = outbox.push(Some("r.1".into()), Body::Ready, None);
+        assert_eq!(outbox.due(t0).len(), 1);
+        assert!(outbox.due(t0 + Duration::from_millis(99)).is_empty());
+        assert_eq!(outbox.due(t0 + Duration::from_millis(100)).len(), 1);
+        // second delay is 200 ms after the resend at 100
+        assert!(outbox.due(t0 + Duration::from_millis(299)).is_empty());
+        assert_eq!(outbox.due(t0 + Duration::from_millis(300))[0].header.seq, seq);
+        assert!(outbox.ack(seq));
+        assert!(!outbox.ack(seq));
+        assert!(outbox.due(t0 + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn resend_all_sends_everything_in_order_and_drop_task_forgets() {
+        let t0 = Instant::now();
+        let mut outbox = Outbox::new(policy());
+        let a = outbox.push(Some("r.1".into()), Body::Ready, None);
+        let b = outbox.push(Some("r.2".into()), Body::Ready, None);
+        let c = outbox.push(Some("r.1".into()), Body::Ready, None);
+        assert_eq!(outbox.due(t0).len(), 3);
+        outbox.resend_all();
+        let seqs: Vec<u64> = outbox.due(t0).iter().map(|o| o.header.seq).collect();
+        assert_eq!(seqs, vec![a, b, c]);
+        assert_eq!(outbox.drop_task("r.1"), 2);
+        assert_eq!(outbox.len(), 1);
+        assert!(outbox.has_task("r.2"));
+    }
+}

@@ -1,0 +1,98 @@
+//! Accounting of best-effort lines: which sequence numbers arrived, and
+//! therefore exactly which ranges never did.
+
+use std::collections::BTreeMap;
+
+/// A set of u64 kept as disjoint inclusive ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqRanges {
+    /// start → end, inclusive, non-overlapping, non-adjacent.
+    ranges: BTreeMap<u64, u64>,
+    count: u64,
+}
+
+impl SeqRanges {
+    /// Adds `seq`; returns false if it was already present.
+    pub fn insert(&mut self, seq: u64) -> bool {
+        if self.contains(seq) {
+            return false;
+        }
+        let mut start = seq;
+        let mut end = seq;
+        if let Some((&s, &e)) = self.ranges.range(..seq).next_back() {
+            if e + 1 == seq {
+                start = s;
+                self.ranges.remove(&s);
+            }
+        }
+        if let Some(&e) = self.ranges.get(&(seq + 1)) {
+            end = e;
+            self.ranges.remove(&(seq + 1));
+        }
+        self.ranges.insert(start, end);
+        self.count += 1;
+        true
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.ranges
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, &e)| seq <= e)
+    }
+
+    /// How many numbers are present.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The inclusive ranges within `1..=upto` that are absent.
+    pub fn missing(&self, upto: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut next = 1;
+        for (&s, &e) in &self.ranges {
+            if s > upto {
+                break;
+            }
+            if s > next {
+                gaps.push((next, s - 1));
+            }
+            next = e + 1;
+        }
+        if next <= upto {
+            gaps.push((next, upto));
+        }
+        gaps
+    }
+}
+
+/// Formats gaps for people: "1200–1236, 1300".
+pub fn describe(gaps: &[(u64, u64)]) -> String {
+    gaps.iter()
+        .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}–{b}") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ranges_are_exact() {
+        let mut r = SeqRanges::default();
+        for s in (1..=10).chain(15..=20).chain([12]) {
+            assert!(r.insert(s));
+        }
+        assert!(!r.insert(12));
+        assert_eq!(r.len(), 17);
+        assert_eq!(r.missing(22), vec![(11, 11), (13, 14), (21, 22)]);
+        assert_eq!(describe(&r.missing(22)), "11, 13–14, 21–22");
+        assert!(r.insert(11));
+        assert_eq!(r.missing(20), vec![(13, 14)]);
+    }
+}

@@ -1,0 +1,31 @@
+//! ots — brokerless test distribution over ZeroMQ.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the wire protocol — headers, bodies, device specs and the
+//!   frame codec. Pure data, no I/O. `docs/PROTOCOL.md` is its prose twin.
+//! - [`delivery`]: the delivery rules both ends share, without I/O: the
+//!   outbox of mandatory messages, the dedup window, log-line accounting.
+//! - [`transport`]: thin helpers over the `zeromq` crate: binding the server
+//!   sockets, connecting a worker or client with a fresh routing identity,
+//!   sending with a deadline.
+//! - [`server`]: `ots-server`. [`server::scheduler`] is the I/O-free heart
+//!   (testruns, tasks, queues, worker registry, verdicts) driven by messages
+//!   and a clock; [`server::service`] is the tokio shell around it.
+//! - [`worker`]: `ots-worker`. [`worker::session`] is the I/O-free session
+//!   (registration, liveness, outbox of mandatory messages);
+//!   [`worker::conductor`] runs the conductor command in its own process
+//!   group; [`worker::service`] is the tokio shell.
+//! - [`client`]: the request/response client behind `ots-submit`.
+//! - [`local`]: an embedded server plus local workers in one process, for
+//!   `ots-submit run --local`.
+//! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
+
+pub mod client;
+pub mod config;
+pub mod delivery;
+pub mod local;
+pub mod protocol;
+pub mod server;
+pub mod transport;
+pub mod worker;

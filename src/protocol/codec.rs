@@ -1,0 +1,194 @@
+//! Frames ↔ messages. This is the one place bytes become typed messages, so
+//! a later authenticated-encryption layer wraps exactly these two functions.
+
+use crate::protocol::message::{Body, Header};
+use crate::protocol::PROTOCOL_VERSION;
+use bytes::Bytes;
+use serde::Deserialize;
+
+/// Largest header frame accepted.
+pub const MAX_HEADER_BYTES: usize = 4 * 1024;
+/// Largest body frame accepted (a log batch or a status reply).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest raw frame accepted (one file chunk).
+pub const MAX_RAW_BYTES: usize = 4 * 1024 * 1024;
+
+/// A decoded message: header, body and the optional raw bulk frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    pub header: Header,
+    pub body: Body,
+    pub raw: Option<Bytes>,
+}
+
+/// Why frames were refused. Each maps to an `error` reply code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("message has {0} frames; expected header, body and optionally one raw frame")]
+    FrameCount(usize),
+    #[error("header frame is not a valid MessagePack header: {0}")]
+    BadHeader(String),
+    #[error("protocol version {0} is not supported (this peer speaks version {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("body frame is not a valid message body: {0}")]
+    BadBody(String),
+    #[error("{what} frame is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+    #[error("header says class {header:?} but a {kind} message travels in class {body:?}")]
+    ClassMismatch {
+        header: crate::protocol::Class,
+        body: crate::protocol::Class,
+        kind: &'static str,
+    },
+    #[error("a {0} message carries a raw frame it does not use")]
+    UnexpectedRaw(&'static str),
+}
+
+impl ProtocolError {
+    /// The error code to put in the `error` reply.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            ProtocolError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Encodes header and body (and the raw frame, if any) as frames.
+pub fn encode(header: &Header, body: &Body, raw: Option<Bytes>) -> Vec<Bytes> {
+    // Serialising our own plain structs into a Vec cannot fail.
+    let h = rmp_serde::to_vec_named(header).expect("header serialises");
+    let b = rmp_serde::to_vec_named(body).expect("body serialises");
+    let mut frames = vec![Bytes::from(h), Bytes::from(b)];
+    if let Some(raw) = raw {
+        frames.push(raw);
+    }
+    frames
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: u8,
+}
+
+fn check_size(what: &'static str, frame: &Bytes, limit: usize) -> Result<(), ProtocolError> {
+    if frame.len() > limit {
+        return Err(ProtocolError::TooLarge {
+            what,
+            size: frame.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes frames into an [`Envelope`], checking version, sizes and that
+/// the body travels in its class.
+pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
+    if !(2..=3).contains(&frames.len()) {
+        return Err(ProtocolError::FrameCount(frames.len()));
+    }
+    let mut frames = frames.into_iter();
+    let (h, b, raw) = (frames.next().unwrap(), frames.next().unwrap(), frames.next());
+    check_size("header", &h, MAX_HEADER_BYTES)?;
+    // Check the version before the rest, so a newer peer whose header grew
+    // fields we do not know still gets the precise answer.
+    let probe: VersionProbe =
+        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
+    if probe.v != PROTOCOL_VERSION {
+        return Err(ProtocolError::UnsupportedVersion(probe.v));
+    }
+    let header: Header =
+        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
+    check_size("body", &b, MAX_BODY_BYTES)?;
+    let body: Body = rmp_serde::from_slice(&b).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+    if body.class() != header.class {
+        return Err(ProtocolError::ClassMismatch {
+            header: header.class,
+            body: body.class(),
+            kind: body.kind(),
+        });
+    }
+    if let Some(raw) = &raw {
+        check_size("raw", raw, MAX_RAW_BYTES)?;
+        if !matches!(body, Body::FileChunk { .. } | Body::Data { .. }) {
+            return Err(ProtocolError::UnexpectedRaw(body.kind()));
+        }
+    }
+    Ok(Envelope { header, body, raw })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Class, ErrorCode};
+
+    fn header(class: Class) -> Header {
+        Header {
+            v: PROTOCOL_VERSION,
+            class,
+            mandatory: true,
+            seq: 7,
+            task: Some("r.1".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_header_body_and_raw() {
+        let body = Body::FileChunk {
+            task: "r.1".into(),
+            name: "a.xml".into(),
+            offset: 0,
+            size: 3,
+            sha256: None,
+        };
+        let frames = encode(&header(Class::File), &body, Some(Bytes::from_static(b"abc")));
+        let env = decode(frames).unwrap();
+        assert_eq!(env.body, body);
+        assert_eq!(env.header.seq, 7);
+        assert_eq!(env.raw.as_deref(), Some(&b"abc"[..]));
+    }
+
+    #[test]
+    fn garbage_and_wrong_versions_are_typed_errors() {
+        let e = decode(vec![Bytes::from_static(b"\xc1"), Bytes::new()]).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadHeader(_)));
+        assert_eq!(e.code(), ErrorCode::Malformed);
+
+        let mut h = header(Class::Control);
+        h.v = 9;
+        let frames = encode(&h, &Body::Ready, None);
+        let e = decode(frames).unwrap_err();
+        assert_eq!(e, ProtocolError::UnsupportedVersion(9));
+        assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
+
+        assert_eq!(decode(vec![]).unwrap_err(), ProtocolError::FrameCount(0));
+        let frames = encode(&header(Class::Log), &Body::Ready, None);
+        assert!(matches!(decode(frames), Err(ProtocolError::ClassMismatch { .. })));
+        let frames = encode(&header(Class::Control), &Body::Ready, Some(Bytes::from_static(b"x")));
+        assert_eq!(decode(frames).unwrap_err(), ProtocolError::UnexpectedRaw("ready"));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_decoding() {
+        let mut frames = encode(&header(Class::Control), &Body::Ready, None);
+        frames[1] = Bytes::from(vec![0u8; MAX_BODY_BYTES + 1]);
+        assert!(matches!(decode(frames), Err(ProtocolError::TooLarge { what: "body", .. })));
+    }
+
+    #[test]
+    fn unknown_body_type_is_malformed_not_a_panic() {
+        let h = rmp_serde::to_vec_named(&header(Class::Control)).unwrap();
+        let mut map = std::collections::BTreeMap::new();
+        map.insert("type", "launch_missiles");
+        let b = rmp_serde::to_vec_named(&map).unwrap();
+        let e = decode(vec![h.into(), b.into()]).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadBody(_)));
+    }
+}

@@ -1,0 +1,528 @@
+//! Headers and bodies of every message. Field names are the wire names:
+//! bodies are MessagePack maps (`rmp_serde::to_vec_named`) with a `type`
+//! key, so a peer in another language can read them without our structs.
+
+use crate::protocol::device::{DeviceProps, DeviceSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Identifies a testrun; unique per server state directory.
+pub type RunId = String;
+/// Identifies a task: `<run>.<n>`, n counting from 1.
+pub type TaskId = String;
+
+/// Delivery class. The class decides the delivery rule (docs/PROTOCOL.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// Task lifecycle, registration, requests and replies. Mandatory when it
+    /// changes state on the receiver.
+    Control,
+    /// Log lines: best-effort, never retried, every line numbered.
+    Log,
+    /// Result file chunks: mandatory, idempotent by offset.
+    File,
+    /// Liveness only; never mandatory.
+    Heartbeat,
+}
+
+/// First frame of every message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Protocol version; see [`crate::protocol::PROTOCOL_VERSION`].
+    pub v: u8,
+    pub class: Class,
+    /// The sender keeps the message until the receiver answers `ack` with
+    /// this `seq`; the receiver applies it at most once per (session, seq).
+    pub mandatory: bool,
+    /// Per-session sequence number; strictly increasing for mandatory
+    /// messages of one sender session, informational otherwise.
+    pub seq: u64,
+    /// The task this message belongs to, where there is one.
+    #[serde(default)]
+    pub task: Option<TaskId>,
+}
+
+/// How a testrun is split into tasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    /// One task runs all packages.
+    #[default]
+    Default,
+    /// One task per test package, spread over matching workers.
+    Perpackage,
+}
+
+impl std::str::FromStr for Distribution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" => Ok(Distribution::Default),
+            "perpackage" => Ok(Distribution::Perpackage),
+            other => Err(format!(
+                "unknown distribution model {other:?}; use default or perpackage"
+            )),
+        }
+    }
+}
+
+/// What a developer submits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestrunRequest {
+    pub device: DeviceSpec,
+    /// Image URL or path handed to the conductor as `{image}`.
+    pub image: String,
+    pub packages: Vec<String>,
+    pub distribution: Distribution,
+    /// Execution timeout of each task, in seconds.
+    pub timeout_secs: u64,
+    /// Free-form options, available to the conductor as `{option:NAME}`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Queue even if no known worker could ever match the device spec.
+    #[serde(default)]
+    pub queue_anyway: bool,
+}
+
+/// One task as the worker receives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub task: TaskId,
+    pub run: RunId,
+    /// 1 for the first attempt; higher when re-queued after a lost worker.
+    pub attempt: u32,
+    pub image: String,
+    pub packages: Vec<String>,
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Wall-clock expiry (Unix milliseconds, server clock). A worker MUST
+    /// NOT start a task whose dispatch arrives after this; hosts are expected
+    /// to keep their clocks within a second (NTP).
+    pub expires_at_ms: u64,
+}
+
+/// Which stream of the conductor a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// Lines the worker itself writes into the task log.
+    Worker,
+}
+
+/// One log line; `seq` counts from 1 within a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: u64,
+    pub stream: Stream,
+    pub text: String,
+}
+
+/// How the conductor ended, as the worker observed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Exit status if the conductor exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number if it was killed by a signal.
+    pub signal: Option<i32>,
+    /// The conductor could not be run at all (bad template, exec failure).
+    pub failure: Option<String>,
+    /// The worker killed it at the execution timeout.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The worker killed it because the server cancelled the task.
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// A result file as stored or announced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Relative path below the task's results directory, `/`-separated.
+    pub name: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// Final verdicts, ordered by severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Error,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Error => "ERROR",
+        })
+    }
+}
+
+/// Task lifecycle as the server sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    /// Sent to a worker, not yet accepted.
+    Dispatched,
+    Running,
+    /// The worker was lost while running this task; held for a grace period.
+    Held,
+    Finished,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Finished | TaskState::Cancelled)
+    }
+}
+
+/// Testrun lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Queued,
+    Running,
+    Finished,
+    Cancelled,
+}
+
+/// Test case counts parsed from JUnit XML result files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseCounts {
+    pub cases: u64,
+    pub failures: u64,
+    pub errors: u64,
+    pub skipped: u64,
+}
+
+impl CaseCounts {
+    pub fn add(&mut self, other: CaseCounts) {
+        self.cases += other.cases;
+        self.failures += other.failures;
+        self.errors += other.errors;
+        self.skipped += other.skipped;
+    }
+}
+
+/// What `status` shows about one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task: TaskId,
+    pub packages: Vec<String>,
+    pub state: TaskState,
+    pub worker: Option<String>,
+    pub attempts: u32,
+    pub verdict: Option<Verdict>,
+    /// Why the verdict is what it is, in one line.
+    pub reason: Option<String>,
+    pub cases: Option<CaseCounts>,
+    /// Log lines the server stored for the task.
+    pub log_lines_stored: u64,
+    /// Log lines the worker says the task produced (known once finished).
+    pub log_lines_produced: Option<u64>,
+    pub files: Vec<FileInfo>,
+}
+
+/// What `status` shows about a testrun.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStatus {
+    pub run: RunId,
+    pub state: RunState,
+    pub verdict: Option<Verdict>,
+    pub device: DeviceSpec,
+    pub image: String,
+    pub tasks: Vec<TaskStatus>,
+    /// Server-wide counters (orphans, malformed messages…) at the time of the answer.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// What `workers` shows about one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub device: DeviceProps,
+    pub state: WorkerState,
+    pub task: Option<TaskId>,
+    pub last_heard_ms_ago: u64,
+}
+
+/// Worker state in the server's registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Idle,
+    Busy,
+    Lost,
+}
+
+/// One progress event of a testrun; `index` counts from 0 per testrun so a
+/// follower can detect gaps in what PUB delivered and fetch the rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    pub index: u64,
+    pub task: Option<TaskId>,
+    pub state: ProgressState,
+    pub worker: Option<String>,
+    pub verdict: Option<Verdict>,
+    pub reason: Option<String>,
+}
+
+/// What a progress event announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressState {
+    Queued,
+    Dispatched,
+    Running,
+    Requeued,
+    Finished,
+    Cancelled,
+    /// The whole testrun ended; `verdict` is the testrun verdict.
+    RunFinished,
+    RunCancelled,
+}
+
+/// Error codes of `error` replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frames could not be decoded.
+    Malformed,
+    /// The header's version is not one this peer speaks.
+    UnsupportedVersion,
+    /// The message is too large for its class.
+    TooLarge,
+    /// The sender must register (hello) first.
+    NotRegistered,
+    /// The request names a testrun the server does not know.
+    UnknownRun,
+    /// The request names a task the server does not know.
+    UnknownTask,
+    /// No known worker could ever run the testrun.
+    NoMatchingWorker,
+    /// The request is well-formed but invalid (empty package list…).
+    BadRequest,
+    /// A result file name is absolute or climbs out of the results folder.
+    BadFileName,
+}
+
+/// Why a worker refused a dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// The dispatch's ttl had passed when it arrived.
+    Expired,
+    /// The worker already runs a task.
+    Busy,
+}
+
+/// Every message body. `type` names the variant on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    // ---- worker → server -------------------------------------------------
+    /// Registers a worker on a new connection.
+    Hello {
+        /// Logical worker name; unique per server.
+        worker: String,
+        /// Changes each time the worker process starts; with `seq` it forms
+        /// the dedup key of the worker's mandatory messages.
+        session: String,
+        device: DeviceProps,
+        /// Tasks the worker is still running or still has results for.
+        running: Vec<TaskId>,
+    },
+    /// The worker is idle and asks for one task; the server answers with a
+    /// dispatch as soon as matching work exists.
+    Ready,
+    /// The worker is alive and otherwise silent.
+    Heartbeat,
+    /// The worker accepted a dispatch and started the conductor: the task's
+    /// response channel is open.
+    TaskAccepted { task: TaskId },
+    /// The worker refused a dispatch and did not start it.
+    TaskRefused {
+        task: TaskId,
+        reason: RefuseReason,
+        message: String,
+    },
+    /// A batch of log lines of one task (class `log`).
+    Log { task: TaskId, lines: Vec<LogLine> },
+    /// A chunk of a result file (class `file`); the bytes are the third frame.
+    FileChunk {
+        task: TaskId,
+        name: String,
+        offset: u64,
+        /// Total size of the file.
+        size: u64,
+        /// Whole-file SHA-256, on the last chunk only.
+        sha256: Option<String>,
+    },
+    /// The task's final report: the last message on its channel.
+    TaskFinished {
+        task: TaskId,
+        outcome: Outcome,
+        /// Log lines the task produced, whether or not they arrived.
+        log_lines: u64,
+        files: Vec<FileInfo>,
+    },
+    /// Acknowledges the mandatory message `seq` of the peer (both directions).
+    Ack { seq: u64 },
+
+    // ---- server → worker ---------------------------------------------------
+    /// Registration accepted.
+    Welcome {
+        server: String,
+        heartbeat_ms: u64,
+        liveness: u32,
+    },
+    /// Run this task.
+    Dispatch { spec: TaskSpec },
+    /// Stop this task (TERM, grace, KILL) and report it.
+    Cancel { task: TaskId },
+    /// The task's channel is closed; anything further for it is an orphan.
+    /// Also the nack of a mandatory message for a closed or unknown task.
+    TaskClosed { task: TaskId, reason: String },
+
+    // ---- server → anyone ---------------------------------------------------
+    /// The server could not handle a message.
+    Error {
+        request: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
+
+    // ---- client → server ---------------------------------------------------
+    Ping { request: u64 },
+    Submit { request: u64, testrun: TestrunRequest },
+    GetStatus { request: u64, run: RunId },
+    GetEvents { request: u64, run: RunId, from: u64 },
+    CancelRun { request: u64, run: RunId },
+    ListWorkers { request: u64 },
+    /// Reads up to `max` bytes of a task's log from byte `offset`.
+    GetLog {
+        request: u64,
+        task: TaskId,
+        offset: u64,
+        max: u64,
+    },
+    /// Reads up to `max` bytes of a result file from `offset`.
+    GetFile {
+        request: u64,
+        task: TaskId,
+        name: String,
+        offset: u64,
+        max: u64,
+    },
+
+    // ---- server → client ---------------------------------------------------
+    Pong { request: u64, server: String },
+    Submitted { request: u64, run: RunId, tasks: Vec<TaskId> },
+    Status { request: u64, status: RunStatus },
+    Events {
+        request: u64,
+        run: RunId,
+        events: Vec<ProgressEvent>,
+    },
+    Workers { request: u64, workers: Vec<WorkerInfo> },
+    /// Bytes of a log or file are the third frame.
+    Data { request: u64, offset: u64, eof: bool },
+
+    // ---- server PUB ----------------------------------------------------------
+    /// Sent on `events` every heartbeat interval. `server` changes at each
+    /// server start, so a worker notices a restart even without a gap.
+    ServerHeartbeat { server: String, heartbeat_ms: u64 },
+    /// Progress of a testrun, on topic `run/<id>`.
+    Progress { run: RunId, event: ProgressEvent },
+    /// Log lines of a task, on topic `log/<run id>`.
+    LogLines {
+        run: RunId,
+        task: TaskId,
+        lines: Vec<LogLine>,
+    },
+    /// The server is shutting down in an orderly way.
+    Shutdown { server: String },
+}
+
+impl Body {
+    /// The class a message of this type travels in.
+    pub fn class(&self) -> Class {
+        match self {
+            Body::Heartbeat | Body::ServerHeartbeat { .. } => Class::Heartbeat,
+            Body::Log { .. } | Body::LogLines { .. } => Class::Log,
+            Body::FileChunk { .. } => Class::File,
+            _ => Class::Control,
+        }
+    }
+
+    /// The request id of a client request or its reply.
+    pub fn request(&self) -> Option<u64> {
+        match self {
+            Body::Ping { request }
+            | Body::Submit { request, .. }
+            | Body::GetStatus { request, .. }
+            | Body::GetEvents { request, .. }
+            | Body::CancelRun { request, .. }
+            | Body::ListWorkers { request }
+            | Body::GetLog { request, .. }
+            | Body::GetFile { request, .. }
+            | Body::Pong { request, .. }
+            | Body::Submitted { request, .. }
+            | Body::Status { request, .. }
+            | Body::Events { request, .. }
+            | Body::Workers { request, .. }
+            | Body::Data { request, .. } => Some(*request),
+            Body::Error { request, .. } => *request,
+            _ => None,
+        }
+    }
+
+    /// Short name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Hello { .. } => "hello",
+            Body::Ready => "ready",
+            Body::Heartbeat => "heartbeat",
+            Body::TaskAccepted { .. } => "task_accepted",
+            Body::TaskRefused { .. } => "task_refused",
+            Body::Log { .. } => "log",
+            Body::FileChunk { .. } => "file_chunk",
+            Body::TaskFinished { .. } => "task_finished",
+            Body::Ack { .. } => "ack",
+            Body::Welcome { .. } => "welcome",
+            Body::Dispatch { .. } => "dispatch",
+            Body::Cancel { .. } => "cancel",
+            Body::TaskClosed { .. } => "task_closed",
+            Body::Error { .. } => "error",
+            Body::Ping { .. } => "ping",
+            Body::Submit { .. } => "submit",
+            Body::GetStatus { .. } => "get_status",
+            Body::GetEvents { .. } => "get_events",
+            Body::CancelRun { .. } => "cancel_run",
+            Body::ListWorkers { .. } => "list_workers",
+            Body::GetLog { .. } => "get_log",
+            Body::GetFile { .. } => "get_file",
+            Body::Pong { .. } => "pong",
+            Body::Submitted { .. } => "submitted",
+            Body::Status { .. } => "status",
+            Body::Events { .. } => "events",
+            Body::Workers { .. } => "workers",
+            Body::Data { .. } => "data",
+            Body::ServerHeartbeat { .. } => "server_heartbeat",
+            Body::Progress { .. } => "progress",
+            Body::LogLines { .. } => "log_lines",
+            Body::Shutdown { .. } => "shutdown",
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! `ots-server`: accepts testruns, queues tasks by routing key, hands them
+//! to workers, collects logs, files and verdicts.
+//!
+//! - [`scheduler`]: the I/O-free state machine (registry, queues, verdicts).
+//! - [`distribution`]: testrun → tasks.
+//! - [`verdict`]: JUnit parsing and verdict rules.
+//! - [`store`]: task logs and result files on disk.
+//! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
+
+pub mod distribution;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+pub mod verdict;
+
+pub use service::{Server, ServerError, ServerHandle};

@@ -1,0 +1,193 @@
+//! The tokio shell of `ots-server`: binds ROUTER and PUB, feeds the
+//! [`Scheduler`] with decoded messages and heartbeat ticks, and carries out
+//! its outputs with bounded sends.
+
+use crate::config::ServerConfig;
+use crate::protocol::{self, Body, Header, PROTOCOL_VERSION};
+use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
+use crate::server::store::{DiskStore, StoreError};
+use crate::transport::{self, to_message, TransportError};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use zeromq::prelude::*;
+use zeromq::ZmqMessage;
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// A running server.
+pub struct ServerHandle {
+    /// The bound control endpoint (port resolved).
+    pub control: String,
+    /// The bound events endpoint (port resolved).
+    pub events: String,
+    /// This run's incarnation id.
+    pub incarnation: String,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Announces shutdown to workers and stops.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops by itself (it does not, unless it fails).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Entry point of the server.
+pub struct Server;
+
+impl Server {
+    /// Binds the sockets and starts serving in the background.
+    pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| ServerError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let store = DiskStore::open(&cfg.state_dir)?;
+        let sockets = transport::bind_server(&cfg.control, &cfg.events).await?;
+        let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                heartbeat: cfg.heartbeat(),
+                liveness: cfg.liveness,
+                dispatch_ttl: Duration::from_millis(cfg.dispatch_ttl_ms),
+                lost_grace: Duration::from_millis(cfg.lost_grace_ms),
+                max_attempts: cfg.max_attempts,
+                queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
+                backstop_grace: Duration::from_secs(cfg.backstop_grace_secs),
+            },
+            store,
+            incarnation.clone(),
+        );
+        info!(
+            control = %sockets.control,
+            events = %sockets.events,
+            state_dir = %cfg.state_dir.display(),
+            server = %incarnation,
+            "server listening"
+        );
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let control = sockets.control.clone();
+        let events = sockets.events.clone();
+        let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
+        let task = tokio::spawn(serve(scheduler, sockets, cfg.heartbeat(), send_timeout, shutdown_rx));
+        Ok(ServerHandle {
+            control,
+            events,
+            incarnation,
+            shutdown: shutdown_tx,
+            task,
+        })
+    }
+}
+
+async fn serve(
+    mut scheduler: Scheduler<DiskStore>,
+    sockets: transport::ServerSockets,
+    heartbeat: Duration,
+    send_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let transport::ServerSockets {
+        router, mut publisher, ..
+    } = sockets;
+    let (mut router_tx, mut router_rx) = router.split();
+    let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<ZmqMessage>();
+    // Receiving in its own task keeps the select below free of
+    // cancellation hazards inside the socket's recv.
+    let reader = tokio::spawn(async move {
+        loop {
+            match router_rx.recv().await {
+                Ok(msg) => {
+                    if inbound_tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "control socket receive error"),
+            }
+        }
+    });
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut send_failures = 0u64;
+    loop {
+        tokio::select! {
+            Some(msg) = inbound_rx.recv() => {
+                let mut frames = msg.into_vec();
+                if frames.is_empty() {
+                    continue;
+                }
+                let peer = frames.remove(0);
+                match protocol::decode(frames) {
+                    Ok(env) => scheduler.on_message(Instant::now(), &peer, env),
+                    Err(e) => scheduler.on_bad_frames(&peer, &e),
+                }
+            }
+            _ = ticker.tick() => scheduler.on_tick(Instant::now()),
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+        for output in scheduler.take_outputs() {
+            match output {
+                Output::Send { peer, header, body, raw } => {
+                    let mut frames = vec![peer.clone()];
+                    frames.extend(protocol::encode(&header, &body, raw));
+                    if let Err(e) = transport::send_bounded(&mut router_tx, to_message(frames), send_timeout).await {
+                        send_failures += 1;
+                        debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures, "send to peer failed (peer gone?)");
+                    }
+                }
+                Output::Publish { topic, body } => publish(&mut publisher, topic, &body, send_timeout).await,
+            }
+        }
+    }
+    info!("server shutting down");
+    let body = Body::Shutdown {
+        server: scheduler.incarnation().to_string(),
+    };
+    publish(&mut publisher, "hb".into(), &body, send_timeout).await;
+    reader.abort();
+}
+
+async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, timeout: Duration) {
+    let header = Header {
+        v: PROTOCOL_VERSION,
+        class: body.class(),
+        mandatory: false,
+        seq: 0,
+        task: None,
+    };
+    let mut frames = vec![Bytes::from(topic)];
+    frames.extend(protocol::encode(&header, body, None));
+    if let Err(e) = transport::send_bounded(publisher, to_message(frames), timeout).await {
+        debug!(error = %e, "publish failed");
+    }
+}

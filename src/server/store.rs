@@ -1,0 +1,355 @@
+//! Where the server keeps task logs and result files: one folder per task
+//! under the state directory. Behind a trait so the scheduler stays free of
+//! I/O and its unit tests run against [`MemoryStore`].
+
+use crate::protocol::{LogLine, Stream, TaskId};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("result file name {0:?} is absolute, empty or climbs out of the results folder")]
+    BadFileName(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("result file {name:?} of task {task} is {actual_size} bytes with SHA-256 {actual_sha}, but the worker announced {size} bytes with {sha}")]
+    Mismatch {
+        task: TaskId,
+        name: String,
+        size: u64,
+        sha: String,
+        actual_size: u64,
+        actual_sha: String,
+    },
+    #[error("no such file {name:?} for task {task}")]
+    NotFound { task: TaskId, name: String },
+}
+
+/// Checks a worker-supplied result file name: relative, `/`-separated,
+/// no `..`, no empty or `.` components, no NUL or backslash.
+pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
+    let bad = || StoreError::BadFileName(name.to_string());
+    if name.is_empty() || name.len() > 1024 || name.contains('\0') || name.contains('\\') {
+        return Err(bad());
+    }
+    let path = Path::new(name);
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            _ => return Err(bad()),
+        }
+    }
+    if name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// Renders one log line as stored in the task's log file.
+pub fn render_line(line: &LogLine) -> String {
+    match line.stream {
+        Stream::Stdout => format!("{}\n", line.text),
+        Stream::Stderr => format!("[stderr] {}\n", line.text),
+        Stream::Worker => format!("[ots-worker] {}\n", line.text),
+    }
+}
+
+/// Storage of task logs and result files.
+pub trait Store {
+    /// Appends lines to the task's log.
+    fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError>;
+    /// Writes a chunk of a result file at `offset` (idempotent).
+    fn write_chunk(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError>;
+    /// Checks that a stored file has the announced size and SHA-256.
+    fn verify_file(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        size: u64,
+        sha256: &str,
+    ) -> Result<(), StoreError>;
+    /// Reads up to `max` bytes of a result file; returns bytes and eof.
+    fn read_file(
+        &self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), StoreError>;
+    /// Reads up to `max` bytes of the task's log; returns bytes and eof.
+    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError>;
+}
+
+/// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
+pub struct DiskStore {
+    root: PathBuf,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_range(path: &Path, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+    let mut f = File::open(path).map_err(io("cannot open", path))?;
+    let len = f.metadata().map_err(io("cannot stat", path))?.len();
+    f.seek(SeekFrom::Start(offset.min(len)))
+        .map_err(io("cannot seek", path))?;
+    let mut buf = Vec::new();
+    f.take(max)
+        .read_to_end(&mut buf)
+        .map_err(io("cannot read", path))?;
+    Ok((buf.clone(), offset + buf.len() as u64 >= len))
+}
+
+impl DiskStore {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let tasks = root.join("tasks");
+        fs::create_dir_all(&tasks).map_err(io("cannot create", &tasks))?;
+        Ok(DiskStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn task_dir(&self, task: &TaskId) -> PathBuf {
+        self.root.join("tasks").join(task)
+    }
+
+    fn file_path(&self, task: &TaskId, name: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.task_dir(task).join("files").join(safe_relative_path(name)?))
+    }
+}
+
+impl Store for DiskStore {
+    fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
+        let dir = self.task_dir(task);
+        fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let path = dir.join("log");
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(&render_line(line));
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
+        f.write_all(text.as_bytes()).map_err(io("cannot append to", &path))
+    }
+
+    fn write_chunk(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let path = self.file_path(task, name)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
+        f.seek(SeekFrom::Start(offset)).map_err(io("cannot seek", &path))?;
+        f.write_all(data).map_err(io("cannot write", &path))
+    }
+
+    fn verify_file(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        size: u64,
+        sha256: &str,
+    ) -> Result<(), StoreError> {
+        let path = self.file_path(task, name)?;
+        if size == 0 && !path.exists() {
+            // An empty file has no chunks with bytes; create it.
+            self.write_chunk(task, name, 0, &[])?;
+        }
+        let mut f = File::open(&path).map_err(io("cannot open", &path))?;
+        let mut hasher = Sha256::new();
+        let actual_size =
+            std::io::copy(&mut f, &mut hasher).map_err(io("cannot read", &path))?;
+        let actual_sha = hex::encode(hasher.finalize());
+        if actual_size != size || actual_sha != sha256 {
+            return Err(StoreError::Mismatch {
+                task: task.clone(),
+                name: name.to_string(),
+                size,
+                sha: sha256.to_string(),
+                actual_size,
+                actual_sha,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_file(
+        &self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
+        let path = self.file_path(task, name)?;
+        if !path.is_file() {
+            return Err(StoreError::NotFound {
+                task: task.clone(),
+                name: name.to_string(),
+            });
+        }
+        read_range(&path, offset, max)
+    }
+
+    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+        let path = self.task_dir(task).join("log");
+        if !path.exists() {
+            return Ok((Vec::new(), true));
+        }
+        read_range(&path, offset, max)
+    }
+}
+
+/// In-memory store for unit tests of the scheduler.
+#[derive(Default)]
+pub struct MemoryStore {
+    pub logs: HashMap<TaskId, Vec<u8>>,
+    pub files: HashMap<(TaskId, String), Vec<u8>>,
+}
+
+fn slice(data: &[u8], offset: u64, max: u64) -> (Vec<u8>, bool) {
+    let start = (offset as usize).min(data.len());
+    let end = start.saturating_add(max as usize).min(data.len());
+    (data[start..end].to_vec(), end >= data.len())
+}
+
+impl Store for MemoryStore {
+    fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
+        let log = self.logs.entry(task.clone()).or_default();
+        for line in lines {
+            log.extend_from_slice(render_line(line).as_bytes());
+        }
+        Ok(())
+    }
+
+    fn write_chunk(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        safe_relative_path(name)?;
+        let file = self.files.entry((task.clone(), name.to_string())).or_default();
+        let end = offset as usize + data.len();
+        if file.len() < end {
+            file.resize(end, 0);
+        }
+        file[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn verify_file(
+        &mut self,
+        task: &TaskId,
+        name: &str,
+        size: u64,
+        sha256: &str,
+    ) -> Result<(), StoreError> {
+        let data = self
+            .files
+            .entry((task.clone(), name.to_string()))
+            .or_default();
+        let actual_sha = hex::encode(Sha256::digest(&data[..]));
+        if data.len() as u64 != size || actual_sha != sha256 {
+            return Err(StoreError::Mismatch {
+                task: task.clone(),
+                name: name.to_string(),
+                size,
+                sha: sha256.to_string(),
+                actual_size: data.len() as u64,
+                actual_sha,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_file(
+        &self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
+        let data = self
+            .files
+            .get(&(task.clone(), name.to_string()))
+            .ok_or_else(|| StoreError::NotFound {
+                task: task.clone(),
+                name: name.to_string(),
+            })?;
+        Ok(slice(data, offset, max))
+    }
+
+    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+        Ok(self
+            .logs
+            .get(task)
+            .map(|l| slice(l, offset, max))
+            .unwrap_or((Vec::new(), true)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traversal_and_absolute_names_are_refused() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "a\0b"] {
+            assert!(safe_relative_path(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(safe_relative_path("pkg/result.xml").unwrap(), PathBuf::from("pkg/result.xml"));
+    }
+
+    #[test]
+    fn disk_store_writes_chunks_idempotently_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DiskStore::open(dir.path()).unwrap();
+        let task = "r.1".to_string();
+        store.write_chunk(&task, "a/b.txt", 0, b"hello ").unwrap();
+        store.write_chunk(&task, "a/b.txt", 6, b"world").unwrap();
+        store.write_chunk(&task, "a/b.txt", 0, b"hello ").unwrap(); // resent chunk
+        let sha = hex::encode(Sha256::digest(b"hello world"));
+        store.verify_file(&task, "a/b.txt", 11, &sha).unwrap();
+        assert!(store.verify_file(&task, "a/b.txt", 12, &sha).is_err());
+        let (bytes, eof) = store.read_file(&task, "a/b.txt", 6, 100).unwrap();
+        assert_eq!((bytes.as_slice(), eof), (&b"world"[..], true));
+        assert!(matches!(
+            store.write_chunk(&task, "../../etc/x", 0, b"x"),
+            Err(StoreError::BadFileName(_))
+        ));
+    }
+}

@@ -1,0 +1,139 @@
+//! Thin helpers over the `zeromq` crate (0.7.0), shaped by what it does not
+//! do for us: DEALER never reconnects (we recreate sockets), `connect()`
+//! waits for the peer (we bound it), `send()` can wait forever on a full
+//! peer queue (we bound it), and a reused routing identity black-holes a
+//! connection (every connection gets a fresh one).
+
+use bytes::Bytes;
+use std::time::Duration;
+use zeromq::prelude::*;
+use zeromq::{DealerSocket, PubSocket, RouterSocket, SocketOptions, SubSocket, ZmqMessage};
+
+/// Socket-level failures, each with the endpoint involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind {endpoint}: {source} (is another server running on it?)")]
+    Bind {
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+    #[error("server unreachable: no answer from {endpoint} within {} ms", timeout.as_millis())]
+    ConnectTimeout { endpoint: String, timeout: Duration },
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+    #[error("send failed: {0}")]
+    Send(zeromq::ZmqError),
+    #[error("send did not complete within {} ms (peer not reading)", .0.as_millis())]
+    SendTimeout(Duration),
+    #[error("receive failed: {0}")]
+    Recv(zeromq::ZmqError),
+}
+
+/// Builds a multipart message from frames.
+pub fn to_message(frames: Vec<Bytes>) -> ZmqMessage {
+    let mut frames = frames.into_iter();
+    let mut msg = ZmqMessage::from(frames.next().unwrap_or_default());
+    for f in frames {
+        msg.push_back(f);
+    }
+    msg
+}
+
+/// The two server sockets and the endpoints they actually bound (port 0
+/// resolved).
+pub struct ServerSockets {
+    pub router: RouterSocket,
+    pub publisher: PubSocket,
+    pub control: String,
+    pub events: String,
+}
+
+/// Binds ROUTER `control` and PUB `events`.
+pub async fn bind_server(control: &str, events: &str) -> Result<ServerSockets, TransportError> {
+    let mut router = RouterSocket::new();
+    let control_ep = router.bind(control).await.map_err(|source| TransportError::Bind {
+        endpoint: control.to_string(),
+        source,
+    })?;
+    let mut publisher = PubSocket::new();
+    let events_ep = publisher.bind(events).await.map_err(|source| TransportError::Bind {
+        endpoint: events.to_string(),
+        source,
+    })?;
+    Ok(ServerSockets {
+        router,
+        publisher,
+        control: control_ep.to_string(),
+        events: events_ep.to_string(),
+    })
+}
+
+fn options(timeout: Duration) -> SocketOptions {
+    let mut o = SocketOptions::default();
+    // A fresh routing identity per connection: reusing one black-holes the
+    // newer or older connection inside zeromq 0.7.
+    o.peer_identity(zeromq::util::PeerIdentity::new());
+    o.connect_timeout(timeout);
+    o
+}
+
+async fn bounded<T>(
+    endpoint: &str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = zeromq::ZmqResult<T>>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(TransportError::ConnectTimeout {
+            endpoint: endpoint.to_string(),
+            timeout,
+        }),
+        Ok(Err(zeromq::ZmqError::ConnectTimeout(_))) => Err(TransportError::ConnectTimeout {
+            endpoint: endpoint.to_string(),
+            timeout,
+        }),
+        Ok(Err(source)) => Err(TransportError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        }),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// Connects a new DEALER (fresh identity) within `timeout`.
+pub async fn connect_dealer(endpoint: &str, timeout: Duration) -> Result<DealerSocket, TransportError> {
+    let mut socket = DealerSocket::with_options(options(timeout));
+    bounded(endpoint, timeout, socket.connect(endpoint)).await?;
+    Ok(socket)
+}
+
+/// Connects a new SUB subscribed to `topics` within `timeout`.
+pub async fn connect_sub(endpoint: &str, topics: &[&str], timeout: Duration) -> Result<SubSocket, TransportError> {
+    let mut socket = SubSocket::with_options(options(timeout));
+    bounded(endpoint, timeout, socket.connect(endpoint)).await?;
+    for t in topics {
+        socket
+            .subscribe(t)
+            .await
+            .map_err(|source| TransportError::Connect {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+    }
+    Ok(socket)
+}
+
+/// Sends with a deadline, so a peer that stopped reading cannot stall us.
+pub async fn send_bounded<S: SocketSend>(
+    socket: &mut S,
+    msg: ZmqMessage,
+    timeout: Duration,
+) -> Result<(), TransportError> {
+    match tokio::time::timeout(timeout, socket.send(msg)).await {
+        Err(_) => Err(TransportError::SendTimeout(timeout)),
+        Ok(Err(e)) => Err(TransportError::Send(e)),
+        Ok(Ok(())) => Ok(()),
+    }
+}

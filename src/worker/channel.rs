@@ -1,0 +1,129 @@
+//! The task's response channel as worker code sees it: opened when the
+//! worker accepts a task, consumed by [`ResponseChannel::finish`]. Because
+//! `finish` takes the channel by value, posting after teardown does not
+//! compile — the bug class the old OTS kept re-introducing.
+//!
+//! Everything goes through one FIFO to the session, so every line logged
+//! before `finish()` is queued before the final report.
+
+use crate::protocol::{FileInfo, LogLine, Outcome, Stream, TaskId};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// A result file read from the task's results folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultFile {
+    pub info: FileInfo,
+    pub data: Bytes,
+}
+
+/// What a running task tells the worker session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskEvent {
+    Log { task: TaskId, line: LogLine },
+    Finished {
+        task: TaskId,
+        outcome: Outcome,
+        /// Lines the task produced (the last seq handed out).
+        log_lines: u64,
+        files: Vec<ResultFile>,
+    },
+}
+
+/// The open channel of one task.
+pub struct ResponseChannel {
+    task: TaskId,
+    tx: mpsc::UnboundedSender<TaskEvent>,
+    next_seq: u64,
+    finished: bool,
+}
+
+impl ResponseChannel {
+    pub fn open(task: TaskId, tx: mpsc::UnboundedSender<TaskEvent>) -> Self {
+        ResponseChannel {
+            task,
+            tx,
+            next_seq: 1,
+            finished: false,
+        }
+    }
+
+    pub fn task(&self) -> &TaskId {
+        &self.task
+    }
+
+    /// Posts one log line (best-effort delivery, numbered for accounting).
+    pub fn log(&mut self, stream: Stream, text: String) {
+        let line = LogLine {
+            seq: self.next_seq,
+            stream,
+            text,
+        };
+        self.next_seq += 1;
+        // The session outlives every channel; a closed receiver means the
+        // worker is shutting down and nothing can be delivered anyway.
+        let _ = self.tx.send(TaskEvent::Log {
+            task: self.task.clone(),
+            line,
+        });
+    }
+
+    /// Posts the final report and closes the channel.
+    pub fn finish(mut self, outcome: Outcome, files: Vec<ResultFile>) {
+        self.send_finished(outcome, files);
+    }
+
+    fn send_finished(&mut self, outcome: Outcome, files: Vec<ResultFile>) {
+        self.finished = true;
+        let _ = self.tx.send(TaskEvent::Finished {
+            task: self.task.clone(),
+            outcome,
+            log_lines: self.next_seq - 1,
+            files,
+        });
+    }
+}
+
+impl Drop for ResponseChannel {
+    /// A channel dropped without `finish()` (a bug or a panic in the task
+    /// runner) still ends the task, as an error the operator can see.
+    fn drop(&mut self) {
+        if !self.finished {
+            self.send_finished(
+                Outcome {
+                    failure: Some("worker bug: task channel dropped without a final report".into()),
+                    ..Outcome::default()
+                },
+                Vec::new(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_before_finish_come_first_and_are_counted() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut ch = ResponseChannel::open("r.1".into(), tx);
+        ch.log(Stream::Stdout, "a".into());
+        ch.log(Stream::Stderr, "b".into());
+        ch.finish(Outcome::default(), Vec::new());
+        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 1));
+        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 2));
+        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Finished { log_lines: 2, .. }));
+        assert!(rx.try_recv().is_err(), "finish must send exactly one report");
+    }
+
+    #[test]
+    fn dropping_an_unfinished_channel_reports_a_failure() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        drop(ResponseChannel::open("r.1".into(), tx));
+        match rx.try_recv().unwrap() {
+            TaskEvent::Finished { outcome, .. } => assert!(outcome.failure.is_some()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

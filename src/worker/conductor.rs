@@ -1,0 +1,332 @@
+//! Runs the conductor: the configured argv template filled from the task
+//! (no shell), in its own process group and a fresh working folder, with
+//! stdout and stderr streamed line by line, an execution timeout and cancel
+//! that kill the whole process group (TERM, grace, KILL).
+
+use crate::protocol::{DeviceProps, Outcome, Stream, TaskSpec};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+/// Longest log line kept; longer lines are cut and marked.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Why the conductor's command line could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("unknown placeholder {{{0}}} in conductor.command")]
+    Unknown(String),
+    #[error("unterminated placeholder in conductor.command argument {0:?}")]
+    Unterminated(String),
+    #[error("the testrun has no option {0:?}, which conductor.command uses as {{option:{0}}}")]
+    MissingOption(String),
+    #[error("{{packages...}} must be an argument of its own, not part of {0:?}")]
+    SpreadNotAlone(String),
+}
+
+const PLACEHOLDERS: &[&str] = &[
+    "image",
+    "packages",
+    "results_dir",
+    "work_dir",
+    "task_id",
+    "run_id",
+    "attempt",
+    "timeout",
+    "device_group",
+    "device_name",
+    "device_id",
+];
+
+/// Checks one argument template at configuration time.
+pub fn check_template(arg: &str) -> Result<(), String> {
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| TemplateError::Unterminated(arg.into()).to_string())?;
+        let name = &rest[start + 1..start + end];
+        let known = PLACEHOLDERS.contains(&name)
+            || name.strip_prefix("option:").is_some_and(|o| !o.is_empty())
+            || (name == "packages..." && arg == "{packages...}");
+        if name == "packages..." && arg != "{packages...}" {
+            return Err(TemplateError::SpreadNotAlone(arg.into()).to_string());
+        }
+        if !known {
+            return Err(TemplateError::Unknown(name.into()).to_string());
+        }
+        rest = &rest[start + end + 1..];
+    }
+    Ok(())
+}
+
+/// Everything a placeholder can refer to.
+pub struct TaskContext<'a> {
+    pub spec: &'a TaskSpec,
+    pub device: &'a DeviceProps,
+    pub work_dir: &'a Path,
+    pub results_dir: &'a Path,
+}
+
+/// Fills the argv template. Each template argument stays one argument
+/// (`{packages...}` expands to one per package), so values with spaces or
+/// shell characters are passed through untouched.
+pub fn expand(template: &[String], ctx: &TaskContext) -> Result<Vec<String>, TemplateError> {
+    let mut argv = Vec::new();
+    for arg in template {
+        if arg == "{packages...}" {
+            argv.extend(ctx.spec.packages.iter().cloned());
+            continue;
+        }
+        let mut out = String::new();
+        let mut rest = arg.as_str();
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let end = rest[start..]
+                .find('}')
+                .ok_or_else(|| TemplateError::Unterminated(arg.clone()))?;
+            let name = &rest[start + 1..start + end];
+            let value = match name {
+                "image" => ctx.spec.image.clone(),
+                "packages" => ctx.spec.packages.join(","),
+                "results_dir" => ctx.results_dir.display().to_string(),
+                "work_dir" => ctx.work_dir.display().to_string(),
+                "task_id" => ctx.spec.task.clone(),
+                "run_id" => ctx.spec.run.clone(),
+                "attempt" => ctx.spec.attempt.to_string(),
+                "timeout" => ctx.spec.timeout_secs.to_string(),
+                "device_group" => ctx.device.devicegroup.clone(),
+                "device_name" => ctx.device.devicename.clone().unwrap_or_default(),
+                "device_id" => ctx.device.deviceid.clone().unwrap_or_default(),
+                other => match other.strip_prefix("option:") {
+                    Some(opt) => ctx
+                        .spec
+                        .options
+                        .get(opt)
+                        .cloned()
+                        .ok_or_else(|| TemplateError::MissingOption(opt.into()))?,
+                    None => return Err(TemplateError::Unknown(other.into())),
+                },
+            };
+            out.push_str(&value);
+            rest = &rest[start + end + 1..];
+        }
+        out.push_str(rest);
+        argv.push(out);
+    }
+    Ok(argv)
+}
+
+/// Why the task ends early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// The server cancelled the task.
+    Cancel,
+}
+
+/// How to run one conductor.
+pub struct Run {
+    pub argv: Vec<String>,
+    pub work_dir: PathBuf,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    /// Extra environment for the conductor.
+    pub env: Vec<(String, String)>,
+}
+
+/// Runs the conductor to its end, sending every output line to `lines`.
+/// `stop` switching to [`Stop::Cancel`] ends it early with the TERM → KILL
+/// escalation. Never panics; a conductor that cannot start is an
+/// [`Outcome`] with `failure` set.
+pub async fn run(
+    run: Run,
+    lines: mpsc::UnboundedSender<(Stream, String)>,
+    mut stop: watch::Receiver<Stop>,
+) -> Outcome {
+    let Some((program, args)) = run.argv.split_first() else {
+        return Outcome {
+            failure: Some("conductor.command is empty".into()),
+            ..Outcome::default()
+        };
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(&run.work_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (k, v) in &run.env {
+        command.env(k, v);
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Outcome {
+                failure: Some(format!("cannot start {program:?}: {e}")),
+                ..Outcome::default()
+            }
+        }
+    };
+    let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+    let readers = [
+        tokio::spawn(pump(child.stdout.take(), Stream::Stdout, lines.clone())),
+        tokio::spawn(pump(child.stderr.take(), Stream::Stderr, lines.clone())),
+    ];
+
+    let mut outcome = Outcome::default();
+    let deadline = tokio::time::sleep(run.timeout);
+    tokio::pin!(deadline);
+    let status = tokio::select! {
+        status = child.wait() => Some(status),
+        _ = &mut deadline => {
+            outcome.timed_out = true;
+            let _ = lines.send((Stream::Worker, format!("execution timeout after {} s: terminating the conductor's process group", run.timeout.as_secs())));
+            None
+        }
+        _ = stop.wait_for(|s| *s == Stop::Cancel) => {
+            outcome.cancelled = true;
+            let _ = lines.send((Stream::Worker, "task cancelled: terminating the conductor's process group".into()));
+            None
+        }
+    };
+    let status = match status {
+        Some(status) => status,
+        None => {
+            signal_group(pgid, Signal::SIGTERM);
+            match tokio::time::timeout(run.kill_grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = lines.send((Stream::Worker, format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis())));
+                    signal_group(pgid, Signal::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    // Nothing of the task outlives it: TERM-ignoring grandchildren included.
+    if signal_group(pgid, Signal::SIGKILL) {
+        debug!(pgid = pgid.as_raw(), "killed processes left in the conductor's process group");
+    }
+    for r in readers {
+        // The pipes close once every process holding them is gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    match status {
+        Ok(status) => {
+            outcome.exit_code = status.code();
+            outcome.signal = status.signal();
+        }
+        Err(e) => outcome.failure = Some(format!("cannot wait for the conductor: {e}")),
+    }
+    outcome
+}
+
+/// Sends `signal` to the process group; true if it still existed.
+fn signal_group(pgid: Pid, signal: Signal) -> bool {
+    if pgid.as_raw() <= 1 {
+        return false;
+    }
+    match killpg(pgid, signal) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => {
+            warn!(pgid = pgid.as_raw(), ?signal, error = %e, "cannot signal the conductor's process group");
+            false
+        }
+    }
+}
+
+async fn pump(
+    stream: Option<impl AsyncRead + Unpin>,
+    which: Stream,
+    lines: mpsc::UnboundedSender<(Stream, String)>,
+) {
+    let Some(stream) = stream else { return };
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) => return,
+            Ok(_) => {
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                let mut text = String::from_utf8_lossy(&buf[..buf.len().min(MAX_LINE_BYTES)]).into_owned();
+                if buf.len() > MAX_LINE_BYTES {
+                    text.push_str(&format!(" [line cut: {} bytes]", buf.len()));
+                }
+                if lines.send((which, text)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = lines.send((Stream::Worker, format!("cannot read conductor {which:?}: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec() -> TaskSpec {
+        let mut options = BTreeMap::new();
+        options.insert("flavour".to_string(), "with space; rm -rf /".to_string());
+        TaskSpec {
+            task: "r-1.2".into(),
+            run: "r-1".into(),
+            attempt: 1,
+            image: "file:///tmp/x.img".into(),
+            packages: vec!["a".into(), "b".into()],
+            timeout_secs: 60,
+            options,
+            expires_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn placeholders_become_single_arguments_without_a_shell() {
+        let spec = spec();
+        let device = DeviceProps::parse("devicegroup:g devicename:n").unwrap();
+        let ctx = TaskContext {
+            spec: &spec,
+            device: &device,
+            work_dir: Path::new("/w"),
+            results_dir: Path::new("/w/results"),
+        };
+        let t: Vec<String> = ["run", "--img={image}", "{packages}", "{packages...}", "{option:flavour}", "{task_id}@{device_group}.{device_name}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            expand(&t, &ctx).unwrap(),
+            vec!["run", "--img=file:///tmp/x.img", "a,b", "a", "b", "with space; rm -rf /", "r-1.2@g.n"]
+        );
+        let bad = vec!["{option:missing}".to_string()];
+        assert_eq!(expand(&bad, &ctx), Err(TemplateError::MissingOption("missing".into())));
+    }
+
+    #[test]
+    fn templates_are_checked_at_configuration_time() {
+        assert!(check_template("{image}").is_ok());
+        assert!(check_template("--x={option:foo}").is_ok());
+        assert!(check_template("{imgae}").unwrap_err().contains("unknown placeholder"));
+        assert!(check_template("{image").unwrap_err().contains("unterminated"));
+        assert!(check_template("x{packages...}").is_err());
+    }
+}

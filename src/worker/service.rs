@@ -1,0 +1,408 @@
+//! The tokio shell of `ots-worker`: owns the sockets, reconnects them with
+//! randomized exponential backoff (`backon`) for as long as it runs, runs
+//! conductors, and moves messages between all of these and the
+//! [`Session`] state machine.
+
+use crate::config::WorkerConfig;
+use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
+use crate::server::scheduler::unix_ms_now;
+use crate::transport::{self, to_message, TransportError};
+use crate::worker::channel::{ResponseChannel, ResultFile, TaskEvent};
+use crate::worker::conductor::{self, Stop, TaskContext};
+use crate::worker::session::{Action, Link, LostReason, Session, SessionConfig};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use zeromq::prelude::*;
+use zeromq::{DealerSendHalf, DealerSocket, SubSocket, ZmqMessage};
+
+/// Why the worker could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+enum Inbound {
+    Frames {
+        generation: u64,
+        from_sub: bool,
+        msg: ZmqMessage,
+    },
+    Closed {
+        generation: u64,
+        error: String,
+    },
+}
+
+struct Connection {
+    dealer: DealerSendHalf,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+type Connecting = JoinHandle<Result<(DealerSocket, SubSocket), TransportError>>;
+
+fn reconnect_backoff(cfg: &WorkerConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(cfg.reconnect_min_ms))
+        .with_max_delay(Duration::from_millis(cfg.reconnect_max_ms))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs a worker until `shutdown` turns true.
+pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+    cfg.validate()?;
+    let device = cfg.device_props()?;
+    let tasks_dir = cfg.state_dir.join("tasks");
+    std::fs::create_dir_all(&tasks_dir).map_err(|source| WorkerError::StateDir {
+        path: tasks_dir.clone(),
+        source,
+    })?;
+    let session_id = format!("{:016x}", rand::random::<u64>());
+    let now = Instant::now();
+    let mut session = Session::new(
+        SessionConfig {
+            heartbeat: cfg.heartbeat(),
+            liveness: cfg.liveness,
+            log_buffer_lines: cfg.log_buffer_lines,
+            log_batch_lines: cfg.log_batch_lines,
+            log_batch_delay: Duration::from_millis(cfg.log_batch_ms),
+            retry: cfg.retry.clone(),
+        },
+        cfg.name.clone(),
+        session_id.clone(),
+        device.clone(),
+        now,
+    );
+    info!(worker = %cfg.name, device = %device, server = %cfg.server, session = %session_id, "worker starting");
+
+    let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
+    let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<Inbound>();
+    let mut running: HashMap<TaskId, watch::Sender<Stop>> = HashMap::new();
+    let mut conn: Option<Connection> = None;
+    let mut connecting: Option<Connecting> = None;
+    let mut generation = 0u64;
+    let mut backoff = reconnect_backoff(&cfg);
+    let mut retry_at = Some(now);
+    let mut outage: Option<(Instant, u32)> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(cfg.log_batch_ms.clamp(5, 100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
+
+    loop {
+        let actions = tokio::select! {
+            Some(event) = task_rx.recv() => session.on_task_event(Instant::now(), event),
+            Some(inbound) = inbound_rx.recv() => match inbound {
+                Inbound::Frames { generation: g, from_sub, msg } if g == generation => {
+                    let mut frames = msg.into_vec();
+                    if from_sub && !frames.is_empty() {
+                        frames.remove(0); // topic
+                    }
+                    match protocol::decode(frames) {
+                        Ok(env) => session.on_message(Instant::now(), unix_ms_now(), env),
+                        Err(e) => {
+                            warn!(error = %e, "protocol error: undecodable message from the server; ignored");
+                            Vec::new()
+                        }
+                    }
+                }
+                Inbound::Closed { generation: g, error } if g == generation => {
+                    vec![Action::Reconnect(LostReason::SendFailed(error))]
+                }
+                _ => Vec::new(), // from an older connection
+            },
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                if conn.is_none() && connecting.is_none() && retry_at.is_some_and(|t| now >= t) {
+                    retry_at = None;
+                    let (server, events) = (cfg.server.clone(), cfg.events.clone());
+                    let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+                    connecting = Some(tokio::spawn(async move {
+                        let dealer = transport::connect_dealer(&server, timeout).await?;
+                        let sub = transport::connect_sub(&events, &["hb"], timeout).await?;
+                        Ok((dealer, sub))
+                    }));
+                }
+                session.on_tick(now)
+            }
+            result = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                connecting = None;
+                match result {
+                    Ok(Ok((dealer, sub))) => {
+                        generation += 1;
+                        conn = Some(attach(generation, dealer, sub, inbound_tx.clone()));
+                        debug!(generation, "connected; registering");
+                        session.on_connected(Instant::now())
+                    }
+                    Ok(Err(e)) => {
+                        let (_, attempts) = outage.get_or_insert((Instant::now(), 0));
+                        *attempts += 1;
+                        let delay = backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms));
+                        debug!(error = %e, attempt = *attempts, retry_in_ms = delay.as_millis() as u64, "connect failed");
+                        retry_at = Some(Instant::now() + delay);
+                        Vec::new()
+                    }
+                    Err(join) => {
+                        warn!(error = %join, "connect task failed");
+                        retry_at = Some(Instant::now() + Duration::from_millis(cfg.reconnect_max_ms));
+                        Vec::new()
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+                Vec::new()
+            }
+        };
+        let was_up = matches!(session.link(), Link::Up { .. });
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send { header, body, raw } => {
+                    let Some(c) = conn.as_mut() else { continue };
+                    let msg = to_message(protocol::encode(&header, &body, raw));
+                    if let Err(e) = transport::send_bounded(&mut c.dealer, msg, send_timeout).await {
+                        queue.clear();
+                        queue.push_back(Action::Reconnect(LostReason::SendFailed(e.to_string())));
+                    }
+                }
+                Action::Reconnect(reason) => {
+                    if conn.is_some() {
+                        warn!(%reason, "server lost; dropping both sockets and reconnecting with backoff");
+                        outage = Some((Instant::now(), 0));
+                    }
+                    conn = None;
+                    session.on_disconnected();
+                    retry_at = Some(Instant::now());
+                    queue.clear();
+                }
+                Action::StartTask(spec) => {
+                    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+                    running.insert(spec.task.clone(), stop_tx);
+                    tokio::spawn(run_task(cfg.clone(), device.clone(), spec, task_tx.clone(), stop_rx));
+                }
+                Action::StopTask(task) => {
+                    if let Some(stop) = running.get(&task) {
+                        let _ = stop.send(Stop::Cancel);
+                    }
+                }
+            }
+        }
+        if let Link::Up { server } = session.link() {
+            if !was_up {
+                match outage.take() {
+                    Some((since, attempts)) => info!(
+                        server = %server,
+                        away_ms = since.elapsed().as_millis() as u64,
+                        attempts,
+                        "registered with the server again"
+                    ),
+                    None => info!(server = %server, "registered with the server"),
+                }
+                backoff = reconnect_backoff(&cfg);
+            }
+        }
+        running.retain(|_, stop| !stop.is_closed());
+    }
+    info!(worker = %cfg.name, "worker stopping");
+    for stop in running.values() {
+        let _ = stop.send(Stop::Cancel);
+    }
+    Ok(())
+}
+
+fn attach(generation: u64, dealer: DealerSocket, sub: SubSocket, tx: mpsc::UnboundedSender<Inbound>) -> Connection {
+    let (dealer_tx, mut dealer_rx) = dealer.split();
+    let t1 = tx.clone();
+    let dealer_reader = tokio::spawn(async move {
+        loop {
+            match dealer_rx.recv().await {
+                Ok(msg) => {
+                    if t1.send(Inbound::Frames { generation, from_sub: false, msg }).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = t1.send(Inbound::Closed { generation, error: e.to_string() });
+                    return;
+                }
+            }
+        }
+    });
+    let mut sub = sub;
+    let sub_reader = tokio::spawn(async move {
+        loop {
+            match sub.recv().await {
+                Ok(msg) => {
+                    if tx.send(Inbound::Frames { generation, from_sub: true, msg }).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Inbound::Closed { generation, error: e.to_string() });
+                    return;
+                }
+            }
+        }
+    });
+    Connection {
+        dealer: dealer_tx,
+        readers: vec![dealer_reader, sub_reader],
+    }
+}
+
+/// Prepares a fresh working folder, runs the conductor, collects result
+/// files, and reports through the task's response channel.
+async fn run_task(
+    cfg: WorkerConfig,
+    device: crate::protocol::DeviceProps,
+    spec: TaskSpec,
+    events: mpsc::UnboundedSender<TaskEvent>,
+    stop: watch::Receiver<Stop>,
+) {
+    let mut channel = ResponseChannel::open(spec.task.clone(), events);
+    let task_dir = cfg.state_dir.join("tasks").join(&spec.task);
+    let work_dir = task_dir.join("work");
+    let results_dir = task_dir.join("results");
+    let prepared = (|| {
+        if task_dir.exists() {
+            std::fs::remove_dir_all(&task_dir)?;
+        }
+        std::fs::create_dir_all(&work_dir)?;
+        std::fs::create_dir_all(&results_dir)
+    })();
+    if let Err(e) = prepared {
+        let failure = format!("device/host failure: cannot prepare {}: {e}", task_dir.display());
+        warn!(task = %spec.task, %failure, "task failed before the conductor started");
+        channel.finish(Outcome { failure: Some(failure), ..Outcome::default() }, Vec::new());
+        return;
+    }
+    let ctx = TaskContext {
+        spec: &spec,
+        device: &device,
+        work_dir: &work_dir,
+        results_dir: &results_dir,
+    };
+    let argv = match conductor::expand(&cfg.conductor.command, &ctx) {
+        Ok(argv) => argv,
+        Err(e) => {
+            warn!(task = %spec.task, error = %e, "conductor failure: cannot build the command line");
+            channel.finish(Outcome { failure: Some(e.to_string()), ..Outcome::default() }, Vec::new());
+            return;
+        }
+    };
+    channel.log(Stream::Worker, format!("worker {} runs attempt {} of task {}: {:?}", cfg.name, spec.attempt, spec.task, argv));
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel();
+    let run = conductor::Run {
+        argv,
+        work_dir: work_dir.clone(),
+        timeout: Duration::from_secs(spec.timeout_secs),
+        kill_grace: Duration::from_millis(cfg.conductor.kill_grace_ms),
+        env: vec![
+            ("OTS_TASK_ID".into(), spec.task.clone()),
+            ("OTS_RUN_ID".into(), spec.run.clone()),
+            ("OTS_RESULTS_DIR".into(), results_dir.display().to_string()),
+            ("OTS_WORK_DIR".into(), work_dir.display().to_string()),
+        ],
+    };
+    let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
+    while let Some((stream, text)) = line_rx.recv().await {
+        channel.log(stream, text);
+    }
+    let outcome = match conductor.await {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome {
+            failure: Some(format!("worker bug: conductor runner failed: {e}")),
+            ..Outcome::default()
+        },
+    };
+    if outcome.failure.is_some() || outcome.signal.is_some() || !matches!(outcome.exit_code, Some(0) | Some(1)) {
+        warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
+    }
+    let files = collect_results(&results_dir, &cfg.conductor.result_globs, &mut channel);
+    channel.finish(outcome, files);
+}
+
+/// Reads the result files below `dir` that match any glob. Symlinks are
+/// not followed, so a conductor cannot make the worker upload files from
+/// outside its results folder.
+fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) -> Vec<ResultFile> {
+    let patterns: Vec<glob::Pattern> = globs.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) => {
+                channel.log(Stream::Worker, format!("cannot list results folder {}: {e}", d.display()));
+                continue;
+            }
+        };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !kind.is_file() {
+                channel.log(Stream::Worker, format!("not uploading {} (not a regular file)", path.display()));
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(dir) else { continue };
+            let Some(name) = rel.to_str().map(str::to_string) else {
+                channel.log(Stream::Worker, format!("not uploading {} (name is not UTF-8)", path.display()));
+                continue;
+            };
+            let options = glob::MatchOptions {
+                require_literal_separator: false,
+                ..Default::default()
+            };
+            if !patterns.iter().any(|p| p.matches_with(&name, options)) {
+                continue;
+            }
+            match std::fs::read(&path) {
+                Ok(data) => {
+                    let sha256 = hex::encode(Sha256::digest(&data));
+                    files.push(ResultFile {
+                        info: crate::protocol::FileInfo {
+                            name,
+                            size: data.len() as u64,
+                            sha256,
+                        },
+                        data: Bytes::from(data),
+                    });
+                }
+                Err(e) => channel.log(Stream::Worker, format!("cannot read result file {}: {e}", path.display())),
+            }
+        }
+    }
+    files
+}
+

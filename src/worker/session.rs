@@ -1,0 +1,488 @@
+//! The worker's session with the server, without I/O: registration,
+//! liveness, the outbox of mandatory messages, the bounded log buffer, and
+//! the one task the worker owns. The shell ([`super::service`]) feeds it
+//! messages, task events and ticks, and carries out its [`Action`]s.
+
+use crate::delivery::outbox::Outgoing;
+use crate::delivery::{Outbox, RetryPolicy};
+use crate::protocol::codec::Envelope;
+use crate::protocol::*;
+use crate::worker::channel::{ResultFile, TaskEvent};
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Result files travel in chunks of this size.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Session rules, from the worker configuration.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub heartbeat: Duration,
+    pub liveness: u32,
+    pub log_buffer_lines: usize,
+    pub log_batch_lines: usize,
+    pub log_batch_delay: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// Why the worker gave up on its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LostReason {
+    /// No heartbeat or other message for `liveness` intervals.
+    Silent { silent_ms: u64 },
+    /// Heartbeats now come from another server incarnation.
+    ServerRestarted { old: String, new: String },
+    /// The server announced an orderly shutdown.
+    ServerShutdown,
+    /// The socket refused a send.
+    SendFailed(String),
+}
+
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostReason::Silent { silent_ms } => write!(f, "server unreachable: nothing heard for {silent_ms} ms"),
+            LostReason::ServerRestarted { old, new } => write!(f, "server restarted (incarnation {old} → {new})"),
+            LostReason::ServerShutdown => write!(f, "server shut down"),
+            LostReason::SendFailed(e) => write!(f, "server unreachable: send failed: {e}"),
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Send {
+        header: Header,
+        body: Body,
+        raw: Option<Bytes>,
+    },
+    /// Drop both sockets and connect anew (with backoff).
+    Reconnect(LostReason),
+    /// Start the conductor for this task.
+    StartTask(TaskSpec),
+    /// Stop the conductor of this task (TERM, grace, KILL).
+    StopTask(TaskId),
+}
+
+/// Connection state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Link {
+    Down,
+    Registering { hello_sent: Instant },
+    Up { server: String },
+}
+
+struct Slot {
+    spec: TaskSpec,
+    /// The conductor ended and the final report is in the outbox.
+    finished: bool,
+}
+
+/// Counters shown in the worker's log and useful to tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Log lines dropped from the full buffer while the server was away.
+    pub log_lines_dropped: u64,
+    /// Mandatory messages dropped because the server closed their task.
+    pub orphans_closed: u64,
+    /// Dispatches refused because they had expired.
+    pub expired_dispatches: u64,
+    /// Error replies received from the server.
+    pub server_errors: u64,
+}
+
+/// The session state machine.
+pub struct Session {
+    cfg: SessionConfig,
+    name: String,
+    session_id: String,
+    device: DeviceProps,
+    link: Link,
+    /// Heartbeat rules in force (the server's, once welcomed).
+    heartbeat: Duration,
+    liveness: u32,
+    last_heard: Instant,
+    last_sent: Instant,
+    outbox: Outbox,
+    logs: VecDeque<(TaskId, LogLine)>,
+    oldest_log_at: Option<Instant>,
+    slot: Option<Slot>,
+    ready_sent: bool,
+    pub stats: SessionStats,
+    dropped_per_task: BTreeMap<TaskId, u64>,
+}
+
+fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
+    Header {
+        v: PROTOCOL_VERSION,
+        class,
+        mandatory: false,
+        seq: 0,
+        task: task.cloned(),
+    }
+}
+
+impl Session {
+    pub fn new(cfg: SessionConfig, name: String, session_id: String, device: DeviceProps, now: Instant) -> Self {
+        Session {
+            heartbeat: cfg.heartbeat,
+            liveness: cfg.liveness,
+            outbox: Outbox::new(cfg.retry.clone()),
+            cfg,
+            name,
+            session_id,
+            device,
+            link: Link::Down,
+            last_heard: now,
+            last_sent: now,
+            logs: VecDeque::new(),
+            oldest_log_at: None,
+            slot: None,
+            ready_sent: false,
+            stats: SessionStats::default(),
+            dropped_per_task: BTreeMap::new(),
+        }
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// The task the worker owns, if any.
+    pub fn current_task(&self) -> Option<&TaskId> {
+        self.slot.as_ref().map(|s| &s.spec.task)
+    }
+
+    pub fn pending_mandatory(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn buffered_log_lines(&self) -> usize {
+        self.logs.len()
+    }
+
+    /// How long the server may stay silent before it counts as lost.
+    pub fn liveness_window(&self) -> Duration {
+        self.heartbeat * self.liveness
+    }
+
+    fn send(&mut self, now: Instant, actions: &mut Vec<Action>, header: Header, body: Body, raw: Option<Bytes>) {
+        self.last_sent = now;
+        actions.push(Action::Send { header, body, raw });
+    }
+
+    fn hello(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        self.link = Link::Registering { hello_sent: now };
+        let body = Body::Hello {
+            worker: self.name.clone(),
+            session: self.session_id.clone(),
+            device: self.device.clone(),
+            running: self.slot.iter().map(|s| s.spec.task.clone()).collect(),
+        };
+        self.send(now, actions, plain_header(Class::Control, None), body, None);
+    }
+
+    /// New sockets are connected: register.
+    pub fn on_connected(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.last_heard = now;
+        self.ready_sent = false;
+        self.hello(now, &mut actions);
+        actions
+    }
+
+    /// The sockets are gone (the shell gave up on them).
+    pub fn on_disconnected(&mut self) {
+        self.link = Link::Down;
+    }
+
+    fn lost(&mut self, reason: LostReason) -> Vec<Action> {
+        self.link = Link::Down;
+        vec![Action::Reconnect(reason)]
+    }
+
+    /// A message from the server (DEALER or SUB).
+    pub fn on_message(&mut self, now: Instant, wall_ms: u64, env: Envelope) -> Vec<Action> {
+        if self.link == Link::Down {
+            return Vec::new();
+        }
+        self.last_heard = now;
+        let mut actions = Vec::new();
+        match env.body {
+            Body::ServerHeartbeat { server, .. } => {
+                if let Link::Up { server: ours } = &self.link {
+                    if *ours != server {
+                        return self.lost(LostReason::ServerRestarted {
+                            old: ours.clone(),
+                            new: server,
+                        });
+                    }
+                }
+            }
+            Body::Shutdown { .. } => return self.lost(LostReason::ServerShutdown),
+            Body::Welcome {
+                server,
+                heartbeat_ms,
+                liveness,
+            } => {
+                // Adopt the server's rhythm: mismatched heartbeat settings
+                // are the classic cause of false disconnects.
+                self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
+                self.liveness = liveness.max(2);
+                self.link = Link::Up { server };
+                self.outbox.resend_all();
+                self.flush(now, &mut actions, true);
+            }
+            Body::Ack { seq } => {
+                self.outbox.ack(seq);
+                self.maybe_done();
+            }
+            Body::Dispatch { spec } => self.on_dispatch(now, wall_ms, spec, &mut actions),
+            Body::Cancel { task } => {
+                if let Some(slot) = &self.slot {
+                    if slot.spec.task == task && !slot.finished {
+                        info!(task = %task, "server cancelled the task");
+                        actions.push(Action::StopTask(task));
+                    }
+                }
+            }
+            Body::TaskClosed { task, reason } => self.on_task_closed(task, reason, &mut actions),
+            Body::Error { code: ErrorCode::NotRegistered, .. } => {
+                warn!("server does not know this connection (it restarted or forgot us): registering again");
+                self.hello(now, &mut actions);
+            }
+            Body::Error { code, message, .. } => {
+                self.stats.server_errors += 1;
+                warn!(?code, %message, "protocol error reported by the server");
+            }
+            other => {
+                warn!(kind = other.kind(), "protocol error: unexpected message from the server; ignored");
+            }
+        }
+        if matches!(self.link, Link::Up { .. }) {
+            self.flush(now, &mut actions, false);
+        }
+        actions
+    }
+
+    fn on_dispatch(&mut self, now: Instant, wall_ms: u64, spec: TaskSpec, actions: &mut Vec<Action>) {
+        let task = spec.task.clone();
+        if let Some(slot) = &self.slot {
+            if slot.spec.task == task {
+                return; // a resent dispatch we already accepted
+            }
+            let body = Body::TaskRefused {
+                task: task.clone(),
+                reason: RefuseReason::Busy,
+                message: format!("worker {} is busy with {}", self.name, slot.spec.task),
+            };
+            self.outbox.push(Some(task), body, None);
+            return;
+        }
+        if wall_ms > spec.expires_at_ms {
+            let late = wall_ms - spec.expires_at_ms;
+            self.stats.expired_dispatches += 1;
+            warn!(task = %task, late_ms = late, "expired dispatch: refused to start a stale task");
+            let body = Body::TaskRefused {
+                task: task.clone(),
+                reason: RefuseReason::Expired,
+                message: format!("dispatch arrived {late} ms after it expired"),
+            };
+            self.outbox.push(Some(task), body, None);
+            return;
+        }
+        info!(task = %task, attempt = spec.attempt, "task accepted");
+        self.outbox.push(Some(task.clone()), Body::TaskAccepted { task }, None);
+        self.slot = Some(Slot {
+            spec: spec.clone(),
+            finished: false,
+        });
+        self.ready_sent = false;
+        let _ = now;
+        actions.push(Action::StartTask(spec));
+    }
+
+    fn on_task_closed(&mut self, task: TaskId, reason: String, actions: &mut Vec<Action>) {
+        let dropped = self.outbox.drop_task(&task);
+        let ours = self.slot.as_ref().is_some_and(|s| s.spec.task == task);
+        let finished = self.slot.as_ref().is_some_and(|s| s.finished);
+        if ours && finished && dropped == 0 {
+            info!(task = %task, %reason, "task channel closed by the server");
+        } else {
+            self.stats.orphans_closed += dropped as u64;
+            warn!(task = %task, %reason, dropped, "orphan: server closed the task; dropped its unacknowledged messages");
+        }
+        self.logs.retain(|(t, _)| *t != task);
+        if ours {
+            if !finished {
+                actions.push(Action::StopTask(task.clone()));
+            }
+            self.slot = None;
+        }
+    }
+
+    /// The current task is over once its final report is acknowledged.
+    fn maybe_done(&mut self) {
+        if let Some(slot) = &self.slot {
+            if slot.finished && !self.outbox.has_task(&slot.spec.task) {
+                info!(task = %slot.spec.task, "final report acknowledged");
+                self.slot = None;
+            }
+        }
+    }
+
+    /// Something from the running task.
+    pub fn on_task_event(&mut self, now: Instant, event: TaskEvent) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            TaskEvent::Log { task, line } => {
+                if self.slot.as_ref().is_none_or(|s| s.spec.task != task) {
+                    return actions; // the task was closed under it; dropped on purpose
+                }
+                if self.logs.len() >= self.cfg.log_buffer_lines {
+                    if let Some((t, _)) = self.logs.pop_front() {
+                        self.stats.log_lines_dropped += 1;
+                        *self.dropped_per_task.entry(t).or_default() += 1;
+                    }
+                }
+                self.logs.push_back((task, line));
+                self.oldest_log_at.get_or_insert(now);
+            }
+            TaskEvent::Finished {
+                task,
+                outcome,
+                log_lines,
+                files,
+            } => {
+                let Some(slot) = self.slot.as_mut().filter(|s| s.spec.task == task) else {
+                    info!(task = %task, "conductor ended for a task the server already closed");
+                    return actions;
+                };
+                slot.finished = true;
+                if let Some(n) = self.dropped_per_task.remove(&task) {
+                    warn!(task = %task, dropped = n, "log lines dropped from the full buffer while the server was unreachable");
+                }
+                info!(task = %task, ?outcome, log_lines, files = files.len(), "task finished; reporting");
+                // Logs first: they must precede the report on the wire.
+                if matches!(self.link, Link::Up { .. }) {
+                    self.flush_logs(now, &mut actions, true);
+                }
+                let mut infos = Vec::new();
+                for ResultFile { info, data } in files {
+                    self.push_file(&task, &info, data);
+                    infos.push(info);
+                }
+                self.outbox.push(
+                    Some(task.clone()),
+                    Body::TaskFinished {
+                        task,
+                        outcome,
+                        log_lines,
+                        files: infos,
+                    },
+                    None,
+                );
+            }
+        }
+        if matches!(self.link, Link::Up { .. }) {
+            self.flush(now, &mut actions, false);
+        }
+        actions
+    }
+
+    fn push_file(&mut self, task: &TaskId, info: &FileInfo, data: Bytes) {
+        let size = data.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + CHUNK_BYTES).min(data.len());
+            let last = end == data.len();
+            self.outbox.push(
+                Some(task.clone()),
+                Body::FileChunk {
+                    task: task.clone(),
+                    name: info.name.clone(),
+                    offset: offset as u64,
+                    size,
+                    sha256: last.then(|| info.sha256.clone()),
+                },
+                Some(data.slice(offset..end)),
+            );
+            if last {
+                break;
+            }
+            offset = end;
+        }
+    }
+
+    /// Called often (every log batch interval): liveness, batching,
+    /// resends, heartbeats.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.link == Link::Down {
+            return actions;
+        }
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent > self.liveness_window() {
+            return self.lost(LostReason::Silent {
+                silent_ms: silent.as_millis() as u64,
+            });
+        }
+        match self.link {
+            Link::Registering { hello_sent } if now.saturating_duration_since(hello_sent) >= self.heartbeat => {
+                self.hello(now, &mut actions);
+            }
+            Link::Up { .. } => {
+                self.flush(now, &mut actions, false);
+                if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
+                    self.send(now, &mut actions, plain_header(Class::Heartbeat, None), Body::Heartbeat, None);
+                }
+            }
+            _ => {}
+        }
+        actions
+    }
+
+    /// Sends what is due: log batches, mandatory messages, ready.
+    fn flush(&mut self, now: Instant, actions: &mut Vec<Action>, all_logs: bool) {
+        self.flush_logs(now, actions, all_logs);
+        for Outgoing { header, body, raw } in self.outbox.due(now) {
+            self.send(now, actions, header, body, raw);
+        }
+        if self.slot.is_none() && !self.ready_sent {
+            self.ready_sent = true;
+            self.send(now, actions, plain_header(Class::Control, None), Body::Ready, None);
+        }
+    }
+
+    fn flush_logs(&mut self, now: Instant, actions: &mut Vec<Action>, all: bool) {
+        let due = all
+            || self.logs.len() >= self.cfg.log_batch_lines
+            || self
+                .oldest_log_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.log_batch_delay);
+        if !due {
+            return;
+        }
+        while let Some((task, _)) = self.logs.front() {
+            let task = task.clone();
+            let mut lines = Vec::new();
+            while lines.len() < self.cfg.log_batch_lines {
+                match self.logs.front() {
+                    Some((t, _)) if *t == task => lines.push(self.logs.pop_front().expect("front").1),
+                    _ => break,
+                }
+            }
+            self.send(now, actions, plain_header(Class::Log, Some(&task)), Body::Log { task, lines }, None);
+            if !all && self.logs.len() < self.cfg.log_batch_lines {
+                break;
+            }
+        }
+        self.oldest_log_at = if self.logs.is_empty() { None } else { Some(now) };
+    }
+}
+
+#[cfg(test)]
+mod tests;

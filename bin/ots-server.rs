@@ -1,1 +1,69 @@
-fn main(){}
+//! `ots-server`: binds the control and events sockets and serves until
+//! SIGTERM or SIGINT.
+
+use clap::Parser;
+use ots::config::ServerConfig;
+use ots::server::Server;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The ots server: accepts testruns and hands tasks to workers.
+#[derive(Debug, Parser)]
+#[command(name = "ots-server", version, about)]
+struct Args {
+    /// Configuration file (TOML); see conf/server.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ROUTER endpoint, e.g. tcp://0.0.0.0:5555 (overrides `control`).
+    #[arg(long)]
+    control: Option<String>,
+    /// PUB endpoint, e.g. tcp://0.0.0.0:5556 (overrides `events`).
+    #[arg(long)]
+    events: Option<String>,
+    /// State directory (overrides `state_dir`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// sysexits EX_CONFIG.
+const EXIT_CONFIG: u8 = 78;
+/// sysexits EX_UNAVAILABLE: could not bind or open state.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    ots::logging::init("info");
+    let overrides = [
+        ("control", args.control),
+        ("events", args.events),
+        ("state_dir", args.state_dir.map(|p| p.display().to_string())),
+    ];
+    let cfg = match ServerConfig::load(args.config.as_deref(), &overrides) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ots-server: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let server = match Server::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ots-server: cannot start: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    wait_for_signal().await;
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,1 +1,89 @@
-fn main(){}
+//! `ots-worker`: one per device under test; runs until SIGTERM or SIGINT.
+
+use clap::Parser;
+use ots::config::WorkerConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::sync::watch;
+
+/// The ots worker: takes tasks for one device and runs its conductor.
+#[derive(Debug, Parser)]
+#[command(name = "ots-worker", version, about)]
+struct Args {
+    /// Configuration file (TOML); see conf/worker.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Logical worker name, unique per server (overrides `name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Server control endpoint (overrides `server`).
+    #[arg(long)]
+    server: Option<String>,
+    /// Server events endpoint (overrides `events`).
+    #[arg(long)]
+    events: Option<String>,
+    /// Device: "devicegroup:X [devicename:Y] [deviceid:Z]" (overrides `device`).
+    #[arg(long)]
+    device: Option<String>,
+    /// State directory (overrides `state_dir`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// sysexits EX_CONFIG.
+const EXIT_CONFIG: u8 = 78;
+/// sysexits EX_CANTCREAT: the state directory is unusable.
+const EXIT_CANTCREAT: u8 = 73;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    ots::logging::init("info");
+    let overrides = [
+        ("name", args.name),
+        ("server", args.server),
+        ("events", args.events),
+        ("device", args.device),
+        ("state_dir", args.state_dir.map(|p| p.display().to_string())),
+    ];
+    let cfg = match WorkerConfig::load(args.config.as_deref(), &overrides) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ots-worker: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let mut worker = tokio::spawn(ots::worker::run(cfg, stop_rx));
+    let result = tokio::select! {
+        r = &mut worker => r,
+        _ = wait_for_signal() => {
+            let _ = stop.send(true);
+            worker.await
+        }
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("ots-worker: {e}");
+            match e {
+                ots::worker::WorkerError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                ots::worker::WorkerError::StateDir { .. } => ExitCode::from(EXIT_CANTCREAT),
+            }
+        }
+        Err(e) => {
+            eprintln!("ots-worker: worker task failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

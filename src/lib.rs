@@ -20,11 +20,13 @@
 //! - [`local`]: an embedded server plus local workers in one process, for
 //!   `ots-submit run --local`.
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
+//! - [`logging`]: the binaries' log output.
 
 pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod local;
+pub mod logging;
 pub mod protocol;
 pub mod server;
 pub mod transport;

@@ -231,6 +231,10 @@ pub struct TaskStatus {
     pub log_lines_stored: u64,
     /// Log lines the worker says the task produced (known once finished).
     pub log_lines_produced: Option<u64>,
+    /// Inclusive ranges of log line numbers that never arrived (known once
+    /// finished): lost in transit or dropped while the server was away.
+    #[serde(default)]
+    pub log_gaps: Vec<(u64, u64)>,
     pub files: Vec<FileInfo>,
 }
 

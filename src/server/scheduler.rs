@@ -856,6 +856,7 @@ impl<S: Store> Scheduler<S> {
                         cases: t.cases,
                         log_lines_stored: t.log.len(),
                         log_lines_produced: t.log_lines_produced,
+                        log_gaps: t.log_lines_produced.map(|n| t.log.missing(n)).unwrap_or_default(),
                         files: t.files.clone(),
                     }
                 })

@@ -309,11 +309,13 @@ impl Session {
         let dropped = self.outbox.drop_task(&task);
         let ours = self.slot.as_ref().is_some_and(|s| s.spec.task == task);
         let finished = self.slot.as_ref().is_some_and(|s| s.finished);
-        if ours && finished && dropped == 0 {
-            info!(task = %task, %reason, "task channel closed by the server");
-        } else {
+        if dropped > 0 {
             self.stats.orphans_closed += dropped as u64;
             warn!(task = %task, %reason, dropped, "orphan: server closed the task; dropped its unacknowledged messages");
+        } else if ours && !finished {
+            warn!(task = %task, %reason, "server closed the running task; stopping its conductor");
+        } else {
+            info!(task = %task, %reason, "task channel closed by the server");
         }
         self.logs.retain(|(t, _)| *t != task);
         if ours {

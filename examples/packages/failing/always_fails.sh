@@ -1,0 +1,2 @@
+echo "this test demonstrates a failure"
+exit 1

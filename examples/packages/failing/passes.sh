@@ -1,0 +1,1 @@
+echo "this one passes"

@@ -1,0 +1,2 @@
+ls /sys/class/net 2>/dev/null | sed 's/^/interface: /'
+true

@@ -1,0 +1,2 @@
+echo "resolving localhost"
+getent hosts localhost || grep -q localhost /etc/hosts

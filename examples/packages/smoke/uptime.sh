@@ -1,0 +1,1 @@
+echo "uptime: $(cut -d' ' -f1 /proc/uptime 2>/dev/null || echo unknown) s"

@@ -1,0 +1,496 @@
+//! The `ots-submit` command line: argument definitions and each
+//! sub-command, printing for people (or JSON with `--json`). Returns the
+//! process exit status; see [`super::exit`].
+
+use crate::client::follow::{follow, FollowItem};
+use crate::client::{default_events_endpoint, exit, Client, ClientError};
+use crate::delivery::ranges::describe;
+use crate::protocol::{DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict};
+use crate::server::store::safe_relative_path;
+use clap::{Args, Parser, Subcommand};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Submit testruns to an ots server and watch them.
+#[derive(Debug, Parser)]
+#[command(name = "ots-submit", version, about, after_help = EXIT_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 cancelled, 64 usage error, \
+65 refused by the server (e.g. no worker for the device), 69 server unreachable, \
+70 local lab failed, 74 cannot write fetched files, 76 protocol error.";
+
+/// Where the server is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Server control endpoint.
+    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
+    pub server: String,
+    /// Server events endpoint [default: control port + 1].
+    #[arg(long, env = "OTS_EVENTS")]
+    pub events: Option<String>,
+    /// Give up on an unanswered request after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Conn {
+    fn events_endpoint(&self) -> String {
+        self.events
+            .clone()
+            .or_else(|| default_events_endpoint(&self.server))
+            .unwrap_or_else(|| self.server.clone())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a testrun; prints its id (and, with --wait, its verdict).
+    Run(RunArgs),
+    /// Show a testrun's state, tasks and verdicts.
+    Status {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a testrun: queued tasks at once, running ones TERM → KILL.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the workers the server knows.
+    Workers {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the stored logs of a testrun's tasks.
+    Logs {
+        run: String,
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Download a testrun's result files into DIR/<task>/.
+    Fetch {
+        run: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Device spec: "devicegroup:X [devicename:Y] [deviceid:Z]".
+    #[arg(long, required_unless_present = "local")]
+    pub device: Option<String>,
+    /// Image URL or path for the conductor to flash.
+    #[arg(long, required_unless_present = "local")]
+    pub image: Option<String>,
+    /// Test packages, comma-separated.
+    #[arg(long, value_delimiter = ',', required_unless_present = "local")]
+    pub packages: Vec<String>,
+    /// default: one task; perpackage: one task per package.
+    #[arg(long, default_value = "default")]
+    pub distribution: Distribution,
+    /// Execution timeout of each task (e.g. 90s, 30m, 2h).
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Extra option for the conductor, KEY=VALUE (repeatable).
+    #[arg(long = "option", value_parser = parse_option)]
+    pub options: Vec<(String, String)>,
+    /// Wait for the verdict, showing task state changes.
+    #[arg(long)]
+    pub wait: bool,
+    /// Like --wait, and stream the tasks' log lines too.
+    #[arg(long)]
+    pub follow: bool,
+    /// After the testrun, download its result files here (implies --wait).
+    #[arg(long)]
+    pub fetch: Option<PathBuf>,
+    /// Queue even if no known worker has a matching device.
+    #[arg(long)]
+    pub queue_anyway: bool,
+    /// Start an embedded server and local workers, run the example
+    /// conductor, and tear it all down afterwards.
+    #[arg(long)]
+    pub local: bool,
+    /// Number of local workers (with --local).
+    #[arg(long, default_value_t = 2)]
+    pub local_workers: usize,
+    /// Conductor program for the local workers (with --local).
+    #[arg(long)]
+    pub conductor: Option<PathBuf>,
+}
+
+/// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m or 2h"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn fail(e: &ClientError) -> i32 {
+    eprintln!("ots-submit: {e}");
+    e.exit_code()
+}
+
+/// Runs a parsed command line; returns the exit status.
+pub async fn main(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Run(args) => return run(args).await,
+        Command::Status { run, conn } => status(&conn, &run).await,
+        Command::Cancel { run, conn } => cancel(&conn, &run).await,
+        Command::Workers { conn } => workers(&conn).await,
+        Command::Logs { run, task, conn } => logs(&conn, &run, task.as_deref()).await,
+        Command::Fetch { run, dir, conn } => fetch_cmd(&conn, &run, &dir).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+fn verdict_exit(status: &RunStatus) -> i32 {
+    match (status.state, status.verdict) {
+        (RunState::Cancelled, _) => exit::CANCELLED,
+        (_, Some(Verdict::Pass)) => exit::PASS,
+        (_, Some(Verdict::Fail)) => exit::FAIL,
+        _ => exit::ERROR,
+    }
+}
+
+async fn run(mut args: RunArgs) -> i32 {
+    let device = args.device.clone().unwrap_or_else(|| "devicegroup:example".into());
+    let device = match DeviceSpec::parse(&device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("ots-submit: --device: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut lab = None;
+    if args.local {
+        match crate::local::Lab::start(&device, args.local_workers, args.conductor.clone()).await {
+            Ok(l) => {
+                args.conn.server = l.control().to_string();
+                args.conn.events = Some(l.events().to_string());
+                if !args.conn.json {
+                    println!(
+                        "local lab: server {} with {} worker(s) for {}, state in {}",
+                        l.control(),
+                        args.local_workers,
+                        device,
+                        l.state_dir().display()
+                    );
+                }
+                lab = Some(l);
+            }
+            Err(e) => {
+                eprintln!("ots-submit: cannot start the local lab: {e}");
+                return exit::SOFTWARE;
+            }
+        }
+        args.wait = true;
+        if args.image.is_none() {
+            args.image = Some(crate::local::example_image().display().to_string());
+        }
+        if args.packages.is_empty() {
+            args.packages = vec!["smoke".into(), "network".into(), "storage".into()];
+        }
+    }
+    let code = submit_and_watch(&args, device).await;
+    if let Some(lab) = lab {
+        lab.shutdown().await;
+    }
+    code
+}
+
+async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
+    let testrun = TestrunRequest {
+        device,
+        image: args.image.clone().unwrap_or_default(),
+        packages: args.packages.clone(),
+        distribution: args.distribution,
+        timeout_secs: args.timeout.as_secs().max(1),
+        options: args.options.iter().cloned().collect::<BTreeMap<_, _>>(),
+        queue_anyway: args.queue_anyway,
+    };
+    let mut client = match Client::connect(&args.conn.server, args.conn.connect_timeout).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let (run, tasks) = match client.submit(testrun).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let json = args.conn.json;
+    let wait = args.wait || args.follow || args.fetch.is_some();
+    if !wait {
+        if json {
+            println!("{}", serde_json::json!({ "run": run, "tasks": tasks }));
+        } else {
+            println!("{run}");
+        }
+        return exit::PASS;
+    }
+    if !json {
+        println!("testrun {run} submitted: {} task(s)", tasks.len());
+    }
+    let started = Instant::now();
+    let events = args.conn.events_endpoint();
+    let status = follow(&mut client, &events, &run, args.follow, |item| print_item(&item, started, json)).await;
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&status).expect("status serialises"));
+    } else {
+        print_summary(&status);
+    }
+    if let Some(dir) = &args.fetch {
+        if let Err(e) = fetch(&mut client, &status, dir, json).await {
+            return fail(&e);
+        }
+    }
+    verdict_exit(&status)
+}
+
+fn print_item(item: &FollowItem, started: Instant, json: bool) {
+    let t = started.elapsed().as_secs_f32();
+    match item {
+        FollowItem::Event(e) if json => println!("{}", serde_json::to_string(e).expect("event serialises")),
+        FollowItem::Event(e) => {
+            let what = match e.state {
+                ProgressState::Queued => "queued".to_string(),
+                ProgressState::Dispatched => format!("dispatched to {}", e.worker.as_deref().unwrap_or("?")),
+                ProgressState::Running => "running".to_string(),
+                ProgressState::Requeued => format!("re-queued: {}", e.reason.as_deref().unwrap_or("")),
+                ProgressState::Finished => format!(
+                    "{}: {}",
+                    e.verdict.map_or("ended".to_string(), |v| v.to_string()),
+                    e.reason.as_deref().unwrap_or("")
+                ),
+                ProgressState::Cancelled => format!("cancelled: {}", e.reason.as_deref().unwrap_or("")),
+                ProgressState::RunFinished => format!(
+                    "testrun finished: {}",
+                    e.verdict.map_or("no verdict".to_string(), |v| v.to_string())
+                ),
+                ProgressState::RunCancelled => "testrun cancelled".to_string(),
+            };
+            match &e.task {
+                Some(task) => println!("[{t:6.1}s] {task} {what}"),
+                None => println!("[{t:6.1}s] {what}"),
+            }
+        }
+        FollowItem::Lines { task, lines } => {
+            for l in lines {
+                if json {
+                    println!("{}", serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text }));
+                } else {
+                    println!("  {task} | {}", l.text);
+                }
+            }
+        }
+        FollowItem::Missed { task, lines } => {
+            eprintln!("  {task} | ({lines} live log lines not received here; `ots-submit logs` shows what the server stored)");
+        }
+        FollowItem::NoLiveEvents(e) => eprintln!("ots-submit: no live events ({e}); polling the server instead"),
+    }
+}
+
+fn print_summary(status: &RunStatus) {
+    for t in &status.tasks {
+        let verdict = match (t.state, t.verdict) {
+            (crate::protocol::TaskState::Cancelled, _) => "CANCELLED".to_string(),
+            (_, Some(v)) => v.to_string(),
+            (s, None) => format!("{s:?}").to_uppercase(),
+        };
+        println!(
+            "task {} [{}] {} — {} (worker {}, attempt {})",
+            t.task,
+            t.packages.join(","),
+            verdict,
+            t.reason.as_deref().unwrap_or(""),
+            t.worker.as_deref().unwrap_or("-"),
+            t.attempts
+        );
+        if !t.log_gaps.is_empty() {
+            let lost: u64 = t.log_gaps.iter().map(|(a, b)| b - a + 1).sum();
+            println!(
+                "    {lost} log lines lost, seq {} (of {} produced; never arrived at the server)",
+                describe(&t.log_gaps),
+                t.log_lines_produced.unwrap_or(0)
+            );
+        }
+    }
+    let verdict = match (status.state, status.verdict) {
+        (RunState::Cancelled, _) => "CANCELLED".to_string(),
+        (_, Some(v)) => v.to_string(),
+        (s, None) => format!("{s:?}").to_uppercase(),
+    };
+    println!("testrun {}: {verdict}", status.run);
+}
+
+async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
+    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let status = client.status(&run.to_string()).await?;
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
+    } else {
+        println!("testrun {} for {} image {}: {:?}", status.run, status.device, status.image, status.state);
+        print_summary(&status);
+        let interesting: Vec<String> = status
+            .counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("orphan") || k.contains("lost") || k.contains("malformed") || k.contains("version"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !interesting.is_empty() {
+            println!("server counters: {}", interesting.join(" "));
+        }
+    }
+    Ok(if matches!(status.state, RunState::Finished | RunState::Cancelled) {
+        verdict_exit(&status)
+    } else {
+        exit::PASS
+    })
+}
+
+async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
+    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let status = client.cancel(&run.to_string()).await?;
+    if conn.json {
+        println!("{}", serde_json::to_string(&status).expect("status serialises"));
+    } else {
+        println!("cancel requested for {}: queued tasks cancelled, running tasks are being stopped", status.run);
+    }
+    Ok(exit::PASS)
+}
+
+async fn workers(conn: &Conn) -> Result<i32, ClientError> {
+    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let workers = client.workers().await?;
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&workers).expect("workers serialise"));
+    } else if workers.is_empty() {
+        println!("no workers registered");
+    } else {
+        for w in workers {
+            println!(
+                "{:<20} {:<8} {:<40} task {:<14} last heard {} ms ago",
+                w.name,
+                format!("{:?}", w.state).to_lowercase(),
+                w.device.to_string(),
+                w.task.as_deref().unwrap_or("-"),
+                w.last_heard_ms_ago
+            );
+        }
+    }
+    Ok(exit::PASS)
+}
+
+async fn logs(conn: &Conn, run: &str, only: Option<&str>) -> Result<i32, ClientError> {
+    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let status = client.status(&run.to_string()).await?;
+    let mut all = BTreeMap::new();
+    for t in status.tasks.iter().filter(|t| only.is_none_or(|o| o == t.task)) {
+        let text = client.read_all(&t.task, None).await?;
+        let text = String::from_utf8_lossy(&text).into_owned();
+        if conn.json {
+            all.insert(t.task.clone(), text);
+        } else {
+            println!("==== {} [{}] ====", t.task, t.packages.join(","));
+            print!("{text}");
+        }
+    }
+    if conn.json {
+        println!("{}", serde_json::to_string(&all).expect("logs serialise"));
+    }
+    Ok(exit::PASS)
+}
+
+async fn fetch_cmd(conn: &Conn, run: &str, dir: &Path) -> Result<i32, ClientError> {
+    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let status = client.status(&run.to_string()).await?;
+    fetch(&mut client, &status, dir, conn.json).await?;
+    Ok(exit::PASS)
+}
+
+/// Downloads every result file of `status` into `dir/<task>/<name>`,
+/// verifying each against its SHA-256.
+async fn fetch(client: &mut Client, status: &RunStatus, dir: &Path, json: bool) -> Result<(), ClientError> {
+    let mut count = 0;
+    let mut bytes = 0u64;
+    for t in &status.tasks {
+        for f in &t.files {
+            let rel = safe_relative_path(&f.name).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let data = client.read_all(&t.task, Some(&f.name)).await?;
+            let sha = hex::encode(Sha256::digest(&data));
+            if sha != f.sha256 {
+                return Err(ClientError::Protocol(format!(
+                    "result file {} of {} arrived with SHA-256 {sha}, expected {}",
+                    f.name, t.task, f.sha256
+                )));
+            }
+            let path = dir.join(&t.task).join(rel);
+            let io = |source| ClientError::Io { path: path.clone(), source };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&path, &data).map_err(io)?;
+            count += 1;
+            bytes += data.len() as u64;
+        }
+    }
+    if !json {
+        println!("fetched {count} result file(s), {bytes} bytes, into {}", dir.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_an_operator_writes_them() {
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

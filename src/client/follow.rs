@@ -1,0 +1,164 @@
+//! Following a testrun: progress events arrive on PUB (fast, lossy) and
+//! are checked against their per-testrun index; any gap, and a periodic
+//! safety poll, is filled from the server over the control socket
+//! (lossless). Log lines come from PUB only; gaps there are reported, and
+//! `ots-submit logs` has everything the server stored.
+
+use crate::client::{Client, ClientError};
+use crate::protocol::{self, Body, LogLine, ProgressEvent, ProgressState, RunId, RunStatus, TaskId};
+use crate::transport;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use zeromq::prelude::*;
+
+/// Something to show while following.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FollowItem {
+    Event(ProgressEvent),
+    Lines { task: TaskId, lines: Vec<LogLine> },
+    /// Live log lines of `task` that this follower did not receive.
+    Missed { task: TaskId, lines: u64 },
+    /// The events socket could not be reached; progress is polled instead.
+    NoLiveEvents(String),
+}
+
+fn terminal(e: &ProgressEvent) -> bool {
+    matches!(e.state, ProgressState::RunFinished | ProgressState::RunCancelled)
+}
+
+/// Follows `run` until it ends; returns its final status.
+pub async fn follow(
+    client: &mut Client,
+    events_endpoint: &str,
+    run: &RunId,
+    logs: bool,
+    mut sink: impl FnMut(FollowItem),
+) -> Result<RunStatus, ClientError> {
+    let progress_topic = format!("run/{run}");
+    let log_topic = format!("log/{run}");
+    let mut topics = vec![progress_topic.as_str()];
+    if logs {
+        topics.push(log_topic.as_str());
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reader = match transport::connect_sub(events_endpoint, &topics, Duration::from_secs(3)).await {
+        Ok(mut sub) => Some(tokio::spawn(async move {
+            while let Ok(msg) = sub.recv().await {
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        })),
+        Err(e) => {
+            sink(FollowItem::NoLiveEvents(e.to_string()));
+            None
+        }
+    };
+    let mut state = Progress {
+        run: run.clone(),
+        next: 0,
+        last_seq: HashMap::new(),
+        done: false,
+    };
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut done_live = false;
+    while !state.done {
+        let mut catch_up = false;
+        tokio::select! {
+            Some(msg) = rx.recv() => match state.live(msg, &mut sink) {
+                Live::Gap => catch_up = true,
+                Live::Terminal => done_live = true,
+                Live::Other => {}
+            },
+            _ = poll.tick() => catch_up = true,
+        }
+        if catch_up && !state.done {
+            for event in client.events(run, state.next).await? {
+                if event.index != state.next {
+                    continue;
+                }
+                state.next += 1;
+                state.done = terminal(&event);
+                sink(FollowItem::Event(event));
+                if state.done {
+                    break;
+                }
+            }
+        }
+    }
+    // Ended by a poll: log lines published before the end may still be in
+    // flight on PUB; take them until the live end event shows up.
+    if logs && reader.is_some() && !done_live {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if let Live::Terminal = state.live(msg, &mut sink) {
+                break;
+            }
+        }
+    }
+    if let Some(r) = reader {
+        r.abort();
+    }
+    client.status(run).await
+}
+
+enum Live {
+    Gap,
+    Terminal,
+    Other,
+}
+
+struct Progress {
+    run: RunId,
+    /// Index of the next progress event to show.
+    next: u64,
+    last_seq: HashMap<TaskId, u64>,
+    done: bool,
+}
+
+impl Progress {
+    /// Handles one PUB message.
+    fn live(&mut self, msg: zeromq::ZmqMessage, sink: &mut impl FnMut(FollowItem)) -> Live {
+        let mut frames = msg.into_vec();
+        if frames.is_empty() {
+            return Live::Other;
+        }
+        frames.remove(0);
+        let Ok(env) = protocol::decode(frames) else {
+            return Live::Other;
+        };
+        match env.body {
+            Body::Progress { run, event } if run == self.run => {
+                let is_end = terminal(&event);
+                if event.index == self.next {
+                    self.next += 1;
+                    self.done = is_end;
+                    sink(FollowItem::Event(event));
+                } else if event.index > self.next {
+                    return Live::Gap;
+                }
+                if is_end {
+                    return Live::Terminal;
+                }
+            }
+            Body::LogLines { run, task, lines } if run == self.run => {
+                let last = self.last_seq.entry(task.clone()).or_insert(0);
+                if let Some(first) = lines.first() {
+                    if first.seq > *last + 1 {
+                        sink(FollowItem::Missed {
+                            task: task.clone(),
+                            lines: first.seq - *last - 1,
+                        });
+                    }
+                }
+                if let Some(l) = lines.last() {
+                    *last = (*last).max(l.seq);
+                }
+                sink(FollowItem::Lines { task, lines });
+            }
+            _ => {}
+        }
+        Live::Other
+    }
+}

@@ -1,1 +1,312 @@
+//! Session scenarios with a fake clock.
 
+use super::*;
+use crate::protocol::codec::Envelope;
+
+const HB: Duration = Duration::from_secs(1);
+
+fn cfg() -> SessionConfig {
+    SessionConfig {
+        heartbeat: HB,
+        liveness: 3,
+        log_buffer_lines: 5,
+        log_batch_lines: 3,
+        log_batch_delay: Duration::from_millis(20),
+        retry: RetryPolicy {
+            initial_ms: 500,
+            factor: 2.0,
+            cap_ms: 4000,
+            jitter: false,
+        },
+    }
+}
+
+fn env(body: Body) -> Envelope {
+    Envelope {
+        header: Header {
+            v: PROTOCOL_VERSION,
+            class: body.class(),
+            mandatory: false,
+            seq: 0,
+            task: None,
+        },
+        body,
+        raw: None,
+    }
+}
+
+fn spec(task: &str, expires_at_ms: u64) -> TaskSpec {
+    TaskSpec {
+        task: task.into(),
+        run: "r".into(),
+        attempt: 1,
+        image: "img".into(),
+        packages: vec!["p".into()],
+        timeout_secs: 60,
+        options: Default::default(),
+        expires_at_ms,
+    }
+}
+
+fn sent(actions: &[Action]) -> Vec<&'static str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { body, .. } => Some(body.kind()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mandatory_seqs(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { header, .. } if header.mandatory => Some(header.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+struct W {
+    s: Session,
+    now: Instant,
+}
+
+impl W {
+    fn new() -> Self {
+        let now = Instant::now();
+        W {
+            s: Session::new(cfg(), "w1".into(), "sess".into(), DeviceProps::parse("devicegroup:g").unwrap(), now),
+            now,
+        }
+    }
+    fn msg(&mut self, body: Body) -> Vec<Action> {
+        self.s.on_message(self.now, 1_000, env(body))
+    }
+    fn welcome(&mut self, server: &str) -> Vec<Action> {
+        self.msg(Body::Welcome {
+            server: server.into(),
+            heartbeat_ms: 1000,
+            liveness: 3,
+        })
+    }
+    fn up(&mut self) -> Vec<Action> {
+        let mut a = self.s.on_connected(self.now);
+        a.extend(self.welcome("srv1"));
+        a
+    }
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        self.now += d;
+        self.s.on_tick(self.now)
+    }
+    fn log(&mut self, task: &str, seq: u64) -> Vec<Action> {
+        self.s.on_task_event(
+            self.now,
+            TaskEvent::Log {
+                task: task.into(),
+                line: LogLine {
+                    seq,
+                    stream: Stream::Stdout,
+                    text: format!("l{seq}"),
+                },
+            },
+        )
+    }
+}
+
+#[test]
+fn registers_then_asks_for_work() {
+    let mut w = W::new();
+    let a = w.s.on_connected(w.now);
+    assert_eq!(sent(&a), vec!["hello"]);
+    assert!(matches!(w.s.link(), Link::Registering { .. }));
+    let a = w.welcome("srv1");
+    assert_eq!(sent(&a), vec!["ready"]);
+    assert_eq!(w.s.link(), &Link::Up { server: "srv1".into() });
+}
+
+#[test]
+fn hello_is_repeated_until_welcomed() {
+    let mut w = W::new();
+    w.s.on_connected(w.now);
+    w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+    let a = w.advance(HB);
+    assert_eq!(sent(&a), vec!["hello"]);
+}
+
+#[test]
+fn silent_server_is_lost_after_liveness_intervals_exactly_once() {
+    let mut w = W::new();
+    w.up();
+    for _ in 0..3 {
+        let a = w.advance(HB);
+        assert!(!a.iter().any(|a| matches!(a, Action::Reconnect(_))));
+    }
+    let a = w.advance(Duration::from_millis(1));
+    assert!(matches!(&a[..], [Action::Reconnect(LostReason::Silent { .. })]), "{a:?}");
+    assert_eq!(w.s.link(), &Link::Down);
+    assert!(w.advance(HB).is_empty(), "no second loss while down");
+}
+
+#[test]
+fn heartbeats_keep_the_server_alive_and_a_new_incarnation_means_restart() {
+    let mut w = W::new();
+    w.up();
+    for _ in 0..10 {
+        w.advance(HB);
+        w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+    }
+    assert!(matches!(w.s.link(), Link::Up { .. }));
+    let a = w.msg(Body::ServerHeartbeat { server: "srv2".into(), heartbeat_ms: 1000 });
+    assert!(matches!(&a[..], [Action::Reconnect(LostReason::ServerRestarted { .. })]));
+}
+
+#[test]
+fn worker_heartbeats_only_when_otherwise_silent() {
+    let mut w = W::new();
+    w.up();
+    let a = w.advance(HB);
+    assert_eq!(sent(&a), vec!["heartbeat"]);
+    w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+    let a = w.advance(HB / 2);
+    assert!(sent(&a).is_empty());
+}
+
+#[test]
+fn dispatch_is_accepted_mandatorily_and_resent_until_acked() {
+    let mut w = W::new();
+    w.up();
+    let a = w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    assert!(a.iter().any(|a| matches!(a, Action::StartTask(s) if s.task == "t1")));
+    assert_eq!(mandatory_seqs(&a), vec![1]);
+    let a = w.advance(Duration::from_millis(500));
+    assert_eq!(mandatory_seqs(&a), vec![1], "resent after the initial delay");
+    w.msg(Body::Ack { seq: 1 });
+    let a = w.advance(Duration::from_secs(10));
+    assert!(mandatory_seqs(&a).is_empty());
+    assert_eq!(w.s.pending_mandatory(), 0);
+}
+
+#[test]
+fn expired_dispatch_is_refused_and_never_started() {
+    let mut w = W::new();
+    w.up();
+    let a = w.msg(Body::Dispatch { spec: spec("t1", 999) }); // wall clock is 1000
+    assert!(!a.iter().any(|a| matches!(a, Action::StartTask(_))));
+    assert!(a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { reason: RefuseReason::Expired, .. }, .. })));
+    assert_eq!(w.s.stats.expired_dispatches, 1);
+    assert!(w.s.current_task().is_none());
+}
+
+#[test]
+fn busy_worker_refuses_a_second_task() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    let a = w.msg(Body::Dispatch { spec: spec("t2", 5_000) });
+    assert!(a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { reason: RefuseReason::Busy, .. }, .. })));
+    // …but a resent dispatch of its own task is not refused.
+    let a = w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    assert!(!a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { .. }, .. })));
+}
+
+#[test]
+fn logs_posted_before_finish_go_out_before_the_final_report() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    w.msg(Body::Ack { seq: 1 });
+    w.log("t1", 1);
+    w.log("t1", 2);
+    let a = w.s.on_task_event(
+        w.now,
+        TaskEvent::Finished {
+            task: "t1".into(),
+            outcome: Outcome::default(),
+            log_lines: 2,
+            files: vec![],
+        },
+    );
+    assert_eq!(sent(&a), vec!["log", "task_finished"]);
+}
+
+#[test]
+fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    w.msg(Body::Ack { seq: 1 });
+    w.advance(Duration::from_secs(4)); // lost
+    assert_eq!(w.s.link(), &Link::Down);
+    for seq in 1..=8 {
+        assert!(w.log("t1", seq).is_empty(), "nothing is sent while down");
+    }
+    assert_eq!(w.s.buffered_log_lines(), 5);
+    assert_eq!(w.s.stats.log_lines_dropped, 3, "oldest dropped and counted");
+    let a = w.s.on_task_event(
+        w.now,
+        TaskEvent::Finished { task: "t1".into(), outcome: Outcome::default(), log_lines: 8, files: vec![] },
+    );
+    assert!(a.is_empty());
+    // Back: hello names the task, then buffered logs (4..8) before the report.
+    let a = w.s.on_connected(w.now);
+    assert!(matches!(&a[0], Action::Send { body: Body::Hello { running, .. }, .. } if running == &vec!["t1".to_string()]));
+    let a = w.welcome("srv2");
+    assert_eq!(sent(&a), vec!["log", "log", "task_finished"]);
+    let seqs: Vec<u64> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { body: Body::Log { lines, .. }, .. } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seqs, vec![4, 5, 6, 7, 8]);
+}
+
+#[test]
+fn task_closed_drops_pending_messages_and_stops_a_running_conductor() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch { spec: spec("t1", 5_000) }); // accepted, not acked
+    let a = w.msg(Body::TaskClosed { task: "t1".into(), reason: "timed out".into() });
+    assert!(a.iter().any(|a| matches!(a, Action::StopTask(t) if t == "t1")));
+    assert_eq!(w.s.pending_mandatory(), 0);
+    assert_eq!(w.s.stats.orphans_closed, 1);
+    assert_eq!(sent(&a), vec!["ready"]);
+    let a = w.advance(Duration::from_secs(60));
+    assert!(mandatory_seqs(&a).is_empty(), "never resent after the nack");
+}
+
+#[test]
+fn file_chunks_precede_the_final_report_and_cover_the_file() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    let data = Bytes::from(vec![7u8; CHUNK_BYTES * 2 + 10]);
+    let info = FileInfo { name: "big.bin".into(), size: data.len() as u64, sha256: "x".into() };
+    let a = w.s.on_task_event(
+        w.now,
+        TaskEvent::Finished { task: "t1".into(), outcome: Outcome::default(), log_lines: 0, files: vec![ResultFile { info, data }] },
+    );
+    // task_accepted is due again only later; chunks and report go now.
+    let kinds = sent(&a);
+    assert_eq!(kinds, vec!["file_chunk", "file_chunk", "file_chunk", "task_finished"]);
+    let total: usize = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { raw: Some(r), .. } => Some(r.len()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(total, CHUNK_BYTES * 2 + 10);
+}
+
+#[test]
+fn not_registered_error_triggers_a_new_hello() {
+    let mut w = W::new();
+    w.up();
+    let a = w.msg(Body::Error { request: None, code: ErrorCode::NotRegistered, message: "who?".into() });
+    assert_eq!(sent(&a), vec!["hello"]);
+}

@@ -1,0 +1,261 @@
+//! Test harness: the real binaries as child processes on loopback with
+//! ephemeral ports, each in its own process group that is killed when its
+//! guard drops, with stderr collected so tests can wait for log lines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "ots-server" => PathBuf::from(env!("CARGO_BIN_EXE_ots-server")),
+        "ots-worker" => PathBuf::from(env!("CARGO_BIN_EXE_ots-worker")),
+        "ots-submit" => PathBuf::from(env!("CARGO_BIN_EXE_ots-submit")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Lines a child wrote to stderr, shared with the test.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Lines {
+    pub fn all(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line containing `needle` appears after the first
+    /// `skip` lines; returns it and its index.
+    pub fn wait_for_after(&self, skip: usize, needle: &str, limit: Duration) -> Option<(usize, String)> {
+        let deadline = Instant::now() + limit;
+        let (lock, cvar) = &*self.0;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines.iter().enumerate().skip(skip).find(|(_, l)| l.contains(needle)) {
+                return Some((i, l.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = cvar.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        self.wait_for_after(0, needle, limit).map(|(_, l)| l)
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.all().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0 .0.lock().unwrap().len()
+    }
+}
+
+/// A child process in its own process group, killed (group and all) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stderr: Lines,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let lines = Lines::default();
+        let err = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        let label = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if std::env::var_os("OTS_TEST_VERBOSE").is_some() {
+                    eprintln!("[{label}] {line}");
+                }
+                let (lock, cvar) = &*sink.0;
+                lock.lock().unwrap().push(line);
+                cvar.notify_all();
+            }
+        });
+        Proc {
+            child,
+            stderr: lines,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = nix::sys::signal::killpg(self.pid(), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(self.pid(), nix::sys::signal::Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+/// A running `ots-server` and the endpoints it bound.
+pub struct ServerProc {
+    pub proc: Proc,
+    pub control: String,
+    pub events: String,
+    pub state_dir: PathBuf,
+}
+
+fn field(line: &str, key: &str) -> String {
+    let start = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key} in {line}")) + key.len() + 1;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+/// Starts a server on `control`/`events` (use port 0 for ephemeral ones)
+/// with extra `OTS_SERVER_*` environment.
+pub fn start_server(state_dir: &Path, control: &str, events: &str, env: &[(&str, &str)]) -> ServerProc {
+    let mut cmd = Command::new(bin("ots-server"));
+    cmd.arg("--control")
+        .arg(control)
+        .arg("--events")
+        .arg(events)
+        .arg("--state-dir")
+        .arg(state_dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proc = Proc::spawn("server", cmd);
+    let line = proc
+        .stderr
+        .wait_for("server listening", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("server did not start: {:?}", proc.stderr.all()));
+    ServerProc {
+        control: field(&line, "control"),
+        events: field(&line, "events"),
+        proc,
+        state_dir: state_dir.to_path_buf(),
+    }
+}
+
+/// Writes a worker config using `conductor` (argv template) and starts it.
+pub fn start_worker(dir: &Path, name: &str, device: &str, server: &ServerProc, conductor: &[&str], env: &[(&str, &str)]) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    let command: Vec<String> = conductor.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = {name:?}\nserver = {:?}\nevents = {:?}\ndevice = {device:?}\nstate_dir = {:?}\n\n[conductor]\ncommand = [{}]\nkill_grace_ms = 1000\n",
+            server.control,
+            server.events,
+            dir.join(name).display().to_string(),
+            command.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("ots-worker"));
+    cmd.arg("--config").arg(&cfg);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(name, cmd)
+}
+
+/// The example conductor's argv template.
+pub fn example_conductor() -> Vec<String> {
+    vec![
+        repo().join("examples/conductor.sh").display().to_string(),
+        "--image".into(),
+        "{image}".into(),
+        "--packages".into(),
+        "{packages}".into(),
+        "--results".into(),
+        "{results_dir}".into(),
+    ]
+}
+
+/// Runs `ots-submit` with `args` against `server`, bounded by `limit`.
+pub fn submit(server: &ServerProc, args: &[&str], limit: Duration) -> Output {
+    let mut cmd = Command::new(bin("ots-submit"));
+    cmd.args(args);
+    cmd.env("OTS_SERVER", &server.control).env("OTS_EVENTS", &server.events);
+    run_bounded(cmd, limit)
+}
+
+/// Runs a command to completion, killing it after `limit`.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    let child = cmd.spawn().expect("spawn");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let done = Arc::new(Mutex::new(false));
+    let flag = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if *flag.lock().unwrap() {
+                return;
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+    });
+    let out = child.wait_with_output().expect("wait");
+    *done.lock().unwrap() = true;
+    watchdog.thread().unpark();
+    let _ = watchdog.join();
+    out
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `ots-submit workers --json` until `ok` holds for the list.
+pub fn wait_for_workers(server: &ServerProc, limit: Duration, ok: impl Fn(&[serde_json::Value]) -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let out = submit(server, &["workers", "--json", "--connect-timeout", "1s"], Duration::from_secs(5));
+        if out.status.success() {
+            if let Ok(serde_json::Value::Array(ws)) = serde_json::from_slice(&out.stdout) {
+                if ok(&ws) {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    false
+}
+
+/// True if every named worker is registered and idle.
+pub fn all_idle<'a>(names: &'a [&'a str]) -> impl Fn(&[serde_json::Value]) -> bool + 'a {
+    move |ws| {
+        names.iter().all(|n| {
+            ws.iter()
+                .any(|w| w["name"] == *n && w["state"] == "idle")
+        })
+    }
+}
+
+/// A free loopback TCP port nothing listens on (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

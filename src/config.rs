@@ -49,13 +49,16 @@ fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
     overrides: &[Override],
     list_keys: &[&str],
 ) -> Result<T, ConfigError> {
-    let defaults = config::Config::try_from(&T::default()).map_err(|source| ConfigError::Layer { prefix, source })?;
+    let defaults = config::Config::try_from(&T::default())
+        .map_err(|source| ConfigError::Layer { prefix, source })?;
     let mut builder = config::Config::builder().add_source(defaults);
     if let Some(path) = file {
         if !path.is_file() {
             return Err(ConfigError::File {
                 path: path.to_path_buf(),
-                source: config::ConfigError::Message("file does not exist or is not a regular file".into()),
+                source: config::ConfigError::Message(
+                    "file does not exist or is not a regular file".into(),
+                ),
             });
         }
         // Parse the file alone first, so its errors name the file.
@@ -93,14 +96,22 @@ fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
 }
 
 fn check_endpoint(key: &'static str, ep: &str) -> Result<(), ConfigError> {
-    let rest = ep
-        .strip_prefix("tcp://")
-        .ok_or_else(|| invalid(key, ep, "must be tcp://HOST:PORT (the zeromq crate supports tcp here)"))?;
+    let rest = ep.strip_prefix("tcp://").ok_or_else(|| {
+        invalid(
+            key,
+            ep,
+            "must be tcp://HOST:PORT (the zeromq crate supports tcp here)",
+        )
+    })?;
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or_else(|| invalid(key, ep, "must be tcp://HOST:PORT"))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(invalid(key, ep, "must be tcp://HOST:PORT with a port number 0–65535"));
+        return Err(invalid(
+            key,
+            ep,
+            "must be tcp://HOST:PORT with a port number 0–65535",
+        ));
     }
     Ok(())
 }
@@ -160,16 +171,32 @@ impl ServerConfig {
         check_endpoint("control", &self.control)?;
         check_endpoint("events", &self.events)?;
         if self.heartbeat_interval_ms < 10 {
-            return Err(invalid("heartbeat_interval_ms", self.heartbeat_interval_ms, "must be at least 10"));
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms,
+                "must be at least 10",
+            ));
         }
         if self.liveness < 2 {
-            return Err(invalid("liveness", self.liveness, "must be at least 2 (one missed heartbeat is not a loss)"));
+            return Err(invalid(
+                "liveness",
+                self.liveness,
+                "must be at least 2 (one missed heartbeat is not a loss)",
+            ));
         }
         if self.max_attempts < 1 {
-            return Err(invalid("max_attempts", self.max_attempts, "must be at least 1"));
+            return Err(invalid(
+                "max_attempts",
+                self.max_attempts,
+                "must be at least 1",
+            ));
         }
         if self.dispatch_ttl_ms < self.heartbeat_interval_ms {
-            return Err(invalid("dispatch_ttl_ms", self.dispatch_ttl_ms, "must be at least heartbeat_interval_ms"));
+            return Err(invalid(
+                "dispatch_ttl_ms",
+                self.dispatch_ttl_ms,
+                "must be at least heartbeat_interval_ms",
+            ));
         }
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "", "must name a directory"));
@@ -285,40 +312,62 @@ impl WorkerConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.name.is_empty() || self.name.len() > 128 || self.name.contains(char::is_whitespace) {
-            return Err(invalid("name", &self.name, "must be 1–128 characters without whitespace (set it with --name)"));
+        if self.name.is_empty() || self.name.len() > 128 || self.name.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "name",
+                &self.name,
+                "must be 1–128 characters without whitespace (set it with --name)",
+            ));
         }
         check_endpoint("server", &self.server)?;
         check_endpoint("events", &self.events)?;
         self.device_props()?;
         if self.heartbeat_interval_ms < 10 {
-            return Err(invalid("heartbeat_interval_ms", self.heartbeat_interval_ms, "must be at least 10"));
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms,
+                "must be at least 10",
+            ));
         }
         if self.liveness < 2 {
             return Err(invalid("liveness", self.liveness, "must be at least 2"));
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
-            return Err(invalid("reconnect_max_ms", self.reconnect_max_ms, "must be ≥ reconnect_min_ms > 0"));
+            return Err(invalid(
+                "reconnect_max_ms",
+                self.reconnect_max_ms,
+                "must be ≥ reconnect_min_ms > 0",
+            ));
         }
         if self.log_batch_lines == 0 {
             return Err(invalid("log_batch_lines", 0, "must be at least 1"));
         }
         if self.conductor.command.is_empty() {
-            return Err(invalid("conductor.command", "[]", "must name the conductor program"));
+            return Err(invalid(
+                "conductor.command",
+                "[]",
+                "must name the conductor program",
+            ));
         }
         for arg in &self.conductor.command {
             crate::worker::conductor::check_template(arg)
                 .map_err(|reason| invalid("conductor.command", arg, reason))?;
         }
         for g in &self.conductor.result_globs {
-            glob::Pattern::new(g).map_err(|e| invalid("conductor.result_globs", g, e.to_string()))?;
+            glob::Pattern::new(g)
+                .map_err(|e| invalid("conductor.result_globs", g, e.to_string()))?;
         }
         Ok(())
     }
 
     pub fn device_props(&self) -> Result<DeviceProps, ConfigError> {
         if self.device.trim().is_empty() {
-            return Err(invalid("device", "", "must give the device, e.g. \"devicegroup:n900\" (set it with --device)"));
+            return Err(invalid(
+                "device",
+                "",
+                "must give the device, e.g. \"devicegroup:n900\" (set it with --device)",
+            ));
         }
         Ok(DeviceProps::parse(&self.device)?)
     }
@@ -334,7 +383,8 @@ mod tests {
 
     #[test]
     fn server_defaults_are_valid_and_flags_override() {
-        let cfg = ServerConfig::load(None, &[("control", Some("tcp://127.0.0.1:0".into()))]).unwrap();
+        let cfg =
+            ServerConfig::load(None, &[("control", Some("tcp://127.0.0.1:0".into()))]).unwrap();
         assert_eq!(cfg.control, "tcp://127.0.0.1:0");
         assert_eq!(cfg.liveness, 3);
     }

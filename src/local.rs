@@ -52,7 +52,11 @@ pub struct Lab {
 
 impl Lab {
     /// Starts a server and `workers` workers whose devices match `device`.
-    pub async fn start(device: &DeviceSpec, workers: usize, conductor: Option<PathBuf>) -> Result<Lab, LabError> {
+    pub async fn start(
+        device: &DeviceSpec,
+        workers: usize,
+        conductor: Option<PathBuf>,
+    ) -> Result<Lab, LabError> {
         let dir = tempfile::Builder::new()
             .prefix("ots-local-")
             .tempdir()
@@ -76,7 +80,10 @@ impl Lab {
             if let Some(n) = &device.devicename {
                 device_text.push_str(&format!(" devicename:{n}"));
             }
-            let id = device.deviceid.clone().unwrap_or_else(|| format!("local{i}"));
+            let id = device
+                .deviceid
+                .clone()
+                .unwrap_or_else(|| format!("local{i}"));
             if device.devicename.is_some() {
                 device_text.push_str(&format!(" deviceid:{id}"));
             }
@@ -114,7 +121,8 @@ impl Lab {
             stop,
             dir,
         };
-        lab.wait_for_workers(workers.max(1), Duration::from_secs(10)).await?;
+        lab.wait_for_workers(workers.max(1), Duration::from_secs(10))
+            .await?;
         Ok(lab)
     }
 
@@ -123,7 +131,9 @@ impl Lab {
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         while tokio::time::Instant::now() < deadline {
             poll.tick().await;
-            if let Ok(mut c) = crate::client::Client::connect(&self.server.control, Duration::from_secs(1)).await {
+            if let Ok(mut c) =
+                crate::client::Client::connect(&self.server.control, Duration::from_secs(1)).await
+            {
                 if let Ok(ws) = c.workers().await {
                     if ws.iter().filter(|w| w.state != WorkerState::Lost).count() >= n {
                         return Ok(());

@@ -5,7 +5,9 @@
 use crate::client::follow::{follow, FollowItem};
 use crate::client::{default_events_endpoint, exit, Client, ClientError};
 use crate::delivery::ranges::describe;
-use crate::protocol::{DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict};
+use crate::protocol::{
+    DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict,
+};
 use crate::server::store::safe_relative_path;
 use clap::{Args, Parser, Subcommand};
 use sha2::{Digest, Sha256};
@@ -139,7 +141,9 @@ pub struct RunArgs {
 /// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
     let n: u64 = num
         .parse()
@@ -149,7 +153,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
+            ))
+        }
     };
     Ok(d)
 }
@@ -192,7 +200,10 @@ fn verdict_exit(status: &RunStatus) -> i32 {
 }
 
 async fn run(mut args: RunArgs) -> i32 {
-    let device = args.device.clone().unwrap_or_else(|| "devicegroup:example".into());
+    let device = args
+        .device
+        .clone()
+        .unwrap_or_else(|| "devicegroup:example".into());
     let device = match DeviceSpec::parse(&device) {
         Ok(d) => d,
         Err(e) => {
@@ -270,13 +281,19 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
     }
     let started = Instant::now();
     let events = args.conn.events_endpoint();
-    let status = follow(&mut client, &events, &run, args.follow, |item| print_item(&item, started, json)).await;
+    let status = follow(&mut client, &events, &run, args.follow, |item| {
+        print_item(&item, started, json)
+    })
+    .await;
     let status = match status {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
     if json {
-        println!("{}", serde_json::to_string(&status).expect("status serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&status).expect("status serialises")
+        );
     } else {
         print_summary(&status);
     }
@@ -291,22 +308,31 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
 fn print_item(item: &FollowItem, started: Instant, json: bool) {
     let t = started.elapsed().as_secs_f32();
     match item {
-        FollowItem::Event(e) if json => println!("{}", serde_json::to_string(e).expect("event serialises")),
+        FollowItem::Event(e) if json => {
+            println!("{}", serde_json::to_string(e).expect("event serialises"))
+        }
         FollowItem::Event(e) => {
             let what = match e.state {
                 ProgressState::Queued => "queued".to_string(),
-                ProgressState::Dispatched => format!("dispatched to {}", e.worker.as_deref().unwrap_or("?")),
+                ProgressState::Dispatched => {
+                    format!("dispatched to {}", e.worker.as_deref().unwrap_or("?"))
+                }
                 ProgressState::Running => "running".to_string(),
-                ProgressState::Requeued => format!("re-queued: {}", e.reason.as_deref().unwrap_or("")),
+                ProgressState::Requeued => {
+                    format!("re-queued: {}", e.reason.as_deref().unwrap_or(""))
+                }
                 ProgressState::Finished => format!(
                     "{}: {}",
                     e.verdict.map_or("ended".to_string(), |v| v.to_string()),
                     e.reason.as_deref().unwrap_or("")
                 ),
-                ProgressState::Cancelled => format!("cancelled: {}", e.reason.as_deref().unwrap_or("")),
+                ProgressState::Cancelled => {
+                    format!("cancelled: {}", e.reason.as_deref().unwrap_or(""))
+                }
                 ProgressState::RunFinished => format!(
                     "testrun finished: {}",
-                    e.verdict.map_or("no verdict".to_string(), |v| v.to_string())
+                    e.verdict
+                        .map_or("no verdict".to_string(), |v| v.to_string())
                 ),
                 ProgressState::RunCancelled => "testrun cancelled".to_string(),
             };
@@ -318,7 +344,10 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
         FollowItem::Lines { task, lines } => {
             for l in lines {
                 if json {
-                    println!("{}", serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text })
+                    );
                 } else {
                     println!("  {task} | {}", l.text);
                 }
@@ -327,7 +356,9 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
         FollowItem::Missed { task, lines } => {
             eprintln!("  {task} | ({lines} live log lines not received here; `ots-submit logs` shows what the server stored)");
         }
-        FollowItem::NoLiveEvents(e) => eprintln!("ots-submit: no live events ({e}); polling the server instead"),
+        FollowItem::NoLiveEvents(e) => {
+            eprintln!("ots-submit: no live events ({e}); polling the server instead")
+        }
     }
 }
 
@@ -368,34 +399,53 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
     if conn.json {
-        println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("status serialises")
+        );
     } else {
-        println!("testrun {} for {} image {}: {:?}", status.run, status.device, status.image, status.state);
+        println!(
+            "testrun {} for {} image {}: {:?}",
+            status.run, status.device, status.image, status.state
+        );
         print_summary(&status);
         let interesting: Vec<String> = status
             .counters
             .iter()
-            .filter(|(k, _)| k.starts_with("orphan") || k.contains("lost") || k.contains("malformed") || k.contains("version"))
+            .filter(|(k, _)| {
+                k.starts_with("orphan")
+                    || k.contains("lost")
+                    || k.contains("malformed")
+                    || k.contains("version")
+            })
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         if !interesting.is_empty() {
             println!("server counters: {}", interesting.join(" "));
         }
     }
-    Ok(if matches!(status.state, RunState::Finished | RunState::Cancelled) {
-        verdict_exit(&status)
-    } else {
-        exit::PASS
-    })
+    Ok(
+        if matches!(status.state, RunState::Finished | RunState::Cancelled) {
+            verdict_exit(&status)
+        } else {
+            exit::PASS
+        },
+    )
 }
 
 async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.cancel(&run.to_string()).await?;
     if conn.json {
-        println!("{}", serde_json::to_string(&status).expect("status serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&status).expect("status serialises")
+        );
     } else {
-        println!("cancel requested for {}: queued tasks cancelled, running tasks are being stopped", status.run);
+        println!(
+            "cancel requested for {}: queued tasks cancelled, running tasks are being stopped",
+            status.run
+        );
     }
     Ok(exit::PASS)
 }
@@ -404,7 +454,10 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let workers = client.workers().await?;
     if conn.json {
-        println!("{}", serde_json::to_string_pretty(&workers).expect("workers serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&workers).expect("workers serialise")
+        );
     } else if workers.is_empty() {
         println!("no workers registered");
     } else {
@@ -426,7 +479,11 @@ async fn logs(conn: &Conn, run: &str, only: Option<&str>) -> Result<i32, ClientE
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
     let mut all = BTreeMap::new();
-    for t in status.tasks.iter().filter(|t| only.is_none_or(|o| o == t.task)) {
+    for t in status
+        .tasks
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == t.task))
+    {
         let text = client.read_all(&t.task, None).await?;
         let text = String::from_utf8_lossy(&text).into_owned();
         if conn.json {
@@ -451,12 +508,18 @@ async fn fetch_cmd(conn: &Conn, run: &str, dir: &Path) -> Result<i32, ClientErro
 
 /// Downloads every result file of `status` into `dir/<task>/<name>`,
 /// verifying each against its SHA-256.
-async fn fetch(client: &mut Client, status: &RunStatus, dir: &Path, json: bool) -> Result<(), ClientError> {
+async fn fetch(
+    client: &mut Client,
+    status: &RunStatus,
+    dir: &Path,
+    json: bool,
+) -> Result<(), ClientError> {
     let mut count = 0;
     let mut bytes = 0u64;
     for t in &status.tasks {
         for f in &t.files {
-            let rel = safe_relative_path(&f.name).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let rel =
+                safe_relative_path(&f.name).map_err(|e| ClientError::Protocol(e.to_string()))?;
             let data = client.read_all(&t.task, Some(&f.name)).await?;
             let sha = hex::encode(Sha256::digest(&data));
             if sha != f.sha256 {
@@ -466,7 +529,10 @@ async fn fetch(client: &mut Client, status: &RunStatus, dir: &Path, json: bool) 
                 )));
             }
             let path = dir.join(&t.task).join(rel);
-            let io = |source| ClientError::Io { path: path.clone(), source };
+            let io = |source| ClientError::Io {
+                path: path.clone(),
+                source,
+            };
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(io)?;
             }
@@ -476,7 +542,10 @@ async fn fetch(client: &mut Client, status: &RunStatus, dir: &Path, json: bool) 
         }
     }
     if !json {
-        println!("fetched {count} result file(s), {bytes} bytes, into {}", dir.display());
+        println!(
+            "fetched {count} result file(s), {bytes} bytes, into {}",
+            dir.display()
+        );
     }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! `ots-submit logs` has everything the server stored.
 
 use crate::client::{Client, ClientError};
-use crate::protocol::{self, Body, LogLine, ProgressEvent, ProgressState, RunId, RunStatus, TaskId};
+use crate::protocol::{
+    self, Body, LogLine, ProgressEvent, ProgressState, RunId, RunStatus, TaskId,
+};
 use crate::transport;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,15 +18,24 @@ use zeromq::prelude::*;
 #[derive(Debug, Clone, PartialEq)]
 pub enum FollowItem {
     Event(ProgressEvent),
-    Lines { task: TaskId, lines: Vec<LogLine> },
+    Lines {
+        task: TaskId,
+        lines: Vec<LogLine>,
+    },
     /// Live log lines of `task` that this follower did not receive.
-    Missed { task: TaskId, lines: u64 },
+    Missed {
+        task: TaskId,
+        lines: u64,
+    },
     /// The events socket could not be reached; progress is polled instead.
     NoLiveEvents(String),
 }
 
 fn terminal(e: &ProgressEvent) -> bool {
-    matches!(e.state, ProgressState::RunFinished | ProgressState::RunCancelled)
+    matches!(
+        e.state,
+        ProgressState::RunFinished | ProgressState::RunCancelled
+    )
 }
 
 /// Follows `run` until it ends; returns its final status.
@@ -42,19 +53,20 @@ pub async fn follow(
         topics.push(log_topic.as_str());
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let reader = match transport::connect_sub(events_endpoint, &topics, Duration::from_secs(3)).await {
-        Ok(mut sub) => Some(tokio::spawn(async move {
-            while let Ok(msg) = sub.recv().await {
-                if tx.send(msg).is_err() {
-                    return;
+    let reader =
+        match transport::connect_sub(events_endpoint, &topics, Duration::from_secs(3)).await {
+            Ok(mut sub) => Some(tokio::spawn(async move {
+                while let Ok(msg) = sub.recv().await {
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
                 }
+            })),
+            Err(e) => {
+                sink(FollowItem::NoLiveEvents(e.to_string()));
+                None
             }
-        })),
-        Err(e) => {
-            sink(FollowItem::NoLiveEvents(e.to_string()));
-            None
-        }
-    };
+        };
     let mut state = Progress {
         run: run.clone(),
         next: 0,

@@ -8,7 +8,10 @@
 pub mod commands;
 pub mod follow;
 
-use crate::protocol::{self, Body, ErrorCode, Header, RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo, PROTOCOL_VERSION};
+use crate::protocol::{
+    self, Body, ErrorCode, Header, RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo,
+    PROTOCOL_VERSION,
+};
 use crate::transport::{self, to_message, TransportError};
 use bytes::Bytes;
 use std::time::Duration;
@@ -84,7 +87,9 @@ impl Client {
             Ok(s) => s,
             Err(TransportError::ConnectTimeout { .. }) => return Err(unreachable()),
             Err(e) => {
-                return Err(ClientError::Protocol(format!("cannot connect to {endpoint}: {e}")));
+                return Err(ClientError::Protocol(format!(
+                    "cannot connect to {endpoint}: {e}"
+                )));
             }
         };
         let mut client = Client {
@@ -95,7 +100,10 @@ impl Client {
         };
         match client.request(|request| Body::Ping { request }).await? {
             (Body::Pong { .. }, _) => Ok(client),
-            (other, _) => Err(ClientError::Protocol(format!("expected pong, got {}", other.kind()))),
+            (other, _) => Err(ClientError::Protocol(format!(
+                "expected pong, got {}",
+                other.kind()
+            ))),
         }
     }
 
@@ -105,7 +113,10 @@ impl Client {
 
     /// Sends one request and waits for its reply (other replies, e.g. late
     /// answers to earlier timed-out requests, are skipped).
-    pub async fn request(&mut self, make: impl FnOnce(u64) -> Body) -> Result<(Body, Option<Bytes>), ClientError> {
+    pub async fn request(
+        &mut self,
+        make: impl FnOnce(u64) -> Body,
+    ) -> Result<(Body, Option<Bytes>), ClientError> {
         let request = self.next_request;
         self.next_request += 1;
         let body = make(request);
@@ -121,7 +132,10 @@ impl Client {
             timeout: self.timeout,
         };
         let msg = to_message(protocol::encode(&header, &body, None));
-        if transport::send_bounded(&mut self.socket, msg, self.timeout).await.is_err() {
+        if transport::send_bounded(&mut self.socket, msg, self.timeout)
+            .await
+            .is_err()
+        {
             return Err(unreachable);
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -131,7 +145,8 @@ impl Client {
                 Ok(Err(_)) => return Err(unreachable),
                 Ok(Ok(msg)) => msg,
             };
-            let env = protocol::decode(msg.into_vec()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let env = protocol::decode(msg.into_vec())
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
             match env.body.request() {
                 Some(r) if r == request => {
                     if let Body::Error { code, message, .. } = env.body {
@@ -149,8 +164,14 @@ impl Client {
         }
     }
 
-    pub async fn submit(&mut self, testrun: TestrunRequest) -> Result<(RunId, Vec<TaskId>), ClientError> {
-        match self.request(|request| Body::Submit { request, testrun }).await? {
+    pub async fn submit(
+        &mut self,
+        testrun: TestrunRequest,
+    ) -> Result<(RunId, Vec<TaskId>), ClientError> {
+        match self
+            .request(|request| Body::Submit { request, testrun })
+            .await?
+        {
             (Body::Submitted { run, tasks, .. }, _) => Ok((run, tasks)),
             (other, _) => Err(unexpected("submitted", &other)),
         }
@@ -158,15 +179,25 @@ impl Client {
 
     pub async fn status(&mut self, run: &RunId) -> Result<RunStatus, ClientError> {
         let run = run.clone();
-        match self.request(|request| Body::GetStatus { request, run }).await? {
+        match self
+            .request(|request| Body::GetStatus { request, run })
+            .await?
+        {
             (Body::Status { status, .. }, _) => Ok(status),
             (other, _) => Err(unexpected("status", &other)),
         }
     }
 
-    pub async fn events(&mut self, run: &RunId, from: u64) -> Result<Vec<protocol::ProgressEvent>, ClientError> {
+    pub async fn events(
+        &mut self,
+        run: &RunId,
+        from: u64,
+    ) -> Result<Vec<protocol::ProgressEvent>, ClientError> {
         let run = run.clone();
-        match self.request(|request| Body::GetEvents { request, run, from }).await? {
+        match self
+            .request(|request| Body::GetEvents { request, run, from })
+            .await?
+        {
             (Body::Events { events, .. }, _) => Ok(events),
             (other, _) => Err(unexpected("events", &other)),
         }
@@ -174,27 +205,45 @@ impl Client {
 
     pub async fn cancel(&mut self, run: &RunId) -> Result<RunStatus, ClientError> {
         let run = run.clone();
-        match self.request(|request| Body::CancelRun { request, run }).await? {
+        match self
+            .request(|request| Body::CancelRun { request, run })
+            .await?
+        {
             (Body::Status { status, .. }, _) => Ok(status),
             (other, _) => Err(unexpected("status", &other)),
         }
     }
 
     pub async fn workers(&mut self) -> Result<Vec<WorkerInfo>, ClientError> {
-        match self.request(|request| Body::ListWorkers { request }).await? {
+        match self
+            .request(|request| Body::ListWorkers { request })
+            .await?
+        {
             (Body::Workers { workers, .. }, _) => Ok(workers),
             (other, _) => Err(unexpected("workers", &other)),
         }
     }
 
     /// Reads a whole task log, or a result file when `file` is given.
-    pub async fn read_all(&mut self, task: &TaskId, file: Option<&str>) -> Result<Vec<u8>, ClientError> {
+    pub async fn read_all(
+        &mut self,
+        task: &TaskId,
+        file: Option<&str>,
+    ) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         loop {
             let offset = out.len() as u64;
             let (task, max) = (task.clone(), crate::server::scheduler::MAX_READ_CHUNK);
             let reply = match file {
-                None => self.request(|request| Body::GetLog { request, task, offset, max }).await?,
+                None => {
+                    self.request(|request| Body::GetLog {
+                        request,
+                        task,
+                        offset,
+                        max,
+                    })
+                    .await?
+                }
                 Some(name) => {
                     let name = name.to_string();
                     self.request(|request| Body::GetFile {

@@ -113,7 +113,10 @@ impl Outbox {
             if p.due.is_some_and(|d| d > now) {
                 continue;
             }
-            let delay = p.backoff.next().unwrap_or(Duration::from_millis(self.policy.cap_ms));
+            let delay = p
+                .backoff
+                .next()
+                .unwrap_or(Duration::from_millis(self.policy.cap_ms));
             p.due = Some(now + delay);
             p.sends += 1;
             out.push(Outgoing {
@@ -169,7 +172,9 @@ impl Outbox {
 
     /// True if a message for `task` is still unacknowledged.
     pub fn has_task(&self, task: &str) -> bool {
-        self.pending.values().any(|p| p.task.as_deref() == Some(task))
+        self.pending
+            .values()
+            .any(|p| p.task.as_deref() == Some(task))
     }
 }
 
@@ -196,7 +201,10 @@ mod tests {
         assert_eq!(outbox.due(t0 + Duration::from_millis(100)).len(), 1);
         // second delay is 200 ms (f32 arithmetic in backon: allow 1 ms)
         assert!(outbox.due(t0 + Duration::from_millis(299)).is_empty());
-        assert_eq!(outbox.due(t0 + Duration::from_millis(301))[0].header.seq, seq);
+        assert_eq!(
+            outbox.due(t0 + Duration::from_millis(301))[0].header.seq,
+            seq
+        );
         assert!(outbox.ack(seq));
         assert!(!outbox.ack(seq));
         assert!(outbox.due(t0 + Duration::from_secs(60)).is_empty());

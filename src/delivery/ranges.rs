@@ -73,7 +73,13 @@ impl SeqRanges {
 /// Formats gaps for people: "1200–1236, 1300".
 pub fn describe(gaps: &[(u64, u64)]) -> String {
     gaps.iter()
-        .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}–{b}") })
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}–{b}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

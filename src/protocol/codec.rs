@@ -95,7 +95,11 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
         return Err(ProtocolError::FrameCount(frames.len()));
     }
     let mut frames = frames.into_iter();
-    let (h, b, raw) = (frames.next().unwrap(), frames.next().unwrap(), frames.next());
+    let (h, b, raw) = (
+        frames.next().unwrap(),
+        frames.next().unwrap(),
+        frames.next(),
+    );
     check_size("header", &h, MAX_HEADER_BYTES)?;
     // Check the version before the rest, so a newer peer whose header grew
     // fields we do not know still gets the precise answer.
@@ -107,7 +111,8 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
     let header: Header =
         rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
     check_size("body", &b, MAX_BODY_BYTES)?;
-    let body: Body = rmp_serde::from_slice(&b).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+    let body: Body =
+        rmp_serde::from_slice(&b).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
     if body.class() != header.class {
         return Err(ProtocolError::ClassMismatch {
             header: header.class,
@@ -148,7 +153,11 @@ mod tests {
             size: 3,
             sha256: None,
         };
-        let frames = encode(&header(Class::File), &body, Some(Bytes::from_static(b"abc")));
+        let frames = encode(
+            &header(Class::File),
+            &body,
+            Some(Bytes::from_static(b"abc")),
+        );
         let env = decode(frames).unwrap();
         assert_eq!(env.body, body);
         assert_eq!(env.header.seq, 7);
@@ -170,16 +179,29 @@ mod tests {
 
         assert_eq!(decode(vec![]).unwrap_err(), ProtocolError::FrameCount(0));
         let frames = encode(&header(Class::Log), &Body::Ready, None);
-        assert!(matches!(decode(frames), Err(ProtocolError::ClassMismatch { .. })));
-        let frames = encode(&header(Class::Control), &Body::Ready, Some(Bytes::from_static(b"x")));
-        assert_eq!(decode(frames).unwrap_err(), ProtocolError::UnexpectedRaw("ready"));
+        assert!(matches!(
+            decode(frames),
+            Err(ProtocolError::ClassMismatch { .. })
+        ));
+        let frames = encode(
+            &header(Class::Control),
+            &Body::Ready,
+            Some(Bytes::from_static(b"x")),
+        );
+        assert_eq!(
+            decode(frames).unwrap_err(),
+            ProtocolError::UnexpectedRaw("ready")
+        );
     }
 
     #[test]
     fn oversized_frames_are_refused_before_decoding() {
         let mut frames = encode(&header(Class::Control), &Body::Ready, None);
         frames[1] = Bytes::from(vec![0u8; MAX_BODY_BYTES + 1]);
-        assert!(matches!(decode(frames), Err(ProtocolError::TooLarge { what: "body", .. })));
+        assert!(matches!(
+            decode(frames),
+            Err(ProtocolError::TooLarge { what: "body", .. })
+        ));
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub struct DeviceSpec {
 pub enum DeviceSpecError {
     #[error("device spec {0:?} has no `devicegroup:` entry; write e.g. \"devicegroup:n900\"")]
     MissingGroup(String),
-    #[error("device spec entry {0:?} is not `key:value` with key devicegroup, devicename or deviceid")]
+    #[error(
+        "device spec entry {0:?} is not `key:value` with key devicegroup, devicename or deviceid"
+    )]
     BadEntry(String),
     #[error("device spec value {0:?} is empty or contains '.', whitespace or ':'")]
     BadValue(String),
@@ -141,9 +143,13 @@ impl DeviceProps {
 
     /// Validates properties that came from a config file or the wire.
     pub fn validate(&self) -> Result<(), DeviceSpecError> {
-        for v in [Some(&self.devicegroup), self.devicename.as_ref(), self.deviceid.as_ref()]
-            .into_iter()
-            .flatten()
+        for v in [
+            Some(&self.devicegroup),
+            self.devicename.as_ref(),
+            self.deviceid.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if !valid_value(v) {
                 return Err(DeviceSpecError::BadValue(v.clone()));
@@ -203,8 +209,14 @@ mod tests {
             DeviceSpec::parse("devicename:x"),
             Err(DeviceSpecError::MissingGroup("devicename:x".into()))
         );
-        assert!(matches!(DeviceSpec::parse("group:x"), Err(DeviceSpecError::BadEntry(_))));
-        assert!(matches!(DeviceSpec::parse("devicegroup:a.b"), Err(DeviceSpecError::BadValue(_))));
+        assert!(matches!(
+            DeviceSpec::parse("group:x"),
+            Err(DeviceSpecError::BadEntry(_))
+        ));
+        assert!(matches!(
+            DeviceSpec::parse("devicegroup:a.b"),
+            Err(DeviceSpecError::BadValue(_))
+        ));
         assert_eq!(
             DeviceSpec::parse("devicegroup:a devicegroup:b"),
             Err(DeviceSpecError::Duplicate("devicegroup"))

@@ -354,7 +354,9 @@ pub enum Body {
     Heartbeat,
     /// The worker accepted a dispatch and started the conductor: the task's
     /// response channel is open.
-    TaskAccepted { task: TaskId },
+    TaskAccepted {
+        task: TaskId,
+    },
     /// The worker refused a dispatch and did not start it.
     TaskRefused {
         task: TaskId,
@@ -362,7 +364,10 @@ pub enum Body {
         message: String,
     },
     /// A batch of log lines of one task (class `log`).
-    Log { task: TaskId, lines: Vec<LogLine> },
+    Log {
+        task: TaskId,
+        lines: Vec<LogLine>,
+    },
     /// A chunk of a result file (class `file`); the bytes are the third frame.
     FileChunk {
         task: TaskId,
@@ -382,7 +387,9 @@ pub enum Body {
         files: Vec<FileInfo>,
     },
     /// Acknowledges the mandatory message `seq` of the peer (both directions).
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
 
     // ---- server → worker ---------------------------------------------------
     /// Registration accepted.
@@ -392,12 +399,19 @@ pub enum Body {
         liveness: u32,
     },
     /// Run this task.
-    Dispatch { spec: TaskSpec },
+    Dispatch {
+        spec: TaskSpec,
+    },
     /// Stop this task (TERM, grace, KILL) and report it.
-    Cancel { task: TaskId },
+    Cancel {
+        task: TaskId,
+    },
     /// The task's channel is closed; anything further for it is an orphan.
     /// Also the nack of a mandatory message for a closed or unknown task.
-    TaskClosed { task: TaskId, reason: String },
+    TaskClosed {
+        task: TaskId,
+        reason: String,
+    },
 
     // ---- server → anyone ---------------------------------------------------
     /// The server could not handle a message.
@@ -408,12 +422,29 @@ pub enum Body {
     },
 
     // ---- client → server ---------------------------------------------------
-    Ping { request: u64 },
-    Submit { request: u64, testrun: TestrunRequest },
-    GetStatus { request: u64, run: RunId },
-    GetEvents { request: u64, run: RunId, from: u64 },
-    CancelRun { request: u64, run: RunId },
-    ListWorkers { request: u64 },
+    Ping {
+        request: u64,
+    },
+    Submit {
+        request: u64,
+        testrun: TestrunRequest,
+    },
+    GetStatus {
+        request: u64,
+        run: RunId,
+    },
+    GetEvents {
+        request: u64,
+        run: RunId,
+        from: u64,
+    },
+    CancelRun {
+        request: u64,
+        run: RunId,
+    },
+    ListWorkers {
+        request: u64,
+    },
     /// Reads up to `max` bytes of a task's log from byte `offset`.
     GetLog {
         request: u64,
@@ -431,24 +462,47 @@ pub enum Body {
     },
 
     // ---- server → client ---------------------------------------------------
-    Pong { request: u64, server: String },
-    Submitted { request: u64, run: RunId, tasks: Vec<TaskId> },
-    Status { request: u64, status: RunStatus },
+    Pong {
+        request: u64,
+        server: String,
+    },
+    Submitted {
+        request: u64,
+        run: RunId,
+        tasks: Vec<TaskId>,
+    },
+    Status {
+        request: u64,
+        status: RunStatus,
+    },
     Events {
         request: u64,
         run: RunId,
         events: Vec<ProgressEvent>,
     },
-    Workers { request: u64, workers: Vec<WorkerInfo> },
+    Workers {
+        request: u64,
+        workers: Vec<WorkerInfo>,
+    },
     /// Bytes of a log or file are the third frame.
-    Data { request: u64, offset: u64, eof: bool },
+    Data {
+        request: u64,
+        offset: u64,
+        eof: bool,
+    },
 
     // ---- server PUB ----------------------------------------------------------
     /// Sent on `events` every heartbeat interval. `server` changes at each
     /// server start, so a worker notices a restart even without a gap.
-    ServerHeartbeat { server: String, heartbeat_ms: u64 },
+    ServerHeartbeat {
+        server: String,
+        heartbeat_ms: u64,
+    },
     /// Progress of a testrun, on topic `run/<id>`.
-    Progress { run: RunId, event: ProgressEvent },
+    Progress {
+        run: RunId,
+        event: ProgressEvent,
+    },
     /// Log lines of a task, on topic `log/<run id>`.
     LogLines {
         run: RunId,
@@ -456,7 +510,9 @@ pub enum Body {
         lines: Vec<LogLine>,
     },
     /// The server is shutting down in an orderly way.
-    Shutdown { server: String },
+    Shutdown {
+        server: String,
+    },
 }
 
 impl Body {

@@ -237,7 +237,13 @@ impl<S: Store> Scheduler<S> {
         });
     }
 
-    fn send_error(&mut self, peer: &PeerId, request: Option<u64>, code: ErrorCode, message: String) {
+    fn send_error(
+        &mut self,
+        peer: &PeerId,
+        request: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    ) {
         self.send(
             peer,
             None,
@@ -295,7 +301,10 @@ impl<S: Store> Scheduler<S> {
                 peer,
                 None,
                 ErrorCode::NotRegistered,
-                format!("{} from an unregistered connection; send hello first", body.kind()),
+                format!(
+                    "{} from an unregistered connection; send hello first",
+                    body.kind()
+                ),
             );
             return;
         };
@@ -311,7 +320,12 @@ impl<S: Store> Scheduler<S> {
         if header.mandatory {
             if worker.dedup.seen(header.seq) {
                 self.count("duplicate_mandatory", 1);
-                self.send(peer, header.task.as_ref(), Body::Ack { seq: header.seq }, None);
+                self.send(
+                    peer,
+                    header.task.as_ref(),
+                    Body::Ack { seq: header.seq },
+                    None,
+                );
                 return;
             }
             // The ack goes before anything the message causes (a task_closed
@@ -320,7 +334,12 @@ impl<S: Store> Scheduler<S> {
             if self.apply_mandatory(now, &name, body, raw) {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.dedup.record(header.seq);
-                self.send(peer, header.task.as_ref(), Body::Ack { seq: header.seq }, None);
+                self.send(
+                    peer,
+                    header.task.as_ref(),
+                    Body::Ack { seq: header.seq },
+                    None,
+                );
                 let ack = self.out.pop().expect("just pushed");
                 self.out.insert(mark, ack);
             }
@@ -344,7 +363,10 @@ impl<S: Store> Scheduler<S> {
                     peer,
                     None,
                     ErrorCode::Malformed,
-                    format!("{} is not a message a worker sends without the mandatory flag", other.kind()),
+                    format!(
+                        "{} is not a message a worker sends without the mandatory flag",
+                        other.kind()
+                    ),
                 );
             }
         }
@@ -360,11 +382,21 @@ impl<S: Store> Scheduler<S> {
         running: Vec<TaskId>,
     ) {
         if let Err(e) = device.validate() {
-            self.send_error(peer, None, ErrorCode::BadRequest, format!("hello from {name:?}: {e}"));
+            self.send_error(
+                peer,
+                None,
+                ErrorCode::BadRequest,
+                format!("hello from {name:?}: {e}"),
+            );
             return;
         }
         if name.is_empty() || name.len() > 128 {
-            self.send_error(peer, None, ErrorCode::BadRequest, "worker name must be 1–128 bytes".into());
+            self.send_error(
+                peer,
+                None,
+                ErrorCode::BadRequest,
+                "worker name must be 1–128 bytes".into(),
+            );
             return;
         }
         let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
@@ -406,16 +438,25 @@ impl<S: Store> Scheduler<S> {
                 }
             } else {
                 self.workers.get_mut(&name).expect("worker").task = None;
-                self.requeue_or_fail(now, &task, format!("worker {name} came back without the task"));
+                self.requeue_or_fail(
+                    now,
+                    &task,
+                    format!("worker {name} came back without the task"),
+                );
             }
         }
         for task in running {
             if self.workers[&name].task.as_ref() != Some(&task) {
                 self.count("orphan_control", 1);
-                self.send(peer, Some(&task), Body::TaskClosed {
-                    task: task.clone(),
-                    reason: "the server does not know this task on this worker".into(),
-                }, None);
+                self.send(
+                    peer,
+                    Some(&task),
+                    Body::TaskClosed {
+                        task: task.clone(),
+                        reason: "the server does not know this task on this worker".into(),
+                    },
+                    None,
+                );
             }
         }
         let w = self.workers.get_mut(&name).expect("worker");
@@ -435,13 +476,21 @@ impl<S: Store> Scheduler<S> {
     /// True if the task is open on this worker's channel.
     fn open_on(&self, task: &TaskId, worker: &str) -> bool {
         self.tasks.get(task).is_some_and(|t| {
-            !t.state.is_final() && t.state != TaskState::Queued && t.worker.as_deref() == Some(worker)
+            !t.state.is_final()
+                && t.state != TaskState::Queued
+                && t.worker.as_deref() == Some(worker)
         })
     }
 
     /// Applies a mandatory message once. Returns true if it should be acked
     /// (false: it was answered with a nack instead).
-    fn apply_mandatory(&mut self, now: Instant, worker: &str, body: Body, raw: Option<Bytes>) -> bool {
+    fn apply_mandatory(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> bool {
         let task = match &body {
             Body::TaskAccepted { task }
             | Body::TaskRefused { task, .. }
@@ -451,11 +500,15 @@ impl<S: Store> Scheduler<S> {
                 self.count("unexpected_message", 1);
                 let kind = other.kind();
                 warn!(worker, kind, "protocol error: message cannot be mandatory");
-                self.send_to_worker(worker, None, Body::Error {
-                    request: None,
-                    code: ErrorCode::Malformed,
-                    message: format!("{kind} is not a mandatory message"),
-                });
+                self.send_to_worker(
+                    worker,
+                    None,
+                    Body::Error {
+                        request: None,
+                        code: ErrorCode::Malformed,
+                        message: format!("{kind} is not a mandatory message"),
+                    },
+                );
                 return true;
             }
         };
@@ -467,10 +520,14 @@ impl<S: Store> Scheduler<S> {
             };
             self.count(counter, 1);
             warn!(worker, task = %task, kind = body.kind(), "orphan: message for a closed or unknown task; answered task_closed");
-            self.send_to_worker(worker, Some(&task), Body::TaskClosed {
-                task: task.clone(),
-                reason: "task is closed or unknown on this server".into(),
-            });
+            self.send_to_worker(
+                worker,
+                Some(&task),
+                Body::TaskClosed {
+                    task: task.clone(),
+                    reason: "task is closed or unknown on this server".into(),
+                },
+            );
             return false;
         }
         match body {
@@ -482,7 +539,11 @@ impl<S: Store> Scheduler<S> {
                     self.progress(&task, ProgressState::Running, None, None);
                 }
             }
-            Body::TaskRefused { task, reason, message } => {
+            Body::TaskRefused {
+                task,
+                reason,
+                message,
+            } => {
                 warn!(worker, task = %task, ?reason, %message, "worker refused a dispatch");
                 let w = self.workers.get_mut(worker).expect("worker");
                 w.task = None;
@@ -510,7 +571,11 @@ impl<S: Store> Scheduler<S> {
                         }
                         let t = self.tasks.get_mut(&task).expect("open task");
                         t.files.retain(|f| f.name != name);
-                        t.files.push(FileInfo { name, size, sha256: sha });
+                        t.files.push(FileInfo {
+                            name,
+                            size,
+                            sha256: sha,
+                        });
                     }
                 }
             }
@@ -530,11 +595,15 @@ impl<S: Store> Scheduler<S> {
             StoreError::BadFileName(_) => {
                 self.count("bad_file_name", 1);
                 warn!(worker, task = %task, error = %e, "refused a result file");
-                self.send_to_worker(worker, Some(task), Body::Error {
-                    request: None,
-                    code: ErrorCode::BadFileName,
-                    message: e.to_string(),
-                });
+                self.send_to_worker(
+                    worker,
+                    Some(task),
+                    Body::Error {
+                        request: None,
+                        code: ErrorCode::BadFileName,
+                        message: e.to_string(),
+                    },
+                );
                 // Acked: resending the same name cannot succeed.
                 true
             }
@@ -558,7 +627,10 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         let t = &self.tasks[&task];
-        let mut fresh: Vec<LogLine> = lines.into_iter().filter(|l| l.seq > 0 && !t.log.contains(l.seq)).collect();
+        let mut fresh: Vec<LogLine> = lines
+            .into_iter()
+            .filter(|l| l.seq > 0 && !t.log.contains(l.seq))
+            .collect();
         fresh.sort_by_key(|l| l.seq);
         fresh.dedup_by_key(|l| l.seq);
         if fresh.is_empty() {
@@ -639,7 +711,13 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_lost", lost);
         }
         if cancelled {
-            self.end_task(now, task, TaskState::Cancelled, None, "cancelled by request".into());
+            self.end_task(
+                now,
+                task,
+                TaskState::Cancelled,
+                None,
+                "cancelled by request".into(),
+            );
         } else {
             self.end_task(now, task, TaskState::Finished, Some(verdict), reason);
         }
@@ -665,10 +743,14 @@ impl<S: Store> Scheduler<S> {
                     run: run.clone(),
                     events: r.events.iter().skip(from as usize).cloned().collect(),
                 }),
-                None => Err((ErrorCode::UnknownRun, format!("no testrun {run:?} on this server"))),
+                None => Err((
+                    ErrorCode::UnknownRun,
+                    format!("no testrun {run:?} on this server"),
+                )),
             },
             Body::CancelRun { run, .. } => self.cancel_run(now, &run).and_then(|()| {
-                self.status(&run).map(|status| Body::Status { request, status })
+                self.status(&run)
+                    .map(|status| Body::Status { request, status })
             }),
             Body::ListWorkers { .. } => Ok(Body::Workers {
                 request,
@@ -680,17 +762,32 @@ impl<S: Store> Scheduler<S> {
                         device: w.device.clone(),
                         state: w.state,
                         task: w.task.clone(),
-                        last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis() as u64,
+                        last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis()
+                            as u64,
                     })
                     .collect(),
             }),
-            Body::GetLog { task, offset, max, .. } => {
+            Body::GetLog {
+                task, offset, max, ..
+            } => {
                 if !self.tasks.contains_key(&task) {
-                    Err((ErrorCode::UnknownTask, format!("no task {task:?} on this server")))
+                    Err((
+                        ErrorCode::UnknownTask,
+                        format!("no task {task:?} on this server"),
+                    ))
                 } else {
                     match self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK)) {
                         Ok((bytes, eof)) => {
-                            self.send(peer, None, Body::Data { request, offset, eof }, Some(bytes.into()));
+                            self.send(
+                                peer,
+                                None,
+                                Body::Data {
+                                    request,
+                                    offset,
+                                    eof,
+                                },
+                                Some(bytes.into()),
+                            );
                             return;
                         }
                         Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
@@ -709,11 +806,26 @@ impl<S: Store> Scheduler<S> {
                     .get(&task)
                     .is_some_and(|t| t.files.iter().any(|f| f.name == name));
                 if !known {
-                    Err((ErrorCode::UnknownTask, format!("task {task:?} has no result file {name:?}")))
+                    Err((
+                        ErrorCode::UnknownTask,
+                        format!("task {task:?} has no result file {name:?}"),
+                    ))
                 } else {
-                    match self.store.read_file(&task, &name, offset, max.min(MAX_READ_CHUNK)) {
+                    match self
+                        .store
+                        .read_file(&task, &name, offset, max.min(MAX_READ_CHUNK))
+                    {
                         Ok((bytes, eof)) => {
-                            self.send(peer, None, Body::Data { request, offset, eof }, Some(bytes.into()));
+                            self.send(
+                                peer,
+                                None,
+                                Body::Data {
+                                    request,
+                                    offset,
+                                    eof,
+                                },
+                                Some(bytes.into()),
+                            );
                             return;
                         }
                         Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
@@ -731,17 +843,22 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn submit(&mut self, now: Instant, request: u64, testrun: TestrunRequest) -> Result<Body, (ErrorCode, String)> {
+    fn submit(
+        &mut self,
+        now: Instant,
+        request: u64,
+        testrun: TestrunRequest,
+    ) -> Result<Body, (ErrorCode, String)> {
         let bad = |m: String| Err((ErrorCode::BadRequest, m));
         if testrun.packages.is_empty() {
             return bad("no test packages given".into());
         }
-        if let Some(p) = testrun
-            .packages
-            .iter()
-            .find(|p| p.is_empty() || p.len() > 200 || p.contains(|c: char| c.is_whitespace() || c == ','))
-        {
-            return bad(format!("test package name {p:?} is empty, too long or contains whitespace or ','"));
+        if let Some(p) = testrun.packages.iter().find(|p| {
+            p.is_empty() || p.len() > 200 || p.contains(|c: char| c.is_whitespace() || c == ',')
+        }) {
+            return bad(format!(
+                "test package name {p:?} is empty, too long or contains whitespace or ','"
+            ));
         }
         if testrun.image.trim().is_empty() {
             return bad("no image given".into());
@@ -757,9 +874,16 @@ impl<S: Store> Scheduler<S> {
         if let Err(e) = asked.validate() {
             return bad(e.to_string());
         }
-        let matching = self.workers.values().any(|w| testrun.device.matches(&w.device));
+        let matching = self
+            .workers
+            .values()
+            .any(|w| testrun.device.matches(&w.device));
         if !matching && !testrun.queue_anyway {
-            let mut groups: Vec<_> = self.workers.values().map(|w| w.device.devicegroup.clone()).collect();
+            let mut groups: Vec<_> = self
+                .workers
+                .values()
+                .map(|w| w.device.devicegroup.clone())
+                .collect();
             groups.dedup();
             groups.sort();
             groups.dedup();
@@ -772,7 +896,11 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
-        let run: RunId = format!("{}-{}", &self.incarnation[..self.incarnation.len().min(6)], self.next_run);
+        let run: RunId = format!(
+            "{}-{}",
+            &self.incarnation[..self.incarnation.len().min(6)],
+            self.next_run
+        );
         self.next_run += 1;
         let key = testrun.device.routing_key();
         let mut task_ids = Vec::new();
@@ -803,7 +931,10 @@ impl<S: Store> Scheduler<S> {
                 },
             );
             self.next_order += 1;
-            self.queues.entry(key.clone()).or_default().push_back(id.clone());
+            self.queues
+                .entry(key.clone())
+                .or_default()
+                .push_back(id.clone());
             task_ids.push(id);
         }
         info!(run = %run, device = %testrun.device, tasks = task_ids.len(), "testrun accepted");
@@ -830,10 +961,12 @@ impl<S: Store> Scheduler<S> {
 
     /// The status of a testrun as `ots-submit status` shows it.
     pub fn status(&self, run: &RunId) -> Result<RunStatus, (ErrorCode, String)> {
-        let r = self
-            .runs
-            .get(run)
-            .ok_or_else(|| (ErrorCode::UnknownRun, format!("no testrun {run:?} on this server")))?;
+        let r = self.runs.get(run).ok_or_else(|| {
+            (
+                ErrorCode::UnknownRun,
+                format!("no testrun {run:?} on this server"),
+            )
+        })?;
         Ok(RunStatus {
             run: run.clone(),
             state: r.state,
@@ -856,7 +989,10 @@ impl<S: Store> Scheduler<S> {
                         cases: t.cases,
                         log_lines_stored: t.log.len(),
                         log_lines_produced: t.log_lines_produced,
-                        log_gaps: t.log_lines_produced.map(|n| t.log.missing(n)).unwrap_or_default(),
+                        log_gaps: t
+                            .log_lines_produced
+                            .map(|n| t.log.missing(n))
+                            .unwrap_or_default(),
                         files: t.files.clone(),
                     }
                 })
@@ -869,7 +1005,12 @@ impl<S: Store> Scheduler<S> {
         let tasks = self
             .runs
             .get(run)
-            .ok_or_else(|| (ErrorCode::UnknownRun, format!("no testrun {run:?} on this server")))?
+            .ok_or_else(|| {
+                (
+                    ErrorCode::UnknownRun,
+                    format!("no testrun {run:?} on this server"),
+                )
+            })?
             .tasks
             .clone();
         info!(run = %run, "cancel requested");
@@ -878,7 +1019,13 @@ impl<S: Store> Scheduler<S> {
             match t.state {
                 TaskState::Queued => {
                     self.remove_from_queue(&id);
-                    self.end_task(now, &id, TaskState::Cancelled, None, "cancelled while queued".into());
+                    self.end_task(
+                        now,
+                        &id,
+                        TaskState::Cancelled,
+                        None,
+                        "cancelled while queued".into(),
+                    );
                 }
                 TaskState::Dispatched | TaskState::Running => {
                     t.cancel_requested = true;
@@ -890,7 +1037,13 @@ impl<S: Store> Scheduler<S> {
                     if let Some(w) = worker.and_then(|w| self.workers.get_mut(&w)) {
                         w.task = None;
                     }
-                    self.end_task(now, &id, TaskState::Cancelled, None, "cancelled while its worker was away".into());
+                    self.end_task(
+                        now,
+                        &id,
+                        TaskState::Cancelled,
+                        None,
+                        "cancelled while its worker was away".into(),
+                    );
                 }
                 TaskState::Finished | TaskState::Cancelled => {}
             }
@@ -916,7 +1069,10 @@ impl<S: Store> Scheduler<S> {
         if let Some(last) = self.last_tick {
             let gap = now.saturating_duration_since(last);
             if gap > self.cfg.heartbeat * 2 {
-                warn!(stalled_ms = gap.as_millis() as u64, "server was not running for a while; giving workers a fresh liveness window");
+                warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "server was not running for a while; giving workers a fresh liveness window"
+                );
                 for w in self.workers.values_mut() {
                     w.last_heard = now;
                 }
@@ -928,7 +1084,9 @@ impl<S: Store> Scheduler<S> {
         let lost: Vec<String> = self
             .workers
             .values()
-            .filter(|w| w.state != WorkerState::Lost && now.saturating_duration_since(w.last_heard) > limit)
+            .filter(|w| {
+                w.state != WorkerState::Lost && now.saturating_duration_since(w.last_heard) > limit
+            })
             .map(|w| w.name.clone())
             .collect();
         for name in lost {
@@ -943,7 +1101,9 @@ impl<S: Store> Scheduler<S> {
             let age = now.saturating_duration_since(t.since);
             match t.state {
                 TaskState::Held if age > self.cfg.lost_grace => expired_holds.push(t.id.clone()),
-                TaskState::Queued if now.saturating_duration_since(t.queued_at) > self.cfg.queue_timeout => {
+                TaskState::Queued
+                    if now.saturating_duration_since(t.queued_at) > self.cfg.queue_timeout =>
+                {
                     queue_timeouts.push(t.id.clone())
                 }
                 TaskState::Running => {
@@ -952,7 +1112,9 @@ impl<S: Store> Scheduler<S> {
                         backstops.push(t.id.clone());
                     }
                 }
-                TaskState::Dispatched if age > self.cfg.dispatch_ttl + limit => unanswered.push(t.id.clone()),
+                TaskState::Dispatched if age > self.cfg.dispatch_ttl + limit => {
+                    unanswered.push(t.id.clone())
+                }
                 _ => {}
             }
         }
@@ -961,7 +1123,14 @@ impl<S: Store> Scheduler<S> {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
             }
-            self.requeue_or_fail(now, &id, format!("worker {worker} lost and did not come back within {} s", self.cfg.lost_grace.as_secs()));
+            self.requeue_or_fail(
+                now,
+                &id,
+                format!(
+                    "worker {worker} lost and did not come back within {} s",
+                    self.cfg.lost_grace.as_secs()
+                ),
+            );
         }
         for id in queue_timeouts {
             self.remove_from_queue(&id);
@@ -972,12 +1141,19 @@ impl<S: Store> Scheduler<S> {
             self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
         }
         for id in backstops {
-            let worker = self.tasks[&id].worker.clone().expect("running task has a worker");
+            let worker = self.tasks[&id]
+                .worker
+                .clone()
+                .expect("running task has a worker");
             self.send_to_worker(&worker, Some(&id), Body::Cancel { task: id.clone() });
-            self.send_to_worker(&worker, Some(&id), Body::TaskClosed {
-                task: id.clone(),
-                reason: "server backstop: execution timeout passed without a report".into(),
-            });
+            self.send_to_worker(
+                &worker,
+                Some(&id),
+                Body::TaskClosed {
+                    task: id.clone(),
+                    reason: "server backstop: execution timeout passed without a report".into(),
+                },
+            );
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
             }
@@ -994,7 +1170,11 @@ impl<S: Store> Scheduler<S> {
                 w.task = None;
                 w.state = WorkerState::Idle;
             }
-            self.requeue_or_fail(now, &id, format!("worker {worker} never accepted the dispatch"));
+            self.requeue_or_fail(
+                now,
+                &id,
+                format!("worker {worker} never accepted the dispatch"),
+            );
         }
     }
 
@@ -1010,7 +1190,13 @@ impl<S: Store> Scheduler<S> {
             let t = self.tasks.get_mut(&task).expect("worker task");
             if t.cancel_requested {
                 w.task = None;
-                self.end_task(now, &task, TaskState::Cancelled, None, "cancelled; its worker was lost".into());
+                self.end_task(
+                    now,
+                    &task,
+                    TaskState::Cancelled,
+                    None,
+                    "cancelled; its worker was lost".into(),
+                );
             } else {
                 t.state = TaskState::Held;
                 t.since = now;
@@ -1068,10 +1254,19 @@ impl<S: Store> Scheduler<S> {
                 let keys = self.workers[&name].routing_keys();
                 let best = keys
                     .iter()
-                    .filter_map(|k| self.queues.get(k).and_then(|q| q.front()).map(|t| (self.tasks[t].order, k.clone())))
+                    .filter_map(|k| {
+                        self.queues
+                            .get(k)
+                            .and_then(|q| q.front())
+                            .map(|t| (self.tasks[t].order, k.clone()))
+                    })
                     .min();
                 if let Some((_, key)) = best {
-                    let task = self.queues.get_mut(&key).and_then(|q| q.pop_front()).expect("head");
+                    let task = self
+                        .queues
+                        .get_mut(&key)
+                        .and_then(|q| q.pop_front())
+                        .expect("head");
                     self.dispatch(now, &name, &task);
                     dispatched = true;
                     break;
@@ -1112,14 +1307,26 @@ impl<S: Store> Scheduler<S> {
             }
         }
         self.send_to_worker(worker, Some(id), Body::Dispatch { spec });
-        self.progress(id, ProgressState::Dispatched, Some(worker.to_string()), None);
+        self.progress(
+            id,
+            ProgressState::Dispatched,
+            Some(worker.to_string()),
+            None,
+        );
     }
 
     // ------------------------------------------------------------------
     // Endings and progress
     // ------------------------------------------------------------------
 
-    fn end_task(&mut self, now: Instant, id: &TaskId, state: TaskState, verdict: Option<Verdict>, reason: String) {
+    fn end_task(
+        &mut self,
+        now: Instant,
+        id: &TaskId,
+        state: TaskState,
+        verdict: Option<Verdict>,
+        reason: String,
+    ) {
         let t = self.tasks.get_mut(id).expect("task");
         t.state = state;
         t.verdict = verdict;
@@ -1129,10 +1336,14 @@ impl<S: Store> Scheduler<S> {
         let worker = t.worker.clone();
         info!(task = %id, ?verdict, %reason, "task ended");
         if let Some(w) = worker.as_deref() {
-            self.send_to_worker(w, Some(id), Body::TaskClosed {
-                task: id.clone(),
-                reason: reason.clone(),
-            });
+            self.send_to_worker(
+                w,
+                Some(id),
+                Body::TaskClosed {
+                    task: id.clone(),
+                    reason: reason.clone(),
+                },
+            );
         }
         let pstate = if state == TaskState::Cancelled {
             ProgressState::Cancelled
@@ -1156,7 +1367,11 @@ impl<S: Store> Scheduler<S> {
         let verdict = if cancelled {
             None
         } else {
-            run_verdict(tasks.iter().map(|t| (t.verdict.unwrap_or(Verdict::Error), t.cases.as_ref())))
+            run_verdict(
+                tasks
+                    .iter()
+                    .map(|t| (t.verdict.unwrap_or(Verdict::Error), t.cases.as_ref())),
+            )
         };
         let r = self.runs.get_mut(run).expect("run");
         r.verdict = verdict;
@@ -1174,7 +1389,13 @@ impl<S: Store> Scheduler<S> {
         self.push_event(run, None, state, None, verdict, None);
     }
 
-    fn progress(&mut self, task: &TaskId, state: ProgressState, worker: Option<String>, reason: Option<String>) {
+    fn progress(
+        &mut self,
+        task: &TaskId,
+        state: ProgressState,
+        worker: Option<String>,
+        reason: Option<String>,
+    ) {
         let t = &self.tasks[task];
         let (run, verdict) = (t.run.clone(), t.verdict);
         self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);

@@ -95,7 +95,13 @@ impl Server {
         let control = sockets.control.clone();
         let events = sockets.events.clone();
         let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
-        let task = tokio::spawn(serve(scheduler, sockets, cfg.heartbeat(), send_timeout, shutdown_rx));
+        let task = tokio::spawn(serve(
+            scheduler,
+            sockets,
+            cfg.heartbeat(),
+            send_timeout,
+            shutdown_rx,
+        ));
         Ok(ServerHandle {
             control,
             events,
@@ -114,7 +120,9 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let transport::ServerSockets {
-        router, mut publisher, ..
+        router,
+        mut publisher,
+        ..
     } = sockets;
     let (mut router_tx, mut router_rx) = router.split();
     let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<ZmqMessage>();
@@ -157,15 +165,25 @@ async fn serve(
         }
         for output in scheduler.take_outputs() {
             match output {
-                Output::Send { peer, header, body, raw } => {
+                Output::Send {
+                    peer,
+                    header,
+                    body,
+                    raw,
+                } => {
                     let mut frames = vec![peer.clone()];
                     frames.extend(protocol::encode(&header, &body, raw));
-                    if let Err(e) = transport::send_bounded(&mut router_tx, to_message(frames), send_timeout).await {
+                    if let Err(e) =
+                        transport::send_bounded(&mut router_tx, to_message(frames), send_timeout)
+                            .await
+                    {
                         send_failures += 1;
                         debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures, "send to peer failed (peer gone?)");
                     }
                 }
-                Output::Publish { topic, body } => publish(&mut publisher, topic, &body, send_timeout).await,
+                Output::Publish { topic, body } => {
+                    publish(&mut publisher, topic, &body, send_timeout).await
+                }
             }
         }
     }

@@ -48,7 +48,10 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
             _ => return Err(bad()),
         }
     }
-    if name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+    if name
+        .split('/')
+        .any(|p| p.is_empty() || p == "." || p == "..")
+    {
         return Err(bad());
     }
     Ok(out)
@@ -92,7 +95,8 @@ pub trait Store {
         max: u64,
     ) -> Result<(Vec<u8>, bool), StoreError>;
     /// Reads up to `max` bytes of the task's log; returns bytes and eof.
-    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError>;
+    fn read_log(&self, task: &TaskId, offset: u64, max: u64)
+        -> Result<(Vec<u8>, bool), StoreError>;
 }
 
 /// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
@@ -134,7 +138,10 @@ impl DiskStore {
     }
 
     fn file_path(&self, task: &TaskId, name: &str) -> Result<PathBuf, StoreError> {
-        Ok(self.task_dir(task).join("files").join(safe_relative_path(name)?))
+        Ok(self
+            .task_dir(task)
+            .join("files")
+            .join(safe_relative_path(name)?))
     }
 }
 
@@ -152,7 +159,8 @@ impl Store for DiskStore {
             .append(true)
             .open(&path)
             .map_err(io("cannot open", &path))?;
-        f.write_all(text.as_bytes()).map_err(io("cannot append to", &path))
+        f.write_all(text.as_bytes())
+            .map_err(io("cannot append to", &path))
     }
 
     fn write_chunk(
@@ -172,7 +180,8 @@ impl Store for DiskStore {
             .write(true)
             .open(&path)
             .map_err(io("cannot open", &path))?;
-        f.seek(SeekFrom::Start(offset)).map_err(io("cannot seek", &path))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(io("cannot seek", &path))?;
         f.write_all(data).map_err(io("cannot write", &path))
     }
 
@@ -190,8 +199,7 @@ impl Store for DiskStore {
         }
         let mut f = File::open(&path).map_err(io("cannot open", &path))?;
         let mut hasher = Sha256::new();
-        let actual_size =
-            std::io::copy(&mut f, &mut hasher).map_err(io("cannot read", &path))?;
+        let actual_size = std::io::copy(&mut f, &mut hasher).map_err(io("cannot read", &path))?;
         let actual_sha = hex::encode(hasher.finalize());
         if actual_size != size || actual_sha != sha256 {
             return Err(StoreError::Mismatch {
@@ -223,7 +231,12 @@ impl Store for DiskStore {
         read_range(&path, offset, max)
     }
 
-    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+    fn read_log(
+        &self,
+        task: &TaskId,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
         let path = self.task_dir(task).join("log");
         if !path.exists() {
             return Ok((Vec::new(), true));
@@ -262,7 +275,10 @@ impl Store for MemoryStore {
         data: &[u8],
     ) -> Result<(), StoreError> {
         safe_relative_path(name)?;
-        let file = self.files.entry((task.clone(), name.to_string())).or_default();
+        let file = self
+            .files
+            .entry((task.clone(), name.to_string()))
+            .or_default();
         let end = offset as usize + data.len();
         if file.len() < end {
             file.resize(end, 0);
@@ -313,7 +329,12 @@ impl Store for MemoryStore {
         Ok(slice(data, offset, max))
     }
 
-    fn read_log(&self, task: &TaskId, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+    fn read_log(
+        &self,
+        task: &TaskId,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
         Ok(self
             .logs
             .get(task)
@@ -328,10 +349,22 @@ mod tests {
 
     #[test]
     fn traversal_and_absolute_names_are_refused() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "a\0b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+            "a\0b",
+        ] {
             assert!(safe_relative_path(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(safe_relative_path("pkg/result.xml").unwrap(), PathBuf::from("pkg/result.xml"));
+        assert_eq!(
+            safe_relative_path("pkg/result.xml").unwrap(),
+            PathBuf::from("pkg/result.xml")
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ pub fn task_verdict(
     junit: Result<Option<CaseCounts>, String>,
 ) -> (Verdict, String) {
     if let Some(failure) = &outcome.failure {
-        return (Verdict::Error, format!("conductor could not run: {failure}"));
+        return (
+            Verdict::Error,
+            format!("conductor could not run: {failure}"),
+        );
     }
     if outcome.timed_out {
         return (
@@ -103,17 +106,27 @@ pub fn task_verdict(
         );
     }
     if let Some(signal) = outcome.signal {
-        return (Verdict::Error, format!("conductor killed by signal {signal}"));
+        return (
+            Verdict::Error,
+            format!("conductor killed by signal {signal}"),
+        );
     }
     match outcome.exit_code {
         Some(0) | Some(1) => {}
         Some(code) => {
             return (
                 Verdict::Error,
-                format!("conductor failed with exit status {code} (device or infrastructure error)"),
+                format!(
+                    "conductor failed with exit status {code} (device or infrastructure error)"
+                ),
             )
         }
-        None => return (Verdict::Error, "conductor ended without an exit status".into()),
+        None => {
+            return (
+                Verdict::Error,
+                "conductor ended without an exit status".into(),
+            )
+        }
     }
     let counts = match junit {
         Err(reason) => return (Verdict::Error, reason),
@@ -127,17 +140,25 @@ pub fn task_verdict(
         );
     }
     if outcome.exit_code == Some(1) {
-        return (Verdict::Fail, "conductor reported failures (exit status 1)".into());
+        return (
+            Verdict::Fail,
+            "conductor reported failures (exit status 1)".into(),
+        );
     }
     if counts.cases == 0 {
-        return (Verdict::Fail, "no test cases found in the result files".into());
+        return (
+            Verdict::Fail,
+            "no test cases found in the result files".into(),
+        );
     }
     (Verdict::Pass, format!("{} test cases passed", counts.cases))
 }
 
 /// Testrun verdict: ERROR if any task errored, else FAIL if any failed or
 /// no test case was found at all, else PASS. `None` for no tasks.
-pub fn run_verdict<'a>(tasks: impl IntoIterator<Item = (Verdict, Option<&'a CaseCounts>)>) -> Option<Verdict> {
+pub fn run_verdict<'a>(
+    tasks: impl IntoIterator<Item = (Verdict, Option<&'a CaseCounts>)>,
+) -> Option<Verdict> {
     let mut worst = None;
     let mut cases = 0;
     for (verdict, counts) in tasks {
@@ -178,13 +199,26 @@ mod tests {
     fn junit_counts_cases_failures_errors_and_skips() {
         assert_eq!(
             parse_junit(PASSING.as_bytes()).unwrap(),
-            Some(CaseCounts { cases: 2, failures: 0, errors: 0, skipped: 0 })
+            Some(CaseCounts {
+                cases: 2,
+                failures: 0,
+                errors: 0,
+                skipped: 0
+            })
         );
         assert_eq!(
             parse_junit(FAILING.as_bytes()).unwrap(),
-            Some(CaseCounts { cases: 4, failures: 1, errors: 1, skipped: 1 })
+            Some(CaseCounts {
+                cases: 4,
+                failures: 1,
+                errors: 1,
+                skipped: 1
+            })
         );
-        assert_eq!(parse_junit(b"<environment><os/></environment>").unwrap(), None);
+        assert_eq!(
+            parse_junit(b"<environment><os/></environment>").unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -196,29 +230,66 @@ mod tests {
 
     #[test]
     fn task_verdict_follows_exit_status_then_junit() {
-        let pass = CaseCounts { cases: 3, ..Default::default() };
-        let fail = CaseCounts { cases: 3, failures: 1, ..Default::default() };
+        let pass = CaseCounts {
+            cases: 3,
+            ..Default::default()
+        };
+        let fail = CaseCounts {
+            cases: 3,
+            failures: 1,
+            ..Default::default()
+        };
         assert_eq!(task_verdict(&exit(0), 60, Ok(Some(pass))).0, Verdict::Pass);
         assert_eq!(task_verdict(&exit(0), 60, Ok(Some(fail))).0, Verdict::Fail);
         assert_eq!(task_verdict(&exit(1), 60, Ok(Some(pass))).0, Verdict::Fail);
         assert_eq!(task_verdict(&exit(0), 60, Ok(None)).0, Verdict::Fail);
         assert_eq!(task_verdict(&exit(3), 60, Ok(Some(pass))).0, Verdict::Error);
-        assert_eq!(task_verdict(&exit(0), 60, Err("bad xml".into())).0, Verdict::Error);
-        let crashed = Outcome { signal: Some(11), ..Outcome::default() };
+        assert_eq!(
+            task_verdict(&exit(0), 60, Err("bad xml".into())).0,
+            Verdict::Error
+        );
+        let crashed = Outcome {
+            signal: Some(11),
+            ..Outcome::default()
+        };
         let (v, reason) = task_verdict(&crashed, 60, Ok(Some(pass)));
-        assert_eq!((v, reason.as_str()), (Verdict::Error, "conductor killed by signal 11"));
-        let timed_out = Outcome { signal: Some(9), timed_out: true, ..Outcome::default() };
-        assert!(task_verdict(&timed_out, 60, Ok(None)).1.contains("execution timeout"));
+        assert_eq!(
+            (v, reason.as_str()),
+            (Verdict::Error, "conductor killed by signal 11")
+        );
+        let timed_out = Outcome {
+            signal: Some(9),
+            timed_out: true,
+            ..Outcome::default()
+        };
+        assert!(task_verdict(&timed_out, 60, Ok(None))
+            .1
+            .contains("execution timeout"));
     }
 
     #[test]
     fn run_verdict_is_worst_task_and_fail_without_cases() {
-        let some = CaseCounts { cases: 1, ..Default::default() };
+        let some = CaseCounts {
+            cases: 1,
+            ..Default::default()
+        };
         let none = CaseCounts::default();
-        assert_eq!(run_verdict([(Verdict::Pass, Some(&some)), (Verdict::Pass, Some(&none))]), Some(Verdict::Pass));
-        assert_eq!(run_verdict([(Verdict::Pass, Some(&none))]), Some(Verdict::Fail));
-        assert_eq!(run_verdict([(Verdict::Fail, Some(&some)), (Verdict::Error, None)]), Some(Verdict::Error));
-        assert_eq!(run_verdict([(Verdict::Pass, Some(&some)), (Verdict::Fail, Some(&some))]), Some(Verdict::Fail));
+        assert_eq!(
+            run_verdict([(Verdict::Pass, Some(&some)), (Verdict::Pass, Some(&none))]),
+            Some(Verdict::Pass)
+        );
+        assert_eq!(
+            run_verdict([(Verdict::Pass, Some(&none))]),
+            Some(Verdict::Fail)
+        );
+        assert_eq!(
+            run_verdict([(Verdict::Fail, Some(&some)), (Verdict::Error, None)]),
+            Some(Verdict::Error)
+        );
+        assert_eq!(
+            run_verdict([(Verdict::Pass, Some(&some)), (Verdict::Fail, Some(&some))]),
+            Some(Verdict::Fail)
+        );
         assert_eq!(run_verdict([]), None);
     }
 }

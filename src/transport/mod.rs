@@ -54,15 +54,21 @@ pub struct ServerSockets {
 /// Binds ROUTER `control` and PUB `events`.
 pub async fn bind_server(control: &str, events: &str) -> Result<ServerSockets, TransportError> {
     let mut router = RouterSocket::new();
-    let control_ep = router.bind(control).await.map_err(|source| TransportError::Bind {
-        endpoint: control.to_string(),
-        source,
-    })?;
+    let control_ep = router
+        .bind(control)
+        .await
+        .map_err(|source| TransportError::Bind {
+            endpoint: control.to_string(),
+            source,
+        })?;
     let mut publisher = PubSocket::new();
-    let events_ep = publisher.bind(events).await.map_err(|source| TransportError::Bind {
-        endpoint: events.to_string(),
-        source,
-    })?;
+    let events_ep = publisher
+        .bind(events)
+        .await
+        .map_err(|source| TransportError::Bind {
+            endpoint: events.to_string(),
+            source,
+        })?;
     Ok(ServerSockets {
         router,
         publisher,
@@ -103,14 +109,21 @@ async fn bounded<T>(
 }
 
 /// Connects a new DEALER (fresh identity) within `timeout`.
-pub async fn connect_dealer(endpoint: &str, timeout: Duration) -> Result<DealerSocket, TransportError> {
+pub async fn connect_dealer(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<DealerSocket, TransportError> {
     let mut socket = DealerSocket::with_options(options(timeout));
     bounded(endpoint, timeout, socket.connect(endpoint)).await?;
     Ok(socket)
 }
 
 /// Connects a new SUB subscribed to `topics` within `timeout`.
-pub async fn connect_sub(endpoint: &str, topics: &[&str], timeout: Duration) -> Result<SubSocket, TransportError> {
+pub async fn connect_sub(
+    endpoint: &str,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<SubSocket, TransportError> {
     let mut socket = SubSocket::with_options(options(timeout));
     bounded(endpoint, timeout, socket.connect(endpoint)).await?;
     for t in topics {

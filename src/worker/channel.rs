@@ -20,7 +20,10 @@ pub struct ResultFile {
 /// What a running task tells the worker session.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskEvent {
-    Log { task: TaskId, line: LogLine },
+    Log {
+        task: TaskId,
+        line: LogLine,
+    },
     Finished {
         task: TaskId,
         outcome: Outcome,
@@ -113,8 +116,14 @@ mod tests {
         ch.finish(Outcome::default(), Vec::new());
         assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 1));
         assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 2));
-        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Finished { log_lines: 2, .. }));
-        assert!(rx.try_recv().is_err(), "finish must send exactly one report");
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            TaskEvent::Finished { log_lines: 2, .. }
+        ));
+        assert!(
+            rx.try_recv().is_err(),
+            "finish must send exactly one report"
+        );
     }
 
     #[test]

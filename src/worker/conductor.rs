@@ -216,7 +216,10 @@ pub async fn run(
     };
     // Nothing of the task outlives it: TERM-ignoring grandchildren included.
     if signal_group(pgid, Signal::SIGKILL) {
-        debug!(pgid = pgid.as_raw(), "killed processes left in the conductor's process group");
+        debug!(
+            pgid = pgid.as_raw(),
+            "killed processes left in the conductor's process group"
+        );
     }
     for r in readers {
         // The pipes close once every process holding them is gone.
@@ -263,7 +266,8 @@ async fn pump(
                 while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     buf.pop();
                 }
-                let mut text = String::from_utf8_lossy(&buf[..buf.len().min(MAX_LINE_BYTES)]).into_owned();
+                let mut text =
+                    String::from_utf8_lossy(&buf[..buf.len().min(MAX_LINE_BYTES)]).into_owned();
                 if buf.len() > MAX_LINE_BYTES {
                     text.push_str(&format!(" [line cut: {} bytes]", buf.len()));
                 }
@@ -272,7 +276,10 @@ async fn pump(
                 }
             }
             Err(e) => {
-                let _ = lines.send((Stream::Worker, format!("cannot read conductor {which:?}: {e}")));
+                let _ = lines.send((
+                    Stream::Worker,
+                    format!("cannot read conductor {which:?}: {e}"),
+                ));
                 return;
             }
         }
@@ -309,24 +316,46 @@ mod tests {
             work_dir: Path::new("/w"),
             results_dir: Path::new("/w/results"),
         };
-        let t: Vec<String> = ["run", "--img={image}", "{packages}", "{packages...}", "{option:flavour}", "{task_id}@{device_group}.{device_name}"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let t: Vec<String> = [
+            "run",
+            "--img={image}",
+            "{packages}",
+            "{packages...}",
+            "{option:flavour}",
+            "{task_id}@{device_group}.{device_name}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             expand(&t, &ctx).unwrap(),
-            vec!["run", "--img=file:///tmp/x.img", "a,b", "a", "b", "with space; rm -rf /", "r-1.2@g.n"]
+            vec![
+                "run",
+                "--img=file:///tmp/x.img",
+                "a,b",
+                "a",
+                "b",
+                "with space; rm -rf /",
+                "r-1.2@g.n"
+            ]
         );
         let bad = vec!["{option:missing}".to_string()];
-        assert_eq!(expand(&bad, &ctx), Err(TemplateError::MissingOption("missing".into())));
+        assert_eq!(
+            expand(&bad, &ctx),
+            Err(TemplateError::MissingOption("missing".into()))
+        );
     }
 
     #[test]
     fn templates_are_checked_at_configuration_time() {
         assert!(check_template("{image}").is_ok());
         assert!(check_template("--x={option:foo}").is_ok());
-        assert!(check_template("{imgae}").unwrap_err().contains("unknown placeholder"));
-        assert!(check_template("{image").unwrap_err().contains("unterminated"));
+        assert!(check_template("{imgae}")
+            .unwrap_err()
+            .contains("unknown placeholder"));
+        assert!(check_template("{image")
+            .unwrap_err()
+            .contains("unterminated"));
         assert!(check_template("x{packages...}").is_err());
     }
 }

@@ -72,7 +72,10 @@ fn reconnect_backoff(cfg: &WorkerConfig) -> ExponentialBackoff {
 }
 
 /// Runs a worker until `shutdown` turns true.
-pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+pub async fn run(
+    cfg: WorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
     cfg.validate()?;
     let device = cfg.device_props()?;
     let tasks_dir = cfg.state_dir.join("tasks");
@@ -112,6 +115,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Resu
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
     loop {
+        let was_up = matches!(session.link(), Link::Up { .. });
         let actions = tokio::select! {
             Some(event) = task_rx.recv() => session.on_task_event(Instant::now(), event),
             Some(inbound) = inbound_rx.recv() => match inbound {
@@ -178,14 +182,14 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Resu
                 Vec::new()
             }
         };
-        let was_up = matches!(session.link(), Link::Up { .. });
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
                     let msg = to_message(protocol::encode(&header, &body, raw));
-                    if let Err(e) = transport::send_bounded(&mut c.dealer, msg, send_timeout).await {
+                    if let Err(e) = transport::send_bounded(&mut c.dealer, msg, send_timeout).await
+                    {
                         queue.clear();
                         queue.push_back(Action::Reconnect(LostReason::SendFailed(e.to_string())));
                     }
@@ -203,7 +207,13 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Resu
                 Action::StartTask(spec) => {
                     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
                     running.insert(spec.task.clone(), stop_tx);
-                    tokio::spawn(run_task(cfg.clone(), device.clone(), spec, task_tx.clone(), stop_rx));
+                    tokio::spawn(run_task(
+                        cfg.clone(),
+                        device.clone(),
+                        spec,
+                        task_tx.clone(),
+                        stop_rx,
+                    ));
                 }
                 Action::StopTask(task) => {
                     if let Some(stop) = running.get(&task) {
@@ -235,19 +245,34 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Resu
     Ok(())
 }
 
-fn attach(generation: u64, dealer: DealerSocket, sub: SubSocket, tx: mpsc::UnboundedSender<Inbound>) -> Connection {
+fn attach(
+    generation: u64,
+    dealer: DealerSocket,
+    sub: SubSocket,
+    tx: mpsc::UnboundedSender<Inbound>,
+) -> Connection {
     let (dealer_tx, mut dealer_rx) = dealer.split();
     let t1 = tx.clone();
     let dealer_reader = tokio::spawn(async move {
         loop {
             match dealer_rx.recv().await {
                 Ok(msg) => {
-                    if t1.send(Inbound::Frames { generation, from_sub: false, msg }).is_err() {
+                    if t1
+                        .send(Inbound::Frames {
+                            generation,
+                            from_sub: false,
+                            msg,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = t1.send(Inbound::Closed { generation, error: e.to_string() });
+                    let _ = t1.send(Inbound::Closed {
+                        generation,
+                        error: e.to_string(),
+                    });
                     return;
                 }
             }
@@ -258,12 +283,22 @@ fn attach(generation: u64, dealer: DealerSocket, sub: SubSocket, tx: mpsc::Unbou
         loop {
             match sub.recv().await {
                 Ok(msg) => {
-                    if tx.send(Inbound::Frames { generation, from_sub: true, msg }).is_err() {
+                    if tx
+                        .send(Inbound::Frames {
+                            generation,
+                            from_sub: true,
+                            msg,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Inbound::Closed { generation, error: e.to_string() });
+                    let _ = tx.send(Inbound::Closed {
+                        generation,
+                        error: e.to_string(),
+                    });
                     return;
                 }
             }
@@ -296,9 +331,18 @@ async fn run_task(
         std::fs::create_dir_all(&results_dir)
     })();
     if let Err(e) = prepared {
-        let failure = format!("device/host failure: cannot prepare {}: {e}", task_dir.display());
+        let failure = format!(
+            "device/host failure: cannot prepare {}: {e}",
+            task_dir.display()
+        );
         warn!(task = %spec.task, %failure, "task failed before the conductor started");
-        channel.finish(Outcome { failure: Some(failure), ..Outcome::default() }, Vec::new());
+        channel.finish(
+            Outcome {
+                failure: Some(failure),
+                ..Outcome::default()
+            },
+            Vec::new(),
+        );
         return;
     }
     let ctx = TaskContext {
@@ -311,11 +355,23 @@ async fn run_task(
         Ok(argv) => argv,
         Err(e) => {
             warn!(task = %spec.task, error = %e, "conductor failure: cannot build the command line");
-            channel.finish(Outcome { failure: Some(e.to_string()), ..Outcome::default() }, Vec::new());
+            channel.finish(
+                Outcome {
+                    failure: Some(e.to_string()),
+                    ..Outcome::default()
+                },
+                Vec::new(),
+            );
             return;
         }
     };
-    channel.log(Stream::Worker, format!("worker {} runs attempt {} of task {}: {:?}", cfg.name, spec.attempt, spec.task, argv));
+    channel.log(
+        Stream::Worker,
+        format!(
+            "worker {} runs attempt {} of task {}: {:?}",
+            cfg.name, spec.attempt, spec.task, argv
+        ),
+    );
     let (line_tx, mut line_rx) = mpsc::unbounded_channel();
     let run = conductor::Run {
         argv,
@@ -340,7 +396,10 @@ async fn run_task(
             ..Outcome::default()
         },
     };
-    if outcome.failure.is_some() || outcome.signal.is_some() || !matches!(outcome.exit_code, Some(0) | Some(1)) {
+    if outcome.failure.is_some()
+        || outcome.signal.is_some()
+        || !matches!(outcome.exit_code, Some(0) | Some(1))
+    {
         warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
     }
     let files = collect_results(&results_dir, &cfg.conductor.result_globs, &mut channel);
@@ -351,14 +410,20 @@ async fn run_task(
 /// not followed, so a conductor cannot make the worker upload files from
 /// outside its results folder.
 fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) -> Vec<ResultFile> {
-    let patterns: Vec<glob::Pattern> = globs.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
+    let patterns: Vec<glob::Pattern> = globs
+        .iter()
+        .filter_map(|g| glob::Pattern::new(g).ok())
+        .collect();
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {
             Ok(e) => e,
             Err(e) => {
-                channel.log(Stream::Worker, format!("cannot list results folder {}: {e}", d.display()));
+                channel.log(
+                    Stream::Worker,
+                    format!("cannot list results folder {}: {e}", d.display()),
+                );
                 continue;
             }
         };
@@ -366,18 +431,28 @@ fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) 
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 stack.push(path);
                 continue;
             }
             if !kind.is_file() {
-                channel.log(Stream::Worker, format!("not uploading {} (not a regular file)", path.display()));
+                channel.log(
+                    Stream::Worker,
+                    format!("not uploading {} (not a regular file)", path.display()),
+                );
                 continue;
             }
-            let Ok(rel) = path.strip_prefix(dir) else { continue };
+            let Ok(rel) = path.strip_prefix(dir) else {
+                continue;
+            };
             let Some(name) = rel.to_str().map(str::to_string) else {
-                channel.log(Stream::Worker, format!("not uploading {} (name is not UTF-8)", path.display()));
+                channel.log(
+                    Stream::Worker,
+                    format!("not uploading {} (name is not UTF-8)", path.display()),
+                );
                 continue;
             };
             let options = glob::MatchOptions {
@@ -399,10 +474,12 @@ fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) 
                         data: Bytes::from(data),
                     });
                 }
-                Err(e) => channel.log(Stream::Worker, format!("cannot read result file {}: {e}", path.display())),
+                Err(e) => channel.log(
+                    Stream::Worker,
+                    format!("cannot read result file {}: {e}", path.display()),
+                ),
             }
         }
     }
     files
 }
-

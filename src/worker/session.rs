@@ -43,8 +43,12 @@ pub enum LostReason {
 impl std::fmt::Display for LostReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LostReason::Silent { silent_ms } => write!(f, "server unreachable: nothing heard for {silent_ms} ms"),
-            LostReason::ServerRestarted { old, new } => write!(f, "server restarted (incarnation {old} → {new})"),
+            LostReason::Silent { silent_ms } => {
+                write!(f, "server unreachable: nothing heard for {silent_ms} ms")
+            }
+            LostReason::ServerRestarted { old, new } => {
+                write!(f, "server restarted (incarnation {old} → {new})")
+            }
             LostReason::ServerShutdown => write!(f, "server shut down"),
             LostReason::SendFailed(e) => write!(f, "server unreachable: send failed: {e}"),
         }
@@ -126,7 +130,13 @@ fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
 }
 
 impl Session {
-    pub fn new(cfg: SessionConfig, name: String, session_id: String, device: DeviceProps, now: Instant) -> Self {
+    pub fn new(
+        cfg: SessionConfig,
+        name: String,
+        session_id: String,
+        device: DeviceProps,
+        now: Instant,
+    ) -> Self {
         Session {
             heartbeat: cfg.heartbeat,
             liveness: cfg.liveness,
@@ -169,7 +179,14 @@ impl Session {
         self.heartbeat * self.liveness
     }
 
-    fn send(&mut self, now: Instant, actions: &mut Vec<Action>, header: Header, body: Body, raw: Option<Bytes>) {
+    fn send(
+        &mut self,
+        now: Instant,
+        actions: &mut Vec<Action>,
+        header: Header,
+        body: Body,
+        raw: Option<Bytes>,
+    ) {
         self.last_sent = now;
         actions.push(Action::Send { header, body, raw });
     }
@@ -250,7 +267,10 @@ impl Session {
                 }
             }
             Body::TaskClosed { task, reason } => self.on_task_closed(task, reason, &mut actions),
-            Body::Error { code: ErrorCode::NotRegistered, .. } => {
+            Body::Error {
+                code: ErrorCode::NotRegistered,
+                ..
+            } => {
                 warn!("server does not know this connection (it restarted or forgot us): registering again");
                 self.hello(now, &mut actions);
             }
@@ -259,7 +279,10 @@ impl Session {
                 warn!(?code, %message, "protocol error reported by the server");
             }
             other => {
-                warn!(kind = other.kind(), "protocol error: unexpected message from the server; ignored");
+                warn!(
+                    kind = other.kind(),
+                    "protocol error: unexpected message from the server; ignored"
+                );
             }
         }
         if matches!(self.link, Link::Up { .. }) {
@@ -268,7 +291,13 @@ impl Session {
         actions
     }
 
-    fn on_dispatch(&mut self, now: Instant, wall_ms: u64, spec: TaskSpec, actions: &mut Vec<Action>) {
+    fn on_dispatch(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        spec: TaskSpec,
+        actions: &mut Vec<Action>,
+    ) {
         let task = spec.task.clone();
         if let Some(slot) = &self.slot {
             if slot.spec.task == task {
@@ -295,7 +324,8 @@ impl Session {
             return;
         }
         info!(task = %task, attempt = spec.attempt, "task accepted");
-        self.outbox.push(Some(task.clone()), Body::TaskAccepted { task }, None);
+        self.outbox
+            .push(Some(task.clone()), Body::TaskAccepted { task }, None);
         self.slot = Some(Slot {
             spec: spec.clone(),
             finished: false,
@@ -433,13 +463,21 @@ impl Session {
             });
         }
         match self.link {
-            Link::Registering { hello_sent } if now.saturating_duration_since(hello_sent) >= self.heartbeat => {
+            Link::Registering { hello_sent }
+                if now.saturating_duration_since(hello_sent) >= self.heartbeat =>
+            {
                 self.hello(now, &mut actions);
             }
             Link::Up { .. } => {
                 self.flush(now, &mut actions, false);
                 if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
-                    self.send(now, &mut actions, plain_header(Class::Heartbeat, None), Body::Heartbeat, None);
+                    self.send(
+                        now,
+                        &mut actions,
+                        plain_header(Class::Heartbeat, None),
+                        Body::Heartbeat,
+                        None,
+                    );
                 }
             }
             _ => {}
@@ -455,7 +493,13 @@ impl Session {
         }
         if self.slot.is_none() && !self.ready_sent {
             self.ready_sent = true;
-            self.send(now, actions, plain_header(Class::Control, None), Body::Ready, None);
+            self.send(
+                now,
+                actions,
+                plain_header(Class::Control, None),
+                Body::Ready,
+                None,
+            );
         }
     }
 
@@ -473,16 +517,28 @@ impl Session {
             let mut lines = Vec::new();
             while lines.len() < self.cfg.log_batch_lines {
                 match self.logs.front() {
-                    Some((t, _)) if *t == task => lines.push(self.logs.pop_front().expect("front").1),
+                    Some((t, _)) if *t == task => {
+                        lines.push(self.logs.pop_front().expect("front").1)
+                    }
                     _ => break,
                 }
             }
-            self.send(now, actions, plain_header(Class::Log, Some(&task)), Body::Log { task, lines }, None);
+            self.send(
+                now,
+                actions,
+                plain_header(Class::Log, Some(&task)),
+                Body::Log { task, lines },
+                None,
+            );
             if !all && self.logs.len() < self.cfg.log_batch_lines {
                 break;
             }
         }
-        self.oldest_log_at = if self.logs.is_empty() { None } else { Some(now) };
+        self.oldest_log_at = if self.logs.is_empty() {
+            None
+        } else {
+            Some(now)
+        };
     }
 }
 

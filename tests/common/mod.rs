@@ -34,12 +34,22 @@ impl Lines {
 
     /// Waits until a line containing `needle` appears after the first
     /// `skip` lines; returns it and its index.
-    pub fn wait_for_after(&self, skip: usize, needle: &str, limit: Duration) -> Option<(usize, String)> {
+    pub fn wait_for_after(
+        &self,
+        skip: usize,
+        needle: &str,
+        limit: Duration,
+    ) -> Option<(usize, String)> {
         let deadline = Instant::now() + limit;
         let (lock, cvar) = &*self.0;
         let mut lines = lock.lock().unwrap();
         loop {
-            if let Some((i, l)) = lines.iter().enumerate().skip(skip).find(|(_, l)| l.contains(needle)) {
+            if let Some((i, l)) = lines
+                .iter()
+                .enumerate()
+                .skip(skip)
+                .find(|(_, l)| l.contains(needle))
+            {
                 return Some((i, l.clone()));
             }
             let now = Instant::now();
@@ -72,8 +82,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Lines::default();
         let err = child.stderr.take().unwrap();
         let sink = lines.clone();
@@ -126,13 +141,22 @@ pub struct ServerProc {
 }
 
 fn field(line: &str, key: &str) -> String {
-    let start = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key} in {line}")) + key.len() + 1;
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 1;
     line[start..].split_whitespace().next().unwrap().to_string()
 }
 
 /// Starts a server on `control`/`events` (use port 0 for ephemeral ones)
 /// with extra `OTS_SERVER_*` environment.
-pub fn start_server(state_dir: &Path, control: &str, events: &str, env: &[(&str, &str)]) -> ServerProc {
+pub fn start_server(
+    state_dir: &Path,
+    control: &str,
+    events: &str,
+    env: &[(&str, &str)],
+) -> ServerProc {
     let mut cmd = Command::new(bin("ots-server"));
     cmd.arg("--control")
         .arg(control)
@@ -157,7 +181,14 @@ pub fn start_server(state_dir: &Path, control: &str, events: &str, env: &[(&str,
 }
 
 /// Writes a worker config using `conductor` (argv template) and starts it.
-pub fn start_worker(dir: &Path, name: &str, device: &str, server: &ServerProc, conductor: &[&str], env: &[(&str, &str)]) -> Proc {
+pub fn start_worker(
+    dir: &Path,
+    name: &str,
+    device: &str,
+    server: &ServerProc,
+    conductor: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     let command: Vec<String> = conductor.iter().map(|a| format!("{a:?}")).collect();
     std::fs::write(
@@ -196,13 +227,17 @@ pub fn example_conductor() -> Vec<String> {
 pub fn submit(server: &ServerProc, args: &[&str], limit: Duration) -> Output {
     let mut cmd = Command::new(bin("ots-submit"));
     cmd.args(args);
-    cmd.env("OTS_SERVER", &server.control).env("OTS_EVENTS", &server.events);
+    cmd.env("OTS_SERVER", &server.control)
+        .env("OTS_EVENTS", &server.events);
     run_bounded(cmd, limit)
 }
 
 /// Runs a command to completion, killing it after `limit`.
 pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let child = cmd.spawn().expect("spawn");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let done = Arc::new(Mutex::new(false));
@@ -229,10 +264,18 @@ pub fn text(b: &[u8]) -> String {
 }
 
 /// Polls `ots-submit workers --json` until `ok` holds for the list.
-pub fn wait_for_workers(server: &ServerProc, limit: Duration, ok: impl Fn(&[serde_json::Value]) -> bool) -> bool {
+pub fn wait_for_workers(
+    server: &ServerProc,
+    limit: Duration,
+    ok: impl Fn(&[serde_json::Value]) -> bool,
+) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        let out = submit(server, &["workers", "--json", "--connect-timeout", "1s"], Duration::from_secs(5));
+        let out = submit(
+            server,
+            &["workers", "--json", "--connect-timeout", "1s"],
+            Duration::from_secs(5),
+        );
         if out.status.success() {
             if let Ok(serde_json::Value::Array(ws)) = serde_json::from_slice(&out.stdout) {
                 if ok(&ws) {
@@ -248,14 +291,17 @@ pub fn wait_for_workers(server: &ServerProc, limit: Duration, ok: impl Fn(&[serd
 /// True if every named worker is registered and idle.
 pub fn all_idle<'a>(names: &'a [&'a str]) -> impl Fn(&[serde_json::Value]) -> bool + 'a {
     move |ws| {
-        names.iter().all(|n| {
-            ws.iter()
-                .any(|w| w["name"] == *n && w["state"] == "idle")
-        })
+        names
+            .iter()
+            .all(|n| ws.iter().any(|w| w["name"] == *n && w["state"] == "idle"))
     }
 }
 
 /// A free loopback TCP port nothing listens on (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

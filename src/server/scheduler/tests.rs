@@ -70,7 +70,8 @@ impl Lab {
     }
 
     fn from(&mut self, worker: &str, body: Body) -> Vec<Output> {
-        self.s.on_message(self.now, &peer(worker), env(false, 0, body));
+        self.s
+            .on_message(self.now, &peer(worker), env(false, 0, body));
         self.s.take_outputs()
     }
 
@@ -78,7 +79,8 @@ impl Lab {
         let seq = self.seq.entry(worker.to_string()).or_insert(0);
         *seq += 1;
         let seq = *seq;
-        self.s.on_message(self.now, &peer(worker), env(true, seq, body));
+        self.s
+            .on_message(self.now, &peer(worker), env(true, seq, body));
         self.s.take_outputs()
     }
 
@@ -107,7 +109,13 @@ impl Lab {
             .expect("a reply to the client")
     }
 
-    fn submit(&mut self, device: &str, packages: &[&str], distribution: Distribution, anyway: bool) -> Body {
+    fn submit(
+        &mut self,
+        device: &str,
+        packages: &[&str],
+        distribution: Distribution,
+        anyway: bool,
+    ) -> Body {
         self.request(Body::Submit {
             request: 1,
             testrun: TestrunRequest {
@@ -123,7 +131,13 @@ impl Lab {
     }
 
     /// Runs the conductor's part for `worker`: accept, upload `junit`, finish.
-    fn complete(&mut self, worker: &str, task: &TaskId, exit_code: i32, junit: Option<&str>) -> Vec<Output> {
+    fn complete(
+        &mut self,
+        worker: &str,
+        task: &TaskId,
+        exit_code: i32,
+        junit: Option<&str>,
+    ) -> Vec<Output> {
         let mut out = self.mandatory(worker, Body::TaskAccepted { task: task.clone() });
         let mut files = vec![];
         if let Some(xml) = junit {
@@ -179,7 +193,10 @@ fn dispatches(out: &[Output]) -> Vec<(String, TaskId)> {
                 peer,
                 body: Body::Dispatch { spec },
                 ..
-            } => Some((String::from_utf8_lossy(&peer[5..]).into_owned(), spec.task.clone())),
+            } => Some((
+                String::from_utf8_lossy(&peer[5..]).into_owned(),
+                spec.task.clone(),
+            )),
             _ => None,
         })
         .collect()
@@ -198,7 +215,12 @@ fn perpackage_testrun_spreads_over_the_matching_group_only() {
     lab.register("a1", "devicegroup:alpha");
     lab.register("a2", "devicegroup:alpha devicename:x deviceid:1");
     lab.register("b1", "devicegroup:beta");
-    let run = run_id(&lab.submit("devicegroup:alpha", &["p1", "p2", "p3", "p4", "p5", "p6"], Distribution::Perpackage, false));
+    let run = run_id(&lab.submit(
+        "devicegroup:alpha",
+        &["p1", "p2", "p3", "p4", "p5", "p6"],
+        Distribution::Perpackage,
+        false,
+    ));
     // The submit itself dispatched to both idle alpha workers.
     let st = lab.status(&run);
     assert_eq!(st.tasks.len(), 6);
@@ -229,7 +251,12 @@ fn name_and_id_specs_route_only_to_that_device() {
     let mut lab = Lab::new();
     lab.register("plain", "devicegroup:alpha");
     lab.register("named", "devicegroup:alpha devicename:x deviceid:7");
-    let run = run_id(&lab.submit("devicegroup:alpha devicename:x deviceid:7", &["p"], Distribution::Default, false));
+    let run = run_id(&lab.submit(
+        "devicegroup:alpha devicename:x deviceid:7",
+        &["p"],
+        Distribution::Default,
+        false,
+    ));
     assert_eq!(lab.status(&run).tasks[0].worker.as_deref(), Some("named"));
 }
 
@@ -265,7 +292,12 @@ fn unknown_group_is_refused_unless_queued_anyway() {
 fn verdicts_follow_exit_status_and_junit() {
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p1", "p2", "p3"], Distribution::Perpackage, false));
+    let run = run_id(&lab.submit(
+        "devicegroup:g",
+        &["p1", "p2", "p3"],
+        Distribution::Perpackage,
+        false,
+    ));
     let mut next = lab.status(&run).tasks[0].task.clone();
     let results = [(0, Some(PASSING)), (0, Some(FAILING)), (139, None)];
     for (exit, junit) in results {
@@ -277,7 +309,14 @@ fn verdicts_follow_exit_status_and_junit() {
     }
     let st = lab.status(&run);
     let verdicts: Vec<_> = st.tasks.iter().map(|t| t.verdict).collect();
-    assert_eq!(verdicts, vec![Some(Verdict::Pass), Some(Verdict::Fail), Some(Verdict::Error)]);
+    assert_eq!(
+        verdicts,
+        vec![
+            Some(Verdict::Pass),
+            Some(Verdict::Fail),
+            Some(Verdict::Error)
+        ]
+    );
     assert_eq!(st.verdict, Some(Verdict::Error));
 }
 
@@ -298,13 +337,29 @@ fn duplicate_final_report_is_acked_again_but_applied_once() {
         files: vec![],
     };
     let out = lab.mandatory("w", finished.clone());
-    assert!(matches!(&out[0], Output::Send { body: Body::Ack { seq: 2 }, .. }), "ack first: {out:?}");
+    assert!(
+        matches!(
+            &out[0],
+            Output::Send {
+                body: Body::Ack { seq: 2 },
+                ..
+            }
+        ),
+        "ack first: {out:?}"
+    );
     let events_before = lab.s.runs[&run].events.len();
     // The ack was lost; the worker resends the same seq.
-    lab.s.on_message(lab.now, &peer("w"), env(true, 2, finished));
+    lab.s
+        .on_message(lab.now, &peer("w"), env(true, 2, finished));
     let out = lab.s.take_outputs();
     assert_eq!(out.len(), 1);
-    assert!(matches!(&out[0], Output::Send { body: Body::Ack { seq: 2 }, .. }));
+    assert!(matches!(
+        &out[0],
+        Output::Send {
+            body: Body::Ack { seq: 2 },
+            ..
+        }
+    ));
     assert_eq!(lab.s.runs[&run].events.len(), events_before, "applied once");
     assert_eq!(lab.s.counters()["duplicate_mandatory"], 1);
 }
@@ -323,7 +378,13 @@ fn report_for_unknown_task_is_nacked_as_orphan() {
         },
     );
     assert!(out.iter().any(|o| matches!(o, Output::Send { body: Body::TaskClosed { task, .. }, .. } if task == "nope.1")));
-    assert!(!out.iter().any(|o| matches!(o, Output::Send { body: Body::Ack { .. }, .. })));
+    assert!(!out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            body: Body::Ack { .. },
+            ..
+        }
+    )));
     assert_eq!(lab.s.counters()["orphan_control"], 1);
     lab.from(
         "w",
@@ -365,8 +426,22 @@ fn lost_worker_task_is_held_then_requeued_to_another_worker() {
     assert_eq!((t.attempts, t.worker.as_deref()), (2, Some("w2")));
     // w1 comes back late with a result: orphan nack.
     lab.register("w1", "devicegroup:g");
-    let out = lab.mandatory("w1", Body::TaskFinished { task: task.clone(), outcome: Outcome::default(), log_lines: 0, files: vec![] });
-    assert!(out.iter().any(|o| matches!(o, Output::Send { body: Body::TaskClosed { .. }, .. })));
+    let out = lab.mandatory(
+        "w1",
+        Body::TaskFinished {
+            task: task.clone(),
+            outcome: Outcome::default(),
+            log_lines: 0,
+            files: vec![],
+        },
+    );
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            body: Body::TaskClosed { .. },
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -410,7 +485,15 @@ fn after_max_attempts_a_lost_task_ends_in_error() {
     }
     let st = lab.status(&run);
     assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
-    assert!(st.tasks[0].reason.as_deref().unwrap().contains("gave up after 2 attempts"), "{:?}", st.tasks[0].reason);
+    assert!(
+        st.tasks[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{:?}",
+        st.tasks[0].reason
+    );
     assert_eq!(st.verdict, Some(Verdict::Error));
 }
 
@@ -438,7 +521,11 @@ fn queued_task_past_the_queue_timeout_ends_in_error() {
     }
     let st = lab.status(&run);
     assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
-    assert!(st.tasks[0].reason.as_deref().unwrap().starts_with("queue timeout"));
+    assert!(st.tasks[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .starts_with("queue timeout"));
     assert_eq!(lab.now.duration_since(lab.t0), Duration::from_secs(601));
 }
 
@@ -446,18 +533,45 @@ fn queued_task_past_the_queue_timeout_ends_in_error() {
 fn cancel_stops_queued_tasks_at_once_and_asks_workers_to_stop_running_ones() {
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p1", "p2"], Distribution::Perpackage, false));
+    let run = run_id(&lab.submit(
+        "devicegroup:g",
+        &["p1", "p2"],
+        Distribution::Perpackage,
+        false,
+    ));
     let running = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: running.clone() });
-    lab.s.on_message(lab.now, &client(), env(false, 0, Body::CancelRun { request: 2, run: run.clone() }));
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: running.clone(),
+        },
+    );
+    lab.s.on_message(
+        lab.now,
+        &client(),
+        env(
+            false,
+            0,
+            Body::CancelRun {
+                request: 2,
+                run: run.clone(),
+            },
+        ),
+    );
     let out = lab.s.take_outputs();
-    assert!(out.iter().any(|o| matches!(o, Output::Send { body: Body::Cancel { task }, .. } if *task == running)));
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Send { body: Body::Cancel { task }, .. } if *task == running)
+    ));
     assert_eq!(lab.status(&run).tasks[1].state, TaskState::Cancelled);
     lab.mandatory(
         "w",
         Body::TaskFinished {
             task: running,
-            outcome: Outcome { signal: Some(15), cancelled: true, ..Outcome::default() },
+            outcome: Outcome {
+                signal: Some(15),
+                cancelled: true,
+                ..Outcome::default()
+            },
             log_lines: 0,
             files: vec![],
         },
@@ -474,18 +588,51 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
     lab.mandatory("w", Body::TaskAccepted { task: task.clone() });
-    let line = |seq| LogLine { seq, stream: Stream::Stdout, text: format!("line {seq}") };
-    lab.from("w", Body::Log { task: task.clone(), lines: (1..=10).map(line).collect() });
-    lab.from("w", Body::Log { task: task.clone(), lines: (5..=12).map(line).collect() }); // overlap
-    lab.from("w", Body::Log { task: task.clone(), lines: (20..=25).map(line).collect() });
+    let line = |seq| LogLine {
+        seq,
+        stream: Stream::Stdout,
+        text: format!("line {seq}"),
+    };
+    lab.from(
+        "w",
+        Body::Log {
+            task: task.clone(),
+            lines: (1..=10).map(line).collect(),
+        },
+    );
+    lab.from(
+        "w",
+        Body::Log {
+            task: task.clone(),
+            lines: (5..=12).map(line).collect(),
+        },
+    ); // overlap
+    lab.from(
+        "w",
+        Body::Log {
+            task: task.clone(),
+            lines: (20..=25).map(line).collect(),
+        },
+    );
     lab.mandatory(
         "w",
-        Body::TaskFinished { task: task.clone(), outcome: Outcome { exit_code: Some(0), ..Outcome::default() }, log_lines: 30, files: vec![] },
+        Body::TaskFinished {
+            task: task.clone(),
+            outcome: Outcome {
+                exit_code: Some(0),
+                ..Outcome::default()
+            },
+            log_lines: 30,
+            files: vec![],
+        },
     );
     let t = &lab.status(&run).tasks[0];
     assert_eq!(t.log_lines_stored, 18);
     assert_eq!(t.log_gaps, vec![(13, 19), (26, 30)]);
-    assert_eq!(t.log_lines_stored + t.log_gaps.iter().map(|(a, b)| b - a + 1).sum::<u64>(), 30);
+    assert_eq!(
+        t.log_lines_stored + t.log_gaps.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
+        30
+    );
     let stored = String::from_utf8(lab.s.store.logs[&task].clone()).unwrap();
     assert_eq!(stored.lines().count(), 18);
 }
@@ -497,7 +644,16 @@ fn malformed_frames_get_an_error_reply_and_a_counter() {
     let err = crate::protocol::decode(frames).unwrap_err();
     lab.s.on_bad_frames(&client(), &err);
     let out = lab.s.take_outputs();
-    assert!(matches!(&out[0], Output::Send { body: Body::Error { code: ErrorCode::Malformed, .. }, .. }));
+    assert!(matches!(
+        &out[0],
+        Output::Send {
+            body: Body::Error {
+                code: ErrorCode::Malformed,
+                ..
+            },
+            ..
+        }
+    ));
     assert_eq!(lab.s.counters()["malformed"], 1);
 }
 
@@ -511,11 +667,26 @@ fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
     let mut e = env(
         true,
         99,
-        Body::FileChunk { task: task.clone(), name: "../../etc/passwd".into(), offset: 0, size: 1, sha256: None },
+        Body::FileChunk {
+            task: task.clone(),
+            name: "../../etc/passwd".into(),
+            offset: 0,
+            size: 1,
+            sha256: None,
+        },
     );
     e.raw = Some(Bytes::from_static(b"x"));
     lab.s.on_message(lab.now, &peer("w"), e);
     let out = lab.s.take_outputs();
-    assert!(out.iter().any(|o| matches!(o, Output::Send { body: Body::Error { code: ErrorCode::BadFileName, .. }, .. })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            body: Body::Error {
+                code: ErrorCode::BadFileName,
+                ..
+            },
+            ..
+        }
+    )));
     assert!(lab.s.store.files.is_empty());
 }

@@ -77,7 +77,13 @@ impl W {
     fn new() -> Self {
         let now = Instant::now();
         W {
-            s: Session::new(cfg(), "w1".into(), "sess".into(), DeviceProps::parse("devicegroup:g").unwrap(), now),
+            s: Session::new(
+                cfg(),
+                "w1".into(),
+                "sess".into(),
+                DeviceProps::parse("devicegroup:g").unwrap(),
+                now,
+            ),
             now,
         }
     }
@@ -123,14 +129,22 @@ fn registers_then_asks_for_work() {
     assert!(matches!(w.s.link(), Link::Registering { .. }));
     let a = w.welcome("srv1");
     assert_eq!(sent(&a), vec!["ready"]);
-    assert_eq!(w.s.link(), &Link::Up { server: "srv1".into() });
+    assert_eq!(
+        w.s.link(),
+        &Link::Up {
+            server: "srv1".into()
+        }
+    );
 }
 
 #[test]
 fn hello_is_repeated_until_welcomed() {
     let mut w = W::new();
     w.s.on_connected(w.now);
-    w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+    w.msg(Body::ServerHeartbeat {
+        server: "srv1".into(),
+        heartbeat_ms: 1000,
+    });
     let a = w.advance(HB);
     assert_eq!(sent(&a), vec!["hello"]);
 }
@@ -144,7 +158,10 @@ fn silent_server_is_lost_after_liveness_intervals_exactly_once() {
         assert!(!a.iter().any(|a| matches!(a, Action::Reconnect(_))));
     }
     let a = w.advance(Duration::from_millis(1));
-    assert!(matches!(&a[..], [Action::Reconnect(LostReason::Silent { .. })]), "{a:?}");
+    assert!(
+        matches!(&a[..], [Action::Reconnect(LostReason::Silent { .. })]),
+        "{a:?}"
+    );
     assert_eq!(w.s.link(), &Link::Down);
     assert!(w.advance(HB).is_empty(), "no second loss while down");
 }
@@ -155,11 +172,20 @@ fn heartbeats_keep_the_server_alive_and_a_new_incarnation_means_restart() {
     w.up();
     for _ in 0..10 {
         w.advance(HB);
-        w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+        w.msg(Body::ServerHeartbeat {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+        });
     }
     assert!(matches!(w.s.link(), Link::Up { .. }));
-    let a = w.msg(Body::ServerHeartbeat { server: "srv2".into(), heartbeat_ms: 1000 });
-    assert!(matches!(&a[..], [Action::Reconnect(LostReason::ServerRestarted { .. })]));
+    let a = w.msg(Body::ServerHeartbeat {
+        server: "srv2".into(),
+        heartbeat_ms: 1000,
+    });
+    assert!(matches!(
+        &a[..],
+        [Action::Reconnect(LostReason::ServerRestarted { .. })]
+    ));
 }
 
 #[test]
@@ -168,7 +194,10 @@ fn worker_heartbeats_only_when_otherwise_silent() {
     w.up();
     let a = w.advance(HB);
     assert_eq!(sent(&a), vec!["heartbeat"]);
-    w.msg(Body::ServerHeartbeat { server: "srv1".into(), heartbeat_ms: 1000 });
+    w.msg(Body::ServerHeartbeat {
+        server: "srv1".into(),
+        heartbeat_ms: 1000,
+    });
     let a = w.advance(HB / 2);
     assert!(sent(&a).is_empty());
 }
@@ -177,11 +206,19 @@ fn worker_heartbeats_only_when_otherwise_silent() {
 fn dispatch_is_accepted_mandatorily_and_resent_until_acked() {
     let mut w = W::new();
     w.up();
-    let a = w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
-    assert!(a.iter().any(|a| matches!(a, Action::StartTask(s) if s.task == "t1")));
+    let a = w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, Action::StartTask(s) if s.task == "t1")));
     assert_eq!(mandatory_seqs(&a), vec![1]);
     let a = w.advance(Duration::from_millis(500));
-    assert_eq!(mandatory_seqs(&a), vec![1], "resent after the initial delay");
+    assert_eq!(
+        mandatory_seqs(&a),
+        vec![1],
+        "resent after the initial delay"
+    );
     w.msg(Body::Ack { seq: 1 });
     let a = w.advance(Duration::from_secs(10));
     assert!(mandatory_seqs(&a).is_empty());
@@ -192,9 +229,20 @@ fn dispatch_is_accepted_mandatorily_and_resent_until_acked() {
 fn expired_dispatch_is_refused_and_never_started() {
     let mut w = W::new();
     w.up();
-    let a = w.msg(Body::Dispatch { spec: spec("t1", 999) }); // wall clock is 1000
+    let a = w.msg(Body::Dispatch {
+        spec: spec("t1", 999),
+    }); // wall clock is 1000
     assert!(!a.iter().any(|a| matches!(a, Action::StartTask(_))));
-    assert!(a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { reason: RefuseReason::Expired, .. }, .. })));
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            body: Body::TaskRefused {
+                reason: RefuseReason::Expired,
+                ..
+            },
+            ..
+        }
+    )));
     assert_eq!(w.s.stats.expired_dispatches, 1);
     assert!(w.s.current_task().is_none());
 }
@@ -203,19 +251,42 @@ fn expired_dispatch_is_refused_and_never_started() {
 fn busy_worker_refuses_a_second_task() {
     let mut w = W::new();
     w.up();
-    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
-    let a = w.msg(Body::Dispatch { spec: spec("t2", 5_000) });
-    assert!(a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { reason: RefuseReason::Busy, .. }, .. })));
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    let a = w.msg(Body::Dispatch {
+        spec: spec("t2", 5_000),
+    });
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            body: Body::TaskRefused {
+                reason: RefuseReason::Busy,
+                ..
+            },
+            ..
+        }
+    )));
     // …but a resent dispatch of its own task is not refused.
-    let a = w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
-    assert!(!a.iter().any(|a| matches!(a, Action::Send { body: Body::TaskRefused { .. }, .. })));
+    let a = w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    assert!(!a.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            body: Body::TaskRefused { .. },
+            ..
+        }
+    )));
 }
 
 #[test]
 fn logs_posted_before_finish_go_out_before_the_final_report() {
     let mut w = W::new();
     w.up();
-    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
     w.msg(Body::Ack { seq: 1 });
     w.log("t1", 1);
     w.log("t1", 2);
@@ -235,7 +306,9 @@ fn logs_posted_before_finish_go_out_before_the_final_report() {
 fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
     let mut w = W::new();
     w.up();
-    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
     w.msg(Body::Ack { seq: 1 });
     w.advance(Duration::from_secs(4)); // lost
     assert_eq!(w.s.link(), &Link::Down);
@@ -246,18 +319,28 @@ fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
     assert_eq!(w.s.stats.log_lines_dropped, 3, "oldest dropped and counted");
     let a = w.s.on_task_event(
         w.now,
-        TaskEvent::Finished { task: "t1".into(), outcome: Outcome::default(), log_lines: 8, files: vec![] },
+        TaskEvent::Finished {
+            task: "t1".into(),
+            outcome: Outcome::default(),
+            log_lines: 8,
+            files: vec![],
+        },
     );
     assert!(a.is_empty());
     // Back: hello names the task, then buffered logs (4..8) before the report.
     let a = w.s.on_connected(w.now);
-    assert!(matches!(&a[0], Action::Send { body: Body::Hello { running, .. }, .. } if running == &vec!["t1".to_string()]));
+    assert!(
+        matches!(&a[0], Action::Send { body: Body::Hello { running, .. }, .. } if running == &vec!["t1".to_string()])
+    );
     let a = w.welcome("srv2");
     assert_eq!(sent(&a), vec!["log", "log", "task_finished"]);
     let seqs: Vec<u64> = a
         .iter()
         .filter_map(|a| match a {
-            Action::Send { body: Body::Log { lines, .. }, .. } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
+            Action::Send {
+                body: Body::Log { lines, .. },
+                ..
+            } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
             _ => None,
         })
         .flatten()
@@ -269,9 +352,16 @@ fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
 fn task_closed_drops_pending_messages_and_stops_a_running_conductor() {
     let mut w = W::new();
     w.up();
-    w.msg(Body::Dispatch { spec: spec("t1", 5_000) }); // accepted, not acked
-    let a = w.msg(Body::TaskClosed { task: "t1".into(), reason: "timed out".into() });
-    assert!(a.iter().any(|a| matches!(a, Action::StopTask(t) if t == "t1")));
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    }); // accepted, not acked
+    let a = w.msg(Body::TaskClosed {
+        task: "t1".into(),
+        reason: "timed out".into(),
+    });
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, Action::StopTask(t) if t == "t1")));
     assert_eq!(w.s.pending_mandatory(), 0);
     assert_eq!(w.s.stats.orphans_closed, 1);
     assert_eq!(sent(&a), vec!["ready"]);
@@ -283,16 +373,30 @@ fn task_closed_drops_pending_messages_and_stops_a_running_conductor() {
 fn file_chunks_precede_the_final_report_and_cover_the_file() {
     let mut w = W::new();
     w.up();
-    w.msg(Body::Dispatch { spec: spec("t1", 5_000) });
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
     let data = Bytes::from(vec![7u8; CHUNK_BYTES * 2 + 10]);
-    let info = FileInfo { name: "big.bin".into(), size: data.len() as u64, sha256: "x".into() };
+    let info = FileInfo {
+        name: "big.bin".into(),
+        size: data.len() as u64,
+        sha256: "x".into(),
+    };
     let a = w.s.on_task_event(
         w.now,
-        TaskEvent::Finished { task: "t1".into(), outcome: Outcome::default(), log_lines: 0, files: vec![ResultFile { info, data }] },
+        TaskEvent::Finished {
+            task: "t1".into(),
+            outcome: Outcome::default(),
+            log_lines: 0,
+            files: vec![ResultFile { info, data }],
+        },
     );
     // task_accepted is due again only later; chunks and report go now.
     let kinds = sent(&a);
-    assert_eq!(kinds, vec!["file_chunk", "file_chunk", "file_chunk", "task_finished"]);
+    assert_eq!(
+        kinds,
+        vec!["file_chunk", "file_chunk", "file_chunk", "task_finished"]
+    );
     let total: usize = a
         .iter()
         .filter_map(|a| match a {
@@ -307,6 +411,10 @@ fn file_chunks_precede_the_final_report_and_cover_the_file() {
 fn not_registered_error_triggers_a_new_hello() {
     let mut w = W::new();
     w.up();
-    let a = w.msg(Body::Error { request: None, code: ErrorCode::NotRegistered, message: "who?".into() });
+    let a = w.msg(Body::Error {
+        request: None,
+        code: ErrorCode::NotRegistered,
+        message: "who?".into(),
+    });
     assert_eq!(sent(&a), vec!["hello"]);
 }

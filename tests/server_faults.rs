@@ -1,0 +1,168 @@
+//! The server dies or hangs; the workers cope without anyone touching them.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant};
+
+fn image() -> String {
+    repo()
+        .join("examples/images/demo.img")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn server_sigkilled_while_workers_idle_gets_them_back_within_5s_and_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("server");
+    // Default heartbeat (1 s, liveness 3): the numbers an operator runs with.
+    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let w1 = start_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);
+    let w2 = start_worker(dir.path(), "w2", "devicegroup:g", &server, &argv, &[]);
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w1", "w2"])
+    ));
+    let (w1_mark, w2_mark) = (w1.stderr.len(), w2.stderr.len());
+
+    let (control, events) = (server.control.clone(), server.events.clone());
+    server.proc.kill();
+    let restarted_at = Instant::now();
+    let server = start_server(&state, &control, &events, &[]);
+    assert!(
+        wait_for_workers(&server, Duration::from_secs(5), all_idle(&["w1", "w2"])),
+        "workers not registered again within 5 s of the restart"
+    );
+    let took = restarted_at.elapsed();
+    eprintln!("both workers registered again {took:?} after the server restart");
+    // Each worker noticed and re-registered by itself.
+    for (w, mark) in [(&w1, w1_mark), (&w2, w2_mark)] {
+        assert!(
+            w.stderr
+                .wait_for_after(
+                    mark,
+                    "registered with the server again",
+                    Duration::from_secs(5)
+                )
+                .is_some(),
+            "{:?}",
+            w.stderr.all()
+        );
+    }
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:g",
+            "--image",
+            &image(),
+            "--packages",
+            "smoke",
+            "--wait",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_sigcont() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval_ms = 200u64;
+    let liveness = 3u64;
+    let env = [("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "200")];
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &env,
+    );
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    // Heartbeats flowing for a while before the hang.
+    let mark = w.stderr.len();
+
+    server.proc.signal(Signal::SIGSTOP);
+    let line = w
+        .stderr
+        .wait_for_after(mark, "server lost", Duration::from_secs(10))
+        .expect("the worker never noticed the hung server")
+        .1;
+    // The worker's own measurement of the silence it tolerated.
+    let silent_ms: u64 = line
+        .split("nothing heard for ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no silence in {line}"));
+    assert!(
+        silent_ms <= liveness * interval_ms + interval_ms,
+        "noticed after {silent_ms} ms of silence; allowed {} ms",
+        liveness * interval_ms + interval_ms
+    );
+    // While the server stays stopped, the worker keeps trying quietly.
+    let mark_lost = w.stderr.len();
+    std::thread::park_timeout(Duration::from_secs(2)); // the hang lasts a while; nothing is awaited here
+    server.proc.signal(Signal::SIGCONT);
+    assert!(
+        w.stderr
+            .wait_for_after(
+                mark_lost,
+                "registered with the server again",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{:?}",
+        w.stderr.all()
+    );
+    assert_eq!(
+        w.stderr.count("server lost"),
+        1,
+        "loss logged once: {:?}",
+        w.stderr.all()
+    );
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(5),
+        all_idle(&["w"])
+    ));
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:g",
+            "--image",
+            &image(),
+            "--packages",
+            "smoke",
+            "--wait",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

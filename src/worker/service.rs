@@ -103,7 +103,8 @@ pub async fn run(
 
     let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
     let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<Inbound>();
-    let mut running: HashMap<TaskId, watch::Sender<Stop>> = HashMap::new();
+    // Conductors in flight: how to stop each, and its runner to wait for.
+    let mut running: HashMap<TaskId, (watch::Sender<Stop>, JoinHandle<()>)> = HashMap::new();
     let mut conn: Option<Connection> = None;
     let mut connecting: Option<Connecting> = None;
     let mut generation = 0u64;
@@ -206,17 +207,18 @@ pub async fn run(
                 }
                 Action::StartTask(spec) => {
                     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-                    running.insert(spec.task.clone(), stop_tx);
-                    tokio::spawn(run_task(
+                    let task = spec.task.clone();
+                    let runner = tokio::spawn(run_task(
                         cfg.clone(),
                         device.clone(),
                         spec,
                         task_tx.clone(),
                         stop_rx,
                     ));
+                    running.insert(task, (stop_tx, runner));
                 }
                 Action::StopTask(task) => {
-                    if let Some(stop) = running.get(&task) {
+                    if let Some((stop, _)) = running.get(&task) {
                         let _ = stop.send(Stop::Cancel);
                     }
                 }
@@ -236,11 +238,17 @@ pub async fn run(
                 backoff = reconnect_backoff(&cfg);
             }
         }
-        running.retain(|_, stop| !stop.is_closed());
+        running.retain(|_, (_, runner)| !runner.is_finished());
     }
     info!(worker = %cfg.name, "worker stopping");
-    for stop in running.values() {
+    // A stopping worker leaves nothing behind: each conductor's process
+    // group gets TERM, then KILL after the grace period. The interrupted task
+    // is re-run elsewhere once the server counts this worker as lost.
+    for (task, (stop, runner)) in running {
+        warn!(task = %task, "worker stopping: terminating the running conductor");
         let _ = stop.send(Stop::Cancel);
+        let limit = Duration::from_millis(cfg.conductor.kill_grace_ms) + Duration::from_secs(5);
+        let _ = tokio::time::timeout(limit, runner).await;
     }
     Ok(())
 }

@@ -139,6 +139,8 @@ pub struct ServerConfig {
     /// A send to one peer that does not complete within this is dropped and
     /// counted, so one stuck peer cannot stall the server.
     pub send_timeout_ms: u64,
+    /// Resend timing of the server's mandatory messages (dispatch, cancel).
+    pub retry: RetryPolicy,
 }
 
 impl Default for ServerConfig {
@@ -155,6 +157,7 @@ impl Default for ServerConfig {
             queue_timeout_secs: 24 * 3600,
             backstop_grace_secs: 60,
             send_timeout_ms: 2000,
+            retry: RetryPolicy::default(),
         }
     }
 }

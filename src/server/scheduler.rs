@@ -6,7 +6,7 @@
 //! tested with a fake clock (see the tests at the bottom).
 
 use crate::delivery::ranges::describe;
-use crate::delivery::{DedupWindow, SeqRanges};
+use crate::delivery::{DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::*;
 use crate::server::distribution;
@@ -43,6 +43,8 @@ pub struct SchedulerConfig {
     /// Server backstop: a running task ends in ERROR this long after its
     /// own execution timeout if the worker never reported.
     pub backstop_grace: Duration,
+    /// Resend timing of the server's mandatory messages (dispatch, cancel).
+    pub retry: RetryPolicy,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +57,7 @@ impl Default for SchedulerConfig {
             max_attempts: 3,
             queue_timeout: Duration::from_secs(24 * 3600),
             backstop_grace: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -85,6 +88,8 @@ struct Worker {
     task: Option<TaskId>,
     last_heard: Instant,
     dedup: DedupWindow,
+    /// The server's mandatory messages to this worker session, until acked.
+    outbox: Outbox,
 }
 
 impl Worker {
@@ -122,6 +127,25 @@ struct Task {
     /// Global order of queueing, to compare heads of different queues.
     order: u64,
     cancel_requested: bool,
+    /// Byte ranges received per result file: chunks can arrive out of order.
+    received: BTreeMap<String, Vec<(u64, u64)>>,
+}
+
+impl Task {
+    /// Bytes of `name` received so far (overlaps counted once).
+    fn covered(&self, name: &str) -> u64 {
+        let mut ranges = self.received.get(name).cloned().unwrap_or_default();
+        ranges.sort_unstable();
+        let (mut total, mut end) = (0, 0);
+        for (start, stop) in ranges {
+            let start = start.max(end);
+            if stop > start {
+                total += stop - start;
+                end = stop;
+            }
+        }
+        total
+    }
 }
 
 struct Testrun {
@@ -347,6 +371,10 @@ impl<S: Store> Scheduler<S> {
         }
         match body {
             Body::Heartbeat => {}
+            Body::Ack { seq } => {
+                let worker = self.workers.get_mut(&name).expect("worker");
+                worker.outbox.ack(seq);
+            }
             Body::Ready => {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 if worker.task.is_none() {
@@ -409,6 +437,7 @@ impl<S: Store> Scheduler<S> {
             task: None,
             last_heard: now,
             dedup: DedupWindow::default(),
+            outbox: Outbox::new(self.cfg.retry.clone()),
         });
         if let Some(old) = worker.peer.take() {
             self.peers.remove(&old);
@@ -417,6 +446,11 @@ impl<S: Store> Scheduler<S> {
             info!(worker = %name, "worker process restarted (new session)");
             worker.session = session;
             worker.dedup = DedupWindow::default();
+            // What was pending for the old process is moot; its task is
+            // reconciled from `running` below.
+            worker.outbox = Outbox::new(self.cfg.retry.clone());
+        } else {
+            worker.outbox.resend_all();
         }
         worker.device = device;
         worker.peer = Some(peer.clone());
@@ -471,6 +505,34 @@ impl<S: Store> Scheduler<S> {
             liveness: self.cfg.liveness,
         };
         self.send(peer, None, welcome, None);
+        self.flush_worker(now, &name);
+    }
+
+    /// Sends the worker's due mandatory messages (first sends and resends).
+    fn flush_worker(&mut self, now: Instant, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        let Some(peer) = w.peer.clone() else { return };
+        if w.state == WorkerState::Lost {
+            return;
+        }
+        for o in w.outbox.due(now) {
+            self.out.push(Output::Send {
+                peer: peer.clone(),
+                header: o.header,
+                body: o.body,
+                raw: o.raw,
+            });
+        }
+    }
+
+    /// Queues a mandatory message to a worker and sends it at once.
+    fn send_mandatory(&mut self, now: Instant, worker: &str, task: &TaskId, body: Body) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.outbox.push(Some(task.clone()), body, None);
+        }
+        self.flush_worker(now, worker);
     }
 
     /// True if the task is open on this worker's channel.
@@ -564,7 +626,16 @@ impl<S: Store> Scheduler<S> {
                 if let Err(e) = self.store.write_chunk(&task, &name, offset, &data) {
                     return self.file_problem(worker, &task, e);
                 }
-                if offset + data.len() as u64 == size {
+                // Chunks may arrive out of order after resends: check the
+                // whole file only once all of it is here.
+                let t = self.tasks.get_mut(&task).expect("open task");
+                let end = offset + data.len() as u64;
+                t.received
+                    .entry(name.clone())
+                    .or_default()
+                    .push((offset, end));
+                let complete = t.covered(&name) >= size;
+                if complete {
                     if let Some(sha) = sha256 {
                         if let Err(e) = self.store.verify_file(&task, &name, size, &sha) {
                             return self.file_problem(worker, &task, e);
@@ -584,7 +655,22 @@ impl<S: Store> Scheduler<S> {
                 outcome,
                 log_lines,
                 files,
-            } => self.on_finished(now, worker, &task, outcome, log_lines, files),
+            } => {
+                // A report that overtook one of its file chunks waits: not
+                // acknowledged, so the worker resends it after the chunk.
+                let t = &self.tasks[&task];
+                // (A refused name never arrives; judged as damaged below.)
+                let missing = files.iter().find(|f| {
+                    crate::server::store::safe_relative_path(&f.name).is_ok()
+                        && t.covered(&f.name) < f.size
+                });
+                if let Some(f) = missing {
+                    info!(task = %task, file = %f.name, "final report arrived before all of its result file; waiting for the resend");
+                    self.count("report_before_files", 1);
+                    return false;
+                }
+                self.on_finished(now, worker, &task, outcome, log_lines, files)
+            }
             _ => unreachable!("filtered above"),
         }
         true
@@ -928,6 +1014,7 @@ impl<S: Store> Scheduler<S> {
                     queued_at: now,
                     order: self.next_order,
                     cancel_requested: false,
+                    received: BTreeMap::new(),
                 },
             );
             self.next_order += 1;
@@ -1030,7 +1117,7 @@ impl<S: Store> Scheduler<S> {
                 TaskState::Dispatched | TaskState::Running => {
                     t.cancel_requested = true;
                     let worker = t.worker.clone().expect("running task has a worker");
-                    self.send_to_worker(&worker, Some(&id), Body::Cancel { task: id.clone() });
+                    self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
                 }
                 TaskState::Held => {
                     let worker = t.worker.clone();
@@ -1145,7 +1232,7 @@ impl<S: Store> Scheduler<S> {
                 .worker
                 .clone()
                 .expect("running task has a worker");
-            self.send_to_worker(&worker, Some(&id), Body::Cancel { task: id.clone() });
+            self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
             self.send_to_worker(
                 &worker,
                 Some(&id),
@@ -1176,6 +1263,10 @@ impl<S: Store> Scheduler<S> {
                 format!("worker {worker} never accepted the dispatch"),
             );
         }
+        let names: Vec<String> = self.workers.keys().cloned().collect();
+        for name in names {
+            self.flush_worker(now, &name);
+        }
     }
 
     fn worker_lost(&mut self, now: Instant, name: &str) {
@@ -1183,9 +1274,8 @@ impl<S: Store> Scheduler<S> {
         warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: no heartbeat");
         w.state = WorkerState::Lost;
         w.ready_since = None;
-        if let Some(peer) = w.peer.take() {
-            self.peers.remove(&peer);
-        }
+        // The peer mapping stays: if the same connection speaks again (a
+        // partition healed), the worker is alive again without a new hello.
         if let Some(task) = w.task.clone() {
             let t = self.tasks.get_mut(&task).expect("worker task");
             if t.cancel_requested {
@@ -1227,6 +1317,9 @@ impl<S: Store> Scheduler<S> {
     fn requeue(&mut self, now: Instant, id: &TaskId, why: String) {
         let t = self.tasks.get_mut(id).expect("task");
         info!(task = %id, reason = %why, "task re-queued");
+        if let Some(w) = t.worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
+            w.outbox.drop_task(id);
+        }
         t.state = TaskState::Queued;
         t.worker = None;
         t.since = now;
@@ -1306,7 +1399,7 @@ impl<S: Store> Scheduler<S> {
                 r.state = RunState::Running;
             }
         }
-        self.send_to_worker(worker, Some(id), Body::Dispatch { spec });
+        self.send_mandatory(now, worker, id, Body::Dispatch { spec });
         self.progress(
             id,
             ProgressState::Dispatched,
@@ -1335,6 +1428,9 @@ impl<S: Store> Scheduler<S> {
         let run = t.run.clone();
         let worker = t.worker.clone();
         info!(task = %id, ?verdict, %reason, "task ended");
+        if let Some(w) = worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
+            w.outbox.drop_task(id);
+        }
         if let Some(w) = worker.as_deref() {
             self.send_to_worker(
                 w,

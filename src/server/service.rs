@@ -80,6 +80,7 @@ impl Server {
                 max_attempts: cfg.max_attempts,
                 queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
                 backstop_grace: Duration::from_secs(cfg.backstop_grace_secs),
+                retry: cfg.retry.clone(),
             },
             store,
             incarnation.clone(),

@@ -4,7 +4,7 @@
 //! messages, task events and ticks, and carries out its [`Action`]s.
 
 use crate::delivery::outbox::Outgoing;
-use crate::delivery::{Outbox, RetryPolicy};
+use crate::delivery::{DedupWindow, Outbox, RetryPolicy};
 use crate::protocol::codec::Envelope;
 use crate::protocol::*;
 use crate::worker::channel::{ResultFile, TaskEvent};
@@ -117,6 +117,9 @@ pub struct Session {
     ready_sent: bool,
     pub stats: SessionStats,
     dropped_per_task: BTreeMap<TaskId, u64>,
+    /// The server incarnation whose mandatory messages `server_dedup` tracks.
+    server_session: Option<String>,
+    server_dedup: DedupWindow,
 }
 
 fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
@@ -154,6 +157,8 @@ impl Session {
             ready_sent: false,
             stats: SessionStats::default(),
             dropped_per_task: BTreeMap::new(),
+            server_session: None,
+            server_dedup: DedupWindow::default(),
         }
     }
 
@@ -228,6 +233,15 @@ impl Session {
         }
         self.last_heard = now;
         let mut actions = Vec::new();
+        if env.header.mandatory {
+            // Acknowledge every copy; apply only the first.
+            let seq = env.header.seq;
+            let header = plain_header(Class::Control, env.header.task.as_ref());
+            self.send(now, &mut actions, header, Body::Ack { seq }, None);
+            if !self.server_dedup.record(seq) {
+                return actions;
+            }
+        }
         match env.body {
             Body::ServerHeartbeat { server, .. } => {
                 if let Link::Up { server: ours } = &self.link {
@@ -249,6 +263,11 @@ impl Session {
                 // are the classic cause of false disconnects.
                 self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
                 self.liveness = liveness.max(2);
+                if self.server_session.as_ref() != Some(&server) {
+                    // A new server incarnation numbers its messages afresh.
+                    self.server_session = Some(server.clone());
+                    self.server_dedup = DedupWindow::default();
+                }
                 self.link = Link::Up { server };
                 self.outbox.resend_all();
                 self.flush(now, &mut actions, true);
@@ -471,13 +490,14 @@ impl Session {
             Link::Up { .. } => {
                 self.flush(now, &mut actions, false);
                 if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
-                    self.send(
-                        now,
-                        &mut actions,
-                        plain_header(Class::Heartbeat, None),
-                        Body::Heartbeat,
-                        None,
-                    );
+                    // An idle worker repeats `ready` instead of `heartbeat`:
+                    // a lost `ready` would otherwise leave it idle forever.
+                    let (class, body) = if self.slot.is_none() {
+                        (Class::Control, Body::Ready)
+                    } else {
+                        (Class::Heartbeat, Body::Heartbeat)
+                    };
+                    self.send(now, &mut actions, plain_header(class, None), body, None);
                 }
             }
             _ => {}

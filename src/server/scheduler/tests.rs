@@ -48,6 +48,7 @@ impl Lab {
             max_attempts: 2,
             queue_timeout: Duration::from_secs(600),
             backstop_grace: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
         };
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());
@@ -199,7 +200,13 @@ fn dispatches(out: &[Output]) -> Vec<(String, TaskId)> {
             )),
             _ => None,
         })
-        .collect()
+        .fold(Vec::new(), |mut v, d| {
+            // An unacknowledged dispatch is resent; count it once.
+            if !v.contains(&d) {
+                v.push(d);
+            }
+            v
+        })
 }
 
 fn run_id(reply: &Body) -> RunId {
@@ -689,4 +696,46 @@ fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
         }
     )));
     assert!(lab.s.store.files.is_empty());
+}
+
+#[test]
+fn dispatch_is_resent_until_the_worker_acks_it() {
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let count = |out: &[Output]| {
+        out.iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        body: Body::Dispatch { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    lab.advance(Duration::from_millis(1500));
+    lab.from("w", Body::Heartbeat);
+    let out = lab.tick();
+    assert_eq!(count(&out), 1, "resent after the initial delay");
+    let seq = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Send {
+                header,
+                body: Body::Dispatch { .. },
+                ..
+            } => Some(header.seq),
+            _ => None,
+        })
+        .unwrap();
+    lab.from("w", Body::Ack { seq });
+    for _ in 0..30 {
+        lab.advance(HB);
+        lab.from("w", Body::Heartbeat);
+        assert_eq!(count(&lab.tick()), 0, "never resent once acked");
+    }
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Dispatched);
 }

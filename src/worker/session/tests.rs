@@ -193,6 +193,16 @@ fn worker_heartbeats_only_when_otherwise_silent() {
     let mut w = W::new();
     w.up();
     let a = w.advance(HB);
+    assert_eq!(
+        sent(&a),
+        vec!["ready"],
+        "an idle worker's heartbeat is a repeated ready"
+    );
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    w.msg(Body::Ack { seq: 1 });
+    let a = w.advance(HB);
     assert_eq!(sent(&a), vec!["heartbeat"]);
     w.msg(Body::ServerHeartbeat {
         server: "srv1".into(),
@@ -417,4 +427,38 @@ fn not_registered_error_triggers_a_new_hello() {
         message: "who?".into(),
     });
     assert_eq!(sent(&a), vec!["hello"]);
+}
+
+#[test]
+fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
+    let mut w = W::new();
+    w.up();
+    let mut e = env(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    e.header.mandatory = true;
+    e.header.seq = 1;
+    let a = w.s.on_message(w.now, 1_000, e.clone());
+    assert!(matches!(
+        &a[0],
+        Action::Send {
+            body: Body::Ack { seq: 1 },
+            ..
+        }
+    ));
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::StartTask(_)))
+            .count(),
+        1
+    );
+    let a = w.s.on_message(w.now, 1_000, e);
+    assert_eq!(sent(&a), vec!["ack"], "a duplicate is acked and ignored");
+    // A restarted server numbers from 1 again.
+    w.welcome("srv2");
+    let mut e = env(Body::Cancel { task: "t1".into() });
+    e.header.mandatory = true;
+    e.header.seq = 1;
+    let a = w.s.on_message(w.now, 1_000, e);
+    assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }

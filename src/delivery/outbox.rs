@@ -53,6 +53,9 @@ impl RetryPolicy {
 pub struct Pending {
     pub class: Class,
     pub task: Option<TaskId>,
+    /// The attempt of `task` the message belongs to: each attempt is a
+    /// channel of its own, closed on its own.
+    pub attempt: Option<u32>,
     pub body: Body,
     pub raw: Option<Bytes>,
     /// When to (re)send; `None`: at the next opportunity.
@@ -88,7 +91,13 @@ impl Outbox {
     }
 
     /// Queues a mandatory message; returns its sequence number.
-    pub fn push(&mut self, task: Option<TaskId>, body: Body, raw: Option<Bytes>) -> u64 {
+    pub fn push(
+        &mut self,
+        task: Option<TaskId>,
+        attempt: Option<u32>,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending.insert(
@@ -96,6 +105,7 @@ impl Outbox {
             Pending {
                 class: body.class(),
                 task,
+                attempt,
                 body,
                 raw,
                 due: None,
@@ -145,11 +155,13 @@ impl Outbox {
         self.pending.remove(&seq).is_some()
     }
 
-    /// The receiver closed `task`: drop everything for it. Returns how many
-    /// messages were dropped.
-    pub fn drop_task(&mut self, task: &str) -> usize {
+    /// The receiver closed `task` (one attempt of it, or every attempt for
+    /// `None`): drop everything for it. Returns how many messages were dropped.
+    pub fn drop_task(&mut self, task: &str, attempt: Option<u32>) -> usize {
         let before = self.pending.len();
-        self.pending.retain(|_, p| p.task.as_deref() != Some(task));
+        self.pending.retain(|_, p| {
+            !(p.task.as_deref() == Some(task) && (attempt.is_none() || p.attempt == attempt))
+        });
         before - self.pending.len()
     }
 
@@ -195,7 +207,7 @@ mod tests {
     fn unacked_messages_are_resent_with_growing_delay_until_acked() {
         let t0 = Instant::now();
         let mut outbox = Outbox::new(policy());
-        let seq = outbox.push(Some("r.1".into()), Body::Ready, None);
+        let seq = outbox.push(Some("r.1".into()), Some(1), Body::Ready, None);
         assert_eq!(outbox.due(t0).len(), 1);
         assert!(outbox.due(t0 + Duration::from_millis(99)).is_empty());
         assert_eq!(outbox.due(t0 + Duration::from_millis(100)).len(), 1);
@@ -214,14 +226,14 @@ mod tests {
     fn resend_all_sends_everything_in_order_and_drop_task_forgets() {
         let t0 = Instant::now();
         let mut outbox = Outbox::new(policy());
-        let a = outbox.push(Some("r.1".into()), Body::Ready, None);
-        let b = outbox.push(Some("r.2".into()), Body::Ready, None);
-        let c = outbox.push(Some("r.1".into()), Body::Ready, None);
+        let a = outbox.push(Some("r.1".into()), Some(1), Body::Ready, None);
+        let b = outbox.push(Some("r.2".into()), Some(1), Body::Ready, None);
+        let c = outbox.push(Some("r.1".into()), Some(1), Body::Ready, None);
         assert_eq!(outbox.due(t0).len(), 3);
         outbox.resend_all();
         let seqs: Vec<u64> = outbox.due(t0).iter().map(|o| o.header.seq).collect();
         assert_eq!(seqs, vec![a, b, c]);
-        assert_eq!(outbox.drop_task("r.1"), 2);
+        assert_eq!(outbox.drop_task("r.1", None), 2);
         assert_eq!(outbox.len(), 1);
         assert!(outbox.has_task("r.2"));
     }

@@ -148,6 +148,7 @@ mod tests {
     fn round_trip_keeps_header_body_and_raw() {
         let body = Body::FileChunk {
             task: "r.1".into(),
+            attempt: 1,
             name: "a.xml".into(),
             offset: 0,
             size: 3,

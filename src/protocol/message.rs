@@ -356,6 +356,8 @@ pub enum Body {
     /// response channel is open.
     TaskAccepted {
         task: TaskId,
+        /// Which attempt of the task: each attempt is a channel of its own.
+        attempt: u32,
     },
     /// The worker refused a dispatch and did not start it.
     TaskRefused {
@@ -366,11 +368,13 @@ pub enum Body {
     /// A batch of log lines of one task (class `log`).
     Log {
         task: TaskId,
+        attempt: u32,
         lines: Vec<LogLine>,
     },
     /// A chunk of a result file (class `file`); the bytes are the third frame.
     FileChunk {
         task: TaskId,
+        attempt: u32,
         name: String,
         offset: u64,
         /// Total size of the file.
@@ -381,6 +385,7 @@ pub enum Body {
     /// The task's final report: the last message on its channel.
     TaskFinished {
         task: TaskId,
+        attempt: u32,
         outcome: Outcome,
         /// Log lines the task produced, whether or not they arrived.
         log_lines: u64,
@@ -410,6 +415,8 @@ pub enum Body {
     /// Also the nack of a mandatory message for a closed or unknown task.
     TaskClosed {
         task: TaskId,
+        /// The attempt closed; nil closes every attempt the worker has.
+        attempt: Option<u32>,
         reason: String,
     },
 

@@ -383,7 +383,11 @@ impl<S: Store> Scheduler<S> {
                     self.try_dispatch(now);
                 }
             }
-            Body::Log { task, lines } => self.on_log(&name, task, lines),
+            Body::Log {
+                task,
+                attempt,
+                lines,
+            } => self.on_log(&name, task, attempt, lines),
             other => {
                 self.count("unexpected_message", 1);
                 warn!(worker = %name, kind = other.kind(), "protocol error: message not valid from a worker or must be mandatory");
@@ -487,6 +491,7 @@ impl<S: Store> Scheduler<S> {
                     Some(&task),
                     Body::TaskClosed {
                         task: task.clone(),
+                        attempt: None,
                         reason: "the server does not know this task on this worker".into(),
                     },
                     None,
@@ -529,18 +534,22 @@ impl<S: Store> Scheduler<S> {
 
     /// Queues a mandatory message to a worker and sends it at once.
     fn send_mandatory(&mut self, now: Instant, worker: &str, task: &TaskId, body: Body) {
+        let attempt = self.tasks.get(task).map(|t| t.attempts);
         if let Some(w) = self.workers.get_mut(worker) {
-            w.outbox.push(Some(task.clone()), body, None);
+            w.outbox.push(Some(task.clone()), attempt, body, None);
         }
         self.flush_worker(now, worker);
     }
 
     /// True if the task is open on this worker's channel.
-    fn open_on(&self, task: &TaskId, worker: &str) -> bool {
+    /// True if `attempt` (any, for `None`) of the task is open on this
+    /// worker's channel.
+    fn open_on(&self, task: &TaskId, worker: &str, attempt: Option<u32>) -> bool {
         self.tasks.get(task).is_some_and(|t| {
             !t.state.is_final()
                 && t.state != TaskState::Queued
                 && t.worker.as_deref() == Some(worker)
+                && attempt.is_none_or(|a| a == t.attempts)
         })
     }
 
@@ -553,11 +562,11 @@ impl<S: Store> Scheduler<S> {
         body: Body,
         raw: Option<Bytes>,
     ) -> bool {
-        let task = match &body {
-            Body::TaskAccepted { task }
-            | Body::TaskRefused { task, .. }
-            | Body::FileChunk { task, .. }
-            | Body::TaskFinished { task, .. } => task.clone(),
+        let (task, attempt) = match &body {
+            Body::TaskAccepted { task, attempt }
+            | Body::FileChunk { task, attempt, .. }
+            | Body::TaskFinished { task, attempt, .. } => (task.clone(), Some(*attempt)),
+            Body::TaskRefused { task, .. } => (task.clone(), None),
             other => {
                 self.count("unexpected_message", 1);
                 let kind = other.kind();
@@ -574,7 +583,7 @@ impl<S: Store> Scheduler<S> {
                 return true;
             }
         };
-        if !self.open_on(&task, worker) {
+        if !self.open_on(&task, worker, attempt) {
             let class = body.class();
             let counter = match class {
                 Class::File => "orphan_file",
@@ -587,13 +596,14 @@ impl<S: Store> Scheduler<S> {
                 Some(&task),
                 Body::TaskClosed {
                     task: task.clone(),
+                    attempt,
                     reason: "task is closed or unknown on this server".into(),
                 },
             );
             return false;
         }
         match body {
-            Body::TaskAccepted { task } => {
+            Body::TaskAccepted { task, .. } => {
                 let t = self.tasks.get_mut(&task).expect("open task");
                 if t.state == TaskState::Dispatched || t.state == TaskState::Held {
                     t.state = TaskState::Running;
@@ -617,6 +627,7 @@ impl<S: Store> Scheduler<S> {
             }
             Body::FileChunk {
                 task,
+                attempt: _,
                 name,
                 offset,
                 size,
@@ -652,6 +663,7 @@ impl<S: Store> Scheduler<S> {
             }
             Body::TaskFinished {
                 task,
+                attempt: _,
                 outcome,
                 log_lines,
                 files,
@@ -707,8 +719,8 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn on_log(&mut self, worker: &str, task: TaskId, lines: Vec<LogLine>) {
-        if !self.open_on(&task, worker) {
+    fn on_log(&mut self, worker: &str, task: TaskId, attempt: u32, lines: Vec<LogLine>) {
+        if !self.open_on(&task, worker, Some(attempt)) {
             self.count("orphan_log_lines", lines.len() as u64);
             return;
         }
@@ -1238,6 +1250,7 @@ impl<S: Store> Scheduler<S> {
                 Some(&id),
                 Body::TaskClosed {
                     task: id.clone(),
+                    attempt: Some(self.tasks[&id].attempts),
                     reason: "server backstop: execution timeout passed without a report".into(),
                 },
             );
@@ -1318,7 +1331,7 @@ impl<S: Store> Scheduler<S> {
         let t = self.tasks.get_mut(id).expect("task");
         info!(task = %id, reason = %why, "task re-queued");
         if let Some(w) = t.worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
-            w.outbox.drop_task(id);
+            w.outbox.drop_task(id, None);
         }
         t.state = TaskState::Queued;
         t.worker = None;
@@ -1378,6 +1391,23 @@ impl<S: Store> Scheduler<S> {
         t.worker = Some(worker.to_string());
         t.attempts += 1;
         t.since = now;
+        // Each attempt is a channel of its own: its log lines count from 1
+        // and its files arrive afresh.
+        t.log = SeqRanges::default();
+        t.received.clear();
+        t.files.clear();
+        let attempt = t.attempts;
+        if attempt > 1 {
+            let marker = LogLine {
+                seq: 0,
+                stream: Stream::Worker,
+                text: format!("---- attempt {attempt} on worker {worker} ----"),
+            };
+            if let Err(e) = self.store.append_log(id, &[marker]) {
+                warn!(task = %id, error = %e, "storage error: cannot mark the new attempt in the log");
+            }
+        }
+        let t = self.tasks.get_mut(id).expect("task");
         let req = &self.runs[&t.run].request;
         let spec = TaskSpec {
             task: id.clone(),
@@ -1429,14 +1459,16 @@ impl<S: Store> Scheduler<S> {
         let worker = t.worker.clone();
         info!(task = %id, ?verdict, %reason, "task ended");
         if let Some(w) = worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
-            w.outbox.drop_task(id);
+            w.outbox.drop_task(id, None);
         }
         if let Some(w) = worker.as_deref() {
+            let attempt = Some(self.tasks[id].attempts);
             self.send_to_worker(
                 w,
                 Some(id),
                 Body::TaskClosed {
                     task: id.clone(),
+                    attempt,
                     reason: reason.clone(),
                 },
             );

@@ -22,10 +22,12 @@ pub struct ResultFile {
 pub enum TaskEvent {
     Log {
         task: TaskId,
+        attempt: u32,
         line: LogLine,
     },
     Finished {
         task: TaskId,
+        attempt: u32,
         outcome: Outcome,
         /// Lines the task produced (the last seq handed out).
         log_lines: u64,
@@ -36,15 +38,17 @@ pub enum TaskEvent {
 /// The open channel of one task.
 pub struct ResponseChannel {
     task: TaskId,
+    attempt: u32,
     tx: mpsc::UnboundedSender<TaskEvent>,
     next_seq: u64,
     finished: bool,
 }
 
 impl ResponseChannel {
-    pub fn open(task: TaskId, tx: mpsc::UnboundedSender<TaskEvent>) -> Self {
+    pub fn open(task: TaskId, attempt: u32, tx: mpsc::UnboundedSender<TaskEvent>) -> Self {
         ResponseChannel {
             task,
+            attempt,
             tx,
             next_seq: 1,
             finished: false,
@@ -67,6 +71,7 @@ impl ResponseChannel {
         // worker is shutting down and nothing can be delivered anyway.
         let _ = self.tx.send(TaskEvent::Log {
             task: self.task.clone(),
+            attempt: self.attempt,
             line,
         });
     }
@@ -80,6 +85,7 @@ impl ResponseChannel {
         self.finished = true;
         let _ = self.tx.send(TaskEvent::Finished {
             task: self.task.clone(),
+            attempt: self.attempt,
             outcome,
             log_lines: self.next_seq - 1,
             files,
@@ -110,7 +116,7 @@ mod tests {
     #[test]
     fn lines_before_finish_come_first_and_are_counted() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut ch = ResponseChannel::open("r.1".into(), tx);
+        let mut ch = ResponseChannel::open("r.1".into(), 1, tx);
         ch.log(Stream::Stdout, "a".into());
         ch.log(Stream::Stderr, "b".into());
         ch.finish(Outcome::default(), Vec::new());
@@ -129,7 +135,7 @@ mod tests {
     #[test]
     fn dropping_an_unfinished_channel_reports_a_failure() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        drop(ResponseChannel::open("r.1".into(), tx));
+        drop(ResponseChannel::open("r.1".into(), 1, tx));
         match rx.try_recv().unwrap() {
             TaskEvent::Finished { outcome, .. } => assert!(outcome.failure.is_some()),
             other => panic!("unexpected {other:?}"),

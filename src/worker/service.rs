@@ -327,8 +327,12 @@ async fn run_task(
     events: mpsc::UnboundedSender<TaskEvent>,
     stop: watch::Receiver<Stop>,
 ) {
-    let mut channel = ResponseChannel::open(spec.task.clone(), events);
-    let task_dir = cfg.state_dir.join("tasks").join(&spec.task);
+    let mut channel = ResponseChannel::open(spec.task.clone(), spec.attempt, events);
+    // A folder per attempt: a new attempt never races the cleanup of an old one.
+    let task_dir = cfg
+        .state_dir
+        .join("tasks")
+        .join(format!("{}-attempt{}", spec.task, spec.attempt));
     let work_dir = task_dir.join("work");
     let results_dir = task_dir.join("results");
     let prepared = (|| {

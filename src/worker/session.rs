@@ -111,7 +111,8 @@ pub struct Session {
     last_heard: Instant,
     last_sent: Instant,
     outbox: Outbox,
-    logs: VecDeque<(TaskId, LogLine)>,
+    /// Buffered log lines with the (task, attempt) channel they belong to.
+    logs: VecDeque<(TaskId, u32, LogLine)>,
     oldest_log_at: Option<Instant>,
     slot: Option<Slot>,
     ready_sent: bool,
@@ -285,7 +286,11 @@ impl Session {
                     }
                 }
             }
-            Body::TaskClosed { task, reason } => self.on_task_closed(task, reason, &mut actions),
+            Body::TaskClosed {
+                task,
+                attempt,
+                reason,
+            } => self.on_task_closed(task, attempt, reason, &mut actions),
             Body::Error {
                 code: ErrorCode::NotRegistered,
                 ..
@@ -318,16 +323,20 @@ impl Session {
         actions: &mut Vec<Action>,
     ) {
         let task = spec.task.clone();
+        let attempt = spec.attempt;
         if let Some(slot) = &self.slot {
-            if slot.spec.task == task {
+            if slot.spec.task == task && slot.spec.attempt == attempt {
                 return; // a resent dispatch we already accepted
             }
             let body = Body::TaskRefused {
                 task: task.clone(),
                 reason: RefuseReason::Busy,
-                message: format!("worker {} is busy with {}", self.name, slot.spec.task),
+                message: format!(
+                    "worker {} is busy with {} attempt {}",
+                    self.name, slot.spec.task, slot.spec.attempt
+                ),
             };
-            self.outbox.push(Some(task), body, None);
+            self.outbox.push(Some(task), Some(attempt), body, None);
             return;
         }
         if wall_ms > spec.expires_at_ms {
@@ -339,12 +348,15 @@ impl Session {
                 reason: RefuseReason::Expired,
                 message: format!("dispatch arrived {late} ms after it expired"),
             };
-            self.outbox.push(Some(task), body, None);
+            self.outbox.push(Some(task), Some(attempt), body, None);
             return;
         }
-        info!(task = %task, attempt = spec.attempt, "task accepted");
-        self.outbox
-            .push(Some(task.clone()), Body::TaskAccepted { task }, None);
+        info!(task = %task, attempt, "task accepted");
+        let body = Body::TaskAccepted {
+            task: task.clone(),
+            attempt,
+        };
+        self.outbox.push(Some(task), Some(attempt), body, None);
         self.slot = Some(Slot {
             spec: spec.clone(),
             finished: false,
@@ -354,9 +366,19 @@ impl Session {
         actions.push(Action::StartTask(spec));
     }
 
-    fn on_task_closed(&mut self, task: TaskId, reason: String, actions: &mut Vec<Action>) {
-        let dropped = self.outbox.drop_task(&task);
-        let ours = self.slot.as_ref().is_some_and(|s| s.spec.task == task);
+    fn on_task_closed(
+        &mut self,
+        task: TaskId,
+        attempt: Option<u32>,
+        reason: String,
+        actions: &mut Vec<Action>,
+    ) {
+        let dropped = self.outbox.drop_task(&task, attempt);
+        let matches = |t: &TaskId, a: u32| *t == task && attempt.is_none_or(|x| x == a);
+        let ours = self
+            .slot
+            .as_ref()
+            .is_some_and(|s| matches(&s.spec.task, s.spec.attempt));
         let finished = self.slot.as_ref().is_some_and(|s| s.finished);
         if dropped > 0 {
             self.stats.orphans_closed += dropped as u64;
@@ -366,7 +388,7 @@ impl Session {
         } else {
             info!(task = %task, %reason, "task channel closed by the server");
         }
-        self.logs.retain(|(t, _)| *t != task);
+        self.logs.retain(|(t, a, _)| !matches(t, *a));
         if ours {
             if !finished {
                 actions.push(Action::StopTask(task.clone()));
@@ -389,26 +411,35 @@ impl Session {
     pub fn on_task_event(&mut self, now: Instant, event: TaskEvent) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
-            TaskEvent::Log { task, line } => {
-                if self.slot.as_ref().is_none_or(|s| s.spec.task != task) {
+            TaskEvent::Log {
+                task,
+                attempt,
+                line,
+            } => {
+                if !self.is_current(&task, attempt) {
                     return actions; // the task was closed under it; dropped on purpose
                 }
                 if self.logs.len() >= self.cfg.log_buffer_lines {
-                    if let Some((t, _)) = self.logs.pop_front() {
+                    if let Some((t, _, _)) = self.logs.pop_front() {
                         self.stats.log_lines_dropped += 1;
                         *self.dropped_per_task.entry(t).or_default() += 1;
                     }
                 }
-                self.logs.push_back((task, line));
+                self.logs.push_back((task, attempt, line));
                 self.oldest_log_at.get_or_insert(now);
             }
             TaskEvent::Finished {
                 task,
+                attempt,
                 outcome,
                 log_lines,
                 files,
             } => {
-                let Some(slot) = self.slot.as_mut().filter(|s| s.spec.task == task) else {
+                let Some(slot) = self
+                    .slot
+                    .as_mut()
+                    .filter(|s| s.spec.task == task && s.spec.attempt == attempt)
+                else {
                     info!(task = %task, "conductor ended for a task the server already closed");
                     return actions;
                 };
@@ -423,13 +454,15 @@ impl Session {
                 }
                 let mut infos = Vec::new();
                 for ResultFile { info, data } in files {
-                    self.push_file(&task, &info, data);
+                    self.push_file(&task, attempt, &info, data);
                     infos.push(info);
                 }
                 self.outbox.push(
                     Some(task.clone()),
+                    Some(attempt),
                     Body::TaskFinished {
                         task,
+                        attempt,
                         outcome,
                         log_lines,
                         files: infos,
@@ -444,7 +477,14 @@ impl Session {
         actions
     }
 
-    fn push_file(&mut self, task: &TaskId, info: &FileInfo, data: Bytes) {
+    /// True if (task, attempt) is the task this worker owns now.
+    fn is_current(&self, task: &TaskId, attempt: u32) -> bool {
+        self.slot
+            .as_ref()
+            .is_some_and(|s| s.spec.task == *task && s.spec.attempt == attempt)
+    }
+
+    fn push_file(&mut self, task: &TaskId, attempt: u32, info: &FileInfo, data: Bytes) {
         let size = data.len() as u64;
         let mut offset = 0usize;
         loop {
@@ -452,8 +492,10 @@ impl Session {
             let last = end == data.len();
             self.outbox.push(
                 Some(task.clone()),
+                Some(attempt),
                 Body::FileChunk {
                     task: task.clone(),
+                    attempt,
                     name: info.name.clone(),
                     offset: offset as u64,
                     size,
@@ -532,13 +574,13 @@ impl Session {
         if !due {
             return;
         }
-        while let Some((task, _)) = self.logs.front() {
-            let task = task.clone();
+        while let Some((task, attempt, _)) = self.logs.front() {
+            let (task, attempt) = (task.clone(), *attempt);
             let mut lines = Vec::new();
             while lines.len() < self.cfg.log_batch_lines {
                 match self.logs.front() {
-                    Some((t, _)) if *t == task => {
-                        lines.push(self.logs.pop_front().expect("front").1)
+                    Some((t, a, _)) if *t == task && *a == attempt => {
+                        lines.push(self.logs.pop_front().expect("front").2)
                     }
                     _ => break,
                 }
@@ -547,7 +589,11 @@ impl Session {
                 now,
                 actions,
                 plain_header(Class::Log, Some(&task)),
-                Body::Log { task, lines },
+                Body::Log {
+                    task,
+                    attempt,
+                    lines,
+                },
                 None,
             );
             if !all && self.logs.len() < self.cfg.log_batch_lines {

@@ -139,7 +139,13 @@ impl Lab {
         exit_code: i32,
         junit: Option<&str>,
     ) -> Vec<Output> {
-        let mut out = self.mandatory(worker, Body::TaskAccepted { task: task.clone() });
+        let mut out = self.mandatory(
+            worker,
+            Body::TaskAccepted {
+                task: task.clone(),
+                attempt: 1,
+            },
+        );
         let mut files = vec![];
         if let Some(xml) = junit {
             let sha = hex::encode(Sha256::digest(xml.as_bytes()));
@@ -148,6 +154,7 @@ impl Lab {
                 0,
                 Body::FileChunk {
                     task: task.clone(),
+                    attempt: 1,
                     name: "r.xml".into(),
                     offset: 0,
                     size: xml.len() as u64,
@@ -170,6 +177,7 @@ impl Lab {
             worker,
             Body::TaskFinished {
                 task: task.clone(),
+                attempt: 1,
                 outcome: Outcome {
                     exit_code: Some(exit_code),
                     ..Outcome::default()
@@ -333,9 +341,16 @@ fn duplicate_final_report_is_acked_again_but_applied_once() {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: task.clone() });
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     let finished = Body::TaskFinished {
         task: task.clone(),
+        attempt: 1,
         outcome: Outcome {
             exit_code: Some(0),
             ..Outcome::default()
@@ -379,6 +394,7 @@ fn report_for_unknown_task_is_nacked_as_orphan() {
         "w",
         Body::TaskFinished {
             task: "nope.1".into(),
+            attempt: 1,
             outcome: Outcome::default(),
             log_lines: 3,
             files: vec![],
@@ -397,6 +413,7 @@ fn report_for_unknown_task_is_nacked_as_orphan() {
         "w",
         Body::Log {
             task: "nope.1".into(),
+            attempt: 1,
             lines: vec![LogLine {
                 seq: 1,
                 stream: Stream::Stdout,
@@ -413,7 +430,13 @@ fn lost_worker_task_is_held_then_requeued_to_another_worker() {
     lab.register("w1", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w1", Body::TaskAccepted { task: task.clone() });
+    lab.mandatory(
+        "w1",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     lab.register("w2", "devicegroup:g");
     // w2 stays alive, w1 goes silent.
     for _ in 0..5 {
@@ -437,6 +460,7 @@ fn lost_worker_task_is_held_then_requeued_to_another_worker() {
         "w1",
         Body::TaskFinished {
             task: task.clone(),
+            attempt: 1,
             outcome: Outcome::default(),
             log_lines: 0,
             files: vec![],
@@ -457,7 +481,13 @@ fn worker_back_within_grace_keeps_its_task() {
     lab.register("w1", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w1", Body::TaskAccepted { task: task.clone() });
+    lab.mandatory(
+        "w1",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     for _ in 0..5 {
         lab.advance(HB);
         lab.tick();
@@ -551,6 +581,7 @@ fn cancel_stops_queued_tasks_at_once_and_asks_workers_to_stop_running_ones() {
         "w",
         Body::TaskAccepted {
             task: running.clone(),
+            attempt: 1,
         },
     );
     lab.s.on_message(
@@ -574,6 +605,7 @@ fn cancel_stops_queued_tasks_at_once_and_asks_workers_to_stop_running_ones() {
         "w",
         Body::TaskFinished {
             task: running,
+            attempt: 1,
             outcome: Outcome {
                 signal: Some(15),
                 cancelled: true,
@@ -594,7 +626,13 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: task.clone() });
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     let line = |seq| LogLine {
         seq,
         stream: Stream::Stdout,
@@ -604,6 +642,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
         "w",
         Body::Log {
             task: task.clone(),
+            attempt: 1,
             lines: (1..=10).map(line).collect(),
         },
     );
@@ -611,6 +650,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
         "w",
         Body::Log {
             task: task.clone(),
+            attempt: 1,
             lines: (5..=12).map(line).collect(),
         },
     ); // overlap
@@ -618,6 +658,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
         "w",
         Body::Log {
             task: task.clone(),
+            attempt: 1,
             lines: (20..=25).map(line).collect(),
         },
     );
@@ -625,6 +666,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
         "w",
         Body::TaskFinished {
             task: task.clone(),
+            attempt: 1,
             outcome: Outcome {
                 exit_code: Some(0),
                 ..Outcome::default()
@@ -670,12 +712,19 @@ fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: task.clone() });
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     let mut e = env(
         true,
         99,
         Body::FileChunk {
             task: task.clone(),
+            attempt: 1,
             name: "../../etc/passwd".into(),
             offset: 0,
             size: 1,

@@ -111,6 +111,7 @@ impl W {
             self.now,
             TaskEvent::Log {
                 task: task.into(),
+                attempt: 1,
                 line: LogLine {
                     seq,
                     stream: Stream::Stdout,
@@ -304,6 +305,7 @@ fn logs_posted_before_finish_go_out_before_the_final_report() {
         w.now,
         TaskEvent::Finished {
             task: "t1".into(),
+            attempt: 1,
             outcome: Outcome::default(),
             log_lines: 2,
             files: vec![],
@@ -331,6 +333,7 @@ fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
         w.now,
         TaskEvent::Finished {
             task: "t1".into(),
+            attempt: 1,
             outcome: Outcome::default(),
             log_lines: 8,
             files: vec![],
@@ -367,6 +370,7 @@ fn task_closed_drops_pending_messages_and_stops_a_running_conductor() {
     }); // accepted, not acked
     let a = w.msg(Body::TaskClosed {
         task: "t1".into(),
+        attempt: Some(1),
         reason: "timed out".into(),
     });
     assert!(a
@@ -396,6 +400,7 @@ fn file_chunks_precede_the_final_report_and_cover_the_file() {
         w.now,
         TaskEvent::Finished {
             task: "t1".into(),
+            attempt: 1,
             outcome: Outcome::default(),
             log_lines: 0,
             files: vec![ResultFile { info, data }],
@@ -461,4 +466,25 @@ fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
     e.header.seq = 1;
     let a = w.s.on_message(w.now, 1_000, e);
     assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
+}
+
+#[test]
+fn closing_an_old_attempt_leaves_the_current_one_alone() {
+    let mut w = W::new();
+    w.up();
+    let mut second = spec("t1", 5_000);
+    second.attempt = 2;
+    w.msg(Body::Dispatch { spec: second });
+    let a = w.msg(Body::TaskClosed {
+        task: "t1".into(),
+        attempt: Some(1),
+        reason: "late nack for attempt 1".into(),
+    });
+    assert!(!a.iter().any(|a| matches!(a, Action::StopTask(_))));
+    assert_eq!(w.s.current_task().map(String::as_str), Some("t1"));
+    assert_eq!(
+        w.s.pending_mandatory(),
+        1,
+        "attempt 2's acceptance still pending"
+    );
 }

@@ -3,7 +3,7 @@
 //! Unknown keys and invalid values are refused at start with the key and
 //! the reason, so a typo never silently falls back to a default.
 
-use crate::delivery::RetryPolicy;
+use crate::delivery::{DeliveryPolicy, OnServerLost, RetryPolicy};
 use crate::protocol::{DeviceProps, DeviceSpecError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -276,6 +276,10 @@ pub struct WorkerConfig {
     pub log_batch_lines: usize,
     /// Resend timing of mandatory messages.
     pub retry: RetryPolicy,
+    /// Delivery policy per message class.
+    pub delivery: DeliveryPolicy,
+    /// `continue` (default) or `abort` a running task when the server is lost.
+    pub on_server_lost: OnServerLost,
     pub conductor: ConductorConfig,
 }
 
@@ -296,6 +300,8 @@ impl Default for WorkerConfig {
             log_batch_ms: 20,
             log_batch_lines: 500,
             retry: RetryPolicy::default(),
+            delivery: DeliveryPolicy::default(),
+            on_server_lost: OnServerLost::default(),
             conductor: ConductorConfig::default(),
         }
     }

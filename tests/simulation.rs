@@ -114,6 +114,8 @@ impl Sim {
                             cap_ms: 2000,
                             jitter: true,
                         },
+                        delivery: Default::default(),
+                        on_server_lost: Default::default(),
                     },
                     format!("w{i}"),
                     format!("sess{i}"),

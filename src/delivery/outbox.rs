@@ -60,6 +60,8 @@ pub struct Pending {
     pub raw: Option<Bytes>,
     /// When to (re)send; `None`: at the next opportunity.
     due: Option<Instant>,
+    /// Under the give-up policy: when to stop trying.
+    deadline: Option<Instant>,
     backoff: ExponentialBackoff,
     /// How many times it was sent.
     pub sends: u32,
@@ -98,6 +100,19 @@ impl Outbox {
         body: Body,
         raw: Option<Bytes>,
     ) -> u64 {
+        self.push_until(task, attempt, body, raw, None)
+    }
+
+    /// Queues a mandatory message that is given up at `deadline` if still
+    /// unacknowledged then (the give-up policy).
+    pub fn push_until(
+        &mut self,
+        task: Option<TaskId>,
+        attempt: Option<u32>,
+        body: Body,
+        raw: Option<Bytes>,
+        deadline: Option<Instant>,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending.insert(
@@ -109,6 +124,7 @@ impl Outbox {
                 body,
                 raw,
                 due: None,
+                deadline,
                 backoff: self.policy.backoff(),
                 sends: 0,
             },
@@ -163,6 +179,20 @@ impl Outbox {
             !(p.task.as_deref() == Some(task) && (attempt.is_none() || p.attempt == attempt))
         });
         before - self.pending.len()
+    }
+
+    /// Removes and returns the messages whose give-up deadline passed.
+    pub fn expire(&mut self, now: Instant) -> Vec<(u64, Pending)> {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(&seq, _)| seq)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|seq| self.pending.remove(&seq).map(|p| (seq, p)))
+            .collect()
     }
 
     /// After a reconnect: everything pending goes out again at once, in
@@ -236,5 +266,24 @@ mod tests {
         assert_eq!(outbox.drop_task("r.1", None), 2);
         assert_eq!(outbox.len(), 1);
         assert!(outbox.has_task("r.2"));
+    }
+
+    #[test]
+    fn give_up_policy_drops_a_message_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut outbox = Outbox::new(policy());
+        let keep = outbox.push(None, None, Body::Ready, None);
+        let drop = outbox.push_until(
+            None,
+            None,
+            Body::Ready,
+            None,
+            Some(t0 + Duration::from_secs(5)),
+        );
+        assert!(outbox.expire(t0 + Duration::from_secs(4)).is_empty());
+        let gone = outbox.expire(t0 + Duration::from_secs(5));
+        assert_eq!(gone.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![drop]);
+        assert!(!outbox.ack(drop));
+        assert!(outbox.ack(keep));
     }
 }

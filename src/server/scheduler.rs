@@ -388,6 +388,13 @@ impl<S: Store> Scheduler<S> {
                 attempt,
                 lines,
             } => self.on_log(&name, task, attempt, lines),
+            // Sent under the guarantee-nothing policy: applied, never acked.
+            body @ (Body::TaskAccepted { .. }
+            | Body::TaskRefused { .. }
+            | Body::FileChunk { .. }
+            | Body::TaskFinished { .. }) => {
+                self.apply_mandatory(now, &name, body, raw);
+            }
             other => {
                 self.count("unexpected_message", 1);
                 warn!(worker = %name, kind = other.kind(), "protocol error: message not valid from a worker or must be mandatory");
@@ -565,6 +572,7 @@ impl<S: Store> Scheduler<S> {
         let (task, attempt) = match &body {
             Body::TaskAccepted { task, attempt }
             | Body::FileChunk { task, attempt, .. }
+            | Body::Log { task, attempt, .. }
             | Body::TaskFinished { task, attempt, .. } => (task.clone(), Some(*attempt)),
             Body::TaskRefused { task, .. } => (task.clone(), None),
             other => {
@@ -587,6 +595,7 @@ impl<S: Store> Scheduler<S> {
             let class = body.class();
             let counter = match class {
                 Class::File => "orphan_file",
+                Class::Log => "orphan_log_batches",
                 _ => "orphan_control",
             };
             self.count(counter, 1);
@@ -603,6 +612,11 @@ impl<S: Store> Scheduler<S> {
             return false;
         }
         match body {
+            Body::Log {
+                task,
+                attempt,
+                lines,
+            } => self.on_log(worker, task, attempt, lines),
             Body::TaskAccepted { task, .. } => {
                 let t = self.tasks.get_mut(&task).expect("open task");
                 if t.state == TaskState::Dispatched || t.state == TaskState::Held {

@@ -93,6 +93,8 @@ pub async fn run(
             log_batch_lines: cfg.log_batch_lines,
             log_batch_delay: Duration::from_millis(cfg.log_batch_ms),
             retry: cfg.retry.clone(),
+            delivery: cfg.delivery.clone(),
+            on_server_lost: cfg.on_server_lost,
         },
         cfg.name.clone(),
         session_id.clone(),

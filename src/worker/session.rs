@@ -4,7 +4,7 @@
 //! messages, task events and ticks, and carries out its [`Action`]s.
 
 use crate::delivery::outbox::Outgoing;
-use crate::delivery::{DedupWindow, Outbox, RetryPolicy};
+use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
 use crate::protocol::*;
 use crate::worker::channel::{ResultFile, TaskEvent};
@@ -25,6 +25,8 @@ pub struct SessionConfig {
     pub log_batch_lines: usize,
     pub log_batch_delay: Duration,
     pub retry: RetryPolicy,
+    pub delivery: DeliveryPolicy,
+    pub on_server_lost: OnServerLost,
 }
 
 /// Why the worker gave up on its connection.
@@ -81,6 +83,8 @@ pub enum Link {
 
 struct Slot {
     spec: TaskSpec,
+    /// Stopped because the server was lost and `on_server_lost = abort`.
+    aborted: bool,
     /// The conductor ended and the final report is in the outbox.
     finished: bool,
 }
@@ -96,6 +100,10 @@ pub struct SessionStats {
     pub expired_dispatches: u64,
     /// Error replies received from the server.
     pub server_errors: u64,
+    /// Messages given up under the give-up policy.
+    pub given_up: u64,
+    /// Guarantee-nothing messages dropped because the server was unreachable.
+    pub unsent_dropped: u64,
 }
 
 /// The session state machine.
@@ -121,6 +129,8 @@ pub struct Session {
     /// The server incarnation whose mandatory messages `server_dedup` tracks.
     server_session: Option<String>,
     server_dedup: DedupWindow,
+    /// Guarantee-nothing messages waiting for the next flush.
+    unreliable: VecDeque<Outgoing>,
 }
 
 fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
@@ -160,6 +170,7 @@ impl Session {
             dropped_per_task: BTreeMap::new(),
             server_session: None,
             server_dedup: DedupWindow::default(),
+            unreliable: VecDeque::new(),
         }
     }
 
@@ -224,7 +235,55 @@ impl Session {
 
     fn lost(&mut self, reason: LostReason) -> Vec<Action> {
         self.link = Link::Down;
-        vec![Action::Reconnect(reason)]
+        let mut actions = vec![Action::Reconnect(reason)];
+        let dropped = self.unreliable.len() as u64;
+        if dropped > 0 {
+            self.stats.unsent_dropped += dropped;
+            warn!(
+                dropped,
+                "server unreachable: dropped guarantee-nothing messages"
+            );
+            self.unreliable.clear();
+        }
+        if self.cfg.on_server_lost == OnServerLost::Abort {
+            if let Some(slot) = self.slot.as_mut().filter(|s| !s.finished && !s.aborted) {
+                slot.aborted = true;
+                warn!(task = %slot.spec.task, "server unreachable and on_server_lost = abort: stopping the task");
+                actions.push(Action::StopTask(slot.spec.task.clone()));
+            }
+        }
+        actions
+    }
+
+    /// Hands a message to the delivery policy of its class.
+    fn deliver(
+        &mut self,
+        now: Instant,
+        task: &TaskId,
+        attempt: u32,
+        body: Body,
+        raw: Option<Bytes>,
+    ) {
+        match self.cfg.delivery.for_class(body.class()) {
+            Policy::Retry => {
+                self.outbox
+                    .push(Some(task.clone()), Some(attempt), body, raw);
+            }
+            Policy::GiveUp => {
+                let deadline = now + Duration::from_millis(self.cfg.delivery.give_up_after_ms);
+                self.outbox.push_until(
+                    Some(task.clone()),
+                    Some(attempt),
+                    body,
+                    raw,
+                    Some(deadline),
+                );
+            }
+            Policy::GuaranteeNothing => {
+                let header = plain_header(body.class(), Some(task));
+                self.unreliable.push_back(Outgoing { header, body, raw });
+            }
+        }
     }
 
     /// A message from the server (DEALER or SUB).
@@ -336,7 +395,7 @@ impl Session {
                     self.name, slot.spec.task, slot.spec.attempt
                 ),
             };
-            self.outbox.push(Some(task), Some(attempt), body, None);
+            self.deliver(now, &task, attempt, body, None);
             return;
         }
         if wall_ms > spec.expires_at_ms {
@@ -348,7 +407,7 @@ impl Session {
                 reason: RefuseReason::Expired,
                 message: format!("dispatch arrived {late} ms after it expired"),
             };
-            self.outbox.push(Some(task), Some(attempt), body, None);
+            self.deliver(now, &task, attempt, body, None);
             return;
         }
         info!(task = %task, attempt, "task accepted");
@@ -356,13 +415,13 @@ impl Session {
             task: task.clone(),
             attempt,
         };
-        self.outbox.push(Some(task), Some(attempt), body, None);
+        self.deliver(now, &task, attempt, body, None);
         self.slot = Some(Slot {
             spec: spec.clone(),
+            aborted: false,
             finished: false,
         });
         self.ready_sent = false;
-        let _ = now;
         actions.push(Action::StartTask(spec));
     }
 
@@ -444,6 +503,13 @@ impl Session {
                     return actions;
                 };
                 slot.finished = true;
+                let mut outcome = outcome;
+                if slot.aborted {
+                    outcome.cancelled = false;
+                    outcome.failure = Some(
+                        "aborted: the server was unreachable and on_server_lost = abort".into(),
+                    );
+                }
                 if let Some(n) = self.dropped_per_task.remove(&task) {
                     warn!(task = %task, dropped = n, "log lines dropped from the full buffer while the server was unreachable");
                 }
@@ -454,21 +520,17 @@ impl Session {
                 }
                 let mut infos = Vec::new();
                 for ResultFile { info, data } in files {
-                    self.push_file(&task, attempt, &info, data);
+                    self.push_file(now, &task, attempt, &info, data);
                     infos.push(info);
                 }
-                self.outbox.push(
-                    Some(task.clone()),
-                    Some(attempt),
-                    Body::TaskFinished {
-                        task,
-                        attempt,
-                        outcome,
-                        log_lines,
-                        files: infos,
-                    },
-                    None,
-                );
+                let body = Body::TaskFinished {
+                    task: task.clone(),
+                    attempt,
+                    outcome,
+                    log_lines,
+                    files: infos,
+                };
+                self.deliver(now, &task, attempt, body, None);
             }
         }
         if matches!(self.link, Link::Up { .. }) {
@@ -484,15 +546,23 @@ impl Session {
             .is_some_and(|s| s.spec.task == *task && s.spec.attempt == attempt)
     }
 
-    fn push_file(&mut self, task: &TaskId, attempt: u32, info: &FileInfo, data: Bytes) {
+    fn push_file(
+        &mut self,
+        now: Instant,
+        task: &TaskId,
+        attempt: u32,
+        info: &FileInfo,
+        data: Bytes,
+    ) {
         let size = data.len() as u64;
         let mut offset = 0usize;
         loop {
             let end = (offset + CHUNK_BYTES).min(data.len());
             let last = end == data.len();
-            self.outbox.push(
-                Some(task.clone()),
-                Some(attempt),
+            self.deliver(
+                now,
+                task,
+                attempt,
                 Body::FileChunk {
                     task: task.clone(),
                     attempt,
@@ -550,6 +620,13 @@ impl Session {
     /// Sends what is due: log batches, mandatory messages, ready.
     fn flush(&mut self, now: Instant, actions: &mut Vec<Action>, all_logs: bool) {
         self.flush_logs(now, actions, all_logs);
+        while let Some(Outgoing { header, body, raw }) = self.unreliable.pop_front() {
+            self.send(now, actions, header, body, raw);
+        }
+        for (seq, p) in self.outbox.expire(now) {
+            self.stats.given_up += 1;
+            warn!(seq, kind = p.body.kind(), task = ?p.task, sends = p.sends, "gave up delivering a message (give-up policy)");
+        }
         for Outgoing { header, body, raw } in self.outbox.due(now) {
             self.send(now, actions, header, body, raw);
         }
@@ -585,17 +662,22 @@ impl Session {
                     _ => break,
                 }
             }
-            self.send(
-                now,
-                actions,
-                plain_header(Class::Log, Some(&task)),
-                Body::Log {
-                    task,
-                    attempt,
-                    lines,
-                },
-                None,
-            );
+            let body = Body::Log {
+                task: task.clone(),
+                attempt,
+                lines,
+            };
+            if self.cfg.delivery.log == Policy::GuaranteeNothing {
+                self.send(
+                    now,
+                    actions,
+                    plain_header(Class::Log, Some(&task)),
+                    body,
+                    None,
+                );
+            } else {
+                self.deliver(now, &task, attempt, body, None);
+            }
             if !all && self.logs.len() < self.cfg.log_batch_lines {
                 break;
             }

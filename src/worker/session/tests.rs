@@ -18,6 +18,8 @@ fn cfg() -> SessionConfig {
             cap_ms: 4000,
             jitter: false,
         },
+        delivery: DeliveryPolicy::default(),
+        on_server_lost: OnServerLost::Continue,
     }
 }
 
@@ -487,4 +489,135 @@ fn closing_an_old_attempt_leaves_the_current_one_alone() {
         1,
         "attempt 2's acceptance still pending"
     );
+}
+
+fn with(delivery: DeliveryPolicy, on_server_lost: OnServerLost) -> W {
+    let now = Instant::now();
+    let mut c = cfg();
+    c.delivery = delivery;
+    c.on_server_lost = on_server_lost;
+    W {
+        s: Session::new(
+            c,
+            "w1".into(),
+            "sess".into(),
+            DeviceProps::parse("devicegroup:g").unwrap(),
+            now,
+        ),
+        now,
+    }
+}
+
+#[test]
+fn give_up_policy_stops_resending_after_its_bound() {
+    let mut w = with(
+        DeliveryPolicy {
+            control: Policy::GiveUp,
+            give_up_after_ms: 3000,
+            ..DeliveryPolicy::default()
+        },
+        OnServerLost::Continue,
+    );
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    }); // task_accepted, never acked
+    w.msg(Body::ServerHeartbeat {
+        server: "srv1".into(),
+        heartbeat_ms: 1000,
+    });
+    let mut resent = 0;
+    for _ in 0..10 {
+        let a = w.advance(Duration::from_millis(500));
+        resent += mandatory_seqs(&a).len();
+        w.msg(Body::ServerHeartbeat {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+        });
+    }
+    assert!(resent >= 1, "resent while within the bound");
+    assert_eq!(w.s.stats.given_up, 1);
+    assert_eq!(w.s.pending_mandatory(), 0);
+}
+
+#[test]
+fn guarantee_nothing_control_is_sent_once_unacknowledged() {
+    let mut w = with(
+        DeliveryPolicy {
+            control: Policy::GuaranteeNothing,
+            ..DeliveryPolicy::default()
+        },
+        OnServerLost::Continue,
+    );
+    w.up();
+    let a = w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    let accepted: Vec<_> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                header,
+                body: Body::TaskAccepted { .. },
+                ..
+            } => Some(header.mandatory),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepted, vec![false]);
+    assert_eq!(w.s.pending_mandatory(), 0);
+}
+
+#[test]
+fn abort_policy_stops_the_task_when_the_server_is_lost_and_reports_why() {
+    let mut w = with(DeliveryPolicy::default(), OnServerLost::Abort);
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    let a = w.advance(Duration::from_secs(4));
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::StopTask(t) if t == "t1")),
+        "{a:?}"
+    );
+    w.s.on_task_event(
+        w.now,
+        TaskEvent::Finished {
+            task: "t1".into(),
+            attempt: 1,
+            outcome: Outcome {
+                signal: Some(15),
+                cancelled: true,
+                ..Outcome::default()
+            },
+            log_lines: 0,
+            files: vec![],
+        },
+    );
+    w.s.on_connected(w.now);
+    let a = w.welcome("srv1");
+    let outcome = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                body: Body::TaskFinished { outcome, .. },
+                ..
+            } => Some(outcome.clone()),
+            _ => None,
+        })
+        .expect("report sent after reconnect");
+    assert!(!outcome.cancelled);
+    assert!(outcome.failure.unwrap().contains("on_server_lost = abort"));
+}
+
+#[test]
+fn continue_policy_keeps_the_task_running_while_the_server_is_away() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    let a = w.advance(Duration::from_secs(4));
+    assert!(!a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }

@@ -57,6 +57,18 @@ impl Conn {
 pub enum Command {
     /// Submit a testrun; prints its id (and, with --wait, its verdict).
     Run(RunArgs),
+    /// Wait for a testrun submitted earlier; exit status as for `run --wait`.
+    Wait {
+        run: String,
+        /// Stream the tasks' log lines too.
+        #[arg(long)]
+        follow: bool,
+        /// Afterwards, download the result files here.
+        #[arg(long)]
+        fetch: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Show a testrun's state, tasks and verdicts.
     Status {
         run: String,
@@ -178,6 +190,12 @@ fn fail(e: &ClientError) -> i32 {
 pub async fn main(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Run(args) => return run(args).await,
+        Command::Wait {
+            run,
+            follow,
+            fetch,
+            conn,
+        } => return wait(&conn, &run, follow, fetch.as_deref()).await,
         Command::Status { run, conn } => status(&conn, &run).await,
         Command::Cancel { run, conn } => cancel(&conn, &run).await,
         Command::Workers { conn } => workers(&conn).await,
@@ -279,9 +297,37 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
     if !json {
         println!("testrun {run} submitted: {} task(s)", tasks.len());
     }
+    watch(
+        &mut client,
+        &args.conn,
+        &run,
+        args.follow,
+        args.fetch.as_deref(),
+    )
+    .await
+}
+
+async fn wait(conn: &Conn, run: &str, logs: bool, fetch_dir: Option<&Path>) -> i32 {
+    let mut client = match Client::connect(&conn.server, conn.connect_timeout).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    watch(&mut client, conn, &run.to_string(), logs, fetch_dir).await
+}
+
+/// Follows a testrun to its end, prints the summary, fetches results;
+/// returns the exit status for its verdict.
+async fn watch(
+    client: &mut Client,
+    conn: &Conn,
+    run: &String,
+    logs: bool,
+    fetch_dir: Option<&Path>,
+) -> i32 {
+    let json = conn.json;
     let started = Instant::now();
-    let events = args.conn.events_endpoint();
-    let status = follow(&mut client, &events, &run, args.follow, |item| {
+    let events = conn.events_endpoint();
+    let status = follow(client, &events, run, logs, |item| {
         print_item(&item, started, json)
     })
     .await;
@@ -297,8 +343,8 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
     } else {
         print_summary(&status);
     }
-    if let Some(dir) = &args.fetch {
-        if let Err(e) = fetch(&mut client, &status, dir, json).await {
+    if let Some(dir) = fetch_dir {
+        if let Err(e) = fetch(client, &status, dir, json).await {
             return fail(&e);
         }
     }

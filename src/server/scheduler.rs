@@ -1240,8 +1240,8 @@ impl<S: Store> Scheduler<S> {
                 now,
                 &id,
                 format!(
-                    "worker {worker} lost and did not come back within {} s",
-                    self.cfg.lost_grace.as_secs()
+                    "worker {worker} lost and did not come back within {} ms",
+                    self.cfg.lost_grace.as_millis()
                 ),
             );
         }

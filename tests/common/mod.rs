@@ -189,14 +189,36 @@ pub fn start_worker(
     conductor: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
+    start_worker_with(
+        dir,
+        name,
+        device,
+        &server.control,
+        &server.events,
+        conductor,
+        env,
+        "",
+    )
+}
+
+/// Like [`start_worker`], with explicit endpoints and extra top-level TOML.
+#[allow(clippy::too_many_arguments)]
+pub fn start_worker_with(
+    dir: &Path,
+    name: &str,
+    device: &str,
+    control: &str,
+    events: &str,
+    conductor: &[&str],
+    env: &[(&str, &str)],
+    extra: &str,
+) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     let command: Vec<String> = conductor.iter().map(|a| format!("{a:?}")).collect();
     std::fs::write(
         &cfg,
         format!(
-            "name = {name:?}\nserver = {:?}\nevents = {:?}\ndevice = {device:?}\nstate_dir = {:?}\n\n[conductor]\ncommand = [{}]\nkill_grace_ms = 1000\n",
-            server.control,
-            server.events,
+            "name = {name:?}\nserver = {control:?}\nevents = {events:?}\ndevice = {device:?}\nstate_dir = {:?}\n{extra}\n\n[conductor]\ncommand = [{}]\nkill_grace_ms = 1000\n",
             dir.join(name).display().to_string(),
             command.join(", ")
         ),
@@ -304,4 +326,180 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Writes an executable shell script.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Submits without waiting; returns the run id.
+pub fn submit_run(server: &ServerProc, args: &[&str]) -> String {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    let out = submit(server, &all, Duration::from_secs(20));
+    assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// `ots-submit status RUN --json`, or None if the server did not answer.
+pub fn status_json(server: &ServerProc, run: &str) -> Option<serde_json::Value> {
+    // `status` exits with the verdict's code once the run ended: read stdout.
+    let out = submit(
+        server,
+        &["status", run, "--json", "--connect-timeout", "1s"],
+        Duration::from_secs(5),
+    );
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls the testrun's status until `ok` holds; returns that status.
+pub fn wait_status(
+    server: &ServerProc,
+    run: &str,
+    limit: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(st) = status_json(server, run) {
+            if ok(&st) {
+                return st;
+            }
+            last = Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    panic!("condition not reached within {limit:?}; last status: {last:#?}");
+}
+
+pub fn finished(st: &serde_json::Value) -> bool {
+    st["state"] == "finished" || st["state"] == "cancelled"
+}
+
+pub fn running(st: &serde_json::Value) -> bool {
+    st["tasks"][0]["state"] == "running"
+}
+
+/// Polls until `path` exists.
+pub fn wait_for_file(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling interval, bounded by the deadline
+    }
+    false
+}
+
+/// True once process `pid` is gone (or a zombie nobody reaped yet).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A TCP proxy on loopback that can black-hole traffic (stop forwarding
+/// without closing) and resume: a partition between two peers.
+pub struct Proxy {
+    pub port: u16,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let target = target.trim_start_matches("tcp://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let paused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (paused.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        for (from, to) in [
+                            (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                            (upstream, client),
+                        ] {
+                            let (p, s) = (p.clone(), s.clone());
+                            std::thread::spawn(move || pump(from, to, p, s));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)), // accept poll
+                }
+            }
+        });
+        Proxy { port, paused, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops forwarding in both directions; connections stay open.
+    pub fn black_hole(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    from.set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        if paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5)); // black hole: leave bytes in the kernel
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }

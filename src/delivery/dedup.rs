@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 /// Remembers which sequence numbers of one sender session were applied.
 /// Everything at or below `floor` was applied; `above` holds applied numbers
 /// beyond a gap (a resend can arrive after later messages).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DedupWindow {
     floor: u64,
     above: BTreeSet<u64>,

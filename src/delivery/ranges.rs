@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 /// A set of u64 kept as disjoint inclusive ranges.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeqRanges {
     /// start → end, inclusive, non-overlapping, non-adjacent.
     ranges: BTreeMap<u64, u64>,

@@ -136,6 +136,10 @@ pub struct Outcome {
     /// The worker killed it because the server cancelled the task.
     #[serde(default)]
     pub cancelled: bool,
+    /// The worker process restarted while the conductor ran: the attempt
+    /// did not finish and the server re-queues it per the retry rules.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 /// A result file as stored or announced.

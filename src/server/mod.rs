@@ -7,6 +7,7 @@
 //! - [`store`]: task logs and result files on disk.
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
+pub mod db;
 pub mod distribution;
 pub mod scheduler;
 pub mod service;

@@ -9,11 +9,12 @@ use crate::delivery::ranges::describe;
 use crate::delivery::{DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::*;
+use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::store::{Store, StoreError};
 use crate::server::verdict::{parse_junit, run_verdict, task_verdict};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -178,6 +179,15 @@ pub struct Scheduler<S: Store> {
     wall_base: (Instant, u64),
     counters: BTreeMap<String, u64>,
     out: Vec<Output>,
+    /// Tasks and runs that may have changed since the last commit: the
+    /// unfinished ones, and those that finished since.
+    active_tasks: BTreeSet<TaskId>,
+    active_runs: BTreeSet<RunId>,
+    /// Encoded rows as last committed, to write only what changed.
+    persisted: HashMap<String, Vec<u8>>,
+    /// Task state changes not yet committed.
+    history: Vec<HistoryRow>,
+    persisted_next_run: u64,
 }
 
 /// Current Unix time in milliseconds.
@@ -215,6 +225,11 @@ impl<S: Store> Scheduler<S> {
             wall_base: (Instant::now(), unix_ms_now()),
             counters: BTreeMap::new(),
             out: Vec::new(),
+            active_tasks: BTreeSet::new(),
+            active_runs: BTreeSet::new(),
+            persisted: HashMap::new(),
+            history: Vec::new(),
+            persisted_next_run: 0,
         }
     }
 
@@ -807,6 +822,17 @@ impl<S: Store> Scheduler<S> {
                 _ => {}
             }
         }
+        if outcome.interrupted {
+            let w = self.workers.get_mut(worker).expect("worker");
+            w.task = None;
+            w.state = WorkerState::Idle;
+            let why = format!(
+                "worker {worker} restarted while running attempt {}",
+                self.tasks[task].attempts
+            );
+            self.requeue_or_fail(now, task, why);
+            return;
+        }
         let (verdict, reason) = task_verdict(&outcome, timeout, junit.clone());
         let cancelled = outcome.cancelled || self.tasks[task].cancel_requested;
         let t = self.tasks.get_mut(task).expect("open task");
@@ -1008,11 +1034,7 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
-        let run: RunId = format!(
-            "{}-{}",
-            &self.incarnation[..self.incarnation.len().min(6)],
-            self.next_run
-        );
+        let run: RunId = format!("r{}", self.next_run);
         self.next_run += 1;
         let key = testrun.device.routing_key();
         let mut task_ids = Vec::new();
@@ -1044,6 +1066,7 @@ impl<S: Store> Scheduler<S> {
                 },
             );
             self.next_order += 1;
+            self.active_tasks.insert(id.clone());
             self.queues
                 .entry(key.clone())
                 .or_default()
@@ -1051,6 +1074,7 @@ impl<S: Store> Scheduler<S> {
             task_ids.push(id);
         }
         info!(run = %run, device = %testrun.device, tasks = task_ids.len(), "testrun accepted");
+        self.active_runs.insert(run.clone());
         self.runs.insert(
             run.clone(),
             Testrun {
@@ -1540,6 +1564,14 @@ impl<S: Store> Scheduler<S> {
     ) {
         let t = &self.tasks[task];
         let (run, verdict) = (t.run.clone(), t.verdict);
+        self.history.push(HistoryRow {
+            task: task.clone(),
+            at_ms: self.wall_ms(t.since),
+            state: format!("{state:?}").to_lowercase(),
+            attempt: t.attempts,
+            worker: worker.clone(),
+            reason: reason.clone(),
+        });
         self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);
     }
 
@@ -1572,5 +1604,7 @@ impl<S: Store> Scheduler<S> {
     }
 }
 
+mod persist;
+pub use persist::RestoreError;
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 
 use crate::config::ServerConfig;
 use crate::protocol::{self, Body, Header, PROTOCOL_VERSION};
+use crate::server::db::Db;
 use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
 use crate::server::store::{DiskStore, StoreError};
 use crate::transport::{self, to_message, TransportError};
@@ -12,7 +13,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
+
+/// Inbound messages handled per commit at most.
+const MAX_BATCH: usize = 512;
+/// Exit status when state cannot be committed (sysexits EX_IOERR).
+const EXIT_STATE: i32 = 74;
 use zeromq::prelude::*;
 use zeromq::ZmqMessage;
 
@@ -30,6 +36,13 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    State(#[from] crate::server::db::StateError),
+    #[error("state database {path}: {source}; restore a backup or move the state directory away")]
+    Restore {
+        path: PathBuf,
+        source: crate::server::scheduler::RestoreError,
+    },
 }
 
 /// A running server.
@@ -68,10 +81,12 @@ impl Server {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        let db = Db::open(&cfg.state_dir)?;
         let store = DiskStore::open(&cfg.state_dir)?;
+        let snapshot = db.load()?;
         let sockets = transport::bind_server(&cfg.control, &cfg.events).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
-        let scheduler = Scheduler::new(
+        let scheduler = Scheduler::restore(
             SchedulerConfig {
                 heartbeat: cfg.heartbeat(),
                 liveness: cfg.liveness,
@@ -84,7 +99,13 @@ impl Server {
             },
             store,
             incarnation.clone(),
-        );
+            &snapshot,
+            Instant::now(),
+        )
+        .map_err(|source| ServerError::Restore {
+            path: db.path().to_path_buf(),
+            source,
+        })?;
         info!(
             control = %sockets.control,
             events = %sockets.events,
@@ -98,6 +119,7 @@ impl Server {
         let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
         let task = tokio::spawn(serve(
             scheduler,
+            db,
             sockets,
             cfg.heartbeat(),
             send_timeout,
@@ -115,6 +137,7 @@ impl Server {
 
 async fn serve(
     mut scheduler: Scheduler<DiskStore>,
+    mut db: Db,
     sockets: transport::ServerSockets,
     heartbeat: Duration,
     send_timeout: Duration,
@@ -147,14 +170,24 @@ async fn serve(
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
-                let mut frames = msg.into_vec();
-                if frames.is_empty() {
-                    continue;
+                // Take what else is waiting too: one commit for the batch.
+                let mut batch = vec![msg];
+                while batch.len() < MAX_BATCH {
+                    match inbound_rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
                 }
-                let peer = frames.remove(0);
-                match protocol::decode(frames) {
-                    Ok(env) => scheduler.on_message(Instant::now(), &peer, env),
-                    Err(e) => scheduler.on_bad_frames(&peer, &e),
+                for msg in batch {
+                    let mut frames = msg.into_vec();
+                    if frames.is_empty() {
+                        continue;
+                    }
+                    let peer = frames.remove(0);
+                    match protocol::decode(frames) {
+                        Ok(env) => scheduler.on_message(Instant::now(), &peer, env),
+                        Err(e) => scheduler.on_bad_frames(&peer, &e),
+                    }
                 }
             }
             _ = ticker.tick() => scheduler.on_tick(Instant::now()),
@@ -163,6 +196,12 @@ async fn serve(
                     break;
                 }
             }
+        }
+        // Durable first, then the acknowledgements that say so.
+        let changes = scheduler.take_changes();
+        if let Err(e) = db.commit(&changes) {
+            error!(error = %e, "storage error: cannot commit server state; stopping so that nothing is acknowledged that is not durable");
+            std::process::exit(EXIT_STATE);
         }
         for output in scheduler.take_outputs() {
             match output {

@@ -1,0 +1,486 @@
+//! The server's durable state: SQLite (bundled, WAL) in the state directory,
+//! guarded by an exclusive lock so two servers never share it.
+//!
+//! Rows hold MessagePack-encoded entities the scheduler produces
+//! ([`Changes`]) and restores from ([`Snapshot`]); the scheduler never does
+//! I/O itself. The schema is versioned; older versions are migrated on
+//! open, newer ones refused.
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// The schema this build writes. History of versions:
+/// 1: meta, runs, tasks, workers.
+/// 2: task_history (every state change) and files (result file index).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Name of the database file inside the state directory.
+pub const DB_FILE: &str = "ots.db";
+/// Name of the lock file inside the state directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Why the state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path} is in use by another ots-server ({holder}); stop it or use another --state-dir")]
+    Locked { path: PathBuf, holder: String },
+    #[error("cannot lock state directory {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not an ots state database ({reason}); move it away or use another --state-dir"
+    )]
+    Foreign { path: PathBuf, reason: String },
+    #[error("{path} has schema version {found}, newer than this ots-server supports ({SCHEMA_VERSION}); run a newer ots-server")]
+    TooNew { path: PathBuf, found: i64 },
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: {table} row {key:?} is corrupt ({reason}); restore a backup or move the state directory away")]
+    CorruptRow {
+        path: PathBuf,
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+/// One task state change, kept forever for `status` and post-mortems.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryRow {
+    pub task: String,
+    pub at_ms: u64,
+    pub state: String,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Entities changed since the last commit, already encoded.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub runs: Vec<(String, Vec<u8>)>,
+    pub tasks: Vec<(String, String, Vec<u8>)>,
+    pub workers: Vec<(String, Vec<u8>)>,
+    pub history: Vec<HistoryRow>,
+    /// (task, name, size, sha256): the index of stored result files.
+    pub files: Vec<(String, String, u64, String)>,
+    pub meta: Vec<(String, String)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+            && self.tasks.is_empty()
+            && self.workers.is_empty()
+            && self.history.is_empty()
+            && self.files.is_empty()
+            && self.meta.is_empty()
+    }
+}
+
+/// Everything stored, for a restart.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub runs: Vec<(String, Vec<u8>)>,
+    pub tasks: Vec<(String, Vec<u8>)>,
+    pub workers: Vec<(String, Vec<u8>)>,
+    pub meta: Vec<(String, String)>,
+}
+
+/// The open, locked state database.
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+fn lock(dir: &Path) -> Result<Flock<File>, StateError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| StateError::Lock {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            // Say who holds it, for the next one who tries.
+            locked.set_len(0).map_err(io)?;
+            locked.rewind().map_err(io)?;
+            write!(locked, "pid {}", std::process::id()).map_err(io)?;
+            Ok(locked)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(StateError::Locked {
+                path: dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "unknown pid".into()
+                } else {
+                    holder
+                },
+            })
+        }
+        Err((_, errno)) => Err(io(std::io::Error::from(errno))),
+    }
+}
+
+impl Db {
+    /// Locks `dir`, opens (or creates) the database and migrates it.
+    pub fn open(dir: &Path) -> Result<Db, StateError> {
+        let lock = lock(dir)?;
+        let path = dir.join(DB_FILE);
+        let sql = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        // The first real read tells a SQLite file from anything else.
+        let tables: Vec<String> = match conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        {
+            Ok(t) => t,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::NotADatabase =>
+            {
+                return Err(StateError::Foreign {
+                    path,
+                    reason: "not a SQLite database".into(),
+                })
+            }
+            Err(e) => return Err(sql(e)),
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        let mut db = Db {
+            conn,
+            path,
+            _lock: lock,
+        };
+        let version = if tables.is_empty() {
+            0
+        } else if !tables.iter().any(|t| t == "meta") {
+            return Err(StateError::Foreign {
+                path: db.path.clone(),
+                reason: format!("SQLite database with tables {tables:?} but no ots meta table"),
+            });
+        } else {
+            db.schema_version()?
+        };
+        if version > SCHEMA_VERSION {
+            return Err(StateError::TooNew {
+                path: db.path.clone(),
+                found: version,
+            });
+        }
+        db.migrate(version)?;
+        Ok(db)
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        |source| StateError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn schema_version(&self) -> Result<i64, StateError> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql())?;
+        let v = v.ok_or_else(|| StateError::Foreign {
+            path: self.path.clone(),
+            reason: "meta table without a schema_version".into(),
+        })?;
+        v.parse().map_err(|_| StateError::Foreign {
+            path: self.path.clone(),
+            reason: format!("schema_version {v:?} is not a number"),
+        })
+    }
+
+    /// Brings the schema from `from` to [`SCHEMA_VERSION`], one step per
+    /// version, each in its own transaction.
+    fn migrate(&mut self, from: i64) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let sql = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        for version in from + 1..=SCHEMA_VERSION {
+            let tx = self.conn.transaction().map_err(sql)?;
+            match version {
+                1 => tx
+                    .execute_batch(
+                        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                         CREATE TABLE runs (id TEXT PRIMARY KEY, body BLOB NOT NULL);
+                         CREATE TABLE tasks (id TEXT PRIMARY KEY, run TEXT NOT NULL, body BLOB NOT NULL);
+                         CREATE TABLE workers (name TEXT PRIMARY KEY, body BLOB NOT NULL);",
+                    )
+                    .map_err(sql)?,
+                2 => tx
+                    .execute_batch(
+                        "CREATE TABLE task_history (task TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                             state TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, reason TEXT);
+                         CREATE INDEX task_history_task ON task_history (task);
+                         CREATE TABLE files (task TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+                             sha256 TEXT NOT NULL, PRIMARY KEY (task, name));",
+                    )
+                    .map_err(sql)?,
+                _ => unreachable!("no migration to version {version}"),
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![version.to_string()],
+            )
+            .map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            if from > 0 {
+                tracing::info!(path = %self.path.display(), version, "state database migrated");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `changes` in one transaction; when this returns, they are durable.
+    pub fn commit(&mut self, changes: &Changes) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let sql = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut run = tx
+                .prepare_cached("INSERT OR REPLACE INTO runs (id, body) VALUES (?1, ?2)")
+                .map_err(sql)?;
+            for (id, body) in &changes.runs {
+                run.execute(params![id, body]).map_err(sql)?;
+            }
+            let mut task = tx
+                .prepare_cached("INSERT OR REPLACE INTO tasks (id, run, body) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            for (id, run, body) in &changes.tasks {
+                task.execute(params![id, run, body]).map_err(sql)?;
+            }
+            let mut worker = tx
+                .prepare_cached("INSERT OR REPLACE INTO workers (name, body) VALUES (?1, ?2)")
+                .map_err(sql)?;
+            for (name, body) in &changes.workers {
+                worker.execute(params![name, body]).map_err(sql)?;
+            }
+            let mut history = tx
+                .prepare_cached(
+                    "INSERT INTO task_history (task, at_ms, state, attempt, worker, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?;
+            for h in &changes.history {
+                history
+                    .execute(params![
+                        h.task,
+                        h.at_ms as i64,
+                        h.state,
+                        h.attempt,
+                        h.worker,
+                        h.reason
+                    ])
+                    .map_err(sql)?;
+            }
+            let mut file = tx
+                .prepare_cached("INSERT OR REPLACE INTO files (task, name, size, sha256) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(sql)?;
+            for (task, name, size, sha) in &changes.files {
+                file.execute(params![task, name, *size as i64, sha])
+                    .map_err(sql)?;
+            }
+            let mut meta = tx
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+                .map_err(sql)?;
+            for (k, v) in &changes.meta {
+                meta.execute(params![k, v]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Reads every stored entity.
+    pub fn load(&self) -> Result<Snapshot, StateError> {
+        let sql = self.sql();
+        let pairs = |query: &str| -> Result<Vec<(String, Vec<u8>)>, StateError> {
+            let mut stmt = self.conn.prepare(query).map_err(&sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(&sql)?;
+            rows.collect::<Result<_, _>>().map_err(&sql)
+        };
+        let mut snap = Snapshot {
+            runs: pairs("SELECT id, body FROM runs")?,
+            tasks: pairs("SELECT id, body FROM tasks")?,
+            workers: pairs("SELECT name, body FROM workers")?,
+            meta: Vec::new(),
+        };
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, value FROM meta")
+            .map_err(&sql)?;
+        snap.meta = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(&sql)?
+            .collect::<Result<_, _>>()
+            .map_err(&sql)?;
+        Ok(snap)
+    }
+
+    /// The recorded state changes of one task, oldest first.
+    pub fn history(&self, task: &str) -> Result<Vec<HistoryRow>, StateError> {
+        let sql = self.sql();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT task, at_ms, state, attempt, worker, reason FROM task_history WHERE task = ?1 ORDER BY rowid")
+            .map_err(&sql)?;
+        let rows = stmt
+            .query_map(params![task], |r| {
+                Ok(HistoryRow {
+                    task: r.get(0)?,
+                    at_ms: r.get::<_, i64>(1)? as u64,
+                    state: r.get(2)?,
+                    attempt: r.get(3)?,
+                    worker: r.get(4)?,
+                    reason: r.get(5)?,
+                })
+            })
+            .map_err(&sql)?;
+        rows.collect::<Result<_, _>>().map_err(&sql)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs raw SQL; for tests that fake older or damaged databases.
+    #[doc(hidden)]
+    pub fn execute_batch(&self, sql: &str) -> Result<(), StateError> {
+        self.conn.execute_batch(sql).map_err(self.sql())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_directory_gets_the_current_schema_and_round_trips_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path()).unwrap();
+        let mut c = Changes::default();
+        c.runs.push(("r1".into(), vec![1, 2, 3]));
+        c.tasks.push(("r1.1".into(), "r1".into(), vec![4]));
+        c.history.push(HistoryRow {
+            task: "r1.1".into(),
+            at_ms: 5,
+            state: "queued".into(),
+            attempt: 0,
+            worker: None,
+            reason: None,
+        });
+        db.commit(&c).unwrap();
+        drop(db);
+        let db = Db::open(dir.path()).unwrap();
+        let snap = db.load().unwrap();
+        assert_eq!(snap.runs, vec![("r1".to_string(), vec![1, 2, 3])]);
+        assert_eq!(snap.tasks.len(), 1);
+        assert_eq!(db.history("r1.1").unwrap().len(), 1);
+        assert!(snap
+            .meta
+            .iter()
+            .any(|(k, v)| k == "schema_version" && v == "2"));
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Db::open(dir.path()).unwrap();
+        let e = Db::open(dir.path()).err().expect("second open must fail");
+        assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_older_schema_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 CREATE TABLE runs (id TEXT PRIMARY KEY, body BLOB NOT NULL);
+                 CREATE TABLE tasks (id TEXT PRIMARY KEY, run TEXT NOT NULL, body BLOB NOT NULL);
+                 CREATE TABLE workers (name TEXT PRIMARY KEY, body BLOB NOT NULL);
+                 INSERT INTO meta VALUES ('schema_version', '1');
+                 INSERT INTO runs VALUES ('old', x'00');",
+            )
+            .unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 2);
+        assert_eq!(
+            db.load().unwrap().runs.len(),
+            1,
+            "rows survive the migration"
+        );
+        db.execute_batch("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+            .unwrap();
+        drop(db);
+        let e = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(e, StateError::TooNew { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn garbage_and_foreign_databases_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE), vec![0x42u8; 8192]).unwrap();
+        let e = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(e, StateError::Foreign { .. }), "{e}");
+        assert!(e.to_string().contains("not a SQLite database"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        Connection::open(dir.path().join(DB_FILE))
+            .unwrap()
+            .execute_batch("CREATE TABLE photos (id INTEGER);")
+            .unwrap();
+        let e = Db::open(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("no ots meta table"), "{e}");
+    }
+}

@@ -788,3 +788,99 @@ fn dispatch_is_resent_until_the_worker_acks_it() {
     }
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Dispatched);
 }
+
+/// Commits what changed to a real database and restores a new scheduler
+/// from it, as a crash and restart would.
+fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::db::Db) {
+    db.commit(&lab.s.take_changes()).unwrap();
+    let snap = db.load().unwrap();
+    let cfg = lab.s.cfg.clone();
+    lab.s = Scheduler::restore(cfg, MemoryStore::default(), "srv2".into(), &snap, lab.now).unwrap();
+    lab.s.set_wall_clock(lab.t0, 1_000_000);
+}
+
+#[test]
+fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+    let finished = Body::TaskFinished {
+        task: task.clone(),
+        attempt: 1,
+        outcome: Outcome { exit_code: Some(0), ..Outcome::default() },
+        log_lines: 0,
+        files: vec![],
+    };
+    lab.mandatory("w", finished.clone()); // applied; the ack is lost in the crash
+    crash_and_restart(&mut lab, &mut db);
+    let st = lab.status(&run);
+    assert_eq!((st.state, st.tasks[0].verdict), (RunState::Finished, Some(Verdict::Fail)));
+    // The worker (same session) registers again and resends seq 2.
+    lab.register("w", "devicegroup:g");
+    lab.s.on_message(lab.now, &peer("w"), env(true, 2, finished));
+    let out = lab.s.take_outputs();
+    assert!(matches!(&out[..], [Output::Send { body: Body::Ack { seq: 2 }, .. }]), "{out:?}");
+}
+
+#[test]
+fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p1", "p2"], Distribution::Perpackage, false));
+    let (first, second) = (lab.status(&run).tasks[0].task.clone(), lab.status(&run).tasks[1].task.clone());
+    lab.mandatory("w", Body::TaskAccepted { task: first.clone(), attempt: 1 });
+    crash_and_restart(&mut lab, &mut db);
+    let st = lab.status(&run);
+    assert_eq!(st.tasks[0].state, TaskState::Held);
+    assert_eq!(st.tasks[1].state, TaskState::Queued);
+    // The worker comes back still running the first task.
+    lab.from(
+        "w",
+        Body::Hello {
+            worker: "w".into(),
+            session: "w-session".into(),
+            device: DeviceProps::parse("devicegroup:g").unwrap(),
+            running: vec![first.clone()],
+        },
+    );
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Running);
+    let mut out = lab.complete("w", &first, 0, Some(PASSING));
+    out.extend(lab.from("w", Body::Ready));
+    assert_eq!(dispatches(&out), vec![("w".to_string(), second.clone())]);
+    lab.complete("w", &second, 0, Some(PASSING));
+    let st = lab.status(&run);
+    assert_eq!(st.verdict, Some(Verdict::Pass));
+    assert_eq!(st.tasks.iter().map(|t| t.attempts).collect::<Vec<_>>(), vec![1, 1]);
+    // Run ids keep counting across restarts.
+    crash_and_restart(&mut lab, &mut db);
+    let next = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    assert_ne!(next, run);
+}
+
+#[test]
+fn an_interrupted_attempt_is_requeued() {
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+    let mut out = lab.mandatory(
+        "w",
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome { interrupted: true, ..Outcome::default() },
+            log_lines: 0,
+            files: vec![],
+        },
+    );
+    out.extend(lab.from("w", Body::Ready));
+    assert_eq!(dispatches(&out), vec![("w".to_string(), task.clone())]);
+    assert_eq!(lab.status(&run).tasks[0].attempts, 2);
+}

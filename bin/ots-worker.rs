@@ -68,7 +68,9 @@ async fn main() -> ExitCode {
             eprintln!("ots-worker: {e}");
             match e {
                 ots::worker::WorkerError::Config(_) => ExitCode::from(EXIT_CONFIG),
-                ots::worker::WorkerError::StateDir { .. } => ExitCode::from(EXIT_CANTCREAT),
+                ots::worker::WorkerError::StateDir { .. } | ots::worker::WorkerError::State(_) => {
+                    ExitCode::from(EXIT_CANTCREAT)
+                }
             }
         }
         Err(e) => {

@@ -75,6 +75,16 @@ pub struct Outbox {
     pending: BTreeMap<u64, Pending>,
 }
 
+/// A pending message as saved to disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedMessage {
+    pub seq: u64,
+    pub task: Option<TaskId>,
+    pub attempt: Option<u32>,
+    pub body: Body,
+    pub raw: Option<Bytes>,
+}
+
 /// A message to put on the wire now.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -206,6 +216,41 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The sequence number the next pushed message gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Pending messages in sequence order, for saving them to disk.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Pending)> {
+        self.pending.iter().map(|(&seq, p)| (seq, p))
+    }
+
+    /// Rebuilds an outbox saved to disk: the same sequence numbers, sent
+    /// again at the first opportunity.
+    pub fn restore(policy: RetryPolicy, next_seq: u64, saved: Vec<SavedMessage>) -> Self {
+        let mut outbox = Outbox::new(policy);
+        for m in saved {
+            outbox.next_seq = outbox.next_seq.max(m.seq + 1);
+            outbox.pending.insert(
+                m.seq,
+                Pending {
+                    class: m.body.class(),
+                    task: m.task,
+                    attempt: m.attempt,
+                    body: m.body,
+                    raw: m.raw,
+                    due: None,
+                    deadline: None,
+                    backoff: outbox.policy.backoff(),
+                    sends: 0,
+                },
+            );
+        }
+        outbox.next_seq = outbox.next_seq.max(next_seq);
+        outbox
     }
 
     pub fn is_empty(&self) -> bool {

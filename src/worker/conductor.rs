@@ -140,6 +140,9 @@ pub struct Run {
     pub kill_grace: Duration,
     /// Extra environment for the conductor.
     pub env: Vec<(String, String)>,
+    /// Where to note the conductor's process group, so a restarted worker
+    /// can kill what its predecessor left running.
+    pub pgid_file: Option<PathBuf>,
 }
 
 /// Runs the conductor to its end, sending every output line to `lines`.
@@ -179,6 +182,14 @@ pub async fn run(
         }
     };
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+    if let Some(path) = &run.pgid_file {
+        if let Err(e) = std::fs::write(path, pgid.as_raw().to_string()) {
+            let _ = lines.send((
+                Stream::Worker,
+                format!("cannot note the process group in {}: {e}", path.display()),
+            ));
+        }
+    }
     let readers = [
         tokio::spawn(pump(child.stdout.take(), Stream::Stdout, lines.clone())),
         tokio::spawn(pump(child.stderr.take(), Stream::Stderr, lines.clone())),
@@ -233,6 +244,18 @@ pub async fn run(
         Err(e) => outcome.failure = Some(format!("cannot wait for the conductor: {e}")),
     }
     outcome
+}
+
+/// Kills the process group noted in `pgid_file` by a previous worker
+/// process, if it still exists. Returns true if something was killed.
+pub fn kill_leftover(pgid_file: &Path) -> bool {
+    let Some(pgid) = std::fs::read_to_string(pgid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    signal_group(Pid::from_raw(pgid), Signal::SIGKILL)
 }
 
 /// Sends `signal` to the process group; true if it still existed.

@@ -12,5 +12,6 @@ pub mod channel;
 pub mod conductor;
 pub mod service;
 pub mod session;
+pub mod state;
 
 pub use service::{run, WorkerError};

@@ -10,6 +10,7 @@ use crate::transport::{self, to_message, TransportError};
 use crate::worker::channel::{ResponseChannel, ResultFile, TaskEvent};
 use crate::worker::conductor::{self, Stop, TaskContext};
 use crate::worker::session::{Action, Link, LostReason, Session, SessionConfig};
+use crate::worker::state::WorkerStore;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zeromq::prelude::*;
 use zeromq::{DealerSendHalf, DealerSocket, SubSocket, ZmqMessage};
 
@@ -32,6 +33,8 @@ pub enum WorkerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    State(#[from] crate::worker::state::WorkerStateError),
 }
 
 enum Inbound {
@@ -83,27 +86,62 @@ pub async fn run(
         path: tasks_dir.clone(),
         source,
     })?;
-    let session_id = format!("{:016x}", rand::random::<u64>());
+    let (mut store, saved) = WorkerStore::open(&cfg.state_dir)?;
     let now = Instant::now();
-    let mut session = Session::new(
-        SessionConfig {
-            heartbeat: cfg.heartbeat(),
-            liveness: cfg.liveness,
-            log_buffer_lines: cfg.log_buffer_lines,
-            log_batch_lines: cfg.log_batch_lines,
-            log_batch_delay: Duration::from_millis(cfg.log_batch_ms),
-            retry: cfg.retry.clone(),
-            delivery: cfg.delivery.clone(),
-            on_server_lost: cfg.on_server_lost,
-        },
-        cfg.name.clone(),
-        session_id.clone(),
-        device.clone(),
-        now,
-    );
+    let session_cfg = SessionConfig {
+        heartbeat: cfg.heartbeat(),
+        liveness: cfg.liveness,
+        log_buffer_lines: cfg.log_buffer_lines,
+        log_batch_lines: cfg.log_batch_lines,
+        log_batch_delay: Duration::from_millis(cfg.log_batch_ms),
+        retry: cfg.retry.clone(),
+        delivery: cfg.delivery.clone(),
+        on_server_lost: cfg.on_server_lost,
+    };
+    let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
+    let mut session = match saved {
+        Some(saved) => {
+            let pending = saved.outbox.len();
+            let (session, interrupted) =
+                Session::restore(session_cfg, cfg.name.clone(), device.clone(), now, saved);
+            info!(
+                pending,
+                "continuing the saved session: unacknowledged messages will be delivered"
+            );
+            if let Some((task, attempt)) = interrupted {
+                let dir = attempt_dir(&cfg, &task, attempt);
+                if conductor::kill_leftover(&dir.join("conductor.pgid")) {
+                    warn!(task = %task, "killed the conductor the previous worker process left running");
+                }
+                warn!(task = %task, attempt, "the worker restarted while this task ran: reporting it as interrupted");
+                let _ = task_tx.send(TaskEvent::Finished {
+                    task,
+                    attempt,
+                    outcome: Outcome {
+                        interrupted: true,
+                        failure: Some(
+                            "interrupted: the worker restarted while the conductor ran".into(),
+                        ),
+                        ..Outcome::default()
+                    },
+                    log_lines: 0,
+                    files: Vec::new(),
+                });
+            }
+            session
+        }
+        None => Session::new(
+            session_cfg,
+            cfg.name.clone(),
+            format!("{:016x}", rand::random::<u64>()),
+            device.clone(),
+            now,
+        ),
+    };
+    let session_id = session.saved().session_id;
+    store.save(&session.saved())?;
     info!(worker = %cfg.name, device = %device, server = %cfg.server, session = %session_id, "worker starting");
 
-    let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
     let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<Inbound>();
     // Conductors in flight: how to stop each, and its runner to wait for.
     let mut running: HashMap<TaskId, (watch::Sender<Stop>, JoinHandle<()>)> = HashMap::new();
@@ -185,6 +223,12 @@ pub async fn run(
                 Vec::new()
             }
         };
+        // What the actions are about to announce (acks, accepted tasks) is
+        // on disk first.
+        if let Err(e) = store.save(&session.saved()) {
+            error!(error = %e, "storage error: cannot save the worker's state; stopping so nothing is acknowledged that is not durable");
+            std::process::exit(74);
+        }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
@@ -320,6 +364,13 @@ fn attach(
     }
 }
 
+/// A folder per attempt: a new attempt never races the cleanup of an old one.
+fn attempt_dir(cfg: &WorkerConfig, task: &str, attempt: u32) -> PathBuf {
+    cfg.state_dir
+        .join("tasks")
+        .join(format!("{task}-attempt{attempt}"))
+}
+
 /// Prepares a fresh working folder, runs the conductor, collects result
 /// files, and reports through the task's response channel.
 async fn run_task(
@@ -330,11 +381,7 @@ async fn run_task(
     stop: watch::Receiver<Stop>,
 ) {
     let mut channel = ResponseChannel::open(spec.task.clone(), spec.attempt, events);
-    // A folder per attempt: a new attempt never races the cleanup of an old one.
-    let task_dir = cfg
-        .state_dir
-        .join("tasks")
-        .join(format!("{}-attempt{}", spec.task, spec.attempt));
+    let task_dir = attempt_dir(&cfg, &spec.task, spec.attempt);
     let work_dir = task_dir.join("work");
     let results_dir = task_dir.join("results");
     let prepared = (|| {
@@ -398,6 +445,7 @@ async fn run_task(
             ("OTS_RESULTS_DIR".into(), results_dir.display().to_string()),
             ("OTS_WORK_DIR".into(), work_dir.display().to_string()),
         ],
+        pgid_file: Some(task_dir.join("conductor.pgid")),
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
     while let Some((stream, text)) = line_rx.recv().await {

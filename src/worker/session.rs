@@ -81,6 +81,25 @@ pub enum Link {
     Up { server: String },
 }
 
+/// The task a worker owns, as saved to disk.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSlot {
+    pub spec: TaskSpec,
+    pub finished: bool,
+    pub aborted: bool,
+}
+
+/// Everything of a session that must survive a worker restart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedSession {
+    pub session_id: String,
+    pub next_seq: u64,
+    pub outbox: Vec<crate::delivery::outbox::SavedMessage>,
+    pub slot: Option<SavedSlot>,
+    pub server_session: Option<String>,
+    pub server_dedup: DedupWindow,
+}
+
 struct Slot {
     spec: TaskSpec,
     /// Stopped because the server was lost and `on_server_lost = abort`.
@@ -176,6 +195,59 @@ impl Session {
 
     pub fn link(&self) -> &Link {
         &self.link
+    }
+
+    /// The state to save so a restarted worker continues this session.
+    pub fn saved(&self) -> SavedSession {
+        SavedSession {
+            session_id: self.session_id.clone(),
+            next_seq: self.outbox.next_seq(),
+            outbox: self
+                .outbox
+                .entries()
+                .map(|(seq, p)| crate::delivery::outbox::SavedMessage {
+                    seq,
+                    task: p.task.clone(),
+                    attempt: p.attempt,
+                    body: p.body.clone(),
+                    raw: p.raw.clone(),
+                })
+                .collect(),
+            slot: self.slot.as_ref().map(|s| SavedSlot {
+                spec: s.spec.clone(),
+                finished: s.finished,
+                aborted: s.aborted,
+            }),
+            server_session: self.server_session.clone(),
+            server_dedup: self.server_dedup.clone(),
+        }
+    }
+
+    /// Continues a saved session after a restart. Returns the session and,
+    /// if the worker died while a conductor ran, that task's (id, attempt):
+    /// the caller reports it as interrupted.
+    pub fn restore(
+        cfg: SessionConfig,
+        name: String,
+        device: DeviceProps,
+        now: Instant,
+        saved: SavedSession,
+    ) -> (Self, Option<(TaskId, u32)>) {
+        let mut s = Session::new(cfg, name, saved.session_id, device, now);
+        s.outbox = Outbox::restore(s.cfg.retry.clone(), saved.next_seq, saved.outbox);
+        s.server_session = saved.server_session;
+        s.server_dedup = saved.server_dedup;
+        let interrupted = saved
+            .slot
+            .as_ref()
+            .filter(|slot| !slot.finished)
+            .map(|slot| (slot.spec.task.clone(), slot.spec.attempt));
+        s.slot = saved.slot.map(|slot| Slot {
+            spec: slot.spec,
+            aborted: slot.aborted,
+            finished: slot.finished,
+        });
+        (s, interrupted)
     }
 
     /// The task the worker owns, if any.

@@ -807,23 +807,45 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     let finished = Body::TaskFinished {
         task: task.clone(),
         attempt: 1,
-        outcome: Outcome { exit_code: Some(0), ..Outcome::default() },
+        outcome: Outcome {
+            exit_code: Some(0),
+            ..Outcome::default()
+        },
         log_lines: 0,
         files: vec![],
     };
     lab.mandatory("w", finished.clone()); // applied; the ack is lost in the crash
     crash_and_restart(&mut lab, &mut db);
     let st = lab.status(&run);
-    assert_eq!((st.state, st.tasks[0].verdict), (RunState::Finished, Some(Verdict::Fail)));
+    assert_eq!(
+        (st.state, st.tasks[0].verdict),
+        (RunState::Finished, Some(Verdict::Fail))
+    );
     // The worker (same session) registers again and resends seq 2.
     lab.register("w", "devicegroup:g");
-    lab.s.on_message(lab.now, &peer("w"), env(true, 2, finished));
+    lab.s
+        .on_message(lab.now, &peer("w"), env(true, 2, finished));
     let out = lab.s.take_outputs();
-    assert!(matches!(&out[..], [Output::Send { body: Body::Ack { seq: 2 }, .. }]), "{out:?}");
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Send {
+                body: Body::Ack { seq: 2 },
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -832,9 +854,23 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
     let mut db = crate::server::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p1", "p2"], Distribution::Perpackage, false));
-    let (first, second) = (lab.status(&run).tasks[0].task.clone(), lab.status(&run).tasks[1].task.clone());
-    lab.mandatory("w", Body::TaskAccepted { task: first.clone(), attempt: 1 });
+    let run = run_id(&lab.submit(
+        "devicegroup:g",
+        &["p1", "p2"],
+        Distribution::Perpackage,
+        false,
+    ));
+    let (first, second) = (
+        lab.status(&run).tasks[0].task.clone(),
+        lab.status(&run).tasks[1].task.clone(),
+    );
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: first.clone(),
+            attempt: 1,
+        },
+    );
     crash_and_restart(&mut lab, &mut db);
     let st = lab.status(&run);
     assert_eq!(st.tasks[0].state, TaskState::Held);
@@ -856,7 +892,10 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
     lab.complete("w", &second, 0, Some(PASSING));
     let st = lab.status(&run);
     assert_eq!(st.verdict, Some(Verdict::Pass));
-    assert_eq!(st.tasks.iter().map(|t| t.attempts).collect::<Vec<_>>(), vec![1, 1]);
+    assert_eq!(
+        st.tasks.iter().map(|t| t.attempts).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
     // Run ids keep counting across restarts.
     crash_and_restart(&mut lab, &mut db);
     let next = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
@@ -869,13 +908,22 @@ fn an_interrupted_attempt_is_requeued() {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
     let mut out = lab.mandatory(
         "w",
         Body::TaskFinished {
             task: task.clone(),
             attempt: 1,
-            outcome: Outcome { interrupted: true, ..Outcome::default() },
+            outcome: Outcome {
+                interrupted: true,
+                ..Outcome::default()
+            },
             log_lines: 0,
             files: vec![],
         },

@@ -402,6 +402,10 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
         FollowItem::Missed { task, lines } => {
             eprintln!("  {task} | ({lines} live log lines not received here; `ots-submit logs` shows what the server stored)");
         }
+        FollowItem::ServerAway(e) => {
+            eprintln!("ots-submit: {e}; the server went away, waiting for it to come back (Ctrl-C to stop waiting)")
+        }
+        FollowItem::ServerBack => eprintln!("ots-submit: the server is back; still following"),
         FollowItem::NoLiveEvents(e) => {
             eprintln!("ots-submit: no live events ({e}); polling the server instead")
         }

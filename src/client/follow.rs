@@ -29,6 +29,38 @@ pub enum FollowItem {
     },
     /// The events socket could not be reached; progress is polled instead.
     NoLiveEvents(String),
+    /// The server stopped answering; the follower keeps trying.
+    ServerAway(String),
+    /// The server answers again.
+    ServerBack,
+}
+
+/// Reconnects to the server until it answers, with randomized
+/// exponential backoff; tells `sink` once that it went away.
+async fn reconnect(client: &mut Client, why: &ClientError, sink: &mut impl FnMut(FollowItem)) {
+    use backon::BackoffBuilder;
+    sink(FollowItem::ServerAway(why.to_string()));
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let endpoint = client.endpoint().to_string();
+    let timeout = client.timeout();
+    loop {
+        match Client::connect(&endpoint, timeout).await {
+            Ok(c) => {
+                *client = c;
+                sink(FollowItem::ServerBack);
+                return;
+            }
+            Err(_) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 fn terminal(e: &ProgressEvent) -> bool {
@@ -36,6 +68,22 @@ fn terminal(e: &ProgressEvent) -> bool {
         e.state,
         ProgressState::RunFinished | ProgressState::RunCancelled
     )
+}
+
+/// Connects a SUB for `topics` and forwards what it receives to `tx`.
+async fn subscribe(
+    endpoint: &str,
+    topics: &[&str],
+    tx: mpsc::UnboundedSender<zeromq::ZmqMessage>,
+) -> Result<tokio::task::JoinHandle<()>, crate::transport::TransportError> {
+    let mut sub = transport::connect_sub(endpoint, topics, Duration::from_secs(3)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok(msg) = sub.recv().await {
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// Follows `run` until it ends; returns its final status.
@@ -53,20 +101,13 @@ pub async fn follow(
         topics.push(log_topic.as_str());
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let reader =
-        match transport::connect_sub(events_endpoint, &topics, Duration::from_secs(3)).await {
-            Ok(mut sub) => Some(tokio::spawn(async move {
-                while let Ok(msg) = sub.recv().await {
-                    if tx.send(msg).is_err() {
-                        return;
-                    }
-                }
-            })),
-            Err(e) => {
-                sink(FollowItem::NoLiveEvents(e.to_string()));
-                None
-            }
-        };
+    let mut reader = match subscribe(events_endpoint, &topics, tx.clone()).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            sink(FollowItem::NoLiveEvents(e.to_string()));
+            None
+        }
+    };
     let mut state = Progress {
         run: run.clone(),
         next: 0,
@@ -86,7 +127,21 @@ pub async fn follow(
             _ = poll.tick() => catch_up = true,
         }
         if catch_up && !state.done {
-            for event in client.events(run, state.next).await? {
+            let events = match client.events(run, state.next).await {
+                Ok(events) => events,
+                Err(e @ ClientError::Unreachable { .. }) => {
+                    // Ride through a server restart: its state is durable.
+                    reconnect(client, &e, &mut sink).await;
+                    // A fresh SUB: the old one reconnects only slowly.
+                    if let Some(r) = reader.take() {
+                        r.abort();
+                    }
+                    reader = subscribe(events_endpoint, &topics, tx.clone()).await.ok();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for event in events {
                 if event.index != state.next {
                     continue;
                 }
@@ -112,7 +167,12 @@ pub async fn follow(
     if let Some(r) = reader {
         r.abort();
     }
-    client.status(run).await
+    loop {
+        match client.status(run).await {
+            Err(e @ ClientError::Unreachable { .. }) => reconnect(client, &e, &mut sink).await,
+            other => return other,
+        }
+    }
 }
 
 enum Live {

@@ -111,6 +111,11 @@ impl Client {
         &self.endpoint
     }
 
+    /// The deadline of each request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends one request and waits for its reply (other replies, e.g. late
     /// answers to earlier timed-out requests, are skipped).
     pub async fn request(

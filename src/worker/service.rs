@@ -157,8 +157,14 @@ pub async fn run(
 
     loop {
         let was_up = matches!(session.link(), Link::Up { .. });
+        let mut report_saved: Option<TaskId> = None;
         let actions = tokio::select! {
-            Some(event) = task_rx.recv() => session.on_task_event(Instant::now(), event),
+                        Some(event) = task_rx.recv() => {
+                if let TaskEvent::Finished { task, .. } = &event {
+                    report_saved = Some(task.clone());
+                }
+                session.on_task_event(Instant::now(), event)
+            }
             Some(inbound) = inbound_rx.recv() => match inbound {
                 Inbound::Frames { generation: g, from_sub, msg } if g == generation => {
                     let mut frames = msg.into_vec();
@@ -228,6 +234,9 @@ pub async fn run(
         if let Err(e) = store.save(&session.saved()) {
             error!(error = %e, "storage error: cannot save the worker's state; stopping so nothing is acknowledged that is not durable");
             std::process::exit(74);
+        }
+        if let Some(task) = report_saved {
+            info!(task = %task, "final report saved; it will be delivered even if this worker restarts");
         }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {

@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// seq, task, attempt, body, raw — as stored.
+type OutboxRow = (i64, Option<String>, Option<u32>, Vec<u8>, Option<Vec<u8>>);
+
 /// Why the worker's state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerStateError {
@@ -179,7 +182,7 @@ impl WorkerStore {
                 .map_err(|e| self.corrupt("meta.server_dedup", e))?,
             None => DedupWindow::default(),
         };
-        let rows: Vec<(i64, Option<String>, Option<u32>, Vec<u8>, Option<Vec<u8>>)> = self
+        let rows: Vec<OutboxRow> = self
             .conn
             .prepare("SELECT seq, task, attempt, body, raw FROM outbox ORDER BY seq")
             .and_then(|mut s| {

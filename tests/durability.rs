@@ -1,0 +1,532 @@
+//! Crashes for real: the server or a worker is SIGKILLed at the awkward
+//! moments and restarted on the same state directory. Nobody re-submits
+//! anything; every testrun ends with the right verdict; nothing is lost or
+//! applied twice.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use std::path::Path;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const FAST: [(&str, &str); 1] = [("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250")];
+
+fn junit(name: &str) -> String {
+    format!(
+        r#"mkdir -p "$OTS_RESULTS_DIR"; echo '<testsuite><testcase name="{name}"/></testsuite>' > "$OTS_RESULTS_DIR/r.xml""#
+    )
+}
+
+/// Kills the server and starts a new one on the same ports and state.
+fn restart(server: &mut ServerProc) -> ServerProc {
+    let (control, events, state) = (
+        server.control.clone(),
+        server.events.clone(),
+        server.state_dir.clone(),
+    );
+    server.proc.kill();
+    start_server(&state, &control, &events, &FAST)
+}
+
+fn waiter(server: &ServerProc, run: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let mut cmd = std::process::Command::new(bin("ots-submit"));
+    cmd.args(["wait", run])
+        .env("OTS_SERVER", &server.control)
+        .env("OTS_EVENTS", &server.events);
+    std::thread::spawn(move || run_bounded(cmd, LIMIT))
+}
+
+fn one_task(st: &serde_json::Value) -> &serde_json::Value {
+    assert_eq!(st["tasks"].as_array().unwrap().len(), 1);
+    &st["tasks"][0]
+}
+
+#[test]
+fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:later",
+            "--image",
+            "i",
+            "--packages",
+            "a,b",
+            "--distribution",
+            "perpackage",
+            "--queue-anyway",
+        ],
+    );
+    let waiting = waiter(&server, &run);
+    wait_status(&server, &run, LIMIT, |st| st["state"] == "queued");
+
+    let server2 = restart(&mut server);
+    let st = status_json(&server2, &run).expect("the testrun survived the crash");
+    assert!(
+        st["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] == "queued"),
+        "{st}"
+    );
+    let conductor = script(dir.path(), "ok.sh", &junit("t"));
+    let _w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:later",
+        &server2,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+
+    let out = waiting.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stderr).matches("the server went away").count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("testrun {run}: PASS")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let conductor = script(
+        dir.path(),
+        "slow.sh",
+        &format!("echo start\nsleep 2\necho end\n{}", junit("t")),
+    );
+    let _w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    let out = std::thread::scope(|scope| {
+        let run_cmd = {
+            let mut c = std::process::Command::new(bin("ots-submit"));
+            c.args([
+                "run",
+                "--device",
+                "devicegroup:g",
+                "--image",
+                "i",
+                "--packages",
+                "p",
+                "--wait",
+                "--json",
+            ])
+            .env("OTS_SERVER", &server.control)
+            .env("OTS_EVENTS", &server.events);
+            c
+        };
+        let waiting = scope.spawn(move || run_bounded(run_cmd, LIMIT));
+        // Find the run once it runs, then crash the server under it.
+        let deadline = std::time::Instant::now() + LIMIT;
+        let run = loop {
+            assert!(std::time::Instant::now() < deadline, "no running task");
+            if let Some(st) = status_json(&server, "r1") {
+                if running(&st) {
+                    break "r1".to_string();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50)); // polling interval
+        };
+        let server2 = restart(&mut server);
+        let out = waiting.join().unwrap();
+        (out, run, server2)
+    });
+    let (out, run, server2) = out;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let st = status_json(&server2, &run).unwrap();
+    let t = one_task(&st);
+    assert_eq!(
+        (t["verdict"].as_str(), t["attempts"].as_u64()),
+        (Some("PASS"), Some(1)),
+        "{st}"
+    );
+    assert_eq!(t["files"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let go = dir.path().join("go");
+    let conductor = script(
+        dir.path(),
+        "gated.sh",
+        &format!("while [ ! -e {go:?} ]; do sleep 0.02; done\n{}", junit("t")),
+    );
+    let w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+
+    // The report goes out to a server that will never answer it.
+    let mark = w.stderr.len();
+    server.proc.signal(Signal::SIGSTOP);
+    std::fs::write(&go, "").unwrap();
+    assert!(w
+        .stderr
+        .wait_for_after(mark, "task finished; reporting", LIMIT)
+        .is_some());
+    let server2 = restart(&mut server);
+
+    let st = wait_status(&server2, &run, LIMIT, finished);
+    let t = one_task(&st);
+    assert_eq!(
+        (t["verdict"].as_str(), t["attempts"].as_u64()),
+        (Some("PASS"), Some(1)),
+        "{st}"
+    );
+    assert_eq!(
+        t["files"].as_array().unwrap().len(),
+        1,
+        "the result file once: {t}"
+    );
+    let fetched = dir.path().join("fetched");
+    let out = submit(&server2, &["fetch", &run, fetched.to_str().unwrap()], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let task = t["task"].as_str().unwrap();
+    assert!(std::fs::read_to_string(fetched.join(task).join("r.xml"))
+        .unwrap()
+        .contains("testcase"));
+}
+
+#[test]
+fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let go = dir.path().join("go");
+    let conductor = script(
+        dir.path(),
+        "gated.sh",
+        &format!("echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nhead -c 600000 /dev/urandom > \"$OTS_RESULTS_DIR/blob.bin\"\n{}", junit("t")),
+    );
+    let argv = [conductor.to_str().unwrap()];
+    let mut w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+
+    // No acks while the server is stopped; the worker dies with its report pending.
+    let mark = w.stderr.len();
+    server.proc.signal(Signal::SIGSTOP);
+    std::fs::write(&go, "").unwrap();
+    assert!(w
+        .stderr
+        .wait_for_after(mark, "final report saved", LIMIT)
+        .is_some());
+    w.kill();
+    let blob = std::fs::read(
+        Path::new(&dir.path().join("w/tasks"))
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("results/blob.bin"),
+    )
+    .unwrap();
+    server.proc.signal(Signal::SIGCONT);
+
+    let w2 = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
+    assert!(
+        w2.stderr
+            .wait_for("continuing the saved session", LIMIT)
+            .is_some(),
+        "{:?}",
+        w2.stderr.all()
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    let t = one_task(&st);
+    assert_eq!(
+        (t["verdict"].as_str(), t["attempts"].as_u64()),
+        (Some("PASS"), Some(1)),
+        "{st}"
+    );
+    let files = t["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{t}");
+    let fetched = dir.path().join("fetched");
+    assert!(
+        submit(&server, &["fetch", &run, fetched.to_str().unwrap()], LIMIT)
+            .status
+            .success()
+    );
+    let task = t["task"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(fetched.join(task).join("blob.bin")).unwrap(),
+        blob,
+        "file arrived intact, once"
+    );
+}
+
+#[test]
+fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[
+            ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
+            ("OTS_SERVER_LOST_GRACE_MS", "30000"),
+        ],
+    );
+    let marker = dir.path().join("runs");
+    let conductor = script(
+        dir.path(),
+        "once_slow.sh",
+        &format!(
+            "echo run >> {marker:?}\nif [ $(wc -l < {marker:?}) -lt 2 ]; then sleep 1000; fi\n{}",
+            junit("t")
+        ),
+    );
+    let argv = [conductor.to_str().unwrap()];
+    let mut w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+    w.kill();
+    let w2 = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
+    assert!(
+        w2.stderr
+            .wait_for("reporting it as interrupted", LIMIT)
+            .is_some(),
+        "{:?}",
+        w2.stderr.all()
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    let t = one_task(&st);
+    assert_eq!(
+        (t["verdict"].as_str(), t["attempts"].as_u64()),
+        (Some("PASS"), Some(2)),
+        "{st}"
+    );
+    assert!(
+        w2.stderr
+            .count("killed the conductor the previous worker process left running")
+            == 1,
+        "{:?}",
+        w2.stderr.all()
+    );
+}
+
+#[test]
+fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let (go, done) = (dir.path().join("go"), dir.path().join("done"));
+    let conductor = script(
+        dir.path(),
+        "flood.sh",
+        &format!(
+            "echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nseq 1 100000 | sed 's/^/flood line /'\ntouch {done:?}\n{}",
+            junit("t")
+        ),
+    );
+    let w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[("OTS_WORKER_LOG_BUFFER_LINES", "30000")],
+    );
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(20),
+        all_idle(&["w"])
+    ));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+
+    // The flood starts while the server is up and goes on across its crash.
+    let mark = w.stderr.len();
+    std::fs::write(&go, "").unwrap();
+    server.proc.kill();
+    assert!(wait_for_file(&done, LIMIT));
+    assert!(w
+        .stderr
+        .wait_for_after(mark, "task finished; reporting", LIMIT)
+        .is_some());
+    let server2 = restart(&mut server);
+
+    let st = wait_status(&server2, &run, LIMIT, finished);
+    let t = one_task(&st);
+    assert_eq!(t["verdict"], "PASS", "{st}");
+    let produced = t["log_lines_produced"].as_u64().unwrap();
+    let stored = t["log_lines_stored"].as_u64().unwrap();
+    let lost: u64 = t["log_gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g[1].as_u64().unwrap() - g[0].as_u64().unwrap() + 1)
+        .sum();
+    assert_eq!(produced, 100_002);
+    assert_eq!(
+        stored + lost,
+        produced,
+        "stored {stored} + lost {lost} != produced {produced}"
+    );
+    eprintln!("flood across a crash: produced {produced}, stored {stored}, lost {lost}");
+}
+
+#[test]
+fn corrupt_foreign_or_locked_state_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |state: &Path| {
+        let mut cmd = std::process::Command::new(bin("ots-server"));
+        cmd.args([
+            "--control",
+            "tcp://127.0.0.1:0",
+            "--events",
+            "tcp://127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(state);
+        run_bounded(cmd, Duration::from_secs(20))
+    };
+    let garbage = dir.path().join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("ots.db"), vec![7u8; 4096]).unwrap();
+    let out = start(&garbage);
+    assert_eq!(out.status.code(), Some(69));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is not an ots state database (not a SQLite database)"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let running = start_server(
+        &dir.path().join("busy"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+    );
+    let out = start(&running.state_dir);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        text(&out.stderr).contains("is in use by another ots-server (pid"),
+        "{}",
+        text(&out.stderr)
+    );
+}

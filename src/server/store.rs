@@ -102,7 +102,12 @@ pub trait Store {
 /// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
 pub struct DiskStore {
     root: PathBuf,
+    /// Open append handles of recently written task logs.
+    logs: HashMap<TaskId, (File, PathBuf)>,
 }
+
+/// Task logs kept open for appending at most.
+const OPEN_LOGS: usize = 256;
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
@@ -128,8 +133,9 @@ impl DiskStore {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let tasks = root.join("tasks");
         fs::create_dir_all(&tasks).map_err(io("cannot create", &tasks))?;
-        Ok(DiskStore {
+                Ok(DiskStore {
             root: root.to_path_buf(),
+            logs: HashMap::new(),
         })
     }
 
@@ -147,20 +153,26 @@ impl DiskStore {
 
 impl Store for DiskStore {
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
-        let dir = self.task_dir(task);
-        fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        let path = dir.join("log");
         let mut text = String::new();
         for line in lines {
             text.push_str(&render_line(line));
         }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io("cannot open", &path))?;
-        f.write_all(text.as_bytes())
-            .map_err(io("cannot append to", &path))
+        if !self.logs.contains_key(task) {
+            let dir = self.task_dir(task);
+            fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+            let path = dir.join("log");
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io("cannot open", &path))?;
+            if self.logs.len() >= OPEN_LOGS {
+                self.logs.clear(); // simple bound; reopening is cheap
+            }
+            self.logs.insert(task.clone(), (f, path));
+        }
+        let (f, path) = self.logs.get_mut(task).expect("just opened");
+        f.write_all(text.as_bytes()).map_err(io("cannot append to", path))
     }
 
     fn write_chunk(

@@ -15,6 +15,9 @@ use tracing::{info, warn};
 
 /// Result files travel in chunks of this size.
 pub const CHUNK_BYTES: usize = 256 * 1024;
+/// A log batch stops growing at about this many bytes: many small lines per
+/// message is what keeps the `zeromq` ROUTER fast with many active workers.
+pub const MAX_LOG_BATCH_BYTES: usize = 64 * 1024;
 
 /// Session rules, from the worker configuration.
 #[derive(Clone, Debug)]
@@ -725,11 +728,14 @@ impl Session {
         }
         while let Some((task, attempt, _)) = self.logs.front() {
             let (task, attempt) = (task.clone(), *attempt);
-            let mut lines = Vec::new();
-            while lines.len() < self.cfg.log_batch_lines {
+                        let mut lines = Vec::new();
+            let mut bytes = 0;
+            while lines.len() < self.cfg.log_batch_lines && bytes < MAX_LOG_BATCH_BYTES {
                 match self.logs.front() {
                     Some((t, a, _)) if *t == task && *a == attempt => {
-                        lines.push(self.logs.pop_front().expect("front").2)
+                        let line = self.logs.pop_front().expect("front").2;
+                        bytes += line.text.len() + 16;
+                        lines.push(line);
                     }
                     _ => break,
                 }

@@ -1,0 +1,305 @@
+//! Benchmark: log ingestion and durable mandatory messages, through the
+//! real server over real ZeroMQ sockets on loopback.
+//!
+//! `cargo bench --bench ingest` prints, measured in the same run:
+//! 1. the raw DEALER→ROUTER rate of the very same log messages from 10
+//!    senders into a bare ROUTER that only counts them (the transport's
+//!    ceiling);
+//! 2. log ingestion by `ots-server` from 10 simulated workers into the
+//!    per-task log files, with the SQLite commits it does per batch;
+//! 3. mandatory control messages per second, each acknowledged only after
+//!    its effect is committed.
+//!
+//! Environment: OTS_BENCH_LINES (lines per worker, default 200000).
+
+use bytes::Bytes;
+use ots::config::ServerConfig;
+use ots::protocol::*;
+use ots::server::Server;
+use ots::transport::{connect_dealer, to_message};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use zeromq::prelude::*;
+use zeromq::{DealerSocket, RouterSocket};
+
+const WORKERS: usize = 10;
+const BATCH: usize = 500;
+
+fn header(body: &Body, mandatory: bool, seq: u64) -> Header {
+    Header {
+        v: PROTOCOL_VERSION,
+        class: body.class(),
+        mandatory,
+        seq,
+        task: None,
+    }
+}
+
+fn frames(body: &Body, mandatory: bool, seq: u64, raw: Option<Bytes>) -> zeromq::ZmqMessage {
+    to_message(encode(&header(body, mandatory, seq), body, raw))
+}
+
+fn log_batch(task: &str, first: u64) -> Body {
+    Body::Log {
+        task: task.to_string(),
+        attempt: 1,
+        lines: (first..first + BATCH as u64)
+            .map(|seq| LogLine {
+                seq,
+                stream: Stream::Stdout,
+                text: format!("[bench/{task}] line {seq:>8} of a realistic length for a test log ........"),
+            })
+            .collect(),
+    }
+}
+
+fn text_bytes(body: &Body) -> u64 {
+    match body {
+        Body::Log { lines, .. } => lines.iter().map(|l| l.text.len() as u64 + 1).sum(),
+        _ => 0,
+    }
+}
+
+async fn recv_body(socket: &mut DealerSocket) -> Body {
+    let msg = tokio::time::timeout(Duration::from_secs(30), socket.recv())
+        .await
+        .expect("server answers within 30 s")
+        .expect("recv");
+    decode(msg.into_vec()).expect("decodes").body
+}
+
+/// A minimal worker speaking the protocol by hand.
+struct FakeWorker {
+    socket: DealerSocket,
+    task: TaskId,
+    seq: u64,
+}
+
+impl FakeWorker {
+    async fn start(control: &str, name: &str) -> FakeWorker {
+        let mut socket = connect_dealer(control, Duration::from_secs(5)).await.unwrap();
+        let hello = Body::Hello {
+            worker: name.into(),
+            session: format!("{name}-bench"),
+            device: DeviceProps::parse("devicegroup:bench").unwrap(),
+            running: vec![],
+        };
+        socket.send(frames(&hello, false, 0, None)).await.unwrap();
+        loop {
+            if let Body::Welcome { .. } = recv_body(&mut socket).await {
+                break;
+            }
+        }
+        socket.send(frames(&Body::Ready, false, 0, None)).await.unwrap();
+        FakeWorker {
+            socket,
+            task: String::new(),
+            seq: 0,
+        }
+    }
+
+    /// Waits for a dispatch, acks it, and accepts the task.
+    async fn take_task(&mut self) {
+        loop {
+            let msg = self.socket.recv().await.unwrap();
+            let env = decode(msg.into_vec()).unwrap();
+            if let Body::Dispatch { spec } = env.body {
+                let ack = Body::Ack { seq: env.header.seq };
+                self.socket.send(frames(&ack, false, 0, None)).await.unwrap();
+                self.task = spec.task;
+                break;
+            }
+        }
+        self.mandatory(Body::TaskAccepted {
+            task: self.task.clone(),
+            attempt: 1,
+        }, None)
+        .await;
+        self.wait_ack(self.seq).await;
+    }
+
+    async fn mandatory(&mut self, body: Body, raw: Option<Bytes>) {
+        self.seq += 1;
+        self.socket.send(frames(&body, true, self.seq, raw)).await.unwrap();
+    }
+
+    async fn wait_ack(&mut self, seq: u64) {
+        loop {
+            if let Body::Ack { seq: s } = recv_body(&mut self.socket).await {
+                if s >= seq {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn baseline(messages: &[zeromq::ZmqMessage]) -> Duration {
+    let mut router = RouterSocket::new();
+    let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let total = messages.len() * WORKERS;
+    let mut senders = Vec::new();
+    for _ in 0..WORKERS {
+        let mut d = connect_dealer(&ep, Duration::from_secs(5)).await.unwrap();
+        let msgs = messages.to_vec();
+        senders.push(async move {
+            for m in msgs {
+                d.send(m).await.unwrap();
+            }
+            d
+        });
+    }
+    let started = Instant::now();
+    let send_all = tokio::spawn(async move { futures_join(senders).await });
+    for _ in 0..total {
+        router.recv().await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    drop(send_all.await);
+    elapsed
+}
+
+async fn futures_join<F: std::future::Future<Output = DealerSocket> + Send + 'static>(fs: Vec<F>) -> Vec<DealerSocket> {
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+async fn submit(control: &str, packages: usize) {
+    let mut client = ots::client::Client::connect(control, Duration::from_secs(5)).await.unwrap();
+    client
+        .submit(TestrunRequest {
+            device: DeviceSpec::parse("devicegroup:bench").unwrap(),
+            image: "bench".into(),
+            packages: (1..=packages).map(|i| format!("p{i}")).collect(),
+            distribution: Distribution::Perpackage,
+            timeout_secs: 3600,
+            options: BTreeMap::new(),
+            queue_anyway: true,
+        })
+        .await
+        .unwrap();
+}
+
+fn main() {
+    let lines: u64 = std::env::var("OTS_BENCH_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let batches = (lines as usize).div_ceil(BATCH);
+    let lines = (batches * BATCH) as u64;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        // The same messages for the baseline and the server.
+        let sample: Vec<Body> = (0..batches).map(|b| log_batch("r1.1", 1 + (b * BATCH) as u64)).collect();
+        let bytes_per_worker: u64 = sample.iter().map(text_bytes).sum();
+        let msgs: Vec<_> = sample.iter().map(|b| frames(b, false, 0, None)).collect();
+        let wire_bytes: usize = msgs.iter().map(|m| m.iter().map(|f| f.len()).sum::<usize>()).sum();
+        println!(
+            "workload: {WORKERS} workers × {lines} lines in batches of {BATCH} ({} KiB per message on the wire)",
+            wire_bytes / msgs.len() / 1024
+        );
+
+        let t = baseline(&msgs).await;
+        let total_lines = lines * WORKERS as u64;
+        let mb = (bytes_per_worker * WORKERS as u64) as f64 / 1e6;
+        println!(
+            "raw DEALER→ROUTER (no storage):   {:>10.0} lines/s  {:>8.1} MB/s  {:>8.0} msg/s",
+            total_lines as f64 / t.as_secs_f64(),
+            mb / t.as_secs_f64(),
+            (msgs.len() * WORKERS) as f64 / t.as_secs_f64()
+        );
+
+        // The real server, with durable state and per-task log files.
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(ServerConfig {
+            control: "tcp://127.0.0.1:0".into(),
+            events: "tcp://127.0.0.1:0".into(),
+            state_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut workers = Vec::new();
+        for i in 0..WORKERS {
+            workers.push(FakeWorker::start(&server.control, &format!("bench{i}")).await);
+        }
+        submit(&server.control, WORKERS).await;
+        for w in workers.iter_mut() {
+            w.take_task().await;
+        }
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for mut w in workers {
+            handles.push(tokio::spawn(async move {
+                for b in 0..batches {
+                    let body = log_batch(&w.task, 1 + (b * BATCH) as u64);
+                    w.socket.send(frames(&body, false, 0, None)).await.unwrap();
+                }
+                // Same socket, FIFO: its ack means every line before it was handled.
+                let report = Body::TaskFinished {
+                    task: w.task.clone(),
+                    attempt: 1,
+                    outcome: Outcome {
+                        exit_code: Some(0),
+                        ..Outcome::default()
+                    },
+                    log_lines: lines,
+                    files: vec![],
+                };
+                w.mandatory(report, None).await;
+                w.wait_ack(w.seq).await;
+                w
+            }));
+        }
+        let mut workers = Vec::new();
+        for h in handles {
+            workers.push(h.await.unwrap());
+        }
+        let t = started.elapsed();
+        let mut client = ots::client::Client::connect(&server.control, Duration::from_secs(5)).await.unwrap();
+        let status = client.status(&"r1".to_string()).await.unwrap();
+        let stored: u64 = status.tasks.iter().map(|t| t.log_lines_stored).sum();
+        println!(
+            "ots-server log ingestion (stored): {:>10.0} lines/s  {:>8.1} MB/s  ({stored} of {total_lines} lines stored, in {:.2} s)",
+            total_lines as f64 / t.as_secs_f64(),
+            mb / t.as_secs_f64(),
+            t.as_secs_f64()
+        );
+
+        // Durable mandatory messages: file chunks of 64 bytes, 256 in flight.
+        submit(&server.control, 1).await;
+        let w = &mut workers[0];
+        w.socket.send(frames(&Body::Ready, false, 0, None)).await.unwrap();
+        w.take_task().await;
+        let n: u64 = 20_000;
+        let window = 256u64;
+        let first = w.seq + 1;
+        let started = Instant::now();
+        let mut acked = first - 1;
+        for i in 0..n {
+            let chunk = Body::FileChunk {
+                task: w.task.clone(),
+                attempt: 1,
+                name: "bench.bin".into(),
+                offset: i * 64,
+                size: n * 64,
+                sha256: None,
+            };
+            w.mandatory(chunk, Some(Bytes::from(vec![b'x'; 64]))).await;
+            while w.seq - acked >= window {
+                if let Body::Ack { seq } = recv_body(&mut w.socket).await {
+                    acked = acked.max(seq);
+                }
+            }
+        }
+        w.wait_ack(w.seq).await;
+        let t = started.elapsed();
+        println!(
+            "mandatory messages, durable acks:   {:>10.0} msg/s  ({n} file chunks, {window} in flight, {:.2} s)",
+            n as f64 / t.as_secs_f64(),
+            t.as_secs_f64()
+        );
+        server.shutdown().await;
+    });
+}

@@ -47,7 +47,9 @@ fn log_batch(task: &str, first: u64) -> Body {
             .map(|seq| LogLine {
                 seq,
                 stream: Stream::Stdout,
-                text: format!("[bench/{task}] line {seq:>8} of a realistic length for a test log ........"),
+                text: format!(
+                    "[bench/{task}] line {seq:>8} of a realistic length for a test log ........"
+                ),
             })
             .collect(),
     }
@@ -77,7 +79,9 @@ struct FakeWorker {
 
 impl FakeWorker {
     async fn start(control: &str, name: &str) -> FakeWorker {
-        let mut socket = connect_dealer(control, Duration::from_secs(5)).await.unwrap();
+        let mut socket = connect_dealer(control, Duration::from_secs(5))
+            .await
+            .unwrap();
         let hello = Body::Hello {
             worker: name.into(),
             session: format!("{name}-bench"),
@@ -90,7 +94,10 @@ impl FakeWorker {
                 break;
             }
         }
-        socket.send(frames(&Body::Ready, false, 0, None)).await.unwrap();
+        socket
+            .send(frames(&Body::Ready, false, 0, None))
+            .await
+            .unwrap();
         FakeWorker {
             socket,
             task: String::new(),
@@ -104,23 +111,34 @@ impl FakeWorker {
             let msg = self.socket.recv().await.unwrap();
             let env = decode(msg.into_vec()).unwrap();
             if let Body::Dispatch { spec } = env.body {
-                let ack = Body::Ack { seq: env.header.seq };
-                self.socket.send(frames(&ack, false, 0, None)).await.unwrap();
+                let ack = Body::Ack {
+                    seq: env.header.seq,
+                };
+                self.socket
+                    .send(frames(&ack, false, 0, None))
+                    .await
+                    .unwrap();
                 self.task = spec.task;
                 break;
             }
         }
-        self.mandatory(Body::TaskAccepted {
-            task: self.task.clone(),
-            attempt: 1,
-        }, None)
+        self.mandatory(
+            Body::TaskAccepted {
+                task: self.task.clone(),
+                attempt: 1,
+            },
+            None,
+        )
         .await;
         self.wait_ack(self.seq).await;
     }
 
     async fn mandatory(&mut self, body: Body, raw: Option<Bytes>) {
         self.seq += 1;
-        self.socket.send(frames(&body, true, self.seq, raw)).await.unwrap();
+        self.socket
+            .send(frames(&body, true, self.seq, raw))
+            .await
+            .unwrap();
     }
 
     async fn wait_ack(&mut self, seq: u64) {
@@ -159,7 +177,9 @@ async fn baseline(messages: &[zeromq::ZmqMessage]) -> Duration {
     elapsed
 }
 
-async fn futures_join<F: std::future::Future<Output = DealerSocket> + Send + 'static>(fs: Vec<F>) -> Vec<DealerSocket> {
+async fn futures_join<F: std::future::Future<Output = DealerSocket> + Send + 'static>(
+    fs: Vec<F>,
+) -> Vec<DealerSocket> {
     let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::new();
     for h in handles {
@@ -169,7 +189,9 @@ async fn futures_join<F: std::future::Future<Output = DealerSocket> + Send + 'st
 }
 
 async fn submit(control: &str, packages: usize) {
-    let mut client = ots::client::Client::connect(control, Duration::from_secs(5)).await.unwrap();
+    let mut client = ots::client::Client::connect(control, Duration::from_secs(5))
+        .await
+        .unwrap();
     client
         .submit(TestrunRequest {
             device: DeviceSpec::parse("devicegroup:bench").unwrap(),
@@ -185,7 +207,10 @@ async fn submit(control: &str, packages: usize) {
 }
 
 fn main() {
-    let lines: u64 = std::env::var("OTS_BENCH_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let lines: u64 = std::env::var("OTS_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let batches = (lines as usize).div_ceil(BATCH);
     let lines = (batches * BATCH) as u64;
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -6,6 +6,8 @@
 //!   frame codec. Pure data, no I/O. `docs/PROTOCOL.md` is its prose twin.
 //! - [`delivery`]: the delivery rules both ends share, without I/O: the
 //!   outbox of mandatory messages, the dedup window, log-line accounting.
+//! - [`durable`]: state-directory lock and SQLite opening, shared by the
+//!   server's and the worker's durable state.
 //! - [`transport`]: thin helpers over the `zeromq` crate: binding the server
 //!   sockets, connecting a worker or client with a fresh routing identity,
 //!   sending with a deadline.
@@ -25,6 +27,7 @@
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod durable;
 pub mod local;
 pub mod logging;
 pub mod protocol;

@@ -418,15 +418,7 @@ fn a_task_whose_worker_is_killed_completes_on_another_worker() {
 fn a_log_flood_while_the_server_is_stopped_is_stored_or_accounted_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let server = fast_server(dir.path(), &[]);
-    let (go, done) = (dir.path().join("go"), dir.path().join("done"));
-    let conductor = script(
-        dir.path(),
-        "flood.sh",
-        &format!(
-            "echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nseq 1 100000 | sed 's/^/flood line /'\ntouch {done:?}\n{}",
-            junit_line()
-        ),
-    );
+    let (conductor, go, done) = flood_conductor(dir.path());
     let w = start_worker(
         dir.path(),
         "w",
@@ -474,14 +466,7 @@ fn a_log_flood_while_the_server_is_stopped_is_stored_or_accounted_exactly() {
     let st = wait_status(&server, &run, LIMIT, finished);
     let t = &st["tasks"][0];
     assert_eq!(st["verdict"], "PASS", "{st}");
-    let produced = t["log_lines_produced"].as_u64().unwrap();
-    let stored = t["log_lines_stored"].as_u64().unwrap();
-    let lost: u64 = t["log_gaps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g[1].as_u64().unwrap() - g[0].as_u64().unwrap() + 1)
-        .sum();
+    let (produced, stored, lost) = log_accounting(t);
     // 100000 flood lines + "waiting" + the worker's own first line.
     assert_eq!(produced, 100_002);
     assert_eq!(

@@ -423,15 +423,7 @@ fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
         "tcp://127.0.0.1:0",
         &FAST,
     );
-    let (go, done) = (dir.path().join("go"), dir.path().join("done"));
-    let conductor = script(
-        dir.path(),
-        "flood.sh",
-        &format!(
-            "echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nseq 1 100000 | sed 's/^/flood line /'\ntouch {done:?}\n{}",
-            junit("t")
-        ),
-    );
+    let (conductor, go, done) = flood_conductor(dir.path());
     let w = start_worker(
         dir.path(),
         "w",
@@ -472,14 +464,7 @@ fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
     let st = wait_status(&server2, &run, LIMIT, finished);
     let t = one_task(&st);
     assert_eq!(t["verdict"], "PASS", "{st}");
-    let produced = t["log_lines_produced"].as_u64().unwrap();
-    let stored = t["log_lines_stored"].as_u64().unwrap();
-    let lost: u64 = t["log_gaps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g[1].as_u64().unwrap() - g[0].as_u64().unwrap() + 1)
-        .sum();
+    let (produced, stored, lost) = log_accounting(t);
     assert_eq!(produced, 100_002);
     assert_eq!(
         stored + lost,

@@ -6,10 +6,10 @@
 //! I/O itself. The schema is versioned; older versions are migrated on
 //! open, newer ones refused.
 
-use nix::fcntl::{Flock, FlockArg};
+use crate::durable::{lock_dir, open_sqlite, LockFailure, OpenFailure};
+use nix::fcntl::Flock;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// The schema this build writes. History of versions:
@@ -103,40 +103,16 @@ pub struct Db {
 }
 
 fn lock(dir: &Path) -> Result<Flock<File>, StateError> {
-    let path = dir.join(LOCK_FILE);
-    let io = |source| StateError::Lock {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(mut locked) => {
-            // Say who holds it, for the next one who tries.
-            locked.set_len(0).map_err(io)?;
-            locked.rewind().map_err(io)?;
-            write!(locked, "pid {}", std::process::id()).map_err(io)?;
-            Ok(locked)
-        }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            Err(StateError::Locked {
-                path: dir.to_path_buf(),
-                holder: if holder.is_empty() {
-                    "unknown pid".into()
-                } else {
-                    holder
-                },
-            })
-        }
-        Err((_, errno)) => Err(io(std::io::Error::from(errno))),
-    }
+    lock_dir(dir).map_err(|failure| match failure {
+        LockFailure::Held(holder) => StateError::Locked {
+            path: dir.to_path_buf(),
+            holder,
+        },
+        LockFailure::Io(source) => StateError::Lock {
+            path: dir.to_path_buf(),
+            source,
+        },
+    })
 }
 
 impl Db {
@@ -148,27 +124,16 @@ impl Db {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(sql)?;
-        // The first real read tells a SQLite file from anything else.
-        let tables: Vec<String> = match conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        {
-            Ok(t) => t,
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::NotADatabase =>
-            {
+        let (conn, tables) = match open_sqlite(&path) {
+            Ok(opened) => opened,
+            Err(OpenFailure::NotSqlite) => {
                 return Err(StateError::Foreign {
                     path,
                     reason: "not a SQLite database".into(),
                 })
             }
-            Err(e) => return Err(sql(e)),
+            Err(OpenFailure::Sqlite(e)) => return Err(sql(e)),
         };
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
         let mut db = Db {
             conn,
             path,

@@ -133,7 +133,7 @@ impl DiskStore {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let tasks = root.join("tasks");
         fs::create_dir_all(&tasks).map_err(io("cannot create", &tasks))?;
-                Ok(DiskStore {
+        Ok(DiskStore {
             root: root.to_path_buf(),
             logs: HashMap::new(),
         })
@@ -172,7 +172,8 @@ impl Store for DiskStore {
             self.logs.insert(task.clone(), (f, path));
         }
         let (f, path) = self.logs.get_mut(task).expect("just opened");
-        f.write_all(text.as_bytes()).map_err(io("cannot append to", path))
+        f.write_all(text.as_bytes())
+            .map_err(io("cannot append to", path))
     }
 
     fn write_chunk(

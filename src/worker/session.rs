@@ -728,7 +728,7 @@ impl Session {
         }
         while let Some((task, attempt, _)) = self.logs.front() {
             let (task, attempt) = (task.clone(), *attempt);
-                        let mut lines = Vec::new();
+            let mut lines = Vec::new();
             let mut bytes = 0;
             while lines.len() < self.cfg.log_batch_lines && bytes < MAX_LOG_BATCH_BYTES {
                 match self.logs.front() {

@@ -9,13 +9,13 @@
 
 use crate::delivery::outbox::SavedMessage;
 use crate::delivery::DedupWindow;
+use crate::durable::{lock_dir, open_sqlite, LockFailure, OpenFailure};
 use crate::protocol::Body;
 use crate::worker::session::{SavedSession, SavedSlot};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 const SCHEMA_VERSION: i64 = 1;
@@ -67,45 +67,26 @@ impl WorkerStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))
-            .map_err(io)?;
-        let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        let lock = match lock_dir(dir) {
             Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(WorkerStateError::Locked(dir.to_path_buf()))
-            }
-            Err((_, e)) => return Err(io(std::io::Error::from(e))),
+            Err(LockFailure::Held(_)) => return Err(WorkerStateError::Locked(dir.to_path_buf())),
+            Err(LockFailure::Io(e)) => return Err(io(e)),
         };
-        let _ = write!(lock, "pid {}", std::process::id());
         let path = dir.join("worker.db");
         let sql = |source| WorkerStateError::Sqlite {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(sql)?;
-        let tables: Vec<String> = match conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        {
-            Ok(t) => t,
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::NotADatabase =>
-            {
+        let (conn, tables) = match open_sqlite(&path) {
+            Ok(opened) => opened,
+            Err(OpenFailure::NotSqlite) => {
                 return Err(WorkerStateError::Foreign {
                     path,
                     reason: "not a SQLite database".into(),
                 })
             }
-            Err(e) => return Err(sql(e)),
+            Err(OpenFailure::Sqlite(e)) => return Err(sql(e)),
         };
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
         let mut store = WorkerStore {
             conn,
             path: path.clone(),

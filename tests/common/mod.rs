@@ -503,3 +503,31 @@ fn pump(
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
+
+/// A conductor that waits for `go`, prints 100,000 lines, touches `done`
+/// and writes a passing JUnit file. Returns (script, go, done).
+pub fn flood_conductor(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (go, done) = (dir.join("go"), dir.join("done"));
+    let script = script(
+        dir,
+        "flood.sh",
+        &format!(
+            "echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nseq 1 100000 | sed 's/^/flood line /'\ntouch {done:?}\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
+    (script, go, done)
+}
+
+/// (produced, stored, lost) log lines of a task in `status --json`.
+pub fn log_accounting(task: &serde_json::Value) -> (u64, u64, u64) {
+    let produced = task["log_lines_produced"].as_u64().expect("report applied");
+    let stored = task["log_lines_stored"].as_u64().unwrap();
+    let lost = task["log_gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g[1].as_u64().unwrap() - g[0].as_u64().unwrap() + 1)
+        .sum();
+    (produced, stored, lost)
+}

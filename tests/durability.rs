@@ -30,12 +30,20 @@ fn restart(server: &mut ServerProc) -> ServerProc {
     start_server(&state, &control, &events, &FAST)
 }
 
-fn waiter(server: &ServerProc, run: &str) -> std::thread::JoinHandle<std::process::Output> {
+/// `ots-submit wait RUN` in the background, once it follows the testrun
+/// (it printed the first progress event).
+fn waiter(server: &ServerProc, run: &str) -> Proc {
     let mut cmd = std::process::Command::new(bin("ots-submit"));
     cmd.args(["wait", run])
         .env("OTS_SERVER", &server.control)
         .env("OTS_EVENTS", &server.events);
-    std::thread::spawn(move || run_bounded(cmd, LIMIT))
+    let p = Proc::spawn("waiter", cmd);
+    assert!(
+        p.stdout.wait_for(" queued", LIMIT).is_some(),
+        "the waiter never followed: {:?}",
+        p.stderr.all()
+    );
+    p
 }
 
 fn one_task(st: &serde_json::Value) -> &serde_json::Value {
@@ -66,7 +74,7 @@ fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_throu
             "--queue-anyway",
         ],
     );
-    let waiting = waiter(&server, &run);
+    let mut waiting = waiter(&server, &run);
     wait_status(&server, &run, LIMIT, |st| st["state"] == "queued");
 
     let server2 = restart(&mut server);
@@ -89,24 +97,27 @@ fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_throu
         &[],
     );
 
-    let out = waiting.join().unwrap();
     assert_eq!(
-        out.status.code(),
+        waiting.wait_exit(LIMIT),
         Some(0),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
+        "{:?}\n{:?}",
+        waiting.stdout.all(),
+        waiting.stderr.all()
     );
     assert_eq!(
-        text(&out.stderr).matches("the server went away").count(),
+        waiting.stderr.count("the server went away"),
         1,
-        "{}",
-        text(&out.stderr)
+        "{:?}",
+        waiting.stderr.all()
     );
     assert!(
-        text(&out.stdout).contains(&format!("testrun {run}: PASS")),
-        "{}",
-        text(&out.stdout)
+        waiting
+            .stdout
+            .all()
+            .iter()
+            .any(|l| l == &format!("testrun {run}: PASS")),
+        "{:?}",
+        waiting.stdout.all()
     );
 }
 

@@ -76,36 +76,48 @@ impl Lines {
 /// A child process in its own process group, killed (group and all) on drop.
 pub struct Proc {
     pub child: Child,
+    pub stdout: Lines,
     pub stderr: Lines,
     pub name: String,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, sink: Lines, label: String) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if std::env::var_os("OTS_TEST_VERBOSE").is_some() {
+                eprintln!("[{label}] {line}");
+            }
+            let (lock, cvar) = &*sink.0;
+            lock.lock().unwrap().push(line);
+            cvar.notify_all();
+        }
+    });
 }
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let lines = Lines::default();
-        let err = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        let label = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if std::env::var_os("OTS_TEST_VERBOSE").is_some() {
-                    eprintln!("[{label}] {line}");
-                }
-                let (lock, cvar) = &*sink.0;
-                lock.lock().unwrap().push(line);
-                cvar.notify_all();
-            }
-        });
+        let (stdout, stderr) = (Lines::default(), Lines::default());
+        collect(
+            child.stdout.take().unwrap(),
+            stdout.clone(),
+            format!("{name}:out"),
+        );
+        collect(
+            child.stderr.take().unwrap(),
+            stderr.clone(),
+            name.to_string(),
+        );
         Proc {
             child,
-            stderr: lines,
+            stdout,
+            stderr,
             name: name.to_string(),
         }
     }
@@ -116,6 +128,18 @@ impl Proc {
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, bounded by the deadline
+        }
+        None
     }
 
     /// SIGKILL and reap.

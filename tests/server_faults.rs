@@ -80,9 +80,9 @@ fn server_sigkilled_while_workers_idle_gets_them_back_within_5s_and_runs_again()
 #[test]
 fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_sigcont() {
     let dir = tempfile::tempdir().unwrap();
-    let interval_ms = 200u64;
+    let interval_ms = 500u64;
     let liveness = 3u64;
-    let env = [("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "200")];
+    let env = [("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "500")];
     let server = start_server(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",

@@ -87,6 +87,11 @@ pub fn parse_junit(xml: &[u8]) -> Result<Option<CaseCounts>, JunitError> {
     Ok(Some(counts))
 }
 
+/// "1 test case", "3 test cases".
+fn cases(n: u64) -> String {
+    format!("{n} test case{}", if n == 1 { "" } else { "s" })
+}
+
 /// The verdict of one task and the one-line reason for it.
 pub fn task_verdict(
     outcome: &Outcome,
@@ -136,7 +141,7 @@ pub fn task_verdict(
     if failed > 0 {
         return (
             Verdict::Fail,
-            format!("{failed} of {} test cases failed", counts.cases),
+            format!("{failed} of {} failed", cases(counts.cases)),
         );
     }
     if outcome.exit_code == Some(1) {
@@ -151,7 +156,7 @@ pub fn task_verdict(
             "no test cases found in the result files".into(),
         );
     }
-    (Verdict::Pass, format!("{} test cases passed", counts.cases))
+    (Verdict::Pass, format!("{} passed", cases(counts.cases)))
 }
 
 /// Testrun verdict: ERROR if any task errored, else FAIL if any failed or

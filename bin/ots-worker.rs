@@ -57,7 +57,7 @@ async fn main() -> ExitCode {
     let mut worker = tokio::spawn(ots::worker::run(cfg, stop_rx));
     let result = tokio::select! {
         r = &mut worker => r,
-        _ = wait_for_signal() => {
+        _ = ots::shutdown::requested() => {
             let _ = stop.send(true);
             worker.await
         }
@@ -77,15 +77,5 @@ async fn main() -> ExitCode {
             eprintln!("ots-worker: worker task failed: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -23,6 +23,7 @@
 //!   `ots-submit run --local`.
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
 //! - [`logging`]: the binaries' log output.
+//! - [`shutdown`]: SIGTERM/SIGINT for the binaries' orderly stop.
 
 pub mod client;
 pub mod config;
@@ -32,5 +33,6 @@ pub mod local;
 pub mod logging;
 pub mod protocol;
 pub mod server;
+pub mod shutdown;
 pub mod transport;
 pub mod worker;

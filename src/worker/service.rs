@@ -180,7 +180,7 @@ pub async fn run(
                     }
                 }
                 Inbound::Closed { generation: g, error } if g == generation => {
-                    vec![Action::Reconnect(LostReason::SendFailed(error))]
+                    vec![Action::Reconnect(LostReason::ConnectionClosed(error))]
                 }
                 _ => Vec::new(), // from an older connection
             },

@@ -43,6 +43,8 @@ pub enum LostReason {
     ServerShutdown,
     /// The socket refused a send.
     SendFailed(String),
+    /// A socket reported its connection closed.
+    ConnectionClosed(String),
 }
 
 impl std::fmt::Display for LostReason {
@@ -56,6 +58,9 @@ impl std::fmt::Display for LostReason {
             }
             LostReason::ServerShutdown => write!(f, "server shut down"),
             LostReason::SendFailed(e) => write!(f, "server unreachable: send failed: {e}"),
+            LostReason::ConnectionClosed(e) => {
+                write!(f, "server unreachable: connection closed: {e}")
+            }
         }
     }
 }

@@ -932,3 +932,101 @@ fn an_interrupted_attempt_is_requeued() {
     assert_eq!(dispatches(&out), vec![("w".to_string(), task.clone())]);
     assert_eq!(lab.status(&run).tasks[0].attempts, 2);
 }
+
+/// Mutated and random frames from registered and unknown peers: every one
+/// is either applied or answered with a typed error; nothing panics.
+#[test]
+fn mutated_messages_never_panic_the_scheduler() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit(
+        "devicegroup:g",
+        &["p1", "p2"],
+        Distribution::Perpackage,
+        false,
+    ));
+    let task = lab.status(&run).tasks[0].task.clone();
+    let samples = [
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+        Body::Log {
+            task: task.clone(),
+            attempt: 1,
+            lines: vec![LogLine {
+                seq: 3,
+                stream: Stream::Stderr,
+                text: "x".into(),
+            }],
+        },
+        Body::FileChunk {
+            task: task.clone(),
+            attempt: 1,
+            name: "a/b.xml".into(),
+            offset: 4,
+            size: 9,
+            sha256: Some("00".into()),
+        },
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome::default(),
+            log_lines: 9,
+            files: vec![],
+        },
+        Body::GetFile {
+            request: 1,
+            task: task.clone(),
+            name: "../x".into(),
+            offset: 0,
+            max: 10,
+        },
+        Body::CancelRun {
+            request: 2,
+            run: run.clone(),
+        },
+        Body::Ready,
+    ];
+    let mut applied = 0;
+    for i in 0..20_000 {
+        let body = &samples[i % samples.len()];
+        let mut h = header(body.class(), Some(&task));
+        h.mandatory = rng.gen_bool(0.5);
+        h.seq = rng.gen_range(0..50);
+        let raw = matches!(body, Body::FileChunk { .. }).then(|| Bytes::from_static(b"abcde"));
+        let mut frames = crate::protocol::encode(&h, body, raw);
+        for _ in 0..rng.gen_range(0..4) {
+            let f = rng.gen_range(0..frames.len());
+            let mut bytes = frames[f].to_vec();
+            if !bytes.is_empty() {
+                let at = rng.gen_range(0..bytes.len());
+                bytes[at] = rng.gen();
+            }
+            frames[f] = Bytes::from(bytes);
+        }
+        let who = if rng.gen_bool(0.8) {
+            peer("w")
+        } else {
+            Bytes::from_static(b"stranger")
+        };
+        match crate::protocol::decode(frames) {
+            Ok(env) => {
+                applied += 1;
+                lab.s.on_message(lab.now, &who, env);
+            }
+            Err(e) => lab.s.on_bad_frames(&who, &e),
+        }
+        lab.s.take_outputs();
+        if i % 1000 == 0 {
+            lab.advance(HB);
+            lab.tick();
+        }
+    }
+    assert!(
+        applied > 1000,
+        "the mutations should leave many messages decodable ({applied})"
+    );
+}

@@ -621,3 +621,59 @@ fn continue_policy_keeps_the_task_running_while_the_server_is_away() {
     let a = w.advance(Duration::from_secs(4));
     assert!(!a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }
+
+/// Mutated server messages never panic the worker session.
+#[test]
+fn mutated_server_messages_never_panic_the_session() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut w = W::new();
+    w.up();
+    let samples = [
+        Body::Dispatch {
+            spec: spec("t1", 5_000),
+        },
+        Body::Cancel { task: "t1".into() },
+        Body::TaskClosed {
+            task: "t1".into(),
+            attempt: Some(1),
+            reason: "r".into(),
+        },
+        Body::Ack { seq: 1 },
+        Body::Welcome {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+            liveness: 3,
+        },
+        Body::ServerHeartbeat {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+        },
+        Body::Error {
+            request: None,
+            code: ErrorCode::NotRegistered,
+            message: "m".into(),
+        },
+    ];
+    for i in 0..20_000 {
+        let body = &samples[i % samples.len()];
+        let mut h = plain_header(body.class(), None);
+        h.mandatory = rng.gen_bool(0.5);
+        h.seq = rng.gen_range(0..20);
+        let mut frames = crate::protocol::encode(&h, body, None);
+        let f = rng.gen_range(0..frames.len());
+        let mut bytes = frames[f].to_vec();
+        let at = rng.gen_range(0..bytes.len());
+        bytes[at] = rng.gen();
+        frames[f] = Bytes::from(bytes);
+        if let Ok(env) = crate::protocol::decode(frames) {
+            w.s.on_message(w.now, 1_000, env);
+        }
+        if i % 500 == 0 {
+            w.advance(Duration::from_millis(700));
+            if matches!(w.s.link(), Link::Down) {
+                w.s.on_connected(w.now);
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@ pub mod ranges;
 
 pub use dedup::DedupWindow;
 pub use outbox::{Outbox, RetryPolicy};
-pub use ranges::SeqRanges;
+pub use ranges::{ByteRanges, SeqRanges};
 
 use serde::{Deserialize, Serialize};
 

@@ -70,6 +70,32 @@ impl SeqRanges {
     }
 }
 
+/// Byte ranges of a file received so far, sorted and merged: chunks can
+/// arrive out of order after resends; in order they stay one range.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ByteRanges(Vec<(u64, u64)>);
+
+impl ByteRanges {
+    /// Records bytes `start..end`.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        let at = self.0.partition_point(|&(s, _)| s < start);
+        self.0.insert(at, (start, end));
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.0.len());
+        for &(s, e) in &self.0 {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.0 = merged;
+    }
+
+    /// Bytes covered (overlaps counted once).
+    pub fn covered(&self) -> u64 {
+        self.0.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
 /// Formats gaps for people: "1200–1236, 1300".
 pub fn describe(gaps: &[(u64, u64)]) -> String {
     gaps.iter()
@@ -87,6 +113,18 @@ pub fn describe(gaps: &[(u64, u64)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_ranges_merge_in_any_order_and_count_overlaps_once() {
+        let mut r = ByteRanges::default();
+        r.insert(20, 30);
+        r.insert(0, 10);
+        assert_eq!(r.covered(), 20);
+        r.insert(5, 25); // overlaps both
+        assert_eq!(r.covered(), 30);
+        r.insert(30, 40);
+        assert_eq!(r, ByteRanges(vec![(0, 40)]));
+    }
 
     #[test]
     fn missing_ranges_are_exact() {

@@ -6,7 +6,7 @@
 //! tested with a fake clock (see the tests at the bottom).
 
 use crate::delivery::ranges::describe;
-use crate::delivery::{DedupWindow, Outbox, RetryPolicy, SeqRanges};
+use crate::delivery::{ByteRanges, DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::*;
 use crate::server::db::HistoryRow;
@@ -128,24 +128,15 @@ struct Task {
     /// Global order of queueing, to compare heads of different queues.
     order: u64,
     cancel_requested: bool,
-    /// Byte ranges received per result file: chunks can arrive out of order.
-    received: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Byte ranges received per result file, sorted and merged: chunks can
+    /// arrive out of order, and in order they stay one range.
+    received: BTreeMap<String, ByteRanges>,
 }
 
 impl Task {
-    /// Bytes of `name` received so far (overlaps counted once).
+    /// Bytes of `name` received so far.
     fn covered(&self, name: &str) -> u64 {
-        let mut ranges = self.received.get(name).cloned().unwrap_or_default();
-        ranges.sort_unstable();
-        let (mut total, mut end) = (0, 0);
-        for (start, stop) in ranges {
-            let start = start.max(end);
-            if stop > start {
-                total += stop - start;
-                end = stop;
-            }
-        }
-        total
+        self.received.get(name).map_or(0, ByteRanges::covered)
     }
 }
 
@@ -673,7 +664,7 @@ impl<S: Store> Scheduler<S> {
                 t.received
                     .entry(name.clone())
                     .or_default()
-                    .push((offset, end));
+                    .insert(offset, end);
                 let complete = t.covered(&name) >= size;
                 if complete {
                     if let Some(sha) = sha256 {

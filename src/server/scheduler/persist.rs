@@ -24,7 +24,7 @@ struct TaskRow {
     queued_at_ms: u64,
     order: u64,
     cancel_requested: bool,
-    received: BTreeMap<String, Vec<(u64, u64)>>,
+    received: BTreeMap<String, ByteRanges>,
 }
 
 #[derive(Serialize, Deserialize)]

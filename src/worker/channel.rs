@@ -36,6 +36,28 @@ pub enum TaskEvent {
 }
 
 /// The open channel of one task.
+///
+/// Posting, then finishing, compiles:
+///
+/// ```
+/// use ots::protocol::{Outcome, Stream};
+/// use ots::worker::channel::ResponseChannel;
+/// let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+/// let mut channel = ResponseChannel::open("r1.1".into(), 1, tx);
+/// channel.log(Stream::Stdout, "last words".into());
+/// channel.finish(Outcome::default(), Vec::new());
+/// ```
+///
+/// Posting after `finish()` does not:
+///
+/// ```compile_fail
+/// use ots::protocol::{Outcome, Stream};
+/// use ots::worker::channel::ResponseChannel;
+/// let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+/// let mut channel = ResponseChannel::open("r1.1".into(), 1, tx);
+/// channel.finish(Outcome::default(), Vec::new());
+/// channel.log(Stream::Stdout, "too late".into()); // error: use of moved value
+/// ```
 pub struct ResponseChannel {
     task: TaskId,
     attempt: u32,

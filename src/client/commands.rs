@@ -344,7 +344,13 @@ async fn watch(
         print_summary(&status);
     }
     if let Some(dir) = fetch_dir {
-        if let Err(e) = fetch(client, &status, dir, json).await {
+        // In JSON mode the status line above already lists the files.
+        let report = if json {
+            FetchReport::Quiet
+        } else {
+            FetchReport::Text
+        };
+        if let Err(e) = fetch(client, &status, dir, report).await {
             return fail(&e);
         }
     }
@@ -552,7 +558,12 @@ async fn logs(conn: &Conn, run: &str, only: Option<&str>) -> Result<i32, ClientE
 async fn fetch_cmd(conn: &Conn, run: &str, dir: &Path) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
-    fetch(&mut client, &status, dir, conn.json).await?;
+    let report = if conn.json {
+        FetchReport::Json
+    } else {
+        FetchReport::Text
+    };
+    fetch(&mut client, &status, dir, report).await?;
     Ok(exit::PASS)
 }
 
@@ -562,7 +573,7 @@ async fn fetch(
     client: &mut Client,
     status: &RunStatus,
     dir: &Path,
-    json: bool,
+    report: FetchReport,
 ) -> Result<(), ClientError> {
     let mut count = 0;
     let mut bytes = 0u64;
@@ -591,13 +602,26 @@ async fn fetch(
             bytes += data.len() as u64;
         }
     }
-    if !json {
-        println!(
+    match report {
+        FetchReport::Json => {
+            let summary = serde_json::json!({ "files": count, "bytes": bytes, "dir": dir });
+            println!("{summary}");
+        }
+        FetchReport::Text => println!(
             "fetched {count} result file(s), {bytes} bytes, into {}",
             dir.display()
-        );
+        ),
+        FetchReport::Quiet => {}
     }
     Ok(())
+}
+
+/// How `fetch` reports what it downloaded.
+#[derive(Clone, Copy)]
+enum FetchReport {
+    Text,
+    Json,
+    Quiet,
 }
 
 #[cfg(test)]

@@ -310,13 +310,31 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     /// Loads and validates: defaults, `file`, `OTS_WORKER_*`, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
-        let cfg: WorkerConfig = load(
+        let mut cfg: WorkerConfig = load(
             "OTS_WORKER",
             file,
             overrides,
             &["conductor.command", "conductor.result_globs"],
         )?;
+        // The conductor runs in a fresh working folder, so a relative
+        // program path is resolved now, against ots-worker's own.
+        if let Some(program) = cfg.conductor.command.first_mut() {
+            if program.contains('/') && Path::new(program.as_str()).is_relative() {
+                if let Ok(cwd) = std::env::current_dir() {
+                    *program = cwd.join(program.as_str()).display().to_string();
+                }
+            }
+        }
         cfg.validate()?;
+        if let Some(program) = cfg.conductor.command.first() {
+            if program.contains('/') && !Path::new(program).is_file() {
+                return Err(invalid(
+                    "conductor.command",
+                    program,
+                    "no such program file",
+                ));
+            }
+        }
         Ok(cfg)
     }
 

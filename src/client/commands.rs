@@ -150,6 +150,19 @@ pub struct RunArgs {
     pub conductor: Option<PathBuf>,
 }
 
+/// An image given as a relative path that exists here is sent as an
+/// absolute path: the conductor runs in a working folder of its own.
+/// URLs and anything that does not exist locally go as they are.
+fn local_image(image: String) -> String {
+    let path = Path::new(&image);
+    if !image.contains("://") && path.is_relative() && path.exists() {
+        if let Ok(abs) = std::fs::canonicalize(path) {
+            return abs.display().to_string();
+        }
+    }
+    image
+}
+
 /// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -269,7 +282,7 @@ async fn run(mut args: RunArgs) -> i32 {
 async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
     let testrun = TestrunRequest {
         device,
-        image: args.image.clone().unwrap_or_default(),
+        image: local_image(args.image.clone().unwrap_or_default()),
         packages: args.packages.clone(),
         distribution: args.distribution,
         timeout_secs: args.timeout.as_secs().max(1),

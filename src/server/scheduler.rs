@@ -162,8 +162,8 @@ pub struct Scheduler<S: Store> {
     queues: BTreeMap<String, VecDeque<TaskId>>,
     next_order: u64,
     next_run: u64,
-    /// Server → peer sequence numbers (informational until server-side
-    /// mandatory messages get their outbox).
+    /// Sequence numbers of the server's non-mandatory messages (for logs
+    /// and debugging; mandatory ones are numbered by each worker's outbox).
     next_seq: u64,
     last_tick: Option<Instant>,
     /// Maps the monotonic clock to Unix milliseconds, for dispatch expiry.

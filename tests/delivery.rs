@@ -407,6 +407,22 @@ fn a_task_whose_worker_is_killed_completes_on_another_worker() {
     assert_eq!(st["verdict"], "PASS", "{st}");
     assert_eq!(t["attempts"], 2);
     assert_eq!(t["worker"], other);
+    // Both attempts are in the task's recorded history.
+    let dispatched: Vec<(u64, String)> = t["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["state"] == "dispatched")
+        .map(|h| {
+            (
+                h["attempt"].as_u64().unwrap(),
+                h["worker"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(dispatched, vec![(1, first.clone()), (2, other.to_string())]);
+    let text_status = text(&submit(&server, &["status", &run], LIMIT).stdout);
+    assert!(text_status.contains("history of"), "{text_status}");
     let logs = text(&submit(&server, &["logs", &run], LIMIT).stdout);
     assert!(
         logs.contains(&format!("---- attempt 2 on worker {other} ----")),

@@ -464,6 +464,35 @@ fn print_summary(status: &RunStatus) {
     println!("testrun {}: {verdict}", status.run);
 }
 
+/// "14:03:07.412" (UTC) from Unix milliseconds.
+fn clock(ms: u64) -> String {
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let day = secs % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{millis:03}",
+        day / 3600,
+        day % 3600 / 60,
+        day % 60
+    )
+}
+
+fn print_history(status: &RunStatus) {
+    for t in &status.tasks {
+        println!("history of {} (UTC):", t.task);
+        for h in &t.history {
+            let state = format!("{:?}", h.state).to_lowercase();
+            let mut line = format!("    {}  {state:<10} attempt {}", clock(h.at_ms), h.attempt);
+            if let Some(w) = &h.worker {
+                line.push_str(&format!("  worker {w}"));
+            }
+            if let Some(r) = &h.reason {
+                line.push_str(&format!("  {r}"));
+            }
+            println!("{line}");
+        }
+    }
+}
+
 async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
@@ -478,6 +507,7 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
             status.run, status.device, status.image, status.state
         );
         print_summary(&status);
+        print_history(&status);
         let interesting: Vec<String> = status
             .counters
             .iter()
@@ -640,6 +670,12 @@ enum FetchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_times_are_utc_clock_times() {
+        assert_eq!(clock(0), "00:00:00.000");
+        assert_eq!(clock(1_700_000_000_123), "22:13:20.123");
+    }
 
     #[test]
     fn durations_parse_like_an_operator_writes_them() {

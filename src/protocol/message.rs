@@ -240,6 +240,20 @@ pub struct TaskStatus {
     #[serde(default)]
     pub log_gaps: Vec<(u64, u64)>,
     pub files: Vec<FileInfo>,
+    /// Every state change of the task, oldest first.
+    #[serde(default)]
+    pub history: Vec<StateChange>,
+}
+
+/// One state change of a task, as kept in its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// Unix milliseconds (server clock).
+    pub at_ms: u64,
+    pub state: ProgressState,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// What `status` shows about a testrun.

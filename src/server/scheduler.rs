@@ -131,6 +131,8 @@ struct Task {
     /// Byte ranges received per result file, sorted and merged: chunks can
     /// arrive out of order, and in order they stay one range.
     received: BTreeMap<String, ByteRanges>,
+    /// Every state change, oldest first.
+    history: Vec<StateChange>,
 }
 
 impl Task {
@@ -1054,6 +1056,7 @@ impl<S: Store> Scheduler<S> {
                     order: self.next_order,
                     cancel_requested: false,
                     received: BTreeMap::new(),
+                    history: Vec::new(),
                 },
             );
             self.next_order += 1;
@@ -1122,6 +1125,7 @@ impl<S: Store> Scheduler<S> {
                             .map(|n| t.log.missing(n))
                             .unwrap_or_default(),
                         files: t.files.clone(),
+                        history: t.history.clone(),
                     }
                 })
                 .collect(),
@@ -1555,14 +1559,22 @@ impl<S: Store> Scheduler<S> {
     ) {
         let t = &self.tasks[task];
         let (run, verdict) = (t.run.clone(), t.verdict);
-        self.history.push(HistoryRow {
-            task: task.clone(),
+        let change = StateChange {
             at_ms: self.wall_ms(t.since),
-            state: format!("{state:?}").to_lowercase(),
+            state,
             attempt: t.attempts,
             worker: worker.clone(),
             reason: reason.clone(),
+        };
+        self.history.push(HistoryRow {
+            task: task.clone(),
+            at_ms: change.at_ms,
+            state: format!("{state:?}").to_lowercase(),
+            attempt: change.attempt,
+            worker: worker.clone(),
+            reason: reason.clone(),
         });
+        self.tasks.get_mut(task).expect("task").history.push(change);
         self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);
     }
 

@@ -25,6 +25,8 @@ struct TaskRow {
     order: u64,
     cancel_requested: bool,
     received: BTreeMap<String, ByteRanges>,
+    #[serde(default)]
+    history: Vec<StateChange>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -99,6 +101,7 @@ impl<S: Store> Scheduler<S> {
                 order: t.order,
                 cancel_requested: t.cancel_requested,
                 received: t.received.clone(),
+                history: t.history.clone(),
             };
             let bytes = encode(&row);
             let key = format!("t:{id}");
@@ -256,6 +259,7 @@ impl<S: Store> Scheduler<S> {
                     order: row.order,
                     cancel_requested: row.cancel_requested,
                     received: row.received,
+                    history: row.history,
                 },
             );
         }

@@ -180,6 +180,9 @@ pub struct Scheduler<S: Store> {
     persisted: HashMap<String, Vec<u8>>,
     /// Task state changes not yet committed.
     history: Vec<HistoryRow>,
+    /// Tasks with a state change since the last commit. A queued task
+    /// changes only through a state change, so the others are not re-encoded.
+    touched: BTreeSet<TaskId>,
     persisted_next_run: u64,
 }
 
@@ -222,6 +225,7 @@ impl<S: Store> Scheduler<S> {
             active_runs: BTreeSet::new(),
             persisted: HashMap::new(),
             history: Vec::new(),
+            touched: BTreeSet::new(),
             persisted_next_run: 0,
         }
     }
@@ -1575,6 +1579,7 @@ impl<S: Store> Scheduler<S> {
             reason: reason.clone(),
         });
         self.tasks.get_mut(task).expect("task").history.push(change);
+        self.touched.insert(task.clone());
         self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);
     }
 

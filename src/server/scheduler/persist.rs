@@ -82,8 +82,17 @@ impl<S: Store> Scheduler<S> {
             history: std::mem::take(&mut self.history),
             ..Changes::default()
         };
+        let touched = std::mem::take(&mut self.touched);
         for id in self.active_tasks.clone() {
             let t = &self.tasks[&id];
+            let key = format!("t:{id}");
+            // Waiting in a queue, untouched, already stored: unchanged.
+            if t.state == TaskState::Queued
+                && !touched.contains(&id)
+                && self.persisted.contains_key(&key)
+            {
+                continue;
+            }
             let row = TaskRow {
                 run: t.run.clone(),
                 packages: t.packages.clone(),
@@ -104,7 +113,6 @@ impl<S: Store> Scheduler<S> {
                 history: t.history.clone(),
             };
             let bytes = encode(&row);
-            let key = format!("t:{id}");
             let done = t.state.is_final();
             if self.persisted.get(&key) != Some(&bytes) {
                 if done {

@@ -1030,3 +1030,37 @@ fn mutated_messages_never_panic_the_scheduler() {
         "the mutations should leave many messages decodable ({applied})"
     );
 }
+
+#[test]
+fn only_changed_rows_are_written_and_queued_tasks_once() {
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit(
+        "devicegroup:nobody",
+        &["p1", "p2"],
+        Distribution::Perpackage,
+        true,
+    ));
+    let first = lab.s.take_changes();
+    assert_eq!(first.tasks.len(), 2);
+    assert_eq!(first.runs.len(), 1);
+    // Heartbeats and ticks change nothing stored.
+    for _ in 0..5 {
+        lab.advance(HB);
+        lab.from("w", Body::Heartbeat);
+        lab.tick();
+    }
+    let idle = lab.s.take_changes();
+    assert!(idle.tasks.is_empty() && idle.runs.is_empty(), "{idle:?}");
+    // A cancel changes both tasks and the run.
+    lab.request(Body::CancelRun { request: 3, run });
+    let cancelled = lab.s.take_changes();
+    assert_eq!(cancelled.tasks.len(), 2);
+    assert_eq!(cancelled.runs.len(), 1);
+    assert_eq!(
+        cancelled.history.len(),
+        2,
+        "one state change per task: {:?}",
+        cancelled.history
+    );
+}

@@ -247,7 +247,7 @@ fn stubborn(dir: &std::path::Path) -> std::path::PathBuf {
     script(
         dir,
         "stubborn.sh",
-        "trap '' TERM\nbash -c 'trap \"\" TERM; echo $$ > \"$1\"; exec sleep 1000' _ \"$1\" &\necho spawned grandchild\nsleep 1000 & wait",
+        "trap '' TERM\nbash -c 'trap \"\" TERM; echo $$ > \"$1\"; exec sleep 120' _ \"$1\" &\necho spawned grandchild\nsleep 120 & wait",
     )
 }
 

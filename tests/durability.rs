@@ -377,7 +377,7 @@ fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
         dir.path(),
         "once_slow.sh",
         &format!(
-            "echo run >> {marker:?}\nif [ $(wc -l < {marker:?}) -lt 2 ]; then sleep 1000; fi\n{}",
+            "echo run >> {marker:?}\nif [ $(wc -l < {marker:?}) -lt 2 ]; then sleep 120; fi\n{}",
             junit("t")
         ),
     );

@@ -38,7 +38,7 @@ fn the_last_log_line_and_the_final_report_both_arrive_in_order() {
             junit_line()
         ),
     );
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -46,11 +46,6 @@ fn the_last_log_line_and_the_final_report_both_arrive_in_order() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let out = submit(
         &server,
         &[
@@ -191,7 +186,7 @@ fn an_expired_dispatch_is_refused_and_the_task_requeued() {
         ],
     );
     let conductor = script(dir.path(), "ok.sh", junit_line());
-    let w = start_worker(
+    let w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -199,11 +194,6 @@ fn an_expired_dispatch_is_refused_and_the_task_requeued() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
 
     w.signal(Signal::SIGSTOP);
     let run = submit_run(
@@ -256,7 +246,7 @@ fn execution_timeout_kills_the_whole_process_tree() {
     let dir = tempfile::tempdir().unwrap();
     let server = fast_server(dir.path(), &[]);
     let conductor = stubborn(dir.path());
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -264,11 +254,6 @@ fn execution_timeout_kills_the_whole_process_tree() {
         &[conductor.to_str().unwrap(), "{option:pidfile}"],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let pidfile = dir.path().join("grandchild.pid");
     let opt = format!("pidfile={}", pidfile.display());
     let out = submit(
@@ -308,7 +293,7 @@ fn cancel_stops_a_running_testrun_and_its_process_tree() {
     let dir = tempfile::tempdir().unwrap();
     let server = fast_server(dir.path(), &[]);
     let conductor = stubborn(dir.path());
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -316,11 +301,6 @@ fn cancel_stops_a_running_testrun_and_its_process_tree() {
         &[conductor.to_str().unwrap(), "{option:pidfile}"],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let pidfile = dir.path().join("grandchild.pid");
     let opt = format!("pidfile={}", pidfile.display());
     let run = submit_run(
@@ -435,7 +415,7 @@ fn a_log_flood_while_the_server_is_stopped_is_stored_or_accounted_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let server = fast_server(dir.path(), &[]);
     let (conductor, go, done) = flood_conductor(dir.path());
-    let w = start_worker(
+    let w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -443,11 +423,6 @@ fn a_log_flood_while_the_server_is_stopped_is_stored_or_accounted_exactly() {
         &[conductor.to_str().unwrap()],
         &[("OTS_WORKER_LOG_BUFFER_LINES", "30000")],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let run = submit_run(
         &server,
         &[

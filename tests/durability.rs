@@ -135,7 +135,7 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
         "slow.sh",
         &format!("echo start\nsleep 2\necho end\n{}", junit("t")),
     );
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -143,11 +143,6 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let out = std::thread::scope(|scope| {
         let run_cmd = {
             let mut c = std::process::Command::new(bin("ots-submit"));
@@ -215,7 +210,7 @@ fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
         "gated.sh",
         &format!("while [ ! -e {go:?} ]; do sleep 0.02; done\n{}", junit("t")),
     );
-    let w = start_worker(
+    let w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -223,11 +218,6 @@ fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let run = submit_run(
         &server,
         &[
@@ -288,12 +278,7 @@ fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
         &format!("echo waiting\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\nhead -c 600000 /dev/urandom > \"$OTS_RESULTS_DIR/blob.bin\"\n{}", junit("t")),
     );
     let argv = [conductor.to_str().unwrap()];
-    let mut w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
+    let mut w = start_idle_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
     let run = submit_run(
         &server,
         &[
@@ -382,12 +367,7 @@ fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
         ),
     );
     let argv = [conductor.to_str().unwrap()];
-    let mut w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
+    let mut w = start_idle_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
     let run = submit_run(
         &server,
         &[
@@ -435,7 +415,7 @@ fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
         &FAST,
     );
     let (conductor, go, done) = flood_conductor(dir.path());
-    let w = start_worker(
+    let w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -443,11 +423,6 @@ fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
         &[conductor.to_str().unwrap()],
         &[("OTS_WORKER_LOG_BUFFER_LINES", "30000")],
     );
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
     let run = submit_run(
         &server,
         &[

@@ -246,12 +246,7 @@ fn testrun_for_an_unknown_group_is_refused_with_a_clear_message() {
     );
     let conductor = example_conductor();
     let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
-    let _w = start_worker(dir.path(), "w", "devicegroup:alpha", &server, &argv, &[]);
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
+    let _w = start_idle_worker(dir.path(), "w", "devicegroup:alpha", &server, &argv, &[]);
     let out = submit(
         &server,
         &[

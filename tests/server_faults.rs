@@ -6,13 +6,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
-fn image() -> String {
-    repo()
-        .join("examples/images/demo.img")
-        .display()
-        .to_string()
-}
-
 #[test]
 fn server_sigkilled_while_workers_idle_gets_them_back_within_5s_and_runs_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,27 +47,7 @@ fn server_sigkilled_while_workers_idle_gets_them_back_within_5s_and_runs_again()
             w.stderr.all()
         );
     }
-    let out = submit(
-        &server,
-        &[
-            "run",
-            "--device",
-            "devicegroup:g",
-            "--image",
-            &image(),
-            "--packages",
-            "smoke",
-            "--wait",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_smoke_passes(&server, "g");
 }
 
 #[test]
@@ -91,12 +64,7 @@ fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_
     );
     let conductor = example_conductor();
     let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
-    let w = start_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
-    assert!(wait_for_workers(
-        &server,
-        Duration::from_secs(20),
-        all_idle(&["w"])
-    ));
+    let w = start_idle_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
     // Heartbeats flowing for a while before the hang.
     let mark = w.stderr.len();
 
@@ -144,25 +112,5 @@ fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_
         Duration::from_secs(5),
         all_idle(&["w"])
     ));
-    let out = submit(
-        &server,
-        &[
-            "run",
-            "--device",
-            "devicegroup:g",
-            "--image",
-            &image(),
-            "--packages",
-            "smoke",
-            "--wait",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_smoke_passes(&server, "g");
 }

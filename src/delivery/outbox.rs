@@ -170,11 +170,6 @@ impl Outbox {
         out
     }
 
-    /// Earliest time something becomes due, for the shell's timer.
-    pub fn next_due(&self) -> Option<Instant> {
-        self.pending.values().filter_map(|p| p.due).min()
-    }
-
     /// The receiver acknowledged `seq`. Returns false for an unknown seq
     /// (a duplicate ack).
     pub fn ack(&mut self, seq: u64) -> bool {

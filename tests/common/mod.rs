@@ -555,3 +555,52 @@ pub fn log_accounting(task: &serde_json::Value) -> (u64, u64, u64) {
         .sum();
     (produced, stored, lost)
 }
+
+/// Starts one worker (see [`start_worker`]) and waits until the server
+/// lists it as idle.
+pub fn start_idle_worker(
+    dir: &Path,
+    name: &str,
+    device: &str,
+    server: &ServerProc,
+    conductor: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let w = start_worker(dir, name, device, server, conductor, env);
+    assert!(
+        wait_for_workers(server, Duration::from_secs(20), all_idle(&[name])),
+        "worker {name} never registered: {:?}",
+        w.stderr.all()
+    );
+    w
+}
+
+/// Runs the example `smoke` package on `group` and asserts it passes.
+pub fn assert_smoke_passes(server: &ServerProc, group: &str) {
+    let image = repo()
+        .join("examples/images/demo.img")
+        .display()
+        .to_string();
+    let device = format!("devicegroup:{group}");
+    let out = submit(
+        server,
+        &[
+            "run",
+            "--device",
+            &device,
+            "--image",
+            &image,
+            "--packages",
+            "smoke",
+            "--wait",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

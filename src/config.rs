@@ -141,6 +141,110 @@ pub struct ServerConfig {
     pub send_timeout_ms: u64,
     /// Resend timing of the server's mandatory messages (dispatch, cancel).
     pub retry: RetryPolicy,
+    /// Bounds on what peers can make the server hold (README "Limits").
+    pub limits: ServerLimits,
+}
+
+/// `[limits]` of `conf/server.toml`: every bound on what a peer can make
+/// the server hold or do. README's Limits table says what a peer sees at
+/// each one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerLimits {
+    /// Connections per endpoint (control, events), handshaking or not.
+    /// Also capped at start to fit the process's file descriptor limit.
+    pub max_connections: usize,
+    /// A connection must finish the ZMTP handshake within this.
+    pub handshake_timeout_ms: u64,
+    /// Messages queued to one peer; past it, sends to it are dropped and
+    /// counted (`send_dropped_peer_busy`), never waited for.
+    pub peer_send_queue: usize,
+    /// Received messages waiting for the scheduler; when full, reading
+    /// pauses (TCP back-pressure), fairly across peers.
+    pub inbound_queue: usize,
+    /// Unfinished tasks in all; a submit past it gets `limit_reached`.
+    pub max_open_tasks: usize,
+    /// Stored log bytes per task attempt; lines past it are dropped and
+    /// counted.
+    pub max_task_log_bytes: u64,
+    /// Separate runs of received log line numbers per task attempt.
+    pub max_log_gaps: usize,
+    /// Largest result file, and all result files of one task attempt.
+    pub max_file_bytes: u64,
+    pub max_task_file_bytes: u64,
+    /// Worker refusals of one task (busy, expired) before it ends in ERROR.
+    pub max_refusals: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        let s = crate::server::scheduler::SchedulerLimits::default();
+        let t = crate::transport::SocketLimits::default();
+        ServerLimits {
+            max_connections: t.max_connections,
+            handshake_timeout_ms: t.handshake_timeout.as_millis() as u64,
+            peer_send_queue: t.peer_send_queue,
+            inbound_queue: 4096,
+            max_open_tasks: s.max_open_tasks,
+            max_task_log_bytes: s.max_task_log_bytes,
+            max_log_gaps: s.max_log_gaps,
+            max_file_bytes: s.max_file_bytes,
+            max_task_file_bytes: s.max_task_file_bytes,
+            max_refusals: s.max_refusals,
+        }
+    }
+}
+
+impl ServerLimits {
+    pub fn scheduler(&self) -> crate::server::scheduler::SchedulerLimits {
+        crate::server::scheduler::SchedulerLimits {
+            max_open_tasks: self.max_open_tasks,
+            max_task_log_bytes: self.max_task_log_bytes,
+            max_log_gaps: self.max_log_gaps,
+            max_file_bytes: self.max_file_bytes,
+            max_task_file_bytes: self.max_task_file_bytes,
+            max_refusals: self.max_refusals,
+        }
+    }
+
+    pub fn sockets(&self) -> crate::transport::SocketLimits {
+        crate::transport::SocketLimits {
+            max_message_bytes: crate::transport::MAX_WIRE_MESSAGE_BYTES,
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            peer_send_queue: self.peer_send_queue,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&'static str, u64); 9] = [
+            ("limits.max_connections", self.max_connections as u64),
+            ("limits.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("limits.peer_send_queue", self.peer_send_queue as u64),
+            ("limits.inbound_queue", self.inbound_queue as u64),
+            ("limits.max_open_tasks", self.max_open_tasks as u64),
+            ("limits.max_task_log_bytes", self.max_task_log_bytes),
+            ("limits.max_log_gaps", self.max_log_gaps as u64),
+            ("limits.max_file_bytes", self.max_file_bytes),
+            ("limits.max_task_file_bytes", self.max_task_file_bytes),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, v, "must be at least 1"));
+            }
+        }
+        if self.max_file_bytes > crate::protocol::limits::MAX_FILE_BYTES {
+            return Err(invalid(
+                "limits.max_file_bytes",
+                self.max_file_bytes,
+                format!(
+                    "must be at most {} (the protocol's limit)",
+                    crate::protocol::limits::MAX_FILE_BYTES
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -158,6 +262,7 @@ impl Default for ServerConfig {
             backstop_grace_secs: 60,
             send_timeout_ms: 2000,
             retry: RetryPolicy::default(),
+            limits: ServerLimits::default(),
         }
     }
 }
@@ -204,6 +309,35 @@ impl ServerConfig {
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "", "must name a directory"));
         }
+        use crate::protocol::limits;
+        if !limits::HEARTBEAT_MS.contains(&self.heartbeat_interval_ms) {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms,
+                "must be 10–60000 (the protocol's limit)",
+            ));
+        }
+        if !limits::LIVENESS.contains(&self.liveness) {
+            return Err(invalid("liveness", self.liveness, "must be 2–100"));
+        }
+        if !limits::TTL_MS.contains(&self.dispatch_ttl_ms) {
+            return Err(invalid(
+                "dispatch_ttl_ms",
+                self.dispatch_ttl_ms,
+                "must be at most 86400000 (24 h)",
+            ));
+        }
+        for (key, v) in [
+            ("lost_grace_ms", self.lost_grace_ms / 1000),
+            ("queue_timeout_secs", self.queue_timeout_secs),
+            ("backstop_grace_secs", self.backstop_grace_secs),
+            ("send_timeout_ms", self.send_timeout_ms / 1000),
+        ] {
+            if v > 365 * 24 * 3600 {
+                return Err(invalid(key, v, "must be at most a year"));
+            }
+        }
+        self.limits.validate()?;
         Ok(())
     }
 
@@ -270,6 +404,9 @@ pub struct WorkerConfig {
     pub reconnect_max_ms: u64,
     /// Log lines kept while the server is unreachable (oldest dropped first).
     pub log_buffer_lines: usize,
+    /// …and at most this many bytes of log text, whatever the conductor's
+    /// rate: lines past it are dropped and reported as lost.
+    pub log_buffer_bytes: usize,
     /// Log lines are sent in batches at most this old…
     pub log_batch_ms: u64,
     /// …and at most this many lines.
@@ -297,6 +434,7 @@ impl Default for WorkerConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 2000,
             log_buffer_lines: 100_000,
+            log_buffer_bytes: 16 * 1024 * 1024,
             log_batch_ms: 20,
             log_batch_lines: 500,
             retry: RetryPolicy::default(),
@@ -339,12 +477,11 @@ impl WorkerConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.name.is_empty() || self.name.len() > 128 || self.name.contains(char::is_whitespace)
-        {
+        if !crate::protocol::limits::is_safe_id(&self.name) {
             return Err(invalid(
                 "name",
                 &self.name,
-                "must be 1–128 characters without whitespace (set it with --name)",
+                "must be 1–64 characters of A–Z a–z 0–9 . _ - not starting with . or - (set it with --name)",
             ));
         }
         check_endpoint("server", &self.server)?;
@@ -369,6 +506,13 @@ impl WorkerConfig {
         }
         if self.log_batch_lines == 0 {
             return Err(invalid("log_batch_lines", 0, "must be at least 1"));
+        }
+        if self.log_buffer_lines == 0 || self.log_buffer_bytes < 64 * 1024 {
+            return Err(invalid(
+                "log_buffer_bytes",
+                self.log_buffer_bytes,
+                "log_buffer_lines must be at least 1 and log_buffer_bytes at least 65536",
+            ));
         }
         if self.conductor.command.is_empty() {
             return Err(invalid(

@@ -106,6 +106,7 @@ impl Sim {
                         heartbeat: Duration::from_secs(1),
                         liveness: 3,
                         log_buffer_lines: 40,
+                        log_buffer_bytes: 1 << 20,
                         log_batch_lines: 7,
                         log_batch_delay: Duration::from_millis(20),
                         retry: RetryPolicy {

@@ -30,8 +30,25 @@ pub enum ProtocolError {
     BadHeader(String),
     #[error("protocol version {0} is not supported (this peer speaks version {PROTOCOL_VERSION})")]
     UnsupportedVersion(u8),
-    #[error("body frame is not a valid message body: {0}")]
-    BadBody(String),
+    #[error("body frame is not a valid message body: {reason}")]
+    BadBody {
+        reason: String,
+        /// The request id, if the body was a map that carried one.
+        request: Option<u64>,
+        /// The header's seq if the message was mandatory.
+        seq: Option<u64>,
+    },
+    #[error("{kind}.{field}: {reason}")]
+    Invalid {
+        kind: &'static str,
+        field: &'static str,
+        reason: String,
+        /// The request id of a client request, echoed in the error reply.
+        request: Option<u64>,
+        /// The header's seq if the message was mandatory, echoed so the
+        /// sender stops resending it.
+        seq: Option<u64>,
+    },
     #[error("{what} frame is {size} bytes, over the limit of {limit}")]
     TooLarge {
         what: &'static str,
@@ -55,9 +72,47 @@ impl ProtocolError {
         match self {
             ProtocolError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+            ProtocolError::Invalid { .. } => ErrorCode::Invalid,
             _ => ErrorCode::Malformed,
         }
     }
+
+    /// The request id to echo in the error reply, where one was readable.
+    pub fn request(&self) -> Option<u64> {
+        match self {
+            ProtocolError::BadBody { request, .. } | ProtocolError::Invalid { request, .. } => {
+                *request
+            }
+            _ => None,
+        }
+    }
+
+    /// The seq of the refused mandatory message, where it was readable: the
+    /// error reply carries it, and the sender drops the message from its
+    /// outbox instead of resending it forever.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            ProtocolError::BadBody { seq, .. } | ProtocolError::Invalid { seq, .. } => *seq,
+            _ => None,
+        }
+    }
+
+    /// Counter name for this refusal.
+    pub fn counter(&self) -> &'static str {
+        match self {
+            ProtocolError::UnsupportedVersion(_) => "unsupported_version",
+            ProtocolError::TooLarge { .. } => "too_large",
+            ProtocolError::Invalid { .. } => "invalid_field",
+            _ => "malformed",
+        }
+    }
+}
+
+/// Reads a `request` key out of a body map that did not decode as a whole.
+#[derive(Deserialize)]
+struct RequestProbe {
+    #[serde(default)]
+    request: Option<u64>,
 }
 
 /// Encodes header and body (and the raw frame, if any) as frames.
@@ -122,6 +177,14 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
     let header: Header =
         rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
     check_size("body", &b, MAX_BODY_BYTES)?;
+    let seq = header.mandatory.then_some(header.seq);
+    let bad_body = |e: rmp_serde::decode::Error| ProtocolError::BadBody {
+        reason: e.to_string(),
+        request: rmp_serde::from_slice::<RequestProbe>(&b)
+            .ok()
+            .and_then(|p| p.request),
+        seq,
+    };
     let body = match header.class {
         // The hot path: a tagged enum is decoded through a buffered copy of
         // the whole map; a log batch is decoded straight into its fields.
@@ -131,9 +194,9 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
                 attempt: w.attempt,
                 lines: w.lines,
             },
-            _ => rmp_serde::from_slice(&b).map_err(|e| ProtocolError::BadBody(e.to_string()))?,
+            _ => rmp_serde::from_slice(&b).map_err(bad_body)?,
         },
-        _ => rmp_serde::from_slice(&b).map_err(|e| ProtocolError::BadBody(e.to_string()))?,
+        _ => rmp_serde::from_slice(&b).map_err(bad_body)?,
     };
     if body.class() != header.class {
         return Err(ProtocolError::ClassMismatch {
@@ -148,7 +211,23 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
             return Err(ProtocolError::UnexpectedRaw(body.kind()));
         }
     }
-    Ok(Envelope { header, body, raw })
+    let env = Envelope { header, body, raw };
+    crate::protocol::limits::check(&env).map_err(|e| match e {
+        ProtocolError::Invalid {
+            kind,
+            field,
+            reason,
+            ..
+        } => ProtocolError::Invalid {
+            kind,
+            field,
+            reason,
+            request: env.body.request(),
+            seq,
+        },
+        other => other,
+    })?;
+    Ok(env)
 }
 
 #[cfg(test)]
@@ -256,6 +335,6 @@ mod tests {
         map.insert("type", "launch_missiles");
         let b = rmp_serde::to_vec_named(&map).unwrap();
         let e = decode(vec![h.into(), b.into()]).unwrap_err();
-        assert!(matches!(e, ProtocolError::BadBody(_)));
+        assert!(matches!(e, ProtocolError::BadBody { .. }));
     }
 }

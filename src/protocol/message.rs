@@ -97,10 +97,11 @@ pub struct TaskSpec {
     pub timeout_secs: u64,
     #[serde(default)]
     pub options: BTreeMap<String, String>,
-    /// Wall-clock expiry (Unix milliseconds, server clock). A worker MUST
-    /// NOT start a task whose dispatch arrives after this; hosts are expected
-    /// to keep their clocks within a second (NTP).
-    pub expires_at_ms: u64,
+    /// Time to live of this dispatch, in ms: a worker MUST NOT start the
+    /// task later than this after the dispatch arrived, measured on its own
+    /// monotonic clock. Relative, so expiry never depends on two machines
+    /// agreeing on wall time.
+    pub ttl_ms: u64,
 }
 
 /// Which stream of the conductor a log line came from.
@@ -337,6 +338,18 @@ pub enum ErrorCode {
     BadRequest,
     /// A result file name is absolute or climbs out of the results folder.
     BadFileName,
+    /// A field is outside its documented limit (docs/PROTOCOL.md §14); the
+    /// message names the field and the limit.
+    Invalid,
+    /// A `hello` names a worker that is registered and alive under another
+    /// session: two workers with one name. The refused worker exits.
+    NameInUse,
+    /// A server-wide bound was reached (queued tasks, log size, file size);
+    /// retry later or ask the operator to raise it.
+    LimitReached,
+    /// The server could not store what was sent (disk full, I/O error); the
+    /// mandatory message is answered and not applied.
+    StorageFailed,
 }
 
 /// Why a worker refused a dispatch.
@@ -444,6 +457,10 @@ pub enum Body {
         request: Option<u64>,
         code: ErrorCode,
         message: String,
+        /// The seq of the mandatory message this error answers, if any: the
+        /// sender stops resending it.
+        #[serde(default)]
+        seq: Option<u64>,
     },
 
     // ---- client → server ---------------------------------------------------

@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod device;
+pub mod limits;
 pub mod message;
 
 pub use codec::{decode, encode, Envelope, ProtocolError};

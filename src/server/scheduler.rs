@@ -9,6 +9,7 @@ use crate::delivery::ranges::describe;
 use crate::delivery::{ByteRanges, DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::*;
+use crate::protocol::limits;
 use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::store::{Store, StoreError};
@@ -46,6 +47,44 @@ pub struct SchedulerConfig {
     pub backstop_grace: Duration,
     /// Resend timing of the server's mandatory messages (dispatch, cancel).
     pub retry: RetryPolicy,
+    /// Bounds on what peers can make the scheduler hold.
+    pub limits: SchedulerLimits,
+}
+
+/// What peers can make the scheduler hold, at most. Each bound is
+/// configurable (`[limits]` in `conf/server.toml`) and listed in the
+/// README's Limits table with what a peer sees when it hits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    /// Unfinished tasks (queued, dispatched, running, held) in all. A submit
+    /// that would exceed it is refused with `limit_reached`.
+    pub max_open_tasks: usize,
+    /// Bytes of one task attempt's stored log; lines past it are dropped
+    /// and counted (`log_lines_over_limit`), the report says so.
+    pub max_task_log_bytes: u64,
+    /// Separate runs of received log line numbers kept per task; a line
+    /// that would open one more is dropped and counted, so a peer sending
+    /// every other number cannot make the accounting grow without bound.
+    pub max_log_gaps: usize,
+    /// Largest result file, and all result files of one task attempt.
+    pub max_file_bytes: u64,
+    pub max_task_file_bytes: u64,
+    /// Times a task may be refused by workers (refusals use no attempt)
+    /// before it ends in ERROR.
+    pub max_refusals: u32,
+}
+
+impl Default for SchedulerLimits {
+    fn default() -> Self {
+        SchedulerLimits {
+            max_open_tasks: 10_000,
+            max_task_log_bytes: 256 * 1024 * 1024,
+            max_log_gaps: 4096,
+            max_file_bytes: 4 * 1024 * 1024 * 1024,
+            max_task_file_bytes: 16 * 1024 * 1024 * 1024,
+            max_refusals: 20,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -59,6 +98,7 @@ impl Default for SchedulerConfig {
             queue_timeout: Duration::from_secs(24 * 3600),
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            limits: SchedulerLimits::default(),
         }
     }
 }
@@ -257,6 +297,11 @@ impl<S: Store> Scheduler<S> {
         &self.counters
     }
 
+    /// The shell dropped a send (peer not reading): counted with the rest.
+    pub fn count_send_dropped(&mut self, counter: &str) {
+        self.count(counter, 1);
+    }
+
     fn count(&mut self, name: &str, n: u64) {
         *self.counters.entry(name.to_string()).or_default() += n;
     }
@@ -287,8 +332,31 @@ impl<S: Store> Scheduler<S> {
                 request,
                 code,
                 message,
+                seq: None,
             },
             None,
+        );
+    }
+
+    /// Answers a worker's mandatory message `seq` with a typed error
+    /// instead of an ack: the worker stops resending it and reports why.
+    fn refuse_mandatory(
+        &mut self,
+        worker: &str,
+        task: Option<&TaskId>,
+        seq: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.send_to_worker(
+            worker,
+            task,
+            Body::Error {
+                request: None,
+                code,
+                message,
+                seq: Some(seq),
+            },
         );
     }
 
@@ -304,14 +372,20 @@ impl<S: Store> Scheduler<S> {
 
     /// Frames from `peer` could not be decoded: reply, count, log.
     pub fn on_bad_frames(&mut self, peer: &PeerId, error: &ProtocolError) {
-        let counter = match error {
-            ProtocolError::UnsupportedVersion(_) => "unsupported_version",
-            ProtocolError::TooLarge { .. } => "too_large",
-            _ => "malformed",
-        };
-        self.count(counter, 1);
-        warn!(peer = %hex::encode(peer), error = %error, "protocol error: refused a message");
-        self.send_error(peer, None, error.code(), error.to_string());
+        self.count(error.counter(), 1);
+        let worker = self.peers.get(peer).cloned();
+        warn!(peer = %hex::encode(peer), worker = worker.as_deref().unwrap_or("-"), error = %error, "protocol error: refused a message");
+        self.send(
+            peer,
+            None,
+            Body::Error {
+                request: error.request(),
+                code: error.code(),
+                message: error.to_string(),
+                seq: error.seq(),
+            },
+            None,
+        );
     }
 
     /// A decoded message from `peer`.
@@ -598,6 +672,7 @@ impl<S: Store> Scheduler<S> {
                         request: None,
                         code: ErrorCode::Malformed,
                         message: format!("{kind} is not a mandatory message"),
+                        seq: None,
                     },
                 );
                 return true;
@@ -726,6 +801,7 @@ impl<S: Store> Scheduler<S> {
                         request: None,
                         code: ErrorCode::BadFileName,
                         message: e.to_string(),
+                        seq: None,
                     },
                 );
                 // Acked: resending the same name cannot succeed.
@@ -1243,12 +1319,14 @@ impl<S: Store> Scheduler<S> {
                     queue_timeouts.push(t.id.clone())
                 }
                 TaskState::Running => {
+                    // Saturating: a timeout from a peer (or an old state row)
+                    // must never overflow the clock arithmetic.
                     let timeout = Duration::from_secs(self.runs[&t.run].request.timeout_secs);
-                    if age > timeout + self.cfg.backstop_grace {
+                    if age > timeout.saturating_add(self.cfg.backstop_grace) {
                         backstops.push(t.id.clone());
                     }
                 }
-                TaskState::Dispatched if age > self.cfg.dispatch_ttl + limit => {
+                TaskState::Dispatched if age > self.cfg.dispatch_ttl.saturating_add(limit) => {
                     unanswered.push(t.id.clone())
                 }
                 _ => {}
@@ -1422,7 +1500,6 @@ impl<S: Store> Scheduler<S> {
     }
 
     fn dispatch(&mut self, now: Instant, worker: &str, id: &TaskId) {
-        let wall_ms = self.wall_ms(now);
         let t = self.tasks.get_mut(id).expect("task");
         t.state = TaskState::Dispatched;
         t.worker = Some(worker.to_string());
@@ -1454,7 +1531,9 @@ impl<S: Store> Scheduler<S> {
             packages: t.packages.clone(),
             timeout_secs: req.timeout_secs,
             options: req.options.clone(),
-            expires_at_ms: wall_ms + self.cfg.dispatch_ttl.as_millis() as u64,
+            ttl_ms: u64::try_from(self.cfg.dispatch_ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(*limits::TTL_MS.start(), *limits::TTL_MS.end()),
         };
         let w = self.workers.get_mut(worker).expect("worker");
         w.state = WorkerState::Busy;

@@ -84,7 +84,10 @@ impl Server {
         let db = Db::open(&cfg.state_dir)?;
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load()?;
-        let sockets = transport::bind_server(&cfg.control, &cfg.events).await?;
+        let mut socket_limits = cfg.limits.sockets();
+        socket_limits.max_connections =
+            fit_connections_to_fd_limit(socket_limits.max_connections);
+        let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         let scheduler = Scheduler::restore(
             SchedulerConfig {
@@ -96,6 +99,7 @@ impl Server {
                 queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
                 backstop_grace: Duration::from_secs(cfg.backstop_grace_secs),
                 retry: cfg.retry.clone(),
+                limits: cfg.limits.scheduler(),
             },
             store,
             incarnation.clone(),
@@ -123,6 +127,7 @@ impl Server {
             sockets,
             cfg.heartbeat(),
             send_timeout,
+            cfg.limits.inbound_queue,
             shutdown_rx,
         ));
         Ok(ServerHandle {
@@ -141,6 +146,7 @@ async fn serve(
     sockets: transport::ServerSockets,
     heartbeat: Duration,
     send_timeout: Duration,
+    inbound_queue: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let transport::ServerSockets {
@@ -149,14 +155,17 @@ async fn serve(
         ..
     } = sockets;
     let (mut router_tx, mut router_rx) = router.split();
-    let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<ZmqMessage>();
+    // Bounded: when the scheduler falls behind, the reader waits, the
+    // sockets stop reading and TCP pushes back on the senders. The ROUTER
+    // reads its peers in turn, so one flooding peer gets its share only.
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<ZmqMessage>(inbound_queue);
     // Receiving in its own task keeps the select below free of
     // cancellation hazards inside the socket's recv.
     let reader = tokio::spawn(async move {
         loop {
             match router_rx.recv().await {
                 Ok(msg) => {
-                    if inbound_tx.send(msg).is_err() {
+                    if inbound_tx.send(msg).await.is_err() {
                         return;
                     }
                 }
@@ -213,12 +222,21 @@ async fn serve(
                 } => {
                     let mut frames = vec![peer.clone()];
                     frames.extend(protocol::encode(&header, &body, raw));
-                    if let Err(e) =
-                        transport::send_bounded(&mut router_tx, to_message(frames), send_timeout)
-                            .await
+                    match transport::send_bounded(&mut router_tx, to_message(frames), send_timeout)
+                        .await
                     {
-                        send_failures += 1;
-                        debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures, "send to peer failed (peer gone?)");
+                        Ok(()) => {}
+                        // Not reading: dropped at once (mandatory messages
+                        // stay in the worker's outbox and are resent), so
+                        // one stuck peer never stalls the others.
+                        Err(TransportError::PeerBusy) => {
+                            scheduler.count_send_dropped("send_dropped_peer_busy");
+                            debug!(peer = %hex::encode(&peer), kind = body.kind(), "send dropped: peer not reading");
+                        }
+                        Err(e) => {
+                            send_failures += 1;
+                            debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures, "send to peer failed (peer gone?)");
+                        }
                     }
                 }
                 Output::Publish { topic, body } => {
@@ -247,5 +265,33 @@ async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, 
     frames.extend(protocol::encode(&header, body, None));
     if let Err(e) = transport::send_bounded(publisher, to_message(frames), timeout).await {
         debug!(error = %e, "publish failed");
+    }
+}
+
+/// File descriptors kept free for the state database, task logs, result
+/// files and the listeners themselves.
+const FD_RESERVE: u64 = 256;
+
+/// Caps the per-endpoint connection limit so that both endpoints together
+/// stay below the process's file descriptor limit (`LimitNOFILE=`): the
+/// server refuses connections cleanly instead of failing `accept` in a loop.
+fn fit_connections_to_fd_limit(wanted: usize) -> usize {
+    let soft = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => soft,
+        Err(_) => return wanted,
+    };
+    let fit = usize::try_from(soft.saturating_sub(FD_RESERVE) / 2)
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if fit < wanted {
+        warn!(
+            wanted,
+            allowed = fit,
+            fd_limit = soft,
+            "limits.max_connections lowered to fit the file descriptor limit; raise LimitNOFILE to allow more"
+        );
+        fit
+    } else {
+        wanted
     }
 }

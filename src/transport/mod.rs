@@ -28,6 +28,8 @@ pub enum TransportError {
     Send(zeromq::ZmqError),
     #[error("send did not complete within {} ms (peer not reading)", .0.as_millis())]
     SendTimeout(Duration),
+    #[error("peer's send queue is full (it is not reading); message not sent")]
+    PeerBusy,
     #[error("receive failed: {0}")]
     Recv(zeromq::ZmqError),
 }
@@ -51,9 +53,62 @@ pub struct ServerSockets {
     pub events: String,
 }
 
+/// What the sockets refuse or bound below the application, per socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLimits {
+    /// Largest ZMTP message (all frames) accepted from a peer; a longer
+    /// frame header drops that connection before anything is allocated.
+    pub max_message_bytes: usize,
+    /// Most connections one bound endpoint keeps (server only).
+    pub max_connections: usize,
+    /// An accepted connection must finish the ZMTP handshake within this.
+    pub handshake_timeout: Duration,
+    /// Messages queued per peer; a send to a peer whose queue is full
+    /// fails at once ([`TransportError::PeerBusy`]) instead of stalling.
+    pub peer_send_queue: usize,
+}
+
+/// Frames in the largest message of our protocol: topic (PUB/SUB) or
+/// routing identity, header, body, raw.
+pub const MAX_FRAMES: usize = 4;
+
+impl Default for SocketLimits {
+    fn default() -> Self {
+        SocketLimits {
+            max_message_bytes: MAX_WIRE_MESSAGE_BYTES,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(5),
+            peer_send_queue: 1024,
+        }
+    }
+}
+
+/// The largest message the protocol can produce: header, body and raw
+/// frame at their limits, plus a topic or identity frame.
+pub const MAX_WIRE_MESSAGE_BYTES: usize = crate::protocol::codec::MAX_HEADER_BYTES
+    + crate::protocol::codec::MAX_BODY_BYTES
+    + crate::protocol::codec::MAX_RAW_BYTES
+    + 1024;
+
+impl SocketLimits {
+    fn options(&self) -> SocketOptions {
+        let mut o = SocketOptions::default();
+        o.max_message_size(self.max_message_bytes)
+            .max_message_frames(MAX_FRAMES)
+            .handshake_timeout(self.handshake_timeout)
+            .max_connections(self.max_connections)
+            .peer_send_queue(self.peer_send_queue, true);
+        o
+    }
+}
+
 /// Binds ROUTER `control` and PUB `events`.
-pub async fn bind_server(control: &str, events: &str) -> Result<ServerSockets, TransportError> {
-    let mut router = RouterSocket::new();
+pub async fn bind_server(
+    control: &str,
+    events: &str,
+    limits: &SocketLimits,
+) -> Result<ServerSockets, TransportError> {
+    let mut router = RouterSocket::with_options(limits.options());
     let control_ep = router
         .bind(control)
         .await
@@ -61,7 +116,7 @@ pub async fn bind_server(control: &str, events: &str) -> Result<ServerSockets, T
             endpoint: control.to_string(),
             source,
         })?;
-    let mut publisher = PubSocket::new();
+    let mut publisher = PubSocket::with_options(limits.options());
     let events_ep = publisher
         .bind(events)
         .await
@@ -78,7 +133,8 @@ pub async fn bind_server(control: &str, events: &str) -> Result<ServerSockets, T
 }
 
 fn options(timeout: Duration) -> SocketOptions {
-    let mut o = SocketOptions::default();
+    // A rogue server is held to the same limits as any peer.
+    let mut o = SocketLimits::default().options();
     // A fresh routing identity per connection: reusing one black-holes the
     // newer or older connection inside zeromq 0.7.
     o.peer_identity(zeromq::util::PeerIdentity::new());
@@ -146,6 +202,7 @@ pub async fn send_bounded<S: SocketSend>(
 ) -> Result<(), TransportError> {
     match tokio::time::timeout(timeout, socket.send(msg)).await {
         Err(_) => Err(TransportError::SendTimeout(timeout)),
+        Ok(Err(zeromq::ZmqError::BufferFull(_))) => Err(TransportError::PeerBusy),
         Ok(Err(e)) => Err(TransportError::Send(e)),
         Ok(Ok(())) => Ok(()),
     }

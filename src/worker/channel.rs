@@ -64,6 +64,53 @@ pub struct ResponseChannel {
     tx: mpsc::UnboundedSender<TaskEvent>,
     next_seq: u64,
     finished: bool,
+    budget: Option<LogBudget>,
+    /// Lines dropped because the budget was spent (numbered all the same,
+    /// so the server reports them as lost: stored + lost = produced).
+    dropped: u64,
+}
+
+/// Log text in flight between all running tasks and the session, bounded
+/// in bytes: a conductor that prints faster than lines can be delivered
+/// loses lines (counted, and reported as gaps), never the worker's memory.
+#[derive(Clone, Debug)]
+pub struct LogBudget {
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    limit: usize,
+}
+
+impl LogBudget {
+    pub fn new(limit: usize) -> Self {
+        LogBudget {
+            in_flight: Default::default(),
+            limit,
+        }
+    }
+
+    /// Takes `bytes` from the budget; false if that would exceed it.
+    fn take(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(bytes).filter(|&m| m <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Gives back what a delivered (or buffered) line took.
+    pub fn release(&self, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(bytes))
+            });
+    }
+
+    /// Bytes in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl ResponseChannel {
@@ -74,7 +121,20 @@ impl ResponseChannel {
             tx,
             next_seq: 1,
             finished: false,
+            budget: None,
+            dropped: 0,
         }
+    }
+
+    /// Bounds the log text this channel may have in flight.
+    pub fn with_budget(mut self, budget: LogBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Lines dropped so far because the log budget was spent.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     pub fn task(&self) -> &TaskId {
@@ -89,6 +149,10 @@ impl ResponseChannel {
             text,
         };
         self.next_seq += 1;
+        if self.budget.as_ref().is_some_and(|b| !b.take(line.text.len())) {
+            self.dropped += 1;
+            return;
+        }
         // The session outlives every channel; a closed receiver means the
         // worker is shutting down and nothing can be delivered anyway.
         let _ = self.tx.send(TaskEvent::Log {
@@ -105,6 +169,9 @@ impl ResponseChannel {
 
     fn send_finished(&mut self, outcome: Outcome, files: Vec<ResultFile>) {
         self.finished = true;
+        if self.dropped > 0 {
+            tracing::warn!(task = %self.task, dropped = self.dropped, "the conductor printed faster than its log could be delivered: log lines dropped at the worker (reported as lost)");
+        }
         let _ = self.tx.send(TaskEvent::Finished {
             task: self.task.clone(),
             attempt: self.attempt,

@@ -325,7 +325,7 @@ mod tests {
             packages: vec!["a".into(), "b".into()],
             timeout_secs: 60,
             options,
-            expires_at_ms: 0,
+            ttl_ms: 1000,
         }
     }
 

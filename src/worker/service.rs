@@ -5,9 +5,8 @@
 
 use crate::config::WorkerConfig;
 use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
-use crate::server::scheduler::unix_ms_now;
 use crate::transport::{self, to_message, TransportError};
-use crate::worker::channel::{ResponseChannel, ResultFile, TaskEvent};
+use crate::worker::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
 use crate::worker::conductor::{self, Stop, TaskContext};
 use crate::worker::session::{Action, Link, LostReason, Session, SessionConfig};
 use crate::worker::state::WorkerStore;
@@ -37,11 +36,19 @@ pub enum WorkerError {
     State(#[from] crate::worker::state::WorkerStateError),
 }
 
+/// Messages from the server waiting for the loop, at most.
+const INBOUND_QUEUE: usize = 1024;
+/// Task events handled per loop turn at most (one state save each turn).
+const MAX_EVENTS_PER_TURN: usize = 1024;
+
 enum Inbound {
     Frames {
         generation: u64,
         from_sub: bool,
         msg: ZmqMessage,
+        /// When the frames came off the socket: dispatch expiry counts
+        /// from here, not from when the loop got to them.
+        received: Instant,
     },
     Closed {
         generation: u64,
@@ -92,6 +99,7 @@ pub async fn run(
         heartbeat: cfg.heartbeat(),
         liveness: cfg.liveness,
         log_buffer_lines: cfg.log_buffer_lines,
+        log_buffer_bytes: cfg.log_buffer_bytes,
         log_batch_lines: cfg.log_batch_lines,
         log_batch_delay: Duration::from_millis(cfg.log_batch_ms),
         retry: cfg.retry.clone(),
@@ -99,6 +107,10 @@ pub async fn run(
         on_server_lost: cfg.on_server_lost,
     };
     let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
+    // Bounds the log bytes between the conductors and the session: the
+    // channel above holds at most this much log text, whatever the
+    // conductor's rate (lines over it are dropped and counted).
+    let log_budget = LogBudget::new(cfg.log_buffer_bytes);
     let mut session = match saved {
         Some(saved) => {
             let pending = saved.outbox.len();
@@ -142,7 +154,9 @@ pub async fn run(
     store.save(&session.saved())?;
     info!(worker = %cfg.name, device = %device, server = %cfg.server, session = %session_id, "worker starting");
 
-    let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel::<Inbound>();
+    // Bounded: a server (or an impostor) flooding us is read at the pace
+    // the loop handles, never buffered without limit.
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     // Conductors in flight: how to stop each, and its runner to wait for.
     let mut running: HashMap<TaskId, (watch::Sender<Stop>, JoinHandle<()>)> = HashMap::new();
     let mut conn: Option<Connection> = None;
@@ -159,22 +173,36 @@ pub async fn run(
         let was_up = matches!(session.link(), Link::Up { .. });
         let mut report_saved: Option<TaskId> = None;
         let actions = tokio::select! {
-                        Some(event) = task_rx.recv() => {
-                if let TaskEvent::Finished { task, .. } = &event {
-                    report_saved = Some(task.clone());
+            Some(event) = task_rx.recv() => {
+                // Take what else is waiting too (bounded): one state save
+                // for the batch, however fast the conductor prints.
+                let mut actions = Vec::new();
+                let mut next = Some(event);
+                let mut taken = 0;
+                while let Some(event) = next.take() {
+                    match &event {
+                        TaskEvent::Finished { task, .. } => report_saved = Some(task.clone()),
+                        TaskEvent::Log { line, .. } => log_budget.release(line.text.len()),
+                    }
+                    actions.extend(session.on_task_event(Instant::now(), event));
+                    taken += 1;
+                    if taken < MAX_EVENTS_PER_TURN {
+                        next = task_rx.try_recv().ok();
+                    }
                 }
-                session.on_task_event(Instant::now(), event)
+                actions
             }
             Some(inbound) = inbound_rx.recv() => match inbound {
-                Inbound::Frames { generation: g, from_sub, msg } if g == generation => {
+                Inbound::Frames { generation: g, from_sub, msg, received } if g == generation => {
                     let mut frames = msg.into_vec();
                     if from_sub && !frames.is_empty() {
                         frames.remove(0); // topic
                     }
                     match protocol::decode(frames) {
-                        Ok(env) => session.on_message(Instant::now(), unix_ms_now(), env),
+                        Ok(env) => session.on_message(Instant::now(), received, env),
                         Err(e) => {
-                            warn!(error = %e, "protocol error: undecodable message from the server; ignored");
+                            session.stats.server_errors += 1;
+                            warn!(error = %e, from_sub, "protocol error: refused a message from the server (a rogue or newer server?); ignored");
                             Vec::new()
                         }
                     }
@@ -244,10 +272,21 @@ pub async fn run(
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
                     let msg = to_message(protocol::encode(&header, &body, raw));
-                    if let Err(e) = transport::send_bounded(&mut c.dealer, msg, send_timeout).await
-                    {
-                        queue.clear();
-                        queue.push_back(Action::Reconnect(LostReason::SendFailed(e.to_string())));
+                    let mandatory = header.mandatory;
+                    match transport::send_bounded(&mut c.dealer, msg, send_timeout).await {
+                        Ok(()) => {}
+                        // The server reads slower than we produce: a
+                        // best-effort message is dropped and counted, a
+                        // mandatory one stays in the outbox for its resend.
+                        Err(TransportError::PeerBusy) => {
+                            if !mandatory {
+                                session.note_unsent(&body);
+                            }
+                        }
+                        Err(e) => {
+                            queue.clear();
+                            queue.push_back(Action::Reconnect(LostReason::SendFailed(e.to_string())));
+                        }
                     }
                 }
                 Action::Reconnect(reason) => {
@@ -268,6 +307,7 @@ pub async fn run(
                         device.clone(),
                         spec,
                         task_tx.clone(),
+                        log_budget.clone(),
                         stop_rx,
                     ));
                     running.insert(task, (stop_tx, runner));
@@ -312,7 +352,7 @@ fn attach(
     generation: u64,
     dealer: DealerSocket,
     sub: SubSocket,
-    tx: mpsc::UnboundedSender<Inbound>,
+    tx: mpsc::Sender<Inbound>,
 ) -> Connection {
     let (dealer_tx, mut dealer_rx) = dealer.split();
     let t1 = tx.clone();
@@ -325,17 +365,21 @@ fn attach(
                             generation,
                             from_sub: false,
                             msg,
+                            received: Instant::now(),
                         })
+                        .await
                         .is_err()
                     {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = t1.send(Inbound::Closed {
-                        generation,
-                        error: e.to_string(),
-                    });
+                    let _ = t1
+                        .send(Inbound::Closed {
+                            generation,
+                            error: e.to_string(),
+                        })
+                        .await;
                     return;
                 }
             }
@@ -351,17 +395,21 @@ fn attach(
                             generation,
                             from_sub: true,
                             msg,
+                            received: Instant::now(),
                         })
+                        .await
                         .is_err()
                     {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Inbound::Closed {
-                        generation,
-                        error: e.to_string(),
-                    });
+                    let _ = tx
+                        .send(Inbound::Closed {
+                            generation,
+                            error: e.to_string(),
+                        })
+                        .await;
                     return;
                 }
             }
@@ -387,9 +435,11 @@ async fn run_task(
     device: crate::protocol::DeviceProps,
     spec: TaskSpec,
     events: mpsc::UnboundedSender<TaskEvent>,
+    budget: LogBudget,
     stop: watch::Receiver<Stop>,
 ) {
-    let mut channel = ResponseChannel::open(spec.task.clone(), spec.attempt, events);
+    let mut channel =
+        ResponseChannel::open(spec.task.clone(), spec.attempt, events).with_budget(budget);
     let task_dir = attempt_dir(&cfg, &spec.task, spec.attempt);
     let work_dir = task_dir.join("work");
     let results_dir = task_dir.join("results");

@@ -25,6 +25,8 @@ pub struct SessionConfig {
     pub heartbeat: Duration,
     pub liveness: u32,
     pub log_buffer_lines: usize,
+    /// Bytes of log text buffered at most (oldest dropped first).
+    pub log_buffer_bytes: usize,
     pub log_batch_lines: usize,
     pub log_batch_delay: Duration,
     pub retry: RetryPolicy,
@@ -148,6 +150,8 @@ pub struct Session {
     outbox: Outbox,
     /// Buffered log lines with the (task, attempt) channel they belong to.
     logs: VecDeque<(TaskId, u32, LogLine)>,
+    /// Bytes of text in `logs`.
+    log_bytes: usize,
     oldest_log_at: Option<Instant>,
     slot: Option<Slot>,
     ready_sent: bool,
@@ -190,6 +194,7 @@ impl Session {
             last_heard: now,
             last_sent: now,
             logs: VecDeque::new(),
+            log_bytes: 0,
             oldest_log_at: None,
             slot: None,
             ready_sent: false,
@@ -256,6 +261,16 @@ impl Session {
             finished: slot.finished,
         });
         (s, interrupted)
+    }
+
+    /// A message the shell could not send because the server's queue was
+    /// full: a best-effort one is dropped here and counted.
+    pub fn note_unsent(&mut self, body: &Body) {
+        self.stats.unsent_dropped += 1;
+        if let Body::Log { task, lines, .. } = body {
+            self.stats.log_lines_dropped += lines.len() as u64;
+            *self.dropped_per_task.entry(task.clone()).or_default() += lines.len() as u64;
+        }
     }
 
     /// The task the worker owns, if any.
@@ -367,7 +382,9 @@ impl Session {
     }
 
     /// A message from the server (DEALER or SUB).
-    pub fn on_message(&mut self, now: Instant, wall_ms: u64, env: Envelope) -> Vec<Action> {
+    /// `received` is when the frames came off the socket (before any wait
+    /// in the shell's queue); dispatch expiry counts from it.
+    pub fn on_message(&mut self, now: Instant, received: Instant, env: Envelope) -> Vec<Action> {
         if self.link == Link::Down {
             return Vec::new();
         }
@@ -416,7 +433,7 @@ impl Session {
                 self.outbox.ack(seq);
                 self.maybe_done();
             }
-            Body::Dispatch { spec } => self.on_dispatch(now, wall_ms, spec, &mut actions),
+            Body::Dispatch { spec } => self.on_dispatch(now, received, spec, &mut actions),
             Body::Cancel { task } => {
                 if let Some(slot) = &self.slot {
                     if slot.spec.task == task && !slot.finished {
@@ -457,7 +474,7 @@ impl Session {
     fn on_dispatch(
         &mut self,
         now: Instant,
-        wall_ms: u64,
+        received: Instant,
         spec: TaskSpec,
         actions: &mut Vec<Action>,
     ) {
@@ -478,14 +495,18 @@ impl Session {
             self.deliver(now, &task, attempt, body, None);
             return;
         }
-        if wall_ms > spec.expires_at_ms {
-            let late = wall_ms - spec.expires_at_ms;
+        // Expiry is relative to when this copy arrived (monotonic clock):
+        // it never depends on two machines agreeing on wall time. A copy
+        // that waited in our own queue longer than its ttl is stale.
+        let waited = now.saturating_duration_since(received);
+        if waited > Duration::from_millis(spec.ttl_ms) {
+            let late = waited.as_millis() as u64 - spec.ttl_ms;
             self.stats.expired_dispatches += 1;
             warn!(task = %task, late_ms = late, "expired dispatch: refused to start a stale task");
             let body = Body::TaskRefused {
                 task: task.clone(),
                 reason: RefuseReason::Expired,
-                message: format!("dispatch arrived {late} ms after it expired"),
+                message: format!("dispatch was started {late} ms after its ttl of {} ms", spec.ttl_ms),
             };
             self.deliver(now, &task, attempt, body, None);
             return;
@@ -528,6 +549,7 @@ impl Session {
             info!(task = %task, %reason, "task channel closed by the server");
         }
         self.logs.retain(|(t, a, _)| !matches(t, *a));
+        self.log_bytes = self.logs.iter().map(|(_, _, l)| l.text.len()).sum();
         if ours {
             if !finished {
                 actions.push(Action::StopTask(task.clone()));
@@ -558,12 +580,19 @@ impl Session {
                 if !self.is_current(&task, attempt) {
                     return actions; // the task was closed under it; dropped on purpose
                 }
-                if self.logs.len() >= self.cfg.log_buffer_lines {
-                    if let Some((t, _, _)) = self.logs.pop_front() {
+                // Bounded in lines and in bytes: the oldest go first, and
+                // each one dropped is counted (the server reports the gap).
+                while !self.logs.is_empty()
+                    && (self.logs.len() >= self.cfg.log_buffer_lines
+                        || self.log_bytes + line.text.len() > self.cfg.log_buffer_bytes)
+                {
+                    if let Some((t, _, old)) = self.logs.pop_front() {
+                        self.log_bytes -= old.text.len();
                         self.stats.log_lines_dropped += 1;
                         *self.dropped_per_task.entry(t).or_default() += 1;
                     }
                 }
+                self.log_bytes += line.text.len();
                 self.logs.push_back((task, attempt, line));
                 self.oldest_log_at.get_or_insert(now);
             }
@@ -739,6 +768,7 @@ impl Session {
                 match self.logs.front() {
                     Some((t, a, _)) if *t == task && *a == attempt => {
                         let line = self.logs.pop_front().expect("front").2;
+                        self.log_bytes -= line.text.len();
                         bytes += line.text.len() + 16;
                         lines.push(line);
                     }

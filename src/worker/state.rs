@@ -310,7 +310,7 @@ mod tests {
                     packages: vec!["p".into()],
                     timeout_secs: 5,
                     options: Default::default(),
-                    expires_at_ms: 0,
+                    ttl_ms: 1000,
                 },
                 finished: true,
                 aborted: false,

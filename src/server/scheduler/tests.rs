@@ -49,6 +49,7 @@ impl Lab {
             queue_timeout: Duration::from_secs(600),
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            limits: Default::default(),
         };
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());

@@ -10,6 +10,7 @@ fn cfg() -> SessionConfig {
         heartbeat: HB,
         liveness: 3,
         log_buffer_lines: 5,
+        log_buffer_bytes: 1 << 20,
         log_batch_lines: 3,
         log_batch_delay: Duration::from_millis(20),
         retry: RetryPolicy {
@@ -37,7 +38,7 @@ fn env(body: Body) -> Envelope {
     }
 }
 
-fn spec(task: &str, expires_at_ms: u64) -> TaskSpec {
+fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
     TaskSpec {
         task: task.into(),
         run: "r".into(),
@@ -46,7 +47,7 @@ fn spec(task: &str, expires_at_ms: u64) -> TaskSpec {
         packages: vec!["p".into()],
         timeout_secs: 60,
         options: Default::default(),
-        expires_at_ms,
+        ttl_ms,
     }
 }
 
@@ -90,7 +91,7 @@ impl W {
         }
     }
     fn msg(&mut self, body: Body) -> Vec<Action> {
-        self.s.on_message(self.now, 1_000, env(body))
+        self.s.on_message(self.now, self.now, env(body))
     }
     fn welcome(&mut self, server: &str) -> Vec<Action> {
         self.msg(Body::Welcome {
@@ -242,9 +243,16 @@ fn dispatch_is_accepted_mandatorily_and_resent_until_acked() {
 fn expired_dispatch_is_refused_and_never_started() {
     let mut w = W::new();
     w.up();
-    let a = w.msg(Body::Dispatch {
-        spec: spec("t1", 999),
-    }); // wall clock is 1000
+    // The copy arrived 2 s ago (it waited in a queue) with a ttl of 1 s.
+    let received = w.now;
+    w.now += Duration::from_secs(2);
+    let a = w.s.on_message(
+        w.now,
+        received,
+        env(Body::Dispatch {
+            spec: spec("t1", 1000),
+        }),
+    );
     assert!(!a.iter().any(|a| matches!(a, Action::StartTask(_))));
     assert!(a.iter().any(|a| matches!(
         a,
@@ -432,6 +440,7 @@ fn not_registered_error_triggers_a_new_hello() {
         request: None,
         code: ErrorCode::NotRegistered,
         message: "who?".into(),
+        seq: None,
     });
     assert_eq!(sent(&a), vec!["hello"]);
 }
@@ -445,7 +454,7 @@ fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
     });
     e.header.mandatory = true;
     e.header.seq = 1;
-    let a = w.s.on_message(w.now, 1_000, e.clone());
+    let a = w.s.on_message(w.now, w.now, e.clone());
     assert!(matches!(
         &a[0],
         Action::Send {
@@ -459,14 +468,14 @@ fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
             .count(),
         1
     );
-    let a = w.s.on_message(w.now, 1_000, e);
+    let a = w.s.on_message(w.now, w.now, e);
     assert_eq!(sent(&a), vec!["ack"], "a duplicate is acked and ignored");
     // A restarted server numbers from 1 again.
     w.welcome("srv2");
     let mut e = env(Body::Cancel { task: "t1".into() });
     e.header.mandatory = true;
     e.header.seq = 1;
-    let a = w.s.on_message(w.now, 1_000, e);
+    let a = w.s.on_message(w.now, w.now, e);
     assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }
 
@@ -653,6 +662,7 @@ fn mutated_server_messages_never_panic_the_session() {
             request: None,
             code: ErrorCode::NotRegistered,
             message: "m".into(),
+            seq: None,
         },
     ];
     for i in 0..20_000 {
@@ -667,7 +677,7 @@ fn mutated_server_messages_never_panic_the_session() {
         bytes[at] = rng.gen();
         frames[f] = Bytes::from(bytes);
         if let Ok(env) = crate::protocol::decode(frames) {
-            w.s.on_message(w.now, 1_000, env);
+            w.s.on_message(w.now, w.now, env);
         }
         if i % 500 == 0 {
             w.advance(Duration::from_millis(700));

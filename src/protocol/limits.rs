@@ -1,0 +1,550 @@
+//! The limits every value from a peer is checked against when it arrives,
+//! before any of it is used. `docs/PROTOCOL.md` §14 lists them; keep both
+//! in step. A value outside its limit is refused with
+//! [`ProtocolError::Invalid`], which names the message, the field and the
+//! limit, so the sender (and its operator) can tell exactly what was wrong.
+//!
+//! Identifiers are restricted to a small character set so that an id can
+//! never become a path outside its folder, forge a log line or smuggle
+//! terminal escapes: the receiving side still joins them to paths only after
+//! this check.
+
+use crate::protocol::codec::{Envelope, ProtocolError};
+use crate::protocol::message::*;
+use crate::protocol::DeviceProps;
+
+/// Longest task, run, worker, session or device identifier.
+pub const MAX_ID_BYTES: usize = 64;
+/// Longest test package name.
+pub const MAX_PACKAGE_BYTES: usize = 128;
+/// Most test packages in one testrun.
+pub const MAX_PACKAGES: usize = 256;
+/// Longest image reference (URL or path).
+pub const MAX_IMAGE_BYTES: usize = 4096;
+/// Most options of one testrun, and their sizes.
+pub const MAX_OPTIONS: usize = 64;
+pub const MAX_OPTION_KEY_BYTES: usize = 64;
+pub const MAX_OPTION_VALUE_BYTES: usize = 4096;
+/// Longest execution timeout of a task: 7 days.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Largest sequence number (header `seq`, log line `seq`): 2^53, so that
+/// every sum of sequence numbers and counts fits a u64 and a JSON number.
+pub const MAX_SEQ: u64 = 1 << 53;
+/// Highest attempt number of a task.
+pub const MAX_ATTEMPT: u32 = 1000;
+/// Most log lines in one `log` batch, and the longest line.
+pub const MAX_LOG_BATCH_LINES: usize = 10_000;
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Largest result file the protocol can describe (servers limit lower).
+pub const MAX_FILE_BYTES: u64 = 1 << 40;
+/// Longest result file name, and the longest part between slashes.
+pub const MAX_FILE_NAME_BYTES: usize = 1024;
+pub const MAX_FILE_NAME_PART_BYTES: usize = 255;
+/// Most result files announced in one final report.
+pub const MAX_REPORT_FILES: usize = 1024;
+/// Most tasks a `hello` may say it still runs.
+pub const MAX_RUNNING: usize = 16;
+/// Longest free-text field (reasons, messages, failure descriptions).
+pub const MAX_TEXT_BYTES: usize = 4096;
+/// Heartbeat interval a server may announce, in ms.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+/// Liveness a server may announce.
+pub const LIVENESS: std::ops::RangeInclusive<u32> = 2..=100;
+/// Dispatch time-to-live, in ms.
+pub const TTL_MS: std::ops::RangeInclusive<u64> = 1..=24 * 3600 * 1000;
+/// Most bytes a client may ask for in one `get_log`/`get_file`.
+pub const MAX_READ_BYTES: u64 = 1024 * 1024;
+/// Largest offset a client may give in `get_log`/`get_file`.
+pub const MAX_READ_OFFSET: u64 = MAX_FILE_BYTES;
+
+fn invalid(kind: &'static str, field: &'static str, reason: String) -> ProtocolError {
+    ProtocolError::Invalid {
+        kind,
+        field,
+        reason,
+        request: None,
+        seq: None,
+    }
+}
+
+/// True if `s` is a safe identifier: 1–[`MAX_ID_BYTES`] bytes of ASCII
+/// letters, digits, `.`, `_`, `-`, not starting with `.` or `-`.
+pub fn is_safe_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_BYTES
+        && !s.starts_with(['.', '-'])
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks an identifier field.
+pub fn check_id(kind: &'static str, field: &'static str, s: &str) -> Result<(), ProtocolError> {
+    if is_safe_id(s) {
+        Ok(())
+    } else {
+        Err(invalid(
+            kind,
+            field,
+            format!(
+                "{:?} must be 1–{MAX_ID_BYTES} bytes of A–Z a–z 0–9 . _ - and not start with . or -",
+                clip(s)
+            ),
+        ))
+    }
+}
+
+/// True if a test package name is safe: like an id, plus `+`, up to
+/// [`MAX_PACKAGE_BYTES`].
+pub fn is_safe_package(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_PACKAGE_BYTES
+        && !s.starts_with(['.', '-'])
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
+}
+
+/// Checks a result file name: a relative path of safe parts (no `..`, `.`,
+/// empty parts, backslashes or control characters).
+pub fn check_file_name(kind: &'static str, name: &str) -> Result<(), ProtocolError> {
+    let bad = |why: &str| {
+        Err(invalid(
+            kind,
+            "name",
+            format!("result file name {:?} {why}", clip(name)),
+        ))
+    };
+    if name.is_empty() || name.len() > MAX_FILE_NAME_BYTES {
+        return bad(&format!("must be 1–{MAX_FILE_NAME_BYTES} bytes"));
+    }
+    if name.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("contains a control character or a backslash");
+    }
+    if name.starts_with('/') {
+        return bad("is absolute; names are relative to the task's result folder");
+    }
+    for part in name.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return bad("has an empty, `.` or `..` part");
+        }
+        if part.len() > MAX_FILE_NAME_PART_BYTES {
+            return bad(&format!(
+                "has a part longer than {MAX_FILE_NAME_PART_BYTES} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Cuts a peer's string for an error message.
+fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(80).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+fn check_text(
+    kind: &'static str,
+    field: &'static str,
+    s: &str,
+    max: usize,
+) -> Result<(), ProtocolError> {
+    if s.len() > max {
+        return Err(invalid(
+            kind,
+            field,
+            format!("is {} bytes, over the limit of {max}", s.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    kind: &'static str,
+    field: &'static str,
+    v: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ProtocolError> {
+    if range.contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(
+            kind,
+            field,
+            format!("{v} is outside {}–{}", range.start(), range.end()),
+        ))
+    }
+}
+
+fn check_device(kind: &'static str, d: &DeviceProps) -> Result<(), ProtocolError> {
+    for (field, v) in [
+        ("devicegroup", Some(&d.devicegroup)),
+        ("devicename", d.devicename.as_ref()),
+        ("deviceid", d.deviceid.as_ref()),
+    ] {
+        if let Some(v) = v {
+            if !is_safe_id(v) || v.contains('.') {
+                return Err(invalid(
+                    kind,
+                    field,
+                    format!(
+                        "{:?} must be 1–{MAX_ID_BYTES} bytes of A–Z a–z 0–9 _ - (no dots: they separate routing keys)",
+                        clip(v)
+                    ),
+                ));
+            }
+        }
+    }
+    if d.deviceid.is_some() && d.devicename.is_none() {
+        return Err(invalid(
+            kind,
+            "deviceid",
+            "deviceid needs devicename".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_packages(kind: &'static str, packages: &[String]) -> Result<(), ProtocolError> {
+    if packages.is_empty() || packages.len() > MAX_PACKAGES {
+        return Err(invalid(
+            kind,
+            "packages",
+            format!(
+                "has {} entries; 1–{MAX_PACKAGES} test packages are allowed",
+                packages.len()
+            ),
+        ));
+    }
+    if let Some(p) = packages.iter().find(|p| !is_safe_package(p)) {
+        return Err(invalid(
+            kind,
+            "packages",
+            format!(
+                "test package name {:?} must be 1–{MAX_PACKAGE_BYTES} bytes of A–Z a–z 0–9 . _ - + and not start with . or -",
+                clip(p)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_options(
+    kind: &'static str,
+    options: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ProtocolError> {
+    if options.len() > MAX_OPTIONS {
+        return Err(invalid(
+            kind,
+            "options",
+            format!("has {} entries, over the limit of {MAX_OPTIONS}", options.len()),
+        ));
+    }
+    for (k, v) in options {
+        if k.is_empty()
+            || k.len() > MAX_OPTION_KEY_BYTES
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(invalid(
+                kind,
+                "options",
+                format!(
+                    "option name {:?} must be 1–{MAX_OPTION_KEY_BYTES} bytes of A–Z a–z 0–9 _ - .",
+                    clip(k)
+                ),
+            ));
+        }
+        if v.len() > MAX_OPTION_VALUE_BYTES || v.chars().any(char::is_control) {
+            return Err(invalid(
+                kind,
+                "options",
+                format!(
+                    "option {k:?} value must be at most {MAX_OPTION_VALUE_BYTES} bytes without control characters"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_image(kind: &'static str, image: &str) -> Result<(), ProtocolError> {
+    if image.trim().is_empty()
+        || image.len() > MAX_IMAGE_BYTES
+        || image.chars().any(char::is_control)
+    {
+        return Err(invalid(
+            kind,
+            "image",
+            format!("must be 1–{MAX_IMAGE_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_timeout(kind: &'static str, secs: u64) -> Result<(), ProtocolError> {
+    check_range(kind, "timeout_secs", secs, 1..=MAX_TIMEOUT_SECS)
+}
+
+fn check_sha(kind: &'static str, sha: &str) -> Result<(), ProtocolError> {
+    if sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(invalid(
+            kind,
+            "sha256",
+            "must be 64 lower-case hex digits".into(),
+        ))
+    }
+}
+
+fn check_lines(kind: &'static str, lines: &[LogLine]) -> Result<(), ProtocolError> {
+    if lines.len() > MAX_LOG_BATCH_LINES {
+        return Err(invalid(
+            kind,
+            "lines",
+            format!(
+                "has {} lines, over the limit of {MAX_LOG_BATCH_LINES}",
+                lines.len()
+            ),
+        ));
+    }
+    for l in lines {
+        check_range(kind, "lines.seq", l.seq, 1..=MAX_SEQ)?;
+        check_text(kind, "lines.text", &l.text, MAX_LINE_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Checks every field of a decoded message against its limit.
+pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
+    let kind = env.body.kind();
+    check_range(kind, "seq", env.header.seq, 0..=MAX_SEQ)?;
+    if let Some(task) = &env.header.task {
+        check_id(kind, "task", task)?;
+    }
+    let attempt = |a: u32| check_range(kind, "attempt", a, 1..=MAX_ATTEMPT);
+    match &env.body {
+        Body::Hello {
+            worker,
+            session,
+            device,
+            running,
+        } => {
+            check_id(kind, "worker", worker)?;
+            check_id(kind, "session", session)?;
+            check_device(kind, device)?;
+            if running.len() > MAX_RUNNING {
+                return Err(invalid(
+                    kind,
+                    "running",
+                    format!("has {} entries, over {MAX_RUNNING}", running.len()),
+                ));
+            }
+            for t in running {
+                check_id(kind, "running", t)?;
+            }
+        }
+        Body::Ready | Body::Heartbeat | Body::Ack { .. } => {
+            if let Body::Ack { seq } = &env.body {
+                check_range(kind, "seq", *seq, 0..=MAX_SEQ)?;
+            }
+        }
+        Body::TaskAccepted { task, attempt: a } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+        }
+        Body::TaskRefused { task, message, .. } => {
+            check_id(kind, "task", task)?;
+            check_text(kind, "message", message, MAX_TEXT_BYTES)?;
+        }
+        Body::Log {
+            task,
+            attempt: a,
+            lines,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_lines(kind, lines)?;
+        }
+        Body::FileChunk {
+            task,
+            attempt: a,
+            name,
+            offset,
+            size,
+            sha256,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_file_name(kind, name)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
+            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
+            // offset + len <= size, without overflow.
+            if *offset > *size || len > *size - *offset {
+                return Err(invalid(
+                    kind,
+                    "offset",
+                    format!(
+                        "chunk of {len} bytes at offset {offset} does not fit a file of {size} bytes"
+                    ),
+                ));
+            }
+            if let Some(sha) = sha256 {
+                check_sha(kind, sha)?;
+            }
+        }
+        Body::TaskFinished {
+            task,
+            attempt: a,
+            outcome,
+            log_lines,
+            files,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_range(kind, "log_lines", *log_lines, 0..=MAX_SEQ)?;
+            if let Some(f) = &outcome.failure {
+                check_text(kind, "outcome.failure", f, MAX_TEXT_BYTES)?;
+            }
+            if files.len() > MAX_REPORT_FILES {
+                return Err(invalid(
+                    kind,
+                    "files",
+                    format!("has {} entries, over {MAX_REPORT_FILES}", files.len()),
+                ));
+            }
+            for f in files {
+                check_file_name(kind, &f.name)?;
+                check_range(kind, "files.size", f.size, 0..=MAX_FILE_BYTES)?;
+                check_sha(kind, &f.sha256)?;
+            }
+        }
+        Body::Welcome {
+            server,
+            heartbeat_ms,
+            liveness,
+        } => {
+            check_id(kind, "server", server)?;
+            check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
+            check_range(kind, "liveness", *liveness, LIVENESS)?;
+        }
+        Body::Dispatch { spec } => {
+            check_id(kind, "spec.task", &spec.task)?;
+            check_id(kind, "spec.run", &spec.run)?;
+            attempt(spec.attempt)?;
+            check_image(kind, &spec.image)?;
+            check_packages(kind, &spec.packages)?;
+            check_timeout(kind, spec.timeout_secs)?;
+            check_options(kind, &spec.options)?;
+            check_range(kind, "spec.ttl_ms", spec.ttl_ms, TTL_MS)?;
+        }
+        Body::Cancel { task } => check_id(kind, "task", task)?,
+        Body::TaskClosed {
+            task,
+            attempt: a,
+            reason,
+        } => {
+            check_id(kind, "task", task)?;
+            if let Some(a) = a {
+                attempt(*a)?;
+            }
+            check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
+        }
+        Body::Error { message, .. } => check_text(kind, "message", message, MAX_TEXT_BYTES)?,
+        Body::Ping { .. } | Body::ListWorkers { .. } => {}
+        Body::Submit { testrun, .. } => {
+            check_device(
+                kind,
+                &DeviceProps {
+                    devicegroup: testrun.device.devicegroup.clone(),
+                    devicename: testrun.device.devicename.clone(),
+                    deviceid: testrun.device.deviceid.clone(),
+                },
+            )?;
+            check_image(kind, &testrun.image)?;
+            check_packages(kind, &testrun.packages)?;
+            check_timeout(kind, testrun.timeout_secs)?;
+            check_options(kind, &testrun.options)?;
+        }
+        Body::GetStatus { run, .. } | Body::CancelRun { run, .. } => check_id(kind, "run", run)?,
+        Body::GetEvents { run, from, .. } => {
+            check_id(kind, "run", run)?;
+            check_range(kind, "from", *from, 0..=MAX_SEQ)?;
+        }
+        Body::GetLog { task, offset, .. } => {
+            check_id(kind, "task", task)?;
+            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
+        }
+        Body::GetFile {
+            task, name, offset, ..
+        } => {
+            check_id(kind, "task", task)?;
+            check_file_name(kind, name)?;
+            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
+        }
+        Body::ServerHeartbeat {
+            server,
+            heartbeat_ms,
+        } => {
+            check_id(kind, "server", server)?;
+            check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
+        }
+        Body::Shutdown { server } => check_id(kind, "server", server)?,
+        // Replies to clients and follower traffic are checked by the
+        // client where it uses them (it only prints them, escaped).
+        Body::Pong { .. }
+        | Body::Submitted { .. }
+        | Body::Status { .. }
+        | Body::Events { .. }
+        | Body::Workers { .. }
+        | Body::Data { .. }
+        | Body::Progress { .. }
+        | Body::LogLines { .. } => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_become_paths_or_escapes() {
+        for good in ["r1.2", "worker-1", "a_b", "x"] {
+            assert!(is_safe_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "/abs",
+            "a/b",
+            ".hidden",
+            "-flag",
+            "a b",
+            "a\nb",
+            "\u{1b}[2J",
+            &"x".repeat(65),
+        ] {
+            assert!(!is_safe_id(bad), "{bad:?}");
+        }
+        assert!(!is_safe_package("../../tmp/x"));
+        assert!(is_safe_package("gcc+tests"));
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_result_folder() {
+        for good in ["a.xml", "sub/dir/b.log"] {
+            assert!(check_file_name("file_chunk", good).is_ok(), "{good}");
+        }
+        let long = "x".repeat(300);
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "a\u{0}b", &long] {
+            assert!(check_file_name("file_chunk", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -34,6 +34,7 @@ const EXIT_UNAVAILABLE: u8 = 69;
 async fn main() -> ExitCode {
     let args = Args::parse();
     ots::logging::init("info");
+    ots::fatal::exit_on_panic("ots-server");
     let overrides = [
         ("control", args.control),
         ("events", args.events),

@@ -14,5 +14,6 @@ async fn main() {
         }
     };
     ots::logging::init("warn");
+    ots::fatal::exit_on_panic("ots-submit");
     std::process::exit(commands::main(cli).await);
 }

@@ -35,10 +35,16 @@ const EXIT_CONFIG: u8 = 78;
 /// sysexits EX_CANTCREAT: the state directory is unusable.
 const EXIT_CANTCREAT: u8 = 73;
 
+/// sysexits EX_TEMPFAIL: the server refused the worker's name because
+/// another live worker has it. Temporary: once the other one is gone (or
+/// renamed), a restart registers.
+const EXIT_NAME_IN_USE: u8 = 75;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     ots::logging::init("info");
+    ots::fatal::exit_on_panic("ots-worker");
     let overrides = [
         ("name", args.name),
         ("server", args.server),
@@ -71,6 +77,7 @@ async fn main() -> ExitCode {
                 ots::worker::WorkerError::StateDir { .. } | ots::worker::WorkerError::State(_) => {
                     ExitCode::from(EXIT_CANTCREAT)
                 }
+                ots::worker::WorkerError::NameInUse { .. } => ExitCode::from(EXIT_NAME_IN_USE),
             }
         }
         Err(e) => {

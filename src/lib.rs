@@ -24,11 +24,14 @@
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
 //! - [`logging`]: the binaries' log output.
 //! - [`shutdown`]: SIGTERM/SIGINT for the binaries' orderly stop.
+//! - [`fatal`]: the panic hook of the binaries: a panic anywhere ends the
+//!   process with its location logged, so systemd restarts it.
 
 pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod durable;
+pub mod fatal;
 pub mod local;
 pub mod logging;
 pub mod protocol;

@@ -13,6 +13,11 @@ pub struct DedupWindow {
 
 impl DedupWindow {
     /// True if `seq` was already applied.
+    /// Every seq up to this one has been recorded.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
     pub fn seen(&self, seq: u64) -> bool {
         seq <= self.floor || self.above.contains(&seq)
     }

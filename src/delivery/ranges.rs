@@ -20,18 +20,39 @@ impl SeqRanges {
         let mut start = seq;
         let mut end = seq;
         if let Some((&s, &e)) = self.ranges.range(..seq).next_back() {
-            if e + 1 == seq {
+            if e.checked_add(1) == Some(seq) {
                 start = s;
                 self.ranges.remove(&s);
             }
         }
-        if let Some(&e) = self.ranges.get(&(seq + 1)) {
-            end = e;
-            self.ranges.remove(&(seq + 1));
+        if let Some(next) = seq.checked_add(1) {
+            if let Some(&e) = self.ranges.get(&next) {
+                end = e;
+                self.ranges.remove(&next);
+            }
         }
         self.ranges.insert(start, end);
         self.count += 1;
         true
+    }
+
+    /// Inserts `seq` unless it would open run number `max_runs + 1`;
+    /// false if refused. Adjacent numbers extend a run and are always taken.
+    pub fn insert_bounded(&mut self, seq: u64, max_runs: usize) -> bool {
+        if self.contains(seq) {
+            return true;
+        }
+        let joins = (seq > 0 && self.contains(seq - 1))
+            || seq.checked_add(1).is_some_and(|n| self.ranges.contains_key(&n));
+        if !joins && self.ranges.len() >= max_runs {
+            return false;
+        }
+        self.insert(seq)
+    }
+
+    /// Separate runs of numbers held.
+    pub fn runs(&self) -> usize {
+        self.ranges.len()
     }
 
     pub fn contains(&self, seq: u64) -> bool {
@@ -61,7 +82,7 @@ impl SeqRanges {
             if s > next {
                 gaps.push((next, s - 1));
             }
-            next = e + 1;
+            next = e.saturating_add(1);
         }
         if next <= upto {
             gaps.push((next, upto));
@@ -91,6 +112,17 @@ impl ByteRanges {
     }
 
     /// Bytes covered (overlaps counted once).
+    /// Separate ranges held.
+    pub fn runs(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if `start..end` touches or overlaps a range already held (so
+    /// inserting it opens no new range).
+    pub fn extends(&self, start: u64, end: u64) -> bool {
+        self.0.iter().any(|&(s, e)| start <= e && end >= s)
+    }
+
     pub fn covered(&self) -> u64 {
         self.0.iter().map(|(s, e)| e - s).sum()
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// The schema this build writes. History of versions:
 /// 1: meta, runs, tasks, workers.
 /// 2: task_history (every state change) and files (result file index).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Name of the database file inside the state directory.
 pub const DB_FILE: &str = "ots.db";
@@ -73,6 +73,8 @@ pub struct Changes {
     /// (task, name, size, sha256): the index of stored result files.
     pub files: Vec<(String, String, u64, String)>,
     pub meta: Vec<(String, String)>,
+    /// (table, key, reason): rows to move into the quarantine table.
+    pub quarantine: Vec<(&'static str, String, String)>,
 }
 
 impl Changes {
@@ -83,6 +85,7 @@ impl Changes {
             && self.history.is_empty()
             && self.files.is_empty()
             && self.meta.is_empty()
+            && self.quarantine.is_empty()
     }
 }
 
@@ -214,6 +217,12 @@ impl Db {
                              sha256 TEXT NOT NULL, PRIMARY KEY (task, name));",
                     )
                     .map_err(sql)?,
+                3 => tx
+                    .execute_batch(
+                        "CREATE TABLE quarantine (tbl TEXT NOT NULL, key TEXT NOT NULL, body BLOB,
+                             reason TEXT NOT NULL, at_ms INTEGER NOT NULL);",
+                    )
+                    .map_err(sql)?,
                 _ => unreachable!("no migration to version {version}"),
             }
             tx.execute(
@@ -290,6 +299,31 @@ impl Db {
                 .map_err(sql)?;
             for (k, v) in &changes.meta {
                 meta.execute(params![k, v]).map_err(sql)?;
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            for (table, key, reason) in &changes.quarantine {
+                // Table names come from our own constants, never a peer.
+                let (table, column) = match *table {
+                    "runs" => ("runs", "id"),
+                    "tasks" => ("tasks", "id"),
+                    "workers" => ("workers", "name"),
+                    _ => continue,
+                };
+                tx.execute(
+                    &format!(
+                        "INSERT INTO quarantine (tbl, key, body, reason, at_ms)
+                         SELECT ?1, {column}, body, ?2, ?3 FROM {table} WHERE {column} = ?4"
+                    ),
+                    params![table, reason, now_ms, key],
+                )
+                .map_err(sql)?;
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE {column} = ?1"),
+                    params![key],
+                )
+                .map_err(sql)?;
             }
         }
         tx.commit().map_err(sql)
@@ -387,7 +421,7 @@ mod tests {
         assert!(snap
             .meta
             .iter()
-            .any(|(k, v)| k == "schema_version" && v == "2"));
+            .any(|(k, v)| k == "schema_version" && v == "3"));
     }
 
     #[test]
@@ -419,7 +453,7 @@ mod tests {
             .unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 2);
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(
             db.load().unwrap().runs.len(),
             1,

@@ -23,7 +23,13 @@ use tracing::{info, warn};
 pub type PeerId = Bytes;
 
 /// Largest chunk of a log or file sent to a client in one reply.
-pub const MAX_READ_CHUNK: u64 = 1024 * 1024;
+pub const MAX_READ_CHUNK: u64 = crate::protocol::limits::MAX_READ_BYTES;
+/// Separate received byte ranges kept per result file: chunks normally
+/// arrive in order and stay one range.
+pub const MAX_FILE_RANGES: usize = 4096;
+/// How far ahead of the last consecutive mandatory seq a worker may number
+/// (messages in flight at once): bounds the dedup window.
+pub const DEDUP_AHEAD: u64 = 1 << 20;
 /// Largest result file parsed as JUnit.
 const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -173,6 +179,17 @@ struct Task {
     received: BTreeMap<String, ByteRanges>,
     /// Every state change, oldest first.
     history: Vec<StateChange>,
+    /// Bytes of this attempt's log stored, against `max_task_log_bytes`.
+    log_bytes: u64,
+    /// Log lines of this attempt refused by a limit (log size, gaps).
+    log_refused: u64,
+    /// Result files of this attempt the server refused, with the reason:
+    /// the final report does not wait for them, and the verdict says why.
+    file_errors: BTreeMap<String, String>,
+    /// Times workers refused this task (a refusal uses no attempt).
+    refusals: u32,
+    /// Declared size of each result file of this attempt, as first offered.
+    file_sizes: BTreeMap<String, u64>,
 }
 
 impl Task {
@@ -224,6 +241,9 @@ pub struct Scheduler<S: Store> {
     /// changes only through a state change, so the others are not re-encoded.
     touched: BTreeSet<TaskId>,
     persisted_next_run: u64,
+    /// Stored rows that could not be restored, to move aside at the next
+    /// commit.
+    quarantined: Vec<RestoreError>,
 }
 
 /// Current Unix time in milliseconds.
@@ -267,6 +287,7 @@ impl<S: Store> Scheduler<S> {
             history: Vec::new(),
             touched: BTreeSet::new(),
             persisted_next_run: 0,
+            quarantined: Vec::new(),
         }
     }
 
@@ -428,6 +449,24 @@ impl<S: Store> Scheduler<S> {
             };
         }
         if header.mandatory {
+            let floor = worker.dedup.floor();
+            if header.seq > floor.saturating_add(DEDUP_AHEAD) {
+                // Numbers run consecutively; one this far ahead would make
+                // the dedup window hold every number in between.
+                self.count("mandatory_seq_too_far_ahead", 1);
+                warn!(worker = %name, seq = header.seq, floor, "protocol error: refused a mandatory message numbered too far ahead");
+                self.refuse_mandatory(
+                    &name,
+                    header.task.as_ref(),
+                    header.seq,
+                    ErrorCode::Invalid,
+                    format!(
+                        "seq {} is more than {DEDUP_AHEAD} ahead of the last consecutive seq {floor}",
+                        header.seq
+                    ),
+                );
+                return;
+            }
             if worker.dedup.seen(header.seq) {
                 self.count("duplicate_mandatory", 1);
                 self.send(
@@ -441,7 +480,7 @@ impl<S: Store> Scheduler<S> {
             // The ack goes before anything the message causes (a task_closed
             // after a final report), so the worker sees its report acked first.
             let mark = self.out.len();
-            if self.apply_mandatory(now, &name, body, raw) {
+            if self.apply_mandatory(now, &name, Some(header.seq), body, raw) {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.dedup.record(header.seq);
                 self.send(
@@ -479,7 +518,7 @@ impl<S: Store> Scheduler<S> {
             | Body::TaskRefused { .. }
             | Body::FileChunk { .. }
             | Body::TaskFinished { .. }) => {
-                self.apply_mandatory(now, &name, body, raw);
+                self.apply_mandatory(now, &name, None, body, raw);
             }
             other => {
                 self.count("unexpected_message", 1);
@@ -515,14 +554,29 @@ impl<S: Store> Scheduler<S> {
             );
             return;
         }
-        if name.is_empty() || name.len() > 128 {
-            self.send_error(
-                peer,
-                None,
-                ErrorCode::BadRequest,
-                "worker name must be 1–128 bytes".into(),
-            );
-            return;
+        // Two live workers with one name would steal each other's tasks and
+        // messages: the one already registered keeps the name. A worker
+        // restarted on the same state directory keeps its session, so it
+        // takes over at once; a silent or lost one can be replaced.
+        let liveness = self.cfg.heartbeat.saturating_mul(self.cfg.liveness);
+        if let Some(w) = self.workers.get(&name) {
+            let alive = w.peer.is_some()
+                && w.state != WorkerState::Lost
+                && now.saturating_duration_since(w.last_heard) <= liveness;
+            if alive && w.session != session {
+                let registered = w.session.clone();
+                self.count("hello_name_in_use", 1);
+                warn!(worker = %name, session = %session, registered_session = %registered, "refused a hello: the worker name is in use by a live worker with another session (two workers started with the same name?)");
+                self.send_error(
+                    peer,
+                    None,
+                    ErrorCode::NameInUse,
+                    format!(
+                        "worker name {name:?} is in use by a live worker (session {registered}); give each worker its own name, or stop the other one"
+                    ),
+                );
+                return;
+            }
         }
         let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
             name: name.clone(),
@@ -544,8 +598,14 @@ impl<S: Store> Scheduler<S> {
             worker.session = session;
             worker.dedup = DedupWindow::default();
             // What was pending for the old process is moot; its task is
-            // reconciled from `running` below.
-            worker.outbox = Outbox::new(self.cfg.retry.clone());
+            // reconciled from `running` below. Numbering goes on where it
+            // was: the worker deduplicates per server incarnation, so a
+            // number must never be reused within one.
+            worker.outbox = Outbox::restore(
+                self.cfg.retry.clone(),
+                worker.outbox.next_seq(),
+                Vec::new(),
+            );
         } else {
             worker.outbox.resend_all();
         }
@@ -652,6 +712,7 @@ impl<S: Store> Scheduler<S> {
         &mut self,
         now: Instant,
         worker: &str,
+        seq: Option<u64>,
         body: Body,
         raw: Option<Bytes>,
     ) -> bool {
@@ -722,9 +783,20 @@ impl<S: Store> Scheduler<S> {
                 w.task = None;
                 w.state = WorkerState::Idle;
                 let t = self.tasks.get_mut(&task).expect("open task");
-                // A refused dispatch did not run: it does not use up an attempt.
+                // A refused dispatch did not run: it does not use up an
+                // attempt, but refusals are bounded so a task cannot bounce
+                // between a broken worker and the queue forever.
                 t.attempts = t.attempts.saturating_sub(1);
-                self.requeue(now, &task, format!("worker {worker} refused it: {message}"));
+                t.refusals = t.refusals.saturating_add(1);
+                if t.refusals > self.cfg.limits.max_refusals {
+                    let reason = format!(
+                        "refused by workers {} times (last: worker {worker}: {message})",
+                        t.refusals
+                    );
+                    self.end_task(now, &task, TaskState::Finished, Some(Verdict::Error), reason);
+                } else {
+                    self.requeue(now, &task, format!("worker {worker} refused it: {message}"));
+                }
             }
             Body::FileChunk {
                 task,
@@ -735,13 +807,57 @@ impl<S: Store> Scheduler<S> {
                 sha256,
             } => {
                 let data = raw.unwrap_or_default();
+                // Checked before any byte is written: the file's declared
+                // size against the limits (the codec already checked that
+                // the chunk lies inside it).
+                let limits = &self.cfg.limits;
+                let t = &self.tasks[&task];
+                if let Some(why) = t.file_errors.get(&name) {
+                    let why = why.clone();
+                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                }
+                let others: u64 = t
+                    .file_sizes
+                    .iter()
+                    .filter(|(n, _)| **n != name)
+                    .map(|(_, size)| *size)
+                    .fold(0u64, u64::saturating_add);
+                if size > limits.max_file_bytes {
+                    let why = format!(
+                        "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
+                        limits.max_file_bytes
+                    );
+                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                }
+                if others.saturating_add(size) > limits.max_task_file_bytes {
+                    let why = format!(
+                        "result files of this task would exceed {} bytes (limits.max_task_file_bytes)",
+                        limits.max_task_file_bytes
+                    );
+                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                }
+                if t.file_sizes.get(&name).is_some_and(|s| *s != size) {
+                    let why = format!(
+                        "result file {name:?} changed size during its transfer (now {size} bytes)"
+                    );
+                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::Invalid, why);
+                }
+                if t.received.get(&name).is_some_and(|r| r.runs() >= MAX_FILE_RANGES)
+                    && !t.received[&name].extends(offset, offset + data.len() as u64)
+                {
+                    let why = format!(
+                        "result file {name:?} arrived in more than {MAX_FILE_RANGES} separate pieces"
+                    );
+                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::Invalid, why);
+                }
                 if let Err(e) = self.store.write_chunk(&task, &name, offset, &data) {
-                    return self.file_problem(worker, &task, e);
+                    return self.file_problem(worker, &task, seq, &name, e);
                 }
                 // Chunks may arrive out of order after resends: check the
                 // whole file only once all of it is here.
                 let t = self.tasks.get_mut(&task).expect("open task");
                 let end = offset + data.len() as u64;
+                t.file_sizes.insert(name.clone(), size);
                 t.received
                     .entry(name.clone())
                     .or_default()
@@ -750,7 +866,7 @@ impl<S: Store> Scheduler<S> {
                 if complete {
                     if let Some(sha) = sha256 {
                         if let Err(e) = self.store.verify_file(&task, &name, size, &sha) {
-                            return self.file_problem(worker, &task, e);
+                            return self.file_problem(worker, &task, seq, &name, e);
                         }
                         let t = self.tasks.get_mut(&task).expect("open task");
                         t.files.retain(|f| f.name != name);
@@ -775,6 +891,7 @@ impl<S: Store> Scheduler<S> {
                 // (A refused name never arrives; judged as damaged below.)
                 let missing = files.iter().find(|f| {
                     crate::server::store::safe_relative_path(&f.name).is_ok()
+                        && !t.file_errors.contains_key(&f.name)
                         && t.covered(&f.name) < f.size
                 });
                 if let Some(f) = missing {
@@ -789,23 +906,53 @@ impl<S: Store> Scheduler<S> {
         true
     }
 
-    fn file_problem(&mut self, worker: &str, task: &TaskId, e: StoreError) -> bool {
+    /// A result file the server will not take: the chunk is answered with
+    /// a typed error carrying its seq (the worker stops resending it), the
+    /// file is marked so the final report does not wait for it, and the
+    /// verdict names the reason.
+    fn refuse_file(
+        &mut self,
+        worker: &str,
+        task: &TaskId,
+        seq: Option<u64>,
+        name: &str,
+        code: ErrorCode,
+        why: String,
+    ) -> bool {
+        self.count("file_chunks_refused", 1);
+        let t = self.tasks.get_mut(task).expect("open task");
+        if !t.file_errors.contains_key(name) {
+            warn!(worker, task = %task, file = name, reason = %why, "refused a result file");
+            t.file_errors.insert(name.to_string(), why.clone());
+        }
+        match seq {
+            Some(seq) => self.refuse_mandatory(worker, Some(task), seq, code, why),
+            None => self.send_to_worker(
+                worker,
+                Some(task),
+                Body::Error {
+                    request: None,
+                    code,
+                    message: why,
+                    seq: None,
+                },
+            ),
+        }
+        false
+    }
+
+    fn file_problem(
+        &mut self,
+        worker: &str,
+        task: &TaskId,
+        seq: Option<u64>,
+        name: &str,
+        e: StoreError,
+    ) -> bool {
         match e {
             StoreError::BadFileName(_) => {
                 self.count("bad_file_name", 1);
-                warn!(worker, task = %task, error = %e, "refused a result file");
-                self.send_to_worker(
-                    worker,
-                    Some(task),
-                    Body::Error {
-                        request: None,
-                        code: ErrorCode::BadFileName,
-                        message: e.to_string(),
-                        seq: None,
-                    },
-                );
-                // Acked: resending the same name cannot succeed.
-                true
+                self.refuse_file(worker, task, seq, name, ErrorCode::BadFileName, e.to_string())
             }
             StoreError::Mismatch { .. } => {
                 self.count("file_mismatch", 1);
@@ -813,10 +960,11 @@ impl<S: Store> Scheduler<S> {
                 true
             }
             other => {
-                // Not acked: the worker resends, and the operator sees why.
-                warn!(worker, task = %task, error = %other, "storage error: cannot store a result file chunk; the worker will resend");
+                // Disk full, a name clash, an I/O error: answered, never
+                // left to a resend loop; the operator sees why.
                 self.count("store_errors", 1);
-                false
+                let why = format!("storage error on the server: {other}");
+                self.refuse_file(worker, task, seq, name, ErrorCode::StorageFailed, why)
             }
         }
     }
@@ -833,10 +981,38 @@ impl<S: Store> Scheduler<S> {
             .collect();
         fresh.sort_by_key(|l| l.seq);
         fresh.dedup_by_key(|l| l.seq);
+        // Bounded: bytes on disk per attempt, and separate runs of line
+        // numbers (a peer numbering every other line would otherwise grow
+        // the accounting with every line). Refused lines count as lost.
+        let limits = &self.cfg.limits;
+        let mut bytes = t.log_bytes;
+        // A copy bounded by `max_log_gaps` runs, to judge the batch.
+        let mut ranges = t.log.clone();
+        let before = fresh.len();
+        fresh.retain(|l| {
+            let size = crate::server::store::rendered_len(l);
+            if bytes.saturating_add(size) > limits.max_task_log_bytes {
+                return false;
+            }
+            if !ranges.insert_bounded(l.seq, limits.max_log_gaps) {
+                return false;
+            }
+            bytes += size;
+            true
+        });
+        let refused = (before - fresh.len()) as u64;
+        let run = t.run.clone();
+        if refused > 0 {
+            let t = self.tasks.get_mut(&task).expect("open task");
+            if t.log_refused == 0 {
+                warn!(task = %task, "log limit reached (limits.max_task_log_bytes or max_log_gaps): further lines are dropped and reported as lost");
+            }
+            t.log_refused += refused;
+            self.count("log_lines_over_limit", refused);
+        }
         if fresh.is_empty() {
             return;
         }
-        let run = t.run.clone();
         if let Err(e) = self.store.append_log(&task, &fresh) {
             // Best-effort class: the lines count as lost, the task goes on.
             warn!(task = %task, error = %e, lines = fresh.len(), "storage error: log lines not stored");
@@ -846,6 +1022,9 @@ impl<S: Store> Scheduler<S> {
         let t = self.tasks.get_mut(&task).expect("open task");
         for l in &fresh {
             t.log.insert(l.seq);
+            t.log_bytes = t
+                .log_bytes
+                .saturating_add(crate::server::store::rendered_len(l));
         }
         self.count("log_lines_stored", fresh.len() as u64);
         self.out.push(Output::Publish {
@@ -872,6 +1051,10 @@ impl<S: Store> Scheduler<S> {
         // Check every announced file arrived whole, then read JUnit results.
         let mut junit: Result<Option<CaseCounts>, String> = Ok(None);
         for f in &files {
+            if let Some(why) = self.tasks[task].file_errors.get(&f.name) {
+                junit = Err(format!("result file {} was refused: {why}", f.name));
+                break;
+            }
             if let Err(e) = self.store.verify_file(task, &f.name, f.size, &f.sha256) {
                 junit = Err(format!("result file {} did not arrive intact: {e}", f.name));
                 break;
@@ -913,7 +1096,10 @@ impl<S: Store> Scheduler<S> {
         t.files = files;
         t.cases = junit.ok().flatten();
         let missing = t.log.missing(log_lines);
-        let lost: u64 = missing.iter().map(|(a, b)| b - a + 1).sum();
+        let lost: u64 = missing
+            .iter()
+            .map(|(a, b)| b - a + 1)
+            .fold(0u64, u64::saturating_add);
         let w = self.workers.get_mut(worker).expect("worker");
         w.task = None;
         w.state = WorkerState::Idle;
@@ -1107,6 +1293,18 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
+        let new_tasks = distribution::split(testrun.distribution, &testrun.packages).len();
+        let open = self.active_tasks.len();
+        if open.saturating_add(new_tasks) > self.cfg.limits.max_open_tasks {
+            self.count("submits_over_limit", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!(
+                    "the server holds {open} unfinished tasks; {new_tasks} more would exceed its limit of {} (limits.max_open_tasks): try again when the queue is shorter",
+                    self.cfg.limits.max_open_tasks
+                ),
+            ));
+        }
         let run: RunId = format!("r{}", self.next_run);
         self.next_run += 1;
         let key = testrun.device.routing_key();
@@ -1137,6 +1335,11 @@ impl<S: Store> Scheduler<S> {
                     cancel_requested: false,
                     received: BTreeMap::new(),
                     history: Vec::new(),
+                    log_bytes: 0,
+                    log_refused: 0,
+                    file_errors: BTreeMap::new(),
+                    refusals: 0,
+                    file_sizes: BTreeMap::new(),
                 },
             );
             self.next_order += 1;
@@ -1508,7 +1711,11 @@ impl<S: Store> Scheduler<S> {
         // Each attempt is a channel of its own: its log lines count from 1
         // and its files arrive afresh.
         t.log = SeqRanges::default();
+        t.log_bytes = 0;
+        t.log_refused = 0;
         t.received.clear();
+        t.file_errors.clear();
+        t.file_sizes.clear();
         t.files.clear();
         let attempt = t.attempts;
         if attempt > 1 {

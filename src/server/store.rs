@@ -57,13 +57,34 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
     Ok(out)
 }
 
-/// Renders one log line as stored in the task's log file.
+/// Renders one log line as stored in the task's log file. Lines are data:
+/// a backslash, newline or carriage return inside the text is escaped
+/// (`\\`, `\n`, `\r`), so one line can never forge another (such as an
+/// `[ots-worker]` line). Other control bytes are kept as sent; clients
+/// escape them for a terminal.
 pub fn render_line(line: &LogLine) -> String {
-    match line.stream {
-        Stream::Stdout => format!("{}\n", line.text),
-        Stream::Stderr => format!("[stderr] {}\n", line.text),
-        Stream::Worker => format!("[ots-worker] {}\n", line.text),
+    let prefix = match line.stream {
+        Stream::Stdout => "",
+        Stream::Stderr => "[stderr] ",
+        Stream::Worker => "[ots-worker] ",
+    };
+    let mut out = String::with_capacity(prefix.len() + line.text.len() + 1);
+    out.push_str(prefix);
+    for c in line.text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
     }
+    out.push('\n');
+    out
+}
+
+/// Bytes [`render_line`] writes for `line`.
+pub fn rendered_len(line: &LogLine) -> u64 {
+    render_line(line).len() as u64
 }
 
 /// Storage of task logs and result files.

@@ -34,6 +34,8 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     State(#[from] crate::worker::state::WorkerStateError),
+    #[error("worker name {name:?} refused by the server: {message}")]
+    NameInUse { name: String, message: String },
 }
 
 /// Messages from the server waiting for the loop, at most.
@@ -169,7 +171,8 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
-    loop {
+    let mut refused: Option<String> = None;
+    while refused.is_none() {
         let was_up = matches!(session.link(), Link::Up { .. });
         let mut report_saved: Option<TaskId> = None;
         let actions = tokio::select! {
@@ -317,6 +320,10 @@ pub async fn run(
                         let _ = stop.send(Stop::Cancel);
                     }
                 }
+                Action::Refused(message) => {
+                    refused = Some(message);
+                    queue.clear();
+                }
             }
         }
         if let Link::Up { server } = session.link() {
@@ -335,7 +342,11 @@ pub async fn run(
         }
         running.retain(|_, (_, runner)| !runner.is_finished());
     }
-    info!(worker = %cfg.name, "worker stopping");
+    if let Some(message) = &refused {
+        error!(worker = %cfg.name, %message, "the server refused this worker: another live worker uses the name; stopping");
+    } else {
+        info!(worker = %cfg.name, "worker stopping");
+    }
     // A stopping worker leaves nothing behind: each conductor's process
     // group gets TERM, then KILL after the grace period. The interrupted task
     // is re-run elsewhere once the server counts this worker as lost.
@@ -345,7 +356,13 @@ pub async fn run(
         let limit = Duration::from_millis(cfg.conductor.kill_grace_ms) + Duration::from_secs(5);
         let _ = tokio::time::timeout(limit, runner).await;
     }
-    Ok(())
+    match refused {
+        Some(message) => Err(WorkerError::NameInUse {
+            name: cfg.name.clone(),
+            message,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn attach(

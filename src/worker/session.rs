@@ -47,6 +47,8 @@ pub enum LostReason {
     SendFailed(String),
     /// A socket reported its connection closed.
     ConnectionClosed(String),
+    /// No welcome within the liveness window after the first hello.
+    RegistrationTimeout { waited_ms: u64 },
 }
 
 impl std::fmt::Display for LostReason {
@@ -62,6 +64,9 @@ impl std::fmt::Display for LostReason {
             LostReason::SendFailed(e) => write!(f, "server unreachable: send failed: {e}"),
             LostReason::ConnectionClosed(e) => {
                 write!(f, "server unreachable: connection closed: {e}")
+            }
+            LostReason::RegistrationTimeout { waited_ms } => {
+                write!(f, "server unreachable: no welcome {waited_ms} ms after the first hello (heartbeats arrive, the control connection does not answer)")
             }
         }
     }
@@ -81,13 +86,21 @@ pub enum Action {
     StartTask(TaskSpec),
     /// Stop the conductor of this task (TERM, grace, KILL).
     StopTask(TaskId),
+    /// The server refused this worker for good (its name is in use by
+    /// another live worker): stop the worker with this message.
+    Refused(String),
 }
 
 /// Connection state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Link {
     Down,
-    Registering { hello_sent: Instant },
+    Registering {
+        hello_sent: Instant,
+        /// The first hello on this connection: registration must finish
+        /// within the liveness window, whatever else is heard.
+        since: Instant,
+    },
     Up { server: String },
 }
 
@@ -131,6 +144,8 @@ pub struct SessionStats {
     pub server_errors: u64,
     /// Messages given up under the give-up policy.
     pub given_up: u64,
+    /// Mandatory messages the server answered with an error (not resent).
+    pub refused_by_server: u64,
     /// Guarantee-nothing messages dropped because the server was unreachable.
     pub unsent_dropped: u64,
 }
@@ -304,7 +319,14 @@ impl Session {
     }
 
     fn hello(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        self.link = Link::Registering { hello_sent: now };
+        let since = match self.link {
+            Link::Registering { since, .. } => since,
+            _ => now,
+        };
+        self.link = Link::Registering {
+            hello_sent: now,
+            since,
+        };
         let body = Body::Hello {
             worker: self.name.clone(),
             session: self.session_id.clone(),
@@ -453,6 +475,31 @@ impl Session {
             } => {
                 warn!("server does not know this connection (it restarted or forgot us): registering again");
                 self.hello(now, &mut actions);
+            }
+            Body::Error {
+                code: ErrorCode::NameInUse,
+                message,
+                ..
+            } => {
+                self.link = Link::Down;
+                return vec![Action::Refused(message)];
+            }
+            Body::Error {
+                code,
+                message,
+                seq: Some(seq),
+                ..
+            } => {
+                // The server answered a mandatory message with a typed
+                // error instead of an ack: resending cannot help.
+                self.stats.server_errors += 1;
+                if let Some(p) = self.outbox.take(seq) {
+                    self.stats.refused_by_server += 1;
+                    warn!(seq, kind = p.body.kind(), task = ?p.task, ?code, %message, "the server refused a message; not resending it");
+                    self.maybe_done();
+                } else {
+                    warn!(seq, ?code, %message, "the server refused a message no longer pending");
+                }
             }
             Body::Error { code, message, .. } => {
                 self.stats.server_errors += 1;
@@ -703,7 +750,17 @@ impl Session {
             });
         }
         match self.link {
-            Link::Registering { hello_sent }
+            // Heartbeats on SUB keep `last_heard` fresh even when the
+            // DEALER never reached the server: registration has its own
+            // deadline.
+            Link::Registering { since, .. }
+                if now.saturating_duration_since(since) > self.liveness_window() =>
+            {
+                return self.lost(LostReason::RegistrationTimeout {
+                    waited_ms: now.saturating_duration_since(since).as_millis() as u64,
+                });
+            }
+            Link::Registering { hello_sent, .. }
                 if now.saturating_duration_since(hello_sent) >= self.heartbeat =>
             {
                 self.hello(now, &mut actions);

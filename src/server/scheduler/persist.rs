@@ -27,6 +27,16 @@ struct TaskRow {
     received: BTreeMap<String, ByteRanges>,
     #[serde(default)]
     history: Vec<StateChange>,
+    #[serde(default)]
+    log_bytes: u64,
+    #[serde(default)]
+    log_refused: u64,
+    #[serde(default)]
+    file_errors: BTreeMap<String, String>,
+    #[serde(default)]
+    refusals: u32,
+    #[serde(default)]
+    file_sizes: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +67,29 @@ pub struct RestoreError {
     pub reason: String,
 }
 
+/// Checks a stored testrun against today's limits (an older server, or a
+/// row written before a limit existed, may hold values that are not safe).
+fn check_run(id: &str, row: &RunRow) -> Result<(), String> {
+    use crate::protocol::limits;
+    if !limits::is_safe_id(id) {
+        return Err("testrun id outside the protocol's limits".into());
+    }
+    if !(1..=limits::MAX_TIMEOUT_SECS).contains(&row.request.timeout_secs) {
+        return Err(format!(
+            "timeout of {} s is outside 1–{} s",
+            row.request.timeout_secs,
+            limits::MAX_TIMEOUT_SECS
+        ));
+    }
+    if let Some(p) = row.request.packages.iter().find(|p| !limits::is_safe_package(p)) {
+        return Err(format!("test package name {p:?} is not safe"));
+    }
+    if let Some(t) = row.tasks.iter().find(|t| !limits::is_safe_id(t)) {
+        return Err(format!("task id {t:?} is not safe"));
+    }
+    Ok(())
+}
+
 fn encode<T: Serialize>(row: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(row).expect("rows serialise")
 }
@@ -80,6 +113,10 @@ impl<S: Store> Scheduler<S> {
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
             history: std::mem::take(&mut self.history),
+            quarantine: std::mem::take(&mut self.quarantined)
+                .into_iter()
+                .map(|q| (q.table, q.key, q.reason))
+                .collect(),
             ..Changes::default()
         };
         let touched = std::mem::take(&mut self.touched);
@@ -111,6 +148,11 @@ impl<S: Store> Scheduler<S> {
                 cancel_requested: t.cancel_requested,
                 received: t.received.clone(),
                 history: t.history.clone(),
+                log_bytes: t.log_bytes,
+                log_refused: t.log_refused,
+                file_errors: t.file_errors.clone(),
+                refusals: t.refusals,
+                file_sizes: t.file_sizes.clone(),
             };
             let bytes = encode(&row);
             let done = t.state.is_final();
@@ -196,16 +238,83 @@ impl<S: Store> Scheduler<S> {
         };
         for (key, value) in &snap.meta {
             if key == "next_run" {
-                s.next_run = value.parse().map_err(|_| RestoreError {
-                    table: "meta",
-                    key: key.clone(),
-                    reason: format!("{value:?} is not a number"),
-                })?;
+                match value.parse() {
+                    Ok(n) => s.next_run = n,
+                    Err(_) => warn!(value = %value, "state: meta next_run is not a number; numbering new testruns after the highest stored one"),
+                }
             }
         }
-        s.persisted_next_run = s.next_run;
+        // A row that cannot be applied is moved aside (quarantine table)
+        // with a log line naming it: the server starts and serves the rest,
+        // instead of failing the same way at every restart.
+        let mut quarantined = Vec::new();
+        let mut quarantine = |table: &'static str, key: &str, reason: String| {
+            tracing::error!(table, key, %reason, "state: row cannot be restored; moved to the quarantine table (inspect with sqlite3, then delete)");
+            quarantined.push(RestoreError {
+                table,
+                key: key.to_string(),
+                reason,
+            });
+        };
+        let mut runs = BTreeMap::new();
         for (id, body) in &snap.runs {
-            let row: RunRow = decode("runs", id, body)?;
+            let row: RunRow = match decode("runs", id, body) {
+                Ok(row) => row,
+                Err(e) => {
+                    quarantine("runs", id, e.reason);
+                    continue;
+                }
+            };
+            if let Err(e) = check_run(id, &row) {
+                quarantine("runs", id, e);
+                continue;
+            }
+            runs.insert(id.clone(), row);
+        }
+        let mut tasks = BTreeMap::new();
+        for (id, body) in &snap.tasks {
+            let row: TaskRow = match decode("tasks", id, body) {
+                Ok(row) => row,
+                Err(e) => {
+                    quarantine("tasks", id, e.reason);
+                    continue;
+                }
+            };
+            if !runs.contains_key(&row.run) {
+                quarantine(
+                    "tasks",
+                    id,
+                    format!("belongs to testrun {} which is not restored", row.run),
+                );
+                continue;
+            }
+            tasks.insert(id.clone(), row);
+        }
+        // A testrun missing one of its tasks cannot be judged: it goes
+        // aside with the tasks it has.
+        let broken: Vec<RunId> = runs
+            .iter()
+            .filter(|(_, r)| r.tasks.iter().any(|t| !tasks.contains_key(t)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run in broken {
+            let r = runs.remove(&run).expect("listed");
+            quarantine("runs", &run, "one of its tasks is not restored".into());
+            for t in &r.tasks {
+                if tasks.remove(t).is_some() {
+                    quarantine("tasks", t, format!("its testrun {run} is quarantined"));
+                }
+            }
+        }
+        let highest = runs
+            .keys()
+            .filter_map(|id| id.strip_prefix('r').and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        s.next_run = s.next_run.max(highest.saturating_add(1));
+        s.persisted_next_run = s.next_run;
+        for (id, row) in runs {
+            let id = &id;
             if !matches!(row.state, RunState::Finished | RunState::Cancelled) {
                 s.active_runs.insert(id.clone());
             }
@@ -221,15 +330,8 @@ impl<S: Store> Scheduler<S> {
             );
         }
         let mut queued = Vec::new();
-        for (id, body) in &snap.tasks {
-            let row: TaskRow = decode("tasks", id, body)?;
-            if !s.runs.contains_key(&row.run) {
-                return Err(RestoreError {
-                    table: "tasks",
-                    key: id.clone(),
-                    reason: format!("belongs to testrun {} which is not stored", row.run),
-                });
-            }
+        for (id, row) in tasks {
+            let id = &id;
             let mut state = row.state;
             let mut since = instant(row.since_ms);
             if matches!(
@@ -246,7 +348,7 @@ impl<S: Store> Scheduler<S> {
             if !state.is_final() {
                 s.active_tasks.insert(id.clone());
             }
-            s.next_order = s.next_order.max(row.order + 1);
+            s.next_order = s.next_order.max(row.order.saturating_add(1));
             s.tasks.insert(
                 id.clone(),
                 Task {
@@ -268,6 +370,11 @@ impl<S: Store> Scheduler<S> {
                     cancel_requested: row.cancel_requested,
                     received: row.received,
                     history: row.history,
+                    log_bytes: row.log_bytes,
+                    log_refused: row.log_refused,
+                    file_errors: row.file_errors,
+                    refusals: row.refusals,
+                    file_sizes: row.file_sizes,
                 },
             );
         }
@@ -277,7 +384,17 @@ impl<S: Store> Scheduler<S> {
             s.queues.entry(key).or_default().push_back(id);
         }
         for (name, body) in &snap.workers {
-            let row: WorkerRow = decode("workers", name, body)?;
+            let row: WorkerRow = match decode("workers", name, body) {
+                Ok(row) => row,
+                Err(e) => {
+                    quarantine("workers", name, e.reason);
+                    continue;
+                }
+            };
+            if !crate::protocol::limits::is_safe_id(name) || row.device.validate().is_err() {
+                quarantine("workers", name, "name or device outside the protocol's limits".into());
+                continue;
+            }
             s.workers.insert(
                 name.clone(),
                 Worker {
@@ -294,6 +411,7 @@ impl<S: Store> Scheduler<S> {
                 },
             );
         }
+        s.quarantined = quarantined;
         info!(
             runs = s.runs.len(),
             unfinished_tasks = s.active_tasks.len(),

@@ -6,6 +6,15 @@ use ots::client::exit;
 
 #[tokio::main]
 async fn main() {
+    // Like any Unix filter: output into a closed pipe (`| head`) ends the
+    // program quietly instead of panicking on a failed write.
+    // SAFETY: set once at start, before any other thread writes.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

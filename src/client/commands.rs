@@ -92,6 +92,11 @@ pub enum Command {
         /// Only this task.
         #[arg(long)]
         task: Option<String>,
+        /// Print the log as stored, control characters included (by
+        /// default they are shown escaped, so a log cannot drive the
+        /// terminal).
+        #[arg(long)]
+        raw: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -121,7 +126,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "default")]
     pub distribution: Distribution,
     /// Execution timeout of each task (e.g. 90s, 30m, 2h).
-    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    #[arg(long, default_value = "30m", value_parser = parse_task_timeout)]
     pub timeout: Duration,
     /// Extra option for the conductor, KEY=VALUE (repeatable).
     #[arg(long = "option", value_parser = parse_option)]
@@ -163,7 +168,27 @@ fn local_image(image: String) -> String {
     image
 }
 
-/// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds.
+/// Parses a task's execution timeout: whole seconds from 1 s to the
+/// protocol's limit (7 days), so what the server gets is what was asked.
+pub fn parse_task_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    let max = crate::protocol::limits::MAX_TIMEOUT_SECS;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{text:?}: a task timeout is whole seconds (e.g. 2s, 90s, 30m)"
+        ));
+    }
+    if d.as_secs() == 0 || d.as_secs() > max {
+        return Err(format!(
+            "{text:?}: a task timeout must be from 1s to {}h ({max} s)",
+            max / 3600
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds; refuses values
+/// that do not fit (no overflow, whatever is typed).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -172,12 +197,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (num, unit) = text.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m or 2h"))?;
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m or 2h (or too large)"))?;
+    let too_large = || format!("{text:?} is too large");
     let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
         _ => {
             return Err(format!(
                 "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
@@ -185,6 +211,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Ok(d)
+}
+
+/// Shows control characters (other than tab and newline) escaped, so that
+/// log text from a conductor cannot move the cursor, clear the screen or
+/// retitle the terminal: ESC becomes `\x1b`, C1 controls `\u{9b}`.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn parse_option(text: &str) -> Result<(String, String), String> {
@@ -212,7 +262,12 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Status { run, conn } => status(&conn, &run).await,
         Command::Cancel { run, conn } => cancel(&conn, &run).await,
         Command::Workers { conn } => workers(&conn).await,
-        Command::Logs { run, task, conn } => logs(&conn, &run, task.as_deref()).await,
+        Command::Logs {
+            run,
+            task,
+            raw,
+            conn,
+        } => logs(&conn, &run, task.as_deref(), raw).await,
         Command::Fetch { run, dir, conn } => fetch_cmd(&conn, &run, &dir).await,
     };
     match result {
@@ -268,6 +323,13 @@ async fn run(mut args: RunArgs) -> i32 {
         if args.image.is_none() {
             args.image = Some(crate::local::example_image().display().to_string());
         }
+        if let Some(image) = args.image.as_deref().filter(|i| !i.contains("://")) {
+            if !Path::new(image).exists() {
+                eprintln!("ots-submit: --image {image}: no such file here (with --local the workers run on this machine and read the image from this path)");
+                lab.take().expect("just started").shutdown().await;
+                return exit::USAGE;
+            }
+        }
         if args.packages.is_empty() {
             args.packages = vec!["smoke".into(), "network".into(), "storage".into()];
         }
@@ -285,7 +347,7 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
         image: local_image(args.image.clone().unwrap_or_default()),
         packages: args.packages.clone(),
         distribution: args.distribution,
-        timeout_secs: args.timeout.as_secs().max(1),
+        timeout_secs: args.timeout.as_secs(),
         options: args.options.iter().cloned().collect::<BTreeMap<_, _>>(),
         queue_anyway: args.queue_anyway,
     };
@@ -414,7 +476,7 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
                         serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text })
                     );
                 } else {
-                    println!("  {task} | {}", l.text);
+                    println!("  {task} | {}", escape_controls(&l.text));
                 }
             }
         }
@@ -534,6 +596,23 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
 
 async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let before = client.status(&run.to_string()).await?;
+    if matches!(before.state, RunState::Finished | RunState::Cancelled) {
+        let how = match (before.state, before.verdict) {
+            (RunState::Cancelled, _) => "was already cancelled".to_string(),
+            (_, Some(v)) => format!("already finished with verdict {v}"),
+            _ => "already finished".to_string(),
+        };
+        if conn.json {
+            println!(
+                "{}",
+                serde_json::to_string(&before).expect("status serialises")
+            );
+        } else {
+            println!("testrun {run} {how}; nothing to cancel");
+        }
+        return Ok(exit::PASS);
+    }
     let status = client.cancel(&run.to_string()).await?;
     if conn.json {
         println!(
@@ -541,8 +620,18 @@ async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
             serde_json::to_string(&status).expect("status serialises")
         );
     } else {
+        let queued = before
+            .tasks
+            .iter()
+            .filter(|t| t.state == crate::protocol::TaskState::Queued)
+            .count();
+        let running = before
+            .tasks
+            .iter()
+            .filter(|t| !t.state.is_final() && t.state != crate::protocol::TaskState::Queued)
+            .count();
         println!(
-            "cancel requested for {}: queued tasks cancelled, running tasks are being stopped",
+            "cancel requested for {}: {queued} queued task(s) cancelled, {running} running task(s) being stopped",
             status.run
         );
     }
@@ -574,9 +663,24 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     Ok(exit::PASS)
 }
 
-async fn logs(conn: &Conn, run: &str, only: Option<&str>) -> Result<i32, ClientError> {
+async fn logs(
+    conn: &Conn,
+    run: &str,
+    only: Option<&str>,
+    raw: bool,
+) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
+    if let Some(task) = only {
+        if !status.tasks.iter().any(|t| t.task == task) {
+            let known: Vec<&str> = status.tasks.iter().map(|t| t.task.as_str()).collect();
+            eprintln!(
+                "ots-submit: testrun {run} has no task {task:?} (its tasks: {})",
+                known.join(", ")
+            );
+            return Ok(exit::USAGE);
+        }
+    }
     let mut all = BTreeMap::new();
     for t in status
         .tasks
@@ -589,7 +693,11 @@ async fn logs(conn: &Conn, run: &str, only: Option<&str>) -> Result<i32, ClientE
             all.insert(t.task.clone(), text);
         } else {
             println!("==== {} [{}] ====", t.task, t.packages.join(","));
-            print!("{text}");
+            if raw {
+                print!("{text}");
+            } else {
+                print!("{}", escape_controls(&text));
+            }
         }
     }
     if conn.json {
@@ -684,5 +792,24 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("9999999999999999h").is_err());
+        assert!(parse_duration("18446744073709551616s").is_err());
+    }
+
+    #[test]
+    fn task_timeouts_are_whole_seconds_within_the_protocol_limit() {
+        assert_eq!(parse_task_timeout("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_task_timeout("168h").unwrap(), Duration::from_secs(604_800));
+        for bad in ["0s", "1500ms", "169h", "18446744073709551615s", "9999999999999999h"] {
+            let e = parse_task_timeout(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(escape_controls("plain\ttab"), "plain\ttab");
+        assert_eq!(escape_controls("a\u{1b}[2Jb\u{7}"), "a\\x1b[2Jb\\x07");
+        assert_eq!(escape_controls("x\u{9b}y"), "x\\u{9b}y");
     }
 }

@@ -34,7 +34,7 @@ pub const MAX_SEQ: u64 = 1 << 53;
 pub const MAX_ATTEMPT: u32 = 1000;
 /// Most log lines in one `log` batch, and the longest line.
 pub const MAX_LOG_BATCH_LINES: usize = 10_000;
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Largest result file the protocol can describe (servers limit lower).
 pub const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Longest result file name, and the longest part between slashes.

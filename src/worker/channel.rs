@@ -142,7 +142,17 @@ impl ResponseChannel {
     }
 
     /// Posts one log line (best-effort delivery, numbered for accounting).
-    pub fn log(&mut self, stream: Stream, text: String) {
+    pub fn log(&mut self, stream: Stream, mut text: String) {
+        // Within the protocol's line limit whatever the caller built.
+        let max = crate::protocol::limits::MAX_LINE_BYTES - 32;
+        if text.len() > max {
+            let mut cut = max;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(" [line cut]");
+        }
         let line = LogLine {
             seq: self.next_seq,
             stream,

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 /// Longest log line kept; longer lines are cut and marked.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub const MAX_LINE_BYTES: usize = crate::protocol::limits::MAX_LINE_BYTES / 4;
 
 /// Why the conductor's command line could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -280,24 +280,16 @@ async fn pump(
 ) {
     let Some(stream) = stream else { return };
     let mut reader = BufReader::new(stream);
-    let mut buf = Vec::new();
+    let mut splitter = LineSplitter::default();
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) => return,
-            Ok(_) => {
-                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    buf.pop();
+        let chunk = match reader.fill_buf().await {
+            Ok([]) => {
+                if let Some(text) = splitter.finish() {
+                    let _ = lines.send((which, text));
                 }
-                let mut text =
-                    String::from_utf8_lossy(&buf[..buf.len().min(MAX_LINE_BYTES)]).into_owned();
-                if buf.len() > MAX_LINE_BYTES {
-                    text.push_str(&format!(" [line cut: {} bytes]", buf.len()));
-                }
-                if lines.send((which, text)).is_err() {
-                    return;
-                }
+                return;
             }
+            Ok(chunk) => chunk,
             Err(e) => {
                 let _ = lines.send((
                     Stream::Worker,
@@ -305,13 +297,88 @@ async fn pump(
                 ));
                 return;
             }
+        };
+        let used = chunk.len();
+        for text in splitter.push(chunk) {
+            if lines.send((which, text)).is_err() {
+                return;
+            }
         }
+        reader.consume(used);
+    }
+}
+
+/// Cuts a byte stream into lines of at most [`MAX_LINE_BYTES`]: memory per
+/// stream stays bounded however long a line without a newline is; a long
+/// line goes out in pieces, each but the last marked as continued.
+#[derive(Default)]
+struct LineSplitter {
+    buf: Vec<u8>,
+}
+
+/// Marks a piece of a line that was cut because it was too long.
+const CONTINUED: &str = " [line continues]";
+
+impl LineSplitter {
+    fn push(&mut self, mut bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let room = MAX_LINE_BYTES - self.buf.len();
+            match bytes.iter().take(room).position(|b| *b == b'\n') {
+                Some(i) => {
+                    self.buf.extend_from_slice(&bytes[..i]);
+                    bytes = &bytes[i + 1..];
+                    out.push(Self::text(&mut self.buf, false));
+                }
+                None if bytes.len() >= room => {
+                    self.buf.extend_from_slice(&bytes[..room]);
+                    bytes = &bytes[room..];
+                    out.push(Self::text(&mut self.buf, true));
+                }
+                None => {
+                    self.buf.extend_from_slice(bytes);
+                    bytes = &[];
+                }
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self) -> Option<String> {
+        (!self.buf.is_empty()).then(|| Self::text(&mut self.buf, false))
+    }
+
+    fn text(buf: &mut Vec<u8>, cut: bool) -> String {
+        while !cut && buf.last().is_some_and(|b| *b == b'\r') {
+            buf.pop();
+        }
+        let mut text = String::from_utf8_lossy(buf).into_owned();
+        buf.clear();
+        if cut {
+            text.push_str(CONTINUED);
+        }
+        text
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_without_newline_is_cut_into_bounded_pieces() {
+        let mut sp = LineSplitter::default();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            out.extend(sp.push(&vec![b'y'; MAX_LINE_BYTES / 3]));
+        }
+        out.extend(sp.push(b"end\r\nnext"));
+        out.extend(sp.finish());
+        assert!(out.iter().all(|l| l.len() <= MAX_LINE_BYTES + CONTINUED.len()));
+        assert_eq!(out.iter().filter(|l| l.ends_with(CONTINUED)).count(), 3);
+        assert!(out[3].ends_with("end"), "{:?}", &out[3][out[3].len() - 5..]);
+        assert_eq!(out.last().unwrap(), "next");
+    }
     use std::collections::BTreeMap;
 
     fn spec() -> TaskSpec {

@@ -226,7 +226,7 @@ fn an_expired_dispatch_is_refused_and_the_task_requeued() {
         .wait_for("task re-queued", LIMIT)
         .is_some());
     assert!(
-        server.proc.stderr.count("refused it: dispatch arrived") >= 1,
+        server.proc.stderr.count("refused it: dispatch was started") >= 1,
         "{:?}",
         server.proc.stderr.all()
     );

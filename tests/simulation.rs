@@ -96,6 +96,7 @@ impl Sim {
                 cap_ms: 2000,
                 jitter: true,
             },
+            limits: Default::default(),
         };
         let mut server = Scheduler::new(cfg, MemoryStore::default(), format!("srv{seed}"));
         server.set_wall_clock(t0, WALL0);
@@ -240,6 +241,7 @@ impl Sim {
                         frames: frames.clone(),
                     });
                 }
+                Action::Refused(why) => panic!("worker {w} refused by the server: {why}"),
                 Action::Reconnect(_) => {
                     let sw = &mut self.workers[w];
                     sw.conn = None;
@@ -412,8 +414,14 @@ impl Sim {
                             frames.pop();
                         }
                         let env = decode(frames).expect("our own frames decode");
-                        let wall = WALL0 + self.now_ms;
-                        let actions = self.workers[w].session.on_message(now, wall, env);
+                        let actions = self.workers[w].session.on_message(
+                            now,
+                            ots::worker::session::Arrival {
+                                at: now,
+                                wall_ms: WALL0 + self.now_ms,
+                            },
+                            env,
+                        );
                         self.worker_actions(w, actions);
                     }
                     Event::Conductor {

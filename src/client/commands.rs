@@ -663,12 +663,7 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     Ok(exit::PASS)
 }
 
-async fn logs(
-    conn: &Conn,
-    run: &str,
-    only: Option<&str>,
-    raw: bool,
-) -> Result<i32, ClientError> {
+async fn logs(conn: &Conn, run: &str, only: Option<&str>, raw: bool) -> Result<i32, ClientError> {
     let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
     let status = client.status(&run.to_string()).await?;
     if let Some(task) = only {
@@ -799,8 +794,17 @@ mod tests {
     #[test]
     fn task_timeouts_are_whole_seconds_within_the_protocol_limit() {
         assert_eq!(parse_task_timeout("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_task_timeout("168h").unwrap(), Duration::from_secs(604_800));
-        for bad in ["0s", "1500ms", "169h", "18446744073709551615s", "9999999999999999h"] {
+        assert_eq!(
+            parse_task_timeout("168h").unwrap(),
+            Duration::from_secs(604_800)
+        );
+        for bad in [
+            "0s",
+            "1500ms",
+            "169h",
+            "18446744073709551615s",
+            "9999999999999999h",
+        ] {
             let e = parse_task_timeout(bad).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }

@@ -43,7 +43,9 @@ impl SeqRanges {
             return true;
         }
         let joins = (seq > 0 && self.contains(seq - 1))
-            || seq.checked_add(1).is_some_and(|n| self.ranges.contains_key(&n));
+            || seq
+                .checked_add(1)
+                .is_some_and(|n| self.ranges.contains_key(&n));
         if !joins && self.ranges.len() >= max_runs {
             return false;
         }

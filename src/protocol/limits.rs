@@ -57,6 +57,13 @@ pub const MAX_READ_BYTES: u64 = 1024 * 1024;
 /// Largest offset a client may give in `get_log`/`get_file`.
 pub const MAX_READ_OFFSET: u64 = MAX_FILE_BYTES;
 
+/// Current Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn invalid(kind: &'static str, field: &'static str, reason: String) -> ProtocolError {
     ProtocolError::Invalid {
         kind,
@@ -73,8 +80,7 @@ pub fn is_safe_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_BYTES
         && !s.starts_with(['.', '-'])
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -100,8 +106,7 @@ pub fn is_safe_package(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_PACKAGE_BYTES
         && !s.starts_with(['.', '-'])
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
 }
 
@@ -240,7 +245,10 @@ fn check_options(
         return Err(invalid(
             kind,
             "options",
-            format!("has {} entries, over the limit of {MAX_OPTIONS}", options.len()),
+            format!(
+                "has {} entries, over the limit of {MAX_OPTIONS}",
+                options.len()
+            ),
         ));
     }
     for (k, v) in options {
@@ -490,6 +498,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         Body::ServerHeartbeat {
             server,
             heartbeat_ms,
+            ..
         } => {
             check_id(kind, "server", server)?;
             check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
@@ -543,7 +552,17 @@ mod tests {
             assert!(check_file_name("file_chunk", good).is_ok(), "{good}");
         }
         let long = "x".repeat(300);
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "a\u{0}b", &long] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a\\b",
+            "a\u{0}b",
+            &long,
+        ] {
             assert!(check_file_name("file_chunk", bad).is_err(), "{bad:?}");
         }
     }

@@ -99,9 +99,15 @@ pub struct TaskSpec {
     pub options: BTreeMap<String, String>,
     /// Time to live of this dispatch, in ms: a worker MUST NOT start the
     /// task later than this after the dispatch arrived, measured on its own
-    /// monotonic clock. Relative, so expiry never depends on two machines
+    /// monotonic clock, plus the delay in transit it can estimate (see
+    /// `sent_ms`). Relative, so expiry never depends on two machines
     /// agreeing on wall time.
     pub ttl_ms: u64,
+    /// Server wall clock (Unix ms) when the dispatch was first sent. Only
+    /// ever compared with `server_heartbeat.sent_ms` of the same server,
+    /// never with the worker's clock directly; 0 if unknown.
+    #[serde(default)]
+    pub sent_ms: u64,
 }
 
 /// Which stream of the conductor a log line came from.
@@ -539,6 +545,10 @@ pub enum Body {
     ServerHeartbeat {
         server: String,
         heartbeat_ms: u64,
+        /// Server wall clock (Unix ms) when sent; lets a worker estimate
+        /// the offset between the two clocks (0 if unknown).
+        #[serde(default)]
+        sent_ms: u64,
     },
     /// Progress of a testrun, on topic `run/<id>`.
     Progress {

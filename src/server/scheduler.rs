@@ -8,8 +8,8 @@
 use crate::delivery::ranges::describe;
 use crate::delivery::{ByteRanges, DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
-use crate::protocol::*;
 use crate::protocol::limits;
+use crate::protocol::*;
 use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::store::{Store, StoreError};
@@ -601,11 +601,8 @@ impl<S: Store> Scheduler<S> {
             // reconciled from `running` below. Numbering goes on where it
             // was: the worker deduplicates per server incarnation, so a
             // number must never be reused within one.
-            worker.outbox = Outbox::restore(
-                self.cfg.retry.clone(),
-                worker.outbox.next_seq(),
-                Vec::new(),
-            );
+            worker.outbox =
+                Outbox::restore(self.cfg.retry.clone(), worker.outbox.next_seq(), Vec::new());
         } else {
             worker.outbox.resend_all();
         }
@@ -793,7 +790,13 @@ impl<S: Store> Scheduler<S> {
                         "refused by workers {} times (last: worker {worker}: {message})",
                         t.refusals
                     );
-                    self.end_task(now, &task, TaskState::Finished, Some(Verdict::Error), reason);
+                    self.end_task(
+                        now,
+                        &task,
+                        TaskState::Finished,
+                        Some(Verdict::Error),
+                        reason,
+                    );
                 } else {
                     self.requeue(now, &task, format!("worker {worker} refused it: {message}"));
                 }
@@ -814,7 +817,14 @@ impl<S: Store> Scheduler<S> {
                 let t = &self.tasks[&task];
                 if let Some(why) = t.file_errors.get(&name) {
                     let why = why.clone();
-                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                    return self.refuse_file(
+                        worker,
+                        &task,
+                        seq,
+                        &name,
+                        ErrorCode::LimitReached,
+                        why,
+                    );
                 }
                 let others: u64 = t
                     .file_sizes
@@ -827,14 +837,28 @@ impl<S: Store> Scheduler<S> {
                         "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
                         limits.max_file_bytes
                     );
-                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                    return self.refuse_file(
+                        worker,
+                        &task,
+                        seq,
+                        &name,
+                        ErrorCode::LimitReached,
+                        why,
+                    );
                 }
                 if others.saturating_add(size) > limits.max_task_file_bytes {
                     let why = format!(
                         "result files of this task would exceed {} bytes (limits.max_task_file_bytes)",
                         limits.max_task_file_bytes
                     );
-                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::LimitReached, why);
+                    return self.refuse_file(
+                        worker,
+                        &task,
+                        seq,
+                        &name,
+                        ErrorCode::LimitReached,
+                        why,
+                    );
                 }
                 if t.file_sizes.get(&name).is_some_and(|s| *s != size) {
                     let why = format!(
@@ -842,7 +866,9 @@ impl<S: Store> Scheduler<S> {
                     );
                     return self.refuse_file(worker, &task, seq, &name, ErrorCode::Invalid, why);
                 }
-                if t.received.get(&name).is_some_and(|r| r.runs() >= MAX_FILE_RANGES)
+                if t.received
+                    .get(&name)
+                    .is_some_and(|r| r.runs() >= MAX_FILE_RANGES)
                     && !t.received[&name].extends(offset, offset + data.len() as u64)
                 {
                     let why = format!(
@@ -952,7 +978,14 @@ impl<S: Store> Scheduler<S> {
         match e {
             StoreError::BadFileName(_) => {
                 self.count("bad_file_name", 1);
-                self.refuse_file(worker, task, seq, name, ErrorCode::BadFileName, e.to_string())
+                self.refuse_file(
+                    worker,
+                    task,
+                    seq,
+                    name,
+                    ErrorCode::BadFileName,
+                    e.to_string(),
+                )
             }
             StoreError::Mismatch { .. } => {
                 self.count("file_mismatch", 1);
@@ -1477,6 +1510,7 @@ impl<S: Store> Scheduler<S> {
             body: Body::ServerHeartbeat {
                 server: self.incarnation.clone(),
                 heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+                sent_ms: self.wall_ms(now),
             },
         });
         // If this server was not scheduled for a while (SIGSTOP, overload),
@@ -1738,6 +1772,7 @@ impl<S: Store> Scheduler<S> {
             packages: t.packages.clone(),
             timeout_secs: req.timeout_secs,
             options: req.options.clone(),
+            sent_ms: self.wall_ms(now),
             ttl_ms: u64::try_from(self.cfg.dispatch_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .clamp(*limits::TTL_MS.start(), *limits::TTL_MS.end()),

@@ -85,8 +85,7 @@ impl Server {
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load()?;
         let mut socket_limits = cfg.limits.sockets();
-        socket_limits.max_connections =
-            fit_connections_to_fd_limit(socket_limits.max_connections);
+        socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         let scheduler = Scheduler::restore(

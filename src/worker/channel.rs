@@ -159,7 +159,11 @@ impl ResponseChannel {
             text,
         };
         self.next_seq += 1;
-        if self.budget.as_ref().is_some_and(|b| !b.take(line.text.len())) {
+        if self
+            .budget
+            .as_ref()
+            .is_some_and(|b| !b.take(line.text.len()))
+        {
             self.dropped += 1;
             return;
         }

@@ -374,7 +374,9 @@ mod tests {
         }
         out.extend(sp.push(b"end\r\nnext"));
         out.extend(sp.finish());
-        assert!(out.iter().all(|l| l.len() <= MAX_LINE_BYTES + CONTINUED.len()));
+        assert!(out
+            .iter()
+            .all(|l| l.len() <= MAX_LINE_BYTES + CONTINUED.len()));
         assert_eq!(out.iter().filter(|l| l.ends_with(CONTINUED)).count(), 3);
         assert!(out[3].ends_with("end"), "{:?}", &out[3][out[3].len() - 5..]);
         assert_eq!(out.last().unwrap(), "next");
@@ -393,6 +395,7 @@ mod tests {
             timeout_secs: 60,
             options,
             ttl_ms: 1000,
+            sent_ms: 0,
         }
     }
 

@@ -8,7 +8,7 @@ use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
 use crate::transport::{self, to_message, TransportError};
 use crate::worker::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
 use crate::worker::conductor::{self, Stop, TaskContext};
-use crate::worker::session::{Action, Link, LostReason, Session, SessionConfig};
+use crate::worker::session::{Action, Arrival, Link, LostReason, Session, SessionConfig};
 use crate::worker::state::WorkerStore;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
@@ -38,6 +38,13 @@ pub enum WorkerError {
     NameInUse { name: String, message: String },
 }
 
+fn arrival() -> Arrival {
+    Arrival {
+        at: Instant::now(),
+        wall_ms: crate::protocol::limits::unix_ms_now(),
+    }
+}
+
 /// Messages from the server waiting for the loop, at most.
 const INBOUND_QUEUE: usize = 1024;
 /// Task events handled per loop turn at most (one state save each turn).
@@ -50,7 +57,7 @@ enum Inbound {
         msg: ZmqMessage,
         /// When the frames came off the socket: dispatch expiry counts
         /// from here, not from when the loop got to them.
-        received: Instant,
+        received: Arrival,
     },
     Closed {
         generation: u64,
@@ -288,7 +295,9 @@ pub async fn run(
                         }
                         Err(e) => {
                             queue.clear();
-                            queue.push_back(Action::Reconnect(LostReason::SendFailed(e.to_string())));
+                            queue.push_back(Action::Reconnect(LostReason::SendFailed(
+                                e.to_string(),
+                            )));
                         }
                     }
                 }
@@ -382,7 +391,7 @@ fn attach(
                             generation,
                             from_sub: false,
                             msg,
-                            received: Instant::now(),
+                            received: arrival(),
                         })
                         .await
                         .is_err()
@@ -412,7 +421,7 @@ fn attach(
                             generation,
                             from_sub: true,
                             msg,
-                            received: Instant::now(),
+                            received: arrival(),
                         })
                         .await
                         .is_err()

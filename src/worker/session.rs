@@ -101,7 +101,9 @@ pub enum Link {
         /// within the liveness window, whatever else is heard.
         since: Instant,
     },
-    Up { server: String },
+    Up {
+        server: String,
+    },
 }
 
 /// The task a worker owns, as saved to disk.
@@ -177,6 +179,53 @@ pub struct Session {
     server_dedup: DedupWindow,
     /// Guarantee-nothing messages waiting for the next flush.
     unreliable: VecDeque<Outgoing>,
+    /// What the server's heartbeats say about its clock against ours.
+    clock: ClockOffset,
+}
+
+/// When a message came off the socket, by both of the worker's clocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub at: Instant,
+    /// Worker wall clock, Unix ms.
+    pub wall_ms: u64,
+}
+
+/// Heartbeats observed to estimate how far a dispatch travelled.
+const CLOCK_WINDOW: usize = 32;
+
+/// The difference between the worker's and the server's wall clocks as
+/// heartbeats show it: `worker wall at arrival − server wall at send`,
+/// the smallest of the last [`CLOCK_WINDOW`] heartbeats. That is the clock
+/// skew plus the fastest transit, so a dispatch's extra delay in transit
+/// is `arrival − sent − offset`, whatever the skew: two clocks 60 s apart
+/// do not make fresh dispatches look stale, and a dispatch that waited in
+/// a socket buffer while the worker was stopped does.
+#[derive(Clone, Debug, Default)]
+struct ClockOffset {
+    samples: VecDeque<i128>,
+}
+
+impl ClockOffset {
+    fn observe(&mut self, arrived_ms: u64, sent_ms: u64) {
+        if self.samples.len() == CLOCK_WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back(i128::from(arrived_ms) - i128::from(sent_ms));
+    }
+
+    /// Estimated delay in transit beyond the fastest, in ms (0 if unknown).
+    fn transit_ms(&self, arrived_ms: u64, sent_ms: u64) -> u64 {
+        let Some(offset) = self.samples.iter().min() else {
+            return 0;
+        };
+        if sent_ms == 0 {
+            return 0;
+        }
+        let extra = i128::from(arrived_ms) - i128::from(sent_ms) - offset;
+        u64::try_from(extra.max(0)).unwrap_or(u64::MAX)
+    }
 }
 
 fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
@@ -218,6 +267,7 @@ impl Session {
             server_session: None,
             server_dedup: DedupWindow::default(),
             unreliable: VecDeque::new(),
+            clock: ClockOffset::default(),
         }
     }
 
@@ -406,7 +456,7 @@ impl Session {
     /// A message from the server (DEALER or SUB).
     /// `received` is when the frames came off the socket (before any wait
     /// in the shell's queue); dispatch expiry counts from it.
-    pub fn on_message(&mut self, now: Instant, received: Instant, env: Envelope) -> Vec<Action> {
+    pub fn on_message(&mut self, now: Instant, received: Arrival, env: Envelope) -> Vec<Action> {
         if self.link == Link::Down {
             return Vec::new();
         }
@@ -422,7 +472,12 @@ impl Session {
             }
         }
         match env.body {
-            Body::ServerHeartbeat { server, .. } => {
+            Body::ServerHeartbeat {
+                server, sent_ms, ..
+            } => {
+                if sent_ms > 0 {
+                    self.clock.observe(received.wall_ms, sent_ms);
+                }
                 if let Link::Up { server: ours } = &self.link {
                     if *ours != server {
                         return self.lost(LostReason::ServerRestarted {
@@ -521,7 +576,7 @@ impl Session {
     fn on_dispatch(
         &mut self,
         now: Instant,
-        received: Instant,
+        received: Arrival,
         spec: TaskSpec,
         actions: &mut Vec<Action>,
     ) {
@@ -545,15 +600,20 @@ impl Session {
         // Expiry is relative to when this copy arrived (monotonic clock):
         // it never depends on two machines agreeing on wall time. A copy
         // that waited in our own queue longer than its ttl is stale.
-        let waited = now.saturating_duration_since(received);
-        if waited > Duration::from_millis(spec.ttl_ms) {
-            let late = waited.as_millis() as u64 - spec.ttl_ms;
+        let waited = now.saturating_duration_since(received.at).as_millis() as u64;
+        let transit = self.clock.transit_ms(received.wall_ms, spec.sent_ms);
+        let age = waited.saturating_add(transit);
+        if age > spec.ttl_ms {
+            let late = age - spec.ttl_ms;
             self.stats.expired_dispatches += 1;
             warn!(task = %task, late_ms = late, "expired dispatch: refused to start a stale task");
             let body = Body::TaskRefused {
                 task: task.clone(),
                 reason: RefuseReason::Expired,
-                message: format!("dispatch was started {late} ms after its ttl of {} ms", spec.ttl_ms),
+                message: format!(
+                    "dispatch was started {late} ms after its ttl of {} ms",
+                    spec.ttl_ms
+                ),
             };
             self.deliver(now, &task, attempt, body, None);
             return;

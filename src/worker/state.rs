@@ -311,6 +311,7 @@ mod tests {
                     timeout_secs: 5,
                     options: Default::default(),
                     ttl_ms: 1000,
+                    sent_ms: 0,
                 },
                 finished: true,
                 aborted: false,

@@ -81,7 +81,12 @@ fn check_run(id: &str, row: &RunRow) -> Result<(), String> {
             limits::MAX_TIMEOUT_SECS
         ));
     }
-    if let Some(p) = row.request.packages.iter().find(|p| !limits::is_safe_package(p)) {
+    if let Some(p) = row
+        .request
+        .packages
+        .iter()
+        .find(|p| !limits::is_safe_package(p))
+    {
         return Err(format!("test package name {p:?} is not safe"));
     }
     if let Some(t) = row.tasks.iter().find(|t| !limits::is_safe_id(t)) {
@@ -240,7 +245,9 @@ impl<S: Store> Scheduler<S> {
             if key == "next_run" {
                 match value.parse() {
                     Ok(n) => s.next_run = n,
-                    Err(_) => warn!(value = %value, "state: meta next_run is not a number; numbering new testruns after the highest stored one"),
+                    Err(_) => {
+                        warn!(value = %value, "state: meta next_run is not a number; numbering new testruns after the highest stored one")
+                    }
                 }
             }
         }
@@ -392,7 +399,11 @@ impl<S: Store> Scheduler<S> {
                 }
             };
             if !crate::protocol::limits::is_safe_id(name) || row.device.validate().is_err() {
-                quarantine("workers", name, "name or device outside the protocol's limits".into());
+                quarantine(
+                    "workers",
+                    name,
+                    "name or device outside the protocol's limits".into(),
+                );
                 continue;
             }
             s.workers.insert(

@@ -48,7 +48,71 @@ fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
         timeout_secs: 60,
         options: Default::default(),
         ttl_ms,
+        sent_ms: 0,
     }
+}
+
+fn arrival(at: Instant, wall_ms: u64) -> Arrival {
+    Arrival { at, wall_ms }
+}
+
+fn started(actions: &[Action]) -> bool {
+    actions.iter().any(|a| matches!(a, Action::StartTask(_)))
+}
+
+#[test]
+fn expiry_ignores_clock_skew_but_sees_time_spent_in_transit() {
+    let mut w = W::new();
+    w.up();
+    // The server's clock is 60 s behind ours; heartbeats take ~5 ms.
+    let skew = 60_000;
+    for i in 0..5u64 {
+        let sent = 10_000 + i * 1000;
+        w.s.on_message(
+            w.now,
+            arrival(w.now, sent + skew + 5),
+            env(Body::ServerHeartbeat {
+                server: "srv1".into(),
+                heartbeat_ms: 1000,
+                sent_ms: sent,
+            }),
+        );
+    }
+    // A dispatch sent at 20 000 (server clock) arriving promptly: fresh,
+    // although our wall clock says it is 60 s old.
+    let mut fresh = spec("t1", 1000);
+    fresh.sent_ms = 20_000;
+    let a = w.s.on_message(
+        w.now,
+        arrival(w.now, 20_000 + skew + 7),
+        env(Body::Dispatch { spec: fresh }),
+    );
+    assert!(started(&a), "{a:?}");
+    // Another worker, same skew: a dispatch that sat 2.5 s in a socket
+    // buffer is stale.
+    let mut w = W::new();
+    w.up();
+    for i in 0..5u64 {
+        let sent = 10_000 + i * 1000;
+        w.s.on_message(
+            w.now,
+            arrival(w.now, sent + skew + 5),
+            env(Body::ServerHeartbeat {
+                server: "srv1".into(),
+                heartbeat_ms: 1000,
+                sent_ms: sent,
+            }),
+        );
+    }
+    let mut stale = spec("t1", 1000);
+    stale.sent_ms = 20_000;
+    let a = w.s.on_message(
+        w.now,
+        arrival(w.now, 20_000 + skew + 2_500),
+        env(Body::Dispatch { spec: stale }),
+    );
+    assert!(!started(&a));
+    assert_eq!(w.s.stats.expired_dispatches, 1);
 }
 
 fn sent(actions: &[Action]) -> Vec<&'static str> {
@@ -91,7 +155,8 @@ impl W {
         }
     }
     fn msg(&mut self, body: Body) -> Vec<Action> {
-        self.s.on_message(self.now, self.now, env(body))
+        self.s
+            .on_message(self.now, arrival(self.now, 1_000), env(body))
     }
     fn welcome(&mut self, server: &str) -> Vec<Action> {
         self.msg(Body::Welcome {
@@ -148,6 +213,7 @@ fn hello_is_repeated_until_welcomed() {
     w.msg(Body::ServerHeartbeat {
         server: "srv1".into(),
         heartbeat_ms: 1000,
+        sent_ms: 0,
     });
     let a = w.advance(HB);
     assert_eq!(sent(&a), vec!["hello"]);
@@ -179,12 +245,14 @@ fn heartbeats_keep_the_server_alive_and_a_new_incarnation_means_restart() {
         w.msg(Body::ServerHeartbeat {
             server: "srv1".into(),
             heartbeat_ms: 1000,
+            sent_ms: 0,
         });
     }
     assert!(matches!(w.s.link(), Link::Up { .. }));
     let a = w.msg(Body::ServerHeartbeat {
         server: "srv2".into(),
         heartbeat_ms: 1000,
+        sent_ms: 0,
     });
     assert!(matches!(
         &a[..],
@@ -211,6 +279,7 @@ fn worker_heartbeats_only_when_otherwise_silent() {
     w.msg(Body::ServerHeartbeat {
         server: "srv1".into(),
         heartbeat_ms: 1000,
+        sent_ms: 0,
     });
     let a = w.advance(HB / 2);
     assert!(sent(&a).is_empty());
@@ -248,7 +317,7 @@ fn expired_dispatch_is_refused_and_never_started() {
     w.now += Duration::from_secs(2);
     let a = w.s.on_message(
         w.now,
-        received,
+        arrival(received, 1_000),
         env(Body::Dispatch {
             spec: spec("t1", 1000),
         }),
@@ -454,7 +523,7 @@ fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
     });
     e.header.mandatory = true;
     e.header.seq = 1;
-    let a = w.s.on_message(w.now, w.now, e.clone());
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e.clone());
     assert!(matches!(
         &a[0],
         Action::Send {
@@ -468,14 +537,14 @@ fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
             .count(),
         1
     );
-    let a = w.s.on_message(w.now, w.now, e);
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
     assert_eq!(sent(&a), vec!["ack"], "a duplicate is acked and ignored");
     // A restarted server numbers from 1 again.
     w.welcome("srv2");
     let mut e = env(Body::Cancel { task: "t1".into() });
     e.header.mandatory = true;
     e.header.seq = 1;
-    let a = w.s.on_message(w.now, w.now, e);
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
     assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }
 
@@ -534,6 +603,7 @@ fn give_up_policy_stops_resending_after_its_bound() {
     w.msg(Body::ServerHeartbeat {
         server: "srv1".into(),
         heartbeat_ms: 1000,
+        sent_ms: 0,
     });
     let mut resent = 0;
     for _ in 0..10 {
@@ -542,6 +612,7 @@ fn give_up_policy_stops_resending_after_its_bound() {
         w.msg(Body::ServerHeartbeat {
             server: "srv1".into(),
             heartbeat_ms: 1000,
+            sent_ms: 0,
         });
     }
     assert!(resent >= 1, "resent while within the bound");
@@ -657,6 +728,7 @@ fn mutated_server_messages_never_panic_the_session() {
         Body::ServerHeartbeat {
             server: "srv1".into(),
             heartbeat_ms: 1000,
+            sent_ms: 0,
         },
         Body::Error {
             request: None,
@@ -677,7 +749,7 @@ fn mutated_server_messages_never_panic_the_session() {
         bytes[at] = rng.gen();
         frames[f] = Bytes::from(bytes);
         if let Ok(env) = crate::protocol::decode(frames) {
-            w.s.on_message(w.now, w.now, env);
+            w.s.on_message(w.now, arrival(w.now, 1_000), env);
         }
         if i % 500 == 0 {
             w.advance(Duration::from_millis(700));

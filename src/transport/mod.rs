@@ -68,6 +68,11 @@ pub struct SocketLimits {
     pub peer_send_queue: usize,
 }
 
+/// Messages a worker or client queues towards the server at most (a log
+/// batch is up to 64 KiB): past it, a best-effort send is dropped and
+/// counted, a mandatory one waits in the outbox for its resend.
+pub const CLIENT_SEND_QUEUE: usize = 256;
+
 /// Frames in the largest message of our protocol: topic (PUB/SUB) or
 /// routing identity, header, body, raw.
 pub const MAX_FRAMES: usize = 4;
@@ -133,8 +138,13 @@ pub async fn bind_server(
 }
 
 fn options(timeout: Duration) -> SocketOptions {
-    // A rogue server is held to the same limits as any peer.
-    let mut o = SocketLimits::default().options();
+    // A rogue server is held to the same limits as any peer; what we queue
+    // towards the server is bounded more tightly (it is one peer).
+    let mut o = SocketLimits {
+        peer_send_queue: CLIENT_SEND_QUEUE,
+        ..SocketLimits::default()
+    }
+    .options();
     // A fresh routing identity per connection: reusing one black-holes the
     // newer or older connection inside zeromq 0.7.
     o.peer_identity(zeromq::util::PeerIdentity::new());

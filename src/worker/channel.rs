@@ -70,6 +70,15 @@ pub struct ResponseChannel {
     dropped: u64,
 }
 
+/// What one line costs against a [`LogBudget`]: its text plus what a
+/// queued line costs besides (event, ids), so short lines count fairly.
+pub fn charge(text: &str) -> usize {
+    text.len() + LINE_OVERHEAD
+}
+
+/// Memory a queued log line takes besides its text, roughly.
+pub const LINE_OVERHEAD: usize = 128;
+
 /// Log text in flight between all running tasks and the session, bounded
 /// in bytes: a conductor that prints faster than lines can be delivered
 /// loses lines (counted, and reported as gaps), never the worker's memory.
@@ -162,7 +171,7 @@ impl ResponseChannel {
         if self
             .budget
             .as_ref()
-            .is_some_and(|b| !b.take(line.text.len()))
+            .is_some_and(|b| !b.take(charge(&line.text)))
         {
             self.dropped += 1;
             return;

@@ -151,7 +151,7 @@ pub struct Run {
 /// [`Outcome`] with `failure` set.
 pub async fn run(
     run: Run,
-    lines: mpsc::UnboundedSender<(Stream, String)>,
+    lines: mpsc::Sender<(Stream, String)>,
     mut stop: watch::Receiver<Stop>,
 ) -> Outcome {
     let Some((program, args)) = run.argv.split_first() else {
@@ -184,10 +184,12 @@ pub async fn run(
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
     if let Some(path) = &run.pgid_file {
         if let Err(e) = std::fs::write(path, pgid.as_raw().to_string()) {
-            let _ = lines.send((
-                Stream::Worker,
-                format!("cannot note the process group in {}: {e}", path.display()),
-            ));
+            let _ = lines
+                .send((
+                    Stream::Worker,
+                    format!("cannot note the process group in {}: {e}", path.display()),
+                ))
+                .await;
         }
     }
     let readers = [
@@ -202,15 +204,31 @@ pub async fn run(
         status = child.wait() => Some(status),
         _ = &mut deadline => {
             outcome.timed_out = true;
-            let _ = lines.send((Stream::Worker, format!("execution timeout after {} s: terminating the conductor's process group", run.timeout.as_secs())));
             None
         }
         _ = stop.wait_for(|s| *s == Stop::Cancel) => {
             outcome.cancelled = true;
-            let _ = lines.send((Stream::Worker, "task cancelled: terminating the conductor's process group".into()));
             None
         }
     };
+    if outcome.timed_out {
+        let _ = lines
+            .send((
+                Stream::Worker,
+                format!(
+                    "execution timeout after {} s: terminating the conductor's process group",
+                    run.timeout.as_secs()
+                ),
+            ))
+            .await;
+    } else if outcome.cancelled {
+        let _ = lines
+            .send((
+                Stream::Worker,
+                "task cancelled: terminating the conductor's process group".into(),
+            ))
+            .await;
+    }
     let status = match status {
         Some(status) => status,
         None => {
@@ -218,7 +236,7 @@ pub async fn run(
             match tokio::time::timeout(run.kill_grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
-                    let _ = lines.send((Stream::Worker, format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis())));
+                    let _ = lines.send((Stream::Worker, format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis()))).await;
                     signal_group(pgid, Signal::SIGKILL);
                     child.wait().await
                 }
@@ -276,7 +294,7 @@ fn signal_group(pgid: Pid, signal: Signal) -> bool {
 async fn pump(
     stream: Option<impl AsyncRead + Unpin>,
     which: Stream,
-    lines: mpsc::UnboundedSender<(Stream, String)>,
+    lines: mpsc::Sender<(Stream, String)>,
 ) {
     let Some(stream) = stream else { return };
     let mut reader = BufReader::new(stream);
@@ -285,22 +303,24 @@ async fn pump(
         let chunk = match reader.fill_buf().await {
             Ok([]) => {
                 if let Some(text) = splitter.finish() {
-                    let _ = lines.send((which, text));
+                    let _ = lines.send((which, text)).await;
                 }
                 return;
             }
             Ok(chunk) => chunk,
             Err(e) => {
-                let _ = lines.send((
-                    Stream::Worker,
-                    format!("cannot read conductor {which:?}: {e}"),
-                ));
+                let _ = lines
+                    .send((
+                        Stream::Worker,
+                        format!("cannot read conductor {which:?}: {e}"),
+                    ))
+                    .await;
                 return;
             }
         };
         let used = chunk.len();
         for text in splitter.push(chunk) {
-            if lines.send((which, text)).is_err() {
+            if lines.send((which, text)).await.is_err() {
                 return;
             }
         }

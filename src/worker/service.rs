@@ -192,7 +192,7 @@ pub async fn run(
                 while let Some(event) = next.take() {
                     match &event {
                         TaskEvent::Finished { task, .. } => report_saved = Some(task.clone()),
-                        TaskEvent::Log { line, .. } => log_budget.release(line.text.len()),
+                        TaskEvent::Log { line, .. } => log_budget.release(crate::worker::channel::charge(&line.text)),
                     }
                     actions.extend(session.on_task_event(Instant::now(), event));
                     taken += 1;
@@ -518,7 +518,9 @@ async fn run_task(
             cfg.name, spec.attempt, spec.task, argv
         ),
     );
-    let (line_tx, mut line_rx) = mpsc::unbounded_channel();
+    // Bounded: a conductor printing faster than lines can be numbered
+    // and queued waits on its pipe, like any pipe writer.
+    let (line_tx, mut line_rx) = mpsc::channel(1024);
     let run = conductor::Run {
         argv,
         work_dir: work_dir.clone(),

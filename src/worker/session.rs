@@ -7,7 +7,7 @@ use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
 use crate::protocol::*;
-use crate::worker::channel::{ResultFile, TaskEvent};
+use crate::worker::channel::{charge, ResultFile, TaskEvent};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -656,7 +656,7 @@ impl Session {
             info!(task = %task, %reason, "task channel closed by the server");
         }
         self.logs.retain(|(t, a, _)| !matches(t, *a));
-        self.log_bytes = self.logs.iter().map(|(_, _, l)| l.text.len()).sum();
+        self.log_bytes = self.logs.iter().map(|(_, _, l)| charge(&l.text)).sum();
         if ours {
             if !finished {
                 actions.push(Action::StopTask(task.clone()));
@@ -691,15 +691,15 @@ impl Session {
                 // each one dropped is counted (the server reports the gap).
                 while !self.logs.is_empty()
                     && (self.logs.len() >= self.cfg.log_buffer_lines
-                        || self.log_bytes + line.text.len() > self.cfg.log_buffer_bytes)
+                        || self.log_bytes + charge(&line.text) > self.cfg.log_buffer_bytes)
                 {
                     if let Some((t, _, old)) = self.logs.pop_front() {
-                        self.log_bytes -= old.text.len();
+                        self.log_bytes -= charge(&old.text);
                         self.stats.log_lines_dropped += 1;
                         *self.dropped_per_task.entry(t).or_default() += 1;
                     }
                 }
-                self.log_bytes += line.text.len();
+                self.log_bytes += charge(&line.text);
                 self.logs.push_back((task, attempt, line));
                 self.oldest_log_at.get_or_insert(now);
             }
@@ -885,7 +885,7 @@ impl Session {
                 match self.logs.front() {
                     Some((t, a, _)) if *t == task && *a == attempt => {
                         let line = self.logs.pop_front().expect("front").2;
-                        self.log_bytes -= line.text.len();
+                        self.log_bytes -= charge(&line.text);
                         bytes += line.text.len() + 16;
                         lines.push(line);
                     }

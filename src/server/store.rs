@@ -284,6 +284,8 @@ impl Store for DiskStore {
 pub struct MemoryStore {
     pub logs: HashMap<TaskId, Vec<u8>>,
     pub files: HashMap<(TaskId, String), Vec<u8>>,
+    /// Makes every chunk write fail like a full disk (tests).
+    pub disk_full: bool,
 }
 
 fn slice(data: &[u8], offset: u64, max: u64) -> (Vec<u8>, bool) {
@@ -309,6 +311,13 @@ impl Store for MemoryStore {
         data: &[u8],
     ) -> Result<(), StoreError> {
         safe_relative_path(name)?;
+        if self.disk_full {
+            return Err(StoreError::Io {
+                what: "cannot write",
+                path: PathBuf::from(name),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
         let file = self
             .files
             .entry((task.clone(), name.to_string()))

@@ -1065,3 +1065,360 @@ fn only_changed_rows_are_written_and_queued_tasks_once() {
         cancelled.history
     );
 }
+
+// ---- issue 7: hostile and broken peers ------------------------------------
+
+fn errors_to(out: &[Output], who: &str) -> Vec<(ErrorCode, Option<u64>, String)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                peer: p,
+                body: Body::Error {
+                    code, seq, message, ..
+                },
+                ..
+            } if *p == peer(who) => Some((*code, *seq, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn acks_to(out: &[Output], who: &str) -> Vec<u64> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                peer: p,
+                body: Body::Ack { seq },
+                ..
+            } if *p == peer(who) => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hello(worker: &str, session: &str) -> Body {
+    Body::Hello {
+        worker: worker.into(),
+        session: session.into(),
+        device: DeviceProps::parse("devicegroup:g").unwrap(),
+        running: vec![],
+    }
+}
+
+#[test]
+fn a_second_live_worker_with_the_same_name_is_refused_and_numbering_never_restarts() {
+    let mut lab = Lab::new();
+    lab.register("w1", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let first_seq = lab
+        .s
+        .workers
+        .get("w1")
+        .map(|w| w.outbox.next_seq())
+        .unwrap();
+    assert!(first_seq > 1, "a dispatch was numbered");
+    // Same name, another session, on another connection: refused.
+    lab.s.on_message(
+        lab.now,
+        &peer("impostor"),
+        env(false, 0, hello("w1", "other-session")),
+    );
+    let out = lab.s.take_outputs();
+    let errs = errors_to(&out, "impostor");
+    assert_eq!(errs.len(), 1, "{out:?}");
+    assert_eq!(errs[0].0, ErrorCode::NameInUse);
+    assert!(errs[0].2.contains("in use"));
+    assert_eq!(lab.s.counters()["hello_name_in_use"], 1);
+    // The real worker's task is untouched.
+    assert_eq!(lab.status(&run).tasks[0].worker.as_deref(), Some("w1"));
+    // Once the first is lost, a new session may take the name; the
+    // server's numbering for it goes on, never back to 1.
+    lab.advance(HB * 10);
+    lab.tick();
+    lab.s.on_message(
+        lab.now,
+        &peer("w1b"),
+        env(false, 0, hello("w1", "other-session")),
+    );
+    lab.s.take_outputs();
+    assert!(lab.s.workers["w1"].outbox.next_seq() >= first_seq);
+}
+
+#[test]
+fn a_restarted_worker_with_its_session_takes_over_at_once() {
+    let mut lab = Lab::new();
+    lab.register("w1", "devicegroup:g");
+    // Same session id (same state directory), new connection: welcomed.
+    lab.s.on_message(
+        lab.now,
+        &peer("w1-again"),
+        env(false, 0, hello("w1", "w1-session")),
+    );
+    let out = lab.s.take_outputs();
+    assert!(errors_to(&out, "w1-again").is_empty(), "{out:?}");
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            body: Body::Welcome { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn storage_errors_and_oversized_files_are_answered_not_left_to_resend_forever() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_file_bytes = 1000;
+    lab.register("w1", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory(
+        "w1",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
+    let chunk = |name: &str, size: u64| {
+        let mut e = env(
+            true,
+            0,
+            Body::FileChunk {
+                task: task.clone(),
+                attempt: 1,
+                name: name.into(),
+                offset: 0,
+                size,
+                sha256: None,
+            },
+        );
+        e.raw = Some(Bytes::from_static(b"abc"));
+        e
+    };
+    // Over the per-file limit: a typed error carrying the seq, no ack.
+    let mut e = chunk("big.bin", 5000);
+    e.header.seq = 100;
+    lab.s.on_message(lab.now, &peer("w1"), e);
+    let out = lab.s.take_outputs();
+    let errs = errors_to(&out, "w1");
+    assert_eq!(errs[0].0, ErrorCode::LimitReached, "{out:?}");
+    assert_eq!(errs[0].1, Some(100));
+    assert!(acks_to(&out, "w1").is_empty());
+    // The disk is full: the same.
+    lab.s.store.disk_full = true;
+    let mut e = chunk("r.xml", 3);
+    e.header.seq = 101;
+    lab.s.on_message(lab.now, &peer("w1"), e);
+    let out = lab.s.take_outputs();
+    let errs = errors_to(&out, "w1");
+    assert_eq!(errs[0].0, ErrorCode::StorageFailed, "{out:?}");
+    assert_eq!(errs[0].1, Some(101));
+    // The final report does not wait for refused files; the verdict says why.
+    let out = lab.mandatory(
+        "w1",
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome {
+                exit_code: Some(0),
+                ..Outcome::default()
+            },
+            log_lines: 0,
+            files: vec![FileInfo {
+                name: "r.xml".into(),
+                size: 3,
+                sha256: "0".repeat(64),
+            }],
+        },
+    );
+    assert_eq!(acks_to(&out, "w1").len(), 1, "{out:?}");
+    let st = lab.status(&run);
+    assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
+    assert!(
+        st.tasks[0].reason.as_deref().unwrap().contains("refused"),
+        "{:?}",
+        st.tasks[0].reason
+    );
+}
+
+#[test]
+fn log_lines_every_other_number_and_past_the_size_limit_are_bounded_and_counted() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_log_gaps = 100;
+    lab.s.cfg.limits.max_task_log_bytes = 100_000;
+    lab.register("w1", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory(
+        "w1",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
+    let lines: Vec<LogLine> = (1..=5000u64)
+        .map(|i| LogLine {
+            seq: i * 2,
+            stream: Stream::Stdout,
+            text: "x".into(),
+        })
+        .collect();
+    lab.from(
+        "w1",
+        Body::Log {
+            task: task.clone(),
+            attempt: 1,
+            lines,
+        },
+    );
+    let t = &lab.s.tasks[&task];
+    assert!(t.log.runs() <= 100, "{} runs", t.log.runs());
+    assert_eq!(lab.s.counters()["log_lines_over_limit"], 4900);
+    // Consecutive lines still extend a run; the size limit stops them.
+    let lines: Vec<LogLine> = (10_001..=20_000u64)
+        .map(|i| LogLine {
+            seq: i,
+            stream: Stream::Stdout,
+            text: "y".repeat(100),
+        })
+        .collect();
+    lab.from(
+        "w1",
+        Body::Log {
+            task: task.clone(),
+            attempt: 1,
+            lines,
+        },
+    );
+    assert!(lab.s.tasks[&task].log_bytes <= 100_000);
+    // Accounting holds: stored + lost = produced.
+    lab.mandatory(
+        "w1",
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome {
+                exit_code: Some(0),
+                ..Outcome::default()
+            },
+            log_lines: 20_000,
+            files: vec![],
+        },
+    );
+    let st = lab.status(&run);
+    let t = &st.tasks[0];
+    let lost: u64 = t.log_gaps.iter().map(|(a, b)| b - a + 1).sum();
+    assert_eq!(t.log_lines_stored + lost, 20_000);
+}
+
+#[test]
+fn submits_past_the_open_task_limit_are_refused_with_limit_reached() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_open_tasks = 5;
+    lab.register("w1", "devicegroup:g");
+    let reply = lab.submit(
+        "devicegroup:g",
+        &["a", "b", "c"],
+        Distribution::Perpackage,
+        false,
+    );
+    run_id(&reply);
+    lab.s.take_changes(); // a commit: the open set is what is unfinished
+    let reply = lab.submit(
+        "devicegroup:g",
+        &["d", "e", "f"],
+        Distribution::Perpackage,
+        false,
+    );
+    match reply {
+        Body::Error {
+            code,
+            message,
+            request,
+            ..
+        } => {
+            assert_eq!(code, ErrorCode::LimitReached);
+            assert_eq!(request, Some(1));
+            assert!(message.contains("max_open_tasks"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
+    // Decoding refuses it at the edge; the scheduler is safe regardless.
+    let mut lab = Lab::new();
+    lab.register("w1", "devicegroup:g");
+    let reply = lab.request(Body::Submit {
+        request: 1,
+        testrun: TestrunRequest {
+            device: DeviceSpec::parse("devicegroup:g").unwrap(),
+            image: "img".into(),
+            packages: vec!["p".into()],
+            distribution: Distribution::Default,
+            timeout_secs: u64::MAX,
+            options: BTreeMap::new(),
+            queue_anyway: false,
+        },
+    });
+    let run = run_id(&reply);
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory("w1", Body::TaskAccepted { task, attempt: 1 });
+    for _ in 0..5 {
+        lab.advance(HB);
+        lab.from("w1", Body::Heartbeat);
+        lab.tick();
+    }
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Running);
+}
+
+#[test]
+fn a_task_refused_again_and_again_ends_in_error_instead_of_bouncing_forever() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_refusals = 3;
+    lab.register("w1", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    for _ in 0..4 {
+        lab.mandatory(
+            "w1",
+            Body::TaskRefused {
+                task: task.clone(),
+                reason: RefuseReason::Expired,
+                message: "stale".into(),
+            },
+        );
+        lab.from("w1", Body::Ready);
+    }
+    let st = lab.status(&run);
+    assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
+    assert!(st.tasks[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("refused by workers 4 times"));
+}
+
+#[test]
+fn mandatory_numbers_far_ahead_are_refused_so_the_dedup_window_stays_small() {
+    let mut lab = Lab::new();
+    lab.register("w1", "devicegroup:g");
+    lab.s.on_message(
+        lab.now,
+        &peer("w1"),
+        env(
+            true,
+            DEDUP_AHEAD + 10,
+            Body::TaskAccepted {
+                task: "r1.1".into(),
+                attempt: 1,
+            },
+        ),
+    );
+    let out = lab.s.take_outputs();
+    let errs = errors_to(&out, "w1");
+    assert_eq!(errs[0].0, ErrorCode::Invalid);
+    assert_eq!(errs[0].1, Some(DEDUP_AHEAD + 10));
+    assert_eq!(lab.s.workers["w1"].dedup.pending_gaps(), 0);
+}

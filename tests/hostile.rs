@@ -626,3 +626,333 @@ fn local_run_with_a_missing_image_says_so_before_anything_runs() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_stored_row_that_cannot_be_applied_is_quarantined_and_the_server_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("server");
+    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let args = [
+        "--device",
+        "devicegroup:nobody",
+        "--image",
+        "x",
+        "--packages",
+        "p",
+        "--queue-anyway",
+    ];
+    let poisoned = submit_run(&server, &args);
+    let healthy = submit_run(&server, &args);
+    server.proc.kill();
+    // What an older server (before the limits) could have stored: a
+    // timeout that overflows the clock arithmetic.
+    {
+        let db = rusqlite::Connection::open(state.join("ots.db")).unwrap();
+        let body: Vec<u8> = db
+            .query_row("SELECT body FROM runs WHERE id = ?1", [&poisoned], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let mut row: serde_json::Value = rmp_serde::from_slice(&body).unwrap();
+        row["request"]["timeout_secs"] = serde_json::json!(u64::MAX);
+        let body = rmp_serde::to_vec_named(&row).unwrap();
+        db.execute(
+            "UPDATE runs SET body = ?1 WHERE id = ?2",
+            rusqlite::params![body, poisoned],
+        )
+        .unwrap();
+    }
+    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    assert!(server
+        .proc
+        .stderr
+        .wait_for("moved to the quarantine table", Duration::from_secs(5))
+        .is_some());
+    let gone = submit(&server, &["status", &poisoned], Duration::from_secs(10));
+    assert_eq!(gone.status.code(), Some(65), "{}", text(&gone.stderr));
+    assert!(status_json(&server, &healthy).is_some());
+    let db = rusqlite::Connection::open(state.join("ots.db")).unwrap();
+    let kept: i64 = db
+        .query_row(
+            "SELECT count(*) FROM quarantine WHERE key = ?1",
+            [&poisoned],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 1, "the row is kept for inspection");
+    // And the next start is clean.
+    drop(server);
+    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    assert!(serves(&server));
+}
+
+/// Valid-looking messages with extreme values, as a DEALER would send them.
+fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
+    use ots::protocol::{FileInfo, LogLine, Outcome, Stream, TestrunRequest};
+    let dev = || ots::protocol::DeviceProps::parse("devicegroup:g").unwrap();
+    let bodies: Vec<(bool, u64, Body, Option<Vec<u8>>)> = vec![
+        (
+            false,
+            0,
+            Body::Hello {
+                worker: "w1".into(), // the real worker's name
+                session: "impostor".into(),
+                device: dev(),
+                running: vec![real_task.into()],
+            },
+            None,
+        ),
+        (
+            false,
+            0,
+            Body::Hello {
+                worker: "../../etc".into(),
+                session: "s".into(),
+                device: dev(),
+                running: vec![],
+            },
+            None,
+        ),
+        (
+            true,
+            u64::MAX,
+            Body::TaskFinished {
+                task: real_task.into(),
+                attempt: 1,
+                outcome: Outcome::default(),
+                log_lines: u64::MAX,
+                files: vec![FileInfo {
+                    name: "/etc/passwd".into(),
+                    size: u64::MAX,
+                    sha256: "x".into(),
+                }],
+            },
+            None,
+        ),
+        (
+            true,
+            7,
+            Body::FileChunk {
+                task: real_task.into(),
+                attempt: 1,
+                name: "a".repeat(300),
+                offset: 1 << 62,
+                size: u64::MAX,
+                sha256: None,
+            },
+            Some(vec![1]),
+        ),
+        (
+            false,
+            0,
+            Body::Log {
+                task: real_task.into(),
+                attempt: u32::MAX,
+                lines: (0..3)
+                    .map(|i| LogLine {
+                        seq: u64::MAX - i,
+                        stream: Stream::Stdout,
+                        text: "[ots-worker] forged\nline".into(),
+                    })
+                    .collect(),
+            },
+            None,
+        ),
+        (
+            false,
+            1,
+            Body::Submit {
+                request: u64::MAX,
+                testrun: TestrunRequest {
+                    device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
+                    image: "x".into(),
+                    packages: (0..10_000).map(|i| format!("p{i}")).collect(),
+                    distribution: ots::protocol::Distribution::Perpackage,
+                    timeout_secs: u64::MAX,
+                    options: Default::default(),
+                    queue_anyway: true,
+                },
+            },
+            None,
+        ),
+        (
+            false,
+            2,
+            Body::GetLog {
+                request: 3,
+                task: real_task.into(),
+                offset: u64::MAX,
+                max: u64::MAX,
+            },
+            None,
+        ),
+        (
+            false,
+            3,
+            Body::GetEvents {
+                request: 4,
+                run: "r1".into(),
+                from: u64::MAX,
+            },
+            None,
+        ),
+    ];
+    bodies
+        .into_iter()
+        .map(|(mandatory, seq, body, raw)| {
+            protocol::encode(
+                &header(body.class(), mandatory, seq),
+                &body,
+                raw.map(Into::into),
+            )
+            .into_iter()
+            .map(|b| b.to_vec())
+            .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_testrun_ends_right_while_hostile_peers_attack_the_server() {
+    zmtp::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[("OTS_SERVER_LIMITS__HANDSHAKE_TIMEOUT_MS", "3000")],
+    );
+    let pid = server.proc.child.id() as i32;
+    let slow = script(
+        dir.path(),
+        "slow.sh",
+        "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done\n\
+         mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w1",
+        "devicegroup:g",
+        &server,
+        &[slow.to_str().unwrap()],
+        &[],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "x",
+            "--packages",
+            "p",
+        ],
+    );
+    let task = format!("{run}.1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    // Thousands of idle connections: half handshaken, half half-greeted.
+    {
+        let (control, stop) = (server.control.clone(), stop.clone());
+        attackers.push(std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for i in 0..2000 {
+                if i % 2 == 0 {
+                    if let Ok(s) = zmtp::handshake(&control, "DEALER") {
+                        held.push(s);
+                    }
+                } else if let Ok(mut s) = TcpStream::connect(addr(&control)) {
+                    let _ = s.write_all(&zmtp::greeting(false)[..20]);
+                    held.push(s);
+                }
+            }
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50)); // hold them until the run ends
+            }
+            held.len()
+        }));
+    }
+    // Oversized frame headers and garbage, on both ports, in a loop.
+    for (endpoint, kind) in [
+        (server.control.clone(), "DEALER"),
+        (server.events.clone(), "SUB"),
+    ] {
+        let stop = stop.clone();
+        attackers.push(std::thread::spawn(move || {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(mut s) = zmtp::handshake(&endpoint, kind) {
+                    if n % 2 == 0 {
+                        let _ =
+                            s.write_all(&zmtp::long_header(rng.gen_range(1u64 << 30..=u64::MAX)));
+                    } else {
+                        let mut junk = vec![0u8; 256];
+                        rng.fill(&mut junk[..]);
+                        let _ = s.write_all(&junk);
+                    }
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    // Valid-looking messages with extreme values.
+    {
+        let (control, stop, task) = (server.control.clone(), stop.clone(), task.clone());
+        attackers.push(std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(mut s) = zmtp::handshake(&control, "DEALER") {
+                    for m in extreme_messages(&task) {
+                        let parts: Vec<&[u8]> = m.iter().map(Vec::as_slice).collect();
+                        let _ = s.write_all(&zmtp::frames(&parts));
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }));
+    }
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut done = None;
+    while Instant::now() < deadline && done.is_none() {
+        peak = peak.max(zmtp::rss_kib(pid));
+        if let Some(st) = status_json(&server, &run) {
+            if finished(&st) {
+                done = Some(st);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200)); // sampling interval
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let counts: Vec<usize> = attackers.into_iter().map(|a| a.join().unwrap()).collect();
+    eprintln!(
+        "attack: {} idle connections held, {} + {} oversized/garbage connections, {} extreme messages",
+        counts[0], counts[1], counts[2], counts[3]
+    );
+    let st = done.unwrap_or_else(|| panic!("testrun did not finish under attack"));
+    eprintln!("server peak RSS under attack: {peak} KiB (bound asserted: 256 MiB)");
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let t = &st["tasks"][0];
+    assert_eq!(t["attempts"], 1, "{t:#}");
+    let (produced, stored, lost) = log_accounting(t);
+    assert_eq!((stored, lost), (produced, 0), "{t:#}");
+    assert!(produced > 40, "{t:#}");
+    assert!(peak < 256 * 1024, "server peak RSS {peak} KiB");
+    assert!(alive(pid));
+    assert!(serves(&server));
+    let out = submit(&server, &["logs", &run], Duration::from_secs(10));
+    assert!(
+        !text(&out.stdout).contains("forged"),
+        "{}",
+        text(&out.stdout)
+    );
+    let st = status_json(&server, &run).unwrap();
+    let counters = &st["counters"];
+    eprintln!("server counters after the attack: {counters}");
+    assert!(counters["invalid_field"].as_u64().unwrap_or(0) > 0);
+    assert!(counters["hello_name_in_use"].as_u64().unwrap_or(0) > 0);
+}

@@ -335,6 +335,34 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
     if let Some(task) = &env.header.task {
         check_id(kind, "task", task)?;
     }
+    // Which messages may carry the mandatory flag is part of the protocol
+    // (PROTOCOL.md §4): a flag elsewhere would make the sender wait for an
+    // ack that never comes; a dispatch or cancel without it is not one.
+    let may_be_mandatory = matches!(
+        env.body,
+        Body::TaskAccepted { .. }
+            | Body::TaskRefused { .. }
+            | Body::Log { .. }
+            | Body::FileChunk { .. }
+            | Body::TaskFinished { .. }
+            | Body::Dispatch { .. }
+            | Body::Cancel { .. }
+    );
+    let must_be_mandatory = matches!(env.body, Body::Dispatch { .. } | Body::Cancel { .. });
+    if env.header.mandatory && !may_be_mandatory {
+        return Err(invalid(
+            kind,
+            "mandatory",
+            format!("a {kind} message is never mandatory"),
+        ));
+    }
+    if !env.header.mandatory && must_be_mandatory {
+        return Err(invalid(
+            kind,
+            "mandatory",
+            format!("a {kind} message is always mandatory"),
+        ));
+    }
     let attempt = |a: u32| check_range(kind, "attempt", a, 1..=MAX_ATTEMPT);
     match &env.body {
         Body::Hello {

@@ -956,3 +956,36 @@ fn a_testrun_ends_right_while_hostile_peers_attack_the_server() {
     assert!(counters["invalid_field"].as_u64().unwrap_or(0) > 0);
     assert!(counters["hello_name_in_use"].as_u64().unwrap_or(0) > 0);
 }
+
+#[test]
+fn a_panic_in_a_spawned_task_ends_the_process_with_its_location() {
+    // The child: this same test binary, running only this test with the
+    // variable set, installs the binaries' hook and panics inside a tokio
+    // task (where tokio would otherwise catch it and carry on).
+    if std::env::var_os("OTS_PANIC_CHILD").is_some() {
+        ots::fatal::exit_on_panic("panic-child");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let _ = tokio::spawn(async { panic!("poison pill") }).await;
+            std::future::pending::<()>().await
+        });
+        unreachable!("the hook exits the process");
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "a_panic_in_a_spawned_task_ends_the_process_with_its_location",
+        "--nocapture",
+    ])
+    .env("OTS_PANIC_CHILD", "1");
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(ots::fatal::EXIT_PANIC),
+        "{}",
+        text(&out.stderr)
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("BUG: panic at tests/hostile.rs"), "{err}");
+    assert!(err.contains("poison pill"), "{err}");
+}

@@ -406,6 +406,19 @@ impl<S: Store> Scheduler<S> {
                 );
                 continue;
             }
+            // The task it held must exist, be unfinished and be on this
+            // worker; anything else (a quarantined task, a row from
+            // another time) is forgotten, so no later step trips on it.
+            let task = row.task.clone().filter(|t| {
+                s.tasks.get(t).is_some_and(|task| {
+                    !task.state.is_final() && task.worker.as_deref() == Some(name.as_str())
+                })
+            });
+            if task.is_none() {
+                if let Some(t) = &row.task {
+                    warn!(worker = %name, task = %t, "state: the worker's task is not restored on it; the worker starts without it");
+                }
+            }
             s.workers.insert(
                 name.clone(),
                 Worker {
@@ -415,7 +428,7 @@ impl<S: Store> Scheduler<S> {
                     peer: None,
                     state: WorkerState::Lost,
                     ready_since: None,
-                    task: row.task,
+                    task,
                     last_heard: now,
                     dedup: row.dedup,
                     outbox: Outbox::new(s.cfg.retry.clone()),

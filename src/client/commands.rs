@@ -8,7 +8,6 @@ use crate::delivery::ranges::describe;
 use crate::protocol::{
     DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict,
 };
-use crate::server::store::safe_relative_path;
 use clap::{Args, Parser, Subcommand};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -725,8 +724,12 @@ async fn fetch(
     let mut bytes = 0u64;
     for t in &status.tasks {
         for f in &t.files {
-            let rel =
-                safe_relative_path(&f.name).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let rel = crate::protocol::limits::relative_path(&f.name).ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "result file name {:?} is not a safe relative path; not fetched",
+                    f.name
+                ))
+            })?;
             let data = client.read_all(&t.task, Some(&f.name)).await?;
             let sha = hex::encode(Sha256::digest(&data));
             if sha != f.sha256 {

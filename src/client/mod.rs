@@ -238,7 +238,7 @@ impl Client {
         let mut out = Vec::new();
         loop {
             let offset = out.len() as u64;
-            let (task, max) = (task.clone(), crate::server::scheduler::MAX_READ_CHUNK);
+            let (task, max) = (task.clone(), crate::protocol::limits::MAX_READ_BYTES);
             let reply = match file {
                 None => {
                     self.request(|request| Body::GetLog {

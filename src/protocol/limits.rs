@@ -142,6 +142,22 @@ pub fn check_file_name(kind: &'static str, name: &str) -> Result<(), ProtocolErr
     Ok(())
 }
 
+/// A result file name as a relative path to join below a results folder,
+/// or `None` if it is not one ([`check_file_name`]'s rule). Used by every
+/// side that turns a peer's name into a path: the server's store, the
+/// client's `fetch`.
+pub fn relative_path(name: &str) -> Option<std::path::PathBuf> {
+    check_file_name("file", name).ok()?;
+    let mut out = std::path::PathBuf::new();
+    for component in std::path::Path::new(name).components() {
+        match component {
+            std::path::Component::Normal(part) => out.push(part),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// Cuts a peer's string for an error message.
 fn clip(s: &str) -> String {
     let mut out: String = s.chars().take(80).collect();

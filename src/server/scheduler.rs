@@ -246,12 +246,7 @@ pub struct Scheduler<S: Store> {
     quarantined: Vec<RestoreError>,
 }
 
-/// Current Unix time in milliseconds.
-pub fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::protocol::limits::unix_ms_now;
 
 fn header(class: Class, task: Option<&TaskId>) -> Header {
     Header {

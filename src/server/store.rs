@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +33,11 @@ pub enum StoreError {
     NotFound { task: TaskId, name: String },
 }
 
-/// Checks a worker-supplied result file name: relative, `/`-separated,
-/// no `..`, no empty or `.` components, no NUL or backslash.
+/// Checks a worker-supplied result file name (the protocol's rule,
+/// [`crate::protocol::limits::relative_path`]) and gives the path to join.
 pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
-    let bad = || StoreError::BadFileName(name.to_string());
-    if name.is_empty() || name.len() > 1024 || name.contains('\0') || name.contains('\\') {
-        return Err(bad());
-    }
-    let path = Path::new(name);
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            _ => return Err(bad()),
-        }
-    }
-    if name
-        .split('/')
-        .any(|p| p.is_empty() || p == "." || p == "..")
-    {
-        return Err(bad());
-    }
-    Ok(out)
+    crate::protocol::limits::relative_path(name)
+        .ok_or_else(|| StoreError::BadFileName(name.to_string()))
 }
 
 /// Renders one log line as stored in the task's log file. Lines are data:

@@ -611,6 +611,11 @@ fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) 
             if !patterns.iter().any(|p| p.matches_with(&name, options)) {
                 continue;
             }
+            // The server would refuse the name (PROTOCOL.md §14): say so here.
+            if let Err(e) = crate::protocol::limits::check_file_name("file_chunk", &name) {
+                channel.log(Stream::Worker, format!("not uploading a result file: {e}"));
+                continue;
+            }
             match std::fs::read(&path) {
                 Ok(data) => {
                     let sha256 = hex::encode(Sha256::digest(&data));

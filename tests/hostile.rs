@@ -196,6 +196,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
             server: "rogue".into(),
             heartbeat_ms: 200,
             liveness: 3,
+            sent_ms: 0,
         },
         None,
     );

@@ -480,6 +480,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             server,
             heartbeat_ms,
             liveness,
+            ..
         } => {
             check_id(kind, "server", server)?;
             check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;

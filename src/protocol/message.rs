@@ -439,6 +439,10 @@ pub enum Body {
         server: String,
         heartbeat_ms: u64,
         liveness: u32,
+        /// Server wall clock (Unix ms) when sent: the worker's first clock
+        /// sample (see `server_heartbeat.sent_ms`); 0 if unknown.
+        #[serde(default)]
+        sent_ms: u64,
     },
     /// Run this task.
     Dispatch {

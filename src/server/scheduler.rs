@@ -653,6 +653,7 @@ impl<S: Store> Scheduler<S> {
             server: self.incarnation.clone(),
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
             liveness: self.cfg.liveness,
+            sent_ms: self.wall_ms(now),
         };
         self.send(peer, None, welcome, None);
         self.flush_worker(now, &name);

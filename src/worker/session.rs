@@ -492,15 +492,21 @@ impl Session {
                 server,
                 heartbeat_ms,
                 liveness,
+                sent_ms,
             } => {
                 // Adopt the server's rhythm: mismatched heartbeat settings
                 // are the classic cause of false disconnects.
                 self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
                 self.liveness = liveness.max(2);
                 if self.server_session.as_ref() != Some(&server) {
-                    // A new server incarnation numbers its messages afresh.
+                    // A new server incarnation numbers its messages afresh
+                    // (and may run on another host, with another clock).
                     self.server_session = Some(server.clone());
                     self.server_dedup = DedupWindow::default();
+                    self.clock = ClockOffset::default();
+                }
+                if sent_ms > 0 {
+                    self.clock.observe(received.wall_ms, sent_ms);
                 }
                 self.link = Link::Up { server };
                 self.outbox.resend_all();

@@ -163,6 +163,7 @@ impl W {
             server: server.into(),
             heartbeat_ms: 1000,
             liveness: 3,
+            sent_ms: 0,
         })
     }
     fn up(&mut self) -> Vec<Action> {
@@ -724,6 +725,7 @@ fn mutated_server_messages_never_panic_the_session() {
             server: "srv1".into(),
             heartbeat_ms: 1000,
             liveness: 3,
+            sent_ms: 0,
         },
         Body::ServerHeartbeat {
             server: "srv1".into(),

@@ -244,6 +244,10 @@ pub struct Scheduler<S: Store> {
     /// Stored rows that could not be restored, to move aside at the next
     /// commit.
     quarantined: Vec<RestoreError>,
+    /// Log lines about peers' bad messages, limited (counters count all).
+    noise: crate::logging::Throttle,
+    /// The latest time an input brought (for inputs that carry none).
+    latest: Instant,
 }
 
 pub use crate::protocol::limits::unix_ms_now;
@@ -283,6 +287,8 @@ impl<S: Store> Scheduler<S> {
             touched: BTreeSet::new(),
             persisted_next_run: 0,
             quarantined: Vec::new(),
+            noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
+            latest: Instant::now(),
         }
     }
 
@@ -390,7 +396,9 @@ impl<S: Store> Scheduler<S> {
     pub fn on_bad_frames(&mut self, peer: &PeerId, error: &ProtocolError) {
         self.count(error.counter(), 1);
         let worker = self.peers.get(peer).cloned();
-        warn!(peer = %hex::encode(peer), worker = worker.as_deref().unwrap_or("-"), error = %error, "protocol error: refused a message");
+        if self.noise.allow(self.latest, "protocol errors") {
+            warn!(peer = %hex::encode(peer), worker = worker.as_deref().unwrap_or("-"), error = %error, "protocol error: refused a message");
+        }
         self.send(
             peer,
             None,
@@ -406,6 +414,7 @@ impl<S: Store> Scheduler<S> {
 
     /// A decoded message from `peer`.
     pub fn on_message(&mut self, now: Instant, peer: &PeerId, env: Envelope) {
+        self.latest = self.latest.max(now);
         let Envelope { header, body, raw } = env;
         if let Some(request) = body.request() {
             self.on_client_request(now, peer, request, body);
@@ -449,7 +458,9 @@ impl<S: Store> Scheduler<S> {
                 // Numbers run consecutively; one this far ahead would make
                 // the dedup window hold every number in between.
                 self.count("mandatory_seq_too_far_ahead", 1);
-                warn!(worker = %name, seq = header.seq, floor, "protocol error: refused a mandatory message numbered too far ahead");
+                if self.noise.allow(now, "protocol errors") {
+                    warn!(worker = %name, seq = header.seq, floor, "protocol error: refused a mandatory message numbered too far ahead");
+                }
                 self.refuse_mandatory(
                     &name,
                     header.task.as_ref(),
@@ -517,7 +528,9 @@ impl<S: Store> Scheduler<S> {
             }
             other => {
                 self.count("unexpected_message", 1);
-                warn!(worker = %name, kind = other.kind(), "protocol error: message not valid from a worker or must be mandatory");
+                if self.noise.allow(now, "protocol errors") {
+                    warn!(worker = %name, kind = other.kind(), "protocol error: message not valid from a worker or must be mandatory");
+                }
                 self.send_error(
                     peer,
                     None,
@@ -561,7 +574,9 @@ impl<S: Store> Scheduler<S> {
             if alive && w.session != session {
                 let registered = w.session.clone();
                 self.count("hello_name_in_use", 1);
-                warn!(worker = %name, session = %session, registered_session = %registered, "refused a hello: the worker name is in use by a live worker with another session (two workers started with the same name?)");
+                if self.noise.allow(now, "refused hellos") {
+                    warn!(worker = %name, session = %session, registered_session = %registered, "refused a hello: the worker name is in use by a live worker with another session (two workers started with the same name?)");
+                }
                 self.send_error(
                     peer,
                     None,
@@ -718,7 +733,9 @@ impl<S: Store> Scheduler<S> {
             other => {
                 self.count("unexpected_message", 1);
                 let kind = other.kind();
-                warn!(worker, kind, "protocol error: message cannot be mandatory");
+                if self.noise.allow(self.latest, "protocol errors") {
+                    warn!(worker, kind, "protocol error: message cannot be mandatory");
+                }
                 self.send_to_worker(
                     worker,
                     None,
@@ -740,7 +757,9 @@ impl<S: Store> Scheduler<S> {
                 _ => "orphan_control",
             };
             self.count(counter, 1);
-            warn!(worker, task = %task, kind = body.kind(), "orphan: message for a closed or unknown task; answered task_closed");
+            if self.noise.allow(self.latest, "orphans") {
+                warn!(worker, task = %task, kind = body.kind(), "orphan: message for a closed or unknown task; answered task_closed");
+            }
             self.send_to_worker(
                 worker,
                 Some(&task),
@@ -1501,6 +1520,7 @@ impl<S: Store> Scheduler<S> {
 
     /// Called every heartbeat interval: heartbeat, liveness and timeouts.
     pub fn on_tick(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
         self.out.push(Output::Publish {
             topic: "hb".into(),
             body: Body::ServerHeartbeat {

@@ -179,6 +179,8 @@ pub async fn run(
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
     let mut refused: Option<String> = None;
+    // A rogue server cannot flood the worker's log either.
+    let mut noise = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     while refused.is_none() {
         let was_up = matches!(session.link(), Link::Up { .. });
         let mut report_saved: Option<TaskId> = None;
@@ -212,7 +214,9 @@ pub async fn run(
                         Ok(env) => session.on_message(Instant::now(), received, env),
                         Err(e) => {
                             session.stats.server_errors += 1;
-                            warn!(error = %e, from_sub, "protocol error: refused a message from the server (a rogue or newer server?); ignored");
+                            if noise.allow(Instant::now(), "protocol errors") {
+                                warn!(error = %e, from_sub, "protocol error: refused a message from the server (a rogue or newer server?); ignored");
+                            }
                             Vec::new()
                         }
                     }

@@ -156,6 +156,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// A connection must finish the ZMTP handshake within this.
     pub handshake_timeout_ms: u64,
+    /// A control connection that sends nothing for this long is closed
+    /// (workers heartbeat every second, clients poll every second).
+    pub idle_timeout_ms: u64,
     /// Messages queued to one peer; past it, sends to it are dropped and
     /// counted (`send_dropped_peer_busy`), never waited for.
     pub peer_send_queue: usize,
@@ -183,6 +186,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_connections: t.max_connections,
             handshake_timeout_ms: t.handshake_timeout.as_millis() as u64,
+            idle_timeout_ms: 120_000,
             peer_send_queue: t.peer_send_queue,
             inbound_queue: 4096,
             max_open_tasks: s.max_open_tasks,
@@ -217,9 +221,10 @@ impl ServerLimits {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 9] = [
+        let positive: [(&'static str, u64); 10] = [
             ("limits.max_connections", self.max_connections as u64),
             ("limits.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("limits.idle_timeout_ms", self.idle_timeout_ms),
             ("limits.peer_send_queue", self.peer_send_queue as u64),
             ("limits.inbound_queue", self.inbound_queue as u64),
             ("limits.max_open_tasks", self.max_open_tasks as u64),

@@ -990,3 +990,53 @@ fn a_panic_in_a_spawned_task_ends_the_process_with_its_location() {
     assert!(err.contains("BUG: panic at tests/hostile.rs"), "{err}");
     assert!(err.contains("poison pill"), "{err}");
 }
+
+#[test]
+fn connections_that_stay_silent_are_closed_and_workers_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[("OTS_SERVER_LIMITS__IDLE_TIMEOUT_MS", "2000")],
+    );
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let _w = start_idle_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);
+    let mut silent: Vec<TcpStream> = (0..50)
+        .map(|_| zmtp::handshake(&server.control, "DEALER").unwrap())
+        .collect();
+    for s in silent.iter_mut() {
+        assert!(
+            closed_by_peer(s, Duration::from_secs(10)),
+            "a silent connection was kept"
+        );
+    }
+    // The worker, which heartbeats, is still there and runs tasks.
+    assert!(wait_for_workers(
+        &server,
+        Duration::from_secs(10),
+        all_idle(&["w1"])
+    ));
+    assert_smoke_passes(&server, "g");
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            &image(),
+            "--packages",
+            "smoke",
+        ],
+    );
+    let st = wait_status(&server, &run, Duration::from_secs(30), finished);
+    assert!(
+        st["counters"]["idle_connections_closed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 50,
+        "{:#}",
+        st["counters"]
+    );
+}

@@ -319,9 +319,10 @@ impl<S: Store> Scheduler<S> {
         &self.counters
     }
 
-    /// The shell dropped a send (peer not reading): counted with the rest.
-    pub fn count_send_dropped(&mut self, counter: &str) {
-        self.count(counter, 1);
+    /// Something the shell did to a peer (a send dropped because the peer
+    /// was not reading, an idle connection closed): counted with the rest.
+    pub fn count_shell_event(&mut self, counter: &str, n: u64) {
+        self.count(counter, n);
     }
 
     fn count(&mut self, name: &str, n: u64) {

@@ -127,6 +127,7 @@ impl Server {
             cfg.heartbeat(),
             send_timeout,
             cfg.limits.inbound_queue,
+            Duration::from_millis(cfg.limits.idle_timeout_ms),
             shutdown_rx,
         ));
         Ok(ServerHandle {
@@ -146,13 +147,19 @@ async fn serve(
     heartbeat: Duration,
     send_timeout: Duration,
     inbound_queue: usize,
+    idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let transport::ServerSockets {
-        router,
+        mut router,
         mut publisher,
         ..
     } = sockets;
+    // Connections come and go here; each one's last sign of life is kept
+    // so that one that stays silent is closed (idle connections would
+    // otherwise hold their slots of `limits.max_connections` forever).
+    let mut connections = router.monitor();
+    let mut activity = ConnectionActivity::new(idle_timeout);
     let (mut router_tx, mut router_rx) = router.split();
     // Bounded: when the scheduler falls behind, the reader waits, the
     // sockets stop reading and TCP pushes back on the senders. The ROUTER
@@ -192,13 +199,28 @@ async fn serve(
                         continue;
                     }
                     let peer = frames.remove(0);
+                    activity.heard(&peer, Instant::now());
                     match protocol::decode(frames) {
                         Ok(env) => scheduler.on_message(Instant::now(), &peer, env),
                         Err(e) => scheduler.on_bad_frames(&peer, &e),
                     }
                 }
             }
-            _ = ticker.tick() => scheduler.on_tick(Instant::now()),
+            Some(event) = futures::StreamExt::next(&mut connections) => {
+                activity.on_event(Instant::now(), event);
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                scheduler.on_tick(now);
+                let idle = activity.take_idle(now);
+                if !idle.is_empty() {
+                    scheduler.count_shell_event("idle_connections_closed", idle.len() as u64);
+                    debug!(closed = idle.len(), "closed connections silent for the idle timeout");
+                    for peer in idle {
+                        router_tx.disconnect_peer(&peer);
+                    }
+                }
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;
@@ -229,7 +251,7 @@ async fn serve(
                         // stay in the worker's outbox and are resent), so
                         // one stuck peer never stalls the others.
                         Err(TransportError::PeerBusy) => {
-                            scheduler.count_send_dropped("send_dropped_peer_busy");
+                            scheduler.count_shell_event("send_dropped_peer_busy", 1);
                             debug!(peer = %hex::encode(&peer), kind = body.kind(), "send dropped: peer not reading");
                         }
                         Err(e) => {
@@ -292,5 +314,64 @@ fn fit_connections_to_fd_limit(wanted: usize) -> usize {
         fit
     } else {
         wanted
+    }
+}
+
+/// When each control connection was last heard from, to close the ones
+/// that stay silent past the idle timeout. Fed by the socket monitor
+/// (accepted, disconnected) and every received message; scanned at most
+/// four times per timeout, so its cost per message is one map update.
+struct ConnectionActivity {
+    idle_timeout: Duration,
+    last: std::collections::HashMap<Bytes, Instant>,
+    scanned: Instant,
+}
+
+impl ConnectionActivity {
+    fn new(idle_timeout: Duration) -> Self {
+        ConnectionActivity {
+            idle_timeout,
+            last: std::collections::HashMap::new(),
+            scanned: Instant::now(),
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, event: zeromq::SocketEvent) {
+        match event {
+            zeromq::SocketEvent::Accepted(_, peer) => {
+                self.last.insert(Bytes::from(peer), now);
+            }
+            zeromq::SocketEvent::Disconnected(peer) => {
+                self.last.remove(&Bytes::from(peer));
+            }
+            _ => {}
+        }
+    }
+
+    fn heard(&mut self, peer: &Bytes, now: Instant) {
+        if let Some(t) = self.last.get_mut(peer) {
+            *t = now;
+        }
+    }
+
+    /// Connections silent for longer than the idle timeout, forgotten here.
+    fn take_idle(&mut self, now: Instant) -> Vec<zeromq::util::PeerIdentity> {
+        if now.saturating_duration_since(self.scanned) < self.idle_timeout / 4 {
+            return Vec::new();
+        }
+        self.scanned = now;
+        let timeout = self.idle_timeout;
+        let idle: Vec<Bytes> = self
+            .last
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) > timeout)
+            .map(|(p, _)| p.clone())
+            .collect();
+        idle.into_iter()
+            .filter_map(|p| {
+                self.last.remove(&p);
+                zeromq::util::PeerIdentity::try_from(p).ok()
+            })
+            .collect()
     }
 }

@@ -161,6 +161,15 @@ pub struct RouterSendHalf {
     inner: Arc<RouterSocketInner>,
 }
 
+impl RouterSendHalf {
+    /// ots patch: closes the connection of `peer` (both directions), as if
+    /// it had disconnected. Lets the application drop connections it judges
+    /// idle or abusive. Unknown peers are ignored.
+    pub fn disconnect_peer(&self, peer: &PeerIdentity) {
+        self.inner.backend.peer_disconnected(peer);
+    }
+}
+
 /// The recv half of a [`RouterSocket`] produced by [`RouterSocket::split`].
 pub struct RouterRecvHalf {
     inner: Arc<RouterSocketInner>,

@@ -2,6 +2,11 @@
 
 use std::collections::BTreeSet;
 
+/// How far ahead of the last consecutive mandatory seq a peer may number
+/// (messages in flight at once). Both ends refuse numbers beyond it, which
+/// bounds every dedup window to this many entries.
+pub const DEDUP_AHEAD: u64 = 1 << 16;
+
 /// Remembers which sequence numbers of one sender session were applied.
 /// Everything at or below `floor` was applied; `above` holds applied numbers
 /// beyond a gap (a resend can arrive after later messages).
@@ -12,12 +17,12 @@ pub struct DedupWindow {
 }
 
 impl DedupWindow {
-    /// True if `seq` was already applied.
     /// Every seq up to this one has been recorded.
     pub fn floor(&self) -> u64 {
         self.floor
     }
 
+    /// True if `seq` was already applied.
     pub fn seen(&self, seq: u64) -> bool {
         seq <= self.floor || self.above.contains(&seq)
     }

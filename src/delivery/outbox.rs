@@ -170,14 +170,14 @@ impl Outbox {
         out
     }
 
-    /// The receiver acknowledged `seq`. Returns false for an unknown seq
-    /// (a duplicate ack).
     /// Removes `seq` without it having been delivered (the receiver
     /// refused it), returning what it was.
     pub fn take(&mut self, seq: u64) -> Option<Pending> {
         self.pending.remove(&seq)
     }
 
+    /// The receiver acknowledged `seq`. Returns false for an unknown seq
+    /// (a duplicate ack).
     pub fn ack(&mut self, seq: u64) -> bool {
         self.pending.remove(&seq).is_some()
     }

@@ -57,6 +57,7 @@ impl SeqRanges {
         self.ranges.len()
     }
 
+    /// True if `seq` is held.
     pub fn contains(&self, seq: u64) -> bool {
         self.ranges
             .range(..=seq)
@@ -113,7 +114,6 @@ impl ByteRanges {
         self.0 = merged;
     }
 
-    /// Bytes covered (overlaps counted once).
     /// Separate ranges held.
     pub fn runs(&self) -> usize {
         self.0.len()
@@ -125,6 +125,7 @@ impl ByteRanges {
         self.0.iter().any(|&(s, e)| start <= e && end >= s)
     }
 
+    /// Bytes covered (overlaps counted once).
     pub fn covered(&self) -> u64 {
         self.0.iter().map(|(s, e)| e - s).sum()
     }

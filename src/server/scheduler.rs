@@ -27,9 +27,7 @@ pub const MAX_READ_CHUNK: u64 = crate::protocol::limits::MAX_READ_BYTES;
 /// Separate received byte ranges kept per result file: chunks normally
 /// arrive in order and stay one range.
 pub const MAX_FILE_RANGES: usize = 4096;
-/// How far ahead of the last consecutive mandatory seq a worker may number
-/// (messages in flight at once): bounds the dedup window.
-pub const DEDUP_AHEAD: u64 = 1 << 20;
+pub use crate::delivery::dedup::DEDUP_AHEAD;
 /// Largest result file parsed as JUnit.
 const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
 

@@ -291,7 +291,7 @@ async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, 
 
 /// File descriptors kept free for the state database, task logs, result
 /// files and the listeners themselves.
-const FD_RESERVE: u64 = 256;
+const FD_RESERVE: u64 = 512;
 
 /// Caps the per-endpoint connection limit so that both endpoints together
 /// stay below the process's file descriptor limit (`LimitNOFILE=`): the

@@ -3,6 +3,7 @@
 //! the one task the worker owns. The shell ([`super::service`]) feeds it
 //! messages, task events and ticks, and carries out its [`Action`]s.
 
+use crate::delivery::dedup::DEDUP_AHEAD;
 use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
@@ -463,8 +464,14 @@ impl Session {
         self.last_heard = now;
         let mut actions = Vec::new();
         if env.header.mandatory {
-            // Acknowledge every copy; apply only the first.
             let seq = env.header.seq;
+            // Numbers run consecutively; one far ahead (a rogue or broken
+            // server) would make the dedup window hold every number between.
+            if seq > self.server_dedup.floor().saturating_add(DEDUP_AHEAD) {
+                self.stats.server_errors += 1;
+                return Vec::new();
+            }
+            // Acknowledge every copy; apply only the first.
             let header = plain_header(Class::Control, env.header.task.as_ref());
             self.send(now, &mut actions, header, Body::Ack { seq }, None);
             if !self.server_dedup.record(seq) {

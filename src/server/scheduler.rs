@@ -188,6 +188,38 @@ struct Task {
     refusals: u32,
     /// Declared size of each result file of this attempt, as first offered.
     file_sizes: BTreeMap<String, u64>,
+    /// SHA-256 of each result file so far, fed by chunks in order (not
+    /// stored: after a restart a file is verified by reading it back).
+    hashing: HashMap<String, StreamHash>,
+}
+
+/// A SHA-256 computed while a file's chunks arrive in order.
+#[derive(Default)]
+struct StreamHash {
+    hasher: sha2::Sha256,
+    /// Bytes hashed so far, from offset 0.
+    hashed: u64,
+}
+
+impl StreamHash {
+    /// Feeds a chunk; only the part continuing what was hashed counts
+    /// (resends of earlier bytes add nothing, a chunk beyond a gap stops
+    /// the streaming for this file).
+    fn update(&mut self, offset: u64, data: &[u8]) {
+        use sha2::Digest;
+        let end = offset.saturating_add(data.len() as u64);
+        if offset <= self.hashed && end > self.hashed {
+            let skip = (self.hashed - offset) as usize;
+            self.hasher.update(&data[skip..]);
+            self.hashed = end;
+        }
+    }
+
+    /// The digest, if every byte of a file of `size` bytes was hashed.
+    fn digest_if_whole(self, size: u64) -> Option<String> {
+        use sha2::Digest;
+        (self.hashed == size).then(|| hex::encode(self.hasher.finalize()))
+    }
 }
 
 impl Task {
@@ -902,10 +934,33 @@ impl<S: Store> Scheduler<S> {
                     .entry(name.clone())
                     .or_default()
                     .insert(offset, end);
+                t.hashing
+                    .entry(name.clone())
+                    .or_default()
+                    .update(offset, &data);
                 let complete = t.covered(&name) >= size;
                 if complete {
                     if let Some(sha) = sha256 {
-                        if let Err(e) = self.store.verify_file(&task, &name, size, &sha) {
+                        // Hashed as the bytes came (in order, the usual
+                        // case): no re-read of the whole file on the loop.
+                        // Out of order, the store reads it back once.
+                        let streamed = t
+                            .hashing
+                            .remove(&name)
+                            .and_then(|h| h.digest_if_whole(size));
+                        let verdict = match streamed {
+                            Some(actual) if actual == sha => Ok(()),
+                            Some(actual) => Err(StoreError::Mismatch {
+                                task: task.clone(),
+                                name: name.clone(),
+                                size,
+                                sha: sha.clone(),
+                                actual_size: size,
+                                actual_sha: actual,
+                            }),
+                            None => self.store.verify_file(&task, &name, size, &sha),
+                        };
+                        if let Err(e) = verdict {
                             return self.file_problem(worker, &task, seq, &name, e);
                         }
                         let t = self.tasks.get_mut(&task).expect("open task");
@@ -1102,7 +1157,14 @@ impl<S: Store> Scheduler<S> {
                 junit = Err(format!("result file {} was refused: {why}", f.name));
                 break;
             }
-            if let Err(e) = self.store.verify_file(task, &f.name, f.size, &f.sha256) {
+            // Verified when its last byte arrived: not hashed again.
+            let verified = self.tasks[task].files.iter().any(|v| v == f);
+            let intact = if verified {
+                Ok(())
+            } else {
+                self.store.verify_file(task, &f.name, f.size, &f.sha256)
+            };
+            if let Err(e) = intact {
                 junit = Err(format!("result file {} did not arrive intact: {e}", f.name));
                 break;
             }
@@ -1387,6 +1449,7 @@ impl<S: Store> Scheduler<S> {
                     file_errors: BTreeMap::new(),
                     refusals: 0,
                     file_sizes: BTreeMap::new(),
+                    hashing: HashMap::new(),
                 },
             );
             self.next_order += 1;
@@ -1765,6 +1828,7 @@ impl<S: Store> Scheduler<S> {
         t.received.clear();
         t.file_errors.clear();
         t.file_sizes.clear();
+        t.hashing.clear();
         t.files.clear();
         let attempt = t.attempts;
         if attempt > 1 {

@@ -382,6 +382,7 @@ impl<S: Store> Scheduler<S> {
                     file_errors: row.file_errors,
                     refusals: row.refusals,
                     file_sizes: row.file_sizes,
+                    hashing: HashMap::new(),
                 },
             );
         }

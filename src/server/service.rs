@@ -124,10 +124,12 @@ impl Server {
             scheduler,
             db,
             sockets,
-            cfg.heartbeat(),
-            send_timeout,
-            cfg.limits.inbound_queue,
-            Duration::from_millis(cfg.limits.idle_timeout_ms),
+            Pace {
+                heartbeat: cfg.heartbeat(),
+                send_timeout,
+                inbound_queue: cfg.limits.inbound_queue,
+                idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
+            },
             shutdown_rx,
         ));
         Ok(ServerHandle {
@@ -140,16 +142,27 @@ impl Server {
     }
 }
 
-async fn serve(
-    mut scheduler: Scheduler<DiskStore>,
-    mut db: Db,
-    sockets: transport::ServerSockets,
+/// The timings and queue size the serving loop runs with.
+struct Pace {
     heartbeat: Duration,
     send_timeout: Duration,
     inbound_queue: usize,
     idle_timeout: Duration,
+}
+
+async fn serve(
+    mut scheduler: Scheduler<DiskStore>,
+    mut db: Db,
+    sockets: transport::ServerSockets,
+    pace: Pace,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Pace {
+        heartbeat,
+        send_timeout,
+        inbound_queue,
+        idle_timeout,
+    } = pace;
     let transport::ServerSockets {
         mut router,
         mut publisher,

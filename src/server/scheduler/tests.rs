@@ -1438,7 +1438,7 @@ fn result_files_are_hashed_as_they_arrive_and_out_of_order_ones_are_read_back() 
     );
     let data = b"0123456789abcdef";
     let sha = hex::encode(Sha256::digest(data));
-    let mut send = |lab: &mut Lab, name: &str, range: std::ops::Range<usize>, sha: Option<&str>| {
+    let send = |lab: &mut Lab, name: &str, range: std::ops::Range<usize>, sha: Option<&str>| {
         let seq = lab.seq.entry("w1".into()).or_insert(0);
         *seq += 1;
         let mut e = env(

@@ -1,0 +1,138 @@
+//! Endings and progress: a task's final state, the testrun's verdict, and
+//! the progress events followers see.
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    pub(super) fn end_task(
+        &mut self,
+        now: Instant,
+        id: &TaskId,
+        state: TaskState,
+        verdict: Option<Verdict>,
+        reason: String,
+    ) {
+        let t = self.tasks.get_mut(id).expect("task");
+        t.state = state;
+        t.verdict = verdict;
+        t.since = now;
+        t.reason = Some(reason.clone());
+        let run = t.run.clone();
+        let worker = t.worker.clone();
+        info!(task = %id, ?verdict, %reason, "task ended");
+        if let Some(w) = worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
+            w.outbox.drop_task(id, None);
+        }
+        if let Some(w) = worker.as_deref() {
+            let attempt = Some(self.tasks[id].attempts);
+            self.send_to_worker(
+                w,
+                Some(id),
+                Body::TaskClosed {
+                    task: id.clone(),
+                    attempt,
+                    reason: reason.clone(),
+                },
+            );
+        }
+        let pstate = if state == TaskState::Cancelled {
+            ProgressState::Cancelled
+        } else {
+            ProgressState::Finished
+        };
+        self.progress(id, pstate, worker, Some(reason));
+        self.maybe_finish_run(&run);
+    }
+
+    pub(super) fn maybe_finish_run(&mut self, run: &RunId) {
+        let r = &self.runs[run];
+        if matches!(r.state, RunState::Finished | RunState::Cancelled) {
+            return;
+        }
+        let tasks: Vec<&Task> = r.tasks.iter().map(|t| &self.tasks[t]).collect();
+        if !tasks.iter().all(|t| t.state.is_final()) {
+            return;
+        }
+        let cancelled = tasks.iter().any(|t| t.state == TaskState::Cancelled);
+        let verdict = if cancelled {
+            None
+        } else {
+            run_verdict(
+                tasks
+                    .iter()
+                    .map(|t| (t.verdict.unwrap_or(Verdict::Error), t.cases.as_ref())),
+            )
+        };
+        let r = self.runs.get_mut(run).expect("run");
+        r.verdict = verdict;
+        r.state = if cancelled {
+            RunState::Cancelled
+        } else {
+            RunState::Finished
+        };
+        info!(run = %run, ?verdict, cancelled, "testrun ended");
+        let state = if cancelled {
+            ProgressState::RunCancelled
+        } else {
+            ProgressState::RunFinished
+        };
+        self.push_event(run, None, state, None, verdict, None);
+    }
+
+    pub(super) fn progress(
+        &mut self,
+        task: &TaskId,
+        state: ProgressState,
+        worker: Option<String>,
+        reason: Option<String>,
+    ) {
+        let t = &self.tasks[task];
+        let (run, verdict) = (t.run.clone(), t.verdict);
+        let change = StateChange {
+            at_ms: self.wall_ms(t.since),
+            state,
+            attempt: t.attempts,
+            worker: worker.clone(),
+            reason: reason.clone(),
+        };
+        self.history.push(HistoryRow {
+            task: task.clone(),
+            at_ms: change.at_ms,
+            state: format!("{state:?}").to_lowercase(),
+            attempt: change.attempt,
+            worker: worker.clone(),
+            reason: reason.clone(),
+        });
+        self.tasks.get_mut(task).expect("task").history.push(change);
+        self.touched.insert(task.clone());
+        self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);
+    }
+
+    pub(super) fn push_event(
+        &mut self,
+        run: &RunId,
+        task: Option<TaskId>,
+        state: ProgressState,
+        worker: Option<String>,
+        verdict: Option<Verdict>,
+        reason: Option<String>,
+    ) {
+        let r = self.runs.get_mut(run).expect("run");
+        let event = ProgressEvent {
+            index: r.events.len() as u64,
+            task,
+            state,
+            worker,
+            verdict,
+            reason,
+        };
+        r.events.push(event.clone());
+        self.out.push(Output::Publish {
+            topic: format!("run/{run}"),
+            body: Body::Progress {
+                run: run.clone(),
+                event,
+            },
+        });
+    }
+}

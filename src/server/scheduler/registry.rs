@@ -1,0 +1,164 @@
+//! The worker registry: registration (`hello`), one live worker per name,
+//! and the server's mandatory messages to each worker (its outbox).
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    pub(super) fn on_hello(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        name: String,
+        session: String,
+        device: DeviceProps,
+        running: Vec<TaskId>,
+    ) {
+        if let Err(e) = device.validate() {
+            self.send_error(
+                peer,
+                None,
+                ErrorCode::BadRequest,
+                format!("hello from {name:?}: {e}"),
+            );
+            return;
+        }
+        // Two live workers with one name would steal each other's tasks and
+        // messages: the one already registered keeps the name. A worker
+        // restarted on the same state directory keeps its session, so it
+        // takes over at once; a silent or lost one can be replaced.
+        let liveness = self.cfg.heartbeat.saturating_mul(self.cfg.liveness);
+        if let Some(w) = self.workers.get(&name) {
+            let alive = w.peer.is_some()
+                && w.state != WorkerState::Lost
+                && now.saturating_duration_since(w.last_heard) <= liveness;
+            if alive && w.session != session {
+                let registered = w.session.clone();
+                self.count("hello_name_in_use", 1);
+                if self.noise.allow(now, "refused hellos") {
+                    warn!(worker = %name, session = %session, registered_session = %registered, "refused a hello: the worker name is in use by a live worker with another session (two workers started with the same name?)");
+                }
+                self.send_error(
+                    peer,
+                    None,
+                    ErrorCode::NameInUse,
+                    format!(
+                        "worker name {name:?} is in use by a live worker (session {registered}); give each worker its own name, or stop the other one"
+                    ),
+                );
+                return;
+            }
+        }
+        let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
+            name: name.clone(),
+            device: device.clone(),
+            session: session.clone(),
+            peer: None,
+            state: WorkerState::Idle,
+            ready_since: None,
+            task: None,
+            last_heard: now,
+            dedup: DedupWindow::default(),
+            outbox: Outbox::new(self.cfg.retry.clone()),
+        });
+        if let Some(old) = worker.peer.take() {
+            self.peers.remove(&old);
+        }
+        if worker.session != session {
+            info!(worker = %name, "worker process restarted (new session)");
+            worker.session = session;
+            worker.dedup = DedupWindow::default();
+            // What was pending for the old process is moot; its task is
+            // reconciled from `running` below. Numbering goes on where it
+            // was: the worker deduplicates per server incarnation, so a
+            // number must never be reused within one.
+            worker.outbox =
+                Outbox::restore(self.cfg.retry.clone(), worker.outbox.next_seq(), Vec::new());
+        } else {
+            worker.outbox.resend_all();
+        }
+        worker.device = device;
+        worker.peer = Some(peer.clone());
+        worker.last_heard = now;
+        worker.ready_since = None;
+        self.peers.insert(peer.clone(), name.clone());
+        info!(worker = %name, device = %self.workers[&name].device, "worker registered");
+
+        // Reconcile what the worker runs with what we think it runs.
+        let ours = self.workers[&name].task.clone();
+        if let Some(task) = ours {
+            if running.contains(&task) {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    if t.state == TaskState::Held {
+                        t.state = TaskState::Running;
+                        t.since = now;
+                        info!(worker = %name, task = %task, "worker is back; it still has the held task");
+                    }
+                }
+            } else {
+                self.workers.get_mut(&name).expect("worker").task = None;
+                self.requeue_or_fail(
+                    now,
+                    &task,
+                    format!("worker {name} came back without the task"),
+                );
+            }
+        }
+        for task in running {
+            if self.workers[&name].task.as_ref() != Some(&task) {
+                self.count("orphan_control", 1);
+                self.send(
+                    peer,
+                    Some(&task),
+                    Body::TaskClosed {
+                        task: task.clone(),
+                        attempt: None,
+                        reason: "the server does not know this task on this worker".into(),
+                    },
+                    None,
+                );
+            }
+        }
+        let w = self.workers.get_mut(&name).expect("worker");
+        w.state = if w.task.is_some() {
+            WorkerState::Busy
+        } else {
+            WorkerState::Idle
+        };
+        let welcome = Body::Welcome {
+            server: self.incarnation.clone(),
+            heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+            liveness: self.cfg.liveness,
+            sent_ms: self.wall_ms(now),
+        };
+        self.send(peer, None, welcome, None);
+        self.flush_worker(now, &name);
+    }
+
+    /// Sends the worker's due mandatory messages (first sends and resends).
+    pub(super) fn flush_worker(&mut self, now: Instant, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        let Some(peer) = w.peer.clone() else { return };
+        if w.state == WorkerState::Lost {
+            return;
+        }
+        for o in w.outbox.due(now) {
+            self.out.push(Output::Send {
+                peer: peer.clone(),
+                header: o.header,
+                body: o.body,
+                raw: o.raw,
+            });
+        }
+    }
+
+    /// Queues a mandatory message to a worker and sends it at once.
+    pub(super) fn send_mandatory(&mut self, now: Instant, worker: &str, task: &TaskId, body: Body) {
+        let attempt = self.tasks.get(task).map(|t| t.attempts);
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.outbox.push(Some(task.clone()), attempt, body, None);
+        }
+        self.flush_worker(now, worker);
+    }
+}

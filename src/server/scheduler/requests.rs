@@ -1,0 +1,358 @@
+//! Client requests: submit, status, events, cancel, workers, logs and files.
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    pub(super) fn on_client_request(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        body: Body,
+    ) {
+        let reply = match body {
+            Body::Ping { .. } => Ok(Body::Pong {
+                request,
+                server: self.incarnation.clone(),
+            }),
+            Body::Submit { testrun, .. } => self.submit(now, request, testrun),
+            Body::GetStatus { run, .. } => self
+                .status(&run)
+                .map(|status| Body::Status { request, status }),
+            Body::GetEvents { run, from, .. } => match self.runs.get(&run) {
+                Some(r) => Ok(Body::Events {
+                    request,
+                    run: run.clone(),
+                    events: r.events.iter().skip(from as usize).cloned().collect(),
+                }),
+                None => Err((
+                    ErrorCode::UnknownRun,
+                    format!("no testrun {run:?} on this server"),
+                )),
+            },
+            Body::CancelRun { run, .. } => self.cancel_run(now, &run).and_then(|()| {
+                self.status(&run)
+                    .map(|status| Body::Status { request, status })
+            }),
+            Body::ListWorkers { .. } => Ok(Body::Workers {
+                request,
+                workers: self
+                    .workers
+                    .values()
+                    .map(|w| WorkerInfo {
+                        name: w.name.clone(),
+                        device: w.device.clone(),
+                        state: w.state,
+                        task: w.task.clone(),
+                        last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis()
+                            as u64,
+                    })
+                    .collect(),
+            }),
+            Body::GetLog {
+                task, offset, max, ..
+            } => {
+                if !self.tasks.contains_key(&task) {
+                    Err((
+                        ErrorCode::UnknownTask,
+                        format!("no task {task:?} on this server"),
+                    ))
+                } else {
+                    match self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK)) {
+                        Ok((bytes, eof)) => {
+                            self.send(
+                                peer,
+                                None,
+                                Body::Data {
+                                    request,
+                                    offset,
+                                    eof,
+                                },
+                                Some(bytes.into()),
+                            );
+                            return;
+                        }
+                        Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
+                    }
+                }
+            }
+            Body::GetFile {
+                task,
+                name,
+                offset,
+                max,
+                ..
+            } => {
+                let known = self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| t.files.iter().any(|f| f.name == name));
+                if !known {
+                    Err((
+                        ErrorCode::UnknownTask,
+                        format!("task {task:?} has no result file {name:?}"),
+                    ))
+                } else {
+                    match self
+                        .store
+                        .read_file(&task, &name, offset, max.min(MAX_READ_CHUNK))
+                    {
+                        Ok((bytes, eof)) => {
+                            self.send(
+                                peer,
+                                None,
+                                Body::Data {
+                                    request,
+                                    offset,
+                                    eof,
+                                },
+                                Some(bytes.into()),
+                            );
+                            return;
+                        }
+                        Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
+                    }
+                }
+            }
+            other => Err((
+                ErrorCode::Malformed,
+                format!("{} is not a client request", other.kind()),
+            )),
+        };
+        match reply {
+            Ok(body) => self.send(peer, None, body, None),
+            Err((code, message)) => self.send_error(peer, Some(request), code, message),
+        }
+    }
+
+    pub(super) fn submit(
+        &mut self,
+        now: Instant,
+        request: u64,
+        testrun: TestrunRequest,
+    ) -> Result<Body, (ErrorCode, String)> {
+        let bad = |m: String| Err((ErrorCode::BadRequest, m));
+        if testrun.packages.is_empty() {
+            return bad("no test packages given".into());
+        }
+        if let Some(p) = testrun.packages.iter().find(|p| {
+            p.is_empty() || p.len() > 200 || p.contains(|c: char| c.is_whitespace() || c == ',')
+        }) {
+            return bad(format!(
+                "test package name {p:?} is empty, too long or contains whitespace or ','"
+            ));
+        }
+        if testrun.image.trim().is_empty() {
+            return bad("no image given".into());
+        }
+        if testrun.timeout_secs == 0 {
+            return bad("timeout must be at least 1 second".into());
+        }
+        let asked = DeviceProps {
+            devicegroup: testrun.device.devicegroup.clone(),
+            devicename: testrun.device.devicename.clone(),
+            deviceid: testrun.device.deviceid.clone(),
+        };
+        if let Err(e) = asked.validate() {
+            return bad(e.to_string());
+        }
+        let matching = self
+            .workers
+            .values()
+            .any(|w| testrun.device.matches(&w.device));
+        if !matching && !testrun.queue_anyway {
+            let mut groups: Vec<_> = self
+                .workers
+                .values()
+                .map(|w| w.device.devicegroup.clone())
+                .collect();
+            groups.dedup();
+            groups.sort();
+            groups.dedup();
+            return Err((
+                ErrorCode::NoMatchingWorker,
+                format!(
+                    "no queue for {}: no known worker has such a device (known device groups: {}); use --queue-anyway to queue it regardless",
+                    testrun.device.routing_key(),
+                    if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
+                ),
+            ));
+        }
+        let new_tasks = distribution::split(testrun.distribution, &testrun.packages).len();
+        let open = self.active_tasks.len();
+        if open.saturating_add(new_tasks) > self.cfg.limits.max_open_tasks {
+            self.count("submits_over_limit", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!(
+                    "the server holds {open} unfinished tasks; {new_tasks} more would exceed its limit of {} (limits.max_open_tasks): try again when the queue is shorter",
+                    self.cfg.limits.max_open_tasks
+                ),
+            ));
+        }
+        let run: RunId = format!("r{}", self.next_run);
+        self.next_run += 1;
+        let key = testrun.device.routing_key();
+        let mut task_ids = Vec::new();
+        for (i, packages) in distribution::split(testrun.distribution, &testrun.packages)
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("{run}.{}", i + 1);
+            self.tasks.insert(
+                id.clone(),
+                Task {
+                    id: id.clone(),
+                    run: run.clone(),
+                    packages,
+                    state: TaskState::Queued,
+                    worker: None,
+                    attempts: 0,
+                    verdict: None,
+                    reason: None,
+                    cases: None,
+                    log: SeqRanges::default(),
+                    log_lines_produced: None,
+                    files: Vec::new(),
+                    since: now,
+                    queued_at: now,
+                    order: self.next_order,
+                    cancel_requested: false,
+                    received: BTreeMap::new(),
+                    history: Vec::new(),
+                    log_bytes: 0,
+                    log_refused: 0,
+                    file_errors: BTreeMap::new(),
+                    refusals: 0,
+                    file_sizes: BTreeMap::new(),
+                    hashing: HashMap::new(),
+                },
+            );
+            self.next_order += 1;
+            self.active_tasks.insert(id.clone());
+            self.queues
+                .entry(key.clone())
+                .or_default()
+                .push_back(id.clone());
+            task_ids.push(id);
+        }
+        info!(run = %run, device = %testrun.device, tasks = task_ids.len(), "testrun accepted");
+        self.active_runs.insert(run.clone());
+        self.runs.insert(
+            run.clone(),
+            Testrun {
+                request: testrun,
+                tasks: task_ids.clone(),
+                state: RunState::Queued,
+                verdict: None,
+                events: Vec::new(),
+            },
+        );
+        for id in &task_ids {
+            self.progress(id, ProgressState::Queued, None, None);
+        }
+        self.try_dispatch(now);
+        Ok(Body::Submitted {
+            request,
+            run,
+            tasks: task_ids,
+        })
+    }
+
+    /// The status of a testrun as `ots-submit status` shows it.
+    pub fn status(&self, run: &RunId) -> Result<RunStatus, (ErrorCode, String)> {
+        let r = self.runs.get(run).ok_or_else(|| {
+            (
+                ErrorCode::UnknownRun,
+                format!("no testrun {run:?} on this server"),
+            )
+        })?;
+        Ok(RunStatus {
+            run: run.clone(),
+            state: r.state,
+            verdict: r.verdict,
+            device: r.request.device.clone(),
+            image: r.request.image.clone(),
+            tasks: r
+                .tasks
+                .iter()
+                .map(|id| {
+                    let t = &self.tasks[id];
+                    TaskStatus {
+                        task: id.clone(),
+                        packages: t.packages.clone(),
+                        state: t.state,
+                        worker: t.worker.clone(),
+                        attempts: t.attempts,
+                        verdict: t.verdict,
+                        reason: t.reason.clone(),
+                        cases: t.cases,
+                        log_lines_stored: t.log.len(),
+                        log_lines_produced: t.log_lines_produced,
+                        log_gaps: t
+                            .log_lines_produced
+                            .map(|n| t.log.missing(n))
+                            .unwrap_or_default(),
+                        files: t.files.clone(),
+                        history: t.history.clone(),
+                    }
+                })
+                .collect(),
+            counters: self.counters.clone(),
+        })
+    }
+
+    pub(super) fn cancel_run(
+        &mut self,
+        now: Instant,
+        run: &RunId,
+    ) -> Result<(), (ErrorCode, String)> {
+        let tasks = self
+            .runs
+            .get(run)
+            .ok_or_else(|| {
+                (
+                    ErrorCode::UnknownRun,
+                    format!("no testrun {run:?} on this server"),
+                )
+            })?
+            .tasks
+            .clone();
+        info!(run = %run, "cancel requested");
+        for id in tasks {
+            let t = self.tasks.get_mut(&id).expect("task of run");
+            match t.state {
+                TaskState::Queued => {
+                    self.remove_from_queue(&id);
+                    self.end_task(
+                        now,
+                        &id,
+                        TaskState::Cancelled,
+                        None,
+                        "cancelled while queued".into(),
+                    );
+                }
+                TaskState::Dispatched | TaskState::Running => {
+                    t.cancel_requested = true;
+                    let worker = t.worker.clone().expect("running task has a worker");
+                    self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
+                }
+                TaskState::Held => {
+                    let worker = t.worker.clone();
+                    if let Some(w) = worker.and_then(|w| self.workers.get_mut(&w)) {
+                        w.task = None;
+                    }
+                    self.end_task(
+                        now,
+                        &id,
+                        TaskState::Cancelled,
+                        None,
+                        "cancelled while its worker was away".into(),
+                    );
+                }
+                TaskState::Finished | TaskState::Cancelled => {}
+            }
+        }
+        Ok(())
+    }
+}

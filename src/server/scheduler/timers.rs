@@ -1,0 +1,163 @@
+//! Time: the heartbeat tick, worker liveness, held tasks, queue timeouts,
+//! the execution-timeout backstop and unanswered dispatches.
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    /// Called every heartbeat interval: heartbeat, liveness and timeouts.
+    pub fn on_tick(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
+        self.out.push(Output::Publish {
+            topic: "hb".into(),
+            body: Body::ServerHeartbeat {
+                server: self.incarnation.clone(),
+                heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+                sent_ms: self.wall_ms(now),
+            },
+        });
+        // If this server was not scheduled for a while (SIGSTOP, overload),
+        // the silence was ours: do not blame the workers for it.
+        if let Some(last) = self.last_tick {
+            let gap = now.saturating_duration_since(last);
+            if gap > self.cfg.heartbeat * 2 {
+                warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "server was not running for a while; giving workers a fresh liveness window"
+                );
+                for w in self.workers.values_mut() {
+                    w.last_heard = now;
+                }
+            }
+        }
+        self.last_tick = Some(now);
+
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
+        let lost: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state != WorkerState::Lost && now.saturating_duration_since(w.last_heard) > limit
+            })
+            .map(|w| w.name.clone())
+            .collect();
+        for name in lost {
+            self.worker_lost(now, &name);
+        }
+
+        let mut expired_holds = Vec::new();
+        let mut queue_timeouts = Vec::new();
+        let mut backstops = Vec::new();
+        let mut unanswered = Vec::new();
+        for t in self.tasks.values() {
+            let age = now.saturating_duration_since(t.since);
+            match t.state {
+                TaskState::Held if age > self.cfg.lost_grace => expired_holds.push(t.id.clone()),
+                TaskState::Queued
+                    if now.saturating_duration_since(t.queued_at) > self.cfg.queue_timeout =>
+                {
+                    queue_timeouts.push(t.id.clone())
+                }
+                TaskState::Running => {
+                    // Saturating: a timeout from a peer (or an old state row)
+                    // must never overflow the clock arithmetic.
+                    let timeout = Duration::from_secs(self.runs[&t.run].request.timeout_secs);
+                    if age > timeout.saturating_add(self.cfg.backstop_grace) {
+                        backstops.push(t.id.clone());
+                    }
+                }
+                TaskState::Dispatched if age > self.cfg.dispatch_ttl.saturating_add(limit) => {
+                    unanswered.push(t.id.clone())
+                }
+                _ => {}
+            }
+        }
+        for id in expired_holds {
+            let worker = self.tasks[&id].worker.clone().unwrap_or_default();
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.task = None;
+            }
+            self.requeue_or_fail(
+                now,
+                &id,
+                format!(
+                    "worker {worker} lost and did not come back within {} ms",
+                    self.cfg.lost_grace.as_millis()
+                ),
+            );
+        }
+        for id in queue_timeouts {
+            self.remove_from_queue(&id);
+            let reason = format!(
+                "queue timeout: no worker started the task within {} s",
+                self.cfg.queue_timeout.as_secs()
+            );
+            self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
+        }
+        for id in backstops {
+            let worker = self.tasks[&id]
+                .worker
+                .clone()
+                .expect("running task has a worker");
+            self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
+            self.send_to_worker(
+                &worker,
+                Some(&id),
+                Body::TaskClosed {
+                    task: id.clone(),
+                    attempt: Some(self.tasks[&id].attempts),
+                    reason: "server backstop: execution timeout passed without a report".into(),
+                },
+            );
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.task = None;
+            }
+            let timeout = self.runs[&self.tasks[&id].run].request.timeout_secs;
+            let reason = format!(
+                "execution timeout: no report {} s after the {timeout} s timeout (server backstop)",
+                self.cfg.backstop_grace.as_secs()
+            );
+            self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
+        }
+        for id in unanswered {
+            let worker = self.tasks[&id].worker.clone().unwrap_or_default();
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.task = None;
+                w.state = WorkerState::Idle;
+            }
+            self.requeue_or_fail(
+                now,
+                &id,
+                format!("worker {worker} never accepted the dispatch"),
+            );
+        }
+        let names: Vec<String> = self.workers.keys().cloned().collect();
+        for name in names {
+            self.flush_worker(now, &name);
+        }
+    }
+
+    pub(super) fn worker_lost(&mut self, now: Instant, name: &str) {
+        let w = self.workers.get_mut(name).expect("worker");
+        warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: no heartbeat");
+        w.state = WorkerState::Lost;
+        w.ready_since = None;
+        // The peer mapping stays: if the same connection speaks again (a
+        // partition healed), the worker is alive again without a new hello.
+        if let Some(task) = w.task.clone() {
+            let t = self.tasks.get_mut(&task).expect("worker task");
+            if t.cancel_requested {
+                w.task = None;
+                self.end_task(
+                    now,
+                    &task,
+                    TaskState::Cancelled,
+                    None,
+                    "cancelled; its worker was lost".into(),
+                );
+            } else {
+                t.state = TaskState::Held;
+                t.since = now;
+            }
+        }
+    }
+}

@@ -244,7 +244,8 @@ fn parse_option(text: &str) -> Result<(String, String), String> {
 }
 
 fn fail(e: &ClientError) -> i32 {
-    eprintln!("ots-submit: {e}");
+    // The message may quote what a server sent: shown escaped.
+    eprintln!("ots-submit: {}", escape_controls(&e.to_string()));
     e.exit_code()
 }
 
@@ -445,15 +446,21 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
                 }
                 ProgressState::Running => "running".to_string(),
                 ProgressState::Requeued => {
-                    format!("re-queued: {}", e.reason.as_deref().unwrap_or(""))
+                    format!(
+                        "re-queued: {}",
+                        escape_controls(e.reason.as_deref().unwrap_or(""))
+                    )
                 }
                 ProgressState::Finished => format!(
                     "{}: {}",
                     e.verdict.map_or("ended".to_string(), |v| v.to_string()),
-                    e.reason.as_deref().unwrap_or("")
+                    escape_controls(e.reason.as_deref().unwrap_or(""))
                 ),
                 ProgressState::Cancelled => {
-                    format!("cancelled: {}", e.reason.as_deref().unwrap_or(""))
+                    format!(
+                        "cancelled: {}",
+                        escape_controls(e.reason.as_deref().unwrap_or(""))
+                    )
                 }
                 ProgressState::RunFinished => format!(
                     "testrun finished: {}",
@@ -504,7 +511,7 @@ fn print_summary(status: &RunStatus) {
             t.task,
             t.packages.join(","),
             verdict,
-            t.reason.as_deref().unwrap_or(""),
+            escape_controls(t.reason.as_deref().unwrap_or("")),
             t.worker.as_deref().unwrap_or("-"),
             t.attempts
         );
@@ -547,7 +554,7 @@ fn print_history(status: &RunStatus) {
                 line.push_str(&format!("  worker {w}"));
             }
             if let Some(r) = &h.reason {
-                line.push_str(&format!("  {r}"));
+                line.push_str(&format!("  {}", escape_controls(r)));
             }
             println!("{line}");
         }

@@ -365,6 +365,10 @@ pub struct ConductorConfig {
     pub result_globs: Vec<String>,
     /// Between TERM and KILL of the conductor's process group.
     pub kill_grace_ms: u64,
+    /// Largest result file uploaded, and all result files of one task;
+    /// larger ones are skipped with a line in the task's log.
+    pub max_result_file_bytes: u64,
+    pub max_result_bytes: u64,
 }
 
 impl Default for ConductorConfig {
@@ -381,6 +385,8 @@ impl Default for ConductorConfig {
             ],
             result_globs: vec!["**/*".into()],
             kill_grace_ms: 5000,
+            max_result_file_bytes: 1 << 30,
+            max_result_bytes: 4 << 30,
         }
     }
 }

@@ -555,14 +555,20 @@ async fn run_task(
     {
         warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
     }
-    let files = collect_results(&results_dir, &cfg.conductor.result_globs, &mut channel);
+    let files = collect_results(&results_dir, &cfg.conductor, &mut channel);
     channel.finish(outcome, files);
 }
 
 /// Reads the result files below `dir` that match any glob. Symlinks are
 /// not followed, so a conductor cannot make the worker upload files from
 /// outside its results folder.
-fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) -> Vec<ResultFile> {
+fn collect_results(
+    dir: &Path,
+    conductor: &crate::config::ConductorConfig,
+    channel: &mut ResponseChannel,
+) -> Vec<ResultFile> {
+    let globs = &conductor.result_globs;
+    let mut total = 0u64;
     let patterns: Vec<glob::Pattern> = globs
         .iter()
         .filter_map(|g| glob::Pattern::new(g).ok())
@@ -620,8 +626,30 @@ fn collect_results(dir: &Path, globs: &[String], channel: &mut ResponseChannel) 
                 channel.log(Stream::Worker, format!("not uploading a result file: {e}"));
                 continue;
             }
+            // Result files are read whole (until they stream from disk), so
+            // their sizes are bounded before anything is read.
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if size > conductor.max_result_file_bytes
+                || total.saturating_add(size) > conductor.max_result_bytes
+            {
+                channel.log(
+                    Stream::Worker,
+                    format!(
+                        "not uploading {name}: {size} bytes would exceed conductor.max_result_file_bytes ({}) or max_result_bytes ({})",
+                        conductor.max_result_file_bytes, conductor.max_result_bytes
+                    ),
+                );
+                continue;
+            }
             match std::fs::read(&path) {
+                Ok(data) if data.len() as u64 > conductor.max_result_file_bytes => {
+                    channel.log(
+                        Stream::Worker,
+                        format!("not uploading {name}: it grew past conductor.max_result_file_bytes while being read"),
+                    );
+                }
                 Ok(data) => {
+                    total = total.saturating_add(data.len() as u64);
                     let sha256 = hex::encode(Sha256::digest(&data));
                     files.push(ResultFile {
                         info: crate::protocol::FileInfo {

@@ -1040,3 +1040,55 @@ fn connections_that_stay_silent_are_closed_and_workers_are_not() {
         st["counters"]
     );
 }
+
+#[test]
+fn result_files_over_the_worker_limit_are_not_read_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+    );
+    let big = script(
+        dir.path(),
+        "big.sh",
+        "mkdir -p \"$OTS_RESULTS_DIR\"\n\
+         head -c 3000000 /dev/zero > \"$OTS_RESULTS_DIR/huge.bin\"\n\
+         echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w1",
+        "devicegroup:g",
+        &server,
+        &[big.to_str().unwrap()],
+        &[("OTS_WORKER_CONDUCTOR__MAX_RESULT_FILE_BYTES", "1000000")],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "x",
+            "--packages",
+            "p",
+        ],
+    );
+    let st = wait_status(&server, &run, Duration::from_secs(30), finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let files: Vec<&str> = st["tasks"][0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec!["r.xml"]);
+    let log = submit(&server, &["logs", &run], Duration::from_secs(10));
+    assert!(
+        text(&log.stdout).contains("not uploading huge.bin"),
+        "{}",
+        text(&log.stdout)
+    );
+}

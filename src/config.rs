@@ -162,6 +162,9 @@ pub struct ServerLimits {
     /// Messages queued to one peer; past it, sends to it are dropped and
     /// counted (`send_dropped_peer_busy`), never waited for.
     pub peer_send_queue: usize,
+    /// …and bytes queued to one peer (the memory a peer that stops
+    /// reading can hold); past it, the same.
+    pub peer_send_queue_bytes: usize,
     /// Received messages waiting for the scheduler; when full, reading
     /// pauses (TCP back-pressure), fairly across peers.
     pub inbound_queue: usize,
@@ -188,6 +191,7 @@ impl Default for ServerLimits {
             handshake_timeout_ms: t.handshake_timeout.as_millis() as u64,
             idle_timeout_ms: 120_000,
             peer_send_queue: t.peer_send_queue,
+            peer_send_queue_bytes: t.peer_send_bytes,
             inbound_queue: 4096,
             max_open_tasks: s.max_open_tasks,
             max_task_log_bytes: s.max_task_log_bytes,
@@ -217,11 +221,16 @@ impl ServerLimits {
             max_connections: self.max_connections,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             peer_send_queue: self.peer_send_queue,
+            peer_send_bytes: self.peer_send_queue_bytes,
         }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 10] = [
+        let positive: [(&'static str, u64); 11] = [
+            (
+                "limits.peer_send_queue_bytes",
+                self.peer_send_queue_bytes as u64,
+            ),
             ("limits.max_connections", self.max_connections as u64),
             ("limits.handshake_timeout_ms", self.handshake_timeout_ms),
             ("limits.idle_timeout_ms", self.idle_timeout_ms),

@@ -1092,3 +1092,76 @@ fn result_files_over_the_worker_limit_are_not_read_into_memory() {
         text(&log.stdout)
     );
 }
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_bloat_the_server_or_stall_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+    );
+    let pid = server.proc.child.id() as i32;
+    let chatty = script(dir.path(), "chatty.sh", "seq 1 400000");
+    let _w = start_idle_worker(
+        dir.path(),
+        "w1",
+        "devicegroup:g",
+        &server,
+        &[chatty.to_str().unwrap()],
+        &[],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "x",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, Duration::from_secs(60), finished);
+    let task = format!("{run}.1");
+    let before = zmtp::rss_kib(pid);
+    // 3000 requests for 1 MiB of log each, replies never read.
+    let mut s = zmtp::handshake(&server.control, "DEALER").unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    for request in 0..3000u64 {
+        let frames = protocol::encode(
+            &header(Class::Control, false, request),
+            &Body::GetLog {
+                request,
+                task: task.clone(),
+                offset: 0,
+                max: 1 << 20,
+            },
+            None,
+        );
+        let parts: Vec<&[u8]> = frames.iter().map(|b| b.as_ref()).collect();
+        if s.write_all(&zmtp::frames(&parts)).is_err() {
+            break;
+        }
+    }
+    // Others are served meanwhile.
+    assert!(serves(&server));
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(zmtp::rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100)); // RSS sampling interval
+    }
+    eprintln!("server RSS {before} KiB before, {peak} KiB peak with a client not reading 3000 MiB of replies");
+    assert!(peak < before + 100 * 1024, "server RSS grew to {peak} KiB");
+    let st = status_json(&server, &run).unwrap();
+    assert!(
+        st["counters"]["send_dropped_peer_busy"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{:#}",
+        st["counters"]
+    );
+    drop(s);
+}

@@ -66,6 +66,9 @@ pub struct SocketLimits {
     /// Messages queued per peer; a send to a peer whose queue is full
     /// fails at once ([`TransportError::PeerBusy`]) instead of stalling.
     pub peer_send_queue: usize,
+    /// …and bytes queued per peer, not yet written to its connection: the
+    /// memory one peer that stops reading can hold, whatever the replies.
+    pub peer_send_bytes: usize,
 }
 
 /// Messages a worker or client queues towards the server at most (a log
@@ -84,6 +87,7 @@ impl Default for SocketLimits {
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
             peer_send_queue: 1024,
+            peer_send_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -102,7 +106,8 @@ impl SocketLimits {
             .max_message_frames(MAX_FRAMES)
             .handshake_timeout(self.handshake_timeout)
             .max_connections(self.max_connections)
-            .peer_send_queue(self.peer_send_queue, true);
+            .peer_send_queue(self.peer_send_queue, true)
+            .peer_send_queue_bytes(self.peer_send_bytes);
         o
     }
 }

@@ -2,7 +2,7 @@ use crate::async_rt;
 use crate::codec::{FramedIo, Message, ZmqFramedRead};
 use crate::fair_queue::QueueInner;
 use crate::util::PeerIdentity;
-use crate::write_queue::write_message_queue;
+use crate::write_queue::write_message_queue_counted;
 use crate::{
     MultiPeerBackend, SocketBackend, SocketEvent, SocketOptions, SocketType, ZmqError, ZmqResult,
 };
@@ -23,12 +23,45 @@ pub(crate) const PEER_SEND_QUEUE_CAPACITY: usize = 100_000;
 
 pub(crate) struct Peer {
     pub(crate) send_queue: mpsc::Sender<Message>,
+    /// ots patch: bytes queued to this peer and not yet written to its
+    /// connection (for `SocketOptions::peer_send_queue_bytes`).
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
 }
 
 #[derive(Clone)]
 struct SinglePeer {
     peer_id: PeerIdentity,
     send_queue: mpsc::Sender<Message>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// ots patch: the bytes a message puts on the wire (frames only).
+pub(crate) fn message_bytes(message: &Message) -> usize {
+    match message {
+        Message::Message(m) => m.iter().map(|f| f.len()).sum(),
+        _ => 0,
+    }
+}
+
+/// ots patch: takes `bytes` from a peer's byte budget; false (and nothing
+/// taken) if that would exceed `limit`.
+fn take_budget(queued: &AtomicUsize, bytes: usize, limit: Option<usize>) -> bool {
+    let Some(limit) = limit else {
+        queued.fetch_add(bytes, Ordering::AcqRel);
+        return true;
+    };
+    queued
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            // An empty queue always takes one message, however large.
+            (n == 0 || n.saturating_add(bytes) <= limit).then(|| n.saturating_add(bytes))
+        })
+        .is_ok()
+}
+
+fn give_back(queued: &AtomicUsize, bytes: usize) {
+    let _ = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        Some(n.saturating_sub(bytes))
+    });
 }
 
 enum CachedSend {
@@ -167,11 +200,19 @@ impl GenericSocketBackend {
             // this send instead of stalling the caller's other sends.
             Some(peer) if self.socket_options.fail_on_full_peer_queue => {
                 let mut send_queue = peer.send_queue.clone();
+                let queued = Arc::clone(&peer.queued_bytes);
                 drop(peer);
+                let bytes = message_bytes(&message);
+                if !take_budget(&queued, bytes, self.socket_options.peer_send_queue_bytes) {
+                    return Err(ZmqError::BufferFull(
+                        "peer send queue full (peer not reading)",
+                    ));
+                }
                 match send_queue.try_send(message) {
                     Ok(()) => Ok(()),
                     Err(error) if error.is_full() => {
-                        return Err(ZmqError::BufferFull("peer send queue full (peer not reading)"))
+                        give_back(&queued, bytes);
+                        return Err(ZmqError::BufferFull("peer send queue full (peer not reading)"));
                     }
                     Err(error) => Err(error.into_send_error()),
                 }
@@ -208,13 +249,29 @@ impl GenericSocketBackend {
             }
         }
 
-        match single_peer.send_queue.try_send(message) {
-            Ok(()) => CachedSend::Sent,
-            Err(error) if error.is_full() => CachedSend::Full {
+        // ots patch: a peer over its byte budget is full.
+        let bytes = message_bytes(&message);
+        if !take_budget(
+            &single_peer.queued_bytes,
+            bytes,
+            self.socket_options.peer_send_queue_bytes,
+        ) {
+            return CachedSend::Full {
                 peer_id: single_peer.peer_id.clone(),
                 send_queue: single_peer.send_queue.clone(),
-                message: error.into_inner(),
-            },
+                message,
+            };
+        }
+        match single_peer.send_queue.try_send(message) {
+            Ok(()) => CachedSend::Sent,
+            Err(error) if error.is_full() => {
+                give_back(&single_peer.queued_bytes, bytes);
+                CachedSend::Full {
+                    peer_id: single_peer.peer_id.clone(),
+                    send_queue: single_peer.send_queue.clone(),
+                    message: error.into_inner(),
+                }
+            }
             Err(error) => CachedSend::Disconnected {
                 peer_id: single_peer.peer_id.clone(),
                 error: error.into_send_error(),
@@ -256,6 +313,7 @@ impl GenericSocketBackend {
             *single_peer = self.peers.begin_sync().map(|peer| SinglePeer {
                 peer_id: peer.key().clone(),
                 send_queue: peer.send_queue.clone(),
+                queued_bytes: Arc::clone(&peer.queued_bytes),
             });
         } else {
             *single_peer = None;
@@ -304,11 +362,14 @@ impl MultiPeerBackend for GenericSocketBackend {
     async fn peer_connected(self: Arc<Self>, peer_id: &PeerIdentity, io: FramedIo) {
         let (recv_queue, send_queue) = io.into_parts();
         let (queue_sender, queue_receiver) = mpsc::channel(self.socket_options.peer_send_queue);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = Arc::clone(&queued_bytes);
         self.peers
             .upsert_async(
                 peer_id.clone(),
                 Peer {
                     send_queue: queue_sender,
+                    queued_bytes: Arc::clone(&queued_bytes),
                 },
             )
             .await;
@@ -316,7 +377,9 @@ impl MultiPeerBackend for GenericSocketBackend {
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
         async_rt::task::spawn(async move {
-            if let Err(error) = write_message_queue(queue_receiver, send_queue).await {
+            if let Err(error) =
+                write_message_queue_counted(queue_receiver, send_queue, Some(written)).await
+            {
                 log::debug!(
                     "Error sending message to peer {:?}: {:?}",
                     writer_peer_id,
@@ -385,7 +448,7 @@ mod tests {
         let (send_queue, recv_queue) = mpsc::channel(8);
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue })
+            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
             .await;
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());
@@ -469,7 +532,7 @@ mod tests {
             .expect("prefill peer queue");
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue })
+            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
             .await;
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());
@@ -500,7 +563,7 @@ mod tests {
         drop(recv_queue);
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue })
+            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
             .await;
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());

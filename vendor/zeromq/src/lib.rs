@@ -71,7 +71,7 @@ pub mod __bench {
                 let (send_queue, recv_queue) = mpsc::channel(queue_capacity);
                 backend
                     .peers
-                    .upsert_async(peer_id.clone(), Peer { send_queue })
+                    .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
                     .await;
                 backend.round_robin.push(peer_id);
                 receivers.push(recv_queue);
@@ -360,6 +360,7 @@ pub struct SocketOptions {
     pub(crate) max_connections: Option<usize>,
     pub(crate) peer_send_queue: usize,
     pub(crate) fail_on_full_peer_queue: bool,
+    pub(crate) peer_send_queue_bytes: Option<usize>,
 }
 
 impl Default for SocketOptions {
@@ -376,6 +377,7 @@ impl Default for SocketOptions {
             max_connections: None,
             peer_send_queue: crate::backend::PEER_SEND_QUEUE_CAPACITY,
             fail_on_full_peer_queue: false,
+            peer_send_queue_bytes: None,
         }
     }
 }
@@ -487,6 +489,15 @@ impl SocketOptions {
     pub fn peer_send_queue(&mut self, capacity: usize, fail_when_full: bool) -> &mut Self {
         self.peer_send_queue = capacity.max(1);
         self.fail_on_full_peer_queue = fail_when_full;
+        self
+    }
+
+    /// ots patch: bytes (frame payloads) queued per peer and not yet
+    /// written to its connection; past it the peer's queue counts as full
+    /// (see [`Self::peer_send_queue`]). A message always fits an empty
+    /// queue. Bounds memory per peer, whatever the message sizes.
+    pub fn peer_send_queue_bytes(&mut self, bytes: usize) -> &mut Self {
+        self.peer_send_queue_bytes = Some(bytes);
         self
     }
 }

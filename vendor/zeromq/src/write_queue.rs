@@ -8,11 +8,31 @@ const WRITE_BATCH_LIMIT: usize = 128;
 /// Writes queued socket messages into the underlying framed sink in small batches.
 #[inline]
 pub(crate) async fn write_message_queue(
+    queue_receiver: mpsc::Receiver<Message>,
+    send_queue: ZmqFramedWrite,
+) -> CodecResult<()> {
+    write_message_queue_counted(queue_receiver, send_queue, None).await
+}
+
+/// ots patch: as `write_message_queue`, giving each batch's bytes back to
+/// `queued` once flushed (the peer's byte budget).
+pub(crate) async fn write_message_queue_counted(
     mut queue_receiver: mpsc::Receiver<Message>,
     mut send_queue: ZmqFramedWrite,
+    queued: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 ) -> CodecResult<()> {
+    let written = |bytes: usize| {
+        if let Some(q) = &queued {
+            let _ = q.fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| Some(n.saturating_sub(bytes)),
+            );
+        }
+    };
     while let Some(message) = queue_receiver.next().await {
         // When backlog already exists, feed a batch before flushing once to avoid per-message flush cost during bursts.
+        let mut bytes = crate::backend::message_bytes(&message);
         send_queue.feed(message).await?;
 
         for _ in 1..WRITE_BATCH_LIMIT {
@@ -20,10 +40,12 @@ pub(crate) async fn write_message_queue(
                 Ok(message) => message,
                 Err(_) => break,
             };
+            bytes += crate::backend::message_bytes(&message);
             send_queue.feed(message).await?;
         }
 
         send_queue.flush().await?;
+        written(bytes);
     }
 
     Ok(())

@@ -1165,3 +1165,264 @@ fn a_client_that_never_reads_its_replies_cannot_bloat_the_server_or_stall_others
     );
     drop(s);
 }
+
+/// A worker speaking OTSP over a raw ZMTP connection: registered, with a
+/// task accepted, then doing what a broken or hostile worker would.
+struct RogueWorker {
+    s: TcpStream,
+    seq: u64,
+}
+
+impl RogueWorker {
+    fn send(&mut self, class: Class, mandatory: bool, body: Body, raw: Option<Vec<u8>>) -> u64 {
+        let seq = if mandatory {
+            self.seq += 1;
+            self.seq
+        } else {
+            0
+        };
+        let frames = protocol::encode(&header(class, mandatory, seq), &body, raw.map(Into::into));
+        let parts: Vec<&[u8]> = frames.iter().map(|b| b.as_ref()).collect();
+        self.s.write_all(&zmtp::frames(&parts)).unwrap();
+        seq
+    }
+
+    fn next(&mut self) -> Body {
+        let frames = zmtp::read_message(&mut self.s).unwrap();
+        protocol::decode(frames.into_iter().map(Into::into).collect())
+            .unwrap()
+            .body
+    }
+
+    /// Reads until the answer to mandatory `seq`: an ack or an error.
+    fn answer(&mut self, seq: u64) -> Body {
+        loop {
+            match self.next() {
+                Body::Ack { seq: s } if s == seq => return Body::Ack { seq },
+                b @ Body::Error { seq: Some(s), .. } if s == seq => return b,
+                Body::Dispatch { .. } => {} // resent until acked: ignore
+                _ => {}
+            }
+        }
+    }
+}
+
+fn error_code(b: &Body) -> Option<protocol::ErrorCode> {
+    match b {
+        Body::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_answered() {
+    use protocol::{ErrorCode, LogLine, Stream};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+    );
+    let pid = server.proc.child.id() as i32;
+    let mut w = RogueWorker {
+        s: zmtp::handshake(&server.control, "DEALER").unwrap(),
+        seq: 0,
+    };
+    w.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    w.send(
+        Class::Control,
+        false,
+        Body::Hello {
+            worker: "rogue".into(),
+            session: "s1".into(),
+            device: protocol::DeviceProps::parse("devicegroup:r").unwrap(),
+            running: vec![],
+        },
+        None,
+    );
+    assert_eq!(w.next().kind(), "welcome");
+    w.send(Class::Control, false, Body::Ready, None);
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:r",
+            "--image",
+            "x",
+            "--packages",
+            "p",
+        ],
+    );
+    let task = format!("{run}.1");
+    loop {
+        let frames = zmtp::read_message(&mut w.s).unwrap();
+        let env = protocol::decode(frames.into_iter().map(Into::into).collect()).unwrap();
+        if let Body::Dispatch { .. } = env.body {
+            w.send(
+                Class::Control,
+                false,
+                Body::Ack {
+                    seq: env.header.seq,
+                },
+                None,
+            );
+            break;
+        }
+    }
+    let seq = w.send(
+        Class::Control,
+        true,
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+        None,
+    );
+    assert_eq!(w.answer(seq), Body::Ack { seq });
+    let chunk = |name: &str, offset: u64, size: u64| Body::FileChunk {
+        task: task.clone(),
+        attempt: 1,
+        name: name.into(),
+        offset,
+        size,
+        sha256: None,
+    };
+    // A 1-byte chunk at offset 2^36: refused at once (the file it belongs
+    // to is over the size limit), never written as a sparse file.
+    let seq = w.send(
+        Class::File,
+        true,
+        chunk("x", 1 << 36, (1 << 36) + 1),
+        Some(vec![1]),
+    );
+    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::LimitReached));
+    assert!(!server
+        .state_dir
+        .join("tasks")
+        .join(&task)
+        .join("files/x")
+        .exists());
+    // A 300-byte name part, and offsets near 2^62: answered too.
+    let seq = w.send(
+        Class::File,
+        true,
+        chunk(&"a".repeat(300), 0, 1),
+        Some(vec![1]),
+    );
+    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::Invalid));
+    let seq = w.send(
+        Class::File,
+        true,
+        chunk("y", 1 << 62, 1 << 62),
+        Some(vec![1]),
+    );
+    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::Invalid));
+    // A file/folder clash in storage: answered with storage_failed.
+    let seq = w.send(Class::File, true, chunk("d", 0, 1), Some(vec![1]));
+    assert_eq!(w.answer(seq), Body::Ack { seq });
+    let seq = w.send(Class::File, true, chunk("d/e", 0, 1), Some(vec![1]));
+    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::StorageFailed));
+    // A line that tries to forge another, and one numbered 2^64 - 1.
+    let line = |seq: u64, text: &str| LogLine {
+        seq,
+        stream: Stream::Stdout,
+        text: text.into(),
+    };
+    let log = |lines: Vec<LogLine>| Body::Log {
+        task: task.clone(),
+        attempt: 1,
+        lines,
+    };
+    w.send(
+        Class::Log,
+        false,
+        log(vec![line(1, "ok\n[ots-worker] forged")]),
+        None,
+    );
+    w.send(Class::Log, false, log(vec![line(u64::MAX, "x")]), None);
+    // Every other line number, as fast as the socket takes it.
+    let before = zmtp::rss_kib(pid);
+    let started = Instant::now();
+    let mut n = 3u64;
+    for _ in 0..200 {
+        let lines = (0..5000)
+            .map(|_| {
+                n += 2;
+                line(n, "flood flood flood flood")
+            })
+            .collect();
+        w.send(Class::Log, false, log(lines), None);
+    }
+    eprintln!(
+        "sent 1 000 000 log lines numbered every other in {:?}",
+        started.elapsed()
+    );
+    assert!(serves(&server), "the server stalled under the flood");
+    let peak = zmtp::rss_kib(pid);
+    eprintln!("server RSS {before} KiB before the log flood, {peak} KiB after");
+    assert!(peak < before + 100 * 1024);
+    let seq = w.send(
+        Class::Control,
+        true,
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: protocol::Outcome {
+                exit_code: Some(0),
+                ..Default::default()
+            },
+            log_lines: n,
+            files: vec![],
+        },
+        None,
+    );
+    assert_eq!(w.answer(seq), Body::Ack { seq });
+    let st = wait_status(&server, &run, Duration::from_secs(30), finished);
+    let (produced, stored, lost) = log_accounting(&st["tasks"][0]);
+    assert_eq!(stored + lost, produced, "{st:#}");
+    let counters = &st["counters"];
+    eprintln!("server counters: {counters}");
+    assert!(counters["log_lines_over_limit"].as_u64().unwrap_or(0) > 0);
+    let shown = text(&submit(&server, &["logs", &run], Duration::from_secs(10)).stdout);
+    assert!(
+        !shown.lines().any(|l| l.starts_with("[ots-worker] forged")),
+        "{shown}"
+    );
+    assert!(shown.contains("ok\\n[ots-worker] forged"), "{shown}");
+}
+
+#[test]
+fn submits_past_the_open_task_limit_are_refused_and_the_server_stays_quick() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[("OTS_SERVER_LIMITS__MAX_OPEN_TASKS", "20")],
+    );
+    let args = [
+        "run",
+        "--device",
+        "devicegroup:nobody",
+        "--image",
+        "x",
+        "--packages",
+        "a,b,c,d,e",
+        "--distribution",
+        "perpackage",
+        "--queue-anyway",
+    ];
+    for _ in 0..4 {
+        let out = submit(&server, &args, Duration::from_secs(10));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = submit(&server, &args, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("max_open_tasks"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(serves(&server));
+}

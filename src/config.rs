@@ -180,6 +180,8 @@ pub struct ServerLimits {
     pub max_task_file_bytes: u64,
     /// Worker refusals of one task (busy, expired) before it ends in ERROR.
     pub max_refusals: u32,
+    /// Worker names the registry holds; a new name past it is refused.
+    pub max_workers: usize,
 }
 
 impl Default for ServerLimits {
@@ -199,6 +201,7 @@ impl Default for ServerLimits {
             max_file_bytes: s.max_file_bytes,
             max_task_file_bytes: s.max_task_file_bytes,
             max_refusals: s.max_refusals,
+            max_workers: s.max_workers,
         }
     }
 }
@@ -212,6 +215,7 @@ impl ServerLimits {
             max_file_bytes: self.max_file_bytes,
             max_task_file_bytes: self.max_task_file_bytes,
             max_refusals: self.max_refusals,
+            max_workers: self.max_workers,
         }
     }
 
@@ -226,7 +230,8 @@ impl ServerLimits {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 11] = [
+        let positive: [(&'static str, u64); 12] = [
+            ("limits.max_workers", self.max_workers as u64),
             (
                 "limits.peer_send_queue_bytes",
                 self.peer_send_queue_bytes as u64,

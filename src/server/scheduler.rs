@@ -85,6 +85,9 @@ pub struct SchedulerLimits {
     /// Times a task may be refused by workers (refusals use no attempt)
     /// before it ends in ERROR.
     pub max_refusals: u32,
+    /// Workers in the registry (every name ever registered, live or lost);
+    /// a `hello` with a new name past it gets `limit_reached`.
+    pub max_workers: usize,
 }
 
 impl Default for SchedulerLimits {
@@ -96,6 +99,7 @@ impl Default for SchedulerLimits {
             max_file_bytes: 4 * 1024 * 1024 * 1024,
             max_task_file_bytes: 16 * 1024 * 1024 * 1024,
             max_refusals: 20,
+            max_workers: 10_000,
         }
     }
 }

@@ -14,6 +14,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+/// Mandatory messages the worker holds at most before it stops answering
+/// dispatches it would refuse (a server that never acknowledges cannot grow
+/// the outbox, or worker.db, without bound).
+pub const MAX_OUTBOX: usize = 100_000;
+
 /// Result files travel in chunks of this size.
 pub const CHUNK_BYTES: usize = 256 * 1024;
 /// A log batch stops growing at about this many bytes: many small lines per
@@ -149,6 +154,8 @@ pub struct SessionStats {
     pub given_up: u64,
     /// Mandatory messages the server answered with an error (not resent).
     pub refused_by_server: u64,
+    /// Dispatches left unanswered because the outbox was full.
+    pub dispatches_unanswered: u64,
     /// Guarantee-nothing messages dropped because the server was unreachable.
     pub unsent_dropped: u64,
 }
@@ -599,6 +606,13 @@ impl Session {
             if slot.spec.task == task && slot.spec.attempt == attempt {
                 return; // a resent dispatch we already accepted
             }
+            // A refusal is a mandatory message: a server that keeps sending
+            // dispatches and never acknowledges must not grow the outbox
+            // (and worker.db) without bound.
+            if self.outbox.len() >= MAX_OUTBOX {
+                self.stats.dispatches_unanswered += 1;
+                return;
+            }
             let body = Body::TaskRefused {
                 task: task.clone(),
                 reason: RefuseReason::Busy,
@@ -616,6 +630,10 @@ impl Session {
         let waited = now.saturating_duration_since(received.at).as_millis() as u64;
         let transit = self.clock.transit_ms(received.wall_ms, spec.sent_ms);
         let age = waited.saturating_add(transit);
+        if age > spec.ttl_ms && self.outbox.len() >= MAX_OUTBOX {
+            self.stats.dispatches_unanswered += 1;
+            return;
+        }
         if age > spec.ttl_ms {
             let late = age - spec.ttl_ms;
             self.stats.expired_dispatches += 1;

@@ -48,6 +48,22 @@ impl<S: Store> Scheduler<S> {
                 return;
             }
         }
+        if !self.workers.contains_key(&name) && self.workers.len() >= self.cfg.limits.max_workers {
+            self.count("hello_over_worker_limit", 1);
+            if self.noise.allow(now, "refused hellos") {
+                warn!(worker = %name, limit = self.cfg.limits.max_workers, "refused a hello: the worker registry is full (limits.max_workers)");
+            }
+            self.send_error(
+                peer,
+                None,
+                ErrorCode::LimitReached,
+                format!(
+                    "the server knows {} workers, its limit (limits.max_workers); ask the operator",
+                    self.workers.len()
+                ),
+            );
+            return;
+        }
         let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
             name: name.clone(),
             device: device.clone(),

@@ -1473,3 +1473,25 @@ fn result_files_are_hashed_as_they_arrive_and_out_of_order_ones_are_read_back() 
     assert_eq!(files, vec!["a.bin".to_string(), "c.bin".to_string()]);
     assert_eq!(lab.s.counters()["file_mismatch"], 1);
 }
+
+#[test]
+fn the_worker_registry_is_bounded() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_workers = 3;
+    for i in 0..3 {
+        lab.register(&format!("w{i}"), "devicegroup:g");
+    }
+    lab.s
+        .on_message(lab.now, &peer("ghost"), env(false, 0, hello("ghost", "s")));
+    let out = lab.s.take_outputs();
+    assert_eq!(errors_to(&out, "ghost")[0].0, ErrorCode::LimitReached);
+    assert_eq!(lab.s.workers.len(), 3);
+    // A known name still registers again.
+    lab.s.on_message(
+        lab.now,
+        &peer("w0b"),
+        env(false, 0, hello("w0", "w0-session")),
+    );
+    let out = lab.s.take_outputs();
+    assert!(errors_to(&out, "w0b").is_empty(), "{out:?}");
+}

@@ -1,7 +1,7 @@
 //! `ots-server`: binds the control and events sockets and serves until
 //! SIGTERM or SIGINT.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ots::config::ServerConfig;
 use ots::server::Server;
 use std::path::PathBuf;
@@ -23,6 +23,17 @@ struct Args {
     /// State directory (overrides `state_dir`).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write a new key pair: BASE.key (private, mode 0600) and BASE.pub.
+    Keygen {
+        /// Path without extension, e.g. /etc/ots/server.
+        base: PathBuf,
+    },
 }
 
 /// sysexits EX_CONFIG.
@@ -33,6 +44,9 @@ const EXIT_UNAVAILABLE: u8 = 69;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Keygen { base }) = &args.command {
+        return ExitCode::from(ots::security::keys::keygen_command("ots-server", base));
+    }
     ots::logging::init("info");
     ots::fatal::exit_on_panic("ots-server");
     let overrides = [

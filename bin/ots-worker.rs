@@ -1,6 +1,6 @@
 //! `ots-worker`: one per device under test; runs until SIGTERM or SIGINT.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ots::config::WorkerConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +28,17 @@ struct Args {
     /// State directory (overrides `state_dir`).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write a new key pair: BASE.key (private, mode 0600) and BASE.pub.
+    Keygen {
+        /// Path without extension, e.g. /etc/ots/worker.
+        base: PathBuf,
+    },
 }
 
 /// sysexits EX_CONFIG.
@@ -43,6 +54,9 @@ const EXIT_NAME_IN_USE: u8 = 75;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Keygen { base }) = &args.command {
+        return ExitCode::from(ots::security::keys::keygen_command("ots-worker", base));
+    }
     ots::logging::init("info");
     ots::fatal::exit_on_panic("ots-worker");
     let overrides = [

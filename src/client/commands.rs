@@ -54,6 +54,11 @@ impl Conn {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a new key pair: BASE.key (private, mode 0600) and BASE.pub.
+    Keygen {
+        /// Path without extension, e.g. ~/.config/ots/me.
+        base: PathBuf,
+    },
     /// Submit a testrun; prints its id (and, with --wait, its verdict).
     Run(RunArgs),
     /// Wait for a testrun submitted earlier; exit status as for `run --wait`.
@@ -252,6 +257,9 @@ fn fail(e: &ClientError) -> i32 {
 /// Runs a parsed command line; returns the exit status.
 pub async fn main(cli: Cli) -> i32 {
     let result = match cli.command {
+        Command::Keygen { base } => {
+            return i32::from(crate::security::keys::keygen_command("ots-submit", &base))
+        }
         Command::Run(args) => return run(args).await,
         Command::Wait {
             run,

@@ -1,0 +1,52 @@
+//! Authentication and encryption above ZMTP (the `zeromq` crate offers
+//! neither CURVE nor PLAIN): a Noise `IK` handshake per connection and
+//! sealed frames after it. I/O-free, like the protocol layer below it:
+//! bytes in, bytes out; the shells carry them.
+//!
+//! - [`keys`]: X25519 key pairs and their files (`NAME.key` readable by the
+//!   owner only, `NAME.pub`), as `keygen` writes them and the services
+//!   load them.
+//! - [`handshake`]: the two-message Noise handshake between an initiator
+//!   (worker or client) that pins the server's public key and the server,
+//!   which looks the initiator's static key up in its allow-list.
+//! - [`channel`]: what both ends hold after the handshake: every frame of a
+//!   message is sealed with ChaCha20-Poly1305 under the connection's keys,
+//!   with the message number explicit in the first frame; a replayed or
+//!   reordered message is refused.
+//!
+//! Status (issue 8, in progress): these are implemented and tested here;
+//! the control socket does not use them yet (`docs/PROTOCOL.md` §15).
+
+pub mod channel;
+pub mod handshake;
+pub mod keys;
+
+pub use channel::Channel;
+pub use handshake::{Initiator, Responder};
+pub use keys::{KeyPair, PublicKey};
+
+/// The Noise protocol name: `IK` because the initiator knows the server's
+/// static key in advance (pinned in its configuration) and sends its own
+/// static key encrypted in the first message, so the handshake takes one
+/// round trip and authenticates both sides; X25519, ChaCha20-Poly1305 and
+/// BLAKE2s as Noise names them.
+pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+
+/// Why a key, a handshake or a sealed message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecurityError {
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error("private key file {path} has mode {mode:o}: readable or writable by others; run `chmod 600 {path}`")]
+    KeyTooOpen { path: String, mode: u32 },
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    #[error("the peer's key {0} is not allowed on this server")]
+    UnknownKey(String),
+    #[error("message number {counter} is not above the last accepted {last} (replayed or reordered); refused")]
+    Replay { counter: u64, last: u64 },
+    #[error("a sealed frame does not authenticate (tampered, or sealed for another connection)")]
+    Decrypt,
+    #[error("sealed message malformed: {0}")]
+    Malformed(&'static str),
+}

@@ -114,3 +114,65 @@ fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_
     ));
     assert_smoke_passes(&server, "g");
 }
+
+#[test]
+fn a_sigkilled_server_is_noticed_when_its_connection_closes_not_after_the_liveness_window() {
+    let dir = tempfile::tempdir().unwrap();
+    // Heartbeats alone would take 10 s (1 s x liveness 10) to notice.
+    let env = [("OTS_SERVER_LIVENESS", "10")];
+    let mut server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &env,
+    );
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let w = start_idle_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);
+    let mark = w.stderr.len();
+    let killed = Instant::now();
+    server.proc.kill();
+    let line = w.stderr.wait_for_after(
+        mark,
+        "closed the control connection",
+        Duration::from_secs(5),
+    );
+    assert!(line.is_some(), "{:?}", w.stderr.all());
+    eprintln!(
+        "worker noticed the SIGKILLed server after {:?}",
+        killed.elapsed()
+    );
+}
+
+#[test]
+fn a_sigkilled_worker_is_lost_when_its_connection_closes_not_after_the_liveness_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OTS_SERVER_LIVENESS", "10")];
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &env,
+    );
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let mut w = start_idle_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);
+    let killed = Instant::now();
+    w.kill();
+    assert!(
+        wait_for_workers(&server, Duration::from_secs(5), |ws| ws
+            .iter()
+            .any(|w| w["name"] == "w1" && w["state"] == "lost")),
+        "{:?}",
+        server.proc.stderr.all()
+    );
+    eprintln!(
+        "server counted the SIGKILLed worker lost after {:?}",
+        killed.elapsed()
+    );
+    assert!(server
+        .proc
+        .stderr
+        .wait_for("worker lost: its connection closed", Duration::from_secs(1))
+        .is_some());
+}

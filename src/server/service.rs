@@ -220,6 +220,9 @@ async fn serve(
                 }
             }
             Some(event) = futures::StreamExt::next(&mut connections) => {
+                if let zeromq::SocketEvent::Disconnected(peer) = &event {
+                    scheduler.on_peer_closed(Instant::now(), &Bytes::from(peer.clone()));
+                }
                 activity.on_event(Instant::now(), event);
             }
             _ = ticker.tick() => {

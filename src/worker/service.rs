@@ -380,11 +380,30 @@ pub async fn run(
 
 fn attach(
     generation: u64,
-    dealer: DealerSocket,
+    mut dealer: DealerSocket,
     sub: SubSocket,
     tx: mpsc::Sender<Inbound>,
 ) -> Connection {
+    // The socket monitor reports the TCP connection closing at once (a
+    // SIGKILLed server, a restart): the worker reconnects without waiting
+    // for its next send or for heartbeats to go missing. A hung server
+    // keeps its connection open and is still caught by heartbeats.
+    let mut events = dealer.monitor();
     let (dealer_tx, mut dealer_rx) = dealer.split();
+    let t0 = tx.clone();
+    let watcher = tokio::spawn(async move {
+        while let Some(event) = futures::StreamExt::next(&mut events).await {
+            if let zeromq::SocketEvent::Disconnected(_) = event {
+                let _ = t0
+                    .send(Inbound::Closed {
+                        generation,
+                        error: "the server closed the control connection".into(),
+                    })
+                    .await;
+                return;
+            }
+        }
+    });
     let t1 = tx.clone();
     let dealer_reader = tokio::spawn(async move {
         loop {
@@ -447,7 +466,7 @@ fn attach(
     });
     Connection {
         dealer: dealer_tx,
-        readers: vec![dealer_reader, sub_reader],
+        readers: vec![dealer_reader, sub_reader, watcher],
     }
 }
 

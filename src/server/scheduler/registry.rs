@@ -4,6 +4,27 @@
 use super::*;
 
 impl<S: Store> Scheduler<S> {
+    /// The connection of `peer` closed (the socket monitor says so): a
+    /// worker on it is lost at once, not after the liveness window, and its
+    /// peer mapping goes (a new connection brings a new `hello`). A hung
+    /// worker keeps its connection and is caught by heartbeats instead.
+    pub fn on_peer_closed(&mut self, now: Instant, peer: &PeerId) {
+        self.latest = self.latest.max(now);
+        let Some(name) = self.peers.remove(peer) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&name) else {
+            return;
+        };
+        if w.peer.as_ref() == Some(peer) {
+            w.peer = None;
+        }
+        if w.state != WorkerState::Lost {
+            self.count("workers_lost_connection_closed", 1);
+            self.worker_lost(now, &name, "its connection closed");
+        }
+    }
+
     pub(super) fn on_hello(
         &mut self,
         now: Instant,

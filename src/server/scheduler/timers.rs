@@ -41,7 +41,7 @@ impl<S: Store> Scheduler<S> {
             .map(|w| w.name.clone())
             .collect();
         for name in lost {
-            self.worker_lost(now, &name);
+            self.worker_lost(now, &name, "no heartbeat");
         }
 
         let mut expired_holds = Vec::new();
@@ -136,9 +136,9 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    pub(super) fn worker_lost(&mut self, now: Instant, name: &str) {
+    pub(super) fn worker_lost(&mut self, now: Instant, name: &str, why: &str) {
         let w = self.workers.get_mut(name).expect("worker");
-        warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: no heartbeat");
+        warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: {why}");
         w.state = WorkerState::Lost;
         w.ready_since = None;
         // The peer mapping stays: if the same connection speaks again (a

@@ -258,6 +258,13 @@ pub struct Scheduler<S: Store> {
     /// Stored rows that could not be restored, to move aside at the next
     /// commit.
     quarantined: Vec<RestoreError>,
+    /// Ready workers (idle, connected, asked for work) under each routing
+    /// key they match, longest waiting first: a new task finds its worker
+    /// without looking at the rest of the fleet.
+    ready: HashMap<String, BTreeSet<(Instant, String)>>,
+    /// Registered workers (any state) per routing key: whether a testrun
+    /// can ever run, answered with one lookup.
+    known: BTreeMap<String, usize>,
     /// Log lines about peers' bad messages, limited (counters count all).
     noise: crate::logging::Throttle,
     /// The latest time an input brought (for inputs that carry none).
@@ -301,6 +308,8 @@ impl<S: Store> Scheduler<S> {
             touched: BTreeSet::new(),
             persisted_next_run: 0,
             quarantined: Vec::new(),
+            ready: HashMap::new(),
+            known: BTreeMap::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
         }
@@ -525,8 +534,8 @@ impl<S: Store> Scheduler<S> {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 if worker.task.is_none() {
                     worker.state = WorkerState::Idle;
-                    worker.ready_since.get_or_insert(now);
-                    self.try_dispatch(now);
+                    self.set_ready(now, &name);
+                    self.try_dispatch_worker(now, &name);
                 }
             }
             Body::Log {

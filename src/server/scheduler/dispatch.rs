@@ -32,48 +32,113 @@ impl<S: Store> Scheduler<S> {
         t.reason = Some(why.clone());
         let key = self.runs[&t.run].request.device.routing_key();
         // Back to the front: it was first in line once already.
-        self.queues.entry(key).or_default().push_front(id.clone());
+        self.queues
+            .entry(key.clone())
+            .or_default()
+            .push_front(id.clone());
         self.progress(id, ProgressState::Requeued, None, Some(why));
-        self.try_dispatch(now);
+        self.try_dispatch_key(now, &key);
     }
 
-    /// Hands queued tasks to ready workers: the worker waiting longest
-    /// first, the oldest matching task first.
-    pub(super) fn try_dispatch(&mut self, now: Instant) {
-        loop {
-            let mut ready: Vec<(Instant, String)> = self
-                .workers
-                .values()
-                .filter(|w| w.state == WorkerState::Idle && w.task.is_none() && w.peer.is_some())
-                .filter_map(|w| w.ready_since.map(|t| (t, w.name.clone())))
-                .collect();
-            ready.sort();
-            let mut dispatched = false;
-            for (_, name) in ready {
-                let keys = self.workers[&name].routing_keys();
-                let best = keys
-                    .iter()
-                    .filter_map(|k| {
-                        self.queues
-                            .get(k)
-                            .and_then(|q| q.front())
-                            .map(|t| (self.tasks[t].order, k.clone()))
-                    })
-                    .min();
-                if let Some((_, key)) = best {
-                    let task = self
-                        .queues
-                        .get_mut(&key)
-                        .and_then(|q| q.pop_front())
-                        .expect("head");
-                    self.dispatch(now, &name, &task);
-                    dispatched = true;
-                    break;
+    /// True if `name` may be given a task now.
+    fn dispatchable(&self, name: &str) -> bool {
+        self.workers
+            .get(name)
+            .is_some_and(|w| w.state == WorkerState::Idle && w.task.is_none() && w.peer.is_some())
+    }
+
+    /// The worker asked for work: it joins the ready index under each of
+    /// its routing keys, in the order workers became ready.
+    pub(super) fn set_ready(&mut self, now: Instant, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        if w.ready_since.is_some() {
+            return;
+        }
+        w.ready_since = Some(now);
+        for key in w.routing_keys() {
+            self.ready
+                .entry(key)
+                .or_default()
+                .insert((now, name.to_string()));
+        }
+    }
+
+    /// The worker is no longer waiting for work (dispatched, lost,
+    /// registering anew): it leaves the ready index.
+    pub(super) fn clear_ready(&mut self, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        let Some(since) = w.ready_since.take() else {
+            return;
+        };
+        for key in w.routing_keys() {
+            if let Some(set) = self.ready.get_mut(&key) {
+                set.remove(&(since, name.to_string()));
+                if set.is_empty() {
+                    self.ready.remove(&key);
                 }
             }
-            if !dispatched {
+        }
+    }
+
+    /// A worker became ready: it gets the oldest task at the head of any
+    /// queue it matches. (No other ready worker can want that task: every
+    /// queued task already went to the longest-waiting ready worker that
+    /// matched it, so a ready worker never coexists with a task it
+    /// matches.) Cost: its three routing keys, whatever the fleet size.
+    pub(super) fn try_dispatch_worker(&mut self, now: Instant, name: &str) {
+        if !self.dispatchable(name) {
+            return;
+        }
+        let keys = self.workers[name].routing_keys();
+        let best = keys
+            .iter()
+            .filter_map(|k| {
+                self.queues
+                    .get(k)
+                    .and_then(|q| q.front())
+                    .map(|t| (self.tasks[t].order, k.clone()))
+            })
+            .min();
+        if let Some((_, key)) = best {
+            let task = self
+                .queues
+                .get_mut(&key)
+                .and_then(|q| q.pop_front())
+                .expect("head");
+            self.dispatch(now, name, &task);
+        }
+    }
+
+    /// Tasks were queued under `key`: they go to the ready workers that
+    /// match it, the one waiting longest first. Cost: what is dispatched,
+    /// whatever the number of idle workers elsewhere.
+    pub(super) fn try_dispatch_key(&mut self, now: Instant, key: &str) {
+        while self.queues.get(key).is_some_and(|q| !q.is_empty()) {
+            let Some((since, name)) = self.ready.get(key).and_then(|s| s.first().cloned()) else {
                 return;
+            };
+            let current = self.workers.get(&name).and_then(|w| w.ready_since) == Some(since);
+            if !current || !self.dispatchable(&name) {
+                // Not ready any more under this entry: forget it.
+                if let Some(set) = self.ready.get_mut(key) {
+                    set.remove(&(since, name.clone()));
+                }
+                if !current {
+                    continue;
+                }
+                self.clear_ready(&name);
+                continue;
             }
+            let task = self
+                .queues
+                .get_mut(key)
+                .and_then(|q| q.pop_front())
+                .expect("non-empty queue");
+            self.dispatch(now, &name, &task);
         }
     }
 
@@ -121,7 +186,8 @@ impl<S: Store> Scheduler<S> {
         };
         let w = self.workers.get_mut(worker).expect("worker");
         w.state = WorkerState::Busy;
-        w.ready_since = None;
+        self.clear_ready(worker);
+        let w = self.workers.get_mut(worker).expect("worker");
         w.task = Some(id.clone());
         info!(task = %id, worker, attempt = spec.attempt, "task dispatched");
         if let Some(r) = self.runs.get_mut(&spec.run) {

@@ -436,6 +436,10 @@ impl<S: Store> Scheduler<S> {
                 },
             );
         }
+        let keys: Vec<Vec<String>> = s.workers.values().map(Worker::routing_keys).collect();
+        for k in keys {
+            s.index_device(Vec::new(), k);
+        }
         s.quarantined = quarantined;
         info!(
             runs = s.runs.len(),

@@ -4,6 +4,21 @@
 use super::*;
 
 impl<S: Store> Scheduler<S> {
+    /// Moves a worker's routing keys in the index of known devices.
+    pub(super) fn index_device(&mut self, old: Vec<String>, new: Vec<String>) {
+        for key in old {
+            if let Some(n) = self.known.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.known.remove(&key);
+                }
+            }
+        }
+        for key in new {
+            *self.known.entry(key).or_default() += 1;
+        }
+    }
+
     /// The connection of `peer` closed (the socket monitor says so): a
     /// worker on it is lost at once, not after the liveness window, and its
     /// peer mapping goes (a new connection brings a new `hello`). A hung
@@ -85,6 +100,10 @@ impl<S: Store> Scheduler<S> {
             );
             return;
         }
+        // Registering anew: not waiting for work until it says `ready`
+        // (and its device, hence its routing keys, may have changed).
+        self.clear_ready(&name);
+        let old_keys = self.workers.get(&name).map(Worker::routing_keys);
         let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
             name: name.clone(),
             device: device.clone(),
@@ -116,8 +135,11 @@ impl<S: Store> Scheduler<S> {
         worker.device = device;
         worker.peer = Some(peer.clone());
         worker.last_heard = now;
-        worker.ready_since = None;
         self.peers.insert(peer.clone(), name.clone());
+        let new_keys = self.workers[&name].routing_keys();
+        if old_keys.as_ref() != Some(&new_keys) {
+            self.index_device(old_keys.unwrap_or_default(), new_keys);
+        }
         info!(worker = %name, device = %self.workers[&name].device, "worker registered");
 
         // Reconcile what the worker runs with what we think it runs.

@@ -156,25 +156,35 @@ impl<S: Store> Scheduler<S> {
         if let Err(e) = asked.validate() {
             return bad(e.to_string());
         }
+        // A spec matches a worker exactly when the worker has the spec's
+        // routing key among its own: one lookup, whatever the fleet size.
         let matching = self
-            .workers
-            .values()
-            .any(|w| testrun.device.matches(&w.device));
+            .known
+            .get(&testrun.device.routing_key())
+            .is_some_and(|n| *n > 0);
         if !matching && !testrun.queue_anyway {
-            let mut groups: Vec<_> = self
-                .workers
-                .values()
-                .map(|w| w.device.devicegroup.clone())
+            const SHOWN: usize = 20;
+            let groups: Vec<&str> = self
+                .known
+                .keys()
+                .filter(|k| !k.contains('.'))
+                .map(String::as_str)
                 .collect();
-            groups.dedup();
-            groups.sort();
-            groups.dedup();
+            let mut shown = groups
+                .iter()
+                .take(SHOWN)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if groups.len() > SHOWN {
+                shown.push_str(&format!(" and {} more", groups.len() - SHOWN));
+            }
             return Err((
                 ErrorCode::NoMatchingWorker,
                 format!(
                     "no queue for {}: no known worker has such a device (known device groups: {}); use --queue-anyway to queue it regardless",
                     testrun.device.routing_key(),
-                    if groups.is_empty() { "none".to_string() } else { groups.join(", ") }
+                    if groups.is_empty() { "none".to_string() } else { shown }
                 ),
             ));
         }
@@ -251,7 +261,7 @@ impl<S: Store> Scheduler<S> {
         for id in &task_ids {
             self.progress(id, ProgressState::Queued, None, None);
         }
-        self.try_dispatch(now);
+        self.try_dispatch_key(now, &key);
         Ok(Body::Submitted {
             request,
             run,

@@ -1495,3 +1495,37 @@ fn the_worker_registry_is_bounded() {
     let out = lab.s.take_outputs();
     assert!(errors_to(&out, "w0b").is_empty(), "{out:?}");
 }
+
+#[test]
+fn the_worker_waiting_longest_gets_the_next_task_and_lost_workers_leave_the_ready_index() {
+    let mut lab = Lab::new();
+    for name in ["w2", "w0", "w1"] {
+        lab.register(name, "devicegroup:g");
+        lab.advance(Duration::from_millis(10));
+    }
+    lab.register("other", "devicegroup:h");
+    assert_eq!(lab.s.ready["g"].len(), 3);
+    let run = run_id(&lab.submit(
+        "devicegroup:g",
+        &["a", "b"],
+        Distribution::Perpackage,
+        false,
+    ));
+    let st = lab.status(&run);
+    let workers: Vec<_> = st.tasks.iter().map(|t| t.worker.clone().unwrap()).collect();
+    assert_eq!(workers, vec!["w2".to_string(), "w0".to_string()]);
+    assert_eq!(lab.s.ready["g"].len(), 1, "only w1 still waits");
+    // w1 is lost: it leaves the index, and a new task waits in the queue.
+    lab.advance(HB * 2);
+    for w in ["w2", "w0", "other"] {
+        lab.from(w, Body::Heartbeat);
+    }
+    lab.advance(HB * 2);
+    for w in ["w2", "w0", "other"] {
+        lab.from(w, Body::Heartbeat);
+    }
+    lab.tick();
+    assert!(!lab.s.ready.contains_key("g"), "{:?}", lab.s.ready);
+    let run = run_id(&lab.submit("devicegroup:g", &["c"], Distribution::Default, false));
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Queued);
+}

@@ -137,10 +137,10 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub(super) fn worker_lost(&mut self, now: Instant, name: &str, why: &str) {
+        self.clear_ready(name);
         let w = self.workers.get_mut(name).expect("worker");
         warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: {why}");
         w.state = WorkerState::Lost;
-        w.ready_since = None;
         // The peer mapping stays: if the same connection speaks again (a
         // partition healed), the worker is alive again without a new hello.
         if let Some(task) = w.task.clone() {

@@ -251,8 +251,8 @@ pub struct Scheduler<S: Store> {
     persisted: HashMap<String, Vec<u8>>,
     /// Task state changes not yet committed.
     history: Vec<HistoryRow>,
-    /// Tasks with a state change since the last commit. A queued task
-    /// changes only through a state change, so the others are not re-encoded.
+    /// Tasks changed since the last commit (state, log, files, flags):
+    /// only these are encoded, so a commit costs what the batch changed.
     touched: BTreeSet<TaskId>,
     persisted_next_run: u64,
     /// Stored rows that could not be restored, to move aside at the next
@@ -265,6 +265,11 @@ pub struct Scheduler<S: Store> {
     /// Registered workers (any state) per routing key: whether a testrun
     /// can ever run, answered with one lookup.
     known: BTreeMap<String, usize>,
+    /// Workers whose stored row may have changed since the last commit
+    /// (messages from them, their task changing): only these are encoded.
+    touched_workers: BTreeSet<String>,
+    /// Testruns with a change since the last commit.
+    touched_runs: BTreeSet<RunId>,
     /// Log lines about peers' bad messages, limited (counters count all).
     noise: crate::logging::Throttle,
     /// The latest time an input brought (for inputs that carry none).
@@ -310,6 +315,8 @@ impl<S: Store> Scheduler<S> {
             quarantined: Vec::new(),
             ready: HashMap::new(),
             known: BTreeMap::new(),
+            touched_workers: BTreeSet::new(),
+            touched_runs: BTreeSet::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
         }
@@ -467,6 +474,7 @@ impl<S: Store> Scheduler<S> {
             );
             return;
         };
+        self.touched_workers.insert(name.clone());
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
         worker.last_heard = now;
         if worker.state == WorkerState::Lost {

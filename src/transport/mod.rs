@@ -84,7 +84,7 @@ impl Default for SocketLimits {
     fn default() -> Self {
         SocketLimits {
             max_message_bytes: MAX_WIRE_MESSAGE_BYTES,
-            max_connections: 4096,
+            max_connections: 16384,
             handshake_timeout: Duration::from_secs(5),
             peer_send_queue: 1024,
             peer_send_bytes: 16 * 1024 * 1024,

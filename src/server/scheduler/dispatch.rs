@@ -187,12 +187,14 @@ impl<S: Store> Scheduler<S> {
         let w = self.workers.get_mut(worker).expect("worker");
         w.state = WorkerState::Busy;
         self.clear_ready(worker);
+        self.touched_workers.insert(worker.to_string());
         let w = self.workers.get_mut(worker).expect("worker");
         w.task = Some(id.clone());
         info!(task = %id, worker, attempt = spec.attempt, "task dispatched");
         if let Some(r) = self.runs.get_mut(&spec.run) {
             if r.state == RunState::Queued {
                 r.state = RunState::Running;
+                self.touched_runs.insert(spec.run.clone());
             }
         }
         self.send_mandatory(now, worker, id, Body::Dispatch { spec });

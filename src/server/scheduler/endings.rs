@@ -127,6 +127,7 @@ impl<S: Store> Scheduler<S> {
             reason,
         };
         r.events.push(event.clone());
+        self.touched_runs.insert(run.clone());
         self.out.push(Output::Publish {
             topic: format!("run/{run}"),
             body: Body::Progress {

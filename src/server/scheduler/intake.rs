@@ -226,6 +226,7 @@ impl<S: Store> Scheduler<S> {
                 if let Err(e) = self.store.write_chunk(&task, &name, offset, &data) {
                     return self.file_problem(worker, &task, seq, &name, e);
                 }
+                self.touched.insert(task.clone());
                 // Chunks may arrive out of order after resends: check the
                 // whole file only once all of it is here.
                 let t = self.tasks.get_mut(&task).expect("open task");
@@ -321,6 +322,7 @@ impl<S: Store> Scheduler<S> {
             warn!(worker, task = %task, file = name, reason = %why, "refused a result file");
             t.file_errors.insert(name.to_string(), why.clone());
         }
+        self.touched.insert(task.clone());
         match seq {
             Some(seq) => self.refuse_mandatory(worker, Some(task), seq, code, why),
             None => self.send_to_worker(
@@ -411,6 +413,7 @@ impl<S: Store> Scheduler<S> {
                 warn!(task = %task, "log limit reached (limits.max_task_log_bytes or max_log_gaps): further lines are dropped and reported as lost");
             }
             t.log_refused += refused;
+            self.touched.insert(task.clone());
             self.count("log_lines_over_limit", refused);
         }
         if fresh.is_empty() {
@@ -422,6 +425,7 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_store_failed", fresh.len() as u64);
             return;
         }
+        self.touched.insert(task.clone());
         let t = self.tasks.get_mut(&task).expect("open task");
         for l in &fresh {
             t.log.insert(l.seq);

@@ -124,17 +124,11 @@ impl<S: Store> Scheduler<S> {
                 .collect(),
             ..Changes::default()
         };
-        let touched = std::mem::take(&mut self.touched);
-        for id in self.active_tasks.clone() {
-            let t = &self.tasks[&id];
-            let key = format!("t:{id}");
-            // Waiting in a queue, untouched, already stored: unchanged.
-            if t.state == TaskState::Queued
-                && !touched.contains(&id)
-                && self.persisted.contains_key(&key)
-            {
+        for id in std::mem::take(&mut self.touched) {
+            let Some(t) = self.tasks.get(&id) else {
                 continue;
-            }
+            };
+            let key = format!("t:{id}");
             let row = TaskRow {
                 run: t.run.clone(),
                 packages: t.packages.clone(),
@@ -179,8 +173,10 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.remove(&key);
             }
         }
-        for id in self.active_runs.clone() {
-            let r = &self.runs[&id];
+        for id in std::mem::take(&mut self.touched_runs) {
+            let Some(r) = self.runs.get(&id) else {
+                continue;
+            };
             let row = RunRow {
                 request: r.request.clone(),
                 tasks: r.tasks.clone(),
@@ -200,7 +196,10 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.remove(&key);
             }
         }
-        for w in self.workers.values() {
+        for name in std::mem::take(&mut self.touched_workers) {
+            let Some(w) = self.workers.get(&name) else {
+                continue;
+            };
             let row = WorkerRow {
                 device: w.device.clone(),
                 session: w.session.clone(),
@@ -348,6 +347,7 @@ impl<S: Store> Scheduler<S> {
                 // Its worker gets the grace period to come back and report.
                 state = TaskState::Held;
                 since = now;
+                s.touched.insert(id.clone());
             }
             if state == TaskState::Queued {
                 queued.push((row.order, id.clone()));
@@ -440,6 +440,8 @@ impl<S: Store> Scheduler<S> {
         for k in keys {
             s.index_device(Vec::new(), k);
         }
+        // Rows sanitized on the way in are written back at the first commit.
+        s.touched_workers = s.workers.keys().cloned().collect();
         s.quarantined = quarantined;
         info!(
             runs = s.runs.len(),

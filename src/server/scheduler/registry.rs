@@ -103,6 +103,7 @@ impl<S: Store> Scheduler<S> {
         // Registering anew: not waiting for work until it says `ready`
         // (and its device, hence its routing keys, may have changed).
         self.clear_ready(&name);
+        self.touched_workers.insert(name.clone());
         let old_keys = self.workers.get(&name).map(Worker::routing_keys);
         let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
             name: name.clone(),
@@ -150,6 +151,7 @@ impl<S: Store> Scheduler<S> {
                     if t.state == TaskState::Held {
                         t.state = TaskState::Running;
                         t.since = now;
+                        self.touched.insert(task.clone());
                         info!(worker = %name, task = %task, "worker is back; it still has the held task");
                     }
                 }

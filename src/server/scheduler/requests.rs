@@ -344,13 +344,17 @@ impl<S: Store> Scheduler<S> {
                 }
                 TaskState::Dispatched | TaskState::Running => {
                     t.cancel_requested = true;
+                    self.touched.insert(id.clone());
                     let worker = t.worker.clone().expect("running task has a worker");
                     self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
                 }
                 TaskState::Held => {
                     let worker = t.worker.clone();
-                    if let Some(w) = worker.and_then(|w| self.workers.get_mut(&w)) {
+                    if let Some(w) = worker.as_ref().and_then(|w| self.workers.get_mut(w)) {
                         w.task = None;
+                    }
+                    if let Some(w) = worker {
+                        self.touched_workers.insert(w);
                     }
                     self.end_task(
                         now,

@@ -76,6 +76,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
             }
+            self.touched_workers.insert(worker.clone());
             self.requeue_or_fail(
                 now,
                 &id,
@@ -111,6 +112,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
             }
+            self.touched_workers.insert(worker.clone());
             let timeout = self.runs[&self.tasks[&id].run].request.timeout_secs;
             let reason = format!(
                 "execution timeout: no report {} s after the {timeout} s timeout (server backstop)",
@@ -120,6 +122,7 @@ impl<S: Store> Scheduler<S> {
         }
         for id in unanswered {
             let worker = self.tasks[&id].worker.clone().unwrap_or_default();
+            self.touched_workers.insert(worker.clone());
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
                 w.state = WorkerState::Idle;
@@ -138,6 +141,7 @@ impl<S: Store> Scheduler<S> {
 
     pub(super) fn worker_lost(&mut self, now: Instant, name: &str, why: &str) {
         self.clear_ready(name);
+        self.touched_workers.insert(name.to_string());
         let w = self.workers.get_mut(name).expect("worker");
         warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: {why}");
         w.state = WorkerState::Lost;
@@ -157,6 +161,7 @@ impl<S: Store> Scheduler<S> {
             } else {
                 t.state = TaskState::Held;
                 t.since = now;
+                self.touched.insert(task.clone());
             }
         }
     }

@@ -1,25 +1,20 @@
-//! A fleet of simulated workers speaking the real protocol over real
-//! sockets, for measuring what a big lab costs the server:
-//! `cargo run --release --example fleet -- tcp://127.0.0.1:5555 tcp://127.0.0.1:5556 2000 30`
-//! (control, events, workers, seconds). Each worker registers, repeats
-//! `ready` every heartbeat and answers nothing else; the program prints
-//! how many are registered each second and the slowest `ping` round trip.
+//! A load generator: N simulated workers speaking the real protocol over
+//! real sockets from one process, for measuring what a big lab costs the
+//! server.
+//!
+//! ```sh
+//! cargo run --release --example fleet -- CONTROL WORKERS SECONDS
+//! cargo run --release --example fleet -- tcp://127.0.0.1:5555 5000 60
+//! ```
+//!
+//! Each worker registers, repeats `ready` every second, and — like a real
+//! worker — reconnects with a jittered delay when its connection
+//! closes (a server restart: kill and restart the server while this runs to
+//! see the reconnect storm). Every second it prints how many workers are
+//! registered, how long a `workers` request took, and the server's welcome
+//! count; at the end the slowest request.
 
-use ots::protocol::*;
-use ots::transport::{connect_dealer, to_message};
 use std::time::{Duration, Instant};
-use zeromq::prelude::*;
-
-fn frames(body: &Body) -> zeromq::ZmqMessage {
-    let h = Header {
-        v: PROTOCOL_VERSION,
-        class: body.class(),
-        mandatory: false,
-        seq: 0,
-        task: None,
-    };
-    to_message(encode(&h, body, None))
-}
 
 #[tokio::main]
 async fn main() {
@@ -28,43 +23,9 @@ async fn main() {
         .get(1)
         .cloned()
         .unwrap_or("tcp://127.0.0.1:5555".into());
-    let n: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let secs: u64 = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(20);
-    let welcomed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for i in 0..n {
-        let control = control.clone();
-        let welcomed = welcomed.clone();
-        tokio::spawn(async move {
-            let Ok(socket) = connect_dealer(&control, Duration::from_secs(30)).await else {
-                return;
-            };
-            let (mut tx, mut rx) = socket.split();
-            let hello = Body::Hello {
-                worker: format!("fleet{i}"),
-                session: format!("s{i}"),
-                device: DeviceProps::parse(&format!("devicegroup:fleet{}", i % 20)).unwrap(),
-                running: vec![],
-            };
-            let _ = tx.send(frames(&hello)).await;
-            let reader = tokio::spawn(async move {
-                while let Ok(m) = rx.recv().await {
-                    if let Ok(env) = decode(m.into_vec()) {
-                        if env.body.kind() == "welcome" {
-                            welcomed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-            });
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if tx.send(frames(&Body::Ready)).await.is_err() {
-                    break;
-                }
-            }
-            reader.abort();
-        });
-    }
+    let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let secs: u64 = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(20);
+    let fleet = ots::fleet::start(&control, "fleet", n);
     let start = Instant::now();
     let mut worst = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(secs) {
@@ -76,9 +37,10 @@ async fn main() {
         let rtt = t.elapsed();
         worst = worst.max(rtt);
         println!(
-            "{:>5.1}s registered {:>5}/{n}  workers request {:>6.1} ms {}",
+            "{:>5.1}s registered {:>5}/{n} (welcomes {:>6})  workers request {:>7.1} ms {}",
             start.elapsed().as_secs_f64(),
-            welcomed.load(std::sync::atomic::Ordering::Relaxed),
+            fleet.registered(),
+            fleet.welcomes(),
             rtt.as_secs_f64() * 1000.0,
             if ok { "" } else { "FAILED" }
         );

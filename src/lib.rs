@@ -21,6 +21,8 @@
 //!   [`worker::conductor`] runs the conductor command in its own process
 //!   group; [`worker::service`] is the tokio shell.
 //! - [`client`]: the request/response client behind `ots-submit`.
+//! - [`fleet`]: simulated workers on real sockets (load generator, scale
+//!   tests).
 //! - [`local`]: an embedded server plus local workers in one process, for
 //!   `ots-submit run --local`.
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
@@ -34,6 +36,7 @@ pub mod config;
 pub mod delivery;
 pub mod durable;
 pub mod fatal;
+pub mod fleet;
 pub mod local;
 pub mod logging;
 pub mod protocol;

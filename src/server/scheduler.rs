@@ -270,6 +270,11 @@ pub struct Scheduler<S: Store> {
     touched_workers: BTreeSet<String>,
     /// Testruns with a change since the last commit.
     touched_runs: BTreeSet<RunId>,
+    /// Liveness and task deadlines, soonest first: a tick looks only at
+    /// what is due.
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, timers::Due)>>,
+    /// Workers with messages in their outbox (resent from the tick).
+    outboxes: BTreeSet<String>,
     /// Log lines about peers' bad messages, limited (counters count all).
     noise: crate::logging::Throttle,
     /// The latest time an input brought (for inputs that carry none).
@@ -317,6 +322,8 @@ impl<S: Store> Scheduler<S> {
             known: BTreeMap::new(),
             touched_workers: BTreeSet::new(),
             touched_runs: BTreeSet::new(),
+            deadlines: std::collections::BinaryHeap::new(),
+            outboxes: BTreeSet::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
         }
@@ -483,7 +490,10 @@ impl<S: Store> Scheduler<S> {
             } else {
                 WorkerState::Idle
             };
+            // Alive again on the same connection: its liveness counts anew.
+            self.schedule_worker(&name);
         }
+        let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
         if header.mandatory {
             let floor = worker.dedup.floor();
             if header.seq > floor.saturating_add(DEDUP_AHEAD) {

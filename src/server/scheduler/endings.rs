@@ -86,6 +86,7 @@ impl<S: Store> Scheduler<S> {
         worker: Option<String>,
         reason: Option<String>,
     ) {
+        self.schedule_task(task);
         let t = &self.tasks[task];
         let (run, verdict) = (t.run.clone(), t.verdict);
         let change = StateChange {

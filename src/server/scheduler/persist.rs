@@ -440,6 +440,10 @@ impl<S: Store> Scheduler<S> {
         for k in keys {
             s.index_device(Vec::new(), k);
         }
+        let ids: Vec<TaskId> = s.active_tasks.iter().cloned().collect();
+        for id in ids {
+            s.schedule_task(&id);
+        }
         // Rows sanitized on the way in are written back at the first commit.
         s.touched_workers = s.workers.keys().cloned().collect();
         s.quarantined = quarantined;

@@ -137,6 +137,10 @@ impl<S: Store> Scheduler<S> {
         worker.peer = Some(peer.clone());
         worker.last_heard = now;
         self.peers.insert(peer.clone(), name.clone());
+        self.schedule_worker(&name);
+        if !self.workers[&name].outbox.is_empty() {
+            self.outboxes.insert(name.clone());
+        }
         let new_keys = self.workers[&name].routing_keys();
         if old_keys.as_ref() != Some(&new_keys) {
             self.index_device(old_keys.unwrap_or_default(), new_keys);
@@ -152,6 +156,7 @@ impl<S: Store> Scheduler<S> {
                         t.state = TaskState::Running;
                         t.since = now;
                         self.touched.insert(task.clone());
+                        self.schedule_task(&task);
                         info!(worker = %name, task = %task, "worker is back; it still has the held task");
                     }
                 }
@@ -219,6 +224,7 @@ impl<S: Store> Scheduler<S> {
         let attempt = self.tasks.get(task).map(|t| t.attempts);
         if let Some(w) = self.workers.get_mut(worker) {
             w.outbox.push(Some(task.clone()), attempt, body, None);
+            self.outboxes.insert(worker.to_string());
         }
         self.flush_worker(now, worker);
     }

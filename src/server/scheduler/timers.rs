@@ -3,7 +3,57 @@
 
 use super::*;
 
+/// What a deadline on the heap is for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Due {
+    /// The worker's liveness window.
+    Worker(String),
+    /// Whatever timeout the task's state has (hold, queue, backstop,
+    /// unanswered dispatch).
+    Task(TaskId),
+}
+
 impl<S: Store> Scheduler<S> {
+    /// When the task's current state times out, if it does.
+    pub(super) fn task_deadline(&self, id: &TaskId) -> Option<Instant> {
+        let t = self.tasks.get(id)?;
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
+        match t.state {
+            TaskState::Held => t.since.checked_add(self.cfg.lost_grace),
+            TaskState::Queued => t.queued_at.checked_add(self.cfg.queue_timeout),
+            TaskState::Running => {
+                let timeout = Duration::from_secs(self.runs.get(&t.run)?.request.timeout_secs);
+                t.since
+                    .checked_add(timeout.saturating_add(self.cfg.backstop_grace))
+            }
+            TaskState::Dispatched => t
+                .since
+                .checked_add(self.cfg.dispatch_ttl.saturating_add(limit)),
+            TaskState::Finished | TaskState::Cancelled => None,
+        }
+    }
+
+    /// Arms the deadline of the task's current state.
+    pub(super) fn schedule_task(&mut self, id: &TaskId) {
+        if let Some(at) = self.task_deadline(id) {
+            self.deadlines
+                .push(std::cmp::Reverse((at, Due::Task(id.clone()))));
+        }
+    }
+
+    /// Arms the worker's liveness deadline.
+    pub(super) fn schedule_worker(&mut self, name: &str) {
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
+        if let Some(at) = self
+            .workers
+            .get(name)
+            .and_then(|w| w.last_heard.checked_add(limit))
+        {
+            self.deadlines
+                .push(std::cmp::Reverse((at, Due::Worker(name.to_string()))));
+        }
+    }
+
     /// Called every heartbeat interval: heartbeat, liveness and timeouts.
     pub fn on_tick(&mut self, now: Instant) {
         self.latest = self.latest.max(now);
@@ -31,24 +81,57 @@ impl<S: Store> Scheduler<S> {
         }
         self.last_tick = Some(now);
 
+        // Only what is due: deadlines come off a heap, each checked against
+        // the worker's or task's current state (an entry made stale by a
+        // later message or state change is re-armed or dropped).
         let limit = self.cfg.heartbeat * self.cfg.liveness;
-        let lost: Vec<String> = self
-            .workers
-            .values()
-            .filter(|w| {
-                w.state != WorkerState::Lost && now.saturating_duration_since(w.last_heard) > limit
-            })
-            .map(|w| w.name.clone())
-            .collect();
+        let mut lost = Vec::new();
+        let mut due_tasks = Vec::new();
+        while let Some(std::cmp::Reverse((at, _))) = self.deadlines.peek() {
+            if *at >= now {
+                break;
+            }
+            let std::cmp::Reverse((_, due)) = self.deadlines.pop().expect("peeked");
+            match due {
+                Due::Worker(name) => {
+                    let Some(w) = self.workers.get(&name) else {
+                        continue;
+                    };
+                    if w.state == WorkerState::Lost {
+                        continue;
+                    }
+                    if now.saturating_duration_since(w.last_heard) > limit {
+                        lost.push(name);
+                    } else if let Some(at) = w.last_heard.checked_add(limit) {
+                        self.deadlines
+                            .push(std::cmp::Reverse((at, Due::Worker(name))));
+                    }
+                }
+                Due::Task(id) => match self.task_deadline(&id) {
+                    Some(at) if now > at => due_tasks.push(id),
+                    Some(at) => self.deadlines.push(std::cmp::Reverse((at, Due::Task(id)))),
+                    None => {}
+                },
+            }
+        }
+        lost.sort();
+        lost.dedup();
         for name in lost {
             self.worker_lost(now, &name, "no heartbeat");
         }
+        due_tasks.sort();
+        due_tasks.dedup();
 
         let mut expired_holds = Vec::new();
         let mut queue_timeouts = Vec::new();
         let mut backstops = Vec::new();
         let mut unanswered = Vec::new();
-        for t in self.tasks.values() {
+        for id in due_tasks {
+            // Still due after what the lost workers above changed?
+            if !self.task_deadline(&id).is_some_and(|at| now > at) {
+                continue;
+            }
+            let t = &self.tasks[&id];
             let age = now.saturating_duration_since(t.since);
             match t.state {
                 TaskState::Held if age > self.cfg.lost_grace => expired_holds.push(t.id.clone()),
@@ -133,9 +216,15 @@ impl<S: Store> Scheduler<S> {
                 format!("worker {worker} never accepted the dispatch"),
             );
         }
-        let names: Vec<String> = self.workers.keys().cloned().collect();
-        for name in names {
-            self.flush_worker(now, &name);
+        // Resends: only workers with something in their outbox.
+        let pending: Vec<String> = self.outboxes.iter().cloned().collect();
+        for name in pending {
+            let empty = self.workers.get(&name).is_none_or(|w| w.outbox.is_empty());
+            if empty {
+                self.outboxes.remove(&name);
+            } else {
+                self.flush_worker(now, &name);
+            }
         }
     }
 
@@ -162,6 +251,7 @@ impl<S: Store> Scheduler<S> {
                 t.state = TaskState::Held;
                 t.since = now;
                 self.touched.insert(task.clone());
+                self.schedule_task(&task);
             }
         }
     }

@@ -128,7 +128,7 @@ impl<S: Store> Scheduler<S> {
         let mut unanswered = Vec::new();
         for id in due_tasks {
             // Still due after what the lost workers above changed?
-            if !self.task_deadline(&id).is_some_and(|at| now > at) {
+            if self.task_deadline(&id).is_none_or(|at| now <= at) {
                 continue;
             }
             let t = &self.tasks[&id];

@@ -3,9 +3,14 @@
 //! server.
 //!
 //! ```sh
-//! cargo run --release --example fleet -- CONTROL WORKERS SECONDS
+//! cargo run --release --example fleet -- CONTROL WORKERS SECONDS [LINES]
 //! cargo run --release --example fleet -- tcp://127.0.0.1:5555 5000 60
+//! cargo run --release --example fleet -- tcp://127.0.0.1:5555 1000 60 20000
 //! ```
+//!
+//! With LINES (chatty mode), once all are registered it submits one task
+//! per worker and each worker streams LINES log lines for it as fast as
+//! it can, then reports: a log burst from the whole fleet at once.
 //!
 //! Each worker registers, repeats `ready` every second, and — like a real
 //! worker — reconnects with a jittered delay when its connection
@@ -25,8 +30,11 @@ async fn main() {
         .unwrap_or("tcp://127.0.0.1:5555".into());
     let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1000);
     let secs: u64 = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(20);
-    let fleet = ots::fleet::start(&control, "fleet", n);
+    let lines: usize = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fleet = ots::fleet::start(&control, "fleet", n, lines);
     let start = Instant::now();
+    let mut submitted = lines == 0;
+    let mut burst: Option<Instant> = None;
     let mut worst = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(secs) {
         let t = Instant::now();
@@ -36,11 +44,49 @@ async fn main() {
         };
         let rtt = t.elapsed();
         worst = worst.max(rtt);
+        if !submitted && fleet.registered() == n {
+            submitted = true;
+            burst = Some(Instant::now());
+            if let Ok(mut c) = ots::client::Client::connect(&control, Duration::from_secs(10)).await
+            {
+                for g in 0..20 {
+                    let count = (0..n).filter(|i| i % 20 == g).count();
+                    if count == 0 {
+                        continue;
+                    }
+                    let _ = c
+                        .submit(ots::protocol::TestrunRequest {
+                            device: ots::protocol::DeviceSpec::parse(&format!(
+                                "devicegroup:fleet{g}"
+                            ))
+                            .expect("valid spec"),
+                            image: "fleet".into(),
+                            packages: (0..count).map(|p| format!("p{p}")).collect(),
+                            distribution: ots::protocol::Distribution::Perpackage,
+                            timeout_secs: 3600,
+                            options: Default::default(),
+                            queue_anyway: false,
+                        })
+                        .await;
+                }
+            }
+        }
+        if let Some(b) = burst {
+            if fleet.finished() >= n {
+                println!(
+                    "all {n} tasks of {lines} lines reported {:.1} s after the submit ({:.0} lines/s)",
+                    b.elapsed().as_secs_f64(),
+                    (n * lines) as f64 / b.elapsed().as_secs_f64()
+                );
+                burst = None;
+            }
+        }
         println!(
-            "{:>5.1}s registered {:>5}/{n} (welcomes {:>6})  workers request {:>7.1} ms {}",
+            "{:>5.1}s registered {:>5}/{n} (welcomes {:>6}, tasks done {:>5})  workers request {:>7.1} ms {}",
             start.elapsed().as_secs_f64(),
             fleet.registered(),
             fleet.welcomes(),
+            fleet.finished(),
             rtt.as_secs_f64() * 1000.0,
             if ok { "" } else { "FAILED" }
         );
@@ -50,4 +96,15 @@ async fn main() {
         "slowest workers request: {:.1} ms",
         worst.as_secs_f64() * 1000.0
     );
+    if lines > 0 {
+        if let Ok(mut c) = ots::client::Client::connect(&control, Duration::from_secs(10)).await {
+            if let Ok(st) = c.status(&"r1".to_string()).await {
+                println!(
+                    "server counters: log_lines_stored {} of {} sent",
+                    st.counters.get("log_lines_stored").copied().unwrap_or(0),
+                    n * lines
+                );
+            }
+        }
+    }
 }

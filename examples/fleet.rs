@@ -32,6 +32,29 @@ async fn main() {
     let secs: u64 = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(20);
     let lines: usize = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
     let fleet = ots::fleet::start(&control, "fleet", n, lines);
+    // The longest gap between server heartbeats seen on the events port:
+    // the loop must keep publishing them under any load.
+    let worst_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    if let Some(events) = ots::client::default_events_endpoint(&control) {
+        let worst_gap = worst_gap.clone();
+        tokio::spawn(async move {
+            use zeromq::prelude::*;
+            let Ok(mut sub) =
+                ots::transport::connect_sub(&events, &["hb"], Duration::from_secs(5)).await
+            else {
+                return;
+            };
+            let mut last: Option<Instant> = None;
+            while sub.recv().await.is_ok() {
+                let now = Instant::now();
+                if let Some(l) = last {
+                    let mut w = worst_gap.lock().expect("gap lock");
+                    *w = (*w).max(now - l);
+                }
+                last = Some(now);
+            }
+        });
+    }
     let start = Instant::now();
     let mut submitted = lines == 0;
     let mut burst: Option<Instant> = None;
@@ -93,8 +116,9 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     println!(
-        "slowest workers request: {:.1} ms",
-        worst.as_secs_f64() * 1000.0
+        "slowest workers request: {:.1} ms; longest gap between server heartbeats: {:.0} ms",
+        worst.as_secs_f64() * 1000.0,
+        worst_gap.lock().expect("gap lock").as_secs_f64() * 1000.0
     );
     if lines > 0 {
         if let Ok(mut c) = ots::client::Client::connect(&control, Duration::from_secs(10)).await {

@@ -24,7 +24,7 @@ use crate::server::distribution;
 use crate::server::store::{Store, StoreError};
 use crate::server::verdict::{parse_junit, run_verdict, task_verdict};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -275,6 +275,8 @@ pub struct Scheduler<S: Store> {
     deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, timers::Due)>>,
     /// Workers with messages in their outbox (resent from the tick).
     outboxes: BTreeSet<String>,
+    /// Workers with a liveness deadline on the heap.
+    armed: HashSet<String>,
     /// Log lines about peers' bad messages, limited (counters count all).
     noise: crate::logging::Throttle,
     /// The latest time an input brought (for inputs that carry none).
@@ -324,6 +326,7 @@ impl<S: Store> Scheduler<S> {
             touched_runs: BTreeSet::new(),
             deadlines: std::collections::BinaryHeap::new(),
             outboxes: BTreeSet::new(),
+            armed: HashSet::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
         }
@@ -593,7 +596,7 @@ mod intake;
 mod persist;
 mod registry;
 mod requests;
-mod timers;
+pub(super) mod timers;
 pub use persist::RestoreError;
 #[cfg(test)]
 mod tests;

@@ -1529,3 +1529,39 @@ fn the_worker_waiting_longest_gets_the_next_task_and_lost_workers_leave_the_read
     let run = run_id(&lab.submit("devicegroup:g", &["c"], Distribution::Default, false));
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Queued);
 }
+
+#[test]
+fn repeated_hellos_keep_one_liveness_deadline_and_silence_is_still_caught() {
+    let mut lab = Lab::new();
+    lab.register("w1", "devicegroup:g");
+    for _ in 0..100 {
+        lab.s.on_message(
+            lab.now,
+            &peer("w1"),
+            env(false, 0, hello("w1", "w1-session")),
+        );
+    }
+    lab.s.take_outputs();
+    let entries = |lab: &Lab| {
+        lab.s
+            .deadlines
+            .iter()
+            .filter(|d| matches!(&(d.0).1, timers::Due::Worker(n) if n == "w1"))
+            .count()
+    };
+    assert_eq!(entries(&lab), 1);
+    // Heard from within each window: still one entry, never lost.
+    for _ in 0..10 {
+        lab.advance(HB);
+        lab.from("w1", Body::Heartbeat);
+        lab.tick();
+        assert_eq!(entries(&lab), 1);
+    }
+    assert_eq!(lab.s.workers["w1"].state, WorkerState::Idle);
+    // Silent past the liveness window (ticking on time): lost.
+    for _ in 0..5 {
+        lab.advance(HB);
+        lab.tick();
+    }
+    assert_eq!(lab.s.workers["w1"].state, WorkerState::Lost);
+}

@@ -41,8 +41,13 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// Arms the worker's liveness deadline.
+    /// Arms the worker's liveness deadline, once: a worker has at most one
+    /// entry on the heap, re-armed from its last sign of life when it comes
+    /// due, so repeated hellos or reconnects never pile entries up.
     pub(super) fn schedule_worker(&mut self, name: &str) {
+        if self.armed.contains(name) {
+            return;
+        }
         let limit = self.cfg.heartbeat * self.cfg.liveness;
         if let Some(at) = self
             .workers
@@ -51,6 +56,7 @@ impl<S: Store> Scheduler<S> {
         {
             self.deadlines
                 .push(std::cmp::Reverse((at, Due::Worker(name.to_string()))));
+            self.armed.insert(name.to_string());
         }
     }
 
@@ -94,6 +100,7 @@ impl<S: Store> Scheduler<S> {
             let std::cmp::Reverse((_, due)) = self.deadlines.pop().expect("peeked");
             match due {
                 Due::Worker(name) => {
+                    self.armed.remove(&name);
                     let Some(w) = self.workers.get(&name) else {
                         continue;
                     };
@@ -102,9 +109,8 @@ impl<S: Store> Scheduler<S> {
                     }
                     if now.saturating_duration_since(w.last_heard) > limit {
                         lost.push(name);
-                    } else if let Some(at) = w.last_heard.checked_add(limit) {
-                        self.deadlines
-                            .push(std::cmp::Reverse((at, Due::Worker(name))));
+                    } else {
+                        self.schedule_worker(&name);
                     }
                 }
                 Due::Task(id) => match self.task_deadline(&id) {

@@ -152,6 +152,19 @@ impl FakeWorker {
     }
 }
 
+/// Sends, waiting while the socket's queue towards the peer is full (our
+/// sockets fail fast instead of blocking, so one slow peer cannot stall a
+/// loop; a benchmark sender simply waits its turn).
+async fn send_paced(d: &mut DealerSocket, m: zeromq::ZmqMessage) {
+    loop {
+        match d.send(m.clone()).await {
+            Ok(()) => return,
+            Err(zeromq::ZmqError::BufferFull(_)) => tokio::task::yield_now().await,
+            Err(e) => panic!("send failed: {e}"),
+        }
+    }
+}
+
 async fn baseline(messages: &[zeromq::ZmqMessage]) -> Duration {
     let mut router = RouterSocket::new();
     let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
@@ -162,7 +175,7 @@ async fn baseline(messages: &[zeromq::ZmqMessage]) -> Duration {
         let msgs = messages.to_vec();
         senders.push(async move {
             for m in msgs {
-                d.send(m).await.unwrap();
+                send_paced(&mut d, m).await;
             }
             d
         });
@@ -267,7 +280,7 @@ fn main() {
         for (mut w, msgs) in workers.into_iter().zip(encoded) {
             handles.push(tokio::spawn(async move {
                 for m in msgs {
-                    w.socket.send(m).await.unwrap();
+                    send_paced(&mut w.socket, m).await;
                 }
                 // Same socket, FIFO: its ack means every line before it was handled.
                 let report = Body::TaskFinished {

@@ -46,28 +46,41 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
 /// `[ots-worker]` line). Other control bytes are kept as sent; clients
 /// escape them for a terminal.
 pub fn render_line(line: &LogLine) -> String {
-    let prefix = match line.stream {
-        Stream::Stdout => "",
-        Stream::Stderr => "[stderr] ",
-        Stream::Worker => "[ots-worker] ",
-    };
+    let prefix = prefix(line.stream);
     let mut out = String::with_capacity(prefix.len() + line.text.len() + 1);
     out.push_str(prefix);
-    for c in line.text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
+    if line.text.bytes().any(needs_escape) {
+        for c in line.text.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
         }
+    } else {
+        out.push_str(&line.text);
     }
     out.push('\n');
     out
 }
 
-/// Bytes [`render_line`] writes for `line`.
+fn prefix(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "",
+        Stream::Stderr => "[stderr] ",
+        Stream::Worker => "[ots-worker] ",
+    }
+}
+
+fn needs_escape(b: u8) -> bool {
+    matches!(b, b'\\' | b'\n' | b'\r')
+}
+
+/// Bytes [`render_line`] writes for `line`, without rendering it.
 pub fn rendered_len(line: &LogLine) -> u64 {
-    render_line(line).len() as u64
+    let escapes = line.text.bytes().filter(|b| needs_escape(*b)).count();
+    (prefix(line.stream).len() + line.text.len() + escapes + 1) as u64
 }
 
 /// Storage of task logs and result files.
@@ -372,6 +385,24 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendered_lines_escape_what_could_forge_a_line_and_their_length_is_exact() {
+        for (stream, text) in [
+            (Stream::Stdout, "plain"),
+            (Stream::Stderr, "a\nb\\c\rd"),
+            (Stream::Worker, "é\u{1b}[2J"),
+        ] {
+            let line = LogLine {
+                seq: 1,
+                stream,
+                text: text.into(),
+            };
+            let r = render_line(&line);
+            assert_eq!(r.len() as u64, rendered_len(&line), "{r:?}");
+            assert_eq!(r.matches('\n').count(), 1, "{r:?}");
+        }
+    }
 
     #[test]
     fn traversal_and_absolute_names_are_refused() {

@@ -391,17 +391,28 @@ impl<S: Store> Scheduler<S> {
         // the accounting with every line). Refused lines count as lost.
         let limits = &self.cfg.limits;
         let mut bytes = t.log_bytes;
-        // A copy bounded by `max_log_gaps` runs, to judge the batch.
-        let mut ranges = t.log.clone();
+        // A line opens a new run unless it continues the line before it in
+        // this (sorted) batch or touches a stored run; runs that merge are
+        // not counted back, which errs on the side of refusing.
+        let mut runs = t.log.runs();
+        let mut prev: Option<u64> = None;
         let before = fresh.len();
         fresh.retain(|l| {
             let size = crate::server::store::rendered_len(l);
             if bytes.saturating_add(size) > limits.max_task_log_bytes {
                 return false;
             }
-            if !ranges.insert_bounded(l.seq, limits.max_log_gaps) {
-                return false;
+            let below = l.seq - 1; // seq ≥ 1 (filtered above)
+            let joins = prev == Some(below)
+                || t.log.contains(below)
+                || l.seq.checked_add(1).is_some_and(|n| t.log.contains(n));
+            if !joins {
+                if runs >= limits.max_log_gaps {
+                    return false;
+                }
+                runs += 1;
             }
+            prev = Some(l.seq);
             bytes += size;
             true
         });
@@ -429,10 +440,9 @@ impl<S: Store> Scheduler<S> {
         let t = self.tasks.get_mut(&task).expect("open task");
         for l in &fresh {
             t.log.insert(l.seq);
-            t.log_bytes = t
-                .log_bytes
-                .saturating_add(crate::server::store::rendered_len(l));
         }
+        // The total the limit check above added up, line by line.
+        t.log_bytes = bytes;
         self.count("log_lines_stored", fresh.len() as u64);
         self.out.push(Output::Publish {
             topic: format!("log/{run}"),

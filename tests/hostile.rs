@@ -1230,6 +1230,8 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
         seq: 0,
     };
     w.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    w.s.set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     w.send(
         Class::Control,
         false,

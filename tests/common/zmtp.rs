@@ -67,6 +67,8 @@ pub fn frames(parts: &[&[u8]]) -> Vec<u8> {
 pub fn handshake(endpoint: &str, socket_type: &str) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr(endpoint))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A peer that stops reading must not block an attacker thread forever.
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(&greeting(false))?;
     let mut g = [0u8; 64];
     s.read_exact(&mut g)?;

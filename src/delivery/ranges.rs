@@ -36,22 +36,6 @@ impl SeqRanges {
         true
     }
 
-    /// Inserts `seq` unless it would open run number `max_runs + 1`;
-    /// false if refused. Adjacent numbers extend a run and are always taken.
-    pub fn insert_bounded(&mut self, seq: u64, max_runs: usize) -> bool {
-        if self.contains(seq) {
-            return true;
-        }
-        let joins = (seq > 0 && self.contains(seq - 1))
-            || seq
-                .checked_add(1)
-                .is_some_and(|n| self.ranges.contains_key(&n));
-        if !joins && self.ranges.len() >= max_runs {
-            return false;
-        }
-        self.insert(seq)
-    }
-
     /// Separate runs of numbers held.
     pub fn runs(&self) -> usize {
         self.ranges.len()

@@ -157,71 +157,10 @@ impl<S: Store> Scheduler<S> {
                 sha256,
             } => {
                 let data = raw.unwrap_or_default();
-                // Checked before any byte is written: the file's declared
-                // size against the limits (the codec already checked that
-                // the chunk lies inside it).
-                let limits = &self.cfg.limits;
-                let t = &self.tasks[&task];
-                if let Some(why) = t.file_errors.get(&name) {
-                    let why = why.clone();
-                    return self.refuse_file(
-                        worker,
-                        &task,
-                        seq,
-                        &name,
-                        ErrorCode::LimitReached,
-                        why,
-                    );
-                }
-                let others: u64 = t
-                    .file_sizes
-                    .iter()
-                    .filter(|(n, _)| **n != name)
-                    .map(|(_, size)| *size)
-                    .fold(0u64, u64::saturating_add);
-                if size > limits.max_file_bytes {
-                    let why = format!(
-                        "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
-                        limits.max_file_bytes
-                    );
-                    return self.refuse_file(
-                        worker,
-                        &task,
-                        seq,
-                        &name,
-                        ErrorCode::LimitReached,
-                        why,
-                    );
-                }
-                if others.saturating_add(size) > limits.max_task_file_bytes {
-                    let why = format!(
-                        "result files of this task would exceed {} bytes (limits.max_task_file_bytes)",
-                        limits.max_task_file_bytes
-                    );
-                    return self.refuse_file(
-                        worker,
-                        &task,
-                        seq,
-                        &name,
-                        ErrorCode::LimitReached,
-                        why,
-                    );
-                }
-                if t.file_sizes.get(&name).is_some_and(|s| *s != size) {
-                    let why = format!(
-                        "result file {name:?} changed size during its transfer (now {size} bytes)"
-                    );
-                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::Invalid, why);
-                }
-                if t.received
-                    .get(&name)
-                    .is_some_and(|r| r.runs() >= MAX_FILE_RANGES)
-                    && !t.received[&name].extends(offset, offset + data.len() as u64)
-                {
-                    let why = format!(
-                        "result file {name:?} arrived in more than {MAX_FILE_RANGES} separate pieces"
-                    );
-                    return self.refuse_file(worker, &task, seq, &name, ErrorCode::Invalid, why);
+                // Checked before any byte is written.
+                let end = offset.saturating_add(data.len() as u64);
+                if let Some((code, why)) = self.file_refusal(&task, &name, size, offset, end) {
+                    return self.refuse_file(worker, &task, seq, &name, code, why);
                 }
                 if let Err(e) = self.store.write_chunk(&task, &name, offset, &data) {
                     return self.file_problem(worker, &task, seq, &name, e);
@@ -230,7 +169,6 @@ impl<S: Store> Scheduler<S> {
                 // Chunks may arrive out of order after resends: check the
                 // whole file only once all of it is here.
                 let t = self.tasks.get_mut(&task).expect("open task");
-                let end = offset + data.len() as u64;
                 t.file_sizes.insert(name.clone(), size);
                 t.received
                     .entry(name.clone())
@@ -301,6 +239,67 @@ impl<S: Store> Scheduler<S> {
             _ => unreachable!("filtered above"),
         }
         true
+    }
+
+    /// Why a chunk `offset..end` of result file `name` (declared `size`)
+    /// cannot be taken, if it cannot: the file was refused before, is over
+    /// a size limit, changed size, or arrived in too many pieces. The codec
+    /// already checked that the chunk lies inside the declared size.
+    fn file_refusal(
+        &self,
+        task: &TaskId,
+        name: &str,
+        size: u64,
+        offset: u64,
+        end: u64,
+    ) -> Option<(ErrorCode, String)> {
+        let limits = &self.cfg.limits;
+        let t = &self.tasks[task];
+        if let Some(why) = t.file_errors.get(name) {
+            return Some((ErrorCode::LimitReached, why.clone()));
+        }
+        let others: u64 = t
+            .file_sizes
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(_, size)| *size)
+            .fold(0u64, u64::saturating_add);
+        if size > limits.max_file_bytes {
+            return Some((
+                ErrorCode::LimitReached,
+                format!(
+                    "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
+                    limits.max_file_bytes
+                ),
+            ));
+        }
+        if others.saturating_add(size) > limits.max_task_file_bytes {
+            return Some((
+                ErrorCode::LimitReached,
+                format!(
+                    "result files of this task would exceed {} bytes (limits.max_task_file_bytes)",
+                    limits.max_task_file_bytes
+                ),
+            ));
+        }
+        if t.file_sizes.get(name).is_some_and(|s| *s != size) {
+            return Some((
+                ErrorCode::Invalid,
+                format!("result file {name:?} changed size during its transfer (now {size} bytes)"),
+            ));
+        }
+        if t.received
+            .get(name)
+            .is_some_and(|r| r.runs() >= MAX_FILE_RANGES && !r.extends(offset, end))
+        {
+            return Some((
+                ErrorCode::Invalid,
+                format!(
+                    "result file {name:?} arrived in more than {MAX_FILE_RANGES} separate pieces"
+                ),
+            ));
+        }
+        None
     }
 
     /// A result file the server will not take: the chunk is answered with

@@ -83,6 +83,8 @@ fn main() {
                         timeout_secs: 60,
                         options: Default::default(),
                         queue_anyway: true,
+                        secrets: Default::default(),
+                        owner: None,
                     },
                 }),
             );

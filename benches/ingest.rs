@@ -214,6 +214,8 @@ async fn submit(control: &str, packages: usize) {
             timeout_secs: 3600,
             options: BTreeMap::new(),
             queue_anyway: true,
+            secrets: Default::default(),
+            owner: None,
         })
         .await
         .unwrap();

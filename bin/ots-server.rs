@@ -63,6 +63,10 @@ async fn main() -> ExitCode {
     };
     let server = match Server::start(cfg).await {
         Ok(s) => s,
+        Err(e @ ots::server::ServerError::Security(_)) => {
+            eprintln!("ots-server: cannot start: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             eprintln!("ots-server: cannot start: {e}");
             return ExitCode::from(EXIT_UNAVAILABLE);

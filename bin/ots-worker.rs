@@ -92,6 +92,10 @@ async fn main() -> ExitCode {
                     ExitCode::from(EXIT_CANTCREAT)
                 }
                 ots::worker::WorkerError::NameInUse { .. } => ExitCode::from(EXIT_NAME_IN_USE),
+                // A key file problem, or a key the server allows under
+                // another name: fixing it takes an operator, not a restart.
+                ots::worker::WorkerError::Security(_)
+                | ots::worker::WorkerError::Forbidden { .. } => ExitCode::from(EXIT_CONFIG),
             }
         }
         Err(e) => {

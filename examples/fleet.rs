@@ -21,6 +21,13 @@
 
 use std::time::{Duration, Instant};
 
+/// The events endpoint next to a control endpoint (port + 1).
+fn events_endpoint(control: &str) -> Option<String> {
+    let (base, port) = control.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{base}:{}", port.checked_add(1)?))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -35,7 +42,7 @@ async fn main() {
     // The longest gap between server heartbeats seen on the events port:
     // the loop must keep publishing them under any load.
     let worst_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    if let Some(events) = ots::client::default_events_endpoint(&control) {
+    if let Some(events) = events_endpoint(&control) {
         let worst_gap = worst_gap.clone();
         tokio::spawn(async move {
             use zeromq::prelude::*;
@@ -61,7 +68,13 @@ async fn main() {
     let mut worst = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(secs) {
         let t = Instant::now();
-        let ok = match ots::client::Client::connect(&control, Duration::from_secs(10)).await {
+        let ok = match ots::client::Client::connect(
+            &control,
+            Duration::from_secs(10),
+            &ots::security::Credentials::None,
+        )
+        .await
+        {
             Ok(mut c) => c.workers().await.is_ok(),
             Err(_) => false,
         };
@@ -70,7 +83,12 @@ async fn main() {
         if !submitted && fleet.registered() == n {
             submitted = true;
             burst = Some(Instant::now());
-            if let Ok(mut c) = ots::client::Client::connect(&control, Duration::from_secs(10)).await
+            if let Ok(mut c) = ots::client::Client::connect(
+                &control,
+                Duration::from_secs(10),
+                &ots::security::Credentials::None,
+            )
+            .await
             {
                 for g in 0..20 {
                     let count = (0..n).filter(|i| i % 20 == g).count();
@@ -89,6 +107,8 @@ async fn main() {
                             timeout_secs: 3600,
                             options: Default::default(),
                             queue_anyway: false,
+                            secrets: Default::default(),
+                            owner: None,
                         })
                         .await;
                 }
@@ -121,7 +141,13 @@ async fn main() {
         worst_gap.lock().expect("gap lock").as_secs_f64() * 1000.0
     );
     if lines > 0 {
-        if let Ok(mut c) = ots::client::Client::connect(&control, Duration::from_secs(10)).await {
+        if let Ok(mut c) = ots::client::Client::connect(
+            &control,
+            Duration::from_secs(10),
+            &ots::security::Credentials::None,
+        )
+        .await
+        {
             if let Ok(st) = c.status(&"r1".to_string()).await {
                 println!(
                     "server counters: log_lines_stored {} of {} sent",

@@ -143,6 +143,35 @@ pub struct ServerConfig {
     pub retry: RetryPolicy,
     /// Bounds on what peers can make the server hold (README "Limits").
     pub limits: ServerLimits,
+    /// `noise` (default): every peer authenticates with a key from the
+    /// allow-lists, every frame is encrypted. `none`: plaintext and no
+    /// identities, for a closed lab only (a warning at every start).
+    pub security: SecurityMode,
+    /// The server's private key (`ots-server keygen`), mode 0600.
+    pub key: PathBuf,
+    /// Former server keys still accepted during a key rotation.
+    pub previous_keys: Vec<PathBuf>,
+    /// `NAME.pub` per worker allowed to register as NAME.
+    pub workers_dir: PathBuf,
+    /// `NAME.pub` (and `NAME.role`: submit, operator, admin) per user.
+    pub users_dir: PathBuf,
+}
+
+/// What a secured server runs with: its keys (current first) and who may
+/// connect.
+#[derive(Clone, Debug)]
+pub struct ServerCredentials {
+    pub keys: Vec<crate::security::KeyPair>,
+    pub allow: crate::security::AllowList,
+}
+
+/// Whether peers authenticate and frames are encrypted (PROTOCOL.md §15).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityMode {
+    #[default]
+    Noise,
+    None,
 }
 
 /// `[limits]` of `conf/server.toml`: every bound on what a peer can make
@@ -282,6 +311,11 @@ impl Default for ServerConfig {
             send_timeout_ms: 2000,
             retry: RetryPolicy::default(),
             limits: ServerLimits::default(),
+            security: SecurityMode::Noise,
+            key: PathBuf::from("/etc/ots/server.key"),
+            previous_keys: Vec::new(),
+            workers_dir: PathBuf::from("/etc/ots/workers.d"),
+            users_dir: PathBuf::from("/etc/ots/users.d"),
         }
     }
 }
@@ -289,7 +323,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Loads and validates: defaults, `file`, `OTS_SERVER_*`, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
-        let cfg: ServerConfig = load("OTS_SERVER", file, overrides, &[])?;
+        let cfg: ServerConfig = load("OTS_SERVER", file, overrides, &["previous_keys"])?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -358,6 +392,20 @@ impl ServerConfig {
         }
         self.limits.validate()?;
         Ok(())
+    }
+
+    /// The keys and allow-lists `security = "noise"` needs, loaded and
+    /// checked (a private key others may read is refused, like ssh does).
+    pub fn credentials(&self) -> Result<Option<ServerCredentials>, crate::security::SecurityError> {
+        if self.security == SecurityMode::None {
+            return Ok(None);
+        }
+        let mut keys = vec![crate::security::KeyPair::read(&self.key)?];
+        for k in &self.previous_keys {
+            keys.push(crate::security::KeyPair::read(k)?);
+        }
+        let allow = crate::security::AllowList::load(&self.workers_dir, &self.users_dir)?;
+        Ok(Some(ServerCredentials { keys, allow }))
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -443,6 +491,14 @@ pub struct WorkerConfig {
     /// `continue` (default) or `abort` a running task when the server is lost.
     pub on_server_lost: OnServerLost,
     pub conductor: ConductorConfig,
+    /// `noise` (default) or `none` (must match the server).
+    pub security: SecurityMode,
+    /// This worker's private key (`ots-worker keygen`), mode 0600; its
+    /// public half is `workers.d/NAME.pub` on the server.
+    pub key: PathBuf,
+    /// The server's public key, pinned: a server without its private half
+    /// cannot complete the handshake.
+    pub server_key: PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -466,6 +522,9 @@ impl Default for WorkerConfig {
             delivery: DeliveryPolicy::default(),
             on_server_lost: OnServerLost::default(),
             conductor: ConductorConfig::default(),
+            security: SecurityMode::Noise,
+            key: PathBuf::from("/etc/ots/worker.key"),
+            server_key: PathBuf::from("/etc/ots/server.pub"),
         }
     }
 }
@@ -566,6 +625,19 @@ impl WorkerConfig {
             ));
         }
         Ok(DeviceProps::parse(&self.device)?)
+    }
+
+    /// This worker's key and the pinned server key, loaded and checked.
+    pub fn credentials(
+        &self,
+    ) -> Result<crate::security::Credentials, crate::security::SecurityError> {
+        match self.security {
+            SecurityMode::None => Ok(crate::security::Credentials::None),
+            SecurityMode::Noise => Ok(crate::security::Credentials::Noise {
+                key: crate::security::KeyPair::read(&self.key)?,
+                server: crate::security::PublicKey::read(&self.server_key)?,
+            }),
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -24,6 +24,42 @@ pub enum LabError {
     WorkersTimeout(Duration),
     #[error("local worker configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("throwaway keys: {0}")]
+    Keys(#[from] crate::security::SecurityError),
+    #[error("cannot create {0}: {1}")]
+    KeyDir(PathBuf, std::io::Error),
+}
+
+/// Throwaway keys of a local lab, in its temporary folder: the server's,
+/// one per worker (allow-listed in `workers.d`) and an admin user's (in
+/// `users.d`), so `run --local` exercises the secured path end to end.
+struct LabKeys {
+    dir: PathBuf,
+}
+
+impl LabKeys {
+    fn create(dir: &Path, workers: usize) -> Result<Self, LabError> {
+        let keys = dir.join("keys");
+        for d in [keys.clone(), keys.join("workers.d"), keys.join("users.d")] {
+            std::fs::create_dir_all(&d).map_err(|e| LabError::KeyDir(d.clone(), e))?;
+        }
+        crate::security::KeyPair::generate().write(&keys.join("server"))?;
+        for i in 1..=workers {
+            let name = format!("local-{i}");
+            crate::security::KeyPair::generate().write(&keys.join(&name))?;
+            std::fs::copy(
+                keys.join(format!("{name}.pub")),
+                keys.join("workers.d").join(format!("{name}.pub")),
+            )
+            .map_err(|e| LabError::KeyDir(keys.join("workers.d"), e))?;
+        }
+        crate::security::KeyPair::generate().write(&keys.join("you"))?;
+        std::fs::copy(keys.join("you.pub"), keys.join("users.d").join("you.pub"))
+            .map_err(|e| LabError::KeyDir(keys.join("users.d"), e))?;
+        std::fs::write(keys.join("users.d").join("you.role"), "admin\n")
+            .map_err(|e| LabError::KeyDir(keys.join("users.d"), e))?;
+        Ok(LabKeys { dir: keys })
+    }
 }
 
 /// The repository's `examples/` folder: next to the working directory if
@@ -47,6 +83,8 @@ pub struct Lab {
     server: ServerHandle,
     workers: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    credentials: crate::security::Credentials,
+    keys: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -66,10 +104,14 @@ impl Lab {
             return Err(LabError::NoConductor(conductor));
         }
         let conductor = std::fs::canonicalize(&conductor).unwrap_or(conductor);
+        let keys = LabKeys::create(dir.path(), workers.max(1))?;
         let server_cfg = ServerConfig {
             control: "tcp://127.0.0.1:0".into(),
             events: "tcp://127.0.0.1:0".into(),
             state_dir: dir.path().join("server"),
+            key: keys.dir.join("server.key"),
+            workers_dir: keys.dir.join("workers.d"),
+            users_dir: keys.dir.join("users.d"),
             ..ServerConfig::default()
         };
         let server = Server::start(server_cfg).await?;
@@ -105,6 +147,8 @@ impl Lab {
                     ],
                     ..ConductorConfig::default()
                 },
+                key: keys.dir.join(format!("local-{i}.key")),
+                server_key: keys.dir.join("server.pub"),
                 ..WorkerConfig::default()
             };
             cfg.validate()?;
@@ -119,6 +163,11 @@ impl Lab {
             server,
             workers: handles,
             stop,
+            credentials: crate::security::Credentials::Noise {
+                key: crate::security::KeyPair::read(&keys.dir.join("you.key"))?,
+                server: crate::security::PublicKey::read(&keys.dir.join("server.pub"))?,
+            },
+            keys: keys.dir,
             dir,
         };
         lab.wait_for_workers(workers.max(1), Duration::from_secs(10))
@@ -131,8 +180,12 @@ impl Lab {
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         while tokio::time::Instant::now() < deadline {
             poll.tick().await;
-            if let Ok(mut c) =
-                crate::client::Client::connect(&self.server.control, Duration::from_secs(1)).await
+            if let Ok(mut c) = crate::client::Client::connect(
+                &self.server.control,
+                Duration::from_secs(1),
+                &self.credentials,
+            )
+            .await
             {
                 if let Ok(ws) = c.workers().await {
                     if ws.iter().filter(|w| w.state != WorkerState::Lost).count() >= n {
@@ -150,6 +203,16 @@ impl Lab {
 
     pub fn events(&self) -> &str {
         &self.server.events
+    }
+
+    /// The throwaway admin user's private key.
+    pub fn user_key(&self) -> PathBuf {
+        self.keys.join("you.key")
+    }
+
+    /// The throwaway server's public key.
+    pub fn server_key(&self) -> PathBuf {
+        self.keys.join("server.pub")
     }
 
     pub fn state_dir(&self) -> &Path {

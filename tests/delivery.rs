@@ -321,7 +321,7 @@ fn cancel_stops_a_running_testrun_and_its_process_tree() {
     waiter
         .args(["wait", &run])
         .env("OTS_SERVER", &server.control)
-        .env("OTS_EVENTS", &server.events);
+        .envs(submit_envs(&server));
     let waiting = std::thread::spawn(move || run_bounded(waiter, LIMIT));
     wait_status(&server, &run, LIMIT, running);
     assert!(wait_for_file(&pidfile, LIMIT));

@@ -36,7 +36,7 @@ fn waiter(server: &ServerProc, run: &str) -> Proc {
     let mut cmd = std::process::Command::new(bin("ots-submit"));
     cmd.args(["wait", run])
         .env("OTS_SERVER", &server.control)
-        .env("OTS_EVENTS", &server.events);
+        .envs(submit_envs(&server));
     let p = Proc::spawn("waiter", cmd);
     assert!(
         p.stdout.wait_for(" queued", LIMIT).is_some(),
@@ -158,7 +158,7 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
                 "--json",
             ])
             .env("OTS_SERVER", &server.control)
-            .env("OTS_EVENTS", &server.events);
+            .envs(submit_envs(&server));
             c
         };
         let waiting = scope.spawn(move || run_bounded(run_cmd, LIMIT));

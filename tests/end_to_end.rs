@@ -278,6 +278,8 @@ fn submit_against_a_server_that_is_not_running_fails_fast_as_unreachable() {
         "r-1",
         "--server",
         &format!("tcp://127.0.0.1:{port}"),
+        "--security",
+        "none",
     ]);
     let started = std::time::Instant::now();
     let out = run_bounded(cmd, Duration::from_secs(20));

@@ -73,7 +73,7 @@ fn image() -> String {
 #[test]
 fn oversized_frame_headers_and_garbage_drop_only_that_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -138,7 +138,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
         &events_ep,
         &argv,
         &[],
-        "heartbeat_interval_ms = 200\nliveness = 3\n",
+        "security = \"none\"\nheartbeat_interval_ms = 200\nliveness = 3\n",
     );
     let pid = worker.child.id() as i32;
     // The worker connects its DEALER, then its SUB.
@@ -221,6 +221,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
                     options: Default::default(),
                     ttl_ms: 30_000,
                     sent_ms: 0,
+                    secrets: Default::default(),
                 },
             },
             None,
@@ -260,7 +261,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
 #[test]
 fn the_same_worker_name_twice_is_refused_and_the_first_keeps_its_tasks() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -294,7 +295,7 @@ fn the_same_worker_name_twice_is_refused_and_the_first_keeps_its_tasks() {
 #[test]
 fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -326,9 +327,13 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
     // A client that skips ots-submit's checks: the server names the field.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let refused = rt.block_on(async {
-        let mut client = ots::client::Client::connect(&server.control, Duration::from_secs(3))
-            .await
-            .unwrap();
+        let mut client = ots::client::Client::connect(
+            &server.control,
+            Duration::from_secs(3),
+            &credentials(&server),
+        )
+        .await
+        .unwrap();
         client
             .submit(ots::protocol::TestrunRequest {
                 device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
@@ -338,6 +343,8 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
                 timeout_secs: u64::MAX,
                 options: Default::default(),
                 queue_anyway: false,
+                secrets: Default::default(),
+                owner: None,
             })
             .await
             .unwrap_err()
@@ -351,7 +358,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
 #[test]
 fn a_conductor_printing_as_fast_as_it_can_keeps_the_worker_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -419,7 +426,8 @@ fn start_server_with_fd_limit(state: &std::path::Path, nofile: u64) -> ServerPro
     ])
     .arg("--state-dir")
     .arg(state)
-    .env("OTS_SERVER_LIMITS__HANDSHAKE_TIMEOUT_MS", "2000");
+    .env("OTS_SERVER_LIMITS__HANDSHAKE_TIMEOUT_MS", "2000")
+    .env("OTS_SERVER_SECURITY", "none");
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::resource::setrlimit(
@@ -444,6 +452,8 @@ fn start_server_with_fd_limit(state: &std::path::Path, nofile: u64) -> ServerPro
         events: field("events"),
         proc,
         state_dir: state.to_path_buf(),
+        keys: None,
+        user: "tester".into(),
     }
 }
 
@@ -503,7 +513,7 @@ fn more_idle_connections_than_file_descriptors_leave_the_server_reachable_and_ca
 #[test]
 fn names_from_peers_never_become_paths_and_log_text_cannot_drive_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -593,6 +603,7 @@ fn names_from_peers_never_become_paths_and_log_text_cannot_drive_a_terminal() {
     let mut child = Command::new(bin("ots-submit"))
         .args(["status", &run])
         .env("OTS_SERVER", &server.control)
+        .envs(submit_envs(&server))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -632,7 +643,7 @@ fn local_run_with_a_missing_image_says_so_before_anything_runs() {
 fn a_stored_row_that_cannot_be_applied_is_quarantined_and_the_server_starts() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("server");
-    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let mut server = start_server_insecure(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
     let args = [
         "--device",
         "devicegroup:nobody",
@@ -663,7 +674,7 @@ fn a_stored_row_that_cannot_be_applied_is_quarantined_and_the_server_starts() {
         )
         .unwrap();
     }
-    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let server = start_server_insecure(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
     assert!(server
         .proc
         .stderr
@@ -683,7 +694,7 @@ fn a_stored_row_that_cannot_be_applied_is_quarantined_and_the_server_starts() {
     assert_eq!(kept, 1, "the row is kept for inspection");
     // And the next start is clean.
     drop(server);
-    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let server = start_server_insecure(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
     assert!(serves(&server));
 }
 
@@ -772,6 +783,8 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     timeout_secs: u64::MAX,
                     options: Default::default(),
                     queue_anyway: true,
+                    secrets: Default::default(),
+                    owner: None,
                 },
             },
             None,
@@ -817,7 +830,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
 fn a_testrun_ends_right_while_hostile_peers_attack_the_server() {
     zmtp::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -994,7 +1007,7 @@ fn a_panic_in_a_spawned_task_ends_the_process_with_its_location() {
 #[test]
 fn connections_that_stay_silent_are_closed_and_workers_are_not() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -1044,7 +1057,7 @@ fn connections_that_stay_silent_are_closed_and_workers_are_not() {
 #[test]
 fn result_files_over_the_worker_limit_are_not_read_into_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -1096,7 +1109,7 @@ fn result_files_over_the_worker_limit_are_not_read_into_memory() {
 #[test]
 fn a_client_that_never_reads_its_replies_cannot_bloat_the_server_or_stall_others() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -1218,7 +1231,7 @@ fn error_code(b: &Body) -> Option<protocol::ErrorCode> {
 fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_answered() {
     use protocol::{ErrorCode, LogLine, Stream};
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",
@@ -1397,7 +1410,7 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
 #[test]
 fn submits_past_the_open_task_limit_are_refused_and_the_server_stays_quick() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
+    let server = start_server_insecure(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:0",

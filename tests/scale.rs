@@ -28,7 +28,7 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
     zmtp::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("server");
-    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let mut server = start_server_insecure(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fleet = {
         let _guard = rt.enter();
@@ -60,7 +60,7 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
     let welcomes = fleet.welcomes();
     server.proc.kill();
     let restarted = Instant::now();
-    let server = start_server(&state, &control, &events, &[]);
+    let server = start_server_insecure(&state, &control, &events, &[]);
     let took = wait_until(Duration::from_secs(30), || {
         fleet.registered() == WORKERS && fleet.welcomes() >= welcomes + WORKERS
     })

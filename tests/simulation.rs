@@ -97,6 +97,8 @@ impl Sim {
                 jitter: true,
             },
             limits: Default::default(),
+            secure: false,
+            secrets_key: None,
         };
         let mut server = Scheduler::new(cfg, MemoryStore::default(), format!("srv{seed}"));
         server.set_wall_clock(t0, WALL0);
@@ -241,7 +243,7 @@ impl Sim {
                         frames: frames.clone(),
                     });
                 }
-                Action::Refused(why) => panic!("worker {w} refused by the server: {why}"),
+                Action::Refused(_, why) => panic!("worker {w} refused by the server: {why}"),
                 Action::Reconnect(_) => {
                     let sw = &mut self.workers[w];
                     sw.conn = None;
@@ -342,6 +344,8 @@ impl Sim {
             timeout_secs: 3600,
             options: BTreeMap::new(),
             queue_anyway: true,
+            secrets: Default::default(),
+            owner: None,
         };
         let client = Bytes::from_static(b"client");
         let submit = Body::Submit {

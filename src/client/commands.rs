@@ -3,11 +3,12 @@
 //! process exit status; see [`super::exit`].
 
 use crate::client::follow::{follow, FollowItem};
-use crate::client::{default_events_endpoint, exit, Client, ClientError};
+use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;
 use crate::protocol::{
     DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict,
 };
+use crate::security::{Credentials, KeyPair, PublicKey};
 use clap::{Args, Parser, Subcommand};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -32,9 +33,16 @@ pub struct Conn {
     /// Server control endpoint.
     #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
     pub server: String,
-    /// Server events endpoint [default: control port + 1].
-    #[arg(long, env = "OTS_EVENTS")]
-    pub events: Option<String>,
+    /// `noise` (authenticate with --key, pin --server-key) or `none` (a
+    /// server configured with security = "none").
+    #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
+    pub security: crate::config::SecurityMode,
+    /// Our private key (`ots-submit keygen`) [default: ~/.config/ots/key.key].
+    #[arg(long, env = "OTS_KEY")]
+    pub key: Option<PathBuf>,
+    /// The server's public key [default: ~/.config/ots/server.pub].
+    #[arg(long, env = "OTS_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
     /// Give up on an unanswered request after this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -43,12 +51,48 @@ pub struct Conn {
     pub json: bool,
 }
 
+/// `$XDG_CONFIG_HOME/ots` or `~/.config/ots`: where a user's key lives.
+fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("ots")
+}
+
 impl Conn {
-    fn events_endpoint(&self) -> String {
-        self.events
+    /// Our key and the pinned server key, or a clear error saying what
+    /// to create.
+    pub fn credentials(&self) -> Result<Credentials, ClientError> {
+        if self.security == crate::config::SecurityMode::None {
+            return Ok(Credentials::None);
+        }
+        let key = self
+            .key
             .clone()
-            .or_else(|| default_events_endpoint(&self.server))
-            .unwrap_or_else(|| self.server.clone())
+            .unwrap_or_else(|| config_dir().join("key.key"));
+        let server_key = self
+            .server_key
+            .clone()
+            .unwrap_or_else(|| config_dir().join("server.pub"));
+        let key = KeyPair::read(&key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  create one with `ots-submit keygen {}` and ask the server's admin to put its .pub file into users.d/ (or pass --key; --security none for a server without security)",
+                key.with_extension("").display()
+            ))
+        })?;
+        let server = PublicKey::read(&server_key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key or put it at {}",
+                server_key.display()
+            ))
+        })?;
+        Ok(Credentials::Noise { key, server })
+    }
+
+    /// Connects (and authenticates) to the server.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await
     }
 }
 
@@ -87,6 +131,26 @@ pub enum Command {
     },
     /// List the workers the server knows.
     Workers {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Drain a worker: it finishes its task and takes no new one
+    /// (operator, admin). `--undo` puts it back to work.
+    Drain {
+        worker: String,
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the server's audit log: registrations, refusals, submits,
+    /// cancels, drains, revocations (admin).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show who the server takes this key for, and its role.
+    Whoami {
         #[command(flatten)]
         conn: Conn,
     },
@@ -135,6 +199,11 @@ pub struct RunArgs {
     /// Extra option for the conductor, KEY=VALUE (repeatable).
     #[arg(long = "option", value_parser = parse_option)]
     pub options: Vec<(String, String)>,
+    /// Secret option, KEY=VALUE or KEY=@FILE (repeatable): only the worker
+    /// running a task gets it (`{secret:KEY}`, `OTS_SECRET_KEY`); never in
+    /// status, events, logs or the audit log. Needs a secured server.
+    #[arg(long = "secret", value_parser = parse_secret)]
+    pub secrets: Vec<(String, String)>,
     /// Wait for the verdict, showing task state changes.
     #[arg(long)]
     pub wait: bool,
@@ -241,6 +310,25 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `KEY=VALUE`, or `KEY=@FILE` to keep the value off the command line
+/// (and out of `ps` and shell history).
+fn parse_secret(text: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_option(text).map_err(|_| {
+        format!(
+            "--secret {:?} is not KEY=VALUE or KEY=@FILE",
+            text.split('=').next().unwrap_or("")
+        )
+    })?;
+    match v.strip_prefix('@') {
+        Some(path) => {
+            let value =
+                std::fs::read_to_string(path).map_err(|e| format!("--secret {k}=@{path}: {e}"))?;
+            Ok((k, value.trim_end_matches('\n').to_string()))
+        }
+        None => Ok((k, v)),
+    }
+}
+
 fn parse_option(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -270,6 +358,9 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Status { run, conn } => status(&conn, &run).await,
         Command::Cancel { run, conn } => cancel(&conn, &run).await,
         Command::Workers { conn } => workers(&conn).await,
+        Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
+        Command::Audit { conn } => audit(&conn).await,
+        Command::Whoami { conn } => whoami(&conn).await,
         Command::Logs {
             run,
             task,
@@ -310,7 +401,9 @@ async fn run(mut args: RunArgs) -> i32 {
         match crate::local::Lab::start(&device, args.local_workers, args.conductor.clone()).await {
             Ok(l) => {
                 args.conn.server = l.control().to_string();
-                args.conn.events = Some(l.events().to_string());
+                args.conn.security = crate::config::SecurityMode::Noise;
+                args.conn.key = Some(l.user_key());
+                args.conn.server_key = Some(l.server_key());
                 if !args.conn.json {
                     println!(
                         "local lab: server {} with {} worker(s) for {}, state in {}",
@@ -358,8 +451,10 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
         timeout_secs: args.timeout.as_secs(),
         options: args.options.iter().cloned().collect::<BTreeMap<_, _>>(),
         queue_anyway: args.queue_anyway,
+        secrets: args.secrets.iter().cloned().collect::<BTreeMap<_, _>>(),
+        owner: None,
     };
-    let mut client = match Client::connect(&args.conn.server, args.conn.connect_timeout).await {
+    let mut client = match args.conn.connect().await {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -391,7 +486,7 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
 }
 
 async fn wait(conn: &Conn, run: &str, logs: bool, fetch_dir: Option<&Path>) -> i32 {
-    let mut client = match Client::connect(&conn.server, conn.connect_timeout).await {
+    let mut client = match conn.connect().await {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -409,11 +504,7 @@ async fn watch(
 ) -> i32 {
     let json = conn.json;
     let started = Instant::now();
-    let events = conn.events_endpoint();
-    let status = follow(client, &events, run, logs, |item| {
-        print_item(&item, started, json)
-    })
-    .await;
+    let status = follow(client, run, logs, |item| print_item(&item, started, json)).await;
     let status = match status {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -570,7 +661,7 @@ fn print_history(status: &RunStatus) {
 }
 
 async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
-    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let mut client = conn.connect().await?;
     let status = client.status(&run.to_string()).await?;
     if conn.json {
         println!(
@@ -609,7 +700,7 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
 }
 
 async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
-    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let mut client = conn.connect().await?;
     let before = client.status(&run.to_string()).await?;
     if matches!(before.state, RunState::Finished | RunState::Cancelled) {
         let how = match (before.state, before.verdict) {
@@ -652,8 +743,50 @@ async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     Ok(exit::PASS)
 }
 
+async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let w = client.drain(worker, drain).await?;
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&w).expect("worker serialises")
+        );
+    } else if drain {
+        println!(
+            "worker {} drained: {}",
+            w.name,
+            match &w.task {
+                Some(t) => format!("it finishes task {t}, then takes no new one"),
+                None => "it takes no new task".into(),
+            }
+        );
+    } else {
+        println!("worker {} takes tasks again", w.name);
+    }
+    Ok(exit::PASS)
+}
+
+async fn audit(conn: &Conn) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let text = client.audit().await?;
+    print!("{}", escape_controls(&String::from_utf8_lossy(&text)));
+    Ok(exit::PASS)
+}
+
+async fn whoami(conn: &Conn) -> Result<i32, ClientError> {
+    let client = conn.connect().await?;
+    match client.identity() {
+        Some(crate::security::Identity::User { name, role }) => {
+            println!("user {name}, role {}", role.as_str())
+        }
+        Some(crate::security::Identity::Worker { name }) => println!("worker {name}"),
+        None => println!("anonymous (the server runs with security = \"none\")"),
+    }
+    Ok(exit::PASS)
+}
+
 async fn workers(conn: &Conn) -> Result<i32, ClientError> {
-    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let mut client = conn.connect().await?;
     let workers = client.workers().await?;
     if conn.json {
         println!(
@@ -667,7 +800,11 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
             println!(
                 "{:<20} {:<8} {:<40} task {:<14} last heard {} ms ago",
                 w.name,
-                format!("{:?}", w.state).to_lowercase(),
+                if w.drained {
+                    format!("{:?},drained", w.state).to_lowercase()
+                } else {
+                    format!("{:?}", w.state).to_lowercase()
+                },
                 w.device.to_string(),
                 w.task.as_deref().unwrap_or("-"),
                 w.last_heard_ms_ago
@@ -678,7 +815,7 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
 }
 
 async fn logs(conn: &Conn, run: &str, only: Option<&str>, raw: bool) -> Result<i32, ClientError> {
-    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let mut client = conn.connect().await?;
     let status = client.status(&run.to_string()).await?;
     if let Some(task) = only {
         if !status.tasks.iter().any(|t| t.task == task) {
@@ -716,7 +853,7 @@ async fn logs(conn: &Conn, run: &str, only: Option<&str>, raw: bool) -> Result<i
 }
 
 async fn fetch_cmd(conn: &Conn, run: &str, dir: &Path) -> Result<i32, ClientError> {
-    let mut client = Client::connect(&conn.server, conn.connect_timeout).await?;
+    let mut client = conn.connect().await?;
     let status = client.status(&run.to_string()).await?;
     let report = if conn.json {
         FetchReport::Json

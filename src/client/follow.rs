@@ -1,18 +1,16 @@
-//! Following a testrun: progress events arrive on PUB (fast, lossy) and
+//! Following a testrun: progress events arrive on a second control
+//! connection that asked to `follow` the run (sealed like everything else;
+//! best-effort: the server drops what a slow follower does not read) and
 //! are checked against their per-testrun index; any gap, and a periodic
-//! safety poll, is filled from the server over the control socket
-//! (lossless). Log lines come from PUB only; gaps there are reported, and
+//! safety poll, is filled with `get_events` (lossless). Log lines come
+//! from the follow connection only; gaps there are reported, and
 //! `ots-submit logs` has everything the server stored.
 
 use crate::client::{Client, ClientError};
-use crate::protocol::{
-    self, Body, LogLine, ProgressEvent, ProgressState, RunId, RunStatus, TaskId,
-};
-use crate::transport;
+use crate::protocol::{Body, LogLine, ProgressEvent, ProgressState, RunId, RunStatus, TaskId};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use zeromq::prelude::*;
 
 /// Something to show while following.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +25,7 @@ pub enum FollowItem {
         task: TaskId,
         lines: u64,
     },
-    /// The events socket could not be reached; progress is polled instead.
+    /// The follow connection could not be opened; progress is polled instead.
     NoLiveEvents(String),
     /// The server stopped answering; the follower keeps trying.
     ServerAway(String),
@@ -48,8 +46,9 @@ async fn reconnect(client: &mut Client, why: &ClientError, sink: &mut impl FnMut
         .build();
     let endpoint = client.endpoint().to_string();
     let timeout = client.timeout();
+    let credentials = client.credentials().clone();
     loop {
-        match Client::connect(&endpoint, timeout).await {
+        match Client::connect(&endpoint, timeout, &credentials).await {
             Ok(c) => {
                 *client = c;
                 sink(FollowItem::ServerBack);
@@ -70,38 +69,29 @@ fn terminal(e: &ProgressEvent) -> bool {
     )
 }
 
-/// Connects a SUB for `topics` and forwards what it receives to `tx`.
+/// Opens the follow connection: what the server tells about `run` goes
+/// to `tx`.
 async fn subscribe(
-    endpoint: &str,
-    topics: &[&str],
-    tx: mpsc::UnboundedSender<zeromq::ZmqMessage>,
-) -> Result<tokio::task::JoinHandle<()>, crate::transport::TransportError> {
-    let mut sub = transport::connect_sub(endpoint, topics, Duration::from_secs(3)).await?;
-    Ok(tokio::spawn(async move {
-        while let Ok(msg) = sub.recv().await {
-            if tx.send(msg).is_err() {
-                return;
-            }
-        }
-    }))
+    client: &Client,
+    run: &RunId,
+    logs: bool,
+    tx: mpsc::UnboundedSender<Body>,
+) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+    Client::connect(client.endpoint(), client.timeout(), client.credentials())
+        .await?
+        .into_follower(run, logs, tx)
+        .await
 }
 
 /// Follows `run` until it ends; returns its final status.
 pub async fn follow(
     client: &mut Client,
-    events_endpoint: &str,
     run: &RunId,
     logs: bool,
     mut sink: impl FnMut(FollowItem),
 ) -> Result<RunStatus, ClientError> {
-    let progress_topic = format!("run/{run}");
-    let log_topic = format!("log/{run}");
-    let mut topics = vec![progress_topic.as_str()];
-    if logs {
-        topics.push(log_topic.as_str());
-    }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut reader = match subscribe(events_endpoint, &topics, tx.clone()).await {
+    let mut reader = match subscribe(client, run, logs, tx.clone()).await {
         Ok(r) => Some(r),
         Err(e) => {
             sink(FollowItem::NoLiveEvents(e.to_string()));
@@ -132,11 +122,12 @@ pub async fn follow(
                 Err(e @ ClientError::Unreachable { .. }) => {
                     // Ride through a server restart: its state is durable.
                     reconnect(client, &e, &mut sink).await;
-                    // A fresh SUB: the old one reconnects only slowly.
+                    // A fresh follow connection: the old one went with the
+                    // server.
                     if let Some(r) = reader.take() {
                         r.abort();
                     }
-                    reader = subscribe(events_endpoint, &topics, tx.clone()).await.ok();
+                    reader = subscribe(client, run, logs, tx.clone()).await.ok();
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -154,8 +145,9 @@ pub async fn follow(
             }
         }
     }
-    // Ended by a poll: log lines published before the end may still be in
-    // flight on PUB; take them until the live end event shows up.
+    // Ended by a poll: log lines sent before the end may still be in
+    // flight on the follow connection; take them until the live end event
+    // shows up.
     if logs && reader.is_some() && !done_live {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -190,17 +182,9 @@ struct Progress {
 }
 
 impl Progress {
-    /// Handles one PUB message.
-    fn live(&mut self, msg: zeromq::ZmqMessage, sink: &mut impl FnMut(FollowItem)) -> Live {
-        let mut frames = msg.into_vec();
-        if frames.is_empty() {
-            return Live::Other;
-        }
-        frames.remove(0);
-        let Ok(env) = protocol::decode(frames) else {
-            return Live::Other;
-        };
-        match env.body {
+    /// Handles one message of the follow connection.
+    fn live(&mut self, body: Body, sink: &mut impl FnMut(FollowItem)) -> Live {
+        match body {
             Body::Progress { run, event } if run == self.run => {
                 let is_end = terminal(&event);
                 if event.index == self.next {

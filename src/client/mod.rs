@@ -12,6 +12,8 @@ use crate::protocol::{
     self, Body, ErrorCode, Header, RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo,
     PROTOCOL_VERSION,
 };
+use crate::security::link::{self, LinkError};
+use crate::security::{Channel, Credentials, Identity};
 use crate::transport::{self, to_message, TransportError};
 use bytes::Bytes;
 use std::time::Duration;
@@ -37,6 +39,11 @@ pub mod exit {
     pub const IO: i32 = 74;
     /// EX_PROTOCOL: the server answered something unexpected.
     pub const PROTOCOL: i32 = 76;
+    /// EX_NOPERM: the server did not accept our key, or our role may not
+    /// do what was asked.
+    pub const NOPERM: i32 = 77;
+    /// EX_CONFIG: our own key files are missing or unusable.
+    pub const CONFIG: i32 = 78;
 }
 
 /// Why a client call failed.
@@ -53,6 +60,8 @@ pub enum ClientError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl ClientError {
@@ -60,7 +69,12 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::Refused {
+                code: ErrorCode::Forbidden | ErrorCode::Unauthenticated,
+                ..
+            } => exit::NOPERM,
             ClientError::Refused { .. } => exit::REFUSED,
+            ClientError::Credentials(_) => exit::CONFIG,
             ClientError::Protocol(_) => exit::PROTOCOL,
             ClientError::Io { .. } => exit::IO,
         }
@@ -73,17 +87,26 @@ pub struct Client {
     timeout: Duration,
     socket: DealerSocket,
     next_request: u64,
+    credentials: Credentials,
+    /// The sealed channel (security on).
+    channel: Option<Channel>,
+    /// Who the server took us for (security on).
+    identity: Option<Identity>,
 }
 
 impl Client {
     /// Connects and pings; fails with [`ClientError::Unreachable`] within
     /// about `timeout` if nothing answers.
-    pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Self, ClientError> {
+    pub async fn connect(
+        endpoint: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
         let unreachable = || ClientError::Unreachable {
             endpoint: endpoint.to_string(),
             timeout,
         };
-        let socket = match transport::connect_dealer(endpoint, timeout).await {
+        let mut socket = match transport::connect_dealer(endpoint, timeout).await {
             Ok(s) => s,
             Err(TransportError::ConnectTimeout { .. }) => return Err(unreachable()),
             Err(e) => {
@@ -92,11 +115,37 @@ impl Client {
                 )));
             }
         };
+        let (channel, identity) = match credentials {
+            Credentials::None => (None, None),
+            Credentials::Noise { key, server } => {
+                match link::handshake(&mut socket, key, server, timeout).await {
+                    Ok((channel, identity)) => (Some(channel), Some(identity)),
+                    Err(LinkError::Timeout(_) | LinkError::Transport(_)) => {
+                        return Err(unreachable())
+                    }
+                    Err(LinkError::Refused(message)) => {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::Unauthenticated,
+                            message: format!("{message} (our key: {})", key.public),
+                        })
+                    }
+                    Err(e @ LinkError::Handshake(_)) => {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::Unauthenticated,
+                            message: e.to_string(),
+                        })
+                    }
+                }
+            }
+        };
         let mut client = Client {
             endpoint: endpoint.to_string(),
             timeout,
             socket,
             next_request: 1,
+            credentials: credentials.clone(),
+            channel,
+            identity,
         };
         match client.request(|request| Body::Ping { request }).await? {
             (Body::Pong { .. }, _) => Ok(client),
@@ -109,6 +158,85 @@ impl Client {
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// Who the server authenticated us as (security on).
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    /// Sends one message, sealed if the connection is secured.
+    async fn send_body(&mut self, header: &Header, body: &Body) -> Result<(), TransportError> {
+        let mut frames = protocol::encode(header, body, None);
+        if let Some(channel) = self.channel.as_mut() {
+            frames = channel.seal(&frames);
+        }
+        transport::send_bounded(&mut self.socket, to_message(frames), self.timeout).await
+    }
+
+    /// Receives one message before `deadline`, opened if secured.
+    async fn recv_envelope(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<protocol::Envelope>, ClientError> {
+        let msg = match tokio::time::timeout_at(deadline, self.socket.recv()).await {
+            Err(_) => return Ok(None),
+            Ok(Err(_)) => {
+                return Err(ClientError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    timeout: self.timeout,
+                })
+            }
+            Ok(Ok(msg)) => msg,
+        };
+        let mut frames = msg.into_vec();
+        if let Some(channel) = self.channel.as_mut() {
+            frames = channel.open(frames).map_err(|e| {
+                ClientError::Protocol(format!(
+                    "a message from the server does not authenticate: {e}"
+                ))
+            })?;
+        }
+        protocol::decode(frames)
+            .map(Some)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Starts following `run` on this connection and turns it into a
+    /// stream of what the server tells (progress, log lines), delivered
+    /// to `tx` until the connection fails or `tx` is dropped.
+    pub async fn into_follower(
+        mut self,
+        run: &RunId,
+        logs: bool,
+        tx: tokio::sync::mpsc::UnboundedSender<Body>,
+    ) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+        let run = run.clone();
+        match self
+            .request(|request| Body::Follow { request, run, logs })
+            .await?
+        {
+            (Body::Following { .. }, _) => {}
+            (other, _) => return Err(unexpected("following", &other)),
+        }
+        Ok(tokio::spawn(async move {
+            loop {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+                match self.recv_envelope(deadline).await {
+                    Ok(Some(env)) => {
+                        if tx.send(env.body).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => continue,
+                    Err(_) => return,
+                }
+            }
+        }))
     }
 
     /// The deadline of each request.
@@ -136,22 +264,14 @@ impl Client {
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
         };
-        let msg = to_message(protocol::encode(&header, &body, None));
-        if transport::send_bounded(&mut self.socket, msg, self.timeout)
-            .await
-            .is_err()
-        {
+        if self.send_body(&header, &body).await.is_err() {
             return Err(unreachable);
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let msg = match tokio::time::timeout_at(deadline, self.socket.recv()).await {
-                Err(_) => return Err(unreachable),
-                Ok(Err(_)) => return Err(unreachable),
-                Ok(Ok(msg)) => msg,
+            let Some(env) = self.recv_envelope(deadline).await? else {
+                return Err(unreachable);
             };
-            let env = protocol::decode(msg.into_vec())
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
             match env.body.request() {
                 Some(r) if r == request => {
                     if let Body::Error { code, message, .. } = env.body {
@@ -279,10 +399,46 @@ fn unexpected(wanted: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected a {wanted} reply, got {}", got.kind()))
 }
 
-/// The events endpoint conventionally next to a control endpoint
-/// (`tcp://host:5555` → `tcp://host:5556`).
-pub fn default_events_endpoint(control: &str) -> Option<String> {
-    let (base, port) = control.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    Some(format!("{base}:{}", port.checked_add(1)?))
+/// Drains (or undrains) a worker; returns what the server now says of it.
+impl Client {
+    pub async fn drain(&mut self, worker: &str, drain: bool) -> Result<WorkerInfo, ClientError> {
+        let worker = worker.to_string();
+        match self
+            .request(|request| Body::DrainWorker {
+                request,
+                worker,
+                drain,
+            })
+            .await?
+        {
+            (Body::Workers { mut workers, .. }, _) if workers.len() == 1 => Ok(workers.remove(0)),
+            (other, _) => Err(unexpected("workers", &other)),
+        }
+    }
+
+    /// Reads the whole audit log (admin).
+    pub async fn audit(&mut self) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let offset = out.len() as u64;
+            let max = crate::protocol::limits::MAX_READ_BYTES;
+            match self
+                .request(|request| Body::GetAudit {
+                    request,
+                    offset,
+                    max,
+                })
+                .await?
+            {
+                (Body::Data { eof, .. }, raw) => {
+                    let raw = raw.unwrap_or_default();
+                    out.extend_from_slice(&raw);
+                    if eof || raw.is_empty() {
+                        return Ok(out);
+                    }
+                }
+                (other, _) => return Err(unexpected("data", &other)),
+            }
+        }
+    }
 }

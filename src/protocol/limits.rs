@@ -25,6 +25,9 @@ pub const MAX_IMAGE_BYTES: usize = 4096;
 pub const MAX_OPTIONS: usize = 64;
 pub const MAX_OPTION_KEY_BYTES: usize = 64;
 pub const MAX_OPTION_VALUE_BYTES: usize = 4096;
+/// A secret shorter than this could not be masked in output without
+/// masking ordinary text too.
+pub const MIN_SECRET_BYTES: usize = 4;
 /// Longest execution timeout of a task: 7 days.
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Largest sequence number (header `seq`, log line `seq`): 2^53, so that
@@ -255,12 +258,13 @@ fn check_packages(kind: &'static str, packages: &[String]) -> Result<(), Protoco
 
 fn check_options(
     kind: &'static str,
+    field: &'static str,
     options: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), ProtocolError> {
     if options.len() > MAX_OPTIONS {
         return Err(invalid(
             kind,
-            "options",
+            field,
             format!(
                 "has {} entries, over the limit of {MAX_OPTIONS}",
                 options.len()
@@ -276,7 +280,7 @@ fn check_options(
         {
             return Err(invalid(
                 kind,
-                "options",
+                field,
                 format!(
                     "option name {:?} must be 1–{MAX_OPTION_KEY_BYTES} bytes of A–Z a–z 0–9 _ - .",
                     clip(k)
@@ -286,7 +290,7 @@ fn check_options(
         if v.len() > MAX_OPTION_VALUE_BYTES || v.chars().any(char::is_control) {
             return Err(invalid(
                 kind,
-                "options",
+                field,
                 format!(
                     "option {k:?} value must be at most {MAX_OPTION_VALUE_BYTES} bytes without control characters"
                 ),
@@ -493,7 +497,8 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_image(kind, &spec.image)?;
             check_packages(kind, &spec.packages)?;
             check_timeout(kind, spec.timeout_secs)?;
-            check_options(kind, &spec.options)?;
+            check_options(kind, "spec.options", &spec.options)?;
+            check_options(kind, "spec.secrets", &spec.secrets)?;
             check_range(kind, "spec.ttl_ms", spec.ttl_ms, TTL_MS)?;
         }
         Body::Cancel { task } => check_id(kind, "task", task)?,
@@ -522,8 +527,26 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_image(kind, &testrun.image)?;
             check_packages(kind, &testrun.packages)?;
             check_timeout(kind, testrun.timeout_secs)?;
-            check_options(kind, &testrun.options)?;
+            check_options(kind, "testrun.options", &testrun.options)?;
+            check_options(kind, "testrun.secrets", &testrun.secrets)?;
+            if let Some((k, _)) = testrun
+                .secrets
+                .iter()
+                .find(|(_, v)| v.len() < MIN_SECRET_BYTES)
+            {
+                return Err(invalid(
+                    kind,
+                    "testrun.secrets",
+                    format!(
+                        "secret {:?} is shorter than {MIN_SECRET_BYTES} bytes: too short to be masked in output",
+                        clip(k)
+                    ),
+                ));
+            }
         }
+        Body::Follow { run, .. } => check_id(kind, "run", run)?,
+        Body::DrainWorker { worker, .. } => check_id(kind, "worker", worker)?,
+        Body::GetAudit { offset, .. } => check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?,
         Body::GetStatus { run, .. } | Body::CancelRun { run, .. } => check_id(kind, "run", run)?,
         Body::GetEvents { run, from, .. } => {
             check_id(kind, "run", run)?;
@@ -552,6 +575,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         // Replies to clients and follower traffic are checked by the
         // client where it uses them (it only prints them, escaped).
         Body::Pong { .. }
+        | Body::Following { .. }
         | Body::Submitted { .. }
         | Body::Status { .. }
         | Body::Events { .. }

@@ -83,6 +83,17 @@ pub struct TestrunRequest {
     /// Queue even if no known worker could ever match the device spec.
     #[serde(default)]
     pub queue_anyway: bool,
+    /// Options only the worker running a task sees, as `{secret:NAME}` and
+    /// `OTS_SECRET_NAME` (PROTOCOL.md §15.6): never in status, events, the
+    /// audit log or the stored log (the worker masks them in the output).
+    /// A server without security refuses them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    /// Who submitted the testrun: set by the server from the authenticated
+    /// identity (whatever a client sends here is overwritten); nil without
+    /// security.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// One task as the worker receives it.
@@ -108,6 +119,10 @@ pub struct TaskSpec {
     /// never with the worker's clock directly; 0 if unknown.
     #[serde(default)]
     pub sent_ms: u64,
+    /// The testrun's secrets (see [`TestrunRequest::secrets`]); they reach
+    /// only the worker that runs the task, inside the sealed dispatch.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// Which stream of the conductor a log line came from.
@@ -284,6 +299,9 @@ pub struct WorkerInfo {
     pub state: WorkerState,
     pub task: Option<TaskId>,
     pub last_heard_ms_ago: u64,
+    /// Drained by an operator: finishes its task, takes no new one.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// Worker state in the server's registry.
@@ -356,6 +374,12 @@ pub enum ErrorCode {
     /// The server could not store what was sent (disk full, I/O error); the
     /// mandatory message is answered and not applied.
     StorageFailed,
+    /// The peer did not authenticate (no handshake, unknown key, failed
+    /// handshake): PROTOCOL.md §15.
+    Unauthenticated,
+    /// The authenticated identity may not do this (its role, or another
+    /// worker's name); the message names the identity and the rule.
+    Forbidden,
 }
 
 /// Why a worker refused a dispatch.
@@ -513,7 +537,33 @@ pub enum Body {
         max: u64,
     },
 
+    /// Sends this connection the testrun's progress (and log lines, if
+    /// `logs`) as they happen, until the run ends or the connection closes.
+    Follow {
+        request: u64,
+        run: RunId,
+        #[serde(default)]
+        logs: bool,
+    },
+    /// Drains (`drain: true`) or undrains a worker (operator, admin).
+    DrainWorker {
+        request: u64,
+        worker: String,
+        drain: bool,
+    },
+    /// Reads up to `max` bytes of the audit log from `offset` (admin).
+    GetAudit {
+        request: u64,
+        offset: u64,
+        max: u64,
+    },
+
     // ---- server → client ---------------------------------------------------
+    /// The connection follows `run` from now on.
+    Following {
+        request: u64,
+        run: RunId,
+    },
     Pong {
         request: u64,
         server: String,
@@ -593,6 +643,10 @@ impl Body {
             | Body::ListWorkers { request }
             | Body::GetLog { request, .. }
             | Body::GetFile { request, .. }
+            | Body::Follow { request, .. }
+            | Body::DrainWorker { request, .. }
+            | Body::GetAudit { request, .. }
+            | Body::Following { request, .. }
             | Body::Pong { request, .. }
             | Body::Submitted { request, .. }
             | Body::Status { request, .. }
@@ -629,6 +683,10 @@ impl Body {
             Body::ListWorkers { .. } => "list_workers",
             Body::GetLog { .. } => "get_log",
             Body::GetFile { .. } => "get_file",
+            Body::Follow { .. } => "follow",
+            Body::DrainWorker { .. } => "drain_worker",
+            Body::GetAudit { .. } => "get_audit",
+            Body::Following { .. } => "following",
             Body::Pong { .. } => "pong",
             Body::Submitted { .. } => "submitted",
             Body::Status { .. } => "status",

@@ -151,7 +151,13 @@ mod tests {
     fn pair() -> (Channel, Channel) {
         let (server, worker) = (KeyPair::generate(), KeyPair::generate());
         let (init, first) = Initiator::start(&worker, &server.public, b"").unwrap();
-        let acc = Responder::accept(&server, &first, |_| Some(()), b"").unwrap();
+        let acc = Responder::accept(
+            std::slice::from_ref(&server),
+            &first,
+            |_| Some(()),
+            |_| Vec::new(),
+        )
+        .unwrap();
         let (client, _) = init.finish(&acc.answer).unwrap();
         (client, acc.channel)
     }

@@ -90,20 +90,33 @@ pub struct Responder;
 
 impl Responder {
     /// Reads a first handshake message and, if `allowed` knows the
-    /// initiator's key, answers it.
+    /// initiator's key, answers it. `locals` is the server's current key
+    /// first, then any previous one still accepted during a key rotation
+    /// (an initiator that pinned the old key still gets in, under it).
     pub fn accept<T>(
-        local: &KeyPair,
+        locals: &[KeyPair],
         first: &[u8],
         allowed: impl FnOnce(&PublicKey) -> Option<T>,
-        payload: &[u8],
+        payload: impl FnOnce(&T) -> Vec<u8>,
     ) -> Result<Accepted<T>, SecurityError> {
-        if first.len() > MAX_MESSAGE || payload.len() > MAX_PAYLOAD {
+        if first.len() > MAX_MESSAGE {
             return Err(SecurityError::Handshake("message too large".into()));
         }
-        let mut state = builder(local).build_responder().map_err(failed)?;
-        let mut theirs = vec![0u8; MAX_MESSAGE];
-        let n = state.read_message(first, &mut theirs).map_err(failed)?;
-        theirs.truncate(n);
+        let mut last = SecurityError::Handshake("no server key".into());
+        let mut read = None;
+        for local in locals {
+            let mut state = builder(local).build_responder().map_err(failed)?;
+            let mut theirs = vec![0u8; MAX_MESSAGE];
+            match state.read_message(first, &mut theirs) {
+                Ok(n) => {
+                    theirs.truncate(n);
+                    read = Some((state, theirs));
+                    break;
+                }
+                Err(e) => last = failed(e),
+            }
+        }
+        let (mut state, theirs) = read.ok_or(last)?;
         if theirs.len() > MAX_PAYLOAD {
             return Err(SecurityError::Handshake("payload too large".into()));
         }
@@ -114,8 +127,12 @@ impl Responder {
                 .ok_or_else(|| SecurityError::Handshake("no initiator key".into()))?,
         );
         let identity = allowed(&peer).ok_or_else(|| SecurityError::UnknownKey(peer.to_string()))?;
+        let payload = payload(&identity);
+        if payload.len() > MAX_PAYLOAD {
+            return Err(SecurityError::Handshake("payload too large".into()));
+        }
         let mut answer = vec![0u8; MAX_MESSAGE];
-        let n = state.write_message(payload, &mut answer).map_err(failed)?;
+        let n = state.write_message(&payload, &mut answer).map_err(failed)?;
         answer.truncate(n);
         Ok(Accepted {
             channel: Channel::from_handshake(state, false)?,
@@ -141,10 +158,10 @@ mod tests {
         let (server, worker) = (KeyPair::generate(), KeyPair::generate());
         let (init, first) = Initiator::start(&worker, &server.public, b"hello").unwrap();
         let acc = Responder::accept(
-            &server,
+            std::slice::from_ref(&server),
             &first,
             |k| (*k == worker.public).then_some("w1"),
-            b"welcome",
+            |_| b"welcome".to_vec(),
         )
         .unwrap();
         assert_eq!(acc.identity, "w1");
@@ -166,18 +183,34 @@ mod tests {
     fn an_unknown_key_is_refused_and_a_wrong_server_key_cannot_get_in() {
         let (server, worker) = (KeyPair::generate(), KeyPair::generate());
         let (_, first) = Initiator::start(&worker, &server.public, b"").unwrap();
-        let e = Responder::accept(&server, &first, |_| None::<()>, b"")
-            .err()
-            .unwrap();
+        let e = Responder::accept(
+            std::slice::from_ref(&server),
+            &first,
+            |_| None::<()>,
+            |_| Vec::new(),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, SecurityError::UnknownKey(_)), "{e}");
         // Pinned a key that is not the server's: the server cannot read it.
         let impostor = KeyPair::generate();
         let (_, first) = Initiator::start(&worker, &impostor.public, b"").unwrap();
         assert!(matches!(
-            Responder::accept(&server, &first, |_| Some(()), b""),
+            Responder::accept(
+                std::slice::from_ref(&server),
+                &first,
+                |_| Some(()),
+                |_| Vec::new()
+            ),
             Err(SecurityError::Handshake(_))
         ));
         // Garbage is a handshake error, not a panic.
-        assert!(Responder::accept(&server, &[0u8; 7], |_| Some(()), b"").is_err());
+        assert!(Responder::accept(
+            std::slice::from_ref(&server),
+            &[0u8; 7],
+            |_| Some(()),
+            |_| Vec::new()
+        )
+        .is_err());
     }
 }

@@ -90,6 +90,17 @@ impl KeyPair {
         Ok(())
     }
 
+    /// A 32-byte key for another purpose (`label` names it), derived from
+    /// the private key: SHA-256(label ‖ private key). Whoever can read the
+    /// key file can derive it; nobody else can.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(label.as_bytes());
+        h.update(self.private);
+        h.finalize().into()
+    }
+
     /// Reads a private key file, refusing one others may read or write.
     pub fn read(path: &Path) -> Result<Self, SecurityError> {
         let meta = std::fs::metadata(path).map_err(|e| key_error(path, e.to_string()))?;
@@ -137,7 +148,7 @@ impl PublicKey {
     /// Reads a public key file.
     pub fn read(path: &Path) -> Result<Self, SecurityError> {
         let text = std::fs::read_to_string(path).map_err(|e| key_error(path, e.to_string()))?;
-        Ok(PublicKey(parse_line(path, &text, PUBLIC_TAG)?))
+        parse_public(path, &text)
     }
 
     /// Parses 64 hex digits (as `server_key` is given in a config file).
@@ -145,6 +156,11 @@ impl PublicKey {
         let bytes = hex::decode(text.trim()).ok()?;
         Some(PublicKey(bytes.try_into().ok()?))
     }
+}
+
+/// Parses the text of a public key file (`path` names it in errors).
+pub fn parse_public(path: &Path, text: &str) -> Result<PublicKey, SecurityError> {
+    Ok(PublicKey(parse_line(path, text, PUBLIC_TAG)?))
 }
 
 /// The X25519 public key of `private`, computed by a Noise DH with the

@@ -17,13 +17,19 @@
 //! Status (issue 8, in progress): these are implemented and tested here;
 //! the control socket does not use them yet (`docs/PROTOCOL.md` §15).
 
+pub mod allow;
 pub mod channel;
+pub mod gate;
 pub mod handshake;
 pub mod keys;
+pub mod link;
 
+pub use allow::{AllowList, Identity, Role};
 pub use channel::Channel;
+pub use gate::Gate;
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyPair, PublicKey};
+pub use link::Credentials;
 
 /// The Noise protocol name: `IK` because the initiator knows the server's
 /// static key in advance (pinned in its configuration) and sends its own

@@ -75,6 +75,8 @@ pub struct Changes {
     pub meta: Vec<(String, String)>,
     /// (table, key, reason): rows to move into the quarantine table.
     pub quarantine: Vec<(&'static str, String, String)>,
+    /// Workers removed from the registry (their key is no longer allowed).
+    pub removed_workers: Vec<String>,
 }
 
 impl Changes {
@@ -86,6 +88,7 @@ impl Changes {
             && self.files.is_empty()
             && self.meta.is_empty()
             && self.quarantine.is_empty()
+            && self.removed_workers.is_empty()
     }
 }
 
@@ -268,6 +271,12 @@ impl Db {
                 .map_err(sql)?;
             for (name, body) in &changes.workers {
                 worker.execute(params![name, body]).map_err(sql)?;
+            }
+            let mut removed = tx
+                .prepare_cached("DELETE FROM workers WHERE name = ?1")
+                .map_err(sql)?;
+            for name in &changes.removed_workers {
+                removed.execute(params![name]).map_err(sql)?;
             }
             let mut history = tx
                 .prepare_cached(

@@ -62,6 +62,14 @@ pub struct SchedulerConfig {
     pub retry: RetryPolicy,
     /// Bounds on what peers can make the scheduler hold.
     pub limits: SchedulerLimits,
+    /// Security on (`security = "noise"`): every connection is
+    /// authenticated by the shell's gate and told to the scheduler with
+    /// [`Scheduler::on_authenticated`]; requests are checked against roles,
+    /// heartbeats and follower traffic go over control connections only.
+    pub secure: bool,
+    /// Key that seals testrun secrets at rest in the state database
+    /// (derived from the server's private key); none without security.
+    pub secrets_key: Option<[u8; 32]>,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -116,6 +124,8 @@ impl Default for SchedulerConfig {
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             limits: SchedulerLimits::default(),
+            secure: false,
+            secrets_key: None,
         }
     }
 }
@@ -214,7 +224,13 @@ impl Task {
 }
 
 struct Testrun {
+    /// As submitted, with `secrets` taken out (they are below).
     request: TestrunRequest,
+    /// The testrun's secrets: `None` if they could not be restored after a
+    /// restart (sealed under another server key).
+    secrets: Option<BTreeMap<String, String>>,
+    /// The secrets sealed for the state database, made once at submit.
+    sealed_secrets: Option<Vec<u8>>,
     tasks: Vec<TaskId>,
     state: RunState,
     verdict: Option<Verdict>,
@@ -281,6 +297,16 @@ pub struct Scheduler<S: Store> {
     noise: crate::logging::Throttle,
     /// The latest time an input brought (for inputs that carry none).
     latest: Instant,
+    /// Who each secured connection is (security on only).
+    callers: HashMap<PeerId, access::Caller>,
+    /// Connections following each testrun, and whether they want logs.
+    followers: HashMap<RunId, HashMap<PeerId, bool>>,
+    /// The testrun each following connection follows.
+    following: HashMap<PeerId, RunId>,
+    /// Workers an operator drained: no new tasks for them.
+    drained: BTreeSet<String>,
+    /// Workers removed from the registry since the last commit.
+    removed_workers: Vec<String>,
 }
 
 pub use crate::protocol::limits::unix_ms_now;
@@ -329,6 +355,11 @@ impl<S: Store> Scheduler<S> {
             armed: HashSet::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
+            callers: HashMap::new(),
+            followers: HashMap::new(),
+            following: HashMap::new(),
+            drained: BTreeSet::new(),
+            removed_workers: Vec::new(),
         }
     }
 
@@ -457,6 +488,9 @@ impl<S: Store> Scheduler<S> {
     pub fn on_message(&mut self, now: Instant, peer: &PeerId, env: Envelope) {
         self.latest = self.latest.max(now);
         let Envelope { header, body, raw } = env;
+        if !self.authorize(now, peer, &body) {
+            return;
+        }
         if let Some(request) = body.request() {
             self.on_client_request(now, peer, request, body);
             return;
@@ -590,6 +624,7 @@ impl<S: Store> Scheduler<S> {
     }
 }
 
+mod access;
 mod dispatch;
 mod endings;
 mod intake;
@@ -597,6 +632,7 @@ mod persist;
 mod registry;
 mod requests;
 pub(super) mod timers;
+pub use access::Caller;
 pub use persist::RestoreError;
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,10 @@
 //! its outputs with bounded sends.
 
 use crate::config::ServerConfig;
-use crate::protocol::{self, Body, Header, PROTOCOL_VERSION};
+use crate::protocol::{self, Body, ErrorCode, Header, PROTOCOL_VERSION};
+use crate::security::allow::fingerprint;
+use crate::security::gate::Verdict;
+use crate::security::{AllowList, Gate};
 use crate::server::db::Db;
 use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
 use crate::server::store::{DiskStore, StoreError};
@@ -38,6 +41,8 @@ pub enum ServerError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     State(#[from] crate::server::db::StateError),
+    #[error("security: {0}")]
+    Security(#[from] crate::security::SecurityError),
     #[error("state database {path}: {source}; restore a backup or move the state directory away")]
     Restore {
         path: PathBuf,
@@ -77,6 +82,16 @@ impl Server {
     /// Binds the sockets and starts serving in the background.
     pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg.validate()?;
+        let credentials = cfg.credentials()?;
+        match &credentials {
+            None => warn!("security = \"none\": every peer that reaches the control port is trusted and nothing is encrypted; use this in a closed lab only"),
+            Some(c) => info!(
+                identities = c.allow.len(),
+                workers_dir = %cfg.workers_dir.display(),
+                users_dir = %cfg.users_dir.display(),
+                "security on: Noise IK; peers authenticate with allow-listed keys"
+            ),
+        }
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| ServerError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -99,6 +114,10 @@ impl Server {
                 backstop_grace: Duration::from_secs(cfg.backstop_grace_secs),
                 retry: cfg.retry.clone(),
                 limits: cfg.limits.scheduler(),
+                secure: credentials.is_some(),
+                secrets_key: credentials
+                    .as_ref()
+                    .map(|c| c.keys[0].derive("ots testrun secrets at rest v1")),
             },
             store,
             incarnation.clone(),
@@ -116,6 +135,18 @@ impl Server {
             server = %incarnation,
             "server listening"
         );
+        let mut scheduler = scheduler;
+        let (gate, reloads) = match credentials {
+            None => (None, None),
+            Some(c) => {
+                // Registry hygiene: workers whose key went while the server
+                // was down are not listed (nor waited for).
+                let allowed = c.allow.worker_names();
+                scheduler.retain_workers(Instant::now(), |n| allowed.contains(n));
+                let reloads = watch_allow_lists(cfg.workers_dir.clone(), cfg.users_dir.clone());
+                (Some(Gate::new(c.keys, c.allow)), Some(reloads))
+            }
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let control = sockets.control.clone();
         let events = sockets.events.clone();
@@ -124,6 +155,8 @@ impl Server {
             scheduler,
             db,
             sockets,
+            gate,
+            reloads,
             Pace {
                 heartbeat: cfg.heartbeat(),
                 send_timeout,
@@ -150,10 +183,13 @@ struct Pace {
     idle_timeout: Duration,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut scheduler: Scheduler<DiskStore>,
     mut db: Db,
     sockets: transport::ServerSockets,
+    mut gate: Option<Gate>,
+    mut reloads: Option<mpsc::Receiver<AllowList>>,
     pace: Pace,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -195,6 +231,10 @@ async fn serve(
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
+    // Refused connections are logged and audited at a bounded rate (an
+    // anonymous peer can open connections as fast as it likes); the
+    // counters count every one.
+    let mut refusals = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
@@ -212,18 +252,87 @@ async fn serve(
                         continue;
                     }
                     let peer = frames.remove(0);
-                    activity.heard(&peer, Instant::now());
+                    let now = Instant::now();
+                    activity.heard(&peer, now);
+                    let frames = match gate.as_mut() {
+                        None => frames,
+                        Some(gate) => match gate.inbound(&peer, frames) {
+                            Verdict::Open(plain) => plain,
+                            Verdict::Secured { answer, identity, .. } => {
+                                let address = activity.address(&peer);
+                                debug!(identity = %identity.label(), %address, "handshake completed");
+                                scheduler.on_authenticated(&peer, identity, address);
+                                let mut out = vec![peer.clone()];
+                                out.extend(answer);
+                                if let Err(e) = transport::send_bounded(&mut router_tx, to_message(out), send_timeout).await {
+                                    debug!(error = %e, "handshake answer not sent");
+                                }
+                                continue;
+                            }
+                            Verdict::Refuse { reason } => {
+                                let address = activity.address(&peer);
+                                if refusals.allow(now, "refused connections") {
+                                    warn!(%address, %reason, "refused an unauthenticated connection");
+                                    scheduler.audit("anonymous", &address, "refused", &reason.to_string());
+                                } else {
+                                    scheduler.count_shell_event("audit_refusals_not_logged", 1);
+                                }
+                                let body = Body::Error {
+                                    request: None,
+                                    code: ErrorCode::Unauthenticated,
+                                    message: reason.to_string(),
+                                    seq: None,
+                                };
+                                let mut out = vec![peer.clone()];
+                                out.extend(protocol::encode(&plain_header(&body), &body, None));
+                                let _ = transport::send_bounded(&mut router_tx, to_message(out), send_timeout).await;
+                                continue;
+                            }
+                            Verdict::Close { reason } => {
+                                if refusals.allow(now, "refused connections") {
+                                    warn!(address = %activity.address(&peer), %reason, "closed a connection: its message does not authenticate");
+                                }
+                                gate.forget(&peer);
+                                if let Ok(id) = zeromq::util::PeerIdentity::try_from(peer.clone()) {
+                                    router_tx.disconnect_peer(&id);
+                                }
+                                scheduler.on_peer_closed(now, &peer);
+                                continue;
+                            }
+                        },
+                    };
                     match protocol::decode(frames) {
-                        Ok(env) => scheduler.on_message(Instant::now(), &peer, env),
+                        Ok(env) => scheduler.on_message(now, &peer, env),
                         Err(e) => scheduler.on_bad_frames(&peer, &e),
                     }
                 }
             }
             Some(event) = futures::StreamExt::next(&mut connections) => {
                 if let zeromq::SocketEvent::Disconnected(peer) = &event {
-                    scheduler.on_peer_closed(Instant::now(), &Bytes::from(peer.clone()));
+                    let peer = Bytes::from(peer.clone());
+                    if let Some(gate) = gate.as_mut() {
+                        gate.forget(&peer);
+                    }
+                    scheduler.on_peer_closed(Instant::now(), &peer);
                 }
                 activity.on_event(Instant::now(), event);
+            }
+            Some(allow) = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => {
+                if let Some(gate) = gate.as_mut() {
+                    let now = Instant::now();
+                    let identities = allow.len();
+                    let allowed = allow.worker_names();
+                    let revoked = gate.reload(allow);
+                    info!(identities, revoked = revoked.len(), "allow-lists reloaded");
+                    scheduler.audit("server", "-", "reload", &format!("{identities} identities allowed, {} sessions revoked", revoked.len()));
+                    for (peer, identity) in revoked {
+                        if let Ok(id) = zeromq::util::PeerIdentity::try_from(peer.clone()) {
+                            router_tx.disconnect_peer(&id);
+                        }
+                        scheduler.on_revoked(now, &peer, &identity);
+                    }
+                    scheduler.retain_workers(now, |n| allowed.contains(n));
+                }
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -249,45 +358,152 @@ async fn serve(
             error!(error = %e, "storage error: cannot commit server state; stopping so that nothing is acknowledged that is not durable");
             std::process::exit(EXIT_STATE);
         }
-        for output in scheduler.take_outputs() {
-            match output {
-                Output::Send {
-                    peer,
-                    header,
-                    body,
-                    raw,
-                } => {
-                    let mut frames = vec![peer.clone()];
-                    frames.extend(protocol::encode(&header, &body, raw));
-                    match transport::send_bounded(&mut router_tx, to_message(frames), send_timeout)
-                        .await
-                    {
-                        Ok(()) => {}
-                        // Not reading: dropped at once (mandatory messages
-                        // stay in the worker's outbox and are resent), so
-                        // one stuck peer never stalls the others.
-                        Err(TransportError::PeerBusy) => {
-                            scheduler.count_shell_event("send_dropped_peer_busy", 1);
-                            debug!(peer = %hex::encode(&peer), kind = body.kind(), "send dropped: peer not reading");
+        if let Some(gate) = gate.as_mut() {
+            for (name, n) in gate.take_counters() {
+                scheduler.count_shell_event(name, n);
+            }
+        }
+        let outputs = scheduler.take_outputs();
+        deliver(
+            outputs,
+            &mut scheduler,
+            gate.as_mut(),
+            &mut router_tx,
+            &mut publisher,
+            send_timeout,
+            &mut send_failures,
+        )
+        .await;
+    }
+    info!("server shutting down");
+    let outputs = scheduler.shutdown_announcement();
+    deliver(
+        outputs,
+        &mut scheduler,
+        gate.as_mut(),
+        &mut router_tx,
+        &mut publisher,
+        send_timeout,
+        &mut send_failures,
+    )
+    .await;
+    reader.abort();
+}
+
+/// Carries out the scheduler's outputs: sealed per connection with
+/// security on (a connection without a channel gets nothing: nothing
+/// leaves in the clear), bounded sends either way.
+async fn deliver(
+    outputs: Vec<Output>,
+    scheduler: &mut Scheduler<DiskStore>,
+    mut gate: Option<&mut Gate>,
+    router_tx: &mut zeromq::RouterSendHalf,
+    publisher: &mut zeromq::PubSocket,
+    send_timeout: Duration,
+    send_failures: &mut u64,
+) {
+    for output in outputs {
+        match output {
+            Output::Send {
+                peer,
+                header,
+                body,
+                raw,
+            } => {
+                let plain = protocol::encode(&header, &body, raw);
+                let wire = match gate.as_deref_mut() {
+                    None => plain,
+                    Some(gate) => match gate.seal(&peer, &plain) {
+                        Some(sealed) => sealed,
+                        None => {
+                            scheduler.count_shell_event("send_dropped_not_secured", 1);
+                            continue;
                         }
-                        Err(e) => {
-                            send_failures += 1;
-                            debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures, "send to peer failed (peer gone?)");
-                        }
+                    },
+                };
+                let mut frames = Vec::with_capacity(wire.len() + 1);
+                frames.push(peer.clone());
+                frames.extend(wire);
+                match transport::send_bounded(router_tx, to_message(frames), send_timeout).await {
+                    Ok(()) => {}
+                    // Not reading: dropped at once (mandatory messages
+                    // stay in the worker's outbox and are resent), so
+                    // one stuck peer never stalls the others.
+                    Err(TransportError::PeerBusy) => {
+                        scheduler.count_shell_event("send_dropped_peer_busy", 1);
+                        debug!(peer = %hex::encode(&peer), kind = body.kind(), "send dropped: peer not reading");
+                    }
+                    Err(e) => {
+                        *send_failures += 1;
+                        debug!(peer = %hex::encode(&peer), kind = body.kind(), error = %e, send_failures = *send_failures, "send to peer failed (peer gone?)");
                     }
                 }
-                Output::Publish { topic, body } => {
-                    publish(&mut publisher, topic, &body, send_timeout).await
+            }
+            Output::Publish { topic, body } => publish(publisher, topic, &body, send_timeout).await,
+        }
+    }
+}
+
+fn plain_header(body: &Body) -> Header {
+    Header {
+        v: PROTOCOL_VERSION,
+        class: body.class(),
+        mandatory: false,
+        seq: 0,
+        task: None,
+    }
+}
+
+/// Reloads the allow-lists on SIGHUP and whenever a file in them changes
+/// (checked every second, off the serving loop): a removed or changed key
+/// takes effect within a second. A list that does not load is logged and
+/// the previous one stays in force.
+fn watch_allow_lists(workers: PathBuf, users: PathBuf) -> mpsc::Receiver<AllowList> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot watch SIGHUP; allow-lists reload on file changes only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let (w, u) = (workers.clone(), users.clone());
+        let mut last = tokio::task::spawn_blocking(move || fingerprint(&w, &u))
+            .await
+            .unwrap_or_default();
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { hup.as_mut()?.recv().await }, if hup.is_some() => true,
+            };
+            let (w, u) = (workers.clone(), users.clone());
+            let Ok((now, list)) = tokio::task::spawn_blocking(move || {
+                let now = fingerprint(&w, &u);
+                (now, AllowList::load(&w, &u))
+            })
+            .await
+            else {
+                continue;
+            };
+            if !forced && now == last {
+                continue;
+            }
+            last = now;
+            match list {
+                Ok(list) => {
+                    if tx.send(list).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "allow-lists not reloaded: {e}; the previous lists stay in force — fix the file")
                 }
             }
         }
-    }
-    info!("server shutting down");
-    let body = Body::Shutdown {
-        server: scheduler.incarnation().to_string(),
-    };
-    publish(&mut publisher, "hb".into(), &body, send_timeout).await;
-    reader.abort();
+    });
+    rx
 }
 
 async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, timeout: Duration) {
@@ -340,6 +556,8 @@ fn fit_connections_to_fd_limit(wanted: usize) -> usize {
 struct ConnectionActivity {
     idle_timeout: Duration,
     last: std::collections::HashMap<Bytes, Instant>,
+    /// The remote address of each connection, for logs and the audit log.
+    addresses: std::collections::HashMap<Bytes, String>,
     scanned: Instant,
 }
 
@@ -348,20 +566,32 @@ impl ConnectionActivity {
         ConnectionActivity {
             idle_timeout,
             last: std::collections::HashMap::new(),
+            addresses: std::collections::HashMap::new(),
             scanned: Instant::now(),
         }
     }
 
     fn on_event(&mut self, now: Instant, event: zeromq::SocketEvent) {
         match event {
-            zeromq::SocketEvent::Accepted(_, peer) => {
-                self.last.insert(Bytes::from(peer), now);
+            zeromq::SocketEvent::Accepted(endpoint, peer) => {
+                let peer = Bytes::from(peer);
+                self.addresses.insert(peer.clone(), endpoint.to_string());
+                self.last.insert(peer, now);
             }
             zeromq::SocketEvent::Disconnected(peer) => {
-                self.last.remove(&Bytes::from(peer));
+                let peer = Bytes::from(peer);
+                self.last.remove(&peer);
+                self.addresses.remove(&peer);
             }
             _ => {}
         }
+    }
+
+    fn address(&self, peer: &Bytes) -> String {
+        self.addresses
+            .get(peer)
+            .cloned()
+            .unwrap_or_else(|| "-".to_string())
     }
 
     fn heard(&mut self, peer: &Bytes, now: Instant) {
@@ -386,6 +616,7 @@ impl ConnectionActivity {
         idle.into_iter()
             .filter_map(|p| {
                 self.last.remove(&p);
+                self.addresses.remove(&p);
                 zeromq::util::PeerIdentity::try_from(p).ok()
             })
             .collect()

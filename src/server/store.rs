@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why the store could not do what was asked.
@@ -114,6 +115,10 @@ pub trait Store {
     /// Reads up to `max` bytes of the task's log; returns bytes and eof.
     fn read_log(&self, task: &TaskId, offset: u64, max: u64)
         -> Result<(Vec<u8>, bool), StoreError>;
+    /// Appends one line (JSON, no newline) to the append-only audit log.
+    fn append_audit(&mut self, line: &str) -> Result<(), StoreError>;
+    /// Reads up to `max` bytes of the audit log; returns bytes and eof.
+    fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError>;
 }
 
 /// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
@@ -121,6 +126,8 @@ pub struct DiskStore {
     root: PathBuf,
     /// Open append handles of recently written task logs.
     logs: HashMap<TaskId, (File, PathBuf)>,
+    /// The audit log, opened for appending at its first line.
+    audit: Option<File>,
 }
 
 /// Task logs kept open for appending at most.
@@ -153,6 +160,7 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_path_buf(),
             logs: HashMap::new(),
+            audit: None,
         })
     }
 
@@ -273,6 +281,34 @@ impl Store for DiskStore {
         }
         read_range(&path, offset, max)
     }
+
+    fn append_audit(&mut self, line: &str) -> Result<(), StoreError> {
+        let path = self.root.join("audit.log");
+        if self.audit.is_none() {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(&path)
+                .map_err(io("cannot open", &path))?;
+            self.audit = Some(f);
+        }
+        let f = self.audit.as_mut().expect("just opened");
+        // One write per line: O_APPEND keeps lines whole.
+        let mut text = String::with_capacity(line.len() + 1);
+        text.push_str(line);
+        text.push('\n');
+        f.write_all(text.as_bytes())
+            .map_err(io("cannot append to", &path))
+    }
+
+    fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+        let path = self.root.join("audit.log");
+        if !path.exists() {
+            return Ok((Vec::new(), true));
+        }
+        read_range(&path, offset, max)
+    }
 }
 
 /// In-memory store for unit tests of the scheduler.
@@ -282,6 +318,7 @@ pub struct MemoryStore {
     pub files: HashMap<(TaskId, String), Vec<u8>>,
     /// Makes every chunk write fail like a full disk (tests).
     pub disk_full: bool,
+    pub audit: Vec<u8>,
 }
 
 fn slice(data: &[u8], offset: u64, max: u64) -> (Vec<u8>, bool) {
@@ -379,6 +416,16 @@ impl Store for MemoryStore {
             .get(task)
             .map(|l| slice(l, offset, max))
             .unwrap_or((Vec::new(), true)))
+    }
+
+    fn append_audit(&mut self, line: &str) -> Result<(), StoreError> {
+        self.audit.extend_from_slice(line.as_bytes());
+        self.audit.push(b'\n');
+        Ok(())
+    }
+
+    fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
+        Ok(slice(&self.audit, offset, max))
     }
 }
 

@@ -27,6 +27,8 @@ pub enum TemplateError {
     Unterminated(String),
     #[error("the testrun has no option {0:?}, which conductor.command uses as {{option:{0}}}")]
     MissingOption(String),
+    #[error("the testrun has no secret {0:?}, which conductor.command uses as {{secret:{0}}}")]
+    MissingSecret(String),
     #[error("{{packages...}} must be an argument of its own, not part of {0:?}")]
     SpreadNotAlone(String),
 }
@@ -55,6 +57,7 @@ pub fn check_template(arg: &str) -> Result<(), String> {
         let name = &rest[start + 1..start + end];
         let known = PLACEHOLDERS.contains(&name)
             || name.strip_prefix("option:").is_some_and(|o| !o.is_empty())
+            || name.strip_prefix("secret:").is_some_and(|o| !o.is_empty())
             || (name == "packages..." && arg == "{packages...}");
         if name == "packages..." && arg != "{packages...}" {
             return Err(TemplateError::SpreadNotAlone(arg.into()).to_string());
@@ -105,14 +108,20 @@ pub fn expand(template: &[String], ctx: &TaskContext) -> Result<Vec<String>, Tem
                 "device_group" => ctx.device.devicegroup.clone(),
                 "device_name" => ctx.device.devicename.clone().unwrap_or_default(),
                 "device_id" => ctx.device.deviceid.clone().unwrap_or_default(),
-                other => match other.strip_prefix("option:") {
-                    Some(opt) => ctx
+                other => match (other.strip_prefix("option:"), other.strip_prefix("secret:")) {
+                    (Some(opt), _) => ctx
                         .spec
                         .options
                         .get(opt)
                         .cloned()
                         .ok_or_else(|| TemplateError::MissingOption(opt.into()))?,
-                    None => return Err(TemplateError::Unknown(other.into())),
+                    (_, Some(secret)) => ctx
+                        .spec
+                        .secrets
+                        .get(secret)
+                        .cloned()
+                        .ok_or_else(|| TemplateError::MissingSecret(secret.into()))?,
+                    _ => return Err(TemplateError::Unknown(other.into())),
                 },
             };
             out.push_str(&value);
@@ -122,6 +131,58 @@ pub fn expand(template: &[String], ctx: &TaskContext) -> Result<Vec<String>, Tem
         argv.push(out);
     }
     Ok(argv)
+}
+
+/// Hides a testrun's secret values in text a conductor prints (and in
+/// what the worker logs about the task): each occurrence becomes
+/// `[secret:NAME]`. Longest secrets first, so one that contains another is
+/// masked whole. A secret split across two output lines is not matched.
+#[derive(Clone, Debug, Default)]
+pub struct Masker {
+    secrets: Vec<(String, String)>,
+}
+
+impl Masker {
+    pub fn new(secrets: &std::collections::BTreeMap<String, String>) -> Self {
+        let mut secrets: Vec<(String, String)> = secrets
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (v.clone(), format!("[secret:{k}]")))
+            .collect();
+        secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Masker { secrets }
+    }
+
+    pub fn mask(&self, text: String) -> String {
+        if self.secrets.iter().all(|(v, _)| !text.contains(v.as_str())) {
+            return text;
+        }
+        let mut out = text;
+        for (value, shown) in &self.secrets {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), shown);
+            }
+        }
+        out
+    }
+
+    /// The environment variables carrying the secrets:
+    /// `OTS_SECRET_<NAME>`, NAME upper-cased with `-` and `.` as `_`.
+    pub fn env(secrets: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+        secrets
+            .iter()
+            .map(|(k, v)| {
+                let name: String = k
+                    .chars()
+                    .map(|c| match c {
+                        '-' | '.' => '_',
+                        c => c.to_ascii_uppercase(),
+                    })
+                    .collect();
+                (format!("OTS_SECRET_{name}"), v.clone())
+            })
+            .collect()
+    }
 }
 
 /// Why the task ends early.
@@ -416,6 +477,7 @@ mod tests {
             options,
             ttl_ms: 1000,
             sent_ms: 0,
+            secrets: Default::default(),
         }
     }
 

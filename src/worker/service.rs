@@ -4,7 +4,10 @@
 //! [`Session`] state machine.
 
 use crate::config::WorkerConfig;
+use crate::protocol::ErrorCode;
 use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
+use crate::security::link::{self, LinkError};
+use crate::security::{Channel, Credentials};
 use crate::transport::{self, to_message, TransportError};
 use crate::worker::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
 use crate::worker::conductor::{self, Stop, TaskContext};
@@ -36,6 +39,10 @@ pub enum WorkerError {
     State(#[from] crate::worker::state::WorkerStateError),
     #[error("worker name {name:?} refused by the server: {message}")]
     NameInUse { name: String, message: String },
+    #[error("the server does not allow this worker's key to register as {name:?}: {message}; the key's name in the server's workers.d must match `name`")]
+    Forbidden { name: String, message: String },
+    #[error("security: {0}")]
+    Security(#[from] crate::security::SecurityError),
 }
 
 fn arrival() -> Arrival {
@@ -68,6 +75,8 @@ enum Inbound {
 struct Connection {
     dealer: DealerSendHalf,
     readers: Vec<JoinHandle<()>>,
+    /// The sealed channel to the server (security on).
+    channel: Option<Channel>,
 }
 
 impl Drop for Connection {
@@ -78,7 +87,53 @@ impl Drop for Connection {
     }
 }
 
-type Connecting = JoinHandle<Result<(DealerSocket, SubSocket), TransportError>>;
+/// A connection being made: the DEALER, with security its channel, and
+/// without security the SUB for heartbeats.
+type Connecting = JoinHandle<Result<Connected, ConnectError>>;
+
+struct Connected {
+    dealer: DealerSocket,
+    channel: Option<Channel>,
+    sub: Option<SubSocket>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Connects to the server: with security, the DEALER and its Noise
+/// handshake (heartbeats come sealed over it; PUB is not used), without,
+/// DEALER and SUB.
+async fn connect(
+    server: String,
+    events: String,
+    credentials: Credentials,
+    timeout: Duration,
+) -> Result<Connected, ConnectError> {
+    let mut dealer = transport::connect_dealer(&server, timeout).await?;
+    match &credentials {
+        Credentials::Noise { key, server } => {
+            let (channel, _) = link::handshake(&mut dealer, key, server, timeout).await?;
+            Ok(Connected {
+                dealer,
+                channel: Some(channel),
+                sub: None,
+            })
+        }
+        Credentials::None => {
+            let sub = transport::connect_sub(&events, &["hb"], timeout).await?;
+            Ok(Connected {
+                dealer,
+                channel: None,
+                sub: Some(sub),
+            })
+        }
+    }
+}
 
 fn reconnect_backoff(cfg: &WorkerConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
@@ -97,6 +152,12 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     cfg.validate()?;
     let device = cfg.device_props()?;
+    let credentials = cfg.credentials()?;
+    if let Credentials::Noise { key, .. } = &credentials {
+        info!(key = %key.public, "security on: this worker's public key (the server needs it in workers.d/{}.pub)", cfg.name);
+    } else {
+        warn!("security = \"none\": the server is not authenticated and nothing is encrypted; use this in a closed lab only");
+    }
     let tasks_dir = cfg.state_dir.join("tasks");
     std::fs::create_dir_all(&tasks_dir).map_err(|source| WorkerError::StateDir {
         path: tasks_dir.clone(),
@@ -178,7 +239,7 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
-    let mut refused: Option<String> = None;
+    let mut refused: Option<(ErrorCode, String)> = None;
     // A rogue server cannot flood the worker's log either.
     let mut noise = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     while refused.is_none() {
@@ -210,9 +271,20 @@ pub async fn run(
                     if from_sub && !frames.is_empty() {
                         frames.remove(0); // topic
                     }
-                    match protocol::decode(frames) {
+                    let opened = match conn.as_mut().and_then(|c| c.channel.as_mut()) {
+                        Some(channel) if !from_sub => channel.open(frames).map_err(|e| e.to_string()),
+                        _ => Ok(frames),
+                    };
+                    match opened.map_err(Err).and_then(|f| protocol::decode(f).map_err(Ok)) {
+                        Err(Err(e)) => {
+                            // Tampered with, replayed or not from the server
+                            // we pinned: this connection cannot be trusted.
+                            session.stats.server_errors += 1;
+                            warn!(error = %e, "a message on the control connection does not authenticate; reconnecting");
+                            vec![Action::Reconnect(LostReason::ConnectionClosed(format!("unauthentic message: {e}")))]
+                        }
                         Ok(env) => session.on_message(Instant::now(), received, env),
-                        Err(e) => {
+                        Err(Ok(e)) => {
                             session.stats.server_errors += 1;
                             if noise.allow(Instant::now(), "protocol errors") {
                                 warn!(error = %e, from_sub, "protocol error: refused a message from the server (a rogue or newer server?); ignored");
@@ -221,6 +293,7 @@ pub async fn run(
                         }
                     }
                 }
+                Inbound::Frames { .. } => Vec::new(),
                 Inbound::Closed { generation: g, error } if g == generation => {
                     vec![Action::Reconnect(LostReason::ConnectionClosed(error))]
                 }
@@ -230,28 +303,35 @@ pub async fn run(
                 let now = Instant::now();
                 if conn.is_none() && connecting.is_none() && retry_at.is_some_and(|t| now >= t) {
                     retry_at = None;
-                    let (server, events) = (cfg.server.clone(), cfg.events.clone());
                     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
-                    connecting = Some(tokio::spawn(async move {
-                        let dealer = transport::connect_dealer(&server, timeout).await?;
-                        let sub = transport::connect_sub(&events, &["hb"], timeout).await?;
-                        Ok((dealer, sub))
-                    }));
+                    connecting = Some(tokio::spawn(connect(
+                        cfg.server.clone(),
+                        cfg.events.clone(),
+                        credentials.clone(),
+                        timeout,
+                    )));
                 }
                 session.on_tick(now)
             }
             result = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;
                 match result {
-                    Ok(Ok((dealer, sub))) => {
+                    Ok(Ok(Connected { dealer, channel, sub })) => {
                         generation += 1;
-                        conn = Some(attach(generation, dealer, sub, inbound_tx.clone()));
+                        conn = Some(attach(generation, dealer, channel, sub, inbound_tx.clone()));
                         debug!(generation, "connected; registering");
                         session.on_connected(Instant::now())
                     }
                     Ok(Err(e)) => {
                         let (_, attempts) = outage.get_or_insert((Instant::now(), 0));
                         *attempts += 1;
+                        if let ConnectError::Link(LinkError::Refused(_) | LinkError::Handshake(_)) = &e {
+                            // Not a network problem: say so loudly, once per
+                            // outage (the operator may be adding the key).
+                            if *attempts == 1 {
+                                error!(error = %e, "the server refused this worker's handshake; retrying with backoff until its key is allowed");
+                            }
+                        }
                         let delay = backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms));
                         debug!(error = %e, attempt = *attempts, retry_in_ms = delay.as_millis() as u64, "connect failed");
                         retry_at = Some(Instant::now() + delay);
@@ -285,7 +365,11 @@ pub async fn run(
             match action {
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
-                    let msg = to_message(protocol::encode(&header, &body, raw));
+                    let mut frames = protocol::encode(&header, &body, raw);
+                    if let Some(channel) = c.channel.as_mut() {
+                        frames = channel.seal(&frames);
+                    }
+                    let msg = to_message(frames);
                     let mandatory = header.mandatory;
                     match transport::send_bounded(&mut c.dealer, msg, send_timeout).await {
                         Ok(()) => {}
@@ -333,8 +417,8 @@ pub async fn run(
                         let _ = stop.send(Stop::Cancel);
                     }
                 }
-                Action::Refused(message) => {
-                    refused = Some(message);
+                Action::Refused(code, message) => {
+                    refused = Some((code, message));
                     queue.clear();
                 }
             }
@@ -355,8 +439,12 @@ pub async fn run(
         }
         running.retain(|_, (_, runner)| !runner.is_finished());
     }
-    if let Some(message) = &refused {
-        error!(worker = %cfg.name, %message, "the server refused this worker: another live worker uses the name; stopping");
+    if let Some((code, message)) = &refused {
+        if *code == ErrorCode::Forbidden {
+            error!(worker = %cfg.name, %message, "the server refused this worker: its key does not allow this name; stopping");
+        } else {
+            error!(worker = %cfg.name, %message, "the server refused this worker: another live worker uses the name; stopping");
+        }
     } else {
         info!(worker = %cfg.name, "worker stopping");
     }
@@ -370,7 +458,11 @@ pub async fn run(
         let _ = tokio::time::timeout(limit, runner).await;
     }
     match refused {
-        Some(message) => Err(WorkerError::NameInUse {
+        Some((ErrorCode::Forbidden, message)) => Err(WorkerError::Forbidden {
+            name: cfg.name.clone(),
+            message,
+        }),
+        Some((_, message)) => Err(WorkerError::NameInUse {
             name: cfg.name.clone(),
             message,
         }),
@@ -381,7 +473,8 @@ pub async fn run(
 fn attach(
     generation: u64,
     mut dealer: DealerSocket,
-    sub: SubSocket,
+    channel: Option<Channel>,
+    sub: Option<SubSocket>,
     tx: mpsc::Sender<Inbound>,
 ) -> Connection {
     // The socket monitor reports the TCP connection closing at once (a
@@ -434,7 +527,13 @@ fn attach(
             }
         }
     });
-    let mut sub = sub;
+    let Some(mut sub) = sub else {
+        return Connection {
+            dealer: dealer_tx,
+            readers: vec![dealer_reader, watcher],
+            channel,
+        };
+    };
     let sub_reader = tokio::spawn(async move {
         loop {
             match sub.recv().await {
@@ -467,6 +566,7 @@ fn attach(
     Connection {
         dealer: dealer_tx,
         readers: vec![dealer_reader, sub_reader, watcher],
+        channel,
     }
 }
 
@@ -534,12 +634,13 @@ async fn run_task(
             return;
         }
     };
+    let masker = conductor::Masker::new(&spec.secrets);
     channel.log(
         Stream::Worker,
-        format!(
+        masker.mask(format!(
             "worker {} runs attempt {} of task {}: {:?}",
             cfg.name, spec.attempt, spec.task, argv
-        ),
+        )),
     );
     // Bounded: a conductor printing faster than lines can be numbered
     // and queued waits on its pipe, like any pipe writer.
@@ -549,17 +650,20 @@ async fn run_task(
         work_dir: work_dir.clone(),
         timeout: Duration::from_secs(spec.timeout_secs),
         kill_grace: Duration::from_millis(cfg.conductor.kill_grace_ms),
-        env: vec![
+        env: [
             ("OTS_TASK_ID".into(), spec.task.clone()),
             ("OTS_RUN_ID".into(), spec.run.clone()),
             ("OTS_RESULTS_DIR".into(), results_dir.display().to_string()),
             ("OTS_WORK_DIR".into(), work_dir.display().to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(conductor::Masker::env(&spec.secrets))
+        .collect(),
         pgid_file: Some(task_dir.join("conductor.pgid")),
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
     while let Some((stream, text)) = line_rx.recv().await {
-        channel.log(stream, text);
+        channel.log(stream, masker.mask(text));
     }
     let outcome = match conductor.await {
         Ok(outcome) => outcome,

@@ -94,7 +94,7 @@ pub enum Action {
     StopTask(TaskId),
     /// The server refused this worker for good (its name is in use by
     /// another live worker): stop the worker with this message.
-    Refused(String),
+    Refused(ErrorCode, String),
 }
 
 /// Connection state.
@@ -300,7 +300,12 @@ impl Session {
                 })
                 .collect(),
             slot: self.slot.as_ref().map(|s| SavedSlot {
-                spec: s.spec.clone(),
+                // Secrets stay in memory: a restarted worker reports the
+                // task interrupted and never needs them again.
+                spec: TaskSpec {
+                    secrets: Default::default(),
+                    ..s.spec.clone()
+                },
                 finished: s.finished,
                 aborted: s.aborted,
             }),
@@ -552,12 +557,13 @@ impl Session {
                 self.hello(now, &mut actions);
             }
             Body::Error {
-                code: ErrorCode::NameInUse,
+                code: code @ (ErrorCode::NameInUse | ErrorCode::Forbidden),
                 message,
+                seq: None,
                 ..
             } => {
                 self.link = Link::Down;
-                return vec![Action::Refused(message)];
+                return vec![Action::Refused(code, message)];
             }
             Body::Error {
                 code,

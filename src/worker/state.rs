@@ -312,6 +312,7 @@ mod tests {
                     options: Default::default(),
                     ttl_ms: 1000,
                     sent_ms: 0,
+                    secrets: Default::default(),
                 },
                 finished: true,
                 aborted: false,

@@ -158,12 +158,148 @@ impl Drop for Proc {
     }
 }
 
+/// The keys of a secured test lab: the server's key pair, `workers.d`
+/// and `users.d` allow-lists, and the private keys of the workers and
+/// users the tests create (an admin `tester` from the start).
+pub struct Keys {
+    dir: tempfile::TempDir,
+    lock: Mutex<()>,
+}
+
+impl Keys {
+    pub fn new() -> Arc<Keys> {
+        let dir = tempfile::Builder::new()
+            .prefix("ots-keys-")
+            .tempdir()
+            .unwrap();
+        for d in ["workers.d", "users.d", "private"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        ots::security::KeyPair::generate()
+            .write(&dir.path().join("server"))
+            .unwrap();
+        let keys = Arc::new(Keys {
+            dir,
+            lock: Mutex::new(()),
+        });
+        keys.user("tester", "admin");
+        keys
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn workers_dir(&self) -> PathBuf {
+        self.path().join("workers.d")
+    }
+
+    pub fn users_dir(&self) -> PathBuf {
+        self.path().join("users.d")
+    }
+
+    pub fn server_pub(&self) -> PathBuf {
+        self.path().join("server.pub")
+    }
+
+    /// The private key of worker `name`, allow-listed on first use.
+    pub fn worker(&self, name: &str) -> PathBuf {
+        let _g = self.lock.lock().unwrap();
+        let base = self.path().join("private").join(format!("worker-{name}"));
+        if !base.with_extension("key").exists() {
+            ots::security::KeyPair::generate().write(&base).unwrap();
+            std::fs::copy(
+                base.with_extension("pub"),
+                self.workers_dir().join(format!("{name}.pub")),
+            )
+            .unwrap();
+        }
+        base.with_extension("key")
+    }
+
+    /// The private key of user `name` with `role`, allow-listed on first use.
+    pub fn user(&self, name: &str, role: &str) -> PathBuf {
+        let _g = self.lock.lock().unwrap();
+        let base = self.path().join("private").join(format!("user-{name}"));
+        if !base.with_extension("key").exists() {
+            ots::security::KeyPair::generate().write(&base).unwrap();
+            std::fs::copy(
+                base.with_extension("pub"),
+                self.users_dir().join(format!("{name}.pub")),
+            )
+            .unwrap();
+            std::fs::write(self.users_dir().join(format!("{name}.role")), role).unwrap();
+        }
+        base.with_extension("key")
+    }
+
+    /// Environment that points a server at these keys.
+    pub fn server_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "OTS_SERVER_KEY".into(),
+                self.path().join("server.key").display().to_string(),
+            ),
+            (
+                "OTS_SERVER_WORKERS_DIR".into(),
+                self.workers_dir().display().to_string(),
+            ),
+            (
+                "OTS_SERVER_USERS_DIR".into(),
+                self.users_dir().display().to_string(),
+            ),
+        ]
+    }
+
+    /// Worker config lines that authenticate as `name`.
+    pub fn worker_toml(&self, name: &str) -> String {
+        format!(
+            "security = \"noise\"\nkey = {:?}\nserver_key = {:?}\n",
+            self.worker(name).display().to_string(),
+            self.server_pub().display().to_string()
+        )
+    }
+}
+
+/// The keys every secured server of this test process uses, unless a test
+/// makes its own.
+pub fn keys() -> Arc<Keys> {
+    static KEYS: std::sync::OnceLock<Arc<Keys>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(Keys::new).clone()
+}
+
 /// A running `ots-server` and the endpoints it bound.
 pub struct ServerProc {
     pub proc: Proc,
     pub control: String,
     pub events: String,
     pub state_dir: PathBuf,
+    /// The keys it runs with; None with `security = "none"`.
+    pub keys: Option<Arc<Keys>>,
+    /// The user `ots-submit` runs as (default `tester`, admin).
+    pub user: String,
+}
+
+impl ServerProc {
+    /// The same server, with `ots-submit` running as another user.
+    pub fn as_user(&self, user: &str) -> ServerProcView<'_> {
+        ServerProcView {
+            server: self,
+            user: user.to_string(),
+        }
+    }
+}
+
+/// A server seen as a particular user (see [`ServerProc::as_user`]).
+pub struct ServerProcView<'a> {
+    pub server: &'a ServerProc,
+    pub user: String,
+}
+
+impl ServerProcView<'_> {
+    pub fn submit(&self, args: &[&str], limit: Duration) -> Output {
+        submit_as(self.server, &self.user, args, limit)
+    }
 }
 
 fn field(line: &str, key: &str) -> String {
@@ -183,7 +319,45 @@ pub fn start_server(
     events: &str,
     env: &[(&str, &str)],
 ) -> ServerProc {
+    let insecure = env
+        .iter()
+        .any(|(k, v)| *k == "OTS_SERVER_SECURITY" && *v == "none");
+    start_server_keyed(
+        state_dir,
+        control,
+        events,
+        env,
+        if insecure { None } else { Some(keys()) },
+    )
+}
+
+/// Starts a server with `security = "none"` (tests of the protocol's
+/// decoder with raw peers, and the simulated fleet).
+pub fn start_server_insecure(
+    state_dir: &Path,
+    control: &str,
+    events: &str,
+    env: &[(&str, &str)],
+) -> ServerProc {
+    let mut env = env.to_vec();
+    env.push(("OTS_SERVER_SECURITY", "none"));
+    start_server_keyed(state_dir, control, events, &env, None)
+}
+
+/// Starts a server with these keys (None: without security).
+pub fn start_server_keyed(
+    state_dir: &Path,
+    control: &str,
+    events: &str,
+    env: &[(&str, &str)],
+    keys: Option<Arc<Keys>>,
+) -> ServerProc {
     let mut cmd = Command::new(bin("ots-server"));
+    if let Some(k) = &keys {
+        for (name, value) in k.server_env() {
+            cmd.env(name, value);
+        }
+    }
     cmd.arg("--control")
         .arg(control)
         .arg("--events")
@@ -203,6 +377,8 @@ pub fn start_server(
         events: field(&line, "events"),
         proc,
         state_dir: state_dir.to_path_buf(),
+        keys,
+        user: "tester".into(),
     }
 }
 
@@ -215,6 +391,10 @@ pub fn start_worker(
     conductor: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
+    let security = match &server.keys {
+        Some(k) => k.worker_toml(name),
+        None => "security = \"none\"\n".to_string(),
+    };
     start_worker_with(
         dir,
         name,
@@ -223,7 +403,7 @@ pub fn start_worker(
         &server.events,
         conductor,
         env,
-        "",
+        &security,
     )
 }
 
@@ -241,6 +421,12 @@ pub fn start_worker_with(
 ) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     let command: Vec<String> = conductor.iter().map(|a| format!("{a:?}")).collect();
+    // Secured with the process's keys unless `extra` says otherwise.
+    let extra = if extra.contains("security") {
+        extra.to_string()
+    } else {
+        format!("{}{extra}", keys().worker_toml(name))
+    };
     std::fs::write(
         &cfg,
         format!(
@@ -273,11 +459,59 @@ pub fn example_conductor() -> Vec<String> {
 
 /// Runs `ots-submit` with `args` against `server`, bounded by `limit`.
 pub fn submit(server: &ServerProc, args: &[&str], limit: Duration) -> Output {
+    submit_as(server, &server.user, args, limit)
+}
+
+/// `ots-submit` as user `user` (created with role submit if new).
+pub fn submit_as(server: &ServerProc, user: &str, args: &[&str], limit: Duration) -> Output {
     let mut cmd = Command::new(bin("ots-submit"));
     cmd.args(args);
-    cmd.env("OTS_SERVER", &server.control)
-        .env("OTS_EVENTS", &server.events);
+    cmd.env("OTS_SERVER", &server.control);
+    submit_env(&mut cmd, server, user);
     run_bounded(cmd, limit)
+}
+
+/// The environment that makes `ots-submit` talk to `server` as `user`.
+pub fn submit_env(cmd: &mut Command, server: &ServerProc, user: &str) {
+    match &server.keys {
+        Some(k) => {
+            cmd.env("OTS_SECURITY", "noise")
+                .env("OTS_KEY", k.user(user, "submit"))
+                .env("OTS_SERVER_KEY", k.server_pub());
+        }
+        None => {
+            cmd.env("OTS_SECURITY", "none");
+        }
+    }
+}
+
+/// [`submit_env`] as a list, for `Command::envs`.
+pub fn submit_envs(server: &ServerProc) -> Vec<(String, String)> {
+    match &server.keys {
+        Some(k) => vec![
+            ("OTS_SECURITY".into(), "noise".into()),
+            (
+                "OTS_KEY".into(),
+                k.user("tester", "admin").display().to_string(),
+            ),
+            (
+                "OTS_SERVER_KEY".into(),
+                k.server_pub().display().to_string(),
+            ),
+        ],
+        None => vec![("OTS_SECURITY".into(), "none".into())],
+    }
+}
+
+/// What a library client uses against `server` (as `tester`).
+pub fn credentials(server: &ServerProc) -> ots::security::Credentials {
+    match &server.keys {
+        Some(k) => ots::security::Credentials::Noise {
+            key: ots::security::KeyPair::read(&k.user("tester", "admin")).unwrap(),
+            server: ots::security::PublicKey::read(&k.server_pub()).unwrap(),
+        },
+        None => ots::security::Credentials::None,
+    }
 }
 
 /// Runs a command to completion, killing it after `limit`.

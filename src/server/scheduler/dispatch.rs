@@ -12,7 +12,11 @@ impl<S: Store> Scheduler<S> {
 
     pub(super) fn requeue_or_fail(&mut self, now: Instant, id: &TaskId, why: String) {
         let attempts = self.tasks[id].attempts;
-        if attempts >= self.cfg.max_attempts {
+        let secrets_lost = self.runs[&self.tasks[id].run].secrets.is_none();
+        if secrets_lost {
+            let reason = format!("{why}; not re-queued: the testrun's secrets could not be restored after a server restart (server key changed?); resubmit it");
+            self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), reason);
+        } else if attempts >= self.cfg.max_attempts {
             let reason = format!("{why}; gave up after {attempts} attempts");
             self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), reason);
         } else {
@@ -45,11 +49,15 @@ impl<S: Store> Scheduler<S> {
         self.workers
             .get(name)
             .is_some_and(|w| w.state == WorkerState::Idle && w.task.is_none() && w.peer.is_some())
+            && !self.drained.contains(name)
     }
 
     /// The worker asked for work: it joins the ready index under each of
     /// its routing keys, in the order workers became ready.
     pub(super) fn set_ready(&mut self, now: Instant, name: &str) {
+        if self.drained.contains(name) {
+            return; // drained: finishes what it has, gets nothing new
+        }
         let Some(w) = self.workers.get_mut(name) else {
             return;
         };
@@ -179,6 +187,7 @@ impl<S: Store> Scheduler<S> {
             packages: t.packages.clone(),
             timeout_secs: req.timeout_secs,
             options: req.options.clone(),
+            secrets: self.runs[&t.run].secrets.clone().unwrap_or_default(),
             sent_ms: self.wall_ms(now),
             ttl_ms: u64::try_from(self.cfg.dispatch_ttl.as_millis())
                 .unwrap_or(u64::MAX)

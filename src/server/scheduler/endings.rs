@@ -129,12 +129,14 @@ impl<S: Store> Scheduler<S> {
         };
         r.events.push(event.clone());
         self.touched_runs.insert(run.clone());
-        self.out.push(Output::Publish {
-            topic: format!("run/{run}"),
-            body: Body::Progress {
+        self.tell_followers(
+            &run,
+            format!("run/{run}"),
+            Body::Progress {
                 run: run.clone(),
                 event,
             },
-        });
+            false,
+        );
     }
 }

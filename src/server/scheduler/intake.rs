@@ -443,14 +443,17 @@ impl<S: Store> Scheduler<S> {
         // The total the limit check above added up, line by line.
         t.log_bytes = bytes;
         self.count("log_lines_stored", fresh.len() as u64);
-        self.out.push(Output::Publish {
-            topic: format!("log/{run}"),
-            body: Body::LogLines {
+        let topic = format!("log/{run}");
+        self.tell_followers(
+            &run.clone(),
+            topic,
+            Body::LogLines {
                 run,
                 task,
                 lines: fresh,
             },
-        });
+            true,
+        );
     }
 
     pub(super) fn on_finished(

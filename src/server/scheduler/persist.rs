@@ -41,7 +41,10 @@ struct TaskRow {
 
 #[derive(Serialize, Deserialize)]
 struct RunRow {
+    /// Without its secrets: those are only in `sealed_secrets`.
     request: TestrunRequest,
+    #[serde(default)]
+    sealed_secrets: Option<Vec<u8>>,
     tasks: Vec<TaskId>,
     state: RunState,
     verdict: Option<Verdict>,
@@ -56,6 +59,8 @@ struct WorkerRow {
     session: String,
     task: Option<TaskId>,
     dedup: DedupWindow,
+    #[serde(default)]
+    drained: bool,
 }
 
 /// A stored row that does not decode.
@@ -117,6 +122,7 @@ impl<S: Store> Scheduler<S> {
     /// acknowledgement leaves before its effect is durable.
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
+            removed_workers: std::mem::take(&mut self.removed_workers),
             history: std::mem::take(&mut self.history),
             quarantine: std::mem::take(&mut self.quarantined)
                 .into_iter()
@@ -178,6 +184,7 @@ impl<S: Store> Scheduler<S> {
                 continue;
             };
             let row = RunRow {
+                sealed_secrets: r.sealed_secrets.clone(),
                 request: r.request.clone(),
                 tasks: r.tasks.clone(),
                 state: r.state,
@@ -205,6 +212,7 @@ impl<S: Store> Scheduler<S> {
                 session: w.session.clone(),
                 task: w.task.clone(),
                 dedup: w.dedup.clone(),
+                drained: self.drained.contains(&name),
             };
             let bytes = encode(&row);
             let key = format!("w:{}", w.name);
@@ -324,9 +332,21 @@ impl<S: Store> Scheduler<S> {
             if !matches!(row.state, RunState::Finished | RunState::Cancelled) {
                 s.active_runs.insert(id.clone());
             }
+            let secrets = match &row.sealed_secrets {
+                None => Some(BTreeMap::new()),
+                Some(sealed) => {
+                    let opened = s.open_secrets(id, sealed);
+                    if opened.is_none() {
+                        warn!(run = %id, "state: the testrun's secrets cannot be opened with this server key; its queued tasks end in ERROR");
+                    }
+                    opened
+                }
+            };
             s.runs.insert(
                 id.clone(),
                 Testrun {
+                    secrets,
+                    sealed_secrets: row.sealed_secrets,
                     request: row.request,
                     tasks: row.tasks,
                     state: row.state,
@@ -419,6 +439,9 @@ impl<S: Store> Scheduler<S> {
                 if let Some(t) = &row.task {
                     warn!(worker = %name, task = %t, "state: the worker's task is not restored on it; the worker starts without it");
                 }
+            }
+            if row.drained {
+                s.drained.insert(name.clone());
             }
             s.workers.insert(
                 name.clone(),

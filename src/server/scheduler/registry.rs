@@ -25,6 +25,7 @@ impl<S: Store> Scheduler<S> {
     /// worker keeps its connection and is caught by heartbeats instead.
     pub fn on_peer_closed(&mut self, now: Instant, peer: &PeerId) {
         self.latest = self.latest.max(now);
+        self.forget_connection(peer);
         let Some(name) = self.peers.remove(peer) else {
             return;
         };
@@ -146,6 +147,10 @@ impl<S: Store> Scheduler<S> {
             self.index_device(old_keys.unwrap_or_default(), new_keys);
         }
         info!(worker = %name, device = %self.workers[&name].device, "worker registered");
+        if self.cfg.secure {
+            let detail = format!("worker {name} ({})", self.workers[&name].device);
+            self.audit_peer(peer, "registered", &detail);
+        }
 
         // Reconcile what the worker runs with what we think it runs.
         let ours = self.workers[&name].task.clone();

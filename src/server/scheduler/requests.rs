@@ -15,7 +15,48 @@ impl<S: Store> Scheduler<S> {
                 request,
                 server: self.incarnation.clone(),
             }),
-            Body::Submit { testrun, .. } => self.submit(now, request, testrun),
+            Body::Submit { mut testrun, .. } => {
+                testrun.owner = self.owner(peer);
+                let owner = testrun.owner.clone();
+                let reply = self.submit(now, request, testrun);
+                if let (Ok(Body::Submitted { run, tasks, .. }), true) = (&reply, self.cfg.secure) {
+                    let r = &self.runs[run].request;
+                    let mut option_keys: Vec<&str> = r.options.keys().map(String::as_str).collect();
+                    option_keys.truncate(16);
+                    let detail = format!(
+                        "run {run} for {} on {}: {} tasks, options [{}], {} secrets",
+                        owner.as_deref().unwrap_or("-"),
+                        r.device,
+                        tasks.len(),
+                        option_keys.join(","),
+                        self.runs[run].secrets.as_ref().map_or(0, |s| s.len()),
+                    );
+                    self.audit_peer(peer, "submit", &detail);
+                }
+                reply
+            }
+            Body::Follow { run, logs, .. } => self.follow(peer, request, run, logs),
+            Body::DrainWorker { worker, drain, .. } => {
+                self.drain(now, peer, request, &worker, drain)
+            }
+            Body::GetAudit { offset, max, .. } => {
+                match self.store.read_audit(offset, max.min(MAX_READ_CHUNK)) {
+                    Ok((bytes, eof)) => {
+                        self.send(
+                            peer,
+                            None,
+                            Body::Data {
+                                request,
+                                offset,
+                                eof,
+                            },
+                            Some(bytes.into()),
+                        );
+                        return;
+                    }
+                    Err(e) => Err((ErrorCode::StorageFailed, e.to_string())),
+                }
+            }
             Body::GetStatus { run, .. } => self
                 .status(&run)
                 .map(|status| Body::Status { request, status }),
@@ -31,6 +72,9 @@ impl<S: Store> Scheduler<S> {
                 )),
             },
             Body::CancelRun { run, .. } => self.cancel_run(now, &run).and_then(|()| {
+                if self.cfg.secure {
+                    self.audit_peer(peer, "cancel", &format!("run {run}"));
+                }
                 self.status(&run)
                     .map(|status| Body::Status { request, status })
             }),
@@ -38,15 +82,8 @@ impl<S: Store> Scheduler<S> {
                 request,
                 workers: self
                     .workers
-                    .values()
-                    .map(|w| WorkerInfo {
-                        name: w.name.clone(),
-                        device: w.device.clone(),
-                        state: w.state,
-                        task: w.task.clone(),
-                        last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis()
-                            as u64,
-                    })
+                    .keys()
+                    .map(|name| self.worker_info(now, name))
                     .collect(),
             }),
             Body::GetLog {
@@ -148,6 +185,9 @@ impl<S: Store> Scheduler<S> {
         if testrun.timeout_secs == 0 {
             return bad("timeout must be at least 1 second".into());
         }
+        if !testrun.secrets.is_empty() && !self.cfg.secure {
+            return bad("secrets need a server with security = \"noise\": without it they would cross the network in plain text; pass them as options if that is acceptable".into());
+        }
         let asked = DeviceProps {
             devicegroup: testrun.device.devicegroup.clone(),
             devicename: testrun.device.devicename.clone(),
@@ -248,9 +288,14 @@ impl<S: Store> Scheduler<S> {
         }
         info!(run = %run, device = %testrun.device, tasks = task_ids.len(), "testrun accepted");
         self.active_runs.insert(run.clone());
+        let mut testrun = testrun;
+        let secrets = std::mem::take(&mut testrun.secrets);
+        let sealed_secrets = self.seal_secrets(&run, &secrets);
         self.runs.insert(
             run.clone(),
             Testrun {
+                secrets: Some(secrets),
+                sealed_secrets,
                 request: testrun,
                 tasks: task_ids.clone(),
                 state: RunState::Queued,

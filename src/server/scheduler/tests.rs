@@ -50,6 +50,8 @@ impl Lab {
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             limits: Default::default(),
+            secure: false,
+            secrets_key: None,
         };
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());
@@ -128,6 +130,8 @@ impl Lab {
                 timeout_secs: 60,
                 options: BTreeMap::new(),
                 queue_anyway: anyway,
+                secrets: Default::default(),
+                owner: None,
             },
         })
     }
@@ -1360,6 +1364,8 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
             timeout_secs: u64::MAX,
             options: BTreeMap::new(),
             queue_anyway: false,
+            secrets: Default::default(),
+            owner: None,
         },
     });
     let run = run_id(&reply);

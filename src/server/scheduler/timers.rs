@@ -63,14 +63,7 @@ impl<S: Store> Scheduler<S> {
     /// Called every heartbeat interval: heartbeat, liveness and timeouts.
     pub fn on_tick(&mut self, now: Instant) {
         self.latest = self.latest.max(now);
-        self.out.push(Output::Publish {
-            topic: "hb".into(),
-            body: Body::ServerHeartbeat {
-                server: self.incarnation.clone(),
-                heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
-                sent_ms: self.wall_ms(now),
-            },
-        });
+        self.heartbeat(now);
         // If this server was not scheduled for a while (SIGSTOP, overload),
         // the silence was ours: do not blame the workers for it.
         if let Some(last) = self.last_tick {

@@ -49,6 +49,7 @@ fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
         options: Default::default(),
         ttl_ms,
         sent_ms: 0,
+        secrets: Default::default(),
     }
 }
 

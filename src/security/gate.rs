@@ -1,0 +1,356 @@
+//! The server's side of secured control connections, without I/O: which
+//! connection completed a handshake as whom, opening what arrives and
+//! sealing what leaves, and closing connections whose key was revoked.
+//!
+//! Per connection (routing identity) the gate holds one of two states:
+//! secured (a [`Channel`] and the [`Identity`] its key is allowed as) or
+//! refused (it failed a handshake or spoke before one; whatever it sends
+//! next closes it, at no cryptographic cost). Connections that never sent
+//! anything hold no state. Entries go when the connection closes, so the
+//! gate holds at most one per open connection (`limits.max_connections`).
+
+use super::allow::{AllowList, Identity};
+use super::{handshake, Channel, KeyPair, PublicKey, SecurityError};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+
+/// Frame 0 of both handshake messages (PROTOCOL.md §15.2). It cannot be
+/// mistaken for an OTSP header (a MessagePack map) nor for a sealed
+/// message's number (8 bytes).
+pub const HANDSHAKE_MARKER: &[u8] = b"OTS-NOISE-IK-1";
+
+/// Connections the gate keeps state for, past which refused entries are
+/// dropped (at most one per open connection is secured, and connections
+/// are bounded by `limits.max_connections`).
+const MAX_TRACKED: usize = 65_536;
+
+/// A connection's routing identity.
+pub type PeerId = Bytes;
+
+enum Conn {
+    Secured {
+        channel: Channel,
+        identity: Identity,
+        key: PublicKey,
+    },
+    Refused,
+}
+
+/// What the shell does with one received message.
+#[derive(Debug)]
+pub enum Verdict {
+    /// An authenticated OTSP message: decode and handle it.
+    Open(Vec<Bytes>),
+    /// A handshake succeeded: send `answer` back; the connection is now
+    /// `identity`.
+    Secured {
+        answer: Vec<Bytes>,
+        identity: Identity,
+        key: PublicKey,
+    },
+    /// Refused: answer with a plaintext `error{code: unauthenticated}`
+    /// carrying `reason` (the peer cannot read anything else), count and
+    /// log it. The connection's next message closes it.
+    Refuse { reason: SecurityError },
+    /// A refused connection spoke again, or a secured one sent something
+    /// that does not open: close it without an answer.
+    Close { reason: SecurityError },
+}
+
+/// The server's gate; see the module documentation.
+pub struct Gate {
+    /// The current key first, then previous ones still accepted.
+    keys: Vec<KeyPair>,
+    allow: AllowList,
+    conns: HashMap<PeerId, Conn>,
+    counters: BTreeMap<&'static str, u64>,
+}
+
+impl Gate {
+    pub fn new(keys: Vec<KeyPair>, allow: AllowList) -> Self {
+        Gate {
+            keys,
+            allow,
+            conns: HashMap::new(),
+            counters: BTreeMap::new(),
+        }
+    }
+
+    fn count(&mut self, name: &'static str) {
+        *self.counters.entry(name).or_default() += 1;
+    }
+
+    /// Counters since the last call (the shell adds them to the server's).
+    pub fn take_counters(&mut self) -> BTreeMap<&'static str, u64> {
+        std::mem::take(&mut self.counters)
+    }
+
+    pub fn allow_list(&self) -> &AllowList {
+        &self.allow
+    }
+
+    /// Who the connection is, if it completed a handshake.
+    pub fn identity(&self, peer: &PeerId) -> Option<&Identity> {
+        match self.conns.get(peer) {
+            Some(Conn::Secured { identity, .. }) => Some(identity),
+            _ => None,
+        }
+    }
+
+    /// Handles one message received on `peer`'s connection.
+    pub fn inbound(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
+        self.bound_refused();
+        let is_handshake = frames.first().map(|f| f.as_ref()) == Some(HANDSHAKE_MARKER);
+        match self.conns.get_mut(peer) {
+            Some(Conn::Refused) => {
+                self.count("security_closed_after_refusal");
+                Verdict::Close {
+                    reason: SecurityError::Handshake(
+                        "the connection was refused before and spoke again".into(),
+                    ),
+                }
+            }
+            Some(Conn::Secured { .. }) if is_handshake => {
+                self.count("security_second_handshake");
+                self.conns.insert(peer.clone(), Conn::Refused);
+                Verdict::Close {
+                    reason: SecurityError::Handshake(
+                        "a second handshake on a secured connection".into(),
+                    ),
+                }
+            }
+            Some(Conn::Secured { channel, .. }) => match channel.open(frames) {
+                Ok(plain) => Verdict::Open(plain),
+                Err(reason) => {
+                    self.count(match reason {
+                        SecurityError::Replay { .. } => "security_replayed_messages",
+                        _ => "security_unauthentic_messages",
+                    });
+                    // A connection that sends what does not open is broken
+                    // or hostile; its keys are not to be trusted further.
+                    self.conns.insert(peer.clone(), Conn::Refused);
+                    Verdict::Close { reason }
+                }
+            },
+            None if is_handshake => self.handshake(peer, frames),
+            None => {
+                self.count("security_unauthenticated_messages");
+                self.conns.insert(peer.clone(), Conn::Refused);
+                Verdict::Refuse {
+                    reason: SecurityError::Handshake(
+                        "this server requires a Noise handshake first (security = \"noise\"); configure `key` and `server_key`".into(),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Refused entries are a cache that saves answering a refused
+    /// connection twice; a connection that closes without the socket
+    /// saying so could leave its entry behind, so past a bound they are
+    /// dropped (secured ones go when their connection closes).
+    fn bound_refused(&mut self) {
+        if self.conns.len() > MAX_TRACKED {
+            self.conns.retain(|_, c| matches!(c, Conn::Secured { .. }));
+            self.count("security_refused_entries_dropped");
+        }
+    }
+
+    fn handshake(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
+        let result = match frames.as_slice() {
+            [_, first] => {
+                let allow = &self.allow;
+                // The answer's payload says who the server took the peer
+                // for; it travels inside the handshake, readable by the
+                // peer only.
+                handshake::Responder::accept(
+                    &self.keys,
+                    first,
+                    |k| allow.get(k).cloned(),
+                    |identity| rmp_serde::to_vec_named(identity).unwrap_or_default(),
+                )
+            }
+            _ => Err(SecurityError::Malformed(
+                "a handshake message is two frames: marker, Noise message",
+            )),
+        };
+        match result {
+            Ok(acc) => {
+                self.count("security_handshakes");
+                let answer = vec![
+                    Bytes::from_static(HANDSHAKE_MARKER),
+                    Bytes::from(acc.answer),
+                ];
+                self.conns.insert(
+                    peer.clone(),
+                    Conn::Secured {
+                        channel: acc.channel,
+                        identity: acc.identity.clone(),
+                        key: acc.peer,
+                    },
+                );
+                Verdict::Secured {
+                    answer,
+                    identity: acc.identity,
+                    key: acc.peer,
+                }
+            }
+            Err(reason) => {
+                self.count(match reason {
+                    SecurityError::UnknownKey(_) => "security_unknown_keys",
+                    _ => "security_failed_handshakes",
+                });
+                self.conns.insert(peer.clone(), Conn::Refused);
+                Verdict::Refuse { reason }
+            }
+        }
+    }
+
+    /// Seals a message for `peer`; `None` if the connection is not
+    /// secured (closed, refused or revoked): nothing leaves in the clear.
+    pub fn seal(&mut self, peer: &PeerId, frames: &[Bytes]) -> Option<Vec<Bytes>> {
+        match self.conns.get_mut(peer) {
+            Some(Conn::Secured { channel, .. }) => Some(channel.seal(frames)),
+            _ => None,
+        }
+    }
+
+    /// The connection closed.
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.conns.remove(peer);
+    }
+
+    /// Replaces the allow-list; returns the secured connections whose key
+    /// is no longer allowed as the same identity. They are forgotten here
+    /// (nothing from them opens any more); the shell closes them.
+    pub fn reload(&mut self, allow: AllowList) -> Vec<(PeerId, Identity)> {
+        let revoked: Vec<(PeerId, Identity)> = self
+            .conns
+            .iter()
+            .filter_map(|(peer, conn)| match conn {
+                Conn::Secured { identity, key, .. } if allow.get(key) != Some(identity) => {
+                    Some((peer.clone(), identity.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (peer, _) in &revoked {
+            // Refused, not forgotten: what it still sends (already queued)
+            // closes it without being opened.
+            self.conns.insert(peer.clone(), Conn::Refused);
+        }
+        self.allow = allow;
+        revoked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::allow::Role;
+    use crate::security::Initiator;
+
+    fn handshake_frames(first: Vec<u8>) -> Vec<Bytes> {
+        vec![Bytes::from_static(HANDSHAKE_MARKER), Bytes::from(first)]
+    }
+
+    #[test]
+    fn secured_opened_sealed_refused_revoked() {
+        let server = KeyPair::generate();
+        let (alice, mallory) = (KeyPair::generate(), KeyPair::generate());
+        let alice_id = Identity::User {
+            name: "alice".into(),
+            role: Role::Submit,
+        };
+        let mut gate = Gate::new(
+            vec![server.clone()],
+            AllowList::from_entries([(alice.public, alice_id.clone())]),
+        );
+        let (p1, p2, p3) = (
+            Bytes::from_static(b"p1"),
+            Bytes::from_static(b"p2"),
+            Bytes::from_static(b"p3"),
+        );
+        // Plaintext before a handshake: refused once, then closed.
+        assert!(matches!(
+            gate.inbound(&p1, vec![Bytes::from_static(b"\x81\xa1v\x01")]),
+            Verdict::Refuse { .. }
+        ));
+        assert!(matches!(
+            gate.inbound(&p1, vec![Bytes::new()]),
+            Verdict::Close { .. }
+        ));
+        // An unknown key.
+        let (_, first) = Initiator::start(&mallory, &server.public, b"").unwrap();
+        assert!(matches!(
+            gate.inbound(&p2, handshake_frames(first)),
+            Verdict::Refuse {
+                reason: SecurityError::UnknownKey(_)
+            }
+        ));
+        // Alice gets in and talks.
+        let (init, first) = Initiator::start(&alice, &server.public, b"").unwrap();
+        let Verdict::Secured {
+            answer, identity, ..
+        } = gate.inbound(&p3, handshake_frames(first))
+        else {
+            panic!("not secured")
+        };
+        assert_eq!(identity, alice_id);
+        assert_eq!(gate.identity(&p3), Some(&alice_id));
+        let (mut chan, payload) = init.finish(&answer[1]).unwrap();
+        let told: Identity = rmp_serde::from_slice(&payload).unwrap();
+        assert_eq!(told, alice_id);
+        let sealed = chan.seal(&[Bytes::from_static(b"hdr"), Bytes::from_static(b"body")]);
+        let Verdict::Open(plain) = gate.inbound(&p3, sealed.clone()) else {
+            panic!("not opened")
+        };
+        assert_eq!(plain[1], Bytes::from_static(b"body"));
+        let back = gate.seal(&p3, &plain).unwrap();
+        assert_eq!(chan.open(back).unwrap(), plain);
+        assert!(gate.seal(&p1, &plain).is_none());
+        // A replay closes the connection.
+        assert!(matches!(
+            gate.inbound(&p3, sealed),
+            Verdict::Close {
+                reason: SecurityError::Replay { .. }
+            }
+        ));
+        // Revocation: a fresh connection of alice's, then her key goes.
+        let (_, first) = Initiator::start(&alice, &server.public, b"").unwrap();
+        let p4 = Bytes::from_static(b"p4");
+        assert!(matches!(
+            gate.inbound(&p4, handshake_frames(first)),
+            Verdict::Secured { .. }
+        ));
+        let revoked = gate.reload(AllowList::default());
+        assert_eq!(revoked, vec![(p4.clone(), alice_id)]);
+        assert!(gate.seal(&p4, &plain).is_none());
+        let counters = gate.take_counters();
+        assert_eq!(counters["security_unknown_keys"], 1);
+        assert_eq!(counters["security_replayed_messages"], 1);
+    }
+
+    #[test]
+    fn a_previous_server_key_is_accepted_during_a_rotation() {
+        let (old, new, worker) = (
+            KeyPair::generate(),
+            KeyPair::generate(),
+            KeyPair::generate(),
+        );
+        let id = Identity::Worker { name: "w".into() };
+        let mut gate = Gate::new(
+            vec![new.clone(), old.clone()],
+            AllowList::from_entries([(worker.public, id)]),
+        );
+        for pinned in [&old, &new] {
+            let (init, first) = Initiator::start(&worker, &pinned.public, b"").unwrap();
+            let peer = Bytes::copy_from_slice(pinned.public.0.as_slice());
+            let Verdict::Secured { answer, .. } = gate.inbound(&peer, handshake_frames(first))
+            else {
+                panic!("refused")
+            };
+            init.finish(&answer[1]).unwrap();
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! Who may do what (PROTOCOL.md §15.5): the identity each secured
+//! connection authenticated as, the rules per request and role, the audit
+//! log, followers (progress and log lines sent on their own control
+//! connection), draining workers, and revocation.
+//!
+//! Without security (`security = "none"`) no connection has an identity
+//! and every request is allowed: the lab is closed, by the operator's word.
+
+use super::*;
+use crate::security::{Identity, Role};
+
+/// An authenticated connection: who, and from where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: Identity,
+    /// The peer's address as the socket reported it (`tcp://IP:PORT`).
+    pub address: String,
+}
+
+/// Follower connections per testrun, at most; past it, `limit_reached`.
+pub const MAX_FOLLOWERS_PER_RUN: usize = 64;
+
+type Refusal = (ErrorCode, String);
+
+impl<S: Store> Scheduler<S> {
+    /// A connection completed its handshake as `identity`.
+    pub fn on_authenticated(&mut self, peer: &PeerId, identity: Identity, address: String) {
+        self.callers
+            .insert(peer.clone(), Caller { identity, address });
+    }
+
+    /// Appends an audit entry: identity, address, event, detail.
+    pub fn audit(&mut self, who: &str, address: &str, event: &str, detail: &str) {
+        let line = serde_json::json!({
+            "at_ms": unix_ms_now(),
+            "identity": who,
+            "address": address,
+            "event": event,
+            "detail": detail,
+        })
+        .to_string();
+        if let Err(e) = self.store.append_audit(&line) {
+            self.count("audit_write_failures", 1);
+            if self.noise.allow(self.latest, "audit log errors") {
+                warn!(error = %e, "storage error: cannot append to the audit log");
+            }
+        }
+    }
+
+    pub(super) fn audit_peer(&mut self, peer: &PeerId, event: &str, detail: &str) {
+        let (who, address) = match self.callers.get(peer) {
+            Some(c) => (c.identity.label(), c.address.clone()),
+            None => ("anonymous".to_string(), "-".to_string()),
+        };
+        self.audit(&who, &address, event, detail);
+    }
+
+    /// Checks `body` from `peer` against the rules; on refusal answers
+    /// `forbidden`, logs and audits it, and returns false.
+    pub(super) fn authorize(&mut self, now: Instant, peer: &PeerId, body: &Body) -> bool {
+        if !self.cfg.secure {
+            return true;
+        }
+        let verdict = match self.callers.get(peer).cloned() {
+            None => Err((
+                ErrorCode::Unauthenticated,
+                "this connection did not authenticate".to_string(),
+            )),
+            Some(caller) => self.rule(&caller, body),
+        };
+        let Err((code, message)) = verdict else {
+            return true;
+        };
+        self.count("requests_forbidden", 1);
+        let who = self
+            .callers
+            .get(peer)
+            .map_or("anonymous".to_string(), |c| c.identity.label());
+        if self.noise.allow(now, "forbidden requests") {
+            warn!(identity = %who, kind = body.kind(), %message, "forbidden: refused a request");
+        }
+        self.audit_peer(peer, "forbidden", &format!("{}: {message}", body.kind()));
+        self.send_error(peer, body.request(), code, message);
+        false
+    }
+
+    fn owner_of_task(&self, task: &TaskId) -> Option<&RunId> {
+        self.tasks.get(task).map(|t| &t.run)
+    }
+
+    /// The rule for one message (PROTOCOL.md §15.5).
+    fn rule(&self, caller: &Caller, body: &Body) -> Result<(), Refusal> {
+        let forbidden = |m: String| Err((ErrorCode::Forbidden, m));
+        let label = caller.identity.label();
+        match (&caller.identity, body) {
+            (Identity::Worker { name }, Body::Hello { worker, .. }) => {
+                if worker == name {
+                    Ok(())
+                } else {
+                    forbidden(format!(
+                        "{label} may register only as worker {name:?}, not {worker:?}"
+                    ))
+                }
+            }
+            (Identity::Worker { .. }, b) if b.request().is_some() => forbidden(format!(
+                "{label} is a worker key; client requests need a user key"
+            )),
+            (Identity::Worker { .. }, _) => Ok(()),
+            (Identity::User { .. }, Body::Hello { .. }) => forbidden(format!(
+                "{label} is a user key; a worker needs a key in workers.d"
+            )),
+            (Identity::User { name, role }, b) => {
+                let run = match b {
+                    Body::GetStatus { run, .. }
+                    | Body::GetEvents { run, .. }
+                    | Body::CancelRun { run, .. }
+                    | Body::Follow { run, .. } => Some(run.clone()),
+                    Body::GetLog { task, .. } | Body::GetFile { task, .. } => {
+                        self.owner_of_task(task).cloned()
+                    }
+                    _ => None,
+                };
+                match b {
+                    Body::DrainWorker { .. } if *role < Role::Operator => forbidden(format!(
+                        "{label} (role {}) may not drain workers; that needs role operator or admin",
+                        role.as_str()
+                    )),
+                    Body::GetAudit { .. } if *role < Role::Admin => forbidden(format!(
+                        "{label} (role {}) may not read the audit log; that needs role admin",
+                        role.as_str()
+                    )),
+                    _ if *role >= Role::Operator => Ok(()),
+                    _ => match run.and_then(|r| self.runs.get(&r).map(|t| (r, t))) {
+                        Some((r, t)) if t.request.owner.as_deref() != Some(name.as_str()) => {
+                            forbidden(format!(
+                                "{label} (role submit) may see and cancel only its own testruns; {r} is {}'s",
+                                t.request.owner.as_deref().unwrap_or("nobody")
+                            ))
+                        }
+                        _ => Ok(()),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The user who submits over `peer`, if security is on.
+    pub(super) fn owner(&self, peer: &PeerId) -> Option<String> {
+        self.callers
+            .get(peer)
+            .map(|c| c.identity.name().to_string())
+    }
+
+    // ------------------------------------------------------------------
+    // What the server tells: heartbeats, progress, log lines
+    // ------------------------------------------------------------------
+
+    /// Sends `body` about `run` to every connection following it (log
+    /// lines only to those that asked for them), and, without security,
+    /// publishes it on PUB too. Best-effort, like PUB: a follower that
+    /// misses some catches up with `get_events`.
+    pub(super) fn tell_followers(&mut self, run: &RunId, topic: String, body: Body, is_log: bool) {
+        if let Some(followers) = self.followers.get(run) {
+            let peers: Vec<PeerId> = followers
+                .iter()
+                .filter(|(_, logs)| !is_log || **logs)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for peer in peers {
+                self.send(&peer, None, body.clone(), None);
+            }
+        }
+        if !self.cfg.secure {
+            self.out.push(Output::Publish { topic, body });
+        }
+    }
+
+    /// The heartbeat: on PUB without security; with security, sealed on
+    /// each registered worker's control connection (PUB is open to anyone,
+    /// and a forged heartbeat must not keep a worker believing in a dead
+    /// server).
+    pub(super) fn heartbeat(&mut self, now: Instant) {
+        let body = Body::ServerHeartbeat {
+            server: self.incarnation.clone(),
+            heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+            sent_ms: self.wall_ms(now),
+        };
+        if !self.cfg.secure {
+            self.out.push(Output::Publish {
+                topic: "hb".into(),
+                body,
+            });
+            return;
+        }
+        let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in peers {
+            self.send(&peer, None, body.clone(), None);
+        }
+    }
+
+    /// What an orderly shutdown announces (the shell sends it last).
+    pub fn shutdown_announcement(&mut self) -> Vec<Output> {
+        let body = Body::Shutdown {
+            server: self.incarnation.clone(),
+        };
+        if !self.cfg.secure {
+            return vec![Output::Publish {
+                topic: "hb".into(),
+                body,
+            }];
+        }
+        let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in peers {
+            self.send(&peer, None, body.clone(), None);
+        }
+        self.take_outputs()
+    }
+
+    pub(super) fn follow(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        run: RunId,
+        logs: bool,
+    ) -> Result<Body, Refusal> {
+        if !self.runs.contains_key(&run) {
+            return Err((
+                ErrorCode::UnknownRun,
+                format!("no testrun {run:?} on this server"),
+            ));
+        }
+        // One followed run per connection: a new follow replaces the old.
+        self.unfollow(peer);
+        let followers = self.followers.entry(run.clone()).or_default();
+        if followers.len() >= MAX_FOLLOWERS_PER_RUN {
+            self.count("follows_over_limit", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("testrun {run} has {MAX_FOLLOWERS_PER_RUN} followers already; poll with status instead"),
+            ));
+        }
+        followers.insert(peer.clone(), logs);
+        self.following.insert(peer.clone(), run.clone());
+        Ok(Body::Following { request, run })
+    }
+
+    pub(super) fn unfollow(&mut self, peer: &PeerId) {
+        if let Some(run) = self.following.remove(peer) {
+            if let Some(f) = self.followers.get_mut(&run) {
+                f.remove(peer);
+                if f.is_empty() {
+                    self.followers.remove(&run);
+                }
+            }
+        }
+    }
+
+    /// Forgets what belongs to a closed connection (identity, follows).
+    pub(super) fn forget_connection(&mut self, peer: &PeerId) {
+        self.callers.remove(peer);
+        self.unfollow(peer);
+    }
+
+    // ------------------------------------------------------------------
+    // Drain, revocation
+    // ------------------------------------------------------------------
+
+    pub(super) fn drain(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        name: &str,
+        drain: bool,
+    ) -> Result<Body, Refusal> {
+        if !self.workers.contains_key(name) {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("no worker {name:?} on this server"),
+            ));
+        }
+        if drain {
+            self.drained.insert(name.to_string());
+            self.clear_ready(name);
+        } else {
+            self.drained.remove(name);
+        }
+        self.touched_workers.insert(name.to_string());
+        info!(worker = %name, drain, "worker drain changed");
+        self.audit_peer(
+            peer,
+            if drain { "drain" } else { "undrain" },
+            &format!("worker {name}"),
+        );
+        Ok(Body::Workers {
+            request,
+            workers: vec![self.worker_info(now, name)],
+        })
+    }
+
+    pub(super) fn worker_info(&self, now: Instant, name: &str) -> WorkerInfo {
+        let w = &self.workers[name];
+        WorkerInfo {
+            name: w.name.clone(),
+            device: w.device.clone(),
+            state: w.state,
+            task: w.task.clone(),
+            last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis() as u64,
+            drained: self.drained.contains(name),
+        }
+    }
+
+    /// A connection's key was revoked (removed or changed in the
+    /// allow-list): the shell closed it; whatever it had in flight is not
+    /// applied. A worker on it is lost at once and its task, if any, is
+    /// re-queued without waiting for a grace period it cannot use.
+    pub fn on_revoked(&mut self, now: Instant, peer: &PeerId, identity: &Identity) {
+        self.latest = self.latest.max(now);
+        let address = self
+            .callers
+            .get(peer)
+            .map_or("-".to_string(), |c| c.address.clone());
+        self.count("sessions_revoked", 1);
+        warn!(identity = %identity.label(), %address, "key revoked: closed its session");
+        self.audit(
+            &identity.label(),
+            &address,
+            "revoked",
+            "session closed: key removed or changed",
+        );
+        self.on_peer_closed(now, peer);
+    }
+
+    /// Drops from the registry every worker `allowed` does not name, so
+    /// only allow-listed identities are listed (after a revocation, or on
+    /// a restart with keys removed meanwhile). A dropped worker's task is
+    /// re-queued or ended by the usual rules for a lost worker.
+    pub fn retain_workers(&mut self, now: Instant, allowed: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|n| !allowed(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(peer) = self.workers.get(&name).and_then(|w| w.peer.clone()) {
+                self.on_peer_closed(now, &peer);
+            }
+            if self.workers[&name].state != WorkerState::Lost {
+                self.worker_lost(now, &name, "its key is no longer allowed");
+            }
+            if let Some(task) = self.workers.get_mut(&name).and_then(|w| w.task.take()) {
+                if self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| t.state == TaskState::Held)
+                {
+                    self.requeue_or_fail(
+                        now,
+                        &task,
+                        format!("worker {name} lost: its key is no longer allowed"),
+                    );
+                }
+            }
+            self.clear_ready(&name);
+            let keys = self.workers[&name].routing_keys();
+            self.index_device(keys, Vec::new());
+            self.workers.remove(&name);
+            self.drained.remove(&name);
+            self.outboxes.remove(&name);
+            self.armed.remove(&name);
+            self.removed_workers.push(name.clone());
+            info!(worker = %name, "worker removed from the registry: its key is no longer allowed");
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Secrets at rest
+    // ------------------------------------------------------------------
+
+    /// Seals a testrun's secrets for the state database: ChaCha20-Poly1305
+    /// under the key derived from the server's private key, random nonce
+    /// first, the run id as associated data (a sealed blob moved to another
+    /// run does not open).
+    pub(super) fn seal_secrets(
+        &self,
+        run: &RunId,
+        secrets: &BTreeMap<String, String>,
+    ) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        if secrets.is_empty() {
+            return None;
+        }
+        let key = self.cfg.secrets_key?;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&key).into());
+        let nonce: [u8; 12] = rand::random();
+        let plain = rmp_serde::to_vec(secrets).expect("secrets serialise");
+        let sealed = cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &plain,
+                    aad: run.as_bytes(),
+                },
+            )
+            .expect("sealing");
+        let mut out = nonce.to_vec();
+        out.extend(sealed);
+        Some(out)
+    }
+
+    /// Opens what [`Self::seal_secrets`] made; `None` if it does not open.
+    pub(super) fn open_secrets(
+        &self,
+        run: &RunId,
+        sealed: &[u8],
+    ) -> Option<BTreeMap<String, String>> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let key = self.cfg.secrets_key?;
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(12);
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&key).into());
+        let plain = cipher
+            .decrypt(
+                nonce.into(),
+                Payload {
+                    msg: body,
+                    aad: run.as_bytes(),
+                },
+            )
+            .ok()?;
+        rmp_serde::from_slice(&plain).ok()
+    }
+}

@@ -82,6 +82,8 @@ impl Server {
     /// Binds the sockets and starts serving in the background.
     pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg.validate()?;
+        // Taken before the lists are read: any change after it is reloaded.
+        let listed = fingerprint(&cfg.workers_dir, &cfg.users_dir);
         let credentials = cfg.credentials()?;
         match &credentials {
             None => warn!("security = \"none\": every peer that reaches the control port is trusted and nothing is encrypted; use this in a closed lab only"),
@@ -143,7 +145,8 @@ impl Server {
                 // was down are not listed (nor waited for).
                 let allowed = c.allow.worker_names();
                 scheduler.retain_workers(Instant::now(), |n| allowed.contains(n));
-                let reloads = watch_allow_lists(cfg.workers_dir.clone(), cfg.users_dir.clone());
+                let reloads =
+                    watch_allow_lists(cfg.workers_dir.clone(), cfg.users_dir.clone(), listed);
                 (Some(Gate::new(c.keys, c.allow)), Some(reloads))
             }
         };
@@ -458,7 +461,11 @@ fn plain_header(body: &Body) -> Header {
 /// (checked every second, off the serving loop): a removed or changed key
 /// takes effect within a second. A list that does not load is logged and
 /// the previous one stays in force.
-fn watch_allow_lists(workers: PathBuf, users: PathBuf) -> mpsc::Receiver<AllowList> {
+fn watch_allow_lists(
+    workers: PathBuf,
+    users: PathBuf,
+    mut last: crate::security::allow::Fingerprint,
+) -> mpsc::Receiver<AllowList> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -469,10 +476,6 @@ fn watch_allow_lists(workers: PathBuf, users: PathBuf) -> mpsc::Receiver<AllowLi
             }
         };
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let (w, u) = (workers.clone(), users.clone());
-        let mut last = tokio::task::spawn_blocking(move || fingerprint(&w, &u))
-            .await
-            .unwrap_or_default();
         loop {
             let forced = tokio::select! {
                 _ = tick.tick() => false,

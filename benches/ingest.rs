@@ -8,7 +8,11 @@
 //! 2. log ingestion by `ots-server` from 10 simulated workers into the
 //!    per-task log files, with the SQLite commits it does per batch;
 //! 3. mandatory control messages per second, each acknowledged only after
-//!    its effect is committed.
+//!    its effect is committed;
+//!
+//! 2 and 3 twice: with `security = "none"` and with Noise (every message
+//! sealed by the sender, opened by the server, acks sealed back), and the
+//! cost of one connection's handshake.
 //!
 //! Environment: OTS_BENCH_LINES (lines per worker, default 200000).
 
@@ -62,62 +66,132 @@ fn text_bytes(body: &Body) -> u64 {
     }
 }
 
-async fn recv_body(socket: &mut DealerSocket) -> Body {
-    let msg = tokio::time::timeout(Duration::from_secs(30), socket.recv())
-        .await
-        .expect("server answers within 30 s")
-        .expect("recv");
-    decode(msg.into_vec()).expect("decodes").body
-}
 
-/// A minimal worker speaking the protocol by hand.
+/// A minimal worker speaking the protocol by hand (sealing and opening
+/// when secured, as a real worker does).
 struct FakeWorker {
     socket: DealerSocket,
     task: TaskId,
     seq: u64,
+    channel: Option<ots::security::Channel>,
+}
+
+/// Keys of a secured bench server: its own, the workers' and a user's.
+struct BenchKeys {
+    dir: tempfile::TempDir,
+    server: ots::security::PublicKey,
+}
+
+impl BenchKeys {
+    fn new() -> BenchKeys {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["workers.d", "users.d"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let server = ots::security::KeyPair::generate();
+        server.write(&dir.path().join("server")).unwrap();
+        for i in 0..WORKERS {
+            ots::security::KeyPair::generate()
+                .write(&dir.path().join("workers.d").join(format!("bench{i}")))
+                .unwrap();
+        }
+        ots::security::KeyPair::generate()
+            .write(&dir.path().join("users.d").join("bench"))
+            .unwrap();
+        std::fs::write(dir.path().join("users.d").join("bench.role"), "admin").unwrap();
+        BenchKeys {
+            server: server.public,
+            dir,
+        }
+    }
+
+    fn credentials(&self, key: &std::path::Path) -> ots::security::Credentials {
+        ots::security::Credentials::Noise {
+            key: ots::security::KeyPair::read(key).unwrap(),
+            server: self.server,
+        }
+    }
 }
 
 impl FakeWorker {
-    async fn start(control: &str, name: &str) -> FakeWorker {
+    async fn send(&mut self, body: &Body, mandatory: bool, seq: u64, raw: Option<Bytes>) {
+        let plain = encode(&header(body, mandatory, seq), body, raw);
+        self.send_frames(plain).await;
+    }
+
+    async fn send_frames(&mut self, plain: Vec<Bytes>) {
+        let wire = match self.channel.as_mut() {
+            Some(c) => c.seal(&plain),
+            None => plain,
+        };
+        send_paced(&mut self.socket, to_message(wire)).await;
+    }
+
+    async fn recv(&mut self) -> Envelope {
+        let msg = tokio::time::timeout(Duration::from_secs(30), self.socket.recv())
+            .await
+            .expect("server answers within 30 s")
+            .expect("recv");
+        let mut frames = msg.into_vec();
+        if let Some(c) = self.channel.as_mut() {
+            frames = c.open(frames).expect("authentic");
+        }
+        decode(frames).expect("decodes")
+    }
+
+    async fn start(control: &str, name: &str, keys: Option<&BenchKeys>) -> FakeWorker {
         let mut socket = connect_dealer(control, Duration::from_secs(5))
             .await
             .unwrap();
+        let channel = match keys {
+            None => None,
+            Some(k) => {
+                let key = k.dir.path().join("workers.d").join(format!("{name}.key"));
+                let ots::security::Credentials::Noise { key, server } = k.credentials(&key) else {
+                    unreachable!()
+                };
+                let (c, _) = ots::security::link::handshake(
+                    &mut socket,
+                    &key,
+                    &server,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+                Some(c)
+            }
+        };
+        let mut w = FakeWorker {
+            socket,
+            task: String::new(),
+            seq: 0,
+            channel,
+        };
         let hello = Body::Hello {
             worker: name.into(),
             session: format!("{name}-bench"),
             device: DeviceProps::parse("devicegroup:bench").unwrap(),
             running: vec![],
         };
-        socket.send(frames(&hello, false, 0, None)).await.unwrap();
+        w.send(&hello, false, 0, None).await;
         loop {
-            if let Body::Welcome { .. } = recv_body(&mut socket).await {
+            if let Body::Welcome { .. } = w.recv().await.body {
                 break;
             }
         }
-        socket
-            .send(frames(&Body::Ready, false, 0, None))
-            .await
-            .unwrap();
-        FakeWorker {
-            socket,
-            task: String::new(),
-            seq: 0,
-        }
+        w.send(&Body::Ready, false, 0, None).await;
+        w
     }
 
     /// Waits for a dispatch, acks it, and accepts the task.
     async fn take_task(&mut self) {
         loop {
-            let msg = self.socket.recv().await.unwrap();
-            let env = decode(msg.into_vec()).unwrap();
+            let env = self.recv().await;
             if let Body::Dispatch { spec } = env.body {
                 let ack = Body::Ack {
                     seq: env.header.seq,
                 };
-                self.socket
-                    .send(frames(&ack, false, 0, None))
-                    .await
-                    .unwrap();
+                self.send(&ack, false, 0, None).await;
                 self.task = spec.task;
                 break;
             }
@@ -135,15 +209,13 @@ impl FakeWorker {
 
     async fn mandatory(&mut self, body: Body, raw: Option<Bytes>) {
         self.seq += 1;
-        self.socket
-            .send(frames(&body, true, self.seq, raw))
-            .await
-            .unwrap();
+        let seq = self.seq;
+        self.send(&body, true, seq, raw).await;
     }
 
     async fn wait_ack(&mut self, seq: u64) {
         loop {
-            if let Body::Ack { seq: s } = recv_body(&mut self.socket).await {
+            if let Body::Ack { seq: s } = self.recv().await.body {
                 if s >= seq {
                     return;
                 }
@@ -201,10 +273,18 @@ async fn futures_join<F: std::future::Future<Output = DealerSocket> + Send + 'st
     out
 }
 
-async fn submit(control: &str, packages: usize) {
-    let mut client = ots::client::Client::connect(control, Duration::from_secs(5))
-        .await
-        .unwrap();
+fn client_credentials(keys: Option<&BenchKeys>) -> ots::security::Credentials {
+    match keys {
+        None => ots::security::Credentials::None,
+        Some(k) => k.credentials(&k.dir.path().join("users.d").join("bench.key")),
+    }
+}
+
+async fn submit(control: &str, packages: usize, keys: Option<&BenchKeys>) {
+    let mut client =
+        ots::client::Client::connect(control, Duration::from_secs(5), &client_credentials(keys))
+            .await
+            .unwrap();
     client
         .submit(TestrunRequest {
             device: DeviceSpec::parse("devicegroup:bench").unwrap(),
@@ -250,104 +330,194 @@ fn main() {
             (msgs.len() * WORKERS) as f64 / t.as_secs_f64()
         );
 
-        // The real server, with durable state and per-task log files.
-        let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(ServerConfig {
-            control: "tcp://127.0.0.1:0".into(),
-            events: "tcp://127.0.0.1:0".into(),
-            state_dir: dir.path().to_path_buf(),
-            ..ServerConfig::default()
-        })
-        .await
-        .unwrap();
-        let mut workers = Vec::new();
-        for i in 0..WORKERS {
-            workers.push(FakeWorker::start(&server.control, &format!("bench{i}")).await);
-        }
-        submit(&server.control, WORKERS).await;
-        for w in workers.iter_mut() {
-            w.take_task().await;
-        }
-                // Encoded before the clock starts, as for the baseline.
-        let encoded: Vec<Vec<zeromq::ZmqMessage>> = workers
-            .iter()
-            .map(|w| {
-                (0..batches)
-                    .map(|b| frames(&log_batch(&w.task, 1 + (b * BATCH) as u64), false, 0, None))
-                    .collect()
-            })
-            .collect();
-        let started = Instant::now();
-        let mut handles = Vec::new();
-        for (mut w, msgs) in workers.into_iter().zip(encoded) {
-            handles.push(tokio::spawn(async move {
-                for m in msgs {
-                    send_paced(&mut w.socket, m).await;
-                }
-                // Same socket, FIFO: its ack means every line before it was handled.
-                let report = Body::TaskFinished {
-                    task: w.task.clone(),
-                    attempt: 1,
-                    outcome: Outcome {
-                        exit_code: Some(0),
-                        ..Outcome::default()
-                    },
-                    log_lines: lines,
-                    files: vec![],
-                };
-                w.mandatory(report, None).await;
-                w.wait_ack(w.seq).await;
-                w
-            }));
-        }
-        let mut workers = Vec::new();
-        for h in handles {
-            workers.push(h.await.unwrap());
-        }
-        let t = started.elapsed();
-        let mut client = ots::client::Client::connect(&server.control, Duration::from_secs(5)).await.unwrap();
-        let status = client.status(&"r1".to_string()).await.unwrap();
-        let stored: u64 = status.tasks.iter().map(|t| t.log_lines_stored).sum();
+        let (plain_lines, plain_acks) = through_server(false, batches, lines, bytes_per_worker).await;
+        let (noise_lines, noise_acks) = through_server(true, batches, lines, bytes_per_worker).await;
         println!(
-            "ots-server log ingestion (stored): {:>10.0} lines/s  {:>8.1} MB/s  ({stored} of {total_lines} lines stored, in {:.2} s)",
-            total_lines as f64 / t.as_secs_f64(),
-            mb / t.as_secs_f64(),
-            t.as_secs_f64()
+            "security cost: ingestion {:+.1} %, durable acks {:+.1} % (noise vs none)",
+            (noise_lines / plain_lines - 1.0) * 100.0,
+            (noise_acks / plain_acks - 1.0) * 100.0
         );
+        handshakes().await;
+    });
+}
 
-        // Durable mandatory messages: file chunks of 64 bytes, 256 in flight.
-        submit(&server.control, 1).await;
-        let w = &mut workers[0];
-        w.socket.send(frames(&Body::Ready, false, 0, None)).await.unwrap();
+/// Ingestion and durable acks through the real server; returns
+/// (lines/s, msg/s).
+async fn through_server(
+    secure: bool,
+    batches: usize,
+    lines: u64,
+    bytes_per_worker: u64,
+) -> (f64, f64) {
+    let mode = if secure { "noise" } else { "none " };
+    let total_lines = lines * WORKERS as u64;
+    let mb = (bytes_per_worker * WORKERS as u64) as f64 / 1e6;
+    // The real server, with durable state and per-task log files.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = secure.then(BenchKeys::new);
+    let mut cfg = ServerConfig {
+        control: "tcp://127.0.0.1:0".into(),
+        events: "tcp://127.0.0.1:0".into(),
+        state_dir: dir.path().to_path_buf(),
+        security: ots::config::SecurityMode::None,
+        ..ServerConfig::default()
+    };
+    if let Some(k) = &keys {
+        cfg.security = ots::config::SecurityMode::Noise;
+        cfg.key = k.dir.path().join("server.key");
+        cfg.workers_dir = k.dir.path().join("workers.d");
+        cfg.users_dir = k.dir.path().join("users.d");
+    }
+    let server = Server::start(cfg).await.unwrap();
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        workers.push(FakeWorker::start(&server.control, &format!("bench{i}"), keys.as_ref()).await);
+    }
+    submit(&server.control, WORKERS, keys.as_ref()).await;
+    for w in workers.iter_mut() {
         w.take_task().await;
-        let n: u64 = 20_000;
-        let window = 256u64;
-        let first = w.seq + 1;
-        let started = Instant::now();
-        let mut acked = first - 1;
-        for i in 0..n {
-            let chunk = Body::FileChunk {
+    }
+    // Encoded before the clock starts, as for the baseline.
+    // (Sealing, with security, is timed: it happens per message.)
+    let encoded: Vec<Vec<Vec<Bytes>>> = workers
+        .iter()
+        .map(|w| {
+            (0..batches)
+                .map(|b| {
+                    let body = log_batch(&w.task, 1 + (b * BATCH) as u64);
+                    encode(&header(&body, false, 0), &body, None)
+                })
+                .collect()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for (mut w, msgs) in workers.into_iter().zip(encoded) {
+        handles.push(tokio::spawn(async move {
+            for m in msgs {
+                w.send_frames(m).await;
+            }
+            // Same socket, FIFO: its ack means every line before it was handled.
+            let report = Body::TaskFinished {
                 task: w.task.clone(),
                 attempt: 1,
-                name: "bench.bin".into(),
-                offset: i * 64,
-                size: n * 64,
-                sha256: None,
+                outcome: Outcome {
+                    exit_code: Some(0),
+                    ..Outcome::default()
+                },
+                log_lines: lines,
+                files: vec![],
             };
-            w.mandatory(chunk, Some(Bytes::from(vec![b'x'; 64]))).await;
-            while w.seq - acked >= window {
-                if let Body::Ack { seq } = recv_body(&mut w.socket).await {
-                    acked = acked.max(seq);
-                }
+            w.mandatory(report, None).await;
+            w.wait_ack(w.seq).await;
+            w
+        }));
+    }
+    let mut workers = Vec::new();
+    for h in handles {
+        workers.push(h.await.unwrap());
+    }
+    let t = started.elapsed();
+    let ingest_rate = total_lines as f64 / t.as_secs_f64();
+    let mut client = ots::client::Client::connect(
+        &server.control,
+        Duration::from_secs(5),
+        &client_credentials(keys.as_ref()),
+    )
+    .await
+    .unwrap();
+    let status = client.status(&"r1".to_string()).await.unwrap();
+    let stored: u64 = status.tasks.iter().map(|t| t.log_lines_stored).sum();
+    println!(
+        "ots-server log ingestion ({mode}): {:>10.0} lines/s  {:>8.1} MB/s  ({stored} of {total_lines} lines stored, in {:.2} s)",
+        total_lines as f64 / t.as_secs_f64(),
+        mb / t.as_secs_f64(),
+        t.as_secs_f64()
+    );
+
+    // Durable mandatory messages: file chunks of 64 bytes, 256 in flight.
+    submit(&server.control, 1, keys.as_ref()).await;
+    let w = &mut workers[0];
+    w.send(&Body::Ready, false, 0, None).await;
+    w.take_task().await;
+    let n: u64 = 20_000;
+    let window = 256u64;
+    let first = w.seq + 1;
+    let started = Instant::now();
+    let mut acked = first - 1;
+    for i in 0..n {
+        let chunk = Body::FileChunk {
+            task: w.task.clone(),
+            attempt: 1,
+            name: "bench.bin".into(),
+            offset: i * 64,
+            size: n * 64,
+            sha256: None,
+        };
+        w.mandatory(chunk, Some(Bytes::from(vec![b'x'; 64]))).await;
+        while w.seq - acked >= window {
+            if let Body::Ack { seq } = w.recv().await.body {
+                acked = acked.max(seq);
             }
         }
-        w.wait_ack(w.seq).await;
-        let t = started.elapsed();
-        println!(
-            "mandatory messages, durable acks:   {:>10.0} msg/s  ({n} file chunks, {window} in flight, {:.2} s)",
-            n as f64 / t.as_secs_f64(),
-            t.as_secs_f64()
-        );
-        server.shutdown().await;
-    });
+    }
+    w.wait_ack(w.seq).await;
+    let t = started.elapsed();
+    let ack_rate = n as f64 / t.as_secs_f64();
+    println!(
+        "durable acks ({mode}):             {:>10.0} msg/s  ({n} file chunks, {window} in flight, {:.2} s)",
+        n as f64 / t.as_secs_f64(),
+        t.as_secs_f64()
+    );
+    server.shutdown().await;
+    (ingest_rate, ack_rate)
+}
+
+/// Time per connection: connect alone, and connect plus Noise handshake.
+async fn handshakes() {
+    let keys = BenchKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ServerConfig {
+        control: "tcp://127.0.0.1:0".into(),
+        events: "tcp://127.0.0.1:0".into(),
+        state_dir: dir.path().to_path_buf(),
+        key: keys.dir.path().join("server.key"),
+        workers_dir: keys.dir.path().join("workers.d"),
+        users_dir: keys.dir.path().join("users.d"),
+        ..ServerConfig::default()
+    })
+    .await
+    .unwrap();
+    let creds = client_credentials(Some(&keys));
+    let ots::security::Credentials::Noise {
+        key,
+        server: pinned,
+    } = &creds
+    else {
+        unreachable!()
+    };
+    let n = 200;
+    let started = Instant::now();
+    for _ in 0..n {
+        let _ = connect_dealer(&server.control, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let connect = started.elapsed() / n;
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut d = connect_dealer(&server.control, Duration::from_secs(5))
+            .await
+            .unwrap();
+        ots::security::link::handshake(&mut d, key, pinned, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let secured = started.elapsed() / n;
+    println!(
+        "per connection: connect {:.2} ms, connect + Noise IK handshake {:.2} ms ({n} sequential)",
+        connect.as_secs_f64() * 1e3,
+        secured.as_secs_f64() * 1e3
+    );
+    server.shutdown().await;
 }

@@ -26,8 +26,6 @@ pub enum LabError {
     Config(#[from] crate::config::ConfigError),
     #[error("throwaway keys: {0}")]
     Keys(#[from] crate::security::SecurityError),
-    #[error("cannot create {0}: {1}")]
-    KeyDir(PathBuf, std::io::Error),
 }
 
 /// Throwaway keys of a local lab, in its temporary folder: the server's,
@@ -38,26 +36,33 @@ struct LabKeys {
 }
 
 impl LabKeys {
-    fn create(dir: &Path, workers: usize) -> Result<Self, LabError> {
+    fn create(dir: &Path, workers: usize) -> Result<Self, crate::security::SecurityError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |e: std::io::Error| crate::security::SecurityError::KeyFile {
+                path,
+                reason: e.to_string(),
+            }
+        };
         let keys = dir.join("keys");
         for d in [keys.clone(), keys.join("workers.d"), keys.join("users.d")] {
-            std::fs::create_dir_all(&d).map_err(|e| LabError::KeyDir(d.clone(), e))?;
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
         crate::security::KeyPair::generate().write(&keys.join("server"))?;
+        let workers_d = keys.join("workers.d");
         for i in 1..=workers {
             let name = format!("local-{i}");
             crate::security::KeyPair::generate().write(&keys.join(&name))?;
             std::fs::copy(
                 keys.join(format!("{name}.pub")),
-                keys.join("workers.d").join(format!("{name}.pub")),
+                workers_d.join(format!("{name}.pub")),
             )
-            .map_err(|e| LabError::KeyDir(keys.join("workers.d"), e))?;
+            .map_err(io(&workers_d))?;
         }
+        let users_d = keys.join("users.d");
         crate::security::KeyPair::generate().write(&keys.join("you"))?;
-        std::fs::copy(keys.join("you.pub"), keys.join("users.d").join("you.pub"))
-            .map_err(|e| LabError::KeyDir(keys.join("users.d"), e))?;
-        std::fs::write(keys.join("users.d").join("you.role"), "admin\n")
-            .map_err(|e| LabError::KeyDir(keys.join("users.d"), e))?;
+        std::fs::copy(keys.join("you.pub"), users_d.join("you.pub")).map_err(io(&users_d))?;
+        std::fs::write(users_d.join("you.role"), "admin\n").map_err(io(&users_d))?;
         Ok(LabKeys { dir: keys })
     }
 }

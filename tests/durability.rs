@@ -36,7 +36,7 @@ fn waiter(server: &ServerProc, run: &str) -> Proc {
     let mut cmd = std::process::Command::new(bin("ots-submit"));
     cmd.args(["wait", run])
         .env("OTS_SERVER", &server.control)
-        .envs(submit_envs(&server));
+        .envs(submit_envs(server));
     let p = Proc::spawn("waiter", cmd);
     assert!(
         p.stdout.wait_for(" queued", LIMIT).is_some(),

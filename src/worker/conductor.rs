@@ -149,7 +149,7 @@ impl Masker {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (v.clone(), format!("[secret:{k}]")))
             .collect();
-        secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Masker { secrets }
     }
 

@@ -130,7 +130,7 @@ impl<S: Store> Scheduler<S> {
         r.events.push(event.clone());
         self.touched_runs.insert(run.clone());
         self.tell_followers(
-            &run,
+            run,
             format!("run/{run}"),
             Body::Progress {
                 run: run.clone(),

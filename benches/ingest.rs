@@ -66,7 +66,6 @@ fn text_bytes(body: &Body) -> u64 {
     }
 }
 
-
 /// A minimal worker speaking the protocol by hand (sealing and opening
 /// when secured, as a real worker does).
 struct FakeWorker {

@@ -472,7 +472,8 @@ fn corrupt_foreign_or_locked_state_is_a_clear_startup_error() {
             "tcp://127.0.0.1:0",
             "--state-dir",
         ])
-        .arg(state);
+        .arg(state)
+        .envs(keys().server_env());
         run_bounded(cmd, Duration::from_secs(20))
     };
     let garbage = dir.path().join("garbage");

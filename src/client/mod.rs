@@ -355,33 +355,35 @@ impl Client {
         task: &TaskId,
         file: Option<&str>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.read_chunks(|request, offset, max| match file {
+            None => Body::GetLog {
+                request,
+                task: task.clone(),
+                offset,
+                max,
+            },
+            Some(name) => Body::GetFile {
+                request,
+                task: task.clone(),
+                name: name.to_string(),
+                offset,
+                max,
+            },
+        })
+        .await
+    }
+
+    /// Reads something the server serves in `data` chunks, from offset 0
+    /// to its end.
+    async fn read_chunks(
+        &mut self,
+        make: impl Fn(u64, u64, u64) -> Body,
+    ) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         loop {
             let offset = out.len() as u64;
-            let (task, max) = (task.clone(), crate::protocol::limits::MAX_READ_BYTES);
-            let reply = match file {
-                None => {
-                    self.request(|request| Body::GetLog {
-                        request,
-                        task,
-                        offset,
-                        max,
-                    })
-                    .await?
-                }
-                Some(name) => {
-                    let name = name.to_string();
-                    self.request(|request| Body::GetFile {
-                        request,
-                        task,
-                        name,
-                        offset,
-                        max,
-                    })
-                    .await?
-                }
-            };
-            match reply {
+            let max = crate::protocol::limits::MAX_READ_BYTES;
+            match self.request(|request| make(request, offset, max)).await? {
                 (Body::Data { eof, .. }, raw) => {
                     let raw = raw.unwrap_or_default();
                     out.extend_from_slice(&raw);
@@ -399,8 +401,8 @@ fn unexpected(wanted: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected a {wanted} reply, got {}", got.kind()))
 }
 
-/// Drains (or undrains) a worker; returns what the server now says of it.
 impl Client {
+    /// Drains (or undrains) a worker; returns what the server now says of it.
     pub async fn drain(&mut self, worker: &str, drain: bool) -> Result<WorkerInfo, ClientError> {
         let worker = worker.to_string();
         match self
@@ -418,27 +420,11 @@ impl Client {
 
     /// Reads the whole audit log (admin).
     pub async fn audit(&mut self) -> Result<Vec<u8>, ClientError> {
-        let mut out = Vec::new();
-        loop {
-            let offset = out.len() as u64;
-            let max = crate::protocol::limits::MAX_READ_BYTES;
-            match self
-                .request(|request| Body::GetAudit {
-                    request,
-                    offset,
-                    max,
-                })
-                .await?
-            {
-                (Body::Data { eof, .. }, raw) => {
-                    let raw = raw.unwrap_or_default();
-                    out.extend_from_slice(&raw);
-                    if eof || raw.is_empty() {
-                        return Ok(out);
-                    }
-                }
-                (other, _) => return Err(unexpected("data", &other)),
-            }
-        }
+        self.read_chunks(|request, offset, max| Body::GetAudit {
+            request,
+            offset,
+            max,
+        })
+        .await
     }
 }

@@ -85,10 +85,6 @@ impl Gate {
         std::mem::take(&mut self.counters)
     }
 
-    pub fn allow_list(&self) -> &AllowList {
-        &self.allow
-    }
-
     /// Who the connection is, if it completed a handshake.
     pub fn identity(&self, peer: &PeerId) -> Option<&Identity> {
         match self.conns.get(peer) {

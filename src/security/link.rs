@@ -19,12 +19,6 @@ pub enum Credentials {
     Noise { key: KeyPair, server: PublicKey },
 }
 
-impl Credentials {
-    pub fn is_secure(&self) -> bool {
-        matches!(self, Credentials::Noise { .. })
-    }
-}
-
 /// Why a handshake did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

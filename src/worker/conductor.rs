@@ -154,9 +154,6 @@ impl Masker {
     }
 
     pub fn mask(&self, text: String) -> String {
-        if self.secrets.iter().all(|(v, _)| !text.contains(v.as_str())) {
-            return text;
-        }
         let mut out = text;
         for (value, shown) in &self.secrets {
             if out.contains(value.as_str()) {

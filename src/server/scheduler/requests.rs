@@ -40,22 +40,9 @@ impl<S: Store> Scheduler<S> {
                 self.drain(now, peer, request, &worker, drain)
             }
             Body::GetAudit { offset, max, .. } => {
-                match self.store.read_audit(offset, max.min(MAX_READ_CHUNK)) {
-                    Ok((bytes, eof)) => {
-                        self.send(
-                            peer,
-                            None,
-                            Body::Data {
-                                request,
-                                offset,
-                                eof,
-                            },
-                            Some(bytes.into()),
-                        );
-                        return;
-                    }
-                    Err(e) => Err((ErrorCode::StorageFailed, e.to_string())),
-                }
+                let read = self.store.read_audit(offset, max.min(MAX_READ_CHUNK));
+                self.send_data(peer, request, offset, read, ErrorCode::StorageFailed);
+                return;
             }
             Body::GetStatus { run, .. } => self
                 .status(&run)
@@ -95,22 +82,9 @@ impl<S: Store> Scheduler<S> {
                         format!("no task {task:?} on this server"),
                     ))
                 } else {
-                    match self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK)) {
-                        Ok((bytes, eof)) => {
-                            self.send(
-                                peer,
-                                None,
-                                Body::Data {
-                                    request,
-                                    offset,
-                                    eof,
-                                },
-                                Some(bytes.into()),
-                            );
-                            return;
-                        }
-                        Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
-                    }
+                    let read = self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK));
+                    self.send_data(peer, request, offset, read, ErrorCode::UnknownTask);
+                    return;
                 }
             }
             Body::GetFile {
@@ -130,25 +104,11 @@ impl<S: Store> Scheduler<S> {
                         format!("task {task:?} has no result file {name:?}"),
                     ))
                 } else {
-                    match self
+                    let read = self
                         .store
-                        .read_file(&task, &name, offset, max.min(MAX_READ_CHUNK))
-                    {
-                        Ok((bytes, eof)) => {
-                            self.send(
-                                peer,
-                                None,
-                                Body::Data {
-                                    request,
-                                    offset,
-                                    eof,
-                                },
-                                Some(bytes.into()),
-                            );
-                            return;
-                        }
-                        Err(e) => Err((ErrorCode::UnknownTask, e.to_string())),
-                    }
+                        .read_file(&task, &name, offset, max.min(MAX_READ_CHUNK));
+                    self.send_data(peer, request, offset, read, ErrorCode::UnknownTask);
+                    return;
                 }
             }
             other => Err((
@@ -159,6 +119,31 @@ impl<S: Store> Scheduler<S> {
         match reply {
             Ok(body) => self.send(peer, None, body, None),
             Err((code, message)) => self.send_error(peer, Some(request), code, message),
+        }
+    }
+
+    /// Answers a read request with the bytes read (`data` + raw frame), or
+    /// with `error{code}` if the store could not read them.
+    fn send_data(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        offset: u64,
+        read: Result<(Vec<u8>, bool), StoreError>,
+        code: ErrorCode,
+    ) {
+        match read {
+            Ok((bytes, eof)) => self.send(
+                peer,
+                None,
+                Body::Data {
+                    request,
+                    offset,
+                    eof,
+                },
+                Some(bytes.into()),
+            ),
+            Err(e) => self.send_error(peer, Some(request), code, e.to_string()),
         }
     }
 

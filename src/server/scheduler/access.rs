@@ -76,10 +76,14 @@ impl<S: Store> Scheduler<S> {
             .callers
             .get(peer)
             .map_or("anonymous".to_string(), |c| c.identity.label());
+        // Logged and audited at a bounded rate (an allow-listed but broken
+        // or hostile client could otherwise fill the disk); counted always.
         if self.noise.allow(now, "forbidden requests") {
             warn!(identity = %who, kind = body.kind(), %message, "forbidden: refused a request");
+            self.audit_peer(peer, "forbidden", &format!("{}: {message}", body.kind()));
+        } else {
+            self.count("audit_forbidden_not_logged", 1);
         }
-        self.audit_peer(peer, "forbidden", &format!("{}: {message}", body.kind()));
         self.send_error(peer, body.request(), code, message);
         false
     }

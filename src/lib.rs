@@ -8,7 +8,7 @@
 //!   outbox of mandatory messages, the dedup window, log-line accounting.
 //! - [`durable`]: state-directory lock and SQLite opening, shared by the
 //!   server's and the worker's durable state.
-//! - [`security`]: Noise `IK` handshake, sealed frames and key files
+//! - [`security`]: Noise `IK` handshake, sealed messages and key files
 //!   (issue 8, in progress: implemented and tested, not yet on the wire).
 //! - [`transport`]: thin helpers over the `zeromq` crate: binding the server
 //!   sockets, connecting a worker or client with a fresh routing identity,

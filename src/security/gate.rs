@@ -29,7 +29,9 @@ pub type PeerId = Bytes;
 
 enum Conn {
     Secured {
-        channel: Channel,
+        /// Boxed: ring's expanded keys make a channel ~1 KiB, and most
+        /// entries in a flood are `Refused`.
+        channel: Box<Channel>,
         identity: Identity,
         key: PublicKey,
     },
@@ -180,7 +182,7 @@ impl Gate {
                 self.conns.insert(
                     peer.clone(),
                     Conn::Secured {
-                        channel: acc.channel,
+                        channel: Box::new(acc.channel),
                         identity: acc.identity.clone(),
                         key: acc.peer,
                     },

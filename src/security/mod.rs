@@ -1,6 +1,6 @@
 //! Authentication and encryption above ZMTP (the `zeromq` crate offers
 //! neither CURVE nor PLAIN): a Noise `IK` handshake per connection and
-//! sealed frames after it. I/O-free, like the protocol layer below it:
+//! sealed messages after it. I/O-free, like the protocol layer below it:
 //! bytes in, bytes out; the shells carry them.
 //!
 //! - [`keys`]: X25519 key pairs and their files (`NAME.key` readable by the
@@ -51,7 +51,7 @@ pub enum SecurityError {
     UnknownKey(String),
     #[error("message number {counter} is not above the last accepted {last} (replayed or reordered); refused")]
     Replay { counter: u64, last: u64 },
-    #[error("a sealed frame does not authenticate (tampered, or sealed for another connection)")]
+    #[error("a sealed message does not authenticate (tampered, or sealed for another connection)")]
     Decrypt,
     #[error("sealed message malformed: {0}")]
     Malformed(&'static str),

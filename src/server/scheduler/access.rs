@@ -391,21 +391,19 @@ impl<S: Store> Scheduler<S> {
         run: &RunId,
         secrets: &BTreeMap<String, String>,
     ) -> Option<Vec<u8>> {
-        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
         if secrets.is_empty() {
             return None;
         }
         let key = self.cfg.secrets_key?;
-        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&key).into());
+        let cipher = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).ok()?);
         let nonce: [u8; 12] = rand::random();
-        let plain = rmp_serde::to_vec(secrets).expect("secrets serialise");
-        let sealed = cipher
-            .encrypt(
-                (&nonce).into(),
-                Payload {
-                    msg: &plain,
-                    aad: run.as_bytes(),
-                },
+        let mut sealed = rmp_serde::to_vec(secrets).expect("secrets serialise");
+        cipher
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(run.as_bytes()),
+                &mut sealed,
             )
             .expect("sealing");
         let mut out = nonce.to_vec();
@@ -419,22 +417,21 @@ impl<S: Store> Scheduler<S> {
         run: &RunId,
         sealed: &[u8],
     ) -> Option<BTreeMap<String, String>> {
-        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
         let key = self.cfg.secrets_key?;
         if sealed.len() < 12 {
             return None;
         }
         let (nonce, body) = sealed.split_at(12);
-        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&key).into());
+        let cipher = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).ok()?);
+        let mut body = body.to_vec();
         let plain = cipher
-            .decrypt(
-                nonce.into(),
-                Payload {
-                    msg: body,
-                    aad: run.as_bytes(),
-                },
+            .open_in_place(
+                Nonce::try_assume_unique_for_key(nonce).ok()?,
+                Aad::from(run.as_bytes()),
+                &mut body,
             )
             .ok()?;
-        rmp_serde::from_slice(&plain).ok()
+        rmp_serde::from_slice(plain).ok()
     }
 }

@@ -6,7 +6,17 @@
 //! cargo run --release --example fleet -- CONTROL WORKERS SECONDS [LINES]
 //! cargo run --release --example fleet -- tcp://127.0.0.1:5555 5000 60
 //! cargo run --release --example fleet -- tcp://127.0.0.1:5555 1000 60 20000
+//! cargo run --release --example fleet -- --keys /tmp/lab tcp://127.0.0.1:5555 1000 60
 //! ```
+//!
+//! With `--keys DIR` the fleet is secured (the server's default): DIR holds
+//! the server's `server.pub` and the server's allow-lists `workers.d/` and
+//! `users.d/`; each simulated worker gets a key of its own (kept in
+//! `DIR/fleet-private/`, made on first use and allow-listed as
+//! `workers.d/fleetI.pub`, which a running server picks up within a
+//! second), and the generator's requests go as the admin user `fleet`.
+//! The longest heartbeat gap is then the one the workers saw on their
+//! control connections (a secured server publishes nothing on PUB).
 //!
 //! With LINES (chatty mode), once all are registered it submits one task
 //! per worker and each worker streams LINES log lines for it as fast as
@@ -19,6 +29,8 @@
 //! registered, how long a `workers` request took, and the server's welcome
 //! count; at the end the slowest request.
 
+use ots::security::{Credentials, KeyPair, PublicKey};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The events endpoint next to a control endpoint (port + 1).
@@ -28,9 +40,58 @@ fn events_endpoint(control: &str) -> Option<String> {
     Some(format!("{base}:{}", port.checked_add(1)?))
 }
 
+/// The fleet's keys under `dir` (see the module documentation), and the
+/// generator's own credentials as the admin user `fleet`.
+fn secured(dir: &Path, n: usize) -> (ots::fleet::FleetSecurity, Credentials) {
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("fleet: {what}: {e}");
+        std::process::exit(78)
+    };
+    let server = PublicKey::read(&dir.join("server.pub"))
+        .unwrap_or_else(|e| fail("the server's public key", &e));
+    let private = dir.join("fleet-private");
+    std::fs::create_dir_all(&private).unwrap_or_else(|e| fail("fleet-private", &e));
+    let keys = ots::fleet::fleet_keys(&private, &dir.join("workers.d"), "fleet", n)
+        .unwrap_or_else(|e| fail("worker keys", &e));
+    let user = private.join("user-fleet");
+    if !user.with_extension("key").exists() {
+        KeyPair::generate()
+            .write(&user)
+            .unwrap_or_else(|e| fail("user key", &e));
+    }
+    let key = KeyPair::read(&user.with_extension("key")).unwrap_or_else(|e| fail("user key", &e));
+    let users = dir.join("users.d");
+    key.public
+        .write(&users.join("fleet.pub"))
+        .and_then(|()| {
+            std::fs::write(users.join("fleet.role"), "admin").map_err(|e| {
+                ots::security::SecurityError::KeyFile {
+                    path: "fleet.role".into(),
+                    reason: e.to_string(),
+                }
+            })
+        })
+        .unwrap_or_else(|e| fail("user allow-list", &e));
+    (
+        ots::fleet::FleetSecurity::Noise {
+            server,
+            keys: std::sync::Arc::new(keys),
+        },
+        Credentials::Noise { key, server },
+    )
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let keys_dir = args.iter().position(|a| a == "--keys").map(|i| {
+        let dir = args.get(i + 1).cloned().unwrap_or_else(|| {
+            eprintln!("fleet: --keys needs a directory");
+            std::process::exit(64)
+        });
+        args.drain(i..i + 2);
+        PathBuf::from(dir)
+    });
     let control = args
         .get(1)
         .cloned()
@@ -38,11 +99,15 @@ async fn main() {
     let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1000);
     let secs: u64 = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(20);
     let lines: usize = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let fleet = ots::fleet::start(&control, "fleet", n, lines);
+    let (security, credentials) = match &keys_dir {
+        Some(dir) => secured(dir, n),
+        None => (ots::fleet::FleetSecurity::None, Credentials::None),
+    };
+    let fleet = ots::fleet::start(&control, "fleet", n, lines, security);
     // The longest gap between server heartbeats seen on the events port:
     // the loop must keep publishing them under any load.
     let worst_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    if let Some(events) = events_endpoint(&control) {
+    if let (Some(events), None) = (events_endpoint(&control), &keys_dir) {
         let worst_gap = worst_gap.clone();
         tokio::spawn(async move {
             use zeromq::prelude::*;
@@ -68,12 +133,8 @@ async fn main() {
     let mut worst = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(secs) {
         let t = Instant::now();
-        let ok = match ots::client::Client::connect(
-            &control,
-            Duration::from_secs(10),
-            &ots::security::Credentials::None,
-        )
-        .await
+        let ok = match ots::client::Client::connect(&control, Duration::from_secs(10), &credentials)
+            .await
         {
             Ok(mut c) => c.workers().await.is_ok(),
             Err(_) => false,
@@ -83,12 +144,8 @@ async fn main() {
         if !submitted && fleet.registered() == n {
             submitted = true;
             burst = Some(Instant::now());
-            if let Ok(mut c) = ots::client::Client::connect(
-                &control,
-                Duration::from_secs(10),
-                &ots::security::Credentials::None,
-            )
-            .await
+            if let Ok(mut c) =
+                ots::client::Client::connect(&control, Duration::from_secs(10), &credentials).await
             {
                 for g in 0..20 {
                     let count = (0..n).filter(|i| i % 20 == g).count();
@@ -135,18 +192,20 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let gap = if keys_dir.is_some() {
+        fleet.worst_heartbeat_gap()
+    } else {
+        *worst_gap.lock().expect("gap lock")
+    };
     println!(
-        "slowest workers request: {:.1} ms; longest gap between server heartbeats: {:.0} ms",
+        "slowest workers request: {:.1} ms; longest gap between server heartbeats: {:.0} ms; failed handshakes: {}",
         worst.as_secs_f64() * 1000.0,
-        worst_gap.lock().expect("gap lock").as_secs_f64() * 1000.0
+        gap.as_secs_f64() * 1000.0,
+        fleet.handshake_failures()
     );
     if lines > 0 {
-        if let Ok(mut c) = ots::client::Client::connect(
-            &control,
-            Duration::from_secs(10),
-            &ots::security::Credentials::None,
-        )
-        .await
+        if let Ok(mut c) =
+            ots::client::Client::connect(&control, Duration::from_secs(10), &credentials).await
         {
             if let Ok(st) = c.status(&"r1".to_string()).await {
                 println!(

@@ -1,17 +1,21 @@
 //! A fleet of simulated workers speaking the real protocol over real
 //! sockets from one process: the load generator behind
-//! `examples/fleet.rs` and the scale tests. A simulated worker registers,
-//! repeats `ready` every second, and — like a real worker — reconnects with
-//! a jittered delay when its connection closes (a server restart).
+//! `examples/fleet.rs` and the scale tests. A simulated worker registers
+//! (after a Noise handshake with its own key when the fleet is secured),
+//! repeats `ready` every second, and — like a real worker — reconnects
+//! with a jittered delay when its connection closes (a server restart).
 
 use crate::protocol::*;
+use crate::security::{link, Channel, KeyPair, PublicKey, SecurityError};
 use crate::transport::{connect_dealer, to_message};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use bytes::Bytes;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeromq::prelude::*;
 
-fn frames(body: &Body) -> zeromq::ZmqMessage {
+fn plain(body: &Body) -> Vec<Bytes> {
     let h = Header {
         v: PROTOCOL_VERSION,
         class: body.class(),
@@ -19,7 +23,59 @@ fn frames(body: &Body) -> zeromq::ZmqMessage {
         seq: 0,
         task: None,
     };
-    to_message(encode(&h, body, None))
+    encode(&h, body, None)
+}
+
+/// Seals a message when the connection is secured.
+fn wire(channel: &mut Option<Channel>, frames: Vec<Bytes>) -> zeromq::ZmqMessage {
+    to_message(match channel {
+        Some(c) => c.seal(&frames),
+        None => frames,
+    })
+}
+
+/// How a simulated fleet authenticates.
+#[derive(Clone)]
+pub enum FleetSecurity {
+    /// Plaintext, for a server with `security = "none"`.
+    None,
+    /// Worker `i` uses `keys[i]` (allow-listed under its name) and pins
+    /// `server`.
+    Noise {
+        server: PublicKey,
+        keys: Arc<Vec<KeyPair>>,
+    },
+}
+
+/// Key pairs for `n` simulated workers `{prefix}{i}`: read from
+/// `private_dir/{prefix}{i}.key` when there, otherwise generated and
+/// written there; each public key is allow-listed as
+/// `workers_dir/{prefix}{i}.pub` (a running server picks them up within a
+/// second).
+pub fn fleet_keys(
+    private_dir: &Path,
+    workers_dir: &Path,
+    prefix: &str,
+    n: usize,
+) -> Result<Vec<KeyPair>, SecurityError> {
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let base = private_dir.join(format!("{prefix}{i}"));
+        let key = base.with_extension("key");
+        let pair = if key.exists() {
+            KeyPair::read(&key)?
+        } else {
+            let pair = KeyPair::generate();
+            pair.write(&base)?;
+            pair
+        };
+        let allowed = workers_dir.join(format!("{prefix}{i}.pub"));
+        if PublicKey::read(&allowed).ok() != Some(pair.public) {
+            pair.public.write(&allowed)?;
+        }
+        keys.push(pair);
+    }
+    Ok(keys)
 }
 
 /// Counters shared by a fleet.
@@ -34,6 +90,13 @@ pub struct FleetCounters {
     pub registered: Arc<AtomicUsize>,
     /// Welcomes received in all (a restart adds one per worker).
     pub welcomes: Arc<AtomicUsize>,
+    /// Handshakes that failed (refused, timed out, or not answered).
+    pub handshake_failures: Arc<AtomicUsize>,
+    /// The longest gap between two server heartbeats one worker received
+    /// on one connection, in ms (secured fleets only: with security on the
+    /// server sends heartbeats on the control connection, PROTOCOL.md
+    /// §15.4; without, they go out on PUB, which the fleet does not read).
+    pub worst_heartbeat_gap_ms: Arc<AtomicU64>,
 }
 
 impl FleetCounters {
@@ -48,37 +111,81 @@ impl FleetCounters {
     pub fn finished(&self) -> usize {
         self.finished.load(Ordering::Relaxed)
     }
+
+    pub fn handshake_failures(&self) -> usize {
+        self.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn worst_heartbeat_gap(&self) -> Duration {
+        Duration::from_millis(self.worst_heartbeat_gap_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Starts `n` simulated workers named `{prefix}{i}` on the tokio runtime,
 /// in device groups `fleet0` … `fleet19`. With `chatty_lines > 0` each one
 /// takes the tasks it is dispatched and sends that many log lines (in
 /// batches of 500, as fast as the socket takes them) before reporting.
-pub fn start(control: &str, prefix: &str, n: usize, chatty_lines: usize) -> FleetCounters {
+pub fn start(
+    control: &str,
+    prefix: &str,
+    n: usize,
+    chatty_lines: usize,
+    security: FleetSecurity,
+) -> FleetCounters {
     let counters = FleetCounters {
         chatty_lines,
         ..FleetCounters::default()
     };
     for i in 0..n {
+        let credentials = match &security {
+            FleetSecurity::None => None,
+            FleetSecurity::Noise { server, keys } => keys.get(i).map(|k| (k.clone(), *server)),
+        };
         tokio::spawn(worker(
             format!("{prefix}{i}"),
             i,
             control.to_string(),
+            credentials,
             counters.clone(),
         ));
     }
     counters
 }
 
-/// One simulated worker, forever: connect, hello, ready every second;
-/// on a closed connection, wait a random moment and start over.
-async fn worker(name: String, i: usize, control: String, counters: FleetCounters) {
+/// A random pause of up to a second before reconnecting: a real worker's
+/// first retry is immediate, then backs off with jitter; the storm is
+/// spread over up to a second here.
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+}
+
+/// One simulated worker, forever: connect, handshake (secured), hello,
+/// ready every second; on a closed connection, wait a random moment and
+/// start over.
+async fn worker(
+    name: String,
+    i: usize,
+    control: String,
+    credentials: Option<(KeyPair, PublicKey)>,
+    counters: FleetCounters,
+) {
     let session = format!("{:016x}", rand::random::<u64>());
     loop {
         let Ok(mut socket) = connect_dealer(&control, Duration::from_secs(5)).await else {
-            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+            pause().await;
             continue;
         };
+        let mut channel = None;
+        if let Some((key, server)) = &credentials {
+            match link::handshake(&mut socket, key, server, Duration::from_secs(5)).await {
+                Ok((c, _)) => channel = Some(c),
+                Err(_) => {
+                    counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    pause().await;
+                    continue;
+                }
+            }
+        }
         let mut monitor = socket.monitor();
         let (mut tx, mut rx) = socket.split();
         let hello = Body::Hello {
@@ -87,33 +194,50 @@ async fn worker(name: String, i: usize, control: String, counters: FleetCounters
             device: DeviceProps::parse(&format!("devicegroup:fleet{}", i % 20)).unwrap(),
             running: vec![],
         };
-        let _ = tx.send(frames(&hello)).await;
+        let _ = tx.send(wire(&mut channel, plain(&hello))).await;
         let mut up = false;
         let mut seq = 0u64;
+        let mut last_heartbeat: Option<Instant> = None;
         // A dispatch is resent until acknowledged: run each attempt once.
         let mut last: Option<(TaskId, u32)> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if up && tx.send(frames(&Body::Ready)).await.is_err() {
-                        break;
-                    }
-                    if !up && tx.send(frames(&hello)).await.is_err() {
+                    let body = if up { Body::Ready } else { hello.clone() };
+                    if tx.send(wire(&mut channel, plain(&body))).await.is_err() {
                         break;
                     }
                 }
                 m = rx.recv() => match m {
                     Ok(m) => {
-                        if let Ok(env) = decode(m.into_vec()) {
-                            if env.body.kind() == "welcome" && !up {
+                        let frames = match channel.as_mut() {
+                            Some(c) => match c.open(m.into_vec()) {
+                                Ok(f) => f,
+                                // Not from the server: start over, as a
+                                // real worker does.
+                                Err(_) => break,
+                            },
+                            None => m.into_vec(),
+                        };
+                        let Ok(env) = decode(frames) else { continue };
+                        match &env.body {
+                            Body::Welcome { .. } if !up => {
                                 up = true;
                                 counters.registered.fetch_add(1, Ordering::Relaxed);
                                 counters.welcomes.fetch_add(1, Ordering::Relaxed);
                             }
-                            if let Body::Dispatch { spec } = &env.body {
+                            Body::ServerHeartbeat { .. } => {
+                                let now = Instant::now();
+                                if let Some(l) = last_heartbeat {
+                                    let gap = (now - l).as_millis().min(u64::MAX as u128) as u64;
+                                    counters.worst_heartbeat_gap_ms.fetch_max(gap, Ordering::Relaxed);
+                                }
+                                last_heartbeat = Some(now);
+                            }
+                            Body::Dispatch { spec } => {
                                 let ack = Body::Ack { seq: env.header.seq };
-                                if tx.send(frames(&ack)).await.is_err() {
+                                if tx.send(wire(&mut channel, plain(&ack))).await.is_err() {
                                     break;
                                 }
                                 let this = (spec.task.clone(), spec.attempt);
@@ -122,7 +246,7 @@ async fn worker(name: String, i: usize, control: String, counters: FleetCounters
                                 }
                                 last = Some(this);
                                 if counters.chatty_lines > 0 {
-                                    if run_task(&mut tx, &mut seq, spec, counters.chatty_lines)
+                                    if run_task(&mut tx, &mut channel, &mut seq, spec, counters.chatty_lines)
                                         .await
                                         .is_err()
                                     {
@@ -131,6 +255,7 @@ async fn worker(name: String, i: usize, control: String, counters: FleetCounters
                                     counters.finished.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
+                            _ => {}
                         }
                     }
                     Err(_) => break,
@@ -145,13 +270,11 @@ async fn worker(name: String, i: usize, control: String, counters: FleetCounters
         if up {
             counters.registered.fetch_sub(1, Ordering::Relaxed);
         }
-        // A real worker's first retry is immediate, then backs off with
-        // jitter; spread the storm over up to a second here.
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+        pause().await;
     }
 }
 
-fn mandatory(body: &Body, seq: u64, task: &TaskId) -> zeromq::ZmqMessage {
+fn mandatory(body: &Body, seq: u64, task: &TaskId) -> Vec<Bytes> {
     let h = Header {
         v: PROTOCOL_VERSION,
         class: body.class(),
@@ -159,13 +282,14 @@ fn mandatory(body: &Body, seq: u64, task: &TaskId) -> zeromq::ZmqMessage {
         seq,
         task: Some(task.clone()),
     };
-    to_message(encode(&h, body, None))
+    encode(&h, body, None)
 }
 
 /// A chatty worker's task: accept, `lines` log lines in batches of 500,
 /// report. Acks are not awaited (a load generator, not a worker).
 async fn run_task(
     tx: &mut zeromq::DealerSendHalf,
+    channel: &mut Option<Channel>,
     seq: &mut u64,
     spec: &TaskSpec,
     lines: usize,
@@ -176,7 +300,8 @@ async fn run_task(
         task: task.clone(),
         attempt: spec.attempt,
     };
-    tx.send(mandatory(&accepted, *seq, &task)).await?;
+    tx.send(wire(channel, mandatory(&accepted, *seq, &task)))
+        .await?;
     let mut n = 0u64;
     while (n as usize) < lines {
         let batch: Vec<LogLine> = (0..500.min(lines - n as usize))
@@ -201,7 +326,7 @@ async fn run_task(
             seq: 0,
             task: Some(task.clone()),
         };
-        tx.send(to_message(encode(&h, &log, None))).await?;
+        tx.send(wire(channel, encode(&h, &log, None))).await?;
     }
     *seq += 1;
     let finished = Body::TaskFinished {
@@ -214,6 +339,7 @@ async fn run_task(
         log_lines: n,
         files: vec![],
     };
-    tx.send(mandatory(&finished, *seq, &task)).await?;
+    tx.send(wire(channel, mandatory(&finished, *seq, &task)))
+        .await?;
     Ok(())
 }

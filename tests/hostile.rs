@@ -843,7 +843,7 @@ fn a_testrun_ends_right_while_hostile_peers_attack_the_server() {
         "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done\n\
          mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
     );
-    let _w = start_idle_worker(
+    let worker = start_idle_worker(
         dir.path(),
         "w1",
         "devicegroup:g",
@@ -947,7 +947,18 @@ fn a_testrun_ends_right_while_hostile_peers_attack_the_server() {
         "attack: {} idle connections held, {} + {} oversized/garbage connections, {} extreme messages",
         counts[0], counts[1], counts[2], counts[3]
     );
-    let st = done.unwrap_or_else(|| panic!("testrun did not finish under attack"));
+    let st = done.unwrap_or_else(|| {
+        let tail = |l: &Lines| {
+            let all = l.all();
+            all[all.len().saturating_sub(60)..].join("\n")
+        };
+        panic!(
+            "testrun did not finish under attack: {:?}\n--- server ---\n{}\n--- worker ---\n{}",
+            status_json(&server, &run),
+            tail(&server.proc.stderr),
+            tail(&worker.stderr)
+        )
+    });
     eprintln!("server peak RSS under attack: {peak} KiB (bound asserted: 256 MiB)");
     assert_eq!(st["verdict"], "PASS", "{st:#}");
     let t = &st["tasks"][0];

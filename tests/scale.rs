@@ -1,7 +1,8 @@
 //! Scale, kept short enough for CI: 1000 simulated workers speaking the
-//! real protocol over real sockets against the real server. None is
-//! declared lost while the server is healthy, and all register again after
-//! the server is SIGKILLed and restarted. (`examples/fleet.rs` runs the
+//! real protocol over real sockets against the real server, secured (each
+//! with a key of its own, a Noise handshake on every connection, every
+//! message sealed). None is declared lost while the server is healthy, and
+//! all register again after the server is SIGKILLed and restarted. (`examples/fleet.rs` runs the
 //! same simulated workers at 5000 for the figures in the README.)
 
 mod common;
@@ -28,11 +29,23 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
     zmtp::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("server");
-    let mut server = start_server_insecure(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let lab = keys();
+    let fleet_keys = ots::fleet::fleet_keys(
+        &lab.path().join("private"),
+        &lab.workers_dir(),
+        "sim",
+        WORKERS,
+    )
+    .unwrap();
+    let security = ots::fleet::FleetSecurity::Noise {
+        server: ots::security::PublicKey::read(&lab.server_pub()).unwrap(),
+        keys: std::sync::Arc::new(fleet_keys),
+    };
+    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fleet = {
         let _guard = rt.enter();
-        ots::fleet::start(&server.control, "sim", WORKERS, 0)
+        ots::fleet::start(&server.control, "sim", WORKERS, 0, security)
     };
     let took = wait_until(Duration::from_secs(60), || fleet.registered() == WORKERS)
         .unwrap_or_else(|| panic!("only {} of {WORKERS} registered", fleet.registered()));
@@ -60,7 +73,7 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
     let welcomes = fleet.welcomes();
     server.proc.kill();
     let restarted = Instant::now();
-    let server = start_server_insecure(&state, &control, &events, &[]);
+    let server = start_server(&state, &control, &events, &[]);
     let took = wait_until(Duration::from_secs(30), || {
         fleet.registered() == WORKERS && fleet.welcomes() >= welcomes + WORKERS
     })
@@ -80,6 +93,12 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
         0,
         "workers declared lost during the reconnect storm"
     );
+    eprintln!(
+        "longest heartbeat gap a worker saw: {:?}; failed handshakes: {}",
+        fleet.worst_heartbeat_gap(),
+        fleet.handshake_failures()
+    );
+    assert_eq!(fleet.handshake_failures(), 0, "a fleet key was refused");
     assert!(submit(&server, &["workers"], Duration::from_secs(10))
         .status
         .success());

@@ -2,17 +2,28 @@
 //! connection completed a handshake as whom, opening what arrives and
 //! sealing what leaves, and closing connections whose key was revoked.
 //!
-//! Per connection (routing identity) the gate holds one of two states:
-//! secured (a [`Channel`] and the [`Identity`] its key is allowed as) or
-//! refused (it failed a handshake or spoke before one; whatever it sends
-//! next closes it, at no cryptographic cost). Connections that never sent
-//! anything hold no state. Entries go when the connection closes, so the
+//! Per connection (routing identity) the gate holds one of three states:
+//! pending (its handshake is being computed off the event loop by a
+//! [`Handshaker`]), secured (a [`Channel`] and the [`Identity`] its key is
+//! allowed as) or refused (it failed a handshake or spoke before one;
+//! whatever it sends next closes it, at no cryptographic cost).
+//! Connections that never sent anything hold no state.
+//!
+//! A handshake costs about a millisecond of CPU (four X25519 operations);
+//! a reconnect storm of thousands of workers would stall the server's loop
+//! for seconds if they were computed on it, so the shell hands each one to
+//! a handshake thread and brings the result back with
+//! [`Gate::complete`]. At most [`MAX_PENDING_HANDSHAKES`] wait; past that a
+//! handshake is refused at once ("busy", the peer retries after its
+//! backoff) instead of queueing without bound. Entries go when the connection closes, so the
 //! gate holds at most one per open connection (`limits.max_connections`).
 
 use super::allow::{AllowList, Identity};
+use super::handshake::Accepted;
 use super::{handshake, Channel, KeyPair, PublicKey, SecurityError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// Frame 0 of both handshake messages (PROTOCOL.md §15.2). It cannot be
 /// mistaken for an OTSP header (a MessagePack map) nor for a sealed
@@ -24,10 +35,17 @@ pub const HANDSHAKE_MARKER: &[u8] = b"OTS-NOISE-IK-1";
 /// are bounded by `limits.max_connections`).
 const MAX_TRACKED: usize = 65_536;
 
+/// Handshakes waiting for the handshake thread, past which new ones are
+/// refused as busy (a storm of 5000 workers takes a few seconds to admit;
+/// the rest retry after their backoff).
+pub const MAX_PENDING_HANDSHAKES: usize = 2048;
+
 /// A connection's routing identity.
 pub type PeerId = Bytes;
 
 enum Conn {
+    /// Its handshake is being computed off the loop.
+    Pending,
     Secured {
         /// Boxed: ring's expanded keys make a channel ~1 KiB, and most
         /// entries in a flood are `Refused`.
@@ -43,6 +61,12 @@ enum Conn {
 pub enum Verdict {
     /// An authenticated OTSP message: decode and handle it.
     Open(Vec<Bytes>),
+    /// A handshake to compute off the loop with `handshaker`; hand the
+    /// result to [`Gate::complete`].
+    Handshake {
+        first: Bytes,
+        handshaker: Handshaker,
+    },
     /// A handshake succeeded: send `answer` back; the connection is now
     /// `identity`.
     Secured {
@@ -61,19 +85,21 @@ pub enum Verdict {
 
 /// The server's gate; see the module documentation.
 pub struct Gate {
-    /// The current key first, then previous ones still accepted.
-    keys: Vec<KeyPair>,
-    allow: AllowList,
+    handshaker: Handshaker,
     conns: HashMap<PeerId, Conn>,
+    pending: usize,
     counters: BTreeMap<&'static str, u64>,
 }
 
 impl Gate {
     pub fn new(keys: Vec<KeyPair>, allow: AllowList) -> Self {
         Gate {
-            keys,
-            allow,
+            handshaker: Handshaker {
+                keys: Arc::new(keys),
+                allow: Arc::new(allow),
+            },
             conns: HashMap::new(),
+            pending: 0,
             counters: BTreeMap::new(),
         }
     }
@@ -100,6 +126,16 @@ impl Gate {
         self.bound_refused();
         let is_handshake = frames.first().map(|f| f.as_ref()) == Some(HANDSHAKE_MARKER);
         match self.conns.get_mut(peer) {
+            Some(Conn::Pending) => {
+                // The initiator must wait for the answer (§15.2).
+                self.count("security_spoke_during_handshake");
+                self.refuse(peer);
+                Verdict::Close {
+                    reason: SecurityError::Handshake(
+                        "sent a message before the handshake was answered".into(),
+                    ),
+                }
+            }
             Some(Conn::Refused) => {
                 self.count("security_closed_after_refusal");
                 Verdict::Close {
@@ -130,7 +166,7 @@ impl Gate {
                     Verdict::Close { reason }
                 }
             },
-            None if is_handshake => self.handshake(peer, frames),
+            None if is_handshake => self.start_handshake(peer, frames),
             None => {
                 self.count("security_unauthenticated_messages");
                 self.conns.insert(peer.clone(), Conn::Refused);
@@ -149,30 +185,73 @@ impl Gate {
     /// dropped (secured ones go when their connection closes).
     fn bound_refused(&mut self) {
         if self.conns.len() > MAX_TRACKED {
-            self.conns.retain(|_, c| matches!(c, Conn::Secured { .. }));
+            self.conns
+                .retain(|_, c| matches!(c, Conn::Secured { .. } | Conn::Pending));
             self.count("security_refused_entries_dropped");
         }
     }
 
-    fn handshake(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
-        let result = match frames.as_slice() {
-            [_, first] => {
-                let allow = &self.allow;
-                // The answer's payload says who the server took the peer
-                // for; it travels inside the handshake, readable by the
-                // peer only.
-                handshake::Responder::accept(
-                    &self.keys,
-                    first,
-                    |k| allow.get(k).cloned(),
-                    |identity| rmp_serde::to_vec_named(identity).unwrap_or_default(),
-                )
+    /// Marks `peer` refused (leaving the pending state if it was in it).
+    fn refuse(&mut self, peer: &PeerId) {
+        if let Some(Conn::Pending) = self.conns.insert(peer.clone(), Conn::Refused) {
+            self.pending -= 1;
+        }
+    }
+
+    fn start_handshake(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
+        let [_, first]: [Bytes; 2] = match frames.try_into() {
+            Ok(f) => f,
+            Err(_) => {
+                self.count("security_failed_handshakes");
+                self.conns.insert(peer.clone(), Conn::Refused);
+                return Verdict::Refuse {
+                    reason: SecurityError::Malformed(
+                        "a handshake message is two frames: marker, Noise message",
+                    ),
+                };
             }
-            _ => Err(SecurityError::Malformed(
-                "a handshake message is two frames: marker, Noise message",
-            )),
         };
-        match result {
+        if self.pending >= MAX_PENDING_HANDSHAKES {
+            self.count("security_handshakes_busy");
+            self.conns.insert(peer.clone(), Conn::Refused);
+            return Verdict::Refuse {
+                reason: SecurityError::Busy(MAX_PENDING_HANDSHAKES),
+            };
+        }
+        self.pending += 1;
+        self.conns.insert(peer.clone(), Conn::Pending);
+        Verdict::Handshake {
+            first,
+            handshaker: self.handshaker.clone(),
+        }
+    }
+
+    /// Handshakes waiting for their result.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// The result of a handshake started by [`Verdict::Handshake`]:
+    /// `Secured` or `Refuse`, or `None` when the connection closed (or was
+    /// refused) meanwhile and nothing is to be sent. A key revoked while
+    /// its handshake was computed is refused here.
+    pub fn complete(
+        &mut self,
+        peer: &PeerId,
+        result: Result<Accepted<Identity>, SecurityError>,
+    ) -> Option<Verdict> {
+        if !matches!(self.conns.get(peer), Some(Conn::Pending)) {
+            return None;
+        }
+        self.pending -= 1;
+        let result = result.and_then(|acc| {
+            if self.handshaker.allow.get(&acc.peer) == Some(&acc.identity) {
+                Ok(acc)
+            } else {
+                Err(SecurityError::UnknownKey(acc.peer.to_string()))
+            }
+        });
+        Some(match result {
             Ok(acc) => {
                 self.count("security_handshakes");
                 let answer = vec![
@@ -201,7 +280,7 @@ impl Gate {
                 self.conns.insert(peer.clone(), Conn::Refused);
                 Verdict::Refuse { reason }
             }
-        }
+        })
     }
 
     /// Seals a message for `peer`; `None` if the connection is not
@@ -215,7 +294,9 @@ impl Gate {
 
     /// The connection closed.
     pub fn forget(&mut self, peer: &PeerId) {
-        self.conns.remove(peer);
+        if let Some(Conn::Pending) = self.conns.remove(peer) {
+            self.pending -= 1;
+        }
     }
 
     /// Replaces the allow-list; returns the secured connections whose key
@@ -237,8 +318,39 @@ impl Gate {
             // closes it without being opened.
             self.conns.insert(peer.clone(), Conn::Refused);
         }
-        self.allow = allow;
+        self.handshaker.allow = Arc::new(allow);
         revoked
+    }
+}
+
+/// What computing a handshake needs, shared cheaply with the handshake
+/// thread: the server's keys and a snapshot of the allow-lists (a reload
+/// while a handshake is computed is caught by [`Gate::complete`]).
+#[derive(Clone)]
+pub struct Handshaker {
+    /// The current key first, then previous ones still accepted.
+    keys: Arc<Vec<KeyPair>>,
+    allow: Arc<AllowList>,
+}
+
+impl std::fmt::Debug for Handshaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handshaker {{ keys: {} }}", self.keys.len())
+    }
+}
+
+impl Handshaker {
+    /// Answers a handshake's first message. The answer's payload says who
+    /// the server took the peer for; it travels inside the handshake,
+    /// readable by the peer only.
+    pub fn accept(&self, first: &[u8]) -> Result<Accepted<Identity>, SecurityError> {
+        let allow = &self.allow;
+        handshake::Responder::accept(
+            &self.keys,
+            first,
+            |k| allow.get(k).cloned(),
+            |identity| rmp_serde::to_vec_named(identity).unwrap_or_default(),
+        )
     }
 }
 
@@ -247,6 +359,18 @@ mod tests {
     use super::*;
     use crate::security::allow::Role;
     use crate::security::Initiator;
+
+    /// `inbound`, with a handshake computed on the spot as the shell's
+    /// handshake thread would.
+    fn run(gate: &mut Gate, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
+        match gate.inbound(peer, frames) {
+            Verdict::Handshake { first, handshaker } => {
+                let result = handshaker.accept(&first);
+                gate.complete(peer, result).expect("still pending")
+            }
+            other => other,
+        }
+    }
 
     fn handshake_frames(first: Vec<u8>) -> Vec<Bytes> {
         vec![Bytes::from_static(HANDSHAKE_MARKER), Bytes::from(first)]
@@ -271,17 +395,17 @@ mod tests {
         );
         // Plaintext before a handshake: refused once, then closed.
         assert!(matches!(
-            gate.inbound(&p1, vec![Bytes::from_static(b"\x81\xa1v\x01")]),
+            run(&mut gate, &p1, vec![Bytes::from_static(b"\x81\xa1v\x01")]),
             Verdict::Refuse { .. }
         ));
         assert!(matches!(
-            gate.inbound(&p1, vec![Bytes::new()]),
+            run(&mut gate, &p1, vec![Bytes::new()]),
             Verdict::Close { .. }
         ));
         // An unknown key.
         let (_, first) = Initiator::start(&mallory, &server.public, b"").unwrap();
         assert!(matches!(
-            gate.inbound(&p2, handshake_frames(first)),
+            run(&mut gate, &p2, handshake_frames(first)),
             Verdict::Refuse {
                 reason: SecurityError::UnknownKey(_)
             }
@@ -290,7 +414,7 @@ mod tests {
         let (init, first) = Initiator::start(&alice, &server.public, b"").unwrap();
         let Verdict::Secured {
             answer, identity, ..
-        } = gate.inbound(&p3, handshake_frames(first))
+        } = run(&mut gate, &p3, handshake_frames(first))
         else {
             panic!("not secured")
         };
@@ -300,7 +424,7 @@ mod tests {
         let told: Identity = rmp_serde::from_slice(&payload).unwrap();
         assert_eq!(told, alice_id);
         let sealed = chan.seal(&[Bytes::from_static(b"hdr"), Bytes::from_static(b"body")]);
-        let Verdict::Open(plain) = gate.inbound(&p3, sealed.clone()) else {
+        let Verdict::Open(plain) = run(&mut gate, &p3, sealed.clone()) else {
             panic!("not opened")
         };
         assert_eq!(plain[1], Bytes::from_static(b"body"));
@@ -309,7 +433,7 @@ mod tests {
         assert!(gate.seal(&p1, &plain).is_none());
         // A replay closes the connection.
         assert!(matches!(
-            gate.inbound(&p3, sealed),
+            run(&mut gate, &p3, sealed),
             Verdict::Close {
                 reason: SecurityError::Replay { .. }
             }
@@ -318,7 +442,7 @@ mod tests {
         let (_, first) = Initiator::start(&alice, &server.public, b"").unwrap();
         let p4 = Bytes::from_static(b"p4");
         assert!(matches!(
-            gate.inbound(&p4, handshake_frames(first)),
+            run(&mut gate, &p4, handshake_frames(first)),
             Verdict::Secured { .. }
         ));
         let revoked = gate.reload(AllowList::default());
@@ -344,11 +468,73 @@ mod tests {
         for pinned in [&old, &new] {
             let (init, first) = Initiator::start(&worker, &pinned.public, b"").unwrap();
             let peer = Bytes::copy_from_slice(pinned.public.0.as_slice());
-            let Verdict::Secured { answer, .. } = gate.inbound(&peer, handshake_frames(first))
+            let Verdict::Secured { answer, .. } = run(&mut gate, &peer, handshake_frames(first))
             else {
                 panic!("refused")
             };
             init.finish(&answer[1]).unwrap();
         }
+    }
+
+    #[test]
+    fn a_handshake_computed_off_the_loop_checks_what_changed_meanwhile() {
+        let server = KeyPair::generate();
+        let worker = KeyPair::generate();
+        let id = Identity::Worker { name: "w".into() };
+        let allow = || AllowList::from_entries([(worker.public, id.clone())]);
+        let mut gate = Gate::new(vec![server.clone()], allow());
+        let start = |gate: &mut Gate, peer: &PeerId| {
+            let (_, first) = Initiator::start(&worker, &server.public, b"").unwrap();
+            match gate.inbound(peer, handshake_frames(first)) {
+                Verdict::Handshake { first, handshaker } => handshaker.accept(&first),
+                other => panic!("not handed off: {other:?}"),
+            }
+        };
+        let (p1, p2, p3) = (
+            Bytes::from_static(b"p1"),
+            Bytes::from_static(b"p2"),
+            Bytes::from_static(b"p3"),
+        );
+        // Speaking before the answer closes the connection.
+        let r = start(&mut gate, &p1);
+        assert_eq!(gate.pending(), 1);
+        assert!(matches!(
+            gate.inbound(&p1, vec![Bytes::from_static(b"x")]),
+            Verdict::Close { .. }
+        ));
+        assert!(gate.complete(&p1, r).is_none());
+        // Closed meanwhile: nothing to answer.
+        let r = start(&mut gate, &p2);
+        gate.forget(&p2);
+        assert!(gate.complete(&p2, r).is_none());
+        // Revoked meanwhile: refused.
+        let r = start(&mut gate, &p3);
+        gate.reload(AllowList::default());
+        assert!(matches!(
+            gate.complete(&p3, r),
+            Some(Verdict::Refuse {
+                reason: SecurityError::UnknownKey(_)
+            })
+        ));
+        assert_eq!(gate.pending(), 0);
+        // Past the bound, refused as busy at once.
+        gate.reload(allow());
+        for i in 0..MAX_PENDING_HANDSHAKES {
+            let peer = Bytes::from(format!("q{i}"));
+            let frames = handshake_frames(b"anything".to_vec());
+            assert!(matches!(
+                gate.inbound(&peer, frames),
+                Verdict::Handshake { .. }
+            ));
+        }
+        assert!(matches!(
+            gate.inbound(
+                &Bytes::from_static(b"late"),
+                handshake_frames(b"x".to_vec())
+            ),
+            Verdict::Refuse {
+                reason: SecurityError::Busy(_)
+            }
+        ));
     }
 }

@@ -85,9 +85,7 @@ impl KeyPair {
             .map_err(|e| key_error(&private, e.to_string()))?;
         writeln!(f, "{PRIVATE_TAG} {}", hex::encode(self.private))
             .map_err(|e| key_error(&private, e.to_string()))?;
-        std::fs::write(&public, format!("{PUBLIC_TAG} {}\n", self.public))
-            .map_err(|e| key_error(&public, e.to_string()))?;
-        Ok(())
+        self.public.write(&public)
     }
 
     /// A 32-byte key for another purpose (`label` names it), derived from
@@ -145,6 +143,12 @@ public key: {}",
 }
 
 impl PublicKey {
+    /// Writes a public key file (an allow-list entry).
+    pub fn write(&self, path: &Path) -> Result<(), SecurityError> {
+        std::fs::write(path, format!("{PUBLIC_TAG} {self}\n"))
+            .map_err(|e| key_error(path, e.to_string()))
+    }
+
     /// Reads a public key file.
     pub fn read(path: &Path) -> Result<Self, SecurityError> {
         let text = std::fs::read_to_string(path).map_err(|e| key_error(path, e.to_string()))?;

@@ -55,4 +55,6 @@ pub enum SecurityError {
     Decrypt,
     #[error("sealed message malformed: {0}")]
     Malformed(&'static str),
+    #[error("the server is busy with {0} handshakes; retry after a backoff")]
+    Busy(usize),
 }

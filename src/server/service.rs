@@ -238,6 +238,7 @@ async fn serve(
     // anonymous peer can open connections as fast as it likes); the
     // counters count every one.
     let mut refusals = crate::logging::Throttle::new(Duration::from_secs(10), 20);
+    let (handshake_jobs, mut handshakes_done) = spawn_handshake_thread();
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
@@ -261,34 +262,13 @@ async fn serve(
                         None => frames,
                         Some(gate) => match gate.inbound(&peer, frames) {
                             Verdict::Open(plain) => plain,
-                            Verdict::Secured { answer, identity, .. } => {
-                                let address = activity.address(&peer);
-                                debug!(identity = %identity.label(), %address, "handshake completed");
-                                scheduler.on_authenticated(&peer, identity, address);
-                                let mut out = vec![peer.clone()];
-                                out.extend(answer);
-                                if let Err(e) = transport::send_bounded(&mut router_tx, to_message(out), send_timeout).await {
-                                    debug!(error = %e, "handshake answer not sent");
-                                }
+                            Verdict::Handshake { first, handshaker } => {
+                                // Off the loop; the gate bounds how many wait.
+                                let _ = handshake_jobs.send((peer, first, handshaker));
                                 continue;
                             }
-                            Verdict::Refuse { reason } => {
-                                let address = activity.address(&peer);
-                                if refusals.allow(now, "refused connections") {
-                                    warn!(%address, %reason, "refused an unauthenticated connection");
-                                    scheduler.audit("anonymous", &address, "refused", &reason.to_string());
-                                } else {
-                                    scheduler.count_shell_event("audit_refusals_not_logged", 1);
-                                }
-                                let body = Body::Error {
-                                    request: None,
-                                    code: ErrorCode::Unauthenticated,
-                                    message: reason.to_string(),
-                                    seq: None,
-                                };
-                                let mut out = vec![peer.clone()];
-                                out.extend(protocol::encode(&plain_header(&body), &body, None));
-                                let _ = transport::send_bounded(&mut router_tx, to_message(out), send_timeout).await;
+                            v @ (Verdict::Secured { .. } | Verdict::Refuse { .. }) => {
+                                answer_handshake(v, &peer, now, &mut scheduler, &activity, &mut router_tx, &mut refusals, send_timeout).await;
                                 continue;
                             }
                             Verdict::Close { reason } => {
@@ -308,6 +288,11 @@ async fn serve(
                         Ok(env) => scheduler.on_message(now, &peer, env),
                         Err(e) => scheduler.on_bad_frames(&peer, &e),
                     }
+                }
+            }
+            Some((peer, result)) = handshakes_done.recv() => {
+                if let Some(v) = gate.as_mut().and_then(|g| g.complete(&peer, result)) {
+                    answer_handshake(v, &peer, Instant::now(), &mut scheduler, &activity, &mut router_tx, &mut refusals, send_timeout).await;
                 }
             }
             Some(event) = futures::StreamExt::next(&mut connections) => {
@@ -391,6 +376,85 @@ async fn serve(
     )
     .await;
     reader.abort();
+}
+
+type HandshakeJob = (Bytes, Bytes, crate::security::gate::Handshaker);
+type HandshakeDone = (
+    Bytes,
+    Result<
+        crate::security::handshake::Accepted<crate::security::Identity>,
+        crate::security::SecurityError,
+    >,
+);
+
+/// The thread that computes handshakes (four X25519 operations each,
+/// about a millisecond) so that a reconnect storm never stalls the event
+/// loop. The channels are unbounded here because the gate bounds the
+/// handshakes in flight (`MAX_PENDING_HANDSHAKES`).
+fn spawn_handshake_thread() -> (
+    mpsc::UnboundedSender<HandshakeJob>,
+    mpsc::UnboundedReceiver<HandshakeDone>,
+) {
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<HandshakeJob>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<HandshakeDone>();
+    std::thread::Builder::new()
+        .name("ots-handshakes".into())
+        .spawn(move || {
+            while let Some((peer, first, handshaker)) = jobs_rx.blocking_recv() {
+                if done_tx.send((peer, handshaker.accept(&first))).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the handshake thread");
+    (jobs_tx, done_rx)
+}
+
+/// Answers a completed handshake: the Noise answer when it was secured, a
+/// plaintext `error{unauthenticated}` (logged and audited at a bounded
+/// rate) when it was refused.
+#[allow(clippy::too_many_arguments)]
+async fn answer_handshake(
+    verdict: Verdict,
+    peer: &Bytes,
+    now: Instant,
+    scheduler: &mut Scheduler<DiskStore>,
+    activity: &ConnectionActivity,
+    router_tx: &mut zeromq::RouterSendHalf,
+    refusals: &mut crate::logging::Throttle,
+    send_timeout: Duration,
+) {
+    let mut out = vec![peer.clone()];
+    match verdict {
+        Verdict::Secured {
+            answer, identity, ..
+        } => {
+            let address = activity.address(peer);
+            debug!(identity = %identity.label(), %address, "handshake completed");
+            scheduler.on_authenticated(peer, identity, address);
+            out.extend(answer);
+        }
+        Verdict::Refuse { reason } => {
+            let address = activity.address(peer);
+            if refusals.allow(now, "refused connections") {
+                warn!(%address, %reason, "refused an unauthenticated connection");
+                scheduler.audit("anonymous", &address, "refused", &reason.to_string());
+            } else {
+                scheduler.count_shell_event("audit_refusals_not_logged", 1);
+            }
+            let body = Body::Error {
+                request: None,
+                code: ErrorCode::Unauthenticated,
+                message: reason.to_string(),
+                seq: None,
+            };
+            out.extend(protocol::encode(&plain_header(&body), &body, None));
+        }
+        _ => return,
+    }
+    if let Err(e) = transport::send_bounded(router_tx, to_message(out), send_timeout).await {
+        debug!(error = %e, "handshake answer not sent");
+    }
 }
 
 /// Carries out the scheduler's outputs: sealed per connection with

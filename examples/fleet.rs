@@ -198,10 +198,11 @@ async fn main() {
         *worst_gap.lock().expect("gap lock")
     };
     println!(
-        "slowest workers request: {:.1} ms; longest gap between server heartbeats: {:.0} ms; failed handshakes: {}",
+        "slowest workers request: {:.1} ms; longest gap between server heartbeats: {:.0} ms; failed handshakes: {}, turned away as busy: {}",
         worst.as_secs_f64() * 1000.0,
         gap.as_secs_f64() * 1000.0,
-        fleet.handshake_failures()
+        fleet.handshake_failures(),
+        fleet.handshakes_busy()
     );
     if lines > 0 {
         if let Ok(mut c) =

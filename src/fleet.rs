@@ -92,6 +92,9 @@ pub struct FleetCounters {
     pub welcomes: Arc<AtomicUsize>,
     /// Handshakes that failed (refused, timed out, or not answered).
     pub handshake_failures: Arc<AtomicUsize>,
+    /// Handshakes the server turned away as busy (admission control; the
+    /// worker retries after a pause).
+    pub handshakes_busy: Arc<AtomicUsize>,
     /// The longest gap between two server heartbeats one worker received
     /// on one connection, in ms (secured fleets only: with security on the
     /// server sends heartbeats on the control connection, PROTOCOL.md
@@ -114,6 +117,10 @@ impl FleetCounters {
 
     pub fn handshake_failures(&self) -> usize {
         self.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn handshakes_busy(&self) -> usize {
+        self.handshakes_busy.load(Ordering::Relaxed)
     }
 
     pub fn worst_heartbeat_gap(&self) -> Duration {
@@ -179,6 +186,11 @@ async fn worker(
         if let Some((key, server)) = &credentials {
             match link::handshake(&mut socket, key, server, Duration::from_secs(5)).await {
                 Ok((c, _)) => channel = Some(c),
+                Err(link::LinkError::Busy(_)) => {
+                    counters.handshakes_busy.fetch_add(1, Ordering::Relaxed);
+                    pause().await;
+                    continue;
+                }
                 Err(_) => {
                     counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
                     pause().await;

@@ -1177,7 +1177,9 @@ fn a_client_that_never_reads_its_replies_cannot_bloat_the_server_or_stall_others
         std::thread::sleep(Duration::from_millis(100)); // RSS sampling interval
     }
     eprintln!("server RSS {before} KiB before, {peak} KiB peak with a client not reading 3000 MiB of replies");
-    assert!(peak < before + 100 * 1024, "server RSS grew to {peak} KiB");
+    // The peer's send queue (16 MiB) plus one batch's reply budget (8 MiB)
+    // and slack.
+    assert!(peak < before + 64 * 1024, "server RSS grew to {peak} KiB");
     let st = status_json(&server, &run).unwrap();
     assert!(
         st["counters"]["send_dropped_peer_busy"]

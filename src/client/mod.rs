@@ -96,8 +96,30 @@ pub struct Client {
 
 impl Client {
     /// Connects and pings; fails with [`ClientError::Unreachable`] within
-    /// about `timeout` if nothing answers.
+    /// about `timeout` if nothing answers. A server busy admitting other
+    /// connections (a reconnect storm) is retried until `timeout`.
     pub async fn connect(
+        endpoint: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match Self::connect_once(endpoint, timeout, credentials).await {
+                Err(ClientError::Refused {
+                    code: ErrorCode::LimitReached,
+                    ..
+                }) if std::time::Instant::now() + Duration::from_millis(500) < deadline => {
+                    // A retry pause with jitter, not a synchronisation.
+                    let pause = 100 + rand::random::<u64>() % 400;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect_once(
         endpoint: &str,
         timeout: Duration,
         credentials: &Credentials,
@@ -122,6 +144,12 @@ impl Client {
                     Ok((channel, identity)) => (Some(channel), Some(identity)),
                     Err(LinkError::Timeout(_) | LinkError::Transport(_)) => {
                         return Err(unreachable())
+                    }
+                    Err(LinkError::Busy(message)) => {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::LimitReached,
+                            message,
+                        })
                     }
                     Err(LinkError::Refused(message)) => {
                         return Err(ClientError::Refused {

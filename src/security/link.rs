@@ -26,6 +26,8 @@ pub enum LinkError {
     Timeout(Duration),
     #[error("the server refused this key: {0}")]
     Refused(String),
+    #[error("the server is busy admitting other connections ({0}); retry after a backoff")]
+    Busy(String),
     #[error("the server's answer does not authenticate as the pinned server key ({0}); wrong `server_key`, or not the real server")]
     Handshake(SecurityError),
     #[error("handshake transport: {0}")]
@@ -63,6 +65,11 @@ pub async fn handshake<S: SocketSend + SocketRecv>(
         }
         frames => match crate::protocol::decode(frames.to_vec()) {
             Ok(env) => match env.body {
+                crate::protocol::Body::Error {
+                    code: crate::protocol::ErrorCode::LimitReached,
+                    message,
+                    ..
+                } => Err(LinkError::Busy(message)),
                 crate::protocol::Body::Error { message, .. } => Err(LinkError::Refused(message)),
                 other => Err(LinkError::Refused(format!(
                     "answered {} instead of a handshake (a server with security = \"none\"?)",

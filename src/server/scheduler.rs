@@ -259,6 +259,10 @@ pub struct Scheduler<S: Store> {
     wall_base: (Instant, u64),
     counters: BTreeMap<String, u64>,
     out: Vec<Output>,
+    /// Bytes of raw frames (log and file data) in `out`: the shell stops
+    /// taking more requests into a batch past a budget, so a burst of
+    /// data requests cannot pile up replies in memory before they are sent.
+    out_raw_bytes: usize,
     /// Tasks and runs that may have changed since the last commit: the
     /// unfinished ones, and those that finished since.
     active_tasks: BTreeSet<TaskId>,
@@ -339,6 +343,7 @@ impl<S: Store> Scheduler<S> {
             wall_base: (Instant::now(), unix_ms_now()),
             counters: BTreeMap::new(),
             out: Vec::new(),
+            out_raw_bytes: 0,
             active_tasks: BTreeSet::new(),
             active_runs: BTreeSet::new(),
             persisted: HashMap::new(),
@@ -383,7 +388,13 @@ impl<S: Store> Scheduler<S> {
 
     /// Outputs produced since the last call, in order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
+        self.out_raw_bytes = 0;
         std::mem::take(&mut self.out)
+    }
+
+    /// Bytes of log and file data in the outputs not yet taken.
+    pub fn pending_output_bytes(&self) -> usize {
+        self.out_raw_bytes
     }
 
     pub fn counters(&self) -> &BTreeMap<String, u64> {
@@ -404,6 +415,7 @@ impl<S: Store> Scheduler<S> {
         let mut h = header(body.class(), task);
         h.seq = self.next_seq;
         self.next_seq += 1;
+        self.out_raw_bytes += raw.as_ref().map_or(0, |r| r.len());
         self.out.push(Output::Send {
             peer: peer.clone(),
             header: h,

@@ -20,6 +20,9 @@ use tracing::{debug, error, info, warn};
 
 /// Inbound messages handled per commit at most.
 const MAX_BATCH: usize = 512;
+/// Bytes of log and file data in replies a batch may produce before it is
+/// committed and sent.
+const OUTPUT_BUDGET: usize = 8 * 1024 * 1024;
 /// Exit status when state cannot be committed (sysexits EX_IOERR).
 const EXIT_STATE: i32 = 74;
 use zeromq::prelude::*;
@@ -242,15 +245,23 @@ async fn serve(
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
-                // Take what else is waiting too: one commit for the batch.
-                let mut batch = vec![msg];
-                while batch.len() < MAX_BATCH {
-                    match inbound_rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
-                }
-                for msg in batch {
+                // Take what else is waiting too: one commit for the batch,
+                // up to MAX_BATCH messages or OUTPUT_BUDGET bytes of replies
+                // (data requests answered with a MiB each must not pile up
+                // before they are sent).
+                let mut first = Some(msg);
+                let mut handled = 0usize;
+                loop {
+                    let msg = match first.take() {
+                        Some(m) => m,
+                        None if handled >= MAX_BATCH
+                            || scheduler.pending_output_bytes() >= OUTPUT_BUDGET => break,
+                        None => match inbound_rx.try_recv() {
+                            Ok(m) => m,
+                            Err(_) => break,
+                        },
+                    };
+                    handled += 1;
                     let mut frames = msg.into_vec();
                     if frames.is_empty() {
                         continue;
@@ -433,6 +444,19 @@ async fn answer_handshake(
             debug!(identity = %identity.label(), %address, "handshake completed");
             scheduler.on_authenticated(peer, identity, address);
             out.extend(answer);
+        }
+        Verdict::Refuse {
+            reason: reason @ crate::security::SecurityError::Busy(_),
+        } => {
+            // Admission control, not a refusal of the key: the peer
+            // retries after its backoff (counted by the gate).
+            let body = Body::Error {
+                request: None,
+                code: ErrorCode::LimitReached,
+                message: reason.to_string(),
+                seq: None,
+            };
+            out.extend(protocol::encode(&plain_header(&body), &body, None));
         }
         Verdict::Refuse { reason } => {
             let address = activity.address(peer);

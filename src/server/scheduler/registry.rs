@@ -215,6 +215,7 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         for o in w.outbox.due(now) {
+            self.out_raw_bytes += o.raw.as_ref().map_or(0, |r| r.len());
             self.out.push(Output::Send {
                 peer: peer.clone(),
                 header: o.header,

@@ -1,0 +1,202 @@
+"""A third-party ots worker written from docs/PROTOCOL.md alone (§3, §5,
+§15): pyzmq, msgpack, noiseprotocol and cryptography, no ots code.
+
+It connects secured (Noise IK handshake, every message sealed), registers,
+takes one task, streams a log line, uploads a JUnit result file and reports
+the task finished, resending its mandatory messages until each is
+acknowledged; then it exits 0. Any deviation from the protocol (a message
+that does not open, a refusal, a timeout) exits non-zero with the reason.
+
+    python3 secure_worker.py CONTROL SERVER_PUB_FILE WORKER_KEY_FILE NAME DEVICEGROUP
+"""
+
+import hashlib
+import os
+import sys
+import time
+
+import msgpack
+import zmq
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.connection import Keypair, NoiseConnection
+
+MARKER = b"OTS-NOISE-IK-1"
+
+
+def key_file(path, tag):
+    # §15.1: one line, "<tag> <64 hex digits>"
+    text = open(path).read().split()
+    if len(text) != 2 or text[0] != tag:
+        sys.exit(f"{path}: not an {tag} file")
+    return bytes.fromhex(text[1])
+
+
+class Sealed:
+    """§15.3: frame 0 the message number, frame 1 the frames sealed once."""
+
+    def __init__(self, send_key, recv_key, h):
+        self.send, self.recv, self.h = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key), h
+        self.next_send, self.last_recv = 1, 0
+
+    def seal(self, frames):
+        n = self.next_send
+        self.next_send += 1
+        plain = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+        nb = n.to_bytes(8, "big")
+        return [nb, self.send.encrypt(bytes(4) + nb, plain, self.h + nb)]
+
+    def open(self, frames):
+        if len(frames) != 2 or len(frames[0]) != 8:
+            sys.exit(f"a sealed message has 2 frames, got {len(frames)}")
+        n = int.from_bytes(frames[0], "big")
+        if n <= self.last_recv:
+            sys.exit(f"replayed message number {n}")
+        nb = frames[0]
+        plain = self.recv.decrypt(bytes(4) + nb, frames[1], self.h + nb)
+        self.last_recv = n
+        out, i = [], 0
+        while i < len(plain):
+            size = int.from_bytes(plain[i : i + 4], "big")
+            out.append(plain[i + 4 : i + 4 + size])
+            i += 4 + size
+        return out
+
+
+def main():
+    control, server_pub, worker_key, name, group = sys.argv[1:6]
+    server_pub = key_file(server_pub, "ots-x25519-public")
+    private = key_file(worker_key, "ots-x25519-private")
+
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.IDENTITY, os.urandom(16))
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.RECONNECT_IVL, -1)
+    d.connect(control)
+
+    # §15.2: Noise IK, the server's key pinned.
+    noise = NoiseConnection.from_name(b"Noise_IK_25519_ChaChaPoly_BLAKE2s")
+    noise.set_as_initiator()
+    noise.set_keypair_from_private_bytes(Keypair.STATIC, private)
+    noise.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, server_pub)
+    noise.start_handshake()
+    d.send_multipart([MARKER, noise.write_message()])
+    if not d.poll(10000):
+        sys.exit("no handshake answer within 10 s")
+    answer = d.recv_multipart()
+    if answer[0] != MARKER:
+        sys.exit(f"handshake refused: {[msgpack.unpackb(f) for f in answer]}")
+    identity = msgpack.unpackb(noise.read_message(answer[1]))
+    print("handshake done; the server takes us for", identity, flush=True)
+    ch = Sealed(
+        noise.noise_protocol.cipher_state_encrypt.k,
+        noise.noise_protocol.cipher_state_decrypt.k,
+        noise.get_handshake_hash(),
+    )
+
+    def send(body, cls="control", mandatory=False, seq=0, task=None, raw=None):
+        header = {"v": 1, "class": cls, "mandatory": mandatory, "seq": seq, "task": task}
+        frames = [msgpack.packb(header), msgpack.packb(body)]
+        if raw is not None:
+            frames.append(raw)
+        d.send_multipart(ch.seal(frames))
+
+    def recv(timeout_ms):
+        if not d.poll(timeout_ms):
+            return None, None
+        frames = ch.open(d.recv_multipart())
+        return msgpack.unpackb(frames[0]), msgpack.unpackb(frames[1])
+
+    hello = {
+        "type": "hello",
+        "worker": name,
+        "session": os.urandom(8).hex(),
+        "device": {"devicegroup": group},
+        "running": [],
+    }
+    send(hello)
+    deadline = time.monotonic() + 30
+    pending = {}  # seq -> (body, cls, task, raw): our outbox (§4.1)
+    next_seq = 1
+    registered = False
+    task = None
+    last_send = time.monotonic()
+    while time.monotonic() < deadline:
+        header, body = recv(200)
+        now = time.monotonic()
+        if body is None:
+            if not registered and now - last_send > 1:
+                send(hello)
+                last_send = now
+            for seq, (b, cls, t, raw) in pending.items():
+                if now - last_send > 1:
+                    send(b, cls, True, seq, t, raw)
+            if pending and now - last_send > 1:
+                last_send = now
+            if registered and task is None and now - last_send > 1:
+                send({"type": "ready"})
+                last_send = now
+            continue
+        kind = body["type"]
+        if kind == "error":
+            sys.exit(f"the server answered error: {body}")
+        if kind == "welcome" and not registered:
+            registered = True
+            print("registered", flush=True)
+            send({"type": "ready"})
+        elif kind == "dispatch":
+            send({"type": "ack", "seq": header["seq"]})
+            spec = body["spec"]
+            if task is not None:
+                continue  # a resend of the dispatch we run
+            task, attempt = spec["task"], spec["attempt"]
+            print("running", task, flush=True)
+            junit = b'<testsuite name="py"><testcase name="from_python"/></testsuite>'
+            digest = hashlib.sha256(junit).hexdigest()
+            messages = [
+                ({"type": "task_accepted", "task": task, "attempt": attempt}, "control", None),
+                (
+                    {
+                        "type": "file_chunk",
+                        "task": task,
+                        "attempt": attempt,
+                        "name": "results.xml",
+                        "offset": 0,
+                        "size": len(junit),
+                        "sha256": digest,
+                    },
+                    "file",
+                    junit,
+                ),
+                (
+                    {
+                        "type": "task_finished",
+                        "task": task,
+                        "attempt": attempt,
+                        "outcome": {"exit_code": 0, "timed_out": False, "cancelled": False},
+                        "log_lines": 1,
+                        "files": [{"name": "results.xml", "size": len(junit), "sha256": digest}],
+                    },
+                    "control",
+                    None,
+                ),
+            ]
+            for i, (b, cls, raw) in enumerate(messages):
+                seq = next_seq
+                next_seq += 1
+                pending[seq] = (b, cls, task, raw)
+                send(b, cls, True, seq, task, raw)
+                if i == 0:
+                    line = {"seq": 1, "stream": "stdout", "text": "hello from a python worker"}
+                    send({"type": "log", "task": task, "attempt": attempt, "lines": [line]}, "log", task=task)
+            last_send = time.monotonic()
+        elif kind == "ack":
+            pending.pop(body["seq"], None)
+            if task is not None and not pending:
+                print("all acknowledged", flush=True)
+                return 0
+    sys.exit(f"not done within 30 s (registered={registered}, task={task}, pending={sorted(pending)})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -165,8 +165,16 @@ impl GenericSocketBackend {
                     }
                 },
             };
-            let send_result = match self.peers.get_async(&next_peer_id).await {
-                Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
+            // ots patch: the queue is cloned and the entry (a bucket lock)
+            // dropped before awaiting room in the queue; see
+            // `PubSocketBackend::fanout_message`.
+            let queue = self
+                .peers
+                .get_async(&next_peer_id)
+                .await
+                .map(|peer| peer.send_queue.clone());
+            let send_result = match queue {
+                Some(mut send_queue) => send_to_peer_queue(&mut send_queue, message).await,
                 None => continue,
             };
             return match send_result {
@@ -217,7 +225,12 @@ impl GenericSocketBackend {
                     Err(error) => Err(error.into_send_error()),
                 }
             }
-            Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
+            Some(peer) => {
+                // ots patch: not awaiting with the entry held (see above).
+                let mut send_queue = peer.send_queue.clone();
+                drop(peer);
+                send_to_peer_queue(&mut send_queue, message).await
+            }
             None => return Err(ZmqError::Other("Destination client not found by identity")),
         };
         match send_result {

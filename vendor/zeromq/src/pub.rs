@@ -134,12 +134,21 @@ impl PubSocketBackend {
             None => return,
         };
 
-        let mut iter = self.subscribers.begin_async().await;
-        while let Some(subscriber) = iter {
+        // ots patch: collect the queues without awaiting while an entry
+        // (a bucket lock) is held. Holding one across `.await` deadlocked
+        // the runtime: `peer_disconnected` removes with a blocking lock on
+        // the runtime's threads, which then cannot run the task that holds
+        // the bucket (seen with subscribers connecting and disconnecting
+        // while heartbeats were published).
+        let mut targets = Vec::new();
+        self.subscribers.iter_sync(|_, subscriber| {
             if subscription_matches(&subscriber.subscriptions, first_frame) {
-                send_to_subscriber(subscriber.send_queue.clone(), &message);
+                targets.push(subscriber.send_queue.clone());
             }
-            iter = subscriber.next_async().await;
+            true
+        });
+        for send_queue in targets {
+            send_to_subscriber(send_queue, &message);
         }
     }
 
@@ -643,5 +652,66 @@ mod tests {
         let any_ipv6: IpAddr = "::".parse().unwrap();
         let s = PubSocket::new();
         test_bind_to_unspecified_interface_helper(any_ipv6, s, 4010).await
+    }
+
+    /// ots patch: subscribers connecting and disconnecting while messages
+    /// are published must never stop the runtime. Before the patch the
+    /// fanout held a subscriber entry across `.await` while
+    /// `peer_disconnected` waited for it with a blocking lock on every
+    /// runtime thread: the whole process stopped (accepting, sending,
+    /// timers) for good.
+    #[test]
+    fn ots_subscribers_churning_while_publishing_never_deadlock() {
+        use crate::prelude::*;
+        use std::time::{Duration, Instant};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let mut publisher = PubSocket::new();
+            let endpoint = publisher
+                .bind("tcp://127.0.0.1:0")
+                .await
+                .unwrap()
+                .to_string();
+            let stop = Arc::new(AtomicBool::new(false));
+            for _ in 0..32 {
+                let (endpoint, stop) = (endpoint.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut sub = crate::SubSocket::new();
+                        if sub.connect(&endpoint).await.is_ok() {
+                            let _ = sub.subscribe("").await;
+                            tokio::task::yield_now().await;
+                        }
+                        drop(sub);
+                    }
+                });
+            }
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < Duration::from_secs(3) {
+                let _ = publisher
+                    .send(ZmqMessage::from(vec![7u8; 512]))
+                    .await;
+                sent += 1;
+                if sent % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = done_tx.send(sent);
+        });
+        // The runtime is wedged if the publishing loop does not end.
+        let Ok(sent) = done_rx.recv_timeout(Duration::from_secs(20)) else {
+            // Dropping a wedged runtime would wait for its threads forever.
+            std::mem::forget(rt);
+            panic!("the runtime deadlocked: publishing stopped while subscribers churned");
+        };
+        assert!(sent > 0);
+        rt.shutdown_timeout(Duration::from_secs(1));
     }
 }

@@ -170,8 +170,7 @@ impl GenericSocketBackend {
             // `PubSocketBackend::fanout_message`.
             let queue = self
                 .peers
-                .get_async(&next_peer_id)
-                .await
+                .get_sync(&next_peer_id)
                 .map(|peer| peer.send_queue.clone());
             let send_result = match queue {
                 Some(mut send_queue) => send_to_peer_queue(&mut send_queue, message).await,
@@ -203,7 +202,7 @@ impl GenericSocketBackend {
             SendResolution::Miss(message) => message,
         };
 
-        let send_result = match self.peers.get_async(peer_id).await {
+        let send_result = match self.peers.get_sync(peer_id) {
             // ots patch: a full queue means the peer stopped reading; fail
             // this send instead of stalling the caller's other sends.
             Some(peer) if self.socket_options.fail_on_full_peer_queue => {
@@ -378,14 +377,13 @@ impl MultiPeerBackend for GenericSocketBackend {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = Arc::clone(&queued_bytes);
         self.peers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 Peer {
                     send_queue: queue_sender,
                     queued_bytes: Arc::clone(&queued_bytes),
                 },
-            )
-            .await;
+            );
         self.refresh_single_peer_cache();
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
@@ -461,8 +459,7 @@ mod tests {
         let (send_queue, recv_queue) = mpsc::channel(8);
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
-            .await;
+            .upsert_sync(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() });
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());
         (peer_id, recv_queue)
@@ -545,8 +542,7 @@ mod tests {
             .expect("prefill peer queue");
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
-            .await;
+            .upsert_sync(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() });
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());
 
@@ -576,8 +572,7 @@ mod tests {
         drop(recv_queue);
         backend
             .peers
-            .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
-            .await;
+            .upsert_sync(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() });
         backend.refresh_single_peer_cache();
         backend.round_robin.push(peer_id.clone());
 
@@ -589,7 +584,7 @@ mod tests {
         assert!(matches!(error, ZmqError::BufferFull(_)));
         assert_eq!(0, backend.peer_count.load(Ordering::Acquire));
         assert!(backend.single_peer.lock().is_none());
-        assert!(backend.peers.get_async(&peer_id).await.is_none());
+        assert!(backend.peers.get_sync(&peer_id).is_none());
     }
 
     #[crate::async_rt::test]

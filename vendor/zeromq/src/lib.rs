@@ -71,8 +71,7 @@ pub mod __bench {
                 let (send_queue, recv_queue) = mpsc::channel(queue_capacity);
                 backend
                     .peers
-                    .upsert_async(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() })
-                    .await;
+                    .upsert_sync(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() });
                 backend.round_robin.push(peer_id);
                 receivers.push(recv_queue);
             }
@@ -122,15 +121,14 @@ pub mod __bench {
                 let (stop_sender, _stop_receiver) = oneshot::channel();
                 backend
                     .subscribers
-                    .upsert_async(
+                    .upsert_sync(
                         peer_id,
                         Subscriber {
                             subscriptions: subscriptions.clone(),
                             send_queue,
                             _subscription_coro_stop: stop_sender,
                         },
-                    )
-                    .await;
+                    );
                 backend
                     .subscriber_count
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -220,15 +220,14 @@ impl MultiPeerBackend for PubSocketBackend {
         let (sender, stop_receiver) = oneshot::channel();
         let old_subscriber = self
             .subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 Subscriber {
                     subscriptions: vec![],
                     send_queue: queue_sender,
                     _subscription_coro_stop: sender,
                 },
-            )
-            .await;
+            );
         if old_subscriber.is_none() {
             self.subscriber_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -373,15 +372,14 @@ mod tests {
         let (stop_sender, _stop_receiver) = oneshot::channel();
         let old_subscriber = backend
             .subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id,
                 Subscriber {
                     subscriptions,
                     send_queue: queue_sender,
                     _subscription_coro_stop: stop_sender,
                 },
-            )
-            .await;
+            );
         if old_subscriber.is_none() {
             backend.subscriber_count.fetch_add(1, Ordering::Relaxed);
         }

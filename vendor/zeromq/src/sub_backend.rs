@@ -292,13 +292,12 @@ impl MultiPeerBackend for SubSocketBackend {
         }
 
         self.peers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 SubPeer {
                     send_queue: Arc::new(AsyncMutex::new(Box::pin(send_queue))),
                 },
-            )
-            .await;
+            );
 
         if let Some(inner) = &self.fair_queue_inner {
             inner.lock().insert(peer_id.clone(), recv_queue);

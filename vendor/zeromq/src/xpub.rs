@@ -95,14 +95,13 @@ impl MultiPeerBackend for XPubSocketBackend {
         let (recv_queue, send_queue) = io.into_parts();
 
         self.subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 XPubSubscriber {
                     subscriptions: vec![],
                     send_queue: Arc::new(AsyncMutex::new(Box::pin(send_queue))),
                 },
-            )
-            .await;
+            );
 
         self.fair_queue_inner
             .lock()

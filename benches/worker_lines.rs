@@ -79,4 +79,16 @@ fn main() {
         peak_rss_kib(worker.child.id()),
         peak_rss_kib(server.proc.child.id()),
     );
+    if lost > 0 {
+        for line in worker
+            .stderr
+            .all()
+            .iter()
+            .chain(server.proc.stderr.all().iter())
+        {
+            if line.contains("drop") || line.contains("lost") || line.contains("WARN") {
+                println!("  {line}");
+            }
+        }
+    }
 }

@@ -144,9 +144,16 @@ impl Outbox {
 
     /// Messages to send now (first sends and resends), in sequence order.
     pub fn due(&mut self, now: Instant) -> Vec<Outgoing> {
+        self.due_unless(now, |_| false)
+    }
+
+    /// As [`Self::due`], leaving out (not counting as sent) the messages
+    /// `hold` says must wait (a final report whose task still has log
+    /// lines queued before it).
+    pub fn due_unless(&mut self, now: Instant, hold: impl Fn(&Pending) -> bool) -> Vec<Outgoing> {
         let mut out = Vec::new();
         for (&seq, p) in self.pending.iter_mut() {
-            if p.due.is_some_and(|d| d > now) {
+            if p.due.is_some_and(|d| d > now) || hold(p) {
                 continue;
             }
             let delay = p
@@ -168,6 +175,17 @@ impl Outbox {
             });
         }
         out
+    }
+
+    /// `seq` was not sent after all (the shell held it back to keep it
+    /// behind log lines that the socket could not take): due again at the
+    /// next opportunity, its backoff not advanced by a send that did not
+    /// happen.
+    pub fn unsend(&mut self, seq: u64) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.due = None;
+            p.sends = p.sends.saturating_sub(1);
+        }
     }
 
     /// Removes `seq` without it having been delivered (the receiver

@@ -76,6 +76,12 @@ pub struct SocketLimits {
 /// counted, a mandatory one waits in the outbox for its resend.
 pub const CLIENT_SEND_QUEUE: usize = 256;
 
+/// Bytes a client or worker queues towards the server at most (a log
+/// batch is up to 64 KiB): what a worker whose server reads slowly holds
+/// in its socket; beyond it, log batches wait in the session (and the
+/// conductor on its pipe), see `worker::channel::LogBudget`.
+pub const CLIENT_SEND_BYTES: usize = 2 * 1024 * 1024;
+
 /// Frames in the largest message of our protocol: topic (PUB/SUB) or
 /// routing identity, header, body, raw.
 pub const MAX_FRAMES: usize = 4;
@@ -147,6 +153,7 @@ fn options(timeout: Duration) -> SocketOptions {
     // towards the server is bounded more tightly (it is one peer).
     let mut o = SocketLimits {
         peer_send_queue: CLIENT_SEND_QUEUE,
+        peer_send_bytes: CLIENT_SEND_BYTES,
         ..SocketLimits::default()
     }
     .options();

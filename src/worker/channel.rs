@@ -25,6 +25,12 @@ pub enum TaskEvent {
         attempt: u32,
         line: LogLine,
     },
+    /// Several lines at once (the lines of one read from the conductor).
+    Logs {
+        task: TaskId,
+        attempt: u32,
+        lines: Vec<LogLine>,
+    },
     Finished {
         task: TaskId,
         attempt: u32,
@@ -82,9 +88,20 @@ pub const LINE_OVERHEAD: usize = 128;
 /// Log text in flight between all running tasks and the session, bounded
 /// in bytes: a conductor that prints faster than lines can be delivered
 /// loses lines (counted, and reported as gaps), never the worker's memory.
+///
+/// It also carries back-pressure: while the worker is connected and the
+/// lines waiting to be sent (the session's backlog, because the server
+/// reads slower than the conductor prints) plus those in flight pass half
+/// the limit, the task runner waits before taking more from the conductor,
+/// which then waits on its pipe. So a fast conductor is slowed to the pace
+/// of delivery instead of losing lines; only while the server is away do
+/// lines queue up to the limit and then go oldest-first (counted).
 #[derive(Clone, Debug)]
 pub struct LogBudget {
     in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes of log waiting in the session to be sent, while connected.
+    backlog: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    room: std::sync::Arc<tokio::sync::Notify>,
     limit: usize,
 }
 
@@ -92,7 +109,52 @@ impl LogBudget {
     pub fn new(limit: usize) -> Self {
         LogBudget {
             in_flight: Default::default(),
+            backlog: Default::default(),
+            room: Default::default(),
             limit,
+        }
+    }
+
+    fn pressed(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.in_flight
+            .load(Ordering::Acquire)
+            .saturating_add(self.backlog.load(Ordering::Acquire))
+            > self.limit / 2
+    }
+
+    /// The session's backlog of unsent log bytes (0 while disconnected:
+    /// then nothing waits, lines queue and the oldest go).
+    pub fn set_backlog(&self, bytes: usize) {
+        self.backlog
+            .store(bytes, std::sync::atomic::Ordering::Release);
+        if !self.pressed() {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Lines taken into the session's buffer: no longer in flight, but
+    /// part of the backlog until the next [`Self::set_backlog`].
+    pub fn buffered(&self, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(bytes))
+            });
+        self.backlog.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Waits while delivery is behind (see the type's documentation).
+    pub async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.pressed() {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -114,6 +176,9 @@ impl LogBudget {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 Some(n.saturating_sub(bytes))
             });
+        if !self.pressed() {
+            self.room.notify_waiters();
+        }
     }
 
     /// Bytes in flight now.
@@ -141,6 +206,13 @@ impl ResponseChannel {
         self
     }
 
+    /// Waits while log delivery is behind ([`LogBudget`]).
+    pub async fn wait_for_room(&self) {
+        if let Some(b) = &self.budget {
+            b.wait_for_room().await;
+        }
+    }
+
     /// Lines dropped so far because the log budget was spent.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -151,8 +223,37 @@ impl ResponseChannel {
     }
 
     /// Posts one log line (best-effort delivery, numbered for accounting).
-    pub fn log(&mut self, stream: Stream, mut text: String) {
-        // Within the protocol's line limit whatever the caller built.
+    pub fn log(&mut self, stream: Stream, text: String) {
+        if let Some(line) = self.number(stream, text) {
+            // The session outlives every channel; a closed receiver means
+            // the worker is shutting down and nothing can be delivered.
+            let _ = self.tx.send(TaskEvent::Log {
+                task: self.task.clone(),
+                attempt: self.attempt,
+                line,
+            });
+        }
+    }
+
+    /// Posts several lines in one hand-over to the session.
+    pub fn log_lines(&mut self, stream: Stream, texts: impl IntoIterator<Item = String>) {
+        let lines: Vec<LogLine> = texts
+            .into_iter()
+            .filter_map(|t| self.number(stream, t))
+            .collect();
+        if !lines.is_empty() {
+            let _ = self.tx.send(TaskEvent::Logs {
+                task: self.task.clone(),
+                attempt: self.attempt,
+                lines,
+            });
+        }
+    }
+
+    /// Numbers a line (within the protocol's line limit whatever the
+    /// caller built); `None` if the log budget is spent (the line is
+    /// counted as dropped, and reported as lost).
+    fn number(&mut self, stream: Stream, mut text: String) -> Option<LogLine> {
         let max = crate::protocol::limits::MAX_LINE_BYTES - 32;
         if text.len() > max {
             let mut cut = max;
@@ -174,15 +275,9 @@ impl ResponseChannel {
             .is_some_and(|b| !b.take(charge(&line.text)))
         {
             self.dropped += 1;
-            return;
+            return None;
         }
-        // The session outlives every channel; a closed receiver means the
-        // worker is shutting down and nothing can be delivered anyway.
-        let _ = self.tx.send(TaskEvent::Log {
-            task: self.task.clone(),
-            attempt: self.attempt,
-            line,
-        });
+        Some(line)
     }
 
     /// Posts the final report and closes the channel.

@@ -209,7 +209,7 @@ pub struct Run {
 /// [`Outcome`] with `failure` set.
 pub async fn run(
     run: Run,
-    lines: mpsc::Sender<(Stream, String)>,
+    lines: mpsc::Sender<(Stream, Vec<String>)>,
     mut stop: watch::Receiver<Stop>,
 ) -> Outcome {
     let Some((program, args)) = run.argv.split_first() else {
@@ -245,7 +245,10 @@ pub async fn run(
             let _ = lines
                 .send((
                     Stream::Worker,
-                    format!("cannot note the process group in {}: {e}", path.display()),
+                    vec![format!(
+                        "cannot note the process group in {}: {e}",
+                        path.display()
+                    )],
                 ))
                 .await;
         }
@@ -273,17 +276,17 @@ pub async fn run(
         let _ = lines
             .send((
                 Stream::Worker,
-                format!(
+                vec![format!(
                     "execution timeout after {} s: terminating the conductor's process group",
                     run.timeout.as_secs()
-                ),
+                )],
             ))
             .await;
     } else if outcome.cancelled {
         let _ = lines
             .send((
                 Stream::Worker,
-                "task cancelled: terminating the conductor's process group".into(),
+                vec!["task cancelled: terminating the conductor's process group".into()],
             ))
             .await;
     }
@@ -294,7 +297,7 @@ pub async fn run(
             match tokio::time::timeout(run.kill_grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
-                    let _ = lines.send((Stream::Worker, format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis()))).await;
+                    let _ = lines.send((Stream::Worker, vec![format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis())])).await;
                     signal_group(pgid, Signal::SIGKILL);
                     child.wait().await
                 }
@@ -352,16 +355,19 @@ fn signal_group(pgid: Pid, signal: Signal) -> bool {
 async fn pump(
     stream: Option<impl AsyncRead + Unpin>,
     which: Stream,
-    lines: mpsc::Sender<(Stream, String)>,
+    lines: mpsc::Sender<(Stream, Vec<String>)>,
 ) {
     let Some(stream) = stream else { return };
-    let mut reader = BufReader::new(stream);
+    // The lines of one read go on together: one channel hand-over per
+    // pipe read, not per line (a conductor printing a million short lines
+    // would otherwise spend the worker's time in channel operations).
+    let mut reader = BufReader::with_capacity(PIPE_READ_BYTES, stream);
     let mut splitter = LineSplitter::default();
     loop {
         let chunk = match reader.fill_buf().await {
             Ok([]) => {
                 if let Some(text) = splitter.finish() {
-                    let _ = lines.send((which, text)).await;
+                    let _ = lines.send((which, vec![text])).await;
                 }
                 return;
             }
@@ -370,21 +376,23 @@ async fn pump(
                 let _ = lines
                     .send((
                         Stream::Worker,
-                        format!("cannot read conductor {which:?}: {e}"),
+                        vec![format!("cannot read conductor {which:?}: {e}")],
                     ))
                     .await;
                 return;
             }
         };
         let used = chunk.len();
-        for text in splitter.push(chunk) {
-            if lines.send((which, text)).await.is_err() {
-                return;
-            }
-        }
+        let texts = splitter.push(chunk);
         reader.consume(used);
+        if !texts.is_empty() && lines.send((which, texts)).await.is_err() {
+            return;
+        }
     }
 }
+
+/// Bytes read from a conductor's pipe at once.
+const PIPE_READ_BYTES: usize = 64 * 1024;
 
 /// Cuts a byte stream into lines of at most [`MAX_LINE_BYTES`]: memory per
 /// stream stays bounded however long a line without a newline is; a long

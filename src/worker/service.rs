@@ -255,7 +255,8 @@ pub async fn run(
                 while let Some(event) = next.take() {
                     match &event {
                         TaskEvent::Finished { task, .. } => report_saved = Some(task.clone()),
-                        TaskEvent::Log { line, .. } => log_budget.release(crate::worker::channel::charge(&line.text)),
+                        TaskEvent::Log { line, .. } => log_budget.buffered(crate::worker::channel::charge(&line.text)),
+                        TaskEvent::Logs { lines, .. } => log_budget.buffered(lines.iter().map(|l| crate::worker::channel::charge(&l.text)).sum()),
                     }
                     actions.extend(session.on_task_event(Instant::now(), event));
                     taken += 1;
@@ -361,8 +362,25 @@ pub async fn run(
             info!(task = %task, "final report saved; it will be delivered even if this worker restarts");
         }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
+        // Log batches the socket would not take this turn, in order: they
+        // go back to the session (back-pressure, not loss).
+        let mut unsent_logs: Vec<protocol::Body> = Vec::new();
         while let Some(action) = queue.pop_front() {
             match action {
+                Action::Send {
+                    body: body @ protocol::Body::Log { .. },
+                    ..
+                } if !unsent_logs.is_empty() => {
+                    unsent_logs.push(body);
+                }
+                // Nor does a final report overtake the lines held back.
+                Action::Send {
+                    header,
+                    body: protocol::Body::TaskFinished { .. },
+                    ..
+                } if !unsent_logs.is_empty() && header.mandatory => {
+                    session.unsend(header.seq);
+                }
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
                     let mut frames = protocol::encode(&header, &body, raw);
@@ -377,7 +395,9 @@ pub async fn run(
                         // best-effort message is dropped and counted, a
                         // mandatory one stays in the outbox for its resend.
                         Err(TransportError::PeerBusy) => {
-                            if !mandatory {
+                            if matches!(body, protocol::Body::Log { .. }) && !mandatory {
+                                unsent_logs.push(body);
+                            } else if !mandatory {
                                 session.note_unsent(&body);
                             }
                         }
@@ -423,6 +443,13 @@ pub async fn run(
                 }
             }
         }
+        if !unsent_logs.is_empty() {
+            session.requeue_unsent_logs(Instant::now(), unsent_logs);
+        }
+        log_budget.set_backlog(match session.link() {
+            Link::Up { .. } => session.buffered_log_bytes(),
+            _ => 0,
+        });
         if let Link::Up { server } = session.link() {
             if !was_up {
                 match outage.take() {
@@ -643,8 +670,9 @@ async fn run_task(
         )),
     );
     // Bounded: a conductor printing faster than lines can be numbered
-    // and queued waits on its pipe, like any pipe writer.
-    let (line_tx, mut line_rx) = mpsc::channel(1024);
+    // and queued waits on its pipe, like any pipe writer. Each item is the
+    // lines of one pipe read (at most 64 KiB of text).
+    let (line_tx, mut line_rx) = mpsc::channel(4);
     let run = conductor::Run {
         argv,
         work_dir: work_dir.clone(),
@@ -662,8 +690,10 @@ async fn run_task(
         pgid_file: Some(task_dir.join("conductor.pgid")),
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
-    while let Some((stream, text)) = line_rx.recv().await {
-        channel.log(stream, masker.mask(text));
+    while let Some((stream, texts)) = line_rx.recv().await {
+        // Delivery behind: wait here, so the conductor waits on its pipe.
+        channel.wait_for_room().await;
+        channel.log_lines(stream, texts.into_iter().map(|t| masker.mask(t)));
     }
     let outcome = match conductor.await {
         Ok(outcome) => outcome,

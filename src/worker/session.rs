@@ -343,6 +343,54 @@ impl Session {
 
     /// A message the shell could not send because the server's queue was
     /// full: a best-effort one is dropped here and counted.
+    /// Log batches the socket could not take (the server reads slower than
+    /// the conductor prints), in the order they were made: their lines go
+    /// back to the front of the buffer, to be sent at the next flush. The
+    /// buffer's bounds still hold (the oldest go first, counted).
+    pub fn requeue_unsent_logs(&mut self, now: Instant, bodies: Vec<Body>) {
+        for body in bodies.into_iter().rev() {
+            let Body::Log {
+                task,
+                attempt,
+                lines,
+            } = body
+            else {
+                continue;
+            };
+            if !self.is_current(&task, attempt) {
+                continue; // the task was closed meanwhile; dropped on purpose
+            }
+            for line in lines.into_iter().rev() {
+                self.log_bytes += charge(&line.text);
+                self.logs.push_front((task.clone(), attempt, line));
+            }
+        }
+        while self.logs.len() > self.cfg.log_buffer_lines
+            || (self.log_bytes > self.cfg.log_buffer_bytes && !self.logs.is_empty())
+        {
+            if let Some((t, _, old)) = self.logs.pop_front() {
+                self.log_bytes -= charge(&old.text);
+                self.stats.log_lines_dropped += 1;
+                *self.dropped_per_task.entry(t).or_default() += 1;
+            }
+        }
+        if !self.logs.is_empty() {
+            self.oldest_log_at = Some(now);
+        }
+    }
+
+    /// A mandatory message the shell did not send after all (to keep it
+    /// behind log lines the socket could not take): sent again at the next
+    /// flush.
+    pub fn unsend(&mut self, seq: u64) {
+        self.outbox.unsend(seq);
+    }
+
+    /// Bytes of log lines waiting to be sent.
+    pub fn buffered_log_bytes(&self) -> usize {
+        self.log_bytes
+    }
+
     pub fn note_unsent(&mut self, body: &Body) {
         self.stats.unsent_dropped += 1;
         if let Body::Log { task, lines, .. } = body {
@@ -713,6 +761,25 @@ impl Session {
     }
 
     /// Something from the running task.
+    /// Queues one log line for sending. Bounded in lines and in bytes: the
+    /// oldest go first, and each one dropped is counted (the server
+    /// reports the gap).
+    fn buffer_log(&mut self, now: Instant, task: TaskId, attempt: u32, line: LogLine) {
+        while !self.logs.is_empty()
+            && (self.logs.len() >= self.cfg.log_buffer_lines
+                || self.log_bytes + charge(&line.text) > self.cfg.log_buffer_bytes)
+        {
+            if let Some((t, _, old)) = self.logs.pop_front() {
+                self.log_bytes -= charge(&old.text);
+                self.stats.log_lines_dropped += 1;
+                *self.dropped_per_task.entry(t).or_default() += 1;
+            }
+        }
+        self.log_bytes += charge(&line.text);
+        self.logs.push_back((task, attempt, line));
+        self.oldest_log_at.get_or_insert(now);
+    }
+
     pub fn on_task_event(&mut self, now: Instant, event: TaskEvent) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
@@ -724,21 +791,19 @@ impl Session {
                 if !self.is_current(&task, attempt) {
                     return actions; // the task was closed under it; dropped on purpose
                 }
-                // Bounded in lines and in bytes: the oldest go first, and
-                // each one dropped is counted (the server reports the gap).
-                while !self.logs.is_empty()
-                    && (self.logs.len() >= self.cfg.log_buffer_lines
-                        || self.log_bytes + charge(&line.text) > self.cfg.log_buffer_bytes)
-                {
-                    if let Some((t, _, old)) = self.logs.pop_front() {
-                        self.log_bytes -= charge(&old.text);
-                        self.stats.log_lines_dropped += 1;
-                        *self.dropped_per_task.entry(t).or_default() += 1;
-                    }
+                self.buffer_log(now, task, attempt, line);
+            }
+            TaskEvent::Logs {
+                task,
+                attempt,
+                lines,
+            } => {
+                if !self.is_current(&task, attempt) {
+                    return actions; // the task was closed under it; dropped on purpose
                 }
-                self.log_bytes += charge(&line.text);
-                self.logs.push_back((task, attempt, line));
-                self.oldest_log_at.get_or_insert(now);
+                for line in lines {
+                    self.buffer_log(now, task.clone(), attempt, line);
+                }
             }
             TaskEvent::Finished {
                 task,
@@ -890,7 +955,16 @@ impl Session {
             self.stats.given_up += 1;
             warn!(seq, kind = p.body.kind(), task = ?p.task, sends = p.sends, "gave up delivering a message (give-up policy)");
         }
-        for Outgoing { header, body, raw } in self.outbox.due(now) {
+        // A final report never overtakes its task's log lines: while any
+        // are still queued (the socket could not take them), it waits.
+        let logs = &self.logs;
+        let due = self.outbox.due_unless(now, |p| {
+            matches!(p.body, Body::TaskFinished { .. })
+                && p.task
+                    .as_ref()
+                    .is_some_and(|t| logs.iter().any(|(lt, _, _)| lt == t))
+        });
+        for Outgoing { header, body, raw } in due {
             self.send(now, actions, header, body, raw);
         }
         if self.slot.is_none() && !self.ready_sent {

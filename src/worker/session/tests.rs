@@ -762,3 +762,67 @@ fn mutated_server_messages_never_panic_the_session() {
         }
     }
 }
+
+#[test]
+fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_them() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    w.msg(Body::Ack { seq: 1 });
+    w.log("t1", 1);
+    w.log("t1", 2);
+    let a = w.s.on_task_event(
+        w.now,
+        TaskEvent::Finished {
+            task: "t1".into(),
+            attempt: 1,
+            outcome: Outcome::default(),
+            log_lines: 2,
+            files: vec![],
+        },
+    );
+    // The shell could not send the log batch (socket full): it gives the
+    // batch back and holds the report it had not sent either.
+    let (mut refused, mut report) = (Vec::new(), None);
+    for action in a {
+        if let Action::Send { header, body, .. } = action {
+            match body {
+                Body::Log { .. } => refused.push(body),
+                Body::TaskFinished { .. } => report = Some(header.seq),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(refused.len(), 1);
+    w.s.requeue_unsent_logs(w.now, refused);
+    w.s.unsend(report.expect("the report was due"));
+    assert_eq!(w.s.buffered_log_lines(), 2);
+    assert_eq!(w.s.stats.log_lines_dropped, 0);
+    // Before the lines are due again, the report is held behind them.
+    let a = w.s.on_tick(w.now);
+    assert!(!sent(&a).contains(&"task_finished"), "{:?}", sent(&a));
+    // The next flush sends the lines again, in order, and only then the
+    // report (due at once, not after a resend backoff).
+    let a = w.advance(Duration::from_millis(100));
+    let order: Vec<&str> = sent(&a);
+    let log_at = order.iter().position(|k| *k == "log").expect("log resent");
+    let report_at = order
+        .iter()
+        .position(|k| *k == "task_finished")
+        .expect("report sent at the next flush");
+    assert!(log_at < report_at, "{order:?}");
+    let seqs: Vec<u64> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                body: Body::Log { lines, .. },
+                ..
+            } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+}

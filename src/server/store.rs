@@ -47,9 +47,15 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
 /// `[ots-worker]` line). Other control bytes are kept as sent; clients
 /// escape them for a terminal.
 pub fn render_line(line: &LogLine) -> String {
-    let prefix = prefix(line.stream);
-    let mut out = String::with_capacity(prefix.len() + line.text.len() + 1);
-    out.push_str(prefix);
+    let mut out = String::with_capacity(prefix(line.stream).len() + line.text.len() + 1);
+    render_into(&mut out, line);
+    out
+}
+
+/// Appends the stored form of `line` to `out` (no allocation per line when
+/// a batch is rendered into one buffer).
+pub fn render_into(out: &mut String, line: &LogLine) {
+    out.push_str(prefix(line.stream));
     if line.text.bytes().any(needs_escape) {
         for c in line.text.chars() {
             match c {
@@ -63,7 +69,6 @@ pub fn render_line(line: &LogLine) -> String {
         out.push_str(&line.text);
     }
     out.push('\n');
-    out
 }
 
 fn prefix(stream: Stream) -> &'static str {
@@ -178,9 +183,10 @@ impl DiskStore {
 
 impl Store for DiskStore {
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
-        let mut text = String::new();
+        let size: usize = lines.iter().map(|l| rendered_len(l) as usize).sum();
+        let mut text = String::with_capacity(size);
         for line in lines {
-            text.push_str(&render_line(line));
+            render_into(&mut text, line);
         }
         if !self.logs.contains_key(task) {
             let dir = self.task_dir(task);
@@ -331,7 +337,9 @@ impl Store for MemoryStore {
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
         let log = self.logs.entry(task.clone()).or_default();
         for line in lines {
-            log.extend_from_slice(render_line(line).as_bytes());
+            let mut text = String::new();
+            render_into(&mut text, line);
+            log.extend_from_slice(text.as_bytes());
         }
         Ok(())
     }

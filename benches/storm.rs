@@ -12,83 +12,14 @@
 //!
 //! Environment: OTS_STORM_WORKERS (default 1000).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
 use ots::fleet::{FleetCounters, FleetSecurity};
-use ots::security::{KeyPair, PublicKey};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use ots::security::PublicKey;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A server child and the lines it wrote to stderr.
-struct ServerChild {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    control: String,
-    events: String,
-}
-
-impl Drop for ServerChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ServerChild {
-    fn count(&self, needle: &str) -> usize {
-        let lines = self.lines.lock().expect("lines");
-        lines.iter().filter(|l| l.contains(needle)).count()
-    }
-}
-
-fn field(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!("{key}="))? + key.len() + 1;
-    Some(line[start..].split_whitespace().next()?.to_string())
-}
-
-fn start_server(state: &Path, control: &str, events: &str, keys: Option<&Path>) -> ServerChild {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ots-server"));
-    cmd.args(["--control", control, "--events", events, "--state-dir"])
-        .arg(state)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    match keys {
-        None => {
-            cmd.env("OTS_SERVER_SECURITY", "none");
-        }
-        Some(dir) => {
-            cmd.env("OTS_SERVER_KEY", dir.join("server.key"))
-                .env("OTS_SERVER_WORKERS_DIR", dir.join("workers.d"))
-                .env("OTS_SERVER_USERS_DIR", dir.join("users.d"));
-        }
-    }
-    let mut child = cmd.spawn().expect("ots-server starts");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let lines = lines.clone();
-        let stderr = child.stderr.take().expect("piped stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("server listening") {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().expect("lines").push(line);
-            }
-        });
-    }
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server says it is listening within 30 s");
-    ServerChild {
-        child,
-        lines,
-        control: field(&line, "control").expect("control endpoint"),
-        events: field(&line, "events").expect("events endpoint"),
-    }
-}
 
 fn wait_until(limit: Duration, ok: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
@@ -101,54 +32,56 @@ fn wait_until(limit: Duration, ok: impl Fn() -> bool) -> Option<Duration> {
     None
 }
 
+/// The harness's server, secured with its keys or without security.
+fn server(secure: bool, state: &std::path::Path, control: &str, events: &str) -> ServerProc {
+    if secure {
+        start_server(state, control, events, &[])
+    } else {
+        start_server_insecure(state, control, events, &[])
+    }
+}
+
 fn storm(n: usize, secure: bool) {
     let mode = if secure { "noise" } else { "none " };
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
-    let keys = dir.path().join("keys");
     let security = if secure {
-        for d in ["workers.d", "users.d", "private"] {
-            std::fs::create_dir_all(keys.join(d)).expect("key dirs");
-        }
-        let server = KeyPair::generate();
-        server.write(&keys.join("server")).expect("server key");
+        let lab = keys();
         let fleet =
-            ots::fleet::fleet_keys(&keys.join("private"), &keys.join("workers.d"), "storm", n)
+            ots::fleet::fleet_keys(&lab.path().join("private"), &lab.workers_dir(), "storm", n)
                 .expect("fleet keys");
         FleetSecurity::Noise {
-            server: PublicKey::read(&keys.join("server.pub")).expect("server.pub"),
+            server: PublicKey::read(&lab.server_pub()).expect("server.pub"),
             keys: Arc::new(fleet),
         }
     } else {
         FleetSecurity::None
     };
-    let keys = secure.then_some(keys.as_path());
-    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", keys);
+    let mut first_server = server(secure, &state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let fleet: FleetCounters = {
         let _guard = rt.enter();
-        ots::fleet::start(&server.control, "storm", n, 0, security)
+        ots::fleet::start(&first_server.control, "storm", n, 0, security)
     };
-    let first = wait_until(Duration::from_secs(120), || fleet.registered() == n);
-    let Some(first) = first else {
+    let Some(first) = wait_until(Duration::from_secs(120), || fleet.registered() == n) else {
         println!(
             "{mode}: only {} of {n} registered in 120 s",
             fleet.registered()
         );
         return;
     };
-    let (control, events) = (server.control.clone(), server.events.clone());
+    let (control, events) = (first_server.control.clone(), first_server.events.clone());
     let welcomes = fleet.welcomes();
-    drop(server); // SIGKILL
+    first_server.proc.kill();
     let restarted = Instant::now();
-    let server = start_server(&state, &control, &events, keys);
+    let server = server(secure, &state, &control, &events);
     let back = wait_until(Duration::from_secs(120), || {
         fleet.registered() == n && fleet.welcomes() >= welcomes + n
     });
     let back_after = restarted.elapsed();
     // A few liveness windows after the storm: nobody may be lost.
     std::thread::sleep(Duration::from_secs(5)); // the observation window itself
-    let lost = server.count("worker lost");
+    let lost = server.proc.stderr.count("worker lost");
     match back {
         Some(_) => println!(
             "{mode}: {n} workers registered in {:.2} s; after SIGKILL + restart all back in {:.2} s; \
@@ -179,12 +112,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     // Thousands of sockets in one process.
-    if let Ok((_, hard)) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-    {
-        let _ =
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    zmtp::raise_fd_limit();
     storm(n, false);
     storm(n, true);
 }

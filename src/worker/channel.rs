@@ -167,24 +167,6 @@ impl LogBudget {
             })
             .is_ok()
     }
-
-    /// Gives back what a delivered (or buffered) line took.
-    pub fn release(&self, bytes: usize) {
-        use std::sync::atomic::Ordering;
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(bytes))
-            });
-        if !self.pressed() {
-            self.room.notify_waiters();
-        }
-    }
-
-    /// Bytes in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
-    }
 }
 
 impl ResponseChannel {

@@ -365,15 +365,7 @@ impl Session {
                 self.logs.push_front((task.clone(), attempt, line));
             }
         }
-        while self.logs.len() > self.cfg.log_buffer_lines
-            || (self.log_bytes > self.cfg.log_buffer_bytes && !self.logs.is_empty())
-        {
-            if let Some((t, _, old)) = self.logs.pop_front() {
-                self.log_bytes -= charge(&old.text);
-                self.stats.log_lines_dropped += 1;
-                *self.dropped_per_task.entry(t).or_default() += 1;
-            }
-        }
+        self.shed_oldest_logs(0, 0);
         if !self.logs.is_empty() {
             self.oldest_log_at = Some(now);
         }
@@ -761,13 +753,13 @@ impl Session {
     }
 
     /// Something from the running task.
-    /// Queues one log line for sending. Bounded in lines and in bytes: the
-    /// oldest go first, and each one dropped is counted (the server
-    /// reports the gap).
-    fn buffer_log(&mut self, now: Instant, task: TaskId, attempt: u32, line: LogLine) {
+    /// Drops the oldest buffered lines (each counted, and reported as lost)
+    /// until `lines` more lines of `bytes` more bytes fit the buffer's
+    /// bounds.
+    fn shed_oldest_logs(&mut self, lines: usize, bytes: usize) {
         while !self.logs.is_empty()
-            && (self.logs.len() >= self.cfg.log_buffer_lines
-                || self.log_bytes + charge(&line.text) > self.cfg.log_buffer_bytes)
+            && (self.logs.len() + lines > self.cfg.log_buffer_lines
+                || self.log_bytes + bytes > self.cfg.log_buffer_bytes)
         {
             if let Some((t, _, old)) = self.logs.pop_front() {
                 self.log_bytes -= charge(&old.text);
@@ -775,6 +767,13 @@ impl Session {
                 *self.dropped_per_task.entry(t).or_default() += 1;
             }
         }
+    }
+
+    /// Queues one log line for sending. Bounded in lines and in bytes: the
+    /// oldest go first, and each one dropped is counted (the server
+    /// reports the gap).
+    fn buffer_log(&mut self, now: Instant, task: TaskId, attempt: u32, line: LogLine) {
+        self.shed_oldest_logs(1, charge(&line.text));
         self.log_bytes += charge(&line.text);
         self.logs.push_back((task, attempt, line));
         self.oldest_log_at.get_or_insert(now);

@@ -176,6 +176,27 @@ impl W {
         self.now += d;
         self.s.on_tick(self.now)
     }
+    /// Registered, runs task t1, which logs two lines and finishes: the
+    /// actions of the finish.
+    fn two_lines_then_the_report(&mut self) -> Vec<Action> {
+        self.up();
+        self.msg(Body::Dispatch {
+            spec: spec("t1", 5_000),
+        });
+        self.msg(Body::Ack { seq: 1 });
+        self.log("t1", 1);
+        self.log("t1", 2);
+        self.s.on_task_event(
+            self.now,
+            TaskEvent::Finished {
+                task: "t1".into(),
+                attempt: 1,
+                outcome: Outcome::default(),
+                log_lines: 2,
+                files: vec![],
+            },
+        )
+    }
     fn log(&mut self, task: &str, seq: u64) -> Vec<Action> {
         self.s.on_task_event(
             self.now,
@@ -375,23 +396,7 @@ fn busy_worker_refuses_a_second_task() {
 #[test]
 fn logs_posted_before_finish_go_out_before_the_final_report() {
     let mut w = W::new();
-    w.up();
-    w.msg(Body::Dispatch {
-        spec: spec("t1", 5_000),
-    });
-    w.msg(Body::Ack { seq: 1 });
-    w.log("t1", 1);
-    w.log("t1", 2);
-    let a = w.s.on_task_event(
-        w.now,
-        TaskEvent::Finished {
-            task: "t1".into(),
-            attempt: 1,
-            outcome: Outcome::default(),
-            log_lines: 2,
-            files: vec![],
-        },
-    );
+    let a = w.two_lines_then_the_report();
     assert_eq!(sent(&a), vec!["log", "task_finished"]);
 }
 
@@ -766,23 +771,7 @@ fn mutated_server_messages_never_panic_the_session() {
 #[test]
 fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_them() {
     let mut w = W::new();
-    w.up();
-    w.msg(Body::Dispatch {
-        spec: spec("t1", 5_000),
-    });
-    w.msg(Body::Ack { seq: 1 });
-    w.log("t1", 1);
-    w.log("t1", 2);
-    let a = w.s.on_task_event(
-        w.now,
-        TaskEvent::Finished {
-            task: "t1".into(),
-            attempt: 1,
-            outcome: Outcome::default(),
-            log_lines: 2,
-            files: vec![],
-        },
-    );
+    let a = w.two_lines_then_the_report();
     // The shell could not send the log batch (socket full): it gives the
     // batch back and holds the report it had not sent either.
     let (mut refused, mut report) = (Vec::new(), None);

@@ -35,7 +35,7 @@ pub const HANDSHAKE_MARKER: &[u8] = b"OTS-NOISE-IK-1";
 /// are bounded by `limits.max_connections`).
 const MAX_TRACKED: usize = 65_536;
 
-/// Handshakes waiting for the handshake thread, past which new ones are
+/// Handshakes handed to the handshake thread and not yet completed, past which new ones are
 /// refused as busy (a storm of 5000 workers takes a few seconds to admit;
 /// the rest retry after their backoff).
 pub const MAX_PENDING_HANDSHAKES: usize = 2048;
@@ -191,11 +191,9 @@ impl Gate {
         }
     }
 
-    /// Marks `peer` refused (leaving the pending state if it was in it).
+    /// Marks `peer` refused.
     fn refuse(&mut self, peer: &PeerId) {
-        if let Some(Conn::Pending) = self.conns.insert(peer.clone(), Conn::Refused) {
-            self.pending -= 1;
-        }
+        self.conns.insert(peer.clone(), Conn::Refused);
     }
 
     fn start_handshake(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
@@ -211,6 +209,14 @@ impl Gate {
                 };
             }
         };
+        if first.len() > handshake::MAX_MESSAGE {
+            // Larger than any Noise message: refused before it is queued.
+            self.count("security_failed_handshakes");
+            self.refuse(peer);
+            return Verdict::Refuse {
+                reason: SecurityError::Malformed("a handshake message over 65535 bytes"),
+            };
+        }
         if self.pending >= MAX_PENDING_HANDSHAKES {
             self.count("security_handshakes_busy");
             self.conns.insert(peer.clone(), Conn::Refused);
@@ -226,7 +232,10 @@ impl Gate {
         }
     }
 
-    /// Handshakes waiting for their result.
+    /// Handshakes handed out and not yet completed. A job counts until its
+    /// result comes back, even if its connection closed meanwhile: so
+    /// connections that send a handshake and vanish cannot queue more
+    /// than [`MAX_PENDING_HANDSHAKES`] jobs for the handshake thread.
     pub fn pending(&self) -> usize {
         self.pending
     }
@@ -240,10 +249,10 @@ impl Gate {
         peer: &PeerId,
         result: Result<Accepted<Identity>, SecurityError>,
     ) -> Option<Verdict> {
+        self.pending = self.pending.saturating_sub(1);
         if !matches!(self.conns.get(peer), Some(Conn::Pending)) {
             return None;
         }
-        self.pending -= 1;
         let result = result.and_then(|acc| {
             if self.handshaker.allow.get(&acc.peer) == Some(&acc.identity) {
                 Ok(acc)
@@ -294,9 +303,7 @@ impl Gate {
 
     /// The connection closed.
     pub fn forget(&mut self, peer: &PeerId) {
-        if let Some(Conn::Pending) = self.conns.remove(peer) {
-            self.pending -= 1;
-        }
+        self.conns.remove(peer);
     }
 
     /// Replaces the allow-list; returns the secured connections whose key

@@ -19,7 +19,7 @@ use super::{Channel, KeyPair, PublicKey, SecurityError, NOISE_PARAMS};
 /// Largest handshake payload accepted.
 pub const MAX_PAYLOAD: usize = 1024;
 /// Largest handshake message (Noise's own limit).
-const MAX_MESSAGE: usize = 65_535;
+pub(crate) const MAX_MESSAGE: usize = 65_535;
 
 fn failed(e: snow::Error) -> SecurityError {
     SecurityError::Handshake(e.to_string())

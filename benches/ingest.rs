@@ -427,6 +427,7 @@ async fn through_server(
                 },
                 log_lines: lines,
                 files: vec![],
+                file_problems: vec![],
             };
             w.mandatory(report, None).await;
             w.wait_ack(w.seq).await;
@@ -455,7 +456,8 @@ async fn through_server(
         t.as_secs_f64()
     );
 
-    // Durable mandatory messages: file chunks of 64 bytes, 256 in flight.
+    // Durable mandatory messages: one-line log batches sent mandatory
+    // (applied once, acknowledged after the commit), 256 in flight.
     submit(&server.control, 1, keys.as_ref()).await;
     let w = &mut workers[0];
     w.send(&Body::Ready, false, 0, None).await;
@@ -466,15 +468,16 @@ async fn through_server(
     let started = Instant::now();
     let mut acked = first - 1;
     for i in 0..n {
-        let chunk = Body::FileChunk {
+        let batch = Body::Log {
             task: w.task.clone(),
             attempt: 1,
-            name: "bench.bin".into(),
-            offset: i * 64,
-            size: n * 64,
-            sha256: None,
+            lines: vec![LogLine {
+                seq: i + 1,
+                stream: Stream::Stdout,
+                text: "x".repeat(64),
+            }],
         };
-        w.mandatory(chunk, Some(Bytes::from(vec![b'x'; 64]))).await;
+        w.mandatory(batch, None).await;
         while w.seq - acked >= window {
             if let Body::Ack { seq } = w.recv().await.body {
                 acked = acked.max(seq);
@@ -485,7 +488,7 @@ async fn through_server(
     let t = started.elapsed();
     let ack_rate = n as f64 / t.as_secs_f64();
     println!(
-        "durable acks ({mode}):             {:>10.0} msg/s  ({n} file chunks, {window} in flight, {:.2} s)",
+        "durable acks ({mode}):             {:>10.0} msg/s  ({n} mandatory messages, {window} in flight, {:.2} s)",
         n as f64 / t.as_secs_f64(),
         t.as_secs_f64()
     );

@@ -207,6 +207,15 @@ pub struct ServerLimits {
     /// Largest result file, and all result files of one task attempt.
     pub max_file_bytes: u64,
     pub max_task_file_bytes: u64,
+    /// All stored result files together (the result area's quota): an
+    /// offer that would exceed it is refused before any byte is sent.
+    pub max_stored_file_bytes: u64,
+    /// Credit one upload gets at most: bytes a worker may send ahead of
+    /// what the server has written.
+    pub file_window_bytes: u64,
+    /// Credit all uploads together hold at most: the memory between the
+    /// sockets and the disk, whatever the number of uploads.
+    pub file_buffer_bytes: u64,
     /// Worker refusals of one task (busy, expired) before it ends in ERROR.
     pub max_refusals: u32,
     /// Worker names the registry holds; a new name past it is refused.
@@ -229,6 +238,9 @@ impl Default for ServerLimits {
             max_log_gaps: s.max_log_gaps,
             max_file_bytes: s.max_file_bytes,
             max_task_file_bytes: s.max_task_file_bytes,
+            max_stored_file_bytes: s.max_stored_file_bytes,
+            file_window_bytes: s.file_window_bytes,
+            file_buffer_bytes: s.file_buffer_bytes,
             max_refusals: s.max_refusals,
             max_workers: s.max_workers,
         }
@@ -243,6 +255,9 @@ impl ServerLimits {
             max_log_gaps: self.max_log_gaps,
             max_file_bytes: self.max_file_bytes,
             max_task_file_bytes: self.max_task_file_bytes,
+            max_stored_file_bytes: self.max_stored_file_bytes,
+            file_window_bytes: self.file_window_bytes,
+            file_buffer_bytes: self.file_buffer_bytes,
             max_refusals: self.max_refusals,
             max_workers: self.max_workers,
         }
@@ -259,7 +274,7 @@ impl ServerLimits {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 12] = [
+        let positive: [(&'static str, u64); 15] = [
             ("limits.max_workers", self.max_workers as u64),
             (
                 "limits.peer_send_queue_bytes",
@@ -275,6 +290,9 @@ impl ServerLimits {
             ("limits.max_log_gaps", self.max_log_gaps as u64),
             ("limits.max_file_bytes", self.max_file_bytes),
             ("limits.max_task_file_bytes", self.max_task_file_bytes),
+            ("limits.max_stored_file_bytes", self.max_stored_file_bytes),
+            ("limits.file_window_bytes", self.file_window_bytes),
+            ("limits.file_buffer_bytes", self.file_buffer_bytes),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -447,8 +465,8 @@ impl Default for ConductorConfig {
             ],
             result_globs: vec!["**/*".into()],
             kill_grace_ms: 5000,
-            max_result_file_bytes: 1 << 30,
-            max_result_bytes: 4 << 30,
+            max_result_file_bytes: 16 << 30,
+            max_result_bytes: 64 << 30,
         }
     }
 }
@@ -490,6 +508,14 @@ pub struct WorkerConfig {
     pub delivery: DeliveryPolicy,
     /// `continue` (default) or `abort` a running task when the server is lost.
     pub on_server_lost: OnServerLost,
+    /// Result files are sent in chunks of this many bytes (4 KiB – 4 MiB)…
+    pub file_chunk_bytes: u64,
+    /// …with at most this many bytes read ahead of what was sent (the
+    /// server's credit bounds what is in flight).
+    pub file_window_bytes: u64,
+    /// Folders of finished tasks kept (for debugging) once their results
+    /// are delivered; older ones are removed.
+    pub keep_task_dirs: usize,
     pub conductor: ConductorConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
@@ -521,6 +547,9 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             delivery: DeliveryPolicy::default(),
             on_server_lost: OnServerLost::default(),
+            file_chunk_bytes: 512 * 1024,
+            file_window_bytes: 4 * 1024 * 1024,
+            keep_task_dirs: 3,
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.key"),
@@ -596,6 +625,21 @@ impl WorkerConfig {
                 "log_buffer_bytes",
                 self.log_buffer_bytes,
                 "log_buffer_lines must be at least 1 and log_buffer_bytes at least 65536",
+            ));
+        }
+        let max_chunk = crate::protocol::codec::MAX_RAW_BYTES as u64;
+        if !(4096..=max_chunk).contains(&self.file_chunk_bytes) {
+            return Err(invalid(
+                "file_chunk_bytes",
+                self.file_chunk_bytes,
+                format!("must be between 4096 and {max_chunk}"),
+            ));
+        }
+        if self.file_window_bytes < self.file_chunk_bytes || self.file_window_bytes > 1 << 30 {
+            return Err(invalid(
+                "file_window_bytes",
+                self.file_window_bytes,
+                "must be at least file_chunk_bytes and at most 1 GiB",
             ));
         }
         if self.conductor.command.is_empty() {

@@ -350,6 +350,7 @@ async fn run_task(
         },
         log_lines: n,
         files: vec![],
+        file_problems: vec![],
     };
     tx.send(wire(channel, mandatory(&finished, *seq, &task)))
         .await?;

@@ -88,15 +88,31 @@ fn body() -> impl Strategy<Value = Body> {
                     })
                     .collect(),
             }),
-        (id(), 0u32..4, id(), number(), number()).prop_map(
-            |(task, attempt, name, offset, size)| {
-                Body::FileChunk {
+        (id(), 0u32..4, id(), number()).prop_map(|(task, attempt, name, offset)| {
+            Body::FileChunk {
+                task,
+                attempt,
+                name,
+                offset,
+            }
+        }),
+        (id(), 0u32..4, id(), number()).prop_map(|(task, attempt, name, size)| {
+            Body::FileOffer {
+                task,
+                attempt,
+                name,
+                size,
+            }
+        }),
+        (id(), 0u32..4, id(), number(), number(), any::<bool>()).prop_map(
+            |(task, attempt, name, have, until, resume)| {
+                Body::FileCredit {
                     task,
                     attempt,
                     name,
-                    offset,
-                    size,
-                    sha256: None,
+                    have,
+                    until,
+                    resume,
                 }
             }
         ),
@@ -110,6 +126,7 @@ fn body() -> impl Strategy<Value = Body> {
                 },
                 log_lines,
                 files: vec![],
+                file_problems: vec![],
             }
         ),
         number().prop_map(|seq| Body::Ack { seq }),
@@ -376,6 +393,8 @@ proptest! {
             retry: Default::default(),
             delivery: Default::default(),
             on_server_lost: Default::default(),
+            file_chunk_bytes: 4096,
+            file_window_bytes: 8192,
         };
         let mut w = Session::new(cfg, "w1".into(), "sess".into(), device(), now);
         w.on_connected(now);

@@ -738,6 +738,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     size: u64::MAX,
                     sha256: "x".into(),
                 }],
+                file_problems: vec![],
             },
             None,
         ),
@@ -749,10 +750,19 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                 attempt: 1,
                 name: "a".repeat(300),
                 offset: 1 << 62,
-                size: u64::MAX,
-                sha256: None,
             },
             Some(vec![1]),
+        ),
+        (
+            false,
+            0,
+            Body::FileOffer {
+                task: real_task.into(),
+                attempt: 1,
+                name: "../x".into(),
+                size: u64::MAX,
+            },
+            None,
         ),
         (
             false,
@@ -1220,6 +1230,30 @@ impl RogueWorker {
             .body
     }
 
+    /// Reads until the server's answer about result file `name` (or an
+    /// error without a seq: a refused message).
+    fn file_answer(&mut self, name: &str) -> Body {
+        loop {
+            match self.next() {
+                b @ (Body::FileCredit { .. }
+                | Body::FileStored { .. }
+                | Body::FileRefused { .. }) => {
+                    let n = match &b {
+                        Body::FileCredit { name, .. }
+                        | Body::FileStored { name, .. }
+                        | Body::FileRefused { name, .. } => name.clone(),
+                        _ => unreachable!(),
+                    };
+                    if n == name {
+                        return b;
+                    }
+                }
+                b @ Body::Error { seq: None, .. } => return b,
+                _ => {}
+            }
+        }
+    }
+
     /// Reads until the answer to mandatory `seq`: an ack or an error.
     fn answer(&mut self, seq: u64) -> Body {
         loop {
@@ -1308,49 +1342,83 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
         None,
     );
     assert_eq!(w.answer(seq), Body::Ack { seq });
-    let chunk = |name: &str, offset: u64, size: u64| Body::FileChunk {
+    let offer = |name: &str, size: u64| Body::FileOffer {
+        task: task.clone(),
+        attempt: 1,
+        name: name.into(),
+        size,
+    };
+    let chunk = |name: &str, offset: u64| Body::FileChunk {
         task: task.clone(),
         attempt: 1,
         name: name.into(),
         offset,
-        size,
-        sha256: None,
     };
-    // A 1-byte chunk at offset 2^36: refused at once (the file it belongs
-    // to is over the size limit), never written as a sparse file.
-    let seq = w.send(
-        Class::File,
-        true,
-        chunk("x", 1 << 36, (1 << 36) + 1),
-        Some(vec![1]),
-    );
-    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::LimitReached));
+    let refused = |b: &Body| match b {
+        Body::FileRefused { code, .. } => Some(*code),
+        _ => None,
+    };
+    // A file of 2^36 + 1 bytes: refused at the offer (over the size
+    // limit), before any byte; never written as a sparse file.
+    w.send(Class::File, false, offer("x", (1 << 36) + 1), None);
+    assert_eq!(refused(&w.file_answer("x")), Some(ErrorCode::LimitReached));
     assert!(!server
         .state_dir
         .join("tasks")
         .join(&task)
         .join("files/x")
         .exists());
-    // A 300-byte name part, and offsets near 2^62: answered too.
-    let seq = w.send(
-        Class::File,
-        true,
-        chunk(&"a".repeat(300), 0, 1),
-        Some(vec![1]),
+    // A 300-byte name part, and an offset near 2^62: typed errors.
+    w.send(Class::File, false, offer(&"a".repeat(300), 1), None);
+    assert_eq!(error_code(&w.file_answer("-")), Some(ErrorCode::Invalid));
+    w.send(Class::File, false, chunk("y", 1 << 62), Some(vec![1]));
+    assert_eq!(error_code(&w.file_answer("-")), Some(ErrorCode::Invalid));
+    // A chunk not where the file stands, and one never offered: dropped,
+    // counted (a worker resumes from the credit the next offer gets).
+    w.send(Class::File, false, offer("d", 1), None);
+    assert!(matches!(
+        w.file_answer("d"),
+        Body::FileCredit {
+            have: 0,
+            until: 1,
+            ..
+        }
+    ));
+    w.send(Class::File, false, chunk("d", 1), Some(vec![]));
+    w.send(Class::File, false, chunk("never-offered", 0), Some(vec![1]));
+    // A file/folder clash in storage: refused with storage_failed.
+    let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+    w.send(Class::File, false, chunk("d", 0), Some(vec![1]));
+    let end = |name: &str| Body::FileEnd {
+        task: task.clone(),
+        attempt: 1,
+        name: name.into(),
+        size: 1,
+        sha256: sha(&[1]),
+    };
+    w.send(Class::File, false, end("d"), None);
+    loop {
+        match w.file_answer("d") {
+            Body::FileStored { .. } => break,
+            Body::FileCredit { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    w.send(Class::File, false, offer("d/e", 1), None);
+    assert!(matches!(w.file_answer("d/e"), Body::FileCredit { .. }));
+    w.send(Class::File, false, chunk("d/e", 0), Some(vec![1]));
+    w.send(Class::File, false, end("d/e"), None);
+    let answer = loop {
+        match w.file_answer("d/e") {
+            Body::FileCredit { .. } => {}
+            other => break other,
+        }
+    };
+    assert_eq!(
+        refused(&answer),
+        Some(ErrorCode::StorageFailed),
+        "{answer:?}"
     );
-    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::Invalid));
-    let seq = w.send(
-        Class::File,
-        true,
-        chunk("y", 1 << 62, 1 << 62),
-        Some(vec![1]),
-    );
-    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::Invalid));
-    // A file/folder clash in storage: answered with storage_failed.
-    let seq = w.send(Class::File, true, chunk("d", 0, 1), Some(vec![1]));
-    assert_eq!(w.answer(seq), Body::Ack { seq });
-    let seq = w.send(Class::File, true, chunk("d/e", 0, 1), Some(vec![1]));
-    assert_eq!(error_code(&w.answer(seq)), Some(ErrorCode::StorageFailed));
     // A line that tries to forge another, and one numbered 2^64 - 1.
     let line = |seq: u64, text: &str| LogLine {
         seq,
@@ -1402,6 +1470,7 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
             },
             log_lines: n,
             files: vec![],
+            file_problems: vec![],
         },
         None,
     );

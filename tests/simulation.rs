@@ -73,6 +73,8 @@ struct Sim {
     /// Per directed link (worker, connection, direction): the latest
     /// delivery time, so each link is FIFO like the TCP under ZeroMQ.
     links: HashMap<(usize, u64, u8), u64>,
+    desk: ots::server::files::Desk,
+    _dir: tempfile::TempDir,
 }
 
 fn peer_of(w: usize, conn: u64) -> Bytes {
@@ -100,8 +102,13 @@ impl Sim {
             secure: false,
             secrets_key: None,
         };
+        let mut cfg = cfg;
+        // Small chunks and credit, so a 44-byte result file takes several
+        // round trips through the lossy network.
+        cfg.limits.file_window_bytes = 20;
         let mut server = Scheduler::new(cfg, MemoryStore::default(), format!("srv{seed}"));
         server.set_wall_clock(t0, WALL0);
+        let dir = tempfile::tempdir().unwrap();
         let workers = (0..workers)
             .map(|i| SimWorker {
                 session: Session::new(
@@ -120,6 +127,8 @@ impl Sim {
                         },
                         delivery: Default::default(),
                         on_server_lost: Default::default(),
+                        file_chunk_bytes: 16,
+                        file_window_bytes: 32,
                     },
                     format!("w{i}"),
                     format!("sess{i}"),
@@ -144,6 +153,8 @@ impl Sim {
             workers,
             starts: HashMap::new(),
             links: HashMap::new(),
+            desk: ots::server::files::Desk::new(dir.path()),
+            _dir: dir,
         }
     }
 
@@ -182,8 +193,26 @@ impl Sim {
     }
 
     fn server_outputs(&mut self) {
-        for out in self.server.take_outputs() {
+        loop {
+            let outs = self.server.take_outputs();
+            if outs.is_empty() {
+                return;
+            }
+            self.server_outputs_once(outs);
+        }
+    }
+
+    fn server_outputs_once(&mut self, outs: Vec<Output>) {
+        for out in outs {
             match out {
+                // The real file desk, synchronously: disk I/O is not what
+                // this simulation is about.
+                Output::File(job) => {
+                    if let Some(done) = self.desk.run(job) {
+                        let now = self.now();
+                        self.server.on_file_done(now, done);
+                    }
+                }
                 Output::Send {
                     peer,
                     header,
@@ -276,6 +305,26 @@ impl Sim {
                         }
                     }
                 }
+                // The result file is JUNIT; read at once, hashed whole.
+                Action::ReadChunk(r) => {
+                    let data = JUNIT.as_bytes();
+                    let end = (r.offset + r.len).min(data.len() as u64);
+                    let done = ots::worker::session::ReadDone {
+                        task: r.task,
+                        attempt: r.attempt,
+                        name: r.name,
+                        offset: r.offset,
+                        epoch: r.epoch,
+                        result: Ok((
+                            Bytes::copy_from_slice(&data[r.offset as usize..end as usize]),
+                            Some(hex::encode(Sha256::digest(data))),
+                        )),
+                    };
+                    let now = self.now();
+                    let actions = self.workers[w].session.on_read_done(now, done);
+                    self.worker_actions(w, actions);
+                }
+                Action::TaskDone { .. } => {}
             }
         }
     }
@@ -306,11 +355,10 @@ impl Sim {
                 line,
             }
         } else {
-            let data = Bytes::from_static(JUNIT.as_bytes());
-            let info = FileInfo {
+            let file = ResultFile {
                 name: "r.xml".into(),
-                size: data.len() as u64,
-                sha256: hex::encode(Sha256::digest(&data)),
+                size: JUNIT.len() as u64,
+                mtime_ns: 1,
             };
             TaskEvent::Finished {
                 task,
@@ -321,7 +369,7 @@ impl Sim {
                     ..Outcome::default()
                 },
                 log_lines: (step as u64).min(produced),
-                files: vec![ResultFile { info, data }],
+                files: vec![file],
             }
         };
         let now = self.now();

@@ -252,14 +252,10 @@ mod tests {
             attempt: 1,
             name: "a.xml".into(),
             offset: 0,
-            size: 3,
-            sha256: None,
         };
-        let frames = encode(
-            &header(Class::File),
-            &body,
-            Some(Bytes::from_static(b"abc")),
-        );
+        let mut h = header(Class::File);
+        h.mandatory = false;
+        let frames = encode(&h, &body, Some(Bytes::from_static(b"abc")));
         let env = decode(frames).unwrap();
         assert_eq!(env.body, body);
         assert_eq!(env.header.seq, 7);

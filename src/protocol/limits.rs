@@ -363,7 +363,6 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         Body::TaskAccepted { .. }
             | Body::TaskRefused { .. }
             | Body::Log { .. }
-            | Body::FileChunk { .. }
             | Body::TaskFinished { .. }
             | Body::Dispatch { .. }
             | Body::Cancel { .. }
@@ -427,11 +426,48 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             attempt(*a)?;
             check_lines(kind, lines)?;
         }
+        Body::FileOffer {
+            task,
+            attempt: a,
+            name,
+            size,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_file_name(kind, name)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
+        }
         Body::FileChunk {
             task,
             attempt: a,
             name,
             offset,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_file_name(kind, name)?;
+            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
+            // offset + len within the largest file, without overflow; the
+            // offered size is checked where the offer is known.
+            if *offset > MAX_FILE_BYTES || len > MAX_FILE_BYTES - *offset {
+                return Err(invalid(
+                    kind,
+                    "offset",
+                    format!("chunk of {len} bytes at offset {offset} ends beyond {MAX_FILE_BYTES} bytes"),
+                ));
+            }
+        }
+        Body::FileEnd {
+            task,
+            attempt: a,
+            name,
+            size,
+            sha256,
+        }
+        | Body::FileStored {
+            task,
+            attempt: a,
+            name,
             size,
             sha256,
         } => {
@@ -439,20 +475,33 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             attempt(*a)?;
             check_file_name(kind, name)?;
             check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
-            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
-            // offset + len <= size, without overflow.
-            if *offset > *size || len > *size - *offset {
-                return Err(invalid(
-                    kind,
-                    "offset",
-                    format!(
-                        "chunk of {len} bytes at offset {offset} does not fit a file of {size} bytes"
-                    ),
-                ));
-            }
-            if let Some(sha) = sha256 {
-                check_sha(kind, sha)?;
-            }
+            check_sha(kind, sha256)?;
+        }
+        Body::FileCredit {
+            task,
+            attempt: a,
+            name,
+            have,
+            until,
+            ..
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_file_name(kind, name)?;
+            check_range(kind, "have", *have, 0..=MAX_FILE_BYTES)?;
+            check_range(kind, "until", *until, *have..=MAX_FILE_BYTES)?;
+        }
+        Body::FileRefused {
+            task,
+            attempt: a,
+            name,
+            message,
+            ..
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_file_name(kind, name)?;
+            check_text(kind, "message", message, MAX_TEXT_BYTES)?;
         }
         Body::TaskFinished {
             task,
@@ -460,10 +509,25 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             outcome,
             log_lines,
             files,
+            file_problems,
         } => {
             check_id(kind, "task", task)?;
             attempt(*a)?;
             check_range(kind, "log_lines", *log_lines, 0..=MAX_SEQ)?;
+            if file_problems.len() > MAX_REPORT_FILES {
+                return Err(invalid(
+                    kind,
+                    "file_problems",
+                    format!(
+                        "has {} entries, over {MAX_REPORT_FILES}",
+                        file_problems.len()
+                    ),
+                ));
+            }
+            for p in file_problems {
+                check_file_name(kind, &p.name)?;
+                check_text(kind, "file_problems.reason", &p.reason, MAX_TEXT_BYTES)?;
+            }
             if let Some(f) = &outcome.failure {
                 check_text(kind, "outcome.failure", f, MAX_TEXT_BYTES)?;
             }

@@ -174,6 +174,13 @@ pub struct FileInfo {
     pub sha256: String,
 }
 
+/// A result file the worker could not deliver, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileProblem {
+    pub name: String,
+    pub reason: String,
+}
+
 /// Final verdicts, ordered by severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -380,6 +387,9 @@ pub enum ErrorCode {
     /// The authenticated identity may not do this (its role, or another
     /// worker's name); the message names the identity and the rule.
     Forbidden,
+    /// A result or input file did not arrive intact (its SHA-256 differs
+    /// from the sender's, twice) or changed on disk while it was sent.
+    Damaged,
 }
 
 /// Why a worker refused a dispatch.
@@ -432,16 +442,30 @@ pub enum Body {
         attempt: u32,
         lines: Vec<LogLine>,
     },
-    /// A chunk of a result file (class `file`); the bytes are the third frame.
+    /// Offers a result file (class `file`): "here is `name`, `size` bytes;
+    /// how much of it do you have?" Answered with `file_credit` (resume
+    /// from `have`), `file_stored` or `file_refused`.
+    FileOffer {
+        task: TaskId,
+        attempt: u32,
+        name: String,
+        size: u64,
+    },
+    /// Bytes of an offered result file at `offset` (class `file`); the
+    /// bytes are the third frame. Only inside the credit the server gave.
     FileChunk {
         task: TaskId,
         attempt: u32,
         name: String,
         offset: u64,
-        /// Total size of the file.
+    },
+    /// Every byte of the file was sent: its whole-file SHA-256.
+    FileEnd {
+        task: TaskId,
+        attempt: u32,
+        name: String,
         size: u64,
-        /// Whole-file SHA-256, on the last chunk only.
-        sha256: Option<String>,
+        sha256: String,
     },
     /// The task's final report: the last message on its channel.
     TaskFinished {
@@ -451,6 +475,10 @@ pub enum Body {
         /// Log lines the task produced, whether or not they arrived.
         log_lines: u64,
         files: Vec<FileInfo>,
+        /// Result files the worker could not deliver, with why (changed on
+        /// disk while uploading, unreadable, refused by the server).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        file_problems: Vec<FileProblem>,
     },
     /// Acknowledges the mandatory message `seq` of the peer (both directions).
     Ack {
@@ -471,6 +499,35 @@ pub enum Body {
     /// Run this task.
     Dispatch {
         spec: TaskSpec,
+    },
+    /// How much of an offered result file the server has (`have`, from 0,
+    /// contiguous) and up to which byte it accepts chunks now (`until`).
+    /// `resume` answers an offer or an end: the worker continues from
+    /// `have` (chunks it sent beyond it were lost); otherwise it is a
+    /// window update and `have` may lag behind chunks in flight.
+    FileCredit {
+        task: TaskId,
+        attempt: u32,
+        name: String,
+        have: u64,
+        until: u64,
+        resume: bool,
+    },
+    /// The file is stored, verified and durable.
+    FileStored {
+        task: TaskId,
+        attempt: u32,
+        name: String,
+        size: u64,
+        sha256: String,
+    },
+    /// The server will not take this file; the worker stops sending it.
+    FileRefused {
+        task: TaskId,
+        attempt: u32,
+        name: String,
+        code: ErrorCode,
+        message: String,
     },
     /// Stop this task (TERM, grace, KILL) and report it.
     Cancel {
@@ -627,7 +684,12 @@ impl Body {
         match self {
             Body::Heartbeat | Body::ServerHeartbeat { .. } => Class::Heartbeat,
             Body::Log { .. } | Body::LogLines { .. } => Class::Log,
-            Body::FileChunk { .. } => Class::File,
+            Body::FileOffer { .. }
+            | Body::FileChunk { .. }
+            | Body::FileEnd { .. }
+            | Body::FileCredit { .. }
+            | Body::FileStored { .. }
+            | Body::FileRefused { .. } => Class::File,
             _ => Class::Control,
         }
     }
@@ -667,7 +729,12 @@ impl Body {
             Body::TaskAccepted { .. } => "task_accepted",
             Body::TaskRefused { .. } => "task_refused",
             Body::Log { .. } => "log",
+            Body::FileOffer { .. } => "file_offer",
             Body::FileChunk { .. } => "file_chunk",
+            Body::FileEnd { .. } => "file_end",
+            Body::FileCredit { .. } => "file_credit",
+            Body::FileStored { .. } => "file_stored",
+            Body::FileRefused { .. } => "file_refused",
             Body::TaskFinished { .. } => "task_finished",
             Body::Ack { .. } => "ack",
             Body::Welcome { .. } => "welcome",

@@ -4,11 +4,13 @@
 //! - [`scheduler`]: the I/O-free state machine (registry, queues, verdicts).
 //! - [`distribution`]: testrun → tasks.
 //! - [`verdict`]: JUnit parsing and verdict rules.
-//! - [`store`]: task logs and result files on disk.
+//! - [`store`]: task logs on disk.
+//! - [`files`]: the file desk: result file writes, hashes and reads off the loop.
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
 pub mod db;
 pub mod distribution;
+pub mod files;
 pub mod scheduler;
 pub mod service;
 pub mod store;

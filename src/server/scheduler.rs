@@ -15,14 +15,14 @@
 //! restore).
 
 use crate::delivery::ranges::describe;
-use crate::delivery::{ByteRanges, DedupWindow, Outbox, RetryPolicy, SeqRanges};
+use crate::delivery::{DedupWindow, Outbox, RetryPolicy, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::limits;
 use crate::protocol::*;
 use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::store::{Store, StoreError};
-use crate::server::verdict::{parse_junit, run_verdict, task_verdict};
+use crate::server::verdict::{run_verdict, task_verdict};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,12 +33,7 @@ pub type PeerId = Bytes;
 
 /// Largest chunk of a log or file sent to a client in one reply.
 pub const MAX_READ_CHUNK: u64 = crate::protocol::limits::MAX_READ_BYTES;
-/// Separate received byte ranges kept per result file: chunks normally
-/// arrive in order and stay one range.
-pub const MAX_FILE_RANGES: usize = 4096;
 pub use crate::delivery::dedup::DEDUP_AHEAD;
-/// Largest result file parsed as JUnit.
-const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Timing and retry rules of the scheduler.
 #[derive(Clone, Debug)]
@@ -90,6 +85,11 @@ pub struct SchedulerLimits {
     /// Largest result file, and all result files of one task attempt.
     pub max_file_bytes: u64,
     pub max_task_file_bytes: u64,
+    /// All stored result files together; an offer past it is refused.
+    pub max_stored_file_bytes: u64,
+    /// Credit of one upload, and of all uploads together (PROTOCOL §7.7).
+    pub file_window_bytes: u64,
+    pub file_buffer_bytes: u64,
     /// Times a task may be refused by workers (refusals use no attempt)
     /// before it ends in ERROR.
     pub max_refusals: u32,
@@ -106,6 +106,9 @@ impl Default for SchedulerLimits {
             max_log_gaps: 4096,
             max_file_bytes: 4 * 1024 * 1024 * 1024,
             max_task_file_bytes: 16 * 1024 * 1024 * 1024,
+            max_stored_file_bytes: 1 << 40,
+            file_window_bytes: 8 * 1024 * 1024,
+            file_buffer_bytes: 64 * 1024 * 1024,
             max_refusals: 20,
             max_workers: 10_000,
         }
@@ -142,6 +145,8 @@ pub enum Output {
     },
     /// Publish on PUB under `topic`.
     Publish { topic: String, body: Body },
+    /// Hand to the file desk (result file I/O, off the loop).
+    File(crate::server::files::FileJob),
 }
 
 struct Worker {
@@ -195,9 +200,6 @@ struct Task {
     /// Global order of queueing, to compare heads of different queues.
     order: u64,
     cancel_requested: bool,
-    /// Byte ranges received per result file, sorted and merged: chunks can
-    /// arrive out of order, and in order they stay one range.
-    received: BTreeMap<String, ByteRanges>,
     /// Every state change, oldest first.
     history: Vec<StateChange>,
     /// Bytes of this attempt's log stored, against `max_task_log_bytes`.
@@ -211,16 +213,14 @@ struct Task {
     refusals: u32,
     /// Declared size of each result file of this attempt, as first offered.
     file_sizes: BTreeMap<String, u64>,
-    /// SHA-256 of each result file so far, fed by chunks in order (not
-    /// stored: after a restart a file is verified by reading it back).
-    hashing: HashMap<String, intake::StreamHash>,
-}
-
-impl Task {
-    /// Bytes of `name` received so far.
-    fn covered(&self, name: &str) -> u64 {
-        self.received.get(name).map_or(0, ByteRanges::covered)
-    }
+    /// Result files of this attempt in transfer (not stored: after a
+    /// restart the worker offers them again).
+    uploads: BTreeMap<String, uploads::Upload>,
+    /// What each stored JUnit file of this attempt says, read by the file
+    /// desk when it stored it.
+    junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
+    /// SHA-256 mismatches per result file of this attempt.
+    file_mismatches: BTreeMap<String, u32>,
 }
 
 struct Testrun {
@@ -311,6 +311,15 @@ pub struct Scheduler<S: Store> {
     drained: BTreeSet<String>,
     /// Workers removed from the registry since the last commit.
     removed_workers: Vec<String>,
+    /// Credit all uploads hold (`limits.file_buffer_bytes` at most).
+    upload_credit: u64,
+    /// Uploads waiting for credit from the pool, oldest first.
+    starved: VecDeque<(TaskId, String)>,
+    /// Bytes of stored result files, and of files in transfer (as offered).
+    stored_bytes: u64,
+    uploading_bytes: u64,
+    /// Client file reads handed to the desk and not answered yet.
+    reads_in_flight: usize,
 }
 
 pub use crate::protocol::limits::unix_ms_now;
@@ -365,6 +374,11 @@ impl<S: Store> Scheduler<S> {
             following: HashMap::new(),
             drained: BTreeSet::new(),
             removed_workers: Vec::new(),
+            upload_credit: 0,
+            starved: VecDeque::new(),
+            stored_bytes: 0,
+            uploading_bytes: 0,
+            reads_in_flight: 0,
         }
     }
 
@@ -577,7 +591,7 @@ impl<S: Store> Scheduler<S> {
             // The ack goes before anything the message causes (a task_closed
             // after a final report), so the worker sees its report acked first.
             let mark = self.out.len();
-            if self.apply_mandatory(now, &name, Some(header.seq), body, raw) {
+            if self.apply_mandatory(now, &name, body) {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.dedup.record(header.seq);
                 self.send(
@@ -610,12 +624,14 @@ impl<S: Store> Scheduler<S> {
                 attempt,
                 lines,
             } => self.on_log(&name, task, attempt, lines),
+            body @ (Body::FileOffer { .. } | Body::FileChunk { .. } | Body::FileEnd { .. }) => {
+                self.on_file_message(now, &name, body, raw);
+            }
             // Sent under the guarantee-nothing policy: applied, never acked.
             body @ (Body::TaskAccepted { .. }
             | Body::TaskRefused { .. }
-            | Body::FileChunk { .. }
             | Body::TaskFinished { .. }) => {
-                self.apply_mandatory(now, &name, None, body, raw);
+                self.apply_mandatory(now, &name, body);
             }
             other => {
                 self.count("unexpected_message", 1);
@@ -644,6 +660,7 @@ mod persist;
 mod registry;
 mod requests;
 pub(super) mod timers;
+mod uploads;
 pub use access::Caller;
 pub use persist::RestoreError;
 #[cfg(test)]

@@ -157,9 +157,11 @@ impl Server {
         let control = sockets.control.clone();
         let events = sockets.events.clone();
         let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
+        let desk = crate::server::files::spawn(&cfg.state_dir);
         let task = tokio::spawn(serve(
             scheduler,
             db,
+            desk,
             sockets,
             gate,
             reloads,
@@ -193,6 +195,10 @@ struct Pace {
 async fn serve(
     mut scheduler: Scheduler<DiskStore>,
     mut db: Db,
+    desk: (
+        mpsc::UnboundedSender<crate::server::files::FileJob>,
+        mpsc::UnboundedReceiver<crate::server::files::FileDone>,
+    ),
     sockets: transport::ServerSockets,
     mut gate: Option<Gate>,
     mut reloads: Option<mpsc::Receiver<AllowList>>,
@@ -242,6 +248,7 @@ async fn serve(
     // counters count every one.
     let mut refusals = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     let (handshake_jobs, mut handshakes_done) = spawn_handshake_thread();
+    let (desk_jobs, mut desk_done) = desk;
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
@@ -299,6 +306,13 @@ async fn serve(
                         Ok(env) => scheduler.on_message(now, &peer, env),
                         Err(e) => scheduler.on_bad_frames(&peer, &e),
                     }
+                }
+            }
+            Some(done) = desk_done.recv() => {
+                scheduler.on_file_done(Instant::now(), done);
+                // What else the desk finished: one commit for all of it.
+                while let Ok(done) = desk_done.try_recv() {
+                    scheduler.on_file_done(Instant::now(), done);
                 }
             }
             Some((peer, result)) = handshakes_done.recv() => {
@@ -369,6 +383,7 @@ async fn serve(
             gate.as_mut(),
             &mut router_tx,
             &mut publisher,
+            &desk_jobs,
             send_timeout,
             &mut send_failures,
         )
@@ -382,6 +397,7 @@ async fn serve(
         gate.as_mut(),
         &mut router_tx,
         &mut publisher,
+        &desk_jobs,
         send_timeout,
         &mut send_failures,
     )
@@ -481,6 +497,7 @@ async fn answer_handshake(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Carries out the scheduler's outputs: sealed per connection with
 /// security on (a connection without a channel gets nothing: nothing
 /// leaves in the clear), bounded sends either way.
@@ -490,6 +507,7 @@ async fn deliver(
     mut gate: Option<&mut Gate>,
     router_tx: &mut zeromq::RouterSendHalf,
     publisher: &mut zeromq::PubSocket,
+    desk: &mpsc::UnboundedSender<crate::server::files::FileJob>,
     send_timeout: Duration,
     send_failures: &mut u64,
 ) {
@@ -531,6 +549,12 @@ async fn deliver(
                 }
             }
             Output::Publish { topic, body } => publish(publisher, topic, &body, send_timeout).await,
+            Output::File(job) => {
+                if desk.send(job).is_err() {
+                    error!("the file desk thread is gone; stopping so that systemd restarts the server");
+                    std::process::exit(EXIT_STATE);
+                }
+            }
         }
     }
 }

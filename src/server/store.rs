@@ -1,9 +1,8 @@
-//! Where the server keeps task logs and result files: one folder per task
+//! Where the server keeps task logs (result files: [`super::files`]): one folder per task
 //! under the state directory. Behind a trait so the scheduler stays free of
 //! I/O and its unit tests run against [`MemoryStore`].
 
 use crate::protocol::{LogLine, Stream, TaskId};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -21,17 +20,6 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("result file {name:?} of task {task} is {actual_size} bytes with SHA-256 {actual_sha}, but the worker announced {size} bytes with {sha}")]
-    Mismatch {
-        task: TaskId,
-        name: String,
-        size: u64,
-        sha: String,
-        actual_size: u64,
-        actual_sha: String,
-    },
-    #[error("no such file {name:?} for task {task}")]
-    NotFound { task: TaskId, name: String },
 }
 
 /// Checks a worker-supplied result file name (the protocol's rule,
@@ -89,34 +77,10 @@ pub fn rendered_len(line: &LogLine) -> u64 {
     (prefix(line.stream).len() + line.text.len() + escapes + 1) as u64
 }
 
-/// Storage of task logs and result files.
+/// Storage of task logs and the audit log.
 pub trait Store {
     /// Appends lines to the task's log.
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError>;
-    /// Writes a chunk of a result file at `offset` (idempotent).
-    fn write_chunk(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), StoreError>;
-    /// Checks that a stored file has the announced size and SHA-256.
-    fn verify_file(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        size: u64,
-        sha256: &str,
-    ) -> Result<(), StoreError>;
-    /// Reads up to `max` bytes of a result file; returns bytes and eof.
-    fn read_file(
-        &self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        max: u64,
-    ) -> Result<(Vec<u8>, bool), StoreError>;
     /// Reads up to `max` bytes of the task's log; returns bytes and eof.
     fn read_log(&self, task: &TaskId, offset: u64, max: u64)
         -> Result<(Vec<u8>, bool), StoreError>;
@@ -172,13 +136,6 @@ impl DiskStore {
     fn task_dir(&self, task: &TaskId) -> PathBuf {
         self.root.join("tasks").join(task)
     }
-
-    fn file_path(&self, task: &TaskId, name: &str) -> Result<PathBuf, StoreError> {
-        Ok(self
-            .task_dir(task)
-            .join("files")
-            .join(safe_relative_path(name)?))
-    }
 }
 
 impl Store for DiskStore {
@@ -205,74 +162,6 @@ impl Store for DiskStore {
         let (f, path) = self.logs.get_mut(task).expect("just opened");
         f.write_all(text.as_bytes())
             .map_err(io("cannot append to", path))
-    }
-
-    fn write_chunk(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), StoreError> {
-        let path = self.file_path(task, name)?;
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
-        }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io("cannot open", &path))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(io("cannot seek", &path))?;
-        f.write_all(data).map_err(io("cannot write", &path))
-    }
-
-    fn verify_file(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        size: u64,
-        sha256: &str,
-    ) -> Result<(), StoreError> {
-        let path = self.file_path(task, name)?;
-        if size == 0 && !path.exists() {
-            // An empty file has no chunks with bytes; create it.
-            self.write_chunk(task, name, 0, &[])?;
-        }
-        let mut f = File::open(&path).map_err(io("cannot open", &path))?;
-        let mut hasher = Sha256::new();
-        let actual_size = std::io::copy(&mut f, &mut hasher).map_err(io("cannot read", &path))?;
-        let actual_sha = hex::encode(hasher.finalize());
-        if actual_size != size || actual_sha != sha256 {
-            return Err(StoreError::Mismatch {
-                task: task.clone(),
-                name: name.to_string(),
-                size,
-                sha: sha256.to_string(),
-                actual_size,
-                actual_sha,
-            });
-        }
-        Ok(())
-    }
-
-    fn read_file(
-        &self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        max: u64,
-    ) -> Result<(Vec<u8>, bool), StoreError> {
-        let path = self.file_path(task, name)?;
-        if !path.is_file() {
-            return Err(StoreError::NotFound {
-                task: task.clone(),
-                name: name.to_string(),
-            });
-        }
-        read_range(&path, offset, max)
     }
 
     fn read_log(
@@ -321,9 +210,6 @@ impl Store for DiskStore {
 #[derive(Default)]
 pub struct MemoryStore {
     pub logs: HashMap<TaskId, Vec<u8>>,
-    pub files: HashMap<(TaskId, String), Vec<u8>>,
-    /// Makes every chunk write fail like a full disk (tests).
-    pub disk_full: bool,
     pub audit: Vec<u8>,
 }
 
@@ -342,75 +228,6 @@ impl Store for MemoryStore {
             log.extend_from_slice(text.as_bytes());
         }
         Ok(())
-    }
-
-    fn write_chunk(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), StoreError> {
-        safe_relative_path(name)?;
-        if self.disk_full {
-            return Err(StoreError::Io {
-                what: "cannot write",
-                path: PathBuf::from(name),
-                source: std::io::Error::from_raw_os_error(28),
-            });
-        }
-        let file = self
-            .files
-            .entry((task.clone(), name.to_string()))
-            .or_default();
-        let end = offset as usize + data.len();
-        if file.len() < end {
-            file.resize(end, 0);
-        }
-        file[offset as usize..end].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn verify_file(
-        &mut self,
-        task: &TaskId,
-        name: &str,
-        size: u64,
-        sha256: &str,
-    ) -> Result<(), StoreError> {
-        let data = self
-            .files
-            .entry((task.clone(), name.to_string()))
-            .or_default();
-        let actual_sha = hex::encode(Sha256::digest(&data[..]));
-        if data.len() as u64 != size || actual_sha != sha256 {
-            return Err(StoreError::Mismatch {
-                task: task.clone(),
-                name: name.to_string(),
-                size,
-                sha: sha256.to_string(),
-                actual_size: data.len() as u64,
-                actual_sha,
-            });
-        }
-        Ok(())
-    }
-
-    fn read_file(
-        &self,
-        task: &TaskId,
-        name: &str,
-        offset: u64,
-        max: u64,
-    ) -> Result<(Vec<u8>, bool), StoreError> {
-        let data = self
-            .files
-            .get(&(task.clone(), name.to_string()))
-            .ok_or_else(|| StoreError::NotFound {
-                task: task.clone(),
-                name: name.to_string(),
-            })?;
-        Ok(slice(data, offset, max))
     }
 
     fn read_log(
@@ -477,24 +294,5 @@ mod tests {
             safe_relative_path("pkg/result.xml").unwrap(),
             PathBuf::from("pkg/result.xml")
         );
-    }
-
-    #[test]
-    fn disk_store_writes_chunks_idempotently_and_verifies() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = DiskStore::open(dir.path()).unwrap();
-        let task = "r.1".to_string();
-        store.write_chunk(&task, "a/b.txt", 0, b"hello ").unwrap();
-        store.write_chunk(&task, "a/b.txt", 6, b"world").unwrap();
-        store.write_chunk(&task, "a/b.txt", 0, b"hello ").unwrap(); // resent chunk
-        let sha = hex::encode(Sha256::digest(b"hello world"));
-        store.verify_file(&task, "a/b.txt", 11, &sha).unwrap();
-        assert!(store.verify_file(&task, "a/b.txt", 12, &sha).is_err());
-        let (bytes, eof) = store.read_file(&task, "a/b.txt", 6, 100).unwrap();
-        assert_eq!((bytes.as_slice(), eof), (&b"world"[..], true));
-        assert!(matches!(
-            store.write_chunk(&task, "../../etc/x", 0, b"x"),
-            Err(StoreError::BadFileName(_))
-        ));
     }
 }

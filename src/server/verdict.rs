@@ -19,6 +19,9 @@ pub struct JunitError {
     pub reason: String,
 }
 
+/// Largest result file parsed as JUnit (bytes past it are not read).
+pub const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Counts `<testcase>` elements and their `<failure>`, `<error>` and
 /// `<skipped>` children. Works for `<testsuites>` and bare `<testsuite>`;
 /// `Ok(None)` for well-formed XML of another kind (not a JUnit file).

@@ -6,15 +6,18 @@
 //! Everything goes through one FIFO to the session, so every line logged
 //! before `finish()` is queued before the final report.
 
-use crate::protocol::{FileInfo, LogLine, Outcome, Stream, TaskId};
-use bytes::Bytes;
+use crate::protocol::{LogLine, Outcome, Stream, TaskId};
 use tokio::sync::mpsc;
 
-/// A result file read from the task's results folder.
+/// A result file found in the task's results folder when the conductor
+/// ended: uploaded from there, never read whole into memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResultFile {
-    pub info: FileInfo,
-    pub data: Bytes,
+    /// Relative, `/`-separated path below the results folder.
+    pub name: String,
+    pub size: u64,
+    /// Modification time (ns since the epoch), to notice later changes.
+    pub mtime_ns: u64,
 }
 
 /// What a running task tells the worker session.

@@ -6,10 +6,12 @@
 //! - [`channel`]: the task's response channel; `finish()` consumes it.
 //! - [`conductor`]: argv templates and running the conductor in its own
 //!   process group.
+//! - [`reader`]: reads and hashes result files for their uploads, off the loop.
 //! - [`service`]: the tokio shell (sockets, reconnects, tasks).
 
 pub mod channel;
 pub mod conductor;
+pub mod reader;
 pub mod service;
 pub mod session;
 pub mod state;

@@ -14,8 +14,6 @@ use crate::worker::conductor::{self, Stop, TaskContext};
 use crate::worker::session::{Action, Arrival, Link, LostReason, Session, SessionConfig};
 use crate::worker::state::WorkerStore;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -175,6 +173,8 @@ pub async fn run(
         retry: cfg.retry.clone(),
         delivery: cfg.delivery.clone(),
         on_server_lost: cfg.on_server_lost,
+        file_chunk_bytes: cfg.file_chunk_bytes,
+        file_window_bytes: cfg.file_window_bytes,
     };
     let (task_tx, mut task_rx) = mpsc::unbounded_channel::<TaskEvent>();
     // Bounds the log bytes between the conductors and the session: the
@@ -239,6 +239,10 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
+    let (read_tx, mut read_rx) = crate::worker::reader::spawn(&cfg.state_dir);
+    // Folders of tasks whose results were delivered, oldest first; kept
+    // up to `keep_task_dirs` for debugging, then removed (off the loop).
+    let mut finished_dirs: std::collections::VecDeque<PathBuf> = std::collections::VecDeque::new();
     let mut refused: Option<(ErrorCode, String)> = None;
     // A rogue server cannot flood the worker's log either.
     let mut noise = crate::logging::Throttle::new(Duration::from_secs(10), 20);
@@ -300,6 +304,13 @@ pub async fn run(
                 }
                 _ => Vec::new(), // from an older connection
             },
+            Some(done) = read_rx.recv() => {
+                let mut actions = session.on_read_done(Instant::now(), done);
+                while let Ok(done) = read_rx.try_recv() {
+                    actions.extend(session.on_read_done(Instant::now(), done));
+                }
+                actions
+            }
             _ = ticker.tick() => {
                 let now = Instant::now();
                 if conn.is_none() && connecting.is_none() && retry_at.is_some_and(|t| now >= t) {
@@ -395,7 +406,16 @@ pub async fn run(
                         // best-effort message is dropped and counted, a
                         // mandatory one stays in the outbox for its resend.
                         Err(TransportError::PeerBusy) => {
-                            if matches!(body, protocol::Body::Log { .. }) && !mandatory {
+                            if let protocol::Body::FileChunk {
+                                task,
+                                attempt,
+                                name,
+                                offset,
+                            } = &body
+                            {
+                                // Read again and sent at the next tick.
+                                session.chunk_unsent(task, *attempt, name, *offset);
+                            } else if matches!(body, protocol::Body::Log { .. }) && !mandatory {
                                 unsent_logs.push(body);
                             } else if !mandatory {
                                 session.note_unsent(&body);
@@ -440,6 +460,13 @@ pub async fn run(
                 Action::Refused(code, message) => {
                     refused = Some((code, message));
                     queue.clear();
+                }
+                Action::ReadChunk(req) => {
+                    let _ = read_tx.send(req);
+                }
+                Action::TaskDone { task, attempt } => {
+                    finished_dirs.push_back(attempt_dir(&cfg, &task, attempt));
+                    prune_task_dirs(&mut finished_dirs, cfg.keep_task_dirs);
                 }
             }
         }
@@ -597,6 +624,21 @@ fn attach(
     }
 }
 
+/// Removes the oldest finished task folders beyond `keep`, on a blocking
+/// thread (a results folder can hold gigabytes).
+fn prune_task_dirs(dirs: &mut std::collections::VecDeque<PathBuf>, keep: usize) {
+    while dirs.len() > keep {
+        let Some(dir) = dirs.pop_front() else { return };
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Ok(()) => debug!(dir = %dir.display(), "removed a finished task's folder"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot remove a finished task's folder")
+            }
+        });
+    }
+}
+
 /// A folder per attempt: a new attempt never races the cleanup of an old one.
 fn attempt_dir(cfg: &WorkerConfig, task: &str, attempt: u32) -> PathBuf {
     cfg.state_dir
@@ -712,9 +754,11 @@ async fn run_task(
     channel.finish(outcome, files);
 }
 
-/// Reads the result files below `dir` that match any glob. Symlinks are
-/// not followed, so a conductor cannot make the worker upload files from
-/// outside its results folder.
+/// Lists the result files below `dir` that match any glob (names, sizes,
+/// modification times; nothing is read here). Symlinks, devices, FIFOs
+/// and sockets are skipped with a line in the task's log, so a conductor
+/// cannot make the worker upload anything from outside its results
+/// folder.
 fn collect_results(
     dir: &Path,
     conductor: &crate::config::ConductorConfig,
@@ -779,8 +823,8 @@ fn collect_results(
                 channel.log(Stream::Worker, format!("not uploading a result file: {e}"));
                 continue;
             }
-            // Result files are read whole (until they stream from disk), so
-            // their sizes are bounded before anything is read.
+            // Bounded before anything is sent; the server checks its own
+            // limits at the offer.
             let size = entry.metadata().map_or(0, |m| m.len());
             if size > conductor.max_result_file_bytes
                 || total.saturating_add(size) > conductor.max_result_bytes
@@ -794,30 +838,15 @@ fn collect_results(
                 );
                 continue;
             }
-            match std::fs::read(&path) {
-                Ok(data) if data.len() as u64 > conductor.max_result_file_bytes => {
-                    channel.log(
-                        Stream::Worker,
-                        format!("not uploading {name}: it grew past conductor.max_result_file_bytes while being read"),
-                    );
-                }
-                Ok(data) => {
-                    total = total.saturating_add(data.len() as u64);
-                    let sha256 = hex::encode(Sha256::digest(&data));
-                    files.push(ResultFile {
-                        info: crate::protocol::FileInfo {
-                            name,
-                            size: data.len() as u64,
-                            sha256,
-                        },
-                        data: Bytes::from(data),
-                    });
-                }
-                Err(e) => channel.log(
-                    Stream::Worker,
-                    format!("cannot read result file {}: {e}", path.display()),
-                ),
-            }
+            total = total.saturating_add(size);
+            let mtime_ns = entry
+                .metadata()
+                .map_or(0, |m| crate::worker::reader::mtime_ns(&m));
+            files.push(ResultFile {
+                name,
+                size,
+                mtime_ns,
+            });
         }
     }
     files

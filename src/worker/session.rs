@@ -13,14 +13,13 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
+pub use uploads::{ReadDone, ReadRequest, Upload, UploadState};
 
 /// Mandatory messages the worker holds at most before it stops answering
 /// dispatches it would refuse (a server that never acknowledges cannot grow
 /// the outbox, or worker.db, without bound).
 pub const MAX_OUTBOX: usize = 100_000;
 
-/// Result files travel in chunks of this size.
-pub const CHUNK_BYTES: usize = 256 * 1024;
 /// A log batch stops growing at about this many bytes: many small lines per
 /// message is what keeps the `zeromq` ROUTER fast with many active workers.
 pub const MAX_LOG_BATCH_BYTES: usize = 64 * 1024;
@@ -38,6 +37,9 @@ pub struct SessionConfig {
     pub retry: RetryPolicy,
     pub delivery: DeliveryPolicy,
     pub on_server_lost: OnServerLost,
+    /// Bytes of a result file per chunk, and read ahead at most.
+    pub file_chunk_bytes: u64,
+    pub file_window_bytes: u64,
 }
 
 /// Why the worker gave up on its connection.
@@ -95,6 +97,11 @@ pub enum Action {
     /// The server refused this worker for good (its name is in use by
     /// another live worker): stop the worker with this message.
     Refused(ErrorCode, String),
+    /// Read (and hash) part of a result file for its upload.
+    ReadChunk(ReadRequest),
+    /// The task's report was acknowledged (or the server closed the
+    /// task): its folder may go.
+    TaskDone { task: TaskId, attempt: u32 },
 }
 
 /// Connection state.
@@ -118,6 +125,18 @@ pub struct SavedSlot {
     pub spec: TaskSpec,
     pub finished: bool,
     pub aborted: bool,
+    /// The final report, while result files are still being uploaded.
+    #[serde(default)]
+    pub report: Option<PendingReport>,
+    #[serde(default)]
+    pub uploads: Vec<Upload>,
+}
+
+/// What the final report will say, kept until the files are delivered.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PendingReport {
+    pub outcome: Outcome,
+    pub log_lines: u64,
 }
 
 /// Everything of a session that must survive a worker restart.
@@ -135,8 +154,11 @@ struct Slot {
     spec: TaskSpec,
     /// Stopped because the server was lost and `on_server_lost = abort`.
     aborted: bool,
-    /// The conductor ended and the final report is in the outbox.
+    /// The conductor ended: its report is pending (below) or in the outbox.
     finished: bool,
+    /// Set while result files are uploaded: the report waits for them.
+    report: Option<PendingReport>,
+    uploads: Vec<Upload>,
 }
 
 /// Counters shown in the worker's log and useful to tests.
@@ -158,6 +180,10 @@ pub struct SessionStats {
     pub dispatches_unanswered: u64,
     /// Guarantee-nothing messages dropped because the server was unreachable.
     pub unsent_dropped: u64,
+    /// Result files stored by the server, and not delivered (refused,
+    /// changed on disk, unreadable).
+    pub files_stored: u64,
+    pub files_failed: u64,
 }
 
 /// The session state machine.
@@ -189,6 +215,8 @@ pub struct Session {
     unreliable: VecDeque<Outgoing>,
     /// What the server's heartbeats say about its clock against ours.
     clock: ClockOffset,
+    /// The result file upload in progress, on this connection.
+    transfer: uploads::Transfer,
 }
 
 /// When a message came off the socket, by both of the worker's clocks.
@@ -276,6 +304,7 @@ impl Session {
             server_dedup: DedupWindow::default(),
             unreliable: VecDeque::new(),
             clock: ClockOffset::default(),
+            transfer: uploads::Transfer::default(),
         }
     }
 
@@ -308,6 +337,8 @@ impl Session {
                 },
                 finished: s.finished,
                 aborted: s.aborted,
+                report: s.report.clone(),
+                uploads: s.uploads.clone(),
             }),
             server_session: self.server_session.clone(),
             server_dedup: self.server_dedup.clone(),
@@ -337,6 +368,8 @@ impl Session {
             spec: slot.spec,
             aborted: slot.aborted,
             finished: slot.finished,
+            report: slot.report,
+            uploads: slot.uploads,
         });
         (s, interrupted)
     }
@@ -570,10 +603,17 @@ impl Session {
                 self.link = Link::Up { server };
                 self.outbox.resend_all();
                 self.flush(now, &mut actions, true);
+                self.transfer.phase = uploads::Phase::Idle;
+                self.advance_uploads(now, &mut actions);
             }
             Body::Ack { seq } => {
                 self.outbox.ack(seq);
-                self.maybe_done();
+                self.maybe_done(&mut actions);
+            }
+            body @ (Body::FileCredit { .. }
+            | Body::FileStored { .. }
+            | Body::FileRefused { .. }) => {
+                self.on_file_message(now, body, &mut actions);
             }
             Body::Dispatch { spec } => self.on_dispatch(now, received, spec, &mut actions),
             Body::Cancel { task } => {
@@ -617,7 +657,7 @@ impl Session {
                 if let Some(p) = self.outbox.take(seq) {
                     self.stats.refused_by_server += 1;
                     warn!(seq, kind = p.body.kind(), task = ?p.task, ?code, %message, "the server refused a message; not resending it");
-                    self.maybe_done();
+                    self.maybe_done(&mut actions);
                 } else {
                     warn!(seq, ?code, %message, "the server refused a message no longer pending");
                 }
@@ -705,6 +745,8 @@ impl Session {
             spec: spec.clone(),
             aborted: false,
             finished: false,
+            report: None,
+            uploads: Vec::new(),
         });
         self.ready_sent = false;
         actions.push(Action::StartTask(spec));
@@ -717,13 +759,17 @@ impl Session {
         reason: String,
         actions: &mut Vec<Action>,
     ) {
-        let dropped = self.outbox.drop_task(&task, attempt);
+        let mut dropped = self.outbox.drop_task(&task, attempt);
         let matches = |t: &TaskId, a: u32| *t == task && attempt.is_none_or(|x| x == a);
         let ours = self
             .slot
             .as_ref()
             .is_some_and(|s| matches(&s.spec.task, s.spec.attempt));
         let finished = self.slot.as_ref().is_some_and(|s| s.finished);
+        if ours && self.slot.as_ref().is_some_and(|s| s.report.is_some()) {
+            // The report (and the uploads it waited for) go too.
+            dropped += 1;
+        }
         if dropped > 0 {
             self.stats.orphans_closed += dropped as u64;
             warn!(task = %task, %reason, dropped, "orphan: server closed the task; dropped its unacknowledged messages");
@@ -738,15 +784,25 @@ impl Session {
             if !finished {
                 actions.push(Action::StopTask(task.clone()));
             }
-            self.slot = None;
+            if let Some(s) = self.slot.take() {
+                actions.push(Action::TaskDone {
+                    task: s.spec.task,
+                    attempt: s.spec.attempt,
+                });
+            }
+            self.transfer = uploads::Transfer::default();
         }
     }
 
     /// The current task is over once its final report is acknowledged.
-    fn maybe_done(&mut self) {
+    fn maybe_done(&mut self, actions: &mut Vec<Action>) {
         if let Some(slot) = &self.slot {
-            if slot.finished && !self.outbox.has_task(&slot.spec.task) {
+            if slot.finished && slot.report.is_none() && !self.outbox.has_task(&slot.spec.task) {
                 info!(task = %slot.spec.task, "final report acknowledged");
+                actions.push(Action::TaskDone {
+                    task: slot.spec.task.clone(),
+                    attempt: slot.spec.attempt,
+                });
                 self.slot = None;
             }
         }
@@ -830,24 +886,32 @@ impl Session {
                 if let Some(n) = self.dropped_per_task.remove(&task) {
                     warn!(task = %task, dropped = n, "log lines dropped from the full buffer while the server was unreachable");
                 }
-                info!(task = %task, ?outcome, log_lines, files = files.len(), "task finished; reporting");
+                info!(task = %task, ?outcome, log_lines, files = files.len(), "task finished; reporting once its result files are delivered");
                 // Logs first: they must precede the report on the wire.
                 if matches!(self.link, Link::Up { .. }) {
                     self.flush_logs(now, &mut actions, true);
                 }
-                let mut infos = Vec::new();
-                for ResultFile { info, data } in files {
-                    self.push_file(now, &task, attempt, &info, data);
-                    infos.push(info);
-                }
-                let body = Body::TaskFinished {
-                    task: task.clone(),
-                    attempt,
-                    outcome,
-                    log_lines,
-                    files: infos,
-                };
-                self.deliver(now, &task, attempt, body, None);
+                let slot = self.slot.as_mut().expect("checked above");
+                slot.report = Some(PendingReport { outcome, log_lines });
+                slot.uploads = files
+                    .into_iter()
+                    .map(
+                        |ResultFile {
+                             name,
+                             size,
+                             mtime_ns,
+                         }| Upload {
+                            name,
+                            size,
+                            mtime_ns,
+                            acked: 0,
+                            sha256: None,
+                            state: UploadState::Pending,
+                        },
+                    )
+                    .collect();
+                self.transfer = uploads::Transfer::default();
+                self.advance_uploads(now, &mut actions);
             }
         }
         if matches!(self.link, Link::Up { .. }) {
@@ -861,40 +925,6 @@ impl Session {
         self.slot
             .as_ref()
             .is_some_and(|s| s.spec.task == *task && s.spec.attempt == attempt)
-    }
-
-    fn push_file(
-        &mut self,
-        now: Instant,
-        task: &TaskId,
-        attempt: u32,
-        info: &FileInfo,
-        data: Bytes,
-    ) {
-        let size = data.len() as u64;
-        let mut offset = 0usize;
-        loop {
-            let end = (offset + CHUNK_BYTES).min(data.len());
-            let last = end == data.len();
-            self.deliver(
-                now,
-                task,
-                attempt,
-                Body::FileChunk {
-                    task: task.clone(),
-                    attempt,
-                    name: info.name.clone(),
-                    offset: offset as u64,
-                    size,
-                    sha256: last.then(|| info.sha256.clone()),
-                },
-                Some(data.slice(offset..end)),
-            );
-            if last {
-                break;
-            }
-            offset = end;
-        }
     }
 
     /// Called often (every log batch interval): liveness, batching,
@@ -928,6 +958,7 @@ impl Session {
             }
             Link::Up { .. } => {
                 self.flush(now, &mut actions, false);
+                self.tick_uploads(now, &mut actions);
                 if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
                     // An idle worker repeats `ready` instead of `heartbeat`:
                     // a lost `ready` would otherwise leave it idle forever.
@@ -1032,3 +1063,4 @@ impl Session {
 
 #[cfg(test)]
 mod tests;
+mod uploads;

@@ -316,6 +316,8 @@ mod tests {
                 },
                 finished: true,
                 aborted: false,
+                report: None,
+                uploads: Vec::new(),
             }),
             server_session: Some("srv".into()),
             server_dedup: DedupWindow::default(),

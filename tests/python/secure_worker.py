@@ -120,6 +120,8 @@ def main():
     next_seq = 1
     registered = False
     task = None
+    reported = False
+    offered_at = None
     last_send = time.monotonic()
     while time.monotonic() < deadline:
         header, body = recv(200)
@@ -133,6 +135,9 @@ def main():
                     send(b, cls, True, seq, t, raw)
             if pending and now - last_send > 1:
                 last_send = now
+            if offered_at is not None and now - offered_at > 1:
+                send(offer, "file", task=task)  # unanswered: offer again
+                offered_at = now
             if registered and task is None and now - last_send > 1:
                 send({"type": "ready"})
                 last_send = now
@@ -153,48 +158,54 @@ def main():
             print("running", task, flush=True)
             junit = b'<testsuite name="py"><testcase name="from_python"/></testsuite>'
             digest = hashlib.sha256(junit).hexdigest()
-            messages = [
-                ({"type": "task_accepted", "task": task, "attempt": attempt}, "control", None),
-                (
-                    {
-                        "type": "file_chunk",
-                        "task": task,
-                        "attempt": attempt,
-                        "name": "results.xml",
-                        "offset": 0,
-                        "size": len(junit),
-                        "sha256": digest,
-                    },
-                    "file",
-                    junit,
-                ),
-                (
-                    {
-                        "type": "task_finished",
-                        "task": task,
-                        "attempt": attempt,
-                        "outcome": {"exit_code": 0, "timed_out": False, "cancelled": False},
-                        "log_lines": 1,
-                        "files": [{"name": "results.xml", "size": len(junit), "sha256": digest}],
-                    },
-                    "control",
-                    None,
-                ),
-            ]
-            for i, (b, cls, raw) in enumerate(messages):
-                seq = next_seq
-                next_seq += 1
-                pending[seq] = (b, cls, task, raw)
-                send(b, cls, True, seq, task, raw)
-                if i == 0:
-                    line = {"seq": 1, "stream": "stdout", "text": "hello from a python worker"}
-                    send({"type": "log", "task": task, "attempt": attempt, "lines": [line]}, "log", task=task)
+            accepted = {"type": "task_accepted", "task": task, "attempt": attempt}
+            pending[next_seq] = (accepted, "control", task, None)
+            send(accepted, "control", True, next_seq, task)
+            next_seq += 1
+            line = {"seq": 1, "stream": "stdout", "text": "hello from a python worker"}
+            send({"type": "log", "task": task, "attempt": attempt, "lines": [line]}, "log", task=task)
+            # §7.7: offer the result file; the server answers with credit.
+            offer = {"type": "file_offer", "task": task, "attempt": attempt,
+                     "name": "results.xml", "size": len(junit)}
+            send(offer, "file", task=task)
+            offered_at = time.monotonic()
+            last_send = offered_at
+        elif kind == "file_credit" and body["name"] == "results.xml":
+            have, until = body["have"], body["until"]
+            if body["resume"] or have < len(junit):
+                end = min(until, len(junit))
+                if end > have:
+                    chunk = {"type": "file_chunk", "task": task, "attempt": attempt,
+                             "name": "results.xml", "offset": have}
+                    send(chunk, "file", task=task, raw=junit[have:end])
+                if end == len(junit):
+                    send({"type": "file_end", "task": task, "attempt": attempt, "name": "results.xml",
+                          "size": len(junit), "sha256": digest}, "file", task=task)
+            offered_at = None
+        elif kind == "file_refused":
+            sys.exit(f"the server refused the result file: {body}")
+        elif kind == "file_stored" and body["name"] == "results.xml" and not reported:
+            reported = True
+            report = {
+                "type": "task_finished",
+                "task": task,
+                "attempt": attempt,
+                "outcome": {"exit_code": 0, "timed_out": False, "cancelled": False},
+                "log_lines": 1,
+                "files": [{"name": "results.xml", "size": len(junit), "sha256": digest}],
+            }
+            pending[next_seq] = (report, "control", task, None)
+            send(report, "control", True, next_seq, task)
+            next_seq += 1
             last_send = time.monotonic()
         elif kind == "ack":
             pending.pop(body["seq"], None)
-            if task is not None and not pending:
+            if reported and not pending:
                 print("all acknowledged", flush=True)
                 return 0
+        if offered_at is not None and time.monotonic() - offered_at > 1:
+            send(offer, "file", task=task)  # unanswered: offer again
+            offered_at = time.monotonic()
     sys.exit(f"not done within 30 s (registered={registered}, task={task}, pending={sorted(pending)})")
 
 

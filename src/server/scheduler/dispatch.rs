@@ -151,6 +151,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub(super) fn dispatch(&mut self, now: Instant, worker: &str, id: &TaskId) {
+        self.close_uploads(id);
         let t = self.tasks.get_mut(id).expect("task");
         t.state = TaskState::Dispatched;
         t.worker = Some(worker.to_string());
@@ -161,10 +162,12 @@ impl<S: Store> Scheduler<S> {
         t.log = SeqRanges::default();
         t.log_bytes = 0;
         t.log_refused = 0;
-        t.received.clear();
         t.file_errors.clear();
         t.file_sizes.clear();
-        t.hashing.clear();
+        t.junit.clear();
+        t.file_mismatches.clear();
+        // Stored files of an earlier attempt stay on disk until replaced;
+        // they no longer count for this attempt.
         t.files.clear();
         let attempt = t.attempts;
         if attempt > 1 {

@@ -12,6 +12,7 @@ impl<S: Store> Scheduler<S> {
         verdict: Option<Verdict>,
         reason: String,
     ) {
+        self.close_uploads(id);
         let t = self.tasks.get_mut(id).expect("task");
         t.state = state;
         t.verdict = verdict;

@@ -4,33 +4,12 @@
 
 use super::*;
 
-/// A SHA-256 computed while a file's chunks arrive in order.
-#[derive(Default)]
-pub(super) struct StreamHash {
-    hasher: sha2::Sha256,
-    /// Bytes hashed so far, from offset 0.
-    hashed: u64,
-}
-
-impl StreamHash {
-    /// Feeds a chunk; only the part continuing what was hashed counts
-    /// (resends of earlier bytes add nothing, a chunk beyond a gap stops
-    /// the streaming for this file).
-    pub(super) fn update(&mut self, offset: u64, data: &[u8]) {
-        use sha2::Digest;
-        let end = offset.saturating_add(data.len() as u64);
-        if offset <= self.hashed && end > self.hashed {
-            let skip = (self.hashed - offset) as usize;
-            self.hasher.update(&data[skip..]);
-            self.hashed = end;
-        }
-    }
-
-    /// The digest, if every byte of a file of `size` bytes was hashed.
-    pub(super) fn digest_if_whole(self, size: u64) -> Option<String> {
-        use sha2::Digest;
-        (self.hashed == size).then(|| hex::encode(self.hasher.finalize()))
-    }
+/// A worker's final report of a task, as applied.
+pub(super) struct Report {
+    outcome: Outcome,
+    log_lines: u64,
+    files: Vec<FileInfo>,
+    file_problems: Vec<FileProblem>,
 }
 
 impl<S: Store> Scheduler<S> {
@@ -48,17 +27,9 @@ impl<S: Store> Scheduler<S> {
 
     /// Applies a mandatory message once. Returns true if it should be acked
     /// (false: it was answered with a nack instead).
-    pub(super) fn apply_mandatory(
-        &mut self,
-        now: Instant,
-        worker: &str,
-        seq: Option<u64>,
-        body: Body,
-        raw: Option<Bytes>,
-    ) -> bool {
+    pub(super) fn apply_mandatory(&mut self, now: Instant, worker: &str, body: Body) -> bool {
         let (task, attempt) = match &body {
             Body::TaskAccepted { task, attempt }
-            | Body::FileChunk { task, attempt, .. }
             | Body::Log { task, attempt, .. }
             | Body::TaskFinished { task, attempt, .. } => (task.clone(), Some(*attempt)),
             Body::TaskRefused { task, .. } => (task.clone(), None),
@@ -148,229 +119,35 @@ impl<S: Store> Scheduler<S> {
                     self.requeue(now, &task, format!("worker {worker} refused it: {message}"));
                 }
             }
-            Body::FileChunk {
-                task,
-                attempt: _,
-                name,
-                offset,
-                size,
-                sha256,
-            } => {
-                let data = raw.unwrap_or_default();
-                // Checked before any byte is written.
-                let end = offset.saturating_add(data.len() as u64);
-                if let Some((code, why)) = self.file_refusal(&task, &name, size, offset, end) {
-                    return self.refuse_file(worker, &task, seq, &name, code, why);
-                }
-                if let Err(e) = self.store.write_chunk(&task, &name, offset, &data) {
-                    return self.file_problem(worker, &task, seq, &name, e);
-                }
-                self.touched.insert(task.clone());
-                // Chunks may arrive out of order after resends: check the
-                // whole file only once all of it is here.
-                let t = self.tasks.get_mut(&task).expect("open task");
-                t.file_sizes.insert(name.clone(), size);
-                t.received
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(offset, end);
-                t.hashing
-                    .entry(name.clone())
-                    .or_default()
-                    .update(offset, &data);
-                let complete = t.covered(&name) >= size;
-                if complete {
-                    if let Some(sha) = sha256 {
-                        // Hashed as the bytes came (in order, the usual
-                        // case): no re-read of the whole file on the loop.
-                        // Out of order, the store reads it back once.
-                        let streamed = t
-                            .hashing
-                            .remove(&name)
-                            .and_then(|h| h.digest_if_whole(size));
-                        let verdict = match streamed {
-                            Some(actual) if actual == sha => Ok(()),
-                            Some(actual) => Err(StoreError::Mismatch {
-                                task: task.clone(),
-                                name: name.clone(),
-                                size,
-                                sha: sha.clone(),
-                                actual_size: size,
-                                actual_sha: actual,
-                            }),
-                            None => self.store.verify_file(&task, &name, size, &sha),
-                        };
-                        if let Err(e) = verdict {
-                            return self.file_problem(worker, &task, seq, &name, e);
-                        }
-                        let t = self.tasks.get_mut(&task).expect("open task");
-                        t.files.retain(|f| f.name != name);
-                        t.files.push(FileInfo {
-                            name,
-                            size,
-                            sha256: sha,
-                        });
-                    }
-                }
-            }
             Body::TaskFinished {
                 task,
                 attempt: _,
                 outcome,
                 log_lines,
                 files,
+                file_problems,
             } => {
-                // A report that overtook one of its file chunks waits: not
-                // acknowledged, so the worker resends it after the chunk.
+                // A report that overtook one of its files (a worker that
+                // does not wait for `file_stored`) waits: not acknowledged,
+                // so the worker resends it once the upload is done.
                 let t = &self.tasks[&task];
-                // (A refused name never arrives; judged as damaged below.)
-                let missing = files.iter().find(|f| {
-                    crate::server::store::safe_relative_path(&f.name).is_ok()
-                        && !t.file_errors.contains_key(&f.name)
-                        && t.covered(&f.name) < f.size
-                });
+                let missing = files.iter().find(|f| t.uploads.contains_key(&f.name));
                 if let Some(f) = missing {
-                    info!(task = %task, file = %f.name, "final report arrived before all of its result file; waiting for the resend");
+                    info!(task = %task, file = %f.name, "final report arrived while its result file is still in transfer; waiting for the resend");
                     self.count("report_before_files", 1);
                     return false;
                 }
-                self.on_finished(now, worker, &task, outcome, log_lines, files)
+                let report = Report {
+                    outcome,
+                    log_lines,
+                    files,
+                    file_problems,
+                };
+                self.on_finished(now, worker, &task, report)
             }
             _ => unreachable!("filtered above"),
         }
         true
-    }
-
-    /// Why a chunk `offset..end` of result file `name` (declared `size`)
-    /// cannot be taken, if it cannot: the file was refused before, is over
-    /// a size limit, changed size, or arrived in too many pieces. The codec
-    /// already checked that the chunk lies inside the declared size.
-    fn file_refusal(
-        &self,
-        task: &TaskId,
-        name: &str,
-        size: u64,
-        offset: u64,
-        end: u64,
-    ) -> Option<(ErrorCode, String)> {
-        let limits = &self.cfg.limits;
-        let t = &self.tasks[task];
-        if let Some(why) = t.file_errors.get(name) {
-            return Some((ErrorCode::LimitReached, why.clone()));
-        }
-        let others: u64 = t
-            .file_sizes
-            .iter()
-            .filter(|(n, _)| n.as_str() != name)
-            .map(|(_, size)| *size)
-            .fold(0u64, u64::saturating_add);
-        if size > limits.max_file_bytes {
-            return Some((
-                ErrorCode::LimitReached,
-                format!(
-                    "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
-                    limits.max_file_bytes
-                ),
-            ));
-        }
-        if others.saturating_add(size) > limits.max_task_file_bytes {
-            return Some((
-                ErrorCode::LimitReached,
-                format!(
-                    "result files of this task would exceed {} bytes (limits.max_task_file_bytes)",
-                    limits.max_task_file_bytes
-                ),
-            ));
-        }
-        if t.file_sizes.get(name).is_some_and(|s| *s != size) {
-            return Some((
-                ErrorCode::Invalid,
-                format!("result file {name:?} changed size during its transfer (now {size} bytes)"),
-            ));
-        }
-        if t.received
-            .get(name)
-            .is_some_and(|r| r.runs() >= MAX_FILE_RANGES && !r.extends(offset, end))
-        {
-            return Some((
-                ErrorCode::Invalid,
-                format!(
-                    "result file {name:?} arrived in more than {MAX_FILE_RANGES} separate pieces"
-                ),
-            ));
-        }
-        None
-    }
-
-    /// A result file the server will not take: the chunk is answered with
-    /// a typed error carrying its seq (the worker stops resending it), the
-    /// file is marked so the final report does not wait for it, and the
-    /// verdict names the reason.
-    pub(super) fn refuse_file(
-        &mut self,
-        worker: &str,
-        task: &TaskId,
-        seq: Option<u64>,
-        name: &str,
-        code: ErrorCode,
-        why: String,
-    ) -> bool {
-        self.count("file_chunks_refused", 1);
-        let t = self.tasks.get_mut(task).expect("open task");
-        if !t.file_errors.contains_key(name) {
-            warn!(worker, task = %task, file = name, reason = %why, "refused a result file");
-            t.file_errors.insert(name.to_string(), why.clone());
-        }
-        self.touched.insert(task.clone());
-        match seq {
-            Some(seq) => self.refuse_mandatory(worker, Some(task), seq, code, why),
-            None => self.send_to_worker(
-                worker,
-                Some(task),
-                Body::Error {
-                    request: None,
-                    code,
-                    message: why,
-                    seq: None,
-                },
-            ),
-        }
-        false
-    }
-
-    pub(super) fn file_problem(
-        &mut self,
-        worker: &str,
-        task: &TaskId,
-        seq: Option<u64>,
-        name: &str,
-        e: StoreError,
-    ) -> bool {
-        match e {
-            StoreError::BadFileName(_) => {
-                self.count("bad_file_name", 1);
-                self.refuse_file(
-                    worker,
-                    task,
-                    seq,
-                    name,
-                    ErrorCode::BadFileName,
-                    e.to_string(),
-                )
-            }
-            StoreError::Mismatch { .. } => {
-                self.count("file_mismatch", 1);
-                warn!(worker, task = %task, error = %e, "result file does not match its checksum");
-                true
-            }
-            other => {
-                // Disk full, a name clash, an I/O error: answered, never
-                // left to a resend loop; the operator sees why.
-                self.count("store_errors", 1);
-                let why = format!("storage error on the server: {other}");
-                self.refuse_file(worker, task, seq, name, ErrorCode::StorageFailed, why)
-            }
-        }
     }
 
     pub(super) fn on_log(&mut self, worker: &str, task: TaskId, attempt: u32, lines: Vec<LogLine>) {
@@ -461,46 +238,56 @@ impl<S: Store> Scheduler<S> {
         now: Instant,
         worker: &str,
         task: &TaskId,
-        outcome: Outcome,
-        log_lines: u64,
-        files: Vec<FileInfo>,
+        report: Report,
     ) {
+        let Report {
+            outcome,
+            log_lines,
+            files,
+            file_problems,
+        } = report;
         let run = self.tasks[task].run.clone();
         let timeout = self.runs[&run].request.timeout_secs;
-        // Check every announced file arrived whole, then read JUnit results.
+        // Every announced file must be stored, verified, as announced;
+        // JUnit results were read when the desk stored each file.
         let mut junit: Result<Option<CaseCounts>, String> = Ok(None);
+        if let Some(p) = file_problems.first() {
+            junit = Err(format!(
+                "result file {} could not be delivered: {}",
+                p.name, p.reason
+            ));
+        }
         for f in &files {
-            if let Some(why) = self.tasks[task].file_errors.get(&f.name) {
+            if junit.is_err() {
+                break;
+            }
+            let t = &self.tasks[task];
+            if let Some(why) = t.file_errors.get(&f.name) {
                 junit = Err(format!("result file {} was refused: {why}", f.name));
                 break;
             }
-            // Verified when its last byte arrived: not hashed again.
-            let verified = self.tasks[task].files.iter().any(|v| v == f);
-            let intact = if verified {
-                Ok(())
-            } else {
-                self.store.verify_file(task, &f.name, f.size, &f.sha256)
-            };
-            if let Err(e) = intact {
-                junit = Err(format!("result file {} did not arrive intact: {e}", f.name));
-                break;
-            }
-            if !f.name.ends_with(".xml") {
-                continue;
-            }
-            let parsed = self
-                .store
-                .read_file(task, &f.name, 0, MAX_JUNIT_BYTES)
-                .map_err(|e| e.to_string())
-                .and_then(|(xml, _)| {
-                    parse_junit(&xml).map_err(|e| format!("result file {}: {e}", f.name))
-                });
-            match (parsed, &mut junit) {
-                (Err(e), _) => {
-                    junit = Err(e);
+            match t.files.iter().find(|s| s.name == f.name) {
+                None => {
+                    junit = Err(format!(
+                        "result file {} was announced but never arrived",
+                        f.name
+                    ));
                     break;
                 }
-                (Ok(Some(c)), Ok(total)) => total.get_or_insert_with(CaseCounts::default).add(c),
+                Some(stored) if stored != f => {
+                    junit = Err(format!(
+                        "result file {} did not arrive intact: stored {} bytes with SHA-256 {}, the report says {} bytes with {}",
+                        f.name, stored.size, stored.sha256, f.size, f.sha256
+                    ));
+                    break;
+                }
+                Some(_) => {}
+            }
+            match (t.junit.get(&f.name), &mut junit) {
+                (Some(Err(e)), _) => junit = Err(e.clone()),
+                (Some(Ok(Some(c))), Ok(total)) => {
+                    total.get_or_insert_with(CaseCounts::default).add(*c)
+                }
                 _ => {}
             }
         }
@@ -519,7 +306,6 @@ impl<S: Store> Scheduler<S> {
         let cancelled = outcome.cancelled || self.tasks[task].cancel_requested;
         let t = self.tasks.get_mut(task).expect("open task");
         t.log_lines_produced = Some(log_lines);
-        t.files = files;
         t.cases = junit.ok().flatten();
         let missing = t.log.missing(log_lines);
         let lost: u64 = missing

@@ -24,7 +24,6 @@ struct TaskRow {
     queued_at_ms: u64,
     order: u64,
     cancel_requested: bool,
-    received: BTreeMap<String, ByteRanges>,
     #[serde(default)]
     history: Vec<StateChange>,
     #[serde(default)]
@@ -37,6 +36,9 @@ struct TaskRow {
     refusals: u32,
     #[serde(default)]
     file_sizes: BTreeMap<String, u64>,
+    /// What each stored JUnit file says (read once, when stored).
+    #[serde(default)]
+    junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -151,13 +153,13 @@ impl<S: Store> Scheduler<S> {
                 queued_at_ms: self.wall_ms(t.queued_at),
                 order: t.order,
                 cancel_requested: t.cancel_requested,
-                received: t.received.clone(),
                 history: t.history.clone(),
                 log_bytes: t.log_bytes,
                 log_refused: t.log_refused,
                 file_errors: t.file_errors.clone(),
                 refusals: t.refusals,
                 file_sizes: t.file_sizes.clone(),
+                junit: t.junit.clone(),
             };
             let bytes = encode(&row);
             let done = t.state.is_final();
@@ -395,17 +397,24 @@ impl<S: Store> Scheduler<S> {
                     queued_at: instant(row.queued_at_ms),
                     order: row.order,
                     cancel_requested: row.cancel_requested,
-                    received: row.received,
                     history: row.history,
                     log_bytes: row.log_bytes,
                     log_refused: row.log_refused,
                     file_errors: row.file_errors,
                     refusals: row.refusals,
                     file_sizes: row.file_sizes,
-                    hashing: HashMap::new(),
+                    uploads: BTreeMap::new(),
+                    junit: row.junit,
+                    file_mismatches: BTreeMap::new(),
                 },
             );
         }
+        s.stored_bytes = s
+            .tasks
+            .values()
+            .flat_map(|t| t.files.iter())
+            .map(|f| f.size)
+            .fold(0u64, u64::saturating_add);
         queued.sort();
         for (_, id) in queued {
             let key = s.runs[&s.tasks[&id].run].request.device.routing_key();

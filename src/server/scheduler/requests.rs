@@ -103,11 +103,27 @@ impl<S: Store> Scheduler<S> {
                         ErrorCode::UnknownTask,
                         format!("task {task:?} has no result file {name:?}"),
                     ))
+                } else if self.reads_in_flight >= super::uploads::MAX_READS_IN_FLIGHT {
+                    self.count("file_reads_busy", 1);
+                    Err((
+                        ErrorCode::LimitReached,
+                        format!(
+                            "server busy: {} file reads in progress; retry",
+                            super::uploads::MAX_READS_IN_FLIGHT
+                        ),
+                    ))
                 } else {
-                    let read = self
-                        .store
-                        .read_file(&task, &name, offset, max.min(MAX_READ_CHUNK));
-                    self.send_data(peer, request, offset, read, ErrorCode::UnknownTask);
+                    // Read by the file desk, off the loop; answered when done.
+                    self.reads_in_flight += 1;
+                    self.out
+                        .push(Output::File(crate::server::files::FileJob::Read {
+                            peer: peer.clone(),
+                            request,
+                            task,
+                            name,
+                            offset,
+                            max: max.min(MAX_READ_CHUNK),
+                        }));
                     return;
                 }
             }
@@ -253,14 +269,15 @@ impl<S: Store> Scheduler<S> {
                     queued_at: now,
                     order: self.next_order,
                     cancel_requested: false,
-                    received: BTreeMap::new(),
                     history: Vec::new(),
                     log_bytes: 0,
                     log_refused: 0,
                     file_errors: BTreeMap::new(),
                     refusals: 0,
                     file_sizes: BTreeMap::new(),
-                    hashing: HashMap::new(),
+                    uploads: BTreeMap::new(),
+                    junit: BTreeMap::new(),
+                    file_mismatches: BTreeMap::new(),
                 },
             );
             self.next_order += 1;

@@ -11,6 +11,9 @@ struct Lab {
     t0: Instant,
     now: Instant,
     seq: HashMap<String, u64>,
+    /// The real file desk over a temporary folder, run synchronously.
+    desk: crate::server::files::Desk,
+    dir: tempfile::TempDir,
 }
 
 fn peer(name: &str) -> PeerId {
@@ -56,12 +59,92 @@ impl Lab {
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());
         s.set_wall_clock(t0, 1_000_000);
+        let dir = tempfile::tempdir().unwrap();
         Lab {
             s,
             t0,
             now: t0,
             seq: HashMap::new(),
+            desk: crate::server::files::Desk::new(dir.path()),
+            dir,
         }
+    }
+
+    /// The scheduler's outputs, with its file jobs carried out by the desk
+    /// (and what they cause) until none is left.
+    fn outputs(&mut self) -> Vec<Output> {
+        let mut all = Vec::new();
+        loop {
+            let out = self.s.take_outputs();
+            if out.is_empty() {
+                return all;
+            }
+            for o in out {
+                match o {
+                    Output::File(job) => {
+                        if let Some(done) = self.desk.run(job) {
+                            self.s.on_file_done(self.now, done);
+                        }
+                    }
+                    other => all.push(other),
+                }
+            }
+        }
+    }
+
+    /// Uploads `data` as result file `name` the way ots-worker does:
+    /// offer, chunks inside the credit, end.
+    fn upload(&mut self, worker: &str, task: &TaskId, name: &str, data: &[u8]) -> Vec<Output> {
+        let size = data.len() as u64;
+        let mut out = self.from(
+            worker,
+            Body::FileOffer {
+                task: task.clone(),
+                attempt: 1,
+                name: name.into(),
+                size,
+            },
+        );
+        let mut sent = 0u64;
+        while sent < size {
+            let until = out
+                .iter()
+                .rev()
+                .find_map(|o| match o {
+                    Output::Send {
+                        body: Body::FileCredit { until, .. },
+                        ..
+                    } => Some(*until),
+                    _ => None,
+                })
+                .expect("credit");
+            let end = until.min(size).min(sent + 4);
+            let mut e = env(
+                false,
+                0,
+                Body::FileChunk {
+                    task: task.clone(),
+                    attempt: 1,
+                    name: name.into(),
+                    offset: sent,
+                },
+            );
+            e.raw = Some(Bytes::copy_from_slice(&data[sent as usize..end as usize]));
+            self.s.on_message(self.now, &peer(worker), e);
+            out.extend(self.outputs());
+            sent = end;
+        }
+        out.extend(self.from(
+            worker,
+            Body::FileEnd {
+                task: task.clone(),
+                attempt: 1,
+                name: name.into(),
+                size,
+                sha256: hex::encode(Sha256::digest(data)),
+            },
+        ));
+        out
     }
 
     fn advance(&mut self, d: Duration) {
@@ -70,13 +153,13 @@ impl Lab {
 
     fn tick(&mut self) -> Vec<Output> {
         self.s.on_tick(self.now);
-        self.s.take_outputs()
+        self.outputs()
     }
 
     fn from(&mut self, worker: &str, body: Body) -> Vec<Output> {
         self.s
             .on_message(self.now, &peer(worker), env(false, 0, body));
-        self.s.take_outputs()
+        self.outputs()
     }
 
     fn mandatory(&mut self, worker: &str, body: Body) -> Vec<Output> {
@@ -85,7 +168,7 @@ impl Lab {
         let seq = *seq;
         self.s
             .on_message(self.now, &peer(worker), env(true, seq, body));
-        self.s.take_outputs()
+        self.outputs()
     }
 
     fn register(&mut self, worker: &str, device: &str) -> Vec<Output> {
@@ -154,24 +237,7 @@ impl Lab {
         let mut files = vec![];
         if let Some(xml) = junit {
             let sha = hex::encode(Sha256::digest(xml.as_bytes()));
-            let mut e = env(
-                true,
-                0,
-                Body::FileChunk {
-                    task: task.clone(),
-                    attempt: 1,
-                    name: "r.xml".into(),
-                    offset: 0,
-                    size: xml.len() as u64,
-                    sha256: Some(sha.clone()),
-                },
-            );
-            let seq = self.seq.entry(worker.to_string()).or_insert(0);
-            *seq += 1;
-            e.header.seq = *seq;
-            e.raw = Some(Bytes::copy_from_slice(xml.as_bytes()));
-            self.s.on_message(self.now, &peer(worker), e);
-            out.extend(self.s.take_outputs());
+            out.extend(self.upload(worker, task, "r.xml", xml.as_bytes()));
             files.push(FileInfo {
                 name: "r.xml".into(),
                 size: xml.len() as u64,
@@ -189,6 +255,7 @@ impl Lab {
                 },
                 log_lines: 0,
                 files,
+                file_problems: vec![],
             },
         ));
         out
@@ -362,6 +429,7 @@ fn duplicate_final_report_is_acked_again_but_applied_once() {
         },
         log_lines: 0,
         files: vec![],
+        file_problems: vec![],
     };
     let out = lab.mandatory("w", finished.clone());
     assert!(
@@ -403,6 +471,7 @@ fn report_for_unknown_task_is_nacked_as_orphan() {
             outcome: Outcome::default(),
             log_lines: 3,
             files: vec![],
+            file_problems: vec![],
         },
     );
     assert!(out.iter().any(|o| matches!(o, Output::Send { body: Body::TaskClosed { task, .. }, .. } if task == "nope.1")));
@@ -469,6 +538,7 @@ fn lost_worker_task_is_held_then_requeued_to_another_worker() {
             outcome: Outcome::default(),
             log_lines: 0,
             files: vec![],
+            file_problems: vec![],
         },
     );
     assert!(out.iter().any(|o| matches!(
@@ -618,6 +688,7 @@ fn cancel_stops_queued_tasks_at_once_and_asks_workers_to_stop_running_ones() {
             },
             log_lines: 0,
             files: vec![],
+            file_problems: vec![],
         },
     );
     let st = lab.status(&run);
@@ -678,6 +749,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
             },
             log_lines: 30,
             files: vec![],
+            file_problems: vec![],
         },
     );
     let t = &lab.status(&run).tasks[0];
@@ -711,9 +783,33 @@ fn malformed_frames_get_an_error_reply_and_a_counter() {
     assert_eq!(lab.s.counters()["malformed"], 1);
 }
 
-#[test]
-fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
-    let mut lab = Lab::new();
+/// What the server told `worker` about result file `name`.
+fn file_answers<'a>(out: &'a [Output], name: &str) -> Vec<&'a Body> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send { body, .. } => match body {
+                Body::FileCredit { name: n, .. }
+                | Body::FileStored { name: n, .. }
+                | Body::FileRefused { name: n, .. }
+                    if n == name =>
+                {
+                    Some(body)
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused_code(out: &[Output], name: &str) -> Option<ErrorCode> {
+    file_answers(out, name).into_iter().find_map(|b| match b {
+        Body::FileRefused { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+fn accepted_task(lab: &mut Lab) -> (RunId, TaskId) {
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
@@ -724,32 +820,238 @@ fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
             attempt: 1,
         },
     );
-    let mut e = env(
-        true,
-        99,
-        Body::FileChunk {
+    (run, task)
+}
+
+#[test]
+fn traversal_in_result_file_names_is_refused_with_a_typed_error() {
+    let mut lab = Lab::new();
+    let (_, task) = accepted_task(&mut lab);
+    let out = lab.from(
+        "w",
+        Body::FileOffer {
             task: task.clone(),
             attempt: 1,
             name: "../../etc/passwd".into(),
-            offset: 0,
             size: 1,
-            sha256: None,
         },
     );
-    e.raw = Some(Bytes::from_static(b"x"));
-    lab.s.on_message(lab.now, &peer("w"), e);
-    let out = lab.s.take_outputs();
-    assert!(out.iter().any(|o| matches!(
-        o,
-        Output::Send {
-            body: Body::Error {
-                code: ErrorCode::BadFileName,
+    assert_eq!(
+        refused_code(&out, "../../etc/passwd"),
+        Some(ErrorCode::BadFileName),
+        "{out:?}"
+    );
+    assert!(!lab.dir.path().join("etc").exists());
+    assert!(!lab
+        .dir
+        .path()
+        .join("tasks")
+        .join(&task)
+        .join("files")
+        .exists());
+}
+
+#[test]
+fn an_upload_is_stored_once_verified_and_resumes_where_the_server_has_it() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.file_window_bytes = 8;
+    let (_, task) = accepted_task(&mut lab);
+    let data = b"0123456789abcdef";
+    let out = lab.upload("w", &task, "a.bin", data);
+    assert!(
+        matches!(
+            file_answers(&out, "a.bin").last(),
+            Some(Body::FileStored { size: 16, .. })
+        ),
+        "{out:?}"
+    );
+    let stored = lab.dir.path().join("tasks").join(&task).join("files/a.bin");
+    assert_eq!(std::fs::read(stored).unwrap(), data);
+    // Offered again (an answer was lost): stored once, answered at once.
+    let out = lab.from(
+        "w",
+        Body::FileOffer {
+            task: task.clone(),
+            attempt: 1,
+            name: "a.bin".into(),
+            size: 16,
+        },
+    );
+    assert!(
+        matches!(
+            file_answers(&out, "a.bin")[..],
+            [Body::FileCredit {
+                have: 16,
+                resume: true,
                 ..
+            }]
+        ),
+        "{out:?}"
+    );
+
+    // Half sent, then the connection is lost: the new offer resumes at 8.
+    let offer = |lab: &mut Lab| {
+        lab.from(
+            "w",
+            Body::FileOffer {
+                task: task.clone(),
+                attempt: 1,
+                name: "c.bin".into(),
+                size: 16,
             },
-            ..
-        }
-    )));
-    assert!(lab.s.store.files.is_empty());
+        )
+    };
+    let chunk = |lab: &mut Lab, offset: usize, end: usize| {
+        let mut e = env(
+            false,
+            0,
+            Body::FileChunk {
+                task: task.clone(),
+                attempt: 1,
+                name: "c.bin".into(),
+                offset: offset as u64,
+            },
+        );
+        e.raw = Some(Bytes::copy_from_slice(&data[offset..end]));
+        lab.s.on_message(lab.now, &peer("w"), e);
+        lab.outputs()
+    };
+    let out = offer(&mut lab);
+    assert!(
+        matches!(
+            file_answers(&out, "c.bin")[..],
+            [Body::FileCredit {
+                have: 0,
+                until: 8,
+                resume: true,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    // Beyond the credit: dropped and counted.
+    chunk(&mut lab, 0, 12);
+    assert_eq!(lab.s.counters()["file_chunks_over_credit"], 1);
+    chunk(&mut lab, 0, 8);
+    // A late chunk of an older connection: dropped, counted.
+    chunk(&mut lab, 2, 4);
+    assert_eq!(lab.s.counters()["file_chunks_out_of_order"], 1);
+    let out = offer(&mut lab);
+    assert!(
+        matches!(
+            file_answers(&out, "c.bin")[..],
+            [Body::FileCredit {
+                have: 8,
+                until: 16,
+                resume: true,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    chunk(&mut lab, 8, 16);
+    let out = lab.from(
+        "w",
+        Body::FileEnd {
+            task: task.clone(),
+            attempt: 1,
+            name: "c.bin".into(),
+            size: 16,
+            sha256: hex::encode(Sha256::digest(data)),
+        },
+    );
+    assert!(
+        matches!(file_answers(&out, "c.bin")[..], [Body::FileStored { .. }]),
+        "{out:?}"
+    );
+    assert_eq!(lab.s.upload_credit, 0, "every credit back in the pool");
+}
+
+#[test]
+fn a_damaged_upload_is_restarted_once_then_refused_as_damaged() {
+    let mut lab = Lab::new();
+    let (run, task) = accepted_task(&mut lab);
+    let data = b"the true content";
+    let send_with = |lab: &mut Lab, sha: &str| {
+        let mut e = env(
+            false,
+            0,
+            Body::FileChunk {
+                task: task.clone(),
+                attempt: 1,
+                name: "b.bin".into(),
+                offset: 0,
+            },
+        );
+        e.raw = Some(Bytes::copy_from_slice(data));
+        lab.s.on_message(lab.now, &peer("w"), e);
+        lab.outputs();
+        lab.from(
+            "w",
+            Body::FileEnd {
+                task: task.clone(),
+                attempt: 1,
+                name: "b.bin".into(),
+                size: data.len() as u64,
+                sha256: sha.into(),
+            },
+        )
+    };
+    lab.from(
+        "w",
+        Body::FileOffer {
+            task: task.clone(),
+            attempt: 1,
+            name: "b.bin".into(),
+            size: data.len() as u64,
+        },
+    );
+    let wrong = "0".repeat(64);
+    let out = send_with(&mut lab, &wrong);
+    assert!(
+        matches!(
+            file_answers(&out, "b.bin")[..],
+            [Body::FileCredit {
+                have: 0,
+                resume: true,
+                ..
+            }]
+        ),
+        "restarted from 0: {out:?}"
+    );
+    let out = send_with(&mut lab, &wrong);
+    assert_eq!(
+        refused_code(&out, "b.bin"),
+        Some(ErrorCode::Damaged),
+        "{out:?}"
+    );
+    assert_eq!(lab.s.counters()["file_hash_mismatches"], 2);
+    let out = lab.mandatory(
+        "w",
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome {
+                exit_code: Some(0),
+                ..Outcome::default()
+            },
+            log_lines: 0,
+            files: vec![FileInfo {
+                name: "b.bin".into(),
+                size: data.len() as u64,
+                sha256: wrong.clone(),
+            }],
+            file_problems: vec![],
+        },
+    );
+    assert_eq!(acks_to(&out, "w").len(), 1, "{out:?}");
+    let st = lab.status(&run);
+    assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
+    assert!(
+        st.tasks[0].reason.as_deref().unwrap().contains("damaged"),
+        "{:?}",
+        st.tasks[0].reason
+    );
 }
 
 #[test]
@@ -828,6 +1130,7 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
         },
         log_lines: 0,
         files: vec![],
+        file_problems: vec![],
     };
     lab.mandatory("w", finished.clone()); // applied; the ack is lost in the crash
     crash_and_restart(&mut lab, &mut db);
@@ -931,6 +1234,7 @@ fn an_interrupted_attempt_is_requeued() {
             },
             log_lines: 0,
             files: vec![],
+            file_problems: vec![],
         },
     );
     out.extend(lab.from("w", Body::Ready));
@@ -972,8 +1276,19 @@ fn mutated_messages_never_panic_the_scheduler() {
             attempt: 1,
             name: "a/b.xml".into(),
             offset: 4,
+        },
+        Body::FileOffer {
+            task: task.clone(),
+            attempt: 1,
+            name: "a/b.xml".into(),
             size: 9,
-            sha256: Some("00".into()),
+        },
+        Body::FileEnd {
+            task: task.clone(),
+            attempt: 1,
+            name: "a/b.xml".into(),
+            size: 9,
+            sha256: "0".repeat(64),
         },
         Body::TaskFinished {
             task: task.clone(),
@@ -981,6 +1296,7 @@ fn mutated_messages_never_panic_the_scheduler() {
             outcome: Outcome::default(),
             log_lines: 9,
             files: vec![],
+            file_problems: vec![],
         },
         Body::GetFile {
             request: 1,
@@ -1170,56 +1486,42 @@ fn a_restarted_worker_with_its_session_takes_over_at_once() {
 }
 
 #[test]
-fn storage_errors_and_oversized_files_are_answered_not_left_to_resend_forever() {
+fn oversized_files_and_a_full_result_area_are_refused_at_the_offer() {
     let mut lab = Lab::new();
     lab.s.cfg.limits.max_file_bytes = 1000;
-    lab.register("w1", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w1",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
-    let chunk = |name: &str, size: u64| {
-        let mut e = env(
-            true,
-            0,
-            Body::FileChunk {
+    lab.s.cfg.limits.max_stored_file_bytes = 2000;
+    let (run, task) = accepted_task(&mut lab);
+    let offer = |lab: &mut Lab, name: &str, size: u64| {
+        lab.from(
+            "w",
+            Body::FileOffer {
                 task: task.clone(),
                 attempt: 1,
                 name: name.into(),
-                offset: 0,
                 size,
-                sha256: None,
             },
-        );
-        e.raw = Some(Bytes::from_static(b"abc"));
-        e
+        )
     };
-    // Over the per-file limit: a typed error carrying the seq, no ack.
-    let mut e = chunk("big.bin", 5000);
-    e.header.seq = 100;
-    lab.s.on_message(lab.now, &peer("w1"), e);
-    let out = lab.s.take_outputs();
-    let errs = errors_to(&out, "w1");
-    assert_eq!(errs[0].0, ErrorCode::LimitReached, "{out:?}");
-    assert_eq!(errs[0].1, Some(100));
-    assert!(acks_to(&out, "w1").is_empty());
-    // The disk is full: the same.
-    lab.s.store.disk_full = true;
-    let mut e = chunk("r.xml", 3);
-    e.header.seq = 101;
-    lab.s.on_message(lab.now, &peer("w1"), e);
-    let out = lab.s.take_outputs();
-    let errs = errors_to(&out, "w1");
-    assert_eq!(errs[0].0, ErrorCode::StorageFailed, "{out:?}");
-    assert_eq!(errs[0].1, Some(101));
+    // Over the per-file limit: refused before any byte is sent.
+    let out = offer(&mut lab, "big.bin", 5000);
+    assert_eq!(
+        refused_code(&out, "big.bin"),
+        Some(ErrorCode::LimitReached),
+        "{out:?}"
+    );
+    // The result area's quota: 900 + 900 fit, 900 more do not.
+    lab.upload("w", &task, "one.bin", &[1u8; 900]);
+    let out = offer(&mut lab, "two.bin", 900);
+    assert!(refused_code(&out, "two.bin").is_none(), "{out:?}");
+    let out = offer(&mut lab, "r.xml", 900);
+    assert_eq!(
+        refused_code(&out, "r.xml"),
+        Some(ErrorCode::StorageFailed),
+        "{out:?}"
+    );
     // The final report does not wait for refused files; the verdict says why.
     let out = lab.mandatory(
-        "w1",
+        "w",
         Body::TaskFinished {
             task: task.clone(),
             attempt: 1,
@@ -1230,12 +1532,13 @@ fn storage_errors_and_oversized_files_are_answered_not_left_to_resend_forever() 
             log_lines: 0,
             files: vec![FileInfo {
                 name: "r.xml".into(),
-                size: 3,
+                size: 900,
                 sha256: "0".repeat(64),
             }],
+            file_problems: vec![],
         },
     );
-    assert_eq!(acks_to(&out, "w1").len(), 1, "{out:?}");
+    assert_eq!(acks_to(&out, "w").len(), 1, "{out:?}");
     let st = lab.status(&run);
     assert_eq!(st.tasks[0].verdict, Some(Verdict::Error));
     assert!(
@@ -1307,6 +1610,7 @@ fn log_lines_every_other_number_and_past_the_size_limit_are_bounded_and_counted(
             },
             log_lines: 20_000,
             files: vec![],
+            file_problems: vec![],
         },
     );
     let st = lab.status(&run);
@@ -1427,57 +1731,6 @@ fn mandatory_numbers_far_ahead_are_refused_so_the_dedup_window_stays_small() {
     assert_eq!(errs[0].0, ErrorCode::Invalid);
     assert_eq!(errs[0].1, Some(DEDUP_AHEAD + 10));
     assert_eq!(lab.s.workers["w1"].dedup.pending_gaps(), 0);
-}
-
-#[test]
-fn result_files_are_hashed_as_they_arrive_and_out_of_order_ones_are_read_back() {
-    let mut lab = Lab::new();
-    lab.register("w1", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w1",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
-    let data = b"0123456789abcdef";
-    let sha = hex::encode(Sha256::digest(data));
-    let send = |lab: &mut Lab, name: &str, range: std::ops::Range<usize>, sha: Option<&str>| {
-        let seq = lab.seq.entry("w1".into()).or_insert(0);
-        *seq += 1;
-        let mut e = env(
-            true,
-            *seq,
-            Body::FileChunk {
-                task: task.clone(),
-                attempt: 1,
-                name: name.into(),
-                offset: range.start as u64,
-                size: data.len() as u64,
-                sha256: sha.map(str::to_string),
-            },
-        );
-        e.raw = Some(Bytes::copy_from_slice(&data[range]));
-        lab.s.on_message(lab.now, &peer("w1"), e);
-        lab.s.take_outputs()
-    };
-    // In order, with the right digest: verified from the stream.
-    send(&mut lab, "a.bin", 0..8, None);
-    send(&mut lab, "a.bin", 8..16, Some(&sha));
-    // In order with a wrong digest: a mismatch.
-    send(&mut lab, "b.bin", 0..16, Some(&"0".repeat(64)));
-    // Out of order (last chunk first): read back once complete.
-    send(&mut lab, "c.bin", 8..16, Some(&sha));
-    send(&mut lab, "c.bin", 0..8, Some(&sha));
-    let files: Vec<String> = lab.s.tasks[&task]
-        .files
-        .iter()
-        .map(|f| f.name.clone())
-        .collect();
-    assert_eq!(files, vec!["a.bin".to_string(), "c.bin".to_string()]);
-    assert_eq!(lab.s.counters()["file_mismatch"], 1);
 }
 
 #[test]

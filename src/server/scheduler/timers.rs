@@ -251,6 +251,7 @@ impl<S: Store> Scheduler<S> {
                 t.since = now;
                 self.touched.insert(task.clone());
                 self.schedule_task(&task);
+                self.pause_uploads(&task);
             }
         }
     }

@@ -21,6 +21,8 @@ fn cfg() -> SessionConfig {
         },
         delivery: DeliveryPolicy::default(),
         on_server_lost: OnServerLost::Continue,
+        file_chunk_bytes: 1024,
+        file_window_bytes: 2048,
     }
 }
 
@@ -469,43 +471,182 @@ fn task_closed_drops_pending_messages_and_stops_a_running_conductor() {
     assert!(mandatory_seqs(&a).is_empty(), "never resent after the nack");
 }
 
-#[test]
-fn file_chunks_precede_the_final_report_and_cover_the_file() {
-    let mut w = W::new();
-    w.up();
-    w.msg(Body::Dispatch {
-        spec: spec("t1", 5_000),
-    });
-    let data = Bytes::from(vec![7u8; CHUNK_BYTES * 2 + 10]);
-    let info = FileInfo {
-        name: "big.bin".into(),
-        size: data.len() as u64,
-        sha256: "x".into(),
-    };
-    let a = w.s.on_task_event(
-        w.now,
-        TaskEvent::Finished {
-            task: "t1".into(),
-            attempt: 1,
-            outcome: Outcome::default(),
-            log_lines: 0,
-            files: vec![ResultFile { info, data }],
-        },
-    );
-    // task_accepted is due again only later; chunks and report go now.
-    let kinds = sent(&a);
-    assert_eq!(
-        kinds,
-        vec!["file_chunk", "file_chunk", "file_chunk", "task_finished"]
-    );
-    let total: usize = a
+fn reads(actions: &[Action]) -> Vec<ReadRequest> {
+    actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send { raw: Some(r), .. } => Some(r.len()),
+            Action::ReadChunk(r) => Some(r.clone()),
             _ => None,
         })
-        .sum();
-    assert_eq!(total, CHUNK_BYTES * 2 + 10);
+        .collect()
+}
+
+fn credit(have: u64, until: u64, resume: bool) -> Body {
+    Body::FileCredit {
+        task: "t1".into(),
+        attempt: 1,
+        name: "big.bin".into(),
+        have,
+        until,
+        resume,
+    }
+}
+
+/// What the shell's reader would answer, the digest on the last read.
+fn read_done(r: &ReadRequest) -> ReadDone {
+    let end = r.offset + r.len;
+    ReadDone {
+        task: r.task.clone(),
+        attempt: r.attempt,
+        name: r.name.clone(),
+        offset: r.offset,
+        epoch: r.epoch,
+        result: Ok((
+            Bytes::from(vec![7u8; r.len as usize]),
+            (end == r.size).then(|| "ab".repeat(32)),
+        )),
+    }
+}
+
+impl W {
+    /// Runs t1 to its end with one result file of `size` bytes.
+    fn finished_with_a_file(&mut self, size: u64) -> Vec<Action> {
+        self.up();
+        self.msg(Body::Dispatch {
+            spec: spec("t1", 5_000),
+        });
+        self.msg(Body::Ack { seq: 1 });
+        self.s.on_task_event(
+            self.now,
+            TaskEvent::Finished {
+                task: "t1".into(),
+                attempt: 1,
+                outcome: Outcome::default(),
+                log_lines: 0,
+                files: vec![ResultFile {
+                    name: "big.bin".into(),
+                    size,
+                    mtime_ns: 42,
+                }],
+            },
+        )
+    }
+}
+
+#[test]
+fn a_result_file_streams_inside_the_credit_before_the_final_report() {
+    let mut w = W::new();
+    let size = 4000;
+    let a = w.finished_with_a_file(size);
+    assert_eq!(
+        sent(&a),
+        vec!["file_offer"],
+        "the report waits for the file"
+    );
+    // Credit for 3000 bytes; the worker reads ahead at most its window.
+    let a = w.msg(credit(0, 3000, true));
+    let r = reads(&a);
+    assert_eq!(
+        r.iter().map(|r| (r.offset, r.len)).collect::<Vec<_>>(),
+        vec![(0, 1024), (1024, 1024)]
+    );
+    let a = w.s.on_read_done(w.now, read_done(&r[0]));
+    assert_eq!(sent(&a), vec!["file_chunk"]);
+    // 2048..3000 now fits the window: asked for, up to the credit only.
+    assert_eq!(
+        reads(&a)
+            .iter()
+            .map(|r| (r.offset, r.len))
+            .collect::<Vec<_>>(),
+        vec![(2048, 952)]
+    );
+    w.s.on_read_done(w.now, read_done(&r[1]));
+    let a = w.s.on_read_done(w.now, read_done(&reads(&a)[0]));
+    assert_eq!(sent(&a), vec!["file_chunk"]);
+    assert!(reads(&a).is_empty(), "nothing beyond the credit");
+    // More credit: the rest, then the end with the digest.
+    let a = w.msg(credit(2048, size, false));
+    let r = reads(&a);
+    assert_eq!((r[0].offset, r[0].len), (3000, 1000));
+    let a = w.s.on_read_done(w.now, read_done(&r[0]));
+    assert_eq!(sent(&a), vec!["file_chunk", "file_end"]);
+    let a = w.msg(Body::FileStored {
+        task: "t1".into(),
+        attempt: 1,
+        name: "big.bin".into(),
+        size,
+        sha256: "ab".repeat(32),
+    });
+    let report = a.iter().find_map(|a| match a {
+        Action::Send {
+            body: Body::TaskFinished { files, .. },
+            ..
+        } => Some(files.clone()),
+        _ => None,
+    });
+    assert_eq!(report.unwrap()[0].sha256, "ab".repeat(32));
+}
+
+#[test]
+fn an_upload_resumes_from_the_server_after_a_reconnect_and_stale_reads_are_dropped() {
+    let mut w = W::new();
+    w.finished_with_a_file(4096);
+    let a = w.msg(credit(0, 4096, true));
+    let old = reads(&a);
+    w.s.on_read_done(w.now, read_done(&old[0]));
+    // The connection drops; after the new welcome the file is offered again.
+    w.s.on_disconnected();
+    let a = w.up();
+    assert!(sent(&a).contains(&"file_offer"), "{:?}", sent(&a));
+    let a = w.msg(credit(1024, 4096, true));
+    let r = reads(&a);
+    assert_eq!(r[0].offset, 1024);
+    // A read asked for on the old connection comes back: dropped.
+    let a = w.s.on_read_done(w.now, read_done(&old[1]));
+    assert!(sent(&a).is_empty());
+    // The server stays silent: offered again after the liveness window.
+    w.msg(Body::ServerHeartbeat {
+        server: "srv1".into(),
+        heartbeat_ms: 1000,
+        sent_ms: 0,
+    });
+    let mut again = false;
+    for _ in 0..40 {
+        w.now += Duration::from_millis(100);
+        w.msg(Body::ServerHeartbeat {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+            sent_ms: 0,
+        });
+        again |= sent(&w.s.on_tick(w.now)).contains(&"file_offer");
+    }
+    assert!(again, "a stalled upload is offered again");
+}
+
+#[test]
+fn a_refused_or_changed_file_is_reported_as_a_problem_not_waited_for() {
+    let mut w = W::new();
+    w.finished_with_a_file(10);
+    let a = w.msg(credit(0, 10, true));
+    let r = reads(&a);
+    let mut done = read_done(&r[0]);
+    done.result = Err("result file big.bin changed on disk".into());
+    let a = w.s.on_read_done(w.now, done);
+    let problems = a.iter().find_map(|a| match a {
+        Action::Send {
+            body:
+                Body::TaskFinished {
+                    file_problems,
+                    files,
+                    ..
+                },
+            ..
+        } => Some((files.len(), file_problems.clone())),
+        _ => None,
+    });
+    let (files, problems) = problems.expect("the report goes out");
+    assert_eq!(files, 0);
+    assert!(problems[0].reason.contains("changed on disk"));
 }
 
 #[test]

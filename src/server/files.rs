@@ -1,0 +1,413 @@
+//! The file desk: result files written, hashed, verified and made durable,
+//! and stored files read for clients, on a thread of its own so the event
+//! loop never waits for a disk. The scheduler decides (who may send what,
+//! how much credit, which limits); the desk only does the I/O it is told
+//! and reports back.
+//!
+//! An upload is written to `tasks/<task>/incoming/<attempt>/<name>` and
+//! hashed as its bytes arrive, in order; at the end its SHA-256 is
+//! compared with the sender's, the file is synced and renamed to
+//! `tasks/<task>/files/<name>` in one step, so a stored file is always
+//! whole. After a server restart the incoming copy is still there: its
+//! length is how much the server has, and its prefix is hashed once more
+//! (reading, not receiving) before the upload continues.
+
+use crate::protocol::{CaseCounts, FileInfo, TaskId};
+use crate::server::store::safe_relative_path;
+use crate::server::verdict::{parse_junit, MAX_JUNIT_BYTES};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// Which upload a job is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UploadKey {
+    pub task: TaskId,
+    pub attempt: u32,
+    pub name: String,
+}
+
+/// What the desk is asked to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileJob {
+    /// Opens the incoming copy (creating it if absent); answers its length.
+    Open { key: UploadKey },
+    /// Appends `data` at `offset`, which is where the incoming copy ends.
+    Write {
+        key: UploadKey,
+        offset: u64,
+        data: Bytes,
+    },
+    /// Compares the SHA-256 of all `size` bytes with the sender's, then
+    /// syncs and renames into place (or removes the copy on a mismatch).
+    Finish {
+        key: UploadKey,
+        size: u64,
+        sha256: String,
+    },
+    /// Removes the incoming copy (the upload was refused or its task ended).
+    Discard { key: UploadKey },
+    /// Reads up to `max` bytes of a stored result file for a client.
+    Read {
+        peer: Bytes,
+        request: u64,
+        task: TaskId,
+        name: String,
+        offset: u64,
+        max: u64,
+    },
+}
+
+/// Why the desk could not do a job.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeskError {
+    #[error("result file name {0:?} is not a relative path inside the results folder")]
+    BadName(String),
+    /// Disk full, permissions, I/O error: the text names the path and the cause.
+    #[error("{0}")]
+    Io(String),
+    #[error("has {have} bytes, not the {size} announced")]
+    Short { have: u64, size: u64 },
+    #[error("SHA-256 {actual} of the bytes received differs from the sender's {expected}")]
+    Mismatch { expected: String, actual: String },
+    #[error("write at offset {offset} but the incoming copy ends at {have}")]
+    OutOfOrder { offset: u64, have: u64 },
+    #[error("no such file")]
+    NotFound,
+}
+
+/// A verified, stored result file and, for JUnit XML, what it says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub info: FileInfo,
+    pub junit: Option<Result<Option<CaseCounts>, String>>,
+}
+
+/// What the desk did.
+#[derive(Debug)]
+pub enum FileDone {
+    Opened {
+        key: UploadKey,
+        have: Result<u64, DeskError>,
+    },
+    Written {
+        key: UploadKey,
+        have: Result<u64, DeskError>,
+    },
+    Finished {
+        key: UploadKey,
+        result: Result<Stored, DeskError>,
+    },
+    Read {
+        peer: Bytes,
+        request: u64,
+        offset: u64,
+        result: Result<(Vec<u8>, bool), DeskError>,
+    },
+}
+
+struct Incoming {
+    file: File,
+    hasher: Sha256,
+    /// Bytes in the file, all of them hashed.
+    have: u64,
+}
+
+/// The desk's state: the open incoming copies. Used directly (and
+/// synchronously) by the scheduler's unit tests; by the server through
+/// [`spawn`].
+pub struct Desk {
+    root: PathBuf,
+    open: HashMap<UploadKey, Incoming>,
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> DeskError {
+    let hint = if e.raw_os_error() == Some(28) {
+        " (disk full: free space in the state directory)"
+    } else {
+        ""
+    };
+    DeskError::Io(format!("cannot {what} {}: {e}{hint}", path.display()))
+}
+
+/// Open incoming copies at most; more are closed and reopened (and
+/// re-hashed) when written again. The scheduler keeps the number of
+/// uploads with credit far below this.
+const MAX_OPEN: usize = 4096;
+
+impl Desk {
+    pub fn new(root: &Path) -> Desk {
+        Desk {
+            root: root.to_path_buf(),
+            open: HashMap::new(),
+        }
+    }
+
+    fn task_dir(&self, task: &TaskId) -> PathBuf {
+        self.root.join("tasks").join(task)
+    }
+
+    fn incoming_path(&self, key: &UploadKey) -> Result<PathBuf, DeskError> {
+        let rel =
+            safe_relative_path(&key.name).map_err(|_| DeskError::BadName(key.name.clone()))?;
+        Ok(self
+            .task_dir(&key.task)
+            .join("incoming")
+            .join(key.attempt.to_string())
+            .join(rel))
+    }
+
+    fn stored_path(&self, task: &TaskId, name: &str) -> Result<PathBuf, DeskError> {
+        let rel = safe_relative_path(name).map_err(|_| DeskError::BadName(name.to_string()))?;
+        Ok(self.task_dir(task).join("files").join(rel))
+    }
+
+    pub fn run(&mut self, job: FileJob) -> Option<FileDone> {
+        Some(match job {
+            FileJob::Open { key } => {
+                let have = self.open(&key).map(|i| i.have);
+                FileDone::Opened { key, have }
+            }
+            FileJob::Write { key, offset, data } => {
+                let have = self.write(&key, offset, &data);
+                FileDone::Written { key, have }
+            }
+            FileJob::Finish { key, size, sha256 } => {
+                let result = self.finish(&key, size, sha256);
+                FileDone::Finished { key, result }
+            }
+            FileJob::Discard { key } => {
+                self.open.remove(&key);
+                if let Ok(path) = self.incoming_path(&key) {
+                    let _ = fs::remove_file(path);
+                }
+                return None;
+            }
+            FileJob::Read {
+                peer,
+                request,
+                task,
+                name,
+                offset,
+                max,
+            } => FileDone::Read {
+                peer,
+                request,
+                offset,
+                result: self.read(&task, &name, offset, max),
+            },
+        })
+    }
+
+    /// The incoming copy, opened and hashed up to its end if it was not
+    /// open (first offer, or after a server restart).
+    fn open(&mut self, key: &UploadKey) -> Result<&mut Incoming, DeskError> {
+        if !self.open.contains_key(key) {
+            let path = self.incoming_path(key)?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
+            }
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_error("open", &path, e))?;
+            let mut hasher = Sha256::new();
+            let have =
+                std::io::copy(&mut file, &mut hasher).map_err(|e| io_error("read", &path, e))?;
+            file.seek(SeekFrom::Start(have))
+                .map_err(|e| io_error("seek", &path, e))?;
+            if self.open.len() >= MAX_OPEN {
+                self.open.clear();
+            }
+            self.open
+                .insert(key.clone(), Incoming { file, hasher, have });
+        }
+        Ok(self.open.get_mut(key).expect("just opened"))
+    }
+
+    fn write(&mut self, key: &UploadKey, offset: u64, data: &[u8]) -> Result<u64, DeskError> {
+        let path = self.incoming_path(key)?;
+        let incoming = self.open(key)?;
+        if offset != incoming.have {
+            return Err(DeskError::OutOfOrder {
+                offset,
+                have: incoming.have,
+            });
+        }
+        if let Err(e) = incoming.file.write_all(data) {
+            // Whatever part was written is cut off again, so the copy
+            // stays exactly what was hashed.
+            let have = incoming.have;
+            let _ = incoming.file.set_len(have);
+            let _ = incoming.file.seek(SeekFrom::Start(have));
+            return Err(io_error("write", &path, e));
+        }
+        incoming.hasher.update(data);
+        incoming.have += data.len() as u64;
+        Ok(incoming.have)
+    }
+
+    fn finish(&mut self, key: &UploadKey, size: u64, sha256: String) -> Result<Stored, DeskError> {
+        let incoming_path = self.incoming_path(key)?;
+        let dest = self.stored_path(&key.task, &key.name)?;
+        let have = self.open(key)?.have;
+        if have != size {
+            return Err(DeskError::Short { have, size });
+        }
+        let Incoming { file, hasher, .. } = self.open.remove(key).expect("opened above");
+        let actual = hex::encode(hasher.finalize());
+        if actual != sha256 {
+            let _ = fs::remove_file(&incoming_path);
+            return Err(DeskError::Mismatch {
+                expected: sha256,
+                actual,
+            });
+        }
+        file.sync_all()
+            .map_err(|e| io_error("sync", &incoming_path, e))?;
+        drop(file);
+        let parent = dest.parent().expect("below the task folder");
+        fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
+        fs::rename(&incoming_path, &dest).map_err(|e| io_error("rename into", &dest, e))?;
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+        let junit = (key.name.ends_with(".xml")).then(|| {
+            let mut xml = Vec::new();
+            File::open(&dest)
+                .and_then(|f| f.take(MAX_JUNIT_BYTES).read_to_end(&mut xml))
+                .map_err(|e| format!("result file {}: cannot read: {e}", key.name))
+                .and_then(|_| {
+                    parse_junit(&xml).map_err(|e| format!("result file {}: {e}", key.name))
+                })
+        });
+        Ok(Stored {
+            info: FileInfo {
+                name: key.name.clone(),
+                size,
+                sha256,
+            },
+            junit,
+        })
+    }
+
+    fn read(
+        &self,
+        task: &TaskId,
+        name: &str,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Vec<u8>, bool), DeskError> {
+        let path = self.stored_path(task, name)?;
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DeskError::NotFound),
+            Err(e) => return Err(io_error("open", &path, e)),
+        };
+        let len = f.metadata().map_err(|e| io_error("stat", &path, e))?.len();
+        let start = offset.min(len);
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| io_error("seek", &path, e))?;
+        let mut buf = Vec::with_capacity(max.min(len - start) as usize);
+        f.take(max)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_error("read", &path, e))?;
+        let eof = start + buf.len() as u64 >= len;
+        Ok((buf, eof))
+    }
+}
+
+/// Runs a desk on its own thread: jobs in, results out. Unbounded
+/// channels, because the scheduler bounds what it hands out (bytes of
+/// chunks by the credit pool, reads by its output budget).
+pub fn spawn(
+    root: &Path,
+) -> (
+    mpsc::UnboundedSender<FileJob>,
+    mpsc::UnboundedReceiver<FileDone>,
+) {
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<FileJob>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<FileDone>();
+    let mut desk = Desk::new(root);
+    std::thread::Builder::new()
+        .name("ots-files".into())
+        .spawn(move || {
+            while let Some(job) = jobs_rx.blocking_recv() {
+                if let Some(done) = desk.run(job) {
+                    if done_tx.send(done).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning the file desk thread");
+    (jobs_tx, done_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> UploadKey {
+        UploadKey {
+            task: "r1.1".into(),
+            attempt: 1,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn an_upload_resumes_after_a_restart_and_is_verified_once_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"hello world, in two halves";
+        let sha = hex::encode(Sha256::digest(data));
+        let mut desk = Desk::new(dir.path());
+        assert_eq!(desk.open(&key("a/b.txt")).unwrap().have, 0);
+        assert_eq!(desk.write(&key("a/b.txt"), 0, &data[..10]).unwrap(), 10);
+        // A resend of what is there is refused, not written twice.
+        assert!(matches!(
+            desk.write(&key("a/b.txt"), 0, &data[..10]),
+            Err(DeskError::OutOfOrder { have: 10, .. })
+        ));
+        // The server restarts: a new desk finds the copy and its prefix.
+        let mut desk = Desk::new(dir.path());
+        assert_eq!(desk.open(&key("a/b.txt")).unwrap().have, 10);
+        desk.write(&key("a/b.txt"), 10, &data[10..]).unwrap();
+        let stored = desk
+            .finish(&key("a/b.txt"), data.len() as u64, sha.clone())
+            .unwrap();
+        assert_eq!(stored.info.sha256, sha);
+        let path = dir.path().join("tasks/r1.1/files/a/b.txt");
+        assert_eq!(fs::read(path).unwrap(), data);
+        let (bytes, eof) = desk.read(&"r1.1".into(), "a/b.txt", 6, 5).unwrap();
+        assert_eq!((&bytes[..], eof), (&b"world"[..], false));
+    }
+
+    #[test]
+    fn a_mismatch_removes_the_copy_and_a_bad_name_never_becomes_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut desk = Desk::new(dir.path());
+        desk.write(&key("x.bin"), 0, b"abc").unwrap();
+        let wrong = hex::encode(Sha256::digest(b"abd"));
+        assert!(matches!(
+            desk.finish(&key("x.bin"), 3, wrong),
+            Err(DeskError::Mismatch { .. })
+        ));
+        assert_eq!(desk.open(&key("x.bin")).unwrap().have, 0);
+        assert!(matches!(
+            desk.write(&key("../../etc/passwd"), 0, b"x"),
+            Err(DeskError::BadName(_))
+        ));
+        assert!(matches!(
+            desk.finish(&key("x.bin"), 3, String::new()),
+            Err(DeskError::Short { have: 0, size: 3 })
+        ));
+    }
+}

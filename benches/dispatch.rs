@@ -85,6 +85,7 @@ fn main() {
                         queue_anyway: true,
                         secrets: Default::default(),
                         owner: None,
+                        inputs: Default::default(),
                     },
                 }),
             );

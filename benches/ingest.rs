@@ -296,6 +296,7 @@ async fn submit(control: &str, packages: usize, keys: Option<&BenchKeys>) {
             queue_anyway: true,
             secrets: Default::default(),
             owner: None,
+            inputs: Default::default(),
         })
         .await
         .unwrap();

@@ -166,6 +166,7 @@ async fn main() {
                             queue_anyway: false,
                             secrets: Default::default(),
                             owner: None,
+                            inputs: Default::default(),
                         })
                         .await;
                 }

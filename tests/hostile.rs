@@ -222,6 +222,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
                     ttl_ms: 30_000,
                     sent_ms: 0,
                     secrets: Default::default(),
+                    inputs: Default::default(),
                 },
             },
             None,
@@ -345,6 +346,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
                 queue_anyway: false,
                 secrets: Default::default(),
                 owner: None,
+                inputs: Default::default(),
             })
             .await
             .unwrap_err()
@@ -795,6 +797,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     queue_anyway: true,
                     secrets: Default::default(),
                     owner: None,
+                    inputs: Default::default(),
                 },
             },
             None,

@@ -394,6 +394,7 @@ impl Sim {
             queue_anyway: true,
             secrets: Default::default(),
             owner: None,
+            inputs: Default::default(),
         };
         let client = Bytes::from_static(b"client");
         let submit = Body::Submit {

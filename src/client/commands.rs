@@ -3,6 +3,7 @@
 //! process exit status; see [`super::exit`].
 
 use crate::client::follow::{follow, FollowItem};
+use crate::client::transfer::{Progress, Silent, Source};
 use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;
 use crate::protocol::{
@@ -10,7 +11,6 @@ use crate::protocol::{
 };
 use crate::security::{Credentials, KeyPair, PublicKey};
 use clap::{Args, Parser, Subcommand};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -204,6 +204,11 @@ pub struct RunArgs {
     /// status, events, logs or the audit log. Needs a secured server.
     #[arg(long = "secret", value_parser = parse_secret)]
     pub secrets: Vec<(String, String)>,
+    /// Input file for the conductor, PATH or NAME=PATH (repeatable): uploaded
+    /// before the submit (once per content), found by every task under
+    /// `{inputs_dir}/NAME` (NAME defaults to PATH's file name).
+    #[arg(long = "input", value_parser = parse_input)]
+    pub inputs: Vec<(String, PathBuf)>,
     /// Wait for the verdict, showing task state changes.
     #[arg(long)]
     pub wait: bool,
@@ -329,6 +334,35 @@ fn parse_secret(text: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = match text.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !n.contains('/') || n.contains('/') && !p.is_empty() => {
+            (n.to_string(), PathBuf::from(p))
+        }
+        _ => {
+            let path = PathBuf::from(text);
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("--input {text:?}: not a file path"))?
+                .to_string();
+            (name, path)
+        }
+    };
+    if crate::protocol::limits::relative_path(&name).is_none() {
+        return Err(format!(
+            "--input {text:?}: the name {name:?} must be a relative path without '..'"
+        ));
+    }
+    if !path.is_file() {
+        return Err(format!(
+            "--input {text:?}: {} is not a readable file",
+            path.display()
+        ));
+    }
+    Ok((name, path))
+}
+
 fn parse_option(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -452,12 +486,24 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
         options: args.options.iter().cloned().collect::<BTreeMap<_, _>>(),
         queue_anyway: args.queue_anyway,
         secrets: args.secrets.iter().cloned().collect::<BTreeMap<_, _>>(),
+        inputs: Vec::new(),
         owner: None,
     };
+    let mut testrun = testrun;
     let mut client = match args.conn.connect().await {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    for (name, path) in &args.inputs {
+        let mut progress = progress_for(args.conn.json, "uploading");
+        match client.upload_input(name, path, progress.as_mut()).await {
+            Ok(input) => testrun.inputs.push(input),
+            Err(e) => {
+                eprintln!("ots-submit: input file {}: {e}", path.display());
+                return e.exit_code();
+            }
+        }
+    }
     let (run, tasks) = match client.submit(testrun).await {
         Ok(r) => r,
         Err(e) => return fail(&e),
@@ -874,6 +920,8 @@ async fn fetch(
 ) -> Result<(), ClientError> {
     let mut count = 0;
     let mut bytes = 0u64;
+    let mut downloaded = 0u64;
+    let started = std::time::Instant::now();
     for t in &status.tasks {
         for f in &t.files {
             let rel = crate::protocol::limits::relative_path(&f.name).ok_or_else(|| {
@@ -882,39 +930,126 @@ async fn fetch(
                     f.name
                 ))
             })?;
-            let data = client.read_all(&t.task, Some(&f.name)).await?;
-            let sha = hex::encode(Sha256::digest(&data));
-            if sha != f.sha256 {
-                return Err(ClientError::Protocol(format!(
-                    "result file {} of {} arrived with SHA-256 {sha}, expected {}",
-                    f.name, t.task, f.sha256
-                )));
-            }
             let path = dir.join(&t.task).join(rel);
-            let io = |source| ClientError::Io {
-                path: path.clone(),
-                source,
+            let source = Source::Result {
+                task: t.task.clone(),
+                name: f.name.clone(),
             };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            std::fs::write(&path, &data).map_err(io)?;
+            let mut progress = progress_for(!matches!(report, FetchReport::Text), "fetching");
+            downloaded += client
+                .download_to(&source, f.size, &f.sha256, &path, progress.as_mut())
+                .await?;
             count += 1;
-            bytes += data.len() as u64;
+            bytes += f.size;
         }
     }
+    let secs = started.elapsed().as_secs_f64();
     match report {
         FetchReport::Json => {
-            let summary = serde_json::json!({ "files": count, "bytes": bytes, "dir": dir });
+            let summary = serde_json::json!({
+                "files": count,
+                "bytes": bytes,
+                "downloaded": downloaded,
+                "seconds": secs,
+                "dir": dir,
+            });
             println!("{summary}");
         }
         FetchReport::Text => println!(
-            "fetched {count} result file(s), {bytes} bytes, into {}",
+            "fetched {count} result file(s), {bytes} bytes ({downloaded} downloaded now, {:.1} MB/s), verified, into {}",
+            downloaded as f64 / secs.max(1e-6) / 1e6,
             dir.display()
         ),
         FetchReport::Quiet => {}
     }
     Ok(())
+}
+
+/// A progress bar on a terminal, plain lines on stderr otherwise, nothing
+/// with `--json`.
+fn progress_for(quiet: bool, verb: &'static str) -> Box<dyn Progress + Send> {
+    use std::io::IsTerminal;
+    if quiet {
+        Box::new(Silent)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(Bar { bar: None, verb })
+    } else {
+        Box::new(Lines {
+            verb,
+            what: String::new(),
+            started: std::time::Instant::now(),
+            bytes: 0,
+            from: 0,
+        })
+    }
+}
+
+/// An indicatif bar with bytes, rate and ETA.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    verb: &'static str,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, what: &str, size: u64, from: u64) {
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("{} {what}", self.verb));
+        bar.set_position(from);
+        self.bar = Some(bar);
+    }
+    fn advance(&mut self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+/// One line when a transfer starts and one when it ends (not a terminal).
+struct Lines {
+    verb: &'static str,
+    what: String,
+    started: std::time::Instant,
+    bytes: u64,
+    from: u64,
+}
+
+impl Progress for Lines {
+    fn start(&mut self, what: &str, size: u64, from: u64) {
+        self.what = what.to_string();
+        self.started = std::time::Instant::now();
+        self.bytes = 0;
+        self.from = from;
+        if from > 0 {
+            eprintln!("{} {what}: {size} bytes, resuming at {from}", self.verb);
+        } else {
+            eprintln!("{} {what}: {size} bytes", self.verb);
+        }
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+    fn finish(&mut self) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-6);
+        eprintln!(
+            "{} {}: done, {} bytes in {secs:.2} s ({:.1} MB/s)",
+            self.verb,
+            self.what,
+            self.bytes,
+            self.bytes as f64 / secs / 1e6
+        );
+    }
 }
 
 /// How `fetch` reports what it downloaded.

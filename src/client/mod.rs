@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod follow;
+pub mod transfer;
 
 use crate::protocol::{
     self, Body, ErrorCode, Header, RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo,

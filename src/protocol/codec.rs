@@ -207,7 +207,10 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
     }
     if let Some(raw) = &raw {
         check_size("raw", raw, MAX_RAW_BYTES)?;
-        if !matches!(body, Body::FileChunk { .. } | Body::Data { .. }) {
+        if !matches!(
+            body,
+            Body::FileChunk { .. } | Body::InputChunk { .. } | Body::Data { .. }
+        ) {
             return Err(ProtocolError::UnexpectedRaw(body.kind()));
         }
     }

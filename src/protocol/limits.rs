@@ -45,6 +45,8 @@ pub const MAX_FILE_NAME_BYTES: usize = 1024;
 pub const MAX_FILE_NAME_PART_BYTES: usize = 255;
 /// Most result files announced in one final report.
 pub const MAX_REPORT_FILES: usize = 1024;
+/// Input files of one testrun.
+pub const MAX_INPUTS: usize = 64;
 /// Most tasks a `hello` may say it still runs.
 pub const MAX_RUNNING: usize = 16;
 /// Longest free-text field (reasons, messages, failure descriptions).
@@ -348,6 +350,36 @@ fn check_lines(kind: &'static str, lines: &[LogLine]) -> Result<(), ProtocolErro
     Ok(())
 }
 
+/// Input files of a testrun: at most [`MAX_INPUTS`], safe relative
+/// names, no name twice, sizes and hashes well-formed.
+fn check_inputs(
+    kind: &'static str,
+    field: &'static str,
+    inputs: &[InputFile],
+) -> Result<(), ProtocolError> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(invalid(
+            kind,
+            field,
+            format!("has {} entries, over {MAX_INPUTS}", inputs.len()),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for i in inputs {
+        check_file_name(kind, &i.name)?;
+        check_range(kind, field, i.size, 0..=MAX_FILE_BYTES)?;
+        check_sha(kind, &i.sha256)?;
+        if !names.insert(i.name.as_str()) {
+            return Err(invalid(
+                kind,
+                field,
+                format!("names {:?} twice", clip(&i.name)),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks every field of a decoded message against its limit.
 pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
     let kind = env.body.kind();
@@ -564,6 +596,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_options(kind, "spec.options", &spec.options)?;
             check_options(kind, "spec.secrets", &spec.secrets)?;
             check_range(kind, "spec.ttl_ms", spec.ttl_ms, TTL_MS)?;
+            check_inputs(kind, "spec.inputs", &spec.inputs)?;
         }
         Body::Cancel { task } => check_id(kind, "task", task)?,
         Body::TaskClosed {
@@ -593,6 +626,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_timeout(kind, testrun.timeout_secs)?;
             check_options(kind, "testrun.options", &testrun.options)?;
             check_options(kind, "testrun.secrets", &testrun.secrets)?;
+            check_inputs(kind, "testrun.inputs", &testrun.inputs)?;
             if let Some((k, _)) = testrun
                 .secrets
                 .iter()
@@ -607,6 +641,39 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
                     ),
                 ));
             }
+        }
+        Body::InputOffer { sha256, size, .. } | Body::InputEnd { sha256, size, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
+        }
+        Body::InputChunk { sha256, offset, .. } => {
+            check_sha(kind, sha256)?;
+            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
+            if *offset > MAX_FILE_BYTES || len > MAX_FILE_BYTES - *offset {
+                return Err(invalid(
+                    kind,
+                    "offset",
+                    format!("chunk of {len} bytes at offset {offset} ends beyond {MAX_FILE_BYTES} bytes"),
+                ));
+            }
+        }
+        Body::GetInput { sha256, offset, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
+        }
+        Body::InputCredit {
+            sha256,
+            have,
+            until,
+            ..
+        } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "have", *have, 0..=MAX_FILE_BYTES)?;
+            check_range(kind, "until", *until, *have..=MAX_FILE_BYTES)?;
+        }
+        Body::InputStored { sha256, size, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
         }
         Body::Follow { run, .. } => check_id(kind, "run", run)?,
         Body::DrainWorker { worker, .. } => check_id(kind, "worker", worker)?,

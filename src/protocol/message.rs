@@ -89,6 +89,10 @@ pub struct TestrunRequest {
     /// A server without security refuses them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
+    /// Input files the conductor of every task finds under
+    /// `{inputs_dir}`, each uploaded before the submit (`input_offer`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
     /// Who submitted the testrun: set by the server from the authenticated
     /// identity (whatever a client sends here is overwritten); nil without
     /// security.
@@ -119,6 +123,10 @@ pub struct TaskSpec {
     /// never with the worker's clock directly; 0 if unknown.
     #[serde(default)]
     pub sent_ms: u64,
+    /// The testrun's input files, fetched by the worker (`get_input`)
+    /// into the task's inputs folder before the conductor starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
     /// The testrun's secrets (see [`TestrunRequest::secrets`]); they reach
     /// only the worker that runs the task, inside the sealed dispatch.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -171,6 +179,16 @@ pub struct FileInfo {
     pub name: String,
     pub size: u64,
     /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// An input file of a testrun: the name the conductor sees (a relative
+/// path below `{inputs_dir}`) and the content it names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    pub name: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256: the stored input's identity.
     pub sha256: String,
 }
 
@@ -614,6 +632,49 @@ pub enum Body {
         offset: u64,
         max: u64,
     },
+    /// Offers an input file, named by its content (class `file`): "how
+    /// much of it do you have?" Answered with `input_credit` or an error.
+    InputOffer {
+        request: u64,
+        sha256: String,
+        size: u64,
+    },
+    /// Bytes of an offered input file at `offset` (the raw frame), inside
+    /// the credit; `request` is the offer's. No answer per chunk.
+    InputChunk {
+        request: u64,
+        sha256: String,
+        offset: u64,
+    },
+    /// Every byte was sent: answered `input_stored` once verified.
+    InputEnd {
+        request: u64,
+        sha256: String,
+        size: u64,
+    },
+    /// Reads up to `max` bytes of a stored input file (clients with role
+    /// operator, and the worker running a task of a testrun that has it).
+    GetInput {
+        request: u64,
+        sha256: String,
+        offset: u64,
+        max: u64,
+    },
+    /// How much of an offered input the server has, and up to which byte
+    /// it accepts chunks now (as `file_credit`).
+    InputCredit {
+        request: u64,
+        sha256: String,
+        have: u64,
+        until: u64,
+        resume: bool,
+    },
+    /// The input file is stored and verified.
+    InputStored {
+        request: u64,
+        sha256: String,
+        size: u64,
+    },
 
     // ---- server → client ---------------------------------------------------
     /// The connection follows `run` from now on.
@@ -689,7 +750,11 @@ impl Body {
             | Body::FileEnd { .. }
             | Body::FileCredit { .. }
             | Body::FileStored { .. }
-            | Body::FileRefused { .. } => Class::File,
+            | Body::FileRefused { .. }
+            | Body::InputOffer { .. }
+            | Body::InputChunk { .. }
+            | Body::InputEnd { .. }
+            | Body::InputCredit { .. } => Class::File,
             _ => Class::Control,
         }
     }
@@ -708,6 +773,12 @@ impl Body {
             | Body::Follow { request, .. }
             | Body::DrainWorker { request, .. }
             | Body::GetAudit { request, .. }
+            | Body::InputOffer { request, .. }
+            | Body::InputChunk { request, .. }
+            | Body::InputEnd { request, .. }
+            | Body::GetInput { request, .. }
+            | Body::InputCredit { request, .. }
+            | Body::InputStored { request, .. }
             | Body::Following { request, .. }
             | Body::Pong { request, .. }
             | Body::Submitted { request, .. }
@@ -753,6 +824,12 @@ impl Body {
             Body::Follow { .. } => "follow",
             Body::DrainWorker { .. } => "drain_worker",
             Body::GetAudit { .. } => "get_audit",
+            Body::InputOffer { .. } => "input_offer",
+            Body::InputChunk { .. } => "input_chunk",
+            Body::InputEnd { .. } => "input_end",
+            Body::GetInput { .. } => "get_input",
+            Body::InputCredit { .. } => "input_credit",
+            Body::InputStored { .. } => "input_stored",
             Body::Following { .. } => "following",
             Body::Pong { .. } => "pong",
             Body::Submitted { .. } => "submitted",

@@ -25,10 +25,23 @@ use tokio::sync::mpsc;
 
 /// Which upload a job is about.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UploadKey {
-    pub task: TaskId,
-    pub attempt: u32,
-    pub name: String,
+pub enum UploadKey {
+    /// A result file of a task attempt, from its worker.
+    Result {
+        task: TaskId,
+        attempt: u32,
+        name: String,
+    },
+    /// An input file, named by its SHA-256 (checked to be 64 hex digits
+    /// by the codec), from a client.
+    Input { sha256: String },
+}
+
+/// What a client reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    Result { task: TaskId, name: String },
+    Input { sha256: String },
 }
 
 /// What the desk is asked to do.
@@ -51,12 +64,11 @@ pub enum FileJob {
     },
     /// Removes the incoming copy (the upload was refused or its task ended).
     Discard { key: UploadKey },
-    /// Reads up to `max` bytes of a stored result file for a client.
+    /// Reads up to `max` bytes of a stored file for a client.
     Read {
         peer: Bytes,
         request: u64,
-        task: TaskId,
-        name: String,
+        source: ReadSource,
         offset: u64,
         max: u64,
     },
@@ -152,13 +164,34 @@ impl Desk {
     }
 
     fn incoming_path(&self, key: &UploadKey) -> Result<PathBuf, DeskError> {
-        let rel =
-            safe_relative_path(&key.name).map_err(|_| DeskError::BadName(key.name.clone()))?;
-        Ok(self
-            .task_dir(&key.task)
-            .join("incoming")
-            .join(key.attempt.to_string())
-            .join(rel))
+        match key {
+            UploadKey::Result {
+                task,
+                attempt,
+                name,
+            } => {
+                let rel = safe_relative_path(name).map_err(|_| DeskError::BadName(name.clone()))?;
+                Ok(self
+                    .task_dir(task)
+                    .join("incoming")
+                    .join(attempt.to_string())
+                    .join(rel))
+            }
+            UploadKey::Input { sha256 } => {
+                Ok(self.root.join("inputs").join("incoming").join(sha256))
+            }
+        }
+    }
+
+    fn dest_path(&self, key: &UploadKey) -> Result<PathBuf, DeskError> {
+        match key {
+            UploadKey::Result { task, name, .. } => self.stored_path(task, name),
+            UploadKey::Input { sha256 } => Ok(self.input_path(sha256)),
+        }
+    }
+
+    fn input_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("inputs").join(sha256)
     }
 
     fn stored_path(&self, task: &TaskId, name: &str) -> Result<PathBuf, DeskError> {
@@ -190,15 +223,14 @@ impl Desk {
             FileJob::Read {
                 peer,
                 request,
-                task,
-                name,
+                source,
                 offset,
                 max,
             } => FileDone::Read {
                 peer,
                 request,
                 offset,
-                result: self.read(&task, &name, offset, max),
+                result: self.read(&source, offset, max),
             },
         })
     }
@@ -256,7 +288,7 @@ impl Desk {
 
     fn finish(&mut self, key: &UploadKey, size: u64, sha256: String) -> Result<Stored, DeskError> {
         let incoming_path = self.incoming_path(key)?;
-        let dest = self.stored_path(&key.task, &key.name)?;
+        let dest = self.dest_path(key)?;
         let have = self.open(key)?.have;
         if have != size {
             return Err(DeskError::Short { have, size });
@@ -279,33 +311,34 @@ impl Desk {
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
-        let junit = (key.name.ends_with(".xml")).then(|| {
+        let name = match key {
+            UploadKey::Result { name, .. } => name.clone(),
+            UploadKey::Input { sha256 } => sha256.clone(),
+        };
+        let is_result = matches!(key, UploadKey::Result { .. });
+        let junit = (is_result && name.ends_with(".xml")).then(|| {
             let mut xml = Vec::new();
             File::open(&dest)
                 .and_then(|f| f.take(MAX_JUNIT_BYTES).read_to_end(&mut xml))
-                .map_err(|e| format!("result file {}: cannot read: {e}", key.name))
-                .and_then(|_| {
-                    parse_junit(&xml).map_err(|e| format!("result file {}: {e}", key.name))
-                })
+                .map_err(|e| format!("result file {name}: cannot read: {e}"))
+                .and_then(|_| parse_junit(&xml).map_err(|e| format!("result file {name}: {e}")))
         });
         Ok(Stored {
-            info: FileInfo {
-                name: key.name.clone(),
-                size,
-                sha256,
-            },
+            info: FileInfo { name, size, sha256 },
             junit,
         })
     }
 
     fn read(
         &self,
-        task: &TaskId,
-        name: &str,
+        source: &ReadSource,
         offset: u64,
         max: u64,
     ) -> Result<(Vec<u8>, bool), DeskError> {
-        let path = self.stored_path(task, name)?;
+        let path = match source {
+            ReadSource::Result { task, name } => self.stored_path(task, name)?,
+            ReadSource::Input { sha256 } => self.input_path(sha256),
+        };
         let mut f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DeskError::NotFound),
@@ -322,6 +355,24 @@ impl Desk {
         let eof = start + buf.len() as u64 >= len;
         Ok((buf, eof))
     }
+}
+
+/// The input files stored under `root` (their SHA-256 names and sizes):
+/// what submits may refer to, read once at start.
+pub fn stored_inputs(root: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = fs::read_dir(root.join("inputs")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let meta = e.metadata().ok()?;
+            let hex =
+                name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            (meta.is_file() && hex).then_some((name, meta.len()))
+        })
+        .collect()
 }
 
 /// Runs a desk on its own thread: jobs in, results out. Unbounded
@@ -356,7 +407,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> UploadKey {
-        UploadKey {
+        UploadKey::Result {
             task: "r1.1".into(),
             attempt: 1,
             name: name.into(),
@@ -386,7 +437,11 @@ mod tests {
         assert_eq!(stored.info.sha256, sha);
         let path = dir.path().join("tasks/r1.1/files/a/b.txt");
         assert_eq!(fs::read(path).unwrap(), data);
-        let (bytes, eof) = desk.read(&"r1.1".into(), "a/b.txt", 6, 5).unwrap();
+        let source = ReadSource::Result {
+            task: "r1.1".into(),
+            name: "a/b.txt".into(),
+        };
+        let (bytes, eof) = desk.read(&source, 6, 5).unwrap();
         assert_eq!((&bytes[..], eof), (&b"world"[..], false));
     }
 

@@ -219,8 +219,6 @@ struct Task {
     /// What each stored JUnit file of this attempt says, read by the file
     /// desk when it stored it.
     junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
-    /// SHA-256 mismatches per result file of this attempt.
-    file_mismatches: BTreeMap<String, u32>,
 }
 
 struct Testrun {
@@ -314,7 +312,11 @@ pub struct Scheduler<S: Store> {
     /// Credit all uploads hold (`limits.file_buffer_bytes` at most).
     upload_credit: u64,
     /// Uploads waiting for credit from the pool, oldest first.
-    starved: VecDeque<(TaskId, String)>,
+    starved: VecDeque<crate::server::files::UploadKey>,
+    /// Input files in transfer from clients, by SHA-256.
+    input_uploads: HashMap<String, uploads::InputUpload>,
+    /// Input files stored, by SHA-256, with their sizes.
+    stored_inputs: HashMap<String, u64>,
     /// Bytes of stored result files, and of files in transfer (as offered).
     stored_bytes: u64,
     uploading_bytes: u64,
@@ -376,6 +378,8 @@ impl<S: Store> Scheduler<S> {
             removed_workers: Vec::new(),
             upload_credit: 0,
             starved: VecDeque::new(),
+            input_uploads: HashMap::new(),
+            stored_inputs: HashMap::new(),
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
@@ -518,7 +522,7 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         if let Some(request) = body.request() {
-            self.on_client_request(now, peer, request, body);
+            self.on_client_request(now, peer, request, body, raw);
             return;
         }
         if let Body::Hello {

@@ -37,6 +37,7 @@ const PLACEHOLDERS: &[&str] = &[
     "image",
     "packages",
     "results_dir",
+    "inputs_dir",
     "work_dir",
     "task_id",
     "run_id",
@@ -76,6 +77,8 @@ pub struct TaskContext<'a> {
     pub device: &'a DeviceProps,
     pub work_dir: &'a Path,
     pub results_dir: &'a Path,
+    /// The task's input files (empty folder if the testrun has none).
+    pub inputs_dir: &'a Path,
 }
 
 /// Fills the argv template. Each template argument stays one argument
@@ -100,6 +103,7 @@ pub fn expand(template: &[String], ctx: &TaskContext) -> Result<Vec<String>, Tem
                 "image" => ctx.spec.image.clone(),
                 "packages" => ctx.spec.packages.join(","),
                 "results_dir" => ctx.results_dir.display().to_string(),
+                "inputs_dir" => ctx.inputs_dir.display().to_string(),
                 "work_dir" => ctx.work_dir.display().to_string(),
                 "task_id" => ctx.spec.task.clone(),
                 "run_id" => ctx.spec.run.clone(),
@@ -483,6 +487,7 @@ mod tests {
             ttl_ms: 1000,
             sent_ms: 0,
             secrets: Default::default(),
+            inputs: Default::default(),
         }
     }
 
@@ -495,6 +500,7 @@ mod tests {
             device: &device,
             work_dir: Path::new("/w"),
             results_dir: Path::new("/w/results"),
+            inputs_dir: Path::new("/w/inputs"),
         };
         let t: Vec<String> = [
             "run",

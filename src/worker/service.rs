@@ -444,6 +444,7 @@ pub async fn run(
                     let task = spec.task.clone();
                     let runner = tokio::spawn(run_task(
                         cfg.clone(),
+                        credentials.clone(),
                         device.clone(),
                         spec,
                         task_tx.clone(),
@@ -624,6 +625,106 @@ fn attach(
     }
 }
 
+/// Input files kept in the worker's cache at most (bytes): past it, the
+/// files the current task does not use are removed.
+const INPUT_CACHE_BYTES: u64 = 4 << 30;
+
+/// Fetches the task's input files from the server (with this worker's
+/// key, over a connection of their own) into the worker's cache, resuming
+/// and verifying each, and links them into the task's inputs folder under
+/// their names. An error says which file and why: the task then fails
+/// before its conductor starts.
+async fn fetch_inputs(
+    cfg: &WorkerConfig,
+    credentials: &Credentials,
+    spec: &TaskSpec,
+    inputs_dir: &Path,
+    channel: &mut ResponseChannel,
+) -> Result<(), String> {
+    if spec.inputs.is_empty() {
+        return Ok(());
+    }
+    let cache = cfg.state_dir.join("inputs");
+    let timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1000) * 5);
+    let mut client = crate::client::Client::connect(&cfg.server, timeout, credentials)
+        .await
+        .map_err(|e| format!("device/host failure: cannot fetch the input files: {e}"))?;
+    for input in &spec.inputs {
+        let cached = cache.join(&input.sha256);
+        let source = crate::client::transfer::Source::Input {
+            sha256: input.sha256.clone(),
+        };
+        let fetched = client
+            .download_to(
+                &source,
+                input.size,
+                &input.sha256,
+                &cached,
+                &mut crate::client::transfer::Silent,
+            )
+            .await
+            .map_err(|e| format!("input file {} could not be fetched: {e}", input.name))?;
+        let rel = crate::protocol::limits::relative_path(&input.name)
+            .ok_or_else(|| format!("input file name {:?} is not a relative path", input.name))?;
+        let target = inputs_dir.join(rel);
+        let placed = (|| {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::hard_link(&cached, &target)
+                .or_else(|_| std::fs::copy(&cached, &target).map(|_| ()))
+        })();
+        placed.map_err(|e| {
+            format!(
+                "input file {} cannot be placed at {}: {e}",
+                input.name,
+                target.display()
+            )
+        })?;
+        channel.log(
+            Stream::Worker,
+            format!(
+                "input file {} ({} bytes, {}): {}",
+                input.name,
+                input.size,
+                &input.sha256[..12],
+                if fetched > 0 { "fetched" } else { "cached" }
+            ),
+        );
+    }
+    prune_input_cache(&cache, &spec.inputs);
+    Ok(())
+}
+
+/// Keeps the input cache under [`INPUT_CACHE_BYTES`], never removing what
+/// the current task uses.
+fn prune_input_cache(cache: &Path, keep: &[crate::protocol::InputFile]) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= INPUT_CACHE_BYTES {
+            return;
+        }
+        let used = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| keep.iter().any(|i| i.sha256 == n));
+        if !used && std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
+}
+
 /// Removes the oldest finished task folders beyond `keep`, on a blocking
 /// thread (a results folder can hold gigabytes).
 fn prune_task_dirs(dirs: &mut std::collections::VecDeque<PathBuf>, keep: usize) {
@@ -650,6 +751,7 @@ fn attempt_dir(cfg: &WorkerConfig, task: &str, attempt: u32) -> PathBuf {
 /// files, and reports through the task's response channel.
 async fn run_task(
     cfg: WorkerConfig,
+    credentials: Credentials,
     device: crate::protocol::DeviceProps,
     spec: TaskSpec,
     events: mpsc::UnboundedSender<TaskEvent>,
@@ -661,11 +763,13 @@ async fn run_task(
     let task_dir = attempt_dir(&cfg, &spec.task, spec.attempt);
     let work_dir = task_dir.join("work");
     let results_dir = task_dir.join("results");
+    let inputs_dir = task_dir.join("inputs");
     let prepared = (|| {
         if task_dir.exists() {
             std::fs::remove_dir_all(&task_dir)?;
         }
         std::fs::create_dir_all(&work_dir)?;
+        std::fs::create_dir_all(&inputs_dir)?;
         std::fs::create_dir_all(&results_dir)
     })();
     if let Err(e) = prepared {
@@ -683,11 +787,23 @@ async fn run_task(
         );
         return;
     }
+    if let Err(failure) = fetch_inputs(&cfg, &credentials, &spec, &inputs_dir, &mut channel).await {
+        warn!(task = %spec.task, %failure, "task failed before the conductor started");
+        channel.finish(
+            Outcome {
+                failure: Some(failure),
+                ..Outcome::default()
+            },
+            Vec::new(),
+        );
+        return;
+    }
     let ctx = TaskContext {
         spec: &spec,
         device: &device,
         work_dir: &work_dir,
         results_dir: &results_dir,
+        inputs_dir: &inputs_dir,
     };
     let argv = match conductor::expand(&cfg.conductor.command, &ctx) {
         Ok(argv) => argv,
@@ -724,6 +840,7 @@ async fn run_task(
             ("OTS_TASK_ID".into(), spec.task.clone()),
             ("OTS_RUN_ID".into(), spec.run.clone()),
             ("OTS_RESULTS_DIR".into(), results_dir.display().to_string()),
+            ("OTS_INPUTS_DIR".into(), inputs_dir.display().to_string()),
             ("OTS_WORK_DIR".into(), work_dir.display().to_string()),
         ]
         .into_iter()

@@ -313,6 +313,7 @@ mod tests {
                     ttl_ms: 1000,
                     sent_ms: 0,
                     secrets: Default::default(),
+                    inputs: Default::default(),
                 },
                 finished: true,
                 aborted: false,

@@ -106,6 +106,24 @@ impl<S: Store> Scheduler<S> {
                     ))
                 }
             }
+            // A worker reads the input files of the task it runs.
+            (Identity::Worker { name }, Body::GetInput { sha256, .. }) => {
+                let has = self
+                    .workers
+                    .get(name)
+                    .and_then(|w| w.task.as_ref())
+                    .and_then(|t| self.tasks.get(t))
+                    .and_then(|t| self.runs.get(&t.run))
+                    .is_some_and(|r| r.request.inputs.iter().any(|i| i.sha256 == *sha256));
+                if has {
+                    Ok(())
+                } else {
+                    forbidden(format!(
+                        "{label} may read only the input files of the task it runs"
+                    ))
+                }
+            }
+            (Identity::Worker { .. }, Body::Ping { .. }) => Ok(()),
             (Identity::Worker { .. }, b) if b.request().is_some() => forbidden(format!(
                 "{label} is a worker key; client requests need a user key"
             )),
@@ -127,6 +145,10 @@ impl<S: Store> Scheduler<S> {
                 match b {
                     Body::DrainWorker { .. } if *role < Role::Operator => forbidden(format!(
                         "{label} (role {}) may not drain workers; that needs role operator or admin",
+                        role.as_str()
+                    )),
+                    Body::GetInput { .. } if *role < Role::Operator => forbidden(format!(
+                        "{label} (role {}) may not read input files back; that needs role operator or admin",
                         role.as_str()
                     )),
                     Body::GetAudit { .. } if *role < Role::Admin => forbidden(format!(

@@ -165,7 +165,6 @@ impl<S: Store> Scheduler<S> {
         t.file_errors.clear();
         t.file_sizes.clear();
         t.junit.clear();
-        t.file_mismatches.clear();
         // Stored files of an earlier attempt stay on disk until replaced;
         // they no longer count for this attempt.
         t.files.clear();
@@ -190,6 +189,7 @@ impl<S: Store> Scheduler<S> {
             packages: t.packages.clone(),
             timeout_secs: req.timeout_secs,
             options: req.options.clone(),
+            inputs: req.inputs.clone(),
             secrets: self.runs[&t.run].secrets.clone().unwrap_or_default(),
             sent_ms: self.wall_ms(now),
             ttl_ms: u64::try_from(self.cfg.dispatch_ttl.as_millis())

@@ -405,7 +405,6 @@ impl<S: Store> Scheduler<S> {
                     file_sizes: row.file_sizes,
                     uploads: BTreeMap::new(),
                     junit: row.junit,
-                    file_mismatches: BTreeMap::new(),
                 },
             );
         }

@@ -26,6 +26,7 @@ impl<S: Store> Scheduler<S> {
     pub fn on_peer_closed(&mut self, now: Instant, peer: &PeerId) {
         self.latest = self.latest.max(now);
         self.forget_connection(peer);
+        self.forget_input_uploads(peer);
         let Some(name) = self.peers.remove(peer) else {
             return;
         };

@@ -9,6 +9,7 @@ impl<S: Store> Scheduler<S> {
         peer: &PeerId,
         request: u64,
         body: Body,
+        raw: Option<Bytes>,
     ) {
         let reply = match body {
             Body::Ping { .. } => Ok(Body::Pong {
@@ -103,29 +104,35 @@ impl<S: Store> Scheduler<S> {
                         ErrorCode::UnknownTask,
                         format!("task {task:?} has no result file {name:?}"),
                     ))
-                } else if self.reads_in_flight >= super::uploads::MAX_READS_IN_FLIGHT {
-                    self.count("file_reads_busy", 1);
-                    Err((
-                        ErrorCode::LimitReached,
-                        format!(
-                            "server busy: {} file reads in progress; retry",
-                            super::uploads::MAX_READS_IN_FLIGHT
-                        ),
-                    ))
                 } else {
                     // Read by the file desk, off the loop; answered when done.
-                    self.reads_in_flight += 1;
-                    self.out
-                        .push(Output::File(crate::server::files::FileJob::Read {
-                            peer: peer.clone(),
-                            request,
-                            task,
-                            name,
-                            offset,
-                            max: max.min(MAX_READ_CHUNK),
-                        }));
-                    return;
+                    let source = crate::server::files::ReadSource::Result { task, name };
+                    match self.read_file(peer, request, source, offset, max.min(MAX_READ_CHUNK)) {
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    }
                 }
+            }
+            Body::GetInput {
+                sha256,
+                offset,
+                max,
+                ..
+            } => match self.read_input(peer, request, sha256, offset, max.min(MAX_READ_CHUNK)) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
+            Body::InputOffer { sha256, size, .. } => {
+                self.on_input_offer(peer, request, sha256, size, false);
+                return;
+            }
+            Body::InputEnd { sha256, size, .. } => {
+                self.on_input_offer(peer, request, sha256, size, true);
+                return;
+            }
+            Body::InputChunk { sha256, offset, .. } => {
+                self.on_input_chunk(now, peer, sha256, offset, raw.unwrap_or_default());
+                return;
             }
             other => Err((
                 ErrorCode::Malformed,
@@ -185,6 +192,17 @@ impl<S: Store> Scheduler<S> {
         }
         if testrun.timeout_secs == 0 {
             return bad("timeout must be at least 1 second".into());
+        }
+        // Every input is on the server already (uploaded with input_offer).
+        if let Some(i) = testrun
+            .inputs
+            .iter()
+            .find(|i| self.stored_inputs.get(&i.sha256) != Some(&i.size))
+        {
+            return bad(format!(
+                "input file {:?} ({} bytes, SHA-256 {}) is not stored on the server: upload it first (ots-submit run --input does)",
+                i.name, i.size, i.sha256
+            ));
         }
         if !testrun.secrets.is_empty() && !self.cfg.secure {
             return bad("secrets need a server with security = \"noise\": without it they would cross the network in plain text; pass them as options if that is acceptable".into());
@@ -277,7 +295,6 @@ impl<S: Store> Scheduler<S> {
                     file_sizes: BTreeMap::new(),
                     uploads: BTreeMap::new(),
                     junit: BTreeMap::new(),
-                    file_mismatches: BTreeMap::new(),
                 },
             );
             self.next_order += 1;

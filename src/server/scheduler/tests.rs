@@ -215,6 +215,7 @@ impl Lab {
                 queue_anyway: anyway,
                 secrets: Default::default(),
                 owner: None,
+                inputs: Default::default(),
             },
         })
     }
@@ -1670,6 +1671,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
             queue_anyway: false,
             secrets: Default::default(),
             owner: None,
+            inputs: Default::default(),
         },
     });
     let run = run_id(&reply);

@@ -1,18 +1,19 @@
-//! Result file uploads under credit-based flow control (PROTOCOL.md §7.7):
-//! the worker offers a file, the server says how much it has and how far
-//! the worker may send, chunks are written by the file desk off the loop,
-//! and each byte written opens room for more. The credit every upload
-//! holds comes out of one pool (`limits.file_buffer_bytes`), so the bytes
-//! between the sockets and the disk stay bounded whatever the number of
-//! workers or the size of their files.
+//! File uploads under credit-based flow control (PROTOCOL.md §7.7): result
+//! files from workers and input files from clients. The sender offers a
+//! file, the server says how much it has and how far the sender may go,
+//! chunks are written by the file desk off the loop, and each byte
+//! written opens room for more. The credit every upload holds comes out of
+//! one pool (`limits.file_buffer_bytes`), so the bytes between the sockets
+//! and the disk stay bounded whatever the number of uploads or the size
+//! of their files.
 
 use super::*;
-use crate::server::files::{DeskError, FileDone, FileJob, Stored, UploadKey};
+use crate::server::files::{DeskError, FileDone, FileJob, ReadSource, Stored, UploadKey};
 use tracing::error;
 
-/// One upload of the current attempt of a task, in memory only: after a
-/// server restart the worker offers again and the desk finds how much of
-/// the incoming copy is on disk.
+/// One upload in progress, in memory only: after a server restart the
+/// sender offers again and the desk finds how much of the incoming copy
+/// is on disk.
 #[derive(Debug, Default)]
 pub(super) struct Upload {
     size: u64,
@@ -28,19 +29,47 @@ pub(super) struct Upload {
     end: Option<String>,
     /// A finish job is with the desk.
     finishing: bool,
-    /// The worker should hear where to resume once the desk has opened.
+    /// The sender should hear where to resume once the desk has opened.
     resume_pending: bool,
+    /// SHA-256 mismatches so far (the second one refuses the file).
+    mismatches: u32,
+}
+
+/// An input file upload and the client connection it answers to.
+#[derive(Debug)]
+pub(super) struct InputUpload {
+    upload: Upload,
+    peer: PeerId,
+    /// The offer's request id: every answer carries it.
+    request: u64,
+}
+
+/// What the server tells a sender about its upload.
+enum Tell {
+    Credit { have: u64, until: u64, resume: bool },
+    Stored { size: u64, sha256: String },
+    Refused { code: ErrorCode, message: String },
+}
+
+/// Client reads of stored files with the desk at once, at most (each up
+/// to 1 MiB): more are answered `limit_reached`, retried by clients.
+pub const MAX_READS_IN_FLIGHT: usize = 16;
+
+/// Result files of one task in transfer at once, at most.
+pub const MAX_UPLOADS_PER_TASK: usize = 16;
+
+/// Input files in transfer at once (all clients), at most.
+pub const MAX_INPUT_UPLOADS: usize = 64;
+
+fn result_key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
+    UploadKey::Result {
+        task: task.clone(),
+        attempt,
+        name: name.to_string(),
+    }
 }
 
 impl<S: Store> Scheduler<S> {
-    fn key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
-        UploadKey {
-            task: task.clone(),
-            attempt,
-            name: name.to_string(),
-        }
-    }
-
     fn file_job(&mut self, job: FileJob) {
         self.out.push(Output::File(job));
     }
@@ -52,6 +81,127 @@ impl<S: Store> Scheduler<S> {
             .file_buffer_bytes
             .saturating_sub(self.upload_credit)
     }
+
+    fn upload_mut(&mut self, key: &UploadKey) -> Option<&mut Upload> {
+        match key {
+            UploadKey::Result {
+                task,
+                attempt,
+                name,
+            } => self
+                .tasks
+                .get_mut(task)
+                .filter(|t| t.attempts == *attempt && !t.state.is_final())
+                .and_then(|t| t.uploads.get_mut(name)),
+            UploadKey::Input { sha256 } => {
+                self.input_uploads.get_mut(sha256).map(|i| &mut i.upload)
+            }
+        }
+    }
+
+    fn upload_ref(&self, key: &UploadKey) -> Option<&Upload> {
+        match key {
+            UploadKey::Result {
+                task,
+                attempt,
+                name,
+            } => self
+                .tasks
+                .get(task)
+                .filter(|t| t.attempts == *attempt && !t.state.is_final())
+                .and_then(|t| t.uploads.get(name)),
+            UploadKey::Input { sha256 } => self.input_uploads.get(sha256).map(|i| &i.upload),
+        }
+    }
+
+    /// Sends `what` to whoever sends the file: the task's worker, or the
+    /// client connection of an input upload.
+    fn tell(&mut self, key: &UploadKey, what: Tell) {
+        match key {
+            UploadKey::Result {
+                task,
+                attempt,
+                name,
+            } => {
+                let Some(worker) = self.tasks.get(task).and_then(|t| t.worker.clone()) else {
+                    return;
+                };
+                let (task, attempt, name) = (task.clone(), *attempt, name.clone());
+                let body = match what {
+                    Tell::Credit {
+                        have,
+                        until,
+                        resume,
+                    } => Body::FileCredit {
+                        task: task.clone(),
+                        attempt,
+                        name,
+                        have,
+                        until,
+                        resume,
+                    },
+                    Tell::Stored { size, sha256 } => Body::FileStored {
+                        task: task.clone(),
+                        attempt,
+                        name,
+                        size,
+                        sha256,
+                    },
+                    Tell::Refused { code, message } => Body::FileRefused {
+                        task: task.clone(),
+                        attempt,
+                        name,
+                        code,
+                        message,
+                    },
+                };
+                self.send_to_worker(&worker, Some(&task), body);
+            }
+            UploadKey::Input { sha256 } => {
+                let Some((peer, request)) = self
+                    .input_uploads
+                    .get(sha256)
+                    .map(|i| (i.peer.clone(), i.request))
+                else {
+                    return;
+                };
+                self.tell_client(&peer, request, sha256, what);
+            }
+        }
+    }
+
+    fn tell_client(&mut self, peer: &PeerId, request: u64, sha256: &str, what: Tell) {
+        let sha256 = sha256.to_string();
+        let body = match what {
+            Tell::Credit {
+                have,
+                until,
+                resume,
+            } => Body::InputCredit {
+                request,
+                sha256,
+                have,
+                until,
+                resume,
+            },
+            Tell::Stored { size, sha256 } => Body::InputStored {
+                request,
+                sha256,
+                size,
+            },
+            Tell::Refused { code, message } => Body::Error {
+                request: Some(request),
+                code,
+                message,
+                seq: None,
+            },
+        };
+        self.send(peer, None, body, None);
+    }
+
+    // ------------------------------------------------------------------
+    // Result files, from workers
+    // ------------------------------------------------------------------
 
     /// A result file message from `worker` (registered; its task checked
     /// below). Never mandatory: the offer/credit exchange is the retry.
@@ -86,80 +236,47 @@ impl<S: Store> Scheduler<S> {
         }
         match body {
             Body::FileOffer { name, size, .. } => {
-                self.on_offer(worker, &task, attempt, &name, size, None)
+                self.on_result_offer(&task, attempt, &name, size, None)
             }
             Body::FileEnd {
                 name, size, sha256, ..
-            } => self.on_offer(worker, &task, attempt, &name, size, Some(sha256)),
-            Body::FileChunk { name, offset, .. } => self.on_chunk(
-                now,
-                worker,
-                &task,
-                attempt,
-                &name,
-                offset,
-                raw.unwrap_or_default(),
-            ),
+            } => self.on_result_offer(&task, attempt, &name, size, Some(sha256)),
+            Body::FileChunk { name, offset, .. } => {
+                let key = result_key(&task, attempt, &name);
+                self.on_chunk(now, &key, offset, raw.unwrap_or_default());
+            }
             _ => unreachable!(),
         }
     }
 
-    /// An offer (`end` = None) or an end (`end` = the sender's SHA-256):
-    /// both start or resume the upload; an end also asks to finish it.
-    fn on_offer(
+    /// An offer (`end` = None) or an end (`end` = the sender's SHA-256)
+    /// of a result file: both start or resume the upload; an end also
+    /// asks to finish it.
+    fn on_result_offer(
         &mut self,
-        worker: &str,
         task: &TaskId,
         attempt: u32,
         name: &str,
         size: u64,
         end: Option<String>,
     ) {
+        let key = result_key(task, attempt, name);
         let t = &self.tasks[task];
         if let Some(why) = t.file_errors.get(name) {
-            let why = why.clone();
-            self.send_refused(worker, task, attempt, name, ErrorCode::LimitReached, why);
+            let message = why.clone();
+            self.tell(
+                &key,
+                Tell::Refused {
+                    code: ErrorCode::LimitReached,
+                    message,
+                },
+            );
             return;
         }
         // Stored already (a resend after a lost answer, or the same file
         // offered twice): stored once, answered from what is known.
         if let Some(stored) = t.files.iter().find(|f| f.name == name).cloned() {
-            match end {
-                _ if stored.size != size => {
-                    let why = format!("result file {name:?} is already stored with {} bytes; offered again with {size}", stored.size);
-                    self.send_refused(worker, task, attempt, name, ErrorCode::Invalid, why);
-                }
-                None => self.send_to_worker(
-                    worker,
-                    Some(task),
-                    Body::FileCredit {
-                        task: task.clone(),
-                        attempt,
-                        name: name.to_string(),
-                        have: size,
-                        until: size,
-                        resume: true,
-                    },
-                ),
-                Some(sha) if sha == stored.sha256 => self.send_to_worker(
-                    worker,
-                    Some(task),
-                    Body::FileStored {
-                        task: task.clone(),
-                        attempt,
-                        name: name.to_string(),
-                        size,
-                        sha256: sha,
-                    },
-                ),
-                Some(sha) => {
-                    let why = format!(
-                        "result file {name:?} is already stored with SHA-256 {}; offered again with {sha}",
-                        stored.sha256
-                    );
-                    self.send_refused(worker, task, attempt, name, ErrorCode::Damaged, why);
-                }
-            }
+            self.answer_stored(&key, stored.size, &stored.sha256, size, end);
             return;
         }
         if let Some(u) = self.tasks[task].uploads.get(name) {
@@ -168,12 +285,12 @@ impl<S: Store> Scheduler<S> {
                     "result file {name:?} changed size during its transfer ({} bytes, now {size})",
                     u.size
                 );
-                self.refuse_upload(worker, task, attempt, name, ErrorCode::Invalid, why);
+                self.refuse(&key, ErrorCode::Invalid, why);
                 return;
             }
         } else {
-            if let Some((code, why)) = self.offer_refusal(task, name, size) {
-                self.refuse_upload(worker, task, attempt, name, code, why);
+            if let Some((code, why)) = self.result_offer_refusal(task, name, size) {
+                self.refuse(&key, code, why);
                 return;
             }
             let t = self.tasks.get_mut(task).expect("open task");
@@ -186,19 +303,69 @@ impl<S: Store> Scheduler<S> {
                 },
             );
             self.touched.insert(task.clone());
-            self.uploading_bytes = self.uploading_bytes.saturating_add(size);
-            self.count("file_uploads_started", 1);
-            self.file_job(FileJob::Open {
-                key: Self::key(task, attempt, name),
-            });
+            self.start_upload(&key, size);
         }
-        let u = self
-            .tasks
-            .get_mut(task)
-            .expect("open task")
-            .uploads
-            .get_mut(name)
-            .expect("just found or made");
+        self.offered(&key, size, end);
+    }
+
+    /// The answer to an offer or end of a file that is stored already.
+    fn answer_stored(
+        &mut self,
+        key: &UploadKey,
+        stored_size: u64,
+        stored_sha: &str,
+        size: u64,
+        end: Option<String>,
+    ) {
+        match end {
+            _ if stored_size != size => {
+                let why = format!(
+                    "{} is already stored with {stored_size} bytes; offered again with {size}",
+                    describe_key(key)
+                );
+                self.tell(
+                    key,
+                    Tell::Refused {
+                        code: ErrorCode::Invalid,
+                        message: why,
+                    },
+                );
+            }
+            None => self.tell(
+                key,
+                Tell::Credit {
+                    have: size,
+                    until: size,
+                    resume: true,
+                },
+            ),
+            Some(sha) if sha == stored_sha => self.tell(key, Tell::Stored { size, sha256: sha }),
+            Some(sha) => {
+                let why = format!(
+                    "{} is already stored with SHA-256 {stored_sha}; offered again with {sha}",
+                    describe_key(key)
+                );
+                self.tell(
+                    key,
+                    Tell::Refused {
+                        code: ErrorCode::Damaged,
+                        message: why,
+                    },
+                );
+            }
+        }
+    }
+
+    fn start_upload(&mut self, key: &UploadKey, size: u64) {
+        self.uploading_bytes = self.uploading_bytes.saturating_add(size);
+        self.count("file_uploads_started", 1);
+        self.file_job(FileJob::Open { key: key.clone() });
+    }
+
+    /// An upload was offered (or ended): resume, wait for the desk, or
+    /// finish.
+    fn offered(&mut self, key: &UploadKey, size: u64, end: Option<String>) {
+        let u = self.upload_mut(key).expect("just found or made");
         if !u.opened {
             u.resume_pending = true;
             if end.is_some() {
@@ -206,32 +373,29 @@ impl<S: Store> Scheduler<S> {
             }
             return;
         }
-        if let Some(sha) = end {
-            if u.accepted < size {
-                // Chunks sent before the end were lost with a connection.
-                self.resume(worker, task, attempt, name);
-                return;
+        match end {
+            // Chunks sent before the end were lost with a connection.
+            Some(_) if u.accepted < size => self.resume(key),
+            Some(sha) => {
+                u.end = Some(sha);
+                self.maybe_finish(key);
             }
-            u.end = Some(sha);
-            self.maybe_finish(task, attempt, name);
-        } else {
-            self.resume(worker, task, attempt, name);
+            None => self.resume(key),
         }
     }
 
-    /// Why a new offer of `size` bytes cannot be taken, checked before
+    /// Why a new offer of a result file cannot be taken, checked before
     /// any byte is: the per-file and per-task limits and the store quota.
-    fn offer_refusal(&self, task: &TaskId, name: &str, size: u64) -> Option<(ErrorCode, String)> {
+    fn result_offer_refusal(
+        &self,
+        task: &TaskId,
+        name: &str,
+        size: u64,
+    ) -> Option<(ErrorCode, String)> {
         let limits = &self.cfg.limits;
         let t = &self.tasks[task];
-        if size > limits.max_file_bytes {
-            return Some((
-                ErrorCode::LimitReached,
-                format!(
-                    "result file {name:?} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
-                    limits.max_file_bytes
-                ),
-            ));
+        if let Some(r) = self.size_refusal(&format!("result file {name:?}"), size) {
+            return Some(r);
         }
         let others: u64 = t
             .file_sizes
@@ -248,20 +412,6 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
-        if self
-            .stored_bytes
-            .saturating_add(self.uploading_bytes)
-            .saturating_add(size)
-            > limits.max_stored_file_bytes
-        {
-            return Some((
-                ErrorCode::StorageFailed,
-                format!(
-                    "the server's result area would exceed {} bytes (limits.max_stored_file_bytes; {} stored, {} being uploaded): free space or raise the limit",
-                    limits.max_stored_file_bytes, self.stored_bytes, self.uploading_bytes
-                ),
-            ));
-        }
         if t.uploads.len() >= MAX_UPLOADS_PER_TASK {
             return Some((
                 ErrorCode::LimitReached,
@@ -273,46 +423,241 @@ impl<S: Store> Scheduler<S> {
         None
     }
 
-    /// Tells the worker where to continue, with fresh credit.
-    fn resume(&mut self, worker: &str, task: &TaskId, attempt: u32, name: &str) {
-        self.grant(task, name);
-        let u = &self.tasks[task].uploads[name];
-        let body = Body::FileCredit {
-            task: task.clone(),
-            attempt,
-            name: name.to_string(),
-            have: u.accepted,
-            until: u.until.max(u.accepted),
-            resume: true,
+    /// The per-file limit and the store's quota, for any upload.
+    fn size_refusal(&self, what: &str, size: u64) -> Option<(ErrorCode, String)> {
+        let limits = &self.cfg.limits;
+        if size > limits.max_file_bytes {
+            return Some((
+                ErrorCode::LimitReached,
+                format!(
+                    "{what} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
+                    limits.max_file_bytes
+                ),
+            ));
+        }
+        if self
+            .stored_bytes
+            .saturating_add(self.uploading_bytes)
+            .saturating_add(size)
+            > limits.max_stored_file_bytes
+        {
+            return Some((
+                ErrorCode::StorageFailed,
+                format!(
+                    "{what} does not fit: the server's file area would exceed {} bytes (limits.max_stored_file_bytes; {} stored, {} being uploaded); free space or raise the limit",
+                    limits.max_stored_file_bytes, self.stored_bytes, self.uploading_bytes
+                ),
+            ));
+        }
+        None
+    }
+
+    // ------------------------------------------------------------------
+    // Input files, from clients
+    // ------------------------------------------------------------------
+
+    /// `input_offer` and `input_end` from a client.
+    pub(super) fn on_input_offer(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        sha256: String,
+        size: u64,
+        end: bool,
+    ) {
+        let key = UploadKey::Input {
+            sha256: sha256.clone(),
         };
-        self.send_to_worker(worker, Some(task), body);
+        if let Some(stored) = self.stored_inputs.get(&sha256).copied() {
+            // The same content uploaded before: stored once.
+            let answer = if stored == size {
+                Tell::Stored {
+                    size,
+                    sha256: sha256.clone(),
+                }
+            } else {
+                Tell::Refused {
+                    code: ErrorCode::Invalid,
+                    message: format!(
+                        "input file {sha256} is stored with {stored} bytes; offered with {size}"
+                    ),
+                }
+            };
+            self.tell_client(peer, request, &sha256, answer);
+            return;
+        }
+        match self.input_uploads.get_mut(&sha256) {
+            Some(i) if i.upload.size != size => {
+                let message = format!(
+                    "input file {sha256} is being uploaded with {} bytes; offered with {size}",
+                    i.upload.size
+                );
+                self.tell_client(
+                    peer,
+                    request,
+                    &sha256,
+                    Tell::Refused {
+                        code: ErrorCode::Invalid,
+                        message,
+                    },
+                );
+                return;
+            }
+            // The same client on a new connection (or another client with
+            // the same content): it takes the upload over.
+            Some(i) => {
+                i.peer = peer.clone();
+                i.request = request;
+            }
+            None => {
+                let refusal = if self.input_uploads.len() >= MAX_INPUT_UPLOADS {
+                    Some((
+                        ErrorCode::LimitReached,
+                        format!("{MAX_INPUT_UPLOADS} input files are being uploaded; retry later"),
+                    ))
+                } else {
+                    self.size_refusal(&format!("input file {sha256}"), size)
+                };
+                if let Some((code, message)) = refusal {
+                    self.count("inputs_refused", 1);
+                    self.tell_client(peer, request, &sha256, Tell::Refused { code, message });
+                    return;
+                }
+                self.input_uploads.insert(
+                    sha256.clone(),
+                    InputUpload {
+                        upload: Upload {
+                            size,
+                            ..Upload::default()
+                        },
+                        peer: peer.clone(),
+                        request,
+                    },
+                );
+                self.start_upload(&key, size);
+            }
+        }
+        self.offered(&key, size, end.then_some(sha256));
+    }
+
+    /// `input_chunk` from a client: taken only from the connection the
+    /// upload answers to.
+    pub(super) fn on_input_chunk(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        sha256: String,
+        offset: u64,
+        data: Bytes,
+    ) {
+        if self
+            .input_uploads
+            .get(&sha256)
+            .is_none_or(|i| i.peer != *peer)
+        {
+            self.count("file_chunks_unexpected", 1);
+            return;
+        }
+        self.on_chunk(now, &UploadKey::Input { sha256 }, offset, data);
+    }
+
+    /// `get_input`: a stored input file, read by the desk.
+    pub(super) fn read_input(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        sha256: String,
+        offset: u64,
+        max: u64,
+    ) -> Result<(), (ErrorCode, String)> {
+        if !self.stored_inputs.contains_key(&sha256) {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("no input file {sha256} is stored on this server"),
+            ));
+        }
+        self.read_file(peer, request, ReadSource::Input { sha256 }, offset, max)
+    }
+
+    /// Hands a client's read to the desk, within the bound on reads in
+    /// flight.
+    pub(super) fn read_file(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        source: ReadSource,
+        offset: u64,
+        max: u64,
+    ) -> Result<(), (ErrorCode, String)> {
+        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
+            self.count("file_reads_busy", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
+            ));
+        }
+        self.reads_in_flight += 1;
+        self.file_job(FileJob::Read {
+            peer: peer.clone(),
+            request,
+            source,
+            offset,
+            max,
+        });
+        Ok(())
+    }
+
+    /// The connection of an input upload closed: its unused credit goes
+    /// back to the pool and the upload is forgotten (the incoming copy
+    /// stays on disk: a new offer resumes from it).
+    pub(super) fn forget_input_uploads(&mut self, peer: &PeerId) {
+        let gone: Vec<String> = self
+            .input_uploads
+            .iter()
+            .filter(|(_, i)| i.peer == *peer && !i.upload.finishing)
+            .map(|(sha, _)| sha.clone())
+            .collect();
+        for sha256 in gone {
+            self.release_upload(&UploadKey::Input { sha256 });
+        }
+        self.feed_starved();
+    }
+
+    // ------------------------------------------------------------------
+    // Both kinds
+    // ------------------------------------------------------------------
+
+    /// Tells the sender where to continue, with fresh credit.
+    fn resume(&mut self, key: &UploadKey) {
+        self.grant(key);
+        let u = self.upload_ref(key).expect("upload");
+        let (have, until) = (u.accepted, u.until.max(u.accepted));
+        self.tell(
+            key,
+            Tell::Credit {
+                have,
+                until,
+                resume: true,
+            },
+        );
     }
 
     /// Raises the upload's credit to `written + window`, as far as the
     /// pool allows; an upload left without any credit waits in line.
     /// Returns true if the credit grew.
-    fn grant(&mut self, task: &TaskId, name: &str) -> bool {
+    fn grant(&mut self, key: &UploadKey) -> bool {
         let window = self.cfg.limits.file_window_bytes.max(1);
         let free = self.pool_free();
-        let u = self
-            .tasks
-            .get_mut(task)
-            .expect("open task")
-            .uploads
-            .get_mut(name)
-            .expect("upload");
+        let u = self.upload_mut(key).expect("upload");
         let floor = u.until.max(u.accepted);
         let want = u.size.min(u.written.saturating_add(window));
         let until = want.min(floor.saturating_add(free)).max(floor);
         let grown = until - floor;
-        let (accepted, size) = (u.accepted, u.size);
+        let starved = until == u.accepted && u.accepted < u.size;
         u.until = until;
         self.upload_credit += grown;
-        if until == accepted && accepted < size {
-            let key = (task.clone(), name.to_string());
-            if !self.starved.contains(&key) {
-                self.starved.push_back(key);
-            }
+        if starved && !self.starved.contains(key) {
+            self.starved.push_back(key.clone());
         }
         grown > 0
     }
@@ -321,99 +666,72 @@ impl<S: Store> Scheduler<S> {
     /// the order they started waiting.
     fn feed_starved(&mut self) {
         while self.pool_free() > 0 {
-            let Some((task, name)) = self.starved.pop_front() else {
+            let Some(key) = self.starved.pop_front() else {
                 return;
             };
-            let Some(t) = self.tasks.get(&task) else {
-                continue;
-            };
-            let (Some(worker), attempt) = (t.worker.clone(), t.attempts) else {
-                continue;
-            };
-            if !t.uploads.contains_key(&name) {
+            if self.upload_ref(&key).is_none() {
                 continue;
             }
-            if self.grant(&task, &name) {
-                self.send_credit(&worker, &task, attempt, &name);
+            if self.grant(&key) {
+                self.send_credit(&key);
             }
         }
     }
 
-    fn send_credit(&mut self, worker: &str, task: &TaskId, attempt: u32, name: &str) {
-        let u = &self.tasks[task].uploads[name];
-        let body = Body::FileCredit {
-            task: task.clone(),
-            attempt,
-            name: name.to_string(),
-            have: u.written,
-            until: u.until.max(u.written),
-            resume: false,
-        };
-        self.send_to_worker(worker, Some(task), body);
+    fn send_credit(&mut self, key: &UploadKey) {
+        let u = self.upload_ref(key).expect("upload");
+        let (have, until) = (u.written, u.until.max(u.written));
+        self.tell(
+            key,
+            Tell::Credit {
+                have,
+                until,
+                resume: false,
+            },
+        );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_chunk(
-        &mut self,
-        now: Instant,
-        worker: &str,
-        task: &TaskId,
-        attempt: u32,
-        name: &str,
-        offset: u64,
-        data: Bytes,
-    ) {
-        let Some(u) = self
-            .tasks
-            .get_mut(task)
-            .expect("open task")
-            .uploads
-            .get_mut(name)
-        else {
+    fn on_chunk(&mut self, now: Instant, key: &UploadKey, offset: u64, data: Bytes) {
+        let Some(u) = self.upload_mut(key) else {
             // Not offered (or already finished or refused): dropped.
             self.count("file_chunks_unexpected", 1);
             return;
         };
         let end = offset.saturating_add(data.len() as u64);
         if !u.opened || offset != u.accepted {
-            // Left over from before a resume: the worker sends them again.
+            // Left over from before a resume: the sender sends it again.
             self.count("file_chunks_out_of_order", 1);
             return;
         }
         if end > u.size {
             let why = format!(
-                "chunk of {} bytes at offset {offset} does not fit result file {name:?} of {} bytes",
+                "chunk of {} bytes at offset {offset} does not fit {} of {} bytes",
                 data.len(),
+                describe_key(key),
                 u.size
             );
-            self.refuse_upload(worker, task, attempt, name, ErrorCode::Invalid, why);
+            self.refuse(key, ErrorCode::Invalid, why);
             return;
         }
         if end > u.until {
             let until = u.until;
             self.count("file_chunks_over_credit", 1);
             if self.noise.allow(now, "protocol errors") {
-                warn!(worker, task = %task, file = name, offset, end, until, "protocol error: result file chunk beyond the credit given; dropped");
+                warn!(upload = %describe_key(key), offset, end, until, "protocol error: chunk beyond the credit given; dropped");
             }
             return;
         }
         u.accepted = end;
         self.count("file_bytes_received", data.len() as u64);
         self.file_job(FileJob::Write {
-            key: Self::key(task, attempt, name),
+            key: key.clone(),
             offset,
             data,
         });
     }
 
-    fn maybe_finish(&mut self, task: &TaskId, attempt: u32, name: &str) {
-        let u = self
-            .tasks
-            .get_mut(task)
-            .expect("open task")
-            .uploads
-            .get_mut(name)
-            .expect("upload");
+    fn maybe_finish(&mut self, key: &UploadKey) {
+        let u = self.upload_mut(key).expect("upload");
         if u.finishing || u.written < u.size {
             return;
         }
@@ -421,7 +739,7 @@ impl<S: Store> Scheduler<S> {
         u.finishing = true;
         let size = u.size;
         self.file_job(FileJob::Finish {
-            key: Self::key(task, attempt, name),
+            key: key.clone(),
             size,
             sha256,
         });
@@ -442,16 +760,16 @@ impl<S: Store> Scheduler<S> {
                 self.answer_read(&peer, request, offset, result)
             }
             FileDone::Opened { key, have } => {
-                let Some(worker) = self.upload_owner(&key) else {
+                if self.upload_ref(&key).is_none() {
                     return;
-                };
+                }
                 match have {
-                    Err(e) => self.upload_failed(&worker, &key, e),
+                    Err(e) => self.upload_failed(&key, e),
                     Ok(have) => {
-                        let u = self.upload_mut(&key).expect("owner checked");
+                        let u = self.upload_mut(&key).expect("checked");
                         if have > u.size {
-                            // An incoming copy longer than the file: from
-                            // an offer of another size before a restart.
+                            // An incoming copy longer than the file (from
+                            // an offer of another size before a restart).
                             u.opened = false;
                             self.file_job(FileJob::Discard { key: key.clone() });
                             self.file_job(FileJob::Open { key });
@@ -465,200 +783,170 @@ impl<S: Store> Scheduler<S> {
                         let size = u.size;
                         self.count("file_bytes_resumed", have);
                         if ended && have == size {
-                            self.maybe_finish(&key.task, key.attempt, &key.name);
+                            self.maybe_finish(&key);
                         } else if pending || ended {
-                            self.resume(&worker, &key.task, key.attempt, &key.name);
+                            self.resume(&key);
                         }
                     }
                 }
             }
             FileDone::Written { key, have } => {
-                let Some(worker) = self.upload_owner(&key) else {
+                if self.upload_ref(&key).is_none() {
                     return;
-                };
+                }
                 match have {
-                    Err(e) => self.upload_failed(&worker, &key, e),
+                    Err(e) => self.upload_failed(&key, e),
                     Ok(have) => {
-                        let u = self.upload_mut(&key).expect("owner checked");
+                        let u = self.upload_mut(&key).expect("checked");
                         let released = have.saturating_sub(u.written);
                         u.written = have;
                         self.upload_credit = self.upload_credit.saturating_sub(released);
-                        if self.grant(&key.task, &key.name) {
-                            self.send_credit(&worker, &key.task, key.attempt, &key.name);
+                        if self.grant(&key) {
+                            self.send_credit(&key);
                         }
-                        self.maybe_finish(&key.task, key.attempt, &key.name);
+                        self.maybe_finish(&key);
                         self.feed_starved();
                     }
                 }
             }
             FileDone::Finished { key, result } => {
-                let Some(worker) = self.upload_owner(&key) else {
+                if self.upload_ref(&key).is_none() {
                     return;
-                };
+                }
                 match result {
-                    Ok(stored) => self.upload_stored(&worker, &key, stored),
+                    Ok(stored) => self.upload_stored(&key, stored),
                     Err(DeskError::Mismatch { expected, actual }) => {
                         self.count("file_hash_mismatches", 1);
-                        let t = self.tasks.get_mut(&key.task).expect("open task");
-                        let n = t.file_mismatches.entry(key.name.clone()).or_default();
-                        *n += 1;
-                        warn!(worker, task = %key.task, file = %key.name, %expected, %actual, mismatches = *n, "result file arrived damaged (SHA-256 mismatch)");
-                        if *n >= 2 {
-                            let why = format!("result file {:?} arrived damaged twice: SHA-256 {actual} of the bytes received, {expected} on the worker", key.name);
-                            self.refuse_upload(
-                                &worker,
-                                &key.task,
-                                key.attempt,
-                                &key.name,
-                                ErrorCode::Damaged,
-                                why,
-                            );
+                        let u = self.upload_mut(&key).expect("checked");
+                        u.mismatches += 1;
+                        let (mismatches, size) = (u.mismatches, u.size);
+                        warn!(upload = %describe_key(&key), %expected, %actual, mismatches, "file arrived damaged (SHA-256 mismatch)");
+                        if mismatches >= 2 {
+                            let why = format!("{} arrived damaged twice: SHA-256 {actual} of the bytes received, {expected} on the sender", describe_key(&key));
+                            self.refuse(&key, ErrorCode::Damaged, why);
                         } else {
                             // Once more from the first byte: the desk
                             // removed the copy, the new open finds nothing.
-                            self.release_upload(&key);
-                            let t = self.tasks.get_mut(&key.task).expect("open task");
-                            let size = t.file_sizes.get(&key.name).copied().unwrap_or(0);
-                            self.uploading_bytes = self.uploading_bytes.saturating_add(size);
-                            let t = self.tasks.get_mut(&key.task).expect("open task");
-                            t.uploads.insert(
-                                key.name.clone(),
-                                Upload {
+                            let held = {
+                                let u = self.upload_mut(&key).expect("checked");
+                                let held = u.until.saturating_sub(u.written);
+                                *u = Upload {
                                     size,
+                                    mismatches,
                                     resume_pending: true,
                                     ..Upload::default()
-                                },
-                            );
+                                };
+                                held
+                            };
+                            self.upload_credit = self.upload_credit.saturating_sub(held);
                             self.file_job(FileJob::Open { key });
                         }
                     }
                     Err(DeskError::Short { .. }) => {
-                        let u = self.upload_mut(&key).expect("owner checked");
+                        let u = self.upload_mut(&key).expect("checked");
                         u.finishing = false;
-                        self.resume(&worker, &key.task, key.attempt, &key.name);
+                        self.resume(&key);
                     }
-                    Err(e) => self.upload_failed(&worker, &key, e),
+                    Err(e) => self.upload_failed(&key, e),
                 }
             }
         }
     }
 
-    fn upload_mut(&mut self, key: &UploadKey) -> Option<&mut Upload> {
-        self.tasks.get_mut(&key.task)?.uploads.get_mut(&key.name)
-    }
-
-    /// The worker an upload's answers go to, if the upload still counts.
-    fn upload_owner(&self, key: &UploadKey) -> Option<String> {
-        let t = self.tasks.get(&key.task)?;
-        if t.state.is_final() || t.attempts != key.attempt || !t.uploads.contains_key(&key.name) {
-            return None;
-        }
-        t.worker.clone()
-    }
-
-    fn upload_stored(&mut self, worker: &str, key: &UploadKey, stored: Stored) {
-        self.release_upload(key);
+    fn upload_stored(&mut self, key: &UploadKey, stored: Stored) {
+        let size = stored.info.size;
+        let sha256 = stored.info.sha256.clone();
         self.count("files_stored", 1);
-        self.stored_bytes = self.stored_bytes.saturating_add(stored.info.size);
-        let t = self.tasks.get_mut(&key.task).expect("open task");
-        t.files.retain(|f| f.name != key.name);
-        t.files.push(stored.info.clone());
-        if let Some(junit) = stored.junit {
-            t.junit.insert(key.name.clone(), junit);
+        self.stored_bytes = self.stored_bytes.saturating_add(size);
+        match key {
+            UploadKey::Result { task, name, .. } => {
+                self.tell(
+                    key,
+                    Tell::Stored {
+                        size,
+                        sha256: sha256.clone(),
+                    },
+                );
+                self.release_upload(key);
+                let t = self.tasks.get_mut(task).expect("open task");
+                t.files.retain(|f| f.name != *name);
+                t.files.push(stored.info);
+                if let Some(junit) = stored.junit {
+                    t.junit.insert(name.clone(), junit);
+                }
+                self.touched.insert(task.clone());
+                info!(task = %task, file = %name, size, "result file stored");
+            }
+            UploadKey::Input { sha256: sha } => {
+                self.tell(key, Tell::Stored { size, sha256 });
+                self.release_upload(key);
+                self.stored_inputs.insert(sha.clone(), size);
+                info!(input = %sha, size, "input file stored");
+            }
         }
-        self.touched.insert(key.task.clone());
-        info!(worker, task = %key.task, file = %key.name, size = stored.info.size, "result file stored");
-        self.send_to_worker(
-            worker,
-            Some(&key.task),
-            Body::FileStored {
-                task: key.task.clone(),
-                attempt: key.attempt,
-                name: key.name.clone(),
-                size: stored.info.size,
-                sha256: stored.info.sha256,
-            },
-        );
         self.feed_starved();
     }
 
-    fn upload_failed(&mut self, worker: &str, key: &UploadKey, e: DeskError) {
+    fn upload_failed(&mut self, key: &UploadKey, e: DeskError) {
         let code = match e {
             DeskError::Io(_) => ErrorCode::StorageFailed,
             DeskError::BadName(_) => ErrorCode::BadFileName,
             _ => ErrorCode::Invalid,
         };
         self.count("file_storage_failures", 1);
-        error!(worker, task = %key.task, file = %key.name, error = %e, "result file could not be stored");
+        error!(upload = %describe_key(key), error = %e, "file could not be stored");
         let why = format!(
-            "result file {:?} could not be stored on the server: {e}",
-            key.name
+            "{} could not be stored on the server: {e}",
+            describe_key(key)
         );
-        self.refuse_upload(worker, &key.task, key.attempt, &key.name, code, why);
+        self.refuse(key, code, why);
     }
 
     /// Gives the upload's credit back to the pool and forgets it.
     fn release_upload(&mut self, key: &UploadKey) {
-        if let Some(u) = self
-            .tasks
-            .get_mut(&key.task)
-            .and_then(|t| t.uploads.remove(&key.name))
-        {
+        let removed = match key {
+            UploadKey::Result { task, name, .. } => self
+                .tasks
+                .get_mut(task)
+                .and_then(|t| t.uploads.remove(name)),
+            UploadKey::Input { sha256 } => self.input_uploads.remove(sha256).map(|i| i.upload),
+        };
+        if let Some(u) = removed {
             let held = u.until.saturating_sub(u.written);
             self.upload_credit = self.upload_credit.saturating_sub(held);
             self.uploading_bytes = self.uploading_bytes.saturating_sub(u.size);
         }
-        self.starved
-            .retain(|(t, n)| !(t == &key.task && n == &key.name));
+        self.starved.retain(|k| k != key);
     }
 
-    /// The server will not take this file: marked for the verdict (the
-    /// report does not wait for it), the incoming copy removed, the
-    /// worker told.
-    pub(super) fn refuse_upload(
-        &mut self,
-        worker: &str,
-        task: &TaskId,
-        attempt: u32,
-        name: &str,
-        code: ErrorCode,
-        why: String,
-    ) {
-        let key = Self::key(task, attempt, name);
-        if self.tasks[task].uploads.contains_key(name) {
-            self.release_upload(&key);
-            self.file_job(FileJob::Discard { key });
-        }
+    /// The server will not take this file: the sender is told, the
+    /// incoming copy removed; a result file is marked for the verdict
+    /// (the report does not wait for it).
+    fn refuse(&mut self, key: &UploadKey, code: ErrorCode, why: String) {
         self.count("files_refused", 1);
-        let t = self.tasks.get_mut(task).expect("open task");
-        if !t.file_errors.contains_key(name) {
-            warn!(worker, task = %task, file = name, reason = %why, "refused a result file");
-            t.file_errors.insert(name.to_string(), why.clone());
-        }
-        self.touched.insert(task.clone());
-        self.send_refused(worker, task, attempt, name, code, why);
-    }
-
-    fn send_refused(
-        &mut self,
-        worker: &str,
-        task: &TaskId,
-        attempt: u32,
-        name: &str,
-        code: ErrorCode,
-        why: String,
-    ) {
-        self.send_to_worker(
-            worker,
-            Some(task),
-            Body::FileRefused {
-                task: task.clone(),
-                attempt,
-                name: name.to_string(),
+        self.tell(
+            key,
+            Tell::Refused {
                 code,
-                message: why,
+                message: why.clone(),
             },
         );
+        if self.upload_ref(key).is_some() {
+            self.release_upload(key);
+            self.file_job(FileJob::Discard { key: key.clone() });
+        }
+        if let UploadKey::Result { task, name, .. } = key {
+            if let Some(t) = self.tasks.get_mut(task) {
+                if !t.file_errors.contains_key(name) {
+                    warn!(task = %task, file = %name, reason = %why, "refused a result file");
+                    t.file_errors.insert(name.clone(), why);
+                }
+                self.touched.insert(task.clone());
+            }
+        } else {
+            warn!(upload = %describe_key(key), reason = %why, "refused an input file");
+        }
+        self.feed_starved();
     }
 
     /// The attempt's uploads end (the task ended, was re-queued or
@@ -670,7 +958,7 @@ impl<S: Store> Scheduler<S> {
         let attempt = t.attempts;
         let names: Vec<String> = t.uploads.keys().cloned().collect();
         for name in names {
-            let key = Self::key(task, attempt, &name);
+            let key = result_key(task, attempt, &name);
             self.release_upload(&key);
             self.file_job(FileJob::Discard { key });
         }
@@ -693,7 +981,7 @@ impl<S: Store> Scheduler<S> {
         self.feed_starved();
     }
 
-    /// A client's read of a stored result file, answered from the desk.
+    /// A client's read of a stored file, answered from the desk.
     fn answer_read(
         &mut self,
         peer: &PeerId,
@@ -719,19 +1007,20 @@ impl<S: Store> Scheduler<S> {
                 peer,
                 Some(request),
                 ErrorCode::UnknownTask,
-                "no such result file".into(),
+                "no such file".into(),
             ),
             Err(e) => {
-                error!(error = %e, "result file could not be read");
+                error!(error = %e, "stored file could not be read");
                 self.send_error(peer, Some(request), ErrorCode::StorageFailed, e.to_string())
             }
         }
     }
 }
 
-/// Client reads of result files with the desk at once, at most (each
-/// up to 1 MiB): more are answered `limit_reached`, retried by clients.
-pub const MAX_READS_IN_FLIGHT: usize = 16;
-
-/// Result files of one task in transfer at once, at most.
-pub const MAX_UPLOADS_PER_TASK: usize = 16;
+/// How messages and logs name an upload.
+fn describe_key(key: &UploadKey) -> String {
+    match key {
+        UploadKey::Result { task, name, .. } => format!("result file {name:?} of task {task}"),
+        UploadKey::Input { sha256 } => format!("input file {sha256}"),
+    }
+}

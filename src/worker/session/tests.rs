@@ -52,6 +52,7 @@ fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
         ttl_ms,
         sent_ms: 0,
         secrets: Default::default(),
+        inputs: Default::default(),
     }
 }
 

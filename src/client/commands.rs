@@ -335,11 +335,14 @@ fn parse_secret(text: &str) -> Result<(String, String), String> {
 }
 
 fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = match text.split_once('=') {
-        Some((n, p)) if !n.is_empty() && !n.contains('/') || n.contains('/') && !p.is_empty() => {
-            (n.to_string(), PathBuf::from(p))
-        }
-        _ => {
+    // NAME=PATH when NAME is a relative name and PATH a file; otherwise
+    // the whole text is the path (which may contain '=' itself).
+    let named = text.split_once('=').filter(|(n, p)| {
+        crate::protocol::limits::relative_path(n).is_some() && Path::new(p).is_file()
+    });
+    let (name, path) = match named {
+        Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+        None => {
             let path = PathBuf::from(text);
             let name = path
                 .file_name()

@@ -394,6 +394,7 @@ pub async fn run(
                 }
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
+                    let raw_len = raw.as_ref().map_or(0, |r| r.len() as u64);
                     let mut frames = protocol::encode(&header, &body, raw);
                     if let Some(channel) = c.channel.as_mut() {
                         frames = channel.seal(&frames);
@@ -414,7 +415,7 @@ pub async fn run(
                             } = &body
                             {
                                 // Read again and sent at the next tick.
-                                session.chunk_unsent(task, *attempt, name, *offset);
+                                session.chunk_unsent(task, *attempt, name, *offset, raw_len);
                             } else if matches!(body, protocol::Body::Log { .. }) && !mandatory {
                                 unsent_logs.push(body);
                             } else if !mandatory {

@@ -91,6 +91,9 @@ pub(super) enum Phase {
 pub(super) struct Transfer {
     pub(super) phase: Phase,
     pub(super) epoch: u64,
+    /// Bytes of the current file sent so far by this process (resends
+    /// included): logged when it is stored.
+    pub(super) sent: u64,
 }
 
 impl Default for Transfer {
@@ -98,6 +101,7 @@ impl Default for Transfer {
         Transfer {
             phase: Phase::Idle,
             epoch: 0,
+            sent: 0,
         }
     }
 }
@@ -209,6 +213,7 @@ impl Session {
         state: UploadState,
         actions: &mut Vec<Action>,
     ) {
+        let sent = self.transfer.sent;
         let u = self.upload(i);
         match &state {
             UploadState::Failed { reason } => {
@@ -216,7 +221,7 @@ impl Session {
                 self.stats.files_failed += 1;
             }
             _ => {
-                info!(file = %u.name, size = u.size, "result file stored by the server");
+                info!(file = %u.name, size = u.size, sent, "result file stored by the server");
                 self.stats.files_stored += 1;
             }
         }
@@ -225,6 +230,7 @@ impl Session {
         self.transfer = Transfer {
             phase: Phase::Idle,
             epoch: self.transfer.epoch + 1,
+            sent: 0,
         };
         self.advance_uploads(now, actions);
     }
@@ -428,6 +434,7 @@ impl Session {
             }
         }
         if !data.is_empty() && matches!(self.link, Link::Up { .. }) {
+            self.transfer.sent += data.len() as u64;
             let body = Body::FileChunk {
                 task: done.task.clone(),
                 attempt: done.attempt,
@@ -448,10 +455,11 @@ impl Session {
 
     /// The socket did not take a chunk (the server reads slower than the
     /// disk): continue from it at the next tick.
-    pub fn chunk_unsent(&mut self, task: &TaskId, attempt: u32, name: &str, offset: u64) {
+    pub fn chunk_unsent(&mut self, task: &TaskId, attempt: u32, name: &str, offset: u64, len: u64) {
         if self.upload_matches(task, attempt, name).is_none() {
             return;
         }
+        self.transfer.sent = self.transfer.sent.saturating_sub(len);
         if let Phase::Streaming {
             next,
             reading,

@@ -511,7 +511,8 @@ pub struct WorkerConfig {
     /// Result files are sent in chunks of this many bytes (4 KiB – 4 MiB)…
     pub file_chunk_bytes: u64,
     /// …with at most this many bytes read ahead of what was sent (the
-    /// server's credit bounds what is in flight).
+    /// server's credit bounds what is in flight). Kept below the 2 MiB the
+    /// worker's socket queues towards the server, so a full queue is rare.
     pub file_window_bytes: u64,
     /// Folders of finished tasks kept (for debugging) once their results
     /// are delivered; older ones are removed.
@@ -547,8 +548,8 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             delivery: DeliveryPolicy::default(),
             on_server_lost: OnServerLost::default(),
-            file_chunk_bytes: 512 * 1024,
-            file_window_bytes: 4 * 1024 * 1024,
+            file_chunk_bytes: 256 * 1024,
+            file_window_bytes: 1024 * 1024,
             keep_task_dirs: 3,
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
@@ -635,11 +636,11 @@ impl WorkerConfig {
                 format!("must be between 4096 and {max_chunk}"),
             ));
         }
-        if self.file_window_bytes < self.file_chunk_bytes || self.file_window_bytes > 1 << 30 {
+        if self.file_window_bytes < self.file_chunk_bytes || self.file_window_bytes > 64 << 20 {
             return Err(invalid(
                 "file_window_bytes",
                 self.file_window_bytes,
-                "must be at least file_chunk_bytes and at most 1 GiB",
+                "must be at least file_chunk_bytes and at most 64 MiB",
             ));
         }
         if self.conductor.command.is_empty() {

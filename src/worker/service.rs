@@ -304,6 +304,11 @@ pub async fn run(
                 }
                 _ => Vec::new(), // from an older connection
             },
+            // The socket refused a chunk: go on a moment later (its queue
+            // drains into TCP within microseconds unless the server lags).
+            _ = tokio::time::sleep(Duration::from_millis(1)), if session.upload_paused() => {
+                session.unpause_upload(Instant::now())
+            }
             Some(done) = read_rx.recv() => {
                 let mut actions = session.on_read_done(Instant::now(), done);
                 while let Ok(done) = read_rx.try_recv() {

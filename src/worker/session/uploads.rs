@@ -476,6 +476,24 @@ impl Session {
         }
     }
 
+    /// True while the socket refused a chunk and the upload waits to go on.
+    pub fn upload_paused(&self) -> bool {
+        matches!(self.transfer.phase, Phase::Streaming { paused: true, .. })
+    }
+
+    /// Goes on after a full socket (the shell calls this a moment later).
+    pub fn unpause_upload(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some((_, _, i)) = self.current_upload() else {
+            return actions;
+        };
+        if let Phase::Streaming { paused, .. } = &mut self.transfer.phase {
+            *paused = false;
+        }
+        self.pump(now, i, &mut actions);
+        actions
+    }
+
     /// From the tick: resend an unanswered offer or end, restart a stalled
     /// stream with a new offer, unpause after a full socket.
     pub(super) fn tick_uploads(&mut self, now: Instant, actions: &mut Vec<Action>) {

@@ -143,6 +143,8 @@ pub struct ServerConfig {
     pub retry: RetryPolicy,
     /// Bounds on what peers can make the server hold (README "Limits").
     pub limits: ServerLimits,
+    /// How long ended testruns keep their result files and logs.
+    pub retention: Retention,
     /// `noise` (default): every peer authenticates with a key from the
     /// allow-lists, every frame is encrypted. `none`: plaintext and no
     /// identities, for a closed lab only (a warning at every start).
@@ -155,6 +157,26 @@ pub struct ServerConfig {
     pub workers_dir: PathBuf,
     /// `NAME.pub` (and `NAME.role`: submit, operator, admin) per user.
     pub users_dir: PathBuf,
+}
+
+/// `[retention]` of `conf/server.toml`: ended testruns keep their result
+/// files and logs this long, and all of them together this many bytes
+/// (oldest pruned first); the record of each testrun stays, marked
+/// "pruned" with when and why (status, audit log).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    pub max_age_hours: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age_hours: 90 * 24,
+            max_bytes: 512 << 30,
+        }
+    }
 }
 
 /// What a secured server runs with: its keys (current first) and who may
@@ -329,6 +351,7 @@ impl Default for ServerConfig {
             send_timeout_ms: 2000,
             retry: RetryPolicy::default(),
             limits: ServerLimits::default(),
+            retention: Retention::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/server.key"),
             previous_keys: Vec::new(),

@@ -520,3 +520,42 @@ fn worker_folders_are_removed_once_delivered_keeping_the_last_few() {
     assert_eq!(count(), 1, "{:?}", w.stderr.all());
     assert!(tasks.join(format!("{}.1-attempt1", runs[2])).exists());
 }
+
+#[test]
+fn retention_prunes_ended_testruns_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[FAST[0], ("OTS_SERVER_RETENTION__MAX_BYTES", "1")],
+    );
+    let conductor = big_file_conductor(dir.path(), 1);
+    let _w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    let run = run_on(&server, "devicegroup:g", &[]);
+    let st = wait_status(&server, &run, LIMIT, |st| !st["pruned"].is_null());
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    assert!(st["pruned"]["bytes"].as_u64().unwrap() >= MIB, "{st:#}");
+    assert!(st["tasks"][0]["files"].as_array().unwrap().is_empty());
+    let task = format!("{run}.1");
+    let folder = server.state_dir.join("tasks").join(&task);
+    let deadline = Instant::now() + LIMIT;
+    while folder.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10)); // the desk removes it off the loop
+    }
+    assert!(!folder.exists());
+    let shown = text(&submit(&server, &["status", &run], LIMIT).stdout);
+    assert!(
+        shown.contains("pruned") && shown.contains("retention.max_bytes"),
+        "{shown}"
+    );
+    let audit = text(&submit(&server, &["audit"], LIMIT).stdout);
+    assert!(audit.contains("prune") && audit.contains(&run), "{audit}");
+}

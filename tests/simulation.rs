@@ -99,6 +99,8 @@ impl Sim {
                 jitter: true,
             },
             limits: Default::default(),
+            retention_age: Duration::from_secs(3600),
+            retention_bytes: u64::MAX,
             secure: false,
             secrets_key: None,
         };

@@ -724,6 +724,14 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
         );
         print_summary(&status);
         print_history(&status);
+        if let Some(p) = &status.pruned {
+            println!(
+                "result files and logs pruned at {} UTC ({} bytes): {}",
+                clock(p.at_ms),
+                p.bytes,
+                escape_controls(&p.reason)
+            );
+        }
         let interesting: Vec<String> = status
             .counters
             .iter()

@@ -314,6 +314,20 @@ pub struct RunStatus {
     pub tasks: Vec<TaskStatus>,
     /// Server-wide counters (orphans, malformed messages…) at the time of the answer.
     pub counters: BTreeMap<String, u64>,
+    /// Set once the retention policy removed the testrun's result files
+    /// and logs (the record stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<Pruned>,
+}
+
+/// What the retention policy removed of a testrun, when and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    /// Unix ms (server clock).
+    pub at_ms: u64,
+    /// Bytes of result files and logs removed.
+    pub bytes: u64,
+    pub reason: String,
 }
 
 /// What `workers` shows about one worker.

@@ -77,6 +77,8 @@ pub struct Changes {
     pub quarantine: Vec<(&'static str, String, String)>,
     /// Workers removed from the registry (their key is no longer allowed).
     pub removed_workers: Vec<String>,
+    /// Tasks whose result files were pruned (retention): out of the index.
+    pub pruned_tasks: Vec<String>,
 }
 
 impl Changes {
@@ -89,6 +91,7 @@ impl Changes {
             && self.meta.is_empty()
             && self.quarantine.is_empty()
             && self.removed_workers.is_empty()
+            && self.pruned_tasks.is_empty()
     }
 }
 
@@ -302,6 +305,12 @@ impl Db {
             for (task, name, size, sha) in &changes.files {
                 file.execute(params![task, name, *size as i64, sha])
                     .map_err(sql)?;
+            }
+            let mut pruned = tx
+                .prepare_cached("DELETE FROM files WHERE task = ?1")
+                .map_err(sql)?;
+            for task in &changes.pruned_tasks {
+                pruned.execute(params![task]).map_err(sql)?;
             }
             let mut meta = tx
                 .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")

@@ -64,6 +64,9 @@ pub enum FileJob {
     },
     /// Removes the incoming copy (the upload was refused or its task ended).
     Discard { key: UploadKey },
+    /// Removes a task's folder: its log, result files and incoming copies
+    /// (the retention policy).
+    Prune { task: TaskId },
     /// Reads up to `max` bytes of a stored file for a client.
     Read {
         peer: Bytes,
@@ -212,6 +215,15 @@ impl Desk {
             FileJob::Finish { key, size, sha256 } => {
                 let result = self.finish(&key, size, sha256);
                 FileDone::Finished { key, result }
+            }
+            FileJob::Prune { task } => {
+                let dir = self.task_dir(&task);
+                if let Err(e) = fs::remove_dir_all(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %dir.display(), error = %e, "retention: cannot remove a task's folder");
+                    }
+                }
+                return None;
             }
             FileJob::Discard { key } => {
                 self.open.remove(&key);

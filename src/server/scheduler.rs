@@ -57,6 +57,11 @@ pub struct SchedulerConfig {
     pub retry: RetryPolicy,
     /// Bounds on what peers can make the scheduler hold.
     pub limits: SchedulerLimits,
+    /// Finished testruns keep their result files and logs this long…
+    pub retention_age: Duration,
+    /// …and all finished testruns together at most this many bytes of
+    /// them (oldest pruned first).
+    pub retention_bytes: u64,
     /// Security on (`security = "noise"`): every connection is
     /// authenticated by the shell's gate and told to the scheduler with
     /// [`Scheduler::on_authenticated`]; requests are checked against roles,
@@ -127,6 +132,8 @@ impl Default for SchedulerConfig {
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             limits: SchedulerLimits::default(),
+            retention_age: Duration::from_secs(90 * 24 * 3600),
+            retention_bytes: 512 << 30,
             secure: false,
             secrets_key: None,
         }
@@ -233,6 +240,10 @@ struct Testrun {
     state: RunState,
     verdict: Option<Verdict>,
     events: Vec<ProgressEvent>,
+    /// When it ended (Unix ms, server clock), once it has.
+    ended_ms: Option<u64>,
+    /// What the retention policy removed, once it has.
+    pruned: Option<Pruned>,
 }
 
 /// The scheduler. `S` stores logs and result files.
@@ -322,6 +333,12 @@ pub struct Scheduler<S: Store> {
     uploading_bytes: u64,
     /// Client file reads handed to the desk and not answered yet.
     reads_in_flight: usize,
+    /// Ended testruns whose files and logs are still kept, oldest first,
+    /// and their bytes: the retention policy looks only at the front.
+    retained: BTreeSet<(u64, RunId)>,
+    retained_bytes: u64,
+    /// Tasks pruned since the last commit (out of the files index).
+    pruned_tasks: Vec<TaskId>,
 }
 
 pub use crate::protocol::limits::unix_ms_now;
@@ -383,6 +400,9 @@ impl<S: Store> Scheduler<S> {
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
+            retained: BTreeSet::new(),
+            retained_bytes: 0,
+            pruned_tasks: Vec::new(),
         }
     }
 
@@ -663,7 +683,8 @@ mod intake;
 mod persist;
 mod registry;
 mod requests;
-pub(super) mod timers;
+pub(super) mod retention;
+mod timers;
 mod uploads;
 pub use access::Caller;
 pub use persist::RestoreError;

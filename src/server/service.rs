@@ -119,6 +119,10 @@ impl Server {
                 backstop_grace: Duration::from_secs(cfg.backstop_grace_secs),
                 retry: cfg.retry.clone(),
                 limits: cfg.limits.scheduler(),
+                retention_age: Duration::from_secs(
+                    cfg.retention.max_age_hours.saturating_mul(3600),
+                ),
+                retention_bytes: cfg.retention.max_bytes,
                 secure: credentials.is_some(),
                 secrets_key: credentials
                     .as_ref()
@@ -133,6 +137,8 @@ impl Server {
             path: db.path().to_path_buf(),
             source,
         })?;
+        let mut scheduler = scheduler;
+        scheduler.set_stored_inputs(crate::server::files::stored_inputs(&cfg.state_dir));
         info!(
             control = %sockets.control,
             events = %sockets.events,

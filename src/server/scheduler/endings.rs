@@ -72,6 +72,7 @@ impl<S: Store> Scheduler<S> {
             RunState::Finished
         };
         info!(run = %run, ?verdict, cancelled, "testrun ended");
+        self.retain(run);
         let state = if cancelled {
             ProgressState::RunCancelled
         } else {

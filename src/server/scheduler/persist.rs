@@ -51,6 +51,10 @@ struct RunRow {
     state: RunState,
     verdict: Option<Verdict>,
     events: Vec<ProgressEvent>,
+    #[serde(default)]
+    ended_ms: Option<u64>,
+    #[serde(default)]
+    pruned: Option<Pruned>,
 }
 
 /// Only what must survive: identity, device, the task it has, and the dedup
@@ -125,6 +129,7 @@ impl<S: Store> Scheduler<S> {
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
             removed_workers: std::mem::take(&mut self.removed_workers),
+            pruned_tasks: std::mem::take(&mut self.pruned_tasks),
             history: std::mem::take(&mut self.history),
             quarantine: std::mem::take(&mut self.quarantined)
                 .into_iter()
@@ -192,6 +197,8 @@ impl<S: Store> Scheduler<S> {
                 state: r.state,
                 verdict: r.verdict,
                 events: r.events.clone(),
+                ended_ms: r.ended_ms,
+                pruned: r.pruned.clone(),
             };
             let bytes = encode(&row);
             let key = format!("r:{id}");
@@ -354,6 +361,8 @@ impl<S: Store> Scheduler<S> {
                     state: row.state,
                     verdict: row.verdict,
                     events: row.events,
+                    ended_ms: row.ended_ms,
+                    pruned: row.pruned,
                 },
             );
         }
@@ -414,6 +423,15 @@ impl<S: Store> Scheduler<S> {
             .flat_map(|t| t.files.iter())
             .map(|f| f.size)
             .fold(0u64, u64::saturating_add);
+        let ended: Vec<RunId> = s
+            .runs
+            .iter()
+            .filter(|(_, r)| r.ended_ms.is_some() && r.pruned.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run in ended {
+            s.retain(&run);
+        }
         queued.sort();
         for (_, id) in queued {
             let key = s.runs[&s.tasks[&id].run].request.device.routing_key();

@@ -320,6 +320,8 @@ impl<S: Store> Scheduler<S> {
                 state: RunState::Queued,
                 verdict: None,
                 events: Vec::new(),
+                ended_ms: None,
+                pruned: None,
             },
         );
         for id in &task_ids {
@@ -373,6 +375,7 @@ impl<S: Store> Scheduler<S> {
                 })
                 .collect(),
             counters: self.counters.clone(),
+            pruned: r.pruned.clone(),
         })
     }
 

@@ -53,6 +53,8 @@ impl Lab {
             backstop_grace: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             limits: Default::default(),
+            retention_age: Duration::from_secs(3600),
+            retention_bytes: u64::MAX,
             secure: false,
             secrets_key: None,
         };
@@ -1825,4 +1827,62 @@ fn repeated_hellos_keep_one_liveness_deadline_and_silence_is_still_caught() {
         lab.tick();
     }
     assert_eq!(lab.s.workers["w1"].state, WorkerState::Lost);
+}
+
+#[test]
+fn retention_prunes_the_oldest_ended_testruns_past_the_size_limit() {
+    let mut lab = Lab::new();
+    // Keep at most one run's worth (each has an r.xml of PASSING).
+    lab.s.cfg.retention_bytes = PASSING.len() as u64 + 10;
+    lab.register("w", "devicegroup:g");
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+        let task = lab.status(&run).tasks[0].task.clone();
+        let dispatched = lab.tick();
+        let seq = dispatched.iter().find_map(|o| match o {
+            Output::Send {
+                header,
+                body: Body::Dispatch { .. },
+                ..
+            } => Some(header.seq),
+            _ => None,
+        });
+        if let Some(seq) = seq {
+            lab.from("w", Body::Ack { seq });
+        }
+        lab.complete("w", &task, 0, Some(PASSING));
+        lab.from("w", Body::Ready);
+        assert_eq!(lab.status(&run).verdict, Some(Verdict::Pass));
+        runs.push((run, task));
+    }
+    lab.tick();
+    let first = lab.status(&runs[0].0);
+    let pruned = first.pruned.expect("the older run is pruned");
+    assert!(pruned.reason.contains("retention.max_bytes"), "{pruned:?}");
+    assert!(first.tasks[0].files.is_empty());
+    assert!(!lab.dir.path().join("tasks").join(&runs[0].1).exists());
+    // The newer one fits and stays, files and all.
+    let second = lab.status(&runs[1].0);
+    assert!(second.pruned.is_none());
+    assert_eq!(second.tasks[0].files.len(), 1);
+    assert!(lab
+        .dir
+        .path()
+        .join("tasks")
+        .join(&runs[1].1)
+        .join("files/r.xml")
+        .exists());
+    assert_eq!(lab.s.counters()["runs_pruned"], 1);
+    // Past the age limit, the newer one goes too.
+    lab.s.cfg.retention_age = Duration::from_secs(3600);
+    lab.advance(Duration::from_secs(3601));
+    lab.from("w", Body::Heartbeat);
+    lab.tick();
+    let second = lab.status(&runs[1].0);
+    assert!(second
+        .pruned
+        .expect("pruned by age")
+        .reason
+        .contains("max_age_hours"));
 }

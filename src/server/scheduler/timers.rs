@@ -64,6 +64,7 @@ impl<S: Store> Scheduler<S> {
     pub fn on_tick(&mut self, now: Instant) {
         self.latest = self.latest.max(now);
         self.heartbeat(now);
+        self.apply_retention(now);
         // If this server was not scheduled for a while (SIGSTOP, overload),
         // the silence was ours: do not blame the workers for it.
         if let Some(last) = self.last_tick {

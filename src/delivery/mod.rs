@@ -30,7 +30,9 @@ pub enum Policy {
 pub struct DeliveryPolicy {
     /// task accepted/refused, final report.
     pub control: Policy,
-    /// result file chunks.
+    /// result file uploads: `retry` offers again until stored, `give-up`
+    /// stops after `give_up_after_ms`, `guarantee-nothing` takes one go
+    /// (a file not delivered is named in the report, and judged ERROR).
     pub file: Policy,
     /// log line batches.
     pub log: Policy,

@@ -957,3 +957,32 @@ fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_t
         .collect();
     assert_eq!(seqs, vec![1, 2]);
 }
+
+#[test]
+fn under_give_up_an_upload_the_server_never_takes_ends_as_a_named_problem() {
+    let mut w = W::new();
+    w.s.cfg.delivery.file = Policy::GiveUp;
+    w.s.cfg.delivery.give_up_after_ms = 2000;
+    w.finished_with_a_file(10);
+    let mut report = None;
+    for _ in 0..40 {
+        w.now += Duration::from_millis(100);
+        w.msg(Body::ServerHeartbeat {
+            server: "srv1".into(),
+            heartbeat_ms: 1000,
+            sent_ms: 0,
+        });
+        for a in w.s.on_tick(w.now) {
+            if let Action::Send {
+                body: Body::TaskFinished { file_problems, .. },
+                ..
+            } = a
+            {
+                report = Some(file_problems);
+            }
+        }
+    }
+    let problems = report.expect("the report went out without the file");
+    assert!(problems[0].reason.contains("give-up"), "{problems:?}");
+    assert_eq!(w.s.stats.given_up, 1);
+}

@@ -94,6 +94,8 @@ pub(super) struct Transfer {
     /// Bytes of the current file sent so far by this process (resends
     /// included): logged when it is stored.
     pub(super) sent: u64,
+    /// When the current file was first offered (the give-up policy).
+    pub(super) started: Option<Instant>,
 }
 
 impl Default for Transfer {
@@ -102,6 +104,7 @@ impl Default for Transfer {
             phase: Phase::Idle,
             epoch: 0,
             sent: 0,
+            started: None,
         }
     }
 }
@@ -149,6 +152,7 @@ impl Session {
                         at: now,
                         end: false,
                     };
+                    self.transfer.started.get_or_insert(now);
                     self.send(
                         now,
                         actions,
@@ -231,6 +235,7 @@ impl Session {
             phase: Phase::Idle,
             epoch: self.transfer.epoch + 1,
             sent: 0,
+            started: None,
         };
         self.advance_uploads(now, actions);
     }
@@ -513,8 +518,32 @@ impl Session {
                 now.saturating_duration_since(*heard) >= patience
             }
         };
+        let _ = (task, attempt);
+        // `[delivery] file`: retry (default) offers again for as long as it
+        // takes; give-up stops after give_up_after_ms; guarantee-nothing
+        // takes one go, and a stall or a lost connection ends it.
+        let policy = self.cfg.delivery.for_class(Class::File);
+        let give_up = Duration::from_millis(self.cfg.delivery.give_up_after_ms);
+        let started = self.transfer.started;
+        let failure = match policy {
+            Policy::GiveUp if started.is_some_and(|s| now.saturating_duration_since(s) >= give_up) => {
+                Some(format!(
+                    "given up {} ms after it was first offered (delivery.file = give-up)",
+                    give_up.as_millis()
+                ))
+            }
+            Policy::GuaranteeNothing if stalled && started.is_some() => Some(
+                "not delivered in one go: the transfer stalled or the connection was lost (delivery.file = guarantee-nothing)"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        if let Some(reason) = failure {
+            self.stats.given_up += 1;
+            self.finish_upload(now, i, UploadState::Failed { reason }, actions);
+            return;
+        }
         if stalled {
-            let _ = (task, attempt);
             self.transfer.phase = Phase::Idle;
             self.transfer.epoch += 1;
             self.advance_uploads(now, actions);

@@ -73,15 +73,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let (stop, stop_rx) = watch::channel(false);
-    let mut worker = tokio::spawn(ots::worker::run(cfg, stop_rx));
-    let result = tokio::select! {
-        r = &mut worker => r,
-        _ = ots::shutdown::requested() => {
-            let _ = stop.send(true);
-            worker.await
+    let (stop, stop_rx) = watch::channel(0u8);
+    let worker = tokio::spawn(ots::worker::run(cfg, stop_rx));
+    // The first SIGTERM/SIGINT stops gracefully (stop_policy), a second
+    // one at once.
+    tokio::spawn(async move {
+        let mut n = 0u8;
+        loop {
+            ots::shutdown::requested().await;
+            n = n.saturating_add(1);
+            if stop.send(n).is_err() {
+                return;
+            }
         }
-    };
+    });
+    let result = worker.await;
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {

@@ -494,6 +494,15 @@ impl Default for ConductorConfig {
     }
 }
 
+/// What a worker does with its running task when it is asked to stop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopPolicy {
+    #[default]
+    Finish,
+    Abort,
+}
+
 /// `ots-worker` configuration (`conf/worker.toml`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -540,6 +549,12 @@ pub struct WorkerConfig {
     /// Folders of finished tasks kept (for debugging) once their results
     /// are delivered; older ones are removed.
     pub keep_task_dirs: usize,
+    /// On SIGTERM: `finish` (default) lets the running task end and
+    /// delivers its results before exiting, at most `stop_timeout_ms`
+    /// (then it is stopped and reported interrupted); `abort` stops it at
+    /// once and reports it interrupted (the server re-queues it).
+    pub stop_policy: StopPolicy,
+    pub stop_timeout_ms: u64,
     pub conductor: ConductorConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
@@ -574,6 +589,8 @@ impl Default for WorkerConfig {
             file_chunk_bytes: 256 * 1024,
             file_window_bytes: 1024 * 1024,
             keep_task_dirs: 3,
+            stop_policy: StopPolicy::Finish,
+            stop_timeout_ms: 600_000,
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.key"),

@@ -4,7 +4,7 @@
 //! conductor. Nothing to install; everything is torn down afterwards.
 
 use crate::config::{ConductorConfig, ServerConfig, WorkerConfig};
-use crate::protocol::{DeviceSpec, WorkerState};
+use crate::protocol::DeviceSpec;
 use crate::server::{Server, ServerError, ServerHandle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -87,7 +87,7 @@ pub fn example_image() -> PathBuf {
 pub struct Lab {
     server: ServerHandle,
     workers: Vec<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<u8>,
     credentials: crate::security::Credentials,
     keys: PathBuf,
     dir: tempfile::TempDir,
@@ -120,7 +120,7 @@ impl Lab {
             ..ServerConfig::default()
         };
         let server = Server::start(server_cfg).await?;
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(0u8);
         let mut handles = Vec::new();
         for i in 1..=workers.max(1) {
             let mut device_text = format!("devicegroup:{}", device.devicegroup);
@@ -193,7 +193,7 @@ impl Lab {
             .await
             {
                 if let Ok(ws) = c.workers().await {
-                    if ws.iter().filter(|w| w.state != WorkerState::Lost).count() >= n {
+                    if ws.iter().filter(|w| !w.state.is_gone()).count() >= n {
                         return Ok(());
                     }
                 }
@@ -226,7 +226,7 @@ impl Lab {
 
     /// Stops workers and server and removes the temporary state.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(2);
         for w in self.workers {
             let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
         }

@@ -143,6 +143,12 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Put a drained worker back to work (operator, admin).
+    Undrain {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print the server's audit log: registrations, refusals, submits,
     /// cancels, drains, revocations (admin).
     Audit {
@@ -396,6 +402,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Cancel { run, conn } => cancel(&conn, &run).await,
         Command::Workers { conn } => workers(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
+        Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
         Command::Audit { conn } => audit(&conn).await,
         Command::Whoami { conn } => whoami(&conn).await,
         Command::Logs {

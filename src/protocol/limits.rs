@@ -436,6 +436,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
                 check_id(kind, "running", t)?;
             }
         }
+        Body::Bye { reason } => check_text(kind, "reason", reason, MAX_TEXT_BYTES)?,
         Body::Ready | Body::Heartbeat | Body::Ack { .. } => {
             if let Body::Ack { seq } = &env.body {
                 check_range(kind, "seq", *seq, 0..=MAX_SEQ)?;

@@ -350,6 +350,15 @@ pub enum WorkerState {
     Idle,
     Busy,
     Lost,
+    /// Said `bye`: stopped on purpose (SIGTERM, systemctl stop), not lost.
+    Stopped,
+}
+
+impl WorkerState {
+    /// Lost or stopped: not serving, not expected to speak.
+    pub fn is_gone(self) -> bool {
+        matches!(self, WorkerState::Lost | WorkerState::Stopped)
+    }
 }
 
 /// One progress event of a testrun; `index` counts from 0 per testrun so a
@@ -455,6 +464,13 @@ pub enum Body {
     Ready,
     /// The worker is alive and otherwise silent.
     Heartbeat,
+    /// The worker stops on purpose (its task, if any, is finished and
+    /// reported, or was stopped and reported interrupted): the server
+    /// records a clean stop, not a loss.
+    Bye {
+        #[serde(default)]
+        reason: String,
+    },
     /// The worker accepted a dispatch and started the conductor: the task's
     /// response channel is open.
     TaskAccepted {
@@ -811,6 +827,7 @@ impl Body {
             Body::Hello { .. } => "hello",
             Body::Ready => "ready",
             Body::Heartbeat => "heartbeat",
+            Body::Bye { .. } => "bye",
             Body::TaskAccepted { .. } => "task_accepted",
             Body::TaskRefused { .. } => "task_refused",
             Body::Log { .. } => "log",

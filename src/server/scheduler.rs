@@ -571,7 +571,7 @@ impl<S: Store> Scheduler<S> {
         self.touched_workers.insert(name.clone());
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
         worker.last_heard = now;
-        if worker.state == WorkerState::Lost {
+        if worker.state.is_gone() {
             worker.state = if worker.task.is_some() {
                 WorkerState::Busy
             } else {
@@ -631,6 +631,7 @@ impl<S: Store> Scheduler<S> {
         }
         match body {
             Body::Heartbeat => {}
+            Body::Bye { reason } => self.worker_stopped(now, &name, &reason),
             Body::Ack { seq } => {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.outbox.ack(seq);

@@ -143,11 +143,10 @@ fn reconnect_backoff(cfg: &WorkerConfig) -> ExponentialBackoff {
         .build()
 }
 
-/// Runs a worker until `shutdown` turns true.
-pub async fn run(
-    cfg: WorkerConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), WorkerError> {
+/// Runs a worker until `shutdown` says stop: 1 = gracefully, by
+/// `stop_policy` (no new task; the running one finished or stopped,
+/// delivered, then `bye`), 2 = at once.
+pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result<(), WorkerError> {
     cfg.validate()?;
     let device = cfg.device_props()?;
     let credentials = cfg.credentials()?;
@@ -243,6 +242,9 @@ pub async fn run(
     // Folders of tasks whose results were delivered, oldest first; kept
     // up to `keep_task_dirs` for debugging, then removed (off the loop).
     let mut finished_dirs: std::collections::VecDeque<PathBuf> = std::collections::VecDeque::new();
+    // Set on the first stop request: when to give up waiting for the
+    // running task (then: stop it), and when to leave regardless.
+    let mut stop_deadline: Option<(Instant, bool)> = None;
     let mut refused: Option<(ErrorCode, String)> = None;
     // A rogue server cannot flood the worker's log either.
     let mut noise = crate::logging::Throttle::new(Duration::from_secs(10), 20);
@@ -362,10 +364,21 @@ pub async fn run(
                 }
             }
             _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    break;
+                let requested = *shutdown.borrow();
+                match requested {
+                    0 => Vec::new(),
+                    1 if stop_deadline.is_none() => {
+                        let abort = cfg.stop_policy == crate::config::StopPolicy::Abort;
+                        info!(policy = ?cfg.stop_policy, timeout_ms = cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
+                        stop_deadline = Some((Instant::now() + Duration::from_millis(cfg.stop_timeout_ms), abort));
+                        session.begin_stop(abort)
+                    }
+                    1 => Vec::new(),
+                    _ => {
+                        warn!("stop requested again: stopping at once");
+                        break;
+                    }
                 }
-                Vec::new()
             }
         };
         // What the actions are about to announce (acks, accepted tasks) is
@@ -499,6 +512,47 @@ pub async fn run(
             }
         }
         running.retain(|_, (_, runner)| !runner.is_finished());
+        if let Some((deadline, escalated)) = stop_deadline {
+            if session.stop_complete() {
+                let reason = "stopped (SIGTERM) with nothing left to deliver";
+                for action in session.bye(Instant::now(), reason) {
+                    if let (Action::Send { header, body, raw }, Some(c)) = (action, conn.as_mut()) {
+                        let mut frames = protocol::encode(&header, &body, raw);
+                        if let Some(channel) = c.channel.as_mut() {
+                            frames = channel.seal(&frames);
+                        }
+                        let _ = transport::send_bounded(
+                            &mut c.dealer,
+                            to_message(frames),
+                            send_timeout,
+                        )
+                        .await;
+                    }
+                }
+                info!("said bye to the server");
+                break;
+            }
+            if Instant::now() >= deadline {
+                if escalated {
+                    warn!("stop: what remains could not be delivered in time; it stays in worker.db for the next start");
+                    break;
+                }
+                warn!(
+                    timeout_ms = cfg.stop_timeout_ms,
+                    "stop: the running task did not end within stop_timeout_ms; stopping it"
+                );
+                let grace =
+                    Duration::from_millis(cfg.conductor.kill_grace_ms) + Duration::from_secs(10);
+                stop_deadline = Some((Instant::now() + grace, true));
+                for action in session.begin_stop(true) {
+                    if let Action::StopTask(task) = action {
+                        if let Some((stop, _)) = running.get(&task) {
+                            let _ = stop.send(Stop::Cancel);
+                        }
+                    }
+                }
+            }
+        }
     }
     if let Some((code, message)) = &refused {
         if *code == ErrorCode::Forbidden {

@@ -159,6 +159,9 @@ struct Slot {
     /// Set while result files are uploaded: the report waits for them.
     report: Option<PendingReport>,
     uploads: Vec<Upload>,
+    /// Stopped because the worker is stopping with `stop_policy = abort`
+    /// (or its finish bound passed): reported as interrupted.
+    stopped_for_exit: bool,
 }
 
 /// Counters shown in the worker's log and useful to tests.
@@ -217,6 +220,9 @@ pub struct Session {
     clock: ClockOffset,
     /// The result file upload in progress, on this connection.
     transfer: uploads::Transfer,
+    /// The worker was asked to stop: no new tasks, the current one is
+    /// finished (or stopped) and delivered, then `bye`.
+    stopping: bool,
 }
 
 /// When a message came off the socket, by both of the worker's clocks.
@@ -305,6 +311,7 @@ impl Session {
             unreliable: VecDeque::new(),
             clock: ClockOffset::default(),
             transfer: uploads::Transfer::default(),
+            stopping: false,
         }
     }
 
@@ -370,6 +377,7 @@ impl Session {
             finished: slot.finished,
             report: slot.report,
             uploads: slot.uploads,
+            stopped_for_exit: false,
         });
         (s, interrupted)
     }
@@ -422,6 +430,48 @@ impl Session {
             self.stats.log_lines_dropped += lines.len() as u64;
             *self.dropped_per_task.entry(task.clone()).or_default() += lines.len() as u64;
         }
+    }
+
+    /// The worker was asked to stop (SIGTERM): it takes no new task; with
+    /// `abort` its running conductor is stopped and reported interrupted,
+    /// otherwise it runs to its end and is delivered. Calling it again
+    /// with `abort` escalates.
+    pub fn begin_stop(&mut self, abort: bool) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.stopping = true;
+        if abort {
+            if let Some(slot) = self.slot.as_mut().filter(|s| !s.finished) {
+                if !slot.stopped_for_exit {
+                    slot.stopped_for_exit = true;
+                    warn!(task = %slot.spec.task, "worker stopping: stopping the running conductor; the task is reported interrupted");
+                    actions.push(Action::StopTask(slot.spec.task.clone()));
+                }
+            }
+        }
+        actions
+    }
+
+    /// Stopping, and nothing left to deliver: time for `bye`.
+    pub fn stop_complete(&self) -> bool {
+        self.stopping && self.slot.is_none() && self.outbox.is_empty()
+    }
+
+    /// Tells the server this worker stops on purpose.
+    pub fn bye(&mut self, now: Instant, reason: &str) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if matches!(self.link, Link::Up { .. }) {
+            let body = Body::Bye {
+                reason: reason.to_string(),
+            };
+            self.send(
+                now,
+                &mut actions,
+                plain_header(Class::Control, None),
+                body,
+                None,
+            );
+        }
+        actions
     }
 
     /// The task the worker owns, if any.
@@ -688,6 +738,16 @@ impl Session {
     ) {
         let task = spec.task.clone();
         let attempt = spec.attempt;
+        if self.stopping && self.slot.is_none() {
+            // Stopping: no new task (a refusal uses no attempt).
+            let body = Body::TaskRefused {
+                task: task.clone(),
+                reason: RefuseReason::Busy,
+                message: format!("worker {} is stopping", self.name),
+            };
+            self.deliver(now, &task, attempt, body, None);
+            return;
+        }
         if let Some(slot) = &self.slot {
             if slot.spec.task == task && slot.spec.attempt == attempt {
                 return; // a resent dispatch we already accepted
@@ -747,6 +807,7 @@ impl Session {
             finished: false,
             report: None,
             uploads: Vec::new(),
+            stopped_for_exit: false,
         });
         self.ready_sent = false;
         actions.push(Action::StartTask(spec));
@@ -877,6 +938,13 @@ impl Session {
                 };
                 slot.finished = true;
                 let mut outcome = outcome;
+                if slot.stopped_for_exit {
+                    outcome.cancelled = false;
+                    outcome.interrupted = true;
+                    outcome.failure = Some(
+                        "interrupted: the worker was stopped (stop_policy = abort, or its stop_timeout passed)".into(),
+                    );
+                }
                 if slot.aborted {
                     outcome.cancelled = false;
                     outcome.failure = Some(
@@ -962,7 +1030,7 @@ impl Session {
                 if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
                     // An idle worker repeats `ready` instead of `heartbeat`:
                     // a lost `ready` would otherwise leave it idle forever.
-                    let (class, body) = if self.slot.is_none() {
+                    let (class, body) = if self.slot.is_none() && !self.stopping {
                         (Class::Control, Body::Ready)
                     } else {
                         (Class::Heartbeat, Body::Heartbeat)

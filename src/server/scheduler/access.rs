@@ -372,7 +372,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(peer) = self.workers.get(&name).and_then(|w| w.peer.clone()) {
                 self.on_peer_closed(now, &peer);
             }
-            if self.workers[&name].state != WorkerState::Lost {
+            if !self.workers[&name].state.is_gone() {
                 self.worker_lost(now, &name, "its key is no longer allowed");
             }
             if let Some(task) = self.workers.get_mut(&name).and_then(|w| w.task.take()) {

@@ -36,7 +36,7 @@ impl<S: Store> Scheduler<S> {
         if w.peer.as_ref() == Some(peer) {
             w.peer = None;
         }
-        if w.state != WorkerState::Lost {
+        if !w.state.is_gone() {
             self.count("workers_lost_connection_closed", 1);
             self.worker_lost(now, &name, "its connection closed");
         }
@@ -67,7 +67,7 @@ impl<S: Store> Scheduler<S> {
         let liveness = self.cfg.heartbeat.saturating_mul(self.cfg.liveness);
         if let Some(w) = self.workers.get(&name) {
             let alive = w.peer.is_some()
-                && w.state != WorkerState::Lost
+                && !w.state.is_gone()
                 && now.saturating_duration_since(w.last_heard) <= liveness;
             if alive && w.session != session {
                 let registered = w.session.clone();
@@ -212,7 +212,7 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         let Some(peer) = w.peer.clone() else { return };
-        if w.state == WorkerState::Lost {
+        if w.state.is_gone() {
             return;
         }
         for o in w.outbox.due(now) {

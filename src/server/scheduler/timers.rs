@@ -98,7 +98,7 @@ impl<S: Store> Scheduler<S> {
                     let Some(w) = self.workers.get(&name) else {
                         continue;
                     };
-                    if w.state == WorkerState::Lost {
+                    if w.state.is_gone() {
                         continue;
                     }
                     if now.saturating_duration_since(w.last_heard) > limit {
@@ -225,6 +225,25 @@ impl<S: Store> Scheduler<S> {
             } else {
                 self.flush_worker(now, &name);
             }
+        }
+    }
+
+    /// The worker said `bye`: a clean stop, recorded as such. A task it
+    /// still holds (stopped without a report) is re-queued at once.
+    pub(super) fn worker_stopped(&mut self, now: Instant, name: &str, reason: &str) {
+        self.clear_ready(name);
+        self.touched_workers.insert(name.to_string());
+        self.count("workers_stopped", 1);
+        let w = self.workers.get_mut(name).expect("worker");
+        info!(worker = %name, %reason, "worker stopped cleanly (bye)");
+        w.state = WorkerState::Stopped;
+        if let Some(task) = w.task.take() {
+            self.pause_uploads(&task);
+            self.requeue_or_fail(
+                now,
+                &task,
+                format!("worker {name} stopped while running it ({reason})"),
+            );
         }
     }
 

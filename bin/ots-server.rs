@@ -23,6 +23,10 @@ struct Args {
     /// State directory (overrides `state_dir`).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Print the effective configuration, each value with where it came
+    /// from (default, file, env, flag), and exit: 0 if valid, 78 if not.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -34,6 +38,9 @@ enum Cmd {
         /// Path without extension, e.g. /etc/ots/server.
         base: PathBuf,
     },
+    /// Write the man page and shell completions under DIR (install step).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
 }
 
 /// sysexits EX_CONFIG.
@@ -43,7 +50,29 @@ const EXIT_UNAVAILABLE: u8 = 69;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    // A bad flag is a configuration error (78), which systemd does not
+    // restart (clap's own status, 2, it would).
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Cmd::GenDocs { dir }) = &args.command {
+        use clap::CommandFactory;
+        return match ots::docs::generate(Args::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ots-server: cannot write into {}: {e}", dir.display());
+                ExitCode::from(73)
+            }
+        };
+    }
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-server", base));
     }
@@ -55,6 +84,13 @@ async fn main() -> ExitCode {
         ("state_dir", args.state_dir.map(|p| p.display().to_string())),
     ];
     let cfg = match ServerConfig::load(args.config.as_deref(), &overrides) {
+        Ok(cfg) if args.check_config => {
+            let files: Vec<&std::path::Path> = args.config.as_deref().into_iter().collect();
+            for line in ots::config::explain(&cfg, "OTS_SERVER", &files, &overrides) {
+                println!("{line}");
+            }
+            return ExitCode::SUCCESS;
+        }
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("ots-server: configuration error: {e}");

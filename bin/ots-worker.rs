@@ -28,6 +28,14 @@ struct Args {
     /// State directory (overrides `state_dir`).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Per-instance configuration layered over --config, if it exists
+    /// (ots-worker@NAME: /etc/ots/worker.d/NAME.toml names its device).
+    #[arg(long)]
+    instance_config: Option<PathBuf>,
+    /// Print the effective configuration, each value with where it came
+    /// from (default, file, env, flag), and exit: 0 if valid, 78 if not.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -39,6 +47,9 @@ enum Cmd {
         /// Path without extension, e.g. /etc/ots/worker.
         base: PathBuf,
     },
+    /// Write the man page and shell completions under DIR (install step).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
 }
 
 /// sysexits EX_CONFIG.
@@ -53,7 +64,29 @@ const EXIT_NAME_IN_USE: u8 = 75;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    // A bad flag is a configuration error (78), which systemd does not
+    // restart (clap's own status, 2, it would).
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Cmd::GenDocs { dir }) = &args.command {
+        use clap::CommandFactory;
+        return match ots::docs::generate(Args::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ots-worker: cannot write into {}: {e}", dir.display());
+                ExitCode::from(73)
+            }
+        };
+    }
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-worker", base));
     }
@@ -66,7 +99,23 @@ async fn main() -> ExitCode {
         ("device", args.device),
         ("state_dir", args.state_dir.map(|p| p.display().to_string())),
     ];
-    let cfg = match WorkerConfig::load(args.config.as_deref(), &overrides) {
+    let cfg = match WorkerConfig::load_layered(
+        args.config.as_deref(),
+        args.instance_config.as_deref(),
+        &overrides,
+    ) {
+        Ok(cfg) if args.check_config => {
+            let files: Vec<&std::path::Path> = args
+                .config
+                .as_deref()
+                .into_iter()
+                .chain(args.instance_config.as_deref().filter(|p| p.exists()))
+                .collect();
+            for line in ots::config::explain(&cfg, "OTS_WORKER", &files, &overrides) {
+                println!("{line}");
+            }
+            return ExitCode::SUCCESS;
+        }
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("ots-worker: configuration error: {e}");

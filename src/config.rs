@@ -40,19 +40,141 @@ fn invalid(key: &'static str, value: impl ToString, reason: impl Into<String>) -
     }
 }
 
+/// Durations in configuration: a number in the key's unit (`_ms`, `_secs`,
+/// `_hours`) or a text such as `30s`, `5m`, `1h 30m`, `2d` (humantime).
+pub mod duration {
+    use serde::{de, Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+
+    fn parse<'de, D: Deserializer<'de>>(d: D, unit_ms: u64) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(t) => {
+                if let Ok(n) = t.trim().parse::<u64>() {
+                    return Ok(n);
+                }
+                let dur = humantime::parse_duration(t.trim()).map_err(|e| {
+                    de::Error::custom(format!(
+                        "{t:?} is not a duration ({e}); write e.g. 500ms, 30s, 5m, 1h 30m, 2d or a number"
+                    ))
+                })?;
+                let ms = u64::try_from(dur.as_millis()).unwrap_or(u64::MAX);
+                if ms % unit_ms != 0 {
+                    return Err(de::Error::custom(format!(
+                        "{t:?} is not a whole number of {}",
+                        match unit_ms {
+                            1000 => "seconds",
+                            3_600_000 => "hours",
+                            _ => "milliseconds",
+                        }
+                    )));
+                }
+                Ok(ms / unit_ms)
+            }
+        }
+    }
+
+    pub fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        parse(d, 1)
+    }
+
+    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        parse(d, 1000)
+    }
+
+    pub fn hours<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        parse(d, 3_600_000)
+    }
+}
+
+/// The effective configuration `cfg`, one `key = value  # source` line per
+/// setting, where source is the layer that set it: `default`, `file PATH`,
+/// `env NAME` or `flag`. What `--check-config` prints.
+pub fn explain<T: Serialize>(
+    cfg: &T,
+    prefix: &str,
+    files: &[&Path],
+    overrides: &[Override],
+) -> Vec<String> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut keys = Vec::new();
+    flatten(
+        "",
+        &serde_json::to_value(cfg).unwrap_or_default(),
+        &mut keys,
+    );
+    let layers: Vec<(String, config::Config)> = files
+        .iter()
+        .filter(|p| p.is_file())
+        .filter_map(|p| {
+            config::Config::builder()
+                .add_source(config::File::from(*p).format(config::FileFormat::Toml))
+                .build()
+                .ok()
+                .map(|c| (format!("file {}", p.display()), c))
+        })
+        .collect();
+    let env_prefix = format!("{prefix}_");
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, _)| {
+            let rest = k.strip_prefix(&env_prefix)?;
+            Some((rest.to_lowercase().replace("__", "."), k))
+        })
+        .collect();
+    keys.into_iter()
+        .map(|(key, value)| {
+            let source = if overrides.iter().any(|(k, v)| *k == key && v.is_some()) {
+                "flag".to_string()
+            } else if let Some((_, name)) = env.iter().find(|(k, _)| *k == key) {
+                format!("env {name}")
+            } else if let Some((name, _)) = layers
+                .iter()
+                .rev()
+                .find(|(_, c)| c.get::<config::Value>(&key).is_ok())
+            {
+                name.clone()
+            } else {
+                "default".to_string()
+            };
+            format!("{key} = {value}  # {source}")
+        })
+        .collect()
+}
+
 /// A flag given on the command line, applied over file and environment.
 pub type Override = (&'static str, Option<String>);
 
 fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
     prefix: &'static str,
-    file: Option<&Path>,
+    files: &[&Path],
     overrides: &[Override],
     list_keys: &[&str],
 ) -> Result<T, ConfigError> {
     let defaults = config::Config::try_from(&T::default())
         .map_err(|source| ConfigError::Layer { prefix, source })?;
     let mut builder = config::Config::builder().add_source(defaults);
-    if let Some(path) = file {
+    for path in files {
+        let path = *path;
         if !path.is_file() {
             return Err(ConfigError::File {
                 path: path.to_path_buf(),
@@ -126,18 +248,24 @@ pub struct ServerConfig {
     pub events: String,
     /// Where task logs and result files are kept.
     pub state_dir: PathBuf,
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub heartbeat_interval_ms: u64,
     /// A worker is lost after this many silent heartbeat intervals.
     pub liveness: u32,
     /// A dispatch not started within this is stale.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub dispatch_ttl_ms: u64,
     /// How long a lost worker's task is held for it.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub lost_grace_ms: u64,
     pub max_attempts: u32,
+    #[serde(deserialize_with = "crate::config::duration::secs")]
     pub queue_timeout_secs: u64,
+    #[serde(deserialize_with = "crate::config::duration::secs")]
     pub backstop_grace_secs: u64,
     /// A send to one peer that does not complete within this is dropped and
     /// counted, so one stuck peer cannot stall the server.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub send_timeout_ms: u64,
     /// Resend timing of the server's mandatory messages (dispatch, cancel).
     pub retry: RetryPolicy,
@@ -166,6 +294,7 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
+    #[serde(deserialize_with = "crate::config::duration::hours")]
     pub max_age_hours: u64,
     pub max_bytes: u64,
 }
@@ -206,9 +335,11 @@ pub struct ServerLimits {
     /// Also capped at start to fit the process's file descriptor limit.
     pub max_connections: usize,
     /// A connection must finish the ZMTP handshake within this.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub handshake_timeout_ms: u64,
     /// A control connection that sends nothing for this long is closed
     /// (workers heartbeat every second, clients poll every second).
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub idle_timeout_ms: u64,
     /// Messages queued to one peer; past it, sends to it are dropped and
     /// counted (`send_dropped_peer_busy`), never waited for.
@@ -364,7 +495,8 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Loads and validates: defaults, `file`, `OTS_SERVER_*`, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
-        let cfg: ServerConfig = load("OTS_SERVER", file, overrides, &["previous_keys"])?;
+        let files: Vec<&Path> = file.into_iter().collect();
+        let cfg: ServerConfig = load("OTS_SERVER", &files, overrides, &["previous_keys"])?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -467,6 +599,7 @@ pub struct ConductorConfig {
     /// Globs, relative to the task's results folder, of files to upload.
     pub result_globs: Vec<String>,
     /// Between TERM and KILL of the conductor's process group.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub kill_grace_ms: u64,
     /// Largest result file uploaded, and all result files of one task;
     /// larger ones are skipped with a line in the task's log.
@@ -517,13 +650,17 @@ pub struct WorkerConfig {
     pub device: String,
     /// Per-task working folders live here.
     pub state_dir: PathBuf,
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub heartbeat_interval_ms: u64,
     /// The server is lost after this many silent heartbeat intervals.
     pub liveness: u32,
     /// One connection attempt gives up after this long.
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub connect_timeout_ms: u64,
     /// Reconnect backoff: first delay, cap (randomized, exponential).
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub reconnect_min_ms: u64,
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub reconnect_max_ms: u64,
     /// Log lines kept while the server is unreachable (oldest dropped first).
     pub log_buffer_lines: usize,
@@ -531,6 +668,7 @@ pub struct WorkerConfig {
     /// rate: lines past it are dropped and reported as lost.
     pub log_buffer_bytes: usize,
     /// Log lines are sent in batches at most this old…
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub log_batch_ms: u64,
     /// …and at most this many lines.
     pub log_batch_lines: usize,
@@ -554,6 +692,7 @@ pub struct WorkerConfig {
     /// (then it is stopped and reported interrupted); `abort` stops it at
     /// once and reports it interrupted (the server re-queues it).
     pub stop_policy: StopPolicy,
+    #[serde(deserialize_with = "crate::config::duration::ms")]
     pub stop_timeout_ms: u64,
     pub conductor: ConductorConfig,
     /// `noise` (default) or `none` (must match the server).
@@ -602,9 +741,24 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     /// Loads and validates: defaults, `file`, `OTS_WORKER_*`, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
+        Self::load_layered(file, None, overrides)
+    }
+
+    /// Loads `file`, then the per-instance `instance` file over it (if it
+    /// exists: `/etc/ots/worker.d/NAME.toml` names one worker's device),
+    /// then `OTS_WORKER_*`, then `overrides`.
+    pub fn load_layered(
+        file: Option<&Path>,
+        instance: Option<&Path>,
+        overrides: &[Override],
+    ) -> Result<Self, ConfigError> {
+        let files: Vec<&Path> = file
+            .into_iter()
+            .chain(instance.filter(|p| p.exists()))
+            .collect();
         let mut cfg: WorkerConfig = load(
             "OTS_WORKER",
-            file,
+            &files,
             overrides,
             &["conductor.command", "conductor.result_globs"],
         )?;

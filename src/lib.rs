@@ -34,6 +34,7 @@
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod docs;
 pub mod durable;
 pub mod fatal;
 pub mod fleet;
@@ -43,5 +44,6 @@ pub mod protocol;
 pub mod security;
 pub mod server;
 pub mod shutdown;
+pub mod supervision;
 pub mod transport;
 pub mod worker;

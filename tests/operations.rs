@@ -217,3 +217,154 @@ fn a_server_stopped_with_sigterm_tells_its_workers_who_come_back_at_once() {
     );
     assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
 }
+
+/// What a systemd would receive on NOTIFY_SOCKET, as (datagram) lines.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// The next datagram within `limit`, if any.
+    fn next(&self, limit: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Waits for a datagram containing `needle`.
+    fn wait_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(m) = self.next(Duration::from_millis(200)) {
+                if m.contains(needle) {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn under_systemd_the_server_says_ready_pings_the_watchdog_from_its_loop_and_a_wedged_loop_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::new(dir.path());
+    let path = notify.path.to_str().unwrap().to_string();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[
+            FAST[0],
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("OTS_TEST_WEDGE_ON_SIGUSR1", "1"),
+        ],
+    );
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(10))
+        .expect("READY=1");
+    assert!(ready.contains("STATUS=serving"), "{ready}");
+    for _ in 0..3 {
+        assert!(notify
+            .wait_for("WATCHDOG=1", Duration::from_secs(2))
+            .is_some());
+    }
+    server.proc.signal(Signal::SIGUSR1);
+    assert!(server
+        .proc
+        .stderr
+        .wait_for("wedging the main loop", Duration::from_secs(5))
+        .is_some());
+    // Whatever was in flight drains; then silence, as systemd would see
+    // it before killing the process (WatchdogSec=1s here).
+    while notify.next(Duration::from_millis(300)).is_some() {}
+    assert!(
+        notify
+            .wait_for("WATCHDOG=1", Duration::from_millis(1500))
+            .is_none(),
+        "a wedged loop kept pinging"
+    );
+}
+
+#[test]
+fn check_config_shows_where_each_value_comes_from_and_refuses_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("worker.toml");
+    std::fs::write(
+        &base,
+        "name = \"w\"\ndevice = \"devicegroup:base\"\nheartbeat_interval_ms = \"2s\"\nsecurity = \"none\"\n[conductor]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let instance = dir.path().join("w.toml");
+    std::fs::write(
+        &instance,
+        "device = \"devicegroup:mine devicename:board\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(bin("ots-worker"));
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_bounded(cmd, LIMIT)
+    };
+    let o = run(
+        &[
+            "--config",
+            base.to_str().unwrap(),
+            "--instance-config",
+            instance.to_str().unwrap(),
+            "--check-config",
+        ],
+        &[("OTS_WORKER_LIVENESS", "5")],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let shown = text(&o.stdout);
+    assert!(
+        shown.contains(&format!(
+            "device = \"devicegroup:mine devicename:board\"  # file {}",
+            instance.display()
+        )),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("heartbeat_interval_ms = 2000  # file"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("liveness = 5  # env OTS_WORKER_LIVENESS"),
+        "{shown}"
+    );
+    assert!(shown.contains("log_batch_ms = 20  # default"), "{shown}");
+    // An unknown key: named, exit 78; a bad flag: 78 too (not clap's 2).
+    std::fs::write(&instance, "devise = \"typo\"\n").unwrap();
+    let o = run(
+        &[
+            "--config",
+            base.to_str().unwrap(),
+            "--instance-config",
+            instance.to_str().unwrap(),
+            "--check-config",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(78));
+    assert!(text(&o.stderr).contains("devise"), "{}", text(&o.stderr));
+    let o = run(&["--no-such-flag"], &[]);
+    assert_eq!(o.status.code(), Some(78));
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    cmd.args(["--check-config", "--control", "tcp://127.0.0.1:7000"]);
+    let o = run_bounded(cmd, LIMIT);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("control = \"tcp://127.0.0.1:7000\"  # flag"));
+}

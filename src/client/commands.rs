@@ -103,6 +103,9 @@ pub enum Command {
         /// Path without extension, e.g. ~/.config/ots/me.
         base: PathBuf,
     },
+    /// Write the man page and shell completions under DIR (install step).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
     /// Submit a testrun; prints its id (and, with --wait, its verdict).
     Run(RunArgs),
     /// Wait for a testrun submitted earlier; exit status as for `run --wait`.
@@ -390,6 +393,16 @@ pub async fn main(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Keygen { base } => {
             return i32::from(crate::security::keys::keygen_command("ots-submit", &base))
+        }
+        Command::GenDocs { dir } => {
+            use clap::CommandFactory;
+            return match crate::docs::generate(Cli::command(), &dir) {
+                Ok(()) => exit::PASS,
+                Err(e) => {
+                    eprintln!("ots-submit: cannot write into {}: {e}", dir.display());
+                    exit::IO
+                }
+            };
         }
         Command::Run(args) => return run(args).await,
         Command::Wait {

@@ -255,6 +255,9 @@ async fn serve(
     let mut refusals = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     let (handshake_jobs, mut handshakes_done) = spawn_handshake_thread();
     let (desk_jobs, mut desk_done) = desk;
+    // Sockets bound, state restored: ready. Pings come from this loop.
+    let mut supervisor = crate::supervision::Supervisor::new();
+    supervisor.ready(&scheduler.status_line());
     loop {
         tokio::select! {
             Some(msg) = inbound_rx.recv() => {
@@ -372,6 +375,7 @@ async fn serve(
             }
         }
         // Durable first, then the acknowledgements that say so.
+        supervisor.tick(Instant::now(), || scheduler.status_line());
         let changes = scheduler.take_changes();
         if let Err(e) = db.commit(&changes) {
             error!(error = %e, "storage error: cannot commit server state; stopping so that nothing is acknowledged that is not durable");
@@ -396,6 +400,7 @@ async fn serve(
         .await;
     }
     info!("server shutting down");
+    supervisor.stopping("shutting down: telling workers");
     let outputs = scheduler.shutdown_announcement();
     deliver(
         outputs,

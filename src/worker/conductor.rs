@@ -231,6 +231,11 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // systemd's notification socket and watchdog belong to ots-worker,
+    // not to what it runs.
+    for k in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        command.env_remove(k);
+    }
     for (k, v) in &run.env {
         command.env(k, v);
     }

@@ -239,6 +239,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
     let (read_tx, mut read_rx) = crate::worker::reader::spawn(&cfg.state_dir);
+    // State restored: ready. Pings come from this loop.
+    let mut supervisor = crate::supervision::Supervisor::new();
+    supervisor.ready(&session.status_line());
     // Folders of tasks whose results were delivered, oldest first; kept
     // up to `keep_task_dirs` for debugging, then removed (off the loop).
     let mut finished_dirs: std::collections::VecDeque<PathBuf> = std::collections::VecDeque::new();
@@ -371,6 +374,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         let abort = cfg.stop_policy == crate::config::StopPolicy::Abort;
                         info!(policy = ?cfg.stop_policy, timeout_ms = cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
                         stop_deadline = Some((Instant::now() + Duration::from_millis(cfg.stop_timeout_ms), abort));
+                        supervisor.stopping("stopping: finishing and delivering the running task");
                         session.begin_stop(abort)
                     }
                     1 => Vec::new(),
@@ -512,6 +516,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
             }
         }
         running.retain(|_, (_, runner)| !runner.is_finished());
+        supervisor.tick(Instant::now(), || session.status_line());
         if let Some((deadline, escalated)) = stop_deadline {
             if session.stop_complete() {
                 let reason = "stopped (SIGTERM) with nothing left to deliver";

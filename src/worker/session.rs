@@ -474,6 +474,25 @@ impl Session {
         actions
     }
 
+    /// One line for systemd's STATUS: the link and the task.
+    pub fn status_line(&self) -> String {
+        let link = match &self.link {
+            Link::Down => "server unreachable, reconnecting".to_string(),
+            Link::Registering { .. } => "registering with the server".to_string(),
+            Link::Up { .. } => "registered".to_string(),
+        };
+        let work = match &self.slot {
+            None if self.stopping => "stopping".to_string(),
+            None => "idle".to_string(),
+            Some(s) if !s.finished => format!("running task {}", s.spec.task),
+            Some(s) if s.report.is_some() => {
+                format!("uploading the results of task {}", s.spec.task)
+            }
+            Some(s) => format!("delivering the report of task {}", s.spec.task),
+        };
+        format!("{link}; {work}")
+    }
+
     /// The task the worker owns, if any.
     pub fn current_task(&self) -> Option<&TaskId> {
         self.slot.as_ref().map(|s| &s.spec.task)

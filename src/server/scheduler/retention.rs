@@ -13,6 +13,23 @@ use crate::server::files::FileJob;
 const PRUNE_PER_TICK: usize = 64;
 
 impl<S: Store> Scheduler<S> {
+    /// One line for systemd's STATUS: what the server is doing.
+    pub fn status_line(&self) -> String {
+        let queued: usize = self.queues.values().map(|q| q.len()).sum();
+        // Only the unfinished (and just finished) tasks: not the history.
+        let running = self
+            .active_tasks
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| matches!(t.state, TaskState::Running | TaskState::Dispatched))
+            .count();
+        format!(
+            "serving {} connected workers ({} known), {queued} tasks queued, {running} running",
+            self.peers.len(),
+            self.workers.len()
+        )
+    }
+
     /// The input files on disk at start (what submits may refer to).
     pub fn set_stored_inputs(&mut self, inputs: Vec<(String, u64)>) {
         for (sha, size) in inputs {

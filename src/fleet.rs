@@ -201,6 +201,7 @@ async fn worker(
         let mut monitor = socket.monitor();
         let (mut tx, mut rx) = socket.split();
         let hello = Body::Hello {
+            version: None,
             worker: name.clone(),
             session: session.clone(),
             device: DeviceProps::parse(&format!("devicegroup:fleet{}", i % 20)).unwrap(),

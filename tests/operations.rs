@@ -368,3 +368,114 @@ fn check_config_shows_where_each_value_comes_from_and_refuses_unknown_keys() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("control = \"tcp://127.0.0.1:7000\"  # flag"));
 }
+
+#[test]
+fn the_operators_view_lists_runs_queues_and_workers_and_streams_typed_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let conductor = script(
+        dir.path(),
+        "ok.sh",
+        "echo hello\necho '<testsuite><testcase name=\"v\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    // Streaming JSON Lines: every line one object with a type.
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--follow",
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut kinds = std::collections::BTreeSet::new();
+    for line in text(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        kinds.insert(
+            v["type"]
+                .as_str()
+                .expect("a type on every line")
+                .to_string(),
+        );
+    }
+    for k in ["submitted", "event", "log", "status"] {
+        assert!(kinds.contains(k), "{kinds:?}");
+    }
+    // Two testruns for a group nobody serves: queued, in order.
+    let a = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    let b = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    let q: serde_json::Value =
+        serde_json::from_slice(&submit(&server, &["queue", "--json"], LIMIT).stdout).unwrap();
+    let none = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == "none")
+        .expect("queue none");
+    assert_eq!(none["length"], 2);
+    assert_eq!(none["tasks"][0]["run"], a.as_str());
+    assert_eq!(none["tasks"][1]["position"], 2);
+    let shown = text(&submit(&server, &["queue"], LIMIT).stdout);
+    assert!(shown.starts_with("ROUTING KEY"), "{shown}");
+    let runs: serde_json::Value =
+        serde_json::from_slice(&submit(&server, &["runs", "--json"], LIMIT).stdout).unwrap();
+    let ids: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids[..2], [b.as_str(), a.as_str()], "newest first");
+    let queued: serde_json::Value = serde_json::from_slice(
+        &submit(&server, &["runs", "--state", "finished", "--json"], LIMIT).stdout,
+    )
+    .unwrap();
+    assert_eq!(queued.as_array().unwrap().len(), 1);
+    let shown = text(&submit(&server, &["runs"], LIMIT).stdout);
+    assert!(
+        shown.starts_with("RUN") && shown.contains("PASS"),
+        "{shown}"
+    );
+    let shown = text(&submit(&server, &["workers"], LIMIT).stdout);
+    assert!(shown.starts_with("NAME"), "{shown}");
+    assert!(shown.contains(env!("CARGO_PKG_VERSION")), "{shown}");
+}

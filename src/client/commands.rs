@@ -132,8 +132,28 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List the workers the server knows.
+    /// List the workers the server knows: state, task, last heard,
+    /// version, drained.
     Workers {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List recent testruns, newest first: state, verdict, owner, age.
+    Runs {
+        /// Only testruns in this state (queued, running, finished, cancelled).
+        #[arg(long)]
+        state: Option<RunStateArg>,
+        /// Only testruns of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// At most this many (1–1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show the queued tasks per routing key, with position and age.
+    Queue {
         #[command(flatten)]
         conn: Conn,
     },
@@ -414,6 +434,13 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Status { run, conn } => status(&conn, &run).await,
         Command::Cancel { run, conn } => cancel(&conn, &run).await,
         Command::Workers { conn } => workers(&conn).await,
+        Command::Runs {
+            state,
+            owner,
+            limit,
+            conn,
+        } => runs(&conn, state.map(RunStateArg::into), owner, limit).await,
+        Command::Queue { conn } => queue(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
         Command::Audit { conn } => audit(&conn).await,
@@ -541,7 +568,15 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
         }
         return exit::PASS;
     }
-    if !json {
+    if json {
+        println!(
+            "{}",
+            typed(
+                "submitted",
+                serde_json::json!({ "run": run, "tasks": tasks })
+            )
+        );
+    } else {
         println!("testrun {run} submitted: {} task(s)", tasks.len());
     }
     watch(
@@ -581,7 +616,10 @@ async fn watch(
     if json {
         println!(
             "{}",
-            serde_json::to_string(&status).expect("status serialises")
+            typed(
+                "status",
+                serde_json::to_value(&status).expect("status serialises")
+            )
         );
     } else {
         print_summary(&status);
@@ -600,12 +638,29 @@ async fn watch(
     verdict_exit(&status)
 }
 
+/// One JSON Lines record of the streaming commands (`run --wait`,
+/// `--follow`, `wait` with `--json`): `value`'s fields and `type` (one of
+/// `submitted`, `event`, `log`, `status`).
+fn typed(kind: &str, value: serde_json::Value) -> String {
+    let mut map = match value {
+        serde_json::Value::Object(m) => m,
+        other => {
+            let mut m = serde_json::Map::new();
+            m.insert("value".into(), other);
+            m
+        }
+    };
+    map.insert("type".into(), serde_json::Value::String(kind.to_string()));
+    serde_json::Value::Object(map).to_string()
+}
+
 fn print_item(item: &FollowItem, started: Instant, json: bool) {
     let t = started.elapsed().as_secs_f32();
     match item {
-        FollowItem::Event(e) if json => {
-            println!("{}", serde_json::to_string(e).expect("event serialises"))
-        }
+        FollowItem::Event(e) if json => println!(
+            "{}",
+            typed("event", serde_json::to_value(e).expect("event serialises"))
+        ),
         FollowItem::Event(e) => {
             let what = match e.state {
                 ProgressState::Queued => "queued".to_string(),
@@ -647,7 +702,10 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text })
+                        typed(
+                            "log",
+                            serde_json::json!({ "task": task, "seq": l.seq, "stream": l.stream, "text": l.text })
+                        )
                     );
                 } else {
                     println!("  {task} | {}", escape_controls(&l.text));
@@ -862,6 +920,120 @@ async fn whoami(conn: &Conn) -> Result<i32, ClientError> {
     Ok(exit::PASS)
 }
 
+/// `--state` of `runs`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RunStateArg {
+    Queued,
+    Running,
+    Finished,
+    Cancelled,
+}
+
+impl From<RunStateArg> for RunState {
+    fn from(a: RunStateArg) -> RunState {
+        match a {
+            RunStateArg::Queued => RunState::Queued,
+            RunStateArg::Running => RunState::Running,
+            RunStateArg::Finished => RunState::Finished,
+            RunStateArg::Cancelled => RunState::Cancelled,
+        }
+    }
+}
+
+/// "12s", "5m", "3h", "2d": how long ago, for people.
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::protocol::limits::unix_ms_now()
+}
+
+async fn runs(
+    conn: &Conn,
+    state: Option<RunState>,
+    owner: Option<String>,
+    limit: u32,
+) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let runs = client.runs(state, owner, limit).await?;
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("runs serialise")
+        );
+        return Ok(exit::PASS);
+    }
+    if runs.is_empty() {
+        println!("no testruns");
+        return Ok(exit::PASS);
+    }
+    println!(
+        "{:<8} {:<10} {:<8} {:<12} {:>5} {:>8}  DEVICE",
+        "RUN", "STATE", "VERDICT", "OWNER", "TASKS", "AGE"
+    );
+    let now = now_ms();
+    for r in runs {
+        println!(
+            "{:<8} {:<10} {:<8} {:<12} {:>5} {:>8}  {}",
+            r.run,
+            format!("{:?}", r.state).to_lowercase(),
+            r.verdict.map_or("-".to_string(), |v| v.to_string()),
+            escape_controls(r.owner.as_deref().unwrap_or("-")),
+            r.tasks,
+            if r.submitted_ms == 0 {
+                "?".to_string()
+            } else {
+                ago(now.saturating_sub(r.submitted_ms))
+            },
+            r.device
+        );
+    }
+    Ok(exit::PASS)
+}
+
+async fn queue(conn: &Conn) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let queues = client.queue().await?;
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queues).expect("queues serialise")
+        );
+        return Ok(exit::PASS);
+    }
+    if queues.is_empty() {
+        println!("nothing queued");
+        return Ok(exit::PASS);
+    }
+    println!(
+        "{:<24} {:>4} {:<14} {:<8} {:>8}",
+        "ROUTING KEY", "POS", "TASK", "RUN", "WAITING"
+    );
+    for q in queues {
+        for t in &q.tasks {
+            println!(
+                "{:<24} {:>4} {:<14} {:<8} {:>8}",
+                q.key,
+                t.position,
+                t.task,
+                t.run,
+                ago(t.age_ms)
+            );
+        }
+        if q.length > q.tasks.len() as u64 {
+            println!("{:<24} … {} more", q.key, q.length - q.tasks.len() as u64);
+        }
+    }
+    Ok(exit::PASS)
+}
+
 async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let workers = client.workers().await?;
@@ -873,18 +1045,20 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     } else if workers.is_empty() {
         println!("no workers registered");
     } else {
+        println!(
+            "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} DEVICE",
+            "NAME", "STATE", "DRAINED", "TASK", "LAST HEARD", "VERSION"
+        );
         for w in workers {
             println!(
-                "{:<20} {:<8} {:<40} task {:<14} last heard {} ms ago",
+                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {}",
                 w.name,
-                if w.drained {
-                    format!("{:?},drained", w.state).to_lowercase()
-                } else {
-                    format!("{:?}", w.state).to_lowercase()
-                },
-                w.device.to_string(),
+                format!("{:?}", w.state).to_lowercase(),
+                if w.drained { "yes" } else { "no" },
                 w.task.as_deref().unwrap_or("-"),
-                w.last_heard_ms_ago
+                format!("{} ago", ago(w.last_heard_ms_ago)),
+                escape_controls(w.version.as_deref().unwrap_or("-")),
+                w.device
             );
         }
     }

@@ -378,6 +378,33 @@ impl Client {
         }
     }
 
+    pub async fn runs(
+        &mut self,
+        state: Option<protocol::RunState>,
+        owner: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<protocol::RunSummary>, ClientError> {
+        match self
+            .request(|request| Body::ListRuns {
+                request,
+                state,
+                owner,
+                limit,
+            })
+            .await?
+        {
+            (Body::Runs { runs, .. }, _) => Ok(runs),
+            (other, _) => Err(unexpected("runs", &other)),
+        }
+    }
+
+    pub async fn queue(&mut self) -> Result<Vec<protocol::QueueInfo>, ClientError> {
+        match self.request(|request| Body::ListQueue { request }).await? {
+            (Body::Queue { queues, .. }, _) => Ok(queues),
+            (other, _) => Err(unexpected("queue", &other)),
+        }
+    }
+
     /// Reads a whole task log, or a result file when `file` is given.
     pub async fn read_all(
         &mut self,

@@ -421,7 +421,11 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             session,
             device,
             running,
+            version,
         } => {
+            if let Some(v) = version {
+                check_text(kind, "version", v, 64)?;
+            }
             check_id(kind, "worker", worker)?;
             check_id(kind, "session", session)?;
             check_device(kind, device)?;
@@ -612,7 +616,13 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
         }
         Body::Error { message, .. } => check_text(kind, "message", message, MAX_TEXT_BYTES)?,
-        Body::Ping { .. } | Body::ListWorkers { .. } => {}
+        Body::Ping { .. } | Body::ListWorkers { .. } | Body::ListQueue { .. } => {}
+        Body::ListRuns { owner, limit, .. } => {
+            if let Some(o) = owner {
+                check_id(kind, "owner", o)?;
+            }
+            check_range(kind, "limit", *limit, 1..=1000)?;
+        }
         Body::Submit { testrun, .. } => {
             check_device(
                 kind,
@@ -712,6 +722,8 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::Status { .. }
         | Body::Events { .. }
         | Body::Workers { .. }
+        | Body::Runs { .. }
+        | Body::Queue { .. }
         | Body::Data { .. }
         | Body::Progress { .. }
         | Body::LogLines { .. } => {}

@@ -341,6 +341,41 @@ pub struct WorkerInfo {
     /// Drained by an operator: finishes its task, takes no new one.
     #[serde(default)]
     pub drained: bool,
+    /// What the worker said it runs, in its hello.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// One testrun as `runs` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub run: RunId,
+    pub state: RunState,
+    pub verdict: Option<Verdict>,
+    pub owner: Option<String>,
+    pub device: DeviceSpec,
+    pub tasks: u32,
+    /// Unix ms (server clock); 0 if unknown (a testrun from before).
+    pub submitted_ms: u64,
+    pub ended_ms: Option<u64>,
+}
+
+/// The queued tasks of one routing key, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    pub key: String,
+    /// Queued tasks under the key in all (the list may be cut short).
+    pub length: u64,
+    pub tasks: Vec<QueuedTask>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedTask {
+    pub task: TaskId,
+    pub run: RunId,
+    /// 1 = next to be dispatched under this key.
+    pub position: u64,
+    pub age_ms: u64,
 }
 
 /// Worker state in the server's registry.
@@ -458,6 +493,9 @@ pub enum Body {
         device: DeviceProps,
         /// Tasks the worker is still running or still has results for.
         running: Vec<TaskId>,
+        /// The worker's software version (shown by `workers`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     /// The worker is idle and asks for one task; the server answers with a
     /// dispatch as soon as matching work exists.
@@ -656,6 +694,20 @@ pub enum Body {
         worker: String,
         drain: bool,
     },
+    /// Recent testruns, newest first (`limit` at most 1000), optionally of
+    /// one state or owner; a `submit` user sees only its own.
+    ListRuns {
+        request: u64,
+        #[serde(default)]
+        state: Option<RunState>,
+        #[serde(default)]
+        owner: Option<String>,
+        limit: u32,
+    },
+    /// The queued tasks per routing key.
+    ListQueue {
+        request: u64,
+    },
     /// Reads up to `max` bytes of the audit log from `offset` (admin).
     GetAudit {
         request: u64,
@@ -698,6 +750,16 @@ pub enum Body {
         have: u64,
         until: u64,
         resume: bool,
+    },
+    /// Answer to `list_runs`.
+    Runs {
+        request: u64,
+        runs: Vec<RunSummary>,
+    },
+    /// Answer to `list_queue`.
+    Queue {
+        request: u64,
+        queues: Vec<QueueInfo>,
     },
     /// The input file is stored and verified.
     InputStored {
@@ -798,6 +860,10 @@ impl Body {
             | Body::GetEvents { request, .. }
             | Body::CancelRun { request, .. }
             | Body::ListWorkers { request }
+            | Body::ListRuns { request, .. }
+            | Body::ListQueue { request }
+            | Body::Runs { request, .. }
+            | Body::Queue { request, .. }
             | Body::GetLog { request, .. }
             | Body::GetFile { request, .. }
             | Body::Follow { request, .. }
@@ -855,6 +921,10 @@ impl Body {
             Body::Follow { .. } => "follow",
             Body::DrainWorker { .. } => "drain_worker",
             Body::GetAudit { .. } => "get_audit",
+            Body::ListRuns { .. } => "list_runs",
+            Body::ListQueue { .. } => "list_queue",
+            Body::Runs { .. } => "runs",
+            Body::Queue { .. } => "queue",
             Body::InputOffer { .. } => "input_offer",
             Body::InputChunk { .. } => "input_chunk",
             Body::InputEnd { .. } => "input_end",

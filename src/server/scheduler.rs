@@ -240,7 +240,8 @@ struct Testrun {
     state: RunState,
     verdict: Option<Verdict>,
     events: Vec<ProgressEvent>,
-    /// When it ended (Unix ms, server clock), once it has.
+    /// When it was submitted and when it ended (Unix ms, server clock).
+    submitted_ms: u64,
     ended_ms: Option<u64>,
     /// What the retention policy removed, once it has.
     pruned: Option<Pruned>,
@@ -328,6 +329,8 @@ pub struct Scheduler<S: Store> {
     input_uploads: HashMap<String, uploads::InputUpload>,
     /// Input files stored, by SHA-256, with their sizes.
     stored_inputs: HashMap<String, u64>,
+    /// The software version each registered worker said it runs.
+    versions: HashMap<String, String>,
     /// Bytes of stored result files, and of files in transfer (as offered).
     stored_bytes: u64,
     uploading_bytes: u64,
@@ -397,6 +400,7 @@ impl<S: Store> Scheduler<S> {
             starved: VecDeque::new(),
             input_uploads: HashMap::new(),
             stored_inputs: HashMap::new(),
+            versions: HashMap::new(),
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
@@ -550,9 +554,17 @@ impl<S: Store> Scheduler<S> {
             session,
             device,
             running,
+            version,
         } = body
         {
+            let name = worker.clone();
             self.on_hello(now, peer, worker, session, device, running);
+            if self.peers.get(peer) == Some(&name) {
+                match version {
+                    Some(v) => self.versions.insert(name, v),
+                    None => self.versions.remove(&name),
+                };
+            }
             return;
         }
         let Some(name) = self.peers.get(peer).cloned() else {

@@ -537,6 +537,7 @@ impl Session {
             session: self.session_id.clone(),
             device: self.device.clone(),
             running: self.slot.iter().map(|s| s.spec.task.clone()).collect(),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
         };
         self.send(now, actions, plain_header(Class::Control, None), body, None);
     }

@@ -170,6 +170,14 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
+    /// The role of the user on `peer` (security on; none for workers).
+    pub(super) fn caller_role(&self, peer: &PeerId) -> Option<Role> {
+        match self.callers.get(peer).map(|c| &c.identity) {
+            Some(Identity::User { role, .. }) => Some(*role),
+            _ => None,
+        }
+    }
+
     /// The user who submits over `peer`, if security is on.
     pub(super) fn owner(&self, peer: &PeerId) -> Option<String> {
         self.callers
@@ -333,6 +341,7 @@ impl<S: Store> Scheduler<S> {
             task: w.task.clone(),
             last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis() as u64,
             drained: self.drained.contains(name),
+            version: self.versions.get(name).cloned(),
         }
     }
 

@@ -52,6 +52,8 @@ struct RunRow {
     verdict: Option<Verdict>,
     events: Vec<ProgressEvent>,
     #[serde(default)]
+    submitted_ms: u64,
+    #[serde(default)]
     ended_ms: Option<u64>,
     #[serde(default)]
     pruned: Option<Pruned>,
@@ -197,6 +199,7 @@ impl<S: Store> Scheduler<S> {
                 state: r.state,
                 verdict: r.verdict,
                 events: r.events.clone(),
+                submitted_ms: r.submitted_ms,
                 ended_ms: r.ended_ms,
                 pruned: r.pruned.clone(),
             };
@@ -361,6 +364,7 @@ impl<S: Store> Scheduler<S> {
                     state: row.state,
                     verdict: row.verdict,
                     events: row.events,
+                    submitted_ms: row.submitted_ms,
                     ended_ms: row.ended_ms,
                     pruned: row.pruned,
                 },

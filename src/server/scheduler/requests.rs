@@ -40,6 +40,26 @@ impl<S: Store> Scheduler<S> {
             Body::DrainWorker { worker, drain, .. } => {
                 self.drain(now, peer, request, &worker, drain)
             }
+            Body::ListRuns {
+                state,
+                owner,
+                limit,
+                ..
+            } => {
+                // A submit user sees its own testruns only.
+                let owner = match (self.cfg.secure, self.caller_role(peer)) {
+                    (true, Some(crate::security::Role::Submit)) => self.owner(peer),
+                    _ => owner,
+                };
+                Ok(Body::Runs {
+                    request,
+                    runs: self.list_runs(state, owner.as_deref(), limit),
+                })
+            }
+            Body::ListQueue { .. } => Ok(Body::Queue {
+                request,
+                queues: self.list_queue(now),
+            }),
             Body::GetAudit { offset, max, .. } => {
                 let read = self.store.read_audit(offset, max.min(MAX_READ_CHUNK));
                 self.send_data(peer, request, offset, read, ErrorCode::StorageFailed);
@@ -320,6 +340,7 @@ impl<S: Store> Scheduler<S> {
                 state: RunState::Queued,
                 verdict: None,
                 events: Vec::new(),
+                submitted_ms: self.wall_ms(now),
                 ended_ms: None,
                 pruned: None,
             },

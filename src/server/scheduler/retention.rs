@@ -13,6 +13,69 @@ use crate::server::files::FileJob;
 const PRUNE_PER_TICK: usize = 64;
 
 impl<S: Store> Scheduler<S> {
+    /// Testruns newest first, filtered; at most `limit`, looking at no
+    /// more than 10 000 (the newest) to find them.
+    pub(super) fn list_runs(
+        &self,
+        state: Option<RunState>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> Vec<RunSummary> {
+        let mut out = Vec::new();
+        let newest = self.next_run;
+        for n in (1..=newest).rev().take(10_000) {
+            if out.len() >= limit as usize {
+                break;
+            }
+            let id = format!("r{n}");
+            let Some(r) = self.runs.get(&id) else {
+                continue;
+            };
+            if state.is_some_and(|s| s != r.state)
+                || owner.is_some_and(|o| r.request.owner.as_deref() != Some(o))
+            {
+                continue;
+            }
+            out.push(RunSummary {
+                run: id,
+                state: r.state,
+                verdict: r.verdict,
+                owner: r.request.owner.clone(),
+                device: r.request.device.clone(),
+                tasks: r.tasks.len() as u32,
+                submitted_ms: r.submitted_ms,
+                ended_ms: r.ended_ms,
+            });
+        }
+        out
+    }
+
+    /// The queues, each with its first 1000 tasks.
+    pub(super) fn list_queue(&self, now: Instant) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(key, q)| QueueInfo {
+                key: key.clone(),
+                length: q.len() as u64,
+                tasks: q
+                    .iter()
+                    .take(1000)
+                    .enumerate()
+                    .filter_map(|(i, id)| {
+                        let t = self.tasks.get(id)?;
+                        Some(QueuedTask {
+                            task: id.clone(),
+                            run: t.run.clone(),
+                            position: i as u64 + 1,
+                            age_ms: now.saturating_duration_since(t.queued_at).as_millis() as u64,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// One line for systemd's STATUS: what the server is doing.
     pub fn status_line(&self) -> String {
         let queued: usize = self.queues.values().map(|q| q.len()).sum();

@@ -45,6 +45,7 @@ fn fleet(n: usize) -> (Scheduler<MemoryStore>, Vec<Bytes>, Instant) {
                 session: format!("s{i}"),
                 device: DeviceProps::parse(&format!("devicegroup:g{}", i % 10)).unwrap(),
                 running: vec![],
+                version: None,
             }),
         );
         s.on_message(now, &peer, env(Body::Ready));

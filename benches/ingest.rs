@@ -172,6 +172,7 @@ impl FakeWorker {
             session: format!("{name}-bench"),
             device: DeviceProps::parse("devicegroup:bench").unwrap(),
             running: vec![],
+            version: None,
         };
         w.send(&hello, false, 0, None).await;
         loop {

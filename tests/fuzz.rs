@@ -62,6 +62,7 @@ fn body() -> impl Strategy<Value = Body> {
             session: s,
             device: device(),
             running: vec![],
+            version: None,
         }),
         Just(Body::Ready),
         Just(Body::Heartbeat),
@@ -296,7 +297,7 @@ proptest! {
         let good = Bytes::from_static(b"good");
         s.on_message(now, &good, decode(encode(
             &Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None },
-            &Body::Hello { worker: "good".into(), session: "s".into(), device: device(), running: vec![] },
+            &Body::Hello { worker: "good".into(), session: "s".into(), device: device(), running: vec![], version: None },
             None,
         )).unwrap());
         s.take_outputs();

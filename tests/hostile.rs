@@ -713,6 +713,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                 session: "impostor".into(),
                 device: dev(),
                 running: vec![real_task.into()],
+                version: None,
             },
             None,
         ),
@@ -724,6 +725,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                 session: "s".into(),
                 device: dev(),
                 running: vec![],
+                version: None,
             },
             None,
         ),
@@ -1303,6 +1305,7 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
             session: "s1".into(),
             device: protocol::DeviceProps::parse("devicegroup:r").unwrap(),
             running: vec![],
+            version: None,
         },
         None,
     );

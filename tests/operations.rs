@@ -376,7 +376,8 @@ fn the_operators_view_lists_runs_queues_and_workers_and_streams_typed_json_lines
     let conductor = script(
         dir.path(),
         "ok.sh",
-        "echo hello\necho '<testsuite><testcase name=\"v\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+        // Lines over a second, so a follower that starts late still sees some live.
+        "for i in 1 2 3 4 5 6 7 8 9 10; do echo hello $i; sleep 0.1; done\necho '<testsuite><testcase name=\"v\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
     );
     let _w = start_worker(
         dir.path(),

@@ -181,6 +181,7 @@ impl Lab {
                 session: format!("{worker}-session"),
                 device: DeviceProps::parse(device).unwrap(),
                 running: vec![],
+                version: None,
             },
         );
         out.extend(self.from(worker, Body::Ready));
@@ -578,6 +579,7 @@ fn worker_back_within_grace_keeps_its_task() {
             session: "w1-session".into(),
             device: DeviceProps::parse("devicegroup:g").unwrap(),
             running: vec![task.clone()],
+            version: None,
         },
     );
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Running);
@@ -1194,6 +1196,7 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
             session: "w-session".into(),
             device: DeviceProps::parse("devicegroup:g").unwrap(),
             running: vec![first.clone()],
+            version: None,
         },
     );
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Running);
@@ -1425,6 +1428,7 @@ fn hello(worker: &str, session: &str) -> Body {
         session: session.into(),
         device: DeviceProps::parse("devicegroup:g").unwrap(),
         running: vec![],
+        version: None,
     }
 }
 

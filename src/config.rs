@@ -273,6 +273,9 @@ pub struct ServerConfig {
     pub limits: ServerLimits,
     /// How long ended testruns keep their result files and logs.
     pub retention: Retention,
+    /// `HOST:PORT` of the metrics endpoint (`GET /metrics`, Prometheus
+    /// text); empty: off.
+    pub metrics: String,
     /// `noise` (default): every peer authenticates with a key from the
     /// allow-lists, every frame is encrypted. `none`: plaintext and no
     /// identities, for a closed lab only (a warning at every start).
@@ -483,6 +486,7 @@ impl Default for ServerConfig {
             retry: RetryPolicy::default(),
             limits: ServerLimits::default(),
             retention: Retention::default(),
+            metrics: String::new(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/server.key"),
             previous_keys: Vec::new(),
@@ -503,6 +507,13 @@ impl ServerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_endpoint("control", &self.control)?;
+        if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics",
+                &self.metrics,
+                "must be HOST:PORT with a numeric address, e.g. 127.0.0.1:9464 (or empty: off)",
+            ));
+        }
         check_endpoint("events", &self.events)?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(

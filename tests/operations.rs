@@ -480,3 +480,73 @@ fn the_operators_view_lists_runs_queues_and_workers_and_streams_typed_json_lines
     assert!(shown.starts_with("NAME"), "{shown}");
     assert!(shown.contains(env!("CARGO_PKG_VERSION")), "{shown}");
 }
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(page: &str, prefix: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn the_metrics_endpoint_serves_counters_that_move_with_a_testrun() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[FAST[0], ("OTS_SERVER_METRICS", addr.as_str())],
+    );
+    let conductor = script(
+        dir.path(),
+        "ok.sh",
+        "echo one\necho two\necho '<testsuite><testcase name=\"m\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    let before = scrape(&addr);
+    assert!(before.contains("ots_workers{state=\"idle\"} 1"), "{before}");
+    assert!(
+        before.contains("# TYPE ots_state_commit_seconds histogram"),
+        "{before}"
+    );
+    let stored_before =
+        sample(&before, "ots_events_total{event=\"log_lines_stored\"}").unwrap_or(0.0);
+    let run = submit_gated(&server);
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let after = scrape(&addr);
+    let stored_after = sample(&after, "ots_events_total{event=\"log_lines_stored\"}").unwrap();
+    assert!(
+        stored_after >= stored_before + 3.0,
+        "{before}\n---\n{after}"
+    );
+    assert!(sample(&after, "ots_events_total{event=\"files_stored\"}").unwrap() >= 1.0);
+    // Anything but GET /metrics: 404, and the server goes on.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+}

@@ -11,6 +11,7 @@
 pub mod db;
 pub mod distribution;
 pub mod files;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod store;

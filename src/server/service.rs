@@ -46,6 +46,11 @@ pub enum ServerError {
     State(#[from] crate::server::db::StateError),
     #[error("security: {0}")]
     Security(#[from] crate::security::SecurityError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("state database {path}: {source}; restore a backup or move the state directory away")]
     Restore {
         path: PathBuf,
@@ -139,9 +144,23 @@ impl Server {
         })?;
         let mut scheduler = scheduler;
         scheduler.set_stored_inputs(crate::server::files::stored_inputs(&cfg.state_dir));
+        let scrapes = if cfg.metrics.is_empty() {
+            None
+        } else {
+            let listener = tokio::net::TcpListener::bind(&cfg.metrics)
+                .await
+                .map_err(|source| ServerError::Metrics {
+                    addr: cfg.metrics.clone(),
+                    source,
+                })?;
+            let (tx, rx) = mpsc::channel(8);
+            tokio::spawn(crate::server::metrics::serve(listener, tx));
+            Some(rx)
+        };
         info!(
             control = %sockets.control,
             events = %sockets.events,
+            metrics = %if cfg.metrics.is_empty() { "off" } else { cfg.metrics.as_str() },
             state_dir = %cfg.state_dir.display(),
             server = %incarnation,
             "server listening"
@@ -176,6 +195,7 @@ impl Server {
                 send_timeout,
                 inbound_queue: cfg.limits.inbound_queue,
                 idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
+                scrapes,
             },
             shutdown_rx,
         ));
@@ -195,6 +215,8 @@ struct Pace {
     send_timeout: Duration,
     inbound_queue: usize,
     idle_timeout: Duration,
+    /// Metrics scrapes waiting for a page (metrics endpoint on).
+    scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -216,7 +238,10 @@ async fn serve(
         send_timeout,
         inbound_queue,
         idle_timeout,
+        mut scrapes,
     } = pace;
+    let mut metrics = crate::server::metrics::Metrics::new();
+    let mut last_tick = Instant::now();
     let transport::ServerSockets {
         mut router,
         mut publisher,
@@ -317,6 +342,10 @@ async fn serve(
                     }
                 }
             }
+            Some(scrape) = async { scrapes.as_mut()?.recv().await }, if scrapes.is_some() => {
+                let page = metrics.render(scheduler.metrics_snapshot(Instant::now()));
+                let _ = scrape.send(page);
+            }
             Some(done) = desk_done.recv() => {
                 scheduler.on_file_done(Instant::now(), done);
                 // What else the desk finished: one commit for all of it.
@@ -358,6 +387,8 @@ async fn serve(
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
+                metrics.observe_tick_gap(now.saturating_duration_since(last_tick));
+                last_tick = now;
                 scheduler.on_tick(now);
                 let idle = activity.take_idle(now);
                 if !idle.is_empty() {
@@ -377,7 +408,12 @@ async fn serve(
         // Durable first, then the acknowledgements that say so.
         supervisor.tick(Instant::now(), || scheduler.status_line());
         let changes = scheduler.take_changes();
-        if let Err(e) = db.commit(&changes) {
+        let committing = Instant::now();
+        let committed = db.commit(&changes);
+        if !changes.is_empty() {
+            metrics.observe_commit(committing.elapsed());
+        }
+        if let Err(e) = committed {
             error!(error = %e, "storage error: cannot commit server state; stopping so that nothing is acknowledged that is not durable");
             std::process::exit(EXIT_STATE);
         }

@@ -76,6 +76,42 @@ impl<S: Store> Scheduler<S> {
             .collect()
     }
 
+    /// What a metrics scrape shows (called per scrape, not per message).
+    pub fn metrics_snapshot(&self, now: Instant) -> crate::server::metrics::Snapshot {
+        let mut workers_by_state = BTreeMap::new();
+        for w in self.workers.values() {
+            *workers_by_state
+                .entry(format!("{:?}", w.state).to_lowercase())
+                .or_insert(0u64) += 1;
+        }
+        let mut tasks_by_state = BTreeMap::new();
+        for t in self.active_tasks.iter().filter_map(|id| self.tasks.get(id)) {
+            *tasks_by_state
+                .entry(format!("{:?}", t.state).to_lowercase())
+                .or_insert(0u64) += 1;
+        }
+        let queues = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(key, q)| {
+                let age = q
+                    .front()
+                    .and_then(|id| self.tasks.get(id))
+                    .map_or(0.0, |t| {
+                        now.saturating_duration_since(t.queued_at).as_secs_f64()
+                    });
+                (key.clone(), q.len() as u64, age)
+            })
+            .collect();
+        crate::server::metrics::Snapshot {
+            workers_by_state,
+            tasks_by_state,
+            queues,
+            counters: self.counters.clone(),
+        }
+    }
+
     /// One line for systemd's STATUS: what the server is doing.
     pub fn status_line(&self) -> String {
         let queued: usize = self.queues.values().map(|q| q.len()).sum();

@@ -76,7 +76,6 @@ async fn main() -> ExitCode {
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-server", base));
     }
-    ots::logging::init("info");
     ots::fatal::exit_on_panic("ots-server");
     let overrides = [
         ("control", args.control),
@@ -97,6 +96,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    ots::logging::init(&cfg.log_level);
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e @ ots::server::ServerError::Security(_)) => {

@@ -90,7 +90,6 @@ async fn main() -> ExitCode {
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-worker", base));
     }
-    ots::logging::init("info");
     ots::fatal::exit_on_panic("ots-worker");
     let overrides = [
         ("name", args.name),
@@ -122,7 +121,35 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    ots::logging::init(&cfg.log_level);
     let (stop, stop_rx) = watch::channel(0u8);
+    // SIGHUP (systemctl reload): the configuration is read and checked
+    // again; a running worker applies it at its next start, and says
+    // which settings changed (or what is wrong with the new file).
+    let running_cfg = serde_json::to_value(&cfg).unwrap_or_default();
+    let (config, instance) = (args.config.clone(), args.instance_config.clone());
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match WorkerConfig::load_layered(config.as_deref(), instance.as_deref(), &overrides) {
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the configuration on disk is not valid; the running worker keeps its own — fix it before the next restart")
+                }
+                Ok(new) => {
+                    let new = serde_json::to_value(&new).unwrap_or_default();
+                    let changed = changed_keys("", &running_cfg, &new);
+                    if changed.is_empty() {
+                        tracing::info!("SIGHUP: configuration unchanged");
+                    } else {
+                        tracing::warn!(changed = %changed.join(", "), "SIGHUP: configuration valid; these settings change at the next restart (systemctl restart), none is applied to a running task");
+                    }
+                }
+            }
+        }
+    });
     let worker = tokio::spawn(ots::worker::run(cfg, stop_rx));
     // The first SIGTERM/SIGINT stops gracefully (stop_policy), a second
     // one at once.
@@ -157,5 +184,32 @@ async fn main() -> ExitCode {
             eprintln!("ots-worker: worker task failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Dotted keys whose values differ between two configurations.
+fn changed_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    changed_keys(
+                        &p,
+                        x.get(k).unwrap_or(&serde_json::Value::Null),
+                        y.get(k).unwrap_or(&serde_json::Value::Null),
+                    )
+                })
+                .collect()
+        }
+        _ if a == b => Vec::new(),
+        _ => vec![prefix.to_string()],
     }
 }

@@ -276,6 +276,9 @@ pub struct ServerConfig {
     /// `HOST:PORT` of the metrics endpoint (`GET /metrics`, Prometheus
     /// text); empty: off.
     pub metrics: String,
+    /// Log level (error, warn, info, debug, trace, or a filter such as
+    /// `ots=debug`); `RUST_LOG` overrides it.
+    pub log_level: String,
     /// `noise` (default): every peer authenticates with a key from the
     /// allow-lists, every frame is encrypted. `none`: plaintext and no
     /// identities, for a closed lab only (a warning at every start).
@@ -487,6 +490,7 @@ impl Default for ServerConfig {
             limits: ServerLimits::default(),
             retention: Retention::default(),
             metrics: String::new(),
+            log_level: "info".into(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/server.key"),
             previous_keys: Vec::new(),
@@ -705,6 +709,9 @@ pub struct WorkerConfig {
     pub stop_policy: StopPolicy,
     #[serde(deserialize_with = "crate::config::duration::ms")]
     pub stop_timeout_ms: u64,
+    /// Log level (error, warn, info, debug, trace, or a filter such as
+    /// `ots=debug`); `RUST_LOG` overrides it.
+    pub log_level: String,
     pub conductor: ConductorConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
@@ -741,6 +748,7 @@ impl Default for WorkerConfig {
             keep_task_dirs: 3,
             stop_policy: StopPolicy::Finish,
             stop_timeout_ms: 600_000,
+            log_level: "info".into(),
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.key"),

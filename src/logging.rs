@@ -1,17 +1,58 @@
-//! Log output of the binaries: one line per event on stderr, filter from
-//! `RUST_LOG` (e.g. `RUST_LOG=ots=debug`), or the binary's default.
+//! Log output of the binaries. On a terminal or in a file: one line per
+//! event on stderr (colours only on a terminal). Under systemd (stderr
+//! connected to the journal, `JOURNAL_STREAM` set): straight to journald,
+//! with the event's level as its priority and each field as a journal
+//! field (`TASK=`, `WORKER=`…), no timestamp of our own. The level comes
+//! from `RUST_LOG` (e.g. `RUST_LOG=ots=debug`), else the configuration's
+//! `log_level`, else the binary's default.
 
+use std::io::IsTerminal;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `default` applies without `RUST_LOG`.
 pub fn init(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier(binary_name()))
+                .try_init();
+            return;
+        }
+        // No journal socket after all: plain lines, journald stamps them.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+fn binary_name() -> String {
+    std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "ots".into())
 }
 
 /// Limits how many log lines a kind of peer-triggered event (a refused

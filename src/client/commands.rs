@@ -758,6 +758,22 @@ fn print_summary(status: &RunStatus) {
     println!("testrun {}: {verdict}", status.run);
 }
 
+/// "2026-11-26 13:47:14.123" (UTC) for a Unix time in ms.
+fn datetime(ms: u64) -> String {
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let days = (ms / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {}", clock(ms))
+}
+
 /// "14:03:07.412" (UTC) from Unix milliseconds.
 fn clock(ms: u64) -> String {
     let (secs, millis) = (ms / 1000, ms % 1000);
@@ -775,7 +791,11 @@ fn print_history(status: &RunStatus) {
         println!("history of {} (UTC):", t.task);
         for h in &t.history {
             let state = format!("{:?}", h.state).to_lowercase();
-            let mut line = format!("    {}  {state:<10} attempt {}", clock(h.at_ms), h.attempt);
+            let mut line = format!(
+                "    {}  {state:<10} attempt {}",
+                datetime(h.at_ms),
+                h.attempt
+            );
             if let Some(w) = &h.worker {
                 line.push_str(&format!("  worker {w}"));
             }
@@ -805,7 +825,7 @@ async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
         if let Some(p) = &status.pruned {
             println!(
                 "result files and logs pruned at {} UTC ({} bytes): {}",
-                clock(p.at_ms),
+                datetime(p.at_ms),
                 p.bytes,
                 escape_controls(&p.reason)
             );
@@ -1273,6 +1293,9 @@ mod tests {
     fn history_times_are_utc_clock_times() {
         assert_eq!(clock(0), "00:00:00.000");
         assert_eq!(clock(1_700_000_000_123), "22:13:20.123");
+        assert_eq!(datetime(1_700_000_000_123), "2023-11-14 22:13:20.123");
+        assert_eq!(datetime(0), "1970-01-01 00:00:00.000");
+        assert_eq!(datetime(951_782_400_000), "2000-02-29 00:00:00.000");
     }
 
     #[test]

@@ -53,6 +53,10 @@ fn python_deps() -> PathBuf {
 fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
     let deps = python_deps();
     let dir = tempfile::tempdir().unwrap();
+    // The worker's key is allow-listed before the server starts: it reads
+    // the list at start (a key added later is picked up within 250 ms,
+    // and this worker does not retry a refused handshake).
+    let worker_key = keys().worker("py1");
     let server = start_server(
         &dir.path().join("server"),
         "tcp://127.0.0.1:0",
@@ -60,7 +64,6 @@ fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
         &[],
     );
     let keys = server.keys.clone().expect("a secured server");
-    let worker_key = keys.worker("py1");
     let run = submit_run(
         &server,
         &[

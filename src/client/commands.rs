@@ -298,26 +298,13 @@ pub fn parse_task_timeout(text: &str) -> Result<Duration, String> {
 /// that do not fit (no overflow, whatever is typed).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (num, unit) = text.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m or 2h (or too large)"))?;
-    let too_large = || format!("{text:?} is too large");
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
-        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
-            ))
-        }
-    };
-    Ok(d)
+    // A bare number is seconds; anything else as humantime reads it
+    // (250ms, 90s, 30m, 2h, 1h 30m, 2d).
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 90s, 30m, 2h or 1h 30m ({e})"))
 }
 
 /// Shows control characters (other than tab and newline) escaped, so that
@@ -1304,7 +1291,8 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
         assert!(parse_duration("9999999999999999h").is_err());
         assert!(parse_duration("18446744073709551616s").is_err());
     }

@@ -712,6 +712,8 @@ pub struct WorkerConfig {
     /// Log level (error, warn, info, debug, trace, or a filter such as
     /// `ots=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// The device's serial console (`[serial]`; off without `port`).
+    pub serial: crate::worker::console::SerialConfig,
     pub conductor: ConductorConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
@@ -749,6 +751,7 @@ impl Default for WorkerConfig {
             stop_policy: StopPolicy::Finish,
             stop_timeout_ms: 600_000,
             log_level: "info".into(),
+            serial: Default::default(),
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.key"),
@@ -856,6 +859,9 @@ impl WorkerConfig {
                 "must be at least file_chunk_bytes and at most 64 MiB",
             ));
         }
+        self.serial
+            .validate()
+            .map_err(|reason| invalid("serial", &self.serial.port, reason))?;
         if self.conductor.command.is_empty() {
             return Err(invalid(
                 "conductor.command",

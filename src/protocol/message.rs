@@ -141,6 +141,8 @@ pub enum Stream {
     Stderr,
     /// Lines the worker itself writes into the task log.
     Worker,
+    /// The device's serial console, as the worker captured it.
+    Serial,
 }
 
 /// One log line; `seq` counts from 1 within a task.

@@ -64,6 +64,7 @@ fn prefix(stream: Stream) -> &'static str {
         Stream::Stdout => "",
         Stream::Stderr => "[stderr] ",
         Stream::Worker => "[ots-worker] ",
+        Stream::Serial => "[serial] ",
     }
 }
 

@@ -239,6 +239,20 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
 
     let (read_tx, mut read_rx) = crate::worker::reader::spawn(&cfg.state_dir);
+    // The device's console, read from now on (boot output included).
+    let console = if cfg.serial.port.is_empty() {
+        None
+    } else {
+        match crate::worker::console::Console::start(&cfg.serial, &cfg.state_dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                return Err(WorkerError::StateDir {
+                    path: cfg.state_dir.join("console"),
+                    source: e,
+                })
+            }
+        }
+    };
     // State restored: ready. Pings come from this loop.
     let mut supervisor = crate::supervision::Supervisor::new();
     supervisor.ready(&session.status_line());
@@ -468,6 +482,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                     let runner = tokio::spawn(run_task(
                         cfg.clone(),
                         credentials.clone(),
+                        console.clone(),
                         device.clone(),
                         spec,
                         task_tx.clone(),
@@ -814,9 +829,11 @@ fn attempt_dir(cfg: &WorkerConfig, task: &str, attempt: u32) -> PathBuf {
 
 /// Prepares a fresh working folder, runs the conductor, collects result
 /// files, and reports through the task's response channel.
+#[allow(clippy::too_many_arguments)]
 async fn run_task(
     cfg: WorkerConfig,
     credentials: Credentials,
+    console: Option<crate::worker::console::Console>,
     device: crate::protocol::DeviceProps,
     spec: TaskSpec,
     events: mpsc::UnboundedSender<TaskEvent>,
@@ -862,6 +879,100 @@ async fn run_task(
             Vec::new(),
         );
         return;
+    }
+    // The console: its record from `pre_task` ago goes into serial.log;
+    // its lines go to the task's log live; the testrun's console actions
+    // (`console.send`, `console.expect`) run before the conductor.
+    let console_since = crate::protocol::limits::unix_ms_now().saturating_sub(
+        console
+            .as_ref()
+            .map_or(0, |c| c.pre_task().as_millis() as u64),
+    );
+    let mut console_rx = console.as_ref().map(|c| c.tap());
+    let console_done = |channel: &mut ResponseChannel| {
+        if let Some(c) = &console {
+            let dropped = c.untap();
+            if dropped > 0 {
+                channel.log(
+                    Stream::Worker,
+                    format!("{dropped} console lines were not shown live (the task's serial.log has them)"),
+                );
+            }
+            let name = if results_dir.join("serial.log").exists() {
+                "ots-serial.log"
+            } else {
+                "serial.log"
+            };
+            if let Err(e) = c.extract(console_since, &results_dir.join(name)) {
+                channel.log(
+                    Stream::Worker,
+                    format!("cannot write the console record {name}: {e}"),
+                );
+            }
+        }
+    };
+    if let Some(c) = &console {
+        if let Err(why) = c.available() {
+            channel.log(
+                Stream::Worker,
+                format!("the device's console is unavailable: {why}"),
+            );
+        }
+        if let Some(text) = spec.options.get("console.send") {
+            c.send(crate::worker::console::unescape(text));
+        }
+    }
+    if let Some(pattern) = spec.options.get("console.expect") {
+        let limit = spec
+            .options
+            .get("console.expect_timeout")
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .unwrap_or(Duration::from_secs(60));
+        let seen = match console_rx.as_mut() {
+            None => Err("the worker has no console configured ([serial] port)".to_string()),
+            Some(rx) => {
+                let deadline = tokio::time::Instant::now() + limit;
+                let mut text = String::new();
+                loop {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(line)) => {
+                            let shown = crate::worker::console::escape(&line.bytes);
+                            text.push_str(&shown);
+                            if line.complete {
+                                text.push('\n');
+                            }
+                            channel.log_lines(Stream::Serial, std::iter::once(shown));
+                            if text.contains(pattern.as_str()) {
+                                break Ok(());
+                            }
+                            // Only the recent output matters for a match.
+                            if text.len() > 64 * 1024 {
+                                text.drain(..text.len() - 8 * 1024);
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            break Err(format!(
+                                "console: expected {pattern:?} within {}, not seen",
+                                humantime::format_duration(limit)
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(failure) = seen {
+            warn!(task = %spec.task, %failure, "task failed before the conductor started");
+            console_done(&mut channel);
+            let files = collect_results(&results_dir, &cfg.conductor, &mut channel);
+            channel.finish(
+                Outcome {
+                    failure: Some(failure),
+                    ..Outcome::default()
+                },
+                files,
+            );
+            return;
+        }
     }
     let ctx = TaskContext {
         spec: &spec,
@@ -914,10 +1025,21 @@ async fn run_task(
         pgid_file: Some(task_dir.join("conductor.pgid")),
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
-    while let Some((stream, texts)) = line_rx.recv().await {
-        // Delivery behind: wait here, so the conductor waits on its pipe.
-        channel.wait_for_room().await;
-        channel.log_lines(stream, texts.into_iter().map(|t| masker.mask(t)));
+    loop {
+        tokio::select! {
+            got = line_rx.recv() => match got {
+                Some((stream, texts)) => {
+                    // Delivery behind: wait here, so the conductor waits on its pipe.
+                    channel.wait_for_room().await;
+                    channel.log_lines(stream, texts.into_iter().map(|t| masker.mask(t)));
+                }
+                None => break,
+            },
+            Some(line) = async { console_rx.as_mut()?.recv().await }, if console_rx.is_some() => {
+                let shown = masker.mask(crate::worker::console::escape(&line.bytes));
+                channel.log_lines(Stream::Serial, std::iter::once(shown));
+            }
+        }
     }
     let outcome = match conductor.await {
         Ok(outcome) => outcome,
@@ -932,6 +1054,14 @@ async fn run_task(
     {
         warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
     }
+    // Live lines still queued, then the record of the task's window.
+    if let Some(rx) = console_rx.as_mut() {
+        while let Ok(line) = rx.try_recv() {
+            let shown = masker.mask(crate::worker::console::escape(&line.bytes));
+            channel.log_lines(Stream::Serial, std::iter::once(shown));
+        }
+    }
+    console_done(&mut channel);
     let files = collect_results(&results_dir, &cfg.conductor, &mut channel);
     channel.finish(outcome, files);
 }

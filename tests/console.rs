@@ -309,3 +309,48 @@ fn console_actions_send_at_start_and_a_pattern_never_seen_fails_the_task() {
     let st = wait_status(&server, &run, LIMIT, finished);
     assert_eq!(st["verdict"], "PASS", "{st:#}");
 }
+
+#[test]
+fn the_conductor_talks_to_the_device_through_the_re_exported_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let link = dir.path().join("console");
+    let mut dev = plug(&link);
+    let conductor = script(
+        dir.path(),
+        "talk.sh",
+        "exec 3<>\"$1\"\nprintf 'hello device\\r\\n' >&3\nIFS= read -r -t 20 line <&3\necho \"conductor got: $line\"\necho '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:c",
+        &server,
+        &[conductor.to_str().unwrap(), "{console}"],
+        &[("OTS_WORKER_SERIAL__PORT", link.to_str().unwrap())],
+    );
+    assert!(w.stderr.wait_for("console open", LIMIT).is_some());
+    let run = submit_on(&server, &[]);
+    // The device hears the conductor…
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    dev.master.set_timeout(Duration::from_secs(20)).unwrap();
+    while !got.ends_with(b"hello device\r\n") {
+        let n = std::io::Read::read(&mut dev.master, &mut buf).expect("the conductor wrote");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // …and the conductor hears the device.
+    dev.master.write_all(b"device answers\n").unwrap();
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let logs = text(&submit(&server, &["logs", &run], LIMIT).stdout);
+    assert!(logs.contains("conductor got: device answers"), "{logs}");
+    let record = String::from_utf8_lossy(&fetch_serial_log(&server, &run, dir.path())).into_owned();
+    assert!(record.contains(" > hello device\r\n"), "{record}");
+    assert!(record.contains(" | device answers\n"), "{record}");
+}

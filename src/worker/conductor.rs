@@ -31,6 +31,8 @@ pub enum TemplateError {
     MissingSecret(String),
     #[error("{{packages...}} must be an argument of its own, not part of {0:?}")]
     SpreadNotAlone(String),
+    #[error("conductor.command uses {{console}}, but this worker has no console ([serial] port) or it could not be re-exported")]
+    NoConsole,
 }
 
 const PLACEHOLDERS: &[&str] = &[
@@ -38,6 +40,7 @@ const PLACEHOLDERS: &[&str] = &[
     "packages",
     "results_dir",
     "inputs_dir",
+    "console",
     "work_dir",
     "task_id",
     "run_id",
@@ -79,6 +82,9 @@ pub struct TaskContext<'a> {
     pub results_dir: &'a Path,
     /// The task's input files (empty folder if the testrun has none).
     pub inputs_dir: &'a Path,
+    /// The device's console re-exported for the conductor, if the worker
+    /// has one.
+    pub console: Option<&'a Path>,
 }
 
 /// Fills the argv template. Each template argument stays one argument
@@ -104,6 +110,10 @@ pub fn expand(template: &[String], ctx: &TaskContext) -> Result<Vec<String>, Tem
                 "packages" => ctx.spec.packages.join(","),
                 "results_dir" => ctx.results_dir.display().to_string(),
                 "inputs_dir" => ctx.inputs_dir.display().to_string(),
+                "console" => match ctx.console {
+                    Some(p) => p.display().to_string(),
+                    None => return Err(TemplateError::NoConsole),
+                },
                 "work_dir" => ctx.work_dir.display().to_string(),
                 "task_id" => ctx.spec.task.clone(),
                 "run_id" => ctx.spec.run.clone(),
@@ -506,6 +516,7 @@ mod tests {
             work_dir: Path::new("/w"),
             results_dir: Path::new("/w/results"),
             inputs_dir: Path::new("/w/inputs"),
+            console: None,
         };
         let t: Vec<String> = [
             "run",

@@ -242,6 +242,9 @@ struct Shared {
     tap_dropped: u64,
     /// Bytes to write to the device.
     outbox: VecDeque<Vec<u8>>,
+    /// The raw bytes from the device, for the conductor's re-exported
+    /// console while a task runs (dropped when it does not keep up).
+    export: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     available: Result<(), String>,
 }
 
@@ -263,6 +266,7 @@ impl Console {
                 tap: None,
                 tap_dropped: 0,
                 outbox: VecDeque::new(),
+                export: None,
                 available: Err("not opened yet".into()),
             })),
             cfg: cfg.clone(),
@@ -303,6 +307,52 @@ impl Console {
         let mut s = self.lock();
         s.tap = None;
         s.tap_dropped
+    }
+
+    /// Re-exports the console to the task's conductor on a fresh
+    /// pseudo-terminal: what the device says is copied to it, what the
+    /// conductor writes goes to the device (and into the record). Returns
+    /// its path (`{console}`); it lives until the returned guard drops.
+    pub fn export(&self) -> std::io::Result<(PathBuf, ExportGuard)> {
+        use serialport::SerialPort;
+        let (mut master, slave) = serialport::TTYPort::pair().map_err(std::io::Error::other)?;
+        let path = PathBuf::from(
+            slave
+                .name()
+                .ok_or_else(|| std::io::Error::other("pty without a name"))?,
+        );
+        master
+            .set_timeout(Duration::from_millis(50))
+            .map_err(std::io::Error::other)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1024);
+        self.lock().export = Some(tx);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (console, flag) = (self.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("ots-console-export".into())
+            .spawn(move || {
+                let _slave = slave; // kept open: the master never sees a hangup
+                let mut buf = vec![0u8; 16 * 1024];
+                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    while let Ok(bytes) = rx.try_recv() {
+                        if master.write_all(&bytes).is_err() {
+                            break;
+                        }
+                    }
+                    match master.read(&mut buf) {
+                        Ok(n) if n > 0 => console.send(buf[..n].to_vec()),
+                        _ => {}
+                    }
+                }
+            })?;
+        Ok((
+            path,
+            ExportGuard {
+                console: self.clone(),
+                stop,
+                thread: Some(thread),
+            },
+        ))
     }
 
     /// Queues bytes to write to the device (recorded as `>` records).
@@ -442,6 +492,9 @@ impl Console {
                     return "end of file (device closed)".into();
                 }
                 Ok(n) => {
+                    if let Some(export) = &self.lock().export {
+                        let _ = export.try_send(buf[..n].to_vec());
+                    }
                     for &b in &buf[..n] {
                         if b == b'\n' {
                             self.record_line(&std::mem::take(&mut pending), true);
@@ -467,6 +520,23 @@ impl Console {
                     return e.to_string();
                 }
             }
+        }
+    }
+}
+
+/// Ends a re-exported console when dropped (the task ended).
+pub struct ExportGuard {
+    console: Console,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        self.console.lock().export = None;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

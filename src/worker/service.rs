@@ -974,12 +974,32 @@ async fn run_task(
             return;
         }
     }
+    // The console for the conductor, on a pseudo-terminal of its own.
+    let export = match &console {
+        Some(c)
+            if cfg
+                .conductor
+                .command
+                .iter()
+                .any(|a| a.contains("{console}")) =>
+        {
+            match c.export() {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    channel.log(Stream::Worker, format!("cannot re-export the console: {e}"));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let ctx = TaskContext {
         spec: &spec,
         device: &device,
         work_dir: &work_dir,
         results_dir: &results_dir,
         inputs_dir: &inputs_dir,
+        console: export.as_ref().map(|(p, _)| p.as_path()),
     };
     let argv = match conductor::expand(&cfg.conductor.command, &ctx) {
         Ok(argv) => argv,
@@ -1017,6 +1037,12 @@ async fn run_task(
             ("OTS_RUN_ID".into(), spec.run.clone()),
             ("OTS_RESULTS_DIR".into(), results_dir.display().to_string()),
             ("OTS_INPUTS_DIR".into(), inputs_dir.display().to_string()),
+            (
+                "OTS_CONSOLE".into(),
+                export
+                    .as_ref()
+                    .map_or(String::new(), |(p, _)| p.display().to_string()),
+            ),
             ("OTS_WORK_DIR".into(), work_dir.display().to_string()),
         ]
         .into_iter()
@@ -1054,6 +1080,7 @@ async fn run_task(
     {
         warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
     }
+    drop(export);
     // Live lines still queued, then the record of the task's window.
     if let Some(rx) = console_rx.as_mut() {
         while let Ok(line) = rx.try_recv() {

@@ -197,6 +197,15 @@ fn an_unplugged_console_is_reopened_and_the_gap_marked() {
         .wait_for("console unavailable at start", LIMIT)
         .is_some());
     assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    // `workers` says so.
+    let console_is = |want: &'static str| {
+        move |ws: &[serde_json::Value]| {
+            ws.iter().any(|w| {
+                w["name"] == "w" && w["console"].as_str().is_some_and(|c| c.starts_with(want))
+            })
+        }
+    };
+    assert!(wait_for_workers(&server, LIMIT, console_is("unavailable")));
     let mut dev = plug(&link);
     let mark = w.stderr.len();
     assert!(
@@ -206,6 +215,7 @@ fn an_unplugged_console_is_reopened_and_the_gap_marked() {
         "{:?}",
         w.stderr.all()
     );
+    assert!(wait_for_workers(&server, LIMIT, console_is("ok")));
     let run = submit_on(&server, &[]);
     wait_status(&server, &run, LIMIT, running);
     dev.master.write_all(b"before the unplug\n").unwrap();

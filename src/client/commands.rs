@@ -1053,18 +1053,23 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
         println!("no workers registered");
     } else {
         println!(
-            "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} DEVICE",
-            "NAME", "STATE", "DRAINED", "TASK", "LAST HEARD", "VERSION"
+            "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} DEVICE",
+            "NAME", "STATE", "DRAINED", "TASK", "LAST HEARD", "VERSION", "CONSOLE"
         );
         for w in workers {
             println!(
-                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {}",
+                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} {}",
                 w.name,
                 format!("{:?}", w.state).to_lowercase(),
                 if w.drained { "yes" } else { "no" },
                 w.task.as_deref().unwrap_or("-"),
                 format!("{} ago", ago(w.last_heard_ms_ago)),
                 escape_controls(w.version.as_deref().unwrap_or("-")),
+                match w.console.as_deref() {
+                    None => "-".to_string(),
+                    Some("ok") => "ok".to_string(),
+                    Some(_) => "unavailable".to_string(),
+                },
                 w.device
             );
         }

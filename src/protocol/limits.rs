@@ -441,6 +441,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             }
         }
         Body::Bye { reason } => check_text(kind, "reason", reason, MAX_TEXT_BYTES)?,
+        Body::ConsoleStatus { status } => check_text(kind, "status", status, MAX_TEXT_BYTES)?,
         Body::Ready | Body::Heartbeat | Body::Ack { .. } => {
             if let Body::Ack { seq } = &env.body {
                 check_range(kind, "seq", *seq, 0..=MAX_SEQ)?;

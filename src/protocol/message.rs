@@ -346,6 +346,10 @@ pub struct WorkerInfo {
     /// What the worker said it runs, in its hello.
     #[serde(default)]
     pub version: Option<String>,
+    /// Its device's serial console: `ok`, or why it is unavailable; none
+    /// if the worker has no console configured.
+    #[serde(default)]
+    pub console: Option<String>,
 }
 
 /// One testrun as `runs` lists it.
@@ -504,6 +508,11 @@ pub enum Body {
     Ready,
     /// The worker is alive and otherwise silent.
     Heartbeat,
+    /// The state of the device's serial console changed (or is told at
+    /// registration): `ok`, or why it is unavailable. Shown by `workers`.
+    ConsoleStatus {
+        status: String,
+    },
     /// The worker stops on purpose (its task, if any, is finished and
     /// reported, or was stopped and reported interrupted): the server
     /// records a clean stop, not a loss.
@@ -896,6 +905,7 @@ impl Body {
             Body::Ready => "ready",
             Body::Heartbeat => "heartbeat",
             Body::Bye { .. } => "bye",
+            Body::ConsoleStatus { .. } => "console_status",
             Body::TaskAccepted { .. } => "task_accepted",
             Body::TaskRefused { .. } => "task_refused",
             Body::Log { .. } => "log",

@@ -331,6 +331,8 @@ pub struct Scheduler<S: Store> {
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
     versions: HashMap<String, String>,
+    /// What each worker last said about its device's console.
+    consoles: HashMap<String, String>,
     /// Bytes of stored result files, and of files in transfer (as offered).
     stored_bytes: u64,
     uploading_bytes: u64,
@@ -401,6 +403,7 @@ impl<S: Store> Scheduler<S> {
             input_uploads: HashMap::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
+            consoles: HashMap::new(),
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
@@ -644,6 +647,10 @@ impl<S: Store> Scheduler<S> {
         match body {
             Body::Heartbeat => {}
             Body::Bye { reason } => self.worker_stopped(now, &name, &reason),
+            Body::ConsoleStatus { status } => {
+                // Bounded: one entry per registered worker name.
+                self.consoles.insert(name.clone(), status);
+            }
             Body::Ack { seq } => {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.outbox.ack(seq);

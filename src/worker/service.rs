@@ -259,6 +259,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     // Folders of tasks whose results were delivered, oldest first; kept
     // up to `keep_task_dirs` for debugging, then removed (off the loop).
     let mut finished_dirs: std::collections::VecDeque<PathBuf> = std::collections::VecDeque::new();
+    let mut console_told: Option<String> = None;
     // Set on the first stop request: when to give up waiting for the
     // running task (then: stop it), and when to leave regardless.
     let mut stop_deadline: Option<(Instant, bool)> = None;
@@ -347,7 +348,24 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         timeout,
                     )));
                 }
-                session.on_tick(now)
+                let mut actions = session.on_tick(now);
+                // The console's state, told after each registration and
+                // whenever it changes (shown by `ots-submit workers`).
+                if let Some(c) = &console {
+                    if matches!(session.link(), Link::Up { .. }) {
+                        let status = match c.available() {
+                            Ok(()) => "ok".to_string(),
+                            Err(why) => format!("unavailable: {why}"),
+                        };
+                        if console_told.as_deref() != Some(status.as_str()) {
+                            actions.extend(session.console_status(now, &status));
+                            console_told = Some(status);
+                        }
+                    } else {
+                        console_told = None;
+                    }
+                }
+                actions
             }
             result = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
                 connecting = None;

@@ -456,6 +456,25 @@ impl Session {
         self.stopping && self.slot.is_none() && self.outbox.is_empty()
     }
 
+    /// Tells the server what its device's console is doing (`ok` or why
+    /// not); told again after each registration by the shell.
+    pub fn console_status(&mut self, now: Instant, status: &str) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if matches!(self.link, Link::Up { .. }) {
+            let body = Body::ConsoleStatus {
+                status: status.to_string(),
+            };
+            self.send(
+                now,
+                &mut actions,
+                plain_header(Class::Control, None),
+                body,
+                None,
+            );
+        }
+        actions
+    }
+
     /// Tells the server this worker stops on purpose.
     pub fn bye(&mut self, now: Instant, reason: &str) -> Vec<Action> {
         let mut actions = Vec::new();

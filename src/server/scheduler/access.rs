@@ -342,6 +342,7 @@ impl<S: Store> Scheduler<S> {
             last_heard_ms_ago: now.saturating_duration_since(w.last_heard).as_millis() as u64,
             drained: self.drained.contains(name),
             version: self.versions.get(name).cloned(),
+            console: self.consoles.get(name).cloned(),
         }
     }
 

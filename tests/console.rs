@@ -364,3 +364,39 @@ fn the_conductor_talks_to_the_device_through_the_re_exported_console() {
     assert!(record.contains(" > hello device\r\n"), "{record}");
     assert!(record.contains(" | device answers\n"), "{record}");
 }
+
+#[test]
+fn console_actions_can_come_from_the_worker_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &FAST,
+    );
+    let link = dir.path().join("console");
+    let _dev = plug(&link);
+    let (conductor, go) = gated(dir.path());
+    std::fs::write(&go, "").unwrap();
+    let w = start_worker(
+        dir.path(),
+        "w",
+        "devicegroup:c",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[
+            ("OTS_WORKER_SERIAL__PORT", link.to_str().unwrap()),
+            ("OTS_WORKER_SERIAL__EXPECT", "ready>"),
+            ("OTS_WORKER_SERIAL__EXPECT_TIMEOUT_MS", "1s"),
+        ],
+    );
+    assert!(w.stderr.wait_for("console open", LIMIT).is_some());
+    let run = submit_on(&server, &[]);
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "ERROR", "{st:#}");
+    let reason = st["tasks"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("console: expected \"ready>\" within 1s"),
+        "{reason}"
+    );
+}

@@ -695,7 +695,12 @@ fn print_item(item: &FollowItem, started: Instant, json: bool) {
                         )
                     );
                 } else {
-                    println!("  {task} | {}", escape_controls(&l.text));
+                    let source = match l.stream {
+                        crate::protocol::Stream::Serial => "[serial] ",
+                        crate::protocol::Stream::Stderr => "[stderr] ",
+                        _ => "",
+                    };
+                    println!("  {task} | {source}{}", escape_controls(&l.text));
                 }
             }
         }

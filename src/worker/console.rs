@@ -53,6 +53,14 @@ pub struct SerialConfig {
     /// serial.log (boot output of a just-flashed device).
     #[serde(deserialize_with = "crate::config::duration::ms")]
     pub pre_task_ms: u64,
+    /// Console actions for every task, unless the testrun's options
+    /// (`console.send`, `console.expect`, `console.expect_timeout`) say
+    /// otherwise: text to send at the task's start (`\r`, `\n`, `\xNN`),
+    /// and a text to wait for before the conductor runs.
+    pub send: String,
+    pub expect: String,
+    #[serde(deserialize_with = "crate::config::duration::ms")]
+    pub expect_timeout_ms: u64,
 }
 
 impl Default for SerialConfig {
@@ -66,6 +74,9 @@ impl Default for SerialConfig {
             flow_control: "none".into(),
             ring_bytes: 64 << 20,
             pre_task_ms: 60_000,
+            send: String::new(),
+            expect: String::new(),
+            expect_timeout_ms: 60_000,
         }
     }
 }
@@ -280,6 +291,15 @@ impl Console {
 
     pub fn pre_task(&self) -> Duration {
         Duration::from_millis(self.cfg.pre_task_ms)
+    }
+
+    /// The configured console actions: (send, expect, expect timeout).
+    pub fn actions(&self) -> (&str, &str, Duration) {
+        (
+            &self.cfg.send,
+            &self.cfg.expect,
+            Duration::from_millis(self.cfg.expect_timeout_ms),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {

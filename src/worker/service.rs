@@ -936,15 +936,28 @@ async fn run_task(
                 format!("the device's console is unavailable: {why}"),
             );
         }
-        if let Some(text) = spec.options.get("console.send") {
-            c.send(crate::worker::console::unescape(text));
+        let send = spec
+            .options
+            .get("console.send")
+            .map(String::as_str)
+            .unwrap_or(c.actions().0);
+        if !send.is_empty() {
+            c.send(crate::worker::console::unescape(send));
         }
     }
-    if let Some(pattern) = spec.options.get("console.expect") {
+    let configured = console.as_ref().map(|c| c.actions());
+    let expect = spec
+        .options
+        .get("console.expect")
+        .cloned()
+        .or_else(|| configured.map(|a| a.1.to_string()))
+        .filter(|p| !p.is_empty());
+    if let Some(pattern) = expect {
         let limit = spec
             .options
             .get("console.expect_timeout")
             .and_then(|t| humantime::parse_duration(t).ok())
+            .or(configured.map(|a| a.2))
             .unwrap_or(Duration::from_secs(60));
         let seen = match console_rx.as_mut() {
             None => Err("the worker has no console configured ([serial] port)".to_string()),

@@ -12,18 +12,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// Peak resident set size of a process (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn main() {
     let lines: u64 = std::env::var("OTS_BENCH_LINES")
         .ok()

@@ -64,28 +64,13 @@ const EXIT_NAME_IN_USE: u8 = 75;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // A bad flag is a configuration error (78), which systemd does not
-    // restart (clap's own status, 2, it would).
-    let args = match Args::try_parse() {
+    let args: Args = match ots::docs::parse_daemon_args() {
         Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     if let Some(Cmd::GenDocs { dir }) = &args.command {
         use clap::CommandFactory;
-        return match ots::docs::generate(Args::command(), dir) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ots-worker: cannot write into {}: {e}", dir.display());
-                ExitCode::from(73)
-            }
-        };
+        return ots::docs::gen_docs_command(Args::command(), dir);
     }
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-worker", base));

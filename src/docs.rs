@@ -5,6 +5,35 @@
 
 use std::path::Path;
 
+/// Parses a daemon's command line: `--help`/`--version` print and exit 0;
+/// a bad flag is a configuration error and exits 78 (EX_CONFIG), which
+/// systemd does not restart (clap's own status, 2, it would).
+pub fn parse_daemon_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    match T::try_parse() {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            let _ = e.print();
+            Err(if e.use_stderr() {
+                std::process::ExitCode::from(78)
+            } else {
+                std::process::ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// The hidden `gen-docs DIR` of a binary: writes its docs, exit status.
+pub fn gen_docs_command(cmd: clap::Command, dir: &Path) -> std::process::ExitCode {
+    let name = cmd.get_name().to_string();
+    match generate(cmd, dir) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: cannot write into {}: {e}", dir.display());
+            std::process::ExitCode::from(73)
+        }
+    }
+}
+
 /// Writes `DIR/man/man1/NAME.1` and `DIR/completions/{bash,zsh,fish}/…`.
 pub fn generate(mut cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     let name = cmd.get_name().to_string();

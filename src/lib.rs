@@ -32,6 +32,7 @@
 //!   process with its location logged, so systemd restarts it.
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod docs;

@@ -219,6 +219,14 @@ fn an_unplugged_console_is_reopened_and_the_gap_marked() {
     let run = submit_on(&server, &[]);
     wait_status(&server, &run, LIMIT, running);
     dev.master.write_all(b"before the unplug\n").unwrap();
+    // Unplugged only once the worker has it (a hangup discards what the
+    // tty has not handed over yet, like a real unplug).
+    let logs = || text(&submit(&server, &["logs", &run], LIMIT).stdout);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !logs().contains("before the unplug") {
+        assert!(std::time::Instant::now() < deadline, "{}", logs());
+        std::thread::sleep(Duration::from_millis(50)); // polling the stored log
+    }
     let mark = w.stderr.len();
     drop(dev);
     assert!(
@@ -237,7 +245,6 @@ fn an_unplugged_console_is_reopened_and_the_gap_marked() {
         w.stderr.all()
     );
     dev.master.write_all(b"after the replug\n").unwrap();
-    let logs = || text(&submit(&server, &["logs", &run], LIMIT).stdout);
     let deadline = std::time::Instant::now() + LIMIT;
     while !logs().contains("after the replug") {
         assert!(std::time::Instant::now() < deadline, "{}", logs());

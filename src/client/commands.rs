@@ -752,30 +752,7 @@ fn print_summary(status: &RunStatus) {
 
 /// "2026-11-26 13:47:14.123" (UTC) for a Unix time in ms.
 fn datetime(ms: u64) -> String {
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let days = (ms / 86_400_000) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {}", clock(ms))
-}
-
-/// "14:03:07.412" (UTC) from Unix milliseconds.
-fn clock(ms: u64) -> String {
-    let (secs, millis) = (ms / 1000, ms % 1000);
-    let day = secs % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}.{millis:03}",
-        day / 3600,
-        day % 3600 / 60,
-        day % 60
-    )
+    crate::clock::human(ms)
 }
 
 fn print_history(status: &RunStatus) {
@@ -1288,8 +1265,7 @@ mod tests {
 
     #[test]
     fn history_times_are_utc_clock_times() {
-        assert_eq!(clock(0), "00:00:00.000");
-        assert_eq!(clock(1_700_000_000_123), "22:13:20.123");
+        assert_eq!(crate::clock::time_of_day(1_700_000_000_123), "22:13:20.123");
         assert_eq!(datetime(1_700_000_000_123), "2023-11-14 22:13:20.123");
         assert_eq!(datetime(0), "1970-01-01 00:00:00.000");
         assert_eq!(datetime(951_782_400_000), "2000-02-29 00:00:00.000");

@@ -459,29 +459,25 @@ impl Session {
     /// Tells the server what its device's console is doing (`ok` or why
     /// not); told again after each registration by the shell.
     pub fn console_status(&mut self, now: Instant, status: &str) -> Vec<Action> {
-        let mut actions = Vec::new();
-        if matches!(self.link, Link::Up { .. }) {
-            let body = Body::ConsoleStatus {
-                status: status.to_string(),
-            };
-            self.send(
-                now,
-                &mut actions,
-                plain_header(Class::Control, None),
-                body,
-                None,
-            );
-        }
-        actions
+        let body = Body::ConsoleStatus {
+            status: status.to_string(),
+        };
+        self.send_now_if_up(now, body)
     }
 
     /// Tells the server this worker stops on purpose.
     pub fn bye(&mut self, now: Instant, reason: &str) -> Vec<Action> {
+        let body = Body::Bye {
+            reason: reason.to_string(),
+        };
+        self.send_now_if_up(now, body)
+    }
+
+    /// A control message sent at once if the server is reachable, else
+    /// not at all (the caller says it again when it matters).
+    fn send_now_if_up(&mut self, now: Instant, body: Body) -> Vec<Action> {
         let mut actions = Vec::new();
         if matches!(self.link, Link::Up { .. }) {
-            let body = Body::Bye {
-                reason: reason.to_string(),
-            };
             self.send(
                 now,
                 &mut actions,

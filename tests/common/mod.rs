@@ -840,3 +840,15 @@ pub fn assert_smoke_passes(server: &ServerProc, group: &str) {
         text(&out.stderr)
     );
 }
+
+/// Peak resident set size of a process (VmHWM), in KiB (benchmarks).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

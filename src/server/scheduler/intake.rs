@@ -295,10 +295,18 @@ impl<S: Store> Scheduler<S> {
             let w = self.workers.get_mut(worker).expect("worker");
             w.task = None;
             w.state = WorkerState::Idle;
-            let why = format!(
-                "worker {worker} restarted while running attempt {}",
-                self.tasks[task].attempts
-            );
+            // The worker says why (restarted, or stopped with
+            // stop_policy = abort); an older one only that it was.
+            let why = match &outcome.failure {
+                Some(f) => format!(
+                    "worker {worker}, attempt {}: {f}",
+                    self.tasks[task].attempts
+                ),
+                None => format!(
+                    "worker {worker} restarted while running attempt {}",
+                    self.tasks[task].attempts
+                ),
+            };
             self.requeue_or_fail(now, task, why);
             return;
         }

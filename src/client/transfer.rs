@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Bytes per read when downloading (the server's cap per `get_*`).
 pub const READ_BYTES: u64 = crate::protocol::limits::MAX_READ_BYTES;
@@ -87,7 +88,9 @@ impl Client {
                 Err(crate::transport::TransportError::PeerBusy)
                     if tokio::time::Instant::now() < deadline =>
                 {
-                    tokio::task::yield_now().await;
+                    // The queue drains into TCP; wait a moment rather
+                    // than spin on it.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err(_) => {
                     return Err(ClientError::Unreachable {
@@ -306,7 +309,7 @@ impl Client {
                     // The server has enough reads in flight: a short pause,
                     // then ask again (not a synchronisation).
                     again.push(offset);
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Body::Error { code, message, .. } => {
                     return Err(ClientError::Refused { code, message })

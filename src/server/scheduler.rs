@@ -706,6 +706,7 @@ mod requests;
 pub(super) mod retention;
 mod timers;
 mod uploads;
+mod views;
 pub use access::Caller;
 pub use persist::RestoreError;
 #[cfg(test)]

@@ -195,30 +195,39 @@ impl Ring {
         Ok(())
     }
 
-    /// The records stamped at or after `since` (text comparison of the
-    /// fixed-width stamps), oldest first, into `out`.
-    fn copy_since(&mut self, since: &str, out: &mut impl Write) -> std::io::Result<u64> {
+    /// The segment files, oldest first, everything appended so far on
+    /// disk: read outside the console's lock (see [`copy_since`]).
+    fn snapshot(&mut self) -> std::io::Result<Vec<PathBuf>> {
         if let Some(f) = self.current.as_mut() {
             f.flush()?;
         }
-        let mut written = 0u64;
-        for (n, _) in self.segments.clone() {
-            let mut data = Vec::new();
-            if File::open(self.path(n))
-                .and_then(|mut f| f.read_to_end(&mut data))
-                .is_err()
-            {
-                continue;
+        Ok(self.segments.iter().map(|(n, _)| self.path(*n)).collect())
+    }
+}
+
+/// Copies the records of `segments` stamped at or after `since` (a text
+/// comparison of the fixed-width stamps) into `out`, streaming. A record
+/// still being appended (no newline yet) is left out; a segment the ring
+/// dropped meanwhile is skipped.
+fn copy_since(segments: &[PathBuf], since: &str, out: &mut impl Write) -> std::io::Result<u64> {
+    use std::io::BufRead;
+    let mut written = 0u64;
+    let mut record = Vec::new();
+    for path in segments {
+        let Ok(f) = File::open(path) else { continue };
+        let mut reader = std::io::BufReader::new(f);
+        loop {
+            record.clear();
+            if reader.read_until(b'\n', &mut record)? == 0 || record.last() != Some(&b'\n') {
+                break;
             }
-            for record in data.split_inclusive(|b| *b == b'\n') {
-                if record.len() >= 24 && &record[..24] >= since.as_bytes() {
-                    out.write_all(record)?;
-                    written += record.len() as u64;
-                }
+            if record.len() >= 24 && &record[..24] >= since.as_bytes() {
+                out.write_all(&record)?;
+                written += record.len() as u64;
             }
         }
-        Ok(written)
     }
+    Ok(written)
 }
 
 /// A console line (or piece) for the running task's live view.
@@ -236,6 +245,8 @@ struct Shared {
     tap_dropped: u64,
     /// Bytes to write to the device.
     outbox: VecDeque<Vec<u8>>,
+    /// Appending to the ring fails (disk full): said once, not per line.
+    write_failing: bool,
     /// The raw bytes from the device, for the conductor's re-exported
     /// console while a task runs (dropped when it does not keep up).
     export: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
@@ -260,6 +271,7 @@ impl Console {
                 tap: None,
                 tap_dropped: 0,
                 outbox: VecDeque::new(),
+                write_failing: false,
                 export: None,
                 available: Err("not opened yet".into()),
             })),
@@ -367,9 +379,12 @@ impl Console {
 
     /// Writes the record since `since_ms` into `path` (the task's
     /// serial.log).
+    /// The copy happens outside the console's lock: the reader thread
+    /// keeps reading the device meanwhile.
     pub fn extract(&self, since_ms: u64, path: &Path) -> std::io::Result<u64> {
+        let segments = self.lock().ring.snapshot()?;
         let mut out = std::io::BufWriter::new(File::create(path)?);
-        let n = self.lock().ring.copy_since(&stamp(since_ms), &mut out)?;
+        let n = copy_since(&segments, &stamp(since_ms), &mut out)?;
         out.flush()?;
         Ok(n)
     }
@@ -382,8 +397,18 @@ impl Console {
     fn record_line(&self, bytes: &[u8], complete: bool) {
         let mut s = self.lock();
         let flag = if complete { b'|' } else { b'+' };
-        if let Err(e) = s.ring.append(&record(now_ms(), flag, bytes)) {
-            warn!(error = %e, "console: cannot write the console record");
+        match s.ring.append(&record(now_ms(), flag, bytes)) {
+            // Said once per failure spell (a full disk fails every line).
+            Err(e) if !s.write_failing => {
+                s.write_failing = true;
+                warn!(error = %e, "console: cannot write the console record (lines are lost from it until writing works again)");
+            }
+            Err(_) => {}
+            Ok(()) if s.write_failing => {
+                s.write_failing = false;
+                info!("console: the console record is written again");
+            }
+            Ok(()) => {}
         }
         if let Some(tap) = &s.tap {
             let line = ConsoleLine {
@@ -644,8 +669,8 @@ mod tests {
             .sum();
         assert!(total <= 64 * 1024 + 16 * 1024, "{total}");
         let mut out = Vec::new();
-        ring.copy_since(&stamp(1_000_000 + 9_990), &mut out)
-            .unwrap();
+        let segments = ring.snapshot().unwrap();
+        copy_since(&segments, &stamp(1_000_000 + 9_990), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().count(), 10, "{text}");
         assert!(text.ends_with("| line 9999\n"));

@@ -958,7 +958,10 @@ async fn run_task(
             .get("console.expect_timeout")
             .and_then(|t| humantime::parse_duration(t).ok())
             .or(configured.map(|a| a.2))
-            .unwrap_or(Duration::from_secs(60));
+            .unwrap_or(Duration::from_secs(60))
+            // A testrun's option cannot hold the device longer than its
+            // own execution timeout.
+            .min(Duration::from_secs(spec.timeout_secs));
         let seen = match console_rx.as_mut() {
             None => Err("the worker has no console configured ([serial] port)".to_string()),
             Some(rx) => {

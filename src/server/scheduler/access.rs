@@ -403,6 +403,8 @@ impl<S: Store> Scheduler<S> {
             self.index_device(keys, Vec::new());
             self.workers.remove(&name);
             self.drained.remove(&name);
+            self.versions.remove(&name);
+            self.consoles.remove(&name);
             self.outboxes.remove(&name);
             self.armed.remove(&name);
             self.removed_workers.push(name.clone());

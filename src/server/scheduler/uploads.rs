@@ -456,6 +456,15 @@ impl<S: Store> Scheduler<S> {
     // Input files, from clients
     // ------------------------------------------------------------------
 
+    /// The input files on disk at start (what submits may refer to).
+    pub fn set_stored_inputs(&mut self, inputs: Vec<(String, u64)>) {
+        for (sha, size) in inputs {
+            if self.stored_inputs.insert(sha, size).is_none() {
+                self.stored_bytes = self.stored_bytes.saturating_add(size);
+            }
+        }
+    }
+
     /// `input_offer` and `input_end` from a client.
     pub(super) fn on_input_offer(
         &mut self,

@@ -1,0 +1,123 @@
+//! What operators and supervisors see of the scheduler: the testrun and
+//! queue lists (`runs`, `queue`), a metrics scrape, systemd's STATUS line.
+//! Each is built on request, never per message.
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    /// Testruns newest first, filtered; at most `limit`, looking at no
+    /// more than 10 000 (the newest) to find them.
+    pub(super) fn list_runs(
+        &self,
+        state: Option<RunState>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> Vec<RunSummary> {
+        let mut out = Vec::new();
+        let newest = self.next_run;
+        for n in (1..=newest).rev().take(10_000) {
+            if out.len() >= limit as usize {
+                break;
+            }
+            let id = format!("r{n}");
+            let Some(r) = self.runs.get(&id) else {
+                continue;
+            };
+            if state.is_some_and(|s| s != r.state)
+                || owner.is_some_and(|o| r.request.owner.as_deref() != Some(o))
+            {
+                continue;
+            }
+            out.push(RunSummary {
+                run: id,
+                state: r.state,
+                verdict: r.verdict,
+                owner: r.request.owner.clone(),
+                device: r.request.device.clone(),
+                tasks: r.tasks.len() as u32,
+                submitted_ms: r.submitted_ms,
+                ended_ms: r.ended_ms,
+            });
+        }
+        out
+    }
+
+    /// The queues, each with its first 1000 tasks.
+    pub(super) fn list_queue(&self, now: Instant) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(key, q)| QueueInfo {
+                key: key.clone(),
+                length: q.len() as u64,
+                tasks: q
+                    .iter()
+                    .take(1000)
+                    .enumerate()
+                    .filter_map(|(i, id)| {
+                        let t = self.tasks.get(id)?;
+                        Some(QueuedTask {
+                            task: id.clone(),
+                            run: t.run.clone(),
+                            position: i as u64 + 1,
+                            age_ms: now.saturating_duration_since(t.queued_at).as_millis() as u64,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// What a metrics scrape shows (called per scrape, not per message).
+    pub fn metrics_snapshot(&self, now: Instant) -> crate::server::metrics::Snapshot {
+        let mut workers_by_state = BTreeMap::new();
+        for w in self.workers.values() {
+            *workers_by_state
+                .entry(format!("{:?}", w.state).to_lowercase())
+                .or_insert(0u64) += 1;
+        }
+        let mut tasks_by_state = BTreeMap::new();
+        for t in self.active_tasks.iter().filter_map(|id| self.tasks.get(id)) {
+            *tasks_by_state
+                .entry(format!("{:?}", t.state).to_lowercase())
+                .or_insert(0u64) += 1;
+        }
+        let queues = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(key, q)| {
+                let age = q
+                    .front()
+                    .and_then(|id| self.tasks.get(id))
+                    .map_or(0.0, |t| {
+                        now.saturating_duration_since(t.queued_at).as_secs_f64()
+                    });
+                (key.clone(), q.len() as u64, age)
+            })
+            .collect();
+        crate::server::metrics::Snapshot {
+            workers_by_state,
+            tasks_by_state,
+            queues,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// One line for systemd's STATUS: what the server is doing.
+    pub fn status_line(&self) -> String {
+        let queued: usize = self.queues.values().map(|q| q.len()).sum();
+        // Only the unfinished (and just finished) tasks: not the history.
+        let running = self
+            .active_tasks
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| matches!(t.state, TaskState::Running | TaskState::Dispatched))
+            .count();
+        format!(
+            "serving {} connected workers ({} known), {queued} tasks queued, {running} running",
+            self.peers.len(),
+            self.workers.len()
+        )
+    }
+}

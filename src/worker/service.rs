@@ -747,6 +747,16 @@ async fn fetch_inputs(
     let mut client = crate::client::Client::connect(&cfg.server, timeout, credentials)
         .await
         .map_err(|e| format!("device/host failure: cannot fetch the input files: {e}"))?;
+    let total = spec
+        .inputs
+        .iter()
+        .map(|i| i.size)
+        .fold(0u64, u64::saturating_add);
+    if total > INPUT_CACHE_BYTES {
+        return Err(format!(
+            "the testrun's input files are {total} bytes, more than this worker's input cache holds ({INPUT_CACHE_BYTES})"
+        ));
+    }
     for input in &spec.inputs {
         let cached = cache.join(&input.sha256);
         let source = crate::client::transfer::Source::Input {

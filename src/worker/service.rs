@@ -411,7 +411,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                     }
                     1 => Vec::new(),
                     _ => {
-                        warn!("stop requested again: stopping at once");
+                        if stop_deadline.is_some() {
+                            warn!("stop requested again: stopping at once");
+                        } else {
+                            info!("stop requested: stopping at once");
+                        }
                         break;
                     }
                 }

@@ -226,7 +226,9 @@ impl Lab {
 
     /// Stops workers and server and removes the temporary state.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(2);
+        // Gracefully: the testrun is over, so each worker says bye at
+        // once and the server records a clean stop (bounded below).
+        let _ = self.stop.send(1);
         for w in self.workers {
             let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
         }

@@ -395,6 +395,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         Body::TaskAccepted { .. }
             | Body::TaskRefused { .. }
             | Body::Log { .. }
+            | Body::Bye { .. }
             | Body::TaskFinished { .. }
             | Body::Dispatch { .. }
             | Body::Cancel { .. }

@@ -586,7 +586,10 @@ impl<S: Store> Scheduler<S> {
         self.touched_workers.insert(name.clone());
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
         worker.last_heard = now;
-        if worker.state.is_gone() {
+        // A lost worker that speaks again is alive again (a partition
+        // healed). A stopped one said bye: only a new hello brings it back,
+        // not what it still sends while it closes.
+        if worker.state == WorkerState::Lost {
             worker.state = if worker.task.is_some() {
                 WorkerState::Busy
             } else {

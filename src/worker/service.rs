@@ -263,6 +263,8 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     // Set on the first stop request: when to give up waiting for the
     // running task (then: stop it), and when to leave regardless.
     let mut stop_deadline: Option<(Instant, bool)> = None;
+    // When a bye went out: the time by which its ack must come.
+    let mut bye_sent: Option<Instant> = None;
     let mut refused: Option<(ErrorCode, String)> = None;
     // A rogue server cannot flood the worker's log either.
     let mut noise = crate::logging::Throttle::new(Duration::from_secs(10), 20);
@@ -555,9 +557,26 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
         running.retain(|_, (_, runner)| !runner.is_finished());
         supervisor.tick(Instant::now(), || session.status_line());
         if let Some((deadline, escalated)) = stop_deadline {
-            if session.stop_complete() {
+            if let Some(answer_by) = bye_sent {
+                // Closed only once the server recorded the stop (or did
+                // not answer in time): a close it saw first would be a loss.
+                if session.bye_acknowledged() {
+                    info!("said bye to the server");
+                    break;
+                }
+                if Instant::now() >= answer_by {
+                    warn!("the server did not acknowledge the bye in time; stopping anyway");
+                    break;
+                }
+            } else if session.stop_complete() {
                 let reason = "stopped (SIGTERM) with nothing left to deliver";
-                for action in session.bye(Instant::now(), reason) {
+                let (actions, sent) = session.bye(Instant::now(), reason);
+                if !sent {
+                    info!("stopping; the server is unreachable, so no bye");
+                    break;
+                }
+                bye_sent = Some(Instant::now() + session.liveness_window());
+                for action in actions {
                     if let (Action::Send { header, body, raw }, Some(c)) = (action, conn.as_mut()) {
                         let mut frames = protocol::encode(&header, &body, raw);
                         if let Some(channel) = c.channel.as_mut() {
@@ -571,8 +590,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         .await;
                     }
                 }
-                info!("said bye to the server");
-                break;
+                continue;
             }
             if Instant::now() >= deadline {
                 if escalated {

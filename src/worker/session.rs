@@ -324,9 +324,11 @@ impl Session {
         SavedSession {
             session_id: self.session_id.clone(),
             next_seq: self.outbox.next_seq(),
+            // A bye is never carried into the next start.
             outbox: self
                 .outbox
                 .entries()
+                .filter(|(_, p)| !matches!(p.body, Body::Bye { .. }))
                 .map(|(seq, p)| crate::delivery::outbox::SavedMessage {
                     seq,
                     task: p.task.clone(),
@@ -465,12 +467,25 @@ impl Session {
         self.send_now_if_up(now, body)
     }
 
-    /// Tells the server this worker stops on purpose.
-    pub fn bye(&mut self, now: Instant, reason: &str) -> Vec<Action> {
+    /// Tells the server this worker stops on purpose, as a mandatory
+    /// message: [`Session::bye_acknowledged`] says when the server has
+    /// recorded it. Nothing (and false) if the server is unreachable.
+    pub fn bye(&mut self, now: Instant, reason: &str) -> (Vec<Action>, bool) {
+        let mut actions = Vec::new();
+        if !matches!(self.link, Link::Up { .. }) {
+            return (actions, false);
+        }
         let body = Body::Bye {
             reason: reason.to_string(),
         };
-        self.send_now_if_up(now, body)
+        self.outbox.push(None, None, body, None);
+        self.flush(now, &mut actions, false);
+        (actions, true)
+    }
+
+    /// The bye (the last thing in the outbox) was acknowledged.
+    pub fn bye_acknowledged(&self) -> bool {
+        self.outbox.is_empty()
     }
 
     /// A control message sent at once if the server is reachable, else

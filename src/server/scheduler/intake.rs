@@ -28,6 +28,13 @@ impl<S: Store> Scheduler<S> {
     /// Applies a mandatory message once. Returns true if it should be acked
     /// (false: it was answered with a nack instead).
     pub(super) fn apply_mandatory(&mut self, now: Instant, worker: &str, body: Body) -> bool {
+        // A bye sent mandatory: acknowledged once the stop is recorded, so
+        // the worker closes its connection only after that (a close seen
+        // before the bye would count as a loss).
+        if let Body::Bye { reason } = &body {
+            self.worker_stopped(now, worker, reason);
+            return true;
+        }
         let (task, attempt) = match &body {
             Body::TaskAccepted { task, attempt }
             | Body::Log { task, attempt, .. }

@@ -685,7 +685,8 @@ pub struct WorkerConfig {
     /// Log lines are sent in batches at most this old…
     #[serde(deserialize_with = "crate::config::duration::ms")]
     pub log_batch_ms: u64,
-    /// …and at most this many lines.
+    /// …or as soon as this many lines wait (a batch is at most 256 KiB of
+    /// text, however many lines that is).
     pub log_batch_lines: usize,
     /// Resend timing of mandatory messages.
     pub retry: RetryPolicy,

@@ -1443,6 +1443,41 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
         None,
     );
     w.send(Class::Log, false, log(vec![line(u64::MAX, "x")]), None);
+    // Packed lines that lie about themselves: typed errors, nothing
+    // stored. A part hiding a second line (count 1, two newlines), a raw
+    // CR, invalid UTF-8, sizes past the raw frame, line numbers past the
+    // limit, a part without lines.
+    let part = |first: u64, count: u32, bytes: u32| protocol::LogPart {
+        first,
+        count,
+        stream: Stream::Stdout,
+        bytes,
+    };
+    let packed = |parts: Vec<protocol::LogPart>| Body::LogPacked {
+        task: task.clone(),
+        attempt: 1,
+        parts,
+    };
+    for (parts, raw) in [
+        (vec![part(1, 1, 25)], &b"ok\n[ots-worker] forged 2\n"[..]),
+        (vec![part(1, 1, 5)], b"a\rb\n"),
+        (vec![part(1, 1, 3)], b"\xff\xfe\n"),
+        (vec![part(1, 1, 99)], b"a\n"),
+        (vec![part(1, 1, 1), part(2, 1, 1)], b"\n"),
+        (vec![part(u64::MAX - 1, 1, 2)], b"x\n"),
+        (vec![part(1 << 53, 2, 4)], b"x\ny\n"),
+        (vec![part(1, 0, 0)], b""),
+        (vec![], b""),
+    ] {
+        let what = format!("{parts:?} {raw:?}");
+        w.send(Class::Log, false, packed(parts), Some(raw.to_vec()));
+        let answer = w.file_answer("-");
+        assert_eq!(
+            error_code(&answer),
+            Some(ErrorCode::Invalid),
+            "{what}: {answer:?}"
+        );
+    }
     // Every other line number, as fast as the socket takes it.
     let before = zmtp::rss_kib(pid);
     let started = Instant::now();
@@ -1493,6 +1528,7 @@ fn a_hostile_worker_cannot_stall_bloat_or_forge_and_every_mandatory_message_is_a
         "{shown}"
     );
     assert!(shown.contains("ok\\n[ots-worker] forged"), "{shown}");
+    assert!(!shown.contains("forged 2"), "{shown}");
 }
 
 #[test]

@@ -236,7 +236,7 @@ impl Sim {
                         frames: frames.clone(),
                     });
                 }
-                Output::Publish { topic, body } if topic == "hb" => {
+                Output::Publish { topic, body, .. } if topic == "hb" => {
                     let header = Header {
                         v: PROTOCOL_VERSION,
                         class: body.class(),
@@ -336,11 +336,10 @@ impl Sim {
         let produced = self.workers[w].produced[&key];
         let stopped = self.workers[w].stopped.get(&key).copied().unwrap_or(false);
         let event = if (step as u64) < produced && !stopped {
-            let line = LogLine {
-                seq: step as u64 + 1,
-                stream: Stream::Stdout,
-                text: format!("{task} line {}", step + 1),
-            };
+            let text = ots::protocol::logtext::PackedText::line(
+                Stream::Stdout,
+                &format!("{task} line {}", step + 1),
+            );
             let delay = self.rng.gen_range(1..30);
             self.at(
                 delay,
@@ -354,7 +353,8 @@ impl Sim {
             TaskEvent::Log {
                 task,
                 attempt,
-                line,
+                first: step as u64 + 1,
+                text,
             }
         } else {
             let file = ResultFile {

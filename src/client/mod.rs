@@ -257,7 +257,7 @@ impl Client {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
                 match self.recv_envelope(deadline).await {
                     Ok(Some(env)) => {
-                        if tx.send(env.body).is_err() {
+                        if tx.send(unpack_log_lines(env.body, env.raw)).is_err() {
                             return;
                         }
                     }
@@ -483,4 +483,21 @@ impl Client {
         })
         .await
     }
+}
+
+/// Packed log lines (checked by the codec) as lines with their stream and
+/// original text; anything else as it is.
+fn unpack_log_lines(body: Body, raw: Option<Bytes>) -> Body {
+    let Body::LogLinesPacked { run, task, parts } = body else {
+        return body;
+    };
+    let raw = raw.unwrap_or_default();
+    let mut lines = Vec::new();
+    let mut at = 0usize;
+    for p in &parts {
+        let text = &raw[at..at + p.bytes as usize];
+        at += p.bytes as usize;
+        lines.extend(crate::protocol::logtext::to_lines(p.first, p.stream, text));
+    }
+    Body::LogLines { run, task, lines }
 }

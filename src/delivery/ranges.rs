@@ -36,6 +36,46 @@ impl SeqRanges {
         true
     }
 
+    /// True if any number of `first..=last` is held.
+    pub fn overlaps(&self, first: u64, last: u64) -> bool {
+        self.ranges
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= first)
+    }
+
+    /// True if `first..=last` would join a run held (adjacent to it).
+    pub fn joins(&self, first: u64, last: u64) -> bool {
+        first.checked_sub(1).is_some_and(|b| self.contains(b))
+            || last.checked_add(1).is_some_and(|a| self.contains(a))
+    }
+
+    /// Adds the whole range `first..=last` (first ≤ last); returns false,
+    /// adding nothing, if any of it is already present. Costs one lookup
+    /// on each side, whatever the range's length.
+    pub fn insert_range(&mut self, first: u64, last: u64) -> bool {
+        if first > last || self.overlaps(first, last) {
+            return false;
+        }
+        let mut start = first;
+        let mut end = last;
+        if let Some((&s, &e)) = self.ranges.range(..first).next_back() {
+            if e.checked_add(1) == Some(first) {
+                start = s;
+                self.ranges.remove(&s);
+            }
+        }
+        if let Some(next) = last.checked_add(1) {
+            if let Some(&e) = self.ranges.get(&next) {
+                end = e;
+                self.ranges.remove(&next);
+            }
+        }
+        self.ranges.insert(start, end);
+        self.count += last - first + 1;
+        true
+    }
+
     /// Separate runs of numbers held.
     pub fn runs(&self) -> usize {
         self.ranges.len()
@@ -132,6 +172,20 @@ pub fn describe(gaps: &[(u64, u64)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_insert_whole_merge_with_neighbours_and_refuse_overlaps() {
+        let mut r = SeqRanges::default();
+        assert!(r.insert_range(10, 19));
+        assert!(r.insert_range(1, 5));
+        assert!(!r.insert_range(5, 9), "overlaps 5");
+        assert!(r.joins(6, 9));
+        assert!(!r.joins(30, 40));
+        assert!(r.insert_range(6, 9));
+        assert_eq!((r.len(), r.runs()), (19, 1));
+        assert!(r.overlaps(19, 25) && !r.overlaps(20, 25));
+        assert_eq!(r.missing(25), vec![(20, 25)]);
+    }
 
     #[test]
     fn byte_ranges_merge_in_any_order_and_count_overlaps_once() {

@@ -209,7 +209,11 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
         check_size("raw", raw, MAX_RAW_BYTES)?;
         if !matches!(
             body,
-            Body::FileChunk { .. } | Body::InputChunk { .. } | Body::Data { .. }
+            Body::FileChunk { .. }
+                | Body::InputChunk { .. }
+                | Body::Data { .. }
+                | Body::LogPacked { .. }
+                | Body::LogLinesPacked { .. }
         ) {
             return Err(ProtocolError::UnexpectedRaw(body.kind()));
         }

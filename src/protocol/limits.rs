@@ -332,6 +332,64 @@ fn check_sha(kind: &'static str, sha: &str) -> Result<(), ProtocolError> {
     }
 }
 
+/// Packed log parts against their raw frame: at most
+/// [`logtext::MAX_LOG_PARTS`] parts, line numbers in range, the parts'
+/// sizes adding up to the frame, each part's text well formed
+/// ([`logtext::check_part`]). Linear in the frame's size.
+fn check_parts(
+    kind: &'static str,
+    parts: &[LogPart],
+    raw: Option<&[u8]>,
+) -> Result<(), ProtocolError> {
+    use crate::protocol::logtext;
+    if parts.is_empty() || parts.len() > logtext::MAX_LOG_PARTS {
+        return Err(invalid(
+            kind,
+            "parts",
+            format!(
+                "has {} parts; 1 to {} allowed",
+                parts.len(),
+                logtext::MAX_LOG_PARTS
+            ),
+        ));
+    }
+    let raw = raw.unwrap_or_default();
+    let mut at = 0usize;
+    for p in parts {
+        check_range(kind, "parts.first", p.first, 1..=MAX_SEQ)?;
+        check_range(kind, "parts.count", u64::from(p.count), 1..=MAX_SEQ)?;
+        if p.first - 1 > MAX_SEQ - u64::from(p.count) {
+            return Err(invalid(
+                kind,
+                "parts.count",
+                format!("lines {} + {} pass {MAX_SEQ}", p.first, p.count),
+            ));
+        }
+        let end = at.saturating_add(p.bytes as usize);
+        let Some(text) = raw.get(at..end) else {
+            return Err(invalid(
+                kind,
+                "parts.bytes",
+                format!(
+                    "parts announce more than the {} bytes of the raw frame",
+                    raw.len()
+                ),
+            ));
+        };
+        logtext::check_part(text, u64::from(p.count))
+            .map_err(|e| invalid(kind, "raw", format!("part from line {}: {e}", p.first)))?;
+        at = end;
+    }
+    if at != raw.len() {
+        return Err(invalid(
+            kind,
+            "parts.bytes",
+            format!("parts announce {at} bytes, the raw frame has {}", raw.len()),
+        ));
+    }
+    Ok(())
+}
+
 fn check_lines(kind: &'static str, lines: &[LogLine]) -> Result<(), ProtocolError> {
     if lines.len() > MAX_LOG_BATCH_LINES {
         return Err(invalid(
@@ -395,6 +453,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         Body::TaskAccepted { .. }
             | Body::TaskRefused { .. }
             | Body::Log { .. }
+            | Body::LogPacked { .. }
             | Body::Bye { .. }
             | Body::TaskFinished { .. }
             | Body::Dispatch { .. }
@@ -464,6 +523,20 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_id(kind, "task", task)?;
             attempt(*a)?;
             check_lines(kind, lines)?;
+        }
+        Body::LogPacked {
+            task,
+            attempt: a,
+            parts,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_parts(kind, parts, env.raw.as_deref())?;
+        }
+        Body::LogLinesPacked { run, task, parts } => {
+            check_id(kind, "run", run)?;
+            check_id(kind, "task", task)?;
+            check_parts(kind, parts, env.raw.as_deref())?;
         }
         Body::FileOffer {
             task,

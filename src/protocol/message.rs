@@ -153,6 +153,17 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// One part of a packed log message: `count` lines of one stream numbered
+/// from `first`, whose text is the next `bytes` bytes of the raw frame
+/// ([`crate::protocol::logtext`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPart {
+    pub first: u64,
+    pub count: u32,
+    pub stream: Stream,
+    pub bytes: u32,
+}
+
 /// How the conductor ended, as the worker observed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -539,6 +550,13 @@ pub enum Body {
         attempt: u32,
         lines: Vec<LogLine>,
     },
+    /// Log lines of one task packed (class `log`): the raw frame holds the
+    /// parts' text one after the other, in the stored form.
+    LogPacked {
+        task: TaskId,
+        attempt: u32,
+        parts: Vec<LogPart>,
+    },
     /// Offers a result file (class `file`): "here is `name`, `size` bytes;
     /// how much of it do you have?" Answered with `file_credit` (resume
     /// from `have`), `file_stored` or `file_refused`.
@@ -836,6 +854,13 @@ pub enum Body {
         task: TaskId,
         lines: Vec<LogLine>,
     },
+    /// Log lines of a task, packed as workers send them (raw frame), on
+    /// topic `log/<run id>`.
+    LogLinesPacked {
+        run: RunId,
+        task: TaskId,
+        parts: Vec<LogPart>,
+    },
     /// The server is shutting down in an orderly way.
     Shutdown {
         server: String,
@@ -847,7 +872,10 @@ impl Body {
     pub fn class(&self) -> Class {
         match self {
             Body::Heartbeat | Body::ServerHeartbeat { .. } => Class::Heartbeat,
-            Body::Log { .. } | Body::LogLines { .. } => Class::Log,
+            Body::Log { .. }
+            | Body::LogLines { .. }
+            | Body::LogPacked { .. }
+            | Body::LogLinesPacked { .. } => Class::Log,
             Body::FileOffer { .. }
             | Body::FileChunk { .. }
             | Body::FileEnd { .. }
@@ -909,6 +937,7 @@ impl Body {
             Body::TaskAccepted { .. } => "task_accepted",
             Body::TaskRefused { .. } => "task_refused",
             Body::Log { .. } => "log",
+            Body::LogPacked { .. } => "log_packed",
             Body::FileOffer { .. } => "file_offer",
             Body::FileChunk { .. } => "file_chunk",
             Body::FileEnd { .. } => "file_end",
@@ -953,6 +982,7 @@ impl Body {
             Body::ServerHeartbeat { .. } => "server_heartbeat",
             Body::Progress { .. } => "progress",
             Body::LogLines { .. } => "log_lines",
+            Body::LogLinesPacked { .. } => "log_lines_packed",
             Body::Shutdown { .. } => "shutdown",
         }
     }

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod device;
 pub mod limits;
+pub mod logtext;
 pub mod message;
 
 pub use codec::{decode, encode, Envelope, ProtocolError};

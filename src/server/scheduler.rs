@@ -151,7 +151,11 @@ pub enum Output {
         raw: Option<Bytes>,
     },
     /// Publish on PUB under `topic`.
-    Publish { topic: String, body: Body },
+    Publish {
+        topic: String,
+        body: Body,
+        raw: Option<Bytes>,
+    },
     /// Hand to the file desk (result file I/O, off the loop).
     File(crate::server::files::FileJob),
 }
@@ -633,7 +637,7 @@ impl<S: Store> Scheduler<S> {
             // The ack goes before anything the message causes (a task_closed
             // after a final report), so the worker sees its report acked first.
             let mark = self.out.len();
-            if self.apply_mandatory(now, &name, body) {
+            if self.apply_mandatory(now, &name, body, raw) {
                 let worker = self.workers.get_mut(&name).expect("worker");
                 worker.dedup.record(header.seq);
                 self.send(
@@ -671,6 +675,11 @@ impl<S: Store> Scheduler<S> {
                 attempt,
                 lines,
             } => self.on_log(&name, task, attempt, lines),
+            Body::LogPacked {
+                task,
+                attempt,
+                parts,
+            } => self.on_log_packed(&name, task, attempt, parts, raw),
             body @ (Body::FileOffer { .. } | Body::FileChunk { .. } | Body::FileEnd { .. }) => {
                 self.on_file_message(now, &name, body, raw);
             }
@@ -678,7 +687,7 @@ impl<S: Store> Scheduler<S> {
             body @ (Body::TaskAccepted { .. }
             | Body::TaskRefused { .. }
             | Body::TaskFinished { .. }) => {
-                self.apply_mandatory(now, &name, body);
+                self.apply_mandatory(now, &name, body, None);
             }
             other => {
                 self.count("unexpected_message", 1);

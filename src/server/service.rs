@@ -595,7 +595,9 @@ async fn deliver(
                     }
                 }
             }
-            Output::Publish { topic, body } => publish(publisher, topic, &body, send_timeout).await,
+            Output::Publish { topic, body, raw } => {
+                publish(publisher, topic, &body, raw, send_timeout).await
+            }
             Output::File(job) => {
                 if desk.send(job).is_err() {
                     error!("the file desk thread is gone; stopping so that systemd restarts the server");
@@ -668,7 +670,13 @@ fn watch_allow_lists(
     rx
 }
 
-async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, timeout: Duration) {
+async fn publish(
+    publisher: &mut zeromq::PubSocket,
+    topic: String,
+    body: &Body,
+    raw: Option<Bytes>,
+    timeout: Duration,
+) {
     let header = Header {
         v: PROTOCOL_VERSION,
         class: body.class(),
@@ -677,7 +685,7 @@ async fn publish(publisher: &mut zeromq::PubSocket, topic: String, body: &Body, 
         task: None,
     };
     let mut frames = vec![Bytes::from(topic)];
-    frames.extend(protocol::encode(&header, body, None));
+    frames.extend(protocol::encode(&header, body, raw));
     if let Err(e) = transport::send_bounded(publisher, to_message(frames), timeout).await {
         debug!(error = %e, "publish failed");
     }

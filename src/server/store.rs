@@ -59,7 +59,8 @@ pub fn render_into(out: &mut String, line: &LogLine) {
     out.push('\n');
 }
 
-fn prefix(stream: Stream) -> &'static str {
+/// What the stored form puts before a line of `stream`.
+pub fn prefix(stream: Stream) -> &'static str {
     match stream {
         Stream::Stdout => "",
         Stream::Stderr => "[stderr] ",
@@ -82,6 +83,13 @@ pub fn rendered_len(line: &LogLine) -> u64 {
 pub trait Store {
     /// Appends lines to the task's log.
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError>;
+    /// Appends packed lines (already in the stored form, without the
+    /// stream's prefix: [`crate::protocol::logtext`]).
+    fn append_log_packed(
+        &mut self,
+        task: &TaskId,
+        parts: &[(Stream, &[u8])],
+    ) -> Result<(), StoreError>;
     /// Reads up to `max` bytes of the task's log; returns bytes and eof.
     fn read_log(&self, task: &TaskId, offset: u64, max: u64)
         -> Result<(Vec<u8>, bool), StoreError>;
@@ -146,23 +154,19 @@ impl Store for DiskStore {
         for line in lines {
             render_into(&mut text, line);
         }
-        if !self.logs.contains_key(task) {
-            let dir = self.task_dir(task);
-            fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-            let path = dir.join("log");
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io("cannot open", &path))?;
-            if self.logs.len() >= OPEN_LOGS {
-                self.logs.clear(); // simple bound; reopening is cheap
-            }
-            self.logs.insert(task.clone(), (f, path));
+        self.append_stored(task, text.as_bytes())
+    }
+
+    fn append_log_packed(
+        &mut self,
+        task: &TaskId,
+        parts: &[(Stream, &[u8])],
+    ) -> Result<(), StoreError> {
+        // Standard output has no prefix: its text is written as it came.
+        if let [(Stream::Stdout, text)] = parts {
+            return self.append_stored(task, text);
         }
-        let (f, path) = self.logs.get_mut(task).expect("just opened");
-        f.write_all(text.as_bytes())
-            .map_err(io("cannot append to", path))
+        self.append_stored(task, &packed_stored_form(parts))
     }
 
     fn read_log(
@@ -207,6 +211,50 @@ impl Store for DiskStore {
     }
 }
 
+/// The stored form of packed parts: each line with its stream's prefix.
+pub fn packed_stored_form(parts: &[(Stream, &[u8])]) -> Vec<u8> {
+    let size: usize = parts
+        .iter()
+        .map(|(s, t)| t.len() + prefix(*s).len() * memchr::memchr_iter(b'\n', t).count())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for (stream, text) in parts {
+        let p = prefix(*stream).as_bytes();
+        if p.is_empty() {
+            out.extend_from_slice(text);
+            continue;
+        }
+        for line in crate::protocol::logtext::lines(text) {
+            out.extend_from_slice(p);
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+impl DiskStore {
+    /// Appends bytes in the stored form to the task's log (one write).
+    fn append_stored(&mut self, task: &TaskId, text: &[u8]) -> Result<(), StoreError> {
+        if !self.logs.contains_key(task) {
+            let dir = self.task_dir(task);
+            fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+            let path = dir.join("log");
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io("cannot open", &path))?;
+            if self.logs.len() >= OPEN_LOGS {
+                self.logs.clear(); // simple bound; reopening is cheap
+            }
+            self.logs.insert(task.clone(), (f, path));
+        }
+        let (f, path) = self.logs.get_mut(task).expect("just opened");
+        f.write_all(text).map_err(io("cannot append to", path))
+    }
+}
+
 /// In-memory store for unit tests of the scheduler.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -228,6 +276,16 @@ impl Store for MemoryStore {
             render_into(&mut text, line);
             log.extend_from_slice(text.as_bytes());
         }
+        Ok(())
+    }
+
+    fn append_log_packed(
+        &mut self,
+        task: &TaskId,
+        parts: &[(Stream, &[u8])],
+    ) -> Result<(), StoreError> {
+        let log = self.logs.entry(task.clone()).or_default();
+        log.extend_from_slice(&packed_stored_form(parts));
         Ok(())
     }
 

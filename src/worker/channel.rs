@@ -6,7 +6,8 @@
 //! Everything goes through one FIFO to the session, so every line logged
 //! before `finish()` is queued before the final report.
 
-use crate::protocol::{LogLine, Outcome, Stream, TaskId};
+use crate::protocol::logtext::PackedText;
+use crate::protocol::{Outcome, Stream, TaskId};
 use tokio::sync::mpsc;
 
 /// A result file found in the task's results folder when the conductor
@@ -23,16 +24,13 @@ pub struct ResultFile {
 /// What a running task tells the worker session.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskEvent {
+    /// Lines of one stream numbered from `first` (a pipe read's worth
+    /// from the conductor, or one line), packed as the server stores them.
     Log {
         task: TaskId,
         attempt: u32,
-        line: LogLine,
-    },
-    /// Several lines at once (the lines of one read from the conductor).
-    Logs {
-        task: TaskId,
-        attempt: u32,
-        lines: Vec<LogLine>,
+        first: u64,
+        text: PackedText,
     },
     Finished {
         task: TaskId,
@@ -79,14 +77,14 @@ pub struct ResponseChannel {
     dropped: u64,
 }
 
-/// What one line costs against a [`LogBudget`]: its text plus what a
-/// queued line costs besides (event, ids), so short lines count fairly.
-pub fn charge(text: &str) -> usize {
-    text.len() + LINE_OVERHEAD
+/// What packed lines cost against a [`LogBudget`]: their text plus what a
+/// queued piece costs besides (event, ids).
+pub fn charge(text: &PackedText) -> usize {
+    text.text.len() + PIECE_OVERHEAD
 }
 
-/// Memory a queued log line takes besides its text, roughly.
-pub const LINE_OVERHEAD: usize = 128;
+/// Memory a queued piece of log takes besides its text, roughly.
+pub const PIECE_OVERHEAD: usize = 128;
 
 /// Log text in flight between all running tasks and the session, bounded
 /// in bytes: a conductor that prints faster than lines can be delivered
@@ -209,60 +207,30 @@ impl ResponseChannel {
 
     /// Posts one log line (best-effort delivery, numbered for accounting).
     pub fn log(&mut self, stream: Stream, text: String) {
-        if let Some(line) = self.number(stream, text) {
-            // The session outlives every channel; a closed receiver means
-            // the worker is shutting down and nothing can be delivered.
-            let _ = self.tx.send(TaskEvent::Log {
-                task: self.task.clone(),
-                attempt: self.attempt,
-                line,
-            });
-        }
+        self.log_packed(PackedText::line(stream, &text));
     }
 
-    /// Posts several lines in one hand-over to the session.
-    pub fn log_lines(&mut self, stream: Stream, texts: impl IntoIterator<Item = String>) {
-        let lines: Vec<LogLine> = texts
-            .into_iter()
-            .filter_map(|t| self.number(stream, t))
-            .collect();
-        if !lines.is_empty() {
-            let _ = self.tx.send(TaskEvent::Logs {
-                task: self.task.clone(),
-                attempt: self.attempt,
-                lines,
-            });
+    /// Posts packed lines in one hand-over to the session: numbered from
+    /// the next line number on, or, if the log budget is spent, counted
+    /// as dropped (and reported as lost).
+    pub fn log_packed(&mut self, text: PackedText) {
+        if text.count == 0 {
+            return;
         }
-    }
-
-    /// Numbers a line (within the protocol's line limit whatever the
-    /// caller built); `None` if the log budget is spent (the line is
-    /// counted as dropped, and reported as lost).
-    fn number(&mut self, stream: Stream, mut text: String) -> Option<LogLine> {
-        let max = crate::protocol::limits::MAX_LINE_BYTES - 32;
-        if text.len() > max {
-            let mut cut = max;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push_str(" [line cut]");
+        let first = self.next_seq;
+        self.next_seq += u64::from(text.count);
+        if self.budget.as_ref().is_some_and(|b| !b.take(charge(&text))) {
+            self.dropped += u64::from(text.count);
+            return;
         }
-        let line = LogLine {
-            seq: self.next_seq,
-            stream,
+        // The session outlives every channel; a closed receiver means
+        // the worker is shutting down and nothing can be delivered.
+        let _ = self.tx.send(TaskEvent::Log {
+            task: self.task.clone(),
+            attempt: self.attempt,
+            first,
             text,
-        };
-        self.next_seq += 1;
-        if self
-            .budget
-            .as_ref()
-            .is_some_and(|b| !b.take(charge(&line.text)))
-        {
-            self.dropped += 1;
-            return None;
-        }
-        Some(line)
+        });
     }
 
     /// Posts the final report and closes the channel.
@@ -312,8 +280,14 @@ mod tests {
         ch.log(Stream::Stdout, "a".into());
         ch.log(Stream::Stderr, "b".into());
         ch.finish(Outcome::default(), Vec::new());
-        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 1));
-        assert!(matches!(rx.try_recv().unwrap(), TaskEvent::Log { line, .. } if line.seq == 2));
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            TaskEvent::Log { first: 1, .. }
+        ));
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            TaskEvent::Log { first: 2, .. }
+        ));
         assert!(matches!(
             rx.try_recv().unwrap(),
             TaskEvent::Finished { log_lines: 2, .. }

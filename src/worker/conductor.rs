@@ -3,6 +3,7 @@
 //! stdout and stderr streamed line by line, an execution timeout and cancel
 //! that kill the whole process group (TERM, grace, KILL).
 
+use crate::protocol::logtext::{PackedLines, PackedText};
 use crate::protocol::{DeviceProps, Outcome, Stream, TaskSpec};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -167,6 +168,14 @@ impl Masker {
         Masker { secrets }
     }
 
+    /// True if `bytes` contain a secret (then the lines are masked one by
+    /// one; otherwise they are packed as they are).
+    pub fn needs_mask(&self, bytes: &[u8]) -> bool {
+        self.secrets
+            .iter()
+            .any(|(v, _)| memchr::memmem::find(bytes, v.as_bytes()).is_some())
+    }
+
     pub fn mask(&self, text: String) -> String {
         let mut out = text;
         for (value, shown) in &self.secrets {
@@ -215,6 +224,8 @@ pub struct Run {
     /// Where to note the conductor's process group, so a restarted worker
     /// can kill what its predecessor left running.
     pub pgid_file: Option<PathBuf>,
+    /// Hides the testrun's secrets in what the conductor prints.
+    pub masker: Masker,
 }
 
 /// Runs the conductor to its end, sending every output line to `lines`.
@@ -223,7 +234,7 @@ pub struct Run {
 /// [`Outcome`] with `failure` set.
 pub async fn run(
     run: Run,
-    lines: mpsc::Sender<(Stream, Vec<String>)>,
+    lines: mpsc::Sender<PackedText>,
     mut stop: watch::Receiver<Stop>,
 ) -> Outcome {
     let Some((program, args)) = run.argv.split_first() else {
@@ -262,19 +273,26 @@ pub async fn run(
     if let Some(path) = &run.pgid_file {
         if let Err(e) = std::fs::write(path, pgid.as_raw().to_string()) {
             let _ = lines
-                .send((
+                .send(PackedText::line(
                     Stream::Worker,
-                    vec![format!(
-                        "cannot note the process group in {}: {e}",
-                        path.display()
-                    )],
+                    &format!("cannot note the process group in {}: {e}", path.display()),
                 ))
                 .await;
         }
     }
     let readers = [
-        tokio::spawn(pump(child.stdout.take(), Stream::Stdout, lines.clone())),
-        tokio::spawn(pump(child.stderr.take(), Stream::Stderr, lines.clone())),
+        tokio::spawn(pump(
+            child.stdout.take(),
+            Stream::Stdout,
+            run.masker.clone(),
+            lines.clone(),
+        )),
+        tokio::spawn(pump(
+            child.stderr.take(),
+            Stream::Stderr,
+            run.masker.clone(),
+            lines.clone(),
+        )),
     ];
 
     let mut outcome = Outcome::default();
@@ -293,19 +311,19 @@ pub async fn run(
     };
     if outcome.timed_out {
         let _ = lines
-            .send((
+            .send(PackedText::line(
                 Stream::Worker,
-                vec![format!(
+                &format!(
                     "execution timeout after {} s: terminating the conductor's process group",
                     run.timeout.as_secs()
-                )],
+                ),
             ))
             .await;
     } else if outcome.cancelled {
         let _ = lines
-            .send((
+            .send(PackedText::line(
                 Stream::Worker,
-                vec!["task cancelled: terminating the conductor's process group".into()],
+                "task cancelled: terminating the conductor's process group",
             ))
             .await;
     }
@@ -316,7 +334,7 @@ pub async fn run(
             match tokio::time::timeout(run.kill_grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
-                    let _ = lines.send((Stream::Worker, vec![format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis())])).await;
+                    let _ = lines.send(PackedText::line(Stream::Worker, &format!("conductor still running {} ms after SIGTERM: killing its process group", run.kill_grace.as_millis()))).await;
                     signal_group(pgid, Signal::SIGKILL);
                     child.wait().await
                 }
@@ -374,37 +392,59 @@ fn signal_group(pgid: Pid, signal: Signal) -> bool {
 async fn pump(
     stream: Option<impl AsyncRead + Unpin>,
     which: Stream,
-    lines: mpsc::Sender<(Stream, Vec<String>)>,
+    masker: Masker,
+    lines: mpsc::Sender<PackedText>,
 ) {
     let Some(stream) = stream else { return };
-    // The lines of one read go on together: one channel hand-over per
-    // pipe read, not per line (a conductor printing a million short lines
-    // would otherwise spend the worker's time in channel operations).
+    // The lines of one read go on together, packed as the server stores
+    // them: one hand-over per pipe read, and no allocation per line (a
+    // conductor printing a million short lines would otherwise spend the
+    // worker's time in the allocator).
     let mut reader = BufReader::with_capacity(PIPE_READ_BYTES, stream);
-    let mut splitter = LineSplitter::default();
+    let mut packed = PackedLines::default();
+    let needs_mask = |b: &[u8]| masker.needs_mask(b);
+    let mask = |t: String| masker.mask(t);
     loop {
         let chunk = match reader.fill_buf().await {
             Ok([]) => {
-                if let Some(text) = splitter.finish() {
-                    let _ = lines.send((which, vec![text])).await;
+                packed.finish(&needs_mask, &mask);
+                let (count, text) = packed.take();
+                if count > 0 {
+                    let _ = lines
+                        .send(PackedText {
+                            stream: which,
+                            count,
+                            text,
+                        })
+                        .await;
                 }
                 return;
             }
             Ok(chunk) => chunk,
             Err(e) => {
                 let _ = lines
-                    .send((
+                    .send(PackedText::line(
                         Stream::Worker,
-                        vec![format!("cannot read conductor {which:?}: {e}")],
+                        &format!("cannot read conductor {which:?}: {e}"),
                     ))
                     .await;
                 return;
             }
         };
         let used = chunk.len();
-        let texts = splitter.push(chunk);
+        packed.push(chunk, &needs_mask, &mask);
         reader.consume(used);
-        if !texts.is_empty() && lines.send((which, texts)).await.is_err() {
+        let (count, text) = packed.take();
+        if count > 0
+            && lines
+                .send(PackedText {
+                    stream: which,
+                    count,
+                    text,
+                })
+                .await
+                .is_err()
+        {
             return;
         }
     }
@@ -413,79 +453,9 @@ async fn pump(
 /// Bytes read from a conductor's pipe at once.
 const PIPE_READ_BYTES: usize = 64 * 1024;
 
-/// Cuts a byte stream into lines of at most [`MAX_LINE_BYTES`]: memory per
-/// stream stays bounded however long a line without a newline is; a long
-/// line goes out in pieces, each but the last marked as continued.
-#[derive(Default)]
-struct LineSplitter {
-    buf: Vec<u8>,
-}
-
-/// Marks a piece of a line that was cut because it was too long.
-const CONTINUED: &str = " [line continues]";
-
-impl LineSplitter {
-    fn push(&mut self, mut bytes: &[u8]) -> Vec<String> {
-        let mut out = Vec::new();
-        while !bytes.is_empty() {
-            let room = MAX_LINE_BYTES - self.buf.len();
-            match bytes.iter().take(room).position(|b| *b == b'\n') {
-                Some(i) => {
-                    self.buf.extend_from_slice(&bytes[..i]);
-                    bytes = &bytes[i + 1..];
-                    out.push(Self::text(&mut self.buf, false));
-                }
-                None if bytes.len() >= room => {
-                    self.buf.extend_from_slice(&bytes[..room]);
-                    bytes = &bytes[room..];
-                    out.push(Self::text(&mut self.buf, true));
-                }
-                None => {
-                    self.buf.extend_from_slice(bytes);
-                    bytes = &[];
-                }
-            }
-        }
-        out
-    }
-
-    fn finish(&mut self) -> Option<String> {
-        (!self.buf.is_empty()).then(|| Self::text(&mut self.buf, false))
-    }
-
-    fn text(buf: &mut Vec<u8>, cut: bool) -> String {
-        while !cut && buf.last().is_some_and(|b| *b == b'\r') {
-            buf.pop();
-        }
-        let mut text = String::from_utf8_lossy(buf).into_owned();
-        buf.clear();
-        if cut {
-            text.push_str(CONTINUED);
-        }
-        text
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_line_without_newline_is_cut_into_bounded_pieces() {
-        let mut sp = LineSplitter::default();
-        let mut out = Vec::new();
-        for _ in 0..10 {
-            out.extend(sp.push(&vec![b'y'; MAX_LINE_BYTES / 3]));
-        }
-        out.extend(sp.push(b"end\r\nnext"));
-        out.extend(sp.finish());
-        assert!(out
-            .iter()
-            .all(|l| l.len() <= MAX_LINE_BYTES + CONTINUED.len()));
-        assert_eq!(out.iter().filter(|l| l.ends_with(CONTINUED)).count(), 3);
-        assert!(out[3].ends_with("end"), "{:?}", &out[3][out[3].len() - 5..]);
-        assert_eq!(out.last().unwrap(), "next");
-    }
     use std::collections::BTreeMap;
 
     fn spec() -> TaskSpec {

@@ -281,8 +281,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                 while let Some(event) = next.take() {
                     match &event {
                         TaskEvent::Finished { task, .. } => report_saved = Some(task.clone()),
-                        TaskEvent::Log { line, .. } => log_budget.buffered(crate::worker::channel::charge(&line.text)),
-                        TaskEvent::Logs { lines, .. } => log_budget.buffered(lines.iter().map(|l| crate::worker::channel::charge(&l.text)).sum()),
+                        TaskEvent::Log { text, .. } => log_budget.buffered(crate::worker::channel::charge(text)),
                     }
                     actions.extend(session.on_task_event(Instant::now(), event));
                     taken += 1;
@@ -435,14 +434,15 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         // Log batches the socket would not take this turn, in order: they
         // go back to the session (back-pressure, not loss).
-        let mut unsent_logs: Vec<protocol::Body> = Vec::new();
+        let mut unsent_logs: Vec<(protocol::Body, Option<bytes::Bytes>)> = Vec::new();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Send {
-                    body: body @ protocol::Body::Log { .. },
-                    ..
-                } if !unsent_logs.is_empty() => {
-                    unsent_logs.push(body);
+                    body: body @ protocol::Body::LogPacked { .. },
+                    raw,
+                    header,
+                } if !unsent_logs.is_empty() && !header.mandatory => {
+                    unsent_logs.push((body, raw));
                 }
                 // Nor does a final report overtake the lines held back.
                 Action::Send {
@@ -455,6 +455,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                 Action::Send { header, body, raw } => {
                     let Some(c) = conn.as_mut() else { continue };
                     let raw_len = raw.as_ref().map_or(0, |r| r.len() as u64);
+                    let kept_raw = matches!(body, protocol::Body::LogPacked { .. })
+                        .then(|| raw.clone())
+                        .flatten();
                     let mut frames = protocol::encode(&header, &body, raw);
                     if let Some(channel) = c.channel.as_mut() {
                         frames = channel.seal(&frames);
@@ -476,8 +479,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                             {
                                 // Read again and sent at the next tick.
                                 session.chunk_unsent(task, *attempt, name, *offset, raw_len);
-                            } else if matches!(body, protocol::Body::Log { .. }) && !mandatory {
-                                unsent_logs.push(body);
+                            } else if matches!(body, protocol::Body::LogPacked { .. }) && !mandatory
+                            {
+                                unsent_logs.push((body, kept_raw));
                             } else if !mandatory {
                                 session.note_unsent(&body);
                             }
@@ -1007,7 +1011,7 @@ async fn run_task(
                             if line.complete {
                                 text.push('\n');
                             }
-                            channel.log_lines(Stream::Serial, std::iter::once(shown));
+                            channel.log(Stream::Serial, shown);
                             if text.contains(pattern.as_str()) {
                                 break Ok(());
                             }
@@ -1115,21 +1119,22 @@ async fn run_task(
         .chain(conductor::Masker::env(&spec.secrets))
         .collect(),
         pgid_file: Some(task_dir.join("conductor.pgid")),
+        masker: masker.clone(),
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
     loop {
         tokio::select! {
             got = line_rx.recv() => match got {
-                Some((stream, texts)) => {
+                Some(packed) => {
                     // Delivery behind: wait here, so the conductor waits on its pipe.
                     channel.wait_for_room().await;
-                    channel.log_lines(stream, texts.into_iter().map(|t| masker.mask(t)));
+                    channel.log_packed(packed);
                 }
                 None => break,
             },
             Some(line) = async { console_rx.as_mut()?.recv().await }, if console_rx.is_some() => {
                 let shown = masker.mask(crate::worker::console::escape(&line.bytes));
-                channel.log_lines(Stream::Serial, std::iter::once(shown));
+                channel.log(Stream::Serial, shown);
             }
         }
     }
@@ -1151,7 +1156,7 @@ async fn run_task(
     if let Some(rx) = console_rx.as_mut() {
         while let Ok(line) = rx.try_recv() {
             let shown = masker.mask(crate::worker::console::escape(&line.bytes));
-            channel.log_lines(Stream::Serial, std::iter::once(shown));
+            channel.log(Stream::Serial, shown);
         }
     }
     console_done(&mut channel);

@@ -7,6 +7,7 @@ use crate::delivery::dedup::DEDUP_AHEAD;
 use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
+use crate::protocol::logtext::{PackedText, MAX_LOG_PARTS};
 use crate::protocol::*;
 use crate::worker::channel::{charge, ResultFile, TaskEvent};
 use bytes::Bytes;
@@ -22,7 +23,7 @@ pub const MAX_OUTBOX: usize = 100_000;
 
 /// A log batch stops growing at about this many bytes: many small lines per
 /// message is what keeps the `zeromq` ROUTER fast with many active workers.
-pub const MAX_LOG_BATCH_BYTES: usize = 64 * 1024;
+pub const MAX_LOG_BATCH_BYTES: usize = 256 * 1024;
 
 /// Session rules, from the worker configuration.
 #[derive(Clone, Debug)]
@@ -202,10 +203,12 @@ pub struct Session {
     last_heard: Instant,
     last_sent: Instant,
     outbox: Outbox,
-    /// Buffered log lines with the (task, attempt) channel they belong to.
-    logs: VecDeque<(TaskId, u32, LogLine)>,
-    /// Bytes of text in `logs`.
+    /// Buffered log lines, packed, with the (task, attempt) channel they
+    /// belong to.
+    logs: VecDeque<Piece>,
+    /// What `logs` costs ([`charge`]) and the lines it holds.
     log_bytes: usize,
+    log_lines: usize,
     oldest_log_at: Option<Instant>,
     slot: Option<Slot>,
     ready_sent: bool,
@@ -301,6 +304,7 @@ impl Session {
             last_sent: now,
             logs: VecDeque::new(),
             log_bytes: 0,
+            log_lines: 0,
             oldest_log_at: None,
             slot: None,
             ready_sent: false,
@@ -390,12 +394,12 @@ impl Session {
     /// the conductor prints), in the order they were made: their lines go
     /// back to the front of the buffer, to be sent at the next flush. The
     /// buffer's bounds still hold (the oldest go first, counted).
-    pub fn requeue_unsent_logs(&mut self, now: Instant, bodies: Vec<Body>) {
-        for body in bodies.into_iter().rev() {
-            let Body::Log {
+    pub fn requeue_unsent_logs(&mut self, now: Instant, batches: Vec<(Body, Option<Bytes>)>) {
+        for (body, raw) in batches.into_iter().rev() {
+            let Body::LogPacked {
                 task,
                 attempt,
-                lines,
+                parts,
             } = body
             else {
                 continue;
@@ -403,9 +407,24 @@ impl Session {
             if !self.is_current(&task, attempt) {
                 continue; // the task was closed meanwhile; dropped on purpose
             }
-            for line in lines.into_iter().rev() {
-                self.log_bytes += charge(&line.text);
-                self.logs.push_front((task.clone(), attempt, line));
+            let raw = raw.unwrap_or_default();
+            let mut end = raw.len();
+            for p in parts.into_iter().rev() {
+                let start = end.saturating_sub(p.bytes as usize);
+                let piece = Piece {
+                    task: task.clone(),
+                    attempt,
+                    first: p.first,
+                    text: PackedText {
+                        stream: p.stream,
+                        count: p.count,
+                        text: raw[start..end].to_vec(),
+                    },
+                };
+                end = start;
+                self.log_bytes += charge(&piece.text);
+                self.log_lines += piece.text.count as usize;
+                self.logs.push_front(piece);
             }
         }
         self.shed_oldest_logs(0, 0);
@@ -428,9 +447,10 @@ impl Session {
 
     pub fn note_unsent(&mut self, body: &Body) {
         self.stats.unsent_dropped += 1;
-        if let Body::Log { task, lines, .. } = body {
-            self.stats.log_lines_dropped += lines.len() as u64;
-            *self.dropped_per_task.entry(task.clone()).or_default() += lines.len() as u64;
+        if let Body::LogPacked { task, parts, .. } = body {
+            let lines: u64 = parts.iter().map(|p| u64::from(p.count)).sum();
+            self.stats.log_lines_dropped += lines;
+            *self.dropped_per_task.entry(task.clone()).or_default() += lines;
         }
     }
 
@@ -533,7 +553,7 @@ impl Session {
     }
 
     pub fn buffered_log_lines(&self) -> usize {
-        self.logs.len()
+        self.log_lines
     }
 
     /// How long the server may stay silent before it counts as lost.
@@ -889,8 +909,9 @@ impl Session {
         } else {
             info!(task = %task, %reason, "task channel closed by the server");
         }
-        self.logs.retain(|(t, a, _)| !matches(t, *a));
-        self.log_bytes = self.logs.iter().map(|(_, _, l)| charge(&l.text)).sum();
+        self.logs.retain(|p| !matches(&p.task, p.attempt));
+        self.log_bytes = self.logs.iter().map(|p| charge(&p.text)).sum();
+        self.log_lines = self.logs.iter().map(|p| p.text.count as usize).sum();
         if ours {
             if !finished {
                 actions.push(Action::StopTask(task.clone()));
@@ -925,13 +946,15 @@ impl Session {
     /// bounds.
     fn shed_oldest_logs(&mut self, lines: usize, bytes: usize) {
         while !self.logs.is_empty()
-            && (self.logs.len() + lines > self.cfg.log_buffer_lines
+            && (self.log_lines + lines > self.cfg.log_buffer_lines
                 || self.log_bytes + bytes > self.cfg.log_buffer_bytes)
         {
-            if let Some((t, _, old)) = self.logs.pop_front() {
+            if let Some(old) = self.logs.pop_front() {
+                let n = old.text.count as usize;
                 self.log_bytes -= charge(&old.text);
-                self.stats.log_lines_dropped += 1;
-                *self.dropped_per_task.entry(t).or_default() += 1;
+                self.log_lines -= n;
+                self.stats.log_lines_dropped += n as u64;
+                *self.dropped_per_task.entry(old.task).or_default() += n as u64;
             }
         }
     }
@@ -939,10 +962,12 @@ impl Session {
     /// Queues one log line for sending. Bounded in lines and in bytes: the
     /// oldest go first, and each one dropped is counted (the server
     /// reports the gap).
-    fn buffer_log(&mut self, now: Instant, task: TaskId, attempt: u32, line: LogLine) {
-        self.shed_oldest_logs(1, charge(&line.text));
-        self.log_bytes += charge(&line.text);
-        self.logs.push_back((task, attempt, line));
+    fn buffer_log(&mut self, now: Instant, piece: Piece) {
+        let (lines, bytes) = (piece.text.count as usize, charge(&piece.text));
+        self.shed_oldest_logs(lines, bytes);
+        self.log_bytes += bytes;
+        self.log_lines += lines;
+        self.logs.push_back(piece);
         self.oldest_log_at.get_or_insert(now);
     }
 
@@ -952,24 +977,21 @@ impl Session {
             TaskEvent::Log {
                 task,
                 attempt,
-                line,
+                first,
+                text,
             } => {
                 if !self.is_current(&task, attempt) {
                     return actions; // the task was closed under it; dropped on purpose
                 }
-                self.buffer_log(now, task, attempt, line);
-            }
-            TaskEvent::Logs {
-                task,
-                attempt,
-                lines,
-            } => {
-                if !self.is_current(&task, attempt) {
-                    return actions; // the task was closed under it; dropped on purpose
-                }
-                for line in lines {
-                    self.buffer_log(now, task.clone(), attempt, line);
-                }
+                self.buffer_log(
+                    now,
+                    Piece {
+                        task,
+                        attempt,
+                        first,
+                        text,
+                    },
+                );
             }
             TaskEvent::Finished {
                 task,
@@ -1110,7 +1132,7 @@ impl Session {
             matches!(p.body, Body::TaskFinished { .. })
                 && p.task
                     .as_ref()
-                    .is_some_and(|t| logs.iter().any(|(lt, _, _)| lt == t))
+                    .is_some_and(|t| logs.iter().any(|l| l.task == *t))
         });
         for Outgoing { header, body, raw } in due {
             self.send(now, actions, header, body, raw);
@@ -1129,45 +1151,68 @@ impl Session {
 
     fn flush_logs(&mut self, now: Instant, actions: &mut Vec<Action>, all: bool) {
         let due = all
-            || self.logs.len() >= self.cfg.log_batch_lines
+            || self.log_lines >= self.cfg.log_batch_lines
             || self
                 .oldest_log_at
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.log_batch_delay);
         if !due {
             return;
         }
-        while let Some((task, attempt, _)) = self.logs.front() {
-            let (task, attempt) = (task.clone(), *attempt);
-            let mut lines = Vec::new();
-            let mut bytes = 0;
-            while lines.len() < self.cfg.log_batch_lines && bytes < MAX_LOG_BATCH_BYTES {
-                match self.logs.front() {
-                    Some((t, a, _)) if *t == task && *a == attempt => {
-                        let line = self.logs.pop_front().expect("front").2;
-                        self.log_bytes -= charge(&line.text);
-                        bytes += line.text.len() + 16;
-                        lines.push(line);
+        while let Some(front) = self.logs.front() {
+            let (task, attempt) = (front.task.clone(), front.attempt);
+            // One message: pieces of this channel, up to the batch size;
+            // a piece continuing the one before it (same stream, next
+            // line number) extends its part.
+            let mut parts: Vec<LogPart> = Vec::new();
+            let mut raw: Vec<u8> = Vec::new();
+            while let Some(p) = self.logs.front() {
+                if p.task != task || p.attempt != attempt {
+                    break;
+                }
+                let fits = raw.len() + p.text.text.len() <= MAX_LOG_BATCH_BYTES;
+                let continues = parts.last().is_some_and(|l| {
+                    l.stream == p.text.stream
+                        && l.first + u64::from(l.count) == p.first
+                        && l.count.checked_add(p.text.count).is_some()
+                });
+                if !parts.is_empty() && (!fits || (!continues && parts.len() >= MAX_LOG_PARTS)) {
+                    break;
+                }
+                let p = self.logs.pop_front().expect("front");
+                self.log_bytes -= charge(&p.text);
+                self.log_lines -= p.text.count as usize;
+                raw.extend_from_slice(&p.text.text);
+                match parts.last_mut() {
+                    Some(l) if continues => {
+                        l.count += p.text.count;
+                        l.bytes += p.text.text.len() as u32;
                     }
-                    _ => break,
+                    _ => parts.push(LogPart {
+                        first: p.first,
+                        count: p.text.count,
+                        stream: p.text.stream,
+                        bytes: p.text.text.len() as u32,
+                    }),
                 }
             }
-            let body = Body::Log {
+            let body = Body::LogPacked {
                 task: task.clone(),
                 attempt,
-                lines,
+                parts,
             };
+            let raw = Some(Bytes::from(raw));
             if self.cfg.delivery.log == Policy::GuaranteeNothing {
                 self.send(
                     now,
                     actions,
                     plain_header(Class::Log, Some(&task)),
                     body,
-                    None,
+                    raw,
                 );
             } else {
-                self.deliver(now, &task, attempt, body, None);
+                self.deliver(now, &task, attempt, body, raw);
             }
-            if !all && self.logs.len() < self.cfg.log_batch_lines {
+            if !all && self.log_lines < self.cfg.log_batch_lines {
                 break;
             }
         }
@@ -1177,6 +1222,15 @@ impl Session {
             Some(now)
         };
     }
+}
+
+/// Packed lines of one task waiting to be sent, numbered from `first`.
+#[derive(Debug)]
+struct Piece {
+    task: TaskId,
+    attempt: u32,
+    first: u64,
+    text: PackedText,
 }
 
 #[cfg(test)]

@@ -193,7 +193,14 @@ impl<S: Store> Scheduler<S> {
     /// lines only to those that asked for them), and, without security,
     /// publishes it on PUB too. Best-effort, like PUB: a follower that
     /// misses some catches up with `get_events`.
-    pub(super) fn tell_followers(&mut self, run: &RunId, topic: String, body: Body, is_log: bool) {
+    pub(super) fn tell_followers(
+        &mut self,
+        run: &RunId,
+        topic: String,
+        body: Body,
+        raw: Option<Bytes>,
+        is_log: bool,
+    ) {
         if let Some(followers) = self.followers.get(run) {
             let peers: Vec<PeerId> = followers
                 .iter()
@@ -201,11 +208,11 @@ impl<S: Store> Scheduler<S> {
                 .map(|(p, _)| p.clone())
                 .collect();
             for peer in peers {
-                self.send(&peer, None, body.clone(), None);
+                self.send(&peer, None, body.clone(), raw.clone());
             }
         }
         if !self.cfg.secure {
-            self.out.push(Output::Publish { topic, body });
+            self.out.push(Output::Publish { topic, body, raw });
         }
     }
 
@@ -223,6 +230,7 @@ impl<S: Store> Scheduler<S> {
             self.out.push(Output::Publish {
                 topic: "hb".into(),
                 body,
+                raw: None,
             });
             return;
         }
@@ -241,6 +249,7 @@ impl<S: Store> Scheduler<S> {
             return vec![Output::Publish {
                 topic: "hb".into(),
                 body,
+                raw: None,
             }];
         }
         let peers: Vec<PeerId> = self.peers.keys().cloned().collect();

@@ -138,6 +138,7 @@ impl<S: Store> Scheduler<S> {
                 run: run.clone(),
                 event,
             },
+            None,
             false,
         );
     }

@@ -27,7 +27,13 @@ impl<S: Store> Scheduler<S> {
 
     /// Applies a mandatory message once. Returns true if it should be acked
     /// (false: it was answered with a nack instead).
-    pub(super) fn apply_mandatory(&mut self, now: Instant, worker: &str, body: Body) -> bool {
+    pub(super) fn apply_mandatory(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> bool {
         // A bye sent mandatory: acknowledged once the stop is recorded, so
         // the worker closes its connection only after that (a close seen
         // before the bye would count as a loss).
@@ -38,6 +44,7 @@ impl<S: Store> Scheduler<S> {
         let (task, attempt) = match &body {
             Body::TaskAccepted { task, attempt }
             | Body::Log { task, attempt, .. }
+            | Body::LogPacked { task, attempt, .. }
             | Body::TaskFinished { task, attempt, .. } => (task.clone(), Some(*attempt)),
             Body::TaskRefused { task, .. } => (task.clone(), None),
             other => {
@@ -87,6 +94,11 @@ impl<S: Store> Scheduler<S> {
                 attempt,
                 lines,
             } => self.on_log(worker, task, attempt, lines),
+            Body::LogPacked {
+                task,
+                attempt,
+                parts,
+            } => self.on_log_packed(worker, task, attempt, parts, raw),
             Body::TaskAccepted { task, .. } => {
                 let t = self.tasks.get_mut(&task).expect("open task");
                 if t.state == TaskState::Dispatched || t.state == TaskState::Held {
@@ -155,6 +167,96 @@ impl<S: Store> Scheduler<S> {
             _ => unreachable!("filtered above"),
         }
         true
+    }
+
+    /// Packed log lines: checked by the codec already; stored as they are
+    /// when every part is new, in order and within the task's limits (the
+    /// normal case: one append, one range per part, no work per line).
+    /// Anything else (a resent or overlapping part, the limits reached)
+    /// goes line by line through [`Self::on_log`].
+    pub(super) fn on_log_packed(
+        &mut self,
+        worker: &str,
+        task: TaskId,
+        attempt: u32,
+        parts: Vec<LogPart>,
+        raw: Option<Bytes>,
+    ) {
+        let raw = raw.unwrap_or_default();
+        let lines: u64 = parts.iter().map(|p| u64::from(p.count)).sum();
+        if !self.open_on(&task, worker, Some(attempt)) {
+            self.count("orphan_log_lines", lines);
+            return;
+        }
+        let t = &self.tasks[&task];
+        let limits = &self.cfg.limits;
+        let mut bytes = t.log_bytes;
+        let mut runs = t.log.runs();
+        let mut prev_last: Option<u64> = None;
+        let mut fast = true;
+        for p in &parts {
+            // count ≥ 1 and first + count within MAX_SEQ (codec-checked).
+            let last = p.first + u64::from(p.count) - 1;
+            let size = u64::from(p.bytes)
+                + crate::server::store::prefix(p.stream).len() as u64 * u64::from(p.count);
+            let in_order = prev_last.is_none_or(|pl| p.first > pl);
+            if !in_order
+                || t.log.overlaps(p.first, last)
+                || bytes.saturating_add(size) > limits.max_task_log_bytes
+            {
+                fast = false;
+                break;
+            }
+            let joins = prev_last.is_some_and(|pl| pl + 1 == p.first) || t.log.joins(p.first, last);
+            if !joins {
+                if runs >= limits.max_log_gaps {
+                    fast = false;
+                    break;
+                }
+                runs += 1;
+            }
+            bytes += size;
+            prev_last = Some(last);
+        }
+        if !fast {
+            self.count("log_packed_slow_path", 1);
+            let mut all = Vec::new();
+            let mut at = 0usize;
+            for p in &parts {
+                let text = &raw[at..at + p.bytes as usize];
+                at += p.bytes as usize;
+                all.extend(crate::protocol::logtext::to_lines(p.first, p.stream, text));
+            }
+            return self.on_log(worker, task, attempt, all);
+        }
+        let mut texts = Vec::with_capacity(parts.len());
+        let mut at = 0usize;
+        for p in &parts {
+            texts.push((p.stream, &raw[at..at + p.bytes as usize]));
+            at += p.bytes as usize;
+        }
+        if let Err(e) = self.store.append_log_packed(&task, &texts) {
+            warn!(task = %task, error = %e, lines, "storage error: log lines not stored");
+            self.count("log_lines_store_failed", lines);
+            return;
+        }
+        self.touched.insert(task.clone());
+        let t = self.tasks.get_mut(&task).expect("open task");
+        for p in &parts {
+            t.log
+                .insert_range(p.first, p.first + u64::from(p.count) - 1);
+        }
+        t.log_bytes = bytes;
+        let run = t.run.clone();
+        self.count("log_lines_stored", lines);
+        let topic = format!("log/{run}");
+        self.tell_followers(
+            &run.clone(),
+            topic,
+            Body::LogLinesPacked { run, task, parts },
+            Some(raw),
+            true,
+        );
     }
 
     pub(super) fn on_log(&mut self, worker: &str, task: TaskId, attempt: u32, lines: Vec<LogLine>) {
@@ -236,6 +338,7 @@ impl<S: Store> Scheduler<S> {
                 task,
                 lines: fresh,
             },
+            None,
             true,
         );
     }

@@ -701,6 +701,96 @@ fn cancel_stops_queued_tasks_at_once_and_asks_workers_to_stop_running_ones() {
     assert_eq!(st.verdict, None);
 }
 
+/// A packed log message of `lines` (one part per (stream, lines) group).
+fn packed(task: &TaskId, groups: &[(u64, Stream, &[&str])]) -> Envelope {
+    let mut parts = Vec::new();
+    let mut raw = Vec::new();
+    for (first, stream, lines) in groups {
+        let start = raw.len();
+        for l in *lines {
+            crate::protocol::logtext::escape_into(&mut raw, l.as_bytes());
+            raw.push(b'\n');
+        }
+        parts.push(LogPart {
+            first: *first,
+            count: lines.len() as u32,
+            stream: *stream,
+            bytes: (raw.len() - start) as u32,
+        });
+    }
+    let mut e = env(
+        false,
+        0,
+        Body::LogPacked {
+            task: task.clone(),
+            attempt: 1,
+            parts,
+        },
+    );
+    e.raw = Some(Bytes::from(raw));
+    e
+}
+
+#[test]
+fn packed_log_lines_are_stored_as_sent_once_with_prefixes_and_exact_gaps() {
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
+    let now = lab.now;
+    let send = |lab: &mut Lab, e: Envelope| {
+        lab.s.on_message(now, &peer("w"), e);
+        lab.outputs()
+    };
+    send(
+        &mut lab,
+        packed(
+            &task,
+            &[
+                (1, Stream::Stdout, &["one", "two \\ back"]),
+                (3, Stream::Stderr, &["oops\rcr"]),
+            ],
+        ),
+    );
+    // Resent and overlapping: only line 4 is new.
+    send(
+        &mut lab,
+        packed(&task, &[(2, Stream::Stdout, &["two", "x", "four"])]),
+    );
+    // A gap (5..=6), then 7.
+    send(&mut lab, packed(&task, &[(7, Stream::Worker, &["seven"])]));
+    lab.mandatory(
+        "w",
+        Body::TaskFinished {
+            task: task.clone(),
+            attempt: 1,
+            outcome: Outcome {
+                exit_code: Some(0),
+                ..Outcome::default()
+            },
+            log_lines: 7,
+            files: vec![],
+            file_problems: vec![],
+        },
+    );
+    let t = &lab.status(&run).tasks[0];
+    assert_eq!(t.log_lines_stored, 5);
+    assert_eq!(t.log_gaps, vec![(5, 6)]);
+    let stored = String::from_utf8(lab.s.store.logs[&task].clone()).unwrap();
+    assert_eq!(
+        stored,
+        "one\ntwo \\\\ back\n[stderr] oops\\rcr\nfour\n[ots-worker] seven\n"
+    );
+    assert_eq!(lab.s.counters["log_packed_slow_path"], 1);
+}
+
 #[test]
 fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     let mut lab = Lab::new();

@@ -206,11 +206,11 @@ impl W {
             TaskEvent::Log {
                 task: task.into(),
                 attempt: 1,
-                line: LogLine {
-                    seq,
-                    stream: Stream::Stdout,
-                    text: format!("l{seq}"),
-                },
+                first: seq,
+                text: crate::protocol::logtext::PackedText::line(
+                    Stream::Stdout,
+                    &format!("l{seq}"),
+                ),
             },
         )
     }
@@ -400,7 +400,7 @@ fn busy_worker_refuses_a_second_task() {
 fn logs_posted_before_finish_go_out_before_the_final_report() {
     let mut w = W::new();
     let a = w.two_lines_then_the_report();
-    assert_eq!(sent(&a), vec!["log", "task_finished"]);
+    assert_eq!(sent(&a), vec!["log_packed", "task_finished"]);
 }
 
 #[test]
@@ -429,20 +429,26 @@ fn while_the_server_is_away_logs_are_bounded_and_the_report_waits() {
         },
     );
     assert!(a.is_empty());
-    // Back: hello names the task, then buffered logs (4..8) before the report.
+    // Back: hello names the task, then buffered logs (4..8, one batch:
+    // they continue each other) before the report.
     let a = w.s.on_connected(w.now);
     assert!(
         matches!(&a[0], Action::Send { body: Body::Hello { running, .. }, .. } if running == &vec!["t1".to_string()])
     );
     let a = w.welcome("srv2");
-    assert_eq!(sent(&a), vec!["log", "log", "task_finished"]);
+    assert_eq!(sent(&a), vec!["log_packed", "task_finished"]);
     let seqs: Vec<u64> = a
         .iter()
         .filter_map(|a| match a {
             Action::Send {
-                body: Body::Log { lines, .. },
+                body: Body::LogPacked { parts, .. },
                 ..
-            } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
+            } => Some(
+                parts
+                    .iter()
+                    .flat_map(|p| p.first..p.first + u64::from(p.count))
+                    .collect::<Vec<_>>(),
+            ),
             _ => None,
         })
         .flatten()
@@ -918,9 +924,9 @@ fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_t
     // batch back and holds the report it had not sent either.
     let (mut refused, mut report) = (Vec::new(), None);
     for action in a {
-        if let Action::Send { header, body, .. } = action {
+        if let Action::Send { header, body, raw } = action {
             match body {
-                Body::Log { .. } => refused.push(body),
+                Body::LogPacked { .. } => refused.push((body, raw)),
                 Body::TaskFinished { .. } => report = Some(header.seq),
                 _ => {}
             }
@@ -938,7 +944,10 @@ fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_t
     // report (due at once, not after a resend backoff).
     let a = w.advance(Duration::from_millis(100));
     let order: Vec<&str> = sent(&a);
-    let log_at = order.iter().position(|k| *k == "log").expect("log resent");
+    let log_at = order
+        .iter()
+        .position(|k| *k == "log_packed")
+        .expect("log resent");
     let report_at = order
         .iter()
         .position(|k| *k == "task_finished")
@@ -948,9 +957,14 @@ fn log_batches_the_socket_refused_go_back_in_order_and_the_report_waits_behind_t
         .iter()
         .filter_map(|x| match x {
             Action::Send {
-                body: Body::Log { lines, .. },
+                body: Body::LogPacked { parts, .. },
                 ..
-            } => Some(lines.iter().map(|l| l.seq).collect::<Vec<_>>()),
+            } => Some(
+                parts
+                    .iter()
+                    .flat_map(|p| p.first..p.first + u64::from(p.count))
+                    .collect::<Vec<_>>(),
+            ),
             _ => None,
         })
         .flatten()

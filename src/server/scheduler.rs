@@ -288,6 +288,13 @@ pub struct Scheduler<S: Store> {
     /// Tasks changed since the last commit (state, log, files, flags):
     /// only these are encoded, so a commit costs what the batch changed.
     touched: BTreeSet<TaskId>,
+    /// Tasks whose only change is log accounting (lines stored): written
+    /// with the next commit at most [`LOG_ACCOUNTING_EVERY`] apart, not
+    /// once per log batch. Log lines are best-effort: a crash loses at
+    /// most that much accounting, and those lines then count as lost
+    /// (over-reported, never hidden).
+    log_touched: BTreeSet<TaskId>,
+    log_flushed_at: Instant,
     persisted_next_run: u64,
     /// Stored rows that could not be restored, to move aside at the next
     /// commit.
@@ -386,6 +393,8 @@ impl<S: Store> Scheduler<S> {
             persisted: HashMap::new(),
             history: Vec::new(),
             touched: BTreeSet::new(),
+            log_touched: BTreeSet::new(),
+            log_flushed_at: Instant::now(),
             persisted_next_run: 0,
             quarantined: Vec::new(),
             ready: HashMap::new(),

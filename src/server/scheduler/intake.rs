@@ -240,7 +240,7 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_store_failed", lines);
             return;
         }
-        self.touched.insert(task.clone());
+        self.log_touched.insert(task.clone());
         let t = self.tasks.get_mut(&task).expect("open task");
         for p in &parts {
             t.log
@@ -321,7 +321,7 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_store_failed", fresh.len() as u64);
             return;
         }
-        self.touched.insert(task.clone());
+        self.log_touched.insert(task.clone());
         let t = self.tasks.get_mut(&task).expect("open task");
         for l in &fresh {
             t.log.insert(l.seq);

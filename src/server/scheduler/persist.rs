@@ -124,11 +124,21 @@ fn decode<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// How far apart log accounting alone is committed.
+pub(super) const LOG_ACCOUNTING_EVERY: Duration = Duration::from_millis(200);
+
 impl<S: Store> Scheduler<S> {
     /// Everything that changed since the last call, encoded for the
     /// database. The shell commits it before sending any output, so no
     /// acknowledgement leaves before its effect is durable.
     pub fn take_changes(&mut self) -> Changes {
+        if !self.log_touched.is_empty()
+            && self.latest.saturating_duration_since(self.log_flushed_at) >= LOG_ACCOUNTING_EVERY
+        {
+            self.log_flushed_at = self.latest;
+            let mut logs = std::mem::take(&mut self.log_touched);
+            self.touched.append(&mut logs);
+        }
         let mut changes = Changes {
             removed_workers: std::mem::take(&mut self.removed_workers),
             pruned_tasks: std::mem::take(&mut self.pruned_tasks),

@@ -95,9 +95,10 @@ fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
     let task = &st["tasks"][0];
     assert_eq!(task["worker"], "py1", "{task:#}");
     let log = submit(&server, &["logs", &run], Duration::from_secs(10));
-    assert!(
-        text(&log.stdout).contains("hello from a python worker"),
-        "{}",
-        text(&log.stdout)
-    );
+    let shown = text(&log.stdout);
+    assert!(shown.contains("hello from a python worker"), "{shown}");
+    // Packed lines (PROTOCOL §4.2.1) from a worker written in Python.
+    assert!(shown.contains("packed from python"), "{shown}");
+    assert!(shown.contains("[stderr] packed on stderr"), "{shown}");
+    assert_eq!(log_accounting(task), (3, 3, 0), "{task:#}");
 }

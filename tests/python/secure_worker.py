@@ -164,6 +164,14 @@ def main():
             next_seq += 1
             line = {"seq": 1, "stream": "stdout", "text": "hello from a python worker"}
             send({"type": "log", "task": task, "attempt": attempt, "lines": [line]}, "log", task=task)
+            # §4.2.1: lines 2 and 3 packed, in the stored form (a
+            # backslash written twice), one part per stream.
+            out = "packed from python \\\\ ok\n".encode()
+            err = "packed on stderr\n".encode()
+            parts = [{"first": 2, "count": 1, "stream": "stdout", "bytes": len(out)},
+                     {"first": 3, "count": 1, "stream": "stderr", "bytes": len(err)}]
+            send({"type": "log_packed", "task": task, "attempt": attempt, "parts": parts},
+                 "log", task=task, raw=out + err)
             # §7.7: offer the result file; the server answers with credit.
             offer = {"type": "file_offer", "task": task, "attempt": attempt,
                      "name": "results.xml", "size": len(junit)}
@@ -191,7 +199,7 @@ def main():
                 "task": task,
                 "attempt": attempt,
                 "outcome": {"exit_code": 0, "timed_out": False, "cancelled": False},
-                "log_lines": 1,
+                "log_lines": 3,
                 "files": [{"name": "results.xml", "size": len(junit), "sha256": digest}],
             }
             pending[next_seq] = (report, "control", task, None)

@@ -492,12 +492,6 @@ fn unpack_log_lines(body: Body, raw: Option<Bytes>) -> Body {
         return body;
     };
     let raw = raw.unwrap_or_default();
-    let mut lines = Vec::new();
-    let mut at = 0usize;
-    for p in &parts {
-        let text = &raw[at..at + p.bytes as usize];
-        at += p.bytes as usize;
-        lines.extend(crate::protocol::logtext::to_lines(p.first, p.stream, text));
-    }
+    let lines = crate::protocol::logtext::unpack(&parts, &raw);
     Body::LogLines { run, task, lines }
 }

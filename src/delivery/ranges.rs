@@ -14,26 +14,7 @@ pub struct SeqRanges {
 impl SeqRanges {
     /// Adds `seq`; returns false if it was already present.
     pub fn insert(&mut self, seq: u64) -> bool {
-        if self.contains(seq) {
-            return false;
-        }
-        let mut start = seq;
-        let mut end = seq;
-        if let Some((&s, &e)) = self.ranges.range(..seq).next_back() {
-            if e.checked_add(1) == Some(seq) {
-                start = s;
-                self.ranges.remove(&s);
-            }
-        }
-        if let Some(next) = seq.checked_add(1) {
-            if let Some(&e) = self.ranges.get(&next) {
-                end = e;
-                self.ranges.remove(&next);
-            }
-        }
-        self.ranges.insert(start, end);
-        self.count += 1;
-        true
+        self.insert_range(seq, seq)
     }
 
     /// True if any number of `first..=last` is held.

@@ -12,7 +12,7 @@
 //! (`[stderr] `…) is not in the text; the part names the stream.
 
 use crate::protocol::limits::MAX_LINE_BYTES;
-use crate::protocol::{LogLine, Stream};
+use crate::protocol::{LogLine, LogPart, Stream};
 
 /// Longest line of a packed part, in its escaped form, without the `\n`:
 /// a line of [`MAX_LINE_BYTES`] read bytes grows at most threefold (an
@@ -166,6 +166,27 @@ impl PackedText {
             text: out,
         }
     }
+}
+
+/// Each part of a checked packed message with its text.
+pub fn part_texts<'a>(
+    parts: &'a [LogPart],
+    raw: &'a [u8],
+) -> impl Iterator<Item = (&'a LogPart, &'a [u8])> {
+    let mut at = 0usize;
+    parts.iter().map(move |p| {
+        let end = at + p.bytes as usize;
+        let text = &raw[at..end];
+        at = end;
+        (p, text)
+    })
+}
+
+/// All lines of a checked packed message as [`LogLine`]s.
+pub fn unpack(parts: &[LogPart], raw: &[u8]) -> Vec<LogLine> {
+    part_texts(parts, raw)
+        .flat_map(|(p, text)| to_lines(p.first, p.stream, text))
+        .collect()
 }
 
 /// Builds the packed text of one stream of output, straight from the

@@ -220,21 +220,12 @@ impl<S: Store> Scheduler<S> {
         }
         if !fast {
             self.count("log_packed_slow_path", 1);
-            let mut all = Vec::new();
-            let mut at = 0usize;
-            for p in &parts {
-                let text = &raw[at..at + p.bytes as usize];
-                at += p.bytes as usize;
-                all.extend(crate::protocol::logtext::to_lines(p.first, p.stream, text));
-            }
+            let all = crate::protocol::logtext::unpack(&parts, &raw);
             return self.on_log(worker, task, attempt, all);
         }
-        let mut texts = Vec::with_capacity(parts.len());
-        let mut at = 0usize;
-        for p in &parts {
-            texts.push((p.stream, &raw[at..at + p.bytes as usize]));
-            at += p.bytes as usize;
-        }
+        let texts: Vec<(Stream, &[u8])> = crate::protocol::logtext::part_texts(&parts, &raw)
+            .map(|(p, text)| (p.stream, text))
+            .collect();
         if let Err(e) = self.store.append_log_packed(&task, &texts) {
             warn!(task = %task, error = %e, lines, "storage error: log lines not stored");
             self.count("log_lines_store_failed", lines);

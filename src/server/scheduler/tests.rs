@@ -791,6 +791,52 @@ fn packed_log_lines_are_stored_as_sent_once_with_prefixes_and_exact_gaps() {
     assert_eq!(lab.s.counters["log_packed_slow_path"], 1);
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Packed parts in any order, overlapping, resent, of any stream:
+    /// every line number is stored exactly once, and the stored log holds
+    /// exactly those lines.
+    #[test]
+    fn packed_parts_in_any_order_and_overlap_are_stored_exactly_once(
+        msgs in proptest::collection::vec((1u64..80, 1u32..12, 0u8..4, proptest::bool::ANY), 1..40)
+    ) {
+        let mut lab = Lab::new();
+        lab.register("w", "devicegroup:g");
+        let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+        let task = lab.status(&run).tasks[0].task.clone();
+        lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+        let mut expected = std::collections::BTreeSet::new();
+        for (first, count, stream, two_parts) in msgs {
+            let stream = [Stream::Stdout, Stream::Stderr, Stream::Worker, Stream::Serial][stream as usize];
+            let lines: Vec<String> = (first..first + u64::from(count))
+                .map(|seq| format!("line {seq} \\ back\rcr"))
+                .collect();
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            // Sometimes the same lines as two parts of one message.
+            let half = refs.len() / 2;
+            let e = if two_parts && half > 0 {
+                packed(&task, &[(first, stream, &refs[..half]), (first + half as u64, Stream::Stdout, &refs[half..])])
+            } else {
+                packed(&task, &[(first, stream, &refs)])
+            };
+            lab.s.on_message(lab.now, &peer("w"), e);
+            lab.outputs();
+            expected.extend(first..first + u64::from(count));
+        }
+        let t = &lab.s.tasks[&task];
+        proptest::prop_assert_eq!(t.log.len(), expected.len() as u64);
+        let stored = String::from_utf8(lab.s.store.logs[&task].clone()).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for l in stored.lines() {
+            let seq: u64 = l.split("line ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+            proptest::prop_assert!(seen.insert(seq), "line {} stored twice", seq);
+            proptest::prop_assert!(l.ends_with("\\\\ back\\rcr"), "{:?}", l);
+        }
+        proptest::prop_assert_eq!(seen, expected);
+    }
+}
+
 #[test]
 fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     let mut lab = Lab::new();

@@ -1000,3 +1000,56 @@ fn under_give_up_an_upload_the_server_never_takes_ends_as_a_named_problem() {
     assert!(problems[0].reason.contains("give-up"), "{problems:?}");
     assert_eq!(w.s.stats.given_up, 1);
 }
+
+#[test]
+fn pieces_that_continue_each_other_share_a_part_and_streams_get_their_own() {
+    use crate::protocol::logtext::PackedText;
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    let mut post = |w: &mut W, first: u64, stream: Stream, text: &str| {
+        w.s.on_task_event(
+            w.now,
+            TaskEvent::Log {
+                task: "t1".into(),
+                attempt: 1,
+                first,
+                text: PackedText::line(stream, text),
+            },
+        )
+    };
+    // log_batch_lines is 3 here: the third line sends the batch.
+    let mut a = post(&mut w, 1, Stream::Stdout, "a");
+    a.extend(post(&mut w, 2, Stream::Stdout, "b"));
+    a.extend(post(&mut w, 3, Stream::Stderr, "c"));
+    a.extend(post(&mut w, 5, Stream::Stderr, "e")); // line 4 was dropped: a new part
+    a.extend(w.advance(Duration::from_millis(100)));
+    let batches: Vec<(Vec<(u64, u32, Stream, u32)>, Bytes)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                body: Body::LogPacked { parts, .. },
+                raw,
+                ..
+            } => Some((
+                parts
+                    .iter()
+                    .map(|p| (p.first, p.count, p.stream, p.bytes))
+                    .collect(),
+                raw.clone().unwrap(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert_eq!(
+        batches[0].0,
+        vec![(1, 2, Stream::Stdout, 4), (3, 1, Stream::Stderr, 2)]
+    );
+    assert_eq!(&batches[0].1[..], b"a\nb\nc\n");
+    assert_eq!(batches[1].0, vec![(5, 1, Stream::Stderr, 2)]);
+    assert_eq!(&batches[1].1[..], b"e\n");
+    assert_eq!(w.s.buffered_log_lines(), 0);
+}

@@ -1009,7 +1009,7 @@ fn pieces_that_continue_each_other_share_a_part_and_streams_get_their_own() {
     w.msg(Body::Dispatch {
         spec: spec("t1", 5_000),
     });
-    let mut post = |w: &mut W, first: u64, stream: Stream, text: &str| {
+    let post = |w: &mut W, first: u64, stream: Stream, text: &str| {
         w.s.on_task_event(
             w.now,
             TaskEvent::Log {

@@ -1026,7 +1026,8 @@ fn pieces_that_continue_each_other_share_a_part_and_streams_get_their_own() {
     a.extend(post(&mut w, 3, Stream::Stderr, "c"));
     a.extend(post(&mut w, 5, Stream::Stderr, "e")); // line 4 was dropped: a new part
     a.extend(w.advance(Duration::from_millis(100)));
-    let batches: Vec<(Vec<(u64, u32, Stream, u32)>, Bytes)> = a
+    type Shape = (u64, u32, Stream, u32);
+    let batches: Vec<(Vec<Shape>, Bytes)> = a
         .iter()
         .filter_map(|x| match x {
             Action::Send {

@@ -356,6 +356,9 @@ pub struct ServerLimits {
     /// Received messages waiting for the scheduler; when full, reading
     /// pauses (TCP back-pressure), fairly across peers.
     pub inbound_queue: usize,
+    /// …and their bytes: what a burst from many workers can hold in the
+    /// server's memory however large their messages are.
+    pub inbound_queue_bytes: usize,
     /// Unfinished tasks in all; a submit past it gets `limit_reached`.
     pub max_open_tasks: usize,
     /// Stored log bytes per task attempt; lines past it are dropped and
@@ -392,6 +395,7 @@ impl Default for ServerLimits {
             peer_send_queue: t.peer_send_queue,
             peer_send_queue_bytes: t.peer_send_bytes,
             inbound_queue: 4096,
+            inbound_queue_bytes: 16 * 1024 * 1024,
             max_open_tasks: s.max_open_tasks,
             max_task_log_bytes: s.max_task_log_bytes,
             max_log_gaps: s.max_log_gaps,
@@ -433,7 +437,7 @@ impl ServerLimits {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 15] = [
+        let positive: [(&'static str, u64); 16] = [
             ("limits.max_workers", self.max_workers as u64),
             (
                 "limits.peer_send_queue_bytes",
@@ -444,6 +448,10 @@ impl ServerLimits {
             ("limits.idle_timeout_ms", self.idle_timeout_ms),
             ("limits.peer_send_queue", self.peer_send_queue as u64),
             ("limits.inbound_queue", self.inbound_queue as u64),
+            (
+                "limits.inbound_queue_bytes",
+                self.inbound_queue_bytes as u64,
+            ),
             ("limits.max_open_tasks", self.max_open_tasks as u64),
             ("limits.max_task_log_bytes", self.max_task_log_bytes),
             ("limits.max_log_gaps", self.max_log_gaps as u64),

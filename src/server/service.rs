@@ -194,6 +194,7 @@ impl Server {
                 heartbeat: cfg.heartbeat(),
                 send_timeout,
                 inbound_queue: cfg.limits.inbound_queue,
+                inbound_queue_bytes: cfg.limits.inbound_queue_bytes,
                 idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
                 scrapes,
             },
@@ -209,11 +210,49 @@ impl Server {
     }
 }
 
+/// The bytes of received messages waiting for the scheduler, counted in
+/// KiB permits (a message takes at least one, at most all of them).
+#[derive(Clone)]
+struct InboundBytes {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+impl InboundBytes {
+    fn new(bytes: usize) -> Self {
+        let total = (bytes / 1024).clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        ) as u32;
+        InboundBytes {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    fn cost(&self, msg: &ZmqMessage) -> u32 {
+        let bytes: usize = msg.iter().map(|f| f.len()).sum();
+        (bytes.div_ceil(1024).max(1)).min(self.total as usize) as u32
+    }
+
+    /// Waits until the message's bytes fit (reading pauses meanwhile).
+    async fn take(&self, msg: &ZmqMessage) {
+        if let Ok(p) = self.permits.acquire_many(self.cost(msg)).await {
+            p.forget();
+        }
+    }
+
+    fn give_back(&self, msg: &ZmqMessage) {
+        self.permits.add_permits(self.cost(msg) as usize);
+    }
+}
+
 /// The timings and queue size the serving loop runs with.
 struct Pace {
     heartbeat: Duration,
     send_timeout: Duration,
     inbound_queue: usize,
+    inbound_queue_bytes: usize,
     idle_timeout: Duration,
     /// Metrics scrapes waiting for a page (metrics endpoint on).
     scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
@@ -237,6 +276,7 @@ async fn serve(
         heartbeat,
         send_timeout,
         inbound_queue,
+        inbound_queue_bytes,
         idle_timeout,
         mut scrapes,
     } = pace;
@@ -257,12 +297,17 @@ async fn serve(
     // sockets stop reading and TCP pushes back on the senders. The ROUTER
     // reads its peers in turn, so one flooding peer gets its share only.
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<ZmqMessage>(inbound_queue);
+    // Bounded in bytes too (in KiB permits): a message waits for its
+    // size's worth before it is queued, and gives it back once handled.
+    let inbound_kib = InboundBytes::new(inbound_queue_bytes);
+    let reader_kib = inbound_kib.clone();
     // Receiving in its own task keeps the select below free of
     // cancellation hazards inside the socket's recv.
     let reader = tokio::spawn(async move {
         loop {
             match router_rx.recv().await {
                 Ok(msg) => {
+                    reader_kib.take(&msg).await;
                     if inbound_tx.send(msg).await.is_err() {
                         return;
                     }
@@ -303,6 +348,7 @@ async fn serve(
                         },
                     };
                     handled += 1;
+                    inbound_kib.give_back(&msg);
                     let mut frames = msg.into_vec();
                     if frames.is_empty() {
                         continue;
@@ -790,5 +836,35 @@ impl ConnectionActivity {
                 zeromq::util::PeerIdentity::try_from(p).ok()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn received_bytes_are_bounded_and_given_back_once_handled() {
+        let kib = InboundBytes::new(64 * 1024);
+        let big = ZmqMessage::from(vec![0u8; 40 * 1024]);
+        let small = ZmqMessage::from(vec![0u8; 10]);
+        assert_eq!(kib.cost(&big), 40);
+        assert_eq!(kib.cost(&small), 1, "every message costs something");
+        let huge = ZmqMessage::from(vec![0u8; 1024 * 1024]);
+        assert_eq!(
+            kib.cost(&huge),
+            64,
+            "a message larger than the bound still fits alone"
+        );
+        kib.take(&big).await;
+        // A second 40 KiB message does not fit until the first is handled.
+        let waiting = kib.take(&big);
+        tokio::pin!(waiting);
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "the reader must wait"
+        );
+        kib.give_back(&big);
+        waiting.await;
     }
 }

@@ -190,6 +190,17 @@ impl<S: Store> Scheduler<S> {
         }
         let t = &self.tasks[&task];
         let limits = &self.cfg.limits;
+        // The task's log is full: none of these new lines can be stored
+        // (every line takes at least its newline); no need to look at
+        // them one by one.
+        if t.log_bytes >= limits.max_task_log_bytes
+            && !parts
+                .iter()
+                .any(|p| t.log.overlaps(p.first, p.first + u64::from(p.count) - 1))
+        {
+            self.refuse_log_lines(&task, lines);
+            return;
+        }
         let mut bytes = t.log_bytes;
         let mut runs = t.log.runs();
         let mut prev_last: Option<u64> = None;
@@ -250,6 +261,18 @@ impl<S: Store> Scheduler<S> {
         );
     }
 
+    /// Lines of an open task dropped at the task's log limits: counted,
+    /// reported as lost, said once per task.
+    fn refuse_log_lines(&mut self, task: &TaskId, refused: u64) {
+        let t = self.tasks.get_mut(task).expect("open task");
+        if t.log_refused == 0 {
+            warn!(task = %task, "log limit reached (limits.max_task_log_bytes or max_log_gaps): further lines are dropped and reported as lost");
+        }
+        t.log_refused += refused;
+        self.log_touched.insert(task.clone());
+        self.count("log_lines_over_limit", refused);
+    }
+
     pub(super) fn on_log(&mut self, worker: &str, task: TaskId, attempt: u32, lines: Vec<LogLine>) {
         if !self.open_on(&task, worker, Some(attempt)) {
             self.count("orphan_log_lines", lines.len() as u64);
@@ -295,13 +318,7 @@ impl<S: Store> Scheduler<S> {
         let refused = (before - fresh.len()) as u64;
         let run = t.run.clone();
         if refused > 0 {
-            let t = self.tasks.get_mut(&task).expect("open task");
-            if t.log_refused == 0 {
-                warn!(task = %task, "log limit reached (limits.max_task_log_bytes or max_log_gaps): further lines are dropped and reported as lost");
-            }
-            t.log_refused += refused;
-            self.touched.insert(task.clone());
-            self.count("log_lines_over_limit", refused);
+            self.refuse_log_lines(&task, refused);
         }
         if fresh.is_empty() {
             return;

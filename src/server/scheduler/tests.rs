@@ -838,6 +838,50 @@ proptest::proptest! {
 }
 
 #[test]
+fn packed_lines_past_the_task_log_limit_are_refused_and_counted_as_lost() {
+    let mut lab = Lab::new();
+    lab.s.cfg.limits.max_task_log_bytes = 25;
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
+    let now = lab.now;
+    // 5 lines of 5 bytes fill the 25 bytes, the 6th would pass them: the
+    // message goes line by line. Then the log is full and later messages
+    // are refused whole, without looking at their lines.
+    for e in [
+        packed(
+            &task,
+            &[(
+                1,
+                Stream::Stdout,
+                &["1111", "2222", "3333", "4444", "5555", "6666"],
+            )],
+        ),
+        packed(&task, &[(7, Stream::Stdout, &["x"])]),
+        packed(&task, &[(8, Stream::Stdout, &["y", "z"])]),
+        packed(&task, &[(10, Stream::Stderr, &["w"])]),
+    ] {
+        lab.s.on_message(now, &peer("w"), e);
+        lab.outputs();
+    }
+    let t = &lab.s.tasks[&task];
+    assert_eq!(t.log_bytes, 25);
+    assert_eq!(t.log.len(), 5, "1-5 stored");
+    assert_eq!(t.log_refused, 5, "6, 7, 8, 9, 10");
+    assert_eq!(lab.s.counters["log_lines_over_limit"], 5);
+    assert_eq!(lab.s.counters["log_packed_slow_path"], 1);
+    let stored = String::from_utf8(lab.s.store.logs[&task].clone()).unwrap();
+    assert_eq!(stored, "1111\n2222\n3333\n4444\n5555\n");
+}
+
+#[test]
 fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");

@@ -89,6 +89,29 @@ fn body() -> impl Strategy<Value = Body> {
                     })
                     .collect(),
             }),
+        (
+            id(),
+            0u32..4,
+            prop::collection::vec((number(), any::<u32>(), 0u8..4, 0u32..40), 0..4)
+        )
+            .prop_map(|(task, attempt, parts)| Body::LogPacked {
+                task,
+                attempt,
+                parts: parts
+                    .into_iter()
+                    .map(|(first, count, stream, bytes)| LogPart {
+                        first,
+                        count,
+                        stream: [
+                            Stream::Stdout,
+                            Stream::Stderr,
+                            Stream::Worker,
+                            Stream::Serial
+                        ][stream as usize],
+                        bytes,
+                    })
+                    .collect(),
+            }),
         (id(), 0u32..4, id(), number()).prop_map(|(task, attempt, name, offset)| {
             Body::FileChunk {
                 task,

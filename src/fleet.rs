@@ -16,14 +16,7 @@ use std::time::{Duration, Instant};
 use zeromq::prelude::*;
 
 fn plain(body: &Body) -> Vec<Bytes> {
-    let h = Header {
-        v: PROTOCOL_VERSION,
-        class: body.class(),
-        mandatory: false,
-        seq: 0,
-        task: None,
-    };
-    encode(&h, body, None)
+    encode(&Header::best_effort(body.class(), None), body, None)
 }
 
 /// Seals a message when the connection is secured.
@@ -332,13 +325,7 @@ async fn run_task(
             attempt: spec.attempt,
             lines: batch,
         };
-        let h = Header {
-            v: PROTOCOL_VERSION,
-            class: Class::Log,
-            mandatory: false,
-            seq: 0,
-            task: Some(task.clone()),
-        };
+        let h = Header::best_effort(Class::Log, Some(&task));
         tx.send(wire(channel, encode(&h, &log, None))).await?;
     }
     *seq += 1;

@@ -6,7 +6,7 @@
 //! which fetches a task's input files with its own key.
 
 use super::{Client, ClientError};
-use crate::protocol::{Body, Header, InputFile, TaskId, PROTOCOL_VERSION};
+use crate::protocol::{Body, Header, InputFile, TaskId};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -66,13 +66,7 @@ pub async fn hash_file(path: &Path) -> Result<(String, u64), ClientError> {
 
 impl Client {
     async fn send_with_raw(&mut self, body: Body, raw: Option<Bytes>) -> Result<(), ClientError> {
-        let header = Header {
-            v: PROTOCOL_VERSION,
-            class: body.class(),
-            mandatory: false,
-            seq: 0,
-            task: None,
-        };
+        let header = Header::best_effort(body.class(), None);
         let mut frames = crate::protocol::encode(&header, &body, raw);
         if let Some(channel) = self.channel.as_mut() {
             frames = channel.seal(&frames);

@@ -38,6 +38,11 @@ pub fn escape_into(out: &mut Vec<u8>, text: &[u8]) {
     }
 }
 
+/// Bytes [`escape_into`] writes for `text`.
+pub fn escaped_len(text: &[u8]) -> usize {
+    text.len() + memchr::memchr3_iter(b'\\', b'\r', b'\n', text).count()
+}
+
 /// The original text of one escaped line (inverse of [`escape_into`]); a
 /// backslash before anything else is kept as it is.
 pub fn unescape(line: &str) -> String {

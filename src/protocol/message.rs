@@ -43,6 +43,20 @@ pub struct Header {
     pub task: Option<TaskId>,
 }
 
+impl Header {
+    /// The header of a message sent without the mandatory flag (never
+    /// acknowledged, never resent): `seq` 0.
+    pub fn best_effort(class: Class, task: Option<&TaskId>) -> Header {
+        Header {
+            v: crate::protocol::PROTOCOL_VERSION,
+            class,
+            mandatory: false,
+            seq: 0,
+            task: task.cloned(),
+        }
+    }
+}
+
 /// How a testrun is split into tasks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

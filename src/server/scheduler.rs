@@ -359,16 +359,6 @@ pub struct Scheduler<S: Store> {
 
 pub use crate::protocol::limits::unix_ms_now;
 
-fn header(class: Class, task: Option<&TaskId>) -> Header {
-    Header {
-        v: PROTOCOL_VERSION,
-        class,
-        mandatory: false,
-        seq: 0,
-        task: task.cloned(),
-    }
-}
-
 impl<S: Store> Scheduler<S> {
     pub fn new(cfg: SchedulerConfig, store: S, incarnation: String) -> Self {
         Scheduler {
@@ -470,7 +460,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     fn send(&mut self, peer: &PeerId, task: Option<&TaskId>, body: Body, raw: Option<Bytes>) {
-        let mut h = header(body.class(), task);
+        let mut h = Header::best_effort(body.class(), task);
         h.seq = self.next_seq;
         self.next_seq += 1;
         self.out_raw_bytes += raw.as_ref().map_or(0, |r| r.len());

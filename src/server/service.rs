@@ -3,7 +3,7 @@
 //! its outputs with bounded sends.
 
 use crate::config::ServerConfig;
-use crate::protocol::{self, Body, ErrorCode, Header, PROTOCOL_VERSION};
+use crate::protocol::{self, Body, ErrorCode, Header};
 use crate::security::allow::fingerprint;
 use crate::security::gate::Verdict;
 use crate::security::{AllowList, Gate};
@@ -565,7 +565,11 @@ async fn answer_handshake(
                 message: reason.to_string(),
                 seq: None,
             };
-            out.extend(protocol::encode(&plain_header(&body), &body, None));
+            out.extend(protocol::encode(
+                &Header::best_effort(body.class(), None),
+                &body,
+                None,
+            ));
         }
         Verdict::Refuse { reason } => {
             let address = activity.address(peer);
@@ -581,7 +585,11 @@ async fn answer_handshake(
                 message: reason.to_string(),
                 seq: None,
             };
-            out.extend(protocol::encode(&plain_header(&body), &body, None));
+            out.extend(protocol::encode(
+                &Header::best_effort(body.class(), None),
+                &body,
+                None,
+            ));
         }
         _ => return,
     }
@@ -654,16 +662,6 @@ async fn deliver(
     }
 }
 
-fn plain_header(body: &Body) -> Header {
-    Header {
-        v: PROTOCOL_VERSION,
-        class: body.class(),
-        mandatory: false,
-        seq: 0,
-        task: None,
-    }
-}
-
 /// Reloads the allow-lists on SIGHUP and whenever a file in them changes
 /// (checked every second, off the serving loop): a removed or changed key
 /// takes effect within a second. A list that does not load is logged and
@@ -723,13 +721,7 @@ async fn publish(
     raw: Option<Bytes>,
     timeout: Duration,
 ) {
-    let header = Header {
-        v: PROTOCOL_VERSION,
-        class: body.class(),
-        mandatory: false,
-        seq: 0,
-        task: None,
-    };
+    let header = Header::best_effort(body.class(), None);
     let mut frames = vec![Bytes::from(topic)];
     frames.extend(protocol::encode(&header, body, raw));
     if let Err(e) = transport::send_bounded(publisher, to_message(frames), timeout).await {

@@ -35,28 +35,18 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
 /// `[ots-worker]` line). Other control bytes are kept as sent; clients
 /// escape them for a terminal.
 pub fn render_line(line: &LogLine) -> String {
-    let mut out = String::with_capacity(prefix(line.stream).len() + line.text.len() + 1);
+    let mut out = Vec::with_capacity(rendered_len(line) as usize);
     render_into(&mut out, line);
-    out
+    String::from_utf8(out).expect("escaping keeps UTF-8 text UTF-8")
 }
 
 /// Appends the stored form of `line` to `out` (no allocation per line when
-/// a batch is rendered into one buffer).
-pub fn render_into(out: &mut String, line: &LogLine) {
-    out.push_str(prefix(line.stream));
-    if line.text.bytes().any(needs_escape) {
-        for c in line.text.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                c => out.push(c),
-            }
-        }
-    } else {
-        out.push_str(&line.text);
-    }
-    out.push('\n');
+/// a batch is rendered into one buffer): the same escaping as packed
+/// lines ([`crate::protocol::logtext::escape_into`]).
+pub fn render_into(out: &mut Vec<u8>, line: &LogLine) {
+    out.extend_from_slice(prefix(line.stream).as_bytes());
+    crate::protocol::logtext::escape_into(out, line.text.as_bytes());
+    out.push(b'\n');
 }
 
 /// What the stored form puts before a line of `stream`.
@@ -69,14 +59,10 @@ pub fn prefix(stream: Stream) -> &'static str {
     }
 }
 
-fn needs_escape(b: u8) -> bool {
-    matches!(b, b'\\' | b'\n' | b'\r')
-}
-
 /// Bytes [`render_line`] writes for `line`, without rendering it.
 pub fn rendered_len(line: &LogLine) -> u64 {
-    let escapes = line.text.bytes().filter(|b| needs_escape(*b)).count();
-    (prefix(line.stream).len() + line.text.len() + escapes + 1) as u64
+    (prefix(line.stream).len() + crate::protocol::logtext::escaped_len(line.text.as_bytes()) + 1)
+        as u64
 }
 
 /// Storage of task logs and the audit log.
@@ -150,11 +136,11 @@ impl DiskStore {
 impl Store for DiskStore {
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
         let size: usize = lines.iter().map(|l| rendered_len(l) as usize).sum();
-        let mut text = String::with_capacity(size);
+        let mut text = Vec::with_capacity(size);
         for line in lines {
             render_into(&mut text, line);
         }
-        self.append_stored(task, text.as_bytes())
+        self.append_stored(task, &text)
     }
 
     fn append_log_packed(
@@ -272,9 +258,7 @@ impl Store for MemoryStore {
     fn append_log(&mut self, task: &TaskId, lines: &[LogLine]) -> Result<(), StoreError> {
         let log = self.logs.entry(task.clone()).or_default();
         for line in lines {
-            let mut text = String::new();
-            render_into(&mut text, line);
-            log.extend_from_slice(text.as_bytes());
+            render_into(log, line);
         }
         Ok(())
     }

@@ -273,16 +273,6 @@ impl ClockOffset {
     }
 }
 
-fn plain_header(class: Class, task: Option<&TaskId>) -> Header {
-    Header {
-        v: PROTOCOL_VERSION,
-        class,
-        mandatory: false,
-        seq: 0,
-        task: task.cloned(),
-    }
-}
-
 impl Session {
     pub fn new(
         cfg: SessionConfig,
@@ -516,7 +506,7 @@ impl Session {
             self.send(
                 now,
                 &mut actions,
-                plain_header(Class::Control, None),
+                Header::best_effort(Class::Control, None),
                 body,
                 None,
             );
@@ -589,7 +579,13 @@ impl Session {
             running: self.slot.iter().map(|s| s.spec.task.clone()).collect(),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
         };
-        self.send(now, actions, plain_header(Class::Control, None), body, None);
+        self.send(
+            now,
+            actions,
+            Header::best_effort(Class::Control, None),
+            body,
+            None,
+        );
     }
 
     /// New sockets are connected: register.
@@ -653,7 +649,7 @@ impl Session {
                 );
             }
             Policy::GuaranteeNothing => {
-                let header = plain_header(body.class(), Some(task));
+                let header = Header::best_effort(body.class(), Some(task));
                 self.unreliable.push_back(Outgoing { header, body, raw });
             }
         }
@@ -677,7 +673,7 @@ impl Session {
                 return Vec::new();
             }
             // Acknowledge every copy; apply only the first.
-            let header = plain_header(Class::Control, env.header.task.as_ref());
+            let header = Header::best_effort(Class::Control, env.header.task.as_ref());
             self.send(now, &mut actions, header, Body::Ack { seq }, None);
             if !self.server_dedup.record(seq) {
                 return actions;
@@ -1107,7 +1103,13 @@ impl Session {
                     } else {
                         (Class::Heartbeat, Body::Heartbeat)
                     };
-                    self.send(now, &mut actions, plain_header(class, None), body, None);
+                    self.send(
+                        now,
+                        &mut actions,
+                        Header::best_effort(class, None),
+                        body,
+                        None,
+                    );
                 }
             }
             _ => {}
@@ -1142,7 +1144,7 @@ impl Session {
             self.send(
                 now,
                 actions,
-                plain_header(Class::Control, None),
+                Header::best_effort(Class::Control, None),
                 Body::Ready,
                 None,
             );
@@ -1205,7 +1207,7 @@ impl Session {
                 self.send(
                     now,
                     actions,
-                    plain_header(Class::Log, Some(&task)),
+                    Header::best_effort(Class::Log, Some(&task)),
                     body,
                     raw,
                 );

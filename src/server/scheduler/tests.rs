@@ -1500,7 +1500,7 @@ fn mutated_messages_never_panic_the_scheduler() {
     let mut applied = 0;
     for i in 0..20_000 {
         let body = &samples[i % samples.len()];
-        let mut h = header(body.class(), Some(&task));
+        let mut h = Header::best_effort(body.class(), Some(&task));
         h.mandatory = rng.gen_bool(0.5);
         h.seq = rng.gen_range(0..50);
         let raw = matches!(body, Body::FileChunk { .. }).then(|| Bytes::from_static(b"abcde"));

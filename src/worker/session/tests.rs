@@ -895,7 +895,7 @@ fn mutated_server_messages_never_panic_the_session() {
     ];
     for i in 0..20_000 {
         let body = &samples[i % samples.len()];
-        let mut h = plain_header(body.class(), None);
+        let mut h = Header::best_effort(body.class(), None);
         h.mandatory = rng.gen_bool(0.5);
         h.seq = rng.gen_range(0..20);
         let mut frames = crate::protocol::encode(&h, body, None);

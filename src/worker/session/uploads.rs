@@ -156,7 +156,7 @@ impl Session {
                     self.send(
                         now,
                         actions,
-                        plain_header(Class::File, Some(&task)),
+                        Header::best_effort(Class::File, Some(&task)),
                         body,
                         None,
                     );
@@ -383,7 +383,7 @@ impl Session {
                     self.send(
                         now,
                         actions,
-                        plain_header(Class::File, Some(&task)),
+                        Header::best_effort(Class::File, Some(&task)),
                         body,
                         None,
                     );
@@ -449,7 +449,7 @@ impl Session {
             self.send(
                 now,
                 &mut actions,
-                plain_header(Class::File, Some(&done.task)),
+                Header::best_effort(Class::File, Some(&done.task)),
                 body,
                 Some(data),
             );

@@ -265,6 +265,40 @@ impl Lab {
         out
     }
 
+    /// A registered worker running the only task of a new testrun
+    /// (dispatched and accepted).
+    fn running_task(&mut self, worker: &str) -> (RunId, TaskId) {
+        self.register(worker, "devicegroup:g");
+        let run = run_id(&self.submit("devicegroup:g", &["p"], Distribution::Default, false));
+        let task = self.status(&run).tasks[0].task.clone();
+        self.mandatory(
+            worker,
+            Body::TaskAccepted {
+                task: task.clone(),
+                attempt: 1,
+            },
+        );
+        (run, task)
+    }
+
+    /// The worker's final report of `task`: exit 0 after `log_lines` lines.
+    fn report_ok(&mut self, worker: &str, task: &TaskId, log_lines: u64) -> Vec<Output> {
+        self.mandatory(
+            worker,
+            Body::TaskFinished {
+                task: task.clone(),
+                attempt: 1,
+                outcome: Outcome {
+                    exit_code: Some(0),
+                    ..Outcome::default()
+                },
+                log_lines,
+                files: vec![],
+                file_problems: vec![],
+            },
+        )
+    }
+
     fn status(&self, run: &RunId) -> RunStatus {
         self.s.status(run).unwrap()
     }
@@ -414,16 +448,7 @@ fn verdicts_follow_exit_status_and_junit() {
 #[test]
 fn duplicate_final_report_is_acked_again_but_applied_once() {
     let mut lab = Lab::new();
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     let finished = Body::TaskFinished {
         task: task.clone(),
         attempt: 1,
@@ -505,16 +530,7 @@ fn report_for_unknown_task_is_nacked_as_orphan() {
 #[test]
 fn lost_worker_task_is_held_then_requeued_to_another_worker() {
     let mut lab = Lab::new();
-    lab.register("w1", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w1",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w1");
     lab.register("w2", "devicegroup:g");
     // w2 stays alive, w1 goes silent.
     for _ in 0..5 {
@@ -557,16 +573,7 @@ fn lost_worker_task_is_held_then_requeued_to_another_worker() {
 #[test]
 fn worker_back_within_grace_keeps_its_task() {
     let mut lab = Lab::new();
-    lab.register("w1", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w1",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w1");
     for _ in 0..5 {
         lab.advance(HB);
         lab.tick();
@@ -734,16 +741,7 @@ fn packed(task: &TaskId, groups: &[(u64, Stream, &[&str])]) -> Envelope {
 #[test]
 fn packed_log_lines_are_stored_as_sent_once_with_prefixes_and_exact_gaps() {
     let mut lab = Lab::new();
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     let now = lab.now;
     let send = |lab: &mut Lab, e: Envelope| {
         lab.s.on_message(now, &peer("w"), e);
@@ -766,20 +764,7 @@ fn packed_log_lines_are_stored_as_sent_once_with_prefixes_and_exact_gaps() {
     );
     // A gap (5..=6), then 7.
     send(&mut lab, packed(&task, &[(7, Stream::Worker, &["seven"])]));
-    lab.mandatory(
-        "w",
-        Body::TaskFinished {
-            task: task.clone(),
-            attempt: 1,
-            outcome: Outcome {
-                exit_code: Some(0),
-                ..Outcome::default()
-            },
-            log_lines: 7,
-            files: vec![],
-            file_problems: vec![],
-        },
-    );
+    lab.report_ok("w", &task, 7);
     let t = &lab.status(&run).tasks[0];
     assert_eq!(t.log_lines_stored, 5);
     assert_eq!(t.log_gaps, vec![(5, 6)]);
@@ -802,10 +787,7 @@ proptest::proptest! {
         msgs in proptest::collection::vec((1u64..80, 1u32..12, 0u8..4, proptest::bool::ANY), 1..40)
     ) {
         let mut lab = Lab::new();
-        lab.register("w", "devicegroup:g");
-        let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-        let task = lab.status(&run).tasks[0].task.clone();
-        lab.mandatory("w", Body::TaskAccepted { task: task.clone(), attempt: 1 });
+        let (_, task) = lab.running_task("w");
         let mut expected = std::collections::BTreeSet::new();
         for (first, count, stream, two_parts) in msgs {
             let stream = [Stream::Stdout, Stream::Stderr, Stream::Worker, Stream::Serial][stream as usize];
@@ -841,16 +823,7 @@ proptest::proptest! {
 fn packed_lines_past_the_task_log_limit_are_refused_and_counted_as_lost() {
     let mut lab = Lab::new();
     lab.s.cfg.limits.max_task_log_bytes = 25;
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (_, task) = lab.running_task("w");
     let now = lab.now;
     // 5 lines of 5 bytes fill the 25 bytes, the 6th would pass them: the
     // message goes line by line. Then the log is full and later messages
@@ -884,16 +857,7 @@ fn packed_lines_past_the_task_log_limit_are_refused_and_counted_as_lost() {
 #[test]
 fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
     let mut lab = Lab::new();
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     let line = |seq| LogLine {
         seq,
         stream: Stream::Stdout,
@@ -923,20 +887,7 @@ fn log_lines_are_stored_once_and_gaps_are_reported_exactly() {
             lines: (20..=25).map(line).collect(),
         },
     );
-    lab.mandatory(
-        "w",
-        Body::TaskFinished {
-            task: task.clone(),
-            attempt: 1,
-            outcome: Outcome {
-                exit_code: Some(0),
-                ..Outcome::default()
-            },
-            log_lines: 30,
-            files: vec![],
-            file_problems: vec![],
-        },
-    );
+    lab.report_ok("w", &task, 30);
     let t = &lab.status(&run).tasks[0];
     assert_eq!(t.log_lines_stored, 18);
     assert_eq!(t.log_gaps, vec![(13, 19), (26, 30)]);
@@ -995,16 +946,7 @@ fn refused_code(out: &[Output], name: &str) -> Option<ErrorCode> {
 }
 
 fn accepted_task(lab: &mut Lab) -> (RunId, TaskId) {
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     (run, task)
 }
 
@@ -1296,16 +1238,7 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
     let dir = tempfile::tempdir().unwrap();
     let mut db = crate::server::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     let finished = Body::TaskFinished {
         task: task.clone(),
         attempt: 1,
@@ -1399,16 +1332,7 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
 #[test]
 fn an_interrupted_attempt_is_requeued() {
     let mut lab = Lab::new();
-    lab.register("w", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w");
     let mut out = lab.mandatory(
         "w",
         Body::TaskFinished {
@@ -1740,16 +1664,7 @@ fn log_lines_every_other_number_and_past_the_size_limit_are_bounded_and_counted(
     let mut lab = Lab::new();
     lab.s.cfg.limits.max_log_gaps = 100;
     lab.s.cfg.limits.max_task_log_bytes = 100_000;
-    lab.register("w1", "devicegroup:g");
-    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
-    let task = lab.status(&run).tasks[0].task.clone();
-    lab.mandatory(
-        "w1",
-        Body::TaskAccepted {
-            task: task.clone(),
-            attempt: 1,
-        },
-    );
+    let (run, task) = lab.running_task("w1");
     let lines: Vec<LogLine> = (1..=5000u64)
         .map(|i| LogLine {
             seq: i * 2,
@@ -1786,20 +1701,7 @@ fn log_lines_every_other_number_and_past_the_size_limit_are_bounded_and_counted(
     );
     assert!(lab.s.tasks[&task].log_bytes <= 100_000);
     // Accounting holds: stored + lost = produced.
-    lab.mandatory(
-        "w1",
-        Body::TaskFinished {
-            task: task.clone(),
-            attempt: 1,
-            outcome: Outcome {
-                exit_code: Some(0),
-                ..Outcome::default()
-            },
-            log_lines: 20_000,
-            files: vec![],
-            file_problems: vec![],
-        },
-    );
+    lab.report_ok("w1", &task, 20_000);
     let st = lab.status(&run);
     let t = &st.tasks[0];
     let lost: u64 = t.log_gaps.iter().map(|(a, b)| b - a + 1).sum();

@@ -75,13 +75,7 @@ fn main() {
             .wait_for_after(mark, "server lost", Duration::from_secs(20))
             .unwrap_or_else(|| panic!("trial {trial}: the worker did not notice the SIGSTOP"))
             .1;
-        let silent: f64 = line
-            .split("nothing heard for ")
-            .nth(1)
-            .and_then(|s| s.split(" ms").next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no silence in {line}"));
-        silent_ms.push(silent);
+        silent_ms.push(silence_ms(&line) as f64);
         server.proc.signal(Signal::SIGCONT);
         assert!(
             wait_for_workers(&server, Duration::from_secs(20), all_idle(&["w1"])),

@@ -75,12 +75,7 @@ fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_
         .expect("the worker never noticed the hung server")
         .1;
     // The worker's own measurement of the silence it tolerated.
-    let silent_ms: u64 = line
-        .split("nothing heard for ")
-        .nth(1)
-        .and_then(|s| s.split(" ms").next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no silence in {line}"));
+    let silent_ms = silence_ms(&line);
     assert!(
         silent_ms <= liveness * interval_ms + interval_ms,
         "noticed after {silent_ms} ms of silence; allowed {} ms",

@@ -852,3 +852,13 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The silence a worker tolerated before it declared its server lost, from
+/// its "server lost … nothing heard for N ms" log line.
+pub fn silence_ms(line: &str) -> u64 {
+    line.split("nothing heard for ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no silence in {line}"))
+}

@@ -54,12 +54,7 @@ fn main() {
     let secs = env_u64("OTS_BENCH_CONSOLE_SECS", 60);
     let rate = env_u64("OTS_BENCH_CONSOLE_RATE", 1_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &[],
-    );
+    let server = start_fresh_server(dir.path(), &[]);
     let (mut master, slave) = serialport::TTYPort::pair().expect("a pseudo-terminal pair");
     let link = dir.path().join("console");
     std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();

@@ -135,12 +135,7 @@ fn main() {
         tempfile::tempdir_in(std::env::var("OTS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .or_else(|_| tempfile::tempdir())
             .unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &[],
-    );
+    let server = start_fresh_server(dir.path(), &[]);
     // The conductor links the prepared file into its results and notes
     // the time it exits (ns since the epoch).
     let conductor = script(

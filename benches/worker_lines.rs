@@ -18,12 +18,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &[],
-    );
+    let server = start_fresh_server(dir.path(), &[]);
     let chatty = script(
         dir.path(),
         "chatty.sh",

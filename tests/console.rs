@@ -101,12 +101,7 @@ fn submit_on(server: &ServerProc, extra: &[&str]) -> String {
 #[test]
 fn boot_output_live_lines_and_noise_are_all_in_the_record() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let link = dir.path().join("console");
     let mut dev = plug(&link);
     let (conductor, go) = gated(dir.path());
@@ -173,12 +168,7 @@ fn boot_output_live_lines_and_noise_are_all_in_the_record() {
 #[test]
 fn an_unplugged_console_is_reopened_and_the_gap_marked() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let link = dir.path().join("console");
     let missing = dir.path().join("nothing-here");
     std::os::unix::fs::symlink(&missing, &link).unwrap();
@@ -266,12 +256,7 @@ fn an_unplugged_console_is_reopened_and_the_gap_marked() {
 #[test]
 fn console_actions_send_at_start_and_a_pattern_never_seen_fails_the_task() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let link = dir.path().join("console");
     let mut dev = plug(&link);
     let (conductor, go) = gated(dir.path());
@@ -330,12 +315,7 @@ fn console_actions_send_at_start_and_a_pattern_never_seen_fails_the_task() {
 #[test]
 fn the_conductor_talks_to_the_device_through_the_re_exported_console() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let link = dir.path().join("console");
     let mut dev = plug(&link);
     let conductor = script(
@@ -375,12 +355,7 @@ fn the_conductor_talks_to_the_device_through_the_re_exported_console() {
 #[test]
 fn console_actions_can_come_from_the_worker_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let link = dir.path().join("console");
     let _dev = plug(&link);
     let (conductor, go) = gated(dir.path());

@@ -179,10 +179,8 @@ fn an_expired_dispatch_is_refused_and_the_task_requeued() {
     let dir = tempfile::tempdir().unwrap();
     // Slow heartbeats and a long liveness window, so a 2.5 s pause of the
     // worker is not a loss; a 1 s dispatch ttl, so it is an expiry.
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
+    let server = start_fresh_server(
+        dir.path(),
         &[
             ("OTS_SERVER_LIVENESS", "6"),
             ("OTS_SERVER_DISPATCH_TTL_MS", "1000"),

@@ -54,12 +54,7 @@ fn one_task(st: &serde_json::Value) -> &serde_json::Value {
 #[test]
 fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_through() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let mut server = start_fresh_server(dir.path(), &FAST);
     let run = submit_run(
         &server,
         &[
@@ -124,12 +119,7 @@ fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_throu
 #[test]
 fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let mut server = start_fresh_server(dir.path(), &FAST);
     let conductor = script(
         dir.path(),
         "slow.sh",
@@ -198,12 +188,7 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
 #[test]
 fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let mut server = start_fresh_server(dir.path(), &FAST);
     let go = dir.path().join("go");
     let conductor = script(
         dir.path(),
@@ -265,12 +250,7 @@ fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
 #[test]
 fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let go = dir.path().join("go");
     let conductor = script(
         dir.path(),
@@ -348,10 +328,8 @@ fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
 #[test]
 fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
+    let server = start_fresh_server(
+        dir.path(),
         &[
             ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
             ("OTS_SERVER_LOST_GRACE_MS", "30000"),
@@ -408,12 +386,7 @@ fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
 #[test]
 fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let mut server = start_fresh_server(dir.path(), &FAST);
     let (conductor, go, done) = flood_conductor(dir.path());
     let w = start_idle_worker(
         dir.path(),

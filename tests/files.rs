@@ -117,12 +117,7 @@ fn sent_by_worker(w: &Proc, name: &str) -> u64 {
 #[test]
 fn a_200_mib_upload_survives_a_server_kill_and_resends_under_a_quarter() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let mut server = start_fresh_server(dir.path(), &FAST);
     let conductor = big_file_conductor(dir.path(), 200);
     let w = start_worker(
         dir.path(),
@@ -176,12 +171,7 @@ fn a_200_mib_upload_survives_a_server_kill_and_resends_under_a_quarter() {
 #[test]
 fn a_200_mib_upload_survives_a_worker_kill_and_resumes_from_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let conductor = big_file_conductor(dir.path(), 200);
     let start = || {
         start_worker(
@@ -237,12 +227,7 @@ fn a_200_mib_upload_survives_a_worker_kill_and_resumes_from_the_server() {
 #[test]
 fn a_chunk_damaged_in_flight_is_detected_and_the_file_sent_again() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let conductor = big_file_conductor(dir.path(), 3);
     // The fault hook flips one byte of the chunk holding offset 1 000 000,
     // after the worker hashed the true bytes: only the server can notice.
@@ -278,12 +263,7 @@ fn a_chunk_damaged_in_flight_is_detected_and_the_file_sent_again() {
 #[test]
 fn symlinks_and_special_files_are_never_uploaded() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let secret = dir.path().join("secret.txt");
     std::fs::write(&secret, "not for the server").unwrap();
     let conductor = script(
@@ -399,12 +379,7 @@ fn submit_on_a_terminal(server: &ServerProc, args: &[&str]) -> (i32, String) {
 #[test]
 fn an_input_file_reaches_the_conductor_and_fetch_resumes_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     // The conductor copies its input (found through {inputs_dir}) into
     // its results, so what arrived can be compared byte for byte.
     let conductor = script(
@@ -487,12 +462,7 @@ fn an_input_file_reaches_the_conductor_and_fetch_resumes_and_verifies() {
 #[test]
 fn worker_folders_are_removed_once_delivered_keeping_the_last_few() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &FAST,
-    );
+    let server = start_fresh_server(dir.path(), &FAST);
     let conductor = script(dir.path(), "tiny.sh", junit());
     let w = start_worker(
         dir.path(),

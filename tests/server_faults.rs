@@ -56,12 +56,7 @@ fn server_sigstopped_workers_notice_within_the_liveness_window_and_return_after_
     let interval_ms = 500u64;
     let liveness = 3u64;
     let env = [("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "500")];
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &env,
-    );
+    let server = start_fresh_server(dir.path(), &env);
     let conductor = example_conductor();
     let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
     let w = start_idle_worker(dir.path(), "w", "devicegroup:g", &server, &argv, &[]);
@@ -115,12 +110,7 @@ fn a_sigkilled_server_is_noticed_when_its_connection_closes_not_after_the_livene
     let dir = tempfile::tempdir().unwrap();
     // Heartbeats alone would take 10 s (1 s x liveness 10) to notice.
     let env = [("OTS_SERVER_LIVENESS", "10")];
-    let mut server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &env,
-    );
+    let mut server = start_fresh_server(dir.path(), &env);
     let conductor = example_conductor();
     let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
     let w = start_idle_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);
@@ -143,12 +133,7 @@ fn a_sigkilled_server_is_noticed_when_its_connection_closes_not_after_the_livene
 fn a_sigkilled_worker_is_lost_when_its_connection_closes_not_after_the_liveness_window() {
     let dir = tempfile::tempdir().unwrap();
     let env = [("OTS_SERVER_LIVENESS", "10")];
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &env,
-    );
+    let server = start_fresh_server(dir.path(), &env);
     let conductor = example_conductor();
     let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
     let mut w = start_idle_worker(dir.path(), "w1", "devicegroup:g", &server, &argv, &[]);

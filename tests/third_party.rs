@@ -57,12 +57,7 @@ fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
     // the list at start (a key added later is picked up within 250 ms,
     // and this worker does not retry a refused handshake).
     let worker_key = keys().worker("py1");
-    let server = start_server(
-        &dir.path().join("server"),
-        "tcp://127.0.0.1:0",
-        "tcp://127.0.0.1:0",
-        &[],
-    );
+    let server = start_fresh_server(dir.path(), &[]);
     let keys = server.keys.clone().expect("a secured server");
     let run = submit_run(
         &server,

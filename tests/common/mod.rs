@@ -311,6 +311,17 @@ fn field(line: &str, key: &str) -> String {
     line[start..].split_whitespace().next().unwrap().to_string()
 }
 
+/// Starts a server with its state in `dir/server` on ephemeral ports, with
+/// extra `OTS_SERVER_*` environment.
+pub fn start_fresh_server(dir: &Path, env: &[(&str, &str)]) -> ServerProc {
+    start_server(
+        &dir.join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        env,
+    )
+}
+
 /// Starts a server on `control`/`events` (use port 0 for ephemeral ones)
 /// with extra `OTS_SERVER_*` environment.
 pub fn start_server(

@@ -158,7 +158,7 @@ fn drain_then_undrain_a_worker() {
         "ok.sh",
         "echo '<testsuite><testcase name=\"d\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
     );
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -166,7 +166,6 @@ fn drain_then_undrain_a_worker() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
     let o = submit(&server, &["drain", "w"], LIMIT);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let run = submit_gated(&server);
@@ -185,7 +184,7 @@ fn a_server_stopped_with_sigterm_tells_its_workers_who_come_back_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = server(dir.path());
     let conductor = script(dir.path(), "noop.sh", "true");
-    let w = start_worker(
+    let w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -193,7 +192,6 @@ fn a_server_stopped_with_sigterm_tells_its_workers_who_come_back_at_once() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
     let (control, events, state) = (
         server.control.clone(),
         server.events.clone(),
@@ -379,7 +377,7 @@ fn the_operators_view_lists_runs_queues_and_workers_and_streams_typed_json_lines
         // Lines over a second, so a follower that starts late still sees some live.
         "for i in 1 2 3 4 5 6 7 8 9 10; do echo hello $i; sleep 0.1; done\necho '<testsuite><testcase name=\"v\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
     );
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -387,7 +385,6 @@ fn the_operators_view_lists_runs_queues_and_workers_and_streams_typed_json_lines
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
     // Streaming JSON Lines: every line one object with a type.
     let out = submit(
         &server,
@@ -515,7 +512,7 @@ fn the_metrics_endpoint_serves_counters_that_move_with_a_testrun() {
         "ok.sh",
         "echo one\necho two\necho '<testsuite><testcase name=\"m\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
     );
-    let _w = start_worker(
+    let _w = start_idle_worker(
         dir.path(),
         "w",
         "devicegroup:g",
@@ -523,7 +520,6 @@ fn the_metrics_endpoint_serves_counters_that_move_with_a_testrun() {
         &[conductor.to_str().unwrap()],
         &[],
     );
-    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
     let before = scrape(&addr);
     assert!(before.contains("ots_workers{state=\"idle\"} 1"), "{before}");
     assert!(

@@ -8,8 +8,8 @@
 //!   outbox of mandatory messages, the dedup window, log-line accounting.
 //! - [`durable`]: state-directory lock and SQLite opening, shared by the
 //!   server's and the worker's durable state.
-//! - [`security`]: Noise `IK` handshake, sealed messages and key files
-//!   (issue 8, in progress: implemented and tested, not yet on the wire).
+//! - [`security`]: Noise `IK` handshake, sealed messages, key files and
+//!   allow-lists (on by default: every connection is authenticated).
 //! - [`transport`]: thin helpers over the `zeromq` crate: binding the server
 //!   sockets, connecting a worker or client with a fresh routing identity,
 //!   sending with a deadline.
@@ -28,6 +28,9 @@
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
 //! - [`logging`]: the binaries' log output.
 //! - [`shutdown`]: SIGTERM/SIGINT for the binaries' orderly stop.
+//! - [`jobs`]: named threads for slow work (file I/O, handshakes) off the
+//!   event loops.
+//! - [`supervision`]: systemd readiness, watchdog and status lines.
 //! - [`fatal`]: the panic hook of the binaries: a panic anywhere ends the
 //!   process with its location logged, so systemd restarts it.
 
@@ -39,6 +42,7 @@ pub mod docs;
 pub mod durable;
 pub mod fatal;
 pub mod fleet;
+pub mod jobs;
 pub mod local;
 pub mod logging;
 pub mod protocol;

@@ -396,22 +396,8 @@ pub fn spawn(
     mpsc::UnboundedSender<FileJob>,
     mpsc::UnboundedReceiver<FileDone>,
 ) {
-    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<FileJob>();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<FileDone>();
     let mut desk = Desk::new(root);
-    std::thread::Builder::new()
-        .name("ots-files".into())
-        .spawn(move || {
-            while let Some(job) = jobs_rx.blocking_recv() {
-                if let Some(done) = desk.run(job) {
-                    if done_tx.send(done).is_err() {
-                        return;
-                    }
-                }
-            }
-        })
-        .expect("spawning the file desk thread");
-    (jobs_tx, done_rx)
+    crate::jobs::spawn("ots-files", move |job| desk.run(job))
 }
 
 #[cfg(test)]

@@ -515,19 +515,10 @@ fn spawn_handshake_thread() -> (
     mpsc::UnboundedSender<HandshakeJob>,
     mpsc::UnboundedReceiver<HandshakeDone>,
 ) {
-    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<HandshakeJob>();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<HandshakeDone>();
-    std::thread::Builder::new()
-        .name("ots-handshakes".into())
-        .spawn(move || {
-            while let Some((peer, first, handshaker)) = jobs_rx.blocking_recv() {
-                if done_tx.send((peer, handshaker.accept(&first))).is_err() {
-                    return;
-                }
-            }
-        })
-        .expect("spawning the handshake thread");
-    (jobs_tx, done_rx)
+    crate::jobs::spawn(
+        "ots-handshakes",
+        |(peer, first, handshaker): HandshakeJob| Some((peer, handshaker.accept(&first))),
+    )
 }
 
 /// Answers a completed handshake: the Noise answer when it was secured, a

@@ -140,27 +140,16 @@ pub fn spawn(
     mpsc::UnboundedSender<ReadRequest>,
     mpsc::UnboundedReceiver<ReadDone>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<ReadRequest>();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<ReadDone>();
     let mut reader = Reader::new(state_dir);
-    std::thread::Builder::new()
-        .name("ots-file-reader".into())
-        .spawn(move || {
-            while let Some(req) = rx.blocking_recv() {
-                let result = reader.read(&req);
-                let done = ReadDone {
-                    task: req.task,
-                    attempt: req.attempt,
-                    name: req.name,
-                    offset: req.offset,
-                    epoch: req.epoch,
-                    result,
-                };
-                if done_tx.send(done).is_err() {
-                    return;
-                }
-            }
+    crate::jobs::spawn("ots-file-reader", move |req: ReadRequest| {
+        let result = reader.read(&req);
+        Some(ReadDone {
+            task: req.task,
+            attempt: req.attempt,
+            name: req.name,
+            offset: req.offset,
+            epoch: req.epoch,
+            result,
         })
-        .expect("spawning the result file reader thread");
-    (tx, done_rx)
+    })
 }

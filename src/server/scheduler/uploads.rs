@@ -999,19 +999,17 @@ impl<S: Store> Scheduler<S> {
         result: Result<(Vec<u8>, bool), DeskError>,
     ) {
         match result {
-            Ok((bytes, eof)) => {
-                self.out_raw_bytes = self.out_raw_bytes.saturating_add(bytes.len());
-                self.send(
-                    peer,
-                    None,
-                    Body::Data {
-                        request,
-                        offset,
-                        eof,
-                    },
-                    Some(Bytes::from(bytes)),
-                )
-            }
+            // `send` counts the bytes against the output budget.
+            Ok((bytes, eof)) => self.send(
+                peer,
+                None,
+                Body::Data {
+                    request,
+                    offset,
+                    eof,
+                },
+                Some(Bytes::from(bytes)),
+            ),
             Err(DeskError::NotFound) => self.send_error(
                 peer,
                 Some(request),

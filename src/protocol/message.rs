@@ -178,6 +178,15 @@ pub struct LogPart {
     pub bytes: u32,
 }
 
+impl LogPart {
+    /// The number of its last line (`first` for a part of one line).
+    pub fn last(&self) -> u64 {
+        self.first
+            .saturating_add(u64::from(self.count))
+            .saturating_sub(1)
+    }
+}
+
 /// How the conductor ended, as the worker observed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {

@@ -1174,7 +1174,7 @@ impl Session {
                 let fits = raw.len() + p.text.text.len() <= MAX_LOG_BATCH_BYTES;
                 let continues = parts.last().is_some_and(|l| {
                     l.stream == p.text.stream
-                        && l.first + u64::from(l.count) == p.first
+                        && l.last() + 1 == p.first
                         && l.count.checked_add(p.text.count).is_some()
                 });
                 if !parts.is_empty() && (!fits || (!continues && parts.len() >= MAX_LOG_PARTS)) {

@@ -194,46 +194,16 @@ impl<S: Store> Scheduler<S> {
         // (every line takes at least its newline); no need to look at
         // them one by one.
         if t.log_bytes >= limits.max_task_log_bytes
-            && !parts
-                .iter()
-                .any(|p| t.log.overlaps(p.first, p.first + u64::from(p.count) - 1))
+            && !parts.iter().any(|p| t.log.overlaps(p.first, p.last()))
         {
             self.refuse_log_lines(&task, lines);
             return;
         }
-        let mut bytes = t.log_bytes;
-        let mut runs = t.log.runs();
-        let mut prev_last: Option<u64> = None;
-        let mut fast = true;
-        for p in &parts {
-            // count ≥ 1 and first + count within MAX_SEQ (codec-checked).
-            let last = p.first + u64::from(p.count) - 1;
-            let size = u64::from(p.bytes)
-                + crate::server::store::prefix(p.stream).len() as u64 * u64::from(p.count);
-            let in_order = prev_last.is_none_or(|pl| p.first > pl);
-            if !in_order
-                || t.log.overlaps(p.first, last)
-                || bytes.saturating_add(size) > limits.max_task_log_bytes
-            {
-                fast = false;
-                break;
-            }
-            let joins = prev_last.is_some_and(|pl| pl + 1 == p.first) || t.log.joins(p.first, last);
-            if !joins {
-                if runs >= limits.max_log_gaps {
-                    fast = false;
-                    break;
-                }
-                runs += 1;
-            }
-            bytes += size;
-            prev_last = Some(last);
-        }
-        if !fast {
+        let Some(bytes) = packed_fits(t, &parts, limits) else {
             self.count("log_packed_slow_path", 1);
             let all = crate::protocol::logtext::unpack(&parts, &raw);
             return self.on_log(worker, task, attempt, all);
-        }
+        };
         let texts: Vec<(Stream, &[u8])> = crate::protocol::logtext::part_texts(&parts, &raw)
             .map(|(p, text)| (p.stream, text))
             .collect();
@@ -245,8 +215,7 @@ impl<S: Store> Scheduler<S> {
         self.log_touched.insert(task.clone());
         let t = self.tasks.get_mut(&task).expect("open task");
         for p in &parts {
-            t.log
-                .insert_range(p.first, p.first + u64::from(p.count) - 1);
+            t.log.insert_range(p.first, p.last());
         }
         t.log_bytes = bytes;
         let run = t.run.clone();
@@ -457,4 +426,34 @@ impl<S: Store> Scheduler<S> {
             self.end_task(now, task, TaskState::Finished, Some(verdict), reason);
         }
     }
+}
+
+/// The task's stored log bytes once `parts` are stored as they came, if
+/// they can be: every line new, parts in increasing order, within the
+/// task's byte and gap limits. `None` sends them line by line.
+fn packed_fits(t: &Task, parts: &[LogPart], limits: &SchedulerLimits) -> Option<u64> {
+    let mut bytes = t.log_bytes;
+    let mut runs = t.log.runs();
+    let mut prev_last: Option<u64> = None;
+    for p in parts {
+        let size = u64::from(p.bytes)
+            + crate::server::store::prefix(p.stream).len() as u64 * u64::from(p.count);
+        let in_order = prev_last.is_none_or(|pl| p.first > pl);
+        if !in_order
+            || t.log.overlaps(p.first, p.last())
+            || bytes.saturating_add(size) > limits.max_task_log_bytes
+        {
+            return None;
+        }
+        let joins = prev_last.is_some_and(|pl| pl + 1 == p.first) || t.log.joins(p.first, p.last());
+        if !joins {
+            if runs >= limits.max_log_gaps {
+                return None;
+            }
+            runs += 1;
+        }
+        bytes += size;
+        prev_last = Some(p.last());
+    }
+    Some(bytes)
 }

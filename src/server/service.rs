@@ -319,6 +319,7 @@ async fn serve(
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
+    let mut subscriptions_refused = 0u64;
     // Refused connections are logged and audited at a bounded rate (an
     // anonymous peer can open connections as fast as it likes); the
     // counters count every one.
@@ -436,6 +437,11 @@ async fn serve(
                 metrics.observe_tick_gap(now.saturating_duration_since(last_tick));
                 last_tick = now;
                 scheduler.on_tick(now);
+                let refused = publisher.subscriptions_refused();
+                if refused > subscriptions_refused {
+                    scheduler.count_shell_event("subscriptions_refused", refused - subscriptions_refused);
+                    subscriptions_refused = refused;
+                }
                 let idle = activity.take_idle(now);
                 if !idle.is_empty() {
                     scheduler.count_shell_event("idle_connections_closed", idle.len() as u64);

@@ -118,13 +118,31 @@ impl SocketLimits {
     }
 }
 
+/// What the server's PUB keeps of its subscribers' subscriptions (a
+/// worker subscribes to `hb`, a plaintext follower to `run/<id>` and
+/// `log/<id>`): past these a subscription is ignored and counted
+/// (`subscriptions_refused`), so no peer can grow the server's memory
+/// by subscribing (PROTOCOL.md §14).
+pub const SUBSCRIPTIONS: zeromq::SubscriptionLimits = zeromq::SubscriptionLimits {
+    per_connection: 16,
+    bytes_per_connection: 1024,
+    topic_bytes: 128,
+    total: 65_536,
+};
+
 /// Binds ROUTER `control` and PUB `events`.
 pub async fn bind_server(
     control: &str,
     events: &str,
     limits: &SocketLimits,
 ) -> Result<ServerSockets, TransportError> {
-    let mut router = RouterSocket::with_options(limits.options());
+    let mut options = limits.options();
+    // Connections are the server's: the routing identity a peer announces
+    // travels in clear text before any handshake, so anyone who saw it
+    // could otherwise replace (cut) the connection it names. Each accepted
+    // connection gets a random id of the server's choosing instead.
+    options.assign_peer_ids(true);
+    let mut router = RouterSocket::with_options(options);
     let control_ep = router
         .bind(control)
         .await
@@ -132,7 +150,11 @@ pub async fn bind_server(
             endpoint: control.to_string(),
             source,
         })?;
-    let mut publisher = PubSocket::with_options(limits.options());
+    let mut options = limits.options();
+    options
+        .assign_peer_ids(true)
+        .subscription_limits(SUBSCRIPTIONS);
+    let mut publisher = PubSocket::with_options(options);
     let events_ep = publisher
         .bind(events)
         .await

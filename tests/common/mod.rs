@@ -686,7 +686,15 @@ pub struct Proxy {
     pub port: u16,
     paused: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The first bytes each connection's client sent: what a sniffer on
+    /// the wire sees of it (greeting, READY and its routing identity).
+    sniffed: Sniffed,
 }
+
+type Sniffed = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// Bytes of each connection's start kept by [`Proxy`].
+const SNIFFED_BYTES: usize = 512;
 
 impl Proxy {
     pub fn start(target: &str) -> Proxy {
@@ -697,7 +705,8 @@ impl Proxy {
         listener.set_nonblocking(true).unwrap();
         let paused = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (paused.clone(), stop.clone());
+        let sniffed: Sniffed = Arc::default();
+        let (p, s, sniff) = (paused.clone(), stop.clone(), sniffed.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -705,19 +714,50 @@ impl Proxy {
                         let Ok(upstream) = std::net::TcpStream::connect(&target) else {
                             continue;
                         };
-                        for (from, to) in [
-                            (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                            (upstream, client),
+                        let index = {
+                            let mut all = sniff.lock().unwrap();
+                            all.push(Vec::new());
+                            all.len() - 1
+                        };
+                        for (from, to, sniffer) in [
+                            (
+                                client.try_clone().unwrap(),
+                                upstream.try_clone().unwrap(),
+                                Some((sniff.clone(), index)),
+                            ),
+                            (upstream, client, None),
                         ] {
                             let (p, s) = (p.clone(), s.clone());
-                            std::thread::spawn(move || pump(from, to, p, s));
+                            std::thread::spawn(move || pump(from, to, p, s, sniffer));
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)), // accept poll
                 }
             }
         });
-        Proxy { port, paused, stop }
+        Proxy {
+            port,
+            paused,
+            stop,
+            sniffed,
+        }
+    }
+
+    /// The routing identities clients announced in their READY, as a
+    /// sniffer on the wire reads them (clear text, before any handshake).
+    pub fn sniffed_identities(&self) -> Vec<Vec<u8>> {
+        const PROPERTY: &[u8] = b"\x08Identity";
+        self.sniffed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|bytes| {
+                let at =
+                    bytes.windows(PROPERTY.len()).position(|w| w == PROPERTY)? + PROPERTY.len();
+                let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+                Some(bytes.get(at + 4..at + 4 + len)?.to_vec())
+            })
+            .collect()
     }
 
     pub fn endpoint(&self) -> String {
@@ -746,6 +786,7 @@ fn pump(
     mut to: std::net::TcpStream,
     paused: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    sniffer: Option<(Sniffed, usize)>,
 ) {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
@@ -760,6 +801,12 @@ fn pump(
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                if let Some((sniffed, index)) = &sniffer {
+                    let mut all = sniffed.lock().unwrap();
+                    let seen = &mut all[*index];
+                    let room = SNIFFED_BYTES.saturating_sub(seen.len()).min(n);
+                    seen.extend_from_slice(&buf[..room]);
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }

@@ -69,9 +69,13 @@ pub mod __bench {
                     .parse()
                     .expect("valid peer identity");
                 let (send_queue, recv_queue) = mpsc::channel(queue_capacity);
-                backend
-                    .peers
-                    .upsert_sync(peer_id.clone(), Peer { send_queue, queued_bytes: Default::default() });
+                backend.peers.upsert_sync(
+                    peer_id.clone(),
+                    Peer {
+                        send_queue,
+                        queued_bytes: Default::default(),
+                    },
+                );
                 backend.round_robin.push(peer_id);
                 receivers.push(recv_queue);
             }
@@ -108,6 +112,8 @@ pub mod __bench {
             let backend = Arc::new(PubSocketBackend {
                 subscribers: scc::HashMap::new(),
                 subscriber_count: AtomicUsize::new(0),
+                subscription_total: AtomicUsize::new(0),
+                subscriptions_refused: std::sync::atomic::AtomicU64::new(0),
                 socket_monitor: Mutex::new(None),
                 socket_options: Arc::new(SocketOptions::default()),
             });
@@ -119,16 +125,15 @@ pub mod __bench {
                     .expect("valid peer identity");
                 let (send_queue, recv_queue) = mpsc::channel(1024);
                 let (stop_sender, _stop_receiver) = oneshot::channel();
-                backend
-                    .subscribers
-                    .upsert_sync(
-                        peer_id,
-                        Subscriber {
-                            subscriptions: subscriptions.clone(),
-                            send_queue,
-                            _subscription_coro_stop: stop_sender,
-                        },
-                    );
+                backend.subscribers.upsert_sync(
+                    peer_id,
+                    Subscriber {
+                        subscription_bytes: 0,
+                        subscriptions: subscriptions.clone(),
+                        send_queue,
+                        _subscription_coro_stop: stop_sender,
+                    },
+                );
                 backend
                     .subscriber_count
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -359,6 +364,22 @@ pub struct SocketOptions {
     pub(crate) peer_send_queue: usize,
     pub(crate) fail_on_full_peer_queue: bool,
     pub(crate) peer_send_queue_bytes: Option<usize>,
+    pub(crate) assign_peer_ids: bool,
+    pub(crate) subscription_limits: Option<SubscriptionLimits>,
+}
+
+/// ots patch: what one PUB keeps of its subscribers' subscriptions
+/// (see [`SocketOptions::subscription_limits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscriptionLimits {
+    /// Subscriptions one connection may hold.
+    pub per_connection: usize,
+    /// Bytes of topics one connection may hold.
+    pub bytes_per_connection: usize,
+    /// Longest topic accepted.
+    pub topic_bytes: usize,
+    /// Subscriptions held by all connections together.
+    pub total: usize,
 }
 
 impl Default for SocketOptions {
@@ -376,6 +397,8 @@ impl Default for SocketOptions {
             peer_send_queue: crate::backend::PEER_SEND_QUEUE_CAPACITY,
             fail_on_full_peer_queue: false,
             peer_send_queue_bytes: None,
+            assign_peer_ids: false,
+            subscription_limits: None,
         }
     }
 }
@@ -498,6 +521,25 @@ impl SocketOptions {
         self.peer_send_queue_bytes = Some(bytes);
         self
     }
+
+    /// ots patch: every accepted connection gets a fresh random identity
+    /// of the socket's own choosing; the `Identity` a peer announces in
+    /// its READY is ignored. The announced identity travels in clear text,
+    /// so anyone who saw it could otherwise open a connection with it and
+    /// replace (cut) the live connection it names.
+    pub fn assign_peer_ids(&mut self, assign: bool) -> &mut Self {
+        self.assign_peer_ids = assign;
+        self
+    }
+
+    /// ots patch: bounds on what a PUB keeps of its subscribers'
+    /// subscriptions. A subscription past a bound is ignored and counted
+    /// (`PubSocket::refused_subscriptions`); a subscriber's are freed when
+    /// its connection closes.
+    pub fn subscription_limits(&mut self, limits: SubscriptionLimits) -> &mut Self {
+        self.subscription_limits = Some(limits);
+        self
+    }
 }
 
 #[async_trait]
@@ -567,7 +609,12 @@ where
                     )
                     .await
                     {
-                        Ok(peer_id) => {
+                        Ok(announced) => {
+                            let peer_id = if backend.socket_options().assign_peer_ids {
+                                PeerIdentity::new()
+                            } else {
+                                announced
+                            };
                             backend.clone().peer_connected(&peer_id, io).await;
                             Ok((endpoint, peer_id))
                         }

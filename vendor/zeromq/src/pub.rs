@@ -16,7 +16,7 @@ use futures::{select, FutureExt, StreamExt};
 use parking_lot::Mutex;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 const PUB_SEND_QUEUE_CAPACITY: usize = 100_000;
@@ -62,6 +62,9 @@ fn send_to_subscriber(mut send_queue: PubSendQueue, message: &ZmqMessage) {
 
 pub(crate) struct Subscriber {
     pub(crate) subscriptions: Vec<Vec<u8>>,
+    /// ots patch: bytes of `subscriptions` (bounded by the socket's
+    /// `subscription_limits`).
+    pub(crate) subscription_bytes: usize,
     pub(crate) send_queue: PubSendQueue,
     pub(crate) _subscription_coro_stop: oneshot::Sender<()>,
 }
@@ -69,6 +72,10 @@ pub(crate) struct Subscriber {
 pub(crate) struct PubSocketBackend {
     pub(crate) subscribers: scc::HashMap<PeerIdentity, Subscriber>,
     pub(crate) subscriber_count: AtomicUsize,
+    /// ots patch: subscriptions held by all subscribers together.
+    pub(crate) subscription_total: AtomicUsize,
+    /// ots patch: subscriptions ignored for a bound.
+    pub(crate) subscriptions_refused: AtomicU64,
     pub(crate) socket_monitor: Mutex<Option<mpsc::Sender<SocketEvent>>>,
     pub(crate) socket_options: Arc<SocketOptions>,
 }
@@ -171,16 +178,42 @@ impl PubSocketBackend {
         match data.first() {
             Some(1) => {
                 // Subscribe
+                let topic = &data[1..];
+                let limits = self.socket_options.subscription_limits;
                 if let Some(mut entry) = self.subscribers.get_sync(peer_id) {
-                    entry.subscriptions.push(Vec::from(&data[1..]));
+                    if let Some(limits) = limits {
+                        // ots patch: a peer chooses how many subscriptions
+                        // it sends and how long; past a bound they are
+                        // ignored and counted, never kept.
+                        let over = topic.len() > limits.topic_bytes
+                            || entry.subscriptions.len() >= limits.per_connection
+                            || entry.subscription_bytes.saturating_add(topic.len())
+                                > limits.bytes_per_connection
+                            || self
+                                .subscription_total
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                    (n < limits.total).then_some(n + 1)
+                                })
+                                .is_err();
+                        if over {
+                            self.subscriptions_refused.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    entry.subscription_bytes += topic.len();
+                    entry.subscriptions.push(Vec::from(topic));
                 }
             }
             Some(0) => {
                 // Unsubscribe
-                let sub = Vec::from(&data[1..]);
+                let sub = &data[1..];
                 if let Some(mut entry) = self.subscribers.get_sync(peer_id) {
-                    if let Some(index) = entry.subscriptions.iter().position(|s| s == &sub) {
-                        entry.subscriptions.remove(index);
+                    if let Some(index) = entry.subscriptions.iter().position(|s| s == sub) {
+                        entry.subscriptions.swap_remove(index);
+                        entry.subscription_bytes -= sub.len();
+                        if self.socket_options.subscription_limits.is_some() {
+                            self.subscription_total.fetch_sub(1, Ordering::AcqRel);
+                        }
                     }
                 }
             }
@@ -204,6 +237,7 @@ impl SocketBackend for PubSocketBackend {
     fn shutdown(&self) {
         self.subscribers.clear_sync();
         self.subscriber_count.store(0, Ordering::Relaxed);
+        self.subscription_total.store(0, Ordering::Relaxed);
     }
 
     fn monitor(&self) -> &Mutex<Option<mpsc::Sender<SocketEvent>>> {
@@ -216,20 +250,29 @@ impl MultiPeerBackend for PubSocketBackend {
     async fn peer_connected(self: Arc<Self>, peer_id: &PeerIdentity, io: FramedIo) {
         let (mut recv_queue, send_queue) = io.into_parts();
         // TODO provide handling for recv_queue
-        let (queue_sender, queue_receiver) = mpsc::channel(PUB_SEND_QUEUE_CAPACITY);
+        // ots patch: a subscriber that does not read holds at most the
+        // socket's per-peer queue (the rest is dropped, as PUB does).
+        let capacity = if self.socket_options.fail_on_full_peer_queue {
+            self.socket_options.peer_send_queue
+        } else {
+            PUB_SEND_QUEUE_CAPACITY
+        };
+        let (queue_sender, queue_receiver) = mpsc::channel(capacity);
         let (sender, stop_receiver) = oneshot::channel();
-        let old_subscriber = self
-            .subscribers
-            .upsert_sync(
-                peer_id.clone(),
-                Subscriber {
-                    subscriptions: vec![],
-                    send_queue: queue_sender,
-                    _subscription_coro_stop: sender,
-                },
-            );
-        if old_subscriber.is_none() {
-            self.subscriber_count.fetch_add(1, Ordering::Relaxed);
+        let old_subscriber = self.subscribers.upsert_sync(
+            peer_id.clone(),
+            Subscriber {
+                subscriptions: vec![],
+                subscription_bytes: 0,
+                send_queue: queue_sender,
+                _subscription_coro_stop: sender,
+            },
+        );
+        match old_subscriber {
+            None => {
+                self.subscriber_count.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => self.release_subscriptions(&old),
         }
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
@@ -277,8 +320,19 @@ impl MultiPeerBackend for PubSocketBackend {
         if let Some(monitor) = self.monitor().lock().as_mut() {
             let _ = monitor.try_send(SocketEvent::Disconnected(peer_id.clone()));
         }
-        if self.subscribers.remove_sync(peer_id).is_some() {
+        if let Some((_, old)) = self.subscribers.remove_sync(peer_id) {
             self.subscriber_count.fetch_sub(1, Ordering::Relaxed);
+            self.release_subscriptions(&old);
+        }
+    }
+}
+
+impl PubSocketBackend {
+    /// ots patch: a gone subscriber's subscriptions leave the total.
+    fn release_subscriptions(&self, subscriber: &Subscriber) {
+        if self.socket_options.subscription_limits.is_some() {
+            self.subscription_total
+                .fetch_sub(subscriber.subscriptions.len(), Ordering::AcqRel);
         }
     }
 }
@@ -312,12 +366,33 @@ impl SocketSend for PubSocket {
 
 impl CaptureSocket for PubSocket {}
 
+impl PubSocket {
+    /// ots patch: subscriptions held now, by all subscribers together
+    /// (counted only with `subscription_limits` set).
+    pub fn subscriptions_held(&self) -> usize {
+        self.backend.subscription_total.load(Ordering::Relaxed)
+    }
+
+    /// ots patch: subscriptions ignored for a bound since the socket was
+    /// made.
+    pub fn subscriptions_refused(&self) -> u64 {
+        self.backend.subscriptions_refused.load(Ordering::Relaxed)
+    }
+
+    /// ots patch: connected subscribers.
+    pub fn subscriber_count(&self) -> usize {
+        self.backend.subscriber_count.load(Ordering::Relaxed)
+    }
+}
+
 #[async_trait]
 impl Socket for PubSocket {
     fn with_options(options: SocketOptions) -> Self {
         let backend = Arc::new(PubSocketBackend {
             subscribers: scc::HashMap::new(),
             subscriber_count: AtomicUsize::new(0),
+            subscription_total: AtomicUsize::new(0),
+            subscriptions_refused: AtomicU64::new(0),
             socket_monitor: Mutex::new(None),
             socket_options: Arc::new(options),
         });
@@ -358,6 +433,8 @@ mod tests {
         PubSocketBackend {
             subscribers: scc::HashMap::new(),
             subscriber_count: AtomicUsize::new(0),
+            subscription_total: AtomicUsize::new(0),
+            subscriptions_refused: AtomicU64::new(0),
             socket_monitor: Mutex::new(None),
             socket_options: Arc::new(SocketOptions::default()),
         }
@@ -370,16 +447,15 @@ mod tests {
         queue_sender: PubSendQueue,
     ) {
         let (stop_sender, _stop_receiver) = oneshot::channel();
-        let old_subscriber = backend
-            .subscribers
-            .upsert_sync(
-                peer_id,
-                Subscriber {
-                    subscriptions,
-                    send_queue: queue_sender,
-                    _subscription_coro_stop: stop_sender,
-                },
-            );
+        let old_subscriber = backend.subscribers.upsert_sync(
+            peer_id,
+            Subscriber {
+                subscription_bytes: subscriptions.iter().map(Vec::len).sum(),
+                subscriptions,
+                send_queue: queue_sender,
+                _subscription_coro_stop: stop_sender,
+            },
+        );
         if old_subscriber.is_none() {
             backend.subscriber_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -692,9 +768,7 @@ mod tests {
             let started = Instant::now();
             let mut sent = 0u64;
             while started.elapsed() < Duration::from_secs(3) {
-                let _ = publisher
-                    .send(ZmqMessage::from(vec![7u8; 512]))
-                    .await;
+                let _ = publisher.send(ZmqMessage::from(vec![7u8; 512])).await;
                 sent += 1;
                 if sent % 64 == 0 {
                     tokio::task::yield_now().await;
@@ -711,5 +785,75 @@ mod tests {
         };
         assert!(sent > 0);
         rt.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    /// ots patch: a subscriber cannot make the PUB keep more than its
+    /// bounds, the refused ones are counted, and a closed connection's
+    /// subscriptions are released.
+    #[tokio::test]
+    async fn ots_subscriptions_are_bounded_and_released() {
+        use crate::prelude::*;
+        use std::time::{Duration, Instant};
+        let mut options = SocketOptions::default();
+        options.subscription_limits(crate::SubscriptionLimits {
+            per_connection: 4,
+            bytes_per_connection: 64,
+            topic_bytes: 32,
+            total: 6,
+        });
+        let mut publisher = PubSocket::with_options(options);
+        let endpoint = publisher
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .unwrap()
+            .to_string();
+        let mut first = crate::SubSocket::new();
+        first.connect(&endpoint).await.unwrap();
+        let long = "x".repeat(33);
+        // One too long, then 5 of which 4 fit.
+        first.subscribe(&long).await.unwrap();
+        for t in ["a", "b", "c", "d", "e"] {
+            first.subscribe(t).await.unwrap();
+        }
+        let wait = |want_held: usize, want_refused: u64, publisher: &PubSocket| {
+            publisher.subscriptions_held() == want_held
+                && publisher.subscriptions_refused() == want_refused
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !wait(4, 2, &publisher) {
+            assert!(
+                Instant::now() < deadline,
+                "held {} refused {}",
+                publisher.subscriptions_held(),
+                publisher.subscriptions_refused()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut second = crate::SubSocket::new();
+        second.connect(&endpoint).await.unwrap();
+        for t in ["f", "g", "h"] {
+            second.subscribe(t).await.unwrap();
+        }
+        // The total (6) lets two of the second's three in.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !wait(6, 3, &publisher) {
+            assert!(
+                Instant::now() < deadline,
+                "held {} refused {}",
+                publisher.subscriptions_held(),
+                publisher.subscriptions_refused()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while publisher.subscriptions_held() != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "a closed subscriber's subscriptions stay held: {}",
+                publisher.subscriptions_held()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

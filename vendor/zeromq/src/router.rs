@@ -212,3 +212,69 @@ impl SocketRecv for RouterRecvHalf {
         }
     }
 }
+
+#[cfg(test)]
+mod ots_tests {
+    use crate::prelude::*;
+    use crate::util::PeerIdentity;
+    use crate::{DealerSocket, RouterSocket, SocketOptions, ZmqMessage};
+    use std::time::Duration;
+
+    fn dealer_announcing(id: &[u8]) -> DealerSocket {
+        let mut options = SocketOptions::default();
+        options.peer_identity(PeerIdentity::try_from(id.to_vec()).unwrap());
+        DealerSocket::with_options(options)
+    }
+
+    /// ots patch: with `assign_peer_ids`, a second connection announcing a
+    /// live connection's identity is a connection of its own: the first
+    /// keeps being answered, and neither is addressed by what it announced.
+    #[tokio::test]
+    async fn ots_assigned_peer_ids_keep_a_connection_announcing_a_live_identity_apart() {
+        let mut options = SocketOptions::default();
+        options.assign_peer_ids(true);
+        let mut router = RouterSocket::with_options(options);
+        let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+        let announced = b"sixteen-byte-id!";
+        let mut victim = dealer_announcing(announced);
+        victim.connect(&endpoint).await.unwrap();
+        victim.send(ZmqMessage::from("victim")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), router.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let victim_id = got.get(0).unwrap().clone();
+        assert_ne!(
+            &victim_id[..],
+            &announced[..],
+            "the announced identity was used"
+        );
+
+        let mut intruder = dealer_announcing(announced);
+        intruder.connect(&endpoint).await.unwrap();
+        intruder.send(ZmqMessage::from("intruder")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), router.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let intruder_id = got.get(0).unwrap().clone();
+        assert_ne!(victim_id, intruder_id);
+        drop(intruder);
+
+        // The victim's connection still carries messages both ways.
+        let mut reply = ZmqMessage::from(victim_id.clone());
+        reply.push_back("still yours".into());
+        router.send(reply).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), victim.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&answer.get(0).unwrap()[..], b"still yours");
+        victim.send(ZmqMessage::from("again")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), router.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.get(0).unwrap(), &victim_id);
+    }
+}

@@ -1,0 +1,200 @@
+//! Issue 19: what an attacker tried against the secured default, each
+//! finding as a scenario with the real binaries over real sockets — a
+//! keyless sniffer, a subscription flood, inputs named by hash, a worker
+//! key claiming another device, files under umask 022, a bad allow-list
+//! file, replayed handshakes and secrets on command lines.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A conductor that says it started, waits for `go`, then passes.
+fn gated_conductor(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let go = dir.join("go");
+    let script = script(
+        dir,
+        "gated.sh",
+        &format!(
+            "echo started\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\necho released\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
+    (script, go)
+}
+
+/// Finding 1: a keyless peer that read a worker's routing identity off
+/// the wire (it travels in clear text in the ZMTP READY) opens connections
+/// announcing it, over and over, while the worker runs a task. The
+/// server's connections are its own: the worker's session is never cut
+/// and the task passes.
+#[test]
+fn a_sniffer_announcing_a_captured_routing_identity_cuts_no_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let proxy = Proxy::start(&server.control);
+    let (conductor, go) = gated_conductor(dir.path());
+    let keys = server.keys.clone().unwrap();
+    let w = start_worker_with(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &proxy.endpoint(),
+        &server.events,
+        &[conductor.to_str().unwrap()],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+    let captured = proxy.sniffed_identities();
+    assert!(
+        !captured.is_empty(),
+        "the sniffer saw no identity: the test would prove nothing"
+    );
+    let mark = w.stderr.len();
+    // A persistent sniffer: each captured identity announced 50 times,
+    // some connections closed at once, some kept open for a while.
+    let mut held = Vec::new();
+    for round in 0..50 {
+        for identity in &captured {
+            let mut s = std::net::TcpStream::connect(zmtp::addr(&server.control)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&zmtp::greeting(false)).unwrap();
+            s.write_all(&ready_with_identity(identity)).unwrap();
+            if round % 5 == 0 {
+                held.push(s);
+            }
+        }
+    }
+    // The worker's control connection still carries its messages: a
+    // fresh request round trip through the server and the task's end.
+    std::fs::write(&go, "").unwrap();
+    let st = wait_status(&server, &run, LIMIT, finished);
+    drop(held);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let lines: Vec<String> = w.stderr.all()[mark..].to_vec();
+    assert!(
+        !lines.iter().any(|l| l.contains("server lost")),
+        "the worker's session was cut: {lines:#?}"
+    );
+    assert!(
+        server.proc.stderr.count("worker lost") == 0,
+        "{:?}",
+        server.proc.stderr.all()
+    );
+}
+
+/// A READY command frame for a DEALER announcing `identity`.
+fn ready_with_identity(identity: &[u8]) -> Vec<u8> {
+    let mut body = vec![5u8];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&6u32.to_be_bytes());
+    body.extend_from_slice(b"DEALER");
+    body.push(8);
+    body.extend_from_slice(b"Identity");
+    body.extend_from_slice(&(identity.len() as u32).to_be_bytes());
+    body.extend_from_slice(identity);
+    let mut frame = vec![0x04, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Finding 2: a peer subscribing 400 000 times with 1 KiB topics on the
+/// events port makes the server keep at most its documented bounds; the
+/// refusals are counted and the memory is not held.
+#[test]
+fn a_subscription_flood_on_the_events_port_is_bounded_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let pid = server.proc.pid().as_raw();
+    let before = zmtp::rss_kib(pid);
+    let topic = vec![b'x'; 1024];
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let mut s = zmtp::handshake(&server.events, "SUB").unwrap();
+        let mut subscribe = vec![1u8];
+        subscribe.extend_from_slice(&topic);
+        let frame = zmtp::frames(&[&subscribe]);
+        let mut batch = Vec::with_capacity(frame.len() * 1000);
+        for _ in 0..1000 {
+            batch.extend_from_slice(&frame);
+        }
+        for _ in 0..100 {
+            s.write_all(&batch).unwrap();
+        }
+        floods.push(s);
+    }
+    // Short, well-formed subscriptions too, past the per-connection count.
+    let mut s = zmtp::handshake(&server.events, "SUB").unwrap();
+    for i in 0..10_000 {
+        let mut subscribe = vec![1u8];
+        subscribe.extend_from_slice(format!("run/{i}").as_bytes());
+        s.write_all(&zmtp::frames(&[&subscribe])).unwrap();
+    }
+    floods.push(s);
+    // Any testrun's status carries the server's counters.
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    let refused = wait_for_counter(
+        &server,
+        &run,
+        "subscriptions_refused",
+        400_000 + 10_000 - 16,
+    );
+    let during = zmtp::rss_kib(pid);
+    drop(floods);
+    eprintln!(
+        "server RSS: {before} KiB before, {during} KiB after 410 000 subscriptions ({refused} refused)"
+    );
+    assert!(
+        during < before + 64 * 1024,
+        "the flood grew the server from {before} to {during} KiB"
+    );
+    // Still serving.
+    let out = submit(&server, &["workers"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Polls the server's counters (in any testrun's status) until `name`
+/// reaches `at_least`; returns its value.
+fn wait_for_counter(server: &ServerProc, run: &str, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if let Some(st) = status_json(server, run) {
+            last = st["counters"][name].as_u64().unwrap_or(0);
+            if last >= at_least {
+                return last;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100)); // polling interval, bounded by the deadline
+    }
+    panic!("counter {name} reached only {last}, wanted {at_least}");
+}

@@ -61,7 +61,14 @@ fn storm(n: usize, secure: bool) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let fleet: FleetCounters = {
         let _guard = rt.enter();
-        ots::fleet::start(&first_server.control, "storm", n, 0, security)
+        ots::fleet::start(
+            &first_server.control,
+            &first_server.events,
+            "storm",
+            n,
+            0,
+            security,
+        )
     };
     let Some(first) = wait_until(Duration::from_secs(120), || fleet.registered() == n) else {
         println!(

@@ -15,8 +15,9 @@
 //! `DIR/fleet-private/`, made on first use and allow-listed as
 //! `workers.d/fleetI.pub`, which a running server picks up within a
 //! second), and the generator's requests go as the admin user `fleet`.
-//! The longest heartbeat gap is then the one the workers saw on their
-//! control connections (a secured server publishes nothing on PUB).
+//! The longest heartbeat gap is then the one the workers saw in the
+//! signed heartbeats on their SUB connections (events port = control
+//! port + 1).
 //!
 //! With LINES (chatty mode), once all are registered it submits one task
 //! per worker and each worker streams LINES log lines for it as fast as
@@ -103,7 +104,11 @@ async fn main() {
         Some(dir) => secured(dir, n),
         None => (ots::fleet::FleetSecurity::None, Credentials::None),
     };
-    let fleet = ots::fleet::start(&control, "fleet", n, lines, security);
+    let events = events_endpoint(&control).unwrap_or_else(|| {
+        eprintln!("fleet: {control} is not tcp://HOST:PORT (the events port is PORT + 1)");
+        std::process::exit(64)
+    });
+    let fleet = ots::fleet::start(&control, &events, "fleet", n, lines, security);
     // The longest gap between server heartbeats seen on the events port:
     // the loop must keep publishing them under any load.
     let worst_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));

@@ -89,10 +89,12 @@ pub struct FleetCounters {
     /// worker retries after a pause).
     pub handshakes_busy: Arc<AtomicUsize>,
     /// The longest gap between two server heartbeats one worker received
-    /// on one connection, in ms (secured fleets only: with security on the
-    /// server sends heartbeats on the control connection, PROTOCOL.md
-    /// §15.4; without, they go out on PUB, which the fleet does not read).
+    /// on one connection, in ms (secured fleets only: each worker reads
+    /// the signed heartbeats on its SUB and checks them as a real worker
+    /// does, PROTOCOL.md §15.4).
     pub worst_heartbeat_gap_ms: Arc<AtomicU64>,
+    /// Broadcasts a secured worker refused (forged, replayed, stale).
+    pub broadcasts_refused: Arc<AtomicUsize>,
 }
 
 impl FleetCounters {
@@ -127,6 +129,7 @@ impl FleetCounters {
 /// batches of 500, as fast as the socket takes them) before reporting.
 pub fn start(
     control: &str,
+    events: &str,
     prefix: &str,
     n: usize,
     chatty_lines: usize,
@@ -145,6 +148,7 @@ pub fn start(
             format!("{prefix}{i}"),
             i,
             control.to_string(),
+            events.to_string(),
             credentials,
             counters.clone(),
         ));
@@ -166,6 +170,7 @@ async fn worker(
     name: String,
     i: usize,
     control: String,
+    events: String,
     credentials: Option<(KeyPair, PublicKey)>,
     counters: FleetCounters,
 ) {
@@ -191,6 +196,18 @@ async fn worker(
                 }
             }
         }
+        // Secured: heartbeats come signed on the events port.
+        let mut sub = None;
+        if credentials.is_some() {
+            match crate::transport::connect_sub(&events, &["hb"], Duration::from_secs(5)).await {
+                Ok(s) => sub = Some(s),
+                Err(_) => {
+                    pause().await;
+                    continue;
+                }
+            }
+        }
+        let mut listener: Option<crate::security::broadcast::Listener> = None;
         let mut monitor = socket.monitor();
         let (mut tx, mut rx) = socket.split();
         let hello = Body::Hello {
@@ -228,18 +245,20 @@ async fn worker(
                         };
                         let Ok(env) = decode(frames) else { continue };
                         match &env.body {
-                            Body::Welcome { .. } if !up => {
+                            Body::Welcome { events_key, beat, heartbeat_ms, liveness, .. } if !up => {
                                 up = true;
                                 counters.registered.fetch_add(1, Ordering::Relaxed);
                                 counters.welcomes.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Body::ServerHeartbeat { .. } => {
-                                let now = Instant::now();
-                                if let Some(l) = last_heartbeat {
-                                    let gap = (now - l).as_millis().min(u64::MAX as u128) as u64;
-                                    counters.worst_heartbeat_gap_ms.fetch_max(gap, Ordering::Relaxed);
+                                let mut key = [0u8; 32];
+                                if events_key.as_ref().is_some_and(|k| hex::decode_to_slice(k, &mut key).is_ok()) {
+                                    listener = Some(crate::security::broadcast::Listener::new(
+                                        key,
+                                        *beat,
+                                        Instant::now(),
+                                        Duration::from_millis((*heartbeat_ms).max(10)),
+                                        (*liveness).max(2),
+                                    ));
                                 }
-                                last_heartbeat = Some(now);
                             }
                             Body::Dispatch { spec } => {
                                 let ack = Body::Ack { seq: env.header.seq };
@@ -266,6 +285,22 @@ async fn worker(
                     }
                     Err(_) => break,
                 },
+                m = async { sub.as_mut()?.recv().await.ok() }, if sub.is_some() => {
+                    let Some(m) = m else { break };
+                    let opened = listener.as_mut().map(|l| l.open(Instant::now(), m.into_vec()));
+                    let Some(Ok(frames)) = opened else {
+                        counters.broadcasts_refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    if let Ok(Envelope { body: Body::ServerHeartbeat { .. }, .. }) = decode(frames) {
+                        let now = Instant::now();
+                        if let Some(l) = last_heartbeat {
+                            let gap = (now - l).as_millis().min(u64::MAX as u128) as u64;
+                            counters.worst_heartbeat_gap_ms.fetch_max(gap, Ordering::Relaxed);
+                        }
+                        last_heartbeat = Some(now);
+                    }
+                }
                 e = futures::StreamExt::next(&mut monitor) => {
                     if matches!(e, Some(zeromq::SocketEvent::Disconnected(_)) | None) {
                         break;

@@ -198,3 +198,144 @@ fn wait_for_counter(server: &ServerProc, run: &str, name: &str, at_least: u64) -
     }
     panic!("counter {name} reached only {last}, wanted {at_least}");
 }
+
+/// The PUB/SUB acceptance: a secured worker takes the server's life from
+/// the signed heartbeats on its SUB (the server sends none on the control
+/// connection), and notices a SIGSTOPped server within liveness ×
+/// interval (+0.5 s).
+#[test]
+fn a_secured_worker_lives_on_signed_broadcasts_and_notices_a_stopped_server_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "500")]);
+    let w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &["/bin/true"],
+        &[],
+    );
+    // Four liveness windows of an idle worker: only the broadcasts keep
+    // it believing in the server.
+    let mark = w.stderr.len();
+    assert!(
+        w.stderr
+            .wait_for_after(mark, "server lost", Duration::from_secs(6))
+            .is_none(),
+        "an idle secured worker lost a healthy server: {:?}",
+        w.stderr.all()
+    );
+    let mark = w.stderr.len();
+    server.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let lost = w.stderr.wait_for_after(mark, "server lost", LIMIT);
+    server.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    let (_, lost) = lost.unwrap_or_else(|| panic!("never noticed: {:?}", w.stderr.all()));
+    let silence = silence_ms(&lost);
+    eprintln!("a SIGSTOPped server noticed after {silence} ms of silence (bound 1500 + 500)");
+    assert!(silence <= 2000, "{lost}");
+}
+
+/// What a man in the middle of the events port can do: relay the real
+/// server's signed heartbeats, and once the server is stopped, replay
+/// every captured one, forge new ones under a key of its own (beats far
+/// ahead) and send unsigned ones. None keeps the worker believing: it
+/// notices the stopped server within liveness × interval (+0.5 s).
+#[test]
+fn replayed_or_forged_broadcasts_keep_no_worker_believing_in_a_stopped_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "500")]);
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_ep = format!("tcp://{}", relay.local_addr().unwrap());
+    drop(relay);
+    let stopped = Arc::new(AtomicBool::new(false));
+    let quit = Arc::new(AtomicBool::new(false));
+    let captured: Arc<Mutex<Vec<Vec<bytes::Bytes>>>> = Arc::default();
+    let attacker = {
+        let (relay_ep, events) = (relay_ep.clone(), server.events.clone());
+        let (stopped, quit, captured) = (stopped.clone(), quit.clone(), captured.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                use zeromq::prelude::*;
+                let mut publisher = zeromq::PubSocket::new();
+                publisher.bind(&relay_ep).await.unwrap();
+                let mut sub = ots::transport::connect_sub(&events, &["hb"], Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                let forger = ots::security::broadcast::Announcer::generate();
+                let mut beat = 1_000_000u64;
+                while !quit.load(Ordering::SeqCst) {
+                    if !stopped.load(Ordering::SeqCst) {
+                        // Relay (and capture) what the real server signs.
+                        if let Ok(Ok(m)) =
+                            tokio::time::timeout(Duration::from_millis(50), sub.recv()).await
+                        {
+                            let frames = m.into_vec();
+                            captured.lock().unwrap().push(frames.clone());
+                            let _ = publisher.send(ots::transport::to_message(frames)).await;
+                        }
+                        continue;
+                    }
+                    let copies = captured.lock().unwrap().clone();
+                    for frames in copies {
+                        let _ = publisher
+                            .send(ots::transport::to_message(frames.clone()))
+                            .await;
+                        // The same body under the forger's key, far ahead.
+                        beat += 1;
+                        let mut forged = frames.clone();
+                        forged[3] = forger.sign(beat, &frames[1], &frames[2]);
+                        let _ = publisher.send(ots::transport::to_message(forged)).await;
+                        // And unsigned, as a plaintext server sends it.
+                        let _ = publisher
+                            .send(ots::transport::to_message(frames[..3].to_vec()))
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await; // the attacker's pace
+                }
+            })
+        })
+    };
+    let keys = server.keys.clone().unwrap();
+    let w = start_worker_with(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server.control,
+        &relay_ep,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    // The relay carries the real heartbeats: the worker stays up.
+    let deadline = Instant::now() + LIMIT;
+    while captured.lock().unwrap().len() < 6 {
+        assert!(Instant::now() < deadline, "nothing relayed");
+        std::thread::sleep(Duration::from_millis(20)); // polling interval, bounded by the deadline
+    }
+    assert_eq!(w.stderr.count("server lost"), 0, "{:?}", w.stderr.all());
+    let mark = w.stderr.len();
+    server.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    stopped.store(true, Ordering::SeqCst);
+    let lost = w.stderr.wait_for_after(mark, "server lost", LIMIT);
+    server.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    quit.store(true, Ordering::SeqCst);
+    attacker.join().unwrap();
+    let (_, lost) = lost.unwrap_or_else(|| {
+        panic!(
+            "replayed or forged broadcasts kept the worker believing: {:?}",
+            w.stderr.all()
+        )
+    });
+    let silence = silence_ms(&lost);
+    eprintln!("noticed after {silence} ms of silence despite replays and forgeries");
+    assert!(silence <= 2000, "{lost}");
+    assert!(
+        w.stderr.count("is not from the server that welcomed us") > 0,
+        "the forgeries were never seen: {:?}",
+        w.stderr.all()
+    );
+}

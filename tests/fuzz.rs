@@ -426,7 +426,7 @@ proptest! {
         w.on_connected(now);
         let welcome = Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None };
         w.on_message(now, Arrival { at: now, wall_ms: 1000 }, decode(encode(&welcome,
-            &Body::Welcome { server: "srv1".into(), heartbeat_ms: 1000, liveness: 3, sent_ms: 0 }, None)).unwrap());
+            &Body::Welcome { server: "srv1".into(), heartbeat_ms: 1000, liveness: 3, sent_ms: 0, events_key: None, beat: 0 }, None)).unwrap());
         let mut applied: HashSet<u64> = HashSet::new();
         for (seq, mandatory, body, m, advance) in msgs {
             now += Duration::from_millis(advance);

@@ -197,6 +197,8 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
             heartbeat_ms: 200,
             liveness: 3,
             sent_ms: 0,
+            events_key: None,
+            beat: 0,
         },
         None,
     );

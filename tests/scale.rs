@@ -45,7 +45,7 @@ fn a_thousand_workers_stay_registered_and_all_come_back_after_a_server_restart()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fleet = {
         let _guard = rt.enter();
-        ots::fleet::start(&server.control, "sim", WORKERS, 0, security)
+        ots::fleet::start(&server.control, &server.events, "sim", WORKERS, 0, security)
     };
     let took = wait_until(Duration::from_secs(60), || fleet.registered() == WORKERS)
         .unwrap_or_else(|| panic!("only {} of {WORKERS} registered", fleet.registered()));

@@ -103,6 +103,7 @@ impl Sim {
             retention_bytes: u64::MAX,
             secure: false,
             secrets_key: None,
+            events_key: None,
         };
         let mut cfg = cfg;
         // Small chunks and credit, so a 44-byte result file takes several

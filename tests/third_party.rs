@@ -75,6 +75,7 @@ fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
     cmd.env("PYTHONPATH", &deps)
         .arg(repo().join("tests/python/secure_worker.py"))
         .arg(&server.control)
+        .arg(&server.events)
         .arg(keys.server_pub())
         .arg(&worker_key)
         .args(["py1", "python"]);
@@ -84,6 +85,12 @@ fn a_python_worker_written_from_the_protocol_document_runs_a_task_secured() {
         "the Python worker failed: {}\n{}",
         text(&out.stdout),
         text(&out.stderr)
+    );
+    // It verified the signed heartbeats on the events port (§15.4).
+    assert!(
+        text(&out.stdout).contains("verified heartbeat"),
+        "{}",
+        text(&out.stdout)
     );
     let st = wait_status(&server, &run, Duration::from_secs(20), finished);
     assert_eq!(st["verdict"], "PASS", "{st:#}");

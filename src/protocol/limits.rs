@@ -660,9 +660,13 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             server,
             heartbeat_ms,
             liveness,
+            events_key,
             ..
         } => {
             check_id(kind, "server", server)?;
+            if let Some(key) = events_key {
+                check_sha(kind, key)?;
+            }
             check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
             check_range(kind, "liveness", *liveness, LIVENESS)?;
         }

@@ -633,6 +633,16 @@ pub enum Body {
         /// sample (see `server_heartbeat.sent_ms`); 0 if unknown.
         #[serde(default)]
         sent_ms: u64,
+        /// With security: the Ed25519 public key (64 hex digits) that
+        /// signs this server incarnation's broadcasts on the events port
+        /// (PROTOCOL.md §15.4). Only a peer the server authenticated
+        /// learns it, inside the sealed welcome.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        events_key: Option<String>,
+        /// With security: the server's current beat (heartbeat intervals
+        /// since it started), the anchor for judging broadcasts fresh.
+        #[serde(default)]
+        beat: u64,
     },
     /// Run this task.
     Dispatch {

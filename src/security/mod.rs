@@ -13,11 +13,13 @@
 //!   message is sealed with ChaCha20-Poly1305 under the connection's keys,
 //!   with the message number explicit in the first frame; a replayed or
 //!   reordered message is refused.
-//!
-//! Status (issue 8, in progress): these are implemented and tested here;
-//! the control socket does not use them yet (`docs/PROTOCOL.md` §15).
+//! - [`broadcast`]: heartbeats and shutdown on the events port, signed
+//!   with a key made at each server start whose public half only
+//!   authenticated peers receive (in the sealed welcome); beats numbered
+//!   so a replayed or held-back copy is refused.
 
 pub mod allow;
+pub mod broadcast;
 pub mod channel;
 pub mod gate;
 pub mod handshake;

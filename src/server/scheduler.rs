@@ -65,11 +65,15 @@ pub struct SchedulerConfig {
     /// Security on (`security = "noise"`): every connection is
     /// authenticated by the shell's gate and told to the scheduler with
     /// [`Scheduler::on_authenticated`]; requests are checked against roles,
-    /// heartbeats and follower traffic go over control connections only.
+    /// heartbeats and shutdown are published signed, follower traffic goes
+    /// over control connections only.
     pub secure: bool,
     /// Key that seals testrun secrets at rest in the state database
     /// (derived from the server's private key); none without security.
     pub secrets_key: Option<[u8; 32]>,
+    /// With security: the public half of the key the shell signs
+    /// broadcasts with, told to each worker in its sealed welcome.
+    pub events_key: Option<[u8; 32]>,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -136,6 +140,7 @@ impl Default for SchedulerConfig {
             retention_bytes: 512 << 30,
             secure: false,
             secrets_key: None,
+            events_key: None,
         }
     }
 }
@@ -150,11 +155,13 @@ pub enum Output {
         body: Body,
         raw: Option<Bytes>,
     },
-    /// Publish on PUB under `topic`.
+    /// Publish on PUB under `topic`. With security only heartbeats and
+    /// shutdown are published, each with its `beat` for the signature.
     Publish {
         topic: String,
         body: Body,
         raw: Option<Bytes>,
+        beat: Option<u64>,
     },
     /// Hand to the file desk (result file I/O, off the loop).
     File(crate::server::files::FileJob),
@@ -271,6 +278,9 @@ pub struct Scheduler<S: Store> {
     last_tick: Option<Instant>,
     /// Maps the monotonic clock to Unix milliseconds, for dispatch expiry.
     wall_base: (Instant, u64),
+    /// Numbers the broadcasts (heartbeats, shutdown) this incarnation
+    /// publishes; signed with them under security (PROTOCOL.md §15.4).
+    beats: crate::security::broadcast::Beats,
     counters: BTreeMap<String, u64>,
     out: Vec<Output>,
     /// Bytes of raw frames (log and file data) in `out`: the shell stops
@@ -361,6 +371,7 @@ pub use crate::protocol::limits::unix_ms_now;
 
 impl<S: Store> Scheduler<S> {
     pub fn new(cfg: SchedulerConfig, store: S, incarnation: String) -> Self {
+        let heartbeat = cfg.heartbeat;
         Scheduler {
             cfg,
             store,
@@ -375,6 +386,7 @@ impl<S: Store> Scheduler<S> {
             next_seq: 1,
             last_tick: None,
             wall_base: (Instant::now(), unix_ms_now()),
+            beats: crate::security::broadcast::Beats::new(Instant::now(), heartbeat),
             counters: BTreeMap::new(),
             out: Vec::new(),
             out_raw_bytes: 0,

@@ -5,6 +5,7 @@
 use crate::config::ServerConfig;
 use crate::protocol::{self, Body, ErrorCode, Header};
 use crate::security::allow::fingerprint;
+use crate::security::broadcast::Announcer;
 use crate::security::gate::Verdict;
 use crate::security::{AllowList, Gate};
 use crate::server::db::Db;
@@ -113,6 +114,9 @@ impl Server {
         socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        // With security, broadcasts are signed with a key of this
+        // incarnation's own (PROTOCOL.md §15.4).
+        let announcer = credentials.as_ref().map(|_| Announcer::generate());
         let scheduler = Scheduler::restore(
             SchedulerConfig {
                 heartbeat: cfg.heartbeat(),
@@ -132,6 +136,7 @@ impl Server {
                 secrets_key: credentials
                     .as_ref()
                     .map(|c| c.keys[0].derive("ots testrun secrets at rest v1")),
+                events_key: announcer.as_ref().map(Announcer::public_key),
             },
             store,
             incarnation.clone(),
@@ -189,6 +194,7 @@ impl Server {
             desk,
             sockets,
             gate,
+            announcer,
             reloads,
             Pace {
                 heartbeat: cfg.heartbeat(),
@@ -268,6 +274,7 @@ async fn serve(
     ),
     sockets: transport::ServerSockets,
     mut gate: Option<Gate>,
+    announcer: Option<Announcer>,
     mut reloads: Option<mpsc::Receiver<AllowList>>,
     pace: Pace,
     mut shutdown: watch::Receiver<bool>,
@@ -480,7 +487,7 @@ async fn serve(
             &mut scheduler,
             gate.as_mut(),
             &mut router_tx,
-            &mut publisher,
+            (&mut publisher, announcer.as_ref()),
             &desk_jobs,
             send_timeout,
             &mut send_failures,
@@ -489,13 +496,13 @@ async fn serve(
     }
     info!("server shutting down");
     supervisor.stopping("shutting down: telling workers");
-    let outputs = scheduler.shutdown_announcement();
+    let outputs = scheduler.shutdown_announcement(Instant::now());
     deliver(
         outputs,
         &mut scheduler,
         gate.as_mut(),
         &mut router_tx,
-        &mut publisher,
+        (&mut publisher, announcer.as_ref()),
         &desk_jobs,
         send_timeout,
         &mut send_failures,
@@ -604,7 +611,7 @@ async fn deliver(
     scheduler: &mut Scheduler<DiskStore>,
     mut gate: Option<&mut Gate>,
     router_tx: &mut zeromq::RouterSendHalf,
-    publisher: &mut zeromq::PubSocket,
+    (publisher, announcer): (&mut zeromq::PubSocket, Option<&Announcer>),
     desk: &mpsc::UnboundedSender<crate::server::files::FileJob>,
     send_timeout: Duration,
     send_failures: &mut u64,
@@ -646,8 +653,23 @@ async fn deliver(
                     }
                 }
             }
-            Output::Publish { topic, body, raw } => {
-                publish(publisher, topic, &body, raw, send_timeout).await
+            Output::Publish {
+                topic,
+                body,
+                raw,
+                beat,
+            } => {
+                let signer = match (announcer, beat) {
+                    (None, _) => None,
+                    (Some(a), Some(beat)) => Some((a, beat)),
+                    // Security on and nothing to sign with: a testrun's
+                    // traffic never goes out in the clear.
+                    (Some(_), None) => {
+                        scheduler.count_shell_event("publish_dropped_not_signed", 1);
+                        continue;
+                    }
+                };
+                publish(publisher, topic, &body, raw, signer, send_timeout).await
             }
             Output::File(job) => {
                 if desk.send(job).is_err() {
@@ -711,16 +733,24 @@ fn watch_allow_lists(
     rx
 }
 
+/// Publishes on PUB; with security signed (`[topic, header, body,
+/// signature]`, PROTOCOL.md §15.4).
 async fn publish(
     publisher: &mut zeromq::PubSocket,
     topic: String,
     body: &Body,
     raw: Option<Bytes>,
+    signer: Option<(&Announcer, u64)>,
     timeout: Duration,
 ) {
     let header = Header::best_effort(body.class(), None);
     let mut frames = vec![Bytes::from(topic)];
     frames.extend(protocol::encode(&header, body, raw));
+    if let Some((announcer, beat)) = signer {
+        let signature = announcer.sign(beat, &frames[1], &frames[2]);
+        frames.truncate(3);
+        frames.push(signature);
+    }
     if let Err(e) = transport::send_bounded(publisher, to_message(frames), timeout).await {
         debug!(error = %e, "publish failed");
     }

@@ -4,8 +4,10 @@
 //! [`Session`] state machine.
 
 use crate::config::WorkerConfig;
+use crate::protocol::Body;
 use crate::protocol::ErrorCode;
 use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
+use crate::security::broadcast::{BroadcastError, Listener};
 use crate::security::link::{self, LinkError};
 use crate::security::{Channel, Credentials};
 use crate::transport::{self, to_message, TransportError};
@@ -14,6 +16,7 @@ use crate::worker::conductor::{self, Stop, TaskContext};
 use crate::worker::session::{Action, Arrival, Link, LostReason, Session, SessionConfig};
 use crate::worker::state::WorkerStore;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,6 +78,71 @@ struct Connection {
     readers: Vec<JoinHandle<()>>,
     /// The sealed channel to the server (security on).
     channel: Option<Channel>,
+    /// Checks the signed broadcasts on the events port (security on),
+    /// from the key and beat this connection's welcome named.
+    listener: Option<Listener>,
+}
+
+/// What a received message is, once opened.
+enum Opened {
+    /// Authentic (or plaintext without security): decode it.
+    Frames(Vec<Bytes>),
+    /// A control message that does not authenticate: the connection
+    /// cannot be trusted (reconnect).
+    Unauthentic(String),
+    /// A broadcast that is not a sign of this server's life: ignored.
+    Refused(BroadcastError),
+}
+
+impl Connection {
+    fn open(&mut self, now: Instant, from_sub: bool, mut frames: Vec<Bytes>) -> Opened {
+        match (from_sub, self.channel.as_mut()) {
+            (false, Some(channel)) => match channel.open(frames) {
+                Ok(f) => Opened::Frames(f),
+                Err(e) => Opened::Unauthentic(e.to_string()),
+            },
+            (false, None) => Opened::Frames(frames),
+            // With security, only what the welcomed server signed.
+            (true, Some(_)) => match self.listener.as_mut() {
+                None => Opened::Refused(BroadcastError::NoKey),
+                Some(l) => match l.open(now, frames) {
+                    Ok(f) => Opened::Frames(f),
+                    Err(e) => Opened::Refused(e),
+                },
+            },
+            (true, None) => {
+                if !frames.is_empty() {
+                    frames.remove(0); // topic
+                }
+                Opened::Frames(frames)
+            }
+        }
+    }
+
+    /// A welcome on the control connection names the key and beat its
+    /// server signs broadcasts with.
+    fn welcomed(&mut self, now: Instant, body: &Body) {
+        let Body::Welcome {
+            heartbeat_ms,
+            liveness,
+            events_key: Some(key),
+            beat,
+            ..
+        } = body
+        else {
+            return;
+        };
+        let mut k = [0u8; 32];
+        if self.channel.is_some() && hex::decode_to_slice(key, &mut k).is_ok() {
+            self.listener = Some(Listener::new(
+                k,
+                *beat,
+                now,
+                Duration::from_millis((*heartbeat_ms).max(10)),
+                (*liveness).max(2),
+            ));
+        }
+    }
 }
 
 impl Drop for Connection {
@@ -103,9 +171,8 @@ enum ConnectError {
     Link(#[from] LinkError),
 }
 
-/// Connects to the server: with security, the DEALER and its Noise
-/// handshake (heartbeats come sealed over it; PUB is not used), without,
-/// DEALER and SUB.
+/// Connects to the server: the DEALER (with security, and its Noise
+/// handshake) and the SUB for heartbeats (signed with security).
 async fn connect(
     server: String,
     events: String,
@@ -116,10 +183,11 @@ async fn connect(
     match &credentials {
         Credentials::Noise { key, server } => {
             let (channel, _) = link::handshake(&mut dealer, key, server, timeout).await?;
+            let sub = transport::connect_sub(&events, &["hb"], timeout).await?;
             Ok(Connected {
                 dealer,
                 channel: Some(channel),
-                sub: None,
+                sub: Some(sub),
             })
         }
         Credentials::None => {
@@ -293,30 +361,47 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
             }
             Some(inbound) = inbound_rx.recv() => match inbound {
                 Inbound::Frames { generation: g, from_sub, msg, received } if g == generation => {
-                    let mut frames = msg.into_vec();
-                    if from_sub && !frames.is_empty() {
-                        frames.remove(0); // topic
-                    }
-                    let opened = match conn.as_mut().and_then(|c| c.channel.as_mut()) {
-                        Some(channel) if !from_sub => channel.open(frames).map_err(|e| e.to_string()),
-                        _ => Ok(frames),
+                    let now = Instant::now();
+                    let opened = match conn.as_mut() {
+                        Some(c) => c.open(now, from_sub, msg.into_vec()),
+                        None => Opened::Refused(BroadcastError::NoKey),
                     };
-                    match opened.map_err(Err).and_then(|f| protocol::decode(f).map_err(Ok)) {
-                        Err(Err(e)) => {
+                    match opened {
+                        Opened::Unauthentic(e) => {
                             // Tampered with, replayed or not from the server
                             // we pinned: this connection cannot be trusted.
                             session.stats.server_errors += 1;
                             warn!(error = %e, "a message on the control connection does not authenticate; reconnecting");
                             vec![Action::Reconnect(LostReason::ConnectionClosed(format!("unauthentic message: {e}")))]
                         }
-                        Ok(env) => session.on_message(Instant::now(), received, env),
-                        Err(Ok(e)) => {
+                        Opened::Refused(e) => {
+                            // Not a sign of life: a forgery, a replay, or
+                            // a broadcast held back on the way.
+                            session.stats.broadcasts_refused += 1;
+                            if matches!(e, BroadcastError::Forged | BroadcastError::Shape(_)) && noise.allow(now, "refused broadcasts") {
+                                warn!(error = %e, "a broadcast on the events port is not from the server that welcomed us");
+                            } else {
+                                debug!(error = %e, "broadcast ignored");
+                            }
+                            Vec::new()
+                        }
+                        Opened::Frames(frames) => match protocol::decode(frames) {
+                        Ok(env) => {
+                            if !from_sub {
+                                if let Some(c) = conn.as_mut() {
+                                    c.welcomed(now, &env.body);
+                                }
+                            }
+                            session.on_message(now, received, env)
+                        }
+                        Err(e) => {
                             session.stats.server_errors += 1;
                             if noise.allow(Instant::now(), "protocol errors") {
                                 warn!(error = %e, from_sub, "protocol error: refused a message from the server (a rogue or newer server?); ignored");
                             }
                             Vec::new()
                         }
+                        },
                     }
                 }
                 Inbound::Frames { .. } => Vec::new(),
@@ -711,6 +796,7 @@ fn attach(
             dealer: dealer_tx,
             readers: vec![dealer_reader, watcher],
             channel,
+            listener: None,
         };
     };
     let sub_reader = tokio::spawn(async move {
@@ -746,6 +832,7 @@ fn attach(
         dealer: dealer_tx,
         readers: vec![dealer_reader, sub_reader, watcher],
         channel,
+        listener: None,
     }
 }
 

@@ -176,6 +176,9 @@ pub struct SessionStats {
     pub expired_dispatches: u64,
     /// Error replies received from the server.
     pub server_errors: u64,
+    /// Broadcasts on the events port not taken as the server's: forged,
+    /// replayed or held back (security on, PROTOCOL.md §15.4).
+    pub broadcasts_refused: u64,
     /// Messages given up under the give-up policy.
     pub given_up: u64,
     /// Mandatory messages the server answered with an error (not resent).
@@ -701,6 +704,7 @@ impl Session {
                 heartbeat_ms,
                 liveness,
                 sent_ms,
+                ..
             } => {
                 // Adopt the server's rhythm: mismatched heartbeat settings
                 // are the classic cause of false disconnects.

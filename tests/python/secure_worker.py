@@ -4,10 +4,14 @@
 It connects secured (Noise IK handshake, every message sealed), registers,
 takes one task, streams a log line, uploads a JUnit result file and reports
 the task finished, resending its mandatory messages until each is
-acknowledged; then it exits 0. Any deviation from the protocol (a message
-that does not open, a refusal, a timeout) exits non-zero with the reason.
+acknowledged. Meanwhile it reads the server's signed heartbeats on the
+events port (§15.4: Ed25519 key from the sealed welcome, beats only
+forward and not stale); it exits 0 once everything is acknowledged and it
+verified at least two heartbeats. Any deviation from the protocol (a
+message that does not open, a refusal, a timeout, a broadcast that does
+not verify) exits non-zero with the reason.
 
-    python3 secure_worker.py CONTROL SERVER_PUB_FILE WORKER_KEY_FILE NAME DEVICEGROUP
+    python3 secure_worker.py CONTROL EVENTS SERVER_PUB_FILE WORKER_KEY_FILE NAME DEVICEGROUP
 """
 
 import hashlib
@@ -17,6 +21,8 @@ import time
 
 import msgpack
 import zmq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from noise.connection import Keypair, NoiseConnection
 
@@ -62,8 +68,37 @@ class Sealed:
         return out
 
 
+class Broadcasts:
+    """§15.4: [topic, header, body, beat(8) + Ed25519 signature(64)]."""
+
+    def __init__(self, welcome):
+        self.key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(welcome["events_key"]))
+        self.anchor_beat, self.anchor = welcome["beat"], time.monotonic()
+        self.interval = max(welcome["heartbeat_ms"], 10) / 1000
+        self.liveness = max(welcome["liveness"], 2)
+        self.last = welcome["beat"] - 1
+
+    def open(self, frames):
+        """The decoded body, or None if this is not a sign of life."""
+        if len(frames) != 4 or len(frames[3]) != 72:
+            return None
+        header, body, sig = frames[1], frames[2], frames[3]
+        beat = int.from_bytes(sig[:8], "big")
+        expected = self.anchor_beat + int((time.monotonic() - self.anchor) / self.interval)
+        if beat <= self.last or beat + self.liveness < expected:
+            return None  # replayed, or held back and released late
+        signed = (b"OTS-EVENTS-1" + sig[:8] + len(header).to_bytes(4, "big") + header
+                  + len(body).to_bytes(4, "big") + body)
+        try:
+            self.key.verify(sig[8:], signed)
+        except InvalidSignature:
+            sys.exit("a broadcast on the events port does not verify")
+        self.last = beat
+        return msgpack.unpackb(body)
+
+
 def main():
-    control, server_pub, worker_key, name, group = sys.argv[1:6]
+    control, events, server_pub, worker_key, name, group = sys.argv[1:7]
     server_pub = key_file(server_pub, "ots-x25519-public")
     private = key_file(worker_key, "ots-x25519-private")
 
@@ -73,6 +108,12 @@ def main():
     d.setsockopt(zmq.LINGER, 0)
     d.setsockopt(zmq.RECONNECT_IVL, -1)
     d.connect(control)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"hb")
+    sub.connect(events)
+    broadcasts = None
+    heartbeats = 0
 
     # §15.2: Noise IK, the server's key pinned.
     noise = NoiseConnection.from_name(b"Noise_IK_25519_ChaChaPoly_BLAKE2s")
@@ -101,8 +142,20 @@ def main():
             frames.append(raw)
         d.send_multipart(ch.seal(frames))
 
+    poller = zmq.Poller()
+    poller.register(d, zmq.POLLIN)
+    poller.register(sub, zmq.POLLIN)
+
     def recv(timeout_ms):
-        if not d.poll(timeout_ms):
+        nonlocal heartbeats
+        ready = dict(poller.poll(timeout_ms))
+        if sub in ready:
+            frames = sub.recv_multipart()
+            got = broadcasts.open(frames) if broadcasts else None
+            if got is not None and got["type"] == "server_heartbeat":
+                heartbeats += 1
+                print("verified heartbeat beat", int.from_bytes(frames[3][:8], "big"), flush=True)
+        if d not in ready:
             return None, None
         frames = ch.open(d.recv_multipart())
         return msgpack.unpackb(frames[0]), msgpack.unpackb(frames[1])
@@ -124,6 +177,9 @@ def main():
     offered_at = None
     last_send = time.monotonic()
     while time.monotonic() < deadline:
+        if reported and not pending and heartbeats >= 2:
+            print("done", flush=True)
+            return 0
         header, body = recv(200)
         now = time.monotonic()
         if body is None:
@@ -147,6 +203,7 @@ def main():
             sys.exit(f"the server answered error: {body}")
         if kind == "welcome" and not registered:
             registered = True
+            broadcasts = Broadcasts(body)
             print("registered", flush=True)
             send({"type": "ready"})
         elif kind == "dispatch":
@@ -210,11 +267,10 @@ def main():
             pending.pop(body["seq"], None)
             if reported and not pending:
                 print("all acknowledged", flush=True)
-                return 0
         if offered_at is not None and time.monotonic() - offered_at > 1:
             send(offer, "file", task=task)  # unanswered: offer again
             offered_at = time.monotonic()
-    sys.exit(f"not done within 30 s (registered={registered}, task={task}, pending={sorted(pending)})")
+    sys.exit(f"not done within 30 s (registered={registered}, task={task}, pending={sorted(pending)}, heartbeats={heartbeats})")
 
 
 if __name__ == "__main__":

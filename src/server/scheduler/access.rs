@@ -212,50 +212,59 @@ impl<S: Store> Scheduler<S> {
             }
         }
         if !self.cfg.secure {
-            self.out.push(Output::Publish { topic, body, raw });
+            self.out.push(Output::Publish {
+                topic,
+                body,
+                raw,
+                beat: None,
+            });
         }
     }
 
-    /// The heartbeat: on PUB without security; with security, sealed on
-    /// each registered worker's control connection (PUB is open to anyone,
-    /// and a forged heartbeat must not keep a worker believing in a dead
-    /// server).
+    /// The beat of a broadcast sent now (signed with security).
+    fn broadcast_beat(&mut self, now: Instant) -> Option<u64> {
+        self.cfg.secure.then(|| self.beats.next(now))
+    }
+
+    /// The heartbeat, published on PUB: one message per interval whatever
+    /// the fleet's size. With security the shell signs it with this
+    /// incarnation's key (PUB is open to anyone; a forged or replayed
+    /// heartbeat must not keep a worker believing in a dead server).
     pub(super) fn heartbeat(&mut self, now: Instant) {
         let body = Body::ServerHeartbeat {
             server: self.incarnation.clone(),
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
             sent_ms: self.wall_ms(now),
         };
-        if !self.cfg.secure {
-            self.out.push(Output::Publish {
-                topic: "hb".into(),
-                body,
-                raw: None,
-            });
-            return;
-        }
-        let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
-        for peer in peers {
-            self.send(&peer, None, body.clone(), None);
-        }
+        let beat = self.broadcast_beat(now);
+        self.out.push(Output::Publish {
+            topic: "hb".into(),
+            body,
+            raw: None,
+            beat,
+        });
     }
 
-    /// What an orderly shutdown announces (the shell sends it last).
-    pub fn shutdown_announcement(&mut self) -> Vec<Output> {
+    /// What an orderly shutdown announces (the shell sends it last): on
+    /// PUB (signed with security) and, with security, also sealed on each
+    /// registered worker's control connection (PUB is lossy).
+    pub fn shutdown_announcement(&mut self, now: Instant) -> Vec<Output> {
         let body = Body::Shutdown {
             server: self.incarnation.clone(),
         };
-        if !self.cfg.secure {
-            return vec![Output::Publish {
-                topic: "hb".into(),
-                body,
-                raw: None,
-            }];
+        let beat = self.broadcast_beat(now);
+        if self.cfg.secure {
+            let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
+            for peer in peers {
+                self.send(&peer, None, body.clone(), None);
+            }
         }
-        let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
-        for peer in peers {
-            self.send(&peer, None, body.clone(), None);
-        }
+        self.out.push(Output::Publish {
+            topic: "hb".into(),
+            body,
+            raw: None,
+            beat,
+        });
         self.take_outputs()
     }
 

@@ -201,6 +201,8 @@ impl<S: Store> Scheduler<S> {
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
             liveness: self.cfg.liveness,
             sent_ms: self.wall_ms(now),
+            events_key: self.cfg.events_key.map(hex::encode),
+            beat: self.beats.current(now),
         };
         self.send(peer, None, welcome, None);
         self.flush_worker(now, &name);

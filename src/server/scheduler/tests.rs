@@ -57,6 +57,7 @@ impl Lab {
             retention_bytes: u64::MAX,
             secure: false,
             secrets_key: None,
+            events_key: None,
         };
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());

@@ -168,6 +168,8 @@ impl W {
             heartbeat_ms: 1000,
             liveness: 3,
             sent_ms: 0,
+            events_key: None,
+            beat: 0,
         })
     }
     fn up(&mut self) -> Vec<Action> {
@@ -880,6 +882,8 @@ fn mutated_server_messages_never_panic_the_session() {
             heartbeat_ms: 1000,
             liveness: 3,
             sent_ms: 0,
+            events_key: Some("ab".repeat(32)),
+            beat: 7,
         },
         Body::ServerHeartbeat {
             server: "srv1".into(),

@@ -339,3 +339,191 @@ fn replayed_or_forged_broadcasts_keep_no_worker_believing_in_a_stopped_server() 
         w.stderr.all()
     );
 }
+
+/// A library client of `user` (allow-listed with role submit on first use).
+fn client_as(server: &ServerProc, user: &str) -> (tokio::runtime::Runtime, ots::client::Client) {
+    let keys = server.keys.as_ref().unwrap();
+    let credentials = ots::security::Credentials::Noise {
+        key: ots::security::KeyPair::read(&keys.user(user, "submit")).unwrap(),
+        server: ots::security::PublicKey::read(&keys.server_pub()).unwrap(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        // Until the server has reloaded its allow-lists with the new user.
+        match rt.block_on(ots::client::Client::connect(
+            &server.control,
+            Duration::from_secs(5),
+            &credentials,
+        )) {
+            Ok(c) => return (rt, c),
+            Err(e) => assert!(Instant::now() < deadline, "{user} never allowed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Finding 3: bob knows the SHA-256 of alice's input (it is in her build
+/// logs). Offering it tells him nothing (answered as a new upload, no
+/// stored size), naming it in a submit is refused exactly as a hash
+/// nobody stored, and only uploading the bytes himself lets him use it —
+/// stored once.
+#[test]
+fn another_users_input_can_be_neither_probed_nor_named_by_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let conductor = script(
+        dir.path(),
+        "echo-input.sh",
+        "cp \"$1/in/plan.bin\" \"$OTS_RESULTS_DIR/echo.bin\"\necho '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap(), "{inputs_dir}"],
+        &[],
+    );
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let plan = dir.path().join("plan.bin");
+    std::fs::write(&plan, &data).unwrap();
+    let sha = sha256_hex(&data);
+    let size = data.len() as u64;
+    let arg = format!("in/plan.bin={}", plan.display());
+    let run_with_input = |user: &str| {
+        server.as_user(user).submit(
+            &[
+                "run",
+                "--device",
+                "devicegroup:g",
+                "--image",
+                "i",
+                "--packages",
+                "p",
+                "--input",
+                &arg,
+                "--wait",
+            ],
+            LIMIT,
+        )
+    };
+    wait_allowed(&server, "alice");
+    let out = run_with_input("alice");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let (rt, mut bob) = client_as(&server, "bob");
+    let offer = |client: &mut ots::client::Client, sha: &str, size: u64| {
+        rt.block_on(client.request(|request| ots::protocol::Body::InputOffer {
+            request,
+            sha256: sha.to_string(),
+            size,
+        }))
+    };
+    // The stored hash is answered exactly as a hash nobody stored: a new
+    // upload from byte 0; with a wrong size (carol) too — no stored size.
+    let nobody = sha256_hex(b"nobody stored this");
+    let shape = |r: Result<
+        (ots::protocol::Body, Option<bytes::Bytes>),
+        ots::client::ClientError,
+    >| match r {
+        Ok((
+            ots::protocol::Body::InputCredit {
+                have,
+                until,
+                resume,
+                ..
+            },
+            _,
+        )) => (have, until, resume),
+        other => panic!("an offer told {other:?}"),
+    };
+    let theirs = shape(offer(&mut bob, &sha, size));
+    let unknown = shape(offer(&mut bob, &nobody, size));
+    assert_eq!(
+        theirs, unknown,
+        "an offer tells a stored hash from an unknown one"
+    );
+    assert_eq!(theirs.0, 0, "{theirs:?}");
+    let (_rt2, mut carol) = client_as(&server, "carol");
+    let wrong = shape(
+        rt.block_on(carol.request(|request| ots::protocol::Body::InputOffer {
+            request,
+            sha256: sha.clone(),
+            size: size + 1,
+        })),
+    );
+    assert_eq!(wrong.0, 0, "{wrong:?}");
+    drop(carol);
+    let named = |client: &mut ots::client::Client, sha: &str| {
+        rt.block_on(client.submit(ots::protocol::TestrunRequest {
+            device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
+            image: "i".into(),
+            packages: vec!["p".into()],
+            distribution: Default::default(),
+            timeout_secs: 60,
+            options: Default::default(),
+            queue_anyway: false,
+            secrets: Default::default(),
+            owner: None,
+            inputs: vec![ots::protocol::InputFile {
+                name: "in/plan.bin".into(),
+                size,
+                sha256: sha.to_string(),
+            }],
+        }))
+    };
+    let refusal = |r: Result<_, ots::client::ClientError>| match r {
+        Err(ots::client::ClientError::Refused { message, .. }) => {
+            message.replace(&sha, "H").replace(&nobody, "H")
+        }
+        other => panic!("bob's submit naming a hash he did not upload was not refused: {other:?}"),
+    };
+    let theirs = refusal(named(&mut bob, &sha));
+    let nobodys = refusal(named(&mut bob, &nobody));
+    assert_eq!(
+        theirs, nobodys,
+        "the refusal tells a stored hash from an unknown one"
+    );
+    assert!(
+        theirs.contains("not among the input files you uploaded"),
+        "{theirs}"
+    );
+    drop(bob);
+
+    // With the bytes, bob may: the content is stored once.
+    let out = run_with_input("bob");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stored: Vec<_> = std::fs::read_dir(server.state_dir.join("inputs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(stored, vec![std::ffi::OsString::from(&sha)], "{stored:?}");
+}
+
+/// Creates `user` (role submit unless made before) and waits until the
+/// server has reloaded its allow-lists with it.
+fn wait_allowed(server: &ServerProc, user: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while Instant::now() < deadline {
+        if server
+            .as_user(user)
+            .submit(&["whoami"], LIMIT)
+            .status
+            .success()
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    panic!("user {user} never allowed");
+}

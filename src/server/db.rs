@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 /// The schema this build writes. History of versions:
 /// 1: meta, runs, tasks, workers.
 /// 2: task_history (every state change) and files (result file index).
-pub const SCHEMA_VERSION: i64 = 3;
+/// 3: quarantine (rows that could not be restored).
+/// 4: input_owners (who uploaded each stored input file).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Name of the database file inside the state directory.
 pub const DB_FILE: &str = "ots.db";
@@ -79,6 +81,8 @@ pub struct Changes {
     pub removed_workers: Vec<String>,
     /// Tasks whose result files were pruned (retention): out of the index.
     pub pruned_tasks: Vec<String>,
+    /// (sha256, user): a user uploaded a stored input file.
+    pub input_owners: Vec<(String, String)>,
 }
 
 impl Changes {
@@ -92,6 +96,7 @@ impl Changes {
             && self.quarantine.is_empty()
             && self.removed_workers.is_empty()
             && self.pruned_tasks.is_empty()
+            && self.input_owners.is_empty()
     }
 }
 
@@ -102,6 +107,8 @@ pub struct Snapshot {
     pub tasks: Vec<(String, Vec<u8>)>,
     pub workers: Vec<(String, Vec<u8>)>,
     pub meta: Vec<(String, String)>,
+    /// (sha256, user) of every stored input file's uploaders.
+    pub input_owners: Vec<(String, String)>,
 }
 
 /// The open, locked state database.
@@ -229,6 +236,14 @@ impl Db {
                              reason TEXT NOT NULL, at_ms INTEGER NOT NULL);",
                     )
                     .map_err(sql)?,
+                // Inputs stored before version 4 have no owner: only
+                // operators may name them until a user uploads them again.
+                4 => tx
+                    .execute_batch(
+                        "CREATE TABLE input_owners (sha256 TEXT NOT NULL, owner TEXT NOT NULL,
+                             PRIMARY KEY (sha256, owner));",
+                    )
+                    .map_err(sql)?,
                 _ => unreachable!("no migration to version {version}"),
             }
             tx.execute(
@@ -312,6 +327,14 @@ impl Db {
             for task in &changes.pruned_tasks {
                 pruned.execute(params![task]).map_err(sql)?;
             }
+            let mut owner = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO input_owners (sha256, owner) VALUES (?1, ?2)",
+                )
+                .map_err(sql)?;
+            for (sha, user) in &changes.input_owners {
+                owner.execute(params![sha, user]).map_err(sql)?;
+            }
             let mut meta = tx
                 .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
                 .map_err(sql)?;
@@ -364,7 +387,17 @@ impl Db {
             tasks: pairs("SELECT id, body FROM tasks")?,
             workers: pairs("SELECT name, body FROM workers")?,
             meta: Vec::new(),
+            input_owners: Vec::new(),
         };
+        let mut stmt = self
+            .conn
+            .prepare("SELECT sha256, owner FROM input_owners")
+            .map_err(&sql)?;
+        snap.input_owners = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(&sql)?
+            .collect::<Result<_, _>>()
+            .map_err(&sql)?;
         let mut stmt = self
             .conn
             .prepare("SELECT key, value FROM meta")
@@ -429,6 +462,7 @@ mod tests {
             worker: None,
             reason: None,
         });
+        c.input_owners.push(("ab".repeat(32), "alice".into()));
         db.commit(&c).unwrap();
         drop(db);
         let db = Db::open(dir.path()).unwrap();
@@ -436,10 +470,11 @@ mod tests {
         assert_eq!(snap.runs, vec![("r1".to_string(), vec![1, 2, 3])]);
         assert_eq!(snap.tasks.len(), 1);
         assert_eq!(db.history("r1.1").unwrap().len(), 1);
+        assert_eq!(snap.input_owners, vec![("ab".repeat(32), "alice".into())]);
         assert!(snap
             .meta
             .iter()
-            .any(|(k, v)| k == "schema_version" && v == "3"));
+            .any(|(k, v)| k == "schema_version" && v == &SCHEMA_VERSION.to_string()));
     }
 
     #[test]

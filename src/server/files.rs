@@ -33,8 +33,10 @@ pub enum UploadKey {
         name: String,
     },
     /// An input file, named by its SHA-256 (checked to be 64 hex digits
-    /// by the codec), from a client.
-    Input { sha256: String },
+    /// by the codec), from a client, uploaded by `owner` (the user's
+    /// allow-listed name, or empty without security): each user uploads
+    /// into an incoming copy of its own.
+    Input { sha256: String, owner: String },
 }
 
 /// What a client reads.
@@ -180,16 +182,20 @@ impl Desk {
                     .join(attempt.to_string())
                     .join(rel))
             }
-            UploadKey::Input { sha256 } => {
-                Ok(self.root.join("inputs").join("incoming").join(sha256))
-            }
+            // The owner's name is hex-encoded: whatever it holds, it
+            // never becomes a path of its own.
+            UploadKey::Input { sha256, owner } => Ok(self
+                .root
+                .join("inputs")
+                .join("incoming")
+                .join(format!("{sha256}-{}", hex::encode(owner)))),
         }
     }
 
     fn dest_path(&self, key: &UploadKey) -> Result<PathBuf, DeskError> {
         match key {
             UploadKey::Result { task, name, .. } => self.stored_path(task, name),
-            UploadKey::Input { sha256 } => Ok(self.input_path(sha256)),
+            UploadKey::Input { sha256, .. } => Ok(self.input_path(sha256)),
         }
     }
 
@@ -325,7 +331,7 @@ impl Desk {
         }
         let name = match key {
             UploadKey::Result { name, .. } => name.clone(),
-            UploadKey::Input { sha256 } => sha256.clone(),
+            UploadKey::Input { sha256, .. } => sha256.clone(),
         };
         let is_result = matches!(key, UploadKey::Result { .. });
         let junit = (is_result && name.ends_with(".xml")).then(|| {

@@ -347,7 +347,13 @@ pub struct Scheduler<S: Store> {
     /// Uploads waiting for credit from the pool, oldest first.
     starved: VecDeque<crate::server::files::UploadKey>,
     /// Input files in transfer from clients, by SHA-256.
-    input_uploads: HashMap<String, uploads::InputUpload>,
+    /// Input uploads in progress, per user and content.
+    input_uploads: HashMap<crate::server::files::UploadKey, uploads::InputUpload>,
+    /// Who uploaded each stored input (PROTOCOL.md §7.7): a submit names
+    /// only inputs its user uploaded.
+    input_owners: HashMap<String, BTreeSet<String>>,
+    /// Owners added since the last commit.
+    touched_input_owners: Vec<(String, String)>,
     /// Input files stored, by SHA-256, with their sizes.
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
@@ -416,6 +422,8 @@ impl<S: Store> Scheduler<S> {
             upload_credit: 0,
             starved: VecDeque::new(),
             input_uploads: HashMap::new(),
+            input_owners: HashMap::new(),
+            touched_input_owners: Vec::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
             consoles: HashMap::new(),

@@ -142,6 +142,7 @@ impl<S: Store> Scheduler<S> {
         let mut changes = Changes {
             removed_workers: std::mem::take(&mut self.removed_workers),
             pruned_tasks: std::mem::take(&mut self.pruned_tasks),
+            input_owners: std::mem::take(&mut self.touched_input_owners),
             history: std::mem::take(&mut self.history),
             quarantine: std::mem::take(&mut self.quarantined)
                 .into_iter()
@@ -270,6 +271,12 @@ impl<S: Store> Scheduler<S> {
             now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
                 .unwrap_or(now)
         };
+        for (sha256, owner) in &snap.input_owners {
+            s.input_owners
+                .entry(sha256.clone())
+                .or_default()
+                .insert(owner.clone());
+        }
         for (key, value) in &snap.meta {
             if key == "next_run" {
                 match value.parse() {

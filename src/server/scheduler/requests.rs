@@ -19,7 +19,7 @@ impl<S: Store> Scheduler<S> {
             Body::Submit { mut testrun, .. } => {
                 testrun.owner = self.owner(peer);
                 let owner = testrun.owner.clone();
-                let reply = self.submit(now, request, testrun);
+                let reply = self.submit(now, peer, request, testrun);
                 if let (Ok(Body::Submitted { run, tasks, .. }), true) = (&reply, self.cfg.secure) {
                     let r = &self.runs[run].request;
                     let mut option_keys: Vec<&str> = r.options.keys().map(String::as_str).collect();
@@ -193,6 +193,7 @@ impl<S: Store> Scheduler<S> {
     pub(super) fn submit(
         &mut self,
         now: Instant,
+        peer: &PeerId,
         request: u64,
         testrun: TestrunRequest,
     ) -> Result<Body, (ErrorCode, String)> {
@@ -213,14 +214,15 @@ impl<S: Store> Scheduler<S> {
         if testrun.timeout_secs == 0 {
             return bad("timeout must be at least 1 second".into());
         }
-        // Every input is on the server already (uploaded with input_offer).
-        if let Some(i) = testrun
-            .inputs
-            .iter()
-            .find(|i| self.stored_inputs.get(&i.sha256) != Some(&i.size))
-        {
+        // Every input is on the server already, uploaded by this user
+        // (input_offer). The refusal is the same whether someone else
+        // stored the content or nobody did: it reveals nothing.
+        if let Some(i) = testrun.inputs.iter().find(|i| {
+            self.stored_inputs.get(&i.sha256) != Some(&i.size)
+                || !self.may_use_input(peer, &i.sha256)
+        }) {
             return bad(format!(
-                "input file {:?} ({} bytes, SHA-256 {}) is not stored on the server: upload it first (ots-submit run --input does)",
+                "input file {:?} ({} bytes, SHA-256 {}) is not among the input files you uploaded to this server: upload it first (ots-submit run --input does)",
                 i.name, i.size, i.sha256
             ));
         }

@@ -1973,3 +1973,111 @@ fn retention_prunes_the_oldest_ended_testruns_past_the_size_limit() {
         .reason
         .contains("max_age_hours"));
 }
+
+/// Issue 19, finding 3: input uploads are per user. While alice uploads
+/// content X, bob offering X (same size) starts an upload of his own from
+/// byte 0 — he neither learns alice's progress nor takes her upload over
+/// — and his chunks never reach hers; alice's upload completes. Bob may
+/// not name X in a submit until he has uploaded it himself.
+#[test]
+fn an_input_upload_in_progress_is_its_users_alone() {
+    let mut lab = Lab::new();
+    lab.s.cfg.secure = true;
+    let data = b"eight by";
+    let sha = hex::encode(Sha256::digest(data));
+    let (alice, bob) = (peer("alice"), peer("bob"));
+    for (p, name) in [(&alice, "alice"), (&bob, "bob")] {
+        lab.s.on_authenticated(
+            p,
+            crate::security::Identity::User {
+                name: name.into(),
+                role: crate::security::Role::Submit,
+            },
+            "tcp://127.0.0.1:1".into(),
+        );
+    }
+    let offer = |lab: &mut Lab, p: &PeerId, request: u64| {
+        lab.s.on_message(
+            lab.now,
+            p,
+            env(
+                false,
+                0,
+                Body::InputOffer {
+                    request,
+                    sha256: sha.clone(),
+                    size: 8,
+                },
+            ),
+        );
+        lab.outputs()
+    };
+    let chunk = |lab: &mut Lab, p: &PeerId, request: u64, offset: u64, bytes: &'static [u8]| {
+        let mut e = env(
+            false,
+            0,
+            Body::InputChunk {
+                request,
+                sha256: sha.clone(),
+                offset,
+            },
+        );
+        e.raw = Some(Bytes::from_static(bytes));
+        lab.s.on_message(lab.now, p, e);
+        lab.outputs()
+    };
+    let credit_have = |out: &[Output], to: &PeerId| {
+        out.iter().find_map(|o| match o {
+            Output::Send {
+                peer,
+                body: Body::InputCredit { have, .. },
+                ..
+            } if peer == to => Some(*have),
+            _ => None,
+        })
+    };
+    let out = offer(&mut lab, &alice, 1);
+    assert_eq!(credit_have(&out, &alice), Some(0), "{out:?}");
+    chunk(&mut lab, &alice, 1, 0, b"eigh");
+    // Bob offers the same content: an upload of his own, from 0.
+    let out = offer(&mut lab, &bob, 7);
+    assert_eq!(credit_have(&out, &bob), Some(0), "{out:?}");
+    assert_eq!(credit_have(&out, &alice), None, "{out:?}");
+    chunk(&mut lab, &bob, 7, 0, b"EVIL");
+    chunk(&mut lab, &alice, 1, 4, b"t by");
+    lab.s.on_message(
+        lab.now,
+        &alice,
+        env(
+            false,
+            0,
+            Body::InputEnd {
+                request: 1,
+                sha256: sha.clone(),
+                size: 8,
+            },
+        ),
+    );
+    let out = lab.outputs();
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Send { peer, body: Body::InputStored { .. }, .. } if *peer == alice)),
+        "{out:?}"
+    );
+    assert!(lab.s.may_use_input(&alice, &sha));
+    assert!(
+        !lab.s.may_use_input(&bob, &sha),
+        "bob uploaded 4 wrong bytes only"
+    );
+    // A second offer from alice: stored, nothing to send.
+    let out = offer(&mut lab, &alice, 2);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                body: Body::InputStored { .. },
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+}

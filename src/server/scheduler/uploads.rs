@@ -61,6 +61,10 @@ pub const MAX_UPLOADS_PER_TASK: usize = 16;
 /// Input files in transfer at once (all clients), at most.
 pub const MAX_INPUT_UPLOADS: usize = 64;
 
+/// Input files one user has in transfer at once, at most: one user cannot
+/// take every upload slot.
+pub const MAX_INPUT_UPLOADS_PER_USER: usize = 16;
+
 fn result_key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
     UploadKey::Result {
         task: task.clone(),
@@ -93,9 +97,7 @@ impl<S: Store> Scheduler<S> {
                 .get_mut(task)
                 .filter(|t| t.attempts == *attempt && !t.state.is_final())
                 .and_then(|t| t.uploads.get_mut(name)),
-            UploadKey::Input { sha256 } => {
-                self.input_uploads.get_mut(sha256).map(|i| &mut i.upload)
-            }
+            UploadKey::Input { .. } => self.input_uploads.get_mut(key).map(|i| &mut i.upload),
         }
     }
 
@@ -110,7 +112,7 @@ impl<S: Store> Scheduler<S> {
                 .get(task)
                 .filter(|t| t.attempts == *attempt && !t.state.is_final())
                 .and_then(|t| t.uploads.get(name)),
-            UploadKey::Input { sha256 } => self.input_uploads.get(sha256).map(|i| &i.upload),
+            UploadKey::Input { .. } => self.input_uploads.get(key).map(|i| &i.upload),
         }
     }
 
@@ -157,10 +159,10 @@ impl<S: Store> Scheduler<S> {
                 };
                 self.send_to_worker(&worker, Some(&task), body);
             }
-            UploadKey::Input { sha256 } => {
+            UploadKey::Input { sha256, .. } => {
                 let Some((peer, request)) = self
                     .input_uploads
-                    .get(sha256)
+                    .get(key)
                     .map(|i| (i.peer.clone(), i.request))
                 else {
                     return;
@@ -465,7 +467,46 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// `input_offer` and `input_end` from a client.
+    /// Who input files belong to on `peer`: its user (security on), or
+    /// everyone alike (security off: every request is allowed).
+    fn input_owner(&self, peer: &PeerId) -> String {
+        self.owner(peer).unwrap_or_default()
+    }
+
+    /// Whether the user on `peer` may name stored input `sha256` in a
+    /// submit: it uploaded the bytes itself, or it is an operator or
+    /// admin (who may read every input back anyway), or security is off.
+    pub(super) fn may_use_input(&self, peer: &PeerId, sha256: &str) -> bool {
+        !self.cfg.secure
+            || self
+                .caller_role(peer)
+                .is_some_and(|r| r >= crate::security::Role::Operator)
+            || self
+                .input_owners
+                .get(sha256)
+                .is_some_and(|o| o.contains(&self.input_owner(peer)))
+    }
+
+    fn add_input_owner(&mut self, sha256: &str, owner: &str) {
+        if self
+            .input_owners
+            .entry(sha256.to_string())
+            .or_default()
+            .insert(owner.to_string())
+        {
+            self.touched_input_owners
+                .push((sha256.to_string(), owner.to_string()));
+        }
+    }
+
+    /// `input_offer` and `input_end` from a client. Inputs are owned
+    /// (PROTOCOL.md §7.7): an offer of content this user stored before is
+    /// answered `input_stored` at once; any other offer — content nobody
+    /// stored, or content another user stored — is answered exactly like
+    /// a new upload and must carry every byte (checked against the
+    /// SHA-256 as it streams, then stored once), so an offer reveals
+    /// nothing about other users' files. Uploads are per user and
+    /// content: only the same user resumes or takes one over.
     pub(super) fn on_input_offer(
         &mut self,
         peer: &PeerId,
@@ -474,28 +515,37 @@ impl<S: Store> Scheduler<S> {
         size: u64,
         end: bool,
     ) {
+        let owner = self.input_owner(peer);
+        let owns = self
+            .input_owners
+            .get(&sha256)
+            .is_some_and(|o| o.contains(&owner))
+            || (!self.cfg.secure && self.stored_inputs.contains_key(&sha256));
+        if owns {
+            if let Some(stored) = self.stored_inputs.get(&sha256).copied() {
+                // The same content this user uploaded before: stored once.
+                let answer = if stored == size {
+                    Tell::Stored {
+                        size,
+                        sha256: sha256.clone(),
+                    }
+                } else {
+                    Tell::Refused {
+                        code: ErrorCode::Invalid,
+                        message: format!(
+                            "input file {sha256} is stored with {stored} bytes; offered with {size}"
+                        ),
+                    }
+                };
+                self.tell_client(peer, request, &sha256, answer);
+                return;
+            }
+        }
         let key = UploadKey::Input {
             sha256: sha256.clone(),
+            owner: owner.clone(),
         };
-        if let Some(stored) = self.stored_inputs.get(&sha256).copied() {
-            // The same content uploaded before: stored once.
-            let answer = if stored == size {
-                Tell::Stored {
-                    size,
-                    sha256: sha256.clone(),
-                }
-            } else {
-                Tell::Refused {
-                    code: ErrorCode::Invalid,
-                    message: format!(
-                        "input file {sha256} is stored with {stored} bytes; offered with {size}"
-                    ),
-                }
-            };
-            self.tell_client(peer, request, &sha256, answer);
-            return;
-        }
-        match self.input_uploads.get_mut(&sha256) {
+        match self.input_uploads.get_mut(&key) {
             Some(i) if i.upload.size != size => {
                 let message = format!(
                     "input file {sha256} is being uploaded with {} bytes; offered with {size}",
@@ -512,17 +562,27 @@ impl<S: Store> Scheduler<S> {
                 );
                 return;
             }
-            // The same client on a new connection (or another client with
-            // the same content): it takes the upload over.
+            // The same user on a new connection: it takes its own upload
+            // over (nobody else's: the key holds the owner).
             Some(i) => {
                 i.peer = peer.clone();
                 i.request = request;
             }
             None => {
+                let mine = self
+                    .input_uploads
+                    .keys()
+                    .filter(|k| matches!(k, UploadKey::Input { owner: o, .. } if *o == owner))
+                    .count();
                 let refusal = if self.input_uploads.len() >= MAX_INPUT_UPLOADS {
                     Some((
                         ErrorCode::LimitReached,
                         format!("{MAX_INPUT_UPLOADS} input files are being uploaded; retry later"),
+                    ))
+                } else if mine >= MAX_INPUT_UPLOADS_PER_USER {
+                    Some((
+                        ErrorCode::LimitReached,
+                        format!("you are uploading {MAX_INPUT_UPLOADS_PER_USER} input files already; finish those first"),
                     ))
                 } else {
                     self.size_refusal(&format!("input file {sha256}"), size)
@@ -533,7 +593,7 @@ impl<S: Store> Scheduler<S> {
                     return;
                 }
                 self.input_uploads.insert(
-                    sha256.clone(),
+                    key.clone(),
                     InputUpload {
                         upload: Upload {
                             size,
@@ -559,15 +619,15 @@ impl<S: Store> Scheduler<S> {
         offset: u64,
         data: Bytes,
     ) {
-        if self
-            .input_uploads
-            .get(&sha256)
-            .is_none_or(|i| i.peer != *peer)
-        {
+        let key = UploadKey::Input {
+            sha256,
+            owner: self.input_owner(peer),
+        };
+        if self.input_uploads.get(&key).is_none_or(|i| i.peer != *peer) {
             self.count("file_chunks_unexpected", 1);
             return;
         }
-        self.on_chunk(now, &UploadKey::Input { sha256 }, offset, data);
+        self.on_chunk(now, &key, offset, data);
     }
 
     /// `get_input`: a stored input file, read by the desk.
@@ -620,14 +680,14 @@ impl<S: Store> Scheduler<S> {
     /// back to the pool and the upload is forgotten (the incoming copy
     /// stays on disk: a new offer resumes from it).
     pub(super) fn forget_input_uploads(&mut self, peer: &PeerId) {
-        let gone: Vec<String> = self
+        let gone: Vec<UploadKey> = self
             .input_uploads
             .iter()
             .filter(|(_, i)| i.peer == *peer && !i.upload.finishing)
-            .map(|(sha, _)| sha.clone())
+            .map(|(key, _)| key.clone())
             .collect();
-        for sha256 in gone {
-            self.release_upload(&UploadKey::Input { sha256 });
+        for key in gone {
+            self.release_upload(&key);
         }
         self.feed_starved();
     }
@@ -886,11 +946,16 @@ impl<S: Store> Scheduler<S> {
                 self.touched.insert(task.clone());
                 info!(task = %task, file = %name, size, "result file stored");
             }
-            UploadKey::Input { sha256: sha } => {
+            UploadKey::Input { sha256: sha, owner } => {
                 self.tell(key, Tell::Stored { size, sha256 });
                 self.release_upload(key);
-                self.stored_inputs.insert(sha.clone(), size);
-                info!(input = %sha, size, "input file stored");
+                // The same content uploaded by another user is stored once:
+                // its bytes replaced identical ones, they are not new.
+                if self.stored_inputs.insert(sha.clone(), size).is_some() {
+                    self.stored_bytes = self.stored_bytes.saturating_sub(size);
+                }
+                self.add_input_owner(sha, owner);
+                info!(input = %sha, size, owner = %owner, "input file stored");
             }
         }
         self.feed_starved();
@@ -918,7 +983,7 @@ impl<S: Store> Scheduler<S> {
                 .tasks
                 .get_mut(task)
                 .and_then(|t| t.uploads.remove(name)),
-            UploadKey::Input { sha256 } => self.input_uploads.remove(sha256).map(|i| i.upload),
+            UploadKey::Input { .. } => self.input_uploads.remove(key).map(|i| i.upload),
         };
         if let Some(u) = removed {
             let held = u.until.saturating_sub(u.written);
@@ -1028,6 +1093,6 @@ impl<S: Store> Scheduler<S> {
 fn describe_key(key: &UploadKey) -> String {
     match key {
         UploadKey::Result { task, name, .. } => format!("result file {name:?} of task {task}"),
-        UploadKey::Input { sha256 } => format!("input file {sha256}"),
+        UploadKey::Input { sha256, .. } => format!("input file {sha256}"),
     }
 }

@@ -73,7 +73,7 @@ async fn main() -> ExitCode {
             for line in ots::config::explain(&cfg, "OTS_SERVER", &files, &overrides) {
                 println!("{line}");
             }
-            return ExitCode::SUCCESS;
+            return check_allow_lists(&cfg);
         }
         Ok(cfg) => cfg,
         Err(e) => {
@@ -96,4 +96,32 @@ async fn main() -> ExitCode {
     ots::shutdown::requested().await;
     server.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// `--check-config`: what the allow-lists admit and deny. Exits 78 when
+/// the server would refuse to start (a directory or file it cannot trust).
+fn check_allow_lists(cfg: &ServerConfig) -> ExitCode {
+    if cfg.security == ots::config::SecurityMode::None {
+        return ExitCode::SUCCESS;
+    }
+    match ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
+        Err(e) => {
+            println!("allow-lists: cannot be read: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok(loaded) => {
+            println!("allow-lists: {} identities allowed", loaded.list.len());
+            for e in &loaded.refused {
+                println!("allow-list entry denied: {e}");
+            }
+            for e in loaded.untrusted_dirs.iter().chain(&loaded.untrusted_files) {
+                println!("allow-list not trusted (the server will not start): {e}");
+            }
+            if loaded.untrusted_dirs.is_empty() && loaded.untrusted_files.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
+    }
 }

@@ -320,6 +320,9 @@ impl Default for Retention {
 pub struct ServerCredentials {
     pub keys: Vec<crate::security::KeyPair>,
     pub allow: crate::security::AllowList,
+    /// Allow-list entries denied for what their files hold (each names
+    /// its file); the server starts with the others.
+    pub refused: Vec<crate::security::SecurityError>,
 }
 
 /// Whether peers authenticate and frames are encrypted (PROTOCOL.md §15).
@@ -600,8 +603,22 @@ impl ServerConfig {
         for k in &self.previous_keys {
             keys.push(crate::security::KeyPair::read(k)?);
         }
-        let allow = crate::security::AllowList::load(&self.workers_dir, &self.users_dir)?;
-        Ok(Some(ServerCredentials { keys, allow }))
+        let loaded = crate::security::AllowList::load(&self.workers_dir, &self.users_dir)?;
+        // StrictModes: an allow-list someone else could write is not
+        // started on (exit 78 with the path and the fix).
+        if let Some(e) = loaded
+            .untrusted_dirs
+            .into_iter()
+            .chain(loaded.untrusted_files)
+            .next()
+        {
+            return Err(e);
+        }
+        Ok(Some(ServerCredentials {
+            keys,
+            allow: loaded.list,
+            refused: loaded.refused,
+        }))
     }
 
     pub fn heartbeat(&self) -> Duration {

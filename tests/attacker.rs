@@ -527,3 +527,223 @@ fn wait_allowed(server: &ServerProc, user: &str) {
     }
     panic!("user {user} never allowed");
 }
+
+fn server_with(dir: &std::path::Path, keys: &std::sync::Arc<Keys>) -> ServerProc {
+    start_server_keyed(
+        &dir.join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+        Some(keys.clone()),
+    )
+}
+
+fn audit_log(server: &ServerProc) -> String {
+    let out = submit(server, &["audit"], LIMIT);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Finding 4: a worker key serves only the devices its allow-list entry
+/// pins (`workers.d/NAME.device`); without a pin, the device it first
+/// registered with. Announcing another is refused (`forbidden`, audited)
+/// and the worker exits 78 saying why; `workers` shows the pin.
+#[test]
+fn a_worker_key_serves_only_the_device_it_is_pinned_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    keys.worker("evil");
+    std::fs::write(keys.workers_dir().join("evil.device"), "devicegroup:evil\n").unwrap();
+    let server = server_with(dir.path(), &keys);
+    let mut evil = start_worker_with(
+        dir.path(),
+        "evil",
+        "devicegroup:lab devicename:n900 deviceid:dev42",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("evil"),
+    );
+    assert_eq!(evil.wait_exit(LIMIT), Some(78), "{:?}", evil.stderr.all());
+    assert!(
+        evil.stderr
+            .count("may serve only devices matching devicegroup:evil")
+            > 0,
+        "{:?}",
+        evil.stderr.all()
+    );
+    assert!(audit_log(&server).contains("may serve only devices matching"));
+
+    // Unpinned: the first registration's device is the pin.
+    let mut w = start_worker_with(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    let out = submit(&server, &["workers"], LIMIT);
+    assert!(
+        text(&out.stdout).contains("(may serve: devicegroup:g (its first registration))"),
+        "{}",
+        text(&out.stdout)
+    );
+    w.kill();
+    std::fs::create_dir_all(dir.path().join("again")).unwrap();
+    let mut moved = start_worker_with(
+        &dir.path().join("again"),
+        "w",
+        "devicegroup:lab devicename:n900",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert_eq!(moved.wait_exit(LIMIT), Some(78), "{:?}", moved.stderr.all());
+    assert!(
+        moved.stderr.count("pinned to it") > 0,
+        "{:?}",
+        moved.stderr.all()
+    );
+    // The operator pins it elsewhere: now it may.
+    let mark = server.proc.stderr.len();
+    std::fs::write(
+        keys.workers_dir().join("w.device"),
+        "devicegroup:lab devicename:n9*\n",
+    )
+    .unwrap();
+    assert!(server
+        .proc
+        .stderr
+        .wait_for_after(mark, "allow-lists reloaded", LIMIT)
+        .is_some());
+    let moved = start_worker_with(
+        &dir.path().join("again"),
+        "w",
+        "devicegroup:lab devicename:n900",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert!(
+        wait_for_workers(&server, LIMIT, all_idle(&["w"])),
+        "{:?}",
+        moved.stderr.all()
+    );
+    let out = submit(&server, &["workers", "--json"], LIMIT);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed[0]["pinned"], "devicegroup:lab devicename:n9*",
+        "{listed:#}"
+    );
+}
+
+/// "Also seen": one bad file in `users.d` kept the old lists in force, so
+/// removing a worker's key did not revoke it, and at the next start the
+/// server exited 78. Entries fail closed one by one: the removal applies
+/// at once, the bad file denies only itself, the server starts with the
+/// rest, and `--check-config` names the file.
+#[test]
+fn a_bad_allow_list_file_denies_only_itself_and_removals_still_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let state = dir.path().join("server");
+    let server = server_with(dir.path(), &keys);
+    let w2 = start_worker_with(
+        dir.path(),
+        "w2",
+        "devicegroup:g",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w2"),
+    );
+    let _w1 = start_worker_with(
+        dir.path(),
+        "w1",
+        "devicegroup:g",
+        &server.control,
+        &server.events,
+        &["/bin/true"],
+        &[],
+        &keys.worker_toml("w1"),
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w1", "w2"])));
+    let mark = server.proc.stderr.len();
+    std::fs::write(keys.users_dir().join("broken.pub"), "not a key\n").unwrap();
+    std::fs::remove_file(keys.workers_dir().join("w2.pub")).unwrap();
+    assert!(
+        server
+            .proc
+            .stderr
+            .wait_for_after(mark, "key revoked", LIMIT)
+            .is_some(),
+        "removing w2.pub did not revoke it: {:?}",
+        server.proc.stderr.all()
+    );
+    assert!(w2.stderr.wait_for("server lost", LIMIT).is_some());
+    assert!(wait_for_workers(&server, LIMIT, |ws| ws.len() == 1 && ws[0]["name"] == "w1"));
+    assert!(audit_log(&server).contains("broken.pub"));
+
+    // --check-config names the file; the restarted server starts.
+    let mut check = std::process::Command::new(bin("ots-server"));
+    check.arg("--check-config").arg("--state-dir").arg(&state);
+    for (k, v) in keys.server_env() {
+        check.env(k, v);
+    }
+    let out = run_bounded(check, LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("allow-list entry denied")
+            && text(&out.stdout).contains("broken.pub"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (control, events) = (server.control.clone(), server.events.clone());
+    drop(server);
+    let restarted = start_server_keyed(&state, &control, &events, &[], Some(keys.clone()));
+    assert!(restarted
+        .proc
+        .stderr
+        .wait_for("allow-list entry denied", LIMIT)
+        .is_some());
+    assert!(wait_for_workers(&restarted, LIMIT, all_idle(&["w1"])));
+}
+
+/// Finding 5 (StrictModes): an allow-list directory others may write
+/// stops the server at start, naming the path and the fix (exit 78).
+#[test]
+fn an_allow_list_directory_others_may_write_stops_the_server_naming_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    std::fs::set_permissions(keys.users_dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    cmd.args([
+        "--control",
+        "tcp://127.0.0.1:0",
+        "--events",
+        "tcp://127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("server"));
+    for (k, v) in keys.server_env() {
+        cmd.env(k, v);
+    }
+    let out = run_bounded(cmd, LIMIT);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains(&keys.users_dir().display().to_string()) && err.contains("chmod go-w"),
+        "{err}"
+    );
+}

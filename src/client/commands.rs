@@ -903,7 +903,7 @@ async fn whoami(conn: &Conn) -> Result<i32, ClientError> {
         Some(crate::security::Identity::User { name, role }) => {
             println!("user {name}, role {}", role.as_str())
         }
-        Some(crate::security::Identity::Worker { name }) => println!("worker {name}"),
+        Some(crate::security::Identity::Worker { name, .. }) => println!("worker {name}"),
         None => println!("anonymous (the server runs with security = \"none\")"),
     }
     Ok(exit::PASS)
@@ -1039,8 +1039,12 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
             "NAME", "STATE", "DRAINED", "TASK", "LAST HEARD", "VERSION", "CONSOLE"
         );
         for w in workers {
+            let pinned = match &w.pinned {
+                Some(p) => format!(" (may serve: {})", escape_controls(p)),
+                None => String::new(),
+            };
             println!(
-                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} {}",
+                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} {}{pinned}",
                 w.name,
                 format!("{:?}", w.state).to_lowercase(),
                 if w.drained { "yes" } else { "no" },

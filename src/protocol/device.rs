@@ -130,6 +130,54 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Which devices a worker key may serve: the server's allow-list entry
+/// `workers.d/NAME.device` (PROTOCOL.md §15.1), a device spec whose
+/// values may be glob patterns (`*`, `?`, `[…]`). A property the pin does
+/// not name may be anything; one it names must be present and match.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DevicePin(DeviceSpec);
+
+impl DevicePin {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let spec = DeviceSpec::parse(text).map_err(|e| e.to_string())?;
+        for v in [
+            Some(&spec.devicegroup),
+            spec.devicename.as_ref(),
+            spec.deviceid.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            glob::Pattern::new(v).map_err(|e| format!("{v:?} is not a glob pattern: {e}"))?;
+        }
+        Ok(DevicePin(spec))
+    }
+
+    /// Whether a worker announcing `device` stays within the pin.
+    pub fn allows(&self, device: &DeviceProps) -> bool {
+        let fits = |pattern: &str, value: Option<&String>| {
+            value.is_some_and(|v| glob::Pattern::new(pattern).is_ok_and(|p| p.matches(v)))
+        };
+        fits(&self.0.devicegroup, Some(&device.devicegroup))
+            && self
+                .0
+                .devicename
+                .as_ref()
+                .is_none_or(|p| fits(p, device.devicename.as_ref()))
+            && self
+                .0
+                .deviceid
+                .as_ref()
+                .is_none_or(|p| fits(p, device.deviceid.as_ref()))
+    }
+}
+
+impl fmt::Display for DevicePin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl DeviceProps {
     /// Parses a worker's `--device` argument; same syntax as [`DeviceSpec`].
     pub fn parse(text: &str) -> Result<Self, DeviceSpecError> {
@@ -225,5 +273,26 @@ mod tests {
             DeviceSpec::parse("devicegroup:a deviceid:1"),
             Err(DeviceSpecError::IdWithoutName)
         );
+    }
+
+    #[test]
+    fn a_pin_allows_only_the_devices_it_names() {
+        let pin = DevicePin::parse("devicegroup:lab devicename:n900-* deviceid:dev4?").unwrap();
+        let d = |t: &str| DeviceProps::parse(t).unwrap();
+        assert!(pin.allows(&d("devicegroup:lab devicename:n900-a deviceid:dev42")));
+        assert!(!pin.allows(&d("devicegroup:lab devicename:n900-a deviceid:dev420")));
+        assert!(
+            !pin.allows(&d("devicegroup:lab devicename:n900-a")),
+            "a named property must be there"
+        );
+        assert!(!pin.allows(&d("devicegroup:other devicename:n900-a deviceid:dev42")));
+        let group = DevicePin::parse("devicegroup:lab").unwrap();
+        assert!(group.allows(&d("devicegroup:lab devicename:anything deviceid:x")));
+        assert!(
+            !group.allows(&d("devicegroup:*")),
+            "values are matched, not patterns"
+        );
+        assert!(DevicePin::parse("devicegroup:[").is_err());
+        assert!(DevicePin::parse("devicename:x").is_err());
     }
 }

@@ -384,6 +384,10 @@ pub struct WorkerInfo {
     /// if the worker has no console configured.
     #[serde(default)]
     pub console: Option<String>,
+    /// With security: the devices the worker's key may serve — its pin
+    /// (`workers.d/NAME.device`) or the device of its first registration.
+    #[serde(default)]
+    pub pinned: Option<String>,
 }
 
 /// One testrun as `runs` lists it.

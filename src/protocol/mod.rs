@@ -12,7 +12,7 @@ pub mod logtext;
 pub mod message;
 
 pub use codec::{decode, encode, Envelope, ProtocolError};
-pub use device::{DeviceProps, DeviceSpec, DeviceSpecError};
+pub use device::{DevicePin, DeviceProps, DeviceSpec, DeviceSpecError};
 pub use message::*;
 
 /// Version carried in every header. A peer speaking another version gets an

@@ -467,7 +467,10 @@ mod tests {
             KeyPair::generate(),
             KeyPair::generate(),
         );
-        let id = Identity::Worker { name: "w".into() };
+        let id = Identity::Worker {
+            name: "w".into(),
+            pin: None,
+        };
         let mut gate = Gate::new(
             vec![new.clone(), old.clone()],
             AllowList::from_entries([(worker.public, id)]),
@@ -487,7 +490,10 @@ mod tests {
     fn a_handshake_computed_off_the_loop_checks_what_changed_meanwhile() {
         let server = KeyPair::generate();
         let worker = KeyPair::generate();
-        let id = Identity::Worker { name: "w".into() };
+        let id = Identity::Worker {
+            name: "w".into(),
+            pin: None,
+        };
         let allow = || AllowList::from_entries([(worker.public, id.clone())]);
         let mut gate = Gate::new(vec![server.clone()], allow());
         let start = |gate: &mut Gate, peer: &PeerId| {

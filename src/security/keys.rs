@@ -99,14 +99,28 @@ impl KeyPair {
         h.finalize().into()
     }
 
-    /// Reads a private key file, refusing one others may read or write.
+    /// Reads a private key file, refusing one others may read or write,
+    /// or that someone other than root or this process's user owns (they
+    /// could replace it).
     pub fn read(path: &Path) -> Result<Self, SecurityError> {
+        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).map_err(|e| key_error(path, e.to_string()))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(SecurityError::KeyTooOpen {
                 path: path.display().to_string(),
                 mode,
+            });
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(SecurityError::Untrusted {
+                path: path.display().to_string(),
+                reason: format!(
+                    "this private key is owned by uid {}, neither root nor this process's user (uid {me})",
+                    meta.uid()
+                ),
+                fix: format!("chown {me} {}", path.display()),
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| key_error(path, e.to_string()))?;

@@ -41,7 +41,7 @@ pub use link::Credentials;
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 
 /// Why a key, a handshake or a sealed message was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SecurityError {
     #[error("key file {path}: {reason}")]
     KeyFile { path: String, reason: String },
@@ -59,4 +59,10 @@ pub enum SecurityError {
     Malformed(&'static str),
     #[error("the server is busy with {0} handshakes; retry after a backoff")]
     Busy(usize),
+    #[error("{path} cannot be trusted: {reason}; anyone who can write there could make itself admin or impersonate a worker; run `{fix}`")]
+    Untrusted {
+        path: String,
+        reason: String,
+        fix: String,
+    },
 }

@@ -358,6 +358,9 @@ pub struct Scheduler<S: Store> {
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
     versions: HashMap<String, String>,
+    /// The devices each worker's key may serve, as `workers` shows them
+    /// (security on): its pin, or the device of its first registration.
+    pins: HashMap<String, String>,
     /// What each worker last said about its device's console.
     consoles: HashMap<String, String>,
     /// Bytes of stored result files, and of files in transfer (as offered).
@@ -426,6 +429,7 @@ impl<S: Store> Scheduler<S> {
             touched_input_owners: Vec::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
+            pins: HashMap::new(),
             consoles: HashMap::new(),
             stored_bytes: 0,
             uploading_bytes: 0,

@@ -178,8 +178,15 @@ impl Server {
                 // was down are not listed (nor waited for).
                 let allowed = c.allow.worker_names();
                 scheduler.retain_workers(Instant::now(), |n| allowed.contains(n));
-                let reloads =
-                    watch_allow_lists(cfg.workers_dir.clone(), cfg.users_dir.clone(), listed);
+                for e in &c.refused {
+                    warn!(error = %e, "allow-list entry denied: {e}; the other entries are in force");
+                }
+                let reloads = watch_allow_lists(
+                    cfg.workers_dir.clone(),
+                    cfg.users_dir.clone(),
+                    listed,
+                    c.allow.clone(),
+                );
                 (Some(Gate::new(c.keys, c.allow)), Some(reloads))
             }
         };
@@ -275,7 +282,7 @@ async fn serve(
     sockets: transport::ServerSockets,
     mut gate: Option<Gate>,
     announcer: Option<Announcer>,
-    mut reloads: Option<mpsc::Receiver<AllowList>>,
+    mut reloads: Option<mpsc::Receiver<Reload>>,
     pace: Pace,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -422,14 +429,18 @@ async fn serve(
                 }
                 activity.on_event(Instant::now(), event);
             }
-            Some(allow) = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => {
+            Some(Reload { list: allow, denied }) = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => {
                 if let Some(gate) = gate.as_mut() {
                     let now = Instant::now();
                     let identities = allow.len();
                     let allowed = allow.worker_names();
                     let revoked = gate.reload(allow);
-                    info!(identities, revoked = revoked.len(), "allow-lists reloaded");
-                    scheduler.audit("server", "-", "reload", &format!("{identities} identities allowed, {} sessions revoked", revoked.len()));
+                    info!(identities, revoked = revoked.len(), denied = denied.len(), "allow-lists reloaded");
+                    scheduler.audit("server", "-", "reload", &format!("{identities} identities allowed, {} sessions revoked, {} entries denied", revoked.len(), denied.len()));
+                    scheduler.count_shell_event("allow_list_entries_denied", denied.len() as u64);
+                    for reason in denied.iter().take(20) {
+                        scheduler.audit("server", "-", "denied", reason);
+                    }
                     for (peer, identity) in revoked {
                         if let Ok(id) = zeromq::util::PeerIdentity::try_from(peer.clone()) {
                             router_tx.disconnect_peer(&id);
@@ -681,15 +692,23 @@ async fn deliver(
     }
 }
 
+/// A reloaded allow-list and the entries it denied (each naming its file).
+struct Reload {
+    list: AllowList,
+    denied: Vec<String>,
+}
+
 /// Reloads the allow-lists on SIGHUP and whenever a file in them changes
-/// (checked every second, off the serving loop): a removed or changed key
-/// takes effect within a second. A list that does not load is logged and
-/// the previous one stays in force.
+/// (checked every 250 ms, off the serving loop): a removed or changed key
+/// takes effect within a second. Entries fail closed one by one (a bad
+/// file denies its own identity, logged); a directory that cannot be
+/// trusted adds no one, but removals from it still apply.
 fn watch_allow_lists(
     workers: PathBuf,
     users: PathBuf,
     mut last: crate::security::allow::Fingerprint,
-) -> mpsc::Receiver<AllowList> {
+    mut current: AllowList,
+) -> mpsc::Receiver<Reload> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -719,13 +738,25 @@ fn watch_allow_lists(
             }
             last = now;
             match list {
-                Ok(list) => {
-                    if tx.send(list).await.is_err() {
+                Ok(loaded) => {
+                    let denied: Vec<String> = loaded.problems().map(|e| e.to_string()).collect();
+                    for e in &denied {
+                        error!(error = %e, "allow-list entry denied: {e}");
+                    }
+                    if !loaded.untrusted_dirs.is_empty() {
+                        error!("an allow-list directory cannot be trusted: nobody new is admitted from it until it is fixed; removals still apply");
+                    }
+                    current = loaded.reloaded(&current);
+                    let reload = Reload {
+                        list: current.clone(),
+                        denied,
+                    };
+                    if tx.send(reload).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    error!(error = %e, "allow-lists not reloaded: {e}; the previous lists stay in force — fix the file")
+                    error!(error = %e, "allow-lists not reloaded: {e}; the previous lists stay in force — fix the directory")
                 }
             }
         }

@@ -40,7 +40,7 @@ pub enum WorkerError {
     State(#[from] crate::worker::state::WorkerStateError),
     #[error("worker name {name:?} refused by the server: {message}")]
     NameInUse { name: String, message: String },
-    #[error("the server does not allow this worker's key to register as {name:?}: {message}; the key's name in the server's workers.d must match `name`")]
+    #[error("the server does not allow this worker's key to register as {name:?} with its device: {message}; the key's name in the server's workers.d must match `name`, and its device the pin there (NAME.device, or its first registration)")]
     Forbidden { name: String, message: String },
     #[error("security: {0}")]
     Security(#[from] crate::security::SecurityError),
@@ -705,7 +705,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     }
     if let Some((code, message)) = &refused {
         if *code == ErrorCode::Forbidden {
-            error!(worker = %cfg.name, %message, "the server refused this worker: its key does not allow this name; stopping");
+            error!(worker = %cfg.name, %message, "the server refused this worker: its key does not allow this name or device; stopping");
         } else {
             error!(worker = %cfg.name, %message, "the server refused this worker: another live worker uses the name; stopping");
         }

@@ -97,17 +97,27 @@ impl<S: Store> Scheduler<S> {
         let forbidden = |m: String| Err((ErrorCode::Forbidden, m));
         let label = caller.identity.label();
         match (&caller.identity, body) {
-            (Identity::Worker { name }, Body::Hello { worker, .. }) => {
-                if worker == name {
-                    Ok(())
-                } else {
-                    forbidden(format!(
+            (Identity::Worker { name, pin }, Body::Hello { worker, device, .. }) => {
+                if worker != name {
+                    return forbidden(format!(
                         "{label} may register only as worker {name:?}, not {worker:?}"
-                    ))
+                    ));
+                }
+                // The key serves the devices its pin allows; without a pin,
+                // the device it first registered with (trust on first use).
+                match (pin, self.workers.get(name)) {
+                    (Some(pin), _) if !pin.allows(device) => forbidden(format!(
+                        "{label} may serve only devices matching {pin} (workers.d/{name}.device), not {device}"
+                    )),
+                    (None, Some(known)) if known.device != *device => forbidden(format!(
+                        "{label} registered with device {} first and is pinned to it; to let it serve {device}, write that device into workers.d/{name}.device on the server",
+                        known.device
+                    )),
+                    _ => Ok(()),
                 }
             }
             // A worker reads the input files of the task it runs.
-            (Identity::Worker { name }, Body::GetInput { sha256, .. }) => {
+            (Identity::Worker { name, .. }, Body::GetInput { sha256, .. }) => {
                 let has = self
                     .workers
                     .get(name)
@@ -361,6 +371,7 @@ impl<S: Store> Scheduler<S> {
             drained: self.drained.contains(name),
             version: self.versions.get(name).cloned(),
             console: self.consoles.get(name).cloned(),
+            pinned: self.pins.get(name).cloned(),
         }
     }
 
@@ -422,6 +433,7 @@ impl<S: Store> Scheduler<S> {
             self.workers.remove(&name);
             self.drained.remove(&name);
             self.versions.remove(&name);
+            self.pins.remove(&name);
             self.consoles.remove(&name);
             self.outboxes.remove(&name);
             self.armed.remove(&name);

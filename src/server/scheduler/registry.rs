@@ -135,6 +135,19 @@ impl<S: Store> Scheduler<S> {
         } else {
             worker.outbox.resend_all();
         }
+        // With security, what the key may serve (shown by `workers`).
+        if let Some(Caller {
+            identity: crate::security::Identity::Worker { pin, .. },
+            ..
+        }) = self.callers.get(peer)
+        {
+            let shown = match pin {
+                Some(pin) => pin.to_string(),
+                None => format!("{device} (its first registration)"),
+            };
+            self.pins.insert(name.clone(), shown);
+        }
+        let worker = self.workers.get_mut(&name).expect("worker");
         worker.device = device;
         worker.peer = Some(peer.clone());
         worker.last_heard = now;

@@ -62,6 +62,7 @@ async fn main() -> ExitCode {
         return ExitCode::from(ots::security::keys::keygen_command("ots-server", base));
     }
     ots::fatal::exit_on_panic("ots-server");
+    ots::durable::private_by_default();
     let overrides = [
         ("control", args.control),
         ("events", args.events),

@@ -76,6 +76,7 @@ async fn main() -> ExitCode {
         return ExitCode::from(ots::security::keys::keygen_command("ots-worker", base));
     }
     ots::fatal::exit_on_panic("ots-worker");
+    ots::durable::private_by_default();
     let overrides = [
         ("name", args.name),
         ("server", args.server),

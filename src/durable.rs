@@ -1,6 +1,6 @@
 //! What the server's and the worker's durable state share: an exclusive
-//! lock on the state directory, and opening a SQLite file in WAL mode while
-//! telling a database from anything else.
+//! lock on the state directory, keeping it private, and opening a SQLite
+//! file in WAL mode while telling a database from anything else.
 
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::Connection;
@@ -16,9 +16,45 @@ pub enum LockFailure {
     Io(std::io::Error),
 }
 
+/// Whether this process runs as a systemd service (which sets its umask
+/// and state directory mode itself: `UMask=0027`, `StateDirectoryMode=0750`,
+/// so that the `ots` group may read).
+fn under_systemd() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some()
+}
+
+/// Makes everything this process creates private, whatever umask it was
+/// started with (the usual 022 would leave databases, logs, result files,
+/// inputs and caches readable by every local user): others get nothing,
+/// and outside systemd the group nothing either (0600 files, 0700
+/// folders); under systemd the unit's group keeps read access (0640,
+/// 0750). Never loosens a stricter umask. The binaries call it first.
+pub fn private_by_default() {
+    use nix::sys::stat::{umask, Mode};
+    let tighter = if under_systemd() { 0o027 } else { 0o077 };
+    let old = umask(Mode::empty());
+    umask(old | Mode::from_bits_truncate(tighter));
+}
+
+/// Takes `dir` away from others (and, outside systemd, from the group):
+/// a state directory made before, or by a process with a looser umask,
+/// keeps what is below it unreachable to them.
+pub fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    let closed = if under_systemd() { 0o007 } else { 0o077 };
+    if mode & closed != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !closed))?;
+        tracing::info!(dir = %dir.display(), was = format!("{mode:o}"), now = format!("{:o}", mode & !closed), "state directory made private");
+    }
+    Ok(())
+}
+
 /// Takes the exclusive lock `dir/lock` for as long as the returned value
-/// lives, and writes our pid into it for whoever tries next.
+/// lives, and writes our pid into it for whoever tries next. The directory
+/// is made private first ([`make_private`]).
 pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockFailure> {
+    make_private(dir).map_err(LockFailure::Io)?;
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -747,3 +747,149 @@ fn an_allow_list_directory_others_may_write_stops_the_server_naming_the_fix() {
         "{err}"
     );
 }
+
+/// Every file and folder below `root` with its mode.
+fn modes(root: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        out.push((p.clone(), meta.permissions().mode() & 0o7777));
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Finding 5: under the usual umask 022, the server's database and WAL,
+/// task logs, result files, inputs, the worker's database, results and
+/// input cache were 0644. Now nothing the server or worker keeps is
+/// reachable by other local users, whatever the umask, and a state
+/// directory made earlier with 0755 is closed at start.
+#[test]
+fn under_umask_022_nothing_the_server_or_worker_keeps_is_readable_by_others() {
+    let dir = tempfile::tempdir().unwrap();
+    // The children inherit it (the usual interactive umask).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let state = dir.path().join("server");
+    std::fs::create_dir_all(&state).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let conductor = script(
+        dir.path(),
+        "echo-input.sh",
+        "cp \"$1/in/plan.bin\" \"$OTS_RESULTS_DIR/echo.bin\"\necho hello\necho '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap(), "{inputs_dir}"],
+        &[],
+    );
+    let plan = dir.path().join("plan.bin");
+    std::fs::write(&plan, b"a plan").unwrap();
+    let arg = format!("in/plan.bin={}", plan.display());
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--input",
+            &arg,
+            "--wait",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let mut seen = 0;
+    for root in [state.clone(), dir.path().join("w")] {
+        for (path, mode) in modes(&root) {
+            seen += 1;
+            assert_eq!(
+                mode & 0o007,
+                0,
+                "{} is mode {mode:o}: others may reach it",
+                path.display()
+            );
+            if !systemd {
+                assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", path.display());
+            }
+        }
+    }
+    assert!(seen > 10, "nothing found to check");
+    // The server's database, a task log and a stored input were among them.
+    assert!(state.join("ots.db").exists());
+    assert!(std::fs::read_dir(state.join("inputs")).unwrap().count() > 0);
+}
+
+/// "Also seen": a captured handshake message 1 replayed on new connections
+/// cost a full handshake each (24 000 in 15 s, counted as successful).
+/// Now a replay is refused for a hash lookup: answered `unauthenticated`,
+/// counted as `security_handshakes_replayed`, and no handshake succeeds.
+#[test]
+fn a_replayed_handshake_message_is_refused_without_a_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let keys = server.keys.clone().unwrap();
+    let user = ots::security::KeyPair::read(&keys.user("tester", "admin")).unwrap();
+    let server_key = ots::security::PublicKey::read(&keys.server_pub()).unwrap();
+    let (_, first) = ots::security::Initiator::start(&user, &server_key, &[]).unwrap();
+    let handshake = zmtp::frames(&[ots::security::gate::HANDSHAKE_MARKER, &first]);
+    let answer = |s: &mut std::net::TcpStream| zmtp::read_message(s).unwrap();
+    // The genuine first use is answered with message 2.
+    let mut s = zmtp::handshake(&server.control, "DEALER").unwrap();
+    s.write_all(&handshake).unwrap();
+    assert_eq!(answer(&mut s)[0], ots::security::gate::HANDSHAKE_MARKER);
+    drop(s);
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    let before = status_json(&server, &run).unwrap()["counters"]["security_handshakes"]
+        .as_u64()
+        .unwrap_or(0);
+    const REPLAYS: u64 = 300;
+    for _ in 0..REPLAYS {
+        let mut s = zmtp::handshake(&server.control, "DEALER").unwrap();
+        s.write_all(&handshake).unwrap();
+        let reply = answer(&mut s);
+        let body: serde_json::Value = rmp_serde::from_slice(&reply[1]).unwrap();
+        assert_eq!(body["code"], "unauthenticated", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("replayed"),
+            "{body}"
+        );
+    }
+    let replayed = wait_for_counter(&server, &run, "security_handshakes_replayed", REPLAYS);
+    let st = status_json(&server, &run).unwrap();
+    let after = st["counters"]["security_handshakes"].as_u64().unwrap_or(0);
+    // The status requests themselves handshake (one connection each).
+    assert!(
+        after - before < 20,
+        "replays were computed as handshakes: {before} → {after}"
+    );
+    eprintln!("{replayed} replays refused; handshakes {before} → {after} (status requests only)");
+}

@@ -40,6 +40,21 @@ const MAX_TRACKED: usize = 65_536;
 /// the rest retry after their backoff).
 pub const MAX_PENDING_HANDSHAKES: usize = 2048;
 
+/// Initiator ephemeral keys of recent handshakes remembered: a message 1
+/// seen before is a replay and is refused before any curve operation
+/// (an initiator makes a fresh ephemeral key for every handshake).
+pub const RECENT_EPHEMERALS: usize = 65_536;
+
+/// Handshakes one source address may start: a burst of this many…
+pub const HANDSHAKE_BURST_PER_ADDRESS: f64 = 5000.0;
+/// …then this many per second (each costs the server about a
+/// millisecond of CPU; a reconnect storm of 5000 workers behind one
+/// address still gets in at once). Past it: `limit_reached`.
+pub const HANDSHAKES_PER_ADDRESS_PER_SEC: f64 = 500.0;
+
+/// Source addresses whose handshake rate is tracked at most.
+const MAX_ADDRESSES: usize = 65_536;
+
 /// A connection's routing identity.
 pub type PeerId = Bytes;
 
@@ -89,6 +104,11 @@ pub struct Gate {
     conns: HashMap<PeerId, Conn>,
     pending: usize,
     counters: BTreeMap<&'static str, u64>,
+    /// Recent initiator ephemeral keys (see [`RECENT_EPHEMERALS`]).
+    ephemerals: std::collections::HashSet<[u8; 32]>,
+    ephemeral_order: std::collections::VecDeque<[u8; 32]>,
+    /// Handshake tokens per source IP: (tokens, when last refilled).
+    rates: HashMap<String, (f64, std::time::Instant)>,
 }
 
 impl Gate {
@@ -101,7 +121,84 @@ impl Gate {
             conns: HashMap::new(),
             pending: 0,
             counters: BTreeMap::new(),
+            ephemerals: Default::default(),
+            ephemeral_order: Default::default(),
+            rates: HashMap::new(),
         }
+    }
+
+    /// Like [`Gate::inbound`], for a connection from `address`
+    /// (`tcp://IP:PORT`, or `-` if unknown) at `now`: a handshake past the
+    /// address's rate is turned away as busy before anything is computed.
+    pub fn inbound_from(
+        &mut self,
+        now: std::time::Instant,
+        address: &str,
+        peer: &PeerId,
+        frames: Vec<Bytes>,
+    ) -> Verdict {
+        let is_handshake = frames.first().map(|f| f.as_ref()) == Some(HANDSHAKE_MARKER);
+        if is_handshake && !self.conns.contains_key(peer) && !self.take_token(now, address) {
+            self.count("security_handshakes_rate_limited");
+            self.conns.insert(peer.clone(), Conn::Refused);
+            return Verdict::Refuse {
+                reason: SecurityError::Busy(MAX_PENDING_HANDSHAKES),
+            };
+        }
+        self.inbound(peer, frames)
+    }
+
+    /// Takes one handshake token of `address`'s IP (token bucket).
+    fn take_token(&mut self, now: std::time::Instant, address: &str) -> bool {
+        let ip = address
+            .trim_start_matches("tcp://")
+            .rsplit_once(':')
+            .map_or(address, |(ip, _)| ip)
+            .to_string();
+        if self.rates.len() >= MAX_ADDRESSES && !self.rates.contains_key(&ip) {
+            // Forget the addresses whose bucket has refilled: they hold no
+            // state worth keeping.
+            self.rates.retain(|_, (tokens, at)| {
+                let refilled = *tokens
+                    + now.saturating_duration_since(*at).as_secs_f64()
+                        * HANDSHAKES_PER_ADDRESS_PER_SEC;
+                refilled < HANDSHAKE_BURST_PER_ADDRESS
+            });
+            if self.rates.len() >= MAX_ADDRESSES {
+                return false;
+            }
+        }
+        let (tokens, at) = self
+            .rates
+            .entry(ip)
+            .or_insert((HANDSHAKE_BURST_PER_ADDRESS, now));
+        *tokens = (*tokens
+            + now.saturating_duration_since(*at).as_secs_f64() * HANDSHAKES_PER_ADDRESS_PER_SEC)
+            .min(HANDSHAKE_BURST_PER_ADDRESS);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Remembers message 1's ephemeral key; false if it was seen before.
+    fn fresh_ephemeral(&mut self, first: &[u8]) -> bool {
+        let Some(e) = first.get(..32).and_then(|e| <[u8; 32]>::try_from(e).ok()) else {
+            return true; // too short to be one: the handshake fails anyway
+        };
+        if !self.ephemerals.insert(e) {
+            return false;
+        }
+        self.ephemeral_order.push_back(e);
+        if self.ephemeral_order.len() > RECENT_EPHEMERALS {
+            if let Some(old) = self.ephemeral_order.pop_front() {
+                self.ephemerals.remove(&old);
+            }
+        }
+        true
     }
 
     fn count(&mut self, name: &'static str) {
@@ -215,6 +312,17 @@ impl Gate {
             self.refuse(peer);
             return Verdict::Refuse {
                 reason: SecurityError::Malformed("a handshake message over 65535 bytes"),
+            };
+        }
+        if !self.fresh_ephemeral(&first) {
+            // A captured message 1 sent again: refused for a hash lookup,
+            // not a handshake's worth of curve operations.
+            self.count("security_handshakes_replayed");
+            self.refuse(peer);
+            return Verdict::Refuse {
+                reason: SecurityError::Handshake(
+                    "a replayed handshake: its ephemeral key was used before".into(),
+                ),
             };
         }
         if self.pending >= MAX_PENDING_HANDSHAKES {
@@ -549,5 +657,39 @@ mod tests {
                 reason: SecurityError::Busy(_)
             }
         ));
+    }
+
+    #[test]
+    fn handshakes_per_address_are_rate_limited_and_replays_refused_cheaply() {
+        let mut gate = Gate::new(vec![KeyPair::generate()], AllowList::default());
+        let t0 = std::time::Instant::now();
+        let burst = HANDSHAKE_BURST_PER_ADDRESS as usize;
+        for _ in 0..burst {
+            assert!(gate.take_token(t0, "tcp://10.0.0.1:4000"));
+        }
+        assert!(
+            !gate.take_token(t0, "tcp://10.0.0.1:4001"),
+            "past the burst"
+        );
+        assert!(
+            gate.take_token(t0, "tcp://10.0.0.2:4000"),
+            "another address has its own"
+        );
+        // A second later the rate's worth is back.
+        let later = t0 + std::time::Duration::from_secs(1);
+        for _ in 0..HANDSHAKES_PER_ADDRESS_PER_SEC as usize {
+            assert!(gate.take_token(later, "tcp://10.0.0.1:4000"));
+        }
+        assert!(!gate.take_token(later, "tcp://10.0.0.1:4000"));
+
+        let first = [7u8; 96];
+        assert!(gate.fresh_ephemeral(&first));
+        assert!(
+            !gate.fresh_ephemeral(&first),
+            "the same ephemeral key twice"
+        );
+        let mut other = first;
+        other[0] = 8;
+        assert!(gate.fresh_ephemeral(&other));
     }
 }

@@ -373,7 +373,7 @@ async fn serve(
                     activity.heard(&peer, now);
                     let frames = match gate.as_mut() {
                         None => frames,
-                        Some(gate) => match gate.inbound(&peer, frames) {
+                        Some(gate) => match gate.inbound_from(now, &activity.address(&peer), &peer, frames) {
                             Verdict::Open(plain) => plain,
                             Verdict::Handshake { first, handshaker } => {
                                 // Off the loop; the gate bounds how many wait.

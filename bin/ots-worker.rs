@@ -99,6 +99,9 @@ async fn main() -> ExitCode {
             for line in ots::config::explain(&cfg, "OTS_WORKER", &files, &overrides) {
                 println!("{line}");
             }
+            for warning in cfg.secret_argv_warnings() {
+                println!("warning: {warning}");
+            }
             return ExitCode::SUCCESS;
         }
         Ok(cfg) => cfg,

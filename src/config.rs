@@ -918,6 +918,24 @@ impl WorkerConfig {
     }
 
     /// This worker's key and the pinned server key, loaded and checked.
+    /// Warnings about `{secret:NAME}` in the conductor's argument vector:
+    /// an argument is readable by every local user (/proc/PID/cmdline);
+    /// the environment variable `OTS_SECRET_NAME` is not.
+    pub fn secret_argv_warnings(&self) -> Vec<String> {
+        self.conductor
+            .command
+            .iter()
+            .enumerate()
+            .filter_map(|(i, arg)| {
+                let name = arg.split("{secret:").nth(1)?.split('}').next()?;
+                Some(format!(
+                    "conductor.command[{i}] passes {{secret:{name}}} as an argument, which every local user can read in /proc/PID/cmdline while the conductor runs; have the conductor read the environment variable OTS_SECRET_{} instead",
+                    name.to_ascii_uppercase().replace(['-', '.'], "_")
+                ))
+            })
+            .collect()
+    }
+
     pub fn credentials(
         &self,
     ) -> Result<crate::security::Credentials, crate::security::SecurityError> {

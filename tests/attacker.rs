@@ -893,3 +893,102 @@ fn a_replayed_handshake_message_is_refused_without_a_handshake() {
     );
     eprintln!("{replayed} replays refused; handshakes {before} → {after} (status requests only)");
 }
+
+/// "Also seen": `--secret KEY=VALUE` shows the value to every local user
+/// in /proc/PID/cmdline, and so does `{secret:NAME}` in a conductor's
+/// argument vector. Secrets now come from a file, standard input or the
+/// environment — none of them on a command line — and the worker's
+/// `--check-config` warns about `{secret:…}` in the argument vector.
+#[test]
+fn secrets_reach_the_conductor_from_a_file_stdin_or_the_environment_never_a_command_line() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let conductor = script(
+        dir.path(),
+        "secrets.sh",
+        "printf '%s|%s|%s' \"$OTS_SECRET_FROM_FILE\" \"$OTS_SECRET_FROM_STDIN\" \"$OTS_SECRET_FROM_ENV\" > \"$OTS_RESULTS_DIR/seen.txt\"\necho '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    let file = dir.path().join("token");
+    std::fs::write(&file, "file-secret-1\n").unwrap();
+    let from_file = format!("from-file=@{}", file.display());
+    let mut cmd = std::process::Command::new(bin("ots-submit"));
+    cmd.args([
+        "run",
+        "--device",
+        "devicegroup:g",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+        "--secret",
+        &from_file,
+        "--secret",
+        "from-stdin=-",
+        "--secret",
+        "from-env",
+        "--wait",
+    ])
+    .env("OTS_SERVER", &server.control)
+    .env("OTS_SECRET_FROM_ENV", "env-secret-3");
+    submit_env(&mut cmd, &server, &server.user);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"stdin-secret-2\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for value in ["file-secret-1", "stdin-secret-2", "env-secret-3"] {
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(value),
+            "{value} on the command line"
+        );
+    }
+    let stdout = text(&out.stdout);
+    let run = stdout
+        .strip_prefix("testrun ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no run id in {stdout}"));
+    let seen = std::fs::read_to_string(
+        server
+            .state_dir
+            .join("tasks")
+            .join(format!("{run}.1"))
+            .join("files")
+            .join("seen.txt"),
+    );
+    assert_eq!(seen.unwrap(), "file-secret-1|stdin-secret-2|env-secret-3");
+
+    // A conductor argv quoting a secret is warned about, with the fix.
+    let cfg = dir.path().join("argv.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"x\"\nserver = \"tcp://127.0.0.1:1\"\ndevice = \"devicegroup:g\"\nsecurity = \"none\"\n[conductor]\ncommand = [\"flash\", \"--token={secret:api-token}\"]\n",
+    )
+    .unwrap();
+    let mut check = std::process::Command::new(bin("ots-worker"));
+    check.arg("--config").arg(&cfg).arg("--check-config");
+    let out = run_bounded(check, LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("{secret:api-token}")
+            && text(&out.stdout).contains("OTS_SECRET_API_TOKEN"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -228,7 +228,10 @@ pub struct RunArgs {
     /// Extra option for the conductor, KEY=VALUE (repeatable).
     #[arg(long = "option", value_parser = parse_option)]
     pub options: Vec<(String, String)>,
-    /// Secret option, KEY=VALUE or KEY=@FILE (repeatable): only the worker
+    /// Secret option (repeatable): KEY=@FILE (the file's content), KEY=-
+    /// (a line from standard input), KEY alone (the environment variable
+    /// OTS_SECRET_KEY), or KEY=VALUE (visible to every local user in
+    /// /proc/PID/cmdline: warned about on a terminal). Only the worker
     /// running a task gets it (`{secret:KEY}`, `OTS_SECRET_KEY`); never in
     /// status, events, logs or the audit log. Needs a secured server.
     #[arg(long = "secret", value_parser = parse_secret)]
@@ -331,22 +334,58 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// `KEY=VALUE`, or `KEY=@FILE` to keep the value off the command line
-/// (and out of `ps` and shell history).
+/// The environment variable `--secret KEY` reads: `OTS_SECRET_` and the
+/// key upper-cased, `-` and `.` as `_` (the name the conductor sees it
+/// under on the worker, too).
+pub fn secret_env_name(key: &str) -> String {
+    format!(
+        "OTS_SECRET_{}",
+        key.to_ascii_uppercase().replace(['-', '.'], "_")
+    )
+}
+
+/// A `--secret` value, kept off the command line (and out of `ps` and
+/// shell history) unless given literally: `KEY=@FILE`, `KEY=-` (one line
+/// of standard input, in the order given), `KEY` (from
+/// [`secret_env_name`]), or `KEY=VALUE`.
 fn parse_secret(text: &str) -> Result<(String, String), String> {
+    use std::io::IsTerminal;
+    if !text.contains('=') {
+        let (k, _) = parse_option(&format!("{text}=x"))
+            .map_err(|_| format!("--secret {text:?}: not a valid KEY"))?;
+        let var = secret_env_name(&k);
+        return std::env::var(&var).map(|v| (k.clone(), v)).map_err(|_| {
+            format!("--secret {k}: the environment variable {var} is not set (or not UTF-8)")
+        });
+    }
     let (k, v) = parse_option(text).map_err(|_| {
         format!(
-            "--secret {:?} is not KEY=VALUE or KEY=@FILE",
+            "--secret {:?} is not KEY=@FILE, KEY=-, KEY or KEY=VALUE",
             text.split('=').next().unwrap_or("")
         )
     })?;
+    if v == "-" {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("--secret {k}=-: cannot read standard input: {e}"))?;
+        return Ok((k, line.trim_end_matches(['\n', '\r']).to_string()));
+    }
     match v.strip_prefix('@') {
         Some(path) => {
             let value =
                 std::fs::read_to_string(path).map_err(|e| format!("--secret {k}=@{path}: {e}"))?;
             Ok((k, value.trim_end_matches('\n').to_string()))
         }
-        None => Ok((k, v)),
+        None => {
+            if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
+                eprintln!(
+                    "ots-submit: warning: the value of --secret {k} is on the command line, where every local user can read it (/proc/PID/cmdline, ps); use --secret {k}=@FILE, --secret {k}=- (standard input) or --secret {k} with {} set",
+                    secret_env_name(&k)
+                );
+            }
+            Ok((k, v))
+        }
     }
 }
 

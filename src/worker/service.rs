@@ -218,6 +218,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     cfg.validate()?;
     let device = cfg.device_props()?;
     let credentials = cfg.credentials()?;
+    for warning in cfg.secret_argv_warnings() {
+        warn!("{warning}");
+    }
     if let Credentials::Noise { key, .. } = &credentials {
         info!(key = %key.public, "security on: this worker's public key (the server needs it in workers.d/{}.pub)", cfg.name);
     } else {

@@ -7,8 +7,8 @@
 //! server, restarts it on the same endpoints and state, and prints how long
 //! until every worker is registered again, how many the server declared
 //! lost over the next liveness windows, and the longest heartbeat gap a
-//! worker saw (secured: heartbeats come on the control connection). Once
-//! with `security = "none"`, once with Noise.
+//! worker saw (secured: the signed heartbeats each worker verifies on its
+//! SUB). Once with `security = "none"`, once with Noise.
 //!
 //! Environment: OTS_STORM_WORKERS (default 1000).
 

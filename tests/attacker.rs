@@ -992,3 +992,39 @@ fn secrets_reach_the_conductor_from_a_file_stdin_or_the_environment_never_a_comm
         text(&out.stdout)
     );
 }
+
+/// Finding 5: a 0600 server key owned by another user was accepted. It is
+/// refused at start (exit 78) naming the owner and the fix. Needs root to
+/// hand the file to another uid (CI runs as root).
+#[test]
+fn a_server_key_owned_by_another_user_stops_the_server() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can give a file to another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let key = dir.path().join("foreign.key");
+    std::fs::copy(keys.path().join("server.key"), &key).unwrap();
+    nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    cmd.args([
+        "--control",
+        "tcp://127.0.0.1:0",
+        "--events",
+        "tcp://127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("server"));
+    for (k, v) in keys.server_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("OTS_SERVER_KEY", &key);
+    let out = run_bounded(cmd, LIMIT);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("owned by uid 65534") && err.contains("chown"),
+        "{err}"
+    );
+}

@@ -718,25 +718,49 @@ fn watch_allow_lists(
                 None
             }
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // Told by the kernel when a file in either directory changes, the
+        // server checks at once and re-reads everything only then; the
+        // full check (a stat per file) also runs every few seconds in case
+        // a change escaped the watch. Without inotify (a directory missing
+        // at start, a filesystem without it), every 250 ms.
+        let mut changes = watch_dirs(&[workers.clone(), users.clone()]);
+        let every = if changes.is_some() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(250)
+        };
+        let mut tick = tokio::time::interval(every);
         loop {
             let forced = tokio::select! {
                 _ = tick.tick() => false,
+                event = async { changes.as_mut()?.recv().await }, if changes.is_some() => {
+                    if event.is_none() {
+                        // The watch ended: poll from now on.
+                        changes = None;
+                        tick = tokio::time::interval(Duration::from_millis(250));
+                        continue;
+                    }
+                    // A burst of events (an editor's save, `echo > file`'s
+                    // truncate and write) is one change: read it whole.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changes.as_mut().is_some_and(|c| c.try_recv().is_ok()) {}
+                    false
+                }
                 Some(()) = async { hup.as_mut()?.recv().await }, if hup.is_some() => true,
             };
             let (w, u) = (workers.clone(), users.clone());
-            let Ok((now, list)) = tokio::task::spawn_blocking(move || {
-                let now = fingerprint(&w, &u);
-                (now, AllowList::load(&w, &u))
-            })
-            .await
-            else {
+            let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&w, &u)).await else {
                 continue;
             };
             if !forced && now == last {
                 continue;
             }
             last = now;
+            let (w, u) = (workers.clone(), users.clone());
+            let Ok(list) = tokio::task::spawn_blocking(move || AllowList::load(&w, &u)).await
+            else {
+                continue;
+            };
             match list {
                 Ok(loaded) => {
                     let denied: Vec<String> = loaded.problems().map(|e| e.to_string()).collect();
@@ -762,6 +786,48 @@ fn watch_allow_lists(
         }
     });
     rx
+}
+
+/// Watches `dirs` with inotify on a thread of its own: one message per
+/// batch of events. None if a directory cannot be watched (the caller
+/// polls instead).
+fn watch_dirs(dirs: &[PathBuf]) -> Option<mpsc::UnboundedReceiver<()>> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
+    let flags = AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF;
+    for dir in dirs {
+        if let Err(e) = inotify.add_watch(dir, flags) {
+            debug!(dir = %dir.display(), error = %e, "cannot watch the allow-list directory; polling it");
+            return None;
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("ots-allow-watch".into())
+        .spawn(move || loop {
+            match inotify.read_events() {
+                Ok(_) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "the allow-list watch failed; changes are found by the periodic check");
+                    return;
+                }
+            }
+        });
+    spawned.ok()?;
+    Some(rx)
 }
 
 /// Publishes on PUB; with security signed (`[topic, header, body,

@@ -180,7 +180,9 @@ impl Server {
                 scheduler.retain_workers(Instant::now(), |n| allowed.contains(n));
                 for e in &c.refused {
                     warn!(error = %e, "allow-list entry denied: {e}; the other entries are in force");
+                    scheduler.audit("server", "-", "denied", &e.to_string());
                 }
+                scheduler.count_shell_event("allow_list_entries_denied", c.refused.len() as u64);
                 let reloads = watch_allow_lists(
                     cfg.workers_dir.clone(),
                     cfg.users_dir.clone(),

@@ -138,7 +138,13 @@ impl Gate {
         frames: Vec<Bytes>,
     ) -> Verdict {
         let is_handshake = frames.first().map(|f| f.as_ref()) == Some(HANDSHAKE_MARKER);
-        if is_handshake && !self.conns.contains_key(peer) && !self.take_token(now, address) {
+        // An address not known yet (its accept event still on the way) is
+        // not charged: a shared "unknown" bucket would throttle everyone.
+        if is_handshake
+            && address != "-"
+            && !self.conns.contains_key(peer)
+            && !self.take_token(now, address)
+        {
             self.count("security_handshakes_rate_limited");
             self.conns.insert(peer.clone(), Conn::Refused);
             return Verdict::Refuse {

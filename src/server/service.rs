@@ -312,23 +312,35 @@ async fn serve(
     // Bounded: when the scheduler falls behind, the reader waits, the
     // sockets stop reading and TCP pushes back on the senders. The ROUTER
     // reads its peers in turn, so one flooding peer gets its share only.
-    let (inbound_tx, mut inbound_rx) = mpsc::channel::<ZmqMessage>(inbound_queue);
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<Received>(inbound_queue);
     // Bounded in bytes too (in KiB permits): a message waits for its
     // size's worth before it is queued, and gives it back once handled.
     let inbound_kib = InboundBytes::new(inbound_queue_bytes);
     let reader_kib = inbound_kib.clone();
     // Receiving in its own task keeps the select below free of
-    // cancellation hazards inside the socket's recv.
+    // cancellation hazards inside the socket's recv. Connection events
+    // travel the same queue as messages, in the order they happened: a
+    // connection's close is reported when its last message was received
+    // (the patched socket tears a peer down when its read half ends), so
+    // everything it delivered is handled before its close is.
     let reader = tokio::spawn(async move {
         loop {
-            match router_rx.recv().await {
-                Ok(msg) => {
-                    reader_kib.take(&msg).await;
-                    if inbound_tx.send(msg).await.is_err() {
-                        return;
+            let item = tokio::select! {
+                biased;
+                Some(event) = futures::StreamExt::next(&mut connections) => Received::Connection(event),
+                msg = router_rx.recv() => match msg {
+                    Ok(msg) => {
+                        reader_kib.take(&msg).await;
+                        Received::Message(msg)
                     }
-                }
-                Err(e) => warn!(error = %e, "control socket receive error"),
+                    Err(e) => {
+                        warn!(error = %e, "control socket receive error");
+                        continue;
+                    }
+                },
+            };
+            if inbound_tx.send(item).await.is_err() {
+                return;
             }
         }
     });
@@ -347,15 +359,15 @@ async fn serve(
     supervisor.ready(&scheduler.status_line());
     loop {
         tokio::select! {
-            Some(msg) = inbound_rx.recv() => {
+            Some(item) = inbound_rx.recv() => {
                 // Take what else is waiting too: one commit for the batch,
                 // up to MAX_BATCH messages or OUTPUT_BUDGET bytes of replies
                 // (data requests answered with a MiB each must not pile up
                 // before they are sent).
-                let mut first = Some(msg);
+                let mut first = Some(item);
                 let mut handled = 0usize;
                 loop {
-                    let msg = match first.take() {
+                    let item = match first.take() {
                         Some(m) => m,
                         None if handled >= MAX_BATCH
                             || scheduler.pending_output_bytes() >= OUTPUT_BUDGET => break,
@@ -365,6 +377,13 @@ async fn serve(
                         },
                     };
                     handled += 1;
+                    let msg = match item {
+                        Received::Message(msg) => msg,
+                        Received::Connection(event) => {
+                            on_connection_event(event, gate.as_mut(), &mut scheduler, &mut activity);
+                            continue;
+                        }
+                    };
                     inbound_kib.give_back(&msg);
                     let mut frames = msg.into_vec();
                     if frames.is_empty() {
@@ -420,16 +439,6 @@ async fn serve(
                 if let Some(v) = gate.as_mut().and_then(|g| g.complete(&peer, result)) {
                     answer_handshake(v, &peer, Instant::now(), &mut scheduler, &activity, &mut router_tx, &mut refusals, send_timeout).await;
                 }
-            }
-            Some(event) = futures::StreamExt::next(&mut connections) => {
-                if let zeromq::SocketEvent::Disconnected(peer) = &event {
-                    let peer = Bytes::from(peer.clone());
-                    if let Some(gate) = gate.as_mut() {
-                        gate.forget(&peer);
-                    }
-                    scheduler.on_peer_closed(Instant::now(), &peer);
-                }
-                activity.on_event(Instant::now(), event);
             }
             Some(Reload { list: allow, denied }) = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => {
                 if let Some(gate) = gate.as_mut() {
@@ -522,6 +531,31 @@ async fn serve(
     )
     .await;
     reader.abort();
+}
+
+/// What the control socket's reader hands the serving loop, in order.
+enum Received {
+    Message(ZmqMessage),
+    /// Accepted, disconnected…: after every message received before it.
+    Connection(zeromq::SocketEvent),
+}
+
+/// A connection came or went: a closed one's session and registration
+/// end here, after everything it delivered was handled.
+fn on_connection_event(
+    event: zeromq::SocketEvent,
+    gate: Option<&mut Gate>,
+    scheduler: &mut Scheduler<DiskStore>,
+    activity: &mut ConnectionActivity,
+) {
+    if let zeromq::SocketEvent::Disconnected(peer) = &event {
+        let peer = Bytes::from(peer.clone());
+        if let Some(gate) = gate {
+            gate.forget(&peer);
+        }
+        scheduler.on_peer_closed(Instant::now(), &peer);
+    }
+    activity.on_event(Instant::now(), event);
 }
 
 type HandshakeJob = (Bytes, Bytes, crate::security::gate::Handshaker);

@@ -396,7 +396,18 @@ impl MultiPeerBackend for GenericSocketBackend {
                     writer_peer_id,
                     error
                 );
-                writer_backend.peer_disconnected(&writer_peer_id);
+                // ots patch: a failed write does not throw away what the
+                // peer sent before it: while the read half is queued, the
+                // peer is torn down (and `Disconnected` reported) when that
+                // half ends, after its last message was received. Sends to
+                // it fail meanwhile (this writer is gone).
+                let reading = writer_backend
+                    .fair_queue_inner
+                    .as_ref()
+                    .is_some_and(|inner| inner.lock().contains(&writer_peer_id));
+                if !reading {
+                    writer_backend.peer_disconnected(&writer_peer_id);
+                }
             }
         });
         self.round_robin.push(peer_id.clone());

@@ -35,6 +35,12 @@ impl<S, K: Clone + Eq + Hash> QueueInner<S, K> {
         self.queued.remove(k);
     }
 
+    /// ots patch: whether the read half of `k` is still queued here (it may
+    /// hold messages the application has not received yet).
+    pub fn contains(&self, k: &K) -> bool {
+        self.streams.contains_key(k) || self.queued.contains(k)
+    }
+
     /// Clear all streams and the ready queue.
     ///
     /// Used during shutdown to ensure TCP connections are closed even when

@@ -71,3 +71,37 @@ fn lines_a_closed_connection_delivered_are_all_handled_before_its_close() {
         "{server_log}"
     );
 }
+
+/// Item 2: on SIGTERM the server tells every registered worker it is
+/// shutting down before it closes, every time (it was seen in 4 of 9
+/// tries: the others only saw their connection fail).
+#[test]
+fn every_sigterm_tells_the_registered_workers_the_server_shut_down() {
+    let dir = tempfile::tempdir().unwrap();
+    keys().worker("w1");
+    keys().worker("w2");
+    let state = dir.path().join("server");
+    let mut server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let (control, events) = (server.control.clone(), server.events.clone());
+    let workers: Vec<Proc> = ["w1", "w2"]
+        .iter()
+        .map(|n| start_worker(dir.path(), n, "devicegroup:g", &server, &["/bin/true"], &[]))
+        .collect();
+    for round in 0..5 {
+        assert!(
+            wait_for_workers(&server, LIMIT, all_idle(&["w1", "w2"])),
+            "round {round}"
+        );
+        let marks: Vec<usize> = workers.iter().map(|w| w.stderr.len()).collect();
+        server.proc.signal(Signal::SIGTERM);
+        assert_eq!(server.proc.wait_exit(LIMIT), Some(0), "round {round}");
+        for (w, mark) in workers.iter().zip(marks) {
+            let (_, line) = w
+                .stderr
+                .wait_for_after(mark, "server lost", LIMIT)
+                .unwrap_or_else(|| panic!("round {round}: {:?}", w.stderr.all()));
+            assert!(line.contains("server shut down"), "round {round}: {line}");
+        }
+        server = start_server(&state, &control, &events, &[]);
+    }
+}

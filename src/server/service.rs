@@ -530,8 +530,26 @@ async fn serve(
         &mut send_failures,
     )
     .await;
+    // `send` only queued the shutdowns: wait (bounded) until they are
+    // written to every connection, so that no worker learns of the stop
+    // from a failing connection instead.
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while router_tx.queued_bytes() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await; // polling the socket's queues, bounded by the deadline
+    }
+    let unsent = router_tx.queued_bytes();
+    if unsent > 0 {
+        warn!(
+            unsent_bytes = unsent,
+            "shutting down with messages still queued to peers that do not read"
+        );
+    }
     reader.abort();
 }
+
+/// How long an orderly stop waits for its last messages (the shutdowns)
+/// to be written to the workers' connections.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
 /// What the control socket's reader hands the serving loop, in order.
 enum Received {

@@ -255,19 +255,18 @@ impl<S: Store> Scheduler<S> {
         });
     }
 
-    /// What an orderly shutdown announces (the shell sends it last): on
-    /// PUB (signed with security) and, with security, also sealed on each
-    /// registered worker's control connection (PUB is lossy).
+    /// What an orderly shutdown announces (the shell sends it last and
+    /// waits until it is written): on each registered worker's control
+    /// connection (sealed with security) and on PUB (signed with
+    /// security), which is lossy.
     pub fn shutdown_announcement(&mut self, now: Instant) -> Vec<Output> {
         let body = Body::Shutdown {
             server: self.incarnation.clone(),
         };
         let beat = self.broadcast_beat(now);
-        if self.cfg.secure {
-            let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
-            for peer in peers {
-                self.send(&peer, None, body.clone(), None);
-            }
+        let peers: Vec<PeerId> = self.peers.keys().cloned().collect();
+        for peer in peers {
+            self.send(&peer, None, body.clone(), None);
         }
         self.out.push(Output::Publish {
             topic: "hb".into(),

@@ -168,6 +168,19 @@ impl RouterSendHalf {
     pub fn disconnect_peer(&self, peer: &PeerIdentity) {
         self.inner.backend.peer_disconnected(peer);
     }
+
+    /// ots patch: bytes queued towards all peers and not yet written to
+    /// their connections (counted with `peer_send_queue_bytes` set), so an
+    /// application can wait for its last messages to leave before it
+    /// drops the socket.
+    pub fn queued_bytes(&self) -> usize {
+        let mut total = 0usize;
+        self.inner.backend.peers.iter_sync(|_, peer| {
+            total = total.saturating_add(peer.queued_bytes.load(std::sync::atomic::Ordering::Relaxed));
+            true
+        });
+        total
+    }
 }
 
 /// The recv half of a [`RouterSocket`] produced by [`RouterSocket::split`].

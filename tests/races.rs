@@ -105,3 +105,104 @@ fn every_sigterm_tells_the_registered_workers_the_server_shut_down() {
         server = start_server(&state, &control, &events, &[]);
     }
 }
+
+/// Item 3: an operator drains a worker, removes its key while it runs a
+/// task and puts the key back. The worker registers again and every
+/// dispatch it gets is accepted (the server's numbering for it goes on
+/// where it was, so nothing it sends is taken for a duplicate and
+/// dropped): the task runs again and passes, the next testrun too, and
+/// the worker is still drained until undrained.
+#[test]
+fn a_worker_whose_key_is_removed_and_restored_mid_task_is_never_wedged() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    keys.worker("w");
+    let server = start_server_keyed(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+        Some(keys.clone()),
+    );
+    let go = dir.path().join("go");
+    let conductor = script(
+        dir.path(),
+        "gated.sh",
+        &format!(
+            "echo started\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
+    let w = start_worker_with(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server.control,
+        &server.events,
+        &[conductor.to_str().unwrap()],
+        &[],
+        &keys.worker_toml("w"),
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["w"])));
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+    let out = submit(&server, &["drain", "w"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let public = keys.workers_dir().join("w.pub");
+    let saved = std::fs::read(&public).unwrap();
+    let mark = server.proc.stderr.len();
+    std::fs::remove_file(&public).unwrap();
+    assert!(server
+        .proc
+        .stderr
+        .wait_for_after(mark, "key revoked", LIMIT)
+        .is_some());
+    assert!(
+        w.stderr
+            .wait_for("refused this worker's handshake", LIMIT)
+            .is_some(),
+        "{:?}",
+        w.stderr.all()
+    );
+    std::fs::write(&public, saved).unwrap();
+    // Back, and still drained.
+    assert!(wait_for_workers(&server, LIMIT, |ws| ws.len() == 1
+        && ws[0]["drained"] == true));
+    let out = submit(&server, &["undrain", "w"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&go, "").unwrap();
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    // And the next testrun, at once.
+    let next = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    let st = wait_status(&server, &next, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    // At most the revoked attempt's own report arrives for a task that
+    // moved on (answered `task_closed`); nothing keeps being refused.
+    assert!(
+        st["counters"]["orphan_control"].as_u64().unwrap_or(0) <= 1,
+        "{:#}",
+        st["counters"]
+    );
+}

@@ -358,6 +358,9 @@ pub struct Scheduler<S: Store> {
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
     versions: HashMap<String, String>,
+    /// Workers removed from the registry in this incarnation, by name:
+    /// their numbering continues if their key comes back.
+    departed: HashMap<String, access::Departed>,
     /// The devices each worker's key may serve, as `workers` shows them
     /// (security on): its pin, or the device of its first registration.
     pins: HashMap<String, String>,
@@ -429,6 +432,7 @@ impl<S: Store> Scheduler<S> {
             touched_input_owners: Vec::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
+            departed: HashMap::new(),
             pins: HashMap::new(),
             consoles: HashMap::new(),
             stored_bytes: 0,

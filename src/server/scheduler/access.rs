@@ -17,6 +17,19 @@ pub struct Caller {
     pub address: String,
 }
 
+/// Workers removed from the registry whose numbering is remembered, at
+/// most (an operator removing and restoring keys by the thousand).
+pub const MAX_DEPARTED: usize = 100_000;
+
+/// What the scheduler keeps of a worker removed from the registry (its
+/// key went) for the rest of this incarnation.
+#[derive(Debug)]
+pub struct Departed {
+    pub session: String,
+    pub dedup: DedupWindow,
+    pub next_seq: u64,
+}
+
 /// Follower connections per testrun, at most; past it, `limit_reached`.
 pub const MAX_FOLLOWERS_PER_RUN: usize = 64;
 
@@ -429,8 +442,22 @@ impl<S: Store> Scheduler<S> {
             self.clear_ready(&name);
             let keys = self.workers[&name].routing_keys();
             self.index_device(keys, Vec::new());
-            self.workers.remove(&name);
-            self.drained.remove(&name);
+            if let Some(w) = self.workers.remove(&name) {
+                // Kept for this incarnation in case the key comes back
+                // (see `on_hello`). Its drain flag stays too: restoring a
+                // key does not undrain a worker.
+                if self.departed.len() >= MAX_DEPARTED {
+                    self.departed.clear();
+                }
+                self.departed.insert(
+                    name.clone(),
+                    Departed {
+                        session: w.session,
+                        dedup: w.dedup,
+                        next_seq: w.outbox.next_seq(),
+                    },
+                );
+            }
             self.versions.remove(&name);
             self.pins.remove(&name);
             self.consoles.remove(&name);

@@ -107,17 +107,31 @@ impl<S: Store> Scheduler<S> {
         self.clear_ready(&name);
         self.touched_workers.insert(name.clone());
         let old_keys = self.workers.get(&name).map(Worker::routing_keys);
-        let worker = self.workers.entry(name.clone()).or_insert_with(|| Worker {
-            name: name.clone(),
-            device: device.clone(),
-            session: session.clone(),
-            peer: None,
-            state: WorkerState::Idle,
-            ready_since: None,
-            task: None,
-            last_heard: now,
-            dedup: DedupWindow::default(),
-            outbox: Outbox::new(self.cfg.retry.clone()),
+        // A worker removed from the registry earlier in this incarnation
+        // (its key went, and came back) continues its numbering and its
+        // dedup window: the worker process deduplicates our messages per
+        // server incarnation, so a number reused would be acknowledged
+        // and silently dropped as a duplicate — a wedged worker.
+        let departed = self.departed.remove(&name);
+        let retry = self.cfg.retry.clone();
+        let worker = self.workers.entry(name.clone()).or_insert_with(|| {
+            let (dedup, next_seq) = match departed {
+                Some(d) if d.session == session => (d.dedup, d.next_seq),
+                Some(d) => (DedupWindow::default(), d.next_seq),
+                None => (DedupWindow::default(), 1),
+            };
+            Worker {
+                name: name.clone(),
+                device: device.clone(),
+                session: session.clone(),
+                peer: None,
+                state: WorkerState::Idle,
+                ready_since: None,
+                task: None,
+                last_heard: now,
+                dedup,
+                outbox: Outbox::restore(retry, next_seq, Vec::new()),
+            }
         });
         if let Some(old) = worker.peer.take() {
             self.peers.remove(&old);

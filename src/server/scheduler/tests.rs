@@ -2081,3 +2081,44 @@ fn an_input_upload_in_progress_is_its_users_alone() {
         "{out:?}"
     );
 }
+
+/// Issue 20, item 3: a worker removed from the registry (its key went)
+/// and registered again in the same incarnation gets dispatches numbered
+/// after the ones it saw before: the worker deduplicates per server
+/// incarnation, so a reused number would be acknowledged and dropped.
+#[test]
+fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches() {
+    let mut lab = Lab::new();
+    let dispatch_seq = |out: &[Output]| {
+        out.iter().find_map(|o| match o {
+            Output::Send {
+                header,
+                body: Body::Dispatch { .. },
+                ..
+            } => Some(header.seq),
+            _ => None,
+        })
+    };
+    lab.register("w", "devicegroup:g");
+    let submit = Body::Submit {
+        request: 1,
+        testrun: TestrunRequest {
+            device: DeviceSpec::parse("devicegroup:g").unwrap(),
+            image: "img".into(),
+            packages: vec!["p".into()],
+            distribution: Distribution::Default,
+            timeout_secs: 60,
+            options: BTreeMap::new(),
+            queue_anyway: false,
+            secrets: Default::default(),
+            owner: None,
+            inputs: Default::default(),
+        },
+    };
+    lab.s.on_message(lab.now, &client(), env(false, 0, submit));
+    let first = dispatch_seq(&lab.outputs()).expect("a dispatch");
+    lab.s.retain_workers(lab.now, |_| false);
+    let out = lab.register("w", "devicegroup:g");
+    let again = dispatch_seq(&out).expect("the re-queued task dispatched again");
+    assert!(again > first, "dispatch numbered {again} after {first}");
+}

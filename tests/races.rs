@@ -206,3 +206,131 @@ fn a_worker_whose_key_is_removed_and_restored_mid_task_is_never_wedged() {
         st["counters"]
     );
 }
+
+/// A tmpfs of `size` mounted on `dir` for the test's life (root only).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Item 4: the state directory runs full while a task floods its log; the
+/// server stops (it acknowledges nothing it cannot store) and is started
+/// again with room. The stored log holds whole lines only: a write cut
+/// short by the full disk is cut back, never merged with the next line.
+#[test]
+fn a_full_disk_leaves_no_torn_line_in_a_task_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let Some(fs) = Tmpfs::mount(&state, "3m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    keys().worker("w");
+    let server = start_server(&state, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", &[]);
+    let (control, events) = (server.control.clone(), server.events.clone());
+    let go = dir.path().join("go");
+    let conductor = script(
+        dir.path(),
+        "flood.sh",
+        &format!(
+            "while [ ! -e {go:?} ]; do sleep 0.01; done\nfor i in $(seq 1 40); do seq 1 5000 | sed \"s/^/flood line $i./\"; sleep 0.05; done\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
+    let _w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[("OTS_WORKER_LOG_BUFFER_LINES", "300000")],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    wait_status(&server, &run, LIMIT, running);
+    std::fs::write(&go, "").unwrap();
+    let mut server = server;
+    // The disk fills; the server stops rather than acknowledge what it
+    // cannot keep (or logs that it cannot store lines).
+    let full = server.proc.wait_exit(LIMIT);
+    assert!(
+        full.is_some(),
+        "the server never ran out of room: {:?}",
+        server.proc.stderr.all()
+    );
+    let at_stop =
+        std::fs::read(state.join("tasks").join(format!("{run}.1")).join("log")).unwrap_or_default();
+    eprintln!(
+        "log at the stop: {} bytes, ends with a newline: {}",
+        at_stop.len(),
+        at_stop.last() == Some(&b'\n')
+    );
+    fs.resize("256m");
+    let server = start_server(&state, &control, &events, &[]);
+    let st = wait_status(&server, &run, LIMIT, finished);
+    let (produced, stored, lost) = log_accounting(&st["tasks"][0]);
+    assert_eq!(stored + lost, produced, "{:#}", st["tasks"][0]);
+    let log =
+        std::fs::read_to_string(state.join("tasks").join(format!("{run}.1")).join("log")).unwrap();
+    assert!(log.ends_with('\n'), "the log ends in a torn line");
+    let mut flood = 0;
+    for line in log
+        .lines()
+        .filter(|l| !l.starts_with("[ots-worker]") && (l.contains("flood") || l.contains("line")))
+    {
+        flood += 1;
+        let whole = line
+            .strip_prefix("flood line ")
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+        assert!(whole, "a torn or merged line in the stored log: {line:?}");
+    }
+    assert!(
+        flood > 1000,
+        "too few lines stored to prove anything: {flood}"
+    );
+}

@@ -83,6 +83,11 @@ pub trait Store {
     fn append_audit(&mut self, line: &str) -> Result<(), StoreError>;
     /// Reads up to `max` bytes of the audit log; returns bytes and eof.
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError>;
+    /// At a start: cuts the task's log back to its last whole line (a
+    /// write cut short by a crash or a full disk); returns the bytes cut.
+    fn repair_log(&mut self, _task: &TaskId) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
@@ -188,6 +193,11 @@ impl Store for DiskStore {
             .map_err(io("cannot append to", &path))
     }
 
+    fn repair_log(&mut self, task: &TaskId) -> Result<u64, StoreError> {
+        self.logs.remove(task);
+        DiskStore::cut_torn_line(&self.task_dir(task).join("log"))
+    }
+
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
         let path = self.root.join("audit.log");
         if !path.exists() {
@@ -237,7 +247,57 @@ impl DiskStore {
             self.logs.insert(task.clone(), (f, path));
         }
         let (f, path) = self.logs.get_mut(task).expect("just opened");
-        f.write_all(text).map_err(io("cannot append to", path))
+        let before = f.metadata().map_err(io("cannot stat", path))?.len();
+        if let Err(e) = f.write_all(text) {
+            // A full disk takes part of a write: cut it back so the log
+            // holds whole lines only (the scheduler counts these as not
+            // stored). Truncating frees space, so it works on a full disk.
+            let cut = f.set_len(before);
+            self.logs.remove(task);
+            if let Err(cut) = cut {
+                tracing::error!(task = %task, error = %cut, "cannot cut a partly written log line back; it is cut at the next start");
+            }
+            return Err(io("cannot append to", &self.task_dir(task).join("log"))(e));
+        }
+        Ok(())
+    }
+
+    /// Cuts a log that does not end with a whole line (a write cut short
+    /// by a crash or a full disk) back to its last newline; returns the
+    /// bytes cut.
+    fn cut_torn_line(path: &Path) -> Result<u64, StoreError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io("cannot open", path)(e)),
+        };
+        let len = f.metadata().map_err(io("cannot stat", path))?.len();
+        // Look back for the last newline, a chunk at a time (a line is at
+        // most ~192 KiB, so this reads little).
+        let mut end = len;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while end > 0 {
+            let start = end.saturating_sub(chunk.len() as u64);
+            let n = (end - start) as usize;
+            f.seek(SeekFrom::Start(start))
+                .map_err(io("cannot seek", path))?;
+            f.read_exact(&mut chunk[..n])
+                .map_err(io("cannot read", path))?;
+            if let Some(i) = memchr::memrchr(b'\n', &chunk[..n]) {
+                let keep = start + i as u64 + 1;
+                if keep < len {
+                    f.set_len(keep).map_err(io("cannot truncate", path))?;
+                    f.sync_all().map_err(io("cannot sync", path))?;
+                }
+                return Ok(len - keep);
+            }
+            end = start;
+        }
+        if len > 0 {
+            f.set_len(0).map_err(io("cannot truncate", path))?;
+        }
+        Ok(len)
     }
 }
 

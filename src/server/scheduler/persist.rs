@@ -511,6 +511,19 @@ impl<S: Store> Scheduler<S> {
             s.index_device(Vec::new(), k);
         }
         let ids: Vec<TaskId> = s.active_tasks.iter().cloned().collect();
+        for id in &ids {
+            // A log write cut short (a crash, a full disk) leaves a torn
+            // line that the next lines would merge with: cut it.
+            match s.store.repair_log(id) {
+                Ok(0) => {}
+                Ok(cut) => {
+                    warn!(task = %id, bytes = cut, "task log ended in a torn line (a write cut short); cut back to the last whole line")
+                }
+                Err(e) => {
+                    warn!(task = %id, error = %e, "storage error: cannot check the task log for a torn line")
+                }
+            }
+        }
         for id in ids {
             s.schedule_task(&id);
         }

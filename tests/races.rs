@@ -334,3 +334,43 @@ fn a_full_disk_leaves_no_torn_line_in_a_task_log() {
         "too few lines stored to prove anything: {flood}"
     );
 }
+
+/// Item 5: a request refused for its class, for a raw frame it does not
+/// use, for a protocol version or an oversized header gets an error that
+/// names the request (the client shows the refusal instead of timing out).
+#[test]
+fn refusals_of_a_readable_request_echo_its_request_id() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server_insecure(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+    );
+    let ping = rmp_serde::to_vec_named(&ots::protocol::Body::Ping { request: 4242 }).unwrap();
+    let header = |class: &str, v: u8| {
+        rmp_serde::to_vec_named(&serde_json::json!({
+            "v": v, "class": class, "mandatory": false, "seq": 1, "task": null
+        }))
+        .unwrap()
+    };
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("class", vec![header("log", 1), ping.clone()]),
+        (
+            "raw frame",
+            vec![header("control", 1), ping.clone(), b"raw".to_vec()],
+        ),
+        ("version", vec![header("control", 9), ping.clone()]),
+        ("header size", vec![vec![0x90; 5000], ping.clone()]),
+    ];
+    for (what, frames) in cases {
+        let mut s = zmtp::handshake(&server.control, "DEALER").unwrap();
+        let parts: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        s.write_all(&zmtp::frames(&parts)).unwrap();
+        let reply = zmtp::read_message(&mut s).unwrap();
+        let body: serde_json::Value = rmp_serde::from_slice(&reply[1]).unwrap();
+        assert_eq!(body["type"], "error", "{what}: {body}");
+        assert_eq!(body["request"], 4242, "{what}: {body}");
+    }
+}

@@ -28,8 +28,14 @@ pub enum ProtocolError {
     FrameCount(usize),
     #[error("header frame is not a valid MessagePack header: {0}")]
     BadHeader(String),
-    #[error("protocol version {0} is not supported (this peer speaks version {PROTOCOL_VERSION})")]
-    UnsupportedVersion(u8),
+    #[error(
+        "protocol version {version} is not supported (this peer speaks version {PROTOCOL_VERSION})"
+    )]
+    UnsupportedVersion {
+        version: u8,
+        /// The body's request id, if the body could be read.
+        request: Option<u64>,
+    },
     #[error("body frame is not a valid message body: {reason}")]
     BadBody {
         reason: String,
@@ -54,15 +60,23 @@ pub enum ProtocolError {
         what: &'static str,
         size: usize,
         limit: usize,
+        /// The body's request id, when the header was the large frame.
+        request: Option<u64>,
     },
     #[error("header says class {header:?} but a {kind} message travels in class {body:?}")]
     ClassMismatch {
         header: crate::protocol::Class,
         body: crate::protocol::Class,
         kind: &'static str,
+        request: Option<u64>,
+        seq: Option<u64>,
     },
-    #[error("a {0} message carries a raw frame it does not use")]
-    UnexpectedRaw(&'static str),
+    #[error("a {kind} message carries a raw frame it does not use")]
+    UnexpectedRaw {
+        kind: &'static str,
+        request: Option<u64>,
+        seq: Option<u64>,
+    },
 }
 
 impl ProtocolError {
@@ -70,7 +84,7 @@ impl ProtocolError {
     pub fn code(&self) -> crate::protocol::ErrorCode {
         use crate::protocol::ErrorCode;
         match self {
-            ProtocolError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
             ProtocolError::Invalid { .. } => ErrorCode::Invalid,
             _ => ErrorCode::Malformed,
@@ -80,9 +94,12 @@ impl ProtocolError {
     /// The request id to echo in the error reply, where one was readable.
     pub fn request(&self) -> Option<u64> {
         match self {
-            ProtocolError::BadBody { request, .. } | ProtocolError::Invalid { request, .. } => {
-                *request
-            }
+            ProtocolError::BadBody { request, .. }
+            | ProtocolError::Invalid { request, .. }
+            | ProtocolError::UnsupportedVersion { request, .. }
+            | ProtocolError::TooLarge { request, .. }
+            | ProtocolError::ClassMismatch { request, .. }
+            | ProtocolError::UnexpectedRaw { request, .. } => *request,
             _ => None,
         }
     }
@@ -92,7 +109,10 @@ impl ProtocolError {
     /// outbox instead of resending it forever.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            ProtocolError::BadBody { seq, .. } | ProtocolError::Invalid { seq, .. } => *seq,
+            ProtocolError::BadBody { seq, .. }
+            | ProtocolError::Invalid { seq, .. }
+            | ProtocolError::ClassMismatch { seq, .. }
+            | ProtocolError::UnexpectedRaw { seq, .. } => *seq,
             _ => None,
         }
     }
@@ -100,7 +120,7 @@ impl ProtocolError {
     /// Counter name for this refusal.
     pub fn counter(&self) -> &'static str {
         match self {
-            ProtocolError::UnsupportedVersion(_) => "unsupported_version",
+            ProtocolError::UnsupportedVersion { .. } => "unsupported_version",
             ProtocolError::TooLarge { .. } => "too_large",
             ProtocolError::Invalid { .. } => "invalid_field",
             _ => "malformed",
@@ -147,6 +167,7 @@ fn check_size(what: &'static str, frame: &Bytes, limit: usize) -> Result<(), Pro
     if frame.len() > limit {
         return Err(ProtocolError::TooLarge {
             what,
+            request: None,
             size: frame.len(),
             limit,
         });
@@ -166,13 +187,34 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
         frames.next().unwrap(),
         frames.next(),
     );
-    check_size("header", &h, MAX_HEADER_BYTES)?;
+    // The body's request id, for refusals that come before the body is
+    // decoded (the sender is told which request failed, PROTOCOL §3.3).
+    let request_of = |b: &Bytes| {
+        (b.len() <= MAX_BODY_BYTES)
+            .then(|| rmp_serde::from_slice::<RequestProbe>(b).ok())
+            .flatten()
+            .and_then(|p| p.request)
+    };
+    if let Err(ProtocolError::TooLarge {
+        what, size, limit, ..
+    }) = check_size("header", &h, MAX_HEADER_BYTES)
+    {
+        return Err(ProtocolError::TooLarge {
+            what,
+            size,
+            limit,
+            request: request_of(&b),
+        });
+    }
     // Check the version before the rest, so a newer peer whose header grew
     // fields we do not know still gets the precise answer.
     let probe: VersionProbe =
         rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
     if probe.v != PROTOCOL_VERSION {
-        return Err(ProtocolError::UnsupportedVersion(probe.v));
+        return Err(ProtocolError::UnsupportedVersion {
+            version: probe.v,
+            request: request_of(&b),
+        });
     }
     let header: Header =
         rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
@@ -203,6 +245,8 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
             header: header.class,
             body: body.class(),
             kind: body.kind(),
+            request: body.request(),
+            seq,
         });
     }
     if let Some(raw) = &raw {
@@ -215,7 +259,11 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
                 | Body::LogPacked { .. }
                 | Body::LogLinesPacked { .. }
         ) {
-            return Err(ProtocolError::UnexpectedRaw(body.kind()));
+            return Err(ProtocolError::UnexpectedRaw {
+                kind: body.kind(),
+                request: body.request(),
+                seq,
+            });
         }
     }
     let env = Envelope { header, body, raw };
@@ -279,7 +327,13 @@ mod tests {
         h.v = 9;
         let frames = encode(&h, &Body::Ready, None);
         let e = decode(frames).unwrap_err();
-        assert_eq!(e, ProtocolError::UnsupportedVersion(9));
+        assert_eq!(
+            e,
+            ProtocolError::UnsupportedVersion {
+                version: 9,
+                request: None
+            }
+        );
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
 
         assert_eq!(decode(vec![]).unwrap_err(), ProtocolError::FrameCount(0));
@@ -295,8 +349,33 @@ mod tests {
         );
         assert_eq!(
             decode(frames).unwrap_err(),
-            ProtocolError::UnexpectedRaw("ready")
+            ProtocolError::UnexpectedRaw {
+                kind: "ready",
+                request: None,
+                seq: Some(7)
+            }
         );
+        // A client request refused for its class or a raw frame, a wrong
+        // version or an oversized header: the reply names the request.
+        let ping = Body::Ping { request: 42 };
+        let e = decode(encode(&header(Class::Log), &ping, None)).unwrap_err();
+        assert_eq!(e.request(), Some(42), "{e}");
+        let e = decode(encode(
+            &header(Class::Control),
+            &ping,
+            Some(Bytes::from_static(b"x")),
+        ))
+        .unwrap_err();
+        assert_eq!(e.request(), Some(42), "{e}");
+        let mut h = header(Class::Control);
+        h.v = 9;
+        assert_eq!(
+            decode(encode(&h, &ping, None)).unwrap_err().request(),
+            Some(42)
+        );
+        let mut frames = encode(&header(Class::Control), &ping, None);
+        frames[0] = Bytes::from(vec![0u8; MAX_HEADER_BYTES + 1]);
+        assert_eq!(decode(frames).unwrap_err().request(), Some(42));
     }
 
     #[test]

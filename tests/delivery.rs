@@ -161,7 +161,7 @@ fn a_report_after_the_channel_closed_is_nacked_once_and_never_resent() {
     // The report waited for its file; the file's offer (or the report,
     // for a worker that does not upload first) was answered once, never
     // again. Nothing, if the answer to the new hello closed it first.
-    let st = status_json(&server, &run).unwrap();
+    let st = current_status(&server, &run);
     let answered = st["counters"]["orphan_control"].as_u64().unwrap_or(0)
         + st["counters"]["orphan_file"].as_u64().unwrap_or(0);
     assert!(answered <= 1, "{}", st["counters"]);
@@ -336,7 +336,7 @@ fn cancel_stops_a_running_testrun_and_its_process_tree() {
         "{}",
         text(&waited.stdout)
     );
-    let st = status_json(&server, &run).unwrap();
+    let st = current_status(&server, &run);
     assert_eq!(st["state"], "cancelled");
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()

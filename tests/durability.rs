@@ -175,7 +175,7 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    let st = status_json(&server2, &run).unwrap();
+    let st = current_status(&server2, &run);
     let t = one_task(&st);
     assert_eq!(
         (t["verdict"].as_str(), t["attempts"].as_u64()),

@@ -171,7 +171,7 @@ fn drain_then_undrain_a_worker() {
     let run = submit_gated(&server);
     // Drained: the task stays queued.
     std::thread::sleep(Duration::from_millis(500)); // a window in which nothing may happen
-    let st = status_json(&server, &run).unwrap();
+    let st = current_status(&server, &run);
     assert_eq!(st["tasks"][0]["state"], "queued", "{st:#}");
     let o = submit(&server, &["undrain", "w"], LIMIT);
     assert!(o.status.success(), "{}", text(&o.stderr));

@@ -620,12 +620,20 @@ pub fn submit_run(server: &ServerProc, args: &[&str]) -> String {
 /// `ots-submit status RUN --json`, or None if the server did not answer.
 pub fn status_json(server: &ServerProc, run: &str) -> Option<serde_json::Value> {
     // `status` exits with the verdict's code once the run ended: read stdout.
+    // Generous: on a loaded 2-core machine (the whole suite at once) a
+    // fresh ots-submit's connect and handshake can take over a second.
     let out = submit(
         server,
-        &["status", run, "--json", "--connect-timeout", "1s"],
-        Duration::from_secs(5),
+        &["status", run, "--json", "--connect-timeout", "5s"],
+        Duration::from_secs(20),
     );
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The testrun's status now, asked again (within a minute) if a request
+/// went unanswered on a loaded machine.
+pub fn current_status(server: &ServerProc, run: &str) -> serde_json::Value {
+    wait_status(server, run, Duration::from_secs(60), |_| true)
 }
 
 /// Polls the testrun's status until `ok` holds; returns that status.

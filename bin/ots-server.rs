@@ -38,6 +38,25 @@ enum Cmd {
         /// Path without extension, e.g. /etc/ots/server.
         base: PathBuf,
     },
+    /// Make a secured lab to try by hand in DIR: keys for the server, the
+    /// workers and you, allow-lists, DIR/server.toml, DIR/worker.toml and
+    /// DIR/env (for ots-submit). Nothing outside DIR is read or written;
+    /// running it again keeps the keys.
+    Lab {
+        dir: PathBuf,
+        /// Worker names to make keys for.
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2")]
+        workers: Vec<String>,
+        /// Your user name (role admin).
+        #[arg(long, default_value = "me")]
+        user: String,
+        /// The server's control endpoint.
+        #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+        control: String,
+        /// The server's events endpoint.
+        #[arg(long, default_value = "tcp://127.0.0.1:5556")]
+        events: String,
+    },
     /// Write the man page and shell completions under DIR (install step).
     #[command(hide = true)]
     GenDocs { dir: PathBuf },
@@ -57,6 +76,37 @@ async fn main() -> ExitCode {
     if let Some(Cmd::GenDocs { dir }) = &args.command {
         use clap::CommandFactory;
         return ots::docs::gen_docs_command(Args::command(), dir);
+    }
+    if let Some(Cmd::Lab {
+        dir,
+        workers,
+        user,
+        control,
+        events,
+    }) = &args.command
+    {
+        return match ots::setup::lab(dir, workers, user, control, events) {
+            Ok(lab) => {
+                println!("lab in {}:", lab.dir.display());
+                println!("  ots-server --config {}", lab.server_config.display());
+                for w in workers {
+                    println!(
+                        "  ots-worker --config {} --name {w} --state-dir {}",
+                        lab.worker_config.display(),
+                        lab.dir.join(w).display()
+                    );
+                }
+                println!(
+                    "  . {}   # then ots-submit talks to it as {user}",
+                    lab.env.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ots-server: lab: {e}");
+                ExitCode::from(73)
+            }
+        };
     }
     if let Some(Cmd::Keygen { base }) = &args.command {
         return ExitCode::from(ots::security::keys::keygen_command("ots-server", base));

@@ -30,6 +30,8 @@ pub enum ConfigError {
     },
     #[error("configuration key `device`: {0}")]
     Device(#[from] DeviceSpecError),
+    #[error("instance configuration {path} does not exist: create it (at least `device = \"devicegroup:…\"` for this worker's device) or drop --instance-config")]
+    MissingInstance { path: PathBuf },
 }
 
 fn invalid(key: &'static str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
@@ -744,7 +746,9 @@ pub struct WorkerConfig {
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
     /// This worker's private key (`ots-worker keygen`), mode 0600; its
-    /// public half is `workers.d/NAME.pub` on the server.
+    /// public half is `workers.d/NAME.pub` on the server. `{name}` stands
+    /// for the worker's name, so every instance on a host with several
+    /// devices finds its own key (`/etc/ots/worker.d/{name}.key`).
     pub key: PathBuf,
     /// The server's public key, pinned: a server without its private half
     /// cannot complete the handshake.
@@ -780,7 +784,7 @@ impl Default for WorkerConfig {
             serial: Default::default(),
             conductor: ConductorConfig::default(),
             security: SecurityMode::Noise,
-            key: PathBuf::from("/etc/ots/worker.key"),
+            key: PathBuf::from("/etc/ots/worker.d/{name}.key"),
             server_key: PathBuf::from("/etc/ots/server.pub"),
         }
     }
@@ -792,18 +796,21 @@ impl WorkerConfig {
         Self::load_layered(file, None, overrides)
     }
 
-    /// Loads `file`, then the per-instance `instance` file over it (if it
-    /// exists: `/etc/ots/worker.d/NAME.toml` names one worker's device),
-    /// then `OTS_WORKER_*`, then `overrides`.
+    /// Loads `file`, then the per-instance `instance` file over it
+    /// (`/etc/ots/worker.d/NAME.toml` names one worker's device: it must
+    /// exist — a worker silently serving the default device is worse than
+    /// one that does not start), then `OTS_WORKER_*`, then `overrides`.
     pub fn load_layered(
         file: Option<&Path>,
         instance: Option<&Path>,
         overrides: &[Override],
     ) -> Result<Self, ConfigError> {
-        let files: Vec<&Path> = file
-            .into_iter()
-            .chain(instance.filter(|p| p.exists()))
-            .collect();
+        if let Some(path) = instance.filter(|p| !p.exists()) {
+            return Err(ConfigError::MissingInstance {
+                path: path.to_path_buf(),
+            });
+        }
+        let files: Vec<&Path> = file.into_iter().chain(instance).collect();
         let mut cfg: WorkerConfig = load(
             "OTS_WORKER",
             &files,
@@ -918,6 +925,11 @@ impl WorkerConfig {
     }
 
     /// This worker's key and the pinned server key, loaded and checked.
+    /// The private key file, `{name}` replaced by this worker's name.
+    pub fn key_path(&self) -> PathBuf {
+        PathBuf::from(self.key.display().to_string().replace("{name}", &self.name))
+    }
+
     /// Warnings about `{secret:NAME}` in the conductor's argument vector:
     /// an argument is readable by every local user (/proc/PID/cmdline);
     /// the environment variable `OTS_SECRET_NAME` is not.
@@ -942,7 +954,7 @@ impl WorkerConfig {
         match self.security {
             SecurityMode::None => Ok(crate::security::Credentials::None),
             SecurityMode::Noise => Ok(crate::security::Credentials::Noise {
-                key: crate::security::KeyPair::read(&self.key)?,
+                key: crate::security::KeyPair::read(&self.key_path())?,
                 server: crate::security::PublicKey::read(&self.server_key)?,
             }),
         }

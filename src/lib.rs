@@ -26,6 +26,8 @@
 //! - [`local`]: an embedded server plus local workers in one process, for
 //!   `ots-submit run --local`.
 //! - [`config`]: layered configuration (file, `OTS_…` environment, flags).
+//! - [`setup`]: `ots-server lab DIR`, keys and configurations for trying a
+//!   secured lab by hand in one folder.
 //! - [`logging`]: the binaries' log output.
 //! - [`shutdown`]: SIGTERM/SIGINT for the binaries' orderly stop.
 //! - [`jobs`]: named threads for slow work (file I/O, handshakes) off the
@@ -48,6 +50,7 @@ pub mod logging;
 pub mod protocol;
 pub mod security;
 pub mod server;
+pub mod setup;
 pub mod shutdown;
 pub mod supervision;
 pub mod transport;

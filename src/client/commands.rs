@@ -37,11 +37,14 @@ pub struct Conn {
     /// server configured with security = "none").
     #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
     pub security: crate::config::SecurityMode,
-    /// Our private key (`ots-submit keygen`) [default: ~/.config/ots/key.key].
+    /// Our private key (`ots-submit keygen`) [default:
+    /// ~/.config/ots/me.key].
     #[arg(long, env = "OTS_KEY")]
     pub key: Option<PathBuf>,
-    /// The server's public key [default: ~/.config/ots/server.pub].
-    #[arg(long, env = "OTS_SERVER_KEY")]
+    /// The server's public key [default: ~/.config/ots/server.pub, else
+    /// /etc/ots/server.pub]. (`OTS_SERVER_KEY` is the server's own
+    /// private key, to ots-server only.)
+    #[arg(long, env = "OTS_PINNED_SERVER_KEY")]
     pub server_key: Option<PathBuf>,
     /// Give up on an unanswered request after this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
@@ -67,14 +70,26 @@ impl Conn {
         if self.security == crate::config::SecurityMode::None {
             return Ok(Credentials::None);
         }
-        let key = self
-            .key
-            .clone()
-            .unwrap_or_else(|| config_dir().join("key.key"));
-        let server_key = self
-            .server_key
-            .clone()
-            .unwrap_or_else(|| config_dir().join("server.pub"));
+        // `me.key` as `ots-submit keygen ~/.config/ots/me` writes it (an
+        // older default, `key.key`, is still found).
+        let key = self.key.clone().unwrap_or_else(|| {
+            let me = config_dir().join("me.key");
+            let old = config_dir().join("key.key");
+            if !me.exists() && old.exists() {
+                old
+            } else {
+                me
+            }
+        });
+        let server_key = self.server_key.clone().unwrap_or_else(|| {
+            let mine = config_dir().join("server.pub");
+            let system = PathBuf::from("/etc/ots/server.pub");
+            if !mine.exists() && system.exists() {
+                system
+            } else {
+                mine
+            }
+        });
         let key = KeyPair::read(&key).map_err(|e| {
             ClientError::Credentials(format!(
                 "{e}\n  create one with `ots-submit keygen {}` and ask the server's admin to put its .pub file into users.d/ (or pass --key; --security none for a server without security)",
@@ -83,7 +98,7 @@ impl Conn {
         })?;
         let server = PublicKey::read(&server_key).map_err(|e| {
             ClientError::Credentials(format!(
-                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key or put it at {}",
+                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key (OTS_PINNED_SERVER_KEY) or put it at {}",
                 server_key.display()
             ))
         })?;

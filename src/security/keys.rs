@@ -113,7 +113,8 @@ impl KeyPair {
             });
         }
         let me = nix::unistd::geteuid().as_raw();
-        if meta.uid() != 0 && meta.uid() != me {
+        let service = service_user().map(|u| u.uid.as_raw());
+        if meta.uid() != 0 && meta.uid() != me && Some(meta.uid()) != service {
             return Err(SecurityError::Untrusted {
                 path: path.display().to_string(),
                 reason: format!(
@@ -138,12 +139,33 @@ impl KeyPair {
 /// the files cannot be created, e.g. because a key is already there).
 pub fn keygen_command(program: &str, base: &Path) -> u8 {
     let kp = KeyPair::generate();
+    if let Some(parent) = base.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            eprintln!("{program}: keygen: cannot create {}: {e}", parent.display());
+            return 73;
+        }
+    }
     match kp.write(base) {
         Ok(()) => {
+            let private = base.with_extension("key");
+            // The services run as `ots`: a key root makes for them must be
+            // theirs to read (ots-submit's keys stay their user's).
+            let handed = if program != "ots-submit" && nix::unistd::geteuid().is_root() {
+                service_user().and_then(|u| {
+                    nix::unistd::chown(&private, Some(u.uid), Some(u.gid))
+                        .ok()
+                        .map(|()| u.name)
+                })
+            } else {
+                None
+            };
             println!(
-                "wrote {} (private, mode 0600) and {}
+                "wrote {} (private, mode 0600{}) and {}
 public key: {}",
-                base.with_extension("key").display(),
+                private.display(),
+                handed.map_or(String::new(), |u| format!(
+                    ", owned by {u}, the service user"
+                )),
                 base.with_extension("pub").display(),
                 kp.public
             );
@@ -238,4 +260,10 @@ mod tests {
         std::fs::write(&path, "something else\n").unwrap();
         assert!(PublicKey::read(&path).is_err());
     }
+}
+
+/// The account the units run the services as (`User=ots`), if it exists:
+/// keys it owns are trusted, since it runs the server and workers.
+pub fn service_user() -> Option<nix::unistd::User> {
+    nix::unistd::User::from_name("ots").ok().flatten()
 }

@@ -488,7 +488,7 @@ pub fn submit_env(cmd: &mut Command, server: &ServerProc, user: &str) {
         Some(k) => {
             cmd.env("OTS_SECURITY", "noise")
                 .env("OTS_KEY", k.user(user, "submit"))
-                .env("OTS_SERVER_KEY", k.server_pub());
+                .env("OTS_PINNED_SERVER_KEY", k.server_pub());
         }
         None => {
             cmd.env("OTS_SECURITY", "none");
@@ -506,7 +506,7 @@ pub fn submit_envs(server: &ServerProc) -> Vec<(String, String)> {
                 k.user("tester", "admin").display().to_string(),
             ),
             (
-                "OTS_SERVER_KEY".into(),
+                "OTS_PINNED_SERVER_KEY".into(),
                 k.server_pub().display().to_string(),
             ),
         ],

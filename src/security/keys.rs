@@ -214,6 +214,12 @@ fn x25519_public(private: &[u8; 32]) -> [u8; 32] {
     dh.pubkey().try_into().expect("32-byte public key")
 }
 
+/// The account the units run the services as (`User=ots`), if it exists:
+/// keys it owns are trusted, since it runs the server and workers.
+pub fn service_user() -> Option<nix::unistd::User> {
+    nix::unistd::User::from_name("ots").ok().flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,10 +266,4 @@ mod tests {
         std::fs::write(&path, "something else\n").unwrap();
         assert!(PublicKey::read(&path).is_err());
     }
-}
-
-/// The account the units run the services as (`User=ots`), if it exists:
-/// keys it owns are trusted, since it runs the server and workers.
-pub fn service_user() -> Option<nix::unistd::User> {
-    nix::unistd::User::from_name("ots").ok().flatten()
 }

@@ -149,30 +149,25 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `--check-config`: what the allow-lists admit and deny. Exits 78 when
-/// the server would refuse to start (a directory or file it cannot trust).
+/// `--check-config`: every problem a start would refuse (exit 78) or an
+/// allow-list entry it would skip, each naming its file.
 fn check_allow_lists(cfg: &ServerConfig) -> ExitCode {
-    if cfg.security == ots::config::SecurityMode::None {
-        return ExitCode::SUCCESS;
-    }
-    match ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
-        Err(e) => {
-            println!("allow-lists: cannot be read: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Ok(loaded) => {
+    if cfg.security == ots::config::SecurityMode::Noise {
+        if let Ok(loaded) = ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
             println!("allow-lists: {} identities allowed", loaded.list.len());
-            for e in &loaded.refused {
-                println!("allow-list entry denied: {e}");
-            }
-            for e in loaded.untrusted_dirs.iter().chain(&loaded.untrusted_files) {
-                println!("allow-list not trusted (the server will not start): {e}");
-            }
-            if loaded.untrusted_dirs.is_empty() && loaded.untrusted_files.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_CONFIG)
-            }
         }
+    }
+    let problems = cfg.problems();
+    for p in &problems {
+        println!(
+            "{}: {}",
+            if p.fatal { "error" } else { "warning" },
+            p.message
+        );
+    }
+    if problems.iter().any(|p| p.fatal) {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -99,10 +99,19 @@ async fn main() -> ExitCode {
             for line in ots::config::explain(&cfg, "OTS_WORKER", &files, &overrides) {
                 println!("{line}");
             }
-            for warning in cfg.secret_argv_warnings() {
-                println!("warning: {warning}");
+            let problems = cfg.problems();
+            for p in &problems {
+                println!(
+                    "{}: {}",
+                    if p.fatal { "error" } else { "warning" },
+                    p.message
+                );
             }
-            return ExitCode::SUCCESS;
+            return if problems.iter().any(|p| p.fatal) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
         Ok(cfg) => cfg,
         Err(e) => {

@@ -626,6 +626,102 @@ impl ServerConfig {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
+
+    /// Everything a start would refuse, or skip, that can be checked
+    /// without starting: the keys, the allow-lists and the state
+    /// directory (`--check-config` prints these and exits 78 if any is
+    /// fatal). Each names the file and what to do.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if self.security == SecurityMode::Noise {
+            for key in std::iter::once(&self.key).chain(&self.previous_keys) {
+                if let Err(e) = crate::security::KeyPair::read(key) {
+                    out.push(Problem::fatal(e.to_string()));
+                }
+            }
+            match crate::security::AllowList::load(&self.workers_dir, &self.users_dir) {
+                Err(e) => out.push(Problem::fatal(e.to_string())),
+                Ok(loaded) => {
+                    for e in loaded.untrusted_dirs.iter().chain(&loaded.untrusted_files) {
+                        out.push(Problem::fatal(e.to_string()));
+                    }
+                    for e in &loaded.refused {
+                        out.push(Problem::skipped(format!("allow-list entry denied: {e}")));
+                    }
+                    if loaded.list.is_empty() {
+                        out.push(Problem::skipped(format!(
+                            "no identity is allowed: {} and {} hold no valid NAME.pub, so no worker or user can connect",
+                            self.workers_dir.display(),
+                            self.users_dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+        out.extend(writable_dir_problem(&self.state_dir, "state_dir"));
+        let audit = self.state_dir.join("audit.log");
+        if audit.exists()
+            && std::fs::OpenOptions::new()
+                .append(true)
+                .open(&audit)
+                .is_err()
+        {
+            out.push(Problem::fatal(format!(
+                "{} cannot be appended to by this user: audit records would be lost; give it to the server's user (chown)",
+                audit.display()
+            )));
+        }
+        out
+    }
+}
+
+/// One thing `--check-config` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// A start would refuse it (exit 78).
+    pub fatal: bool,
+    pub message: String,
+}
+
+impl Problem {
+    fn fatal(message: String) -> Self {
+        Problem {
+            fatal: true,
+            message,
+        }
+    }
+
+    fn skipped(message: String) -> Self {
+        Problem {
+            fatal: false,
+            message,
+        }
+    }
+}
+
+/// Whether a state directory can be made and written by this user.
+fn writable_dir_problem(dir: &Path, key: &str) -> Option<Problem> {
+    let probe = if dir.exists() {
+        dir.to_path_buf()
+    } else {
+        dir.ancestors().find(|a| a.exists())?.to_path_buf()
+    };
+    if nix::unistd::access(
+        &probe,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .is_err()
+    {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&probe).map(|m| m.uid()).unwrap_or(0);
+        return Some(Problem::fatal(format!(
+            "{key} {}: {} is not writable by this user (uid {}; it is owned by uid {owner}); give it to the service's user or choose another {key}",
+            dir.display(),
+            probe.display(),
+            nix::unistd::geteuid()
+        )));
+    }
+    None
 }
 
 /// How the worker runs a task (`[conductor]` in `conf/worker.toml`).
@@ -925,6 +1021,20 @@ impl WorkerConfig {
     }
 
     /// This worker's key and the pinned server key, loaded and checked.
+    /// What `--check-config` reports for a worker: its keys and state
+    /// directory, and secrets in the conductor's arguments (not fatal).
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Err(e) = self.credentials() {
+            out.push(Problem::fatal(e.to_string()));
+        }
+        out.extend(writable_dir_problem(&self.state_dir, "state_dir"));
+        for w in self.secret_argv_warnings() {
+            out.push(Problem::skipped(w));
+        }
+        out
+    }
+
     /// The private key file, `{name}` replaced by this worker's name.
     pub fn key_path(&self) -> PathBuf {
         PathBuf::from(self.key.display().to_string().replace("{name}", &self.name))

@@ -978,7 +978,10 @@ fn secrets_reach_the_conductor_from_a_file_stdin_or_the_environment_never_a_comm
     let cfg = dir.path().join("argv.toml");
     std::fs::write(
         &cfg,
-        "name = \"x\"\nserver = \"tcp://127.0.0.1:1\"\ndevice = \"devicegroup:g\"\nsecurity = \"none\"\n[conductor]\ncommand = [\"flash\", \"--token={secret:api-token}\"]\n",
+        format!(
+            "name = \"x\"\nserver = \"tcp://127.0.0.1:1\"\ndevice = \"devicegroup:g\"\nsecurity = \"none\"\nstate_dir = {:?}\n[conductor]\ncommand = [\"flash\", \"--token={{secret:api-token}}\"]\n",
+            dir.path().join("x").display().to_string()
+        ),
     )
     .unwrap();
     let mut check = std::process::Command::new(bin("ots-worker"));

@@ -298,10 +298,25 @@ impl AllowList {
     /// documentation for what fails closed and how.
     pub fn load(workers_dir: &Path, users_dir: &Path) -> Result<Loaded, SecurityError> {
         let mut loaded = Loaded::default();
-        // Keys seen in more than one entry: every entry holding one is
-        // denied (which name would be the right one is not ours to guess).
-        let mut shared = std::collections::HashSet::new();
-        let mut paths_of: HashMap<PublicKey, PathBuf> = HashMap::new();
+        // Keys seen in more than one `.pub` file: every entry holding one
+        // is denied, whatever else is wrong with either (which name would
+        // be the right one is not ours to guess).
+        let mut paths_of: HashMap<PublicKey, Vec<PathBuf>> = HashMap::new();
+        for dir in [workers_dir, users_dir] {
+            if !dir.exists() {
+                continue;
+            }
+            for path in list_dir(dir)? {
+                if name_of(&path, "pub").is_none() {
+                    continue;
+                }
+                if let Ok(key) =
+                    read_small(&path).and_then(|t| super::keys::parse_public(&path, &t))
+                {
+                    paths_of.entry(key).or_default().push(path);
+                }
+            }
+        }
         for (dir, users) in [(workers_dir, false), (users_dir, true)] {
             if !dir.exists() {
                 continue;
@@ -319,28 +334,29 @@ impl AllowList {
                 }
                 match read_entry(&path, name, users) {
                     Ok((key, identity)) => {
-                        if let Some(other) = loaded.list.by_key.get(&key) {
+                        let others: Vec<String> = paths_of
+                            .get(&key)
+                            .into_iter()
+                            .flatten()
+                            .filter(|p| **p != path)
+                            .map(|p| p.display().to_string())
+                            .collect();
+                        if !others.is_empty() {
                             loaded.refused.push(SecurityError::KeyFile {
                                 path: path.display().to_string(),
                                 reason: format!(
-                                    "the same key is also in {} ({}); one key, one identity: both are denied until one goes",
-                                    paths_of[&key].display(),
-                                    other.label()
+                                    "the same key is also in {}; one key, one identity: every entry with it is denied until only one remains",
+                                    others.join(", ")
                                 ),
                             });
-                            shared.insert(key);
                             continue;
                         }
-                        paths_of.insert(key, path.clone());
                         loaded.list.by_key.insert(key, identity);
                     }
                     Err(e @ SecurityError::Untrusted { .. }) => loaded.untrusted_files.push(e),
                     Err(e) => loaded.refused.push(e),
                 }
             }
-        }
-        for key in shared {
-            loaded.list.by_key.remove(&key);
         }
         Ok(loaded)
     }

@@ -94,6 +94,9 @@ impl Server {
         // Taken before the lists are read: any change after it is reloaded.
         let listed = fingerprint(&cfg.workers_dir, &cfg.users_dir);
         let credentials = cfg.credentials()?;
+        if credentials.as_ref().is_some_and(|c| c.allow.is_empty()) {
+            warn!(workers_dir = %cfg.workers_dir.display(), users_dir = %cfg.users_dir.display(), "no identity is allowed: no worker or user can connect until a NAME.pub is put into workers_dir or users_dir");
+        }
         match &credentials {
             None => warn!("security = \"none\": every peer that reaches the control port is trusted and nothing is encrypted; use this in a closed lab only"),
             Some(c) => info!(

@@ -1,0 +1,166 @@
+//! Issue 20, items 8–11: what a sysadmin meets in the first hour — one key
+//! per worker instance, messages that point at the right file, and
+//! `--check-config` checking what a start checks.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn check_server(keys: &Keys, state: &std::path::Path) -> (Option<i32>, String) {
+    let mut cmd = Command::new(bin("ots-server"));
+    cmd.arg("--check-config").arg("--state-dir").arg(state);
+    for (k, v) in keys.server_env() {
+        cmd.env(k, v);
+    }
+    let out = run_bounded(cmd, LIMIT);
+    (
+        out.status.code(),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+/// Item 10: `--check-config` passed what start refuses. It now reports,
+/// naming each file, a missing or too open key, a role typo, a bad
+/// `.pub`, a key in two entries, and an allow-list with nobody in it,
+/// exiting 78 whenever a start would refuse.
+#[test]
+fn check_config_reports_what_a_start_would_refuse_or_skip() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let keys = Keys::new();
+    let (code, out) = check_server(&keys, &state);
+    assert_eq!(code, Some(0), "{out}");
+
+    std::fs::write(keys.users_dir().join("tester.role"), "operater\n").unwrap();
+    std::fs::write(keys.workers_dir().join("junk.pub"), "not a key\n").unwrap();
+    std::fs::copy(
+        keys.users_dir().join("tester.pub"),
+        keys.workers_dir().join("twin.pub"),
+    )
+    .unwrap();
+    let (code, out) = check_server(&keys, &state);
+    assert_eq!(code, Some(0), "entries are skipped, not fatal: {out}");
+    for needle in [
+        "tester.role",
+        "operater",
+        "junk.pub",
+        "twin.pub",
+        "one key, one identity",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+
+    let key = keys.path().join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = check_server(&keys, &state);
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains("server.key") && out.contains("chmod 600"),
+        "{out}"
+    );
+    std::fs::remove_file(&key).unwrap();
+    let (code, out) = check_server(&keys, &state);
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("server.key"), "{out}");
+
+    // A server with nobody allowed is told so.
+    let empty = Keys::new();
+    std::fs::remove_file(empty.users_dir().join("tester.pub")).unwrap();
+    let (code, out) = check_server(&empty, &state);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no identity is allowed"), "{out}");
+}
+
+/// Items 8 and 9: three worker instances on one host, one key each, found
+/// by their names from one configuration; a missing instance file is an
+/// error naming it, not a worker serving the default device.
+#[test]
+fn worker_instances_on_one_host_each_find_their_own_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let etc = dir.path().join("etc");
+    let shared = etc.join("worker.toml");
+    std::fs::create_dir_all(etc.join("worker.d")).unwrap();
+    std::fs::write(
+        &shared,
+        format!(
+            "server_key = {:?}\nkey = {:?}\n",
+            keys.server_pub().display().to_string(),
+            etc.join("worker.d/{name}.key").display().to_string()
+        ),
+    )
+    .unwrap();
+    for (i, name) in ["n900-1", "n900-2", "n900-3"].iter().enumerate() {
+        let base = etc.join("worker.d").join(name);
+        let out = run_bounded(
+            {
+                let mut c = Command::new(bin("ots-worker"));
+                c.arg("keygen").arg(&base);
+                c
+            },
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        std::fs::copy(
+            base.with_extension("pub"),
+            keys.workers_dir().join(format!("{name}.pub")),
+        )
+        .unwrap();
+        std::fs::write(
+            base.with_extension("toml"),
+            format!("device = \"devicegroup:n900 devicename:board deviceid:{i}\"\n"),
+        )
+        .unwrap();
+    }
+    let server = start_server_keyed(
+        &dir.path().join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        &[],
+        Some(keys.clone()),
+    );
+    let workers: Vec<Proc> = ["n900-1", "n900-2", "n900-3"]
+        .iter()
+        .map(|name| {
+            let mut c = Command::new(bin("ots-worker"));
+            c.arg("--config")
+                .arg(&shared)
+                .arg("--instance-config")
+                .arg(etc.join("worker.d").join(format!("{name}.toml")))
+                .arg("--name")
+                .arg(name)
+                .arg("--server")
+                .arg(&server.control)
+                .arg("--events")
+                .arg(&server.events)
+                .arg("--state-dir")
+                .arg(dir.path().join(name));
+            Proc::spawn(name, c)
+        })
+        .collect();
+    assert!(
+        wait_for_workers(&server, LIMIT, all_idle(&["n900-1", "n900-2", "n900-3"])),
+        "{:?}",
+        workers.iter().map(|w| w.stderr.all()).collect::<Vec<_>>()
+    );
+    // A fourth instance whose file was never written does not start.
+    let mut c = Command::new(bin("ots-worker"));
+    c.arg("--config")
+        .arg(&shared)
+        .arg("--instance-config")
+        .arg(etc.join("worker.d/n900-4.toml"))
+        .arg("--name")
+        .arg("n900-4");
+    let out = run_bounded(c, LIMIT);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("n900-4.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -135,7 +135,7 @@ async fn main() -> ExitCode {
     ots::logging::init(&cfg.log_level);
     let server = match Server::start(cfg).await {
         Ok(s) => s,
-        Err(e @ ots::server::ServerError::Security(_)) => {
+        Err(e) if e.is_configuration() => {
             eprintln!("ots-server: cannot start: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }

@@ -16,6 +16,29 @@ pub enum LockFailure {
     Io(std::io::Error),
 }
 
+/// For a permission error on `path`: who owns it and who we are, and what
+/// to do — so the one log line names the fix, not only the symptom.
+pub fn access_hint(path: &Path, error: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    if error.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    let me = nix::unistd::geteuid();
+    let Some((at, meta)) = path
+        .ancestors()
+        .find_map(|a| std::fs::metadata(a).ok().map(|m| (a.to_path_buf(), m)))
+    else {
+        return String::new();
+    };
+    format!(
+        " ({} is owned by uid {} with mode {:o}; this process runs as uid {me}: `chown -R {me} {}` or run as its owner)",
+        at.display(),
+        meta.uid(),
+        meta.mode() & 0o7777,
+        at.display()
+    )
+}
+
 /// Whether this process runs as a systemd service (which sets its umask
 /// and state directory mode itself: `UMask=0027`, `StateDirectoryMode=0750`,
 /// so that the `ots` group may read).

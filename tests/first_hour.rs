@@ -164,3 +164,42 @@ fn worker_instances_on_one_host_each_find_their_own_key() {
         text(&out.stderr)
     );
 }
+
+/// Item 9: messages that point at the right file. A client pinning the
+/// wrong server key is told to check its server key (not sent to look in
+/// the server's allow-lists); an unknown key is told which lists lack it.
+#[test]
+fn refusals_name_the_file_or_setting_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let keys = server.keys.clone().unwrap();
+    // Pinning another server key.
+    let other = dir.path().join("other");
+    ots::security::KeyPair::generate().write(&other).unwrap();
+    let mut cmd = Command::new(bin("ots-submit"));
+    cmd.arg("whoami")
+        .env("OTS_SERVER", &server.control)
+        .env("OTS_KEY", keys.user("tester", "admin"))
+        .env("OTS_PINNED_SERVER_KEY", other.with_extension("pub"));
+    let out = run_bounded(cmd, LIMIT);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("server_key") || err.contains("--server-key"),
+        "{err}"
+    );
+    // A key nobody allowed.
+    let stranger = dir.path().join("stranger");
+    ots::security::KeyPair::generate().write(&stranger).unwrap();
+    let mut cmd = Command::new(bin("ots-submit"));
+    cmd.arg("whoami")
+        .env("OTS_SERVER", &server.control)
+        .env("OTS_KEY", stranger.with_extension("key"))
+        .env("OTS_PINNED_SERVER_KEY", keys.server_pub());
+    let out = run_bounded(cmd, LIMIT);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("workers_dir, users_dir") && err.contains("NAME.pub"),
+        "{err}"
+    );
+}

@@ -116,7 +116,14 @@ impl Responder {
                 Err(e) => last = failed(e),
             }
         }
-        let (mut state, theirs) = read.ok_or(last)?;
+        let (mut state, theirs) = read.ok_or_else(|| match last {
+            // Noise IK's first message is encrypted to the server's static
+            // key: it does not open when the initiator pinned another one.
+            SecurityError::Handshake(e) if e.contains("decrypt") => SecurityError::Handshake(
+                "the handshake does not decrypt with this server's key: the peer pins another server key (check its server_key or --server-key against this server's .pub file), or the message was damaged".into(),
+            ),
+            other => other,
+        })?;
         if theirs.len() > MAX_PAYLOAD {
             return Err(SecurityError::Handshake("payload too large".into()));
         }

@@ -24,7 +24,7 @@ pub enum Credentials {
 pub enum LinkError {
     #[error("no handshake answer from the server within {} ms", .0.as_millis())]
     Timeout(Duration),
-    #[error("the server refused this key: {0}")]
+    #[error("the server refused the handshake: {0}")]
     Refused(String),
     #[error("the server is busy admitting other connections ({0}); retry after a backoff")]
     Busy(String),

@@ -49,7 +49,7 @@ pub enum SecurityError {
     KeyTooOpen { path: String, mode: u32 },
     #[error("handshake failed: {0}")]
     Handshake(String),
-    #[error("the peer's key {0} is not allowed on this server")]
+    #[error("key {0} is not allowed on this server: it is in none of its allow-lists (workers_dir, users_dir); the server's operator must add it there as NAME.pub")]
     UnknownKey(String),
     #[error("message number {counter} is not above the last accepted {last} (replayed or reordered); refused")]
     Replay { counter: u64, last: u64 },

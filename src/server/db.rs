@@ -29,7 +29,10 @@ pub const LOCK_FILE: &str = "lock";
 pub enum StateError {
     #[error("state directory {path} is in use by another ots-server ({holder}); stop it or use another --state-dir")]
     Locked { path: PathBuf, holder: String },
-    #[error("cannot lock state directory {path}: {source}")]
+    #[error(
+        "cannot lock state directory {path} (its file `lock`): {source}{}",
+        crate::durable::access_hint(path, source)
+    )]
     Lock {
         path: PathBuf,
         source: std::io::Error,

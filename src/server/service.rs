@@ -34,7 +34,10 @@ use zeromq::ZmqMessage;
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("state directory {path}: {source}")]
+    #[error(
+        "state directory {path}: {source}{}",
+        crate::durable::access_hint(path, source)
+    )]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -57,6 +60,24 @@ pub enum ServerError {
         path: PathBuf,
         source: crate::server::scheduler::RestoreError,
     },
+}
+
+impl ServerError {
+    /// A mistake in the configuration or the files' ownership that a
+    /// restart does not fix (ots-server exits 78, so systemd does not
+    /// restart it in a loop), as opposed to a resource that may come
+    /// back (exit 69).
+    pub fn is_configuration(&self) -> bool {
+        let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+        match self {
+            ServerError::Config(_) | ServerError::Security(_) => true,
+            ServerError::StateDir { source, .. } => denied(source),
+            ServerError::State(crate::server::db::StateError::Lock { source, .. }) => {
+                denied(source)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A running server.
@@ -110,6 +131,18 @@ impl Server {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        // The audit log must take records from the first one on: a file
+        // another user owns would lose them one by one, found too late.
+        let audit = cfg.state_dir.join("audit.log");
+        if audit.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&audit)
+                .map_err(|source| ServerError::StateDir {
+                    path: audit.clone(),
+                    source,
+                })?;
+        }
         let db = Db::open(&cfg.state_dir)?;
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load()?;

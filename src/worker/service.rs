@@ -472,7 +472,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                             // Not a network problem: say so loudly, once per
                             // outage (the operator may be adding the key).
                             if *attempts == 1 {
-                                error!(error = %e, "the server refused this worker's handshake; retrying with backoff until its key is allowed");
+                                error!(error = %e, key = %cfg.key_path().display(), "the server refused this worker's handshake; retrying with backoff until its key is allowed");
                             }
                         }
                         let delay = backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms));

@@ -2,9 +2,12 @@
 # Example conductor: what a real one does with a device, done with files so a
 # newcomer can run it without hardware.
 #
-#   conductor.sh --image URL|PATH --packages a,b --results DIR
+#   conductor.sh --image file://PATH|PATH --packages a,b --results DIR
 #
-# 1. "flashes" the image: checks it exists, copies it into the working folder;
+# 1. "flashes" the image: only a file below the images folder
+#    (OTS_EXAMPLE_IMAGES, default: the images/ folder next to this script) —
+#    a testrun must not make the worker host read and report any file it
+#    can see — copied into the working folder;
 # 2. runs each test package: every executable *.sh in packages/<name>/ is one
 #    test case (exit 0 = pass), its output streamed line by line;
 # 3. writes one JUnit XML file per package into the results folder.
@@ -31,12 +34,25 @@ done
 here=$(cd "$(dirname "$0")" && pwd)
 packages_dir=${OTS_EXAMPLE_PACKAGES:-$here/packages}
 
+images_dir=$(cd "${OTS_EXAMPLE_IMAGES:-$here/images}" 2>/dev/null && pwd -P) || {
+    echo "[flash] FAILED: the images folder ${OTS_EXAMPLE_IMAGES:-$here/images} does not exist (set OTS_EXAMPLE_IMAGES)" >&2
+    exit 3
+}
+case "$image" in
+    *://*) [ "${image#file://}" != "$image" ] || {
+        echo "[flash] refused: only file:// images below $images_dir are taken, not $image" >&2; exit 64; } ;;
+esac
 path=${image#file://}
 echo "[flash] image $image"
 if [ ! -f "$path" ]; then
     echo "[flash] FAILED: image $path not found" >&2
     exit 3
 fi
+real=$(realpath -e -- "$path")
+case "$real" in
+    "$images_dir"/*) ;;
+    *) echo "[flash] refused: image $path is not below the images folder $images_dir (OTS_EXAMPLE_IMAGES)" >&2; exit 64 ;;
+esac
 cp "$path" ./device.img
 echo "[flash] flashed $(wc -c < ./device.img) bytes, sha256 $(sha256sum ./device.img | cut -d' ' -f1)"
 echo "[boot] device is up"

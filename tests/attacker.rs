@@ -539,7 +539,7 @@ fn server_with(dir: &std::path::Path, keys: &std::sync::Arc<Keys>) -> ServerProc
 }
 
 fn audit_log(server: &ServerProc) -> String {
-    let out = submit(server, &["audit"], LIMIT);
+    let out = submit(server, &["audit", "--json"], LIMIT);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     text(&out.stdout)
 }

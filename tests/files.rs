@@ -526,6 +526,6 @@ fn retention_prunes_ended_testruns_and_says_so() {
         shown.contains("pruned") && shown.contains("retention.max_bytes"),
         "{shown}"
     );
-    let audit = text(&submit(&server, &["audit"], LIMIT).stdout);
+    let audit = text(&submit(&server, &["audit", "--json"], LIMIT).stdout);
     assert!(audit.contains("prune") && audit.contains(&run), "{audit}");
 }

@@ -203,3 +203,47 @@ fn refusals_name_the_file_or_setting_to_fix() {
         "{err}"
     );
 }
+
+/// Item 11: the example conductor takes only images below its images
+/// folder: a testrun naming any other file on the worker host is refused
+/// without the file being read; `audit` prints dates for people.
+#[test]
+fn the_example_conductor_refuses_images_outside_its_folder_and_audit_reads_as_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let conductor = example_conductor();
+    let args: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let _w = start_idle_worker(dir.path(), "w", "devicegroup:g", &server, &args, &[]);
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "/etc/passwd",
+            "--packages",
+            "smoke",
+            "--wait",
+        ],
+        LIMIT,
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let log = text(&submit(&server, &["logs", "r1"], LIMIT).stdout);
+    assert!(log.contains("not below the images folder"), "{log}");
+    assert!(!log.contains("sha256"), "the file was read: {log}");
+    assert_smoke_passes(&server, "g");
+
+    let shown = text(&submit(&server, &["audit"], LIMIT).stdout);
+    assert!(
+        shown.contains(" UTC ") && shown.contains("submit"),
+        "{shown}"
+    );
+    assert!(!shown.contains("at_ms"), "{shown}");
+    let json = text(&submit(&server, &["audit", "--json"], LIMIT).stdout);
+    assert!(
+        json.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{json}"
+    );
+}

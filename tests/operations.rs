@@ -299,7 +299,10 @@ fn check_config_shows_where_each_value_comes_from_and_refuses_unknown_keys() {
     let base = dir.path().join("worker.toml");
     std::fs::write(
         &base,
-        "name = \"w\"\ndevice = \"devicegroup:base\"\nheartbeat_interval_ms = \"2s\"\nsecurity = \"none\"\n[conductor]\ncommand = [\"/bin/true\"]\n",
+        format!(
+            "name = \"w\"\ndevice = \"devicegroup:base\"\nheartbeat_interval_ms = \"2s\"\nsecurity = \"none\"\nstate_dir = {:?}\n[conductor]\ncommand = [\"/bin/true\"]\n",
+            dir.path().join("state").display().to_string()
+        ),
     )
     .unwrap();
     let instance = dir.path().join("w.toml");
@@ -361,7 +364,14 @@ fn check_config_shows_where_each_value_comes_from_and_refuses_unknown_keys() {
     let o = run(&["--no-such-flag"], &[]);
     assert_eq!(o.status.code(), Some(78));
     let mut cmd = std::process::Command::new(bin("ots-server"));
-    cmd.args(["--check-config", "--control", "tcp://127.0.0.1:7000"]);
+    cmd.args([
+        "--check-config",
+        "--control",
+        "tcp://127.0.0.1:7000",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("server"))
+    .env("OTS_SERVER_SECURITY", "none");
     let o = run_bounded(cmd, LIMIT);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("control = \"tcp://127.0.0.1:7000\"  # flag"));

@@ -107,7 +107,7 @@ fn wait_allowed(server: &ServerProc, user: &str) {
 }
 
 fn audit(server: &ServerProc) -> String {
-    let out = submit(server, &["audit"], LIMIT);
+    let out = submit(server, &["audit", "--json"], LIMIT);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     text(&out.stdout)
 }

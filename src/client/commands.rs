@@ -25,7 +25,8 @@ pub struct Cli {
 
 const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 cancelled, 64 usage error, \
 65 refused by the server (e.g. no worker for the device), 69 server unreachable, \
-70 local lab failed, 74 cannot write fetched files, 76 protocol error.";
+70 local lab failed, 74 cannot write fetched files, 76 protocol error, \
+77 the server refused our key or our role may not do this, 78 our own key files are missing or unusable.";
 
 /// Where the server is and how to talk to it.
 #[derive(Debug, Clone, Args)]
@@ -285,12 +286,21 @@ pub struct RunArgs {
 /// URLs and anything that does not exist locally go as they are.
 fn local_image(image: String) -> String {
     let path = Path::new(&image);
+    let mut sent = image.clone();
     if !image.contains("://") && path.is_relative() && path.exists() {
         if let Ok(abs) = std::fs::canonicalize(path) {
-            return abs.display().to_string();
+            sent = abs.display().to_string();
         }
     }
-    image
+    // A worker under its systemd unit (PrivateTmp=yes) has a /tmp of its
+    // own: a path there names nothing it can see.
+    let local = sent.strip_prefix("file://").unwrap_or(&sent);
+    if local.starts_with("/tmp/") || local.starts_with("/var/tmp/") {
+        eprintln!(
+            "ots-submit: warning: image {sent} is in a temporary folder; a worker run by its systemd unit (PrivateTmp=yes) has a /tmp of its own and will not find it — put images in a folder the workers share, or pass a URL"
+        );
+    }
+    sent
 }
 
 /// Parses a task's execution timeout: whole seconds from 1 s to the
@@ -947,7 +957,26 @@ async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32, ClientErro
 async fn audit(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let text = client.audit().await?;
-    print!("{}", escape_controls(&String::from_utf8_lossy(&text)));
+    let text = String::from_utf8_lossy(&text);
+    if conn.json {
+        // JSON Lines, as the server keeps them.
+        print!("{}", escape_controls(&text));
+        return Ok(exit::PASS);
+    }
+    // For people: the date, who, from where, what.
+    for line in text.lines() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => println!(
+                "{} UTC  {:<24} {:<22} {:<10} {}",
+                datetime(v["at_ms"].as_u64().unwrap_or(0)),
+                escape_controls(v["identity"].as_str().unwrap_or("-")),
+                escape_controls(v["address"].as_str().unwrap_or("-")),
+                escape_controls(v["event"].as_str().unwrap_or("-")),
+                escape_controls(v["detail"].as_str().unwrap_or(""))
+            ),
+            Err(_) => println!("{}", escape_controls(line)),
+        }
+    }
     Ok(exit::PASS)
 }
 

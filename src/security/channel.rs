@@ -135,6 +135,12 @@ impl Channel {
             .len();
         buf.truncate(plain_len);
         let mut plain = buf.freeze();
+        // One rule for every plaintext that is not a message (PROTOCOL
+        // §15.3): no frame at all is as malformed as lengths that do not
+        // add up.
+        if plain.is_empty() {
+            return Err(SecurityError::Malformed("a sealed message holds no frame"));
+        }
         let mut out = Vec::new();
         while !plain.is_empty() {
             if out.len() == MAX_SEALED_FRAMES {
@@ -245,9 +251,14 @@ mod tests {
     #[test]
     fn empty_frames_and_frame_bounds_survive_the_round_trip() {
         let (mut a, mut b) = pair();
-        for m in [msg(&[]), msg(&[""]), msg(&["", "x", ""]), msg(&["a"; 8])] {
+        for m in [msg(&[""]), msg(&["", "x", ""]), msg(&["a"; 8])] {
             assert_eq!(b.open(a.seal(&m)).unwrap(), m);
         }
+        // Authentic but holding no frame at all: refused like bad lengths.
+        assert!(matches!(
+            b.open(a.seal(&msg(&[]))),
+            Err(SecurityError::Malformed(_))
+        ));
         // Authentic but carrying more frames than any message may: refused.
         assert!(matches!(
             b.open(a.seal(&msg(&["a"; 9]))),

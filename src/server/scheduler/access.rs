@@ -154,6 +154,12 @@ impl<S: Store> Scheduler<S> {
             (Identity::User { .. }, Body::Hello { .. }) => forbidden(format!(
                 "{label} is a user key; a worker needs a key in workers.d"
             )),
+            // A user sends client requests only (`ready`, `log`, acks…
+            // are a worker's).
+            (Identity::User { .. }, b) if b.request().is_none() => forbidden(format!(
+                "{label} is a user key: it may send client requests only, not {}; a worker needs a key in workers.d",
+                b.kind()
+            )),
             (Identity::User { name, role }, b) => {
                 let run = match b {
                     Body::GetStatus { run, .. }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 /// The ots server: accepts testruns and hands tasks to workers.
 #[derive(Debug, Parser)]
-#[command(name = "ots-server", version, about)]
+#[command(name = "ots-server", version)]
 struct Args {
     /// Configuration file (TOML); see conf/server.toml.
     #[arg(long)]

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 /// The ots worker: takes tasks for one device and runs its conductor.
 #[derive(Debug, Parser)]
-#[command(name = "ots-worker", version, about)]
+#[command(name = "ots-worker", version)]
 struct Args {
     /// Configuration file (TOML); see conf/worker.toml.
     #[arg(long)]

@@ -247,3 +247,57 @@ fn the_example_conductor_refuses_images_outside_its_folder_and_audit_reads_as_da
         "{json}"
     );
 }
+
+/// Item 11: bash completion completes a subcommand's options (it offered
+/// file names: clap_complete spelled the subcommands two ways), and every
+/// man page a SUBCOMMANDS section names exists, each binary's page with
+/// its own description and FILES, ENVIRONMENT and EXIT STATUS.
+#[test]
+fn completions_complete_subcommand_options_and_every_man_page_named_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in ["ots-server", "ots-worker", "ots-submit"] {
+        let mut c = Command::new(bin(b));
+        c.arg("gen-docs").arg(dir.path());
+        assert!(run_bounded(c, LIMIT).status.success());
+    }
+    let script = dir.path().join("completions/bash/ots-submit");
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!(
+        "source {:?}; COMP_WORDS=(ots-submit run --); COMP_CWORD=2; _ots__submit ots-submit -- run; echo ${{COMPREPLY[@]}}",
+        script
+    ));
+    let out = text(&run_bounded(c, LIMIT).stdout);
+    assert!(
+        out.contains("--packages") && out.contains("--queue-anyway"),
+        "{out}"
+    );
+
+    let man = dir.path().join("man/man1");
+    let mut descriptions = std::collections::HashSet::new();
+    for b in ["ots-server", "ots-worker", "ots-submit"] {
+        let page = std::fs::read_to_string(man.join(format!("{b}.1"))).unwrap();
+        for section in [".SH FILES", ".SH ENVIRONMENT", ".SH \"EXIT STATUS\""] {
+            assert!(page.contains(section), "{b}: {section}");
+        }
+        let name_line = page
+            .lines()
+            .skip_while(|l| *l != ".SH NAME")
+            .nth(1)
+            .unwrap()
+            .to_string();
+        assert!(
+            descriptions.insert(name_line.clone()),
+            "shared description: {name_line}"
+        );
+        for named in page
+            .lines()
+            .filter(|l| l.ends_with("(1)") && l.starts_with(&b.replace('-', "\\-")))
+        {
+            let file = named.trim_end_matches("(1)").replace("\\-", "-");
+            assert!(
+                man.join(format!("{file}.1")).exists(),
+                "{b} names {file}(1), which is not generated"
+            );
+        }
+    }
+}

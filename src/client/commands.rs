@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// Submit testruns to an ots server and watch them.
 #[derive(Debug, Parser)]
-#[command(name = "ots-submit", version, about, after_help = EXIT_HELP)]
+#[command(name = "ots-submit", version, after_help = EXIT_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -10,8 +10,11 @@
 # target/release, else target/debug). Existing files in /etc/ots are never
 # overwritten. Then, on a real host:
 #   systemd-sysusers; systemd-tmpfiles --create
-#   ots-server keygen /etc/ots/server     (server host)
-#   ots-worker keygen /etc/ots/worker     (worker host)
+#   ots-server keygen /etc/ots/server                (server host)
+#   ots-worker keygen /etc/ots/worker.d/NAME         (worker host: one per
+#       device; as root the key is handed to the ots user), then write
+#       /etc/ots/worker.d/NAME.toml with the device and give the server's
+#       admin NAME.pub for its workers.d
 #   systemctl enable --now ots-server     / ots-worker@NAME
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -124,7 +124,7 @@ async fn main() -> ExitCode {
             for line in ots::config::explain(&cfg, "OTS_SERVER", &files, &overrides) {
                 println!("{line}");
             }
-            return check_allow_lists(&cfg);
+            return check_server(&cfg);
         }
         Ok(cfg) => cfg,
         Err(e) => {
@@ -151,23 +151,11 @@ async fn main() -> ExitCode {
 
 /// `--check-config`: every problem a start would refuse (exit 78) or an
 /// allow-list entry it would skip, each naming its file.
-fn check_allow_lists(cfg: &ServerConfig) -> ExitCode {
+fn check_server(cfg: &ServerConfig) -> ExitCode {
     if cfg.security == ots::config::SecurityMode::Noise {
         if let Ok(loaded) = ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
             println!("allow-lists: {} identities allowed", loaded.list.len());
         }
     }
-    let problems = cfg.problems();
-    for p in &problems {
-        println!(
-            "{}: {}",
-            if p.fatal { "error" } else { "warning" },
-            p.message
-        );
-    }
-    if problems.iter().any(|p| p.fatal) {
-        ExitCode::from(EXIT_CONFIG)
-    } else {
-        ExitCode::SUCCESS
-    }
+    ots::config::report_problems(&cfg.problems())
 }

@@ -99,19 +99,7 @@ async fn main() -> ExitCode {
             for line in ots::config::explain(&cfg, "OTS_WORKER", &files, &overrides) {
                 println!("{line}");
             }
-            let problems = cfg.problems();
-            for p in &problems {
-                println!(
-                    "{}: {}",
-                    if p.fatal { "error" } else { "warning" },
-                    p.message
-                );
-            }
-            return if problems.iter().any(|p| p.fatal) {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ots::config::report_problems(&cfg.problems());
         }
         Ok(cfg) => cfg,
         Err(e) => {

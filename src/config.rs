@@ -683,6 +683,23 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Prints what `--check-config` found, one line each; the exit status: 78
+/// when a start would refuse, 0 otherwise.
+pub fn report_problems(problems: &[Problem]) -> std::process::ExitCode {
+    for p in problems {
+        println!(
+            "{}: {}",
+            if p.fatal { "error" } else { "warning" },
+            p.message
+        );
+    }
+    if problems.iter().any(|p| p.fatal) {
+        std::process::ExitCode::from(78)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
 impl Problem {
     fn fatal(message: String) -> Self {
         Problem {

@@ -12,20 +12,6 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A conductor that says it started, waits for `go`, then passes.
-fn gated_conductor(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let go = dir.join("go");
-    let script = script(
-        dir,
-        "gated.sh",
-        &format!(
-            "echo started\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\necho released\n\
-             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
-        ),
-    );
-    (script, go)
-}
-
 /// Finding 1: a keyless peer that read a worker's routing identity off
 /// the wire (it travels in clear text in the ZMTP READY) opens connections
 /// announcing it, over and over, while the worker runs a task. The
@@ -538,12 +524,6 @@ fn server_with(dir: &std::path::Path, keys: &std::sync::Arc<Keys>) -> ServerProc
     )
 }
 
-fn audit_log(server: &ServerProc) -> String {
-    let out = submit(server, &["audit", "--json"], LIMIT);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    text(&out.stdout)
-}
-
 /// Finding 4: a worker key serves only the devices its allow-list entry
 /// pins (`workers.d/NAME.device`); without a pin, the device it first
 /// registered with. Announcing another is refused (`forbidden`, audited)
@@ -573,7 +553,7 @@ fn a_worker_key_serves_only_the_device_it_is_pinned_to() {
         "{:?}",
         evil.stderr.all()
     );
-    assert!(audit_log(&server).contains("may serve only devices matching"));
+    assert!(audit_json(&server).contains("may serve only devices matching"));
 
     // Unpinned: the first registration's device is the pin.
     let mut w = start_worker_with(
@@ -692,7 +672,7 @@ fn a_bad_allow_list_file_denies_only_itself_and_removals_still_apply() {
     );
     assert!(w2.stderr.wait_for("server lost", LIMIT).is_some());
     assert!(wait_for_workers(&server, LIMIT, |ws| ws.len() == 1 && ws[0]["name"] == "w1"));
-    assert!(audit_log(&server).contains("broken.pub"));
+    assert!(audit_json(&server).contains("broken.pub"));
 
     // --check-config names the file; the restarted server starts.
     let mut check = std::process::Command::new(bin("ots-server"));

@@ -124,15 +124,7 @@ fn a_worker_whose_key_is_removed_and_restored_mid_task_is_never_wedged() {
         &[],
         Some(keys.clone()),
     );
-    let go = dir.path().join("go");
-    let conductor = script(
-        dir.path(),
-        "gated.sh",
-        &format!(
-            "echo started\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\n\
-             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
-        ),
-    );
+    let (conductor, go) = gated_conductor(dir.path());
     let w = start_worker_with(
         dir.path(),
         "w",

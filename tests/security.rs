@@ -106,12 +106,6 @@ fn wait_allowed(server: &ServerProc, user: &str) {
     panic!("user {user} never allowed");
 }
 
-fn audit(server: &ServerProc) -> String {
-    let out = submit(server, &["audit", "--json"], LIMIT);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    text(&out.stdout)
-}
-
 #[test]
 fn an_unknown_worker_key_is_refused_gets_nothing_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,7 +133,7 @@ fn an_unknown_worker_key_is_refused_gets_nothing_and_leaves_nothing_behind() {
     // Nothing listed, nothing stored; the refusal is in the audit log.
     let out = submit(&server, &["workers", "--json"], LIMIT);
     assert_eq!(text(&out.stdout).trim(), "[]", "{}", text(&out.stderr));
-    let log = audit(&server);
+    let log = audit_json(&server);
     assert!(
         log.contains("\"refused\"") && log.contains("is not allowed"),
         "{log}"
@@ -173,7 +167,7 @@ fn a_known_key_claiming_another_workers_name_is_refused() {
     );
     let out = submit(&server, &["workers", "--json"], LIMIT);
     assert_eq!(text(&out.stdout).trim(), "[]");
-    assert!(audit(&server).contains("forbidden"));
+    assert!(audit_json(&server).contains("forbidden"));
 }
 
 #[test]
@@ -245,7 +239,7 @@ fn roles_decide_who_sees_cancels_and_drains_what() {
         .stderr
         .wait_for("forbidden: refused a request", LIMIT)
         .is_some());
-    let log = audit(&server);
+    let log = audit_json(&server);
     for needle in [
         "\"submit\"",
         "\"cancel\"",
@@ -322,7 +316,7 @@ fn revoking_a_connected_worker_closes_its_session_within_a_second_and_drops_what
         "[]",
         "revoked worker still listed"
     );
-    assert!(audit(&server).contains("\"revoked\""));
+    assert!(audit_json(&server).contains("\"revoked\""));
 }
 
 #[test]

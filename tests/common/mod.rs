@@ -599,6 +599,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A conductor that says `started`, waits for the file `go` next to it,
+/// then passes with one JUnit case. Returns (script, go).
+pub fn gated_conductor(dir: &Path) -> (PathBuf, PathBuf) {
+    let go = dir.join("go");
+    let script = script(
+        dir,
+        "gated.sh",
+        &format!(
+            "echo started\nwhile [ ! -e {go:?} ]; do sleep 0.02; done\necho released\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
+    (script, go)
+}
+
+/// The server's audit log as JSON Lines (`ots-submit audit --json`, admin).
+pub fn audit_json(server: &ServerProc) -> String {
+    let out = submit(server, &["audit", "--json"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 /// Writes an executable shell script.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

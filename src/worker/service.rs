@@ -750,54 +750,50 @@ fn attach(
     // keeps its connection open and is still caught by heartbeats.
     let mut events = dealer.monitor();
     let (dealer_tx, mut dealer_rx) = dealer.split();
-    let t0 = tx.clone();
-    let watcher = tokio::spawn(async move {
-        while let Some(event) = futures::StreamExt::next(&mut events).await {
-            if let zeromq::SocketEvent::Disconnected(_) = event {
-                let _ = t0
-                    .send(Inbound::Closed {
-                        generation,
-                        error: "the server closed the control connection".into(),
-                    })
-                    .await;
-                return;
-            }
-        }
-    });
+    // One task reads both, so a close is told after every message the
+    // connection delivered (the patched socket reports it when the read
+    // half ends): the server's last words (a `shutdown`, an ack) are
+    // handled before the worker reconnects.
     let t1 = tx.clone();
     let dealer_reader = tokio::spawn(async move {
+        let mut watching = true;
         loop {
-            match dealer_rx.recv().await {
-                Ok(msg) => {
-                    if t1
-                        .send(Inbound::Frames {
-                            generation,
-                            from_sub: false,
-                            msg,
-                            received: arrival(),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
+            let inbound = tokio::select! {
+                biased;
+                event = futures::StreamExt::next(&mut events), if watching => match event {
+                    Some(zeromq::SocketEvent::Disconnected(_)) => Inbound::Closed {
+                        generation,
+                        error: "the server closed the control connection".into(),
+                    },
+                    Some(_) => continue,
+                    None => {
+                        watching = false;
+                        continue;
                     }
-                }
-                Err(e) => {
-                    let _ = t1
-                        .send(Inbound::Closed {
-                            generation,
-                            error: e.to_string(),
-                        })
-                        .await;
-                    return;
-                }
+                },
+                msg = dealer_rx.recv() => match msg {
+                    Ok(msg) => Inbound::Frames {
+                        generation,
+                        from_sub: false,
+                        msg,
+                        received: arrival(),
+                    },
+                    Err(e) => Inbound::Closed {
+                        generation,
+                        error: e.to_string(),
+                    },
+                },
+            };
+            let closed = matches!(inbound, Inbound::Closed { .. });
+            if t1.send(inbound).await.is_err() || closed {
+                return;
             }
         }
     });
     let Some(mut sub) = sub else {
         return Connection {
             dealer: dealer_tx,
-            readers: vec![dealer_reader, watcher],
+            readers: vec![dealer_reader],
             channel,
             listener: None,
         };
@@ -833,7 +829,7 @@ fn attach(
     });
     Connection {
         dealer: dealer_tx,
-        readers: vec![dealer_reader, sub_reader, watcher],
+        readers: vec![dealer_reader, sub_reader],
         channel,
         listener: None,
     }

@@ -366,6 +366,13 @@ pub struct ServerLimits {
     pub inbound_queue_bytes: usize,
     /// Unfinished tasks in all; a submit past it gets `limit_reached`.
     pub max_open_tasks: usize,
+    /// …and per user (with security): a user's submit past its own quota
+    /// is refused naming it; held below `max_open_tasks` (lowered to
+    /// `max_open_tasks - 1` if set higher), so no single user can fill the
+    /// server's bound.
+    pub max_open_tasks_per_owner: usize,
+    /// Unfinished testruns per user.
+    pub max_open_runs_per_owner: usize,
     /// Stored log bytes per task attempt; lines past it are dropped and
     /// counted.
     pub max_task_log_bytes: u64,
@@ -402,6 +409,8 @@ impl Default for ServerLimits {
             inbound_queue: 4096,
             inbound_queue_bytes: 16 * 1024 * 1024,
             max_open_tasks: s.max_open_tasks,
+            max_open_tasks_per_owner: s.max_open_tasks_per_owner,
+            max_open_runs_per_owner: s.max_open_runs_per_owner,
             max_task_log_bytes: s.max_task_log_bytes,
             max_log_gaps: s.max_log_gaps,
             max_file_bytes: s.max_file_bytes,
@@ -419,6 +428,12 @@ impl ServerLimits {
     pub fn scheduler(&self) -> crate::server::scheduler::SchedulerLimits {
         crate::server::scheduler::SchedulerLimits {
             max_open_tasks: self.max_open_tasks,
+            // Below the server's bound whatever is configured: no single
+            // user may fill it.
+            max_open_tasks_per_owner: self
+                .max_open_tasks_per_owner
+                .min(self.max_open_tasks.saturating_sub(1).max(1)),
+            max_open_runs_per_owner: self.max_open_runs_per_owner,
             max_task_log_bytes: self.max_task_log_bytes,
             max_log_gaps: self.max_log_gaps,
             max_file_bytes: self.max_file_bytes,
@@ -442,7 +457,7 @@ impl ServerLimits {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 16] = [
+        let positive: [(&'static str, u64); 18] = [
             ("limits.max_workers", self.max_workers as u64),
             (
                 "limits.peer_send_queue_bytes",
@@ -458,6 +473,14 @@ impl ServerLimits {
                 self.inbound_queue_bytes as u64,
             ),
             ("limits.max_open_tasks", self.max_open_tasks as u64),
+            (
+                "limits.max_open_tasks_per_owner",
+                self.max_open_tasks_per_owner as u64,
+            ),
+            (
+                "limits.max_open_runs_per_owner",
+                self.max_open_runs_per_owner as u64,
+            ),
             ("limits.max_task_log_bytes", self.max_task_log_bytes),
             ("limits.max_log_gaps", self.max_log_gaps as u64),
             ("limits.max_file_bytes", self.max_file_bytes),

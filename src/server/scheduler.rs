@@ -84,6 +84,11 @@ pub struct SchedulerLimits {
     /// Unfinished tasks (queued, dispatched, running, held) in all. A submit
     /// that would exceed it is refused with `limit_reached`.
     pub max_open_tasks: usize,
+    /// Unfinished tasks and testruns of one owner (a user, with security):
+    /// past them that owner's submit is refused naming the quota, so no
+    /// single user can fill `max_open_tasks` and lock everyone out.
+    pub max_open_tasks_per_owner: usize,
+    pub max_open_runs_per_owner: usize,
     /// Bytes of one task attempt's stored log; lines past it are dropped
     /// and counted (`log_lines_over_limit`), the report says so.
     pub max_task_log_bytes: u64,
@@ -111,6 +116,8 @@ impl Default for SchedulerLimits {
     fn default() -> Self {
         SchedulerLimits {
             max_open_tasks: 10_000,
+            max_open_tasks_per_owner: 2_500,
+            max_open_runs_per_owner: 1_000,
             max_task_log_bytes: 256 * 1024 * 1024,
             max_log_gaps: 4096,
             max_file_bytes: 4 * 1024 * 1024 * 1024,
@@ -358,6 +365,9 @@ pub struct Scheduler<S: Store> {
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
     versions: HashMap<String, String>,
+    /// Unfinished tasks and testruns per owner (security on), kept as
+    /// `active_tasks`/`active_runs` are: for the per-owner quotas.
+    open_by_owner: HashMap<String, (usize, usize)>,
     /// Workers removed from the registry in this incarnation, by name:
     /// their numbering continues if their key comes back.
     departed: HashMap<String, access::Departed>,
@@ -432,6 +442,7 @@ impl<S: Store> Scheduler<S> {
             touched_input_owners: Vec::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
+            open_by_owner: HashMap::new(),
             departed: HashMap::new(),
             pins: HashMap::new(),
             consoles: HashMap::new(),

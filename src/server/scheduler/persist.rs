@@ -131,6 +131,18 @@ impl<S: Store> Scheduler<S> {
     /// Everything that changed since the last call, encoded for the
     /// database. The shell commits it before sending any output, so no
     /// acknowledgement leaves before its effect is durable.
+    /// `tasks` tasks and `runs` testruns of `owner` ended (quota counts).
+    fn owner_closed(&mut self, owner: Option<&str>, tasks: usize, runs: usize) {
+        let Some(owner) = owner else { return };
+        if let Some(open) = self.open_by_owner.get_mut(owner) {
+            open.0 = open.0.saturating_sub(tasks);
+            open.1 = open.1.saturating_sub(runs);
+            if *open == (0, 0) {
+                self.open_by_owner.remove(owner);
+            }
+        }
+    }
+
     pub fn take_changes(&mut self) -> Changes {
         if !self.log_touched.is_empty()
             && self.latest.saturating_duration_since(self.log_flushed_at) >= LOG_ACCOUNTING_EVERY
@@ -195,7 +207,10 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.insert(key.clone(), bytes);
             }
             if done {
-                self.active_tasks.remove(&id);
+                if self.active_tasks.remove(&id) {
+                    let owner = self.runs.get(&t.run).and_then(|r| r.request.owner.clone());
+                    self.owner_closed(owner.as_deref(), 1, 0);
+                }
                 self.persisted.remove(&key);
             }
         }
@@ -222,7 +237,10 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.insert(key.clone(), bytes);
             }
             if done {
-                self.active_runs.remove(&id);
+                if self.active_runs.remove(&id) {
+                    let owner = r.request.owner.clone();
+                    self.owner_closed(owner.as_deref(), 0, 1);
+                }
                 self.persisted.remove(&key);
             }
         }
@@ -526,6 +544,22 @@ impl<S: Store> Scheduler<S> {
         }
         for id in ids {
             s.schedule_task(&id);
+        }
+        // The per-owner quotas count what is unfinished.
+        for id in &s.active_tasks {
+            if let Some(owner) = s
+                .tasks
+                .get(id)
+                .and_then(|t| s.runs.get(&t.run))
+                .and_then(|r| r.request.owner.clone())
+            {
+                s.open_by_owner.entry(owner).or_default().0 += 1;
+            }
+        }
+        for id in &s.active_runs {
+            if let Some(owner) = s.runs.get(id).and_then(|r| r.request.owner.clone()) {
+                s.open_by_owner.entry(owner).or_default().1 += 1;
+            }
         }
         // Rows sanitized on the way in are written back at the first commit.
         s.touched_workers = s.workers.keys().cloned().collect();

@@ -281,6 +281,34 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
+        if let Some(owner) = testrun.owner.as_deref() {
+            let (tasks, runs) = self.open_by_owner.get(owner).copied().unwrap_or_default();
+            let (max_tasks, max_runs) = (
+                self.cfg.limits.max_open_tasks_per_owner,
+                self.cfg.limits.max_open_runs_per_owner,
+            );
+            if tasks.saturating_add(new_tasks) > max_tasks {
+                self.count("submits_over_owner_quota", 1);
+                return Err((
+                    ErrorCode::LimitReached,
+                    format!(
+                        "user {owner} holds {tasks} unfinished tasks; {new_tasks} more would exceed the per-user quota of {max_tasks} (limits.max_open_tasks_per_owner): wait for some to finish, or cancel some"
+                    ),
+                ));
+            }
+            if runs >= max_runs {
+                self.count("submits_over_owner_quota", 1);
+                return Err((
+                    ErrorCode::LimitReached,
+                    format!(
+                        "user {owner} holds {runs} unfinished testruns, the per-user quota (limits.max_open_runs_per_owner): wait for some to finish, or cancel some"
+                    ),
+                ));
+            }
+            let entry = self.open_by_owner.entry(owner.to_string()).or_default();
+            entry.0 += new_tasks;
+            entry.1 += 1;
+        }
         let run: RunId = format!("r{}", self.next_run);
         self.next_run += 1;
         let key = testrun.device.routing_key();

@@ -2122,3 +2122,77 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
     let again = dispatch_seq(&out).expect("the re-queued task dispatched again");
     assert!(again > first, "dispatch numbered {again} after {first}");
 }
+
+/// Issue 21 (quotas): a user's unfinished tasks count against its own
+/// quota until they end; another user is not held back by them.
+#[test]
+fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
+    let mut lab = Lab::new();
+    lab.s.cfg.secure = true;
+    lab.s.cfg.limits.max_open_tasks_per_owner = 2;
+    let (alice, bob) = (peer("alice"), peer("bob"));
+    for (p, name) in [(&alice, "alice"), (&bob, "bob")] {
+        lab.s.on_authenticated(
+            p,
+            crate::security::Identity::User {
+                name: name.into(),
+                role: crate::security::Role::Submit,
+            },
+            "tcp://127.0.0.1:1".into(),
+        );
+    }
+    let submit = |lab: &mut Lab, p: &PeerId, packages: &[&str]| {
+        let body = Body::Submit {
+            request: 9,
+            testrun: TestrunRequest {
+                device: DeviceSpec::parse("devicegroup:nobody").unwrap(),
+                image: "img".into(),
+                packages: packages.iter().map(|p| p.to_string()).collect(),
+                distribution: Distribution::Perpackage,
+                timeout_secs: 60,
+                options: BTreeMap::new(),
+                queue_anyway: true,
+                secrets: Default::default(),
+                owner: None,
+                inputs: Default::default(),
+            },
+        };
+        lab.s.on_message(lab.now, p, env(false, 0, body));
+        let out = lab.outputs();
+        lab.s.take_changes();
+        out.into_iter().find_map(|o| match o {
+            Output::Send { peer, body, .. } if peer == *p => Some(body),
+            _ => None,
+        })
+    };
+    let run = match submit(&mut lab, &alice, &["a", "b"]) {
+        Some(Body::Submitted { run, .. }) => run,
+        other => panic!("{other:?}"),
+    };
+    match submit(&mut lab, &alice, &["c"]) {
+        Some(Body::Error {
+            code: ErrorCode::LimitReached,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("max_open_tasks_per_owner"), "{message}")
+        }
+        other => panic!("alice over her quota: {other:?}"),
+    }
+    assert!(matches!(
+        submit(&mut lab, &bob, &["x", "y"]),
+        Some(Body::Submitted { .. })
+    ));
+    // Alice's testrun ends (cancelled): her quota is free again.
+    lab.s.on_message(
+        lab.now,
+        &alice,
+        env(false, 0, Body::CancelRun { request: 10, run }),
+    );
+    lab.outputs();
+    lab.s.take_changes();
+    assert!(matches!(
+        submit(&mut lab, &alice, &["c"]),
+        Some(Body::Submitted { .. })
+    ));
+}

@@ -4,9 +4,21 @@
 use super::*;
 
 impl<S: Store> Scheduler<S> {
+    /// Takes a queued task out of its queue: the one of its testrun's
+    /// routing key only (not every queue of the server).
     pub(super) fn remove_from_queue(&mut self, id: &TaskId) {
-        for q in self.queues.values_mut() {
-            q.retain(|t| t != id);
+        let key = self
+            .tasks
+            .get(id)
+            .and_then(|t| self.runs.get(&t.run))
+            .map(|r| r.request.device.routing_key());
+        match key.and_then(|k| self.queues.get_mut(&k)) {
+            Some(q) => q.retain(|t| t != id),
+            None => {
+                for q in self.queues.values_mut() {
+                    q.retain(|t| t != id);
+                }
+            }
         }
     }
 

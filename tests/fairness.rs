@@ -63,3 +63,109 @@ fn a_user_filling_its_own_quota_leaves_others_able_to_submit() {
     let out = queue_one(&server, "quota-b");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// "Why is my task still waiting?": `queue` names, for every queued task,
+/// its owner and how many tasks of its owner and of others are ahead,
+/// and for each queue the workers that could take it and what each is
+/// doing — or that no worker has the device.
+#[test]
+fn the_queue_says_why_each_task_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let (conductor, go) = gated_conductor(dir.path());
+    let _w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    let run_on = |user: &str, group: &str| {
+        let out = server.as_user(user).submit(
+            &[
+                "run",
+                "--device",
+                group,
+                "--image",
+                "i",
+                "--packages",
+                "p",
+                "--queue-anyway",
+            ],
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    run_on("tester", "devicegroup:g"); // runs on w
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let shown = text(&submit(&server, &["workers", "--json"], LIMIT).stdout);
+        if shown.contains("\"busy\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "w never busy: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    for user in ["queue-a", "queue-a", "queue-b"] {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while !server
+            .as_user(user)
+            .submit(&["whoami"], LIMIT)
+            .status
+            .success()
+        {
+            assert!(std::time::Instant::now() < deadline, "{user} never allowed");
+            std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+        }
+        run_on(user, "devicegroup:g");
+    }
+    run_on("queue-b", "devicegroup:nowhere");
+    let out = submit(&server, &["queue", "--json"], LIMIT);
+    let queues: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["key"] == "g")
+        .expect("queue g");
+    let tasks = g["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 3, "{g:#}");
+    assert_eq!(tasks[2]["owner"], "queue-b", "{g:#}");
+    assert_eq!(
+        (
+            tasks[2]["ahead_own"].as_u64(),
+            tasks[2]["ahead_others"].as_u64()
+        ),
+        (Some(0), Some(2)),
+        "{g:#}"
+    );
+    assert_eq!(
+        (
+            tasks[1]["ahead_own"].as_u64(),
+            tasks[1]["ahead_others"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{g:#}"
+    );
+    assert!(
+        g["workers"][0]["doing"]
+            .as_str()
+            .unwrap()
+            .starts_with("busy with r1."),
+        "{g:#}"
+    );
+    let shown = text(&submit(&server, &["queue"], LIMIT).stdout);
+    assert!(
+        shown.contains("could run on: w (busy with r1.1)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("nowhere") && shown.contains("none is registered"),
+        "{shown}"
+    );
+    std::fs::write(&go, "").unwrap();
+}

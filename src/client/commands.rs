@@ -1085,22 +1085,55 @@ async fn queue(conn: &Conn) -> Result<i32, ClientError> {
         return Ok(exit::PASS);
     }
     println!(
-        "{:<24} {:>4} {:<14} {:<8} {:>8}",
-        "ROUTING KEY", "POS", "TASK", "RUN", "WAITING"
+        "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8}  AHEAD (OWN / OTHERS)",
+        "ROUTING KEY", "POS", "TASK", "RUN", "OWNER", "WAITING"
     );
     for q in queues {
         for t in &q.tasks {
             println!(
-                "{:<24} {:>4} {:<14} {:<8} {:>8}",
+                "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8}  {} / {}",
                 q.key,
                 t.position,
                 t.task,
                 t.run,
-                ago(t.age_ms)
+                escape_controls(t.owner.as_deref().unwrap_or("-")),
+                ago(t.age_ms),
+                t.ahead_own,
+                t.ahead_others
             );
         }
         if q.length > q.tasks.len() as u64 {
             println!("{:<24} … {} more", q.key, q.length - q.tasks.len() as u64);
+        }
+        // Why they wait: who could take them, and what each is doing.
+        if q.workers_total == 0 {
+            println!(
+                "{:<24} waiting for a worker with this device: none is registered",
+                q.key
+            );
+        } else {
+            let shown: Vec<String> = q
+                .workers
+                .iter()
+                .map(|w| {
+                    format!(
+                        "{} ({})",
+                        escape_controls(&w.name),
+                        escape_controls(&w.doing)
+                    )
+                })
+                .collect();
+            let more = q.workers_total.saturating_sub(q.workers.len() as u64);
+            println!(
+                "{:<24} could run on: {}{}",
+                q.key,
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     Ok(exit::PASS)

@@ -411,6 +411,21 @@ pub struct QueueInfo {
     /// Queued tasks under the key in all (the list may be cut short).
     pub length: u64,
     pub tasks: Vec<QueuedTask>,
+    /// Why they wait: the workers that could take them and what each is
+    /// doing (at most 64 listed; `workers_total` counts all).
+    #[serde(default)]
+    pub workers: Vec<QueueWorker>,
+    #[serde(default)]
+    pub workers_total: u64,
+}
+
+/// A worker that could take a queue's tasks, and what keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueWorker {
+    pub name: String,
+    /// `busy with TASK`, `idle`, `drained`, `lost`, `stopped` or
+    /// `registering` (connected, not asked for work yet).
+    pub doing: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -420,6 +435,14 @@ pub struct QueuedTask {
     /// 1 = next to be dispatched under this key.
     pub position: u64,
     pub age_ms: u64,
+    /// Who submitted it (with security).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Tasks ahead of it under this key: its owner's, and others'.
+    #[serde(default)]
+    pub ahead_own: u64,
+    #[serde(default)]
+    pub ahead_others: u64,
 }
 
 /// Worker state in the server's registry.

@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// Queued tasks listed per routing key at most.
+const QUEUE_SHOWN: usize = 1000;
+
+/// Workers listed per queue at most (all are counted).
+const QUEUE_WORKERS_SHOWN: usize = 64;
+
 impl<S: Store> Scheduler<S> {
     /// Testruns newest first, filtered; at most `limit`, looking at no
     /// more than 10 000 (the newest) to find them.
@@ -43,29 +49,80 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The queues, each with its first 1000 tasks.
+    /// The queues, and why their tasks wait: for each task its owner and
+    /// who is ahead, for each queue the workers that could take it and
+    /// what each is doing. One pass over the workers, then per queue at
+    /// most [`QUEUE_SHOWN`] tasks: the cost does not grow with what a
+    /// client queued.
     pub(super) fn list_queue(&self, now: Instant) -> Vec<QueueInfo> {
+        let mut by_key: HashMap<&str, Vec<&Worker>> = HashMap::new();
+        let keys: Vec<(String, &Worker)> = self
+            .workers
+            .values()
+            .flat_map(|w| w.routing_keys().into_iter().map(move |k| (k, w)))
+            .collect();
+        for (k, w) in &keys {
+            by_key.entry(k.as_str()).or_default().push(w);
+        }
         self.queues
             .iter()
             .filter(|(_, q)| !q.is_empty())
-            .map(|(key, q)| QueueInfo {
-                key: key.clone(),
-                length: q.len() as u64,
-                tasks: q
+            .map(|(key, q)| {
+                let mut seen: HashMap<Option<&str>, u64> = HashMap::new();
+                let tasks = q
                     .iter()
-                    .take(1000)
+                    .take(QUEUE_SHOWN)
                     .enumerate()
                     .filter_map(|(i, id)| {
                         let t = self.tasks.get(id)?;
+                        let owner = self
+                            .runs
+                            .get(&t.run)
+                            .and_then(|r| r.request.owner.as_deref());
+                        let own = seen.get(&owner).copied().unwrap_or(0);
+                        *seen.entry(owner).or_default() += 1;
                         Some(QueuedTask {
                             task: id.clone(),
                             run: t.run.clone(),
                             position: i as u64 + 1,
                             age_ms: now.saturating_duration_since(t.queued_at).as_millis() as u64,
+                            owner: owner.map(str::to_string),
+                            ahead_own: own,
+                            ahead_others: i as u64 - own,
                         })
                     })
-                    .collect(),
+                    .collect();
+                let able = by_key.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+                QueueInfo {
+                    key: key.clone(),
+                    length: q.len() as u64,
+                    tasks,
+                    workers: able
+                        .iter()
+                        .take(QUEUE_WORKERS_SHOWN)
+                        .map(|w| QueueWorker {
+                            name: w.name.clone(),
+                            doing: self.doing(w),
+                        })
+                        .collect(),
+                    workers_total: able.len() as u64,
+                }
             })
             .collect()
+    }
+
+    /// What keeps a worker from a queued task, in a word or two.
+    fn doing(&self, w: &Worker) -> String {
+        if let Some(task) = &w.task {
+            return format!("busy with {task}");
+        }
+        match w.state {
+            WorkerState::Lost => "lost".into(),
+            WorkerState::Stopped => "stopped".into(),
+            _ if self.drained.contains(&w.name) => "drained".into(),
+            _ if w.ready_since.is_some() => "idle".into(),
+            _ => "registering".into(),
+        }
     }
 
     /// What a metrics scrape shows (called per scrape, not per message).

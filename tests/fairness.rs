@@ -167,5 +167,40 @@ fn the_queue_says_why_each_task_waits() {
         shown.contains("nowhere") && shown.contains("none is registered"),
         "{shown}"
     );
+    // `status` says the same for each of a testrun's queued tasks.
+    let st = current_status(&server, "r4");
+    let w = &st["tasks"][0]["waiting"];
+    assert_eq!(
+        (
+            w["position"].as_u64(),
+            w["ahead_own"].as_u64(),
+            w["ahead_others"].as_u64()
+        ),
+        (Some(3), Some(0), Some(2)),
+        "{st:#}"
+    );
+    let shown = text(
+        &server
+            .as_user("queue-b")
+            .submit(&["status", "r4"], LIMIT)
+            .stdout,
+    );
+    assert!(
+        shown.contains("waiting: position 3 under g (0 of the same owner and 2 of others ahead); could run on w (busy with r1.1)"),
+        "{shown}"
+    );
+    let shown = text(
+        &server
+            .as_user("queue-b")
+            .submit(&["status", "r5"], LIMIT)
+            .stdout,
+    );
+    assert!(
+        shown.contains("no registered worker has this device"),
+        "{shown}"
+    );
     std::fs::write(&go, "").unwrap();
+    // Once they run, nothing says they wait.
+    let st = wait_status(&server, "r4", LIMIT, finished);
+    assert!(st["tasks"][0].get("waiting").is_none(), "{st:#}");
 }

@@ -797,6 +797,37 @@ fn print_summary(status: &RunStatus) {
             t.worker.as_deref().unwrap_or("-"),
             t.attempts
         );
+        if let Some(w) = &t.waiting {
+            let could = if w.workers_total == 0 {
+                "no registered worker has this device".to_string()
+            } else {
+                let shown: Vec<String> = w
+                    .workers
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{} ({})",
+                            escape_controls(&x.name),
+                            escape_controls(&x.doing)
+                        )
+                    })
+                    .collect();
+                let more = w.workers_total.saturating_sub(w.workers.len() as u64);
+                format!(
+                    "could run on {}{}",
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                )
+            };
+            println!(
+                "    waiting: position {} under {} ({} of the same owner and {} of others ahead); {could}",
+                w.position, w.key, w.ahead_own, w.ahead_others
+            );
+        }
         if !t.log_gaps.is_empty() {
             let lost: u64 = t.log_gaps.iter().map(|(a, b)| b - a + 1).sum();
             println!(

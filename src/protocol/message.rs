@@ -326,6 +326,24 @@ pub struct TaskStatus {
     /// Every state change of the task, oldest first.
     #[serde(default)]
     pub history: Vec<StateChange>,
+    /// While queued: why it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+}
+
+/// Why a queued task waits: where it stands under its routing key and
+/// what the workers that could take it are doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub key: String,
+    /// 1 = next to be dispatched under the key.
+    pub position: u64,
+    /// Tasks ahead of it: of the same owner, and of others.
+    pub ahead_own: u64,
+    pub ahead_others: u64,
+    /// At most 64 listed; `workers_total` counts all.
+    pub workers: Vec<QueueWorker>,
+    pub workers_total: u64,
 }
 
 /// One state change of a task, as kept in its history.

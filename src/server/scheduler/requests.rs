@@ -394,6 +394,7 @@ impl<S: Store> Scheduler<S> {
                 format!("no testrun {run:?} on this server"),
             )
         })?;
+        let mut waiting = self.waiting_of(run);
         Ok(RunStatus {
             run: run.clone(),
             state: r.state,
@@ -422,6 +423,7 @@ impl<S: Store> Scheduler<S> {
                             .unwrap_or_default(),
                         files: t.files.clone(),
                         history: t.history.clone(),
+                        waiting: waiting.remove(id),
                     }
                 })
                 .collect(),

@@ -111,6 +111,67 @@ impl<S: Store> Scheduler<S> {
             .collect()
     }
 
+    /// Why the queued tasks of `run` wait (task → its standing): one pass
+    /// over its routing key's queue and one over the workers.
+    pub(super) fn waiting_of(&self, run: &RunId) -> HashMap<TaskId, Waiting> {
+        let mut out = HashMap::new();
+        let Some(r) = self.runs.get(run) else {
+            return out;
+        };
+        if !r.tasks.iter().any(|t| {
+            self.tasks
+                .get(t)
+                .is_some_and(|t| t.state == TaskState::Queued)
+        }) {
+            return out;
+        }
+        let key = r.request.device.routing_key();
+        let owner = r.request.owner.as_deref();
+        let able: Vec<&Worker> = self
+            .workers
+            .values()
+            .filter(|w| w.routing_keys().contains(&key))
+            .collect();
+        let workers: Vec<QueueWorker> = able
+            .iter()
+            .take(QUEUE_WORKERS_SHOWN)
+            .map(|w| QueueWorker {
+                name: w.name.clone(),
+                doing: self.doing(w),
+            })
+            .collect();
+        let (mut own, mut others) = (0u64, 0u64);
+        for (i, id) in self.queues.get(&key).into_iter().flatten().enumerate() {
+            let Some(t) = self.tasks.get(id) else {
+                continue;
+            };
+            let same = self
+                .runs
+                .get(&t.run)
+                .and_then(|r| r.request.owner.as_deref())
+                == owner;
+            if t.run == *run {
+                out.insert(
+                    id.clone(),
+                    Waiting {
+                        key: key.clone(),
+                        position: i as u64 + 1,
+                        ahead_own: own,
+                        ahead_others: others,
+                        workers: workers.clone(),
+                        workers_total: able.len() as u64,
+                    },
+                );
+            }
+            if same {
+                own += 1;
+            } else {
+                others += 1;
+            }
+        }
+        out
+    }
+
     /// What keeps a worker from a queued task, in a word or two.
     fn doing(&self, w: &Worker) -> String {
         if let Some(task) = &w.task {

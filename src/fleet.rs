@@ -245,20 +245,11 @@ async fn worker(
                         };
                         let Ok(env) = decode(frames) else { continue };
                         match &env.body {
-                            Body::Welcome { events_key, beat, heartbeat_ms, liveness, .. } if !up => {
+                            Body::Welcome { .. } if !up => {
                                 up = true;
                                 counters.registered.fetch_add(1, Ordering::Relaxed);
                                 counters.welcomes.fetch_add(1, Ordering::Relaxed);
-                                let mut key = [0u8; 32];
-                                if events_key.as_ref().is_some_and(|k| hex::decode_to_slice(k, &mut key).is_ok()) {
-                                    listener = Some(crate::security::broadcast::Listener::new(
-                                        key,
-                                        *beat,
-                                        Instant::now(),
-                                        Duration::from_millis((*heartbeat_ms).max(10)),
-                                        (*liveness).max(2),
-                                    ));
-                                }
+                                listener = crate::security::broadcast::Listener::from_welcome(&env.body, Instant::now());
                             }
                             Body::Dispatch { spec } => {
                                 let ack = Body::Ack { seq: env.header.seq };

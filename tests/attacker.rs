@@ -496,24 +496,6 @@ fn another_users_input_can_be_neither_probed_nor_named_by_its_hash() {
     assert_eq!(stored, vec![std::ffi::OsString::from(&sha)], "{stored:?}");
 }
 
-/// Creates `user` (role submit unless made before) and waits until the
-/// server has reloaded its allow-lists with it.
-fn wait_allowed(server: &ServerProc, user: &str) {
-    let deadline = Instant::now() + LIMIT;
-    while Instant::now() < deadline {
-        if server
-            .as_user(user)
-            .submit(&["whoami"], LIMIT)
-            .status
-            .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-    }
-    panic!("user {user} never allowed");
-}
-
 fn server_with(dir: &std::path::Path, keys: &std::sync::Arc<Keys>) -> ServerProc {
     start_server_keyed(
         &dir.join("server"),

@@ -38,16 +38,7 @@ fn a_user_filling_its_own_quota_leaves_others_able_to_submit() {
         ],
     );
     for user in ["quota-a", "quota-b"] {
-        let deadline = std::time::Instant::now() + LIMIT;
-        while !server
-            .as_user(user)
-            .submit(&["whoami"], LIMIT)
-            .status
-            .success()
-        {
-            assert!(std::time::Instant::now() < deadline, "{user} never allowed");
-            std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-        }
+        wait_allowed(&server, user);
     }
     for i in 0..10 {
         let out = queue_one(&server, "quota-a");
@@ -111,16 +102,7 @@ fn the_queue_says_why_each_task_waits() {
         std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
     }
     for user in ["queue-a", "queue-a", "queue-b"] {
-        let deadline = std::time::Instant::now() + LIMIT;
-        while !server
-            .as_user(user)
-            .submit(&["whoami"], LIMIT)
-            .status
-            .success()
-        {
-            assert!(std::time::Instant::now() < deadline, "{user} never allowed");
-            std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-        }
+        wait_allowed(&server, user);
         run_on(user, "devicegroup:g");
     }
     run_on("queue-b", "devicegroup:nowhere");

@@ -88,24 +88,6 @@ fn secured_server(dir: &std::path::Path, env: &[(&str, &str)]) -> ServerProc {
     )
 }
 
-/// Creates `user` (role submit unless made before) and waits until the
-/// server has reloaded its allow-lists with it.
-fn wait_allowed(server: &ServerProc, user: &str) {
-    let deadline = std::time::Instant::now() + LIMIT;
-    while std::time::Instant::now() < deadline {
-        if server
-            .as_user(user)
-            .submit(&["whoami"], LIMIT)
-            .status
-            .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-    }
-    panic!("user {user} never allowed");
-}
-
 #[test]
 fn an_unknown_worker_key_is_refused_gets_nothing_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();

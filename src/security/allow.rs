@@ -241,12 +241,16 @@ impl Loaded {
     }
 }
 
-/// One identity's entry, read from its files.
+/// An allow-list entry: the key and who it is.
+type Entry = (PublicKey, Identity);
+
+/// One identity's entry: its name checked, its companion file read.
 fn read_entry(
     path: &Path,
     name: String,
     users: bool,
-) -> Result<(PublicKey, Identity), SecurityError> {
+    key: PublicKey,
+) -> Result<Entry, SecurityError> {
     let bad = |reason: String| SecurityError::KeyFile {
         path: path.display().to_string(),
         reason,
@@ -256,7 +260,6 @@ fn read_entry(
             "{name:?} is not a valid identity name (1–64 of A–Z a–z 0–9 . _ -)"
         )));
     }
-    let key = super::keys::parse_public(path, &read_small(path)?)?;
     // The optional companion file (`.role` or `.device`): absent is the
     // default, present must be right.
     let companion = |ext: &str| -> Result<Option<(PathBuf, String)>, SecurityError> {
@@ -298,25 +301,11 @@ impl AllowList {
     /// documentation for what fails closed and how.
     pub fn load(workers_dir: &Path, users_dir: &Path) -> Result<Loaded, SecurityError> {
         let mut loaded = Loaded::default();
-        // Keys seen in more than one `.pub` file: every entry holding one
-        // is denied, whatever else is wrong with either (which name would
-        // be the right one is not ours to guess).
+        // Every entry read once; then keys seen in more than one `.pub`
+        // file deny every entry holding them, whatever else is wrong with
+        // either (which name would be the right one is not ours to guess).
+        let mut entries: Vec<(PathBuf, Result<Entry, SecurityError>)> = Vec::new();
         let mut paths_of: HashMap<PublicKey, Vec<PathBuf>> = HashMap::new();
-        for dir in [workers_dir, users_dir] {
-            if !dir.exists() {
-                continue;
-            }
-            for path in list_dir(dir)? {
-                if name_of(&path, "pub").is_none() {
-                    continue;
-                }
-                if let Ok(key) =
-                    read_small(&path).and_then(|t| super::keys::parse_public(&path, &t))
-                {
-                    paths_of.entry(key).or_default().push(path);
-                }
-            }
-        }
         for (dir, users) in [(workers_dir, false), (users_dir, true)] {
             if !dir.exists() {
                 continue;
@@ -332,30 +321,36 @@ impl AllowList {
                     loaded.untrusted_files.push(e);
                     continue;
                 }
-                match read_entry(&path, name, users) {
-                    Ok((key, identity)) => {
-                        let others: Vec<String> = paths_of
-                            .get(&key)
-                            .into_iter()
-                            .flatten()
-                            .filter(|p| **p != path)
-                            .map(|p| p.display().to_string())
-                            .collect();
-                        if !others.is_empty() {
-                            loaded.refused.push(SecurityError::KeyFile {
-                                path: path.display().to_string(),
-                                reason: format!(
-                                    "the same key is also in {}; one key, one identity: every entry with it is denied until only one remains",
-                                    others.join(", ")
-                                ),
-                            });
-                            continue;
-                        }
-                        loaded.list.by_key.insert(key, identity);
-                    }
-                    Err(e @ SecurityError::Untrusted { .. }) => loaded.untrusted_files.push(e),
-                    Err(e) => loaded.refused.push(e),
+                let key = read_small(&path).and_then(|t| super::keys::parse_public(&path, &t));
+                if let Ok(key) = &key {
+                    paths_of.entry(*key).or_default().push(path.clone());
                 }
+                let entry = key.and_then(|key| read_entry(&path, name, users, key));
+                entries.push((path, entry));
+            }
+        }
+        for (path, entry) in entries {
+            match entry {
+                Ok((key, identity)) => {
+                    let others: Vec<String> = paths_of[&key]
+                        .iter()
+                        .filter(|p| **p != path)
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    if others.is_empty() {
+                        loaded.list.by_key.insert(key, identity);
+                    } else {
+                        loaded.refused.push(SecurityError::KeyFile {
+                            path: path.display().to_string(),
+                            reason: format!(
+                                "the same key is also in {}; one key, one identity: every entry with it is denied until only one remains",
+                                others.join(", ")
+                            ),
+                        });
+                    }
+                }
+                Err(e @ SecurityError::Untrusted { .. }) => loaded.untrusted_files.push(e),
+                Err(e) => loaded.refused.push(e),
             }
         }
         Ok(loaded)

@@ -159,6 +159,32 @@ impl Listener {
         }
     }
 
+    /// From a `welcome` received at `now`: its `events_key`, `beat` and
+    /// rhythm (as the session adopts it: at least 10 ms, liveness at
+    /// least 2). None if the welcome names no key (no security) or a
+    /// malformed one.
+    pub fn from_welcome(body: &crate::protocol::Body, now: Instant) -> Option<Listener> {
+        let crate::protocol::Body::Welcome {
+            heartbeat_ms,
+            liveness,
+            events_key: Some(key),
+            beat,
+            ..
+        } = body
+        else {
+            return None;
+        };
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(key, &mut k).ok()?;
+        Some(Listener::new(
+            k,
+            *beat,
+            now,
+            Duration::from_millis((*heartbeat_ms).max(10)),
+            (*liveness).max(2),
+        ))
+    }
+
     /// Where the server's beat should be by our clock.
     fn expected(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.anchor).as_millis();

@@ -122,25 +122,10 @@ impl Connection {
     /// A welcome on the control connection names the key and beat its
     /// server signs broadcasts with.
     fn welcomed(&mut self, now: Instant, body: &Body) {
-        let Body::Welcome {
-            heartbeat_ms,
-            liveness,
-            events_key: Some(key),
-            beat,
-            ..
-        } = body
-        else {
-            return;
-        };
-        let mut k = [0u8; 32];
-        if self.channel.is_some() && hex::decode_to_slice(key, &mut k).is_ok() {
-            self.listener = Some(Listener::new(
-                k,
-                *beat,
-                now,
-                Duration::from_millis((*heartbeat_ms).max(10)),
-                (*liveness).max(2),
-            ));
+        if self.channel.is_some() {
+            if let Some(listener) = Listener::from_welcome(body, now) {
+                self.listener = Some(listener);
+            }
         }
     }
 }

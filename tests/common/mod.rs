@@ -614,6 +614,22 @@ pub fn gated_conductor(dir: &Path) -> (PathBuf, PathBuf) {
     (script, go)
 }
 
+/// Creates `user` (role submit unless made before) and waits, within 30 s,
+/// until the server has reloaded its allow-lists with it.
+pub fn wait_allowed(server: &ServerProc, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = server
+            .as_user(user)
+            .submit(&["whoami"], Duration::from_secs(30));
+        if out.status.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    panic!("user {user} never allowed");
+}
+
 /// The server's audit log as JSON Lines (`ots-submit audit --json`, admin).
 pub fn audit_json(server: &ServerProc) -> String {
     let out = submit(server, &["audit", "--json"], Duration::from_secs(30));

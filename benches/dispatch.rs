@@ -87,6 +87,7 @@ fn main() {
                         secrets: Default::default(),
                         owner: None,
                         inputs: Default::default(),
+                        priority: Default::default(),
                     },
                 }),
             );

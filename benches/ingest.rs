@@ -322,6 +322,7 @@ async fn submit_one(client: &mut ots::client::Client, packages: usize) {
             secrets: Default::default(),
             owner: None,
             inputs: Default::default(),
+            priority: Default::default(),
         })
         .await
         .unwrap();

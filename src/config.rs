@@ -6,6 +6,7 @@
 use crate::delivery::{DeliveryPolicy, OnServerLost, RetryPolicy};
 use crate::protocol::{DeviceProps, DeviceSpecError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -240,6 +241,27 @@ fn check_endpoint(key: &'static str, ep: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `[recovery]` of `conf/worker.toml`: an argument vector (no shell) the
+/// worker runs, with `timeout`, before a health check the server sends
+/// after a failure — a power cycle through pdudaemon, a USB hub reset.
+/// Its output goes into the check's log; a non-zero exit fails the check.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    pub command: Vec<String>,
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub timeout_secs: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            command: Vec::new(),
+            timeout_secs: 300,
+        }
+    }
+}
+
 /// `ots-server` configuration (`conf/server.toml`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -293,6 +315,81 @@ pub struct ServerConfig {
     pub workers_dir: PathBuf,
     /// `NAME.pub` (and `NAME.role`: submit, operator, admin) per user.
     pub users_dir: PathBuf,
+    /// Device health: infrastructure failures, suspicion, health checks.
+    pub health: HealthConfig,
+    /// Fair share between users and task priority.
+    pub fairshare: FairShareConfig,
+}
+
+/// `[health]` of `conf/server.toml` (README "Device health").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Infrastructure failures in a row that make a worker `suspect`.
+    pub suspect_after: u32,
+    /// Conductor exit statuses that mean the device or worker failed (not
+    /// the test): the task runs again on another worker.
+    pub infrastructure_exit_codes: Vec<i32>,
+    /// A `bad` worker is checked again after this, doubling per failed
+    /// check up to `retry_max`.
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub retry_min_secs: u64,
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub retry_max_secs: u64,
+    /// `[[health.check]]`: one health check per device group.
+    pub check: Vec<HealthCheckConfig>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            suspect_after: 2,
+            infrastructure_exit_codes: vec![3],
+            retry_min_secs: 600,
+            retry_max_secs: 24 * 3600,
+            check: Vec::new(),
+        }
+    }
+}
+
+/// One `[[health.check]]`: the testrun that tells whether a device of
+/// `devicegroup` works.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    pub devicegroup: String,
+    pub image: String,
+    pub packages: Vec<String>,
+    pub options: BTreeMap<String, String>,
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub timeout_secs: u64,
+    /// A `good` worker is checked again this long after its last check.
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub interval_secs: u64,
+}
+
+/// `[fairshare]` of `conf/server.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FairShareConfig {
+    /// Weight per user name (default 1, at most 1000).
+    pub users: BTreeMap<String, u32>,
+    /// Weight per role (submit, operator, admin) for users not listed.
+    pub roles: BTreeMap<String, u32>,
+    /// `high` moves a task this far ahead of its owner's other tasks,
+    /// `low` this far behind.
+    #[serde(deserialize_with = "crate::config::duration::secs")]
+    pub priority_lead_secs: u64,
+}
+
+impl Default for FairShareConfig {
+    fn default() -> Self {
+        FairShareConfig {
+            users: BTreeMap::new(),
+            roles: BTreeMap::new(),
+            priority_lead_secs: 600,
+        }
+    }
 }
 
 /// `[retention]` of `conf/server.toml`: ended testruns keep their result
@@ -532,6 +629,8 @@ impl Default for ServerConfig {
             previous_keys: Vec::new(),
             workers_dir: PathBuf::from("/etc/ots/workers.d"),
             users_dir: PathBuf::from("/etc/ots/users.d"),
+            health: HealthConfig::default(),
+            fairshare: FairShareConfig::default(),
         }
     }
 }
@@ -615,7 +714,125 @@ impl ServerConfig {
             }
         }
         self.limits.validate()?;
+        self.validate_health()?;
         Ok(())
+    }
+
+    fn validate_health(&self) -> Result<(), ConfigError> {
+        let h = &self.health;
+        if h.suspect_after < 1 {
+            return Err(invalid(
+                "health.suspect_after",
+                h.suspect_after,
+                "must be at least 1",
+            ));
+        }
+        if h.retry_min_secs < 1 || h.retry_max_secs < h.retry_min_secs {
+            return Err(invalid(
+                "health.retry_min_secs",
+                h.retry_min_secs,
+                "must be at least 1 s and at most health.retry_max_secs",
+            ));
+        }
+        if h.infrastructure_exit_codes
+            .iter()
+            .any(|c| matches!(c, 0 | 1))
+        {
+            return Err(invalid(
+                "health.infrastructure_exit_codes",
+                format!("{:?}", h.infrastructure_exit_codes),
+                "must not contain 0 or 1: those mean the tests ran",
+            ));
+        }
+        let mut groups = std::collections::BTreeSet::new();
+        for c in &h.check {
+            let key = "health.check";
+            let group = &c.devicegroup;
+            let spec = crate::protocol::DeviceSpec::parse(&format!("devicegroup:{group}"));
+            if group.is_empty() || spec.is_err() {
+                return Err(invalid(
+                    key,
+                    group,
+                    "devicegroup must be a device group name (no '.', ':' or whitespace)",
+                ));
+            }
+            if !groups.insert(group.clone()) {
+                return Err(invalid(
+                    key,
+                    group,
+                    "a device group has one health check; this one is given twice",
+                ));
+            }
+            if c.image.trim().is_empty() || c.packages.is_empty() {
+                return Err(invalid(
+                    key,
+                    group,
+                    "needs an image and at least one package",
+                ));
+            }
+            if c.timeout_secs < 1 || c.timeout_secs > crate::protocol::limits::MAX_TIMEOUT_SECS {
+                return Err(invalid(key, group, "timeout must be 1 s to 7 days"));
+            }
+            if c.interval_secs < 60 {
+                return Err(invalid(key, group, "interval must be at least 1 minute"));
+            }
+        }
+        for (who, w) in self.fairshare.users.iter().chain(&self.fairshare.roles) {
+            if *w < 1 || *w > crate::server::fairshare::MAX_WEIGHT {
+                return Err(invalid("fairshare", who, "weights must be 1–1000"));
+            }
+        }
+        if let Some(r) = self
+            .fairshare
+            .roles
+            .keys()
+            .find(|r| !matches!(r.as_str(), "submit" | "operator" | "admin"))
+        {
+            return Err(invalid(
+                "fairshare.roles",
+                r,
+                "roles are submit, operator and admin",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the scheduler's health and fair-share rules are made of.
+    pub fn health_policy(&self) -> crate::server::health::HealthPolicy {
+        crate::server::health::HealthPolicy {
+            suspect_after: self.health.suspect_after,
+            retry_min: std::time::Duration::from_secs(self.health.retry_min_secs),
+            retry_max: std::time::Duration::from_secs(self.health.retry_max_secs),
+        }
+    }
+
+    pub fn health_checks(&self) -> BTreeMap<String, crate::server::health::HealthCheck> {
+        self.health
+            .check
+            .iter()
+            .map(|c| {
+                (
+                    c.devicegroup.clone(),
+                    crate::server::health::HealthCheck {
+                        image: c.image.clone(),
+                        packages: c.packages.clone(),
+                        options: c.options.clone(),
+                        timeout_secs: c.timeout_secs,
+                        interval: std::time::Duration::from_secs(c.interval_secs),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn weights(&self) -> BTreeMap<String, u32> {
+        let users = self.fairshare.users.iter().map(|(u, w)| (u.clone(), *w));
+        let roles = self
+            .fairshare
+            .roles
+            .iter()
+            .map(|(r, w)| (format!("role:{r}"), *w));
+        users.chain(roles).collect()
     }
 
     /// The keys and allow-lists `security = "noise"` needs, loaded and
@@ -879,6 +1096,9 @@ pub struct WorkerConfig {
     /// The device's serial console (`[serial]`; off without `port`).
     pub serial: crate::worker::console::SerialConfig,
     pub conductor: ConductorConfig,
+    /// What repairs the device before a health check that follows a
+    /// failure (`[recovery]`; off without `command`).
+    pub recovery: RecoveryConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
     /// This worker's private key (`ots-worker keygen`), mode 0600; its
@@ -919,6 +1139,7 @@ impl Default for WorkerConfig {
             log_level: "info".into(),
             serial: Default::default(),
             conductor: ConductorConfig::default(),
+            recovery: RecoveryConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.d/{name}.key"),
             server_key: PathBuf::from("/etc/ots/server.pub"),
@@ -951,7 +1172,11 @@ impl WorkerConfig {
             "OTS_WORKER",
             &files,
             overrides,
-            &["conductor.command", "conductor.result_globs"],
+            &[
+                "conductor.command",
+                "conductor.result_globs",
+                "recovery.command",
+            ],
         )?;
         // The conductor runs in a fresh working folder, so a relative
         // program path is resolved now, against ots-worker's own.

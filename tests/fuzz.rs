@@ -168,6 +168,7 @@ fn body() -> impl Strategy<Value = Body> {
                     secrets: Default::default(),
                     owner: None,
                     inputs: Default::default(),
+                    priority: Default::default(),
                 },
             }
         ),
@@ -396,7 +397,7 @@ proptest! {
                 3 => (id(), 1u32..3, 1u64..60_000).prop_map(|(task, attempt, ttl_ms)| Body::Dispatch { spec: TaskSpec {
                     task, run: "r1".into(), attempt, image: "i".into(), packages: vec!["p".into()],
                     timeout_secs: 60, options: BTreeMap::new(), ttl_ms, sent_ms: 0, secrets: Default::default(),
-                    inputs: Default::default(), } }),
+                    inputs: Default::default(), health_check: false,recover: false, } }),
                 1 => id().prop_map(|task| Body::Cancel { task }),
                 1 => (id(), prop::option::of(1u32..3)).prop_map(|(task, attempt)| Body::TaskClosed { task, attempt, reason: "x".into() }),
                 1 => number().prop_map(|seq| Body::Ack { seq }),

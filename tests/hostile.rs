@@ -225,6 +225,8 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
                     sent_ms: 0,
                     secrets: Default::default(),
                     inputs: Default::default(),
+                    health_check: false,
+                    recover: false,
                 },
             },
             None,
@@ -349,6 +351,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
                 secrets: Default::default(),
                 owner: None,
                 inputs: Default::default(),
+                priority: Default::default(),
             })
             .await
             .unwrap_err()
@@ -802,6 +805,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     secrets: Default::default(),
                     owner: None,
                     inputs: Default::default(),
+                    priority: Default::default(),
                 },
             },
             None,

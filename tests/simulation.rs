@@ -398,6 +398,7 @@ impl Sim {
             secrets: Default::default(),
             owner: None,
             inputs: Default::default(),
+            priority: Default::default(),
         };
         let client = Bytes::from_static(b"client");
         let submit = Body::Submit {

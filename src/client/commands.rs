@@ -7,7 +7,8 @@ use crate::client::transfer::{Progress, Silent, Source};
 use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;
 use crate::protocol::{
-    DeviceSpec, Distribution, ProgressState, RunState, RunStatus, TestrunRequest, Verdict,
+    DeviceSpec, Distribution, HealthAction, Priority, ProgressState, RunState, RunStatus,
+    TestrunRequest, Verdict,
 };
 use crate::security::{Credentials, KeyPair, PublicKey};
 use clap::{Args, Parser, Subcommand};
@@ -182,6 +183,42 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// A worker's device health and its history: why it is good,
+    /// suspect, bad, in maintenance or retired.
+    Health {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a health check on a worker now (operator, admin): it goes
+    /// before any other task; pass makes it good, fail bad.
+    Check {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Put a worker into maintenance (`on`: no tasks, no checks) or take
+    /// it out (`off`: unknown until its health check passes) (operator,
+    /// admin).
+    Maintenance {
+        worker: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Why: kept in its health history and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Retire a worker: out of service for good (operator, admin);
+    /// `maintenance WORKER off` brings it back.
+    Retire {
+        worker: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Put a drained worker back to work (operator, admin).
     Undrain {
         worker: String,
@@ -269,6 +306,11 @@ pub struct RunArgs {
     /// Queue even if no known worker has a matching device.
     #[arg(long)]
     pub queue_anyway: bool,
+    /// Order among your own queued tasks: low, normal, high (high needs
+    /// role operator or admin). Other users' tasks are ordered by fair
+    /// share, not by priority.
+    #[arg(long, value_enum, default_value_t = Priority::Normal)]
+    pub priority: Priority,
     /// Start an embedded server and local workers, run the example
     /// conductor, and tear it all down afterwards.
     #[arg(long)]
@@ -494,6 +536,28 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Queue { conn } => queue(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
+        Command::Health { worker, conn } => health(&conn, &worker, None, "").await,
+        Command::Check { worker, conn } => {
+            health(&conn, &worker, Some(HealthAction::Check), "").await
+        }
+        Command::Maintenance {
+            worker,
+            state,
+            reason,
+            conn,
+        } => {
+            let action = if state == "on" {
+                HealthAction::MaintenanceOn
+            } else {
+                HealthAction::MaintenanceOff
+            };
+            health(&conn, &worker, Some(action), &reason).await
+        }
+        Command::Retire {
+            worker,
+            reason,
+            conn,
+        } => health(&conn, &worker, Some(HealthAction::Retire), &reason).await,
         Command::Audit { conn } => audit(&conn).await,
         Command::Whoami { conn } => whoami(&conn).await,
         Command::Logs {
@@ -589,6 +653,7 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
         secrets: args.secrets.iter().cloned().collect::<BTreeMap<_, _>>(),
         inputs: Vec::new(),
         owner: None,
+        priority: args.priority,
     };
     let mut testrun = testrun;
     let mut client = match args.conn.connect().await {
@@ -823,8 +888,12 @@ fn print_summary(status: &RunStatus) {
                     }
                 )
             };
+            let estimate = match w.estimate_ms {
+                Some(ms) => format!("; may start in about {}", ago(ms)),
+                None => String::new(),
+            };
             println!(
-                "    waiting: position {} under {} ({} of the same owner and {} of others ahead); {could}",
+                "    waiting: position {} under {} ({} of the same owner and {} of others ahead); {could}{estimate}",
                 w.position, w.key, w.ahead_own, w.ahead_others
             );
         }
@@ -985,6 +1054,62 @@ async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32, ClientErro
     Ok(exit::PASS)
 }
 
+async fn health(
+    conn: &Conn,
+    worker: &str,
+    action: Option<HealthAction>,
+    reason: &str,
+) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let (w, history) = client.worker_health(worker, action, reason).await?;
+    if conn.json {
+        let v = serde_json::json!({ "worker": w, "history": history });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("report serialises")
+        );
+        return Ok(exit::PASS);
+    }
+    match action {
+        Some(HealthAction::Check) => println!(
+            "health check of {} queued: it runs before any other task",
+            w.name
+        ),
+        Some(_) => println!("worker {} is now {}", w.name, w.health),
+        None => {}
+    }
+    println!(
+        "{}: {} since {} UTC: {}",
+        w.name,
+        w.health,
+        datetime(w.health_since_ms),
+        escape_controls(&w.health_reason)
+    );
+    if w.drained {
+        println!(
+            "drained (it stays drained whatever its health: ots-submit undrain {})",
+            w.name
+        );
+    }
+    if action.is_none() {
+        println!("history (oldest first):");
+        for c in &history {
+            let what = if c.from == c.to {
+                format!("{}", c.to)
+            } else {
+                format!("{} -> {}", c.from, c.to)
+            };
+            println!(
+                "  {} UTC  {:<24} {}",
+                datetime(c.at_ms),
+                what,
+                escape_controls(&c.reason)
+            );
+        }
+    }
+    Ok(exit::PASS)
+}
+
 async fn audit(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let text = client.audit().await?;
@@ -1116,19 +1241,20 @@ async fn queue(conn: &Conn) -> Result<i32, ClientError> {
         return Ok(exit::PASS);
     }
     println!(
-        "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8}  AHEAD (OWN / OTHERS)",
-        "ROUTING KEY", "POS", "TASK", "RUN", "OWNER", "WAITING"
+        "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8} {:>9}  AHEAD (OWN / OTHERS)",
+        "ROUTING KEY", "POS", "TASK", "RUN", "OWNER", "WAITING", "STARTS IN"
     );
     for q in queues {
         for t in &q.tasks {
             println!(
-                "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8}  {} / {}",
+                "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8} {:>9}  {} / {}",
                 q.key,
                 t.position,
                 t.task,
                 t.run,
                 escape_controls(t.owner.as_deref().unwrap_or("-")),
                 ago(t.age_ms),
+                t.estimate_ms.map_or("?".to_string(), |ms| format!("~{}", ago(ms))),
                 t.ahead_own,
                 t.ahead_others
             );
@@ -1182,8 +1308,8 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
         println!("no workers registered");
     } else {
         println!(
-            "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} DEVICE",
-            "NAME", "STATE", "DRAINED", "TASK", "LAST HEARD", "VERSION", "CONSOLE"
+            "{:<20} {:<8} {:<11} {:<7} {:<14} {:>10} {:<10} {:<12} DEVICE",
+            "NAME", "STATE", "HEALTH", "DRAINED", "TASK", "LAST HEARD", "VERSION", "CONSOLE"
         );
         for w in workers {
             let pinned = match &w.pinned {
@@ -1191,9 +1317,10 @@ async fn workers(conn: &Conn) -> Result<i32, ClientError> {
                 None => String::new(),
             };
             println!(
-                "{:<20} {:<8} {:<7} {:<14} {:>10} {:<10} {:<12} {}{pinned}",
+                "{:<20} {:<8} {:<11} {:<7} {:<14} {:>10} {:<10} {:<12} {}{pinned}",
                 w.name,
                 format!("{:?}", w.state).to_lowercase(),
+                w.health.as_str(),
                 if w.drained { "yes" } else { "no" },
                 w.task.as_deref().unwrap_or("-"),
                 format!("{} ago", ago(w.last_heard_ms_ago)),

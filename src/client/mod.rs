@@ -10,8 +10,8 @@ pub mod follow;
 pub mod transfer;
 
 use crate::protocol::{
-    self, Body, ErrorCode, Header, RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo,
-    PROTOCOL_VERSION,
+    self, Body, ErrorCode, Header, HealthAction, HealthChange, RunId, RunStatus, TaskId,
+    TestrunRequest, WorkerInfo, PROTOCOL_VERSION,
 };
 use crate::security::link::{self, LinkError};
 use crate::security::{Channel, Credentials, Identity};
@@ -471,6 +471,33 @@ impl Client {
         {
             (Body::Workers { mut workers, .. }, _) if workers.len() == 1 => Ok(workers.remove(0)),
             (other, _) => Err(unexpected("workers", &other)),
+        }
+    }
+
+    /// A worker's health and history, after `action` if any (operator).
+    pub async fn worker_health(
+        &mut self,
+        worker: &str,
+        action: Option<HealthAction>,
+        reason: &str,
+    ) -> Result<(WorkerInfo, Vec<HealthChange>), ClientError> {
+        let (worker, reason) = (worker.to_string(), reason.to_string());
+        match self
+            .request(|request| Body::WorkerHealth {
+                request,
+                worker,
+                action,
+                reason,
+            })
+            .await?
+        {
+            (
+                Body::HealthReport {
+                    worker, history, ..
+                },
+                _,
+            ) => Ok((worker, history)),
+            (other, _) => Err(unexpected("health_report", &other)),
         }
     }
 

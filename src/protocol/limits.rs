@@ -767,6 +767,10 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         }
         Body::Follow { run, .. } => check_id(kind, "run", run)?,
         Body::DrainWorker { worker, .. } => check_id(kind, "worker", worker)?,
+        Body::WorkerHealth { worker, reason, .. } => {
+            check_id(kind, "worker", worker)?;
+            check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
+        }
         Body::GetAudit { offset, .. } => check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?,
         Body::GetStatus { run, .. } | Body::CancelRun { run, .. } => check_id(kind, "run", run)?,
         Body::GetEvents { run, from, .. } => {
@@ -801,6 +805,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::Status { .. }
         | Body::Events { .. }
         | Body::Workers { .. }
+        | Body::HealthReport { .. }
         | Body::Runs { .. }
         | Body::Queue { .. }
         | Body::Data { .. }

@@ -112,6 +112,40 @@ pub struct TestrunRequest {
     /// security.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Order among its owner's queued tasks (PROTOCOL.md §5.4): `high`
+    /// needs role operator or admin.
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+}
+
+/// A testrun's standing among its owner's queued tasks.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+}
+
+/// What an operator does to a worker's health (`worker_health`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthAction {
+    /// Run a health check now.
+    Check,
+    MaintenanceOn,
+    /// Out of maintenance (or retirement): `unknown`, checked again.
+    MaintenanceOff,
+    Retire,
 }
 
 /// One task as the worker receives it.
@@ -145,6 +179,13 @@ pub struct TaskSpec {
     /// only the worker that runs the task, inside the sealed dispatch.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
+    /// A health check of the worker's device (PROTOCOL.md §5.5).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
+    /// Run the worker's `[recovery] command` before this task: a health
+    /// check that follows a failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recover: bool,
 }
 
 /// Which stream of the conductor a log line came from.
@@ -344,6 +385,9 @@ pub struct Waiting {
     /// At most 64 listed; `workers_total` counts all.
     pub workers: Vec<QueueWorker>,
     pub workers_total: u64,
+    /// As in `QueuedTask`.
+    #[serde(default)]
+    pub estimate_ms: Option<u64>,
 }
 
 /// One state change of a task, as kept in its history.
@@ -406,6 +450,72 @@ pub struct WorkerInfo {
     /// (`workers.d/NAME.device`) or the device of its first registration.
     #[serde(default)]
     pub pinned: Option<String>,
+    /// What the server believes about its device (PROTOCOL.md §5.5), why,
+    /// and since when (Unix ms).
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub health_reason: String,
+    #[serde(default)]
+    pub health_since_ms: u64,
+}
+
+/// A worker's device health (PROTOCOL.md §5.5): only `good` workers get
+/// ordinary tasks; `unknown`, `suspect` and `bad` ones get health checks.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// New, or its device changed: not checked yet.
+    #[default]
+    Unknown,
+    Good,
+    /// Infrastructure failures: no ordinary task until a check passes.
+    Suspect,
+    /// A health check failed: checked again after a backoff.
+    Bad,
+    /// Set by an operator: no tasks, no checks until it is set off.
+    Maintenance,
+    /// Set by an operator: out of service for good.
+    Retired,
+}
+
+impl Health {
+    pub const ALL: [Health; 6] = [
+        Health::Unknown,
+        Health::Good,
+        Health::Suspect,
+        Health::Bad,
+        Health::Maintenance,
+        Health::Retired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Good => "good",
+            Health::Suspect => "suspect",
+            Health::Bad => "bad",
+            Health::Maintenance => "maintenance",
+            Health::Retired => "retired",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One change of a worker's health (or a note on it: `from == to`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthChange {
+    pub at_ms: u64,
+    pub from: Health,
+    pub to: Health,
+    pub reason: String,
 }
 
 /// One testrun as `runs` lists it.
@@ -461,6 +571,10 @@ pub struct QueuedTask {
     pub ahead_own: u64,
     #[serde(default)]
     pub ahead_others: u64,
+    /// When it may start (ms from now), from recent task durations under
+    /// the key and its healthy workers; none without data.
+    #[serde(default)]
+    pub estimate_ms: Option<u64>,
 }
 
 /// Worker state in the server's registry.
@@ -801,6 +915,16 @@ pub enum Body {
         worker: String,
         drain: bool,
     },
+    /// A worker's health and its history; with `action`, an operator's
+    /// action first (operator, admin). Answered with `health_report`.
+    WorkerHealth {
+        request: u64,
+        worker: String,
+        #[serde(default)]
+        action: Option<HealthAction>,
+        #[serde(default)]
+        reason: String,
+    },
     /// Recent testruns, newest first (`limit` at most 1000), optionally of
     /// one state or owner; a `submit` user sees only its own.
     ListRuns {
@@ -903,6 +1027,13 @@ pub enum Body {
         request: u64,
         workers: Vec<WorkerInfo>,
     },
+    /// Answer to `worker_health`: the worker as `workers` shows it and
+    /// its health changes, oldest first (the last 100).
+    HealthReport {
+        request: u64,
+        worker: WorkerInfo,
+        history: Vec<HealthChange>,
+    },
     /// Bytes of a log or file are the third frame.
     Data {
         request: u64,
@@ -985,6 +1116,8 @@ impl Body {
             | Body::GetFile { request, .. }
             | Body::Follow { request, .. }
             | Body::DrainWorker { request, .. }
+            | Body::WorkerHealth { request, .. }
+            | Body::HealthReport { request, .. }
             | Body::GetAudit { request, .. }
             | Body::InputOffer { request, .. }
             | Body::InputChunk { request, .. }
@@ -1039,6 +1172,8 @@ impl Body {
             Body::GetFile { .. } => "get_file",
             Body::Follow { .. } => "follow",
             Body::DrainWorker { .. } => "drain_worker",
+            Body::WorkerHealth { .. } => "worker_health",
+            Body::HealthReport { .. } => "health_report",
             Body::GetAudit { .. } => "get_audit",
             Body::ListRuns { .. } => "list_runs",
             Body::ListQueue { .. } => "list_queue",

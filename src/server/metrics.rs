@@ -21,7 +21,8 @@ type Labels = Vec<(String, String)>;
 
 /// What the scheduler reports for one scrape.
 pub struct Snapshot {
-    pub workers_by_state: BTreeMap<String, u64>,
+    /// (state, health) → workers.
+    pub workers_by_state: BTreeMap<(String, String), u64>,
     pub tasks_by_state: BTreeMap<String, u64>,
     /// (routing key, queued tasks, age of the oldest in seconds)
     pub queues: Vec<(String, u64, f64)>,
@@ -58,7 +59,11 @@ impl Metrics {
         let events = Family::<Labels, Counter>::default();
         let commit_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
         let tick_gap_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register("workers", "Registered workers by state", workers.clone());
+        registry.register(
+            "workers",
+            "Registered workers by state and device health",
+            workers.clone(),
+        );
         registry.register(
             "tasks",
             "Unfinished (and just finished) tasks by state",
@@ -115,9 +120,9 @@ impl Metrics {
     /// The page for one scrape.
     pub fn render(&mut self, snap: Snapshot) -> String {
         self.workers.clear();
-        for (state, n) in snap.workers_by_state {
+        for ((state, health), n) in snap.workers_by_state {
             self.workers
-                .get_or_create(&vec![("state".into(), state)])
+                .get_or_create(&vec![("state".into(), state), ("health".into(), health)])
                 .set(n as i64);
         }
         self.tasks.clear();

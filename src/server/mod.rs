@@ -3,6 +3,8 @@
 //!
 //! - [`scheduler`]: the I/O-free state machine (registry, queues, verdicts).
 //! - [`distribution`]: testrun → tasks.
+//! - [`fairshare`]: who is next within a routing key (I/O-free).
+//! - [`health`]: device health rules (I/O-free).
 //! - [`verdict`]: JUnit parsing and verdict rules.
 //! - [`store`]: task logs on disk.
 //! - [`files`]: the file desk: result file writes, hashes and reads off the loop.
@@ -10,7 +12,9 @@
 
 pub mod db;
 pub mod distribution;
+pub mod fairshare;
 pub mod files;
+pub mod health;
 pub mod metrics;
 pub mod scheduler;
 pub mod service;

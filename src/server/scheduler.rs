@@ -21,6 +21,8 @@ use crate::protocol::limits;
 use crate::protocol::*;
 use crate::server::db::HistoryRow;
 use crate::server::distribution;
+use crate::server::fairshare;
+use crate::server::health::{HealthCheck, HealthPolicy, WorkerHealth};
 use crate::server::store::{Store, StoreError};
 use crate::server::verdict::{run_verdict, task_verdict};
 use bytes::Bytes;
@@ -74,6 +76,19 @@ pub struct SchedulerConfig {
     /// With security: the public half of the key the shell signs
     /// broadcasts with, told to each worker in its sealed welcome.
     pub events_key: Option<[u8; 32]>,
+    /// When a worker turns suspect and how a bad one is retried.
+    pub health: HealthPolicy,
+    /// Conductor exit statuses that mean "the device or the worker
+    /// failed", not the test: the task runs again on another worker.
+    pub infrastructure_exit_codes: Vec<i32>,
+    /// Health checks per device group.
+    pub checks: BTreeMap<String, HealthCheck>,
+    /// Fair-share weights per user name or `role:ROLE` (default 1).
+    pub weights: BTreeMap<String, u32>,
+    /// How far `high` moves a task ahead of its owner's other tasks, and
+    /// `low` behind: a low task waits at most twice this behind high
+    /// ones queued after it.
+    pub priority_lead: Duration,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -148,6 +163,11 @@ impl Default for SchedulerConfig {
             secure: false,
             secrets_key: None,
             events_key: None,
+            health: HealthPolicy::default(),
+            infrastructure_exit_codes: vec![3],
+            checks: BTreeMap::new(),
+            weights: BTreeMap::new(),
+            priority_lead: Duration::from_secs(600),
         }
     }
 }
@@ -188,6 +208,8 @@ struct Worker {
     dedup: DedupWindow,
     /// The server's mandatory messages to this worker session, until acked.
     outbox: Outbox,
+    /// What the server believes about its device.
+    health: WorkerHealth,
 }
 
 impl Worker {
@@ -244,6 +266,17 @@ struct Task {
     /// What each stored JUnit file of this attempt says, read by the file
     /// desk when it stored it.
     junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
+    /// Workers on which an attempt failed for infrastructure reasons, one
+    /// entry per failure (bounded by the attempts).
+    failed_on: Vec<String>,
+    /// Workers it is not given to again: where it failed, when another
+    /// worker could take it, or where it failed twice.
+    avoid: Vec<String>,
+    /// Its standing among its owner's queued tasks (fair share).
+    rank: fairshare::Rank,
+    /// A health check of this worker: never queued, dispatched to it
+    /// before anything else.
+    check_for: Option<String>,
 }
 
 struct Testrun {
@@ -263,6 +296,8 @@ struct Testrun {
     ended_ms: Option<u64>,
     /// What the retention policy removed, once it has.
     pruned: Option<Pruned>,
+    /// The owner's role at submit (for its fair-share weight).
+    role: Option<String>,
 }
 
 /// The scheduler. `S` stores logs and result files.
@@ -275,8 +310,18 @@ pub struct Scheduler<S: Store> {
     peers: HashMap<PeerId, String>,
     runs: BTreeMap<RunId, Testrun>,
     tasks: HashMap<TaskId, Task>,
-    /// Queued tasks per routing key, oldest first.
-    queues: BTreeMap<String, VecDeque<TaskId>>,
+    /// Queued tasks per routing key, in fair-share order.
+    queues: BTreeMap<String, fairshare::FairQueue>,
+    /// The unfinished health check of each worker that has one.
+    checks: BTreeMap<String, TaskId>,
+    /// Recent task durations (ms) per routing key, for the estimate of
+    /// when a queued task starts.
+    durations: HashMap<String, VecDeque<u64>>,
+    /// Health changes not yet taken by a notifier, oldest first (bounded:
+    /// the oldest go, counted).
+    health_changes: VecDeque<(String, HealthChange)>,
+    /// The health deadline on the heap per worker (Unix ms), at most one.
+    health_armed: HashMap<String, u64>,
     next_order: u64,
     next_run: u64,
     /// Sequence numbers of the server's non-mandatory messages (for logs
@@ -403,6 +448,10 @@ impl<S: Store> Scheduler<S> {
             runs: BTreeMap::new(),
             tasks: HashMap::new(),
             queues: BTreeMap::new(),
+            checks: BTreeMap::new(),
+            durations: HashMap::new(),
+            health_changes: VecDeque::new(),
+            health_armed: HashMap::new(),
             next_order: 0,
             next_run: 1,
             next_seq: 1,
@@ -749,6 +798,7 @@ impl<S: Store> Scheduler<S> {
 mod access;
 mod dispatch;
 mod endings;
+mod health;
 mod intake;
 mod persist;
 mod registry;
@@ -758,6 +808,7 @@ mod timers;
 mod uploads;
 mod views;
 pub use access::Caller;
+pub use health::CHECK_OWNER;
 pub use persist::RestoreError;
 #[cfg(test)]
 mod tests;

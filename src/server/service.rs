@@ -173,6 +173,11 @@ impl Server {
                     .as_ref()
                     .map(|c| c.keys[0].derive("ots testrun secrets at rest v1")),
                 events_key: announcer.as_ref().map(Announcer::public_key),
+                health: cfg.health_policy(),
+                infrastructure_exit_codes: cfg.health.infrastructure_exit_codes.clone(),
+                checks: cfg.health_checks(),
+                weights: cfg.weights(),
+                priority_lead: Duration::from_secs(cfg.fairshare.priority_lead_secs),
             },
             store,
             incarnation.clone(),

@@ -473,6 +473,8 @@ mod tests {
             sent_ms: 0,
             secrets: Default::default(),
             inputs: Default::default(),
+            health_check: false,
+            recover: false,
         }
     }
 

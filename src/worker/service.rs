@@ -824,6 +824,84 @@ fn attach(
 /// files the current task does not use are removed.
 const INPUT_CACHE_BYTES: u64 = 4 << 30;
 
+/// Runs the worker's `[recovery] command` before a health check that
+/// follows a failure (PROTOCOL.md §5.5): a power cycle, a USB reset. Its
+/// output goes into the check's log; it must exit 0 within its timeout,
+/// or the check fails saying why.
+async fn recover(
+    cfg: &WorkerConfig,
+    device: &crate::protocol::DeviceProps,
+    work_dir: &Path,
+    channel: &mut ResponseChannel,
+    stop: watch::Receiver<Stop>,
+) -> Result<(), String> {
+    let r = &cfg.recovery;
+    if r.command.is_empty() {
+        channel.log(
+            Stream::Worker,
+            "health check after a failure: this worker has no [recovery] command; checking the device as it is".into(),
+        );
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(r.timeout_secs);
+    channel.log(
+        Stream::Worker,
+        format!(
+            "recovery: running {:?} (timeout {})",
+            r.command,
+            humantime::format_duration(timeout)
+        ),
+    );
+    info!(command = ?r.command, "running the recovery command before a health check");
+    let (line_tx, mut line_rx) = mpsc::channel(4);
+    let run = conductor::Run {
+        argv: r.command.clone(),
+        work_dir: work_dir.to_path_buf(),
+        timeout,
+        kill_grace: Duration::from_millis(cfg.conductor.kill_grace_ms),
+        env: vec![
+            ("OTS_WORKER_NAME".into(), cfg.name.clone()),
+            ("OTS_DEVICE".into(), device.to_string()),
+        ],
+        pgid_file: None,
+        masker: conductor::Masker::new(&std::collections::BTreeMap::new()),
+    };
+    let handle = tokio::spawn(conductor::run(run, line_tx, stop));
+    while let Some(packed) = line_rx.recv().await {
+        channel.wait_for_room().await;
+        channel.log_packed(packed);
+    }
+    let outcome = handle
+        .await
+        .map_err(|e| format!("worker bug: recovery runner failed: {e}"))?;
+    let failed = match (
+        &outcome.failure,
+        outcome.timed_out,
+        outcome.signal,
+        outcome.exit_code,
+    ) {
+        (Some(f), ..) => Some(format!("cannot run it: {f}")),
+        (None, true, ..) => Some(format!(
+            "still running after {}, killed",
+            humantime::format_duration(timeout)
+        )),
+        (None, false, Some(sig), _) => Some(format!("killed by signal {sig}")),
+        (None, false, None, Some(0)) => None,
+        (None, false, None, Some(code)) => Some(format!("exit status {code}")),
+        (None, false, None, None) => Some("ended without an exit status".into()),
+    };
+    match failed {
+        None => {
+            channel.log(Stream::Worker, "recovery: done (exit 0)".into());
+            Ok(())
+        }
+        Some(why) => Err(format!(
+            "device/host failure: the recovery command {:?} ([recovery] command in the worker's configuration) failed: {why}",
+            r.command
+        )),
+    }
+}
+
 /// Fetches the task's input files from the server (with this worker's
 /// key, over a connection of their own) into the worker's cache, resuming
 /// and verifying each, and links them into the task's inputs folder under
@@ -993,6 +1071,19 @@ async fn run_task(
             Vec::new(),
         );
         return;
+    }
+    if spec.recover {
+        if let Err(failure) = recover(&cfg, &device, &work_dir, &mut channel, stop.clone()).await {
+            warn!(task = %spec.task, %failure, "health check failed before the conductor started");
+            channel.finish(
+                Outcome {
+                    failure: Some(failure),
+                    ..Outcome::default()
+                },
+                Vec::new(),
+            );
+            return;
+        }
     }
     if let Err(failure) = fetch_inputs(&cfg, &credentials, &spec, &inputs_dir, &mut channel).await {
         warn!(task = %spec.task, %failure, "task failed before the conductor started");

@@ -314,6 +314,8 @@ mod tests {
                     sent_ms: 0,
                     secrets: Default::default(),
                     inputs: Default::default(),
+                    health_check: false,
+                    recover: false,
                 },
                 finished: true,
                 aborted: false,

@@ -176,6 +176,12 @@ impl<S: Store> Scheduler<S> {
                         "{label} (role {}) may not drain workers; that needs role operator or admin",
                         role.as_str()
                     )),
+                    Body::WorkerHealth {
+                        action: Some(_), ..
+                    } if *role < Role::Operator => forbidden(format!(
+                        "{label} (role {}) may not change a worker's health (check, maintenance, retire); that needs role operator or admin",
+                        role.as_str()
+                    )),
                     Body::GetInput { .. } if *role < Role::Operator => forbidden(format!(
                         "{label} (role {}) may not read input files back; that needs role operator or admin",
                         role.as_str()
@@ -390,6 +396,9 @@ impl<S: Store> Scheduler<S> {
             version: self.versions.get(name).cloned(),
             console: self.consoles.get(name).cloned(),
             pinned: self.pins.get(name).cloned(),
+            health: w.health.health,
+            health_reason: w.health.reason.clone(),
+            health_since_ms: w.health.since_ms,
         }
     }
 

@@ -1,31 +1,90 @@
 //! Queues and dispatch: how a queued task reaches an idle worker, and how
 //! a task goes back to its queue.
+//!
+//! Within a routing key the next task is the fair-share pick
+//! ([`fairshare`]); a worker's health decides whether it takes ordinary
+//! tasks at all, and a health check of a worker goes to it before
+//! anything else.
 
+use super::health::CHECK_REASON_OPTION;
 use super::*;
 
+/// Ready workers looked at per queued task before giving up for now (a
+/// task an infrastructure failure keeps off some workers).
+const READY_SCAN: usize = 16;
+
 impl<S: Store> Scheduler<S> {
+    /// Owner, weight and fair-queue entry of a task.
+    fn queue_entry(&self, id: &TaskId) -> (String, String, u32, fairshare::Entry) {
+        let t = &self.tasks[id];
+        let r = &self.runs[&t.run];
+        let owner = r.request.owner.clone().unwrap_or_default();
+        let weight = self
+            .cfg
+            .weights
+            .get(&owner)
+            .or_else(|| {
+                r.role
+                    .as_ref()
+                    .and_then(|role| self.cfg.weights.get(&format!("role:{role}")))
+            })
+            .copied()
+            .unwrap_or(1);
+        (
+            r.request.device.routing_key(),
+            owner,
+            weight,
+            (t.rank, t.order, id.clone()),
+        )
+    }
+
+    /// Puts a task in its routing key's queue (a health check waits for
+    /// its worker instead). Returns the key.
+    pub(super) fn enqueue(&mut self, id: &TaskId) -> Option<String> {
+        if self.tasks[id].check_for.is_some() {
+            return None;
+        }
+        let (key, owner, weight, entry) = self.queue_entry(id);
+        self.queues
+            .entry(key.clone())
+            .or_default()
+            .push(&owner, weight, entry);
+        Some(key)
+    }
+
     /// Takes a queued task out of its queue: the one of its testrun's
     /// routing key only (not every queue of the server).
     pub(super) fn remove_from_queue(&mut self, id: &TaskId) {
-        let key = self
-            .tasks
-            .get(id)
-            .and_then(|t| self.runs.get(&t.run))
-            .map(|r| r.request.device.routing_key());
-        match key.and_then(|k| self.queues.get_mut(&k)) {
-            Some(q) => q.retain(|t| t != id),
-            None => {
-                for q in self.queues.values_mut() {
-                    q.retain(|t| t != id);
-                }
+        if !self.tasks.contains_key(id) || self.tasks[id].check_for.is_some() {
+            return;
+        }
+        let (key, owner, _, entry) = self.queue_entry(id);
+        if let Some(q) = self.queues.get_mut(&key) {
+            q.remove(&owner, &entry);
+            if q.is_empty() {
+                self.queues.remove(&key);
             }
+        }
+    }
+
+    /// The rank of a task queued now with `priority`.
+    pub(super) fn rank_of(&self, now: Instant, priority: Priority) -> fairshare::Rank {
+        let lead = i64::try_from(self.cfg.priority_lead.as_millis()).unwrap_or(i64::MAX / 4);
+        let at = i64::try_from(self.wall_ms(now)).unwrap_or(i64::MAX / 2);
+        match priority {
+            Priority::High => at.saturating_sub(lead),
+            Priority::Normal => at,
+            Priority::Low => at.saturating_add(lead),
         }
     }
 
     pub(super) fn requeue_or_fail(&mut self, now: Instant, id: &TaskId, why: String) {
         let attempts = self.tasks[id].attempts;
         let secrets_lost = self.runs[&self.tasks[id].run].secrets.is_none();
-        if secrets_lost {
+        if self.tasks[id].check_for.is_some() {
+            // A health check is not retried: its failure is the answer.
+            self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), why);
+        } else if secrets_lost {
             let reason = format!("{why}; not re-queued: the testrun's secrets could not be restored after a server restart (server key changed?); resubmit it");
             self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), reason);
         } else if attempts >= self.cfg.max_attempts {
@@ -34,6 +93,71 @@ impl<S: Store> Scheduler<S> {
         } else {
             self.requeue(now, id, why);
         }
+    }
+
+    /// An attempt failed because the device or the worker did: it counts
+    /// against the worker's health, and the task runs again on another
+    /// worker (never on one that failed it) within its attempts — or ends
+    /// in ERROR, saying so, when no other worker could take it.
+    pub(super) fn infrastructure_failure(
+        &mut self,
+        now: Instant,
+        id: &TaskId,
+        worker: &str,
+        why: String,
+    ) {
+        self.count("infrastructure_failures", 1);
+        self.health_event(
+            now,
+            worker,
+            crate::server::health::Event::InfraFailure { reason: &why },
+        );
+        if self.tasks[id].check_for.is_some() {
+            self.requeue_or_fail(now, id, why);
+            return;
+        }
+        // Kept off this worker if another one could take it; a second
+        // failure here keeps it off in any case.
+        let key = self.runs[&self.tasks[id].run].request.device.routing_key();
+        let t = &self.tasks[id];
+        let twice = t.failed_on.iter().any(|w| w == worker);
+        let matching = |w: &&String| {
+            self.workers
+                .get(*w)
+                .is_some_and(|w| w.routing_keys().contains(&key))
+        };
+        let mut kept_off: BTreeSet<&String> = t.avoid.iter().filter(matching).collect();
+        kept_off.insert(&self.workers[worker].name);
+        let others = self
+            .known
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(kept_off.len());
+        let t = self.tasks.get_mut(id).expect("task");
+        t.failed_on.push(worker.to_string());
+        if (others > 0 || twice) && !t.avoid.iter().any(|w| w == worker) {
+            t.avoid.push(worker.to_string());
+        }
+        self.touched.insert(id.clone());
+        if others == 0 && twice && self.tasks[id].attempts < self.cfg.max_attempts {
+            let tried = self.tasks[id].failed_on.join(", ");
+            let reason = format!(
+                "{why} (an infrastructure failure); no other worker for {key} to run it on (failed on: {tried})"
+            );
+            self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), reason);
+            return;
+        }
+        let elsewhere = if others > 0 {
+            "runs again on another worker"
+        } else {
+            "no other worker for it: runs again on this one"
+        };
+        self.requeue_or_fail(
+            now,
+            id,
+            format!("{why} (an infrastructure failure: {elsewhere})"),
+        );
     }
 
     pub(super) fn requeue(&mut self, now: Instant, id: &TaskId, why: String) {
@@ -46,26 +170,39 @@ impl<S: Store> Scheduler<S> {
         t.worker = None;
         t.since = now;
         t.reason = Some(why.clone());
-        let key = self.runs[&t.run].request.device.routing_key();
-        // Back to the front: it was first in line once already.
-        self.queues
-            .entry(key.clone())
-            .or_default()
-            .push_front(id.clone());
+        // Its rank is kept: it goes ahead of its owner's later tasks.
+        let key = self.enqueue(id);
         self.progress(id, ProgressState::Requeued, None, Some(why));
-        self.try_dispatch_key(now, &key);
+        match key {
+            Some(key) => self.try_dispatch_key(now, &key),
+            None => {
+                if let Some(w) = self.tasks[id].check_for.clone() {
+                    self.try_dispatch_worker(now, &w);
+                }
+            }
+        }
     }
 
-    /// True if `name` may be given a task now.
-    fn dispatchable(&self, name: &str) -> bool {
+    /// True if `name` is free to be given a task now (of some kind).
+    fn free(&self, name: &str) -> bool {
         self.workers
             .get(name)
             .is_some_and(|w| w.state == WorkerState::Idle && w.task.is_none() && w.peer.is_some())
             && !self.drained.contains(name)
     }
 
+    /// True if `name` may be given an ordinary task now: free, healthy,
+    /// and no health check of it waiting.
+    fn dispatchable(&self, name: &str) -> bool {
+        self.free(name)
+            && self.workers[name].health.takes_tasks()
+            && !self.checks.contains_key(name)
+    }
+
     /// The worker asked for work: it joins the ready index under each of
-    /// its routing keys, in the order workers became ready.
+    /// its routing keys, in the order workers became ready. Only a worker
+    /// that takes ordinary tasks is indexed; one with a health check due
+    /// gets it from [`Self::try_dispatch_worker`].
     pub(super) fn set_ready(&mut self, now: Instant, name: &str) {
         if self.drained.contains(name) {
             return; // drained: finishes what it has, gets nothing new
@@ -77,12 +214,28 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         w.ready_since = Some(now);
+        if !self.dispatchable(name) {
+            return;
+        }
+        let w = &self.workers[name];
         for key in w.routing_keys() {
             self.ready
                 .entry(key)
                 .or_default()
                 .insert((now, name.to_string()));
         }
+    }
+
+    /// The worker's eligibility changed (health, a check created or
+    /// ended): re-index it if it is waiting for work, and try it.
+    pub(super) fn reconsider(&mut self, now: Instant, name: &str) {
+        let Some(since) = self.workers.get(name).and_then(|w| w.ready_since) else {
+            return;
+        };
+        self.clear_ready(name);
+        // Keeps its place in line: it has been waiting since then.
+        self.set_ready(since, name);
+        self.try_dispatch_worker(now, name);
     }
 
     /// The worker is no longer waiting for work (dispatched, lost,
@@ -104,61 +257,103 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// A worker became ready: it gets the oldest task at the head of any
-    /// queue it matches. (No other ready worker can want that task: every
-    /// queued task already went to the longest-waiting ready worker that
-    /// matched it, so a ready worker never coexists with a task it
-    /// matches.) Cost: its three routing keys, whatever the fleet size.
+    /// A worker became ready: its health check if one waits, otherwise
+    /// (if it is healthy) the fair-share pick of the queues it matches —
+    /// among its routing keys the one whose pick has waited longest.
+    /// Cost: its three routing keys, whatever the fleet size.
     pub(super) fn try_dispatch_worker(&mut self, now: Instant, name: &str) {
+        if !self.free(name) || self.workers[name].ready_since.is_none() {
+            return;
+        }
+        if let Some(check) = self.checks.get(name).cloned() {
+            if self
+                .tasks
+                .get(&check)
+                .is_some_and(|t| t.state == TaskState::Queued)
+            {
+                self.dispatch(now, name, &check);
+            }
+            return;
+        }
         if !self.dispatchable(name) {
             return;
         }
         let keys = self.workers[name].routing_keys();
+        let tasks = &self.tasks;
+        let fits = |id: &str| {
+            tasks
+                .get(id)
+                .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
+        };
         let best = keys
             .iter()
             .filter_map(|k| {
-                self.queues
-                    .get(k)
-                    .and_then(|q| q.front())
-                    .map(|t| (self.tasks[t].order, k.clone()))
+                let (_, e) = self.queues.get(k)?.peek(fits)?;
+                Some(((e.0, e.1), k.clone()))
             })
             .min();
         if let Some((_, key)) = best {
-            let task = self
+            let tasks = &self.tasks;
+            let fits = |id: &str| {
+                tasks
+                    .get(id)
+                    .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
+            };
+            let (_, (_, _, task)) = self
                 .queues
                 .get_mut(&key)
-                .and_then(|q| q.pop_front())
-                .expect("head");
+                .and_then(|q| q.pop(fits))
+                .expect("peeked");
+            if self.queues.get(&key).is_some_and(|q| q.is_empty()) {
+                self.queues.remove(&key);
+            }
             self.dispatch(now, name, &task);
         }
     }
 
     /// Tasks were queued under `key`: they go to the ready workers that
-    /// match it, the one waiting longest first. Cost: what is dispatched,
-    /// whatever the number of idle workers elsewhere.
+    /// match it, the one waiting longest first (skipping, for a task, the
+    /// workers it must avoid). Cost: what is dispatched, plus at most
+    /// [`READY_SCAN`] workers per task, whatever the fleet size.
     pub(super) fn try_dispatch_key(&mut self, now: Instant, key: &str) {
-        while self.queues.get(key).is_some_and(|q| !q.is_empty()) {
-            let Some((since, name)) = self.ready.get(key).and_then(|s| s.first().cloned()) else {
+        'next: while self.queues.get(key).is_some_and(|q| !q.is_empty()) {
+            let candidates: Vec<(Instant, String)> = self
+                .ready
+                .get(key)
+                .map(|s| s.iter().take(READY_SCAN).cloned().collect())
+                .unwrap_or_default();
+            if candidates.is_empty() {
                 return;
-            };
-            let current = self.workers.get(&name).and_then(|w| w.ready_since) == Some(since);
-            if !current || !self.dispatchable(&name) {
-                // Not ready any more under this entry: forget it.
-                if let Some(set) = self.ready.get_mut(key) {
-                    set.remove(&(since, name.clone()));
-                }
-                if !current {
-                    continue;
-                }
-                self.clear_ready(&name);
-                continue;
             }
-            let task = self
-                .queues
-                .get_mut(key)
-                .and_then(|q| q.pop_front())
-                .expect("non-empty queue");
-            self.dispatch(now, &name, &task);
+            for (since, name) in candidates {
+                let current = self.workers.get(&name).and_then(|w| w.ready_since) == Some(since);
+                if !current || !self.dispatchable(&name) {
+                    // Not ready any more under this entry: forget it.
+                    if let Some(set) = self.ready.get_mut(key) {
+                        set.remove(&(since, name.clone()));
+                    }
+                    if current {
+                        self.clear_ready(&name);
+                    }
+                    continue 'next;
+                }
+                let tasks = &self.tasks;
+                let fits = |id: &str| {
+                    tasks
+                        .get(id)
+                        .is_none_or(|t| !t.avoid.iter().any(|w| *w == name))
+                };
+                let Some((_, (_, _, task))) = self.queues.get_mut(key).and_then(|q| q.pop(fits))
+                else {
+                    continue;
+                };
+                if self.queues.get(key).is_some_and(|q| q.is_empty()) {
+                    self.queues.remove(key);
+                }
+                self.dispatch(now, &name, &task);
+                continue 'next;
+            }
+            return;
         }
     }
 
@@ -193,7 +388,15 @@ impl<S: Store> Scheduler<S> {
         }
         let t = self.tasks.get_mut(id).expect("task");
         let req = &self.runs[&t.run].request;
+        let check = t.check_for.is_some();
+        let recover = check
+            && req
+                .options
+                .get(CHECK_REASON_OPTION)
+                .is_some_and(|r| matches!(r.as_str(), "suspect" | "retry"));
         let spec = TaskSpec {
+            health_check: check,
+            recover,
             task: id.clone(),
             run: t.run.clone(),
             attempt: t.attempts,

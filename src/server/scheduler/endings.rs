@@ -14,6 +14,9 @@ impl<S: Store> Scheduler<S> {
     ) {
         self.close_uploads(id);
         let t = self.tasks.get_mut(id).expect("task");
+        let ran = (t.state == TaskState::Running && state == TaskState::Finished)
+            .then(|| now.saturating_duration_since(t.since).as_millis() as u64);
+        let run_id = t.run.clone();
         t.state = state;
         t.verdict = verdict;
         t.since = now;
@@ -42,10 +45,15 @@ impl<S: Store> Scheduler<S> {
             ProgressState::Finished
         };
         self.progress(id, pstate, worker, Some(reason));
-        self.maybe_finish_run(&run);
+        if let Some(ms) = ran {
+            let key = self.runs[&run_id].request.device.routing_key();
+            self.record_duration(&key, ms);
+        }
+        self.check_ended(now, id);
+        self.maybe_finish_run(now, &run);
     }
 
-    pub(super) fn maybe_finish_run(&mut self, run: &RunId) {
+    pub(super) fn maybe_finish_run(&mut self, now: Instant, run: &RunId) {
         let r = &self.runs[run];
         if matches!(r.state, RunState::Finished | RunState::Cancelled) {
             return;
@@ -79,6 +87,9 @@ impl<S: Store> Scheduler<S> {
             ProgressState::RunFinished
         };
         self.push_event(run, None, state, None, verdict, None);
+        if !cancelled {
+            self.judge_shared(now, run);
+        }
     }
 
     pub(super) fn progress(

@@ -399,6 +399,14 @@ impl<S: Store> Scheduler<S> {
         }
         let (verdict, reason) = task_verdict(&outcome, timeout, junit.clone());
         let cancelled = outcome.cancelled || self.tasks[task].cancel_requested;
+        // The device or the worker failed, not the test (PROTOCOL.md
+        // §7.5): the attempt runs again elsewhere and counts against it.
+        let infrastructure = !cancelled
+            && !outcome.timed_out
+            && (outcome.failure.is_some()
+                || outcome
+                    .exit_code
+                    .is_some_and(|c| self.cfg.infrastructure_exit_codes.contains(&c)));
         let t = self.tasks.get_mut(task).expect("open task");
         t.log_lines_produced = Some(log_lines);
         t.cases = junit.ok().flatten();
@@ -422,7 +430,16 @@ impl<S: Store> Scheduler<S> {
                 None,
                 "cancelled by request".into(),
             );
+        } else if infrastructure {
+            let why = format!(
+                "worker {worker}, attempt {}: {reason}",
+                self.tasks[task].attempts
+            );
+            self.infrastructure_failure(now, task, worker, why);
         } else {
+            if matches!(outcome.exit_code, Some(0) | Some(1)) && outcome.signal.is_none() {
+                self.health_event(now, worker, crate::server::health::Event::TestResult);
+            }
             self.end_task(now, task, TaskState::Finished, Some(verdict), reason);
         }
     }

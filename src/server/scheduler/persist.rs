@@ -39,6 +39,15 @@ struct TaskRow {
     /// What each stored JUnit file says (read once, when stored).
     #[serde(default)]
     junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
+    #[serde(default)]
+    avoid: Vec<String>,
+    #[serde(default)]
+    failed_on: Vec<String>,
+    /// Fair-share rank; rows from before it rank by their queueing time.
+    #[serde(default)]
+    rank: Option<i64>,
+    #[serde(default)]
+    check_for: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +66,8 @@ struct RunRow {
     ended_ms: Option<u64>,
     #[serde(default)]
     pruned: Option<Pruned>,
+    #[serde(default)]
+    role: Option<String>,
 }
 
 /// Only what must survive: identity, device, the task it has, and the dedup
@@ -69,6 +80,10 @@ struct WorkerRow {
     dedup: DedupWindow,
     #[serde(default)]
     drained: bool,
+    /// Rows from before health tracking: `unknown`, checked if a check
+    /// is configured.
+    #[serde(default)]
+    health: Option<WorkerHealth>,
 }
 
 /// A stored row that does not decode.
@@ -190,6 +205,10 @@ impl<S: Store> Scheduler<S> {
                 refusals: t.refusals,
                 file_sizes: t.file_sizes.clone(),
                 junit: t.junit.clone(),
+                avoid: t.avoid.clone(),
+                failed_on: t.failed_on.clone(),
+                rank: Some(t.rank),
+                check_for: t.check_for.clone(),
             };
             let bytes = encode(&row);
             let done = t.state.is_final();
@@ -228,6 +247,7 @@ impl<S: Store> Scheduler<S> {
                 submitted_ms: r.submitted_ms,
                 ended_ms: r.ended_ms,
                 pruned: r.pruned.clone(),
+                role: r.role.clone(),
             };
             let bytes = encode(&row);
             let key = format!("r:{id}");
@@ -254,6 +274,7 @@ impl<S: Store> Scheduler<S> {
                 task: w.task.clone(),
                 dedup: w.dedup.clone(),
                 drained: self.drained.contains(&name),
+                health: Some(w.health.clone()),
             };
             let bytes = encode(&row);
             let key = format!("w:{}", w.name);
@@ -402,6 +423,7 @@ impl<S: Store> Scheduler<S> {
                     submitted_ms: row.submitted_ms,
                     ended_ms: row.ended_ms,
                     pruned: row.pruned,
+                    role: row.role,
                 },
             );
         }
@@ -453,6 +475,12 @@ impl<S: Store> Scheduler<S> {
                     file_sizes: row.file_sizes,
                     uploads: BTreeMap::new(),
                     junit: row.junit,
+                    avoid: row.avoid,
+                    failed_on: row.failed_on,
+                    rank: row
+                        .rank
+                        .unwrap_or(i64::try_from(row.queued_at_ms).unwrap_or(i64::MAX)),
+                    check_for: row.check_for,
                 },
             );
         }
@@ -473,8 +501,16 @@ impl<S: Store> Scheduler<S> {
         }
         queued.sort();
         for (_, id) in queued {
-            let key = s.runs[&s.tasks[&id].run].request.device.routing_key();
-            s.queues.entry(key).or_default().push_back(id);
+            s.enqueue(&id);
+        }
+        // Unfinished health checks wait for (or run on) their workers.
+        let checks: Vec<(String, TaskId)> = s
+            .active_tasks
+            .iter()
+            .filter_map(|id| Some((s.tasks.get(id)?.check_for.clone()?, id.clone())))
+            .collect();
+        for (w, id) in checks {
+            s.checks.insert(w, id);
         }
         for (name, body) in &snap.workers {
             let row: WorkerRow = match decode("workers", name, body) {
@@ -521,12 +557,19 @@ impl<S: Store> Scheduler<S> {
                     last_heard: now,
                     dedup: row.dedup,
                     outbox: Outbox::new(s.cfg.retry.clone()),
+                    health: row
+                        .health
+                        .unwrap_or_else(|| WorkerHealth::new(s.wall_ms(now))),
                 },
             );
         }
         let keys: Vec<Vec<String>> = s.workers.values().map(Worker::routing_keys).collect();
         for k in keys {
             s.index_device(Vec::new(), k);
+        }
+        let names: Vec<String> = s.workers.keys().cloned().collect();
+        for name in &names {
+            s.arm_health(now, name);
         }
         let ids: Vec<TaskId> = s.active_tasks.iter().cloned().collect();
         for id in &ids {

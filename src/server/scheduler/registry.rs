@@ -114,6 +114,7 @@ impl<S: Store> Scheduler<S> {
         // and silently dropped as a duplicate — a wedged worker.
         let departed = self.departed.remove(&name);
         let retry = self.cfg.retry.clone();
+        let unix_now = self.wall_ms(now);
         let worker = self.workers.entry(name.clone()).or_insert_with(|| {
             let (dedup, next_seq) = match departed {
                 Some(d) if d.session == session => (d.dedup, d.next_seq),
@@ -131,6 +132,7 @@ impl<S: Store> Scheduler<S> {
                 last_heard: now,
                 dedup,
                 outbox: Outbox::restore(retry, next_seq, Vec::new()),
+                health: WorkerHealth::new(unix_now),
             }
         });
         if let Some(old) = worker.peer.take() {
@@ -195,11 +197,8 @@ impl<S: Store> Scheduler<S> {
                 }
             } else {
                 self.workers.get_mut(&name).expect("worker").task = None;
-                self.requeue_or_fail(
-                    now,
-                    &task,
-                    format!("worker {name} came back without the task"),
-                );
+                let why = format!("worker {name} came back without the task");
+                self.infrastructure_failure(now, &task, &name, why);
             }
         }
         for task in running {
@@ -223,6 +222,17 @@ impl<S: Store> Scheduler<S> {
         } else {
             WorkerState::Idle
         };
+        // New, or its device changed: unknown until checked.
+        let shown = self.workers[&name].device.to_string();
+        let has_check = self.check_of(&name).is_some();
+        self.health_event(
+            now,
+            &name,
+            crate::server::health::Event::Registered {
+                device: &shown,
+                has_check,
+            },
+        );
         let welcome = Body::Welcome {
             server: self.incarnation.clone(),
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,

@@ -40,6 +40,12 @@ impl<S: Store> Scheduler<S> {
             Body::DrainWorker { worker, drain, .. } => {
                 self.drain(now, peer, request, &worker, drain)
             }
+            Body::WorkerHealth {
+                worker,
+                action,
+                reason,
+                ..
+            } => self.worker_health(now, peer, request, &worker, action, &reason),
             Body::ListRuns {
                 state,
                 owner,
@@ -226,6 +232,17 @@ impl<S: Store> Scheduler<S> {
                 i.name, i.size, i.sha256
             ));
         }
+        if testrun.priority == Priority::High
+            && self.cfg.secure
+            && self
+                .caller_role(peer)
+                .is_none_or(|r| r < crate::security::Role::Operator)
+        {
+            return Err((
+                ErrorCode::Forbidden,
+                "--priority high needs role operator or admin (users.d/NAME.role); use normal or low".into(),
+            ));
+        }
         if !testrun.secrets.is_empty() && !self.cfg.secure {
             return bad("secrets need a server with security = \"noise\": without it they would cross the network in plain text; pass them as options if that is acceptable".into());
         }
@@ -309,9 +326,29 @@ impl<S: Store> Scheduler<S> {
             entry.0 += new_tasks;
             entry.1 += 1;
         }
+        let role = self.caller_role(peer).map(|r| r.as_str().to_string());
+        let (run, task_ids) = self.create_run(now, testrun, role, None);
+        Ok(Body::Submitted {
+            request,
+            run,
+            tasks: task_ids,
+        })
+    }
+
+    /// Makes an accepted testrun and its tasks, queues them (or, for a
+    /// health check of `check_for`, hands it to that worker) and
+    /// dispatches what it can.
+    pub(super) fn create_run(
+        &mut self,
+        now: Instant,
+        testrun: TestrunRequest,
+        role: Option<String>,
+        check_for: Option<String>,
+    ) -> (RunId, Vec<TaskId>) {
         let run: RunId = format!("r{}", self.next_run);
         self.next_run += 1;
         let key = testrun.device.routing_key();
+        let rank = self.rank_of(now, testrun.priority);
         let mut task_ids = Vec::new();
         for (i, packages) in distribution::split(testrun.distribution, &testrun.packages)
             .into_iter()
@@ -345,14 +382,14 @@ impl<S: Store> Scheduler<S> {
                     file_sizes: BTreeMap::new(),
                     uploads: BTreeMap::new(),
                     junit: BTreeMap::new(),
+                    avoid: Vec::new(),
+                    failed_on: Vec::new(),
+                    rank,
+                    check_for: check_for.clone(),
                 },
             );
             self.next_order += 1;
             self.active_tasks.insert(id.clone());
-            self.queues
-                .entry(key.clone())
-                .or_default()
-                .push_back(id.clone());
             task_ids.push(id);
         }
         info!(run = %run, device = %testrun.device, tasks = task_ids.len(), "testrun accepted");
@@ -373,17 +410,21 @@ impl<S: Store> Scheduler<S> {
                 submitted_ms: self.wall_ms(now),
                 ended_ms: None,
                 pruned: None,
+                role,
             },
         );
         for id in &task_ids {
+            self.enqueue(id);
+            if let Some(w) = &check_for {
+                self.checks.insert(w.clone(), id.clone());
+            }
             self.progress(id, ProgressState::Queued, None, None);
         }
-        self.try_dispatch_key(now, &key);
-        Ok(Body::Submitted {
-            request,
-            run,
-            tasks: task_ids,
-        })
+        match check_for {
+            Some(w) => self.reconsider(now, &w),
+            None => self.try_dispatch_key(now, &key),
+        }
+        (run, task_ids)
     }
 
     /// The status of a testrun as `ots-submit status` shows it.

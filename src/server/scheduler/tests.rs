@@ -58,6 +58,7 @@ impl Lab {
             secure: false,
             secrets_key: None,
             events_key: None,
+            ..SchedulerConfig::default()
         };
         let t0 = Instant::now();
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());
@@ -220,6 +221,7 @@ impl Lab {
                 secrets: Default::default(),
                 owner: None,
                 inputs: Default::default(),
+                priority: Default::default(),
             },
         })
     }
@@ -1761,6 +1763,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
             secrets: Default::default(),
             owner: None,
             inputs: Default::default(),
+            priority: Default::default(),
         },
     });
     let run = run_id(&reply);
@@ -2113,6 +2116,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
             secrets: Default::default(),
             owner: None,
             inputs: Default::default(),
+            priority: Default::default(),
         },
     };
     lab.s.on_message(lab.now, &client(), env(false, 0, submit));
@@ -2155,6 +2159,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
                 secrets: Default::default(),
                 owner: None,
                 inputs: Default::default(),
+                priority: Default::default(),
             },
         };
         lab.s.on_message(lab.now, p, env(false, 0, body));

@@ -11,6 +11,8 @@ pub(super) enum Due {
     /// Whatever timeout the task's state has (hold, queue, backstop,
     /// unanswered dispatch).
     Task(TaskId),
+    /// The worker's next health check or retry.
+    Health(String),
 }
 
 impl<S: Store> Scheduler<S> {
@@ -87,6 +89,7 @@ impl<S: Store> Scheduler<S> {
         let limit = self.cfg.heartbeat * self.cfg.liveness;
         let mut lost = Vec::new();
         let mut due_tasks = Vec::new();
+        let mut due_health = Vec::new();
         while let Some(std::cmp::Reverse((at, _))) = self.deadlines.peek() {
             if *at >= now {
                 break;
@@ -107,6 +110,7 @@ impl<S: Store> Scheduler<S> {
                         self.schedule_worker(&name);
                     }
                 }
+                Due::Health(name) => due_health.push(name),
                 Due::Task(id) => match self.task_deadline(&id) {
                     Some(at) if now > at => due_tasks.push(id),
                     Some(at) => self.deadlines.push(std::cmp::Reverse((at, Due::Task(id)))),
@@ -121,6 +125,9 @@ impl<S: Store> Scheduler<S> {
         }
         due_tasks.sort();
         due_tasks.dedup();
+        for name in due_health {
+            self.health_due(now, &name);
+        }
 
         let mut expired_holds = Vec::new();
         let mut queue_timeouts = Vec::new();
@@ -160,14 +167,11 @@ impl<S: Store> Scheduler<S> {
                 w.task = None;
             }
             self.touched_workers.insert(worker.clone());
-            self.requeue_or_fail(
-                now,
-                &id,
-                format!(
-                    "worker {worker} lost and did not come back within {} ms",
-                    self.cfg.lost_grace.as_millis()
-                ),
+            let why = format!(
+                "worker {worker} lost and did not come back within {} ms",
+                self.cfg.lost_grace.as_millis()
             );
+            self.infrastructure_failure(now, &id, &worker, why);
         }
         for id in queue_timeouts {
             self.remove_from_queue(&id);
@@ -210,11 +214,8 @@ impl<S: Store> Scheduler<S> {
                 w.task = None;
                 w.state = WorkerState::Idle;
             }
-            self.requeue_or_fail(
-                now,
-                &id,
-                format!("worker {worker} never accepted the dispatch"),
-            );
+            let why = format!("worker {worker} never accepted the dispatch");
+            self.infrastructure_failure(now, &id, &worker, why);
         }
         // Resends: only workers with something in their outbox.
         let pending: Vec<String> = self.outboxes.iter().cloned().collect();

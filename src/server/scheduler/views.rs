@@ -68,31 +68,30 @@ impl<S: Store> Scheduler<S> {
             .iter()
             .filter(|(_, q)| !q.is_empty())
             .map(|(key, q)| {
-                let mut seen: HashMap<Option<&str>, u64> = HashMap::new();
+                let able = by_key.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+                let healthy = able.iter().filter(|w| w.health.takes_tasks()).count() as u64;
+                let mut seen: HashMap<&str, u64> = HashMap::new();
                 let tasks = q
-                    .iter()
-                    .take(QUEUE_SHOWN)
+                    .dispatch_order(QUEUE_SHOWN)
+                    .into_iter()
                     .enumerate()
-                    .filter_map(|(i, id)| {
+                    .filter_map(|(i, (owner, (_, _, id)))| {
                         let t = self.tasks.get(id)?;
-                        let owner = self
-                            .runs
-                            .get(&t.run)
-                            .and_then(|r| r.request.owner.as_deref());
-                        let own = seen.get(&owner).copied().unwrap_or(0);
+                        let own = seen.get(owner).copied().unwrap_or(0);
                         *seen.entry(owner).or_default() += 1;
+                        let position = i as u64 + 1;
                         Some(QueuedTask {
                             task: id.clone(),
                             run: t.run.clone(),
-                            position: i as u64 + 1,
+                            position,
                             age_ms: now.saturating_duration_since(t.queued_at).as_millis() as u64,
-                            owner: owner.map(str::to_string),
+                            owner: (!owner.is_empty()).then(|| owner.to_string()),
                             ahead_own: own,
                             ahead_others: i as u64 - own,
+                            estimate_ms: self.estimate_ms(key, position, healthy),
                         })
                     })
                     .collect();
-                let able = by_key.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
                 QueueInfo {
                     key: key.clone(),
                     length: q.len() as u64,
@@ -140,16 +139,21 @@ impl<S: Store> Scheduler<S> {
                 doing: self.doing(w),
             })
             .collect();
+        let healthy = able.iter().filter(|w| w.health.takes_tasks()).count() as u64;
         let (mut own, mut others) = (0u64, 0u64);
-        for (i, id) in self.queues.get(&key).into_iter().flatten().enumerate() {
+        // The whole queue in dispatch order: bounded by
+        // limits.max_open_tasks, and asked for per status request only.
+        let order = self
+            .queues
+            .get(&key)
+            .map(|q| q.dispatch_order(q.len()))
+            .unwrap_or_default();
+        let owner = owner.unwrap_or_default();
+        for (i, (task_owner, (_, _, id))) in order.into_iter().enumerate() {
             let Some(t) = self.tasks.get(id) else {
                 continue;
             };
-            let same = self
-                .runs
-                .get(&t.run)
-                .and_then(|r| r.request.owner.as_deref())
-                == owner;
+            let same = task_owner == owner;
             if t.run == *run {
                 out.insert(
                     id.clone(),
@@ -160,6 +164,7 @@ impl<S: Store> Scheduler<S> {
                         ahead_others: others,
                         workers: workers.clone(),
                         workers_total: able.len() as u64,
+                        estimate_ms: self.estimate_ms(&key, i as u64 + 1, healthy),
                     },
                 );
             }
@@ -181,6 +186,10 @@ impl<S: Store> Scheduler<S> {
             WorkerState::Lost => "lost".into(),
             WorkerState::Stopped => "stopped".into(),
             _ if self.drained.contains(&w.name) => "drained".into(),
+            _ if self.checks.contains_key(&w.name) => "waiting for its health check".into(),
+            _ if !w.health.takes_tasks() => {
+                format!("{} ({})", w.health.health, w.health.reason)
+            }
             _ if w.ready_since.is_some() => "idle".into(),
             _ => "registering".into(),
         }
@@ -191,7 +200,10 @@ impl<S: Store> Scheduler<S> {
         let mut workers_by_state = BTreeMap::new();
         for w in self.workers.values() {
             *workers_by_state
-                .entry(format!("{:?}", w.state).to_lowercase())
+                .entry((
+                    format!("{:?}", w.state).to_lowercase(),
+                    w.health.health.to_string(),
+                ))
                 .or_insert(0u64) += 1;
         }
         let mut tasks_by_state = BTreeMap::new();
@@ -206,8 +218,8 @@ impl<S: Store> Scheduler<S> {
             .filter(|(_, q)| !q.is_empty())
             .map(|(key, q)| {
                 let age = q
-                    .front()
-                    .and_then(|id| self.tasks.get(id))
+                    .oldest()
+                    .and_then(|(_, _, id)| self.tasks.get(id))
                     .map_or(0.0, |t| {
                         now.saturating_duration_since(t.queued_at).as_secs_f64()
                     });
@@ -224,7 +236,16 @@ impl<S: Store> Scheduler<S> {
 
     /// One line for systemd's STATUS: what the server is doing.
     pub fn status_line(&self) -> String {
-        let queued: usize = self.queues.values().map(|q| q.len()).sum();
+        let queued: usize = self.queues.values().map(|q| q.len()).sum::<usize>()
+            + self
+                .checks
+                .values()
+                .filter(|id| {
+                    self.tasks
+                        .get(*id)
+                        .is_some_and(|t| t.state == TaskState::Queued)
+                })
+                .count();
         // Only the unfinished (and just finished) tasks: not the history.
         let running = self
             .active_tasks

@@ -53,6 +53,8 @@ fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
         sent_ms: 0,
         secrets: Default::default(),
         inputs: Default::default(),
+        health_check: false,
+        recover: false,
     }
 }
 

@@ -172,6 +172,7 @@ async fn main() {
                             secrets: Default::default(),
                             owner: None,
                             inputs: Default::default(),
+                            priority: Default::default(),
                         })
                         .await;
                 }

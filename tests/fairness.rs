@@ -116,21 +116,23 @@ fn the_queue_says_why_each_task_waits() {
         .expect("queue g");
     let tasks = g["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 3, "{g:#}");
-    assert_eq!(tasks[2]["owner"], "queue-b", "{g:#}");
-    assert_eq!(
-        (
-            tasks[2]["ahead_own"].as_u64(),
-            tasks[2]["ahead_others"].as_u64()
-        ),
-        (Some(0), Some(2)),
-        "{g:#}"
-    );
+    // Fair share: queue-b's one task goes between queue-a's two.
+    assert_eq!(tasks[1]["owner"], "queue-b", "{g:#}");
     assert_eq!(
         (
             tasks[1]["ahead_own"].as_u64(),
             tasks[1]["ahead_others"].as_u64()
         ),
-        (Some(1), Some(0)),
+        (Some(0), Some(1)),
+        "{g:#}"
+    );
+    assert_eq!(tasks[2]["owner"], "queue-a", "{g:#}");
+    assert_eq!(
+        (
+            tasks[2]["ahead_own"].as_u64(),
+            tasks[2]["ahead_others"].as_u64()
+        ),
+        (Some(1), Some(1)),
         "{g:#}"
     );
     assert!(
@@ -158,7 +160,7 @@ fn the_queue_says_why_each_task_waits() {
             w["ahead_own"].as_u64(),
             w["ahead_others"].as_u64()
         ),
-        (Some(3), Some(0), Some(2)),
+        (Some(2), Some(0), Some(1)),
         "{st:#}"
     );
     let shown = text(
@@ -168,7 +170,7 @@ fn the_queue_says_why_each_task_waits() {
             .stdout,
     );
     assert!(
-        shown.contains("waiting: position 3 under g (0 of the same owner and 2 of others ahead); could run on w (busy with r1.1)"),
+        shown.contains("waiting: position 2 under g (0 of the same owner and 1 of others ahead); could run on w (busy with r1.1)"),
         "{shown}"
     );
     let shown = text(

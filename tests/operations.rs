@@ -531,7 +531,10 @@ fn the_metrics_endpoint_serves_counters_that_move_with_a_testrun() {
         &[],
     );
     let before = scrape(&addr);
-    assert!(before.contains("ots_workers{state=\"idle\",health=\"good\"} 1"), "{before}");
+    assert!(
+        before.contains("ots_workers{state=\"idle\",health=\"good\"} 1"),
+        "{before}"
+    );
     assert!(
         before.contains("# TYPE ots_state_commit_seconds histogram"),
         "{before}"

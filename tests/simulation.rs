@@ -104,8 +104,13 @@ impl Sim {
             secure: false,
             secrets_key: None,
             events_key: None,
+            ..SchedulerConfig::default()
         };
         let mut cfg = cfg;
+        // The simulation is about delivery over a lossy network: lost
+        // workers are the network's doing here, so none is taken out of
+        // service for them (device health has its own tests).
+        cfg.health.suspect_after = u32::MAX;
         // Small chunks and credit, so a 44-byte result file takes several
         // round trips through the lossy network.
         cfg.limits.file_window_bytes = 20;

@@ -1254,7 +1254,8 @@ async fn queue(conn: &Conn) -> Result<i32, ClientError> {
                 t.run,
                 escape_controls(t.owner.as_deref().unwrap_or("-")),
                 ago(t.age_ms),
-                t.estimate_ms.map_or("?".to_string(), |ms| format!("~{}", ago(ms))),
+                t.estimate_ms
+                    .map_or("?".to_string(), |ms| format!("~{}", ago(ms))),
                 t.ahead_own,
                 t.ahead_others
             );

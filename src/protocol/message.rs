@@ -247,6 +247,12 @@ pub struct Outcome {
     /// did not finish and the server re-queues it per the retry rules.
     #[serde(default)]
     pub interrupted: bool,
+    /// `failure` was caused by the testrun's own options (a
+    /// `console.expect` it set that never appeared), not by the device or
+    /// the worker: the user's failure, not retried, not counted against
+    /// the worker (PROTOCOL.md §7.5).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_testrun: bool,
 }
 
 /// A result file as stored or announced.

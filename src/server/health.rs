@@ -635,6 +635,80 @@ mod tests {
         assert_eq!(c.to, Health::Suspect);
     }
 
+    fn event(n: u8, group: bool) -> Event<'static> {
+        match n % 11 {
+            0 => Event::Registered {
+                device: if group {
+                    "devicegroup:g"
+                } else {
+                    "devicegroup:h"
+                },
+                has_check: group,
+            },
+            1 | 2 => Event::InfraFailure { reason: "exit 3" },
+            3 => Event::TestResult,
+            4 => Event::Shared {
+                failed_alone: group,
+            },
+            5 => Event::CheckPassed { task: "t" },
+            6 => Event::CheckFailed {
+                task: "t",
+                reason: "x",
+            },
+            7 => Event::RetryWithoutCheck,
+            8 => Event::Maintenance {
+                on: group,
+                reason: "r",
+                has_check: !group,
+            },
+            9 => Event::Retire { reason: "r" },
+            _ => Event::CheckRequested,
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever happens, health changes only as the table in the
+        /// module documentation says, each change is in the history, and
+        /// a parked worker (maintenance, retired) leaves only by an
+        /// operator's word.
+        #[test]
+        fn health_changes_only_as_specified(events in proptest::collection::vec((proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()), 1..200)) {
+            use Health::*;
+            let p = HealthPolicy::default();
+            let mut h = WorkerHealth::new(0);
+            for (i, (n, g)) in events.into_iter().enumerate() {
+                let e = event(n, g);
+                let before = h.health;
+                let len = h.history.len();
+                let change = h.apply(e.clone(), i as u64, &p);
+                if let Some(c) = &change {
+                    proptest::prop_assert_eq!(c.from, before);
+                    proptest::prop_assert_eq!(c.to, h.health);
+                    proptest::prop_assert_eq!(h.history.back(), Some(c));
+                    proptest::prop_assert!(h.history.len() > len || len == HISTORY_KEPT);
+                } else {
+                    proptest::prop_assert_eq!(h.health, before, "{:?} changed health without a change", e);
+                }
+                let (from, to) = (before, h.health);
+                if from == to {
+                    continue;
+                }
+                let allowed = match e {
+                    Event::Registered { .. } => matches!(to, Unknown | Good) && !matches!(from, Maintenance | Retired),
+                    Event::InfraFailure { .. } | Event::Shared { .. } => (from, to) == (Good, Suspect),
+                    Event::CheckPassed { .. } => matches!(from, Unknown | Suspect | Bad) && to == Good,
+                    Event::CheckFailed { .. } => matches!(from, Unknown | Suspect | Good) && to == Bad,
+                    Event::RetryWithoutCheck => (from, to) == (Bad, Good),
+                    Event::Maintenance { on: true, .. } => to == Maintenance,
+                    Event::Maintenance { on: false, .. } => matches!(from, Maintenance | Retired) && matches!(to, Unknown | Good),
+                    Event::Retire { .. } => to == Retired,
+                    Event::TestResult | Event::CheckRequested => false,
+                };
+                proptest::prop_assert!(allowed, "{:?}: {} -> {} not allowed", e, from, to);
+            }
+        }
+    }
+
     #[test]
     fn the_history_is_bounded() {
         let p = HealthPolicy::default();

@@ -1144,6 +1144,12 @@ async fn run_task(
         }
     }
     let configured = console.as_ref().map(|c| c.actions());
+    // Whose pattern it is: a testrun's own that never appears is the
+    // user's failure; the worker's configured one, the device's.
+    let by_testrun = spec
+        .options
+        .get("console.expect")
+        .is_some_and(|p| !p.is_empty());
     let expect = spec
         .options
         .get("console.expect")
@@ -1199,6 +1205,7 @@ async fn run_task(
             channel.finish(
                 Outcome {
                     failure: Some(failure),
+                    by_testrun,
                     ..Outcome::default()
                 },
                 files,

@@ -338,11 +338,7 @@ impl<S: Store> Scheduler<S> {
                     continue 'next;
                 }
                 let tasks = &self.tasks;
-                let fits = |id: &str| {
-                    tasks
-                        .get(id)
-                        .is_none_or(|t| !t.avoid.iter().any(|w| *w == name))
-                };
+                let fits = |id: &str| tasks.get(id).is_none_or(|t| !t.avoid.contains(&name));
                 let Some((_, (_, _, task))) = self.queues.get_mut(key).and_then(|q| q.pop(fits))
                 else {
                     continue;

@@ -248,15 +248,18 @@ impl<S: Store> Scheduler<S> {
             .unwrap_or(now + Duration::from_secs(365 * 86_400));
         self.deadlines.push(std::cmp::Reverse((
             at,
-            timers::Due::Health(worker.to_string()),
+            timers::Due::Health(worker.to_string(), due_ms),
         )));
     }
 
     /// A health deadline came due (from the tick).
-    pub(super) fn health_due(&mut self, now: Instant, worker: &str) {
-        let Some(due_ms) = self.health_armed.remove(worker) else {
+    pub(super) fn health_due(&mut self, now: Instant, worker: &str, due_ms: u64) {
+        // An entry made stale by a later change (a check passed since):
+        // the current one is on the heap too.
+        if self.health_armed.get(worker) != Some(&due_ms) {
             return;
-        };
+        }
+        self.health_armed.remove(worker);
         if self.health_due_ms(worker) != Some(due_ms) {
             self.arm_health(now, worker);
             return;

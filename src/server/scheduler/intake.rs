@@ -403,6 +403,7 @@ impl<S: Store> Scheduler<S> {
         // §7.5): the attempt runs again elsewhere and counts against it.
         let infrastructure = !cancelled
             && !outcome.timed_out
+            && !outcome.by_testrun
             && (outcome.failure.is_some()
                 || outcome
                     .exit_code

@@ -99,12 +99,23 @@ impl Lab {
     /// Uploads `data` as result file `name` the way ots-worker does:
     /// offer, chunks inside the credit, end.
     fn upload(&mut self, worker: &str, task: &TaskId, name: &str, data: &[u8]) -> Vec<Output> {
+        self.upload_attempt(worker, task, 1, name, data)
+    }
+
+    fn upload_attempt(
+        &mut self,
+        worker: &str,
+        task: &TaskId,
+        attempt: u32,
+        name: &str,
+        data: &[u8],
+    ) -> Vec<Output> {
         let size = data.len() as u64;
         let mut out = self.from(
             worker,
             Body::FileOffer {
                 task: task.clone(),
-                attempt: 1,
+                attempt,
                 name: name.into(),
                 size,
             },
@@ -121,14 +132,14 @@ impl Lab {
                     } => Some(*until),
                     _ => None,
                 })
-                .expect("credit");
+                .unwrap_or_else(|| panic!("no credit: {out:?}"));
             let end = until.min(size).min(sent + 4);
             let mut e = env(
                 false,
                 0,
                 Body::FileChunk {
                     task: task.clone(),
-                    attempt: 1,
+                    attempt,
                     name: name.into(),
                     offset: sent,
                 },
@@ -142,7 +153,7 @@ impl Lab {
             worker,
             Body::FileEnd {
                 task: task.clone(),
-                attempt: 1,
+                attempt,
                 name: name.into(),
                 size,
                 sha256: hex::encode(Sha256::digest(data)),
@@ -2201,3 +2212,6 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
         Some(Body::Submitted { .. })
     ));
 }
+
+#[path = "health_tests.rs"]
+mod health_tests;

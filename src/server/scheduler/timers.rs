@@ -11,8 +11,8 @@ pub(super) enum Due {
     /// Whatever timeout the task's state has (hold, queue, backstop,
     /// unanswered dispatch).
     Task(TaskId),
-    /// The worker's next health check or retry.
-    Health(String),
+    /// The worker's next health check or retry, due at this Unix ms.
+    Health(String, u64),
 }
 
 impl<S: Store> Scheduler<S> {
@@ -110,7 +110,7 @@ impl<S: Store> Scheduler<S> {
                         self.schedule_worker(&name);
                     }
                 }
-                Due::Health(name) => due_health.push(name),
+                Due::Health(name, ms) => due_health.push((name, ms)),
                 Due::Task(id) => match self.task_deadline(&id) {
                     Some(at) if now > at => due_tasks.push(id),
                     Some(at) => self.deadlines.push(std::cmp::Reverse((at, Due::Task(id)))),
@@ -125,8 +125,8 @@ impl<S: Store> Scheduler<S> {
         }
         due_tasks.sort();
         due_tasks.dedup();
-        for name in due_health {
-            self.health_due(now, &name);
+        for (name, ms) in due_health {
+            self.health_due(now, &name, ms);
         }
 
         let mut expired_holds = Vec::new();

@@ -332,9 +332,15 @@ pub struct HealthConfig {
     pub infrastructure_exit_codes: Vec<i32>,
     /// A `bad` worker is checked again after this, doubling per failed
     /// check up to `retry_max`.
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    #[serde(
+        rename = "retry_min",
+        deserialize_with = "crate::config::duration::secs"
+    )]
     pub retry_min_secs: u64,
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    #[serde(
+        rename = "retry_max",
+        deserialize_with = "crate::config::duration::secs"
+    )]
     pub retry_max_secs: u64,
     /// `[[health.check]]`: one health check per device group.
     pub check: Vec<HealthCheckConfig>,
@@ -354,18 +360,36 @@ impl Default for HealthConfig {
 
 /// One `[[health.check]]`: the testrun that tells whether a device of
 /// `devicegroup` works.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthCheckConfig {
     pub devicegroup: String,
     pub image: String,
     pub packages: Vec<String>,
     pub options: BTreeMap<String, String>,
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    /// The check's execution timeout (default 10 min).
+    #[serde(rename = "timeout", deserialize_with = "crate::config::duration::secs")]
     pub timeout_secs: u64,
-    /// A `good` worker is checked again this long after its last check.
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    /// A `good` worker is checked again this long after its last check
+    /// (default 24 h).
+    #[serde(
+        rename = "interval",
+        deserialize_with = "crate::config::duration::secs"
+    )]
     pub interval_secs: u64,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            devicegroup: String::new(),
+            image: String::new(),
+            packages: Vec::new(),
+            options: BTreeMap::new(),
+            timeout_secs: 600,
+            interval_secs: 24 * 3600,
+        }
+    }
 }
 
 /// `[fairshare]` of `conf/server.toml`.
@@ -378,7 +402,10 @@ pub struct FairShareConfig {
     pub roles: BTreeMap<String, u32>,
     /// `high` moves a task this far ahead of its owner's other tasks,
     /// `low` this far behind.
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    #[serde(
+        rename = "priority_lead",
+        deserialize_with = "crate::config::duration::secs"
+    )]
     pub priority_lead_secs: u64,
 }
 
@@ -729,9 +756,9 @@ impl ServerConfig {
         }
         if h.retry_min_secs < 1 || h.retry_max_secs < h.retry_min_secs {
             return Err(invalid(
-                "health.retry_min_secs",
+                "health.retry_min",
                 h.retry_min_secs,
-                "must be at least 1 s and at most health.retry_max_secs",
+                "must be at least 1 s and at most health.retry_max",
             ));
         }
         if h.infrastructure_exit_codes
@@ -773,8 +800,8 @@ impl ServerConfig {
             if c.timeout_secs < 1 || c.timeout_secs > crate::protocol::limits::MAX_TIMEOUT_SECS {
                 return Err(invalid(key, group, "timeout must be 1 s to 7 days"));
             }
-            if c.interval_secs < 60 {
-                return Err(invalid(key, group, "interval must be at least 1 minute"));
+            if c.interval_secs < 1 || c.interval_secs > 365 * 24 * 3600 {
+                return Err(invalid(key, group, "interval must be 1 s to a year"));
             }
         }
         for (who, w) in self.fairshare.users.iter().chain(&self.fairshare.roles) {

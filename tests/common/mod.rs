@@ -363,7 +363,36 @@ pub fn start_server_keyed(
     env: &[(&str, &str)],
     keys: Option<Arc<Keys>>,
 ) -> ServerProc {
+    start_server_args(state_dir, control, events, env, keys, &[])
+}
+
+/// Starts a fresh secured server (state in `dir/server`, ephemeral
+/// ports) with `toml` as its configuration file.
+pub fn start_configured_server(dir: &Path, toml: &str, env: &[(&str, &str)]) -> ServerProc {
+    let config = dir.join("server.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
+    start_server_args(
+        &dir.join("server"),
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:0",
+        env,
+        Some(keys()),
+        &["--config", &config],
+    )
+}
+
+/// [`start_server_keyed`] with extra command-line arguments.
+pub fn start_server_args(
+    state_dir: &Path,
+    control: &str,
+    events: &str,
+    env: &[(&str, &str)],
+    keys: Option<Arc<Keys>>,
+    args: &[&str],
+) -> ServerProc {
     let mut cmd = Command::new(bin("ots-server"));
+    cmd.args(args);
     if let Some(k) = &keys {
         for (name, value) in k.server_env() {
             cmd.env(name, value);

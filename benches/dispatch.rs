@@ -5,6 +5,12 @@
 //! the same whatever the fleet size (before it, every `ready` gathered and
 //! sorted the whole registry).
 //!
+//! Then issue 21's figure: dispatch with 5000 workers and 100 000 queued
+//! tasks from 100 owners (fair share, per-owner lines), against the same
+//! cycle with 1000 queued tasks: a dispatch costs O(log n), so the two
+//! rates should be close. Each cycle is a worker's final report, the
+//! task's end, its `ready` and the next dispatch.
+//!
 //! `cargo bench --bench dispatch`
 
 use bytes::Bytes;
@@ -55,7 +61,160 @@ fn fleet(n: usize) -> (Scheduler<MemoryStore>, Vec<Bytes>, Instant) {
     (s, peers, now)
 }
 
+fn mandatory(body: Body, seq: u64) -> ots::protocol::Envelope {
+    let mut e = env(body);
+    e.header.mandatory = true;
+    e.header.seq = seq;
+    e
+}
+
+/// 5000 busy workers in one group and `queued` more tasks from 100
+/// owners; returns report→dispatch cycles per second over `cycles`.
+fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
+    use ots::security::{Identity, Role};
+    let workers = 5000usize;
+    let owners = 100usize;
+    let mut cfg = SchedulerConfig {
+        heartbeat: Duration::from_secs(1),
+        secure: true,
+        ..SchedulerConfig::default()
+    };
+    let total = workers + queued;
+    cfg.limits.max_open_tasks = total + 10;
+    cfg.limits.max_open_tasks_per_owner = total;
+    cfg.limits.max_open_runs_per_owner = total;
+    cfg.limits.max_workers = workers + 10;
+    let mut s = Scheduler::new(cfg, MemoryStore::default(), "bench".into());
+    let now = Instant::now();
+    let mut peers = Vec::new();
+    for i in 0..workers {
+        let peer = Bytes::from(format!("peer-{i}"));
+        let name = format!("w{i}");
+        s.on_authenticated(
+            &peer,
+            Identity::Worker {
+                name: name.clone(),
+                pin: None,
+            },
+            "tcp://127.0.0.1:1".into(),
+        );
+        s.on_message(
+            now,
+            &peer,
+            env(Body::Hello {
+                worker: name,
+                session: format!("s{i}"),
+                device: DeviceProps::parse("devicegroup:g").unwrap(),
+                running: vec![],
+                version: None,
+            }),
+        );
+        s.on_message(now, &peer, env(Body::Ready));
+        peers.push(peer);
+    }
+    let users: Vec<Bytes> = (0..owners)
+        .map(|o| {
+            let peer = Bytes::from(format!("user-{o}"));
+            s.on_authenticated(
+                &peer,
+                Identity::User {
+                    name: format!("owner{o}"),
+                    role: Role::Submit,
+                },
+                "tcp://127.0.0.1:2".into(),
+            );
+            peer
+        })
+        .collect();
+    // What each worker runs now, from the dispatches sent.
+    let mut running: Vec<Option<(String, u32)>> = vec![None; workers];
+    let mut note = |outs: Vec<ots::server::scheduler::Output>,
+                    running: &mut Vec<Option<(String, u32)>>| {
+        for o in outs {
+            if let ots::server::scheduler::Output::Send {
+                peer,
+                body: Body::Dispatch { spec },
+                ..
+            } = o
+            {
+                let i: usize = std::str::from_utf8(&peer[5..]).unwrap().parse().unwrap();
+                running[i] = Some((spec.task.clone(), spec.attempt));
+            }
+        }
+    };
+    for i in 0..total {
+        s.on_message(
+            now,
+            &users[i % owners],
+            env(Body::Submit {
+                request: i as u64,
+                testrun: TestrunRequest {
+                    device: DeviceSpec::parse("devicegroup:g").unwrap(),
+                    image: "img".into(),
+                    packages: vec!["p".into()],
+                    distribution: Distribution::Default,
+                    timeout_secs: 60,
+                    options: Default::default(),
+                    queue_anyway: false,
+                    secrets: Default::default(),
+                    owner: None,
+                    inputs: Default::default(),
+                    priority: Default::default(),
+                    devices: Vec::new(),
+                },
+            }),
+        );
+        if i % 1000 == 0 {
+            note(s.take_outputs(), &mut running);
+        }
+    }
+    note(s.take_outputs(), &mut running);
+    let busy = running.iter().filter(|r| r.is_some()).count();
+    assert_eq!(
+        busy,
+        workers,
+        "every worker busy before the cycles: {:?}",
+        s.counters()
+    );
+    let mut seq = vec![0u64; workers];
+    let t = Instant::now();
+    for c in 0..cycles {
+        let i = c % workers;
+        let Some((task, attempt)) = running[i].take() else {
+            continue;
+        };
+        seq[i] += 1;
+        s.on_message(
+            now,
+            &peers[i],
+            mandatory(
+                Body::TaskFinished {
+                    task,
+                    attempt,
+                    outcome: Outcome {
+                        exit_code: Some(1),
+                        ..Outcome::default()
+                    },
+                    log_lines: 0,
+                    files: vec![],
+                    file_problems: vec![],
+                },
+                seq[i],
+            ),
+        );
+        s.on_message(now, &peers[i], env(Body::Ready));
+        note(s.take_outputs(), &mut running);
+    }
+    cycles as f64 / t.elapsed().as_secs_f64()
+}
+
 fn main() {
+    let small = fair_share_cycles(1_000, 1_000);
+    let large = fair_share_cycles(100_000, 20_000);
+    println!(
+        "fair-share dispatch, 5000 workers, 100 owners: {small:>8.0} cycles/s with 1000 queued, {large:>8.0} cycles/s with 100000 queued ({:.2}x)",
+        large / small
+    );
     for n in [100usize, 5000] {
         let (mut s, peers, now) = fleet(n);
         let rounds = 50_000;
@@ -88,6 +247,7 @@ fn main() {
                         owner: None,
                         inputs: Default::default(),
                         priority: Default::default(),
+                        devices: Vec::new(),
                     },
                 }),
             );

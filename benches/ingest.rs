@@ -323,6 +323,7 @@ async fn submit_one(client: &mut ots::client::Client, packages: usize) {
             owner: None,
             inputs: Default::default(),
             priority: Default::default(),
+            devices: Vec::new(),
         })
         .await
         .unwrap();

@@ -465,6 +465,7 @@ fn another_users_input_can_be_neither_probed_nor_named_by_its_hash() {
                 sha256: sha.to_string(),
             }],
             priority: Default::default(),
+            devices: Vec::new(),
         }))
     };
     let refusal = |r: Result<_, ots::client::ClientError>| match r {

@@ -169,6 +169,7 @@ fn body() -> impl Strategy<Value = Body> {
                     owner: None,
                     inputs: Default::default(),
                     priority: Default::default(),
+                    devices: Vec::new(),
                 },
             }
         ),

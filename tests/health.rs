@@ -629,6 +629,7 @@ fn testrun(
         inputs: Default::default(),
         owner: None,
         priority,
+        devices: Vec::new(),
     }
 }
 
@@ -656,4 +657,90 @@ fn client_as(
         }
         std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
     }
+}
+
+/// Several device specs in one testrun, as the original OTS trigger had:
+/// the packages run on each spec in parallel; the verdict is over all.
+#[test]
+fn one_testrun_runs_on_several_device_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_fresh_server(dir.path(), &[]);
+    let good = passing(dir.path(), "good.sh", "0.1");
+    let bad = script(dir.path(), "fails.sh", "exit 1")
+        .display()
+        .to_string();
+    let _a = start_idle_worker(
+        dir.path(),
+        "ms-a",
+        "devicegroup:msa",
+        &server,
+        &[&good],
+        &[],
+    );
+    let _b = start_idle_worker(
+        dir.path(),
+        "ms-b",
+        "devicegroup:msb devicename:x",
+        &server,
+        &[&good],
+        &[],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:msa; devicegroup:msb devicename:x",
+            "--image",
+            "i",
+            "--packages",
+            "p,q",
+        ],
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let tasks = st["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{st:#}");
+    let workers: Vec<&str> = tasks
+        .iter()
+        .map(|t| t["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers, vec!["ms-a", "ms-b"]);
+    assert_eq!(tasks[1]["device"]["devicename"], "x");
+    let shown = text(&submit(&server, &["status", &run], LIMIT).stdout);
+    assert!(shown.contains("on devicegroup:msb devicename:x"), "{shown}");
+    // One spec failing fails the testrun.
+    let _c = start_idle_worker(dir.path(), "ms-c", "devicegroup:msc", &server, &[&bad], &[]);
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:msa;devicegroup:msc",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "FAIL", "{st:#}");
+    // A spec nobody has is refused like a single one.
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:msa; devicegroup:nowhere",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+        LIMIT,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no queue for nowhere"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -352,6 +352,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
                 owner: None,
                 inputs: Default::default(),
                 priority: Default::default(),
+                devices: Vec::new(),
             })
             .await
             .unwrap_err()
@@ -806,6 +807,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     owner: None,
                     inputs: Default::default(),
                     priority: Default::default(),
+                    devices: Vec::new(),
                 },
             },
             None,

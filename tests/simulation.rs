@@ -404,6 +404,7 @@ impl Sim {
             owner: None,
             inputs: Default::default(),
             priority: Default::default(),
+            devices: Vec::new(),
         };
         let client = Bytes::from_static(b"client");
         let submit = Body::Submit {

@@ -263,7 +263,10 @@ pub enum Command {
 pub struct RunArgs {
     #[command(flatten)]
     pub conn: Conn,
-    /// Device spec: "devicegroup:X [devicename:Y] [deviceid:Z]".
+    /// Device spec: "devicegroup:X [devicename:Y] [deviceid:Z]"; several
+    /// separated by ';' run the packages on each spec in parallel, e.g.
+    /// "devicegroup:a; devicegroup:b devicename:x" (the verdict is over
+    /// all).
     #[arg(long, required_unless_present = "local")]
     pub device: Option<String>,
     /// Image URL or path for the conductor to flash.
@@ -588,13 +591,22 @@ async fn run(mut args: RunArgs) -> i32 {
         .device
         .clone()
         .unwrap_or_else(|| "devicegroup:example".into());
-    let device = match DeviceSpec::parse(&device) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("ots-submit: --device: {e}");
-            return exit::USAGE;
+    let mut specs = Vec::new();
+    for part in device.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        match DeviceSpec::parse(part) {
+            Ok(d) => specs.push(d),
+            Err(e) => {
+                eprintln!("ots-submit: --device: {e}");
+                return exit::USAGE;
+            }
         }
-    };
+    }
+    if specs.is_empty() {
+        eprintln!("ots-submit: --device: no device spec given; write e.g. \"devicegroup:n900\"");
+        return exit::USAGE;
+    }
+    let device = specs.remove(0);
+    let more_devices = specs;
     let mut lab = None;
     if args.local {
         match crate::local::Lab::start(&device, args.local_workers, args.conductor.clone()).await {
@@ -634,16 +646,17 @@ async fn run(mut args: RunArgs) -> i32 {
             args.packages = vec!["smoke".into(), "network".into(), "storage".into()];
         }
     }
-    let code = submit_and_watch(&args, device).await;
+    let code = submit_and_watch(&args, device, more_devices).await;
     if let Some(lab) = lab {
         lab.shutdown().await;
     }
     code
 }
 
-async fn submit_and_watch(args: &RunArgs, device: DeviceSpec) -> i32 {
+async fn submit_and_watch(args: &RunArgs, device: DeviceSpec, devices: Vec<DeviceSpec>) -> i32 {
     let testrun = TestrunRequest {
         device,
+        devices,
         image: local_image(args.image.clone().unwrap_or_default()),
         packages: args.packages.clone(),
         distribution: args.distribution,
@@ -853,8 +866,12 @@ fn print_summary(status: &RunStatus) {
             (_, Some(v)) => v.to_string(),
             (s, None) => format!("{s:?}").to_uppercase(),
         };
+        let on = match &t.device {
+            Some(d) => format!(" on {d}"),
+            None => String::new(),
+        };
         println!(
-            "task {} [{}] {} — {} (worker {}, attempt {})",
+            "task {}{on} [{}] {} — {} (worker {}, attempt {})",
             t.task,
             t.packages.join(","),
             verdict,

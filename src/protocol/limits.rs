@@ -47,6 +47,8 @@ pub const MAX_FILE_NAME_PART_BYTES: usize = 255;
 pub const MAX_REPORT_FILES: usize = 1024;
 /// Input files of one testrun.
 pub const MAX_INPUTS: usize = 64;
+/// Device specs of one testrun (`device` and `devices`).
+pub const MAX_DEVICE_SPECS: usize = 16;
 /// Most tasks a `hello` may say it still runs.
 pub const MAX_RUNNING: usize = 16;
 /// Longest free-text field (reasons, messages, failure descriptions).
@@ -703,14 +705,26 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_range(kind, "limit", *limit, 1..=1000)?;
         }
         Body::Submit { testrun, .. } => {
-            check_device(
-                kind,
-                &DeviceProps {
-                    devicegroup: testrun.device.devicegroup.clone(),
-                    devicename: testrun.device.devicename.clone(),
-                    deviceid: testrun.device.deviceid.clone(),
-                },
-            )?;
+            if testrun.devices.len() >= MAX_DEVICE_SPECS {
+                return Err(invalid(
+                    kind,
+                    "testrun.devices",
+                    format!(
+                        "{} device specs, over the limit of {MAX_DEVICE_SPECS}",
+                        testrun.devices.len() + 1
+                    ),
+                ));
+            }
+            for d in testrun.all_devices() {
+                check_device(
+                    kind,
+                    &DeviceProps {
+                        devicegroup: d.devicegroup.clone(),
+                        devicename: d.devicename.clone(),
+                        deviceid: d.deviceid.clone(),
+                    },
+                )?;
+            }
             check_image(kind, &testrun.image)?;
             check_packages(kind, &testrun.packages)?;
             check_timeout(kind, testrun.timeout_secs)?;

@@ -85,6 +85,12 @@ impl std::str::FromStr for Distribution {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestrunRequest {
     pub device: DeviceSpec,
+    /// Further device specs (the original OTS trigger's `;`-separated
+    /// list): the packages run on `device` and on each of these in
+    /// parallel, and the verdict is over all of them. At most
+    /// `limits::MAX_DEVICE_SPECS` specs in all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
     /// Image URL or path handed to the conductor as `{image}`.
     pub image: String,
     pub packages: Vec<String>,
@@ -128,6 +134,13 @@ pub enum Priority {
     #[default]
     Normal,
     High,
+}
+
+impl TestrunRequest {
+    /// Every device spec of the testrun, `device` first.
+    pub fn all_devices(&self) -> impl Iterator<Item = &DeviceSpec> {
+        std::iter::once(&self.device).chain(&self.devices)
+    }
 }
 
 impl Priority {
@@ -376,6 +389,9 @@ pub struct TaskStatus {
     /// While queued: why it waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+    /// The device spec it runs on, when its testrun has several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceSpec>,
 }
 
 /// Why a queued task waits: where it stands under its routing key and

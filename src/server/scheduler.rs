@@ -212,6 +212,16 @@ struct Worker {
     health: WorkerHealth,
 }
 
+impl Testrun {
+    /// The routing keys of its device specs.
+    fn all_keys(&self) -> BTreeSet<String> {
+        self.request
+            .all_devices()
+            .map(DeviceSpec::routing_key)
+            .collect()
+    }
+}
+
 impl Worker {
     fn routing_keys(&self) -> Vec<String> {
         let d = &self.device;
@@ -277,6 +287,9 @@ struct Task {
     /// A health check of this worker: never queued, dispatched to it
     /// before anything else.
     check_for: Option<String>,
+    /// Which of its testrun's device specs it runs on (0: `device`, then
+    /// `devices` in order).
+    spec: usize,
 }
 
 struct Testrun {

@@ -14,6 +14,13 @@ use super::*;
 const READY_SCAN: usize = 16;
 
 impl<S: Store> Scheduler<S> {
+    /// The device spec a task runs on.
+    pub(super) fn task_device(&self, id: &TaskId) -> &DeviceSpec {
+        let t = &self.tasks[id];
+        let r = &self.runs[&t.run].request;
+        r.all_devices().nth(t.spec).unwrap_or(&r.device)
+    }
+
     /// Owner, weight and fair-queue entry of a task.
     fn queue_entry(&self, id: &TaskId) -> (String, String, u32, fairshare::Entry) {
         let t = &self.tasks[id];
@@ -31,7 +38,7 @@ impl<S: Store> Scheduler<S> {
             .copied()
             .unwrap_or(1);
         (
-            r.request.device.routing_key(),
+            self.task_device(id).routing_key(),
             owner,
             weight,
             (t.rank, t.order, id.clone()),
@@ -118,7 +125,7 @@ impl<S: Store> Scheduler<S> {
         }
         // Kept off this worker if another one could take it; a second
         // failure here keeps it off in any case.
-        let key = self.runs[&self.tasks[id].run].request.device.routing_key();
+        let key = self.task_device(id).routing_key();
         let t = &self.tasks[id];
         let twice = t.failed_on.iter().any(|w| w == worker);
         let matching = |w: &&String| {

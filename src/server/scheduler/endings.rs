@@ -16,7 +16,6 @@ impl<S: Store> Scheduler<S> {
         let t = self.tasks.get_mut(id).expect("task");
         let ran = (t.state == TaskState::Running && state == TaskState::Finished)
             .then(|| now.saturating_duration_since(t.since).as_millis() as u64);
-        let run_id = t.run.clone();
         t.state = state;
         t.verdict = verdict;
         t.since = now;
@@ -46,7 +45,7 @@ impl<S: Store> Scheduler<S> {
         };
         self.progress(id, pstate, worker, Some(reason));
         if let Some(ms) = ran {
-            let key = self.runs[&run_id].request.device.routing_key();
+            let key = self.task_device(id).routing_key();
             self.record_duration(&key, ms);
         }
         self.check_ended(now, id);

@@ -171,6 +171,7 @@ impl<S: Store> Scheduler<S> {
             inputs: Vec::new(),
             owner: Some(CHECK_OWNER.into()),
             priority: Priority::Normal,
+            devices: Vec::new(),
         };
         self.count("health_checks_started", 1);
         let (run, _) = self.create_run(now, testrun, None, Some(worker.to_string()));

@@ -160,6 +160,7 @@ impl Lab {
                         owner: None,
                         inputs: Default::default(),
                         priority,
+                        devices: Vec::new(),
                     },
                 },
             ),

@@ -48,6 +48,8 @@ struct TaskRow {
     rank: Option<i64>,
     #[serde(default)]
     check_for: Option<String>,
+    #[serde(default)]
+    spec: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -209,6 +211,7 @@ impl<S: Store> Scheduler<S> {
                 failed_on: t.failed_on.clone(),
                 rank: Some(t.rank),
                 check_for: t.check_for.clone(),
+                spec: t.spec,
             };
             let bytes = encode(&row);
             let done = t.state.is_final();
@@ -481,6 +484,7 @@ impl<S: Store> Scheduler<S> {
                         .rank
                         .unwrap_or(i64::try_from(row.queued_at_ms).unwrap_or(i64::MAX)),
                     check_for: row.check_for,
+                    spec: row.spec,
                 },
             );
         }

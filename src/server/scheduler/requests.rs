@@ -246,21 +246,24 @@ impl<S: Store> Scheduler<S> {
         if !testrun.secrets.is_empty() && !self.cfg.secure {
             return bad("secrets need a server with security = \"noise\": without it they would cross the network in plain text; pass them as options if that is acceptable".into());
         }
-        let asked = DeviceProps {
-            devicegroup: testrun.device.devicegroup.clone(),
-            devicename: testrun.device.devicename.clone(),
-            deviceid: testrun.device.deviceid.clone(),
-        };
-        if let Err(e) = asked.validate() {
-            return bad(e.to_string());
+        for spec in testrun.all_devices() {
+            let asked = DeviceProps {
+                devicegroup: spec.devicegroup.clone(),
+                devicename: spec.devicename.clone(),
+                deviceid: spec.deviceid.clone(),
+            };
+            if let Err(e) = asked.validate() {
+                return bad(e.to_string());
+            }
         }
         // A spec matches a worker exactly when the worker has the spec's
-        // routing key among its own: one lookup, whatever the fleet size.
-        let matching = self
-            .known
-            .get(&testrun.device.routing_key())
-            .is_some_and(|n| *n > 0);
-        if !matching && !testrun.queue_anyway {
+        // routing key among its own: one lookup per spec, whatever the
+        // fleet size.
+        let unmatched = testrun
+            .all_devices()
+            .map(DeviceSpec::routing_key)
+            .find(|k| !self.known.get(k).is_some_and(|n| *n > 0));
+        if let Some(key) = unmatched.filter(|_| !testrun.queue_anyway) {
             const SHOWN: usize = 20;
             let groups: Vec<&str> = self
                 .known
@@ -280,13 +283,18 @@ impl<S: Store> Scheduler<S> {
             return Err((
                 ErrorCode::NoMatchingWorker,
                 format!(
-                    "no queue for {}: no known worker has such a device (known device groups: {}); use --queue-anyway to queue it regardless",
-                    testrun.device.routing_key(),
+                    "no queue for {key}: no known worker has such a device (known device groups: {}); use --queue-anyway to queue it regardless",
                     if groups.is_empty() { "none".to_string() } else { shown }
                 ),
             ));
         }
-        let new_tasks = distribution::split(testrun.distribution, &testrun.packages).len();
+        let specs: BTreeSet<&DeviceSpec> = testrun.all_devices().collect();
+        if specs.len() <= testrun.devices.len() {
+            return bad("a device spec is given twice".into());
+        }
+        let new_tasks = distribution::split(testrun.distribution, &testrun.packages)
+            .len()
+            .saturating_mul(1 + testrun.devices.len());
         let open = self.active_tasks.len();
         if open.saturating_add(new_tasks) > self.cfg.limits.max_open_tasks {
             self.count("submits_over_limit", 1);
@@ -347,13 +355,13 @@ impl<S: Store> Scheduler<S> {
     ) -> (RunId, Vec<TaskId>) {
         let run: RunId = format!("r{}", self.next_run);
         self.next_run += 1;
-        let key = testrun.device.routing_key();
+        let keys: Vec<String> = testrun.all_devices().map(DeviceSpec::routing_key).collect();
         let rank = self.rank_of(now, testrun.priority);
         let mut task_ids = Vec::new();
-        for (i, packages) in distribution::split(testrun.distribution, &testrun.packages)
-            .into_iter()
-            .enumerate()
-        {
+        let split = distribution::split(testrun.distribution, &testrun.packages);
+        let per_spec =
+            (0..keys.len()).flat_map(|spec| split.iter().map(move |p| (spec, p.clone())));
+        for (i, (spec, packages)) in per_spec.enumerate() {
             let id = format!("{run}.{}", i + 1);
             self.tasks.insert(
                 id.clone(),
@@ -386,6 +394,7 @@ impl<S: Store> Scheduler<S> {
                     failed_on: Vec::new(),
                     rank,
                     check_for: check_for.clone(),
+                    spec,
                 },
             );
             self.next_order += 1;
@@ -422,7 +431,11 @@ impl<S: Store> Scheduler<S> {
         }
         match check_for {
             Some(w) => self.reconsider(now, &w),
-            None => self.try_dispatch_key(now, &key),
+            None => {
+                for key in &keys {
+                    self.try_dispatch_key(now, key);
+                }
+            }
         }
         (run, task_ids)
     }
@@ -465,6 +478,8 @@ impl<S: Store> Scheduler<S> {
                         files: t.files.clone(),
                         history: t.history.clone(),
                         waiting: waiting.remove(id),
+                        device: (!r.request.devices.is_empty())
+                            .then(|| self.task_device(id).clone()),
                     }
                 })
                 .collect(),

@@ -233,6 +233,7 @@ impl Lab {
                 owner: None,
                 inputs: Default::default(),
                 priority: Default::default(),
+                devices: Vec::new(),
             },
         })
     }
@@ -1775,6 +1776,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
             owner: None,
             inputs: Default::default(),
             priority: Default::default(),
+            devices: Vec::new(),
         },
     });
     let run = run_id(&reply);
@@ -2128,6 +2130,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
             owner: None,
             inputs: Default::default(),
             priority: Default::default(),
+            devices: Vec::new(),
         },
     };
     lab.s.on_message(lab.now, &client(), env(false, 0, submit));
@@ -2171,6 +2174,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
                 owner: None,
                 inputs: Default::default(),
                 priority: Default::default(),
+                devices: Vec::new(),
             },
         };
         lab.s.on_message(lab.now, p, env(false, 0, body));

@@ -124,12 +124,26 @@ impl<S: Store> Scheduler<S> {
         }) {
             return out;
         }
-        let key = r.request.device.routing_key();
-        let owner = r.request.owner.as_deref();
+        let owner = r.request.owner.as_deref().unwrap_or_default();
+        let keys: BTreeSet<String> = r.all_keys();
+        for key in keys {
+            self.waiting_under(run, owner, &key, &mut out);
+        }
+        out
+    }
+
+    /// [`Self::waiting_of`] for the run's tasks under one routing key.
+    fn waiting_under(
+        &self,
+        run: &RunId,
+        owner: &str,
+        key: &str,
+        out: &mut HashMap<TaskId, Waiting>,
+    ) {
         let able: Vec<&Worker> = self
             .workers
             .values()
-            .filter(|w| w.routing_keys().contains(&key))
+            .filter(|w| w.routing_keys().iter().any(|k| k == key))
             .collect();
         let workers: Vec<QueueWorker> = able
             .iter()
@@ -145,36 +159,33 @@ impl<S: Store> Scheduler<S> {
         // limits.max_open_tasks, and asked for per status request only.
         let order = self
             .queues
-            .get(&key)
+            .get(key)
             .map(|q| q.dispatch_order(q.len()))
             .unwrap_or_default();
-        let owner = owner.unwrap_or_default();
         for (i, (task_owner, (_, _, id))) in order.into_iter().enumerate() {
             let Some(t) = self.tasks.get(id) else {
                 continue;
             };
-            let same = task_owner == owner;
             if t.run == *run {
                 out.insert(
                     id.clone(),
                     Waiting {
-                        key: key.clone(),
+                        key: key.to_string(),
                         position: i as u64 + 1,
                         ahead_own: own,
                         ahead_others: others,
                         workers: workers.clone(),
                         workers_total: able.len() as u64,
-                        estimate_ms: self.estimate_ms(&key, i as u64 + 1, healthy),
+                        estimate_ms: self.estimate_ms(key, i as u64 + 1, healthy),
                     },
                 );
             }
-            if same {
+            if task_owner == owner {
                 own += 1;
             } else {
                 others += 1;
             }
         }
-        out
     }
 
     /// What keeps a worker from a queued task, in a word or two.

@@ -128,7 +128,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
         .collect();
     // What each worker runs now, from the dispatches sent.
     let mut running: Vec<Option<(String, u32)>> = vec![None; workers];
-    let mut note = |outs: Vec<ots::server::scheduler::Output>,
+    let note = |outs: Vec<ots::server::scheduler::Output>,
                     running: &mut Vec<Option<(String, u32)>>| {
         for o in outs {
             if let ots::server::scheduler::Output::Send {

@@ -262,7 +262,7 @@ impl<S: Store> Scheduler<S> {
         let unmatched = testrun
             .all_devices()
             .map(DeviceSpec::routing_key)
-            .find(|k| !self.known.get(k).is_some_and(|n| *n > 0));
+            .find(|k| self.known.get(k).is_none_or(|n| *n == 0));
         if let Some(key) = unmatched.filter(|_| !testrun.queue_anyway) {
             const SHOWN: usize = 20;
             let groups: Vec<&str> = self

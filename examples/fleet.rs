@@ -173,6 +173,7 @@ async fn main() {
                             owner: None,
                             inputs: Default::default(),
                             priority: Default::default(),
+                            devices: Vec::new(),
                         })
                         .await;
                 }

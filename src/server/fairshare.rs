@@ -21,6 +21,7 @@
 //! infrastructure retry never goes back to a worker that failed it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// A task's standing within its owner's line: smaller goes first.
 pub type Rank = i64;
@@ -39,8 +40,11 @@ pub const MAX_WEIGHT: u32 = 1000;
 /// One queued entry: rank, then the global queueing order, then the id.
 pub type Entry = (Rank, u64, String);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Line {
+    /// The owner's name, shared with its place in `turns` (no copy per
+    /// dispatch).
+    name: Arc<str>,
     tasks: BTreeSet<Entry>,
     pass: u64,
     weight: u32,
@@ -49,9 +53,9 @@ struct Line {
 /// The queued tasks of one routing key.
 #[derive(Debug, Default)]
 pub struct FairQueue {
-    lines: HashMap<String, Line>,
+    lines: HashMap<Arc<str>, Line>,
     /// Owners with queued tasks, lowest pass first.
-    turns: BTreeSet<(u64, String)>,
+    turns: BTreeSet<(u64, Arc<str>)>,
     /// The pass of the owner served last: where a newly active owner joins.
     clock: u64,
     len: usize,
@@ -69,11 +73,23 @@ impl FairQueue {
     /// Queues `entry` for `owner` (whose weight is `weight`).
     pub fn push(&mut self, owner: &str, weight: u32, entry: Entry) {
         let clock = self.clock;
-        let line = self.lines.entry(owner.to_string()).or_default();
+        if !self.lines.contains_key(owner) {
+            let name: Arc<str> = Arc::from(owner);
+            self.lines.insert(
+                name.clone(),
+                Line {
+                    name,
+                    tasks: BTreeSet::new(),
+                    pass: 0,
+                    weight: 1,
+                },
+            );
+        }
+        let line = self.lines.get_mut(owner).expect("just made");
         line.weight = weight.clamp(1, MAX_WEIGHT);
         if line.tasks.is_empty() {
             line.pass = line.pass.max(clock);
-            self.turns.insert((line.pass, owner.to_string()));
+            self.turns.insert((line.pass, line.name.clone()));
         }
         if line.tasks.insert(entry) {
             self.len += 1;
@@ -91,7 +107,7 @@ impl FairQueue {
         }
         self.len -= 1;
         if line.tasks.is_empty() {
-            self.turns.remove(&(line.pass, owner.to_string()));
+            self.turns.remove(&(line.pass, line.name.clone()));
             self.lines.remove(owner);
         }
         true
@@ -104,7 +120,7 @@ impl FairQueue {
         for (_, owner) in self.turns.iter().take(SCAN_OWNERS) {
             let line = &self.lines[owner];
             if let Some(e) = line.tasks.iter().take(SCAN_TASKS).find(|e| take(&e.2)) {
-                return Some((owner.as_str(), e));
+                return Some((owner, e));
             }
         }
         None
@@ -113,27 +129,38 @@ impl FairQueue {
     /// Takes the task [`Self::peek`] names and charges its owner.
     pub fn pop(&mut self, take: impl FnMut(&str) -> bool) -> Option<(String, Entry)> {
         let (owner, entry) = self.peek(take).map(|(o, e)| (o.to_string(), e.clone()))?;
-        let line = self.lines.get_mut(&owner).expect("owner with a turn");
-        line.tasks.remove(&entry);
-        self.len -= 1;
-        self.turns.remove(&(line.pass, owner.clone()));
-        self.clock = self.clock.max(line.pass);
-        line.pass = line
-            .pass
-            .saturating_add(STRIDE / u64::from(line.weight.max(1)));
-        if line.tasks.is_empty() {
-            self.lines.remove(&owner);
-        } else {
-            self.turns.insert((line.pass, owner.clone()));
-        }
+        self.take(&owner, &entry);
         Some((owner, entry))
+    }
+
+    /// Takes `entry` of `owner` (as [`Self::peek`] named it) for a
+    /// dispatch, charging the owner; false if it was not queued.
+    pub fn take(&mut self, owner: &str, entry: &Entry) -> bool {
+        let Some(line) = self.lines.get_mut(owner) else {
+            return false;
+        };
+        if !line.tasks.remove(entry) {
+            return false;
+        }
+        self.len -= 1;
+        let pass = line.pass;
+        let name = line.name.clone();
+        self.turns.remove(&(pass, name.clone()));
+        self.clock = self.clock.max(pass);
+        line.pass = pass.saturating_add(STRIDE / u64::from(line.weight.max(1)));
+        if line.tasks.is_empty() {
+            self.lines.remove(owner);
+        } else {
+            self.turns.insert((line.pass, name));
+        }
+        true
     }
 
     /// Every queued entry, owner by owner in turn order, each line by rank.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
         self.turns
             .iter()
-            .flat_map(move |(_, o)| self.lines[o].tasks.iter().map(move |e| (o.as_str(), e)))
+            .flat_map(move |(_, o)| self.lines[o].tasks.iter().map(move |e| (&**o, e)))
     }
 
     /// The order dispatches would take, without the filters: at most
@@ -141,11 +168,11 @@ impl FairQueue {
     /// positions, not of the tasks). Cost: `limit` × log(owners).
     pub fn dispatch_order(&self, limit: usize) -> Vec<(&str, &Entry)> {
         let mut turns: BTreeSet<(u64, &str)> =
-            self.turns.iter().map(|(p, o)| (*p, o.as_str())).collect();
+            self.turns.iter().map(|(p, o)| (*p, &**o)).collect();
         let mut cursors: BTreeMap<&str, std::collections::btree_set::Iter<'_, Entry>> = self
             .lines
             .iter()
-            .map(|(o, l)| (o.as_str(), l.tasks.iter()))
+            .map(|(o, l)| (&**o, l.tasks.iter()))
             .collect();
         let mut out = Vec::new();
         while out.len() < limit {

@@ -287,34 +287,22 @@ impl<S: Store> Scheduler<S> {
         }
         let keys = self.workers[name].routing_keys();
         let tasks = &self.tasks;
-        let fits = |id: &str| {
-            tasks
-                .get(id)
-                .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
-        };
+        let fits = |id: &str| tasks.get(id).is_none_or(|t| !t.avoid.iter().any(|w| w == name));
         let best = keys
             .iter()
             .filter_map(|k| {
-                let (_, e) = self.queues.get(k)?.peek(fits)?;
-                Some(((e.0, e.1), k.clone()))
+                let (owner, e) = self.queues.get(k)?.peek(fits)?;
+                Some((e.clone(), owner.to_string(), k))
             })
             .min();
-        if let Some((_, key)) = best {
-            let tasks = &self.tasks;
-            let fits = |id: &str| {
-                tasks
-                    .get(id)
-                    .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
-            };
-            let (_, (_, _, task)) = self
-                .queues
-                .get_mut(&key)
-                .and_then(|q| q.pop(fits))
-                .expect("peeked");
-            if self.queues.get(&key).is_some_and(|q| q.is_empty()) {
+        if let Some((entry, owner, key)) = best {
+            let key = key.clone();
+            let q = self.queues.get_mut(&key).expect("peeked");
+            q.take(&owner, &entry);
+            if q.is_empty() {
                 self.queues.remove(&key);
             }
-            self.dispatch(now, name, &task);
+            self.dispatch(now, name, &entry.2);
         }
     }
 

@@ -320,10 +320,13 @@ impl<S: Store> Scheduler<S> {
 
     /// Remembers how long a task ran, for the estimate of queued ones.
     pub(super) fn record_duration(&mut self, key: &str, ms: u64) {
-        if !self.durations.contains_key(key) && self.durations.len() >= DURATION_KEYS {
-            return;
+        if !self.durations.contains_key(key) {
+            if self.durations.len() >= DURATION_KEYS {
+                return;
+            }
+            self.durations.insert(key.to_string(), VecDeque::new());
         }
-        let d = self.durations.entry(key.to_string()).or_default();
+        let d = self.durations.get_mut(key).expect("just made");
         if d.len() >= DURATIONS_KEPT {
             d.pop_front();
         }

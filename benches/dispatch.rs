@@ -129,7 +129,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
     // What each worker runs now, from the dispatches sent.
     let mut running: Vec<Option<(String, u32)>> = vec![None; workers];
     let note = |outs: Vec<ots::server::scheduler::Output>,
-                    running: &mut Vec<Option<(String, u32)>>| {
+                running: &mut Vec<Option<(String, u32)>>| {
         for o in outs {
             if let ots::server::scheduler::Output::Send {
                 peer,

@@ -249,7 +249,7 @@ fn check_endpoint(key: &'static str, ep: &str) -> Result<(), ConfigError> {
 #[serde(default, deny_unknown_fields)]
 pub struct RecoveryConfig {
     pub command: Vec<String>,
-    #[serde(deserialize_with = "crate::config::duration::secs")]
+    #[serde(rename = "timeout", deserialize_with = "crate::config::duration::secs")]
     pub timeout_secs: u64,
 }
 

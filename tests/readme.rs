@@ -69,3 +69,41 @@ fn the_try_it_by_hand_block_runs_as_written() {
     assert!(!all.contains("No such file or directory"), "{all}");
     assert!(!all.contains("/etc/ots"), "{all}");
 }
+
+/// The `toml` blocks of "Device health and fair share" are valid
+/// configuration as written: the server's loads and validates, the
+/// worker's `[recovery]` table loads into a worker configuration.
+#[test]
+fn the_health_configuration_blocks_load_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme
+        .find("## Device health and fair share")
+        .expect("the heading");
+    let section = &readme[at..readme[at + 3..]
+        .find("\n## ")
+        .map_or(readme.len(), |e| e + at + 3)];
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").expect("the block's end")])
+        .collect();
+    assert_eq!(blocks.len(), 2, "{section}");
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(&server, blocks[0]).unwrap();
+    let cfg = ots::config::ServerConfig::load(Some(&server), &[]).unwrap();
+    assert_eq!(cfg.health.check.len(), 1);
+    assert_eq!(cfg.health.check[0].interval_secs, 24 * 3600);
+    let worker = dir.path().join("worker.toml");
+    std::fs::write(
+        &worker,
+        format!(
+            "name = \"w\"\ndevice = \"devicegroup:n900\"\nsecurity = \"none\"\n{}",
+            blocks[1]
+        ),
+    )
+    .unwrap();
+    let cfg = ots::config::WorkerConfig::load(Some(&worker), &[]).unwrap();
+    assert_eq!(cfg.recovery.command[0], "pdudaemon-client");
+    assert_eq!(cfg.recovery.timeout_secs, 300);
+}

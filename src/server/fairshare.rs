@@ -167,8 +167,7 @@ impl FairQueue {
     /// `limit` entries, simulated on the passes (a copy of the owners'
     /// positions, not of the tasks). Cost: `limit` × log(owners).
     pub fn dispatch_order(&self, limit: usize) -> Vec<(&str, &Entry)> {
-        let mut turns: BTreeSet<(u64, &str)> =
-            self.turns.iter().map(|(p, o)| (*p, &**o)).collect();
+        let mut turns: BTreeSet<(u64, &str)> = self.turns.iter().map(|(p, o)| (*p, &**o)).collect();
         let mut cursors: BTreeMap<&str, std::collections::btree_set::Iter<'_, Entry>> = self
             .lines
             .iter()

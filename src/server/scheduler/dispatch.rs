@@ -287,7 +287,11 @@ impl<S: Store> Scheduler<S> {
         }
         let keys = self.workers[name].routing_keys();
         let tasks = &self.tasks;
-        let fits = |id: &str| tasks.get(id).is_none_or(|t| !t.avoid.iter().any(|w| w == name));
+        let fits = |id: &str| {
+            tasks
+                .get(id)
+                .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
+        };
         let best = keys
             .iter()
             .filter_map(|k| {

@@ -180,6 +180,20 @@ fn a_broken_device_does_not_fail_other_peoples_testruns() {
         "{reasons:?}"
     );
     assert!(audit_json(&server).contains("h-w3: good -> suspect"));
+    // Health is durable: a server killed and restarted on its state still
+    // knows the device is out of service, and why.
+    let mut server = server;
+    let (control, events, state) = (
+        server.control.clone(),
+        server.events.clone(),
+        server.state_dir.clone(),
+    );
+    let before = health_of(&server, "h-w3");
+    server.proc.kill();
+    let server = start_server(&state, &control, &events, &[]);
+    let after = health_of(&server, "h-w3");
+    assert_eq!(after["worker"]["health"], before["worker"]["health"]);
+    assert_eq!(after["history"], before["history"]);
 }
 
 /// A worker whose device breaks (a flag file its conductor checks) turns

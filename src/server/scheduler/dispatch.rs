@@ -123,39 +123,47 @@ impl<S: Store> Scheduler<S> {
             self.requeue_or_fail(now, id, why);
             return;
         }
-        // Kept off this worker if another one could take it; a second
-        // failure here keeps it off in any case.
+        // Kept off the workers it failed on while another worker could
+        // take it; off one it failed on twice in any case.
         let key = self.task_device(id).routing_key();
-        let t = &self.tasks[id];
-        let twice = t.failed_on.iter().any(|w| w == worker);
-        let matching = |w: &&String| {
-            self.workers
-                .get(*w)
-                .is_some_and(|w| w.routing_keys().contains(&key))
-        };
-        let mut kept_off: BTreeSet<&String> = t.avoid.iter().filter(matching).collect();
-        kept_off.insert(&self.workers[worker].name);
-        let others = self
-            .known
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
-            .saturating_sub(kept_off.len());
         let t = self.tasks.get_mut(id).expect("task");
         t.failed_on.push(worker.to_string());
-        if (others > 0 || twice) && !t.avoid.iter().any(|w| w == worker) {
-            t.avoid.push(worker.to_string());
+        let mut failures: BTreeMap<&str, u32> = BTreeMap::new();
+        for w in &t.failed_on {
+            *failures.entry(w.as_str()).or_default() += 1;
         }
+        let workers = &self.workers;
+        let matching = |w: &str| {
+            workers
+                .get(w)
+                .is_some_and(|w| w.routing_keys().contains(&key))
+        };
+        let known = self.known.get(&key).copied().unwrap_or(0);
+        let hard: Vec<String> = failures
+            .iter()
+            .filter(|(_, n)| **n >= 2)
+            .map(|(w, _)| w.to_string())
+            .collect();
+        let all: Vec<String> = failures.keys().map(|w| w.to_string()).collect();
+        let hard_here = hard.iter().filter(|w| matching(w)).count();
+        let all_here = all.iter().filter(|w| matching(w)).count();
+        let (avoid, others) = if known > all_here {
+            (all, known - all_here)
+        } else {
+            // Every worker failed it once: only the twice-failed stay off.
+            (hard, known.saturating_sub(hard_here))
+        };
+        let tried = t.failed_on.join(", ");
+        t.avoid = avoid;
         self.touched.insert(id.clone());
-        if others == 0 && twice && self.tasks[id].attempts < self.cfg.max_attempts {
-            let tried = self.tasks[id].failed_on.join(", ");
+        if others == 0 && self.tasks[id].attempts < self.cfg.max_attempts {
             let reason = format!(
                 "{why} (an infrastructure failure); no other worker for {key} to run it on (failed on: {tried})"
             );
             self.end_task(now, id, TaskState::Finished, Some(Verdict::Error), reason);
             return;
         }
-        let elsewhere = if others > 0 {
+        let elsewhere = if self.tasks[id].avoid.iter().any(|w| w == worker) {
             "runs again on another worker"
         } else {
             "no other worker for it: runs again on this one"

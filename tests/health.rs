@@ -153,6 +153,10 @@ fn a_broken_device_does_not_fail_other_peoples_testruns() {
             }
         }
     }
+    eprintln!(
+        "broken device: {passed} of 10 testruns PASS; the broken worker took {} tasks",
+        on_broken.len()
+    );
     assert!(passed >= 9, "{passed} of 10 passed");
     assert!(
         on_broken.len() <= 3,
@@ -399,6 +403,7 @@ fn a_newcomer_is_not_stuck_behind_a_backlog() {
     assert_eq!(st["verdict"], "PASS", "{st:#}");
     let started = dispatches(&st)[0].3;
     let waited = started.saturating_sub(submitted);
+    eprintln!("fair share: user B's task started {waited} ms after its submit, behind 500 of A's");
     assert!(
         waited <= 300 + 1000,
         "user B waited {waited} ms behind 500 of A's"
@@ -454,6 +459,7 @@ fn weights_set_the_shares() {
     };
     all.sort();
     let a_share = all.iter().take(200).filter(|(_, w)| *w == 'a').count();
+    eprintln!("weights 3:1: A got {a_share} of the first 200 dispatches");
     // 3:1 of 200 is 150; within 10 %.
     assert!(
         (135..=165).contains(&a_share),
@@ -520,6 +526,11 @@ fn a_low_priority_task_runs_while_high_ones_keep_coming() {
             }
         }
     }
+    eprintln!(
+        "low priority: started {} ms after it was queued, {} high ones submitted meanwhile",
+        low_started.saturating_sub(low_queued),
+        highs.len()
+    );
     assert!(
         highs.len() >= 10,
         "only {} high ones arrived meanwhile",

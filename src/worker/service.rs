@@ -824,6 +824,18 @@ fn attach(
 /// files the current task does not use are removed.
 const INPUT_CACHE_BYTES: u64 = 4 << 30;
 
+/// Ends the task's channel with `failure`: it could not get as far as
+/// the conductor (an infrastructure failure, PROTOCOL.md §7.5).
+fn fail_before_conductor(channel: ResponseChannel, failure: String) {
+    channel.finish(
+        Outcome {
+            failure: Some(failure),
+            ..Outcome::default()
+        },
+        Vec::new(),
+    );
+}
+
 /// Runs the worker's `[recovery] command` before a health check that
 /// follows a failure (PROTOCOL.md §5.5): a power cycle, a USB reset. Its
 /// output goes into the check's log; it must exit 0 within its timeout,
@@ -1063,37 +1075,19 @@ async fn run_task(
             task_dir.display()
         );
         warn!(task = %spec.task, %failure, "task failed before the conductor started");
-        channel.finish(
-            Outcome {
-                failure: Some(failure),
-                ..Outcome::default()
-            },
-            Vec::new(),
-        );
+        fail_before_conductor(channel, failure);
         return;
     }
     if spec.recover {
         if let Err(failure) = recover(&cfg, &device, &work_dir, &mut channel, stop.clone()).await {
             warn!(task = %spec.task, %failure, "health check failed before the conductor started");
-            channel.finish(
-                Outcome {
-                    failure: Some(failure),
-                    ..Outcome::default()
-                },
-                Vec::new(),
-            );
+            fail_before_conductor(channel, failure);
             return;
         }
     }
     if let Err(failure) = fetch_inputs(&cfg, &credentials, &spec, &inputs_dir, &mut channel).await {
         warn!(task = %spec.task, %failure, "task failed before the conductor started");
-        channel.finish(
-            Outcome {
-                failure: Some(failure),
-                ..Outcome::default()
-            },
-            Vec::new(),
-        );
+        fail_before_conductor(channel, failure);
         return;
     }
     // The console: its record from `pre_task` ago goes into serial.log;

@@ -300,6 +300,23 @@ pub struct ServerConfig {
     /// `HOST:PORT` of the metrics endpoint (`GET /metrics`, Prometheus
     /// text); empty: off.
     pub metrics: String,
+    /// `HOST:PORT` of the web dashboard; empty: off. A non-loopback
+    /// address needs `web_tls_cert` and `web_tls_key`, or `web_insecure`.
+    pub web: String,
+    /// PEM certificate chain and private key: the dashboard speaks HTTPS.
+    pub web_tls_cert: Option<PathBuf>,
+    pub web_tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback address anyway (a warning at
+    /// every start: session cookies cross the network in the clear).
+    pub web_insecure: bool,
+    /// The dashboard's address as browsers reach it (behind a reverse
+    /// proxy: `https://ots.example.org`); links are made with it.
+    pub web_url: String,
+    /// Trusted-proxy mode: the header in which a reverse proxy that
+    /// authenticated the user names it (e.g. `X-Remote-User`); empty: off.
+    pub web_proxy_user_header: String,
+    /// The addresses such a proxy connects from (default: loopback).
+    pub web_trusted_proxies: Vec<String>,
     /// Log level (error, warn, info, debug, trace, or a filter such as
     /// `ots=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
@@ -650,6 +667,13 @@ impl Default for ServerConfig {
             limits: ServerLimits::default(),
             retention: Retention::default(),
             metrics: String::new(),
+            web: String::new(),
+            web_tls_cert: None,
+            web_tls_key: None,
+            web_insecure: false,
+            web_url: String::new(),
+            web_proxy_user_header: String::new(),
+            web_trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             log_level: "info".into(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/server.key"),
@@ -663,10 +687,105 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The web dashboard's settings, checked; none when `web` is empty.
+    pub fn web_config(&self) -> Result<Option<crate::web::WebConfig>, ConfigError> {
+        if self.web.is_empty() {
+            return Ok(None);
+        }
+        let addr: std::net::SocketAddr = self.web.parse().map_err(|_| {
+            invalid(
+                "web",
+                &self.web,
+                "must be HOST:PORT with a numeric address, e.g. 127.0.0.1:8080 (or empty: off)",
+            )
+        })?;
+        let tls = match (&self.web_tls_cert, &self.web_tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(invalid(
+                    "web_tls_key",
+                    "",
+                    format!(
+                        "web_tls_cert is set ({}) but web_tls_key is not: set both or neither",
+                        c.display()
+                    ),
+                ))
+            }
+            (None, Some(k)) => {
+                return Err(invalid(
+                    "web_tls_cert",
+                    "",
+                    format!(
+                        "web_tls_key is set ({}) but web_tls_cert is not: set both or neither",
+                        k.display()
+                    ),
+                ))
+            }
+        };
+        if !addr.ip().is_loopback() && tls.is_none() && !self.web_insecure {
+            return Err(invalid(
+                "web",
+                &self.web,
+                "is not a loopback address: set web_tls_cert and web_tls_key (HTTPS), or bind 127.0.0.1 behind a reverse proxy, or set web_insecure = true to send session cookies in the clear",
+            ));
+        }
+        let url = if self.web_url.is_empty() {
+            None
+        } else {
+            let ok = (self.web_url.starts_with("http://") || self.web_url.starts_with("https://"))
+                && self.web_url.len() <= 200
+                && self.web_url.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(invalid(
+                    "web_url",
+                    &self.web_url,
+                    "must be the dashboard's address as browsers reach it: http(s)://HOST[:PORT][/PATH], at most 200 characters",
+                ));
+            }
+            Some(self.web_url.clone())
+        };
+        let proxy_user_header = if self.web_proxy_user_header.is_empty() {
+            None
+        } else {
+            if axum::http::HeaderName::from_bytes(self.web_proxy_user_header.as_bytes()).is_err() {
+                return Err(invalid(
+                    "web_proxy_user_header",
+                    &self.web_proxy_user_header,
+                    "must be an HTTP header name, e.g. X-Remote-User",
+                ));
+            }
+            Some(self.web_proxy_user_header.clone())
+        };
+        let mut trusted_proxies = Vec::new();
+        for p in &self.web_trusted_proxies {
+            trusted_proxies.push(p.parse().map_err(|_| {
+                invalid(
+                    "web_trusted_proxies",
+                    p,
+                    "must be a list of IP addresses, e.g. [\"127.0.0.1\", \"::1\"]",
+                )
+            })?);
+        }
+        Ok(Some(crate::web::WebConfig {
+            addr,
+            tls,
+            url,
+            proxy_user_header,
+            trusted_proxies,
+            secure: self.security != SecurityMode::None,
+        }))
+    }
+
     /// Loads and validates: defaults, `file`, `OTS_SERVER_*`, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Self, ConfigError> {
         let files: Vec<&Path> = file.into_iter().collect();
-        let cfg: ServerConfig = load("OTS_SERVER", &files, overrides, &["previous_keys"])?;
+        let cfg: ServerConfig = load(
+            "OTS_SERVER",
+            &files,
+            overrides,
+            &["previous_keys", "web_trusted_proxies"],
+        )?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -681,6 +800,7 @@ impl ServerConfig {
             ));
         }
         check_endpoint("events", &self.events)?;
+        self.web_config()?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(
                 "heartbeat_interval_ms",

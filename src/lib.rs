@@ -54,4 +54,5 @@ pub mod setup;
 pub mod shutdown;
 pub mod supervision;
 pub mod transport;
+pub mod web;
 pub mod worker;

@@ -183,6 +183,13 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Sign in to the web dashboard: asks the server (over this key's
+    /// Noise connection) for a single-use link, valid 60 s, printed as
+    /// the last line and opened with $BROWSER if that is set.
+    Web {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// A worker's device health and its history: why it is good,
     /// suspect, bad, in maintenance or retired.
     Health {
@@ -540,6 +547,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
         Command::Health { worker, conn } => health(&conn, &worker, None, "").await,
+        Command::Web { conn } => web(&conn).await,
         Command::Check { worker, conn } => {
             health(&conn, &worker, Some(HealthAction::Check), "").await
         }
@@ -1068,6 +1076,39 @@ async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32, ClientErro
     } else {
         println!("worker {} takes tasks again", w.name);
     }
+    Ok(exit::PASS)
+}
+
+async fn web(conn: &Conn) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let (url, expires_ms) = client.web_login().await?;
+    if conn.json {
+        let v = serde_json::json!({ "url": url, "expires_ms": expires_ms });
+        println!("{v}");
+        return Ok(exit::PASS);
+    }
+    if let Some(browser) = std::env::var_os("BROWSER").filter(|b| !b.is_empty()) {
+        // Like xdg-open: the browser gets the link as its argument; it is
+        // not waited for (it may stay open for the whole session).
+        match std::process::Command::new(&browser)
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(_) => eprintln!("opened with $BROWSER ({})", browser.to_string_lossy()),
+            Err(e) => eprintln!(
+                "could not start $BROWSER ({}): {e}; open the link yourself",
+                browser.to_string_lossy()
+            ),
+        }
+    }
+    eprintln!(
+        "open this link within 60 s (it works once; until {} UTC):",
+        datetime(expires_ms)
+    );
+    println!("{url}");
     Ok(exit::PASS)
 }
 

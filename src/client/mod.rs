@@ -390,6 +390,9 @@ impl Client {
                 state,
                 owner,
                 limit,
+                verdict: None,
+                devicegroup: None,
+                before: None,
             })
             .await?
         {
@@ -475,6 +478,20 @@ impl Client {
     }
 
     /// A worker's health and history, after `action` if any (operator).
+    /// A single-use sign-in link to the web dashboard for this
+    /// connection's user, and when it expires (Unix ms).
+    pub async fn web_login(&mut self) -> Result<(String, u64), ClientError> {
+        match self.request(|request| Body::WebLogin { request }).await? {
+            (
+                Body::WebLink {
+                    url, expires_ms, ..
+                },
+                _,
+            ) => Ok((url, expires_ms)),
+            (other, _) => Err(unexpected("web_link", &other)),
+        }
+    }
+
     pub async fn worker_health(
         &mut self,
         worker: &str,

@@ -697,10 +697,21 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
         }
         Body::Error { message, .. } => check_text(kind, "message", message, MAX_TEXT_BYTES)?,
-        Body::Ping { .. } | Body::ListWorkers { .. } | Body::ListQueue { .. } => {}
-        Body::ListRuns { owner, limit, .. } => {
+        Body::Ping { .. }
+        | Body::ListWorkers { .. }
+        | Body::ListQueue { .. }
+        | Body::WebLogin { .. } => {}
+        Body::ListRuns {
+            owner,
+            limit,
+            devicegroup,
+            ..
+        } => {
             if let Some(o) = owner {
                 check_id(kind, "owner", o)?;
+            }
+            if let Some(g) = devicegroup {
+                check_id(kind, "devicegroup", g)?;
             }
             check_range(kind, "limit", *limit, 1..=1000)?;
         }
@@ -791,6 +802,8 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_id(kind, "run", run)?;
             check_range(kind, "from", *from, 0..=MAX_SEQ)?;
         }
+        Body::GetLogTail { task, .. } => check_id(kind, "task", task)?,
+        Body::WebLink { url, .. } => check_text(kind, "url", url, MAX_TEXT_BYTES)?,
         Body::GetLog { task, offset, .. } => {
             check_id(kind, "task", task)?;
             check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;

@@ -540,6 +540,16 @@ pub struct HealthChange {
     pub reason: String,
 }
 
+/// A task that ended on a worker, as `health_report` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentTask {
+    pub task: TaskId,
+    pub run: RunId,
+    pub state: TaskState,
+    pub verdict: Option<Verdict>,
+    pub reason: Option<String>,
+}
+
 /// One testrun as `runs` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -914,6 +924,18 @@ pub enum Body {
         offset: u64,
         max: u64,
     },
+    /// Reads the last `max` bytes at most of a task's log: answered with
+    /// `data` whose `offset` says where they start in the log.
+    GetLogTail {
+        request: u64,
+        task: TaskId,
+        max: u64,
+    },
+    /// Asks for a single-use sign-in link to the web dashboard for this
+    /// connection's user (PROTOCOL.md §16). Answered with `web_link`.
+    WebLogin {
+        request: u64,
+    },
     /// Reads up to `max` bytes of a result file from `offset`.
     GetFile {
         request: u64,
@@ -948,7 +970,8 @@ pub enum Body {
         reason: String,
     },
     /// Recent testruns, newest first (`limit` at most 1000), optionally of
-    /// one state or owner; a `submit` user sees only its own.
+    /// one state, owner, verdict or device group, and only those numbered
+    /// below `before` (the next page); a `submit` user sees only its own.
     ListRuns {
         request: u64,
         #[serde(default)]
@@ -956,6 +979,13 @@ pub enum Body {
         #[serde(default)]
         owner: Option<String>,
         limit: u32,
+        #[serde(default)]
+        verdict: Option<Verdict>,
+        #[serde(default)]
+        devicegroup: Option<String>,
+        /// A testrun number (`r17` is 17): only older testruns.
+        #[serde(default)]
+        before: Option<u64>,
     },
     /// The queued tasks per routing key.
     ListQueue {
@@ -1055,6 +1085,16 @@ pub enum Body {
         request: u64,
         worker: WorkerInfo,
         history: Vec<HealthChange>,
+        /// The worker's last tasks that ended, newest first (at most 20;
+        /// a `submit` user sees only those of its own testruns).
+        #[serde(default)]
+        recent: Vec<RecentTask>,
+    },
+    /// Answer to `web_login`: open `url` within `expires_ms` (once).
+    WebLink {
+        request: u64,
+        url: String,
+        expires_ms: u64,
     },
     /// Bytes of a log or file are the third frame.
     Data {
@@ -1140,6 +1180,9 @@ impl Body {
             | Body::DrainWorker { request, .. }
             | Body::WorkerHealth { request, .. }
             | Body::HealthReport { request, .. }
+            | Body::GetLogTail { request, .. }
+            | Body::WebLogin { request }
+            | Body::WebLink { request, .. }
             | Body::GetAudit { request, .. }
             | Body::InputOffer { request, .. }
             | Body::InputChunk { request, .. }
@@ -1192,6 +1235,9 @@ impl Body {
             Body::ListWorkers { .. } => "list_workers",
             Body::GetLog { .. } => "get_log",
             Body::GetFile { .. } => "get_file",
+            Body::GetLogTail { .. } => "get_log_tail",
+            Body::WebLogin { .. } => "web_login",
+            Body::WebLink { .. } => "web_link",
             Body::Follow { .. } => "follow",
             Body::DrainWorker { .. } => "drain_worker",
             Body::WorkerHealth { .. } => "worker_health",

@@ -375,6 +375,18 @@ impl AllowList {
         self.by_key.is_empty()
     }
 
+    /// The allowed users and their roles (the dashboard's sessions end
+    /// when theirs goes or changes).
+    pub fn user_roles(&self) -> HashMap<String, Role> {
+        self.by_key
+            .values()
+            .filter_map(|i| match i {
+                Identity::User { name, role } => Some((name.clone(), *role)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Names of the allowed workers.
     pub fn worker_names(&self) -> std::collections::HashSet<String> {
         self.by_key

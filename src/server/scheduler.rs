@@ -89,6 +89,9 @@ pub struct SchedulerConfig {
     /// `low` behind: a low task waits at most twice this behind high
     /// ones queued after it.
     pub priority_lead: Duration,
+    /// The web dashboard is served: `web_login` requests are taken (by
+    /// the shell, which holds the sessions) instead of refused.
+    pub web: bool,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -168,6 +171,7 @@ impl Default for SchedulerConfig {
             checks: BTreeMap::new(),
             weights: BTreeMap::new(),
             priority_lead: Duration::from_secs(600),
+            web: false,
         }
     }
 }
@@ -210,7 +214,12 @@ struct Worker {
     outbox: Outbox,
     /// What the server believes about its device.
     health: WorkerHealth,
+    /// Its last tasks that ended, newest first (at most [`RECENT_KEPT`]).
+    recent: VecDeque<TaskId>,
 }
+
+/// Ended tasks each worker remembers for its page (`health_report`).
+pub const RECENT_KEPT: usize = 20;
 
 impl Testrun {
     /// The routing keys of its device specs.
@@ -445,6 +454,18 @@ pub struct Scheduler<S: Store> {
     retained_bytes: u64,
     /// Tasks pruned since the last commit (out of the files index).
     pruned_tasks: Vec<TaskId>,
+    /// `web_login` requests for the shell to answer, since it last took
+    /// them (each loop turn: at most a batch's worth).
+    web_logins: Vec<WebLoginAsk>,
+}
+
+/// A connection asked for a dashboard sign-in link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebLoginAsk {
+    pub peer: PeerId,
+    pub request: u64,
+    /// Who it authenticated as; none without security.
+    pub identity: Option<crate::security::Identity>,
 }
 
 pub use crate::protocol::limits::unix_ms_now;
@@ -493,6 +514,7 @@ impl<S: Store> Scheduler<S> {
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
             latest: Instant::now(),
             callers: HashMap::new(),
+            web_logins: Vec::new(),
             followers: HashMap::new(),
             following: HashMap::new(),
             drained: BTreeSet::new(),

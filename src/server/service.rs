@@ -50,6 +50,8 @@ pub enum ServerError {
     State(#[from] crate::server::db::StateError),
     #[error("security: {0}")]
     Security(#[from] crate::security::SecurityError),
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: String,
@@ -70,7 +72,9 @@ impl ServerError {
     pub fn is_configuration(&self) -> bool {
         let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
         match self {
-            ServerError::Config(_) | ServerError::Security(_) => true,
+            ServerError::Config(_)
+            | ServerError::Security(_)
+            | ServerError::Web(crate::web::WebError::Tls { .. }) => true,
             ServerError::StateDir { source, .. } => denied(source),
             ServerError::State(crate::server::db::StateError::Lock { source, .. }) => {
                 denied(source)
@@ -88,6 +92,8 @@ pub struct ServerHandle {
     pub events: String,
     /// This run's incarnation id.
     pub incarnation: String,
+    /// The web dashboard's address (`http(s)://HOST:PORT`), if served.
+    pub web: Option<String>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -178,6 +184,7 @@ impl Server {
                 checks: cfg.health_checks(),
                 weights: cfg.weights(),
                 priority_lead: Duration::from_secs(cfg.fairshare.priority_lead_secs),
+                web: !cfg.web.is_empty(),
             },
             store,
             incarnation.clone(),
@@ -203,9 +210,24 @@ impl Server {
             tokio::spawn(crate::server::metrics::serve(listener, tx));
             Some(rx)
         };
+        let web = match cfg.web_config()? {
+            None => None,
+            Some(web_cfg) => {
+                let plain_on_network = !web_cfg.addr.ip().is_loopback() && web_cfg.tls.is_none();
+                let users = credentials.as_ref().map(|c| c.allow.user_roles());
+                let handle = crate::web::start(web_cfg, users).await?;
+                if plain_on_network {
+                    warn!(web = %handle.addr, "web_insecure = true: the dashboard serves plain HTTP on a network address; session cookies and sign-in links can be read on the way: set web_tls_cert and web_tls_key");
+                }
+                info!(url = %handle.dashboard.base_url, "web dashboard listening");
+                Some(handle)
+            }
+        };
+        let web_url = web.as_ref().map(|w| w.dashboard.base_url.clone());
         info!(
             control = %sockets.control,
             events = %sockets.events,
+            web = %web_url.as_deref().unwrap_or("off"),
             metrics = %if cfg.metrics.is_empty() { "off" } else { cfg.metrics.as_str() },
             state_dir = %cfg.state_dir.display(),
             server = %incarnation,
@@ -253,6 +275,7 @@ impl Server {
                 inbound_queue_bytes: cfg.limits.inbound_queue_bytes,
                 idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
                 scrapes,
+                web,
             },
             shutdown_rx,
         ));
@@ -260,6 +283,7 @@ impl Server {
             control,
             events,
             incarnation,
+            web: web_url,
             shutdown: shutdown_tx,
             task,
         })
@@ -312,6 +336,8 @@ struct Pace {
     idle_timeout: Duration,
     /// Metrics scrapes waiting for a page (metrics endpoint on).
     scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
+    /// The web dashboard, if served.
+    web: Option<crate::web::WebHandle>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -336,7 +362,15 @@ async fn serve(
         inbound_queue_bytes,
         idle_timeout,
         mut scrapes,
+        web,
     } = pace;
+    // The dashboard's requests: asked on a bounded queue, handled here in
+    // batches like messages, answered after the commit like replies.
+    let (dashboard, mut web_asks) = match web {
+        Some(w) => (Some(w.dashboard), Some(w.asks)),
+        None => (None, None),
+    };
+    let mut web_pending = crate::web::bridge::Pending::new();
     let mut metrics = crate::server::metrics::Metrics::new();
     let mut last_tick = Instant::now();
     let transport::ServerSockets {
@@ -465,6 +499,18 @@ async fn serve(
                     }
                 }
             }
+            Some(ask) = async { web_asks.as_mut()?.recv().await }, if web_asks.is_some() => {
+                let now = Instant::now();
+                web_pending.begin(&mut scheduler, now, ask);
+                let mut handled = 1;
+                while handled < MAX_BATCH && scheduler.pending_output_bytes() < OUTPUT_BUDGET {
+                    let Some(Ok(ask)) = web_asks.as_mut().map(|r| r.try_recv()) else {
+                        break;
+                    };
+                    web_pending.begin(&mut scheduler, now, ask);
+                    handled += 1;
+                }
+            }
             Some(scrape) = async { scrapes.as_mut()?.recv().await }, if scrapes.is_some() => {
                 let page = metrics.render(scheduler.metrics_snapshot(Instant::now()));
                 let _ = scrape.send(page);
@@ -486,6 +532,12 @@ async fn serve(
                     let now = Instant::now();
                     let identities = allow.len();
                     let allowed = allow.worker_names();
+                    if let Some(d) = &dashboard {
+                        let ended = d.set_users(allow.user_roles());
+                        if ended > 0 {
+                            info!(sessions = ended, "dashboard sessions ended: their user's key was removed or its role changed");
+                        }
+                    }
                     let revoked = gate.reload(allow);
                     info!(identities, revoked = revoked.len(), denied = denied.len(), "allow-lists reloaded");
                     scheduler.audit("server", "-", "reload", &format!("{identities} identities allowed, {} sessions revoked, {} entries denied", revoked.len(), denied.len()));
@@ -512,6 +564,13 @@ async fn serve(
                     scheduler.count_shell_event("subscriptions_refused", refused - subscriptions_refused);
                     subscriptions_refused = refused;
                 }
+                if let Some(d) = &dashboard {
+                    let expired = web_pending.expire(&mut scheduler, now);
+                    scheduler.count_shell_event("web_requests_expired", expired as u64);
+                    for (name, n) in d.take_counters() {
+                        scheduler.count_shell_event(name, n);
+                    }
+                }
                 let idle = activity.take_idle(now);
                 if !idle.is_empty() {
                     scheduler.count_shell_event("idle_connections_closed", idle.len() as u64);
@@ -526,6 +585,15 @@ async fn serve(
                     break;
                 }
             }
+        }
+        // Sign-in links asked for over Noise: minted by the dashboard,
+        // answered by the scheduler (audited there).
+        for ask in scheduler.take_web_logins() {
+            let link = match &dashboard {
+                Some(d) => d.mint_link(ask.identity.clone()),
+                None => Err("this server does not serve the web dashboard".to_string()),
+            };
+            scheduler.answer_web_login(&ask, link);
         }
         // Durable first, then the acknowledgements that say so.
         supervisor.tick(Instant::now(), || scheduler.status_line());
@@ -545,6 +613,7 @@ async fn serve(
             }
         }
         let outputs = scheduler.take_outputs();
+        let outputs = web_pending.answer(&mut scheduler, Instant::now(), outputs);
         deliver(
             outputs,
             &mut scheduler,

@@ -79,6 +79,9 @@ pub trait Store {
     /// Reads up to `max` bytes of the task's log; returns bytes and eof.
     fn read_log(&self, task: &TaskId, offset: u64, max: u64)
         -> Result<(Vec<u8>, bool), StoreError>;
+    /// Reads the last `max` bytes at most of the task's log; returns
+    /// where they start and the bytes.
+    fn read_log_tail(&self, task: &TaskId, max: u64) -> Result<(u64, Vec<u8>), StoreError>;
     /// Appends one line (JSON, no newline) to the append-only audit log.
     fn append_audit(&mut self, line: &str) -> Result<(), StoreError>;
     /// Reads up to `max` bytes of the audit log; returns bytes and eof.
@@ -171,6 +174,18 @@ impl Store for DiskStore {
             return Ok((Vec::new(), true));
         }
         read_range(&path, offset, max)
+    }
+
+    fn read_log_tail(&self, task: &TaskId, max: u64) -> Result<(u64, Vec<u8>), StoreError> {
+        let path = self.task_dir(task).join("log");
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Vec::new())),
+            Err(e) => return Err(io("cannot stat", &path)(e)),
+        };
+        let start = len.saturating_sub(max);
+        let (bytes, _) = read_range(&path, start, len - start)?;
+        Ok((start, bytes))
     }
 
     fn append_audit(&mut self, line: &str) -> Result<(), StoreError> {
@@ -354,6 +369,12 @@ impl Store for MemoryStore {
 
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
         Ok(slice(&self.audit, offset, max))
+    }
+
+    fn read_log_tail(&self, task: &TaskId, max: u64) -> Result<(u64, Vec<u8>), StoreError> {
+        let log = self.logs.get(task).map_or(&[][..], Vec::as_slice);
+        let start = (log.len() as u64).saturating_sub(max);
+        Ok((start, log[start as usize..].to_vec()))
     }
 }
 

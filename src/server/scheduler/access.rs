@@ -42,6 +42,36 @@ impl<S: Store> Scheduler<S> {
             .insert(peer.clone(), Caller { identity, address });
     }
 
+    /// The `web_login` requests received since the last call, for the
+    /// shell to mint links for ([`Scheduler::answer_web_login`]).
+    pub fn take_web_logins(&mut self) -> Vec<WebLoginAsk> {
+        std::mem::take(&mut self.web_logins)
+    }
+
+    /// Answers a `web_login` with the link the shell minted, or with why
+    /// none could be (the session table is full).
+    pub fn answer_web_login(&mut self, ask: &WebLoginAsk, link: Result<(String, u64), String>) {
+        match link {
+            Ok((url, expires_ms)) => {
+                self.audit_peer(&ask.peer, "web_login", "single-use dashboard link issued");
+                self.send(
+                    &ask.peer,
+                    None,
+                    Body::WebLink {
+                        request: ask.request,
+                        url,
+                        expires_ms,
+                    },
+                    None,
+                );
+            }
+            Err(why) => {
+                self.count("web_logins_refused", 1);
+                self.send_error(&ask.peer, Some(ask.request), ErrorCode::LimitReached, why);
+            }
+        }
+    }
+
     /// Appends an audit entry: identity, address, event, detail.
     pub fn audit(&mut self, who: &str, address: &str, event: &str, detail: &str) {
         let line = serde_json::json!({

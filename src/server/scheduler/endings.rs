@@ -25,6 +25,11 @@ impl<S: Store> Scheduler<S> {
         info!(task = %id, ?verdict, %reason, "task ended");
         if let Some(w) = worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
             w.outbox.drop_task(id, None);
+            w.recent.retain(|t| t != id);
+            w.recent.push_front(id.clone());
+            w.recent.truncate(RECENT_KEPT);
+            let name = w.name.clone();
+            self.touched_workers.insert(name);
         }
         if let Some(w) = worker.as_deref() {
             let attempt = Some(self.tasks[id].attempts);

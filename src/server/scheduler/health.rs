@@ -397,10 +397,36 @@ impl<S: Store> Scheduler<S> {
             self.audit_peer(peer, what, &format!("worker {name}: {reason}"));
             self.health_event(now, name, event);
         }
+        // A submit user sees the tasks of its own testruns only.
+        let only = match (self.cfg.secure, self.caller_role(peer)) {
+            (true, Some(crate::security::Role::Submit)) => self.owner(peer),
+            _ => None,
+        };
+        let recent = self.workers[name]
+            .recent
+            .iter()
+            .filter_map(|id| {
+                let t = self.tasks.get(id)?;
+                if let Some(user) = &only {
+                    let owner = self.runs.get(&t.run)?.request.owner.as_deref();
+                    if owner != Some(user.as_str()) {
+                        return None;
+                    }
+                }
+                Some(crate::protocol::RecentTask {
+                    task: id.clone(),
+                    run: t.run.clone(),
+                    state: t.state,
+                    verdict: t.verdict,
+                    reason: t.reason.clone(),
+                })
+            })
+            .collect();
         Ok(Body::HealthReport {
             request,
             worker: self.worker_info(now, name),
             history: self.workers[name].health.history.iter().cloned().collect(),
+            recent,
         })
     }
 }

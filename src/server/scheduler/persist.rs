@@ -86,6 +86,9 @@ struct WorkerRow {
     /// is configured.
     #[serde(default)]
     health: Option<WorkerHealth>,
+    /// Its last tasks that ended, newest first.
+    #[serde(default)]
+    recent: Vec<TaskId>,
 }
 
 /// A stored row that does not decode.
@@ -278,6 +281,7 @@ impl<S: Store> Scheduler<S> {
                 dedup: w.dedup.clone(),
                 drained: self.drained.contains(&name),
                 health: Some(w.health.clone()),
+                recent: w.recent.iter().cloned().collect(),
             };
             let bytes = encode(&row);
             let key = format!("w:{}", w.name);
@@ -564,6 +568,7 @@ impl<S: Store> Scheduler<S> {
                     health: row
                         .health
                         .unwrap_or_else(|| WorkerHealth::new(s.wall_ms(now))),
+                    recent: row.recent.into_iter().take(RECENT_KEPT).collect(),
                 },
             );
         }

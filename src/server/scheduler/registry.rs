@@ -133,6 +133,7 @@ impl<S: Store> Scheduler<S> {
                 dedup,
                 outbox: Outbox::restore(retry, next_seq, Vec::new()),
                 health: WorkerHealth::new(unix_now),
+                recent: VecDeque::new(),
             }
         });
         if let Some(old) = worker.peer.take() {

@@ -50,6 +50,9 @@ impl<S: Store> Scheduler<S> {
                 state,
                 owner,
                 limit,
+                verdict,
+                devicegroup,
+                before,
                 ..
             } => {
                 // A submit user sees its own testruns only.
@@ -57,10 +60,61 @@ impl<S: Store> Scheduler<S> {
                     (true, Some(crate::security::Role::Submit)) => self.owner(peer),
                     _ => owner,
                 };
+                let filter = views::RunFilter {
+                    state,
+                    owner: owner.as_deref(),
+                    verdict,
+                    devicegroup: devicegroup.as_deref(),
+                    before,
+                };
                 Ok(Body::Runs {
                     request,
-                    runs: self.list_runs(state, owner.as_deref(), limit),
+                    runs: self.list_runs(&filter, limit),
                 })
+            }
+            Body::WebLogin { .. } => {
+                if !self.cfg.web {
+                    Err((
+                        ErrorCode::BadRequest,
+                        "this server does not serve the web dashboard: set web = \"127.0.0.1:8080\" in server.toml (or OTS_SERVER_WEB) and restart it".to_string(),
+                    ))
+                } else {
+                    let identity = self.callers.get(peer).map(|c| c.identity.clone());
+                    self.web_logins.push(WebLoginAsk {
+                        peer: peer.clone(),
+                        request,
+                        identity,
+                    });
+                    return;
+                }
+            }
+            Body::GetLogTail { task, max, .. } => {
+                if !self.tasks.contains_key(&task) {
+                    Err((
+                        ErrorCode::UnknownTask,
+                        format!("no task {task:?} on this server"),
+                    ))
+                } else {
+                    match self.store.read_log_tail(&task, max.min(MAX_READ_CHUNK)) {
+                        Ok((offset, bytes)) => self.send(
+                            peer,
+                            None,
+                            Body::Data {
+                                request,
+                                offset,
+                                eof: true,
+                            },
+                            Some(bytes.into()),
+                        ),
+                        Err(e) => self.send_error(
+                            peer,
+                            Some(request),
+                            ErrorCode::UnknownTask,
+                            e.to_string(),
+                        ),
+                    }
+                    return;
+                }
             }
             Body::ListQueue { .. } => Ok(Body::Queue {
                 request,

@@ -10,17 +10,33 @@ const QUEUE_SHOWN: usize = 1000;
 /// Workers listed per queue at most (all are counted).
 const QUEUE_WORKERS_SHOWN: usize = 64;
 
+/// Which testruns `list_runs` shows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunFilter<'a> {
+    pub state: Option<RunState>,
+    pub owner: Option<&'a str>,
+    pub verdict: Option<Verdict>,
+    pub devicegroup: Option<&'a str>,
+    /// Only testruns numbered below this one (the next page).
+    pub before: Option<u64>,
+}
+
 impl<S: Store> Scheduler<S> {
     /// Testruns newest first, filtered; at most `limit`, looking at no
-    /// more than 10 000 (the newest) to find them.
-    pub(super) fn list_runs(
-        &self,
-        state: Option<RunState>,
-        owner: Option<&str>,
-        limit: u32,
-    ) -> Vec<RunSummary> {
+    /// more than 10 000 (the newest below `before`) to find them.
+    pub(super) fn list_runs(&self, filter: &RunFilter<'_>, limit: u32) -> Vec<RunSummary> {
+        let RunFilter {
+            state,
+            owner,
+            verdict,
+            devicegroup,
+            before,
+        } = *filter;
         let mut out = Vec::new();
-        let newest = self.next_run;
+        let newest = match before {
+            Some(b) => b.saturating_sub(1).min(self.next_run),
+            None => self.next_run,
+        };
         for n in (1..=newest).rev().take(10_000) {
             if out.len() >= limit as usize {
                 break;
@@ -31,6 +47,8 @@ impl<S: Store> Scheduler<S> {
             };
             if state.is_some_and(|s| s != r.state)
                 || owner.is_some_and(|o| r.request.owner.as_deref() != Some(o))
+                || verdict.is_some_and(|v| r.verdict != Some(v))
+                || devicegroup.is_some_and(|g| !r.request.all_devices().any(|d| d.devicegroup == g))
             {
                 continue;
             }

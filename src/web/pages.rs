@@ -1,0 +1,654 @@
+//! The pages, rendered on the server (maud): readable without
+//! JavaScript; `/static/ots.js` adds live updates where an element asks
+//! for them with `data-*` attributes. Everything a peer sent (names,
+//! reasons, log text) is escaped by the template, and control characters
+//! in log lines are shown as `\xNN`.
+
+use super::sessions::Viewer;
+use crate::protocol::{
+    HealthChange, QueueInfo, RecentTask, RunStatus, RunSummary, TaskStatus, WorkerInfo,
+};
+use crate::security::Role;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{html, Markup, DOCTYPE};
+use std::collections::BTreeMap;
+
+/// The lowercase wire name of an enum value (`busy`, `pass`…).
+pub fn name<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+fn opt_name<T: serde::Serialize>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "—".to_string(), name)
+}
+
+/// `12 s`, `3 min`, `2 h`, `4 d`.
+pub fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
+}
+
+/// A Unix ms time as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn when(ms: u64) -> String {
+    if ms == 0 {
+        return "—".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Bytes as `512 B`, `3.2 KiB`, `1.0 GiB`.
+pub fn size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Shows control characters (other than tab) as `\xNN`.
+pub fn visible(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}' {
+            let n = c as u32;
+            if n < 0x100 {
+                out.push_str(&format!("\\x{n:02x}"));
+            } else {
+                out.push_str(&format!("\\u{{{n:x}}}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The class of a stored log line by its stream prefix.
+fn line_class(line: &str) -> &'static str {
+    if line.starts_with("[serial] ") {
+        "l serial"
+    } else if line.starts_with("[stderr] ") {
+        "l stderr"
+    } else if line.starts_with("[ots-worker] ") {
+        "l worker"
+    } else {
+        "l"
+    }
+}
+
+/// Lines of stored log text, each a `div` (serial console lines marked).
+pub fn log_lines(text: &str, filter: Option<&str>) -> Markup {
+    html! {
+        @for line in text.split_terminator('\n') {
+            @if filter.is_none_or(|f| line.contains(f)) {
+                div class=(line_class(line)) { (visible(line)) }
+            }
+        }
+    }
+}
+
+fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " — ots" }
+                link rel="stylesheet" href="/static/ots.css";
+                script src="/static/ots.js" defer {}
+            }
+            body {
+                header {
+                    nav {
+                        a.brand href="/" { "ots" }
+                        @if let Some(v) = viewer {
+                            a href="/" { "Lab" }
+                            a href="/queue" { "Queue" }
+                            a href="/runs" { "Runs" }
+                            @if v.role() >= Role::Admin {
+                                a href="/audit" { "Audit" }
+                            }
+                            span.who { (v.name()) " (" (v.role().as_str()) ")" }
+                            form.inline method="post" action="/logout" {
+                                input type="hidden" name="csrf" value=(v.csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn page(viewer: &Viewer, title: &str, body: Markup) -> Response {
+    layout(Some(viewer), title, body).into_response()
+}
+
+/// What anonymous visitors get: how to sign in, no data.
+pub fn sign_in(message: Option<&str>) -> Response {
+    let body = html! {
+        h1 { "Sign in" }
+        @if let Some(m) = message { p.error { (m) } }
+        p { "The dashboard signs you in with your ots key, not a password. On a machine with your key, run:" }
+        pre { "ots-submit web" }
+        p { "and open the link it prints (it works once, within 60 seconds)." }
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        layout(None, "Sign in", body).into_response(),
+    )
+        .into_response()
+}
+
+/// An error page for a signed-in viewer.
+pub fn error(viewer: &Viewer, status: StatusCode, message: &str) -> Response {
+    let body = html! {
+        h1 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("")) }
+        p.error { (message) }
+    };
+    (status, page(viewer, "Error", body)).into_response()
+}
+
+fn csrf_field(v: &Viewer) -> Markup {
+    html! { input type="hidden" name="csrf" value=(v.csrf); }
+}
+
+fn drain_form(v: &Viewer, w: &WorkerInfo) -> Markup {
+    html! {
+        @if v.role() >= Role::Operator {
+            form.inline method="post" action={ "/workers/" (w.name) "/drain" } {
+                (csrf_field(v))
+                input type="hidden" name="drain" value=(if w.drained { "off" } else { "on" });
+                button type="submit" { (if w.drained { "Undrain" } else { "Drain" }) }
+            }
+        }
+    }
+}
+
+/// The lab: every worker, and counts per device group.
+pub fn lab(v: &Viewer, workers: &[WorkerInfo], fragment: bool) -> Response {
+    let mut groups: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    for w in workers {
+        let g = groups.entry(w.device.devicegroup.as_str()).or_default();
+        *g.entry("workers".into()).or_default() += 1;
+        *g.entry(name(&w.state)).or_default() += 1;
+        *g.entry(w.health.as_str().to_string()).or_default() += 1;
+    }
+    let columns = [
+        "workers",
+        "idle",
+        "busy",
+        "lost",
+        "stopped",
+        "good",
+        "suspect",
+        "bad",
+        "maintenance",
+    ];
+    let content = html! {
+        h2 { "Device groups" }
+        table #groups {
+            thead { tr { th { "group" } @for c in columns { th { (c) } } } }
+            tbody {
+                @for (g, counts) in &groups {
+                    tr { td { (g) } @for c in columns { td.num { (counts.get(c).copied().unwrap_or(0)) } } }
+                }
+            }
+        }
+        h2 { "Workers (" (workers.len()) ")" }
+        table #workers {
+            thead { tr {
+                th { "worker" } th { "state" } th { "health" } th { "device" } th { "task" }
+                th { "last heard" } th { "console" } th { "drained" } th {}
+            } }
+            tbody {
+                @for w in workers {
+                    tr data-worker=(w.name) {
+                        td { a href={ "/workers/" (w.name) } { (w.name) } }
+                        td class={ "state " (name(&w.state)) } { (name(&w.state)) }
+                        td class={ "health " (w.health.as_str()) } title=(w.health_reason) { (w.health.as_str()) }
+                        td { (w.device) }
+                        td { @if let Some(t) = &w.task { a href={ "/tasks/" (t) "/log" } { (t) } } @else { "—" } }
+                        td { (ago(w.last_heard_ms_ago)) " ago" }
+                        td { (w.console.as_deref().unwrap_or("—")) }
+                        td { (if w.drained { "yes" } else { "no" }) }
+                        td { (drain_form(v, w)) }
+                    }
+                }
+            }
+        }
+    };
+    if fragment {
+        return content.into_response();
+    }
+    page(
+        v,
+        "Lab",
+        html! {
+            h1 { "Lab" }
+            div data-refresh="/?fragment=1" data-every="3000" { (content) }
+        },
+    )
+}
+
+/// The queues and why their tasks wait.
+pub fn queue(v: &Viewer, queues: &[QueueInfo], fragment: bool) -> Response {
+    let content = html! {
+        @if queues.is_empty() { p { "Nothing is waiting." } }
+        @for q in queues {
+            section.queue {
+                h2 { (q.key) " — " (q.length) " waiting" }
+                p.workers {
+                    "Workers that could take them (" (q.workers_total) "): "
+                    @for w in &q.workers { span.worker { a href={ "/workers/" (w.name) } { (w.name) } ": " (w.doing) } " " }
+                }
+                table {
+                    thead { tr { th { "#" } th { "task" } th { "testrun" } th { "owner" } th { "age" } th { "ahead (own / others)" } th { "estimate" } } }
+                    tbody {
+                        @for t in &q.tasks {
+                            tr {
+                                td.num { (t.position) }
+                                td { (t.task) }
+                                td { a href={ "/runs/" (t.run) } { (t.run) } }
+                                td { (t.owner.as_deref().unwrap_or("—")) }
+                                td { (ago(t.age_ms)) }
+                                td { (t.ahead_own) " / " (t.ahead_others) }
+                                td { @if let Some(ms) = t.estimate_ms { "in ~" (ago(ms)) } @else { "—" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if fragment {
+        return content.into_response();
+    }
+    page(
+        v,
+        "Queue",
+        html! {
+            h1 { "Queue" }
+            div data-refresh="/queue?fragment=1" data-every="3000" { (content) }
+        },
+    )
+}
+
+/// The filters of the runs page, as given.
+#[derive(Default, serde::Deserialize, serde::Serialize)]
+pub struct RunsQuery {
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub verdict: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub before: Option<u64>,
+}
+
+/// Testruns, newest first, filtered and paginated.
+pub fn runs(v: &Viewer, q: &RunsQuery, runs: &[RunSummary], older: Option<u64>) -> Response {
+    let sel = |field: &Option<String>, value: &str| field.as_deref() == Some(value);
+    let next = older.map(|before| {
+        let mut q2 = serde_urlencoded_pairs(q);
+        q2.push(("before".into(), before.to_string()));
+        let query: Vec<String> = q2
+            .iter()
+            .map(|(k, v)| format!("{k}={}", url_escape(v)))
+            .collect();
+        format!("/runs?{}", query.join("&"))
+    });
+    page(
+        v,
+        "Runs",
+        html! {
+            h1 { "Runs" }
+            form.filters method="get" action="/runs" {
+                label { "owner " input name="owner" value=(q.owner.as_deref().unwrap_or("")) size="12"; }
+                label { "state "
+                    select name="state" {
+                        option value="" { "any" }
+                        @for s in ["queued", "running", "finished", "cancelled"] {
+                            option value=(s) selected[sel(&q.state, s)] { (s) }
+                        }
+                    }
+                }
+                label { "verdict "
+                    select name="verdict" {
+                        option value="" { "any" }
+                        @for s in ["pass", "fail", "error"] {
+                            option value=(s) selected[sel(&q.verdict, s)] { (s) }
+                        }
+                    }
+                }
+                label { "device group " input name="group" value=(q.group.as_deref().unwrap_or("")) size="12"; }
+                button type="submit" { "Filter" }
+            }
+            table #runs {
+                thead { tr { th { "testrun" } th { "state" } th { "verdict" } th { "owner" } th { "device" } th { "tasks" } th { "submitted" } th { "ended" } } }
+                tbody {
+                    @for r in runs {
+                        tr {
+                            td { a href={ "/runs/" (r.run) } { (r.run) } }
+                            td class={ "state " (name(&r.state)) } { (name(&r.state)) }
+                            td class={ "verdict " (opt_name(&r.verdict)) } { (opt_name(&r.verdict)) }
+                            td { (r.owner.as_deref().unwrap_or("—")) }
+                            td { (r.device) }
+                            td.num { (r.tasks) }
+                            td { (when(r.submitted_ms)) }
+                            td { (r.ended_ms.map_or("—".to_string(), when)) }
+                        }
+                    }
+                }
+            }
+            @if runs.is_empty() { p { "No testruns match." } }
+            @if let Some(n) = next { p { a.next href=(n) { "Older testruns →" } } }
+        },
+    )
+}
+
+fn serde_urlencoded_pairs(q: &RunsQuery) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in [
+        ("owner", &q.owner),
+        ("state", &q.state),
+        ("verdict", &q.verdict),
+        ("group", &q.group),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+            out.push((k.to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// Percent-encodes everything but unreserved characters.
+pub fn url_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A result file's download path (each path segment escaped).
+pub fn file_href(task: &str, file: &str) -> String {
+    let segments: Vec<String> = file.split('/').map(url_escape).collect();
+    format!("/tasks/{task}/files/{}", segments.join("/"))
+}
+
+fn task_row(t: &TaskStatus) -> Markup {
+    let lost = t
+        .log_gaps
+        .iter()
+        .map(|(a, b)| b.saturating_sub(*a).saturating_add(1))
+        .fold(0u64, u64::saturating_add);
+    html! {
+        tr data-task=(t.task) {
+            td { a href={ "/tasks/" (t.task) "/log" } { (t.task) } }
+            td { (t.packages.join(", ")) }
+            td class={ "state " (name(&t.state)) } { (name(&t.state)) }
+            td { @if let Some(w) = &t.worker { a href={ "/workers/" (w) } { (w) } } @else { "—" } }
+            td.num { (t.attempts) }
+            td class={ "verdict " (opt_name(&t.verdict)) } { (opt_name(&t.verdict)) }
+            td { (t.reason.as_deref().unwrap_or("")) }
+            td.num { (t.log_lines_stored) " stored"
+                @if let Some(p) = t.log_lines_produced { " of " (p) }
+                @if lost > 0 { ", " span.lost { (lost) " lost" } } }
+        }
+        @if !t.files.is_empty() || !t.history.is_empty() || t.waiting.is_some() {
+            tr.details { td colspan="8" {
+                @if let Some(w) = &t.waiting {
+                    p.waiting { "Waiting under " (w.key) ": position " (w.position) ", "
+                        (w.ahead_own) " of its owner's and " (w.ahead_others) " of others ahead"
+                        @if let Some(ms) = w.estimate_ms { "; starts in ~" (ago(ms)) } "." }
+                }
+                @if !t.files.is_empty() {
+                    table.files {
+                        thead { tr { th { "result file" } th { "size" } th { "SHA-256" } } }
+                        tbody { @for f in &t.files {
+                            tr {
+                                td { a.download href=(file_href(&t.task, &f.name)) download { (f.name) } }
+                                td.num { (size(f.size)) }
+                                td.hash { code { (f.sha256) } }
+                            }
+                        } }
+                    }
+                }
+                @if !t.history.is_empty() {
+                    details { summary { "History (" (t.history.len()) ")" }
+                        table.history {
+                            thead { tr { th { "at" } th { "state" } th { "attempt" } th { "worker" } th { "reason" } } }
+                            tbody { @for h in &t.history {
+                                tr { td { (when(h.at_ms)) } td { (name(&h.state)) } td.num { (h.attempt) }
+                                     td { (h.worker.as_deref().unwrap_or("—")) } td { (h.reason.as_deref().unwrap_or("")) } }
+                            } }
+                        }
+                    }
+                }
+            } }
+        }
+    }
+}
+
+/// The part of the run page that live updates replace.
+pub fn run_tasks(s: &RunStatus) -> Markup {
+    html! {
+        p #summary {
+            "State " span #run-state class={ "state " (name(&s.state)) } { (name(&s.state)) }
+            ", verdict " span #run-verdict class={ "verdict " (opt_name(&s.verdict)) } { (opt_name(&s.verdict)) }
+            @if let Some(p) = &s.pruned { " — logs and files pruned " (when(p.at_ms)) ": " (p.reason) }
+        }
+        table #tasks {
+            thead { tr { th { "task" } th { "packages" } th { "state" } th { "worker" } th { "attempts" } th { "verdict" } th { "reason" } th { "log lines" } } }
+            tbody { @for t in &s.tasks { (task_row(t)) } }
+        }
+    }
+}
+
+/// One testrun.
+pub fn run(v: &Viewer, s: &RunStatus, owner: Option<&str>, fragment: bool) -> Response {
+    if fragment {
+        return run_tasks(s).into_response();
+    }
+    let open = matches!(
+        s.state,
+        crate::protocol::RunState::Queued | crate::protocol::RunState::Running
+    );
+    let may_cancel = open && (v.role() >= Role::Operator || owner == Some(v.name()));
+    page(
+        v,
+        &s.run,
+        html! {
+            h1 { "Testrun " (s.run) }
+            p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) } }
+            @if may_cancel {
+                form.inline method="post" action={ "/runs/" (s.run) "/cancel" } {
+                    (csrf_field(v))
+                    button.danger type="submit" { "Cancel testrun" }
+                }
+            }
+            div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(s)) }
+        },
+    )
+}
+
+/// What the task log page shows.
+pub struct LogView<'a> {
+    pub task: &'a str,
+    pub run: &'a str,
+    pub status: Option<&'a TaskStatus>,
+    /// The shown text starts and ends at these byte offsets.
+    pub start: u64,
+    pub end: u64,
+    pub text: &'a str,
+    pub ended: bool,
+    pub filter: Option<&'a str>,
+    /// Showing a page before the tail (no JavaScript).
+    pub paged: bool,
+}
+
+/// A task's log: the tail, earlier lines on scroll, live lines appended.
+pub fn task_log(v: &Viewer, view: &LogView<'_>) -> Response {
+    let LogView {
+        task,
+        run,
+        status,
+        start,
+        end,
+        text,
+        ended,
+        filter,
+        paged,
+    } = *view;
+    page(
+        v,
+        &format!("{task} log"),
+        html! {
+            h1 { "Log of task " (task) }
+            p {
+                "Testrun " a href={ "/runs/" (run) } { (run) }
+                @if let Some(t) = status {
+                    ", " span #task-state class={ "state " (name(&t.state)) } { (name(&t.state)) }
+                    @if let Some(vd) = &t.verdict { ", verdict " span class={ "verdict " (name(vd)) } { (name(vd)) } }
+                    @if let Some(w) = &t.worker { " on " a href={ "/workers/" (w) } { (w) } }
+                    ", " (t.log_lines_stored) " lines stored"
+                }
+            }
+            form.filters method="get" action={ "/tasks/" (task) "/log" } {
+                label { "filter " input #filter name="q" value=(filter.unwrap_or("")) size="30" placeholder="text the lines contain"; }
+                button type="submit" { "Apply" }
+                span #live-status { @if ended { "task ended" } @else { "" } }
+            }
+            @if start > 0 {
+                p { a #earlier href={ "/tasks/" (task) "/log?before=" (start) } { "Earlier lines" } }
+            }
+            div #log data-task=(task) data-run=(run) data-start=(start) data-end=(end)
+                data-live=(if ended || paged { "0" } else { "1" }) {
+                (log_lines(text, filter))
+            }
+            @if paged { p { a href={ "/tasks/" (task) "/log?after=" (end) } { "Later lines" } " · " a href={ "/tasks/" (task) "/log" } { "The end" } } }
+        },
+    )
+}
+
+/// One worker: device, health and its history, recent tasks.
+pub fn worker(
+    v: &Viewer,
+    w: &WorkerInfo,
+    history: &[HealthChange],
+    recent: &[RecentTask],
+) -> Response {
+    page(
+        v,
+        &w.name,
+        html! {
+            h1 { "Worker " (w.name) }
+            table.facts {
+                tr { th { "device" } td { (w.device) } }
+                tr { th { "state" } td class={ "state " (name(&w.state)) } { (name(&w.state)) } }
+                tr { th { "health" } td class={ "health " (w.health.as_str()) } { (w.health.as_str()) " since " (when(w.health_since_ms)) ": " (w.health_reason) } }
+                tr { th { "task" } td { @if let Some(t) = &w.task { a href={ "/tasks/" (t) "/log" } { (t) } } @else { "—" } } }
+                tr { th { "last heard" } td { (ago(w.last_heard_ms_ago)) " ago" } }
+                tr { th { "console" } td { (w.console.as_deref().unwrap_or("—")) } }
+                tr { th { "drained" } td { (if w.drained { "yes" } else { "no" }) " " (drain_form(v, w)) } }
+                tr { th { "version" } td { (w.version.as_deref().unwrap_or("—")) } }
+                @if let Some(p) = &w.pinned { tr { th { "key serves" } td { (p) } } }
+            }
+            h2 { "Health history" }
+            table #health {
+                thead { tr { th { "at" } th { "from" } th { "to" } th { "reason" } } }
+                tbody { @for h in history.iter().rev() {
+                    tr { td { (when(h.at_ms)) } td { (h.from.as_str()) } td class={ "health " (h.to.as_str()) } { (h.to.as_str()) } td { (h.reason) } }
+                } }
+            }
+            h2 { "Recent tasks" }
+            table #recent {
+                thead { tr { th { "task" } th { "testrun" } th { "state" } th { "verdict" } th { "reason" } } }
+                tbody { @for t in recent {
+                    tr { td { a href={ "/tasks/" (t.task) "/log" } { (t.task) } } td { a href={ "/runs/" (t.run) } { (t.run) } }
+                         td { (name(&t.state)) } td class={ "verdict " (opt_name(&t.verdict)) } { (opt_name(&t.verdict)) }
+                         td { (t.reason.as_deref().unwrap_or("")) } }
+                } }
+            }
+        },
+    )
+}
+
+/// The audit log from `offset` (admin).
+pub fn audit(v: &Viewer, offset: u64, next: Option<u64>, text: &str) -> Response {
+    let entries: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let field = |e: &serde_json::Value, k: &str| match e.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    page(
+        v,
+        "Audit",
+        html! {
+            h1 { "Audit log" }
+            p { "From byte " (offset) "." }
+            table #audit {
+                thead { tr { th { "at" } th { "identity" } th { "address" } th { "event" } th { "detail" } } }
+                tbody { @for e in &entries {
+                    tr { td { (e.get("at_ms").and_then(|v| v.as_u64()).map_or(String::new(), when)) }
+                         td { (field(e, "identity")) } td { (field(e, "address")) }
+                         td { (field(e, "event")) } td { (visible(&field(e, "detail"))) } }
+                } }
+            }
+            @if let Some(n) = next { p { a href={ "/audit?offset=" (n) } { "Later entries →" } } }
+        },
+    )
+}
+
+/// The stylesheet and the script.
+pub const CSS: &str = include_str!("assets/ots.css");
+pub const JS: &str = include_str!("assets/ots.js");

@@ -3,6 +3,8 @@
 //! guard drops, with stderr collected so tests can wait for log lines.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod http;
 pub mod zmtp;
 
 use std::io::{BufRead, BufReader};

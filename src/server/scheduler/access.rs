@@ -196,7 +196,9 @@ impl<S: Store> Scheduler<S> {
                     | Body::GetEvents { run, .. }
                     | Body::CancelRun { run, .. }
                     | Body::Follow { run, .. } => Some(run.clone()),
-                    Body::GetLog { task, .. } | Body::GetFile { task, .. } => {
+                    Body::GetLog { task, .. }
+                    | Body::GetLogTail { task, .. }
+                    | Body::GetFile { task, .. } => {
                         self.owner_of_task(task).cloned()
                     }
                     _ => None,

@@ -99,20 +99,28 @@ fn static_asset(kind: &'static str, body: &'static str) -> Response {
 
 /// Who asks, or the answer for an anonymous visitor: the sign-in page
 /// (pages) or 401 (API). No data either way.
-fn page_viewer(d: &Dashboard, headers: &HeaderMap, peer: SocketAddr) -> Result<Viewer, Response> {
+fn page_viewer(
+    d: &Dashboard,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Viewer, Box<Response>> {
     d.viewer(headers, peer).ok_or_else(|| {
         Counters::bump(&d.counters.anonymous);
-        pages::sign_in(None)
+        Box::new(pages::sign_in(None))
     })
 }
 
-fn api_viewer(d: &Dashboard, headers: &HeaderMap, peer: SocketAddr) -> Result<Viewer, Response> {
+fn api_viewer(
+    d: &Dashboard,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Viewer, Box<Response>> {
     d.viewer(headers, peer).ok_or_else(|| {
         Counters::bump(&d.counters.anonymous);
-        api_error(Failure::new(
+        Box::new(api_error(Failure::new(
             StatusCode::UNAUTHORIZED,
             "not signed in: run `ots-submit web` and open the link it prints",
-        ))
+        )))
     })
 }
 
@@ -415,7 +423,7 @@ async fn lab_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match workers(&d, &v, peer).await {
         Ok(w) => pages::lab(&v, &w, f.fragment.is_some()),
@@ -431,7 +439,7 @@ async fn queue_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match queues(&d, &v, peer).await {
         Ok(q) => pages::queue(&v, &q, f.fragment.is_some()),
@@ -447,7 +455,7 @@ async fn runs_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match list_runs(&d, &v, peer, &q).await {
         Ok((runs, older)) => pages::runs(&v, &q, &runs, older),
@@ -464,7 +472,7 @@ async fn run_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match status(&d, &v, peer, &run).await {
         Ok(s) => {
@@ -488,7 +496,7 @@ async fn log_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let run = match run_of_task(&task) {
         Ok(r) => r,
@@ -534,7 +542,7 @@ async fn worker_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match health(&d, &v, peer, &name).await {
         Ok((w, history, recent)) => pages::worker(&v, &w, &history, &recent),
@@ -625,7 +633,7 @@ async fn audit_page(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let offset = q.offset.unwrap_or(0);
     match audit_read(&d, &v, peer, offset).await {
@@ -699,7 +707,7 @@ async fn logout(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
@@ -743,7 +751,7 @@ async fn cancel_form(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
@@ -790,7 +798,7 @@ async fn drain_form(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
@@ -814,7 +822,7 @@ async fn download(
 ) -> Response {
     let v = match page_viewer(&d, &headers, peer) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(e) = run_of_task(&task) {
         return page_error(&v, e);
@@ -924,7 +932,7 @@ macro_rules! api_viewer {
     ($d:expr, $headers:expr, $peer:expr) => {
         match api_viewer(&$d, &$headers, $peer) {
             Ok(v) => v,
-            Err(r) => return r,
+            Err(r) => return *r,
         }
     };
 }
@@ -1046,9 +1054,9 @@ async fn api_drain(
         Ok(on) => on,
         Err(e) => return api_error(e),
     };
-    json(drain(&d, &v, peer, &name, on).await.and_then(|b| match b {
-        Body::Workers { workers, .. } => Ok(serde_json::json!({ "workers": workers })),
-        other => Ok(serde_json::json!({ "answer": other.kind() })),
+    json(drain(&d, &v, peer, &name, on).await.map(|b| match b {
+        Body::Workers { workers, .. } => serde_json::json!({ "workers": workers }),
+        other => serde_json::json!({ "answer": other.kind() }),
     }))
 }
 
@@ -1150,17 +1158,16 @@ async fn api_log_stream(
     };
     let ended = task_ended(&s, &task);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(live::stream_log(
-        d.clone(),
-        v,
+    let view = live::LogStream {
+        d: d.clone(),
+        viewer: v,
         peer,
         task,
         run,
         from,
         ended,
-        tx,
-        slot,
-    ));
+    };
+    tokio::spawn(live::stream_log(view, tx, slot));
     sse(rx)
 }
 

@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// An answer: its body and raw frame.
+pub type Answer = (Body, Option<Bytes>);
+
 /// Requests waiting for the serving loop, at most; past it a page gets
 /// 503 at once (counted) instead of queueing without bound.
 pub const ASK_QUEUE: usize = 256;
@@ -88,7 +91,7 @@ impl Asker {
 /// The serving loop's side: requests handed to the scheduler and not
 /// answered yet (a file read goes to the desk and answers later).
 pub struct Pending {
-    waiting: HashMap<Bytes, (oneshot::Sender<(Body, Option<Bytes>)>, Instant)>,
+    waiting: HashMap<Bytes, (oneshot::Sender<Answer>, Instant)>,
     next: u64,
 }
 

@@ -328,20 +328,32 @@ async fn read_as(
     }
 }
 
+/// One browser's live view of a task's log.
+pub struct LogStream {
+    pub d: Arc<Dashboard>,
+    pub viewer: Viewer,
+    pub peer: SocketAddr,
+    pub task: TaskId,
+    pub run: RunId,
+    /// The byte offset it starts from (a line start).
+    pub from: u64,
+    /// The task had ended when the view opened.
+    pub ended: bool,
+}
+
 /// Streams `task`'s log from `from` to `out` as `viewer`: what is stored
 /// first, then new lines as the hub reads them, until the task ended,
 /// the browser went or the viewer's session ended.
-pub async fn stream_log(
-    d: Arc<Dashboard>,
-    viewer: Viewer,
-    peer: SocketAddr,
-    task: TaskId,
-    run: RunId,
-    from: u64,
-    ended: bool,
-    out: mpsc::Sender<Event>,
-    _slot: Slot,
-) {
+pub async fn stream_log(view: LogStream, out: mpsc::Sender<Event>, _slot: Slot) {
+    let LogStream {
+        d,
+        viewer,
+        peer,
+        task,
+        run,
+        from,
+        ended,
+    } = view;
     let Ok((mut pos, _)) = read_as(&d, &viewer, peer, &task, from, None, &out).await else {
         return;
     };

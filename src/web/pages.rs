@@ -475,9 +475,21 @@ fn task_row(t: &TaskStatus) -> Markup {
     }
 }
 
-/// The part of the run page that live updates replace.
-pub fn run_tasks(s: &RunStatus) -> Markup {
+/// The part of the run page that live updates replace (the cancel
+/// button goes with it once the testrun ended).
+pub fn run_tasks(v: &Viewer, s: &RunStatus, owner: Option<&str>) -> Markup {
+    let open = matches!(
+        s.state,
+        crate::protocol::RunState::Queued | crate::protocol::RunState::Running
+    );
+    let may_cancel = open && (v.role() >= Role::Operator || owner == Some(v.name()));
     html! {
+        @if may_cancel {
+            form.inline method="post" action={ "/runs/" (s.run) "/cancel" } {
+                (csrf_field(v))
+                button.danger type="submit" { "Cancel testrun" }
+            }
+        }
         p #summary {
             "State " span #run-state class={ "state " (name(&s.state)) } { (name(&s.state)) }
             ", verdict " span #run-verdict class={ "verdict " (opt_name(&s.verdict)) } { (opt_name(&s.verdict)) }
@@ -493,26 +505,19 @@ pub fn run_tasks(s: &RunStatus) -> Markup {
 /// One testrun.
 pub fn run(v: &Viewer, s: &RunStatus, owner: Option<&str>, fragment: bool) -> Response {
     if fragment {
-        return run_tasks(s).into_response();
+        return run_tasks(v, s, owner).into_response();
     }
     let open = matches!(
         s.state,
         crate::protocol::RunState::Queued | crate::protocol::RunState::Running
     );
-    let may_cancel = open && (v.role() >= Role::Operator || owner == Some(v.name()));
     page(
         v,
         &s.run,
         html! {
             h1 { "Testrun " (s.run) }
             p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) } }
-            @if may_cancel {
-                form.inline method="post" action={ "/runs/" (s.run) "/cancel" } {
-                    (csrf_field(v))
-                    button.danger type="submit" { "Cancel testrun" }
-                }
-            }
-            div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(s)) }
+            div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(v, s, owner)) }
         },
     )
 }

@@ -198,10 +198,7 @@ pub fn events(
         // Decode whole chunks of the chunked body into event text.
         let mut text = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
             let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
                 .unwrap();
             if n == 0 {

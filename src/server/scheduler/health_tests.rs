@@ -18,7 +18,7 @@ fn check() -> HealthCheck {
 }
 
 /// The dispatches in `out` with their specs, each once.
-fn specs(out: &[Output]) -> Vec<(String, TaskSpec)> {
+pub(super) fn specs(out: &[Output]) -> Vec<(String, TaskSpec)> {
     let mut v: Vec<(String, TaskSpec)> = Vec::new();
     for o in out {
         if let Output::Send {
@@ -55,7 +55,7 @@ impl Lab {
 
     /// The worker runs `spec` to the end with `exit_code` (a passing
     /// JUnit file for 0) and asks for more work.
-    fn finish(&mut self, worker: &str, spec: &TaskSpec, exit_code: i32) -> Vec<Output> {
+    pub(super) fn finish(&mut self, worker: &str, spec: &TaskSpec, exit_code: i32) -> Vec<Output> {
         let t = &self.s.tasks[&spec.task];
         assert!(
             !t.state.is_final() && t.attempts == spec.attempt,
@@ -129,7 +129,12 @@ impl Lab {
 
     /// Submits as `user` (security on for the request only, so the
     /// testrun has an owner).
-    fn submit_as(&mut self, user: &str, packages: &[&str], priority: Priority) -> Vec<Output> {
+    pub(super) fn submit_as(
+        &mut self,
+        user: &str,
+        packages: &[&str],
+        priority: Priority,
+    ) -> Vec<Output> {
         let p = peer(&format!("user-{user}"));
         self.s.on_authenticated(
             &p,

@@ -2219,3 +2219,10 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
 
 #[path = "health_tests.rs"]
 mod health_tests;
+#[path = "web_tests.rs"]
+mod web_tests;
+
+/// The dispatches in `out` (for the dashboard's tests).
+fn health_tests_specs(out: &[Output]) -> Vec<(String, TaskSpec)> {
+    health_tests::specs(out)
+}

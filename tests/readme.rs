@@ -107,3 +107,47 @@ fn the_health_configuration_blocks_load_as_written() {
     assert_eq!(cfg.recovery.command[0], "pdudaemon-client");
     assert_eq!(cfg.recovery.timeout_secs, 300);
 }
+
+/// The "Web dashboard" block works as written: a lab server with the
+/// dashboard, and `ots-submit web` printing a link that signs in (the
+/// port is made free for the test; the link is then opened).
+#[test]
+fn the_web_dashboard_block_runs_as_written() {
+    let block = block_after("## Web dashboard");
+    let lab = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let bin_dir = bin("ots-server").parent().unwrap().display().to_string();
+    let lab_dir = lab.path().join("ots-lab").display().to_string();
+    let port = free_port();
+    let script: String = block
+        .lines()
+        .map(|l| {
+            let l = l
+                .replace("target/debug/", &format!("{bin_dir}/"))
+                .replace("/tmp/ots-lab", &lab_dir)
+                .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+            if l.trim_end().ends_with("ots-submit web") {
+                format!("link=$({l}) || exit 9\necho \"$link\"\ncurl -s -o /dev/null -w 'opened: %{{http_code}}\\n' \"$link\"")
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(script.contains("ots-submit web"), "{script}");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{script}\n"))
+        .current_dir(repo())
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("BROWSER");
+    for var in ["OTS_SERVER", "OTS_KEY", "OTS_PINNED_SERVER_KEY", "OTS_SECURITY", "OTS_SERVER_WEB"] {
+        cmd.env_remove(var);
+    }
+    let out = run_bounded(cmd, Duration::from_secs(120));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let all = format!("{stdout}\n--- stderr ---\n{stderr}");
+    assert!(stdout.contains(&format!("http://127.0.0.1:{port}/login?token=")), "{all}");
+    assert!(stdout.contains("opened: 303"), "{all}");
+}

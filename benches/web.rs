@@ -1,0 +1,239 @@
+//! Benchmark: the web dashboard against the real release binaries
+//! (secured, loopback).
+//!
+//! 1. Time to first lines of a task whose stored log is 1 GiB: the log
+//!    page (HTML with the tail) and the API's tail, as a browser asks for
+//!    them, beside reading the same bytes off the end of the log file
+//!    directly (the floor) in the same run. Medians of 20, max printed.
+//! 2. 100 live views (server-sent event streams, as 100 browser tabs
+//!    would hold them) of a task printing 10 000 lines/s: the server's
+//!    CPU and the serving loop's longest tick gap
+//!    (`ots_loop_tick_gap_max_seconds`), beside the same task with no
+//!    view in the same run, and the lines each view received.
+//!
+//! `cargo bench --bench web` (OTS_BENCH_LOG_MIB: the big log's size,
+//! default 1024; OTS_BENCH_VIEWS, default 100).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], *v.last().unwrap())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// utime + stime of `pid` in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn tick_gap(metrics: &str) -> f64 {
+    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
+    page.lines()
+        .find(|l| l.starts_with("ots_loop_tick_gap_max_seconds"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn web_url(server: &ServerProc) -> String {
+    let line = server
+        .proc
+        .stderr
+        .wait_for("web dashboard listening", LIMIT)
+        .expect("dashboard started");
+    let start = line.find("url=").unwrap() + 4;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+fn sign_in(server: &ServerProc) -> String {
+    let out = submit(server, &["web"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    http::sign_in(text(&out.stdout).lines().last().unwrap().trim())
+}
+
+fn main() {
+    let log_mib: u64 = std::env::var("OTS_BENCH_LOG_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let views: usize = std::env::var("OTS_BENCH_VIEWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let dir =
+        tempfile::tempdir_in(std::env::var("OTS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let log_limit = ((log_mib + 64) << 20).to_string();
+    let server = start_fresh_server(
+        dir.path(),
+        &[
+            ("OTS_SERVER_WEB", "127.0.0.1:0"),
+            ("OTS_SERVER_METRICS", &metrics),
+            ("OTS_SERVER_LIMITS__MAX_TASK_LOG_BYTES", &log_limit),
+        ],
+    );
+    let base = web_url(&server);
+    // `big`: 1 GiB of 100-byte lines, as fast as the pipeline takes them.
+    // `paced`: 10 000 lines/s (100 every 10 ms) for OTS_BENCH_SECS.
+    let conductor = script(
+        dir.path(),
+        "web-bench.sh",
+        &format!(
+            "case \"$OTS_PACKAGES\" in\n\
+             big) yes 'the quick brown fox jumps over the lazy dog, a line of a long log: 0123456789 abcdefghijklmno' | head -c {} ;;\n\
+             paced*) python3 -c '\nimport sys, time\nsecs = float(sys.argv[1]); t0 = time.monotonic(); n = 0\nwhile time.monotonic() - t0 < secs:\n    due = t0 + n / 10000.0\n    now = time.monotonic()\n    if due > now: time.sleep(due - now)\n    sys.stdout.write(\"\".join(\"paced line %d of the live view bench\\n\" % (n + i) for i in range(100)))\n    sys.stdout.flush(); n += 100\n' \"${{OTS_PACKAGES#paced-}}\" ;;\n\
+             esac\n\
+             mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+            log_mib << 20
+        ),
+    );
+    let _w = start_worker(
+        dir.path(),
+        "wb",
+        "devicegroup:webbench",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["wb"])));
+    let cookie = sign_in(&server);
+    let c = format!("ots_session={cookie}");
+
+    // 1. A 1 GiB log.
+    let started = Instant::now();
+    let run = submit_run(
+        &server,
+        &["--device", "devicegroup:webbench", "--image", "i", "--packages", "big", "--timeout", "30m"],
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    let task = st["tasks"][0]["task"].as_str().unwrap().to_string();
+    let log = server.state_dir.join("tasks").join(&task).join("log");
+    let size = std::fs::metadata(&log).unwrap().len();
+    println!(
+        "stored a {:.0} MiB log ({} lines) in {:.1} s",
+        size as f64 / (1 << 20) as f64,
+        st["tasks"][0]["log_lines_stored"],
+        started.elapsed().as_secs_f64()
+    );
+    let mut page = Vec::new();
+    let mut api = Vec::new();
+    let mut floor = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = http::get(&base, &format!("/tasks/{task}/log"), Some(&cookie));
+        page.push(t.elapsed());
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("lazy dog"), "no lines on the page");
+        let t = Instant::now();
+        let r = http::get(&base, &format!("/api/tasks/{task}/log"), Some(&cookie));
+        api.push(t.elapsed());
+        assert_eq!(r.status, 200);
+        let t = Instant::now();
+        let mut f = std::fs::File::open(&log).unwrap();
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::End(-65536)).unwrap();
+        let mut buf = vec![0; 65536];
+        f.read_exact(&mut buf).unwrap();
+        floor.push(t.elapsed());
+    }
+    let (pm, px) = median(page);
+    let (am, ax) = median(api);
+    let (fm, fx) = median(floor);
+    println!("time to first lines of the {:.0} MiB log (median / max of 20):", size as f64 / (1 << 20) as f64);
+    println!("  log page (HTML, last 64 KiB):   {:8.2} ms / {:8.2} ms", ms(pm), ms(px));
+    println!("  /api/tasks/ID/log (tail JSON):  {:8.2} ms / {:8.2} ms", ms(am), ms(ax));
+    println!("  baseline: read the file's last 64 KiB directly: {:.3} ms / {:.3} ms", ms(fm), ms(fx));
+
+    // 2. Live views of a task printing 10 000 lines/s.
+    let secs = std::env::var("OTS_BENCH_SECS").unwrap_or_else(|_| "12".into());
+    let pid = server.proc.child.id();
+    let mut results = Vec::new();
+    for n in [0, views] {
+        let run = submit_run(
+            &server,
+            &["--device", "devicegroup:webbench", "--image", "i", "--packages", &format!("paced-{secs}")],
+        );
+        let st = wait_status(&server, &run, LIMIT, |st| st["tasks"][0]["state"] == "running");
+        let task = st["tasks"][0]["task"].as_str().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        for _ in 0..n {
+            let (stop, received) = (stop.clone(), received.clone());
+            let request = format!(
+                "GET /api/tasks/{task}/log/stream?from=0 HTTP/1.1\r\nHost: x\r\n{}\r\n\r\n",
+                format_args!("Cookie: {c}")
+            );
+            let host = http::host(&base).to_string();
+            readers.push(std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(host).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                s.write_all(request.as_bytes()).unwrap();
+                let mut buf = vec![0u8; 1 << 16];
+                let mut lines = 0u64;
+                let mut head = true;
+                while !stop.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            if head {
+                                assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..k.min(200)]));
+                                head = false;
+                            }
+                            // Each stored line arrives JSON-escaped: "\n".
+                            lines += buf[..k].windows(2).filter(|w| w == b"\\n").count() as u64;
+                        }
+                        Err(_) => continue,
+                    }
+                }
+                received.fetch_add(lines, Ordering::Relaxed);
+            }));
+        }
+        // Measure while the task prints (from its first second on).
+        let _ = tick_gap(&metrics);
+        let cpu0 = cpu_seconds(pid);
+        let t0 = Instant::now();
+        let window = Duration::from_secs(secs.parse::<u64>().unwrap().saturating_sub(3).max(2));
+        let deadline = t0 + window;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100)); // the measurement window's pace, not synchronisation
+        }
+        let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+        let gap = tick_gap(&metrics);
+        let st = wait_status(&server, &run, LIMIT, finished);
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        let stored = st["tasks"][0]["log_lines_stored"].as_u64().unwrap_or(0);
+        results.push((n, cpu, gap, stored, received.load(Ordering::Relaxed)));
+    }
+    println!("a task printing 10 000 lines/s for {secs} s, server measured over its middle:");
+    for (n, cpu, gap, stored, received) in &results {
+        let per_view = if *n > 0 { *received as f64 / *n as f64 } else { 0.0 };
+        println!(
+            "  {n:3} live views: server CPU {:5.1} % of a core, longest tick gap {:.3} s (heartbeat 1 s); {stored} lines stored, {per_view:.0} received per view",
+            cpu * 100.0,
+            gap
+        );
+    }
+    drop(server);
+}

@@ -37,7 +37,12 @@ fn ms(d: Duration) -> f64 {
 /// utime + stime of `pid` in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
 }
@@ -97,9 +102,9 @@ fn main() {
         dir.path(),
         "web-bench.sh",
         &format!(
-            "case \"$OTS_PACKAGES\" in\n\
+            "case \"$1\" in\n\
              big) yes 'the quick brown fox jumps over the lazy dog, a line of a long log: 0123456789 abcdefghijklmno' | head -c {} ;;\n\
-             paced*) python3 -c '\nimport sys, time\nsecs = float(sys.argv[1]); t0 = time.monotonic(); n = 0\nwhile time.monotonic() - t0 < secs:\n    due = t0 + n / 10000.0\n    now = time.monotonic()\n    if due > now: time.sleep(due - now)\n    sys.stdout.write(\"\".join(\"paced line %d of the live view bench\\n\" % (n + i) for i in range(100)))\n    sys.stdout.flush(); n += 100\n' \"${{OTS_PACKAGES#paced-}}\" ;;\n\
+             paced*) python3 -c '\nimport sys, time\nsecs = float(sys.argv[1]); t0 = time.monotonic(); n = 0\nwhile time.monotonic() - t0 < secs:\n    due = t0 + n / 10000.0\n    now = time.monotonic()\n    if due > now: time.sleep(due - now)\n    sys.stdout.write(\"\".join(\"paced line %d of the live view bench\\n\" % (n + i) for i in range(100)))\n    sys.stdout.flush(); n += 100\n' \"${{1#paced-}}\" ;;\n\
              esac\n\
              mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
             log_mib << 20
@@ -110,7 +115,7 @@ fn main() {
         "wb",
         "devicegroup:webbench",
         &server,
-        &[conductor.to_str().unwrap()],
+        &[conductor.to_str().unwrap(), "{packages}"],
         &[],
     );
     assert!(wait_for_workers(&server, LIMIT, all_idle(&["wb"])));
@@ -121,7 +126,16 @@ fn main() {
     let started = Instant::now();
     let run = submit_run(
         &server,
-        &["--device", "devicegroup:webbench", "--image", "i", "--packages", "big", "--timeout", "30m"],
+        &[
+            "--device",
+            "devicegroup:webbench",
+            "--image",
+            "i",
+            "--packages",
+            "big",
+            "--timeout",
+            "30m",
+        ],
     );
     let st = wait_status(&server, &run, LIMIT, finished);
     let task = st["tasks"][0]["task"].as_str().unwrap().to_string();
@@ -157,10 +171,25 @@ fn main() {
     let (pm, px) = median(page);
     let (am, ax) = median(api);
     let (fm, fx) = median(floor);
-    println!("time to first lines of the {:.0} MiB log (median / max of 20):", size as f64 / (1 << 20) as f64);
-    println!("  log page (HTML, last 64 KiB):   {:8.2} ms / {:8.2} ms", ms(pm), ms(px));
-    println!("  /api/tasks/ID/log (tail JSON):  {:8.2} ms / {:8.2} ms", ms(am), ms(ax));
-    println!("  baseline: read the file's last 64 KiB directly: {:.3} ms / {:.3} ms", ms(fm), ms(fx));
+    println!(
+        "time to first lines of the {:.0} MiB log (median / max of 20):",
+        size as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  log page (HTML, last 64 KiB):   {:8.2} ms / {:8.2} ms",
+        ms(pm),
+        ms(px)
+    );
+    println!(
+        "  /api/tasks/ID/log (tail JSON):  {:8.2} ms / {:8.2} ms",
+        ms(am),
+        ms(ax)
+    );
+    println!(
+        "  baseline: read the file's last 64 KiB directly: {:.3} ms / {:.3} ms",
+        ms(fm),
+        ms(fx)
+    );
 
     // 2. Live views of a task printing 10 000 lines/s.
     let secs = std::env::var("OTS_BENCH_SECS").unwrap_or_else(|_| "12".into());
@@ -169,9 +198,18 @@ fn main() {
     for n in [0, views] {
         let run = submit_run(
             &server,
-            &["--device", "devicegroup:webbench", "--image", "i", "--packages", &format!("paced-{secs}")],
+            &[
+                "--device",
+                "devicegroup:webbench",
+                "--image",
+                "i",
+                "--packages",
+                &format!("paced-{secs}"),
+            ],
         );
-        let st = wait_status(&server, &run, LIMIT, |st| st["tasks"][0]["state"] == "running");
+        let st = wait_status(&server, &run, LIMIT, |st| {
+            st["tasks"][0]["state"] == "running"
+        });
         let task = st["tasks"][0]["task"].as_str().unwrap().to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
@@ -185,7 +223,8 @@ fn main() {
             let host = http::host(&base).to_string();
             readers.push(std::thread::spawn(move || {
                 let mut s = std::net::TcpStream::connect(host).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
                 s.write_all(request.as_bytes()).unwrap();
                 let mut buf = vec![0u8; 1 << 16];
                 let mut lines = 0u64;
@@ -195,7 +234,11 @@ fn main() {
                         Ok(0) => break,
                         Ok(k) => {
                             if head {
-                                assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..k.min(200)]));
+                                assert!(
+                                    buf.starts_with(b"HTTP/1.1 200"),
+                                    "{}",
+                                    String::from_utf8_lossy(&buf[..k.min(200)])
+                                );
                                 head = false;
                             }
                             // Each stored line arrives JSON-escaped: "\n".
@@ -228,7 +271,11 @@ fn main() {
     }
     println!("a task printing 10 000 lines/s for {secs} s, server measured over its middle:");
     for (n, cpu, gap, stored, received) in &results {
-        let per_view = if *n > 0 { *received as f64 / *n as f64 } else { 0.0 };
+        let per_view = if *n > 0 {
+            *received as f64 / *n as f64
+        } else {
+            0.0
+        };
         println!(
             "  {n:3} live views: server CPU {:5.1} % of a core, longest tick gap {:.3} s (heartbeat 1 s); {stored} lines stored, {per_view:.0} received per view",
             cpu * 100.0,

@@ -137,17 +137,28 @@ fn the_web_dashboard_block_runs_as_written() {
     assert!(script.contains("ots-submit web"), "{script}");
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
-        .arg(format!("trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{script}\n"))
+        .arg(format!(
+            "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{script}\n"
+        ))
         .current_dir(repo())
         .env("HOME", home.path())
         .env_remove("XDG_CONFIG_HOME")
         .env_remove("BROWSER");
-    for var in ["OTS_SERVER", "OTS_KEY", "OTS_PINNED_SERVER_KEY", "OTS_SECURITY", "OTS_SERVER_WEB"] {
+    for var in [
+        "OTS_SERVER",
+        "OTS_KEY",
+        "OTS_PINNED_SERVER_KEY",
+        "OTS_SECURITY",
+        "OTS_SERVER_WEB",
+    ] {
         cmd.env_remove(var);
     }
     let out = run_bounded(cmd, Duration::from_secs(120));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     let all = format!("{stdout}\n--- stderr ---\n{stderr}");
-    assert!(stdout.contains(&format!("http://127.0.0.1:{port}/login?token=")), "{all}");
+    assert!(
+        stdout.contains(&format!("http://127.0.0.1:{port}/login?token=")),
+        "{all}"
+    );
     assert!(stdout.contains("opened: 303"), "{all}");
 }

@@ -3,13 +3,14 @@
 //! asks the scheduler as that user, and renders the answer; a refusal of
 //! the scheduler's is shown as it is (403 for another user's testrun).
 
+use super::bridge::AskError;
 use super::http::PeerAddr;
 use super::live::{self, Live};
 use super::pages::{self, LogView, RunsQuery};
 use super::sessions::Viewer;
 use super::{Counters, Dashboard, Failure, COOKIE, MAX_REQUEST_BODY};
 use crate::protocol::limits::{is_safe_id, MAX_READ_BYTES, MAX_READ_OFFSET};
-use crate::protocol::{Body, RunState, RunStatus, TaskState, Verdict};
+use crate::protocol::{Body, ErrorCode, RunState, RunStatus, TaskState, Verdict};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
 
 type D = State<Arc<Dashboard>>;
@@ -842,23 +844,39 @@ async fn download(
         move |offset: u64| {
             let (d, v, task, name) = (d.clone(), v.clone(), task.clone(), name.clone());
             async move {
-                match d
-                    .ask(
-                        &v,
-                        peer,
-                        Body::GetFile {
-                            request: 0,
-                            task,
-                            name,
-                            offset,
-                            max: MAX_READ_BYTES,
-                        },
-                    )
-                    .await
-                {
-                    Ok((Body::Data { eof, .. }, raw)) => Ok((raw.unwrap_or_default(), eof)),
-                    Ok((other, _)) => Err(unexpected("get_file", &other)),
-                    Err(e) => Err(Failure::from(e)),
+                // The server answers at most 16 file reads at once
+                // (`limit_reached` past it): wait a little and ask again
+                // rather than break the download.
+                let mut backoff = Duration::from_millis(20);
+                loop {
+                    let asked = d
+                        .ask(
+                            &v,
+                            peer,
+                            Body::GetFile {
+                                request: 0,
+                                task: task.clone(),
+                                name: name.clone(),
+                                offset,
+                                max: MAX_READ_BYTES,
+                            },
+                        )
+                        .await;
+                    match asked {
+                        Ok((Body::Data { eof, .. }, raw)) => {
+                            return Ok((raw.unwrap_or_default(), eof))
+                        }
+                        Ok((other, _)) => return Err(unexpected("get_file", &other)),
+                        Err(AskError::Busy)
+                        | Err(AskError::Refused {
+                            code: ErrorCode::LimitReached,
+                            ..
+                        }) if backoff < Duration::from_secs(5) => {
+                            tokio::time::sleep(backoff).await; // backoff before asking again, not synchronisation
+                            backoff *= 2;
+                        }
+                        Err(e) => return Err(Failure::from(e)),
+                    }
                 }
             }
         }

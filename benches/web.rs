@@ -243,6 +243,9 @@ fn main() {
                             }
                             // Each stored line arrives JSON-escaped: "\n".
                             lines += buf[..k].windows(2).filter(|w| w == b"\\n").count() as u64;
+                            if buf[..k].windows(10).any(|w| w == b"event: end") {
+                                break;
+                            }
                         }
                         Err(_) => continue,
                     }

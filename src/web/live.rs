@@ -45,6 +45,8 @@ const HUB_BACKLOG: usize = 64;
 struct Chunk {
     start: u64,
     bytes: Bytes,
+    /// The event's data for a watcher at `start`, encoded once for all.
+    json: Arc<str>,
     /// The task ended and every line of it was sent.
     end: bool,
 }
@@ -196,11 +198,7 @@ async fn run_hub(
                 let bytes = raw.unwrap_or_default();
                 let n = whole_lines(&bytes);
                 if n > 0 {
-                    let _ = tx.send(Chunk {
-                        start: offset,
-                        bytes: bytes.slice(..n),
-                        end: false,
-                    });
+                    let _ = tx.send(chunk(offset, bytes.slice(..n)));
                     offset += n as u64;
                     at_end = eof && n == bytes.len();
                     idle_polls = 0;
@@ -243,11 +241,7 @@ async fn run_hub(
                     {
                         let n = whole_lines(&raw);
                         if n > 0 {
-                            let _ = tx.send(Chunk {
-                                start: offset,
-                                bytes: raw.slice(..n),
-                                end: false,
-                            });
+                            let _ = tx.send(chunk(offset, raw.slice(..n)));
                             offset += n as u64;
                             if n == CHUNK_BYTES as usize {
                                 continue;
@@ -258,6 +252,7 @@ async fn run_hub(
                     let _ = tx.send(Chunk {
                         start: offset,
                         bytes: Bytes::new(),
+                        json: Arc::from(""),
                         end: true,
                     });
                     return;
@@ -268,15 +263,30 @@ async fn run_hub(
     }
 }
 
+/// The data of a `lines` event: `{"from", "to", "text"}`.
+fn lines_json(from: u64, bytes: &[u8]) -> String {
+    let to = from + bytes.len() as u64;
+    let text = String::from_utf8_lossy(bytes);
+    serde_json::json!({ "from": from, "to": to, "text": text }).to_string()
+}
+
 /// One SSE event with the lines `from..to` of the log.
 fn lines_event(from: u64, bytes: &[u8]) -> Event {
     let to = from + bytes.len() as u64;
-    let text = String::from_utf8_lossy(bytes);
-    let data = serde_json::json!({ "from": from, "to": to, "text": text }).to_string();
     Event::default()
         .id(to.to_string())
         .event("lines")
-        .data(data)
+        .data(lines_json(from, bytes))
+}
+
+/// A chunk of new lines for every watcher.
+fn chunk(start: u64, bytes: Bytes) -> Chunk {
+    Chunk {
+        start,
+        json: lines_json(start, &bytes).into(),
+        bytes,
+        end: false,
+    }
 }
 
 /// Reads lines of `task` from `pos` as `viewer`, up to the end of what
@@ -376,8 +386,13 @@ pub async fn stream_log(view: LogStream, out: mpsc::Sender<Event>, _slot: Slot) 
                     }
                     let end = c.start + c.bytes.len() as u64;
                     if end > pos && c.start <= pos {
-                        let skip = (pos - c.start) as usize;
-                        if out.send(lines_event(pos, &c.bytes[skip..])).await.is_err() {
+                        let event = if c.start == pos {
+                            // The usual case: the hub's encoding, as is.
+                            Event::default().id(end.to_string()).event("lines").data(&*c.json)
+                        } else {
+                            lines_event(pos, &c.bytes[(pos - c.start) as usize..])
+                        };
+                        if out.send(event).await.is_err() {
                             return;
                         }
                         pos = end;

@@ -229,6 +229,7 @@ fn main() {
                 let mut buf = vec![0u8; 1 << 16];
                 let mut lines = 0u64;
                 let mut head = true;
+                let mut last = 0u8;
                 while !stop.load(Ordering::Relaxed) {
                     match s.read(&mut buf) {
                         Ok(0) => break,
@@ -241,8 +242,13 @@ fn main() {
                                 );
                                 head = false;
                             }
-                            // Each stored line arrives JSON-escaped: "\n".
+                            // Each stored line arrives JSON-escaped: "\n"
+                            // (which a read may cut in two).
+                            if last == b'\\' && buf[0] == b'n' {
+                                lines += 1;
+                            }
                             lines += buf[..k].windows(2).filter(|w| w == b"\\n").count() as u64;
+                            last = buf[k - 1];
                             if buf[..k].windows(10).any(|w| w == b"event: end") {
                                 break;
                             }

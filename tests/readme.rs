@@ -20,8 +20,13 @@ fn block_after(heading: &str) -> String {
     rest[start..end].to_string()
 }
 
+/// The README's lab uses fixed ports (5555, 5556): its blocks run one at
+/// a time.
+static LAB_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_try_it_by_hand_block_runs_as_written() {
+    let _ports = LAB_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let block = block_after("## Try it by hand");
     let lab = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
@@ -113,6 +118,7 @@ fn the_health_configuration_blocks_load_as_written() {
 /// port is made free for the test; the link is then opened).
 #[test]
 fn the_web_dashboard_block_runs_as_written() {
+    let _ports = LAB_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     let block = block_after("## Web dashboard");
     let lab = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();

@@ -47,6 +47,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod local;
 pub mod logging;
+pub mod notify;
 pub mod protocol;
 pub mod security;
 pub mod server;

@@ -24,7 +24,7 @@ fn gated(dir: &Path) -> String {
         &format!(
             "echo \"started $OTS_TASK_ID\"\nfor i in $(seq 1 40); do echo \"early line $i\"; done\n\
              printf 'bell \\a and escape \\033[31m here\\n'\n\
-             while [ ! -e {dir:?}/go-$OTS_TASK_ID ]; do sleep 0.02; done\n\
+             while [ ! -e {dir:?}/go-$OTS_TASK_ID ]; do [ -d {dir:?} ] || exit 3; sleep 0.02; done\n\
              echo \"AFTER-LOAD marker of $OTS_TASK_ID\"\n\
              mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"\n\
              head -c 300000 /dev/urandom > \"$OTS_RESULTS_DIR/blob.bin\"",
@@ -429,12 +429,13 @@ fn a_live_log_resumes_from_its_offset_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let (server, base) = start_lab(dir.path(), "");
     let go = dir.path().join("go");
+    let d = dir.path();
     let conductor = script(
         dir.path(),
         "counting.sh",
         &format!(
             "for i in $(seq 1 3000); do echo \"line $i\"; done\n\
-             while [ ! -e {go:?} ]; do sleep 0.02; done\n\
+             while [ ! -e {go:?} ]; do [ -d {d:?} ] || exit 3; sleep 0.02; done\n\
              for i in $(seq 3001 6000); do echo \"line $i\"; done"
         ),
     );

@@ -11,7 +11,7 @@ use super::sessions::Viewer;
 use super::{Counters, Dashboard, Failure, COOKIE, MAX_REQUEST_BODY};
 use crate::protocol::limits::{is_safe_id, MAX_READ_BYTES, MAX_READ_OFFSET};
 use crate::protocol::{Body, ErrorCode, RunState, RunStatus, TaskState, Verdict};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -25,7 +25,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 type D = State<Arc<Dashboard>>;
-type Peer = Extension<PeerAddr>;
 
 /// Bytes of log a page shows first (the tail), and an API read at most.
 pub const TAIL_BYTES: u64 = 64 * 1024;
@@ -99,31 +98,56 @@ fn static_asset(kind: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Who asks, or the answer for an anonymous visitor: the sign-in page
-/// (pages) or 401 (API). No data either way.
-fn page_viewer(
+/// A signed-in viewer of a page and where it connected from; an
+/// anonymous visitor gets the sign-in page (no data) instead.
+pub struct Page(pub Viewer, pub SocketAddr);
+
+/// The same for `/api/`: an anonymous caller gets 401 (JSON).
+pub struct Api(pub Viewer, pub SocketAddr);
+
+fn viewer_of(
+    parts: &axum::http::request::Parts,
     d: &Dashboard,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-) -> Result<Viewer, Box<Response>> {
-    d.viewer(headers, peer).ok_or_else(|| {
-        Counters::bump(&d.counters.anonymous);
-        Box::new(pages::sign_in(None))
-    })
+) -> Result<(Viewer, SocketAddr), ()> {
+    let peer = parts.extensions.get::<PeerAddr>().ok_or(())?.0;
+    match d.viewer(&parts.headers, peer) {
+        Some(v) => Ok((v, peer)),
+        None => {
+            Counters::bump(&d.counters.anonymous);
+            Err(())
+        }
+    }
 }
 
-fn api_viewer(
-    d: &Dashboard,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-) -> Result<Viewer, Box<Response>> {
-    d.viewer(headers, peer).ok_or_else(|| {
-        Counters::bump(&d.counters.anonymous);
-        Box::new(api_error(Failure::new(
-            StatusCode::UNAUTHORIZED,
-            "not signed in: run `ots-submit web` and open the link it prints",
-        )))
-    })
+impl axum::extract::FromRequestParts<Arc<Dashboard>> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        d: &Arc<Dashboard>,
+    ) -> Result<Self, Response> {
+        viewer_of(parts, d)
+            .map(|(v, peer)| Page(v, peer))
+            .map_err(|()| pages::sign_in(None))
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<Dashboard>> for Api {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        d: &Arc<Dashboard>,
+    ) -> Result<Self, Response> {
+        viewer_of(parts, d)
+            .map(|(v, peer)| Api(v, peer))
+            .map_err(|()| {
+                api_error(Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "not signed in: run `ots-submit web` and open the link it prints",
+                ))
+            })
+    }
 }
 
 fn api_error(f: Failure) -> Response {
@@ -162,15 +186,41 @@ fn run_of_task(task: &str) -> Result<String, Failure> {
 // Asking the scheduler
 // ---------------------------------------------------------------------
 
+/// Asks `body` as `v`; `pick` takes the expected answer apart, or names
+/// the kind of any other (reported as unexpected).
+async fn ask_for<T>(
+    d: &Dashboard,
+    v: &Viewer,
+    peer: SocketAddr,
+    body: Body,
+    pick: impl FnOnce(Body, Option<Bytes>) -> Result<T, &'static str>,
+) -> Result<T, Failure> {
+    let what = body.kind();
+    let (answer, raw) = d.ask(v, peer, body).await?;
+    pick(answer, raw).map_err(|other| {
+        Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("unexpected answer to {what}: {other}"),
+        )
+    })
+}
+
 async fn workers(
     d: &Dashboard,
     v: &Viewer,
     peer: SocketAddr,
 ) -> Result<Vec<crate::protocol::WorkerInfo>, Failure> {
-    match d.ask(v, peer, Body::ListWorkers { request: 0 }).await? {
-        (Body::Workers { workers, .. }, _) => Ok(workers),
-        (other, _) => Err(unexpected("list_workers", &other)),
-    }
+    ask_for(
+        d,
+        v,
+        peer,
+        Body::ListWorkers { request: 0 },
+        |b, _| match b {
+            Body::Workers { workers, .. } => Ok(workers),
+            other => Err(other.kind()),
+        },
+    )
+    .await
 }
 
 async fn queues(
@@ -178,10 +228,11 @@ async fn queues(
     v: &Viewer,
     peer: SocketAddr,
 ) -> Result<Vec<crate::protocol::QueueInfo>, Failure> {
-    match d.ask(v, peer, Body::ListQueue { request: 0 }).await? {
-        (Body::Queue { queues, .. }, _) => Ok(queues),
-        (other, _) => Err(unexpected("list_queue", &other)),
-    }
+    ask_for(d, v, peer, Body::ListQueue { request: 0 }, |b, _| match b {
+        Body::Queue { queues, .. } => Ok(queues),
+        other => Err(other.kind()),
+    })
+    .await
 }
 
 async fn status(
@@ -191,20 +242,18 @@ async fn status(
     run: &str,
 ) -> Result<RunStatus, Failure> {
     check_id("a testrun id", run)?;
-    match d
-        .ask(
-            v,
-            peer,
-            Body::GetStatus {
-                request: 0,
-                run: run.to_string(),
-            },
-        )
-        .await?
-    {
-        (Body::Status { status, .. }, _) => Ok(status),
-        (other, _) => Err(unexpected("get_status", &other)),
-    }
+    let run = run.to_string();
+    ask_for(
+        d,
+        v,
+        peer,
+        Body::GetStatus { request: 0, run },
+        |b, _| match b {
+            Body::Status { status, .. } => Ok(status),
+            other => Err(other.kind()),
+        },
+    )
+    .await
 }
 
 /// The owner of a testrun, from the runs list (status does not carry it).
@@ -292,22 +341,18 @@ async fn read_log(
     offset: u64,
     max: u64,
 ) -> Result<(u64, Bytes, bool), Failure> {
-    match d
-        .ask(
-            v,
-            peer,
-            Body::GetLog {
-                request: 0,
-                task: task.to_string(),
-                offset,
-                max,
-            },
-        )
-        .await?
-    {
-        (Body::Data { offset, eof, .. }, raw) => Ok((offset, raw.unwrap_or_default(), eof)),
-        (other, _) => Err(unexpected("get_log", &other)),
-    }
+    let task = task.to_string();
+    let body = Body::GetLog {
+        request: 0,
+        task,
+        offset,
+        max,
+    };
+    ask_for(d, v, peer, body, |b, raw| match b {
+        Body::Data { offset, eof, .. } => Ok((offset, raw.unwrap_or_default(), eof)),
+        other => Err(other.kind()),
+    })
+    .await
 }
 
 async fn read_tail(
@@ -317,21 +362,17 @@ async fn read_tail(
     task: &str,
     max: u64,
 ) -> Result<(u64, Bytes), Failure> {
-    match d
-        .ask(
-            v,
-            peer,
-            Body::GetLogTail {
-                request: 0,
-                task: task.to_string(),
-                max,
-            },
-        )
-        .await?
-    {
-        (Body::Data { offset, .. }, raw) => Ok((offset, raw.unwrap_or_default())),
-        (other, _) => Err(unexpected("get_log_tail", &other)),
-    }
+    let task = task.to_string();
+    let body = Body::GetLogTail {
+        request: 0,
+        task,
+        max,
+    };
+    ask_for(d, v, peer, body, |b, raw| match b {
+        Body::Data { offset, .. } => Ok((offset, raw.unwrap_or_default())),
+        other => Err(other.kind()),
+    })
+    .await
 }
 
 /// Whole lines of a read at `start`: drops a partial first line (unless
@@ -417,48 +458,21 @@ struct Fragment {
     fragment: Option<u8>,
 }
 
-async fn lab_page(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(f): Query<Fragment>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn lab_page(State(d): D, Page(v, peer): Page, Query(f): Query<Fragment>) -> Response {
     match workers(&d, &v, peer).await {
         Ok(w) => pages::lab(&v, &w, f.fragment.is_some()),
         Err(e) => page_error(&v, e),
     }
 }
 
-async fn queue_page(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(f): Query<Fragment>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn queue_page(State(d): D, Page(v, peer): Page, Query(f): Query<Fragment>) -> Response {
     match queues(&d, &v, peer).await {
         Ok(q) => pages::queue(&v, &q, f.fragment.is_some()),
         Err(e) => page_error(&v, e),
     }
 }
 
-async fn runs_page(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(q): Query<RunsQuery>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn runs_page(State(d): D, Page(v, peer): Page, Query(q): Query<RunsQuery>) -> Response {
     match list_runs(&d, &v, peer, &q).await {
         Ok((runs, older)) => pages::runs(&v, &q, &runs, older),
         Err(e) => page_error(&v, e),
@@ -467,15 +481,10 @@ async fn runs_page(
 
 async fn run_page(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Page(v, peer): Page,
     Path(run): Path<String>,
     Query(f): Query<Fragment>,
 ) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     match status(&d, &v, peer, &run).await {
         Ok(s) => {
             let owner = if f.fragment.is_some() {
@@ -491,15 +500,10 @@ async fn run_page(
 
 async fn log_page(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Page(v, peer): Page,
     Path(task): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     let run = match run_of_task(&task) {
         Ok(r) => r,
         Err(e) => return page_error(&v, e),
@@ -536,16 +540,7 @@ async fn log_page(
     }
 }
 
-async fn worker_page(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn worker_page(State(d): D, Page(v, peer): Page, Path(name): Path<String>) -> Response {
     match health(&d, &v, peer, &name).await {
         Ok((w, history, recent)) => pages::worker(&v, &w, &history, &recent),
         Err(e) => page_error(&v, e),
@@ -627,16 +622,7 @@ async fn audit_read(
     }
 }
 
-async fn audit_page(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn audit_page(State(d): D, Page(v, peer): Page, Query(q): Query<AuditQuery>) -> Response {
     let offset = q.offset.unwrap_or(0);
     match audit_read(&d, &v, peer, offset).await {
         Ok((text, next)) => pages::audit(&v, offset, next, &text),
@@ -701,16 +687,7 @@ fn forbidden_csrf(v: &Viewer) -> Response {
     )
 }
 
-async fn logout(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Form(f): Form<CsrfForm>,
-) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
+async fn logout(State(d): D, Page(v, _): Page, Form(f): Form<CsrfForm>) -> Response {
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
     }
@@ -728,33 +705,26 @@ async fn cancel(
     run: &str,
 ) -> Result<RunStatus, Failure> {
     check_id("a testrun id", run)?;
-    match d
-        .ask(
-            v,
-            peer,
-            Body::CancelRun {
-                request: 0,
-                run: run.to_string(),
-            },
-        )
-        .await?
-    {
-        (Body::Status { status, .. }, _) => Ok(status),
-        (other, _) => Err(unexpected("cancel_run", &other)),
-    }
+    let run = run.to_string();
+    ask_for(
+        d,
+        v,
+        peer,
+        Body::CancelRun { request: 0, run },
+        |b, _| match b {
+            Body::Status { status, .. } => Ok(status),
+            other => Err(other.kind()),
+        },
+    )
+    .await
 }
 
 async fn cancel_form(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Page(v, peer): Page,
     Path(run): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
     }
@@ -793,15 +763,10 @@ fn drain_value(s: Option<&str>) -> Result<bool, Failure> {
 
 async fn drain_form(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Page(v, peer): Page,
     Path(name): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
     }
@@ -818,14 +783,9 @@ async fn drain_form(
 /// Streams a result file (read in chunks through the request path).
 async fn download(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Page(v, peer): Page,
     Path((task, name)): Path<(String, String)>,
 ) -> Response {
-    let v = match page_viewer(&d, &headers, peer) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
     if let Err(e) = run_of_task(&task) {
         return page_error(&v, e);
     }
@@ -946,50 +906,26 @@ fn json<T: serde::Serialize>(r: Result<T, Failure>) -> Response {
     }
 }
 
-macro_rules! api_viewer {
-    ($d:expr, $headers:expr, $peer:expr) => {
-        match api_viewer(&$d, &$headers, $peer) {
-            Ok(v) => v,
-            Err(r) => return *r,
-        }
-    };
-}
-
-async fn api_me(State(d): D, Extension(PeerAddr(peer)): Peer, headers: HeaderMap) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_me(Api(v, _): Api) -> Response {
     Json(serde_json::json!({ "user": v.name(), "role": v.role().as_str(), "csrf": v.csrf }))
         .into_response()
 }
 
-async fn api_workers(State(d): D, Extension(PeerAddr(peer)): Peer, headers: HeaderMap) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_workers(State(d): D, Api(v, peer): Api) -> Response {
     json(workers(&d, &v, peer).await)
 }
 
-async fn api_worker(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_worker(State(d): D, Api(v, peer): Api, Path(name): Path<String>) -> Response {
     json(health(&d, &v, peer, &name).await.map(|(worker, history, recent)| {
         serde_json::json!({ "worker": worker, "history": history, "recent": recent })
     }))
 }
 
-async fn api_queue(State(d): D, Extension(PeerAddr(peer)): Peer, headers: HeaderMap) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_queue(State(d): D, Api(v, peer): Api) -> Response {
     json(queues(&d, &v, peer).await)
 }
 
-async fn api_runs(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(q): Query<RunsQuery>,
-) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_runs(State(d): D, Api(v, peer): Api, Query(q): Query<RunsQuery>) -> Response {
     json(
         list_runs(&d, &v, peer, &q)
             .await
@@ -997,13 +933,7 @@ async fn api_runs(
     )
 }
 
-async fn api_run(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Path(run): Path<String>,
-) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_run(State(d): D, Api(v, peer): Api, Path(run): Path<String>) -> Response {
     json(status(&d, &v, peer, &run).await)
 }
 
@@ -1015,12 +945,10 @@ struct FromQuery {
 
 async fn api_events(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Api(v, peer): Api,
     Path(run): Path<String>,
     Query(q): Query<FromQuery>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     if let Err(e) = check_id("a testrun id", &run) {
         return api_error(e);
     }
@@ -1038,11 +966,10 @@ async fn api_events(
 
 async fn api_cancel(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
+    Api(v, peer): Api,
     headers: HeaderMap,
     Path(run): Path<String>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
     if !d.csrf_ok(&v, token) {
         return api_error(Failure::new(
@@ -1055,12 +982,11 @@ async fn api_cancel(
 
 async fn api_drain(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
+    Api(v, peer): Api,
     headers: HeaderMap,
     Path(name): Path<String>,
     Query(f): Query<CsrfForm>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
     if !d.csrf_ok(&v, token) {
         return api_error(Failure::new(
@@ -1080,12 +1006,10 @@ async fn api_drain(
 
 async fn api_log(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
+    Api(v, peer): Api,
     Path(task): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     if let Err(e) = run_of_task(&task) {
         return api_error(e);
     }
@@ -1094,13 +1018,7 @@ async fn api_log(
     }))
 }
 
-async fn api_audit(
-    State(d): D,
-    Extension(PeerAddr(peer)): Peer,
-    headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
-) -> Response {
-    let v = api_viewer!(d, headers, peer);
+async fn api_audit(State(d): D, Api(v, peer): Api, Query(q): Query<AuditQuery>) -> Response {
     let offset = q.offset.unwrap_or(0);
     json(audit_read(&d, &v, peer, offset).await.map(|(text, next)| {
         let entries: Vec<serde_json::Value> = text
@@ -1145,12 +1063,11 @@ fn sse(rx: tokio::sync::mpsc::Receiver<axum::response::sse::Event>) -> Response 
 
 async fn api_log_stream(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
+    Api(v, peer): Api,
     headers: HeaderMap,
     Path(task): Path<String>,
     Query(q): Query<FromQuery>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     let run = match run_of_task(&task) {
         Ok(r) => r,
         Err(e) => return api_error(e),
@@ -1191,12 +1108,11 @@ async fn api_log_stream(
 
 async fn api_run_stream(
     State(d): D,
-    Extension(PeerAddr(peer)): Peer,
+    Api(v, peer): Api,
     headers: HeaderMap,
     Path(run): Path<String>,
     Query(q): Query<FromQuery>,
 ) -> Response {
-    let v = api_viewer!(d, headers, peer);
     let from = match resume_from(&headers, &q) {
         Ok(f) => f.min(crate::protocol::limits::MAX_SEQ),
         Err(e) => return api_error(e),

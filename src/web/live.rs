@@ -338,6 +338,22 @@ async fn read_as(
     }
 }
 
+/// Whether a live view goes on: its viewer is still signed in (told
+/// `signed_out` otherwise) and its browser still reads.
+async fn still_watching(d: &Dashboard, viewer: &Viewer, out: &mpsc::Sender<Event>) -> bool {
+    if !d.still_valid(viewer) {
+        let _ = out
+            .send(
+                Event::default()
+                    .event("signed_out")
+                    .data("your session ended"),
+            )
+            .await;
+        return false;
+    }
+    !out.is_closed()
+}
+
 /// One browser's live view of a task's log.
 pub struct LogStream {
     pub d: Arc<Dashboard>,
@@ -420,11 +436,7 @@ pub async fn stream_log(view: LogStream, out: mpsc::Sender<Event>, _slot: Slot) 
                 }
             },
             _ = recheck.tick() => {
-                if !d.still_valid(&viewer) {
-                    let _ = out.send(Event::default().event("signed_out").data("your session ended")).await;
-                    return;
-                }
-                if out.is_closed() {
+                if !still_watching(&d, &viewer, &out).await {
                     return;
                 }
             }
@@ -468,11 +480,7 @@ pub async fn stream_progress(
                 }
             }
             _ = recheck.tick() => {
-                if !d.still_valid(&viewer) {
-                    let _ = out.send(Event::default().event("signed_out").data("your session ended")).await;
-                    return;
-                }
-                if out.is_closed() {
+                if !still_watching(&d, &viewer, &out).await {
                     return;
                 }
             }

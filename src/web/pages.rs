@@ -38,29 +38,12 @@ pub fn ago(ms: u64) -> String {
     }
 }
 
-/// A Unix ms time as UTC `YYYY-MM-DD HH:MM:SS`.
+/// A Unix ms time as UTC `YYYY-MM-DD HH:MM:SS.mmm` (`—` if unknown).
 pub fn when(ms: u64) -> String {
     if ms == 0 {
         return "—".into();
     }
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::clock::human(ms)
 }
 
 /// Bytes as `512 B`, `3.2 KiB`, `1.0 GiB`.
@@ -79,22 +62,10 @@ pub fn size(n: u64) -> String {
     }
 }
 
-/// Shows control characters (other than tab) as `\xNN`.
-pub fn visible(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}' {
-            let n = c as u32;
-            if n < 0x100 {
-                out.push_str(&format!("\\x{n:02x}"));
-            } else {
-                out.push_str(&format!("\\u{{{n:x}}}"));
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// Shows control characters (other than tab) as `\xNN` or `\u{N}`, as
+/// `ots-submit logs` does.
+pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::client::commands::escape_controls(text)
 }
 
 /// The class of a stored log line by its stream prefix.

@@ -37,8 +37,10 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// How often a stream checks that its viewer is still signed in (a
 /// removed key ends its streams within this).
 pub const RECHECK: Duration = Duration::from_millis(250);
-/// Chunks a hub keeps for watchers that have not taken them yet.
-const HUB_BACKLOG: usize = 64;
+/// Chunks a hub keeps for watchers that have not taken them yet (each
+/// ≤ [`CHUNK_BYTES`] and its JSON: ≤ 4 MiB per watched task); one that
+/// falls further behind reads what it missed itself.
+const HUB_BACKLOG: usize = 8;
 
 /// A chunk of whole lines of a task's log, at `start`.
 #[derive(Clone, Debug)]

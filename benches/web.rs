@@ -271,7 +271,16 @@ fn main() {
         let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
         let gap = tick_gap(&metrics);
         let st = wait_status(&server, &run, LIMIT, finished);
-        stop.store(true, Ordering::Relaxed);
+        // Each view reads until its stream's `end` (a view that fell
+        // behind catches up first); `stop` only bounds a broken one.
+        let bound = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                std::thread::sleep(Duration::from_secs(60)); // the bound on a broken view, not synchronisation
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+        drop(bound);
         for r in readers {
             r.join().unwrap();
         }

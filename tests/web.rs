@@ -609,6 +609,7 @@ fn plaintext_on_the_network_is_refused_and_tls_works() {
         text(&out.stderr)
     );
 
+    common::browser::ensure_packages(&[("/usr/bin/openssl", "openssl"), ("/usr/bin/curl", "curl")]);
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let made = std::process::Command::new("openssl")
         .args([

@@ -11,26 +11,43 @@ use std::time::{Duration, Instant};
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Makes sure Chromium and ChromeDriver are installed (once per machine;
-/// concurrent test processes wait for each other on a lock file).
+/// Makes sure Chromium and ChromeDriver are installed.
 pub fn ensure_installed() {
-    if Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists() {
+    ensure_packages(&[(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")]);
+}
+
+/// Makes sure each program is there, installing its Debian package with
+/// apt-get when it is not (as root; once per machine: concurrent test
+/// processes wait for each other on a lock file).
+pub fn ensure_packages(wanted: &[(&str, &str)]) {
+    let missing = || -> Vec<&str> {
+        wanted
+            .iter()
+            .filter(|(path, _)| !Path::new(path).exists())
+            .map(|(_, pkg)| *pkg)
+            .collect()
+    };
+    if missing().is_empty() {
         return;
     }
-    let lock = std::fs::File::create("/tmp/ots-chromium-install.lock").unwrap();
+    let lock = std::fs::File::create("/tmp/ots-test-packages.lock").unwrap();
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .unwrap();
-    if Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists() {
+    let packages = missing();
+    if packages.is_empty() {
         return;
     }
     assert!(
         nix::unistd::geteuid().is_root(),
-        "the browser test needs Debian's chromium and chromium-driver: run `apt-get install chromium chromium-driver` as root (or run the tests as root once)"
+        "this test needs Debian's {}: run `apt-get install {}` as root (or run the tests as root once)",
+        packages.join(", "),
+        packages.join(" ")
     );
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "chromium", "chromium-driver"])
+            .args(["install", "-y", "-q"])
+            .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .map(|s| s.success())
@@ -38,7 +55,7 @@ pub fn ensure_installed() {
     };
     if !install() {
         let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install chromium chromium-driver failed");
+        assert!(install(), "apt-get install {} failed", packages.join(" "));
     }
 }
 

@@ -161,6 +161,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
                     inputs: Default::default(),
                     priority: Default::default(),
                     devices: Vec::new(),
+                    notify: Vec::new(),
                 },
             }),
         );
@@ -248,6 +249,7 @@ fn main() {
                         inputs: Default::default(),
                         priority: Default::default(),
                         devices: Vec::new(),
+                        notify: Vec::new(),
                     },
                 }),
             );

@@ -324,6 +324,7 @@ async fn submit_one(client: &mut ots::client::Client, packages: usize) {
             inputs: Default::default(),
             priority: Default::default(),
             devices: Vec::new(),
+            notify: Vec::new(),
         })
         .await
         .unwrap();

@@ -174,6 +174,7 @@ async fn main() {
                             inputs: Default::default(),
                             priority: Default::default(),
                             devices: Vec::new(),
+                            notify: Vec::new(),
                         })
                         .await;
                 }

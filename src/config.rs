@@ -31,6 +31,8 @@ pub enum ConfigError {
     },
     #[error("configuration key `device`: {0}")]
     Device(#[from] DeviceSpecError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::config::NotifyConfigError),
     #[error("instance configuration {path} does not exist: create it (at least `device = \"devicegroup:…\"` for this worker's device) or drop --instance-config")]
     MissingInstance { path: PathBuf },
 }
@@ -336,6 +338,8 @@ pub struct ServerConfig {
     pub health: HealthConfig,
     /// Fair share between users and task priority.
     pub fairshare: FairShareConfig,
+    /// Webhooks and mail when testruns end or devices go bad.
+    pub notify: crate::notify::config::NotifyConfig,
 }
 
 /// `[health]` of `conf/server.toml` (README "Device health").
@@ -682,6 +686,7 @@ impl Default for ServerConfig {
             users_dir: PathBuf::from("/etc/ots/users.d"),
             health: HealthConfig::default(),
             fairshare: FairShareConfig::default(),
+            notify: crate::notify::config::NotifyConfig::default(),
         }
     }
 }

@@ -466,6 +466,7 @@ fn another_users_input_can_be_neither_probed_nor_named_by_its_hash() {
             }],
             priority: Default::default(),
             devices: Vec::new(),
+            notify: Vec::new(),
         }))
     };
     let refusal = |r: Result<_, ots::client::ClientError>| match r {

@@ -170,6 +170,7 @@ fn body() -> impl Strategy<Value = Body> {
                     inputs: Default::default(),
                     priority: Default::default(),
                     devices: Vec::new(),
+                    notify: Vec::new(),
                 },
             }
         ),

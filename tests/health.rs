@@ -655,6 +655,7 @@ fn testrun(
         owner: None,
         priority,
         devices: Vec::new(),
+        notify: Vec::new(),
     }
 }
 

@@ -353,6 +353,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
                 inputs: Default::default(),
                 priority: Default::default(),
                 devices: Vec::new(),
+                notify: Vec::new(),
             })
             .await
             .unwrap_err()
@@ -808,6 +809,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                     inputs: Default::default(),
                     priority: Default::default(),
                     devices: Vec::new(),
+                    notify: Vec::new(),
                 },
             },
             None,

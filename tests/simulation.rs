@@ -405,6 +405,7 @@ impl Sim {
             inputs: Default::default(),
             priority: Default::default(),
             devices: Vec::new(),
+            notify: Vec::new(),
         };
         let client = Bytes::from_static(b"client");
         let submit = Body::Submit {

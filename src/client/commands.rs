@@ -190,6 +190,27 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List notification deliveries (webhooks, mail), newest first: the
+    /// event, where it goes, state, attempts, last result, next try; for
+    /// an operator, each target's standing first (failing since, alert).
+    Notifications {
+        /// Only this testrun's.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only failed ones.
+        #[arg(long)]
+        failed: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a notification again now, with the same id, whatever its
+    /// state (operator, admin). The id is the first column of
+    /// `notifications`.
+    NotifyRetry {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// A worker's device health and its history: why it is good,
     /// suspect, bad, in maintenance or retired.
     Health {
@@ -321,6 +342,12 @@ pub struct RunArgs {
     /// share, not by priority.
     #[arg(long, value_enum, default_value_t = Priority::Normal)]
     pub priority: Priority,
+    /// Who is told when the testrun ends (repeatable, at most 4): a
+    /// notification target the server's operator configured, by name;
+    /// `mailto:ADDR`; or a webhook URL the server's `notify.allow_urls`
+    /// allows. `ots-submit notifications --run R` shows the deliveries.
+    #[arg(long = "notify", value_name = "NAME|mailto:ADDR|URL")]
+    pub notify: Vec<String>,
     /// Start an embedded server and local workers, run the example
     /// conductor, and tear it all down afterwards.
     #[arg(long)]
@@ -548,6 +575,10 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
         Command::Health { worker, conn } => health(&conn, &worker, None, "").await,
         Command::Web { conn } => web(&conn).await,
+        Command::Notifications { run, failed, conn } => {
+            notifications(&conn, run.as_deref(), failed).await
+        }
+        Command::NotifyRetry { id, conn } => notify_retry(&conn, &id).await,
         Command::Check { worker, conn } => {
             health(&conn, &worker, Some(HealthAction::Check), "").await
         }
@@ -675,6 +706,7 @@ async fn submit_and_watch(args: &RunArgs, device: DeviceSpec, devices: Vec<Devic
         inputs: Vec::new(),
         owner: None,
         priority: args.priority,
+        notify: args.notify.clone(),
     };
     let mut testrun = testrun;
     let mut client = match args.conn.connect().await {
@@ -1075,6 +1107,112 @@ async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32, ClientErro
         );
     } else {
         println!("worker {} takes tasks again", w.name);
+    }
+    Ok(exit::PASS)
+}
+
+fn delivery_line(d: &crate::protocol::NotificationInfo) -> String {
+    let next = match d.next_ms {
+        Some(ms) if d.state == "pending" => {
+            let now = crate::protocol::limits::unix_ms_now();
+            if ms <= now {
+                "now".to_string()
+            } else {
+                format!("in {}", ago(ms - now))
+            }
+        }
+        _ => "-".to_string(),
+    };
+    format!(
+        "{:<36} {:<21} {:<7} {:<9} {:>8} {:<24} {:<10} {}",
+        d.id,
+        serde_json::to_value(d.event)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        d.run.as_deref().unwrap_or("-"),
+        d.state,
+        d.attempts,
+        escape_controls(d.last.as_deref().unwrap_or("-"))
+            .chars()
+            .take(24)
+            .collect::<String>(),
+        next,
+        escape_controls(&d.target)
+    )
+}
+
+async fn notifications(conn: &Conn, run: Option<&str>, failed: bool) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let (deliveries, targets) = client.notifications(run, failed).await?;
+    if conn.json {
+        let v = serde_json::json!({ "deliveries": deliveries, "targets": targets });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("notifications serialise")
+        );
+        return Ok(exit::PASS);
+    }
+    if !targets.is_empty() {
+        println!(
+            "{:<20} {:<8} {:>7} {:>9} {:>8}  {:<20} LAST ERROR",
+            "TARGET", "KIND", "PENDING", "IN FLIGHT", "FAILURES", "FAILING SINCE"
+        );
+        for t in &targets {
+            let since = match t.failing_since_ms {
+                Some(ms) => format!(
+                    "{}{}",
+                    ago(crate::protocol::limits::unix_ms_now().saturating_sub(ms)),
+                    if t.alert { " ago ALERT" } else { " ago" }
+                ),
+                None => "-".into(),
+            };
+            println!(
+                "{:<20} {:<8} {:>7} {:>9} {:>8}  {:<20} {}",
+                t.name,
+                t.kind,
+                t.pending,
+                t.in_flight,
+                t.failures,
+                since,
+                escape_controls(t.last_error.as_deref().unwrap_or("-"))
+            );
+        }
+        println!();
+    }
+    if deliveries.is_empty() {
+        println!(
+            "no {}notifications{}",
+            if failed { "failed " } else { "" },
+            run.map(|r| format!(" for {r}")).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{:<36} {:<21} {:<7} {:<9} {:>8} {:<24} {:<10} TARGET",
+            "ID", "EVENT", "RUN", "STATE", "ATTEMPTS", "LAST", "NEXT"
+        );
+        for d in &deliveries {
+            println!("{}", delivery_line(d));
+        }
+    }
+    Ok(exit::PASS)
+}
+
+async fn notify_retry(conn: &Conn, id: &str) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let d = client.retry_notification(id).await?;
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&d).expect("notification serialises")
+        );
+    } else {
+        println!(
+            "notification {} to {} is sent again now (attempt {})",
+            d.id,
+            escape_controls(&d.target),
+            d.attempts + 1
+        );
     }
     Ok(exit::PASS)
 }

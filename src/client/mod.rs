@@ -10,8 +10,8 @@ pub mod follow;
 pub mod transfer;
 
 use crate::protocol::{
-    self, Body, ErrorCode, Header, HealthAction, HealthChange, RunId, RunStatus, TaskId,
-    TestrunRequest, WorkerInfo, PROTOCOL_VERSION,
+    self, Body, ErrorCode, Header, HealthAction, HealthChange, NotificationInfo, NotifyTargetInfo,
+    RunId, RunStatus, TaskId, TestrunRequest, WorkerInfo, PROTOCOL_VERSION,
 };
 use crate::security::link::{self, LinkError};
 use crate::security::{Channel, Credentials, Identity};
@@ -489,6 +489,48 @@ impl Client {
                 _,
             ) => Ok((url, expires_ms)),
             (other, _) => Err(unexpected("web_link", &other)),
+        }
+    }
+
+    /// Notification deliveries (of one testrun, or all) and, for an
+    /// operator, each target's standing.
+    pub async fn notifications(
+        &mut self,
+        run: Option<&str>,
+        failed: bool,
+    ) -> Result<(Vec<NotificationInfo>, Vec<NotifyTargetInfo>), ClientError> {
+        let run = run.map(str::to_string);
+        match self
+            .request(|request| Body::ListNotifications {
+                request,
+                run,
+                failed,
+            })
+            .await?
+        {
+            (
+                Body::Notifications {
+                    deliveries,
+                    targets,
+                    ..
+                },
+                _,
+            ) => Ok((deliveries, targets)),
+            (other, _) => Err(unexpected("notifications", &other)),
+        }
+    }
+
+    /// Sends a notification again now (operator, admin).
+    pub async fn retry_notification(&mut self, id: &str) -> Result<NotificationInfo, ClientError> {
+        let id = id.to_string();
+        match self
+            .request(|request| Body::RetryNotification { request, id })
+            .await?
+        {
+            (Body::Notifications { mut deliveries, .. }, _) if deliveries.len() == 1 => {
+                Ok(deliveries.remove(0))
+            }
+            (other, _) => Err(unexpected("notifications", &other)),
         }
     }
 

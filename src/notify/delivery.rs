@@ -35,8 +35,13 @@ pub enum Attempt {
     Status(u16),
     /// No answer within the attempt's timeout.
     Timeout,
-    /// No connection, TLS failure, a broken answer: why.
+    /// No connection, TLS failure, a broken answer: why (tried again).
     Transport(String),
+    /// A mail relay or sendmail took the message (its answer).
+    Accepted(String),
+    /// Refused for good without an HTTP status: a mail relay's permanent
+    /// error, a per-run URL resolving only to refused addresses.
+    Rejected(String),
 }
 
 /// Where a delivery stands.
@@ -75,6 +80,8 @@ pub fn classify(a: &Attempt) -> Option<State> {
         // receiver refused it; trying again would not change that.
         Attempt::Status(_) => Some(State::Failed),
         Attempt::Timeout | Attempt::Transport(_) => None,
+        Attempt::Accepted(_) => Some(State::Delivered),
+        Attempt::Rejected(_) => Some(State::Failed),
     }
 }
 
@@ -98,7 +105,9 @@ impl Delivery {
         self.last = Some(match result {
             Attempt::Status(s) => s.to_string(),
             Attempt::Timeout => "timeout".into(),
-            Attempt::Transport(why) => why.chars().take(200).collect(),
+            Attempt::Transport(why) | Attempt::Accepted(why) | Attempt::Rejected(why) => {
+                why.chars().take(200).collect()
+            }
         });
         if let Some(end) = classify(result) {
             self.state = end;

@@ -65,8 +65,9 @@ pub fn testrun_finished(
     devices: &[DeviceSpec],
     dashboard: Option<&str>,
     at_ms: u64,
+    max_bytes: usize,
 ) -> Event {
-    let tasks: Vec<serde_json::Value> = status
+    let mut tasks: Vec<serde_json::Value> = status
         .tasks
         .iter()
         .map(|t| {
@@ -89,7 +90,24 @@ pub fn testrun_finished(
             })
         })
         .collect();
-    let body = serde_json::json!({
+    // Bounded: past `max_bytes` the first tasks that fit are listed and
+    // `tasks_omitted` says how many were left out.
+    let mut omitted = 0usize;
+    let sizes: Vec<usize> = tasks.iter().map(|t| t.to_string().len() + 1).collect();
+    let room = max_bytes.saturating_sub(2048);
+    if sizes.iter().sum::<usize>() > room {
+        let mut used = 0;
+        let keep = sizes
+            .iter()
+            .take_while(|s| {
+                used += **s;
+                used <= room
+            })
+            .count();
+        omitted = tasks.len() - keep;
+        tasks.truncate(keep);
+    }
+    let mut body = serde_json::json!({
         "type": "testrun_finished",
         "at_ms": at_ms,
         "run": status.run,
@@ -101,6 +119,9 @@ pub fn testrun_finished(
         "tasks": tasks,
         "url": dashboard.map(|d| format!("{}/runs/{}", d.trim_end_matches('/'), status.run)),
     });
+    if omitted > 0 {
+        body["tasks_omitted"] = omitted.into();
+    }
     Event {
         kind: Kind::TestrunFinished,
         key: format!("testrun_finished/{}", status.run),
@@ -138,6 +159,33 @@ pub fn worker_health_changed(
             "from": from.as_str(),
             "to": to.as_str(),
             "reason": reason,
+            "url": dashboard.map(|d| format!("{}/workers/{worker}", d.trim_end_matches('/'))),
+        }),
+    }
+}
+
+/// `worker_lost` (operator targets only): it stopped answering.
+pub fn worker_lost(
+    worker: &str,
+    devicegroup: &str,
+    reason: &str,
+    task: Option<&str>,
+    at_ms: u64,
+    dashboard: Option<&str>,
+) -> Event {
+    Event {
+        kind: Kind::WorkerLost,
+        key: format!("worker_lost/{worker}/{at_ms}"),
+        owner: None,
+        devicegroups: vec![devicegroup.to_string()],
+        verdict: None,
+        body: serde_json::json!({
+            "type": "worker_lost",
+            "at_ms": at_ms,
+            "worker": worker,
+            "devicegroup": devicegroup,
+            "reason": reason,
+            "task": task,
             "url": dashboard.map(|d| format!("{}/workers/{worker}", d.trim_end_matches('/'))),
         }),
     }
@@ -188,6 +236,7 @@ mod tests {
             std::slice::from_ref(&s.device),
             Some("https://ots.lab/"),
             5,
+            1 << 20,
         );
         assert_eq!(e.body["type"], "testrun_finished");
         assert_eq!(e.body["verdict"], "FAIL");
@@ -201,7 +250,14 @@ mod tests {
     #[test]
     fn filters_and_ids() {
         let s = status();
-        let e = testrun_finished(&s, Some("ann"), std::slice::from_ref(&s.device), None, 5);
+        let e = testrun_finished(
+            &s,
+            Some("ann"),
+            std::slice::from_ref(&s.device),
+            None,
+            5,
+            1 << 20,
+        );
         assert!(Filter::default().matches(&e));
         let f = |toml: &str| -> Filter { toml_like(toml) };
         assert!(f(r#"{"events":["testrun_finished"],"owners":["ann"]}"#).matches(&e));
@@ -213,6 +269,18 @@ mod tests {
         assert_eq!(a, webhook_id(&e.key, "ci"));
         assert_ne!(a, webhook_id(&e.key, "chat"));
         assert!(a.starts_with("msg_") && a.len() == 36);
+    }
+
+    #[test]
+    fn a_body_past_its_bound_lists_the_first_tasks_and_counts_the_rest() {
+        let mut s = status();
+        let t = s.tasks[0].clone();
+        s.tasks = (0..200).map(|_| t.clone()).collect();
+        let e = testrun_finished(&s, None, std::slice::from_ref(&s.device), None, 5, 8192);
+        assert!(e.body.to_string().len() <= 8192);
+        let listed = e.body["tasks"].as_array().unwrap().len();
+        assert!(listed > 0 && listed < 200);
+        assert_eq!(e.body["tasks_omitted"], 200 - listed);
     }
 
     fn toml_like(json: &str) -> Filter {

@@ -742,6 +742,25 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_options(kind, "testrun.options", &testrun.options)?;
             check_options(kind, "testrun.secrets", &testrun.secrets)?;
             check_inputs(kind, "testrun.inputs", &testrun.inputs)?;
+            if testrun.notify.len() > crate::notify::urls::MAX_PER_RUN {
+                return Err(invalid(
+                    kind,
+                    "testrun.notify",
+                    format!(
+                        "{} entries, over the limit of {}",
+                        testrun.notify.len(),
+                        crate::notify::urls::MAX_PER_RUN
+                    ),
+                ));
+            }
+            for n in &testrun.notify {
+                check_text(
+                    kind,
+                    "testrun.notify",
+                    n,
+                    crate::notify::urls::MAX_ENTRY_BYTES,
+                )?;
+            }
             if let Some((k, _)) = testrun
                 .secrets
                 .iter()
@@ -804,6 +823,23 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         }
         Body::GetLogTail { task, .. } => check_id(kind, "task", task)?,
         Body::WebLink { url, .. } => check_text(kind, "url", url, MAX_TEXT_BYTES)?,
+        Body::ListNotifications { run, .. } => {
+            if let Some(r) = run {
+                check_id(kind, "run", r)?;
+            }
+        }
+        Body::RetryNotification { id, .. } => {
+            let ok = id.len() == 36
+                && id.starts_with("msg_")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(invalid(
+                    kind,
+                    "id",
+                    "must be msg_ and 32 hex digits, as `notifications` lists it".into(),
+                ));
+            }
+        }
         Body::GetLog { task, offset, .. } => {
             check_id(kind, "task", task)?;
             check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
@@ -833,6 +869,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::Events { .. }
         | Body::Workers { .. }
         | Body::HealthReport { .. }
+        | Body::Notifications { .. }
         | Body::Runs { .. }
         | Body::Queue { .. }
         | Body::Data { .. }

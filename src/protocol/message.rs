@@ -122,6 +122,11 @@ pub struct TestrunRequest {
     /// needs role operator or admin.
     #[serde(default, skip_serializing_if = "Priority::is_normal")]
     pub priority: Priority,
+    /// Who is told when it ends (README "Notifications"), besides the
+    /// operator's targets: a configured target's name, `mailto:ADDR`, or
+    /// a URL that `notify.allow_urls` allows; at most 4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
 }
 
 /// A testrun's standing among its owner's queued tasks.
@@ -448,6 +453,53 @@ pub struct Pruned {
     /// Bytes of result files and logs removed.
     pub bytes: u64,
     pub reason: String,
+}
+
+/// One notification delivery (an event to one recipient), as
+/// `notifications` lists it (PROTOCOL.md §5.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationInfo {
+    /// The `webhook-id`: the same on every attempt.
+    pub id: String,
+    pub event: crate::notify::event::Kind,
+    #[serde(default)]
+    pub run: Option<RunId>,
+    /// Where it goes: a target name, `mailto:ADDR`, or a per-run URL.
+    pub target: String,
+    /// The configured target that carries it (`per-run-urls` for URLs).
+    pub via: String,
+    /// `pending`, `sending`, `delivered` or `failed`.
+    pub state: String,
+    pub attempts: u32,
+    /// The last attempt's result: an HTTP status, `timeout`, or why.
+    #[serde(default)]
+    pub last: Option<String>,
+    pub created_ms: u64,
+    /// When it is tried next (pending only).
+    #[serde(default)]
+    pub next_ms: Option<u64>,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+}
+
+/// A notification target's standing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyTargetInfo {
+    pub name: String,
+    /// `webhook` or `mail`.
+    pub kind: String,
+    pub pending: u64,
+    pub in_flight: u64,
+    /// Failed attempts since the server started (any delivery).
+    pub failures: u64,
+    /// Failing since (Unix ms) with no success in between.
+    #[serde(default)]
+    pub failing_since_ms: Option<u64>,
+    /// Failing for longer than `notify.alert_after`.
+    #[serde(default)]
+    pub alert: bool,
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// What `workers` shows about one worker.
@@ -936,6 +988,22 @@ pub enum Body {
     WebLogin {
         request: u64,
     },
+    /// Notification deliveries, newest first (at most 500), of one
+    /// testrun or all; `failed`: only failed ones. A `submit` user sees
+    /// those of its own testruns. Answered with `notifications`.
+    ListNotifications {
+        request: u64,
+        #[serde(default)]
+        run: Option<RunId>,
+        #[serde(default)]
+        failed: bool,
+    },
+    /// Sends a delivery again, now, with a fresh `max_age` (operator,
+    /// admin). Answered with `notifications` listing it.
+    RetryNotification {
+        request: u64,
+        id: String,
+    },
     /// Reads up to `max` bytes of a result file from `offset`.
     GetFile {
         request: u64,
@@ -1090,6 +1158,14 @@ pub enum Body {
         #[serde(default)]
         recent: Vec<RecentTask>,
     },
+    /// Answer to `list_notifications` and `retry_notification`.
+    Notifications {
+        request: u64,
+        deliveries: Vec<NotificationInfo>,
+        /// Each target's standing (not for `retry_notification`).
+        #[serde(default)]
+        targets: Vec<NotifyTargetInfo>,
+    },
     /// Answer to `web_login`: open `url` within `expires_ms` (once).
     WebLink {
         request: u64,
@@ -1183,6 +1259,9 @@ impl Body {
             | Body::GetLogTail { request, .. }
             | Body::WebLogin { request }
             | Body::WebLink { request, .. }
+            | Body::ListNotifications { request, .. }
+            | Body::RetryNotification { request, .. }
+            | Body::Notifications { request, .. }
             | Body::GetAudit { request, .. }
             | Body::InputOffer { request, .. }
             | Body::InputChunk { request, .. }
@@ -1238,6 +1317,9 @@ impl Body {
             Body::GetLogTail { .. } => "get_log_tail",
             Body::WebLogin { .. } => "web_login",
             Body::WebLink { .. } => "web_link",
+            Body::ListNotifications { .. } => "list_notifications",
+            Body::RetryNotification { .. } => "retry_notification",
+            Body::Notifications { .. } => "notifications",
             Body::Follow { .. } => "follow",
             Body::DrainWorker { .. } => "drain_worker",
             Body::WorkerHealth { .. } => "worker_health",

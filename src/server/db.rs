@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 /// 2: task_history (every state change) and files (result file index).
 /// 3: quarantine (rows that could not be restored).
 /// 4: input_owners (who uploaded each stored input file).
-pub const SCHEMA_VERSION: i64 = 4;
+/// 5: notifications (the outbox: one row per delivery).
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Name of the database file inside the state directory.
 pub const DB_FILE: &str = "ots.db";
@@ -86,6 +87,10 @@ pub struct Changes {
     pub pruned_tasks: Vec<String>,
     /// (sha256, user): a user uploaded a stored input file.
     pub input_owners: Vec<(String, String)>,
+    /// (id, run, body): notification deliveries made or changed.
+    pub notifications: Vec<(String, Option<String>, Vec<u8>)>,
+    /// Deliveries forgotten (ended long enough ago).
+    pub removed_notifications: Vec<String>,
 }
 
 impl Changes {
@@ -100,6 +105,8 @@ impl Changes {
             && self.removed_workers.is_empty()
             && self.pruned_tasks.is_empty()
             && self.input_owners.is_empty()
+            && self.notifications.is_empty()
+            && self.removed_notifications.is_empty()
     }
 }
 
@@ -112,6 +119,8 @@ pub struct Snapshot {
     pub meta: Vec<(String, String)>,
     /// (sha256, user) of every stored input file's uploaders.
     pub input_owners: Vec<(String, String)>,
+    /// (id, body) of every notification delivery kept.
+    pub notifications: Vec<(String, Vec<u8>)>,
 }
 
 /// The open, locked state database.
@@ -247,6 +256,12 @@ impl Db {
                              PRIMARY KEY (sha256, owner));",
                     )
                     .map_err(sql)?,
+                5 => tx
+                    .execute_batch(
+                        "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body BLOB NOT NULL);
+                         CREATE INDEX notifications_run ON notifications (run);",
+                    )
+                    .map_err(sql)?,
                 _ => unreachable!("no migration to version {version}"),
             }
             tx.execute(
@@ -338,6 +353,20 @@ impl Db {
             for (sha, user) in &changes.input_owners {
                 owner.execute(params![sha, user]).map_err(sql)?;
             }
+            let mut note = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO notifications (id, run, body) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(sql)?;
+            for (id, run, body) in &changes.notifications {
+                note.execute(params![id, run, body]).map_err(sql)?;
+            }
+            let mut forgotten = tx
+                .prepare_cached("DELETE FROM notifications WHERE id = ?1")
+                .map_err(sql)?;
+            for id in &changes.removed_notifications {
+                forgotten.execute(params![id]).map_err(sql)?;
+            }
             let mut meta = tx
                 .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
                 .map_err(sql)?;
@@ -353,6 +382,7 @@ impl Db {
                     "runs" => ("runs", "id"),
                     "tasks" => ("tasks", "id"),
                     "workers" => ("workers", "name"),
+                    "notifications" => ("notifications", "id"),
                     _ => continue,
                 };
                 tx.execute(
@@ -391,6 +421,7 @@ impl Db {
             workers: pairs("SELECT name, body FROM workers")?,
             meta: Vec::new(),
             input_owners: Vec::new(),
+            notifications: pairs("SELECT id, body FROM notifications")?,
         };
         let mut stmt = self
             .conn

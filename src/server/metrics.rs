@@ -29,6 +29,12 @@ pub struct Snapshot {
     /// The scheduler's and the shell's counters (orphans, refusals, log
     /// lines stored and lost, file bytes, drops…).
     pub counters: BTreeMap<String, u64>,
+    /// Notification deliveries per state (pending, sending, delivered,
+    /// failed).
+    pub notifications: Vec<(String, u64)>,
+    /// Failed notification attempts per target since the server started,
+    /// and 1 for each target failing for longer than `alert_after`.
+    pub notify_targets: Vec<(String, u64, bool)>,
 }
 
 pub struct Metrics {
@@ -41,6 +47,9 @@ pub struct Metrics {
     seen: BTreeMap<String, u64>,
     commit_seconds: Histogram,
     tick_gap_seconds: Gauge<f64, AtomicU64>,
+    notifications: Family<Labels, Gauge>,
+    notify_failures: Family<Labels, Gauge>,
+    notify_alerts: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -94,7 +103,28 @@ impl Metrics {
             "Longest gap between two heartbeat ticks of the serving loop since the last scrape",
             tick_gap_seconds.clone(),
         );
+        let notifications = Family::<Labels, Gauge>::default();
+        let notify_failures = Family::<Labels, Gauge>::default();
+        let notify_alerts = Family::<Labels, Gauge>::default();
+        registry.register(
+            "notifications",
+            "Notification deliveries kept, by state (pending, sending, delivered, failed)",
+            notifications.clone(),
+        );
+        registry.register(
+            "notification_target_failures",
+            "Failed notification attempts per target since the server started",
+            notify_failures.clone(),
+        );
+        registry.register(
+            "notification_target_alert",
+            "1 while a notification target has been failing for longer than notify.alert_after",
+            notify_alerts.clone(),
+        );
         Metrics {
+            notifications,
+            notify_failures,
+            notify_alerts,
             registry,
             workers,
             tasks,
@@ -143,6 +173,21 @@ impl Metrics {
             self.events
                 .get_or_create(&vec![("event".into(), name)])
                 .inc_by(total.saturating_sub(last));
+        }
+        self.notifications.clear();
+        for (state, n) in snap.notifications {
+            self.notifications
+                .get_or_create(&vec![("state".into(), state)])
+                .set(n as i64);
+        }
+        self.notify_failures.clear();
+        self.notify_alerts.clear();
+        for (target, failures, alert) in snap.notify_targets {
+            let labels = vec![("target".to_string(), target)];
+            self.notify_failures
+                .get_or_create(&labels)
+                .set(failures as i64);
+            self.notify_alerts.get_or_create(&labels).set(alert as i64);
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

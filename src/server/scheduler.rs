@@ -28,7 +28,7 @@ use crate::server::verdict::{run_verdict, task_verdict};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Routing identity of a connected peer (one per connection).
 pub type PeerId = Bytes;
@@ -92,6 +92,8 @@ pub struct SchedulerConfig {
     /// The web dashboard is served: `web_login` requests are taken (by
     /// the shell, which holds the sessions) instead of refused.
     pub web: bool,
+    /// Notification targets and the outbox's rules (`[notify]`).
+    pub notify: crate::notify::outbox::Rules,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -172,6 +174,7 @@ impl Default for SchedulerConfig {
             weights: BTreeMap::new(),
             priority_lead: Duration::from_secs(600),
             web: false,
+            notify: crate::notify::outbox::Rules::default(),
         }
     }
 }
@@ -196,6 +199,9 @@ pub enum Output {
     },
     /// Hand to the file desk (result file I/O, off the loop).
     File(crate::server::files::FileJob),
+    /// Hand to the notification sender: one attempt (after the commit
+    /// that made or last changed its delivery).
+    Notify(crate::notify::outbox::Job),
 }
 
 struct Worker {
@@ -339,9 +345,8 @@ pub struct Scheduler<S: Store> {
     /// Recent task durations (ms) per routing key, for the estimate of
     /// when a queued task starts.
     durations: HashMap<String, VecDeque<u64>>,
-    /// Health changes not yet taken by a notifier, oldest first (bounded:
-    /// the oldest go, counted).
-    health_changes: VecDeque<(String, HealthChange)>,
+    /// The notification outbox (its rows commit with the events).
+    notifier: crate::notify::outbox::Notifier,
     /// The health deadline on the heap per worker (Unix ms), at most one.
     health_armed: HashMap<String, u64>,
     next_order: u64,
@@ -473,6 +478,7 @@ pub use crate::protocol::limits::unix_ms_now;
 impl<S: Store> Scheduler<S> {
     pub fn new(cfg: SchedulerConfig, store: S, incarnation: String) -> Self {
         let heartbeat = cfg.heartbeat;
+        let notifier = crate::notify::outbox::Notifier::new(cfg.notify.clone());
         Scheduler {
             cfg,
             store,
@@ -484,7 +490,7 @@ impl<S: Store> Scheduler<S> {
             queues: BTreeMap::new(),
             checks: BTreeMap::new(),
             durations: HashMap::new(),
-            health_changes: VecDeque::new(),
+            notifier,
             health_armed: HashMap::new(),
             next_order: 0,
             next_run: 1,
@@ -835,6 +841,7 @@ mod dispatch;
 mod endings;
 mod health;
 mod intake;
+mod notify;
 mod persist;
 mod registry;
 mod requests;

@@ -149,6 +149,21 @@ impl Server {
                     source,
                 })?;
         }
+        // Every target's secret and credentials are read before anything
+        // is bound: a missing file is named at start, not at the first
+        // testrun's end.
+        let notify_rules = cfg
+            .notify
+            .rules(None)
+            .map_err(crate::config::ConfigError::from)?;
+        let sender = if cfg.notify.is_empty() {
+            None
+        } else {
+            Some(
+                crate::notify::sender::Sender::from_config(&cfg.notify)
+                    .map_err(crate::config::ConfigError::from)?,
+            )
+        };
         let db = Db::open(&cfg.state_dir)?;
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load()?;
@@ -185,6 +200,7 @@ impl Server {
                 weights: cfg.weights(),
                 priority_lead: Duration::from_secs(cfg.fairshare.priority_lead_secs),
                 web: !cfg.web.is_empty(),
+                notify: notify_rules,
             },
             store,
             incarnation.clone(),
@@ -224,6 +240,15 @@ impl Server {
             }
         };
         let web_url = web.as_ref().map(|w| w.dashboard.base_url.clone());
+        scheduler.set_dashboard(web_url.clone());
+        if !cfg.notify.is_empty() {
+            info!(
+                webhooks = cfg.notify.webhook.len(),
+                mail = cfg.notify.mail.len(),
+                per_run_urls = !cfg.notify.allow_urls.is_empty(),
+                "notifications on"
+            );
+        }
         info!(
             control = %sockets.control,
             events = %sockets.events,
@@ -260,10 +285,12 @@ impl Server {
         let events = sockets.events.clone();
         let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
         let desk = crate::server::files::spawn(&cfg.state_dir);
+        let notifications = sender.map(crate::notify::sender::Sender::spawn);
         let task = tokio::spawn(serve(
             scheduler,
             db,
             desk,
+            notifications,
             sockets,
             gate,
             announcer,
@@ -348,6 +375,10 @@ async fn serve(
         mpsc::UnboundedSender<crate::server::files::FileJob>,
         mpsc::UnboundedReceiver<crate::server::files::FileDone>,
     ),
+    notifications: Option<(
+        mpsc::UnboundedSender<crate::notify::outbox::Job>,
+        mpsc::UnboundedReceiver<crate::notify::outbox::Done>,
+    )>,
     sockets: transport::ServerSockets,
     mut gate: Option<Gate>,
     announcer: Option<Announcer>,
@@ -429,6 +460,10 @@ async fn serve(
     let mut refusals = crate::logging::Throttle::new(Duration::from_secs(10), 20);
     let (handshake_jobs, mut handshakes_done) = spawn_handshake_thread();
     let (desk_jobs, mut desk_done) = desk;
+    let (notify_jobs, mut notify_done) = match notifications {
+        Some((jobs, done)) => (Some(jobs), Some(done)),
+        None => (None, None),
+    };
     // Sockets bound, state restored: ready. Pings come from this loop.
     let mut supervisor = crate::supervision::Supervisor::new();
     supervisor.ready(&scheduler.status_line());
@@ -520,6 +555,12 @@ async fn serve(
                 // What else the desk finished: one commit for all of it.
                 while let Ok(done) = desk_done.try_recv() {
                     scheduler.on_file_done(Instant::now(), done);
+                }
+            }
+            Some(done) = async { notify_done.as_mut()?.recv().await }, if notify_done.is_some() => {
+                scheduler.on_notify_done(Instant::now(), done);
+                while let Some(Ok(done)) = notify_done.as_mut().map(|r| r.try_recv()) {
+                    scheduler.on_notify_done(Instant::now(), done);
                 }
             }
             Some((peer, result)) = handshakes_done.recv() => {
@@ -620,7 +661,7 @@ async fn serve(
             gate.as_mut(),
             &mut router_tx,
             (&mut publisher, announcer.as_ref()),
-            &desk_jobs,
+            (&desk_jobs, notify_jobs.as_ref()),
             send_timeout,
             &mut send_failures,
         )
@@ -635,7 +676,7 @@ async fn serve(
         gate.as_mut(),
         &mut router_tx,
         (&mut publisher, announcer.as_ref()),
-        &desk_jobs,
+        (&desk_jobs, notify_jobs.as_ref()),
         send_timeout,
         &mut send_failures,
     )
@@ -787,7 +828,10 @@ async fn deliver(
     mut gate: Option<&mut Gate>,
     router_tx: &mut zeromq::RouterSendHalf,
     (publisher, announcer): (&mut zeromq::PubSocket, Option<&Announcer>),
-    desk: &mpsc::UnboundedSender<crate::server::files::FileJob>,
+    (desk, notify): (
+        &mpsc::UnboundedSender<crate::server::files::FileJob>,
+        Option<&mpsc::UnboundedSender<crate::notify::outbox::Job>>,
+    ),
     send_timeout: Duration,
     send_failures: &mut u64,
 ) {
@@ -849,6 +893,15 @@ async fn deliver(
             Output::File(job) => {
                 if desk.send(job).is_err() {
                     error!("the file desk thread is gone; stopping so that systemd restarts the server");
+                    std::process::exit(EXIT_STATE);
+                }
+            }
+            Output::Notify(job) => {
+                let sent = notify.is_some_and(|n| n.send(job).is_ok());
+                if !sent {
+                    // Only when nothing is configured (the outbox makes
+                    // no deliveries then) or the sender is gone.
+                    error!("the notification sender is gone; stopping so that systemd restarts the server (the outbox is durable)");
                     std::process::exit(EXIT_STATE);
                 }
             }

@@ -218,6 +218,10 @@ impl<S: Store> Scheduler<S> {
                         "{label} (role {}) may not read input files back; that needs role operator or admin",
                         role.as_str()
                     )),
+                    Body::RetryNotification { .. } if *role < Role::Operator => forbidden(format!(
+                        "{label} (role {}) may not resend notifications; that needs role operator or admin",
+                        role.as_str()
+                    )),
                     Body::GetAudit { .. } if *role < Role::Admin => forbidden(format!(
                         "{label} (role {}) may not read the audit log; that needs role admin",
                         role.as_str()

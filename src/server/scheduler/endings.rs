@@ -94,6 +94,7 @@ impl<S: Store> Scheduler<S> {
         if !cancelled {
             self.judge_shared(now, run);
         }
+        self.notify_run_finished(now, run);
     }
 
     pub(super) fn progress(

@@ -18,9 +18,6 @@ pub(super) const CHECK_REASON_OPTION: &str = "ots.health_check";
 /// (`@` is not allowed in one), so no user sees them as its own.
 pub const CHECK_OWNER: &str = "@health";
 
-/// Health changes kept for a notifier that has not taken them.
-const HEALTH_CHANGES_KEPT: usize = 10_000;
-
 /// Task durations remembered per routing key (for the estimate), and
 /// routing keys remembered.
 const DURATIONS_KEPT: usize = 20;
@@ -60,7 +57,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// One place for every health change: logged, audited, counted and
-    /// kept for notifications (`take_health_changes`).
+    /// told to notification targets (`worker_health_changed`).
     pub(super) fn health_changed(&mut self, worker: &str, change: HealthChange) {
         match change.to {
             Health::Good | Health::Unknown => {
@@ -80,17 +77,7 @@ impl<S: Store> Scheduler<S> {
                 change.from, change.to, change.reason
             ),
         );
-        if self.health_changes.len() >= HEALTH_CHANGES_KEPT {
-            self.health_changes.pop_front();
-            self.count("health_changes_not_taken", 1);
-        }
-        self.health_changes.push_back((worker.to_string(), change));
-    }
-
-    /// Health changes since the last call, oldest first: what a notifier
-    /// sends (`worker_health_changed`).
-    pub fn take_health_changes(&mut self) -> Vec<(String, HealthChange)> {
-        self.health_changes.drain(..).collect()
+        self.notify_health_changed(worker, &change);
     }
 
     /// Does what the worker's health asks for: the check it wants (or,
@@ -172,6 +159,7 @@ impl<S: Store> Scheduler<S> {
             owner: Some(CHECK_OWNER.into()),
             priority: Priority::Normal,
             devices: Vec::new(),
+            notify: Vec::new(),
         };
         self.count("health_checks_started", 1);
         let (run, _) = self.create_run(now, testrun, None, Some(worker.to_string()));

@@ -166,6 +166,7 @@ impl Lab {
                         inputs: Default::default(),
                         priority,
                         devices: Vec::new(),
+                        notify: Vec::new(),
                     },
                 },
             ),

@@ -176,12 +176,15 @@ impl<S: Store> Scheduler<S> {
             pruned_tasks: std::mem::take(&mut self.pruned_tasks),
             input_owners: std::mem::take(&mut self.touched_input_owners),
             history: std::mem::take(&mut self.history),
+            notifications: Vec::new(),
+            removed_notifications: Vec::new(),
             quarantine: std::mem::take(&mut self.quarantined)
                 .into_iter()
                 .map(|q| (q.table, q.key, q.reason))
                 .collect(),
             ..Changes::default()
         };
+        (changes.notifications, changes.removed_notifications) = self.notification_changes();
         for id in std::mem::take(&mut self.touched) {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
@@ -571,6 +574,20 @@ impl<S: Store> Scheduler<S> {
                     recent: row.recent.into_iter().take(RECENT_KEPT).collect(),
                 },
             );
+        }
+        for (id, body) in &snap.notifications {
+            let row: crate::notify::outbox::Entry = match decode("notifications", id, body) {
+                Ok(row) => row,
+                Err(e) => {
+                    quarantine("notifications", id, e.reason);
+                    continue;
+                }
+            };
+            if row.delivery.id != *id {
+                quarantine("notifications", id, "its id does not match its key".into());
+                continue;
+            }
+            s.restore_notification(row);
         }
         let keys: Vec<Vec<String>> = s.workers.values().map(Worker::routing_keys).collect();
         for k in keys {

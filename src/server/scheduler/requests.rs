@@ -72,6 +72,10 @@ impl<S: Store> Scheduler<S> {
                     runs: self.list_runs(&filter, limit),
                 })
             }
+            Body::ListNotifications { run, failed, .. } => {
+                self.list_notifications(peer, request, run, failed)
+            }
+            Body::RetryNotification { id, .. } => self.retry_notification(now, peer, request, &id),
             Body::WebLogin { .. } => {
                 if !self.cfg.web {
                     Err((
@@ -296,6 +300,9 @@ impl<S: Store> Scheduler<S> {
                 ErrorCode::Forbidden,
                 "--priority high needs role operator or admin (users.d/NAME.role); use normal or low".into(),
             ));
+        }
+        if let Err(why) = self.check_notify(&testrun.notify) {
+            return bad(why);
         }
         if !testrun.secrets.is_empty() && !self.cfg.secure {
             return bad("secrets need a server with security = \"noise\": without it they would cross the network in plain text; pass them as options if that is acceptable".into());

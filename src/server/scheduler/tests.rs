@@ -234,6 +234,7 @@ impl Lab {
                 inputs: Default::default(),
                 priority: Default::default(),
                 devices: Vec::new(),
+                notify: Vec::new(),
             },
         })
     }
@@ -1777,6 +1778,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
             inputs: Default::default(),
             priority: Default::default(),
             devices: Vec::new(),
+            notify: Vec::new(),
         },
     });
     let run = run_id(&reply);
@@ -2131,6 +2133,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
             inputs: Default::default(),
             priority: Default::default(),
             devices: Vec::new(),
+            notify: Vec::new(),
         },
     };
     lab.s.on_message(lab.now, &client(), env(false, 0, submit));
@@ -2175,6 +2178,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
                 inputs: Default::default(),
                 priority: Default::default(),
                 devices: Vec::new(),
+                notify: Vec::new(),
             },
         };
         lab.s.on_message(lab.now, p, env(false, 0, body));

@@ -67,6 +67,7 @@ impl<S: Store> Scheduler<S> {
         self.latest = self.latest.max(now);
         self.heartbeat(now);
         self.apply_retention(now);
+        self.notify_tick(now);
         // If this server was not scheduled for a while (SIGSTOP, overload),
         // the silence was ours: do not blame the workers for it.
         if let Some(last) = self.last_tick {
@@ -254,6 +255,8 @@ impl<S: Store> Scheduler<S> {
         let w = self.workers.get_mut(name).expect("worker");
         warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: {why}");
         w.state = WorkerState::Lost;
+        self.notify_worker_lost(now, name, why);
+        let w = self.workers.get_mut(name).expect("worker");
         // The peer mapping stays: if the same connection speaks again (a
         // partition healed), the worker is alive again without a new hello.
         if let Some(task) = w.task.clone() {

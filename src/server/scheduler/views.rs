@@ -260,6 +260,18 @@ impl<S: Store> Scheduler<S> {
             tasks_by_state,
             queues,
             counters: self.counters.clone(),
+            notifications: self
+                .notifier
+                .states()
+                .iter()
+                .map(|(s, n)| (s.to_string(), *n))
+                .collect(),
+            notify_targets: self
+                .notifier
+                .targets()
+                .into_iter()
+                .map(|t| (t.name, t.failures, t.alert))
+                .collect(),
         }
     }
 

@@ -1,0 +1,131 @@
+//! What a notification mail says: a subject that carries the verdict (so
+//! a mail filter or a glance at the inbox is enough) and a plain-text
+//! body, both made from the event's JSON body — the same facts a webhook
+//! receives.
+
+use serde_json::Value;
+
+/// Characters a peer put into a name never reach a header unescaped.
+fn plain(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(200)
+        .collect()
+}
+
+/// Subject and text of the mail for an event body.
+pub fn render(body: &str) -> (String, String) {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let url = v.get("url").and_then(Value::as_str).map(str::to_string);
+    match v.get("type").and_then(Value::as_str) {
+        Some("testrun_finished") => {
+            let verdict = match (v.get("state").and_then(Value::as_str), v.get("verdict")) {
+                (Some("cancelled"), _) => "CANCELLED".to_string(),
+                (_, Some(Value::String(s))) => s.clone(),
+                _ => "NO VERDICT".to_string(),
+            };
+            let devices: Vec<String> = v
+                .get("devices")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(plain).collect())
+                .unwrap_or_default();
+            let subject = format!(
+                "[ots] {} {} on {}",
+                plain(&v["run"]),
+                verdict,
+                devices.join(", ")
+            );
+            let mut text = format!(
+                "Testrun {} of {} ended: {}\nImage: {}\nDevices: {}\n\n",
+                plain(&v["run"]),
+                plain(&v["owner"]),
+                verdict,
+                plain(&v["image"]),
+                devices.join(", ")
+            );
+            for t in v
+                .get("tasks")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                text.push_str(&format!(
+                    "  {}  {}  {}  ({} log lines stored, {} lost; {} result files)\n      {}\n",
+                    plain(&t["task"]),
+                    plain(&t["verdict"]),
+                    plain(&t["device"]),
+                    plain(&t["log_lines_stored"]),
+                    plain(&t["log_lines_lost"]),
+                    t["files"].as_array().map_or(0, Vec::len),
+                    plain(&t["reason"]),
+                ));
+            }
+            if let Some(n) = v.get("tasks_omitted").and_then(Value::as_u64) {
+                text.push_str(&format!("  … and {n} more tasks (ots-submit status)\n"));
+            }
+            if let Some(u) = url {
+                text.push_str(&format!("\n{u}\n"));
+            }
+            (subject, text)
+        }
+        Some(kind @ ("worker_health_changed" | "worker_lost")) => {
+            let worker = plain(&v["worker"]);
+            let subject = if kind == "worker_lost" {
+                format!("[ots] worker {worker} lost")
+            } else {
+                format!("[ots] worker {worker} is {}", plain(&v["to"]))
+            };
+            let mut text = if kind == "worker_lost" {
+                format!(
+                    "Worker {worker} ({}) stopped answering: {}\n",
+                    plain(&v["devicegroup"]),
+                    plain(&v["reason"])
+                )
+            } else {
+                format!(
+                    "Worker {worker} ({}) went from {} to {}: {}\n",
+                    plain(&v["devicegroup"]),
+                    plain(&v["from"]),
+                    plain(&v["to"]),
+                    plain(&v["reason"])
+                )
+            };
+            if let Some(u) = url {
+                text.push_str(&format!("\n{u}\n"));
+            }
+            (subject, text)
+        }
+        _ => ("[ots] notification".to_string(), body.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_is_in_the_subject_and_names_are_defanged() {
+        let body = serde_json::json!({
+            "type": "testrun_finished", "run": "r7", "owner": "ann", "state": "finished",
+            "verdict": "FAIL", "devices": ["devicegroup:n900"], "image": "img",
+            "tasks": [{"task": "r7.1", "verdict": "FAIL", "device": "w1\r\nBcc: x", "reason": "exit 1",
+                       "log_lines_stored": 3, "log_lines_lost": 0, "files": []}],
+            "url": "https://ots.lab/runs/r7"
+        })
+        .to_string();
+        let (subject, text) = render(&body);
+        assert_eq!(subject, "[ots] r7 FAIL on devicegroup:n900");
+        assert!(text.contains("r7.1  FAIL  w1??Bcc: x"));
+        assert!(text.ends_with("https://ots.lab/runs/r7\n"));
+        let (s, _) = render(
+            &serde_json::json!({"type": "worker_health_changed", "worker": "w1", "to": "bad"})
+                .to_string(),
+        );
+        assert_eq!(s, "[ots] worker w1 is bad");
+    }
+}

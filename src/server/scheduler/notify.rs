@@ -102,7 +102,11 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub(super) fn notify_health_changed(&mut self, worker: &str, change: &HealthChange) {
-        if !self.notifier.is_active() {
+        // A new worker found good is no news (a fleet starting would
+        // send one per worker); every other change is.
+        if !self.notifier.is_active()
+            || (change.from == Health::Unknown && change.to == Health::Good)
+        {
             return;
         }
         let group = self

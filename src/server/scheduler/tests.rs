@@ -2223,6 +2223,8 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
 
 #[path = "health_tests.rs"]
 mod health_tests;
+#[path = "notify_tests.rs"]
+mod notify_tests;
 #[path = "web_tests.rs"]
 mod web_tests;
 

@@ -589,17 +589,20 @@ fn subject(data: &str) -> String {
         .to_string()
 }
 
+/// Mails received: (recipient, data), and a signal for each.
+type Mailbox = (Mutex<Vec<(String, String)>>, Condvar);
+
 /// A minimal SMTP server: takes every mail, records (recipient, data).
 struct SmtpSink {
     port: u16,
-    mails: Arc<(Mutex<Vec<(String, String)>>, Condvar)>,
+    mails: Arc<Mailbox>,
 }
 
 impl SmtpSink {
     fn start() -> SmtpSink {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mails: Arc<(Mutex<Vec<(String, String)>>, Condvar)> = Arc::default();
+        let mails: Arc<Mailbox> = Arc::default();
         let store = mails.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -626,7 +629,7 @@ impl SmtpSink {
     }
 }
 
-fn smtp_session(conn: TcpStream, store: &(Mutex<Vec<(String, String)>>, Condvar)) {
+fn smtp_session(conn: TcpStream, store: &Mailbox) {
     conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut out = conn.try_clone().unwrap();
     let mut reader = BufReader::new(conn);

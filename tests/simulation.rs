@@ -242,6 +242,8 @@ impl Sim {
                         frames: frames.clone(),
                     });
                 }
+                // No notification targets in the simulation.
+                Output::Notify(job) => panic!("unexpected notification {job:?}"),
                 Output::Publish { topic, body, .. } if topic == "hb" => {
                     let header = Header {
                         v: PROTOCOL_VERSION,

@@ -104,6 +104,10 @@ pub struct Entry {
     pub ended_ms: Option<u64>,
 }
 
+/// Rows changed since the last commit: (id, run, encoded entry), and ids
+/// to delete.
+pub type Changes = (Vec<(String, Option<String>, Vec<u8>)>, Vec<String>);
+
 /// What the sender is asked to do: one attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Job {
@@ -627,7 +631,7 @@ impl Notifier {
 
     /// Rows changed since the last call: (id, run, encoded entry), and
     /// ids to delete.
-    pub fn take_changes(&mut self) -> (Vec<(String, Option<String>, Vec<u8>)>, Vec<String>) {
+    pub fn take_changes(&mut self) -> Changes {
         let rows = std::mem::take(&mut self.touched)
             .into_iter()
             .filter_map(|id| {

@@ -24,9 +24,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The outbox's changed rows, for the commit.
-    pub(super) fn notification_changes(
-        &mut self,
-    ) -> (Vec<(String, Option<String>, Vec<u8>)>, Vec<String>) {
+    pub(super) fn notification_changes(&mut self) -> crate::notify::outbox::Changes {
         self.notifier.take_changes()
     }
 

@@ -6,6 +6,7 @@
 mod common;
 
 use base64::Engine;
+use common::http;
 use common::*;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -265,6 +266,7 @@ fn a_testrun_webhook_is_signed_retried_under_one_id_and_a_refusal_is_listed() {
     let secret = secret_file(dir.path(), "ci.secret", SECRET);
     let toml = format!(
         r#"
+web = "127.0.0.1:0"
 [notify]
 retry_first = "200ms"
 [[notify.webhook]]
@@ -322,6 +324,13 @@ per_run_only = true
         .collect();
     assert_eq!(tasks, want);
     assert!(body["tasks"][0]["verdict"].is_string());
+    assert!(
+        body["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/runs/{run}")),
+        "a link to the dashboard: {body:#}"
+    );
 
     // One effective delivery: listed delivered after three attempts.
     let d = wait_deliveries(&server, &["--run", &run], |d| {
@@ -351,6 +360,28 @@ per_run_only = true
         "--failed lists failed ones only: {listing}"
     );
     assert_eq!(rx.hits("/strict").len(), 1, "a 400 is not retried");
+    // The dashboard's run page shows both deliveries, its API lists them.
+    let out = submit(&server, &["web"], LIMIT);
+    let link = text(&out.stdout).lines().last().unwrap().trim().to_string();
+    let cookie = http::sign_in(&link);
+    let base = &link[..link.find("/login").unwrap()];
+    let page = http::get(base, &format!("/runs/{run}"), Some(&cookie)).text();
+    assert!(
+        page.contains(&strict_id) && page.contains(&hits[0].id),
+        "{page}"
+    );
+    let api = http::get(
+        base,
+        &format!("/api/runs/{run}/notifications"),
+        Some(&cookie),
+    );
+    assert_eq!(api.status, 200);
+    assert_eq!(
+        api.json().as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        api.text()
+    );
 
     // Sending it again takes an operator; it keeps its id.
     keys().user("nt-dev", "submit");

@@ -56,6 +56,7 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/api/runs", get(api_runs))
         .route("/api/runs/{run}", get(api_run))
         .route("/api/runs/{run}/events", get(api_events))
+        .route("/api/runs/{run}/notifications", get(api_run_notifications))
         .route("/api/runs/{run}/stream", get(api_run_stream))
         .route("/api/runs/{run}/cancel", post(api_cancel))
         .route("/api/tasks/{task}/log", get(api_log))
@@ -253,6 +254,27 @@ async fn status(
             other => Err(other.kind()),
         },
     )
+    .await
+}
+
+/// A testrun's notification deliveries (as the signed-in user may see
+/// them).
+async fn run_notifications(
+    d: &Dashboard,
+    v: &Viewer,
+    peer: SocketAddr,
+    run: &str,
+) -> Result<Vec<crate::protocol::NotificationInfo>, Failure> {
+    check_id("a testrun id", run)?;
+    let body = Body::ListNotifications {
+        request: 0,
+        run: Some(run.to_string()),
+        failed: false,
+    };
+    ask_for(d, v, peer, body, |b, _| match b {
+        Body::Notifications { deliveries, .. } => Ok(deliveries),
+        other => Err(other.kind()),
+    })
     .await
 }
 
@@ -487,12 +509,18 @@ async fn run_page(
 ) -> Response {
     match status(&d, &v, peer, &run).await {
         Ok(s) => {
-            let owner = if f.fragment.is_some() {
-                None
+            let (owner, deliveries) = if f.fragment.is_some() {
+                (None, Vec::new())
             } else {
-                owner_of(&d, &v, peer, &run).await
+                (
+                    owner_of(&d, &v, peer, &run).await,
+                    // A page without them rather than no page.
+                    run_notifications(&d, &v, peer, &run)
+                        .await
+                        .unwrap_or_default(),
+                )
             };
-            pages::run(&v, &s, owner.as_deref(), f.fragment.is_some())
+            pages::run(&v, &s, owner.as_deref(), &deliveries, f.fragment.is_some())
         }
         Err(e) => page_error(&v, e),
     }
@@ -935,6 +963,14 @@ async fn api_runs(State(d): D, Api(v, peer): Api, Query(q): Query<RunsQuery>) ->
 
 async fn api_run(State(d): D, Api(v, peer): Api, Path(run): Path<String>) -> Response {
     json(status(&d, &v, peer, &run).await)
+}
+
+async fn api_run_notifications(
+    State(d): D,
+    Api(v, peer): Api,
+    Path(run): Path<String>,
+) -> Response {
+    json(run_notifications(&d, &v, peer, &run).await)
 }
 
 #[derive(Deserialize, Default)]

@@ -474,7 +474,13 @@ pub fn run_tasks(v: &Viewer, s: &RunStatus, owner: Option<&str>) -> Markup {
 }
 
 /// One testrun.
-pub fn run(v: &Viewer, s: &RunStatus, owner: Option<&str>, fragment: bool) -> Response {
+pub fn run(
+    v: &Viewer,
+    s: &RunStatus,
+    owner: Option<&str>,
+    deliveries: &[crate::protocol::NotificationInfo],
+    fragment: bool,
+) -> Response {
     if fragment {
         return run_tasks(v, s, owner).into_response();
     }
@@ -489,6 +495,17 @@ pub fn run(v: &Viewer, s: &RunStatus, owner: Option<&str>, fragment: bool) -> Re
             h1 { "Testrun " (s.run) }
             p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) } }
             div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(v, s, owner)) }
+            @if !deliveries.is_empty() {
+                h2 { "Notifications" }
+                table #notifications {
+                    thead { tr { th { "id" } th { "to" } th { "state" } th { "attempts" } th { "last" } th { "next try" } } }
+                    tbody { @for n in deliveries {
+                        tr { td { code { (n.id) } } td { (n.target) } td class={ "state " (n.state) } { (n.state) }
+                             td { (n.attempts) } td { (n.last.as_deref().unwrap_or("—")) }
+                             td { @if let Some(ms) = n.next_ms { (when(ms)) } @else { "—" } } }
+                    } }
+                }
+            }
         },
     )
 }

@@ -173,3 +173,47 @@ fn the_web_dashboard_block_runs_as_written() {
     );
     assert!(stdout.contains("opened: 303"), "{all}");
 }
+
+/// The "Notifications" blocks work as written: the `[notify]` example
+/// loads and passes the start's checks, and the receiver's Python check
+/// accepts what the server signs (and refuses a changed body).
+#[test]
+fn the_notification_blocks_work_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme.find("## Notifications").expect("the heading");
+    let section = &readme[at..readme[at + 3..]
+        .find("\n## ")
+        .map_or(readme.len(), |e| e + at + 3)];
+    let block = |lang: &str| {
+        let start = section.find(&format!("```{lang}\n")).expect("the block") + lang.len() + 4;
+        section[start..start + section[start..].find("```").unwrap()].to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(&server, block("toml")).unwrap();
+    let cfg = ots::config::ServerConfig::load(Some(&server), &[]).unwrap();
+    let rules = cfg.notify.rules(None).unwrap();
+    assert_eq!(rules.targets.len(), 2);
+    assert_eq!(rules.mail_relay.as_deref(), Some("lab-mail"));
+
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let key = ots::notify::signature::SigningKey::from_file_content(secret.as_bytes()).unwrap();
+    let now = ots::protocol::limits::unix_ms_now() / 1000;
+    let body = r#"{"type":"testrun_finished","run":"r1"}"#;
+    let sig = key.sign("msg_0123", now, body.as_bytes());
+    let check = |body: &str| {
+        let program = format!(
+            "{}\nh = {{'webhook-id': 'msg_0123', 'webhook-timestamp': '{now}', 'webhook-signature': 'v1,x {sig}'}}\nprint(valid({secret:?}, h, {body:?}.encode()))\n",
+            block("python")
+        );
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(&program)
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(check(body), "True");
+    assert_eq!(check(&body.replace("r1", "r2")), "False");
+}

@@ -29,6 +29,7 @@ struct Hit {
     /// The signature verified and the timestamp is within 5 minutes.
     valid: bool,
     answered: u16,
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -162,6 +163,7 @@ impl Receiver {
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
             valid,
             answered,
+            at: Instant::now(),
         });
         cvar.notify_all();
         let deadline = Instant::now() + LIMIT;
@@ -299,6 +301,11 @@ per_run_only = true
     );
     let st = wait_status(&server, &run, LIMIT, finished);
     let hits = rx.wait("/ci", |h| h.len() >= 3);
+    eprintln!(
+        "webhook retried after a 500: {} ms, after the second: {} ms (retry_first 200 ms, jittered 0.5-1.5x)",
+        (hits[1].at - hits[0].at).as_millis(),
+        (hits[2].at - hits[1].at).as_millis()
+    );
     assert_eq!(hits.len(), 3, "{hits:#?}");
     assert!(hits.iter().all(|h| h.valid), "signatures: {hits:#?}");
     assert!(hits.iter().all(|h| h.id == hits[0].id), "one id: {hits:#?}");
@@ -541,8 +548,13 @@ fn a_server_killed_before_the_delivery_delivers_after_its_restart() {
     server.proc.kill();
     worker.kill();
     rx.hold("/slow", false);
+    let restarted = Instant::now();
     let server = start_configured_server(dir.path(), &toml, &[]);
     let hits = rx.wait("/slow", |h| h.len() >= 2);
+    eprintln!(
+        "after the SIGKILL the restarted server sent it again {} ms after it was started",
+        (hits[1].at - restarted).as_millis()
+    );
     assert!(
         hits.iter().all(|h| h.id == first[0].id && h.valid),
         "{hits:#?}"

@@ -156,14 +156,13 @@ impl Server {
             .notify
             .rules(None)
             .map_err(crate::config::ConfigError::from)?;
-        let sender = if cfg.notify.is_empty() {
-            None
-        } else {
-            Some(
-                crate::notify::sender::Sender::from_config(&cfg.notify)
-                    .map_err(crate::config::ConfigError::from)?,
-            )
-        };
+        // Always running, even with nothing configured: deliveries kept
+        // from an earlier configuration still get their answer (a target
+        // that is gone fails them, listed) instead of stopping the server.
+        let sender = Some(
+            crate::notify::sender::Sender::from_config(&cfg.notify)
+                .map_err(crate::config::ConfigError::from)?,
+        );
         let db = Db::open(&cfg.state_dir)?;
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load()?;
@@ -899,8 +898,7 @@ async fn deliver(
             Output::Notify(job) => {
                 let sent = notify.is_some_and(|n| n.send(job).is_ok());
                 if !sent {
-                    // Only when nothing is configured (the outbox makes
-                    // no deliveries then) or the sender is gone.
+                    // The sender task is gone (it never ends by itself).
                     error!("the notification sender is gone; stopping so that systemd restarts the server (the outbox is durable)");
                     std::process::exit(EXIT_STATE);
                 }

@@ -483,11 +483,16 @@ impl Notifier {
         jobs
     }
 
-    /// When the next attempt is due (for the shell's timer), if any.
+    /// When the next attempt is due (for the shell's timer), if any: of
+    /// lanes with room only — a full lane is pumped when one of its
+    /// attempts ends, not polled.
     pub fn next_due_ms(&self) -> Option<u64> {
         self.due
-            .values()
-            .filter_map(|q| q.first().map(|(at, _)| *at))
+            .iter()
+            .filter(|(lane, _)| {
+                self.in_flight.get(*lane).map_or(0, BTreeSet::len) < self.concurrency(lane)
+            })
+            .filter_map(|(_, q)| q.first().map(|(at, _)| *at))
             .min()
     }
 
@@ -879,6 +884,11 @@ mod tests {
             0.5,
         );
         assert!(n.take_due(500).is_empty());
+        assert_eq!(
+            n.next_due_ms(),
+            Some(1100),
+            "due 1 s after the failure (jitter 0.5)"
+        );
         let again = n.take_due(1100).pop().unwrap();
         assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
         n.on_done(
@@ -952,6 +962,28 @@ mod tests {
             0.5,
         );
         assert!(!n.targets()[0].alert, "a success ends the failing stretch");
+    }
+
+    #[test]
+    fn a_full_lane_is_not_polled() {
+        let mut n = Notifier::new(rules());
+        for r in ["r1", "r2", "r3"] {
+            n.on_event(&event(r), &[], 0);
+        }
+        assert_eq!(n.next_due_ms(), Some(0));
+        let jobs = n.take_due(0);
+        assert_eq!(jobs.len(), 2, "concurrency 2");
+        assert_eq!(n.next_due_ms(), None, "r3 waits for room, not for a timer");
+        n.on_done(
+            Done {
+                id: jobs[0].id.clone(),
+                attempt: 1,
+                result: Attempt::Status(200),
+            },
+            5,
+            0.5,
+        );
+        assert_eq!(n.take_due(5).len(), 1, "room again: r3 goes");
     }
 
     #[test]

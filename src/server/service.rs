@@ -466,8 +466,19 @@ async fn serve(
     // Sockets bound, state restored: ready. Pings come from this loop.
     let mut supervisor = crate::supervision::Supervisor::new();
     supervisor.ready(&scheduler.status_line());
+    // Woken when the next notification retry is due (between ticks: a
+    // retry 1 s after a failure should not wait for a tick on top).
+    let notify_wake = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(notify_wake);
     loop {
+        let notify_due = scheduler.notifications_due_in(Instant::now());
+        if let Some(d) = notify_due {
+            notify_wake.as_mut().reset(tokio::time::Instant::now() + d);
+        }
         tokio::select! {
+            _ = &mut notify_wake, if notify_due.is_some() => {
+                scheduler.on_notifications_due(Instant::now());
+            }
             Some(item) = inbound_rx.recv() => {
                 // Take what else is waiting too: one commit for the batch,
                 // up to MAX_BATCH messages or OUTPUT_BUDGET bytes of replies

@@ -155,6 +155,19 @@ impl<S: Store> Scheduler<S> {
         self.pump_notifications(now);
     }
 
+    /// How long until the next attempt is due (none waiting: None). The
+    /// shell wakes then and calls [`Scheduler::on_notifications_due`].
+    pub fn notifications_due_in(&self, now: Instant) -> Option<Duration> {
+        let at = self.notifier.next_due_ms()?;
+        Some(Duration::from_millis(at.saturating_sub(self.wall_ms(now))))
+    }
+
+    /// A retry's time came: hand out what is due.
+    pub fn on_notifications_due(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
+        self.pump_notifications(now);
+    }
+
     /// The tick's share: forget old deliveries, hand out retries.
     pub(super) fn notify_tick(&mut self, now: Instant) {
         let now_ms = self.wall_ms(now);

@@ -266,9 +266,11 @@ fn a_testrun_webhook_is_signed_retried_under_one_id_and_a_refusal_is_listed() {
     rx.answer("/ci", &[500, 500]);
     rx.answer("/strict", &[400]);
     let secret = secret_file(dir.path(), "ci.secret", SECRET);
+    let metrics = format!("127.0.0.1:{}", free_port());
     let toml = format!(
         r#"
 web = "127.0.0.1:0"
+metrics = "{metrics}"
 [notify]
 retry_first = "200ms"
 [[notify.webhook]]
@@ -415,6 +417,19 @@ per_run_only = true
     wait_deliveries(&server, &["--run", &run], |d| {
         d.iter().all(|x| x["state"] == "delivered")
     });
+    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
+    assert!(
+        page.contains("ots_notifications{state=\"delivered\"} 2"),
+        "{page}"
+    );
+    assert!(
+        page.contains("ots_notification_target_failures{target=\"ci\"} 2"),
+        "{page}"
+    );
+    assert!(
+        page.contains("ots_notification_target_failures{target=\"strict\"} 1"),
+        "{page}"
+    );
 
     // A per-run URL on a server that allows none is refused at submit.
     let out = submit(
@@ -795,5 +810,37 @@ fn a_worker_turning_bad_reaches_the_operators_target() {
     assert!(
         hits.iter().all(|h| h.body["type"] != "testrun_finished"),
         "the target asked for worker events only"
+    );
+}
+
+/// A target whose secret file is missing stops the server at start
+/// (exit 78, as every configuration mistake), naming the target, the key
+/// and the file.
+#[test]
+fn a_missing_secret_file_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[notify]\n[[notify.webhook]]\nname = \"ci\"\nurl = \"https://ci.example.com/hook\"\nsecret_file = \"/nonexistent/ci.secret\"\n";
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    for (k, v) in keys().server_env() {
+        cmd.env(k, v);
+    }
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("server"))
+        .arg("--control")
+        .arg("tcp://127.0.0.1:0")
+        .arg("--events")
+        .arg("tcp://127.0.0.1:0");
+    let out = run_bounded(cmd, LIMIT);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[[notify.webhook]] \"ci\"")
+            && err.contains("secret_file")
+            && err.contains("/nonexistent/ci.secret"),
+        "{err}"
     );
 }

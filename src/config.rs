@@ -1050,6 +1050,11 @@ impl ServerConfig {
                 }
             }
         }
+        if let Err(e) = self.notify.rules(None) {
+            out.push(Problem::fatal(e.to_string()));
+        } else if let Err(e) = crate::notify::sender::Sender::from_config(&self.notify) {
+            out.push(Problem::fatal(e.to_string()));
+        }
         out.extend(writable_dir_problem(&self.state_dir, "state_dir"));
         let audit = self.state_dir.join("audit.log");
         if audit.exists()

@@ -230,6 +230,36 @@ fn check_name(kind: &'static str, name: &str) -> Result<(), NotifyConfigError> {
     }
 }
 
+/// What every target must get right: a name of its own, a concurrency
+/// within `1..=max`, a timeout between 100 ms and 10 min.
+fn check_common(
+    kind: &'static str,
+    name: &str,
+    names: &mut std::collections::BTreeSet<String>,
+    (concurrency, max): (usize, usize),
+    timeout_ms: u64,
+) -> Result<(), NotifyConfigError> {
+    check_name(kind, name)?;
+    let bad = |key, reason: String| {
+        Err(NotifyConfigError::Target {
+            kind,
+            name: name.into(),
+            key,
+            reason,
+        })
+    };
+    if !names.insert(name.to_string()) {
+        return bad("name", "is used by another target".into());
+    }
+    if !(1..=max).contains(&concurrency) {
+        return bad("concurrency", format!("must be 1–{max}"));
+    }
+    if !(100..=600_000).contains(&timeout_ms) {
+        return bad("timeout", "must be between 100 ms and 10 min".into());
+    }
+    Ok(())
+}
+
 /// A mail address as lettre reads it.
 pub fn check_address(a: &str) -> Result<(), String> {
     if a.len() > 254 {
@@ -297,15 +327,13 @@ impl NotifyConfig {
             reason,
         };
         for w in &self.webhook {
-            check_name("webhook", &w.name)?;
-            if !names.insert(w.name.clone()) {
-                return Err(target(
-                    "webhook",
-                    &w.name,
-                    "name",
-                    "is used by another target".into(),
-                ));
-            }
+            check_common(
+                "webhook",
+                &w.name,
+                &mut names,
+                (w.concurrency, 64),
+                w.timeout_ms,
+            )?;
             super::urls::parse(&w.url).map_err(|r| target("webhook", &w.name, "url", r))?;
             if w.secret_file.as_os_str().is_empty() {
                 return Err(target(
@@ -313,22 +341,6 @@ impl NotifyConfig {
                     &w.name,
                     "secret_file",
                     "is not set: every webhook is signed (write a secret, e.g. `whsec_` and base64 of 32 random bytes, into a file only the server reads)".into(),
-                ));
-            }
-            if !(1..=64).contains(&w.concurrency) {
-                return Err(target(
-                    "webhook",
-                    &w.name,
-                    "concurrency",
-                    "must be 1–64".into(),
-                ));
-            }
-            if !(100..=600_000).contains(&w.timeout_ms) {
-                return Err(target(
-                    "webhook",
-                    &w.name,
-                    "timeout",
-                    "must be between 100 ms and 10 min".into(),
                 ));
             }
             targets.push(TargetRule {
@@ -340,15 +352,13 @@ impl NotifyConfig {
             });
         }
         for m in &self.mail {
-            check_name("mail", &m.name)?;
-            if !names.insert(m.name.clone()) {
-                return Err(target(
-                    "mail",
-                    &m.name,
-                    "name",
-                    "is used by another target".into(),
-                ));
-            }
+            check_common(
+                "mail",
+                &m.name,
+                &mut names,
+                (m.concurrency, 16),
+                m.timeout_ms,
+            )?;
             if m.smtp.is_empty() == m.sendmail.is_none() {
                 return Err(target(
                     "mail",
@@ -385,22 +395,6 @@ impl NotifyConfig {
             for a in &m.to {
                 check_address(a)
                     .map_err(|r| target("mail", &m.name, "to", format!("entry {a:?} {r}")))?;
-            }
-            if !(1..=16).contains(&m.concurrency) {
-                return Err(target(
-                    "mail",
-                    &m.name,
-                    "concurrency",
-                    "must be 1–16".into(),
-                ));
-            }
-            if !(100..=600_000).contains(&m.timeout_ms) {
-                return Err(target(
-                    "mail",
-                    &m.name,
-                    "timeout",
-                    "must be between 100 ms and 10 min".into(),
-                ));
             }
             targets.push(TargetRule {
                 name: m.name.clone(),

@@ -593,7 +593,9 @@ impl Notifier {
             ended => {
                 self.ended
                     .remove(&(e.ended_ms.unwrap_or(e.delivery.created_ms), id.to_string()));
-                self.delivered -= usize::from(ended == State::Delivered);
+                self.delivered = self
+                    .delivered
+                    .saturating_sub(usize::from(ended == State::Delivered));
                 *self.pending.entry(lane.clone()).or_default() += 1;
             }
         }
@@ -621,7 +623,9 @@ impl Notifier {
             }
             self.ended.remove(&(at, id.clone()));
             if let Some(e) = self.entries.remove(&id) {
-                self.delivered -= usize::from(e.delivery.state == State::Delivered);
+                self.delivered = self
+                    .delivered
+                    .saturating_sub(usize::from(e.delivery.state == State::Delivered));
                 if let Some(ids) = e.run.as_ref().and_then(|r| self.by_run.get_mut(r)) {
                     ids.remove(&id);
                     if ids.is_empty() {

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::error;
+use tracing::{error, warn};
 
 /// Bytes of an answer's headers we read at most (the body is not read).
 const MAX_ANSWER_HEADERS: usize = 16 * 1024;
@@ -101,7 +101,19 @@ fn read_key(
         reason,
     };
     let content = std::fs::read(path).map_err(|e| file(format!("cannot be read: {e}")))?;
+    warn_if_shared(kind, name, key, path);
     SigningKey::from_file_content(&content).map_err(|e| file(e.to_string()))
+}
+
+/// A secret others on the machine can read lets them forge notifications
+/// (or, for credentials, send mail as the server): said at every start.
+fn warn_if_shared(kind: &str, name: &str, key: &str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            warn!(target_kind = kind, target = name, key, path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "notification secret file is readable by other users: chmod 600 it (owned by the server's user)");
+        }
+    }
 }
 
 impl Sender {
@@ -186,6 +198,7 @@ impl Sender {
                         };
                         let text = std::fs::read_to_string(path)
                             .map_err(|e| file(format!("cannot be read: {e}")))?;
+                        warn_if_shared("mail", &m.name, "credentials_file", path);
                         let mut lines = text.lines();
                         match (lines.next(), lines.next()) {
                             (Some(u), Some(p)) if !u.is_empty() => {

@@ -185,3 +185,33 @@ fn per_run_entries_are_checked_at_submit_and_listing_follows_the_owner() {
     );
     lab.s.cfg.secure = false;
 }
+
+#[test]
+fn a_lost_worker_is_told_to_operator_targets_only_once() {
+    let mut lab = Lab::new();
+    lab.s.notifier = Notifier::new(Rules {
+        targets: vec![TargetRule {
+            name: "ops".into(),
+            kind: TargetKind::Webhook,
+            filter: Filter {
+                events: vec![Kind::WorkerLost],
+                ..Filter::default()
+            },
+            per_run_only: false,
+            concurrency: 1,
+        }],
+        ..Rules::default()
+    });
+    lab.register("w1", "devicegroup:g");
+    let mut jobs = Vec::new();
+    for _ in 0..10 {
+        lab.advance(HB);
+        jobs.extend(notify_jobs(&lab.tick()));
+    }
+    assert_eq!(lab.s.workers["w1"].state, WorkerState::Lost);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let body: serde_json::Value = serde_json::from_str(&jobs[0].body).unwrap();
+    assert_eq!(body["type"], "worker_lost");
+    assert_eq!(body["worker"], "w1");
+    assert_eq!(body["devicegroup"], "g");
+}

@@ -340,6 +340,21 @@ pub struct ServerConfig {
     pub fairshare: FairShareConfig,
     /// Webhooks and mail when testruns end or devices go bad.
     pub notify: crate::notify::config::NotifyConfig,
+    /// Where the state lives: empty (default) for the embedded SQLite in
+    /// `state_dir`; `postgresql://USER@HOST[:PORT]/DB` for PostgreSQL
+    /// (what the URL leaves out: `PGHOST`, `PGPORT`, `PGUSER`,
+    /// `PGDATABASE`, `PGPASSWORD`).
+    pub database: String,
+    /// The PostgreSQL password, the file's first line (mode 0600).
+    pub database_password_file: Option<PathBuf>,
+    /// PEM CA certificates for PostgreSQL's TLS certificate.
+    pub database_ca_file: Option<PathBuf>,
+    /// A PostgreSQL statement taking longer fails, and stops the server.
+    #[serde(
+        rename = "database_statement_timeout",
+        deserialize_with = "crate::config::duration::ms"
+    )]
+    pub database_statement_timeout_ms: u64,
 }
 
 /// `[health]` of `conf/server.toml` (README "Device health").
@@ -687,11 +702,26 @@ impl Default for ServerConfig {
             health: HealthConfig::default(),
             fairshare: FairShareConfig::default(),
             notify: crate::notify::config::NotifyConfig::default(),
+            database: String::new(),
+            database_password_file: None,
+            database_ca_file: None,
+            database_statement_timeout_ms: 10_000,
         }
     }
 }
 
 impl ServerConfig {
+    /// PostgreSQL's settings when `database` names it; none: SQLite.
+    pub fn postgres(&self) -> Option<crate::server::pg::PgSettings> {
+        (!self.database.is_empty()).then(|| crate::server::pg::PgSettings {
+            url: self.database.clone(),
+            password_file: self.database_password_file.clone(),
+            ca_file: self.database_ca_file.clone(),
+            statement_timeout: Duration::from_millis(self.database_statement_timeout_ms),
+            connect_timeout: Duration::from_secs(10),
+        })
+    }
+
     /// The web dashboard's settings, checked; none when `web` is empty.
     pub fn web_config(&self) -> Result<Option<crate::web::WebConfig>, ConfigError> {
         if self.web.is_empty() {
@@ -797,6 +827,22 @@ impl ServerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_endpoint("control", &self.control)?;
+        if !self.database.is_empty()
+            && !(self.database.starts_with("postgresql://") || self.database.starts_with("postgres://"))
+        {
+            return Err(invalid(
+                "database",
+                crate::server::pg::redact(&self.database),
+                "must be empty (the embedded SQLite in state_dir) or postgresql://USER@HOST[:PORT]/DB",
+            ));
+        }
+        if !(100..=600_000).contains(&self.database_statement_timeout_ms) {
+            return Err(invalid(
+                "database_statement_timeout",
+                self.database_statement_timeout_ms,
+                "must be between 100 ms and 10 min",
+            ));
+        }
         if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "metrics",

@@ -20,6 +20,48 @@ use std::path::{Path, PathBuf};
 /// 5: notifications (the outbox: one row per delivery).
 pub const SCHEMA_VERSION: i64 = 5;
 
+/// The SQL flavour a migration is written for: both backends share one
+/// schema, one list of versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The statements that bring the schema from `version - 1` to `version`
+/// (1..=[`SCHEMA_VERSION`]): the same tables and columns on both
+/// backends, only the type names differ.
+pub fn migration(version: i64, dialect: Dialect) -> String {
+    let sql = match version {
+        1 => "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+              CREATE TABLE runs (id TEXT PRIMARY KEY, body {blob} NOT NULL);
+              CREATE TABLE tasks (id TEXT PRIMARY KEY, run TEXT NOT NULL, body {blob} NOT NULL);
+              CREATE TABLE workers (name TEXT PRIMARY KEY, body {blob} NOT NULL);",
+        2 => "CREATE TABLE task_history ({serial} task TEXT NOT NULL, at_ms {int} NOT NULL,
+                  state TEXT NOT NULL, attempt {int} NOT NULL, worker TEXT, reason TEXT);
+              CREATE INDEX task_history_task ON task_history (task);
+              CREATE TABLE files (task TEXT NOT NULL, name TEXT NOT NULL, size {int} NOT NULL,
+                  sha256 TEXT NOT NULL, PRIMARY KEY (task, name));",
+        3 => "CREATE TABLE quarantine (tbl TEXT NOT NULL, key TEXT NOT NULL, body {blob},
+                  reason TEXT NOT NULL, at_ms {int} NOT NULL);",
+        // Inputs stored before version 4 have no owner: only operators
+        // may name them until a user uploads them again.
+        4 => "CREATE TABLE input_owners (sha256 TEXT NOT NULL, owner TEXT NOT NULL,
+                  PRIMARY KEY (sha256, owner));",
+        5 => "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body {blob} NOT NULL);
+              CREATE INDEX notifications_run ON notifications (run);",
+        _ => unreachable!("no migration to version {version}"),
+    };
+    let (blob, int, serial) = match dialect {
+        // SQLite keeps the insertion order in `rowid`.
+        Dialect::Sqlite => ("BLOB", "INTEGER", ""),
+        Dialect::Postgres => ("BYTEA", "BIGINT", "seq BIGSERIAL PRIMARY KEY,"),
+    };
+    sql.replace("{blob}", blob)
+        .replace("{int}", int)
+        .replace("{serial}", serial)
+}
+
 /// Name of the database file inside the state directory.
 pub const DB_FILE: &str = "ots.db";
 /// Name of the lock file inside the state directory.
@@ -49,6 +91,13 @@ pub enum StateError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("state database PostgreSQL {target}: {source}{}", postgres_hint(source))]
+    Postgres {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("configuration `database` = {url:?}: {reason}")]
+    DatabaseConfig { url: String, reason: String },
     #[error("state database {path}: {table} row {key:?} is corrupt ({reason}); restore a backup or move the state directory away")]
     CorruptRow {
         path: PathBuf,
@@ -56,6 +105,25 @@ pub enum StateError {
         key: String,
         reason: String,
     },
+}
+
+/// What to do about a PostgreSQL error, when it says.
+fn postgres_hint(e: &tokio_postgres::Error) -> String {
+    use tokio_postgres::error::SqlState;
+    let code = e.code();
+    if e.is_closed() {
+        "; the connection is gone: check that PostgreSQL runs and is reachable, then restart ots-server".into()
+    } else if code == Some(&SqlState::INVALID_PASSWORD)
+        || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    {
+        "; check the user and its password (database_password_file, PGPASSWORD) and pg_hba.conf".into()
+    } else if code == Some(&SqlState::INVALID_CATALOG_NAME) {
+        "; create the database first (createdb) or name another in `database`".into()
+    } else if code == Some(&SqlState::QUERY_CANCELED) {
+        "; a statement ran past database_statement_timeout: the database is overloaded or locked".into()
+    } else {
+        String::new()
+    }
 }
 
 /// One task state change, kept forever for `status` and post-mortems.
@@ -130,7 +198,7 @@ pub struct Db {
     _lock: Flock<File>,
 }
 
-fn lock(dir: &Path) -> Result<Flock<File>, StateError> {
+pub(crate) fn lock(dir: &Path) -> Result<Flock<File>, StateError> {
     lock_dir(dir).map_err(|failure| match failure {
         LockFailure::Held(holder) => StateError::Locked {
             path: dir.to_path_buf(),
@@ -224,46 +292,8 @@ impl Db {
         };
         for version in from + 1..=SCHEMA_VERSION {
             let tx = self.conn.transaction().map_err(sql)?;
-            match version {
-                1 => tx
-                    .execute_batch(
-                        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                         CREATE TABLE runs (id TEXT PRIMARY KEY, body BLOB NOT NULL);
-                         CREATE TABLE tasks (id TEXT PRIMARY KEY, run TEXT NOT NULL, body BLOB NOT NULL);
-                         CREATE TABLE workers (name TEXT PRIMARY KEY, body BLOB NOT NULL);",
-                    )
-                    .map_err(sql)?,
-                2 => tx
-                    .execute_batch(
-                        "CREATE TABLE task_history (task TEXT NOT NULL, at_ms INTEGER NOT NULL,
-                             state TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, reason TEXT);
-                         CREATE INDEX task_history_task ON task_history (task);
-                         CREATE TABLE files (task TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
-                             sha256 TEXT NOT NULL, PRIMARY KEY (task, name));",
-                    )
-                    .map_err(sql)?,
-                3 => tx
-                    .execute_batch(
-                        "CREATE TABLE quarantine (tbl TEXT NOT NULL, key TEXT NOT NULL, body BLOB,
-                             reason TEXT NOT NULL, at_ms INTEGER NOT NULL);",
-                    )
-                    .map_err(sql)?,
-                // Inputs stored before version 4 have no owner: only
-                // operators may name them until a user uploads them again.
-                4 => tx
-                    .execute_batch(
-                        "CREATE TABLE input_owners (sha256 TEXT NOT NULL, owner TEXT NOT NULL,
-                             PRIMARY KEY (sha256, owner));",
-                    )
-                    .map_err(sql)?,
-                5 => tx
-                    .execute_batch(
-                        "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body BLOB NOT NULL);
-                         CREATE INDEX notifications_run ON notifications (run);",
-                    )
-                    .map_err(sql)?,
-                _ => unreachable!("no migration to version {version}"),
-            }
+            tx.execute_batch(&migration(version, Dialect::Sqlite))
+                .map_err(sql)?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",

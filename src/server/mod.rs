@@ -8,6 +8,8 @@
 //! - [`verdict`]: JUnit parsing and verdict rules.
 //! - [`store`]: task logs on disk.
 //! - [`files`]: the file desk: result file writes, hashes and reads off the loop.
+//! - [`db`], [`pg`], [`state`]: the durable state in SQLite or PostgreSQL
+//!   (one schema, the same batches).
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
 pub mod db;
@@ -16,8 +18,10 @@ pub mod fairshare;
 pub mod files;
 pub mod health;
 pub mod metrics;
+pub mod pg;
 pub mod scheduler;
 pub mod service;
+pub mod state;
 pub mod store;
 pub mod verdict;
 

@@ -8,7 +8,7 @@ use crate::security::allow::fingerprint;
 use crate::security::broadcast::Announcer;
 use crate::security::gate::Verdict;
 use crate::security::{AllowList, Gate};
-use crate::server::db::Db;
+use crate::server::state::StateStore;
 use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
 use crate::server::store::{DiskStore, StoreError};
 use crate::transport::{self, to_message, TransportError};
@@ -78,6 +78,17 @@ impl ServerError {
             ServerError::StateDir { source, .. } => denied(source),
             ServerError::State(crate::server::db::StateError::Lock { source, .. }) => {
                 denied(source)
+            }
+            ServerError::State(crate::server::db::StateError::DatabaseConfig { .. }) => true,
+            // Wrong password or database name: a restart does not fix it.
+            ServerError::State(crate::server::db::StateError::Postgres { source, .. }) => {
+                use tokio_postgres::error::SqlState;
+                matches!(
+                    source.code(),
+                    Some(c) if *c == SqlState::INVALID_PASSWORD
+                        || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                        || *c == SqlState::INVALID_CATALOG_NAME
+                )
             }
             _ => false,
         }
@@ -163,9 +174,9 @@ impl Server {
             crate::notify::sender::Sender::from_config(&cfg.notify)
                 .map_err(crate::config::ConfigError::from)?,
         );
-        let db = Db::open(&cfg.state_dir)?;
+        let db = StateStore::open(&cfg.state_dir, cfg.postgres().as_ref()).await?;
         let store = DiskStore::open(&cfg.state_dir)?;
-        let snapshot = db.load()?;
+        let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();
         socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
@@ -207,7 +218,7 @@ impl Server {
             Instant::now(),
         )
         .map_err(|source| ServerError::Restore {
-            path: db.path().to_path_buf(),
+            path: PathBuf::from(db.describe()),
             source,
         })?;
         let mut scheduler = scheduler;
@@ -369,7 +380,7 @@ struct Pace {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     mut scheduler: Scheduler<DiskStore>,
-    mut db: Db,
+    mut db: StateStore,
     desk: (
         mpsc::UnboundedSender<crate::server::files::FileJob>,
         mpsc::UnboundedReceiver<crate::server::files::FileDone>,
@@ -650,7 +661,7 @@ async fn serve(
         supervisor.tick(Instant::now(), || scheduler.status_line());
         let changes = scheduler.take_changes();
         let committing = Instant::now();
-        let committed = db.commit(&changes);
+        let committed = db.commit(&changes).await;
         if !changes.is_empty() {
             metrics.observe_commit(committing.elapsed());
         }

@@ -828,7 +828,8 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_endpoint("control", &self.control)?;
         if !self.database.is_empty()
-            && !(self.database.starts_with("postgresql://") || self.database.starts_with("postgres://"))
+            && !(self.database.starts_with("postgresql://")
+                || self.database.starts_with("postgres://"))
         {
             return Err(invalid(
                 "database",

@@ -33,23 +33,33 @@ pub enum Dialect {
 /// backends, only the type names differ.
 pub fn migration(version: i64, dialect: Dialect) -> String {
     let sql = match version {
-        1 => "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        1 => {
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
               CREATE TABLE runs (id TEXT PRIMARY KEY, body {blob} NOT NULL);
               CREATE TABLE tasks (id TEXT PRIMARY KEY, run TEXT NOT NULL, body {blob} NOT NULL);
-              CREATE TABLE workers (name TEXT PRIMARY KEY, body {blob} NOT NULL);",
-        2 => "CREATE TABLE task_history ({serial} task TEXT NOT NULL, at_ms {int} NOT NULL,
+              CREATE TABLE workers (name TEXT PRIMARY KEY, body {blob} NOT NULL);"
+        }
+        2 => {
+            "CREATE TABLE task_history ({serial} task TEXT NOT NULL, at_ms {int} NOT NULL,
                   state TEXT NOT NULL, attempt {int} NOT NULL, worker TEXT, reason TEXT);
               CREATE INDEX task_history_task ON task_history (task);
               CREATE TABLE files (task TEXT NOT NULL, name TEXT NOT NULL, size {int} NOT NULL,
-                  sha256 TEXT NOT NULL, PRIMARY KEY (task, name));",
-        3 => "CREATE TABLE quarantine (tbl TEXT NOT NULL, key TEXT NOT NULL, body {blob},
-                  reason TEXT NOT NULL, at_ms {int} NOT NULL);",
+                  sha256 TEXT NOT NULL, PRIMARY KEY (task, name));"
+        }
+        3 => {
+            "CREATE TABLE quarantine (tbl TEXT NOT NULL, key TEXT NOT NULL, body {blob},
+                  reason TEXT NOT NULL, at_ms {int} NOT NULL);"
+        }
         // Inputs stored before version 4 have no owner: only operators
         // may name them until a user uploads them again.
-        4 => "CREATE TABLE input_owners (sha256 TEXT NOT NULL, owner TEXT NOT NULL,
-                  PRIMARY KEY (sha256, owner));",
-        5 => "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body {blob} NOT NULL);
-              CREATE INDEX notifications_run ON notifications (run);",
+        4 => {
+            "CREATE TABLE input_owners (sha256 TEXT NOT NULL, owner TEXT NOT NULL,
+                  PRIMARY KEY (sha256, owner));"
+        }
+        5 => {
+            "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body {blob} NOT NULL);
+              CREATE INDEX notifications_run ON notifications (run);"
+        }
         _ => unreachable!("no migration to version {version}"),
     };
     let (blob, int, serial) = match dialect {
@@ -91,7 +101,10 @@ pub enum StateError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("state database PostgreSQL {target}: {source}{}", postgres_hint(source))]
+    #[error(
+        "state database PostgreSQL {target}: {source}{}",
+        postgres_hint(source)
+    )]
     Postgres {
         target: String,
         source: tokio_postgres::Error,
@@ -116,11 +129,13 @@ fn postgres_hint(e: &tokio_postgres::Error) -> String {
     } else if code == Some(&SqlState::INVALID_PASSWORD)
         || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     {
-        "; check the user and its password (database_password_file, PGPASSWORD) and pg_hba.conf".into()
+        "; check the user and its password (database_password_file, PGPASSWORD) and pg_hba.conf"
+            .into()
     } else if code == Some(&SqlState::INVALID_CATALOG_NAME) {
         "; create the database first (createdb) or name another in `database`".into()
     } else if code == Some(&SqlState::QUERY_CANCELED) {
-        "; a statement ran past database_statement_timeout: the database is overloaded or locked".into()
+        "; a statement ran past database_statement_timeout: the database is overloaded or locked"
+            .into()
     } else {
         String::new()
     }

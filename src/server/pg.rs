@@ -152,7 +152,10 @@ impl PgSettings {
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             Some(path) => {
                 let bad = |e: String| {
-                    config_error(&self.url, format!("database_ca_file {}: {e}", path.display()))
+                    config_error(
+                        &self.url,
+                        format!("database_ca_file {}: {e}", path.display()),
+                    )
                 };
                 for c in rustls_pki_types::CertificateDer::pem_file_iter(path)
                     .map_err(|e| bad(e.to_string()))?
@@ -412,12 +415,10 @@ impl PgDb {
             .map_err(pg)?;
         }
         if !changes.files.is_empty() {
-            let rows = last(
-                changes
-                    .files
-                    .iter()
-                    .map(|(t, n, size, sha)| ((t.as_str(), n.as_str()), (*size as i64, sha.as_str()))),
-            );
+            let rows =
+                last(changes.files.iter().map(|(t, n, size, sha)| {
+                    ((t.as_str(), n.as_str()), (*size as i64, sha.as_str()))
+                }));
             let mut tasks = Vec::new();
             let mut names = Vec::new();
             let mut sizes = Vec::new();
@@ -443,9 +444,7 @@ impl PgDb {
                 .iter()
                 .map(|(s, o)| (s.as_str(), o.as_str()))
                 .unzip();
-            tx.execute(&s.owners, &[&shas, &owners])
-                .await
-                .map_err(pg)?;
+            tx.execute(&s.owners, &[&shas, &owners]).await.map_err(pg)?;
         }
         if !changes.notifications.is_empty() {
             let rows = last(
@@ -474,9 +473,7 @@ impl PgDb {
         if !changes.meta.is_empty() {
             let rows = last(changes.meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let (keys, values): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
-            tx.execute(&s.meta, &[&keys, &values])
-                .await
-                .map_err(pg)?;
+            tx.execute(&s.meta, &[&keys, &values]).await.map_err(pg)?;
         }
         let now_ms = crate::protocol::limits::unix_ms_now() as i64;
         for (table, key, reason) in &changes.quarantine {

@@ -8,8 +8,8 @@ use crate::security::allow::fingerprint;
 use crate::security::broadcast::Announcer;
 use crate::security::gate::Verdict;
 use crate::security::{AllowList, Gate};
-use crate::server::state::StateStore;
 use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
+use crate::server::state::StateStore;
 use crate::server::store::{DiskStore, StoreError};
 use crate::transport::{self, to_message, TransportError};
 use bytes::Bytes;
@@ -265,6 +265,7 @@ impl Server {
             web = %web_url.as_deref().unwrap_or("off"),
             metrics = %if cfg.metrics.is_empty() { "off" } else { cfg.metrics.as_str() },
             state_dir = %cfg.state_dir.display(),
+            database = %db.describe(),
             server = %incarnation,
             "server listening"
         );

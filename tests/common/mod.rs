@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod http;
+pub mod pg;
 pub mod zmtp;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,257 @@
+//! Issue 24, first part: the server's state in PostgreSQL, against a
+//! real PostgreSQL the harness starts itself (`common::pg`). The same
+//! batches give the same snapshot as SQLite; the schema is migrated,
+//! a newer or foreign one refused; errors name what to fix; a server
+//! whose database connection is cut stops with a line naming it.
+
+mod common;
+
+use common::*;
+use ots::server::db::{Changes, Db, HistoryRow, Snapshot};
+use ots::server::pg::{PgDb, PgSettings};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn settings(url: &str) -> PgSettings {
+    PgSettings {
+        url: url.to_string(),
+        password_file: None,
+        ca_file: None,
+        statement_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn batch(n: usize) -> Changes {
+    Changes {
+        runs: (0..n)
+            .map(|i| (format!("r{i}"), vec![i as u8; 3]))
+            .collect(),
+        tasks: (0..n)
+            .map(|i| (format!("r{i}.1"), format!("r{i}"), vec![7; i % 5]))
+            .chain(std::iter::once((
+                "r0.1".to_string(),
+                "r0".to_string(),
+                b"later".to_vec(),
+            )))
+            .collect(),
+        workers: vec![
+            ("w1".into(), b"worker".to_vec()),
+            ("w2".into(), b"gone".to_vec()),
+        ],
+        removed_workers: vec!["w2".into()],
+        history: vec![HistoryRow {
+            task: "r0.1".into(),
+            at_ms: 5,
+            state: "queued".into(),
+            attempt: 0,
+            worker: None,
+            reason: Some("why".into()),
+        }],
+        files: vec![("r0.1".into(), "a.xml".into(), 10, "ab".repeat(32))],
+        meta: vec![("next_run".into(), n.to_string())],
+        input_owners: vec![
+            ("cd".repeat(32), "ann".into()),
+            ("cd".repeat(32), "ann".into()),
+        ],
+        notifications: vec![
+            ("msg_1".into(), Some("r0".into()), b"n".to_vec()),
+            ("msg_2".into(), None, b"m".to_vec()),
+        ],
+        ..Changes::default()
+    }
+}
+
+fn sorted(mut s: Snapshot) -> Snapshot {
+    s.runs.sort();
+    s.tasks.sort();
+    s.workers.sort();
+    s.meta.sort();
+    s.input_owners.sort();
+    s.notifications.sort();
+    s
+}
+
+/// The same batches into SQLite and PostgreSQL read back alike.
+#[test]
+fn the_same_batches_give_the_same_snapshot_on_both_backends() {
+    let url = pg::cluster().database();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lite = Db::open(dir.path()).unwrap();
+    rt().block_on(async {
+        let mut db = PgDb::open(&settings(&url)).await.unwrap();
+        for b in [batch(50), batch(3)] {
+            lite.commit(&b).unwrap();
+            db.commit(&b).await.unwrap();
+        }
+        // Forgetting a delivery, pruning files.
+        let more = Changes {
+            removed_notifications: vec!["msg_2".into()],
+            pruned_tasks: vec!["r0.1".into()],
+            ..Changes::default()
+        };
+        lite.commit(&more).unwrap();
+        db.commit(&more).await.unwrap();
+        let (a, b) = (
+            sorted(lite.load().unwrap()),
+            sorted(db.load().await.unwrap()),
+        );
+        assert_eq!(a.runs, b.runs);
+        assert_eq!(a.tasks, b.tasks);
+        assert_eq!(a.workers, b.workers);
+        assert_eq!(a.meta, b.meta);
+        assert_eq!(a.input_owners, b.input_owners);
+        assert_eq!(a.notifications, b.notifications);
+        assert_eq!(b.runs.len(), 50);
+        assert!(b
+            .tasks
+            .iter()
+            .any(|(id, body)| id == "r0.1" && body == b"later"));
+        assert_eq!(b.workers.len(), 1);
+        assert_eq!(
+            lite.history("r0.1").unwrap(),
+            db.history("r0.1").await.unwrap()
+        );
+        assert_eq!(db.history("r0.1").await.unwrap().len(), 2);
+    });
+}
+
+/// An older schema is migrated, a newer one and a foreign database are
+/// refused naming why; a missing database says to create it.
+#[test]
+fn schemas_are_migrated_and_newer_or_foreign_ones_refused() {
+    let c = pg::cluster();
+    rt().block_on(async {
+        let old = c.database();
+        let db = old.rsplit('/').next().unwrap().to_string();
+        let mut sql = String::new();
+        for v in 1..=3 {
+            sql.push_str(&ots::server::db::migration(v, ots::server::db::Dialect::Postgres));
+        }
+        sql.push_str("INSERT INTO meta VALUES ('schema_version', '3');");
+        c.psql(&db, &sql).unwrap();
+        let opened = PgDb::open(&settings(&old)).await.unwrap();
+        let v = c.psql(&db, "SELECT value FROM meta WHERE key = 'schema_version'").unwrap();
+        assert_eq!(v, ots::server::db::SCHEMA_VERSION.to_string());
+        drop(opened);
+
+        let newer = c.database();
+        let name = newer.rsplit('/').next().unwrap().to_string();
+        c.psql(&name, "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); INSERT INTO meta VALUES ('schema_version', '999');")
+            .unwrap();
+        let e = PgDb::open(&settings(&newer)).await.err().unwrap().to_string();
+        assert!(e.contains("999") && e.contains("newer"), "{e}");
+
+        let foreign = c.database();
+        let name = foreign.rsplit('/').next().unwrap().to_string();
+        c.psql(&name, "CREATE TABLE photos (id INT)").unwrap();
+        let e = PgDb::open(&settings(&foreign)).await.err().unwrap().to_string();
+        assert!(e.contains("photos") && e.contains("database of its own"), "{e}");
+
+        let e = PgDb::open(&settings(&c.url("no_such_db")))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("createdb"), "{e}");
+    });
+}
+
+/// A real server keeps its state in PostgreSQL: a testrun runs, the
+/// server is SIGKILLed and restarted, the testrun is still there.
+#[test]
+fn a_server_on_postgres_keeps_its_testruns_across_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::cluster().database();
+    let env = [("OTS_SERVER_DATABASE", url.as_str())];
+    let mut server = start_fresh_server(dir.path(), &env);
+    assert!(
+        server
+            .proc
+            .stderr
+            .all()
+            .iter()
+            .any(|l| l.contains("PostgreSQL")),
+        "the start says where the state is: {:?}",
+        server.proc.stderr.all()
+    );
+    let conductor = example_conductor();
+    let argv: Vec<&str> = conductor.iter().map(String::as_str).collect();
+    let _w = start_idle_worker(dir.path(), "pg-w1", "devicegroup:pg", &server, &argv, &[]);
+    let image = repo()
+        .join("examples/images/demo.img")
+        .display()
+        .to_string();
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:pg",
+            "--image",
+            &image,
+            "--packages",
+            "smoke",
+        ],
+    );
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS");
+    let (control, events, state) = (
+        server.control.clone(),
+        server.events.clone(),
+        server.state_dir.clone(),
+    );
+    server.proc.kill();
+    let server = start_server(&state, &control, &events, &env);
+    let again = current_status(&server, &run);
+    assert_eq!(again["verdict"], "PASS");
+    assert_eq!(again["tasks"], st["tasks"]);
+    let runs = pg::cluster()
+        .psql(url.rsplit('/').next().unwrap(), "SELECT count(*) FROM runs")
+        .unwrap();
+    assert_eq!(runs, "1");
+}
+
+/// The database connection cut under a running server: it stops (exit
+/// 74, not acknowledging what it cannot make durable) with a line that
+/// names the database and what to check.
+#[test]
+fn a_server_whose_database_connection_is_cut_stops_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = pg::cluster();
+    let url = c.database();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let mut server = start_fresh_server(dir.path(), &[("OTS_SERVER_DATABASE", url.as_str())]);
+    c.psql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND application_name = 'ots-server'"),
+    )
+    .unwrap();
+    // The next commit (a submit) meets the closed connection.
+    let _ = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+        LIMIT,
+    );
+    let code = server.proc.wait_exit(LIMIT);
+    assert_eq!(code, Some(74), "{:?}", server.proc.stderr.all());
+    let log = server.proc.stderr.all().join("\n");
+    assert!(log.contains("PostgreSQL") && log.contains(&db), "{log}");
+    assert!(log.contains("PostgreSQL runs and is reachable"), "{log}");
+}

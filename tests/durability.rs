@@ -19,15 +19,40 @@ fn junit(name: &str) -> String {
     )
 }
 
+/// Where the servers of a test keep their state: the embedded SQLite, or
+/// a fresh database of the test binary's PostgreSQL cluster. Every test
+/// here runs on both (the `sqlite::` and `postgres::` modules below).
+#[derive(Clone)]
+struct Backend(Option<String>);
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend(None)
+    }
+
+    fn postgres() -> Backend {
+        Backend(Some(pg::cluster().database()))
+    }
+
+    /// `env` and, on PostgreSQL, `OTS_SERVER_DATABASE`.
+    fn env<'a>(&'a self, env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut all = env.to_vec();
+        if let Some(url) = &self.0 {
+            all.push(("OTS_SERVER_DATABASE", url));
+        }
+        all
+    }
+}
+
 /// Kills the server and starts a new one on the same ports and state.
-fn restart(server: &mut ServerProc) -> ServerProc {
+fn restart(server: &mut ServerProc, backend: &Backend) -> ServerProc {
     let (control, events, state) = (
         server.control.clone(),
         server.events.clone(),
         server.state_dir.clone(),
     );
     server.proc.kill();
-    start_server(&state, &control, &events, &FAST)
+    start_server(&state, &control, &events, &backend.env(&FAST))
 }
 
 /// `ots-submit wait RUN` in the background, once it follows the testrun
@@ -51,10 +76,11 @@ fn one_task(st: &serde_json::Value) -> &serde_json::Value {
     &st["tasks"][0]
 }
 
-#[test]
-fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_through() {
+fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_through(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_fresh_server(dir.path(), &FAST);
+    let mut server = start_fresh_server(dir.path(), &backend.env(&FAST));
     let run = submit_run(
         &server,
         &[
@@ -72,7 +98,7 @@ fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_throu
     let mut waiting = waiter(&server, &run);
     wait_status(&server, &run, LIMIT, |st| st["state"] == "queued");
 
-    let server2 = restart(&mut server);
+    let server2 = restart(&mut server, &backend);
     let st = status_json(&server2, &run).expect("the testrun survived the crash");
     assert!(
         st["tasks"]
@@ -116,10 +142,9 @@ fn server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_throu
     );
 }
 
-#[test]
-fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
+fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_fresh_server(dir.path(), &FAST);
+    let mut server = start_fresh_server(dir.path(), &backend.env(&FAST));
     let conductor = script(
         dir.path(),
         "slow.sh",
@@ -163,7 +188,7 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
             }
             std::thread::sleep(Duration::from_millis(50)); // polling interval
         };
-        let server2 = restart(&mut server);
+        let server2 = restart(&mut server, &backend);
         let out = waiting.join().unwrap();
         (out, run, server2)
     });
@@ -185,10 +210,9 @@ fn server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back() {
     assert_eq!(t["files"].as_array().unwrap().len(), 1);
 }
 
-#[test]
-fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
+fn server_killed_after_the_report_was_sent_but_before_it_was_acked(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_fresh_server(dir.path(), &FAST);
+    let mut server = start_fresh_server(dir.path(), &backend.env(&FAST));
     let go = dir.path().join("go");
     let conductor = script(
         dir.path(),
@@ -224,7 +248,7 @@ fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
         .stderr
         .wait_for_after(mark, "task finished; reporting", LIMIT)
         .is_some());
-    let server2 = restart(&mut server);
+    let server2 = restart(&mut server, &backend);
 
     let st = wait_status(&server2, &run, LIMIT, finished);
     let t = one_task(&st);
@@ -247,10 +271,9 @@ fn server_killed_after_the_report_was_sent_but_before_it_was_acked() {
         .contains("testcase"));
 }
 
-#[test]
-fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
+fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_fresh_server(dir.path(), &FAST);
+    let server = start_fresh_server(dir.path(), &backend.env(&FAST));
     let go = dir.path().join("go");
     let conductor = script(
         dir.path(),
@@ -325,15 +348,14 @@ fn worker_killed_before_its_report_was_acked_delivers_it_once_after_restart() {
     );
 }
 
-#[test]
-fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
+fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let server = start_fresh_server(
         dir.path(),
-        &[
+        &backend.env(&[
             ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
             ("OTS_SERVER_LOST_GRACE_MS", "30000"),
-        ],
+        ]),
     );
     let marker = dir.path().join("runs");
     let conductor = script(
@@ -383,10 +405,9 @@ fn worker_killed_mid_task_reports_it_interrupted_and_it_runs_again() {
     );
 }
 
-#[test]
-fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
+fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_fresh_server(dir.path(), &FAST);
+    let mut server = start_fresh_server(dir.path(), &backend.env(&FAST));
     let (conductor, go, done) = flood_conductor(dir.path());
     let w = start_idle_worker(
         dir.path(),
@@ -418,7 +439,7 @@ fn log_flood_across_a_server_crash_is_stored_or_accounted_exactly() {
         .stderr
         .wait_for_after(mark, "task finished; reporting", LIMIT)
         .is_some());
-    let server2 = restart(&mut server);
+    let server2 = restart(&mut server, &backend);
 
     let st = wait_status(&server2, &run, LIMIT, finished);
     let t = one_task(&st);
@@ -475,3 +496,32 @@ fn corrupt_foreign_or_locked_state_is_a_clear_startup_error() {
         text(&out.stderr)
     );
 }
+
+/// Each scenario above, once on each backend (`sqlite::NAME`,
+/// `postgres::NAME`).
+macro_rules! on_backend {
+    ($module:ident: $($scenario:ident,)*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(super::Backend::$module());
+                }
+            )*
+        }
+    };
+}
+macro_rules! on_both {
+    ($($scenario:ident,)*) => {
+        on_backend!(sqlite: $($scenario,)*);
+        on_backend!(postgres: $($scenario,)*);
+    };
+}
+on_both!(
+    server_killed_with_tasks_queued_keeps_them_and_a_waiting_client_sees_it_through,
+    server_killed_while_a_task_runs_gets_its_result_when_the_worker_is_back,
+    server_killed_after_the_report_was_sent_but_before_it_was_acked,
+    worker_killed_before_its_report_was_acked_delivers_it_once_after_restart,
+    worker_killed_mid_task_reports_it_interrupted_and_it_runs_again,
+    log_flood_across_a_server_crash_is_stored_or_accounted_exactly,
+);

@@ -126,10 +126,7 @@ pub fn cluster() -> &'static Cluster {
                 .current_dir(&dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(
-                    std::fs::File::create(
-                        std::env::temp_dir().join(format!("ots-pg-{}.log", std::process::id())),
-                    )
-                    .unwrap(),
+                    std::fs::File::create(dir.join("postgres.log")).unwrap(),
                 )),
         )
         .spawn()
@@ -148,7 +145,8 @@ pub fn cluster() -> &'static Cluster {
         while cluster.psql("postgres", "SELECT 1").is_err() {
             assert!(
                 Instant::now() < deadline,
-                "PostgreSQL did not come up on port {port}"
+                "PostgreSQL did not come up on port {port}: {}",
+                std::fs::read_to_string(cluster.dir.join("postgres.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100)); // polling until it accepts, bounded by the deadline
         }

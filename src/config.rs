@@ -355,6 +355,15 @@ pub struct ServerConfig {
         deserialize_with = "crate::config::duration::ms"
     )]
     pub database_statement_timeout_ms: u64,
+    /// With PostgreSQL: the leader's lease lasts this long…
+    #[serde(rename = "lease_ttl", deserialize_with = "crate::config::duration::ms")]
+    pub lease_ttl_ms: u64,
+    /// …and is renewed this often.
+    #[serde(
+        rename = "lease_renew",
+        deserialize_with = "crate::config::duration::ms"
+    )]
+    pub lease_renew_ms: u64,
 }
 
 /// `[health]` of `conf/server.toml` (README "Device health").
@@ -706,11 +715,20 @@ impl Default for ServerConfig {
             database_password_file: None,
             database_ca_file: None,
             database_statement_timeout_ms: 10_000,
+            lease_ttl_ms: 5000,
+            lease_renew_ms: 1000,
         }
     }
 }
 
 impl ServerConfig {
+    pub fn lease_policy(&self) -> crate::server::lease::LeasePolicy {
+        crate::server::lease::LeasePolicy {
+            ttl: Duration::from_millis(self.lease_ttl_ms),
+            renew: Duration::from_millis(self.lease_renew_ms),
+        }
+    }
+
     /// PostgreSQL's settings when `database` names it; none: SQLite.
     pub fn postgres(&self) -> Option<crate::server::pg::PgSettings> {
         (!self.database.is_empty()).then(|| crate::server::pg::PgSettings {
@@ -827,14 +845,23 @@ impl ServerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_endpoint("control", &self.control)?;
-        if !self.database.is_empty()
-            && !(self.database.starts_with("postgresql://")
-                || self.database.starts_with("postgres://"))
-        {
+        let postgres =
+            self.database.starts_with("postgresql://") || self.database.starts_with("postgres://");
+        if !self.database.is_empty() && !postgres {
             return Err(invalid(
                 "database",
                 crate::server::pg::redact(&self.database),
                 "must be empty (the embedded SQLite in state_dir) or postgresql://USER@HOST[:PORT]/DB",
+            ));
+        }
+        if self.lease_renew_ms < 50
+            || self.lease_renew_ms.saturating_mul(2) >= self.lease_ttl_ms
+            || self.lease_ttl_ms > 600_000
+        {
+            return Err(invalid(
+                "lease_renew",
+                self.lease_renew_ms,
+                format!("must be at least 50 ms and less than half of lease_ttl ({} ms, at most 10 min)", self.lease_ttl_ms),
             ));
         }
         if !(100..=600_000).contains(&self.database_statement_timeout_ms) {

@@ -255,3 +255,239 @@ fn a_server_whose_database_connection_is_cut_stops_naming_it() {
     assert!(log.contains("PostgreSQL") && log.contains(&db), "{log}");
     assert!(log.contains("PostgreSQL runs and is reachable"), "{log}");
 }
+
+const LEASE: [(&str, &str); 3] = [
+    ("OTS_SERVER_LEASE_TTL", "2s"),
+    ("OTS_SERVER_LEASE_RENEW", "500ms"),
+    ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
+];
+
+/// An `ots-server` on `url` with its own state directory, not waited for
+/// (a standby prints no "server listening" until it leads).
+fn spawn_server(dir: &std::path::Path, name: &str, url: &str) -> Proc {
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    for (k, v) in keys().server_env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in LEASE {
+        cmd.env(k, v);
+    }
+    cmd.env("OTS_SERVER_DATABASE", url)
+        .arg("--control")
+        .arg("tcp://127.0.0.1:0")
+        .arg("--events")
+        .arg("tcp://127.0.0.1:0")
+        .arg("--state-dir")
+        .arg(dir.join(name));
+    Proc::spawn(name, cmd)
+}
+
+/// The value of `key=` in a log line.
+fn field_of(line: &str, key: &str) -> String {
+    let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+    line[at..].split_whitespace().next().unwrap().to_string()
+}
+
+/// The running server a [`Proc`] became once it logged "server listening".
+fn as_server(proc: Proc, state_dir: std::path::PathBuf) -> ServerProc {
+    let line = proc
+        .stderr
+        .wait_for("server listening", LIMIT)
+        .unwrap_or_else(|| panic!("never served: {:?}", proc.stderr.all()));
+    ServerProc {
+        control: field_of(&line, "control"),
+        events: field_of(&line, "events"),
+        proc,
+        state_dir,
+        keys: Some(keys()),
+        user: "tester".into(),
+    }
+}
+
+/// Two servers on one database: the second is a standby (binds
+/// nothing) until the leader is SIGKILLed, then serves within lease_ttl
+/// + 2 s, with the testruns the leader had.
+#[test]
+fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::cluster().database();
+    let leader = as_server(spawn_server(dir.path(), "a", &url), dir.path().join("a"));
+    assert!(
+        leader
+            .proc
+            .stderr
+            .count("leader: this server holds the lease")
+            == 1
+    );
+    let standby = spawn_server(dir.path(), "b", &url);
+    assert!(
+        standby
+            .stderr
+            .wait_for("standby: another server holds the lease", LIMIT)
+            .is_some(),
+        "{:?}",
+        standby.stderr.all()
+    );
+    assert_eq!(
+        standby.stderr.count("server listening"),
+        0,
+        "a standby binds nothing"
+    );
+    let run = submit_run(
+        &leader,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    let mut leader = leader;
+    let killed = std::time::Instant::now();
+    leader.proc.kill();
+    let b = as_server(standby, dir.path().join("b"));
+    let took = killed.elapsed();
+    eprintln!(
+        "standby served {} ms after the leader was SIGKILLed (lease_ttl 2 s)",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let line = b
+        .proc
+        .stderr
+        .wait_for("leader: this server holds the lease", LIMIT)
+        .unwrap();
+    assert_eq!(field_of(&line, "epoch"), "2", "{line}");
+    let st = current_status(&b, &run);
+    assert_eq!(st["state"], "queued", "{st:#}");
+}
+
+/// A leader frozen (SIGSTOP) past its lease while a standby takes over
+/// does not act when it wakes: its commit is refused by the epoch and
+/// it steps down (exit 75); the request it took answers nothing and
+/// leaves nothing in the database.
+#[test]
+fn a_leader_frozen_past_its_lease_steps_down_when_it_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = pg::cluster();
+    let url = c.database();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let mut leader = as_server(spawn_server(dir.path(), "a", &url), dir.path().join("a"));
+    let standby = spawn_server(dir.path(), "b", &url);
+    assert!(standby.stderr.wait_for("standby:", LIMIT).is_some());
+    leader.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let b = as_server(standby, dir.path().join("b"));
+    // A client of the frozen leader: its submit waits in the socket.
+    let mut cmd = std::process::Command::new(bin("ots-submit"));
+    cmd.args([
+        "run",
+        "--device",
+        "devicegroup:none",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+        "--queue-anyway",
+        "--connect-timeout",
+        "2s",
+    ])
+    .env("OTS_SERVER", &leader.control)
+    .envs(submit_envs(&leader));
+    let client = Proc::spawn("late-client", cmd);
+    // Its connection is accepted by the kernel; give it its handshake
+    // bytes before the leader wakes (poll the socket's queue, bounded).
+    let deadline = std::time::Instant::now() + LIMIT;
+    while client.stderr.all().is_empty()
+        && std::time::Instant::now() < deadline
+        && !client_connected(&leader)
+    {
+        std::thread::sleep(Duration::from_millis(50)); // polling, bounded by the deadline
+    }
+    leader.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    let code = leader.proc.wait_exit(LIMIT);
+    assert_eq!(code, Some(75), "{:?}", leader.proc.stderr.all());
+    assert!(leader.proc.stderr.count("stepping down") >= 1);
+    eprintln!(
+        "{}",
+        leader.proc.stderr.wait_for("stepping down", LIMIT).unwrap()
+    );
+    assert_eq!(
+        c.psql(&db, "SELECT count(*) FROM runs").unwrap(),
+        "0",
+        "the frozen leader committed nothing"
+    );
+    // The new leader serves.
+    let run = submit_run(
+        &b,
+        &[
+            "--device",
+            "devicegroup:none",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--queue-anyway",
+        ],
+    );
+    assert_eq!(current_status(&b, &run)["state"], "queued");
+    drop(client);
+}
+
+/// Whether a TCP connection to the server's control port is established
+/// (from /proc/net/tcp: the port in state 01).
+fn client_connected(server: &ServerProc) -> bool {
+    let port: u16 = server.control.rsplit(':').next().unwrap().parse().unwrap();
+    let hex = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2].ends_with(&hex) && f[3] == "01"
+        })
+}
+
+/// The fencing itself: once another server holds a newer epoch, a
+/// deposed leader's commit is refused in its transaction and writes
+/// nothing; the new leader's commits land.
+#[test]
+fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
+    let url = pg::cluster().database();
+    let policy = ots::server::lease::LeasePolicy {
+        ttl: Duration::from_millis(300),
+        renew: Duration::from_millis(100),
+    };
+    rt().block_on(async {
+        let mut a = PgDb::open(&settings(&url)).await.unwrap();
+        let mut b = PgDb::open(&settings(&url)).await.unwrap();
+        let (ea, _) = a.lead("a", "tcp://a:5555", policy).await.unwrap();
+        a.commit(&batch(1)).await.unwrap();
+        // b waits for a's lease to lapse (a does not renew), then leads.
+        let (eb, _) = b.lead("b", "tcp://b:5555", policy).await.unwrap();
+        assert_eq!((ea, eb), (1, 2));
+        let late = Changes {
+            runs: vec![("r-late".into(), b"x".to_vec())],
+            ..Changes::default()
+        };
+        let e = a.commit(&late).await.expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                ots::server::db::StateError::Deposed {
+                    epoch: 1,
+                    now: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("held by b"), "{e}");
+        b.commit(&batch(2)).await.unwrap();
+        let snap = b.load().await.unwrap();
+        assert!(!snap.runs.iter().any(|(id, _)| id == "r-late"));
+        assert!(snap.runs.iter().any(|(id, _)| id == "r1"));
+    });
+}

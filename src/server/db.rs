@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 /// 3: quarantine (rows that could not be restored).
 /// 4: input_owners (who uploaded each stored input file).
 /// 5: notifications (the outbox: one row per delivery).
-pub const SCHEMA_VERSION: i64 = 5;
+/// 6: lease (one leader among servers sharing a PostgreSQL database).
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The SQL flavour a migration is written for: both backends share one
 /// schema, one list of versions.
@@ -59,6 +60,12 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
         5 => {
             "CREATE TABLE notifications (id TEXT PRIMARY KEY, run TEXT, body {blob} NOT NULL);
               CREATE INDEX notifications_run ON notifications (run);"
+        }
+        // Used on PostgreSQL only (an SQLite state directory is locked
+        // by one server); there for one schema.
+        6 => {
+            "CREATE TABLE lease (id {int} PRIMARY KEY, holder TEXT NOT NULL, epoch {int} NOT NULL,
+                  expires_ms {int} NOT NULL, since_ms {int} NOT NULL, address TEXT NOT NULL);"
         }
         _ => unreachable!("no migration to version {version}"),
     };
@@ -108,6 +115,13 @@ pub enum StateError {
     Postgres {
         target: String,
         source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL {target}: this server's lease (epoch {epoch}) was taken over (now epoch {now}, held by {holder}): it does not act any more")]
+    Deposed {
+        target: String,
+        epoch: i64,
+        now: i64,
+        holder: String,
     },
     #[error("configuration `database` = {url:?}: {reason}")]
     DatabaseConfig { url: String, reason: String },

@@ -9,7 +9,8 @@
 //! - [`store`]: task logs on disk.
 //! - [`files`]: the file desk: result file writes, hashes and reads off the loop.
 //! - [`db`], [`pg`], [`state`]: the durable state in SQLite or PostgreSQL
-//!   (one schema, the same batches).
+//!   (one schema, the same batches); [`lease`]: one leader among servers
+//!   sharing a PostgreSQL database.
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
 pub mod db;
@@ -17,6 +18,7 @@ pub mod distribution;
 pub mod fairshare;
 pub mod files;
 pub mod health;
+pub mod lease;
 pub mod metrics;
 pub mod pg;
 pub mod scheduler;

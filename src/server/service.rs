@@ -174,13 +174,34 @@ impl Server {
             crate::notify::sender::Sender::from_config(&cfg.notify)
                 .map_err(crate::config::ConfigError::from)?,
         );
-        let db = StateStore::open(&cfg.state_dir, cfg.postgres().as_ref()).await?;
+        let mut db = StateStore::open(&cfg.state_dir, cfg.postgres().as_ref()).await?;
+        let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        // With PostgreSQL: one leader among the servers sharing it. A
+        // standby waits here, bound to nothing, until the lease is free.
+        let policy = cfg.lease_policy();
+        let leadership = match db.lead(&incarnation, &cfg.control, policy).await? {
+            None => None,
+            Some((epoch, granted)) => {
+                info!(epoch, database = %db.describe(), "leader: this server holds the lease");
+                let settings = cfg.postgres().expect("a lease only with PostgreSQL");
+                let renewals = crate::server::pg::PgDb::spawn_renewer(
+                    &settings,
+                    incarnation.clone(),
+                    epoch,
+                    policy,
+                )
+                .await?;
+                Some(Leadership {
+                    tenure: crate::server::lease::Tenure::granted(policy, epoch, granted),
+                    renewals,
+                })
+            }
+        };
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();
         socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
-        let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         // With security, broadcasts are signed with a key of this
         // incarnation's own (PROTOCOL.md §15.4).
         let announcer = credentials.as_ref().map(|_| Announcer::generate());
@@ -314,6 +335,7 @@ impl Server {
                 idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
                 scrapes,
                 web,
+                leadership,
             },
             shutdown_rx,
         ));
@@ -376,6 +398,41 @@ struct Pace {
     scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
     /// The web dashboard, if served.
     web: Option<crate::web::WebHandle>,
+    /// With PostgreSQL: the lease this server acts under.
+    leadership: Option<Leadership>,
+}
+
+/// The lease held, and its renewer's reports.
+struct Leadership {
+    tenure: crate::server::lease::Tenure,
+    renewals: mpsc::UnboundedReceiver<crate::server::pg::Renewal>,
+}
+
+impl Leadership {
+    /// Takes the renewals that arrived; whether the lease is still ours
+    /// at `now` (a takeover steps down at once).
+    fn holds(&mut self, now: Instant) -> bool {
+        while let Ok(r) = self.renewals.try_recv() {
+            match r {
+                crate::server::pg::Renewal::Renewed(sent) => self.tenure.renewed(sent),
+                crate::server::pg::Renewal::Deposed => {
+                    step_down("another server took the lease over")
+                }
+            }
+        }
+        self.tenure.valid(now)
+    }
+}
+
+/// Exit status of a leader that lost its lease: systemd starts it again,
+/// and it comes back as a standby.
+const EXIT_DEPOSED: i32 = 75;
+
+/// Stops acting at once: no output of this turn leaves, the sockets close
+/// with the process.
+fn step_down(why: &str) -> ! {
+    error!(reason = why, "stepping down: this server no longer holds the lease; it sends, dispatches and acknowledges nothing more (it comes back as a standby when restarted)");
+    std::process::exit(EXIT_DEPOSED);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -405,6 +462,7 @@ async fn serve(
         idle_timeout,
         mut scrapes,
         web,
+        mut leadership,
     } = pace;
     // The dashboard's requests: asked on a bounded queue, handled here in
     // batches like messages, answered after the commit like replies.
@@ -482,12 +540,35 @@ async fn serve(
     // retry 1 s after a failure should not wait for a tick on top).
     let notify_wake = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(notify_wake);
+    // Wakes when the lease would lapse unrenewed (then: step down).
+    let lease_end = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(lease_end);
     loop {
         let notify_due = scheduler.notifications_due_in(Instant::now());
         if let Some(d) = notify_due {
             notify_wake.as_mut().reset(tokio::time::Instant::now() + d);
         }
+        if let Some(l) = &leadership {
+            lease_end
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(l.tenure.valid_until()));
+        }
         tokio::select! {
+            Some(renewal) = async { leadership.as_mut()?.renewals.recv().await }, if leadership.is_some() => {
+                match renewal {
+                    crate::server::pg::Renewal::Renewed(sent) => {
+                        if let Some(l) = leadership.as_mut() {
+                            l.tenure.renewed(sent);
+                        }
+                    }
+                    crate::server::pg::Renewal::Deposed => step_down("another server took the lease over"),
+                }
+            }
+            _ = &mut lease_end, if leadership.is_some() => {
+                if leadership.as_mut().is_some_and(|l| !l.holds(Instant::now())) {
+                    step_down("the lease could not be renewed in time (lease_ttl less one lease_renew)");
+                }
+            }
             _ = &mut notify_wake, if notify_due.is_some() => {
                 scheduler.on_notifications_due(Instant::now());
             }
@@ -666,6 +747,9 @@ async fn serve(
         if !changes.is_empty() {
             metrics.observe_commit(committing.elapsed());
         }
+        if let Err(crate::server::db::StateError::Deposed { .. }) = &committed {
+            step_down(&committed.expect_err("deposed").to_string());
+        }
         if let Err(e) = committed {
             error!(error = %e, "storage error: cannot commit server state; stopping so that nothing is acknowledged that is not durable");
             std::process::exit(EXIT_STATE);
@@ -674,6 +758,14 @@ async fn serve(
             for (name, n) in gate.take_counters() {
                 scheduler.count_shell_event(name, n);
             }
+        }
+        // A leader acts only inside its lease: after a stop longer than
+        // it (SIGSTOP, a stalled machine) nothing of this turn leaves.
+        if leadership
+            .as_mut()
+            .is_some_and(|l| !l.holds(Instant::now()))
+        {
+            step_down("the lease lapsed while this server was not running (stopped or stalled)");
         }
         let outputs = scheduler.take_outputs();
         let outputs = web_pending.answer(&mut scheduler, Instant::now(), outputs);

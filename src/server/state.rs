@@ -47,6 +47,21 @@ impl StateStore {
         }
     }
 
+    /// On PostgreSQL: waits (standby) until this server holds the lease,
+    /// then fences its commits; the epoch and when it was granted. On
+    /// SQLite the state directory's lock already makes one server.
+    pub async fn lead(
+        &mut self,
+        holder: &str,
+        address: &str,
+        policy: crate::server::lease::LeasePolicy,
+    ) -> Result<Option<(i64, std::time::Instant)>, StateError> {
+        match self {
+            StateStore::Sqlite(_) => Ok(None),
+            StateStore::Postgres { db, .. } => db.lead(holder, address, policy).await.map(Some),
+        }
+    }
+
     /// The database file, or `PostgreSQL user@host:port/db`.
     pub fn describe(&self) -> String {
         match self {

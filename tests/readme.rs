@@ -221,3 +221,22 @@ fn the_notification_blocks_work_as_written() {
     assert_eq!(check(body), "True");
     assert_eq!(check(&body.replace("r1", "r2")), "False");
 }
+
+/// The PostgreSQL block of "State and crashes" loads as written.
+#[test]
+fn the_postgresql_block_loads_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme
+        .find("### State in PostgreSQL, and a standby server")
+        .expect("the heading");
+    let rest = &readme[at..];
+    let start = rest.find("```toml\n").expect("the block") + "```toml\n".len();
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(&file, block).unwrap();
+    let cfg = ots::config::ServerConfig::load(Some(&file), &[]).unwrap();
+    let pg = cfg.postgres().expect("PostgreSQL");
+    assert_eq!(pg.url, "postgresql://ots@db.example.org/ots");
+    assert_eq!(cfg.lease_policy(), ots::server::lease::LeasePolicy::default());
+}

@@ -238,5 +238,8 @@ fn the_postgresql_block_loads_as_written() {
     let cfg = ots::config::ServerConfig::load(Some(&file), &[]).unwrap();
     let pg = cfg.postgres().expect("PostgreSQL");
     assert_eq!(pg.url, "postgresql://ots@db.example.org/ots");
-    assert_eq!(cfg.lease_policy(), ots::server::lease::LeasePolicy::default());
+    assert_eq!(
+        cfg.lease_policy(),
+        ots::server::lease::LeasePolicy::default()
+    );
 }

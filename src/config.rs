@@ -222,6 +222,44 @@ fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
         .map_err(|source| ConfigError::Layer { prefix, source })
 }
 
+/// A list of endpoints, `tcp://a:5555, tcp://b:5555`: the servers that
+/// may lead (a standby binds nothing until it takes over).
+pub fn endpoints(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `server` and `events` as pairs, checked: one events endpoint per
+/// server endpoint, in the same order.
+pub fn endpoint_pairs(server: &str, events: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let (s, e) = (endpoints(server), endpoints(events));
+    if s.is_empty() {
+        return Err(invalid("server", server, "names no endpoint"));
+    }
+    if s.len() > 16 {
+        return Err(invalid("server", server, "lists more than 16 endpoints"));
+    }
+    if s.len() != e.len() {
+        return Err(invalid(
+            "events",
+            events,
+            format!(
+                "lists {} endpoints for the {} of `server`: give one events endpoint per server, in the same order",
+                e.len(),
+                s.len()
+            ),
+        ));
+    }
+    for (a, b) in s.iter().zip(&e) {
+        check_endpoint("server", a)?;
+        check_endpoint("events", b)?;
+    }
+    Ok(s.into_iter().zip(e).collect())
+}
+
 fn check_endpoint(key: &'static str, ep: &str) -> Result<(), ConfigError> {
     let rest = ep.strip_prefix("tcp://").ok_or_else(|| {
         invalid(
@@ -1439,8 +1477,7 @@ impl WorkerConfig {
                 "must be 1–64 characters of A–Z a–z 0–9 . _ - not starting with . or - (set it with --name)",
             ));
         }
-        check_endpoint("server", &self.server)?;
-        check_endpoint("events", &self.events)?;
+        endpoint_pairs(&self.server, &self.events)?;
         self.device_props()?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(

@@ -107,7 +107,14 @@ fn the_same_batches_give_the_same_snapshot_on_both_backends() {
         assert_eq!(a.runs, b.runs);
         assert_eq!(a.tasks, b.tasks);
         assert_eq!(a.workers, b.workers);
-        assert_eq!(a.meta, b.meta);
+        // PostgreSQL's meta also names the database (`database_id`).
+        let b_meta: Vec<_> = b
+            .meta
+            .iter()
+            .filter(|(k, _)| k != "database_id")
+            .cloned()
+            .collect();
+        assert_eq!(a.meta, b_meta);
         assert_eq!(a.input_owners, b.input_owners);
         assert_eq!(a.notifications, b.notifications);
         assert_eq!(b.runs.len(), 50);
@@ -490,4 +497,155 @@ fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
         assert!(!snap.runs.iter().any(|(id, _)| id == "r-late"));
         assert!(snap.runs.iter().any(|(id, _)| id == "r1"));
     });
+}
+
+/// A server on fixed free ports (a standby binds them only when it
+/// leads, so the workers' lists must name them in advance), sharing
+/// `state` and the database.
+fn spawn_on(state: &std::path::Path, name: &str, url: &str, control: &str, events: &str) -> Proc {
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    for (k, v) in keys().server_env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in LEASE {
+        cmd.env(k, v);
+    }
+    cmd.env("OTS_SERVER_DATABASE", url)
+        .env("OTS_SERVER_LOST_GRACE_MS", "30000")
+        .arg("--control")
+        .arg(control)
+        .arg("--events")
+        .arg(events)
+        .arg("--state-dir")
+        .arg(state);
+    Proc::spawn(name, cmd)
+}
+
+/// The issue's failover with real processes: two servers on one
+/// database and one shared state directory, three real workers that
+/// list both, testruns running; the leader is SIGKILLed mid-task. The
+/// standby serves within lease_ttl + 2 s, the workers go to it, their
+/// running tasks finish there, every testrun passes with one attempt per
+/// task, and a client following a testrun with both endpoints sees it
+/// through.
+#[test]
+fn testruns_running_through_a_failover_end_as_they_would_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::cluster().database();
+    let state = dir.path().join("shared-state");
+    let ports: Vec<String> = (0..4)
+        .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
+        .collect();
+    let (a_control, a_events, b_control, b_events) = (&ports[0], &ports[1], &ports[2], &ports[3]);
+    let a = as_server(
+        spawn_on(&state, "a", &url, a_control, a_events),
+        state.clone(),
+    );
+    let b = spawn_on(&state, "b", &url, b_control, b_events);
+    assert!(
+        b.stderr.wait_for("standby:", LIMIT).is_some(),
+        "{:?}",
+        b.stderr.all()
+    );
+    let servers = format!("{a_control}, {b_control}");
+    let events = format!("{a_events}, {b_events}");
+    let conductor = script(
+        dir.path(),
+        "slow.sh",
+        &format!(
+            "sleep 3\necho done\n{}",
+            r#"mkdir -p "$OTS_RESULTS_DIR"; echo '<testsuite><testcase name="t"/></testsuite>' > "$OTS_RESULTS_DIR/r.xml""#
+        ),
+    )
+    .display()
+    .to_string();
+    let mut workers = Vec::new();
+    for i in 1..=3 {
+        workers.push(start_worker_with(
+            dir.path(),
+            &format!("fo-w{i}"),
+            "devicegroup:fo",
+            &servers,
+            &events,
+            &[&conductor],
+            &[],
+            "",
+        ));
+    }
+    assert!(wait_for_workers(
+        &a,
+        LIMIT,
+        all_idle(&["fo-w1", "fo-w2", "fo-w3"])
+    ));
+    let runs: Vec<String> = (0..3)
+        .map(|_| {
+            submit_run(
+                &a,
+                &[
+                    "--device",
+                    "devicegroup:fo",
+                    "--image",
+                    "img",
+                    "--packages",
+                    "p1,p2",
+                    "--distribution",
+                    "perpackage",
+                ],
+            )
+        })
+        .collect();
+    // A client following the first testrun, knowing both servers.
+    let mut cmd = std::process::Command::new(bin("ots-submit"));
+    cmd.args(["wait", &runs[0]])
+        .envs(submit_envs(&a))
+        .env("OTS_SERVER", &servers);
+    let waiter = Proc::spawn("waiter", cmd);
+    assert!(
+        waiter.stdout.wait_for(" queued", LIMIT).is_some()
+            || waiter.stdout.wait_for("running", LIMIT).is_some()
+    );
+    // Mid-task: every worker busy.
+    wait_status(&a, &runs[0], LIMIT, running);
+    let mut a = a;
+    let killed = std::time::Instant::now();
+    a.proc.kill();
+    let b = as_server(b, state.clone());
+    let took = killed.elapsed();
+    eprintln!(
+        "failover: the standby served {} ms after the leader was SIGKILLed (lease_ttl 2 s)",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    for run in &runs {
+        let st = wait_status(&b, run, Duration::from_secs(90), finished);
+        assert_eq!(st["verdict"], "PASS", "{st:#}");
+        for t in st["tasks"].as_array().unwrap() {
+            assert_eq!(t["attempts"], 1, "no task ran twice: {t:#}");
+            assert_eq!(t["files"].as_array().unwrap().len(), 1, "{t:#}");
+        }
+    }
+    let mut waiter = waiter;
+    assert_eq!(
+        waiter.wait_exit(LIMIT),
+        Some(0),
+        "{:?} {:?}",
+        waiter.stdout.all(),
+        waiter.stderr.all()
+    );
+    drop(workers);
+}
+
+/// A state directory records the database whose files it holds: a server
+/// pointed at another database with it is refused, naming both.
+#[test]
+fn a_state_directory_of_another_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (pg::cluster().database(), pg::cluster().database());
+    let mut first = as_server(spawn_server(dir.path(), "s", &one), dir.path().join("s"));
+    first.proc.kill();
+    let mut second = spawn_server(dir.path(), "s", &two);
+    let code = second.wait_exit(LIMIT);
+    assert!(code.is_some_and(|c| c != 0), "{:?}", second.stderr.all());
+    let log = second.stderr.all().join("\n");
+    assert!(log.contains("another PostgreSQL database"), "{log}");
 }

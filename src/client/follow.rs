@@ -44,7 +44,7 @@ async fn reconnect(client: &mut Client, why: &ClientError, sink: &mut impl FnMut
         .with_jitter()
         .without_max_times()
         .build();
-    let endpoint = client.endpoint().to_string();
+    let endpoint = client.servers().to_string();
     let timeout = client.timeout();
     let credentials = client.credentials().clone();
     loop {
@@ -77,7 +77,7 @@ async fn subscribe(
     logs: bool,
     tx: mpsc::UnboundedSender<Body>,
 ) -> Result<tokio::task::JoinHandle<()>, ClientError> {
-    Client::connect(client.endpoint(), client.timeout(), client.credentials())
+    Client::connect(client.servers(), client.timeout(), client.credentials())
         .await?
         .into_follower(run, logs, tx)
         .await

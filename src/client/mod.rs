@@ -85,6 +85,9 @@ impl ClientError {
 /// A connection to one server's control socket.
 pub struct Client {
     endpoint: String,
+    /// The endpoints as given (one, or the list of servers that may
+    /// lead): what a reconnect tries.
+    servers: String,
     timeout: Duration,
     socket: DealerSocket,
     next_request: u64,
@@ -99,7 +102,33 @@ impl Client {
     /// Connects and pings; fails with [`ClientError::Unreachable`] within
     /// about `timeout` if nothing answers. A server busy admitting other
     /// connections (a reconnect storm) is retried until `timeout`.
+    /// Connects to the server at `endpoint`, or to the first of a list
+    /// (`tcp://a:5555, tcp://b:5555`) that answers: the leader (a
+    /// standby binds nothing, so it does not answer).
     pub async fn connect(
+        endpoint: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
+        let list = crate::config::endpoints(endpoint);
+        let mut last = None;
+        for ep in list.iter() {
+            match Self::connect_to(ep, timeout, credentials).await {
+                Err(e @ ClientError::Unreachable { .. }) => last = Some(e),
+                Ok(mut c) => {
+                    c.servers = endpoint.to_string();
+                    return Ok(c);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(ClientError::Unreachable {
+            endpoint: endpoint.to_string(),
+            timeout,
+        }))
+    }
+
+    async fn connect_to(
         endpoint: &str,
         timeout: Duration,
         credentials: &Credentials,
@@ -169,6 +198,7 @@ impl Client {
         };
         let mut client = Client {
             endpoint: endpoint.to_string(),
+            servers: endpoint.to_string(),
             timeout,
             socket,
             next_request: 1,
@@ -185,8 +215,15 @@ impl Client {
         }
     }
 
+    /// The endpoint this connection is to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The endpoints as given to [`Client::connect`]: a reconnect tries
+    /// them all (after a failover the leader is another one).
+    pub fn servers(&self) -> &str {
+        &self.servers
     }
 
     pub fn credentials(&self) -> &Credentials {

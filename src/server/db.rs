@@ -123,6 +123,14 @@ pub enum StateError {
         now: i64,
         holder: String,
     },
+    #[error(
+        "state directory {path}: cannot record which PostgreSQL database it belongs to: {source}{}",
+        crate::durable::access_hint(path, source)
+    )]
+    Marker {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration `database` = {url:?}: {reason}")]
     DatabaseConfig { url: String, reason: String },
     #[error("state database {path}: {table} row {key:?} is corrupt ({reason}); restore a backup or move the state directory away")]

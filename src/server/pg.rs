@@ -43,6 +43,8 @@ pub struct PgDb {
     _connection: tokio::task::JoinHandle<()>,
     /// Once leader: (holder, epoch) every commit checks first.
     fence: Option<(String, i64)>,
+    /// A random id made with the schema (`meta.database_id`).
+    database_id: String,
 }
 
 /// The database's clock, in Unix ms: one clock for every server.
@@ -329,6 +331,21 @@ impl PgDb {
                 tracing::info!(database = %target, version = v, "state database migrated");
             }
         }
+        // Which database this is, whatever its address is written as: the
+        // state directories of the servers sharing it record it.
+        client
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('database_id', md5(random()::text || clock_timestamp()::text))
+                 ON CONFLICT (key) DO NOTHING",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        let database_id: String = client
+            .query_one("SELECT value FROM meta WHERE key = 'database_id'", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
         let prepare = |sql: &'static str| {
             let client = &client;
             async move { client.prepare(sql).await }
@@ -398,6 +415,7 @@ impl PgDb {
             statements,
             _connection: connection,
             fence: None,
+            database_id,
         })
     }
 
@@ -493,6 +511,11 @@ impl PgDb {
     /// `user@host:port/db`.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The database's own id (`meta.database_id`).
+    pub fn database_id(&self) -> &str {
+        &self.database_id
     }
 
     fn pg(&self) -> impl Fn(tokio_postgres::Error) -> StateError + '_ {

@@ -129,21 +129,9 @@ impl Server {
     /// Binds the sockets and starts serving in the background.
     pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg.validate()?;
-        // Taken before the lists are read: any change after it is reloaded.
-        let listed = fingerprint(&cfg.workers_dir, &cfg.users_dir);
-        let credentials = cfg.credentials()?;
-        if credentials.as_ref().is_some_and(|c| c.allow.is_empty()) {
-            warn!(workers_dir = %cfg.workers_dir.display(), users_dir = %cfg.users_dir.display(), "no identity is allowed: no worker or user can connect until a NAME.pub is put into workers_dir or users_dir");
-        }
-        match &credentials {
-            None => warn!("security = \"none\": every peer that reaches the control port is trusted and nothing is encrypted; use this in a closed lab only"),
-            Some(c) => info!(
-                identities = c.allow.len(),
-                workers_dir = %cfg.workers_dir.display(),
-                users_dir = %cfg.users_dir.display(),
-                "security on: Noise IK; peers authenticate with allow-listed keys"
-            ),
-        }
+        // Keys and allow-lists are checked before a standby waits (a
+        // mistake is said at once), and read for use once it leads.
+        cfg.credentials()?;
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| ServerError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -197,6 +185,21 @@ impl Server {
                 })
             }
         };
+        // Taken before the lists are read: any change after it is reloaded.
+        let listed = fingerprint(&cfg.workers_dir, &cfg.users_dir);
+        let credentials = cfg.credentials()?;
+        if credentials.as_ref().is_some_and(|c| c.allow.is_empty()) {
+            warn!(workers_dir = %cfg.workers_dir.display(), users_dir = %cfg.users_dir.display(), "no identity is allowed: no worker or user can connect until a NAME.pub is put into workers_dir or users_dir");
+        }
+        match &credentials {
+            None => warn!("security = \"none\": every peer that reaches the control port is trusted and nothing is encrypted; use this in a closed lab only"),
+            Some(c) => info!(
+                identities = c.allow.len(),
+                workers_dir = %cfg.workers_dir.display(),
+                users_dir = %cfg.users_dir.display(),
+                "security on: Noise IK; peers authenticate with allow-listed keys"
+            ),
+        }
         let store = DiskStore::open(&cfg.state_dir)?;
         let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();

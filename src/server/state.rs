@@ -9,13 +9,17 @@ use std::path::Path;
 
 pub enum StateStore {
     Sqlite(Db),
-    Postgres {
-        db: PgDb,
-        /// The state directory stays locked: logs and result files live
-        /// there, and two servers must not write them at once.
-        _lock: nix::fcntl::Flock<std::fs::File>,
-    },
+    /// The state directory holds logs, result and input files and the
+    /// audit log; servers sharing the database share it (a shared
+    /// filesystem for servers on several machines). It is not locked:
+    /// the lease makes one writer. It records which database it belongs
+    /// to (`database`), so a server pointed at another one is refused.
+    Postgres(PgDb),
 }
+
+/// Inside the state directory: the id of the PostgreSQL database whose
+/// files it holds.
+pub const DATABASE_MARKER: &str = "database";
 
 impl StateStore {
     /// Opens the configured store (migrating its schema).
@@ -23,11 +27,34 @@ impl StateStore {
         match pg {
             None => Ok(StateStore::Sqlite(Db::open(state_dir)?)),
             Some(settings) => {
-                let lock = super::db::lock(state_dir)?;
-                Ok(StateStore::Postgres {
-                    db: PgDb::open(settings).await?,
-                    _lock: lock,
-                })
+                let db = PgDb::open(settings).await?;
+                let marker = state_dir.join(DATABASE_MARKER);
+                match std::fs::read_to_string(&marker) {
+                    Ok(id) if id.trim() == db.database_id() => {}
+                    Ok(id) => {
+                        return Err(StateError::Foreign {
+                            path: marker,
+                            reason: format!(
+                                "this state directory holds the files of another PostgreSQL database (id {}; {} has {}): use the state directory of {}, or another one",
+                                id.trim(),
+                                db.target(),
+                                db.database_id(),
+                                db.target()
+                            ),
+                        })
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let tmp = state_dir.join(format!(".{DATABASE_MARKER}.{}", std::process::id()));
+                        std::fs::write(&tmp, format!("{}\n", db.database_id()))
+                            .and_then(|()| std::fs::rename(&tmp, &marker))
+                            .map_err(|source| StateError::Marker {
+                                path: marker.clone(),
+                                source,
+                            })?;
+                    }
+                    Err(source) => return Err(StateError::Marker { path: marker, source }),
+                }
+                Ok(StateStore::Postgres(db))
             }
         }
     }
@@ -35,7 +62,7 @@ impl StateStore {
     pub async fn load(&self) -> Result<Snapshot, StateError> {
         match self {
             StateStore::Sqlite(db) => db.load(),
-            StateStore::Postgres { db, .. } => db.load().await,
+            StateStore::Postgres(db) => db.load().await,
         }
     }
 
@@ -43,7 +70,7 @@ impl StateStore {
     pub async fn commit(&mut self, changes: &Changes) -> Result<(), StateError> {
         match self {
             StateStore::Sqlite(db) => db.commit(changes),
-            StateStore::Postgres { db, .. } => db.commit(changes).await,
+            StateStore::Postgres(db) => db.commit(changes).await,
         }
     }
 
@@ -58,7 +85,7 @@ impl StateStore {
     ) -> Result<Option<(i64, std::time::Instant)>, StateError> {
         match self {
             StateStore::Sqlite(_) => Ok(None),
-            StateStore::Postgres { db, .. } => db.lead(holder, address, policy).await.map(Some),
+            StateStore::Postgres(db) => db.lead(holder, address, policy).await.map(Some),
         }
     }
 
@@ -66,7 +93,7 @@ impl StateStore {
     pub fn describe(&self) -> String {
         match self {
             StateStore::Sqlite(db) => db.path().display().to_string(),
-            StateStore::Postgres { db, .. } => format!("PostgreSQL {}", db.target()),
+            StateStore::Postgres(db) => format!("PostgreSQL {}", db.target()),
         }
     }
 }

@@ -290,6 +290,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     let mut backoff = reconnect_backoff(&cfg);
     let mut retry_at = Some(now);
     let mut outage: Option<(Instant, u32)> = None;
+    // The servers that may lead, tried in turn: the one that answered
+    // is kept; a failed connect moves to the next at once, and only a
+    // whole round of failures waits for the backoff.
+    let servers = crate::config::endpoint_pairs(&cfg.server, &cfg.events)?;
+    let mut current = 0usize;
     let mut ticker = tokio::time::interval(Duration::from_millis(cfg.log_batch_ms.clamp(5, 100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send_timeout = Duration::from_millis(cfg.connect_timeout_ms);
@@ -415,9 +420,10 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                 if conn.is_none() && connecting.is_none() && retry_at.is_some_and(|t| now >= t) {
                     retry_at = None;
                     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+                    let (server, events) = servers[current].clone();
                     connecting = Some(tokio::spawn(connect(
-                        cfg.server.clone(),
-                        cfg.events.clone(),
+                        server,
+                        events,
                         credentials.clone(),
                         timeout,
                     )));
@@ -460,8 +466,14 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                                 error!(error = %e, key = %cfg.key_path().display(), "the server refused this worker's handshake; retrying with backoff until its key is allowed");
                             }
                         }
-                        let delay = backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms));
-                        debug!(error = %e, attempt = *attempts, retry_in_ms = delay.as_millis() as u64, "connect failed");
+                        let failed = &servers[current].0;
+                        current = (current + 1) % servers.len();
+                        let delay = if !(*attempts as usize).is_multiple_of(servers.len()) {
+                            Duration::ZERO
+                        } else {
+                            backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms))
+                        };
+                        debug!(error = %e, server = %failed, attempt = *attempts, next = %servers[current].0, retry_in_ms = delay.as_millis() as u64, "connect failed");
                         retry_at = Some(Instant::now() + delay);
                         Vec::new()
                     }

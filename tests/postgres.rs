@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::http;
 use common::*;
 use ots::server::db::{Changes, Db, HistoryRow, Snapshot};
 use ots::server::pg::{PgDb, PgSettings};
@@ -272,11 +273,18 @@ const LEASE: [(&str, &str); 3] = [
 /// An `ots-server` on `url` with its own state directory, not waited for
 /// (a standby prints no "server listening" until it leads).
 fn spawn_server(dir: &std::path::Path, name: &str, url: &str) -> Proc {
+    spawn_server_env(dir, name, url, &[])
+}
+
+fn spawn_server_env(dir: &std::path::Path, name: &str, url: &str, extra: &[(&str, &str)]) -> Proc {
     let mut cmd = std::process::Command::new(bin("ots-server"));
     for (k, v) in keys().server_env() {
         cmd.env(k, v);
     }
     for (k, v) in LEASE {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
         cmd.env(k, v);
     }
     cmd.env("OTS_SERVER_DATABASE", url)
@@ -326,7 +334,8 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
             .count("leader: this server holds the lease")
             == 1
     );
-    let standby = spawn_server(dir.path(), "b", &url);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let standby = spawn_server_env(dir.path(), "b", &url, &[("OTS_SERVER_METRICS", &metrics)]);
     assert!(
         standby
             .stderr
@@ -370,6 +379,11 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
     assert_eq!(field_of(&line, "epoch"), "2", "{line}");
     let st = current_status(&b, &run);
     assert_eq!(st["state"], "queued", "{st:#}");
+    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
+    assert!(
+        page.contains("ots_leader 1") && page.contains("ots_lease_epoch 2"),
+        "{page}"
+    );
 }
 
 /// A leader frozen (SIGSTOP) past its lease while a standby takes over

@@ -50,6 +50,9 @@ pub struct Metrics {
     notifications: Family<Labels, Gauge>,
     notify_failures: Family<Labels, Gauge>,
     notify_alerts: Family<Labels, Gauge>,
+    leader: Gauge,
+    lease_epoch: Gauge,
+    lease_renew_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -121,7 +124,28 @@ impl Metrics {
             "1 while a notification target has been failing for longer than notify.alert_after",
             notify_alerts.clone(),
         );
+        let leader = Gauge::default();
+        let lease_epoch = Gauge::default();
+        let lease_renew_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "leader",
+            "1: this server leads (it serves only then; with SQLite always)",
+            leader.clone(),
+        );
+        registry.register(
+            "lease_epoch",
+            "The epoch of the lease this server holds (PostgreSQL; 0 with SQLite)",
+            lease_epoch.clone(),
+        );
+        registry.register(
+            "lease_renew_seconds",
+            "How long the last lease renewal took (PostgreSQL)",
+            lease_renew_seconds.clone(),
+        );
         Metrics {
+            leader,
+            lease_epoch,
+            lease_renew_seconds,
             notifications,
             notify_failures,
             notify_alerts,
@@ -135,6 +159,14 @@ impl Metrics {
             commit_seconds,
             tick_gap_seconds,
         }
+    }
+
+    /// The lease held (epoch 0: SQLite) and the last renewal's time.
+    pub fn set_lease(&self, epoch: i64, renew: Option<Duration>) {
+        self.leader.set(1);
+        self.lease_epoch.set(epoch);
+        self.lease_renew_seconds
+            .set(renew.map_or(0.0, |d| d.as_secs_f64()));
     }
 
     pub fn observe_commit(&self, d: Duration) {

@@ -111,8 +111,8 @@ async fn view(client: &Client) -> Result<Option<LeaseView>, tokio_postgres::Erro
 /// What the renewer tells the serving loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Renewal {
-    /// The renewal sent at this instant succeeded.
-    Renewed(std::time::Instant),
+    /// The renewal sent at this instant succeeded, after this long.
+    Renewed(std::time::Instant, Duration),
     /// The lease is someone else's now.
     Deposed,
 }
@@ -488,7 +488,7 @@ impl PgDb {
                     .await
                 {
                     Ok(Ok(true)) => {
-                        if tx.send(Renewal::Renewed(sent)).is_err() {
+                        if tx.send(Renewal::Renewed(sent, sent.elapsed())).is_err() {
                             return;
                         }
                     }

@@ -182,6 +182,7 @@ impl Server {
                 Some(Leadership {
                     tenure: crate::server::lease::Tenure::granted(policy, epoch, granted),
                     renewals,
+                    renew_took: Duration::ZERO,
                 })
             }
         };
@@ -409,6 +410,8 @@ struct Pace {
 struct Leadership {
     tenure: crate::server::lease::Tenure,
     renewals: mpsc::UnboundedReceiver<crate::server::pg::Renewal>,
+    /// How long the last renewal took (metrics).
+    renew_took: Duration,
 }
 
 impl Leadership {
@@ -417,7 +420,10 @@ impl Leadership {
     fn holds(&mut self, now: Instant) -> bool {
         while let Ok(r) = self.renewals.try_recv() {
             match r {
-                crate::server::pg::Renewal::Renewed(sent) => self.tenure.renewed(sent),
+                crate::server::pg::Renewal::Renewed(sent, took) => {
+                    self.tenure.renewed(sent);
+                    self.renew_took = took;
+                }
                 crate::server::pg::Renewal::Deposed => {
                     step_down("another server took the lease over")
                 }
@@ -559,9 +565,10 @@ async fn serve(
         tokio::select! {
             Some(renewal) = async { leadership.as_mut()?.renewals.recv().await }, if leadership.is_some() => {
                 match renewal {
-                    crate::server::pg::Renewal::Renewed(sent) => {
+                    crate::server::pg::Renewal::Renewed(sent, took) => {
                         if let Some(l) = leadership.as_mut() {
                             l.tenure.renewed(sent);
+                            l.renew_took = took;
                         }
                     }
                     crate::server::pg::Renewal::Deposed => step_down("another server took the lease over"),
@@ -653,6 +660,11 @@ async fn serve(
                 }
             }
             Some(scrape) = async { scrapes.as_mut()?.recv().await }, if scrapes.is_some() => {
+                // Serving means leading (a standby serves nothing).
+                metrics.set_lease(
+                    leadership.as_ref().map_or(0, |l| l.tenure.epoch),
+                    leadership.as_ref().map(|l| l.renew_took),
+                );
                 let page = metrics.render(scheduler.metrics_snapshot(Instant::now()));
                 let _ = scrape.send(page);
             }

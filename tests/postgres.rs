@@ -663,3 +663,104 @@ fn a_state_directory_of_another_database_is_refused() {
     let log = second.stderr.all().join("\n");
     assert!(log.contains("another PostgreSQL database"), "{log}");
 }
+
+/// A TCP proxy in front of PostgreSQL that can be cut: it then forwards
+/// nothing either way but keeps the connections open (packets dropped,
+/// the way a partition looks).
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(50))).ok();
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            if flag.load(Ordering::SeqCst) {
+                                // Cut: hold everything, deliver nothing.
+                                std::thread::sleep(Duration::from_millis(50)); // a blackhole's idle loop
+                                continue;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => return,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The tracing timestamp a log line starts with (RFC 3339, UTC, one
+/// format: ordered as text).
+fn stamp(line: &str) -> String {
+    line.split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// The leader cut from PostgreSQL (through a proxy that drops
+/// everything) steps down before the standby, which still reaches the
+/// database, takes the lease over.
+#[test]
+fn a_leader_cut_from_the_database_steps_down_before_the_standby_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = pg::cluster();
+    let url = c.database();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let proxy = Proxy::start(c.port);
+    let via_proxy = format!("postgresql://postgres@127.0.0.1:{}/{db}", proxy.port);
+    let mut leader = as_server(
+        spawn_server(dir.path(), "a", &via_proxy),
+        dir.path().join("a"),
+    );
+    let standby = spawn_server(dir.path(), "b", &url);
+    assert!(standby.stderr.wait_for("standby:", LIMIT).is_some());
+    proxy.cut();
+    let code = leader.proc.wait_exit(LIMIT);
+    assert_eq!(code, Some(75), "{:?}", leader.proc.stderr.all());
+    let stepped = leader.proc.stderr.wait_for("stepping down", LIMIT).unwrap();
+    let b = as_server(standby, dir.path().join("b"));
+    let took = b
+        .proc
+        .stderr
+        .wait_for("leader: this server holds the lease", LIMIT)
+        .unwrap();
+    eprintln!(
+        "cut leader stepped down at {}, the standby led at {}",
+        stamp(&stepped),
+        stamp(&took)
+    );
+    assert!(stamp(&stepped) < stamp(&took), "{stepped}\n{took}");
+}

@@ -758,7 +758,26 @@ async fn serve(
         supervisor.tick(Instant::now(), || scheduler.status_line());
         let changes = scheduler.take_changes();
         let committing = Instant::now();
-        let committed = db.commit(&changes).await;
+        let committed = match leadership.as_mut() {
+            None => db.commit(&changes).await,
+            // A leader's commit must end inside its lease: one that hangs
+            // (the database unreachable, packets dropped) would otherwise
+            // keep a leader that cannot step down.
+            Some(l) => {
+                let commit = db.commit(&changes);
+                tokio::pin!(commit);
+                loop {
+                    let until = tokio::time::Instant::from_std(l.tenure.valid_until());
+                    match tokio::time::timeout_at(until, &mut commit).await {
+                        Ok(r) => break r,
+                        // Renewed meanwhile (a slow commit, a live
+                        // database): wait on, to the new end of the lease.
+                        Err(_) if l.holds(Instant::now()) => continue,
+                        Err(_) => step_down("a commit did not finish within the lease (the database is unreachable or stalled)"),
+                    }
+                }
+            }
+        };
         if !changes.is_empty() {
             metrics.observe_commit(committing.elapsed());
         }

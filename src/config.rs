@@ -1306,9 +1306,11 @@ pub enum StopPolicy {
 pub struct WorkerConfig {
     /// Logical worker name, unique per server.
     pub name: String,
-    /// The server's control (ROUTER) endpoint.
+    /// The server's control (ROUTER) endpoint, or a comma-separated
+    /// list of the servers that may lead (tried in turn).
     pub server: String,
-    /// The server's events (PUB) endpoint.
+    /// The server's events (PUB) endpoint; with a list in `server`, a
+    /// list of as many, in the same order.
     pub events: String,
     /// `devicegroup:X [devicename:Y] [deviceid:Z]` of the device this worker owns.
     pub device: String,

@@ -243,3 +243,30 @@ fn the_postgresql_block_loads_as_written() {
         ots::server::lease::LeasePolicy::default()
     );
 }
+
+/// The workers' endpoint lists of that section load as written.
+#[test]
+fn the_worker_endpoint_list_block_loads_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme
+        .find("Workers and `ots-submit` take the list of servers")
+        .expect("the paragraph");
+    let rest = &readme[at..];
+    let start = rest.find("```toml\n").expect("the block") + "```toml\n".len();
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let pairs = block
+        .lines()
+        .map(|l| l.split_once(" = ").unwrap().1.trim_matches('"').to_string())
+        .collect::<Vec<_>>();
+    let endpoints = ots::config::endpoint_pairs(&pairs[0], &pairs[1]).unwrap();
+    assert_eq!(endpoints.len(), 2);
+    assert_eq!(endpoints[1].0, "tcp://ots-b.lab:5555");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        format!("name = \"w\"\ndevice = \"devicegroup:n900\"\nsecurity = \"none\"\n{block}"),
+    )
+    .unwrap();
+    ots::config::WorkerConfig::load(Some(&file), &[]).unwrap();
+}

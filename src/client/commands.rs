@@ -32,7 +32,9 @@ const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 cancelled, 64 u
 /// Where the server is and how to talk to it.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// Server control endpoint.
+    /// Server control endpoint, or a comma-separated list of the servers
+    /// that may lead (a leader and its standby): the first that answers
+    /// is used, and a reconnect tries them all.
     #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
     pub server: String,
     /// `noise` (authenticate with --key, pin --server-key) or `none` (a

@@ -27,6 +27,7 @@ fn env(body: Body) -> ots::protocol::Envelope {
             mandatory: false,
             seq: 0,
             task: None,
+            epoch: None,
         },
         body,
         raw: None,

@@ -50,6 +50,7 @@ fn header(body: &Body, mandatory: bool, seq: u64) -> Header {
         mandatory,
         seq,
         task: None,
+        epoch: None,
     }
 }
 

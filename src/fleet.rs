@@ -313,6 +313,7 @@ fn mandatory(body: &Body, seq: u64, task: &TaskId) -> Vec<Bytes> {
         mandatory: true,
         seq,
         task: Some(task.clone()),
+        epoch: None,
     };
     encode(&h, body, None)
 }

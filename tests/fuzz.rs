@@ -298,7 +298,7 @@ proptest! {
     fn the_decoder_never_panics_on_mutated_messages(
         body in body(), mandatory in any::<bool>(), seq in number(), m in mutation()
     ) {
-        let h = Header { v: PROTOCOL_VERSION, class: body.class(), mandatory, seq, task: None };
+        let h = Header { v: PROTOCOL_VERSION, class: body.class(), mandatory, seq, task: None , epoch: None };
         let frames = apply(encode(&h, &body, None), &m);
         match decode(frames) {
             Ok(env) => prop_assert!(ots::protocol::limits::check(&env).is_ok()),
@@ -322,7 +322,7 @@ proptest! {
         // One well-behaved worker so that tasks exist and run.
         let good = Bytes::from_static(b"good");
         s.on_message(now, &good, decode(encode(
-            &Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None },
+            &Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None , epoch: None },
             &Body::Hello { worker: "good".into(), session: "s".into(), device: device(), running: vec![], version: None },
             None,
         )).unwrap());
@@ -331,7 +331,7 @@ proptest! {
         for inp in inputs {
             now += Duration::from_millis(inp.advance_ms);
             let peer = Bytes::from(vec![b'p', inp.peer]);
-            let h = Header { v: PROTOCOL_VERSION, class: inp.body.class(), mandatory: inp.mandatory, seq: inp.seq, task: None };
+            let h = Header { v: PROTOCOL_VERSION, class: inp.body.class(), mandatory: inp.mandatory, seq: inp.seq, task: None , epoch: None };
             let frames = apply(encode(&h, &inp.body, inp.raw.clone().map(Bytes::from)), &inp.mutation);
             let refusals_before: u64 = ["malformed", "invalid_field", "too_large", "unsupported_version"]
                 .iter().map(|c| s.counters().get(*c).copied().unwrap_or(0)).sum();
@@ -427,13 +427,13 @@ proptest! {
         };
         let mut w = Session::new(cfg, "w1".into(), "sess".into(), device(), now);
         w.on_connected(now);
-        let welcome = Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None };
+        let welcome = Header { v: PROTOCOL_VERSION, class: Class::Control, mandatory: false, seq: 0, task: None , epoch: None };
         w.on_message(now, Arrival { at: now, wall_ms: 1000 }, decode(encode(&welcome,
             &Body::Welcome { server: "srv1".into(), heartbeat_ms: 1000, liveness: 3, sent_ms: 0, events_key: None, beat: 0 }, None)).unwrap());
         let mut applied: HashSet<u64> = HashSet::new();
         for (seq, mandatory, body, m, advance) in msgs {
             now += Duration::from_millis(advance);
-            let h = Header { v: PROTOCOL_VERSION, class: body.class(), mandatory, seq, task: None };
+            let h = Header { v: PROTOCOL_VERSION, class: body.class(), mandatory, seq, task: None , epoch: None };
             let Ok(env) = decode(apply(encode(&h, &body, None), &m)) else { continue };
             let (mandatory, seq) = (env.header.mandatory, env.header.seq);
             let restart = matches!(&env.body, Body::ServerHeartbeat { server, .. } if server == "srv2");

@@ -21,6 +21,7 @@ fn header(class: Class, mandatory: bool, seq: u64) -> Header {
         mandatory,
         seq,
         task: None,
+        epoch: None,
     }
 }
 

@@ -324,6 +324,7 @@ fn a_captured_ciphertext_replayed_on_a_new_connection_is_refused() {
             mandatory: false,
             seq: 7,
             task: None,
+            epoch: None,
         };
         let plain = encode(&header, &ping, None);
         let timeout = Duration::from_secs(5);
@@ -427,6 +428,7 @@ fn a_heartbeat_forged_on_the_events_port_does_not_keep_a_worker_believing_in_a_h
                     mandatory: false,
                     seq: 0,
                     task: None,
+                    epoch: None,
                 };
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let mut frames = vec![bytes::Bytes::from_static(b"hb")];

@@ -251,6 +251,7 @@ impl Sim {
                         mandatory: false,
                         seq: 0,
                         task: None,
+                        epoch: None,
                     };
                     let frames = encode(&header, &body, None);
                     for w in 0..self.workers.len() {
@@ -420,6 +421,7 @@ impl Sim {
             mandatory: false,
             seq: 1,
             task: None,
+            epoch: None,
         };
         self.server.on_message(
             now,
@@ -554,6 +556,7 @@ fn check_with(seed: u64, faults: Faults, workers: usize) -> u32 {
         mandatory: false,
         seq: 9,
         task: None,
+        epoch: None,
     };
     sim.server.on_message(
         sim.now(),

@@ -325,6 +325,7 @@ impl Client {
             mandatory: false,
             seq: request,
             task: None,
+            epoch: None,
         };
         let unreachable = ClientError::Unreachable {
             endpoint: self.endpoint.clone(),

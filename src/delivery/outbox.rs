@@ -171,6 +171,7 @@ impl Outbox {
                     mandatory: true,
                     seq,
                     task: p.task.clone(),
+                    epoch: None,
                 },
                 body: p.body.clone(),
                 raw: p.raw.clone(),

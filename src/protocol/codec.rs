@@ -297,6 +297,7 @@ mod tests {
             mandatory: true,
             seq: 7,
             task: Some("r.1".into()),
+            epoch: None,
         }
     }
 

@@ -444,6 +444,9 @@ fn check_inputs(
 pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
     let kind = env.body.kind();
     check_range(kind, "seq", env.header.seq, 0..=MAX_SEQ)?;
+    if let Some(epoch) = env.header.epoch {
+        check_range(kind, "epoch", epoch, 1..=MAX_SEQ)?;
+    }
     if let Some(task) = &env.header.task {
         check_id(kind, "task", task)?;
     }

@@ -41,6 +41,12 @@ pub struct Header {
     /// The task this message belongs to, where there is one.
     #[serde(default)]
     pub task: Option<TaskId>,
+    /// A server with its state in PostgreSQL: the epoch of the lease it
+    /// leads under (PROTOCOL.md §13.1), on everything it sends. A
+    /// worker ignores `welcome`, `dispatch` and `cancel` from an epoch
+    /// older than one it has seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl Header {
@@ -53,6 +59,7 @@ impl Header {
             mandatory: false,
             seq: 0,
             task: task.cloned(),
+            epoch: None,
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct SchedulerConfig {
     pub web: bool,
     /// Notification targets and the outbox's rules (`[notify]`).
     pub notify: crate::notify::outbox::Rules,
+    /// With PostgreSQL: the epoch of the lease this server leads under.
+    pub epoch: Option<u64>,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -175,6 +177,7 @@ impl Default for SchedulerConfig {
             priority_lead: Duration::from_secs(600),
             web: false,
             notify: crate::notify::outbox::Rules::default(),
+            epoch: None,
         }
     }
 }
@@ -566,7 +569,17 @@ impl<S: Store> Scheduler<S> {
     /// Outputs produced since the last call, in order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
         self.out_raw_bytes = 0;
-        std::mem::take(&mut self.out)
+        let mut out = std::mem::take(&mut self.out);
+        // Everything a leader sends carries its lease's epoch: a worker
+        // ignores commands from an older one (PROTOCOL.md §13.1).
+        if let Some(epoch) = self.cfg.epoch {
+            for o in &mut out {
+                if let Output::Send { header, .. } = o {
+                    header.epoch = Some(epoch);
+                }
+            }
+        }
+        out
     }
 
     /// Bytes of log and file data in the outputs not yet taken.

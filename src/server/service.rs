@@ -236,6 +236,7 @@ impl Server {
                 priority_lead: Duration::from_secs(cfg.fairshare.priority_lead_secs),
                 web: !cfg.web.is_empty(),
                 notify: notify_rules,
+                epoch: leadership.as_ref().map(|l| l.tenure.epoch as u64),
             },
             store,
             incarnation.clone(),

@@ -176,6 +176,8 @@ pub struct SessionStats {
     pub expired_dispatches: u64,
     /// Error replies received from the server.
     pub server_errors: u64,
+    /// Commands ignored because they came from an older lease epoch.
+    pub stale_epoch: u64,
     /// Broadcasts on the events port not taken as the server's: forged,
     /// replayed or held back (security on, PROTOCOL.md §15.4).
     pub broadcasts_refused: u64,
@@ -219,6 +221,8 @@ pub struct Session {
     dropped_per_task: BTreeMap<TaskId, u64>,
     /// The server incarnation whose mandatory messages `server_dedup` tracks.
     server_session: Option<String>,
+    /// The newest lease epoch heard from a server (0: none, or SQLite).
+    epoch: u64,
     server_dedup: DedupWindow,
     /// Guarantee-nothing messages waiting for the next flush.
     unreliable: VecDeque<Outgoing>,
@@ -304,6 +308,7 @@ impl Session {
             stats: SessionStats::default(),
             dropped_per_task: BTreeMap::new(),
             server_session: None,
+            epoch: 0,
             server_dedup: DedupWindow::default(),
             unreliable: VecDeque::new(),
             clock: ClockOffset::default(),
@@ -664,6 +669,27 @@ impl Session {
     pub fn on_message(&mut self, now: Instant, received: Arrival, env: Envelope) -> Vec<Action> {
         if self.link == Link::Down {
             return Vec::new();
+        }
+        // A leader's messages carry its lease's epoch: a command from an
+        // older leader than one we have heard (a deposed one that has not
+        // noticed) is ignored — neither applied nor acknowledged.
+        if let Some(epoch) = env.header.epoch {
+            if epoch < self.epoch
+                && matches!(
+                    env.body,
+                    Body::Welcome { .. } | Body::Dispatch { .. } | Body::Cancel { .. }
+                )
+            {
+                self.stats.stale_epoch += 1;
+                warn!(
+                    epoch,
+                    newest = self.epoch,
+                    kind = env.body.kind(),
+                    "ignored a command from a server with an older lease epoch (a deposed leader)"
+                );
+                return Vec::new();
+            }
+            self.epoch = self.epoch.max(epoch);
         }
         self.last_heard = now;
         let mut actions = Vec::new();

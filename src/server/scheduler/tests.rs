@@ -32,6 +32,7 @@ fn env(mandatory: bool, seq: u64, body: Body) -> Envelope {
             mandatory,
             seq,
             task: None,
+            epoch: None,
         },
         body,
         raw: None,

@@ -34,6 +34,7 @@ fn env(body: Body) -> Envelope {
             mandatory: false,
             seq: 0,
             task: None,
+            epoch: None,
         },
         body,
         raw: None,
@@ -1059,4 +1060,34 @@ fn pieces_that_continue_each_other_share_a_part_and_streams_get_their_own() {
     assert_eq!(batches[1].0, vec![(5, 1, Stream::Stderr, 2)]);
     assert_eq!(&batches[1].1[..], b"e\n");
     assert_eq!(w.s.buffered_log_lines(), 0);
+}
+
+#[test]
+fn commands_from_an_older_lease_epoch_are_ignored() {
+    let mut w = W::new();
+    w.up();
+    // The new leader (epoch 3) is heard first…
+    let mut e = env(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    e.header.mandatory = true;
+    e.header.seq = 1;
+    e.header.epoch = Some(3);
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
+    assert!(a.iter().any(|a| matches!(a, Action::StartTask(_))));
+    // …then a deposed one (epoch 2) cancels: neither applied nor acked.
+    let mut e = env(Body::Cancel { task: "t1".into() });
+    e.header.mandatory = true;
+    e.header.seq = 2;
+    e.header.epoch = Some(2);
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(w.s.stats.stale_epoch, 1);
+    // The leader's own cancel still works.
+    let mut e = env(Body::Cancel { task: "t1".into() });
+    e.header.mandatory = true;
+    e.header.seq = 2;
+    e.header.epoch = Some(3);
+    let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
+    assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }

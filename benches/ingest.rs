@@ -20,6 +20,11 @@
 //! noise, default 3; medians). 1000 chatty workers:
 //! `OTS_BENCH_WORKERS=1000 OTS_BENCH_LINES=5000 cargo bench --bench ingest`.
 
+// The test harness's throwaway PostgreSQL (the state-in-PostgreSQL rounds).
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
+
 use bytes::Bytes;
 use ots::config::ServerConfig;
 use ots::protocol::*;
@@ -363,6 +368,10 @@ fn main() {
             .unwrap_or(3)
             .max(1);
         let (mut plain, mut noise, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // The same rounds with the state in PostgreSQL (OTS_BENCH_POSTGRES=0
+        // leaves them out): a throwaway cluster, one database per round.
+        let postgres = std::env::var("OTS_BENCH_POSTGRES").map_or(true, |v| v != "0");
+        let mut pg = Vec::new();
         for _ in 0..rounds {
             let t = baseline(&msgs).await;
             let raw_lines = total_lines as f64 / t.as_secs_f64();
@@ -378,6 +387,10 @@ fn main() {
             raw.push((raw_lines, 0.0));
             plain.push(p);
             noise.push(through_server(true, batches, lines, bytes_per_worker).await);
+            if postgres {
+                let url = common::pg::cluster().database();
+                pg.push(through_server_on(false, Some(url), batches, lines, bytes_per_worker).await);
+            }
         }
         let median = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
             let mut x: Vec<f64> = v.iter().map(pick).collect();
@@ -400,6 +413,14 @@ fn main() {
             (noise_lines / plain_lines - 1.0) * 100.0,
             (noise_acks / plain_acks - 1.0) * 100.0
         );
+        if postgres {
+            let (pg_lines, pg_acks) = (median(&pg, |r| r.0), median(&pg, |r| r.1));
+            println!(
+                "state in PostgreSQL vs SQLite (none, medians): ingestion {pg_lines:.0} vs {plain_lines:.0} lines/s ({:.2}×); durable acks {pg_acks:.0} vs {plain_acks:.0} msg/s ({:.2}×; the budget is ≥ 0.5×)",
+                pg_lines / plain_lines,
+                pg_acks / plain_acks
+            );
+        }
         handshakes().await;
     });
 }
@@ -412,7 +433,22 @@ async fn through_server(
     lines: u64,
     bytes_per_worker: u64,
 ) -> (f64, f64) {
-    let mode = if secure { "noise" } else { "none " };
+    through_server_on(secure, None, batches, lines, bytes_per_worker).await
+}
+
+/// [`through_server`] with the state in the PostgreSQL at `database`.
+async fn through_server_on(
+    secure: bool,
+    database: Option<String>,
+    batches: usize,
+    lines: u64,
+    bytes_per_worker: u64,
+) -> (f64, f64) {
+    let mode = match (secure, database.is_some()) {
+        (false, false) => "none ",
+        (true, false) => "noise",
+        (_, true) => "none, PostgreSQL",
+    };
     let total_lines = lines * worker_count() as u64;
     let mb = (bytes_per_worker * worker_count() as u64) as f64 / 1e6;
     // The real server, with durable state and per-task log files.
@@ -423,6 +459,7 @@ async fn through_server(
         events: "tcp://127.0.0.1:0".into(),
         state_dir: dir.path().to_path_buf(),
         security: ots::config::SecurityMode::None,
+        database: database.unwrap_or_default(),
         ..ServerConfig::default()
     };
     if let Some(k) = &keys {

@@ -22,7 +22,7 @@
 
 // The test harness's throwaway PostgreSQL (the state-in-PostgreSQL rounds).
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use bytes::Bytes;

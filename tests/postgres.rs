@@ -630,8 +630,47 @@ fn testruns_running_through_a_failover_end_as_they_would_have() {
         took.as_millis()
     );
     assert!(took < Duration::from_secs(4), "took {took:?}");
+    // And back: the killed server returns as the standby; while tasks
+    // run on the new leader, that one is killed too.
+    let a2 = spawn_on(&state, "a2", &url, a_control, a_events);
+    assert!(
+        a2.stderr.wait_for("standby:", LIMIT).is_some(),
+        "{:?}",
+        a2.stderr.all()
+    );
+    let mut runs = runs;
+    runs.push(submit_run(
+        &b,
+        &[
+            "--device",
+            "devicegroup:fo",
+            "--image",
+            "img",
+            "--packages",
+            "p1,p2",
+            "--distribution",
+            "perpackage",
+        ],
+    ));
+    wait_status(&b, runs.last().unwrap(), LIMIT, running);
+    let mut b = b;
+    let killed = std::time::Instant::now();
+    b.proc.kill();
+    let a2 = as_server(a2, state.clone());
+    let took = killed.elapsed();
+    eprintln!(
+        "failover back: the first server served again {} ms after the second was SIGKILLed",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let line = a2
+        .proc
+        .stderr
+        .wait_for("leader: this server holds the lease", LIMIT)
+        .unwrap();
+    assert_eq!(field_of(&line, "epoch"), "3", "{line}");
     for run in &runs {
-        let st = wait_status(&b, run, Duration::from_secs(90), finished);
+        let st = wait_status(&a2, run, Duration::from_secs(90), finished);
         assert_eq!(st["verdict"], "PASS", "{st:#}");
         for t in st["tasks"].as_array().unwrap() {
             assert_eq!(t["attempts"], 1, "no task ran twice: {t:#}");

@@ -484,10 +484,10 @@ fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
     rt().block_on(async {
         let mut a = PgDb::open(&settings(&url)).await.unwrap();
         let mut b = PgDb::open(&settings(&url)).await.unwrap();
-        let (ea, _) = a.lead("a", "tcp://a:5555", policy).await.unwrap();
+        let (ea, _) = a.lead("a", "tcp://a:5555", policy, |_| {}).await.unwrap();
         a.commit(&batch(1)).await.unwrap();
         // b waits for a's lease to lapse (a does not renew), then leads.
-        let (eb, _) = b.lead("b", "tcp://b:5555", policy).await.unwrap();
+        let (eb, _) = b.lead("b", "tcp://b:5555", policy, |_| {}).await.unwrap();
         assert_eq!((ea, eb), (1, 2));
         let late = Changes {
             runs: vec![("r-late".into(), b"x".to_vec())],

@@ -422,11 +422,14 @@ impl PgDb {
     /// Waits until this server holds the lease (standby until then:
     /// nothing bound, nothing read), then fences every commit with its
     /// epoch. Returns the epoch and when the winning request was sent.
+    /// `waiting` is called at each look while another leads (the shell
+    /// tells systemd it is up, as a standby, and pings its watchdog).
     pub async fn lead(
         &mut self,
         holder: &str,
         address: &str,
         policy: crate::server::lease::LeasePolicy,
+        mut waiting: impl FnMut(Option<&LeaseView>),
     ) -> Result<(i64, std::time::Instant), StateError> {
         let pg = |source| StateError::Postgres {
             target: self.target.clone(),
@@ -442,7 +445,9 @@ impl PgDb {
                 self.fence = Some((holder.to_string(), epoch));
                 return Ok((epoch, sent));
             }
-            if let Some(v) = view(&self.client).await.map_err(pg)? {
+            let seen = view(&self.client).await.map_err(pg)?;
+            waiting(seen.as_ref());
+            if let Some(v) = seen {
                 if told.as_ref() != Some(&(v.holder.clone(), v.epoch)) {
                     tracing::info!(
                         database = %self.target,

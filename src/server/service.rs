@@ -167,7 +167,25 @@ impl Server {
         // With PostgreSQL: one leader among the servers sharing it. A
         // standby waits here, bound to nothing, until the lease is free.
         let policy = cfg.lease_policy();
-        let leadership = match db.lead(&incarnation, &cfg.control, policy).await? {
+        // Under systemd a standby is up (READY, its watchdog pinged while
+        // it waits): a wait longer than TimeoutStartSec is not a failure.
+        let mut standby_supervisor = crate::supervision::Supervisor::new();
+        let mut told_ready = false;
+        let waiting = |v: Option<&crate::server::pg::LeaseView>| {
+            let status = match v {
+                Some(v) => format!(
+                    "standby: {} leads (epoch {}, {})",
+                    v.holder, v.epoch, v.address
+                ),
+                None => "standby: waiting for the lease".to_string(),
+            };
+            if !told_ready {
+                standby_supervisor.ready(&status);
+                told_ready = true;
+            }
+            standby_supervisor.tick(Instant::now(), || status);
+        };
+        let leadership = match db.lead(&incarnation, &cfg.control, policy, waiting).await? {
             None => None,
             Some((epoch, granted)) => {
                 info!(epoch, database = %db.describe(), "leader: this server holds the lease");

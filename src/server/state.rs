@@ -82,10 +82,11 @@ impl StateStore {
         holder: &str,
         address: &str,
         policy: crate::server::lease::LeasePolicy,
+        waiting: impl FnMut(Option<&super::pg::LeaseView>),
     ) -> Result<Option<(i64, std::time::Instant)>, StateError> {
         match self {
             StateStore::Sqlite(_) => Ok(None),
-            StateStore::Postgres(db) => db.lead(holder, address, policy).await.map(Some),
+            StateStore::Postgres(db) => db.lead(holder, address, policy, waiting).await.map(Some),
         }
     }
 

@@ -277,30 +277,65 @@ fn spawn_server(dir: &std::path::Path, name: &str, url: &str) -> Proc {
 }
 
 fn spawn_server_env(dir: &std::path::Path, name: &str, url: &str, extra: &[(&str, &str)]) -> Proc {
+    let any = "tcp://127.0.0.1:0";
+    spawn_with(&dir.join(name), name, url, (any, any), extra)
+}
+
+/// An `ots-server` on `url` with the lease timing of these tests, its
+/// state in `state`, bound to (control, events) once it leads.
+fn spawn_with(
+    state: &std::path::Path,
+    name: &str,
+    url: &str,
+    (control, events): (&str, &str),
+    extra: &[(&str, &str)],
+) -> Proc {
     let mut cmd = std::process::Command::new(bin("ots-server"));
-    for (k, v) in keys().server_env() {
-        cmd.env(k, v);
-    }
-    for (k, v) in LEASE {
-        cmd.env(k, v);
-    }
-    for (k, v) in extra {
+    for (k, v) in keys().server_env().into_iter().chain(
+        LEASE
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    ) {
         cmd.env(k, v);
     }
     cmd.env("OTS_SERVER_DATABASE", url)
         .arg("--control")
-        .arg("tcp://127.0.0.1:0")
+        .arg(control)
         .arg("--events")
-        .arg("tcp://127.0.0.1:0")
+        .arg(events)
         .arg("--state-dir")
-        .arg(dir.join(name));
+        .arg(state);
     Proc::spawn(name, cmd)
 }
 
-/// The value of `key=` in a log line.
-fn field_of(line: &str, key: &str) -> String {
-    let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
-    line[at..].split_whitespace().next().unwrap().to_string()
+/// SIGKILLs `leader`; the standby serves within lease_ttl + 2 s (the
+/// test's lease is 2 s) under `epoch`. What took how long is printed.
+fn fail_over(
+    leader: &mut ServerProc,
+    standby: Proc,
+    state: std::path::PathBuf,
+    epoch: Option<&str>,
+    what: &str,
+) -> ServerProc {
+    let killed = std::time::Instant::now();
+    leader.proc.kill();
+    let next = as_server(standby, state);
+    let took = killed.elapsed();
+    eprintln!(
+        "{what}: served {} ms after the leader was SIGKILLed (lease_ttl 2 s)",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    if let Some(epoch) = epoch {
+        let line = next
+            .proc
+            .stderr
+            .wait_for("leader: this server holds the lease", LIMIT)
+            .unwrap();
+        assert_eq!(field(&line, "epoch"), epoch, "{line}");
+    }
+    next
 }
 
 /// The running server a [`Proc`] became once it logged "server listening".
@@ -310,8 +345,8 @@ fn as_server(proc: Proc, state_dir: std::path::PathBuf) -> ServerProc {
         .wait_for("server listening", LIMIT)
         .unwrap_or_else(|| panic!("never served: {:?}", proc.stderr.all()));
     ServerProc {
-        control: field_of(&line, "control"),
-        events: field_of(&line, "events"),
+        control: field(&line, "control"),
+        events: field(&line, "events"),
         proc,
         state_dir,
         keys: Some(keys()),
@@ -362,21 +397,13 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
         ],
     );
     let mut leader = leader;
-    let killed = std::time::Instant::now();
-    leader.proc.kill();
-    let b = as_server(standby, dir.path().join("b"));
-    let took = killed.elapsed();
-    eprintln!(
-        "standby served {} ms after the leader was SIGKILLed (lease_ttl 2 s)",
-        took.as_millis()
+    let b = fail_over(
+        &mut leader,
+        standby,
+        dir.path().join("b"),
+        Some("2"),
+        "standby",
     );
-    assert!(took < Duration::from_secs(4), "took {took:?}");
-    let line = b
-        .proc
-        .stderr
-        .wait_for("leader: this server holds the lease", LIMIT)
-        .unwrap();
-    assert_eq!(field_of(&line, "epoch"), "2", "{line}");
     let st = current_status(&b, &run);
     assert_eq!(st["state"], "queued", "{st:#}");
     let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
@@ -513,26 +540,14 @@ fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
     });
 }
 
-/// A server on fixed free ports (a standby binds them only when it
-/// leads, so the workers' lists must name them in advance), sharing
-/// `state` and the database.
 fn spawn_on(state: &std::path::Path, name: &str, url: &str, control: &str, events: &str) -> Proc {
-    let mut cmd = std::process::Command::new(bin("ots-server"));
-    for (k, v) in keys().server_env() {
-        cmd.env(k, v);
-    }
-    for (k, v) in LEASE {
-        cmd.env(k, v);
-    }
-    cmd.env("OTS_SERVER_DATABASE", url)
-        .env("OTS_SERVER_LOST_GRACE_MS", "30000")
-        .arg("--control")
-        .arg(control)
-        .arg("--events")
-        .arg(events)
-        .arg("--state-dir")
-        .arg(state);
-    Proc::spawn(name, cmd)
+    spawn_with(
+        state,
+        name,
+        url,
+        (control, events),
+        &[("OTS_SERVER_LOST_GRACE_MS", "30000")],
+    )
 }
 
 /// The failover with real processes: two servers on one
@@ -621,15 +636,7 @@ fn testruns_running_through_a_failover_end_as_they_would_have() {
     // Mid-task: every worker busy.
     wait_status(&a, &runs[0], LIMIT, running);
     let mut a = a;
-    let killed = std::time::Instant::now();
-    a.proc.kill();
-    let b = as_server(b, state.clone());
-    let took = killed.elapsed();
-    eprintln!(
-        "failover: the standby served {} ms after the leader was SIGKILLed (lease_ttl 2 s)",
-        took.as_millis()
-    );
-    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let b = fail_over(&mut a, b, state.clone(), None, "failover: the standby");
     // And back: the killed server returns as the standby; while tasks
     // run on the new leader, that one is killed too.
     let a2 = spawn_on(&state, "a2", &url, a_control, a_events);
@@ -654,21 +661,13 @@ fn testruns_running_through_a_failover_end_as_they_would_have() {
     ));
     wait_status(&b, runs.last().unwrap(), LIMIT, running);
     let mut b = b;
-    let killed = std::time::Instant::now();
-    b.proc.kill();
-    let a2 = as_server(a2, state.clone());
-    let took = killed.elapsed();
-    eprintln!(
-        "failover back: the first server served again {} ms after the second was SIGKILLed",
-        took.as_millis()
+    let a2 = fail_over(
+        &mut b,
+        a2,
+        state.clone(),
+        Some("3"),
+        "failover back: the first server",
     );
-    assert!(took < Duration::from_secs(4), "took {took:?}");
-    let line = a2
-        .proc
-        .stderr
-        .wait_for("leader: this server holds the lease", LIMIT)
-        .unwrap();
-    assert_eq!(field_of(&line, "epoch"), "3", "{line}");
     for run in &runs {
         let st = wait_status(&a2, run, Duration::from_secs(90), finished);
         assert_eq!(st["verdict"], "PASS", "{st:#}");

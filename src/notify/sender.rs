@@ -59,7 +59,13 @@ pub struct Sender {
     allow_private: bool,
 }
 
-fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
+/// A TLS client verifying against Mozilla's roots, or only the CA
+/// certificates of `ca_file` (a lab's own CA): for webhooks here, and for
+/// PostgreSQL ([`crate::server::pg`]). Errors say what is wrong with the
+/// file; the caller names the setting.
+pub fn client_tls_config(
+    ca_file: Option<&Path>,
+) -> Result<tokio_rustls::rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     match ca_file {
@@ -79,12 +85,17 @@ fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, S
         }
     }
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    Ok(
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    client_tls_config(ca_file).map(|cfg| tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
 fn read_key(

@@ -79,6 +79,18 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
         .replace("{serial}", serial)
 }
 
+/// A table whose rows may be quarantined, and its key column: names come
+/// from this list, never from a peer, before they reach SQL.
+pub(crate) fn quarantinable(table: &str) -> Option<(&'static str, &'static str)> {
+    match table {
+        "runs" => Some(("runs", "id")),
+        "tasks" => Some(("tasks", "id")),
+        "workers" => Some(("workers", "name")),
+        "notifications" => Some(("notifications", "id")),
+        _ => None,
+    }
+}
+
 /// Name of the database file inside the state directory.
 pub const DB_FILE: &str = "ots.db";
 /// Name of the lock file inside the state directory.
@@ -444,13 +456,8 @@ impl Db {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
             for (table, key, reason) in &changes.quarantine {
-                // Table names come from our own constants, never a peer.
-                let (table, column) = match *table {
-                    "runs" => ("runs", "id"),
-                    "tasks" => ("tasks", "id"),
-                    "workers" => ("workers", "name"),
-                    "notifications" => ("notifications", "id"),
-                    _ => continue,
+                let Some((table, column)) = quarantinable(table) else {
+                    continue;
                 };
                 tx.execute(
                     &format!(

@@ -220,32 +220,14 @@ impl PgSettings {
     }
 
     fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StateError> {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-        match &self.ca_file {
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            Some(path) => {
-                let bad = |e: String| {
-                    config_error(
-                        &self.url,
-                        format!("database_ca_file {}: {e}", path.display()),
-                    )
-                };
-                for c in rustls_pki_types::CertificateDer::pem_file_iter(path)
-                    .map_err(|e| bad(e.to_string()))?
-                {
-                    roots
-                        .add(c.map_err(|e| bad(e.to_string()))?)
-                        .map_err(|e| bad(e.to_string()))?;
-                }
-            }
-        }
-        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| config_error(&self.url, e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg =
+            crate::notify::sender::client_tls_config(self.ca_file.as_deref()).map_err(|e| {
+                let file = self.ca_file.as_deref().unwrap_or(std::path::Path::new("-"));
+                config_error(
+                    &self.url,
+                    format!("database_ca_file {}: {e}", file.display()),
+                )
+            })?;
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(cfg))
     }
 }
@@ -568,6 +550,16 @@ impl PgDb {
         fn last<K: Ord + Clone, V>(rows: impl Iterator<Item = (K, V)>) -> BTreeMap<K, V> {
             rows.collect()
         }
+        /// Three columns of (key, (a, b)) rows.
+        fn columns<K, A, B>(rows: BTreeMap<K, (A, B)>) -> (Vec<K>, Vec<A>, Vec<B>) {
+            let mut out = (Vec::new(), Vec::new(), Vec::new());
+            for (k, (a, b)) in rows {
+                out.0.push(k);
+                out.1.push(a);
+                out.2.push(b);
+            }
+            out
+        }
         if !changes.runs.is_empty() {
             let rows = last(changes.runs.iter().map(|(k, b)| (k.as_str(), b.as_slice())));
             let (ids, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
@@ -580,14 +572,7 @@ impl PgDb {
                     .iter()
                     .map(|(k, r, b)| (k.as_str(), (r.as_str(), b.as_slice()))),
             );
-            let mut ids = Vec::new();
-            let mut runs = Vec::new();
-            let mut bodies = Vec::new();
-            for (id, (run, body)) in rows {
-                ids.push(id);
-                runs.push(run);
-                bodies.push(body);
-            }
+            let (ids, runs, bodies) = columns(rows);
             tx.execute(&s.tasks, &[&ids, &runs, &bodies])
                 .await
                 .map_err(pg)?;
@@ -629,16 +614,8 @@ impl PgDb {
                 last(changes.files.iter().map(|(t, n, size, sha)| {
                     ((t.as_str(), n.as_str()), (*size as i64, sha.as_str()))
                 }));
-            let mut tasks = Vec::new();
-            let mut names = Vec::new();
-            let mut sizes = Vec::new();
-            let mut shas = Vec::new();
-            for ((t, n), (size, sha)) in rows {
-                tasks.push(t);
-                names.push(n);
-                sizes.push(size);
-                shas.push(sha);
-            }
+            let (keys, sizes, shas) = columns(rows);
+            let (tasks, names): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
             tx.execute(&s.files, &[&tasks, &names, &sizes, &shas])
                 .await
                 .map_err(pg)?;
@@ -663,14 +640,7 @@ impl PgDb {
                     .iter()
                     .map(|(id, run, b)| (id.as_str(), (run.as_deref(), b.as_slice()))),
             );
-            let mut ids = Vec::new();
-            let mut runs = Vec::new();
-            let mut bodies = Vec::new();
-            for (id, (run, body)) in rows {
-                ids.push(id);
-                runs.push(run);
-                bodies.push(body);
-            }
+            let (ids, runs, bodies) = columns(rows);
             tx.execute(&s.notifications, &[&ids, &runs, &bodies])
                 .await
                 .map_err(pg)?;
@@ -687,13 +657,8 @@ impl PgDb {
         }
         let now_ms = crate::protocol::limits::unix_ms_now() as i64;
         for (table, key, reason) in &changes.quarantine {
-            // Table names come from our own constants, never a peer.
-            let (table, column) = match *table {
-                "runs" => ("runs", "id"),
-                "tasks" => ("tasks", "id"),
-                "workers" => ("workers", "name"),
-                "notifications" => ("notifications", "id"),
-                _ => continue,
+            let Some((table, column)) = super::db::quarantinable(table) else {
+                continue;
             };
             tx.execute(
                 &format!(

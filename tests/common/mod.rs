@@ -305,7 +305,7 @@ impl ServerProcView<'_> {
     }
 }
 
-fn field(line: &str, key: &str) -> String {
+pub fn field(line: &str, key: &str) -> String {
     let start = line
         .find(&format!("{key}="))
         .unwrap_or_else(|| panic!("no {key} in {line}"))

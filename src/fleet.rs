@@ -4,6 +4,9 @@
 //! (after a Noise handshake with its own key when the fleet is secured),
 //! repeats `ready` every second, and — like a real worker — reconnects
 //! with a jittered delay when its connection closes (a server restart).
+//! Given endpoint lists (`"tcp://a:5555, tcp://b:5555"`), it goes to the
+//! next server in the list after every failed or closed connection, as a
+//! real worker does when the leader changes.
 
 use crate::protocol::*;
 use crate::security::{link, Channel, KeyPair, PublicKey, SecurityError};
@@ -127,6 +130,9 @@ impl FleetCounters {
 /// in device groups `fleet0` … `fleet19`. With `chatty_lines > 0` each one
 /// takes the tasks it is dispatched and sends that many log lines (in
 /// batches of 500, as fast as the socket takes them) before reporting.
+/// `control` and `events` may list several servers (comma-separated, one
+/// events endpoint per control endpoint, in the same order); worker `i`
+/// starts at server `i % n` so a fleet probes all of them.
 pub fn start(
     control: &str,
     events: &str,
@@ -139,6 +145,16 @@ pub fn start(
         chatty_lines,
         ..FleetCounters::default()
     };
+    let servers: Arc<Vec<(String, String)>> = Arc::new(
+        crate::config::endpoints(control)
+            .into_iter()
+            .zip(crate::config::endpoints(events))
+            .collect(),
+    );
+    assert!(
+        !servers.is_empty(),
+        "fleet: no control endpoint in {control:?} (or no events endpoint in {events:?})"
+    );
     for i in 0..n {
         let credentials = match &security {
             FleetSecurity::None => None,
@@ -147,8 +163,7 @@ pub fn start(
         tokio::spawn(worker(
             format!("{prefix}{i}"),
             i,
-            control.to_string(),
-            events.to_string(),
+            servers.clone(),
             credentials,
             counters.clone(),
         ));
@@ -169,14 +184,16 @@ async fn pause() {
 async fn worker(
     name: String,
     i: usize,
-    control: String,
-    events: String,
+    servers: Arc<Vec<(String, String)>>,
     credentials: Option<(KeyPair, PublicKey)>,
     counters: FleetCounters,
 ) {
     let session = format!("{:016x}", rand::random::<u64>());
+    let mut next = i;
     loop {
-        let Ok(mut socket) = connect_dealer(&control, Duration::from_secs(5)).await else {
+        let (control, events) = &servers[next % servers.len()];
+        next = next.wrapping_add(1);
+        let Ok(mut socket) = connect_dealer(control, Duration::from_secs(5)).await else {
             pause().await;
             continue;
         };
@@ -199,7 +216,7 @@ async fn worker(
         // Secured: heartbeats come signed on the events port.
         let mut sub = None;
         if credentials.is_some() {
-            match crate::transport::connect_sub(&events, &["hb"], Duration::from_secs(5)).await {
+            match crate::transport::connect_sub(events, &["hb"], Duration::from_secs(5)).await {
                 Ok(s) => sub = Some(s),
                 Err(_) => {
                     pause().await;
@@ -224,9 +241,18 @@ async fn worker(
         // A dispatch is resent until acknowledged: run each attempt once.
         let mut last: Option<(TaskId, u32)> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut unanswered = 0u32;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // A server that does not welcome us in 10 s (frozen,
+                    // deposed) is left for the next one in the list.
+                    if !up {
+                        unanswered += 1;
+                        if unanswered > 10 {
+                            break;
+                        }
+                    }
                     let body = if up { Body::Ready } else { hello.clone() };
                     if tx.send(wire(&mut channel, plain(&body))).await.is_err() {
                         break;

@@ -802,3 +802,254 @@ fn a_leader_cut_from_the_database_steps_down_before_the_standby_takes_over() {
     );
     assert!(stamp(&stepped) < stamp(&took), "{stepped}\n{took}");
 }
+
+/// `sent=N` of every "result file stored by the server" line of a worker
+/// for `name`: the bytes it sent for each stored copy.
+fn sent_for(worker: &Proc, name: &str) -> Vec<u64> {
+    worker
+        .stderr
+        .all()
+        .into_iter()
+        .filter(|l| l.contains("result file stored by the server") && l.contains(name))
+        .map(|l| field(&l, "sent").parse().unwrap())
+        .collect()
+}
+
+/// The issue's long acceptance: two servers on one database and one
+/// shared state directory, three real workers and 200 simulated ones
+/// listing both; twenty SIGKILLs alternating between the two while
+/// testruns run and results upload. Each time the standby serves within
+/// lease_ttl + 2 s and the whole fleet registers with it. In the end
+/// every testrun has the verdict the same packages got before any
+/// failover, every task ran exactly once (its conductor wrote its id
+/// once), every log line is stored or counted lost (stored + gaps =
+/// produced), every result file was stored once and no upload was sent
+/// again from the start.
+#[test]
+fn twenty_failovers_alternating_under_load_keep_every_invariant() {
+    const FLEET: usize = 200;
+    const BLOB: u64 = 24 << 20;
+    zmtp::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::cluster().database();
+    let state = dir.path().join("shared-state");
+    let ports: Vec<String> = (0..4)
+        .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
+        .collect();
+    let pairs = [(&ports[0], &ports[1]), (&ports[2], &ports[3])];
+    let servers = format!("{}, {}", ports[0], ports[2]);
+    let events = format!("{}, {}", ports[1], ports[3]);
+    let mut leader = as_server(
+        spawn_on(&state, "s0", &url, pairs[0].0, pairs[0].1),
+        state.clone(),
+    );
+    let mut standby = spawn_on(&state, "s1", &url, pairs[1].0, pairs[1].1);
+    assert!(standby.stderr.wait_for("standby:", LIMIT).is_some());
+
+    let ran = dir.path().join("ran.log");
+    let conductor = script(
+        dir.path(),
+        "load.sh",
+        &format!(
+            r#"echo "$OTS_TASK_ID" >> {ran:?}
+seq 1 400
+sleep 1
+mkdir -p "$OTS_RESULTS_DIR"
+head -c {BLOB} /dev/urandom > "$OTS_RESULTS_DIR/blob.bin"
+echo '<testsuite><testcase name="t"/></testsuite>' > "$OTS_RESULTS_DIR/r.xml"
+if [ "$1" = bad ]; then exit 1; fi
+"#
+        ),
+    )
+    .display()
+    .to_string();
+    let names = ["tw-w1", "tw-w2", "tw-w3"];
+    let workers: Vec<Proc> = names
+        .iter()
+        .map(|n| {
+            start_worker_with(
+                dir.path(),
+                n,
+                "devicegroup:tw",
+                &servers,
+                &events,
+                &[&conductor, "{packages}"],
+                &[],
+                "",
+            )
+        })
+        .collect();
+    let lab = keys();
+    let fleet_keys = ots::fleet::fleet_keys(
+        &lab.path().join("private"),
+        &lab.workers_dir(),
+        "tw-sim",
+        FLEET,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fleet = {
+        let _guard = rt.enter();
+        ots::fleet::start(
+            &servers,
+            &events,
+            "tw-sim",
+            FLEET,
+            0,
+            ots::fleet::FleetSecurity::Noise {
+                server: ots::security::PublicKey::read(&lab.server_pub()).unwrap(),
+                keys: std::sync::Arc::new(fleet_keys),
+            },
+        )
+    };
+    assert!(wait_for_workers(&leader, LIMIT, all_idle(&names)));
+    let fleet_up = |since: usize| {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while std::time::Instant::now() < deadline {
+            if fleet.registered() == FLEET && fleet.welcomes() >= since + FLEET {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // polling the fleet's counters
+        }
+        false
+    };
+    assert!(
+        fleet_up(0),
+        "only {} simulated workers registered",
+        fleet.registered()
+    );
+
+    let submit = |server: &ServerProc, packages: &str| {
+        submit_run(
+            server,
+            &[
+                "--device",
+                "devicegroup:tw",
+                "--image",
+                "img",
+                "--packages",
+                packages,
+                "--distribution",
+                "perpackage",
+            ],
+        )
+    };
+    // What the packages give without any failover.
+    let before = |packages: &str| {
+        let run = submit(&leader, packages);
+        wait_status(&leader, &run, LIMIT, finished)["verdict"].clone()
+    };
+    let (good, bad) = (before("p1,p2,p3"), before("p1,p2,bad"));
+    assert_eq!(good, "PASS");
+    assert_ne!(bad, "PASS");
+
+    let mut runs = Vec::new();
+    for i in 0..20 {
+        let failing = i % 2 == 1;
+        let run = submit(&leader, if failing { "p1,p2,bad" } else { "p1,p2,p3" });
+        if i % 2 == 0 {
+            // Killed while conductors run.
+            wait_status(&leader, &run, LIMIT, running);
+        } else {
+            // Killed while a result file is on its way (or just after).
+            let partial = |n: u32| {
+                state
+                    .join("tasks")
+                    .join(format!("{run}.{n}"))
+                    .join("incoming/1/blob.bin")
+            };
+            let deadline = std::time::Instant::now() + LIMIT;
+            while std::time::Instant::now() < deadline
+                && !(1..=3).any(|n| std::fs::metadata(partial(n)).is_ok_and(|m| m.len() > 0))
+            {
+                std::thread::sleep(Duration::from_millis(2)); // polling a file's size
+            }
+        }
+        runs.push((run, failing));
+        let welcomes = fleet.welcomes();
+        let serving = i % 2;
+        let next = (serving + 1) % 2;
+        let mut old = leader;
+        leader = fail_over(
+            &mut old,
+            standby,
+            state.clone(),
+            Some(&(i + 2).to_string()),
+            &format!("failover {} to s{next}", i + 1),
+        );
+        drop(old);
+        standby = spawn_on(
+            &state,
+            &format!("s{serving}"),
+            &url,
+            pairs[serving].0,
+            pairs[serving].1,
+        );
+        assert!(
+            standby.stderr.wait_for("standby:", LIMIT).is_some(),
+            "{:?}",
+            standby.stderr.all()
+        );
+        assert!(
+            fleet_up(welcomes),
+            "failover {}: {} of {FLEET} simulated workers registered with the new leader",
+            i + 1,
+            fleet.registered()
+        );
+    }
+
+    let mut tasks = 0;
+    for (run, failing) in &runs {
+        let st = wait_status(&leader, run, Duration::from_secs(120), finished);
+        let expected = if *failing { &bad } else { &good };
+        assert_eq!(&st["verdict"], expected, "{st:#}");
+        for t in st["tasks"].as_array().unwrap() {
+            tasks += 1;
+            assert_eq!(t["attempts"], 1, "no task ran twice: {t:#}");
+            let names: Vec<&str> = t["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(names.len(), 2, "blob.bin and r.xml, once each: {t:#}");
+            let lost: u64 = t["log_gaps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g[1].as_u64().unwrap() - g[0].as_u64().unwrap() + 1)
+                .sum();
+            assert_eq!(
+                t["log_lines_stored"].as_u64().unwrap() + lost,
+                t["log_lines_produced"].as_u64().unwrap(),
+                "stored + lost = produced: {t:#}"
+            );
+        }
+    }
+    let log = std::fs::read_to_string(&ran).unwrap();
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for id in log.lines() {
+        *seen.entry(id).or_default() += 1;
+    }
+    for (run, _) in &runs {
+        for n in 1..=3 {
+            let id = format!("{run}.{n}");
+            assert_eq!(seen.get(id.as_str()), Some(&1), "{id} ran once: {log}");
+        }
+    }
+    let sent: Vec<u64> = workers
+        .iter()
+        .flat_map(|w| sent_for(w, "blob.bin"))
+        .collect();
+    let resent: u64 = sent.iter().map(|s| s.saturating_sub(BLOB)).sum();
+    eprintln!(
+        "20 failovers: {tasks} tasks, {} result files of {} MiB stored, {resent} bytes sent again in all",
+        sent.len(),
+        BLOB >> 20
+    );
+    assert!(
+        sent.iter().all(|s| *s < BLOB + BLOB / 2),
+        "an upload was sent again from the start: {sent:?}"
+    );
+    drop(rt);
+}

@@ -196,6 +196,18 @@ impl<S: Store> Scheduler<S> {
                         info!(worker = %name, task = %task, "worker is back; it still has the held task");
                     }
                 }
+            } else if self.never_accepted(&task) && running.is_empty() {
+                // The dispatch never reached it (lost with a server that
+                // crashed or was deposed before the worker's ack): not a
+                // failure of the worker — the same attempt goes to it
+                // again, unless that dispatch is still pending here.
+                if !self.workers[&name].outbox.has_task(&task) {
+                    info!(worker = %name, task = %task, "worker is back without a task it never accepted: dispatching it again (same attempt)");
+                    self.count("dispatches_resent", 1);
+                    let t = self.tasks.get_mut(&task).expect("task");
+                    t.attempts = t.attempts.saturating_sub(1);
+                    self.dispatch(now, &name, &task);
+                }
             } else {
                 self.workers.get_mut(&name).expect("worker").task = None;
                 let why = format!("worker {name} came back without the task");
@@ -244,6 +256,21 @@ impl<S: Store> Scheduler<S> {
         };
         self.send(peer, None, welcome, None);
         self.flush_worker(now, &name);
+    }
+
+    /// Whether the task's current attempt was dispatched but never
+    /// accepted by its worker (no `running` in its history): after a
+    /// restart or failover it is HELD like a running one, yet its worker
+    /// may simply never have received the dispatch.
+    fn never_accepted(&self, task: &TaskId) -> bool {
+        self.tasks.get(task).is_some_and(|t| {
+            matches!(t.state, TaskState::Dispatched | TaskState::Held)
+                && t.attempts > 0
+                && !t
+                    .history
+                    .iter()
+                    .any(|h| h.attempt == t.attempts && h.state == ProgressState::Running)
+        })
     }
 
     /// Sends the worker's due mandatory messages (first sends and resends).

@@ -1346,6 +1346,88 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
     assert_ne!(next, run);
 }
 
+/// A dispatch lost with the server (committed, never acknowledged): the
+/// worker that comes back without the task gets the same attempt again,
+/// and no infrastructure failure is counted against it. One it had
+/// accepted and lost is a failure, as before.
+#[test]
+fn after_a_restart_a_dispatch_never_accepted_goes_to_its_worker_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Dispatched);
+    crash_and_restart(&mut lab, &mut db);
+    assert_eq!(lab.status(&run).tasks[0].state, TaskState::Held);
+    let out = lab.from("w", hello("w", "w-session"));
+    let sent: Vec<u32> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                body: Body::Dispatch { spec },
+                ..
+            } if spec.task == task => Some(spec.attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, vec![1], "the same attempt, once: {out:?}");
+    let st = lab.status(&run);
+    assert_eq!(
+        (st.tasks[0].state, st.tasks[0].attempts),
+        (TaskState::Dispatched, 1)
+    );
+    assert_eq!(
+        lab.s
+            .counters()
+            .get("infrastructure_failures")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(
+        lab.s
+            .counters()
+            .get("dispatches_resent")
+            .copied()
+            .unwrap_or(0),
+        1
+    );
+    lab.complete("w", &task, 0, Some(PASSING));
+    assert_eq!(lab.status(&run).verdict, Some(Verdict::Pass));
+
+    // Accepted, then gone from the worker: a failure, re-run elsewhere.
+    lab.from("w", Body::Ready);
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.mandatory(
+        "w",
+        Body::TaskAccepted {
+            task: task.clone(),
+            attempt: 1,
+        },
+    );
+    crash_and_restart(&mut lab, &mut db);
+    lab.from("w", hello("w", "w-session"));
+    assert_eq!(
+        lab.s
+            .counters()
+            .get("infrastructure_failures")
+            .copied()
+            .unwrap_or(0),
+        1
+    );
+    let st = lab.status(&run);
+    assert!(
+        st.tasks[0]
+            .history
+            .iter()
+            .any(|h| h.state == ProgressState::Requeued),
+        "{st:?}"
+    );
+}
+
 #[test]
 fn an_interrupted_attempt_is_requeued() {
     let mut lab = Lab::new();

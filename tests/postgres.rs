@@ -309,6 +309,26 @@ fn spawn_with(
     Proc::spawn(name, cmd)
 }
 
+/// `ots-submit leader --server LIST --json` with `server`'s keys: the
+/// exit status and each endpoint's standing.
+fn leader_of(server: &ServerProc, list: &str) -> (i32, Vec<serde_json::Value>) {
+    let out = std::process::Command::new(bin("ots-submit"))
+        .args([
+            "leader",
+            "--json",
+            "--connect-timeout",
+            "1s",
+            "--server",
+            list,
+        ])
+        .envs(submit_envs(server))
+        .output()
+        .unwrap();
+    let standings = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code().unwrap_or(-1), standings)
+}
+
 /// SIGKILLs `leader`; the standby serves within lease_ttl + 2 s (the
 /// test's lease is 2 s) under `epoch`. What took how long is printed.
 fn fail_over(
@@ -396,6 +416,16 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
             "--queue-anyway",
         ],
     );
+    // `leader` asks every endpoint: the leader answers with its lease, a
+    // port nobody serves does not answer.
+    let nobody = format!("tcp://127.0.0.1:{}", free_port());
+    let (code, standings) = leader_of(&leader, &format!("{},{nobody}", leader.control));
+    assert_eq!(code, 0, "{standings:?}");
+    assert_eq!(standings[0]["state"], "leader", "{standings:?}");
+    assert_eq!(standings[0]["lease"]["epoch"], 1, "{standings:?}");
+    assert_eq!(standings[0]["lease"]["endpoint"], leader.control.as_str());
+    assert_eq!(standings[1]["state"], "no answer", "{standings:?}");
+    let a_control = leader.control.clone();
     let mut leader = leader;
     let b = fail_over(
         &mut leader,
@@ -404,6 +434,12 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
         Some("2"),
         "standby",
     );
+    let (code, standings) = leader_of(&b, &format!("{a_control}, {}", b.control));
+    assert_eq!(code, 0, "{standings:?}");
+    assert_eq!(standings[0]["state"], "no answer", "{standings:?}");
+    assert_eq!(standings[1]["state"], "leader", "{standings:?}");
+    assert_eq!(standings[1]["lease"]["epoch"], 2, "{standings:?}");
+    assert!(standings[1]["lease"]["since_ms"].as_u64().unwrap() > 0);
     let st = current_status(&b, &run);
     assert_eq!(st["state"], "queued", "{st:#}");
     let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();

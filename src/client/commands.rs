@@ -192,6 +192,14 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Which of the servers in --server leads: each endpoint is asked at
+    /// once; the leader answers with its lease (epoch, since when), a
+    /// standby binds nothing and does not answer. Exits 0 when one
+    /// leads, 69 when none answers.
+    Leader {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List notification deliveries (webhooks, mail), newest first: the
     /// event, where it goes, state, attempts, last result, next try; for
     /// an operator, each target's standing first (failing since, alert).
@@ -577,6 +585,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
         Command::Health { worker, conn } => health(&conn, &worker, None, "").await,
         Command::Web { conn } => web(&conn).await,
+        Command::Leader { conn } => leader(&conn).await,
         Command::Notifications { run, failed, conn } => {
             notifications(&conn, run.as_deref(), failed).await
         }
@@ -1217,6 +1226,96 @@ async fn notify_retry(conn: &Conn, id: &str) -> Result<i32, ClientError> {
         );
     }
     Ok(exit::PASS)
+}
+
+/// What one endpoint answered `leader`.
+#[derive(serde::Serialize)]
+struct Standing {
+    endpoint: String,
+    /// `leader` (it answered), `no answer` or `refused`.
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<crate::protocol::LeaseInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn leader(conn: &Conn) -> Result<i32, ClientError> {
+    let credentials = conn.credentials()?;
+    let endpoints = crate::config::endpoints(&conn.server);
+    if endpoints.is_empty() || endpoints.len() > 16 {
+        eprintln!(
+            "ots-submit: --server {:?} (or OTS_SERVER): give 1 to 16 endpoints, comma-separated",
+            conn.server
+        );
+        return Ok(exit::USAGE);
+    }
+    let asked = endpoints.iter().map(|ep| {
+        let credentials = credentials.clone();
+        async move {
+            match Client::connect(ep, conn.connect_timeout, &credentials).await {
+                Ok(c) => {
+                    let (server, lease) = c.leader();
+                    Standing {
+                        endpoint: ep.clone(),
+                        state: "leader",
+                        server: Some(server.to_string()),
+                        lease: lease.cloned(),
+                        error: None,
+                    }
+                }
+                Err(e) => Standing {
+                    endpoint: ep.clone(),
+                    state: if matches!(e, ClientError::Unreachable { .. }) {
+                        "no answer"
+                    } else {
+                        "refused"
+                    },
+                    server: None,
+                    lease: None,
+                    error: Some(e.to_string()),
+                },
+            }
+        }
+    });
+    let standings = futures::future::join_all(asked).await;
+    let leaders = standings.iter().filter(|s| s.state == "leader").count();
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&standings).expect("standings serialise")
+        );
+    } else {
+        let now = now_ms();
+        for s in &standings {
+            let what = match (&s.lease, &s.server, &s.error) {
+                (Some(l), Some(server), _) => format!(
+                    "leader  epoch {}  since {} ({} ago)  server {}",
+                    l.epoch,
+                    crate::clock::iso(l.since_ms),
+                    ago(now.saturating_sub(l.since_ms)),
+                    escape_controls(server)
+                ),
+                (None, Some(server), _) => format!(
+                    "serving alone (state in SQLite, no lease)  server {}",
+                    escape_controls(server)
+                ),
+                (_, None, Some(e)) if s.state == "no answer" => format!(
+                    "no answer: a standby (it binds nothing until it leads) or down ({})",
+                    escape_controls(e)
+                ),
+                (_, _, e) => format!("refused: {}", escape_controls(e.as_deref().unwrap_or("?"))),
+            };
+            println!("{}  {what}", s.endpoint);
+        }
+    }
+    Ok(if leaders > 0 {
+        exit::PASS
+    } else {
+        exit::UNREACHABLE
+    })
 }
 
 async fn web(conn: &Conn) -> Result<i32, ClientError> {

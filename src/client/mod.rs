@@ -96,6 +96,9 @@ pub struct Client {
     channel: Option<Channel>,
     /// Who the server took us for (security on).
     identity: Option<Identity>,
+    /// What the server answered the connect's ping: its incarnation and
+    /// (PostgreSQL) the lease it leads under.
+    pong: (String, Option<crate::protocol::LeaseInfo>),
 }
 
 impl Client {
@@ -205,14 +208,24 @@ impl Client {
             credentials: credentials.clone(),
             channel,
             identity,
+            pong: (String::new(), None),
         };
         match client.request(|request| Body::Ping { request }).await? {
-            (Body::Pong { .. }, _) => Ok(client),
+            (Body::Pong { server, lease, .. }, _) => {
+                client.pong = (server, lease);
+                Ok(client)
+            }
             (other, _) => Err(ClientError::Protocol(format!(
                 "expected pong, got {}",
                 other.kind()
             ))),
         }
+    }
+
+    /// The server's incarnation id and, with PostgreSQL, the lease it
+    /// leads under, as its `pong` said at connect.
+    pub fn leader(&self) -> (&str, Option<&crate::protocol::LeaseInfo>) {
+        (&self.pong.0, self.pong.1.as_ref())
     }
 
     /// The endpoint this connection is to.

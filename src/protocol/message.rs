@@ -435,6 +435,17 @@ pub struct StateChange {
     pub reason: Option<String>,
 }
 
+/// The lease a leading server holds (`pong.lease`, `ots-submit leader`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The fencing epoch: one more at every takeover.
+    pub epoch: u64,
+    /// When this server took the lease (Unix ms, its clock).
+    pub since_ms: u64,
+    /// The control endpoint it serves on.
+    pub endpoint: String,
+}
+
 /// What `status` shows about a testrun.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunStatus {
@@ -1135,6 +1146,11 @@ pub enum Body {
     Pong {
         request: u64,
         server: String,
+        /// With PostgreSQL: the lease this server leads under (absent
+        /// for a lone server on SQLite). A standby binds nothing, so it
+        /// never answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<LeaseInfo>,
     },
     Submitted {
         request: u64,

@@ -96,6 +96,8 @@ pub struct SchedulerConfig {
     pub notify: crate::notify::outbox::Rules,
     /// With PostgreSQL: the epoch of the lease this server leads under.
     pub epoch: Option<u64>,
+    /// With PostgreSQL: the lease, as `ping` answers it.
+    pub lease: Option<LeaseInfo>,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -178,6 +180,7 @@ impl Default for SchedulerConfig {
             web: false,
             notify: crate::notify::outbox::Rules::default(),
             epoch: None,
+            lease: None,
         }
     }
 }

@@ -201,6 +201,9 @@ impl Server {
                     tenure: crate::server::lease::Tenure::granted(policy, epoch, granted),
                     renewals,
                     renew_took: Duration::ZERO,
+                    since_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
                 })
             }
         };
@@ -255,6 +258,11 @@ impl Server {
                 web: !cfg.web.is_empty(),
                 notify: notify_rules,
                 epoch: leadership.as_ref().map(|l| l.tenure.epoch as u64),
+                lease: leadership.as_ref().map(|l| crate::protocol::LeaseInfo {
+                    epoch: l.tenure.epoch as u64,
+                    since_ms: l.since_ms,
+                    endpoint: sockets.control.to_string(),
+                }),
             },
             store,
             incarnation.clone(),
@@ -431,6 +439,8 @@ struct Leadership {
     renewals: mpsc::UnboundedReceiver<crate::server::pg::Renewal>,
     /// How long the last renewal took (metrics).
     renew_took: Duration,
+    /// When this server took the lease (Unix ms), for `ping`.
+    since_ms: u64,
 }
 
 impl Leadership {

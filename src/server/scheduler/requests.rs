@@ -15,6 +15,7 @@ impl<S: Store> Scheduler<S> {
             Body::Ping { .. } => Ok(Body::Pong {
                 request,
                 server: self.incarnation.clone(),
+                lease: self.cfg.lease.clone(),
             }),
             Body::Submit { mut testrun, .. } => {
                 testrun.owner = self.owner(peer);

@@ -325,7 +325,7 @@ impl Desk {
         drop(file);
         let parent = dest.parent().expect("below the task folder");
         fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
-        fs::rename(&incoming_path, &dest).map_err(|e| io_error("rename into", &dest, e))?;
+        self.place(&incoming_path, &dest)?;
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
@@ -345,6 +345,48 @@ impl Desk {
             info: FileInfo { name, size, sha256 },
             junit,
         })
+    }
+
+    /// Puts the verified incoming copy in place as `dest` and keeps the
+    /// copy: it is removed only once the scheduler has committed that the
+    /// file is stored (a `Discard` delivered after the commit). A crash —
+    /// or a failover — between the two leaves the copy whole, and a server
+    /// that never learnt the file was stored resumes the upload from its
+    /// full length rather than from zero. `dest` is replaced in one step
+    /// (a hard link made beside the copy, renamed over it); where the
+    /// filesystem has no hard links the copy itself is renamed, as before.
+    fn place(&self, incoming: &Path, dest: &Path) -> Result<(), DeskError> {
+        // `incoming/.placing` (`inputs/incoming/.placing`) can be no
+        // upload's copy: attempts are numbers, inputs SHA-256 names.
+        let beside = self.placing_path(incoming);
+        let _ = fs::remove_file(&beside);
+        match fs::hard_link(incoming, &beside) {
+            Ok(()) => {
+                fs::rename(&beside, dest).map_err(|e| io_error("rename into", dest, e))?;
+                // Placed already (a resend after a crash): `dest` is the
+                // same file, and renaming a link onto its twin does
+                // nothing, so the link beside is removed here.
+                let _ = fs::remove_file(&beside);
+                Ok(())
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(1) =>
+            {
+                fs::rename(incoming, dest).map_err(|e| io_error("rename into", dest, e))
+            }
+            Err(e) => Err(io_error("link", &beside, e)),
+        }
+    }
+
+    fn placing_path(&self, incoming: &Path) -> PathBuf {
+        let mut dir = incoming;
+        while let Some(parent) = dir.parent() {
+            if parent.file_name().is_some_and(|n| n == "incoming") {
+                return parent.join(".placing");
+            }
+            dir = parent;
+        }
+        unreachable!("every incoming copy is below an incoming folder")
     }
 
     fn read(
@@ -441,6 +483,24 @@ mod tests {
         assert_eq!(stored.info.sha256, sha);
         let path = dir.path().join("tasks/r1.1/files/a/b.txt");
         assert_eq!(fs::read(path).unwrap(), data);
+        // The copy stays until the stored file is committed: a server
+        // that restarts before that finds it whole, not empty.
+        let mut again = Desk::new(dir.path());
+        assert_eq!(again.open(&key("a/b.txt")).unwrap().have, data.len() as u64);
+        again
+            .finish(&key("a/b.txt"), data.len() as u64, sha.clone())
+            .unwrap();
+        assert!(again
+            .run(FileJob::Discard {
+                key: key("a/b.txt")
+            })
+            .is_none());
+        assert!(!dir.path().join("tasks/r1.1/incoming/1/a/b.txt").exists());
+        assert!(!dir.path().join("tasks/r1.1/incoming/.placing").exists());
+        assert_eq!(
+            fs::read(dir.path().join("tasks/r1.1/files/a/b.txt")).unwrap(),
+            data
+        );
         let source = ReadSource::Result {
             task: "r1.1".into(),
             name: "a/b.txt".into(),

@@ -927,6 +927,10 @@ impl<S: Store> Scheduler<S> {
         let sha256 = stored.info.sha256.clone();
         self.count("files_stored", 1);
         self.stored_bytes = self.stored_bytes.saturating_add(size);
+        // The incoming copy goes once this turn's commit says the file is
+        // stored (file jobs are delivered after the commit): until then it
+        // is what a restarted or new leader resumes from.
+        self.file_job(FileJob::Discard { key: key.clone() });
         match key {
             UploadKey::Result { task, name, .. } => {
                 self.tell(

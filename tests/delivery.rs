@@ -480,3 +480,71 @@ fn a_log_flood_while_the_server_is_stopped_is_stored_or_accounted_exactly() {
         "{text_status}"
     );
 }
+
+/// A task whose log is full costs nothing more: the server tells the
+/// worker (`log_full`), the worker stops sending that task's lines and
+/// only counts them, and the accounting stays exact. Without the message
+/// every one of the ten million lines would reach the server and be
+/// refused there (`log_lines_over_limit` ≈ lost); with it only those
+/// already on their way are.
+#[test]
+fn a_full_task_log_is_told_to_the_worker_which_stops_sending_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fast_server(
+        dir.path(),
+        &[("OTS_SERVER_LIMITS__MAX_TASK_LOG_BYTES", "65536")],
+    );
+    let conductor = script(
+        dir.path(),
+        "yes.sh",
+        "seq 1 10000000\nprintf 'no newline at the end'\n",
+    );
+    let w = start_idle_worker(
+        dir.path(),
+        "w",
+        "devicegroup:g",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    let run = submit_run(
+        &server,
+        &[
+            "--device",
+            "devicegroup:g",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+        ],
+    );
+    let st = wait_status(&server, &run, Duration::from_secs(120), finished);
+    let t = &st["tasks"][0];
+    let (produced, stored, lost) = log_accounting(t);
+    assert_eq!(
+        stored + lost,
+        produced,
+        "stored {stored} + lost {lost} != produced {produced}"
+    );
+    // Ten million lines, the one without a newline, and the worker's own
+    // line before the conductor's: counted exactly although most were
+    // never packed.
+    assert_eq!(produced, 10_000_002, "{t:#}");
+    assert!(stored > 1000 && stored < 65536 / 4, "stored {stored}");
+    let told = st["counters"]["log_full_told"].as_u64().unwrap_or(0);
+    let refused = st["counters"]["log_lines_over_limit"].as_u64().unwrap_or(0);
+    eprintln!("log full: {stored} stored, {lost} lost, {refused} refused at the server, told {told} times");
+    assert!(told >= 1, "{st:#}");
+    assert!(
+        refused < lost / 4,
+        "the worker kept sending lines of a full log: {refused} of {lost} refused by the server"
+    );
+    assert!(w
+        .stderr
+        .wait_for("the server stores no more of this task's log", LIMIT)
+        .is_some());
+    assert!(w
+        .stderr
+        .wait_for("log lines counted, not sent", LIMIT)
+        .is_some());
+}

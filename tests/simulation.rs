@@ -284,6 +284,8 @@ impl Sim {
                     });
                 }
                 Action::Refused(_, why) => panic!("worker {w} refused by the server: {why}"),
+                // The simulated conductors print far below the log limit.
+                Action::LogFull(task) => panic!("worker {w}: log of {task} full"),
                 Action::Reconnect(_) => {
                     let sw = &mut self.workers[w];
                     sw.conn = None;

@@ -687,6 +687,15 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_range(kind, "spec.ttl_ms", spec.ttl_ms, TTL_MS)?;
             check_inputs(kind, "spec.inputs", &spec.inputs)?;
         }
+        Body::LogFull {
+            task,
+            attempt: a,
+            reason,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
+        }
         Body::Cancel { task } => check_id(kind, "task", task)?,
         Body::TaskClosed {
             task,

@@ -277,6 +277,14 @@ impl PackedLines {
         }
     }
 
+    /// Forgets the partial line carried over (its text will never be
+    /// stored); true if there was one.
+    pub fn discard_partial(&mut self) -> bool {
+        let had = !self.partial.is_empty();
+        self.partial = Vec::new();
+        had
+    }
+
     /// Takes the packed lines so far: (count, text).
     pub fn take(&mut self) -> (u32, Vec<u8>) {
         (

@@ -938,6 +938,18 @@ pub enum Body {
         code: ErrorCode,
         message: String,
     },
+    /// The attempt's log on the server is full (`limits.max_task_log_bytes`
+    /// stored): no further line of it will be stored, so the worker stops
+    /// sending them and counts them lost itself (stored + lost = produced
+    /// still holds: the final report's `log_lines` counts them). Best
+    /// effort: said again, at most once a second per task, while lines of
+    /// it keep arriving.
+    LogFull {
+        task: TaskId,
+        attempt: u32,
+        /// Which limit, in words, for the worker's log.
+        reason: String,
+    },
     /// Stop this task (TERM, grace, KILL) and report it.
     Cancel {
         task: TaskId,
@@ -1245,7 +1257,8 @@ impl Body {
             Body::Log { .. }
             | Body::LogLines { .. }
             | Body::LogPacked { .. }
-            | Body::LogLinesPacked { .. } => Class::Log,
+            | Body::LogLinesPacked { .. }
+            | Body::LogFull { .. } => Class::Log,
             Body::FileOffer { .. }
             | Body::FileChunk { .. }
             | Body::FileEnd { .. }
@@ -1322,6 +1335,7 @@ impl Body {
             Body::FileCredit { .. } => "file_credit",
             Body::FileStored { .. } => "file_stored",
             Body::FileRefused { .. } => "file_refused",
+            Body::LogFull { .. } => "log_full",
             Body::TaskFinished { .. } => "task_finished",
             Body::Ack { .. } => "ack",
             Body::Welcome { .. } => "welcome",

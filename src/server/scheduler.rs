@@ -284,6 +284,11 @@ struct Task {
     log_bytes: u64,
     /// Log lines of this attempt refused by a limit (log size, gaps).
     log_refused: u64,
+    /// The attempt's log is full (a line was refused for
+    /// `max_task_log_bytes`) and when its worker was last told so
+    /// (`log_full`). In memory only: after a restart the next refusal
+    /// finds it again.
+    log_full_told: Option<Instant>,
     /// Result files of this attempt the server refused, with the reason:
     /// the final report does not wait for them, and the verdict says why.
     file_errors: BTreeMap<String, String>,

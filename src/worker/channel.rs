@@ -75,6 +75,28 @@ pub struct ResponseChannel {
     /// Lines dropped because the budget was spent (numbered all the same,
     /// so the server reports them as lost: stored + lost = produced).
     dropped: u64,
+    log_full: LogFull,
+    /// Lines numbered but not handed over because the server's log of the
+    /// task is full (lost in the accounting, as the server expects).
+    not_sent_full: u64,
+}
+
+/// Set once the server said the task's log is full (`log_full`): from
+/// then on the task's output is still read (a conductor must never block
+/// on a pipe nobody reads) but only counted, not packed, handed over,
+/// sealed or sent. Shared by the session's shell, the response channel
+/// and the conductor's pipe readers.
+#[derive(Clone, Debug, Default)]
+pub struct LogFull(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl LogFull {
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// What packed lines cost against a [`LogBudget`]: their text plus what a
@@ -180,7 +202,15 @@ impl ResponseChannel {
             finished: false,
             budget: None,
             dropped: 0,
+            log_full: LogFull::default(),
+            not_sent_full: 0,
         }
+    }
+
+    /// The flag that says the server's log of this task is full.
+    pub fn with_log_full(mut self, log_full: LogFull) -> Self {
+        self.log_full = log_full;
+        self
     }
 
     /// Bounds the log text this channel may have in flight.
@@ -219,6 +249,10 @@ impl ResponseChannel {
         }
         let first = self.next_seq;
         self.next_seq += u64::from(text.count);
+        if self.log_full.is_set() {
+            self.not_sent_full += u64::from(text.count);
+            return;
+        }
         if self.budget.as_ref().is_some_and(|b| !b.take(charge(&text))) {
             self.dropped += u64::from(text.count);
             return;
@@ -242,6 +276,9 @@ impl ResponseChannel {
         self.finished = true;
         if self.dropped > 0 {
             tracing::warn!(task = %self.task, dropped = self.dropped, "the conductor printed faster than its log could be delivered: log lines dropped at the worker (reported as lost)");
+        }
+        if self.not_sent_full > 0 {
+            tracing::warn!(task = %self.task, not_sent = self.not_sent_full, "the server's log of this task was full (limits.max_task_log_bytes): log lines counted, not sent (reported as lost)");
         }
         let _ = self.tx.send(TaskEvent::Finished {
             task: self.task.clone(),

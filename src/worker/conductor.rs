@@ -5,6 +5,7 @@
 
 use crate::protocol::logtext::{PackedLines, PackedText};
 use crate::protocol::{DeviceProps, Outcome, Stream, TaskSpec};
+use crate::worker::channel::LogFull;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
@@ -226,6 +227,9 @@ pub struct Run {
     pub pgid_file: Option<PathBuf>,
     /// Hides the testrun's secrets in what the conductor prints.
     pub masker: Masker,
+    /// Set when the server's log of the task is full: output is then
+    /// counted, not packed.
+    pub log_full: LogFull,
 }
 
 /// Runs the conductor to its end, sending every output line to `lines`.
@@ -286,12 +290,14 @@ pub async fn run(
             Stream::Stdout,
             run.masker.clone(),
             lines.clone(),
+            run.log_full.clone(),
         )),
         tokio::spawn(pump(
             child.stderr.take(),
             Stream::Stderr,
             run.masker.clone(),
             lines.clone(),
+            run.log_full.clone(),
         )),
     ];
 
@@ -394,6 +400,7 @@ async fn pump(
     which: Stream,
     masker: Masker,
     lines: mpsc::Sender<PackedText>,
+    log_full: LogFull,
 ) {
     let Some(stream) = stream else { return };
     // The lines of one read go on together, packed as the server stores
@@ -402,13 +409,19 @@ async fn pump(
     // worker's time in the allocator).
     let mut reader = BufReader::with_capacity(PIPE_READ_BYTES, stream);
     let mut packed = PackedLines::default();
+    // Counting only (the server's log is full), and whether bytes after
+    // the last newline wait for one (a line the end of the stream ends).
+    let (mut counting, mut open_line) = (false, false);
     let needs_mask = |b: &[u8]| masker.needs_mask(b);
     let mask = |t: String| masker.mask(t);
     loop {
         let chunk = match reader.fill_buf().await {
             Ok([]) => {
                 packed.finish(&needs_mask, &mask);
-                let (count, text) = packed.take();
+                let (mut count, text) = packed.take();
+                if counting && open_line {
+                    count += 1;
+                }
                 if count > 0 {
                     let _ = lines
                         .send(PackedText {
@@ -432,6 +445,36 @@ async fn pump(
             }
         };
         let used = chunk.len();
+        if log_full.is_set() {
+            // Nothing of it will be stored: the lines are only numbered,
+            // by their newlines (a partial line's newline completes it;
+            // a line over the length limit is not cut into pieces here),
+            // and handed over as a count without text.
+            if !counting {
+                counting = true;
+                open_line = packed.discard_partial();
+            }
+            let count = chunk.iter().filter(|&&b| b == b'\n').count() as u32;
+            open_line = match chunk.last() {
+                Some(&last) if count > 0 => last != b'\n',
+                Some(_) => true,
+                None => open_line,
+            };
+            reader.consume(used);
+            if count > 0
+                && lines
+                    .send(PackedText {
+                        stream: which,
+                        count,
+                        text: Vec::new(),
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         packed.push(chunk, &needs_mask, &mask);
         reader.consume(used);
         let (count, text) = packed.take();

@@ -284,6 +284,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     // Conductors in flight: how to stop each, and its runner to wait for.
     let mut running: HashMap<TaskId, (watch::Sender<Stop>, JoinHandle<()>)> = HashMap::new();
+    // Benchmark hook: behave as a worker that does not know `log_full`
+    // (`cargo bench --bench flood` measures the server against both).
+    let ignore_log_full = std::env::var_os("OTS_TEST_IGNORE_LOG_FULL").is_some();
+    // Per running task: set when the server says its log is full.
+    let mut log_full: HashMap<TaskId, crate::worker::channel::LogFull> = HashMap::new();
     let mut conn: Option<Connection> = None;
     let mut connecting: Option<Connecting> = None;
     let mut generation = 0u64;
@@ -385,7 +390,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                                     c.welcomed(now, &env.body);
                                 }
                             }
-                            session.on_message(now, received, env)
+                            if ignore_log_full && matches!(env.body, Body::LogFull { .. }) {
+                                Vec::new()
+                            } else {
+                                session.on_message(now, received, env)
+                            }
                         }
                         Err(e) => {
                             session.stats.server_errors += 1;
@@ -592,6 +601,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                 Action::StartTask(spec) => {
                     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
                     let task = spec.task.clone();
+                    let full = crate::worker::channel::LogFull::default();
                     let runner = tokio::spawn(run_task(
                         cfg.clone(),
                         credentials.clone(),
@@ -599,10 +609,16 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         device.clone(),
                         spec,
                         task_tx.clone(),
-                        log_budget.clone(),
+                        (log_budget.clone(), full.clone()),
                         stop_rx,
                     ));
+                    log_full.insert(task.clone(), full);
                     running.insert(task, (stop_tx, runner));
+                }
+                Action::LogFull(task) => {
+                    if let Some(full) = log_full.get(&task) {
+                        full.set();
+                    }
                 }
                 Action::StopTask(task) => {
                     if let Some((stop, _)) = running.get(&task) {
@@ -644,6 +660,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
             }
         }
         running.retain(|_, (_, runner)| !runner.is_finished());
+        log_full.retain(|task, _| running.contains_key(task));
         supervisor.tick(Instant::now(), || session.status_line());
         if let Some((deadline, escalated)) = stop_deadline {
             if let Some(answer_by) = bye_sent {
@@ -889,6 +906,7 @@ async fn recover(
         ],
         pgid_file: None,
         masker: conductor::Masker::new(&std::collections::BTreeMap::new()),
+        log_full: Default::default(),
     };
     let handle = tokio::spawn(conductor::run(run, line_tx, stop));
     while let Some(packed) = line_rx.recv().await {
@@ -1064,11 +1082,12 @@ async fn run_task(
     device: crate::protocol::DeviceProps,
     spec: TaskSpec,
     events: mpsc::UnboundedSender<TaskEvent>,
-    budget: LogBudget,
+    (budget, log_full): (LogBudget, crate::worker::channel::LogFull),
     stop: watch::Receiver<Stop>,
 ) {
-    let mut channel =
-        ResponseChannel::open(spec.task.clone(), spec.attempt, events).with_budget(budget);
+    let mut channel = ResponseChannel::open(spec.task.clone(), spec.attempt, events)
+        .with_budget(budget)
+        .with_log_full(log_full.clone());
     let task_dir = attempt_dir(&cfg, &spec.task, spec.attempt);
     let work_dir = task_dir.join("work");
     let results_dir = task_dir.join("results");
@@ -1295,6 +1314,7 @@ async fn run_task(
         .collect(),
         pgid_file: Some(task_dir.join("conductor.pgid")),
         masker: masker.clone(),
+        log_full,
     };
     let conductor = tokio::spawn(conductor::run(run, line_tx, stop));
     loop {

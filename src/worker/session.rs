@@ -93,6 +93,9 @@ pub enum Action {
     Reconnect(LostReason),
     /// Start the conductor for this task.
     StartTask(TaskSpec),
+    /// The server's log of this task is full: its runner stops handing
+    /// over lines (it only counts them, so the numbering stays exact).
+    LogFull(TaskId),
     /// Stop the conductor of this task (TERM, grace, KILL).
     StopTask(TaskId),
     /// The server refused this worker for good (its name is in use by
@@ -163,6 +166,9 @@ struct Slot {
     /// Stopped because the worker is stopping with `stop_policy = abort`
     /// (or its finish bound passed): reported as interrupted.
     stopped_for_exit: bool,
+    /// The server said the task's log is full (`log_full`): its lines are
+    /// no longer sent, only counted (they are lost in the accounting).
+    log_full: bool,
 }
 
 /// Counters shown in the worker's log and useful to tests.
@@ -183,6 +189,10 @@ pub struct SessionStats {
     pub broadcasts_refused: u64,
     /// Messages given up under the give-up policy.
     pub given_up: u64,
+    /// Log lines not sent because the server said the task's log is full
+    /// (those in the buffer then and those that reached the session
+    /// after; the task runner counts the rest, see `log_full`).
+    pub log_lines_not_sent_log_full: u64,
     /// Mandatory messages the server answered with an error (not resent).
     pub refused_by_server: u64,
     /// Dispatches left unanswered because the outbox was full.
@@ -382,6 +392,7 @@ impl Session {
             report: slot.report,
             uploads: slot.uploads,
             stopped_for_exit: false,
+            log_full: false,
         });
         (s, interrupted)
     }
@@ -404,6 +415,11 @@ impl Session {
             };
             if !self.is_current(&task, attempt) {
                 continue; // the task was closed meanwhile; dropped on purpose
+            }
+            if self.slot.as_ref().is_some_and(|s| s.log_full) {
+                let lines: u64 = parts.iter().map(|p| u64::from(p.count)).sum();
+                self.stats.log_lines_not_sent_log_full += lines;
+                continue;
             }
             let raw = raw.unwrap_or_default();
             let mut end = raw.len();
@@ -761,6 +777,11 @@ impl Session {
             | Body::FileRefused { .. }) => {
                 self.on_file_message(now, body, &mut actions);
             }
+            Body::LogFull {
+                task,
+                attempt,
+                reason,
+            } => self.on_log_full(task, attempt, &reason, &mut actions),
             Body::Dispatch { spec } => self.on_dispatch(now, received, spec, &mut actions),
             Body::Cancel { task } => {
                 if let Some(slot) = &self.slot {
@@ -904,9 +925,44 @@ impl Session {
             report: None,
             uploads: Vec::new(),
             stopped_for_exit: false,
+            log_full: false,
         });
         self.ready_sent = false;
         actions.push(Action::StartTask(spec));
+    }
+
+    /// The server will store no more of this attempt's log: the lines
+    /// waiting here go (counted), later ones are not sent, and the task
+    /// runner is told to stop handing them over. Said again by a server
+    /// while lines arrive; only the first time changes anything.
+    fn on_log_full(&mut self, task: TaskId, attempt: u32, reason: &str, actions: &mut Vec<Action>) {
+        let Some(slot) = self
+            .slot
+            .as_mut()
+            .filter(|s| s.spec.task == task && s.spec.attempt == attempt && !s.log_full)
+        else {
+            return;
+        };
+        slot.log_full = true;
+        let mut dropped = 0u64;
+        let (mut bytes, mut lines) = (0usize, 0usize);
+        self.logs.retain(|p| {
+            let keep = p.task != task || p.attempt != attempt;
+            if !keep {
+                dropped += u64::from(p.text.count);
+                bytes += charge(&p.text);
+                lines += p.text.count as usize;
+            }
+            keep
+        });
+        self.log_bytes -= bytes;
+        self.log_lines -= lines;
+        if self.logs.is_empty() {
+            self.oldest_log_at = None;
+        }
+        self.stats.log_lines_not_sent_log_full += dropped;
+        warn!(task = %task, attempt, reason, buffered_lines_dropped = dropped, "the server stores no more of this task's log: its further lines are counted, not sent (reported as lost)");
+        actions.push(Action::LogFull(task));
     }
 
     fn on_task_closed(
@@ -1008,6 +1064,11 @@ impl Session {
             } => {
                 if !self.is_current(&task, attempt) {
                     return actions; // the task was closed under it; dropped on purpose
+                }
+                if self.slot.as_ref().is_some_and(|s| s.log_full) {
+                    // Handed over before the runner heard of it.
+                    self.stats.log_lines_not_sent_log_full += u64::from(text.count);
+                    return actions;
                 }
                 self.buffer_log(
                     now,

@@ -372,6 +372,7 @@ impl<S: Store> Scheduler<S> {
         t.log = SeqRanges::default();
         t.log_bytes = 0;
         t.log_refused = 0;
+        t.log_full_told = None;
         t.file_errors.clear();
         t.file_sizes.clear();
         t.junit.clear();

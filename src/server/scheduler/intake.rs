@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// How often, at most, a worker that keeps sending lines of a full log
+/// is told `log_full` again (the message is best effort: one lost is
+/// said again while lines still come).
+pub const LOG_FULL_REPEAT: Duration = Duration::from_secs(1);
+
 /// A worker's final report of a task, as applied.
 pub(super) struct Report {
     outcome: Outcome,
@@ -192,11 +197,12 @@ impl<S: Store> Scheduler<S> {
         let limits = &self.cfg.limits;
         // The task's log is full: none of these new lines can be stored
         // (every line takes at least its newline); no need to look at
-        // them one by one.
-        if t.log_bytes >= limits.max_task_log_bytes
+        // them one by one, and the worker is told to stop sending them.
+        if (t.log_bytes >= limits.max_task_log_bytes || t.log_full_told.is_some())
             && !parts.iter().any(|p| t.log.overlaps(p.first, p.last()))
         {
             self.refuse_log_lines(&task, lines);
+            self.tell_log_full(&task);
             return;
         }
         let Some(bytes) = packed_fits(t, &parts, limits) else {
@@ -242,6 +248,42 @@ impl<S: Store> Scheduler<S> {
         self.count("log_lines_over_limit", refused);
     }
 
+    /// The attempt's log is full: from now on its lines are refused
+    /// whole, and its worker hears `log_full` (again at most every
+    /// [`LOG_FULL_REPEAT`] while lines keep coming: the message is best
+    /// effort), so that it stops reading, sealing and sending lines that
+    /// will never be stored.
+    fn tell_log_full(&mut self, task: &TaskId) {
+        let now = self.latest;
+        let max = self.cfg.limits.max_task_log_bytes;
+        let t = self.tasks.get_mut(task).expect("open task");
+        if t.log_full_told
+            .is_some_and(|at| now.saturating_duration_since(at) < LOG_FULL_REPEAT)
+        {
+            return;
+        }
+        let first = t.log_full_told.is_none();
+        t.log_full_told = Some(now);
+        let (attempt, worker) = (t.attempts, t.worker.clone());
+        if first {
+            info!(task = %task, attempt, stored_bytes = t.log_bytes, "task log full (limits.max_task_log_bytes): its worker is told to stop sending lines");
+        }
+        self.count("log_full_told", 1);
+        if let Some(worker) = worker {
+            self.send_to_worker(
+                &worker,
+                Some(task),
+                Body::LogFull {
+                    task: task.clone(),
+                    attempt,
+                    reason: format!(
+                        "the task's log holds limits.max_task_log_bytes ({max} bytes): further lines are not stored"
+                    ),
+                },
+            );
+        }
+    }
+
     pub(super) fn on_log(&mut self, worker: &str, task: TaskId, attempt: u32, lines: Vec<LogLine>) {
         if !self.open_on(&task, worker, Some(attempt)) {
             self.count("orphan_log_lines", lines.len() as u64);
@@ -265,9 +307,14 @@ impl<S: Store> Scheduler<S> {
         let mut runs = t.log.runs();
         let mut prev: Option<u64> = None;
         let before = fresh.len();
+        let mut full = t.log_full_told.is_some();
         fresh.retain(|l| {
             let size = crate::server::store::rendered_len(l);
-            if bytes.saturating_add(size) > limits.max_task_log_bytes {
+            // Once one line did not fit, none after it is stored either
+            // (a shorter one could, but the log is closed: what the
+            // worker is told and what is stored agree).
+            if full || bytes.saturating_add(size) > limits.max_task_log_bytes {
+                full = true;
                 return false;
             }
             let below = l.seq - 1; // seq ≥ 1 (filtered above)
@@ -288,6 +335,9 @@ impl<S: Store> Scheduler<S> {
         let run = t.run.clone();
         if refused > 0 {
             self.refuse_log_lines(&task, refused);
+        }
+        if full {
+            self.tell_log_full(&task);
         }
         if fresh.is_empty() {
             return;

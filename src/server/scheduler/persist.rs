@@ -480,6 +480,7 @@ impl<S: Store> Scheduler<S> {
                     history: row.history,
                     log_bytes: row.log_bytes,
                     log_refused: row.log_refused,
+                    log_full_told: None,
                     file_errors: row.file_errors,
                     refusals: row.refusals,
                     file_sizes: row.file_sizes,

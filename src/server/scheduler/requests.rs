@@ -447,6 +447,7 @@ impl<S: Store> Scheduler<S> {
                     history: Vec::new(),
                     log_bytes: 0,
                     log_refused: 0,
+                    log_full_told: None,
                     file_errors: BTreeMap::new(),
                     refusals: 0,
                     file_sizes: BTreeMap::new(),

@@ -271,6 +271,8 @@ async fn worker(
                         };
                         let Ok(env) = decode(frames) else { continue };
                         match &env.body {
+                            // A standby: the next server of the list.
+                            Body::Error { code: crate::protocol::ErrorCode::NotLeader, .. } => break,
                             Body::Welcome { .. } if !up => {
                                 up = true;
                                 counters.registered.fetch_add(1, Ordering::Relaxed);

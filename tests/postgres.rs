@@ -374,9 +374,9 @@ fn as_server(proc: Proc, state_dir: std::path::PathBuf) -> ServerProc {
     }
 }
 
-/// Two servers on one database: the second is a standby (binds
-/// nothing) until the leader is SIGKILLed, then serves within lease_ttl
-/// + 2 s, with the testruns the leader had.
+/// Two servers on one database: the second is a standby (answering
+/// `not_leader` naming the leader) until the leader is SIGKILLed, then
+/// serves within lease_ttl + 2 s, with the testruns the leader had.
 #[test]
 fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,7 +402,14 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
     assert_eq!(
         standby.stderr.count("server listening"),
         0,
-        "a standby binds nothing"
+        "a standby serves nothing"
+    );
+    let standby_control = field(
+        &standby
+            .stderr
+            .wait_for("answering not_leader", LIMIT)
+            .expect("the standby answers on its control endpoint"),
+        "control",
     );
     let run = submit_run(
         &leader,
@@ -425,6 +432,34 @@ fn a_standby_takes_over_within_the_lease_when_the_leader_is_killed() {
     assert_eq!(standings[0]["lease"]["epoch"], 1, "{standings:?}");
     assert_eq!(standings[0]["lease"]["endpoint"], leader.control.as_str());
     assert_eq!(standings[1]["state"], "no answer", "{standings:?}");
+    // A standby answers at once, naming the leader; a client given it
+    // first goes on to the next server.
+    let (code, standings) = leader_of(&leader, &format!("{standby_control},{}", leader.control));
+    assert_eq!(code, 0, "{standings:?}");
+    assert_eq!(standings[0]["state"], "standby", "{standings:?}");
+    let said = standings[0]["error"].as_str().unwrap();
+    assert!(said.contains("leads (epoch 1"), "{said}");
+    assert_eq!(standings[1]["state"], "leader", "{standings:?}");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(bin("ots-submit"))
+        .args([
+            "status",
+            &run,
+            "--json",
+            "--connect-timeout",
+            "5s",
+            "--server",
+        ])
+        .arg(format!("{standby_control}, {}", leader.control))
+        .envs(submit_envs(&leader))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the standby's answer was waited out ({:?})",
+        started.elapsed()
+    );
     let a_control = leader.control.clone();
     let mut leader = leader;
     let b = fail_over(

@@ -629,3 +629,80 @@ fn a_private_key_others_can_read_stops_server_and_worker_with_a_clear_message() 
     assert_eq!(w.wait_exit(LIMIT), Some(78));
     assert!(w.stderr.count("chmod 600") > 0, "{:?}", w.stderr.all());
 }
+
+/// The transport cipher is negotiated inside the handshake: AES-256-GCM
+/// where both ends have AES in hardware (this machine, if its CPU says
+/// so), ChaCha20-Poly1305 where either does not — here a worker told to
+/// keep to it (`OTS_TRANSPORT_CIPHER`), as a machine without AES would.
+/// Both kinds of connection run a testrun on the same server.
+#[test]
+fn the_transport_cipher_is_aes_gcm_where_both_ends_have_aes_and_chacha_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured_server(dir.path(), &[]);
+    let keys = server.keys.clone().unwrap();
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| {
+        flags
+            .lines()
+            .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+            .any(|l| l.split_whitespace().any(|w| w == f))
+    };
+    let aes_here = (has("aes") && has("pclmulqdq")) || (has("aes") && has("pmull"));
+    let conductor = script(
+        dir.path(),
+        "ok.sh",
+        "mkdir -p \"$OTS_RESULTS_DIR\"\necho '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"\n",
+    ).display().to_string();
+    let a = [conductor.as_str()];
+    let mut workers = Vec::new();
+    for (name, env) in [
+        ("fast", vec![]),
+        ("plain", vec![("OTS_TRANSPORT_CIPHER", "ChaChaPoly")]),
+    ] {
+        workers.push(start_worker_with(
+            dir.path(),
+            name,
+            &format!("devicegroup:{name}"),
+            &server.control,
+            &server.events,
+            &a,
+            &env,
+            &keys.worker_toml(name),
+        ));
+    }
+    assert!(wait_for_workers(
+        &server,
+        LIMIT,
+        all_idle(&["fast", "plain"])
+    ));
+    for group in ["fast", "plain"] {
+        let run = submit_run(
+            &server,
+            &[
+                "--device",
+                &format!("devicegroup:{group}"),
+                "--image",
+                "i",
+                "--packages",
+                "p",
+            ],
+        );
+        let st = wait_status(&server, &run, LIMIT, finished);
+        assert_eq!(st["verdict"], "PASS", "{st:#}");
+    }
+    let st = current_status(&server, "r1");
+    let counter = |n: &str| st["counters"][n].as_u64().unwrap_or(0);
+    eprintln!(
+        "AES in hardware here: {aes_here}; channels: AESGCM {}, ChaChaPoly {}",
+        counter("security_channels_aesgcm"),
+        counter("security_channels_chachapoly")
+    );
+    // The plain worker, and every client connection of ots-submit if
+    // this machine has no AES.
+    assert!(counter("security_channels_chachapoly") >= 1, "{st:#}");
+    if aes_here {
+        assert!(counter("security_channels_aesgcm") >= 1, "{st:#}");
+    } else {
+        assert_eq!(counter("security_channels_aesgcm"), 0, "{st:#}");
+    }
+}

@@ -194,8 +194,8 @@ pub enum Command {
     },
     /// Which of the servers in --server leads: each endpoint is asked at
     /// once; the leader answers with its lease (epoch, since when), a
-    /// standby binds nothing and does not answer. Exits 0 when one
-    /// leads, 69 when none answers.
+    /// standby answers `not_leader` naming the leader it knows. Exits 0
+    /// when one leads, 69 when none does.
     Leader {
         #[command(flatten)]
         conn: Conn,
@@ -1268,10 +1268,13 @@ async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                 }
                 Err(e) => Standing {
                     endpoint: ep.clone(),
-                    state: if matches!(e, ClientError::Unreachable { .. }) {
-                        "no answer"
-                    } else {
-                        "refused"
+                    state: match &e {
+                        ClientError::Unreachable { .. } => "no answer",
+                        ClientError::Refused {
+                            code: crate::protocol::ErrorCode::NotLeader,
+                            ..
+                        } => "standby",
+                        _ => "refused",
                     },
                     server: None,
                     lease: None,
@@ -1302,10 +1305,16 @@ async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                     "serving alone (state in SQLite, no lease)  server {}",
                     escape_controls(server)
                 ),
-                (_, None, Some(e)) if s.state == "no answer" => format!(
-                    "no answer: a standby (it binds nothing until it leads) or down ({})",
-                    escape_controls(e)
-                ),
+                (_, None, Some(e)) if s.state == "no answer" => {
+                    format!("no answer: down or unreachable ({})", escape_controls(e))
+                }
+                (_, None, Some(e)) if s.state == "standby" => {
+                    // The standby's own words, after the endpoint.
+                    let said = e
+                        .split_once("this server is a ")
+                        .map_or(e.as_str(), |(_, r)| r);
+                    format!("{}", escape_controls(said))
+                }
                 (_, _, e) => format!("refused: {}", escape_controls(e.as_deref().unwrap_or("?"))),
             };
             println!("{}  {what}", s.endpoint);

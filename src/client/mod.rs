@@ -69,7 +69,11 @@ impl ClientError {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::Unreachable { .. }
+            | ClientError::Refused {
+                code: ErrorCode::NotLeader,
+                ..
+            } => exit::UNREACHABLE,
             ClientError::Refused {
                 code: ErrorCode::Forbidden | ErrorCode::Unauthenticated,
                 ..
@@ -106,8 +110,8 @@ impl Client {
     /// about `timeout` if nothing answers. A server busy admitting other
     /// connections (a reconnect storm) is retried until `timeout`.
     /// Connects to the server at `endpoint`, or to the first of a list
-    /// (`tcp://a:5555, tcp://b:5555`) that answers: the leader (a
-    /// standby binds nothing, so it does not answer).
+    /// (`tcp://a:5555, tcp://b:5555`) that answers as the leader (a
+    /// standby answers `not_leader`, and the next one is tried).
     pub async fn connect(
         endpoint: &str,
         timeout: Duration,
@@ -117,7 +121,14 @@ impl Client {
         let mut last = None;
         for ep in list.iter() {
             match Self::connect_to(ep, timeout, credentials).await {
-                Err(e @ ClientError::Unreachable { .. }) => last = Some(e),
+                // A standby says so at once: the next server may lead.
+                Err(
+                    e @ (ClientError::Unreachable { .. }
+                    | ClientError::Refused {
+                        code: ErrorCode::NotLeader,
+                        ..
+                    }),
+                ) => last = Some(e),
                 Ok(mut c) => {
                     c.servers = endpoint.to_string();
                     return Ok(c);
@@ -182,6 +193,12 @@ impl Client {
                         return Err(ClientError::Refused {
                             code: ErrorCode::LimitReached,
                             message,
+                        })
+                    }
+                    Err(LinkError::NotLeader(message)) => {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::NotLeader,
+                            message: format!("{endpoint}: {message}"),
                         })
                     }
                     Err(LinkError::Refused(message)) => {

@@ -767,6 +767,10 @@ pub enum ErrorCode {
     /// A result or input file did not arrive intact (its SHA-256 differs
     /// from the sender's, twice) or changed on disk while it was sent.
     Damaged,
+    /// This server is a standby (PostgreSQL, §13.1): it serves nothing
+    /// until it holds the lease. The message names the leader it knows;
+    /// the peer goes on to the next server of its list.
+    NotLeader,
 }
 
 /// Why a worker refused a dispatch.

@@ -14,13 +14,78 @@
 
 use super::SecurityError;
 use bytes::{BufMut, Bytes, BytesMut};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
+
+/// The AEAD that seals a connection's messages after the handshake: one of
+/// the two ciphers Noise names. ChaCha20-Poly1305 (`ChaChaPoly`) unless
+/// both ends have AES and carry-less multiply instructions and agreed on
+/// AES-256-GCM (`AESGCM`) in the handshake's payloads (PROTOCOL.md
+/// §15.3): there it seals several times faster per core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cipher {
+    ChaChaPoly,
+    AesGcm,
+}
+
+impl Cipher {
+    /// The name in handshake payloads, as Noise spells the cipher.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::ChaChaPoly => "ChaChaPoly",
+            Cipher::AesGcm => "AESGCM",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Cipher> {
+        match name {
+            "ChaChaPoly" => Some(Cipher::ChaChaPoly),
+            "AESGCM" => Some(Cipher::AesGcm),
+            _ => None,
+        }
+    }
+
+    /// The ciphers this machine seals fast, preferred first: AES-256-GCM
+    /// only with AES and carry-less multiply in hardware (without them
+    /// ring's AES is a slow constant-time fallback), then ChaCha20-Poly1305.
+    /// `OTS_TRANSPORT_CIPHER=ChaChaPoly` keeps to ChaCha20-Poly1305 (for
+    /// comparing the two).
+    pub fn usable_here() -> &'static [Cipher] {
+        static BOTH: [Cipher; 2] = [Cipher::AesGcm, Cipher::ChaChaPoly];
+        static CHACHA: [Cipher; 1] = [Cipher::ChaChaPoly];
+        static CHOSEN: std::sync::OnceLock<&'static [Cipher]> = std::sync::OnceLock::new();
+        CHOSEN.get_or_init(|| {
+            let forced = std::env::var("OTS_TRANSPORT_CIPHER").ok();
+            if forced.as_deref() == Some("ChaChaPoly") || !aes_in_hardware() {
+                &CHACHA
+            } else {
+                &BOTH
+            }
+        })
+    }
+}
+
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
 
 /// Frames one sealed message may carry (an OTSP message has at most 3:
 /// header, body, raw; a little room for versions to come).
 pub const MAX_SEALED_FRAMES: usize = 8;
 
-/// The tag ChaCha20-Poly1305 appends.
+/// The tag either AEAD appends.
 const TAG_LEN: usize = 16;
 
 /// The keys and counters of one secured connection.
@@ -33,14 +98,17 @@ pub struct Channel {
     last_recv: u64,
     /// The Noise handshake hash: binds every message to this connection.
     hash: [u8; 32],
+    cipher: Cipher,
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Channel {{ next_send: {}, last_recv: {} }}",
-            self.next_send, self.last_recv
+            "Channel {{ next_send: {}, last_recv: {}, cipher: {} }}",
+            self.next_send,
+            self.last_recv,
+            self.cipher.name()
         )
     }
 }
@@ -58,14 +126,24 @@ fn aad(hash: &[u8; 32], counter: u64) -> Aad<[u8; 40]> {
     Aad::from(a)
 }
 
-fn key(bytes: &[u8; 32]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("a 32-byte key"))
+fn key(bytes: &[u8; 32], cipher: Cipher) -> LessSafeKey {
+    let algorithm = match cipher {
+        Cipher::ChaChaPoly => &CHACHA20_POLY1305,
+        Cipher::AesGcm => &AES_256_GCM,
+    };
+    LessSafeKey::new(UnboundKey::new(algorithm, bytes).expect("a 32-byte key"))
 }
 
 impl Channel {
+    /// The AEAD this connection seals with.
+    pub fn cipher(&self) -> Cipher {
+        self.cipher
+    }
+
     pub(crate) fn from_handshake(
         mut state: snow::HandshakeState,
         initiator: bool,
+        cipher: Cipher,
     ) -> Result<Self, SecurityError> {
         if !state.is_handshake_finished() {
             return Err(SecurityError::Handshake("handshake not finished".into()));
@@ -79,11 +157,12 @@ impl Channel {
         let (k1, k2) = state.dangerously_get_raw_split();
         let (send, recv) = if initiator { (k1, k2) } else { (k2, k1) };
         Ok(Channel {
-            send: key(&send),
-            recv: key(&recv),
+            send: key(&send, cipher),
+            recv: key(&recv, cipher),
             next_send: 1,
             last_recv: 0,
             hash,
+            cipher,
         })
     }
 
@@ -103,7 +182,7 @@ impl Channel {
         }
         self.send
             .seal_in_place_append_tag(nonce(counter), aad(&self.hash, counter), &mut buf)
-            .expect("ChaCha20-Poly1305 sealing");
+            .expect("AEAD sealing");
         vec![Bytes::copy_from_slice(&counter.to_be_bytes()), buf.freeze()]
     }
 
@@ -170,12 +249,13 @@ mod tests {
 
     fn pair() -> (Channel, Channel) {
         let (server, worker) = (KeyPair::generate(), KeyPair::generate());
-        let (init, first) = Initiator::start(&worker, &server.public, b"").unwrap();
+        let (init, first) = Initiator::start(&worker, &server.public, &[]).unwrap();
         let acc = Responder::accept(
             std::slice::from_ref(&server),
             &first,
+            &[],
             |_| Some(()),
-            |_| Vec::new(),
+            |_, _| Vec::new(),
         )
         .unwrap();
         let (client, _) = init.finish(&acc.answer).unwrap();

@@ -377,6 +377,10 @@ impl Gate {
         Some(match result {
             Ok(acc) => {
                 self.count("security_handshakes");
+                self.count(match acc.channel.cipher() {
+                    super::channel::Cipher::AesGcm => "security_channels_aesgcm",
+                    super::channel::Cipher::ChaChaPoly => "security_channels_chachapoly",
+                });
                 let answer = vec![
                     Bytes::from_static(HANDSHAKE_MARKER),
                     Bytes::from(acc.answer),
@@ -460,6 +464,17 @@ impl std::fmt::Debug for Handshaker {
     }
 }
 
+/// Message 2's payload: who the server took the initiator for (the
+/// identity's own keys: `kind`, `name`, `role`) and the transport cipher
+/// chosen, when not ChaCha20-Poly1305.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    #[serde(flatten)]
+    identity: &'a Identity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cipher: Option<&'static str>,
+}
+
 impl Handshaker {
     /// Answers a handshake's first message. The answer's payload says who
     /// the server took the peer for; it travels inside the handshake,
@@ -469,8 +484,15 @@ impl Handshaker {
         handshake::Responder::accept(
             &self.keys,
             first,
+            super::channel::Cipher::usable_here(),
             |k| allow.get(k).cloned(),
-            |identity| rmp_serde::to_vec_named(identity).unwrap_or_default(),
+            |identity, cipher| {
+                rmp_serde::to_vec_named(&Answer {
+                    identity,
+                    cipher: (cipher != super::channel::Cipher::ChaChaPoly).then(|| cipher.name()),
+                })
+                .unwrap_or_default()
+            },
         )
     }
 }
@@ -524,7 +546,7 @@ mod tests {
             Verdict::Close { .. }
         ));
         // An unknown key.
-        let (_, first) = Initiator::start(&mallory, &server.public, b"").unwrap();
+        let (_, first) = Initiator::start(&mallory, &server.public, &[]).unwrap();
         assert!(matches!(
             run(&mut gate, &p2, handshake_frames(first)),
             Verdict::Refuse {
@@ -532,7 +554,7 @@ mod tests {
             }
         ));
         // Alice gets in and talks.
-        let (init, first) = Initiator::start(&alice, &server.public, b"").unwrap();
+        let (init, first) = Initiator::start(&alice, &server.public, &[]).unwrap();
         let Verdict::Secured {
             answer, identity, ..
         } = run(&mut gate, &p3, handshake_frames(first))
@@ -560,7 +582,7 @@ mod tests {
             }
         ));
         // Revocation: a fresh connection of alice's, then her key goes.
-        let (_, first) = Initiator::start(&alice, &server.public, b"").unwrap();
+        let (_, first) = Initiator::start(&alice, &server.public, &[]).unwrap();
         let p4 = Bytes::from_static(b"p4");
         assert!(matches!(
             run(&mut gate, &p4, handshake_frames(first)),
@@ -590,7 +612,7 @@ mod tests {
             AllowList::from_entries([(worker.public, id)]),
         );
         for pinned in [&old, &new] {
-            let (init, first) = Initiator::start(&worker, &pinned.public, b"").unwrap();
+            let (init, first) = Initiator::start(&worker, &pinned.public, &[]).unwrap();
             let peer = Bytes::copy_from_slice(pinned.public.0.as_slice());
             let Verdict::Secured { answer, .. } = run(&mut gate, &peer, handshake_frames(first))
             else {
@@ -611,7 +633,7 @@ mod tests {
         let allow = || AllowList::from_entries([(worker.public, id.clone())]);
         let mut gate = Gate::new(vec![server.clone()], allow());
         let start = |gate: &mut Gate, peer: &PeerId| {
-            let (_, first) = Initiator::start(&worker, &server.public, b"").unwrap();
+            let (_, first) = Initiator::start(&worker, &server.public, &[]).unwrap();
             match gate.inbound(peer, handshake_frames(first)) {
                 Verdict::Handshake { first, handshaker } => handshaker.accept(&first),
                 other => panic!("not handed off: {other:?}"),

@@ -28,6 +28,9 @@ pub enum LinkError {
     Refused(String),
     #[error("the server is busy admitting other connections ({0}); retry after a backoff")]
     Busy(String),
+    /// A standby (PROTOCOL.md §13.1): the next server of the list leads.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
     #[error("the server's answer does not authenticate as the pinned server key ({0}); wrong `server_key`, or not the real server")]
     Handshake(SecurityError),
     #[error("handshake transport: {0}")]
@@ -42,7 +45,8 @@ pub async fn handshake<S: SocketSend + SocketRecv>(
     server: &PublicKey,
     timeout: Duration,
 ) -> Result<(Channel, Identity), LinkError> {
-    let (init, first) = Initiator::start(key, server, &[]).map_err(LinkError::Handshake)?;
+    let (init, first) = Initiator::start(key, server, super::channel::Cipher::usable_here())
+        .map_err(LinkError::Handshake)?;
     let msg = to_message(vec![
         Bytes::from_static(HANDSHAKE_MARKER),
         Bytes::from(first),
@@ -70,6 +74,11 @@ pub async fn handshake<S: SocketSend + SocketRecv>(
                     message,
                     ..
                 } => Err(LinkError::Busy(message)),
+                crate::protocol::Body::Error {
+                    code: crate::protocol::ErrorCode::NotLeader,
+                    message,
+                    ..
+                } => Err(LinkError::NotLeader(message)),
                 crate::protocol::Body::Error { message, .. } => Err(LinkError::Refused(message)),
                 other => Err(LinkError::Refused(format!(
                     "answered {} instead of a handshake (a server with security = \"none\"?)",

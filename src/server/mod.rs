@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pg;
 pub mod scheduler;
 pub mod service;
+pub mod standby;
 pub mod state;
 pub mod store;
 pub mod verdict;

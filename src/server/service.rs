@@ -171,7 +171,18 @@ impl Server {
         // it waits): a wait longer than TimeoutStartSec is not a failure.
         let mut standby_supervisor = crate::supervision::Supervisor::new();
         let mut told_ready = false;
+        // Meanwhile the control endpoint answers `not_leader`, naming the
+        // leader, so that workers and clients move on at once.
+        let standby = match cfg.postgres() {
+            Some(_) => Some(
+                crate::server::standby::Standby::bind(&cfg.control, &cfg.limits.sockets()).await?,
+            ),
+            None => None,
+        };
         let waiting = |v: Option<&crate::server::pg::LeaseView>| {
+            if let Some(s) = &standby {
+                s.tell(v);
+            }
             let status = match v {
                 Some(v) => format!(
                     "standby: {} leads (epoch {}, {})",
@@ -185,7 +196,11 @@ impl Server {
             }
             standby_supervisor.tick(Instant::now(), || status);
         };
-        let leadership = match db.lead(&incarnation, &cfg.control, policy, waiting).await? {
+        let led = db.lead(&incarnation, &cfg.control, policy, waiting).await;
+        if let Some(s) = standby {
+            s.close().await;
+        }
+        let leadership = match led? {
             None => None,
             Some((epoch, granted)) => {
                 info!(epoch, database = %db.describe(), "leader: this server holds the lease");

@@ -106,7 +106,7 @@ pub const MAX_WIRE_MESSAGE_BYTES: usize = crate::protocol::codec::MAX_HEADER_BYT
     + 1024;
 
 impl SocketLimits {
-    fn options(&self) -> SocketOptions {
+    pub(crate) fn options(&self) -> SocketOptions {
         let mut o = SocketOptions::default();
         o.max_message_size(self.max_message_bytes)
             .max_message_frames(MAX_FRAMES)

@@ -588,6 +588,26 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         }
                     }
                 }
+                Action::Reconnect(LostReason::NotLeader(said)) => {
+                    // A standby (security off: it answered our hello): the
+                    // next server of the list, at once, and after a whole
+                    // round of them with backoff, as for a failed connect.
+                    let (_, attempts) = outage.get_or_insert((Instant::now(), 0));
+                    *attempts += 1;
+                    let delay = if !(*attempts as usize).is_multiple_of(servers.len()) {
+                        Duration::ZERO
+                    } else {
+                        backoff
+                            .next()
+                            .unwrap_or(Duration::from_millis(cfg.reconnect_max_ms))
+                    };
+                    debug!(server = %servers[current].0, said = %said, retry_in_ms = delay.as_millis() as u64, "not the leader; trying the next server");
+                    current = (current + 1) % servers.len();
+                    conn = None;
+                    session.on_disconnected();
+                    retry_at = Some(Instant::now() + delay);
+                    queue.clear();
+                }
                 Action::Reconnect(reason) => {
                     if conn.is_some() {
                         warn!(%reason, "server lost; dropping both sockets and reconnecting with backoff");

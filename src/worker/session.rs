@@ -58,6 +58,8 @@ pub enum LostReason {
     ConnectionClosed(String),
     /// No welcome within the liveness window after the first hello.
     RegistrationTimeout { waited_ms: u64 },
+    /// The server is a standby (`not_leader`): the next one may lead.
+    NotLeader(String),
 }
 
 impl std::fmt::Display for LostReason {
@@ -74,6 +76,7 @@ impl std::fmt::Display for LostReason {
             LostReason::ConnectionClosed(e) => {
                 write!(f, "server unreachable: connection closed: {e}")
             }
+            LostReason::NotLeader(said) => write!(f, "not the leader: {said}"),
             LostReason::RegistrationTimeout { waited_ms } => {
                 write!(f, "server unreachable: no welcome {waited_ms} ms after the first hello (heartbeats arrive, the control connection does not answer)")
             }
@@ -802,6 +805,14 @@ impl Session {
             } => {
                 warn!("server does not know this connection (it restarted or forgot us): registering again");
                 self.hello(now, &mut actions);
+            }
+            Body::Error {
+                code: ErrorCode::NotLeader,
+                message,
+                ..
+            } => {
+                self.link = Link::Down;
+                return vec![Action::Reconnect(LostReason::NotLeader(message))];
             }
             Body::Error {
                 code: code @ (ErrorCode::NameInUse | ErrorCode::Forbidden),

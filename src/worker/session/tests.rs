@@ -675,6 +675,63 @@ fn not_registered_error_triggers_a_new_hello() {
 }
 
 #[test]
+fn a_standby_s_not_leader_answer_moves_on_to_the_next_server() {
+    let mut w = W::new();
+    w.s.on_connected(w.now);
+    let a = w.msg(Body::Error {
+        request: None,
+        code: ErrorCode::NotLeader,
+        message: "this server is a standby; s1 leads".into(),
+        seq: None,
+    });
+    assert!(
+        matches!(&a[..], [Action::Reconnect(LostReason::NotLeader(m))] if m.contains("s1 leads")),
+        "{a:?}"
+    );
+    assert!(matches!(w.s.link(), Link::Down));
+}
+
+#[test]
+fn a_full_log_stops_the_lines_of_that_task_and_counts_them() {
+    let mut w = W::new();
+    w.up();
+    let mut e = env(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    e.header.mandatory = true;
+    e.header.seq = 1;
+    w.s.on_message(w.now, arrival(w.now, 1_000), e);
+    let piece = |first: u64| TaskEvent::Log {
+        task: "t1".into(),
+        attempt: 1,
+        first,
+        text: crate::protocol::logtext::PackedText::line(Stream::Stdout, "x"),
+    };
+    w.s.on_task_event(w.now, piece(1));
+    w.s.on_task_event(w.now, piece(2));
+    assert_eq!(w.s.buffered_log_lines(), 2);
+    let a = w.msg(Body::LogFull {
+        task: "t1".into(),
+        attempt: 1,
+        reason: "full".into(),
+    });
+    assert!(matches!(&a[..], [Action::LogFull(t)] if t == "t1"), "{a:?}");
+    assert_eq!(w.s.buffered_log_lines(), 0, "the buffered lines went");
+    w.s.on_task_event(w.now, piece(3));
+    assert_eq!(w.s.buffered_log_lines(), 0, "later ones are not taken");
+    assert_eq!(w.s.stats.log_lines_not_sent_log_full, 3);
+    // Said again: nothing more to do. Another attempt's: not ours.
+    for attempt in [1, 2] {
+        let a = w.msg(Body::LogFull {
+            task: "t1".into(),
+            attempt,
+            reason: "full".into(),
+        });
+        assert!(a.is_empty(), "{a:?}");
+    }
+}
+
+#[test]
 fn server_mandatory_messages_are_acked_every_time_and_applied_once() {
     let mut w = W::new();
     w.up();

@@ -1,7 +1,8 @@
 //! Benchmark: a conductor running `yes` past its task's log limit
 //! (issue 25, "no work for lines nobody will store"). A real release
 //! `ots-server` and `ots-worker`, secured, over loopback; the task's log
-//! is capped at `OTS_BENCH_FLOOD_LOG_MIB` (default 64). Two rounds in one
+//! is capped at `OTS_BENCH_FLOOD_LOG_MIB` (default 256, the default
+//! `limits.max_task_log_bytes`); the conductor runs `yes`. Two rounds in one
 //! run, each with a fresh server and worker:
 //!
 //! - **told**: the worker hears `log_full` and stops sending the task's
@@ -66,7 +67,7 @@ fn round(log_mib: u64, window: Duration, ignore: bool) -> Round {
         dir.path(),
         "yes.sh",
         &format!(
-            "yes 'a test log line of a realistic length, with some words in it: ok' &\n\
+            "yes &\n\
              pid=$!\nwhile [ ! -e {stop:?} ]; do sleep 0.05; done\nkill $pid\nwait $pid\nexit 0\n"
         ),
     );
@@ -137,7 +138,7 @@ fn round(log_mib: u64, window: Duration, ignore: bool) -> Round {
 }
 
 fn main() {
-    let log_mib = env_or("OTS_BENCH_FLOOD_LOG_MIB", 64);
+    let log_mib = env_or("OTS_BENCH_FLOOD_LOG_MIB", 256);
     let window = Duration::from_secs(env_or("OTS_BENCH_FLOOD_SECS", 10));
     println!(
         "yes flood past a {log_mib} MiB task log (release, secured, loopback, {} cores); \

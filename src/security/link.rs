@@ -45,8 +45,26 @@ pub async fn handshake<S: SocketSend + SocketRecv>(
     server: &PublicKey,
     timeout: Duration,
 ) -> Result<(Channel, Identity), LinkError> {
-    let (init, first) = Initiator::start(key, server, super::channel::Cipher::usable_here())
-        .map_err(LinkError::Handshake)?;
+    handshake_offering(
+        socket,
+        key,
+        server,
+        timeout,
+        super::channel::Cipher::usable_here(),
+    )
+    .await
+}
+
+/// [`handshake`] offering these transport ciphers (benchmarks compare
+/// them; everything else offers what this machine seals fast).
+pub async fn handshake_offering<S: SocketSend + SocketRecv>(
+    socket: &mut S,
+    key: &KeyPair,
+    server: &PublicKey,
+    timeout: Duration,
+    ciphers: &[super::channel::Cipher],
+) -> Result<(Channel, Identity), LinkError> {
+    let (init, first) = Initiator::start(key, server, ciphers).map_err(LinkError::Handshake)?;
     let msg = to_message(vec![
         Bytes::from_static(HANDSHAKE_MARKER),
         Bytes::from(first),

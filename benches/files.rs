@@ -1,22 +1,34 @@
 //! Benchmark: result files from a real `ots-worker` to the real
 //! `ots-server` (release binaries, secured, loopback), and `ots-submit
-//! fetch` of them back, against two baselines measured in the same run on
-//! the same file: a raw TCP copy over loopback (file → socket → file) and
-//! `sha256sum` (the hash every transfer must compute: the floor).
+//! fetch` of them back, beside baselines measured in the same run on the
+//! same file, in alternating rounds (medians, and the spread):
 //!
-//! For each size: MB/s from the conductor's exit to the verdict, peak RSS
-//! of server and worker, the worst answer time of the server to a ping
-//! sent every 20 ms during the transfer (its event loop never waits for
-//! the disk), the worker's disk beyond the file itself; then the fetch.
+//! - **raw copy**: file → TCP over loopback → file, 1 MiB buffers, one
+//!   thread each side: what the transport and the filesystem allow;
+//! - **verified copy**: the same with SHA-256 computed over every byte on
+//!   both ends (the sender to say what it sent, the receiver to check what
+//!   it wrote), each end hashing on a thread of its own beside its I/O
+//!   thread: the work any transfer that verifies end to end must do, and
+//!   so the physical limit for ours on this machine;
+//! - **SHA-256**: the crate's hash over the file, one core, from memory.
 //!
-//! `cargo bench --bench files` (OTS_BENCH_FILE_MIB, default "256,1024").
+//! Each on tmpfs (`/dev/shm`: memory → socket → memory, so the transport,
+//! the crypto and the hashing are the limit) and on disk (`/var/tmp`),
+//! `OTS_BENCH_DIRS` (comma-separated) to choose. For ots: MB/s from the
+//! conductor's exit to the verdict, and of the fetch; peak RSS of server
+//! and worker (or ots-submit); the worst answer time of the server to a
+//! ping sent every 20 ms meanwhile; the CPU each side spent.
+//!
+//! `cargo bench --bench files` (OTS_BENCH_FILE_MIB, default "256,1024";
+//! OTS_BENCH_ROUNDS, default 3).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use common::*;
+use sha2::Digest;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,26 +38,8 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
-/// file → TCP over loopback → file, with 1 MiB buffers.
-fn raw_tcp_copy(src: &Path, dst: &Path) -> Duration {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dst = dst.to_path_buf();
-    let started = Instant::now();
-    let receiver = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut out = std::fs::File::create(&dst).unwrap();
-        let mut buf = vec![0u8; MIB as usize];
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n]).unwrap();
-        }
-        out.sync_all().unwrap();
-    });
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+/// Reads `src` in 1 MiB blocks and hands each to `each`.
+fn read_blocks(src: &Path, mut each: impl FnMut(&[u8])) {
     let mut f = std::fs::File::open(src).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     loop {
@@ -53,43 +47,70 @@ fn raw_tcp_copy(src: &Path, dst: &Path) -> Duration {
         if n == 0 {
             break;
         }
-        s.write_all(&buf[..n]).unwrap();
+        each(&buf[..n]);
     }
-    drop(s);
-    receiver.join().unwrap();
-    started.elapsed()
 }
 
-fn sha256sum(path: &Path) -> Duration {
+/// file → TCP over loopback → file, 1 MiB buffers; with `verify`, both
+/// ends also hash every byte as it passes (the sender after reading, the
+/// receiver after writing), on their I/O thread: no copy, no hand-over.
+fn tcp_copy(src: &Path, dst: &Path, verify: bool) -> Duration {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = dst.to_path_buf();
     let started = Instant::now();
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    started.elapsed()
-}
-
-/// Bytes of the files below `dir`, each inode counted once (the
-/// conductor hard-links the prepared file), excluding `skip`'s inode.
-fn du_bytes(dir: &Path, skip: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let skip = std::fs::metadata(skip).map(|m| (m.dev(), m.ino())).ok();
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => {
-                    let id = (m.dev(), m.ino());
-                    if Some(id) != skip && seen.insert(id) {
-                        total += m.blocks() * 512;
-                    }
-                }
-                Err(_) => {}
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut out = std::fs::File::create(&dst).unwrap();
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; MIB as usize];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).unwrap();
+            if verify {
+                h.update(&buf[..n]);
             }
         }
+        out.sync_all().unwrap();
+        hex::encode(h.finalize())
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut h = sha2::Sha256::new();
+    read_blocks(src, |block| {
+        if verify {
+            h.update(block);
+        }
+        s.write_all(block).unwrap();
+    });
+    drop(s);
+    let sent = hex::encode(h.finalize());
+    let received = receiver.join().unwrap();
+    assert_eq!(sent, received, "the copy arrived intact");
+    started.elapsed()
+}
+
+/// SHA-256 from memory, one core: a block of the file (at most 16 MiB,
+/// read first, not timed) hashed over and over for the file's size.
+fn hash_speed(src: &Path, size: u64) -> Duration {
+    let mut block = Vec::new();
+    std::fs::File::open(src)
+        .unwrap()
+        .take(16 * MIB)
+        .read_to_end(&mut block)
+        .unwrap();
+    let started = Instant::now();
+    let mut h = sha2::Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        h.update(&block[..n]);
+        left -= n as u64;
     }
-    total
+    std::hint::black_box(h.finalize());
+    started.elapsed()
 }
 
 /// Pings the server every 20 ms until `stop`; returns the worst answer
@@ -125,71 +146,108 @@ fn pinger(
     })
 }
 
-fn main() {
-    let sizes: Vec<u64> = std::env::var("OTS_BENCH_FILE_MIB")
-        .unwrap_or_else(|_| "256,1024".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let dir =
-        tempfile::tempdir_in(std::env::var("OTS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-            .or_else(|_| tempfile::tempdir())
-            .unwrap();
-    let server = start_fresh_server(dir.path(), &[]);
-    // The conductor links the prepared file into its results and notes
-    // the time it exits (ns since the epoch).
-    let conductor = script(
-        dir.path(),
-        "link.sh",
-        r#"ln "$OTS_BENCH_SRC" "$OTS_RESULTS_DIR/big.bin"
+/// CPU time of a process so far, in clock ticks: (user, system).
+fn cpu_ticks(pid: i32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (field(11), field(12))
+}
+
+/// CPU seconds between two readings (user + system).
+fn cpu_secs(a: (u64, u64), b: (u64, u64)) -> f64 {
+    ((b.0 + b.1) - (a.0 + a.1)) as f64 / 100.0
+}
+
+/// Median, min and max of `v` as "median (min–max)".
+fn spread(v: &[f64]) -> (f64, String) {
+    let mut x = v.to_vec();
+    x.sort_by(|a, b| a.total_cmp(b));
+    let median = x[x.len() / 2];
+    (
+        median,
+        format!("{median:.0} ({:.0}–{:.0})", x[0], x[x.len() - 1]),
+    )
+}
+
+/// A real server and worker with their state below `dir`.
+struct Lab {
+    dir: PathBuf,
+    server: ServerProc,
+    worker: Proc,
+    src: PathBuf,
+    exited: PathBuf,
+}
+
+impl Lab {
+    fn start(dir: &Path) -> Lab {
+        let server = start_fresh_server(dir, &[]);
+        // The conductor links the prepared file into its results and
+        // notes the time it exits (ns since the epoch).
+        let conductor = script(
+            dir,
+            "link.sh",
+            r#"ln "$OTS_BENCH_SRC" "$OTS_RESULTS_DIR/big.bin"
 echo '<testsuite><testcase name="bench"/></testsuite>' > "$OTS_RESULTS_DIR/r.xml"
 date +%s%N > "$OTS_BENCH_EXITED""#,
-    );
-    let src = dir.path().join("src.bin");
-    let exited = dir.path().join("exited");
-    let worker = start_worker(
-        dir.path(),
-        "w1",
-        "devicegroup:bench",
-        &server,
-        &[conductor.to_str().unwrap()],
-        &[
-            ("OTS_BENCH_SRC", src.to_str().unwrap()),
-            ("OTS_BENCH_EXITED", exited.to_str().unwrap()),
-        ],
-    );
-    assert!(
-        wait_for_workers(&server, Duration::from_secs(30), all_idle(&["w1"])),
-        "the worker did not register"
-    );
-    for mib in sizes {
-        let size = mib * MIB;
-        // Random content, written once (not timed).
-        {
-            let mut f = std::fs::File::create(&src).unwrap();
-            let mut block = vec![0u8; MIB as usize];
-            let mut x: u64 = 0x9E3779B97F4A7C15 ^ mib;
-            for _ in 0..mib {
-                for b in block.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-                }
-                f.write_all(&block).unwrap();
-            }
-            f.sync_all().unwrap();
-        }
-        let _ = std::fs::remove_file(&exited);
-        let tcp = raw_tcp_copy(&src, &dir.path().join("tcp-copy.bin"));
-        std::fs::remove_file(dir.path().join("tcp-copy.bin")).unwrap();
-        let hash = sha256sum(&src);
-
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ping = pinger(&server, stop.clone());
-        let mut waiter = Command::new(bin("ots-submit"));
-        let run = submit_run(
+        );
+        let src = dir.join("src.bin");
+        let exited = dir.join("exited");
+        let worker = start_worker(
+            dir,
+            "w1",
+            "devicegroup:bench",
             &server,
+            &[conductor.to_str().unwrap()],
+            &[
+                ("OTS_BENCH_SRC", src.to_str().unwrap()),
+                ("OTS_BENCH_EXITED", exited.to_str().unwrap()),
+            ],
+        );
+        assert!(
+            wait_for_workers(&server, Duration::from_secs(30), all_idle(&["w1"])),
+            "the worker did not register"
+        );
+        Lab {
+            dir: dir.to_path_buf(),
+            server,
+            worker,
+            src,
+            exited,
+        }
+    }
+
+    /// Random content, written once per size (not timed).
+    fn prepare(&self, mib: u64) {
+        let mut f = std::fs::File::create(&self.src).unwrap();
+        let mut block = vec![0u8; MIB as usize];
+        let mut x: u64 = 0x9E3779B97F4A7C15 ^ mib;
+        for _ in 0..mib {
+            for b in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+
+    /// One upload through a testrun: (time from the conductor's exit to
+    /// the verdict, worst ping, CPU s of server and worker, run id).
+    fn upload(&self) -> (Duration, Duration, f64, f64, String) {
+        let _ = std::fs::remove_file(&self.exited);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ping = pinger(&self.server, stop.clone());
+        let (spid, wpid) = (
+            self.server.proc.child.id() as i32,
+            self.worker.child.id() as i32,
+        );
+        let cpu0 = (cpu_ticks(spid), cpu_ticks(wpid));
+        let run = submit_run(
+            &self.server,
             &[
                 "--device",
                 "devicegroup:bench",
@@ -199,37 +257,25 @@ date +%s%N > "$OTS_BENCH_EXITED""#,
                 "p",
             ],
         );
+        let mut waiter = Command::new(bin("ots-submit"));
         waiter
             .args(["wait", &run])
-            .env("OTS_SERVER", &server.control)
-            .envs(submit_envs(&server));
-        // Worker disk beyond the file while the upload runs.
-        let worker_dir = dir.path().join("w1");
-        let mut worker_extra = 0u64;
-        let task_results = worker_dir.join("tasks").join(format!("{run}.1-attempt1"));
-        let out = {
-            let mut child = waiter.stdout(std::process::Stdio::null()).spawn().unwrap();
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status;
-                }
-                if task_results.exists() {
-                    worker_extra = worker_extra.max(du_bytes(&worker_dir, &src));
-                }
-                std::thread::sleep(Duration::from_millis(20)); // sampling the worker's disk
-            }
-        };
+            .env("OTS_SERVER", &self.server.control)
+            .envs(submit_envs(&self.server))
+            .stdout(std::process::Stdio::null());
+        let out = waiter.status().unwrap();
         let verdict_at = std::time::SystemTime::now();
+        let cpu1 = (cpu_ticks(spid), cpu_ticks(wpid));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let worst_ping = ping.join().unwrap();
         if !out.success() {
-            let st = status_json(&server, &run);
+            let st = status_json(&self.server, &run);
             panic!(
                 "the testrun did not pass: {st:#?}\n{:#?}",
-                worker.stderr.all()
+                self.worker.stderr.all()
             );
         }
-        let exited_ns: u128 = std::fs::read_to_string(&exited)
+        let exited_ns: u64 = std::fs::read_to_string(&self.exited)
             .unwrap()
             .trim()
             .parse()
@@ -237,54 +283,135 @@ date +%s%N > "$OTS_BENCH_EXITED""#,
         let took = verdict_at
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .saturating_sub(Duration::from_nanos(exited_ns as u64));
-        let st = status_json(&server, &run).unwrap();
-        assert_eq!(st["verdict"], "PASS");
-        let lost = st["counters"]["workers_lost_connection_closed"]
-            .as_u64()
-            .unwrap_or(0)
-            + st["counters"]["workers_lost"].as_u64().unwrap_or(0);
-        println!(
-            "{mib} MiB upload: {:.0} MB/s conductor exit → verdict ({:.2} s) | sha256sum {:.0} MB/s → {:.2}× | raw TCP copy {:.0} MB/s → {:.2}× | peak RSS server {} KiB, worker {} KiB | worst ping {:.1} ms | worker disk beyond the file {} KiB | workers lost {lost}",
-            mbps(size, took),
-            took.as_secs_f64(),
-            mbps(size, hash),
-            hash.as_secs_f64() / took.as_secs_f64(),
-            mbps(size, tcp),
-            tcp.as_secs_f64() / took.as_secs_f64(),
-            peak_rss_kib(server.proc.child.id()),
-            peak_rss_kib(worker.child.id()),
-            worst_ping.as_secs_f64() * 1e3,
-            worker_extra / 1024,
-        );
+            .saturating_sub(Duration::from_nanos(exited_ns));
+        (
+            took,
+            worst_ping,
+            cpu_secs(cpu0.0, cpu1.0),
+            cpu_secs(cpu0.1, cpu1.1),
+            run,
+        )
+    }
 
-        // Fetch it back.
-        let fetched = dir.path().join("fetched");
+    /// `ots-submit fetch` of a testrun's files: (time, worst ping, CPU s
+    /// of the server and of ots-submit).
+    fn fetch(&self, run: &str) -> (Duration, Duration, f64, f64) {
+        let fetched = self.dir.join("fetched");
         let _ = std::fs::remove_dir_all(&fetched);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ping = pinger(&server, stop.clone());
+        let ping = pinger(&self.server, stop.clone());
+        let spid = self.server.proc.child.id() as i32;
+        let before = children_cpu();
+        let server_before = cpu_ticks(spid);
         let started = Instant::now();
         let o = submit(
-            &server,
-            &["fetch", &run, fetched.to_str().unwrap(), "--json"],
+            &self.server,
+            &["fetch", run, fetched.to_str().unwrap(), "--json"],
             Duration::from_secs(600),
         );
-        let fetch = started.elapsed();
+        let took = started.elapsed();
+        let server_cpu = cpu_secs(server_before, cpu_ticks(spid));
+        let client_cpu = children_cpu() - before;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let worst_ping = ping.join().unwrap();
         assert!(o.status.success(), "{}", text(&o.stderr));
-        let rusage =
-            nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
-        println!(
-            "{mib} MiB fetch: {:.0} MB/s ({:.2} s) | sha256sum → {:.2}× | raw TCP → {:.2}× | peak RSS server {} KiB, largest child so far (ots-submit) {} KiB | worst ping {:.1} ms",
-            mbps(size, fetch),
-            fetch.as_secs_f64(),
-            hash.as_secs_f64() / fetch.as_secs_f64(),
-            tcp.as_secs_f64() / fetch.as_secs_f64(),
-            peak_rss_kib(server.proc.child.id()),
-            rusage.max_rss(),
-            worst_ping.as_secs_f64() * 1e3,
-        );
         let _ = std::fs::remove_dir_all(&fetched);
+        (took, worst_ping, server_cpu, client_cpu)
+    }
+}
+
+/// CPU seconds of the waited-for children so far.
+fn children_cpu() -> f64 {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(r.user_time()) + secs(r.system_time())
+}
+
+fn main() {
+    let sizes: Vec<u64> = std::env::var("OTS_BENCH_FILE_MIB")
+        .unwrap_or_else(|_| "256,1024".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rounds: usize = std::env::var("OTS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let dirs: Vec<String> = std::env::var("OTS_BENCH_DIRS")
+        .unwrap_or_else(|_| "/dev/shm,/var/tmp".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    println!(
+        "{} cores; transport cipher {}; {rounds} alternating rounds, medians (min–max), MB/s",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ots::security::channel::Cipher::usable_here()[0].name()
+    );
+    for base in dirs {
+        let Ok(dir) = tempfile::tempdir_in(&base) else {
+            println!("{base}: cannot make a folder there; skipped");
+            continue;
+        };
+        let lab = Lab::start(dir.path());
+        for &mib in &sizes {
+            let size = mib * MIB;
+            lab.prepare(mib);
+            let copy = dir.path().join("copy.bin");
+            let (mut raw, mut verified, mut hash, mut up, mut down) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            let (mut up_ping, mut down_ping) = (Duration::ZERO, Duration::ZERO);
+            let (mut up_cpu, mut down_cpu) = (vec![], vec![]);
+            for _ in 0..rounds {
+                raw.push(mbps(size, tcp_copy(&lab.src, &copy, false)));
+                let _ = std::fs::remove_file(&copy);
+                verified.push(mbps(size, tcp_copy(&lab.src, &copy, true)));
+                let _ = std::fs::remove_file(&copy);
+                hash.push(mbps(size, hash_speed(&lab.src, size)));
+                let (took, ping, s_cpu, w_cpu, run) = lab.upload();
+                up.push(mbps(size, took));
+                up_ping = up_ping.max(ping);
+                up_cpu.push((s_cpu, w_cpu));
+                let (took, ping, s_cpu, c_cpu) = lab.fetch(&run);
+                down.push(mbps(size, took));
+                down_ping = down_ping.max(ping);
+                down_cpu.push((s_cpu, c_cpu));
+            }
+            let (raw_m, raw_s) = spread(&raw);
+            let (ver_m, ver_s) = spread(&verified);
+            let (_, hash_s) = spread(&hash);
+            let (up_m, up_s) = spread(&up);
+            let (down_m, down_s) = spread(&down);
+            let gib = size as f64 / (1u64 << 30) as f64;
+            let per_gib = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+                spread(&v.iter().map(|c| pick(c) / gib).collect::<Vec<_>>()).0
+            };
+            println!("{base}, {mib} MiB:");
+            println!("  raw copy {raw_s} | verified copy {ver_s} | SHA-256 (one core) {hash_s}");
+            println!(
+                "  ots upload {up_s} → {:.2}× raw, {:.2}× verified | CPU per GiB: server {:.2} s, worker {:.2} s | worst ping {:.1} ms | peak RSS server {} KiB, worker {} KiB",
+                up_m / raw_m,
+                up_m / ver_m,
+                per_gib(&up_cpu, |c| c.0),
+                per_gib(&up_cpu, |c| c.1),
+                up_ping.as_secs_f64() * 1e3,
+                peak_rss_kib(lab.server.proc.child.id()),
+                peak_rss_kib(lab.worker.child.id()),
+            );
+            let rusage =
+                nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+                    .unwrap();
+            println!(
+                "  ots fetch  {down_s} → {:.2}× raw, {:.2}× verified | CPU per GiB: server {:.2} s, ots-submit {:.2} s | worst ping {:.1} ms | peak RSS server {} KiB, largest child so far (ots-submit) {} KiB",
+                down_m / raw_m,
+                down_m / ver_m,
+                per_gib(&down_cpu, |c| c.0),
+                per_gib(&down_cpu, |c| c.1),
+                down_ping.as_secs_f64() * 1e3,
+                peak_rss_kib(lab.server.proc.child.id()),
+                rusage.max_rss(),
+            );
+        }
     }
 }

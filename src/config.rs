@@ -1345,7 +1345,9 @@ pub struct WorkerConfig {
     pub delivery: DeliveryPolicy,
     /// `continue` (default) or `abort` a running task when the server is lost.
     pub on_server_lost: OnServerLost,
-    /// Result files are sent in chunks of this many bytes (4 KiB – 4 MiB)…
+    /// Result files are sent in chunks of this many bytes (4 KiB – 4 MiB;
+    /// default 1 MiB: per GiB uploaded, 256 KiB chunks cost the worker 12 %
+    /// and the server 30 % more CPU in `cargo bench --bench files`)…
     pub file_chunk_bytes: u64,
     /// …with at most this many bytes read ahead of what was sent (the
     /// server's credit bounds what is in flight). Kept below the 2 MiB the
@@ -1402,7 +1404,7 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             delivery: DeliveryPolicy::default(),
             on_server_lost: OnServerLost::default(),
-            file_chunk_bytes: 256 * 1024,
+            file_chunk_bytes: 1024 * 1024,
             file_window_bytes: 1024 * 1024,
             keep_task_dirs: 3,
             stop_policy: StopPolicy::Finish,

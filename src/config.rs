@@ -310,8 +310,14 @@ pub struct ServerConfig {
     pub control: String,
     /// PUB endpoint for heartbeats and progress.
     pub events: String,
-    /// Where task logs and result files are kept.
+    /// The server's own state: the SQLite database (unless `database`
+    /// names PostgreSQL), and by default the files too.
     pub state_dir: PathBuf,
+    /// Task logs, result files, input files and the audit log (default:
+    /// `state_dir`). Servers sharing a PostgreSQL database share this
+    /// folder (NFS or any shared filesystem: README, "State in
+    /// PostgreSQL"); their `state_dir`s may be their own.
+    pub files_dir: Option<PathBuf>,
     #[serde(deserialize_with = "crate::config::duration::ms")]
     pub heartbeat_interval_ms: u64,
     /// A worker is lost after this many silent heartbeat intervals.
@@ -721,6 +727,7 @@ impl Default for ServerConfig {
             control: "tcp://127.0.0.1:5555".into(),
             events: "tcp://127.0.0.1:5556".into(),
             state_dir: PathBuf::from("/var/lib/ots/server"),
+            files_dir: None,
             heartbeat_interval_ms: 1000,
             liveness: 3,
             dispatch_ttl_ms: 30_000,
@@ -760,6 +767,13 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Where task logs, result and input files and the audit log live.
+    pub fn files_dir(&self) -> PathBuf {
+        self.files_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.clone())
+    }
+
     pub fn lease_policy(&self) -> crate::server::lease::LeasePolicy {
         crate::server::lease::LeasePolicy {
             ttl: Duration::from_millis(self.lease_ttl_ms),
@@ -948,6 +962,17 @@ impl ServerConfig {
         }
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "", "must name a directory"));
+        }
+        if self
+            .files_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "files_dir",
+                "",
+                "must name a directory (leave it out for state_dir)",
+            ));
         }
         use crate::protocol::limits;
         if !limits::HEARTBEAT_MS.contains(&self.heartbeat_interval_ms) {
@@ -1168,7 +1193,10 @@ impl ServerConfig {
             out.push(Problem::fatal(e.to_string()));
         }
         out.extend(writable_dir_problem(&self.state_dir, "state_dir"));
-        let audit = self.state_dir.join("audit.log");
+        if self.files_dir.is_some() {
+            out.extend(writable_dir_problem(&self.files_dir(), "files_dir"));
+        }
+        let audit = self.files_dir().join("audit.log");
         if audit.exists()
             && std::fs::OpenOptions::new()
                 .append(true)

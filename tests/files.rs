@@ -529,3 +529,44 @@ fn retention_prunes_ended_testruns_and_says_so() {
     let audit = text(&submit(&server, &["audit", "--json"], LIMIT).stdout);
     assert!(audit.contains("prune") && audit.contains(&run), "{audit}");
 }
+
+/// `files_dir` set: logs, result files and the audit log go there, the
+/// state directory keeps only the server's own state, and a fetch reads
+/// them back from there.
+#[test]
+fn logs_result_files_and_the_audit_log_live_in_files_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("shared-files");
+    let files_env = files.display().to_string();
+    let mut env = FAST.to_vec();
+    env.push(("OTS_SERVER_FILES_DIR", files_env.as_str()));
+    let server = start_fresh_server(dir.path(), &env);
+    let conductor = big_file_conductor(dir.path(), 1);
+    let _w = start_idle_worker(
+        dir.path(),
+        "fd",
+        "devicegroup:fd",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    let run = run_on(&server, "devicegroup:fd", &[]);
+    let st = wait_status(&server, &run, LIMIT, finished);
+    assert_eq!(st["verdict"], "PASS", "{st:#}");
+    let task = format!("{run}.1");
+    let stored = files.join("tasks").join(&task).join("files/big.bin");
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), MIB);
+    assert!(files.join("tasks").join(&task).join("log").exists());
+    assert!(files.join("audit.log").exists());
+    assert!(
+        !server.state_dir.join("tasks").join(&task).exists(),
+        "nothing of the task in the state directory"
+    );
+    let fetched = dir.path().join("fetched");
+    let out = submit(&server, &["fetch", &run, fetched.to_str().unwrap()], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        sha_of(&fetched.join(&task).join("big.bin")),
+        sha_of(&stored)
+    );
+}

@@ -611,18 +611,29 @@ fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
     });
 }
 
-fn spawn_on(state: &std::path::Path, name: &str, url: &str, control: &str, events: &str) -> Proc {
+/// A server of a leader/standby pair as the issue deploys them: a state
+/// directory of its own, and `files` (logs, result and input files, the
+/// audit log) shared with the other server through `files_dir`.
+fn spawn_on(files: &std::path::Path, name: &str, url: &str, control: &str, events: &str) -> Proc {
+    let own = files
+        .parent()
+        .expect("below the test's folder")
+        .join(format!("state-{name}"));
+    let files = files.display().to_string();
     spawn_with(
-        state,
+        &own,
         name,
         url,
         (control, events),
-        &[("OTS_SERVER_LOST_GRACE_MS", "30000")],
+        &[
+            ("OTS_SERVER_LOST_GRACE_MS", "30000"),
+            ("OTS_SERVER_FILES_DIR", files.as_str()),
+        ],
     )
 }
 
 /// The issue's failover with real processes: two servers on one
-/// database and one shared state directory, three real workers that
+/// database and one shared `files_dir`, three real workers that
 /// list both, testruns running; the leader is SIGKILLed mid-task. The
 /// standby serves within lease_ttl + 2 s, the workers go to it, their
 /// running tasks finish there, every testrun passes with one attempt per
@@ -632,7 +643,7 @@ fn spawn_on(state: &std::path::Path, name: &str, url: &str, control: &str, event
 fn testruns_running_through_a_failover_end_as_they_would_have() {
     let dir = tempfile::tempdir().unwrap();
     let url = pg::cluster().database();
-    let state = dir.path().join("shared-state");
+    let state = dir.path().join("shared-files");
     let ports: Vec<String> = (0..4)
         .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
         .collect();
@@ -903,7 +914,7 @@ fn twenty_failovers_alternating_under_load_keep_every_invariant() {
     zmtp::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let url = pg::cluster().database();
-    let state = dir.path().join("shared-state");
+    let state = dir.path().join("shared-files");
     let ports: Vec<String> = (0..4)
         .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
         .collect();

@@ -132,13 +132,16 @@ impl Server {
         // Keys and allow-lists are checked before a standby waits (a
         // mistake is said at once), and read for use once it leads.
         cfg.credentials()?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| ServerError::StateDir {
-            path: cfg.state_dir.clone(),
-            source,
-        })?;
+        let files_dir = cfg.files_dir();
+        for dir in [&cfg.state_dir, &files_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         // The audit log must take records from the first one on: a file
         // another user owns would lose them one by one, found too late.
-        let audit = cfg.state_dir.join("audit.log");
+        let audit = files_dir.join("audit.log");
         if audit.exists() {
             std::fs::OpenOptions::new()
                 .append(true)
@@ -162,7 +165,7 @@ impl Server {
             crate::notify::sender::Sender::from_config(&cfg.notify)
                 .map_err(crate::config::ConfigError::from)?,
         );
-        let mut db = StateStore::open(&cfg.state_dir, cfg.postgres().as_ref()).await?;
+        let mut db = StateStore::open(&cfg.state_dir, &files_dir, cfg.postgres().as_ref()).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         // With PostgreSQL: one leader among the servers sharing it. A
         // standby waits here, bound to nothing, until the lease is free.
@@ -237,7 +240,7 @@ impl Server {
                 "security on: Noise IK; peers authenticate with allow-listed keys"
             ),
         }
-        let store = DiskStore::open(&cfg.state_dir)?;
+        let store = DiskStore::open(&files_dir)?;
         let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();
         socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
@@ -289,7 +292,7 @@ impl Server {
             source,
         })?;
         let mut scheduler = scheduler;
-        scheduler.set_stored_inputs(crate::server::files::stored_inputs(&cfg.state_dir));
+        scheduler.set_stored_inputs(crate::server::files::stored_inputs(&files_dir));
         let scrapes = if cfg.metrics.is_empty() {
             None
         } else {
@@ -362,7 +365,7 @@ impl Server {
         let control = sockets.control.clone();
         let events = sockets.events.clone();
         let send_timeout = Duration::from_millis(cfg.send_timeout_ms);
-        let desk = crate::server::files::spawn(&cfg.state_dir);
+        let desk = crate::server::files::spawn(&files_dir);
         let notifications = sender.map(crate::notify::sender::Sender::spawn);
         let task = tokio::spawn(serve(
             scheduler,

@@ -9,33 +9,41 @@ use std::path::Path;
 
 pub enum StateStore {
     Sqlite(Db),
-    /// The state directory holds logs, result and input files and the
-    /// audit log; servers sharing the database share it (a shared
-    /// filesystem for servers on several machines). It is not locked:
-    /// the lease makes one writer. It records which database it belongs
-    /// to (`database`), so a server pointed at another one is refused.
+    /// `files_dir` (the state directory unless set) holds logs, result
+    /// and input files and the audit log; servers sharing the database
+    /// share it (a shared filesystem for servers on several machines). It
+    /// is not locked: the lease makes one writer. It records which
+    /// database it belongs to (`database`), so a server pointed at
+    /// another one is refused.
     Postgres(PgDb),
 }
 
-/// Inside the state directory: the id of the PostgreSQL database whose
-/// files it holds.
+/// Inside `files_dir`: the id of the PostgreSQL database whose files it
+/// holds.
 pub const DATABASE_MARKER: &str = "database";
 
 impl StateStore {
     /// Opens the configured store (migrating its schema).
-    pub async fn open(state_dir: &Path, pg: Option<&PgSettings>) -> Result<StateStore, StateError> {
+    /// SQLite lives in `state_dir`; with PostgreSQL, `files_dir` (which
+    /// servers sharing the database share) records the database's id, and
+    /// one of another database is refused.
+    pub async fn open(
+        state_dir: &Path,
+        files_dir: &Path,
+        pg: Option<&PgSettings>,
+    ) -> Result<StateStore, StateError> {
         match pg {
             None => Ok(StateStore::Sqlite(Db::open(state_dir)?)),
             Some(settings) => {
                 let db = PgDb::open(settings).await?;
-                let marker = state_dir.join(DATABASE_MARKER);
+                let marker = files_dir.join(DATABASE_MARKER);
                 match std::fs::read_to_string(&marker) {
                     Ok(id) if id.trim() == db.database_id() => {}
                     Ok(id) => {
                         return Err(StateError::Foreign {
                             path: marker,
                             reason: format!(
-                                "this state directory holds the files of another PostgreSQL database (id {}; {} has {}): use the state directory of {}, or another one",
+                                "this files_dir (state_dir unless set) holds the files of another PostgreSQL database (id {}; {} has {}): use the files_dir of {}, or another one",
                                 id.trim(),
                                 db.target(),
                                 db.database_id(),
@@ -44,7 +52,7 @@ impl StateStore {
                         })
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let tmp = state_dir.join(format!(".{DATABASE_MARKER}.{}", std::process::id()));
+                        let tmp = files_dir.join(format!(".{DATABASE_MARKER}.{}", std::process::id()));
                         std::fs::write(&tmp, format!("{}\n", db.database_id()))
                             .and_then(|()| std::fs::rename(&tmp, &marker))
                             .map_err(|source| StateError::Marker {

@@ -90,12 +90,13 @@ impl Decoder for ZmqCodec {
                 } else {
                     self.waiting_for
                 };
-                // ots patch: with a message size limit set, never reserve
-                // more than two read chunks ahead of what arrived, so memory
+                // ots patch: with a message size limit set, reserve at most two
+                // read chunks or as much as arrived (so a large frame grows by
+                // doubling, not by copying its start again and again): memory
                 // follows bytes actually received, not what a peer declared.
                 let mut additional = reserve_to - src.len();
                 if self.max_message_size.is_some() {
-                    additional = additional.min(2 * self.max_read_chunk_size);
+                    additional = additional.min((2 * self.max_read_chunk_size).max(src.len()));
                 }
                 src.reserve(additional);
                 return Ok(None);

@@ -1135,3 +1135,37 @@ if [ "$1" = bad ]; then exit 1; fi
     );
     drop(rt);
 }
+
+/// A standby on the leader's own host and endpoints (a restart loop under
+/// systemd, a test lab) cannot bind to answer `not_leader`: it says so,
+/// waits without answering, and takes the same endpoints over when the
+/// leader dies.
+#[test]
+fn a_standby_on_the_leaders_endpoints_waits_without_answering_and_takes_them_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::cluster().database();
+    let files = dir.path().join("files");
+    let (control, events) = (
+        format!("tcp://127.0.0.1:{}", free_port()),
+        format!("tcp://127.0.0.1:{}", free_port()),
+    );
+    let mut leader = as_server(
+        spawn_on(&files, "x", &url, &control, &events),
+        files.clone(),
+    );
+    let standby = spawn_on(&files, "y", &url, &control, &events);
+    assert!(
+        standby
+            .stderr
+            .wait_for(
+                "cannot bind the control endpoint to answer not_leader",
+                LIMIT
+            )
+            .is_some(),
+        "{:?}",
+        standby.stderr.all()
+    );
+    assert!(standby.stderr.wait_for("standby:", LIMIT).is_some());
+    let next = fail_over(&mut leader, standby, files, Some("2"), "same endpoints");
+    assert_eq!(next.control, control);
+}

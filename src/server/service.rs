@@ -177,9 +177,20 @@ impl Server {
         // Meanwhile the control endpoint answers `not_leader`, naming the
         // leader, so that workers and clients move on at once.
         let standby = match cfg.postgres() {
-            Some(_) => Some(
-                crate::server::standby::Standby::bind(&cfg.control, &cfg.limits.sockets()).await?,
-            ),
+            Some(_) => {
+                match crate::server::standby::Standby::bind(&cfg.control, &cfg.limits.sockets())
+                    .await
+                {
+                    Ok(s) => Some(s),
+                    // Taken (the leader on this host with the same
+                    // `control`): wait without answering; peers then find
+                    // the endpoint refused and move on all the same.
+                    Err(e) => {
+                        warn!(error = %e, control = %cfg.control, "standby: cannot bind the control endpoint to answer not_leader; waiting for the lease without answering");
+                        None
+                    }
+                }
+            }
             None => None,
         };
         let waiting = |v: Option<&crate::server::pg::LeaseView>| {

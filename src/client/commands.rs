@@ -1266,15 +1266,28 @@ async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                         error: None,
                     }
                 }
+                // A standby's own words (the endpoint is printed already).
+                Err(ClientError::Refused {
+                    code: crate::protocol::ErrorCode::NotLeader,
+                    message,
+                }) => Standing {
+                    endpoint: ep.clone(),
+                    state: "standby",
+                    server: None,
+                    lease: None,
+                    error: Some(
+                        message
+                            .strip_prefix(&format!("{ep}: "))
+                            .unwrap_or(&message)
+                            .to_string(),
+                    ),
+                },
                 Err(e) => Standing {
                     endpoint: ep.clone(),
-                    state: match &e {
-                        ClientError::Unreachable { .. } => "no answer",
-                        ClientError::Refused {
-                            code: crate::protocol::ErrorCode::NotLeader,
-                            ..
-                        } => "standby",
-                        _ => "refused",
+                    state: if matches!(e, ClientError::Unreachable { .. }) {
+                        "no answer"
+                    } else {
+                        "refused"
                     },
                     server: None,
                     lease: None,
@@ -1308,13 +1321,7 @@ async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                 (_, None, Some(e)) if s.state == "no answer" => {
                     format!("no answer: down or unreachable ({})", escape_controls(e))
                 }
-                (_, None, Some(e)) if s.state == "standby" => {
-                    // The standby's own words, after the endpoint.
-                    let said = e
-                        .split_once("this server is a ")
-                        .map_or(e.as_str(), |(_, r)| r);
-                    format!("{}", escape_controls(said))
-                }
+                (_, None, Some(e)) if s.state == "standby" => escape_controls(e).to_string(),
                 (_, _, e) => format!("refused: {}", escape_controls(e.as_deref().unwrap_or("?"))),
             };
             println!("{}  {what}", s.endpoint);

@@ -464,17 +464,6 @@ impl std::fmt::Debug for Handshaker {
     }
 }
 
-/// Message 2's payload: who the server took the initiator for (the
-/// identity's own keys: `kind`, `name`, `role`) and the transport cipher
-/// chosen, when not ChaCha20-Poly1305.
-#[derive(serde::Serialize)]
-struct Answer<'a> {
-    #[serde(flatten)]
-    identity: &'a Identity,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cipher: Option<&'static str>,
-}
-
 impl Handshaker {
     /// Answers a handshake's first message. The answer's payload says who
     /// the server took the peer for; it travels inside the handshake,
@@ -486,13 +475,7 @@ impl Handshaker {
             first,
             super::channel::Cipher::usable_here(),
             |k| allow.get(k).cloned(),
-            |identity, cipher| {
-                rmp_serde::to_vec_named(&Answer {
-                    identity,
-                    cipher: (cipher != super::channel::Cipher::ChaChaPoly).then(|| cipher.name()),
-                })
-                .unwrap_or_default()
-            },
+            handshake::answer_payload,
         )
     }
 }

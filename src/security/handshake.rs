@@ -35,6 +35,27 @@ struct Chosen {
     cipher: Option<String>,
 }
 
+/// Message 2's payload as the responder writes it: the map `about`
+/// serialises to (for ots, who the server took the initiator for) with
+/// the cipher chosen as `cipher`, left out for ChaCha20-Poly1305.
+#[derive(Serialize)]
+struct Answer<'a, T: Serialize> {
+    #[serde(flatten)]
+    about: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cipher: Option<&'static str>,
+}
+
+/// The payload for [`Responder::accept`]'s answer: `about` (a struct or
+/// map) and the `cipher` the initiator reads back.
+pub fn answer_payload<T: Serialize>(about: &T, cipher: Cipher) -> Vec<u8> {
+    rmp_serde::to_vec_named(&Answer {
+        about,
+        cipher: (cipher != Cipher::ChaChaPoly).then(|| cipher.name()),
+    })
+    .unwrap_or_default()
+}
+
 /// Ciphers named in an offer, at most: a longer list is cut.
 const MAX_OFFERED: usize = 8;
 
@@ -163,8 +184,7 @@ impl Responder {
     /// (an initiator that pinned the old key still gets in, under it).
     /// The transport cipher is chosen from the initiator's offer and
     /// `usable` (this side's, preferred first); `payload` makes message
-    /// 2's payload, a MessagePack map that must carry the choice as
-    /// `cipher` unless it is ChaCha20-Poly1305.
+    /// 2's payload, with [`answer_payload`] (which carries the choice).
     pub fn accept<T>(
         locals: &[KeyPair],
         first: &[u8],
@@ -244,11 +264,7 @@ mod tests {
             &first,
             usable,
             |k| (*k == worker.public).then_some("w1"),
-            |_, cipher| {
-                let cipher = (cipher != Cipher::ChaChaPoly).then(|| cipher.name());
-                rmp_serde::to_vec_named(&serde_json::json!({ "name": "w1", "cipher": cipher }))
-                    .unwrap()
-            },
+            |_, cipher| answer_payload(&serde_json::json!({ "name": "w1" }), cipher),
         )
         .unwrap();
         assert_eq!(acc.identity, "w1");
@@ -294,7 +310,7 @@ mod tests {
             &first,
             &[Cipher::ChaChaPoly],
             |_| Some(()),
-            |_, _| rmp_serde::to_vec_named(&serde_json::json!({ "cipher": "AESGCM" })).unwrap(),
+            |_, _| answer_payload(&serde_json::json!({}), Cipher::AesGcm),
         )
         .unwrap();
         let Err(e) = init.finish(&acc.answer) else {

@@ -369,8 +369,11 @@ impl Desk {
                 let _ = fs::remove_file(&beside);
                 Ok(())
             }
+            // No hard links here (EPERM is what filesystems without them,
+            // such as some FUSE and vfat mounts, answer).
             Err(e)
-                if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(1) =>
+                if e.kind() == std::io::ErrorKind::Unsupported
+                    || e.raw_os_error() == Some(nix::errno::Errno::EPERM as i32) =>
             {
                 fs::rename(incoming, dest).map_err(|e| io_error("rename into", dest, e))
             }

@@ -32,8 +32,6 @@ pub struct Standby {
     leader: watch::Sender<Option<LeaseView>>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
-    /// The bound endpoint (port resolved).
-    pub endpoint: String,
 }
 
 /// The answer's text: who leads, as the database said at the last look.
@@ -65,6 +63,9 @@ impl Standby {
         let (leader, seen) = watch::channel(None);
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
+            // Answers sent, and dropped because the peer was not reading:
+            // said when the standby stops answering.
+            let (mut answered, mut dropped) = (0u64, 0u64);
             loop {
                 let msg = tokio::select! {
                     _ = &mut stopped => break,
@@ -97,25 +98,29 @@ impl Standby {
                     &body,
                     None,
                 ));
-                let _ = transport::send_bounded(
+                match transport::send_bounded(
                     &mut router,
                     transport::to_message(reply),
                     SEND_TIMEOUT,
                 )
-                .await;
+                .await
+                {
+                    Ok(()) => answered += 1,
+                    Err(_) => dropped += 1,
+                }
             }
+            tracing::info!(
+                answered,
+                dropped,
+                "stopped answering not_leader (this server leads now, or stops)"
+            );
             // Waits until the listener is gone, so that the endpoint is
             // free for the serving socket; dropping the socket then closes
             // every connection it had.
             let _ = router.unbind_all().await;
             drop(router);
         });
-        Ok(Standby {
-            leader,
-            stop,
-            task,
-            endpoint,
-        })
+        Ok(Standby { leader, stop, task })
     }
 
     /// The leader seen at the latest look at the lease.

@@ -196,6 +196,24 @@ fn reconnect_backoff(cfg: &WorkerConfig) -> ExponentialBackoff {
         .build()
 }
 
+/// How long to wait before trying the next server after `attempts`
+/// failed ones in this outage: at once within a round of the list, with
+/// backoff after each whole round.
+fn next_server_delay(
+    attempts: u32,
+    servers: usize,
+    backoff: &mut ExponentialBackoff,
+    cfg: &WorkerConfig,
+) -> Duration {
+    if !(attempts as usize).is_multiple_of(servers) {
+        Duration::ZERO
+    } else {
+        backoff
+            .next()
+            .unwrap_or(Duration::from_millis(cfg.reconnect_max_ms))
+    }
+}
+
 /// Runs a worker until `shutdown` says stop: 1 = gracefully, by
 /// `stop_policy` (no new task; the running one finished or stopped,
 /// delivered, then `bye`), 2 = at once.
@@ -477,11 +495,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                         }
                         let failed = &servers[current].0;
                         current = (current + 1) % servers.len();
-                        let delay = if !(*attempts as usize).is_multiple_of(servers.len()) {
-                            Duration::ZERO
-                        } else {
-                            backoff.next().unwrap_or(Duration::from_millis(cfg.reconnect_max_ms))
-                        };
+                        let delay = next_server_delay(*attempts, servers.len(), &mut backoff, &cfg);
                         debug!(error = %e, server = %failed, attempt = *attempts, next = %servers[current].0, retry_in_ms = delay.as_millis() as u64, "connect failed");
                         retry_at = Some(Instant::now() + delay);
                         Vec::new()
@@ -594,13 +608,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                     // round of them with backoff, as for a failed connect.
                     let (_, attempts) = outage.get_or_insert((Instant::now(), 0));
                     *attempts += 1;
-                    let delay = if !(*attempts as usize).is_multiple_of(servers.len()) {
-                        Duration::ZERO
-                    } else {
-                        backoff
-                            .next()
-                            .unwrap_or(Duration::from_millis(cfg.reconnect_max_ms))
-                    };
+                    let delay = next_server_delay(*attempts, servers.len(), &mut backoff, &cfg);
                     debug!(server = %servers[current].0, said = %said, retry_in_ms = delay.as_millis() as u64, "not the leader; trying the next server");
                     current = (current + 1) % servers.len();
                     conn = None;

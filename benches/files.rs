@@ -54,7 +54,8 @@ fn read_blocks(src: &Path, mut each: impl FnMut(&[u8])) {
 /// file → TCP over loopback → file, 1 MiB buffers; with `verify`, both
 /// ends also hash every byte as it passes (the sender after reading, the
 /// receiver after writing), on their I/O thread: no copy, no hand-over.
-fn tcp_copy(src: &Path, dst: &Path, verify: bool) -> Duration {
+fn tcp_copy(src: &Path, dst: &Path, verify: bool) -> (Duration, f64) {
+    let cpu_before = self_cpu();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let dst = dst.to_path_buf();
@@ -89,7 +90,14 @@ fn tcp_copy(src: &Path, dst: &Path, verify: bool) -> Duration {
     let sent = hex::encode(h.finalize());
     let received = receiver.join().unwrap();
     assert_eq!(sent, received, "the copy arrived intact");
-    started.elapsed()
+    (started.elapsed(), self_cpu() - cpu_before)
+}
+
+/// CPU seconds (user + system) this process has spent, all threads.
+fn self_cpu() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(u.user_time()) + secs(u.system_time())
 }
 
 /// SHA-256 from memory, one core: a block of the file (at most 16 MiB,
@@ -361,12 +369,17 @@ fn main() {
             let copy = dir.path().join("copy.bin");
             let (mut raw, mut verified, mut hash, mut up, mut down) =
                 (vec![], vec![], vec![], vec![], vec![]);
+            let (mut raw_cpu, mut verified_cpu) = (vec![], vec![]);
             let (mut up_ping, mut down_ping) = (Duration::ZERO, Duration::ZERO);
             let (mut up_cpu, mut down_cpu) = (vec![], vec![]);
             for _ in 0..rounds {
-                raw.push(mbps(size, tcp_copy(&lab.src, &copy, false)));
+                let (took, cpu) = tcp_copy(&lab.src, &copy, false);
+                raw.push(mbps(size, took));
+                raw_cpu.push(cpu);
                 let _ = std::fs::remove_file(&copy);
-                verified.push(mbps(size, tcp_copy(&lab.src, &copy, true)));
+                let (took, cpu) = tcp_copy(&lab.src, &copy, true);
+                verified.push(mbps(size, took));
+                verified_cpu.push(cpu);
                 let _ = std::fs::remove_file(&copy);
                 hash.push(mbps(size, hash_speed(&lab.src, size)));
                 let (took, ping, s_cpu, w_cpu, run) = lab.upload();
@@ -388,7 +401,12 @@ fn main() {
                 spread(&v.iter().map(|c| pick(c) / gib).collect::<Vec<_>>()).0
             };
             println!("{base}, {mib} MiB:");
-            println!("  raw copy {raw_s} | verified copy {ver_s} | SHA-256 (one core) {hash_s}");
+            let both = |v: &[f64]| spread(&v.iter().map(|c| c / gib).collect::<Vec<_>>()).0;
+            println!(
+                "  raw copy {raw_s} | verified copy {ver_s} | SHA-256 (one core) {hash_s} | CPU per GiB, both ends: raw {:.2} s, verified {:.2} s",
+                both(&raw_cpu),
+                both(&verified_cpu)
+            );
             println!(
                 "  ots upload {up_s} → {:.2}× raw, {:.2}× verified | CPU per GiB: server {:.2} s, worker {:.2} s | worst ping {:.1} ms | peak RSS server {} KiB, worker {} KiB",
                 up_m / raw_m,

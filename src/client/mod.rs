@@ -63,6 +63,10 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Credentials(String),
+    /// The thread that hashes a download could not start or failed (this
+    /// machine is out of threads or memory).
+    #[error("cannot hash the download on this machine: {0}")]
+    Hashing(String),
 }
 
 impl ClientError {
@@ -81,7 +85,7 @@ impl ClientError {
             ClientError::Refused { .. } => exit::REFUSED,
             ClientError::Credentials(_) => exit::CONFIG,
             ClientError::Protocol(_) => exit::PROTOCOL,
-            ClientError::Io { .. } => exit::IO,
+            ClientError::Io { .. } | ClientError::Hashing(_) => exit::IO,
         }
     }
 }

@@ -204,9 +204,13 @@ impl Channel {
                 last: self.last_recv,
             });
         }
-        // Opened in place: one copy out of the receive buffer, and the
-        // frames below are slices of it.
-        let mut buf = BytesMut::from(sealed.as_ref());
+        // Opened in place, and the frames below are slices of it. A large
+        // message arrives in a buffer of its own (the vendored zeromq's
+        // decoder sees to it) and is decrypted where it lies; a small one
+        // shares its buffer with the messages around it and is copied out.
+        let mut buf = sealed
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(shared.as_ref()));
         let plain_len = self
             .recv
             .open_in_place(nonce(counter), aad(&self.hash, counter), &mut buf)
@@ -354,5 +358,29 @@ mod tests {
         assert_eq!(sealed.len(), 2);
         assert_eq!(sealed[1].len(), 4 + 1 + 4 + big.len() + 16);
         assert_eq!(b.open(sealed).unwrap()[1], big);
+    }
+
+    /// A sealed frame the receiver owns alone is opened where it lies; one
+    /// that shares its buffer (a slice of what was read) is copied first,
+    /// and whoever else holds it sees its bytes unchanged.
+    #[test]
+    fn a_shared_sealed_frame_is_opened_from_a_copy_and_left_as_it_was() {
+        let (mut a, mut b) = pair();
+        let sealed = a.seal(&msg(&["header", "body"]));
+        let kept = sealed[1].clone();
+        let opened = b.open(sealed.clone()).unwrap();
+        assert_eq!(opened, msg(&["header", "body"]));
+        assert_eq!(kept, sealed[1], "the other holder's bytes are untouched");
+        let again = a.seal(&msg(&["x"]));
+        let [head, body]: [Bytes; 2] = again.try_into().unwrap();
+        let owned = Bytes::from(body.to_vec());
+        let at = owned.as_ptr();
+        let opened = b.open(vec![head, owned]).unwrap();
+        assert_eq!(opened, msg(&["x"]));
+        assert_eq!(
+            opened[0].as_ptr(),
+            at.wrapping_add(4),
+            "decrypted in the buffer it arrived in"
+        );
     }
 }

@@ -91,12 +91,14 @@ impl Decoder for ZmqCodec {
                     self.waiting_for
                 };
                 // ots patch: with a message size limit set, reserve at most two
-                // read chunks or as much as arrived (so a large frame grows by
-                // doubling, not by copying its start again and again): memory
-                // follows bytes actually received, not what a peer declared.
+                // read chunks or twice as much as already arrived (so a large
+                // frame's buffer at most triples at each step: a 1 MiB frame is
+                // moved twice while it arrives, not four times): memory follows
+                // bytes actually received, not what a peer declared.
                 let mut additional = reserve_to - src.len();
                 if self.max_message_size.is_some() {
-                    additional = additional.min((2 * self.max_read_chunk_size).max(src.len()));
+                    additional = additional
+                        .min((2 * self.max_read_chunk_size).max(src.len().saturating_mul(2)));
                 }
                 src.reserve(additional);
                 return Ok(None);
@@ -166,7 +168,7 @@ impl Decoder for ZmqCodec {
                     self.waiting_for = frame_len;
                 }
                 DecoderState::Frame(frame) => {
-                    let data = src.split_to(self.waiting_for);
+                    let data = take_frame(src, self.waiting_for, self.max_read_chunk_size);
                     self.state = DecoderState::FrameHeader;
                     self.waiting_for = 1;
                     if frame.command {
@@ -191,6 +193,30 @@ impl Decoder for ZmqCodec {
                 }
             }
         }
+    }
+}
+
+/// ots patch: frames at least this long leave the decoder in a buffer of
+/// their own (see `take_frame`).
+const OWN_BUFFER_FRAME: usize = 64 * 1024;
+
+/// Splits the next `len` bytes off `src` as a frame. A large frame keeps
+/// the buffer it arrived in to itself: what was read past its end (at most
+/// a read chunk, or an eighth of the frame; copied) moves to a fresh buffer
+/// with room for the next read instead. Split the usual
+/// way, the frame would share its buffer with the bytes after it, so a
+/// receiver that wants it mutable (to decrypt in place) would have to copy
+/// the whole frame.
+fn take_frame(src: &mut BytesMut, len: usize, max_read_chunk: usize) -> BytesMut {
+    let past = src.len() - len;
+    if len >= OWN_BUFFER_FRAME && past <= max_read_chunk.max(len / 8) {
+        // Room for the next read, as upstream's headroom gave it.
+        let mut rest = BytesMut::with_capacity(max_read_chunk.max(past));
+        rest.extend_from_slice(&src[len..]);
+        src.truncate(len);
+        std::mem::replace(src, rest)
+    } else {
+        src.split_to(len)
     }
 }
 

@@ -99,3 +99,31 @@ fn read_buffer_headroom_tracks_the_configured_maximum() {
         }
     }
 }
+
+/// ots patch: a large frame leaves in a buffer of its own (so the receiver
+/// can decrypt it in place), and what was read past it still decodes.
+#[test]
+fn ots_a_large_frame_owns_its_buffer_and_the_bytes_after_it_still_decode() {
+    let frame_len = 1024 * 1024 + 13;
+    let mut codec = ZmqCodec::new();
+    codec.state = DecoderState::FrameHeader;
+    codec.waiting_for = 1;
+    let mut input = BytesMut::from(&[2][..]);
+    input.extend_from_slice(&(frame_len as u64).to_be_bytes());
+    assert!(codec.decode(&mut input).unwrap().is_none());
+    input.resize(input.len() + frame_len, 7);
+    // The next message, a short frame, read in the same chunk.
+    input.extend_from_slice(&[0, 3, b'a', b'b', b'c']);
+    let Message::Message(big) = codec.decode(&mut input).unwrap().unwrap() else {
+        panic!("a message");
+    };
+    let big = big.into_vec().pop().unwrap();
+    assert_eq!(big.len(), frame_len);
+    assert!(big.iter().all(|&b| b == 7));
+    assert!(big.try_into_mut().is_ok(), "the frame's buffer is its own");
+    let Message::Message(small) = codec.decode(&mut input).unwrap().unwrap() else {
+        panic!("a message");
+    };
+    assert_eq!(small.into_vec(), vec![Bytes::from_static(b"abc")]);
+    assert!(input.is_empty());
+}

@@ -7,9 +7,9 @@
 //!   thread each side: what the transport and the filesystem allow;
 //! - **verified copy**: the same with SHA-256 computed over every byte on
 //!   both ends (the sender to say what it sent, the receiver to check what
-//!   it wrote), each end hashing on a thread of its own beside its I/O
-//!   thread: the work any transfer that verifies end to end must do, and
-//!   so the physical limit for ours on this machine;
+//!   it wrote), on each end's I/O thread: the work any transfer that
+//!   verifies end to end must do, and so the physical limit for ours on
+//!   this machine;
 //! - **SHA-256**: the crate's hash over the file, one core, from memory.
 //!
 //! Each on tmpfs (`/dev/shm`: memory → socket → memory, so the transport,
@@ -17,7 +17,10 @@
 //! `OTS_BENCH_DIRS` (comma-separated) to choose. For ots: MB/s from the
 //! conductor's exit to the verdict, and of the fetch; peak RSS of server
 //! and worker (or ots-submit); the worst answer time of the server to a
-//! ping sent every 20 ms meanwhile; the CPU each side spent.
+//! ping sent every 20 ms meanwhile; the CPU each side spent. The CPU the
+//! raw and verified copies spent (both ends together) is printed too: on
+//! a machine with few cores it shows what a copy at the raw copy's pace
+//! leaves for anything else.
 //!
 //! `cargo bench --bench files` (OTS_BENCH_FILE_MIB, default "256,1024";
 //! OTS_BENCH_ROUNDS, default 3).

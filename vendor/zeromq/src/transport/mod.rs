@@ -143,13 +143,52 @@ fn make_framed<T>(stream: T, options: Arc<crate::SocketOptions>) -> FramedIo
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
 {
-    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
     let (read, write) = tokio::io::split(stream);
     FramedIo::new(
         Box::new(read.compat()),
-        Box::new(write.compat_write()),
+        Box::new(VectoredWrite(write)),
         options,
     )
+}
+
+/// ots patch: a tokio writer as a `futures` one, vectored writes included
+/// (`tokio_util`'s compat writes only the first slice of a vectored write,
+/// and the write half sends large frames beside their headers that way).
+#[cfg(feature = "tokio-runtime")]
+struct VectoredWrite<W>(W);
+
+#[cfg(feature = "tokio-runtime")]
+impl<W: tokio::io::AsyncWrite + Unpin> futures::AsyncWrite for VectoredWrite<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 #[allow(unused)]

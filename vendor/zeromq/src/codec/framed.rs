@@ -37,7 +37,7 @@ pub struct ZmqFramedWrite {
 }
 
 /// Frames at least this long are written from where they are.
-pub(crate) const OWN_WRITE_FRAME: usize = 64 * 1024;
+pub(crate) const OWN_WRITE_FRAME: usize = 256 * 1024;
 
 /// Past this many buffered bytes, `poll_ready` writes before taking more
 /// (as `FramedWrite`'s high-water mark did).

@@ -198,7 +198,7 @@ impl Decoder for ZmqCodec {
 
 /// ots patch: frames at least this long leave the decoder in a buffer of
 /// their own (see `take_frame`).
-const OWN_BUFFER_FRAME: usize = 64 * 1024;
+const OWN_BUFFER_FRAME: usize = 256 * 1024;
 
 /// Splits the next `len` bytes off `src` as a frame. A large frame keeps
 /// the buffer it arrived in to itself: what was read past its end (at most

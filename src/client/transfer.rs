@@ -372,8 +372,14 @@ impl Client {
             progress.start(&what, size, have);
             let part_ref = part.clone();
             let hashing = Hashing::start(hasher)?;
+            let mut written = have;
             let mut sink = |bytes: &Bytes| {
                 out.write_all(bytes).map_err(io_err(&part_ref))?;
+                let before = written;
+                written += bytes.len() as u64;
+                // A large download goes to disk as it comes, not all at
+                // the final sync.
+                crate::durable::flush_behind(&out, before, written);
                 hashing.add(bytes.clone());
                 progress.advance(bytes.len() as u64);
                 Ok(())

@@ -300,7 +300,9 @@ impl Desk {
             return Err(io_error("write", &path, e));
         }
         incoming.hasher.update(data);
+        let before = incoming.have;
         incoming.have += data.len() as u64;
+        crate::durable::flush_behind(&incoming.file, before, incoming.have);
         Ok(incoming.have)
     }
 

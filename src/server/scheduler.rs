@@ -590,6 +590,44 @@ impl<S: Store> Scheduler<S> {
         out
     }
 
+    /// The pongs among the outputs not yet taken, taken out of them (the
+    /// rest keep their order). A pong acknowledges nothing durable, so the
+    /// loop sends it before the turn's commit: a ping measures the loop,
+    /// not a disk busy writing back a large file (whose fsyncs could hold
+    /// a pong 50–150 ms).
+    pub fn take_pongs(&mut self) -> Vec<Output> {
+        if !self.out.iter().any(|o| {
+            matches!(
+                o,
+                Output::Send {
+                    body: Body::Pong { .. },
+                    ..
+                }
+            )
+        }) {
+            return Vec::new();
+        }
+        let (mut pongs, rest): (Vec<Output>, Vec<Output>) =
+            std::mem::take(&mut self.out).into_iter().partition(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        body: Body::Pong { .. },
+                        ..
+                    }
+                )
+            });
+        self.out = rest;
+        if let Some(epoch) = self.cfg.epoch {
+            for o in &mut pongs {
+                if let Output::Send { header, .. } = o {
+                    header.epoch = Some(epoch);
+                }
+            }
+        }
+        pongs
+    }
+
     /// Bytes of log and file data in the outputs not yet taken.
     pub fn pending_output_bytes(&self) -> usize {
         self.out_raw_bytes

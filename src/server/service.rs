@@ -812,6 +812,26 @@ async fn serve(
             };
             scheduler.answer_web_login(&ask, link);
         }
+        // Pongs say nothing durable: they leave before the commit (but,
+        // like everything else, only from a leader inside its lease).
+        let pongs = if leadership.as_mut().is_none_or(|l| l.holds(Instant::now())) {
+            scheduler.take_pongs()
+        } else {
+            Vec::new()
+        };
+        if !pongs.is_empty() {
+            deliver(
+                pongs,
+                &mut scheduler,
+                gate.as_mut(),
+                &mut router_tx,
+                (&mut publisher, announcer.as_ref()),
+                (&desk_jobs, notify_jobs.as_ref()),
+                send_timeout,
+                &mut send_failures,
+            )
+            .await;
+        }
         // Durable first, then the acknowledgements that say so.
         supervisor.tick(Instant::now(), || scheduler.status_line());
         let changes = scheduler.take_changes();

@@ -2315,3 +2315,45 @@ mod web_tests;
 fn health_tests_specs(out: &[Output]) -> Vec<(String, TaskSpec)> {
     health_tests::specs(out)
 }
+
+/// Pongs leave before the turn's commit: `take_pongs` takes exactly them
+/// and leaves every other output, in order, for after it.
+#[test]
+fn pongs_are_taken_apart_from_the_replies_that_wait_for_the_commit() {
+    let mut lab = Lab::new();
+    lab.s.on_message(
+        lab.now,
+        &client(),
+        env(false, 0, Body::ListWorkers { request: 1 }),
+    );
+    lab.s
+        .on_message(lab.now, &client(), env(false, 0, Body::Ping { request: 2 }));
+    lab.s.on_message(
+        lab.now,
+        &client(),
+        env(false, 0, Body::ListWorkers { request: 3 }),
+    );
+    let pongs = lab.s.take_pongs();
+    assert_eq!(pongs.len(), 1);
+    assert!(matches!(
+        &pongs[0],
+        Output::Send {
+            body: Body::Pong { request: 2, .. },
+            ..
+        }
+    ));
+    let rest: Vec<u64> = lab
+        .s
+        .take_outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                body: Body::Workers { request, .. },
+                ..
+            } => Some(request),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rest, vec![1, 3], "the other replies, in order");
+    assert!(lab.s.take_pongs().is_empty());
+}

@@ -578,16 +578,20 @@ impl<S: Store> Scheduler<S> {
     pub fn take_outputs(&mut self) -> Vec<Output> {
         self.out_raw_bytes = 0;
         let mut out = std::mem::take(&mut self.out);
-        // Everything a leader sends carries its lease's epoch: a worker
-        // ignores commands from an older one (PROTOCOL.md §13.1).
+        self.stamp_epoch(&mut out);
+        out
+    }
+
+    /// Everything a leader sends carries its lease's epoch: a worker
+    /// ignores commands from an older one (PROTOCOL.md §13.1).
+    fn stamp_epoch(&self, out: &mut [Output]) {
         if let Some(epoch) = self.cfg.epoch {
-            for o in &mut out {
+            for o in out {
                 if let Output::Send { header, .. } = o {
                     header.epoch = Some(epoch);
                 }
             }
         }
-        out
     }
 
     /// The pongs among the outputs not yet taken, taken out of them (the
@@ -596,7 +600,7 @@ impl<S: Store> Scheduler<S> {
     /// not a disk busy writing back a large file (whose fsyncs could hold
     /// a pong 50–150 ms).
     pub fn take_pongs(&mut self) -> Vec<Output> {
-        if !self.out.iter().any(|o| {
+        let is_pong = |o: &Output| {
             matches!(
                 o,
                 Output::Send {
@@ -604,27 +608,14 @@ impl<S: Store> Scheduler<S> {
                     ..
                 }
             )
-        }) {
+        };
+        if !self.out.iter().any(is_pong) {
             return Vec::new();
         }
         let (mut pongs, rest): (Vec<Output>, Vec<Output>) =
-            std::mem::take(&mut self.out).into_iter().partition(|o| {
-                matches!(
-                    o,
-                    Output::Send {
-                        body: Body::Pong { .. },
-                        ..
-                    }
-                )
-            });
+            std::mem::take(&mut self.out).into_iter().partition(is_pong);
         self.out = rest;
-        if let Some(epoch) = self.cfg.epoch {
-            for o in &mut pongs {
-                if let Output::Send { header, .. } = o {
-                    header.epoch = Some(epoch);
-                }
-            }
-        }
+        self.stamp_epoch(&mut pongs);
         pongs
     }
 

@@ -610,6 +610,22 @@ async fn serve(
     // Wakes when the lease would lapse unrenewed (then: step down).
     let lease_end = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(lease_end);
+    // Sends, publishes and hands on what the scheduler produced.
+    macro_rules! deliver_outputs {
+        ($outputs:expr) => {
+            deliver(
+                $outputs,
+                &mut scheduler,
+                gate.as_mut(),
+                &mut router_tx,
+                (&mut publisher, announcer.as_ref()),
+                (&desk_jobs, notify_jobs.as_ref()),
+                send_timeout,
+                &mut send_failures,
+            )
+            .await
+        };
+    }
     loop {
         let notify_due = scheduler.notifications_due_in(Instant::now());
         if let Some(d) = notify_due {
@@ -820,17 +836,7 @@ async fn serve(
             Vec::new()
         };
         if !pongs.is_empty() {
-            deliver(
-                pongs,
-                &mut scheduler,
-                gate.as_mut(),
-                &mut router_tx,
-                (&mut publisher, announcer.as_ref()),
-                (&desk_jobs, notify_jobs.as_ref()),
-                send_timeout,
-                &mut send_failures,
-            )
-            .await;
+            deliver_outputs!(pongs);
         }
         // Durable first, then the acknowledgements that say so.
         supervisor.tick(Instant::now(), || scheduler.status_line());
@@ -881,32 +887,12 @@ async fn serve(
         }
         let outputs = scheduler.take_outputs();
         let outputs = web_pending.answer(&mut scheduler, Instant::now(), outputs);
-        deliver(
-            outputs,
-            &mut scheduler,
-            gate.as_mut(),
-            &mut router_tx,
-            (&mut publisher, announcer.as_ref()),
-            (&desk_jobs, notify_jobs.as_ref()),
-            send_timeout,
-            &mut send_failures,
-        )
-        .await;
+        deliver_outputs!(outputs);
     }
     info!("server shutting down");
     supervisor.stopping("shutting down: telling workers");
     let outputs = scheduler.shutdown_announcement(Instant::now());
-    deliver(
-        outputs,
-        &mut scheduler,
-        gate.as_mut(),
-        &mut router_tx,
-        (&mut publisher, announcer.as_ref()),
-        (&desk_jobs, notify_jobs.as_ref()),
-        send_timeout,
-        &mut send_failures,
-    )
-    .await;
+    deliver_outputs!(outputs);
     // `send` only queued the shutdowns: wait (bounded) until they are
     // written to every connection, so that no worker learns of the stop
     // from a failing connection instead.

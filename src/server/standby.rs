@@ -48,17 +48,7 @@ pub fn answer(leader: Option<&LeaseView>) -> String {
 impl Standby {
     /// Binds `control` and starts answering.
     pub async fn bind(control: &str, limits: &SocketLimits) -> Result<Standby, TransportError> {
-        let mut options = limits.options();
-        options.assign_peer_ids(true);
-        let mut router = zeromq::RouterSocket::with_options(options);
-        let endpoint = router
-            .bind(control)
-            .await
-            .map_err(|source| TransportError::Bind {
-                endpoint: control.to_string(),
-                source,
-            })?
-            .to_string();
+        let (mut router, endpoint) = crate::transport::bind_control(control, limits).await?;
         tracing::info!(control = %endpoint, "answering not_leader on the control endpoint until this server leads");
         let (leader, seen) = watch::channel(None);
         let (stop, mut stopped) = oneshot::channel();

@@ -130,12 +130,13 @@ pub const SUBSCRIPTIONS: zeromq::SubscriptionLimits = zeromq::SubscriptionLimits
     total: 65_536,
 };
 
-/// Binds ROUTER `control` and PUB `events`.
-pub async fn bind_server(
+/// Binds the ROUTER of a control endpoint (the serving server's, or a
+/// standby's that answers `not_leader`); returns it with the endpoint it
+/// bound (the port filled in).
+pub async fn bind_control(
     control: &str,
-    events: &str,
     limits: &SocketLimits,
-) -> Result<ServerSockets, TransportError> {
+) -> Result<(RouterSocket, String), TransportError> {
     let mut options = limits.options();
     // Connections are the server's: the routing identity a peer announces
     // travels in clear text before any handshake, so anyone who saw it
@@ -143,13 +144,23 @@ pub async fn bind_server(
     // connection gets a random id of the server's choosing instead.
     options.assign_peer_ids(true);
     let mut router = RouterSocket::with_options(options);
-    let control_ep = router
+    let endpoint = router
         .bind(control)
         .await
         .map_err(|source| TransportError::Bind {
             endpoint: control.to_string(),
             source,
         })?;
+    Ok((router, endpoint.to_string()))
+}
+
+/// Binds ROUTER `control` and PUB `events`.
+pub async fn bind_server(
+    control: &str,
+    events: &str,
+    limits: &SocketLimits,
+) -> Result<ServerSockets, TransportError> {
+    let (router, control_ep) = bind_control(control, limits).await?;
     let mut options = limits.options();
     options
         .assign_peer_ids(true)
@@ -165,7 +176,7 @@ pub async fn bind_server(
     Ok(ServerSockets {
         router,
         publisher,
-        control: control_ep.to_string(),
+        control: control_ep,
         events: events_ep.to_string(),
     })
 }

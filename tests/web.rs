@@ -132,7 +132,7 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     let c = &b.client;
 
     // Anonymous: the sign-in page, no data (pages and API).
-    c.goto(&format!("{base}/")).await.unwrap();
+    b.open(&format!("{base}/")).await;
     let page = c.source().await.unwrap();
     assert!(page.contains("ots-submit web"), "{page}");
     assert!(
@@ -140,7 +140,7 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
         "anonymous saw data: {page}"
     );
     b.screenshot("sign-in").await;
-    c.goto(&format!("{base}/runs/{run_a}")).await.unwrap();
+    b.open(&format!("{base}/runs/{run_a}")).await;
     assert!(!c.source().await.unwrap().contains(&task_a));
     let anon_api = b
         .js("return fetch('/api/workers').then(r => r.status)")
@@ -149,18 +149,18 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
 
     // Signed in through the link ots-submit printed.
     let link = link_for(&server, "webalice");
-    c.goto(&link).await.unwrap();
+    b.open(&link).await;
     b.wait_js("document.querySelector('tr[data-worker=\"web-w1\"]') && document.querySelector('tr[data-worker=\"web-w2\"]')", LIMIT).await;
     let who = b
         .js("return document.querySelector('.who').textContent")
         .await;
     assert!(who.as_str().unwrap().contains("webalice"), "{who}");
     b.screenshot("lab").await;
-    c.goto(&format!("{base}/queue")).await.unwrap();
+    b.open(&format!("{base}/queue")).await;
     b.screenshot("queue").await;
 
     // The runs page links alice's run, not bob's.
-    c.goto(&format!("{base}/runs")).await.unwrap();
+    b.open(&format!("{base}/runs")).await;
     let runs_page = c.source().await.unwrap();
     assert!(
         runs_page.contains(&format!("href=\"/runs/{run_a}\"")),
@@ -173,7 +173,7 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     b.screenshot("runs").await;
 
     // Bob's run by link: refused, page and API alike.
-    c.goto(&format!("{base}/runs/{run_b}")).await.unwrap();
+    b.open(&format!("{base}/runs/{run_b}")).await;
     let refused = c.source().await.unwrap();
     assert!(
         refused.contains("403") && !refused.contains(&task_b),
@@ -206,12 +206,12 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     assert_eq!(current_status(&server, &run_a)["state"], "running");
 
     // The run page in one tab, the task log in another, both live.
-    c.goto(&format!("{base}/runs/{run_a}")).await.unwrap();
+    b.open(&format!("{base}/runs/{run_a}")).await;
     b.js("window.otsNotReloaded = true; return 1").await;
     let run_tab = c.window().await.unwrap();
     let log_tab = c.new_window(true).await.unwrap();
     c.switch_to_window(log_tab.handle.clone()).await.unwrap();
-    c.goto(&format!("{base}/tasks/{task_a}/log")).await.unwrap();
+    b.open(&format!("{base}/tasks/{task_a}/log")).await;
     b.wait_js(
         "document.getElementById('live-status').textContent === 'live'",
         LIMIT,
@@ -285,12 +285,11 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     assert_eq!(digest.as_str().unwrap(), stored);
 
     // The worker page: device, health history, recent tasks.
-    c.goto(&format!(
+    b.open(&format!(
         "{base}/workers/{}",
         st["tasks"][0]["worker"].as_str().unwrap()
     ))
-    .await
-    .unwrap();
+    .await;
     b.wait_js(
         &format!("document.getElementById('recent').textContent.includes('{task_a}')"),
         LIMIT,
@@ -304,7 +303,7 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
         .as_str()
         .unwrap()
         .to_string();
-    c.goto(&format!("{base}/tasks/{task_d}/log")).await.unwrap();
+    b.open(&format!("{base}/tasks/{task_d}/log")).await;
     b.wait_js(
         "document.getElementById('live-status').textContent === 'live'",
         LIMIT,

@@ -120,6 +120,24 @@ impl Browser {
         }
     }
 
+    /// Navigates to `url` and waits until the new document is parsed to
+    /// its end. WebDriver's navigation can return while Chromium is still
+    /// parsing the body (seen once: a sign-in page read as `<header>` and
+    /// nothing after it), so the old document is marked first and the
+    /// wait is for a document without the mark, complete, with its `main`.
+    pub async fn open(&self, url: &str) {
+        self.js("window.otsLeaving = true; return 1").await;
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("navigating to {url}: {e}"));
+        self.wait_js(
+            "window.otsLeaving !== true && document.readyState === 'complete' && document.querySelector('main') !== null",
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+
     /// Saves a screenshot under `target/web-screenshots/NAME.png`.
     pub async fn screenshot(&self, name: &str) {
         let dir = super::repo().join("target/web-screenshots");

@@ -2,6 +2,7 @@ use crate::codec::ZmqCodec;
 use crate::SocketOptions;
 
 use super::error::{CodecError, CodecResult};
+use super::zmq_codec::LARGE_FRAME;
 use super::Message;
 
 use asynchronous_codec::Decoder;
@@ -20,7 +21,7 @@ pub trait FrameableWrite: AsyncWrite + Unpin + Send + Sync {}
 impl<T> FrameableWrite for T where T: AsyncWrite + Unpin + Send + Sync {}
 
 /// ots patch: the write half. Messages are encoded into a small buffer,
-/// except frames of [`OWN_WRITE_FRAME`] bytes or more, which are queued as
+/// except frames of [`LARGE_FRAME`] bytes or more, which are queued as
 /// they are (a reference, not a copy) and written with vectored writes
 /// beside the encoded bytes around them. `asynchronous_codec::FramedWrite`,
 /// which the published crate used, copied every frame into its buffer
@@ -35,9 +36,6 @@ pub struct ZmqFramedWrite {
     /// Bytes in `pending` and `segments`.
     buffered: usize,
 }
-
-/// Frames at least this long are written from where they are.
-pub(crate) const OWN_WRITE_FRAME: usize = 256 * 1024;
 
 /// Past this many buffered bytes, `poll_ready` writes before taking more
 /// (as `FramedWrite`'s high-water mark did).
@@ -68,19 +66,18 @@ impl ZmqFramedWrite {
             Message::Message(message) => {
                 let last = message.len().saturating_sub(1);
                 for (i, frame) in message.into_vec().into_iter().enumerate() {
-                    let more = i != last;
-                    if frame.len() >= OWN_WRITE_FRAME {
-                        let at = self.pending.len();
-                        super::zmq_codec::encode_frame_header(frame.len(), &mut self.pending, more);
-                        self.buffered += self.pending.len() - at;
+                    let at = self.pending.len();
+                    super::zmq_codec::encode_frame_header(
+                        frame.len(),
+                        &mut self.pending,
+                        i != last,
+                    );
+                    self.buffered += self.pending.len() - at + frame.len();
+                    if frame.len() >= LARGE_FRAME {
                         self.push_pending();
-                        self.buffered += frame.len();
                         self.segments.push_back(frame);
                     } else {
-                        let at = self.pending.len();
-                        super::zmq_codec::encode_frame_header(frame.len(), &mut self.pending, more);
                         self.pending.extend_from_slice(&frame);
-                        self.buffered += self.pending.len() - at;
                     }
                 }
                 Ok(())
@@ -115,7 +112,10 @@ impl ZmqFramedWrite {
             self.buffered = self.buffered.saturating_sub(written);
             let mut left = written;
             while left > 0 {
-                let front = self.segments.front_mut().expect("written bytes were queued");
+                let front = self
+                    .segments
+                    .front_mut()
+                    .expect("written bytes were queued");
                 if front.len() <= left {
                     left -= front.len();
                     self.segments.pop_front();

@@ -196,9 +196,11 @@ impl Decoder for ZmqCodec {
     }
 }
 
-/// ots patch: frames at least this long leave the decoder in a buffer of
-/// their own (see `take_frame`).
-const OWN_BUFFER_FRAME: usize = 256 * 1024;
+/// ots patch: a frame at least this long (a file chunk, not a batch of log
+/// lines) leaves the decoder in a buffer of its own (see `take_frame`) and
+/// is written from where it is (`ZmqFramedWrite`). From 64 KiB, log batches
+/// lost their coalescing and secured ingestion slowed by an eighth.
+pub(crate) const LARGE_FRAME: usize = 256 * 1024;
 
 /// Splits the next `len` bytes off `src` as a frame. A large frame keeps
 /// the buffer it arrived in to itself: what was read past its end (at most
@@ -209,7 +211,7 @@ const OWN_BUFFER_FRAME: usize = 256 * 1024;
 /// the whole frame.
 fn take_frame(src: &mut BytesMut, len: usize, max_read_chunk: usize) -> BytesMut {
     let past = src.len() - len;
-    if len >= OWN_BUFFER_FRAME && past <= max_read_chunk.max(len / 8) {
+    if len >= LARGE_FRAME && past <= max_read_chunk.max(len / 8) {
         // Room for the next read, as upstream's headroom gave it.
         let mut rest = BytesMut::with_capacity(max_read_chunk.max(past));
         rest.extend_from_slice(&src[len..]);
@@ -272,7 +274,9 @@ pub(crate) mod tests {
 
     fn limited(max_size: usize, max_frames: usize) -> ZmqCodec {
         let mut options = SocketOptions::default();
-        options.max_message_size(max_size).max_message_frames(max_frames);
+        options
+            .max_message_size(max_size)
+            .max_message_frames(max_frames);
         let mut codec = ZmqCodec::with_options(&options);
         codec.waiting_for = 1;
         codec.state = DecoderState::FrameHeader;

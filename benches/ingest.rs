@@ -26,9 +26,9 @@
 mod common;
 
 use bytes::Bytes;
-use ots::config::ServerConfig;
 use ots::protocol::*;
 use ots::security::channel::Cipher;
+use ots::server::config::ServerConfig;
 use ots::server::Server;
 use ots::transport::{connect_dealer, to_message};
 use std::collections::BTreeMap;
@@ -494,12 +494,12 @@ async fn through_server_on(
         control: "tcp://127.0.0.1:0".into(),
         events: "tcp://127.0.0.1:0".into(),
         state_dir: dir.path().to_path_buf(),
-        security: ots::config::SecurityMode::None,
+        security: ots::security::SecurityMode::None,
         database: database.unwrap_or_default(),
         ..ServerConfig::default()
     };
     if let Some(k) = &keys {
-        cfg.security = ots::config::SecurityMode::Noise;
+        cfg.security = ots::security::SecurityMode::Noise;
         cfg.key = k.dir.path().join("server.key");
         cfg.workers_dir = k.dir.path().join("workers.d");
         cfg.users_dir = k.dir.path().join("users.d");

@@ -2,7 +2,7 @@
 //! SIGTERM or SIGINT.
 
 use clap::{Parser, Subcommand};
-use ots::config::ServerConfig;
+use ots::server::config::ServerConfig;
 use ots::server::Server;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,7 +121,7 @@ async fn main() -> ExitCode {
     let cfg = match ServerConfig::load(args.config.as_deref(), &overrides) {
         Ok(cfg) if args.check_config => {
             let files: Vec<&std::path::Path> = args.config.as_deref().into_iter().collect();
-            for line in ots::config::explain(&cfg, "OTS_SERVER", &files, &overrides) {
+            for line in ots::settings::explain(&cfg, "OTS_SERVER", &files, &overrides) {
                 println!("{line}");
             }
             return check_server(&cfg);
@@ -152,10 +152,10 @@ async fn main() -> ExitCode {
 /// `--check-config`: every problem a start would refuse (exit 78) or an
 /// allow-list entry it would skip, each naming its file.
 fn check_server(cfg: &ServerConfig) -> ExitCode {
-    if cfg.security == ots::config::SecurityMode::Noise {
+    if cfg.security == ots::security::SecurityMode::Noise {
         if let Ok(loaded) = ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
             println!("allow-lists: {} identities allowed", loaded.list.len());
         }
     }
-    ots::config::report_problems(&cfg.problems())
+    ots::settings::report_problems(&cfg.problems())
 }

@@ -1,7 +1,7 @@
 //! `ots-worker`: one per device under test; runs until SIGTERM or SIGINT.
 
 use clap::{Parser, Subcommand};
-use ots::config::WorkerConfig;
+use ots::worker::config::WorkerConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
@@ -96,10 +96,10 @@ async fn main() -> ExitCode {
                 .into_iter()
                 .chain(args.instance_config.as_deref().filter(|p| p.exists()))
                 .collect();
-            for line in ots::config::explain(&cfg, "OTS_WORKER", &files, &overrides) {
+            for line in ots::settings::explain(&cfg, "OTS_WORKER", &files, &overrides) {
                 println!("{line}");
             }
-            return ots::config::report_problems(&cfg.problems());
+            return ots::settings::report_problems(&cfg.problems());
         }
         Ok(cfg) => cfg,
         Err(e) => {

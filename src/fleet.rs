@@ -146,9 +146,9 @@ pub fn start(
         ..FleetCounters::default()
     };
     let servers: Arc<Vec<(String, String)>> = Arc::new(
-        crate::config::endpoints(control)
+        crate::settings::endpoints(control)
             .into_iter()
-            .zip(crate::config::endpoints(events))
+            .zip(crate::settings::endpoints(events))
             .collect(),
     );
     assert!(

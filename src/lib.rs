@@ -38,7 +38,6 @@
 
 pub mod client;
 pub mod clock;
-pub mod config;
 pub mod delivery;
 pub mod docs;
 pub mod durable;
@@ -51,9 +50,11 @@ pub mod notify;
 pub mod protocol;
 pub mod security;
 pub mod server;
+pub mod settings;
 pub mod setup;
 pub mod shutdown;
 pub mod supervision;
+pub mod text;
 pub mod transport;
 pub mod web;
 pub mod worker;

@@ -3,9 +3,10 @@
 //! with ephemeral ports, a temporary state directory, and the example
 //! conductor. Nothing to install; everything is torn down afterwards.
 
-use crate::config::{ConductorConfig, ServerConfig, WorkerConfig};
 use crate::protocol::DeviceSpec;
+use crate::server::config::ServerConfig;
 use crate::server::{Server, ServerError, ServerHandle};
+use crate::worker::config::{ConductorConfig, WorkerConfig};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -23,7 +24,7 @@ pub enum LabError {
     #[error("local workers did not register within {0:?}")]
     WorkersTimeout(Duration),
     #[error("local worker configuration: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::settings::ConfigError),
     #[error("throwaway keys: {0}")]
     Keys(#[from] crate::security::SecurityError),
 }

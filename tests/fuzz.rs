@@ -290,7 +290,7 @@ proptest! {
         let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
         if let Ok(env) = decode(frames) {
             // Whatever decodes is within every documented limit.
-            prop_assert!(ots::protocol::limits::check(&env).is_ok());
+            prop_assert!(ots::protocol::check::check(&env).is_ok());
         }
     }
 
@@ -301,7 +301,7 @@ proptest! {
         let h = Header { v: PROTOCOL_VERSION, class: body.class(), mandatory, seq, task: None , epoch: None };
         let frames = apply(encode(&h, &body, None), &m);
         match decode(frames) {
-            Ok(env) => prop_assert!(ots::protocol::limits::check(&env).is_ok()),
+            Ok(env) => prop_assert!(ots::protocol::check::check(&env).is_ok()),
             Err(e) => {
                 // A refusal names what was wrong.
                 prop_assert!(!e.to_string().is_empty());

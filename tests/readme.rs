@@ -96,7 +96,7 @@ fn the_health_configuration_blocks_load_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let server = dir.path().join("server.toml");
     std::fs::write(&server, blocks[0]).unwrap();
-    let cfg = ots::config::ServerConfig::load(Some(&server), &[]).unwrap();
+    let cfg = ots::server::config::ServerConfig::load(Some(&server), &[]).unwrap();
     assert_eq!(cfg.health.check.len(), 1);
     assert_eq!(cfg.health.check[0].interval_secs, 24 * 3600);
     let worker = dir.path().join("worker.toml");
@@ -108,7 +108,7 @@ fn the_health_configuration_blocks_load_as_written() {
         ),
     )
     .unwrap();
-    let cfg = ots::config::WorkerConfig::load(Some(&worker), &[]).unwrap();
+    let cfg = ots::worker::config::WorkerConfig::load(Some(&worker), &[]).unwrap();
     assert_eq!(cfg.recovery.command[0], "pdudaemon-client");
     assert_eq!(cfg.recovery.timeout_secs, 300);
 }
@@ -191,7 +191,7 @@ fn the_notification_blocks_work_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let server = dir.path().join("server.toml");
     std::fs::write(&server, block("toml")).unwrap();
-    let cfg = ots::config::ServerConfig::load(Some(&server), &[]).unwrap();
+    let cfg = ots::server::config::ServerConfig::load(Some(&server), &[]).unwrap();
     let rules = cfg.notify.rules(None).unwrap();
     assert_eq!(rules.targets.len(), 2);
     assert_eq!(rules.mail_relay.as_deref(), Some("lab-mail"));
@@ -235,7 +235,7 @@ fn the_postgresql_block_loads_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("server.toml");
     std::fs::write(&file, block).unwrap();
-    let cfg = ots::config::ServerConfig::load(Some(&file), &[]).unwrap();
+    let cfg = ots::server::config::ServerConfig::load(Some(&file), &[]).unwrap();
     let pg = cfg.postgres().expect("PostgreSQL");
     assert_eq!(pg.url, "postgresql://ots@db.example.org/ots");
     assert_eq!(
@@ -258,7 +258,7 @@ fn the_worker_endpoint_list_block_loads_as_written() {
         .lines()
         .map(|l| l.split_once(" = ").unwrap().1.trim_matches('"').to_string())
         .collect::<Vec<_>>();
-    let endpoints = ots::config::endpoint_pairs(&pairs[0], &pairs[1]).unwrap();
+    let endpoints = ots::settings::endpoint_pairs(&pairs[0], &pairs[1]).unwrap();
     assert_eq!(endpoints.len(), 2);
     assert_eq!(endpoints[1].0, "tcp://ots-b.lab:5555");
     let dir = tempfile::tempdir().unwrap();
@@ -268,5 +268,5 @@ fn the_worker_endpoint_list_block_loads_as_written() {
         format!("name = \"w\"\ndevice = \"devicegroup:n900\"\nsecurity = \"none\"\n{block}"),
     )
     .unwrap();
-    ots::config::WorkerConfig::load(Some(&file), &[]).unwrap();
+    ots::worker::config::WorkerConfig::load(Some(&file), &[]).unwrap();
 }

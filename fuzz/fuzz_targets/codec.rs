@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         .map(Bytes::copy_from_slice)
         .collect();
     if let Ok(env) = ots::protocol::decode(frames) {
-        assert!(ots::protocol::limits::check(&env).is_ok());
+        assert!(ots::protocol::check::check(&env).is_ok());
         let again = ots::protocol::decode(ots::protocol::encode(&env.header, &env.body, env.raw.clone()))
             .expect("what decoded re-encodes");
         assert_eq!(again.body, env.body);

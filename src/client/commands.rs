@@ -11,6 +11,7 @@ use crate::protocol::{
     TestrunRequest, Verdict,
 };
 use crate::security::{Credentials, KeyPair, PublicKey};
+use crate::text::{ago_short as ago, escape_controls};
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,7 @@ pub struct Conn {
     /// `noise` (authenticate with --key, pin --server-key) or `none` (a
     /// server configured with security = "none").
     #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
-    pub security: crate::config::SecurityMode,
+    pub security: crate::security::SecurityMode,
     /// Our private key (`ots-submit keygen`) [default:
     /// ~/.config/ots/me.key].
     #[arg(long, env = "OTS_KEY")]
@@ -71,7 +72,7 @@ impl Conn {
     /// Our key and the pinned server key, or a clear error saying what
     /// to create.
     pub fn credentials(&self) -> Result<Credentials, ClientError> {
-        if self.security == crate::config::SecurityMode::None {
+        if self.security == crate::security::SecurityMode::None {
             return Ok(Credentials::None);
         }
         // `me.key` as `ots-submit keygen ~/.config/ots/me` writes it (an
@@ -424,30 +425,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration like 90s, 30m, 2h or 1h 30m ({e})"))
 }
 
-/// Shows control characters (other than tab and newline) escaped, so that
-/// log text from a conductor cannot move the cursor, clear the screen or
-/// retitle the terminal: ESC becomes `\x1b`, C1 controls `\u{9b}`.
-pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            c if (c as u32) < 0x80 && c.is_control() => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 /// The environment variable `--secret KEY` reads: `OTS_SECRET_` and the
 /// key upper-cased, `-` and `.` as `_` (the name the conductor sees it
 /// under on the worker, too).
@@ -507,7 +484,7 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
     // NAME=PATH when NAME is a relative name and PATH a file; otherwise
     // the whole text is the path (which may contain '=' itself).
     let named = text.split_once('=').filter(|(n, p)| {
-        crate::protocol::limits::relative_path(n).is_some() && Path::new(p).is_file()
+        crate::protocol::check::relative_path(n).is_some() && Path::new(p).is_file()
     });
     let (name, path) = match named {
         Some((n, p)) => (n.to_string(), PathBuf::from(p)),
@@ -521,7 +498,7 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
             (name, path)
         }
     };
-    if crate::protocol::limits::relative_path(&name).is_none() {
+    if crate::protocol::check::relative_path(&name).is_none() {
         return Err(format!(
             "--input {text:?}: the name {name:?} must be a relative path without '..'"
         ));
@@ -662,7 +639,7 @@ async fn run(mut args: RunArgs) -> i32 {
         match crate::local::Lab::start(&device, args.local_workers, args.conductor.clone()).await {
             Ok(l) => {
                 args.conn.server = l.control().to_string();
-                args.conn.security = crate::config::SecurityMode::Noise;
+                args.conn.security = crate::security::SecurityMode::Noise;
                 args.conn.key = Some(l.user_key());
                 args.conn.server_key = Some(l.server_key());
                 if !args.conn.json {
@@ -1244,7 +1221,7 @@ struct Standing {
 
 async fn leader(conn: &Conn) -> Result<i32, ClientError> {
     let credentials = conn.credentials()?;
-    let endpoints = crate::config::endpoints(&conn.server);
+    let endpoints = crate::settings::endpoints(&conn.server);
     if endpoints.is_empty() || endpoints.len() > 16 {
         eprintln!(
             "ots-submit: --server {:?} (or OTS_SERVER): give 1 to 16 endpoints, comma-separated",
@@ -1482,15 +1459,6 @@ impl From<RunStateArg> for RunState {
 }
 
 /// "12s", "5m", "3h", "2d": how long ago, for people.
-fn ago(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
-    }
-}
 
 fn now_ms() -> u64 {
     crate::protocol::limits::unix_ms_now()
@@ -1715,7 +1683,7 @@ async fn fetch(
     let started = std::time::Instant::now();
     for t in &status.tasks {
         for f in &t.files {
-            let rel = crate::protocol::limits::relative_path(&f.name).ok_or_else(|| {
+            let rel = crate::protocol::check::relative_path(&f.name).ok_or_else(|| {
                 ClientError::Protocol(format!(
                     "result file name {:?} is not a safe relative path; not fetched",
                     f.name

@@ -121,7 +121,7 @@ impl Client {
         timeout: Duration,
         credentials: &Credentials,
     ) -> Result<Self, ClientError> {
-        let list = crate::config::endpoints(endpoint);
+        let list = crate::settings::endpoints(endpoint);
         let mut last = None;
         for ep in list.iter() {
             match Self::connect_to(ep, timeout, credentials).await {

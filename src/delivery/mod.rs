@@ -37,7 +37,7 @@ pub struct DeliveryPolicy {
     /// log line batches.
     pub log: Policy,
     /// The bound of the give-up policy.
-    #[serde(deserialize_with = "crate::config::duration::ms")]
+    #[serde(deserialize_with = "crate::settings::duration::ms")]
     pub give_up_after_ms: u64,
 }
 

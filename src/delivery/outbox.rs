@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// First resend after this long without an ack.
-    #[serde(deserialize_with = "crate::config::duration::ms")]
+    #[serde(deserialize_with = "crate::settings::duration::ms")]
     pub initial_ms: u64,
     /// Each further resend waits this factor longer…
     pub factor: f32,
     /// …up to this cap.
-    #[serde(deserialize_with = "crate::config::duration::ms")]
+    #[serde(deserialize_with = "crate::settings::duration::ms")]
     pub cap_ms: u64,
     /// Randomize each delay (up to double it) so many senders do not resend in step.
     pub jitter: bool,

@@ -5,6 +5,7 @@
 //! key.
 
 use super::event::{Filter, Kind};
+use super::mail::check_address;
 use super::outbox::{Bounds, Rules, TargetKind, TargetRule};
 use super::urls::UrlRules;
 use crate::protocol::Verdict;
@@ -30,29 +31,32 @@ pub struct NotifyConfig {
     /// first one).
     pub mailto_via: String,
     /// A delivery not done this long after its event is failed.
-    #[serde(rename = "max_age", deserialize_with = "crate::config::duration::secs")]
+    #[serde(
+        rename = "max_age",
+        deserialize_with = "crate::settings::duration::secs"
+    )]
     pub max_age_secs: u64,
     /// First retry after about this (jittered 0.5–1.5×), doubling…
     #[serde(
         rename = "retry_first",
-        deserialize_with = "crate::config::duration::ms"
+        deserialize_with = "crate::settings::duration::ms"
     )]
     pub retry_first_ms: u64,
     /// …up to this.
     #[serde(
         rename = "retry_cap",
-        deserialize_with = "crate::config::duration::secs"
+        deserialize_with = "crate::settings::duration::secs"
     )]
     pub retry_cap_secs: u64,
     /// A target failing this long is logged as an error once and flagged
     /// in `ots-submit notifications` (never disabled).
     #[serde(
         rename = "alert_after",
-        deserialize_with = "crate::config::duration::secs"
+        deserialize_with = "crate::settings::duration::secs"
     )]
     pub alert_after_secs: u64,
     /// Ended deliveries are listed this long, then forgotten.
-    #[serde(rename = "keep", deserialize_with = "crate::config::duration::secs")]
+    #[serde(rename = "keep", deserialize_with = "crate::settings::duration::secs")]
     pub keep_secs: u64,
     /// Deliveries not yet ended, in all and per target: past them an
     /// event's delivery is refused and counted.
@@ -111,7 +115,7 @@ pub struct WebhookConfig {
     /// Only testruns that name it (`--notify NAME`), nothing by filter.
     pub per_run_only: bool,
     /// One attempt's deadline (connect, TLS, answer).
-    #[serde(rename = "timeout", deserialize_with = "crate::config::duration::ms")]
+    #[serde(rename = "timeout", deserialize_with = "crate::settings::duration::ms")]
     pub timeout_ms: u64,
     /// Attempts in flight to it at once.
     pub concurrency: usize,
@@ -166,7 +170,7 @@ pub struct MailConfig {
     #[serde(flatten)]
     pub filters: TargetFilters,
     pub per_run_only: bool,
-    #[serde(rename = "timeout", deserialize_with = "crate::config::duration::ms")]
+    #[serde(rename = "timeout", deserialize_with = "crate::settings::duration::ms")]
     pub timeout_ms: u64,
     pub concurrency: usize,
 }
@@ -258,16 +262,6 @@ fn check_common(
         return bad("timeout", "must be between 100 ms and 10 min".into());
     }
     Ok(())
-}
-
-/// A mail address as lettre reads it.
-pub fn check_address(a: &str) -> Result<(), String> {
-    if a.len() > 254 {
-        return Err("is longer than 254 bytes".into());
-    }
-    a.parse::<lettre::Address>()
-        .map(|_| ())
-        .map_err(|e| format!("is not a mail address ({e})"))
 }
 
 impl NotifyConfig {

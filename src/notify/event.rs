@@ -6,14 +6,9 @@ use crate::protocol::{DeviceSpec, Health, RunState, RunStatus, Verdict};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The events a target may ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    TestrunFinished,
-    WorkerHealthChanged,
-    WorkerLost,
-}
+/// The events a target may ask for (wire data: `notifications` lists
+/// them, so the type lives in the protocol).
+pub use crate::protocol::NotifyEventKind as Kind;
 
 /// One event, with what the filters look at.
 #[derive(Clone, Debug, PartialEq)]

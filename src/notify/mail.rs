@@ -5,6 +5,16 @@
 
 use serde_json::Value;
 
+/// A mail address as lettre reads it.
+pub fn check_address(a: &str) -> Result<(), String> {
+    if a.len() > 254 {
+        return Err("is longer than 254 bytes".into());
+    }
+    a.parse::<lettre::Address>()
+        .map(|_| ())
+        .map_err(|e| format!("is not a mail address ({e})"))
+}
+
 /// Characters a peer put into a name never reach a header unescaped.
 fn plain(v: &Value) -> String {
     let s = match v {

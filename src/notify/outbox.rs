@@ -256,7 +256,7 @@ impl Notifier {
             ));
         }
         if let Some(address) = entry.strip_prefix("mailto:") {
-            super::config::check_address(address)?;
+            super::mail::check_address(address)?;
             let relay = self
                 .rules
                 .mail_relay

@@ -8,10 +8,11 @@
 
 use std::net::IpAddr;
 
-/// Longest per-run notification entry (URL or `mailto:`) accepted.
-pub const MAX_ENTRY_BYTES: usize = 512;
-/// Most `--notify` entries one testrun may carry.
-pub const MAX_PER_RUN: usize = 4;
+/// Longest per-run notification entry, and most entries per testrun:
+/// limits of the protocol's `submit` (PROTOCOL.md §14).
+pub use crate::protocol::limits::{
+    MAX_NOTIFY_ENTRY_BYTES as MAX_ENTRY_BYTES, MAX_NOTIFY_PER_RUN as MAX_PER_RUN,
+};
 
 /// What `notify.allow_urls` and `notify.allow_private_addresses` say.
 #[derive(Clone, Debug, Default)]

@@ -473,13 +473,22 @@ pub struct Pruned {
     pub reason: String,
 }
 
+/// The events a target may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEventKind {
+    TestrunFinished,
+    WorkerHealthChanged,
+    WorkerLost,
+}
+
 /// One notification delivery (an event to one recipient), as
 /// `notifications` lists it (PROTOCOL.md §5.3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotificationInfo {
     /// The `webhook-id`: the same on every attempt.
     pub id: String,
-    pub event: crate::notify::event::Kind,
+    pub event: NotifyEventKind,
     #[serde(default)]
     pub run: Option<RunId>,
     /// Where it goes: a target name, `mailto:ADDR`, or a per-run URL.

@@ -5,8 +5,10 @@
 //! back, refusing anything malformed with a typed [`ProtocolError`].
 //! `docs/PROTOCOL.md` is the normative description; keep both in step.
 
+pub mod check;
 pub mod codec;
 pub mod device;
+pub mod envelope;
 pub mod limits;
 pub mod logtext;
 pub mod message;

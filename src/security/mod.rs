@@ -33,6 +33,25 @@ pub use handshake::{Initiator, Responder};
 pub use keys::{KeyPair, PublicKey};
 pub use link::Credentials;
 
+/// Whether peers authenticate and frames are encrypted (PROTOCOL.md §15).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityMode {
+    #[default]
+    Noise,
+    None,
+}
+
 /// The Noise protocol name: `IK` because the initiator knows the server's
 /// static key in advance (pinned in its configuration) and sends its own
 /// static key encrypted in the first message, so the handshake takes one

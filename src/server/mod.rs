@@ -13,6 +13,7 @@
 //!   sharing a PostgreSQL database.
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
+pub mod config;
 pub mod db;
 pub mod distribution;
 pub mod fairshare;

@@ -2,12 +2,12 @@
 //! [`Scheduler`] with decoded messages and heartbeat ticks, and carries out
 //! its outputs with bounded sends.
 
-use crate::config::ServerConfig;
 use crate::protocol::{self, Body, ErrorCode, Header};
 use crate::security::allow::fingerprint;
 use crate::security::broadcast::Announcer;
 use crate::security::gate::Verdict;
 use crate::security::{AllowList, Gate};
+use crate::server::config::ServerConfig;
 use crate::server::scheduler::{Output, Scheduler, SchedulerConfig};
 use crate::server::state::StateStore;
 use crate::server::store::{DiskStore, StoreError};
@@ -33,7 +33,9 @@ use zeromq::ZmqMessage;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::settings::ConfigError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::config::NotifyConfigError),
     #[error(
         "state directory {path}: {source}{}",
         crate::durable::access_hint(path, source)
@@ -73,6 +75,7 @@ impl ServerError {
         let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
         match self {
             ServerError::Config(_)
+            | ServerError::Notify(_)
             | ServerError::Security(_)
             | ServerError::Web(crate::web::WebError::Tls { .. }) => true,
             ServerError::StateDir { source, .. } => denied(source),
@@ -154,17 +157,11 @@ impl Server {
         // Every target's secret and credentials are read before anything
         // is bound: a missing file is named at start, not at the first
         // testrun's end.
-        let notify_rules = cfg
-            .notify
-            .rules(None)
-            .map_err(crate::config::ConfigError::from)?;
+        let notify_rules = cfg.notify.rules(None)?;
         // Always running, even with nothing configured: deliveries kept
         // from an earlier configuration still get their answer (a target
         // that is gone fails them, listed) instead of stopping the server.
-        let sender = Some(
-            crate::notify::sender::Sender::from_config(&cfg.notify)
-                .map_err(crate::config::ConfigError::from)?,
-        );
+        let sender = Some(crate::notify::sender::Sender::from_config(&cfg.notify)?);
         let mut db = StateStore::open(&cfg.state_dir, &files_dir, cfg.postgres().as_ref()).await?;
         let incarnation = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         // With PostgreSQL: one leader among the servers sharing it. A

@@ -23,9 +23,9 @@ pub enum StoreError {
 }
 
 /// Checks a worker-supplied result file name (the protocol's rule,
-/// [`crate::protocol::limits::relative_path`]) and gives the path to join.
+/// [`crate::protocol::check::relative_path`]) and gives the path to join.
 pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
-    crate::protocol::limits::relative_path(name)
+    crate::protocol::check::relative_path(name)
         .ok_or_else(|| StoreError::BadFileName(name.to_string()))
 }
 

@@ -27,16 +27,7 @@ fn opt_name<T: serde::Serialize>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "—".to_string(), name)
 }
 
-/// `12 s`, `3 min`, `2 h`, `4 d`.
-pub fn ago(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=119 => format!("{s} s"),
-        120..=7199 => format!("{} min", s / 60),
-        7200..=172_799 => format!("{} h", s / 3600),
-        _ => format!("{} d", s / 86_400),
-    }
-}
+pub use crate::text::ago;
 
 /// A Unix ms time as UTC `YYYY-MM-DD HH:MM:SS.mmm` (`—` if unknown).
 pub fn when(ms: u64) -> String {
@@ -65,7 +56,7 @@ pub fn size(n: u64) -> String {
 /// Shows control characters (other than tab) as `\xNN` or `\u{N}`, as
 /// `ots-submit logs` does.
 pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
-    crate::client::commands::escape_controls(text)
+    crate::text::escape_controls(text)
 }
 
 /// The class of a stored log line by its stream prefix.

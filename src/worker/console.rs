@@ -51,7 +51,7 @@ pub struct SerialConfig {
     pub ring_bytes: u64,
     /// How much console output before a task starts goes into its
     /// serial.log (boot output of a just-flashed device).
-    #[serde(deserialize_with = "crate::config::duration::ms")]
+    #[serde(deserialize_with = "crate::settings::duration::ms")]
     pub pre_task_ms: u64,
     /// Console actions for every task, unless the testrun's options
     /// (`console.send`, `console.expect`, `console.expect_timeout`) say
@@ -59,7 +59,7 @@ pub struct SerialConfig {
     /// and a text to wait for before the conductor runs.
     pub send: String,
     pub expect: String,
-    #[serde(deserialize_with = "crate::config::duration::ms")]
+    #[serde(deserialize_with = "crate::settings::duration::ms")]
     pub expect_timeout_ms: u64,
 }
 

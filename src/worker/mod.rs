@@ -11,6 +11,7 @@
 
 pub mod channel;
 pub mod conductor;
+pub mod config;
 pub mod console;
 pub mod reader;
 pub mod service;

@@ -67,7 +67,7 @@ impl Reader {
         let key = (req.task.clone(), req.attempt, req.name.clone());
         if self.current.as_ref().is_none_or(|c| c.key != key) {
             self.current = None;
-            let rel = crate::protocol::limits::relative_path(&req.name)
+            let rel = crate::protocol::check::relative_path(&req.name)
                 .ok_or_else(|| format!("result file name {:?} is not a relative path", req.name))?;
             let path = results_dir(&self.state_dir, &req.task, req.attempt).join(rel);
             // Never through a symlink a conductor left behind.

@@ -3,7 +3,6 @@
 //! conductors, and moves messages between all of these and the
 //! [`Session`] state machine.
 
-use crate::config::WorkerConfig;
 use crate::protocol::Body;
 use crate::protocol::ErrorCode;
 use crate::protocol::{self, Outcome, Stream, TaskId, TaskSpec};
@@ -13,6 +12,7 @@ use crate::security::{Channel, Credentials};
 use crate::transport::{self, to_message, TransportError};
 use crate::worker::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
 use crate::worker::conductor::{self, Stop, TaskContext};
+use crate::worker::config::WorkerConfig;
 use crate::worker::session::{Action, Arrival, Link, LostReason, Session, SessionConfig};
 use crate::worker::state::WorkerStore;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -30,7 +30,7 @@ use zeromq::{DealerSendHalf, DealerSocket, SubSocket, ZmqMessage};
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::settings::ConfigError),
     #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -316,7 +316,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
     // The servers that may lead, tried in turn: the one that answered
     // is kept; a failed connect moves to the next at once, and only a
     // whole round of failures waits for the backoff.
-    let servers = crate::config::endpoint_pairs(&cfg.server, &cfg.events)?;
+    let servers = crate::settings::endpoint_pairs(&cfg.server, &cfg.events)?;
     let mut current = 0usize;
     let mut ticker = tokio::time::interval(Duration::from_millis(cfg.log_batch_ms.clamp(5, 100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -512,7 +512,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
                 match requested {
                     0 => Vec::new(),
                     1 if stop_deadline.is_none() => {
-                        let abort = cfg.stop_policy == crate::config::StopPolicy::Abort;
+                        let abort = cfg.stop_policy == crate::worker::config::StopPolicy::Abort;
                         info!(policy = ?cfg.stop_policy, timeout_ms = cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
                         stop_deadline = Some((Instant::now() + Duration::from_millis(cfg.stop_timeout_ms), abort));
                         supervisor.stopping("stopping: finishing and delivering the running task");
@@ -1017,7 +1017,7 @@ async fn fetch_inputs(
             )
             .await
             .map_err(|e| format!("input file {} could not be fetched: {e}", input.name))?;
-        let rel = crate::protocol::limits::relative_path(&input.name)
+        let rel = crate::protocol::check::relative_path(&input.name)
             .ok_or_else(|| format!("input file name {:?} is not a relative path", input.name))?;
         let target = inputs_dir.join(rel);
         let placed = (|| {
@@ -1394,7 +1394,7 @@ async fn run_task(
 /// folder.
 fn collect_results(
     dir: &Path,
-    conductor: &crate::config::ConductorConfig,
+    conductor: &crate::worker::config::ConductorConfig,
     channel: &mut ResponseChannel,
 ) -> Vec<ResultFile> {
     let globs = &conductor.result_globs;
@@ -1452,7 +1452,7 @@ fn collect_results(
                 continue;
             }
             // The server would refuse the name (PROTOCOL.md §14): say so here.
-            if let Err(e) = crate::protocol::limits::check_file_name("file_chunk", &name) {
+            if let Err(e) = crate::protocol::check::check_file_name("file_chunk", &name) {
                 channel.log(Stream::Worker, format!("not uploading a result file: {e}"));
                 continue;
             }

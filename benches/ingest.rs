@@ -611,7 +611,7 @@ async fn through_server_on(
         n as f64 / t.as_secs_f64(),
         t.as_secs_f64()
     );
-    server.shutdown().await;
+    server.shutdown().await.expect("the server stops cleanly");
     (ingest_rate, ack_rate)
 }
 
@@ -661,5 +661,5 @@ async fn handshakes() {
         connect.as_secs_f64() * 1e3,
         secured.as_secs_f64() * 1e3
     );
-    server.shutdown().await;
+    server.shutdown().await.expect("the server stops cleanly");
 }

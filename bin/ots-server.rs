@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use ots::server::config::ServerConfig;
-use ots::server::Server;
+use ots::server::{Fatal, Server, ServerError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,6 +66,14 @@ enum Cmd {
 const EXIT_CONFIG: u8 = 78;
 /// sysexits EX_UNAVAILABLE: could not bind or open state.
 const EXIT_UNAVAILABLE: u8 = 69;
+/// sysexits EX_SOFTWARE: the serving loop ended abnormally.
+const EXIT_SOFTWARE: i32 = 70;
+/// sysexits EX_IOERR: state could not be committed (or a helper that
+/// writes it is gone): nothing more is acknowledged.
+const EXIT_IOERR: i32 = 74;
+/// sysexits EX_TEMPFAIL: a leader lost its lease; systemd starts it
+/// again, and it comes back as a standby.
+const EXIT_DEPOSED: i32 = 75;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -144,9 +152,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    ots::shutdown::requested().await;
-    server.shutdown().await;
-    ExitCode::SUCCESS
+    match server.run_until(ots::shutdown::requested()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ots-server: {e}");
+            let code = match e {
+                ServerError::Stopped(Fatal::Deposed { .. }) => EXIT_DEPOSED,
+                ServerError::Stopped(Fatal::Commit(_) | Fatal::DeskGone | Fatal::NotifierGone) => {
+                    EXIT_IOERR
+                }
+                _ => EXIT_SOFTWARE,
+            };
+            // At once, as the serving loop stopped: the sockets close with
+            // the process, and no task of the runtime is waited for.
+            std::process::exit(code)
+        }
+    }
 }
 
 /// `--check-config`: every problem a start would refuse (exit 78) or an

@@ -1,7 +1,7 @@
 //! `ots-submit`: submit testruns and watch them. See `ots-submit --help`.
 
 use clap::Parser;
-use ots::client::commands::{self, Cli};
+use ots::cli::{self, Cli};
 use ots::client::exit;
 
 #[tokio::main]
@@ -24,5 +24,5 @@ async fn main() {
     };
     ots::logging::init("warn");
     ots::fatal::exit_on_panic("ots-submit");
-    std::process::exit(commands::main(cli).await);
+    std::process::exit(cli::main(cli).await);
 }

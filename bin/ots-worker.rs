@@ -56,6 +56,8 @@ enum Cmd {
 const EXIT_CONFIG: u8 = 78;
 /// sysexits EX_CANTCREAT: the state directory is unusable.
 const EXIT_CANTCREAT: u8 = 73;
+/// sysexits EX_IOERR: the session could not be saved while running.
+const EXIT_IOERR: u8 = 74;
 
 /// sysexits EX_TEMPFAIL: the server refused the worker's name because
 /// another live worker has it. Temporary: once the other one is gone (or
@@ -108,7 +110,7 @@ async fn main() -> ExitCode {
         }
     };
     ots::logging::init(&cfg.log_level);
-    let (stop, stop_rx) = watch::channel(0u8);
+    let (stop, stop_rx) = watch::channel(ots::shutdown::Stop::Run);
     // SIGHUP (systemctl reload): the configuration is read and checked
     // again; a running worker applies it at its next start, and says
     // which settings changed (or what is wrong with the new file).
@@ -140,11 +142,11 @@ async fn main() -> ExitCode {
     // The first SIGTERM/SIGINT stops gracefully (stop_policy), a second
     // one at once.
     tokio::spawn(async move {
-        let mut n = 0u8;
+        let mut asked = ots::shutdown::Stop::Run;
         loop {
             ots::shutdown::requested().await;
-            n = n.saturating_add(1);
-            if stop.send(n).is_err() {
+            asked = asked.escalate();
+            if stop.send(asked).is_err() {
                 return;
             }
         }
@@ -160,6 +162,7 @@ async fn main() -> ExitCode {
                     ExitCode::from(EXIT_CANTCREAT)
                 }
                 ots::worker::WorkerError::NameInUse { .. } => ExitCode::from(EXIT_NAME_IN_USE),
+                ots::worker::WorkerError::Save(_) => ExitCode::from(EXIT_IOERR),
                 // A key file problem, or a key the server allows under
                 // another name: fixing it takes an operator, not a restart.
                 ots::worker::WorkerError::Security(_)

@@ -88,7 +88,7 @@ pub fn example_image() -> PathBuf {
 pub struct Lab {
     server: ServerHandle,
     workers: Vec<JoinHandle<()>>,
-    stop: watch::Sender<u8>,
+    stop: watch::Sender<crate::shutdown::Stop>,
     credentials: crate::security::Credentials,
     keys: PathBuf,
     dir: tempfile::TempDir,
@@ -121,7 +121,7 @@ impl Lab {
             ..ServerConfig::default()
         };
         let server = Server::start(server_cfg).await?;
-        let (stop, stop_rx) = watch::channel(0u8);
+        let (stop, stop_rx) = watch::channel(crate::shutdown::Stop::Run);
         let mut handles = Vec::new();
         for i in 1..=workers.max(1) {
             let mut device_text = format!("devicegroup:{}", device.devicegroup);
@@ -229,10 +229,12 @@ impl Lab {
     pub async fn shutdown(self) {
         // Gracefully: the testrun is over, so each worker says bye at
         // once and the server records a clean stop (bounded below).
-        let _ = self.stop.send(1);
+        let _ = self.stop.send(crate::shutdown::Stop::Gracefully);
         for w in self.workers {
             let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
         }
-        self.server.shutdown().await;
+        if let Err(e) = self.server.shutdown().await {
+            tracing::error!(error = %e, "local server failed");
+        }
     }
 }

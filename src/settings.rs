@@ -170,7 +170,7 @@ pub fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
 }
 
 /// A list of endpoints, `tcp://a:5555, tcp://b:5555`: the servers that
-
+/// may lead (a standby binds nothing until it takes over).
 pub fn endpoints(list: &str) -> Vec<String> {
     list.split(',')
         .map(str::trim)

@@ -14,3 +14,28 @@ pub async fn requested() {
         _ = int.recv() => {}
     }
 }
+
+/// What a server or a worker is asked to do about stopping: one type for
+/// both, carried in a `tokio::sync::watch` from the binary's signal
+/// handling (or an embedding lab) into the serving loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    /// Keep serving.
+    #[default]
+    Run,
+    /// Stop in order: a server announces its shutdown; a worker takes no
+    /// new task and ends its running one as `stop_policy` says.
+    Gracefully,
+    /// Stop at once (a second SIGTERM/SIGINT): a worker stops its task.
+    Now,
+}
+
+impl Stop {
+    /// What one more stop request makes of this one.
+    pub fn escalate(self) -> Stop {
+        match self {
+            Stop::Run => Stop::Gracefully,
+            Stop::Gracefully | Stop::Now => Stop::Now,
+        }
+    }
+}

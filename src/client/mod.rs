@@ -3,9 +3,7 @@
 //! (the "give up and report" philosophy: an interactive caller never hangs).
 //!
 //! - [`follow`]: watching a testrun's progress and logs (PUB + catch-up).
-//! - [`commands`]: the `ots-submit` sub-commands, printing for people or JSON.
 
-pub mod commands;
 pub mod follow;
 pub mod transfer;
 

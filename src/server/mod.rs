@@ -13,20 +13,27 @@
 //!   sharing a PostgreSQL database.
 //! - [`service`]: the tokio shell binding the sockets and driving the scheduler.
 
+pub mod bridge;
 pub mod config;
 pub mod db;
 pub mod distribution;
+mod error;
 pub mod fairshare;
 pub mod files;
 pub mod health;
+mod inbound;
 pub mod lease;
 pub mod metrics;
+mod outlets;
 pub mod pg;
+mod reload;
 pub mod scheduler;
 pub mod service;
+mod serving;
 pub mod standby;
 pub mod state;
 pub mod store;
 pub mod verdict;
 
-pub use service::{Server, ServerError, ServerHandle};
+pub use error::{Fatal, ServerError};
+pub use service::{Server, ServerHandle};

@@ -44,6 +44,10 @@ pub enum WorkerError {
     Forbidden { name: String, message: String },
     #[error("security: {0}")]
     Security(#[from] crate::security::SecurityError),
+    /// The session could not be saved: the worker stops so that nothing
+    /// is acknowledged that is not durable (ots-worker exits 74).
+    #[error("storage error: cannot save the worker's state: {0}; stopping so that nothing is acknowledged that is not durable (free space or fix the state directory's disk, then restart)")]
+    Save(crate::worker::state::WorkerStateError),
 }
 
 fn arrival() -> Arrival {
@@ -217,7 +221,10 @@ fn next_server_delay(
 /// Runs a worker until `shutdown` says stop: 1 = gracefully, by
 /// `stop_policy` (no new task; the running one finished or stopped,
 /// delivered, then `bye`), 2 = at once.
-pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result<(), WorkerError> {
+pub async fn run(
+    cfg: WorkerConfig,
+    mut shutdown: watch::Receiver<crate::shutdown::Stop>,
+) -> Result<(), WorkerError> {
     cfg.validate()?;
     let device = cfg.device_props()?;
     let credentials = cfg.credentials()?;
@@ -510,16 +517,16 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
             _ = shutdown.changed() => {
                 let requested = *shutdown.borrow();
                 match requested {
-                    0 => Vec::new(),
-                    1 if stop_deadline.is_none() => {
+                    crate::shutdown::Stop::Run => Vec::new(),
+                    crate::shutdown::Stop::Gracefully if stop_deadline.is_none() => {
                         let abort = cfg.stop_policy == crate::worker::config::StopPolicy::Abort;
                         info!(policy = ?cfg.stop_policy, timeout_ms = cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
                         stop_deadline = Some((Instant::now() + Duration::from_millis(cfg.stop_timeout_ms), abort));
                         supervisor.stopping("stopping: finishing and delivering the running task");
                         session.begin_stop(abort)
                     }
-                    1 => Vec::new(),
-                    _ => {
+                    crate::shutdown::Stop::Gracefully => Vec::new(),
+                    crate::shutdown::Stop::Now => {
                         if stop_deadline.is_some() {
                             warn!("stop requested again: stopping at once");
                         } else {
@@ -532,10 +539,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<u8>) -> Result
         };
         // What the actions are about to announce (acks, accepted tasks) is
         // on disk first.
-        if let Err(e) = store.save(&session.saved()) {
-            error!(error = %e, "storage error: cannot save the worker's state; stopping so nothing is acknowledged that is not durable");
-            std::process::exit(74);
-        }
+        store.save(&session.saved()).map_err(WorkerError::Save)?;
         if let Some(task) = report_saved {
             info!(task = %task, "final report saved; it will be delivered even if this worker restarts");
         }

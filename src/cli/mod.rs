@@ -1,0 +1,472 @@
+//! The `ots-submit` command line: argument definitions and each
+//! sub-command, printing for people (or JSON with `--json`). Returns the
+//! process exit status; see [`crate::client::exit`].
+//!
+//! - `args`: what a testrun is asked with, and the parsers of its values.
+//! - `run`: `run`, `wait`, `status`: submitting, following, summing up.
+//! - `manage`: cancel, drain, health, notifications, leader, web, audit,
+//!   whoami.
+//! - `lists`: runs, queue, workers, logs.
+//! - `fetch`: result files to a folder, with progress.
+
+mod args;
+mod fetch;
+mod lists;
+mod manage;
+mod run;
+
+use crate::cli::args::parse_duration;
+use crate::cli::args::RunArgs;
+use crate::cli::args::RunStateArg;
+use crate::cli::fetch::fetch_cmd;
+use crate::cli::lists::logs;
+use crate::cli::lists::queue;
+use crate::cli::lists::runs;
+use crate::cli::lists::workers;
+use crate::cli::manage::audit;
+use crate::cli::manage::cancel;
+use crate::cli::manage::drain;
+use crate::cli::manage::health;
+use crate::cli::manage::leader;
+use crate::cli::manage::notifications;
+use crate::cli::manage::notify_retry;
+use crate::cli::manage::web;
+use crate::cli::manage::whoami;
+use crate::cli::run::run;
+use crate::cli::run::status;
+use crate::cli::run::wait;
+use crate::client::{exit, Client, ClientError};
+use crate::protocol::{HealthAction, RunState, RunStatus, Verdict};
+use crate::security::{Credentials, KeyPair, PublicKey};
+use crate::text::escape_controls;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Submit testruns to an ots server and watch them.
+#[derive(Debug, Parser)]
+#[command(name = "ots-submit", version, after_help = EXIT_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub(crate) const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 cancelled, 64 usage error, \
+65 refused by the server (e.g. no worker for the device), 69 server unreachable, \
+70 local lab failed, 74 cannot write fetched files, 76 protocol error, \
+77 the server refused our key or our role may not do this, 78 our own key files are missing or unusable.";
+
+/// Where the server is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Server control endpoint, or a comma-separated list of the servers
+    /// that may lead (a leader and its standby): the first that answers
+    /// is used, and a reconnect tries them all.
+    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
+    pub server: String,
+    /// `noise` (authenticate with --key, pin --server-key) or `none` (a
+    /// server configured with security = "none").
+    #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
+    pub security: crate::security::SecurityMode,
+    /// Our private key (`ots-submit keygen`) [default:
+    /// ~/.config/ots/me.key].
+    #[arg(long, env = "OTS_KEY")]
+    pub key: Option<PathBuf>,
+    /// The server's public key [default: ~/.config/ots/server.pub, else
+    /// /etc/ots/server.pub]. (`OTS_SERVER_KEY` is the server's own
+    /// private key, to ots-server only.)
+    #[arg(long, env = "OTS_PINNED_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+    /// Give up on an unanswered request after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `$XDG_CONFIG_HOME/ots` or `~/.config/ots`: where a user's key lives.
+pub(crate) fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("ots")
+}
+
+impl Conn {
+    /// Our key and the pinned server key, or a clear error saying what
+    /// to create.
+    pub fn credentials(&self) -> Result<Credentials, ClientError> {
+        if self.security == crate::security::SecurityMode::None {
+            return Ok(Credentials::None);
+        }
+        // `me.key` as `ots-submit keygen ~/.config/ots/me` writes it (an
+        // older default, `key.key`, is still found).
+        let key = self.key.clone().unwrap_or_else(|| {
+            let me = config_dir().join("me.key");
+            let old = config_dir().join("key.key");
+            if !me.exists() && old.exists() {
+                old
+            } else {
+                me
+            }
+        });
+        let server_key = self.server_key.clone().unwrap_or_else(|| {
+            let mine = config_dir().join("server.pub");
+            let system = PathBuf::from("/etc/ots/server.pub");
+            if !mine.exists() && system.exists() {
+                system
+            } else {
+                mine
+            }
+        });
+        let key = KeyPair::read(&key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  create one with `ots-submit keygen {}` and ask the server's admin to put its .pub file into users.d/ (or pass --key; --security none for a server without security)",
+                key.with_extension("").display()
+            ))
+        })?;
+        let server = PublicKey::read(&server_key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key (OTS_PINNED_SERVER_KEY) or put it at {}",
+                server_key.display()
+            ))
+        })?;
+        Ok(Credentials::Noise { key, server })
+    }
+
+    /// Connects (and authenticates) to the server.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new key pair: BASE.key (private, mode 0600) and BASE.pub.
+    Keygen {
+        /// Path without extension, e.g. ~/.config/ots/me.
+        base: PathBuf,
+    },
+    /// Write the man page and shell completions under DIR (install step).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
+    /// Submit a testrun; prints its id (and, with --wait, its verdict).
+    Run(RunArgs),
+    /// Wait for a testrun submitted earlier; exit status as for `run --wait`.
+    Wait {
+        run: String,
+        /// Stream the tasks' log lines too.
+        #[arg(long)]
+        follow: bool,
+        /// Afterwards, download the result files here.
+        #[arg(long)]
+        fetch: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a testrun's state, tasks and verdicts.
+    Status {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a testrun: queued tasks at once, running ones TERM → KILL.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the workers the server knows: state, task, last heard,
+    /// version, drained.
+    Workers {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List recent testruns, newest first: state, verdict, owner, age.
+    Runs {
+        /// Only testruns in this state (queued, running, finished, cancelled).
+        #[arg(long)]
+        state: Option<RunStateArg>,
+        /// Only testruns of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// At most this many (1–1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show the queued tasks per routing key, with position and age.
+    Queue {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Drain a worker: it finishes its task and takes no new one
+    /// (operator, admin). `--undo` puts it back to work.
+    Drain {
+        worker: String,
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Sign in to the web dashboard: asks the server (over this key's
+    /// Noise connection) for a single-use link, valid 60 s, printed as
+    /// the last line and opened with $BROWSER if that is set.
+    Web {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Which of the servers in --server leads: each endpoint is asked at
+    /// once; the leader answers with its lease (epoch, since when), a
+    /// standby answers `not_leader` naming the leader it knows. Exits 0
+    /// when one leads, 69 when none does.
+    Leader {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List notification deliveries (webhooks, mail), newest first: the
+    /// event, where it goes, state, attempts, last result, next try; for
+    /// an operator, each target's standing first (failing since, alert).
+    Notifications {
+        /// Only this testrun's.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only failed ones.
+        #[arg(long)]
+        failed: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a notification again now, with the same id, whatever its
+    /// state (operator, admin). The id is the first column of
+    /// `notifications`.
+    NotifyRetry {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A worker's device health and its history: why it is good,
+    /// suspect, bad, in maintenance or retired.
+    Health {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a health check on a worker now (operator, admin): it goes
+    /// before any other task; pass makes it good, fail bad.
+    Check {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Put a worker into maintenance (`on`: no tasks, no checks) or take
+    /// it out (`off`: unknown until its health check passes) (operator,
+    /// admin).
+    Maintenance {
+        worker: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Why: kept in its health history and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Retire a worker: out of service for good (operator, admin);
+    /// `maintenance WORKER off` brings it back.
+    Retire {
+        worker: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Put a drained worker back to work (operator, admin).
+    Undrain {
+        worker: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the server's audit log: registrations, refusals, submits,
+    /// cancels, drains, revocations (admin).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show who the server takes this key for, and its role.
+    Whoami {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the stored logs of a testrun's tasks.
+    Logs {
+        run: String,
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        /// Print the log as stored, control characters included (by
+        /// default they are shown escaped, so a log cannot drive the
+        /// terminal).
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Download a testrun's result files into DIR/<task>/.
+    Fetch {
+        run: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub(crate) fn fail(e: &ClientError) -> i32 {
+    // The message may quote what a server sent: shown escaped.
+    eprintln!("ots-submit: {}", escape_controls(&e.to_string()));
+    e.exit_code()
+}
+
+/// Runs a parsed command line; returns the exit status.
+pub async fn main(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Keygen { base } => {
+            return i32::from(crate::security::keys::keygen_command("ots-submit", &base))
+        }
+        Command::GenDocs { dir } => {
+            use clap::CommandFactory;
+            return match crate::docs::generate(Cli::command(), &dir) {
+                Ok(()) => exit::PASS,
+                Err(e) => {
+                    eprintln!("ots-submit: cannot write into {}: {e}", dir.display());
+                    exit::IO
+                }
+            };
+        }
+        Command::Run(args) => return run(args).await,
+        Command::Wait {
+            run,
+            follow,
+            fetch,
+            conn,
+        } => return wait(&conn, &run, follow, fetch.as_deref()).await,
+        Command::Status { run, conn } => status(&conn, &run).await,
+        Command::Cancel { run, conn } => cancel(&conn, &run).await,
+        Command::Workers { conn } => workers(&conn).await,
+        Command::Runs {
+            state,
+            owner,
+            limit,
+            conn,
+        } => runs(&conn, state.map(RunStateArg::into), owner, limit).await,
+        Command::Queue { conn } => queue(&conn).await,
+        Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
+        Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,
+        Command::Health { worker, conn } => health(&conn, &worker, None, "").await,
+        Command::Web { conn } => web(&conn).await,
+        Command::Leader { conn } => leader(&conn).await,
+        Command::Notifications { run, failed, conn } => {
+            notifications(&conn, run.as_deref(), failed).await
+        }
+        Command::NotifyRetry { id, conn } => notify_retry(&conn, &id).await,
+        Command::Check { worker, conn } => {
+            health(&conn, &worker, Some(HealthAction::Check), "").await
+        }
+        Command::Maintenance {
+            worker,
+            state,
+            reason,
+            conn,
+        } => {
+            let action = if state == "on" {
+                HealthAction::MaintenanceOn
+            } else {
+                HealthAction::MaintenanceOff
+            };
+            health(&conn, &worker, Some(action), &reason).await
+        }
+        Command::Retire {
+            worker,
+            reason,
+            conn,
+        } => health(&conn, &worker, Some(HealthAction::Retire), &reason).await,
+        Command::Audit { conn } => audit(&conn).await,
+        Command::Whoami { conn } => whoami(&conn).await,
+        Command::Logs {
+            run,
+            task,
+            raw,
+            conn,
+        } => logs(&conn, &run, task.as_deref(), raw).await,
+        Command::Fetch { run, dir, conn } => fetch_cmd(&conn, &run, &dir).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+pub(crate) fn verdict_exit(status: &RunStatus) -> i32 {
+    match (status.state, status.verdict) {
+        (RunState::Cancelled, _) => exit::CANCELLED,
+        (_, Some(Verdict::Pass)) => exit::PASS,
+        (_, Some(Verdict::Fail)) => exit::FAIL,
+        _ => exit::ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::args::*;
+    use super::run::*;
+    use super::*;
+
+    #[test]
+    fn history_times_are_utc_clock_times() {
+        assert_eq!(crate::clock::time_of_day(1_700_000_000_123), "22:13:20.123");
+        assert_eq!(datetime(1_700_000_000_123), "2023-11-14 22:13:20.123");
+        assert_eq!(datetime(0), "1970-01-01 00:00:00.000");
+        assert_eq!(datetime(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+
+    #[test]
+    fn durations_parse_like_an_operator_writes_them() {
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_duration("9999999999999999h").is_err());
+        assert!(parse_duration("18446744073709551616s").is_err());
+    }
+
+    #[test]
+    fn task_timeouts_are_whole_seconds_within_the_protocol_limit() {
+        assert_eq!(parse_task_timeout("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            parse_task_timeout("168h").unwrap(),
+            Duration::from_secs(604_800)
+        );
+        for bad in [
+            "0s",
+            "1500ms",
+            "169h",
+            "18446744073709551615s",
+            "9999999999999999h",
+        ] {
+            let e = parse_task_timeout(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(escape_controls("plain\ttab"), "plain\ttab");
+        assert_eq!(escape_controls("a\u{1b}[2Jb\u{7}"), "a\\x1b[2Jb\\x07");
+        assert_eq!(escape_controls("x\u{9b}y"), "x\\u{9b}y");
+    }
+}

@@ -1,7 +1,8 @@
 //! What a testrun is asked with (`ots-submit run`), and the parsers of
 //! the values its flags take.
 
-use crate::cli::Conn;
+use crate::cli::conn::parse_duration;
+use crate::cli::conn::Conn;
 use crate::protocol::{Distribution, Priority, RunState};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -119,19 +120,6 @@ pub fn parse_task_timeout(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
-}
-
-/// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds; refuses values
-/// that do not fit (no overflow, whatever is typed).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    // A bare number is seconds; anything else as humantime reads it
-    // (250ms, 90s, 30m, 2h, 1h 30m, 2d).
-    if let Ok(n) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 90s, 30m, 2h or 1h 30m ({e})"))
 }
 
 /// The environment variable `--secret KEY` reads: `OTS_SECRET_` and the

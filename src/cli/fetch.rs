@@ -1,7 +1,7 @@
 //! Result files fetched to a folder, verified as they arrive, with a
 //! progress bar on a terminal and lines elsewhere.
 
-use crate::cli::Conn;
+use crate::cli::conn::Conn;
 use crate::client::transfer::{Progress, Silent, Source};
 use crate::client::{exit, Client, ClientError};
 use crate::protocol::RunStatus;

@@ -1,6 +1,6 @@
 //! The lists: runs, the queue, workers, and a task's logs.
 
-use crate::cli::Conn;
+use crate::cli::conn::Conn;
 use crate::client::{exit, ClientError};
 use crate::protocol::RunState;
 use crate::text::{ago_short as ago, escape_controls};

@@ -1,9 +1,9 @@
 //! The commands that act on the lab or ask about it: cancel, drain,
 //! health, notifications, leader, web, audit, whoami.
 
+use crate::cli::conn::Conn;
 use crate::cli::lists::now_ms;
 use crate::cli::run::datetime;
-use crate::cli::Conn;
 use crate::client::{exit, Client, ClientError};
 use crate::protocol::{HealthAction, RunState};
 use crate::text::{ago_short as ago, escape_controls};

@@ -10,14 +10,16 @@
 //! - `fetch`: result files to a folder, with progress.
 
 mod args;
+mod conn;
 mod fetch;
 mod lists;
 mod manage;
 mod run;
 
-use crate::cli::args::parse_duration;
 use crate::cli::args::RunArgs;
 use crate::cli::args::RunStateArg;
+use crate::cli::conn::fail;
+pub use crate::cli::conn::Conn;
 use crate::cli::fetch::fetch_cmd;
 use crate::cli::lists::logs;
 use crate::cli::lists::queue;
@@ -35,13 +37,10 @@ use crate::cli::manage::whoami;
 use crate::cli::run::run;
 use crate::cli::run::status;
 use crate::cli::run::wait;
-use crate::client::{exit, Client, ClientError};
-use crate::protocol::{HealthAction, RunState, RunStatus, Verdict};
-use crate::security::{Credentials, KeyPair, PublicKey};
-use crate::text::escape_controls;
-use clap::{Args, Parser, Subcommand};
+use crate::client::exit;
+use crate::protocol::HealthAction;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Submit testruns to an ots server and watch them.
 #[derive(Debug, Parser)]
@@ -55,92 +54,6 @@ pub(crate) const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 canc
 65 refused by the server (e.g. no worker for the device), 69 server unreachable, \
 70 local lab failed, 74 cannot write fetched files, 76 protocol error, \
 77 the server refused our key or our role may not do this, 78 our own key files are missing or unusable.";
-
-/// Where the server is and how to talk to it.
-#[derive(Debug, Clone, Args)]
-pub struct Conn {
-    /// Server control endpoint, or a comma-separated list of the servers
-    /// that may lead (a leader and its standby): the first that answers
-    /// is used, and a reconnect tries them all.
-    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
-    pub server: String,
-    /// `noise` (authenticate with --key, pin --server-key) or `none` (a
-    /// server configured with security = "none").
-    #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
-    pub security: crate::security::SecurityMode,
-    /// Our private key (`ots-submit keygen`) [default:
-    /// ~/.config/ots/me.key].
-    #[arg(long, env = "OTS_KEY")]
-    pub key: Option<PathBuf>,
-    /// The server's public key [default: ~/.config/ots/server.pub, else
-    /// /etc/ots/server.pub]. (`OTS_SERVER_KEY` is the server's own
-    /// private key, to ots-server only.)
-    #[arg(long, env = "OTS_PINNED_SERVER_KEY")]
-    pub server_key: Option<PathBuf>,
-    /// Give up on an unanswered request after this long.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-    /// Print machine-readable JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `$XDG_CONFIG_HOME/ots` or `~/.config/ots`: where a user's key lives.
-pub(crate) fn config_dir() -> PathBuf {
-    std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("ots")
-}
-
-impl Conn {
-    /// Our key and the pinned server key, or a clear error saying what
-    /// to create.
-    pub fn credentials(&self) -> Result<Credentials, ClientError> {
-        if self.security == crate::security::SecurityMode::None {
-            return Ok(Credentials::None);
-        }
-        // `me.key` as `ots-submit keygen ~/.config/ots/me` writes it (an
-        // older default, `key.key`, is still found).
-        let key = self.key.clone().unwrap_or_else(|| {
-            let me = config_dir().join("me.key");
-            let old = config_dir().join("key.key");
-            if !me.exists() && old.exists() {
-                old
-            } else {
-                me
-            }
-        });
-        let server_key = self.server_key.clone().unwrap_or_else(|| {
-            let mine = config_dir().join("server.pub");
-            let system = PathBuf::from("/etc/ots/server.pub");
-            if !mine.exists() && system.exists() {
-                system
-            } else {
-                mine
-            }
-        });
-        let key = KeyPair::read(&key).map_err(|e| {
-            ClientError::Credentials(format!(
-                "{e}\n  create one with `ots-submit keygen {}` and ask the server's admin to put its .pub file into users.d/ (or pass --key; --security none for a server without security)",
-                key.with_extension("").display()
-            ))
-        })?;
-        let server = PublicKey::read(&server_key).map_err(|e| {
-            ClientError::Credentials(format!(
-                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key (OTS_PINNED_SERVER_KEY) or put it at {}",
-                server_key.display()
-            ))
-        })?;
-        Ok(Credentials::Noise { key, server })
-    }
-
-    /// Connects (and authenticates) to the server.
-    pub async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await
-    }
-}
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -324,12 +237,6 @@ pub enum Command {
     },
 }
 
-pub(crate) fn fail(e: &ClientError) -> i32 {
-    // The message may quote what a server sent: shown escaped.
-    eprintln!("ots-submit: {}", escape_controls(&e.to_string()));
-    e.exit_code()
-}
-
 /// Runs a parsed command line; returns the exit status.
 pub async fn main(cli: Cli) -> i32 {
     let result = match cli.command {
@@ -409,20 +316,13 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
-pub(crate) fn verdict_exit(status: &RunStatus) -> i32 {
-    match (status.state, status.verdict) {
-        (RunState::Cancelled, _) => exit::CANCELLED,
-        (_, Some(Verdict::Pass)) => exit::PASS,
-        (_, Some(Verdict::Fail)) => exit::FAIL,
-        _ => exit::ERROR,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::args::*;
+    use super::conn::*;
     use super::run::*;
-    use super::*;
+    use crate::text::escape_controls;
+    use std::time::Duration;
 
     #[test]
     fn history_times_are_utc_clock_times() {

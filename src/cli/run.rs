@@ -3,12 +3,12 @@
 
 use crate::cli::args::local_image;
 use crate::cli::args::RunArgs;
-use crate::cli::fail;
+use crate::cli::conn::fail;
+use crate::cli::conn::verdict_exit;
+use crate::cli::conn::Conn;
 use crate::cli::fetch::fetch;
 use crate::cli::fetch::progress_for;
 use crate::cli::fetch::FetchReport;
-use crate::cli::verdict_exit;
-use crate::cli::Conn;
 use crate::client::follow::{follow, FollowItem};
 use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;

@@ -3,6 +3,10 @@
 //! (the "give up and report" philosophy: an interactive caller never hangs).
 //!
 //! - [`follow`]: watching a testrun's progress and logs (PUB + catch-up).
+//! - [`transfer`]: input files up and result files down, verified, with
+//!   credit-based flow control.
+//!
+//! The `ots-submit` commands that print for people are `crate::cli`.
 
 pub mod follow;
 pub mod transfer;

@@ -3,7 +3,7 @@
 //! server-rendered HTML with a little plain JavaScript for live updates,
 //! and the same as JSON under `/api/`.
 //!
-//! The dashboard is another client (DESIGN.md §11): every page asks the
+//! The dashboard is another client: every page asks the
 //! scheduler through [`bridge`] as the signed-in user, so it sees what the
 //! `access` rules let that user see and nothing else. Identity comes from
 //! the user's key: `ots-submit web` asks over Noise for a single-use link

@@ -1,13 +1,16 @@
 //! `ots-worker`: owns one device, takes one task at a time from the server,
 //! runs the conductor, streams logs, uploads result files, reports.
 //!
+//! - [`config`]: the settings (`conf/worker.toml`, an instance file, flags).
 //! - [`session`]: the I/O-free session (registration, liveness, outbox,
-//!   log buffer, the current task).
-//! - [`channel`]: the task's response channel; `finish()` consumes it.
-//! - [`conductor`]: argv templates and running the conductor in its own
-//!   process group.
-//! - [`reader`]: reads and hashes result files for their uploads, off the loop.
+//!   log buffer, the current task, uploads).
+//! - [`state`]: the session saved in SQLite, so a restart loses nothing.
 //! - [`service`]: the tokio shell (sockets, reconnects, tasks).
+//! - What runs a task: [`conductor`] (argv templates, the conductor in its
+//!   own process group), [`channel`] (the task's response channel;
+//!   `finish()` consumes it), [`reader`] (result files read and hashed for
+//!   their uploads, off the loop), [`console`] (the device's serial
+//!   console, recorded from power-on).
 
 pub mod channel;
 pub mod conductor;

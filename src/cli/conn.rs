@@ -1,0 +1,124 @@
+//! What every command shares: the connection to the server (`--server`,
+//! keys, timeout) and how a failure or a verdict becomes the exit status.
+
+use crate::client::{exit, Client, ClientError};
+use crate::protocol::{RunState, RunStatus, Verdict};
+use crate::security::{Credentials, KeyPair, PublicKey};
+use crate::text::escape_controls;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the server is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Server control endpoint, or a comma-separated list of the servers
+    /// that may lead (a leader and its standby): the first that answers
+    /// is used, and a reconnect tries them all.
+    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
+    pub server: String,
+    /// `noise` (authenticate with --key, pin --server-key) or `none` (a
+    /// server configured with security = "none").
+    #[arg(long, env = "OTS_SECURITY", default_value = "noise")]
+    pub security: crate::security::SecurityMode,
+    /// Our private key (`ots-submit keygen`) [default:
+    /// ~/.config/ots/me.key].
+    #[arg(long, env = "OTS_KEY")]
+    pub key: Option<PathBuf>,
+    /// The server's public key [default: ~/.config/ots/server.pub, else
+    /// /etc/ots/server.pub]. (`OTS_SERVER_KEY` is the server's own
+    /// private key, to ots-server only.)
+    #[arg(long, env = "OTS_PINNED_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+    /// Give up on an unanswered request after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `$XDG_CONFIG_HOME/ots` or `~/.config/ots`: where a user's key lives.
+pub(crate) fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("ots")
+}
+
+impl Conn {
+    /// Our key and the pinned server key, or a clear error saying what
+    /// to create.
+    pub fn credentials(&self) -> Result<Credentials, ClientError> {
+        if self.security == crate::security::SecurityMode::None {
+            return Ok(Credentials::None);
+        }
+        // `me.key` as `ots-submit keygen ~/.config/ots/me` writes it (an
+        // older default, `key.key`, is still found).
+        let key = self.key.clone().unwrap_or_else(|| {
+            let me = config_dir().join("me.key");
+            let old = config_dir().join("key.key");
+            if !me.exists() && old.exists() {
+                old
+            } else {
+                me
+            }
+        });
+        let server_key = self.server_key.clone().unwrap_or_else(|| {
+            let mine = config_dir().join("server.pub");
+            let system = PathBuf::from("/etc/ots/server.pub");
+            if !mine.exists() && system.exists() {
+                system
+            } else {
+                mine
+            }
+        });
+        let key = KeyPair::read(&key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  create one with `ots-submit keygen {}` and ask the server's admin to put its .pub file into users.d/ (or pass --key; --security none for a server without security)",
+                key.with_extension("").display()
+            ))
+        })?;
+        let server = PublicKey::read(&server_key).map_err(|e| {
+            ClientError::Credentials(format!(
+                "{e}\n  get the server's public key (server.pub) from its admin and pass it with --server-key (OTS_PINNED_SERVER_KEY) or put it at {}",
+                server_key.display()
+            ))
+        })?;
+        Ok(Credentials::Noise { key, server })
+    }
+
+    /// Connects (and authenticates) to the server.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await
+    }
+}
+
+pub(crate) fn fail(e: &ClientError) -> i32 {
+    // The message may quote what a server sent: shown escaped.
+    eprintln!("ots-submit: {}", escape_controls(&e.to_string()));
+    e.exit_code()
+}
+
+pub(crate) fn verdict_exit(status: &RunStatus) -> i32 {
+    match (status.state, status.verdict) {
+        (RunState::Cancelled, _) => exit::CANCELLED,
+        (_, Some(Verdict::Pass)) => exit::PASS,
+        (_, Some(Verdict::Fail)) => exit::FAIL,
+        _ => exit::ERROR,
+    }
+}
+
+/// Parses `90s`, `30m`, `2h`, `500ms` or plain seconds; refuses values
+/// that do not fit (no overflow, whatever is typed).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    // A bare number is seconds; anything else as humantime reads it
+    // (250ms, 90s, 30m, 2h, 1h 30m, 2d).
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 90s, 30m, 2h or 1h 30m ({e})"))
+}

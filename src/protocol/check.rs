@@ -345,6 +345,80 @@ fn check_inputs(
 /// Checks every field of a decoded message against its limit.
 pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
     let kind = env.body.kind();
+    check_header(kind, env)?;
+    match &env.body {
+        Body::Hello { .. }
+        | Body::Bye { .. }
+        | Body::ConsoleStatus { .. }
+        | Body::Ready
+        | Body::Heartbeat
+        | Body::Ack { .. }
+        | Body::TaskAccepted { .. }
+        | Body::TaskRefused { .. }
+        | Body::Log { .. }
+        | Body::LogPacked { .. }
+        | Body::LogLinesPacked { .. }
+        | Body::TaskFinished { .. } => check_session(kind, env),
+        Body::FileOffer { .. }
+        | Body::FileChunk { .. }
+        | Body::FileEnd { .. }
+        | Body::FileStored { .. }
+        | Body::FileCredit { .. }
+        | Body::FileRefused { .. }
+        | Body::InputOffer { .. }
+        | Body::InputEnd { .. }
+        | Body::InputChunk { .. }
+        | Body::GetInput { .. }
+        | Body::InputCredit { .. }
+        | Body::InputStored { .. } => check_files(kind, env),
+        Body::Welcome { .. }
+        | Body::Dispatch { .. }
+        | Body::LogFull { .. }
+        | Body::Cancel { .. }
+        | Body::TaskClosed { .. }
+        | Body::Error { .. }
+        | Body::ServerHeartbeat { .. }
+        | Body::Shutdown { .. } => check_server(kind, env),
+        Body::Ping { .. }
+        | Body::ListWorkers { .. }
+        | Body::ListQueue { .. }
+        | Body::WebLogin { .. }
+        | Body::ListRuns { .. }
+        | Body::Submit { .. }
+        | Body::Follow { .. }
+        | Body::DrainWorker { .. }
+        | Body::WorkerHealth { .. }
+        | Body::GetAudit { .. }
+        | Body::GetStatus { .. }
+        | Body::CancelRun { .. }
+        | Body::GetEvents { .. }
+        | Body::GetLogTail { .. }
+        | Body::WebLink { .. }
+        | Body::ListNotifications { .. }
+        | Body::RetryNotification { .. }
+        | Body::GetLog { .. }
+        | Body::GetFile { .. } => check_requests(kind, env),
+        // Replies to clients and follower traffic are checked by the
+        // client where it uses them (it only prints them, escaped).
+        Body::Pong { .. }
+        | Body::Following { .. }
+        | Body::Submitted { .. }
+        | Body::Status { .. }
+        | Body::Events { .. }
+        | Body::Workers { .. }
+        | Body::HealthReport { .. }
+        | Body::Notifications { .. }
+        | Body::Runs { .. }
+        | Body::Queue { .. }
+        | Body::Data { .. }
+        | Body::Progress { .. }
+        | Body::LogLines { .. } => Ok(()),
+    }
+}
+
+/// The header: sequence numbers and task ids in range, and the mandatory
+/// flag only where the protocol has one.
+fn check_header(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError> {
     check_range(kind, "seq", env.header.seq, 0..=MAX_SEQ)?;
     if let Some(epoch) = env.header.epoch {
         check_range(kind, "epoch", epoch, 1..=MAX_SEQ)?;
@@ -381,6 +455,12 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             format!("a {kind} message is always mandatory"),
         ));
     }
+    Ok(())
+}
+
+/// What a worker sends about its session and its task: registration,
+/// liveness, task acceptance, logs and the final report.
+fn check_session(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError> {
     let attempt = |a: u32| check_range(kind, "attempt", a, 1..=MAX_ATTEMPT);
     match &env.body {
         Body::Hello {
@@ -445,6 +525,58 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_id(kind, "task", task)?;
             check_parts(kind, parts, env.raw.as_deref())?;
         }
+        Body::TaskFinished {
+            task,
+            attempt: a,
+            outcome,
+            log_lines,
+            files,
+            file_problems,
+        } => {
+            check_id(kind, "task", task)?;
+            attempt(*a)?;
+            check_range(kind, "log_lines", *log_lines, 0..=MAX_SEQ)?;
+            if file_problems.len() > MAX_REPORT_FILES {
+                return Err(invalid(
+                    kind,
+                    "file_problems",
+                    format!(
+                        "has {} entries, over {MAX_REPORT_FILES}",
+                        file_problems.len()
+                    ),
+                ));
+            }
+            for p in file_problems {
+                check_file_name(kind, &p.name)?;
+                check_text(kind, "file_problems.reason", &p.reason, MAX_TEXT_BYTES)?;
+            }
+            if let Some(f) = &outcome.failure {
+                check_text(kind, "outcome.failure", f, MAX_TEXT_BYTES)?;
+            }
+            if files.len() > MAX_REPORT_FILES {
+                return Err(invalid(
+                    kind,
+                    "files",
+                    format!("has {} entries, over {MAX_REPORT_FILES}", files.len()),
+                ));
+            }
+            for f in files {
+                check_file_name(kind, &f.name)?;
+                check_range(kind, "files.size", f.size, 0..=MAX_FILE_BYTES)?;
+                check_sha(kind, &f.sha256)?;
+            }
+        }
+        // Routed elsewhere by `check`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Result files (worker → server) and input files (client ↔ server, server
+/// → worker) in transit: offers, chunks against their raw frames, credit.
+fn check_files(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError> {
+    let attempt = |a: u32| check_range(kind, "attempt", a, 1..=MAX_ATTEMPT);
+    match &env.body {
         Body::FileOffer {
             task,
             attempt: a,
@@ -522,47 +654,50 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_file_name(kind, name)?;
             check_text(kind, "message", message, MAX_TEXT_BYTES)?;
         }
-        Body::TaskFinished {
-            task,
-            attempt: a,
-            outcome,
-            log_lines,
-            files,
-            file_problems,
-        } => {
-            check_id(kind, "task", task)?;
-            attempt(*a)?;
-            check_range(kind, "log_lines", *log_lines, 0..=MAX_SEQ)?;
-            if file_problems.len() > MAX_REPORT_FILES {
+        Body::InputOffer { sha256, size, .. } | Body::InputEnd { sha256, size, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
+        }
+        Body::InputChunk { sha256, offset, .. } => {
+            check_sha(kind, sha256)?;
+            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
+            if *offset > MAX_FILE_BYTES || len > MAX_FILE_BYTES - *offset {
                 return Err(invalid(
                     kind,
-                    "file_problems",
-                    format!(
-                        "has {} entries, over {MAX_REPORT_FILES}",
-                        file_problems.len()
-                    ),
+                    "offset",
+                    format!("chunk of {len} bytes at offset {offset} ends beyond {MAX_FILE_BYTES} bytes"),
                 ));
-            }
-            for p in file_problems {
-                check_file_name(kind, &p.name)?;
-                check_text(kind, "file_problems.reason", &p.reason, MAX_TEXT_BYTES)?;
-            }
-            if let Some(f) = &outcome.failure {
-                check_text(kind, "outcome.failure", f, MAX_TEXT_BYTES)?;
-            }
-            if files.len() > MAX_REPORT_FILES {
-                return Err(invalid(
-                    kind,
-                    "files",
-                    format!("has {} entries, over {MAX_REPORT_FILES}", files.len()),
-                ));
-            }
-            for f in files {
-                check_file_name(kind, &f.name)?;
-                check_range(kind, "files.size", f.size, 0..=MAX_FILE_BYTES)?;
-                check_sha(kind, &f.sha256)?;
             }
         }
+        Body::GetInput { sha256, offset, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
+        }
+        Body::InputCredit {
+            sha256,
+            have,
+            until,
+            ..
+        } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "have", *have, 0..=MAX_FILE_BYTES)?;
+            check_range(kind, "until", *until, *have..=MAX_FILE_BYTES)?;
+        }
+        Body::InputStored { sha256, size, .. } => {
+            check_sha(kind, sha256)?;
+            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
+        }
+        // Routed elsewhere by `check`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What a server sends its workers: welcome, dispatch, cancel, the
+/// closing of a task, errors and heartbeats.
+fn check_server(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError> {
+    let attempt = |a: u32| check_range(kind, "attempt", a, 1..=MAX_ATTEMPT);
+    match &env.body {
         Body::Welcome {
             server,
             heartbeat_ms,
@@ -611,6 +746,25 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
         }
         Body::Error { message, .. } => check_text(kind, "message", message, MAX_TEXT_BYTES)?,
+        Body::ServerHeartbeat {
+            server,
+            heartbeat_ms,
+            ..
+        } => {
+            check_id(kind, "server", server)?;
+            check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
+        }
+        Body::Shutdown { server } => check_id(kind, "server", server)?,
+        // Routed elsewhere by `check`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A client's requests: submit, the lists, status, logs, files, and the
+/// operators' actions.
+fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError> {
+    match &env.body {
         Body::Ping { .. }
         | Body::ListWorkers { .. }
         | Body::ListQueue { .. }
@@ -685,39 +839,6 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
                 ));
             }
         }
-        Body::InputOffer { sha256, size, .. } | Body::InputEnd { sha256, size, .. } => {
-            check_sha(kind, sha256)?;
-            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
-        }
-        Body::InputChunk { sha256, offset, .. } => {
-            check_sha(kind, sha256)?;
-            let len = env.raw.as_ref().map_or(0, |r| r.len() as u64);
-            if *offset > MAX_FILE_BYTES || len > MAX_FILE_BYTES - *offset {
-                return Err(invalid(
-                    kind,
-                    "offset",
-                    format!("chunk of {len} bytes at offset {offset} ends beyond {MAX_FILE_BYTES} bytes"),
-                ));
-            }
-        }
-        Body::GetInput { sha256, offset, .. } => {
-            check_sha(kind, sha256)?;
-            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
-        }
-        Body::InputCredit {
-            sha256,
-            have,
-            until,
-            ..
-        } => {
-            check_sha(kind, sha256)?;
-            check_range(kind, "have", *have, 0..=MAX_FILE_BYTES)?;
-            check_range(kind, "until", *until, *have..=MAX_FILE_BYTES)?;
-        }
-        Body::InputStored { sha256, size, .. } => {
-            check_sha(kind, sha256)?;
-            check_range(kind, "size", *size, 0..=MAX_FILE_BYTES)?;
-        }
         Body::Follow { run, .. } => check_id(kind, "run", run)?,
         Body::DrainWorker { worker, .. } => check_id(kind, "worker", worker)?,
         Body::WorkerHealth { worker, reason, .. } => {
@@ -732,11 +853,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         }
         Body::GetLogTail { task, .. } => check_id(kind, "task", task)?,
         Body::WebLink { url, .. } => check_text(kind, "url", url, MAX_TEXT_BYTES)?,
-        Body::ListNotifications { run, .. } => {
-            if let Some(r) = run {
-                check_id(kind, "run", r)?;
-            }
-        }
+        Body::ListNotifications { run: Some(r), .. } => check_id(kind, "run", r)?,
         Body::RetryNotification { id, .. } => {
             let ok = id.len() == 36
                 && id.starts_with("msg_")
@@ -760,30 +877,8 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
             check_file_name(kind, name)?;
             check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
         }
-        Body::ServerHeartbeat {
-            server,
-            heartbeat_ms,
-            ..
-        } => {
-            check_id(kind, "server", server)?;
-            check_range(kind, "heartbeat_ms", *heartbeat_ms, HEARTBEAT_MS)?;
-        }
-        Body::Shutdown { server } => check_id(kind, "server", server)?,
-        // Replies to clients and follower traffic are checked by the
-        // client where it uses them (it only prints them, escaped).
-        Body::Pong { .. }
-        | Body::Following { .. }
-        | Body::Submitted { .. }
-        | Body::Status { .. }
-        | Body::Events { .. }
-        | Body::Workers { .. }
-        | Body::HealthReport { .. }
-        | Body::Notifications { .. }
-        | Body::Runs { .. }
-        | Body::Queue { .. }
-        | Body::Data { .. }
-        | Body::Progress { .. }
-        | Body::LogLines { .. } => {}
+        // Routed elsewhere by `check`.
+        _ => {}
     }
     Ok(())
 }

@@ -16,9 +16,13 @@ pub mod channel;
 pub mod conductor;
 pub mod config;
 pub mod console;
+mod error;
+mod link;
 pub mod reader;
 pub mod service;
+mod serving;
 pub mod session;
 pub mod state;
+mod task;
 
 pub use service::{run, WorkerError};

@@ -7,10 +7,12 @@ use crate::delivery::dedup::DEDUP_AHEAD;
 use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
-use crate::protocol::logtext::{PackedText, MAX_LOG_PARTS};
 use crate::protocol::*;
-use crate::worker::channel::{charge, ResultFile, TaskEvent};
 use bytes::Bytes;
+pub use clock::Arrival;
+use clock::ClockOffset;
+use logs::Piece;
+pub use saved::{PendingReport, SavedSession, SavedSlot};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -111,6 +113,19 @@ pub enum Action {
     TaskDone { task: TaskId, attempt: u32 },
 }
 
+/// Whether a message the shell is about to send may go now, given log
+/// batches the socket would not take earlier in the same turn: lines keep
+/// their order, and a task's final report never overtakes its lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendOrder {
+    Now,
+    /// A log batch behind held-back ones: held back too, in order.
+    HoldBack,
+    /// A final report behind held-back lines: taken back (it goes again
+    /// from the outbox, after them).
+    Withdraw,
+}
+
 /// Connection state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Link {
@@ -124,37 +139,6 @@ pub enum Link {
     Up {
         server: String,
     },
-}
-
-/// The task a worker owns, as saved to disk.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SavedSlot {
-    pub spec: TaskSpec,
-    pub finished: bool,
-    pub aborted: bool,
-    /// The final report, while result files are still being uploaded.
-    #[serde(default)]
-    pub report: Option<PendingReport>,
-    #[serde(default)]
-    pub uploads: Vec<Upload>,
-}
-
-/// What the final report will say, kept until the files are delivered.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PendingReport {
-    pub outcome: Outcome,
-    pub log_lines: u64,
-}
-
-/// Everything of a session that must survive a worker restart.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SavedSession {
-    pub session_id: String,
-    pub next_seq: u64,
-    pub outbox: Vec<crate::delivery::outbox::SavedMessage>,
-    pub slot: Option<SavedSlot>,
-    pub server_session: Option<String>,
-    pub server_dedup: DedupWindow,
 }
 
 struct Slot {
@@ -248,51 +232,6 @@ pub struct Session {
     stopping: bool,
 }
 
-/// When a message came off the socket, by both of the worker's clocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Arrival {
-    pub at: Instant,
-    /// Worker wall clock, Unix ms.
-    pub wall_ms: u64,
-}
-
-/// Heartbeats observed to estimate how far a dispatch travelled.
-const CLOCK_WINDOW: usize = 32;
-
-/// The difference between the worker's and the server's wall clocks as
-/// heartbeats show it: `worker wall at arrival − server wall at send`,
-/// the smallest of the last [`CLOCK_WINDOW`] heartbeats. That is the clock
-/// skew plus the fastest transit, so a dispatch's extra delay in transit
-/// is `arrival − sent − offset`, whatever the skew: two clocks 60 s apart
-/// do not make fresh dispatches look stale, and a dispatch that waited in
-/// a socket buffer while the worker was stopped does.
-#[derive(Clone, Debug, Default)]
-struct ClockOffset {
-    samples: VecDeque<i128>,
-}
-
-impl ClockOffset {
-    fn observe(&mut self, arrived_ms: u64, sent_ms: u64) {
-        if self.samples.len() == CLOCK_WINDOW {
-            self.samples.pop_front();
-        }
-        self.samples
-            .push_back(i128::from(arrived_ms) - i128::from(sent_ms));
-    }
-
-    /// Estimated delay in transit beyond the fastest, in ms (0 if unknown).
-    fn transit_ms(&self, arrived_ms: u64, sent_ms: u64) -> u64 {
-        let Some(offset) = self.samples.iter().min() else {
-            return 0;
-        };
-        if sent_ms == 0 {
-            return 0;
-        }
-        let extra = i128::from(arrived_ms) - i128::from(sent_ms) - offset;
-        u64::try_from(extra.max(0)).unwrap_or(u64::MAX)
-    }
-}
-
 impl Session {
     pub fn new(
         cfg: SessionConfig,
@@ -334,122 +273,6 @@ impl Session {
         &self.link
     }
 
-    /// The state to save so a restarted worker continues this session.
-    pub fn saved(&self) -> SavedSession {
-        SavedSession {
-            session_id: self.session_id.clone(),
-            next_seq: self.outbox.next_seq(),
-            // A bye is never carried into the next start.
-            outbox: self
-                .outbox
-                .entries()
-                .filter(|(_, p)| !matches!(p.body, Body::Bye { .. }))
-                .map(|(seq, p)| crate::delivery::outbox::SavedMessage {
-                    seq,
-                    task: p.task.clone(),
-                    attempt: p.attempt,
-                    body: p.body.clone(),
-                    raw: p.raw.clone(),
-                })
-                .collect(),
-            slot: self.slot.as_ref().map(|s| SavedSlot {
-                // Secrets stay in memory: a restarted worker reports the
-                // task interrupted and never needs them again.
-                spec: TaskSpec {
-                    secrets: Default::default(),
-                    ..s.spec.clone()
-                },
-                finished: s.finished,
-                aborted: s.aborted,
-                report: s.report.clone(),
-                uploads: s.uploads.clone(),
-            }),
-            server_session: self.server_session.clone(),
-            server_dedup: self.server_dedup.clone(),
-        }
-    }
-
-    /// Continues a saved session after a restart. Returns the session and,
-    /// if the worker died while a conductor ran, that task's (id, attempt):
-    /// the caller reports it as interrupted.
-    pub fn restore(
-        cfg: SessionConfig,
-        name: String,
-        device: DeviceProps,
-        now: Instant,
-        saved: SavedSession,
-    ) -> (Self, Option<(TaskId, u32)>) {
-        let mut s = Session::new(cfg, name, saved.session_id, device, now);
-        s.outbox = Outbox::restore(s.cfg.retry.clone(), saved.next_seq, saved.outbox);
-        s.server_session = saved.server_session;
-        s.server_dedup = saved.server_dedup;
-        let interrupted = saved
-            .slot
-            .as_ref()
-            .filter(|slot| !slot.finished)
-            .map(|slot| (slot.spec.task.clone(), slot.spec.attempt));
-        s.slot = saved.slot.map(|slot| Slot {
-            spec: slot.spec,
-            aborted: slot.aborted,
-            finished: slot.finished,
-            report: slot.report,
-            uploads: slot.uploads,
-            stopped_for_exit: false,
-            log_full: false,
-        });
-        (s, interrupted)
-    }
-
-    /// A message the shell could not send because the server's queue was
-    /// full: a best-effort one is dropped here and counted.
-    /// Log batches the socket could not take (the server reads slower than
-    /// the conductor prints), in the order they were made: their lines go
-    /// back to the front of the buffer, to be sent at the next flush. The
-    /// buffer's bounds still hold (the oldest go first, counted).
-    pub fn requeue_unsent_logs(&mut self, now: Instant, batches: Vec<(Body, Option<Bytes>)>) {
-        for (body, raw) in batches.into_iter().rev() {
-            let Body::LogPacked {
-                task,
-                attempt,
-                parts,
-            } = body
-            else {
-                continue;
-            };
-            if !self.is_current(&task, attempt) {
-                continue; // the task was closed meanwhile; dropped on purpose
-            }
-            if self.slot.as_ref().is_some_and(|s| s.log_full) {
-                let lines: u64 = parts.iter().map(|p| u64::from(p.count)).sum();
-                self.stats.log_lines_not_sent_log_full += lines;
-                continue;
-            }
-            let raw = raw.unwrap_or_default();
-            let mut end = raw.len();
-            for p in parts.into_iter().rev() {
-                let start = end.saturating_sub(p.bytes as usize);
-                let piece = Piece {
-                    task: task.clone(),
-                    attempt,
-                    first: p.first,
-                    text: PackedText {
-                        stream: p.stream,
-                        count: p.count,
-                        text: raw[start..end].to_vec(),
-                    },
-                };
-                end = start;
-                self.log_bytes += charge(&piece.text);
-                self.log_lines += piece.text.count as usize;
-                self.logs.push_front(piece);
-            }
-        }
-        self.shed_oldest_logs(0, 0);
-        if !self.logs.is_empty() {
-            self.oldest_log_at = Some(now);
-        }
-    }
-
     /// A mandatory message the shell did not send after all (to keep it
     /// behind log lines the socket could not take): sent again at the next
     /// flush.
@@ -458,16 +281,44 @@ impl Session {
     }
 
     /// Bytes of log lines waiting to be sent.
-    pub fn buffered_log_bytes(&self) -> usize {
-        self.log_bytes
+    /// Where a message stands among this turn's sends (see [`SendOrder`]).
+    pub fn send_order(&self, header: &Header, body: &Body, held_back: bool) -> SendOrder {
+        match body {
+            Body::LogPacked { .. } if held_back && !header.mandatory => SendOrder::HoldBack,
+            Body::TaskFinished { .. } if held_back && header.mandatory => SendOrder::Withdraw,
+            _ => SendOrder::Now,
+        }
     }
 
-    pub fn note_unsent(&mut self, body: &Body) {
-        self.stats.unsent_dropped += 1;
-        if let Body::LogPacked { task, parts, .. } = body {
-            let lines: u64 = parts.iter().map(|p| u64::from(p.count)).sum();
-            self.stats.log_lines_dropped += lines;
-            *self.dropped_per_task.entry(task.clone()).or_default() += lines;
+    /// The socket would not take a message now (the server reads slower
+    /// than we produce): a file chunk is read again and sent at the next
+    /// tick; a best-effort log batch is handed back to be held (it returns
+    /// to the buffer, in order, through [`Session::requeue_unsent_logs`]);
+    /// another best-effort message is dropped and counted; a mandatory one
+    /// stays in the outbox for its resend.
+    pub fn on_peer_busy(
+        &mut self,
+        header: &Header,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> Option<(Body, Option<Bytes>)> {
+        if let Body::FileChunk {
+            task,
+            attempt,
+            name,
+            offset,
+        } = &body
+        {
+            let len = raw.as_ref().map_or(0, |r| r.len() as u64);
+            self.chunk_unsent(task, *attempt, name, *offset, len);
+            None
+        } else if matches!(body, Body::LogPacked { .. }) && !header.mandatory {
+            Some((body, raw))
+        } else {
+            if !header.mandatory {
+                self.note_unsent(&body);
+            }
+            None
         }
     }
 
@@ -560,17 +411,8 @@ impl Session {
         format!("{link}; {work}")
     }
 
-    /// The task the worker owns, if any.
-    pub fn current_task(&self) -> Option<&TaskId> {
-        self.slot.as_ref().map(|s| &s.spec.task)
-    }
-
     pub fn pending_mandatory(&self) -> usize {
         self.outbox.len()
-    }
-
-    pub fn buffered_log_lines(&self) -> usize {
-        self.log_lines
     }
 
     /// How long the server may stay silent before it counts as lost.
@@ -686,46 +528,9 @@ impl Session {
     /// `received` is when the frames came off the socket (before any wait
     /// in the shell's queue); dispatch expiry counts from it.
     pub fn on_message(&mut self, now: Instant, received: Arrival, env: Envelope) -> Vec<Action> {
-        if self.link == Link::Down {
-            return Vec::new();
-        }
-        // A leader's messages carry its lease's epoch: a command from an
-        // older leader than one we have heard (a deposed one that has not
-        // noticed) is ignored — neither applied nor acknowledged.
-        if let Some(epoch) = env.header.epoch {
-            if epoch < self.epoch
-                && matches!(
-                    env.body,
-                    Body::Welcome { .. } | Body::Dispatch { .. } | Body::Cancel { .. }
-                )
-            {
-                self.stats.stale_epoch += 1;
-                warn!(
-                    epoch,
-                    newest = self.epoch,
-                    kind = env.body.kind(),
-                    "ignored a command from a server with an older lease epoch (a deposed leader)"
-                );
-                return Vec::new();
-            }
-            self.epoch = self.epoch.max(epoch);
-        }
-        self.last_heard = now;
         let mut actions = Vec::new();
-        if env.header.mandatory {
-            let seq = env.header.seq;
-            // Numbers run consecutively; one far ahead (a rogue or broken
-            // server) would make the dedup window hold every number between.
-            if seq > self.server_dedup.floor().saturating_add(DEDUP_AHEAD) {
-                self.stats.server_errors += 1;
-                return Vec::new();
-            }
-            // Acknowledge every copy; apply only the first.
-            let header = Header::best_effort(Class::Control, env.header.task.as_ref());
-            self.send(now, &mut actions, header, Body::Ack { seq }, None);
-            if !self.server_dedup.record(seq) {
-                return actions;
-            }
+        if !self.admit(now, &env, &mut actions) {
+            return actions;
         }
         match env.body {
             Body::ServerHeartbeat {
@@ -751,25 +556,8 @@ impl Session {
                 sent_ms,
                 ..
             } => {
-                // Adopt the server's rhythm: mismatched heartbeat settings
-                // are the classic cause of false disconnects.
-                self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
-                self.liveness = liveness.max(2);
-                if self.server_session.as_ref() != Some(&server) {
-                    // A new server incarnation numbers its messages afresh
-                    // (and may run on another host, with another clock).
-                    self.server_session = Some(server.clone());
-                    self.server_dedup = DedupWindow::default();
-                    self.clock = ClockOffset::default();
-                }
-                if sent_ms > 0 {
-                    self.clock.observe(received.wall_ms, sent_ms);
-                }
-                self.link = Link::Up { server };
-                self.outbox.resend_all();
-                self.flush(now, &mut actions, true);
-                self.transfer.phase = uploads::Phase::Idle;
-                self.advance_uploads(now, &mut actions);
+                let rhythm = (heartbeat_ms, liveness);
+                self.on_welcome(now, received, server, rhythm, sent_ms, &mut actions);
             }
             Body::Ack { seq } => {
                 self.outbox.ack(seq);
@@ -800,49 +588,11 @@ impl Session {
                 reason,
             } => self.on_task_closed(task, attempt, reason, &mut actions),
             Body::Error {
-                code: ErrorCode::NotRegistered,
-                ..
+                code, message, seq, ..
             } => {
-                warn!("server does not know this connection (it restarted or forgot us): registering again");
-                self.hello(now, &mut actions);
-            }
-            Body::Error {
-                code: ErrorCode::NotLeader,
-                message,
-                ..
-            } => {
-                self.link = Link::Down;
-                return vec![Action::Reconnect(LostReason::NotLeader(message))];
-            }
-            Body::Error {
-                code: code @ (ErrorCode::NameInUse | ErrorCode::Forbidden),
-                message,
-                seq: None,
-                ..
-            } => {
-                self.link = Link::Down;
-                return vec![Action::Refused(code, message)];
-            }
-            Body::Error {
-                code,
-                message,
-                seq: Some(seq),
-                ..
-            } => {
-                // The server answered a mandatory message with a typed
-                // error instead of an ack: resending cannot help.
-                self.stats.server_errors += 1;
-                if let Some(p) = self.outbox.take(seq) {
-                    self.stats.refused_by_server += 1;
-                    warn!(seq, kind = p.body.kind(), task = ?p.task, ?code, %message, "the server refused a message; not resending it");
-                    self.maybe_done(&mut actions);
-                } else {
-                    warn!(seq, ?code, %message, "the server refused a message no longer pending");
+                if let Some(instead) = self.on_server_error(now, code, message, seq, &mut actions) {
+                    return instead;
                 }
-            }
-            Body::Error { code, message, .. } => {
-                self.stats.server_errors += 1;
-                warn!(?code, %message, "protocol error reported by the server");
             }
             other => {
                 warn!(
@@ -857,312 +607,127 @@ impl Session {
         actions
     }
 
-    fn on_dispatch(
+    /// Whether a message is applied: not while down, not a command from
+    /// a deposed leader, and a mandatory one only once (every copy is
+    /// acknowledged, into `actions`).
+    fn admit(&mut self, now: Instant, env: &Envelope, actions: &mut Vec<Action>) -> bool {
+        if self.link == Link::Down {
+            return false;
+        }
+        // A leader's messages carry its lease's epoch: a command from an
+        // older leader than one we have heard (a deposed one that has not
+        // noticed) is ignored — neither applied nor acknowledged.
+        if let Some(epoch) = env.header.epoch {
+            if epoch < self.epoch
+                && matches!(
+                    env.body,
+                    Body::Welcome { .. } | Body::Dispatch { .. } | Body::Cancel { .. }
+                )
+            {
+                self.stats.stale_epoch += 1;
+                warn!(
+                    epoch,
+                    newest = self.epoch,
+                    kind = env.body.kind(),
+                    "ignored a command from a server with an older lease epoch (a deposed leader)"
+                );
+                return false;
+            }
+            self.epoch = self.epoch.max(epoch);
+        }
+        self.last_heard = now;
+        if env.header.mandatory {
+            let seq = env.header.seq;
+            // Numbers run consecutively; one far ahead (a rogue or broken
+            // server) would make the dedup window hold every number between.
+            if seq > self.server_dedup.floor().saturating_add(DEDUP_AHEAD) {
+                self.stats.server_errors += 1;
+                return false;
+            }
+            // Acknowledge every copy; apply only the first.
+            let header = Header::best_effort(Class::Control, env.header.task.as_ref());
+            self.send(now, actions, header, Body::Ack { seq }, None);
+            if !self.server_dedup.record(seq) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Registered: the server's rhythm adopted (mismatched heartbeat
+    /// settings are the classic cause of false disconnects), a new
+    /// incarnation's numbering and clock started afresh, everything
+    /// pending sent again.
+    fn on_welcome(
         &mut self,
         now: Instant,
         received: Arrival,
-        spec: TaskSpec,
+        server: String,
+        (heartbeat_ms, liveness): (u64, u32),
+        sent_ms: u64,
         actions: &mut Vec<Action>,
     ) {
-        let task = spec.task.clone();
-        let attempt = spec.attempt;
-        if self.stopping && self.slot.is_none() {
-            // Stopping: no new task (a refusal uses no attempt).
-            let body = Body::TaskRefused {
-                task: task.clone(),
-                reason: RefuseReason::Busy,
-                message: format!("worker {} is stopping", self.name),
-            };
-            self.deliver(now, &task, attempt, body, None);
-            return;
+        self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
+        self.liveness = liveness.max(2);
+        if self.server_session.as_ref() != Some(&server) {
+            // A new server incarnation numbers its messages afresh (and
+            // may run on another host, with another clock).
+            self.server_session = Some(server.clone());
+            self.server_dedup = DedupWindow::default();
+            self.clock = ClockOffset::default();
         }
-        if let Some(slot) = &self.slot {
-            if slot.spec.task == task && slot.spec.attempt == attempt {
-                return; // a resent dispatch we already accepted
-            }
-            // A refusal is a mandatory message: a server that keeps sending
-            // dispatches and never acknowledges must not grow the outbox
-            // (and worker.db) without bound.
-            if self.outbox.len() >= MAX_OUTBOX {
-                self.stats.dispatches_unanswered += 1;
-                return;
-            }
-            let body = Body::TaskRefused {
-                task: task.clone(),
-                reason: RefuseReason::Busy,
-                message: format!(
-                    "worker {} is busy with {} attempt {}",
-                    self.name, slot.spec.task, slot.spec.attempt
-                ),
-            };
-            self.deliver(now, &task, attempt, body, None);
-            return;
+        if sent_ms > 0 {
+            self.clock.observe(received.wall_ms, sent_ms);
         }
-        // Expiry is relative to when this copy arrived (monotonic clock):
-        // it never depends on two machines agreeing on wall time. A copy
-        // that waited in our own queue longer than its ttl is stale.
-        let waited = now.saturating_duration_since(received.at).as_millis() as u64;
-        let transit = self.clock.transit_ms(received.wall_ms, spec.sent_ms);
-        let age = waited.saturating_add(transit);
-        if age > spec.ttl_ms && self.outbox.len() >= MAX_OUTBOX {
-            self.stats.dispatches_unanswered += 1;
-            return;
-        }
-        if age > spec.ttl_ms {
-            let late = age - spec.ttl_ms;
-            self.stats.expired_dispatches += 1;
-            warn!(task = %task, late_ms = late, "expired dispatch: refused to start a stale task");
-            let body = Body::TaskRefused {
-                task: task.clone(),
-                reason: RefuseReason::Expired,
-                message: format!(
-                    "dispatch was started {late} ms after its ttl of {} ms",
-                    spec.ttl_ms
-                ),
-            };
-            self.deliver(now, &task, attempt, body, None);
-            return;
-        }
-        info!(task = %task, attempt, "task accepted");
-        let body = Body::TaskAccepted {
-            task: task.clone(),
-            attempt,
-        };
-        self.deliver(now, &task, attempt, body, None);
-        self.slot = Some(Slot {
-            spec: spec.clone(),
-            aborted: false,
-            finished: false,
-            report: None,
-            uploads: Vec::new(),
-            stopped_for_exit: false,
-            log_full: false,
-        });
-        self.ready_sent = false;
-        actions.push(Action::StartTask(spec));
+        self.link = Link::Up { server };
+        self.outbox.resend_all();
+        self.flush(now, actions, true);
+        self.transfer.phase = uploads::Phase::Idle;
+        self.advance_uploads(now, actions);
     }
 
-    /// The server will store no more of this attempt's log: the lines
-    /// waiting here go (counted), later ones are not sent, and the task
-    /// runner is told to stop handing them over. Said again by a server
-    /// while lines arrive; only the first time changes anything.
-    fn on_log_full(&mut self, task: TaskId, attempt: u32, reason: &str, actions: &mut Vec<Action>) {
-        let Some(slot) = self
-            .slot
-            .as_mut()
-            .filter(|s| s.spec.task == task && s.spec.attempt == attempt && !s.log_full)
-        else {
-            return;
-        };
-        slot.log_full = true;
-        let mut dropped = 0u64;
-        let (mut bytes, mut lines) = (0usize, 0usize);
-        self.logs.retain(|p| {
-            let keep = p.task != task || p.attempt != attempt;
-            if !keep {
-                dropped += u64::from(p.text.count);
-                bytes += charge(&p.text);
-                lines += p.text.count as usize;
-            }
-            keep
-        });
-        self.log_bytes -= bytes;
-        self.log_lines -= lines;
-        if self.logs.is_empty() {
-            self.oldest_log_at = None;
-        }
-        self.stats.log_lines_not_sent_log_full += dropped;
-        warn!(task = %task, attempt, reason, buffered_lines_dropped = dropped, "the server stores no more of this task's log: its further lines are counted, not sent (reported as lost)");
-        actions.push(Action::LogFull(task));
-    }
-
-    fn on_task_closed(
+    /// An `error` from the server. Some replace everything else this
+    /// message would have done (returned): not the leader (reconnect
+    /// elsewhere), refused for good.
+    fn on_server_error(
         &mut self,
-        task: TaskId,
-        attempt: Option<u32>,
-        reason: String,
+        now: Instant,
+        code: ErrorCode,
+        message: String,
+        seq: Option<u64>,
         actions: &mut Vec<Action>,
-    ) {
-        let mut dropped = self.outbox.drop_task(&task, attempt);
-        let matches = |t: &TaskId, a: u32| *t == task && attempt.is_none_or(|x| x == a);
-        let ours = self
-            .slot
-            .as_ref()
-            .is_some_and(|s| matches(&s.spec.task, s.spec.attempt));
-        let finished = self.slot.as_ref().is_some_and(|s| s.finished);
-        if ours && self.slot.as_ref().is_some_and(|s| s.report.is_some()) {
-            // The report (and the uploads it waited for) go too.
-            dropped += 1;
-        }
-        if dropped > 0 {
-            self.stats.orphans_closed += dropped as u64;
-            warn!(task = %task, %reason, dropped, "orphan: server closed the task; dropped its unacknowledged messages");
-        } else if ours && !finished {
-            warn!(task = %task, %reason, "server closed the running task; stopping its conductor");
-        } else {
-            info!(task = %task, %reason, "task channel closed by the server");
-        }
-        self.logs.retain(|p| !matches(&p.task, p.attempt));
-        self.log_bytes = self.logs.iter().map(|p| charge(&p.text)).sum();
-        self.log_lines = self.logs.iter().map(|p| p.text.count as usize).sum();
-        if ours {
-            if !finished {
-                actions.push(Action::StopTask(task.clone()));
+    ) -> Option<Vec<Action>> {
+        match (code, seq) {
+            (ErrorCode::NotRegistered, _) => {
+                warn!("server does not know this connection (it restarted or forgot us): registering again");
+                self.hello(now, actions);
             }
-            if let Some(s) = self.slot.take() {
-                actions.push(Action::TaskDone {
-                    task: s.spec.task,
-                    attempt: s.spec.attempt,
-                });
+            (ErrorCode::NotLeader, _) => {
+                self.link = Link::Down;
+                return Some(vec![Action::Reconnect(LostReason::NotLeader(message))]);
             }
-            self.transfer = uploads::Transfer::default();
-        }
-    }
-
-    /// The current task is over once its final report is acknowledged.
-    fn maybe_done(&mut self, actions: &mut Vec<Action>) {
-        if let Some(slot) = &self.slot {
-            if slot.finished && slot.report.is_none() && !self.outbox.has_task(&slot.spec.task) {
-                info!(task = %slot.spec.task, "final report acknowledged");
-                actions.push(Action::TaskDone {
-                    task: slot.spec.task.clone(),
-                    attempt: slot.spec.attempt,
-                });
-                self.slot = None;
+            (ErrorCode::NameInUse | ErrorCode::Forbidden, None) => {
+                self.link = Link::Down;
+                return Some(vec![Action::Refused(code, message)]);
+            }
+            (_, Some(seq)) => {
+                // The server answered a mandatory message with a typed
+                // error instead of an ack: resending cannot help.
+                self.stats.server_errors += 1;
+                if let Some(p) = self.outbox.take(seq) {
+                    self.stats.refused_by_server += 1;
+                    warn!(seq, kind = p.body.kind(), task = ?p.task, ?code, %message, "the server refused a message; not resending it");
+                    self.maybe_done(actions);
+                } else {
+                    warn!(seq, ?code, %message, "the server refused a message no longer pending");
+                }
+            }
+            (_, None) => {
+                self.stats.server_errors += 1;
+                warn!(?code, %message, "protocol error reported by the server");
             }
         }
-    }
-
-    /// Something from the running task.
-    /// Drops the oldest buffered lines (each counted, and reported as lost)
-    /// until `lines` more lines of `bytes` more bytes fit the buffer's
-    /// bounds.
-    fn shed_oldest_logs(&mut self, lines: usize, bytes: usize) {
-        while !self.logs.is_empty()
-            && (self.log_lines + lines > self.cfg.log_buffer_lines
-                || self.log_bytes + bytes > self.cfg.log_buffer_bytes)
-        {
-            if let Some(old) = self.logs.pop_front() {
-                let n = old.text.count as usize;
-                self.log_bytes -= charge(&old.text);
-                self.log_lines -= n;
-                self.stats.log_lines_dropped += n as u64;
-                *self.dropped_per_task.entry(old.task).or_default() += n as u64;
-            }
-        }
-    }
-
-    /// Queues one log line for sending. Bounded in lines and in bytes: the
-    /// oldest go first, and each one dropped is counted (the server
-    /// reports the gap).
-    fn buffer_log(&mut self, now: Instant, piece: Piece) {
-        let (lines, bytes) = (piece.text.count as usize, charge(&piece.text));
-        self.shed_oldest_logs(lines, bytes);
-        self.log_bytes += bytes;
-        self.log_lines += lines;
-        self.logs.push_back(piece);
-        self.oldest_log_at.get_or_insert(now);
-    }
-
-    pub fn on_task_event(&mut self, now: Instant, event: TaskEvent) -> Vec<Action> {
-        let mut actions = Vec::new();
-        match event {
-            TaskEvent::Log {
-                task,
-                attempt,
-                first,
-                text,
-            } => {
-                if !self.is_current(&task, attempt) {
-                    return actions; // the task was closed under it; dropped on purpose
-                }
-                if self.slot.as_ref().is_some_and(|s| s.log_full) {
-                    // Handed over before the runner heard of it.
-                    self.stats.log_lines_not_sent_log_full += u64::from(text.count);
-                    return actions;
-                }
-                self.buffer_log(
-                    now,
-                    Piece {
-                        task,
-                        attempt,
-                        first,
-                        text,
-                    },
-                );
-            }
-            TaskEvent::Finished {
-                task,
-                attempt,
-                outcome,
-                log_lines,
-                files,
-            } => {
-                let Some(slot) = self
-                    .slot
-                    .as_mut()
-                    .filter(|s| s.spec.task == task && s.spec.attempt == attempt)
-                else {
-                    info!(task = %task, "conductor ended for a task the server already closed");
-                    return actions;
-                };
-                slot.finished = true;
-                let mut outcome = outcome;
-                if slot.stopped_for_exit {
-                    outcome.cancelled = false;
-                    outcome.interrupted = true;
-                    outcome.failure = Some(
-                        "interrupted: the worker was stopped (stop_policy = abort, or its stop_timeout passed)".into(),
-                    );
-                }
-                if slot.aborted {
-                    outcome.cancelled = false;
-                    outcome.failure = Some(
-                        "aborted: the server was unreachable and on_server_lost = abort".into(),
-                    );
-                }
-                if let Some(n) = self.dropped_per_task.remove(&task) {
-                    warn!(task = %task, dropped = n, "log lines dropped from the full buffer while the server was unreachable");
-                }
-                info!(task = %task, ?outcome, log_lines, files = files.len(), "task finished; reporting once its result files are delivered");
-                // Logs first: they must precede the report on the wire.
-                if matches!(self.link, Link::Up { .. }) {
-                    self.flush_logs(now, &mut actions, true);
-                }
-                let slot = self.slot.as_mut().expect("checked above");
-                slot.report = Some(PendingReport { outcome, log_lines });
-                slot.uploads = files
-                    .into_iter()
-                    .map(
-                        |ResultFile {
-                             name,
-                             size,
-                             mtime_ns,
-                         }| Upload {
-                            name,
-                            size,
-                            mtime_ns,
-                            acked: 0,
-                            sha256: None,
-                            state: UploadState::Pending,
-                        },
-                    )
-                    .collect();
-                self.transfer = uploads::Transfer::default();
-                self.advance_uploads(now, &mut actions);
-            }
-        }
-        if matches!(self.link, Link::Up { .. }) {
-            self.flush(now, &mut actions, false);
-        }
-        actions
-    }
-
-    /// True if (task, attempt) is the task this worker owns now.
-    fn is_current(&self, task: &TaskId, attempt: u32) -> bool {
-        self.slot
-            .as_ref()
-            .is_some_and(|s| s.spec.task == *task && s.spec.attempt == attempt)
+        None
     }
 
     /// Called often (every log batch interval): liveness, batching,
@@ -1252,91 +817,12 @@ impl Session {
             );
         }
     }
-
-    fn flush_logs(&mut self, now: Instant, actions: &mut Vec<Action>, all: bool) {
-        let due = all
-            || self.log_lines >= self.cfg.log_batch_lines
-            || self
-                .oldest_log_at
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.log_batch_delay);
-        if !due {
-            return;
-        }
-        while let Some(front) = self.logs.front() {
-            let (task, attempt) = (front.task.clone(), front.attempt);
-            // One message: pieces of this channel, up to the batch size;
-            // a piece continuing the one before it (same stream, next
-            // line number) extends its part.
-            let mut parts: Vec<LogPart> = Vec::new();
-            let mut raw: Vec<u8> = Vec::new();
-            while let Some(p) = self.logs.front() {
-                if p.task != task || p.attempt != attempt {
-                    break;
-                }
-                let fits = raw.len() + p.text.text.len() <= MAX_LOG_BATCH_BYTES;
-                let continues = parts.last().is_some_and(|l| {
-                    l.stream == p.text.stream
-                        && l.last() + 1 == p.first
-                        && l.count.checked_add(p.text.count).is_some()
-                });
-                if !parts.is_empty() && (!fits || (!continues && parts.len() >= MAX_LOG_PARTS)) {
-                    break;
-                }
-                let p = self.logs.pop_front().expect("front");
-                self.log_bytes -= charge(&p.text);
-                self.log_lines -= p.text.count as usize;
-                raw.extend_from_slice(&p.text.text);
-                match parts.last_mut() {
-                    Some(l) if continues => {
-                        l.count += p.text.count;
-                        l.bytes += p.text.text.len() as u32;
-                    }
-                    _ => parts.push(LogPart {
-                        first: p.first,
-                        count: p.text.count,
-                        stream: p.text.stream,
-                        bytes: p.text.text.len() as u32,
-                    }),
-                }
-            }
-            let body = Body::LogPacked {
-                task: task.clone(),
-                attempt,
-                parts,
-            };
-            let raw = Some(Bytes::from(raw));
-            if self.cfg.delivery.log == Policy::GuaranteeNothing {
-                self.send(
-                    now,
-                    actions,
-                    Header::best_effort(Class::Log, Some(&task)),
-                    body,
-                    raw,
-                );
-            } else {
-                self.deliver(now, &task, attempt, body, raw);
-            }
-            if !all && self.log_lines < self.cfg.log_batch_lines {
-                break;
-            }
-        }
-        self.oldest_log_at = if self.logs.is_empty() {
-            None
-        } else {
-            Some(now)
-        };
-    }
 }
 
-/// Packed lines of one task waiting to be sent, numbered from `first`.
-#[derive(Debug)]
-struct Piece {
-    task: TaskId,
-    attempt: u32,
-    first: u64,
-    text: PackedText,
-}
-
+mod clock;
+mod logs;
+mod saved;
+mod task;
 #[cfg(test)]
 mod tests;
 mod uploads;

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::protocol::codec::Envelope;
+use crate::worker::channel::ResultFile;
+use crate::worker::channel::TaskEvent;
 
 const HB: Duration = Duration::from_secs(1);
 

@@ -9,13 +9,18 @@ pub mod check;
 pub mod codec;
 pub mod device;
 pub mod envelope;
+mod fields;
 pub mod limits;
 pub mod logtext;
 pub mod message;
+pub mod status;
+pub mod testrun;
 
 pub use codec::{decode, encode, Envelope, ProtocolError};
 pub use device::{DevicePin, DeviceProps, DeviceSpec, DeviceSpecError};
 pub use message::*;
+pub use status::*;
+pub use testrun::*;
 
 /// Version carried in every header. A peer speaking another version gets an
 /// `Error { code: UnsupportedVersion }` reply and is otherwise ignored.

@@ -1,8 +1,7 @@
 //! What a testrun is asked with (`ots-submit run`), and the parsers of
 //! the values its flags take.
 
-use crate::cli::conn::parse_duration;
-use crate::cli::conn::Conn;
+use crate::cli::conn::{parse_duration, Conn};
 use crate::protocol::{Distribution, Priority, RunState};
 use clap::Args;
 use std::path::{Path, PathBuf};

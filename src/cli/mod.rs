@@ -16,27 +16,15 @@ mod lists;
 mod manage;
 mod run;
 
-use crate::cli::args::RunArgs;
-use crate::cli::args::RunStateArg;
+use crate::cli::args::{RunArgs, RunStateArg};
 use crate::cli::conn::fail;
 pub use crate::cli::conn::Conn;
 use crate::cli::fetch::fetch_cmd;
-use crate::cli::lists::logs;
-use crate::cli::lists::queue;
-use crate::cli::lists::runs;
-use crate::cli::lists::workers;
-use crate::cli::manage::audit;
-use crate::cli::manage::cancel;
-use crate::cli::manage::drain;
-use crate::cli::manage::health;
-use crate::cli::manage::leader;
-use crate::cli::manage::notifications;
-use crate::cli::manage::notify_retry;
-use crate::cli::manage::web;
-use crate::cli::manage::whoami;
-use crate::cli::run::run;
-use crate::cli::run::status;
-use crate::cli::run::wait;
+use crate::cli::lists::{logs, queue, runs, workers};
+use crate::cli::manage::{
+    audit, cancel, drain, health, leader, notifications, notify_retry, web, whoami,
+};
+use crate::cli::run::{run, status, wait};
 use crate::client::exit;
 use crate::protocol::HealthAction;
 use clap::{Parser, Subcommand};

@@ -1,14 +1,9 @@
 //! `run`, `wait` and `status`: a testrun submitted, followed and summed
 //! up, with the exit status its verdict says.
 
-use crate::cli::args::local_image;
-use crate::cli::args::RunArgs;
-use crate::cli::conn::fail;
-use crate::cli::conn::verdict_exit;
-use crate::cli::conn::Conn;
-use crate::cli::fetch::fetch;
-use crate::cli::fetch::progress_for;
-use crate::cli::fetch::FetchReport;
+use crate::cli::args::{local_image, RunArgs};
+use crate::cli::conn::{fail, verdict_exit, Conn};
+use crate::cli::fetch::{fetch, progress_for, FetchReport};
 use crate::client::follow::{follow, FollowItem};
 use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;

@@ -4,9 +4,8 @@
 
 use crate::protocol::envelope::ProtocolError;
 use crate::protocol::limits::*;
-use crate::protocol::logtext;
 use crate::protocol::testrun::{InputFile, LogLine, LogPart};
-use crate::protocol::DeviceProps;
+use crate::protocol::{logtext, DeviceProps};
 
 pub(super) fn invalid(kind: &'static str, field: &'static str, reason: String) -> ProtocolError {
     ProtocolError::Invalid {

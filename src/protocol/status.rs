@@ -3,8 +3,7 @@
 //! events. Wire data (field names are the wire names).
 
 use crate::protocol::device::{DeviceProps, DeviceSpec};
-use crate::protocol::testrun::FileInfo;
-use crate::protocol::testrun::{RunId, TaskId};
+use crate::protocol::testrun::{FileInfo, RunId, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

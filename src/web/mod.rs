@@ -18,11 +18,17 @@
 //! - [`http`]: the listener (connection limit, timeouts, TLS).
 
 pub mod api;
+mod asks;
 pub mod bridge;
+mod download;
+mod extract;
+mod html;
 pub mod http;
+mod json;
 pub mod live;
 pub mod pages;
 pub mod sessions;
+mod signin;
 
 use crate::protocol::{Body, ErrorCode};
 use crate::security::{Identity, Role};

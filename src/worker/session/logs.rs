@@ -7,9 +7,7 @@ use crate::delivery::Policy;
 use crate::protocol::logtext::{PackedText, MAX_LOG_PARTS};
 use crate::protocol::*;
 use crate::worker::channel::charge;
-use crate::worker::session::Action;
-use crate::worker::session::Session;
-use crate::worker::session::MAX_LOG_BATCH_BYTES;
+use crate::worker::session::{Action, Session, MAX_LOG_BATCH_BYTES};
 use bytes::Bytes;
 use std::time::Instant;
 

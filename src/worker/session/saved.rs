@@ -5,9 +5,7 @@
 use super::Slot;
 use crate::delivery::{DedupWindow, Outbox};
 use crate::protocol::*;
-use crate::worker::session::Session;
-use crate::worker::session::SessionConfig;
-use crate::worker::session::Upload;
+use crate::worker::session::{Session, SessionConfig, Upload};
 use std::time::Instant;
 
 /// The task a worker owns, as saved to disk.

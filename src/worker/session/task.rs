@@ -2,19 +2,12 @@
 //! events (log lines, the final report) turned into messages, the
 //! server's log-full and closing of it, and when it is done.
 
-use super::uploads;
-use super::Slot;
+use super::{uploads, Slot};
 use crate::protocol::*;
 use crate::worker::channel::{charge, ResultFile, TaskEvent};
-use crate::worker::session::Action;
-use crate::worker::session::Arrival;
-use crate::worker::session::Link;
-use crate::worker::session::PendingReport;
-use crate::worker::session::Piece;
-use crate::worker::session::Session;
-use crate::worker::session::Upload;
-use crate::worker::session::UploadState;
-use crate::worker::session::MAX_OUTBOX;
+use crate::worker::session::{
+    Action, Arrival, Link, PendingReport, Piece, Session, Upload, UploadState, MAX_OUTBOX,
+};
 use std::time::Instant;
 use tracing::{info, warn};
 

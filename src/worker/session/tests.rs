@@ -2,8 +2,7 @@
 
 use super::*;
 use crate::protocol::codec::Envelope;
-use crate::worker::channel::ResultFile;
-use crate::worker::channel::TaskEvent;
+use crate::worker::channel::{ResultFile, TaskEvent};
 
 const HB: Duration = Duration::from_secs(1);
 

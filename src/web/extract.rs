@@ -1,0 +1,130 @@
+//! Who is asking and how an answer or a failure is shown: the page and
+//! API extractors (the signed-in viewer and the browser's address), the
+//! one way every handler asks the scheduler, and errors as pages or JSON.
+
+use super::http::PeerAddr;
+use super::live::{self};
+use super::pages::{self};
+use super::sessions::Viewer;
+use super::{Counters, Dashboard, Failure};
+use crate::protocol::limits::is_safe_id;
+use crate::protocol::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub(super) type D = State<Arc<Dashboard>>;
+
+/// A signed-in viewer of a page and where it connected from; an
+/// anonymous visitor gets the sign-in page (no data) instead.
+pub struct Page(pub Viewer, pub SocketAddr);
+
+/// The same for `/api/`: an anonymous caller gets 401 (JSON).
+pub struct Api(pub Viewer, pub SocketAddr);
+
+pub(super) fn viewer_of(
+    parts: &axum::http::request::Parts,
+    d: &Dashboard,
+) -> Result<(Viewer, SocketAddr), ()> {
+    let peer = parts.extensions.get::<PeerAddr>().ok_or(())?.0;
+    match d.viewer(&parts.headers, peer) {
+        Some(v) => Ok((v, peer)),
+        None => {
+            Counters::bump(&d.counters.anonymous);
+            Err(())
+        }
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<Dashboard>> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        d: &Arc<Dashboard>,
+    ) -> Result<Self, Response> {
+        viewer_of(parts, d)
+            .map(|(v, peer)| Page(v, peer))
+            .map_err(|()| pages::sign_in(None))
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<Dashboard>> for Api {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        d: &Arc<Dashboard>,
+    ) -> Result<Self, Response> {
+        viewer_of(parts, d)
+            .map(|(v, peer)| Api(v, peer))
+            .map_err(|()| {
+                api_error(Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "not signed in: run `ots-submit web` and open the link it prints",
+                ))
+            })
+    }
+}
+
+pub(super) fn api_error(f: Failure) -> Response {
+    (f.status, Json(serde_json::json!({ "error": f.message }))).into_response()
+}
+
+pub(super) fn page_error(v: &Viewer, f: Failure) -> Response {
+    pages::error(v, f.status, &f.message)
+}
+
+pub(super) fn unexpected(what: &str, b: &Body) -> Failure {
+    Failure::new(
+        StatusCode::BAD_GATEWAY,
+        format!("unexpected answer to {what}: {}", b.kind()),
+    )
+}
+
+pub(super) fn check_id(what: &str, id: &str) -> Result<(), Failure> {
+    if is_safe_id(id) {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("{what} must be 1–64 characters of A–Z a–z 0–9 . _ -"),
+        ))
+    }
+}
+
+pub(super) fn run_of_task(task: &str) -> Result<String, Failure> {
+    check_id("a task id", task)?;
+    live::run_of(task)
+        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, format!("no task {task:?}")))
+}
+
+/// Asks `body` as `v`; `pick` takes the expected answer apart, or names
+/// the kind of any other (reported as unexpected).
+pub(super) async fn ask_for<T>(
+    d: &Dashboard,
+    v: &Viewer,
+    peer: SocketAddr,
+    body: Body,
+    pick: impl FnOnce(Body, Option<Bytes>) -> Result<T, &'static str>,
+) -> Result<T, Failure> {
+    let what = body.kind();
+    let (answer, raw) = d.ask(v, peer, body).await?;
+    pick(answer, raw).map_err(|other| {
+        Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("unexpected answer to {what}: {other}"),
+        )
+    })
+}
+
+pub(super) fn json<T: serde::Serialize>(r: Result<T, Failure>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => api_error(e),
+    }
+}

@@ -1,0 +1,230 @@
+//! The HTML pages: the lab, the queue, testruns, a run, a task's log, a
+//! worker, the audit log; and the forms that act (cancel, drain).
+
+use super::pages::{self, LogView, RunsQuery};
+use super::sessions::Viewer;
+use super::{Dashboard, Failure};
+use crate::protocol::{Body, RunStatus};
+use crate::web::asks::{
+    audit_read, health, list_runs, log_chunk, owner_of, queues, run_notifications, status,
+    task_ended, workers, AuditQuery, LogQuery,
+};
+use crate::web::extract::{ask_for, check_id, page_error, run_of_task, Page, D};
+use crate::web::signin::{forbidden_csrf, CsrfForm};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Form;
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+#[derive(Deserialize, Default)]
+pub(super) struct Fragment {
+    #[serde(default)]
+    pub(super) fragment: Option<u8>,
+}
+
+pub(super) async fn lab_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Query(f): Query<Fragment>,
+) -> Response {
+    match workers(&d, &v, peer).await {
+        Ok(w) => pages::lab(&v, &w, f.fragment.is_some()),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn queue_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Query(f): Query<Fragment>,
+) -> Response {
+    match queues(&d, &v, peer).await {
+        Ok(q) => pages::queue(&v, &q, f.fragment.is_some()),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn runs_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Query(q): Query<RunsQuery>,
+) -> Response {
+    match list_runs(&d, &v, peer, &q).await {
+        Ok((runs, older)) => pages::runs(&v, &q, &runs, older),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn run_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Path(run): Path<String>,
+    Query(f): Query<Fragment>,
+) -> Response {
+    match status(&d, &v, peer, &run).await {
+        Ok(s) => {
+            let (owner, deliveries) = if f.fragment.is_some() {
+                (None, Vec::new())
+            } else {
+                (
+                    owner_of(&d, &v, peer, &run).await,
+                    // A page without them rather than no page.
+                    run_notifications(&d, &v, peer, &run)
+                        .await
+                        .unwrap_or_default(),
+                )
+            };
+            pages::run(&v, &s, owner.as_deref(), &deliveries, f.fragment.is_some())
+        }
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn log_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Path(task): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let run = match run_of_task(&task) {
+        Ok(r) => r,
+        Err(e) => return page_error(&v, e),
+    };
+    let s = match status(&d, &v, peer, &run).await {
+        Ok(s) => s,
+        Err(e) => return page_error(&v, e),
+    };
+    let Some(t) = s.tasks.iter().find(|t| t.task == task) else {
+        return page_error(
+            &v,
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("testrun {run} has no task {task}"),
+            ),
+        );
+    };
+    match log_chunk(&d, &v, peer, &task, &q).await {
+        Ok((start, end, text, _)) => pages::task_log(
+            &v,
+            &LogView {
+                task: &task,
+                run: &run,
+                status: Some(t),
+                start,
+                end,
+                text: &text,
+                ended: task_ended(&s, &task),
+                filter: q.q.as_deref().filter(|f| !f.is_empty()),
+                paged: q.before.is_some() || q.after.is_some(),
+            },
+        ),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn worker_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Path(name): Path<String>,
+) -> Response {
+    match health(&d, &v, peer, &name).await {
+        Ok((w, history, recent)) => pages::worker(&v, &w, &history, &recent),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn audit_page(
+    State(d): D,
+    Page(v, peer): Page,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let offset = q.offset.unwrap_or(0);
+    match audit_read(&d, &v, peer, offset).await {
+        Ok((text, next)) => pages::audit(&v, offset, next, &text),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn cancel_form(
+    State(d): D,
+    Page(v, peer): Page,
+    Path(run): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !d.csrf_ok(&v, f.csrf.as_deref()) {
+        return forbidden_csrf(&v);
+    }
+    match cancel(&d, &v, peer, &run).await {
+        Ok(_) => Redirect::to(&format!("/runs/{run}")).into_response(),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn drain_form(
+    State(d): D,
+    Page(v, peer): Page,
+    Path(name): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !d.csrf_ok(&v, f.csrf.as_deref()) {
+        return forbidden_csrf(&v);
+    }
+    let on = match drain_value(f.drain.as_deref()) {
+        Ok(on) => on,
+        Err(e) => return page_error(&v, e),
+    };
+    match drain(&d, &v, peer, &name, on).await {
+        Ok(_) => Redirect::to(&format!("/workers/{name}")).into_response(),
+        Err(e) => page_error(&v, e),
+    }
+}
+
+pub(super) async fn cancel(
+    d: &Dashboard,
+    v: &Viewer,
+    peer: SocketAddr,
+    run: &str,
+) -> Result<RunStatus, Failure> {
+    check_id("a testrun id", run)?;
+    let run = run.to_string();
+    ask_for(
+        d,
+        v,
+        peer,
+        Body::CancelRun { request: 0, run },
+        |b, _| match b {
+            Body::Status { status, .. } => Ok(status),
+            other => Err(other.kind()),
+        },
+    )
+    .await
+}
+
+pub(super) async fn drain(
+    d: &Dashboard,
+    v: &Viewer,
+    peer: SocketAddr,
+    name: &str,
+    on: bool,
+) -> Result<Body, Failure> {
+    check_id("a worker name", name)?;
+    let body = Body::DrainWorker {
+        request: 0,
+        worker: name.to_string(),
+        drain: on,
+    };
+    Ok(d.ask(v, peer, body).await?.0)
+}
+
+pub(super) fn drain_value(s: Option<&str>) -> Result<bool, Failure> {
+    match s {
+        Some("on") | Some("true") => Ok(true),
+        Some("off") | Some("false") => Ok(false),
+        _ => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "drain must be on or off",
+        )),
+    }
+}

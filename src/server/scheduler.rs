@@ -15,14 +15,14 @@
 //! restore).
 
 use crate::delivery::ranges::describe;
-use crate::delivery::{DedupWindow, Outbox, RetryPolicy, SeqRanges};
+use crate::delivery::{DedupWindow, Outbox, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::limits;
 use crate::protocol::*;
 use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::fairshare;
-use crate::server::health::{HealthCheck, HealthPolicy, WorkerHealth};
+use crate::server::health::{HealthCheck, WorkerHealth};
 use crate::server::store::{Store, StoreError};
 use crate::server::verdict::{run_verdict, task_verdict};
 use bytes::Bytes;
@@ -36,154 +36,6 @@ pub type PeerId = Bytes;
 /// Largest chunk of a log or file sent to a client in one reply.
 pub const MAX_READ_CHUNK: u64 = crate::protocol::limits::MAX_READ_BYTES;
 pub use crate::delivery::dedup::DEDUP_AHEAD;
-
-/// Timing and retry rules of the scheduler.
-#[derive(Clone, Debug)]
-pub struct SchedulerConfig {
-    /// Server heartbeat interval; also what workers are expected to keep.
-    pub heartbeat: Duration,
-    /// Missed intervals before a worker counts as lost.
-    pub liveness: u32,
-    /// A dispatch is stale this long after it was sent.
-    pub dispatch_ttl: Duration,
-    /// How long a lost worker's task is held before it is re-queued.
-    pub lost_grace: Duration,
-    /// Attempts per task before it ends in ERROR.
-    pub max_attempts: u32,
-    /// A task nobody started within this ends in ERROR.
-    pub queue_timeout: Duration,
-    /// Server backstop: a running task ends in ERROR this long after its
-    /// own execution timeout if the worker never reported.
-    pub backstop_grace: Duration,
-    /// Resend timing of the server's mandatory messages (dispatch, cancel).
-    pub retry: RetryPolicy,
-    /// Bounds on what peers can make the scheduler hold.
-    pub limits: SchedulerLimits,
-    /// Finished testruns keep their result files and logs this long…
-    pub retention_age: Duration,
-    /// …and all finished testruns together at most this many bytes of
-    /// them (oldest pruned first).
-    pub retention_bytes: u64,
-    /// Security on (`security = "noise"`): every connection is
-    /// authenticated by the shell's gate and told to the scheduler with
-    /// [`Scheduler::on_authenticated`]; requests are checked against roles,
-    /// heartbeats and shutdown are published signed, follower traffic goes
-    /// over control connections only.
-    pub secure: bool,
-    /// Key that seals testrun secrets at rest in the state database
-    /// (derived from the server's private key); none without security.
-    pub secrets_key: Option<[u8; 32]>,
-    /// With security: the public half of the key the shell signs
-    /// broadcasts with, told to each worker in its sealed welcome.
-    pub events_key: Option<[u8; 32]>,
-    /// When a worker turns suspect and how a bad one is retried.
-    pub health: HealthPolicy,
-    /// Conductor exit statuses that mean "the device or the worker
-    /// failed", not the test: the task runs again on another worker.
-    pub infrastructure_exit_codes: Vec<i32>,
-    /// Health checks per device group.
-    pub checks: BTreeMap<String, HealthCheck>,
-    /// Fair-share weights per user name or `role:ROLE` (default 1).
-    pub weights: BTreeMap<String, u32>,
-    /// How far `high` moves a task ahead of its owner's other tasks, and
-    /// `low` behind: a low task waits at most twice this behind high
-    /// ones queued after it.
-    pub priority_lead: Duration,
-    /// The web dashboard is served: `web_login` requests are taken (by
-    /// the shell, which holds the sessions) instead of refused.
-    pub web: bool,
-    /// Notification targets and the outbox's rules (`[notify]`).
-    pub notify: crate::notify::outbox::Rules,
-    /// With PostgreSQL: the epoch of the lease this server leads under.
-    pub epoch: Option<u64>,
-    /// With PostgreSQL: the lease, as `ping` answers it.
-    pub lease: Option<LeaseInfo>,
-}
-
-/// What peers can make the scheduler hold, at most. Each bound is
-/// configurable (`[limits]` in `conf/server.toml`) and listed in the
-/// README's Limits table with what a peer sees when it hits it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SchedulerLimits {
-    /// Unfinished tasks (queued, dispatched, running, held) in all. A submit
-    /// that would exceed it is refused with `limit_reached`.
-    pub max_open_tasks: usize,
-    /// Unfinished tasks and testruns of one owner (a user, with security):
-    /// past them that owner's submit is refused naming the quota, so no
-    /// single user can fill `max_open_tasks` and lock everyone out.
-    pub max_open_tasks_per_owner: usize,
-    pub max_open_runs_per_owner: usize,
-    /// Bytes of one task attempt's stored log; lines past it are dropped
-    /// and counted (`log_lines_over_limit`), the report says so.
-    pub max_task_log_bytes: u64,
-    /// Separate runs of received log line numbers kept per task; a line
-    /// that would open one more is dropped and counted, so a peer sending
-    /// every other number cannot make the accounting grow without bound.
-    pub max_log_gaps: usize,
-    /// Largest result file, and all result files of one task attempt.
-    pub max_file_bytes: u64,
-    pub max_task_file_bytes: u64,
-    /// All stored result files together; an offer past it is refused.
-    pub max_stored_file_bytes: u64,
-    /// Credit of one upload, and of all uploads together (PROTOCOL §7.7).
-    pub file_window_bytes: u64,
-    pub file_buffer_bytes: u64,
-    /// Times a task may be refused by workers (refusals use no attempt)
-    /// before it ends in ERROR.
-    pub max_refusals: u32,
-    /// Workers in the registry (every name ever registered, live or lost);
-    /// a `hello` with a new name past it gets `limit_reached`.
-    pub max_workers: usize,
-}
-
-impl Default for SchedulerLimits {
-    fn default() -> Self {
-        SchedulerLimits {
-            max_open_tasks: 10_000,
-            max_open_tasks_per_owner: 2_500,
-            max_open_runs_per_owner: 1_000,
-            max_task_log_bytes: 256 * 1024 * 1024,
-            max_log_gaps: 4096,
-            max_file_bytes: 4 * 1024 * 1024 * 1024,
-            max_task_file_bytes: 16 * 1024 * 1024 * 1024,
-            max_stored_file_bytes: 1 << 40,
-            file_window_bytes: 8 * 1024 * 1024,
-            file_buffer_bytes: 64 * 1024 * 1024,
-            max_refusals: 20,
-            max_workers: 10_000,
-        }
-    }
-}
-
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        SchedulerConfig {
-            heartbeat: Duration::from_secs(1),
-            liveness: 3,
-            dispatch_ttl: Duration::from_secs(30),
-            lost_grace: Duration::from_secs(30),
-            max_attempts: 3,
-            queue_timeout: Duration::from_secs(24 * 3600),
-            backstop_grace: Duration::from_secs(60),
-            retry: RetryPolicy::default(),
-            limits: SchedulerLimits::default(),
-            retention_age: Duration::from_secs(90 * 24 * 3600),
-            retention_bytes: 512 << 30,
-            secure: false,
-            secrets_key: None,
-            events_key: None,
-            health: HealthPolicy::default(),
-            infrastructure_exit_codes: vec![3],
-            checks: BTreeMap::new(),
-            weights: BTreeMap::new(),
-            priority_lead: Duration::from_secs(600),
-            web: false,
-            notify: crate::notify::outbox::Rules::default(),
-            epoch: None,
-            lease: None,
-        }
-    }
-}
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,135 +60,6 @@ pub enum Output {
     /// Hand to the notification sender: one attempt (after the commit
     /// that made or last changed its delivery).
     Notify(crate::notify::outbox::Job),
-}
-
-struct Worker {
-    name: String,
-    device: DeviceProps,
-    /// Process incarnation of the worker; dedup key with seq.
-    session: String,
-    peer: Option<PeerId>,
-    state: WorkerState,
-    /// Set while the worker asked for work and has none.
-    ready_since: Option<Instant>,
-    task: Option<TaskId>,
-    last_heard: Instant,
-    dedup: DedupWindow,
-    /// The server's mandatory messages to this worker session, until acked.
-    outbox: Outbox,
-    /// What the server believes about its device.
-    health: WorkerHealth,
-    /// Its last tasks that ended, newest first (at most [`RECENT_KEPT`]).
-    recent: VecDeque<TaskId>,
-}
-
-/// Ended tasks each worker remembers for its page (`health_report`).
-pub const RECENT_KEPT: usize = 20;
-
-impl Testrun {
-    /// The routing keys of its device specs.
-    fn all_keys(&self) -> BTreeSet<String> {
-        self.request
-            .all_devices()
-            .map(DeviceSpec::routing_key)
-            .collect()
-    }
-}
-
-impl Worker {
-    fn routing_keys(&self) -> Vec<String> {
-        let d = &self.device;
-        let mut keys = vec![d.devicegroup.clone()];
-        if let Some(n) = &d.devicename {
-            keys.push(format!("{}.{}", d.devicegroup, n));
-            if let Some(i) = &d.deviceid {
-                keys.push(format!("{}.{}.{}", d.devicegroup, n, i));
-            }
-        }
-        keys
-    }
-}
-
-struct Task {
-    id: TaskId,
-    run: RunId,
-    packages: Vec<String>,
-    state: TaskState,
-    worker: Option<String>,
-    attempts: u32,
-    verdict: Option<Verdict>,
-    reason: Option<String>,
-    cases: Option<CaseCounts>,
-    /// Sequence numbers of the log lines stored.
-    log: SeqRanges,
-    log_lines_produced: Option<u64>,
-    files: Vec<FileInfo>,
-    /// When the task entered its current state.
-    since: Instant,
-    /// When the task was first queued (queue timeout).
-    queued_at: Instant,
-    /// Global order of queueing, to compare heads of different queues.
-    order: u64,
-    cancel_requested: bool,
-    /// Every state change, oldest first.
-    history: Vec<StateChange>,
-    /// Bytes of this attempt's log stored, against `max_task_log_bytes`.
-    log_bytes: u64,
-    /// Log lines of this attempt refused by a limit (log size, gaps).
-    log_refused: u64,
-    /// The attempt's log is full (a line was refused for
-    /// `max_task_log_bytes`) and when its worker was last told so
-    /// (`log_full`). In memory only: after a restart the next refusal
-    /// finds it again.
-    log_full_told: Option<Instant>,
-    /// Result files of this attempt the server refused, with the reason:
-    /// the final report does not wait for them, and the verdict says why.
-    file_errors: BTreeMap<String, String>,
-    /// Times workers refused this task (a refusal uses no attempt).
-    refusals: u32,
-    /// Declared size of each result file of this attempt, as first offered.
-    file_sizes: BTreeMap<String, u64>,
-    /// Result files of this attempt in transfer (not stored: after a
-    /// restart the worker offers them again).
-    uploads: BTreeMap<String, uploads::Upload>,
-    /// What each stored JUnit file of this attempt says, read by the file
-    /// desk when it stored it.
-    junit: BTreeMap<String, Result<Option<CaseCounts>, String>>,
-    /// Workers on which an attempt failed for infrastructure reasons, one
-    /// entry per failure (bounded by the attempts).
-    failed_on: Vec<String>,
-    /// Workers it is not given to again: where it failed, when another
-    /// worker could take it, or where it failed twice.
-    avoid: Vec<String>,
-    /// Its standing among its owner's queued tasks (fair share).
-    rank: fairshare::Rank,
-    /// A health check of this worker: never queued, dispatched to it
-    /// before anything else.
-    check_for: Option<String>,
-    /// Which of its testrun's device specs it runs on (0: `device`, then
-    /// `devices` in order).
-    spec: usize,
-}
-
-struct Testrun {
-    /// As submitted, with `secrets` taken out (they are below).
-    request: TestrunRequest,
-    /// The testrun's secrets: `None` if they could not be restored after a
-    /// restart (sealed under another server key).
-    secrets: Option<BTreeMap<String, String>>,
-    /// The secrets sealed for the state database, made once at submit.
-    sealed_secrets: Option<Vec<u8>>,
-    tasks: Vec<TaskId>,
-    state: RunState,
-    verdict: Option<Verdict>,
-    events: Vec<ProgressEvent>,
-    /// When it was submitted and when it ended (Unix ms, server clock).
-    submitted_ms: u64,
-    ended_ms: Option<u64>,
-    /// What the retention policy removed, once it has.
-    pruned: Option<Pruned>,
-    /// The owner's role at submit (for its fair-share weight).
-    role: Option<String>,
 }
 
 /// The scheduler. `S` stores logs and result files.
@@ -438,7 +161,7 @@ pub struct Scheduler<S: Store> {
     starved: VecDeque<crate::server::files::UploadKey>,
     /// Input files in transfer from clients, by SHA-256.
     /// Input uploads in progress, per user and content.
-    input_uploads: HashMap<crate::server::files::UploadKey, uploads::InputUpload>,
+    input_uploads: HashMap<crate::server::files::UploadKey, inputs::InputUpload>,
     /// Who uploaded each stored input (PROTOCOL.md §7.7): a submit names
     /// only inputs its user uploaded.
     input_owners: HashMap<String, BTreeSet<String>>,
@@ -890,17 +613,23 @@ mod access;
 mod dispatch;
 mod endings;
 mod health;
+mod inputs;
 mod intake;
+mod model;
 mod notify;
 mod persist;
 mod registry;
 mod requests;
 pub(super) mod retention;
+mod settings;
 mod timers;
 mod uploads;
 mod views;
 pub use access::Caller;
 pub use health::CHECK_OWNER;
+pub use model::RECENT_KEPT;
+use model::{Task, Testrun, Worker};
 pub use persist::RestoreError;
+pub use settings::{SchedulerConfig, SchedulerLimits};
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! Scheduler scenarios with a fake clock and an in-memory store.
 
 use super::*;
+use crate::delivery::RetryPolicy;
 use crate::server::store::MemoryStore;
 use sha2::{Digest, Sha256};
 

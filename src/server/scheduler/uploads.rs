@@ -8,7 +8,7 @@
 //! of their files.
 
 use super::*;
-use crate::server::files::{DeskError, FileDone, FileJob, ReadSource, Stored, UploadKey};
+use crate::server::files::{DeskError, FileDone, FileJob, Stored, UploadKey};
 use tracing::error;
 
 /// One upload in progress, in memory only: after a server restart the
@@ -16,56 +16,36 @@ use tracing::error;
 /// is on disk.
 #[derive(Debug, Default)]
 pub(super) struct Upload {
-    size: u64,
+    pub(super) size: u64,
     /// Bytes the desk wrote (and hashed), contiguous from 0.
-    written: u64,
+    pub(super) written: u64,
     /// Bytes accepted and handed to the desk: the next chunk starts here.
-    accepted: u64,
+    pub(super) accepted: u64,
     /// Chunks ending at or below this byte are accepted now.
-    until: u64,
+    pub(super) until: u64,
     /// The desk answered the open: `written` and `accepted` are known.
-    opened: bool,
+    pub(super) opened: bool,
     /// The sender's whole-file SHA-256, once it said it sent everything.
-    end: Option<String>,
+    pub(super) end: Option<String>,
     /// A finish job is with the desk.
-    finishing: bool,
+    pub(super) finishing: bool,
     /// The sender should hear where to resume once the desk has opened.
-    resume_pending: bool,
+    pub(super) resume_pending: bool,
     /// SHA-256 mismatches so far (the second one refuses the file).
-    mismatches: u32,
-}
-
-/// An input file upload and the client connection it answers to.
-#[derive(Debug)]
-pub(super) struct InputUpload {
-    upload: Upload,
-    peer: PeerId,
-    /// The offer's request id: every answer carries it.
-    request: u64,
+    pub(super) mismatches: u32,
 }
 
 /// What the server tells a sender about its upload.
-enum Tell {
+pub(super) enum Tell {
     Credit { have: u64, until: u64, resume: bool },
     Stored { size: u64, sha256: String },
     Refused { code: ErrorCode, message: String },
 }
 
-/// Client reads of stored files with the desk at once, at most (each up
-/// to 1 MiB): more are answered `limit_reached`, retried by clients.
-pub const MAX_READS_IN_FLIGHT: usize = 16;
-
 /// Result files of one task in transfer at once, at most.
 pub const MAX_UPLOADS_PER_TASK: usize = 16;
 
-/// Input files in transfer at once (all clients), at most.
-pub const MAX_INPUT_UPLOADS: usize = 64;
-
-/// Input files one user has in transfer at once, at most: one user cannot
-/// take every upload slot.
-pub const MAX_INPUT_UPLOADS_PER_USER: usize = 16;
-
-fn result_key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
+pub(super) fn result_key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
     UploadKey::Result {
         task: task.clone(),
         attempt,
@@ -74,19 +54,19 @@ fn result_key(task: &TaskId, attempt: u32, name: &str) -> UploadKey {
 }
 
 impl<S: Store> Scheduler<S> {
-    fn file_job(&mut self, job: FileJob) {
+    pub(super) fn file_job(&mut self, job: FileJob) {
         self.out.push(Output::File(job));
     }
 
     /// Credit the pool has left.
-    fn pool_free(&self) -> u64 {
+    pub(super) fn pool_free(&self) -> u64 {
         self.cfg
             .limits
             .file_buffer_bytes
             .saturating_sub(self.upload_credit)
     }
 
-    fn upload_mut(&mut self, key: &UploadKey) -> Option<&mut Upload> {
+    pub(super) fn upload_mut(&mut self, key: &UploadKey) -> Option<&mut Upload> {
         match key {
             UploadKey::Result {
                 task,
@@ -101,7 +81,7 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn upload_ref(&self, key: &UploadKey) -> Option<&Upload> {
+    pub(super) fn upload_ref(&self, key: &UploadKey) -> Option<&Upload> {
         match key {
             UploadKey::Result {
                 task,
@@ -118,7 +98,7 @@ impl<S: Store> Scheduler<S> {
 
     /// Sends `what` to whoever sends the file: the task's worker, or the
     /// client connection of an input upload.
-    fn tell(&mut self, key: &UploadKey, what: Tell) {
+    pub(super) fn tell(&mut self, key: &UploadKey, what: Tell) {
         match key {
             UploadKey::Result {
                 task,
@@ -170,35 +150,6 @@ impl<S: Store> Scheduler<S> {
                 self.tell_client(&peer, request, sha256, what);
             }
         }
-    }
-
-    fn tell_client(&mut self, peer: &PeerId, request: u64, sha256: &str, what: Tell) {
-        let sha256 = sha256.to_string();
-        let body = match what {
-            Tell::Credit {
-                have,
-                until,
-                resume,
-            } => Body::InputCredit {
-                request,
-                sha256,
-                have,
-                until,
-                resume,
-            },
-            Tell::Stored { size, sha256 } => Body::InputStored {
-                request,
-                sha256,
-                size,
-            },
-            Tell::Refused { code, message } => Body::Error {
-                request: Some(request),
-                code,
-                message,
-                seq: None,
-            },
-        };
-        self.send(peer, None, body, None);
     }
 
     // ------------------------------------------------------------------
@@ -254,7 +205,7 @@ impl<S: Store> Scheduler<S> {
     /// An offer (`end` = None) or an end (`end` = the sender's SHA-256)
     /// of a result file: both start or resume the upload; an end also
     /// asks to finish it.
-    fn on_result_offer(
+    pub(super) fn on_result_offer(
         &mut self,
         task: &TaskId,
         attempt: u32,
@@ -311,7 +262,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The answer to an offer or end of a file that is stored already.
-    fn answer_stored(
+    pub(super) fn answer_stored(
         &mut self,
         key: &UploadKey,
         stored_size: u64,
@@ -358,7 +309,7 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn start_upload(&mut self, key: &UploadKey, size: u64) {
+    pub(super) fn start_upload(&mut self, key: &UploadKey, size: u64) {
         self.uploading_bytes = self.uploading_bytes.saturating_add(size);
         self.count("file_uploads_started", 1);
         self.file_job(FileJob::Open { key: key.clone() });
@@ -366,7 +317,7 @@ impl<S: Store> Scheduler<S> {
 
     /// An upload was offered (or ended): resume, wait for the desk, or
     /// finish.
-    fn offered(&mut self, key: &UploadKey, size: u64, end: Option<String>) {
+    pub(super) fn offered(&mut self, key: &UploadKey, size: u64, end: Option<String>) {
         let u = self.upload_mut(key).expect("just found or made");
         if !u.opened {
             u.resume_pending = true;
@@ -388,7 +339,7 @@ impl<S: Store> Scheduler<S> {
 
     /// Why a new offer of a result file cannot be taken, checked before
     /// any byte is: the per-file and per-task limits and the store quota.
-    fn result_offer_refusal(
+    pub(super) fn result_offer_refusal(
         &self,
         task: &TaskId,
         name: &str,
@@ -426,7 +377,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The per-file limit and the store's quota, for any upload.
-    fn size_refusal(&self, what: &str, size: u64) -> Option<(ErrorCode, String)> {
+    pub(super) fn size_refusal(&self, what: &str, size: u64) -> Option<(ErrorCode, String)> {
         let limits = &self.cfg.limits;
         if size > limits.max_file_bytes {
             return Some((
@@ -458,246 +409,12 @@ impl<S: Store> Scheduler<S> {
     // Input files, from clients
     // ------------------------------------------------------------------
 
-    /// The input files on disk at start (what submits may refer to).
-    pub fn set_stored_inputs(&mut self, inputs: Vec<(String, u64)>) {
-        for (sha, size) in inputs {
-            if self.stored_inputs.insert(sha, size).is_none() {
-                self.stored_bytes = self.stored_bytes.saturating_add(size);
-            }
-        }
-    }
-
-    /// Who input files belong to on `peer`: its user (security on), or
-    /// everyone alike (security off: every request is allowed).
-    fn input_owner(&self, peer: &PeerId) -> String {
-        self.owner(peer).unwrap_or_default()
-    }
-
-    /// Whether the user on `peer` may name stored input `sha256` in a
-    /// submit: it uploaded the bytes itself, or it is an operator or
-    /// admin (who may read every input back anyway), or security is off.
-    pub(super) fn may_use_input(&self, peer: &PeerId, sha256: &str) -> bool {
-        !self.cfg.secure
-            || self
-                .caller_role(peer)
-                .is_some_and(|r| r >= crate::security::Role::Operator)
-            || self
-                .input_owners
-                .get(sha256)
-                .is_some_and(|o| o.contains(&self.input_owner(peer)))
-    }
-
-    fn add_input_owner(&mut self, sha256: &str, owner: &str) {
-        if self
-            .input_owners
-            .entry(sha256.to_string())
-            .or_default()
-            .insert(owner.to_string())
-        {
-            self.touched_input_owners
-                .push((sha256.to_string(), owner.to_string()));
-        }
-    }
-
-    /// `input_offer` and `input_end` from a client. Inputs are owned
-    /// (PROTOCOL.md §7.7): an offer of content this user stored before is
-    /// answered `input_stored` at once; any other offer — content nobody
-    /// stored, or content another user stored — is answered exactly like
-    /// a new upload and must carry every byte (checked against the
-    /// SHA-256 as it streams, then stored once), so an offer reveals
-    /// nothing about other users' files. Uploads are per user and
-    /// content: only the same user resumes or takes one over.
-    pub(super) fn on_input_offer(
-        &mut self,
-        peer: &PeerId,
-        request: u64,
-        sha256: String,
-        size: u64,
-        end: bool,
-    ) {
-        let owner = self.input_owner(peer);
-        let owns = self
-            .input_owners
-            .get(&sha256)
-            .is_some_and(|o| o.contains(&owner))
-            || (!self.cfg.secure && self.stored_inputs.contains_key(&sha256));
-        if owns {
-            if let Some(stored) = self.stored_inputs.get(&sha256).copied() {
-                // The same content this user uploaded before: stored once.
-                let answer = if stored == size {
-                    Tell::Stored {
-                        size,
-                        sha256: sha256.clone(),
-                    }
-                } else {
-                    Tell::Refused {
-                        code: ErrorCode::Invalid,
-                        message: format!(
-                            "input file {sha256} is stored with {stored} bytes; offered with {size}"
-                        ),
-                    }
-                };
-                self.tell_client(peer, request, &sha256, answer);
-                return;
-            }
-        }
-        let key = UploadKey::Input {
-            sha256: sha256.clone(),
-            owner: owner.clone(),
-        };
-        match self.input_uploads.get_mut(&key) {
-            Some(i) if i.upload.size != size => {
-                let message = format!(
-                    "input file {sha256} is being uploaded with {} bytes; offered with {size}",
-                    i.upload.size
-                );
-                self.tell_client(
-                    peer,
-                    request,
-                    &sha256,
-                    Tell::Refused {
-                        code: ErrorCode::Invalid,
-                        message,
-                    },
-                );
-                return;
-            }
-            // The same user on a new connection: it takes its own upload
-            // over (nobody else's: the key holds the owner).
-            Some(i) => {
-                i.peer = peer.clone();
-                i.request = request;
-            }
-            None => {
-                let mine = self
-                    .input_uploads
-                    .keys()
-                    .filter(|k| matches!(k, UploadKey::Input { owner: o, .. } if *o == owner))
-                    .count();
-                let refusal = if self.input_uploads.len() >= MAX_INPUT_UPLOADS {
-                    Some((
-                        ErrorCode::LimitReached,
-                        format!("{MAX_INPUT_UPLOADS} input files are being uploaded; retry later"),
-                    ))
-                } else if mine >= MAX_INPUT_UPLOADS_PER_USER {
-                    Some((
-                        ErrorCode::LimitReached,
-                        format!("you are uploading {MAX_INPUT_UPLOADS_PER_USER} input files already; finish those first"),
-                    ))
-                } else {
-                    self.size_refusal(&format!("input file {sha256}"), size)
-                };
-                if let Some((code, message)) = refusal {
-                    self.count("inputs_refused", 1);
-                    self.tell_client(peer, request, &sha256, Tell::Refused { code, message });
-                    return;
-                }
-                self.input_uploads.insert(
-                    key.clone(),
-                    InputUpload {
-                        upload: Upload {
-                            size,
-                            ..Upload::default()
-                        },
-                        peer: peer.clone(),
-                        request,
-                    },
-                );
-                self.start_upload(&key, size);
-            }
-        }
-        self.offered(&key, size, end.then_some(sha256));
-    }
-
-    /// `input_chunk` from a client: taken only from the connection the
-    /// upload answers to.
-    pub(super) fn on_input_chunk(
-        &mut self,
-        now: Instant,
-        peer: &PeerId,
-        sha256: String,
-        offset: u64,
-        data: Bytes,
-    ) {
-        let key = UploadKey::Input {
-            sha256,
-            owner: self.input_owner(peer),
-        };
-        if self.input_uploads.get(&key).is_none_or(|i| i.peer != *peer) {
-            self.count("file_chunks_unexpected", 1);
-            return;
-        }
-        self.on_chunk(now, &key, offset, data);
-    }
-
-    /// `get_input`: a stored input file, read by the desk.
-    pub(super) fn read_input(
-        &mut self,
-        peer: &PeerId,
-        request: u64,
-        sha256: String,
-        offset: u64,
-        max: u64,
-    ) -> Result<(), (ErrorCode, String)> {
-        if !self.stored_inputs.contains_key(&sha256) {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("no input file {sha256} is stored on this server"),
-            ));
-        }
-        self.read_file(peer, request, ReadSource::Input { sha256 }, offset, max)
-    }
-
-    /// Hands a client's read to the desk, within the bound on reads in
-    /// flight.
-    pub(super) fn read_file(
-        &mut self,
-        peer: &PeerId,
-        request: u64,
-        source: ReadSource,
-        offset: u64,
-        max: u64,
-    ) -> Result<(), (ErrorCode, String)> {
-        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
-            self.count("file_reads_busy", 1);
-            return Err((
-                ErrorCode::LimitReached,
-                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
-            ));
-        }
-        self.reads_in_flight += 1;
-        self.file_job(FileJob::Read {
-            peer: peer.clone(),
-            request,
-            source,
-            offset,
-            max,
-        });
-        Ok(())
-    }
-
-    /// The connection of an input upload closed: its unused credit goes
-    /// back to the pool and the upload is forgotten (the incoming copy
-    /// stays on disk: a new offer resumes from it).
-    pub(super) fn forget_input_uploads(&mut self, peer: &PeerId) {
-        let gone: Vec<UploadKey> = self
-            .input_uploads
-            .iter()
-            .filter(|(_, i)| i.peer == *peer && !i.upload.finishing)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in gone {
-            self.release_upload(&key);
-        }
-        self.feed_starved();
-    }
-
     // ------------------------------------------------------------------
     // Both kinds
     // ------------------------------------------------------------------
 
     /// Tells the sender where to continue, with fresh credit.
-    fn resume(&mut self, key: &UploadKey) {
+    pub(super) fn resume(&mut self, key: &UploadKey) {
         self.grant(key);
         let u = self.upload_ref(key).expect("upload");
         let (have, until) = (u.accepted, u.until.max(u.accepted));
@@ -714,7 +431,7 @@ impl<S: Store> Scheduler<S> {
     /// Raises the upload's credit to `written + window`, as far as the
     /// pool allows; an upload left without any credit waits in line.
     /// Returns true if the credit grew.
-    fn grant(&mut self, key: &UploadKey) -> bool {
+    pub(super) fn grant(&mut self, key: &UploadKey) -> bool {
         let window = self.cfg.limits.file_window_bytes.max(1);
         let free = self.pool_free();
         let u = self.upload_mut(key).expect("upload");
@@ -733,7 +450,7 @@ impl<S: Store> Scheduler<S> {
 
     /// Credit came back to the pool: uploads waiting for it get some, in
     /// the order they started waiting.
-    fn feed_starved(&mut self) {
+    pub(super) fn feed_starved(&mut self) {
         while self.pool_free() > 0 {
             let Some(key) = self.starved.pop_front() else {
                 return;
@@ -747,7 +464,7 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn send_credit(&mut self, key: &UploadKey) {
+    pub(super) fn send_credit(&mut self, key: &UploadKey) {
         let u = self.upload_ref(key).expect("upload");
         let (have, until) = (u.written, u.until.max(u.written));
         self.tell(
@@ -760,7 +477,7 @@ impl<S: Store> Scheduler<S> {
         );
     }
 
-    fn on_chunk(&mut self, now: Instant, key: &UploadKey, offset: u64, data: Bytes) {
+    pub(super) fn on_chunk(&mut self, now: Instant, key: &UploadKey, offset: u64, data: Bytes) {
         let Some(u) = self.upload_mut(key) else {
             // Not offered (or already finished or refused): dropped.
             self.count("file_chunks_unexpected", 1);
@@ -799,7 +516,7 @@ impl<S: Store> Scheduler<S> {
         });
     }
 
-    fn maybe_finish(&mut self, key: &UploadKey) {
+    pub(super) fn maybe_finish(&mut self, key: &UploadKey) {
         let u = self.upload_mut(key).expect("upload");
         if u.finishing || u.written < u.size {
             return;
@@ -922,7 +639,7 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn upload_stored(&mut self, key: &UploadKey, stored: Stored) {
+    pub(super) fn upload_stored(&mut self, key: &UploadKey, stored: Stored) {
         let size = stored.info.size;
         let sha256 = stored.info.sha256.clone();
         self.count("files_stored", 1);
@@ -965,7 +682,7 @@ impl<S: Store> Scheduler<S> {
         self.feed_starved();
     }
 
-    fn upload_failed(&mut self, key: &UploadKey, e: DeskError) {
+    pub(super) fn upload_failed(&mut self, key: &UploadKey, e: DeskError) {
         let code = match e {
             DeskError::Io(_) => ErrorCode::StorageFailed,
             DeskError::BadName(_) => ErrorCode::BadFileName,
@@ -981,7 +698,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Gives the upload's credit back to the pool and forgets it.
-    fn release_upload(&mut self, key: &UploadKey) {
+    pub(super) fn release_upload(&mut self, key: &UploadKey) {
         let removed = match key {
             UploadKey::Result { task, name, .. } => self
                 .tasks
@@ -1000,7 +717,7 @@ impl<S: Store> Scheduler<S> {
     /// The server will not take this file: the sender is told, the
     /// incoming copy removed; a result file is marked for the verdict
     /// (the report does not wait for it).
-    fn refuse(&mut self, key: &UploadKey, code: ErrorCode, why: String) {
+    pub(super) fn refuse(&mut self, key: &UploadKey, code: ErrorCode, why: String) {
         self.count("files_refused", 1);
         self.tell(
             key,
@@ -1058,43 +775,10 @@ impl<S: Store> Scheduler<S> {
         self.upload_credit = self.upload_credit.saturating_sub(released);
         self.feed_starved();
     }
-
-    /// A client's read of a stored file, answered from the desk.
-    fn answer_read(
-        &mut self,
-        peer: &PeerId,
-        request: u64,
-        offset: u64,
-        result: Result<(Vec<u8>, bool), DeskError>,
-    ) {
-        match result {
-            // `send` counts the bytes against the output budget.
-            Ok((bytes, eof)) => self.send(
-                peer,
-                None,
-                Body::Data {
-                    request,
-                    offset,
-                    eof,
-                },
-                Some(Bytes::from(bytes)),
-            ),
-            Err(DeskError::NotFound) => self.send_error(
-                peer,
-                Some(request),
-                ErrorCode::UnknownTask,
-                "no such file".into(),
-            ),
-            Err(e) => {
-                error!(error = %e, "stored file could not be read");
-                self.send_error(peer, Some(request), ErrorCode::StorageFailed, e.to_string())
-            }
-        }
-    }
 }
 
 /// How messages and logs name an upload.
-fn describe_key(key: &UploadKey) -> String {
+pub(super) fn describe_key(key: &UploadKey) -> String {
     match key {
         UploadKey::Result { task, name, .. } => format!("result file {name:?} of task {task}"),
         UploadKey::Input { sha256, .. } => format!("input file {sha256}"),

@@ -315,13 +315,31 @@ impl<S: Store> Scheduler<S> {
         now: Instant,
     ) -> Result<Self, RestoreError> {
         let mut s = Scheduler::new(cfg, store, incarnation);
-        let wall_now = s.wall_ms(now);
-        let instant = |ms: u64| {
-            now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
-                .unwrap_or(now)
-        };
+        let mut quarantine = Quarantine::default();
+        s.restore_meta(snap);
+        let (runs, tasks) = decode_runs_and_tasks(snap, &mut quarantine);
+        s.restore_runs(runs);
+        let queued = s.restore_tasks(tasks, now);
+        s.rebuild_queues(queued);
+        s.restore_workers(snap, now, &mut quarantine);
+        s.restore_notifications(snap, &mut quarantine);
+        s.rearm(now);
+        // Rows sanitized on the way in are written back at the first commit.
+        s.touched_workers = s.workers.keys().cloned().collect();
+        s.quarantined = quarantine.rows;
+        info!(
+            runs = s.runs.len(),
+            unfinished_tasks = s.active_tasks.len(),
+            workers = s.workers.len(),
+            "state restored"
+        );
+        Ok(s)
+    }
+
+    /// Who uploaded each input; where testrun numbering goes on.
+    fn restore_meta(&mut self, snap: &Snapshot) {
         for (sha256, owner) in &snap.input_owners {
-            s.input_owners
+            self.input_owners
                 .entry(sha256.clone())
                 .or_default()
                 .insert(owner.clone());
@@ -329,99 +347,39 @@ impl<S: Store> Scheduler<S> {
         for (key, value) in &snap.meta {
             if key == "next_run" {
                 match value.parse() {
-                    Ok(n) => s.next_run = n,
+                    Ok(n) => self.next_run = n,
                     Err(_) => {
                         warn!(value = %value, "state: meta next_run is not a number; numbering new testruns after the highest stored one")
                     }
                 }
             }
         }
-        // A row that cannot be applied is moved aside (quarantine table)
-        // with a log line naming it: the server starts and serves the rest,
-        // instead of failing the same way at every restart.
-        let mut quarantined = Vec::new();
-        let mut quarantine = |table: &'static str, key: &str, reason: String| {
-            tracing::error!(table, key, %reason, "state: row cannot be restored; moved to the quarantine table (inspect with sqlite3, then delete)");
-            quarantined.push(RestoreError {
-                table,
-                key: key.to_string(),
-                reason,
-            });
-        };
-        let mut runs = BTreeMap::new();
-        for (id, body) in &snap.runs {
-            let row: RunRow = match decode("runs", id, body) {
-                Ok(row) => row,
-                Err(e) => {
-                    quarantine("runs", id, e.reason);
-                    continue;
-                }
-            };
-            if let Err(e) = check_run(id, &row) {
-                quarantine("runs", id, e);
-                continue;
-            }
-            runs.insert(id.clone(), row);
-        }
-        let mut tasks = BTreeMap::new();
-        for (id, body) in &snap.tasks {
-            let row: TaskRow = match decode("tasks", id, body) {
-                Ok(row) => row,
-                Err(e) => {
-                    quarantine("tasks", id, e.reason);
-                    continue;
-                }
-            };
-            if !runs.contains_key(&row.run) {
-                quarantine(
-                    "tasks",
-                    id,
-                    format!("belongs to testrun {} which is not restored", row.run),
-                );
-                continue;
-            }
-            tasks.insert(id.clone(), row);
-        }
-        // A testrun missing one of its tasks cannot be judged: it goes
-        // aside with the tasks it has.
-        let broken: Vec<RunId> = runs
-            .iter()
-            .filter(|(_, r)| r.tasks.iter().any(|t| !tasks.contains_key(t)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for run in broken {
-            let r = runs.remove(&run).expect("listed");
-            quarantine("runs", &run, "one of its tasks is not restored".into());
-            for t in &r.tasks {
-                if tasks.remove(t).is_some() {
-                    quarantine("tasks", t, format!("its testrun {run} is quarantined"));
-                }
-            }
-        }
+    }
+
+    fn restore_runs(&mut self, runs: BTreeMap<RunId, RunRow>) {
         let highest = runs
             .keys()
             .filter_map(|id| id.strip_prefix('r').and_then(|n| n.parse::<u64>().ok()))
             .max()
             .unwrap_or(0);
-        s.next_run = s.next_run.max(highest.saturating_add(1));
-        s.persisted_next_run = s.next_run;
+        self.next_run = self.next_run.max(highest.saturating_add(1));
+        self.persisted_next_run = self.next_run;
         for (id, row) in runs {
-            let id = &id;
             if !matches!(row.state, RunState::Finished | RunState::Cancelled) {
-                s.active_runs.insert(id.clone());
+                self.active_runs.insert(id.clone());
             }
             let secrets = match &row.sealed_secrets {
                 None => Some(BTreeMap::new()),
                 Some(sealed) => {
-                    let opened = s.open_secrets(id, sealed);
+                    let opened = self.open_secrets(&id, sealed);
                     if opened.is_none() {
                         warn!(run = %id, "state: the testrun's secrets cannot be opened with this server key; its queued tasks end in ERROR");
                     }
                     opened
                 }
             };
-            s.runs.insert(
-                id.clone(),
+            self.runs.insert(
+                id,
                 Testrun {
                     secrets,
                     sealed_secrets: row.sealed_secrets,
@@ -437,9 +395,22 @@ impl<S: Store> Scheduler<S> {
                 },
             );
         }
+    }
+
+    /// The tasks, with their times mapped back onto the monotonic clock;
+    /// returns the queued ones with their order.
+    fn restore_tasks(
+        &mut self,
+        tasks: BTreeMap<TaskId, TaskRow>,
+        now: Instant,
+    ) -> Vec<(u64, TaskId)> {
+        let wall_now = self.wall_ms(now);
+        let instant = |ms: u64| {
+            now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
+                .unwrap_or(now)
+        };
         let mut queued = Vec::new();
         for (id, row) in tasks {
-            let id = &id;
             let mut state = row.state;
             let mut since = instant(row.since_ms);
             if matches!(
@@ -449,91 +420,66 @@ impl<S: Store> Scheduler<S> {
                 // Its worker gets the grace period to come back and report.
                 state = TaskState::Held;
                 since = now;
-                s.touched.insert(id.clone());
+                self.touched.insert(id.clone());
             }
             if state == TaskState::Queued {
                 queued.push((row.order, id.clone()));
             }
             if !state.is_final() {
-                s.active_tasks.insert(id.clone());
+                self.active_tasks.insert(id.clone());
             }
-            s.next_order = s.next_order.max(row.order.saturating_add(1));
-            s.tasks.insert(
-                id.clone(),
-                Task {
-                    id: id.clone(),
-                    run: row.run,
-                    packages: row.packages,
-                    state,
-                    worker: row.worker,
-                    attempts: row.attempts,
-                    verdict: row.verdict,
-                    reason: row.reason,
-                    cases: row.cases,
-                    log: row.log,
-                    log_lines_produced: row.log_lines_produced,
-                    files: row.files,
-                    since,
-                    queued_at: instant(row.queued_at_ms),
-                    order: row.order,
-                    cancel_requested: row.cancel_requested,
-                    history: row.history,
-                    log_bytes: row.log_bytes,
-                    log_refused: row.log_refused,
-                    log_full_told: None,
-                    file_errors: row.file_errors,
-                    refusals: row.refusals,
-                    file_sizes: row.file_sizes,
-                    uploads: BTreeMap::new(),
-                    junit: row.junit,
-                    avoid: row.avoid,
-                    failed_on: row.failed_on,
-                    rank: row
-                        .rank
-                        .unwrap_or(i64::try_from(row.queued_at_ms).unwrap_or(i64::MAX)),
-                    check_for: row.check_for,
-                    spec: row.spec,
-                },
-            );
+            self.next_order = self.next_order.max(row.order.saturating_add(1));
+            let queued_at = instant(row.queued_at_ms);
+            self.tasks
+                .insert(id.clone(), task_of_row(id, row, state, since, queued_at));
         }
-        s.stored_bytes = s
+        queued
+    }
+
+    /// Stored bytes, kept files, queues in their order, health checks.
+    fn rebuild_queues(&mut self, mut queued: Vec<(u64, TaskId)>) {
+        self.stored_bytes = self
             .tasks
             .values()
             .flat_map(|t| t.files.iter())
             .map(|f| f.size)
             .fold(0u64, u64::saturating_add);
-        let ended: Vec<RunId> = s
+        let ended: Vec<RunId> = self
             .runs
             .iter()
             .filter(|(_, r)| r.ended_ms.is_some() && r.pruned.is_none())
             .map(|(id, _)| id.clone())
             .collect();
         for run in ended {
-            s.retain(&run);
+            self.retain(&run);
         }
         queued.sort();
         for (_, id) in queued {
-            s.enqueue(&id);
+            self.enqueue(&id);
         }
         // Unfinished health checks wait for (or run on) their workers.
-        let checks: Vec<(String, TaskId)> = s
+        let checks: Vec<(String, TaskId)> = self
             .active_tasks
             .iter()
-            .filter_map(|id| Some((s.tasks.get(id)?.check_for.clone()?, id.clone())))
+            .filter_map(|id| Some((self.tasks.get(id)?.check_for.clone()?, id.clone())))
             .collect();
         for (w, id) in checks {
-            s.checks.insert(w, id);
+            self.checks.insert(w, id);
         }
+    }
+
+    /// The registry: every worker lost until it registers again.
+    fn restore_workers(&mut self, snap: &Snapshot, now: Instant, quarantine: &mut Quarantine) {
         for (name, body) in &snap.workers {
             let row: WorkerRow = match decode("workers", name, body) {
                 Ok(row) => row,
                 Err(e) => {
-                    quarantine("workers", name, e.reason);
+                    quarantine.put("workers", name, e.reason);
                     continue;
                 }
             };
             if !crate::protocol::limits::is_safe_id(name) || row.device.validate().is_err() {
-                quarantine(
+                quarantine.put(
                     "workers",
                     name,
                     "name or device outside the protocol's limits".into(),
@@ -544,7 +490,7 @@ impl<S: Store> Scheduler<S> {
             // worker; anything else (a quarantined task, a row from
             // another time) is forgotten, so no later step trips on it.
             let task = row.task.clone().filter(|t| {
-                s.tasks.get(t).is_some_and(|task| {
+                self.tasks.get(t).is_some_and(|task| {
                     !task.state.is_final() && task.worker.as_deref() == Some(name.as_str())
                 })
             });
@@ -554,9 +500,12 @@ impl<S: Store> Scheduler<S> {
                 }
             }
             if row.drained {
-                s.drained.insert(name.clone());
+                self.drained.insert(name.clone());
             }
-            s.workers.insert(
+            let health = row
+                .health
+                .unwrap_or_else(|| WorkerHealth::new(self.wall_ms(now)));
+            self.workers.insert(
                 name.clone(),
                 Worker {
                     name: name.clone(),
@@ -568,41 +517,47 @@ impl<S: Store> Scheduler<S> {
                     task,
                     last_heard: now,
                     dedup: row.dedup,
-                    outbox: Outbox::new(s.cfg.retry.clone()),
-                    health: row
-                        .health
-                        .unwrap_or_else(|| WorkerHealth::new(s.wall_ms(now))),
+                    outbox: Outbox::new(self.cfg.retry.clone()),
+                    health,
                     recent: row.recent.into_iter().take(RECENT_KEPT).collect(),
                 },
             );
         }
+    }
+
+    fn restore_notifications(&mut self, snap: &Snapshot, quarantine: &mut Quarantine) {
         for (id, body) in &snap.notifications {
             let row: crate::notify::outbox::Entry = match decode("notifications", id, body) {
                 Ok(row) => row,
                 Err(e) => {
-                    quarantine("notifications", id, e.reason);
+                    quarantine.put("notifications", id, e.reason);
                     continue;
                 }
             };
             if row.delivery.id != *id {
-                quarantine("notifications", id, "its id does not match its key".into());
+                quarantine.put("notifications", id, "its id does not match its key".into());
                 continue;
             }
-            s.restore_notification(row);
+            self.restore_notification(row);
         }
-        let keys: Vec<Vec<String>> = s.workers.values().map(Worker::routing_keys).collect();
+    }
+
+    /// Indexes, health deadlines, torn log lines cut, task deadlines, the
+    /// per-owner quotas of what is unfinished.
+    fn rearm(&mut self, now: Instant) {
+        let keys: Vec<Vec<String>> = self.workers.values().map(Worker::routing_keys).collect();
         for k in keys {
-            s.index_device(Vec::new(), k);
+            self.index_device(Vec::new(), k);
         }
-        let names: Vec<String> = s.workers.keys().cloned().collect();
+        let names: Vec<String> = self.workers.keys().cloned().collect();
         for name in &names {
-            s.arm_health(now, name);
+            self.arm_health(now, name);
         }
-        let ids: Vec<TaskId> = s.active_tasks.iter().cloned().collect();
+        let ids: Vec<TaskId> = self.active_tasks.iter().cloned().collect();
         for id in &ids {
             // A log write cut short (a crash, a full disk) leaves a torn
             // line that the next lines would merge with: cut it.
-            match s.store.repair_log(id) {
+            match self.store.repair_log(id) {
                 Ok(0) => {}
                 Ok(cut) => {
                     warn!(task = %id, bytes = cut, "task log ended in a torn line (a write cut short); cut back to the last whole line")
@@ -613,33 +568,142 @@ impl<S: Store> Scheduler<S> {
             }
         }
         for id in ids {
-            s.schedule_task(&id);
+            self.schedule_task(&id);
         }
-        // The per-owner quotas count what is unfinished.
-        for id in &s.active_tasks {
-            if let Some(owner) = s
+        for id in &self.active_tasks {
+            if let Some(owner) = self
                 .tasks
                 .get(id)
-                .and_then(|t| s.runs.get(&t.run))
+                .and_then(|t| self.runs.get(&t.run))
                 .and_then(|r| r.request.owner.clone())
             {
-                s.open_by_owner.entry(owner).or_default().0 += 1;
+                self.open_by_owner.entry(owner).or_default().0 += 1;
             }
         }
-        for id in &s.active_runs {
-            if let Some(owner) = s.runs.get(id).and_then(|r| r.request.owner.clone()) {
-                s.open_by_owner.entry(owner).or_default().1 += 1;
+        for id in &self.active_runs {
+            if let Some(owner) = self.runs.get(id).and_then(|r| r.request.owner.clone()) {
+                self.open_by_owner.entry(owner).or_default().1 += 1;
             }
         }
-        // Rows sanitized on the way in are written back at the first commit.
-        s.touched_workers = s.workers.keys().cloned().collect();
-        s.quarantined = quarantined;
-        info!(
-            runs = s.runs.len(),
-            unfinished_tasks = s.active_tasks.len(),
-            workers = s.workers.len(),
-            "state restored"
-        );
-        Ok(s)
+    }
+}
+
+/// Rows that cannot be applied are moved aside (quarantine table) with a
+/// log line naming each: the server starts and serves the rest, instead
+/// of failing the same way at every restart.
+#[derive(Default)]
+struct Quarantine {
+    rows: Vec<RestoreError>,
+}
+
+impl Quarantine {
+    fn put(&mut self, table: &'static str, key: &str, reason: String) {
+        tracing::error!(table, key, %reason, "state: row cannot be restored; moved to the quarantine table (inspect with sqlite3, then delete)");
+        self.rows.push(RestoreError {
+            table,
+            key: key.to_string(),
+            reason,
+        });
+    }
+}
+
+/// The testruns and tasks that decode and check; a testrun missing one of
+/// its tasks cannot be judged, so it goes aside with the tasks it has.
+fn decode_runs_and_tasks(
+    snap: &Snapshot,
+    quarantine: &mut Quarantine,
+) -> (BTreeMap<RunId, RunRow>, BTreeMap<TaskId, TaskRow>) {
+    let mut runs = BTreeMap::new();
+    for (id, body) in &snap.runs {
+        let row: RunRow = match decode("runs", id, body) {
+            Ok(row) => row,
+            Err(e) => {
+                quarantine.put("runs", id, e.reason);
+                continue;
+            }
+        };
+        if let Err(e) = check_run(id, &row) {
+            quarantine.put("runs", id, e);
+            continue;
+        }
+        runs.insert(id.clone(), row);
+    }
+    let mut tasks = BTreeMap::new();
+    for (id, body) in &snap.tasks {
+        let row: TaskRow = match decode("tasks", id, body) {
+            Ok(row) => row,
+            Err(e) => {
+                quarantine.put("tasks", id, e.reason);
+                continue;
+            }
+        };
+        if !runs.contains_key(&row.run) {
+            quarantine.put(
+                "tasks",
+                id,
+                format!("belongs to testrun {} which is not restored", row.run),
+            );
+            continue;
+        }
+        tasks.insert(id.clone(), row);
+    }
+    let broken: Vec<RunId> = runs
+        .iter()
+        .filter(|(_, r)| r.tasks.iter().any(|t| !tasks.contains_key(t)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for run in broken {
+        let r = runs.remove(&run).expect("listed");
+        quarantine.put("runs", &run, "one of its tasks is not restored".into());
+        for t in &r.tasks {
+            if tasks.remove(t).is_some() {
+                quarantine.put("tasks", t, format!("its testrun {run} is quarantined"));
+            }
+        }
+    }
+    (runs, tasks)
+}
+
+/// A task as the scheduler holds it, from its row.
+fn task_of_row(
+    id: TaskId,
+    row: TaskRow,
+    state: TaskState,
+    since: Instant,
+    queued_at: Instant,
+) -> Task {
+    Task {
+        id,
+        run: row.run,
+        packages: row.packages,
+        state,
+        worker: row.worker,
+        attempts: row.attempts,
+        verdict: row.verdict,
+        reason: row.reason,
+        cases: row.cases,
+        log: row.log,
+        log_lines_produced: row.log_lines_produced,
+        files: row.files,
+        since,
+        queued_at,
+        order: row.order,
+        cancel_requested: row.cancel_requested,
+        history: row.history,
+        log_bytes: row.log_bytes,
+        log_refused: row.log_refused,
+        log_full_told: None,
+        file_errors: row.file_errors,
+        refusals: row.refusals,
+        file_sizes: row.file_sizes,
+        uploads: BTreeMap::new(),
+        junit: row.junit,
+        avoid: row.avoid,
+        failed_on: row.failed_on,
+        rank: row
+            .rank
+            .unwrap_or(i64::try_from(row.queued_at_ms).unwrap_or(i64::MAX)),
+        check_for: row.check_for,
+        spec: row.spec,
     }
 }

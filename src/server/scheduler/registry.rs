@@ -51,6 +51,24 @@ impl<S: Store> Scheduler<S> {
         device: DeviceProps,
         running: Vec<TaskId>,
     ) {
+        if self.refuse_hello(now, peer, &name, &session, &device) {
+            return;
+        }
+        self.register(now, peer, &name, session, device);
+        self.reconcile(now, peer, &name, running);
+        self.welcome(now, peer, &name);
+    }
+
+    /// Refuses a hello it cannot take (answered here): an invalid device,
+    /// a name a live worker holds, a full registry.
+    fn refuse_hello(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        name: &str,
+        session: &str,
+        device: &DeviceProps,
+    ) -> bool {
         if let Err(e) = device.validate() {
             self.send_error(
                 peer,
@@ -58,14 +76,14 @@ impl<S: Store> Scheduler<S> {
                 ErrorCode::BadRequest,
                 format!("hello from {name:?}: {e}"),
             );
-            return;
+            return true;
         }
         // Two live workers with one name would steal each other's tasks and
         // messages: the one already registered keeps the name. A worker
         // restarted on the same state directory keeps its session, so it
         // takes over at once; a silent or lost one can be replaced.
         let liveness = self.cfg.heartbeat.saturating_mul(self.cfg.liveness);
-        if let Some(w) = self.workers.get(&name) {
+        if let Some(w) = self.workers.get(name) {
             let alive = w.peer.is_some()
                 && !w.state.is_gone()
                 && now.saturating_duration_since(w.last_heard) <= liveness;
@@ -83,10 +101,10 @@ impl<S: Store> Scheduler<S> {
                         "worker name {name:?} is in use by a live worker (session {registered}); give each worker its own name, or stop the other one"
                     ),
                 );
-                return;
+                return true;
             }
         }
-        if !self.workers.contains_key(&name) && self.workers.len() >= self.cfg.limits.max_workers {
+        if !self.workers.contains_key(name) && self.workers.len() >= self.cfg.limits.max_workers {
             self.count("hello_over_worker_limit", 1);
             if self.noise.allow(now, "refused hellos") {
                 warn!(worker = %name, limit = self.cfg.limits.max_workers, "refused a hello: the worker registry is full (limits.max_workers)");
@@ -100,8 +118,22 @@ impl<S: Store> Scheduler<S> {
                     self.workers.len()
                 ),
             );
-            return;
+            return true;
         }
+        false
+    }
+
+    /// The worker in the registry, on this connection, with this device;
+    /// a new process (session) starts its dedup window afresh.
+    fn register(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        name: &str,
+        session: String,
+        device: DeviceProps,
+    ) {
+        let name = name.to_string();
         // Registering anew: not waiting for work until it says `ready`
         // (and its device, hence its routing keys, may have changed).
         self.clear_ready(&name);
@@ -182,8 +214,13 @@ impl<S: Store> Scheduler<S> {
             let detail = format!("worker {name} ({})", self.workers[&name].device);
             self.audit_peer(peer, "registered", &detail);
         }
+    }
 
-        // Reconcile what the worker runs with what we think it runs.
+    /// What the worker runs against what we think it runs: a held task
+    /// goes on, a dispatch it never got goes again, a task it lost fails
+    /// as the infrastructure's, and one we do not know on it is closed.
+    fn reconcile(&mut self, now: Instant, peer: &PeerId, name: &str, running: Vec<TaskId>) {
+        let name = name.to_string();
         let ours = self.workers[&name].task.clone();
         if let Some(task) = ours {
             if running.contains(&task) {
@@ -229,6 +266,11 @@ impl<S: Store> Scheduler<S> {
                 );
             }
         }
+    }
+
+    /// The worker's state, its health told it registered, the welcome.
+    fn welcome(&mut self, now: Instant, peer: &PeerId, name: &str) {
+        let name = name.to_string();
         let w = self.workers.get_mut(&name).expect("worker");
         w.state = if w.task.is_some() {
             WorkerState::Busy

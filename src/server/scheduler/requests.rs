@@ -17,26 +17,7 @@ impl<S: Store> Scheduler<S> {
                 server: self.incarnation.clone(),
                 lease: self.cfg.lease.clone(),
             }),
-            Body::Submit { mut testrun, .. } => {
-                testrun.owner = self.owner(peer);
-                let owner = testrun.owner.clone();
-                let reply = self.submit(now, peer, request, testrun);
-                if let (Ok(Body::Submitted { run, tasks, .. }), true) = (&reply, self.cfg.secure) {
-                    let r = &self.runs[run].request;
-                    let mut option_keys: Vec<&str> = r.options.keys().map(String::as_str).collect();
-                    option_keys.truncate(16);
-                    let detail = format!(
-                        "run {run} for {} on {}: {} tasks, options [{}], {} secrets",
-                        owner.as_deref().unwrap_or("-"),
-                        r.device,
-                        tasks.len(),
-                        option_keys.join(","),
-                        self.runs[run].secrets.as_ref().map_or(0, |s| s.len()),
-                    );
-                    self.audit_peer(peer, "submit", &detail);
-                }
-                reply
-            }
+            Body::Submit { testrun, .. } => self.on_submit(now, peer, request, testrun),
             Body::Follow { run, logs, .. } => self.follow(peer, request, run, logs),
             Body::DrainWorker { worker, drain, .. } => {
                 self.drain(now, peer, request, &worker, drain)
@@ -47,89 +28,19 @@ impl<S: Store> Scheduler<S> {
                 reason,
                 ..
             } => self.worker_health(now, peer, request, &worker, action, &reason),
-            Body::ListRuns {
-                state,
-                owner,
-                limit,
-                verdict,
-                devicegroup,
-                before,
-                ..
-            } => {
-                // A submit user sees its own testruns only.
-                let owner = match (self.cfg.secure, self.caller_role(peer)) {
-                    (true, Some(crate::security::Role::Submit)) => self.owner(peer),
-                    _ => owner,
-                };
-                let filter = views::RunFilter {
-                    state,
-                    owner: owner.as_deref(),
-                    verdict,
-                    devicegroup: devicegroup.as_deref(),
-                    before,
-                };
-                Ok(Body::Runs {
-                    request,
-                    runs: self.list_runs(&filter, limit),
-                })
-            }
+            body @ Body::ListRuns { .. } => self.on_list_runs(peer, request, body),
             Body::ListNotifications { run, failed, .. } => {
                 self.list_notifications(peer, request, run, failed)
             }
             Body::RetryNotification { id, .. } => self.retry_notification(now, peer, request, &id),
-            Body::WebLogin { .. } => {
-                if !self.cfg.web {
-                    Err((
-                        ErrorCode::BadRequest,
-                        "this server does not serve the web dashboard: set web = \"127.0.0.1:8080\" in server.toml (or OTS_SERVER_WEB) and restart it".to_string(),
-                    ))
-                } else {
-                    let identity = self.callers.get(peer).map(|c| c.identity.clone());
-                    self.web_logins.push(WebLoginAsk {
-                        peer: peer.clone(),
-                        request,
-                        identity,
-                    });
-                    return;
-                }
-            }
-            Body::GetLogTail { task, max, .. } => {
-                if !self.tasks.contains_key(&task) {
-                    Err((
-                        ErrorCode::UnknownTask,
-                        format!("no task {task:?} on this server"),
-                    ))
-                } else {
-                    match self.store.read_log_tail(&task, max.min(MAX_READ_CHUNK)) {
-                        Ok((offset, bytes)) => self.send(
-                            peer,
-                            None,
-                            Body::Data {
-                                request,
-                                offset,
-                                eof: true,
-                            },
-                            Some(bytes.into()),
-                        ),
-                        Err(e) => self.send_error(
-                            peer,
-                            Some(request),
-                            ErrorCode::UnknownTask,
-                            e.to_string(),
-                        ),
-                    }
-                    return;
-                }
-            }
+            Body::WebLogin { .. } => match self.on_web_login(peer, request) {
+                Some(refused) => Err(refused),
+                None => return,
+            },
             Body::ListQueue { .. } => Ok(Body::Queue {
                 request,
                 queues: self.list_queue(now),
             }),
-            Body::GetAudit { offset, max, .. } => {
-                let read = self.store.read_audit(offset, max.min(MAX_READ_CHUNK));
-                self.send_data(peer, request, offset, read, ErrorCode::StorageFailed);
-                return;
-            }
             Body::GetStatus { run, .. } => self
                 .status(&run)
                 .map(|status| Body::Status { request, status }),
@@ -159,19 +70,163 @@ impl<S: Store> Scheduler<S> {
                     .map(|name| self.worker_info(now, name))
                     .collect(),
             }),
+            body @ (Body::GetLogTail { .. }
+            | Body::GetAudit { .. }
+            | Body::GetLog { .. }
+            | Body::GetFile { .. }
+            | Body::GetInput { .. }
+            | Body::InputOffer { .. }
+            | Body::InputEnd { .. }
+            | Body::InputChunk { .. }) => match self.on_data_request(now, peer, request, body, raw)
+            {
+                Some(refused) => Err(refused),
+                None => return,
+            },
+            other => Err((
+                ErrorCode::Malformed,
+                format!("{} is not a client request", other.kind()),
+            )),
+        };
+        match reply {
+            Ok(body) => self.send(peer, None, body, None),
+            Err((code, message)) => self.send_error(peer, Some(request), code, message),
+        }
+    }
+
+    /// A submit, with its owner set from the caller's identity (never what
+    /// the client said), audited with security.
+    fn on_submit(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        mut testrun: TestrunRequest,
+    ) -> Result<Body, (ErrorCode, String)> {
+        testrun.owner = self.owner(peer);
+        let owner = testrun.owner.clone();
+        let reply = self.submit(now, peer, request, testrun);
+        if let (Ok(Body::Submitted { run, tasks, .. }), true) = (&reply, self.cfg.secure) {
+            let r = &self.runs[run].request;
+            let mut option_keys: Vec<&str> = r.options.keys().map(String::as_str).collect();
+            option_keys.truncate(16);
+            let detail = format!(
+                "run {run} for {} on {}: {} tasks, options [{}], {} secrets",
+                owner.as_deref().unwrap_or("-"),
+                r.device,
+                tasks.len(),
+                option_keys.join(","),
+                self.runs[run].secrets.as_ref().map_or(0, |s| s.len()),
+            );
+            self.audit_peer(peer, "submit", &detail);
+        }
+        reply
+    }
+
+    /// The testruns a `runs` request asks for; a submit user sees its own
+    /// testruns only.
+    fn on_list_runs(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        body: Body,
+    ) -> Result<Body, (ErrorCode, String)> {
+        let Body::ListRuns {
+            state,
+            owner,
+            limit,
+            verdict,
+            devicegroup,
+            before,
+            ..
+        } = body
+        else {
+            return Err((ErrorCode::Malformed, "not a runs request".into()));
+        };
+        let owner = match (self.cfg.secure, self.caller_role(peer)) {
+            (true, Some(crate::security::Role::Submit)) => self.owner(peer),
+            _ => owner,
+        };
+        let filter = views::RunFilter {
+            state,
+            owner: owner.as_deref(),
+            verdict,
+            devicegroup: devicegroup.as_deref(),
+            before,
+        };
+        Ok(Body::Runs {
+            request,
+            runs: self.list_runs(&filter, limit),
+        })
+    }
+
+    /// A sign-in link asked for over Noise: handed to the shell, which
+    /// mints it (none when the server does not serve the dashboard).
+    fn on_web_login(&mut self, peer: &PeerId, request: u64) -> Option<(ErrorCode, String)> {
+        if !self.cfg.web {
+            return Some((
+                ErrorCode::BadRequest,
+                "this server does not serve the web dashboard: set web = \"127.0.0.1:8080\" in server.toml (or OTS_SERVER_WEB) and restart it".to_string(),
+            ));
+        }
+        let identity = self.callers.get(peer).map(|c| c.identity.clone());
+        self.web_logins.push(WebLoginAsk {
+            peer: peer.clone(),
+            request,
+            identity,
+        });
+        None
+    }
+
+    /// Reads of logs, the audit log, result and input files, and input
+    /// uploads: answered here with their data, or later by the file desk;
+    /// a refusal is returned.
+    fn on_data_request(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> Option<(ErrorCode, String)> {
+        let no_task = |task: &str| {
+            (
+                ErrorCode::UnknownTask,
+                format!("no task {task:?} on this server"),
+            )
+        };
+        match body {
+            Body::GetLogTail { task, max, .. } => {
+                if !self.tasks.contains_key(&task) {
+                    return Some(no_task(&task));
+                }
+                match self.store.read_log_tail(&task, max.min(MAX_READ_CHUNK)) {
+                    Ok((offset, bytes)) => self.send(
+                        peer,
+                        None,
+                        Body::Data {
+                            request,
+                            offset,
+                            eof: true,
+                        },
+                        Some(bytes.into()),
+                    ),
+                    Err(e) => {
+                        self.send_error(peer, Some(request), ErrorCode::UnknownTask, e.to_string())
+                    }
+                }
+            }
+            Body::GetAudit { offset, max, .. } => {
+                let read = self.store.read_audit(offset, max.min(MAX_READ_CHUNK));
+                self.send_data(peer, request, offset, read, ErrorCode::StorageFailed);
+            }
             Body::GetLog {
                 task, offset, max, ..
             } => {
                 if !self.tasks.contains_key(&task) {
-                    Err((
-                        ErrorCode::UnknownTask,
-                        format!("no task {task:?} on this server"),
-                    ))
-                } else {
-                    let read = self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK));
-                    self.send_data(peer, request, offset, read, ErrorCode::UnknownTask);
-                    return;
+                    return Some(no_task(&task));
                 }
+                let read = self.store.read_log(&task, offset, max.min(MAX_READ_CHUNK));
+                self.send_data(peer, request, offset, read, ErrorCode::UnknownTask);
             }
             Body::GetFile {
                 task,
@@ -185,49 +240,44 @@ impl<S: Store> Scheduler<S> {
                     .get(&task)
                     .is_some_and(|t| t.files.iter().any(|f| f.name == name));
                 if !known {
-                    Err((
+                    return Some((
                         ErrorCode::UnknownTask,
                         format!("task {task:?} has no result file {name:?}"),
-                    ))
-                } else {
-                    // Read by the file desk, off the loop; answered when done.
-                    let source = crate::server::files::ReadSource::Result { task, name };
-                    match self.read_file(peer, request, source, offset, max.min(MAX_READ_CHUNK)) {
-                        Ok(()) => return,
-                        Err(e) => Err(e),
-                    }
+                    ));
                 }
+                // Read by the file desk, off the loop; answered when done.
+                let source = crate::server::files::ReadSource::Result { task, name };
+                return self
+                    .read_file(peer, request, source, offset, max.min(MAX_READ_CHUNK))
+                    .err();
             }
             Body::GetInput {
                 sha256,
                 offset,
                 max,
                 ..
-            } => match self.read_input(peer, request, sha256, offset, max.min(MAX_READ_CHUNK)) {
-                Ok(()) => return,
-                Err(e) => Err(e),
-            },
+            } => {
+                return self
+                    .read_input(peer, request, sha256, offset, max.min(MAX_READ_CHUNK))
+                    .err()
+            }
             Body::InputOffer { sha256, size, .. } => {
-                self.on_input_offer(peer, request, sha256, size, false);
-                return;
+                self.on_input_offer(peer, request, sha256, size, false)
             }
             Body::InputEnd { sha256, size, .. } => {
-                self.on_input_offer(peer, request, sha256, size, true);
-                return;
+                self.on_input_offer(peer, request, sha256, size, true)
             }
             Body::InputChunk { sha256, offset, .. } => {
-                self.on_input_chunk(now, peer, sha256, offset, raw.unwrap_or_default());
-                return;
+                self.on_input_chunk(now, peer, sha256, offset, raw.unwrap_or_default())
             }
-            other => Err((
-                ErrorCode::Malformed,
-                format!("{} is not a client request", other.kind()),
-            )),
-        };
-        match reply {
-            Ok(body) => self.send(peer, None, body, None),
-            Err((code, message)) => self.send_error(peer, Some(request), code, message),
+            other => {
+                return Some((
+                    ErrorCode::Malformed,
+                    format!("{} is not a data request", other.kind()),
+                ))
+            }
         }
+        None
     }
 
     /// Answers a read request with the bytes read (`data` + raw frame), or

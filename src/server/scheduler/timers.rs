@@ -68,8 +68,15 @@ impl<S: Store> Scheduler<S> {
         self.heartbeat(now);
         self.apply_retention(now);
         self.notify_tick(now);
-        // If this server was not scheduled for a while (SIGSTOP, overload),
-        // the silence was ours: do not blame the workers for it.
+        self.forgive_own_stall(now);
+        let due_tasks = self.take_due(now);
+        self.expire_tasks(now, due_tasks);
+        self.resend_outboxes(now);
+    }
+
+    /// If this server was not scheduled for a while (SIGSTOP, overload),
+    /// the silence was ours: do not blame the workers for it.
+    fn forgive_own_stall(&mut self, now: Instant) {
         if let Some(last) = self.last_tick {
             let gap = now.saturating_duration_since(last);
             if gap > self.cfg.heartbeat * 2 {
@@ -83,10 +90,14 @@ impl<S: Store> Scheduler<S> {
             }
         }
         self.last_tick = Some(now);
+    }
 
-        // Only what is due: deadlines come off a heap, each checked against
-        // the worker's or task's current state (an entry made stale by a
-        // later message or state change is re-armed or dropped).
+    /// Only what is due: deadlines come off a heap, each checked against
+    /// the worker's or task's current state (an entry made stale by a
+    /// later message or state change is re-armed or dropped). Silent
+    /// workers are lost and health deadlines acted on here; the tasks
+    /// due are returned.
+    fn take_due(&mut self, now: Instant) -> Vec<TaskId> {
         let limit = self.cfg.heartbeat * self.cfg.liveness;
         let mut lost = Vec::new();
         let mut due_tasks = Vec::new();
@@ -129,7 +140,14 @@ impl<S: Store> Scheduler<S> {
         for (name, ms) in due_health {
             self.health_due(now, &name, ms);
         }
+        due_tasks
+    }
 
+    /// Tasks whose deadline passed: a hold its worker did not come back
+    /// for, a queue timeout, the execution backstop, a dispatch never
+    /// accepted.
+    fn expire_tasks(&mut self, now: Instant, due_tasks: Vec<TaskId>) {
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
         let mut expired_holds = Vec::new();
         let mut queue_timeouts = Vec::new();
         let mut backstops = Vec::new();
@@ -183,30 +201,7 @@ impl<S: Store> Scheduler<S> {
             self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
         }
         for id in backstops {
-            let worker = self.tasks[&id]
-                .worker
-                .clone()
-                .expect("running task has a worker");
-            self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
-            self.send_to_worker(
-                &worker,
-                Some(&id),
-                Body::TaskClosed {
-                    task: id.clone(),
-                    attempt: Some(self.tasks[&id].attempts),
-                    reason: "server backstop: execution timeout passed without a report".into(),
-                },
-            );
-            if let Some(w) = self.workers.get_mut(&worker) {
-                w.task = None;
-            }
-            self.touched_workers.insert(worker.clone());
-            let timeout = self.runs[&self.tasks[&id].run].request.timeout_secs;
-            let reason = format!(
-                "execution timeout: no report {} s after the {timeout} s timeout (server backstop)",
-                self.cfg.backstop_grace.as_secs()
-            );
-            self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
+            self.backstop(now, &id);
         }
         for id in unanswered {
             let worker = self.tasks[&id].worker.clone().unwrap_or_default();
@@ -218,7 +213,41 @@ impl<S: Store> Scheduler<S> {
             let why = format!("worker {worker} never accepted the dispatch");
             self.infrastructure_failure(now, &id, &worker, why);
         }
-        // Resends: only workers with something in their outbox.
+    }
+
+    /// A running task past its timeout and the grace with no report: the
+    /// worker is told to stop it and that it is closed, and it ends in
+    /// ERROR.
+    fn backstop(&mut self, now: Instant, id: &TaskId) {
+        let id = id.clone();
+        let worker = self.tasks[&id]
+            .worker
+            .clone()
+            .expect("running task has a worker");
+        self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
+        self.send_to_worker(
+            &worker,
+            Some(&id),
+            Body::TaskClosed {
+                task: id.clone(),
+                attempt: Some(self.tasks[&id].attempts),
+                reason: "server backstop: execution timeout passed without a report".into(),
+            },
+        );
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.task = None;
+        }
+        self.touched_workers.insert(worker.clone());
+        let timeout = self.runs[&self.tasks[&id].run].request.timeout_secs;
+        let reason = format!(
+            "execution timeout: no report {} s after the {timeout} s timeout (server backstop)",
+            self.cfg.backstop_grace.as_secs()
+        );
+        self.end_task(now, &id, TaskState::Finished, Some(Verdict::Error), reason);
+    }
+
+    /// Resends: only workers with something in their outbox.
+    fn resend_outboxes(&mut self, now: Instant) {
         let pending: Vec<String> = self.outboxes.iter().cloned().collect();
         for name in pending {
             let empty = self.workers.get(&name).is_none_or(|w| w.outbox.is_empty());

@@ -178,6 +178,41 @@ async fn pause() {
     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
 }
 
+/// One connection of a simulated worker: the DEALER, with security its
+/// handshake (counted when busy or failed) and the signed heartbeats'
+/// subscription.
+async fn connect(
+    control: &str,
+    events: &str,
+    credentials: Option<&(KeyPair, PublicKey)>,
+    counters: &FleetCounters,
+) -> Option<(
+    zeromq::DealerSocket,
+    Option<crate::security::Channel>,
+    Option<zeromq::SubSocket>,
+)> {
+    let mut socket = connect_dealer(control, Duration::from_secs(5)).await.ok()?;
+    let Some((key, server)) = credentials else {
+        return Some((socket, None, None));
+    };
+    let channel = match link::handshake(&mut socket, key, server, Duration::from_secs(5)).await {
+        Ok((c, _)) => c,
+        Err(link::LinkError::Busy(_)) => {
+            counters.handshakes_busy.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Err(_) => {
+            counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    // Secured: heartbeats come signed on the events port.
+    let sub = crate::transport::connect_sub(events, &["hb"], Duration::from_secs(5))
+        .await
+        .ok()?;
+    Some((socket, Some(channel), Some(sub)))
+}
+
 /// One simulated worker, forever: connect, handshake (secured), hello,
 /// ready every second; on a closed connection, wait a random moment and
 /// start over.
@@ -193,37 +228,12 @@ async fn worker(
     loop {
         let (control, events) = &servers[next % servers.len()];
         next = next.wrapping_add(1);
-        let Ok(mut socket) = connect_dealer(control, Duration::from_secs(5)).await else {
+        let Some((mut socket, mut channel, mut sub)) =
+            connect(control, events, credentials.as_ref(), &counters).await
+        else {
             pause().await;
             continue;
         };
-        let mut channel = None;
-        if let Some((key, server)) = &credentials {
-            match link::handshake(&mut socket, key, server, Duration::from_secs(5)).await {
-                Ok((c, _)) => channel = Some(c),
-                Err(link::LinkError::Busy(_)) => {
-                    counters.handshakes_busy.fetch_add(1, Ordering::Relaxed);
-                    pause().await;
-                    continue;
-                }
-                Err(_) => {
-                    counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    pause().await;
-                    continue;
-                }
-            }
-        }
-        // Secured: heartbeats come signed on the events port.
-        let mut sub = None;
-        if credentials.is_some() {
-            match crate::transport::connect_sub(events, &["hb"], Duration::from_secs(5)).await {
-                Ok(s) => sub = Some(s),
-                Err(_) => {
-                    pause().await;
-                    continue;
-                }
-            }
-        }
         let mut listener: Option<crate::security::broadcast::Listener> = None;
         let mut monitor = socket.monitor();
         let (mut tx, mut rx) = socket.split();

@@ -1,6 +1,7 @@
-//! The house keeps its shape (docs/ARCHITECTURE.md, "Keeping it so"):
-//! no import circle between files of `src/`, the protocol importing
-//! nothing above it, and no library code ending the process.
+//! The house keeps its shape (docs/ARCHITECTURE.md): no import circle
+//! between files of `src/`, the protocol importing nothing above it, no
+//! library code ending the process, no file over 800 lines and no
+//! function over 150 (a file's own tests aside).
 //!
 //! Imports are read as text, as a reviewer reads them: every
 //! `crate::a::b` and `super::…` path (and `use crate::a::{b, c::d}`
@@ -328,4 +329,134 @@ fn only_the_binaries_and_the_panic_hook_end_the_process() {
         exits.is_empty(),
         "library code ends the process; return a typed error through the handle instead: {exits:?}"
     );
+}
+
+/// Lines of a file up to its own tests (`#[cfg(test)]`), which are not
+/// part of the room.
+fn room(text: &str) -> Vec<&str> {
+    text.lines()
+        .take_while(|l| l.trim_start() != "#[cfg(test)]")
+        .collect()
+}
+
+/// A line that starts a function (`pub(crate) async fn name`, …).
+fn starts_fn(line: &str) -> bool {
+    let mut rest = line.trim_start();
+    for prefix in ["pub", "async", "const", "unsafe"] {
+        if let Some(r) = rest.strip_prefix(prefix) {
+            let r = if prefix == "pub" && r.starts_with('(') {
+                r.split_once(')').map_or(r, |(_, after)| after)
+            } else {
+                r
+            };
+            if r.starts_with(char::is_whitespace) {
+                rest = r.trim_start();
+            }
+        }
+    }
+    rest.strip_prefix("fn ")
+        .is_some_and(|r| r.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
+}
+
+/// Braces of a line, strings and character literals left out.
+fn brace_depth(line: &str) -> i64 {
+    let mut depth = 0;
+    let mut chars = line.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_string => {
+                chars.next();
+            }
+            '"' => in_string = !in_string,
+            '\'' if !in_string => {
+                // 'x' or '\x': skip a character literal, not a lifetime.
+                let mut look = chars.clone();
+                let first = look.next();
+                let second = if first == Some('\\') {
+                    look.nth(1)
+                } else {
+                    look.next()
+                };
+                if second == Some('\'') {
+                    chars = look;
+                }
+            }
+            '{' if !in_string => depth += 1,
+            '}' if !in_string => depth -= 1,
+            _ => {}
+        }
+    }
+    depth
+}
+
+/// (file:line, length) of every function of `lines` longer than `limit`.
+fn long_functions(file: &str, lines: &[&str], limit: usize) -> Vec<(String, usize)> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if !starts_fn(lines[i]) {
+            i += 1;
+            continue;
+        }
+        let (mut depth, mut opened, mut j) = (0, false, i);
+        while j < lines.len() {
+            if !opened && lines[j].contains(';') && !lines[j].contains('{') {
+                break;
+            }
+            depth += brace_depth(lines[j]);
+            opened |= lines[j].contains('{');
+            if opened && depth <= 0 {
+                break;
+            }
+            j += 1;
+        }
+        let length = j - i + 1;
+        if opened && length > limit {
+            found.push((format!("{file}:{}", i + 1), length));
+        }
+        i = if opened { j + 1 } else { i + 1 };
+    }
+    found
+}
+
+#[test]
+fn every_room_fits_in_one_look() {
+    let root = src();
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    let mut big_rooms = Vec::new();
+    let mut long = Vec::new();
+    for path in &files {
+        let file = path
+            .strip_prefix(&root)
+            .expect("under src/")
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(path).expect("readable source");
+        let lines = room(&text);
+        if lines.len() > 800 {
+            big_rooms.push((file.clone(), lines.len()));
+        }
+        long.extend(long_functions(&file, &lines, 150));
+    }
+    assert!(
+        big_rooms.is_empty() && long.is_empty(),
+        "split these (docs/ARCHITECTURE.md): files over 800 lines {big_rooms:?}, functions over 150 lines {long:?}"
+    );
+}
+
+#[test]
+fn the_size_check_measures_functions() {
+    let mut text = String::from("pub(crate) async fn long(x: u8) -> u8 {\n");
+    for _ in 0..160 {
+        text.push_str("    let s = \"}\"; let c = '{';\n");
+    }
+    text.push_str("    x\n}\nfn short() {}\n");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        long_functions("x.rs", &lines, 150),
+        vec![("x.rs:1".to_string(), 163)]
+    );
+    assert!(long_functions("x.rs", &lines, 200).is_empty());
 }

@@ -272,131 +272,14 @@ impl NotifyConfig {
 
     /// What the scheduler needs (no secrets): checked.
     pub fn rules(&self, dashboard: Option<String>) -> Result<Rules, NotifyConfigError> {
-        let setting = |key, reason: &str| NotifyConfigError::Setting {
-            key,
-            reason: reason.into(),
-        };
-        if self.max_age_secs == 0 || self.max_age_secs > 30 * 24 * 3600 {
-            return Err(setting("max_age", "must be between 1 s and 30 days"));
-        }
-        if !(10..=3_600_000).contains(&self.retry_first_ms) {
-            return Err(setting("retry_first", "must be between 10 ms and 1 h"));
-        }
-        if self.retry_cap_secs == 0
-            || self.retry_cap_secs.saturating_mul(1000) < self.retry_first_ms
-            || self.retry_cap_secs > 24 * 3600
-        {
-            return Err(setting(
-                "retry_cap",
-                "must be at least retry_first and at most 24 h",
-            ));
-        }
-        if !(1..=1_000_000).contains(&self.max_pending)
-            || !(1..=1_000_000).contains(&self.max_pending_per_target)
-            || self.max_kept > 1_000_000
-        {
-            return Err(setting(
-                "max_pending",
-                "max_pending and max_pending_per_target must be 1–1000000, max_kept at most 1000000",
-            ));
-        }
-        if !(4096..=16 << 20).contains(&self.max_payload_bytes) {
-            return Err(setting(
-                "max_payload_bytes",
-                "must be between 4096 and 16777216",
-            ));
-        }
+        self.check_settings()?;
         let mut targets = Vec::new();
         let mut names = std::collections::BTreeSet::new();
-        let filter = |f: &TargetFilters| Filter {
-            events: f.events.clone(),
-            owners: f.owners.clone(),
-            devicegroups: f.devicegroups.clone(),
-            verdicts: f.verdicts.clone(),
-        };
-        let target = |kind, name: &str, key, reason: String| NotifyConfigError::Target {
-            kind,
-            name: name.into(),
-            key,
-            reason,
-        };
         for w in &self.webhook {
-            check_common(
-                "webhook",
-                &w.name,
-                &mut names,
-                (w.concurrency, 64),
-                w.timeout_ms,
-            )?;
-            super::urls::parse(&w.url).map_err(|r| target("webhook", &w.name, "url", r))?;
-            if w.secret_file.as_os_str().is_empty() {
-                return Err(target(
-                    "webhook",
-                    &w.name,
-                    "secret_file",
-                    "is not set: every webhook is signed (write a secret, e.g. `whsec_` and base64 of 32 random bytes, into a file only the server reads)".into(),
-                ));
-            }
-            targets.push(TargetRule {
-                name: w.name.clone(),
-                kind: TargetKind::Webhook,
-                filter: filter(&w.filters),
-                per_run_only: w.per_run_only,
-                concurrency: w.concurrency,
-            });
+            targets.push(webhook_rule(w, &mut names)?);
         }
         for m in &self.mail {
-            check_common(
-                "mail",
-                &m.name,
-                &mut names,
-                (m.concurrency, 16),
-                m.timeout_ms,
-            )?;
-            if m.smtp.is_empty() == m.sendmail.is_none() {
-                return Err(target(
-                    "mail",
-                    &m.name,
-                    "smtp",
-                    "set exactly one of smtp = \"HOST:PORT\" and sendmail = \"/usr/sbin/sendmail\""
-                        .into(),
-                ));
-            }
-            if !m.smtp.is_empty() {
-                let (host, port) = m.smtp.rsplit_once(':').unwrap_or(("", ""));
-                if host.is_empty() || port.parse::<u16>().is_err() {
-                    return Err(target(
-                        "mail",
-                        &m.name,
-                        "smtp",
-                        format!(
-                            "= {:?} must be HOST:PORT, e.g. smtp.example.org:587",
-                            m.smtp
-                        ),
-                    ));
-                }
-            }
-            check_address(&m.from)
-                .map_err(|r| target("mail", &m.name, "from", format!("= {:?} {r}", m.from)))?;
-            if m.to.len() > 100 {
-                return Err(target(
-                    "mail",
-                    &m.name,
-                    "to",
-                    "lists more than 100 addresses".into(),
-                ));
-            }
-            for a in &m.to {
-                check_address(a)
-                    .map_err(|r| target("mail", &m.name, "to", format!("entry {a:?} {r}")))?;
-            }
-            targets.push(TargetRule {
-                name: m.name.clone(),
-                kind: TargetKind::Mail { to: m.to.clone() },
-                filter: filter(&m.filters),
-                per_run_only: m.per_run_only,
-                concurrency: m.concurrency,
-            });
+            targets.push(mail_rule(m, &mut names)?);
         }
         let mail_relay = if self.mailto_via.is_empty() {
             self.mail.first().map(|m| m.name.clone())
@@ -443,6 +326,140 @@ impl NotifyConfig {
             dashboard,
         })
     }
+
+    /// The delivery settings in range.
+    fn check_settings(&self) -> Result<(), NotifyConfigError> {
+        if self.max_age_secs == 0 || self.max_age_secs > 30 * 24 * 3600 {
+            return Err(setting("max_age", "must be between 1 s and 30 days"));
+        }
+        if !(10..=3_600_000).contains(&self.retry_first_ms) {
+            return Err(setting("retry_first", "must be between 10 ms and 1 h"));
+        }
+        if self.retry_cap_secs == 0
+            || self.retry_cap_secs.saturating_mul(1000) < self.retry_first_ms
+            || self.retry_cap_secs > 24 * 3600
+        {
+            return Err(setting(
+                "retry_cap",
+                "must be at least retry_first and at most 24 h",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_pending)
+            || !(1..=1_000_000).contains(&self.max_pending_per_target)
+            || self.max_kept > 1_000_000
+        {
+            return Err(setting(
+                "max_pending",
+                "max_pending and max_pending_per_target must be 1–1000000, max_kept at most 1000000",
+            ));
+        }
+        if !(4096..=16 << 20).contains(&self.max_payload_bytes) {
+            return Err(setting(
+                "max_payload_bytes",
+                "must be between 4096 and 16777216",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn setting(key: &'static str, reason: &str) -> NotifyConfigError {
+    NotifyConfigError::Setting {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn target(kind: &'static str, name: &str, key: &'static str, reason: String) -> NotifyConfigError {
+    NotifyConfigError::Target {
+        kind,
+        name: name.into(),
+        key,
+        reason,
+    }
+}
+
+fn filter(f: &TargetFilters) -> Filter {
+    Filter {
+        events: f.events.clone(),
+        owners: f.owners.clone(),
+        devicegroups: f.devicegroups.clone(),
+        verdicts: f.verdicts.clone(),
+    }
+}
+
+/// A webhook target, checked: a unique name, its URL, its secret.
+fn webhook_rule(
+    w: &WebhookConfig,
+    names: &mut std::collections::BTreeSet<String>,
+) -> Result<TargetRule, NotifyConfigError> {
+    check_common("webhook", &w.name, names, (w.concurrency, 64), w.timeout_ms)?;
+    super::urls::parse(&w.url).map_err(|r| target("webhook", &w.name, "url", r))?;
+    if w.secret_file.as_os_str().is_empty() {
+        return Err(target(
+                    "webhook",
+                    &w.name,
+                    "secret_file",
+                    "is not set: every webhook is signed (write a secret, e.g. `whsec_` and base64 of 32 random bytes, into a file only the server reads)".into(),
+                ));
+    }
+    Ok(TargetRule {
+        name: w.name.clone(),
+        kind: TargetKind::Webhook,
+        filter: filter(&w.filters),
+        per_run_only: w.per_run_only,
+        concurrency: w.concurrency,
+    })
+}
+
+/// A mail target, checked: a unique name, one way to send, its addresses.
+fn mail_rule(
+    m: &MailConfig,
+    names: &mut std::collections::BTreeSet<String>,
+) -> Result<TargetRule, NotifyConfigError> {
+    check_common("mail", &m.name, names, (m.concurrency, 16), m.timeout_ms)?;
+    if m.smtp.is_empty() == m.sendmail.is_none() {
+        return Err(target(
+            "mail",
+            &m.name,
+            "smtp",
+            "set exactly one of smtp = \"HOST:PORT\" and sendmail = \"/usr/sbin/sendmail\"".into(),
+        ));
+    }
+    if !m.smtp.is_empty() {
+        let (host, port) = m.smtp.rsplit_once(':').unwrap_or(("", ""));
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(target(
+                "mail",
+                &m.name,
+                "smtp",
+                format!(
+                    "= {:?} must be HOST:PORT, e.g. smtp.example.org:587",
+                    m.smtp
+                ),
+            ));
+        }
+    }
+    check_address(&m.from)
+        .map_err(|r| target("mail", &m.name, "from", format!("= {:?} {r}", m.from)))?;
+    if m.to.len() > 100 {
+        return Err(target(
+            "mail",
+            &m.name,
+            "to",
+            "lists more than 100 addresses".into(),
+        ));
+    }
+    for a in &m.to {
+        check_address(a).map_err(|r| target("mail", &m.name, "to", format!("entry {a:?} {r}")))?;
+    }
+    Ok(TargetRule {
+        name: m.name.clone(),
+        kind: TargetKind::Mail { to: m.to.clone() },
+        filter: filter(&m.filters),
+        per_run_only: m.per_run_only,
+        concurrency: m.concurrency,
+    })
 }
 
 #[cfg(test)]

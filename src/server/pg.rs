@@ -256,63 +256,9 @@ impl PgDb {
             ))
             .await
             .map_err(pg)?;
-        let tables: Vec<String> = client
-            .query(
-                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema()",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let path = PathBuf::from(&target);
-        let version: i64 = if tables.is_empty() {
-            0
-        } else if !tables.iter().any(|t| t == "meta") {
-            return Err(StateError::Foreign {
-                path,
-                reason: format!("PostgreSQL database with tables {tables:?} but no ots meta table; give ots a database of its own"),
-            });
-        } else {
-            let row = client
-                .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
-                .await
-                .map_err(pg)?
-                .ok_or_else(|| StateError::Foreign {
-                    path: path.clone(),
-                    reason: "meta table without a schema_version".into(),
-                })?;
-            let v: String = row.get(0);
-            v.parse().map_err(|_| StateError::Foreign {
-                path: path.clone(),
-                reason: format!("schema_version {v:?} is not a number"),
-            })?
-        };
-        if version > SCHEMA_VERSION {
-            return Err(StateError::TooNew {
-                path,
-                found: version,
-            });
-        }
+        let version = schema_version(&client, &target).await?;
         let mut client = client;
-        for v in version + 1..=SCHEMA_VERSION {
-            let tx = client.transaction().await.map_err(pg)?;
-            tx.batch_execute(&migration(v, Dialect::Postgres))
-                .await
-                .map_err(pg)?;
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', $1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                &[&v.to_string()],
-            )
-            .await
-            .map_err(pg)?;
-            tx.commit().await.map_err(pg)?;
-            if version > 0 {
-                tracing::info!(database = %target, version = v, "state database migrated");
-            }
-        }
+        migrate(&mut client, version, &target).await?;
         // Which database this is, whatever its address is written as: the
         // state directories of the servers sharing it record it.
         client
@@ -328,69 +274,7 @@ impl PgDb {
             .await
             .map_err(pg)?
             .get(0);
-        let prepare = |sql: &'static str| {
-            let client = &client;
-            async move { client.prepare(sql).await }
-        };
-        let statements = Statements {
-            runs: prepare(
-                "INSERT INTO runs (id, body) SELECT * FROM UNNEST($1::text[], $2::bytea[])
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            )
-            .await
-            .map_err(pg)?,
-            tasks: prepare(
-                "INSERT INTO tasks (id, run, body) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
-                 ON CONFLICT (id) DO UPDATE SET run = excluded.run, body = excluded.body",
-            )
-            .await
-            .map_err(pg)?,
-            workers: prepare(
-                "INSERT INTO workers (name, body) SELECT * FROM UNNEST($1::text[], $2::bytea[])
-                 ON CONFLICT (name) DO UPDATE SET body = excluded.body",
-            )
-            .await
-            .map_err(pg)?,
-            removed_workers: prepare("DELETE FROM workers WHERE name = ANY($1::text[])")
-                .await
-                .map_err(pg)?,
-            history: prepare(
-                "INSERT INTO task_history (task, at_ms, state, attempt, worker, reason)
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[])",
-            )
-            .await
-            .map_err(pg)?,
-            files: prepare(
-                "INSERT INTO files (task, name, size, sha256) SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[])
-                 ON CONFLICT (task, name) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256",
-            )
-            .await
-            .map_err(pg)?,
-            pruned: prepare("DELETE FROM files WHERE task = ANY($1::text[])")
-                .await
-                .map_err(pg)?,
-            owners: prepare(
-                "INSERT INTO input_owners (sha256, owner) SELECT * FROM UNNEST($1::text[], $2::text[])
-                 ON CONFLICT DO NOTHING",
-            )
-            .await
-            .map_err(pg)?,
-            notifications: prepare(
-                "INSERT INTO notifications (id, run, body) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
-                 ON CONFLICT (id) DO UPDATE SET run = excluded.run, body = excluded.body",
-            )
-            .await
-            .map_err(pg)?,
-            removed_notifications: prepare("DELETE FROM notifications WHERE id = ANY($1::text[])")
-                .await
-                .map_err(pg)?,
-            meta: prepare(
-                "INSERT INTO meta (key, value) SELECT * FROM UNNEST($1::text[], $2::text[])
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .await
-            .map_err(pg)?,
-        };
+        let statements = Statements::prepare(&client).await.map_err(pg)?;
         Ok(PgDb {
             client,
             target,
@@ -545,134 +429,7 @@ impl PgDb {
                 });
             }
         }
-        // One row per key and statement: a batch's later row wins (an
-        // upsert may not touch a row twice).
-        fn last<K: Ord + Clone, V>(rows: impl Iterator<Item = (K, V)>) -> BTreeMap<K, V> {
-            rows.collect()
-        }
-        /// Three columns of (key, (a, b)) rows.
-        fn columns<K, A, B>(rows: BTreeMap<K, (A, B)>) -> (Vec<K>, Vec<A>, Vec<B>) {
-            let mut out = (Vec::new(), Vec::new(), Vec::new());
-            for (k, (a, b)) in rows {
-                out.0.push(k);
-                out.1.push(a);
-                out.2.push(b);
-            }
-            out
-        }
-        if !changes.runs.is_empty() {
-            let rows = last(changes.runs.iter().map(|(k, b)| (k.as_str(), b.as_slice())));
-            let (ids, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
-            tx.execute(&s.runs, &[&ids, &bodies]).await.map_err(pg)?;
-        }
-        if !changes.tasks.is_empty() {
-            let rows = last(
-                changes
-                    .tasks
-                    .iter()
-                    .map(|(k, r, b)| (k.as_str(), (r.as_str(), b.as_slice()))),
-            );
-            let (ids, runs, bodies) = columns(rows);
-            tx.execute(&s.tasks, &[&ids, &runs, &bodies])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.workers.is_empty() {
-            let rows = last(
-                changes
-                    .workers
-                    .iter()
-                    .map(|(k, b)| (k.as_str(), b.as_slice())),
-            );
-            let (names, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
-            tx.execute(&s.workers, &[&names, &bodies])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.removed_workers.is_empty() {
-            tx.execute(&s.removed_workers, &[&changes.removed_workers])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.history.is_empty() {
-            let h = &changes.history;
-            let tasks: Vec<&str> = h.iter().map(|r| r.task.as_str()).collect();
-            let at: Vec<i64> = h.iter().map(|r| r.at_ms as i64).collect();
-            let states: Vec<&str> = h.iter().map(|r| r.state.as_str()).collect();
-            let attempts: Vec<i64> = h.iter().map(|r| i64::from(r.attempt)).collect();
-            let workers: Vec<Option<&str>> = h.iter().map(|r| r.worker.as_deref()).collect();
-            let reasons: Vec<Option<&str>> = h.iter().map(|r| r.reason.as_deref()).collect();
-            tx.execute(
-                &s.history,
-                &[&tasks, &at, &states, &attempts, &workers, &reasons],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        if !changes.files.is_empty() {
-            let rows =
-                last(changes.files.iter().map(|(t, n, size, sha)| {
-                    ((t.as_str(), n.as_str()), (*size as i64, sha.as_str()))
-                }));
-            let (keys, sizes, shas) = columns(rows);
-            let (tasks, names): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
-            tx.execute(&s.files, &[&tasks, &names, &sizes, &shas])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.pruned_tasks.is_empty() {
-            tx.execute(&s.pruned, &[&changes.pruned_tasks])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.input_owners.is_empty() {
-            let (shas, owners): (Vec<&str>, Vec<&str>) = changes
-                .input_owners
-                .iter()
-                .map(|(s, o)| (s.as_str(), o.as_str()))
-                .unzip();
-            tx.execute(&s.owners, &[&shas, &owners]).await.map_err(pg)?;
-        }
-        if !changes.notifications.is_empty() {
-            let rows = last(
-                changes
-                    .notifications
-                    .iter()
-                    .map(|(id, run, b)| (id.as_str(), (run.as_deref(), b.as_slice()))),
-            );
-            let (ids, runs, bodies) = columns(rows);
-            tx.execute(&s.notifications, &[&ids, &runs, &bodies])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.removed_notifications.is_empty() {
-            tx.execute(&s.removed_notifications, &[&changes.removed_notifications])
-                .await
-                .map_err(pg)?;
-        }
-        if !changes.meta.is_empty() {
-            let rows = last(changes.meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            let (keys, values): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
-            tx.execute(&s.meta, &[&keys, &values]).await.map_err(pg)?;
-        }
-        let now_ms = crate::protocol::limits::unix_ms_now() as i64;
-        for (table, key, reason) in &changes.quarantine {
-            let Some((table, column)) = super::db::quarantinable(table) else {
-                continue;
-            };
-            tx.execute(
-                &format!(
-                    "INSERT INTO quarantine (tbl, key, body, reason, at_ms)
-                     SELECT $1, {column}, body, $2, $3 FROM {table} WHERE {column} = $4"
-                ),
-                &[&table, reason, &now_ms, key],
-            )
-            .await
-            .map_err(pg)?;
-            tx.execute(&format!("DELETE FROM {table} WHERE {column} = $1"), &[key])
-                .await
-                .map_err(pg)?;
-        }
+        write_changes(&tx, s, changes).await.map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
 
@@ -734,6 +491,288 @@ impl PgDb {
     pub async fn execute_batch(&self, sql: &str) -> Result<(), StateError> {
         self.client.batch_execute(sql).await.map_err(self.pg())
     }
+}
+
+/// The schema version the database holds: 0 when empty; a database with
+/// other tables than ots's is refused.
+async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result<i64, StateError> {
+    let pg = |source| StateError::Postgres {
+        target: target.to_string(),
+        source,
+    };
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema()",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let path = PathBuf::from(target);
+    let version: i64 = if tables.is_empty() {
+        0
+    } else if !tables.iter().any(|t| t == "meta") {
+        return Err(StateError::Foreign {
+                path,
+                reason: format!("PostgreSQL database with tables {tables:?} but no ots meta table; give ots a database of its own"),
+            });
+    } else {
+        let row = client
+            .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| StateError::Foreign {
+                path: path.clone(),
+                reason: "meta table without a schema_version".into(),
+            })?;
+        let v: String = row.get(0);
+        v.parse().map_err(|_| StateError::Foreign {
+            path: path.clone(),
+            reason: format!("schema_version {v:?} is not a number"),
+        })?
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StateError::TooNew {
+            path,
+            found: version,
+        });
+    }
+    Ok(version)
+}
+
+/// Migrates from `version` to [`SCHEMA_VERSION`], one transaction per step.
+async fn migrate(
+    client: &mut tokio_postgres::Client,
+    version: i64,
+    target: &str,
+) -> Result<(), StateError> {
+    let pg = |source| StateError::Postgres {
+        target: target.to_string(),
+        source,
+    };
+    for v in version + 1..=SCHEMA_VERSION {
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.batch_execute(&migration(v, Dialect::Postgres))
+            .await
+            .map_err(pg)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&v.to_string()],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        if version > 0 {
+            tracing::info!(database = %target, version = v, "state database migrated");
+        }
+    }
+    Ok(())
+}
+
+impl Statements {
+    /// Every statement a commit runs, prepared once.
+    async fn prepare(client: &tokio_postgres::Client) -> Result<Statements, tokio_postgres::Error> {
+        let prepare = |sql: &'static str| async move { client.prepare(sql).await };
+        Ok(Statements {
+            runs: prepare(
+                "INSERT INTO runs (id, body) SELECT * FROM UNNEST($1::text[], $2::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            )
+            .await
+            ?,
+            tasks: prepare(
+                "INSERT INTO tasks (id, run, body) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET run = excluded.run, body = excluded.body",
+            )
+            .await
+            ?,
+            workers: prepare(
+                "INSERT INTO workers (name, body) SELECT * FROM UNNEST($1::text[], $2::bytea[])
+                 ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            )
+            .await
+            ?,
+            removed_workers: prepare("DELETE FROM workers WHERE name = ANY($1::text[])")
+                .await
+                ?,
+            history: prepare(
+                "INSERT INTO task_history (task, at_ms, state, attempt, worker, reason)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[])",
+            )
+            .await
+            ?,
+            files: prepare(
+                "INSERT INTO files (task, name, size, sha256) SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[])
+                 ON CONFLICT (task, name) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256",
+            )
+            .await
+            ?,
+            pruned: prepare("DELETE FROM files WHERE task = ANY($1::text[])")
+                .await
+                ?,
+            owners: prepare(
+                "INSERT INTO input_owners (sha256, owner) SELECT * FROM UNNEST($1::text[], $2::text[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .await
+            ?,
+            notifications: prepare(
+                "INSERT INTO notifications (id, run, body) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET run = excluded.run, body = excluded.body",
+            )
+            .await
+            ?,
+            removed_notifications: prepare("DELETE FROM notifications WHERE id = ANY($1::text[])")
+                .await
+                ?,
+            meta: prepare(
+                "INSERT INTO meta (key, value) SELECT * FROM UNNEST($1::text[], $2::text[])
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .await
+            ?,
+        })
+    }
+}
+
+/// One row per key and statement: a batch's later row wins (an
+/// upsert may not touch a row twice).
+fn last<K: Ord + Clone, V>(rows: impl Iterator<Item = (K, V)>) -> BTreeMap<K, V> {
+    rows.collect()
+}
+/// Three columns of (key, (a, b)) rows.
+fn columns<K, A, B>(rows: BTreeMap<K, (A, B)>) -> (Vec<K>, Vec<A>, Vec<B>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (k, (a, b)) in rows {
+        out.0.push(k);
+        out.1.push(a);
+        out.2.push(b);
+    }
+    out
+}
+
+/// Writes a batch's rows into the open transaction, one statement per
+/// table (each with every row of the batch).
+async fn write_changes(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Statements,
+    changes: &Changes,
+) -> Result<(), tokio_postgres::Error> {
+    if !changes.runs.is_empty() {
+        let rows = last(changes.runs.iter().map(|(k, b)| (k.as_str(), b.as_slice())));
+        let (ids, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
+        tx.execute(&s.runs, &[&ids, &bodies]).await?;
+    }
+    if !changes.tasks.is_empty() {
+        let rows = last(
+            changes
+                .tasks
+                .iter()
+                .map(|(k, r, b)| (k.as_str(), (r.as_str(), b.as_slice()))),
+        );
+        let (ids, runs, bodies) = columns(rows);
+        tx.execute(&s.tasks, &[&ids, &runs, &bodies]).await?;
+    }
+    if !changes.workers.is_empty() {
+        let rows = last(
+            changes
+                .workers
+                .iter()
+                .map(|(k, b)| (k.as_str(), b.as_slice())),
+        );
+        let (names, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
+        tx.execute(&s.workers, &[&names, &bodies]).await?;
+    }
+    if !changes.removed_workers.is_empty() {
+        tx.execute(&s.removed_workers, &[&changes.removed_workers])
+            .await?;
+    }
+    if !changes.history.is_empty() {
+        let h = &changes.history;
+        let tasks: Vec<&str> = h.iter().map(|r| r.task.as_str()).collect();
+        let at: Vec<i64> = h.iter().map(|r| r.at_ms as i64).collect();
+        let states: Vec<&str> = h.iter().map(|r| r.state.as_str()).collect();
+        let attempts: Vec<i64> = h.iter().map(|r| i64::from(r.attempt)).collect();
+        let workers: Vec<Option<&str>> = h.iter().map(|r| r.worker.as_deref()).collect();
+        let reasons: Vec<Option<&str>> = h.iter().map(|r| r.reason.as_deref()).collect();
+        tx.execute(
+            &s.history,
+            &[&tasks, &at, &states, &attempts, &workers, &reasons],
+        )
+        .await?;
+    }
+    if !changes.files.is_empty() {
+        let rows = last(
+            changes
+                .files
+                .iter()
+                .map(|(t, n, size, sha)| ((t.as_str(), n.as_str()), (*size as i64, sha.as_str()))),
+        );
+        let (keys, sizes, shas) = columns(rows);
+        let (tasks, names): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+        tx.execute(&s.files, &[&tasks, &names, &sizes, &shas])
+            .await?;
+    }
+    if !changes.pruned_tasks.is_empty() {
+        tx.execute(&s.pruned, &[&changes.pruned_tasks]).await?;
+    }
+    if !changes.input_owners.is_empty() {
+        let (shas, owners): (Vec<&str>, Vec<&str>) = changes
+            .input_owners
+            .iter()
+            .map(|(s, o)| (s.as_str(), o.as_str()))
+            .unzip();
+        tx.execute(&s.owners, &[&shas, &owners]).await?;
+    }
+    if !changes.notifications.is_empty() {
+        let rows = last(
+            changes
+                .notifications
+                .iter()
+                .map(|(id, run, b)| (id.as_str(), (run.as_deref(), b.as_slice()))),
+        );
+        let (ids, runs, bodies) = columns(rows);
+        tx.execute(&s.notifications, &[&ids, &runs, &bodies])
+            .await?;
+    }
+    if !changes.removed_notifications.is_empty() {
+        tx.execute(&s.removed_notifications, &[&changes.removed_notifications])
+            .await?;
+    }
+    if !changes.meta.is_empty() {
+        let rows = last(changes.meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let (keys, values): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
+        tx.execute(&s.meta, &[&keys, &values]).await?;
+    }
+    quarantine(tx, changes).await
+}
+
+/// Moves the rows that could not be restored aside, into the quarantine
+/// table.
+async fn quarantine(
+    tx: &tokio_postgres::Transaction<'_>,
+    changes: &Changes,
+) -> Result<(), tokio_postgres::Error> {
+    let now_ms = crate::protocol::limits::unix_ms_now() as i64;
+    for (table, key, reason) in &changes.quarantine {
+        let Some((table, column)) = super::db::quarantinable(table) else {
+            continue;
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO quarantine (tbl, key, body, reason, at_ms)
+                 SELECT $1, {column}, body, $2, $3 FROM {table} WHERE {column} = $4"
+            ),
+            &[&table, reason, &now_ms, key],
+        )
+        .await?;
+        tx.execute(&format!("DELETE FROM {table} WHERE {column} = $1"), &[key])
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

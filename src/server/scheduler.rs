@@ -457,24 +457,45 @@ impl<S: Store> Scheduler<S> {
             self.on_client_request(now, peer, request, body, raw);
             return;
         }
-        if let Body::Hello {
+        if let Body::Hello { .. } = body {
+            self.on_hello_message(now, peer, body);
+            return;
+        }
+        let Some(name) = self.heard_from(now, peer, &body) else {
+            return;
+        };
+        if header.mandatory {
+            self.on_mandatory(now, peer, &name, &header, body, raw);
+        } else {
+            self.on_worker_message(now, peer, &name, body, raw);
+        }
+    }
+
+    /// A `hello`: registration, and the version the worker says it runs.
+    fn on_hello_message(&mut self, now: Instant, peer: &PeerId, body: Body) {
+        let Body::Hello {
             worker,
             session,
             device,
             running,
             version,
         } = body
-        {
-            let name = worker.clone();
-            self.on_hello(now, peer, worker, session, device, running);
-            if self.peers.get(peer) == Some(&name) {
-                match version {
-                    Some(v) => self.versions.insert(name, v),
-                    None => self.versions.remove(&name),
-                };
-            }
+        else {
             return;
+        };
+        let name = worker.clone();
+        self.on_hello(now, peer, worker, session, device, running);
+        if self.peers.get(peer) == Some(&name) {
+            match version {
+                Some(v) => self.versions.insert(name, v),
+                None => self.versions.remove(&name),
+            };
         }
+    }
+
+    /// The registered worker this connection is (none: told to register
+    /// first); it was heard now, and a lost one is alive again.
+    fn heard_from(&mut self, now: Instant, peer: &PeerId, body: &Body) -> Option<String> {
         let Some(name) = self.peers.get(peer).cloned() else {
             self.count("not_registered", 1);
             self.send_error(
@@ -486,7 +507,7 @@ impl<S: Store> Scheduler<S> {
                     body.kind()
                 ),
             );
-            return;
+            return None;
         };
         self.touched_workers.insert(name.clone());
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
@@ -503,55 +524,79 @@ impl<S: Store> Scheduler<S> {
             // Alive again on the same connection: its liveness counts anew.
             self.schedule_worker(&name);
         }
+        Some(name)
+    }
+
+    /// A mandatory message from a worker: applied once, acknowledged every
+    /// time (the ack before anything it causes).
+    fn on_mandatory(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        name: &str,
+        header: &Header,
+        body: Body,
+        raw: Option<Bytes>,
+    ) {
+        let name = name.to_string();
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
-        if header.mandatory {
-            let floor = worker.dedup.floor();
-            if header.seq > floor.saturating_add(DEDUP_AHEAD) {
-                // Numbers run consecutively; one this far ahead would make
-                // the dedup window hold every number in between.
-                self.count("mandatory_seq_too_far_ahead", 1);
-                if self.noise.allow(now, "protocol errors") {
-                    warn!(worker = %name, seq = header.seq, floor, "protocol error: refused a mandatory message numbered too far ahead");
-                }
-                self.refuse_mandatory(
-                    &name,
-                    header.task.as_ref(),
-                    header.seq,
-                    ErrorCode::Invalid,
-                    format!(
-                        "seq {} is more than {DEDUP_AHEAD} ahead of the last consecutive seq {floor}",
-                        header.seq
-                    ),
-                );
-                return;
+        let floor = worker.dedup.floor();
+        if header.seq > floor.saturating_add(DEDUP_AHEAD) {
+            // Numbers run consecutively; one this far ahead would make
+            // the dedup window hold every number in between.
+            self.count("mandatory_seq_too_far_ahead", 1);
+            if self.noise.allow(now, "protocol errors") {
+                warn!(worker = %name, seq = header.seq, floor, "protocol error: refused a mandatory message numbered too far ahead");
             }
-            if worker.dedup.seen(header.seq) {
-                self.count("duplicate_mandatory", 1);
-                self.send(
-                    peer,
-                    header.task.as_ref(),
-                    Body::Ack { seq: header.seq },
-                    None,
-                );
-                return;
-            }
-            // The ack goes before anything the message causes (a task_closed
-            // after a final report), so the worker sees its report acked first.
-            let mark = self.out.len();
-            if self.apply_mandatory(now, &name, body, raw) {
-                let worker = self.workers.get_mut(&name).expect("worker");
-                worker.dedup.record(header.seq);
-                self.send(
-                    peer,
-                    header.task.as_ref(),
-                    Body::Ack { seq: header.seq },
-                    None,
-                );
-                let ack = self.out.pop().expect("just pushed");
-                self.out.insert(mark, ack);
-            }
+            self.refuse_mandatory(
+                &name,
+                header.task.as_ref(),
+                header.seq,
+                ErrorCode::Invalid,
+                format!(
+                    "seq {} is more than {DEDUP_AHEAD} ahead of the last consecutive seq {floor}",
+                    header.seq
+                ),
+            );
             return;
         }
+        if worker.dedup.seen(header.seq) {
+            self.count("duplicate_mandatory", 1);
+            self.send(
+                peer,
+                header.task.as_ref(),
+                Body::Ack { seq: header.seq },
+                None,
+            );
+            return;
+        }
+        // The ack goes before anything the message causes (a task_closed
+        // after a final report), so the worker sees its report acked first.
+        let mark = self.out.len();
+        if self.apply_mandatory(now, &name, body, raw) {
+            let worker = self.workers.get_mut(&name).expect("worker");
+            worker.dedup.record(header.seq);
+            self.send(
+                peer,
+                header.task.as_ref(),
+                Body::Ack { seq: header.seq },
+                None,
+            );
+            let ack = self.out.pop().expect("just pushed");
+            self.out.insert(mark, ack);
+        }
+    }
+
+    /// A best-effort message from a worker.
+    fn on_worker_message(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        name: &str,
+        body: Body,
+        raw: Option<Bytes>,
+    ) {
+        let name = name.to_string();
         match body {
             Body::Heartbeat => {}
             Body::Bye { reason } => self.worker_stopped(now, &name, &reason),

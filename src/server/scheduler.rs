@@ -147,10 +147,8 @@ pub struct Scheduler<S: Store> {
     latest: Instant,
     /// Who each secured connection is (security on only).
     callers: HashMap<PeerId, access::Caller>,
-    /// Connections following each testrun, and whether they want logs.
-    followers: HashMap<RunId, HashMap<PeerId, bool>>,
-    /// The testrun each following connection follows.
-    following: HashMap<PeerId, RunId>,
+    /// Who follows which testrun.
+    followers: followers::Followers,
     /// Workers an operator drained: no new tasks for them.
     drained: BTreeSet<String>,
     /// Workers removed from the registry since the last commit.
@@ -189,8 +187,7 @@ pub struct Scheduler<S: Store> {
     reads_in_flight: usize,
     /// Ended testruns whose files and logs are still kept, oldest first,
     /// and their bytes: the retention policy looks only at the front.
-    retained: BTreeSet<(u64, RunId)>,
-    retained_bytes: u64,
+    retained: retention::Retained,
     /// Tasks pruned since the last commit (out of the files index).
     pruned_tasks: Vec<TaskId>,
     /// `web_login` requests for the shell to answer, since it last took
@@ -255,8 +252,7 @@ impl<S: Store> Scheduler<S> {
             latest: Instant::now(),
             callers: HashMap::new(),
             web_logins: Vec::new(),
-            followers: HashMap::new(),
-            following: HashMap::new(),
+            followers: followers::Followers::default(),
             drained: BTreeSet::new(),
             removed_workers: Vec::new(),
             upload_credit: 0,
@@ -273,8 +269,7 @@ impl<S: Store> Scheduler<S> {
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
-            retained: BTreeSet::new(),
-            retained_bytes: 0,
+            retained: retention::Retained::default(),
             pruned_tasks: Vec::new(),
         }
     }
@@ -657,6 +652,7 @@ impl<S: Store> Scheduler<S> {
 mod access;
 mod dispatch;
 mod endings;
+mod followers;
 mod health;
 mod inputs;
 mod intake;
@@ -671,6 +667,7 @@ mod timers;
 mod uploads;
 mod views;
 pub use access::Caller;
+pub use followers::MAX_FOLLOWERS_PER_RUN;
 pub use health::CHECK_OWNER;
 pub use model::RECENT_KEPT;
 use model::{Task, Testrun, Worker};

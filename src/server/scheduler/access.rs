@@ -30,9 +30,6 @@ pub struct Departed {
     pub next_seq: u64,
 }
 
-/// Follower connections per testrun, at most; past it, `limit_reached`.
-pub const MAX_FOLLOWERS_PER_RUN: usize = 64;
-
 type Refusal = (ErrorCode, String);
 
 impl<S: Store> Scheduler<S> {
@@ -272,15 +269,8 @@ impl<S: Store> Scheduler<S> {
         raw: Option<Bytes>,
         is_log: bool,
     ) {
-        if let Some(followers) = self.followers.get(run) {
-            let peers: Vec<PeerId> = followers
-                .iter()
-                .filter(|(_, logs)| !is_log || **logs)
-                .map(|(p, _)| p.clone())
-                .collect();
-            for peer in peers {
-                self.send(&peer, None, body.clone(), raw.clone());
-            }
+        for peer in self.followers.of(run, is_log) {
+            self.send(&peer, None, body.clone(), raw.clone());
         }
         if !self.cfg.secure {
             self.out.push(Output::Publish {
@@ -352,29 +342,18 @@ impl<S: Store> Scheduler<S> {
             ));
         }
         // One followed run per connection: a new follow replaces the old.
-        self.unfollow(peer);
-        let followers = self.followers.entry(run.clone()).or_default();
-        if followers.len() >= MAX_FOLLOWERS_PER_RUN {
+        if !self.followers.follow(peer, &run, logs) {
             self.count("follows_over_limit", 1);
             return Err((
                 ErrorCode::LimitReached,
                 format!("testrun {run} has {MAX_FOLLOWERS_PER_RUN} followers already; poll with status instead"),
             ));
         }
-        followers.insert(peer.clone(), logs);
-        self.following.insert(peer.clone(), run.clone());
         Ok(Body::Following { request, run })
     }
 
     pub(super) fn unfollow(&mut self, peer: &PeerId) {
-        if let Some(run) = self.following.remove(peer) {
-            if let Some(f) = self.followers.get_mut(&run) {
-                f.remove(peer);
-                if f.is_empty() {
-                    self.followers.remove(&run);
-                }
-            }
-        }
+        self.followers.unfollow(peer);
     }
 
     /// Forgets what belongs to a closed connection (identity, follows).

@@ -39,7 +39,13 @@ fn fleet(n: usize) -> (Scheduler<MemoryStore>, Vec<Bytes>, Instant) {
         heartbeat: Duration::from_secs(1),
         ..SchedulerConfig::default()
     };
-    let mut s = Scheduler::new(cfg, MemoryStore::default(), "bench".into());
+    let mut s = Scheduler::new(
+        cfg,
+        MemoryStore::default(),
+        "bench".into(),
+        Instant::now(),
+        ots::protocol::limits::unix_ms_now(),
+    );
     let now = Instant::now();
     let mut peers = Vec::new();
     for i in 0..n {
@@ -85,7 +91,13 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
     cfg.limits.max_open_tasks_per_owner = total;
     cfg.limits.max_open_runs_per_owner = total;
     cfg.limits.max_workers = workers + 10;
-    let mut s = Scheduler::new(cfg, MemoryStore::default(), "bench".into());
+    let mut s = Scheduler::new(
+        cfg,
+        MemoryStore::default(),
+        "bench".into(),
+        Instant::now(),
+        ots::protocol::limits::unix_ms_now(),
+    );
     let now = Instant::now();
     let mut peers = Vec::new();
     for i in 0..workers {

@@ -318,7 +318,13 @@ proptest! {
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut s = Scheduler::new(SchedulerConfig::default(), MemoryStore::default(), "srv".into());
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            MemoryStore::default(),
+            "srv".into(),
+            t0,
+            ots::protocol::limits::unix_ms_now(),
+        );
         // One well-behaved worker so that tasks exist and run.
         let good = Bytes::from_static(b"good");
         s.on_message(now, &good, decode(encode(

@@ -114,7 +114,8 @@ impl Sim {
         // Small chunks and credit, so a 44-byte result file takes several
         // round trips through the lossy network.
         cfg.limits.file_window_bytes = 20;
-        let mut server = Scheduler::new(cfg, MemoryStore::default(), format!("srv{seed}"));
+        let mut server =
+            Scheduler::new(cfg, MemoryStore::default(), format!("srv{seed}"), t0, WALL0);
         server.set_wall_clock(t0, WALL0);
         let dir = tempfile::tempdir().unwrap();
         let workers = (0..workers)

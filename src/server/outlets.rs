@@ -82,7 +82,7 @@ impl Outlets {
                 let address = activity.address(peer);
                 if refusals.allow(now, "refused connections") {
                     warn!(%address, %reason, "refused an unauthenticated connection");
-                    scheduler.audit("anonymous", &address, "refused", &reason.to_string());
+                    scheduler.audit(now, "anonymous", &address, "refused", &reason.to_string());
                 } else {
                     scheduler.count_shell_event("audit_refusals_not_logged", 1);
                 }

@@ -207,7 +207,16 @@ pub struct WebLoginAsk {
 pub use crate::protocol::limits::unix_ms_now;
 
 impl<S: Store> Scheduler<S> {
-    pub fn new(cfg: SchedulerConfig, store: S, incarnation: String) -> Self {
+    /// A scheduler with no state, starting at `now`, which is `unix_ms`
+    /// on the wall clock: the core reads no clock; every input brings its
+    /// time.
+    pub fn new(
+        cfg: SchedulerConfig,
+        store: S,
+        incarnation: String,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Self {
         let heartbeat = cfg.heartbeat;
         let notifier = crate::notify::outbox::Notifier::new(cfg.notify.clone());
         Scheduler {
@@ -227,8 +236,8 @@ impl<S: Store> Scheduler<S> {
             next_run: 1,
             next_seq: 1,
             last_tick: None,
-            wall_base: (Instant::now(), unix_ms_now()),
-            beats: crate::security::broadcast::Beats::new(Instant::now(), heartbeat),
+            wall_base: (now, unix_ms),
+            beats: crate::security::broadcast::Beats::new(now, heartbeat),
             counters: BTreeMap::new(),
             out: Vec::new(),
             out_raw_bytes: 0,
@@ -238,7 +247,7 @@ impl<S: Store> Scheduler<S> {
             history: Vec::new(),
             touched: BTreeSet::new(),
             log_touched: BTreeSet::new(),
-            log_flushed_at: Instant::now(),
+            log_flushed_at: now,
             persisted_next_run: 0,
             quarantined: Vec::new(),
             ready: HashMap::new(),
@@ -249,7 +258,7 @@ impl<S: Store> Scheduler<S> {
             outboxes: BTreeSet::new(),
             armed: HashSet::new(),
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
-            latest: Instant::now(),
+            latest: now,
             callers: HashMap::new(),
             web_logins: Vec::new(),
             followers: followers::Followers::default(),

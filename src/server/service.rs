@@ -108,7 +108,7 @@ impl Server {
             store,
             incarnation.clone(),
             &snapshot,
-            Instant::now(),
+            (Instant::now(), crate::protocol::limits::unix_ms_now()),
         )
         .map_err(|source| ServerError::Restore {
             path: PathBuf::from(db.describe()),
@@ -388,7 +388,7 @@ fn admit(
     scheduler.retain_workers(Instant::now(), |n| allowed.contains(n));
     for e in &c.refused {
         warn!(error = %e, "allow-list entry denied: {e}; the other entries are in force");
-        scheduler.audit("server", "-", "denied", &e.to_string());
+        scheduler.audit(Instant::now(), "server", "-", "denied", &e.to_string());
     }
     scheduler.count_shell_event("allow_list_entries_denied", c.refused.len() as u64);
     let reloads = watch_allow_lists(

@@ -555,6 +555,7 @@ impl Serving {
             "allow-lists reloaded"
         );
         self.scheduler.audit(
+            now,
             "server",
             "-",
             "reload",
@@ -567,7 +568,7 @@ impl Serving {
         self.scheduler
             .count_shell_event("allow_list_entries_denied", denied.len() as u64);
         for reason in denied.iter().take(20) {
-            self.scheduler.audit("server", "-", "denied", reason);
+            self.scheduler.audit(now, "server", "-", "denied", reason);
         }
         for (peer, identity) in revoked {
             self.out.disconnect(&peer);

@@ -69,10 +69,10 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// Appends an audit entry: identity, address, event, detail.
-    pub fn audit(&mut self, who: &str, address: &str, event: &str, detail: &str) {
+    /// Appends an audit entry at `now`: identity, address, event, detail.
+    pub fn audit(&mut self, now: Instant, who: &str, address: &str, event: &str, detail: &str) {
         let line = serde_json::json!({
-            "at_ms": unix_ms_now(),
+            "at_ms": self.wall_ms(now),
             "identity": who,
             "address": address,
             "event": event,
@@ -92,7 +92,7 @@ impl<S: Store> Scheduler<S> {
             Some(c) => (c.identity.label(), c.address.clone()),
             None => ("anonymous".to_string(), "-".to_string()),
         };
-        self.audit(&who, &address, event, detail);
+        self.audit(self.latest, &who, &address, event, detail);
     }
 
     /// Checks `body` from `peer` against the rules; on refusal answers
@@ -430,6 +430,7 @@ impl<S: Store> Scheduler<S> {
         self.count("sessions_revoked", 1);
         warn!(identity = %identity.label(), %address, "key revoked: closed its session");
         self.audit(
+            self.latest,
             &identity.label(),
             &address,
             "revoked",

@@ -69,6 +69,7 @@ impl<S: Store> Scheduler<S> {
         }
         self.count(&format!("health_changes_to_{}", change.to), 1);
         self.audit(
+            self.latest,
             "server",
             "-",
             "health",
@@ -165,6 +166,7 @@ impl<S: Store> Scheduler<S> {
         let (run, _) = self.create_run(now, testrun, None, Some(worker.to_string()));
         info!(worker, run = %run, reason = reason.as_str(), "health check queued for the worker");
         self.audit(
+            self.latest,
             "server",
             "-",
             "health_check",

@@ -80,8 +80,14 @@ fn a_testruns_end_and_its_notification_commit_together_and_survive_a_restart() {
         notify: rules(),
         ..SchedulerConfig::default()
     };
-    let mut again =
-        Scheduler::restore(cfg, MemoryStore::default(), "srv2".into(), &snap, lab.now).unwrap();
+    let mut again = Scheduler::restore(
+        cfg,
+        MemoryStore::default(),
+        "srv2".into(),
+        &snap,
+        (lab.now, unix_ms_now()),
+    )
+    .unwrap();
     again.on_tick(lab.now + Duration::from_secs(1));
     let resent = notify_jobs(&again.take_outputs());
     assert_eq!(resent.len(), 1);

@@ -312,9 +312,9 @@ impl<S: Store> Scheduler<S> {
         store: S,
         incarnation: String,
         snap: &Snapshot,
-        now: Instant,
+        (now, unix_ms): (Instant, u64),
     ) -> Result<Self, RestoreError> {
-        let mut s = Scheduler::new(cfg, store, incarnation);
+        let mut s = Scheduler::new(cfg, store, incarnation, now, unix_ms);
         let mut quarantine = Quarantine::default();
         s.restore_meta(snap);
         let (runs, tasks) = decode_runs_and_tasks(snap, &mut quarantine);

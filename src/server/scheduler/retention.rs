@@ -136,6 +136,7 @@ impl<S: Store> Scheduler<S> {
         self.count("bytes_pruned", bytes);
         info!(run = %run, bytes, %reason, "retention: pruned the testrun's result files and logs");
         self.audit(
+            self.latest,
             "server",
             "-",
             "prune",

@@ -63,7 +63,7 @@ impl Lab {
             ..SchedulerConfig::default()
         };
         let t0 = Instant::now();
-        let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into());
+        let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into(), t0, 1_000_000);
         s.set_wall_clock(t0, 1_000_000);
         let dir = tempfile::tempdir().unwrap();
         Lab {
@@ -1247,7 +1247,14 @@ fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::db::Db) {
     db.commit(&lab.s.take_changes()).unwrap();
     let snap = db.load().unwrap();
     let cfg = lab.s.cfg.clone();
-    lab.s = Scheduler::restore(cfg, MemoryStore::default(), "srv2".into(), &snap, lab.now).unwrap();
+    lab.s = Scheduler::restore(
+        cfg,
+        MemoryStore::default(),
+        "srv2".into(),
+        &snap,
+        (lab.now, unix_ms_now()),
+    )
+    .unwrap();
     lab.s.set_wall_clock(lab.t0, 1_000_000);
 }
 

@@ -16,7 +16,9 @@ use crate::worker::conductor;
 use crate::worker::config::{StopPolicy, WorkerConfig};
 use crate::worker::error::WorkerError;
 use crate::worker::link::{attach, ConnectError, Connected, Connection, Dialer, Inbound, Opened};
-use crate::worker::session::{Action, Link, LostReason, ReadDone, ReadRequest, SendOrder, Session};
+use crate::worker::session::{
+    Action, Link, LostReason, ReadDone, ReadRequest, SendOrder, Session, StopRules, StopStep,
+};
 use crate::worker::state::WorkerStore;
 use crate::worker::task::{attempt_dir, prune_task_dirs, run_task, TaskRun};
 use bytes::Bytes;
@@ -95,16 +97,6 @@ struct Running {
     log_full: LogFull,
 }
 
-/// The worker's way through a stop request.
-#[derive(Default)]
-struct Stopping {
-    /// Set on the first request: when to give up waiting for the running
-    /// task (then: stop it), and whether that was done already.
-    deadline: Option<(Instant, bool)>,
-    /// When a bye went out: the time by which its ack must come.
-    bye_answer_by: Option<Instant>,
-}
-
 /// What the end of a turn says about the loop.
 enum Next {
     Serve,
@@ -151,7 +143,6 @@ pub(super) struct Serving {
     finished_dirs: VecDeque<PathBuf>,
     /// The console's state as last told to the server.
     console_told: Option<String>,
-    stopping: Stopping,
     /// The server refused this worker for good.
     refused: Option<(ErrorCode, String)>,
     /// A rogue server cannot flood the worker's log either.
@@ -183,7 +174,6 @@ impl Serving {
             supervisor,
             finished_dirs: VecDeque::new(),
             console_told: None,
-            stopping: Stopping::default(),
             refused: None,
             noise: crate::logging::Throttle::new(Duration::from_secs(10), 20),
         }
@@ -416,22 +406,22 @@ impl Serving {
     /// The first stop request: no new task; the running one finished (or
     /// stopped, by `stop_policy`) and delivered, then `bye`.
     fn on_stop_request(&mut self, asked: Stop) -> Vec<Action> {
-        if asked != Stop::Gracefully || self.stopping.deadline.is_some() {
+        if asked != Stop::Gracefully || self.session.stop_requested() {
             return Vec::new();
         }
-        let abort = self.cfg.stop_policy == StopPolicy::Abort;
         info!(policy = ?self.cfg.stop_policy, timeout_ms = self.cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
-        self.stopping.deadline = Some((
-            Instant::now() + Duration::from_millis(self.cfg.stop_timeout_ms),
-            abort,
-        ));
         self.supervisor
             .stopping("stopping: finishing and delivering the running task");
-        self.session.begin_stop(abort)
+        let rules = StopRules {
+            abort: self.cfg.stop_policy == StopPolicy::Abort,
+            timeout: Duration::from_millis(self.cfg.stop_timeout_ms),
+            kill_grace: Duration::from_millis(self.cfg.conductor.kill_grace_ms),
+        };
+        self.session.begin_stop(Instant::now(), rules)
     }
 
     fn on_stop_now(&self) {
-        if self.stopping.deadline.is_some() {
+        if self.session.stop_requested() {
             warn!("stop requested again: stopping at once");
         } else {
             info!("stop requested: stopping at once");
@@ -589,63 +579,29 @@ impl Serving {
             .tick(Instant::now(), || session.status_line());
     }
 
-    /// A stop's progress: once nothing is left to deliver, `bye`; closed
-    /// only once the server recorded the stop (or did not answer in time:
-    /// a close it saw first would be a loss). A running task that outlasts
-    /// `stop_timeout_ms` is stopped; what still cannot be delivered stays
-    /// in worker.db for the next start.
+    /// A stop's progress, as the session says (see `session::stop`):
+    /// the bye sent, the running task stopped, or the loop left.
     async fn stop_step(&mut self) -> Next {
-        let Some((deadline, escalated)) = self.stopping.deadline else {
-            return Next::Serve;
-        };
-        if let Some(answer_by) = self.stopping.bye_answer_by {
-            if self.session.bye_acknowledged() {
-                info!("said bye to the server");
-                return Next::Leave;
+        match self.session.poll_stop(Instant::now()) {
+            StopStep::Wait => Next::Serve,
+            StopStep::Leave => Next::Leave,
+            StopStep::Bye(actions) => {
+                for action in actions {
+                    if let Action::Send { header, body, raw } = action {
+                        let _ = self.transmit(&header, &body, raw).await;
+                    }
+                }
+                Next::Serve
             }
-            if Instant::now() >= answer_by {
-                warn!("the server did not acknowledge the bye in time; stopping anyway");
-                return Next::Leave;
-            }
-        } else if self.session.stop_complete() {
-            return self.say_bye().await;
-        }
-        if Instant::now() < deadline {
-            return Next::Serve;
-        }
-        if escalated {
-            warn!("stop: what remains could not be delivered in time; it stays in worker.db for the next start");
-            return Next::Leave;
-        }
-        warn!(
-            timeout_ms = self.cfg.stop_timeout_ms,
-            "stop: the running task did not end within stop_timeout_ms; stopping it"
-        );
-        let grace =
-            Duration::from_millis(self.cfg.conductor.kill_grace_ms) + Duration::from_secs(10);
-        self.stopping.deadline = Some((Instant::now() + grace, true));
-        for action in self.session.begin_stop(true) {
-            if let Action::StopTask(task) = action {
-                self.stop_task(&task);
+            StopStep::StopTasks(actions) => {
+                for action in actions {
+                    if let Action::StopTask(task) = action {
+                        self.stop_task(&task);
+                    }
+                }
+                Next::Serve
             }
         }
-        Next::Serve
-    }
-
-    async fn say_bye(&mut self) -> Next {
-        let reason = "stopped (SIGTERM) with nothing left to deliver";
-        let (actions, sent) = self.session.bye(Instant::now(), reason);
-        if !sent {
-            info!("stopping; the server is unreachable, so no bye");
-            return Next::Leave;
-        }
-        self.stopping.bye_answer_by = Some(Instant::now() + self.session.liveness_window());
-        for action in actions {
-            if let Action::Send { header, body, raw } = action {
-                let _ = self.transmit(&header, &body, raw).await;
-            }
-        }
-        Next::Serve
     }
 
     /// Leaving: says why, and leaves nothing behind — each conductor's

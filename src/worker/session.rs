@@ -16,6 +16,7 @@ use logs::Piece;
 pub use saved::{PendingReport, SavedSession, SavedSlot};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+pub use stop::{StopRules, StopStep};
 use tracing::{info, warn};
 pub use uploads::{ReadDone, ReadRequest, Upload, UploadState};
 
@@ -150,6 +151,8 @@ pub struct Session {
     /// The worker was asked to stop: no new tasks, the current one is
     /// finished (or stopped) and delivered, then `bye`.
     stopping: bool,
+    /// Where a stop stands (deadlines, the bye).
+    stop: stop::Stopping,
 }
 
 impl Session {
@@ -186,6 +189,7 @@ impl Session {
             clock: ClockOffset::default(),
             transfer: uploads::Transfer::default(),
             stopping: false,
+            stop: stop::Stopping::default(),
         }
     }
 
@@ -242,30 +246,6 @@ impl Session {
         }
     }
 
-    /// The worker was asked to stop (SIGTERM): it takes no new task; with
-    /// `abort` its running conductor is stopped and reported interrupted,
-    /// otherwise it runs to its end and is delivered. Calling it again
-    /// with `abort` escalates.
-    pub fn begin_stop(&mut self, abort: bool) -> Vec<Action> {
-        let mut actions = Vec::new();
-        self.stopping = true;
-        if abort {
-            if let Some(slot) = self.slot.as_mut().filter(|s| !s.finished) {
-                if !slot.stopped_for_exit {
-                    slot.stopped_for_exit = true;
-                    warn!(task = %slot.spec.task, "worker stopping: stopping the running conductor; the task is reported interrupted");
-                    actions.push(Action::StopTask(slot.spec.task.clone()));
-                }
-            }
-        }
-        actions
-    }
-
-    /// Stopping, and nothing left to deliver: time for `bye`.
-    pub fn stop_complete(&self) -> bool {
-        self.stopping && self.slot.is_none() && self.outbox.is_empty()
-    }
-
     /// Tells the server what its device's console is doing (`ok` or why
     /// not); told again after each registration by the shell.
     pub fn console_status(&mut self, now: Instant, status: &str) -> Vec<Action> {
@@ -273,27 +253,6 @@ impl Session {
             status: status.to_string(),
         };
         self.send_now_if_up(now, body)
-    }
-
-    /// Tells the server this worker stops on purpose, as a mandatory
-    /// message: [`Session::bye_acknowledged`] says when the server has
-    /// recorded it. Nothing (and false) if the server is unreachable.
-    pub fn bye(&mut self, now: Instant, reason: &str) -> (Vec<Action>, bool) {
-        let mut actions = Vec::new();
-        if !matches!(self.link, Link::Up { .. }) {
-            return (actions, false);
-        }
-        let body = Body::Bye {
-            reason: reason.to_string(),
-        };
-        self.outbox.push(None, None, body, None);
-        self.flush(now, &mut actions, false);
-        (actions, true)
-    }
-
-    /// The bye (the last thing in the outbox) was acknowledged.
-    pub fn bye_acknowledged(&self) -> bool {
-        self.outbox.is_empty()
     }
 
     /// A control message sent at once if the server is reachable, else
@@ -743,6 +702,7 @@ mod action;
 mod clock;
 mod logs;
 mod saved;
+mod stop;
 mod task;
 #[cfg(test)]
 mod tests;

@@ -1149,3 +1149,74 @@ fn commands_from_an_older_lease_epoch_are_ignored() {
     let a = w.s.on_message(w.now, arrival(w.now, 1_000), e);
     assert!(a.iter().any(|a| matches!(a, Action::StopTask(_))));
 }
+
+fn rules(abort: bool) -> StopRules {
+    StopRules {
+        abort,
+        timeout: Duration::from_secs(60),
+        kill_grace: Duration::from_secs(5),
+    }
+}
+
+#[test]
+fn an_idle_worker_says_bye_and_leaves_once_it_is_acknowledged() {
+    let mut w = W::new();
+    w.up();
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Wait, "no stop asked");
+    assert!(w.s.begin_stop(w.now, rules(false)).is_empty());
+    let StopStep::Bye(actions) = w.s.poll_stop(w.now) else {
+        panic!("an idle worker with nothing to deliver says bye");
+    };
+    assert_eq!(sent(&actions), vec!["bye"]);
+    let seq = mandatory_seqs(&actions)[0];
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Wait, "waiting for the ack");
+    w.msg(Body::Ack { seq });
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Leave);
+}
+
+#[test]
+fn an_unanswered_bye_is_given_up_after_the_liveness_window() {
+    let mut w = W::new();
+    w.up();
+    w.s.begin_stop(w.now, rules(false));
+    assert!(matches!(w.s.poll_stop(w.now), StopStep::Bye(_)));
+    w.now += w.s.liveness_window() - Duration::from_millis(1);
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Wait);
+    w.now += Duration::from_millis(1);
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Leave);
+}
+
+#[test]
+fn a_task_past_the_stop_timeout_is_stopped_and_what_is_left_kept_for_the_next_start() {
+    let mut w = W::new();
+    w.up();
+    w.msg(Body::Dispatch {
+        spec: spec("t1", 5_000),
+    });
+    w.s.begin_stop(w.now, rules(false));
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Wait, "the task may finish");
+    w.now += Duration::from_secs(60) - Duration::from_millis(1);
+    assert_eq!(
+        w.s.poll_stop(w.now),
+        StopStep::Wait,
+        "not at the timeout yet"
+    );
+    w.now += Duration::from_millis(1);
+    assert_eq!(
+        w.s.poll_stop(w.now),
+        StopStep::StopTasks(vec![Action::StopTask("t1".into())])
+    );
+    // Its report never comes: after the kill grace (and 10 s) the worker
+    // leaves, the outbox kept in worker.db.
+    w.now += Duration::from_secs(15) - Duration::from_millis(1);
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Wait);
+    w.now += Duration::from_millis(1);
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Leave);
+}
+
+#[test]
+fn an_unreachable_server_gets_no_bye() {
+    let mut w = W::new();
+    w.s.begin_stop(w.now, rules(true));
+    assert_eq!(w.s.poll_stop(w.now), StopStep::Leave);
+}

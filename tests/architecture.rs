@@ -6,9 +6,9 @@
 //! Imports are read as text, as a reviewer reads them: every
 //! `crate::a::b` and `super::…` path (and `use crate::a::{b, c::d}`
 //! groups) names the longest existing module file it reaches. Test
-//! modules (`tests.rs`, `*_tests.rs`) are left out; a file's own
-//! `#[cfg(test)]` module counts, so `use super::*` there must not reach
-//! back into a module that imports the file either.
+//! modules (`tests.rs`, `*_tests.rs`) and a file's own `#[cfg(test)]`
+//! module are left out: they are not part of the room (and a test
+//! module's `super` is its file, not the file's parent).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -186,7 +186,8 @@ fn graph() -> Graph {
     let mut edges = BTreeMap::new();
     let mut texts = BTreeMap::new();
     for (file, path) in names.iter().zip(&files) {
-        let text = without_comments(&std::fs::read_to_string(path).expect("readable source"));
+        let source = std::fs::read_to_string(path).expect("readable source");
+        let text = without_comments(&room(&source).join("\n"));
         let here = module_of(file);
         let targets: BTreeSet<String> = paths(&text, &here)
             .iter()
@@ -331,12 +332,23 @@ fn only_the_binaries_and_the_panic_hook_end_the_process() {
     );
 }
 
-/// Lines of a file up to its own tests (`#[cfg(test)]`), which are not
-/// part of the room.
+/// Lines of a file up to its own test module (`#[cfg(test)]` then
+/// `mod …`), which is not part of the room.
 fn room(text: &str) -> Vec<&str> {
-    text.lines()
-        .take_while(|l| l.trim_start() != "#[cfg(test)]")
-        .collect()
+    let lines: Vec<&str> = text.lines().collect();
+    let end = (0..lines.len())
+        .find(|&i| {
+            lines[i].trim_start() == "#[cfg(test)]"
+                && lines[i + 1..]
+                    .iter()
+                    .find(|l| !l.trim().is_empty())
+                    .is_some_and(|l| {
+                        let l = l.trim_start();
+                        l.starts_with("mod ") || l.starts_with("pub mod ")
+                    })
+        })
+        .unwrap_or(lines.len());
+    lines[..end].to_vec()
 }
 
 /// A line that starts a function (`pub(crate) async fn name`, …).

@@ -61,7 +61,7 @@ pub struct Sender {
 
 /// A TLS client verifying against Mozilla's roots, or only the CA
 /// certificates of `ca_file` (a lab's own CA): for webhooks here, and for
-/// PostgreSQL ([`crate::server::pg`]). Errors say what is wrong with the
+/// PostgreSQL ([`crate::server::store::pg`]). Errors say what is wrong with the
 /// file; the caller names the setting.
 pub fn client_tls_config(
     ca_file: Option<&Path>,

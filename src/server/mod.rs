@@ -9,44 +9,36 @@
 //!   parsing and verdict rules. [`lease`]: one leader among servers
 //!   sharing a PostgreSQL database (the tenure, without I/O).
 //!
-//! The store:
-//! - [`store`]: task logs and the audit log on disk; [`files`]: the file
-//!   desk (result file writes, hashes and reads off the loop).
-//! - [`db`], [`pg`], [`state`]: the durable state in SQLite or PostgreSQL
-//!   (one schema, the same batches).
+//! The store (`store/`): every write the core asks for, off its state:
+//! - [`store`]: the [`store::Store`] port (task logs, the audit log) and
+//!   its disk implementation; [`store::files`]: the file desk (result
+//!   file writes, hashes and reads off the loop).
+//! - [`store::db`], [`store::pg`], [`store::state`]: the durable state in
+//!   SQLite or PostgreSQL (one schema, the same batches).
 //!
-//! The shell:
+//! The shell (`shell/`), around the core:
 //! - [`config`]: the settings, turned into each component's own.
-//! - [`service`]: start (lease, restore, bind) and the [`ServerHandle`].
-//! - `serving`: the serving loop, a table of events; `inbound`: the
-//!   socket reader, connection activity, the handshake thread;
-//!   `outlets`: where outputs go; `reload`: allow-lists that change.
-//! - [`bridge`]: the dashboard's requests on the loop's side.
-//! - [`standby`]: a standby's `not_leader` answers; [`metrics`]: the
-//!   Prometheus page.
-//! - `error`: [`ServerError`] and [`Fatal`].
+//! - [`shell::service`]: start (lease, restore, bind) and the
+//!   [`ServerHandle`]; `shell::serving`: the serving loop, a table of
+//!   events; `shell::inbound`: the socket reader, connection activity,
+//!   the handshake thread; `shell::outlets`: where outputs go;
+//!   `shell::reload`: allow-lists that change; [`shell::bridge`]: the
+//!   dashboard's requests on the loop's side; [`shell::standby`]: a
+//!   standby's `not_leader` answers; [`shell::metrics`]: the Prometheus
+//!   page; `shell::error`: [`ServerError`] and [`Fatal`].
 
-pub mod bridge;
 pub mod config;
-pub mod db;
 pub mod distribution;
-mod error;
 pub mod fairshare;
-pub mod files;
 pub mod health;
-mod inbound;
 pub mod lease;
-pub mod metrics;
-mod outlets;
-pub mod pg;
-mod reload;
 pub mod scheduler;
-pub mod service;
-mod serving;
-pub mod standby;
-pub mod state;
+pub mod shell;
 pub mod store;
 pub mod verdict;
 
-pub use error::{Fatal, ServerError};
-pub use service::{Server, ServerHandle};
+// The paths the binaries, tests and benches have always used.
+pub use shell::error::{Fatal, ServerError};
+pub use shell::service::{Server, ServerHandle};
+pub use shell::{metrics, service, standby};
+pub use store::{db, files, pg, state};

@@ -19,10 +19,10 @@ use crate::delivery::{DedupWindow, Outbox, SeqRanges};
 use crate::protocol::codec::{Envelope, ProtocolError};
 use crate::protocol::limits;
 use crate::protocol::*;
-use crate::server::db::HistoryRow;
 use crate::server::distribution;
 use crate::server::fairshare;
 use crate::server::health::{HealthCheck, WorkerHealth};
+use crate::server::store::db::HistoryRow;
 use crate::server::store::{Store, StoreError};
 use crate::server::verdict::{run_verdict, task_verdict};
 use bytes::Bytes;
@@ -56,7 +56,7 @@ pub enum Output {
         beat: Option<u64>,
     },
     /// Hand to the file desk (result file I/O, off the loop).
-    File(crate::server::files::FileJob),
+    File(crate::server::store::files::FileJob),
     /// Hand to the notification sender: one attempt (after the commit
     /// that made or last changed its delivery).
     Notify(crate::notify::outbox::Job),
@@ -156,10 +156,10 @@ pub struct Scheduler<S: Store> {
     /// Credit all uploads hold (`limits.file_buffer_bytes` at most).
     upload_credit: u64,
     /// Uploads waiting for credit from the pool, oldest first.
-    starved: VecDeque<crate::server::files::UploadKey>,
+    starved: VecDeque<crate::server::store::files::UploadKey>,
     /// Input files in transfer from clients, by SHA-256.
     /// Input uploads in progress, per user and content.
-    input_uploads: HashMap<crate::server::files::UploadKey, inputs::InputUpload>,
+    input_uploads: HashMap<crate::server::store::files::UploadKey, inputs::InputUpload>,
     /// Who uploaded each stored input (PROTOCOL.md §7.7): a submit names
     /// only inputs its user uploaded.
     input_owners: HashMap<String, BTreeSet<String>>,

@@ -153,7 +153,7 @@ pub struct WorkerConfig {
     /// `ots=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
     /// The device's serial console (`[serial]`; off without `port`).
-    pub serial: crate::worker::console::SerialConfig,
+    pub serial: crate::worker::task::console::SerialConfig,
     pub conductor: ConductorConfig,
     /// What repairs the device before a health check that follows a
     /// failure (`[recovery]`; off without `command`).
@@ -322,7 +322,7 @@ impl WorkerConfig {
             ));
         }
         for arg in &self.conductor.command {
-            crate::worker::conductor::check_template(arg)
+            crate::worker::task::conductor::check_template(arg)
                 .map_err(|reason| invalid("conductor.command", arg, reason))?;
         }
         for g in &self.conductor.result_globs {

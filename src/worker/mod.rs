@@ -1,28 +1,33 @@
 //! `ots-worker`: owns one device, takes one task at a time from the server,
 //! runs the conductor, streams logs, uploads result files, reports.
 //!
-//! - [`config`]: the settings (`conf/worker.toml`, an instance file, flags).
-//! - [`session`]: the I/O-free session (registration, liveness, outbox,
-//!   log buffer, the current task, uploads).
+//! The core, without I/O:
+//! - [`session`]: registration, liveness, the outbox of mandatory
+//!   messages, the log buffer, the current task, uploads, the stop — each
+//!   with its deadlines, driven by the time the shell hands in.
 //! - [`state`]: the session saved in SQLite, so a restart loses nothing.
-//! - [`service`]: the tokio shell (sockets, reconnects, tasks).
-//! - What runs a task: [`conductor`] (argv templates, the conductor in its
-//!   own process group), [`channel`] (the task's response channel;
-//!   `finish()` consumes it), [`reader`] (result files read and hashed for
-//!   their uploads, off the loop), [`console`] (the device's serial
-//!   console, recorded from power-on).
+//! - [`config`]: the settings (`conf/worker.toml`, an instance file, flags).
+//!
+//! The shell (`shell/`): start-up ([`shell::service`]), the loop (a table
+//! of events, carrying out the session's actions), the link to the
+//! servers (connecting, readers, failover), [`WorkerError`].
+//!
+//! What runs a task (`task/`): the attempt's runner ([`task`]: folders,
+//! recovery, inputs, the console's actions, the conductor, results),
+//! [`task::conductor`] (argv templates, the conductor in its own process
+//! group), [`task::channel`] (the task's response channel; `finish()`
+//! consumes it), [`task::reader`] (result files read and hashed for their
+//! uploads, off the loop), [`task::console`] (the device's serial console,
+//! recorded from power-on).
 
-pub mod channel;
-pub mod conductor;
 pub mod config;
-pub mod console;
-mod error;
-mod link;
-pub mod reader;
-pub mod service;
-mod serving;
 pub mod session;
+pub mod shell;
 pub mod state;
-mod task;
+pub mod task;
 
-pub use service::{run, WorkerError};
+// The paths the binaries, tests and benches have always used.
+pub use shell::error::WorkerError;
+pub use shell::service;
+pub use shell::service::run;
+pub use task::{channel, conductor, console, reader};

@@ -197,8 +197,8 @@ impl ServerConfig {
     }
 
     /// PostgreSQL's settings when `database` names it; none: SQLite.
-    pub fn postgres(&self) -> Option<crate::server::pg::PgSettings> {
-        (!self.database.is_empty()).then(|| crate::server::pg::PgSettings {
+    pub fn postgres(&self) -> Option<crate::server::store::pg::PgSettings> {
+        (!self.database.is_empty()).then(|| crate::server::store::pg::PgSettings {
             url: self.database.clone(),
             password_file: self.database_password_file.clone(),
             ca_file: self.database_ca_file.clone(),
@@ -227,7 +227,7 @@ impl ServerConfig {
         if !self.database.is_empty() && !postgres {
             return Err(invalid(
                 "database",
-                crate::server::pg::redact(&self.database),
+                crate::server::store::pg::redact(&self.database),
                 "must be empty (the embedded SQLite in state_dir) or postgresql://USER@HOST[:PORT]/DB",
             ));
         }

@@ -5,7 +5,7 @@
 
 use super::uploads::*;
 use super::*;
-use crate::server::files::{DeskError, FileJob, ReadSource, UploadKey};
+use crate::server::store::files::{DeskError, FileJob, ReadSource, UploadKey};
 
 /// An input file upload and the client connection it answers to.
 #[derive(Debug)]

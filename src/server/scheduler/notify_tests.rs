@@ -68,7 +68,7 @@ fn a_testruns_end_and_its_notification_commit_together_and_survive_a_restart() {
 
     // A crash before the answer: the restored server sends it again,
     // under the same id.
-    let snap = crate::server::db::Snapshot {
+    let snap = crate::server::store::db::Snapshot {
         notifications: changes
             .notifications
             .iter()

@@ -4,7 +4,7 @@
 //! as Unix milliseconds and mapped back onto the monotonic clock.
 
 use super::*;
-use crate::server::db::{Changes, Snapshot};
+use crate::server::store::db::{Changes, Snapshot};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]

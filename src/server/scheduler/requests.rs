@@ -246,7 +246,7 @@ impl<S: Store> Scheduler<S> {
                     ));
                 }
                 // Read by the file desk, off the loop; answered when done.
-                let source = crate::server::files::ReadSource::Result { task, name };
+                let source = crate::server::store::files::ReadSource::Result { task, name };
                 return self
                     .read_file(peer, request, source, offset, max.min(MAX_READ_CHUNK))
                     .err();

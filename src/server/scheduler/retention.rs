@@ -7,7 +7,7 @@
 //! not grow with how many are kept.
 
 use super::*;
-use crate::server::files::FileJob;
+use crate::server::store::files::FileJob;
 
 /// Testruns pruned per tick at most (the rest at the next ones).
 const PRUNE_PER_TICK: usize = 64;

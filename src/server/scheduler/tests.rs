@@ -13,7 +13,7 @@ struct Lab {
     now: Instant,
     seq: HashMap<String, u64>,
     /// The real file desk over a temporary folder, run synchronously.
-    desk: crate::server::files::Desk,
+    desk: crate::server::store::files::Desk,
     dir: tempfile::TempDir,
 }
 
@@ -71,7 +71,7 @@ impl Lab {
             t0,
             now: t0,
             seq: HashMap::new(),
-            desk: crate::server::files::Desk::new(dir.path()),
+            desk: crate::server::store::files::Desk::new(dir.path()),
             dir,
         }
     }
@@ -1243,7 +1243,7 @@ fn dispatch_is_resent_until_the_worker_acks_it() {
 
 /// Commits what changed to a real database and restores a new scheduler
 /// from it, as a crash and restart would.
-fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::db::Db) {
+fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::store::db::Db) {
     db.commit(&lab.s.take_changes()).unwrap();
     let snap = db.load().unwrap();
     let cfg = lab.s.cfg.clone();
@@ -1261,7 +1261,7 @@ fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::db::Db) {
 #[test]
 fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
     let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     let (run, task) = lab.running_task("w");
     let finished = Body::TaskFinished {
@@ -1302,7 +1302,7 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
 #[test]
 fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit(
@@ -1361,7 +1361,7 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
 #[test]
 fn after_a_restart_a_dispatch_never_accepted_goes_to_its_worker_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::db::Db::open(dir.path()).unwrap();
+    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));

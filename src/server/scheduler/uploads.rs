@@ -8,7 +8,7 @@
 //! of their files.
 
 use super::*;
-use crate::server::files::{DeskError, FileDone, FileJob, Stored, UploadKey};
+use crate::server::store::files::{DeskError, FileDone, FileJob, Stored, UploadKey};
 use tracing::error;
 
 /// One upload in progress, in memory only: after a server restart the

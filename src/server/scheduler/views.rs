@@ -225,7 +225,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// What a metrics scrape shows (called per scrape, not per message).
-    pub fn metrics_snapshot(&self, now: Instant) -> crate::server::metrics::Snapshot {
+    pub fn metrics_snapshot(&self, now: Instant) -> crate::server::shell::metrics::Snapshot {
         let mut workers_by_state = BTreeMap::new();
         for w in self.workers.values() {
             *workers_by_state
@@ -255,7 +255,7 @@ impl<S: Store> Scheduler<S> {
                 (key.clone(), q.len() as u64, age)
             })
             .collect();
-        crate::server::metrics::Snapshot {
+        crate::server::shell::metrics::Snapshot {
             workers_by_state,
             tasks_by_state,
             queues,

@@ -6,8 +6,8 @@
 use crate::delivery::Policy;
 use crate::protocol::logtext::{PackedText, MAX_LOG_PARTS};
 use crate::protocol::*;
-use crate::worker::channel::charge;
 use crate::worker::session::{Action, Session, MAX_LOG_BATCH_BYTES};
+use crate::worker::task::channel::charge;
 use bytes::Bytes;
 use std::time::Instant;
 

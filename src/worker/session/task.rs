@@ -4,10 +4,10 @@
 
 use super::{uploads, Slot};
 use crate::protocol::*;
-use crate::worker::channel::{charge, ResultFile, TaskEvent};
 use crate::worker::session::{
     Action, Arrival, Link, PendingReport, Piece, Session, Upload, UploadState, MAX_OUTBOX,
 };
+use crate::worker::task::channel::{charge, ResultFile, TaskEvent};
 use std::time::Instant;
 use tracing::{info, warn};
 

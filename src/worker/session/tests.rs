@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::protocol::codec::Envelope;
-use crate::worker::channel::{ResultFile, TaskEvent};
+use crate::worker::task::channel::{ResultFile, TaskEvent};
 
 const HB: Duration = Duration::from_secs(1);
 

@@ -1,23 +1,23 @@
 //! How `ots-worker` starts: the configuration checked, the state
 //! directory and the saved session opened (a task the previous process
 //! left running is reported interrupted), the console started; then the
-//! loop ([`crate::worker::serving`]) runs until the worker stops. Every
+//! loop ([`crate::worker::shell::serving`]) runs until the worker stops. Every
 //! way it can fail is a [`WorkerError`]; the binary chooses the exit
 //! status.
 
 use crate::protocol::Outcome;
 use crate::security::Credentials;
 use crate::shutdown::Stop;
-use crate::worker::channel::{LogBudget, TaskEvent};
-use crate::worker::conductor;
 use crate::worker::config::WorkerConfig;
-use crate::worker::console::Console;
-pub use crate::worker::error::WorkerError;
-use crate::worker::link::{Dialer, Inbound};
-use crate::worker::serving::{Parts, Serving, Sources, INBOUND_QUEUE};
 use crate::worker::session::{Session, SessionConfig};
+pub use crate::worker::shell::error::WorkerError;
+use crate::worker::shell::link::{Dialer, Inbound};
+use crate::worker::shell::serving::{Parts, Serving, Sources, INBOUND_QUEUE};
 use crate::worker::state::WorkerStore;
 use crate::worker::task::attempt_dir;
+use crate::worker::task::channel::{LogBudget, TaskEvent};
+use crate::worker::task::conductor;
+use crate::worker::task::console::Console;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -107,7 +107,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: watch::Receiver<Stop>) -> Result<(
 
     let (inbound_tx, inbound_rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     let dialer = Dialer::new(&cfg, now)?;
-    let (reads, reads_done) = crate::worker::reader::spawn(&cfg.state_dir);
+    let (reads, reads_done) = crate::worker::task::reader::spawn(&cfg.state_dir);
     let console = start_console(&cfg).map_err(|source| WorkerError::StateDir {
         path: cfg.state_dir.join("console"),
         source,

@@ -1,6 +1,17 @@
-//! Where the server keeps task logs (result files: [`super::files`]): one folder per task
-//! under the state directory. Behind a trait so the scheduler stays free of
-//! I/O and its unit tests run against [`MemoryStore`].
+//! The server's store: what the core writes and reads back, kept apart
+//! from its state. This file holds the [`Store`] port — task logs (one
+//! folder per task under the files folder) and the audit log — behind a
+//! trait so the scheduler stays free of I/O and its unit tests run
+//! against [`MemoryStore`].
+//!
+//! - [`files`]: the file desk, result and input files off the loop.
+//! - [`db`], [`pg`], [`state`]: the durable state in SQLite or
+//!   PostgreSQL, one schema, the same batches.
+
+pub mod db;
+pub mod files;
+pub mod pg;
+pub mod state;
 
 use crate::protocol::{LogLine, Stream, TaskId};
 use std::collections::HashMap;

@@ -11,15 +11,17 @@ use crate::security::broadcast::BroadcastError;
 use crate::security::Credentials;
 use crate::shutdown::Stop;
 use crate::transport::{self, to_message, TransportError};
-use crate::worker::channel::{LogBudget, LogFull, TaskEvent};
-use crate::worker::conductor;
 use crate::worker::config::{StopPolicy, WorkerConfig};
-use crate::worker::error::WorkerError;
-use crate::worker::link::{attach, ConnectError, Connected, Connection, Dialer, Inbound, Opened};
 use crate::worker::session::{
     Action, Link, LostReason, ReadDone, ReadRequest, SendOrder, Session, StopRules, StopStep,
 };
+use crate::worker::shell::error::WorkerError;
+use crate::worker::shell::link::{
+    attach, ConnectError, Connected, Connection, Dialer, Inbound, Opened,
+};
 use crate::worker::state::WorkerStore;
+use crate::worker::task::channel::{LogBudget, LogFull, TaskEvent};
+use crate::worker::task::conductor;
 use crate::worker::task::{attempt_dir, prune_task_dirs, run_task, TaskRun};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -63,7 +65,7 @@ impl Sources {
     async fn next(
         &mut self,
         upload_paused: bool,
-        connecting: &mut Option<crate::worker::link::Connecting>,
+        connecting: &mut Option<crate::worker::shell::link::Connecting>,
     ) -> Event {
         let dialing = connecting.is_some();
         tokio::select! {
@@ -107,7 +109,7 @@ enum Next {
 pub(super) struct Parts {
     pub(super) cfg: WorkerConfig,
     pub(super) credentials: Credentials,
-    pub(super) console: Option<crate::worker::console::Console>,
+    pub(super) console: Option<crate::worker::task::console::Console>,
     pub(super) device: crate::protocol::DeviceProps,
     pub(super) session: Session,
     pub(super) store: WorkerStore,
@@ -122,7 +124,7 @@ pub(super) struct Parts {
 pub(super) struct Serving {
     cfg: WorkerConfig,
     credentials: Credentials,
-    console: Option<crate::worker::console::Console>,
+    console: Option<crate::worker::task::console::Console>,
     device: crate::protocol::DeviceProps,
     session: Session,
     store: WorkerStore,
@@ -236,7 +238,7 @@ impl Serving {
                 TaskEvent::Finished { task, .. } => *report_saved = Some(task.clone()),
                 TaskEvent::Log { text, .. } => self
                     .log_budget
-                    .buffered(crate::worker::channel::charge(text)),
+                    .buffered(crate::worker::task::channel::charge(text)),
             }
             actions.extend(self.session.on_task_event(Instant::now(), event));
             taken += 1;

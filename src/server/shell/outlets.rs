@@ -7,9 +7,9 @@ use crate::protocol::{self, Body, ErrorCode, Header};
 use crate::security::broadcast::Announcer;
 use crate::security::gate::Verdict;
 use crate::security::Gate;
-use crate::server::error::Fatal;
-use crate::server::inbound::ConnectionActivity;
 use crate::server::scheduler::{Output, Scheduler};
+use crate::server::shell::error::Fatal;
+use crate::server::shell::inbound::ConnectionActivity;
 use crate::server::store::DiskStore;
 use crate::transport::{self, to_message, TransportError};
 use bytes::Bytes;
@@ -23,7 +23,7 @@ pub(super) struct Outlets {
     pub(super) publisher: zeromq::PubSocket,
     /// Signs broadcasts (with security).
     pub(super) announcer: Option<Announcer>,
-    pub(super) desk: mpsc::UnboundedSender<crate::server::files::FileJob>,
+    pub(super) desk: mpsc::UnboundedSender<crate::server::store::files::FileJob>,
     pub(super) notify: Option<mpsc::UnboundedSender<crate::notify::outbox::Job>>,
     /// A send to one peer that does not complete within this is dropped.
     pub(super) send_timeout: Duration,

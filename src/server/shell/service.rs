@@ -1,7 +1,7 @@
 //! How `ots-server` starts: the configuration checked, the lease taken
 //! (with PostgreSQL; a standby waits here), the state restored, the
 //! sockets, the dashboard and the metrics endpoint bound, then the
-//! serving loop ([`crate::server::serving`]) spawned behind a
+//! serving loop ([`crate::server::shell::serving`]) spawned behind a
 //! [`ServerHandle`]. Every way the server can fail is a [`ServerError`];
 //! the binary chooses the exit status.
 
@@ -9,11 +9,11 @@ use crate::security::allow::{fingerprint, Fingerprint};
 use crate::security::broadcast::Announcer;
 use crate::security::Gate;
 use crate::server::config::{ServerConfig, ServerCredentials};
-pub use crate::server::error::{Fatal, ServerError};
-use crate::server::reload::{watch_allow_lists, Reload};
 use crate::server::scheduler::{Scheduler, SchedulerConfig};
-use crate::server::serving::{serve, Helpers, Leadership, Pace};
-use crate::server::state::StateStore;
+pub use crate::server::shell::error::{Fatal, ServerError};
+use crate::server::shell::reload::{watch_allow_lists, Reload};
+use crate::server::shell::serving::{serve, Helpers, Leadership, Pace};
+use crate::server::store::state::StateStore;
 use crate::server::store::DiskStore;
 use crate::shutdown::Stop;
 use crate::transport;
@@ -114,7 +114,7 @@ impl Server {
             path: PathBuf::from(db.describe()),
             source,
         })?;
-        scheduler.set_stored_inputs(crate::server::files::stored_inputs(&files_dir));
+        scheduler.set_stored_inputs(crate::server::store::files::stored_inputs(&files_dir));
         let scrapes = start_metrics(&cfg).await?;
         let web = start_web(&cfg, credentials.as_ref()).await?;
         let web_url = web.as_ref().map(|w| w.dashboard.base_url.clone());
@@ -124,7 +124,7 @@ impl Server {
         let (stop, stop_rx) = watch::channel(Stop::Run);
         let (control, events) = (sockets.control.clone(), sockets.events.clone());
         let helpers = Helpers {
-            desk: crate::server::files::spawn(&files_dir),
+            desk: crate::server::store::files::spawn(&files_dir),
             notifications: Some(sender.spawn()),
             reloads,
         };
@@ -202,7 +202,9 @@ async fn lead(
     let mut told_ready = false;
     let standby = match cfg.postgres() {
         Some(_) => {
-            match crate::server::standby::Standby::bind(&cfg.control, &cfg.limits.sockets()).await {
+            match crate::server::shell::standby::Standby::bind(&cfg.control, &cfg.limits.sockets())
+                .await
+            {
                 Ok(s) => Some(s),
                 // Taken (the leader on this host with the same
                 // `control`): wait without answering; peers then find
@@ -215,7 +217,7 @@ async fn lead(
         }
         None => None,
     };
-    let waiting = |v: Option<&crate::server::pg::LeaseView>| {
+    let waiting = |v: Option<&crate::server::store::pg::LeaseView>| {
         if let Some(s) = &standby {
             s.tell(v);
         }
@@ -241,9 +243,13 @@ async fn lead(
     };
     info!(epoch, database = %db.describe(), "leader: this server holds the lease");
     let settings = cfg.postgres().expect("a lease only with PostgreSQL");
-    let renewals =
-        crate::server::pg::PgDb::spawn_renewer(&settings, incarnation.to_string(), epoch, policy)
-            .await?;
+    let renewals = crate::server::store::pg::PgDb::spawn_renewer(
+        &settings,
+        incarnation.to_string(),
+        epoch,
+        policy,
+    )
+    .await?;
     Ok(Some(Leadership {
         tenure: crate::server::lease::Tenure::granted(policy, epoch, granted),
         renewals,
@@ -312,7 +318,7 @@ fn scheduler_config(
 /// are answered by the serving loop.
 async fn start_metrics(
     cfg: &ServerConfig,
-) -> Result<Option<mpsc::Receiver<crate::server::metrics::Scrape>>, ServerError> {
+) -> Result<Option<mpsc::Receiver<crate::server::shell::metrics::Scrape>>, ServerError> {
     if cfg.metrics.is_empty() {
         return Ok(None);
     }
@@ -323,7 +329,7 @@ async fn start_metrics(
             source,
         })?;
     let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(crate::server::metrics::serve(listener, tx));
+    tokio::spawn(crate::server::shell::metrics::serve(listener, tx));
     Ok(Some(rx))
 }
 

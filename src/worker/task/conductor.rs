@@ -5,7 +5,7 @@
 
 use crate::protocol::logtext::{PackedLines, PackedText};
 use crate::protocol::{DeviceProps, Outcome, Stream, TaskSpec};
-use crate::worker::channel::LogFull;
+use crate::worker::task::channel::LogFull;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;

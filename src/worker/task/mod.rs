@@ -3,12 +3,17 @@
 //! record, the conductor run, result files collected. Runs in a task of
 //! its own per attempt, reporting through its response channel.
 
+pub mod channel;
+pub mod conductor;
+pub mod console;
+pub mod reader;
+
 use crate::protocol::{Outcome, Stream, TaskSpec};
 use crate::security::Credentials;
-use crate::worker::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
-use crate::worker::conductor::{self, Stop, TaskContext};
 use crate::worker::config::WorkerConfig;
-use crate::worker::console::Console;
+use crate::worker::task::channel::{LogBudget, ResponseChannel, ResultFile, TaskEvent};
+use crate::worker::task::conductor::{Stop, TaskContext};
+use crate::worker::task::console::Console;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -290,7 +295,7 @@ pub(super) async fn run_task(
     run: TaskRun,
     spec: TaskSpec,
     events: mpsc::UnboundedSender<TaskEvent>,
-    (budget, log_full): (LogBudget, crate::worker::channel::LogFull),
+    (budget, log_full): (LogBudget, crate::worker::task::channel::LogFull),
     stop: watch::Receiver<Stop>,
 ) {
     let TaskRun {
@@ -370,7 +375,7 @@ async fn conduct(
     dirs: &TaskDirs,
     console: &mut TaskConsole,
     channel: &mut ResponseChannel,
-    (log_full, stop): (crate::worker::channel::LogFull, watch::Receiver<Stop>),
+    (log_full, stop): (crate::worker::task::channel::LogFull, watch::Receiver<Stop>),
 ) -> Result<Outcome, String> {
     // The console for the conductor, on a pseudo-terminal of its own.
     let export = console.export(cfg, channel);
@@ -438,7 +443,7 @@ async fn conduct(
                 None => break,
             },
             Some(line) = console.next_line() => {
-                channel.log(Stream::Serial, masker.mask(crate::worker::console::escape(&line.bytes)));
+                channel.log(Stream::Serial, masker.mask(crate::worker::task::console::escape(&line.bytes)));
             }
         }
     }
@@ -460,7 +465,7 @@ async fn conduct(
     while let Some(line) = console.queued_line() {
         channel.log(
             Stream::Serial,
-            masker.mask(crate::worker::console::escape(&line.bytes)),
+            masker.mask(crate::worker::task::console::escape(&line.bytes)),
         );
     }
     Ok(outcome)
@@ -474,7 +479,7 @@ struct TaskConsole {
     console: Option<Console>,
     /// From when (Unix ms) the console's record belongs to the task.
     since_ms: u64,
-    lines: Option<mpsc::Receiver<crate::worker::console::ConsoleLine>>,
+    lines: Option<mpsc::Receiver<crate::worker::task::console::ConsoleLine>>,
 }
 
 impl TaskConsole {
@@ -498,7 +503,7 @@ impl TaskConsole {
                 .map(String::as_str)
                 .unwrap_or(c.actions().0);
             if !send.is_empty() {
-                c.send(crate::worker::console::unescape(send));
+                c.send(crate::worker::task::console::unescape(send));
             }
         }
         TaskConsole {
@@ -551,7 +556,7 @@ impl TaskConsole {
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(line)) => {
-                    let shown = crate::worker::console::escape(&line.bytes);
+                    let shown = crate::worker::task::console::escape(&line.bytes);
                     text.push_str(&shown);
                     if line.complete {
                         text.push('\n');
@@ -584,7 +589,7 @@ impl TaskConsole {
         &self,
         cfg: &WorkerConfig,
         channel: &mut ResponseChannel,
-    ) -> Option<(PathBuf, crate::worker::console::ExportGuard)> {
+    ) -> Option<(PathBuf, crate::worker::task::console::ExportGuard)> {
         let c = self.console.as_ref()?;
         if !cfg
             .conductor
@@ -604,7 +609,7 @@ impl TaskConsole {
     }
 
     /// The next live line (pending forever without a console).
-    async fn next_line(&mut self) -> Option<crate::worker::console::ConsoleLine> {
+    async fn next_line(&mut self) -> Option<crate::worker::task::console::ConsoleLine> {
         match self.lines.as_mut() {
             Some(rx) => rx.recv().await,
             None => std::future::pending().await,
@@ -612,7 +617,7 @@ impl TaskConsole {
     }
 
     /// A live line already queued, if any.
-    fn queued_line(&mut self) -> Option<crate::worker::console::ConsoleLine> {
+    fn queued_line(&mut self) -> Option<crate::worker::task::console::ConsoleLine> {
         self.lines.as_mut()?.try_recv().ok()
     }
 
@@ -729,7 +734,7 @@ fn collect_results(
             total = total.saturating_add(size);
             let mtime_ns = entry
                 .metadata()
-                .map_or(0, |m| crate::worker::reader::mtime_ns(&m));
+                .map_or(0, |m| crate::worker::task::reader::mtime_ns(&m));
             files.push(ResultFile {
                 name,
                 size,

@@ -9,16 +9,16 @@
 use crate::protocol;
 use crate::security::gate::Verdict;
 use crate::security::Gate;
-use crate::server::bridge::Pending;
-use crate::server::error::Fatal;
-use crate::server::inbound::{
+use crate::server::scheduler::Scheduler;
+use crate::server::shell::bridge::Pending;
+use crate::server::shell::error::Fatal;
+use crate::server::shell::inbound::{
     spawn_handshake_thread, spawn_reader, ConnectionActivity, HandshakeDone, HandshakeJob,
     InboundBytes, Received,
 };
-use crate::server::outlets::Outlets;
-use crate::server::reload::Reload;
-use crate::server::scheduler::Scheduler;
-use crate::server::state::StateStore;
+use crate::server::shell::outlets::Outlets;
+use crate::server::shell::reload::Reload;
+use crate::server::store::state::StateStore;
 use crate::server::store::DiskStore;
 use crate::shutdown::Stop;
 use crate::transport;
@@ -48,7 +48,7 @@ pub(super) struct Pace {
     pub(super) inbound_queue_bytes: usize,
     pub(super) idle_timeout: Duration,
     /// Metrics scrapes waiting for a page (metrics endpoint on).
-    pub(super) scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
+    pub(super) scrapes: Option<mpsc::Receiver<crate::server::shell::metrics::Scrape>>,
     /// The web dashboard, if served.
     pub(super) web: Option<crate::web::WebHandle>,
     /// With PostgreSQL: the lease this server acts under.
@@ -58,7 +58,7 @@ pub(super) struct Pace {
 /// The lease held, and its renewer's reports.
 pub(super) struct Leadership {
     pub(super) tenure: crate::server::lease::Tenure,
-    pub(super) renewals: mpsc::UnboundedReceiver<crate::server::pg::Renewal>,
+    pub(super) renewals: mpsc::UnboundedReceiver<crate::server::store::pg::Renewal>,
     /// How long the last renewal took (metrics).
     pub(super) renew_took: Duration,
     /// When this server took the lease (Unix ms), for `ping`.
@@ -75,14 +75,14 @@ impl Leadership {
         Ok(self.tenure.valid(now))
     }
 
-    fn on_renewal(&mut self, renewal: crate::server::pg::Renewal) -> Result<(), Fatal> {
+    fn on_renewal(&mut self, renewal: crate::server::store::pg::Renewal) -> Result<(), Fatal> {
         match renewal {
-            crate::server::pg::Renewal::Renewed(sent, took) => {
+            crate::server::store::pg::Renewal::Renewed(sent, took) => {
                 self.tenure.renewed(sent);
                 self.renew_took = took;
                 Ok(())
             }
-            crate::server::pg::Renewal::Deposed => {
+            crate::server::store::pg::Renewal::Deposed => {
                 Err(step_down("another server took the lease over"))
             }
         }
@@ -110,8 +110,8 @@ fn step_down(why: &str) -> Fatal {
 struct Sources {
     inbound: mpsc::Receiver<Received>,
     web_asks: Option<mpsc::Receiver<Ask>>,
-    scrapes: Option<mpsc::Receiver<crate::server::metrics::Scrape>>,
-    desk_done: mpsc::UnboundedReceiver<crate::server::files::FileDone>,
+    scrapes: Option<mpsc::Receiver<crate::server::shell::metrics::Scrape>>,
+    desk_done: mpsc::UnboundedReceiver<crate::server::store::files::FileDone>,
     notify_done: Option<mpsc::UnboundedReceiver<crate::notify::outbox::Done>>,
     handshakes_done: mpsc::UnboundedReceiver<HandshakeDone>,
     reloads: Option<mpsc::Receiver<Reload>>,
@@ -131,13 +131,13 @@ struct Sources {
 /// loop's stack: its size does not matter, a box per message would.
 #[allow(clippy::large_enum_variant)]
 enum Event {
-    Renewal(crate::server::pg::Renewal),
+    Renewal(crate::server::store::pg::Renewal),
     LeaseEnds,
     NotificationsDue,
     Inbound(Received),
     WebAsk(Ask),
-    Scrape(crate::server::metrics::Scrape),
-    FileDone(crate::server::files::FileDone),
+    Scrape(crate::server::shell::metrics::Scrape),
+    FileDone(crate::server::store::files::FileDone),
     NotifyDone(crate::notify::outbox::Done),
     Handshake(HandshakeDone),
     Reload(Reload),
@@ -195,7 +195,7 @@ pub(super) struct Serving {
     out: Outlets,
     dashboard: Option<Arc<crate::web::Dashboard>>,
     web_pending: Pending,
-    metrics: crate::server::metrics::Metrics,
+    metrics: crate::server::shell::metrics::Metrics,
     activity: ConnectionActivity,
     leadership: Option<Leadership>,
     supervisor: crate::supervision::Supervisor,
@@ -213,8 +213,8 @@ pub(super) struct Serving {
 /// The channels between the loop and its helper threads and tasks.
 pub(super) struct Helpers {
     pub(super) desk: (
-        mpsc::UnboundedSender<crate::server::files::FileJob>,
-        mpsc::UnboundedReceiver<crate::server::files::FileDone>,
+        mpsc::UnboundedSender<crate::server::store::files::FileJob>,
+        mpsc::UnboundedReceiver<crate::server::store::files::FileDone>,
     ),
     pub(super) notifications: Option<(
         mpsc::UnboundedSender<crate::notify::outbox::Job>,
@@ -318,7 +318,7 @@ impl Serving {
             },
             dashboard,
             web_pending: Pending::new(),
-            metrics: crate::server::metrics::Metrics::new(),
+            metrics: crate::server::shell::metrics::Metrics::new(),
             activity: ConnectionActivity::new(pace.idle_timeout),
             leadership: pace.leadership,
             supervisor,
@@ -356,7 +356,7 @@ impl Serving {
         }
     }
 
-    fn on_renewal(&mut self, renewal: crate::server::pg::Renewal) -> Result<(), Fatal> {
+    fn on_renewal(&mut self, renewal: crate::server::store::pg::Renewal) -> Result<(), Fatal> {
         match self.leadership.as_mut() {
             Some(l) => l.on_renewal(renewal),
             None => Ok(()),
@@ -486,7 +486,7 @@ impl Serving {
         }
     }
 
-    fn on_scrape(&mut self, scrape: crate::server::metrics::Scrape) {
+    fn on_scrape(&mut self, scrape: crate::server::shell::metrics::Scrape) {
         // Serving means leading (a standby serves nothing).
         self.metrics.set_lease(
             self.leadership.as_ref().map_or(0, |l| l.tenure.epoch),
@@ -501,8 +501,8 @@ impl Serving {
     /// What the desk finished: one commit for all of it.
     fn on_files_done(
         &mut self,
-        done: crate::server::files::FileDone,
-        more: &mut mpsc::UnboundedReceiver<crate::server::files::FileDone>,
+        done: crate::server::store::files::FileDone,
+        more: &mut mpsc::UnboundedReceiver<crate::server::store::files::FileDone>,
     ) {
         self.scheduler.on_file_done(Instant::now(), done);
         while let Ok(done) = more.try_recv() {
@@ -691,7 +691,7 @@ impl Serving {
         }
         match committed {
             Ok(()) => Ok(()),
-            Err(e @ crate::server::db::StateError::Deposed { .. }) => {
+            Err(e @ crate::server::store::db::StateError::Deposed { .. }) => {
                 Err(step_down(&e.to_string()))
             }
             Err(e) => {

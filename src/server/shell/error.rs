@@ -27,7 +27,7 @@ pub enum ServerError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
-    State(#[from] crate::server::db::StateError),
+    State(#[from] crate::server::store::db::StateError),
     #[error("security: {0}")]
     Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
@@ -61,7 +61,7 @@ pub enum Fatal {
     /// The turn's changes could not be committed: nothing more is
     /// acknowledged (ots-server exits 74).
     #[error("storage error: cannot commit server state: {0}; stopped so that nothing is acknowledged that is not durable")]
-    Commit(Box<crate::server::db::StateError>),
+    Commit(Box<crate::server::store::db::StateError>),
     #[error("the file desk thread is gone; stopped so that a restart brings it back")]
     DeskGone,
     #[error("the notification sender is gone; stopped so that a restart brings it back (the outbox is durable)")]
@@ -81,12 +81,14 @@ impl ServerError {
             | ServerError::Security(_)
             | ServerError::Web(crate::web::WebError::Tls { .. }) => true,
             ServerError::StateDir { source, .. } => denied(source),
-            ServerError::State(crate::server::db::StateError::Lock { source, .. }) => {
+            ServerError::State(crate::server::store::db::StateError::Lock { source, .. }) => {
                 denied(source)
             }
-            ServerError::State(crate::server::db::StateError::DatabaseConfig { .. }) => true,
+            ServerError::State(crate::server::store::db::StateError::DatabaseConfig { .. }) => true,
             // Wrong password or database name: a restart does not fix it.
-            ServerError::State(crate::server::db::StateError::Postgres { source, .. }) => {
+            ServerError::State(crate::server::store::db::StateError::Postgres {
+                source, ..
+            }) => {
                 use tokio_postgres::error::SqlState;
                 matches!(
                     source.code(),

@@ -16,7 +16,7 @@
 //! same endpoint to serve.
 
 use crate::protocol::{self, Body, Class, ErrorCode, Header};
-use crate::server::pg::LeaseView;
+use crate::server::store::pg::LeaseView;
 use crate::transport::{self, SocketLimits, TransportError};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};

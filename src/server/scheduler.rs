@@ -106,22 +106,9 @@ pub struct Scheduler<S: Store> {
     active_runs: BTreeSet<RunId>,
     /// Encoded rows as last committed, to write only what changed.
     persisted: HashMap<String, Vec<u8>>,
-    /// Task state changes not yet committed.
-    history: Vec<HistoryRow>,
-    /// Tasks changed since the last commit (state, log, files, flags):
-    /// only these are encoded, so a commit costs what the batch changed.
-    touched: BTreeSet<TaskId>,
-    /// Tasks whose only change is log accounting (lines stored): written
-    /// with the next commit at most [`LOG_ACCOUNTING_EVERY`] apart, not
-    /// once per log batch. Log lines are best-effort: a crash loses at
-    /// most that much accounting, and those lines then count as lost
-    /// (over-reported, never hidden).
-    log_touched: BTreeSet<TaskId>,
-    log_flushed_at: Instant,
     persisted_next_run: u64,
-    /// Stored rows that could not be restored, to move aside at the next
-    /// commit.
-    quarantined: Vec<RestoreError>,
+    /// What the next commit writes: every change since the last one.
+    pending: pending::Pending,
     /// Ready workers (idle, connected, asked for work) under each routing
     /// key they match, longest waiting first: a new task finds its worker
     /// without looking at the rest of the fleet.
@@ -129,11 +116,6 @@ pub struct Scheduler<S: Store> {
     /// Registered workers (any state) per routing key: whether a testrun
     /// can ever run, answered with one lookup.
     known: BTreeMap<String, usize>,
-    /// Workers whose stored row may have changed since the last commit
-    /// (messages from them, their task changing): only these are encoded.
-    touched_workers: BTreeSet<String>,
-    /// Testruns with a change since the last commit.
-    touched_runs: BTreeSet<RunId>,
     /// Liveness and task deadlines, soonest first: a tick looks only at
     /// what is due.
     deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, timers::Due)>>,
@@ -151,8 +133,6 @@ pub struct Scheduler<S: Store> {
     followers: followers::Followers,
     /// Workers an operator drained: no new tasks for them.
     drained: BTreeSet<String>,
-    /// Workers removed from the registry since the last commit.
-    removed_workers: Vec<String>,
     /// Credit all uploads hold (`limits.file_buffer_bytes` at most).
     upload_credit: u64,
     /// Uploads waiting for credit from the pool, oldest first.
@@ -163,8 +143,6 @@ pub struct Scheduler<S: Store> {
     /// Who uploaded each stored input (PROTOCOL.md §7.7): a submit names
     /// only inputs its user uploaded.
     input_owners: HashMap<String, BTreeSet<String>>,
-    /// Owners added since the last commit.
-    touched_input_owners: Vec<(String, String)>,
     /// Input files stored, by SHA-256, with their sizes.
     stored_inputs: HashMap<String, u64>,
     /// The software version each registered worker said it runs.
@@ -188,8 +166,6 @@ pub struct Scheduler<S: Store> {
     /// Ended testruns whose files and logs are still kept, oldest first,
     /// and their bytes: the retention policy looks only at the front.
     retained: retention::Retained,
-    /// Tasks pruned since the last commit (out of the files index).
-    pruned_tasks: Vec<TaskId>,
     /// `web_login` requests for the shell to answer, since it last took
     /// them (each loop turn: at most a batch's worth).
     web_logins: Vec<WebLoginAsk>,
@@ -244,16 +220,10 @@ impl<S: Store> Scheduler<S> {
             active_tasks: BTreeSet::new(),
             active_runs: BTreeSet::new(),
             persisted: HashMap::new(),
-            history: Vec::new(),
-            touched: BTreeSet::new(),
-            log_touched: BTreeSet::new(),
-            log_flushed_at: now,
             persisted_next_run: 0,
-            quarantined: Vec::new(),
+            pending: pending::Pending::new(now),
             ready: HashMap::new(),
             known: BTreeMap::new(),
-            touched_workers: BTreeSet::new(),
-            touched_runs: BTreeSet::new(),
             deadlines: std::collections::BinaryHeap::new(),
             outboxes: BTreeSet::new(),
             armed: HashSet::new(),
@@ -263,12 +233,10 @@ impl<S: Store> Scheduler<S> {
             web_logins: Vec::new(),
             followers: followers::Followers::default(),
             drained: BTreeSet::new(),
-            removed_workers: Vec::new(),
             upload_credit: 0,
             starved: VecDeque::new(),
             input_uploads: HashMap::new(),
             input_owners: HashMap::new(),
-            touched_input_owners: Vec::new(),
             stored_inputs: HashMap::new(),
             versions: HashMap::new(),
             open_by_owner: HashMap::new(),
@@ -279,7 +247,6 @@ impl<S: Store> Scheduler<S> {
             uploading_bytes: 0,
             reads_in_flight: 0,
             retained: retention::Retained::default(),
-            pruned_tasks: Vec::new(),
         }
     }
 
@@ -513,7 +480,7 @@ impl<S: Store> Scheduler<S> {
             );
             return None;
         };
-        self.touched_workers.insert(name.clone());
+        self.pending.workers.insert(name.clone());
         let worker = self.workers.get_mut(&name).expect("peer maps to a worker");
         worker.last_heard = now;
         // A lost worker that speaks again is alive again (a partition
@@ -667,6 +634,7 @@ mod inputs;
 mod intake;
 mod model;
 mod notify;
+mod pending;
 mod persist;
 mod registry;
 mod requests;

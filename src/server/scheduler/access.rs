@@ -386,7 +386,7 @@ impl<S: Store> Scheduler<S> {
         } else {
             self.drained.remove(name);
         }
-        self.touched_workers.insert(name.to_string());
+        self.pending.workers.insert(name.to_string());
         info!(worker = %name, drain, "worker drain changed");
         self.audit_peer(
             peer,
@@ -494,7 +494,7 @@ impl<S: Store> Scheduler<S> {
             self.consoles.remove(&name);
             self.outboxes.remove(&name);
             self.armed.remove(&name);
-            self.removed_workers.push(name.clone());
+            self.pending.removed_workers.push(name.clone());
             info!(worker = %name, "worker removed from the registry: its key is no longer allowed");
         }
     }

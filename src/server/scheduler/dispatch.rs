@@ -155,7 +155,7 @@ impl<S: Store> Scheduler<S> {
         };
         let tried = t.failed_on.join(", ");
         t.avoid = avoid;
-        self.touched.insert(id.clone());
+        self.pending.tasks.insert(id.clone());
         if others == 0 && self.tasks[id].attempts < self.cfg.max_attempts {
             let reason = format!(
                 "{why} (an infrastructure failure); no other worker for {key} to run it on (failed on: {tried})"
@@ -418,14 +418,14 @@ impl<S: Store> Scheduler<S> {
         let w = self.workers.get_mut(worker).expect("worker");
         w.state = WorkerState::Busy;
         self.clear_ready(worker);
-        self.touched_workers.insert(worker.to_string());
+        self.pending.workers.insert(worker.to_string());
         let w = self.workers.get_mut(worker).expect("worker");
         w.task = Some(id.clone());
         info!(task = %id, worker, attempt = spec.attempt, "task dispatched");
         if let Some(r) = self.runs.get_mut(&spec.run) {
             if r.state == RunState::Queued {
                 r.state = RunState::Running;
-                self.touched_runs.insert(spec.run.clone());
+                self.pending.runs.insert(spec.run.clone());
             }
         }
         self.send_mandatory(now, worker, id, Body::Dispatch { spec });

@@ -29,7 +29,7 @@ impl<S: Store> Scheduler<S> {
             w.recent.push_front(id.clone());
             w.recent.truncate(RECENT_KEPT);
             let name = w.name.clone();
-            self.touched_workers.insert(name);
+            self.pending.workers.insert(name);
         }
         if let Some(w) = worker.as_deref() {
             let attempt = Some(self.tasks[id].attempts);
@@ -114,7 +114,7 @@ impl<S: Store> Scheduler<S> {
             worker: worker.clone(),
             reason: reason.clone(),
         };
-        self.history.push(HistoryRow {
+        self.pending.history.push(HistoryRow {
             task: task.clone(),
             at_ms: change.at_ms,
             state: format!("{state:?}").to_lowercase(),
@@ -123,7 +123,7 @@ impl<S: Store> Scheduler<S> {
             reason: reason.clone(),
         });
         self.tasks.get_mut(task).expect("task").history.push(change);
-        self.touched.insert(task.clone());
+        self.pending.tasks.insert(task.clone());
         self.push_event(&run, Some(task.clone()), state, worker, verdict, reason);
     }
 
@@ -146,7 +146,7 @@ impl<S: Store> Scheduler<S> {
             reason,
         };
         r.events.push(event.clone());
-        self.touched_runs.insert(run.clone());
+        self.pending.runs.insert(run.clone());
         self.tell_followers(
             run,
             format!("run/{run}"),

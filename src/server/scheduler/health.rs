@@ -49,7 +49,7 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         let change = w.health.apply(event, now_ms, &self.cfg.health);
-        self.touched_workers.insert(worker.to_string());
+        self.pending.workers.insert(worker.to_string());
         if let Some(c) = change {
             self.health_changed(worker, c);
         }
@@ -269,7 +269,7 @@ impl<S: Store> Scheduler<S> {
                 w.health.wanted = Some(CheckReason::Periodic);
                 // Not yet due again while this check waits or runs.
                 w.health.checked_ms = Some(due_ms);
-                self.touched_workers.insert(worker.to_string());
+                self.pending.workers.insert(worker.to_string());
                 self.follow_health(now, worker);
             }
             _ => {}

@@ -93,7 +93,8 @@ impl<S: Store> Scheduler<S> {
             .or_default()
             .insert(owner.to_string())
         {
-            self.touched_input_owners
+            self.pending
+                .input_owners
                 .push((sha256.to_string(), owner.to_string()));
         }
     }

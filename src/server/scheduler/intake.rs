@@ -218,7 +218,7 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_store_failed", lines);
             return;
         }
-        self.log_touched.insert(task.clone());
+        self.pending.task_log(&task);
         let t = self.tasks.get_mut(&task).expect("open task");
         for p in &parts {
             t.log.insert_range(p.first, p.last());
@@ -244,7 +244,7 @@ impl<S: Store> Scheduler<S> {
             warn!(task = %task, "log limit reached (limits.max_task_log_bytes or max_log_gaps): further lines are dropped and reported as lost");
         }
         t.log_refused += refused;
-        self.log_touched.insert(task.clone());
+        self.pending.task_log(task);
         self.count("log_lines_over_limit", refused);
     }
 
@@ -348,7 +348,7 @@ impl<S: Store> Scheduler<S> {
             self.count("log_lines_store_failed", fresh.len() as u64);
             return;
         }
-        self.log_touched.insert(task.clone());
+        self.pending.task_log(&task);
         let t = self.tasks.get_mut(&task).expect("open task");
         for l in &fresh {
             t.log.insert(l.seq);

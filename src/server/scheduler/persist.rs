@@ -144,9 +144,6 @@ fn decode<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// How far apart log accounting alone is committed.
-pub(super) const LOG_ACCOUNTING_EVERY: Duration = Duration::from_millis(200);
-
 impl<S: Store> Scheduler<S> {
     /// Everything that changed since the last call, encoded for the
     /// database. The shell commits it before sending any output, so no
@@ -164,28 +161,22 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub fn take_changes(&mut self) -> Changes {
-        if !self.log_touched.is_empty()
-            && self.latest.saturating_duration_since(self.log_flushed_at) >= LOG_ACCOUNTING_EVERY
-        {
-            self.log_flushed_at = self.latest;
-            let mut logs = std::mem::take(&mut self.log_touched);
-            self.touched.append(&mut logs);
-        }
+        self.pending.due_log_accounting(self.latest);
         let mut changes = Changes {
-            removed_workers: std::mem::take(&mut self.removed_workers),
-            pruned_tasks: std::mem::take(&mut self.pruned_tasks),
-            input_owners: std::mem::take(&mut self.touched_input_owners),
-            history: std::mem::take(&mut self.history),
+            removed_workers: std::mem::take(&mut self.pending.removed_workers),
+            pruned_tasks: std::mem::take(&mut self.pending.pruned_tasks),
+            input_owners: std::mem::take(&mut self.pending.input_owners),
+            history: std::mem::take(&mut self.pending.history),
             notifications: Vec::new(),
             removed_notifications: Vec::new(),
-            quarantine: std::mem::take(&mut self.quarantined)
+            quarantine: std::mem::take(&mut self.pending.quarantined)
                 .into_iter()
                 .map(|q| (q.table, q.key, q.reason))
                 .collect(),
             ..Changes::default()
         };
         (changes.notifications, changes.removed_notifications) = self.notification_changes();
-        for id in std::mem::take(&mut self.touched) {
+        for id in std::mem::take(&mut self.pending.tasks) {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
@@ -242,7 +233,7 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.remove(&key);
             }
         }
-        for id in std::mem::take(&mut self.touched_runs) {
+        for id in std::mem::take(&mut self.pending.runs) {
             let Some(r) = self.runs.get(&id) else {
                 continue;
             };
@@ -273,7 +264,7 @@ impl<S: Store> Scheduler<S> {
                 self.persisted.remove(&key);
             }
         }
-        for name in std::mem::take(&mut self.touched_workers) {
+        for name in std::mem::take(&mut self.pending.workers) {
             let Some(w) = self.workers.get(&name) else {
                 continue;
             };
@@ -325,8 +316,8 @@ impl<S: Store> Scheduler<S> {
         s.restore_notifications(snap, &mut quarantine);
         s.rearm(now);
         // Rows sanitized on the way in are written back at the first commit.
-        s.touched_workers = s.workers.keys().cloned().collect();
-        s.quarantined = quarantine.rows;
+        s.pending.workers = s.workers.keys().cloned().collect();
+        s.pending.quarantined = quarantine.rows;
         info!(
             runs = s.runs.len(),
             unfinished_tasks = s.active_tasks.len(),
@@ -420,7 +411,7 @@ impl<S: Store> Scheduler<S> {
                 // Its worker gets the grace period to come back and report.
                 state = TaskState::Held;
                 since = now;
-                self.touched.insert(id.clone());
+                self.pending.tasks.insert(id.clone());
             }
             if state == TaskState::Queued {
                 queued.push((row.order, id.clone()));

@@ -137,7 +137,7 @@ impl<S: Store> Scheduler<S> {
         // Registering anew: not waiting for work until it says `ready`
         // (and its device, hence its routing keys, may have changed).
         self.clear_ready(&name);
-        self.touched_workers.insert(name.clone());
+        self.pending.workers.insert(name.clone());
         let old_keys = self.workers.get(&name).map(Worker::routing_keys);
         // A worker removed from the registry earlier in this incarnation
         // (its key went, and came back) continues its numbering and its
@@ -228,7 +228,7 @@ impl<S: Store> Scheduler<S> {
                     if t.state == TaskState::Held {
                         t.state = TaskState::Running;
                         t.since = now;
-                        self.touched.insert(task.clone());
+                        self.pending.tasks.insert(task.clone());
                         self.schedule_task(&task);
                         info!(worker = %name, task = %task, "worker is back; it still has the held task");
                     }

@@ -633,7 +633,7 @@ impl<S: Store> Scheduler<S> {
                 }
                 TaskState::Dispatched | TaskState::Running => {
                     t.cancel_requested = true;
-                    self.touched.insert(id.clone());
+                    self.pending.tasks.insert(id.clone());
                     let worker = t.worker.clone().expect("running task has a worker");
                     self.send_mandatory(now, &worker, &id, Body::Cancel { task: id.clone() });
                 }
@@ -643,7 +643,7 @@ impl<S: Store> Scheduler<S> {
                         w.task = None;
                     }
                     if let Some(w) = worker {
-                        self.touched_workers.insert(w);
+                        self.pending.workers.insert(w);
                     }
                     self.end_task(
                         now,

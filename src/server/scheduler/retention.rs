@@ -87,7 +87,7 @@ impl<S: Store> Scheduler<S> {
         let bytes = self.run_bytes(run);
         let r = self.runs.get_mut(run).expect("run");
         let ended = *r.ended_ms.get_or_insert(now_ms);
-        self.touched_runs.insert(run.clone());
+        self.pending.runs.insert(run.clone());
         self.retained.keep(ended, run, bytes);
     }
 
@@ -117,8 +117,8 @@ impl<S: Store> Scheduler<S> {
                 self.stored_bytes = self.stored_bytes.saturating_sub(files);
                 t.files.clear();
                 t.log_bytes = 0;
-                self.touched.insert(id.clone());
-                self.pruned_tasks.push(id.clone());
+                self.pending.tasks.insert(id.clone());
+                self.pending.pruned_tasks.push(id.clone());
                 self.out
                     .push(Output::File(FileJob::Prune { task: id.clone() }));
             }
@@ -131,7 +131,7 @@ impl<S: Store> Scheduler<S> {
         if let Some(r) = self.runs.get_mut(run) {
             r.pruned = Some(pruned);
         }
-        self.touched_runs.insert(run.clone());
+        self.pending.runs.insert(run.clone());
         self.count("runs_pruned", 1);
         self.count("bytes_pruned", bytes);
         info!(run = %run, bytes, %reason, "retention: pruned the testrun's result files and logs");

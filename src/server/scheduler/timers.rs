@@ -185,7 +185,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
             }
-            self.touched_workers.insert(worker.clone());
+            self.pending.workers.insert(worker.clone());
             let why = format!(
                 "worker {worker} lost and did not come back within {} ms",
                 self.cfg.lost_grace.as_millis()
@@ -205,7 +205,7 @@ impl<S: Store> Scheduler<S> {
         }
         for id in unanswered {
             let worker = self.tasks[&id].worker.clone().unwrap_or_default();
-            self.touched_workers.insert(worker.clone());
+            self.pending.workers.insert(worker.clone());
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.task = None;
                 w.state = WorkerState::Idle;
@@ -237,7 +237,7 @@ impl<S: Store> Scheduler<S> {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.task = None;
         }
-        self.touched_workers.insert(worker.clone());
+        self.pending.workers.insert(worker.clone());
         let timeout = self.runs[&self.tasks[&id].run].request.timeout_secs;
         let reason = format!(
             "execution timeout: no report {} s after the {timeout} s timeout (server backstop)",
@@ -263,7 +263,7 @@ impl<S: Store> Scheduler<S> {
     /// still holds (stopped without a report) is re-queued at once.
     pub(super) fn worker_stopped(&mut self, now: Instant, name: &str, reason: &str) {
         self.clear_ready(name);
-        self.touched_workers.insert(name.to_string());
+        self.pending.workers.insert(name.to_string());
         self.count("workers_stopped", 1);
         let w = self.workers.get_mut(name).expect("worker");
         info!(worker = %name, %reason, "worker stopped cleanly (bye)");
@@ -280,7 +280,7 @@ impl<S: Store> Scheduler<S> {
 
     pub(super) fn worker_lost(&mut self, now: Instant, name: &str, why: &str) {
         self.clear_ready(name);
-        self.touched_workers.insert(name.to_string());
+        self.pending.workers.insert(name.to_string());
         let w = self.workers.get_mut(name).expect("worker");
         warn!(worker = %name, silent_ms = now.saturating_duration_since(w.last_heard).as_millis() as u64, "worker lost: {why}");
         w.state = WorkerState::Lost;
@@ -302,7 +302,7 @@ impl<S: Store> Scheduler<S> {
             } else {
                 t.state = TaskState::Held;
                 t.since = now;
-                self.touched.insert(task.clone());
+                self.pending.tasks.insert(task.clone());
                 self.schedule_task(&task);
                 self.pause_uploads(&task);
             }

@@ -255,7 +255,7 @@ impl<S: Store> Scheduler<S> {
                     ..Upload::default()
                 },
             );
-            self.touched.insert(task.clone());
+            self.pending.tasks.insert(task.clone());
             self.start_upload(&key, size);
         }
         self.offered(&key, size, end);
@@ -664,7 +664,7 @@ impl<S: Store> Scheduler<S> {
                 if let Some(junit) = stored.junit {
                     t.junit.insert(name.clone(), junit);
                 }
-                self.touched.insert(task.clone());
+                self.pending.tasks.insert(task.clone());
                 info!(task = %task, file = %name, size, "result file stored");
             }
             UploadKey::Input { sha256: sha, owner } => {
@@ -736,7 +736,7 @@ impl<S: Store> Scheduler<S> {
                     warn!(task = %task, file = %name, reason = %why, "refused a result file");
                     t.file_errors.insert(name.clone(), why);
                 }
-                self.touched.insert(task.clone());
+                self.pending.tasks.insert(task.clone());
             }
         } else {
             warn!(upload = %describe_key(key), reason = %why, "refused an input file");

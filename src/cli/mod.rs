@@ -2,6 +2,7 @@
 //! sub-command, printing for people (or JSON with `--json`). Returns the
 //! process exit status; see [`crate::client::exit`].
 //!
+//! - `conn`: the connection flags every command shares, exit statuses.
 //! - `args`: what a testrun is asked with, and the parsers of its values.
 //! - `run`: `run`, `wait`, `status`: submitting, following, summing up.
 //! - `manage`: cancel, drain, health, notifications, leader, web, audit,

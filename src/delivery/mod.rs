@@ -1,6 +1,7 @@
 //! Delivery rules shared by both ends, free of I/O: the receiver's dedup
-//! window for mandatory messages, the sender's outbox, and the accounting of
-//! best-effort log lines by sequence number.
+//! window for mandatory messages ([`dedup`]), the sender's outbox
+//! ([`outbox`]), and the accounting of best-effort log lines by sequence
+//! number ([`ranges`]).
 
 pub mod dedup;
 pub mod outbox;

@@ -1,8 +1,16 @@
 //! The wire protocol: what travels between server, workers and clients.
 //!
-//! `message` defines every header and body; `device` the device
-//! specifications used for routing; `codec` turns them into ZeroMQ frames and
-//! back, refusing anything malformed with a typed [`ProtocolError`].
+//! Pure data and its rules: nothing here imports anything above it
+//! (`tests/architecture.rs` checks).
+//!
+//! - `message`: every header and body, classes, error codes; `testrun`:
+//!   what a testrun and a task are; `status`: what the server reports;
+//!   `device`: the device specifications used for routing.
+//! - `limits`: the numbers (PROTOCOL.md §14); `fields`: one rule per kind
+//!   of field; `check`: every message checked against them.
+//! - `envelope`: a decoded message and [`ProtocolError`]; `codec`: frames
+//!   ↔ messages; `logtext`: packed log text.
+//!
 //! `docs/PROTOCOL.md` is the normative description; keep both in step.
 
 pub mod check;

@@ -17,6 +17,14 @@
 //!   with a key made at each server start whose public half only
 //!   authenticated peers receive (in the sealed welcome); beats numbered
 //!   so a replayed or held-back copy is refused.
+//! - [`allow`]: the allow-lists (`workers.d`, `users.d`), their roles and
+//!   pins, read and re-read with file-level fail-closed checks.
+//! - [`gate`]: the server's I/O-free gate every connection passes
+//!   (handshakes admitted at a bounded cost, messages opened, sessions
+//!   revoked); the shell acts on its `Verdict`.
+//! - [`link`]: the initiator's side over a socket: the handshake with a
+//!   deadline, the cipher negotiated.
+//! - [`SecurityMode`]: `noise` or `none`, as both binaries are configured.
 
 pub mod allow;
 pub mod broadcast;

@@ -1,18 +1,27 @@
 //! The server's heart, without I/O: worker registry, testruns, tasks,
 //! per-routing-key queues, dispatch, timeouts and verdicts.
 //!
-//! The tokio shell ([`super::service`]) feeds it decoded messages and clock
-//! ticks and carries out the [`Output`]s it returns. Every rule here can be
-//! tested with a fake clock (`scheduler/tests.rs`).
+//! The tokio shell (`server::shell::serving`) feeds it decoded messages
+//! and clock ticks, each with its time, and carries out the [`Output`]s it
+//! returns. It reads no clock itself. Every rule here can be tested with a
+//! fake clock (`scheduler/tests.rs`).
 //!
 //! This file holds the state and the entry points (`on_message`,
-//! `on_bad_frames`); one concern per file below it:
-//! `registry` (hello, one live worker per name, the outbox to each worker),
-//! `intake` (what workers send about tasks: mandatory messages, orphans,
-//! logs, result files), `requests` (client requests), `timers` (the tick:
-//! liveness, timeouts, backstop), `dispatch` (queues and dispatch),
-//! `endings` (final states, verdicts, progress), `persist` (rows and
-//! restore).
+//! `on_bad_frames`); below it:
+//! - `settings` (its rules and bounds) and `model` (what it keeps of each
+//!   worker, testrun and task);
+//! - one concern per file: `registry` (hello, one live worker per name,
+//!   the outbox to each worker), `intake` (what workers send about tasks:
+//!   mandatory messages, orphans, logs), `uploads` (result files under
+//!   credit), `inputs` (input files, client reads), `requests` (client
+//!   requests), `access` (who may ask what), `timers` (the tick: liveness,
+//!   timeouts, backstop), `dispatch` (queues and dispatch), `endings`
+//!   (final states, verdicts, progress), `health` (device health checks),
+//!   `notify` (events into the outbox), `retention` (pruning), `views`
+//!   (what lists show), `persist` (rows and restore);
+//! - sub-states that own an invariant: `followers` (who follows which
+//!   testrun), `retention::Retained` (what is kept, oldest first),
+//!   `pending` (what the next commit writes).
 
 use crate::delivery::ranges::describe;
 use crate::delivery::{DedupWindow, Outbox, SeqRanges};

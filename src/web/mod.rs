@@ -12,9 +12,14 @@
 //!
 //! - [`sessions`]: sign-in links and sessions (I/O-free).
 //! - [`bridge`]: the bounded request path into the serving loop.
+//! - [`api`]: the router, one table; its handlers by kind: `html` (pages
+//!   and the forms that act), `json` (`/api/` and the live streams),
+//!   `signin` (links, the session cookie, CSRF), `download` (logs and
+//!   files); `extract` (who asks, errors as pages or JSON) and `asks`
+//!   (what the dashboard asks the scheduler) beneath them.
 //! - [`live`]: live log lines and progress (server-sent events, resumable
 //!   by offset).
-//! - [`pages`] and [`api`]: what is shown.
+//! - [`pages`]: the HTML itself.
 //! - [`http`]: the listener (connection limit, timeouts, TLS).
 
 pub mod api;

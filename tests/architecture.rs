@@ -158,7 +158,13 @@ fn paths(text: &str, here: &[String]) -> Vec<Vec<String>> {
     out
 }
 
-fn graph() -> Graph {
+/// The graph of `src/`, read once for all the tests here.
+fn graph() -> &'static Graph {
+    static GRAPH: std::sync::OnceLock<Graph> = std::sync::OnceLock::new();
+    GRAPH.get_or_init(read_graph)
+}
+
+fn read_graph() -> Graph {
     let root = src();
     let mut files = Vec::new();
     rust_files(&root, &mut files);

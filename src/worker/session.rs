@@ -148,9 +148,6 @@ pub struct Session {
     clock: ClockOffset,
     /// The result file upload in progress, on this connection.
     transfer: uploads::Transfer,
-    /// The worker was asked to stop: no new tasks, the current one is
-    /// finished (or stopped) and delivered, then `bye`.
-    stopping: bool,
     /// Where a stop stands (deadlines, the bye).
     stop: stop::Stopping,
 }
@@ -188,7 +185,6 @@ impl Session {
             unreliable: VecDeque::new(),
             clock: ClockOffset::default(),
             transfer: uploads::Transfer::default(),
-            stopping: false,
             stop: stop::Stopping::default(),
         }
     }
@@ -279,7 +275,7 @@ impl Session {
             Link::Up { .. } => "registered".to_string(),
         };
         let work = match &self.slot {
-            None if self.stopping => "stopping".to_string(),
+            None if self.stop_requested() => "stopping".to_string(),
             None => "idle".to_string(),
             Some(s) if !s.finished => format!("running task {}", s.spec.task),
             Some(s) if s.report.is_some() => {
@@ -644,7 +640,7 @@ impl Session {
                 if now.saturating_duration_since(self.last_sent) >= self.heartbeat {
                     // An idle worker repeats `ready` instead of `heartbeat`:
                     // a lost `ready` would otherwise leave it idle forever.
-                    let (class, body) = if self.slot.is_none() && !self.stopping {
+                    let (class, body) = if self.slot.is_none() && !self.stop_requested() {
                         (Class::Control, Body::Ready)
                     } else {
                         (Class::Heartbeat, Body::Heartbeat)

@@ -66,17 +66,7 @@ impl Outlets {
             } => {
                 // Admission control, not a refusal of the key: the peer
                 // retries after its backoff (counted by the gate).
-                let body = Body::Error {
-                    request: None,
-                    code: ErrorCode::LimitReached,
-                    message: reason.to_string(),
-                    seq: None,
-                };
-                out.extend(protocol::encode(
-                    &Header::best_effort(body.class(), None),
-                    &body,
-                    None,
-                ));
+                out.extend(plain_error(ErrorCode::LimitReached, &reason));
             }
             Verdict::Refuse { reason } => {
                 let address = activity.address(peer);
@@ -86,17 +76,7 @@ impl Outlets {
                 } else {
                     scheduler.count_shell_event("audit_refusals_not_logged", 1);
                 }
-                let body = Body::Error {
-                    request: None,
-                    code: ErrorCode::Unauthenticated,
-                    message: reason.to_string(),
-                    seq: None,
-                };
-                out.extend(protocol::encode(
-                    &Header::best_effort(body.class(), None),
-                    &body,
-                    None,
-                ));
+                out.extend(plain_error(ErrorCode::Unauthenticated, &reason));
             }
             _ => return,
         }
@@ -205,6 +185,17 @@ impl Outlets {
         }
         Ok(())
     }
+}
+
+/// The plaintext `error` a connection without a channel is answered with.
+fn plain_error(code: ErrorCode, reason: &crate::security::SecurityError) -> Vec<Bytes> {
+    let body = Body::Error {
+        request: None,
+        code,
+        message: reason.to_string(),
+        seq: None,
+    };
+    protocol::encode(&Header::best_effort(body.class(), None), &body, None)
 }
 
 /// Publishes on PUB; with security signed (`[topic, header, body,

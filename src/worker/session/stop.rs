@@ -65,7 +65,6 @@ impl Session {
 
     fn stop_task_now(&mut self, abort: bool) -> Vec<Action> {
         let mut actions = Vec::new();
-        self.stopping = true;
         if abort {
             if let Some(slot) = self.slot.as_mut().filter(|s| !s.finished) {
                 if !slot.stopped_for_exit {
@@ -80,7 +79,7 @@ impl Session {
 
     /// Stopping, and nothing left to deliver: time for `bye`.
     pub fn stop_complete(&self) -> bool {
-        self.stopping && self.slot.is_none() && self.outbox.is_empty()
+        self.stop_requested() && self.slot.is_none() && self.outbox.is_empty()
     }
 
     /// The stop's next step at `now` (see [`StopStep`]).

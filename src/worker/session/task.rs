@@ -21,7 +21,7 @@ impl Session {
     ) {
         let task = spec.task.clone();
         let attempt = spec.attempt;
-        if self.stopping && self.slot.is_none() {
+        if self.stop_requested() && self.slot.is_none() {
             // Stopping: no new task (a refusal uses no attempt).
             let body = Body::TaskRefused {
                 task: task.clone(),

@@ -4,11 +4,12 @@
 /// Shows control characters (other than tab and newline) escaped, so that
 /// log text from a conductor cannot move the cursor, clear the screen or
 /// retitle the terminal: ESC becomes `\x1b`, C1 controls `\u{9b}`.
+/// Bidirectional controls (embeddings and overrides U+202A–U+202E,
+/// isolates U+2066–U+2069, the marks U+200E, U+200F, U+061C) are escaped
+/// too: they reorder what follows, so a line could show text other than
+/// its bytes (CVE-2021-42574, "Trojan Source").
 pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
+    if !text.chars().any(|c| escaped(c) && c != '\n' && c != '\t') {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
@@ -18,11 +19,21 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
             c if (c as u32) < 0x80 && c.is_control() => {
                 out.push_str(&format!("\\x{:02x}", c as u32))
             }
-            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => out.push(c),
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Control and bidirectional formatting characters.
+fn escaped(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
+}
+
+/// The characters that change the display order of text around them.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
 /// A span in whole units: seconds up to 2 min, minutes up to 2 h, hours
@@ -47,4 +58,24 @@ pub fn ago(ms: u64) -> String {
 pub fn ago_short(ms: u64) -> String {
     let (n, u) = span(ms);
     format!("{n}{}", ["s", "m", "h", "d"][u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bidirectional_controls_are_shown_escaped() {
+        assert_eq!(
+            escape_controls("ok \u{202e}gnp.exe\u{2066}x\u{2069}"),
+            "ok \\u{202e}gnp.exe\\u{2066}x\\u{2069}"
+        );
+        for c in [
+            '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{2067}', '\u{2068}',
+        ] {
+            assert!(escape_controls(&c.to_string()).starts_with("\\u{"), "{c:?}");
+        }
+        // Right-to-left text itself is text.
+        assert_eq!(escape_controls("שלום"), "שלום");
+    }
 }

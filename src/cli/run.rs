@@ -269,12 +269,10 @@ pub(crate) fn print_item(item: &FollowItem, started: Instant, json: bool) {
                         )
                     );
                 } else {
-                    let source = match l.stream {
-                        crate::protocol::Stream::Serial => "[serial] ",
-                        crate::protocol::Stream::Stderr => "[stderr] ",
-                        _ => "",
-                    };
-                    println!("  {task} | {source}{}", escape_controls(&l.text));
+                    // The stored form: the source from the stream, never
+                    // from the text.
+                    let line = crate::protocol::logtext::render_line(l);
+                    print!("  {task} | {}", escape_controls(&line));
                 }
             }
         }

@@ -38,6 +38,72 @@ pub fn escape_into(out: &mut Vec<u8>, text: &[u8]) {
     }
 }
 
+/// What the stored form puts before a line of `stream`: stdout lines have
+/// no prefix, so a stdout line whose text begins with one of the others is
+/// stored with a backslash before it (`\[serial] …`, see [`guarded`]):
+/// a line's source is always its recorded stream, never its text.
+pub fn prefix(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "",
+        Stream::Stderr => "[stderr] ",
+        Stream::Worker => "[ots-worker] ",
+        Stream::Serial => "[serial] ",
+    }
+}
+
+/// Whether a stdout line (its text or stored form) begins with another
+/// stream's prefix, and so must be guarded in the stored form.
+pub fn guarded(line: &[u8]) -> bool {
+    line.first() == Some(&b'[')
+        && [Stream::Stderr, Stream::Worker, Stream::Serial]
+            .iter()
+            .any(|s| line.starts_with(prefix(*s).as_bytes()))
+}
+
+/// Whether any line of `text` (lines ending in `\n`) must be guarded.
+pub fn any_guarded(text: &[u8]) -> bool {
+    guarded(text) || memchr::memmem::find_iter(text, b"\n[").any(|i| guarded(&text[i + 1..]))
+}
+
+/// Appends a stdout line's text in the stored form: escaped, with a
+/// backslash before a leading stream prefix.
+pub fn escape_stdout_into(out: &mut Vec<u8>, text: &[u8]) {
+    if guarded(text) {
+        out.push(b'\\');
+    }
+    escape_into(out, text);
+}
+
+/// Renders one log line as stored in the task's log file. Lines are data:
+/// a backslash, newline or carriage return inside the text is escaped
+/// (`\\`, `\n`, `\r`), so one line can never forge another, and a stdout
+/// line beginning with another stream's prefix gets a backslash before it
+/// (`\[ots-worker] …`), so its text never forges its source. Other control bytes are kept as sent; clients
+/// escape them for a terminal.
+pub fn render_line(line: &LogLine) -> String {
+    let mut out = Vec::with_capacity(rendered_len(line) as usize);
+    render_into(&mut out, line);
+    String::from_utf8(out).expect("escaping keeps UTF-8 text UTF-8")
+}
+
+/// Appends the stored form of `line` to `out` (no allocation per line when
+/// a batch is rendered into one buffer): the same escaping as packed
+/// lines ([`crate::protocol::escape_into`]).
+pub fn render_into(out: &mut Vec<u8>, line: &LogLine) {
+    out.extend_from_slice(prefix(line.stream).as_bytes());
+    match line.stream {
+        Stream::Stdout => escape_stdout_into(out, line.text.as_bytes()),
+        _ => escape_into(out, line.text.as_bytes()),
+    }
+    out.push(b'\n');
+}
+
+/// Bytes [`render_line`] writes for `line`, without rendering it.
+pub fn rendered_len(line: &LogLine) -> u64 {
+    let guard = line.stream == Stream::Stdout && guarded(line.text.as_bytes());
+    (prefix(line.stream).len() + usize::from(guard) + escaped_len(line.text.as_bytes()) + 1) as u64
+}
+
 /// Bytes [`escape_into`] writes for `text`.
 pub fn escaped_len(text: &[u8]) -> usize {
     text.len() + memchr::memchr3_iter(b'\\', b'\r', b'\n', text).count()
@@ -60,6 +126,7 @@ pub fn unescape(line: &str) -> String {
             Some('\\') => out.push('\\'),
             Some('n') => out.push('\n'),
             Some('r') => out.push('\r'),
+            Some('[') => out.push('['),
             Some(other) => {
                 out.push('\\');
                 out.push(other);
@@ -207,12 +274,23 @@ pub struct PackedLines {
     pub text: Vec<u8>,
     /// Lines in `text`.
     pub count: u32,
+    /// Stdout: a line beginning with another stream's prefix is guarded
+    /// ([`prefix`]).
+    guard: bool,
 }
 
 /// Marks a piece of a line that was cut because it was too long.
 pub const CONTINUED: &str = " [line continues]";
 
 impl PackedLines {
+    /// Lines of `stream`'s output.
+    pub fn of(stream: Stream) -> Self {
+        PackedLines {
+            guard: stream == Stream::Stdout,
+            ..Default::default()
+        }
+    }
+
     /// Takes the bytes of one read. `mask` rewrites a line's text when
     /// `needs_mask` says the bytes contain something to hide (secrets);
     /// only then is the read handled line by line through a `String`.
@@ -296,7 +374,10 @@ impl PackedLines {
     /// Whole lines with nothing to escape, replace or cut go in as they
     /// are: one UTF-8 check, one CR/backslash search, the newline count.
     fn fast(&mut self, whole: &[u8]) -> bool {
-        if std::str::from_utf8(whole).is_err() || memchr::memchr2(b'\\', b'\r', whole).is_some() {
+        if std::str::from_utf8(whole).is_err()
+            || memchr::memchr2(b'\\', b'\r', whole).is_some()
+            || (self.guard && any_guarded(whole))
+        {
             return false;
         }
         let mut n = 0u32;
@@ -329,12 +410,17 @@ impl PackedLines {
         while !cut && line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
+        let guard = self.guard;
+        let escape = |out: &mut Vec<u8>, text: &[u8]| match guard {
+            true => escape_stdout_into(out, text),
+            false => escape_into(out, text),
+        };
         match std::str::from_utf8(line) {
-            Ok(s) if !masked => escape_into(&mut self.text, s.as_bytes()),
+            Ok(s) if !masked => escape(&mut self.text, s.as_bytes()),
             _ => {
                 let text = String::from_utf8_lossy(line).into_owned();
                 let text = if masked { mask(text) } else { text };
-                escape_into(&mut self.text, text.as_bytes());
+                escape(&mut self.text, text.as_bytes());
             }
         }
         if cut {

@@ -40,41 +40,7 @@ pub fn safe_relative_path(name: &str) -> Result<PathBuf, StoreError> {
         .ok_or_else(|| StoreError::BadFileName(name.to_string()))
 }
 
-/// Renders one log line as stored in the task's log file. Lines are data:
-/// a backslash, newline or carriage return inside the text is escaped
-/// (`\\`, `\n`, `\r`), so one line can never forge another (such as an
-/// `[ots-worker]` line). Other control bytes are kept as sent; clients
-/// escape them for a terminal.
-pub fn render_line(line: &LogLine) -> String {
-    let mut out = Vec::with_capacity(rendered_len(line) as usize);
-    render_into(&mut out, line);
-    String::from_utf8(out).expect("escaping keeps UTF-8 text UTF-8")
-}
-
-/// Appends the stored form of `line` to `out` (no allocation per line when
-/// a batch is rendered into one buffer): the same escaping as packed
-/// lines ([`crate::protocol::logtext::escape_into`]).
-pub fn render_into(out: &mut Vec<u8>, line: &LogLine) {
-    out.extend_from_slice(prefix(line.stream).as_bytes());
-    crate::protocol::logtext::escape_into(out, line.text.as_bytes());
-    out.push(b'\n');
-}
-
-/// What the stored form puts before a line of `stream`.
-pub fn prefix(stream: Stream) -> &'static str {
-    match stream {
-        Stream::Stdout => "",
-        Stream::Stderr => "[stderr] ",
-        Stream::Worker => "[ots-worker] ",
-        Stream::Serial => "[serial] ",
-    }
-}
-
-/// Bytes [`render_line`] writes for `line`, without rendering it.
-pub fn rendered_len(line: &LogLine) -> u64 {
-    (prefix(line.stream).len() + crate::protocol::logtext::escaped_len(line.text.as_bytes()) + 1)
-        as u64
-}
+pub use crate::protocol::logtext::{prefix, render_into, render_line, rendered_len};
 
 /// Storage of task logs and the audit log.
 pub trait Store {

@@ -2,10 +2,10 @@
 // Plain JavaScript, no build step. Everything shown is set as text.
 'use strict';
 (function () {
-  // Control characters (but tab) shown as \xNN or \u{N}, as the server
-  // renders them.
+  // Control characters (but tab) and bidirectional controls shown as
+  // \xNN or \u{N}, as the server renders them.
   function visible(s) {
-    return s.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, function (c) {
+    return s.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, function (c) {
       var n = c.charCodeAt(0);
       return n < 0x80 ? '\\x' + n.toString(16).padStart(2, '0') : '\\u{' + n.toString(16) + '}';
     });

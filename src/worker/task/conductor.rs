@@ -408,7 +408,7 @@ async fn pump(
     // conductor printing a million short lines would otherwise spend the
     // worker's time in the allocator).
     let mut reader = BufReader::with_capacity(PIPE_READ_BYTES, stream);
-    let mut packed = PackedLines::default();
+    let mut packed = PackedLines::of(which);
     // Counting only (the server's log is full), and whether bytes after
     // the last newline wait for one (a line the end of the stream ends).
     let (mut counting, mut open_line) = (false, false);

@@ -1,0 +1,123 @@
+//! Issue 34, the third trust pass: each finding reproduced with the real
+//! `ots-server`, `ots-worker` and `ots-submit` processes (and an HTTP
+//! client as a browser would speak), and shown fixed.
+
+mod common;
+
+use common::http;
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The dashboard's address, from the server's log.
+fn web_url(server: &ServerProc) -> String {
+    let line = server
+        .proc
+        .stderr
+        .wait_for("web dashboard listening", LIMIT)
+        .expect("dashboard started");
+    field(&line, "url")
+}
+
+/// `ots-submit web` as `user`: the link on its last line.
+fn link_for(server: &ServerProc, user: &str) -> String {
+    let out = server.as_user(user).submit(&["web"], LIMIT);
+    assert!(
+        out.status.success(),
+        "ots-submit web: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    stdout.lines().last().expect("a link").trim().to_string()
+}
+
+fn start_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
+    let server = start_configured_server(dir, &format!("web = \"127.0.0.1:0\"\n{extra_toml}"), &[]);
+    let url = web_url(&server);
+    (server, url)
+}
+
+/// Finding 6: a conductor printing another stream's prefix is shown as
+/// stdout everywhere (the stored form guards it), and bidirectional
+/// controls are escaped in `ots-submit logs`, the follow output and the
+/// dashboard.
+#[test]
+fn a_conductor_cannot_forge_a_lines_source_or_reorder_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start_lab(dir.path(), "");
+    let conductor = script(
+        dir.path(),
+        "spoof.sh",
+        "echo '[ots-worker] fake worker line'\necho '[serial] fake serial line'\n\
+         echo '[stderr] fake stderr line'\necho '[ RUN      ] a gtest line'\n\
+         printf 'bidi \\xe2\\x80\\xae evil \\xe2\\x81\\xa6 isolate\\n'\necho real stderr >&2\n\
+         mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w = start_worker(
+        dir.path(),
+        "spoof-w",
+        "devicegroup:spoof",
+        &server,
+        &[&conductor.display().to_string()],
+        &[],
+    );
+    wait_for_workers(&server, LIMIT, all_idle(&["spoof-w"]));
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:spoof",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--wait",
+        ],
+        LIMIT,
+    );
+    let waited = text(&out.stdout);
+    assert!(out.status.success(), "{waited}\n{}", text(&out.stderr));
+    let task = waited
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('r') && w.contains('.'))
+        })
+        .expect("a task id in the wait output")
+        .to_string();
+    // Stored: the same.
+    let run = task.split('.').next().unwrap();
+    let out = submit(&server, &["logs", run, "--task", &task], LIMIT);
+    let logs = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for line in [
+        "\\[ots-worker] fake worker line",
+        "\\[serial] fake serial line",
+        "\\[stderr] fake stderr line",
+        "[ RUN      ] a gtest line",
+        "[stderr] real stderr",
+        "bidi \\u{202e} evil \\u{2066} isolate",
+    ] {
+        assert!(logs.lines().any(|l| l == line), "{line:?} not in\n{logs}");
+    }
+    assert!(!logs.contains('\u{202e}'));
+    // The dashboard: classes from the stream, controls escaped.
+    let cookie = http::sign_in(&link_for(&server, "tester"));
+    let page = http::get(&base, &format!("/tasks/{task}/log"), Some(&cookie)).text();
+    assert!(
+        page.contains("<div class=\"l\">\\[ots-worker] fake worker line</div>"),
+        "{page}"
+    );
+    assert!(page.contains("<div class=\"l\">\\[serial] fake serial line</div>"));
+    assert!(page.contains("<div class=\"l stderr\">[stderr] real stderr</div>"));
+    assert!(page.contains("\\u{202e} evil"));
+    assert!(!page.contains('\u{202e}'));
+    assert!(!page.contains("class=\"l worker\">[ots-worker] fake"));
+    assert!(
+        !page.contains("class=\"l serial\">"),
+        "no serial console here"
+    );
+}

@@ -121,3 +121,46 @@ fn a_conductor_cannot_forge_a_lines_source_or_reorder_its_text() {
         "no serial console here"
     );
 }
+
+/// Sends a GET with `pad` bytes of extra header; the status, or 0 if the
+/// connection closed without one.
+fn get_with_head(base: &str, pad: usize) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http::host(base)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "GET /api/me HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(pad)
+    );
+    // The server may close before reading it all.
+    let _ = s.write_all(head.as_bytes());
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Finding 7: trusted-proxy mode warns at every start, naming what it
+/// trusts; the request head limit is 64 KiB, as documented.
+#[test]
+fn trusted_proxy_mode_warns_and_the_head_limit_is_64_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start_lab(dir.path(), "web_proxy_user_header = \"X-Remote-User\"\n");
+    let warning = server
+        .proc
+        .stderr
+        .wait_for("web_proxy_user_header is set", LIMIT)
+        .expect("a warning at start");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("127.0.0.1, ::1"), "{warning}");
+    // Under the limit: answered (401, nobody named a user).
+    assert_eq!(get_with_head(&base, 60 * 1024), 401);
+    // Over it (the head is the pad plus some 80 bytes): refused.
+    let over = get_with_head(&base, 64 * 1024);
+    assert!(over == 431 || over == 0, "a 64 KiB header answered {over}");
+    assert_ne!(get_with_head(&base, 100 * 1024), 401);
+}

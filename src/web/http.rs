@@ -94,6 +94,7 @@ pub async fn serve(
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_header_size(MAX_HEAD_BYTES)
                 .max_buf_size(MAX_HEAD_BYTES);
             let served = match tls {
                 None => http.serve_connection(TokioIo::new(stream), service).await,

@@ -342,8 +342,23 @@ async fn start_web(
         return Ok(None);
     };
     let plain_on_network = !web_cfg.addr.ip().is_loopback() && web_cfg.tls.is_none();
+    let proxy = web_cfg.proxy_user_header.clone().map(|h| {
+        let from: Vec<String> = web_cfg
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        (h, from.join(", "))
+    });
     let users = credentials.map(|c| c.allow.user_roles());
     let handle = crate::web::start(web_cfg, users).await?;
+    if let Some((header, from)) = proxy {
+        warn!(
+            header = %header,
+            trusted = %from,
+            "web_proxy_user_header is set: any process that connects to the dashboard from a web_trusted_proxies address acts as whichever user it names in this header, with that user's role (on a loopback address: every local user and process); list only the proxy's own address there, bind `web` where only the proxy reaches it, and have the proxy strip the header from what clients send"
+        );
+    }
     if plain_on_network {
         warn!(web = %handle.addr, "web_insecure = true: the dashboard serves plain HTTP on a network address; session cookies and sign-in links can be read on the way: set web_tls_cert and web_tls_key");
     }

@@ -589,7 +589,7 @@ fn each_testrun_mails_each_address_once_with_its_verdict_in_the_subject() {
     let dir = tempfile::tempdir().unwrap();
     let sink = SmtpSink::start();
     let toml = format!(
-        "[notify]\nretry_first = \"200ms\"\n[[notify.mail]]\nname = \"mail\"\nsmtp = \"127.0.0.1:{}\"\ntls = \"none\"\nfrom = \"ots@lab.example\"\nto = [\"lab@lab.example\"]\nevents = [\"testrun_finished\"]\n",
+        "[notify]\nretry_first = \"200ms\"\nallow_mail_domains = [\"lab.example\"]\n[[notify.mail]]\nname = \"mail\"\nsmtp = \"127.0.0.1:{}\"\ntls = \"none\"\nfrom = \"ots@lab.example\"\nto = [\"lab@lab.example\"]\nevents = [\"testrun_finished\"]\n",
         sink.port
     );
     let (server, _w) = start_lab(dir.path(), &toml, "nt4");

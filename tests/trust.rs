@@ -164,3 +164,75 @@ fn trusted_proxy_mode_warns_and_the_head_limit_is_64_kib() {
     assert!(over == 431 || over == 0, "a 64 KiB header answered {over}");
     assert_ne!(get_with_head(&base, 100 * 1024), 401);
 }
+
+/// Finding 8: per-run notification entries as an attacker writes them,
+/// refused at submit by the real server (exit 65, the reason named); the
+/// allowed ones accepted.
+#[test]
+fn notify_patterns_match_parsed_urls_and_mail_goes_only_where_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("url.secret");
+    std::fs::write(&secret, "a secret for per-run urls, long enough").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let toml = format!(
+        "[notify]\nallow_urls = [\"http://*.example.com/*\", \"http://*:*/hooks/*\"]\nurl_secret_file = {:?}\nallow_mail_domains = [\"lab.example\"]\n\
+         [[notify.mail]]\nname = \"mail\"\nsmtp = \"127.0.0.1:9\"\ntls = \"none\"\nfrom = \"ots@lab.example\"\nto = [\"ops@elsewhere.example\"]\nevents = [\"testrun_finished\"]\n",
+        secret.display().to_string()
+    );
+    let (server, _base) = start_lab(dir.path(), &toml);
+    let try_notify = |entry: &str| {
+        submit(
+            &server,
+            &[
+                "run",
+                "--device",
+                "devicegroup:ntt",
+                "--image",
+                "i",
+                "--packages",
+                "p",
+                "--queue-anyway",
+                "--notify",
+                entry,
+            ],
+            LIMIT,
+        )
+    };
+    for (entry, why) in [
+        (
+            "http://vm:38283/.example.com/",
+            "not allowed by notify.allow_urls",
+        ),
+        (
+            "http://vm:38283/?x=.example.com/",
+            "not allowed by notify.allow_urls",
+        ),
+        (
+            "http://example.com.evil.test/",
+            "not allowed by notify.allow_urls",
+        ),
+        ("http://[::127.0.0.1]:80/hooks/a", "non-public"),
+        ("http://[2002:7f00:1::1]:80/hooks/a", "non-public"),
+        (
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80/hooks/a",
+            "non-public",
+        ),
+        ("http://[64:ff9b::7f00:1]:80/hooks/a", "non-public"),
+        ("http://[fe80::1%25lo]:80/hooks/a", "zone-scoped"),
+        ("mailto:victim@elsewhere.org", "allow_mail_domains"),
+    ] {
+        let out = try_notify(entry);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{entry}: {err}");
+        assert!(err.contains(why), "{entry}: {err}");
+    }
+    for entry in [
+        "http://ci.example.com/hook",
+        "mailto:ann@lab.example",
+        "mailto:ops@elsewhere.example",
+    ] {
+        let out = try_notify(entry);
+        assert!(out.status.success(), "{entry}: {}", text(&out.stderr));
+    }
+}

@@ -30,6 +30,11 @@ pub struct NotifyConfig {
     /// Which `[[notify.mail]]` sends `--notify mailto:ADDR` (default: the
     /// first one).
     pub mailto_via: String,
+    /// Domains `--notify mailto:ADDR` may send to (exact, like
+    /// `lab.example.org`); default none: only the addresses the
+    /// `[[notify.mail]]` targets already send to (the operator's relay is
+    /// not a way to mail anyone).
+    pub allow_mail_domains: Vec<String>,
     /// A delivery not done this long after its event is failed.
     #[serde(
         rename = "max_age",
@@ -78,6 +83,7 @@ impl Default for NotifyConfig {
             allow_private_addresses: false,
             url_secret_file: None,
             mailto_via: String::new(),
+            allow_mail_domains: Vec::new(),
             max_age_secs: 24 * 3600,
             retry_first_ms: 1000,
             retry_cap_secs: 300,
@@ -290,13 +296,35 @@ impl NotifyConfig {
         };
         let mut allow = Vec::new();
         for p in &self.allow_urls {
-            allow.push(
-                glob::Pattern::new(p).map_err(|e| NotifyConfigError::Setting {
+            allow.push(super::urls::UrlPattern::parse(p).map_err(|e| {
+                NotifyConfigError::Setting {
                     key: "allow_urls",
-                    reason: format!("pattern {p:?}: {e}"),
-                })?,
-            );
+                    reason: format!(
+                        "pattern {p:?} {e} (SCHEME://HOST[:PORT][/PATH], globs in HOST and PATH)"
+                    ),
+                }
+            })?);
         }
+        let mut mail_domains = Vec::new();
+        for d in &self.allow_mail_domains {
+            let d = d.trim().trim_start_matches('@').to_ascii_lowercase();
+            if d.is_empty()
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            {
+                return Err(setting(
+                    "allow_mail_domains",
+                    "holds an entry that is not a domain name (like \"lab.example.org\")",
+                ));
+            }
+            mail_domains.push(d);
+        }
+        let mail_recipients = self
+            .mail
+            .iter()
+            .flat_map(|m| m.to.iter().map(|a| a.to_ascii_lowercase()))
+            .collect();
         if !allow.is_empty() && self.url_secret_file.is_none() {
             return Err(setting(
                 "url_secret_file",
@@ -306,6 +334,8 @@ impl NotifyConfig {
         Ok(Rules {
             targets,
             mail_relay,
+            mail_domains,
+            mail_recipients,
             urls: UrlRules {
                 allow,
                 allow_private: self.allow_private_addresses,

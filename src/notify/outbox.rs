@@ -68,6 +68,11 @@ pub struct Rules {
     pub targets: Vec<TargetRule>,
     /// The mail target `mailto:` entries go through.
     pub mail_relay: Option<String>,
+    /// Domains `mailto:` entries may name (`notify.allow_mail_domains`,
+    /// lower case)…
+    pub mail_domains: Vec<String>,
+    /// …besides the addresses the mail targets send to (lower case).
+    pub mail_recipients: std::collections::HashSet<String>,
     pub urls: UrlRules,
     pub policy: RetryPolicy,
     pub bounds: Bounds,
@@ -257,6 +262,20 @@ impl Notifier {
         }
         if let Some(address) = entry.strip_prefix("mailto:") {
             super::mail::check_address(address)?;
+            let lower = address.to_ascii_lowercase();
+            let domain = lower.rsplit_once('@').map_or("", |(_, d)| d);
+            if !self.rules.mail_recipients.contains(&lower)
+                && !self.rules.mail_domains.iter().any(|d| d == domain)
+            {
+                return Err(format!(
+                    "{address} is not an address this server mails already, and its domain is not in notify.allow_mail_domains ({}): ask the operator to allow the domain",
+                    if self.rules.mail_domains.is_empty() {
+                        "empty".to_string()
+                    } else {
+                        self.rules.mail_domains.join(", ")
+                    }
+                ));
+            }
             let relay = self
                 .rules
                 .mail_relay
@@ -803,6 +822,8 @@ mod tests {
                 },
             ],
             mail_relay: Some("mail".into()),
+            mail_domains: vec!["example.com".into()],
+            mail_recipients: ["lab@example.com".to_string()].into(),
             urls: UrlRules::default(),
             policy: RetryPolicy::default(),
             bounds: Bounds {
@@ -865,6 +886,13 @@ mod tests {
             .unwrap_err()
             .contains("mailto:"));
         assert!(n.check_per_run(&["mailto:x".into()]).is_err());
+        // The relay mails its own recipients and the allowed domains only.
+        assert!(n.check_per_run(&["mailto:LAB@example.com".into()]).is_ok());
+        assert!(n.check_per_run(&["mailto:ann@example.com".into()]).is_ok());
+        assert!(n
+            .check_per_run(&["mailto:victim@elsewhere.org".into()])
+            .unwrap_err()
+            .contains("allow_mail_domains"));
         assert!(n
             .check_per_run(&["http://127.0.0.1:1/x".into()])
             .unwrap_err()

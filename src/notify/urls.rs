@@ -17,8 +17,89 @@ pub use crate::protocol::limits::{
 /// What `notify.allow_urls` and `notify.allow_private_addresses` say.
 #[derive(Clone, Debug, Default)]
 pub struct UrlRules {
-    pub allow: Vec<glob::Pattern>,
+    pub allow: Vec<UrlPattern>,
     pub allow_private: bool,
+}
+
+/// A `notify.allow_urls` pattern, taken apart like the URLs it is held
+/// against, so that each part is matched on its own (a host pattern never
+/// matches text in a path or a query): `SCHEME://HOST[:PORT][/PATH]`.
+/// `HOST` and `PATH` are globs (`*` matches anything, `?` one character);
+/// `PORT` is a number or `*`, and without it only the scheme's default
+/// port matches; without a path any path matches.
+#[derive(Clone, Debug)]
+pub struct UrlPattern {
+    text: String,
+    https: bool,
+    host: glob::Pattern,
+    port: Option<Option<u16>>,
+    path: Option<glob::Pattern>,
+}
+
+impl UrlPattern {
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let (https, rest) = if let Some(r) = pattern.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = pattern.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err("must start with http:// or https://".into());
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
+        if authority.contains('@') {
+            return Err("must not carry a user name".into());
+        }
+        // `[v6]:port`, `host:port` or a host alone.
+        let (host, port) = if let Some(r) = authority.strip_prefix('[') {
+            let (h, after) = r.split_once(']').ok_or("has an unclosed [ in its host")?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("has no host".into());
+        }
+        let port = match port {
+            None => Some(None),
+            Some("*") => None,
+            Some(p) => {
+                Some(Some(p.parse::<u16>().map_err(|_| {
+                    format!("port {p:?} is neither a number nor *")
+                })?))
+            }
+        };
+        let glob = |p: &str| glob::Pattern::new(p).map_err(|e| e.to_string());
+        Ok(UrlPattern {
+            text: pattern.to_string(),
+            https,
+            host: glob(&host.to_ascii_lowercase())?,
+            port,
+            path: path.map(glob).transpose()?,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether a parsed URL matches: scheme, host, port and path each.
+    pub fn matches(&self, t: &Target) -> bool {
+        let default = if t.https { 443 } else { 80 };
+        self.https == t.https
+            && self.host.matches(&t.host)
+            && match self.port {
+                None => true,
+                Some(None) => t.port == default,
+                Some(Some(p)) => t.port == p,
+            }
+            && self.path.as_ref().is_none_or(|p| p.matches(&t.path))
+    }
 }
 
 /// A URL taken apart as far as the checks need.
@@ -58,6 +139,13 @@ pub fn parse(url: &str) -> Result<Target, String> {
     if host.is_empty() {
         return Err("has no host".into());
     }
+    // A bracketed host must be an IPv6 address as written: a zone
+    // (`fe80::1%25lo`) names an interface of this machine.
+    if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!(
+            "has the host [{host}], which is not a plain IPv6 address (zone-scoped addresses are local to this machine)"
+        ));
+    }
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri
         .path_and_query()
@@ -72,7 +160,12 @@ pub fn parse(url: &str) -> Result<Target, String> {
 
 /// Whether an address is one anybody on the internet could reach: not
 /// loopback, private (RFC 1918, unique local), link-local, carrier-grade
-/// NAT, unspecified, multicast, broadcast, documentation or benchmarking.
+/// NAT, unspecified, multicast, broadcast, documentation or benchmarking;
+/// and for IPv6 none of the forms that carry an IPv4 address or reach one
+/// through a translator this server cannot see past: IPv4-mapped and
+/// IPv4-compatible (`::a.b.c.d`), 6to4 (2002::/16), Teredo (2001::/32),
+/// NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48), site-local
+/// (fec0::/10) and the discard prefix (100::/64).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -94,13 +187,19 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let ipv4_compatible = s[..6].iter().all(|x| *x == 0);
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                || ipv4_compatible
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
                 || (s[0] == 0x2001 && s[1] == 0xdb8)
-                || (s[0] == 0x64 && s[1] == 0xff9b))
+                || (s[0] == 0x2001 && s[1] == 0)
+                || s[0] == 0x2002
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || (s[0] == 0x100 && s[1..4] == [0, 0, 0]))
         }
     }
 }
@@ -113,7 +212,7 @@ impl UrlRules {
             return Err("per-run webhook URLs are not allowed on this server (notify.allow_urls is empty): name a configured target instead, or ask the operator to allow the URL".into());
         }
         let target = parse(url)?;
-        if !self.allow.iter().any(|p| p.matches(url)) {
+        if !self.allow.iter().any(|p| p.matches(&target)) {
             return Err(format!(
                 "is not allowed by notify.allow_urls ({})",
                 self.allow
@@ -145,7 +244,7 @@ mod tests {
         UrlRules {
             allow: patterns
                 .iter()
-                .map(|p| glob::Pattern::new(p).unwrap())
+                .map(|p| UrlPattern::parse(p).unwrap())
                 .collect(),
             allow_private: private,
         }
@@ -168,10 +267,19 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "fec0::1",
+            "100::1",
         ] {
             assert!(!is_public(a.parse().unwrap()), "{a}");
         }
-        for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+        for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "2001:4860::8888"] {
             assert!(is_public(a.parse().unwrap()), "{a}");
         }
     }
@@ -212,5 +320,44 @@ mod tests {
         assert!(ci
             .check(&format!("https://ci.example.com/{}", "a".repeat(600)))
             .is_err());
+    }
+
+    #[test]
+    fn patterns_match_the_parts_never_the_raw_url() {
+        let r = rules(&["http://*.example.com/*"], true);
+        assert!(r.check("http://ci.example.com/hook").is_ok());
+        assert!(r.check("http://a.b.example.com/x?y=1").is_ok());
+        for bad in [
+            "http://vm:38283/.example.com/",
+            "http://vm:38283/?x=.example.com/",
+            "http://vm/.example.com/",
+            "http://example.com.evil.org/",
+            "http://ci.example.com:8080/hook",
+            "https://ci.example.com/hook",
+        ] {
+            assert!(r.check(bad).unwrap_err().contains("not allowed"), "{bad}");
+        }
+        let ports = rules(
+            &[
+                "https://ci.example.com:*/hooks/*",
+                "http://[2606:4700::1]/*",
+            ],
+            false,
+        );
+        assert!(ports.check("https://ci.example.com:8443/hooks/a").is_ok());
+        assert!(ports.check("https://ci.example.com/hooks/a").is_ok());
+        assert!(ports.check("https://ci.example.com/other").is_err());
+        assert!(ports.check("http://[2606:4700::1]/x").is_ok());
+        for bad in ["ftp://x/*", "http://:80/", "http://h:port/", "http://[::1/"] {
+            assert!(UrlPattern::parse(bad).is_err(), "{bad}");
+        }
+        // A zone names an interface here.
+        assert!(rules(&["http://*/*"], false)
+            .check("http://[fe80::1%25lo]/")
+            .is_err());
+        assert!(rules(&["http://*/*"], false)
+            .check("http://[::127.0.0.1]/")
+            .unwrap_err()
+            .contains("non-public"));
     }
 }

@@ -236,3 +236,74 @@ fn notify_patterns_match_parsed_urls_and_mail_goes_only_where_allowed() {
         assert!(out.status.success(), "{entry}: {}", text(&out.stderr));
     }
 }
+
+/// Finding 9: trust on first use pins both ways. A new worker key whose
+/// first registration announces the device (group and id) another key
+/// registered with first is refused (`forbidden`, exit 78, audited), and
+/// the message names the pin and the `.device` file that moves it.
+#[test]
+fn a_new_worker_key_cannot_take_over_a_device_another_key_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_configured_server(dir.path(), "", &[]);
+    let device = "devicegroup:tofu devicename:n900 deviceid:dev42";
+    let _victim = start_idle_worker(
+        dir.path(),
+        "tofu-victim",
+        device,
+        &server,
+        &["/bin/true"],
+        &[],
+    );
+    let mut evil = start_worker(
+        dir.path(),
+        "tofu-evil",
+        device,
+        &server,
+        &["/bin/true"],
+        &[],
+    );
+    assert_eq!(evil.wait_exit(LIMIT), Some(78), "{:?}", evil.stderr.all());
+    assert!(
+        evil.stderr.count("is pinned to worker \"tofu-victim\"") > 0
+            && evil.stderr.count("workers.d/tofu-evil.device") > 0,
+        "{:?}",
+        evil.stderr.all()
+    );
+    assert!(audit_json(&server).contains("is pinned to worker"));
+    // Its own device (another id) is its own.
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    std::fs::create_dir_all(dir.path().join("again")).unwrap();
+    let _other = start_idle_worker(
+        &dir.path().join("other"),
+        "tofu-other",
+        "devicegroup:tofu devicename:n900 deviceid:dev43",
+        &server,
+        &["/bin/true"],
+        &[],
+    );
+    // The operator moves the device: now it may.
+    let mark = server.proc.stderr.len();
+    std::fs::write(
+        keys().workers_dir().join("tofu-evil.device"),
+        format!("{device}\n"),
+    )
+    .unwrap();
+    assert!(server
+        .proc
+        .stderr
+        .wait_for_after(mark, "allow-lists reloaded", LIMIT)
+        .is_some());
+    let evil = start_worker(
+        &dir.path().join("again"),
+        "tofu-evil",
+        device,
+        &server,
+        &["/bin/true"],
+        &[],
+    );
+    assert!(
+        wait_for_workers(&server, LIMIT, all_idle(&["tofu-evil"])),
+        "{:?}",
+        evil.stderr.all()
+    );
+}

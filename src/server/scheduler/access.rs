@@ -128,6 +128,20 @@ impl<S: Store> Scheduler<S> {
         false
     }
 
+    /// Another registered worker whose device has the same identity
+    /// (devicegroup and deviceid; a device without a deviceid claims none).
+    fn device_holder(&self, name: &str, device: &crate::protocol::DeviceProps) -> Option<&str> {
+        let id = device.deviceid.as_ref()?;
+        self.workers
+            .iter()
+            .find(|(other, w)| {
+                other.as_str() != name
+                    && w.device.devicegroup == device.devicegroup
+                    && w.device.deviceid.as_ref() == Some(id)
+            })
+            .map(|(other, _)| other.as_str())
+    }
+
     fn owner_of_task(&self, task: &TaskId) -> Option<&RunId> {
         self.tasks.get(task).map(|t| &t.run)
     }
@@ -153,6 +167,16 @@ impl<S: Store> Scheduler<S> {
                         "{label} registered with device {} first and is pinned to it; to let it serve {device}, write that device into workers.d/{name}.device on the server",
                         known.device
                     )),
+                    // Trust on first use pins both ways: a device (its
+                    // group and id) another key registered with first is
+                    // not taken over by a new key's first registration;
+                    // the operator moves it with a `.device` file.
+                    (None, None) => match self.device_holder(name, device) {
+                        Some(holder) => forbidden(format!(
+                            "device {device} is pinned to worker {holder:?}, which registered with it first; {label} may not take it over: to move it, write the device into workers.d/{name}.device on the server (and remove workers.d/{holder}.pub if {holder:?} is gone)"
+                        )),
+                        None => Ok(()),
+                    },
                     _ => Ok(()),
                 }
             }

@@ -95,23 +95,23 @@ async fn main() -> ExitCode {
     {
         return match ots::setup::lab(dir, workers, user, control, events) {
             Ok(lab) => {
-                println!("lab in {}:", lab.dir.display());
-                println!("  ots-server --config {}", lab.server_config.display());
+                ots::outln!("lab in {}:", lab.dir.display());
+                ots::outln!("  ots-server --config {}", lab.server_config.display());
                 for w in workers {
-                    println!(
+                    ots::outln!(
                         "  ots-worker --config {} --name {w} --state-dir {}",
                         lab.worker_config.display(),
                         lab.dir.join(w).display()
                     );
                 }
-                println!(
+                ots::outln!(
                     "  . {}   # then ots-submit talks to it as {user}",
                     lab.env.display()
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("ots-server: lab: {e}");
+                ots::errln!("ots-server: lab: {e}");
                 ExitCode::from(73)
             }
         };
@@ -130,13 +130,13 @@ async fn main() -> ExitCode {
         Ok(cfg) if args.check_config => {
             let files: Vec<&std::path::Path> = args.config.as_deref().into_iter().collect();
             for line in ots::settings::explain(&cfg, "OTS_SERVER", &files, &overrides) {
-                println!("{line}");
+                ots::outln!("{line}");
             }
             return check_server(&cfg);
         }
         Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("ots-server: configuration error: {e}");
+            ots::errln!("ots-server: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -144,18 +144,18 @@ async fn main() -> ExitCode {
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) if e.is_configuration() => {
-            eprintln!("ots-server: cannot start: {e}");
+            ots::errln!("ots-server: cannot start: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
         Err(e) => {
-            eprintln!("ots-server: cannot start: {e}");
+            ots::errln!("ots-server: cannot start: {e}");
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
     match server.run_until(ots::shutdown::requested()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ots-server: {e}");
+            ots::errln!("ots-server: {e}");
             let code = match e {
                 ServerError::Stopped(Fatal::Deposed { .. }) => EXIT_DEPOSED,
                 ServerError::Stopped(Fatal::Commit(_) | Fatal::DeskGone | Fatal::NotifierGone) => {
@@ -175,7 +175,7 @@ async fn main() -> ExitCode {
 fn check_server(cfg: &ServerConfig) -> ExitCode {
     if cfg.security == ots::security::SecurityMode::Noise {
         if let Ok(loaded) = ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
-            println!("allow-lists: {} identities allowed", loaded.list.len());
+            ots::outln!("allow-lists: {} identities allowed", loaded.list.len());
         }
     }
     ots::settings::report_problems(&cfg.problems())

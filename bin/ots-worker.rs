@@ -99,13 +99,13 @@ async fn main() -> ExitCode {
                 .chain(args.instance_config.as_deref().filter(|p| p.exists()))
                 .collect();
             for line in ots::settings::explain(&cfg, "OTS_WORKER", &files, &overrides) {
-                println!("{line}");
+                ots::outln!("{line}");
             }
             return ots::settings::report_problems(&cfg.problems());
         }
         Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("ots-worker: configuration error: {e}");
+            ots::errln!("ots-worker: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -155,7 +155,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("ots-worker: {e}");
+            ots::errln!("ots-worker: {e}");
             match e {
                 ots::worker::WorkerError::Config(_) => ExitCode::from(EXIT_CONFIG),
                 ots::worker::WorkerError::StateDir { .. } | ots::worker::WorkerError::State(_) => {
@@ -170,7 +170,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("ots-worker: worker task failed: {e}");
+            ots::errln!("ots-worker: worker task failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -28,7 +28,7 @@ pub fn gen_docs_command(cmd: clap::Command, dir: &Path) -> std::process::ExitCod
     match generate(cmd, dir) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: cannot write into {}: {e}", dir.display());
+            crate::errln!("{name}: cannot write into {}: {e}", dir.display());
             std::process::ExitCode::from(73)
         }
     }

@@ -6,7 +6,8 @@
 //! from `RUST_LOG` (e.g. `RUST_LOG=ots=debug`), else the configuration's
 //! `log_level`, else the binary's default.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -29,7 +30,8 @@ pub fn init(default: &str) {
             .with_env_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
             )
-            .with_writer(std::io::stderr)
+            .with_writer(|| Stderr)
+            .log_internal_errors(false)
             .with_ansi(false)
             .with_target(false)
             .without_time()
@@ -38,10 +40,40 @@ pub fn init(default: &str) {
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| Stderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+/// Log lines that could not be written (a closed terminal: EIO; a broken
+/// pipe: EPIPE; a full disk), since the last [`take_write_failures`].
+static WRITE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines lost to failed writes since the last call (the server
+/// reports them as `log_writes_failed`).
+pub fn take_write_failures() -> u64 {
+    WRITE_FAILURES.swap(0, Ordering::Relaxed)
+}
+
+/// Standard error for log lines: a failed write is counted and dropped,
+/// never an error, never a panic. A process never dies of its own output:
+/// the terminal it was started from may close, journald may restart.
+struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().write_all(buf).is_err() {
+            WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn binary_name() -> String {

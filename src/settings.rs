@@ -240,7 +240,7 @@ pub struct Problem {
 /// when a start would refuse, 0 otherwise.
 pub fn report_problems(problems: &[Problem]) -> std::process::ExitCode {
     for p in problems {
-        println!(
+        crate::outln!(
             "{}: {}",
             if p.fatal { "error" } else { "warning" },
             p.message

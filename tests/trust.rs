@@ -307,3 +307,213 @@ fn a_new_worker_key_cannot_take_over_a_device_another_key_serves() {
         evil.stderr.all()
     );
 }
+
+/// A process whose stdout and stderr are a pseudo-terminal, as when
+/// started from a terminal: the test reads the terminal until it hangs up.
+struct OnTerminal {
+    proc: Proc,
+    hang_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+impl OnTerminal {
+    fn spawn(name: &str, mut cmd: std::process::Command) -> OnTerminal {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        let (mut master, slave) = serialport::TTYPort::pair().expect("a pseudo-terminal");
+        // Only this test holds the terminal's master: other children must
+        // not inherit it (it would keep the terminal open).
+        for fd in [
+            std::os::fd::AsRawFd::as_raw_fd(&master),
+            std::os::fd::AsRawFd::as_raw_fd(&slave),
+        ] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .unwrap();
+        }
+        let path = serialport::SerialPort::name(&slave).expect("its name");
+        let tty = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(tty())
+            .stderr(tty())
+            .process_group(0);
+        let child = cmd.spawn().unwrap();
+        drop(slave);
+        serialport::SerialPort::set_timeout(&mut master, Duration::from_millis(50)).unwrap();
+        let lines = Lines::default();
+        let hang_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done, closed) = std::sync::mpsc::channel();
+        let (sink, flag) = (lines.clone(), hang_up.clone());
+        std::thread::spawn(move || {
+            let mut partial = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match master.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        partial.extend_from_slice(&buf[..n]);
+                        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=i).collect();
+                            sink.push(String::from_utf8_lossy(&line).trim_end().to_string());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+            drop(master); // the terminal closes
+            let _ = done.send(());
+        });
+        OnTerminal {
+            proc: Proc {
+                child,
+                stdout: Lines::default(),
+                stderr: lines,
+                name: name.to_string(),
+            },
+            hang_up,
+            closed,
+        }
+    }
+
+    /// Closes the terminal (its master side) and sends the hangup the
+    /// kernel sends a terminal's session.
+    fn close(&self) {
+        self.hang_up
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.recv_timeout(LIMIT).expect("terminal closed");
+        self.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    fn alive(&mut self) -> bool {
+        self.proc.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Finding 10: a server and a worker started from a terminal keep running
+/// when the terminal closes under them (their log writes fail with EIO:
+/// counted, dropped); `--check-config` into a closed pipe is a normal end.
+#[test]
+fn a_closed_terminal_or_pipe_ends_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys();
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    for (name, value) in k.server_env() {
+        cmd.env(name, value);
+    }
+    cmd.args([
+        "--control",
+        "tcp://127.0.0.1:0",
+        "--events",
+        "tcp://127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("server"))
+    .env("RUST_LOG", "ots=debug");
+    let mut server_tty = OnTerminal::spawn("server", cmd);
+    let line = server_tty
+        .proc
+        .stderr
+        .wait_for("server listening", LIMIT)
+        .expect("server started");
+    // Colours on a terminal: the fields are after escape sequences.
+    let plain: String = {
+        let mut out = String::new();
+        let mut in_escape = false;
+        for c in line.chars() {
+            match (in_escape, c) {
+                (false, '\u{1b}') => in_escape = true,
+                (true, 'm') => in_escape = false,
+                (true, _) => {}
+                (false, c) => out.push(c),
+            }
+        }
+        out
+    };
+    let conductor = script(
+        dir.path(),
+        "chatty.sh",
+        "for i in $(seq 1 200); do echo line $i; done\n\
+         mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let control = field(&plain, "control");
+    let events = field(&plain, "events");
+    let cfg = dir.path().join("tty-w.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"tty-w\"\nserver = {control:?}\nevents = {events:?}\ndevice = \"devicegroup:tty\"\nstate_dir = {:?}\n{}\n[conductor]\ncommand = [{:?}]\n",
+            dir.path().join("tty-w").display().to_string(),
+            k.worker_toml("tty-w"),
+            conductor.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut wcmd = std::process::Command::new(bin("ots-worker"));
+    wcmd.arg("--config").arg(&cfg).env("RUST_LOG", "ots=debug");
+    let mut worker_tty = OnTerminal::spawn("tty-w", wcmd);
+    let server = ServerProc {
+        proc: Proc::spawn("placeholder", std::process::Command::new("true")),
+        control,
+        events,
+        state_dir: dir.path().join("server"),
+        keys: Some(k.clone()),
+        user: "tester".into(),
+    };
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["tty-w"])));
+    server_tty.close();
+    worker_tty.close();
+    // Debug logging on both: every step below writes log lines into the
+    // closed terminal.
+    for _ in 0..2 {
+        let out = submit(
+            &server,
+            &[
+                "run",
+                "--device",
+                "devicegroup:tty",
+                "--image",
+                "i",
+                "--packages",
+                "p",
+                "--wait",
+            ],
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(server_tty.alive() && worker_tty.alive());
+    }
+    let id = "r1".to_string(); // a fresh server's first testrun
+    let st = wait_status(&server, &id, LIMIT, |st| {
+        st["counters"]["log_writes_failed"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(st["counters"]["log_writes_failed"].as_u64().unwrap() > 0);
+    assert!(server_tty.alive() && worker_tty.alive());
+
+    // `--check-config | head`: stdout's reader gone before it writes.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let mut check = std::process::Command::new(bin("ots-server"));
+    for (name, value) in k.server_env() {
+        check.env(name, value);
+    }
+    check
+        .args(["--check-config", "--state-dir"])
+        .arg(dir.path().join("check"))
+        .stdout(std::process::Stdio::from(std::fs::File::from(writer)));
+    let out = run_bounded(check, LIMIT);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panic"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -95,7 +95,7 @@ pub(crate) fn local_image(image: String) -> String {
     // own: a path there names nothing it can see.
     let local = sent.strip_prefix("file://").unwrap_or(&sent);
     if local.starts_with("/tmp/") || local.starts_with("/var/tmp/") {
-        eprintln!(
+        crate::errln!(
             "ots-submit: warning: image {sent} is in a temporary folder; a worker run by its systemd unit (PrivateTmp=yes) has a /tmp of its own and will not find it — put images in a folder the workers share, or pass a URL"
         );
     }
@@ -166,7 +166,7 @@ pub(crate) fn parse_secret(text: &str) -> Result<(String, String), String> {
         }
         None => {
             if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
-                eprintln!(
+                crate::errln!(
                     "ots-submit: warning: the value of --secret {k} is on the command line, where every local user can read it (/proc/PID/cmdline, ps); use --secret {k}=@FILE, --secret {k}=- (standard input) or --secret {k} with {} set",
                     secret_env_name(&k)
                 );

@@ -97,7 +97,7 @@ impl Conn {
 
 pub(crate) fn fail(e: &ClientError) -> i32 {
     // The message may quote what a server sent: shown escaped.
-    eprintln!("ots-submit: {}", escape_controls(&e.to_string()));
+    crate::errln!("ots-submit: {}", escape_controls(&e.to_string()));
     e.exit_code()
 }
 

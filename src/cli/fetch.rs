@@ -62,9 +62,9 @@ pub(crate) async fn fetch(
                 "seconds": secs,
                 "dir": dir,
             });
-            println!("{summary}");
+            crate::outln!("{summary}");
         }
-        FetchReport::Text => println!(
+        FetchReport::Text => crate::outln!(
             "fetched {count} result file(s), {bytes} bytes ({downloaded} downloaded now, {:.1} MB/s), verified, into {}",
             downloaded as f64 / secs.max(1e-6) / 1e6,
             dir.display()
@@ -141,9 +141,9 @@ impl Progress for Lines {
         self.bytes = 0;
         self.from = from;
         if from > 0 {
-            eprintln!("{} {what}: {size} bytes, resuming at {from}", self.verb);
+            crate::errln!("{} {what}: {size} bytes, resuming at {from}", self.verb);
         } else {
-            eprintln!("{} {what}: {size} bytes", self.verb);
+            crate::errln!("{} {what}: {size} bytes", self.verb);
         }
     }
     fn advance(&mut self, bytes: u64) {
@@ -151,7 +151,7 @@ impl Progress for Lines {
     }
     fn finish(&mut self) {
         let secs = self.started.elapsed().as_secs_f64().max(1e-6);
-        eprintln!(
+        crate::errln!(
             "{} {}: done, {} bytes in {secs:.2} s ({:.1} MB/s)",
             self.verb,
             self.what,

@@ -19,23 +19,28 @@ pub(crate) async fn runs(
     let mut client = conn.connect().await?;
     let runs = client.runs(state, owner, limit).await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&runs).expect("runs serialise")
         );
         return Ok(exit::PASS);
     }
     if runs.is_empty() {
-        println!("no testruns");
+        crate::outln!("no testruns");
         return Ok(exit::PASS);
     }
-    println!(
+    crate::outln!(
         "{:<8} {:<10} {:<8} {:<12} {:>5} {:>8}  DEVICE",
-        "RUN", "STATE", "VERDICT", "OWNER", "TASKS", "AGE"
+        "RUN",
+        "STATE",
+        "VERDICT",
+        "OWNER",
+        "TASKS",
+        "AGE"
     );
     let now = now_ms();
     for r in runs {
-        println!(
+        crate::outln!(
             "{:<8} {:<10} {:<8} {:<12} {:>5} {:>8}  {}",
             r.run,
             format!("{:?}", r.state).to_lowercase(),
@@ -57,23 +62,29 @@ pub(crate) async fn queue(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let queues = client.queue().await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&queues).expect("queues serialise")
         );
         return Ok(exit::PASS);
     }
     if queues.is_empty() {
-        println!("nothing queued");
+        crate::outln!("nothing queued");
         return Ok(exit::PASS);
     }
-    println!(
+    crate::outln!(
         "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8} {:>9}  AHEAD (OWN / OTHERS)",
-        "ROUTING KEY", "POS", "TASK", "RUN", "OWNER", "WAITING", "STARTS IN"
+        "ROUTING KEY",
+        "POS",
+        "TASK",
+        "RUN",
+        "OWNER",
+        "WAITING",
+        "STARTS IN"
     );
     for q in queues {
         for t in &q.tasks {
-            println!(
+            crate::outln!(
                 "{:<24} {:>4} {:<14} {:<8} {:<12} {:>8} {:>9}  {} / {}",
                 q.key,
                 t.position,
@@ -88,11 +99,11 @@ pub(crate) async fn queue(conn: &Conn) -> Result<i32, ClientError> {
             );
         }
         if q.length > q.tasks.len() as u64 {
-            println!("{:<24} … {} more", q.key, q.length - q.tasks.len() as u64);
+            crate::outln!("{:<24} … {} more", q.key, q.length - q.tasks.len() as u64);
         }
         // Why they wait: who could take them, and what each is doing.
         if q.workers_total == 0 {
-            println!(
+            crate::outln!(
                 "{:<24} waiting for a worker with this device: none is registered",
                 q.key
             );
@@ -109,7 +120,7 @@ pub(crate) async fn queue(conn: &Conn) -> Result<i32, ClientError> {
                 })
                 .collect();
             let more = q.workers_total.saturating_sub(q.workers.len() as u64);
-            println!(
+            crate::outln!(
                 "{:<24} could run on: {}{}",
                 q.key,
                 shown.join(", "),
@@ -128,23 +139,30 @@ pub(crate) async fn workers(conn: &Conn) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let workers = client.workers().await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&workers).expect("workers serialise")
         );
     } else if workers.is_empty() {
-        println!("no workers registered");
+        crate::outln!("no workers registered");
     } else {
-        println!(
+        crate::outln!(
             "{:<20} {:<8} {:<11} {:<7} {:<14} {:>10} {:<10} {:<12} DEVICE",
-            "NAME", "STATE", "HEALTH", "DRAINED", "TASK", "LAST HEARD", "VERSION", "CONSOLE"
+            "NAME",
+            "STATE",
+            "HEALTH",
+            "DRAINED",
+            "TASK",
+            "LAST HEARD",
+            "VERSION",
+            "CONSOLE"
         );
         for w in workers {
             let pinned = match &w.pinned {
                 Some(p) => format!(" (may serve: {})", escape_controls(p)),
                 None => String::new(),
             };
-            println!(
+            crate::outln!(
                 "{:<20} {:<8} {:<11} {:<7} {:<14} {:>10} {:<10} {:<12} {}{pinned}",
                 w.name,
                 format!("{:?}", w.state).to_lowercase(),
@@ -176,7 +194,7 @@ pub(crate) async fn logs(
     if let Some(task) = only {
         if !status.tasks.iter().any(|t| t.task == task) {
             let known: Vec<&str> = status.tasks.iter().map(|t| t.task.as_str()).collect();
-            eprintln!(
+            crate::errln!(
                 "ots-submit: testrun {run} has no task {task:?} (its tasks: {})",
                 known.join(", ")
             );
@@ -194,16 +212,16 @@ pub(crate) async fn logs(
         if conn.json {
             all.insert(t.task.clone(), text);
         } else {
-            println!("==== {} [{}] ====", t.task, t.packages.join(","));
+            crate::outln!("==== {} [{}] ====", t.task, t.packages.join(","));
             if raw {
-                print!("{text}");
+                crate::out!("{text}");
             } else {
-                print!("{}", escape_controls(&text));
+                crate::out!("{}", escape_controls(&text));
             }
         }
     }
     if conn.json {
-        println!("{}", serde_json::to_string(&all).expect("logs serialise"));
+        crate::outln!("{}", serde_json::to_string(&all).expect("logs serialise"));
     }
     Ok(exit::PASS)
 }

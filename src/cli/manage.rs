@@ -18,18 +18,18 @@ pub(crate) async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
             _ => "already finished".to_string(),
         };
         if conn.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string(&before).expect("status serialises")
             );
         } else {
-            println!("testrun {run} {how}; nothing to cancel");
+            crate::outln!("testrun {run} {how}; nothing to cancel");
         }
         return Ok(exit::PASS);
     }
     let status = client.cancel(&run.to_string()).await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string(&status).expect("status serialises")
         );
@@ -44,7 +44,7 @@ pub(crate) async fn cancel(conn: &Conn, run: &str) -> Result<i32, ClientError> {
             .iter()
             .filter(|t| !t.state.is_final() && t.state != crate::protocol::TaskState::Queued)
             .count();
-        println!(
+        crate::outln!(
             "cancel requested for {}: {queued} queued task(s) cancelled, {running} running task(s) being stopped",
             status.run
         );
@@ -56,12 +56,12 @@ pub(crate) async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32,
     let mut client = conn.connect().await?;
     let w = client.drain(worker, drain).await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&w).expect("worker serialises")
         );
     } else if drain {
-        println!(
+        crate::outln!(
             "worker {} drained: {}",
             w.name,
             match &w.task {
@@ -70,7 +70,7 @@ pub(crate) async fn drain(conn: &Conn, worker: &str, drain: bool) -> Result<i32,
             }
         );
     } else {
-        println!("worker {} takes tasks again", w.name);
+        crate::outln!("worker {} takes tasks again", w.name);
     }
     Ok(exit::PASS)
 }
@@ -115,16 +115,21 @@ pub(crate) async fn notifications(
     let (deliveries, targets) = client.notifications(run, failed).await?;
     if conn.json {
         let v = serde_json::json!({ "deliveries": deliveries, "targets": targets });
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&v).expect("notifications serialise")
         );
         return Ok(exit::PASS);
     }
     if !targets.is_empty() {
-        println!(
+        crate::outln!(
             "{:<20} {:<8} {:>7} {:>9} {:>8}  {:<20} LAST ERROR",
-            "TARGET", "KIND", "PENDING", "IN FLIGHT", "FAILURES", "FAILING SINCE"
+            "TARGET",
+            "KIND",
+            "PENDING",
+            "IN FLIGHT",
+            "FAILURES",
+            "FAILING SINCE"
         );
         for t in &targets {
             let since = match t.failing_since_ms {
@@ -135,7 +140,7 @@ pub(crate) async fn notifications(
                 ),
                 None => "-".into(),
             };
-            println!(
+            crate::outln!(
                 "{:<20} {:<8} {:>7} {:>9} {:>8}  {:<20} {}",
                 t.name,
                 t.kind,
@@ -146,21 +151,27 @@ pub(crate) async fn notifications(
                 escape_controls(t.last_error.as_deref().unwrap_or("-"))
             );
         }
-        println!();
+        crate::outln!();
     }
     if deliveries.is_empty() {
-        println!(
+        crate::outln!(
             "no {}notifications{}",
             if failed { "failed " } else { "" },
             run.map(|r| format!(" for {r}")).unwrap_or_default()
         );
     } else {
-        println!(
+        crate::outln!(
             "{:<36} {:<21} {:<7} {:<9} {:>8} {:<24} {:<10} TARGET",
-            "ID", "EVENT", "RUN", "STATE", "ATTEMPTS", "LAST", "NEXT"
+            "ID",
+            "EVENT",
+            "RUN",
+            "STATE",
+            "ATTEMPTS",
+            "LAST",
+            "NEXT"
         );
         for d in &deliveries {
-            println!("{}", delivery_line(d));
+            crate::outln!("{}", delivery_line(d));
         }
     }
     Ok(exit::PASS)
@@ -170,12 +181,12 @@ pub(crate) async fn notify_retry(conn: &Conn, id: &str) -> Result<i32, ClientErr
     let mut client = conn.connect().await?;
     let d = client.retry_notification(id).await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&d).expect("notification serialises")
         );
     } else {
-        println!(
+        crate::outln!(
             "notification {} to {} is sent again now (attempt {})",
             d.id,
             escape_controls(&d.target),
@@ -203,7 +214,7 @@ pub(crate) async fn leader(conn: &Conn) -> Result<i32, ClientError> {
     let credentials = conn.credentials()?;
     let endpoints = crate::settings::endpoints(&conn.server);
     if endpoints.is_empty() || endpoints.len() > 16 {
-        eprintln!(
+        crate::errln!(
             "ots-submit: --server {:?} (or OTS_SERVER): give 1 to 16 endpoints, comma-separated",
             conn.server
         );
@@ -256,7 +267,7 @@ pub(crate) async fn leader(conn: &Conn) -> Result<i32, ClientError> {
     let standings = futures::future::join_all(asked).await;
     let leaders = standings.iter().filter(|s| s.state == "leader").count();
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&standings).expect("standings serialise")
         );
@@ -281,7 +292,7 @@ pub(crate) async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                 (_, None, Some(e)) if s.state == "standby" => escape_controls(e).to_string(),
                 (_, _, e) => format!("refused: {}", escape_controls(e.as_deref().unwrap_or("?"))),
             };
-            println!("{}  {what}", s.endpoint);
+            crate::outln!("{}  {what}", s.endpoint);
         }
     }
     Ok(if leaders > 0 {
@@ -296,7 +307,7 @@ pub(crate) async fn web(conn: &Conn) -> Result<i32, ClientError> {
     let (url, expires_ms) = client.web_login().await?;
     if conn.json {
         let v = serde_json::json!({ "url": url, "expires_ms": expires_ms });
-        println!("{v}");
+        crate::outln!("{v}");
         return Ok(exit::PASS);
     }
     if let Some(browser) = std::env::var_os("BROWSER").filter(|b| !b.is_empty()) {
@@ -309,18 +320,18 @@ pub(crate) async fn web(conn: &Conn) -> Result<i32, ClientError> {
             .stderr(std::process::Stdio::null())
             .spawn()
         {
-            Ok(_) => eprintln!("opened with $BROWSER ({})", browser.to_string_lossy()),
-            Err(e) => eprintln!(
+            Ok(_) => crate::errln!("opened with $BROWSER ({})", browser.to_string_lossy()),
+            Err(e) => crate::errln!(
                 "could not start $BROWSER ({}): {e}; open the link yourself",
                 browser.to_string_lossy()
             ),
         }
     }
-    eprintln!(
+    crate::errln!(
         "open this link within 60 s (it works once; until {} UTC):",
         datetime(expires_ms)
     );
-    println!("{url}");
+    crate::outln!("{url}");
     Ok(exit::PASS)
 }
 
@@ -334,21 +345,21 @@ pub(crate) async fn health(
     let (w, history) = client.worker_health(worker, action, reason).await?;
     if conn.json {
         let v = serde_json::json!({ "worker": w, "history": history });
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&v).expect("report serialises")
         );
         return Ok(exit::PASS);
     }
     match action {
-        Some(HealthAction::Check) => println!(
+        Some(HealthAction::Check) => crate::outln!(
             "health check of {} queued: it runs before any other task",
             w.name
         ),
-        Some(_) => println!("worker {} is now {}", w.name, w.health),
+        Some(_) => crate::outln!("worker {} is now {}", w.name, w.health),
         None => {}
     }
-    println!(
+    crate::outln!(
         "{}: {} since {} UTC: {}",
         w.name,
         w.health,
@@ -356,20 +367,20 @@ pub(crate) async fn health(
         escape_controls(&w.health_reason)
     );
     if w.drained {
-        println!(
+        crate::outln!(
             "drained (it stays drained whatever its health: ots-submit undrain {})",
             w.name
         );
     }
     if action.is_none() {
-        println!("history (oldest first):");
+        crate::outln!("history (oldest first):");
         for c in &history {
             let what = if c.from == c.to {
                 format!("{}", c.to)
             } else {
                 format!("{} -> {}", c.from, c.to)
             };
-            println!(
+            crate::outln!(
                 "  {} UTC  {:<24} {}",
                 datetime(c.at_ms),
                 what,
@@ -386,13 +397,13 @@ pub(crate) async fn audit(conn: &Conn) -> Result<i32, ClientError> {
     let text = String::from_utf8_lossy(&text);
     if conn.json {
         // JSON Lines, as the server keeps them.
-        print!("{}", escape_controls(&text));
+        crate::out!("{}", escape_controls(&text));
         return Ok(exit::PASS);
     }
     // For people: the date, who, from where, what.
     for line in text.lines() {
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(v) => println!(
+            Ok(v) => crate::outln!(
                 "{} UTC  {:<24} {:<22} {:<10} {}",
                 datetime(v["at_ms"].as_u64().unwrap_or(0)),
                 escape_controls(v["identity"].as_str().unwrap_or("-")),
@@ -400,7 +411,7 @@ pub(crate) async fn audit(conn: &Conn) -> Result<i32, ClientError> {
                 escape_controls(v["event"].as_str().unwrap_or("-")),
                 escape_controls(v["detail"].as_str().unwrap_or(""))
             ),
-            Err(_) => println!("{}", escape_controls(line)),
+            Err(_) => crate::outln!("{}", escape_controls(line)),
         }
     }
     Ok(exit::PASS)
@@ -410,10 +421,10 @@ pub(crate) async fn whoami(conn: &Conn) -> Result<i32, ClientError> {
     let client = conn.connect().await?;
     match client.identity() {
         Some(crate::security::Identity::User { name, role }) => {
-            println!("user {name}, role {}", role.as_str())
+            crate::outln!("user {name}, role {}", role.as_str())
         }
-        Some(crate::security::Identity::Worker { name, .. }) => println!("worker {name}"),
-        None => println!("anonymous (the server runs with security = \"none\")"),
+        Some(crate::security::Identity::Worker { name, .. }) => crate::outln!("worker {name}"),
+        None => crate::outln!("anonymous (the server runs with security = \"none\")"),
     }
     Ok(exit::PASS)
 }

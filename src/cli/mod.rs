@@ -237,7 +237,7 @@ pub async fn main(cli: Cli) -> i32 {
             return match crate::docs::generate(Cli::command(), &dir) {
                 Ok(()) => exit::PASS,
                 Err(e) => {
-                    eprintln!("ots-submit: cannot write into {}: {e}", dir.display());
+                    crate::errln!("ots-submit: cannot write into {}: {e}", dir.display());
                     exit::IO
                 }
             };

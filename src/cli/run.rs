@@ -23,13 +23,15 @@ pub(crate) async fn run(mut args: RunArgs) -> i32 {
         match DeviceSpec::parse(part) {
             Ok(d) => specs.push(d),
             Err(e) => {
-                eprintln!("ots-submit: --device: {e}");
+                crate::errln!("ots-submit: --device: {e}");
                 return exit::USAGE;
             }
         }
     }
     if specs.is_empty() {
-        eprintln!("ots-submit: --device: no device spec given; write e.g. \"devicegroup:n900\"");
+        crate::errln!(
+            "ots-submit: --device: no device spec given; write e.g. \"devicegroup:n900\""
+        );
         return exit::USAGE;
     }
     let device = specs.remove(0);
@@ -43,7 +45,7 @@ pub(crate) async fn run(mut args: RunArgs) -> i32 {
                 args.conn.key = Some(l.user_key());
                 args.conn.server_key = Some(l.server_key());
                 if !args.conn.json {
-                    println!(
+                    crate::outln!(
                         "local lab: server {} with {} worker(s) for {}, state in {}",
                         l.control(),
                         args.local_workers,
@@ -54,7 +56,7 @@ pub(crate) async fn run(mut args: RunArgs) -> i32 {
                 lab = Some(l);
             }
             Err(e) => {
-                eprintln!("ots-submit: cannot start the local lab: {e}");
+                crate::errln!("ots-submit: cannot start the local lab: {e}");
                 return exit::SOFTWARE;
             }
         }
@@ -64,7 +66,7 @@ pub(crate) async fn run(mut args: RunArgs) -> i32 {
         }
         if let Some(image) = args.image.as_deref().filter(|i| !i.contains("://")) {
             if !Path::new(image).exists() {
-                eprintln!("ots-submit: --image {image}: no such file here (with --local the workers run on this machine and read the image from this path)");
+                crate::errln!("ots-submit: --image {image}: no such file here (with --local the workers run on this machine and read the image from this path)");
                 lab.take().expect("just started").shutdown().await;
                 return exit::USAGE;
             }
@@ -110,7 +112,7 @@ pub(crate) async fn submit_and_watch(
         match client.upload_input(name, path, progress.as_mut()).await {
             Ok(input) => testrun.inputs.push(input),
             Err(e) => {
-                eprintln!("ots-submit: input file {}: {e}", path.display());
+                crate::errln!("ots-submit: input file {}: {e}", path.display());
                 return e.exit_code();
             }
         }
@@ -123,14 +125,14 @@ pub(crate) async fn submit_and_watch(
     let wait = args.wait || args.follow || args.fetch.is_some();
     if !wait {
         if json {
-            println!("{}", serde_json::json!({ "run": run, "tasks": tasks }));
+            crate::outln!("{}", serde_json::json!({ "run": run, "tasks": tasks }));
         } else {
-            println!("{run}");
+            crate::outln!("{run}");
         }
         return exit::PASS;
     }
     if json {
-        println!(
+        crate::outln!(
             "{}",
             typed(
                 "submitted",
@@ -138,7 +140,7 @@ pub(crate) async fn submit_and_watch(
             )
         );
     } else {
-        println!("testrun {run} submitted: {} task(s)", tasks.len());
+        crate::outln!("testrun {run} submitted: {} task(s)", tasks.len());
     }
     watch(
         &mut client,
@@ -175,7 +177,7 @@ pub(crate) async fn watch(
         Err(e) => return fail(&e),
     };
     if json {
-        println!(
+        crate::outln!(
             "{}",
             typed(
                 "status",
@@ -218,7 +220,7 @@ pub(crate) fn typed(kind: &str, value: serde_json::Value) -> String {
 pub(crate) fn print_item(item: &FollowItem, started: Instant, json: bool) {
     let t = started.elapsed().as_secs_f32();
     match item {
-        FollowItem::Event(e) if json => println!(
+        FollowItem::Event(e) if json => crate::outln!(
             "{}",
             typed("event", serde_json::to_value(e).expect("event serialises"))
         ),
@@ -254,14 +256,14 @@ pub(crate) fn print_item(item: &FollowItem, started: Instant, json: bool) {
                 ProgressState::RunCancelled => "testrun cancelled".to_string(),
             };
             match &e.task {
-                Some(task) => println!("[{t:6.1}s] {task} {what}"),
-                None => println!("[{t:6.1}s] {what}"),
+                Some(task) => crate::outln!("[{t:6.1}s] {task} {what}"),
+                None => crate::outln!("[{t:6.1}s] {what}"),
             }
         }
         FollowItem::Lines { task, lines } => {
             for l in lines {
                 if json {
-                    println!(
+                    crate::outln!(
                         "{}",
                         typed(
                             "log",
@@ -272,19 +274,19 @@ pub(crate) fn print_item(item: &FollowItem, started: Instant, json: bool) {
                     // The stored form: the source from the stream, never
                     // from the text.
                     let line = crate::protocol::logtext::render_line(l);
-                    print!("  {task} | {}", escape_controls(&line));
+                    crate::out!("  {task} | {}", escape_controls(&line));
                 }
             }
         }
         FollowItem::Missed { task, lines } => {
-            eprintln!("  {task} | ({lines} live log lines not received here; `ots-submit logs` shows what the server stored)");
+            crate::errln!("  {task} | ({lines} live log lines not received here; `ots-submit logs` shows what the server stored)");
         }
         FollowItem::ServerAway(e) => {
-            eprintln!("ots-submit: {e}; the server went away, waiting for it to come back (Ctrl-C to stop waiting)")
+            crate::errln!("ots-submit: {e}; the server went away, waiting for it to come back (Ctrl-C to stop waiting)")
         }
-        FollowItem::ServerBack => eprintln!("ots-submit: the server is back; still following"),
+        FollowItem::ServerBack => crate::errln!("ots-submit: the server is back; still following"),
         FollowItem::NoLiveEvents(e) => {
-            eprintln!("ots-submit: no live events ({e}); polling the server instead")
+            crate::errln!("ots-submit: no live events ({e}); polling the server instead")
         }
     }
 }
@@ -300,7 +302,7 @@ pub(crate) fn print_summary(status: &RunStatus) {
             Some(d) => format!(" on {d}"),
             None => String::new(),
         };
-        println!(
+        crate::outln!(
             "task {}{on} [{}] {} — {} (worker {}, attempt {})",
             t.task,
             t.packages.join(","),
@@ -339,14 +341,14 @@ pub(crate) fn print_summary(status: &RunStatus) {
                 Some(ms) => format!("; may start in about {}", ago(ms)),
                 None => String::new(),
             };
-            println!(
+            crate::outln!(
                 "    waiting: position {} under {} ({} of the same owner and {} of others ahead); {could}{estimate}",
                 w.position, w.key, w.ahead_own, w.ahead_others
             );
         }
         if !t.log_gaps.is_empty() {
             let lost: u64 = t.log_gaps.iter().map(|(a, b)| b - a + 1).sum();
-            println!(
+            crate::outln!(
                 "    {lost} log lines lost, seq {} (of {} produced; never arrived at the server)",
                 describe(&t.log_gaps),
                 t.log_lines_produced.unwrap_or(0)
@@ -358,7 +360,7 @@ pub(crate) fn print_summary(status: &RunStatus) {
         (_, Some(v)) => v.to_string(),
         (s, None) => format!("{s:?}").to_uppercase(),
     };
-    println!("testrun {}: {verdict}", status.run);
+    crate::outln!("testrun {}: {verdict}", status.run);
 }
 
 /// "2026-11-26 13:47:14.123" (UTC) for a Unix time in ms.
@@ -368,7 +370,7 @@ pub(crate) fn datetime(ms: u64) -> String {
 
 pub(crate) fn print_history(status: &RunStatus) {
     for t in &status.tasks {
-        println!("history of {} (UTC):", t.task);
+        crate::outln!("history of {} (UTC):", t.task);
         for h in &t.history {
             let state = format!("{:?}", h.state).to_lowercase();
             let mut line = format!(
@@ -382,7 +384,7 @@ pub(crate) fn print_history(status: &RunStatus) {
             if let Some(r) = &h.reason {
                 line.push_str(&format!("  {}", escape_controls(r)));
             }
-            println!("{line}");
+            crate::outln!("{line}");
         }
     }
 }
@@ -391,19 +393,22 @@ pub(crate) async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let status = client.status(&run.to_string()).await?;
     if conn.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&status).expect("status serialises")
         );
     } else {
-        println!(
+        crate::outln!(
             "testrun {} for {} image {}: {:?}",
-            status.run, status.device, status.image, status.state
+            status.run,
+            status.device,
+            status.image,
+            status.state
         );
         print_summary(&status);
         print_history(&status);
         if let Some(p) = &status.pruned {
-            println!(
+            crate::outln!(
                 "result files and logs pruned at {} UTC ({} bytes): {}",
                 datetime(p.at_ms),
                 p.bytes,
@@ -422,7 +427,7 @@ pub(crate) async fn status(conn: &Conn, run: &str) -> Result<i32, ClientError> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         if !interesting.is_empty() {
-            println!("server counters: {}", interesting.join(" "));
+            crate::outln!("server counters: {}", interesting.join(" "));
         }
     }
     Ok(

@@ -141,7 +141,7 @@ pub fn keygen_command(program: &str, base: &Path) -> u8 {
     let kp = KeyPair::generate();
     if let Some(parent) = base.parent().filter(|p| !p.as_os_str().is_empty()) {
         if let Err(e) = std::fs::create_dir_all(parent) {
-            eprintln!("{program}: keygen: cannot create {}: {e}", parent.display());
+            crate::errln!("{program}: keygen: cannot create {}: {e}", parent.display());
             return 73;
         }
     }
@@ -159,7 +159,7 @@ pub fn keygen_command(program: &str, base: &Path) -> u8 {
             } else {
                 None
             };
-            println!(
+            crate::outln!(
                 "wrote {} (private, mode 0600{}) and {}
 public key: {}",
                 private.display(),
@@ -172,7 +172,7 @@ public key: {}",
             0
         }
         Err(e) => {
-            eprintln!("{program}: keygen: {e}");
+            crate::errln!("{program}: keygen: {e}");
             73
         }
     }

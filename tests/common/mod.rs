@@ -76,6 +76,13 @@ impl Lines {
     pub fn len(&self) -> usize {
         self.0 .0.lock().unwrap().len()
     }
+
+    /// Adds a line (output read some other way than a pipe).
+    pub fn push(&self, line: String) {
+        let (lock, cvar) = &*self.0;
+        lock.lock().unwrap().push(line);
+        cvar.notify_all();
+    }
 }
 
 /// A child process in its own process group, killed (group and all) on drop.

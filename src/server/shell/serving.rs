@@ -585,6 +585,10 @@ impl Serving {
             .observe_tick_gap(now.saturating_duration_since(self.last_tick));
         self.last_tick = now;
         self.scheduler.on_tick(now);
+        let lost = crate::logging::take_write_failures();
+        if lost > 0 {
+            self.scheduler.count_shell_event("log_writes_failed", lost);
+        }
         let refused = self.out.publisher.subscriptions_refused();
         if refused > self.subscriptions_refused {
             self.scheduler.count_shell_event(

@@ -132,7 +132,7 @@ async fn main() -> ExitCode {
             for line in ots::settings::explain(&cfg, "OTS_SERVER", &files, &overrides) {
                 ots::outln!("{line}");
             }
-            return check_server(&cfg);
+            return check_server(&cfg).await;
         }
         Ok(cfg) => cfg,
         Err(e) => {
@@ -172,11 +172,21 @@ async fn main() -> ExitCode {
 
 /// `--check-config`: every problem a start would refuse (exit 78) or an
 /// allow-list entry it would skip, each naming its file.
-fn check_server(cfg: &ServerConfig) -> ExitCode {
+async fn check_server(cfg: &ServerConfig) -> ExitCode {
     if cfg.security == ots::security::SecurityMode::Noise {
         if let Ok(loaded) = ots::security::AllowList::load(&cfg.workers_dir, &cfg.users_dir) {
             ots::outln!("allow-lists: {} identities allowed", loaded.list.len());
         }
     }
-    ots::settings::report_problems(&cfg.problems())
+    let mut problems = cfg.problems();
+    // The database is part of the configuration: a start would connect.
+    if let Some(pg) = cfg.postgres() {
+        match pg.probe(std::time::Duration::from_secs(5)).await {
+            Ok(target) => ots::outln!("database: connected to {target}"),
+            Err(e) => problems.push(ots::settings::Problem::fatal(format!(
+                "setting `database`: {e}"
+            ))),
+        }
+    }
+    ots::settings::report_problems(&problems)
 }

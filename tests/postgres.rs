@@ -1169,3 +1169,81 @@ fn a_standby_on_the_leaders_endpoints_waits_without_answering_and_takes_them_ove
     let next = fail_over(&mut leader, standby, files, Some("2"), "same endpoints");
     assert_eq!(next.control, control);
 }
+
+/// Issue 34, finding 11: `--check-config` connects to the database (a
+/// short timeout) and names the setting that is wrong, as a start would.
+#[test]
+fn check_config_connects_to_the_database_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = pg::cluster();
+    // A role that must give its password (the harness's cluster trusts
+    // everyone else).
+    c.psql(
+        "postgres",
+        "CREATE ROLE ots_pw LOGIN PASSWORD 'right-password'",
+    )
+    .unwrap();
+    c.psql("postgres", "CREATE DATABASE ots_pw_db OWNER ots_pw")
+        .unwrap();
+    let hba = c.dir().join("data/pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all ots_pw 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .unwrap();
+    c.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let check = |url: &str, password: &str| {
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, format!("{password}\n")).unwrap();
+        let config = dir.path().join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "database = {url:?}\ndatabase_password_file = {:?}\n",
+                pw.display().to_string()
+            ),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(bin("ots-server"));
+        for (k, v) in keys().server_env() {
+            cmd.env(k, v);
+        }
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--check-config");
+        let started = std::time::Instant::now();
+        let out = run_bounded(cmd, LIMIT);
+        (out.status.code(), text(&out.stdout), started.elapsed())
+    };
+    let url = format!("postgresql://ots_pw@127.0.0.1:{}/ots_pw_db", c.port);
+    // The right password: connected.
+    let (code, stdout, _) = check(&url, "right-password");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("database: connected to ots_pw@127.0.0.1"),
+        "{stdout}"
+    );
+    // A wrong one: refused, naming the setting and what to check.
+    let (code, stdout, _) = check(&url, "wrong-password");
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(
+        stdout.contains("error: setting `database`") && stdout.contains("database_password_file"),
+        "{stdout}"
+    );
+    // A database that does not exist.
+    let (code, stdout, _) = check(
+        &url.replace("ots_pw_db", "ots_no_such_db"),
+        "right-password",
+    );
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(stdout.contains("createdb"), "{stdout}");
+    // Nobody on the port: said at once.
+    let dead = format!("postgresql://ots_pw@127.0.0.1:{}/ots_pw_db", free_port());
+    let (code, stdout, took) = check(&dead, "right-password");
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(stdout.contains("setting `database`"), "{stdout}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

@@ -232,6 +232,35 @@ impl PgSettings {
     }
 }
 
+impl PgSettings {
+    /// `--check-config`: connects (within `limit` at most) and asks one
+    /// trivial query, so a wrong address, user, password or database is
+    /// named now rather than at the start. Touches no table.
+    pub async fn probe(&self, limit: Duration) -> Result<String, StateError> {
+        let (mut cfg, target) = self.client_config()?;
+        cfg.connect_timeout(self.connect_timeout.min(limit));
+        let pg = |source| StateError::Postgres {
+            target: target.clone(),
+            source,
+        };
+        let connected = tokio::time::timeout(limit, cfg.connect(self.tls()?)).await;
+        let (client, connection) = match connected {
+            Ok(c) => c.map_err(pg)?,
+            Err(_) => {
+                return Err(config_error(
+                    &self.url,
+                    format!("{target} did not answer within {} s: check the host and port, and that PostgreSQL runs", limit.as_secs()),
+                ))
+            }
+        };
+        let connection = tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.map_err(pg)?;
+        drop(client);
+        let _ = connection.await;
+        Ok(target)
+    }
+}
+
 impl PgDb {
     /// Connects, checks the schema (refusing a newer one or a database
     /// that holds other tables) and migrates it.

@@ -517,3 +517,131 @@ fn a_closed_terminal_or_pipe_ends_no_process() {
         text(&out.stderr)
     );
 }
+
+/// Finding 1: replacing a user's key ends its dashboard sessions (they
+/// are bound to the key that asked for the link), and its waiting links.
+#[test]
+fn a_rotated_key_ends_its_dashboard_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start_lab(dir.path(), "");
+    wait_allowed(&server, "rot-mallory");
+    let cookie = http::sign_in(&link_for(&server, "rot-mallory"));
+    let waiting = link_for(&server, "rot-mallory");
+    assert_eq!(http::get(&base, "/api/me", Some(&cookie)).status, 200);
+    // The operator replaces the key (same user name, same role).
+    let mark = server.proc.stderr.len();
+    let fresh = dir.path().join("new-mallory");
+    ots::security::KeyPair::generate().write(&fresh).unwrap();
+    let users = keys().users_dir();
+    let replaced = users.join("rot-mallory.pub.new");
+    std::fs::copy(fresh.with_extension("pub"), &replaced).unwrap();
+    std::fs::rename(&replaced, users.join("rot-mallory.pub")).unwrap();
+    let ended = server
+        .proc
+        .stderr
+        .wait_for_after(mark, "dashboard sessions ended", LIMIT)
+        .expect("the reload ends the session")
+        .1;
+    assert!(ended.contains("sessions=1"), "{ended}");
+    let me = http::get(&base, "/api/me", Some(&cookie));
+    assert_eq!(me.status, 401, "{}", me.text());
+    let csrf = "0".repeat(32);
+    let cancel = http::request(
+        &base,
+        "POST",
+        "/api/runs/r1/cancel",
+        &[
+            ("Cookie", &format!("ots_session={cookie}")),
+            ("X-CSRF-Token", &csrf),
+        ],
+        b"",
+    );
+    assert_eq!(cancel.status, 401, "{}", cancel.text());
+    // The link the old key asked for is void too.
+    let (b, path) = waiting.split_at(waiting.find("/login").unwrap());
+    let r = http::request(b, "GET", path, &[("Sec-Fetch-Site", "none")], b"");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.header("set-cookie").is_none());
+}
+
+/// Finding 5: a sign-in link opened from another site, or in a browser
+/// signed in as someone else, does not sign in silently: a page names the
+/// user, and only its same-site button signs in.
+#[test]
+fn a_cross_site_sign_in_link_asks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start_lab(dir.path(), "");
+    wait_allowed(&server, "csrf-mallory");
+    wait_allowed(&server, "csrf-alice");
+    let mallory = link_for(&server, "csrf-mallory");
+    let path = &mallory[mallory.find("/login").unwrap()..];
+    let token = &path[path.find("token=").unwrap() + 6..];
+    // From another site: a page naming mallory, no cookie.
+    let r = http::request(&base, "GET", path, &[("Sec-Fetch-Site", "cross-site")], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("set-cookie").is_none());
+    assert!(
+        r.text().contains("Sign in as user:csrf-mallory?"),
+        "{}",
+        r.text()
+    );
+    // Its auto-submitted form from another site: refused.
+    let form = format!("token={token}");
+    for headers in [
+        vec![
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        vec![
+            ("Origin", "https://evil.example"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+    ] {
+        let r = http::request(&base, "POST", "/login", &headers, form.as_bytes());
+        assert!(r.header("set-cookie").is_none(), "{}", r.text());
+        assert!(r.text().contains("another site"), "{}", r.text());
+    }
+    // alice, signed in, opens mallory's link: asked, and still alice.
+    let alice = http::sign_in(&link_for(&server, "csrf-alice"));
+    let r = http::request(
+        &base,
+        "GET",
+        path,
+        &[
+            ("Sec-Fetch-Site", "none"),
+            ("Cookie", &format!("ots_session={alice}")),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.header("set-cookie").is_none());
+    assert!(
+        r.text().contains("signed in as user:csrf-alice"),
+        "{}",
+        r.text()
+    );
+    let me = http::get(&base, "/api/me", Some(&alice)).json();
+    assert_eq!(me["user"], "csrf-alice");
+    // The page's own button (same site) signs in as mallory.
+    let r = http::request(
+        &base,
+        "POST",
+        "/login",
+        &[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 303, "{}", r.text());
+    let cookie = r.header("set-cookie").unwrap();
+    let cookie = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("ots_session=");
+    assert_eq!(
+        http::get(&base, "/api/me", Some(cookie)).json()["user"],
+        "csrf-mallory"
+    );
+}

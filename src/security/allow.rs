@@ -375,13 +375,13 @@ impl AllowList {
         self.by_key.is_empty()
     }
 
-    /// The allowed users and their roles (the dashboard's sessions end
-    /// when theirs goes or changes).
-    pub fn user_roles(&self) -> HashMap<String, Role> {
+    /// The allowed users with their roles and keys (a dashboard session
+    /// is bound to the key that asked for its link).
+    pub fn user_grants(&self) -> HashMap<String, (Role, PublicKey)> {
         self.by_key
-            .values()
-            .filter_map(|i| match i {
-                Identity::User { name, role } => Some((name.clone(), *role)),
+            .iter()
+            .filter_map(|(key, i)| match i {
+                Identity::User { name, role } => Some((name.clone(), (*role, *key))),
                 _ => None,
             })
             .collect()

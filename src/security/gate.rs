@@ -224,6 +224,15 @@ impl Gate {
         }
     }
 
+    /// The key the connection authenticated with, if it completed a
+    /// handshake.
+    pub fn key(&self, peer: &PeerId) -> Option<PublicKey> {
+        match self.conns.get(peer) {
+            Some(Conn::Secured { key, .. }) => Some(*key),
+            _ => None,
+        }
+    }
+
     /// Handles one message received on `peer`'s connection.
     pub fn inbound(&mut self, peer: &PeerId, frames: Vec<Bytes>) -> Verdict {
         self.bound_refused();

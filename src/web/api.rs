@@ -15,7 +15,7 @@ use crate::web::json::{
     api_audit, api_cancel, api_drain, api_events, api_log, api_log_stream, api_me, api_queue,
     api_run, api_run_notifications, api_run_stream, api_runs, api_worker, api_workers,
 };
-use crate::web::signin::{login, logout};
+use crate::web::signin::{login, login_confirmed, logout};
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -36,7 +36,7 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/workers/{name}", get(worker_page))
         .route("/workers/{name}/drain", post(drain_form))
         .route("/audit", get(audit_page))
-        .route("/login", get(login))
+        .route("/login", get(login).post(login_confirmed))
         .route("/logout", post(logout))
         .route("/static/ots.css", get(css))
         .route("/static/ots.js", get(js))

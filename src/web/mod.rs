@@ -41,8 +41,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bridge::{AskError, Asker};
 use bytes::Bytes;
-use sessions::{Sessions, Viewer};
-use std::collections::HashMap;
+use sessions::{Grants, Sessions, Viewer};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +93,9 @@ pub struct Counters {
     pub streams_refused: AtomicU64,
     pub connections_refused: AtomicU64,
     pub sign_ins: AtomicU64,
+    /// Sign-in links answered with a confirmation page (opened from
+    /// another site, or switching users).
+    pub sign_ins_confirmed: AtomicU64,
 }
 
 impl Counters {
@@ -141,10 +143,7 @@ pub fn internal_identity(secure: bool) -> Option<Identity> {
 }
 
 /// Binds the dashboard and starts serving it.
-pub async fn start(
-    cfg: WebConfig,
-    users: Option<HashMap<String, Role>>,
-) -> Result<WebHandle, WebError> {
+pub async fn start(cfg: WebConfig, users: Option<Grants>) -> Result<WebHandle, WebError> {
     let tls = match &cfg.tls {
         None => None,
         Some((cert, key)) => Some(http::load_tls(cert, key)?),
@@ -201,12 +200,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Dashboard {
-    /// A sign-in link for `identity` (a `web_login` over Noise): the URL
-    /// and its expiry (Unix ms), or why none.
-    pub fn mint_link(&self, identity: Option<Identity>) -> Result<(String, u64), String> {
+    /// A sign-in link for `identity`, which authenticated with `key` (a
+    /// `web_login` over Noise): the URL and its expiry (Unix ms), or why
+    /// none.
+    pub fn mint_link(
+        &self,
+        identity: Option<Identity>,
+        key: Option<crate::security::PublicKey>,
+    ) -> Result<(String, u64), String> {
         let token = self.sessions.lock().expect("sessions").mint_link(
             Instant::now(),
             identity,
+            key,
             secret(),
         )?;
         let expires = crate::protocol::limits::unix_ms_now()
@@ -215,8 +220,9 @@ impl Dashboard {
     }
 
     /// The allow-lists were read again: ends sessions of users who went
-    /// or changed role (and their live streams, within their next check).
-    pub fn set_users(&self, users: HashMap<String, Role>) -> usize {
+    /// or changed role or key (and their live streams, within their next
+    /// check).
+    pub fn set_users(&self, users: Grants) -> usize {
         self.sessions.lock().expect("sessions").set_users(users)
     }
 
@@ -234,10 +240,15 @@ impl Dashboard {
                 Counters::take(&c.connections_refused),
             ),
             ("web_sign_ins", Counters::take(&c.sign_ins)),
+            (
+                "web_sign_ins_confirmed",
+                Counters::take(&c.sign_ins_confirmed),
+            ),
         ];
         let mut s = self.sessions.lock().expect("sessions");
         out.push(("web_sessions_revoked", std::mem::take(&mut s.revoked)));
         out.push(("web_sign_ins_refused", std::mem::take(&mut s.refused)));
+        out.push(("web_sessions_replaced", std::mem::take(&mut s.replaced)));
         out.retain(|(_, n)| *n > 0);
         out
     }

@@ -139,6 +139,37 @@ pub fn sign_in(message: Option<&str>) -> Response {
         .into_response()
 }
 
+/// The page a sign-in link shows when it would not be followed at once:
+/// opened from another site, or in a browser signed in as someone else.
+/// It names the user the link signs in as; only its button (a same-site
+/// POST) signs in.
+pub fn confirm_sign_in(as_who: &str, current: Option<&str>, token: &str) -> Response {
+    let body = html! {
+        h1 { "Sign in as " (as_who) "?" }
+        @if let Some(c) = current {
+            p.error { "This browser is signed in as " (c) ". The link you opened signs it in as " (as_who) " instead." }
+        } @else {
+            p { "You opened a sign-in link from another site. It signs this browser in as " strong { (as_who) } "." }
+        }
+        p { "Continue only if you ran " code { "ots-submit web" } " yourself as " (as_who) " and opened the link it printed." }
+        form method="post" action="/login" {
+            input type="hidden" name="token" value=(token);
+            button type="submit" { "Sign in as " (as_who) }
+        }
+        p { a href="/" { "Cancel" } }
+    };
+    let mut r = (
+        StatusCode::OK,
+        layout(None, "Sign in", body).into_response(),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
 /// An error page for a signed-in viewer.
 pub fn error(viewer: &Viewer, status: StatusCode, message: &str) -> Response {
     let body = html! {

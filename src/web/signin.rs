@@ -6,7 +6,7 @@ use super::sessions::Viewer;
 use super::{Counters, Dashboard, COOKIE};
 use crate::web::extract::{Page, D};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use serde::Deserialize;
@@ -25,13 +25,86 @@ pub(super) fn session_cookie(d: &Dashboard, value: &str, max_age: u64) -> Header
     .expect("cookie is ASCII")
 }
 
-pub(super) async fn login(State(d): D, Query(q): Query<LoginQuery>) -> Response {
-    if q.token.len() != 64 || !q.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+/// Where a request came from, as the browser says (`Sec-Fetch-Site`,
+/// else `Origin`): true when it is this site or the user's own action
+/// (typed, pasted, opened from a terminal), false from another site or
+/// when the browser does not say.
+fn own_action(d: &Dashboard, headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return site == "same-origin" || site == "none";
+    }
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|o| o == d.base_url)
+}
+
+/// `GET /login?token=…`: signs in at once when the user opened the link
+/// themselves in a browser not signed in as someone else; otherwise (a
+/// visit from another site: login CSRF; or a different user's session
+/// in this browser) a page names the user and asks (its button posts).
+pub(super) async fn login(
+    State(d): D,
+    headers: HeaderMap,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    if !well_formed(&q.token) {
         return pages::sign_in(Some("This sign-in link is malformed."));
     }
+    let now = Instant::now();
+    let (holder, current) = {
+        let sessions = d.sessions.lock().expect("sessions");
+        let current = super::cookie_value(&headers, COOKIE)
+            .and_then(|c| sessions.viewer(now, c))
+            .map(|v| v.label());
+        (sessions.link_holder(now, &q.token), current)
+    };
+    let Some(holder) = holder else {
+        return sign_in_with(&d, &q.token);
+    };
+    let as_who = holder
+        .as_ref()
+        .map_or_else(|| "local".to_string(), |i| i.label());
+    let switching = current.as_ref().is_some_and(|c| *c != as_who);
+    if own_action(&d, &headers) && !switching {
+        return sign_in_with(&d, &q.token);
+    }
+    Counters::bump(&d.counters.sign_ins_confirmed);
+    pages::confirm_sign_in(&as_who, current.as_deref(), &q.token)
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    pub(super) token: String,
+}
+
+/// `POST /login`: the confirmation page's button. Refused from another
+/// site (the browser says where a form came from).
+pub(super) async fn login_confirmed(
+    State(d): D,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if !own_action(&d, &headers) {
+        Counters::bump(&d.counters.csrf_refused);
+        return pages::sign_in(Some(
+            "This sign-in came from another site and was refused: open the link `ots-submit web` printed yourself.",
+        ));
+    }
+    if !well_formed(&f.token) {
+        return pages::sign_in(Some("This sign-in link is malformed."));
+    }
+    sign_in_with(&d, &f.token)
+}
+
+fn well_formed(token: &str) -> bool {
+    token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn sign_in_with(d: &Dashboard, token: &str) -> Response {
     let signed = d.sessions.lock().expect("sessions").sign_in(
         Instant::now(),
-        &q.token,
+        token,
         super::secret(),
         super::secret(),
     );
@@ -41,7 +114,7 @@ pub(super) async fn login(State(d): D, Query(q): Query<LoginQuery>) -> Response 
             let mut r = Redirect::to("/").into_response();
             r.headers_mut().insert(
                 header::SET_COOKIE,
-                session_cookie(&d, &cookie, super::sessions::SESSION_MAX_AGE.as_secs()),
+                session_cookie(d, &cookie, super::sessions::SESSION_MAX_AGE.as_secs()),
             );
             r
         }

@@ -137,10 +137,11 @@ pub fn get(base: &str, path: &str, cookie: Option<&str>) -> Response {
     request(base, "GET", path, &headers, b"")
 }
 
-/// Opens a sign-in link; the session cookie it set.
+/// Opens a sign-in link as a browser does when the user pastes it (it
+/// says `Sec-Fetch-Site: none`); the session cookie it set.
 pub fn sign_in(link: &str) -> String {
     let (base, path) = link.split_at(link.find("/login").expect("a /login link"));
-    let r = get(base, path, None);
+    let r = request(base, "GET", path, &[("Sec-Fetch-Site", "none")], b"");
     assert_eq!(r.status, 303, "sign-in: {}", r.text());
     let cookie = r.header("set-cookie").expect("a cookie");
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {

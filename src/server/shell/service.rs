@@ -350,7 +350,7 @@ async fn start_web(
             .collect();
         (h, from.join(", "))
     });
-    let users = credentials.map(|c| c.allow.user_roles());
+    let users = credentials.map(|c| c.allow.user_grants());
     let handle = crate::web::start(web_cfg, users).await?;
     if let Some((header, from)) = proxy {
         warn!(

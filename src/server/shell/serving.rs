@@ -539,11 +539,11 @@ impl Serving {
         let identities = allow.len();
         let allowed = allow.worker_names();
         if let Some(d) = &self.dashboard {
-            let ended = d.set_users(allow.user_roles());
+            let ended = d.set_users(allow.user_grants());
             if ended > 0 {
                 info!(
                     sessions = ended,
-                    "dashboard sessions ended: their user's key was removed or its role changed"
+                    "dashboard sessions ended: their user's key was removed or replaced, or its role changed"
                 );
             }
         }
@@ -626,7 +626,10 @@ impl Serving {
         // answered by the scheduler (audited there).
         for ask in self.scheduler.take_web_logins() {
             let link = match &self.dashboard {
-                Some(d) => d.mint_link(ask.identity.clone()),
+                Some(d) => {
+                    let key = self.gate.as_ref().and_then(|g| g.key(&ask.peer));
+                    d.mint_link(ask.identity.clone(), key)
+                }
                 None => Err("this server does not serve the web dashboard".to_string()),
             };
             self.scheduler.answer_web_login(&ask, link);

@@ -644,7 +644,18 @@ fn plaintext_on_the_network_is_refused_and_tls_works() {
     assert!(base.starts_with("https://"), "{base}");
     let link = link_for(&server, "tester");
     let curl = std::process::Command::new("curl")
-        .args(["-s", "-D", "-", "-o", "/dev/null", "--cacert"])
+        // As a browser says when the user opens the link itself (a
+        // client that does not say gets the confirmation page).
+        .args([
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Sec-Fetch-Site: none",
+            "--cacert",
+        ])
         .arg(&cert)
         .arg(&link)
         .output()

@@ -1,8 +1,10 @@
 //! The dashboard's listener: HTTP/1.1 (hyper) over TCP or TLS (rustls),
-//! with a bound on connections, a deadline for a request's headers and
-//! for a TLS handshake, and the connection's address handed to the
-//! handlers (for the audit log and the trusted-proxy check).
+//! with connections shared out by [`super::door`], deadlines for a
+//! request's headers, its body and a TLS handshake, and the connection's
+//! address handed to the handlers (for the audit log and the
+//! trusted-proxy check).
 
+use super::door::{Door, Occupant};
 use super::{Counters, Dashboard, WebError};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -16,11 +18,12 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-/// Open dashboard connections at most; one past it is closed at once
-/// (counted: `web_connections_refused`).
-pub const MAX_CONNECTIONS: usize = 512;
+pub use super::door::MAX_CONNECTIONS;
 /// A request's headers must arrive within this (slowloris).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this after its headers (a body
+/// sent a byte at a time holds its connection no longer).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A TLS handshake must complete within this.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of a request's head (request line and headers), at most.
@@ -57,15 +60,59 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, WebError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A request body that must arrive by a deadline: past it, reading it
+/// fails (the handler answers 400 and the connection closes).
+pub struct DeadlineBody {
+    inner: hyper::body::Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Accepts connections until the listener fails; each is served in a
-/// task of its own.
+/// task of its own, if [`super::door`] lets it in.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
     dashboard: Arc<Dashboard>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let exempt = match dashboard.proxy_user_header {
+        Some(_) => dashboard.trusted_proxies.clone(),
+        None => Vec::new(),
+    };
+    let door = Door::new(exempt);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -76,17 +123,45 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            Counters::bump(&dashboard.counters.connections_refused);
-            drop(stream);
-            continue;
+        let (ticket, ended, evicted) = match door.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(_) => {
+                Counters::bump(&dashboard.counters.connections_refused);
+                drop(stream);
+                continue;
+            }
         };
+        for _ in 0..evicted {
+            Counters::bump(&dashboard.counters.connections_ended);
+        }
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
+        let (d, door) = (dashboard.clone(), door.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let id = ticket.id;
+            let _ticket = ticket;
+            let service = app.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
+                // A request that carries a session makes its connection
+                // that user's (see `door`).
+                if let Some(v) = d.viewer(req.headers(), peer) {
+                    let submit = v.identity.is_some() && v.role() == crate::security::Role::Submit;
+                    door.sign_in(
+                        id,
+                        Occupant {
+                            user: v.label(),
+                            submit,
+                        },
+                    );
+                }
+                let (parts, body) = req.into_parts();
+                let mut req = hyper::Request::from_parts(
+                    parts,
+                    DeadlineBody {
+                        inner: body,
+                        deadline: Box::pin(tokio::time::sleep(BODY_TIMEOUT)),
+                    },
+                );
                 req.extensions_mut().insert(PeerAddr(peer));
                 req
             });
@@ -96,25 +171,33 @@ pub async fn serve(
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_header_size(MAX_HEAD_BYTES)
                 .max_buf_size(MAX_HEAD_BYTES);
-            let served = match tls {
-                None => http.serve_connection(TokioIo::new(stream), service).await,
-                Some(tls) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            http.serve_connection(TokioIo::new(stream), service).await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(%peer, error = %e, "web dashboard: TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "web dashboard: TLS handshake timed out");
-                            return;
+            let served = async {
+                match tls {
+                    None => Some(http.serve_connection(TokioIo::new(stream), service).await),
+                    Some(tls) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                        {
+                            Ok(Ok(stream)) => {
+                                Some(http.serve_connection(TokioIo::new(stream), service).await)
+                            }
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "web dashboard: TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                debug!(%peer, "web dashboard: TLS handshake timed out");
+                                None
+                            }
                         }
                     }
                 }
             };
-            if let Err(e) = served {
+            // Ended for a newcomer: dropping the connection closes it.
+            let served = tokio::select! {
+                s = served => s,
+                _ = ended => None,
+            };
+            if let Some(Err(e)) = served {
                 debug!(%peer, error = %e, "web dashboard connection ended with an error");
             }
         });

@@ -221,7 +221,7 @@ pub(super) async fn api_log_stream(
             format!("testrun {run} has no task {task}"),
         ));
     }
-    let slot = match Live::slot(&d, &run) {
+    let slot = match Live::slot(&d, &run, &v) {
         Ok(s) => s,
         Err(e) => return api_error(e),
     };
@@ -254,7 +254,7 @@ pub(super) async fn api_run_stream(
     if let Err(e) = status(&d, &v, peer, &run).await {
         return api_error(e);
     }
-    let slot = match Live::slot(&d, &run) {
+    let slot = match Live::slot(&d, &run, &v) {
         Ok(s) => s,
         Err(e) => return api_error(e),
     };

@@ -28,8 +28,13 @@ use tokio::sync::{broadcast, mpsc};
 
 /// Live views (log and progress streams) open at most, in all…
 pub const MAX_STREAMS: usize = 256;
-/// …and on one testrun.
+/// …and on one testrun…
 pub const MAX_STREAMS_PER_RUN: usize = 128;
+/// …of one user (a person with a few tabs open uses a handful)…
+pub const MAX_STREAMS_PER_USER: usize = 32;
+/// …and of submit users together: the rest is kept for operators and
+/// admins.
+pub const MAX_SUBMIT_STREAMS: usize = 192;
 /// Bytes of log one event carries at most.
 pub const CHUNK_BYTES: u64 = 256 * 1024;
 /// How often a hub looks for new lines when it has seen the end.
@@ -64,12 +69,16 @@ pub struct Live {
     hubs: Mutex<HashMap<TaskId, Arc<Hub>>>,
     open: AtomicUsize,
     per_run: Mutex<HashMap<RunId, usize>>,
+    /// Streams per user, and of submit users together (in the same lock).
+    per_user: Mutex<(HashMap<String, usize>, usize)>,
 }
 
 /// A live view's place in the limits; given back when the stream ends.
 pub struct Slot {
     live: Arc<Dashboard>,
     run: RunId,
+    user: String,
+    submit: bool,
 }
 
 impl Drop for Slot {
@@ -82,6 +91,17 @@ impl Drop for Slot {
             if *n == 0 {
                 per_run.remove(&self.run);
             }
+        }
+        let mut per_user = live.per_user.lock().expect("per_user");
+        let (users, submits) = &mut *per_user;
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+        if self.submit {
+            *submits -= 1;
         }
     }
 }
@@ -106,6 +126,7 @@ impl Live {
             hubs: Mutex::new(HashMap::new()),
             open: AtomicUsize::new(0),
             per_run: Mutex::new(HashMap::new()),
+            per_user: Mutex::new((HashMap::new(), 0)),
         }
     }
 
@@ -114,23 +135,51 @@ impl Live {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Takes a place for a live view of `run`, or says why there is none.
-    pub fn slot(d: &Arc<Dashboard>, run: &RunId) -> Result<Slot, Failure> {
+    /// Takes a place for a live view of `run` for `viewer`, or says why
+    /// there is none: within the limits in all, per testrun, per user and
+    /// of submit users together.
+    pub fn slot(d: &Arc<Dashboard>, run: &RunId, viewer: &Viewer) -> Result<Slot, Failure> {
         let live = &d.live;
         let mut per_run = live.per_run.lock().expect("per_run");
+        let mut per_user = live.per_user.lock().expect("per_user");
+        let (users, submits) = &mut *per_user;
+        let user = viewer.label();
+        let submit = viewer.identity.is_some() && viewer.role() == crate::security::Role::Submit;
         let on_run = per_run.get(run).copied().unwrap_or(0);
-        if live.open.load(Ordering::Relaxed) >= MAX_STREAMS || on_run >= MAX_STREAMS_PER_RUN {
+        let mine = users.get(&user).copied().unwrap_or(0);
+        let why = if live.open.load(Ordering::Relaxed) >= MAX_STREAMS {
+            Some(format!("{MAX_STREAMS} live views are open in all"))
+        } else if on_run >= MAX_STREAMS_PER_RUN {
+            Some(format!(
+                "{MAX_STREAMS_PER_RUN} live views are open on {run}"
+            ))
+        } else if viewer.identity.is_some() && mine >= MAX_STREAMS_PER_USER {
+            Some(format!("you have {MAX_STREAMS_PER_USER} live views open"))
+        } else if submit && *submits >= MAX_SUBMIT_STREAMS {
+            Some(format!(
+                "submit users have {MAX_SUBMIT_STREAMS} live views open"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
             super::Counters::bump(&d.counters.streams_refused);
             return Err(Failure::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                format!("too many live views open ({MAX_STREAMS} in all, {MAX_STREAMS_PER_RUN} per testrun); close some or reload later"),
+                format!("{why}; close some (other tabs of the dashboard) or reload later"),
             ));
         }
         live.open.fetch_add(1, Ordering::Relaxed);
         *per_run.entry(run.clone()).or_insert(0) += 1;
+        *users.entry(user.clone()).or_insert(0) += 1;
+        if submit {
+            *submits += 1;
+        }
         Ok(Slot {
             live: d.clone(),
             run: run.clone(),
+            user,
+            submit,
         })
     }
 

@@ -20,11 +20,13 @@
 //! - [`live`]: live log lines and progress (server-sent events, resumable
 //!   by offset).
 //! - [`pages`]: the HTML itself.
-//! - [`http`]: the listener (connection limit, timeouts, TLS).
+//! - [`http`]: the listener (timeouts, TLS), letting connections in
+//!   through [`door`] (shares per user, per address, for strangers).
 
 pub mod api;
 mod asks;
 pub mod bridge;
+pub mod door;
 mod download;
 mod extract;
 mod html;
@@ -92,6 +94,8 @@ pub struct Counters {
     pub csrf_refused: AtomicU64,
     pub streams_refused: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Anonymous connections ended to make room for newcomers.
+    pub connections_ended: AtomicU64,
     pub sign_ins: AtomicU64,
     /// Sign-in links answered with a confirmation page (opened from
     /// another site, or switching users).
@@ -238,6 +242,10 @@ impl Dashboard {
             (
                 "web_connections_refused",
                 Counters::take(&c.connections_refused),
+            ),
+            (
+                "web_connections_ended",
+                Counters::take(&c.connections_ended),
             ),
             ("web_sign_ins", Counters::take(&c.sign_ins)),
             (

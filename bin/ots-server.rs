@@ -141,20 +141,9 @@ async fn main() -> ExitCode {
         }
     };
     ots::logging::init(&cfg.log_level);
-    let server = match Server::start(cfg).await {
-        Ok(s) => s,
-        Err(e) if e.is_configuration() => {
-            ots::errln!("ots-server: cannot start: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e) => {
-            ots::errln!("ots-server: cannot start: {e}");
-            return ExitCode::from(EXIT_UNAVAILABLE);
-        }
-    };
-    match server.run_until(ots::shutdown::requested()).await {
+    match Server::run(cfg, ots::shutdown::requested()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e @ (ServerError::Stopped(_) | ServerError::Task(_))) => {
             ots::errln!("ots-server: {e}");
             let code = match e {
                 ServerError::Stopped(Fatal::Deposed { .. }) => EXIT_DEPOSED,
@@ -166,6 +155,14 @@ async fn main() -> ExitCode {
             // At once, as the serving loop stopped: the sockets close with
             // the process, and no task of the runtime is waited for.
             std::process::exit(code)
+        }
+        Err(e) if e.is_configuration() => {
+            ots::errln!("ots-server: cannot start: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            ots::errln!("ots-server: cannot start: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }

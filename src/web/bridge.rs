@@ -55,6 +55,12 @@ impl Asker {
         (Asker { tx }, rx)
     }
 
+    /// Resolves when the serving loop stopped taking requests (it ended:
+    /// the listener closes so that a server leading again can bind).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
     /// Asks `body` as `identity`; the answer's body and raw frame, or the
     /// error the server answered with.
     pub async fn ask(

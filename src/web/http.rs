@@ -114,7 +114,13 @@ pub async fn serve(
     };
     let door = Door::new(exempt);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // The serving loop ended (stepped down, stopped): so does the
+            // listener.
+            () = dashboard.asker.closed() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors and the like: wait a little, go on.

@@ -109,28 +109,7 @@ pub fn cluster() -> &'static Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let child = as_postgres(
-            Command::new(bin.join("postgres"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&dir)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "max_connections=200",
-                    "-c",
-                    "shared_buffers=32MB",
-                ])
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(
-                    std::fs::File::create(dir.join("postgres.log")).unwrap(),
-                )),
-        )
-        .spawn()
-        .expect("postgres");
+        let child = spawn_postgres(&bin, &dir, port);
         let cluster = Cluster {
             port,
             bin,
@@ -152,6 +131,36 @@ pub fn cluster() -> &'static Cluster {
         }
         cluster
     })
+}
+
+/// Starts the postmaster of the cluster in `dir` on `port`.
+fn spawn_postgres(bin: &Path, dir: &Path, port: u16) -> Child {
+    as_postgres(
+        Command::new(bin.join("postgres"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=32MB",
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("postgres.log"))
+                    .unwrap(),
+            )),
+    )
+    .spawn()
+    .expect("postgres")
 }
 
 extern "C" {
@@ -207,5 +216,35 @@ impl Cluster {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Stops PostgreSQL as `pg_ctl stop -m fast` does (SIGINT: sessions
+    /// ended, a clean shutdown), waiting until it is gone.
+    pub fn stop(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = child.wait();
+    }
+
+    /// Starts it again on the same port, waiting until it answers.
+    pub fn start(&self) {
+        let mut child = self.child.lock().unwrap();
+        *child = spawn_postgres(&self.bin, &self.dir, self.port);
+        drop(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.psql("postgres", "SELECT 1").is_err() {
+            assert!(Instant::now() < deadline, "PostgreSQL did not come back");
+            std::thread::sleep(Duration::from_millis(50)); // polling until it accepts, bounded by the deadline
+        }
+    }
+
+    /// `pg_ctl restart -m fast`: what a minor-version upgrade or a
+    /// managed database's failover does.
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
     }
 }

@@ -240,7 +240,12 @@ const MAX_SCRAPERS: usize = 8;
 pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::Sender<Scrape>) {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // The serving loop ended: the listener closes with it.
+            () = scrapes.closed() => return,
+        };
+        let Ok((mut stream, _)) = accepted else {
             continue;
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {

@@ -65,6 +65,10 @@ pub(super) fn watch_allow_lists(
                 }
                 Some(()) = async { hup.as_mut()?.recv().await }, if hup.is_some() => true,
             };
+            // The serving loop ended (stepped down, stopped): so does this.
+            if tx.is_closed() {
+                return;
+            }
             let (w, u) = (workers.clone(), users.clone());
             let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&w, &u)).await else {
                 continue;

@@ -68,7 +68,85 @@ impl ServerHandle {
 /// Entry point of the server.
 pub struct Server;
 
+/// How long a server that stepped down waits before it tries to lead
+/// again, at first (doubling to [`RETRY_MAX`] while starting fails).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Fatal {
+    /// With PostgreSQL, whether a server that stopped for this becomes a
+    /// standby in the same process: it lost the lease, or could not
+    /// commit (the database is gone past the lease). Another server may
+    /// lead meanwhile; this one leads again when the lease is free.
+    fn steps_down(&self) -> bool {
+        matches!(self, Fatal::Deposed { .. } | Fatal::Commit(_))
+    }
+}
+
+impl ServerError {
+    /// Starting failed for something that may come back by itself (the
+    /// database, a port still held by the serving loop that just ended).
+    fn may_pass(&self) -> bool {
+        !self.is_configuration()
+            && matches!(
+                self,
+                ServerError::State(_)
+                    | ServerError::Transport(_)
+                    | ServerError::Web(_)
+                    | ServerError::Metrics { .. }
+            )
+    }
+}
+
 impl Server {
+    /// Serves until `requested` resolves (then stops gracefully). With
+    /// PostgreSQL a server that steps down (its lease lapsed while the
+    /// database was away, or another server took it) does not end: it
+    /// becomes a standby in this same process — its sockets closed, its
+    /// state dropped — and leads again, from the database's state, when
+    /// the lease is free; a start that fails for a database still away is
+    /// tried again. Nothing acknowledged is lost (acknowledgements follow
+    /// commits) and nothing runs twice (the new leader's epoch fences the
+    /// old one's commits). With SQLite, a stop is the end.
+    pub async fn run(
+        cfg: ServerConfig,
+        requested: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let in_process = cfg.postgres().is_some();
+        tokio::pin!(requested);
+        let mut wait = RETRY_FIRST;
+        let mut first = true;
+        loop {
+            let started = tokio::select! {
+                s = Server::start(cfg.clone()) => s,
+                () = &mut requested => return Ok(()),
+            };
+            let server = match started {
+                Ok(s) => s,
+                Err(e) if in_process && !first && e.may_pass() => {
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "standby: cannot lead again yet; trying again");
+                    tokio::select! {
+                        // Backoff between attempts to lead again, not
+                        // synchronisation.
+                        () = tokio::time::sleep(wait) => {}
+                        () = &mut requested => return Ok(()),
+                    }
+                    wait = (wait * 2).min(RETRY_MAX);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            first = false;
+            wait = RETRY_FIRST;
+            match server.run_until(&mut requested).await {
+                Err(ServerError::Stopped(f)) if in_process && f.steps_down() => {
+                    warn!(reason = %f, "stepped down: this server is a standby now, in this same process; it leads again when the lease is free");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Binds the sockets and starts serving in the background.
     pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         let files_dir = prepare(&cfg)?;

@@ -589,6 +589,11 @@ impl Serving {
         if lost > 0 {
             self.scheduler.count_shell_event("log_writes_failed", lost);
         }
+        for (name, n) in self.db.take_counters() {
+            if n > 0 {
+                self.scheduler.count_shell_event(name, n);
+            }
+        }
         let refused = self.out.publisher.subscriptions_refused();
         if refused > self.subscriptions_refused {
             self.scheduler.count_shell_event(

@@ -6,33 +6,24 @@
 //! not one statement per row, so a commit costs a handful of round trips.
 //!
 //! The connection is one client on the serving loop's runtime (commits
-//! are serialised by the loop anyway), with a statement timeout; its loss
-//! fails the next commit, which stops the server (exit 69) with a line
-//! naming the database.
+//! are serialised by the loop anyway), with a statement timeout. When it
+//! is lost (PostgreSQL restarted), a commit connects again and is tried
+//! again — bounded by the lease, which the serving loop watches: a
+//! database back within `lease_ttl` costs a wait, not the server.
+//!
+//! - [`connect`]: the settings, the client configuration, (re)connecting.
+//! - [`lease`]: the lease: leading, renewing.
+
+mod connect;
+mod lease;
+
+pub use connect::{redact, PgSettings};
+pub use lease::{LeaseView, Renewal};
 
 use super::db::{migration, Changes, Dialect, HistoryRow, Snapshot, StateError, SCHEMA_VERSION};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 use tokio_postgres::{Client, Statement};
-
-/// How to reach the database.
-#[derive(Clone, Debug)]
-pub struct PgSettings {
-    /// As configured: `postgresql://USER@HOST[:PORT]/DB[?sslmode=…]`;
-    /// what it leaves out comes from `PGHOST`, `PGPORT`, `PGUSER`,
-    /// `PGDATABASE`, `PGPASSWORD`, as libpq does.
-    pub url: String,
-    /// A file holding the password (its first line), instead of
-    /// `PGPASSWORD` or the URL.
-    pub password_file: Option<PathBuf>,
-    /// PEM CA certificates the server's TLS certificate is checked
-    /// against (default: Mozilla's roots).
-    pub ca_file: Option<PathBuf>,
-    /// A statement that takes longer fails (and stops the server).
-    pub statement_timeout: Duration,
-    pub connect_timeout: Duration,
-}
 
 /// The open, migrated database.
 pub struct PgDb {
@@ -45,77 +36,18 @@ pub struct PgDb {
     fence: Option<(String, i64)>,
     /// A random id made with the schema (`meta.database_id`).
     database_id: String,
+    /// How to connect again.
+    settings: PgSettings,
+    /// Connections made again, and commits that waited for one (and how
+    /// long), since the counters were last taken.
+    reconnects: u64,
+    commits_waited: u64,
+    commit_wait_ms: u64,
 }
 
-/// The database's clock, in Unix ms: one clock for every server.
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
-
-/// Who holds the lease, as a standby sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaseView {
-    pub holder: String,
-    pub epoch: i64,
-    /// Until it lapses, by the database's clock (negative: lapsed).
-    pub remaining_ms: i64,
-    /// The holder's control endpoint.
-    pub address: String,
-}
-
-/// Acquires the lease when it is free or lapsed: the new epoch.
-async fn try_acquire(
-    client: &Client,
-    holder: &str,
-    address: &str,
-    ttl: Duration,
-) -> Result<Option<i64>, tokio_postgres::Error> {
-    let sql = format!(
-        "INSERT INTO lease (id, holder, epoch, expires_ms, since_ms, address)
-         VALUES (1, $1, 1, {NOW_MS} + $2, {NOW_MS}, $3)
-         ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, epoch = lease.epoch + 1,
-             expires_ms = excluded.expires_ms, since_ms = excluded.since_ms, address = excluded.address
-         WHERE lease.expires_ms < excluded.since_ms
-         RETURNING epoch"
-    );
-    let ttl_ms = ttl.as_millis() as i64;
-    Ok(client
-        .query_opt(&sql, &[&holder, &ttl_ms, &address])
-        .await?
-        .map(|r| r.get(0)))
-}
-
-/// Renews our lease: false when it is not ours any more.
-async fn renew(
-    client: &Client,
-    holder: &str,
-    epoch: i64,
-    ttl: Duration,
-) -> Result<bool, tokio_postgres::Error> {
-    let sql = format!(
-        "UPDATE lease SET expires_ms = {NOW_MS} + $3 WHERE id = 1 AND holder = $1 AND epoch = $2"
-    );
-    let ttl_ms = ttl.as_millis() as i64;
-    Ok(client.execute(&sql, &[&holder, &epoch, &ttl_ms]).await? == 1)
-}
-
-async fn view(client: &Client) -> Result<Option<LeaseView>, tokio_postgres::Error> {
-    let sql =
-        format!("SELECT holder, epoch, expires_ms - {NOW_MS}, address FROM lease WHERE id = 1");
-    Ok(client.query_opt(&sql, &[]).await?.map(|r| LeaseView {
-        holder: r.get(0),
-        epoch: r.get(1),
-        remaining_ms: r.get(2),
-        address: r.get(3),
-    }))
-}
-
-/// What the renewer tells the serving loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Renewal {
-    /// The renewal sent at this instant succeeded, after this long.
-    Renewed(std::time::Instant, Duration),
-    /// The lease is someone else's now.
-    Deposed,
-}
+/// A commit waits this long at most for a lost connection to come back
+/// (the serving loop gives up sooner when its lease would lapse).
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 struct Statements {
     runs: Statement,
@@ -131,160 +63,16 @@ struct Statements {
     meta: Statement,
 }
 
-fn config_error(url: &str, reason: impl Into<String>) -> StateError {
-    StateError::DatabaseConfig {
-        url: redact(url),
-        reason: reason.into(),
-    }
-}
-
-/// The URL with any password replaced, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-impl PgSettings {
-    /// The client configuration: the URL, then the `PG*` environment for
-    /// what it leaves out, then the password file.
-    fn client_config(&self) -> Result<(tokio_postgres::Config, String), StateError> {
-        let mut cfg: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| config_error(&self.url, format!("is not a PostgreSQL URL ({e})")))?;
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if cfg.get_hosts().is_empty() {
-            match env("PGHOST") {
-                Some(h) => {
-                    cfg.host(&h);
-                }
-                None => {
-                    cfg.host("/var/run/postgresql");
-                }
-            }
-        }
-        if cfg.get_ports().is_empty() {
-            if let Some(p) = env("PGPORT") {
-                let port = p
-                    .parse()
-                    .map_err(|_| config_error(&self.url, format!("PGPORT {p:?} is not a port")))?;
-                cfg.port(port);
-            }
-        }
-        if cfg.get_user().is_none() {
-            let user = env("PGUSER")
-                .or_else(|| env("USER"))
-                .ok_or_else(|| config_error(&self.url, "names no user (and PGUSER is not set)"))?;
-            cfg.user(&user);
-        }
-        if cfg.get_dbname().is_none() {
-            if let Some(db) = env("PGDATABASE") {
-                cfg.dbname(&db);
-            }
-        }
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                config_error(
-                    &self.url,
-                    format!("database_password_file {}: {e}", path.display()),
-                )
-            })?;
-            cfg.password(text.lines().next().unwrap_or("").as_bytes());
-        } else if cfg.get_password().is_none() {
-            if let Some(pw) = env("PGPASSWORD") {
-                cfg.password(pw.as_bytes());
-            }
-        }
-        cfg.connect_timeout(self.connect_timeout);
-        cfg.application_name("ots-server");
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "?".into(),
-        };
-        let target = format!(
-            "{}@{host}:{}/{}",
-            cfg.get_user().unwrap_or("?"),
-            cfg.get_ports().first().copied().unwrap_or(5432),
-            cfg.get_dbname().unwrap_or(cfg.get_user().unwrap_or("?"))
-        );
-        Ok((cfg, target))
-    }
-
-    fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StateError> {
-        let cfg =
-            crate::notify::sender::client_tls_config(self.ca_file.as_deref()).map_err(|e| {
-                let file = self.ca_file.as_deref().unwrap_or(std::path::Path::new("-"));
-                config_error(
-                    &self.url,
-                    format!("database_ca_file {}: {e}", file.display()),
-                )
-            })?;
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(cfg))
-    }
-}
-
-impl PgSettings {
-    /// `--check-config`: connects (within `limit` at most) and asks one
-    /// trivial query, so a wrong address, user, password or database is
-    /// named now rather than at the start. Touches no table.
-    pub async fn probe(&self, limit: Duration) -> Result<String, StateError> {
-        let (mut cfg, target) = self.client_config()?;
-        cfg.connect_timeout(self.connect_timeout.min(limit));
-        let pg = |source| StateError::Postgres {
-            target: target.clone(),
-            source,
-        };
-        let connected = tokio::time::timeout(limit, cfg.connect(self.tls()?)).await;
-        let (client, connection) = match connected {
-            Ok(c) => c.map_err(pg)?,
-            Err(_) => {
-                return Err(config_error(
-                    &self.url,
-                    format!("{target} did not answer within {} s: check the host and port, and that PostgreSQL runs", limit.as_secs()),
-                ))
-            }
-        };
-        let connection = tokio::spawn(connection);
-        client.simple_query("SELECT 1").await.map_err(pg)?;
-        drop(client);
-        let _ = connection.await;
-        Ok(target)
-    }
-}
-
 impl PgDb {
     /// Connects, checks the schema (refusing a newer one or a database
     /// that holds other tables) and migrates it.
     pub async fn open(settings: &PgSettings) -> Result<PgDb, StateError> {
-        let (cfg, target) = settings.client_config()?;
+        let (_, target) = settings.client_config()?;
         let pg = |source| StateError::Postgres {
             target: target.clone(),
             source,
         };
-        let (client, connection) = cfg.connect(settings.tls()?).await.map_err(pg)?;
-        let for_log = target.clone();
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!(database = %for_log, error = %e, "PostgreSQL connection lost; the next commit stops the server");
-            }
-        });
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}; SET lock_timeout = {}",
-                settings.statement_timeout.as_millis(),
-                settings.statement_timeout.as_millis()
-            ))
-            .await
-            .map_err(pg)?;
+        let (client, connection) = connect::connect(settings, "state").await?;
         let version = schema_version(&client, &target).await?;
         let mut client = client;
         migrate(&mut client, version, &target).await?;
@@ -311,101 +99,42 @@ impl PgDb {
             _connection: connection,
             fence: None,
             database_id,
+            settings: settings.clone(),
+            reconnects: 0,
+            commits_waited: 0,
+            commit_wait_ms: 0,
         })
     }
 
-    /// Waits until this server holds the lease (standby until then:
-    /// nothing bound, nothing read), then fences every commit with its
-    /// epoch. Returns the epoch and when the winning request was sent.
-    /// `waiting` is called at each look while another leads (the shell
-    /// tells systemd it is up, as a standby, and pings its watchdog).
-    pub async fn lead(
-        &mut self,
-        holder: &str,
-        address: &str,
-        policy: crate::server::lease::LeasePolicy,
-        mut waiting: impl FnMut(Option<&LeaseView>),
-    ) -> Result<(i64, std::time::Instant), StateError> {
-        let pg = |source| StateError::Postgres {
-            target: self.target.clone(),
-            source,
-        };
-        let mut told: Option<(String, i64)> = None;
-        loop {
-            let sent = std::time::Instant::now();
-            if let Some(epoch) = try_acquire(&self.client, holder, address, policy.ttl)
-                .await
-                .map_err(pg)?
-            {
-                self.fence = Some((holder.to_string(), epoch));
-                return Ok((epoch, sent));
-            }
-            let seen = view(&self.client).await.map_err(pg)?;
-            waiting(seen.as_ref());
-            if let Some(v) = seen {
-                if told.as_ref() != Some(&(v.holder.clone(), v.epoch)) {
-                    tracing::info!(
-                        database = %self.target,
-                        leader = %v.holder,
-                        leader_control = %v.address,
-                        epoch = v.epoch,
-                        lapses_in_ms = v.remaining_ms,
-                        "standby: another server holds the lease; taking over when it lapses"
-                    );
-                    told = Some((v.holder, v.epoch));
-                }
-            }
-            // Polling the database's lease, not waiting for an event:
-            // a dead leader sends none.
-            tokio::time::sleep(policy.renew).await;
-        }
+    /// Connects again (the statements prepared again) after the
+    /// connection was lost, waiting for the database until `give_up`.
+    async fn reconnect(&mut self, give_up: std::time::Instant) -> Result<(), StateError> {
+        let (client, connection, _) = connect::reconnect(&self.settings, "state", give_up).await?;
+        let statements = Statements::prepare(&client)
+            .await
+            .map_err(|source| StateError::Postgres {
+                target: self.target.clone(),
+                source,
+            })?;
+        tracing::info!(database = %self.target, "PostgreSQL connection made again");
+        self.client = client;
+        self.statements = statements;
+        self._connection = connection;
+        self.reconnects += 1;
+        Ok(())
     }
 
-    /// Renews the lease every `renew` on a connection of its own (a long
-    /// commit does not delay it), reporting each result.
-    pub async fn spawn_renewer(
-        settings: &PgSettings,
-        holder: String,
-        epoch: i64,
-        policy: crate::server::lease::LeasePolicy,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Renewal>, StateError> {
-        let (cfg, target) = settings.client_config()?;
-        let pg = |source| StateError::Postgres {
-            target: target.clone(),
-            source,
-        };
-        let (client, connection) = cfg.connect(settings.tls()?).await.map_err(pg)?;
-        let conn = tokio::spawn(connection);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _conn = conn;
-            let mut ticker = tokio::time::interval(policy.renew);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                ticker.tick().await;
-                let sent = std::time::Instant::now();
-                match tokio::time::timeout(policy.renew, renew(&client, &holder, epoch, policy.ttl))
-                    .await
-                {
-                    Ok(Ok(true)) => {
-                        if tx.send(Renewal::Renewed(sent, sent.elapsed())).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Ok(false)) => {
-                        let _ = tx.send(Renewal::Deposed);
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(database = %target, error = %e, "cannot renew the lease; stepping down if this lasts")
-                    }
-                    Err(_) => {
-                        tracing::warn!(database = %target, "lease renewal got no answer within lease_renew; stepping down if this lasts")
-                    }
-                }
-            }
-        });
-        Ok(rx)
+    /// `postgres_reconnects`, `commits_waited_for_database` and
+    /// `commit_wait_ms` since the last call.
+    pub fn take_counters(&mut self) -> [(&'static str, u64); 3] {
+        [
+            ("postgres_reconnects", std::mem::take(&mut self.reconnects)),
+            (
+                "commits_waited_for_database",
+                std::mem::take(&mut self.commits_waited),
+            ),
+            ("commit_wait_ms", std::mem::take(&mut self.commit_wait_ms)),
+        ]
     }
 
     /// `user@host:port/db`.
@@ -426,11 +155,38 @@ impl PgDb {
     }
 
     /// Writes `changes` in one transaction; when this returns, they are
-    /// durable (PostgreSQL's commit).
+    /// durable (PostgreSQL's commit). A lost connection is made again and
+    /// the transaction tried again (every statement is an upsert or a
+    /// delete by key: a transaction that did commit before its answer was
+    /// lost writes the same rows again, but for task history rows, which
+    /// it may add twice), for up to ten minutes — the serving loop stops
+    /// waiting sooner, when its lease would lapse.
     pub async fn commit(&mut self, changes: &Changes) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
+        let began = std::time::Instant::now();
+        let mut waited = false;
+        loop {
+            match self.commit_once(changes).await {
+                Err(StateError::Postgres { source, .. }) if connect::connection_lost(&source) => {
+                    waited = true;
+                    self.reconnect(began + COMMIT_WAIT).await?;
+                }
+                done => {
+                    if waited {
+                        self.commits_waited += 1;
+                        self.commit_wait_ms = self
+                            .commit_wait_ms
+                            .saturating_add(began.elapsed().as_millis() as u64);
+                    }
+                    return done;
+                }
+            }
+        }
+    }
+
+    async fn commit_once(&mut self, changes: &Changes) -> Result<(), StateError> {
         let target = self.target.clone();
         let pg = |source| StateError::Postgres {
             target: target.clone(),

@@ -82,6 +82,15 @@ impl StateStore {
         }
     }
 
+    /// What the database connection counted since the last call
+    /// (reconnects and commits that waited for one; PostgreSQL only).
+    pub fn take_counters(&mut self) -> Vec<(&'static str, u64)> {
+        match self {
+            StateStore::Sqlite(_) => Vec::new(),
+            StateStore::Postgres(db) => db.take_counters().to_vec(),
+        }
+    }
+
     /// On PostgreSQL: waits (standby) until this server holds the lease,
     /// then fences its commits; the epoch and when it was granted. On
     /// SQLite the state directory's lock already makes one server.

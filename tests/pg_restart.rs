@@ -33,7 +33,14 @@ fn runs(server: &ServerProc, n: usize) -> Vec<String> {
         .map(|_| {
             submit_run(
                 server,
-                &["--device", "devicegroup:pgr", "--image", "i", "--packages", "p"],
+                &[
+                    "--device",
+                    "devicegroup:pgr",
+                    "--image",
+                    "i",
+                    "--packages",
+                    "p",
+                ],
             )
         })
         .collect()
@@ -70,9 +77,27 @@ fn a_database_restart_or_outage_ends_no_server() {
         ],
     );
     let conductor = gated(dir.path());
-    let _w1 = start_worker(dir.path(), "pgr-w1", "devicegroup:pgr", &server, &[&conductor], &[]);
-    let _w2 = start_worker(dir.path(), "pgr-w2", "devicegroup:pgr", &server, &[&conductor], &[]);
-    assert!(wait_for_workers(&server, LIMIT, all_idle(&["pgr-w1", "pgr-w2"])));
+    let _w1 = start_worker(
+        dir.path(),
+        "pgr-w1",
+        "devicegroup:pgr",
+        &server,
+        &[&conductor],
+        &[],
+    );
+    let _w2 = start_worker(
+        dir.path(),
+        "pgr-w2",
+        "devicegroup:pgr",
+        &server,
+        &[&conductor],
+        &[],
+    );
+    assert!(wait_for_workers(
+        &server,
+        LIMIT,
+        all_idle(&["pgr-w1", "pgr-w2"])
+    ));
 
     // 1. `pg_ctl restart -m fast` with four testruns in flight (two
     // running, two queued): a wait, then every one passes.
@@ -87,7 +112,10 @@ fn a_database_restart_or_outage_ends_no_server() {
     let mut all = first.clone();
     all.extend(after);
     all_pass(&server, &all);
-    assert!(server.proc.child.try_wait().unwrap().is_none(), "still running");
+    assert!(
+        server.proc.child.try_wait().unwrap().is_none(),
+        "still running"
+    );
     assert!(
         server.proc.stderr.count("PostgreSQL connection made again") >= 1,
         "{:?}",
@@ -106,10 +134,11 @@ fn a_database_restart_or_outage_ends_no_server() {
     wait_status(&server, &second[1], LIMIT, running);
     let mark = server.proc.stderr.len();
     c.stop();
-    let stepped = server
-        .proc
-        .stderr
-        .wait_for_after(mark, "stepped down: this server is a standby now", LIMIT);
+    let stepped = server.proc.stderr.wait_for_after(
+        mark,
+        "stepped down: this server is a standby now",
+        LIMIT,
+    );
     assert!(stepped.is_some(), "{:?}", server.proc.stderr.all());
     // Clients meanwhile: refused or not answered, never a wrong answer.
     let out = submit(&server, &["workers", "--connect-timeout", "1s"], LIMIT);
@@ -121,7 +150,10 @@ fn a_database_restart_or_outage_ends_no_server() {
         .wait_for_after(mark, "leader: this server holds the lease", LIMIT)
         .expect("leads again");
     eprintln!("led again: {}", led.1);
-    assert!(server.proc.child.try_wait().unwrap().is_none(), "never exited");
+    assert!(
+        server.proc.child.try_wait().unwrap().is_none(),
+        "never exited"
+    );
     assert!(wait_for_workers(&server, LIMIT, |ws| ws.len() == 2));
     std::fs::write(dir.path().join("go"), b"").unwrap();
     all_pass(&server, &second);

@@ -117,7 +117,8 @@ pub struct ServerConfig {
     pub database_password_file: Option<PathBuf>,
     /// PEM CA certificates for PostgreSQL's TLS certificate.
     pub database_ca_file: Option<PathBuf>,
-    /// A PostgreSQL statement taking longer fails, and stops the server.
+    /// A PostgreSQL statement taking longer fails (a commit that fails
+    /// makes the server step down to standby, in the same process).
     #[serde(
         rename = "database_statement_timeout",
         deserialize_with = "crate::settings::duration::ms"

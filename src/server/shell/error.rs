@@ -54,12 +54,13 @@ pub enum ServerError {
 /// server that no longer leads).
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    /// A leader lost its lease: it acts no more (ots-server exits 75, and
-    /// systemd starts it again as a standby).
+    /// A leader lost its lease: it acts no more (with PostgreSQL the
+    /// server becomes a standby in the same process: `Server::run`).
     #[error("stepped down: {reason}")]
     Deposed { reason: String },
     /// The turn's changes could not be committed: nothing more is
-    /// acknowledged (ots-server exits 74).
+    /// acknowledged (ots-server exits 74 with SQLite; with PostgreSQL it
+    /// steps down to standby in the same process).
     #[error("storage error: cannot commit server state: {0}; stopped so that nothing is acknowledged that is not durable")]
     Commit(Box<crate::server::store::db::StateError>),
     #[error("the file desk thread is gone; stopped so that a restart brings it back")]

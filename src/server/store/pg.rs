@@ -110,12 +110,13 @@ impl PgDb {
     /// connection was lost, waiting for the database until `give_up`.
     async fn reconnect(&mut self, give_up: std::time::Instant) -> Result<(), StateError> {
         let (client, connection, _) = connect::reconnect(&self.settings, "state", give_up).await?;
-        let statements = Statements::prepare(&client)
-            .await
-            .map_err(|source| StateError::Postgres {
-                target: self.target.clone(),
-                source,
-            })?;
+        let statements =
+            Statements::prepare(&client)
+                .await
+                .map_err(|source| StateError::Postgres {
+                    target: self.target.clone(),
+                    source,
+                })?;
         tracing::info!(database = %self.target, "PostgreSQL connection made again");
         self.client = client;
         self.statements = statements;

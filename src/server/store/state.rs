@@ -15,7 +15,7 @@ pub enum StateStore {
     /// is not locked: the lease makes one writer. It records which
     /// database it belongs to (`database`), so a server pointed at
     /// another one is refused.
-    Postgres(PgDb),
+    Postgres(Box<PgDb>),
 }
 
 /// Inside `files_dir`: the id of the PostgreSQL database whose files it
@@ -62,7 +62,7 @@ impl StateStore {
                     }
                     Err(source) => return Err(StateError::Marker { path: marker, source }),
                 }
-                Ok(StateStore::Postgres(db))
+                Ok(StateStore::Postgres(Box::new(db)))
             }
         }
     }

@@ -29,7 +29,6 @@ pub struct PgSettings {
     pub connect_timeout: Duration,
 }
 
-
 fn config_error(url: &str, reason: impl Into<String>) -> StateError {
     StateError::DatabaseConfig {
         url: redact(url),
@@ -159,8 +158,6 @@ impl PgSettings {
         Ok(target)
     }
 }
-
-
 
 /// Whether a PostgreSQL error means the connection is gone (closed,
 /// reset, the server shutting down or starting): the operation may be

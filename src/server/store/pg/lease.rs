@@ -12,7 +12,6 @@ use tokio_postgres::Client;
 /// The database's clock, in Unix ms: one clock for every server.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-
 /// Who holds the lease, as a standby sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseView {
@@ -79,8 +78,6 @@ pub enum Renewal {
     /// The lease is someone else's now.
     Deposed,
 }
-
-
 
 impl PgDb {
     /// Waits until this server holds the lease (standby until then:

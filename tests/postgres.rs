@@ -1274,3 +1274,67 @@ fn check_config_connects_to_the_database_and_names_what_is_wrong() {
     assert!(stdout.contains("setting `database`"), "{stdout}");
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// Issue 34, finding 12: with a list of two servers and one of them
+/// down (SIGKILLed: its port refuses), every call answers within 1 s —
+/// the refused one is passed at once, and the one that led is
+/// remembered and tried first next time.
+#[test]
+fn a_call_answers_within_a_second_whichever_server_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = pg::cluster();
+    let url = c.database();
+    let mut a = as_server(spawn_server(dir.path(), "a", &url), dir.path().join("a"));
+    let standby = spawn_server(dir.path(), "b", &url);
+    assert!(standby.stderr.wait_for("standby:", LIMIT).is_some());
+    let cache = dir.path().join("cache");
+    let call = |server: &ServerProc, list: &str| {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(bin("ots-submit"))
+            .args(["workers", "--server", list])
+            .envs(submit_envs(server))
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap();
+        (out.status.code(), started.elapsed(), text(&out.stderr))
+    };
+    // The leader first or second: fine while both are up.
+    let b_control = standby
+        .stderr
+        .all()
+        .iter()
+        .find_map(|l| {
+            l.contains("answering not_leader")
+                .then(|| field(l, "control"))
+        })
+        .expect("the standby's control endpoint");
+    for list in [
+        format!("{},{b_control}", a.control),
+        format!("{b_control},{}", a.control),
+    ] {
+        let (code, took, err) = call(&a, &list);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(took < Duration::from_secs(1), "{list}: {took:?}");
+    }
+    // The leader SIGKILLed: the standby leads; every call within 1 s,
+    // whichever order the list gives.
+    a.proc.kill();
+    let b = as_server(standby, dir.path().join("b"));
+    let mut times = Vec::new();
+    for list in [
+        format!("{},{}", a.control, b.control),
+        format!("{},{}", a.control, b.control),
+        format!("{},{}", b.control, a.control),
+    ] {
+        let (code, took, err) = call(&b, &list);
+        assert_eq!(code, Some(0), "{list}: {err}");
+        times.push(took);
+    }
+    eprintln!("calls with the first server down: {times:?}");
+    assert!(
+        times.iter().all(|t| *t < Duration::from_secs(1)),
+        "{times:?}"
+    );
+    let remembered = std::fs::read_to_string(cache.join("ots/leaders")).unwrap();
+    assert!(remembered.contains(&b.control), "{remembered}");
+}

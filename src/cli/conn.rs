@@ -89,9 +89,84 @@ impl Conn {
         Ok(Credentials::Noise { key, server })
     }
 
-    /// Connects (and authenticates) to the server.
+    /// Connects (and authenticates) to the server. With a list of
+    /// servers, the one that led at the last call is tried first, and
+    /// the one that answers is remembered ([`leader_cache`]).
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await
+        let list = crate::settings::endpoints(&self.server);
+        if list.len() < 2 {
+            return Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await;
+        }
+        let remembered = remembered_leader(&self.server);
+        let mut ordered: Vec<&str> = list.iter().map(String::as_str).collect();
+        if let Some(i) = remembered
+            .as_deref()
+            .and_then(|r| ordered.iter().position(|e| *e == r))
+        {
+            let first = ordered.remove(i);
+            ordered.insert(0, first);
+        }
+        let client = Client::connect(
+            &ordered.join(","),
+            self.connect_timeout,
+            &self.credentials()?,
+        )
+        .await?;
+        if remembered.as_deref() != Some(client.endpoint()) {
+            remember_leader(&self.server, client.endpoint());
+        }
+        Ok(client)
+    }
+}
+
+/// `$XDG_CACHE_HOME/ots/leaders` or `~/.cache/ots/leaders`: which server
+/// of a list led at the last call, one `LIST<TAB>ENDPOINT` line per list
+/// (at most 16). Only a hint: unreadable or unwritable, every server is
+/// tried in the order given.
+fn leader_cache() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("ots").join("leaders"))
+}
+
+const REMEMBERED_LISTS: usize = 16;
+
+fn remembered_leaders() -> Vec<(String, String)> {
+    let Some(text) = leader_cache().and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .take(REMEMBERED_LISTS)
+        .collect()
+}
+
+fn remembered_leader(list: &str) -> Option<String> {
+    remembered_leaders()
+        .into_iter()
+        .find(|(l, _)| l == list)
+        .map(|(_, e)| e)
+}
+
+fn remember_leader(list: &str, endpoint: &str) {
+    let Some(path) = leader_cache() else { return };
+    let mut lines: Vec<(String, String)> = remembered_leaders()
+        .into_iter()
+        .filter(|(l, _)| l != list)
+        .collect();
+    lines.insert(0, (list.to_string(), endpoint.to_string()));
+    lines.truncate(REMEMBERED_LISTS);
+    let text: String = lines.iter().map(|(l, e)| format!("{l}\t{e}\n")).collect();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // Written whole under another name, then renamed: a concurrent call
+    // reads the old or the new hint, never half of one.
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
     }
 }
 

@@ -54,6 +54,10 @@ pub mod exit {
 pub enum ClientError {
     #[error("server unreachable at {endpoint}: no answer within {} ms; is ots-server running there?", timeout.as_millis())]
     Unreachable { endpoint: String, timeout: Duration },
+    #[error(
+        "server at {endpoint} refused the connection ({reason}); is ots-server running there?"
+    )]
+    ConnectionRefused { endpoint: String, reason: String },
     #[error("server refused: {message}")]
     Refused { code: ErrorCode, message: String },
     #[error("protocol error: {0}")]
@@ -76,6 +80,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Unreachable { .. }
+            | ClientError::ConnectionRefused { .. }
             | ClientError::Refused {
                 code: ErrorCode::NotLeader,
                 ..
@@ -124,12 +129,16 @@ impl Client {
         credentials: &Credentials,
     ) -> Result<Self, ClientError> {
         let list = crate::settings::endpoints(endpoint);
+        // With a list, a server that is down (its port refused) is
+        // passed at once: the call costs nothing for it.
+        let fail_fast = list.len() > 1;
         let mut last = None;
         for ep in list.iter() {
-            match Self::connect_to(ep, timeout, credentials).await {
+            match Self::connect_to(ep, timeout, credentials, fail_fast).await {
                 // A standby says so at once: the next server may lead.
                 Err(
                     e @ (ClientError::Unreachable { .. }
+                    | ClientError::ConnectionRefused { .. }
                     | ClientError::Refused {
                         code: ErrorCode::NotLeader,
                         ..
@@ -152,10 +161,11 @@ impl Client {
         endpoint: &str,
         timeout: Duration,
         credentials: &Credentials,
+        fail_fast: bool,
     ) -> Result<Self, ClientError> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            match Self::connect_once(endpoint, timeout, credentials).await {
+            match Self::connect_once(endpoint, timeout, credentials, fail_fast).await {
                 Err(ClientError::Refused {
                     code: ErrorCode::LimitReached,
                     ..
@@ -173,14 +183,28 @@ impl Client {
         endpoint: &str,
         timeout: Duration,
         credentials: &Credentials,
+        fail_fast: bool,
     ) -> Result<Self, ClientError> {
         let unreachable = || ClientError::Unreachable {
             endpoint: endpoint.to_string(),
             timeout,
         };
-        let mut socket = match transport::connect_dealer(endpoint, timeout).await {
+        let connected = match fail_fast {
+            true => transport::connect_dealer_fail_fast(endpoint, timeout).await,
+            false => transport::connect_dealer(endpoint, timeout).await,
+        };
+        let mut socket = match connected {
             Ok(s) => s,
             Err(TransportError::ConnectTimeout { .. }) => return Err(unreachable()),
+            Err(TransportError::Connect {
+                source: zeromq::ZmqError::Network(e),
+                ..
+            }) if fail_fast => {
+                return Err(ClientError::ConnectionRefused {
+                    endpoint: endpoint.to_string(),
+                    reason: e.to_string(),
+                })
+            }
             Err(e) => {
                 return Err(ClientError::Protocol(format!(
                     "cannot connect to {endpoint}: {e}"

@@ -219,12 +219,27 @@ async fn bounded<T>(
     }
 }
 
-/// Connects a new DEALER (fresh identity) within `timeout`.
+/// Connects a new DEALER (fresh identity) within `timeout`; a refused
+/// connection is tried again until then (a server starting).
 pub async fn connect_dealer(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<DealerSocket, TransportError> {
     let mut socket = DealerSocket::with_options(options(timeout));
+    bounded(endpoint, timeout, socket.connect(endpoint)).await?;
+    Ok(socket)
+}
+
+/// Like [`connect_dealer`], but a refused or reset connection fails at
+/// once ([`TransportError::Connect`]): a client with a list of servers
+/// moves on to the next instead of spending its timeout on a dead one.
+pub async fn connect_dealer_fail_fast(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<DealerSocket, TransportError> {
+    let mut o = options(timeout);
+    o.fail_fast_connect(true);
+    let mut socket = DealerSocket::with_options(o);
     bounded(endpoint, timeout, socket.connect(endpoint)).await?;
     Ok(socket)
 }

@@ -365,6 +365,7 @@ pub struct SocketOptions {
     pub(crate) peer_send_queue_bytes: Option<usize>,
     pub(crate) assign_peer_ids: bool,
     pub(crate) subscription_limits: Option<SubscriptionLimits>,
+    pub(crate) fail_fast_connect: bool,
 }
 
 /// ots patch: what one PUB keeps of its subscribers' subscriptions
@@ -398,6 +399,7 @@ impl Default for SocketOptions {
             peer_send_queue_bytes: None,
             assign_peer_ids: false,
             subscription_limits: None,
+            fail_fast_connect: false,
         }
     }
 }
@@ -528,6 +530,14 @@ impl SocketOptions {
     /// replace (cut) the live connection it names.
     pub fn assign_peer_ids(&mut self, assign: bool) -> &mut Self {
         self.assign_peer_ids = assign;
+        self
+    }
+
+    /// ots patch: `connect` returns a refused or reset connection as an
+    /// error at once instead of trying again until the connect timeout
+    /// (a client with a list of servers moves on to the next one).
+    pub fn fail_fast_connect(&mut self, fail_fast: bool) -> &mut Self {
+        self.fail_fast_connect = fail_fast;
         self
     }
 

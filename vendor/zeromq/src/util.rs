@@ -250,6 +250,8 @@ pub(crate) async fn connect_forever(
     loop {
         match transport::connect(&endpoint, Arc::clone(&options)).await {
             Ok(res) => return Ok(res),
+            // ots patch: refused at once when asked to fail fast.
+            Err(e) if options.fail_fast_connect => return Err(e),
             Err(e) if is_retryable_connect_error(&endpoint, &e) => {
                 let jitter = rand::rng().random_range(0.0f64..0.1f64);
                 async_rt::task::sleep(delay + delay.mul_f64(jitter)).await;

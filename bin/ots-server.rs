@@ -11,7 +11,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "ots-server", version)]
 struct Args {
-    /// Configuration file (TOML); see conf/server.toml.
+    /// Configuration file (TOML): /etc/ots/server.toml as installed (the
+    /// source tree's conf/server.toml documents every key).
     #[arg(long)]
     config: Option<PathBuf>,
     /// ROUTER endpoint, e.g. tcp://0.0.0.0:5555 (overrides `control`).

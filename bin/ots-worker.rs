@@ -10,7 +10,8 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(name = "ots-worker", version)]
 struct Args {
-    /// Configuration file (TOML); see conf/worker.toml.
+    /// Configuration file (TOML): /etc/ots/worker.toml as installed (the
+    /// source tree's conf/worker.toml documents every key).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Logical worker name, unique per server (overrides `name`).

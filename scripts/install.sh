@@ -23,7 +23,12 @@ DESTDIR="${DESTDIR:-}"
 PREFIX="${PREFIX:-/usr}"
 SYSCONFDIR="${SYSCONFDIR:-/etc}"
 if [ -z "${BINDIR_SRC:-}" ]; then
-    if [ -x target/release/ots-server ]; then BINDIR_SRC=target/release; else BINDIR_SRC=target/debug; fi
+    if [ -x target/release/ots-server ]; then
+        BINDIR_SRC=target/release
+    else
+        BINDIR_SRC=target/debug
+        echo "install.sh: warning: no release build (target/release/ots-server); installing the DEBUG binaries of target/debug, which are several times slower — build with \`cargo build --release --locked\` first, or set BINDIR_SRC" >&2
+    fi
 fi
 for b in ots-server ots-worker ots-submit; do
     [ -x "$BINDIR_SRC/$b" ] || { echo "install.sh: $BINDIR_SRC/$b not built (cargo build --release --locked)" >&2; exit 66; }

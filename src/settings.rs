@@ -166,7 +166,25 @@ pub fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
     builder
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|source| ConfigError::Layer { prefix, source })
+        .map_err(|source| {
+            // Name the file that holds the wrong key (an unknown key, a
+            // wrong type) when one of the layered files does by itself.
+            files
+                .iter()
+                .find_map(|path| {
+                    config::Config::builder()
+                        .add_source(config::Config::try_from(&T::default()).ok()?)
+                        .add_source(config::File::from(*path).format(config::FileFormat::Toml))
+                        .build()
+                        .and_then(|c| c.try_deserialize::<T>())
+                        .err()
+                        .map(|source| ConfigError::File {
+                            path: path.to_path_buf(),
+                            source,
+                        })
+                })
+                .unwrap_or(ConfigError::Layer { prefix, source })
+        })
 }
 
 /// A list of endpoints, `tcp://a:5555, tcp://b:5555`: the servers that

@@ -36,6 +36,22 @@ pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
+/// An optional value for a log line: the value, or `none`.
+pub fn or_none<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "none".to_string(), |v| v.to_string())
+}
+
+/// The name a value has on the wire and in configuration files (its serde
+/// name: `limit_reached`, `finish`), for log lines and messages, never
+/// Rust's `Debug` form.
+pub fn wire<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_string(),
+    }
+}
+
 /// A span in whole units: seconds up to 2 min, minutes up to 2 h, hours
 /// up to 2 days, then days. The index picks the unit's name.
 fn span(ms: u64) -> (u64, usize) {

@@ -871,3 +871,148 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
     std::fs::write(dir.path().join("go"), b"").unwrap();
     drop(streams);
 }
+
+/// Finding 15, the first hour's noise: what a newcomer reads is plain
+/// and names the right file.
+#[test]
+fn the_first_hours_messages_are_plain_and_name_the_right_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A server started from a shell with the usual soft limit of 1024
+    // descriptors: no LimitNOFILE warning (the soft limit is raised).
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -Sn 1024; exec {:?} \"$@\"",
+            bin("ots-server").display().to_string()
+        ))
+        .arg("sh");
+    for (k, v) in keys().server_env() {
+        cmd.env(k, v);
+    }
+    cmd.args(["--control", "tcp://127.0.0.1:0", "--events", "tcp://127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("server"));
+    let proc = Proc::spawn("server", cmd);
+    let line = proc.stderr.wait_for("server listening", LIMIT).expect("started");
+    let server = ServerProc {
+        control: field(&line, "control"),
+        events: field(&line, "events"),
+        proc,
+        state_dir: dir.path().join("server"),
+        keys: Some(keys()),
+        user: "tester".into(),
+    };
+    assert_eq!(server.proc.stderr.count("LimitNOFILE"), 0, "{:?}", server.proc.stderr.all());
+    // Log lines say values as a person reads them, not Rust's Debug form.
+    let conductor = script(
+        dir.path(),
+        "pass.sh",
+        "mkdir -p \"$OTS_RESULTS_DIR\"; echo '<testsuite><testcase name=\"t\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let w = start_idle_worker(
+        dir.path(),
+        "plain-w",
+        "devicegroup:plain",
+        &server,
+        &[&conductor.display().to_string()],
+        &[],
+    );
+    let out = submit(
+        &server,
+        &["run", "--device", "devicegroup:plain", "--image", "i", "--packages", "p", "--wait"],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ended = server.proc.stderr.wait_for("testrun ended", LIMIT).unwrap();
+    assert!(ended.contains("verdict=PASS"), "{ended}");
+    let finished = w.stderr.wait_for("task finished", LIMIT).unwrap();
+    assert!(finished.contains("outcome=exit 0"), "{finished}");
+    for l in server.proc.stderr.all().iter().chain(w.stderr.all().iter()) {
+        assert!(!l.contains("Some(") && !l.contains("Outcome {"), "{l}");
+    }
+
+    // An unknown key is named with the file that holds it, of the two
+    // layered worker files.
+    let base = dir.path().join("worker.toml");
+    std::fs::write(&base, "server = \"tcp://127.0.0.1:9\"\n").unwrap();
+    let instance = dir.path().join("w1.toml");
+    std::fs::write(&instance, "device = \"devicegroup:x\"\nconductr = \"typo\"\n").unwrap();
+    let mut cmd = std::process::Command::new(bin("ots-worker"));
+    cmd.arg("--config")
+        .arg(&base)
+        .arg("--instance-config")
+        .arg(&instance)
+        .arg("--check-config");
+    let out = run_bounded(cmd, LIMIT);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&instance.display().to_string()) && said.contains("conductr"),
+        "{said}"
+    );
+    // Its help names the installed configuration file.
+    let help = run_bounded(
+        {
+            let mut c = std::process::Command::new(bin("ots-worker"));
+            c.arg("--help");
+            c
+        },
+        LIMIT,
+    );
+    assert!(text(&help.stdout).contains("/etc/ots/worker.toml"));
+
+    // A missing url_secret_file is a `[notify]` setting, not a section.
+    let toml = "[notify]\nallow_urls = [\"https://ci.example.com/*\"]\nurl_secret_file = \"/nonexistent/url.secret\"\n";
+    let config = dir.path().join("notify.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = std::process::Command::new(bin("ots-server"));
+    for (k, v) in keys().server_env() {
+        cmd.env(k, v);
+    }
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("notify-state"));
+    let out = run_bounded(cmd, LIMIT);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("`notify.url_secret_file` = /nonexistent/url.secret"), "{err}");
+    assert!(!err.contains("[[notify.url]]"), "{err}");
+
+    // `run --local` with an image in /tmp: its workers are its own, no
+    // PrivateTmp warning.
+    let image = dir.path().join("image.bin");
+    std::fs::write(&image, b"image").unwrap();
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(bin("ots-submit"));
+            c.args(["run", "--local", "--image"])
+                .arg(&image)
+                .current_dir(common::repo())
+                .env("HOME", dir.path());
+            c
+        },
+        LIMIT,
+    );
+    assert!(!text(&out.stderr).contains("PrivateTmp"), "{}", text(&out.stderr));
+
+    // install.sh without a release build says it installs debug binaries.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("scripts")).unwrap();
+    std::fs::create_dir_all(tree.join("target")).unwrap();
+    std::fs::copy(common::repo().join("scripts/install.sh"), tree.join("scripts/install.sh")).unwrap();
+    for d in ["conf", "systemd", "docs", "examples", "README.md"] {
+        std::os::unix::fs::symlink(common::repo().join(d), tree.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(bin("ots-server").parent().unwrap(), tree.join("target/debug")).unwrap();
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new("bash");
+            c.arg(tree.join("scripts/install.sh"))
+                .env("DESTDIR", dir.path().join("dest"))
+                .env_remove("BINDIR_SRC");
+            c
+        },
+        LIMIT,
+    );
+    assert!(text(&out.stderr).contains("DEBUG binaries"), "{}", text(&out.stderr));
+}

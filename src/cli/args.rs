@@ -83,7 +83,7 @@ pub struct RunArgs {
 /// An image given as a relative path that exists here is sent as an
 /// absolute path: the conductor runs in a working folder of its own.
 /// URLs and anything that does not exist locally go as they are.
-pub(crate) fn local_image(image: String) -> String {
+pub(crate) fn local_image(image: String, to_lab_workers: bool) -> String {
     let path = Path::new(&image);
     let mut sent = image.clone();
     if !image.contains("://") && path.is_relative() && path.exists() {
@@ -92,9 +92,10 @@ pub(crate) fn local_image(image: String) -> String {
         }
     }
     // A worker under its systemd unit (PrivateTmp=yes) has a /tmp of its
-    // own: a path there names nothing it can see.
+    // own: a path there names nothing it can see. (`run --local`'s
+    // workers are this process's: they see it.)
     let local = sent.strip_prefix("file://").unwrap_or(&sent);
-    if local.starts_with("/tmp/") || local.starts_with("/var/tmp/") {
+    if to_lab_workers && (local.starts_with("/tmp/") || local.starts_with("/var/tmp/")) {
         crate::errln!(
             "ots-submit: warning: image {sent} is in a temporary folder; a worker run by its systemd unit (PrivateTmp=yes) has a /tmp of its own and will not find it — put images in a folder the workers share, or pass a URL"
         );

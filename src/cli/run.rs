@@ -90,7 +90,7 @@ pub(crate) async fn submit_and_watch(
     let testrun = TestrunRequest {
         device,
         devices,
-        image: local_image(args.image.clone().unwrap_or_default()),
+        image: local_image(args.image.clone().unwrap_or_default(), !args.local),
         packages: args.packages.clone(),
         distribution: args.distribution,
         timeout_secs: args.timeout.as_secs(),

@@ -204,6 +204,12 @@ impl Default for MailConfig {
 pub enum NotifyConfigError {
     #[error("configuration `notify.{key}`: {reason}")]
     Setting { key: &'static str, reason: String },
+    #[error("configuration `notify.{key}` = {path}: {reason}")]
+    SettingFile {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("configuration [[notify.{kind}]] {name:?}: `{key}` {reason}")]
     Target {
         kind: &'static str,

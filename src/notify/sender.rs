@@ -242,7 +242,19 @@ impl Sender {
         }
         let url_key = match &cfg.url_secret_file {
             None => None,
-            Some(path) => Some(read_key("url", "allow_urls", "url_secret_file", path)?),
+            // A setting of `[notify]` itself, not of a target section.
+            Some(path) => Some(
+                read_key("url", "allow_urls", "url_secret_file", path).map_err(|e| match e {
+                    NotifyConfigError::File { path, reason, .. } => {
+                        NotifyConfigError::SettingFile {
+                            key: "url_secret_file",
+                            path,
+                            reason,
+                        }
+                    }
+                    other => other,
+                })?,
+            ),
         };
         Ok(Sender {
             webhooks,

@@ -228,6 +228,33 @@ pub struct Outcome {
     pub by_testrun: bool,
 }
 
+/// How a conductor ended, as a log line says it: `exit 0`, `signal 9`,
+/// `timed out`, `cancelled`, `could not run: …`.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(why) = &self.failure {
+            return write!(f, "could not run: {why}");
+        }
+        let mut parts = Vec::new();
+        if let Some(code) = self.exit_code {
+            parts.push(format!("exit {code}"));
+        }
+        if let Some(signal) = self.signal {
+            parts.push(format!("signal {signal}"));
+        }
+        if self.timed_out {
+            parts.push("timed out".to_string());
+        }
+        if self.cancelled {
+            parts.push("cancelled".to_string());
+        }
+        if parts.is_empty() {
+            parts.push("no exit status".to_string());
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// A result file as stored or announced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInfo {

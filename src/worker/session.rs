@@ -591,15 +591,15 @@ impl Session {
                 self.stats.server_errors += 1;
                 if let Some(p) = self.outbox.take(seq) {
                     self.stats.refused_by_server += 1;
-                    warn!(seq, kind = p.body.kind(), task = ?p.task, ?code, %message, "the server refused a message; not resending it");
+                    warn!(seq, kind = p.body.kind(), task = %crate::text::or_none(p.task.as_ref()), code = %crate::text::wire(&code), %message, "the server refused a message; not resending it");
                     self.maybe_done(actions);
                 } else {
-                    warn!(seq, ?code, %message, "the server refused a message no longer pending");
+                    warn!(seq, code = %crate::text::wire(&code), %message, "the server refused a message no longer pending");
                 }
             }
             (_, None) => {
                 self.stats.server_errors += 1;
-                warn!(?code, %message, "protocol error reported by the server");
+                warn!(code = %crate::text::wire(&code), %message, "protocol error reported by the server");
             }
         }
         None
@@ -667,7 +667,7 @@ impl Session {
         }
         for (seq, p) in self.outbox.expire(now) {
             self.stats.given_up += 1;
-            warn!(seq, kind = p.body.kind(), task = ?p.task, sends = p.sends, "gave up delivering a message (give-up policy)");
+            warn!(seq, kind = p.body.kind(), task = %crate::text::or_none(p.task.as_ref()), sends = p.sends, "gave up delivering a message (give-up policy)");
         }
         // A final report never overtakes its task's log lines: while any
         // are still queued (the socket could not take them), it waits.

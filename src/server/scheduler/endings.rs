@@ -22,7 +22,7 @@ impl<S: Store> Scheduler<S> {
         t.reason = Some(reason.clone());
         let run = t.run.clone();
         let worker = t.worker.clone();
-        info!(task = %id, ?verdict, %reason, "task ended");
+        info!(task = %id, verdict = %crate::text::or_none(verdict), %reason, "task ended");
         if let Some(w) = worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
             w.outbox.drop_task(id, None);
             w.recent.retain(|t| t != id);
@@ -83,7 +83,7 @@ impl<S: Store> Scheduler<S> {
         } else {
             RunState::Finished
         };
-        info!(run = %run, ?verdict, cancelled, "testrun ended");
+        info!(run = %run, verdict = %crate::text::or_none(verdict), cancelled, "testrun ended");
         self.retain(run);
         let state = if cancelled {
             ProgressState::RunCancelled

@@ -117,7 +117,7 @@ impl<S: Store> Scheduler<S> {
                 reason,
                 message,
             } => {
-                warn!(worker, task = %task, ?reason, %message, "worker refused a dispatch");
+                warn!(worker, task = %task, reason = %crate::text::wire(&reason), %message, "worker refused a dispatch");
                 let w = self.workers.get_mut(worker).expect("worker");
                 w.task = None;
                 w.state = WorkerState::Idle;

@@ -168,7 +168,10 @@ impl Server {
         let store = DiskStore::open(&files_dir)?;
         let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();
-        socket_limits.max_connections = fit_connections_to_fd_limit(socket_limits.max_connections);
+        let chosen = cfg.limits.max_connections
+            != crate::transport::SocketLimits::default().max_connections;
+        socket_limits.max_connections =
+            fit_connections_to_fd_limit(socket_limits.max_connections, chosen);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;
         // With security, broadcasts are signed with a key of this
         // incarnation's own (PROTOCOL.md §15.4).
@@ -506,20 +509,40 @@ const FD_RESERVE: u64 = 512;
 /// Caps the per-endpoint connection limit so that both endpoints together
 /// stay below the process's file descriptor limit (`LimitNOFILE=`): the
 /// server refuses connections cleanly instead of failing `accept` in a loop.
-fn fit_connections_to_fd_limit(wanted: usize) -> usize {
-    let soft = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-        Ok((soft, _)) => soft,
+/// Only a limit the operator chose (`chosen`) is worth a warning when it
+/// does not fit; the default one is fitted quietly (said at info).
+fn fit_connections_to_fd_limit(wanted: usize, chosen: bool) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (mut soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
         Err(_) => return wanted,
     };
+    // The soft limit (1024 on most shells) is raised as far as the hard
+    // one allows first, as systemd does for services: a lab started from
+    // a terminal needs no LimitNOFILE and says nothing about it.
+    let needed = (wanted as u64).saturating_mul(2).saturating_add(FD_RESERVE);
+    if soft < needed {
+        let raised = needed.min(hard);
+        if raised > soft && setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+            soft = raised;
+        }
+    }
     let fit = usize::try_from(soft.saturating_sub(FD_RESERVE) / 2)
         .unwrap_or(usize::MAX)
         .max(16);
-    if fit < wanted {
+    if fit < wanted && chosen {
         warn!(
             wanted,
             allowed = fit,
             fd_limit = soft,
-            "limits.max_connections lowered to fit the file descriptor limit; raise LimitNOFILE to allow more"
+            "limits.max_connections lowered to fit the file descriptor limit (its hard limit too); raise LimitNOFILE (systemd) or `ulimit -Hn` to allow more"
+        );
+        fit
+    } else if fit < wanted {
+        info!(
+            allowed = fit,
+            fd_limit = soft,
+            "connections per endpoint fitted to the file descriptor limit"
         );
         fit
     } else {

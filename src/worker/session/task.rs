@@ -254,7 +254,7 @@ impl Session {
                 if let Some(n) = self.dropped_per_task.remove(&task) {
                     warn!(task = %task, dropped = n, "log lines dropped from the full buffer while the server was unreachable");
                 }
-                info!(task = %task, ?outcome, log_lines, files = files.len(), "task finished; reporting once its result files are delivered");
+                info!(task = %task, %outcome, log_lines, files = files.len(), "task finished; reporting once its result files are delivered");
                 // Logs first: they must precede the report on the wire.
                 if matches!(self.link, Link::Up { .. }) {
                     self.flush_logs(now, &mut actions, true);

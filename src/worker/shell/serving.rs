@@ -411,7 +411,7 @@ impl Serving {
         if asked != Stop::Gracefully || self.session.stop_requested() {
             return Vec::new();
         }
-        info!(policy = ?self.cfg.stop_policy, timeout_ms = self.cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
+        info!(policy = %crate::text::wire(&self.cfg.stop_policy), timeout_ms = self.cfg.stop_timeout_ms, "stop requested: taking no new task; finishing and delivering what runs (a second SIGTERM stops at once)");
         self.supervisor
             .stopping("stopping: finishing and delivering the running task");
         let rules = StopRules {

@@ -389,7 +389,7 @@ fn signal_group(pgid: Pid, signal: Signal) -> bool {
         Ok(()) => true,
         Err(nix::errno::Errno::ESRCH) => false,
         Err(e) => {
-            warn!(pgid = pgid.as_raw(), ?signal, error = %e, "cannot signal the conductor's process group");
+            warn!(pgid = pgid.as_raw(), %signal, error = %e, "cannot signal the conductor's process group");
             false
         }
     }

@@ -63,7 +63,7 @@ async fn recover(
             humantime::format_duration(timeout)
         ),
     );
-    info!(command = ?r.command, "running the recovery command before a health check");
+    info!(command = %r.command.join(" "), "running the recovery command before a health check");
     let (line_tx, mut line_rx) = mpsc::channel(4);
     let run = conductor::Run {
         argv: r.command.clone(),
@@ -458,7 +458,7 @@ async fn conduct(
         || outcome.signal.is_some()
         || !matches!(outcome.exit_code, Some(0) | Some(1))
     {
-        warn!(task = %spec.task, ?outcome, "conductor/device failure: the conductor did not end normally");
+        warn!(task = %spec.task, %outcome, "conductor/device failure: the conductor did not end normally");
     }
     drop(export);
     // Live lines still queued.

@@ -1016,3 +1016,52 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
     );
     assert!(text(&out.stderr).contains("DEBUG binaries"), "{}", text(&out.stderr));
 }
+
+/// Finding 16: PROTOCOL §3.3 — the `request` of a refused message is
+/// echoed whenever its body can be read, also when its header cannot be.
+#[test]
+fn a_request_with_an_unreadable_header_gets_its_request_id_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_configured_server(dir.path(), "", &[]);
+    let creds = credentials(&server);
+    let ots::security::Credentials::Noise {
+        key,
+        server: server_key,
+    } = &creds
+    else {
+        unreachable!()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use ots::protocol::{Body, ErrorCode};
+        use zeromq::prelude::*;
+        let timeout = Duration::from_secs(5);
+        let mut dealer = ots::transport::connect_dealer(&server.control, timeout)
+            .await
+            .unwrap();
+        let (mut chan, _) = ots::security::link::handshake(&mut dealer, key, server_key, timeout)
+            .await
+            .unwrap();
+        let body = rmp_serde::to_vec_named(&Body::Ping { request: 16 }).unwrap();
+        let frames = vec![
+            bytes::Bytes::from_static(b"\xc1 not a header"),
+            bytes::Bytes::from(body),
+        ];
+        dealer
+            .send(ots::transport::to_message(chan.seal(&frames)))
+            .await
+            .unwrap();
+        let reply = tokio::time::timeout(timeout, dealer.recv())
+            .await
+            .expect("an answer")
+            .unwrap();
+        let env = ots::protocol::decode(chan.open(reply.into_vec()).unwrap()).unwrap();
+        match env.body {
+            Body::Error { code, request, .. } => {
+                assert_eq!(code, ErrorCode::Malformed);
+                assert_eq!(request, Some(16));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}

@@ -95,7 +95,10 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
     // Check the version before the rest, so a newer peer whose header grew
     // fields we do not know still gets the precise answer.
     let probe: VersionProbe =
-        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
+        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
+            reason: e.to_string(),
+            request: request_of(&b),
+        })?;
     if probe.v != PROTOCOL_VERSION {
         return Err(ProtocolError::UnsupportedVersion {
             version: probe.v,
@@ -103,7 +106,10 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
         });
     }
     let header: Header =
-        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader(e.to_string()))?;
+        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
+            reason: e.to_string(),
+            request: request_of(&b),
+        })?;
     check_size("body", &b, MAX_BODY_BYTES)?;
     let seq = header.mandatory.then_some(header.seq);
     let bad_body = |e: rmp_serde::decode::Error| ProtocolError::BadBody {
@@ -207,7 +213,7 @@ mod tests {
     #[test]
     fn garbage_and_wrong_versions_are_typed_errors() {
         let e = decode(vec![Bytes::from_static(b"\xc1"), Bytes::new()]).unwrap_err();
-        assert!(matches!(e, ProtocolError::BadHeader(_)));
+        assert!(matches!(e, ProtocolError::BadHeader { .. }));
         assert_eq!(e.code(), ErrorCode::Malformed);
 
         let mut h = header(Class::Control);

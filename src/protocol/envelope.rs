@@ -19,8 +19,12 @@ pub struct Envelope {
 pub enum ProtocolError {
     #[error("message has {0} frames; expected header, body and optionally one raw frame")]
     FrameCount(usize),
-    #[error("header frame is not a valid MessagePack header: {0}")]
-    BadHeader(String),
+    #[error("header frame is not a valid MessagePack header: {reason}")]
+    BadHeader {
+        reason: String,
+        /// The body's request id, if the body could be read (§3.3).
+        request: Option<u64>,
+    },
     #[error(
         "protocol version {version} is not supported (this peer speaks version {PROTOCOL_VERSION})"
     )]
@@ -88,6 +92,7 @@ impl ProtocolError {
     pub fn request(&self) -> Option<u64> {
         match self {
             ProtocolError::BadBody { request, .. }
+            | ProtocolError::BadHeader { request, .. }
             | ProtocolError::Invalid { request, .. }
             | ProtocolError::UnsupportedVersion { request, .. }
             | ProtocolError::TooLarge { request, .. }

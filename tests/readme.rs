@@ -270,3 +270,108 @@ fn the_worker_endpoint_list_block_loads_as_written() {
     .unwrap();
     ots::worker::config::WorkerConfig::load(Some(&file), &[]).unwrap();
 }
+
+/// Issue 34, finding 14: "A worker on its own host" works as written. Two
+/// "hosts" on this machine, each installed with `scripts/install.sh` into
+/// a folder of its own (its `/etc/ots` and `/var/lib/ots` below it); the
+/// block runs on the worker host with `sudo` dropped, `ots.lab` being
+/// 127.0.0.1 and `scp` copying between the two folders.
+#[test]
+fn a_worker_on_its_own_host_registers_as_written() {
+    let _ports = LAB_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let block = block_after("### A worker on its own host");
+    let hosts = tempfile::tempdir().unwrap();
+    let bin_dir = bin("ots-server").parent().unwrap().to_path_buf();
+    let install = |name: &str| {
+        let root = hosts.path().join(name);
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("scripts/install.sh"))
+            .env("BINDIR_SRC", &bin_dir)
+            .env("PREFIX", root.join("usr"))
+            .env("SYSCONFDIR", root.join("etc"))
+            .env("DESTDIR", "");
+        let out = run_bounded(cmd, Duration::from_secs(120));
+        assert!(out.status.success(), "install.sh: {}", text(&out.stderr));
+        // The host's /etc/ots and /var/lib/ots are below its folder.
+        for conf in ["server.toml", "worker.toml"] {
+            let path = root.join("etc/ots").join(conf);
+            let t = std::fs::read_to_string(&path).unwrap();
+            let t = t
+                .replace("/etc/ots", &root.join("etc/ots").display().to_string())
+                .replace(
+                    "/var/lib/ots",
+                    &root.join("var/lib/ots").display().to_string(),
+                )
+                .replace("0.0.0.0", "127.0.0.1");
+            std::fs::write(&path, t).unwrap();
+        }
+        root
+    };
+    let server_host = install("server-host");
+    let worker_host = install("worker-host");
+    // The server host: its key, and the installed server started.
+    let sbin = server_host.join("usr/bin");
+    let out = run_bounded(
+        {
+            let mut c = Command::new(sbin.join("ots-server"));
+            c.arg("keygen").arg(server_host.join("etc/ots/server"));
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::create_dir_all(server_host.join("var/lib/ots/server")).unwrap();
+    let mut cmd = Command::new(sbin.join("ots-server"));
+    cmd.arg("--config")
+        .arg(server_host.join("etc/ots/server.toml"));
+    let server = Proc::spawn("server-host", cmd);
+    assert!(
+        server
+            .stderr
+            .wait_for("server listening", Duration::from_secs(30))
+            .is_some(),
+        "{:?}",
+        server.stderr.all()
+    );
+    // The block, on the worker host.
+    let s_etc = server_host.join("etc/ots").display().to_string();
+    let w_etc = worker_host.join("etc/ots").display().to_string();
+    let w_var = worker_host.join("var/lib/ots").display().to_string();
+    let script: String = block
+        .lines()
+        .map(|l| {
+            l.replace("sudo ", "")
+                .replace("ots.lab:/etc/ots", "SERVERHOST")
+                .replace("/etc/ots", &w_etc)
+                .replace("SERVERHOST", &format!("serverhost:{s_etc}"))
+                .replace("/var/lib/ots", &w_var)
+                .replace("ots.lab", "127.0.0.1")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(script.contains("--check-config"), "{script}");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!(
+            "set -e\nscp() {{ cp \"${{1#serverhost:}}\" \"${{2#serverhost:}}\"; }}\n{script}\nwait\n"
+        ))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                worker_host.join("usr/bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+    let worker = Proc::spawn("worker-host", cmd);
+    let registered = worker
+        .stderr
+        .wait_for("registered with the server", Duration::from_secs(60));
+    assert!(
+        registered.is_some(),
+        "worker: {:?}\nserver: {:?}",
+        worker.stderr.all(),
+        server.stderr.all()
+    );
+    assert!(server.stderr.count("w3") > 0 || worker.stderr.count("w3") > 0);
+}

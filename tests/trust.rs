@@ -889,10 +889,19 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
     for (k, v) in keys().server_env() {
         cmd.env(k, v);
     }
-    cmd.args(["--control", "tcp://127.0.0.1:0", "--events", "tcp://127.0.0.1:0", "--state-dir"])
-        .arg(dir.path().join("server"));
+    cmd.args([
+        "--control",
+        "tcp://127.0.0.1:0",
+        "--events",
+        "tcp://127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("server"));
     let proc = Proc::spawn("server", cmd);
-    let line = proc.stderr.wait_for("server listening", LIMIT).expect("started");
+    let line = proc
+        .stderr
+        .wait_for("server listening", LIMIT)
+        .expect("started");
     let server = ServerProc {
         control: field(&line, "control"),
         events: field(&line, "events"),
@@ -901,7 +910,12 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
         keys: Some(keys()),
         user: "tester".into(),
     };
-    assert_eq!(server.proc.stderr.count("LimitNOFILE"), 0, "{:?}", server.proc.stderr.all());
+    assert_eq!(
+        server.proc.stderr.count("LimitNOFILE"),
+        0,
+        "{:?}",
+        server.proc.stderr.all()
+    );
     // Log lines say values as a person reads them, not Rust's Debug form.
     let conductor = script(
         dir.path(),
@@ -918,7 +932,16 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
     );
     let out = submit(
         &server,
-        &["run", "--device", "devicegroup:plain", "--image", "i", "--packages", "p", "--wait"],
+        &[
+            "run",
+            "--device",
+            "devicegroup:plain",
+            "--image",
+            "i",
+            "--packages",
+            "p",
+            "--wait",
+        ],
         LIMIT,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -935,7 +958,11 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
     let base = dir.path().join("worker.toml");
     std::fs::write(&base, "server = \"tcp://127.0.0.1:9\"\n").unwrap();
     let instance = dir.path().join("w1.toml");
-    std::fs::write(&instance, "device = \"devicegroup:x\"\nconductr = \"typo\"\n").unwrap();
+    std::fs::write(
+        &instance,
+        "device = \"devicegroup:x\"\nconductr = \"typo\"\n",
+    )
+    .unwrap();
     let mut cmd = std::process::Command::new(bin("ots-worker"));
     cmd.arg("--config")
         .arg(&base)
@@ -975,7 +1002,10 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
     let out = run_bounded(cmd, LIMIT);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(err.contains("`notify.url_secret_file` = /nonexistent/url.secret"), "{err}");
+    assert!(
+        err.contains("`notify.url_secret_file` = /nonexistent/url.secret"),
+        "{err}"
+    );
     assert!(!err.contains("[[notify.url]]"), "{err}");
 
     // `run --local` with an image in /tmp: its workers are its own, no
@@ -993,17 +1023,29 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
         },
         LIMIT,
     );
-    assert!(!text(&out.stderr).contains("PrivateTmp"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("PrivateTmp"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // install.sh without a release build says it installs debug binaries.
     let tree = dir.path().join("tree");
     std::fs::create_dir_all(tree.join("scripts")).unwrap();
     std::fs::create_dir_all(tree.join("target")).unwrap();
-    std::fs::copy(common::repo().join("scripts/install.sh"), tree.join("scripts/install.sh")).unwrap();
+    std::fs::copy(
+        common::repo().join("scripts/install.sh"),
+        tree.join("scripts/install.sh"),
+    )
+    .unwrap();
     for d in ["conf", "systemd", "docs", "examples", "README.md"] {
         std::os::unix::fs::symlink(common::repo().join(d), tree.join(d)).unwrap();
     }
-    std::os::unix::fs::symlink(bin("ots-server").parent().unwrap(), tree.join("target/debug")).unwrap();
+    std::os::unix::fs::symlink(
+        bin("ots-server").parent().unwrap(),
+        tree.join("target/debug"),
+    )
+    .unwrap();
     let out = run_bounded(
         {
             let mut c = std::process::Command::new("bash");
@@ -1014,7 +1056,11 @@ fn the_first_hours_messages_are_plain_and_name_the_right_file() {
         },
         LIMIT,
     );
-    assert!(text(&out.stderr).contains("DEBUG binaries"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("DEBUG binaries"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Finding 16: PROTOCOL §3.3 — the `request` of a refused message is

@@ -94,22 +94,20 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
     }
     // Check the version before the rest, so a newer peer whose header grew
     // fields we do not know still gets the precise answer.
-    let probe: VersionProbe =
-        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
-            reason: e.to_string(),
-            request: request_of(&b),
-        })?;
+    let probe: VersionProbe = rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
+        reason: e.to_string(),
+        request: request_of(&b),
+    })?;
     if probe.v != PROTOCOL_VERSION {
         return Err(ProtocolError::UnsupportedVersion {
             version: probe.v,
             request: request_of(&b),
         });
     }
-    let header: Header =
-        rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
-            reason: e.to_string(),
-            request: request_of(&b),
-        })?;
+    let header: Header = rmp_serde::from_slice(&h).map_err(|e| ProtocolError::BadHeader {
+        reason: e.to_string(),
+        request: request_of(&b),
+    })?;
     check_size("body", &b, MAX_BODY_BYTES)?;
     let seq = header.mandatory.then_some(header.seq);
     let bad_body = |e: rmp_serde::decode::Error| ProtocolError::BadBody {

@@ -168,8 +168,8 @@ impl Server {
         let store = DiskStore::open(&files_dir)?;
         let snapshot = db.load().await?;
         let mut socket_limits = cfg.limits.sockets();
-        let chosen = cfg.limits.max_connections
-            != crate::transport::SocketLimits::default().max_connections;
+        let chosen =
+            cfg.limits.max_connections != crate::transport::SocketLimits::default().max_connections;
         socket_limits.max_connections =
             fit_connections_to_fd_limit(socket_limits.max_connections, chosen);
         let sockets = transport::bind_server(&cfg.control, &cfg.events, &socket_limits).await?;

@@ -646,23 +646,6 @@ fn a_cross_site_sign_in_link_asks_first() {
     );
 }
 
-/// A TCP connection to the dashboard from source address `from`
-/// (127.0.0.x: loopback has them all), as another machine would.
-fn connect_from(rt: &tokio::runtime::Runtime, from: [u8; 4], base: &str) -> std::net::TcpStream {
-    let to: std::net::SocketAddr = http::host(base).parse().unwrap();
-    let s = rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind((std::net::Ipv4Addr::from(from), 0).into())
-            .unwrap();
-        socket.connect(to).await
-    });
-    let s = s.unwrap().into_std().unwrap();
-    s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s
-}
-
 /// Writes `head` on a connection from `from`; the status of the answer
 /// (0: closed without one), read within `limit`.
 fn status_of(s: &mut std::net::TcpStream, limit: Duration) -> u16 {
@@ -756,7 +739,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
     let mut streams = Vec::new();
     let mut refused = 0;
     for _ in 0..40 {
-        let mut s = connect_from(&rt, [127, 0, 0, 2], &base);
+        let mut s = http::connect_from(&rt, [127, 0, 0, 2], &base);
         write!(
             s,
             "GET {stream_path} HTTP/1.1\r\nHost: x\r\nCookie: {hog_cookie}\r\n\r\n"
@@ -775,7 +758,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
     let slow_started = std::time::Instant::now();
     let mut slow = Vec::new();
     for i in 0..300u16 {
-        let mut s = connect_from(&rt, [127, 0, 1, 10 + (i / 30) as u8], &base);
+        let mut s = http::connect_from(&rt, [127, 0, 1, 10 + (i / 30) as u8], &base);
         // A form: its body is read before anything else is checked.
         let head = format!(
             "POST /runs/r1/cancel HTTP/1.1\r\nHost: x\r\nCookie: {hog_cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 16000\r\n\r\ncsrf="
@@ -797,7 +780,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
             let mut opened = 0u64;
             let mut held = std::collections::VecDeque::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut s = connect_from(&rt, [127, 0, 2, 1 + (opened % 50) as u8], &base);
+                let mut s = http::connect_from(&rt, [127, 0, 2, 1 + (opened % 50) as u8], &base);
                 let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ");
                 held.push_back(s);
                 if held.len() > 600 {

@@ -531,6 +531,10 @@ fn a_live_log_resumes_from_its_offset_without_duplicates() {
 #[test]
 fn live_views_are_bounded() {
     use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (server, base) = start_lab(dir.path(), "");
     let run = submit_run(
@@ -545,25 +549,49 @@ fn live_views_are_bounded() {
             "--queue-anyway",
         ],
     );
-    let cookie = http::sign_in(&link_for(&server, "tester"));
-    let request = format!(
-        "GET /api/runs/{run}/stream HTTP/1.1\r\nHost: x\r\nCookie: ots_session={cookie}\r\n\r\n"
-    );
-    let mut open = Vec::new();
-    for i in 0..=ots::web::live::MAX_STREAMS_PER_RUN {
-        let mut s = std::net::TcpStream::connect(http::host(&base)).unwrap();
+    // Operators may watch the tester's testrun; each from an address of
+    // its own (as from their own machines).
+    let per_user = ots::web::live::MAX_STREAMS_PER_USER;
+    let users = ots::web::live::MAX_STREAMS_PER_RUN / per_user + 1;
+    let cookies: Vec<String> = (0..users)
+        .map(|i| {
+            let name = format!("web-watch{i}");
+            keys().user(&name, "operator");
+            wait_allowed(&server, &name);
+            http::sign_in(&link_for(&server, &name))
+        })
+        .collect();
+    let stream = |i: usize, cookie: &str| {
+        let mut s = http::connect_from(&rt, [127, 0, 3, 10 + i as u8], &base);
         s.set_read_timeout(Some(LIMIT)).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
+        s.write_all(
+            format!(
+                "GET /api/runs/{run}/stream HTTP/1.1\r\nHost: x\r\nCookie: ots_session={cookie}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
         let mut head = [0u8; 12];
         s.read_exact(&mut head).unwrap();
-        let status = String::from_utf8_lossy(&head[9..12]).to_string();
-        if i < ots::web::live::MAX_STREAMS_PER_RUN {
-            assert_eq!(status, "200", "stream {i}");
-            open.push(s);
-        } else {
-            assert_eq!(status, "429", "the stream past the limit");
+        (String::from_utf8_lossy(&head[9..12]).to_string(), s)
+    };
+    let mut open = Vec::new();
+    for (i, cookie) in cookies.iter().enumerate() {
+        for n in 0..=per_user {
+            let (status, s) = stream(i, cookie);
+            let on_run = open.len();
+            if on_run >= ots::web::live::MAX_STREAMS_PER_RUN {
+                assert_eq!(status, "429", "past the testrun's limit");
+                break;
+            } else if n < per_user {
+                assert_eq!(status, "200", "user {i} stream {n}");
+                open.push(s);
+            } else {
+                assert_eq!(status, "429", "user {i}: past its own limit");
+            }
         }
     }
+    assert_eq!(open.len(), ots::web::live::MAX_STREAMS_PER_RUN);
     // Closing them gives the places back.
     drop(open);
     let deadline = Instant::now() + LIMIT;
@@ -571,7 +599,7 @@ fn live_views_are_bounded() {
         let (status, _) = http::events(
             &base,
             &format!("/api/runs/{run}/stream"),
-            &[("Cookie", &format!("ots_session={cookie}"))],
+            &[("Cookie", &format!("ots_session={}", cookies[0]))],
             Duration::from_secs(5),
             |_| true,
         );

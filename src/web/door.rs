@@ -4,8 +4,9 @@
 //! one user, one address or a crowd of strangers from taking the rest:
 //!
 //! - anonymous connections together at most [`MAX_ANONYMOUS`]; past it, a
-//!   new connection ends the oldest anonymous one (half-sent heads of a
-//!   slowloris go first, a browser's fresh connection gets in);
+//!   new connection ends the oldest anonymous one of the address that
+//!   holds the most (a slowloris's half-sent heads go first, a browser's
+//!   fresh connection gets in and stays);
 //! - signed-in connections at most `MAX_CONNECTIONS − MAX_ANONYMOUS`, of
 //!   one user at most [`MAX_CONNECTIONS_PER_USER`], of submit users
 //!   together at most [`MAX_SUBMIT_CONNECTIONS`]: a connection past them
@@ -94,10 +95,25 @@ impl Rooms {
         self.per_user.get(user).copied().unwrap_or(0)
     }
 
+    /// The anonymous connection to end: of `addr` if given, else of the
+    /// address holding the most anonymous connections (so a stranger
+    /// opening many never ends a browser's one fresh connection); the
+    /// oldest of them.
     fn oldest_anonymous(&self, addr: Option<IpAddr>) -> Option<u64> {
+        let addr = addr.or_else(|| {
+            let mut held: HashMap<IpAddr, (usize, Instant)> = HashMap::new();
+            for e in self.entries.values().filter(|e| e.occupant.is_none()) {
+                let h = held.entry(e.addr).or_insert((0, e.opened));
+                h.0 += 1;
+                h.1 = h.1.min(e.opened);
+            }
+            held.into_iter()
+                .max_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+                .map(|(a, _)| a)
+        })?;
         self.entries
             .iter()
-            .filter(|(_, e)| e.occupant.is_none() && addr.is_none_or(|a| a == e.addr))
+            .filter(|(_, e)| e.occupant.is_none() && e.addr == addr)
             .min_by_key(|(id, e)| (e.opened, **id))
             .map(|(id, _)| *id)
     }
@@ -287,6 +303,28 @@ mod tests {
         r.sign_in(bob, user("bob", false));
         assert_eq!(r.of_user("alice"), 1);
         assert_eq!(r.of_user("bob"), 1);
+    }
+
+    #[test]
+    fn a_browsers_fresh_connection_outlives_a_flood_from_fewer_addresses_than_slots() {
+        let t0 = Instant::now();
+        let mut r = Rooms::new(vec![]);
+        for i in 0..MAX_ANONYMOUS as u32 {
+            r.admit(IpAddr::from([14, 0, 0, (i % 50) as u8]), t0)
+                .unwrap();
+        }
+        // alice connects and is slow to send her head…
+        let (alice, _) = r.admit(ip(7), t0 + Duration::from_millis(1)).unwrap();
+        // …while the flood goes on.
+        for i in 0..10_000u32 {
+            let t = t0 + Duration::from_millis(2 + u64::from(i));
+            let (_, evicted) = r
+                .admit(IpAddr::from([14, 0, 0, (i % 50) as u8]), t)
+                .unwrap();
+            assert!(!evicted.contains(&alice), "round {i}");
+        }
+        r.sign_in(alice, user("alice", true));
+        assert_eq!(r.of_user("alice"), 1);
     }
 
     #[test]

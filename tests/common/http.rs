@@ -251,3 +251,24 @@ fn parse_events(text: &str) -> Vec<Event> {
     }
     out
 }
+
+/// A TCP connection to the dashboard from source address `from`
+/// (127.0.0.x: loopback has them all), as another machine would.
+pub fn connect_from(
+    rt: &tokio::runtime::Runtime,
+    from: [u8; 4],
+    base: &str,
+) -> std::net::TcpStream {
+    let to: std::net::SocketAddr = host(base).parse().unwrap();
+    let s = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(from), 0).into())
+            .unwrap();
+        socket.connect(to).await
+    });
+    let s = s.unwrap().into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}

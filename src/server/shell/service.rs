@@ -542,7 +542,7 @@ fn fit_connections_to_fd_limit(wanted: usize, chosen: bool) -> usize {
         info!(
             allowed = fit,
             fd_limit = soft,
-            "connections per endpoint fitted to the file descriptor limit"
+            "connections per endpoint lowered to fit the file descriptor limit"
         );
         fit
     } else {

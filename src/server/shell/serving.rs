@@ -538,11 +538,12 @@ impl Serving {
         let now = Instant::now();
         let identities = allow.len();
         let allowed = allow.worker_names();
+        let mut sessions_ended = 0;
         if let Some(d) = &self.dashboard {
-            let ended = d.set_users(allow.user_grants());
-            if ended > 0 {
+            sessions_ended = d.set_users(allow.user_grants());
+            if sessions_ended > 0 {
                 info!(
-                    sessions = ended,
+                    sessions = sessions_ended,
                     "dashboard sessions ended: their user's key was removed or replaced, or its role changed"
                 );
             }
@@ -551,6 +552,7 @@ impl Serving {
         info!(
             identities,
             revoked = revoked.len(),
+            sessions_ended,
             denied = denied.len(),
             "allow-lists reloaded"
         );
@@ -560,7 +562,7 @@ impl Serving {
             "-",
             "reload",
             &format!(
-                "{identities} identities allowed, {} sessions revoked, {} entries denied",
+                "{identities} identities allowed, {} sessions revoked, {sessions_ended} dashboard sessions ended, {} entries denied",
                 revoked.len(),
                 denied.len()
             ),

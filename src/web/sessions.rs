@@ -116,13 +116,17 @@ impl Holder {
 struct Link {
     holder: Holder,
     expires: Instant,
+    /// Minted as the how-manieth: the oldest goes first, also among
+    /// links of one instant.
+    order: u64,
 }
 
 struct Session {
     holder: Holder,
     csrf: String,
-    opened: Instant,
     expires: Instant,
+    /// Opened as the how-manieth (see [`Link::order`]).
+    order: u64,
 }
 
 /// The sign-in links and sessions.
@@ -139,6 +143,8 @@ pub struct Sessions {
     /// Sessions and links ended to make room: a user's oldest past its
     /// own limit, or a submit user's for an operator.
     pub replaced: u64,
+    /// The next link's or session's [`Link::order`].
+    next_order: u64,
 }
 
 fn key_of(secret: &str) -> [u8; 32] {
@@ -156,18 +162,18 @@ fn granted(users: &Option<Grants>, holder: &Holder) -> bool {
     }
 }
 
-/// The oldest entry among `entries` that `pick` selects, by `at`.
+/// The oldest entry among `entries` that `pick` selects, by `order`.
 fn oldest<'a, T>(
     entries: impl Iterator<Item = (&'a [u8; 32], &'a T)>,
     pick: impl Fn(&T) -> bool,
-    at: impl Fn(&T) -> Instant,
+    order: impl Fn(&T) -> u64,
 ) -> Option<[u8; 32]>
 where
     T: 'a,
 {
     entries
         .filter(|(_, e)| pick(e))
-        .min_by_key(|(_, e)| at(e))
+        .min_by_key(|(_, e)| order(e))
         .map(|(k, _)| *k)
 }
 
@@ -180,6 +186,7 @@ impl Sessions {
             revoked: 0,
             refused: 0,
             replaced: 0,
+            next_order: 0,
         }
     }
 
@@ -229,7 +236,7 @@ impl Sessions {
                 let old = oldest(
                     self.links.iter(),
                     |l| l.holder.user() == Some(user),
-                    |l| l.expires,
+                    |l| l.order,
                 );
                 self.links.remove(&old.expect("the user has links"));
                 self.replaced += 1;
@@ -248,18 +255,20 @@ impl Sessions {
             ));
         }
         let token = hex::encode(secret);
+        self.next_order += 1;
         self.links.insert(
             key_of(&token),
             Link {
                 holder,
                 expires: now + LINK_VALID,
+                order: self.next_order,
             },
         );
         Ok(token)
     }
 
     fn evict_submit_link(&mut self) -> bool {
-        match oldest(self.links.iter(), |l| l.holder.submit(), |l| l.expires) {
+        match oldest(self.links.iter(), |l| l.holder.submit(), |l| l.order) {
             Some(k) => {
                 self.links.remove(&k);
                 self.replaced += 1;
@@ -270,7 +279,7 @@ impl Sessions {
     }
 
     fn evict_submit_session(&mut self) -> bool {
-        match oldest(self.sessions.iter(), |s| s.holder.submit(), |s| s.opened) {
+        match oldest(self.sessions.iter(), |s| s.holder.submit(), |s| s.order) {
             Some(k) => {
                 self.sessions.remove(&k);
                 self.replaced += 1;
@@ -323,7 +332,7 @@ impl Sessions {
                 let old = oldest(
                     self.sessions.iter(),
                     |s| s.holder.user() == Some(user),
-                    |s| s.opened,
+                    |s| s.order,
                 );
                 self.sessions.remove(&old.expect("the user has sessions"));
                 self.replaced += 1;
@@ -343,13 +352,14 @@ impl Sessions {
         let key = key_of(&cookie);
         let csrf = hex::encode(csrf);
         let identity = holder.identity.clone();
+        self.next_order += 1;
         self.sessions.insert(
             key,
             Session {
                 holder,
                 csrf: csrf.clone(),
-                opened: now,
                 expires: now + SESSION_MAX_AGE,
+                order: self.next_order,
             },
         );
         Ok((

@@ -133,6 +133,7 @@ fn a_database_restart_or_outage_ends_no_server() {
     let second = runs(&server, 2);
     wait_status(&server, &second[1], LIMIT, running);
     let mark = server.proc.stderr.len();
+    let stopped_at = Instant::now();
     c.stop();
     let stepped = server.proc.stderr.wait_for_after(
         mark,
@@ -143,13 +144,19 @@ fn a_database_restart_or_outage_ends_no_server() {
     // Clients meanwhile: refused or not answered, never a wrong answer.
     let out = submit(&server, &["workers", "--connect-timeout", "1s"], LIMIT);
     assert!(!out.status.success());
+    let down_for = stopped_at.elapsed();
     c.start();
+    let back = Instant::now();
     let led = server
         .proc
         .stderr
         .wait_for_after(mark, "leader: this server holds the lease", LIMIT)
         .expect("leads again");
-    eprintln!("led again: {}", led.1);
+    eprintln!(
+        "database down {down_for:?}; led again {:?} after it was back: {}",
+        back.elapsed(),
+        led.1
+    );
     assert!(
         server.proc.child.try_wait().unwrap().is_none(),
         "never exited"

@@ -205,15 +205,7 @@ impl<S: Store> Scheduler<S> {
             self.tell_log_full(&task);
             return;
         }
-        // A stdout line that begins with another stream's prefix must be
-        // guarded in the stored form (a worker that did not): line by line.
-        let unguarded = || {
-            crate::protocol::logtext::part_texts(&parts, &raw).any(|(p, text)| {
-                p.stream == Stream::Stdout && crate::protocol::logtext::any_guarded(text)
-            })
-        };
-        let fits = packed_fits(t, &parts, limits).filter(|_| !unguarded());
-        let Some(bytes) = fits else {
+        let Some(bytes) = packed_fits(t, &parts, limits) else {
             self.count("log_packed_slow_path", 1);
             let all = crate::protocol::logtext::unpack(&parts, &raw);
             return self.on_log(worker, task, attempt, all);

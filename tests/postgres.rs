@@ -1337,4 +1337,12 @@ fn a_call_answers_within_a_second_whichever_server_is_down() {
     );
     let remembered = std::fs::read_to_string(cache.join("ots/leaders")).unwrap();
     assert!(remembered.contains(&b.control), "{remembered}");
+    // `leader` says where each stands, the dead one at once.
+    let started = std::time::Instant::now();
+    let (code, standings) = leader_of(&b, &format!("{},{}", a.control, b.control));
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{standings:?}");
+    assert_eq!(standings[0]["state"], "no answer", "{standings:?}");
+    assert_eq!(standings[1]["state"], "leader", "{standings:?}");
+    assert!(took < Duration::from_secs(1), "leader took {took:?}");
 }

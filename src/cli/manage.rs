@@ -223,7 +223,7 @@ pub(crate) async fn leader(conn: &Conn) -> Result<i32, ClientError> {
     let asked = endpoints.iter().map(|ep| {
         let credentials = credentials.clone();
         async move {
-            match Client::connect(ep, conn.connect_timeout, &credentials).await {
+            match Client::connect_fail_fast(ep, conn.connect_timeout, &credentials).await {
                 Ok(c) => {
                     let (server, lease) = c.leader();
                     Standing {
@@ -252,7 +252,10 @@ pub(crate) async fn leader(conn: &Conn) -> Result<i32, ClientError> {
                 },
                 Err(e) => Standing {
                     endpoint: ep.clone(),
-                    state: if matches!(e, ClientError::Unreachable { .. }) {
+                    state: if matches!(
+                        e,
+                        ClientError::Unreachable { .. } | ClientError::ConnectionRefused { .. }
+                    ) {
                         "no answer"
                     } else {
                         "refused"

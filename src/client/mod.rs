@@ -157,6 +157,17 @@ impl Client {
         }))
     }
 
+    /// Connects to exactly `endpoint`, a refused connection failing at
+    /// once ([`ClientError::ConnectionRefused`]): asking several servers
+    /// where each stands (`ots-submit leader`).
+    pub async fn connect_fail_fast(
+        endpoint: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
+        Self::connect_to(endpoint, timeout, credentials, true).await
+    }
+
     async fn connect_to(
         endpoint: &str,
         timeout: Duration,

@@ -274,8 +274,28 @@ impl Keys {
 /// The keys every secured server of this test process uses, unless a test
 /// makes its own.
 pub fn keys() -> Arc<Keys> {
-    static KEYS: std::sync::OnceLock<Arc<Keys>> = std::sync::OnceLock::new();
-    KEYS.get_or_init(Keys::new).clone()
+    KEYS.get_or_init(|| {
+        // The static is never dropped: its folder goes at exit.
+        // SAFETY: registering a plain function to run at exit.
+        unsafe {
+            keys_atexit(remove_keys);
+        }
+        Keys::new()
+    })
+    .clone()
+}
+
+static KEYS: std::sync::OnceLock<Arc<Keys>> = std::sync::OnceLock::new();
+
+extern "C" fn remove_keys() {
+    if let Some(k) = KEYS.get() {
+        let _ = std::fs::remove_dir_all(k.path());
+    }
+}
+
+extern "C" {
+    #[link_name = "atexit"]
+    fn keys_atexit(f: extern "C" fn()) -> i32;
 }
 
 /// A running `ots-server` and the endpoints it bound.

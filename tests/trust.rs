@@ -6,38 +6,9 @@ mod common;
 
 use common::http;
 use common::*;
-use std::path::Path;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The dashboard's address, from the server's log.
-fn web_url(server: &ServerProc) -> String {
-    let line = server
-        .proc
-        .stderr
-        .wait_for("web dashboard listening", LIMIT)
-        .expect("dashboard started");
-    field(&line, "url")
-}
-
-/// `ots-submit web` as `user`: the link on its last line.
-fn link_for(server: &ServerProc, user: &str) -> String {
-    let out = server.as_user(user).submit(&["web"], LIMIT);
-    assert!(
-        out.status.success(),
-        "ots-submit web: {}",
-        text(&out.stderr)
-    );
-    let stdout = text(&out.stdout);
-    stdout.lines().last().expect("a link").trim().to_string()
-}
-
-fn start_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
-    let server = start_configured_server(dir, &format!("web = \"127.0.0.1:0\"\n{extra_toml}"), &[]);
-    let url = web_url(&server);
-    (server, url)
-}
 
 /// Finding 6: a conductor printing another stream's prefix is shown as
 /// stdout everywhere (the stored form guards it), and bidirectional
@@ -46,7 +17,7 @@ fn start_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
 #[test]
 fn a_conductor_cannot_forge_a_lines_source_or_reorder_its_text() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     let conductor = script(
         dir.path(),
         "spoof.sh",
@@ -105,7 +76,7 @@ fn a_conductor_cannot_forge_a_lines_source_or_reorder_its_text() {
     }
     assert!(!logs.contains('\u{202e}'));
     // The dashboard: classes from the stream, controls escaped.
-    let cookie = http::sign_in(&link_for(&server, "tester"));
+    let cookie = http::sign_in(&web_link(&server, "tester"));
     let page = http::get(&base, &format!("/tasks/{task}/log"), Some(&cookie)).text();
     assert!(
         page.contains("<div class=\"l\">\\[ots-worker] fake worker line</div>"),
@@ -149,7 +120,7 @@ fn get_with_head(base: &str, pad: usize) -> u16 {
 #[test]
 fn trusted_proxy_mode_warns_and_the_head_limit_is_64_kib() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "web_proxy_user_header = \"X-Remote-User\"\n");
+    let (server, base) = start_web_lab(dir.path(), "web_proxy_user_header = \"X-Remote-User\"\n");
     let warning = server
         .proc
         .stderr
@@ -180,7 +151,7 @@ fn notify_patterns_match_parsed_urls_and_mail_goes_only_where_allowed() {
          [[notify.mail]]\nname = \"mail\"\nsmtp = \"127.0.0.1:9\"\ntls = \"none\"\nfrom = \"ots@lab.example\"\nto = [\"ops@elsewhere.example\"]\nevents = [\"testrun_finished\"]\n",
         secret.display().to_string()
     );
-    let (server, _base) = start_lab(dir.path(), &toml);
+    let (server, _base) = start_web_lab(dir.path(), &toml);
     let try_notify = |entry: &str| {
         submit(
             &server,
@@ -523,10 +494,10 @@ fn a_closed_terminal_or_pipe_ends_no_process() {
 #[test]
 fn a_rotated_key_ends_its_dashboard_sessions() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     wait_allowed(&server, "rot-mallory");
-    let cookie = http::sign_in(&link_for(&server, "rot-mallory"));
-    let waiting = link_for(&server, "rot-mallory");
+    let cookie = http::sign_in(&web_link(&server, "rot-mallory"));
+    let waiting = web_link(&server, "rot-mallory");
     assert_eq!(http::get(&base, "/api/me", Some(&cookie)).status, 200);
     // The operator replaces the key (same user name, same role).
     let mark = server.proc.stderr.len();
@@ -570,10 +541,10 @@ fn a_rotated_key_ends_its_dashboard_sessions() {
 #[test]
 fn a_cross_site_sign_in_link_asks_first() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     wait_allowed(&server, "csrf-mallory");
     wait_allowed(&server, "csrf-alice");
-    let mallory = link_for(&server, "csrf-mallory");
+    let mallory = web_link(&server, "csrf-mallory");
     let path = &mallory[mallory.find("/login").unwrap()..];
     let token = &path[path.find("token=").unwrap() + 6..];
     // From another site: a page naming mallory, no cookie.
@@ -602,7 +573,7 @@ fn a_cross_site_sign_in_link_asks_first() {
         assert!(r.text().contains("another site"), "{}", r.text());
     }
     // alice, signed in, opens mallory's link: asked, and still alice.
-    let alice = http::sign_in(&link_for(&server, "csrf-alice"));
+    let alice = http::sign_in(&web_link(&server, "csrf-alice"));
     let r = http::request(
         &base,
         "GET",
@@ -679,7 +650,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     let conductor = script(
         dir.path(),
         "slow-lines.sh",
@@ -717,7 +688,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
 
     // Sessions: 20 sign-ins keep 16; the first is gone.
     let cookies: Vec<String> = (0..20)
-        .map(|_| http::sign_in(&link_for(&server, "max-hog")))
+        .map(|_| http::sign_in(&web_link(&server, "max-hog")))
         .collect();
     assert_eq!(http::get(&base, "/api/me", Some(&cookies[0])).status, 401);
     assert_eq!(http::get(&base, "/api/me", Some(&cookies[19])).status, 200);
@@ -729,7 +700,7 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
     // Links: minted as fast as it can, each `ots-submit web` still works
     // for everyone (the hog's oldest waiting link goes).
     for _ in 0..8 {
-        link_for(&server, "max-hog");
+        web_link(&server, "max-hog");
     }
     let hog = cookies[19].clone();
     let hog_cookie = format!("ots_session={hog}");
@@ -796,8 +767,8 @@ fn one_submit_user_at_every_maximum_locks_nobody_out() {
     // follows her log. Every request answered.
     let started = std::time::Instant::now();
     let mut took = Vec::new();
-    let alice = http::sign_in(&link_for(&server, "max-alice"));
-    let admin = http::sign_in(&link_for(&server, "tester"));
+    let alice = http::sign_in(&web_link(&server, "max-alice"));
+    let admin = http::sign_in(&web_link(&server, "tester"));
     // Until the strangers re-opened 1536 (the issue's count), at least
     // 40 page loads.
     let mut i = 0;

@@ -38,37 +38,6 @@ fn release(dir: &Path, task: &str) {
     std::fs::write(dir.join(format!("go-{task}")), b"").unwrap();
 }
 
-/// The dashboard's address, from the server's log.
-fn web_url(server: &ServerProc) -> String {
-    let line = server
-        .proc
-        .stderr
-        .wait_for("web dashboard listening", LIMIT)
-        .expect("dashboard started");
-    let start = line.find("url=").expect("url field") + 4;
-    line[start..].split_whitespace().next().unwrap().to_string()
-}
-
-/// `ots-submit web` as `user`: the link on its last line.
-fn link_for(server: &ServerProc, user: &str) -> String {
-    let out = server.as_user(user).submit(&["web"], LIMIT);
-    assert!(
-        out.status.success(),
-        "ots-submit web: {}",
-        text(&out.stderr)
-    );
-    let stdout = text(&out.stdout);
-    let last = stdout.lines().last().expect("a link").trim().to_string();
-    assert!(last.contains("/login?token="), "{stdout}");
-    last
-}
-
-fn start_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
-    let server = start_configured_server(dir, &format!("web = \"127.0.0.1:0\"\n{extra_toml}"), &[]);
-    let url = web_url(&server);
-    (server, url)
-}
-
 fn run_as(server: &ServerProc, user: &str, group: &str) -> String {
     let out = server.as_user(user).submit(
         &[
@@ -96,7 +65,7 @@ fn task_of(server: &ServerProc, run: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     let conductor = gated(dir.path());
     let _w1 = start_worker(
         dir.path(),
@@ -148,7 +117,7 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
     assert_eq!(anon_api, 401);
 
     // Signed in through the link ots-submit printed.
-    let link = link_for(&server, "webalice");
+    let link = web_link(&server, "webalice");
     b.open(&link).await;
     b.wait_js("document.querySelector('tr[data-worker=\"web-w1\"]') && document.querySelector('tr[data-worker=\"web-w2\"]')", LIMIT).await;
     let who = b
@@ -340,9 +309,9 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
 #[test]
 fn sign_in_links_are_single_use_and_sessions_follow_the_allow_list() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, _base) = start_lab(dir.path(), "");
+    let (server, _base) = start_web_lab(dir.path(), "");
     wait_allowed(&server, "webcarol");
-    let link = link_for(&server, "webcarol");
+    let link = web_link(&server, "webcarol");
     let cookie = http::sign_in(&link);
     let (base, path) = link.split_at(link.find("/login").unwrap());
     let again = http::get(base, path, None);
@@ -385,7 +354,7 @@ fn sign_in_links_are_single_use_and_sessions_follow_the_allow_list() {
     println!("session ended {:?} after the role changed", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(1));
     // Signed in again (as operator now), then signed out.
-    let cookie = http::sign_in(&link_for(&server, "webcarol"));
+    let cookie = http::sign_in(&web_link(&server, "webcarol"));
     let me = http::get(base, "/api/me", Some(&cookie)).json();
     assert_eq!(me["role"], "operator");
     let csrf = me["csrf"].as_str().unwrap().to_string();
@@ -426,7 +395,7 @@ fn sign_in_links_are_single_use_and_sessions_follow_the_allow_list() {
 #[test]
 fn a_live_log_resumes_from_its_offset_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     let go = dir.path().join("go");
     let d = dir.path();
     let conductor = script(
@@ -459,7 +428,7 @@ fn a_live_log_resumes_from_its_offset_without_duplicates() {
         ],
     );
     let task = format!("{run}.1");
-    let cookie = http::sign_in(&link_for(&server, "tester"));
+    let cookie = http::sign_in(&web_link(&server, "tester"));
     let c = format!("ots_session={cookie}");
     let path = format!("/api/tasks/{task}/log/stream?from=0");
     let lines_of = |events: &[http::Event]| -> Vec<String> {
@@ -516,7 +485,7 @@ fn a_live_log_resumes_from_its_offset_without_duplicates() {
     assert_eq!(all, want);
     // Another user's stream is refused before it starts.
     wait_allowed(&server, "webdave");
-    let dave = http::sign_in(&link_for(&server, "webdave"));
+    let dave = http::sign_in(&web_link(&server, "webdave"));
     let (status, _) = http::events(
         &base,
         &path,
@@ -536,7 +505,7 @@ fn live_views_are_bounded() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start_lab(dir.path(), "");
+    let (server, base) = start_web_lab(dir.path(), "");
     let run = submit_run(
         &server,
         &[
@@ -558,7 +527,7 @@ fn live_views_are_bounded() {
             let name = format!("web-watch{i}");
             keys().user(&name, "operator");
             wait_allowed(&server, &name);
-            http::sign_in(&link_for(&server, &name))
+            http::sign_in(&web_link(&server, &name))
         })
         .collect();
     let stream = |i: usize, cookie: &str| {
@@ -661,7 +630,7 @@ fn plaintext_on_the_network_is_refused_and_tls_works() {
         .output()
         .expect("openssl");
     assert!(made.status.success(), "{}", text(&made.stderr));
-    let (server, base) = start_lab(
+    let (server, base) = start_web_lab(
         dir.path(),
         &format!(
             "web_tls_cert = {:?}\nweb_tls_key = {:?}\n",
@@ -670,7 +639,7 @@ fn plaintext_on_the_network_is_refused_and_tls_works() {
         ),
     );
     assert!(base.starts_with("https://"), "{base}");
-    let link = link_for(&server, "tester");
+    let link = web_link(&server, "tester");
     let curl = std::process::Command::new("curl")
         // As a browser says when the user opens the link itself (a
         // client that does not say gets the confirmation page).

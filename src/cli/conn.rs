@@ -97,7 +97,11 @@ impl Conn {
         if list.len() < 2 {
             return Client::connect(&self.server, self.connect_timeout, &self.credentials()?).await;
         }
-        let remembered = remembered_leader(&self.server);
+        let leaders = remembered_leaders();
+        let remembered = leaders
+            .iter()
+            .find(|(l, _)| *l == self.server)
+            .map(|(_, e)| e.clone());
         let mut ordered: Vec<&str> = list.iter().map(String::as_str).collect();
         if let Some(i) = remembered
             .as_deref()
@@ -113,7 +117,7 @@ impl Conn {
         )
         .await?;
         if remembered.as_deref() != Some(client.endpoint()) {
-            remember_leader(&self.server, client.endpoint());
+            remember_leader(leaders, &self.server, client.endpoint());
         }
         Ok(client)
     }
@@ -143,19 +147,11 @@ fn remembered_leaders() -> Vec<(String, String)> {
         .collect()
 }
 
-fn remembered_leader(list: &str) -> Option<String> {
-    remembered_leaders()
-        .into_iter()
-        .find(|(l, _)| l == list)
-        .map(|(_, e)| e)
-}
-
-fn remember_leader(list: &str, endpoint: &str) {
+/// Writes `endpoint` as the leader of `list` in front of the other
+/// `known` lists (as read at the start of this call).
+fn remember_leader(known: Vec<(String, String)>, list: &str, endpoint: &str) {
     let Some(path) = leader_cache() else { return };
-    let mut lines: Vec<(String, String)> = remembered_leaders()
-        .into_iter()
-        .filter(|(l, _)| l != list)
-        .collect();
+    let mut lines: Vec<(String, String)> = known.into_iter().filter(|(l, _)| l != list).collect();
     lines.insert(0, (list.to_string(), endpoint.to_string()));
     lines.truncate(REMEMBERED_LISTS);
     let text: String = lines.iter().map(|(l, e)| format!("{l}\t{e}\n")).collect();

@@ -2,7 +2,7 @@
 //! API extractors (the signed-in viewer and the browser's address), the
 //! one way every handler asks the scheduler, and errors as pages or JSON.
 
-use super::http::PeerAddr;
+use super::http::{PeerAddr, Seen};
 use super::live::{self};
 use super::pages::{self};
 use super::sessions::Viewer;
@@ -31,7 +31,7 @@ pub(super) fn viewer_of(
     d: &Dashboard,
 ) -> Result<(Viewer, SocketAddr), ()> {
     let peer = parts.extensions.get::<PeerAddr>().ok_or(())?.0;
-    match d.viewer(&parts.headers, peer) {
+    match parts.extensions.get::<Seen>().and_then(|s| s.0.clone()) {
         Some(v) => Ok((v, peer)),
         None => {
             Counters::bump(&d.counters.anonymous);

@@ -33,6 +33,12 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// Who the request's session (or trusted proxy) says it is, looked up
+/// once as the request arrives: the connection is shared out by it
+/// ([`super::door`]) and the handlers' extractors take it from here.
+#[derive(Clone, Debug)]
+pub struct Seen(pub Option<super::sessions::Viewer>);
+
 /// Reads the certificate chain and private key (PEM).
 pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, WebError> {
     use rustls_pki_types::pem::PemObject;
@@ -150,13 +156,13 @@ pub async fn serve(
             let service = app.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
                 // A request that carries a session makes its connection
                 // that user's (see `door`).
-                if let Some(v) = d.viewer(req.headers(), peer) {
-                    let submit = v.identity.is_some() && v.role() == crate::security::Role::Submit;
+                let seen = d.viewer(req.headers(), peer);
+                if let Some(v) = &seen {
                     door.sign_in(
                         id,
                         Occupant {
                             user: v.label(),
-                            submit,
+                            submit: v.is_submit(),
                         },
                     );
                 }
@@ -169,6 +175,7 @@ pub async fn serve(
                     },
                 );
                 req.extensions_mut().insert(PeerAddr(peer));
+                req.extensions_mut().insert(Seen(seen));
                 req
             });
             let service = TowerToHyperService::new(service);

@@ -144,7 +144,7 @@ impl Live {
         let mut per_user = live.per_user.lock().expect("per_user");
         let (users, submits) = &mut *per_user;
         let user = viewer.label();
-        let submit = viewer.identity.is_some() && viewer.role() == crate::security::Role::Submit;
+        let submit = viewer.is_submit();
         let on_run = per_run.get(run).copied().unwrap_or(0);
         let mine = users.get(&user).copied().unwrap_or(0);
         let why = if live.open.load(Ordering::Relaxed) >= MAX_STREAMS {

@@ -72,6 +72,16 @@ impl Viewer {
     pub fn role(&self) -> Role {
         role_of(&self.identity)
     }
+
+    /// A submit user (the shares kept apart from operators' count it).
+    pub fn is_submit(&self) -> bool {
+        submit_user(&self.identity)
+    }
+}
+
+/// Whether `identity` is a user of role submit (none without security).
+fn submit_user(identity: &Option<Identity>) -> bool {
+    identity.is_some() && role_of(identity) == Role::Submit
 }
 
 fn role_of(identity: &Option<Identity>) -> Role {
@@ -109,7 +119,7 @@ impl Holder {
     }
 
     fn submit(&self) -> bool {
-        self.identity.is_some() && role_of(&self.identity) == Role::Submit
+        submit_user(&self.identity)
     }
 }
 

@@ -1025,3 +1025,37 @@ pub fn silence_ms(line: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no silence in {line}"))
 }
+
+/// The dashboard's address, from the server's log.
+pub fn web_url(server: &ServerProc) -> String {
+    let line = server
+        .proc
+        .stderr
+        .wait_for("web dashboard listening", Duration::from_secs(60))
+        .expect("dashboard started");
+    field(&line, "url")
+}
+
+/// `ots-submit web` as `user`: the link on its last line.
+pub fn web_link(server: &ServerProc, user: &str) -> String {
+    let out = server
+        .as_user(user)
+        .submit(&["web"], Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "ots-submit web: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().expect("a link").trim().to_string();
+    assert!(last.contains("/login?token="), "{stdout}");
+    last
+}
+
+/// A secured server with the dashboard on an ephemeral port and
+/// `extra_toml`; the server and the dashboard's address.
+pub fn start_web_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
+    let server = start_configured_server(dir, &format!("web = \"127.0.0.1:0\"\n{extra_toml}"), &[]);
+    let url = web_url(&server);
+    (server, url)
+}

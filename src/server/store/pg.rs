@@ -67,12 +67,11 @@ impl PgDb {
     /// Connects, checks the schema (refusing a newer one or a database
     /// that holds other tables) and migrates it.
     pub async fn open(settings: &PgSettings) -> Result<PgDb, StateError> {
-        let (_, target) = settings.client_config()?;
+        let (client, connection, target) = connect::connect(settings, "state").await?;
         let pg = |source| StateError::Postgres {
             target: target.clone(),
             source,
         };
-        let (client, connection) = connect::connect(settings, "state").await?;
         let version = schema_version(&client, &target).await?;
         let mut client = client;
         migrate(&mut client, version, &target).await?;

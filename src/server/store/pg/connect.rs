@@ -176,13 +176,13 @@ pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
     std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
-/// A ready connection: the client, the task driving it, its statement
-/// timeout set. `what` names the connection in the line logged when it
-/// is lost.
+/// A ready connection: the client, the task driving it (its statement
+/// timeout set), and `user@host:port/db` for messages. `what` names the
+/// connection in the line logged when it is lost.
 pub async fn connect(
     settings: &PgSettings,
     what: &'static str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), StateError> {
+) -> Result<(Client, tokio::task::JoinHandle<()>, String), StateError> {
     let (cfg, target) = settings.client_config()?;
     let pg = |source| StateError::Postgres {
         target: target.clone(),
@@ -203,7 +203,7 @@ pub async fn connect(
         ))
         .await
         .map_err(pg)?;
-    Ok((client, connection))
+    Ok((client, connection, target))
 }
 
 /// Connects again after a lost connection, waiting between attempts
@@ -219,7 +219,7 @@ pub async fn reconnect(
     loop {
         attempts = attempts.saturating_add(1);
         match connect(settings, what).await {
-            Ok((client, conn)) => return Ok((client, conn, attempts)),
+            Ok((client, conn, _)) => return Ok((client, conn, attempts)),
             Err(e) if std::time::Instant::now() + wait >= give_up => return Err(e),
             Err(e) => {
                 if attempts == 1 {

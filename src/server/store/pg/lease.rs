@@ -138,8 +138,7 @@ impl PgDb {
         epoch: i64,
         policy: crate::server::lease::LeasePolicy,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Renewal>, StateError> {
-        let (_, target) = settings.client_config()?;
-        let (client, conn) = connect::connect(settings, "lease renewal").await?;
+        let (client, conn, target) = connect::connect(settings, "lease renewal").await?;
         let settings = settings.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {

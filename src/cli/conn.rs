@@ -136,10 +136,18 @@ fn leader_cache() -> Option<PathBuf> {
 
 const REMEMBERED_LISTS: usize = 16;
 
+/// Bytes of the hint file read at most (16 lines of two endpoint lists).
+const LEADERS_FILE_BYTES: u64 = 64 * 1024;
+
 fn remembered_leaders() -> Vec<(String, String)> {
-    let Some(text) = leader_cache().and_then(|p| std::fs::read_to_string(p).ok()) else {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = leader_cache()
+        .and_then(|p| std::fs::File::open(p).ok())
+        .map(|f| f.take(LEADERS_FILE_BYTES).read_to_string(&mut text));
+    if !matches!(read, Some(Ok(_))) {
         return Vec::new();
-    };
+    }
     text.lines()
         .filter_map(|l| l.split_once('\t'))
         .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -64,6 +64,18 @@ fn span(ms: u64) -> (u64, usize) {
     }
 }
 
+/// A duration as a setting would say it, exactly: `4h`, `90m`, `45s`,
+/// `1500ms`.
+pub fn span_ms(ms: u64) -> String {
+    match ms {
+        0 => "0s".into(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 /// `12 s`, `3 min`, `2 h`, `4 d` (the dashboard's).
 pub fn ago(ms: u64) -> String {
     let (n, u) = span(ms);

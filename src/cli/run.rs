@@ -88,6 +88,7 @@ pub(crate) async fn submit_and_watch(
     devices: Vec<DeviceSpec>,
 ) -> i32 {
     let testrun = TestrunRequest {
+        lease: None,
         device,
         devices,
         image: local_image(args.image.clone().unwrap_or_default(), !args.local),

@@ -81,7 +81,26 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::Queue { .. }
         | Body::Data { .. }
         | Body::Progress { .. }
-        | Body::LogLines { .. } => Ok(()),
+        | Body::LogLines { .. }
+        | Body::Leases { .. }
+        | Body::ConsoleAttached { .. }
+        | Body::ConsoleOutput { .. }
+        | Body::ConsoleInputAck { .. }
+        | Body::ConsoleClosed { .. }
+        | Body::PowerResult { .. } => Ok(()),
+        Body::Reserve { .. }
+        | Body::ListLeases { .. }
+        | Body::LeaseAct { .. }
+        | Body::ConsoleAttach { .. }
+        | Body::ConsoleInput { .. }
+        | Body::ConsoleDetach { .. }
+        | Body::Power { .. }
+        | Body::LeaseInput { .. }
+        | Body::PowerRequest { .. }
+        | Body::ConsoleData { .. }
+        | Body::PowerDone { .. } => {
+            crate::protocol::leasing::check(kind, &env.body, env.raw.as_deref())
+        }
     }
 }
 
@@ -108,8 +127,17 @@ fn check_header(kind: &'static str, env: &Envelope) -> Result<(), ProtocolError>
             | Body::TaskFinished { .. }
             | Body::Dispatch { .. }
             | Body::Cancel { .. }
+            | Body::LeaseInput { .. }
+            | Body::PowerRequest { .. }
+            | Body::PowerDone { .. }
     );
-    let must_be_mandatory = matches!(env.body, Body::Dispatch { .. } | Body::Cancel { .. });
+    let must_be_mandatory = matches!(
+        env.body,
+        Body::Dispatch { .. }
+            | Body::Cancel { .. }
+            | Body::LeaseInput { .. }
+            | Body::PowerRequest { .. }
+    );
     if env.header.mandatory && !may_be_mandatory {
         return Err(invalid(
             kind,

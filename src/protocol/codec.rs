@@ -148,6 +148,10 @@ pub fn decode(frames: Vec<Bytes>) -> Result<Envelope, ProtocolError> {
                 | Body::Data { .. }
                 | Body::LogPacked { .. }
                 | Body::LogLinesPacked { .. }
+                | Body::ConsoleInput { .. }
+                | Body::ConsoleOutput { .. }
+                | Body::ConsoleData { .. }
+                | Body::LeaseInput { .. }
         ) {
             return Err(ProtocolError::UnexpectedRaw {
                 kind: body.kind(),

@@ -2,7 +2,8 @@
 //! bodies are MessagePack maps (`rmp_serde::to_vec_named`) with a `type`
 //! key, so a peer in another language can read them without our structs.
 
-use crate::protocol::device::DeviceProps;
+use crate::protocol::device::{DeviceProps, DeviceSpec};
+use crate::protocol::leasing::*;
 use crate::protocol::status::*;
 use crate::protocol::testrun::*;
 use serde::{Deserialize, Serialize};
@@ -219,6 +220,24 @@ pub enum Body {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         file_problems: Vec<FileProblem>,
     },
+    /// Raw console output of a leased device (the raw frame) at byte
+    /// `offset` of the hold (class `log`, best effort: a gap is output lost).
+    ConsoleData {
+        task: TaskId,
+        attempt: u32,
+        offset: u64,
+    },
+    /// What a `power_request` did (mandatory).
+    PowerDone {
+        task: TaskId,
+        attempt: u32,
+        id: u64,
+        action: PowerAction,
+        /// `on`, `off` or `unknown`: the state read back.
+        state: String,
+        ok: bool,
+        message: String,
+    },
     /// Acknowledges the mandatory message `seq` of the peer (both directions).
     Ack {
         seq: u64,
@@ -301,6 +320,24 @@ pub enum Body {
         /// The attempt closed; nil closes every attempt the worker has.
         attempt: Option<u32>,
         reason: String,
+    },
+
+    /// Bytes typed into a leased device's console (the raw frame), in
+    /// order; mandatory (exactly once).
+    LeaseInput {
+        task: TaskId,
+        attempt: u32,
+        /// Who typed them, for the transcript.
+        by: String,
+    },
+    /// Runs the worker's `[power]` command for `action`; answered with
+    /// `power_done` carrying `id`. Mandatory.
+    PowerRequest {
+        task: TaskId,
+        attempt: u32,
+        id: u64,
+        action: PowerAction,
+        by: String,
     },
 
     // ---- server → anyone ---------------------------------------------------
@@ -489,6 +526,111 @@ pub enum Body {
         size: u64,
     },
 
+    /// Asks for one device matching `device` for `duration_ms` (PROTOCOL.md
+    /// §17.1): queued like a task; answered with `leases` naming it.
+    Reserve {
+        request: u64,
+        device: DeviceSpec,
+        duration_ms: u64,
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        priority: Priority,
+        #[serde(default)]
+        queue_anyway: bool,
+    },
+    /// The caller's leases (`all`: everyone's, and ended ones; a submit
+    /// user sees its own). Answered with `leases`.
+    ListLeases {
+        request: u64,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Releases, renews, keeps or shares a lease. Answered with `leases`.
+    LeaseAct {
+        request: u64,
+        lease: LeaseId,
+        action: LeaseAction,
+        /// Release someone else's lease (operator, admin).
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        duration_ms: Option<u64>,
+        /// `share`/`unshare`: whom.
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Attaches this connection to the lease's console: answered with
+    /// `console_attached`, then `console_output` with what the device
+    /// printed in the last `since_ms`, and everything after.
+    ConsoleAttach {
+        request: u64,
+        lease: LeaseId,
+        #[serde(default)]
+        since_ms: u64,
+    },
+    /// Bytes typed (the raw frame) at `offset` of the client's input
+    /// `stream`: applied once, in order; answered `console_input_ack`.
+    ConsoleInput {
+        request: u64,
+        lease: LeaseId,
+        stream: String,
+        offset: u64,
+    },
+    ConsoleDetach {
+        request: u64,
+        lease: LeaseId,
+    },
+    /// Powers the leased device on, off, cycles it or reads its state.
+    Power {
+        request: u64,
+        lease: LeaseId,
+        action: PowerAction,
+    },
+    /// Answer to `reserve`, `list_leases` and `lease_act`.
+    Leases {
+        request: u64,
+        leases: Vec<DeviceLease>,
+    },
+    /// The console is attached; `writer`: this connection may type.
+    ConsoleAttached {
+        request: u64,
+        lease: LeaseId,
+        writer: bool,
+        worker: String,
+    },
+    /// Console bytes (the raw frame) at `offset` of the lease's output;
+    /// `dropped`: bytes lost before these (counted, never hidden).
+    ConsoleOutput {
+        request: u64,
+        lease: LeaseId,
+        offset: u64,
+        #[serde(default)]
+        dropped: u64,
+    },
+    /// Input of `stream` the server has applied, up to byte `have`.
+    ConsoleInputAck {
+        request: u64,
+        lease: LeaseId,
+        stream: String,
+        have: u64,
+    },
+    /// The console is closed, and why (the lease ended, detach, revoked).
+    ConsoleClosed {
+        request: u64,
+        lease: LeaseId,
+        reason: String,
+    },
+    /// What a power action did: `state` is `on`, `off` or `unknown`.
+    PowerResult {
+        request: u64,
+        lease: LeaseId,
+        action: PowerAction,
+        state: String,
+        message: String,
+        ok: bool,
+    },
+
     // ---- server → client ---------------------------------------------------
     /// The connection follows `run` from now on.
     Following {
@@ -609,6 +751,7 @@ impl Body {
             | Body::InputChunk { .. }
             | Body::InputEnd { .. }
             | Body::InputCredit { .. } => Class::File,
+            Body::ConsoleData { .. } | Body::ConsoleOutput { .. } => Class::Log,
             _ => Class::Control,
         }
     }
@@ -651,7 +794,20 @@ impl Body {
             | Body::Status { request, .. }
             | Body::Events { request, .. }
             | Body::Workers { request, .. }
-            | Body::Data { request, .. } => Some(*request),
+            | Body::Data { request, .. }
+            | Body::Reserve { request, .. }
+            | Body::ListLeases { request, .. }
+            | Body::LeaseAct { request, .. }
+            | Body::ConsoleAttach { request, .. }
+            | Body::ConsoleInput { request, .. }
+            | Body::ConsoleDetach { request, .. }
+            | Body::Power { request, .. }
+            | Body::Leases { request, .. }
+            | Body::ConsoleAttached { request, .. }
+            | Body::ConsoleOutput { request, .. }
+            | Body::ConsoleInputAck { request, .. }
+            | Body::ConsoleClosed { request, .. }
+            | Body::PowerResult { request, .. } => Some(*request),
             Body::Error { request, .. } => *request,
             _ => None,
         }
@@ -724,6 +880,23 @@ impl Body {
             Body::LogLines { .. } => "log_lines",
             Body::LogLinesPacked { .. } => "log_lines_packed",
             Body::Shutdown { .. } => "shutdown",
+            Body::Reserve { .. } => "reserve",
+            Body::ListLeases { .. } => "list_leases",
+            Body::LeaseAct { .. } => "lease_act",
+            Body::ConsoleAttach { .. } => "console_attach",
+            Body::ConsoleInput { .. } => "console_input",
+            Body::ConsoleDetach { .. } => "console_detach",
+            Body::Power { .. } => "power",
+            Body::Leases { .. } => "leases",
+            Body::ConsoleAttached { .. } => "console_attached",
+            Body::ConsoleOutput { .. } => "console_output",
+            Body::ConsoleInputAck { .. } => "console_input_ack",
+            Body::ConsoleClosed { .. } => "console_closed",
+            Body::PowerResult { .. } => "power_result",
+            Body::LeaseInput { .. } => "lease_input",
+            Body::PowerRequest { .. } => "power_request",
+            Body::ConsoleData { .. } => "console_data",
+            Body::PowerDone { .. } => "power_done",
         }
     }
 }

@@ -82,13 +82,18 @@ pub enum CheckReason {
     Periodic,
     /// An operator asked (`ots-submit check`).
     Operator,
+    /// A lease ended: whatever its holder left, recovered and checked.
+    Lease,
 }
 
 impl CheckReason {
     /// Whether the worker runs its recovery command first: only a check
     /// that follows a failure.
     pub fn recovers(self) -> bool {
-        matches!(self, CheckReason::Suspect | CheckReason::Retry)
+        matches!(
+            self,
+            CheckReason::Suspect | CheckReason::Retry | CheckReason::Lease
+        )
     }
 }
 
@@ -167,6 +172,12 @@ pub enum Event<'a> {
     },
     /// `ots-submit check`.
     CheckRequested,
+    /// A lease of the device ended: a person had it, so its state is
+    /// not known (`has_check`: as for `Registered`).
+    LeaseEnded {
+        reason: &'a str,
+        has_check: bool,
+    },
 }
 
 impl WorkerHealth {
@@ -350,6 +361,16 @@ impl WorkerHealth {
                     self.wanted = Some(CheckReason::Operator);
                 }
                 None
+            }
+            Event::LeaseEnded { reason, has_check } => {
+                if parked {
+                    return None;
+                }
+                let change = self.unknown(now_ms, has_check, reason.to_string());
+                if has_check {
+                    self.wanted = Some(CheckReason::Lease);
+                }
+                change
             }
         }
     }

@@ -32,6 +32,7 @@ pub mod distribution;
 pub mod fairshare;
 pub mod health;
 pub mod lease;
+pub mod leasing;
 pub mod scheduler;
 pub mod shell;
 pub mod store;

@@ -178,6 +178,8 @@ pub struct Scheduler<S: Store> {
     /// `web_login` requests for the shell to answer, since it last took
     /// them (each loop turn: at most a batch's worth).
     web_logins: Vec<WebLoginAsk>,
+    /// Leases waiting or held, their consoles and power actions.
+    leases: leases::Leases,
 }
 
 /// A connection asked for a dashboard sign-in link.
@@ -256,6 +258,7 @@ impl<S: Store> Scheduler<S> {
             uploading_bytes: 0,
             reads_in_flight: 0,
             retained: retention::Retained::default(),
+            leases: leases::Leases::default(),
         }
     }
 
@@ -601,6 +604,11 @@ impl<S: Store> Scheduler<S> {
                 attempt,
                 lines,
             } => self.on_log(&name, task, attempt, lines),
+            Body::ConsoleData {
+                task,
+                attempt,
+                offset,
+            } => self.on_console_data(now, &name, task, attempt, offset, raw),
             Body::LogPacked {
                 task,
                 attempt,
@@ -641,6 +649,7 @@ mod followers;
 mod health;
 mod inputs;
 mod intake;
+mod leases;
 mod model;
 mod notify;
 mod pending;

@@ -6,12 +6,15 @@
 //!
 //! - `limits`: `[limits]`, every bound on what a peer can make the server hold.
 //! - `sections`: `[health]`, `[fairshare]`, `[retention]` and their checks.
+//! - `leases`: `[leases]`, devices leased to people.
 //! - `web`: the dashboard's settings, checked.
 
+mod leases;
 mod limits;
 mod sections;
 mod web;
 
+pub use leases::LeasesConfig;
 pub use limits::ServerLimits;
 pub use sections::{
     FairShareConfig, HealthCheckConfig, HealthConfig, Retention, ServerCredentials,
@@ -106,6 +109,8 @@ pub struct ServerConfig {
     pub health: HealthConfig,
     /// Fair share between users and task priority.
     pub fairshare: FairShareConfig,
+    /// Devices leased to people: durations, idle holders, bounds.
+    pub leases: LeasesConfig,
     /// Webhooks and mail when testruns end or devices go bad.
     pub notify: crate::notify::config::NotifyConfig,
     /// Where the state lives: empty (default) for the embedded SQLite in
@@ -171,6 +176,7 @@ impl Default for ServerConfig {
             users_dir: PathBuf::from("/etc/ots/users.d"),
             health: HealthConfig::default(),
             fairshare: FairShareConfig::default(),
+            leases: LeasesConfig::default(),
             notify: crate::notify::config::NotifyConfig::default(),
             database: String::new(),
             database_password_file: None,
@@ -257,6 +263,7 @@ impl ServerConfig {
             ));
         }
         check_endpoint("events", &self.events)?;
+        self.leases.validate()?;
         self.web_config()?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(

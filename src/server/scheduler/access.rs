@@ -384,6 +384,7 @@ impl<S: Store> Scheduler<S> {
     pub(super) fn forget_connection(&mut self, peer: &PeerId) {
         self.callers.remove(peer);
         self.unfollow(peer);
+        self.forget_consoles(peer);
     }
 
     // ------------------------------------------------------------------
@@ -461,6 +462,9 @@ impl<S: Store> Scheduler<S> {
             "session closed: key removed or changed",
         );
         self.on_peer_closed(now, peer);
+        if let Identity::User { name, .. } = identity {
+            self.revoke_leases(now, name);
+        }
     }
 
     /// Drops from the registry every worker `allowed` does not name, so

@@ -176,6 +176,12 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub(super) fn requeue(&mut self, now: Instant, id: &TaskId, why: String) {
+        // A lease is a person's hold on one device: it never moves to
+        // another one behind their back; it ends, saying why.
+        if leases::is_lease_id(&self.tasks[id].run) {
+            self.end_task(now, id, TaskState::Cancelled, None, format!("the lease ended: {why}"));
+            return;
+        }
         let t = self.tasks.get_mut(id).expect("task");
         info!(task = %id, reason = %why, "task re-queued");
         if let Some(w) = t.worker.as_deref().and_then(|w| self.workers.get_mut(w)) {
@@ -397,8 +403,14 @@ impl<S: Store> Scheduler<S> {
             && req
                 .options
                 .get(CHECK_REASON_OPTION)
-                .is_some_and(|r| matches!(r.as_str(), "suspect" | "retry"));
+                .is_some_and(|r| matches!(r.as_str(), "suspect" | "retry" | "lease"));
+        let hold = req.lease.as_ref().map(|terms| HoldSpec {
+            lease: t.run.clone(),
+            holder: req.owner.clone(),
+            reason: terms.reason.clone(),
+        });
         let spec = TaskSpec {
+            hold,
             health_check: check,
             recover,
             task: id.clone(),
@@ -428,7 +440,11 @@ impl<S: Store> Scheduler<S> {
                 self.pending.runs.insert(spec.run.clone());
             }
         }
+        let (run, is_lease) = (spec.run.clone(), spec.hold.is_some());
         self.send_mandatory(now, worker, id, Body::Dispatch { spec });
+        if is_lease {
+            self.lease_granted(now, &run, worker);
+        }
         self.progress(
             id,
             ProgressState::Dispatched,

@@ -14,7 +14,8 @@ impl<S: Store> Scheduler<S> {
     ) {
         self.close_uploads(id);
         let t = self.tasks.get_mut(id).expect("task");
-        let ran = (t.state == TaskState::Running && state == TaskState::Finished)
+        let held = leases::is_lease_id(&t.run) && t.worker.is_some();
+        let ran = (t.state == TaskState::Running && state == TaskState::Finished && !held)
             .then(|| now.saturating_duration_since(t.since).as_millis() as u64);
         t.state = state;
         t.verdict = verdict;
@@ -48,12 +49,15 @@ impl<S: Store> Scheduler<S> {
         } else {
             ProgressState::Finished
         };
-        self.progress(id, pstate, worker, Some(reason));
+        self.progress(id, pstate, worker.clone(), Some(reason));
         if let Some(ms) = ran {
             let key = self.task_device(id).routing_key();
             self.record_duration(&key, ms);
         }
         self.check_ended(now, id);
+        if leases::is_lease_id(&run) {
+            self.lease_task_ended(now, id, worker.as_deref(), held);
+        }
         self.maybe_finish_run(now, &run);
     }
 

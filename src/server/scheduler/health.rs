@@ -31,6 +31,7 @@ impl CheckReason {
             CheckReason::Retry => "retry",
             CheckReason::Periodic => "periodic",
             CheckReason::Operator => "operator",
+            CheckReason::Lease => "lease",
         }
     }
 }
@@ -144,6 +145,7 @@ impl<S: Store> Scheduler<S> {
         let mut options = check.options.clone();
         options.insert(CHECK_REASON_OPTION.into(), reason.as_str().into());
         let testrun = TestrunRequest {
+            lease: None,
             device: DeviceSpec {
                 devicegroup: d.devicegroup.clone(),
                 devicename: d.devicename.clone(),

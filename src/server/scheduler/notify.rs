@@ -79,7 +79,7 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         let Some(r) = self.runs.get(run) else { return };
-        if r.request.owner.as_deref() == Some(health::CHECK_OWNER) {
+        if r.request.owner.as_deref() == Some(health::CHECK_OWNER) || r.request.lease.is_some() {
             return;
         }
         let per_run = r.request.notify.clone();

@@ -314,6 +314,7 @@ impl<S: Store> Scheduler<S> {
         s.rebuild_queues(queued);
         s.restore_workers(snap, now, &mut quarantine);
         s.restore_notifications(snap, &mut quarantine);
+        s.restore_leases(now);
         s.rearm(now);
         // Rows sanitized on the way in are written back at the first commit.
         s.pending.workers = s.workers.keys().cloned().collect();
@@ -350,7 +351,10 @@ impl<S: Store> Scheduler<S> {
     fn restore_runs(&mut self, runs: BTreeMap<RunId, RunRow>) {
         let highest = runs
             .keys()
-            .filter_map(|id| id.strip_prefix('r').and_then(|n| n.parse::<u64>().ok()))
+            .filter_map(|id| {
+                id.strip_prefix(['r', 'l'])
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
             .max()
             .unwrap_or(0);
         self.next_run = self.next_run.max(highest.saturating_add(1));

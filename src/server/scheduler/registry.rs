@@ -337,9 +337,21 @@ impl<S: Store> Scheduler<S> {
 
     /// Queues a mandatory message to a worker and sends it at once.
     pub(super) fn send_mandatory(&mut self, now: Instant, worker: &str, task: &TaskId, body: Body) {
+        self.send_mandatory_raw(now, worker, task, body, None);
+    }
+
+    /// [`Self::send_mandatory`] with a raw frame (console input).
+    pub(super) fn send_mandatory_raw(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        task: &TaskId,
+        body: Body,
+        raw: Option<Bytes>,
+    ) {
         let attempt = self.tasks.get(task).map(|t| t.attempts);
         if let Some(w) = self.workers.get_mut(worker) {
-            w.outbox.push(Some(task.clone()), attempt, body, None);
+            w.outbox.push(Some(task.clone()), attempt, body, raw);
             self.outboxes.insert(worker.to_string());
         }
         self.flush_worker(now, worker);

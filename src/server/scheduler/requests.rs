@@ -17,7 +17,56 @@ impl<S: Store> Scheduler<S> {
                 server: self.incarnation.clone(),
                 lease: self.cfg.lease.clone(),
             }),
+            Body::Submit { testrun, .. } if testrun.lease.is_some() => Err((
+                ErrorCode::BadRequest,
+                "a testrun cannot carry lease terms: ask for a device with reserve".into(),
+            )),
             Body::Submit { testrun, .. } => self.on_submit(now, peer, request, testrun),
+            Body::Reserve {
+                device,
+                duration_ms,
+                reason,
+                priority,
+                queue_anyway,
+                ..
+            } => self.on_reserve(
+                now,
+                peer,
+                request,
+                device,
+                duration_ms,
+                reason,
+                priority,
+                queue_anyway,
+            ),
+            Body::ListLeases { all, .. } => self.list_leases(now, peer, request, all),
+            Body::LeaseAct {
+                lease,
+                action,
+                force,
+                duration_ms,
+                user,
+                ..
+            } => self.on_lease_act(now, peer, request, lease, action, force, duration_ms, user),
+            Body::ConsoleAttach {
+                lease, since_ms, ..
+            } => match self.on_console_attach(now, peer, request, lease, since_ms) {
+                Ok(()) => return,
+                Err(refused) => Err(refused),
+            },
+            Body::ConsoleDetach { lease, .. } => self.on_console_detach(peer, request, lease),
+            Body::ConsoleInput {
+                lease,
+                stream,
+                offset,
+                ..
+            } => self.on_console_input(now, peer, request, lease, stream, offset, raw),
+            Body::Power { lease, action, .. } => {
+                match self.on_power(now, peer, request, lease, action) {
+                    Ok(()) => return,
+                    Err(refused) => Err(refused),
+                }
+            }
             Body::Follow { run, logs, .. } => self.follow(peer, request, run, logs),
             Body::DrainWorker { worker, drain, .. } => {
                 self.drain(now, peer, request, &worker, drain)
@@ -465,7 +514,8 @@ impl<S: Store> Scheduler<S> {
         role: Option<String>,
         check_for: Option<String>,
     ) -> (RunId, Vec<TaskId>) {
-        let run: RunId = format!("r{}", self.next_run);
+        let prefix = if testrun.lease.is_some() { 'l' } else { 'r' };
+        let run: RunId = format!("{prefix}{}", self.next_run);
         self.next_run += 1;
         let keys: Vec<String> = testrun.all_devices().map(DeviceSpec::routing_key).collect();
         let rank = self.rank_of(now, testrun.priority);

@@ -68,6 +68,8 @@ pub struct SchedulerConfig {
     pub epoch: Option<u64>,
     /// With PostgreSQL: the lease, as `ping` answers it.
     pub lease: Option<LeaseInfo>,
+    /// Device leases to people (`[leases]`).
+    pub leases: crate::server::leasing::LeaseRules,
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -151,6 +153,7 @@ impl Default for SchedulerConfig {
             notify: crate::notify::outbox::Rules::default(),
             epoch: None,
             lease: None,
+            leases: crate::server::leasing::LeaseRules::default(),
         }
     }
 }

@@ -69,6 +69,7 @@ impl<S: Store> Scheduler<S> {
         self.apply_retention(now);
         self.notify_tick(now);
         self.forgive_own_stall(now);
+        self.lease_tick(now);
         let due_tasks = self.take_due(now);
         self.expire_tasks(now, due_tasks);
         self.resend_outboxes(now);

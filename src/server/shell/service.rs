@@ -384,6 +384,7 @@ fn scheduler_config(
         checks: cfg.health_checks(),
         weights: cfg.weights(),
         priority_lead: Duration::from_secs(cfg.fairshare.priority_lead_secs),
+        leases: cfg.leases.rules(),
         web: !cfg.web.is_empty(),
         notify,
         epoch: leadership.map(|l| l.tenure.epoch as u64),

@@ -1,0 +1,438 @@
+//! The consoles of a lease and its power: attach (with the replay of what
+//! the device printed in the last `since_ms`), the worker's output
+//! forwarded to every console (a gap in its offsets is output lost:
+//! counted and told), the holder's input applied exactly once and in
+//! order per input stream, power actions carried to the worker and their
+//! answers back.
+
+use super::*;
+
+impl<S: Store> Scheduler<S> {
+    /// The live lease a console request names, held (not waiting).
+    fn held_lease(&self, lease: &LeaseId) -> Result<&Live, (ErrorCode, String)> {
+        let Some(r) = self.runs.get(lease).filter(|r| r.request.lease.is_some()) else {
+            return Err((ErrorCode::UnknownRun, format!("no lease {lease:?} on this server")));
+        };
+        let Some(l) = self.leases.live.get(lease) else {
+            let why = r
+                .request
+                .lease
+                .as_ref()
+                .and_then(|t| t.ended.clone())
+                .unwrap_or_else(|| "it ended".into());
+            return Err((ErrorCode::BadRequest, format!("lease {lease} has ended: {why}")));
+        };
+        if r.state == RunState::Queued {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("lease {lease} is still waiting for a device (ots-submit leases shows its place)"),
+            ));
+        }
+        Ok(l)
+    }
+
+    /// May `peer` watch (false) or type into (true) this lease's console?
+    fn console_right(&self, peer: &PeerId, lease: &LeaseId) -> Result<bool, (ErrorCode, String)> {
+        if !self.cfg.secure {
+            return Ok(true);
+        }
+        let r = &self.runs[lease];
+        let me = self.owner(peer);
+        if me.is_some() && me == r.request.owner {
+            return Ok(true);
+        }
+        let shared = me.as_ref().is_some_and(|m| {
+            r.request.lease.as_ref().is_some_and(|t| t.shared.contains(m))
+        });
+        if shared || self.caller_role(peer).is_some_and(|r| r >= Role::Operator) {
+            return Ok(false);
+        }
+        Err((
+            ErrorCode::Forbidden,
+            format!(
+                "{} may not see the console of lease {lease}: it is {}'s (its holder may share it: ots-submit lease share {lease} USER)",
+                me.as_deref().unwrap_or("anonymous"),
+                r.request.owner.as_deref().unwrap_or("nobody")
+            ),
+        ))
+    }
+
+    /// `console_attach`: answered `console_attached`, the replay, and
+    /// from then on every byte of output.
+    pub(in crate::server::scheduler) fn on_console_attach(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        lease: LeaseId,
+        since_ms: u64,
+    ) -> Result<(), (ErrorCode, String)> {
+        self.held_lease(&lease)?;
+        let writer = self.console_right(peer, &lease)?;
+        let user = self.owner(peer);
+        let (per_lease, per_user) = (
+            self.cfg.leases.consoles_per_lease,
+            self.cfg.leases.consoles_per_user,
+        );
+        let l = &self.leases.live[&lease];
+        let attached = l.consoles.len();
+        if !l.consoles.contains_key(peer) && attached >= per_lease {
+            self.count("consoles_over_limit", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!(
+                    "lease {lease} has {attached} consoles attached, the limit ([leases] consoles_per_lease)"
+                ),
+            ));
+        }
+        if let Some(u) = user.as_deref() {
+            if self.leases.consoles_of(u) >= per_user {
+                self.count("consoles_over_limit", 1);
+                return Err((
+                    ErrorCode::LimitReached,
+                    format!(
+                        "user {u} has {per_user} consoles attached, the per-user limit ([leases] consoles_per_user): close one"
+                    ),
+                ));
+            }
+        }
+        let l = &self.leases.live[&lease];
+        let worker = self.tasks[&l.task].worker.clone().unwrap_or_default();
+        let task = l.task.clone();
+        let l = self.leases.live.get_mut(&lease).expect("live");
+        if writer {
+            l.hold.heard(now);
+        }
+        l.consoles.insert(
+            peer.clone(),
+            Attach {
+                request,
+                writer,
+                user: user.clone(),
+            },
+        );
+        let since = now.checked_sub(Duration::from_millis(since_ms));
+        let replay: Vec<(u64, Bytes)> = l
+            .replay
+            .iter()
+            .filter(|(at, _, _)| since.is_none_or(|s| *at >= s))
+            .map(|(_, o, b)| (*o, b.clone()))
+            .collect();
+        self.leases
+            .by_peer
+            .entry(peer.clone())
+            .or_default()
+            .insert(lease.clone());
+        self.count("consoles_attached", 1);
+        let who = user.as_deref().unwrap_or("-").to_string();
+        let role = if writer { "holder" } else { "viewer" };
+        self.audit_peer(peer, "console_attach", &format!("{lease} as {role}"));
+        self.note_in_transcript(&task, format!("{who} attached a console ({role})"));
+        self.send(
+            peer,
+            None,
+            Body::ConsoleAttached {
+                request,
+                lease: lease.clone(),
+                writer,
+                worker,
+            },
+            None,
+        );
+        for (offset, bytes) in replay {
+            self.send(
+                peer,
+                None,
+                Body::ConsoleOutput {
+                    request,
+                    lease: lease.clone(),
+                    offset,
+                    dropped: 0,
+                },
+                Some(bytes),
+            );
+        }
+        Ok(())
+    }
+
+    /// `console_detach`: the console closes (said with `console_closed`).
+    pub(in crate::server::scheduler) fn on_console_detach(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        lease: LeaseId,
+    ) -> Result<Body, (ErrorCode, String)> {
+        let removed = self
+            .leases
+            .live
+            .get_mut(&lease)
+            .and_then(|l| l.consoles.remove(peer).map(|a| (a, l.task.clone())));
+        if let Some(set) = self.leases.by_peer.get_mut(peer) {
+            set.remove(&lease);
+            if set.is_empty() {
+                self.leases.by_peer.remove(peer);
+            }
+        }
+        if let Some((a, task)) = removed {
+            let who = a.user.as_deref().unwrap_or("-").to_string();
+            self.note_in_transcript(&task, format!("{who} detached"));
+        }
+        Ok(Body::ConsoleClosed {
+            request,
+            lease,
+            reason: "detached".into(),
+        })
+    }
+
+    /// `console_input`: bytes at `offset` of the holder's `stream`; what
+    /// is new goes to the worker once, in order (its outbox); answered
+    /// with how much of the stream is applied, so a client that lost an
+    /// answer resends from there and nothing is typed twice.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::server::scheduler) fn on_console_input(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        lease: LeaseId,
+        stream: String,
+        offset: u64,
+        raw: Option<Bytes>,
+    ) -> Result<Body, (ErrorCode, String)> {
+        self.held_lease(&lease)?;
+        if !self.console_right(peer, &lease)? {
+            self.count("console_input_refused", 1);
+            return Err((
+                ErrorCode::Forbidden,
+                format!("only the holder of lease {lease} types into its console; viewers read"),
+            ));
+        }
+        let bytes = raw.unwrap_or_default();
+        let rate = self.cfg.leases.input_bytes_per_sec;
+        let l = self.leases.live.get_mut(&lease).expect("held");
+        l.hold.heard(now);
+        let have = l
+            .inputs
+            .iter()
+            .find(|(s, _)| *s == stream)
+            .map_or(0, |(_, h)| *h);
+        let end = offset.saturating_add(bytes.len() as u64);
+        let ack = |have| {
+            Ok(Body::ConsoleInputAck {
+                request,
+                lease: lease.clone(),
+                stream: stream.clone(),
+                have,
+            })
+        };
+        if offset > have {
+            // A gap: something before it was lost; resend from `have`.
+            return ack(have);
+        }
+        if end <= have {
+            self.count("console_input_duplicates", 1);
+            return ack(have);
+        }
+        let new = bytes.slice((have - offset) as usize..);
+        if !l.budget.take(now, rate, new.len() as u64) {
+            self.count("console_input_over_rate", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!(
+                    "console input over {rate} bytes a second ([leases] input_bytes_per_sec): resend from byte {have} a little later"
+                ),
+            ));
+        }
+        l.inputs.retain(|(s, _)| *s != stream);
+        l.inputs.push_back((stream.clone(), end));
+        while l.inputs.len() > INPUT_STREAMS {
+            l.inputs.pop_front();
+        }
+        let task = l.task.clone();
+        let worker = self.tasks[&task].worker.clone().expect("held lease has a worker");
+        let by = self.owner(peer).unwrap_or_else(|| "-".into());
+        self.count("console_input_bytes", new.len() as u64);
+        self.send_mandatory_raw(
+            now,
+            &worker,
+            &task,
+            Body::LeaseInput {
+                task: task.clone(),
+                attempt: self.tasks[&task].attempts,
+                by,
+            },
+            Some(new),
+        );
+        ack(end)
+    }
+
+    /// `console_data` from the worker holding the lease: kept for a late
+    /// attach's replay and sent to every console attached.
+    pub(in crate::server::scheduler) fn on_console_data(
+        &mut self,
+        now: Instant,
+        worker: &str,
+        task: TaskId,
+        attempt: u32,
+        offset: u64,
+        raw: Option<Bytes>,
+    ) {
+        let bytes = raw.unwrap_or_default();
+        if !self.open_on(&task, worker, Some(attempt)) {
+            self.count("orphan_console_bytes", bytes.len() as u64);
+            return;
+        }
+        let run = self.tasks[&task].run.clone();
+        let replay_max = self.cfg.leases.replay_bytes;
+        let Some(l) = self.leases.live.get_mut(&run) else {
+            self.count("orphan_console_bytes", bytes.len() as u64);
+            return;
+        };
+        let end = offset.saturating_add(bytes.len() as u64);
+        let expected = l.next_offset.unwrap_or(offset);
+        if end <= expected {
+            return; // all seen
+        }
+        let (bytes, offset) = if offset < expected {
+            (bytes.slice((expected - offset) as usize..), expected)
+        } else {
+            (bytes, offset)
+        };
+        let gap = offset - expected;
+        l.dropped = l.dropped.saturating_add(gap);
+        l.next_offset = Some(end);
+        l.replay.push_back((now, offset, bytes.clone()));
+        l.replay_bytes += bytes.len();
+        while l.replay_bytes > replay_max {
+            let Some((_, _, b)) = l.replay.pop_front() else { break };
+            l.replay_bytes -= b.len();
+        }
+        let to: Vec<(PeerId, u64)> = l.consoles.iter().map(|(p, a)| (p.clone(), a.request)).collect();
+        if gap > 0 {
+            self.count("console_bytes_lost", gap);
+        }
+        self.count("console_bytes", bytes.len() as u64);
+        for (peer, request) in to {
+            self.send(
+                &peer,
+                None,
+                Body::ConsoleOutput {
+                    request,
+                    lease: run.clone(),
+                    offset,
+                    dropped: gap,
+                },
+                Some(bytes.clone()),
+            );
+        }
+    }
+
+    /// `power`: the holder's or an operator's; carried to the worker,
+    /// answered when it reports (`power_result`).
+    pub(in crate::server::scheduler) fn on_power(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        lease: LeaseId,
+        action: PowerAction,
+    ) -> Result<(), (ErrorCode, String)> {
+        self.lease_actor(peer, &lease, true)?;
+        let l = self.held_lease(&lease)?;
+        let task = l.task.clone();
+        if self.leases.power.len() >= MAX_POWER_WAITING {
+            self.count("power_over_limit", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("{MAX_POWER_WAITING} power actions are waiting for their workers: try again"),
+            ));
+        }
+        let is_holder = self.owner(peer) == self.runs[&lease].request.owner;
+        if is_holder {
+            self.leases.live.get_mut(&lease).expect("held").hold.heard(now);
+        }
+        let worker = self.tasks[&task].worker.clone().expect("held lease has a worker");
+        self.leases.next_power += 1;
+        let id = self.leases.next_power;
+        self.leases
+            .power
+            .insert(id, (peer.clone(), request, lease.clone(), action));
+        let by = self.owner(peer).unwrap_or_else(|| "-".into());
+        self.audit_peer(peer, "power", &format!("{lease} on worker {worker}: {action}"));
+        self.count("power_actions", 1);
+        self.send_mandatory(
+            now,
+            &worker,
+            &task,
+            Body::PowerRequest {
+                task: task.clone(),
+                attempt: self.tasks[&task].attempts,
+                id,
+                action,
+                by,
+            },
+        );
+        Ok(())
+    }
+
+    /// `power_done` from the worker: answered to whoever asked.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::server::scheduler) fn on_power_done(
+        &mut self,
+        worker: &str,
+        task: &TaskId,
+        id: u64,
+        action: PowerAction,
+        state: String,
+        ok: bool,
+        message: String,
+    ) {
+        let run = self.tasks[task].run.clone();
+        let state = match state.as_str() {
+            "on" | "off" => state,
+            _ => "unknown".to_string(),
+        };
+        self.audit(
+            self.latest,
+            &format!("worker:{worker}"),
+            "-",
+            "power_done",
+            &format!(
+                "{run}: {action} -> {state} ({}){}",
+                if ok { "ok" } else { "failed" },
+                if message.is_empty() { String::new() } else { format!(": {}", crate::text::escape_controls(&message)) }
+            ),
+        );
+        let Some((peer, request, lease, asked)) = self.leases.power.remove(&id) else {
+            return;
+        };
+        if lease != run || asked != action {
+            return;
+        }
+        self.send(
+            &peer,
+            None,
+            Body::PowerResult {
+                request,
+                lease,
+                action,
+                state,
+                message,
+                ok,
+            },
+            None,
+        );
+    }
+
+    /// A line of the server's own in a lease's transcript.
+    fn note_in_transcript(&mut self, task: &TaskId, text: String) {
+        let line = LogLine {
+            seq: 0,
+            stream: Stream::Worker,
+            text: format!("[{}] {text}", crate::clock::iso(self.wall_ms(self.latest))),
+        };
+        if let Err(e) = self.store.append_log(task, &[line]) {
+            warn!(task = %task, error = %e, "storage error: cannot write into a lease's transcript");
+        }
+    }
+}

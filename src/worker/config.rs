@@ -20,6 +20,8 @@ use std::time::Duration;
 #[serde(default, deny_unknown_fields)]
 pub struct RecoveryConfig {
     pub command: Vec<String>,
+    /// Use `[power]`'s cycle as the recovery (instead of `command`).
+    pub power_cycle: bool,
     #[serde(
         rename = "timeout",
         deserialize_with = "crate::settings::duration::secs"
@@ -31,8 +33,44 @@ impl Default for RecoveryConfig {
     fn default() -> Self {
         RecoveryConfig {
             command: Vec::new(),
+            power_cycle: false,
             timeout_secs: 300,
         }
+    }
+}
+
+/// `[power]` of `conf/worker.toml`: argument vectors (no shell) that
+/// switch the device on and off, cycle it, and read its state back —
+/// a pdudaemon request, a USB relay tool. `status` prints `on` or `off`
+/// (its first word, any case; `1`/`0` too); anything else is `unknown`.
+/// Without `cycle`, a cycle is `off`, `cycle_delay`, `on`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PowerConfig {
+    pub on: Vec<String>,
+    pub off: Vec<String>,
+    pub cycle: Vec<String>,
+    pub status: Vec<String>,
+    #[serde(
+        rename = "cycle_delay",
+        deserialize_with = "crate::settings::duration::ms"
+    )]
+    pub cycle_delay_ms: u64,
+    /// Each command must end within this.
+    #[serde(rename = "timeout", deserialize_with = "crate::settings::duration::ms")]
+    pub timeout_ms: u64,
+}
+
+impl PowerConfig {
+    /// Defaults for what a file leaves out.
+    pub fn normalized(mut self) -> PowerConfig {
+        if self.cycle_delay_ms == 0 {
+            self.cycle_delay_ms = 3000;
+        }
+        if self.timeout_ms == 0 {
+            self.timeout_ms = 60_000;
+        }
+        self
     }
 }
 
@@ -158,6 +196,9 @@ pub struct WorkerConfig {
     /// What repairs the device before a health check that follows a
     /// failure (`[recovery]`; off without `command`).
     pub recovery: RecoveryConfig,
+    /// Power commands for leases and recovery (`[power]`; none: power
+    /// requests answer `unknown`, saying so).
+    pub power: PowerConfig,
     /// `noise` (default) or `none` (must match the server).
     pub security: SecurityMode,
     /// This worker's private key (`ots-worker keygen`), mode 0600; its
@@ -199,6 +240,7 @@ impl Default for WorkerConfig {
             serial: Default::default(),
             conductor: ConductorConfig::default(),
             recovery: RecoveryConfig::default(),
+            power: PowerConfig::default(),
             security: SecurityMode::Noise,
             key: PathBuf::from("/etc/ots/worker.d/{name}.key"),
             server_key: PathBuf::from("/etc/ots/server.pub"),
@@ -235,8 +277,13 @@ impl WorkerConfig {
                 "conductor.command",
                 "conductor.result_globs",
                 "recovery.command",
+                "power.on",
+                "power.off",
+                "power.cycle",
+                "power.status",
             ],
         )?;
+        cfg.power = cfg.power.normalized();
         // The conductor runs in a fresh working folder, so a relative
         // program path is resolved now, against ots-worker's own.
         if let Some(program) = cfg.conductor.command.first_mut() {

@@ -3,6 +3,7 @@
 //! the one task the worker owns. The shell ([`super::service`]) feeds it
 //! messages, task events and ticks, and carries out its [`Action`]s.
 
+use crate::worker::task::channel::HoldCommand;
 use crate::delivery::dedup::DEDUP_AHEAD;
 use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
@@ -111,6 +112,8 @@ pub struct SessionStats {
     /// changed on disk, unreadable).
     pub files_stored: u64,
     pub files_failed: u64,
+    /// Console bytes of a lease not sent because the server was away.
+    pub console_bytes_unsent: u64,
 }
 
 /// The session state machine.
@@ -462,6 +465,17 @@ impl Session {
                 attempt,
                 reason,
             } => self.on_task_closed(task, attempt, reason, &mut actions),
+            Body::LeaseInput { task, by, .. } => {
+                let bytes = env.raw.unwrap_or_default();
+                self.to_hold(task, HoldCommand::Input { by, bytes }, &mut actions);
+            }
+            Body::PowerRequest {
+                task,
+                id,
+                action,
+                by,
+                ..
+            } => self.to_hold(task, HoldCommand::Power { id, action, by }, &mut actions),
             Body::Error {
                 code, message, seq, ..
             } => {
@@ -480,6 +494,16 @@ impl Session {
             self.flush(now, &mut actions, false);
         }
         actions
+    }
+
+    /// A lease's command for the hold running `task` (a hold that ended
+    /// meanwhile: nothing to do; the server learns of the end).
+    fn to_hold(&mut self, task: TaskId, command: HoldCommand, actions: &mut Vec<Action>) {
+        if let Some(slot) = &self.slot {
+            if slot.spec.task == task && !slot.finished && slot.spec.hold.is_some() {
+                actions.push(Action::Hold { task, command });
+            }
+        }
     }
 
     /// Whether a message is applied: not while down, not a command from

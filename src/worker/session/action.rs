@@ -63,6 +63,11 @@ pub enum Action {
     LogFull(TaskId),
     /// Stop the conductor of this task (TERM, grace, KILL).
     StopTask(TaskId),
+    /// Hand a server's command to the lease's hold running this task.
+    Hold {
+        task: TaskId,
+        command: crate::worker::task::channel::HoldCommand,
+    },
     /// The server refused this worker for good (its name is in use by
     /// another live worker): stop the worker with this message.
     Refused(ErrorCode, String),

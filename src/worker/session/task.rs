@@ -221,6 +221,59 @@ impl Session {
                     },
                 );
             }
+            TaskEvent::ConsoleBytes {
+                task,
+                attempt,
+                offset,
+                bytes,
+            } => {
+                if !self.is_current(&task, attempt) {
+                    return actions;
+                }
+                if !matches!(self.link, Link::Up { .. }) {
+                    // Best effort: the consoles see a gap, counted.
+                    self.stats.console_bytes_unsent += bytes.len() as u64;
+                    return actions;
+                }
+                let header = Header::best_effort(Class::Log, Some(&task));
+                self.send(
+                    now,
+                    &mut actions,
+                    header,
+                    Body::ConsoleData {
+                        task,
+                        attempt,
+                        offset,
+                    },
+                    Some(bytes),
+                );
+            }
+            TaskEvent::PowerDone {
+                task,
+                attempt,
+                id,
+                action,
+                state,
+                ok,
+                message,
+            } => {
+                if !self.is_current(&task, attempt) {
+                    return actions;
+                }
+                let body = Body::PowerDone {
+                    task: task.clone(),
+                    attempt,
+                    id,
+                    action,
+                    state,
+                    ok,
+                    message,
+                };
+                self.deliver(now, &task, attempt, body, None);
+                if matches!(self.link, Link::Up { .. }) {
+                    self.flush(now, &mut actions, false);
+                }
+            }
             TaskEvent::Finished {
                 task,
                 attempt,

@@ -20,7 +20,7 @@ use crate::worker::shell::link::{
     attach, ConnectError, Connected, Connection, Dialer, Inbound, Opened,
 };
 use crate::worker::state::WorkerStore;
-use crate::worker::task::channel::{LogBudget, LogFull, TaskEvent};
+use crate::worker::task::channel::{HoldCommand, LogBudget, LogFull, TaskEvent};
 use crate::worker::task::conductor;
 use crate::worker::task::{attempt_dir, prune_task_dirs, run_task, TaskRun};
 use bytes::Bytes;
@@ -35,6 +35,8 @@ use tracing::{debug, info, warn};
 pub(super) const INBOUND_QUEUE: usize = 1024;
 /// Task events handled per loop turn at most (one state save each turn).
 const MAX_EVENTS_PER_TURN: usize = 1024;
+/// Console inputs and power actions queued for a lease's hold, at most.
+const HOLD_COMMANDS: usize = 4096;
 
 /// What the loop waits on.
 pub(super) struct Sources {
@@ -97,6 +99,8 @@ struct Running {
     stop: watch::Sender<conductor::Stop>,
     runner: JoinHandle<()>,
     log_full: LogFull,
+    /// A lease's hold takes console input and power actions here.
+    commands: mpsc::Sender<HoldCommand>,
 }
 
 /// What the end of a turn says about the loop.
@@ -135,6 +139,8 @@ pub(super) struct Serving {
     dialer: Dialer,
     conn: Option<Connection>,
     running: HashMap<TaskId, Running>,
+    /// Commands a lease's hold did not take in time (never expected).
+    hold_commands_dropped: u64,
     /// Benchmark hook: behave as a worker that does not know `log_full`
     /// (`cargo bench --bench flood` measures the server against both).
     ignore_log_full: bool,
@@ -171,6 +177,7 @@ impl Serving {
             dialer: parts.dialer,
             conn: None,
             running: HashMap::new(),
+            hold_commands_dropped: 0,
             ignore_log_full: std::env::var_os("OTS_TEST_IGNORE_LOG_FULL").is_some(),
             send_timeout,
             supervisor,
@@ -239,6 +246,7 @@ impl Serving {
                 TaskEvent::Log { text, .. } => self
                     .log_budget
                     .buffered(crate::worker::task::channel::charge(text)),
+                TaskEvent::ConsoleBytes { .. } | TaskEvent::PowerDone { .. } => {}
             }
             actions.extend(self.session.on_task_event(Instant::now(), event));
             taken += 1;
@@ -473,6 +481,7 @@ impl Serving {
                     }
                 }
                 Action::StopTask(task) => self.stop_task(&task),
+                Action::Hold { task, command } => self.to_hold(&task, command),
                 Action::Refused(code, message) => {
                     self.refused = Some((code, message));
                     queue.clear();
@@ -533,6 +542,7 @@ impl Serving {
         let (stop, stop_rx) = watch::channel(conductor::Stop::Running);
         let task = spec.task.clone();
         let log_full = LogFull::default();
+        let (commands, commands_rx) = mpsc::channel(HOLD_COMMANDS);
         let run = TaskRun {
             cfg: self.cfg.clone(),
             credentials: self.credentials.clone(),
@@ -545,6 +555,7 @@ impl Serving {
             self.task_events.clone(),
             (self.log_budget.clone(), log_full.clone()),
             stop_rx,
+            commands_rx,
         ));
         self.running.insert(
             task,
@@ -552,8 +563,21 @@ impl Serving {
                 stop,
                 runner,
                 log_full,
+                commands,
             },
         );
+    }
+
+    /// Hands a server's command to the lease's hold. The queue is ample
+    /// (the server holds input to a rate); one refused is said, loudly.
+    fn to_hold(&mut self, task: &TaskId, command: HoldCommand) {
+        let Some(r) = self.running.get(task) else {
+            return;
+        };
+        if r.commands.try_send(command).is_err() {
+            self.hold_commands_dropped += 1;
+            warn!(task = %task, "a lease's hold did not take a console input or power command in time; it is lost");
+        }
     }
 
     fn stop_task(&self, task: &TaskId) {

@@ -32,6 +32,23 @@ pub enum TaskEvent {
         first: u64,
         text: PackedText,
     },
+    /// Raw console output of a lease's hold at `offset` (best effort).
+    ConsoleBytes {
+        task: TaskId,
+        attempt: u32,
+        offset: u64,
+        bytes: bytes::Bytes,
+    },
+    /// A power action of a lease's hold is done (mandatory).
+    PowerDone {
+        task: TaskId,
+        attempt: u32,
+        id: u64,
+        action: crate::protocol::PowerAction,
+        state: String,
+        ok: bool,
+        message: String,
+    },
     Finished {
         task: TaskId,
         attempt: u32,
@@ -40,6 +57,31 @@ pub enum TaskEvent {
         log_lines: u64,
         files: Vec<ResultFile>,
     },
+}
+
+/// What the server asks of a lease's hold (in the order it arrived).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HoldCommand {
+    /// Bytes typed into the console by `by`.
+    Input { by: String, bytes: bytes::Bytes },
+    Power {
+        id: u64,
+        action: crate::protocol::PowerAction,
+        by: String,
+    },
+}
+
+impl ResponseChannel {
+    /// The task and attempt this channel reports for.
+    pub fn ids(&self) -> (TaskId, u32) {
+        (self.task.clone(), self.attempt)
+    }
+
+    /// Hands an event other than log lines to the session (a hold's
+    /// console bytes and power answers), in order with the lines.
+    pub fn event(&self, event: TaskEvent) {
+        let _ = self.tx.send(event);
+    }
 }
 
 /// The open channel of one task.

@@ -251,6 +251,11 @@ struct Shared {
     /// console while a task runs (dropped when it does not keep up).
     export: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     available: Result<(), String>,
+    /// The raw bytes from the device for a lease's consoles, each chunk
+    /// with its offset (chunks the hold did not take in time are counted
+    /// in the offsets all the same: a gap the server counts as lost).
+    raw: Option<tokio::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    raw_offset: u64,
 }
 
 /// The console, shared between its reader thread and the worker.
@@ -274,6 +279,8 @@ impl Console {
                 write_failing: false,
                 export: None,
                 available: Err("not opened yet".into()),
+                raw: None,
+                raw_offset: 0,
             })),
             cfg: cfg.clone(),
         };
@@ -368,6 +375,50 @@ impl Console {
                 thread: Some(thread),
             },
         ))
+    }
+
+    /// Starts handing the device's raw bytes to a lease's hold, numbered
+    /// from `from` (at most 256 chunks queued; more are skipped, and the
+    /// offsets say so).
+    pub fn raw_tap(&self, from: u64) -> tokio::sync::mpsc::Receiver<(u64, Vec<u8>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut s = self.lock();
+        s.raw = Some(tx);
+        s.raw_offset = from;
+        rx
+    }
+
+    pub fn raw_untap(&self) {
+        self.lock().raw = None;
+    }
+
+    /// What the device printed since `since_ms`, as bytes (a line's
+    /// newline restored; the worker's notes and what was written to the
+    /// device left out), the last `max` bytes at most.
+    pub fn recent(&self, since_ms: u64, max: usize) -> std::io::Result<Vec<u8>> {
+        let segments = self.lock().ring.snapshot()?;
+        let mut records = Vec::new();
+        copy_since(&segments, &stamp(since_ms), &mut records)?;
+        let mut out = Vec::new();
+        for record in records.split(|b| *b == b'\n') {
+            // `TIMESTAMP FLAG BYTES`: 24 bytes of stamp, a space, the flag, a space.
+            // A `>` record may hold a newline: what follows it is no record.
+            if record.len() < 27 || record[10] != b'T' || record[23] != b'Z' || record[24] != b' ' {
+                continue;
+            }
+            match record[25] {
+                b'|' => {
+                    out.extend_from_slice(&record[27..]);
+                    out.push(b'\n');
+                }
+                b'+' => out.extend_from_slice(&record[27..]),
+                _ => {}
+            }
+        }
+        if out.len() > max {
+            out.drain(..out.len() - max);
+        }
+        Ok(out)
     }
 
     /// Queues bytes to write to the device (recorded as `>` records).
@@ -520,8 +571,15 @@ impl Console {
                     return "end of file (device closed)".into();
                 }
                 Ok(n) => {
-                    if let Some(export) = &self.lock().export {
-                        let _ = export.try_send(buf[..n].to_vec());
+                    {
+                        let mut s = self.lock();
+                        if let Some(export) = &s.export {
+                            let _ = export.try_send(buf[..n].to_vec());
+                        }
+                        if let Some(raw) = &s.raw {
+                            let _ = raw.try_send((s.raw_offset, buf[..n].to_vec()));
+                        }
+                        s.raw_offset = s.raw_offset.saturating_add(n as u64);
                     }
                     for &b in &buf[..n] {
                         if b == b'\n' {

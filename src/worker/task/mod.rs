@@ -6,6 +6,8 @@
 pub mod channel;
 pub mod conductor;
 pub mod console;
+pub mod hold;
+pub mod power;
 pub mod reader;
 
 use crate::protocol::{Outcome, Stream, TaskSpec};
@@ -47,6 +49,23 @@ async fn recover(
     stop: watch::Receiver<Stop>,
 ) -> Result<(), String> {
     let r = &cfg.recovery;
+    if r.power_cycle {
+        channel.log(Stream::Worker, "recovery: power cycle ([recovery] power_cycle)".into());
+        info!("power cycling the device before a health check");
+        let out = power::act(&cfg.power, crate::protocol::PowerAction::Cycle).await;
+        channel.log(
+            Stream::Worker,
+            format!("recovery: power cycle {}, state {} {}", if out.ok { "done" } else { "failed" }, out.state, out.message),
+        );
+        return if out.ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "device/host failure: the power cycle ([power] of the worker's configuration, [recovery] power_cycle) failed: {}",
+                out.message
+            ))
+        };
+    }
     if r.command.is_empty() {
         channel.log(
             Stream::Worker,
@@ -297,6 +316,7 @@ pub(super) async fn run_task(
     events: mpsc::UnboundedSender<TaskEvent>,
     (budget, log_full): (LogBudget, crate::worker::task::channel::LogFull),
     stop: watch::Receiver<Stop>,
+    commands: mpsc::Receiver<crate::worker::task::channel::HoldCommand>,
 ) {
     let TaskRun {
         cfg,
@@ -307,6 +327,10 @@ pub(super) async fn run_task(
     let mut channel = ResponseChannel::open(spec.task.clone(), spec.attempt, events)
         .with_budget(budget)
         .with_log_full(log_full.clone());
+    if spec.hold.is_some() {
+        hold::hold(&cfg, console, &spec, channel, commands, stop).await;
+        return;
+    }
     let dirs = TaskDirs::new(&cfg, &spec);
     let before = async {
         dirs.prepare()?;

@@ -13,6 +13,7 @@
 mod args;
 mod conn;
 mod fetch;
+mod leases;
 mod lists;
 mod manage;
 mod run;
@@ -27,7 +28,7 @@ use crate::cli::manage::{
 };
 use crate::cli::run::{run, status, wait};
 use crate::client::exit;
-use crate::protocol::HealthAction;
+use crate::protocol::{HealthAction, LeaseAction};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -217,6 +218,89 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Reserve one device matching SPEC ("devicegroup:X [devicename:Y]
+    /// [deviceid:Z]") for a person: prints the lease id (l12). It waits
+    /// in the same fair-share queue as tasks; `leases` shows it.
+    Reserve {
+        spec: String,
+        /// How long it holds once granted (within your role's maximum).
+        #[arg(long, default_value = "1h", value_parser = crate::cli::conn::parse_duration)]
+        duration: std::time::Duration,
+        /// Why: shown to everyone in `leases`, kept in the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Wait until it is granted, showing its place in the queue.
+        #[arg(long)]
+        wait: bool,
+        /// Keep it alive until interrupted (Ctrl-C releases it): for a CI
+        /// job whose steps use the device.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, value_enum, default_value_t = crate::protocol::Priority::Normal)]
+        priority: crate::protocol::Priority,
+        /// Queue even if no known worker has a matching device.
+        #[arg(long)]
+        queue_anyway: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Your leases, waiting and held; `--all`: everyone's (a submit user:
+    /// its own) with the ones that ended.
+    Leases {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// End a lease: its consoles close, its device is checked before the
+    /// next task. `--force`: someone else's (operator, admin).
+    Release {
+        lease: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Hold a lease DURATION from now (within your role's maximum).
+    Renew {
+        lease: String,
+        #[arg(long, value_parser = crate::cli::conn::parse_duration)]
+        duration: Option<std::time::Duration>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Share a lease's console with a user (read only), or stop sharing.
+    Lease {
+        #[arg(value_parser = ["share", "unshare"])]
+        what: String,
+        lease: String,
+        user: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Power the leased device on or off, cycle it, or read its state
+    /// (the holder, or an operator). Prints the state read back.
+    Power {
+        lease: String,
+        #[arg(value_enum)]
+        action: crate::protocol::PowerAction,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Attach to a leased device's serial console: first what it printed
+    /// in the last --since, then everything live. On a terminal, raw mode
+    /// (`~.` at a line's start leaves); from a pipe, stdin goes to the
+    /// device and the device to stdout, until stdin ends and the output
+    /// has been quiet for --linger.
+    Console {
+        lease: String,
+        #[arg(long, default_value = "60s", value_parser = crate::cli::conn::parse_duration)]
+        since: std::time::Duration,
+        #[arg(long, default_value = "2s", value_parser = crate::cli::conn::parse_duration)]
+        linger: std::time::Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Download a testrun's result files into DIR/<task>/.
     Fetch {
         run: String,
@@ -298,6 +382,60 @@ pub async fn main(cli: Cli) -> i32 {
             conn,
         } => logs(&conn, &run, task.as_deref(), raw).await,
         Command::Fetch { run, dir, conn } => fetch_cmd(&conn, &run, &dir).await,
+        Command::Reserve {
+            spec,
+            duration,
+            reason,
+            wait,
+            keep,
+            priority,
+            queue_anyway,
+            conn,
+        } => {
+            let a = leases::ReserveArgs {
+                spec,
+                duration,
+                reason,
+                wait,
+                keep,
+                priority,
+                queue_anyway,
+            };
+            leases::reserve(&conn, a).await
+        }
+        Command::Leases { all, conn } => leases::leases(&conn, all).await,
+        Command::Release { lease, force, conn } => {
+            leases::act(&conn, &lease, LeaseAction::Release, force, None, None).await
+        }
+        Command::Renew {
+            lease,
+            duration,
+            conn,
+        } => leases::act(&conn, &lease, LeaseAction::Renew, false, duration, None).await,
+        Command::Lease {
+            what,
+            lease,
+            user,
+            conn,
+        } => {
+            let action = if what == "share" {
+                LeaseAction::Share
+            } else {
+                LeaseAction::Unshare
+            };
+            leases::act(&conn, &lease, action, false, None, Some(user)).await
+        }
+        Command::Power {
+            lease,
+            action,
+            conn,
+        } => leases::power(&conn, &lease, action).await,
+        Command::Console {
+            lease,
+            since,
+            linger,
+            conn,
+        } => leases::console(&conn, &lease, since, linger).await,
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@
 //! The `ots-submit` commands that print for people are `crate::cli`.
 
 pub mod follow;
+pub mod leases;
 pub mod transfer;
 
 use crate::protocol::{

@@ -134,6 +134,30 @@ impl Proc {
         }
     }
 
+    /// [`Proc::spawn`] with its stdin a pipe the caller writes to.
+    pub fn spawn_with_stdin(name: &str, mut cmd: Command) -> (Proc, std::process::ChildStdin) {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdin = child.stdin.take().unwrap();
+        let (stdout, stderr) = (Lines::default(), Lines::default());
+        collect(child.stdout.take().unwrap(), stdout.clone(), format!("{name}:out"));
+        collect(child.stderr.take().unwrap(), stderr.clone(), name.to_string());
+        (
+            Proc {
+                child,
+                stdout,
+                stderr,
+                name: name.to_string(),
+            },
+            stdin,
+        )
+    }
+
     pub fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.child.id() as i32)
     }

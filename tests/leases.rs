@@ -1,0 +1,310 @@
+//! Hands on a device: a lease queued among CI tasks by fair share, its
+//! console (replay of the boot output, typed input echoed), power through
+//! Debian's real `pdudaemon` (its `localcmdline` driver flipping the fake
+//! board's power file), the transcript, an operator's `--force` closing
+//! the holder's console, another user refused, an idle holder losing
+//! the lease, and the device back to CI afterwards.
+//!
+//! The board is a pseudo-terminal pair whose far end is a thread here:
+//! it echoes what it receives while powered, and prints a boot banner
+//! each time its power file turns `on`.
+
+mod common;
+
+use common::*;
+use serialport::SerialPort;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The fake board: echo while on, a numbered banner at every power-on.
+struct Board {
+    link: PathBuf,
+    power: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Board {
+    fn start(dir: &Path) -> Board {
+        let (mut master, slave) = serialport::TTYPort::pair().expect("a pseudo-terminal pair");
+        let link = dir.join("board-console");
+        std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+        let power = dir.join("board-power");
+        std::fs::write(&power, "on\n").unwrap();
+        master.set_timeout(Duration::from_millis(20)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, file) = (stop.clone(), power.clone());
+        let thread = std::thread::spawn(move || {
+            let _slave = slave; // kept open: the master never sees a hangup
+            let mut on = false;
+            let mut boots = 0;
+            let mut buf = [0u8; 4096];
+            while !flag.load(Ordering::SeqCst) {
+                let now_on = std::fs::read_to_string(&file)
+                    .map(|s| s.trim() == "on")
+                    .unwrap_or(false);
+                if now_on && !on {
+                    boots += 1;
+                    let _ = master.write_all(format!("BOOT banner {boots}\r\nlogin: ").as_bytes());
+                }
+                on = now_on;
+                if let Ok(n) = master.read(&mut buf) {
+                    if on && n > 0 {
+                        let _ = master.write_all(&buf[..n]);
+                    }
+                }
+            }
+        });
+        Board {
+            link,
+            power,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Debian's pdudaemon on a free loopback port, its `localcmdline` PDU
+/// `board` writing the board's power file.
+fn start_pdudaemon(dir: &Path, power: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let conf = dir.join("pdudaemon.conf");
+    let cmd = |state: &str| format!("echo {state} > {} # port %s", power.display());
+    std::fs::write(
+        &conf,
+        serde_json::json!({
+            "daemon": {"hostname": "127.0.0.1", "port": port, "listener": "http", "logging_level": "DEBUG"},
+            "pdus": {"board": {"driver": "localcmdline", "cmd_on": cmd("on"), "cmd_off": cmd("off")}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut c = std::process::Command::new("pdudaemon");
+    c.arg("--conf")
+        .arg(&conf)
+        .arg("--logfile")
+        .arg(dir.join("pdudaemon.log"));
+    let p = Proc::spawn("pdudaemon", c);
+    let deadline = Instant::now() + LIMIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pdudaemon never listened: {:?}", p.stderr.all());
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+    (p, port)
+}
+
+/// The worker's `[power]`: HTTP requests to pdudaemon, as a lab makes
+/// them; the state read back from the board itself.
+fn power_toml(port: u16, power: &Path) -> String {
+    let get = |what: &str| {
+        format!(
+            "[\"python3\", \"-c\", \"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/power/control/{what}?hostname=board&port=1{}').read()\"]",
+            if what == "reboot" { "&delay=1" } else { "" }
+        )
+    };
+    format!(
+        "\n[power]\non = {}\noff = {}\ncycle = {}\nstatus = [\"cat\", {:?}]\ntimeout = \"20s\"\n",
+        get("on"),
+        get("off"),
+        get("reboot"),
+        power.display().to_string()
+    )
+}
+
+fn lab(dir: &Path, idle: &str) -> (ServerProc, Board, Proc, Proc, PathBuf) {
+    let server = start_fresh_server(
+        dir,
+        &[
+            ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
+            ("OTS_SERVER_LEASES__IDLE", idle),
+        ],
+    );
+    let board = Board::start(dir);
+    let (pdu, port) = start_pdudaemon(dir, &board.power);
+    let (conductor, go) = gated_conductor(dir);
+    let keys = server.keys.clone().expect("secured");
+    let w = start_worker_with(
+        dir,
+        "w1",
+        "devicegroup:board",
+        &server.control,
+        &server.events,
+        &[conductor.to_str().unwrap()],
+        &[("OTS_WORKER_SERIAL__PORT", board.link.to_str().unwrap())],
+        &format!("{}{}", keys.worker_toml("w1"), power_toml(port, &board.power)),
+    );
+    assert!(w.stderr.wait_for("console open", LIMIT).is_some(), "{:?}", w.stderr.all());
+    wait_for_workers(&server, LIMIT, all_idle(&["w1"]));
+    (server, board, pdu, w, go)
+}
+
+fn leases(server: &ServerProc, user: &str, all: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["leases", "--json"];
+    if all {
+        args.push("--all");
+    }
+    let out = server.as_user(user).submit(&args, LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
+fn lease_state(server: &ServerProc, user: &str, id: &str) -> serde_json::Value {
+    leases(server, user, true)
+        .into_iter()
+        .find(|l| l["lease"] == id)
+        .unwrap_or_else(|| panic!("no lease {id}"))
+}
+
+fn wait_lease(server: &ServerProc, user: &str, id: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let l = lease_state(server, user, id);
+        if ok(&l) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "lease {id} never got there: {l:#}");
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+}
+
+fn console(server: &ServerProc, user: &str, lease: &str) -> (Proc, std::process::ChildStdin) {
+    let mut cmd = std::process::Command::new(bin("ots-submit"));
+    cmd.args(["console", lease]).env("OTS_SERVER", &server.control);
+    submit_env(&mut cmd, server, user);
+    Proc::spawn_with_stdin(&format!("console-{user}"), cmd)
+}
+
+#[test]
+fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
+    wait_allowed(&server, "alice");
+    wait_allowed(&server, "bob");
+    // A CI backlog: r1 runs (held by its gate), r2 waits.
+    let ci = ["--device", "devicegroup:board", "--image", "i", "--packages", "p"];
+    let r1 = submit_run(&server, &ci);
+    wait_status(&server, &r1, LIMIT, running);
+    let r2 = submit_run(&server, &ci);
+    // Alice asks for the board: queued behind r1, ahead of the backlog
+    // by fair share (she has had nothing; the tester has had r1).
+    let out = server
+        .as_user("alice")
+        .submit(&["reserve", "devicegroup:board", "--duration", "10m", "--reason", "bring-up"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    assert!(lease.starts_with('l'), "{lease}");
+    let l = lease_state(&server, "alice", &lease);
+    assert_eq!(l["state"], "waiting", "{l:#}");
+    let queue = text(&submit(&server, &["queue"], LIMIT).stdout);
+    assert!(queue.contains(&format!("{lease}.1")), "the lease waits like a task: {queue}");
+    std::fs::write(&go, "").unwrap();
+    wait_status(&server, &r1, LIMIT, finished);
+    let l = wait_lease(&server, "alice", &lease, |l| l["state"] == "held");
+    assert_eq!(l["worker"], "w1");
+    assert_eq!(current_status(&server, &r2)["state"], "queued", "the board is alice's: r2 waits");
+
+    // The console: the boot banner from before the attach, then the echo.
+    let (mut con, mut stdin) = console(&server, "alice", &lease);
+    assert!(con.stdout.wait_for("BOOT banner 1", LIMIT).is_some(), "{:?} {:?}", con.stdout.all(), con.stderr.all());
+    stdin.write_all(b"hello board\n").unwrap();
+    assert!(con.stdout.wait_for("hello board", LIMIT).is_some(), "{:?}", con.stdout.all());
+
+    // Power through pdudaemon: a cycle reboots the board; its new banner
+    // reaches the open console.
+    let out = server.as_user("alice").submit(&["power", &lease, "cycle"], LIMIT);
+    assert!(out.status.success(), "{} {}", text(&out.stdout), text(&out.stderr));
+    assert!(con.stdout.wait_for("BOOT banner 2", LIMIT).is_some(), "{:?}", con.stdout.all());
+    let out = server.as_user("alice").submit(&["power", &lease, "status"], LIMIT);
+    assert_eq!(text(&out.stdout).trim(), "on", "{}", text(&out.stderr));
+
+    // Bob may neither watch nor end it.
+    let out = server.as_user("bob").submit(&["console", &lease], LIMIT);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    let out = server.as_user("bob").submit(&["release", &lease], LIMIT);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    let out = server.as_user("bob").submit(&["release", &lease, "--force"], LIMIT);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+
+    // The operator ends it: alice's console closes at once, saying why.
+    let forced = Instant::now();
+    let out = submit(&server, &["release", &lease, "--force"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(con.wait_exit(LIMIT), Some(3), "{:?}", con.stderr.all());
+    let closed_after = forced.elapsed();
+    assert!(
+        con.stderr.all().iter().any(|l| l.contains("closed") && l.contains("--force")),
+        "{:?}",
+        con.stderr.all()
+    );
+    eprintln!("console closed {} ms after the forced release", closed_after.as_millis());
+
+    // The board goes back to CI: r2 runs, after the device was judged
+    // again (its group has no check: good at once, the reason says why).
+    wait_status(&server, &r2, LIMIT, finished);
+    let health = text(&submit(&server, &["health", "w1"], LIMIT).stdout);
+    assert!(health.contains(&format!("lease {lease} ended")), "{health}");
+
+    // The transcript: input by whom, power, the banners, the end.
+    let out = server.as_user("alice").submit(&["logs", &lease], LIMIT);
+    let transcript = text(&out.stdout);
+    for needle in [
+        "BOOT banner 1",
+        "[input alice] hello board",
+        "[power] cycle by alice: done, state on",
+        "BOOT banner 2",
+        "alice attached a console (holder)",
+        &format!("lease {lease} ended: released by tester (--force)"),
+    ] {
+        assert!(transcript.contains(needle), "{needle:?} not in the transcript:\n{transcript}");
+    }
+    let audit = audit_json(&server);
+    assert!(audit.contains("lease_release") && audit.contains("power"), "{audit}");
+    let l = lease_state(&server, "tester", &lease);
+    assert_eq!(l["state"], "ended");
+}
+
+#[test]
+fn a_holder_that_vanishes_loses_the_lease_after_lease_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) = lab(dir.path(), "3s");
+    std::fs::write(&go, "").unwrap();
+    wait_allowed(&server, "alice");
+    let out = server
+        .as_user("alice")
+        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    // Her console keeps the lease alive while it is open…
+    let (mut con, _stdin) = console(&server, "alice", &lease);
+    assert!(con.stderr.wait_for("you may type", LIMIT).is_some(), "{:?}", con.stderr.all());
+    let ci = ["--device", "devicegroup:board", "--image", "i", "--packages", "p"];
+    let r = submit_run(&server, &ci);
+    // Two idle windows pass with the console open: still held.
+    let granted = lease_state(&server, "alice", &lease)["granted_ms"].as_u64().unwrap();
+    let l = wait_lease(&server, "tester", &lease, |l| {
+        l["state"] != "held"
+            || ots::protocol::limits::unix_ms_now().saturating_sub(granted) > 7000
+    });
+    assert_eq!(l["state"], "held", "{l:#}");
+    assert_eq!(current_status(&server, &r)["state"], "queued");
+    // …and when her laptop dies, the board comes back after lease_idle.
+    con.kill();
+    let l = wait_lease(&server, "tester", &lease, |l| l["state"] == "ended");
+    assert!(l["ended"].as_str().unwrap().contains("not heard"), "{l:#}");
+    wait_status(&server, &r, LIMIT, finished);
+    assert_eq!(current_status(&server, &r)["verdict"], "PASS");
+}

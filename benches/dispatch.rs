@@ -162,6 +162,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
             env(Body::Submit {
                 request: i as u64,
                 testrun: TestrunRequest {
+                    lease: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages: vec!["p".into()],
@@ -250,6 +251,7 @@ fn main() {
                 env(Body::Submit {
                     request: i,
                     testrun: TestrunRequest {
+                        lease: None,
                         device: DeviceSpec::parse(&format!("devicegroup:{group}")).unwrap(),
                         image: "img".into(),
                         packages: vec!["p".into()],

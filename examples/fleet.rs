@@ -159,6 +159,7 @@ async fn main() {
                     }
                     let _ = c
                         .submit(ots::protocol::TestrunRequest {
+                            lease: None,
                             device: ots::protocol::DeviceSpec::parse(&format!(
                                 "devicegroup:fleet{g}"
                             ))

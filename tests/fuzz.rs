@@ -158,6 +158,7 @@ fn body() -> impl Strategy<Value = Body> {
             |(request, timeout_secs, packages)| Body::Submit {
                 request,
                 testrun: TestrunRequest {
+                    lease: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages,
@@ -403,6 +404,7 @@ proptest! {
             any::<bool>(),
             prop_oneof![
                 3 => (id(), 1u32..3, 1u64..60_000).prop_map(|(task, attempt, ttl_ms)| Body::Dispatch { spec: TaskSpec {
+                    hold: None,
                     task, run: "r1".into(), attempt, image: "i".into(), packages: vec!["p".into()],
                     timeout_secs: 60, options: BTreeMap::new(), ttl_ms, sent_ms: 0, secrets: Default::default(),
                     inputs: Default::default(), health_check: false,recover: false, } }),

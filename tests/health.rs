@@ -643,6 +643,7 @@ fn testrun(
     priority: ots::protocol::Priority,
 ) -> ots::protocol::TestrunRequest {
     ots::protocol::TestrunRequest {
+        lease: None,
         device: ots::protocol::DeviceSpec::parse(device).unwrap(),
         image: "i".into(),
         packages: packages.iter().map(|p| p.to_string()).collect(),

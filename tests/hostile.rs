@@ -215,6 +215,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
             &header(Class::Control, true, seq),
             &Body::Dispatch {
                 spec: protocol::TaskSpec {
+                    hold: None,
                     task: task.clone(),
                     run: "r1".into(),
                     attempt: 1,
@@ -342,6 +343,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
         .unwrap();
         client
             .submit(ots::protocol::TestrunRequest {
+                lease: None,
                 device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                 image: img.clone(),
                 packages: vec!["smoke".into()],
@@ -798,6 +800,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
             Body::Submit {
                 request: u64::MAX,
                 testrun: TestrunRequest {
+                    lease: None,
                     device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "x".into(),
                     packages: (0..10_000).map(|i| format!("p{i}")).collect(),

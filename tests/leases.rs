@@ -101,7 +101,11 @@ fn start_pdudaemon(dir: &Path, power: &Path) -> (Proc, u16) {
     let p = Proc::spawn("pdudaemon", c);
     let deadline = Instant::now() + LIMIT;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "pdudaemon never listened: {:?}", p.stderr.all());
+        assert!(
+            Instant::now() < deadline,
+            "pdudaemon never listened: {:?}",
+            p.stderr.all()
+        );
         std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
     }
     (p, port)
@@ -145,9 +149,17 @@ fn lab(dir: &Path, idle: &str) -> (ServerProc, Board, Proc, Proc, PathBuf) {
         &server.events,
         &[conductor.to_str().unwrap()],
         &[("OTS_WORKER_SERIAL__PORT", board.link.to_str().unwrap())],
-        &format!("{}{}", keys.worker_toml("w1"), power_toml(port, &board.power)),
+        &format!(
+            "{}{}",
+            keys.worker_toml("w1"),
+            power_toml(port, &board.power)
+        ),
     );
-    assert!(w.stderr.wait_for("console open", LIMIT).is_some(), "{:?}", w.stderr.all());
+    assert!(
+        w.stderr.wait_for("console open", LIMIT).is_some(),
+        "{:?}",
+        w.stderr.all()
+    );
     wait_for_workers(&server, LIMIT, all_idle(&["w1"]));
     (server, board, pdu, w, go)
 }
@@ -169,21 +181,30 @@ fn lease_state(server: &ServerProc, user: &str, id: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no lease {id}"))
 }
 
-fn wait_lease(server: &ServerProc, user: &str, id: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_lease(
+    server: &ServerProc,
+    user: &str,
+    id: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + LIMIT;
     loop {
         let l = lease_state(server, user, id);
         if ok(&l) {
             return l;
         }
-        assert!(Instant::now() < deadline, "lease {id} never got there: {l:#}");
+        assert!(
+            Instant::now() < deadline,
+            "lease {id} never got there: {l:#}"
+        );
         std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
     }
 }
 
 fn console(server: &ServerProc, user: &str, lease: &str) -> (Proc, std::process::ChildStdin) {
     let mut cmd = std::process::Command::new(bin("ots-submit"));
-    cmd.args(["console", lease]).env("OTS_SERVER", &server.control);
+    cmd.args(["console", lease])
+        .env("OTS_SERVER", &server.control);
     submit_env(&mut cmd, server, user);
     Proc::spawn_with_stdin(&format!("console-{user}"), cmd)
 }
@@ -195,40 +216,84 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     wait_allowed(&server, "alice");
     wait_allowed(&server, "bob");
     // A CI backlog: r1 runs (held by its gate), r2 waits.
-    let ci = ["--device", "devicegroup:board", "--image", "i", "--packages", "p"];
+    let ci = [
+        "--device",
+        "devicegroup:board",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+    ];
     let r1 = submit_run(&server, &ci);
     wait_status(&server, &r1, LIMIT, running);
     let r2 = submit_run(&server, &ci);
     // Alice asks for the board: queued behind r1, ahead of the backlog
     // by fair share (she has had nothing; the tester has had r1).
-    let out = server
-        .as_user("alice")
-        .submit(&["reserve", "devicegroup:board", "--duration", "10m", "--reason", "bring-up"], LIMIT);
+    let out = server.as_user("alice").submit(
+        &[
+            "reserve",
+            "devicegroup:board",
+            "--duration",
+            "10m",
+            "--reason",
+            "bring-up",
+        ],
+        LIMIT,
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lease = text(&out.stdout).trim().to_string();
     assert!(lease.starts_with('l'), "{lease}");
     let l = lease_state(&server, "alice", &lease);
     assert_eq!(l["state"], "waiting", "{l:#}");
     let queue = text(&submit(&server, &["queue"], LIMIT).stdout);
-    assert!(queue.contains(&format!("{lease}.1")), "the lease waits like a task: {queue}");
+    assert!(
+        queue.contains(&format!("{lease}.1")),
+        "the lease waits like a task: {queue}"
+    );
     std::fs::write(&go, "").unwrap();
     wait_status(&server, &r1, LIMIT, finished);
     let l = wait_lease(&server, "alice", &lease, |l| l["state"] == "held");
     assert_eq!(l["worker"], "w1");
-    assert_eq!(current_status(&server, &r2)["state"], "queued", "the board is alice's: r2 waits");
+    assert_eq!(
+        current_status(&server, &r2)["state"],
+        "queued",
+        "the board is alice's: r2 waits"
+    );
 
     // The console: the boot banner from before the attach, then the echo.
     let (mut con, mut stdin) = console(&server, "alice", &lease);
-    assert!(con.stdout.wait_for("BOOT banner 1", LIMIT).is_some(), "{:?} {:?}", con.stdout.all(), con.stderr.all());
+    assert!(
+        con.stdout.wait_for("BOOT banner 1", LIMIT).is_some(),
+        "{:?} {:?}",
+        con.stdout.all(),
+        con.stderr.all()
+    );
     stdin.write_all(b"hello board\n").unwrap();
-    assert!(con.stdout.wait_for("hello board", LIMIT).is_some(), "{:?}", con.stdout.all());
+    assert!(
+        con.stdout.wait_for("hello board", LIMIT).is_some(),
+        "{:?}",
+        con.stdout.all()
+    );
 
     // Power through pdudaemon: a cycle reboots the board; its new banner
     // reaches the open console.
-    let out = server.as_user("alice").submit(&["power", &lease, "cycle"], LIMIT);
-    assert!(out.status.success(), "{} {}", text(&out.stdout), text(&out.stderr));
-    assert!(con.stdout.wait_for("BOOT banner 2", LIMIT).is_some(), "{:?}", con.stdout.all());
-    let out = server.as_user("alice").submit(&["power", &lease, "status"], LIMIT);
+    let out = server
+        .as_user("alice")
+        .submit(&["power", &lease, "cycle"], LIMIT);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        con.stdout.wait_for("BOOT banner 2", LIMIT).is_some(),
+        "{:?}",
+        con.stdout.all()
+    );
+    let out = server
+        .as_user("alice")
+        .submit(&["power", &lease, "status"], LIMIT);
     assert_eq!(text(&out.stdout).trim(), "on", "{}", text(&out.stderr));
 
     // Bob may neither watch nor end it.
@@ -236,7 +301,9 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
     let out = server.as_user("bob").submit(&["release", &lease], LIMIT);
     assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
-    let out = server.as_user("bob").submit(&["release", &lease, "--force"], LIMIT);
+    let out = server
+        .as_user("bob")
+        .submit(&["release", &lease, "--force"], LIMIT);
     assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
 
     // The operator ends it: alice's console closes at once, saying why.
@@ -246,11 +313,17 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     assert_eq!(con.wait_exit(LIMIT), Some(3), "{:?}", con.stderr.all());
     let closed_after = forced.elapsed();
     assert!(
-        con.stderr.all().iter().any(|l| l.contains("closed") && l.contains("--force")),
+        con.stderr
+            .all()
+            .iter()
+            .any(|l| l.contains("closed") && l.contains("--force")),
         "{:?}",
         con.stderr.all()
     );
-    eprintln!("console closed {} ms after the forced release", closed_after.as_millis());
+    eprintln!(
+        "console closed {} ms after the forced release",
+        closed_after.as_millis()
+    );
 
     // The board goes back to CI: r2 runs, after the device was judged
     // again (its group has no check: good at once, the reason says why).
@@ -269,10 +342,16 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
         "alice attached a console (holder)",
         &format!("lease {lease} ended: released by tester (--force)"),
     ] {
-        assert!(transcript.contains(needle), "{needle:?} not in the transcript:\n{transcript}");
+        assert!(
+            transcript.contains(needle),
+            "{needle:?} not in the transcript:\n{transcript}"
+        );
     }
     let audit = audit_json(&server);
-    assert!(audit.contains("lease_release") && audit.contains("power"), "{audit}");
+    assert!(
+        audit.contains("lease_release") && audit.contains("power"),
+        "{audit}"
+    );
     let l = lease_state(&server, "tester", &lease);
     assert_eq!(l["state"], "ended");
 }
@@ -290,14 +369,26 @@ fn a_holder_that_vanishes_loses_the_lease_after_lease_idle() {
     let lease = text(&out.stdout).trim().to_string();
     // Her console keeps the lease alive while it is open…
     let (mut con, _stdin) = console(&server, "alice", &lease);
-    assert!(con.stderr.wait_for("you may type", LIMIT).is_some(), "{:?}", con.stderr.all());
-    let ci = ["--device", "devicegroup:board", "--image", "i", "--packages", "p"];
+    assert!(
+        con.stderr.wait_for("you may type", LIMIT).is_some(),
+        "{:?}",
+        con.stderr.all()
+    );
+    let ci = [
+        "--device",
+        "devicegroup:board",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+    ];
     let r = submit_run(&server, &ci);
     // Two idle windows pass with the console open: still held.
-    let granted = lease_state(&server, "alice", &lease)["granted_ms"].as_u64().unwrap();
+    let granted = lease_state(&server, "alice", &lease)["granted_ms"]
+        .as_u64()
+        .unwrap();
     let l = wait_lease(&server, "tester", &lease, |l| {
-        l["state"] != "held"
-            || ots::protocol::limits::unix_ms_now().saturating_sub(granted) > 7000
+        l["state"] != "held" || ots::protocol::limits::unix_ms_now().saturating_sub(granted) > 7000
     });
     assert_eq!(l["state"], "held", "{l:#}");
     assert_eq!(current_status(&server, &r)["state"], "queued");

@@ -287,6 +287,8 @@ impl Sim {
                 Action::Refused(_, why) => panic!("worker {w} refused by the server: {why}"),
                 // The simulated conductors print far below the log limit.
                 Action::LogFull(task) => panic!("worker {w}: log of {task} full"),
+                // The simulation submits testruns, never leases.
+                Action::Hold { task, .. } => panic!("worker {w}: a lease command for {task}"),
                 Action::Reconnect(_) => {
                     let sw = &mut self.workers[w];
                     sw.conn = None;
@@ -399,6 +401,7 @@ impl Sim {
         }
         let now = self.now();
         let testrun = TestrunRequest {
+            lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: (1..=packages).map(|i| format!("p{i}")).collect(),

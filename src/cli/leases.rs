@@ -25,14 +25,16 @@ fn print_lease(l: &DeviceLease) {
     let when = match l.state {
         LeaseState::Waiting => format!(
             "waiting{} for {}",
-            l.position.map_or(String::new(), |p| format!(" (position {p})")),
+            l.position
+                .map_or(String::new(), |p| format!(" (position {p})")),
             ago(now.saturating_sub(l.requested_ms))
         ),
         LeaseState::Held => format!(
             "held on {} for {}, {} left",
             l.worker.as_deref().unwrap_or("-"),
             ago(now.saturating_sub(l.granted_ms.unwrap_or(now))),
-            l.until_ms.map_or("?".into(), |u| ago(u.saturating_sub(now)))
+            l.until_ms
+                .map_or("?".into(), |u| ago(u.saturating_sub(now)))
         ),
         LeaseState::Ended => format!(
             "ended {} ago: {}",
@@ -57,7 +59,10 @@ fn print_lease(l: &DeviceLease) {
 
 fn print_one(conn: &Conn, l: &DeviceLease) {
     if conn.json {
-        crate::outln!("{}", serde_json::to_string_pretty(l).expect("lease serialises"));
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(l).expect("lease serialises")
+        );
     } else {
         print_lease(l);
     }
@@ -101,14 +106,17 @@ pub(crate) async fn reserve(conn: &Conn, a: ReserveArgs) -> Result<i32, ClientEr
     let mut last_place = None;
     let mut held_said = false;
     loop {
-        let l = client.lease_act(&id, LeaseAction::Keep, false, None, None).await?;
+        let l = client
+            .lease_act(&id, LeaseAction::Keep, false, None, None)
+            .await?;
         match l.state {
             LeaseState::Waiting => {
                 if l.position != last_place {
                     crate::errln!(
                         "lease {id}: waiting for {}{}",
                         l.device,
-                        l.position.map_or(String::new(), |p| format!(", position {p} in its queue"))
+                        l.position
+                            .map_or(String::new(), |p| format!(", position {p} in its queue"))
                     );
                     last_place = l.position;
                 }
@@ -133,7 +141,11 @@ pub(crate) async fn reserve(conn: &Conn, a: ReserveArgs) -> Result<i32, ClientEr
                 return Ok(exit::CANCELLED);
             }
         }
-        let pause = if held_said { Duration::from_secs(30) } else { Duration::from_millis(200) };
+        let pause = if held_said {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_millis(200)
+        };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = tokio::signal::ctrl_c() => {
@@ -149,14 +161,23 @@ pub(crate) async fn leases(conn: &Conn, all: bool) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let leases = client.leases(all).await?;
     if conn.json {
-        crate::outln!("{}", serde_json::to_string_pretty(&leases).expect("leases serialise"));
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&leases).expect("leases serialise")
+        );
         return Ok(exit::PASS);
     }
     if leases.is_empty() {
         crate::outln!("no leases");
         return Ok(exit::PASS);
     }
-    crate::outln!("{:<6} {:<8} {:<12} {:<28} SINCE/UNTIL", "LEASE", "STATE", "HOLDER", "DEVICE");
+    crate::outln!(
+        "{:<6} {:<8} {:<12} {:<28} SINCE/UNTIL",
+        "LEASE",
+        "STATE",
+        "HOLDER",
+        "DEVICE"
+    );
     for l in &leases {
         print_lease(l);
     }
@@ -184,14 +205,19 @@ pub(crate) async fn act(
             "lease {} renewed for {}: until {}",
             l.lease,
             span_ms(l.duration_ms),
-            l.until_ms.map_or("its grant + the duration".into(), crate::clock::iso)
+            l.until_ms
+                .map_or("its grant + the duration".into(), crate::clock::iso)
         ),
         _ => print_lease(&l),
     }
     Ok(exit::PASS)
 }
 
-pub(crate) async fn power(conn: &Conn, lease: &str, action: PowerAction) -> Result<i32, ClientError> {
+pub(crate) async fn power(
+    conn: &Conn,
+    lease: &str,
+    action: PowerAction,
+) -> Result<i32, ClientError> {
     let mut client = conn.connect().await?;
     let (ok, state, message) = client.power(lease, action).await?;
     if conn.json {
@@ -202,7 +228,11 @@ pub(crate) async fn power(conn: &Conn, lease: &str, action: PowerAction) -> Resu
     } else {
         crate::outln!(
             "{state}{}",
-            if message.is_empty() { String::new() } else { format!(" ({})", escape_controls(&message)) }
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", escape_controls(&message))
+            }
         );
     }
     Ok(if ok { exit::PASS } else { exit::ERROR })
@@ -284,7 +314,12 @@ fn read_input(tx: tokio::sync::mpsc::Sender<Vec<u8>>, terminal: bool) {
 
 /// `console`: attaches, replays the last `since`, and serves until the
 /// lease ends, the server closes it, or the input ends.
-pub(crate) async fn console(conn: &Conn, lease: &str, since: Duration, linger: Duration) -> Result<i32, ClientError> {
+pub(crate) async fn console(
+    conn: &Conn,
+    lease: &str,
+    since: Duration,
+    linger: Duration,
+) -> Result<i32, ClientError> {
     use std::io::IsTerminal;
     let terminal = std::io::stdin().is_terminal();
     let (tx, mut input) = tokio::sync::mpsc::channel(16);
@@ -298,7 +333,9 @@ pub(crate) async fn console(conn: &Conn, lease: &str, since: Duration, linger: D
     let mut lost_total = 0u64;
     let mut _raw = None;
     let mut started = false;
-    let mut since_ms = since.as_millis().min(u128::from(crate::protocol::leasing::MAX_REPLAY_MS)) as u64;
+    let mut since_ms = since
+        .as_millis()
+        .min(u128::from(crate::protocol::leasing::MAX_REPLAY_MS)) as u64;
     let mut attempts = 0u32;
     let outcome = loop {
         let mut client = match conn.connect().await {
@@ -331,7 +368,15 @@ pub(crate) async fn console(conn: &Conn, lease: &str, since: Duration, linger: D
             }
         };
         while let Ok(event) = events.try_recv() {
-            show(event, terminal, &mut started, &mut _raw, &mut lost_total, &mut tx, lease);
+            show(
+                event,
+                terminal,
+                &mut started,
+                &mut _raw,
+                &mut lost_total,
+                &mut tx,
+                lease,
+            );
         }
         match result {
             Ok(end) => break end,
@@ -353,8 +398,15 @@ pub(crate) async fn console(conn: &Conn, lease: &str, since: Duration, linger: D
     }
     match outcome {
         Some(reason) => {
-            crate::errln!("[ots: console of lease {lease} closed: {}]", escape_controls(&reason));
-            Ok(if reason == "detached" { exit::PASS } else { exit::CANCELLED })
+            crate::errln!(
+                "[ots: console of lease {lease} closed: {}]",
+                escape_controls(&reason)
+            );
+            Ok(if reason == "detached" {
+                exit::PASS
+            } else {
+                exit::CANCELLED
+            })
         }
         None => Ok(exit::PASS),
     }
@@ -377,7 +429,11 @@ fn show(
                 crate::errln!(
                     "[ots: console of lease {lease} on worker {worker}, {}{}]",
                     if writer { "you may type" } else { "read only" },
-                    if terminal { "; ~. at the start of a line leaves" } else { "" }
+                    if terminal {
+                        "; ~. at the start of a line leaves"
+                    } else {
+                        ""
+                    }
                 );
                 if terminal {
                     *raw = Some(RawTerminal::enter());

@@ -17,9 +17,15 @@ const RESEND_AFTER: Duration = Duration::from_millis(500);
 /// What a console session hands to its user.
 #[derive(Debug, PartialEq)]
 pub enum ConsoleEvent {
-    Attached { writer: bool, worker: String },
+    Attached {
+        writer: bool,
+        worker: String,
+    },
     /// Device output; `lost`: bytes before these that never arrived.
-    Output { bytes: Bytes, lost: u64 },
+    Output {
+        bytes: Bytes,
+        lost: u64,
+    },
     /// The server closed the console, and why.
     Closed(String),
 }
@@ -75,13 +81,17 @@ impl InputStream {
 
     /// The next piece to send (offset, bytes), if any is due.
     fn next(&mut self, now: tokio::time::Instant) -> Option<(u64, Vec<u8>)> {
-        if self.sent_at.is_some_and(|at| now.duration_since(at) >= RESEND_AFTER) {
+        if self
+            .sent_at
+            .is_some_and(|at| now.duration_since(at) >= RESEND_AFTER)
+        {
             self.sent = 0; // unanswered: everything unacknowledged again
         }
         if self.sent >= self.pending.len() {
             return None;
         }
-        let end = (self.sent + crate::protocol::leasing::MAX_CONSOLE_INPUT_BYTES).min(self.pending.len());
+        let end =
+            (self.sent + crate::protocol::leasing::MAX_CONSOLE_INPUT_BYTES).min(self.pending.len());
         let piece = self.pending[self.sent..end].to_vec();
         let offset = self.acked + self.sent as u64;
         self.sent = end;
@@ -175,9 +185,12 @@ impl Client {
             .await;
         self.timeout = saved;
         match answer? {
-            (Body::PowerResult {
-                ok, state, message, ..
-            }, _) => Ok((ok, state, message)),
+            (
+                Body::PowerResult {
+                    ok, state, message, ..
+                },
+                _,
+            ) => Ok((ok, state, message)),
             (other, _) => Err(unexpected("power_result", &other)),
         }
     }
@@ -243,7 +256,13 @@ impl Client {
                 let request = self.next_request;
                 self.next_request += 1;
                 let _ = self
-                    .send_raw(Body::ConsoleDetach { request, lease: lease.clone() }, None)
+                    .send_raw(
+                        Body::ConsoleDetach {
+                            request,
+                            lease: lease.clone(),
+                        },
+                        None,
+                    )
                     .await;
                 return Ok(None);
             }

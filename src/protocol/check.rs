@@ -7,6 +7,7 @@
 use crate::protocol::envelope::{Envelope, ProtocolError};
 use crate::protocol::fields::*;
 pub use crate::protocol::fields::{check_file_name, check_id, relative_path};
+use crate::protocol::leasing::*;
 use crate::protocol::limits::*;
 use crate::protocol::message::*;
 use crate::protocol::DeviceProps;
@@ -98,9 +99,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::LeaseInput { .. }
         | Body::PowerRequest { .. }
         | Body::ConsoleData { .. }
-        | Body::PowerDone { .. } => {
-            crate::protocol::leasing::check(kind, &env.body, env.raw.as_deref())
-        }
+        | Body::PowerDone { .. } => check_leases(kind, &env.body, env.raw.as_deref()),
     }
 }
 
@@ -575,6 +574,126 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
         }
         // Routed elsewhere by `check`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Every lease message's fields against their limits.
+fn check_leases(kind: &'static str, body: &Body, raw: Option<&[u8]>) -> Result<(), ProtocolError> {
+    let raw_len = raw.map_or(0, <[u8]>::len);
+    let lease = |l: &str| check_id(kind, "lease", l);
+    match body {
+        Body::Reserve {
+            device,
+            duration_ms,
+            reason,
+            ..
+        } => {
+            check_device(
+                kind,
+                &crate::protocol::DeviceProps {
+                    devicegroup: device.devicegroup.clone(),
+                    devicename: device.devicename.clone(),
+                    deviceid: device.deviceid.clone(),
+                },
+            )?;
+            if !(1000..=MAX_LEASE_MS).contains(duration_ms) {
+                return Err(invalid(
+                    kind,
+                    "duration_ms",
+                    format!("{duration_ms} is outside 1000–{MAX_LEASE_MS}"),
+                ));
+            }
+            check_text(kind, "reason", reason, MAX_LEASE_REASON_BYTES)?;
+        }
+        Body::LeaseAct {
+            lease: l,
+            duration_ms,
+            user,
+            ..
+        } => {
+            lease(l)?;
+            if let Some(d) = duration_ms {
+                if !(1000..=MAX_LEASE_MS).contains(d) {
+                    return Err(invalid(
+                        kind,
+                        "duration_ms",
+                        format!("{d} is outside 1000–{MAX_LEASE_MS}"),
+                    ));
+                }
+            }
+            if let Some(u) = user {
+                check_id(kind, "user", u)?;
+            }
+        }
+        Body::ConsoleAttach {
+            lease: l, since_ms, ..
+        } => {
+            lease(l)?;
+            if *since_ms > MAX_REPLAY_MS {
+                return Err(invalid(
+                    kind,
+                    "since_ms",
+                    format!("{since_ms} is over the limit of {MAX_REPLAY_MS}"),
+                ));
+            }
+        }
+        Body::ConsoleDetach { lease: l, .. } | Body::Power { lease: l, .. } => lease(l)?,
+        Body::ConsoleInput {
+            lease: l, stream, ..
+        } => {
+            lease(l)?;
+            check_id(kind, "stream", stream)?;
+            if raw_len > MAX_CONSOLE_INPUT_BYTES {
+                return Err(invalid(
+                    kind,
+                    "raw",
+                    format!(
+                        "{raw_len} bytes of input, over the limit of {MAX_CONSOLE_INPUT_BYTES}"
+                    ),
+                ));
+            }
+        }
+        Body::LeaseInput { task, by, .. } => {
+            check_id(kind, "task", task)?;
+            check_text(kind, "by", by, MAX_LEASE_REASON_BYTES)?;
+            if raw_len > MAX_CONSOLE_INPUT_BYTES {
+                return Err(invalid(
+                    kind,
+                    "raw",
+                    format!(
+                        "{raw_len} bytes of input, over the limit of {MAX_CONSOLE_INPUT_BYTES}"
+                    ),
+                ));
+            }
+        }
+        Body::PowerRequest { task, by, .. } => {
+            check_id(kind, "task", task)?;
+            check_text(kind, "by", by, MAX_LEASE_REASON_BYTES)?;
+        }
+        Body::PowerDone {
+            task,
+            state,
+            message,
+            ..
+        } => {
+            check_id(kind, "task", task)?;
+            check_text(kind, "state", state, 16)?;
+            check_text(kind, "message", message, MAX_TEXT_BYTES)?;
+        }
+        Body::ConsoleData { task, .. } => {
+            check_id(kind, "task", task)?;
+            if raw_len > MAX_CONSOLE_OUTPUT_BYTES {
+                return Err(invalid(
+                    kind,
+                    "raw",
+                    format!(
+                        "{raw_len} bytes of output, over the limit of {MAX_CONSOLE_OUTPUT_BYTES}"
+                    ),
+                ));
+            }
+        }
         _ => {}
     }
     Ok(())

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod device;
 pub mod envelope;
 mod fields;
+mod kinds;
 pub mod leasing;
 pub mod limits;
 pub mod logtext;
@@ -27,7 +28,7 @@ pub mod testrun;
 
 pub use codec::{decode, encode, Envelope, ProtocolError};
 pub use device::{DevicePin, DeviceProps, DeviceSpec, DeviceSpecError};
-pub use leasing::{HoldSpec, LeaseAction, LeaseId, DeviceLease, LeaseState, LeaseTerms, PowerAction};
+pub use leasing::{HoldSpec, LeaseAction, LeaseId, LeaseState, LeaseTerms, PowerAction};
 pub use message::*;
 pub use status::*;
 pub use testrun::*;

@@ -432,3 +432,42 @@ pub enum ProgressState {
     RunFinished,
     RunCancelled,
 }
+
+/// A lease as `leases` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLease {
+    pub lease: crate::protocol::leasing::LeaseId,
+    pub state: crate::protocol::leasing::LeaseState,
+    #[serde(default)]
+    pub holder: Option<String>,
+    pub device: DeviceSpec,
+    /// The worker that holds the device (held or ended after a grant).
+    #[serde(default)]
+    pub worker: Option<String>,
+    pub reason: String,
+    pub priority: crate::protocol::testrun::Priority,
+    /// Unix ms (server clock).
+    pub requested_ms: u64,
+    #[serde(default)]
+    pub granted_ms: Option<u64>,
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+    /// Why it ended.
+    #[serde(default)]
+    pub ended: Option<String>,
+    /// Asked-for duration.
+    pub duration_ms: u64,
+    /// Milliseconds since the holder was last heard (held leases).
+    #[serde(default)]
+    pub idle_ms: Option<u64>,
+    /// Its place in its queue (1: next), while waiting.
+    #[serde(default)]
+    pub position: Option<u64>,
+    #[serde(default)]
+    pub shared: Vec<String>,
+    /// Consoles attached now.
+    #[serde(default)]
+    pub consoles: u32,
+}

@@ -86,7 +86,7 @@ pub struct TestrunRequest {
     /// testrun is one task holding a device for a person. A `submit`
     /// carrying it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease: Option<crate::protocol::leasing::LeaseTerms>,
+    pub lease: Option<Box<crate::protocol::leasing::LeaseTerms>>,
 }
 
 /// A testrun's standing among its owner's queued tasks.

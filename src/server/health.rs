@@ -362,17 +362,23 @@ impl WorkerHealth {
                 }
                 None
             }
-            Event::LeaseEnded { reason, has_check } => {
-                if parked {
-                    return None;
-                }
-                let change = self.unknown(now_ms, has_check, reason.to_string());
-                if has_check {
-                    self.wanted = Some(CheckReason::Lease);
-                }
-                change
-            }
+            e @ Event::LeaseEnded { .. } => self.after_lease(parked, now_ms, e),
         }
+    }
+
+    /// A lease ended: `unknown`, recovered and checked (unless parked).
+    fn after_lease(&mut self, parked: bool, now_ms: u64, e: Event<'_>) -> Option<HealthChange> {
+        let Event::LeaseEnded { reason, has_check } = e else {
+            return None;
+        };
+        if parked {
+            return None;
+        }
+        let change = self.unknown(now_ms, has_check, reason.to_string());
+        if has_check {
+            self.wanted = Some(CheckReason::Lease);
+        }
+        change
     }
 
     /// `unknown`, wanting its first check; straight to `good` if its
@@ -657,7 +663,7 @@ mod tests {
     }
 
     fn event(n: u8, group: bool) -> Event<'static> {
-        match n % 11 {
+        match n % 12 {
             0 => Event::Registered {
                 device: if group {
                     "devicegroup:g"
@@ -683,6 +689,10 @@ mod tests {
                 has_check: !group,
             },
             9 => Event::Retire { reason: "r" },
+            10 => Event::LeaseEnded {
+                reason: "lease l1 ended",
+                has_check: group,
+            },
             _ => Event::CheckRequested,
         }
     }
@@ -723,6 +733,7 @@ mod tests {
                     Event::Maintenance { on: true, .. } => to == Maintenance,
                     Event::Maintenance { on: false, .. } => matches!(from, Maintenance | Retired) && matches!(to, Unknown | Good),
                     Event::Retire { .. } => to == Retired,
+                    Event::LeaseEnded { .. } => !matches!(from, Maintenance | Retired) && matches!(to, Unknown | Good),
                     Event::TestResult | Event::CheckRequested => false,
                 };
                 proptest::prop_assert!(allowed, "{:?}: {} -> {} not allowed", e, from, to);

@@ -144,9 +144,8 @@ impl InputBudget {
     /// Takes `n` bytes if the budget has them.
     pub fn take(&mut self, now: Instant, rate: u64, n: u64) -> bool {
         let elapsed = now.saturating_duration_since(self.at);
-        let earned = (elapsed.as_micros().min(u128::from(u64::MAX)) as u64)
-            .saturating_mul(rate)
-            / 1_000_000;
+        let earned =
+            (elapsed.as_micros().min(u128::from(u64::MAX)) as u64).saturating_mul(rate) / 1_000_000;
         if earned > 0 {
             self.tokens = self.tokens.saturating_add(earned).min(rate.max(1));
             self.at = now;

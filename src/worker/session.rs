@@ -3,12 +3,12 @@
 //! the one task the worker owns. The shell ([`super::service`]) feeds it
 //! messages, task events and ticks, and carries out its [`Action`]s.
 
-use crate::worker::task::channel::HoldCommand;
 use crate::delivery::dedup::DEDUP_AHEAD;
 use crate::delivery::outbox::Outgoing;
 use crate::delivery::{DedupWindow, DeliveryPolicy, OnServerLost, Outbox, Policy, RetryPolicy};
 use crate::protocol::codec::Envelope;
 use crate::protocol::*;
+use crate::worker::task::channel::HoldCommand;
 pub use action::{Action, LostReason, SendOrder};
 use bytes::Bytes;
 pub use clock::Arrival;
@@ -467,7 +467,7 @@ impl Session {
             } => self.on_task_closed(task, attempt, reason, &mut actions),
             Body::LeaseInput { task, by, .. } => {
                 let bytes = env.raw.unwrap_or_default();
-                self.to_hold(task, HoldCommand::Input { by, bytes }, &mut actions);
+                self.pass_to_hold(task, HoldCommand::Input { by, bytes }, &mut actions);
             }
             Body::PowerRequest {
                 task,
@@ -475,7 +475,7 @@ impl Session {
                 action,
                 by,
                 ..
-            } => self.to_hold(task, HoldCommand::Power { id, action, by }, &mut actions),
+            } => self.pass_to_hold(task, HoldCommand::Power { id, action, by }, &mut actions),
             Body::Error {
                 code, message, seq, ..
             } => {
@@ -498,10 +498,13 @@ impl Session {
 
     /// A lease's command for the hold running `task` (a hold that ended
     /// meanwhile: nothing to do; the server learns of the end).
-    fn to_hold(&mut self, task: TaskId, command: HoldCommand, actions: &mut Vec<Action>) {
+    fn pass_to_hold(&mut self, task: TaskId, command: HoldCommand, actions: &mut Vec<Action>) {
         if let Some(slot) = &self.slot {
             if slot.spec.task == task && !slot.finished && slot.spec.hold.is_some() {
-                actions.push(Action::Hold { task, command });
+                actions.push(Action::Hold {
+                    task,
+                    command: Box::new(command),
+                });
             }
         }
     }

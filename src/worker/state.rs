@@ -303,6 +303,7 @@ mod tests {
                 .collect(),
             slot: slot.then(|| SavedSlot {
                 spec: TaskSpec {
+                    hold: None,
                     task: "r1.1".into(),
                     run: "r1".into(),
                     attempt: 1,

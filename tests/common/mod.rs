@@ -145,8 +145,16 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stdin = child.stdin.take().unwrap();
         let (stdout, stderr) = (Lines::default(), Lines::default());
-        collect(child.stdout.take().unwrap(), stdout.clone(), format!("{name}:out"));
-        collect(child.stderr.take().unwrap(), stderr.clone(), name.to_string());
+        collect(
+            child.stdout.take().unwrap(),
+            stdout.clone(),
+            format!("{name}:out"),
+        );
+        collect(
+            child.stderr.take().unwrap(),
+            stderr.clone(),
+            name.to_string(),
+        );
         (
             Proc {
                 child,

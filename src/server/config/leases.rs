@@ -17,11 +17,20 @@ pub struct LeasesConfig {
     #[serde(rename = "idle", deserialize_with = "crate::settings::duration::ms")]
     pub idle_ms: u64,
     /// Longest lease per role.
-    #[serde(rename = "max_submit", deserialize_with = "crate::settings::duration::ms")]
+    #[serde(
+        rename = "max_submit",
+        deserialize_with = "crate::settings::duration::ms"
+    )]
     pub max_submit_ms: u64,
-    #[serde(rename = "max_operator", deserialize_with = "crate::settings::duration::ms")]
+    #[serde(
+        rename = "max_operator",
+        deserialize_with = "crate::settings::duration::ms"
+    )]
     pub max_operator_ms: u64,
-    #[serde(rename = "max_admin", deserialize_with = "crate::settings::duration::ms")]
+    #[serde(
+        rename = "max_admin",
+        deserialize_with = "crate::settings::duration::ms"
+    )]
     pub max_admin_ms: u64,
     pub held_per_user: usize,
     pub waiting_per_user: usize,
@@ -57,7 +66,11 @@ impl LeasesConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let week = crate::protocol::leasing::MAX_LEASE_MS;
         if !(1000..=24 * 3600 * 1000).contains(&self.idle_ms) {
-            return Err(invalid("leases.idle", self.idle_ms, "must be between 1s and 24h"));
+            return Err(invalid(
+                "leases.idle",
+                self.idle_ms,
+                "must be between 1s and 24h",
+            ));
         }
         for (key, v) in [
             ("leases.max_submit", self.max_submit_ms),
@@ -94,9 +107,18 @@ impl LeasesConfig {
         LeaseRules {
             idle: Duration::from_millis(self.idle_ms),
             max: [
-                ("submit".to_string(), Duration::from_millis(self.max_submit_ms)),
-                ("operator".to_string(), Duration::from_millis(self.max_operator_ms)),
-                ("admin".to_string(), Duration::from_millis(self.max_admin_ms)),
+                (
+                    "submit".to_string(),
+                    Duration::from_millis(self.max_submit_ms),
+                ),
+                (
+                    "operator".to_string(),
+                    Duration::from_millis(self.max_operator_ms),
+                ),
+                (
+                    "admin".to_string(),
+                    Duration::from_millis(self.max_admin_ms),
+                ),
             ]
             .into(),
             default_max: Duration::from_millis(self.max_submit_ms),

@@ -179,7 +179,13 @@ impl<S: Store> Scheduler<S> {
         // A lease is a person's hold on one device: it never moves to
         // another one behind their back; it ends, saying why.
         if leases::is_lease_id(&self.tasks[id].run) {
-            self.end_task(now, id, TaskState::Cancelled, None, format!("the lease ended: {why}"));
+            self.end_task(
+                now,
+                id,
+                TaskState::Cancelled,
+                None,
+                format!("the lease ended: {why}"),
+            );
             return;
         }
         let t = self.tasks.get_mut(id).expect("task");

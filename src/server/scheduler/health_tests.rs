@@ -154,6 +154,7 @@ impl Lab {
                 Body::Submit {
                     request: 1,
                     testrun: TestrunRequest {
+                        lease: None,
                         device: DeviceSpec::parse("devicegroup:g").unwrap(),
                         image: "img".into(),
                         packages: packages.iter().map(|p| p.to_string()).collect(),
@@ -238,6 +239,7 @@ fn a_broken_worker_is_caught_and_its_tasks_pass_elsewhere() {
     for w in ["w1", "w2", "w3"] {
         if let Some(t) = lab.s.workers[w].task.clone() {
             let spec = TaskSpec {
+                hold: None,
                 task: t.clone(),
                 run: lab.s.tasks[&t].run.clone(),
                 attempt: lab.s.tasks[&t].attempts,
@@ -371,6 +373,7 @@ fn a_lone_worker_failing_twice_ends_the_task_saying_there_is_no_other() {
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let first = lab.s.workers["w1"].task.clone().unwrap();
     let spec = |lab: &Lab, attempt| TaskSpec {
+        hold: None,
         task: first.clone(),
         run: run.clone(),
         attempt,
@@ -485,6 +488,7 @@ proptest! {
             if let Some(t) = lab.s.workers[&name].task.clone() {
                 let attempt = lab.s.tasks[&t].attempts;
                 pending.push((name, TaskSpec {
+                    hold: None,
                     task: t.clone(), run: lab.s.tasks[&t].run.clone(), attempt,
                     image: String::new(), packages: vec![], timeout_secs: 60,
                     options: BTreeMap::new(), ttl_ms: 1000, sent_ms: 0, inputs: vec![],

@@ -50,9 +50,9 @@ impl<S: Store> Scheduler<S> {
             Body::TaskAccepted { task, attempt }
             | Body::Log { task, attempt, .. }
             | Body::LogPacked { task, attempt, .. }
-            | Body::TaskFinished { task, attempt, .. } => (task.clone(), Some(*attempt)),
+            | Body::TaskFinished { task, attempt, .. }
+            | Body::PowerDone { task, attempt, .. } => (task.clone(), Some(*attempt)),
             Body::TaskRefused { task, .. } => (task.clone(), None),
-            Body::PowerDone { task, attempt, .. } => (task.clone(), Some(*attempt)),
             other => {
                 self.count("unexpected_message", 1);
                 let kind = other.kind();
@@ -170,15 +170,7 @@ impl<S: Store> Scheduler<S> {
                 };
                 self.on_finished(now, worker, &task, report)
             }
-            Body::PowerDone {
-                task,
-                id,
-                action,
-                state,
-                ok,
-                message,
-                ..
-            } => self.on_power_done(worker, &task, id, action, state, ok, message),
+            body @ Body::PowerDone { .. } => self.on_power_done(worker, body),
             _ => unreachable!("filtered above"),
         }
         true

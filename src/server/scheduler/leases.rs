@@ -13,8 +13,8 @@
 
 use super::*;
 use crate::protocol::leasing::MAX_LEASE_SHARES;
-use crate::server::leasing::{Hold, InputBudget, Lapse};
 use crate::security::Role;
+use crate::server::leasing::{Hold, InputBudget, Lapse};
 
 /// Input streams (one per console session of the holder) remembered per
 /// lease for exactly-once input; the oldest is forgotten past this.
@@ -171,11 +171,11 @@ impl<S: Store> Scheduler<S> {
             owner: owner.clone(),
             priority,
             notify: Vec::new(),
-            lease: Some(LeaseTerms {
+            lease: Some(Box::new(LeaseTerms {
                 duration_ms,
                 reason: reason.clone(),
                 ..LeaseTerms::default()
-            }),
+            })),
         };
         let Body::Submitted { run, tasks, .. } = self.submit(now, peer, request, testrun)? else {
             unreachable!("submit answers submitted");
@@ -229,10 +229,17 @@ impl<S: Store> Scheduler<S> {
             .filter_map(|id| {
                 let r = self.runs.get(id)?;
                 let terms = r.request.lease.as_ref()?;
-                if terms.ended.is_some() || matches!(r.state, RunState::Finished | RunState::Cancelled) {
+                if terms.ended.is_some()
+                    || matches!(r.state, RunState::Finished | RunState::Cancelled)
+                {
                     return None;
                 }
-                Some((id.clone(), r.tasks.first()?.clone(), r.request.owner.clone(), terms.until_ms))
+                Some((
+                    id.clone(),
+                    r.tasks.first()?.clone(),
+                    r.request.owner.clone(),
+                    terms.until_ms,
+                ))
             })
             .collect();
         for (id, task, holder, until_ms) in live {
@@ -259,7 +266,11 @@ impl<S: Store> Scheduler<S> {
     /// A lease's task was dispatched to `worker`: the lease is granted.
     pub(super) fn lease_granted(&mut self, now: Instant, run: &RunId, worker: &str) {
         let wall = self.wall_ms(now);
-        let Some(terms) = self.runs.get_mut(run).and_then(|r| r.request.lease.as_mut()) else {
+        let Some(terms) = self
+            .runs
+            .get_mut(run)
+            .and_then(|r| r.request.lease.as_mut())
+        else {
             return;
         };
         let duration = Duration::from_millis(terms.duration_ms);
@@ -281,9 +292,17 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Who may act on a lease: its holder; with `force`, an operator.
-    fn lease_actor(&self, peer: &PeerId, lease: &LeaseId, force: bool) -> Result<(), (ErrorCode, String)> {
+    fn lease_actor(
+        &self,
+        peer: &PeerId,
+        lease: &LeaseId,
+        force: bool,
+    ) -> Result<(), (ErrorCode, String)> {
         let Some(r) = self.runs.get(lease).filter(|r| r.request.lease.is_some()) else {
-            return Err((ErrorCode::UnknownRun, format!("no lease {lease:?} on this server")));
+            return Err((
+                ErrorCode::UnknownRun,
+                format!("no lease {lease:?} on this server"),
+            ));
         };
         if !self.cfg.secure {
             return Ok(());
@@ -345,7 +364,12 @@ impl<S: Store> Scheduler<S> {
                 ));
             }
         } else if is_holder {
-            self.leases.live.get_mut(&lease).expect("live").hold.heard(now);
+            self.leases
+                .live
+                .get_mut(&lease)
+                .expect("live")
+                .hold
+                .heard(now);
         }
         match action {
             LeaseAction::Keep => {}
@@ -413,10 +437,18 @@ impl<S: Store> Scheduler<S> {
                     }
                 } else {
                     terms.shared.retain(|u| *u != user);
-                    self.close_consoles_of_user(&lease, &user, "the holder stopped sharing the lease");
+                    self.close_consoles_of_user(
+                        &lease,
+                        &user,
+                        "the holder stopped sharing the lease",
+                    );
                 }
                 self.pending.runs.insert(lease.clone());
-                let verb = if action == LeaseAction::Share { "lease_share" } else { "lease_unshare" };
+                let verb = if action == LeaseAction::Share {
+                    "lease_share"
+                } else {
+                    "lease_unshare"
+                };
                 self.audit_peer(peer, verb, &format!("{lease}: {user}"));
             }
         }
@@ -454,7 +486,11 @@ impl<S: Store> Scheduler<S> {
             );
         }
         let wall = self.wall_ms(now);
-        if let Some(terms) = self.runs.get_mut(lease).and_then(|r| r.request.lease.as_mut()) {
+        if let Some(terms) = self
+            .runs
+            .get_mut(lease)
+            .and_then(|r| r.request.lease.as_mut())
+        {
             terms.ended = Some(why.clone());
             if terms.until_ms.is_some_and(|u| u > wall) {
                 terms.until_ms = Some(wall);
@@ -482,7 +518,13 @@ impl<S: Store> Scheduler<S> {
     /// The lease's task ended on `worker` after holding it: the device
     /// may be in any state a person left it in; it is checked (after its
     /// recovery, if configured) before the next CI task.
-    pub(super) fn lease_task_ended(&mut self, now: Instant, task: &TaskId, worker: Option<&str>, held: bool) {
+    pub(super) fn lease_task_ended(
+        &mut self,
+        now: Instant,
+        task: &TaskId,
+        worker: Option<&str>,
+        held: bool,
+    ) {
         let run = self.tasks[task].run.clone();
         if self.leases.live.contains_key(&run) {
             let why = self.tasks[task]
@@ -493,7 +535,9 @@ impl<S: Store> Scheduler<S> {
         }
         if let (Some(w), true) = (worker, held) {
             let has_check = self.check_of(w).is_some();
-            let reason = format!("lease {run} ended: whatever its holder left is checked before the next task");
+            let reason = format!(
+                "lease {run} ended: whatever its holder left is checked before the next task"
+            );
             self.health_event(
                 now,
                 w,
@@ -554,7 +598,11 @@ impl<S: Store> Scheduler<S> {
             .map(|(id, _)| id.clone())
             .collect();
         for id in held {
-            self.end_lease(now, &id, format!("the key of its holder {user} was revoked or changed"));
+            self.end_lease(
+                now,
+                &id,
+                format!("the key of its holder {user} was revoked or changed"),
+            );
         }
     }
 
@@ -588,9 +636,16 @@ impl<S: Store> Scheduler<S> {
 
     /// `list_leases`: the caller's waiting and held leases; `all`: every
     /// user's (a submit user: its own), with the last ended ones.
-    pub(super) fn list_leases(&self, now: Instant, peer: &PeerId, request: u64, all: bool) -> Reply {
+    pub(super) fn list_leases(
+        &self,
+        now: Instant,
+        peer: &PeerId,
+        request: u64,
+        all: bool,
+    ) -> Reply {
         let me = self.owner(peer);
-        let sees_all = !self.cfg.secure || self.caller_role(peer).is_some_and(|r| r >= Role::Operator);
+        let sees_all =
+            !self.cfg.secure || self.caller_role(peer).is_some_and(|r| r >= Role::Operator);
         let mine = |r: &Testrun| !self.cfg.secure || r.request.owner == me;
         let mut leases: Vec<DeviceLease> = self
             .leases
@@ -605,7 +660,10 @@ impl<S: Store> Scheduler<S> {
         if all {
             let ended = self
                 .runs
-                .range::<str, _>((std::ops::Bound::Included("l"), std::ops::Bound::Excluded("m")))
+                .range::<str, _>((
+                    std::ops::Bound::Included("l"),
+                    std::ops::Bound::Excluded("m"),
+                ))
                 .rev()
                 .filter(|(id, r)| !self.leases.live.contains_key(*id) && r.request.lease.is_some())
                 .filter(|(_, r)| sees_all || mine(r))
@@ -642,7 +700,9 @@ impl<S: Store> Scheduler<S> {
             requested_ms: r.submitted_ms,
             granted_ms: terms.granted_ms,
             until_ms: terms.until_ms,
-            ended_ms: (state == LeaseState::Ended).then_some(r.ended_ms.or(terms.until_ms)).flatten(),
+            ended_ms: (state == LeaseState::Ended)
+                .then_some(r.ended_ms.or(terms.until_ms))
+                .flatten(),
             ended: terms.ended.clone(),
             duration_ms: terms.duration_ms,
             idle_ms: live.map(|l| now.saturating_duration_since(l.hold.heard).as_millis() as u64),

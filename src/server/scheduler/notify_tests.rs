@@ -112,6 +112,7 @@ fn per_run_entries_are_checked_at_submit_and_listing_follows_the_owner() {
         "127.0.0.1".into(),
     );
     let mut testrun = TestrunRequest {
+        lease: None,
         device: DeviceSpec::parse("devicegroup:g").unwrap(),
         devices: Vec::new(),
         image: "img".into(),

@@ -224,6 +224,7 @@ impl Lab {
         self.request(Body::Submit {
             request: 1,
             testrun: TestrunRequest {
+                lease: None,
                 device: DeviceSpec::parse(device).unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),
@@ -1857,6 +1858,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
     let reply = lab.request(Body::Submit {
         request: 1,
         testrun: TestrunRequest {
+            lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2212,6 +2214,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
     let submit = Body::Submit {
         request: 1,
         testrun: TestrunRequest {
+            lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2257,6 +2260,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
         let body = Body::Submit {
             request: 9,
             testrun: TestrunRequest {
+                lease: None,
                 device: DeviceSpec::parse("devicegroup:nobody").unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),

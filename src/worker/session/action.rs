@@ -66,7 +66,7 @@ pub enum Action {
     /// Hand a server's command to the lease's hold running this task.
     Hold {
         task: TaskId,
-        command: crate::worker::task::channel::HoldCommand,
+        command: Box<crate::worker::task::channel::HoldCommand>,
     },
     /// The server refused this worker for good (its name is in use by
     /// another live worker): stop the worker with this message.

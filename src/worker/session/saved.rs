@@ -62,6 +62,7 @@ impl Session {
                 // Secrets stay in memory: a restarted worker reports the
                 // task interrupted and never needs them again.
                 spec: TaskSpec {
+                    hold: None,
                     secrets: Default::default(),
                     ..s.spec.clone()
                 },

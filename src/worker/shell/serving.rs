@@ -481,7 +481,7 @@ impl Serving {
                     }
                 }
                 Action::StopTask(task) => self.stop_task(&task),
-                Action::Hold { task, command } => self.to_hold(&task, command),
+                Action::Hold { task, command } => self.pass_to_hold(&task, *command),
                 Action::Refused(code, message) => {
                     self.refused = Some((code, message));
                     queue.clear();
@@ -570,7 +570,7 @@ impl Serving {
 
     /// Hands a server's command to the lease's hold. The queue is ample
     /// (the server holds input to a rate); one refused is said, loudly.
-    fn to_hold(&mut self, task: &TaskId, command: HoldCommand) {
+    fn pass_to_hold(&mut self, task: &TaskId, command: HoldCommand) {
         let Some(r) = self.running.get(task) else {
             return;
         };

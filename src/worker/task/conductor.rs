@@ -505,6 +505,7 @@ mod tests {
         let mut options = BTreeMap::new();
         options.insert("flavour".to_string(), "with space; rm -rf /".to_string());
         TaskSpec {
+            hold: None,
             task: "r-1.2".into(),
             run: "r-1".into(),
             attempt: 1,

@@ -33,21 +33,7 @@ pub(super) async fn hold(
     mut stop: watch::Receiver<Stop>,
 ) {
     let lease = spec.hold.clone().expect("a hold's spec");
-    let holder = lease.holder.clone().unwrap_or_else(|| "-".into());
-    channel.log(
-        Stream::Worker,
-        format!(
-            "worker {} holds its device for lease {} of {holder}{}",
-            cfg.name,
-            lease.lease,
-            if lease.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", lease.reason)
-            }
-        ),
-    );
-    info!(task = %spec.task, lease = %lease.lease, holder = %holder, "holding the device for a lease");
+    announce(cfg, spec, &mut channel);
     let (task, attempt) = channel.ids();
     let send_bytes = |channel: &ResponseChannel, offset: u64, bytes: Vec<u8>| {
         for (i, piece) in bytes.chunks(CHUNK).enumerate() {
@@ -67,8 +53,8 @@ pub(super) async fn hold(
                 format!("the device's console is unavailable: {why}"),
             );
         }
-        let since = crate::protocol::limits::unix_ms_now()
-            .saturating_sub(c.pre_task().as_millis() as u64);
+        let since =
+            crate::protocol::limits::unix_ms_now().saturating_sub(c.pre_task().as_millis() as u64);
         let before = c.recent(since, PRE_HOLD_BYTES).unwrap_or_default();
         lines = Some(c.tap());
         raw = Some(c.raw_tap(before.len() as u64));
@@ -82,7 +68,12 @@ pub(super) async fn hold(
             "this worker has no console ([serial] port): the lease has power only".into(),
         );
     }
-    let (power_tx, mut power_rx) = mpsc::channel::<(u64, crate::protocol::PowerAction, String, power::PowerOutcome)>(16);
+    let (power_tx, mut power_rx) = mpsc::channel::<(
+        u64,
+        crate::protocol::PowerAction,
+        String,
+        power::PowerOutcome,
+    )>(16);
     let mut typed: Option<(String, Vec<u8>)> = None;
     let flush_typed = |channel: &mut ResponseChannel, typed: &mut Option<(String, Vec<u8>)>| {
         if let Some((by, bytes)) = typed.take() {
@@ -151,7 +142,37 @@ pub(super) async fn hold(
         }
     }
     flush_typed(&mut channel, &mut typed);
-    if let Some(c) = &console {
+    let_go(cfg, console.as_ref(), channel, &lease.lease);
+}
+
+/// The transcript's first line, and the worker's log.
+fn announce(cfg: &WorkerConfig, spec: &TaskSpec, channel: &mut ResponseChannel) {
+    let lease = spec.hold.as_ref().expect("a hold's spec");
+    let holder = lease.holder.clone().unwrap_or_else(|| "-".into());
+    channel.log(
+        Stream::Worker,
+        format!(
+            "worker {} holds its device for lease {} of {holder}{}",
+            cfg.name,
+            lease.lease,
+            if lease.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", lease.reason)
+            }
+        ),
+    );
+    info!(task = %spec.task, lease = %lease.lease, holder = %holder, "holding the device for a lease");
+}
+
+/// The hold is over: the console's taps end, the report goes.
+fn let_go(
+    cfg: &WorkerConfig,
+    console: Option<&Console>,
+    mut channel: ResponseChannel,
+    lease: &str,
+) {
+    if let Some(c) = console {
         c.raw_untap();
         let dropped = c.untap();
         if dropped > 0 {
@@ -163,7 +184,10 @@ pub(super) async fn hold(
     }
     channel.log(
         Stream::Worker,
-        format!("worker {} lets go of its device: lease {} over", cfg.name, lease.lease),
+        format!(
+            "worker {} lets go of its device: lease {lease} over",
+            cfg.name
+        ),
     );
     channel.finish(
         Outcome {

@@ -50,12 +50,20 @@ async fn recover(
 ) -> Result<(), String> {
     let r = &cfg.recovery;
     if r.power_cycle {
-        channel.log(Stream::Worker, "recovery: power cycle ([recovery] power_cycle)".into());
+        channel.log(
+            Stream::Worker,
+            "recovery: power cycle ([recovery] power_cycle)".into(),
+        );
         info!("power cycling the device before a health check");
         let out = power::act(&cfg.power, crate::protocol::PowerAction::Cycle).await;
         channel.log(
             Stream::Worker,
-            format!("recovery: power cycle {}, state {} {}", if out.ok { "done" } else { "failed" }, out.state, out.message),
+            format!(
+                "recovery: power cycle {}, state {} {}",
+                if out.ok { "done" } else { "failed" },
+                out.state,
+                out.message
+            ),
         );
         return if out.ok {
             Ok(())

@@ -62,7 +62,10 @@ async fn run(argv: &[String], timeout: Duration) -> Result<(bool, String), Strin
     let work = async {
         let mut out = Vec::new();
         let mut err = Vec::new();
-        tokio::join!(read_some(&mut stdout, &mut out), read_some(&mut stderr, &mut err));
+        tokio::join!(
+            read_some(&mut stdout, &mut out),
+            read_some(&mut stderr, &mut err)
+        );
         let status = child.wait().await;
         (status, out, err)
     };
@@ -177,21 +180,35 @@ mod tests {
         let state = dir.path().join("state");
         let sh = |cmd: String| vec!["sh".to_string(), "-c".to_string(), cmd];
         let cfg = PowerConfig {
-            on: sh(format!("echo on >> {0}.log; echo on > {0}", state.display())),
-            off: sh(format!("echo off >> {0}.log; echo off > {0}", state.display())),
+            on: sh(format!(
+                "echo on >> {0}.log; echo on > {0}",
+                state.display()
+            )),
+            off: sh(format!(
+                "echo off >> {0}.log; echo off > {0}",
+                state.display()
+            )),
             cycle: Vec::new(),
             status: sh(format!("cat {}", state.display())),
             cycle_delay_ms: 10,
             timeout_ms: 10_000,
         };
         let out = act(&cfg, PowerAction::Cycle).await;
-        assert_eq!((out.ok, out.state.as_str()), (true, "on"), "{}", out.message);
+        assert_eq!(
+            (out.ok, out.state.as_str()),
+            (true, "on"),
+            "{}",
+            out.message
+        );
         let log = std::fs::read_to_string(format!("{}.log", state.display())).unwrap();
         assert_eq!(log, "off\non\n");
         let out = act(&cfg, PowerAction::Off).await;
         assert_eq!(out.state, "off");
         let none = act(&PowerConfig::default().normalized(), PowerAction::On).await;
-        assert!(!none.ok && none.message.contains("no [power] on command"), "{none:?}");
+        assert!(
+            !none.ok && none.message.contains("no [power] on command"),
+            "{none:?}"
+        );
         assert_eq!(none.state, "unknown");
     }
 }

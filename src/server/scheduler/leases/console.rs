@@ -11,7 +11,10 @@ impl<S: Store> Scheduler<S> {
     /// The live lease a console request names, held (not waiting).
     fn held_lease(&self, lease: &LeaseId) -> Result<&Live, (ErrorCode, String)> {
         let Some(r) = self.runs.get(lease).filter(|r| r.request.lease.is_some()) else {
-            return Err((ErrorCode::UnknownRun, format!("no lease {lease:?} on this server")));
+            return Err((
+                ErrorCode::UnknownRun,
+                format!("no lease {lease:?} on this server"),
+            ));
         };
         let Some(l) = self.leases.live.get(lease) else {
             let why = r
@@ -20,7 +23,10 @@ impl<S: Store> Scheduler<S> {
                 .as_ref()
                 .and_then(|t| t.ended.clone())
                 .unwrap_or_else(|| "it ended".into());
-            return Err((ErrorCode::BadRequest, format!("lease {lease} has ended: {why}")));
+            return Err((
+                ErrorCode::BadRequest,
+                format!("lease {lease} has ended: {why}"),
+            ));
         };
         if r.state == RunState::Queued {
             return Err((
@@ -42,7 +48,10 @@ impl<S: Store> Scheduler<S> {
             return Ok(true);
         }
         let shared = me.as_ref().is_some_and(|m| {
-            r.request.lease.as_ref().is_some_and(|t| t.shared.contains(m))
+            r.request
+                .lease
+                .as_ref()
+                .is_some_and(|t| t.shared.contains(m))
         });
         if shared || self.caller_role(peer).is_some_and(|r| r >= Role::Operator) {
             return Ok(false);
@@ -249,7 +258,10 @@ impl<S: Store> Scheduler<S> {
             l.inputs.pop_front();
         }
         let task = l.task.clone();
-        let worker = self.tasks[&task].worker.clone().expect("held lease has a worker");
+        let worker = self.tasks[&task]
+            .worker
+            .clone()
+            .expect("held lease has a worker");
         let by = self.owner(peer).unwrap_or_else(|| "-".into());
         self.count("console_input_bytes", new.len() as u64);
         self.send_mandatory_raw(
@@ -304,10 +316,16 @@ impl<S: Store> Scheduler<S> {
         l.replay.push_back((now, offset, bytes.clone()));
         l.replay_bytes += bytes.len();
         while l.replay_bytes > replay_max {
-            let Some((_, _, b)) = l.replay.pop_front() else { break };
+            let Some((_, _, b)) = l.replay.pop_front() else {
+                break;
+            };
             l.replay_bytes -= b.len();
         }
-        let to: Vec<(PeerId, u64)> = l.consoles.iter().map(|(p, a)| (p.clone(), a.request)).collect();
+        let to: Vec<(PeerId, u64)> = l
+            .consoles
+            .iter()
+            .map(|(p, a)| (p.clone(), a.request))
+            .collect();
         if gap > 0 {
             self.count("console_bytes_lost", gap);
         }
@@ -344,21 +362,35 @@ impl<S: Store> Scheduler<S> {
             self.count("power_over_limit", 1);
             return Err((
                 ErrorCode::LimitReached,
-                format!("{MAX_POWER_WAITING} power actions are waiting for their workers: try again"),
+                format!(
+                    "{MAX_POWER_WAITING} power actions are waiting for their workers: try again"
+                ),
             ));
         }
         let is_holder = self.owner(peer) == self.runs[&lease].request.owner;
         if is_holder {
-            self.leases.live.get_mut(&lease).expect("held").hold.heard(now);
+            self.leases
+                .live
+                .get_mut(&lease)
+                .expect("held")
+                .hold
+                .heard(now);
         }
-        let worker = self.tasks[&task].worker.clone().expect("held lease has a worker");
+        let worker = self.tasks[&task]
+            .worker
+            .clone()
+            .expect("held lease has a worker");
         self.leases.next_power += 1;
         let id = self.leases.next_power;
         self.leases
             .power
             .insert(id, (peer.clone(), request, lease.clone(), action));
         let by = self.owner(peer).unwrap_or_else(|| "-".into());
-        self.audit_peer(peer, "power", &format!("{lease} on worker {worker}: {action}"));
+        self.audit_peer(
+            peer,
+            "power",
+            &format!("{lease} on worker {worker}: {action}"),
+        );
         self.count("power_actions", 1);
         self.send_mandatory(
             now,
@@ -376,17 +408,20 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// `power_done` from the worker: answered to whoever asked.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::server::scheduler) fn on_power_done(
-        &mut self,
-        worker: &str,
-        task: &TaskId,
-        id: u64,
-        action: PowerAction,
-        state: String,
-        ok: bool,
-        message: String,
-    ) {
+    pub(in crate::server::scheduler) fn on_power_done(&mut self, worker: &str, body: Body) {
+        let Body::PowerDone {
+            task,
+            id,
+            action,
+            state,
+            ok,
+            message,
+            ..
+        } = body
+        else {
+            return;
+        };
+        let task = &task;
         let run = self.tasks[task].run.clone();
         let state = match state.as_str() {
             "on" | "off" => state,
@@ -400,7 +435,11 @@ impl<S: Store> Scheduler<S> {
             &format!(
                 "{run}: {action} -> {state} ({}){}",
                 if ok { "ok" } else { "failed" },
-                if message.is_empty() { String::new() } else { format!(": {}", crate::text::escape_controls(&message)) }
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", crate::text::escape_controls(&message))
+                }
             ),
         );
         let Some((peer, request, lease, asked)) = self.leases.power.remove(&id) else {

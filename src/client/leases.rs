@@ -1,4 +1,4 @@
-//! Leases from the client's side (PROTOCOL.md §17): reserve, list, act,
+//! Leases from the client's side (PROTOCOL.md §18): reserve, list, act,
 //! power, and a console session — attached on this connection, output
 //! handed over as it comes (gaps counted), input sent as one numbered
 //! stream whose unacknowledged tail is sent again until the server says

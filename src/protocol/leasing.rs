@@ -1,4 +1,4 @@
-//! Leases: a person's hold on one device (PROTOCOL.md §17). A lease is a
+//! Leases: a person's hold on one device (PROTOCOL.md §18). A lease is a
 //! testrun of one task whose spec says `lease`: it waits in the same
 //! fair-share queue as every task, is dispatched to one worker like one,
 //! and its log is the lease's transcript. What travels for it — the

@@ -527,7 +527,7 @@ pub enum Body {
     },
 
     /// Asks for one device matching `device` for `duration_ms` (PROTOCOL.md
-    /// §17.1): queued like a task; answered with `leases` naming it.
+    /// §18.1): queued like a task; answered with `leases` naming it.
     Reserve {
         request: u64,
         device: DeviceSpec,

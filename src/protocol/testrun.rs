@@ -82,7 +82,7 @@ pub struct TestrunRequest {
     /// a URL that `notify.allow_urls` allows; at most 4.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<String>,
-    /// Set by the server for a lease (`reserve`, PROTOCOL.md §17): the
+    /// Set by the server for a lease (`reserve`, PROTOCOL.md §18): the
     /// testrun is one task holding a device for a person. A `submit`
     /// carrying it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,7 +164,7 @@ pub struct TaskSpec {
     /// check that follows a failure.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recover: bool,
-    /// Not a test: hold the device for a lease (PROTOCOL.md §17.3) until
+    /// Not a test: hold the device for a lease (PROTOCOL.md §18.3) until
     /// cancelled — its console's output and input, power actions and
     /// notes go into the task's log, the lease's transcript.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,4 @@
-//! Leases (PROTOCOL.md §17): a person's hold on one device, queued and
+//! Leases (PROTOCOL.md §18): a person's hold on one device, queued and
 //! dispatched as a one-task testrun `l…` whose task holds the device
 //! instead of testing it. Here: reserving, listing, release, renew, keep
 //! and share; the consoles attached to a lease (replay, output, input

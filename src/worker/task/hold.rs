@@ -1,4 +1,4 @@
-//! A lease's hold (PROTOCOL.md §17.3): no conductor runs; the worker
+//! A lease's hold (PROTOCOL.md §18.3): no conductor runs; the worker
 //! keeps the device for its holder until the server cancels the task.
 //! What the device printed in the last `[serial] pre_task` opens the
 //! transcript and the live output; from then on every byte from the

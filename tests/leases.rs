@@ -81,6 +81,7 @@ impl Drop for Board {
 /// Debian's pdudaemon on a free loopback port, its `localcmdline` PDU
 /// `board` writing the board's power file.
 fn start_pdudaemon(dir: &Path, power: &Path) -> (Proc, u16) {
+    common::browser::ensure_packages(&[("/usr/sbin/pdudaemon", "pdudaemon")]);
     let port = free_port();
     let conf = dir.join("pdudaemon.conf");
     let cmd = |state: &str| format!("echo {state} > {} # port %s", power.display());
@@ -93,7 +94,7 @@ fn start_pdudaemon(dir: &Path, power: &Path) -> (Proc, u16) {
         .to_string(),
     )
     .unwrap();
-    let mut c = std::process::Command::new("pdudaemon");
+    let mut c = std::process::Command::new("/usr/sbin/pdudaemon");
     c.arg("--conf")
         .arg(&conf)
         .arg("--logfile")

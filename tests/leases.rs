@@ -131,13 +131,13 @@ fn power_toml(port: u16, power: &Path) -> String {
 }
 
 fn lab(dir: &Path, idle: &str) -> (ServerProc, Board, Proc, Proc, PathBuf) {
-    let server = start_fresh_server(
-        dir,
-        &[
-            ("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250"),
-            ("OTS_SERVER_LEASES__IDLE", idle),
-        ],
-    );
+    lab_with(dir, &[("OTS_SERVER_LEASES__IDLE", idle)])
+}
+
+fn lab_with(dir: &Path, env: &[(&str, &str)]) -> (ServerProc, Board, Proc, Proc, PathBuf) {
+    let mut all = vec![("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250")];
+    all.extend_from_slice(env);
+    let server = start_fresh_server(dir, &all);
     let board = Board::start(dir);
     let (pdu, port) = start_pdudaemon(dir, &board.power);
     let (conductor, go) = gated_conductor(dir);
@@ -399,4 +399,125 @@ fn a_holder_that_vanishes_loses_the_lease_after_lease_idle() {
     assert!(l["ended"].as_str().unwrap().contains("not heard"), "{l:#}");
     wait_status(&server, &r, LIMIT, finished);
     assert_eq!(current_status(&server, &r)["verdict"], "PASS");
+}
+
+/// The dashboard: reserve from the Leases page, the lease's page shows
+/// the transcript with the boot banner, a line typed on it reaches the
+/// board once (the same request sent twice types nothing more), another
+/// user does not see it, release ends it.
+#[test]
+fn the_dashboard_reserves_shows_the_console_and_types_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, _go) =
+        lab_with(dir.path(), &[("OTS_SERVER_WEB", "127.0.0.1:0")]);
+    let base = web_url(&server);
+    wait_allowed(&server, "alice");
+    wait_allowed(&server, "bob");
+    let cookie = common::http::sign_in(&web_link(&server, "alice"));
+    let me = common::http::get(&base, "/api/me", Some(&cookie)).json();
+    let csrf = me["csrf"].as_str().unwrap().to_string();
+    let session = format!("ots_session={cookie}");
+    let form = format!("csrf={csrf}&device=devicegroup%3Aboard&duration=10m&reason=web+session");
+    let r = common::http::request(
+        &base,
+        "POST",
+        "/leases",
+        &[
+            ("Cookie", &session),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Origin", &base),
+        ],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 303, "{}", r.text());
+    let lease = r
+        .header("location")
+        .unwrap()
+        .trim_start_matches("/leases/")
+        .to_string();
+    wait_lease(&server, "alice", &lease, |l| l["state"] == "held");
+    let page = common::http::get(&base, "/leases", Some(&cookie)).text();
+    assert!(
+        page.contains(&lease) && page.contains("web session") && page.contains("Release"),
+        "{page}"
+    );
+    // The transcript opens with what the board printed before the grant.
+    let deadline = Instant::now() + LIMIT;
+    let page = loop {
+        let page = common::http::get(&base, &format!("/leases/{lease}"), Some(&cookie)).text();
+        if page.contains("BOOT banner 1") || Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    };
+    assert!(
+        page.contains("console-input") && page.contains("BOOT banner 1"),
+        "{page}"
+    );
+    // A line typed, and the same request again (a retry after a lost answer).
+    let body = br#"{"stream":"web-test","offset":0,"text":"from the web\n"}"#;
+    for _ in 0..2 {
+        let r = common::http::request(
+            &base,
+            "POST",
+            &format!("/api/leases/{lease}/input"),
+            &[
+                ("Cookie", &session),
+                ("Content-Type", "application/json"),
+                ("X-CSRF-Token", &csrf),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["have"], 13);
+    }
+    let deadline = Instant::now() + LIMIT;
+    let echoed = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains("[serial] from the web"))
+            .count()
+    };
+    let transcript = loop {
+        let t = text(
+            &server
+                .as_user("alice")
+                .submit(&["logs", &lease], LIMIT)
+                .stdout,
+        );
+        if echoed(&t) >= 1 || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    };
+    assert_eq!(
+        echoed(&transcript),
+        1,
+        "typed once, echoed once:\n{transcript}"
+    );
+    assert!(
+        transcript.contains("[input alice] from the web"),
+        "{transcript}"
+    );
+    // Bob's browser sees nothing of it.
+    let bob = common::http::sign_in(&web_link(&server, "bob"));
+    let r = common::http::get(&base, &format!("/leases/{lease}"), Some(&bob));
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Release from the page.
+    let r = common::http::request(
+        &base,
+        "POST",
+        &format!("/leases/{lease}/act"),
+        &[
+            ("Cookie", &session),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Origin", &base),
+        ],
+        format!("csrf={csrf}&action=release").as_bytes(),
+    );
+    assert_eq!(r.status, 303, "{}", r.text());
+    let l = wait_lease(&server, "alice", &lease, |l| l["state"] == "ended");
+    assert!(
+        l["ended"].as_str().unwrap().contains("released by alice"),
+        "{l:#}"
+    );
 }

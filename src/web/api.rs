@@ -4,7 +4,7 @@
 //! scheduler as that user (`asks`), and renders the answer; a refusal of
 //! the scheduler's is shown as it is (403 for another user's testrun).
 
-use super::pages;
+use super::{leases, pages};
 use super::{Dashboard, MAX_REQUEST_BODY};
 use crate::web::download::download;
 use crate::web::html::{
@@ -36,6 +36,16 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/workers/{name}", get(worker_page))
         .route("/workers/{name}/drain", post(drain_form))
         .route("/audit", get(audit_page))
+        .route(
+            "/leases",
+            get(leases::leases_page).post(leases::reserve_form),
+        )
+        .route("/leases/{lease}", get(leases::lease_page))
+        .route("/leases/{lease}/act", post(leases::lease_form))
+        .route("/leases/{lease}/input", post(leases::input_form))
+        .route("/api/leases", get(leases::api_leases))
+        .route("/api/leases/{lease}/input", post(leases::api_input))
+        .route("/api/leases/{lease}/keep", post(leases::api_keep))
         .route("/login", get(login).post(login_confirmed))
         .route("/logout", post(logout))
         .route("/static/ots.css", get(css))

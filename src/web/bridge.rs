@@ -27,6 +27,8 @@ pub struct Ask {
     /// Where the browser is (`web:IP`), for the audit log.
     pub address: String,
     pub body: Body,
+    /// The raw frame (console input).
+    pub raw: Option<Bytes>,
     pub reply: oneshot::Sender<(Body, Option<Bytes>)>,
 }
 
@@ -69,12 +71,24 @@ impl Asker {
         address: String,
         body: Body,
     ) -> Result<(Body, Option<Bytes>), AskError> {
+        self.ask_raw(identity, address, body, None).await
+    }
+
+    /// [`Self::ask`] with a raw frame.
+    pub async fn ask_raw(
+        &self,
+        identity: Option<Identity>,
+        address: String,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> Result<(Body, Option<Bytes>), AskError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Ask {
                 identity,
                 address,
                 body,
+                raw,
                 reply,
             })
             .map_err(|e| match e {

@@ -32,6 +32,7 @@ mod extract;
 mod html;
 pub mod http;
 mod json;
+mod leases;
 pub mod live;
 pub mod pages;
 pub mod sessions;
@@ -338,10 +339,26 @@ impl Dashboard {
         peer: SocketAddr,
         body: Body,
     ) -> Result<(Body, Option<Bytes>), AskError> {
+        self.ask_raw(viewer, peer, body, None).await
+    }
+
+    /// [`Self::ask`] with a raw frame (console input).
+    pub async fn ask_raw(
+        &self,
+        viewer: &Viewer,
+        peer: SocketAddr,
+        body: Body,
+        raw: Option<Bytes>,
+    ) -> Result<(Body, Option<Bytes>), AskError> {
         Counters::bump(&self.counters.requests);
         let r = self
             .asker
-            .ask(viewer.identity.clone(), format!("web:{}", peer.ip()), body)
+            .ask_raw(
+                viewer.identity.clone(),
+                format!("web:{}", peer.ip()),
+                body,
+                raw,
+            )
             .await;
         if matches!(r, Err(AskError::Busy)) {
             Counters::bump(&self.counters.busy);

@@ -102,6 +102,7 @@ fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
                             a href="/" { "Lab" }
                             a href="/queue" { "Queue" }
                             a href="/runs" { "Runs" }
+                            a href="/leases" { "Leases" }
                             @if v.role() >= Role::Admin {
                                 a href="/audit" { "Audit" }
                             }
@@ -119,7 +120,7 @@ fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
     }
 }
 
-fn page(viewer: &Viewer, title: &str, body: Markup) -> Response {
+pub(super) fn page(viewer: &Viewer, title: &str, body: Markup) -> Response {
     layout(Some(viewer), title, body).into_response()
 }
 

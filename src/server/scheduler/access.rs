@@ -249,6 +249,13 @@ impl<S: Store> Scheduler<S> {
                     )),
                     _ if *role >= Role::Operator => Ok(()),
                     _ => match run.and_then(|r| self.runs.get(&r).map(|t| (r, t))) {
+                        // A lease's transcript: also its shared viewers'.
+                        Some((_, t))
+                            if matches!(b, Body::GetLog { .. } | Body::GetLogTail { .. } | Body::GetStatus { .. })
+                                && t.request.lease.as_ref().is_some_and(|l| l.shared.contains(name)) =>
+                        {
+                            Ok(())
+                        }
                         Some((r, t)) if t.request.owner.as_deref() != Some(name.as_str()) => {
                             forbidden(format!(
                                 "{label} (role submit) may see and cancel only its own testruns; {r} is {}'s",

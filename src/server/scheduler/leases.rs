@@ -646,7 +646,16 @@ impl<S: Store> Scheduler<S> {
         let me = self.owner(peer);
         let sees_all =
             !self.cfg.secure || self.caller_role(peer).is_some_and(|r| r >= Role::Operator);
-        let mine = |r: &Testrun| !self.cfg.secure || r.request.owner == me;
+        let mine = |r: &Testrun| {
+            !self.cfg.secure
+                || r.request.owner == me
+                || me.as_ref().is_some_and(|m| {
+                    r.request
+                        .lease
+                        .as_ref()
+                        .is_some_and(|t| t.shared.contains(m))
+                })
+        };
         let mut leases: Vec<DeviceLease> = self
             .leases
             .live

@@ -68,7 +68,7 @@ impl Pending {
             crate::protocol::Envelope {
                 header,
                 body: ask.body,
-                raw: None,
+                raw: ask.raw,
             },
         );
     }

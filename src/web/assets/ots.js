@@ -119,4 +119,58 @@
     rs.addEventListener('end', function () { rs.close(); refresh(); });
     rs.addEventListener('signed_out', function () { rs.close(); });
   }
+
+  // Buttons that end something ask first.
+  document.querySelectorAll('button[data-confirm]').forEach(function (b) {
+    if (!b.dataset.confirm) return;
+    b.addEventListener('click', function (e) { if (!window.confirm(b.dataset.confirm)) e.preventDefault(); });
+  });
+
+  // A lease's console input: one stream per page, each line sent at the
+  // stream's offset; an unanswered or refused send is sent again from
+  // what the server says it has, so nothing is typed twice or lost.
+  var input = document.getElementById('console-input');
+  if (input) {
+    var lease = input.dataset.lease;
+    var stream = input.querySelector('[name=stream]').value;
+    var csrf = input.querySelector('[name=csrf]').value;
+    var have = 0, pending = '', busy = false;
+    var text = input.querySelector('[name=text]');
+    var eol = input.querySelector('[name=eol]');
+    var pump = function () {
+      if (busy || pending === '') return;
+      busy = true;
+      var piece = pending;
+      fetch('/api/leases/' + encodeURIComponent(lease) + '/input', {
+        method: 'POST', credentials: 'same-origin',
+        headers: { 'content-type': 'application/json', 'x-csrf-token': csrf },
+        body: JSON.stringify({ stream: stream, offset: have, text: piece })
+      }).then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
+        busy = false;
+        if (j && typeof j.have === 'number') {
+          // The server has the stream up to `have` (bytes): drop what it took.
+          var bytes = new TextEncoder().encode(piece);
+          var took = Math.min(j.have - have, bytes.length);
+          have = j.have;
+          pending = pending.substring(new TextDecoder().decode(bytes.slice(0, took)).length);
+          if (took > 0) pump(); else setTimeout(pump, 500);
+        } else {
+          setTimeout(pump, 500);
+        }
+      }).catch(function () { busy = false; setTimeout(pump, 500); });
+    };
+    // An open console page keeps its holder heard (the lease's idle limit).
+    setInterval(function () {
+      fetch('/api/leases/' + encodeURIComponent(lease) + '/keep', {
+        method: 'POST', credentials: 'same-origin', headers: { 'x-csrf-token': csrf }
+      }).catch(function () {});
+    }, 60000);
+    input.addEventListener('submit', function (e) {
+      e.preventDefault();
+      var end = eol.value === 'cr' ? '\r' : (eol.value === 'none' ? '' : '\n');
+      pending += text.value + end;
+      text.value = '';
+      pump();
+    });
+  }
 })();

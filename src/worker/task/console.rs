@@ -245,6 +245,10 @@ struct Shared {
     tap_dropped: u64,
     /// Bytes to write to the device.
     outbox: VecDeque<Vec<u8>>,
+    /// A second handle on the open port: bytes to the device are written
+    /// at once by whoever sends them (a keystroke does not wait for the
+    /// reader's timeout); while the port is closed they wait in `outbox`.
+    writer: Option<serialport::TTYPort>,
     /// Appending to the ring fails (disk full): said once, not per line.
     write_failing: bool,
     /// The raw bytes from the device, for the conductor's re-exported
@@ -276,6 +280,7 @@ impl Console {
                 tap: None,
                 tap_dropped: 0,
                 outbox: VecDeque::new(),
+                writer: None,
                 write_failing: false,
                 export: None,
                 available: Err("not opened yet".into()),
@@ -425,6 +430,15 @@ impl Console {
     pub fn send(&self, bytes: Vec<u8>) {
         let mut s = self.lock();
         let _ = s.ring.append(&record(now_ms(), b'>', &bytes));
+        if s.outbox.is_empty() {
+            if let Some(w) = s.writer.as_mut() {
+                if w.write_all(&bytes).is_ok() {
+                    return;
+                }
+                // The reader finds the port gone and reopens it.
+                s.writer = None;
+            }
+        }
         s.outbox.push_back(bytes);
     }
 
@@ -542,8 +556,13 @@ impl Console {
             } else {
                 info!(port = %self.cfg.port, "console open");
             }
-            self.lock().available = Ok(());
+            {
+                let mut s = self.lock();
+                s.available = Ok(());
+                s.writer = port.try_clone_native().ok();
+            }
             let why = self.read_until_gone(&mut port);
+            self.lock().writer = None;
             drop(port);
             warn!(port = %self.cfg.port, error = %why, "console lost; reopening with backoff");
             self.note(&format!("--- console {} lost: {why} ---", self.cfg.port));

@@ -163,6 +163,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
                 request: i as u64,
                 testrun: TestrunRequest {
                     lease: None,
+                    on_lease: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages: vec!["p".into()],
@@ -252,6 +253,7 @@ fn main() {
                     request: i,
                     testrun: TestrunRequest {
                         lease: None,
+                        on_lease: None,
                         device: DeviceSpec::parse(&format!("devicegroup:{group}")).unwrap(),
                         image: "img".into(),
                         packages: vec!["p".into()],

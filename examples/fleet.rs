@@ -160,6 +160,7 @@ async fn main() {
                     let _ = c
                         .submit(ots::protocol::TestrunRequest {
                             lease: None,
+                            on_lease: None,
                             device: ots::protocol::DeviceSpec::parse(&format!(
                                 "devicegroup:fleet{g}"
                             ))

@@ -159,6 +159,7 @@ fn body() -> impl Strategy<Value = Body> {
                 request,
                 testrun: TestrunRequest {
                     lease: None,
+                    on_lease: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages,
@@ -405,6 +406,7 @@ proptest! {
             prop_oneof![
                 3 => (id(), 1u32..3, 1u64..60_000).prop_map(|(task, attempt, ttl_ms)| Body::Dispatch { spec: TaskSpec {
                     hold: None,
+                    on_lease: None,
                     task, run: "r1".into(), attempt, image: "i".into(), packages: vec!["p".into()],
                     timeout_secs: 60, options: BTreeMap::new(), ttl_ms, sent_ms: 0, secrets: Default::default(),
                     inputs: Default::default(), health_check: false,recover: false, } }),

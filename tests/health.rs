@@ -644,6 +644,7 @@ fn testrun(
 ) -> ots::protocol::TestrunRequest {
     ots::protocol::TestrunRequest {
         lease: None,
+        on_lease: None,
         device: ots::protocol::DeviceSpec::parse(device).unwrap(),
         image: "i".into(),
         packages: packages.iter().map(|p| p.to_string()).collect(),

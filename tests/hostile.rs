@@ -216,6 +216,7 @@ fn a_rogue_server_cannot_crash_a_worker_or_make_it_leave_its_folder() {
             &Body::Dispatch {
                 spec: protocol::TaskSpec {
                     hold: None,
+                    on_lease: None,
                     task: task.clone(),
                     run: "r1".into(),
                     attempt: 1,
@@ -344,6 +345,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
         client
             .submit(ots::protocol::TestrunRequest {
                 lease: None,
+                on_lease: None,
                 device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                 image: img.clone(),
                 packages: vec!["smoke".into()],
@@ -801,6 +803,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                 request: u64::MAX,
                 testrun: TestrunRequest {
                     lease: None,
+                    on_lease: None,
                     device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "x".into(),
                     packages: (0..10_000).map(|i| format!("p{i}")).collect(),

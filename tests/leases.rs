@@ -521,3 +521,111 @@ fn the_dashboard_reserves_shows_the_console_and_types_once() {
         "{l:#}"
     );
 }
+
+/// `run --lease`: the holder's testrun runs at once on the leased device
+/// while CI waits; the lease holds on afterwards with the console still
+/// attached and typing still reaching the board; the CI run goes after
+/// the release.
+#[test]
+fn a_testrun_on_a_lease_runs_at_once_and_the_lease_holds_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
+    std::fs::write(&go, "").unwrap();
+    wait_allowed(&server, "alice");
+    let out = server
+        .as_user("alice")
+        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    let (mut con, mut stdin) = console(&server, "alice", &lease);
+    assert!(
+        con.stderr.wait_for("you may type", LIMIT).is_some(),
+        "{:?}",
+        con.stderr.all()
+    );
+    // CI waits for the board.
+    let ci = [
+        "--device",
+        "devicegroup:board",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+    ];
+    let r = submit_run(&server, &ci);
+    // Alice's testrun runs at once, ahead of it.
+    let out = server.as_user("alice").submit(
+        &[
+            "run",
+            "--lease",
+            &lease,
+            "--image",
+            "mine",
+            "--packages",
+            "p",
+            "--wait",
+        ],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("PASS"), "{}", text(&out.stdout));
+    assert_eq!(
+        current_status(&server, &r)["state"],
+        "queued",
+        "CI still waits"
+    );
+    // Bob may not run on her lease.
+    wait_allowed(&server, "bob");
+    let out = server.as_user("bob").submit(
+        &[
+            "run",
+            "--lease",
+            &lease,
+            "--image",
+            "his",
+            "--packages",
+            "p",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    // The lease holds on: the console still types into the board.
+    let l = wait_lease(&server, "alice", &lease, |l| {
+        l["state"] == "held" && l["worker"] == "w1"
+    });
+    assert_eq!(l["state"], "held");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        // Typed again until it shows: between the testrun and the hold's
+        // resumption the server asks the console to resend, never types twice.
+        stdin.write_all(b"after the run\n").unwrap();
+        if con
+            .stdout
+            .wait_for("after the run", Duration::from_secs(2))
+            .is_some()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", con.stdout.all());
+    }
+    let transcript = text(
+        &server
+            .as_user("alice")
+            .submit(&["logs", &lease], LIMIT)
+            .stdout,
+    );
+    assert!(
+        transcript.contains("runs on the device; the console stays open"),
+        "{transcript}"
+    );
+    let out = server.as_user("alice").submit(&["release", &lease], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(con.wait_exit(LIMIT), Some(3), "{:?}", con.stderr.all());
+    wait_status(&server, &r, LIMIT, finished);
+    assert_eq!(current_status(&server, &r)["verdict"], "PASS");
+}

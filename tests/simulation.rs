@@ -402,6 +402,7 @@ impl Sim {
         let now = self.now();
         let testrun = TestrunRequest {
             lease: None,
+            on_lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: (1..=packages).map(|i| format!("p{i}")).collect(),

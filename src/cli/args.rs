@@ -15,8 +15,12 @@ pub struct RunArgs {
     /// separated by ';' run the packages on each spec in parallel, e.g.
     /// "devicegroup:a; devicegroup:b devicename:x" (the verdict is over
     /// all).
-    #[arg(long, required_unless_present = "local")]
+    #[arg(long, required_unless_present_any = ["local", "lease"])]
     pub device: Option<String>,
+    /// Run at once on the device of this lease, which you hold (no queue;
+    /// its console stays open). The device spec is the lease's.
+    #[arg(long, conflicts_with = "local")]
+    pub lease: Option<String>,
     /// Image URL or path for the conductor to flash.
     #[arg(long, required_unless_present = "local")]
     pub image: Option<String>,

@@ -14,10 +14,14 @@ use std::path::Path;
 use std::time::Instant;
 
 pub(crate) async fn run(mut args: RunArgs) -> i32 {
-    let device = args
-        .device
-        .clone()
-        .unwrap_or_else(|| "devicegroup:example".into());
+    let device = args.device.clone().unwrap_or_else(|| {
+        if args.lease.is_some() {
+            // Replaced by the lease's device on the server.
+            "devicegroup:lease".into()
+        } else {
+            "devicegroup:example".into()
+        }
+    });
     let mut specs = Vec::new();
     for part in device.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         match DeviceSpec::parse(part) {
@@ -89,6 +93,7 @@ pub(crate) async fn submit_and_watch(
 ) -> i32 {
     let testrun = TestrunRequest {
         lease: None,
+        on_lease: args.lease.clone(),
         device,
         devices,
         image: local_image(args.image.clone().unwrap_or_default(), !args.local),

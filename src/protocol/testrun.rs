@@ -87,6 +87,10 @@ pub struct TestrunRequest {
     /// carrying it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Box<crate::protocol::leasing::LeaseTerms>>,
+    /// Run at once on the device of this lease (`run --lease`), which the
+    /// submitter holds: no queue; the lease's consoles stay attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_lease: Option<crate::protocol::leasing::LeaseId>,
 }
 
 /// A testrun's standing among its owner's queued tasks.
@@ -169,6 +173,11 @@ pub struct TaskSpec {
     /// notes go into the task's log, the lease's transcript.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<crate::protocol::leasing::HoldSpec>,
+    /// The task runs on a leased device (`run --lease`): the device's raw
+    /// output also goes out as `console_data` of this task, and
+    /// `lease_input` for it is written to the device (PROTOCOL.md §18.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_lease: Option<crate::protocol::leasing::LeaseId>,
 }
 
 /// Which stream of the conductor a log line came from.

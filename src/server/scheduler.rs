@@ -180,6 +180,9 @@ pub struct Scheduler<S: Store> {
     web_logins: Vec<WebLoginAsk>,
     /// Leases waiting or held, their consoles and power actions.
     leases: leases::Leases,
+    /// Tasks pinned to a worker (a testrun on its lease, the lease's
+    /// hold after it), in order: it takes them before anything queued.
+    pinned: BTreeMap<String, VecDeque<TaskId>>,
 }
 
 /// A connection asked for a dashboard sign-in link.
@@ -259,6 +262,7 @@ impl<S: Store> Scheduler<S> {
             reads_in_flight: 0,
             retained: retention::Retained::default(),
             leases: leases::Leases::default(),
+            pinned: BTreeMap::new(),
         }
     }
 

@@ -500,7 +500,8 @@ impl Session {
     /// meanwhile: nothing to do; the server learns of the end).
     fn pass_to_hold(&mut self, task: TaskId, command: HoldCommand, actions: &mut Vec<Action>) {
         if let Some(slot) = &self.slot {
-            if slot.spec.task == task && !slot.finished && slot.spec.hold.is_some() {
+            let on_lease = slot.spec.hold.is_some() || slot.spec.on_lease.is_some();
+            if slot.spec.task == task && !slot.finished && on_lease {
                 actions.push(Action::Hold {
                     task,
                     command: Box::new(command),

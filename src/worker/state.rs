@@ -304,6 +304,7 @@ mod tests {
             slot: slot.then(|| SavedSlot {
                 spec: TaskSpec {
                     hold: None,
+                    on_lease: None,
                     task: "r1.1".into(),
                     run: "r1".into(),
                     attempt: 1,

@@ -51,6 +51,13 @@ impl<S: Store> Scheduler<S> {
         if self.tasks[id].check_for.is_some() {
             return None;
         }
+        if let Some(w) = self.tasks[id].pinned.clone() {
+            let line = self.pinned.entry(w).or_default();
+            if !line.contains(id) {
+                line.push_back(id.clone());
+            }
+            return None;
+        }
         let (key, owner, weight, entry) = self.queue_entry(id);
         self.queues
             .entry(key.clone())
@@ -63,6 +70,15 @@ impl<S: Store> Scheduler<S> {
     /// routing key only (not every queue of the server).
     pub(super) fn remove_from_queue(&mut self, id: &TaskId) {
         if !self.tasks.contains_key(id) || self.tasks[id].check_for.is_some() {
+            return;
+        }
+        if let Some(w) = self.tasks[id].pinned.clone() {
+            if let Some(line) = self.pinned.get_mut(&w) {
+                line.retain(|t| t != id);
+                if line.is_empty() {
+                    self.pinned.remove(&w);
+                }
+            }
             return;
         }
         let (key, owner, _, entry) = self.queue_entry(id);
@@ -292,6 +308,12 @@ impl<S: Store> Scheduler<S> {
         if !self.free(name) || self.workers[name].ready_since.is_none() {
             return;
         }
+        // Pinned work first: the person holding the device asked for it.
+        if let Some(id) = self.pinned.get(name).and_then(|l| l.front()).cloned() {
+            self.remove_from_queue(&id);
+            self.dispatch(now, name, &id);
+            return;
+        }
         if let Some(check) = self.checks.get(name).cloned() {
             if self
                 .tasks
@@ -417,6 +439,7 @@ impl<S: Store> Scheduler<S> {
         });
         let spec = TaskSpec {
             hold,
+            on_lease: req.on_lease.clone(),
             health_check: check,
             recover,
             task: id.clone(),

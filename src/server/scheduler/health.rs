@@ -146,6 +146,7 @@ impl<S: Store> Scheduler<S> {
         options.insert(CHECK_REASON_OPTION.into(), reason.as_str().into());
         let testrun = TestrunRequest {
             lease: None,
+            on_lease: None,
             device: DeviceSpec {
                 devicegroup: d.devicegroup.clone(),
                 devicename: d.devicename.clone(),

@@ -155,6 +155,7 @@ impl Lab {
                     request: 1,
                     testrun: TestrunRequest {
                         lease: None,
+                        on_lease: None,
                         device: DeviceSpec::parse("devicegroup:g").unwrap(),
                         image: "img".into(),
                         packages: packages.iter().map(|p| p.to_string()).collect(),
@@ -240,6 +241,7 @@ fn a_broken_worker_is_caught_and_its_tasks_pass_elsewhere() {
         if let Some(t) = lab.s.workers[w].task.clone() {
             let spec = TaskSpec {
                 hold: None,
+                on_lease: None,
                 task: t.clone(),
                 run: lab.s.tasks[&t].run.clone(),
                 attempt: lab.s.tasks[&t].attempts,
@@ -374,6 +376,7 @@ fn a_lone_worker_failing_twice_ends_the_task_saying_there_is_no_other() {
     let first = lab.s.workers["w1"].task.clone().unwrap();
     let spec = |lab: &Lab, attempt| TaskSpec {
         hold: None,
+        on_lease: None,
         task: first.clone(),
         run: run.clone(),
         attempt,
@@ -489,6 +492,7 @@ proptest! {
                 let attempt = lab.s.tasks[&t].attempts;
                 pending.push((name, TaskSpec {
                     hold: None,
+                    on_lease: None,
                     task: t.clone(), run: lab.s.tasks[&t].run.clone(), attempt,
                     image: String::new(), packages: vec![], timeout_secs: 60,
                     options: BTreeMap::new(), ttl_ms: 1000, sent_ms: 0, inputs: vec![],

@@ -475,7 +475,9 @@ impl<S: Store> Scheduler<S> {
             warn!(task = %task, lost, ranges = %describe(&missing), "log lines lost in transit");
             self.count("log_lines_lost", lost);
         }
-        if cancelled {
+        if cancelled && self.lease_paused(now, task) {
+            // The hold let go for a testrun on its lease: it waits.
+        } else if cancelled {
             self.end_task(
                 now,
                 task,

@@ -45,10 +45,22 @@ pub(super) struct Live {
     /// Recent output for a late attach: (received, offset, bytes).
     replay: VecDeque<(Instant, u64, Bytes)>,
     replay_bytes: usize,
-    /// Output offset expected next from the worker (none after a
-    /// restart: the first one seen), and bytes lost.
-    next_offset: Option<u64>,
+    /// Where output comes from now: a task's attempt on the worker (the
+    /// hold, or a testrun on the lease), whose byte offsets start anew;
+    /// its first offset seen and the one expected next.
+    source: Option<(TaskId, u32)>,
+    src_start: u64,
+    next_offset: u64,
+    /// The lease's own output offsets (what consoles see): where the
+    /// current source's start lies, and the end so far.
+    out_base: u64,
+    out_end: u64,
     dropped: u64,
+    /// A testrun on the lease (`run --lease`) has the device: the hold
+    /// waits behind it.
+    suspended_for: Option<RunId>,
+    /// The worker that holds the device, once granted.
+    worker: Option<String>,
     consoles: BTreeMap<PeerId, Attach>,
 }
 
@@ -171,6 +183,7 @@ impl<S: Store> Scheduler<S> {
             owner: owner.clone(),
             priority,
             notify: Vec::new(),
+            on_lease: None,
             lease: Some(Box::new(LeaseTerms {
                 duration_ms,
                 reason: reason.clone(),
@@ -181,6 +194,7 @@ impl<S: Store> Scheduler<S> {
             unreachable!("submit answers submitted");
         };
         let task = tasks.into_iter().next().expect("one task");
+        let granted_on = self.tasks[&task].worker.clone();
         let mut hold = Hold::new(now);
         if self.runs[&run].state == RunState::Running {
             hold.grant(now, Duration::from_millis(duration_ms));
@@ -195,8 +209,15 @@ impl<S: Store> Scheduler<S> {
                 inputs: VecDeque::new(),
                 replay: VecDeque::new(),
                 replay_bytes: 0,
-                next_offset: Some(0),
+                source: None,
+                src_start: 0,
+                next_offset: 0,
+                out_base: 0,
+                out_end: 0,
                 dropped: 0,
+                suspended_for: None,
+                // Granted at once (dispatched within the submit): its worker.
+                worker: granted_on,
                 consoles: BTreeMap::new(),
             },
         );
@@ -243,6 +264,7 @@ impl<S: Store> Scheduler<S> {
             })
             .collect();
         for (id, task, holder, until_ms) in live {
+            let task_id = task.clone();
             let mut hold = Hold::new(now);
             hold.until = until_ms.map(|u| now + Duration::from_millis(u.saturating_sub(wall)));
             self.leases.live.insert(
@@ -255,8 +277,14 @@ impl<S: Store> Scheduler<S> {
                     inputs: VecDeque::new(),
                     replay: VecDeque::new(),
                     replay_bytes: 0,
-                    next_offset: None,
+                    source: None,
+                    src_start: 0,
+                    next_offset: 0,
+                    out_base: 0,
+                    out_end: 0,
                     dropped: 0,
+                    suspended_for: None,
+                    worker: self.tasks.get(&task_id).and_then(|t| t.worker.clone()),
                     consoles: BTreeMap::new(),
                 },
             );
@@ -273,12 +301,21 @@ impl<S: Store> Scheduler<S> {
         else {
             return;
         };
+        if terms.granted_ms.is_some() {
+            // The hold resumes after a testrun on the lease.
+            if let Some(l) = self.leases.live.get_mut(run) {
+                l.suspended_for = None;
+            }
+            info!(lease = %run, worker, "lease resumed after a testrun on it");
+            return;
+        }
         let duration = Duration::from_millis(terms.duration_ms);
         terms.granted_ms = Some(wall);
         terms.until_ms = Some(wall.saturating_add(terms.duration_ms));
         self.pending.runs.insert(run.clone());
         if let Some(l) = self.leases.live.get_mut(run) {
             l.hold.grant(now, duration);
+            l.worker = Some(worker.to_string());
         }
         self.count("leases_granted", 1);
         info!(lease = %run, worker, "lease granted");
@@ -500,6 +537,28 @@ impl<S: Store> Scheduler<S> {
         self.count("leases_ended", 1);
         info!(lease = %lease, reason = %why, "lease ended");
         self.audit(now, "server", "-", "lease_end", &format!("{lease}: {why}"));
+        let hold_has_device = self.tasks.get(&live.task).is_some_and(|t| {
+            matches!(
+                t.state,
+                TaskState::Running | TaskState::Dispatched | TaskState::Held
+            )
+        });
+        if let (false, Some(w)) = (hold_has_device, live.worker.as_deref()) {
+            // The hold waits behind a testrun on the lease: the device was
+            // a person's all the same.
+            let has_check = self.check_of(w).is_some();
+            let reason = format!(
+                "lease {lease} ended: whatever its holder left is checked before the next task"
+            );
+            self.health_event(
+                now,
+                w,
+                crate::server::health::Event::LeaseEnded {
+                    reason: &reason,
+                    has_check,
+                },
+            );
+        }
         if let Some(t) = self.tasks.get(&live.task) {
             if t.state == TaskState::Running || t.state == TaskState::Dispatched {
                 let line = LogLine {
@@ -723,3 +782,4 @@ impl<S: Store> Scheduler<S> {
 }
 
 mod console;
+mod runs;

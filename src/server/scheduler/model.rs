@@ -112,6 +112,10 @@ pub(super) struct Task {
     /// A health check of this worker: never queued, dispatched to it
     /// before anything else.
     pub(super) check_for: Option<String>,
+    /// A task that runs only on this worker, before anything else queued
+    /// (a testrun on a lease, `run --lease`; a lease's hold resuming
+    /// after one): never in a routing queue.
+    pub(super) pinned: Option<String>,
     /// Which of its testrun's device specs it runs on (0: `device`, then
     /// `devices` in order).
     pub(super) spec: usize,

@@ -48,6 +48,8 @@ struct TaskRow {
     rank: Option<i64>,
     #[serde(default)]
     check_for: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pinned: Option<String>,
     #[serde(default)]
     spec: usize,
 }
@@ -208,6 +210,7 @@ impl<S: Store> Scheduler<S> {
                 failed_on: t.failed_on.clone(),
                 rank: Some(t.rank),
                 check_for: t.check_for.clone(),
+                pinned: t.pinned.clone(),
                 spec: t.spec,
             };
             let bytes = encode(&row);
@@ -699,6 +702,7 @@ fn task_of_row(
             .rank
             .unwrap_or(i64::try_from(row.queued_at_ms).unwrap_or(i64::MAX)),
         check_for: row.check_for,
+        pinned: row.pinned,
         spec: row.spec,
     }
 }

@@ -152,8 +152,13 @@ impl<S: Store> Scheduler<S> {
         mut testrun: TestrunRequest,
     ) -> Result<Body, (ErrorCode, String)> {
         testrun.owner = self.owner(peer);
+        self.check_run_on_lease(peer, &mut testrun)?;
+        let on_lease = testrun.on_lease.clone();
         let owner = testrun.owner.clone();
         let reply = self.submit(now, peer, request, testrun);
+        if let (Ok(Body::Submitted { run, .. }), Some(lease)) = (&reply, &on_lease) {
+            self.suspend_for_run(now, lease, run);
+        }
         if let (Ok(Body::Submitted { run, tasks, .. }), true) = (&reply, self.cfg.secure) {
             let r = &self.runs[run].request;
             let mut option_keys: Vec<&str> = r.options.keys().map(String::as_str).collect();
@@ -515,6 +520,7 @@ impl<S: Store> Scheduler<S> {
         check_for: Option<String>,
     ) -> (RunId, Vec<TaskId>) {
         let prefix = if testrun.lease.is_some() { 'l' } else { 'r' };
+        let pinned = testrun.on_lease.as_ref().and_then(|l| self.lease_worker(l));
         let run: RunId = format!("{prefix}{}", self.next_run);
         self.next_run += 1;
         let keys: Vec<String> = testrun.all_devices().map(DeviceSpec::routing_key).collect();
@@ -557,6 +563,7 @@ impl<S: Store> Scheduler<S> {
                     failed_on: Vec::new(),
                     rank,
                     check_for: check_for.clone(),
+                    pinned: pinned.clone(),
                     spec,
                 },
             );
@@ -592,7 +599,7 @@ impl<S: Store> Scheduler<S> {
             }
             self.progress(id, ProgressState::Queued, None, None);
         }
-        match check_for {
+        match check_for.or(pinned) {
             Some(w) => self.reconsider(now, &w),
             None => {
                 for key in &keys {

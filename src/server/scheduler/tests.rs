@@ -225,6 +225,7 @@ impl Lab {
             request: 1,
             testrun: TestrunRequest {
                 lease: None,
+                on_lease: None,
                 device: DeviceSpec::parse(device).unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),
@@ -1859,6 +1860,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
         request: 1,
         testrun: TestrunRequest {
             lease: None,
+            on_lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2215,6 +2217,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
         request: 1,
         testrun: TestrunRequest {
             lease: None,
+            on_lease: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2261,6 +2264,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
             request: 9,
             testrun: TestrunRequest {
                 lease: None,
+                on_lease: None,
                 device: DeviceSpec::parse("devicegroup:nobody").unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),

@@ -63,6 +63,7 @@ impl Session {
                 // task interrupted and never needs them again.
                 spec: TaskSpec {
                     hold: None,
+                    on_lease: None,
                     secrets: Default::default(),
                     ..s.spec.clone()
                 },

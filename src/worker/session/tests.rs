@@ -45,6 +45,7 @@ fn env(body: Body) -> Envelope {
 fn spec(task: &str, ttl_ms: u64) -> TaskSpec {
     TaskSpec {
         hold: None,
+        on_lease: None,
         task: task.into(),
         run: "r".into(),
         attempt: 1,

@@ -506,6 +506,7 @@ mod tests {
         options.insert("flavour".to_string(), "with space; rm -rf /".to_string());
         TaskSpec {
             hold: None,
+            on_lease: None,
             task: "r-1.2".into(),
             run: "r-1".into(),
             attempt: 1,

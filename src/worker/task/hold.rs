@@ -197,3 +197,76 @@ fn let_go(
         Vec::new(),
     );
 }
+
+/// A testrun's task on a leased device (`spec.on_lease`): the device's
+/// raw output also goes to the lease's consoles, and what the holder
+/// types reaches the device, while the conductor runs.
+pub(super) struct LeaseTap {
+    console: Console,
+    raw: mpsc::Receiver<(u64, Vec<u8>)>,
+    commands: mpsc::Receiver<HoldCommand>,
+}
+
+/// What a [`LeaseTap`] has for the task.
+pub(super) enum Tapped {
+    Output(u64, Vec<u8>),
+    Command(HoldCommand),
+}
+
+impl LeaseTap {
+    pub(super) fn begin(
+        console: Option<&Console>,
+        spec: &TaskSpec,
+        commands: mpsc::Receiver<HoldCommand>,
+    ) -> Option<LeaseTap> {
+        spec.on_lease.as_ref()?;
+        let console = console?.clone();
+        let raw = console.raw_tap(0);
+        Some(LeaseTap {
+            console,
+            raw,
+            commands,
+        })
+    }
+
+    /// The next thing to pass on (never, without a tap).
+    pub(super) async fn next(tap: &mut Option<LeaseTap>) -> Option<Tapped> {
+        let Some(t) = tap.as_mut() else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            Some((offset, bytes)) = t.raw.recv() => Some(Tapped::Output(offset, bytes)),
+            Some(command) = t.commands.recv() => Some(Tapped::Command(command)),
+            else => None,
+        }
+    }
+
+    pub(super) fn pass(tap: &Option<LeaseTap>, got: Tapped, channel: &mut ResponseChannel) {
+        let Some(t) = tap else { return };
+        match got {
+            Tapped::Output(offset, bytes) => {
+                let (task, attempt) = channel.ids();
+                for (i, piece) in bytes.chunks(CHUNK).enumerate() {
+                    channel.event(TaskEvent::ConsoleBytes {
+                        task: task.clone(),
+                        attempt,
+                        offset: offset + (i * CHUNK) as u64,
+                        bytes: bytes::Bytes::copy_from_slice(piece),
+                    });
+                }
+            }
+            Tapped::Command(HoldCommand::Input { by, bytes }) => {
+                t.console.send(bytes.to_vec());
+                channel.log(Stream::Worker, format!("[input {by}] {}", escape(&bytes)));
+            }
+            // The server asks the hold, not a testrun, for power.
+            Tapped::Command(HoldCommand::Power { .. }) => {}
+        }
+    }
+}
+
+impl Drop for LeaseTap {
+    fn drop(&mut self) {
+        self.console.raw_untap();
+    }
+}

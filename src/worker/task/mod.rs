@@ -374,7 +374,7 @@ pub(super) async fn run_task(
         &dirs,
         &mut console,
         &mut channel,
-        (log_full, stop),
+        (log_full, stop, commands),
     )
     .await;
     let outcome = match outcome {
@@ -407,8 +407,13 @@ async fn conduct(
     dirs: &TaskDirs,
     console: &mut TaskConsole,
     channel: &mut ResponseChannel,
-    (log_full, stop): (crate::worker::task::channel::LogFull, watch::Receiver<Stop>),
+    (log_full, stop, commands): (
+        crate::worker::task::channel::LogFull,
+        watch::Receiver<Stop>,
+        mpsc::Receiver<crate::worker::task::channel::HoldCommand>,
+    ),
 ) -> Result<Outcome, String> {
+    let mut tap = hold::LeaseTap::begin(console.console.as_ref(), spec, commands);
     // The console for the conductor, on a pseudo-terminal of its own.
     let export = console.export(cfg, channel);
     let ctx = TaskContext {
@@ -477,6 +482,7 @@ async fn conduct(
             Some(line) = console.next_line() => {
                 channel.log(Stream::Serial, masker.mask(crate::worker::task::console::escape(&line.bytes)));
             }
+            Some(got) = hold::LeaseTap::next(&mut tap) => hold::LeaseTap::pass(&tap, got, channel),
         }
     }
     let outcome = match conductor.await {

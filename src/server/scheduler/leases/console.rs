@@ -218,6 +218,8 @@ impl<S: Store> Scheduler<S> {
         }
         let bytes = raw.unwrap_or_default();
         let rate = self.cfg.leases.input_bytes_per_sec;
+        // The task that has the device: the hold, or a testrun on the lease.
+        let target = self.lease_task_now(&lease);
         let l = self.leases.live.get_mut(&lease).expect("held");
         l.hold.heard(now);
         let have = l
@@ -243,6 +245,13 @@ impl<S: Store> Scheduler<S> {
             return ack(have);
         }
         let new = bytes.slice((have - offset) as usize..);
+        let Some(task) = target else {
+            // Between the hold and a testrun on the lease: nothing applied.
+            return Err((
+                ErrorCode::LimitReached,
+                format!("the device of lease {lease} is between tasks: resend from byte {have} in a moment"),
+            ));
+        };
         if !l.budget.take(now, rate, new.len() as u64) {
             self.count("console_input_over_rate", 1);
             return Err((
@@ -257,11 +266,10 @@ impl<S: Store> Scheduler<S> {
         while l.inputs.len() > INPUT_STREAMS {
             l.inputs.pop_front();
         }
-        let task = l.task.clone();
         let worker = self.tasks[&task]
             .worker
             .clone()
-            .expect("held lease has a worker");
+            .expect("a running task has a worker");
         let by = self.owner(peer).unwrap_or_else(|| "-".into());
         self.count("console_input_bytes", new.len() as u64);
         self.send_mandatory_raw(
@@ -294,14 +302,26 @@ impl<S: Store> Scheduler<S> {
             self.count("orphan_console_bytes", bytes.len() as u64);
             return;
         }
-        let run = self.tasks[&task].run.clone();
+        let Some(run) = self.lease_of_task(&task) else {
+            self.count("orphan_console_bytes", bytes.len() as u64);
+            return;
+        };
         let replay_max = self.cfg.leases.replay_bytes;
         let Some(l) = self.leases.live.get_mut(&run) else {
             self.count("orphan_console_bytes", bytes.len() as u64);
             return;
         };
         let end = offset.saturating_add(bytes.len() as u64);
-        let expected = l.next_offset.unwrap_or(offset);
+        // A new source (the hold, a testrun on the lease, an attempt of
+        // either) numbers its bytes anew: the consoles' offsets go on.
+        let key = (task.clone(), attempt);
+        if l.source.as_ref() != Some(&key) {
+            l.source = Some(key);
+            l.out_base = l.out_end;
+            l.src_start = offset;
+            l.next_offset = offset;
+        }
+        let expected = l.next_offset;
         if end <= expected {
             return; // all seen
         }
@@ -312,7 +332,9 @@ impl<S: Store> Scheduler<S> {
         };
         let gap = offset - expected;
         l.dropped = l.dropped.saturating_add(gap);
-        l.next_offset = Some(end);
+        l.next_offset = end;
+        let offset = l.out_base.saturating_add(offset - l.src_start);
+        l.out_end = l.out_base.saturating_add(end - l.src_start);
         l.replay.push_back((now, offset, bytes.clone()));
         l.replay_bytes += bytes.len();
         while l.replay_bytes > replay_max {
@@ -357,6 +379,14 @@ impl<S: Store> Scheduler<S> {
     ) -> Result<(), (ErrorCode, String)> {
         self.lease_actor(peer, &lease, true)?;
         let l = self.held_lease(&lease)?;
+        if let Some(run) = &l.suspended_for {
+            return Err((
+                ErrorCode::BadRequest,
+                format!(
+                    "testrun {run} runs on lease {lease}'s device now: power it when that ends"
+                ),
+            ));
+        }
         let task = l.task.clone();
         if self.leases.power.len() >= MAX_POWER_WAITING {
             self.count("power_over_limit", 1);
@@ -464,7 +494,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// A line of the server's own in a lease's transcript.
-    fn note_in_transcript(&mut self, task: &TaskId, text: String) {
+    pub(in crate::server::scheduler) fn note_in_transcript(&mut self, task: &TaskId, text: String) {
         let line = LogLine {
             seq: 0,
             stream: Stream::Worker,

@@ -254,7 +254,17 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100)); // the measured interval itself
     }
     b.flood.store(false, Ordering::SeqCst);
-    let produced = b.produced.load(Ordering::SeqCst) - before_prod;
+    // The board's last write may still be under way: its count settles.
+    let mut produced = b.produced.load(Ordering::SeqCst);
+    loop {
+        std::thread::sleep(Duration::from_millis(50)); // settling interval
+        let now = b.produced.load(Ordering::SeqCst);
+        if now == produced {
+            break;
+        }
+        produced = now;
+    }
+    let produced = produced - before_prod;
     // Until everything produced is received or reported lost (or 30 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = (0, Instant::now());
@@ -315,11 +325,18 @@ fn main() {
         let out = submit(&server, &["reserve", "devicegroup:bench"], LIMIT);
         let lease = text(&out.stdout).trim().to_string();
         std::fs::write(dir.path().join(format!("{run}.go")), "").unwrap();
-        let granted = server
-            .proc
-            .stderr
-            .wait_for(&format!("lease={lease} worker=w"), LIMIT)
-            .expect("granted");
+        let deadline = Instant::now() + LIMIT;
+        let granted = loop {
+            let found =
+                server.proc.stderr.all().into_iter().find(|l| {
+                    l.contains("lease granted") && l.contains(&format!("lease={lease} "))
+                });
+            if let Some(line) = found {
+                break line;
+            }
+            assert!(Instant::now() < deadline, "lease {lease} never granted");
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, bounded by the deadline
+        };
         let ended = server
             .proc
             .stderr

@@ -134,13 +134,27 @@ fn lab(dir: &Path, idle: &str) -> (ServerProc, Board, Proc, Proc, PathBuf) {
     lab_with(dir, &[("OTS_SERVER_LEASES__IDLE", idle)])
 }
 
+/// The lab: the board's group has a health check (package `health`, which
+/// the conductor runs at once; CI packages wait for the `go` file), and
+/// the worker's recovery is a power cycle.
 fn lab_with(dir: &Path, env: &[(&str, &str)]) -> (ServerProc, Board, Proc, Proc, PathBuf) {
     let mut all = vec![("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250")];
     all.extend_from_slice(env);
-    let server = start_fresh_server(dir, &all);
+    let server = start_configured_server(
+        dir,
+        "[[health.check]]\ndevicegroup = \"board\"\nimage = \"check\"\npackages = [\"health\"]\ntimeout = \"60s\"\n",
+        &all,
+    );
     let board = Board::start(dir);
     let (pdu, port) = start_pdudaemon(dir, &board.power);
-    let (conductor, go) = gated_conductor(dir);
+    let go = dir.join("go");
+    let conductor = script(
+        dir,
+        "conductor.sh",
+        &format!(
+            "if [ \"$1\" != health ]; then while [ ! -e {go:?} ]; do sleep 0.05; done; fi\necho '<testsuite><testcase name=\"c\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\""
+        ),
+    );
     let keys = server.keys.clone().expect("secured");
     let w = start_worker_with(
         dir,
@@ -148,10 +162,10 @@ fn lab_with(dir: &Path, env: &[(&str, &str)]) -> (ServerProc, Board, Proc, Proc,
         "devicegroup:board",
         &server.control,
         &server.events,
-        &[conductor.to_str().unwrap()],
+        &[conductor.to_str().unwrap(), "{packages}"],
         &[("OTS_WORKER_SERIAL__PORT", board.link.to_str().unwrap())],
         &format!(
-            "{}{}",
+            "{}{}\n[recovery]\npower_cycle = true\n",
             keys.worker_toml("w1"),
             power_toml(port, &board.power)
         ),
@@ -161,7 +175,10 @@ fn lab_with(dir: &Path, env: &[(&str, &str)]) -> (ServerProc, Board, Proc, Proc,
         "{:?}",
         w.stderr.all()
     );
-    wait_for_workers(&server, LIMIT, all_idle(&["w1"]));
+    wait_for_workers(&server, LIMIT, |ws: &[serde_json::Value]| {
+        ws.iter()
+            .any(|w| w["name"] == "w1" && w["state"] == "idle" && w["health"] == "good")
+    });
     (server, board, pdu, w, go)
 }
 
@@ -330,7 +347,13 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     // again (its group has no check: good at once, the reason says why).
     wait_status(&server, &r2, LIMIT, finished);
     let health = text(&submit(&server, &["health", "w1"], LIMIT).stdout);
-    assert!(health.contains(&format!("lease {lease} ended")), "{health}");
+    let ended = health
+        .find(&format!("lease {lease} ended"))
+        .unwrap_or_else(|| panic!("{health}"));
+    assert!(
+        health[ended..].contains("check") && health[ended..].contains("good"),
+        "checked after the lease: {health}"
+    );
 
     // The transcript: input by whom, power, the banners, the end.
     let out = server.as_user("alice").submit(&["logs", &lease], LIMIT);
@@ -502,6 +525,38 @@ fn the_dashboard_reserves_shows_the_console_and_types_once() {
     let bob = common::http::sign_in(&web_link(&server, "bob"));
     let r = common::http::get(&base, &format!("/leases/{lease}"), Some(&bob));
     assert_eq!(r.status, 404, "{}", r.text());
+    // Shared with him, he watches — and cannot type, in the browser or
+    // from the command line.
+    let out = server
+        .as_user("alice")
+        .submit(&["lease", "share", &lease, "bob"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = common::http::get(&base, &format!("/leases/{lease}"), Some(&bob)).text();
+    assert!(
+        page.contains("from the web") && !page.contains("console-input"),
+        "{page}"
+    );
+    let bob_me = common::http::get(&base, "/api/me", Some(&bob)).json();
+    let bob_csrf = bob_me["csrf"].as_str().unwrap().to_string();
+    let r = common::http::request(
+        &base,
+        "POST",
+        &format!("/api/leases/{lease}/input"),
+        &[
+            ("Cookie", &format!("ots_session={bob}")),
+            ("Content-Type", "application/json"),
+            ("X-CSRF-Token", &bob_csrf),
+        ],
+        br#"{"stream":"bob","offset":0,"text":"rm -rf /\n"}"#,
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let (mut watcher, _stdin) = console(&server, "bob", &lease);
+    assert!(
+        watcher.stderr.wait_for("read only", LIMIT).is_some(),
+        "{:?}",
+        watcher.stderr.all()
+    );
+    watcher.kill();
     // Release from the page.
     let r = common::http::request(
         &base,

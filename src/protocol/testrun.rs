@@ -175,7 +175,7 @@ pub struct TaskSpec {
     pub hold: Option<crate::protocol::leasing::HoldSpec>,
     /// The task runs on a leased device (`run --lease`): the device's raw
     /// output also goes out as `console_data` of this task, and
-    /// `lease_input` for it is written to the device (PROTOCOL.md §18.6).
+    /// `lease_input` for it is written to the device (PROTOCOL.md §18.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_lease: Option<crate::protocol::leasing::LeaseId>,
 }

@@ -306,7 +306,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(l) = self.leases.live.get_mut(run) {
                 l.suspended_for = None;
             }
-            info!(lease = %run, worker, "lease resumed after a testrun on it");
+            info!(lease = %run, worker = %worker, "lease resumed after a testrun on it");
             return;
         }
         let duration = Duration::from_millis(terms.duration_ms);
@@ -318,7 +318,7 @@ impl<S: Store> Scheduler<S> {
             l.worker = Some(worker.to_string());
         }
         self.count("leases_granted", 1);
-        info!(lease = %run, worker, "lease granted");
+        info!(lease = %run, worker = %worker, "lease granted");
         self.audit(
             now,
             "server",

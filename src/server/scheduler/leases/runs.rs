@@ -1,4 +1,4 @@
-//! Testruns on a lease (`run --lease`, PROTOCOL.md §18.6): the holder's
+//! Testruns on a lease (`run --lease`, PROTOCOL.md §18.5): the holder's
 //! testrun runs at once on the leased device, no queue. Its tasks are
 //! pinned to the lease's worker; the hold is told to let go (the device
 //! stays the holder's: the lease does not end) and waits, pinned, behind

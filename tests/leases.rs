@@ -684,3 +684,39 @@ fn a_testrun_on_a_lease_runs_at_once_and_the_lease_holds_on() {
     wait_status(&server, &r, LIMIT, finished);
     assert_eq!(current_status(&server, &r)["verdict"], "PASS");
 }
+
+/// A holder whose key is removed from the allow-list loses the lease at
+/// once, connected or not, and the board goes back to CI.
+#[test]
+fn a_lease_ends_when_its_holders_key_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
+    std::fs::write(&go, "").unwrap();
+    wait_allowed(&server, "carol");
+    let out = server
+        .as_user("carol")
+        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    let ci = [
+        "--device",
+        "devicegroup:board",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+    ];
+    let r = submit_run(&server, &ci);
+    let keys = server.keys.clone().unwrap();
+    std::fs::remove_file(keys.users_dir().join("carol.pub")).unwrap();
+    let l = wait_lease(&server, "tester", &lease, |l| l["state"] == "ended");
+    assert!(
+        l["ended"]
+            .as_str()
+            .unwrap()
+            .contains("carol was revoked or changed"),
+        "{l:#}"
+    );
+    wait_status(&server, &r, LIMIT, finished);
+    assert_eq!(current_status(&server, &r)["verdict"], "PASS");
+}

@@ -436,6 +436,11 @@ impl Gate {
     /// Replaces the allow-list; returns the secured connections whose key
     /// is no longer allowed as the same identity. They are forgotten here
     /// (nothing from them opens any more); the shell closes them.
+    /// The allow-lists in force.
+    pub fn allow(&self) -> &AllowList {
+        &self.handshaker.allow
+    }
+
     pub fn reload(&mut self, allow: AllowList) -> Vec<(PeerId, Identity)> {
         let revoked: Vec<(PeerId, Identity)> = self
             .conns

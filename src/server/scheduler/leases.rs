@@ -648,7 +648,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The key of `user` was revoked or changed: the leases it holds end.
-    pub(super) fn revoke_leases(&mut self, now: Instant, user: &str) {
+    pub fn revoke_leases(&mut self, now: Instant, user: &str) {
         let held: Vec<LeaseId> = self
             .leases
             .live

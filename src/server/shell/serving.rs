@@ -548,7 +548,18 @@ impl Serving {
                 );
             }
         }
+        // Users whose key went, changed or whose role changed: their
+        // leases end, connected or not (a connected one's below too).
+        let (before, after) = (gate.allow().user_grants(), allow.user_grants());
+        let changed: Vec<String> = before
+            .iter()
+            .filter(|(name, grant)| after.get(*name) != Some(grant))
+            .map(|(name, _)| name.clone())
+            .collect();
         let revoked = gate.reload(allow);
+        for user in changed {
+            self.scheduler.revoke_leases(now, &user);
+        }
         info!(
             identities,
             revoked = revoked.len(),

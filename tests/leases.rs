@@ -720,3 +720,58 @@ fn a_lease_ends_when_its_holders_key_is_removed() {
     wait_status(&server, &r, LIMIT, finished);
     assert_eq!(current_status(&server, &r)["verdict"], "PASS");
 }
+
+/// The console in a real browser (headless Chromium): the lease's page
+/// shows the boot banner from before the grant, a line typed into its
+/// input reaches the board and its echo appears in the page, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) = lab_with(dir.path(), &[("OTS_SERVER_WEB", "127.0.0.1:0")]);
+    std::fs::write(&go, "").unwrap();
+    let base = web_url(&server);
+    wait_allowed(&server, "dave");
+    let out = server.as_user("dave").submit(
+        &[
+            "reserve",
+            "devicegroup:board",
+            "--wait",
+            "--reason",
+            "browser",
+        ],
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    let b = common::browser::Browser::start().await;
+    b.open(&web_link(&server, "dave")).await;
+    b.open(&format!("{base}/leases")).await;
+    let page = b.client.source().await.unwrap();
+    assert!(page.contains(&lease) && page.contains("browser"), "{page}");
+    b.screenshot("leases").await;
+    b.open(&format!("{base}/leases/{lease}")).await;
+    b.wait_js(
+        "document.querySelector('#log') && document.querySelector('#log').textContent.includes('BOOT banner 1')",
+        LIMIT,
+    )
+    .await;
+    b.js("document.querySelector('#console-input [name=text]').value = 'typed in chromium'; document.querySelector('#console-input button[type=submit]').click(); return 1").await;
+    // Typed once (the input line) and echoed once (the board), live.
+    b.wait_js(
+        "document.querySelector('#log').textContent.split('typed in chromium').length - 1 >= 2",
+        LIMIT,
+    )
+    .await;
+    b.screenshot("lease-console").await;
+    let transcript = text(
+        &server
+            .as_user("dave")
+            .submit(&["logs", &lease], LIMIT)
+            .stdout,
+    );
+    assert_eq!(
+        transcript.matches("[serial] typed in chromium").count(),
+        1,
+        "{transcript}"
+    );
+}

@@ -106,10 +106,11 @@ impl Drop for Slot {
     }
 }
 
-/// The testrun a task belongs to (`r12.3` → `r12`).
+/// The testrun a task belongs to (`r12.3` → `r12`; a lease's `l4.1` →
+/// `l4`).
 pub fn run_of(task: &str) -> Option<RunId> {
     let (run, n) = task.rsplit_once('.')?;
-    (run.starts_with('r') && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    (run.starts_with(['r', 'l']) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .then(|| run.to_string())
 }
 

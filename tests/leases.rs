@@ -775,3 +775,80 @@ async fn the_console_works_in_a_browser() {
         "{transcript}"
     );
 }
+
+/// The server is SIGKILLed and started again while the holder's console
+/// is attached: the lease is still held, the console attaches again by
+/// itself, and what is typed before and after reaches the board exactly
+/// once.
+#[test]
+fn typed_input_reaches_the_board_once_across_a_server_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
+    std::fs::write(&go, "").unwrap();
+    wait_allowed(&server, "erin");
+    let out = server
+        .as_user("erin")
+        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lease = text(&out.stdout).trim().to_string();
+    let (mut con, mut stdin) = console(&server, "erin", &lease);
+    assert!(
+        con.stderr.wait_for("you may type", LIMIT).is_some(),
+        "{:?}",
+        con.stderr.all()
+    );
+    stdin.write_all(b"before the crash\n").unwrap();
+    assert!(
+        con.stdout.wait_for("before the crash", LIMIT).is_some(),
+        "{:?}",
+        con.stdout.all()
+    );
+    // SIGKILL, and the same server again on the same ports and state.
+    server.proc.kill();
+    let config = dir.path().join("server.toml").display().to_string();
+    let again = start_server_args(
+        &dir.path().join("server"),
+        &server.control,
+        &server.events,
+        &[("OTS_SERVER_HEARTBEAT_INTERVAL_MS", "250")],
+        server.keys.clone(),
+        &["--config", &config],
+    );
+    server = again;
+    assert!(
+        con.stderr.wait_for("attaching again", LIMIT).is_some(),
+        "{:?}",
+        con.stderr.all()
+    );
+    stdin.write_all(b"after the crash\n").unwrap();
+    assert!(
+        con.stdout.wait_for("after the crash", LIMIT).is_some(),
+        "{:?} {:?}",
+        con.stdout.all(),
+        con.stderr.all()
+    );
+    let l = lease_state(&server, "erin", &lease);
+    assert_eq!(l["state"], "held", "{l:#}");
+    // The transcript's lines come in batches after the live bytes.
+    let deadline = Instant::now() + LIMIT;
+    let transcript = loop {
+        let t = text(
+            &server
+                .as_user("erin")
+                .submit(&["logs", &lease], LIMIT)
+                .stdout,
+        );
+        if t.contains("[serial] after the crash") || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    };
+    for line in ["[serial] before the crash", "[serial] after the crash"] {
+        assert_eq!(
+            transcript.matches(line).count(),
+            1,
+            "{line:?}:\n{transcript}"
+        );
+    }
+    con.kill();
+}

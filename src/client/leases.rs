@@ -13,6 +13,10 @@ use crate::protocol::{DeviceLease, DeviceSpec, LeaseAction, PowerAction, Priorit
 pub const MAX_UNACKED_INPUT: usize = 64 * 1024;
 /// An input message not acknowledged within this is sent again.
 const RESEND_AFTER: Duration = Duration::from_millis(500);
+/// A console that heard nothing for this long pings the server; one whose
+/// ping is not answered within as long again counts the connection lost
+/// (a server that died says nothing on a DEALER socket).
+const QUIET: Duration = Duration::from_secs(2);
 
 /// What a console session hands to its user.
 #[derive(Debug, PartialEq)]
@@ -248,8 +252,27 @@ impl Client {
         )
         .await?;
         let mut quiet_since = tokio::time::Instant::now();
+        let mut heard = tokio::time::Instant::now();
+        let mut pinged: Option<tokio::time::Instant> = None;
         loop {
             let now = tokio::time::Instant::now();
+            if now.duration_since(heard) >= QUIET {
+                match pinged {
+                    Some(at) if now.duration_since(at) >= QUIET => {
+                        return Err(ClientError::Unreachable {
+                            endpoint: self.endpoint.clone(),
+                            timeout: QUIET * 2,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        let request = self.next_request;
+                        self.next_request += 1;
+                        self.send_raw(Body::Ping { request }, None).await?;
+                        pinged = Some(now);
+                    }
+                }
+            }
             if *input_open {
                 // keep going
             } else if stream.is_settled() && now.duration_since(quiet_since) >= linger {
@@ -291,8 +314,15 @@ impl Client {
                 },
                 env = self.recv_envelope(wake) => {
                     let Some(env) = env? else { continue };
+                    heard = tokio::time::Instant::now();
+                    pinged = None;
                     match env.body {
-                        Body::ConsoleAttached { writer, worker, request, .. } if request == attach => {
+                        Body::ConsoleAttached { writer, worker, request, next, .. } if request == attach => {
+                            if seen.is_some_and(|s| s > next) {
+                                // The server numbers the output anew
+                                // (it restarted): count from its numbers.
+                                *seen = None;
+                            }
                             let _ = events.send(ConsoleEvent::Attached { writer, worker });
                         }
                         Body::ConsoleOutput { offset, dropped, .. } => {

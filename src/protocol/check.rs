@@ -655,7 +655,10 @@ fn check_leases(kind: &'static str, body: &Body, raw: Option<&[u8]>) -> Result<(
                 ));
             }
         }
-        Body::LeaseInput { task, by, .. } => {
+        Body::LeaseInput {
+            task, by, stream, ..
+        } => {
+            check_id(kind, "stream", stream)?;
             check_id(kind, "task", task)?;
             check_text(kind, "by", by, MAX_LEASE_REASON_BYTES)?;
             if raw_len > MAX_CONSOLE_INPUT_BYTES {

@@ -329,6 +329,12 @@ pub enum Body {
         attempt: u32,
         /// Who typed them, for the transcript.
         by: String,
+        /// The client's input stream and where these bytes start in it:
+        /// the worker writes only bytes of a stream it has not written
+        /// (PROTOCOL.md §18.4), so a resend after any loss types nothing
+        /// twice.
+        stream: String,
+        offset: u64,
     },
     /// Runs the worker's `[power]` command for `action`; answered with
     /// `power_done` carrying `id`. Mandatory.
@@ -598,6 +604,11 @@ pub enum Body {
         lease: LeaseId,
         writer: bool,
         worker: String,
+        /// Where the lease's output offsets stand (the replay's bytes
+        /// come below it): a client that saw more before (the server
+        /// restarted, numbering anew) starts counting afresh.
+        #[serde(default)]
+        next: u64,
     },
     /// Console bytes (the raw frame) at `offset` of the lease's output;
     /// `dropped`: bytes lost before these (counted, never hidden).

@@ -593,7 +593,9 @@ impl<S: Store> Scheduler<S> {
             }
             Body::Ack { seq } => {
                 let worker = self.workers.get_mut(&name).expect("worker");
-                worker.outbox.ack(seq);
+                if worker.outbox.ack(seq) {
+                    self.console_input_acked(&name, seq);
+                }
             }
             Body::Ready => {
                 let worker = self.workers.get_mut(&name).expect("worker");

@@ -280,20 +280,40 @@ async fn input(
             format!("{} bytes of input at once; at most {MAX_LINE}", bytes.len()),
         ));
     }
-    let body = Body::ConsoleInput {
-        request: 0,
-        lease: lease.to_string(),
-        stream: stream.to_string(),
-        offset,
-    };
-    match d.ask_raw(v, peer, body, Some(Bytes::from(bytes))).await? {
-        (Body::ConsoleInputAck { have, .. }, _) => Ok(have),
-        (other, _) => Err(Failure::new(
-            StatusCode::BAD_GATEWAY,
-            format!("unexpected answer to console_input: {}", other.kind()),
-        )),
+    // The server answers at once with what the worker has acknowledged;
+    // the same bytes asked again (a repeat: nothing typed twice) until the
+    // worker has them too, for a little while.
+    let end = offset.saturating_add(bytes.len() as u64);
+    let bytes = Bytes::from(bytes);
+    let deadline = tokio::time::Instant::now() + INPUT_WAIT;
+    loop {
+        let body = Body::ConsoleInput {
+            request: 0,
+            lease: lease.to_string(),
+            stream: stream.to_string(),
+            offset,
+        };
+        let have = match d.ask_raw(v, peer, body, Some(bytes.clone())).await? {
+            (Body::ConsoleInputAck { have, .. }, _) => have,
+            (other, _) => {
+                return Err(Failure::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("unexpected answer to console_input: {}", other.kind()),
+                ))
+            }
+        };
+        if have >= end || tokio::time::Instant::now() >= deadline {
+            return Ok(have);
+        }
+        tokio::time::sleep(INPUT_POLL).await;
     }
 }
+
+/// How long a page's input request waits for the worker's
+/// acknowledgement, asking every [`INPUT_POLL`] (the browser sends it
+/// again after that).
+const INPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const INPUT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn typed(f: &LeaseForm) -> Vec<u8> {
     let mut bytes = f.text.clone().unwrap_or_default().into_bytes();

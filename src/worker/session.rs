@@ -465,9 +465,21 @@ impl Session {
                 attempt,
                 reason,
             } => self.on_task_closed(task, attempt, reason, &mut actions),
-            Body::LeaseInput { task, by, .. } => {
+            Body::LeaseInput {
+                task,
+                by,
+                stream,
+                offset,
+                ..
+            } => {
                 let bytes = env.raw.unwrap_or_default();
-                self.pass_to_hold(task, HoldCommand::Input { by, bytes }, &mut actions);
+                let command = HoldCommand::Input {
+                    by,
+                    stream,
+                    offset,
+                    bytes,
+                };
+                self.pass_to_hold(task, command, &mut actions);
             }
             Body::PowerRequest {
                 task,

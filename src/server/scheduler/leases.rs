@@ -21,6 +21,11 @@ use crate::server::leasing::{Hold, InputBudget, Lapse};
 const INPUT_STREAMS: usize = 16;
 /// Power requests waiting for their worker's answer, in all.
 const MAX_POWER_WAITING: usize = 1024;
+/// Console input forwarded to a lease's worker and not acknowledged by
+/// it, at most: bytes, and messages (past either, input waits: it is
+/// refused with `limit_reached` and sent again by the client).
+const INPUT_IN_FLIGHT_BYTES: u64 = 64 * 1024;
+const INPUT_IN_FLIGHT_MESSAGES: usize = 1024;
 /// Ended leases `leases --all` lists at most.
 const LISTED_ENDED: usize = 200;
 
@@ -33,6 +38,18 @@ pub(super) struct Attach {
     user: Option<String>,
 }
 
+/// One console input stream of a lease.
+#[derive(Clone, Debug)]
+pub(super) struct InputState {
+    id: String,
+    /// Bytes of the stream the worker acknowledged…
+    have: u64,
+    /// …and forwarded to it.
+    sent: u64,
+    /// Where acknowledgements go: the stream's last request.
+    reply: Option<(PeerId, u64)>,
+}
+
 /// What the scheduler keeps of a lease that is waiting or held.
 pub(super) struct Live {
     holder: Option<String>,
@@ -40,8 +57,10 @@ pub(super) struct Live {
     /// Its task (`l12.1`).
     task: TaskId,
     budget: InputBudget,
-    /// Exactly-once input: bytes applied per input stream, newest last.
-    inputs: VecDeque<(String, u64)>,
+    /// Input streams, newest last (the last [`INPUT_STREAMS`]).
+    inputs: VecDeque<InputState>,
+    /// Input messages in the worker's outbox.
+    in_flight: usize,
     /// Recent output for a late attach: (received, offset, bytes).
     replay: VecDeque<(Instant, u64, Bytes)>,
     replay_bytes: usize,
@@ -73,6 +92,9 @@ pub(super) struct Leases {
     /// Power actions in flight: id → (connection, request, lease, action).
     power: HashMap<u64, (PeerId, u64, LeaseId, PowerAction)>,
     next_power: u64,
+    /// Console input in the workers' outboxes: (worker, seq) → (lease,
+    /// stream, end): the stream's client is answered when it is acked.
+    input_acks: HashMap<(String, u64), (LeaseId, String, u64)>,
 }
 
 impl Leases {
@@ -207,6 +229,7 @@ impl<S: Store> Scheduler<S> {
                 task,
                 budget: InputBudget::new(now, self.cfg.leases.input_bytes_per_sec),
                 inputs: VecDeque::new(),
+                in_flight: 0,
                 replay: VecDeque::new(),
                 replay_bytes: 0,
                 source: None,
@@ -275,6 +298,7 @@ impl<S: Store> Scheduler<S> {
                     task,
                     budget: InputBudget::new(now, self.cfg.leases.input_bytes_per_sec),
                     inputs: VecDeque::new(),
+                    in_flight: 0,
                     replay: VecDeque::new(),
                     replay_bytes: 0,
                     source: None,
@@ -502,6 +526,7 @@ impl<S: Store> Scheduler<S> {
         let Some(live) = self.leases.live.remove(lease) else {
             return;
         };
+        self.leases.input_acks.retain(|_, (l, ..)| l != lease);
         for peer in live.consoles.keys() {
             if let Some(set) = self.leases.by_peer.get_mut(peer) {
                 set.remove(lease);
@@ -636,6 +661,14 @@ impl<S: Store> Scheduler<S> {
 
     /// A connection closed: its consoles go.
     pub(super) fn forget_consoles(&mut self, peer: &PeerId) {
+        // Input acknowledgements no longer go to it.
+        for l in self.leases.live.values_mut() {
+            for i in l.inputs.iter_mut() {
+                if i.reply.as_ref().is_some_and(|(p, _)| p == peer) {
+                    i.reply = None;
+                }
+            }
+        }
         let Some(leases) = self.leases.by_peer.remove(peer) else {
             return;
         };
@@ -692,94 +725,8 @@ impl<S: Store> Scheduler<S> {
             });
         }
     }
-
-    /// `list_leases`: the caller's waiting and held leases; `all`: every
-    /// user's (a submit user: its own), with the last ended ones.
-    pub(super) fn list_leases(
-        &self,
-        now: Instant,
-        peer: &PeerId,
-        request: u64,
-        all: bool,
-    ) -> Reply {
-        let me = self.owner(peer);
-        let sees_all =
-            !self.cfg.secure || self.caller_role(peer).is_some_and(|r| r >= Role::Operator);
-        let mine = |r: &Testrun| {
-            !self.cfg.secure
-                || r.request.owner == me
-                || me.as_ref().is_some_and(|m| {
-                    r.request
-                        .lease
-                        .as_ref()
-                        .is_some_and(|t| t.shared.contains(m))
-                })
-        };
-        let mut leases: Vec<DeviceLease> = self
-            .leases
-            .live
-            .keys()
-            .filter(|id| {
-                let r = &self.runs[*id];
-                mine(r) || (all && sees_all)
-            })
-            .map(|id| self.lease_info(now, id))
-            .collect();
-        if all {
-            let ended = self
-                .runs
-                .range::<str, _>((
-                    std::ops::Bound::Included("l"),
-                    std::ops::Bound::Excluded("m"),
-                ))
-                .rev()
-                .filter(|(id, r)| !self.leases.live.contains_key(*id) && r.request.lease.is_some())
-                .filter(|(_, r)| sees_all || mine(r))
-                .take(LISTED_ENDED)
-                .map(|(id, _)| self.lease_info(now, id))
-                .collect::<Vec<_>>();
-            leases.extend(ended);
-        }
-        Ok(Body::Leases { request, leases })
-    }
-
-    /// A lease as lists show it.
-    pub(super) fn lease_info(&self, now: Instant, id: &LeaseId) -> DeviceLease {
-        let r = &self.runs[id];
-        let terms = r.request.lease.clone().unwrap_or_default();
-        let live = self.leases.live.get(id);
-        let task = r.tasks.first().and_then(|t| self.tasks.get(t));
-        let state = match (live, r.state) {
-            (Some(_), RunState::Queued) => LeaseState::Waiting,
-            (Some(_), _) => LeaseState::Held,
-            (None, _) => LeaseState::Ended,
-        };
-        let position = (state == LeaseState::Waiting)
-            .then(|| task.and_then(|t| self.waiting_of(id).get(&t.id).map(|w| w.position)))
-            .flatten();
-        DeviceLease {
-            lease: id.clone(),
-            state,
-            holder: r.request.owner.clone(),
-            device: r.request.device.clone(),
-            worker: task.and_then(|t| t.worker.clone()),
-            reason: terms.reason.clone(),
-            priority: r.request.priority,
-            requested_ms: r.submitted_ms,
-            granted_ms: terms.granted_ms,
-            until_ms: terms.until_ms,
-            ended_ms: (state == LeaseState::Ended)
-                .then_some(r.ended_ms.or(terms.until_ms))
-                .flatten(),
-            ended: terms.ended.clone(),
-            duration_ms: terms.duration_ms,
-            idle_ms: live.map(|l| now.saturating_duration_since(l.hold.heard).as_millis() as u64),
-            position,
-            shared: terms.shared.clone(),
-            consoles: live.map_or(0, |l| l.consoles.len() as u32),
-        }
-    }
 }
 
 mod console;
+mod lists;
 mod runs;

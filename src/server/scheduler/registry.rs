@@ -337,7 +337,7 @@ impl<S: Store> Scheduler<S> {
 
     /// Queues a mandatory message to a worker and sends it at once.
     pub(super) fn send_mandatory(&mut self, now: Instant, worker: &str, task: &TaskId, body: Body) {
-        self.send_mandatory_raw(now, worker, task, body, None);
+        let _ = self.send_mandatory_raw(now, worker, task, body, None);
     }
 
     /// [`Self::send_mandatory`] with a raw frame (console input).
@@ -348,12 +348,14 @@ impl<S: Store> Scheduler<S> {
         task: &TaskId,
         body: Body,
         raw: Option<Bytes>,
-    ) {
+    ) -> Option<u64> {
         let attempt = self.tasks.get(task).map(|t| t.attempts);
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.outbox.push(Some(task.clone()), attempt, body, raw);
+        let seq = self.workers.get_mut(worker).map(|w| {
+            let seq = w.outbox.push(Some(task.clone()), attempt, body, raw);
             self.outboxes.insert(worker.to_string());
-        }
+            seq
+        });
         self.flush_worker(now, worker);
+        seq
     }
 }

@@ -63,7 +63,12 @@ pub enum TaskEvent {
 #[derive(Clone, Debug, PartialEq)]
 pub enum HoldCommand {
     /// Bytes typed into the console by `by`.
-    Input { by: String, bytes: bytes::Bytes },
+    Input {
+        by: String,
+        stream: String,
+        offset: u64,
+        bytes: bytes::Bytes,
+    },
     Power {
         id: u64,
         action: crate::protocol::PowerAction,

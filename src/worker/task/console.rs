@@ -260,7 +260,13 @@ struct Shared {
     /// in the offsets all the same: a gap the server counts as lost).
     raw: Option<tokio::sync::mpsc::Sender<(u64, Vec<u8>)>>,
     raw_offset: u64,
+    /// Lease input written, per input stream (the last [`INPUT_STREAMS`]):
+    /// how far each is written, whichever task wrote it.
+    typed: VecDeque<(String, u64)>,
 }
+
+/// Input streams remembered for exactly-once lease input.
+const INPUT_STREAMS: usize = 64;
 
 /// The console, shared between its reader thread and the worker.
 #[derive(Clone)]
@@ -286,6 +292,7 @@ impl Console {
                 available: Err("not opened yet".into()),
                 raw: None,
                 raw_offset: 0,
+                typed: VecDeque::new(),
             })),
             cfg: cfg.clone(),
         };
@@ -424,6 +431,36 @@ impl Console {
             out.drain(..out.len() - max);
         }
         Ok(out)
+    }
+
+    /// Writes the bytes of input `stream` at `offset` that the device has
+    /// not had yet (a resend, after the server or a connection was lost,
+    /// repeats nothing); returns the bytes written. A stream first seen
+    /// starts where it says.
+    pub fn send_once(&self, stream: &str, offset: u64, bytes: &[u8]) -> Vec<u8> {
+        let new = {
+            let mut s = self.lock();
+            let have = s
+                .typed
+                .iter()
+                .find(|(id, _)| id == stream)
+                .map_or(offset, |(_, h)| *h);
+            let end = offset.saturating_add(bytes.len() as u64);
+            if end <= have {
+                return Vec::new();
+            }
+            let skip = have.saturating_sub(offset) as usize;
+            s.typed.retain(|(id, _)| id != stream);
+            s.typed.push_back((stream.to_string(), end));
+            while s.typed.len() > INPUT_STREAMS {
+                s.typed.pop_front();
+            }
+            bytes[skip..].to_vec()
+        };
+        if !new.is_empty() {
+            self.send(new.clone());
+        }
+        new
     }
 
     /// Queues bytes to write to the device (recorded as `>` records).

@@ -95,9 +95,13 @@ pub(super) async fn hold(
                 send_bytes(&channel, offset, bytes);
             }
             Some(command) = commands.recv() => match command {
-                HoldCommand::Input { by, bytes } => {
-                    if let Some(c) = &console {
-                        c.send(bytes.to_vec());
+                HoldCommand::Input { by, stream, offset, bytes } => {
+                    let bytes = match &console {
+                        Some(c) => c.send_once(&stream, offset, &bytes),
+                        None => Vec::new(),
+                    };
+                    if bytes.is_empty() {
+                        continue;
                     }
                     if typed.as_ref().is_some_and(|(b, _)| *b != by) {
                         flush_typed(&mut channel, &mut typed);
@@ -255,9 +259,16 @@ impl LeaseTap {
                     });
                 }
             }
-            Tapped::Command(HoldCommand::Input { by, bytes }) => {
-                t.console.send(bytes.to_vec());
-                channel.log(Stream::Worker, format!("[input {by}] {}", escape(&bytes)));
+            Tapped::Command(HoldCommand::Input {
+                by,
+                stream,
+                offset,
+                bytes,
+            }) => {
+                let bytes = t.console.send_once(&stream, offset, &bytes);
+                if !bytes.is_empty() {
+                    channel.log(Stream::Worker, format!("[input {by}] {}", escape(&bytes)));
+                }
             }
             // The server asks the hold, not a testrun, for power.
             Tapped::Command(HoldCommand::Power { .. }) => {}

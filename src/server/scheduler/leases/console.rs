@@ -108,6 +108,7 @@ impl<S: Store> Scheduler<S> {
         let l = &self.leases.live[&lease];
         let worker = self.tasks[&l.task].worker.clone().unwrap_or_default();
         let task = l.task.clone();
+        let next = l.out_end;
         let l = self.leases.live.get_mut(&lease).expect("live");
         if writer {
             l.hold.heard(now);
@@ -145,6 +146,7 @@ impl<S: Store> Scheduler<S> {
                 lease: lease.clone(),
                 writer,
                 worker,
+                next,
             },
             None,
         );
@@ -193,10 +195,14 @@ impl<S: Store> Scheduler<S> {
         })
     }
 
-    /// `console_input`: bytes at `offset` of the holder's `stream`; what
-    /// is new goes to the worker once, in order (its outbox); answered
-    /// with how much of the stream is applied, so a client that lost an
-    /// answer resends from there and nothing is typed twice.
+    /// `console_input`: bytes at `offset` of the holder's `stream`. What
+    /// the server has not forwarded yet goes to the worker once, in order
+    /// (its outbox), with its place in the stream, so the worker writes
+    /// only what the device has not had (PROTOCOL.md §18.4). The answer
+    /// says how much of the stream the *worker* has acknowledged; what
+    /// it acknowledges later is answered then (`console_input_ack` to the
+    /// last request of the stream). A stream the server does not know (a
+    /// new session, or any after a server restart) starts where it says.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::server::scheduler) fn on_console_input(
         &mut self,
@@ -222,31 +228,51 @@ impl<S: Store> Scheduler<S> {
         let target = self.lease_task_now(&lease);
         let l = self.leases.live.get_mut(&lease).expect("held");
         l.hold.heard(now);
-        let have = l
+        if !l.inputs.iter().any(|i| i.id == stream) {
+            l.inputs.push_back(InputState {
+                id: stream.clone(),
+                have: offset,
+                sent: offset,
+                reply: None,
+            });
+            while l.inputs.len() > INPUT_STREAMS {
+                l.inputs.pop_front();
+            }
+        }
+        let i = l
             .inputs
-            .iter()
-            .find(|(s, _)| *s == stream)
-            .map_or(0, |(_, h)| *h);
+            .iter_mut()
+            .find(|i| i.id == stream)
+            .expect("just made");
+        i.reply = Some((peer.clone(), request));
+        let (have, sent) = (i.have, i.sent);
         let end = offset.saturating_add(bytes.len() as u64);
-        let ack = |have| {
-            Ok(Body::ConsoleInputAck {
-                request,
-                lease: lease.clone(),
-                stream: stream.clone(),
-                have,
-            })
-        };
-        if offset > have {
+        let ack = Ok(Body::ConsoleInputAck {
+            request,
+            lease: lease.clone(),
+            stream: stream.clone(),
+            have,
+        });
+        if offset > sent {
             // A gap: something before it was lost; resend from `have`.
-            return ack(have);
+            return ack;
         }
-        if end <= have {
+        if end <= sent {
             self.count("console_input_duplicates", 1);
-            return ack(have);
+            return ack;
         }
-        let new = bytes.slice((have - offset) as usize..);
+        let new = bytes.slice((sent - offset) as usize..);
+        if sent.saturating_sub(have) > INPUT_IN_FLIGHT_BYTES
+            || l.in_flight >= INPUT_IN_FLIGHT_MESSAGES
+        {
+            self.count("console_input_waiting_for_worker", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("the device of lease {lease} has not taken the input before yet: resend from byte {have} a little later"),
+            ));
+        }
         let Some(task) = target else {
-            // Between the hold and a testrun on the lease: nothing applied.
+            // Between the hold and a testrun on the lease: nothing taken.
             return Err((
                 ErrorCode::LimitReached,
                 format!("the device of lease {lease} is between tasks: resend from byte {have} in a moment"),
@@ -261,29 +287,64 @@ impl<S: Store> Scheduler<S> {
                 ),
             ));
         }
-        l.inputs.retain(|(s, _)| *s != stream);
-        l.inputs.push_back((stream.clone(), end));
-        while l.inputs.len() > INPUT_STREAMS {
-            l.inputs.pop_front();
-        }
         let worker = self.tasks[&task]
             .worker
             .clone()
             .expect("a running task has a worker");
         let by = self.owner(peer).unwrap_or_else(|| "-".into());
         self.count("console_input_bytes", new.len() as u64);
-        self.send_mandatory_raw(
-            now,
-            &worker,
-            &task,
-            Body::LeaseInput {
-                task: task.clone(),
-                attempt: self.tasks[&task].attempts,
-                by,
+        let attempt = self.tasks[&task].attempts;
+        let body = Body::LeaseInput {
+            task: task.clone(),
+            attempt,
+            by,
+            stream: stream.clone(),
+            offset: sent,
+        };
+        let seq = self.send_mandatory_raw(now, &worker, &task, body, Some(new));
+        let l = self.leases.live.get_mut(&lease).expect("held");
+        if let Some(i) = l.inputs.iter_mut().find(|i| i.id == stream) {
+            i.sent = end;
+        }
+        l.in_flight += usize::from(seq.is_some());
+        if let Some(seq) = seq {
+            self.leases
+                .input_acks
+                .insert((worker, seq), (lease.clone(), stream.clone(), end));
+        }
+        ack
+    }
+
+    /// The worker acknowledged a message: if it was console input, the
+    /// stream's client is told how much the worker has.
+    pub(in crate::server::scheduler) fn console_input_acked(&mut self, worker: &str, seq: u64) {
+        let Some((lease, stream, end)) = self.leases.input_acks.remove(&(worker.to_string(), seq))
+        else {
+            return;
+        };
+        let Some(l) = self.leases.live.get_mut(&lease) else {
+            return;
+        };
+        l.in_flight = l.in_flight.saturating_sub(1);
+        let Some(i) = l.inputs.iter_mut().find(|i| i.id == stream) else {
+            return;
+        };
+        i.have = i.have.max(end);
+        let Some((peer, request)) = i.reply.clone() else {
+            return;
+        };
+        let have = i.have;
+        self.send(
+            &peer,
+            None,
+            Body::ConsoleInputAck {
+                request,
+                lease,
+                stream,
+                have,
             },
-            Some(new),
+            None,
         );
-        ack(end)
     }
 
     /// `console_data` from the worker holding the lease: kept for a late

@@ -5,9 +5,9 @@
 //! and its consoles happens in `scheduler/leases.rs`.
 //!
 //! A lease ends at the first of: its `until` (granted + duration, moved
-//! by renew), its holder unheard for `idle` (every lease request, an
-//! attached console and `reserve --keep` count as heard), an explicit
-//! release. So a crashed CI job or a closed laptop frees the board after
+//! by renew), its holder unheard for `idle` since the grant (every lease
+//! request, an attached console and `reserve --keep` count as heard), an
+//! explicit release. A waiting lease does not lapse. So a crashed CI job or a closed laptop frees the board after
 //! `idle` at most, and nobody holds one longer than their role's maximum
 //! without asking again.
 
@@ -108,8 +108,12 @@ impl Hold {
     }
 
     /// Whether it is over at `now`: expiry first (it is the firmer word).
+    /// A lease still waiting does not lapse (its holder need not stay at
+    /// the keyboard while CI runs; the queue's timeout bounds the wait):
+    /// idleness counts from the grant.
     pub fn lapse(&self, now: Instant, idle: Duration) -> Option<Lapse> {
-        if self.until.is_some_and(|u| now >= u) {
+        let until = self.until?;
+        if now >= until {
             return Some(Lapse::Expired);
         }
         if now.saturating_duration_since(self.heard) >= idle {
@@ -168,9 +172,13 @@ mod tests {
         let t0 = Instant::now();
         let idle = Duration::from_secs(600);
         let mut h = Hold::new(t0);
-        assert_eq!(h.lapse(t0 + Duration::from_secs(599), idle), None);
-        assert_eq!(h.lapse(t0 + idle, idle), Some(Lapse::Idle));
+        // Waiting: no lapse, however long its holder is away.
+        assert_eq!(h.lapse(t0 + idle * 10, idle), None);
         h.grant(t0 + Duration::from_secs(100), Duration::from_secs(3600));
+        assert_eq!(
+            h.lapse(t0 + Duration::from_secs(100) + idle, idle),
+            Some(Lapse::Idle)
+        );
         assert_eq!(h.next_due(idle), t0 + Duration::from_secs(700));
         // Heard every few minutes: only the end stops it.
         for m in (5..=60).step_by(5) {

@@ -34,7 +34,8 @@ pub struct LeaseRules {
     pub consoles_per_user: usize,
     /// Console input accepted per lease per second, in bytes.
     pub input_bytes_per_sec: u64,
-    /// Console output kept per lease for a late attach's replay.
+    /// Console output kept per lease for a late attach's replay (in all
+    /// at most `max_leases` times this).
     pub replay_bytes: usize,
 }
 
@@ -55,7 +56,7 @@ impl Default for LeaseRules {
             consoles_per_lease: 8,
             consoles_per_user: 16,
             input_bytes_per_sec: 64 * 1024,
-            replay_bytes: 1 << 20,
+            replay_bytes: 256 << 10,
         }
     }
 }

@@ -21,6 +21,8 @@ use crate::server::leasing::{Hold, InputBudget, Lapse};
 const INPUT_STREAMS: usize = 16;
 /// Power requests waiting for their worker's answer, in all.
 const MAX_POWER_WAITING: usize = 1024;
+/// …and of one lease (a worker that never answers holds up only its own).
+const POWER_WAITING_PER_LEASE: usize = 4;
 /// Console input forwarded to a lease's worker and not acknowledged by
 /// it, at most: bytes, and messages (past either, input waits: it is
 /// refused with `limit_reached` and sent again by the client).
@@ -527,6 +529,7 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         self.leases.input_acks.retain(|_, (l, ..)| l != lease);
+        self.leases.power.retain(|_, (_, _, l, _)| l != lease);
         for peer in live.consoles.keys() {
             if let Some(set) = self.leases.by_peer.get_mut(peer) {
                 set.remove(lease);

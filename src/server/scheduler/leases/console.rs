@@ -449,12 +449,19 @@ impl<S: Store> Scheduler<S> {
             ));
         }
         let task = l.task.clone();
-        if self.leases.power.len() >= MAX_POWER_WAITING {
+        let of_lease = self
+            .leases
+            .power
+            .values()
+            .filter(|(_, _, l, _)| *l == lease)
+            .count();
+        if of_lease >= POWER_WAITING_PER_LEASE || self.leases.power.len() >= MAX_POWER_WAITING {
             self.count("power_over_limit", 1);
             return Err((
                 ErrorCode::LimitReached,
                 format!(
-                    "{MAX_POWER_WAITING} power actions are waiting for their workers: try again"
+                    "{of_lease} power actions of lease {lease} ({POWER_WAITING_PER_LEASE} at most), {} of all leases ({MAX_POWER_WAITING} at most) wait for their workers: try again when they are answered",
+                    self.leases.power.len()
                 ),
             ));
         }

@@ -852,3 +852,63 @@ fn typed_input_reaches_the_board_once_across_a_server_crash() {
     }
     con.kill();
 }
+
+/// `[leases] held_per_user`: a holder at the limit waits for one of its
+/// own leases to end, while the free device goes to others' work.
+#[test]
+fn a_holder_at_the_held_limit_waits_for_its_own_lease_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _board, _pdu, _w, go) =
+        lab_with(dir.path(), &[("OTS_SERVER_LEASES__HELD_PER_USER", "1")]);
+    std::fs::write(&go, "").unwrap();
+    // A second board of the group, without console or power.
+    let keys = server.keys.clone().unwrap();
+    let conductor = script(
+        dir.path(),
+        "plain.sh",
+        "echo '<testsuite><testcase name=\"c\"/></testsuite>' > \"$OTS_RESULTS_DIR/r.xml\"",
+    );
+    let _w2 = start_worker_with(
+        dir.path(),
+        "w2",
+        "devicegroup:board",
+        &server.control,
+        &server.events,
+        &[conductor.to_str().unwrap()],
+        &[],
+        &keys.worker_toml("w2"),
+    );
+    wait_for_workers(&server, LIMIT, |ws: &[serde_json::Value]| {
+        ws.iter()
+            .filter(|w| w["state"] == "idle" && w["health"] == "good")
+            .count()
+            == 2
+    });
+    wait_allowed(&server, "frank");
+    let reserve = |wait: bool| {
+        let mut args = vec!["reserve", "devicegroup:board"];
+        if wait {
+            args.push("--wait");
+        }
+        let out = server.as_user("frank").submit(&args, LIMIT);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let first = reserve(true);
+    let second = reserve(false);
+    // The other board is free: CI runs on it, frank's second lease waits.
+    let ci = [
+        "--device",
+        "devicegroup:board",
+        "--image",
+        "i",
+        "--packages",
+        "p",
+    ];
+    let r = submit_run(&server, &ci);
+    wait_status(&server, &r, LIMIT, finished);
+    assert_eq!(lease_state(&server, "frank", &second)["state"], "waiting");
+    let out = server.as_user("frank").submit(&["release", &first], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_lease(&server, "frank", &second, |l| l["state"] == "held");
+}

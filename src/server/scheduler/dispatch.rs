@@ -328,11 +328,12 @@ impl<S: Store> Scheduler<S> {
             return;
         }
         let keys = self.workers[name].routing_keys();
-        let tasks = &self.tasks;
+        let (tasks, runs) = (&self.tasks, &self.runs);
+        let at_limit = self.holders_at_limit();
         let fits = |id: &str| {
-            tasks
-                .get(id)
-                .is_none_or(|t| !t.avoid.iter().any(|w| w == name))
+            tasks.get(id).is_none_or(|t| {
+                !t.avoid.iter().any(|w| w == name) && !leases::over_held_limit(runs, t, &at_limit)
+            })
         };
         let best = keys
             .iter()
@@ -378,8 +379,13 @@ impl<S: Store> Scheduler<S> {
                     }
                     continue 'next;
                 }
-                let tasks = &self.tasks;
-                let fits = |id: &str| tasks.get(id).is_none_or(|t| !t.avoid.contains(&name));
+                let at_limit = self.holders_at_limit();
+                let (tasks, runs) = (&self.tasks, &self.runs);
+                let fits = |id: &str| {
+                    tasks.get(id).is_none_or(|t| {
+                        !t.avoid.contains(&name) && !leases::over_held_limit(runs, t, &at_limit)
+                    })
+                };
                 let Some((_, (_, _, task))) = self.queues.get_mut(key).and_then(|q| q.pop(fits))
                 else {
                     continue;

@@ -600,6 +600,25 @@ impl<S: Store> Scheduler<S> {
             }
         }
         let _ = self.cancel_run(now, lease);
+        // The holder may be under its limit again: its waiting leases are
+        // tried on the workers waiting for work.
+        let holder = self.runs.get(lease).and_then(|r| r.request.owner.clone());
+        let waiting: Vec<String> = self
+            .leases
+            .live
+            .iter()
+            .filter(|(id, l)| {
+                l.holder == holder
+                    && self
+                        .runs
+                        .get(*id)
+                        .is_some_and(|r| r.state == RunState::Queued)
+            })
+            .map(|(id, _)| self.runs[id].request.device.routing_key())
+            .collect();
+        for key in waiting {
+            self.try_dispatch_key(now, &key);
+        }
     }
 
     /// The lease's task ended on `worker` after holding it: the device
@@ -732,4 +751,5 @@ impl<S: Store> Scheduler<S> {
 
 mod console;
 mod lists;
+pub(super) use lists::over_held_limit;
 mod runs;

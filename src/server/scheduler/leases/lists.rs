@@ -94,4 +94,41 @@ impl<S: Store> Scheduler<S> {
             consoles: live.map_or(0, |l| l.consoles.len() as u32),
         }
     }
+
+    /// Holders that hold `[leases] held_per_user` leases already: their
+    /// waiting leases are not granted until one ends (empty, at no cost,
+    /// without leases).
+    pub(in crate::server::scheduler) fn holders_at_limit(&self) -> HashSet<String> {
+        if self.leases.live.is_empty() {
+            return HashSet::new();
+        }
+        let mut held: HashMap<&str, usize> = HashMap::new();
+        for (id, l) in &self.leases.live {
+            let granted = self
+                .runs
+                .get(id)
+                .is_some_and(|r| r.state != RunState::Queued);
+            if let (true, Some(h)) = (granted, l.holder.as_deref()) {
+                *held.entry(h).or_default() += 1;
+            }
+        }
+        held.into_iter()
+            .filter(|(_, n)| *n >= self.cfg.leases.held_per_user)
+            .map(|(h, _)| h.to_string())
+            .collect()
+    }
+}
+
+/// Is `t` a waiting lease whose holder is at the limit?
+pub(in crate::server::scheduler) fn over_held_limit(
+    runs: &BTreeMap<RunId, Testrun>,
+    t: &Task,
+    at_limit: &HashSet<String>,
+) -> bool {
+    !at_limit.is_empty()
+        && is_lease_id(&t.run)
+        && runs
+            .get(&t.run)
+            .and_then(|r| r.request.owner.as_deref())
+            .is_some_and(|o| at_limit.contains(o))
 }

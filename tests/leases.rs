@@ -227,6 +227,47 @@ fn console(server: &ServerProc, user: &str, lease: &str) -> (Proc, std::process:
     Proc::spawn_with_stdin(&format!("console-{user}"), cmd)
 }
 
+/// A CI testrun for the board (its conductor waits for the `go` file).
+const CI: [&str; 6] = [
+    "--device",
+    "devicegroup:board",
+    "--image",
+    "i",
+    "--packages",
+    "p",
+];
+
+/// `reserve --wait` as `user`: the granted lease's id.
+fn reserve_held(server: &ServerProc, user: &str) -> String {
+    let out = server
+        .as_user(user)
+        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// Waits until a console says it is attached as the holder.
+fn attached(con: &Proc) {
+    assert!(
+        con.stderr.wait_for("you may type", LIMIT).is_some(),
+        "{:?}",
+        con.stderr.all()
+    );
+}
+
+/// The lease's transcript once it holds `needle` (its lines arrive in
+/// batches after the live bytes), or as it is after the deadline.
+fn transcript_with(server: &ServerProc, user: &str, lease: &str, needle: &str) -> String {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let t = text(&server.as_user(user).submit(&["logs", lease], LIMIT).stdout);
+        if t.contains(needle) || Instant::now() > deadline {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
+    }
+}
+
 #[test]
 fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,17 +275,9 @@ fn a_lease_takes_its_turn_among_ci_tasks_and_the_device_returns_to_ci() {
     wait_allowed(&server, "alice");
     wait_allowed(&server, "bob");
     // A CI backlog: r1 runs (held by its gate), r2 waits.
-    let ci = [
-        "--device",
-        "devicegroup:board",
-        "--image",
-        "i",
-        "--packages",
-        "p",
-    ];
-    let r1 = submit_run(&server, &ci);
+    let r1 = submit_run(&server, &CI);
     wait_status(&server, &r1, LIMIT, running);
-    let r2 = submit_run(&server, &ci);
+    let r2 = submit_run(&server, &CI);
     // Alice asks for the board: queued behind r1, ahead of the backlog
     // by fair share (she has had nothing; the tester has had r1).
     let out = server.as_user("alice").submit(
@@ -386,27 +419,11 @@ fn a_holder_that_vanishes_loses_the_lease_after_lease_idle() {
     let (server, _board, _pdu, _w, go) = lab(dir.path(), "3s");
     std::fs::write(&go, "").unwrap();
     wait_allowed(&server, "alice");
-    let out = server
-        .as_user("alice")
-        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lease = text(&out.stdout).trim().to_string();
+    let lease = reserve_held(&server, "alice");
     // Her console keeps the lease alive while it is open…
     let (mut con, _stdin) = console(&server, "alice", &lease);
-    assert!(
-        con.stderr.wait_for("you may type", LIMIT).is_some(),
-        "{:?}",
-        con.stderr.all()
-    );
-    let ci = [
-        "--device",
-        "devicegroup:board",
-        "--image",
-        "i",
-        "--packages",
-        "p",
-    ];
-    let r = submit_run(&server, &ci);
+    attached(&con);
+    let r = submit_run(&server, &CI);
     // Two idle windows pass with the console open: still held.
     let granted = lease_state(&server, "alice", &lease)["granted_ms"]
         .as_u64()
@@ -494,24 +511,12 @@ fn the_dashboard_reserves_shows_the_console_and_types_once() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["have"], 13);
     }
-    let deadline = Instant::now() + LIMIT;
     let echoed = |t: &str| {
         t.lines()
             .filter(|l| l.contains("[serial] from the web"))
             .count()
     };
-    let transcript = loop {
-        let t = text(
-            &server
-                .as_user("alice")
-                .submit(&["logs", &lease], LIMIT)
-                .stdout,
-        );
-        if echoed(&t) >= 1 || Instant::now() > deadline {
-            break t;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-    };
+    let transcript = transcript_with(&server, "alice", &lease, "[serial] from the web");
     assert_eq!(
         echoed(&transcript),
         1,
@@ -587,27 +592,11 @@ fn a_testrun_on_a_lease_runs_at_once_and_the_lease_holds_on() {
     let (server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
     std::fs::write(&go, "").unwrap();
     wait_allowed(&server, "alice");
-    let out = server
-        .as_user("alice")
-        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lease = text(&out.stdout).trim().to_string();
+    let lease = reserve_held(&server, "alice");
     let (mut con, mut stdin) = console(&server, "alice", &lease);
-    assert!(
-        con.stderr.wait_for("you may type", LIMIT).is_some(),
-        "{:?}",
-        con.stderr.all()
-    );
+    attached(&con);
     // CI waits for the board.
-    let ci = [
-        "--device",
-        "devicegroup:board",
-        "--image",
-        "i",
-        "--packages",
-        "p",
-    ];
-    let r = submit_run(&server, &ci);
+    let r = submit_run(&server, &CI);
     // Alice's testrun runs at once, ahead of it.
     let out = server.as_user("alice").submit(
         &[
@@ -693,20 +682,8 @@ fn a_lease_ends_when_its_holders_key_is_removed() {
     let (server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
     std::fs::write(&go, "").unwrap();
     wait_allowed(&server, "carol");
-    let out = server
-        .as_user("carol")
-        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lease = text(&out.stdout).trim().to_string();
-    let ci = [
-        "--device",
-        "devicegroup:board",
-        "--image",
-        "i",
-        "--packages",
-        "p",
-    ];
-    let r = submit_run(&server, &ci);
+    let lease = reserve_held(&server, "carol");
+    let r = submit_run(&server, &CI);
     let keys = server.keys.clone().unwrap();
     std::fs::remove_file(keys.users_dir().join("carol.pub")).unwrap();
     let l = wait_lease(&server, "tester", &lease, |l| l["state"] == "ended");
@@ -786,17 +763,9 @@ fn typed_input_reaches_the_board_once_across_a_server_crash() {
     let (mut server, _board, _pdu, _w, go) = lab(dir.path(), "10m");
     std::fs::write(&go, "").unwrap();
     wait_allowed(&server, "erin");
-    let out = server
-        .as_user("erin")
-        .submit(&["reserve", "devicegroup:board", "--wait"], LIMIT);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lease = text(&out.stdout).trim().to_string();
+    let lease = reserve_held(&server, "erin");
     let (mut con, mut stdin) = console(&server, "erin", &lease);
-    assert!(
-        con.stderr.wait_for("you may type", LIMIT).is_some(),
-        "{:?}",
-        con.stderr.all()
-    );
+    attached(&con);
     stdin.write_all(b"before the crash\n").unwrap();
     assert!(
         con.stdout.wait_for("before the crash", LIMIT).is_some(),
@@ -830,19 +799,7 @@ fn typed_input_reaches_the_board_once_across_a_server_crash() {
     let l = lease_state(&server, "erin", &lease);
     assert_eq!(l["state"], "held", "{l:#}");
     // The transcript's lines come in batches after the live bytes.
-    let deadline = Instant::now() + LIMIT;
-    let transcript = loop {
-        let t = text(
-            &server
-                .as_user("erin")
-                .submit(&["logs", &lease], LIMIT)
-                .stdout,
-        );
-        if t.contains("[serial] after the crash") || Instant::now() > deadline {
-            break t;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling interval, bounded by the deadline
-    };
+    let transcript = transcript_with(&server, "erin", &lease, "[serial] after the crash");
     for line in ["[serial] before the crash", "[serial] after the crash"] {
         assert_eq!(
             transcript.matches(line).count(),
@@ -897,15 +854,7 @@ fn a_holder_at_the_held_limit_waits_for_its_own_lease_to_end() {
     let first = reserve(true);
     let second = reserve(false);
     // The other board is free: CI runs on it, frank's second lease waits.
-    let ci = [
-        "--device",
-        "devicegroup:board",
-        "--image",
-        "i",
-        "--packages",
-        "p",
-    ];
-    let r = submit_run(&server, &ci);
+    let r = submit_run(&server, &CI);
     wait_status(&server, &r, LIMIT, finished);
     assert_eq!(lease_state(&server, "frank", &second)["state"], "waiting");
     let out = server.as_user("frank").submit(&["release", &first], LIMIT);

@@ -208,11 +208,7 @@ impl Client {
             task: None,
             epoch: None,
         };
-        let mut frames = protocol::encode(&header, &body, raw);
-        if let Some(channel) = self.channel.as_mut() {
-            frames = channel.seal(&frames);
-        }
-        transport::send_bounded(&mut self.socket, to_message(frames), self.timeout)
+        self.send_body(&header, &body, raw)
             .await
             .map_err(|_| ClientError::Unreachable {
                 endpoint: self.endpoint.clone(),

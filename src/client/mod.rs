@@ -308,8 +308,13 @@ impl Client {
     }
 
     /// Sends one message, sealed if the connection is secured.
-    async fn send_body(&mut self, header: &Header, body: &Body) -> Result<(), TransportError> {
-        let mut frames = protocol::encode(header, body, None);
+    async fn send_body(
+        &mut self,
+        header: &Header,
+        body: &Body,
+        raw: Option<Bytes>,
+    ) -> Result<(), TransportError> {
+        let mut frames = protocol::encode(header, body, raw);
         if let Some(channel) = self.channel.as_mut() {
             frames = channel.seal(&frames);
         }
@@ -403,7 +408,7 @@ impl Client {
             endpoint: self.endpoint.clone(),
             timeout: self.timeout,
         };
-        if self.send_body(&header, &body).await.is_err() {
+        if self.send_body(&header, &body, None).await.is_err() {
             return Err(unreachable);
         }
         let deadline = tokio::time::Instant::now() + self.timeout;

@@ -128,3 +128,19 @@ pub(super) fn json<T: serde::Serialize>(r: Result<T, Failure>) -> Response {
         Err(e) => api_error(e),
     }
 }
+
+/// An API request that acts must carry the session's CSRF token in
+/// `X-CSRF-Token`: none if it does, else the 403 to answer.
+pub(super) fn api_csrf(
+    d: &Dashboard,
+    v: &Viewer,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
+    (!d.csrf_ok(v, token)).then(|| {
+        api_error(Failure::new(
+            StatusCode::FORBIDDEN,
+            "missing or wrong X-CSRF-Token (GET /api/me gives it)",
+        ))
+    })
+}

@@ -10,7 +10,7 @@ use crate::web::asks::{
     audit_read, health, list_runs, log_chunk, queues, run_notifications, status, task_ended,
     workers, AuditQuery, LogQuery,
 };
-use crate::web::extract::{api_error, check_id, json, run_of_task, unexpected, Api, D};
+use crate::web::extract::{api_csrf, api_error, check_id, json, run_of_task, unexpected, Api, D};
 use crate::web::html::{cancel, drain, drain_value};
 use crate::web::signin::CsrfForm;
 use axum::extract::{Path, Query, State};
@@ -132,12 +132,8 @@ pub(super) async fn api_cancel(
     headers: HeaderMap,
     Path(run): Path<String>,
 ) -> Response {
-    let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
-    if !d.csrf_ok(&v, token) {
-        return api_error(Failure::new(
-            StatusCode::FORBIDDEN,
-            "missing or wrong X-CSRF-Token (GET /api/me gives it)",
-        ));
+    if let Some(refused) = api_csrf(&d, &v, &headers) {
+        return refused;
     }
     json(cancel(&d, &v, peer, &run).await)
 }
@@ -149,12 +145,8 @@ pub(super) async fn api_drain(
     Path(name): Path<String>,
     Query(f): Query<CsrfForm>,
 ) -> Response {
-    let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
-    if !d.csrf_ok(&v, token) {
-        return api_error(Failure::new(
-            StatusCode::FORBIDDEN,
-            "missing or wrong X-CSRF-Token (GET /api/me gives it)",
-        ));
+    if let Some(refused) = api_csrf(&d, &v, &headers) {
+        return refused;
     }
     let on = match drain_value(f.drain.as_deref()) {
         Ok(on) => on,

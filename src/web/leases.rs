@@ -13,7 +13,7 @@ use super::{Dashboard, Failure};
 use crate::protocol::{Body, DeviceLease, LeaseAction, LeaseState, PowerAction};
 use crate::security::Role;
 use crate::web::asks::{log_chunk, LogQuery};
-use crate::web::extract::{api_error, ask_for, check_id, json, page_error, Api, Page, D};
+use crate::web::extract::{api_csrf, ask_for, check_id, json, page_error, Api, Page, D};
 use crate::web::signin::forbidden_csrf;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -365,12 +365,8 @@ pub(super) async fn api_keep(
     headers: HeaderMap,
     Path(lease): Path<String>,
 ) -> Response {
-    let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
-    if !d.csrf_ok(&v, token) {
-        return api_error(Failure::new(
-            StatusCode::FORBIDDEN,
-            "missing or wrong X-CSRF-Token (GET /api/me gives it)",
-        ));
+    if let Some(refused) = api_csrf(&d, &v, &headers) {
+        return refused;
     }
     json(act(&d, &v, peer, &lease, LeaseAction::Keep, false, None).await)
 }
@@ -392,12 +388,8 @@ pub(super) async fn api_input(
     Path(lease): Path<String>,
     Json(i): Json<InputJson>,
 ) -> Response {
-    let token = headers.get("x-csrf-token").and_then(|h| h.to_str().ok());
-    if !d.csrf_ok(&v, token) {
-        return api_error(Failure::new(
-            StatusCode::FORBIDDEN,
-            "missing or wrong X-CSRF-Token (GET /api/me gives it)",
-        ));
+    if let Some(refused) = api_csrf(&d, &v, &headers) {
+        return refused;
     }
     json(
         input(

@@ -107,43 +107,29 @@ fn collect(stream: impl std::io::Read + Send + 'static, sink: Lines, label: Stri
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null())
+    pub fn spawn(name: &str, cmd: Command) -> Proc {
+        Self::start(name, cmd, Stdio::null()).0
+    }
+
+    /// [`Proc::spawn`] with its stdin a pipe the caller writes to.
+    pub fn spawn_with_stdin(name: &str, cmd: Command) -> (Proc, std::process::ChildStdin) {
+        let (p, stdin) = Self::start(name, cmd, Stdio::piped());
+        (p, stdin.expect("a piped stdin"))
+    }
+
+    fn start(
+        name: &str,
+        mut cmd: Command,
+        stdin: Stdio,
+    ) -> (Proc, Option<std::process::ChildStdin>) {
+        cmd.stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let (stdout, stderr) = (Lines::default(), Lines::default());
-        collect(
-            child.stdout.take().unwrap(),
-            stdout.clone(),
-            format!("{name}:out"),
-        );
-        collect(
-            child.stderr.take().unwrap(),
-            stderr.clone(),
-            name.to_string(),
-        );
-        Proc {
-            child,
-            stdout,
-            stderr,
-            name: name.to_string(),
-        }
-    }
-
-    /// [`Proc::spawn`] with its stdin a pipe the caller writes to.
-    pub fn spawn_with_stdin(name: &str, mut cmd: Command) -> (Proc, std::process::ChildStdin) {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let stdin = child.stdin.take().unwrap();
+        let stdin = child.stdin.take();
         let (stdout, stderr) = (Lines::default(), Lines::default());
         collect(
             child.stdout.take().unwrap(),

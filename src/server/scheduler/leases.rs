@@ -76,13 +76,42 @@ pub(super) struct Live {
     /// current source's start lies, and the end so far.
     out_base: u64,
     out_end: u64,
-    dropped: u64,
     /// A testrun on the lease (`run --lease`) has the device: the hold
     /// waits behind it.
     suspended_for: Option<RunId>,
     /// The worker that holds the device, once granted.
     worker: Option<String>,
     consoles: BTreeMap<PeerId, Attach>,
+}
+
+impl Live {
+    /// A lease just made (or restored): nothing attached, typed or seen.
+    fn new(
+        holder: Option<String>,
+        task: TaskId,
+        worker: Option<String>,
+        hold: Hold,
+        budget: InputBudget,
+    ) -> Live {
+        Live {
+            holder,
+            hold,
+            task,
+            budget,
+            inputs: VecDeque::new(),
+            in_flight: 0,
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            source: None,
+            src_start: 0,
+            next_offset: 0,
+            out_base: 0,
+            out_end: 0,
+            suspended_for: None,
+            worker,
+            consoles: BTreeMap::new(),
+        }
+    }
 }
 
 /// The leases and their consoles.
@@ -223,28 +252,11 @@ impl<S: Store> Scheduler<S> {
         if self.runs[&run].state == RunState::Running {
             hold.grant(now, Duration::from_millis(duration_ms));
         }
+        // Granted at once (dispatched within the submit): its worker.
+        let budget = InputBudget::new(now, self.cfg.leases.input_bytes_per_sec);
         self.leases.live.insert(
             run.clone(),
-            Live {
-                holder: owner.clone(),
-                hold,
-                task,
-                budget: InputBudget::new(now, self.cfg.leases.input_bytes_per_sec),
-                inputs: VecDeque::new(),
-                in_flight: 0,
-                replay: VecDeque::new(),
-                replay_bytes: 0,
-                source: None,
-                src_start: 0,
-                next_offset: 0,
-                out_base: 0,
-                out_end: 0,
-                dropped: 0,
-                suspended_for: None,
-                // Granted at once (dispatched within the submit): its worker.
-                worker: granted_on,
-                consoles: BTreeMap::new(),
-            },
+            Live::new(owner.clone(), task, granted_on, hold, budget),
         );
         self.count("leases_requested", 1);
         self.audit_peer(
@@ -289,31 +301,13 @@ impl<S: Store> Scheduler<S> {
             })
             .collect();
         for (id, task, holder, until_ms) in live {
-            let task_id = task.clone();
             let mut hold = Hold::new(now);
             hold.until = until_ms.map(|u| now + Duration::from_millis(u.saturating_sub(wall)));
-            self.leases.live.insert(
-                id,
-                Live {
-                    holder,
-                    hold,
-                    task,
-                    budget: InputBudget::new(now, self.cfg.leases.input_bytes_per_sec),
-                    inputs: VecDeque::new(),
-                    in_flight: 0,
-                    replay: VecDeque::new(),
-                    replay_bytes: 0,
-                    source: None,
-                    src_start: 0,
-                    next_offset: 0,
-                    out_base: 0,
-                    out_end: 0,
-                    dropped: 0,
-                    suspended_for: None,
-                    worker: self.tasks.get(&task_id).and_then(|t| t.worker.clone()),
-                    consoles: BTreeMap::new(),
-                },
-            );
+            let worker = self.tasks.get(&task).and_then(|t| t.worker.clone());
+            let budget = InputBudget::new(now, self.cfg.leases.input_bytes_per_sec);
+            self.leases
+                .live
+                .insert(id, Live::new(holder, task, worker, hold, budget));
         }
     }
 
@@ -574,18 +568,7 @@ impl<S: Store> Scheduler<S> {
         if let (false, Some(w)) = (hold_has_device, live.worker.as_deref()) {
             // The hold waits behind a testrun on the lease: the device was
             // a person's all the same.
-            let has_check = self.check_of(w).is_some();
-            let reason = format!(
-                "lease {lease} ended: whatever its holder left is checked before the next task"
-            );
-            self.health_event(
-                now,
-                w,
-                crate::server::health::Event::LeaseEnded {
-                    reason: &reason,
-                    has_check,
-                },
-            );
+            self.after_person(now, w, lease);
         }
         if let Some(t) = self.tasks.get(&live.task) {
             if t.state == TaskState::Running || t.state == TaskState::Dispatched {
@@ -640,19 +623,25 @@ impl<S: Store> Scheduler<S> {
             self.end_lease(now, &run, why);
         }
         if let (Some(w), true) = (worker, held) {
-            let has_check = self.check_of(w).is_some();
-            let reason = format!(
-                "lease {run} ended: whatever its holder left is checked before the next task"
-            );
-            self.health_event(
-                now,
-                w,
-                crate::server::health::Event::LeaseEnded {
-                    reason: &reason,
-                    has_check,
-                },
-            );
+            self.after_person(now, w, &run);
         }
+    }
+
+    /// A person had `worker`'s device (lease `lease`): its health is
+    /// unknown until its group's check (after recovery) says otherwise.
+    fn after_person(&mut self, now: Instant, worker: &str, lease: &LeaseId) {
+        let has_check = self.check_of(worker).is_some();
+        let reason = format!(
+            "lease {lease} ended: whatever its holder left is checked before the next task"
+        );
+        self.health_event(
+            now,
+            worker,
+            crate::server::health::Event::LeaseEnded {
+                reason: &reason,
+                has_check,
+            },
+        );
     }
 
     /// Lapses due at `now` (from the tick): expiry, idle holders; and an

@@ -62,15 +62,17 @@ impl Pending {
         }
         let header = Header::best_effort(ask.body.class(), None);
         self.waiting.insert(peer.clone(), (ask.reply, now));
-        scheduler.on_message(
-            now,
-            &peer,
-            crate::protocol::Envelope {
-                header,
-                body: ask.body,
-                raw: ask.raw,
-            },
-        );
+        let env = crate::protocol::Envelope {
+            header,
+            body: ask.body,
+            raw: ask.raw,
+        };
+        // What a browser typed is held to the same limits as what arrives
+        // on the socket (PROTOCOL.md §14): refused the same way.
+        match crate::protocol::check::check(&env) {
+            Ok(()) => scheduler.on_message(now, &peer, env),
+            Err(e) => scheduler.on_bad_frames(&peer, &e),
+        }
     }
 
     /// Takes the answers to dashboard requests out of `outputs` (their

@@ -392,7 +392,6 @@ impl<S: Store> Scheduler<S> {
             (bytes, offset)
         };
         let gap = offset - expected;
-        l.dropped = l.dropped.saturating_add(gap);
         l.next_offset = end;
         let offset = l.out_base.saturating_add(offset - l.src_start);
         l.out_end = l.out_base.saturating_add(end - l.src_start);

@@ -45,7 +45,7 @@ fn print_lease(l: &DeviceLease) {
     crate::outln!(
         "{:<6} {:<8} {:<12} {:<28} {}{}",
         l.lease,
-        l.state,
+        l.state.to_string(),
         escape_controls(l.holder.as_deref().unwrap_or("-")),
         l.device.to_string(),
         when,

@@ -75,6 +75,63 @@ fn the_try_it_by_hand_block_runs_as_written() {
     assert!(!all.contains("/etc/ots"), "{all}");
 }
 
+/// "Leases: a device for a person" runs as written in the lab of "Try it
+/// by hand" (that block first, as a newcomer reads them): a lease on one
+/// of its workers, a testrun on it, a console and a power status without
+/// a console or power there, the release.
+#[test]
+fn the_lease_block_runs_as_written_in_the_lab() {
+    let _ports = LAB_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let bin_dir = bin("ots-server").parent().unwrap().display().to_string();
+    let lab_dir = lab.path().join("ots-lab").display().to_string();
+    let blocks = format!(
+        "{}\n{}",
+        block_after("## Try it by hand"),
+        block_after("## Leases: a device for a person")
+    );
+    let script: String = blocks
+        .lines()
+        .filter(|l| l.trim() != "cargo build")
+        .map(|l| {
+            l.replace("target/debug/", &format!("{bin_dir}/"))
+                .replace("/tmp/ots-lab", &lab_dir)
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(script.contains("reserve devicegroup:example"), "{script}");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!(
+            "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{script}\n"
+        ))
+        .current_dir(repo())
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME");
+    for var in [
+        "OTS_SERVER",
+        "OTS_KEY",
+        "OTS_PINNED_SERVER_KEY",
+        "OTS_SECURITY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = run_bounded(cmd, Duration::from_secs(180));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let all = format!("{stdout}\n--- stderr ---\n{stderr}");
+    assert!(stderr.contains("lease l2: granted on worker"), "{all}");
+    assert!(stdout.contains("bring-up"), "{all}");
+    assert!(stdout.contains("testrun r3: PASS"), "{all}");
+    assert!(stderr.contains("console of lease l2 on worker"), "{all}");
+    assert!(
+        stdout.contains("unknown (this worker has no [power] status command"),
+        "{all}"
+    );
+    assert!(stdout.contains("lease l2 released"), "{all}");
+    assert_eq!(out.status.code(), Some(0), "{all}");
+}
+
 /// The `toml` blocks of "Device health and fair share" are valid
 /// configuration as written: the server's loads and validates, the
 /// worker's `[recovery]` table loads into a worker configuration.

@@ -8,7 +8,9 @@ mod common;
 
 use common::http;
 use common::*;
+use ots::protocol::{RunState, Verdict};
 use ots::server::db::{Changes, Db, HistoryRow, Snapshot};
+use ots::server::store::history::{Found, RunIndex};
 use ots::server::pg::{PgDb, PgSettings};
 use std::time::Duration;
 
@@ -31,10 +33,38 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Testrun `i` of a batch: odd ones ended (keeping `i` bytes), every
+/// third in group `arm`.
+fn index(i: usize) -> RunIndex {
+    let ended = i % 2 == 1;
+    let summary = ots::protocol::RunSummary {
+        run: format!("r{i}"),
+        state: if ended { RunState::Finished } else { RunState::Queued },
+        verdict: ended.then_some(Verdict::Pass),
+        owner: Some("ann".into()),
+        device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
+        tasks: 1,
+        submitted_ms: i as u64,
+        ended_ms: ended.then_some(1000 + i as u64),
+    };
+    RunIndex {
+        num: i as u64,
+        kind: "r".into(),
+        state: ots::server::store::history::state_token(summary.state),
+        verdict: summary.verdict.map(ots::server::store::history::verdict_token),
+        owner: summary.owner.clone(),
+        groups: if i.is_multiple_of(3) { ",arm,".into() } else { ",g,".into() },
+        live: !ended,
+        ended_ms: summary.ended_ms,
+        kept_bytes: ended.then_some(i as u64),
+        summary: rmp_serde::to_vec_named(&summary).unwrap(),
+    }
+}
+
 fn batch(n: usize) -> Changes {
     Changes {
         runs: (0..n)
-            .map(|i| (format!("r{i}"), vec![i as u8; 3]))
+            .map(|i| (format!("r{i}"), vec![i as u8; 3], index(i)))
             .collect(),
         tasks: (0..n)
             .map(|i| (format!("r{i}.1"), format!("r{i}"), vec![7; i % 5]))
@@ -118,7 +148,62 @@ fn the_same_batches_give_the_same_snapshot_on_both_backends() {
         assert_eq!(a.meta, b_meta);
         assert_eq!(a.input_owners, b.input_owners);
         assert_eq!(a.notifications, b.notifications);
-        assert_eq!(b.runs.len(), 50);
+        // A start loads the live testruns (and their tasks) only, and
+        // sums of the rest.
+        assert_eq!(b.runs.len(), 25);
+        assert_eq!(
+            (a.kept_bytes, a.oldest_kept_ms, a.file_bytes, a.highest_run),
+            (b.kept_bytes, b.oldest_kept_ms, b.file_bytes, b.highest_run)
+        );
+        assert_eq!((b.kept_bytes, b.oldest_kept_ms, b.highest_run), (625, Some(1001), 49));
+        // The history readers answer alike.
+        let reader = ots::server::store::history::SqliteHistory::open(lite.path()).unwrap();
+        let mut pg_reader = ots::server::store::pg::history::PgHistory::open(&settings(&url))
+            .await
+            .unwrap();
+        use ots::server::store::history::{Recall, RunQuery};
+        for recall in [
+            Recall::Runs(vec!["r3".into(), "r0".into(), "r404".into()]),
+            Recall::OldestKept(4),
+            Recall::EndedLeases(5),
+            Recall::List(RunQuery {
+                newest: 40,
+                state: Some("finished".into()),
+                owner: Some("ann".into()),
+                verdict: Some("PASS".into()),
+                devicegroup: Some("arm".into()),
+                limit: 3,
+            }),
+            Recall::List(RunQuery {
+                newest: 60,
+                state: None,
+                owner: None,
+                verdict: None,
+                devicegroup: None,
+                limit: 100,
+            }),
+        ] {
+            let mut x = reader.recall(&recall).unwrap();
+            let mut y = pg_reader.recall(&recall).await.unwrap();
+            if let (Found::Rows(x), Found::Rows(y)) = (&mut x, &mut y) {
+                x.tasks.sort();
+                y.tasks.sort();
+            }
+            assert_eq!(x, y, "{recall:?}");
+            if let (Recall::List(q), Found::List(runs)) = (&recall, &x) {
+                if q.devicegroup.is_some() {
+                    let ids: Vec<&str> = runs.iter().map(|r| r.run.as_str()).collect();
+                    assert_eq!(ids, ["r39", "r33", "r27"]);
+                } else {
+                    assert_eq!(runs.len(), 49, "numbers from 1");
+                }
+            }
+            if let (Recall::OldestKept(_), Found::Rows(rows)) = (&recall, &x) {
+                let ids: Vec<&str> = rows.runs.iter().map(|r| r.0.as_str()).collect();
+                assert_eq!(ids, ["r1", "r3", "r5", "r7"]);
+                assert_eq!(rows.next_kept_ms, Some(1009));
+            }
+        }
         assert!(b
             .tasks
             .iter()
@@ -610,7 +695,7 @@ fn a_deposed_leaders_commit_is_refused_by_the_epoch() {
         let (eb, _) = b.lead("b", "tcp://b:5555", policy, |_| {}).await.unwrap();
         assert_eq!((ea, eb), (1, 2));
         let late = Changes {
-            runs: vec![("r-late".into(), b"x".to_vec())],
+            runs: vec![("r-late".into(), b"x".to_vec(), index(0))],
             ..Changes::default()
         };
         let e = a.commit(&late).await.expect_err("refused");

@@ -245,6 +245,8 @@ impl Sim {
                 }
                 // No notification targets in the simulation.
                 Output::Notify(job) => panic!("unexpected notification {job:?}"),
+                // Its one testrun stays in memory (nothing is committed).
+                Output::Recall(job) => panic!("unexpected history read {job:?}"),
                 Output::Publish { topic, body, .. } if topic == "hb" => {
                     let header = Header {
                         v: PROTOCOL_VERSION,

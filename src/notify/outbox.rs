@@ -107,6 +107,11 @@ pub struct Entry {
     /// Unix ms it ended (delivered or failed).
     #[serde(default)]
     pub ended_ms: Option<u64>,
+    /// Whose testrun it tells of: who may list it (the testrun itself
+    /// is in the database, not in memory). Rows from before it: none,
+    /// and only operators list them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Rows changed since the last commit: (id, run, encoded entry), and ids
@@ -411,6 +416,7 @@ impl Notifier {
                     .map(str::to_string),
                 body: body.clone(),
                 ended_ms: None,
+                owner: event.owner.clone(),
             };
             self.insert(entry);
             self.count("notifications_created", 1);

@@ -69,6 +69,9 @@ pub enum Output {
     /// Hand to the notification sender: one attempt (after the commit
     /// that made or last changed its delivery).
     Notify(crate::notify::outbox::Job),
+    /// Hand to the history reader (after the turn's commit, so it reads
+    /// what this turn wrote); answered with [`Scheduler::on_recalled`].
+    Recall(crate::server::store::history::RecallJob),
 }
 
 /// The scheduler. `S` stores logs and result files.
@@ -183,6 +186,8 @@ pub struct Scheduler<S: Store> {
     /// Tasks pinned to a worker (a testrun on its lease, the lease's
     /// hold after it), in order: it takes them before anything queued.
     pinned: BTreeMap<String, VecDeque<TaskId>>,
+    /// Which ended testruns are held, and the reads of the others.
+    recall: recall::Recollection,
 }
 
 /// A connection asked for a dashboard sign-in link.
@@ -263,6 +268,7 @@ impl<S: Store> Scheduler<S> {
             retained: retention::Retained::default(),
             leases: leases::Leases::default(),
             pinned: BTreeMap::new(),
+            recall: recall::Recollection::default(),
         }
     }
 
@@ -436,6 +442,13 @@ impl<S: Store> Scheduler<S> {
     /// A decoded message from `peer`.
     pub fn on_message(&mut self, now: Instant, peer: &PeerId, env: Envelope) {
         self.latest = self.latest.max(now);
+        if let Some(env) = self.recall_first(now, peer, env) {
+            self.handle_message(now, peer, env);
+        }
+    }
+
+    /// A message whose testruns are in memory (or not stored at all).
+    fn handle_message(&mut self, now: Instant, peer: &PeerId, env: Envelope) {
         let Envelope { header, body, raw } = env;
         if !self.authorize(now, peer, &body) {
             return;
@@ -660,6 +673,7 @@ mod model;
 mod notify;
 mod pending;
 mod persist;
+mod recall;
 mod registry;
 mod requests;
 pub(super) mod retention;
@@ -673,6 +687,6 @@ pub use health::CHECK_OWNER;
 pub use model::RECENT_KEPT;
 use model::{Task, Testrun, Worker};
 pub use persist::RestoreError;
-pub use settings::{SchedulerConfig, SchedulerLimits};
+pub use settings::{HistoryRules, SchedulerConfig, SchedulerLimits};
 #[cfg(test)]
 mod tests;

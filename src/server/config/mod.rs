@@ -5,7 +5,8 @@
 //! reads this struct.
 //!
 //! - `limits`: `[limits]`, every bound on what a peer can make the server hold.
-//! - `sections`: `[health]`, `[fairshare]`, `[retention]` and their checks.
+//! - `sections`: `[health]`, `[fairshare]`, `[retention]`, `[history]`
+//!   and their checks.
 //! - `leases`: `[leases]`, devices leased to people.
 //! - `web`: the dashboard's settings, checked.
 
@@ -17,7 +18,7 @@ mod web;
 pub use leases::LeasesConfig;
 pub use limits::ServerLimits;
 pub use sections::{
-    FairShareConfig, HealthCheckConfig, HealthConfig, Retention, ServerCredentials,
+    FairShareConfig, HealthCheckConfig, HealthConfig, HistoryConfig, Retention, ServerCredentials,
 };
 
 use crate::delivery::RetryPolicy;
@@ -70,6 +71,8 @@ pub struct ServerConfig {
     pub limits: ServerLimits,
     /// How long ended testruns keep their result files and logs.
     pub retention: Retention,
+    /// Ended testruns held in memory; reads of the others.
+    pub history: HistoryConfig,
     /// `HOST:PORT` of the metrics endpoint (`GET /metrics`, Prometheus
     /// text); empty: off.
     pub metrics: String,
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             retry: RetryPolicy::default(),
             limits: ServerLimits::default(),
             retention: Retention::default(),
+            history: HistoryConfig::default(),
             metrics: String::new(),
             web: String::new(),
             web_tls_cert: None,
@@ -264,6 +268,7 @@ impl ServerConfig {
         }
         check_endpoint("events", &self.events)?;
         self.leases.validate()?;
+        self.history.validate()?;
         self.web_config()?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(

@@ -129,6 +129,64 @@ impl Default for Retention {
     }
 }
 
+/// `[history]` of `conf/server.toml`: how many ended testruns the server
+/// holds in memory (the rest are read from the database when asked for),
+/// and how many requests may wait for such a read, in all and per user.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    pub cache_runs: usize,
+    pub max_reads: usize,
+    pub max_reads_per_user: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let r = crate::server::scheduler::HistoryRules::default();
+        HistoryConfig {
+            cache_runs: r.cache_runs,
+            max_reads: r.max_reads,
+            max_reads_per_user: r.max_reads_per_user,
+        }
+    }
+}
+
+impl HistoryConfig {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
+        if self.cache_runs > 100_000 {
+            return Err(invalid(
+                "history.cache_runs",
+                self.cache_runs,
+                "must be at most 100000 (each ended testrun held costs some 10 KB)",
+            ));
+        }
+        if !(1..=65_536).contains(&self.max_reads) {
+            return Err(invalid(
+                "history.max_reads",
+                self.max_reads,
+                "must be between 1 and 65536",
+            ));
+        }
+        if !(1..=self.max_reads).contains(&self.max_reads_per_user) {
+            return Err(invalid(
+                "history.max_reads_per_user",
+                self.max_reads_per_user,
+                "must be between 1 and history.max_reads",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn rules(&self) -> crate::server::scheduler::HistoryRules {
+        crate::server::scheduler::HistoryRules {
+            cache_runs: self.cache_runs,
+            max_reads: self.max_reads,
+            max_reads_per_user: self.max_reads_per_user,
+        }
+    }
+}
+
 /// What a secured server runs with: its keys (current first) and who may
 /// connect.
 #[derive(Clone, Debug)]

@@ -49,6 +49,11 @@ impl Followers {
         }
     }
 
+    /// Whether anyone follows `run`.
+    pub(super) fn has(&self, run: &RunId) -> bool {
+        self.by_run.contains_key(run)
+    }
+
     /// Who is told about `run`: every follower, or for a log line those
     /// that asked for logs.
     pub(super) fn of(&self, run: &RunId, is_log: bool) -> Vec<PeerId> {

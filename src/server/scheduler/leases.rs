@@ -129,6 +129,11 @@ pub(super) struct Leases {
 }
 
 impl Leases {
+    /// Whether `id` is waiting or held.
+    pub(super) fn is_live(&self, id: &str) -> bool {
+        self.live.contains_key(id)
+    }
+
     fn held_and_waiting(&self, user: &str, runs: &BTreeMap<RunId, Testrun>) -> (usize, usize) {
         let mut n = (0, 0);
         for (id, l) in &self.live {

@@ -200,11 +200,7 @@ impl<S: Store> Scheduler<S> {
         }
         let visible = |e: &crate::notify::outbox::Entry| match &me {
             None => true,
-            Some(me) => e
-                .run
-                .as_ref()
-                .and_then(|r| self.runs.get(r))
-                .is_some_and(|t| t.request.owner.as_deref() == Some(me.as_str())),
+            Some(me) => e.owner.as_deref() == Some(me.as_str()),
         };
         let now_ms = self.wall_ms(self.latest);
         Ok(Body::Notifications {

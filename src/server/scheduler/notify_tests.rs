@@ -50,7 +50,7 @@ fn a_testruns_end_and_its_notification_commit_together_and_survive_a_restart() {
     let finished = lab.finish("w", &spec, 0);
     let changes = lab.s.take_changes();
     assert!(
-        changes.runs.iter().any(|(id, _)| *id == run),
+        changes.runs.iter().any(|(id, _, _)| *id == run),
         "the run's end is in this commit"
     );
     assert_eq!(changes.notifications.len(), 1, "and so is its delivery");

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::server::store::db::{Changes, Snapshot};
+use crate::server::store::history::{state_token, verdict_token, Rows, RunIndex};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -163,6 +164,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     pub fn take_changes(&mut self) -> Changes {
+        self.evict_past_cache();
         self.pending.due_log_accounting(self.latest);
         let mut changes = Changes {
             removed_workers: std::mem::take(&mut self.pending.removed_workers),
@@ -256,7 +258,9 @@ impl<S: Store> Scheduler<S> {
             let key = format!("r:{id}");
             let done = matches!(r.state, RunState::Finished | RunState::Cancelled);
             if self.persisted.get(&key) != Some(&bytes) {
-                changes.runs.push((id.clone(), bytes.clone()));
+                changes
+                    .runs
+                    .push((id.clone(), bytes.clone(), self.index_of(&id, r)));
                 self.persisted.insert(key.clone(), bytes);
             }
             if done {
@@ -296,6 +300,101 @@ impl<S: Store> Scheduler<S> {
         changes
     }
 
+    /// The columns a testrun's row is found by in the database.
+    fn index_of(&self, id: &RunId, r: &Testrun) -> RunIndex {
+        let (kind, num) = id.split_at(1);
+        let done = matches!(r.state, RunState::Finished | RunState::Cancelled);
+        let groups: BTreeSet<&str> = r
+            .request
+            .all_devices()
+            .map(|d| d.devicegroup.as_str())
+            .collect();
+        let summary = RunSummary {
+            run: id.clone(),
+            state: r.state,
+            verdict: r.verdict,
+            owner: r.request.owner.clone(),
+            device: r.request.device.clone(),
+            tasks: r.tasks.len() as u32,
+            submitted_ms: r.submitted_ms,
+            ended_ms: r.ended_ms,
+        };
+        RunIndex {
+            num: num.parse().unwrap_or(0),
+            kind: kind.to_string(),
+            state: state_token(r.state),
+            verdict: r.verdict.map(verdict_token),
+            owner: r.request.owner.clone(),
+            groups: format!(",{},", groups.into_iter().collect::<Vec<_>>().join(",")),
+            live: !done,
+            ended_ms: r.ended_ms.filter(|_| done),
+            kept_bytes: (done && r.ended_ms.is_some() && r.pruned.is_none())
+                .then(|| self.run_bytes(id)),
+            summary: encode(&summary),
+        }
+    }
+
+    /// Ended testruns read back from the database: held in memory (the
+    /// cache) as they were before they left it. A row that does not
+    /// decode, is not final, or misses a task is left out, said and
+    /// counted; one in memory already wins (it is as new or newer).
+    pub(super) fn adopt_rows(&mut self, now: Instant, rows: Rows) {
+        let mut tasks: HashMap<TaskId, TaskRow> = HashMap::new();
+        for (id, body) in &rows.tasks {
+            match decode::<TaskRow>("tasks", id, body) {
+                Ok(row) => {
+                    tasks.insert(id.clone(), row);
+                }
+                Err(e) => {
+                    warn!(task = %id, error = %e, "state database: a task row read back does not decode; its testrun is left out")
+                }
+            }
+        }
+        for (id, body) in &rows.runs {
+            if self.runs.contains_key(id) {
+                continue;
+            }
+            let row = match decode::<RunRow>("runs", id, body)
+                .map_err(|e| e.reason)
+                .and_then(|row| check_run(id, &row).map(|()| row))
+            {
+                Ok(row) => row,
+                Err(reason) => {
+                    self.count("history_rows_unreadable", 1);
+                    warn!(run = %id, %reason, "state database: a testrun row read back is unreadable; requests for it answer as if it were not stored");
+                    continue;
+                }
+            };
+            if !matches!(row.state, RunState::Finished | RunState::Cancelled)
+                || row.tasks.iter().any(|t| !tasks.contains_key(t))
+            {
+                self.count("history_rows_unreadable", 1);
+                warn!(run = %id, "state database: a testrun read back is not finished or misses a task; requests for it answer as if it were not stored");
+                continue;
+            }
+            for t in &row.tasks {
+                let trow = tasks.remove(t).expect("checked");
+                let since = self.instant_of(now, trow.since_ms);
+                let queued_at = self.instant_of(now, trow.queued_at_ms);
+                let state = trow.state;
+                self.tasks.insert(
+                    t.clone(),
+                    task_of_row(t.clone(), trow, state, since, queued_at),
+                );
+            }
+            self.runs.insert(id.clone(), testrun_of_row(row, None));
+            self.recall.cached.push_back(id.clone());
+            self.count("runs_recalled", 1);
+        }
+    }
+
+    /// The monotonic instant of a stored Unix time (never after `now`).
+    fn instant_of(&self, now: Instant, ms: u64) -> Instant {
+        let wall_now = self.wall_ms(now);
+        now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
+            .unwrap_or(now)
+    }
+
     /// Rebuilds the scheduler from stored rows after a restart. Queued
     /// tasks stay queued; tasks that were dispatched or running are held for
     /// their worker to come back and say where it is (still running →
@@ -312,9 +411,9 @@ impl<S: Store> Scheduler<S> {
         let mut quarantine = Quarantine::default();
         s.restore_meta(snap);
         let (runs, tasks) = decode_runs_and_tasks(snap, &mut quarantine);
-        s.restore_runs(runs);
+        s.restore_runs(runs, snap.highest_run);
         let queued = s.restore_tasks(tasks, now);
-        s.rebuild_queues(queued);
+        s.rebuild_queues(queued, snap);
         s.restore_workers(snap, now, &mut quarantine);
         s.restore_notifications(snap, &mut quarantine);
         s.restore_leases(now);
@@ -324,6 +423,7 @@ impl<S: Store> Scheduler<S> {
         s.pending.quarantined = quarantine.rows;
         info!(
             runs = s.runs.len(),
+            unfinished_runs = s.active_runs.len(),
             unfinished_tasks = s.active_tasks.len(),
             workers = s.workers.len(),
             "state restored"
@@ -351,7 +451,10 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    fn restore_runs(&mut self, runs: BTreeMap<RunId, RunRow>) {
+    /// The unfinished testruns (and, once after the migration to schema
+    /// 7, ended ones stored without their index: written back with it,
+    /// then let go like any ended testrun).
+    fn restore_runs(&mut self, runs: BTreeMap<RunId, RunRow>, highest_stored: u64) {
         let highest = runs
             .keys()
             .filter_map(|id| {
@@ -359,15 +462,18 @@ impl<S: Store> Scheduler<S> {
                     .and_then(|n| n.parse::<u64>().ok())
             })
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(highest_stored);
         self.next_run = self.next_run.max(highest.saturating_add(1));
         self.persisted_next_run = self.next_run;
         for (id, row) in runs {
-            if !matches!(row.state, RunState::Finished | RunState::Cancelled) {
+            let done = matches!(row.state, RunState::Finished | RunState::Cancelled);
+            if !done {
                 self.active_runs.insert(id.clone());
             }
             let secrets = match &row.sealed_secrets {
                 None => Some(BTreeMap::new()),
+                Some(_) if done => None,
                 Some(sealed) => {
                     let opened = self.open_secrets(&id, sealed);
                     if opened.is_none() {
@@ -376,22 +482,9 @@ impl<S: Store> Scheduler<S> {
                     opened
                 }
             };
-            self.runs.insert(
-                id,
-                Testrun {
-                    secrets,
-                    sealed_secrets: row.sealed_secrets,
-                    request: row.request,
-                    tasks: row.tasks,
-                    state: row.state,
-                    verdict: row.verdict,
-                    events: row.events,
-                    submitted_ms: row.submitted_ms,
-                    ended_ms: row.ended_ms,
-                    pruned: row.pruned,
-                    role: row.role,
-                },
-            );
+            // Written back with the columns of schema 7 at the first commit.
+            self.pending.runs.insert(id.clone());
+            self.runs.insert(id, testrun_of_row(row, secrets));
         }
     }
 
@@ -402,15 +495,10 @@ impl<S: Store> Scheduler<S> {
         tasks: BTreeMap<TaskId, TaskRow>,
         now: Instant,
     ) -> Vec<(u64, TaskId)> {
-        let wall_now = self.wall_ms(now);
-        let instant = |ms: u64| {
-            now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
-                .unwrap_or(now)
-        };
         let mut queued = Vec::new();
         for (id, row) in tasks {
             let mut state = row.state;
-            let mut since = instant(row.since_ms);
+            let mut since = self.instant_of(now, row.since_ms);
             if matches!(
                 state,
                 TaskState::Dispatched | TaskState::Running | TaskState::Held
@@ -427,7 +515,7 @@ impl<S: Store> Scheduler<S> {
                 self.active_tasks.insert(id.clone());
             }
             self.next_order = self.next_order.max(row.order.saturating_add(1));
-            let queued_at = instant(row.queued_at_ms);
+            let queued_at = self.instant_of(now, row.queued_at_ms);
             self.tasks
                 .insert(id.clone(), task_of_row(id, row, state, since, queued_at));
         }
@@ -435,21 +523,29 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Stored bytes, kept files, queues in their order, health checks.
-    fn rebuild_queues(&mut self, mut queued: Vec<(u64, TaskId)>) {
+    /// Of the ended testruns only sums are loaded (`snap`); those read
+    /// once after the migration count here and go to the cache.
+    fn rebuild_queues(&mut self, mut queued: Vec<(u64, TaskId)>, snap: &Snapshot) {
         self.stored_bytes = self
             .tasks
             .values()
+            .filter(|t| !t.state.is_final())
             .flat_map(|t| t.files.iter())
             .map(|f| f.size)
-            .fold(0u64, u64::saturating_add);
+            .fold(snap.file_bytes, u64::saturating_add);
+        self.retained.restore(snap.kept_bytes, snap.oldest_kept_ms);
         let ended: Vec<RunId> = self
             .runs
             .iter()
-            .filter(|(_, r)| r.ended_ms.is_some() && r.pruned.is_none())
+            .filter(|(_, r)| matches!(r.state, RunState::Finished | RunState::Cancelled))
             .map(|(id, _)| id.clone())
             .collect();
         for run in ended {
-            self.retain(&run);
+            if self.runs[&run].ended_ms.is_some() && self.runs[&run].pruned.is_none() {
+                self.retain(&run);
+            } else {
+                self.recall.cached.push_back(run);
+            }
         }
         queued.sort();
         for (_, id) in queued {
@@ -704,5 +800,22 @@ fn task_of_row(
         check_for: row.check_for,
         pinned: row.pinned,
         spec: row.spec,
+    }
+}
+
+/// A testrun as the scheduler holds it, from its row.
+fn testrun_of_row(row: RunRow, secrets: Option<BTreeMap<String, String>>) -> Testrun {
+    Testrun {
+        secrets,
+        sealed_secrets: row.sealed_secrets,
+        request: row.request,
+        tasks: row.tasks,
+        state: row.state,
+        verdict: row.verdict,
+        events: row.events,
+        submitted_ms: row.submitted_ms,
+        ended_ms: row.ended_ms,
+        pruned: row.pruned,
+        role: row.role,
     }
 }

@@ -77,7 +77,10 @@ impl<S: Store> Scheduler<S> {
                 reason,
                 ..
             } => self.worker_health(now, peer, request, &worker, action, &reason),
-            body @ Body::ListRuns { .. } => self.on_list_runs(peer, request, body),
+            body @ Body::ListRuns { .. } => match self.on_list_runs(now, peer, request, body) {
+                Some(refused) => Err(refused),
+                None => return,
+            },
             Body::ListNotifications { run, failed, .. } => {
                 self.list_notifications(peer, request, run, failed)
             }
@@ -178,12 +181,18 @@ impl<S: Store> Scheduler<S> {
 
     /// The testruns a `runs` request asks for; a submit user sees its own
     /// testruns only.
+    /// A page of the `runs` list, newest first: read from the database
+    /// (answered when it is), looking at no more than
+    /// [`crate::server::store::history::LIST_WINDOW`] numbers below
+    /// `before`. A submit user lists its own testruns only.
     fn on_list_runs(
         &mut self,
+        now: Instant,
         peer: &PeerId,
         request: u64,
         body: Body,
-    ) -> Result<Body, (ErrorCode, String)> {
+    ) -> Option<(ErrorCode, String)> {
+        use crate::server::store::history::{state_token, verdict_token, RunQuery};
         let Body::ListRuns {
             state,
             owner,
@@ -192,25 +201,44 @@ impl<S: Store> Scheduler<S> {
             devicegroup,
             before,
             ..
-        } = body
+        } = &body
         else {
-            return Err((ErrorCode::Malformed, "not a runs request".into()));
+            return Some((ErrorCode::Malformed, "not a runs request".into()));
         };
         let owner = match (self.cfg.secure, self.caller_role(peer)) {
             (true, Some(crate::security::Role::Submit)) => self.owner(peer),
-            _ => owner,
+            _ => owner.clone(),
         };
-        let filter = views::RunFilter {
-            state,
-            owner: owner.as_deref(),
-            verdict,
-            devicegroup: devicegroup.as_deref(),
-            before,
+        let newest = match before {
+            Some(b) => b.saturating_sub(1).min(self.next_run),
+            None => self.next_run,
         };
-        Ok(Body::Runs {
-            request,
-            runs: self.list_runs(&filter, limit),
-        })
+        if newest == 0 || *limit == 0 {
+            self.send(
+                peer,
+                None,
+                Body::Runs {
+                    request,
+                    runs: Vec::new(),
+                },
+                None,
+            );
+            return None;
+        }
+        let query = RunQuery {
+            newest,
+            state: state.map(state_token),
+            owner,
+            verdict: verdict.map(verdict_token),
+            devicegroup: devicegroup.clone(),
+            limit: *limit,
+        };
+        let env = Envelope {
+            header: Header::best_effort(body.class(), None),
+            body,
+            raw: None,
+        };
+        self.ask_runs_page(now, peer, request, query, env)
     }
 
     /// A sign-in link asked for over Noise: handed to the shell, which

@@ -3,59 +3,37 @@
 //! `retention.max_bytes` (oldest removed first). What goes is removed by
 //! the file desk (off the loop); the testrun's record stays, marked with
 //! what was pruned, when and why (status, the audit log, the server log).
-//! Each tick looks only at the oldest retained testruns, so its cost does
-//! not grow with how many are kept.
+//! The scheduler holds only the sum of what is kept and when the oldest
+//! kept testrun ended; when the policy is due it reads the oldest ones
+//! from the database (`recall`), at most [`PRUNE_PER_TICK`] at a time, so
+//! its memory and each step's cost do not grow with how many are kept.
 
 use super::*;
 use crate::server::store::files::FileJob;
 
-/// Testruns pruned per tick at most (the rest at the next ones).
+/// Testruns pruned per read at most (the rest at the next ones).
 const PRUNE_PER_TICK: usize = 64;
 
-/// Ended testruns whose files and logs are still kept, oldest first, and
-/// their bytes together: the policy's decision looks at the front only.
-/// The bytes are those counted when each testrun was kept, given back
-/// when it is pruned.
+/// What is kept, in sums: the bytes of every ended testrun's files and
+/// logs (counted when it ended, given back when it is pruned), and when
+/// the oldest of them ended (a lower bound: none when nothing is kept).
 #[derive(Debug, Default)]
 pub(super) struct Retained {
-    runs: BTreeSet<(u64, RunId)>,
     bytes: u64,
+    oldest_ms: Option<u64>,
 }
 
 impl Retained {
-    /// `run`, ended at `ended_ms`, is kept from now on with `bytes`.
-    pub(super) fn keep(&mut self, ended_ms: u64, run: &RunId, bytes: u64) {
-        if self.runs.insert((ended_ms, run.clone())) {
-            self.bytes = self.bytes.saturating_add(bytes);
-        }
+    /// At a start: the sums the database gave.
+    pub(super) fn restore(&mut self, bytes: u64, oldest_ms: Option<u64>) {
+        self.bytes = bytes;
+        self.oldest_ms = oldest_ms;
     }
 
-    /// The oldest kept testrun if the policy prunes it now, and why;
-    /// it is no longer kept (its bytes go with [`Retained::pruned`]).
-    fn next_to_prune(
-        &mut self,
-        now_ms: u64,
-        max_age_ms: u64,
-        max_bytes: u64,
-    ) -> Option<(RunId, String)> {
-        let (ended, run) = self.runs.first().cloned()?;
-        let age_ms = now_ms.saturating_sub(ended);
-        let reason = if age_ms > max_age_ms {
-            format!(
-                "ended {} h ago, past retention.max_age_hours = {}",
-                age_ms / 3_600_000,
-                max_age_ms / 3_600_000
-            )
-        } else if self.bytes > max_bytes {
-            format!(
-                "the kept result files and logs ({} bytes) exceeded retention.max_bytes = {max_bytes}; oldest testruns go first",
-                self.bytes
-            )
-        } else {
-            return None;
-        };
-        self.runs.remove(&(ended, run.clone()));
-        Some((run, reason))
+    /// A testrun that ended at `ended_ms` keeps `bytes` from now on.
+    fn keep(&mut self, ended_ms: u64, bytes: u64) {
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.oldest_ms = Some(self.oldest_ms.map_or(ended_ms, |o| o.min(ended_ms)));
     }
 
     /// A pruned testrun's bytes are no longer kept.
@@ -64,9 +42,34 @@ impl Retained {
     }
 }
 
+/// Why the policy prunes a testrun that ended at `ended_ms` now, if it
+/// does: past the age, or while everything kept exceeds the size.
+fn prune_reason(
+    ended_ms: u64,
+    now_ms: u64,
+    max_age_ms: u64,
+    bytes: u64,
+    max_bytes: u64,
+) -> Option<String> {
+    let age_ms = now_ms.saturating_sub(ended_ms);
+    if age_ms > max_age_ms {
+        Some(format!(
+            "ended {} h ago, past retention.max_age_hours = {}",
+            age_ms / 3_600_000,
+            max_age_ms / 3_600_000
+        ))
+    } else if bytes > max_bytes {
+        Some(format!(
+            "the kept result files and logs ({bytes} bytes) exceeded retention.max_bytes = {max_bytes}; oldest testruns go first"
+        ))
+    } else {
+        None
+    }
+}
+
 impl<S: Store> Scheduler<S> {
     /// Bytes of result files and logs a testrun holds.
-    fn run_bytes(&self, run: &RunId) -> u64 {
+    pub(super) fn run_bytes(&self, run: &RunId) -> u64 {
         self.runs[run]
             .tasks
             .iter()
@@ -81,30 +84,79 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// A testrun ended: its files and logs are kept from now on, under
-    /// the policy.
+    /// the policy; it stays in memory while it is among the last
+    /// `history.cache_runs` to end.
     pub(super) fn retain(&mut self, run: &RunId) {
         let now_ms = self.wall_ms(self.latest);
         let bytes = self.run_bytes(run);
         let r = self.runs.get_mut(run).expect("run");
         let ended = *r.ended_ms.get_or_insert(now_ms);
         self.pending.runs.insert(run.clone());
-        self.retained.keep(ended, run, bytes);
+        self.retained.keep(ended, bytes);
+        if self.recall.kept_asked {
+            let e = self.recall.ended_since_asked.get_or_insert(ended);
+            *e = (*e).min(ended);
+        }
+        self.recall.cached.push_back(run.clone());
     }
 
-    /// From the tick: prunes the oldest ended testruns while they are
-    /// older than the age limit or the kept bytes exceed the size limit.
+    fn max_age_ms(&self) -> u64 {
+        u64::try_from(self.cfg.retention_age.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// From the tick: when the oldest kept testrun is past the age or the
+    /// kept bytes past the size, reads the oldest ones to prune.
     pub(super) fn apply_retention(&mut self, now: Instant) {
-        let now_ms = self.wall_ms(now);
-        let max_age_ms = u64::try_from(self.cfg.retention_age.as_millis()).unwrap_or(u64::MAX);
-        for _ in 0..PRUNE_PER_TICK {
-            let Some((run, reason)) =
-                self.retained
-                    .next_to_prune(now_ms, max_age_ms, self.cfg.retention_bytes)
-            else {
-                return;
-            };
-            self.prune(&run, reason);
+        if self.recall.kept_asked {
+            return;
         }
+        let Some(oldest) = self.retained.oldest_ms else {
+            return;
+        };
+        let due = prune_reason(
+            oldest,
+            self.wall_ms(now),
+            self.max_age_ms(),
+            self.retained.bytes,
+            self.cfg.retention_bytes,
+        );
+        if due.is_some() {
+            self.ask_oldest_kept(PRUNE_PER_TICK);
+        }
+    }
+
+    /// The oldest kept testruns, read back in the order they ended: each
+    /// is pruned while the policy says so; the first it keeps is the
+    /// oldest kept from now on.
+    pub(super) fn prune_recalled(&mut self, now: Instant, order: &[RunId], next_ms: Option<u64>) {
+        let now_ms = self.wall_ms(now);
+        let max_age_ms = self.max_age_ms();
+        let mut oldest = next_ms;
+        for run in order {
+            let Some(r) = self.runs.get(run) else {
+                continue;
+            };
+            let (Some(ended), None) = (r.ended_ms, &r.pruned) else {
+                continue;
+            };
+            match prune_reason(
+                ended,
+                now_ms,
+                max_age_ms,
+                self.retained.bytes,
+                self.cfg.retention_bytes,
+            ) {
+                Some(reason) => self.prune(run, reason),
+                None => {
+                    oldest = Some(ended);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = self.recall.ended_since_asked.take() {
+            oldest = Some(oldest.map_or(e, |o| o.min(e)));
+        }
+        self.retained.oldest_ms = oldest;
     }
 
     fn prune(&mut self, run: &RunId, reason: String) {
@@ -132,6 +184,8 @@ impl<S: Store> Scheduler<S> {
             r.pruned = Some(pruned);
         }
         self.pending.runs.insert(run.clone());
+        // Rows of it read before this change are stale: read again.
+        self.recall.epoch += 1;
         self.count("runs_pruned", 1);
         self.count("bytes_pruned", bytes);
         info!(run = %run, bytes, %reason, "retention: pruned the testrun's result files and logs");
@@ -147,31 +201,29 @@ impl<S: Store> Scheduler<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::Retained;
+    use super::{prune_reason, Retained};
 
     const HOUR: u64 = 3_600_000;
 
     #[test]
-    fn the_oldest_goes_first_by_age_then_by_size() {
-        let mut kept = Retained::default();
-        kept.keep(10 * HOUR, &"r2".into(), 300);
-        kept.keep(5 * HOUR, &"r1".into(), 200);
-        kept.keep(5 * HOUR, &"r1".into(), 200); // kept once
-        assert_eq!(kept.bytes, 500);
-        // Nothing is old or too large: nothing goes.
-        assert!(kept.next_to_prune(12 * HOUR, 24 * HOUR, 1000).is_none());
-        // r1 is past the age; r2 is not.
-        let (run, why) = kept.next_to_prune(30 * HOUR, 24 * HOUR, 1000).unwrap();
-        assert_eq!(run, "r1");
+    fn the_oldest_goes_by_age_then_by_size() {
+        // Nothing old or too large: nothing goes.
+        assert!(prune_reason(10 * HOUR, 12 * HOUR, 24 * HOUR, 500, 1000).is_none());
+        let why = prune_reason(5 * HOUR, 30 * HOUR, 24 * HOUR, 500, 1000).unwrap();
         assert!(why.contains("max_age_hours"), "{why}");
-        kept.pruned(200);
-        assert!(kept.next_to_prune(30 * HOUR, 24 * HOUR, 1000).is_none());
-        // Over the size limit: the oldest goes whatever its age.
-        let (run, why) = kept.next_to_prune(30 * HOUR, 24 * HOUR, 100).unwrap();
-        assert_eq!(run, "r2");
+        let why = prune_reason(10 * HOUR, 30 * HOUR, 24 * HOUR, 500, 100).unwrap();
         assert!(why.contains("max_bytes"), "{why}");
-        kept.pruned(300);
-        assert_eq!(kept.bytes, 0);
-        assert!(kept.next_to_prune(u64::MAX, 0, 0).is_none());
+        assert!(prune_reason(u64::MAX, 0, 0, 0, 0).is_none());
+    }
+
+    #[test]
+    fn the_sums_follow_what_is_kept() {
+        let mut kept = Retained::default();
+        kept.keep(10 * HOUR, 300);
+        kept.keep(5 * HOUR, 200);
+        assert_eq!((kept.bytes, kept.oldest_ms), (500, Some(5 * HOUR)));
+        kept.pruned(200);
+        kept.pruned(900);
+        assert_eq!(kept.bytes, 0, "never below nothing");
     }
 }

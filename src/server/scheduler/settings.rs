@@ -70,6 +70,33 @@ pub struct SchedulerConfig {
     pub lease: Option<LeaseInfo>,
     /// Device leases to people (`[leases]`).
     pub leases: crate::server::leasing::LeaseRules,
+    /// How much history is held in memory, and reads of the rest
+    /// (`[history]`).
+    pub history: HistoryRules,
+}
+
+/// How much history the scheduler holds, and how many reads of the rest
+/// may wait (`[history]` in `conf/server.toml`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryRules {
+    /// Ended testruns held in memory (those that ended or were read most
+    /// recently); the others are read from the database when asked for.
+    pub cache_runs: usize,
+    /// Requests waiting for a read of the database, in all and per user
+    /// (per connection without security); past them a request is refused
+    /// with `limit_reached`.
+    pub max_reads: usize,
+    pub max_reads_per_user: usize,
+}
+
+impl Default for HistoryRules {
+    fn default() -> Self {
+        HistoryRules {
+            cache_runs: 256,
+            max_reads: 256,
+            max_reads_per_user: 32,
+        }
+    }
 }
 
 /// What peers can make the scheduler hold, at most. Each bound is
@@ -154,6 +181,7 @@ impl Default for SchedulerConfig {
             epoch: None,
             lease: None,
             leases: crate::server::leasing::LeaseRules::default(),
+            history: HistoryRules::default(),
         }
     }
 }

@@ -14,6 +14,11 @@ struct Lab {
     seq: HashMap<String, u64>,
     /// The real file desk over a temporary folder, run synchronously.
     desk: crate::server::store::files::Desk,
+    /// The real state database and history reader, in `dir` too: a
+    /// question to the history commits the changes first, as the
+    /// serving loop does before it hands questions over.
+    db: crate::server::store::db::Db,
+    history: crate::server::store::history::SqliteHistory,
     dir: tempfile::TempDir,
 }
 
@@ -66,12 +71,16 @@ impl Lab {
         let mut s = Scheduler::new(cfg, MemoryStore::default(), "srv1".into(), t0, 1_000_000);
         s.set_wall_clock(t0, 1_000_000);
         let dir = tempfile::tempdir().unwrap();
+        let db = crate::server::store::db::Db::open(dir.path()).unwrap();
+        let history = crate::server::store::history::SqliteHistory::open(db.path()).unwrap();
         Lab {
             s,
             t0,
             now: t0,
             seq: HashMap::new(),
             desk: crate::server::store::files::Desk::new(dir.path()),
+            db,
+            history,
             dir,
         }
     }
@@ -92,10 +101,28 @@ impl Lab {
                             self.s.on_file_done(self.now, done);
                         }
                     }
+                    Output::Recall(job) => {
+                        self.commit();
+                        let found = self.history.recall(&job.recall).map_err(|e| e.to_string());
+                        self.s.on_recalled(
+                            self.now,
+                            crate::server::store::history::Recalled {
+                                ticket: job.ticket,
+                                epoch: job.epoch,
+                                found,
+                            },
+                        );
+                    }
                     other => all.push(other),
                 }
             }
         }
+    }
+
+    /// The changes so far, committed to the lab's database.
+    fn commit(&mut self) {
+        let changes = self.s.take_changes();
+        self.db.commit(&changes).unwrap();
     }
 
     /// Uploads `data` as result file `name` the way ots-worker does:
@@ -205,7 +232,7 @@ impl Lab {
 
     fn request(&mut self, body: Body) -> Body {
         self.s.on_message(self.now, &client(), env(false, 0, body));
-        let out = self.s.take_outputs();
+        let out = self.outputs();
         out.into_iter()
             .find_map(|o| match o {
                 Output::Send { peer, body, .. } if peer == client() => Some(body),
@@ -319,8 +346,38 @@ impl Lab {
         )
     }
 
-    fn status(&self, run: &RunId) -> RunStatus {
-        self.s.status(run).unwrap()
+    /// The testrun's status as `status` answers it (read back from the
+    /// database when it is not in memory).
+    fn status(&mut self, run: &RunId) -> RunStatus {
+        if let Ok(status) = self.s.status(run) {
+            return status;
+        }
+        self.s.on_message(
+            self.now,
+            &client(),
+            env(
+                false,
+                0,
+                Body::GetStatus {
+                    request: 7_777,
+                    run: run.clone(),
+                },
+            ),
+        );
+        self.outputs()
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    body:
+                        Body::Status {
+                            request: 7_777,
+                            status,
+                        },
+                    ..
+                } => Some(status),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no status of {run}"))
     }
 }
 
@@ -1245,9 +1302,11 @@ fn dispatch_is_resent_until_the_worker_acks_it() {
 
 /// Commits what changed to a real database and restores a new scheduler
 /// from it, as a crash and restart would.
-fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::store::db::Db) {
-    db.commit(&lab.s.take_changes()).unwrap();
-    let snap = db.load().unwrap();
+/// The scheduler stops dead; a new one restores what the lab's database
+/// holds (what ended is read back from it on demand).
+fn crash_and_restart(lab: &mut Lab) {
+    lab.commit();
+    let snap = lab.db.load().unwrap();
     let cfg = lab.s.cfg.clone();
     lab.s = Scheduler::restore(
         cfg,
@@ -1262,8 +1321,6 @@ fn crash_and_restart(lab: &mut Lab, db: &mut crate::server::store::db::Db) {
 
 #[test]
 fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     let (run, task) = lab.running_task("w");
     let finished = Body::TaskFinished {
@@ -1278,7 +1335,7 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
         file_problems: vec![],
     };
     lab.mandatory("w", finished.clone()); // applied; the ack is lost in the crash
-    crash_and_restart(&mut lab, &mut db);
+    crash_and_restart(&mut lab);
     let st = lab.status(&run);
     assert_eq!(
         (st.state, st.tasks[0].verdict),
@@ -1303,8 +1360,6 @@ fn after_a_restart_a_resent_report_that_was_applied_is_acked_not_reapplied() {
 
 #[test]
 fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_worker() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit(
@@ -1324,7 +1379,7 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
             attempt: 1,
         },
     );
-    crash_and_restart(&mut lab, &mut db);
+    crash_and_restart(&mut lab);
     let st = lab.status(&run);
     assert_eq!(st.tasks[0].state, TaskState::Held);
     assert_eq!(st.tasks[1].state, TaskState::Queued);
@@ -1351,7 +1406,7 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
         vec![1, 1]
     );
     // Run ids keep counting across restarts.
-    crash_and_restart(&mut lab, &mut db);
+    crash_and_restart(&mut lab);
     let next = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     assert_ne!(next, run);
 }
@@ -1362,14 +1417,12 @@ fn after_a_restart_queued_tasks_stay_queued_and_running_ones_wait_for_their_work
 /// accepted and lost is a failure, as before.
 #[test]
 fn after_a_restart_a_dispatch_never_accepted_goes_to_its_worker_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut db = crate::server::store::db::Db::open(dir.path()).unwrap();
     let mut lab = Lab::new();
     lab.register("w", "devicegroup:g");
     let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
     let task = lab.status(&run).tasks[0].task.clone();
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Dispatched);
-    crash_and_restart(&mut lab, &mut db);
+    crash_and_restart(&mut lab);
     assert_eq!(lab.status(&run).tasks[0].state, TaskState::Held);
     let out = lab.from("w", hello("w", "w-session"));
     let sent: Vec<u32> = out
@@ -1418,7 +1471,7 @@ fn after_a_restart_a_dispatch_never_accepted_goes_to_its_worker_again() {
             attempt: 1,
         },
     );
-    crash_and_restart(&mut lab, &mut db);
+    crash_and_restart(&mut lab);
     lab.from("w", hello("w", "w-session"));
     assert_eq!(
         lab.s
@@ -2324,6 +2377,8 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
 mod health_tests;
 #[path = "notify_tests.rs"]
 mod notify_tests;
+#[path = "recall_tests.rs"]
+mod recall_tests;
 #[path = "web_tests.rs"]
 mod web_tests;
 

@@ -1,5 +1,6 @@
-//! What operators and supervisors see of the scheduler: the testrun and
-//! queue lists (`runs`, `queue`), a metrics scrape, systemd's STATUS line.
+//! What operators and supervisors see of the scheduler: the queue list
+//! (`queue`; the `runs` list is read from the database, `recall`), a
+//! metrics scrape, systemd's STATUS line.
 //! Each is built on request, never per message.
 
 use super::*;
@@ -10,62 +11,7 @@ const QUEUE_SHOWN: usize = 1000;
 /// Workers listed per queue at most (all are counted).
 const QUEUE_WORKERS_SHOWN: usize = 64;
 
-/// Which testruns `list_runs` shows.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RunFilter<'a> {
-    pub state: Option<RunState>,
-    pub owner: Option<&'a str>,
-    pub verdict: Option<Verdict>,
-    pub devicegroup: Option<&'a str>,
-    /// Only testruns numbered below this one (the next page).
-    pub before: Option<u64>,
-}
-
 impl<S: Store> Scheduler<S> {
-    /// Testruns newest first, filtered; at most `limit`, looking at no
-    /// more than 10 000 (the newest below `before`) to find them.
-    pub(super) fn list_runs(&self, filter: &RunFilter<'_>, limit: u32) -> Vec<RunSummary> {
-        let RunFilter {
-            state,
-            owner,
-            verdict,
-            devicegroup,
-            before,
-        } = *filter;
-        let mut out = Vec::new();
-        let newest = match before {
-            Some(b) => b.saturating_sub(1).min(self.next_run),
-            None => self.next_run,
-        };
-        for n in (1..=newest).rev().take(10_000) {
-            if out.len() >= limit as usize {
-                break;
-            }
-            let id = format!("r{n}");
-            let Some(r) = self.runs.get(&id) else {
-                continue;
-            };
-            if state.is_some_and(|s| s != r.state)
-                || owner.is_some_and(|o| r.request.owner.as_deref() != Some(o))
-                || verdict.is_some_and(|v| r.verdict != Some(v))
-                || devicegroup.is_some_and(|g| !r.request.all_devices().any(|d| d.devicegroup == g))
-            {
-                continue;
-            }
-            out.push(RunSummary {
-                run: id,
-                state: r.state,
-                verdict: r.verdict,
-                owner: r.request.owner.clone(),
-                device: r.request.device.clone(),
-                tasks: r.tasks.len() as u32,
-                submitted_ms: r.submitted_ms,
-                ended_ms: r.ended_ms,
-            });
-        }
-        out
-    }
-
     /// The queues, each with its first 1000 tasks.
     /// The queues, and why their tasks wait: for each task its owner and
     /// who is ahead, for each queue the workers that could take it and

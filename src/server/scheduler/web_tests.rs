@@ -19,8 +19,8 @@ impl Lab {
         );
         self.s.cfg.secure = true;
         self.s.on_message(self.now, &p, env(false, 0, body));
+        let out = self.outputs();
         self.s.cfg.secure = false;
-        let out = self.s.take_outputs();
         self.s.on_peer_closed(self.now, &p);
         out.into_iter()
             .find_map(|o| match o {

@@ -67,6 +67,8 @@ pub enum Fatal {
     DeskGone,
     #[error("the notification sender is gone; stopped so that a restart brings it back (the outbox is durable)")]
     NotifierGone,
+    #[error("the history reader is gone; stopped so that a restart brings it back")]
+    HistoryGone,
 }
 
 impl ServerError {

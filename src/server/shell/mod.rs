@@ -8,7 +8,8 @@
 //! - `inbound`: the control socket's reader, connection activity, the
 //!   handshake thread.
 //! - `outlets`: where outputs go (sealed sends, signed broadcasts, the
-//!   file desk, the notification sender).
+//!   file desk, the notification sender, the history reader).
+//! - `history`: the history reader (ended testruns, off the loop).
 //! - `reload`: allow-lists re-read while the server runs.
 //! - [`bridge`]: the dashboard's requests on the loop's side.
 //! - [`standby`]: a standby's `not_leader` answers while it waits.
@@ -17,6 +18,7 @@
 
 pub mod bridge;
 pub mod error;
+mod history;
 mod inbound;
 pub mod metrics;
 mod outlets;

@@ -24,6 +24,8 @@ pub(super) struct Outlets {
     /// Signs broadcasts (with security).
     pub(super) announcer: Option<Announcer>,
     pub(super) desk: mpsc::UnboundedSender<crate::server::store::files::FileJob>,
+    /// Questions to the history reader.
+    pub(super) history: mpsc::UnboundedSender<crate::server::store::history::RecallJob>,
     pub(super) notify: Option<mpsc::UnboundedSender<crate::notify::outbox::Job>>,
     /// A send to one peer that does not complete within this is dropped.
     pub(super) send_timeout: Duration,
@@ -171,6 +173,12 @@ impl Outlets {
                     if self.desk.send(job).is_err() {
                         error!("the file desk thread is gone; stopping so that systemd restarts the server");
                         return Err(Fatal::DeskGone);
+                    }
+                }
+                Output::Recall(job) => {
+                    if self.history.send(job).is_err() {
+                        error!("the history reader is gone; stopping so that systemd restarts the server");
+                        return Err(Fatal::HistoryGone);
                     }
                 }
                 Output::Notify(job) => {

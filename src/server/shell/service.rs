@@ -167,6 +167,7 @@ impl Server {
         log_security(&cfg, credentials.as_ref());
         let store = DiskStore::open(&files_dir)?;
         let snapshot = db.load().await?;
+        let history = db.history_reader().await?;
         let mut socket_limits = cfg.limits.sockets();
         let chosen =
             cfg.limits.max_connections != crate::transport::SocketLimits::default().max_connections;
@@ -208,6 +209,7 @@ impl Server {
             desk: crate::server::store::files::spawn(&files_dir),
             notifications: Some(sender.spawn()),
             reloads,
+            history: super::history::spawn(history),
         };
         let pace = Pace {
             heartbeat: cfg.heartbeat(),
@@ -376,6 +378,7 @@ fn scheduler_config(
         limits: cfg.limits.scheduler(),
         retention_age: Duration::from_secs(cfg.retention.max_age_hours.saturating_mul(3600)),
         retention_bytes: cfg.retention.max_bytes,
+        history: cfg.history.rules(),
         secure: credentials.is_some(),
         secrets_key: credentials.map(|c| c.keys[0].derive("ots testrun secrets at rest v1")),
         events_key: announcer.map(Announcer::public_key),

@@ -112,6 +112,7 @@ struct Sources {
     web_asks: Option<mpsc::Receiver<Ask>>,
     scrapes: Option<mpsc::Receiver<crate::server::shell::metrics::Scrape>>,
     desk_done: mpsc::UnboundedReceiver<crate::server::store::files::FileDone>,
+    recalled: mpsc::UnboundedReceiver<crate::server::store::history::Recalled>,
     notify_done: Option<mpsc::UnboundedReceiver<crate::notify::outbox::Done>>,
     handshakes_done: mpsc::UnboundedReceiver<HandshakeDone>,
     reloads: Option<mpsc::Receiver<Reload>>,
@@ -138,6 +139,7 @@ enum Event {
     WebAsk(Ask),
     Scrape(crate::server::shell::metrics::Scrape),
     FileDone(crate::server::store::files::FileDone),
+    Recalled(Option<crate::server::store::history::Recalled>),
     NotifyDone(crate::notify::outbox::Done),
     Handshake(HandshakeDone),
     Reload(Reload),
@@ -172,6 +174,7 @@ impl Sources {
             Some(ask) = async { self.web_asks.as_mut()?.recv().await }, if self.web_asks.is_some() => Event::WebAsk(ask),
             Some(s) = async { self.scrapes.as_mut()?.recv().await }, if self.scrapes.is_some() => Event::Scrape(s),
             Some(done) = self.desk_done.recv() => Event::FileDone(done),
+            done = self.recalled.recv() => Event::Recalled(done),
             Some(done) = async { self.notify_done.as_mut()?.recv().await }, if self.notify_done.is_some() => Event::NotifyDone(done),
             Some(done) = self.handshakes_done.recv() => Event::Handshake(done),
             Some(r) = async { self.reloads.as_mut()?.recv().await }, if self.reloads.is_some() => Event::Reload(r),
@@ -221,6 +224,7 @@ pub(super) struct Helpers {
         mpsc::UnboundedReceiver<crate::notify::outbox::Done>,
     )>,
     pub(super) reloads: Option<mpsc::Receiver<Reload>>,
+    pub(super) history: super::history::Channels,
 }
 
 /// Serves until `stop` says so (then announces the shutdown to the
@@ -282,6 +286,7 @@ impl Serving {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let (handshake_jobs, handshakes_done) = spawn_handshake_thread();
         let (desk_jobs, desk_done) = helpers.desk;
+        let (history_jobs, recalled) = helpers.history;
         let (notify_jobs, notify_done) = match helpers.notifications {
             Some((jobs, done)) => (Some(jobs), Some(done)),
             None => (None, None),
@@ -294,6 +299,7 @@ impl Serving {
             web_asks,
             scrapes: pace.scrapes,
             desk_done,
+            recalled,
             notify_done,
             handshakes_done,
             reloads: helpers.reloads,
@@ -312,6 +318,7 @@ impl Serving {
                 publisher,
                 announcer,
                 desk: desk_jobs,
+                history: history_jobs,
                 notify: notify_jobs,
                 send_timeout: pace.send_timeout,
                 send_failures: 0,
@@ -343,6 +350,13 @@ impl Serving {
                 Event::WebAsk(ask) => self.on_web_asks(ask, sources.web_asks.as_mut()),
                 Event::Scrape(scrape) => self.on_scrape(scrape),
                 Event::FileDone(done) => self.on_files_done(done, &mut sources.desk_done),
+                Event::Recalled(Some(done)) => self.on_recalled(done, &mut sources.recalled),
+                Event::Recalled(None) => {
+                    error!(
+                        "the history reader is gone; stopping so that systemd restarts the server"
+                    );
+                    return Err(Fatal::HistoryGone);
+                }
                 Event::NotifyDone(done) => {
                     self.on_notifications_done(done, sources.notify_done.as_mut())
                 }
@@ -507,6 +521,18 @@ impl Serving {
         self.scheduler.on_file_done(Instant::now(), done);
         while let Ok(done) = more.try_recv() {
             self.scheduler.on_file_done(Instant::now(), done);
+        }
+    }
+
+    /// What the history reader read: one commit for all of it.
+    fn on_recalled(
+        &mut self,
+        done: crate::server::store::history::Recalled,
+        more: &mut mpsc::UnboundedReceiver<crate::server::store::history::Recalled>,
+    ) {
+        self.scheduler.on_recalled(Instant::now(), done);
+        while let Ok(done) = more.try_recv() {
+            self.scheduler.on_recalled(Instant::now(), done);
         }
     }
 

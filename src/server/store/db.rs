@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 /// 4: input_owners (who uploaded each stored input file).
 /// 5: notifications (the outbox: one row per delivery).
 /// 6: lease (one leader among servers sharing a PostgreSQL database).
-pub const SCHEMA_VERSION: i64 = 6;
+/// 7: the columns a testrun is found by ([`RunIndex`]) and their indexes:
+///    history is read from the database, not held in memory.
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The SQL flavour a migration is written for: both backends share one
 /// schema, one list of versions.
@@ -66,6 +68,26 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
         6 => {
             "CREATE TABLE lease (id {int} PRIMARY KEY, holder TEXT NOT NULL, epoch {int} NOT NULL,
                   expires_ms {int} NOT NULL, since_ms {int} NOT NULL, address TEXT NOT NULL);"
+        }
+        // Rows written before it have no index (num is NULL): the first
+        // start after the migration loads them once and writes them back
+        // with it (`Snapshot::runs` includes them).
+        7 => {
+            "ALTER TABLE runs ADD COLUMN num {int};
+              ALTER TABLE runs ADD COLUMN kind TEXT;
+              ALTER TABLE runs ADD COLUMN state TEXT;
+              ALTER TABLE runs ADD COLUMN verdict TEXT;
+              ALTER TABLE runs ADD COLUMN owner TEXT;
+              ALTER TABLE runs ADD COLUMN groups TEXT;
+              ALTER TABLE runs ADD COLUMN live {int};
+              ALTER TABLE runs ADD COLUMN ended_ms {int};
+              ALTER TABLE runs ADD COLUMN kept_bytes {int};
+              ALTER TABLE runs ADD COLUMN summary {blob};
+              CREATE INDEX runs_by_number ON runs (kind, num);
+              CREATE INDEX runs_live ON runs (live);
+              CREATE INDEX runs_unindexed ON runs (id) WHERE num IS NULL;
+              CREATE INDEX runs_kept ON runs (ended_ms, num) WHERE kept_bytes IS NOT NULL;
+              CREATE INDEX tasks_run ON tasks (run);"
         }
         _ => unreachable!("no migration to version {version}"),
     };
@@ -189,7 +211,8 @@ pub struct HistoryRow {
 /// Entities changed since the last commit, already encoded.
 #[derive(Debug, Default)]
 pub struct Changes {
-    pub runs: Vec<(String, Vec<u8>)>,
+    /// (id, body, the columns it is found by).
+    pub runs: Vec<(String, Vec<u8>, super::history::RunIndex)>,
     pub tasks: Vec<(String, String, Vec<u8>)>,
     pub workers: Vec<(String, Vec<u8>)>,
     pub history: Vec<HistoryRow>,
@@ -227,11 +250,24 @@ impl Changes {
     }
 }
 
-/// Everything stored, for a restart.
+/// What a restart loads: the live state, never the history. Ended
+/// testruns stay in the database ([`super::history`] reads them on
+/// demand); of them only sums come back.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Unfinished testruns, and rows written before schema 7 (no index
+    /// yet: loaded once, written back with it).
     pub runs: Vec<(String, Vec<u8>)>,
+    /// The tasks of those testruns.
     pub tasks: Vec<(String, Vec<u8>)>,
+    /// Bytes of result files and logs the ended, unpruned (indexed)
+    /// testruns keep, and when the oldest of them ended.
+    pub kept_bytes: u64,
+    pub oldest_kept_ms: Option<u64>,
+    /// Bytes of the stored result files of ended tasks (the file index).
+    pub file_bytes: u64,
+    /// The highest testrun number stored.
+    pub highest_run: u64,
     pub workers: Vec<(String, Vec<u8>)>,
     pub meta: Vec<(String, String)>,
     /// (sha256, user) of every stored input file's uploaders.
@@ -370,10 +406,28 @@ impl Db {
         let tx = self.conn.transaction().map_err(sql)?;
         {
             let mut run = tx
-                .prepare_cached("INSERT OR REPLACE INTO runs (id, body) VALUES (?1, ?2)")
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO runs (id, body, num, kind, state, verdict, owner, groups,
+                         live, ended_ms, kept_bytes, summary)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
                 .map_err(sql)?;
-            for (id, body) in &changes.runs {
-                run.execute(params![id, body]).map_err(sql)?;
+            for (id, body, x) in &changes.runs {
+                run.execute(params![
+                    id,
+                    body,
+                    super::history::sql_int(x.num),
+                    x.kind,
+                    x.state,
+                    x.verdict,
+                    x.owner,
+                    x.groups,
+                    i64::from(x.live),
+                    x.ended_ms.map(super::history::sql_int),
+                    x.kept_bytes.map(super::history::sql_int),
+                    x.summary,
+                ])
+                .map_err(sql)?;
             }
             let mut task = tx
                 .prepare_cached("INSERT OR REPLACE INTO tasks (id, run, body) VALUES (?1, ?2, ?3)")
@@ -489,9 +543,16 @@ impl Db {
                 .map_err(&sql)?;
             rows.collect::<Result<_, _>>().map_err(&sql)
         };
+        let sum = |query: &str| -> Result<Option<i64>, StateError> {
+            self.conn.query_row(query, [], |r| r.get(0)).map_err(&sql)
+        };
         let mut snap = Snapshot {
-            runs: pairs("SELECT id, body FROM runs")?,
-            tasks: pairs("SELECT id, body FROM tasks")?,
+            runs: pairs(super::history::LIVE_RUNS)?,
+            tasks: pairs(super::history::LIVE_TASKS)?,
+            kept_bytes: sum(super::history::KEPT_BYTES)?.unwrap_or(0).max(0) as u64,
+            oldest_kept_ms: sum(super::history::OLDEST_KEPT)?.map(|v| v.max(0) as u64),
+            file_bytes: sum(super::history::FILE_BYTES)?.unwrap_or(0).max(0) as u64,
+            highest_run: sum(super::history::HIGHEST_RUN)?.unwrap_or(0).max(0) as u64,
             workers: pairs("SELECT name, body FROM workers")?,
             meta: Vec::new(),
             input_owners: Vec::new(),
@@ -560,7 +621,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open(dir.path()).unwrap();
         let mut c = Changes::default();
-        c.runs.push(("r1".into(), vec![1, 2, 3]));
+        c.runs.push((
+            "r1".into(),
+            vec![1, 2, 3],
+            super::super::history::RunIndex {
+                num: 1,
+                kind: "r".into(),
+                live: true,
+                ..Default::default()
+            },
+        ));
         c.tasks.push(("r1.1".into(), "r1".into(), vec![4]));
         c.history.push(HistoryRow {
             task: "r1.1".into(),

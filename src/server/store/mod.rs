@@ -10,6 +10,7 @@
 
 pub mod db;
 pub mod files;
+pub mod history;
 pub mod pg;
 pub mod state;
 

@@ -15,6 +15,7 @@
 //! - [`lease`]: the lease: leading, renewing.
 
 mod connect;
+pub mod history;
 mod lease;
 
 pub use connect::{redact, PgSettings};
@@ -142,6 +143,11 @@ impl PgDb {
         &self.target
     }
 
+    /// How it was connected to (a history reader connects alike).
+    pub fn settings(&self) -> &PgSettings {
+        &self.settings
+    }
+
     /// The database's own id (`meta.database_id`).
     pub fn database_id(&self) -> &str {
         &self.database_id
@@ -235,9 +241,20 @@ impl PgDb {
                     .collect::<Vec<_>>()
             })
         };
+        let sum = |sql: &'static str| async move {
+            self.client.query_one(sql, &[]).await.map(|row| {
+                row.get::<_, Option<i64>>(0)
+                    .map(|v| u64::try_from(v).unwrap_or(0))
+            })
+        };
+        use super::history as h;
         Ok(Snapshot {
-            runs: pairs("SELECT id, body FROM runs").await.map_err(&pg)?,
-            tasks: pairs("SELECT id, body FROM tasks").await.map_err(&pg)?,
+            runs: pairs(h::LIVE_RUNS).await.map_err(&pg)?,
+            tasks: pairs(h::LIVE_TASKS).await.map_err(&pg)?,
+            kept_bytes: sum(h::KEPT_BYTES).await.map_err(&pg)?.unwrap_or(0),
+            oldest_kept_ms: sum(h::OLDEST_KEPT).await.map_err(&pg)?,
+            file_bytes: sum(h::FILE_BYTES).await.map_err(&pg)?.unwrap_or(0),
+            highest_run: sum(h::HIGHEST_RUN).await.map_err(&pg)?.unwrap_or(0),
             workers: pairs("SELECT name, body FROM workers").await.map_err(&pg)?,
             meta: texts("SELECT key, value FROM meta").await.map_err(&pg)?,
             input_owners: texts("SELECT sha256, owner FROM input_owners")
@@ -363,8 +380,15 @@ impl Statements {
         let prepare = |sql: &'static str| async move { client.prepare(sql).await };
         Ok(Statements {
             runs: prepare(
-                "INSERT INTO runs (id, body) SELECT * FROM UNNEST($1::text[], $2::bytea[])
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                "INSERT INTO runs (id, body, num, kind, state, verdict, owner, groups, live,
+                     ended_ms, kept_bytes, summary)
+                 SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, num = excluded.num,
+                     kind = excluded.kind, state = excluded.state, verdict = excluded.verdict,
+                     owner = excluded.owner, groups = excluded.groups, live = excluded.live,
+                     ended_ms = excluded.ended_ms, kept_bytes = excluded.kept_bytes,
+                     summary = excluded.summary",
             )
             .await
             ?,
@@ -447,9 +471,7 @@ async fn write_changes(
     changes: &Changes,
 ) -> Result<(), tokio_postgres::Error> {
     if !changes.runs.is_empty() {
-        let rows = last(changes.runs.iter().map(|(k, b)| (k.as_str(), b.as_slice())));
-        let (ids, bodies): (Vec<&str>, Vec<&[u8]>) = rows.into_iter().unzip();
-        tx.execute(&s.runs, &[&ids, &bodies]).await?;
+        write_runs(tx, s, changes).await?;
     }
     if !changes.tasks.is_empty() {
         let rows = last(
@@ -533,6 +555,66 @@ async fn write_changes(
         tx.execute(&s.meta, &[&keys, &values]).await?;
     }
     quarantine(tx, changes).await
+}
+
+/// The testrun rows of a batch with the columns they are found by.
+async fn write_runs(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Statements,
+    changes: &Changes,
+) -> Result<(), tokio_postgres::Error> {
+    use super::history::sql_int;
+    let rows = last(changes.runs.iter().map(|(k, b, x)| (k.as_str(), (b, x))));
+    let mut c = RunColumns::default();
+    for (id, (body, x)) in rows {
+        c.ids.push(id);
+        c.bodies.push(body.as_slice());
+        c.nums.push(sql_int(x.num));
+        c.kinds.push(x.kind.as_str());
+        c.states.push(x.state.as_str());
+        c.verdicts.push(x.verdict.as_deref());
+        c.owners.push(x.owner.as_deref());
+        c.groups.push(x.groups.as_str());
+        c.live.push(i64::from(x.live));
+        c.ended.push(x.ended_ms.map(sql_int));
+        c.kept.push(x.kept_bytes.map(sql_int));
+        c.summaries.push(x.summary.as_slice());
+    }
+    tx.execute(
+        &s.runs,
+        &[
+            &c.ids,
+            &c.bodies,
+            &c.nums,
+            &c.kinds,
+            &c.states,
+            &c.verdicts,
+            &c.owners,
+            &c.groups,
+            &c.live,
+            &c.ended,
+            &c.kept,
+            &c.summaries,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct RunColumns<'a> {
+    ids: Vec<&'a str>,
+    bodies: Vec<&'a [u8]>,
+    nums: Vec<i64>,
+    kinds: Vec<&'a str>,
+    states: Vec<&'a str>,
+    verdicts: Vec<Option<&'a str>>,
+    owners: Vec<Option<&'a str>>,
+    groups: Vec<&'a str>,
+    live: Vec<i64>,
+    ended: Vec<Option<i64>>,
+    kept: Vec<Option<i64>>,
+    summaries: Vec<&'a [u8]>,
 }
 
 /// Moves the rows that could not be restored aside, into the quarantine

@@ -4,6 +4,8 @@
 //! [`Snapshot`]; the scheduler never knows which one it has.
 
 use super::db::{Changes, Db, Snapshot, StateError};
+use super::history::SqliteHistory;
+use super::pg::history::PgHistory;
 use super::pg::{PgDb, PgSettings};
 use std::path::Path;
 
@@ -74,6 +76,17 @@ impl StateStore {
         }
     }
 
+    /// A reader of the history on a connection of its own (the serving
+    /// loop's commits never wait for it).
+    pub async fn history_reader(&self) -> Result<HistoryReader, StateError> {
+        match self {
+            StateStore::Sqlite(db) => Ok(HistoryReader::Sqlite(SqliteHistory::open(db.path())?)),
+            StateStore::Postgres(db) => Ok(HistoryReader::Postgres(Box::new(
+                PgHistory::open(db.settings()).await?,
+            ))),
+        }
+    }
+
     /// Durable when it returns.
     pub async fn commit(&mut self, changes: &Changes) -> Result<(), StateError> {
         match self {
@@ -114,4 +127,10 @@ impl StateStore {
             StateStore::Postgres(db) => format!("PostgreSQL {}", db.target()),
         }
     }
+}
+
+/// Reads the history ([`super::history`]) of either backend.
+pub enum HistoryReader {
+    Sqlite(SqliteHistory),
+    Postgres(Box<PgHistory>),
 }

@@ -37,19 +37,25 @@ impl<S: Store> Scheduler<S> {
             .map(|id| self.lease_info(now, id))
             .collect();
         if all {
-            let ended = self
+            // The newest ended ones (read from the database before this
+            // request was handled: `recall`), newest first.
+            let mut ended: Vec<(u64, &LeaseId)> = self
                 .runs
                 .range::<str, _>((
                     std::ops::Bound::Included("l"),
                     std::ops::Bound::Excluded("m"),
                 ))
-                .rev()
                 .filter(|(id, r)| !self.leases.live.contains_key(*id) && r.request.lease.is_some())
                 .filter(|(_, r)| sees_all || mine(r))
-                .take(LISTED_ENDED)
-                .map(|(id, _)| self.lease_info(now, id))
-                .collect::<Vec<_>>();
-            leases.extend(ended);
+                .filter_map(|(id, _)| Some((id[1..].parse().ok()?, id)))
+                .collect();
+            ended.sort_unstable_by(|a, b| b.cmp(a));
+            leases.extend(
+                ended
+                    .into_iter()
+                    .take(LISTED_ENDED)
+                    .map(|(_, id)| self.lease_info(now, id)),
+            );
         }
         Ok(Body::Leases { request, leases })
     }

@@ -1,0 +1,281 @@
+//! History read back (issue 36): with no ended testrun held in memory,
+//! every request about one answers as it did when all were held — read
+//! from the lab's real SQLite database — and nothing about history stays
+//! in memory.
+
+use super::*;
+
+/// A lab that holds no ended testrun in memory.
+fn forgetful() -> Lab {
+    let mut lab = Lab::new();
+    lab.s.cfg.history.cache_runs = 0;
+    lab.register("w", "devicegroup:g");
+    lab
+}
+
+/// A testrun of one task that passed on `w` with a log line and a result
+/// file; committed, and let go of.
+fn ended_run(lab: &mut Lab) -> (RunId, TaskId) {
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.from(
+        "w",
+        Body::Log {
+            task: task.clone(),
+            attempt: 1,
+            lines: vec![LogLine {
+                seq: 1,
+                stream: Stream::Stdout,
+                text: "hello from the device".into(),
+            }],
+        },
+    );
+    lab.complete("w", &task, 0, Some(PASSING));
+    lab.from("w", Body::Ready);
+    // One turn writes its final rows, the next lets it go.
+    lab.commit();
+    lab.commit();
+    assert!(!lab.s.runs.contains_key(&run), "{run} left memory");
+    assert!(!lab.s.tasks.contains_key(&task));
+    (run, task)
+}
+
+#[test]
+fn an_ended_testrun_leaves_memory_and_answers_as_before() {
+    let mut lab = forgetful();
+    let (run, task) = ended_run(&mut lab);
+    assert_eq!(lab.s.counters()["runs_evicted"], 1);
+
+    let st = lab.status(&run);
+    assert_eq!(
+        (st.state, st.verdict),
+        (RunState::Finished, Some(Verdict::Pass))
+    );
+    assert_eq!(st.tasks[0].files.len(), 1);
+    assert_eq!(lab.s.counters()["runs_recalled"], 1);
+    lab.commit();
+    assert!(
+        !lab.s.runs.contains_key(&run),
+        "read back, then let go again"
+    );
+
+    // Its log, its events, its files: as if it had never left.
+    match lab.request(Body::GetLog {
+        request: 2,
+        task: task.clone(),
+        offset: 0,
+        max: 1024,
+    }) {
+        Body::Data { eof, .. } => assert!(eof),
+        other => panic!("{other:?}"),
+    }
+    lab.commit();
+    match lab.request(Body::GetEvents {
+        request: 3,
+        run: run.clone(),
+        from: 0,
+    }) {
+        Body::Events { events, .. } => assert!(!events.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    lab.commit();
+    // Cancelling it says it ended, as it always did.
+    match lab.request(Body::CancelRun {
+        request: 4,
+        run: run.clone(),
+    }) {
+        Body::Status { status, .. } => assert_eq!(status.state, RunState::Finished),
+        Body::Error { code, .. } => assert_ne!(code, ErrorCode::UnknownRun),
+        other => panic!("{other:?}"),
+    }
+    // A number never given out is not looked up: unknown at once.
+    let reads = lab.s.counters()["history_reads"];
+    match lab.request(Body::GetStatus {
+        request: 5,
+        run: "r999".into(),
+    }) {
+        Body::Error { code, .. } => assert_eq!(code, ErrorCode::UnknownRun),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(lab.s.counters()["history_reads"], reads);
+}
+
+#[test]
+fn the_runs_list_is_a_page_of_the_database() {
+    let mut lab = forgetful();
+    let runs: Vec<RunId> = (0..3).map(|_| ended_run(&mut lab).0).collect();
+    let live = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let list = |lab: &mut Lab, state, limit, before| match lab.request(Body::ListRuns {
+        request: 9,
+        state,
+        owner: None,
+        limit,
+        verdict: None,
+        devicegroup: Some("g".into()),
+        before,
+    }) {
+        Body::Runs { runs, .. } => runs.into_iter().map(|r| r.run).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        list(&mut lab, None, 10, None),
+        vec![
+            live.clone(),
+            runs[2].clone(),
+            runs[1].clone(),
+            runs[0].clone()
+        ]
+    );
+    assert_eq!(
+        list(&mut lab, Some(RunState::Finished), 1, None),
+        vec![runs[2].clone()]
+    );
+    let n: u64 = runs[1][1..].parse().unwrap();
+    assert_eq!(list(&mut lab, None, 10, Some(n)), vec![runs[0].clone()]);
+    assert!(lab.s.runs.len() <= 1, "a list reads no testrun into memory");
+}
+
+#[test]
+fn a_restart_loads_only_what_is_alive() {
+    let mut lab = forgetful();
+    lab.s.cfg.history.cache_runs = 256;
+    let (old, _) = ended_run_kept(&mut lab);
+    let live = run_id(&lab.submit("devicegroup:x", &["p"], Distribution::Default, true));
+    crash_and_restart(&mut lab);
+    assert!(lab.s.runs.contains_key(&live));
+    assert!(
+        !lab.s.runs.contains_key(&old),
+        "the history stays in the database"
+    );
+    assert_eq!(lab.status(&old).verdict, Some(Verdict::Pass));
+    // Numbering goes on after the highest stored testrun.
+    let next = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    assert!(next[1..].parse::<u64>().unwrap() > live[1..].parse::<u64>().unwrap());
+}
+
+/// Like [`ended_run`], with the cache as configured.
+fn ended_run_kept(lab: &mut Lab) -> (RunId, TaskId) {
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.complete("w", &task, 0, Some(PASSING));
+    lab.from("w", Body::Ready);
+    lab.commit();
+    (run, task)
+}
+
+#[test]
+fn retention_prunes_testruns_it_reads_back() {
+    let mut lab = forgetful();
+    lab.s.cfg.retention_age = Duration::from_secs(3600);
+    let (run, task) = ended_run(&mut lab);
+    assert!(lab
+        .dir
+        .path()
+        .join("tasks")
+        .join(&task)
+        .join("files/r.xml")
+        .exists());
+    lab.advance(Duration::from_secs(3601));
+    lab.from("w", Body::Heartbeat);
+    lab.tick();
+    assert_eq!(lab.s.counters()["runs_pruned"], 1);
+    assert!(!lab.dir.path().join("tasks").join(&task).exists());
+    lab.commit();
+    lab.commit();
+    let st = lab.status(&run);
+    assert!(st.pruned.expect("pruned").reason.contains("max_age_hours"));
+    // Nothing more to prune: the next ticks read nothing.
+    let reads = lab.s.counters()["history_reads"];
+    lab.tick();
+    lab.tick();
+    assert_eq!(lab.s.counters()["history_reads"], reads);
+}
+
+#[test]
+fn reads_waiting_are_bounded_per_user_and_in_all() {
+    let mut lab = forgetful();
+    lab.s.cfg.history.max_reads_per_user = 1;
+    let (a, _) = ended_run(&mut lab);
+    let (b, _) = ended_run(&mut lab);
+    let ask = |lab: &mut Lab, run: &RunId, request| {
+        lab.s.on_message(
+            lab.now,
+            &client(),
+            env(
+                false,
+                0,
+                Body::GetStatus {
+                    request,
+                    run: run.clone(),
+                },
+            ),
+        );
+    };
+    ask(&mut lab, &a, 1);
+    ask(&mut lab, &b, 2);
+    let out = lab.outputs();
+    let refused: Vec<(ErrorCode, Option<u64>, String)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                body:
+                    Body::Error {
+                        code,
+                        request,
+                        message,
+                        ..
+                    },
+                ..
+            } => Some((*code, *request, message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{out:?}");
+    assert_eq!(
+        (refused[0].0, refused[0].1),
+        (ErrorCode::LimitReached, Some(2))
+    );
+    assert!(
+        refused[0].2.contains("history.max_reads_per_user"),
+        "{}",
+        refused[0].2
+    );
+    assert_eq!(lab.s.counters()["history_reads_refused"], 1);
+    // The first is answered, and then the user may ask again.
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            body: Body::Status { request: 1, .. },
+            ..
+        }
+    )));
+    assert_eq!(lab.status(&b).verdict, Some(Verdict::Pass));
+}
+
+#[test]
+fn a_followed_testrun_stays_until_its_follower_goes() {
+    let mut lab = forgetful();
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let follower = peer("follower");
+    lab.s.on_message(
+        lab.now,
+        &follower,
+        env(
+            false,
+            0,
+            Body::Follow {
+                request: 1,
+                run: run.clone(),
+                logs: false,
+            },
+        ),
+    );
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.complete("w", &task, 0, None);
+    lab.commit();
+    lab.commit();
+    assert!(lab.s.runs.contains_key(&run), "a follower refers to it");
+    lab.s.on_peer_closed(lab.now, &follower);
+    lab.commit();
+    assert!(!lab.s.runs.contains_key(&run));
+}

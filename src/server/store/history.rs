@@ -1,0 +1,289 @@
+//! History read from the database, on demand and off the serving loop:
+//! the scheduler holds only what is alive (unfinished testruns, workers,
+//! uploads, followers, the outbox) and asks here for ended testruns —
+//! their rows for `status`, `logs`, `fetch` and the dashboard, a page of
+//! the `runs` list, the oldest ones retention prunes.
+//!
+//! A testrun row carries the columns it is found by ([`RunIndex`],
+//! schema 7), so a list is an indexed query that decodes no bodies, and a
+//! start loads the live rows only. [`SqliteHistory`] reads the embedded
+//! database on a connection of its own (WAL: readers never wait for the
+//! writer); `pg::history` does the same on PostgreSQL.
+
+use super::db::StateError;
+use crate::protocol::{RunState, RunSummary, Verdict};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
+
+/// What a testrun row is found by, written with its body.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunIndex {
+    /// Its number (`r12` → 12; one numbering for testruns and leases).
+    pub num: u64,
+    /// `r` (a testrun) or `l` (a lease).
+    pub kind: String,
+    /// [`state_token`] of its state, [`verdict_token`] of its verdict.
+    pub state: String,
+    pub verdict: Option<String>,
+    pub owner: Option<String>,
+    /// Its device groups, each between commas: `,arm,x86,`.
+    pub groups: String,
+    /// Not finished or cancelled: loaded at every start.
+    pub live: bool,
+    pub ended_ms: Option<u64>,
+    /// Bytes of result files and logs it keeps: set once it ended, none
+    /// once retention pruned them (what retention looks at).
+    pub kept_bytes: Option<u64>,
+    /// Its line of the `runs` list ([`RunSummary`], MessagePack).
+    pub summary: Vec<u8>,
+}
+
+/// The word a state is stored as (its protocol name).
+pub fn state_token(state: RunState) -> String {
+    token(&state)
+}
+
+/// The word a verdict is stored as (its protocol name).
+pub fn verdict_token(verdict: Verdict) -> String {
+    token(&verdict)
+}
+
+fn token<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+/// A count or a time as SQL stores it (a signed 64-bit integer).
+pub fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn unsigned(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The live rows a start loads, and the sums it needs of the rest (the
+/// same SQL on both backends).
+pub(crate) const LIVE_RUNS: &str = "SELECT id, body FROM runs WHERE live = 1 OR num IS NULL";
+pub(crate) const LIVE_TASKS: &str =
+    "SELECT id, body FROM tasks WHERE run IN (SELECT id FROM runs WHERE live = 1 OR num IS NULL)";
+pub(crate) const KEPT_BYTES: &str =
+    "SELECT CAST(SUM(kept_bytes) AS BIGINT) FROM runs WHERE kept_bytes IS NOT NULL";
+pub(crate) const OLDEST_KEPT: &str = "SELECT MIN(ended_ms) FROM runs WHERE kept_bytes IS NOT NULL";
+pub(crate) const FILE_BYTES: &str = "SELECT CAST(SUM(size) AS BIGINT) FROM files";
+pub(crate) const HIGHEST_RUN: &str = "SELECT MAX(num) FROM runs";
+
+/// Testruns a list looks at, at most (the newest below its cursor).
+pub const LIST_WINDOW: u64 = 10_000;
+
+/// One page of the `runs` list: testruns numbered `newest` and below
+/// (no more than [`LIST_WINDOW`] numbers down), newest first, filtered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunQuery {
+    pub newest: u64,
+    pub state: Option<String>,
+    pub owner: Option<String>,
+    pub verdict: Option<String>,
+    pub devicegroup: Option<String>,
+    pub limit: u32,
+}
+
+impl RunQuery {
+    pub(crate) fn lowest(&self) -> u64 {
+        self.newest.saturating_sub(LIST_WINDOW - 1).max(1)
+    }
+
+    pub(crate) fn group_pattern(&self) -> Option<String> {
+        self.devicegroup.as_ref().map(|g| format!(",{g},"))
+    }
+}
+
+/// What the scheduler asks of the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recall {
+    /// The rows of these testruns and of their tasks.
+    Runs(Vec<String>),
+    /// A page of the `runs` list.
+    List(RunQuery),
+    /// The rows of the `n` testruns that ended first of those that keep
+    /// their files and logs, and when the next one ended.
+    OldestKept(usize),
+    /// The rows of the newest `n` ended leases.
+    EndedLeases(usize),
+}
+
+/// One question, numbered by the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecallJob {
+    pub ticket: u64,
+    /// The scheduler's recall epoch when it asked: rows read before a
+    /// change to a recalled testrun are read again.
+    pub epoch: u64,
+    pub recall: Recall,
+}
+
+/// Rows read: testruns and their tasks, as stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    pub runs: Vec<(String, Vec<u8>)>,
+    pub tasks: Vec<(String, Vec<u8>)>,
+    /// [`Recall::OldestKept`]: when the first testrun past those ended.
+    pub next_kept_ms: Option<u64>,
+}
+
+/// What the history answered.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Found {
+    Rows(Rows),
+    List(Vec<RunSummary>),
+}
+
+/// The answer to a [`RecallJob`].
+#[derive(Debug)]
+pub struct Recalled {
+    pub ticket: u64,
+    pub epoch: u64,
+    /// The database error, as its one line says it.
+    pub found: Result<Found, String>,
+}
+
+/// A read-only connection to the embedded state database.
+pub struct SqliteHistory {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteHistory {
+    /// Opens the database file `path` for reading (the server has it
+    /// open and migrated already).
+    pub fn open(path: &Path) -> Result<SqliteHistory, StateError> {
+        let path = path.to_path_buf();
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            Ok(c)
+        })
+        .map_err(|source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(SqliteHistory { conn, path })
+    }
+
+    /// Answers one question.
+    pub fn recall(&self, recall: &Recall) -> Result<Found, StateError> {
+        let sql = |source| StateError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        match recall {
+            Recall::Runs(ids) => self.rows(ids).map(Found::Rows).map_err(sql),
+            Recall::List(q) => self.list(q).map(Found::List).map_err(sql),
+            Recall::OldestKept(n) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT id, ended_ms FROM runs WHERE kept_bytes IS NOT NULL
+                         ORDER BY ended_ms, num LIMIT ?1",
+                    )
+                    .map_err(sql)?;
+                let found: Vec<(String, Option<i64>)> = stmt
+                    .query_map(params![sql_int(*n as u64 + 1)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(sql)?
+                    .collect::<Result<_, _>>()
+                    .map_err(sql)?;
+                let next = found.get(*n).and_then(|(_, at)| at.map(unsigned));
+                let ids: Vec<String> = found.into_iter().take(*n).map(|(id, _)| id).collect();
+                let mut rows = self.rows(&ids).map_err(sql)?;
+                rows.next_kept_ms = next;
+                Ok(Found::Rows(rows))
+            }
+            Recall::EndedLeases(n) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT id FROM runs WHERE kind = 'l' AND live = 0 ORDER BY num DESC LIMIT ?1",
+                    )
+                    .map_err(sql)?;
+                let ids: Vec<String> = stmt
+                    .query_map(params![sql_int(*n as u64)], |r| r.get(0))
+                    .map_err(sql)?
+                    .collect::<Result<_, _>>()
+                    .map_err(sql)?;
+                self.rows(&ids).map(Found::Rows).map_err(sql)
+            }
+        }
+    }
+
+    fn rows(&self, ids: &[String]) -> Result<Rows, rusqlite::Error> {
+        let mut rows = Rows::default();
+        let mut run = self
+            .conn
+            .prepare_cached("SELECT body FROM runs WHERE id = ?1")?;
+        let mut tasks = self
+            .conn
+            .prepare_cached("SELECT id, body FROM tasks WHERE run = ?1")?;
+        for id in ids {
+            let Some(body) = run
+                .query_row(params![id], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+            else {
+                continue;
+            };
+            rows.runs.push((id.clone(), body));
+            for t in tasks.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                rows.tasks.push(t?);
+            }
+        }
+        Ok(rows)
+    }
+
+    fn list(&self, q: &RunQuery) -> Result<Vec<RunSummary>, rusqlite::Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, summary FROM runs
+             WHERE kind = 'r' AND num BETWEEN ?1 AND ?2
+               AND (?3 IS NULL OR state = ?3) AND (?4 IS NULL OR owner = ?4)
+               AND (?5 IS NULL OR verdict = ?5) AND (?6 IS NULL OR instr(groups, ?6) > 0)
+             ORDER BY num DESC LIMIT ?7",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                sql_int(q.lowest()),
+                sql_int(q.newest),
+                q.state,
+                q.owner,
+                q.verdict,
+                q.group_pattern(),
+                i64::from(q.limit)
+            ],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, summary) = row?;
+            if let Some(s) = summary_of(&id, summary.as_deref()) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A stored summary; one that does not decode is left out of the list
+/// (and said in the server log: its testrun's `status` names the cause).
+pub(crate) fn summary_of(id: &str, bytes: Option<&[u8]>) -> Option<RunSummary> {
+    match rmp_serde::from_slice::<RunSummary>(bytes?) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(run = %id, error = %e, "state database: the runs list entry of this testrun does not decode; left out of the list");
+            None
+        }
+    }
+}

@@ -107,9 +107,8 @@ pub struct Entry {
     /// Unix ms it ended (delivered or failed).
     #[serde(default)]
     pub ended_ms: Option<u64>,
-    /// Whose testrun it tells of: who may list it (the testrun itself
-    /// is in the database, not in memory). Rows from before it: none,
-    /// and only operators list them.
+    /// Whose testrun it tells of: who may list it (rows from before it:
+    /// none, so only operators list them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
 }

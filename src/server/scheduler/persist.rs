@@ -5,14 +5,13 @@
 
 use super::*;
 use crate::server::store::db::{Changes, Snapshot};
-use crate::server::store::history::{state_token, verdict_token, Rows, RunIndex};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
-struct TaskRow {
+pub(super) struct TaskRow {
     run: RunId,
     packages: Vec<String>,
-    state: TaskState,
+    pub(super) state: TaskState,
     worker: Option<String>,
     attempts: u32,
     verdict: Option<Verdict>,
@@ -21,8 +20,8 @@ struct TaskRow {
     log: SeqRanges,
     log_lines_produced: Option<u64>,
     files: Vec<FileInfo>,
-    since_ms: u64,
-    queued_at_ms: u64,
+    pub(super) since_ms: u64,
+    pub(super) queued_at_ms: u64,
     order: u64,
     cancel_requested: bool,
     #[serde(default)]
@@ -56,13 +55,13 @@ struct TaskRow {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RunRow {
+pub(super) struct RunRow {
     /// Without its secrets: those are only in `sealed_secrets`.
     request: TestrunRequest,
     #[serde(default)]
     sealed_secrets: Option<Vec<u8>>,
-    tasks: Vec<TaskId>,
-    state: RunState,
+    pub(super) tasks: Vec<TaskId>,
+    pub(super) state: RunState,
     verdict: Option<Verdict>,
     events: Vec<ProgressEvent>,
     #[serde(default)]
@@ -105,7 +104,7 @@ pub struct RestoreError {
 
 /// Checks a stored testrun against today's limits (an older server, or a
 /// row written before a limit existed, may hold values that are not safe).
-fn check_run(id: &str, row: &RunRow) -> Result<(), String> {
+pub(super) fn check_run(id: &str, row: &RunRow) -> Result<(), String> {
     use crate::protocol::limits;
     if !limits::is_safe_id(id) {
         return Err("testrun id outside the protocol's limits".into());
@@ -131,11 +130,11 @@ fn check_run(id: &str, row: &RunRow) -> Result<(), String> {
     Ok(())
 }
 
-fn encode<T: Serialize>(row: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(row: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(row).expect("rows serialise")
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(
     table: &'static str,
     key: &str,
     body: &[u8],
@@ -298,101 +297,6 @@ impl<S: Store> Scheduler<S> {
             self.persisted_next_run = self.next_run;
         }
         changes
-    }
-
-    /// The columns a testrun's row is found by in the database.
-    fn index_of(&self, id: &RunId, r: &Testrun) -> RunIndex {
-        let (kind, num) = id.split_at(1);
-        let done = matches!(r.state, RunState::Finished | RunState::Cancelled);
-        let groups: BTreeSet<&str> = r
-            .request
-            .all_devices()
-            .map(|d| d.devicegroup.as_str())
-            .collect();
-        let summary = RunSummary {
-            run: id.clone(),
-            state: r.state,
-            verdict: r.verdict,
-            owner: r.request.owner.clone(),
-            device: r.request.device.clone(),
-            tasks: r.tasks.len() as u32,
-            submitted_ms: r.submitted_ms,
-            ended_ms: r.ended_ms,
-        };
-        RunIndex {
-            num: num.parse().unwrap_or(0),
-            kind: kind.to_string(),
-            state: state_token(r.state),
-            verdict: r.verdict.map(verdict_token),
-            owner: r.request.owner.clone(),
-            groups: format!(",{},", groups.into_iter().collect::<Vec<_>>().join(",")),
-            live: !done,
-            ended_ms: r.ended_ms.filter(|_| done),
-            kept_bytes: (done && r.ended_ms.is_some() && r.pruned.is_none())
-                .then(|| self.run_bytes(id)),
-            summary: encode(&summary),
-        }
-    }
-
-    /// Ended testruns read back from the database: held in memory (the
-    /// cache) as they were before they left it. A row that does not
-    /// decode, is not final, or misses a task is left out, said and
-    /// counted; one in memory already wins (it is as new or newer).
-    pub(super) fn adopt_rows(&mut self, now: Instant, rows: Rows) {
-        let mut tasks: HashMap<TaskId, TaskRow> = HashMap::new();
-        for (id, body) in &rows.tasks {
-            match decode::<TaskRow>("tasks", id, body) {
-                Ok(row) => {
-                    tasks.insert(id.clone(), row);
-                }
-                Err(e) => {
-                    warn!(task = %id, error = %e, "state database: a task row read back does not decode; its testrun is left out")
-                }
-            }
-        }
-        for (id, body) in &rows.runs {
-            if self.runs.contains_key(id) {
-                continue;
-            }
-            let row = match decode::<RunRow>("runs", id, body)
-                .map_err(|e| e.reason)
-                .and_then(|row| check_run(id, &row).map(|()| row))
-            {
-                Ok(row) => row,
-                Err(reason) => {
-                    self.count("history_rows_unreadable", 1);
-                    warn!(run = %id, %reason, "state database: a testrun row read back is unreadable; requests for it answer as if it were not stored");
-                    continue;
-                }
-            };
-            if !matches!(row.state, RunState::Finished | RunState::Cancelled)
-                || row.tasks.iter().any(|t| !tasks.contains_key(t))
-            {
-                self.count("history_rows_unreadable", 1);
-                warn!(run = %id, "state database: a testrun read back is not finished or misses a task; requests for it answer as if it were not stored");
-                continue;
-            }
-            for t in &row.tasks {
-                let trow = tasks.remove(t).expect("checked");
-                let since = self.instant_of(now, trow.since_ms);
-                let queued_at = self.instant_of(now, trow.queued_at_ms);
-                let state = trow.state;
-                self.tasks.insert(
-                    t.clone(),
-                    task_of_row(t.clone(), trow, state, since, queued_at),
-                );
-            }
-            self.runs.insert(id.clone(), testrun_of_row(row, None));
-            self.recall.cached.push_back(id.clone());
-            self.count("runs_recalled", 1);
-        }
-    }
-
-    /// The monotonic instant of a stored Unix time (never after `now`).
-    fn instant_of(&self, now: Instant, ms: u64) -> Instant {
-        let wall_now = self.wall_ms(now);
-        now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
-            .unwrap_or(now)
     }
 
     /// Rebuilds the scheduler from stored rows after a restart. Queued
@@ -759,7 +663,7 @@ fn decode_runs_and_tasks(
 }
 
 /// A task as the scheduler holds it, from its row.
-fn task_of_row(
+pub(super) fn task_of_row(
     id: TaskId,
     row: TaskRow,
     state: TaskState,
@@ -804,7 +708,7 @@ fn task_of_row(
 }
 
 /// A testrun as the scheduler holds it, from its row.
-fn testrun_of_row(row: RunRow, secrets: Option<BTreeMap<String, String>>) -> Testrun {
+pub(super) fn testrun_of_row(row: RunRow, secrets: Option<BTreeMap<String, String>>) -> Testrun {
     Testrun {
         secrets,
         sealed_secrets: row.sealed_secrets,

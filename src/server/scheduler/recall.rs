@@ -12,8 +12,10 @@
 //! testrun leaves memory once its final rows are committed and nothing
 //! live refers to it: no follower, no worker, no lease, no upload.
 
+use super::persist::{check_run, decode, encode, task_of_row, testrun_of_row, RunRow, TaskRow};
 use super::*;
-use crate::server::store::history::{Found, Recall, RecallJob, Recalled, RunQuery};
+use crate::server::store::history::{Found, Recall, RecallJob, Recalled, Rows, RunQuery};
+use crate::server::store::index::{state_token, verdict_token, RunIndex};
 
 /// What the scheduler keeps of the history it does not hold.
 #[derive(Default)]
@@ -377,5 +379,100 @@ impl<S: Store> Scheduler<S> {
                             })
                     })
             })
+    }
+
+    /// The columns a testrun's row is found by in the database.
+    pub(super) fn index_of(&self, id: &RunId, r: &Testrun) -> RunIndex {
+        let (kind, num) = id.split_at(1);
+        let done = matches!(r.state, RunState::Finished | RunState::Cancelled);
+        let groups: BTreeSet<&str> = r
+            .request
+            .all_devices()
+            .map(|d| d.devicegroup.as_str())
+            .collect();
+        let summary = RunSummary {
+            run: id.clone(),
+            state: r.state,
+            verdict: r.verdict,
+            owner: r.request.owner.clone(),
+            device: r.request.device.clone(),
+            tasks: r.tasks.len() as u32,
+            submitted_ms: r.submitted_ms,
+            ended_ms: r.ended_ms,
+        };
+        RunIndex {
+            num: num.parse().unwrap_or(0),
+            kind: kind.to_string(),
+            state: state_token(r.state),
+            verdict: r.verdict.map(verdict_token),
+            owner: r.request.owner.clone(),
+            groups: format!(",{},", groups.into_iter().collect::<Vec<_>>().join(",")),
+            live: !done,
+            ended_ms: r.ended_ms.filter(|_| done),
+            kept_bytes: (done && r.ended_ms.is_some() && r.pruned.is_none())
+                .then(|| self.run_bytes(id)),
+            summary: encode(&summary),
+        }
+    }
+
+    /// Ended testruns read back from the database: held in memory (the
+    /// cache) as they were before they left it. A row that does not
+    /// decode, is not final, or misses a task is left out, said and
+    /// counted; one in memory already wins (it is as new or newer).
+    pub(super) fn adopt_rows(&mut self, now: Instant, rows: Rows) {
+        let mut tasks: HashMap<TaskId, TaskRow> = HashMap::new();
+        for (id, body) in &rows.tasks {
+            match decode::<TaskRow>("tasks", id, body) {
+                Ok(row) => {
+                    tasks.insert(id.clone(), row);
+                }
+                Err(e) => {
+                    warn!(task = %id, error = %e, "state database: a task row read back does not decode; its testrun is left out")
+                }
+            }
+        }
+        for (id, body) in &rows.runs {
+            if self.runs.contains_key(id) {
+                continue;
+            }
+            let row = match decode::<RunRow>("runs", id, body)
+                .map_err(|e| e.reason)
+                .and_then(|row| check_run(id, &row).map(|()| row))
+            {
+                Ok(row) => row,
+                Err(reason) => {
+                    self.count("history_rows_unreadable", 1);
+                    warn!(run = %id, %reason, "state database: a testrun row read back is unreadable; requests for it answer as if it were not stored");
+                    continue;
+                }
+            };
+            if !matches!(row.state, RunState::Finished | RunState::Cancelled)
+                || row.tasks.iter().any(|t| !tasks.contains_key(t))
+            {
+                self.count("history_rows_unreadable", 1);
+                warn!(run = %id, "state database: a testrun read back is not finished or misses a task; requests for it answer as if it were not stored");
+                continue;
+            }
+            for t in &row.tasks {
+                let trow = tasks.remove(t).expect("checked");
+                let since = self.instant_of(now, trow.since_ms);
+                let queued_at = self.instant_of(now, trow.queued_at_ms);
+                let state = trow.state;
+                self.tasks.insert(
+                    t.clone(),
+                    task_of_row(t.clone(), trow, state, since, queued_at),
+                );
+            }
+            self.runs.insert(id.clone(), testrun_of_row(row, None));
+            self.recall.cached.push_back(id.clone());
+            self.count("runs_recalled", 1);
+        }
+    }
+
+    /// The monotonic instant of a stored Unix time (never after `now`).
+    pub(super) fn instant_of(&self, now: Instant, ms: u64) -> Instant {
+        let wall_now = self.wall_ms(now);
+        now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
+            .unwrap_or(now)
     }
 }

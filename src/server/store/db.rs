@@ -212,7 +212,7 @@ pub struct HistoryRow {
 #[derive(Debug, Default)]
 pub struct Changes {
     /// (id, body, the columns it is found by).
-    pub runs: Vec<(String, Vec<u8>, super::history::RunIndex)>,
+    pub runs: Vec<(String, Vec<u8>, super::index::RunIndex)>,
     pub tasks: Vec<(String, String, Vec<u8>)>,
     pub workers: Vec<(String, Vec<u8>)>,
     pub history: Vec<HistoryRow>,
@@ -251,7 +251,7 @@ impl Changes {
 }
 
 /// What a restart loads: the live state, never the history. Ended
-/// testruns stay in the database ([`super::history`] reads them on
+/// testruns stay in the database (the history reader reads them on
 /// demand); of them only sums come back.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -416,15 +416,15 @@ impl Db {
                 run.execute(params![
                     id,
                     body,
-                    super::history::sql_int(x.num),
+                    super::index::sql_int(x.num),
                     x.kind,
                     x.state,
                     x.verdict,
                     x.owner,
                     x.groups,
                     i64::from(x.live),
-                    x.ended_ms.map(super::history::sql_int),
-                    x.kept_bytes.map(super::history::sql_int),
+                    x.ended_ms.map(super::index::sql_int),
+                    x.kept_bytes.map(super::index::sql_int),
                     x.summary,
                 ])
                 .map_err(sql)?;
@@ -547,12 +547,12 @@ impl Db {
             self.conn.query_row(query, [], |r| r.get(0)).map_err(&sql)
         };
         let mut snap = Snapshot {
-            runs: pairs(super::history::LIVE_RUNS)?,
-            tasks: pairs(super::history::LIVE_TASKS)?,
-            kept_bytes: sum(super::history::KEPT_BYTES)?.unwrap_or(0).max(0) as u64,
-            oldest_kept_ms: sum(super::history::OLDEST_KEPT)?.map(|v| v.max(0) as u64),
-            file_bytes: sum(super::history::FILE_BYTES)?.unwrap_or(0).max(0) as u64,
-            highest_run: sum(super::history::HIGHEST_RUN)?.unwrap_or(0).max(0) as u64,
+            runs: pairs(super::index::LIVE_RUNS)?,
+            tasks: pairs(super::index::LIVE_TASKS)?,
+            kept_bytes: sum(super::index::KEPT_BYTES)?.unwrap_or(0).max(0) as u64,
+            oldest_kept_ms: sum(super::index::OLDEST_KEPT)?.map(|v| v.max(0) as u64),
+            file_bytes: sum(super::index::FILE_BYTES)?.unwrap_or(0).max(0) as u64,
+            highest_run: sum(super::index::HIGHEST_RUN)?.unwrap_or(0).max(0) as u64,
             workers: pairs("SELECT name, body FROM workers")?,
             meta: Vec::new(),
             input_owners: Vec::new(),
@@ -624,7 +624,7 @@ mod tests {
         c.runs.push((
             "r1".into(),
             vec![1, 2, 3],
-            super::super::history::RunIndex {
+            super::super::index::RunIndex {
                 num: 1,
                 kind: "r".into(),
                 live: true,

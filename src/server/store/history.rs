@@ -11,69 +11,11 @@
 //! writer); `pg::history` does the same on PostgreSQL.
 
 use super::db::StateError;
-use crate::protocol::{RunState, RunSummary, Verdict};
+use crate::protocol::RunSummary;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
-/// What a testrun row is found by, written with its body.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RunIndex {
-    /// Its number (`r12` → 12; one numbering for testruns and leases).
-    pub num: u64,
-    /// `r` (a testrun) or `l` (a lease).
-    pub kind: String,
-    /// [`state_token`] of its state, [`verdict_token`] of its verdict.
-    pub state: String,
-    pub verdict: Option<String>,
-    pub owner: Option<String>,
-    /// Its device groups, each between commas: `,arm,x86,`.
-    pub groups: String,
-    /// Not finished or cancelled: loaded at every start.
-    pub live: bool,
-    pub ended_ms: Option<u64>,
-    /// Bytes of result files and logs it keeps: set once it ended, none
-    /// once retention pruned them (what retention looks at).
-    pub kept_bytes: Option<u64>,
-    /// Its line of the `runs` list ([`RunSummary`], MessagePack).
-    pub summary: Vec<u8>,
-}
-
-/// The word a state is stored as (its protocol name).
-pub fn state_token(state: RunState) -> String {
-    token(&state)
-}
-
-/// The word a verdict is stored as (its protocol name).
-pub fn verdict_token(verdict: Verdict) -> String {
-    token(&verdict)
-}
-
-fn token<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        other => format!("{other:?}"),
-    }
-}
-
-/// A count or a time as SQL stores it (a signed 64-bit integer).
-pub fn sql_int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn unsigned(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// The live rows a start loads, and the sums it needs of the rest (the
-/// same SQL on both backends).
-pub(crate) const LIVE_RUNS: &str = "SELECT id, body FROM runs WHERE live = 1 OR num IS NULL";
-pub(crate) const LIVE_TASKS: &str =
-    "SELECT id, body FROM tasks WHERE run IN (SELECT id FROM runs WHERE live = 1 OR num IS NULL)";
-pub(crate) const KEPT_BYTES: &str =
-    "SELECT CAST(SUM(kept_bytes) AS BIGINT) FROM runs WHERE kept_bytes IS NOT NULL";
-pub(crate) const OLDEST_KEPT: &str = "SELECT MIN(ended_ms) FROM runs WHERE kept_bytes IS NOT NULL";
-pub(crate) const FILE_BYTES: &str = "SELECT CAST(SUM(size) AS BIGINT) FROM files";
-pub(crate) const HIGHEST_RUN: &str = "SELECT MAX(num) FROM runs";
+pub use super::index::{sql_int, state_token, verdict_token, RunIndex};
 
 /// Testruns a list looks at, at most (the newest below its cursor).
 pub const LIST_WINDOW: u64 = 10_000;
@@ -199,7 +141,9 @@ impl SqliteHistory {
                     .map_err(sql)?
                     .collect::<Result<_, _>>()
                     .map_err(sql)?;
-                let next = found.get(*n).and_then(|(_, at)| at.map(unsigned));
+                let next = found
+                    .get(*n)
+                    .and_then(|(_, at)| at.map(|v| u64::try_from(v).unwrap_or(0)));
                 let ids: Vec<String> = found.into_iter().take(*n).map(|(id, _)| id).collect();
                 let mut rows = self.rows(&ids).map_err(sql)?;
                 rows.next_kept_ms = next;

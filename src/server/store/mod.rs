@@ -11,6 +11,7 @@
 pub mod db;
 pub mod files;
 pub mod history;
+pub mod index;
 pub mod pg;
 pub mod state;
 

@@ -247,7 +247,7 @@ impl PgDb {
                     .map(|v| u64::try_from(v).unwrap_or(0))
             })
         };
-        use super::history as h;
+        use super::index as h;
         Ok(Snapshot {
             runs: pairs(h::LIVE_RUNS).await.map_err(&pg)?,
             tasks: pairs(h::LIVE_TASKS).await.map_err(&pg)?,
@@ -563,7 +563,7 @@ async fn write_runs(
     s: &Statements,
     changes: &Changes,
 ) -> Result<(), tokio_postgres::Error> {
-    use super::history::sql_int;
+    use super::index::sql_int;
     let rows = last(changes.runs.iter().map(|(k, b, x)| (k.as_str(), (b, x))));
     let mut c = RunColumns::default();
     for (id, (body, x)) in rows {

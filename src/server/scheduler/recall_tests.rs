@@ -279,3 +279,39 @@ fn a_followed_testrun_stays_until_its_follower_goes() {
     lab.commit();
     assert!(!lab.s.runs.contains_key(&run));
 }
+
+#[test]
+fn rows_from_before_the_index_are_indexed_once_at_the_first_start() {
+    let mut lab = forgetful();
+    let (run, _) = ended_run(&mut lab);
+    // As an older server wrote it: no index columns.
+    lab.db
+        .execute_batch(
+            "UPDATE runs SET num = NULL, kind = NULL, state = NULL, verdict = NULL, owner = NULL,
+                 groups = NULL, live = NULL, ended_ms = NULL, kept_bytes = NULL, summary = NULL",
+        )
+        .unwrap();
+    let snap = lab.db.load().unwrap();
+    assert!(snap.runs.iter().any(|(id, _)| *id == run), "loaded once");
+    assert_eq!(snap.kept_bytes, 0);
+    crash_and_restart(&mut lab);
+    // The first commit writes it back with its index; then it goes.
+    lab.commit();
+    lab.commit();
+    assert!(!lab.s.runs.contains_key(&run));
+    let snap = lab.db.load().unwrap();
+    assert!(!snap.runs.iter().any(|(id, _)| *id == run), "indexed now");
+    assert!(snap.kept_bytes > 0, "its files count for retention");
+    match lab.request(Body::ListRuns {
+        request: 3,
+        state: None,
+        owner: None,
+        limit: 10,
+        verdict: Some(Verdict::Pass),
+        devicegroup: None,
+        before: None,
+    }) {
+        Body::Runs { runs, .. } => assert_eq!(runs[0].run, run),
+        other => panic!("{other:?}"),
+    }
+}

@@ -86,7 +86,7 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               CREATE INDEX runs_by_number ON runs (kind, num);
               CREATE INDEX runs_live ON runs (live);
               CREATE INDEX runs_unindexed ON runs (id) WHERE num IS NULL;
-              CREATE INDEX runs_kept ON runs (ended_ms, num) WHERE kept_bytes IS NOT NULL;
+              CREATE INDEX runs_kept ON runs (ended_ms, num, kept_bytes) WHERE kept_bytes IS NOT NULL;
               CREATE INDEX tasks_run ON tasks (run);"
         }
         _ => unreachable!("no migration to version {version}"),

@@ -288,6 +288,7 @@ struct Figures {
     tick_late_ms: f64,
     tick_gap_ms: f64,
     takeover: Duration,
+    asked: usize,
 }
 
 fn tick_gap(metrics: &str) -> f64 {
@@ -400,7 +401,12 @@ fn measure(dir: &Path, t: &Template, n: u64, asks: u64, workers: usize) -> Figur
     let base = field(&line, "url");
     let _ = tick_gap(&metrics); // resets the maximum
     let (mut status, mut runs, mut page) = (Vec::new(), Vec::new(), Vec::new());
-    for k in 0..asks {
+    // At least `asks` rounds and at least 5 s: the loop ticks (every
+    // heartbeat, 1 s) several times while the requests run.
+    let window = Instant::now();
+    let mut k = 0u64;
+    while k < asks || window.elapsed() < Duration::from_secs(5) {
+        k += 1;
         // Old testruns spread over the whole history: each one read
         // from the database.
         let old = format!("r{}", 1 + (k * 7919) % (n / 2).max(1));
@@ -423,7 +429,9 @@ fn measure(dir: &Path, t: &Template, n: u64, asks: u64, workers: usize) -> Figur
         let _ = submit(&server, &["cancel", run], LIMIT);
     }
     drop(server);
+    let asked = status.len();
     Figures {
+        asked,
         rss_mib: rss,
         first_answer: first,
         status: median_max(status),
@@ -567,6 +575,12 @@ fn soak(dir: &Path, runs: u64) {
         if submitted >= 500 && after_500.is_none() {
             after_500 = Some(rss_mib(pid));
         }
+        if submitted % 1000 == 0 {
+            println!(
+                "  soak: RSS after {submitted} testruns: {:.1} MiB",
+                rss_mib(pid)
+            );
+        }
     }
     let last = rss_mib(pid);
     let first = after_500.unwrap_or(last);
@@ -597,8 +611,8 @@ fn main() {
             ms(f.takeover)
         );
         println!(
-            "  with {workers} workers streaming, median / worst of {asks}: status of an old testrun {:.2} / {:.2} ms, runs --limit 50 {:.2} / {:.2} ms, dashboard /runs {:.2} / {:.2} ms; longest gap between loop ticks {:.1} ms (heartbeat 1000 ms: {:.1} ms late)",
-            f.status.0, f.status.1, f.runs.0, f.runs.1, f.page.0, f.page.1, f.tick_gap_ms, f.tick_late_ms
+            "  with {workers} workers streaming, median / worst of {}: status of an old testrun {:.2} / {:.2} ms, runs --limit 50 {:.2} / {:.2} ms, dashboard /runs {:.2} / {:.2} ms; longest gap between loop ticks {:.1} ms (heartbeat 1000 ms: {:.1} ms late)",
+            f.asked, f.status.0, f.status.1, f.runs.0, f.runs.1, f.page.0, f.page.1, f.tick_gap_ms, f.tick_late_ms
         );
         all.push((n, f));
     }

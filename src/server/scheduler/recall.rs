@@ -73,7 +73,14 @@ impl<S: Store> Scheduler<S> {
         peer: &PeerId,
         env: Envelope,
     ) -> Option<Envelope> {
-        if env.body.request().is_none() || (self.cfg.secure && !self.callers.contains_key(peer)) {
+        // Only a user's requests: anything else is refused (or handled)
+        // as it is, without a read.
+        let user = !self.cfg.secure
+            || self
+                .callers
+                .get(peer)
+                .is_some_and(|c| matches!(c.identity, crate::security::Identity::User { .. }));
+        if env.body.request().is_none() || !user {
             return Some(env);
         }
         let recall = match &env.body {

@@ -575,7 +575,7 @@ fn soak(dir: &Path, runs: u64) {
         if submitted >= 500 && after_500.is_none() {
             after_500 = Some(rss_mib(pid));
         }
-        if submitted % 1000 == 0 {
+        if submitted.is_multiple_of(1000) {
             println!(
                 "  soak: RSS after {submitted} testruns: {:.1} MiB",
                 rss_mib(pid)

@@ -315,3 +315,24 @@ fn rows_from_before_the_index_are_indexed_once_at_the_first_start() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn deadlines_of_ended_tasks_do_not_pile_up() {
+    let mut lab = forgetful();
+    for _ in 0..1500 {
+        let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+        let task = lab.s.runs[&run].tasks[0].clone();
+        lab.complete("w", &task, 0, None);
+        lab.from("w", Body::Ready);
+        lab.commit();
+    }
+    // Each task left a day-long queue deadline behind: forgotten in
+    // batches, the heap stays near what is live.
+    assert!(lab.s.counters()["deadlines_forgotten"] > 0);
+    assert!(
+        lab.s.deadlines.len() <= 2 * (2 + 1024),
+        "{}",
+        lab.s.deadlines.len()
+    );
+    assert!(lab.s.runs.len() <= 2, "and the testruns left memory");
+}

@@ -40,7 +40,34 @@ impl<S: Store> Scheduler<S> {
         if let Some(at) = self.task_deadline(id) {
             self.deadlines
                 .push(std::cmp::Reverse((at, Due::Task(id.clone()))));
+            self.compact_deadlines();
         }
+    }
+
+    /// A task's earlier deadlines stay on the heap until they come due
+    /// (a queued task's is `queue_timeout` away, a day by default), also
+    /// once it ended: past twice what is live the heap is rebuilt with
+    /// the entries of unfinished tasks only, so it is bounded by the
+    /// lab's current load, not by the tasks of the last day. Amortised:
+    /// each rebuild at least halves it.
+    fn compact_deadlines(&mut self) {
+        let live = self.active_tasks.len() + 2 * self.workers.len() + 1024;
+        if self.deadlines.len() <= 2 * live {
+            return;
+        }
+        let before = self.deadlines.len();
+        let heap = std::mem::take(&mut self.deadlines).into_vec();
+        self.deadlines = heap
+            .into_iter()
+            .filter(|std::cmp::Reverse((_, due))| match due {
+                Due::Task(id) => self.active_tasks.contains(id),
+                Due::Worker(_) | Due::Health(..) => true,
+            })
+            .collect();
+        self.count(
+            "deadlines_forgotten",
+            before.saturating_sub(self.deadlines.len()) as u64,
+        );
     }
 
     /// Arms the worker's liveness deadline, once: a worker has at most one

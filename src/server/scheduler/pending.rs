@@ -43,6 +43,11 @@ pub(super) struct Pending {
 }
 
 impl Pending {
+    /// Whether the next commits write something of `task` still.
+    pub(super) fn has_task(&self, task: &TaskId) -> bool {
+        self.tasks.contains(task) || self.log_only.contains(task)
+    }
+
     pub(super) fn new(now: Instant) -> Self {
         Pending {
             tasks: BTreeSet::new(),

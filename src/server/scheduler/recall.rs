@@ -96,6 +96,7 @@ impl<S: Store> Scheduler<S> {
                     if missing
                         .iter()
                         .all(|r| self.recall.loading.get(r) == Some(&ticket))
+                        && matches!(self.recall.asked.get(&ticket), Some(Asked::Runs { .. }))
                     {
                         if let Some(parked) = self.park(now, peer, env) {
                             if let Some(Asked::Runs { parked: list, .. }) =
@@ -284,6 +285,12 @@ impl<S: Store> Scheduler<S> {
             (Asked::Runs { runs, parked }, Found::Rows(_)) if stale => {
                 self.ask_history(Recall::Runs(runs.clone()), Asked::Runs { runs, parked });
             }
+            (Asked::Leases { parked }, Found::Rows(_)) if stale => {
+                self.ask_history(
+                    Recall::EndedLeases(ENDED_LEASES_READ),
+                    Asked::Leases { parked },
+                );
+            }
             (Asked::Runs { parked, .. } | Asked::Leases { parked }, Found::Rows(rows)) => {
                 self.adopt_rows(now, rows);
                 for p in parked {
@@ -374,7 +381,7 @@ impl<S: Store> Scheduler<S> {
             && !self.followers.has(id)
             && !self.leases.is_live(id)
             && r.tasks.iter().all(|t| {
-                !self.pending.tasks.contains(t)
+                !self.pending.has_task(t)
                     && !self.active_tasks.contains(t)
                     && self.tasks.get(t).is_none_or(|task| {
                         task.state.is_final()

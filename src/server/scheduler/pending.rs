@@ -68,6 +68,16 @@ impl Pending {
         self.log_only.insert(task.clone());
     }
 
+    /// The tasks this commit writes: whole rows, their log accounting
+    /// included (so none of them waits for it any more).
+    pub(super) fn take_tasks(&mut self) -> BTreeSet<TaskId> {
+        let tasks = std::mem::take(&mut self.tasks);
+        if !self.log_only.is_empty() {
+            self.log_only.retain(|t| !tasks.contains(t));
+        }
+        tasks
+    }
+
     /// Log accounting goes with this commit if the last one that carried
     /// it is [`LOG_ACCOUNTING_EVERY`] ago.
     pub(super) fn due_log_accounting(&mut self, now: Instant) {

@@ -179,7 +179,7 @@ impl<S: Store> Scheduler<S> {
             ..Changes::default()
         };
         (changes.notifications, changes.removed_notifications) = self.notification_changes();
-        for id in std::mem::take(&mut self.pending.tasks) {
+        for id in self.pending.take_tasks() {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };

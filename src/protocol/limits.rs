@@ -61,6 +61,17 @@ pub const LIVENESS: std::ops::RangeInclusive<u32> = 2..=100;
 pub const TTL_MS: std::ops::RangeInclusive<u64> = 1..=24 * 3600 * 1000;
 /// Most bytes a client may ask for in one `get_log`/`get_file`.
 pub const MAX_READ_BYTES: u64 = 1024 * 1024;
+
+/// Bytes of a test case's suite and name, and of the first line of its
+/// message, as stored and reported (longer ones are cut, and counted).
+pub const MAX_CASE_NAME_BYTES: usize = 512;
+pub const MAX_CASE_MESSAGE_BYTES: usize = 512;
+
+/// Failing cases `status` names per task (the rest are counted).
+pub const FAILING_CASES_SHOWN: usize = 5;
+
+/// Test cases one `list_cases` answer carries at most.
+pub const MAX_CASES_PER_ANSWER: u32 = 1000;
 /// Largest offset a client may give in `get_log`/`get_file`.
 pub const MAX_READ_OFFSET: u64 = MAX_FILE_BYTES;
 

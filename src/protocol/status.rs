@@ -46,6 +46,67 @@ impl TaskState {
     }
 }
 
+/// What one test case came to (JUnit: no child, `<failure>`, `<error>`,
+/// `<skipped>` — pytest's xfail is a skip).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseStatus {
+    Pass,
+    Fail,
+    Error,
+    Skip,
+}
+
+impl CaseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaseStatus::Pass => "pass",
+            CaseStatus::Fail => "fail",
+            CaseStatus::Error => "error",
+            CaseStatus::Skip => "skip",
+        }
+    }
+
+    pub fn from_word(word: &str) -> Option<CaseStatus> {
+        Some(match word {
+            "pass" => CaseStatus::Pass,
+            "fail" => CaseStatus::Fail,
+            "error" => CaseStatus::Error,
+            "skip" => CaseStatus::Skip,
+            _ => return None,
+        })
+    }
+
+    /// A failure of the software under test (fail or error).
+    pub fn failed(self) -> bool {
+        matches!(self, CaseStatus::Fail | CaseStatus::Error)
+    }
+}
+
+/// A failing test case as `status` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailingCase {
+    pub name: String,
+    pub status: CaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One test case of a testrun (`list_cases`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestCase {
+    pub task: TaskId,
+    /// The result file it was read from.
+    pub file: String,
+    pub suite: String,
+    pub name: String,
+    pub status: CaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Testrun lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

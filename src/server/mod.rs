@@ -27,6 +27,7 @@
 //!   standby's `not_leader` answers; [`shell::metrics`]: the Prometheus
 //!   page; `shell::error`: [`ServerError`] and [`Fatal`].
 
+pub mod cases;
 pub mod config;
 pub mod distribution;
 pub mod fairshare;

@@ -8,16 +8,8 @@
 //! about the software under test, not the test infrastructure.
 
 use crate::protocol::{CaseCounts, Outcome, Verdict};
-use quick_xml::events::Event;
-use quick_xml::Reader;
 
-/// Why a result file could not be read as JUnit XML.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("not valid JUnit XML at byte {position}: {reason}")]
-pub struct JunitError {
-    pub position: u64,
-    pub reason: String,
-}
+pub use crate::server::cases::JunitError;
 
 /// Largest result file parsed as JUnit (bytes past it are not read).
 pub const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
@@ -26,68 +18,11 @@ pub const MAX_JUNIT_BYTES: u64 = 64 * 1024 * 1024;
 /// `<skipped>` children. Works for `<testsuites>` and bare `<testsuite>`;
 /// `Ok(None)` for well-formed XML of another kind (not a JUnit file).
 pub fn parse_junit(xml: &[u8]) -> Result<Option<CaseCounts>, JunitError> {
-    let mut reader = Reader::from_reader(xml);
-    let mut counts = CaseCounts::default();
-    let mut buf = Vec::new();
-    // Depth of the open <testcase>, and whether it already counted as failed.
-    let mut open_case: Option<(usize, bool)> = None;
-    let mut depth = 0usize;
-    let mut saw_root = false;
-    loop {
-        let event = reader.read_event_into(&mut buf).map_err(|e| JunitError {
-            position: reader.buffer_position(),
-            reason: e.to_string(),
-        })?;
-        let (element, opens) = match &event {
-            Event::Start(e) => (Some(e.name().as_ref().to_vec()), true),
-            Event::Empty(e) => (Some(e.name().as_ref().to_vec()), false),
-            Event::End(_) => {
-                depth = depth.saturating_sub(1);
-                if open_case.is_some_and(|(d, _)| d == depth) {
-                    open_case = None;
-                }
-                (None, false)
-            }
-            Event::Eof => break,
-            _ => (None, false),
-        };
-        if let Some(name) = element {
-            if !saw_root {
-                if name != b"testsuites" && name != b"testsuite" {
-                    return Ok(None);
-                }
-                saw_root = true;
-            }
-            match (name.as_slice(), open_case.as_mut()) {
-                (b"testcase", _) => {
-                    counts.cases += 1;
-                    if opens {
-                        open_case = Some((depth, false));
-                    }
-                }
-                (b"failure" | b"error" | b"skipped", Some((_, counted))) if !*counted => {
-                    match name.as_slice() {
-                        b"failure" => counts.failures += 1,
-                        b"error" => counts.errors += 1,
-                        _ => counts.skipped += 1,
-                    }
-                    *counted = true;
-                }
-                _ => {}
-            }
-            if opens {
-                depth += 1;
-            }
-        }
-        buf.clear();
-    }
-    if !saw_root {
-        return Err(JunitError {
-            position: 0,
-            reason: "no <testsuites> or <testsuite> element".into(),
-        });
-    }
-    Ok(Some(counts))
+    let bounds = crate::server::cases::CaseBounds {
+        max_cases: 0,
+        ..Default::default()
+    };
+    Ok(crate::server::cases::parse(xml, &bounds)?.map(|c| c.counts))
 }
 
 /// "1 test case", "3 test cases".

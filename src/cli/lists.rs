@@ -10,6 +10,54 @@ pub(crate) fn now_ms() -> u64 {
     crate::protocol::limits::unix_ms_now()
 }
 
+/// `cases RUN [--failed]`: every page, printed as it comes (`--json`:
+/// one document, the list).
+pub(crate) async fn cases(conn: &Conn, run: &str, failed: bool) -> Result<i32, ClientError> {
+    let mut client = conn.connect().await?;
+    let mut all = Vec::new();
+    let mut offset = 0u64;
+    let page = crate::protocol::limits::MAX_CASES_PER_ANSWER;
+    loop {
+        let cases = client.cases(&run.to_string(), failed, offset, page).await?;
+        let n = cases.len();
+        offset += n as u64;
+        if conn.json {
+            all.extend(cases);
+        } else {
+            for c in &cases {
+                crate::outln!(
+                    "{:<5} {} {}{}{}",
+                    c.status.as_str(),
+                    c.task,
+                    escape_controls(&c.name),
+                    c.duration_ms
+                        .map(|d| format!(" ({:.3} s)", d as f64 / 1000.0))
+                        .unwrap_or_default(),
+                    c.message
+                        .as_deref()
+                        .map(|m| format!(" — {}", escape_controls(m)))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if n < page as usize {
+            break;
+        }
+    }
+    if conn.json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&all).expect("cases serialise")
+        );
+    } else if offset == 0 {
+        crate::outln!(
+            "no {}test cases recorded for {run}",
+            if failed { "failing " } else { "" }
+        );
+    }
+    Ok(exit::PASS)
+}
+
 pub(crate) async fn runs(
     conn: &Conn,
     state: Option<RunState>,

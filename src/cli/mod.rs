@@ -22,7 +22,7 @@ use crate::cli::args::{RunArgs, RunStateArg};
 use crate::cli::conn::fail;
 pub use crate::cli::conn::Conn;
 use crate::cli::fetch::fetch_cmd;
-use crate::cli::lists::{logs, queue, runs, workers};
+use crate::cli::lists::{cases, logs, queue, runs, workers};
 use crate::cli::manage::{
     audit, cancel, drain, health, leader, notifications, notify_retry, web, whoami,
 };
@@ -84,6 +84,16 @@ pub enum Command {
     /// List the workers the server knows: state, task, last heard,
     /// version, drained.
     Workers {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List a testrun's test cases (from its JUnit result files): status,
+    /// name, duration and the failure's first line.
+    Cases {
+        run: String,
+        /// Only failing cases (fail, error).
+        #[arg(long)]
+        failed: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -342,6 +352,7 @@ pub async fn main(cli: Cli) -> i32 {
             limit,
             conn,
         } => runs(&conn, state.map(RunStateArg::into), owner, limit).await,
+        Command::Cases { run, failed, conn } => cases(&conn, &run, failed).await,
         Command::Queue { conn } => queue(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,

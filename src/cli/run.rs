@@ -297,6 +297,31 @@ pub(crate) fn print_item(item: &FollowItem, started: Instant, json: bool) {
     }
 }
 
+/// The task's failing test cases by name, with their messages, and how
+/// many more there are.
+fn print_failing(status: &RunStatus, t: &crate::protocol::TaskStatus) {
+    for c in &t.failing {
+        let message = c
+            .message
+            .as_deref()
+            .map(|m| format!(" — {}", escape_controls(m)))
+            .unwrap_or_default();
+        crate::outln!(
+            "  {}: {}{message}",
+            c.status.as_str(),
+            escape_controls(&c.name)
+        );
+    }
+    let failing = t.cases.map_or(0, |c| c.failures + c.errors);
+    let more = failing.saturating_sub(t.failing.len() as u64);
+    if more > 0 {
+        crate::outln!(
+            "  … and {more} more failing (ots-submit cases {} --failed)",
+            status.run
+        );
+    }
+}
+
 pub(crate) fn print_summary(status: &RunStatus) {
     for t in &status.tasks {
         let verdict = match (t.state, t.verdict) {
@@ -317,6 +342,7 @@ pub(crate) fn print_summary(status: &RunStatus) {
             t.worker.as_deref().unwrap_or("-"),
             t.attempts
         );
+        print_failing(status, t);
         if let Some(w) = &t.waiting {
             let could = if w.workers_total == 0 {
                 "no registered worker has this device".to_string()

@@ -516,6 +516,30 @@ impl Client {
         }
     }
 
+    /// One page of a testrun's test cases.
+    pub async fn cases(
+        &mut self,
+        run: &RunId,
+        failed: bool,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Vec<protocol::TestCase>, ClientError> {
+        let run = run.clone();
+        match self
+            .request(|request| Body::ListCases {
+                request,
+                run,
+                failed,
+                offset,
+                limit,
+            })
+            .await?
+        {
+            (Body::Cases { cases, .. }, _) => Ok(cases),
+            (other, _) => Err(unexpected("cases", &other)),
+        }
+    }
+
     pub async fn queue(&mut self) -> Result<Vec<protocol::QueueInfo>, ClientError> {
         match self.request(|request| Body::ListQueue { request }).await? {
             (Body::Queue { queues, .. }, _) => Ok(queues),

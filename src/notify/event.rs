@@ -209,6 +209,7 @@ mod tests {
             history: vec![],
             waiting: None,
             device: None,
+            failing: vec![],
         };
         RunStatus {
             run: "r7".into(),

@@ -54,6 +54,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::ListQueue { .. }
         | Body::WebLogin { .. }
         | Body::ListRuns { .. }
+        | Body::ListCases { .. }
         | Body::Submit { .. }
         | Body::Follow { .. }
         | Body::DrainWorker { .. }
@@ -79,6 +80,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::HealthReport { .. }
         | Body::Notifications { .. }
         | Body::Runs { .. }
+        | Body::Cases { .. }
         | Body::Queue { .. }
         | Body::Data { .. }
         | Body::Progress { .. }
@@ -478,6 +480,18 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
                 check_id(kind, "devicegroup", g)?;
             }
             check_range(kind, "limit", *limit, 1..=1000)?;
+        }
+        Body::ListCases {
+            run, limit, offset, ..
+        } => {
+            check_id(kind, "run", run)?;
+            check_range(
+                kind,
+                "limit",
+                *limit,
+                1..=crate::protocol::limits::MAX_CASES_PER_ANSWER,
+            )?;
+            check_range(kind, "offset", *offset, 0..=u64::from(u32::MAX))?;
         }
         Body::Submit { testrun, .. } => {
             if testrun.devices.len() >= MAX_DEVICE_SPECS {

@@ -41,6 +41,8 @@ impl Body {
             | Body::ListRuns { request, .. }
             | Body::ListQueue { request }
             | Body::Runs { request, .. }
+            | Body::ListCases { request, .. }
+            | Body::Cases { request, .. }
             | Body::Queue { request, .. }
             | Body::GetLog { request, .. }
             | Body::GetFile { request, .. }
@@ -134,6 +136,8 @@ impl Body {
             Body::ListRuns { .. } => "list_runs",
             Body::ListQueue { .. } => "list_queue",
             Body::Runs { .. } => "runs",
+            Body::ListCases { .. } => "list_cases",
+            Body::Cases { .. } => "cases",
             Body::Queue { .. } => "queue",
             Body::InputOffer { .. } => "input_offer",
             Body::InputChunk { .. } => "input_chunk",

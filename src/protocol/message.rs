@@ -520,6 +520,25 @@ pub enum Body {
         request: u64,
         runs: Vec<RunSummary>,
     },
+    /// A testrun's test cases, as its JUnit result files say them (of
+    /// each task's last attempt), in task, file and file order; `failed`:
+    /// only failing ones (fail, error). `limit` at most 1000; `offset`
+    /// skips that many. Answered with `cases`.
+    ListCases {
+        request: u64,
+        run: RunId,
+        #[serde(default)]
+        failed: bool,
+        #[serde(default)]
+        offset: u64,
+        limit: u32,
+    },
+    /// Answer to `list_cases`: fewer than `limit` means the last page.
+    Cases {
+        request: u64,
+        run: RunId,
+        cases: Vec<TestCase>,
+    },
     /// Answer to `list_queue`.
     Queue {
         request: u64,

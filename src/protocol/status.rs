@@ -165,6 +165,10 @@ pub struct TaskStatus {
     /// The device spec it runs on, when its testrun has several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<DeviceSpec>,
+    /// Its first failing test cases (at most 5; `cases` counts them all;
+    /// `list_cases` lists every one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing: Vec<FailingCase>,
 }
 
 /// Why a queued task waits: where it stands under its routing key and

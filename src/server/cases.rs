@@ -131,7 +131,16 @@ pub fn parse(xml: &[u8], bounds: &CaseBounds) -> Result<Option<Cases>, JunitErro
                     }
                     saw_root = true;
                 }
-                element(&mut out, bounds, e, &name, depth, opens, &mut suites, &mut open);
+                element(
+                    &mut out,
+                    bounds,
+                    e,
+                    &name,
+                    depth,
+                    opens,
+                    &mut suites,
+                    &mut open,
+                );
                 if opens {
                     depth += 1;
                 }
@@ -290,13 +299,24 @@ second line]]></error></testcase>
 </testsuite></testsuites>"#,
         );
         assert_eq!(
-            (c.counts.cases, c.counts.failures, c.counts.errors, c.counts.skipped),
+            (
+                c.counts.cases,
+                c.counts.failures,
+                c.counts.errors,
+                c.counts.skipped
+            ),
             (5, 1, 1, 2)
         );
         let names: Vec<&str> = c.cases.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["test_m::test_ok[1-2]", "test_m::test_bad", "test_m::test_skip", "test_m::test_xfail", "test_m::test_err"]
+            [
+                "test_m::test_ok[1-2]",
+                "test_m::test_bad",
+                "test_m::test_skip",
+                "test_m::test_xfail",
+                "test_m::test_err"
+            ]
         );
         assert_eq!(c.cases[0].status, CaseStatus::Pass);
         assert_eq!(c.cases[0].duration_ms, Some(2));
@@ -332,7 +352,11 @@ second line]]></error></testcase>
     #[test]
     fn other_xml_is_not_junit_and_garbage_is_an_error() {
         assert_eq!(parse(b"<html/>", &CaseBounds::default()).unwrap(), None);
-        assert!(parse(b"<testsuite><testcase name='a'></testsuite>", &CaseBounds::default()).is_err());
+        assert!(parse(
+            b"<testsuite><testcase name='a'></testsuite>",
+            &CaseBounds::default()
+        )
+        .is_err());
         assert!(parse(b"", &CaseBounds::default()).is_err());
     }
 }

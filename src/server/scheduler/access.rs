@@ -216,6 +216,7 @@ impl<S: Store> Scheduler<S> {
                     Body::GetStatus { run, .. }
                     | Body::GetEvents { run, .. }
                     | Body::CancelRun { run, .. }
+                    | Body::ListCases { run, .. }
                     | Body::Follow { run, .. } => Some(run.clone()),
                     Body::GetLog { task, .. }
                     | Body::GetLogTail { task, .. }

@@ -416,6 +416,7 @@ impl<S: Store> Scheduler<S> {
         t.file_errors.clear();
         t.file_sizes.clear();
         t.junit.clear();
+        t.failing.clear();
         // Stored files of an earlier attempt stay on disk until replaced;
         // they no longer count for this attempt.
         t.files.clear();

@@ -119,6 +119,9 @@ pub(super) struct Task {
     /// Which of its testrun's device specs it runs on (0: `device`, then
     /// `devices` in order).
     pub(super) spec: usize,
+    /// Its first failing test cases, with the result file of each (at
+    /// most `limits::FAILING_CASES_SHOWN`; the counts say how many).
+    pub(super) failing: Vec<(String, FailingCase)>,
 }
 
 pub(super) struct Testrun {

@@ -52,6 +52,8 @@ pub(super) struct TaskRow {
     pinned: Option<String>,
     #[serde(default)]
     spec: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    failing: Vec<(String, FailingCase)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -213,6 +215,7 @@ impl<S: Store> Scheduler<S> {
                 check_for: t.check_for.clone(),
                 pinned: t.pinned.clone(),
                 spec: t.spec,
+                failing: t.failing.clone(),
             };
             let bytes = encode(&row);
             let done = t.state.is_final();
@@ -704,6 +707,7 @@ pub(super) fn task_of_row(
         check_for: row.check_for,
         pinned: row.pinned,
         spec: row.spec,
+        failing: row.failing,
     }
 }
 

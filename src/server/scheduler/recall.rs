@@ -48,6 +48,12 @@ enum Asked {
     },
     /// One `runs` page.
     List { parked: Box<Parked>, request: u64 },
+    /// One page of a testrun's cases.
+    Cases {
+        parked: Box<Parked>,
+        request: u64,
+        run: RunId,
+    },
     /// Retention's next candidates.
     Kept,
     /// The newest ended leases, for `list_leases --all`.
@@ -132,6 +138,7 @@ impl<S: Store> Scheduler<S> {
             | Body::GetEvents { run, .. }
             | Body::CancelRun { run, .. }
             | Body::Follow { run, .. }
+            | Body::ListCases { run, .. }
             | Body::ListNotifications { run: Some(run), .. } => vec![run.as_str()],
             Body::GetLog { task, .. }
             | Body::GetLogTail { task, .. }
@@ -255,6 +262,60 @@ impl<S: Store> Scheduler<S> {
         None
     }
 
+    /// A page of a testrun's test cases (of each task's last attempt),
+    /// read from the database; the testrun is in memory (read back first
+    /// if it had left).
+    pub(super) fn ask_cases(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        body: Body,
+    ) -> Option<(ErrorCode, String)> {
+        let env = Envelope {
+            header: Header::best_effort(body.class(), None),
+            body,
+            raw: None,
+        };
+        let Body::ListCases {
+            request,
+            run,
+            failed,
+            offset,
+            limit,
+        } = &env.body
+        else {
+            return Some((ErrorCode::Malformed, "not a cases request".into()));
+        };
+        let (request, run) = (*request, run.clone());
+        let Some(r) = self.runs.get(&run) else {
+            return Some((
+                ErrorCode::UnknownRun,
+                format!("no testrun {run:?} on this server"),
+            ));
+        };
+        let query = crate::server::store::cases::CaseQuery {
+            attempts: r
+                .tasks
+                .iter()
+                .filter_map(|t| Some((t.clone(), self.tasks.get(t)?.attempts)))
+                .filter(|(_, a)| *a > 0)
+                .collect(),
+            failed: *failed,
+            offset: *offset,
+            limit: *limit,
+        };
+        let parked = self.park(now, peer, env)?;
+        self.ask_history(
+            Recall::Cases(query),
+            Asked::Cases {
+                parked: Box::new(parked),
+                request,
+                run,
+            },
+        );
+        None
+    }
+
     /// Retention asks for the oldest testruns that keep files.
     pub(super) fn ask_oldest_kept(&mut self, n: usize) {
         self.recall.kept_asked = true;
@@ -302,6 +363,26 @@ impl<S: Store> Scheduler<S> {
                 self.unpark(&parked);
                 self.send(&parked.peer, None, Body::Runs { request, runs }, None);
             }
+            (
+                Asked::Cases {
+                    parked,
+                    request,
+                    run,
+                },
+                Found::Cases(cases),
+            ) => {
+                self.unpark(&parked);
+                self.send(
+                    &parked.peer,
+                    None,
+                    Body::Cases {
+                        request,
+                        run,
+                        cases,
+                    },
+                    None,
+                );
+            }
             (Asked::Kept, Found::Rows(rows)) => {
                 self.recall.kept_asked = false;
                 if !stale {
@@ -326,7 +407,7 @@ impl<S: Store> Scheduler<S> {
         }
         let parked = match asked {
             Asked::Runs { parked, .. } | Asked::Leases { parked } => parked,
-            Asked::List { parked, .. } => vec![*parked],
+            Asked::List { parked, .. } | Asked::Cases { parked, .. } => vec![*parked],
             Asked::Kept => {
                 self.recall.kept_asked = false;
                 return;

@@ -336,3 +336,46 @@ fn deadlines_of_ended_tasks_do_not_pile_up() {
     );
     assert!(lab.s.runs.len() <= 2, "and the testruns left memory");
 }
+
+#[test]
+fn failing_cases_are_named_in_status_and_listed_from_the_database() {
+    let mut lab = forgetful();
+    let xml = r#"<testsuite name="s"><testcase classname="m" name="ok"/><testcase classname="m" name="bad"><failure message="expected 1, got 2">trace</failure></testcase><testcase classname="m" name="skip"><skipped/></testcase></testsuite>"#;
+    let run = run_id(&lab.submit("devicegroup:g", &["p"], Distribution::Default, false));
+    let task = lab.status(&run).tasks[0].task.clone();
+    lab.complete("w", &task, 1, Some(xml));
+    let st = lab.status(&run);
+    assert_eq!(st.verdict, Some(Verdict::Fail));
+    assert_eq!(st.tasks[0].failing.len(), 1);
+    assert_eq!(st.tasks[0].failing[0].name, "m::bad");
+    assert_eq!(
+        st.tasks[0].failing[0].message.as_deref(),
+        Some("expected 1, got 2")
+    );
+    lab.commit();
+    lab.commit();
+    let list = |lab: &mut Lab, failed| match lab.request(Body::ListCases {
+        request: 4,
+        run: run.clone(),
+        failed,
+        offset: 0,
+        limit: 10,
+    }) {
+        Body::Cases { cases, .. } => cases,
+        other => panic!("{other:?}"),
+    };
+    let all = list(&mut lab, false);
+    let names: Vec<(&str, CaseStatus)> = all.iter().map(|c| (c.name.as_str(), c.status)).collect();
+    assert_eq!(
+        names,
+        [
+            ("m::ok", CaseStatus::Pass),
+            ("m::bad", CaseStatus::Fail),
+            ("m::skip", CaseStatus::Skip)
+        ]
+    );
+    assert_eq!(all[1].file, "r.xml");
+    let failing = list(&mut lab, true);
+    assert_eq!(failing.len(), 1);
+    assert_eq!(failing[0].message.as_deref(), Some("expected 1, got 2"));
+}

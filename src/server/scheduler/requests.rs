@@ -77,6 +77,10 @@ impl<S: Store> Scheduler<S> {
                 reason,
                 ..
             } => self.worker_health(now, peer, request, &worker, action, &reason),
+            body @ Body::ListCases { .. } => match self.ask_cases(now, peer, body) {
+                Some(refused) => Err(refused),
+                None => return,
+            },
             body @ Body::ListRuns { .. } => match self.on_list_runs(now, peer, request, body) {
                 Some(refused) => Err(refused),
                 None => return,
@@ -593,6 +597,7 @@ impl<S: Store> Scheduler<S> {
                     check_for: check_for.clone(),
                     pinned: pinned.clone(),
                     spec,
+                    failing: Vec::new(),
                 },
             );
             self.next_order += 1;
@@ -678,6 +683,7 @@ impl<S: Store> Scheduler<S> {
                         waiting: waiting.remove(id),
                         device: (!r.request.devices.is_empty())
                             .then(|| self.task_device(id).clone()),
+                        failing: t.failing.iter().map(|(_, c)| c.clone()).collect(),
                     }
                 })
                 .collect(),

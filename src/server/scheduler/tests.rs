@@ -73,12 +73,13 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::server::store::db::Db::open(dir.path()).unwrap();
         let history = crate::server::store::history::SqliteHistory::open(db.path()).unwrap();
+        let cases = crate::server::store::cases::SqliteCases::open(db.path()).unwrap();
         Lab {
             s,
             t0,
             now: t0,
             seq: HashMap::new(),
-            desk: crate::server::store::files::Desk::new(dir.path()),
+            desk: crate::server::store::files::Desk::with_cases(dir.path(), Box::new(cases)),
             db,
             history,
             dir,

@@ -658,11 +658,23 @@ impl<S: Store> Scheduler<S> {
                     },
                 );
                 self.release_upload(key);
+                if let Some(note) = &stored.cases_note {
+                    self.count("result_files_with_cases_not_recorded", 1);
+                    warn!(task = %task, note = %note, "test cases not all recorded");
+                }
                 let t = self.tasks.get_mut(task).expect("open task");
                 t.files.retain(|f| f.name != *name);
                 t.files.push(stored.info);
                 if let Some(junit) = stored.junit {
                     t.junit.insert(name.clone(), junit);
+                }
+                // The first failing cases of all its files, a file stored
+                // again replacing its own.
+                t.failing.retain(|(file, _)| file != name);
+                for case in stored.failing {
+                    if t.failing.len() < crate::protocol::limits::FAILING_CASES_SHOWN {
+                        t.failing.push((name.clone(), case));
+                    }
                 }
                 self.pending.tasks.insert(task.clone());
                 info!(task = %task, file = %name, size, "result file stored");

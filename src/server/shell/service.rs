@@ -206,7 +206,7 @@ impl Server {
         let (stop, stop_rx) = watch::channel(Stop::Run);
         let (control, events) = (sockets.control.clone(), sockets.events.clone());
         let helpers = Helpers {
-            desk: crate::server::store::files::spawn(&files_dir),
+            desk: crate::server::store::files::spawn(&files_dir, Some(db.case_sink().await?)),
             notifications: Some(sender.spawn()),
             reloads,
             history: super::history::spawn(history),

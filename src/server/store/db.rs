@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 /// 4: input_owners (who uploaded each stored input file).
 /// 5: notifications (the outbox: one row per delivery).
 /// 6: lease (one leader among servers sharing a PostgreSQL database).
-/// 7: the columns a testrun is found by ([`RunIndex`]) and their indexes:
+/// 7: the columns a testrun is found by (`index::RunIndex`) and their indexes:
 ///    history is read from the database, not held in memory.
-pub const SCHEMA_VERSION: i64 = 7;
+/// 8: cases (every test case of every JUnit result file).
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The SQL flavour a migration is written for: both backends share one
 /// schema, one list of versions.
@@ -88,6 +89,16 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               CREATE INDEX runs_unindexed ON runs (id) WHERE num IS NULL;
               CREATE INDEX runs_kept ON runs (ended_ms, num, kept_bytes) WHERE kept_bytes IS NOT NULL;
               CREATE INDEX tasks_run ON tasks (run);"
+        }
+        // Written by the file desk as it stores a result file (off the
+        // serving loop), read by `list_cases`.
+        8 => {
+            "CREATE TABLE cases (task TEXT NOT NULL, attempt {int} NOT NULL, file TEXT NOT NULL,
+                  seq {int} NOT NULL, run TEXT NOT NULL, suite TEXT NOT NULL, name TEXT NOT NULL,
+                  status TEXT NOT NULL, duration_ms {int}, message TEXT,
+                  PRIMARY KEY (task, attempt, file, seq));
+              CREATE INDEX cases_run ON cases (run, status);
+              CREATE INDEX cases_name ON cases (name);"
         }
         _ => unreachable!("no migration to version {version}"),
     };

@@ -12,9 +12,10 @@
 //! length is how much the server has, and its prefix is hashed once more
 //! (reading, not receiving) before the upload continues.
 
-use crate::protocol::{CaseCounts, FileInfo, TaskId};
+use crate::protocol::{CaseCounts, FailingCase, FileInfo, TaskId};
+use crate::server::store::cases::CaseSink;
 use crate::server::store::safe_relative_path;
-use crate::server::verdict::{parse_junit, MAX_JUNIT_BYTES};
+use crate::server::verdict::MAX_JUNIT_BYTES;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -102,6 +103,11 @@ pub enum DeskError {
 pub struct Stored {
     pub info: FileInfo,
     pub junit: Option<Result<Option<CaseCounts>, String>>,
+    /// Its first failing cases (at most `FAILING_CASES_SHOWN`).
+    pub failing: Vec<FailingCase>,
+    /// Its cases could not be recorded in the database (why), or some
+    /// were cut by a bound (how many): said in the task's reason.
+    pub cases_note: Option<String>,
 }
 
 /// What the desk did.
@@ -140,6 +146,8 @@ struct Incoming {
 pub struct Desk {
     root: PathBuf,
     open: HashMap<UploadKey, Incoming>,
+    /// Where the test cases of stored JUnit files go (none: counted only).
+    cases: Option<Box<dyn CaseSink>>,
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> DeskError {
@@ -161,6 +169,15 @@ impl Desk {
         Desk {
             root: root.to_path_buf(),
             open: HashMap::new(),
+            cases: None,
+        }
+    }
+
+    /// A desk that records the test cases of the JUnit files it stores.
+    pub fn with_cases(root: &Path, sink: Box<dyn CaseSink>) -> Desk {
+        Desk {
+            cases: Some(sink),
+            ..Desk::new(root)
         }
     }
 
@@ -335,18 +352,72 @@ impl Desk {
             UploadKey::Result { name, .. } => name.clone(),
             UploadKey::Input { sha256, .. } => sha256.clone(),
         };
-        let is_result = matches!(key, UploadKey::Result { .. });
-        let junit = (is_result && name.ends_with(".xml")).then(|| {
-            let mut xml = Vec::new();
-            File::open(&dest)
-                .and_then(|f| f.take(MAX_JUNIT_BYTES).read_to_end(&mut xml))
-                .map_err(|e| format!("result file {name}: cannot read: {e}"))
-                .and_then(|_| parse_junit(&xml).map_err(|e| format!("result file {name}: {e}")))
-        });
-        Ok(Stored {
-            info: FileInfo { name, size, sha256 },
-            junit,
-        })
+        let info = FileInfo { name, size, sha256 };
+        match key {
+            UploadKey::Result { task, attempt, .. } if info.name.ends_with(".xml") => {
+                Ok(self.read_junit(task, *attempt, &dest, info))
+            }
+            _ => Ok(Stored {
+                info,
+                junit: None,
+                failing: Vec::new(),
+                cases_note: None,
+            }),
+        }
+    }
+
+    /// What a stored XML result file says: its counts, its first failing
+    /// cases, and all its cases recorded (bounded; cut ones counted).
+    fn read_junit(&mut self, task: &TaskId, attempt: u32, dest: &Path, info: FileInfo) -> Stored {
+        let name = info.name.clone();
+        let mut xml = Vec::new();
+        let parsed = File::open(dest)
+            .and_then(|f| f.take(MAX_JUNIT_BYTES).read_to_end(&mut xml))
+            .map_err(|e| format!("result file {name}: cannot read: {e}"))
+            .and_then(|_| {
+                crate::server::cases::parse(&xml, &crate::server::cases::CaseBounds::default())
+                    .map_err(|e| format!("result file {name}: {e}"))
+            });
+        let mut stored = Stored {
+            junit: Some(
+                parsed
+                    .as_ref()
+                    .map(|c| c.as_ref().map(|c| c.counts))
+                    .map_err(Clone::clone),
+            ),
+            info,
+            failing: Vec::new(),
+            cases_note: None,
+        };
+        let Ok(Some(cases)) = parsed else {
+            return stored;
+        };
+        stored.failing = cases
+            .cases
+            .iter()
+            .filter(|c| c.status.failed())
+            .take(crate::protocol::limits::FAILING_CASES_SHOWN)
+            .map(|c| FailingCase {
+                name: c.name.clone(),
+                status: c.status,
+                message: c.message.clone(),
+            })
+            .collect();
+        if cases.cases_cut > 0 || cases.fields_cut > 0 {
+            stored.cases_note = Some(format!(
+                "{name}: {} test cases past the bound of {} not recorded, {} names or messages cut",
+                cases.cases_cut,
+                crate::server::cases::CaseBounds::default().max_cases,
+                cases.fields_cut
+            ));
+        }
+        if let Some(sink) = self.cases.as_mut() {
+            if let Err(e) = sink.record(task, attempt, &name, &cases.cases) {
+                tracing::error!(task = %task, file = %name, error = %e, "storage error: cannot record the result file's test cases; its verdict stands, `cases` lacks them");
+                stored.cases_note = Some(format!("{name}: test cases not recorded: {e}"));
+            }
+        }
+        stored
     }
 
     /// Puts the verified incoming copy in place as `dest` and keeps the
@@ -445,11 +516,13 @@ pub fn stored_inputs(root: &Path) -> Vec<(String, u64)> {
 /// chunks by the credit pool, reads by its output budget).
 pub fn spawn(
     root: &Path,
+    cases: Option<Box<dyn CaseSink>>,
 ) -> (
     mpsc::UnboundedSender<FileJob>,
     mpsc::UnboundedReceiver<FileDone>,
 ) {
     let mut desk = Desk::new(root);
+    desk.cases = cases;
     crate::jobs::spawn("ots-files", move |job| desk.run(job))
 }
 

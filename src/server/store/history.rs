@@ -54,6 +54,8 @@ pub enum Recall {
     OldestKept(usize),
     /// The rows of the newest `n` ended leases.
     EndedLeases(usize),
+    /// A page of a testrun's test cases.
+    Cases(super::cases::CaseQuery),
 }
 
 /// One question, numbered by the scheduler.
@@ -80,6 +82,7 @@ pub struct Rows {
 pub enum Found {
     Rows(Rows),
     List(Vec<RunSummary>),
+    Cases(Vec<crate::protocol::TestCase>),
 }
 
 /// The answer to a [`RecallJob`].
@@ -126,6 +129,9 @@ impl SqliteHistory {
         match recall {
             Recall::Runs(ids) => self.rows(ids).map(Found::Rows).map_err(sql),
             Recall::List(q) => self.list(q).map(Found::List).map_err(sql),
+            Recall::Cases(q) => super::cases::sqlite_cases(&self.conn, q)
+                .map(Found::Cases)
+                .map_err(sql),
             Recall::OldestKept(n) => {
                 let mut stmt = self
                     .conn

@@ -8,6 +8,7 @@
 //! - [`db`], [`pg`], [`state`]: the durable state in SQLite or
 //!   PostgreSQL, one schema, the same batches.
 
+pub mod cases;
 pub mod db;
 pub mod files;
 pub mod history;

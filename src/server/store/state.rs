@@ -87,6 +87,16 @@ impl StateStore {
         }
     }
 
+    /// Where the file desk records test cases: a connection of its own.
+    pub async fn case_sink(&self) -> Result<Box<dyn super::cases::CaseSink>, StateError> {
+        match self {
+            StateStore::Sqlite(db) => Ok(Box::new(super::cases::SqliteCases::open(db.path())?)),
+            StateStore::Postgres(db) => Ok(Box::new(
+                super::pg::history::PgCases::open(db.settings()).await?,
+            )),
+        }
+    }
+
     /// Durable when it returns.
     pub async fn commit(&mut self, changes: &Changes) -> Result<(), StateError> {
         match self {

@@ -55,6 +55,7 @@ impl PgHistory {
         match recall {
             Recall::Runs(ids) => self.rows(ids).await.map(Found::Rows),
             Recall::List(q) => self.list(q).await.map(Found::List),
+            Recall::Cases(q) => self.cases(q).await.map(Found::Cases),
             Recall::OldestKept(n) => {
                 let found = self
                     .client
@@ -87,6 +88,39 @@ impl PgHistory {
                 self.rows(&ids).await.map(Found::Rows)
             }
         }
+    }
+
+    async fn cases(
+        &self,
+        q: &crate::server::store::cases::CaseQuery,
+    ) -> Result<Vec<crate::protocol::TestCase>, tokio_postgres::Error> {
+        use crate::server::store::cases::{case_of, case_sql};
+        let mut values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        for (task, attempt) in &q.attempts {
+            values.push(Box::new(task.clone()));
+            values.push(Box::new(i64::from(*attempt)));
+        }
+        values.push(Box::new(i64::from(q.limit)));
+        values.push(Box::new(sql_int(q.offset)));
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+            .iter()
+            .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = self.client.query(&case_sql(q, true), &refs).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                case_of(
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                )
+            })
+            .collect())
     }
 
     async fn rows(&self, ids: &[String]) -> Result<Rows, tokio_postgres::Error> {
@@ -154,5 +188,89 @@ impl PgHistory {
                 )
             })
             .collect())
+    }
+}
+
+/// The desk's case writer on PostgreSQL: a connection of its own, driven
+/// from the desk's thread through the server's runtime.
+pub struct PgCases {
+    client: Client,
+    target: String,
+    runtime: tokio::runtime::Handle,
+    _connection: tokio::task::JoinHandle<()>,
+}
+
+impl PgCases {
+    pub async fn open(settings: &PgSettings) -> Result<PgCases, StateError> {
+        let (client, connection, target) = connect::connect(settings, "cases").await?;
+        Ok(PgCases {
+            client,
+            target,
+            runtime: tokio::runtime::Handle::current(),
+            _connection: connection,
+        })
+    }
+}
+
+impl crate::server::store::cases::CaseSink for PgCases {
+    fn record(
+        &mut self,
+        task: &crate::protocol::TaskId,
+        attempt: u32,
+        file: &str,
+        cases: &[crate::server::cases::Case],
+    ) -> Result<(), StateError> {
+        let run = crate::server::store::cases::run_of(task).to_string();
+        let (client, target) = (&mut self.client, self.target.clone());
+        let pg = |source| StateError::Postgres {
+            target: target.clone(),
+            source,
+        };
+        self.runtime.block_on(async {
+            client
+                .execute(
+                    "DELETE FROM cases WHERE task = $1 AND attempt = $2 AND file = $3",
+                    &[task, &i64::from(attempt), &file],
+                )
+                .await
+                .map_err(pg)?;
+            for (c, chunk) in cases.chunks(crate::server::store::cases::CHUNK * 2).enumerate() {
+                let base = c * crate::server::store::cases::CHUNK * 2;
+                let seqs: Vec<i64> = (0..chunk.len()).map(|i| sql_int((base + i) as u64)).collect();
+                let suites: Vec<&str> = chunk.iter().map(|x| x.suite.as_str()).collect();
+                let names: Vec<&str> = chunk.iter().map(|x| x.name.as_str()).collect();
+                let statuses: Vec<&str> = chunk.iter().map(|x| x.status.as_str()).collect();
+                let durations: Vec<Option<i64>> =
+                    chunk.iter().map(|x| x.duration_ms.map(sql_int)).collect();
+                let messages: Vec<Option<&str>> =
+                    chunk.iter().map(|x| x.message.as_deref()).collect();
+                client
+                    .execute(
+                        "INSERT INTO cases (task, attempt, file, seq, run, suite, name, status,
+                             duration_ms, message)
+                         SELECT $1, $2, $3, s, $4, su, n, st, d, m
+                         FROM UNNEST($5::int8[], $6::text[], $7::text[], $8::text[], $9::int8[],
+                             $10::text[]) AS x(s, su, n, st, d, m)
+                         ON CONFLICT (task, attempt, file, seq) DO UPDATE SET suite = excluded.suite,
+                             name = excluded.name, status = excluded.status,
+                             duration_ms = excluded.duration_ms, message = excluded.message",
+                        &[
+                            task,
+                            &i64::from(attempt),
+                            &file,
+                            &run,
+                            &seqs,
+                            &suites,
+                            &names,
+                            &statuses,
+                            &durations,
+                            &messages,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+            }
+            Ok(())
+        })
     }
 }

@@ -1,0 +1,194 @@
+//! Test cases in the state database (schema 8, table `cases`): written by
+//! the file desk as it stores a JUnit result file — off the serving loop,
+//! in transactions of [`CHUNK`] rows so the loop's commits never wait
+//! long for the writer — and read by the history reader for
+//! `list_cases`. A file's cases are replaced whole when it is stored
+//! again (a resumed upload after a restart), so writing is idempotent.
+
+use super::db::StateError;
+use super::index::sql_int;
+use crate::protocol::{CaseStatus, TaskId, TestCase};
+use crate::server::cases::Case;
+use rusqlite::{params, Connection};
+use std::path::{Path, PathBuf};
+
+/// Rows per transaction.
+pub const CHUNK: usize = 2000;
+
+/// Where the desk records the cases of a stored result file.
+pub trait CaseSink: Send {
+    fn record(
+        &mut self,
+        task: &TaskId,
+        attempt: u32,
+        file: &str,
+        cases: &[Case],
+    ) -> Result<(), StateError>;
+}
+
+/// The testrun of a task id (`r12.3` → `r12`).
+pub fn run_of(task: &str) -> &str {
+    task.rsplit_once('.').map_or(task, |(run, _)| run)
+}
+
+/// The embedded database, on a connection of the desk's own.
+pub struct SqliteCases {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteCases {
+    pub fn open(path: &Path) -> Result<SqliteCases, StateError> {
+        let conn = Connection::open(path).map_err(|source| StateError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(SqliteCases {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl CaseSink for SqliteCases {
+    fn record(
+        &mut self,
+        task: &TaskId,
+        attempt: u32,
+        file: &str,
+        cases: &[Case],
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let sql = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let run = run_of(task);
+        self.conn
+            .execute(
+                "DELETE FROM cases WHERE task = ?1 AND attempt = ?2 AND file = ?3",
+                params![task, attempt, file],
+            )
+            .map_err(sql)?;
+        for (c, chunk) in cases.chunks(CHUNK).enumerate() {
+            let tx = self.conn.transaction().map_err(sql)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO cases (task, attempt, file, seq, run, suite, name,
+                             status, duration_ms, message)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )
+                    .map_err(sql)?;
+                for (i, case) in chunk.iter().enumerate() {
+                    insert
+                        .execute(params![
+                            task,
+                            attempt,
+                            file,
+                            sql_int((c * CHUNK + i) as u64),
+                            run,
+                            case.suite,
+                            case.name,
+                            case.status.as_str(),
+                            case.duration_ms.map(sql_int),
+                            case.message,
+                        ])
+                        .map_err(sql)?;
+                }
+            }
+            tx.commit().map_err(sql)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which cases `list_cases` asks for: those of each task's final attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaseQuery {
+    pub attempts: Vec<(TaskId, u32)>,
+    /// Failing ones only (fail, error).
+    pub failed: bool,
+    pub offset: u64,
+    pub limit: u32,
+}
+
+/// The SQL of a [`CaseQuery`] with `$n`/`?n` placeholders from `first`:
+/// (task, attempt) pairs, then limit and offset.
+pub(crate) fn case_sql(q: &CaseQuery, dollar: bool) -> String {
+    let p = |n: usize| {
+        if dollar {
+            format!("${n}")
+        } else {
+            format!("?{n}")
+        }
+    };
+    let pairs: Vec<String> = (0..q.attempts.len())
+        .map(|i| format!("(task = {} AND attempt = {})", p(2 * i + 1), p(2 * i + 2)))
+        .collect();
+    let n = 2 * q.attempts.len();
+    format!(
+        "SELECT task, file, suite, name, status, duration_ms, message FROM cases
+         WHERE ({}) {} ORDER BY task, file, seq LIMIT {} OFFSET {}",
+        if pairs.is_empty() {
+            "1 = 0".to_string()
+        } else {
+            pairs.join(" OR ")
+        },
+        if q.failed {
+            "AND status IN ('fail', 'error')"
+        } else {
+            ""
+        },
+        p(n + 1),
+        p(n + 2)
+    )
+}
+
+/// A row read back.
+pub(crate) fn case_of(
+    task: String,
+    file: String,
+    suite: String,
+    name: String,
+    status: String,
+    duration_ms: Option<i64>,
+    message: Option<String>,
+) -> TestCase {
+    TestCase {
+        task,
+        file,
+        suite,
+        name,
+        status: CaseStatus::from_word(&status).unwrap_or(CaseStatus::Error),
+        duration_ms: duration_ms.map(|d| u64::try_from(d).unwrap_or(0)),
+        message,
+    }
+}
+
+/// `list_cases` on the embedded database.
+pub(crate) fn sqlite_cases(
+    conn: &Connection,
+    q: &CaseQuery,
+) -> Result<Vec<TestCase>, rusqlite::Error> {
+    let mut stmt = conn.prepare(&case_sql(q, false))?;
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    for (task, attempt) in &q.attempts {
+        values.push(task.clone().into());
+        values.push(i64::from(*attempt).into());
+    }
+    values.push(i64::from(q.limit).into());
+    values.push(sql_int(q.offset).into());
+    let rows = stmt.query_map(rusqlite::params_from_iter(values), |r| {
+        Ok(case_of(
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        ))
+    })?;
+    rows.collect()
+}

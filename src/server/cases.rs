@@ -360,3 +360,44 @@ second line]]></error></testcase>
         assert!(parse(b"", &CaseBounds::default()).is_err());
     }
 }
+
+#[cfg(test)]
+mod dialects {
+    use super::*;
+
+    /// A report as `go-junit-report` writes it (checked into `tests/data`).
+    #[test]
+    fn a_go_junit_report() {
+        let xml = include_str!("../../tests/data/go-junit-report.xml");
+        let c = parse(xml.as_bytes(), &CaseBounds::default()).unwrap().unwrap();
+        assert_eq!(
+            (c.counts.cases, c.counts.failures, c.counts.skipped),
+            (4, 1, 1)
+        );
+        assert_eq!(c.cases[1].name, "example.org/lab/netcheck::TestDHCP/ipv4");
+        assert_eq!(c.cases[1].suite, "example.org/lab/netcheck");
+        assert_eq!(c.cases[1].status, CaseStatus::Fail);
+        assert_eq!(c.cases[1].message.as_deref(), Some("Failed"));
+        assert_eq!(c.cases[1].duration_ms, Some(300));
+        assert_eq!(c.cases[2].status, CaseStatus::Skip);
+    }
+
+    /// JUnit 5's console launcher: nested suites, a bare `<testsuite>`
+    /// root, `<system-out>` beside the cases.
+    #[test]
+    fn a_junit5_report() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<testsuite name="JUnit Jupiter" tests="2" skipped="0" failures="1" errors="0" time="0.05">
+<properties><property name="java.version" value="21"/></properties>
+<testcase name="adds()" classname="org.lab.CalcTest" time="0.01"/>
+<testcase name="divides()" classname="org.lab.CalcTest" time="0.02">
+<failure message="expected: &lt;2&gt; but was: &lt;3&gt;" type="org.opentest4j.AssertionFailedError">org.opentest4j.AssertionFailedError: expected: &lt;2&gt; but was: &lt;3&gt;</failure>
+<system-out><![CDATA[unique-id: [engine:junit-jupiter]]]></system-out>
+</testcase>
+</testsuite>"#;
+        let c = parse(xml.as_bytes(), &CaseBounds::default()).unwrap().unwrap();
+        assert_eq!(c.cases.len(), 2);
+        assert_eq!(c.cases[1].name, "org.lab.CalcTest::divides()");
+        assert_eq!(c.cases[1].message.as_deref(), Some("expected: <2> but was: <3>"));
+    }
+}

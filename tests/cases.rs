@@ -58,7 +58,13 @@ fn pytest_cases_are_recorded_named_and_listed() {
             suite.display()
         ),
     );
-    let server = start_fresh_server(dir.path(), &[("OTS_SERVER_HISTORY__CACHE_RUNS", "0")]);
+    let server = start_fresh_server(
+        dir.path(),
+        &[
+            ("OTS_SERVER_HISTORY__CACHE_RUNS", "0"),
+            ("OTS_SERVER_WEB", "127.0.0.1:0"),
+        ],
+    );
     let _w = start_worker(
         dir.path(),
         "py1",
@@ -70,13 +76,25 @@ fn pytest_cases_are_recorded_named_and_listed() {
     assert!(wait_for_workers(&server, LIMIT, all_idle(&["py1"])));
     let run = submit_run(
         &server,
-        &["--device", "devicegroup:py", "--image", "i", "--packages", "suite"],
+        &[
+            "--device",
+            "devicegroup:py",
+            "--image",
+            "i",
+            "--packages",
+            "suite",
+        ],
     );
     let st = wait_status(&server, &run, LIMIT, finished);
     assert_eq!(st["verdict"], "FAIL", "{st}");
     let cases = &st["tasks"][0]["cases"];
     assert_eq!(
-        (cases["cases"].as_u64(), cases["failures"].as_u64(), cases["errors"].as_u64(), cases["skipped"].as_u64()),
+        (
+            cases["cases"].as_u64(),
+            cases["failures"].as_u64(),
+            cases["errors"].as_u64(),
+            cases["skipped"].as_u64()
+        ),
         (Some(7), Some(1), Some(1), Some(2)),
         "{st}"
     );
@@ -129,9 +147,28 @@ fn pytest_cases_are_recorded_named_and_listed() {
     assert_eq!(failing.lines().count(), 2, "{failing}");
     assert!(failing.contains("fixture broke"), "{failing}");
 
+    // The run page names them too.
+    let line = server
+        .proc
+        .stderr
+        .wait_for("web dashboard listening", LIMIT)
+        .unwrap();
+    let base = field(&line, "url");
+    let out = submit(&server, &["web"], LIMIT);
+    let cookie = http::sign_in(text(&out.stdout).lines().last().unwrap().trim());
+    let page = http::get(&base, &format!("/runs/{run}"), Some(&cookie));
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(html.contains("test_board::test_param[3]"), "{html}");
+    assert!(html.contains("AssertionError: n was 3"), "{html}");
+
     // Someone else's testrun: the owner's rule, as for status.
     wait_allowed(&server, "eve");
     let o = server.as_user("eve").submit(&["cases", &run], LIMIT);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("only its own testruns"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("only its own testruns"),
+        "{}",
+        text(&o.stderr)
+    );
 }

@@ -81,6 +81,8 @@ pub fn testrun_finished(
                 "reason": t.reason,
                 "log_lines_stored": t.log_lines_stored,
                 "log_lines_lost": lost,
+                "cases": t.cases,
+                "failing": t.failing,
                 "files": t.files.iter().map(|f| serde_json::json!({"name": f.name, "size": f.size, "sha256": f.sha256})).collect::<Vec<_>>(),
             })
         })

@@ -74,6 +74,27 @@ pub fn render(body: &str) -> (String, String) {
                     t["files"].as_array().map_or(0, Vec::len),
                     plain(&t["reason"]),
                 ));
+                for c in t["failing"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "      {}: {}{}\n",
+                        plain(&c["status"]),
+                        plain(&c["name"]),
+                        c.get("message")
+                            .filter(|m| m.is_string())
+                            .map(|m| format!(" — {}", plain(m)))
+                            .unwrap_or_default()
+                    ));
+                }
+                let failing = t["cases"]["failures"].as_u64().unwrap_or(0)
+                    + t["cases"]["errors"].as_u64().unwrap_or(0);
+                let shown = t["failing"].as_array().map_or(0, Vec::len) as u64;
+                if failing > shown {
+                    text.push_str(&format!(
+                        "      … and {} more failing (ots-submit cases {} --failed)\n",
+                        failing - shown,
+                        plain(&v["run"])
+                    ));
+                }
             }
             if let Some(n) = v.get("tasks_omitted").and_then(Value::as_u64) {
                 text.push_str(&format!("  … and {n} more tasks (ots-submit status)\n"));
@@ -124,13 +145,23 @@ mod tests {
             "type": "testrun_finished", "run": "r7", "owner": "ann", "state": "finished",
             "verdict": "FAIL", "devices": ["devicegroup:n900"], "image": "img",
             "tasks": [{"task": "r7.1", "verdict": "FAIL", "device": "w1\r\nBcc: x", "reason": "exit 1",
-                       "log_lines_stored": 3, "log_lines_lost": 0, "files": []}],
+                       "log_lines_stored": 3, "log_lines_lost": 0, "files": [],
+                       "cases": {"cases": 9, "failures": 2, "errors": 1, "skipped": 0},
+                       "failing": [{"name": "net::dhcp", "status": "fail", "message": "no lease\r\nX"}]}],
             "url": "https://ots.lab/runs/r7"
         })
         .to_string();
         let (subject, text) = render(&body);
         assert_eq!(subject, "[ots] r7 FAIL on devicegroup:n900");
         assert!(text.contains("r7.1  FAIL  w1??Bcc: x"));
+        assert!(
+            text.contains("      fail: net::dhcp — no lease??X\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("… and 2 more failing (ots-submit cases r7 --failed)"),
+            "{text}"
+        );
         assert!(text.ends_with("https://ots.lab/runs/r7\n"));
         let (s, _) = render(
             &serde_json::json!({"type": "worker_health_changed", "worker": "w1", "to": "bad"})

@@ -369,7 +369,9 @@ mod dialects {
     #[test]
     fn a_go_junit_report() {
         let xml = include_str!("../../tests/data/go-junit-report.xml");
-        let c = parse(xml.as_bytes(), &CaseBounds::default()).unwrap().unwrap();
+        let c = parse(xml.as_bytes(), &CaseBounds::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (c.counts.cases, c.counts.failures, c.counts.skipped),
             (4, 1, 1)
@@ -395,9 +397,14 @@ mod dialects {
 <system-out><![CDATA[unique-id: [engine:junit-jupiter]]]></system-out>
 </testcase>
 </testsuite>"#;
-        let c = parse(xml.as_bytes(), &CaseBounds::default()).unwrap().unwrap();
+        let c = parse(xml.as_bytes(), &CaseBounds::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(c.cases.len(), 2);
         assert_eq!(c.cases[1].name, "org.lab.CalcTest::divides()");
-        assert_eq!(c.cases[1].message.as_deref(), Some("expected: <2> but was: <3>"));
+        assert_eq!(
+            c.cases[1].message.as_deref(),
+            Some("expected: <2> but was: <3>")
+        );
     }
 }

@@ -429,7 +429,14 @@ fn task_row(t: &TaskStatus) -> Markup {
             td { @if let Some(w) = &t.worker { a href={ "/workers/" (w) } { (w) } } @else { "—" } }
             td.num { (t.attempts) }
             td class={ "verdict " (opt_name(&t.verdict)) } { (opt_name(&t.verdict)) }
-            td { (t.reason.as_deref().unwrap_or("")) }
+            td { (t.reason.as_deref().unwrap_or(""))
+                @if !t.failing.is_empty() {
+                    ul.failing { @for c in &t.failing {
+                        li { span class={ "case " (c.status.as_str()) } { (c.status.as_str()) } " " code { (c.name) }
+                            @if let Some(m) = &c.message { " — " (m) } }
+                    } }
+                }
+            }
             td.num { (t.log_lines_stored) " stored"
                 @if let Some(p) = t.log_lines_produced { " of " (p) }
                 @if lost > 0 { ", " span.lost { (lost) " lost" } } }

@@ -1445,3 +1445,85 @@ fn a_call_answers_within_a_second_whichever_server_is_down() {
     assert_eq!(standings[1]["state"], "leader", "{standings:?}");
     assert!(took < Duration::from_secs(1), "leader took {took:?}");
 }
+
+/// Test cases recorded by the file desk's writer and listed by the
+/// history reader come back alike on SQLite and PostgreSQL, a file
+/// recorded again replacing its own cases.
+#[test]
+fn test_cases_are_recorded_and_listed_alike_on_both_backends() {
+    use ots::server::cases::{parse, CaseBounds};
+    use ots::server::store::cases::{CaseQuery, CaseSink, SqliteCases};
+    use ots::server::store::history::{Recall, SqliteHistory};
+    let url = pg::cluster().database();
+    let dir = tempfile::tempdir().unwrap();
+    let lite = Db::open(dir.path()).unwrap();
+    let mut lite_sink = SqliteCases::open(lite.path()).unwrap();
+    let lite_reader = SqliteHistory::open(lite.path()).unwrap();
+    let xml = r#"<testsuite name="s"><testcase classname="m" name="a" time="0.5"/><testcase classname="m" name="b"><failure message="boom&#10;x"/></testcase><testcase name="c"><skipped/></testcase></testsuite>"#;
+    let cases = parse(xml.as_bytes(), &CaseBounds::default())
+        .unwrap()
+        .unwrap()
+        .cases;
+    // 5000 more: more than one chunk on both.
+    let many: Vec<_> = (0..5000)
+        .map(|i| ots::server::cases::Case {
+            name: format!("bulk::{i}"),
+            ..cases[0].clone()
+        })
+        .collect();
+    // The desk writes from a thread of its own through the server's
+    // (multi-thread) runtime, as here.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut pg_sink, mut pg_reader) = rt.block_on(async {
+        let _db = PgDb::open(&settings(&url)).await.unwrap();
+        (
+            ots::server::store::pg::history::PgCases::open(&settings(&url))
+                .await
+                .unwrap(),
+            ots::server::store::pg::history::PgHistory::open(&settings(&url))
+                .await
+                .unwrap(),
+        )
+    });
+    for sink in [&mut lite_sink as &mut dyn CaseSink, &mut pg_sink] {
+        sink.record(&"r1.1".into(), 1, "big.xml", &many).unwrap();
+        sink.record(&"r1.1".into(), 1, "r.xml", &many[..3]).unwrap();
+        // Stored again: replaced, not added to.
+        sink.record(&"r1.1".into(), 1, "r.xml", &cases).unwrap();
+        sink.record(&"r1.1".into(), 2, "r.xml", &cases).unwrap();
+    }
+    rt.block_on(async {
+        for (failed, offset, limit) in [(false, 0, 1000), (true, 0, 10), (false, 4990, 20)] {
+            let q = Recall::Cases(CaseQuery {
+                attempts: vec![("r1.1".into(), 1)],
+                failed,
+                offset,
+                limit,
+            });
+            let a = lite_reader.recall(&q).unwrap();
+            let b = pg_reader.recall(&q).await.unwrap();
+            assert_eq!(a, b, "{q:?}");
+            let Found::Cases(list) = a else { panic!() };
+            match (failed, offset) {
+                (true, _) => {
+                    assert_eq!(list.len(), 1);
+                    assert_eq!(list[0].name, "m::b");
+                    assert_eq!(list[0].message.as_deref(), Some("boom"));
+                }
+                (false, 0) => {
+                    assert_eq!(list.len(), 1000);
+                    assert_eq!(list[0].file, "big.xml");
+                }
+                _ => {
+                    let files: Vec<&str> = list.iter().map(|c| c.file.as_str()).collect();
+                    assert_eq!(files.len(), 13, "10 of big.xml, then r.xml's 3");
+                    assert_eq!(files[12], "r.xml");
+                }
+            }
+        }
+    });
+}

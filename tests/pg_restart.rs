@@ -122,6 +122,22 @@ fn a_database_restart_or_outage_ends_no_server() {
         server.proc.stderr.all()
     );
     assert_eq!(server.proc.stderr.count("stepped down"), 0);
+    // The file desk's own connection came back too: every testrun's
+    // test case was recorded (their result files were stored after the
+    // restart).
+    for run in &all {
+        let out = submit(&server, &["cases", run, "--json"], LIMIT);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let cases: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(cases.as_array().map(Vec::len), Some(1), "{run}: {cases}");
+    }
+    assert_eq!(
+        server
+            .proc
+            .stderr
+            .count("cannot record the result file's test cases"),
+        0
+    );
     // Counted at the next heartbeat.
     wait_status(&server, &all[4], LIMIT, |st| {
         st["counters"]["postgres_reconnects"].as_u64().unwrap_or(0) >= 1

@@ -196,6 +196,7 @@ impl PgHistory {
 pub struct PgCases {
     client: Client,
     target: String,
+    settings: PgSettings,
     runtime: tokio::runtime::Handle,
     _connection: tokio::task::JoinHandle<()>,
 }
@@ -206,6 +207,7 @@ impl PgCases {
         Ok(PgCases {
             client,
             target,
+            settings: settings.clone(),
             runtime: tokio::runtime::Handle::current(),
             _connection: connection,
         })
@@ -213,7 +215,32 @@ impl PgCases {
 }
 
 impl crate::server::store::cases::CaseSink for PgCases {
+    /// Records the cases; a lost connection (PostgreSQL restarted) is
+    /// made again, bounded, and the file's cases written once more.
     fn record(
+        &mut self,
+        task: &crate::protocol::TaskId,
+        attempt: u32,
+        file: &str,
+        cases: &[crate::server::cases::Case],
+    ) -> Result<(), StateError> {
+        match self.record_once(task, attempt, file, cases) {
+            Err(StateError::Postgres { source, .. }) if connect::connection_lost(&source) => {
+                let give_up = std::time::Instant::now() + RECONNECT_WAIT;
+                let (client, connection, _) =
+                    self.runtime
+                        .block_on(connect::reconnect(&self.settings, "cases", give_up))?;
+                self.client = client;
+                self._connection = connection;
+                self.record_once(task, attempt, file, cases)
+            }
+            other => other,
+        }
+    }
+}
+
+impl PgCases {
+    fn record_once(
         &mut self,
         task: &crate::protocol::TaskId,
         attempt: u32,

@@ -252,13 +252,14 @@ fn a_new_worker_key_cannot_take_over_a_device_another_key_serves() {
         &["/bin/true"],
         &[],
     );
-    // The operator moves the device: now it may.
+    // The operator moves the device: now it may. Written whole in one
+    // step (a reload between creating the file and writing it would read
+    // it empty and let the next worker in before the pin is there).
     let mark = server.proc.stderr.len();
-    std::fs::write(
-        keys().workers_dir().join("tofu-evil.device"),
-        format!("{device}\n"),
-    )
-    .unwrap();
+    let pin = keys().workers_dir().join("tofu-evil.device");
+    let tmp = dir.path().join("tofu-evil.device.tmp");
+    std::fs::write(&tmp, format!("{device}\n")).unwrap();
+    std::fs::rename(&tmp, &pin).unwrap();
     assert!(server
         .proc
         .stderr

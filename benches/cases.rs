@@ -21,15 +21,6 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
-fn tick_gap_ms(metrics: &str) -> f64 {
-    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
-    page.lines()
-        .find(|l| l.starts_with("ots_loop_tick_gap_max_seconds"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |s| s * 1e3)
-}
-
 fn dir_bytes(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|d| {
@@ -51,7 +42,7 @@ struct Figures {
 
 /// One testrun whose result file has `n` cases.
 fn one(server: &ServerProc, metrics: &str, n: u64) -> Figures {
-    let _ = tick_gap_ms(metrics); // resets the maximum
+    let _ = tick_gap(metrics) * 1e3; // resets the maximum
     let started = Instant::now();
     let run = submit_run(
         server,
@@ -66,7 +57,7 @@ fn one(server: &ServerProc, metrics: &str, n: u64) -> Figures {
     );
     let st = wait_status(server, &run, LIMIT, finished);
     let took = started.elapsed();
-    let late_ms = (tick_gap_ms(metrics) - 100.0).max(0.0);
+    let late_ms = (tick_gap(metrics) * 1e3 - 100.0).max(0.0);
     assert_eq!(st["tasks"][0]["cases"]["cases"].as_u64(), Some(n), "{st}");
     let t0 = Instant::now();
     let out = submit(server, &["cases", &run, "--failed", "--json"], LIMIT);

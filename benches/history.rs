@@ -291,15 +291,6 @@ struct Figures {
     asked: usize,
 }
 
-fn tick_gap(metrics: &str) -> f64 {
-    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
-    page.lines()
-        .find(|l| l.starts_with("ots_loop_tick_gap_max_seconds"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// A client of `server` that has had its first answer, and how long
 /// after `started` that was.
 fn first_answer(

@@ -47,15 +47,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn tick_gap(metrics: &str) -> f64 {
-    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
-    page.lines()
-        .find(|l| l.starts_with("ots_loop_tick_gap_max_seconds"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 fn web_url(server: &ServerProc) -> String {
     let line = server
         .proc

@@ -1077,3 +1077,15 @@ pub fn start_web_lab(dir: &Path, extra_toml: &str) -> (ServerProc, String) {
     let url = web_url(&server);
     (server, url)
 }
+
+/// The serving loop's longest gap between two heartbeat ticks since the
+/// last scrape, in seconds (`ots_loop_tick_gap_max_seconds` of the
+/// metrics endpoint at `metrics`; scraping resets it). NaN if absent.
+pub fn tick_gap(metrics: &str) -> f64 {
+    let page = http::get(&format!("http://{metrics}"), "/metrics", None).text();
+    page.lines()
+        .find(|l| l.starts_with("ots_loop_tick_gap_max_seconds"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}

@@ -16,55 +16,41 @@ pub(super) type Channels = (
     mpsc::UnboundedReceiver<Recalled>,
 );
 
+/// The answer to `job`; a failed read is logged here, once, by the
+/// reader (the scheduler tells whoever waited).
+fn answer(
+    job: &RecallJob,
+    found: Result<crate::server::store::history::Found, crate::server::store::db::StateError>,
+) -> Recalled {
+    Recalled {
+        ticket: job.ticket,
+        epoch: job.epoch,
+        found: found.map_err(|e| {
+            error!(error = %e, "storage error: cannot read history from the state database");
+            e.to_string()
+        }),
+    }
+}
+
 /// Starts the reader. The questions out are bounded by the scheduler
 /// (`history.max_reads`, one retention read).
 pub(super) fn spawn(reader: HistoryReader) -> Channels {
-    let (jobs_tx, mut jobs) = mpsc::unbounded_channel::<RecallJob>();
-    let (done_tx, done) = mpsc::unbounded_channel::<Recalled>();
     match reader {
-        HistoryReader::Sqlite(h) => {
-            let spawned = std::thread::Builder::new()
-                .name("ots-history".into())
-                .spawn(move || {
-                    while let Some(job) = jobs.blocking_recv() {
-                        let found = h.recall(&job.recall).map_err(|e| {
-                            error!(error = %e, "storage error: cannot read history from the state database");
-                            e.to_string()
-                        });
-                        let answer = Recalled {
-                            ticket: job.ticket,
-                            epoch: job.epoch,
-                            found,
-                        };
-                        if done_tx.send(answer).is_err() {
-                            return; // the serving loop ended
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                // Without the thread the questions go unanswered: the
-                // loop notices the closed channel and stops (restart).
-                error!(error = %e, "cannot start the history reader thread");
-            }
-        }
+        HistoryReader::Sqlite(h) => crate::jobs::spawn("ots-history", move |job: RecallJob| {
+            Some(answer(&job, h.recall(&job.recall)))
+        }),
         HistoryReader::Postgres(mut h) => {
+            let (jobs_tx, mut jobs) = mpsc::unbounded_channel::<RecallJob>();
+            let (done_tx, done) = mpsc::unbounded_channel::<Recalled>();
             tokio::spawn(async move {
                 while let Some(job) = jobs.recv().await {
-                    let found = h.recall(&job.recall).await.map_err(|e| {
-                        error!(error = %e, "storage error: cannot read history from the state database");
-                        e.to_string()
-                    });
-                    let answer = Recalled {
-                        ticket: job.ticket,
-                        epoch: job.epoch,
-                        found,
-                    };
-                    if done_tx.send(answer).is_err() {
-                        return;
+                    let found = h.recall(&job.recall).await;
+                    if done_tx.send(answer(&job, found)).is_err() {
+                        return; // the serving loop ended
                     }
                 }
             });
+            (jobs_tx, done)
         }
     }
-    (jobs_tx, done)
 }

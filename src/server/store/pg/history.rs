@@ -10,21 +10,54 @@ use tokio_postgres::Client;
 /// A question waits this long at most for a lost connection to return.
 const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub struct PgHistory {
+/// A connection of a helper's own (the history reader, the case
+/// writer), made again after a loss.
+struct Own {
     client: Client,
     target: String,
     settings: PgSettings,
+    what: &'static str,
     _connection: tokio::task::JoinHandle<()>,
+}
+
+impl Own {
+    async fn open(settings: &PgSettings, what: &'static str) -> Result<Own, StateError> {
+        let (client, connection, target) = connect::connect(settings, what).await?;
+        Ok(Own {
+            client,
+            target,
+            settings: settings.clone(),
+            what,
+            _connection: connection,
+        })
+    }
+
+    /// Connects again, waiting for the database [`RECONNECT_WAIT`] at most.
+    async fn reconnect(&mut self) -> Result<(), StateError> {
+        let give_up = std::time::Instant::now() + RECONNECT_WAIT;
+        let (client, connection, _) =
+            connect::reconnect(&self.settings, self.what, give_up).await?;
+        self.client = client;
+        self._connection = connection;
+        Ok(())
+    }
+
+    fn error(&self, source: tokio_postgres::Error) -> StateError {
+        StateError::Postgres {
+            target: self.target.clone(),
+            source,
+        }
+    }
+}
+
+pub struct PgHistory {
+    own: Own,
 }
 
 impl PgHistory {
     pub async fn open(settings: &PgSettings) -> Result<PgHistory, StateError> {
-        let (client, connection, target) = connect::connect(settings, "history").await?;
         Ok(PgHistory {
-            client,
-            target,
-            settings: settings.clone(),
-            _connection: connection,
+            own: Own::open(settings, "history").await?,
         })
     }
 
@@ -33,21 +66,12 @@ impl PgHistory {
     pub async fn recall(&mut self, recall: &Recall) -> Result<Found, StateError> {
         match self.recall_once(recall).await {
             Err(e) if connect::connection_lost(&e) => {
-                let give_up = std::time::Instant::now() + RECONNECT_WAIT;
-                let (client, connection, _) =
-                    connect::reconnect(&self.settings, "history", give_up).await?;
-                self.client = client;
-                self._connection = connection;
-                self.recall_once(recall).await.map_err(|e| self.error(e))
+                self.own.reconnect().await?;
+                self.recall_once(recall)
+                    .await
+                    .map_err(|e| self.own.error(e))
             }
-            other => other.map_err(|e| self.error(e)),
-        }
-    }
-
-    fn error(&self, source: tokio_postgres::Error) -> StateError {
-        StateError::Postgres {
-            target: self.target.clone(),
-            source,
+            other => other.map_err(|e| self.own.error(e)),
         }
     }
 
@@ -58,6 +82,7 @@ impl PgHistory {
             Recall::Cases(q) => self.cases(q).await.map(Found::Cases),
             Recall::OldestKept(n) => {
                 let found = self
+                    .own
                     .client
                     .query(
                         "SELECT id, ended_ms FROM runs WHERE kept_bytes IS NOT NULL
@@ -76,6 +101,7 @@ impl PgHistory {
             }
             Recall::EndedLeases(n) => {
                 let ids: Vec<String> = self
+                    .own
                     .client
                     .query(
                         "SELECT id FROM runs WHERE kind = 'l' AND live = 0 ORDER BY num DESC LIMIT $1",
@@ -106,7 +132,7 @@ impl PgHistory {
             .iter()
             .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let rows = self.client.query(&case_sql(q, true), &refs).await?;
+        let rows = self.own.client.query(&case_sql(q, true), &refs).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -129,6 +155,7 @@ impl PgHistory {
             return Ok(rows);
         }
         for r in self
+            .own
             .client
             .query(
                 "SELECT id, body FROM runs WHERE id = ANY($1::text[])",
@@ -139,6 +166,7 @@ impl PgHistory {
             rows.runs.push((r.get(0), r.get(1)));
         }
         for r in self
+            .own
             .client
             .query(
                 "SELECT id, body FROM tasks WHERE run = ANY($1::text[])",
@@ -161,6 +189,7 @@ impl PgHistory {
         let lowest = sql_int(q.lowest());
         let group = q.group_pattern();
         let rows = self
+            .own
             .client
             .query(
                 "SELECT id, summary FROM runs
@@ -194,22 +223,15 @@ impl PgHistory {
 /// The desk's case writer on PostgreSQL: a connection of its own, driven
 /// from the desk's thread through the server's runtime.
 pub struct PgCases {
-    client: Client,
-    target: String,
-    settings: PgSettings,
+    own: Own,
     runtime: tokio::runtime::Handle,
-    _connection: tokio::task::JoinHandle<()>,
 }
 
 impl PgCases {
     pub async fn open(settings: &PgSettings) -> Result<PgCases, StateError> {
-        let (client, connection, target) = connect::connect(settings, "cases").await?;
         Ok(PgCases {
-            client,
-            target,
-            settings: settings.clone(),
+            own: Own::open(settings, "cases").await?,
             runtime: tokio::runtime::Handle::current(),
-            _connection: connection,
         })
     }
 }
@@ -226,12 +248,7 @@ impl crate::server::store::cases::CaseSink for PgCases {
     ) -> Result<(), StateError> {
         match self.record_once(task, attempt, file, cases) {
             Err(StateError::Postgres { source, .. }) if connect::connection_lost(&source) => {
-                let give_up = std::time::Instant::now() + RECONNECT_WAIT;
-                let (client, connection, _) =
-                    self.runtime
-                        .block_on(connect::reconnect(&self.settings, "cases", give_up))?;
-                self.client = client;
-                self._connection = connection;
+                self.runtime.block_on(self.own.reconnect())?;
                 self.record_once(task, attempt, file, cases)
             }
             other => other,
@@ -248,7 +265,7 @@ impl PgCases {
         cases: &[crate::server::cases::Case],
     ) -> Result<(), StateError> {
         let run = crate::server::store::cases::run_of(task).to_string();
-        let (client, target) = (&mut self.client, self.target.clone());
+        let (client, target) = (&mut self.own.client, self.own.target.clone());
         let pg = |source| StateError::Postgres {
             target: target.clone(),
             source,

@@ -40,10 +40,16 @@ impl Default for CaseBounds {
     }
 }
 
+/// Enclosing `<testsuite>`s tracked at most; cases of deeper ones take
+/// the innermost name tracked (a file nesting suites a million deep
+/// costs no more memory than one nesting them 64 deep).
+const MAX_SUITE_DEPTH: usize = 64;
+
 /// One test case as a result file says it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Case {
-    pub suite: String,
+    /// Shared by the cases of one suite (one copy, however many cases).
+    pub suite: std::sync::Arc<str>,
     pub name: String,
     pub status: CaseStatus,
     pub duration_ms: Option<u64>,
@@ -112,7 +118,7 @@ pub fn parse(xml: &[u8], bounds: &CaseBounds) -> Result<Option<Cases>, JunitErro
     let mut reader = Reader::from_reader(xml);
     let mut out = Cases::default();
     let mut buf = Vec::new();
-    let mut suites: Vec<(usize, String)> = Vec::new();
+    let mut suites: Vec<(usize, std::sync::Arc<str>)> = Vec::new();
     let mut open: Option<Open> = None;
     let mut depth = 0usize;
     let mut saw_root = false;
@@ -202,13 +208,13 @@ fn element(
     name: &[u8],
     depth: usize,
     opens: bool,
-    suites: &mut Vec<(usize, String)>,
+    suites: &mut Vec<(usize, std::sync::Arc<str>)>,
     open: &mut Option<Open>,
 ) {
     match name {
-        b"testsuite" if opens => {
+        b"testsuite" if opens && suites.len() < MAX_SUITE_DEPTH => {
             let suite = attr(e, b"name").unwrap_or_default();
-            suites.push((depth, suite));
+            suites.push((depth, out.field(&suite, bounds.max_name_bytes).into()));
         }
         b"testcase" => {
             out.counts.cases += 1;
@@ -217,9 +223,9 @@ fn element(
                 Some(class) => format!("{class}::{n}"),
                 None => n,
             };
-            let suite = suites.last().map(|(_, s)| s.clone()).unwrap_or_default();
+            let suite = suites.last().map_or_else(|| "".into(), |(_, s)| s.clone());
             let case = Case {
-                suite: out.field(&suite, bounds.max_name_bytes),
+                suite,
                 name: out.field(&full, bounds.max_name_bytes),
                 status: CaseStatus::Pass,
                 duration_ms: attr(e, b"time")
@@ -320,7 +326,7 @@ second line]]></error></testcase>
         );
         assert_eq!(c.cases[0].status, CaseStatus::Pass);
         assert_eq!(c.cases[0].duration_ms, Some(2));
-        assert_eq!(c.cases[0].suite, "pytest");
+        assert_eq!(&*c.cases[0].suite, "pytest");
         assert_eq!(c.cases[1].status, CaseStatus::Fail);
         assert_eq!(c.cases[1].message.as_deref(), Some("assert 1 == 2"));
         assert_eq!(c.cases[3].status, CaseStatus::Skip);
@@ -347,6 +353,21 @@ second line]]></error></testcase>
         assert_eq!(c.cases[0].name, "aaaaaaaa");
         assert_eq!(c.cases[1].message.as_deref(), Some("long"));
         assert_eq!(c.fields_cut, 2);
+    }
+
+    #[test]
+    fn deeply_nested_suites_cost_no_more_than_the_bound() {
+        let depth = 100_000;
+        let xml = format!(
+            "{}<testcase name=\"deep\"/>{}",
+            "<testsuite name=\"s\">".repeat(depth),
+            "</testsuite>".repeat(depth)
+        );
+        let c = parse(xml.as_bytes(), &CaseBounds::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.counts.cases, 1);
+        assert_eq!(&*c.cases[0].suite, "s");
     }
 
     #[test]
@@ -377,7 +398,7 @@ mod dialects {
             (4, 1, 1)
         );
         assert_eq!(c.cases[1].name, "example.org/lab/netcheck::TestDHCP/ipv4");
-        assert_eq!(c.cases[1].suite, "example.org/lab/netcheck");
+        assert_eq!(&*c.cases[1].suite, "example.org/lab/netcheck");
         assert_eq!(c.cases[1].status, CaseStatus::Fail);
         assert_eq!(c.cases[1].message.as_deref(), Some("Failed"));
         assert_eq!(c.cases[1].duration_ms, Some(300));

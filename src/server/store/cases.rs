@@ -88,7 +88,7 @@ impl CaseSink for SqliteCases {
                             file,
                             sql_int((c * CHUNK + i) as u64),
                             run,
-                            case.suite,
+                            case.suite.as_ref(),
                             case.name,
                             case.status.as_str(),
                             case.duration_ms.map(sql_int),

@@ -281,7 +281,7 @@ impl PgCases {
             for (c, chunk) in cases.chunks(crate::server::store::cases::CHUNK * 2).enumerate() {
                 let base = c * crate::server::store::cases::CHUNK * 2;
                 let seqs: Vec<i64> = (0..chunk.len()).map(|i| sql_int((base + i) as u64)).collect();
-                let suites: Vec<&str> = chunk.iter().map(|x| x.suite.as_str()).collect();
+                let suites: Vec<&str> = chunk.iter().map(|x| x.suite.as_ref()).collect();
                 let names: Vec<&str> = chunk.iter().map(|x| x.name.as_str()).collect();
                 let statuses: Vec<&str> = chunk.iter().map(|x| x.status.as_str()).collect();
                 let durations: Vec<Option<i64>> =

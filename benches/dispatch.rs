@@ -164,6 +164,7 @@ fn fair_share_cycles(queued: usize, cycles: usize) -> f64 {
                 testrun: TestrunRequest {
                     lease: None,
                     on_lease: None,
+                    series: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages: vec!["p".into()],
@@ -254,6 +255,7 @@ fn main() {
                     testrun: TestrunRequest {
                         lease: None,
                         on_lease: None,
+                        series: None,
                         device: DeviceSpec::parse(&format!("devicegroup:{group}")).unwrap(),
                         image: "img".into(),
                         packages: vec!["p".into()],

@@ -224,6 +224,8 @@ fn batch(t: &Template, from: u64, to: u64) -> Changes {
             ended_ms: summary.ended_ms,
             kept_bytes: Some(t.kept_bytes),
             summary: rmp_serde::to_vec_named(&summary).unwrap(),
+            series: Some("bench".into()),
+            image: Some("img".into()),
         };
         c.runs.push((id.clone(), rename(&t.run_body), index));
         c.tasks
@@ -525,6 +527,7 @@ fn soak(dir: &Path, runs: u64) {
                 .block_on(client.submit(ots::protocol::TestrunRequest {
                     lease: None,
                     on_lease: None,
+                    series: None,
                     device: ots::protocol::DeviceSpec::parse("devicegroup:soak").unwrap(),
                     image: "i".into(),
                     packages: vec!["a".into(), "b".into()],

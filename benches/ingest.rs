@@ -333,6 +333,7 @@ async fn submit_one(client: &mut ots::client::Client, packages: usize) {
         .submit(TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: DeviceSpec::parse("devicegroup:bench").unwrap(),
             image: "bench".into(),
             packages: (1..=packages).map(|i| format!("p{i}")).collect(),

@@ -161,6 +161,7 @@ async fn main() {
                         .submit(ots::protocol::TestrunRequest {
                             lease: None,
                             on_lease: None,
+                            series: None,
                             device: ots::protocol::DeviceSpec::parse(&format!(
                                 "devicegroup:fleet{g}"
                             ))

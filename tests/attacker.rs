@@ -452,6 +452,7 @@ fn another_users_input_can_be_neither_probed_nor_named_by_its_hash() {
         rt.block_on(client.submit(ots::protocol::TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "i".into(),
             packages: vec!["p".into()],

@@ -160,6 +160,7 @@ fn body() -> impl Strategy<Value = Body> {
                 testrun: TestrunRequest {
                     lease: None,
                     on_lease: None,
+                    series: None,
                     device: DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "img".into(),
                     packages,

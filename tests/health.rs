@@ -645,6 +645,7 @@ fn testrun(
     ots::protocol::TestrunRequest {
         lease: None,
         on_lease: None,
+        series: None,
         device: ots::protocol::DeviceSpec::parse(device).unwrap(),
         image: "i".into(),
         packages: packages.iter().map(|p| p.to_string()).collect(),

@@ -346,6 +346,7 @@ fn task_timeouts_that_would_overflow_are_refused_and_the_server_keeps_serving() 
             .submit(ots::protocol::TestrunRequest {
                 lease: None,
                 on_lease: None,
+                series: None,
                 device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                 image: img.clone(),
                 packages: vec!["smoke".into()],
@@ -804,6 +805,7 @@ fn extreme_messages(real_task: &str) -> Vec<Vec<Vec<u8>>> {
                 testrun: TestrunRequest {
                     lease: None,
                     on_lease: None,
+                    series: None,
                     device: ots::protocol::DeviceSpec::parse("devicegroup:g").unwrap(),
                     image: "x".into(),
                     packages: (0..10_000).map(|i| format!("p{i}")).collect(),

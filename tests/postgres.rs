@@ -68,6 +68,8 @@ fn index(i: usize) -> RunIndex {
         ended_ms: summary.ended_ms,
         kept_bytes: ended.then_some(i as u64),
         summary: rmp_serde::to_vec_named(&summary).unwrap(),
+        series: Some("s".into()),
+        image: Some("img".into()),
     }
 }
 
@@ -1490,11 +1492,15 @@ fn test_cases_are_recorded_and_listed_alike_on_both_backends() {
         )
     });
     for sink in [&mut lite_sink as &mut dyn CaseSink, &mut pg_sink] {
-        sink.record(&"r1.1".into(), 1, "big.xml", &many).unwrap();
-        sink.record(&"r1.1".into(), 1, "r.xml", &many[..3]).unwrap();
+        sink.record(&"r1.1".into(), 1, "big.xml", &Default::default(), &many)
+            .unwrap();
+        sink.record(&"r1.1".into(), 1, "r.xml", &Default::default(), &many[..3])
+            .unwrap();
         // Stored again: replaced, not added to.
-        sink.record(&"r1.1".into(), 1, "r.xml", &cases).unwrap();
-        sink.record(&"r1.1".into(), 2, "r.xml", &cases).unwrap();
+        sink.record(&"r1.1".into(), 1, "r.xml", &Default::default(), &cases)
+            .unwrap();
+        sink.record(&"r1.1".into(), 2, "r.xml", &Default::default(), &cases)
+            .unwrap();
     }
     rt.block_on(async {
         for (failed, offset, limit) in [(false, 0, 1000), (true, 0, 10), (false, 4990, 20)] {

@@ -405,6 +405,7 @@ impl Sim {
         let testrun = TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: (1..=packages).map(|i| format!("p{i}")).collect(),

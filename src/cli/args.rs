@@ -24,6 +24,11 @@ pub struct RunArgs {
     /// Image URL or path for the conductor to flash.
     #[arg(long, required_unless_present = "local")]
     pub image: Option<String>,
+    /// The series its results are compared with (`compare`, `history`,
+    /// regressions in its notification); default: one named after its
+    /// device specs, packages and options.
+    #[arg(long)]
+    pub series: Option<String>,
     /// Test packages, comma-separated.
     #[arg(long, value_delimiter = ',', required_unless_present = "local")]
     pub packages: Vec<String>,

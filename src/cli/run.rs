@@ -94,6 +94,7 @@ pub(crate) async fn submit_and_watch(
     let testrun = TestrunRequest {
         lease: None,
         on_lease: args.lease.clone(),
+        series: args.series.clone(),
         device,
         devices,
         image: local_image(args.image.clone().unwrap_or_default(), !args.local),

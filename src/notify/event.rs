@@ -219,6 +219,7 @@ mod tests {
             verdict: Some(Verdict::Fail),
             device: DeviceSpec::parse("devicegroup:n900").unwrap(),
             image: "img".into(),
+            series: None,
             tasks: vec![task(1, Verdict::Pass), task(2, Verdict::Fail)],
             counters: BTreeMap::new(),
             pruned: None,

@@ -515,6 +515,9 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
                 )?;
             }
             check_image(kind, &testrun.image)?;
+            if let Some(series) = &testrun.series {
+                check_id(kind, "testrun.series", series)?;
+            }
             check_packages(kind, &testrun.packages)?;
             check_timeout(kind, testrun.timeout_secs)?;
             check_options(kind, "testrun.options", &testrun.options)?;

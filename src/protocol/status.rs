@@ -219,6 +219,9 @@ pub struct RunStatus {
     pub verdict: Option<Verdict>,
     pub device: DeviceSpec,
     pub image: String,
+    /// The series its results are compared with (§5.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<String>,
     pub tasks: Vec<TaskStatus>,
     /// Server-wide counters (orphans, malformed messages…) at the time of the answer.
     pub counters: BTreeMap<String, u64>,

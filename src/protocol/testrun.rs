@@ -91,6 +91,12 @@ pub struct TestrunRequest {
     /// submitter holds: no queue; the lease's consoles stay attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_lease: Option<crate::protocol::leasing::LeaseId>,
+    /// The series it belongs to (PROTOCOL.md §5.7): its results are
+    /// compared with the series' earlier runs. A safe id; when absent
+    /// the server names it after its device specs, packages and options
+    /// ([`TestrunRequest::default_series`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<String>,
 }
 
 /// A testrun's standing among its owner's queued tasks.
@@ -109,6 +115,28 @@ impl TestrunRequest {
     /// Every device spec of the testrun, `device` first.
     pub fn all_devices(&self) -> impl Iterator<Item = &DeviceSpec> {
         std::iter::once(&self.device).chain(&self.devices)
+    }
+
+    /// The series a testrun without `series` belongs to: `s-` and 16 hex
+    /// digits of the SHA-256 of its device specs, packages and options
+    /// (not its image, secrets, owner or timeout), so runs of one
+    /// configuration on successive images form one series.
+    pub fn default_series(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let shape = (
+            self.all_devices().collect::<Vec<_>>(),
+            &self.packages,
+            self.distribution,
+            &self.options,
+        );
+        let bytes = rmp_serde::to_vec(&shape).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        format!("s-{}", hex::encode(&digest[..8]))
+    }
+
+    /// Its series: as chosen, or [`TestrunRequest::default_series`].
+    pub fn series_name(&self) -> String {
+        self.series.clone().unwrap_or_else(|| self.default_series())
     }
 }
 

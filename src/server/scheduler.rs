@@ -679,6 +679,7 @@ mod requests;
 pub(super) mod retention;
 mod settings;
 mod timers;
+mod triage;
 mod uploads;
 mod views;
 pub use access::Caller;

@@ -147,6 +147,7 @@ impl<S: Store> Scheduler<S> {
         let testrun = TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: DeviceSpec {
                 devicegroup: d.devicegroup.clone(),
                 devicename: d.devicename.clone(),

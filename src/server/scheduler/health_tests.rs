@@ -156,6 +156,7 @@ impl Lab {
                     testrun: TestrunRequest {
                         lease: None,
                         on_lease: None,
+                        series: None,
                         device: DeviceSpec::parse("devicegroup:g").unwrap(),
                         image: "img".into(),
                         packages: packages.iter().map(|p| p.to_string()).collect(),

@@ -242,6 +242,7 @@ impl<S: Store> Scheduler<S> {
             priority,
             notify: Vec::new(),
             on_lease: None,
+            series: None,
             lease: Some(Box::new(LeaseTerms {
                 duration_ms,
                 reason: reason.clone(),

@@ -114,6 +114,7 @@ fn per_run_entries_are_checked_at_submit_and_listing_follows_the_owner() {
     let mut testrun = TestrunRequest {
         lease: None,
         on_lease: None,
+        series: None,
         device: DeviceSpec::parse("devicegroup:g").unwrap(),
         devices: Vec::new(),
         image: "img".into(),

@@ -507,6 +507,8 @@ impl<S: Store> Scheduler<S> {
             kept_bytes: (done && r.ended_ms.is_some() && r.pruned.is_none())
                 .then(|| self.run_bytes(id)),
             summary: encode(&summary),
+            series: (kind == "r").then(|| r.request.series_name()),
+            image: (kind == "r").then(|| r.request.image.clone()),
         }
     }
 

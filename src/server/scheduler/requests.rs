@@ -396,9 +396,10 @@ impl<S: Store> Scheduler<S> {
         now: Instant,
         peer: &PeerId,
         request: u64,
-        testrun: TestrunRequest,
+        mut testrun: TestrunRequest,
     ) -> Result<Body, (ErrorCode, String)> {
         let bad = |m: String| Err((ErrorCode::BadRequest, m));
+        testrun.series = Some(testrun.series_name());
         if testrun.packages.is_empty() {
             return bad("no test packages given".into());
         }
@@ -658,6 +659,7 @@ impl<S: Store> Scheduler<S> {
             verdict: r.verdict,
             device: r.request.device.clone(),
             image: r.request.image.clone(),
+            series: Some(r.request.series_name()),
             tasks: r
                 .tasks
                 .iter()

@@ -254,6 +254,7 @@ impl Lab {
             testrun: TestrunRequest {
                 lease: None,
                 on_lease: None,
+                series: None,
                 device: DeviceSpec::parse(device).unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),
@@ -1915,6 +1916,7 @@ fn a_huge_timeout_never_overflows_the_clock_arithmetic() {
         testrun: TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2272,6 +2274,7 @@ fn a_worker_removed_and_registered_again_keeps_the_numbering_of_its_dispatches()
         testrun: TestrunRequest {
             lease: None,
             on_lease: None,
+            series: None,
             device: DeviceSpec::parse("devicegroup:g").unwrap(),
             image: "img".into(),
             packages: vec!["p".into()],
@@ -2319,6 +2322,7 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
             testrun: TestrunRequest {
                 lease: None,
                 on_lease: None,
+                series: None,
                 device: DeviceSpec::parse("devicegroup:nobody").unwrap(),
                 image: "img".into(),
                 packages: packages.iter().map(|p| p.to_string()).collect(),

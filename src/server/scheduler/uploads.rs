@@ -528,6 +528,7 @@ impl<S: Store> Scheduler<S> {
             key: key.clone(),
             size,
             sha256,
+            about: self.case_about(key),
         });
     }
 

@@ -15,6 +15,15 @@ use std::path::{Path, PathBuf};
 /// Rows per transaction.
 pub const CHUNK: usize = 2000;
 
+/// What the scheduler knows of a result file's task attempt, stored
+/// with each of its cases: what `case_history` and triage group by.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaseAbout {
+    pub series: Option<String>,
+    pub worker: Option<String>,
+    pub devicegroup: Option<String>,
+}
+
 /// Where the desk records the cases of a stored result file.
 pub trait CaseSink: Send {
     fn record(
@@ -22,8 +31,14 @@ pub trait CaseSink: Send {
         task: &TaskId,
         attempt: u32,
         file: &str,
+        about: &CaseAbout,
         cases: &[Case],
     ) -> Result<(), StateError>;
+}
+
+/// The number of a testrun id (`r12` → 12; 0 if it has none).
+pub fn num_of(run: &str) -> u64 {
+    run.get(1..).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// The testrun of a task id (`r12.3` → `r12`).
@@ -56,6 +71,7 @@ impl CaseSink for SqliteCases {
         task: &TaskId,
         attempt: u32,
         file: &str,
+        about: &CaseAbout,
         cases: &[Case],
     ) -> Result<(), StateError> {
         let path = self.path.clone();
@@ -76,8 +92,8 @@ impl CaseSink for SqliteCases {
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO cases (task, attempt, file, seq, run, suite, name,
-                             status, duration_ms, message)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                             status, duration_ms, message, num, series, worker, devicegroup)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     )
                     .map_err(sql)?;
                 for (i, case) in chunk.iter().enumerate() {
@@ -93,6 +109,10 @@ impl CaseSink for SqliteCases {
                             case.status.as_str(),
                             case.duration_ms.map(sql_int),
                             case.message,
+                            sql_int(num_of(run)),
+                            about.series,
+                            about.worker,
+                            about.devicegroup,
                         ])
                         .map_err(sql)?;
                 }

@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 /// 7: the columns a testrun is found by (`index::RunIndex`) and their indexes:
 ///    history is read from the database, not held in memory.
 /// 8: cases (every test case of every JUnit result file).
-pub const SCHEMA_VERSION: i64 = 8;
+/// 9: series: a testrun's series and image, a case's run number, series,
+///    worker and device group (`compare`, `case_history`, triage); the
+///    known-issue rules operators add at run time.
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The SQL flavour a migration is written for: both backends share one
 /// schema, one list of versions.
@@ -99,6 +102,21 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
                   PRIMARY KEY (task, attempt, file, seq));
               CREATE INDEX cases_run ON cases (run, status);
               CREATE INDEX cases_name ON cases (name);"
+        }
+        // Cases written before it get their run's number (from its id);
+        // their series, worker and group stay unknown (NULL).
+        9 => {
+            "ALTER TABLE runs ADD COLUMN series TEXT;
+              ALTER TABLE runs ADD COLUMN image TEXT;
+              CREATE INDEX runs_series ON runs (series, num);
+              ALTER TABLE cases ADD COLUMN num {int};
+              ALTER TABLE cases ADD COLUMN series TEXT;
+              ALTER TABLE cases ADD COLUMN worker TEXT;
+              ALTER TABLE cases ADD COLUMN devicegroup TEXT;
+              UPDATE cases SET num = CAST(substr(run, 2) AS {int});
+              DROP INDEX cases_name;
+              CREATE INDEX cases_history ON cases (name, num);
+              CREATE TABLE known (id {int} PRIMARY KEY, body {blob} NOT NULL);"
         }
         _ => unreachable!("no migration to version {version}"),
     };
@@ -419,8 +437,8 @@ impl Db {
             let mut run = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO runs (id, body, num, kind, state, verdict, owner, groups,
-                         live, ended_ms, kept_bytes, summary)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                         live, ended_ms, kept_bytes, summary, series, image)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )
                 .map_err(sql)?;
             for (id, body, x) in &changes.runs {
@@ -437,6 +455,8 @@ impl Db {
                     x.ended_ms.map(super::index::sql_int),
                     x.kept_bytes.map(super::index::sql_int),
                     x.summary,
+                    x.series,
+                    x.image,
                 ])
                 .map_err(sql)?;
             }

@@ -13,7 +13,7 @@
 //! (reading, not receiving) before the upload continues.
 
 use crate::protocol::{CaseCounts, FailingCase, FileInfo, TaskId};
-use crate::server::store::cases::CaseSink;
+use crate::server::store::cases::{CaseAbout, CaseSink};
 use crate::server::store::safe_relative_path;
 use crate::server::verdict::MAX_JUNIT_BYTES;
 use bytes::Bytes;
@@ -64,6 +64,8 @@ pub enum FileJob {
         key: UploadKey,
         size: u64,
         sha256: String,
+        /// Stored with the test cases of a JUnit result file.
+        about: crate::server::store::cases::CaseAbout,
     },
     /// Removes the incoming copy (the upload was refused or its task ended).
     Discard { key: UploadKey },
@@ -235,8 +237,13 @@ impl Desk {
                 let have = self.write(&key, offset, &data);
                 FileDone::Written { key, have }
             }
-            FileJob::Finish { key, size, sha256 } => {
-                let result = self.finish(&key, size, sha256);
+            FileJob::Finish {
+                key,
+                size,
+                sha256,
+                about,
+            } => {
+                let result = self.finish(&key, size, sha256, &about);
                 FileDone::Finished { key, result }
             }
             FileJob::Prune { task } => {
@@ -323,7 +330,13 @@ impl Desk {
         Ok(incoming.have)
     }
 
-    fn finish(&mut self, key: &UploadKey, size: u64, sha256: String) -> Result<Stored, DeskError> {
+    fn finish(
+        &mut self,
+        key: &UploadKey,
+        size: u64,
+        sha256: String,
+        about: &CaseAbout,
+    ) -> Result<Stored, DeskError> {
         let incoming_path = self.incoming_path(key)?;
         let dest = self.dest_path(key)?;
         let have = self.open(key)?.have;
@@ -355,7 +368,7 @@ impl Desk {
         let info = FileInfo { name, size, sha256 };
         match key {
             UploadKey::Result { task, attempt, .. } if info.name.ends_with(".xml") => {
-                Ok(self.read_junit(task, *attempt, &dest, info))
+                Ok(self.read_junit(task, *attempt, &dest, info, about))
             }
             _ => Ok(Stored {
                 info,
@@ -368,7 +381,14 @@ impl Desk {
 
     /// What a stored XML result file says: its counts, its first failing
     /// cases, and all its cases recorded (bounded; cut ones counted).
-    fn read_junit(&mut self, task: &TaskId, attempt: u32, dest: &Path, info: FileInfo) -> Stored {
+    fn read_junit(
+        &mut self,
+        task: &TaskId,
+        attempt: u32,
+        dest: &Path,
+        info: FileInfo,
+        about: &CaseAbout,
+    ) -> Stored {
         let name = info.name.clone();
         let mut xml = Vec::new();
         let parsed = File::open(dest)
@@ -412,7 +432,7 @@ impl Desk {
             ));
         }
         if let Some(sink) = self.cases.as_mut() {
-            if let Err(e) = sink.record(task, attempt, &name, &cases.cases) {
+            if let Err(e) = sink.record(task, attempt, &name, about, &cases.cases) {
                 tracing::error!(task = %task, file = %name, error = %e, "storage error: cannot record the result file's test cases; its verdict stands, `cases` lacks them");
                 stored.cases_note = Some(format!("{name}: test cases not recorded: {e}"));
             }
@@ -556,7 +576,12 @@ mod tests {
         assert_eq!(desk.open(&key("a/b.txt")).unwrap().have, 10);
         desk.write(&key("a/b.txt"), 10, &data[10..]).unwrap();
         let stored = desk
-            .finish(&key("a/b.txt"), data.len() as u64, sha.clone())
+            .finish(
+                &key("a/b.txt"),
+                data.len() as u64,
+                sha.clone(),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(stored.info.sha256, sha);
         let path = dir.path().join("tasks/r1.1/files/a/b.txt");
@@ -566,7 +591,12 @@ mod tests {
         let mut again = Desk::new(dir.path());
         assert_eq!(again.open(&key("a/b.txt")).unwrap().have, data.len() as u64);
         again
-            .finish(&key("a/b.txt"), data.len() as u64, sha.clone())
+            .finish(
+                &key("a/b.txt"),
+                data.len() as u64,
+                sha.clone(),
+                &Default::default(),
+            )
             .unwrap();
         assert!(again
             .run(FileJob::Discard {
@@ -594,7 +624,7 @@ mod tests {
         desk.write(&key("x.bin"), 0, b"abc").unwrap();
         let wrong = hex::encode(Sha256::digest(b"abd"));
         assert!(matches!(
-            desk.finish(&key("x.bin"), 3, wrong),
+            desk.finish(&key("x.bin"), 3, wrong, &Default::default()),
             Err(DeskError::Mismatch { .. })
         ));
         assert_eq!(desk.open(&key("x.bin")).unwrap().have, 0);
@@ -603,7 +633,7 @@ mod tests {
             Err(DeskError::BadName(_))
         ));
         assert!(matches!(
-            desk.finish(&key("x.bin"), 3, String::new()),
+            desk.finish(&key("x.bin"), 3, String::new(), &Default::default()),
             Err(DeskError::Short { have: 0, size: 3 })
         ));
     }

@@ -25,6 +25,10 @@ pub struct RunIndex {
     pub kept_bytes: Option<u64>,
     /// Its line of the `runs` list ([`RunSummary`], MessagePack).
     pub summary: Vec<u8>,
+    /// Its series and image (testruns; none for a lease): what its
+    /// results are compared with.
+    pub series: Option<String>,
+    pub image: Option<String>,
 }
 
 /// The word a state is stored as (its protocol name).

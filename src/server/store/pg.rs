@@ -381,14 +381,15 @@ impl Statements {
         Ok(Statements {
             runs: prepare(
                 "INSERT INTO runs (id, body, num, kind, state, verdict, owner, groups, live,
-                     ended_ms, kept_bytes, summary)
+                     ended_ms, kept_bytes, summary, series, image)
                  SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::bytea[])
+                     $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::bytea[],
+                     $13::text[], $14::text[])
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body, num = excluded.num,
                      kind = excluded.kind, state = excluded.state, verdict = excluded.verdict,
                      owner = excluded.owner, groups = excluded.groups, live = excluded.live,
                      ended_ms = excluded.ended_ms, kept_bytes = excluded.kept_bytes,
-                     summary = excluded.summary",
+                     summary = excluded.summary, series = excluded.series, image = excluded.image",
             )
             .await
             ?,
@@ -579,6 +580,8 @@ async fn write_runs(
         c.ended.push(x.ended_ms.map(sql_int));
         c.kept.push(x.kept_bytes.map(sql_int));
         c.summaries.push(x.summary.as_slice());
+        c.series.push(x.series.as_deref());
+        c.images.push(x.image.as_deref());
     }
     tx.execute(
         &s.runs,
@@ -595,6 +598,8 @@ async fn write_runs(
             &c.ended,
             &c.kept,
             &c.summaries,
+            &c.series,
+            &c.images,
         ],
     )
     .await?;
@@ -615,6 +620,8 @@ struct RunColumns<'a> {
     ended: Vec<Option<i64>>,
     kept: Vec<Option<i64>>,
     summaries: Vec<&'a [u8]>,
+    series: Vec<Option<&'a str>>,
+    images: Vec<Option<&'a str>>,
 }
 
 /// Moves the rows that could not be restored aside, into the quarantine

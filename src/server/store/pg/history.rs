@@ -244,12 +244,13 @@ impl crate::server::store::cases::CaseSink for PgCases {
         task: &crate::protocol::TaskId,
         attempt: u32,
         file: &str,
+        about: &crate::server::store::cases::CaseAbout,
         cases: &[crate::server::cases::Case],
     ) -> Result<(), StateError> {
-        match self.record_once(task, attempt, file, cases) {
+        match self.record_once(task, attempt, file, about, cases) {
             Err(StateError::Postgres { source, .. }) if connect::connection_lost(&source) => {
                 self.runtime.block_on(self.own.reconnect())?;
-                self.record_once(task, attempt, file, cases)
+                self.record_once(task, attempt, file, about, cases)
             }
             other => other,
         }
@@ -262,9 +263,11 @@ impl PgCases {
         task: &crate::protocol::TaskId,
         attempt: u32,
         file: &str,
+        about: &crate::server::store::cases::CaseAbout,
         cases: &[crate::server::cases::Case],
     ) -> Result<(), StateError> {
         let run = crate::server::store::cases::run_of(task).to_string();
+        let num = sql_int(crate::server::store::cases::num_of(&run));
         let (client, target) = (&mut self.own.client, self.own.target.clone());
         let pg = |source| StateError::Postgres {
             target: target.clone(),
@@ -291,13 +294,15 @@ impl PgCases {
                 client
                     .execute(
                         "INSERT INTO cases (task, attempt, file, seq, run, suite, name, status,
-                             duration_ms, message)
-                         SELECT $1, $2, $3, s, $4, su, n, st, d, m
+                             duration_ms, message, num, series, worker, devicegroup)
+                         SELECT $1, $2, $3, s, $4, su, n, st, d, m, $11, $12, $13, $14
                          FROM UNNEST($5::int8[], $6::text[], $7::text[], $8::text[], $9::int8[],
                              $10::text[]) AS x(s, su, n, st, d, m)
                          ON CONFLICT (task, attempt, file, seq) DO UPDATE SET suite = excluded.suite,
                              name = excluded.name, status = excluded.status,
-                             duration_ms = excluded.duration_ms, message = excluded.message",
+                             duration_ms = excluded.duration_ms, message = excluded.message,
+                             num = excluded.num, series = excluded.series,
+                             worker = excluded.worker, devicegroup = excluded.devicegroup",
                         &[
                             task,
                             &i64::from(attempt),
@@ -309,6 +314,10 @@ impl PgCases {
                             &statuses,
                             &durations,
                             &messages,
+                            &num,
+                            &about.series,
+                            &about.worker,
+                            &about.devicegroup,
                         ],
                     )
                     .await

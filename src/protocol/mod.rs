@@ -23,6 +23,7 @@ pub mod leasing;
 pub mod limits;
 pub mod logtext;
 pub mod message;
+pub mod results;
 pub mod status;
 pub mod testrun;
 

@@ -34,6 +34,7 @@ pub mod fairshare;
 pub mod health;
 pub mod lease;
 pub mod leasing;
+pub mod results;
 pub mod scheduler;
 pub mod shell;
 pub mod store;

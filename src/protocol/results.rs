@@ -1,0 +1,192 @@
+//! Results across testruns (PROTOCOL.md §5.7): what `compare`,
+//! `case_history`, `list_flaky` and the known-issue requests answer, and
+//! what a `testrun_finished` event says against its series. Wire data.
+
+use crate::protocol::{CaseStatus, RunId, TaskId};
+use serde::{Deserialize, Serialize};
+
+/// Cases each list of a [`Comparison`] carries at most (its `totals`
+/// count them all).
+pub const MAX_COMPARED_LISTED: usize = 200;
+/// Failing cases of one testrun checked for flakiness, device-specificity
+/// and known issues at most; past it they count as regressions or still
+/// failing, and the comparison's `note` says how many were not checked.
+pub const MAX_TRIAGED: usize = 1000;
+/// Runs one `case_history` answer carries at most.
+pub const MAX_HISTORY_ROWS: u32 = 500;
+/// Flaky cases one `flaky` answer carries at most.
+pub const MAX_FLAKY_LISTED: usize = 500;
+/// Known-issue rules added at run time, at most (those of `server.toml`
+/// count apart).
+pub const MAX_KNOWN_RULES: usize = 256;
+/// Bytes of a known-issue rule's pattern and label.
+pub const MAX_KNOWN_PATTERN_BYTES: usize = 512;
+pub const MAX_KNOWN_LABEL_BYTES: usize = 128;
+
+/// One failing, fixed, new or removed case of a comparison.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseChange {
+    /// `classname::name`, as its result file names it.
+    pub name: String,
+    /// Its task in the newer testrun (the base's for a removed case).
+    pub task: TaskId,
+    /// Its status in the newer testrun (none: removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<CaseStatus>,
+    /// Its status in the base (none: new, or no base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_status: Option<CaseStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// The label of the known issue it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<String>,
+    /// Why it is flaky or device-specific, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// The last testrun of the series before this one where it passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_passed: Option<RunId>,
+}
+
+/// How many cases fall in each list of a [`Comparison`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareTotals {
+    pub cases: u64,
+    pub base_cases: u64,
+    pub regressions: u64,
+    pub fixed: u64,
+    pub still_failing: u64,
+    pub flaky: u64,
+    pub device_specific: u64,
+    pub known: u64,
+    pub new_cases: u64,
+    pub removed_cases: u64,
+}
+
+/// A testrun's cases against a base (its series' last finished testrun
+/// before it, or one chosen). A case is the same case in both when it has
+/// the same name in the task of the same number. Every failing case of
+/// the newer testrun is in exactly one of `known`, `device_specific`,
+/// `flaky`, `regressions` (not failing in the base) and `still_failing`,
+/// in that order of precedence.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub run: RunId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<RunId>,
+    pub series: String,
+    pub regressions: Vec<CaseChange>,
+    pub fixed: Vec<CaseChange>,
+    pub still_failing: Vec<CaseChange>,
+    pub flaky: Vec<CaseChange>,
+    pub device_specific: Vec<CaseChange>,
+    pub known: Vec<CaseChange>,
+    pub new_cases: Vec<CaseChange>,
+    pub removed_cases: Vec<CaseChange>,
+    pub totals: CompareTotals,
+    /// What was not compared, and why (no base, cases past a bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One result of a case in its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseRun {
+    pub run: RunId,
+    pub task: TaskId,
+    pub attempt: u32,
+    pub status: CaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devicegroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<String>,
+    /// When its testrun ended (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+}
+
+/// A case's results, newest first, and when it last passed and first
+/// failed (the first failure since it last passed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseHistory {
+    pub case: String,
+    pub runs: Vec<CaseRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_passed: Option<RunId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failed: Option<RunId>,
+}
+
+/// A case that passed and failed on one series and image in the window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlakyCase {
+    pub name: String,
+    pub series: String,
+    pub image: String,
+    pub passed: u64,
+    pub failed: u64,
+    /// Testruns where it failed (newest first, at most 10).
+    pub failed_in: Vec<RunId>,
+    /// Workers it failed on.
+    pub workers: Vec<String>,
+}
+
+/// What a known-issue rule's pattern is matched against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KnownOn {
+    /// The case's name (`classname::name`).
+    Name,
+    /// The first line of its failure message.
+    Message,
+    /// Its task's log (the last `limits::KNOWN_LOG_BYTES` of it).
+    Log,
+}
+
+impl KnownOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KnownOn::Name => "name",
+            KnownOn::Message => "message",
+            KnownOn::Log => "log",
+        }
+    }
+}
+
+impl std::str::FromStr for KnownOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "name" => Ok(KnownOn::Name),
+            "message" => Ok(KnownOn::Message),
+            "log" => Ok(KnownOn::Log),
+            other => Err(format!("{other:?} is not name, message or log")),
+        }
+    }
+}
+
+/// A known issue: failures whose `on` matches `pattern` (a regular
+/// expression, Rust `regex` syntax) carry `label` and are not regressions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownRule {
+    /// 0 for a rule of `server.toml`; from 1 for those added at run time.
+    pub id: u64,
+    pub pattern: String,
+    pub on: KnownOn,
+    pub label: String,
+    /// Who added it (run time), or `server.toml`.
+    pub by: String,
+    #[serde(default)]
+    pub added_ms: u64,
+}

@@ -107,3 +107,15 @@ mod tests {
         assert_eq!(escape_controls("שלום"), "שלום");
     }
 }
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn clip_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

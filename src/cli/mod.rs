@@ -16,6 +16,7 @@ mod fetch;
 mod leases;
 mod lists;
 mod manage;
+mod results;
 mod run;
 
 use crate::cli::args::{RunArgs, RunStateArg};
@@ -96,6 +97,24 @@ pub enum Command {
         failed: bool,
         #[command(flatten)]
         conn: Conn,
+    },
+    /// Compare a testrun's test cases with an earlier one (default: the
+    /// last finished testrun of its series): regressions, fixed, still
+    /// failing, flaky, device-specific, known issues, new and removed.
+    /// Exit status 1 when there are regressions.
+    Compare(results::CompareArgs),
+    /// One test case's results over time: status per testrun, with
+    /// device, worker, image, duration; when it last passed and first
+    /// failed.
+    History(results::HistoryArgs),
+    /// Test cases that passed and failed on one series and image among
+    /// the recent finished testruns, with the evidence.
+    Flaky(results::FlakyArgs),
+    /// Known-issue rules: failures they match carry a label and are not
+    /// regressions.
+    Known {
+        #[command(subcommand)]
+        action: results::KnownCommand,
     },
     /// List recent testruns, newest first: state, verdict, owner, age.
     Runs {
@@ -353,6 +372,10 @@ pub async fn main(cli: Cli) -> i32 {
             conn,
         } => runs(&conn, state.map(RunStateArg::into), owner, limit).await,
         Command::Cases { run, failed, conn } => cases(&conn, &run, failed).await,
+        Command::Compare(args) => results::compare(args).await,
+        Command::History(args) => results::history(args).await,
+        Command::Flaky(args) => results::flaky(args).await,
+        Command::Known { action } => results::known(action).await,
         Command::Queue { conn } => queue(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,

@@ -10,6 +10,7 @@
 
 pub mod follow;
 pub mod leases;
+pub mod results;
 pub mod transfer;
 
 use crate::protocol::{

@@ -105,6 +105,9 @@ pub struct TargetFilters {
     pub owners: Vec<String>,
     pub devicegroups: Vec<String>,
     pub verdicts: Vec<Verdict>,
+    /// Only `testrun_finished` events with at least one regression
+    /// against the testrun's series.
+    pub only_regressions: bool,
 }
 
 /// One `[[notify.webhook]]`.
@@ -421,6 +424,7 @@ fn filter(f: &TargetFilters) -> Filter {
         owners: f.owners.clone(),
         devicegroups: f.devicegroups.clone(),
         verdicts: f.verdicts.clone(),
+        only_regressions: f.only_regressions,
     }
 }
 

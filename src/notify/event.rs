@@ -2,6 +2,7 @@
 //! README "Notifications"), the `webhook-id` of an event at a target,
 //! and which targets an event goes to.
 
+use crate::protocol::results::{CaseChange, Comparison};
 use crate::protocol::{DeviceSpec, Health, RunState, RunStatus, Verdict};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -19,6 +20,9 @@ pub struct Event {
     pub owner: Option<String>,
     pub devicegroups: Vec<String>,
     pub verdict: Option<Verdict>,
+    /// `testrun_finished`: its regressions against its series (none: not
+    /// triaged — no test cases, or the database could not say).
+    pub regressions: Option<u64>,
     /// The body sent (JSON).
     pub body: serde_json::Value,
 }
@@ -31,6 +35,9 @@ pub struct Filter {
     pub owners: Vec<String>,
     pub devicegroups: Vec<String>,
     pub verdicts: Vec<Verdict>,
+    /// Of `testrun_finished` events, only those with at least one
+    /// regression (other events are not affected).
+    pub only_regressions: bool,
 }
 
 impl Filter {
@@ -40,6 +47,9 @@ impl Filter {
             && (self.devicegroups.is_empty()
                 || e.devicegroups.iter().any(|g| self.devicegroups.contains(g)))
             && (self.verdicts.is_empty() || e.verdict.is_some_and(|v| self.verdicts.contains(&v)))
+            && (!self.only_regressions
+                || e.kind != Kind::TestrunFinished
+                || e.regressions.is_some_and(|n| n > 0))
     }
 }
 
@@ -61,7 +71,9 @@ pub fn testrun_finished(
     dashboard: Option<&str>,
     at_ms: u64,
     max_bytes: usize,
+    triage: Option<&Comparison>,
 ) -> Event {
+    let triaged = triage.map(|c| triage_json(c, max_bytes / 2));
     let mut tasks: Vec<serde_json::Value> = status
         .tasks
         .iter()
@@ -91,7 +103,9 @@ pub fn testrun_finished(
     // `tasks_omitted` says how many were left out.
     let mut omitted = 0usize;
     let sizes: Vec<usize> = tasks.iter().map(|t| t.to_string().len() + 1).collect();
-    let room = max_bytes.saturating_sub(2048);
+    let room = max_bytes
+        .saturating_sub(2048)
+        .saturating_sub(triaged.as_ref().map_or(0, |t| t.to_string().len()));
     if sizes.iter().sum::<usize>() > room {
         let mut used = 0;
         let keep = sizes
@@ -119,6 +133,11 @@ pub fn testrun_finished(
     if omitted > 0 {
         body["tasks_omitted"] = omitted.into();
     }
+    if let (Some(fields), Some(map)) = (triaged, body.as_object_mut()) {
+        if let serde_json::Value::Object(fields) = fields {
+            map.extend(fields);
+        }
+    }
     Event {
         kind: Kind::TestrunFinished,
         key: format!("testrun_finished/{}", status.run),
@@ -128,7 +147,56 @@ pub fn testrun_finished(
             RunState::Cancelled => None,
             _ => status.verdict,
         },
+        regressions: triage.map(|c| c.totals.regressions),
         body,
+    }
+}
+
+/// Cases each triage list of an event names at most, and the bytes of a
+/// message shown.
+const EVENT_CASES: usize = 10;
+const EVENT_MESSAGE_BYTES: usize = 200;
+
+/// The triage fields of `testrun_finished`: `series`, `base`,
+/// `regressions`, `fixed`, `flaky`, `device_specific`, `known` (each the
+/// first cases, the totals say how many), `triage` (the totals) and
+/// `triage_note`; within `room` bytes (lists shortened to fit).
+fn triage_json(c: &Comparison, room: usize) -> serde_json::Value {
+    let list = |cases: &[CaseChange], n: usize| -> Vec<serde_json::Value> {
+        cases
+            .iter()
+            .take(n)
+            .map(|x| {
+                serde_json::json!({
+                    "name": x.name,
+                    "task": x.task,
+                    "status": x.status,
+                    "worker": x.worker,
+                    "message": x.message.as_deref().map(|m| crate::text::clip_bytes(m, EVENT_MESSAGE_BYTES)),
+                    "last_passed": x.last_passed,
+                    "evidence": x.evidence,
+                    "known": x.known,
+                })
+            })
+            .collect()
+    };
+    let mut n = EVENT_CASES;
+    loop {
+        let v = serde_json::json!({
+            "series": c.series,
+            "base": c.base,
+            "regressions": list(&c.regressions, n),
+            "fixed": list(&c.fixed, n),
+            "flaky": list(&c.flaky, n),
+            "device_specific": list(&c.device_specific, n),
+            "known": list(&c.known, n),
+            "triage": c.totals,
+            "triage_note": c.note,
+        });
+        if n == 0 || v.to_string().len() <= room {
+            return v;
+        }
+        n /= 2;
     }
 }
 
@@ -148,6 +216,7 @@ pub fn worker_health_changed(
         owner: None,
         devicegroups: vec![devicegroup.to_string()],
         verdict: None,
+        regressions: None,
         body: serde_json::json!({
             "type": "worker_health_changed",
             "at_ms": at_ms,
@@ -176,6 +245,7 @@ pub fn worker_lost(
         owner: None,
         devicegroups: vec![devicegroup.to_string()],
         verdict: None,
+        regressions: None,
         body: serde_json::json!({
             "type": "worker_lost",
             "at_ms": at_ms,
@@ -236,6 +306,7 @@ mod tests {
             Some("https://ots.lab/"),
             5,
             1 << 20,
+            None,
         );
         assert_eq!(e.body["type"], "testrun_finished");
         assert_eq!(e.body["verdict"], "FAIL");
@@ -256,6 +327,7 @@ mod tests {
             None,
             5,
             1 << 20,
+            None,
         );
         assert!(Filter::default().matches(&e));
         let f = |toml: &str| -> Filter { toml_like(toml) };
@@ -275,7 +347,7 @@ mod tests {
         let mut s = status();
         let t = s.tasks[0].clone();
         s.tasks = (0..200).map(|_| t.clone()).collect();
-        let e = testrun_finished(&s, None, std::slice::from_ref(&s.device), None, 5, 8192);
+        let e = testrun_finished(&s, None, std::slice::from_ref(&s.device), None, 5, 8192, None);
         assert!(e.body.to_string().len() <= 8192);
         let listed = e.body["tasks"].as_array().unwrap().len();
         assert!(listed > 0 && listed < 200);

@@ -55,6 +55,10 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::WebLogin { .. }
         | Body::ListRuns { .. }
         | Body::ListCases { .. }
+        | Body::Compare { .. }
+        | Body::GetCaseHistory { .. }
+        | Body::ListFlaky { .. }
+        | Body::Known { .. }
         | Body::Submit { .. }
         | Body::Follow { .. }
         | Body::DrainWorker { .. }
@@ -81,6 +85,10 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::Notifications { .. }
         | Body::Runs { .. }
         | Body::Cases { .. }
+        | Body::Comparison { .. }
+        | Body::CaseHistory { .. }
+        | Body::Flaky { .. }
+        | Body::KnownRules { .. }
         | Body::Queue { .. }
         | Body::Data { .. }
         | Body::Progress { .. }
@@ -492,6 +500,54 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
                 1..=crate::protocol::limits::MAX_CASES_PER_ANSWER,
             )?;
             check_range(kind, "offset", *offset, 0..=u64::from(u32::MAX))?;
+        }
+        Body::Compare { run, base, .. } => {
+            check_id(kind, "run", run)?;
+            if let Some(b) = base {
+                check_id(kind, "base", b)?;
+            }
+        }
+        Body::GetCaseHistory {
+            case,
+            series,
+            devicegroup,
+            limit,
+            ..
+        } => {
+            check_text(kind, "case", case, crate::protocol::limits::MAX_CASE_NAME_BYTES)?;
+            if let Some(s) = series {
+                check_id(kind, "series", s)?;
+            }
+            if let Some(g) = devicegroup {
+                check_id(kind, "devicegroup", g)?;
+            }
+            check_range(
+                kind,
+                "limit",
+                *limit,
+                1..=crate::protocol::results::MAX_HISTORY_ROWS,
+            )?;
+        }
+        Body::ListFlaky { devicegroup, .. } => {
+            if let Some(g) = devicegroup {
+                check_id(kind, "devicegroup", g)?;
+            }
+        }
+        Body::Known { add, .. } => {
+            if let Some(rule) = add {
+                check_text(
+                    kind,
+                    "add.pattern",
+                    &rule.pattern,
+                    crate::protocol::results::MAX_KNOWN_PATTERN_BYTES,
+                )?;
+                check_text(
+                    kind,
+                    "add.label",
+                    &rule.label,
+                    crate::protocol::results::MAX_KNOWN_LABEL_BYTES,
+                )?;
+            }
         }
         Body::Submit { testrun, .. } => {
             if testrun.devices.len() >= MAX_DEVICE_SPECS {

@@ -43,6 +43,14 @@ impl Body {
             | Body::Runs { request, .. }
             | Body::ListCases { request, .. }
             | Body::Cases { request, .. }
+            | Body::Compare { request, .. }
+            | Body::Comparison { request, .. }
+            | Body::GetCaseHistory { request, .. }
+            | Body::CaseHistory { request, .. }
+            | Body::ListFlaky { request, .. }
+            | Body::Flaky { request, .. }
+            | Body::Known { request, .. }
+            | Body::KnownRules { request, .. }
             | Body::Queue { request, .. }
             | Body::GetLog { request, .. }
             | Body::GetFile { request, .. }
@@ -138,6 +146,14 @@ impl Body {
             Body::Runs { .. } => "runs",
             Body::ListCases { .. } => "list_cases",
             Body::Cases { .. } => "cases",
+            Body::Compare { .. } => "compare",
+            Body::Comparison { .. } => "comparison",
+            Body::GetCaseHistory { .. } => "get_case_history",
+            Body::CaseHistory { .. } => "case_history",
+            Body::ListFlaky { .. } => "list_flaky",
+            Body::Flaky { .. } => "flaky",
+            Body::Known { .. } => "known",
+            Body::KnownRules { .. } => "known_rules",
             Body::Queue { .. } => "queue",
             Body::InputOffer { .. } => "input_offer",
             Body::InputChunk { .. } => "input_chunk",

@@ -539,6 +539,63 @@ pub enum Body {
         run: RunId,
         cases: Vec<TestCase>,
     },
+    /// A testrun's cases against `base` (default: its series' last
+    /// finished testrun before it, §5.7). Answered with `comparison`.
+    Compare {
+        request: u64,
+        run: RunId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<RunId>,
+    },
+    /// Answer to `compare`.
+    Comparison {
+        request: u64,
+        comparison: Box<crate::protocol::results::Comparison>,
+    },
+    /// One case's results, newest first (§5.7): `case` as `list_cases`
+    /// names it; only those of `series` and `devicegroup` if given;
+    /// `limit` 1–500. Answered with `case_history`.
+    GetCaseHistory {
+        request: u64,
+        case: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        series: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devicegroup: Option<String>,
+        limit: u32,
+    },
+    /// Answer to `get_case_history`.
+    CaseHistory {
+        request: u64,
+        history: crate::protocol::results::CaseHistory,
+    },
+    /// Cases that passed and failed on one series and image among the
+    /// newest finished testruns (§5.7). Answered with `flaky`.
+    ListFlaky {
+        request: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devicegroup: Option<String>,
+    },
+    /// Answer to `list_flaky`.
+    Flaky {
+        request: u64,
+        cases: Vec<crate::protocol::results::FlakyCase>,
+    },
+    /// Lists the known-issue rules, adding one (`add`) or removing one
+    /// (`remove`, a rule's id) first; changing them needs role operator
+    /// (§5.7). Answered with `known`.
+    Known {
+        request: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        add: Option<crate::protocol::results::KnownRule>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remove: Option<u64>,
+    },
+    /// Answer to `known`: every rule, those of `server.toml` (id 0) first.
+    KnownRules {
+        request: u64,
+        rules: Vec<crate::protocol::results::KnownRule>,
+    },
     /// Answer to `list_queue`.
     Queue {
         request: u64,

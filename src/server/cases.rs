@@ -87,14 +87,8 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
 
 /// `text` cut to `max` bytes at a character boundary; whether it was cut.
 fn bounded(text: &str, max: usize) -> (String, bool) {
-    if text.len() <= max {
-        return (text.to_string(), false);
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    (text[..end].to_string(), true)
+    let kept = crate::text::clip_bytes(text, max);
+    (kept.to_string(), kept.len() < text.len())
 }
 
 impl Cases {

@@ -34,6 +34,10 @@ pub const SHARED_WINDOW: usize = 8;
 /// Shared testruns of the window in which the worker's task failed while
 /// every task on other workers passed, before it turns `suspect`.
 pub const FAILED_ALONE: usize = 6;
+/// Device-specific test failures (a case failing only on this worker of
+/// its group while another passes it, `server::results`) since its last
+/// passed health check that make a `good` worker `suspect`.
+pub const DEVICE_SPECIFIC_SUSPECT: u32 = 3;
 
 /// The rules, from `[health]` of `server.toml`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +132,9 @@ pub struct WorkerHealth {
     /// Changes, oldest first, at most [`HISTORY_KEPT`].
     #[serde(default)]
     pub history: VecDeque<HealthChange>,
+    /// Device-specific test failures since its last passed health check.
+    #[serde(default)]
+    pub device_specific: u32,
 }
 
 /// What happened to a worker, as the scheduler saw it.
@@ -149,6 +156,12 @@ pub enum Event<'a> {
     /// task on another worker passed.
     Shared {
         failed_alone: bool,
+    },
+    /// A test case failed only on it among the workers of its group
+    /// (evidence against the device, beside infrastructure failures).
+    DeviceSpecific {
+        case: &'a str,
+        run: &'a str,
     },
     /// A health check ended.
     CheckPassed {
@@ -195,6 +208,7 @@ impl WorkerHealth {
             device: String::new(),
             shared: VecDeque::new(),
             history: VecDeque::new(),
+            device_specific: 0,
         }
     }
 
@@ -287,8 +301,22 @@ impl WorkerHealth {
                 }
                 None
             }
+            Event::DeviceSpecific { case, run } => {
+                self.device_specific = self.device_specific.saturating_add(1);
+                let why = format!(
+                    "test case {case} failed only on this worker of its group in {run} ({} such failures since its last passed health check)",
+                    self.device_specific
+                );
+                if self.health == Good && self.device_specific >= DEVICE_SPECIFIC_SUSPECT {
+                    self.wanted = Some(CheckReason::Suspect);
+                    return self.set(Suspect, now_ms, why);
+                }
+                self.note(now_ms, why);
+                None
+            }
             Event::CheckPassed { task } => {
                 self.checked_ms = Some(now_ms);
+                self.device_specific = 0;
                 self.streak = 0;
                 self.failed_checks = 0;
                 self.retry_at_ms = None;

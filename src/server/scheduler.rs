@@ -188,6 +188,8 @@ pub struct Scheduler<S: Store> {
     pinned: BTreeMap<String, VecDeque<TaskId>>,
     /// Which ended testruns are held, and the reads of the others.
     recall: recall::Recollection,
+    /// Known-issue rules; what triage needs.
+    results: triage::Results,
 }
 
 /// A connection asked for a dashboard sign-in link.
@@ -214,6 +216,7 @@ impl<S: Store> Scheduler<S> {
     ) -> Self {
         let heartbeat = cfg.heartbeat;
         let notifier = crate::notify::outbox::Notifier::new(cfg.notify.clone());
+        let results = triage::Results::new(&cfg.results.known);
         Scheduler {
             cfg,
             store,
@@ -269,6 +272,7 @@ impl<S: Store> Scheduler<S> {
             leases: leases::Leases::default(),
             pinned: BTreeMap::new(),
             recall: recall::Recollection::default(),
+            results,
         }
     }
 
@@ -688,6 +692,6 @@ pub use health::CHECK_OWNER;
 pub use model::RECENT_KEPT;
 use model::{Task, Testrun, Worker};
 pub use persist::RestoreError;
-pub use settings::{HistoryRules, SchedulerConfig, SchedulerLimits};
+pub use settings::{HistoryRules, ResultsRules, SchedulerConfig, SchedulerLimits};
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@
 
 mod leases;
 mod limits;
+pub mod results;
 mod sections;
 mod web;
 
@@ -73,6 +74,8 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Ended testruns held in memory; reads of the others.
     pub history: HistoryConfig,
+    /// Triage's window and the known-issue rules (README "Results").
+    pub results: results::ResultsConfig,
     /// `HOST:PORT` of the metrics endpoint (`GET /metrics`, Prometheus
     /// text); empty: off.
     pub metrics: String,
@@ -164,6 +167,7 @@ impl Default for ServerConfig {
             limits: ServerLimits::default(),
             retention: Retention::default(),
             history: HistoryConfig::default(),
+            results: results::ResultsConfig::default(),
             metrics: String::new(),
             web: String::new(),
             web_tls_cert: None,
@@ -269,6 +273,7 @@ impl ServerConfig {
         check_endpoint("events", &self.events)?;
         self.leases.validate()?;
         self.history.validate()?;
+        self.results.validate()?;
         self.web_config()?;
         if self.heartbeat_interval_ms < 10 {
             return Err(invalid(

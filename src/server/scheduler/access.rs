@@ -218,6 +218,11 @@ impl<S: Store> Scheduler<S> {
                     | Body::CancelRun { run, .. }
                     | Body::ListCases { run, .. }
                     | Body::Follow { run, .. } => Some(run.clone()),
+                    // The base is checked the same way below.
+                    Body::Compare { run, base, .. } => match base {
+                        Some(b) if self.runs.get(b).is_some_and(|t| t.request.owner.as_deref() != Some(name.as_str())) => Some(b.clone()),
+                        _ => Some(run.clone()),
+                    },
                     Body::GetLog { task, .. }
                     | Body::GetLogTail { task, .. }
                     | Body::GetFile { task, .. } => {

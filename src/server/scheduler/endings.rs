@@ -98,7 +98,7 @@ impl<S: Store> Scheduler<S> {
         if !cancelled {
             self.judge_shared(now, run);
         }
-        self.notify_run_finished(now, run);
+        self.run_ended(now, run);
     }
 
     pub(super) fn progress(

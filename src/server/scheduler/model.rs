@@ -143,4 +143,7 @@ pub(super) struct Testrun {
     pub(super) pruned: Option<Pruned>,
     /// The owner's role at submit (for its fair-share weight).
     pub(super) role: Option<String>,
+    /// Finished; its triage against its series is asked and its
+    /// `testrun_finished` waits for it (kept loaded until then).
+    pub(super) awaiting_triage: bool,
 }

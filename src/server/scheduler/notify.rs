@@ -72,9 +72,15 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// A testrun ended: its one `testrun_finished` (health checks are
-    /// told as `worker_health_changed` instead).
-    pub(super) fn notify_run_finished(&mut self, now: Instant, run: &RunId) {
+    /// A testrun ended (and was triaged, when it has test cases): its one
+    /// `testrun_finished` (health checks are told as
+    /// `worker_health_changed` instead).
+    pub(super) fn notify_run_finished(
+        &mut self,
+        now: Instant,
+        run: &RunId,
+        triage: Option<&crate::protocol::results::Comparison>,
+    ) {
         if !self.notifier.is_active() {
             return;
         }
@@ -94,6 +100,7 @@ impl<S: Store> Scheduler<S> {
             self.notifier.rules().dashboard.as_deref(),
             at_ms,
             self.notifier.rules().bounds.max_payload_bytes,
+            triage,
         );
         self.notifier.on_event(&e, &per_run, at_ms);
         self.pump_notifications(now);

@@ -74,6 +74,8 @@ pub(super) struct RunRow {
     pruned: Option<Pruned>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    awaiting_triage: bool,
 }
 
 /// Only what must survive: identity, device, the task it has, and the dedup
@@ -255,6 +257,7 @@ impl<S: Store> Scheduler<S> {
                 ended_ms: r.ended_ms,
                 pruned: r.pruned.clone(),
                 role: r.role.clone(),
+                awaiting_triage: r.awaiting_triage,
             };
             let bytes = encode(&row);
             let key = format!("r:{id}");
@@ -299,6 +302,7 @@ impl<S: Store> Scheduler<S> {
                 .push(("next_run".into(), self.next_run.to_string()));
             self.persisted_next_run = self.next_run;
         }
+        self.known_changes(&mut changes.meta);
         changes
     }
 
@@ -319,6 +323,13 @@ impl<S: Store> Scheduler<S> {
         s.restore_meta(snap);
         let (runs, tasks) = decode_runs_and_tasks(snap, &mut quarantine);
         s.restore_runs(runs, snap.highest_run);
+        let awaiting: Vec<RunId> = (s.runs.iter())
+            .filter(|(_, r)| r.awaiting_triage)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run in &awaiting {
+            s.ask_triage(run);
+        }
         let queued = s.restore_tasks(tasks, now);
         s.rebuild_queues(queued, snap);
         s.restore_workers(snap, now, &mut quarantine);
@@ -347,6 +358,9 @@ impl<S: Store> Scheduler<S> {
                 .insert(owner.clone());
         }
         for (key, value) in &snap.meta {
+            if Self::is_known_meta(key) {
+                self.restore_known(value);
+            }
             if key == "next_run" {
                 match value.parse() {
                     Ok(n) => self.next_run = n,
@@ -725,5 +739,6 @@ pub(super) fn testrun_of_row(row: RunRow, secrets: Option<BTreeMap<String, Strin
         ended_ms: row.ended_ms,
         pruned: row.pruned,
         role: row.role,
+        awaiting_triage: row.awaiting_triage,
     }
 }

@@ -58,6 +58,10 @@ enum Asked {
     Kept,
     /// The newest ended leases, for `list_leases --all`.
     Leases { parked: Vec<Parked> },
+    /// `compare`, `get_case_history`, `list_flaky`.
+    Results { parked: Box<Parked>, request: u64 },
+    /// The triage of a testrun that ended.
+    Triage { run: RunId },
 }
 
 /// A request waiting for history.
@@ -140,6 +144,9 @@ impl<S: Store> Scheduler<S> {
             | Body::Follow { run, .. }
             | Body::ListCases { run, .. }
             | Body::ListNotifications { run: Some(run), .. } => vec![run.as_str()],
+            Body::Compare { run, base, .. } => {
+                std::iter::once(run.as_str()).chain(base.as_deref()).collect()
+            }
             Body::GetLog { task, .. }
             | Body::GetLogTail { task, .. }
             | Body::GetFile { task, .. } => task
@@ -316,6 +323,44 @@ impl<S: Store> Scheduler<S> {
         None
     }
 
+    /// A results question (`compare`, `get_case_history`, `list_flaky`),
+    /// asked of the database; its testruns are in memory (read back first
+    /// if they had left) and the caller may see them.
+    pub(super) fn ask_results(
+        &mut self,
+        now: Instant,
+        peer: &PeerId,
+        body: Body,
+    ) -> Option<(ErrorCode, String)> {
+        let query = match self.results_query(peer, &body) {
+            Ok(q) => q,
+            Err(refusal) => return Some(refusal),
+        };
+        let request = body.request().unwrap_or(0);
+        let env = Envelope {
+            header: Header::best_effort(body.class(), None),
+            body,
+            raw: None,
+        };
+        let parked = self.park(now, peer, env)?;
+        self.ask_history(
+            Recall::Results(query),
+            Asked::Results {
+                parked: Box::new(parked),
+                request,
+            },
+        );
+        None
+    }
+
+    pub(super) fn ask_triage_query(
+        &mut self,
+        run: RunId,
+        query: crate::server::store::results::ResultQuery,
+    ) {
+        self.ask_history(Recall::Results(query), Asked::Triage { run });
+    }
+
     /// Retention asks for the oldest testruns that keep files.
     pub(super) fn ask_oldest_kept(&mut self, n: usize) {
         self.recall.kept_asked = true;
@@ -383,6 +428,18 @@ impl<S: Store> Scheduler<S> {
                     None,
                 );
             }
+            (Asked::Results { parked, request }, Found::Results(found)) => {
+                self.unpark(&parked);
+                self.answer_results(&parked.peer, request, found);
+            }
+            (Asked::Triage { run }, Found::Results(found)) => {
+                use crate::server::store::results::ResultFound;
+                let triage = match found {
+                    ResultFound::Compared(t) => Ok(*t),
+                    _ => Err(format!("{run} is not in the state database")),
+                };
+                self.on_triaged(now, &run, triage);
+            }
             (Asked::Kept, Found::Rows(rows)) => {
                 self.recall.kept_asked = false;
                 if !stale {
@@ -407,7 +464,13 @@ impl<S: Store> Scheduler<S> {
         }
         let parked = match asked {
             Asked::Runs { parked, .. } | Asked::Leases { parked } => parked,
-            Asked::List { parked, .. } | Asked::Cases { parked, .. } => vec![*parked],
+            Asked::List { parked, .. }
+            | Asked::Cases { parked, .. }
+            | Asked::Results { parked, .. } => vec![*parked],
+            Asked::Triage { run } => {
+                self.on_triaged(now, &run, Err(error.to_string()));
+                return;
+            }
             Asked::Kept => {
                 self.recall.kept_asked = false;
                 return;
@@ -457,6 +520,7 @@ impl<S: Store> Scheduler<S> {
             return true;
         };
         matches!(r.state, RunState::Finished | RunState::Cancelled)
+            && !r.awaiting_triage
             && !self.pending.runs.contains(id)
             && !self.active_runs.contains(id)
             && !self.followers.has(id)
@@ -502,7 +566,7 @@ impl<S: Store> Scheduler<S> {
             verdict: r.verdict.map(verdict_token),
             owner: r.request.owner.clone(),
             groups: format!(",{},", groups.into_iter().collect::<Vec<_>>().join(",")),
-            live: !done,
+            live: !done || r.awaiting_triage,
             ended_ms: r.ended_ms.filter(|_| done),
             kept_bytes: (done && r.ended_ms.is_some() && r.pruned.is_none())
                 .then(|| self.run_bytes(id)),

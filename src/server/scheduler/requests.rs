@@ -81,6 +81,13 @@ impl<S: Store> Scheduler<S> {
                 Some(refused) => Err(refused),
                 None => return,
             },
+            body @ (Body::Compare { .. } | Body::GetCaseHistory { .. } | Body::ListFlaky { .. }) => {
+                match self.ask_results(now, peer, body) {
+                    Some(refused) => Err(refused),
+                    None => return,
+                }
+            }
+            Body::Known { add, remove, .. } => self.on_known(now, peer, request, add, remove),
             body @ Body::ListRuns { .. } => match self.on_list_runs(now, peer, request, body) {
                 Some(refused) => Err(refused),
                 None => return,
@@ -624,6 +631,7 @@ impl<S: Store> Scheduler<S> {
                 ended_ms: None,
                 pruned: None,
                 role,
+                awaiting_triage: false,
             },
         );
         for id in &task_ids {

@@ -73,6 +73,30 @@ pub struct SchedulerConfig {
     /// How much history is held in memory, and reads of the rest
     /// (`[history]`).
     pub history: HistoryRules,
+    /// Triage's window and the known-issue rules of `server.toml`.
+    pub results: ResultsRules,
+}
+
+/// `[results]` in `conf/server.toml`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultsRules {
+    /// Testruns of a series whose results say whether a failure is flaky
+    /// or device-specific.
+    pub window_runs: u32,
+    /// The newest finished testruns `list_flaky` looks at.
+    pub flaky_runs: u32,
+    /// Known-issue rules of the configuration (id 0).
+    pub known: Vec<crate::protocol::results::KnownRule>,
+}
+
+impl Default for ResultsRules {
+    fn default() -> Self {
+        ResultsRules {
+            window_runs: 10,
+            flaky_runs: 50,
+            known: Vec::new(),
+        }
+    }
 }
 
 /// How much history the scheduler holds, and how many reads of the rest
@@ -182,6 +206,7 @@ impl Default for SchedulerConfig {
             lease: None,
             leases: crate::server::leasing::LeaseRules::default(),
             history: HistoryRules::default(),
+            results: ResultsRules::default(),
         }
     }
 }

@@ -167,7 +167,7 @@ impl Server {
         log_security(&cfg, credentials.as_ref());
         let store = DiskStore::open(&files_dir)?;
         let snapshot = db.load().await?;
-        let history = db.history_reader().await?;
+        let history = db.history_reader().await?.with_logs(&files_dir);
         let mut socket_limits = cfg.limits.sockets();
         let chosen =
             cfg.limits.max_connections != crate::transport::SocketLimits::default().max_connections;
@@ -379,6 +379,7 @@ fn scheduler_config(
         retention_age: Duration::from_secs(cfg.retention.max_age_hours.saturating_mul(3600)),
         retention_bytes: cfg.retention.max_bytes,
         history: cfg.history.rules(),
+        results: cfg.results.rules(),
         secure: credentials.is_some(),
         secrets_key: credentials.map(|c| c.keys[0].derive("ots testrun secrets at rest v1")),
         events_key: announcer.map(Announcer::public_key),

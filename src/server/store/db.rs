@@ -115,7 +115,7 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               ALTER TABLE cases ADD COLUMN devicegroup TEXT;
               UPDATE cases SET num = CAST(substr(run, 2) AS {int});
               DROP INDEX cases_name;
-              CREATE INDEX cases_history ON cases (name, num);
+              CREATE INDEX cases_history ON cases (name, num, status);
               CREATE TABLE known (id {int} PRIMARY KEY, body {blob} NOT NULL);"
         }
         _ => unreachable!("no migration to version {version}"),

@@ -56,6 +56,8 @@ pub enum Recall {
     EndedLeases(usize),
     /// A page of a testrun's test cases.
     Cases(super::cases::CaseQuery),
+    /// Results across testruns (`super::results`).
+    Results(super::results::ResultQuery),
 }
 
 /// One question, numbered by the scheduler.
@@ -83,6 +85,7 @@ pub enum Found {
     Rows(Rows),
     List(Vec<RunSummary>),
     Cases(Vec<crate::protocol::TestCase>),
+    Results(super::results::ResultFound),
 }
 
 /// The answer to a [`RecallJob`].
@@ -98,6 +101,8 @@ pub struct Recalled {
 pub struct SqliteHistory {
     conn: Connection,
     path: PathBuf,
+    /// The files folder (task logs, for `log` known-issue rules).
+    logs: Option<PathBuf>,
 }
 
 impl SqliteHistory {
@@ -117,7 +122,17 @@ impl SqliteHistory {
             path: path.clone(),
             source,
         })?;
-        Ok(SqliteHistory { conn, path })
+        Ok(SqliteHistory {
+            conn,
+            path,
+            logs: None,
+        })
+    }
+
+    /// Reads task logs below `files` for `log` known-issue rules.
+    pub fn with_logs(mut self, files: &Path) -> SqliteHistory {
+        self.logs = Some(files.to_path_buf());
+        self
     }
 
     /// Answers one question.
@@ -132,6 +147,12 @@ impl SqliteHistory {
             Recall::Cases(q) => super::cases::sqlite_cases(&self.conn, q)
                 .map(Found::Cases)
                 .map_err(sql),
+            Recall::Results(q) => {
+                let db = Sqlite(&self.conn);
+                now_or_never(super::results::answer(&db, q, self.logs.as_deref()))
+                    .map(Found::Results)
+                    .map_err(sql)
+            }
             Recall::OldestKept(n) => {
                 let mut stmt = self
                     .conn
@@ -223,6 +244,55 @@ impl SqliteHistory {
             }
         }
         Ok(out)
+    }
+}
+
+/// The embedded database as [`super::results::SqlRows`]: its queries
+/// never wait, so their futures finish at the first poll.
+struct Sqlite<'a>(&'a Connection);
+
+impl super::results::SqlRows for Sqlite<'_> {
+    type Error = rusqlite::Error;
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[super::results::SqlParam],
+    ) -> Result<Vec<Vec<super::results::SqlValue>>, rusqlite::Error> {
+        use super::results::{SqlParam, SqlValue};
+        use rusqlite::types::{Value, ValueRef};
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let values = params.iter().map(|p| match p {
+            SqlParam::Int(i) => Value::Integer(*i),
+            SqlParam::Text(Some(t)) => Value::Text(t.clone()),
+            SqlParam::Text(None) => Value::Null,
+        });
+        let columns = stmt.column_count();
+        let rows = stmt.query_map(rusqlite::params_from_iter(values), |r| {
+            (0..columns)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        ValueRef::Integer(v) => SqlValue::Int(Some(v)),
+                        ValueRef::Null => SqlValue::Int(None),
+                        ValueRef::Text(t) => {
+                            SqlValue::Text(Some(String::from_utf8_lossy(t).into_owned()))
+                        }
+                        ValueRef::Real(f) => SqlValue::Int(Some(f as i64)),
+                        ValueRef::Blob(_) => SqlValue::Text(None),
+                    })
+                })
+                .collect::<Result<Vec<_>, rusqlite::Error>>()
+        })?;
+        rows.collect()
+    }
+}
+
+/// The output of a future that never waits (the SQLite queries).
+fn now_or_never<T>(f: impl std::future::Future<Output = T>) -> T {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("an SQLite query never waits"),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod files;
 pub mod history;
 pub mod index;
 pub mod pg;
+pub mod results;
 pub mod state;
 
 use crate::protocol::{LogLine, Stream, TaskId};

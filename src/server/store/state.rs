@@ -144,3 +144,14 @@ pub enum HistoryReader {
     Sqlite(SqliteHistory),
     Postgres(Box<PgHistory>),
 }
+
+impl HistoryReader {
+    /// Reads task logs below the files folder `files` (for `log`
+    /// known-issue rules).
+    pub fn with_logs(self, files: &std::path::Path) -> HistoryReader {
+        match self {
+            HistoryReader::Sqlite(h) => HistoryReader::Sqlite(h.with_logs(files)),
+            HistoryReader::Postgres(h) => HistoryReader::Postgres(Box::new(h.with_logs(files))),
+        }
+    }
+}

@@ -50,15 +50,70 @@ impl Own {
     }
 }
 
+/// PostgreSQL as [`crate::server::store::results::SqlRows`]: `?n`
+/// placeholders become `$n` and SQLite's `instr` PostgreSQL's `strpos`
+/// (the one function the queries use that differs); BIGINT columns are
+/// integers, any other a text.
+struct Pg<'a>(&'a Client);
+
+impl crate::server::store::results::SqlRows for Pg<'_> {
+    type Error = tokio_postgres::Error;
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[crate::server::store::results::SqlParam],
+    ) -> Result<Vec<Vec<crate::server::store::results::SqlValue>>, tokio_postgres::Error> {
+        use crate::server::store::results::{SqlParam, SqlValue};
+        use tokio_postgres::types::{ToSql, Type};
+        let sql = sql.replace('?', "$").replace("instr(", "strpos(");
+        let values: Vec<Box<dyn ToSql + Sync + Send>> = params
+            .iter()
+            .map(|p| -> Box<dyn ToSql + Sync + Send> {
+                match p {
+                    SqlParam::Int(i) => Box::new(*i),
+                    SqlParam::Text(t) => Box::new(t.clone()),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.0.query(&sql, &refs).await?;
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        Ok(match *r.columns()[i].type_() {
+                            Type::INT8 => SqlValue::Int(r.try_get(i)?),
+                            Type::INT4 => SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from)),
+                            _ => SqlValue::Text(r.try_get(i)?),
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 pub struct PgHistory {
     own: Own,
+    /// The files folder (task logs, for `log` known-issue rules).
+    logs: Option<std::path::PathBuf>,
 }
 
 impl PgHistory {
     pub async fn open(settings: &PgSettings) -> Result<PgHistory, StateError> {
         Ok(PgHistory {
             own: Own::open(settings, "history").await?,
+            logs: None,
         })
+    }
+
+    /// Reads task logs below `files` for `log` known-issue rules.
+    pub fn with_logs(mut self, files: &std::path::Path) -> PgHistory {
+        self.logs = Some(files.to_path_buf());
+        self
     }
 
     /// Answers one question (connecting again once if the connection
@@ -80,6 +135,11 @@ impl PgHistory {
             Recall::Runs(ids) => self.rows(ids).await.map(Found::Rows),
             Recall::List(q) => self.list(q).await.map(Found::List),
             Recall::Cases(q) => self.cases(q).await.map(Found::Cases),
+            Recall::Results(q) => {
+                crate::server::store::results::answer(&Pg(&self.own.client), q, self.logs.as_deref())
+                    .await
+                    .map(Found::Results)
+            }
             Recall::OldestKept(n) => {
                 let found = self
                     .own

@@ -847,6 +847,7 @@ mod tests {
             owner: Some("ann".into()),
             devicegroups: vec!["g".into()],
             verdict: Some(Verdict::Pass),
+            regressions: None,
             body: serde_json::json!({"type": "testrun_finished", "run": run}),
         }
     }

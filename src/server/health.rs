@@ -691,7 +691,7 @@ mod tests {
     }
 
     fn event(n: u8, group: bool) -> Event<'static> {
-        match n % 12 {
+        match n % 13 {
             0 => Event::Registered {
                 device: if group {
                     "devicegroup:g"
@@ -720,6 +720,10 @@ mod tests {
             10 => Event::LeaseEnded {
                 reason: "lease l1 ended",
                 has_check: group,
+            },
+            11 => Event::DeviceSpecific {
+                case: "c",
+                run: "r1",
             },
             _ => Event::CheckRequested,
         }
@@ -754,7 +758,7 @@ mod tests {
                 }
                 let allowed = match e {
                     Event::Registered { .. } => matches!(to, Unknown | Good) && !matches!(from, Maintenance | Retired),
-                    Event::InfraFailure { .. } | Event::Shared { .. } => (from, to) == (Good, Suspect),
+                    Event::InfraFailure { .. } | Event::Shared { .. } | Event::DeviceSpecific { .. } => (from, to) == (Good, Suspect),
                     Event::CheckPassed { .. } => matches!(from, Unknown | Suspect | Bad) && to == Good,
                     Event::CheckFailed { .. } => matches!(from, Unknown | Suspect | Good) && to == Bad,
                     Event::RetryWithoutCheck => (from, to) == (Bad, Good),

@@ -10,9 +10,9 @@
 //! - **Known issue**: a failure whose name, message or task log matches
 //!   a rule's pattern carries the rule's label.
 //! - **Device-specific**: in the window (the series' last runs), every
-//!   failure of the case in its device group was on one worker, it
-//!   failed there now, and another worker of the group passed it. It
-//!   counts against that worker's health.
+//!   failure of the case in its device group was on one worker — at
+//!   least [`DEVICE_MIN_FAILURES`] of them, one now — and another worker
+//!   of the group passed it. It counts against that worker's health.
 //! - **Flaky**: in the window it passed and failed on one image, or in
 //!   this testrun it failed on one attempt and passed on another.
 //! - **Regression**: failing now, not failing in the base, and none of
@@ -47,6 +47,10 @@ pub struct WindowRow {
     pub devicegroup: Option<String>,
     pub image: Option<String>,
 }
+
+/// Failures on one worker, at least, before a case counts as failing
+/// because of that device (one failure is as likely a flake).
+pub const DEVICE_MIN_FAILURES: u64 = 2;
 
 /// Known-issue rules with their patterns compiled.
 #[derive(Clone, Debug, Default)]
@@ -225,12 +229,16 @@ impl Evidence {
             .filter(|((_, w), (p, _))| *p > 0 && w != worker)
             .map(|((_, w), _)| w.as_str())
             .collect();
-        if failing.len() != 1 || !failing.contains(worker) || passing.is_empty() {
-            return None;
-        }
         let fails = in_group()
             .find(|((_, w), _)| w == worker)
             .map_or(0, |(_, (_, f))| *f);
+        if failing.len() != 1
+            || !failing.contains(worker)
+            || passing.is_empty()
+            || fails < DEVICE_MIN_FAILURES
+        {
+            return None;
+        }
         Some(format!(
             "failed {fails} times in the window, only on {worker}; passed on {} ({group})",
             passing.join(", ")

@@ -347,7 +347,15 @@ mod tests {
         let mut s = status();
         let t = s.tasks[0].clone();
         s.tasks = (0..200).map(|_| t.clone()).collect();
-        let e = testrun_finished(&s, None, std::slice::from_ref(&s.device), None, 5, 8192, None);
+        let e = testrun_finished(
+            &s,
+            None,
+            std::slice::from_ref(&s.device),
+            None,
+            5,
+            8192,
+            None,
+        );
         assert!(e.body.to_string().len() <= 8192);
         let listed = e.body["tasks"].as_array().unwrap().len();
         assert!(listed > 0 && listed < 200);

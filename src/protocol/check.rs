@@ -514,7 +514,12 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             limit,
             ..
         } => {
-            check_text(kind, "case", case, crate::protocol::limits::MAX_CASE_NAME_BYTES)?;
+            check_text(
+                kind,
+                "case",
+                case,
+                crate::protocol::limits::MAX_CASE_NAME_BYTES,
+            )?;
             if let Some(s) = series {
                 check_id(kind, "series", s)?;
             }

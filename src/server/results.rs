@@ -19,7 +19,7 @@
 //!   the above. Failing in both and none of the above: still failing.
 
 use crate::protocol::results::{
-    CaseChange, Comparison, CompareTotals, KnownOn, KnownRule, MAX_COMPARED_LISTED, MAX_TRIAGED,
+    CaseChange, CompareTotals, Comparison, KnownOn, KnownRule, MAX_COMPARED_LISTED, MAX_TRIAGED,
 };
 use crate::protocol::{CaseStatus, RunId, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -315,7 +315,11 @@ pub fn compare(input: Compare<'_>) -> Triage {
         let e = evidence.get(f.row.name.as_str());
         let group = f.row.devicegroup.as_deref().unwrap_or("");
         let known = checked
-            .then(|| input.known.label(&f.row, input.logs.get(&f.row.task).map(String::as_str)))
+            .then(|| {
+                input
+                    .known
+                    .label(&f.row, input.logs.get(&f.row.task).map(String::as_str))
+            })
             .flatten();
         let device = match (checked, e, f.row.worker.as_deref()) {
             (true, Some(e), Some(w)) => e.device_specific(group, w).map(|why| (w, why)),

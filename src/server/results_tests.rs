@@ -111,7 +111,10 @@ fn a_case_that_passed_and_failed_on_one_image_is_flaky_not_a_regression() {
         .unwrap()
         .contains("img1"));
     // On a new image the same failure is a regression.
-    let window = [seen(8, "a", Pass, "w1", "img1"), seen(9, "a", Fail, "w1", "img2")];
+    let window = [
+        seen(8, "a", Pass, "w1", "img1"),
+        seen(9, "a", Fail, "w1", "img2"),
+    ];
     let t = run(
         vec![row("r9.1", 1, "a", Fail, "w1")],
         vec![row("r8.1", 1, "a", Pass, "w1")],
@@ -156,7 +159,10 @@ fn a_case_failing_only_on_one_worker_of_its_group_is_device_specific_and_a_suspe
     assert_eq!(names(&t.comparison.device_specific), ["net"]);
     assert_eq!(t.suspects, [("w3".to_string(), "net".to_string())]);
     let why = t.comparison.device_specific[0].evidence.clone().unwrap();
-    assert!(why.contains("only on w3") && why.contains("w1, w2"), "{why}");
+    assert!(
+        why.contains("only on w3") && why.contains("w1, w2"),
+        "{why}"
+    );
     // Failing on two workers: not one device's fault.
     let mut window = window.to_vec();
     window.push(seen(4, "net", Fail, "w2", "i4"));
@@ -192,7 +198,10 @@ fn a_known_issue_labels_a_failure_and_keeps_it_out_of_regressions() {
     ]);
     assert_eq!(known.list().count(), 1);
     let t = run(
-        vec![row("r9.1", 1, "a", Fail, "w1"), row("r9.1", 1, "b", Fail, "w1")],
+        vec![
+            row("r9.1", 1, "a", Fail, "w1"),
+            row("r9.1", 1, "b", Fail, "w1"),
+        ],
         vec![],
         &[],
         &known,
@@ -208,7 +217,10 @@ fn without_a_base_every_failure_is_a_regression_and_the_note_says_why() {
         run: "r1".into(),
         base: None,
         series: "s".into(),
-        cases: vec![row("r1.1", 1, "a", Fail, "w1"), row("r1.1", 1, "b", Pass, "w1")],
+        cases: vec![
+            row("r1.1", 1, "a", Fail, "w1"),
+            row("r1.1", 1, "b", Pass, "w1"),
+        ],
         base_cases: vec![],
         window: &[],
         known: &KnownRules::default(),
@@ -216,7 +228,11 @@ fn without_a_base_every_failure_is_a_regression_and_the_note_says_why() {
     });
     assert_eq!(names(&t.comparison.regressions), ["a"]);
     assert!(t.comparison.new_cases.is_empty());
-    assert!(t.comparison.note.unwrap().contains("no earlier finished testrun"));
+    assert!(t
+        .comparison
+        .note
+        .unwrap()
+        .contains("no earlier finished testrun"));
 }
 
 #[test]

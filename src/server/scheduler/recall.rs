@@ -144,9 +144,9 @@ impl<S: Store> Scheduler<S> {
             | Body::Follow { run, .. }
             | Body::ListCases { run, .. }
             | Body::ListNotifications { run: Some(run), .. } => vec![run.as_str()],
-            Body::Compare { run, base, .. } => {
-                std::iter::once(run.as_str()).chain(base.as_deref()).collect()
-            }
+            Body::Compare { run, base, .. } => std::iter::once(run.as_str())
+                .chain(base.as_deref())
+                .collect(),
             Body::GetLog { task, .. }
             | Body::GetLogTail { task, .. }
             | Body::GetFile { task, .. } => task

@@ -81,7 +81,8 @@ impl<S: Store> Scheduler<S> {
                 Some(refused) => Err(refused),
                 None => return,
             },
-            body @ (Body::Compare { .. } | Body::GetCaseHistory { .. } | Body::ListFlaky { .. }) => {
+            body
+            @ (Body::Compare { .. } | Body::GetCaseHistory { .. } | Body::ListFlaky { .. }) => {
                 match self.ask_results(now, peer, body) {
                     Some(refused) => Err(refused),
                     None => return,

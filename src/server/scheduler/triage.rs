@@ -180,7 +180,10 @@ impl<S: Store> Scheduler<S> {
                 for r in std::iter::once(run).chain(base) {
                     match self.runs.get(r) {
                         Some(t) if t.request.lease.is_some() => {
-                            return Err((ErrorCode::BadRequest, format!("{r} is a lease, not a testrun")))
+                            return Err((
+                                ErrorCode::BadRequest,
+                                format!("{r} is a lease, not a testrun"),
+                            ))
                         }
                         Some(_) => {}
                         None => {
@@ -286,7 +289,11 @@ impl<S: Store> Scheduler<S> {
     /// A device-specific failure counts against the worker's health.
     fn device_specific_failure(&mut self, now: Instant, worker: &str, case: &str, run: &str) {
         self.count("device_specific_failures", 1);
-        self.health_event(now, worker, crate::server::health::Event::DeviceSpecific { case, run });
+        self.health_event(
+            now,
+            worker,
+            crate::server::health::Event::DeviceSpecific { case, run },
+        );
     }
 
     /// The triage of a testrun that ended came back (or could not be

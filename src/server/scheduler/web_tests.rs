@@ -224,7 +224,10 @@ fn a_workers_recent_tasks_show_only_a_submit_users_own() {
         recent(&mut lab, "ops", Role::Operator),
         vec![bob_task.clone(), ann_task.clone()]
     );
-    assert_eq!(recent(&mut lab, "ann", Role::Submit), vec![ann_task.clone()]);
+    assert_eq!(
+        recent(&mut lab, "ann", Role::Submit),
+        vec![ann_task.clone()]
+    );
     // Kept in the worker's row: a restart keeps them.
     super::crash_and_restart(&mut lab);
     lab.register("w", "devicegroup:g");

@@ -113,7 +113,8 @@ impl SqlValue {
 #[allow(async_fn_in_trait)] // used generically, never as a trait object
 pub trait SqlRows {
     type Error;
-    async fn rows(&self, sql: &str, params: &[SqlParam]) -> Result<Vec<Vec<SqlValue>>, Self::Error>;
+    async fn rows(&self, sql: &str, params: &[SqlParam])
+        -> Result<Vec<Vec<SqlValue>>, Self::Error>;
 }
 
 fn text(v: &Option<String>) -> SqlParam {
@@ -262,7 +263,13 @@ async fn compare<D: SqlRows>(
         for r in db
             .rows(
                 WINDOW,
-                &[s(&name), int(low), int(run.num), s(&run.series), text(&q.owner)],
+                &[
+                    s(&name),
+                    int(low),
+                    int(run.num),
+                    s(&run.series),
+                    text(&q.owner),
+                ],
             )
             .await?
         {
@@ -296,7 +303,12 @@ async fn compare<D: SqlRows>(
         change.last_passed = db
             .rows(
                 LAST_PASSED,
-                &[s(&change.name), int(run.num), s(&run.series), text(&q.owner)],
+                &[
+                    s(&change.name),
+                    int(run.num),
+                    s(&run.series),
+                    text(&q.owner),
+                ],
             )
             .await?
             .first()
@@ -317,7 +329,10 @@ fn log_tails(cases: &[CaseRow], logs: Option<&Path>) -> HashMap<TaskId, String> 
         .map(|c| c.task.as_str())
         .collect();
     let mut out = HashMap::new();
-    for task in tasks.into_iter().take(crate::protocol::results::MAX_TRIAGED) {
+    for task in tasks
+        .into_iter()
+        .take(crate::protocol::results::MAX_TRIAGED)
+    {
         // Task ids come from the database, written by this server; still
         // checked before they become a path.
         if !crate::protocol::limits::is_safe_id(task) {
@@ -342,7 +357,12 @@ fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
 }
 
 async fn history<D: SqlRows>(db: &D, q: &HistoryQuery) -> Result<CaseHistory, D::Error> {
-    let filters = [s(&q.case), text(&q.series), text(&q.devicegroup), text(&q.owner)];
+    let filters = [
+        s(&q.case),
+        text(&q.series),
+        text(&q.devicegroup),
+        text(&q.owner),
+    ];
     let with = |extra: SqlParam| {
         let mut p = filters.to_vec();
         p.push(extra);
@@ -409,7 +429,8 @@ async fn flaky<D: SqlRows>(db: &D, q: &FlakyQuery) -> Result<Vec<FlakyCase>, D::
                 c[1].text().unwrap_or_default(),
                 c[3].text().unwrap_or_default(),
             );
-            if failing.len() >= crate::protocol::results::MAX_TRIAGED && !failing.contains_key(&key) {
+            if failing.len() >= crate::protocol::results::MAX_TRIAGED && !failing.contains_key(&key)
+            {
                 continue;
             }
             let entry = failing.entry(key).or_default();
@@ -431,7 +452,10 @@ async fn flaky<D: SqlRows>(db: &D, q: &FlakyQuery) -> Result<Vec<FlakyCase>, D::
             )
             .await?;
         for p in passed {
-            let (series, image) = (p[0].text().unwrap_or_default(), p[1].text().unwrap_or_default());
+            let (series, image) = (
+                p[0].text().unwrap_or_default(),
+                p[1].text().unwrap_or_default(),
+            );
             let key = (name.to_string(), series, image);
             let Some((failed_in, workers)) = failing.get(&key) else {
                 continue;

@@ -86,7 +86,9 @@ impl crate::server::store::results::SqlRows for Pg<'_> {
                     .map(|i| {
                         Ok(match *r.columns()[i].type_() {
                             Type::INT8 => SqlValue::Int(r.try_get(i)?),
-                            Type::INT4 => SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from)),
+                            Type::INT4 => {
+                                SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from))
+                            }
                             _ => SqlValue::Text(r.try_get(i)?),
                         })
                     })
@@ -135,11 +137,13 @@ impl PgHistory {
             Recall::Runs(ids) => self.rows(ids).await.map(Found::Rows),
             Recall::List(q) => self.list(q).await.map(Found::List),
             Recall::Cases(q) => self.cases(q).await.map(Found::Cases),
-            Recall::Results(q) => {
-                crate::server::store::results::answer(&Pg(&self.own.client), q, self.logs.as_deref())
-                    .await
-                    .map(Found::Results)
-            }
+            Recall::Results(q) => crate::server::store::results::answer(
+                &Pg(&self.own.client),
+                q,
+                self.logs.as_deref(),
+            )
+            .await
+            .map(Found::Results),
             Recall::OldestKept(n) => {
                 let found = self
                     .own

@@ -1533,3 +1533,135 @@ fn test_cases_are_recorded_and_listed_alike_on_both_backends() {
         }
     });
 }
+
+/// `compare`, `case_history` and `list_flaky` read the same answers on
+/// SQLite and PostgreSQL (one SQL, two dialects): a regression with the
+/// run it last passed in, a flaky case, a device-specific one.
+#[test]
+fn results_are_read_alike_on_both_backends() {
+    use ots::protocol::CaseStatus;
+    use ots::server::cases::Case;
+    use ots::server::results::KnownRules;
+    use ots::server::store::cases::{CaseAbout, CaseSink, SqliteCases};
+    use ots::server::store::history::{Recall, SqliteHistory};
+    use ots::server::store::results::{
+        CompareQuery, FlakyQuery, HistoryQuery, ResultFound, ResultQuery,
+    };
+    let url = pg::cluster().database();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lite = Db::open(dir.path()).unwrap();
+    let mut lite_sink = SqliteCases::open(lite.path()).unwrap();
+    let lite_reader = SqliteHistory::open(lite.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Five finished testruns of series `s`: (image, worker) and what
+    // fails — `flaky` in r2 only (image i1), `net` on w3 only, `feat`
+    // from image i2 on (r5).
+    let plan = [("i1", "w1"), ("i1", "w2"), ("i1", "w3"), ("i1", "w3"), ("i2", "w1")];
+    let runs = Changes {
+        runs: (1..=5)
+            .map(|i| {
+                let mut x = index(i);
+                x.image = Some(plan[i - 1].0.into());
+                x.state = "finished".into();
+                x.live = false;
+                (format!("r{i}"), vec![1], x)
+            })
+            .collect(),
+        ..Changes::default()
+    };
+    let case = |name: &str, failed: bool| Case {
+        suite: std::sync::Arc::from("s"),
+        name: name.into(),
+        status: if failed { CaseStatus::Fail } else { CaseStatus::Pass },
+        duration_ms: Some(5),
+        message: failed.then(|| format!("{name} broke")),
+    };
+    let (mut pg_sink, mut pg_reader) = rt.block_on(async {
+        let mut db = PgDb::open(&settings(&url)).await.unwrap();
+        db.commit(&runs).await.unwrap();
+        (
+            ots::server::store::pg::history::PgCases::open(&settings(&url))
+                .await
+                .unwrap(),
+            ots::server::store::pg::history::PgHistory::open(&settings(&url))
+                .await
+                .unwrap(),
+        )
+    });
+    lite.commit(&runs).unwrap();
+    for sink in [&mut lite_sink as &mut dyn CaseSink, &mut pg_sink] {
+        for (i, (image, worker)) in plan.iter().enumerate() {
+            let n = i + 1;
+            let cases = [
+                case("stable", false),
+                case("flaky", n == 2),
+                case("net", *worker == "w3"),
+                case("feat", *image == "i2"),
+            ];
+            let about = CaseAbout {
+                series: Some("s".into()),
+                worker: Some(worker.to_string()),
+                devicegroup: Some("g".into()),
+            };
+            sink.record(&format!("r{n}.1"), 1, "j.xml", &about, &cases)
+                .unwrap();
+        }
+    }
+    let compare = |run: &str| {
+        Recall::Results(ResultQuery::Compare(CompareQuery {
+            run: run.into(),
+            base: None,
+            owner: None,
+            window_runs: 10,
+            known: std::sync::Arc::new(KnownRules::default()),
+        }))
+    };
+    let questions = [
+        compare("r2"),
+        compare("r4"),
+        compare("r5"),
+        Recall::Results(ResultQuery::History(HistoryQuery {
+            case: "feat".into(),
+            series: Some("s".into()),
+            devicegroup: None,
+            owner: Some("ann".into()),
+            limit: 10,
+        })),
+        Recall::Results(ResultQuery::Flaky(FlakyQuery {
+            devicegroup: Some("g".into()),
+            owner: None,
+            window_runs: 50,
+        })),
+    ];
+    rt.block_on(async {
+        for q in &questions {
+            let a = lite_reader.recall(q).unwrap();
+            let b = pg_reader.recall(q).await.unwrap();
+            assert_eq!(a, b, "{q:?}");
+        }
+    });
+    let answer = |q: &Recall| match lite_reader.recall(q).unwrap() {
+        Found::Results(r) => r,
+        other => panic!("{other:?}"),
+    };
+    let names = |l: &[ots::protocol::results::CaseChange]| -> Vec<String> {
+        l.iter().map(|c| c.name.clone()).collect()
+    };
+    let ResultFound::Compared(t) = answer(&questions[0]) else { panic!() };
+    assert_eq!(names(&t.comparison.flaky), ["flaky"]);
+    let ResultFound::Compared(t) = answer(&questions[1]) else { panic!() };
+    assert_eq!(names(&t.comparison.device_specific), ["net"]);
+    assert_eq!(t.suspects, [("w3".to_string(), "net".to_string())]);
+    let ResultFound::Compared(t) = answer(&questions[2]) else { panic!() };
+    assert_eq!(names(&t.comparison.regressions), ["feat"]);
+    assert_eq!(t.comparison.regressions[0].last_passed.as_deref(), Some("r4"));
+    let ResultFound::History(h) = answer(&questions[3]) else { panic!() };
+    assert_eq!(h.runs.len(), 5);
+    assert_eq!((h.last_passed.as_deref(), h.first_failed.as_deref()), (Some("r4"), Some("r5")));
+    let ResultFound::Flaky(f) = answer(&questions[4]) else { panic!() };
+    assert!(f.iter().any(|c| c.name == "flaky" && c.failed_in == ["r2"]), "{f:?}");
+}

@@ -1560,7 +1560,13 @@ fn results_are_read_alike_on_both_backends() {
     // Five finished testruns of series `s`: (image, worker) and what
     // fails — `flaky` in r2 only (image i1), `net` on w3 only, `feat`
     // from image i2 on (r5).
-    let plan = [("i1", "w1"), ("i1", "w2"), ("i1", "w3"), ("i1", "w3"), ("i2", "w1")];
+    let plan = [
+        ("i1", "w1"),
+        ("i1", "w2"),
+        ("i1", "w3"),
+        ("i1", "w3"),
+        ("i2", "w1"),
+    ];
     let runs = Changes {
         runs: (1..=5)
             .map(|i| {
@@ -1576,7 +1582,11 @@ fn results_are_read_alike_on_both_backends() {
     let case = |name: &str, failed: bool| Case {
         suite: std::sync::Arc::from("s"),
         name: name.into(),
-        status: if failed { CaseStatus::Fail } else { CaseStatus::Pass },
+        status: if failed {
+            CaseStatus::Fail
+        } else {
+            CaseStatus::Pass
+        },
         duration_ms: Some(5),
         message: failed.then(|| format!("{name} broke")),
     };
@@ -1651,17 +1661,36 @@ fn results_are_read_alike_on_both_backends() {
     let names = |l: &[ots::protocol::results::CaseChange]| -> Vec<String> {
         l.iter().map(|c| c.name.clone()).collect()
     };
-    let ResultFound::Compared(t) = answer(&questions[0]) else { panic!() };
+    let ResultFound::Compared(t) = answer(&questions[0]) else {
+        panic!()
+    };
     assert_eq!(names(&t.comparison.flaky), ["flaky"]);
-    let ResultFound::Compared(t) = answer(&questions[1]) else { panic!() };
+    let ResultFound::Compared(t) = answer(&questions[1]) else {
+        panic!()
+    };
     assert_eq!(names(&t.comparison.device_specific), ["net"]);
     assert_eq!(t.suspects, [("w3".to_string(), "net".to_string())]);
-    let ResultFound::Compared(t) = answer(&questions[2]) else { panic!() };
+    let ResultFound::Compared(t) = answer(&questions[2]) else {
+        panic!()
+    };
     assert_eq!(names(&t.comparison.regressions), ["feat"]);
-    assert_eq!(t.comparison.regressions[0].last_passed.as_deref(), Some("r4"));
-    let ResultFound::History(h) = answer(&questions[3]) else { panic!() };
+    assert_eq!(
+        t.comparison.regressions[0].last_passed.as_deref(),
+        Some("r4")
+    );
+    let ResultFound::History(h) = answer(&questions[3]) else {
+        panic!()
+    };
     assert_eq!(h.runs.len(), 5);
-    assert_eq!((h.last_passed.as_deref(), h.first_failed.as_deref()), (Some("r4"), Some("r5")));
-    let ResultFound::Flaky(f) = answer(&questions[4]) else { panic!() };
-    assert!(f.iter().any(|c| c.name == "flaky" && c.failed_in == ["r2"]), "{f:?}");
+    assert_eq!(
+        (h.last_passed.as_deref(), h.first_failed.as_deref()),
+        (Some("r4"), Some("r5"))
+    );
+    let ResultFound::Flaky(f) = answer(&questions[4]) else {
+        panic!()
+    };
+    assert!(
+        f.iter().any(|c| c.name == "flaky" && c.failed_in == ["r2"]),
+        "{f:?}"
+    );
 }

@@ -115,6 +115,20 @@ pub trait SqlRows {
     type Error;
     async fn rows(&self, sql: &str, params: &[SqlParam])
         -> Result<Vec<Vec<SqlValue>>, Self::Error>;
+
+    /// One query with each list of parameters, the answers in order (a
+    /// network database sends them all before it reads the first answer).
+    async fn rows_each(
+        &self,
+        sql: &str,
+        params: &[Vec<SqlParam>],
+    ) -> Result<Vec<Vec<Vec<SqlValue>>>, Self::Error> {
+        let mut out = Vec::with_capacity(params.len());
+        for p in params {
+            out.push(self.rows(sql, p).await?);
+        }
+        Ok(out)
+    }
 }
 
 fn text(v: &Option<String>) -> SqlParam {
@@ -258,21 +272,22 @@ async fn compare<D: SqlRows>(
         .first()
         .and_then(|r| r[0].int())
         .unwrap_or(0);
+    let names = results::failing_names(&cases);
+    let asks: Vec<Vec<SqlParam>> = names
+        .iter()
+        .map(|name| {
+            vec![
+                s(name),
+                int(low),
+                int(run.num),
+                s(&run.series),
+                text(&q.owner),
+            ]
+        })
+        .collect();
     let mut window = Vec::new();
-    for name in results::failing_names(&cases) {
-        for r in db
-            .rows(
-                WINDOW,
-                &[
-                    s(&name),
-                    int(low),
-                    int(run.num),
-                    s(&run.series),
-                    text(&q.owner),
-                ],
-            )
-            .await?
-        {
+    for (name, rows) in names.iter().zip(db.rows_each(WINDOW, &asks).await?) {
+        for r in rows {
             window.push(WindowRow {
                 num: r[0].int().unwrap_or(0),
                 run: r[1].text().unwrap_or_default(),
@@ -299,20 +314,12 @@ async fn compare<D: SqlRows>(
         known: &q.known,
         logs: &tails,
     });
-    for change in &mut triage.comparison.regressions {
-        change.last_passed = db
-            .rows(
-                LAST_PASSED,
-                &[
-                    s(&change.name),
-                    int(run.num),
-                    s(&run.series),
-                    text(&q.owner),
-                ],
-            )
-            .await?
-            .first()
-            .and_then(|r| r[0].text());
+    let asks: Vec<Vec<SqlParam>> = (triage.comparison.regressions.iter())
+        .map(|c| vec![s(&c.name), int(run.num), s(&run.series), text(&q.owner)])
+        .collect();
+    let found = db.rows_each(LAST_PASSED, &asks).await?;
+    for (change, rows) in triage.comparison.regressions.iter_mut().zip(found) {
+        change.last_passed = rows.first().and_then(|r| r[0].text());
     }
     Ok(ResultFound::Compared(Box::new(triage)))
 }

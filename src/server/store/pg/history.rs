@@ -5,7 +5,9 @@
 use super::connect::{self, PgSettings};
 use crate::server::store::db::StateError;
 use crate::server::store::history::{sql_int, summary_of, Found, Recall, Rows, RunQuery};
-use tokio_postgres::Client;
+use crate::server::store::results::{SqlParam, SqlValue};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error as PgError};
 
 /// A question waits this long at most for a lost connection to return.
 const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -58,15 +60,56 @@ struct Pg<'a>(&'a Client);
 
 impl crate::server::store::results::SqlRows for Pg<'_> {
     type Error = tokio_postgres::Error;
-    async fn rows(
+    async fn rows(&self, sql: &str, params: &[SqlParam]) -> Result<Vec<Vec<SqlValue>>, PgError> {
+        let rows = self
+            .0
+            .query(&pg_sql(sql), &pg_params(params).refs())
+            .await?;
+        pg_values(&rows)
+    }
+
+    /// Prepared once, the queries pipelined on the one connection.
+    async fn rows_each(
         &self,
         sql: &str,
-        params: &[crate::server::store::results::SqlParam],
-    ) -> Result<Vec<Vec<crate::server::store::results::SqlValue>>, tokio_postgres::Error> {
-        use crate::server::store::results::{SqlParam, SqlValue};
-        use tokio_postgres::types::{ToSql, Type};
-        let sql = sql.replace('?', "$").replace("instr(", "strpos(");
-        let values: Vec<Box<dyn ToSql + Sync + Send>> = params
+        params: &[Vec<SqlParam>],
+    ) -> Result<Vec<Vec<Vec<SqlValue>>>, PgError> {
+        if params.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stmt = self.0.prepare(&pg_sql(sql)).await?;
+        let values: Vec<PgParams> = params.iter().map(|p| pg_params(p)).collect();
+        let asks = values.iter().map(|v| {
+            let stmt = &stmt;
+            async move { self.0.query(stmt, &v.refs()).await }
+        });
+        futures::future::try_join_all(asks)
+            .await?
+            .iter()
+            .map(|rows| pg_values(rows))
+            .collect()
+    }
+}
+
+fn pg_sql(sql: &str) -> String {
+    sql.replace('?', "$").replace("instr(", "strpos(")
+}
+
+/// Parameters as PostgreSQL takes them.
+struct PgParams(Vec<Box<dyn ToSql + Sync + Send>>);
+
+impl PgParams {
+    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.0
+            .iter()
+            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+fn pg_params(params: &[SqlParam]) -> PgParams {
+    PgParams(
+        params
             .iter()
             .map(|p| -> Box<dyn ToSql + Sync + Send> {
                 match p {
@@ -74,28 +117,24 @@ impl crate::server::store::results::SqlRows for Pg<'_> {
                     SqlParam::Text(t) => Box::new(t.clone()),
                 }
             })
-            .collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = values
-            .iter()
-            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let rows = self.0.query(&sql, &refs).await?;
-        rows.iter()
-            .map(|r| {
-                (0..r.len())
-                    .map(|i| {
-                        Ok(match *r.columns()[i].type_() {
-                            Type::INT8 => SqlValue::Int(r.try_get(i)?),
-                            Type::INT4 => {
-                                SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from))
-                            }
-                            _ => SqlValue::Text(r.try_get(i)?),
-                        })
+            .collect(),
+    )
+}
+
+fn pg_values(rows: &[tokio_postgres::Row]) -> Result<Vec<Vec<SqlValue>>, PgError> {
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| {
+                    Ok(match *r.columns()[i].type_() {
+                        Type::INT8 => SqlValue::Int(r.try_get(i)?),
+                        Type::INT4 => SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from)),
+                        _ => SqlValue::Text(r.try_get(i)?),
                     })
-                    .collect()
-            })
-            .collect()
-    }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 pub struct PgHistory {

@@ -435,3 +435,30 @@ fn a_worker_on_its_own_host_registers_as_written() {
     );
     assert!(server.stderr.count("w3") > 0 || worker.stderr.count("w3") > 0);
 }
+
+/// The `[results]` block of "Results" loads as written, its known-issue
+/// rule compiled.
+#[test]
+fn the_results_block_loads_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme
+        .find("### Results: what failed")
+        .expect("the heading");
+    let rest = &readme[at..];
+    let start = rest.find("```toml\n").expect("the block") + "```toml\n".len();
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(&file, block).unwrap();
+    let cfg = ots::server::config::ServerConfig::load(Some(&file), &[]).unwrap();
+    let rules = cfg.results.rules();
+    assert_eq!((rules.window_runs, rules.flaky_runs), (10, 50));
+    assert_eq!(rules.known.len(), 1);
+    assert_eq!(rules.known[0].label, "BUG-123");
+    let known = ots::server::results::KnownRules::new(rules.known);
+    assert_eq!(known.list().count(), 1, "the pattern compiles");
+    // A pattern that does not compile stops the start, naming it.
+    std::fs::write(&file, block.replace("timeout waiting for dhcp", "(")).unwrap();
+    let err = ots::server::config::ServerConfig::load(Some(&file), &[]).unwrap_err();
+    assert!(err.to_string().contains("results.known"), "{err}");
+}

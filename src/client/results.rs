@@ -1,4 +1,4 @@
-//! Results across testruns from the client's side (PROTOCOL.md §5.7):
+//! Results across testruns from the client's side (PROTOCOL.md §5.6):
 //! `compare`, `get_case_history`, `list_flaky` and the known-issue rules.
 
 use super::*;

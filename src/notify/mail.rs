@@ -28,6 +28,57 @@ fn plain(v: &Value) -> String {
         .collect()
 }
 
+/// What the testrun's comparison with its series found (empty when it
+/// was not compared).
+fn triage_text(v: &Value) -> String {
+    let t = &v["triage"];
+    if !t.is_object() {
+        return String::new();
+    }
+    let mut text = format!(
+        "\nAgainst {} (series {}): {} regressions, {} fixed, {} flaky, {} device-specific, {} known issues\n",
+        plain(&v["base"]),
+        plain(&v["series"]),
+        plain(&t["regressions"]),
+        plain(&t["fixed"]),
+        plain(&t["flaky"]),
+        plain(&t["device_specific"]),
+        plain(&t["known"])
+    );
+    for (key, label) in [
+        ("regressions", "regression"),
+        ("fixed", "fixed"),
+        ("flaky", "flaky"),
+        ("device_specific", "device-specific"),
+        ("known", "known issue"),
+    ] {
+        for c in v[key].as_array().into_iter().flatten() {
+            text.push_str(&format!(
+                "  {label}: {} ({})",
+                plain(&c["name"]),
+                plain(&c["task"])
+            ));
+            if c["message"].is_string() {
+                text.push_str(&format!(" — {}", plain(&c["message"])));
+            }
+            if c["last_passed"].is_string() {
+                text.push_str(&format!(", last passed in {}", plain(&c["last_passed"])));
+            }
+            for extra in ["known", "evidence"] {
+                if c[extra].is_string() {
+                    text.push_str(&format!(" [{}]", plain(&c[extra])));
+                }
+            }
+            text.push('\n');
+        }
+    }
+    if v["triage_note"].is_string() {
+        text.push_str(&format!("  note: {}\n", plain(&v["triage_note"])));
+    }
+    text.push_str(&format!("  (ots-submit compare {})\n", plain(&v["run"])));
+    text
+}
+
 /// Subject and text of the mail for an event body.
 pub fn render(body: &str) -> (String, String) {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
@@ -44,11 +95,17 @@ pub fn render(body: &str) -> (String, String) {
                 .and_then(Value::as_array)
                 .map(|a| a.iter().map(plain).collect())
                 .unwrap_or_default();
+            let regressions = v["triage"]["regressions"].as_u64().unwrap_or(0);
             let subject = format!(
-                "[ots] {} {} on {}",
+                "[ots] {} {} on {}{}",
                 plain(&v["run"]),
                 verdict,
-                devices.join(", ")
+                devices.join(", "),
+                match regressions {
+                    0 => String::new(),
+                    1 => " — 1 regression".to_string(),
+                    n => format!(" — {n} regressions"),
+                }
             );
             let mut text = format!(
                 "Testrun {} of {} ended: {}\nImage: {}\nDevices: {}\n\n",
@@ -99,6 +156,7 @@ pub fn render(body: &str) -> (String, String) {
             if let Some(n) = v.get("tasks_omitted").and_then(Value::as_u64) {
                 text.push_str(&format!("  … and {n} more tasks (ots-submit status)\n"));
             }
+            text.push_str(&triage_text(&v));
             if let Some(u) = url {
                 text.push_str(&format!("\n{u}\n"));
             }
@@ -168,5 +226,31 @@ mod tests {
                 .to_string(),
         );
         assert_eq!(s, "[ots] worker w1 is bad");
+    }
+
+    #[test]
+    fn a_compared_testrun_names_its_regressions_in_subject_and_text() {
+        let body = serde_json::json!({
+            "type": "testrun_finished", "run": "r9", "state": "finished", "verdict": "FAIL",
+            "devices": ["devicegroup:g"], "tasks": [], "series": "nightly", "base": "r8",
+            "regressions": [{"name": "net::dhcp", "task": "r9.1", "message": "no lease", "last_passed": "r8"}],
+            "flaky": [{"name": "ui::tap", "task": "r9.1", "evidence": "passed 3 and failed 1 times on image i"}],
+            "triage": {"regressions": 1, "fixed": 0, "flaky": 1, "device_specific": 0, "known": 0},
+        })
+        .to_string();
+        let (subject, text) = render(&body);
+        assert_eq!(subject, "[ots] r9 FAIL on devicegroup:g — 1 regression");
+        assert!(
+            text.contains("  regression: net::dhcp (r9.1) — no lease, last passed in r8\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  flaky: ui::tap (r9.1) [passed 3 and failed 1 times on image i]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Against r8 (series nightly): 1 regressions"),
+            "{text}"
+        );
     }
 }

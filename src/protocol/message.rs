@@ -540,7 +540,7 @@ pub enum Body {
         cases: Vec<TestCase>,
     },
     /// A testrun's cases against `base` (default: its series' last
-    /// finished testrun before it, §5.7). Answered with `comparison`.
+    /// finished testrun before it, §5.6). Answered with `comparison`.
     Compare {
         request: u64,
         run: RunId,
@@ -552,7 +552,7 @@ pub enum Body {
         request: u64,
         comparison: Box<crate::protocol::results::Comparison>,
     },
-    /// One case's results, newest first (§5.7): `case` as `list_cases`
+    /// One case's results, newest first (§5.6): `case` as `list_cases`
     /// names it; only those of `series` and `devicegroup` if given;
     /// `limit` 1–500. Answered with `case_history`.
     GetCaseHistory {
@@ -570,7 +570,7 @@ pub enum Body {
         history: crate::protocol::results::CaseHistory,
     },
     /// Cases that passed and failed on one series and image among the
-    /// newest finished testruns (§5.7). Answered with `flaky`.
+    /// newest finished testruns (§5.6). Answered with `flaky`.
     ListFlaky {
         request: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -583,7 +583,7 @@ pub enum Body {
     },
     /// Lists the known-issue rules, adding one (`add`) or removing one
     /// (`remove`, a rule's id) first; changing them needs role operator
-    /// (§5.7). Answered with `known`.
+    /// (§5.6). Answered with `known`.
     Known {
         request: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,4 @@
-//! Results across testruns (PROTOCOL.md §5.7): what `compare`,
+//! Results across testruns (PROTOCOL.md §5.6): what `compare`,
 //! `case_history`, `list_flaky` and the known-issue requests answer, and
 //! what a `testrun_finished` event says against its series. Wire data.
 

@@ -219,7 +219,7 @@ pub struct RunStatus {
     pub verdict: Option<Verdict>,
     pub device: DeviceSpec,
     pub image: String,
-    /// The series its results are compared with (§5.7).
+    /// The series its results are compared with (§5.6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub series: Option<String>,
     pub tasks: Vec<TaskStatus>,

@@ -91,7 +91,7 @@ pub struct TestrunRequest {
     /// submitter holds: no queue; the lease's consoles stay attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_lease: Option<crate::protocol::leasing::LeaseId>,
-    /// The series it belongs to (PROTOCOL.md §5.7): its results are
+    /// The series it belongs to (PROTOCOL.md §5.6): its results are
     /// compared with the series' earlier runs. A safe id; when absent
     /// the server names it after its device specs, packages and options
     /// ([`TestrunRequest::default_series`]).

@@ -128,25 +128,27 @@ pub fn task_number(task: &str) -> &str {
 
 /// A case of one testrun: its last attempt, and whether another attempt
 /// had the other outcome (failed, then passed on a retry).
-#[derive(Clone, Debug)]
-pub struct Final {
-    pub row: CaseRow,
+#[derive(Clone, Copy, Debug)]
+pub struct Final<'a> {
+    pub row: &'a CaseRow,
     pub flipped: bool,
 }
 
+/// A case's identity within its testrun: (task number, name).
+pub type CaseKey<'a> = (&'a str, &'a str);
+
 /// Each case of a testrun by (task number, name), its last attempt.
-pub fn finals(rows: Vec<CaseRow>) -> BTreeMap<(String, String), Final> {
-    let last: HashMap<&str, u32> = rows.iter().fold(HashMap::new(), |mut m, r| {
-        let a = m.entry(r.task.as_str()).or_insert(0);
-        *a = (*a).max(r.attempt);
-        m
-    });
-    let last: HashMap<String, u32> = last.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    let mut earlier: HashMap<(String, String), Vec<CaseStatus>> = HashMap::new();
-    let mut out: BTreeMap<(String, String), Final> = BTreeMap::new();
+pub fn finals(rows: &[CaseRow]) -> HashMap<CaseKey<'_>, Final<'_>> {
+    let mut last: HashMap<&str, u32> = HashMap::new();
     for r in rows {
-        let key = (task_number(&r.task).to_string(), r.name.clone());
-        if Some(&r.attempt) == last.get(&r.task) {
+        let a = last.entry(r.task.as_str()).or_insert(0);
+        *a = (*a).max(r.attempt);
+    }
+    let mut out: HashMap<CaseKey<'_>, Final<'_>> = HashMap::with_capacity(rows.len());
+    let mut earlier: Vec<(CaseKey<'_>, CaseStatus)> = Vec::new();
+    for r in rows {
+        let key = (task_number(&r.task), r.name.as_str());
+        if Some(&r.attempt) == last.get(r.task.as_str()) {
             out.insert(
                 key,
                 Final {
@@ -155,15 +157,14 @@ pub fn finals(rows: Vec<CaseRow>) -> BTreeMap<(String, String), Final> {
                 },
             );
         } else {
-            earlier.entry(key).or_default().push(r.status);
+            earlier.push((key, r.status));
         }
     }
-    for (key, statuses) in earlier {
+    for (key, status) in earlier {
         if let Some(f) = out.get_mut(&key) {
-            f.flipped = statuses
-                .iter()
-                .any(|s| s.failed() != f.row.status.failed() && *s != CaseStatus::Skip)
-                && f.row.status != CaseStatus::Skip;
+            f.flipped |= status != CaseStatus::Skip
+                && f.row.status != CaseStatus::Skip
+                && status.failed() != f.row.status.failed();
         }
     }
     out
@@ -269,13 +270,15 @@ pub struct Compare<'a> {
 
 /// Sorts a testrun's cases against its base.
 pub fn compare(input: Compare<'_>) -> Triage {
-    let now = finals(input.cases);
-    let before = finals(input.base_cases);
+    let now = finals(&input.cases);
+    let before = finals(&input.base_cases);
     let evidence = gather(input.window);
+    let mut order: Vec<&CaseKey<'_>> = now.keys().collect();
+    order.sort_unstable();
     let mut c = Comparison {
-        run: input.run,
-        base: input.base,
-        series: input.series,
+        run: input.run.clone(),
+        base: input.base.clone(),
+        series: input.series.clone(),
         ..Comparison::default()
     };
     let mut t = CompareTotals {
@@ -283,27 +286,26 @@ pub fn compare(input: Compare<'_>) -> Triage {
         base_cases: before.len() as u64,
         ..CompareTotals::default()
     };
+    let has_base = c.base.is_some();
     let mut suspects = Vec::new();
     let mut triaged = 0usize;
     let mut unchecked = 0u64;
-    let push = |list: &mut Vec<CaseChange>, total: &mut u64, change: CaseChange| {
-        *total += 1;
-        if list.len() < MAX_COMPARED_LISTED {
-            list.push(change);
-        }
-    };
-    for (key, f) in &now {
+    for key in order {
+        let f = now[key];
         let base = before.get(key).map(|b| b.row.status);
-        let mut change = change_of(&f.row, base);
-        if base.is_none() && input_has_base(&c) {
-            push(&mut c.new_cases, &mut t.new_cases, change.clone());
+        if base.is_none() && has_base {
+            push(&mut c.new_cases, &mut t.new_cases, || {
+                change_of(f.row, base)
+            });
         }
         if !f.row.status.failed() {
             if f.flipped {
-                change.evidence = Some("failed, then passed on an automatic retry".into());
-                push(&mut c.flaky, &mut t.flaky, change);
+                push(&mut c.flaky, &mut t.flaky, || CaseChange {
+                    evidence: Some("failed, then passed on an automatic retry".into()),
+                    ..change_of(f.row, base)
+                });
             } else if base.is_some_and(CaseStatus::failed) {
-                push(&mut c.fixed, &mut t.fixed, change);
+                push(&mut c.fixed, &mut t.fixed, || change_of(f.row, base));
             }
             continue;
         }
@@ -318,40 +320,57 @@ pub fn compare(input: Compare<'_>) -> Triage {
             .then(|| {
                 input
                     .known
-                    .label(&f.row, input.logs.get(&f.row.task).map(String::as_str))
+                    .label(f.row, input.logs.get(&f.row.task).map(String::as_str))
             })
             .flatten();
         let device = match (checked, e, f.row.worker.as_deref()) {
             (true, Some(e), Some(w)) => e.device_specific(group, w).map(|why| (w, why)),
             _ => None,
         };
+        let flaky = || {
+            f.flipped
+                .then(|| "failed on one attempt and passed on another".to_string())
+                .or_else(|| e.filter(|_| checked).and_then(Evidence::flaky))
+        };
         if let Some(label) = known {
-            change.known = Some(label);
-            push(&mut c.known, &mut t.known, change);
+            push(&mut c.known, &mut t.known, || CaseChange {
+                known: Some(label),
+                ..change_of(f.row, base)
+            });
         } else if let Some((worker, why)) = device {
             suspects.push((worker.to_string(), f.row.name.clone()));
-            change.evidence = Some(why);
-            push(&mut c.device_specific, &mut t.device_specific, change);
-        } else if let Some(why) = f
-            .flipped
-            .then(|| "failed on one attempt and passed on another".to_string())
-            .or_else(|| e.filter(|_| checked).and_then(Evidence::flaky))
-        {
-            change.evidence = Some(why);
-            push(&mut c.flaky, &mut t.flaky, change);
+            push(&mut c.device_specific, &mut t.device_specific, || {
+                CaseChange {
+                    evidence: Some(why),
+                    ..change_of(f.row, base)
+                }
+            });
+        } else if let Some(why) = flaky() {
+            push(&mut c.flaky, &mut t.flaky, || CaseChange {
+                evidence: Some(why),
+                ..change_of(f.row, base)
+            });
         } else if base.is_some_and(CaseStatus::failed) {
-            push(&mut c.still_failing, &mut t.still_failing, change);
+            push(&mut c.still_failing, &mut t.still_failing, || {
+                change_of(f.row, base)
+            });
         } else {
-            push(&mut c.regressions, &mut t.regressions, change);
+            push(&mut c.regressions, &mut t.regressions, || {
+                change_of(f.row, base)
+            });
         }
     }
-    if input_has_base(&c) {
-        for (key, b) in &before {
-            if !now.contains_key(key) {
-                let mut change = change_of(&b.row, Some(b.row.status));
-                change.status = None;
-                push(&mut c.removed_cases, &mut t.removed_cases, change);
-            }
+    if has_base {
+        let mut gone: Vec<(&CaseKey<'_>, &Final<'_>)> = before
+            .iter()
+            .filter(|(k, _)| !now.contains_key(*k))
+            .collect();
+        gone.sort_unstable_by_key(|(k, _)| **k);
+        for (_, b) in gone {
+            push(&mut c.removed_cases, &mut t.removed_cases, || CaseChange {
+                status: None,
+                ..change_of(b.row, Some(b.row.status))
+            });
         }
     }
     c.totals = t;
@@ -376,8 +395,13 @@ pub fn compare(input: Compare<'_>) -> Triage {
     }
 }
 
-fn input_has_base(c: &Comparison) -> bool {
-    c.base.is_some()
+/// Counts a case in a list, and lists it while the list has room (the
+/// change is made only then).
+fn push(list: &mut Vec<CaseChange>, total: &mut u64, change: impl FnOnce() -> CaseChange) {
+    *total += 1;
+    if list.len() < MAX_COMPARED_LISTED {
+        list.push(change());
+    }
 }
 
 fn change_of(row: &CaseRow, base: Option<CaseStatus>) -> CaseChange {

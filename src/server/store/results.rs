@@ -102,6 +102,13 @@ impl SqlValue {
             SqlValue::Int(v) => v.map(|v| v.to_string()),
         }
     }
+    /// The text, taken out (rows are read once).
+    fn take_text(&mut self) -> Option<String> {
+        match self {
+            SqlValue::Text(t) => t.take(),
+            SqlValue::Int(v) => v.map(|v| v.to_string()),
+        }
+    }
     fn status(&self) -> CaseStatus {
         self.text()
             .and_then(|s| CaseStatus::from_word(&s))
@@ -147,7 +154,12 @@ const BASE: &str = "SELECT id FROM runs WHERE series = ?1 AND num < ?2 AND kind 
      ORDER BY num DESC LIMIT 1";
 const WINDOW_LOW: &str = "SELECT num FROM runs WHERE series = ?1 AND num <= ?2 AND kind = 'r'
      AND (CAST(?3 AS TEXT) IS NULL OR owner = ?3) ORDER BY num DESC LIMIT 1 OFFSET ?4";
-const CASES: &str = "SELECT task, attempt, name, status, message, worker, devicegroup
+/// A testrun's cases: what triage needs of a passing case is its name
+/// and status; message, worker and group come with the others.
+const CASES: &str = "SELECT task, attempt, name, status,
+         CASE WHEN status <> 'pass' THEN message END,
+         CASE WHEN status <> 'pass' THEN worker END,
+         CASE WHEN status <> 'pass' THEN devicegroup END
      FROM cases WHERE run = ?1";
 const WINDOW: &str = "SELECT c.num, c.run, c.status, c.worker, c.devicegroup, r.image
      FROM cases c JOIN runs r ON r.id = c.run
@@ -220,15 +232,15 @@ async fn cases_of<D: SqlRows>(db: &D, run: &str) -> Result<Vec<CaseRow>, D::Erro
     Ok(db
         .rows(CASES, &[s(run)])
         .await?
-        .iter()
-        .map(|r| CaseRow {
-            task: r[0].text().unwrap_or_default(),
+        .into_iter()
+        .map(|mut r| CaseRow {
+            task: r[0].take_text().unwrap_or_default(),
             attempt: r[1].int().unwrap_or(0).min(u64::from(u32::MAX)) as u32,
-            name: r[2].text().unwrap_or_default(),
+            name: r[2].take_text().unwrap_or_default(),
             status: r[3].status(),
-            message: r[4].text(),
-            worker: r[5].text(),
-            devicegroup: r[6].text(),
+            message: r[4].take_text(),
+            worker: r[5].take_text(),
+            devicegroup: r[6].take_text(),
         })
         .collect())
 }

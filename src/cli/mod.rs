@@ -110,6 +110,10 @@ pub enum Command {
     /// Test cases that passed and failed on one series and image among
     /// the recent finished testruns, with the evidence.
     Flaky(results::FlakyArgs),
+    /// What the devices did: per device group and device, busy, idle,
+    /// leased, broken and offline time, task attempts and infrastructure
+    /// errors; per owner, device hours.
+    Report(results::ReportArgs),
     /// Known-issue rules: failures they match carry a label and are not
     /// regressions.
     Known {
@@ -376,6 +380,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::History(args) => results::history(args).await,
         Command::Flaky(args) => results::flaky(args).await,
         Command::Known { action } => results::known(action).await,
+        Command::Report(args) => results::report(args).await,
         Command::Queue { conn } => queue(&conn).await,
         Command::Drain { worker, undo, conn } => drain(&conn, &worker, !undo).await,
         Command::Undrain { worker, conn } => drain(&conn, &worker, false).await,

@@ -278,3 +278,83 @@ pub(crate) async fn known(cmd: KnownCommand) -> Result<i32, ClientError> {
     }
     Ok(exit::PASS)
 }
+
+/// `report`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// How far back (`30d`, `12h`; at most 400 days).
+    #[arg(long, default_value = "30d", value_parser = crate::cli::conn::parse_duration)]
+    since: std::time::Duration,
+    /// Only this device group.
+    #[arg(long)]
+    group: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn hours(ms: u64) -> String {
+    format!("{:.1} h", ms as f64 / 3_600_000.0)
+}
+
+fn share(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "–".into()
+    } else {
+        format!("{:.0}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+pub(crate) async fn report(args: ReportArgs) -> Result<i32, ClientError> {
+    let now = crate::protocol::limits::unix_ms_now();
+    let since_ms = now.saturating_sub(args.since.as_millis() as u64);
+    let mut client = args.conn.connect().await?;
+    let r = client.report(since_ms, args.group).await?;
+    if args.conn.json {
+        json(&r);
+        return Ok(exit::PASS);
+    }
+    crate::outln!(
+        "since {} ({} ago)",
+        crate::clock::human(r.since_ms),
+        humantime::format_duration(std::time::Duration::from_secs(args.since.as_secs()))
+    );
+    let line = |l: &crate::protocol::results::UsageLine| {
+        let total = l.busy_ms + l.idle_ms + l.leased_ms + l.broken_ms + l.offline_ms;
+        format!(
+            "busy {} ({}), idle {}, leased {}, broken {}, offline {}; {} task attempts ({} passed, {} failed), {} infrastructure errors",
+            hours(l.busy_ms),
+            share(l.busy_ms + l.leased_ms, total),
+            hours(l.idle_ms),
+            hours(l.leased_ms),
+            hours(l.broken_ms),
+            hours(l.offline_ms),
+            l.tasks,
+            l.passed,
+            l.failed,
+            l.infra_errors
+        )
+    };
+    if r.groups.is_empty() {
+        crate::outln!("no usage recorded in that time");
+    }
+    for g in &r.groups {
+        crate::outln!("group {}: {}", escape_controls(&g.name), line(g));
+        for d in r.devices.iter().filter(|d| d.devicegroup == g.name) {
+            crate::outln!("  {}: {}", escape_controls(&d.name), line(d));
+        }
+    }
+    if !r.owners.is_empty() {
+        crate::outln!("device hours per owner:");
+    }
+    for o in &r.owners {
+        crate::outln!(
+            "  {} on {}: {} ({} testruns, {} leased)",
+            escape_controls(&o.owner),
+            escape_controls(&o.devicegroup),
+            hours(o.busy_ms + o.leased_ms),
+            hours(o.busy_ms),
+            hours(o.leased_ms)
+        );
+    }
+    Ok(exit::PASS)
+}

@@ -81,4 +81,23 @@ impl Client {
             (other, _) => Err(unexpected("known_rules", &other)),
         }
     }
+
+    /// The utilisation report since `since_ms`.
+    pub async fn report(
+        &mut self,
+        since_ms: u64,
+        devicegroup: Option<String>,
+    ) -> Result<crate::protocol::results::Report, ClientError> {
+        match self
+            .request(|request| Body::GetReport {
+                request,
+                since_ms,
+                devicegroup,
+            })
+            .await?
+        {
+            (Body::Report { report, .. }, _) => Ok(report),
+            (other, _) => Err(unexpected("report", &other)),
+        }
+    }
 }

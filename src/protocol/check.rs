@@ -59,6 +59,10 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::GetCaseHistory { .. }
         | Body::ListFlaky { .. }
         | Body::Known { .. }
+        | Body::GetReport { .. }
+        | Body::GetLabSeries { .. }
+        | Body::GetWorkerSeries { .. }
+        | Body::GetSeriesMatrix { .. }
         | Body::Submit { .. }
         | Body::Follow { .. }
         | Body::DrainWorker { .. }
@@ -89,6 +93,10 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::CaseHistory { .. }
         | Body::Flaky { .. }
         | Body::KnownRules { .. }
+        | Body::Report { .. }
+        | Body::LabSeries { .. }
+        | Body::WorkerSeries { .. }
+        | Body::SeriesMatrix { .. }
         | Body::Queue { .. }
         | Body::Data { .. }
         | Body::Progress { .. }
@@ -533,10 +541,30 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
                 1..=crate::protocol::results::MAX_HISTORY_ROWS,
             )?;
         }
-        Body::ListFlaky { devicegroup, .. } => {
+        Body::ListFlaky { devicegroup, .. } | Body::GetReport { devicegroup, .. } => {
             if let Some(g) = devicegroup {
                 check_id(kind, "devicegroup", g)?;
             }
+        }
+        Body::GetLabSeries {
+            devicegroup,
+            step_ms,
+            ..
+        } => {
+            if let Some(g) = devicegroup {
+                check_id(kind, "devicegroup", g)?;
+            }
+            check_range(kind, "step_ms", *step_ms, 60_000..=86_400_000)?;
+        }
+        Body::GetWorkerSeries { worker, .. } => check_id(kind, "worker", worker)?,
+        Body::GetSeriesMatrix { series, runs, .. } => {
+            check_id(kind, "series", series)?;
+            check_range(
+                kind,
+                "runs",
+                *runs,
+                1..=crate::protocol::results::MAX_MATRIX_RUNS,
+            )?;
         }
         Body::Known { add, .. } => {
             if let Some(rule) = add {

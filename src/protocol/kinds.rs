@@ -51,6 +51,14 @@ impl Body {
             | Body::Flaky { request, .. }
             | Body::Known { request, .. }
             | Body::KnownRules { request, .. }
+            | Body::GetReport { request, .. }
+            | Body::Report { request, .. }
+            | Body::GetLabSeries { request, .. }
+            | Body::LabSeries { request, .. }
+            | Body::GetWorkerSeries { request, .. }
+            | Body::WorkerSeries { request, .. }
+            | Body::GetSeriesMatrix { request, .. }
+            | Body::SeriesMatrix { request, .. }
             | Body::Queue { request, .. }
             | Body::GetLog { request, .. }
             | Body::GetFile { request, .. }
@@ -154,6 +162,14 @@ impl Body {
             Body::Flaky { .. } => "flaky",
             Body::Known { .. } => "known",
             Body::KnownRules { .. } => "known_rules",
+            Body::GetReport { .. } => "get_report",
+            Body::Report { .. } => "report",
+            Body::GetLabSeries { .. } => "get_lab_series",
+            Body::LabSeries { .. } => "lab_series",
+            Body::GetWorkerSeries { .. } => "get_worker_series",
+            Body::WorkerSeries { .. } => "worker_series",
+            Body::GetSeriesMatrix { .. } => "get_series_matrix",
+            Body::SeriesMatrix { .. } => "series_matrix",
             Body::Queue { .. } => "queue",
             Body::InputOffer { .. } => "input_offer",
             Body::InputChunk { .. } => "input_chunk",

@@ -596,6 +596,58 @@ pub enum Body {
         request: u64,
         rules: Vec<crate::protocol::results::KnownRule>,
     },
+    /// The utilisation report since `since_ms` (§5.6). Answered with
+    /// `report`.
+    GetReport {
+        request: u64,
+        since_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devicegroup: Option<String>,
+    },
+    /// Answer to `get_report`.
+    Report {
+        request: u64,
+        report: crate::protocol::results::Report,
+    },
+    /// The device groups' minutes since `since_ms`, one point per
+    /// `step_ms` (§5.6). Answered with `lab_series`.
+    GetLabSeries {
+        request: u64,
+        since_ms: u64,
+        step_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devicegroup: Option<String>,
+    },
+    /// Answer to `get_lab_series`.
+    LabSeries {
+        request: u64,
+        points: Vec<crate::protocol::results::LabPoint>,
+    },
+    /// A worker's hours since `since_ms` (§5.6). Answered with
+    /// `worker_series`.
+    GetWorkerSeries {
+        request: u64,
+        worker: String,
+        since_ms: u64,
+    },
+    /// Answer to `get_worker_series`.
+    WorkerSeries {
+        request: u64,
+        worker: String,
+        hours: Vec<crate::protocol::results::WorkerHour>,
+    },
+    /// Cases × workers over a series' newest `runs` finished testruns
+    /// (§5.6). Answered with `series_matrix`.
+    GetSeriesMatrix {
+        request: u64,
+        series: String,
+        runs: u32,
+    },
+    /// Answer to `get_series_matrix`.
+    SeriesMatrix {
+        request: u64,
+        matrix: crate::protocol::results::SeriesMatrix,
+    },
     /// Answer to `list_queue`.
     Queue {
         request: u64,

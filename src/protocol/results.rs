@@ -190,3 +190,99 @@ pub struct KnownRule {
     #[serde(default)]
     pub added_ms: u64,
 }
+
+/// Time and tasks of a device group, a device or in all
+/// (`get_report`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageLine {
+    /// The group's or the worker's name.
+    pub name: String,
+    /// A worker's group (empty for a group's line).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub devicegroup: String,
+    pub busy_ms: u64,
+    pub idle_ms: u64,
+    pub leased_ms: u64,
+    pub broken_ms: u64,
+    pub offline_ms: u64,
+    pub tasks: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub infra_errors: u64,
+}
+
+/// Device time one owner used on one group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerLine {
+    pub owner: String,
+    pub devicegroup: String,
+    pub busy_ms: u64,
+    pub leased_ms: u64,
+}
+
+/// The utilisation report: per device group, per device, per owner.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub since_ms: u64,
+    pub groups: Vec<UsageLine>,
+    pub devices: Vec<UsageLine>,
+    pub owners: Vec<OwnerLine>,
+}
+
+/// A device group at one time (`get_lab_series`): its workers by state
+/// (averaged over the step), tasks queued (average) and the longest wait.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabPoint {
+    pub at_ms: u64,
+    pub devicegroup: String,
+    pub workers: f64,
+    pub busy: f64,
+    pub idle: f64,
+    pub leased: f64,
+    pub broken: f64,
+    pub queued: f64,
+    pub wait_max_ms: u64,
+}
+
+/// A worker in one hour (`get_worker_series`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHour {
+    pub hour_ms: u64,
+    pub busy_ms: u64,
+    pub idle_ms: u64,
+    pub leased_ms: u64,
+    pub broken_ms: u64,
+    pub offline_ms: u64,
+    pub tasks: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub infra_errors: u64,
+}
+
+/// Cases × workers over a series' recent testruns (`get_series_matrix`):
+/// for each case that failed at least once, its passes and failures on
+/// each worker (`cells` in the order of `workers`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesMatrix {
+    pub series: String,
+    /// The testruns looked at, newest first.
+    pub runs: Vec<RunId>,
+    pub workers: Vec<String>,
+    pub cases: Vec<MatrixRow>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatrixRow {
+    pub name: String,
+    /// (passed, failed) per worker.
+    pub cells: Vec<(u64, u64)>,
+}
+
+/// Days a report or a series looks back at most.
+pub const MAX_REPORT_DAYS: u64 = 400;
+/// Cases a series matrix shows at most (those failing most first), and
+/// workers.
+pub const MAX_MATRIX_CASES: usize = 50;
+pub const MAX_MATRIX_WORKERS: usize = 64;
+/// Testruns a series matrix looks at, at most.
+pub const MAX_MATRIX_RUNS: u32 = 200;

@@ -38,6 +38,7 @@ pub mod results;
 pub mod scheduler;
 pub mod shell;
 pub mod store;
+pub mod usage;
 pub mod verdict;
 
 // The paths the binaries, tests and benches have always used.

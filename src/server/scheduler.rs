@@ -190,6 +190,8 @@ pub struct Scheduler<S: Store> {
     recall: recall::Recollection,
     /// Known-issue rules; what triage needs.
     results: triage::Results,
+    /// The lab's usage series, until the next commit takes its rows.
+    usage: crate::server::usage::Usage,
 }
 
 /// A connection asked for a dashboard sign-in link.
@@ -273,6 +275,7 @@ impl<S: Store> Scheduler<S> {
             pinned: BTreeMap::new(),
             recall: recall::Recollection::default(),
             results,
+            usage: Default::default(),
         }
     }
 
@@ -685,6 +688,7 @@ mod settings;
 mod timers;
 mod triage;
 mod uploads;
+mod usage;
 mod views;
 pub use access::Caller;
 pub use followers::MAX_FOLLOWERS_PER_RUN;

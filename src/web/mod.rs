@@ -26,6 +26,7 @@
 pub mod api;
 mod asks;
 pub mod bridge;
+mod charts;
 pub mod door;
 mod download;
 mod extract;

@@ -33,6 +33,13 @@ impl<S: Store> Scheduler<S> {
             self.pending.workers.insert(name);
         }
         if let Some(w) = worker.as_deref() {
+            use crate::server::usage::Ended;
+            let how = match verdict {
+                Some(Verdict::Pass) => Ended::Passed,
+                Some(Verdict::Fail) => Ended::Failed,
+                _ => Ended::Other,
+            };
+            self.usage_task_ended(now, w, how);
             let attempt = Some(self.tasks[id].attempts);
             self.send_to_worker(
                 w,

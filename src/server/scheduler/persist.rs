@@ -303,6 +303,7 @@ impl<S: Store> Scheduler<S> {
             self.persisted_next_run = self.next_run;
         }
         self.known_changes(&mut changes.meta);
+        changes.usage = self.usage.take_rows();
         changes
     }
 

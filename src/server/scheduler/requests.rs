@@ -81,13 +81,16 @@ impl<S: Store> Scheduler<S> {
                 Some(refused) => Err(refused),
                 None => return,
             },
-            body
-            @ (Body::Compare { .. } | Body::GetCaseHistory { .. } | Body::ListFlaky { .. }) => {
-                match self.ask_results(now, peer, body) {
-                    Some(refused) => Err(refused),
-                    None => return,
-                }
-            }
+            body @ (Body::Compare { .. }
+            | Body::GetCaseHistory { .. }
+            | Body::ListFlaky { .. }
+            | Body::GetReport { .. }
+            | Body::GetLabSeries { .. }
+            | Body::GetWorkerSeries { .. }
+            | Body::GetSeriesMatrix { .. }) => match self.ask_results(now, peer, body) {
+                Some(refused) => Err(refused),
+                None => return,
+            },
             Body::Known { add, remove, .. } => self.on_known(now, peer, request, add, remove),
             body @ Body::ListRuns { .. } => match self.on_list_runs(now, peer, request, body) {
                 Some(refused) => Err(refused),

@@ -1306,7 +1306,7 @@ fn dispatch_is_resent_until_the_worker_acks_it() {
 /// from it, as a crash and restart would.
 /// The scheduler stops dead; a new one restores what the lab's database
 /// holds (what ended is read back from it on demand).
-pub(super) fn crash_and_restart(lab: &mut Lab) {
+fn crash_and_restart(lab: &mut Lab) {
     lab.commit();
     let snap = lab.db.load().unwrap();
     let cfg = lab.s.cfg.clone();

@@ -93,6 +93,7 @@ impl<S: Store> Scheduler<S> {
     pub fn on_tick(&mut self, now: Instant) {
         self.latest = self.latest.max(now);
         self.heartbeat(now);
+        self.observe_usage(now);
         self.apply_retention(now);
         self.notify_tick(now);
         self.forgive_own_stall(now);

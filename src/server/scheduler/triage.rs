@@ -220,11 +220,49 @@ impl<S: Store> Scheduler<S> {
                 owner,
                 window_runs: self.cfg.results.flaky_runs,
             })),
+            Body::GetReport {
+                since_ms,
+                devicegroup,
+                ..
+            } => Ok(ResultQuery::Report {
+                since_ms: self.report_since(*since_ms),
+                devicegroup: devicegroup.clone(),
+                owner,
+            }),
+            Body::GetLabSeries {
+                since_ms,
+                step_ms,
+                devicegroup,
+                ..
+            } => Ok(ResultQuery::Lab {
+                since_ms: self.report_since(*since_ms),
+                step_ms: *step_ms,
+                devicegroup: devicegroup.clone(),
+            }),
+            Body::GetWorkerSeries {
+                worker, since_ms, ..
+            } => Ok(ResultQuery::Worker {
+                worker: worker.clone(),
+                since_ms: self.report_since(*since_ms),
+            }),
+            Body::GetSeriesMatrix { series, runs, .. } => Ok(ResultQuery::Matrix {
+                series: series.clone(),
+                runs: *runs,
+                owner,
+            }),
             other => Err((
                 ErrorCode::Malformed,
                 format!("{} is not a results request", other.kind()),
             )),
         }
+    }
+
+    /// No further back than the series are kept.
+    fn report_since(&self, since_ms: u64) -> u64 {
+        let now_ms = self.wall_ms(self.latest);
+        since_ms.max(
+            now_ms.saturating_sub(crate::protocol::results::MAX_REPORT_DAYS * 24 * 3600 * 1000),
+        )
     }
 
     /// A results answer, to whoever asked.
@@ -250,6 +288,14 @@ impl<S: Store> Scheduler<S> {
             },
             ResultFound::History(history) => Body::CaseHistory { request, history },
             ResultFound::Flaky(cases) => Body::Flaky { request, cases },
+            ResultFound::Report(report) => Body::Report { request, report },
+            ResultFound::Lab(points) => Body::LabSeries { request, points },
+            ResultFound::Worker(worker, hours) => Body::WorkerSeries {
+                request,
+                worker,
+                hours,
+            },
+            ResultFound::Matrix(matrix) => Body::SeriesMatrix { request, matrix },
         };
         self.send(peer, None, body, None);
     }

@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 ///    history is read from the database, not held in memory.
 /// 8: cases (every test case of every JUnit result file).
 /// 9: series: a testrun's series and image, a case's run number, series,
-///    worker and device group (`compare`, `case_history`, triage); the
-///    known-issue rules operators add at run time.
-pub const SCHEMA_VERSION: i64 = 9;
+///    worker and device group (`compare`, `case_history`, triage).
+/// 10: the lab's usage series (per group and minute, per worker and
+///    hour, per owner and hour).
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// The SQL flavour a migration is written for: both backends share one
 /// schema, one list of versions.
@@ -116,7 +117,24 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               UPDATE cases SET num = CAST(substr(run, 2) AS {int});
               DROP INDEX cases_name;
               CREATE INDEX cases_history ON cases (name, num, status);
-              CREATE TABLE known (id {int} PRIMARY KEY, body {blob} NOT NULL);"
+              DROP INDEX cases_run;
+              CREATE INDEX cases_run ON cases (run, status, task, attempt, name);"
+        }
+        // The lab's usage series (`server::usage`), kept bounded.
+        10 => {
+            "CREATE TABLE lab_minutes (minute {int} NOT NULL, devicegroup TEXT NOT NULL,
+                  workers {int} NOT NULL, busy {int} NOT NULL, idle {int} NOT NULL,
+                  leased {int} NOT NULL, broken {int} NOT NULL, queued {int} NOT NULL,
+                  wait_ms {int} NOT NULL, PRIMARY KEY (minute, devicegroup));
+              CREATE TABLE usage_hours (hour {int} NOT NULL, worker TEXT NOT NULL,
+                  devicegroup TEXT NOT NULL, busy_ms {int} NOT NULL, idle_ms {int} NOT NULL,
+                  leased_ms {int} NOT NULL, broken_ms {int} NOT NULL, offline_ms {int} NOT NULL,
+                  tasks {int} NOT NULL, passed {int} NOT NULL, failed {int} NOT NULL,
+                  infra_errors {int} NOT NULL, PRIMARY KEY (hour, worker, devicegroup));
+              CREATE INDEX usage_hours_worker ON usage_hours (worker, hour);
+              CREATE TABLE owner_hours (hour {int} NOT NULL, owner TEXT NOT NULL,
+                  devicegroup TEXT NOT NULL, busy_ms {int} NOT NULL, leased_ms {int} NOT NULL,
+                  PRIMARY KEY (hour, owner, devicegroup));"
         }
         _ => unreachable!("no migration to version {version}"),
     };
@@ -260,6 +278,8 @@ pub struct Changes {
     pub notifications: Vec<(String, Option<String>, Vec<u8>)>,
     /// Deliveries forgotten (ended long enough ago).
     pub removed_notifications: Vec<String>,
+    /// The lab's usage series: rows to add, rows to forget.
+    pub usage: crate::server::usage::UsageRows,
 }
 
 impl Changes {
@@ -276,6 +296,7 @@ impl Changes {
             && self.input_owners.is_empty()
             && self.notifications.is_empty()
             && self.removed_notifications.is_empty()
+            && self.usage.is_empty()
     }
 }
 
@@ -559,6 +580,7 @@ impl Db {
                 .map_err(sql)?;
             }
         }
+        super::usage::sqlite_write(&tx, &changes.usage).map_err(sql)?;
         tx.commit().map_err(sql)
     }
 

@@ -276,7 +276,7 @@ impl super::results::SqlRows for Sqlite<'_> {
                         ValueRef::Text(t) => {
                             SqlValue::Text(Some(String::from_utf8_lossy(t).into_owned()))
                         }
-                        ValueRef::Real(f) => SqlValue::Int(Some(f as i64)),
+                        ValueRef::Real(f) => SqlValue::Text(Some(f.to_string())),
                         ValueRef::Blob(_) => SqlValue::Text(None),
                     })
                 })

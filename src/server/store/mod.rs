@@ -16,6 +16,7 @@ pub mod index;
 pub mod pg;
 pub mod results;
 pub mod state;
+pub mod usage;
 
 use crate::protocol::{LogLine, Stream, TaskId};
 use std::collections::HashMap;

@@ -555,6 +555,11 @@ async fn write_changes(
         let (keys, values): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
         tx.execute(&s.meta, &[&keys, &values]).await?;
     }
+    for (sql, params) in super::usage::statements(&changes.usage) {
+        let params = history::pg_params(&params);
+        tx.execute(history::pg_sql(sql).as_str(), &params.refs())
+            .await?;
+    }
     quarantine(tx, changes).await
 }
 

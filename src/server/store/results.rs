@@ -28,6 +28,29 @@ pub enum ResultQuery {
     Compare(CompareQuery),
     History(HistoryQuery),
     Flaky(FlakyQuery),
+    /// The utilisation report (`owner`: only that owner's line).
+    Report {
+        since_ms: u64,
+        devicegroup: Option<String>,
+        owner: Option<String>,
+    },
+    /// The device groups' minutes, one point per step.
+    Lab {
+        since_ms: u64,
+        step_ms: u64,
+        devicegroup: Option<String>,
+    },
+    /// A worker's hours.
+    Worker {
+        worker: String,
+        since_ms: u64,
+    },
+    /// Cases × workers over a series' newest finished testruns.
+    Matrix {
+        series: String,
+        runs: u32,
+        owner: Option<String>,
+    },
 }
 
 /// `compare`, and the triage of a testrun that ended.
@@ -65,13 +88,17 @@ pub struct FlakyQuery {
 }
 
 /// What a results question answered.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ResultFound {
     /// The testrun is not in the database (never stored, or not a testrun).
     NoRun(RunId),
     Compared(Box<Triage>),
     History(CaseHistory),
     Flaky(Vec<FlakyCase>),
+    Report(crate::protocol::results::Report),
+    Lab(Vec<crate::protocol::results::LabPoint>),
+    Worker(String, Vec<crate::protocol::results::WorkerHour>),
+    Matrix(crate::protocol::results::SeriesMatrix),
 }
 
 /// A query parameter.
@@ -154,13 +181,12 @@ const BASE: &str = "SELECT id FROM runs WHERE series = ?1 AND num < ?2 AND kind 
      ORDER BY num DESC LIMIT 1";
 const WINDOW_LOW: &str = "SELECT num FROM runs WHERE series = ?1 AND num <= ?2 AND kind = 'r'
      AND (CAST(?3 AS TEXT) IS NULL OR owner = ?3) ORDER BY num DESC LIMIT 1 OFFSET ?4";
-/// A testrun's cases: what triage needs of a passing case is its name
-/// and status; message, worker and group come with the others.
-const CASES: &str = "SELECT task, attempt, name, status,
-         CASE WHEN status <> 'pass' THEN message END,
-         CASE WHEN status <> 'pass' THEN worker END,
-         CASE WHEN status <> 'pass' THEN devicegroup END
-     FROM cases WHERE run = ?1";
+/// A testrun's cases: what triage needs of most is their name and
+/// status, read from the index `cases_run` alone (it covers them);
+/// message, worker and group of the failing ones come apart.
+const CASES: &str = "SELECT task, attempt, name, status FROM cases WHERE run = ?1";
+const FAILING_CASES: &str = "SELECT task, attempt, name, message, worker, devicegroup
+     FROM cases WHERE run = ?1 AND status IN ('fail', 'error')";
 const WINDOW: &str = "SELECT c.num, c.run, c.status, c.worker, c.devicegroup, r.image
      FROM cases c JOIN runs r ON r.id = c.run
      WHERE c.name = ?1 AND c.num BETWEEN ?2 AND ?3 AND c.series = ?4
@@ -212,6 +238,32 @@ pub async fn answer<D: SqlRows>(
         ResultQuery::Compare(q) => compare(db, q, logs).await,
         ResultQuery::History(q) => history(db, q).await.map(ResultFound::History),
         ResultQuery::Flaky(q) => flaky(db, q).await.map(ResultFound::Flaky),
+        ResultQuery::Report {
+            since_ms,
+            devicegroup,
+            owner,
+        } => super::usage::report(db, *since_ms, devicegroup, owner)
+            .await
+            .map(ResultFound::Report),
+        ResultQuery::Lab {
+            since_ms,
+            step_ms,
+            devicegroup,
+        } => super::usage::lab_series(db, *since_ms, *step_ms, devicegroup)
+            .await
+            .map(ResultFound::Lab),
+        ResultQuery::Worker { worker, since_ms } => {
+            super::usage::worker_series(db, worker, *since_ms)
+                .await
+                .map(|h| ResultFound::Worker(worker.clone(), h))
+        }
+        ResultQuery::Matrix {
+            series,
+            runs,
+            owner,
+        } => super::usage::matrix(db, series, *runs, owner)
+            .await
+            .map(ResultFound::Matrix),
     }
 }
 
@@ -229,18 +281,40 @@ async fn facts<D: SqlRows>(db: &D, run: &str) -> Result<Option<RunFacts>, D::Err
 }
 
 async fn cases_of<D: SqlRows>(db: &D, run: &str) -> Result<Vec<CaseRow>, D::Error> {
+    let attempt = |v: &SqlValue| v.int().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+    let mut details: HashMap<(String, u32, String), [Option<String>; 3]> = HashMap::new();
+    for mut r in db.rows(FAILING_CASES, &[s(run)]).await? {
+        let key = (
+            r[0].take_text().unwrap_or_default(),
+            attempt(&r[1]),
+            r[2].take_text().unwrap_or_default(),
+        );
+        details
+            .entry(key)
+            .or_insert([r[3].take_text(), r[4].take_text(), r[5].take_text()]);
+    }
     Ok(db
         .rows(CASES, &[s(run)])
         .await?
         .into_iter()
-        .map(|mut r| CaseRow {
-            task: r[0].take_text().unwrap_or_default(),
-            attempt: r[1].int().unwrap_or(0).min(u64::from(u32::MAX)) as u32,
-            name: r[2].take_text().unwrap_or_default(),
-            status: r[3].status(),
-            message: r[4].take_text(),
-            worker: r[5].take_text(),
-            devicegroup: r[6].take_text(),
+        .map(|mut r| {
+            let mut row = CaseRow {
+                task: r[0].take_text().unwrap_or_default(),
+                attempt: attempt(&r[1]),
+                name: r[2].take_text().unwrap_or_default(),
+                status: r[3].status(),
+                message: None,
+                worker: None,
+                devicegroup: None,
+            };
+            if row.status.failed() {
+                if let Some([m, w, g]) =
+                    details.remove(&(row.task.clone(), row.attempt, row.name.clone()))
+                {
+                    (row.message, row.worker, row.devicegroup) = (m, w, g);
+                }
+            }
+            row
         })
         .collect())
 }

@@ -91,15 +91,15 @@ impl crate::server::store::results::SqlRows for Pg<'_> {
     }
 }
 
-fn pg_sql(sql: &str) -> String {
+pub(crate) fn pg_sql(sql: &str) -> String {
     sql.replace('?', "$").replace("instr(", "strpos(")
 }
 
 /// Parameters as PostgreSQL takes them.
-struct PgParams(Vec<Box<dyn ToSql + Sync + Send>>);
+pub(crate) struct PgParams(Vec<Box<dyn ToSql + Sync + Send>>);
 
 impl PgParams {
-    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+    pub(crate) fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.0
             .iter()
             .map(|v| v.as_ref() as &(dyn ToSql + Sync))
@@ -107,7 +107,7 @@ impl PgParams {
     }
 }
 
-fn pg_params(params: &[SqlParam]) -> PgParams {
+pub(crate) fn pg_params(params: &[SqlParam]) -> PgParams {
     PgParams(
         params
             .iter()
@@ -128,6 +128,9 @@ fn pg_values(rows: &[tokio_postgres::Row]) -> Result<Vec<Vec<SqlValue>>, PgError
                 .map(|i| {
                     Ok(match *r.columns()[i].type_() {
                         Type::INT8 => SqlValue::Int(r.try_get(i)?),
+                        Type::FLOAT8 => {
+                            SqlValue::Text(r.try_get::<_, Option<f64>>(i)?.map(|v| v.to_string()))
+                        }
                         Type::INT4 => SqlValue::Int(r.try_get::<_, Option<i32>>(i)?.map(i64::from)),
                         _ => SqlValue::Text(r.try_get(i)?),
                     })

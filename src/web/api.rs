@@ -36,6 +36,9 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/workers/{name}", get(worker_page))
         .route("/workers/{name}/drain", post(drain_form))
         .route("/audit", get(audit_page))
+        .route("/cases", get(super::results::case_page))
+        .route("/series/{series}", get(super::results::series_page))
+        .route("/report", get(super::results::report_page))
         .route(
             "/leases",
             get(leases::leases_page).post(leases::reserve_form),

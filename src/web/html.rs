@@ -29,8 +29,12 @@ pub(super) async fn lab_page(
     Page(v, peer): Page,
     Query(f): Query<Fragment>,
 ) -> Response {
+    let charts = match f.fragment {
+        Some(_) => None,
+        None => Some(super::results::lab_charts(&d, &v, peer).await),
+    };
     match workers(&d, &v, peer).await {
-        Ok(w) => pages::lab(&v, &w, f.fragment.is_some()),
+        Ok(w) => pages::lab(&v, &w, charts),
         Err(e) => page_error(&v, e),
     }
 }
@@ -130,7 +134,10 @@ pub(super) async fn worker_page(
     Path(name): Path<String>,
 ) -> Response {
     match health(&d, &v, peer, &name).await {
-        Ok((w, history, recent)) => pages::worker(&v, &w, &history, &recent),
+        Ok((w, history, recent)) => {
+            let chart = super::results::worker_chart(&d, &v, peer, &name).await;
+            pages::worker(&v, &w, &history, &recent, chart)
+        }
         Err(e) => page_error(&v, e),
     }
 }

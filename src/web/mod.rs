@@ -27,6 +27,7 @@ pub mod api;
 mod asks;
 pub mod bridge;
 mod charts;
+mod results;
 pub mod door;
 mod download;
 mod extract;

@@ -103,6 +103,7 @@ fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
                             a href="/queue" { "Queue" }
                             a href="/runs" { "Runs" }
                             a href="/leases" { "Leases" }
+                            a href="/report" { "Report" }
                             @if v.role() >= Role::Admin {
                                 a href="/audit" { "Audit" }
                             }
@@ -197,7 +198,9 @@ fn drain_form(v: &Viewer, w: &WorkerInfo) -> Markup {
 }
 
 /// The lab: every worker, and counts per device group.
-pub fn lab(v: &Viewer, workers: &[WorkerInfo], fragment: bool) -> Response {
+/// The lab; `charts` (the full page, not the refreshed part): its
+/// groups over time.
+pub fn lab(v: &Viewer, workers: &[WorkerInfo], charts: Option<Markup>) -> Response {
     let mut groups: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
     for w in workers {
         let g = groups.entry(w.device.devicegroup.as_str()).or_default();
@@ -249,15 +252,16 @@ pub fn lab(v: &Viewer, workers: &[WorkerInfo], fragment: bool) -> Response {
             }
         }
     };
-    if fragment {
+    let Some(charts) = charts else {
         return content.into_response();
-    }
+    };
     page(
         v,
         "Lab",
         html! {
             h1 { "Lab" }
             div data-refresh="/?fragment=1" data-every="3000" { (content) }
+            (charts)
         },
     )
 }
@@ -432,7 +436,8 @@ fn task_row(t: &TaskStatus) -> Markup {
             td { (t.reason.as_deref().unwrap_or(""))
                 @if !t.failing.is_empty() {
                     ul.failing { @for c in &t.failing {
-                        li { span class={ "case " (c.status.as_str()) } { (c.status.as_str()) } " " code { (c.name) }
+                        li { span class={ "case " (c.status.as_str()) } { (c.status.as_str()) } " "
+                            a href={ "/cases?name=" (url_escape(&c.name)) } { code { (c.name) } }
                             @if let Some(m) = &c.message { " — " (m) } }
                     } }
                 }
@@ -523,7 +528,8 @@ pub fn run(
         &s.run,
         html! {
             h1 { "Testrun " (s.run) }
-            p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) } }
+            p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) }
+                @if let Some(series) = &s.series { ", series " a href={ "/series/" (series) } { (series) } } }
             div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(v, s, owner)) }
             @if !deliveries.is_empty() {
                 h2 { "Notifications" }
@@ -605,6 +611,7 @@ pub fn worker(
     w: &WorkerInfo,
     history: &[HealthChange],
     recent: &[RecentTask],
+    chart: Markup,
 ) -> Response {
     page(
         v,
@@ -622,6 +629,7 @@ pub fn worker(
                 tr { th { "version" } td { (w.version.as_deref().unwrap_or("—")) } }
                 @if let Some(p) = &w.pinned { tr { th { "key serves" } td { (p) } } }
             }
+            (chart)
             h2 { "Health history" }
             table #health {
                 thead { tr { th { "at" } th { "from" } th { "to" } th { "reason" } } }

@@ -161,7 +161,7 @@ fn regressions_flakes_device_failures_and_known_issues_are_told_apart() {
     let secret = dir.path().join("hook.secret");
     std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
     let toml = format!(
-        "[notify]\n\
+        "web = \"127.0.0.1:0\"\n[results]\nusage_flush = \"1s\"\n[notify]\n\
          [[notify.webhook]]\nname = \"all\"\nurl = \"http://127.0.0.1:{port}/all\"\nsecret_file = \"{s}\"\nevents = [\"testrun_finished\"]\n\
          [[notify.webhook]]\nname = \"regressions\"\nurl = \"http://127.0.0.1:{port}/regressions\"\nsecret_file = \"{s}\"\nonly_regressions = true\n",
         s = secret.display()
@@ -382,4 +382,101 @@ fn regressions_flakes_device_failures_and_known_issues_are_told_apart() {
         .unwrap_or_else(|| panic!("{f}"));
     assert_eq!(flaky["failed_in"][0], r2.as_str(), "{f}");
     assert_eq!(flaky["image"], "img1", "{f}");
+
+    // The usage report: the workers' busy time and task attempts, the
+    // owner's device time (the hours are written every second here).
+    let deadline = Instant::now() + LIMIT;
+    let report = loop {
+        let r = json_of(&as_admin(&server, &["report", "--since", "1h", "--json"]));
+        let busy = |w: &str| {
+            r["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == w)
+                .map_or(0, |d| d["tasks"].as_u64().unwrap_or(0))
+        };
+        if busy("w1") >= 2
+            && busy("w3") >= 2
+            && r["owners"].as_array().is_some_and(|o| !o.is_empty())
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(200)); // polling interval, bounded by the deadline
+    };
+    assert_eq!(report["groups"][0]["name"], "lab", "{report}");
+    assert!(
+        report["groups"][0]["passed"].as_u64().unwrap()
+            + report["groups"][0]["failed"].as_u64().unwrap()
+            >= 5,
+        "{report}"
+    );
+    let out = as_admin(&server, &["report", "--since", "1h"]);
+    assert!(
+        text(&out.stdout).contains("group lab: busy"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    pictures(&server, &r1);
+}
+
+/// The pictures render in headless Chromium, at desktop and phone
+/// sizes (screenshots under target/web-screenshots/).
+fn pictures(server: &ServerProc, r1: &str) {
+    let line = server
+        .proc
+        .stderr
+        .wait_for("web dashboard listening", LIMIT)
+        .unwrap();
+    let base = field(&line, "url");
+    let out = as_admin(server, &["web"]);
+    let link = text(&out.stdout).lines().last().unwrap().trim().to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = common::browser::Browser::start().await;
+        b.open(&link).await;
+        let count = |sel: &str| format!("document.querySelectorAll('{sel}').length");
+        // A case's history: a square per result, w3's two failures.
+        b.open(&format!("{base}/cases?name=test_board%3A%3Atest_net&series=nightly")).await;
+        assert_eq!(b.js(&format!("return {}", count("#case-chart rect.case"))).await, 5);
+        assert_eq!(b.js(&format!("return {}", count("#case-chart rect.case.fail"))).await, 2);
+        b.screenshot("case-history").await;
+        // The series matrix: test_net's row, w3's cell the reddest.
+        b.open(&format!("{base}/series/nightly")).await;
+        let cells = b.js(&format!("return {}", count("#series-matrix rect.cell"))).await;
+        assert!(cells.as_u64().unwrap() >= 3, "{cells}");
+        let red = b
+            .js("return Array.from(document.querySelectorAll('#series-matrix rect.cell')).map(r => r.querySelector('title').textContent).filter(t => t.includes('test_net on w3'))[0]")
+            .await;
+        assert!(red.as_str().unwrap().contains("2 failed"), "{red}");
+        b.screenshot("series-matrix").await;
+        // The run page links its series.
+        b.open(&format!("{base}/runs/{r1}")).await;
+        assert!(b.js("return document.querySelector('a[href=\"/series/nightly\"]') !== null").await == true);
+        // The lab's groups over time, a worker's week, the report.
+        b.open(&format!("{base}/")).await;
+        b.wait_js("document.querySelectorAll('.charts[data-group=\"lab\"] svg.chart path').length >= 2", LIMIT).await;
+        b.screenshot("lab-charts").await;
+        b.open(&format!("{base}/workers/w3")).await;
+        b.wait_js("document.querySelectorAll('#worker-charts svg.chart').length == 2", LIMIT).await;
+        b.screenshot("worker-charts").await;
+        b.open(&format!("{base}/report?days=1")).await;
+        assert!(b.js(&format!("return {}", count("#report-devices tbody tr"))).await.as_u64().unwrap() >= 4);
+        b.screenshot("report").await;
+        // At a phone's width the charts shrink instead of widening the page.
+        b.client.set_window_size(390, 844).await.unwrap();
+        for page in ["/", "/workers/w3", "/cases?name=test_board%3A%3Atest_net", "/series/nightly"] {
+            b.open(&format!("{base}{page}")).await;
+            let fits = b.js("return document.documentElement.scrollWidth <= window.innerWidth + 1").await;
+            let wide = b.js("return Array.from(document.querySelectorAll('main *')).filter(e => e.getBoundingClientRect().right > window.innerWidth + 1).slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))").await;
+            assert_eq!(fits, true, "{page} is wider than a phone: {wide}");
+        }
+        b.screenshot("lab-charts-phone").await;
+    });
 }

@@ -219,6 +219,7 @@ impl<S: Store> Scheduler<S> {
         let heartbeat = cfg.heartbeat;
         let notifier = crate::notify::outbox::Notifier::new(cfg.notify.clone());
         let results = triage::Results::new(&cfg.results.known);
+        let usage_flush_ms = cfg.results.usage_flush_ms;
         Scheduler {
             cfg,
             store,
@@ -275,7 +276,7 @@ impl<S: Store> Scheduler<S> {
             pinned: BTreeMap::new(),
             recall: recall::Recollection::default(),
             results,
-            usage: Default::default(),
+            usage: crate::server::usage::Usage::with_flush(usage_flush_ms),
         }
     }
 

@@ -132,6 +132,9 @@ pub enum Ended {
 /// The accumulator.
 #[derive(Debug, Default)]
 pub struct Usage {
+    /// How often the hours' additions leave (0: once a minute).
+    flush_ms: u64,
+    flushed_ms: u64,
     last_ms: Option<u64>,
     minute: Option<u64>,
     hour: Option<u64>,
@@ -141,6 +144,15 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Rows leave every `flush_ms` (at least a second; by default once a
+    /// minute) and at each new minute.
+    pub fn with_flush(flush_ms: u64) -> Usage {
+        Usage {
+            flush_ms: flush_ms.max(1000),
+            ..Usage::default()
+        }
+    }
+
     /// Counts the time since the last observation in each worker's
     /// state; at a new minute, makes the minute's rows (`queues` is asked
     /// only then).
@@ -187,10 +199,19 @@ impl Usage {
             }
         }
         let minute = now_ms / MINUTE_MS * MINUTE_MS;
-        if self.minute == Some(minute) {
+        let flush_ms = if self.flush_ms == 0 {
+            MINUTE_MS
+        } else {
+            self.flush_ms
+        };
+        let due = now_ms.saturating_sub(self.flushed_ms) >= flush_ms;
+        if self.minute == Some(minute) && !due {
             return;
         }
+        // A minute's row is written again at each flush within it (the
+        // latest sample wins), so a chart has the current minute too.
         self.minute = Some(minute);
+        self.flushed_ms = now_ms;
         self.minute_rows(minute, workers, queues());
         self.flush();
         if self.hour != Some(hour) {

@@ -38,7 +38,7 @@ pub fn case_history(runs: &[CaseRun]) -> Markup {
     let n_lanes = lanes.len() + usize::from(runs.iter().any(|r| lane_of(r) == lanes.len()));
     let cell = 14.0;
     let left = 90.0;
-    let width = left + cell * runs.len().max(1) as f64 + 10.0;
+    let width = (left + cell * runs.len().max(1) as f64 + 10.0).max(320.0);
     let height = 24.0 + cell * n_lanes.max(1) as f64 + 20.0;
     html! {
         svg.chart xmlns="http://www.w3.org/2000/svg" role="img"
@@ -176,6 +176,11 @@ pub fn lines(
                 text x=(w - 10.0) y=(h - 6.0) font-size="10" text-anchor="end" { (crate::clock::human(t1).get(5..16).unwrap_or("")) }
                 @for (k, label) in labels.iter().enumerate() {
                     path d=(path(k)) fill="none" stroke=(PALETTE[k % PALETTE.len()]) stroke-width="1.5" {}
+                    @if points.len() < 60 {
+                        @for (t, v) in points {
+                            circle cx=(format!("{:.1}", x(*t))) cy=(format!("{:.1}", y(v.get(k).copied().unwrap_or(0.0)))) r="2" fill=(PALETTE[k % PALETTE.len()]) {}
+                        }
+                    }
                     rect x=(w - 160.0) y=(6.0 + 12.0 * k as f64) width="8" height="8" fill=(PALETTE[k % PALETTE.len()]) {}
                     text x=(w - 148.0) y=(14.0 + 12.0 * k as f64) font-size="10" { (label) }
                 }

@@ -27,7 +27,6 @@ pub mod api;
 mod asks;
 pub mod bridge;
 mod charts;
-mod results;
 pub mod door;
 mod download;
 mod extract;
@@ -37,6 +36,7 @@ mod json;
 mod leases;
 pub mod live;
 pub mod pages;
+mod results;
 pub mod sessions;
 mod signin;
 

@@ -198,7 +198,10 @@ fn usage_row(label: Markup, l: &UsageLine) -> Markup {
     let used = if total == 0 {
         "–".to_string()
     } else {
-        format!("{:.0}%", (l.busy_ms + l.leased_ms) as f64 * 100.0 / total as f64)
+        format!(
+            "{:.0}%",
+            (l.busy_ms + l.leased_ms) as f64 * 100.0 / total as f64
+        )
     };
     html! {
         tr {
@@ -217,7 +220,10 @@ pub(super) async fn report_page(
     Page(v, peer): Page,
     Query(q): Query<ReportQuery>,
 ) -> Response {
-    let days = q.days.unwrap_or(30).clamp(1, crate::protocol::results::MAX_REPORT_DAYS);
+    let days = q
+        .days
+        .unwrap_or(30)
+        .clamp(1, crate::protocol::results::MAX_REPORT_DAYS);
     let r = match report(&d, &v, peer, days, given(&q.group)).await {
         Ok(r) => r,
         Err(e) => return page_error(&v, e),
@@ -336,7 +342,10 @@ pub(super) async fn worker_chart(
                     } else {
                         0.0
                     };
-                    (h.hour_ms, vec![(h.busy_ms + h.leased_ms) as f64 * 100.0 / total, rate])
+                    (
+                        h.hour_ms,
+                        vec![(h.busy_ms + h.leased_ms) as f64 * 100.0 / total, rate],
+                    )
                 })
                 .collect();
             let errors: Vec<(u64, Vec<f64>)> = hours

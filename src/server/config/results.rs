@@ -17,6 +17,13 @@ pub struct ResultsConfig {
     /// `[[results.known]]`: failures matching a rule carry its label and
     /// are not regressions.
     pub known: Vec<KnownConfig>,
+    /// How often the usage series' per-hour additions are written
+    /// (1 s – 60 s; a restart loses at most this much of them).
+    #[serde(
+        rename = "usage_flush",
+        deserialize_with = "crate::settings::duration::ms"
+    )]
+    pub usage_flush_ms: u64,
 }
 
 /// One `[[results.known]]` rule.
@@ -43,6 +50,7 @@ impl Default for ResultsConfig {
             window_runs: r.window_runs,
             flaky_runs: r.flaky_runs,
             known: Vec::new(),
+            usage_flush_ms: r.usage_flush_ms,
         }
     }
 }
@@ -65,6 +73,13 @@ impl ResultsConfig {
                 "results.flaky_runs",
                 self.flaky_runs,
                 format!("must be between 1 and {max}"),
+            ));
+        }
+        if !(1000..=60_000).contains(&self.usage_flush_ms) {
+            return Err(invalid(
+                "results.usage_flush",
+                format!("{} ms", self.usage_flush_ms),
+                "must be between 1s and 60s",
             ));
         }
         if self.known.len() > MAX_CONFIGURED_RULES {
@@ -109,6 +124,7 @@ impl ResultsConfig {
                     added_ms: 0,
                 })
                 .collect(),
+            usage_flush_ms: self.usage_flush_ms,
         }
     }
 }

@@ -87,6 +87,9 @@ pub struct ResultsRules {
     pub flaky_runs: u32,
     /// Known-issue rules of the configuration (id 0).
     pub known: Vec<crate::protocol::results::KnownRule>,
+    /// How often the usage series' hours are written (a minute's rows
+    /// leave at each minute in any case).
+    pub usage_flush_ms: u64,
 }
 
 impl Default for ResultsRules {
@@ -95,6 +98,7 @@ impl Default for ResultsRules {
             window_runs: 10,
             flaky_runs: 50,
             known: Vec::new(),
+            usage_flush_ms: 60_000,
         }
     }
 }

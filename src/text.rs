@@ -88,6 +88,18 @@ pub fn ago_short(ms: u64) -> String {
     format!("{n}{}", ["s", "m", "h", "d"][u])
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn clip_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,16 +118,4 @@ mod tests {
         // Right-to-left text itself is text.
         assert_eq!(escape_controls("שלום"), "שלום");
     }
-}
-
-/// `text` cut to at most `max` bytes, at a character boundary.
-pub fn clip_bytes(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }

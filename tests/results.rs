@@ -46,8 +46,10 @@ def test_dhcp():
 "#;
 
 /// Webhook bodies received, by path.
+type Received = Mutex<HashMap<String, Vec<Value>>>;
+
 #[derive(Clone, Default)]
-struct Hooks(Arc<(Mutex<HashMap<String, Vec<Value>>>, Condvar)>);
+struct Hooks(Arc<(Received, Condvar)>);
 
 impl Hooks {
     fn start() -> (Hooks, u16) {

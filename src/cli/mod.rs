@@ -47,6 +47,9 @@ pub(crate) const EXIT_HELP: &str = "Exit status: 0 PASS, 1 FAIL, 2 ERROR, 3 canc
 77 the server refused our key or our role may not do this, 78 our own key files are missing or unusable.";
 
 #[derive(Debug, Subcommand)]
+// The command line is parsed once; the size of its largest variant
+// (`run`'s many options) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Write a new key pair: BASE.key (private, mode 0600) and BASE.pub.
     Keygen {

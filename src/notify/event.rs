@@ -133,10 +133,8 @@ pub fn testrun_finished(
     if omitted > 0 {
         body["tasks_omitted"] = omitted.into();
     }
-    if let (Some(fields), Some(map)) = (triaged, body.as_object_mut()) {
-        if let serde_json::Value::Object(fields) = fields {
-            map.extend(fields);
-        }
+    if let (Some(serde_json::Value::Object(fields)), Some(map)) = (triaged, body.as_object_mut()) {
+        map.extend(fields);
     }
     Event {
         kind: Kind::TestrunFinished,

@@ -509,79 +509,14 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             )?;
             check_range(kind, "offset", *offset, 0..=u64::from(u32::MAX))?;
         }
-        Body::Compare { run, base, .. } => {
-            check_id(kind, "run", run)?;
-            if let Some(b) = base {
-                check_id(kind, "base", b)?;
-            }
-        }
-        Body::GetCaseHistory {
-            case,
-            series,
-            devicegroup,
-            limit,
-            ..
-        } => {
-            check_text(
-                kind,
-                "case",
-                case,
-                crate::protocol::limits::MAX_CASE_NAME_BYTES,
-            )?;
-            if let Some(s) = series {
-                check_id(kind, "series", s)?;
-            }
-            if let Some(g) = devicegroup {
-                check_id(kind, "devicegroup", g)?;
-            }
-            check_range(
-                kind,
-                "limit",
-                *limit,
-                1..=crate::protocol::results::MAX_HISTORY_ROWS,
-            )?;
-        }
-        Body::ListFlaky { devicegroup, .. } | Body::GetReport { devicegroup, .. } => {
-            if let Some(g) = devicegroup {
-                check_id(kind, "devicegroup", g)?;
-            }
-        }
-        Body::GetLabSeries {
-            devicegroup,
-            step_ms,
-            ..
-        } => {
-            if let Some(g) = devicegroup {
-                check_id(kind, "devicegroup", g)?;
-            }
-            check_range(kind, "step_ms", *step_ms, 60_000..=86_400_000)?;
-        }
-        Body::GetWorkerSeries { worker, .. } => check_id(kind, "worker", worker)?,
-        Body::GetSeriesMatrix { series, runs, .. } => {
-            check_id(kind, "series", series)?;
-            check_range(
-                kind,
-                "runs",
-                *runs,
-                1..=crate::protocol::results::MAX_MATRIX_RUNS,
-            )?;
-        }
-        Body::Known { add, .. } => {
-            if let Some(rule) = add {
-                check_text(
-                    kind,
-                    "add.pattern",
-                    &rule.pattern,
-                    crate::protocol::results::MAX_KNOWN_PATTERN_BYTES,
-                )?;
-                check_text(
-                    kind,
-                    "add.label",
-                    &rule.label,
-                    crate::protocol::results::MAX_KNOWN_LABEL_BYTES,
-                )?;
-            }
-        }
+        Body::Compare { .. }
+        | Body::GetCaseHistory { .. }
+        | Body::ListFlaky { .. }
+        | Body::GetReport { .. }
+        | Body::GetLabSeries { .. }
+        | Body::GetWorkerSeries { .. }
+        | Body::GetSeriesMatrix { .. }
+        | Body::Known { .. } => super::check_results::check(kind, &env.body)?,
         Body::Submit { testrun, .. } => {
             if testrun.devices.len() >= MAX_DEVICE_SPECS {
                 return Err(invalid(

@@ -29,6 +29,21 @@ impl Body {
         }
     }
 
+    /// A question the server answers from its database's results and
+    /// usage series (§5.6).
+    pub fn asks_results(&self) -> bool {
+        matches!(
+            self,
+            Body::Compare { .. }
+                | Body::GetCaseHistory { .. }
+                | Body::ListFlaky { .. }
+                | Body::GetReport { .. }
+                | Body::GetLabSeries { .. }
+                | Body::GetWorkerSeries { .. }
+                | Body::GetSeriesMatrix { .. }
+        )
+    }
+
     /// The request id of a client request or its reply.
     pub fn request(&self) -> Option<u64> {
         match self {

@@ -14,10 +14,12 @@
 //! `docs/PROTOCOL.md` is the normative description; keep both in step.
 
 pub mod check;
+mod check_results;
 pub mod codec;
 pub mod device;
 pub mod envelope;
 mod fields;
+pub mod header;
 mod kinds;
 pub mod leasing;
 pub mod limits;

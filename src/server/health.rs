@@ -282,38 +282,8 @@ impl WorkerHealth {
                 }
                 None
             }
-            Event::Shared { failed_alone } => {
-                if self.shared.len() >= SHARED_WINDOW {
-                    self.shared.pop_front();
-                }
-                self.shared.push_back(failed_alone);
-                let alone = self.shared.iter().filter(|f| **f).count();
-                if self.health == Good && failed_alone && alone >= FAILED_ALONE {
-                    self.shared.clear();
-                    self.wanted = Some(CheckReason::Suspect);
-                    return self.set(
-                        Suspect,
-                        now_ms,
-                        format!(
-                            "failed alone in {alone} of its last {SHARED_WINDOW} testruns shared with other workers (the others passed)"
-                        ),
-                    );
-                }
-                None
-            }
-            Event::DeviceSpecific { case, run } => {
-                self.device_specific = self.device_specific.saturating_add(1);
-                let why = format!(
-                    "test case {case} failed only on this worker of its group in {run} ({} such failures since its last passed health check)",
-                    self.device_specific
-                );
-                if self.health == Good && self.device_specific >= DEVICE_SPECIFIC_SUSPECT {
-                    self.wanted = Some(CheckReason::Suspect);
-                    return self.set(Suspect, now_ms, why);
-                }
-                self.note(now_ms, why);
-                None
-            }
+            Event::Shared { failed_alone } => self.shared(now_ms, failed_alone),
+            Event::DeviceSpecific { case, run } => self.device_specific(now_ms, case, run),
             Event::CheckPassed { task } => {
                 self.checked_ms = Some(now_ms);
                 self.device_specific = 0;
@@ -471,6 +441,44 @@ impl WorkerHealth {
 
     /// Something worth keeping in the history that is no change of health
     /// (a check passed on a good worker).
+    /// A shared testrun ended: failing alone too often makes a `good`
+    /// worker suspect.
+    fn shared(&mut self, now_ms: u64, failed_alone: bool) -> Option<HealthChange> {
+        if self.shared.len() >= SHARED_WINDOW {
+            self.shared.pop_front();
+        }
+        self.shared.push_back(failed_alone);
+        let alone = self.shared.iter().filter(|f| **f).count();
+        if self.health == Health::Good && failed_alone && alone >= FAILED_ALONE {
+            self.shared.clear();
+            self.wanted = Some(CheckReason::Suspect);
+            return self.set(
+                Health::Suspect,
+                now_ms,
+                format!(
+                    "failed alone in {alone} of its last {SHARED_WINDOW} testruns shared with other workers (the others passed)"
+                ),
+            );
+        }
+        None
+    }
+
+    /// A test case failed only on this worker of its group: noted, and
+    /// past [`DEVICE_SPECIFIC_SUSPECT`] a `good` worker is suspect.
+    fn device_specific(&mut self, now_ms: u64, case: &str, run: &str) -> Option<HealthChange> {
+        self.device_specific = self.device_specific.saturating_add(1);
+        let why = format!(
+            "test case {case} failed only on this worker of its group in {run} ({} such failures since its last passed health check)",
+            self.device_specific
+        );
+        if self.health == Health::Good && self.device_specific >= DEVICE_SPECIFIC_SUSPECT {
+            self.wanted = Some(CheckReason::Suspect);
+            return self.set(Health::Suspect, now_ms, why);
+        }
+        self.note(now_ms, why);
+        None
+    }
+
     fn note(&mut self, now_ms: u64, reason: String) {
         self.push(HealthChange {
             at_ms: now_ms,

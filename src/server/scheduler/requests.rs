@@ -81,13 +81,7 @@ impl<S: Store> Scheduler<S> {
                 Some(refused) => Err(refused),
                 None => return,
             },
-            body @ (Body::Compare { .. }
-            | Body::GetCaseHistory { .. }
-            | Body::ListFlaky { .. }
-            | Body::GetReport { .. }
-            | Body::GetLabSeries { .. }
-            | Body::GetWorkerSeries { .. }
-            | Body::GetSeriesMatrix { .. }) => match self.ask_results(now, peer, body) {
+            body if body.asks_results() => match self.ask_results(now, peer, body) {
                 Some(refused) => Err(refused),
                 None => return,
             },

@@ -112,18 +112,17 @@ impl<S: Store> Scheduler<S> {
         add: Option<KnownRule>,
         remove: Option<u64>,
     ) -> Result<Body, (ErrorCode, String)> {
-        if add.is_some() || remove.is_some() {
-            if self.cfg.secure
-                && self
-                    .caller_role(peer)
-                    .is_none_or(|r| r < crate::security::Role::Operator)
-            {
-                return Err((
-                    ErrorCode::Forbidden,
-                    "changing known-issue rules needs role operator or admin (users.d/NAME.role)"
-                        .into(),
-                ));
-            }
+        if (add.is_some() || remove.is_some())
+            && self.cfg.secure
+            && self
+                .caller_role(peer)
+                .is_none_or(|r| r < crate::security::Role::Operator)
+        {
+            return Err((
+                ErrorCode::Forbidden,
+                "changing known-issue rules needs role operator or admin (users.d/NAME.role)"
+                    .into(),
+            ));
         }
         if let Some(id) = remove {
             let before = self.results.runtime.len();

@@ -15,6 +15,7 @@ pub mod history;
 pub mod index;
 pub mod pg;
 pub mod results;
+pub mod sql;
 pub mod state;
 pub mod usage;
 

@@ -4,7 +4,7 @@
 //! [`super::results::SqlRows`], one SQL for both backends).
 
 use super::index::sql_int;
-use super::results::{SqlParam, SqlRows, SqlValue};
+use super::sql::{SqlParam, SqlRows, SqlValue};
 use crate::protocol::results::{
     LabPoint, OwnerLine, Report, UsageLine, WorkerHour, MAX_MATRIX_CASES, MAX_MATRIX_WORKERS,
 };

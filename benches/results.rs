@@ -148,6 +148,7 @@ fn compared_cases(n: usize, newer: bool) -> Vec<Case> {
             },
             duration_ms: Some(1),
             message: None,
+            log_offset: None,
         })
         .collect()
 }

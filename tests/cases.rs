@@ -142,6 +142,25 @@ fn pytest_cases_are_recorded_named_and_listed() {
             .collect::<Vec<_>>()
     );
     assert!(all[0]["duration_ms"].is_u64(), "{all}");
+    // A failing case says where the task's log shows it.
+    let param3 = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "test_board::test_param[3]")
+        .unwrap();
+    let offset = param3["log_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{param3}")) as usize;
+    let logs: serde_json::Value =
+        serde_json::from_slice(&submit(&server, &["logs", &run, "--json"], LIMIT).stdout).unwrap();
+    let log = logs[format!("{run}.1")].as_str().unwrap();
+    let line = log.get(offset..).unwrap_or("").lines().next().unwrap_or("");
+    assert!(line.contains("test_param[3]"), "{line}");
+    assert!(
+        all[0]["log_offset"].is_null(),
+        "a passing case has none: {all}"
+    );
     let out = submit(&server, &["cases", &run, "--failed"], LIMIT);
     let failing = text(&out.stdout);
     assert_eq!(failing.lines().count(), 2, "{failing}");

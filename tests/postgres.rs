@@ -1589,6 +1589,7 @@ fn results_are_read_alike_on_both_backends() {
         },
         duration_ms: Some(5),
         message: failed.then(|| format!("{name} broke")),
+        log_offset: None,
     };
     let (mut pg_sink, mut pg_reader) = rt.block_on(async {
         let mut db = PgDb::open(&settings(&url)).await.unwrap();

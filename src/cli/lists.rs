@@ -26,7 +26,7 @@ pub(crate) async fn cases(conn: &Conn, run: &str, failed: bool) -> Result<i32, C
         } else {
             for c in &cases {
                 crate::outln!(
-                    "{:<5} {} {}{}{}",
+                    "{:<5} {} {}{}{}{}",
                     c.status.as_str(),
                     c.task,
                     escape_controls(&c.name),
@@ -36,6 +36,9 @@ pub(crate) async fn cases(conn: &Conn, run: &str, failed: bool) -> Result<i32, C
                     c.message
                         .as_deref()
                         .map(|m| format!(" — {}", escape_controls(m)))
+                        .unwrap_or_default(),
+                    c.log_offset
+                        .map(|o| format!(" (log byte {o})"))
                         .unwrap_or_default()
                 );
             }

@@ -90,6 +90,9 @@ pub struct FailingCase {
     pub status: CaseStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where the task's log shows it (bytes from the log's start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_offset: Option<u64>,
 }
 
 /// One test case of a testrun (`list_cases`).
@@ -105,6 +108,9 @@ pub struct TestCase {
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where the task's log shows it, for a failing case (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_offset: Option<u64>,
 }
 
 /// Testrun lifecycle.

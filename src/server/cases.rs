@@ -54,6 +54,9 @@ pub struct Case {
     pub status: CaseStatus,
     pub duration_ms: Option<u64>,
     pub message: Option<String>,
+    /// Where the task's log shows the case (a failing one's), in bytes:
+    /// set by the file desk, which has the log.
+    pub log_offset: Option<u64>,
 }
 
 /// A file's cases: all counted, the first `max_cases` kept.
@@ -227,6 +230,7 @@ fn element(
                     .filter(|s| s.is_finite() && *s >= 0.0)
                     .map(|s| (s * 1000.0).min(u64::MAX as f64) as u64),
                 message: None,
+                log_offset: None,
             };
             if opens {
                 *open = Some(Open {

@@ -438,6 +438,7 @@ fn task_row(t: &TaskStatus) -> Markup {
                     ul.failing { @for c in &t.failing {
                         li { span class={ "case " (c.status.as_str()) } { (c.status.as_str()) } " "
                             a href={ "/cases?name=" (url_escape(&c.name)) } { code { (c.name) } }
+                            @if let Some(o) = c.log_offset { " " a.log href={ "/tasks/" (t.task) "/log?after=" (o) } { "log" } }
                             @if let Some(m) = &c.message { " — " (m) } }
                     } }
                 }

@@ -92,8 +92,9 @@ impl CaseSink for SqliteCases {
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO cases (task, attempt, file, seq, run, suite, name,
-                             status, duration_ms, message, num, series, worker, devicegroup)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                             status, duration_ms, message, num, series, worker, devicegroup,
+                             log_offset)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     )
                     .map_err(sql)?;
                 for (i, case) in chunk.iter().enumerate() {
@@ -113,6 +114,7 @@ impl CaseSink for SqliteCases {
                             about.series,
                             about.worker,
                             about.devicegroup,
+                            case.log_offset.map(sql_int),
                         ])
                         .map_err(sql)?;
                 }
@@ -148,7 +150,7 @@ pub(crate) fn case_sql(q: &CaseQuery, dollar: bool) -> String {
         .collect();
     let n = 2 * q.attempts.len();
     format!(
-        "SELECT task, file, suite, name, status, duration_ms, message FROM cases
+        "SELECT task, file, suite, name, status, duration_ms, message, log_offset FROM cases
          WHERE ({}) {} ORDER BY task, file, seq LIMIT {} OFFSET {}",
         if pairs.is_empty() {
             "1 = 0".to_string()
@@ -165,15 +167,22 @@ pub(crate) fn case_sql(q: &CaseQuery, dollar: bool) -> String {
     )
 }
 
+/// A row of [`case_sql`] as read: task, file, suite, name, status,
+/// duration, message, log offset.
+pub(crate) type CaseColumns = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+);
+
 /// A row read back.
 pub(crate) fn case_of(
-    task: String,
-    file: String,
-    suite: String,
-    name: String,
-    status: String,
-    duration_ms: Option<i64>,
-    message: Option<String>,
+    (task, file, suite, name, status, duration_ms, message, log_offset): CaseColumns,
 ) -> TestCase {
     TestCase {
         task,
@@ -183,6 +192,7 @@ pub(crate) fn case_of(
         status: CaseStatus::from_word(&status).unwrap_or(CaseStatus::Error),
         duration_ms: duration_ms.map(|d| u64::try_from(d).unwrap_or(0)),
         message,
+        log_offset: log_offset.and_then(|o| u64::try_from(o).ok()),
     }
 }
 
@@ -200,7 +210,7 @@ pub(crate) fn sqlite_cases(
     values.push(i64::from(q.limit).into());
     values.push(sql_int(q.offset).into());
     let rows = stmt.query_map(rusqlite::params_from_iter(values), |r| {
-        Ok(case_of(
+        Ok(case_of((
             r.get(0)?,
             r.get(1)?,
             r.get(2)?,
@@ -208,7 +218,8 @@ pub(crate) fn sqlite_cases(
             r.get(4)?,
             r.get(5)?,
             r.get(6)?,
-        ))
+            r.get(7)?,
+        )))
     })?;
     rows.collect()
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 /// 9: series: a testrun's series and image, a case's run number, series,
 ///    worker and device group (`compare`, `case_history`, triage).
 /// 10: the lab's usage series (per group and minute, per worker and
-///    hour, per owner and hour).
+///    hour, per owner and hour); where the log shows a failing case.
 pub const SCHEMA_VERSION: i64 = 10;
 
 /// The SQL flavour a migration is written for: both backends share one
@@ -134,7 +134,8 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               CREATE INDEX usage_hours_worker ON usage_hours (worker, hour);
               CREATE TABLE owner_hours (hour {int} NOT NULL, owner TEXT NOT NULL,
                   devicegroup TEXT NOT NULL, busy_ms {int} NOT NULL, leased_ms {int} NOT NULL,
-                  PRIMARY KEY (hour, owner, devicegroup));"
+                  PRIMARY KEY (hour, owner, devicegroup));
+              ALTER TABLE cases ADD COLUMN log_offset {int};"
         }
         _ => unreachable!("no migration to version {version}"),
     };

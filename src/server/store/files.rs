@@ -409,9 +409,10 @@ impl Desk {
             failing: Vec::new(),
             cases_note: None,
         };
-        let Ok(Some(cases)) = parsed else {
+        let Ok(Some(mut cases)) = parsed else {
             return stored;
         };
+        mark_log_offsets(&self.task_dir(task).join("log"), &mut cases.cases);
         stored.failing = cases
             .cases
             .iter()
@@ -421,6 +422,7 @@ impl Desk {
                 name: c.name.clone(),
                 status: c.status,
                 message: c.message.clone(),
+                log_offset: c.log_offset,
             })
             .collect();
         if cases.cases_cut > 0 || cases.fields_cut > 0 {
@@ -510,6 +512,43 @@ impl Desk {
             .map_err(|e| io_error("read", &path, e))?;
         let eof = start + buf.len() as u64 >= len;
         Ok((buf, eof))
+    }
+}
+
+/// Bytes of a task's log (its end) searched for where its failing cases ran.
+const LOG_SCAN_BYTES: u64 = 16 << 20;
+/// Failing cases of a file looked up in the log, at most.
+const LOG_SCAN_CASES: usize = 1000;
+
+/// Where the log shows each failing case: the start of the first line
+/// naming it (its name after the last `::`, as pytest, ctest and go test
+/// print it; names shorter than 4 bytes match too much and are not
+/// looked for). A log that cannot be read marks nothing.
+fn mark_log_offsets(log: &Path, cases: &mut [crate::server::cases::Case]) {
+    let Ok(mut f) = File::open(log) else { return };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let start = len.saturating_sub(LOG_SCAN_BYTES);
+    let mut text = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err()
+        || f.take(LOG_SCAN_BYTES).read_to_end(&mut text).is_err()
+    {
+        return;
+    }
+    for case in cases
+        .iter_mut()
+        .filter(|c| c.status.failed())
+        .take(LOG_SCAN_CASES)
+    {
+        let short = case.name.rsplit("::").next().unwrap_or(&case.name);
+        if short.len() < 4 {
+            continue;
+        }
+        if let Some(at) = memchr::memmem::find(&text, short.as_bytes()) {
+            let line = memchr::memrchr(b'\n', &text[..at]).map_or(0, |n| n + 1);
+            case.log_offset = Some(start + line as u64);
+        }
     }
 }
 

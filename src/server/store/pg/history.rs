@@ -242,7 +242,7 @@ impl PgHistory {
         Ok(rows
             .iter()
             .map(|r| {
-                case_of(
+                case_of((
                     r.get(0),
                     r.get(1),
                     r.get(2),
@@ -250,7 +250,8 @@ impl PgHistory {
                     r.get(4),
                     r.get(5),
                     r.get(6),
-                )
+                    r.get(7),
+                ))
             })
             .collect())
     }
@@ -397,18 +398,21 @@ impl PgCases {
                     chunk.iter().map(|x| x.duration_ms.map(sql_int)).collect();
                 let messages: Vec<Option<&str>> =
                     chunk.iter().map(|x| x.message.as_deref()).collect();
+                let offsets: Vec<Option<i64>> =
+                    chunk.iter().map(|x| x.log_offset.map(sql_int)).collect();
                 client
                     .execute(
                         "INSERT INTO cases (task, attempt, file, seq, run, suite, name, status,
-                             duration_ms, message, num, series, worker, devicegroup)
-                         SELECT $1, $2, $3, s, $4, su, n, st, d, m, $11, $12, $13, $14
+                             duration_ms, message, num, series, worker, devicegroup, log_offset)
+                         SELECT $1, $2, $3, s, $4, su, n, st, d, m, $11, $12, $13, $14, o
                          FROM UNNEST($5::int8[], $6::text[], $7::text[], $8::text[], $9::int8[],
-                             $10::text[]) AS x(s, su, n, st, d, m)
+                             $10::text[], $15::int8[]) AS x(s, su, n, st, d, m, o)
                          ON CONFLICT (task, attempt, file, seq) DO UPDATE SET suite = excluded.suite,
                              name = excluded.name, status = excluded.status,
                              duration_ms = excluded.duration_ms, message = excluded.message,
                              num = excluded.num, series = excluded.series,
-                             worker = excluded.worker, devicegroup = excluded.devicegroup",
+                             worker = excluded.worker, devicegroup = excluded.devicegroup,
+                             log_offset = excluded.log_offset",
                         &[
                             task,
                             &i64::from(attempt),
@@ -424,6 +428,7 @@ impl PgCases {
                             &about.series,
                             &about.worker,
                             &about.devicegroup,
+                            &offsets,
                         ],
                     )
                     .await

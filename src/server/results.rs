@@ -22,7 +22,7 @@ use crate::protocol::results::{
     CaseChange, CompareTotals, Comparison, KnownOn, KnownRule, MAX_COMPARED_LISTED, MAX_TRIAGED,
 };
 use crate::protocol::{CaseStatus, RunId, TaskId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// One stored case of a testrun, as the triage reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,8 +273,14 @@ pub fn compare(input: Compare<'_>) -> Triage {
     let now = finals(&input.cases);
     let before = finals(&input.base_cases);
     let evidence = gather(input.window);
-    let mut order: Vec<&CaseKey<'_>> = now.keys().collect();
-    order.sort_unstable();
+    // In the order the rows came (the database's index order): no sort
+    // of every case.
+    let order: Vec<CaseKey<'_>> = input
+        .cases
+        .iter()
+        .map(|r| (task_number(&r.task), r.name.as_str()))
+        .filter(|k| now.get(k).is_some())
+        .collect();
     let mut c = Comparison {
         run: input.run.clone(),
         base: input.base.clone(),
@@ -290,7 +296,11 @@ pub fn compare(input: Compare<'_>) -> Triage {
     let mut suspects = Vec::new();
     let mut triaged = 0usize;
     let mut unchecked = 0u64;
-    for key in order {
+    let mut seen: std::collections::HashSet<CaseKey<'_>> = HashSet::with_capacity(order.len());
+    for key in &order {
+        if !seen.insert(*key) {
+            continue;
+        }
         let f = now[key];
         let base = before.get(key).map(|b| b.row.status);
         if base.is_none() && has_base {
@@ -361,12 +371,14 @@ pub fn compare(input: Compare<'_>) -> Triage {
         }
     }
     if has_base {
-        let mut gone: Vec<(&CaseKey<'_>, &Final<'_>)> = before
-            .iter()
-            .filter(|(k, _)| !now.contains_key(*k))
-            .collect();
-        gone.sort_unstable_by_key(|(k, _)| **k);
-        for (_, b) in gone {
+        let mut told: HashSet<CaseKey<'_>> = HashSet::new();
+        let gone = input.base_cases.iter().filter_map(|r| {
+            let k = (task_number(&r.task), r.name.as_str());
+            (!now.contains_key(&k) && told.insert(k))
+                .then(|| before.get(&k))
+                .flatten()
+        });
+        for b in gone {
             push(&mut c.removed_cases, &mut t.removed_cases, || CaseChange {
                 status: None,
                 ..change_of(b.row, Some(b.row.status))

@@ -10,7 +10,7 @@
 //! whole table.
 
 use crate::protocol::results::{CaseHistory, CaseRun, FlakyCase, MAX_FLAKY_LISTED};
-use crate::protocol::{RunId, TaskId};
+use crate::protocol::{CaseStatus, RunId, TaskId};
 use crate::server::results::{self, CaseRow, Compare, KnownRules, Triage, WindowRow};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -122,7 +122,9 @@ const WINDOW_LOW: &str = "SELECT num FROM runs WHERE series = ?1 AND num <= ?2 A
 /// A testrun's cases: what triage needs of most is their name and
 /// status, read from the index `cases_run` alone (it covers them);
 /// message, worker and group of the failing ones come apart.
-const CASES: &str = "SELECT task, attempt, name, status FROM cases WHERE run = ?1";
+const CASES: &str = "SELECT task, attempt, name,
+         CASE status WHEN 'pass' THEN 0 WHEN 'fail' THEN 1 WHEN 'error' THEN 2 ELSE 3 END
+     FROM cases WHERE run = ?1";
 const FAILING_CASES: &str = "SELECT task, attempt, name, message, worker, devicegroup
      FROM cases WHERE run = ?1 AND status IN ('fail', 'error')";
 const WINDOW: &str = "SELECT c.num, c.run, c.status, c.worker, c.devicegroup, r.image
@@ -218,29 +220,37 @@ async fn facts<D: SqlRows>(db: &D, run: &str) -> Result<Option<RunFacts>, D::Err
     }))
 }
 
-async fn cases_of<D: SqlRows>(db: &D, run: &str) -> Result<Vec<CaseRow>, D::Error> {
+/// The cases of each of `runs`, read at once (a network database gets
+/// the questions together).
+async fn cases_of<D: SqlRows>(db: &D, runs: &[&str]) -> Result<Vec<Vec<CaseRow>>, D::Error> {
     let attempt = |v: &SqlValue| v.int().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
-    let mut details: HashMap<(String, u32, String), [Option<String>; 3]> = HashMap::new();
-    for mut r in db.rows(FAILING_CASES, &[s(run)]).await? {
-        let key = (
-            r[0].take_text().unwrap_or_default(),
-            attempt(&r[1]),
-            r[2].take_text().unwrap_or_default(),
-        );
-        details
-            .entry(key)
-            .or_insert([r[3].take_text(), r[4].take_text(), r[5].take_text()]);
-    }
-    Ok(db
-        .rows(CASES, &[s(run)])
-        .await?
-        .into_iter()
-        .map(|mut r| {
+    let asks: Vec<Vec<SqlParam>> = runs.iter().map(|r| vec![s(r)]).collect();
+    let failing = db.rows_each(FAILING_CASES, &asks).await?;
+    let all = db.rows_each(CASES, &asks).await?;
+    let mut out = Vec::with_capacity(runs.len());
+    for (failing, all) in failing.into_iter().zip(all) {
+        let mut details: HashMap<(String, u32, String), [Option<String>; 3]> = HashMap::new();
+        for mut r in failing {
+            let key = (
+                r[0].take_text().unwrap_or_default(),
+                attempt(&r[1]),
+                r[2].take_text().unwrap_or_default(),
+            );
+            details
+                .entry(key)
+                .or_insert([r[3].take_text(), r[4].take_text(), r[5].take_text()]);
+        }
+        let rows = all.into_iter().map(|mut r| {
             let mut row = CaseRow {
                 task: r[0].take_text().unwrap_or_default(),
                 attempt: attempt(&r[1]),
                 name: r[2].take_text().unwrap_or_default(),
-                status: r[3].status(),
+                status: match r[3].int() {
+                    Some(0) => CaseStatus::Pass,
+                    Some(1) => CaseStatus::Fail,
+                    Some(2) => CaseStatus::Error,
+                    _ => CaseStatus::Skip,
+                },
                 message: None,
                 worker: None,
                 devicegroup: None,
@@ -253,8 +263,10 @@ async fn cases_of<D: SqlRows>(db: &D, run: &str) -> Result<Vec<CaseRow>, D::Erro
                 }
             }
             row
-        })
-        .collect())
+        });
+        out.push(rows.collect());
+    }
+    Ok(out)
 }
 
 async fn compare<D: SqlRows>(
@@ -276,11 +288,16 @@ async fn compare<D: SqlRows>(
             .first()
             .and_then(|r| r[0].text()),
     };
-    let cases = cases_of(db, &q.run).await?;
-    let base_cases = match &base {
-        Some(b) => cases_of(db, b).await?,
-        None => Vec::new(),
+    let mut both = match &base {
+        Some(b) => cases_of(db, &[&q.run, b]).await?,
+        None => cases_of(db, &[&q.run]).await?,
     };
+    let base_cases = if both.len() > 1 {
+        both.pop().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let cases = both.pop().unwrap_or_default();
     let window_runs = q.window_runs.clamp(1, MAX_WINDOW_RUNS);
     let low = db
         .rows(

@@ -388,8 +388,8 @@ impl PgCases {
                 )
                 .await
                 .map_err(pg)?;
-            for (c, chunk) in cases.chunks(crate::server::store::cases::CHUNK * 2).enumerate() {
-                let base = c * crate::server::store::cases::CHUNK * 2;
+            for (c, chunk) in cases.chunks(crate::server::store::cases::PG_CHUNK).enumerate() {
+                let base = c * crate::server::store::cases::PG_CHUNK;
                 let seqs: Vec<i64> = (0..chunk.len()).map(|i| sql_int((base + i) as u64)).collect();
                 let suites: Vec<&str> = chunk.iter().map(|x| x.suite.as_ref()).collect();
                 let names: Vec<&str> = chunk.iter().map(|x| x.name.as_str()).collect();

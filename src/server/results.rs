@@ -279,7 +279,7 @@ pub fn compare(input: Compare<'_>) -> Triage {
         .cases
         .iter()
         .map(|r| (task_number(&r.task), r.name.as_str()))
-        .filter(|k| now.get(k).is_some())
+        .filter(|k| now.contains_key(k))
         .collect();
     let mut c = Comparison {
         run: input.run.clone(),

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 /// 9: series: a testrun's series and image, a case's run number, series,
 ///    worker and device group (`compare`, `case_history`, triage).
 /// 10: the lab's usage series (per group and minute, per worker and
-///    hour, per owner and hour); where the log shows a failing case.
+///    hour, per owner and hour); where the log shows a failing case; a
+///    result file's case names and statuses in one row (`compare`).
 pub const SCHEMA_VERSION: i64 = 10;
 
 /// The SQL flavour a migration is written for: both backends share one
@@ -117,8 +118,7 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               UPDATE cases SET num = CAST(substr(run, 2) AS {int});
               DROP INDEX cases_name;
               CREATE INDEX cases_history ON cases (name, num, status);
-              DROP INDEX cases_run;
-              CREATE INDEX cases_run ON cases (run, status, task, attempt, name);"
+"
         }
         // The lab's usage series (`server::usage`), kept bounded.
         10 => {
@@ -135,7 +135,11 @@ pub fn migration(version: i64, dialect: Dialect) -> String {
               CREATE TABLE owner_hours (hour {int} NOT NULL, owner TEXT NOT NULL,
                   devicegroup TEXT NOT NULL, busy_ms {int} NOT NULL, leased_ms {int} NOT NULL,
                   PRIMARY KEY (hour, owner, devicegroup));
-              ALTER TABLE cases ADD COLUMN log_offset {int};"
+              ALTER TABLE cases ADD COLUMN log_offset {int};
+              CREATE TABLE case_sets (task TEXT NOT NULL, attempt {int} NOT NULL,
+                  file TEXT NOT NULL, run TEXT NOT NULL, body {blob} NOT NULL,
+                  PRIMARY KEY (task, attempt, file));
+              CREATE INDEX case_sets_run ON case_sets (run);"
         }
         _ => unreachable!("no migration to version {version}"),
     };

@@ -277,7 +277,7 @@ impl super::results::SqlRows for Sqlite<'_> {
                             SqlValue::Text(Some(String::from_utf8_lossy(t).into_owned()))
                         }
                         ValueRef::Real(f) => SqlValue::Text(Some(f.to_string())),
-                        ValueRef::Blob(_) => SqlValue::Text(None),
+                        ValueRef::Blob(b) => SqlValue::Bytes(Some(b.to_vec())),
                     })
                 })
                 .collect::<Result<Vec<_>, rusqlite::Error>>()

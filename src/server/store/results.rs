@@ -125,6 +125,8 @@ const WINDOW_LOW: &str = "SELECT num FROM runs WHERE series = ?1 AND num <= ?2 A
 const CASES: &str = "SELECT task, attempt, name,
          CASE status WHEN 'pass' THEN 0 WHEN 'fail' THEN 1 WHEN 'error' THEN 2 ELSE 3 END
      FROM cases WHERE run = ?1";
+/// A testrun's result files' cases, one row per file (`case_sets`).
+const CASE_SETS: &str = "SELECT task, attempt, body FROM case_sets WHERE run = ?1";
 const FAILING_CASES: &str = "SELECT task, attempt, name, message, worker, devicegroup
      FROM cases WHERE run = ?1 AND status IN ('fail', 'error')";
 const WINDOW: &str = "SELECT c.num, c.run, c.status, c.worker, c.devicegroup, r.image
@@ -220,15 +222,46 @@ async fn facts<D: SqlRows>(db: &D, run: &str) -> Result<Option<RunFacts>, D::Err
     }))
 }
 
+/// The rows of `case_sets` as rows of [`CASES`].
+fn set_rows(sets: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlValue>> {
+    let mut out = Vec::new();
+    for mut set in sets {
+        let task = set[0].take_text();
+        let attempt = set[1].clone();
+        let body = set[2].take_bytes().unwrap_or_default();
+        for (status, name) in crate::server::store::cases::decode_set(&body) {
+            let code = match status {
+                CaseStatus::Pass => 0,
+                CaseStatus::Fail => 1,
+                CaseStatus::Error => 2,
+                CaseStatus::Skip => 3,
+            };
+            out.push(vec![
+                SqlValue::Text(task.clone()),
+                attempt.clone(),
+                SqlValue::Text(Some(name)),
+                SqlValue::Int(Some(code)),
+            ]);
+        }
+    }
+    out
+}
+
 /// The cases of each of `runs`, read at once (a network database gets
 /// the questions together).
 async fn cases_of<D: SqlRows>(db: &D, runs: &[&str]) -> Result<Vec<Vec<CaseRow>>, D::Error> {
     let attempt = |v: &SqlValue| v.int().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
     let asks: Vec<Vec<SqlParam>> = runs.iter().map(|r| vec![s(r)]).collect();
     let failing = db.rows_each(FAILING_CASES, &asks).await?;
-    let all = db.rows_each(CASES, &asks).await?;
+    let sets = db.rows_each(CASE_SETS, &asks).await?;
     let mut out = Vec::with_capacity(runs.len());
-    for (failing, all) in failing.into_iter().zip(all) {
+    for ((failing, sets), run) in failing.into_iter().zip(sets).zip(runs) {
+        // Cases stored before their sets were (schema 9): row by row.
+        let all = if sets.is_empty() {
+            db.rows(CASES, &[s(run)]).await?
+        } else {
+            set_rows(sets)
+        };
         let mut details: HashMap<(String, u32, String), [Option<String>; 3]> = HashMap::new();
         for mut r in failing {
             let key = (

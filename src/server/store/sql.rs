@@ -17,6 +17,7 @@ pub enum SqlParam {
 pub enum SqlValue {
     Int(Option<i64>),
     Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
 }
 
 impl SqlValue {
@@ -24,12 +25,21 @@ impl SqlValue {
         match self {
             SqlValue::Int(v) => v.and_then(|v| u64::try_from(v).ok()),
             SqlValue::Text(t) => t.as_deref().and_then(|t| t.parse().ok()),
+            SqlValue::Bytes(_) => None,
         }
     }
     pub(crate) fn text(&self) -> Option<String> {
         match self {
             SqlValue::Text(t) => t.clone(),
             SqlValue::Int(v) => v.map(|v| v.to_string()),
+            SqlValue::Bytes(_) => None,
+        }
+    }
+    /// The bytes, taken out.
+    pub(crate) fn take_bytes(&mut self) -> Option<Vec<u8>> {
+        match self {
+            SqlValue::Bytes(b) => b.take(),
+            _ => None,
         }
     }
     /// The text, taken out (rows are read once).
@@ -37,6 +47,7 @@ impl SqlValue {
         match self {
             SqlValue::Text(t) => t.take(),
             SqlValue::Int(v) => v.map(|v| v.to_string()),
+            SqlValue::Bytes(_) => None,
         }
     }
     pub(crate) fn status(&self) -> CaseStatus {

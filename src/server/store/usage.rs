@@ -144,6 +144,7 @@ fn n(v: &SqlValue) -> u64 {
             .as_deref()
             .and_then(|t| t.parse::<f64>().ok())
             .map_or(0, |f| f.max(0.0) as u64),
+        SqlValue::Bytes(_) => 0,
     }
 }
 
@@ -151,6 +152,7 @@ fn f(v: &SqlValue) -> f64 {
     match v {
         SqlValue::Int(i) => i.unwrap_or(0) as f64,
         SqlValue::Text(t) => t.as_deref().and_then(|t| t.parse().ok()).unwrap_or(0.0),
+        SqlValue::Bytes(_) => 0.0,
     }
 }
 
@@ -158,6 +160,7 @@ fn s(v: &SqlValue) -> String {
     match v {
         SqlValue::Text(t) => t.clone().unwrap_or_default(),
         SqlValue::Int(i) => i.map(|i| i.to_string()).unwrap_or_default(),
+        SqlValue::Bytes(_) => String::new(),
     }
 }
 

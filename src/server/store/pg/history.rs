@@ -128,6 +128,7 @@ fn pg_values(rows: &[tokio_postgres::Row]) -> Result<Vec<Vec<SqlValue>>, PgError
                 .map(|i| {
                     Ok(match *r.columns()[i].type_() {
                         Type::INT8 => SqlValue::Int(r.try_get(i)?),
+                        Type::BYTEA => SqlValue::Bytes(r.try_get(i)?),
                         Type::FLOAT8 => {
                             SqlValue::Text(r.try_get::<_, Option<f64>>(i)?.map(|v| v.to_string()))
                         }
@@ -385,6 +386,14 @@ impl PgCases {
                 .execute(
                     "DELETE FROM cases WHERE task = $1 AND attempt = $2 AND file = $3",
                     &[task, &i64::from(attempt), &file],
+                )
+                .await
+                .map_err(pg)?;
+            client
+                .execute(
+                    "INSERT INTO case_sets (task, attempt, file, run, body) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (task, attempt, file) DO UPDATE SET run = excluded.run, body = excluded.body",
+                    &[task, &i64::from(attempt), &file, &run, &crate::server::store::cases::encode_set(cases)],
                 )
                 .await
                 .map_err(pg)?;

@@ -222,26 +222,33 @@ async fn facts<D: SqlRows>(db: &D, run: &str) -> Result<Option<RunFacts>, D::Err
     }))
 }
 
-/// The rows of `case_sets` as rows of [`CASES`].
-fn set_rows(sets: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlValue>> {
+/// A status as [`CASES`] reads it.
+fn status_of(code: Option<u64>) -> CaseStatus {
+    match code {
+        Some(0) => CaseStatus::Pass,
+        Some(1) => CaseStatus::Fail,
+        Some(2) => CaseStatus::Error,
+        _ => CaseStatus::Skip,
+    }
+}
+
+/// The cases of the rows of `case_sets` (task, attempt, set).
+fn set_rows(sets: Vec<Vec<SqlValue>>) -> Vec<CaseRow> {
     let mut out = Vec::new();
     for mut set in sets {
-        let task = set[0].take_text();
-        let attempt = set[1].clone();
+        let task = set[0].take_text().unwrap_or_default();
+        let attempt = set[1].int().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
         let body = set[2].take_bytes().unwrap_or_default();
         for (status, name) in crate::server::store::cases::decode_set(&body) {
-            let code = match status {
-                CaseStatus::Pass => 0,
-                CaseStatus::Fail => 1,
-                CaseStatus::Error => 2,
-                CaseStatus::Skip => 3,
-            };
-            out.push(vec![
-                SqlValue::Text(task.clone()),
-                attempt.clone(),
-                SqlValue::Text(Some(name)),
-                SqlValue::Int(Some(code)),
-            ]);
+            out.push(CaseRow {
+                task: task.clone(),
+                attempt,
+                name,
+                status,
+                message: None,
+                worker: None,
+                devicegroup: None,
+            });
         }
     }
     out
@@ -256,12 +263,6 @@ async fn cases_of<D: SqlRows>(db: &D, runs: &[&str]) -> Result<Vec<Vec<CaseRow>>
     let sets = db.rows_each(CASE_SETS, &asks).await?;
     let mut out = Vec::with_capacity(runs.len());
     for ((failing, sets), run) in failing.into_iter().zip(sets).zip(runs) {
-        // Cases stored before their sets were (schema 9): row by row.
-        let all = if sets.is_empty() {
-            db.rows(CASES, &[s(run)]).await?
-        } else {
-            set_rows(sets)
-        };
         let mut details: HashMap<(String, u32, String), [Option<String>; 3]> = HashMap::new();
         for mut r in failing {
             let key = (
@@ -273,31 +274,32 @@ async fn cases_of<D: SqlRows>(db: &D, runs: &[&str]) -> Result<Vec<Vec<CaseRow>>
                 .entry(key)
                 .or_insert([r[3].take_text(), r[4].take_text(), r[5].take_text()]);
         }
-        let rows = all.into_iter().map(|mut r| {
-            let mut row = CaseRow {
-                task: r[0].take_text().unwrap_or_default(),
-                attempt: attempt(&r[1]),
-                name: r[2].take_text().unwrap_or_default(),
-                status: match r[3].int() {
-                    Some(0) => CaseStatus::Pass,
-                    Some(1) => CaseStatus::Fail,
-                    Some(2) => CaseStatus::Error,
-                    _ => CaseStatus::Skip,
-                },
-                message: None,
-                worker: None,
-                devicegroup: None,
-            };
-            if row.status.failed() {
-                if let Some([m, w, g]) =
-                    details.remove(&(row.task.clone(), row.attempt, row.name.clone()))
-                {
-                    (row.message, row.worker, row.devicegroup) = (m, w, g);
-                }
+        // Cases stored before their sets were (schema 9): row by row.
+        let mut rows = if sets.is_empty() {
+            db.rows(CASES, &[s(run)])
+                .await?
+                .into_iter()
+                .map(|mut r| CaseRow {
+                    task: r[0].take_text().unwrap_or_default(),
+                    attempt: attempt(&r[1]),
+                    name: r[2].take_text().unwrap_or_default(),
+                    status: status_of(r[3].int()),
+                    message: None,
+                    worker: None,
+                    devicegroup: None,
+                })
+                .collect()
+        } else {
+            set_rows(sets)
+        };
+        for row in rows.iter_mut().filter(|r| r.status.failed()) {
+            if let Some([m, w, g]) =
+                details.remove(&(row.task.clone(), row.attempt, row.name.clone()))
+            {
+                (row.message, row.worker, row.devicegroup) = (m, w, g);
             }
-            row
-        });
-        out.push(rows.collect());
+        }
+        out.push(rows);
     }
     Ok(out)
 }

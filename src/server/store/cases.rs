@@ -173,6 +173,13 @@ impl CaseSink for SqliteCases {
                 }
             }
             tx.commit().map_err(sql)?;
+            // The pages just written are copied into the database here,
+            // on the desk's thread, so the serving loop's next commit
+            // does not meet a long write-ahead log to checkpoint (seen:
+            // its tick 100–280 ms late while 100 000 cases were written).
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .map_err(sql)?;
         }
         Ok(())
     }

@@ -202,6 +202,31 @@ fn refusals_name_the_file_or_setting_to_fix() {
         err.contains("workers_dir, users_dir") && err.contains("NAME.pub"),
         "{err}"
     );
+    // Allowed: `whoami --json` is one JSON document; the server may be
+    // given as HOST:PORT.
+    let mut cmd = Command::new(bin("ots-submit"));
+    cmd.args(["whoami", "--json", "--server"])
+        .arg(server.control.trim_start_matches("tcp://"))
+        .env("OTS_KEY", keys.user("tester", "admin"))
+        .env("OTS_PINNED_SERVER_KEY", keys.server_pub());
+    let out = run_bounded(cmd, LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (me["kind"].as_str(), me["role"].as_str()),
+        (Some("user"), Some("admin")),
+        "{me}"
+    );
+    // A transport ots does not speak is refused naming the form.
+    let mut cmd = Command::new(bin("ots-submit"));
+    cmd.args(["whoami", "--server", "ipc:///tmp/ots"]);
+    let out = run_bounded(cmd, LIMIT);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("tcp://HOST:PORT"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Item 11: the example conductor takes only images below its images

@@ -15,7 +15,8 @@ pub struct Conn {
     /// Server control endpoint, or a comma-separated list of the servers
     /// that may lead (a leader and its standby): the first that answers
     /// is used, and a reconnect tries them all.
-    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555")]
+    /// `HOST:PORT` means `tcp://HOST:PORT`.
+    #[arg(long, env = "OTS_SERVER", default_value = "tcp://127.0.0.1:5555", value_parser = parse_server)]
     pub server: String,
     /// `noise` (authenticate with --key, pin --server-key) or `none` (a
     /// server configured with security = "none").
@@ -36,6 +37,35 @@ pub struct Conn {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A `--server` value: each comma-separated endpoint `tcp://HOST:PORT`,
+/// or `HOST:PORT` for it; anything else is refused naming the form.
+pub fn parse_server(text: &str) -> Result<String, String> {
+    let mut out = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        let address = match entry.split_once("://") {
+            Some(("tcp", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "{entry:?}: ots speaks tcp only; give tcp://HOST:PORT or HOST:PORT, not {scheme}://"
+                ))
+            }
+            None => entry,
+        };
+        let port = address
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        match port {
+            Some((host, Ok(_))) if !host.is_empty() => out.push(format!("tcp://{address}")),
+            _ => {
+                return Err(format!(
+                    "{entry:?} is not an endpoint: give HOST:PORT or tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555), comma-separated for a leader and its standby"
+                ))
+            }
+        }
+    }
+    Ok(out.join(","))
 }
 
 /// `$XDG_CONFIG_HOME/ots` or `~/.config/ots`: where a user's key lives.

@@ -422,6 +422,19 @@ pub(crate) async fn audit(conn: &Conn) -> Result<i32, ClientError> {
 
 pub(crate) async fn whoami(conn: &Conn) -> Result<i32, ClientError> {
     let client = conn.connect().await?;
+    if conn.json {
+        let who = match client.identity() {
+            Some(crate::security::Identity::User { name, role }) => {
+                serde_json::json!({"kind": "user", "name": name, "role": role.as_str()})
+            }
+            Some(crate::security::Identity::Worker { name, .. }) => {
+                serde_json::json!({"kind": "worker", "name": name})
+            }
+            None => serde_json::json!({"kind": "anonymous"}),
+        };
+        crate::outln!("{who}");
+        return Ok(exit::PASS);
+    }
     match client.identity() {
         Some(crate::security::Identity::User { name, role }) => {
             crate::outln!("user {name}, role {}", role.as_str())

@@ -502,6 +502,26 @@ mod tests {
     }
 
     #[test]
+    fn a_server_is_host_port_or_tcp_and_anything_else_is_named() {
+        use crate::cli::conn::parse_server;
+        assert_eq!(
+            parse_server("127.0.0.1:25555").unwrap(),
+            "tcp://127.0.0.1:25555"
+        );
+        assert_eq!(
+            parse_server("tcp://a:1, b.example:2").unwrap(),
+            "tcp://a:1,tcp://b.example:2"
+        );
+        assert_eq!(parse_server("[::1]:5555").unwrap(), "tcp://[::1]:5555");
+        assert!(parse_server("ipc:///tmp/x")
+            .unwrap_err()
+            .contains("tcp only"));
+        assert!(parse_server("localhost").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_server("host:port").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_server(":5555").is_err());
+    }
+
+    #[test]
     fn durations_parse_like_an_operator_writes_them() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));

@@ -139,6 +139,10 @@ pub struct Usage {
     minute: Option<u64>,
     hour: Option<u64>,
     hours: BTreeMap<String, HourRow>,
+    /// Workers whose task ended since the last observation, with its
+    /// owner: counted busy for that step (a task shorter than a tick is
+    /// never seen running).
+    ended: BTreeMap<String, Option<String>>,
     owners: BTreeMap<(String, String), OwnerRow>,
     ready: UsageRows,
 }
@@ -168,8 +172,13 @@ impl Usage {
             .min(MAX_STEP_MS);
         self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
         let hour = now_ms / HOUR_MS * HOUR_MS;
+        let ended = std::mem::take(&mut self.ended);
         if step > 0 {
-            for w in workers.clone() {
+            for mut w in workers.clone() {
+                if let (Doing::Idle | Doing::Broken, Some(owner)) = (w.doing, ended.get(w.name)) {
+                    w.doing = Doing::Busy;
+                    w.owner = owner.as_deref();
+                }
                 let row = self.hour_row(hour, w.name, w.group);
                 let slot = match w.doing {
                     Doing::Busy => &mut row.busy_ms,
@@ -223,8 +232,17 @@ impl Usage {
         }
     }
 
-    /// A task ended on `worker`.
-    pub fn task_ended(&mut self, now_ms: u64, worker: &str, group: &str, how: Ended) {
+    /// A task of `owner` ended on `worker`.
+    pub fn task_ended(
+        &mut self,
+        now_ms: u64,
+        worker: &str,
+        group: &str,
+        owner: Option<&str>,
+        how: Ended,
+    ) {
+        self.ended
+            .insert(worker.to_string(), owner.map(str::to_string));
         let row = self.hour_row(now_ms / HOUR_MS * HOUR_MS, worker, group);
         row.tasks += 1;
         match how {
@@ -383,7 +401,7 @@ mod tests {
             u.observe(t0 + s * 1000, lab.iter().cloned(), || unreachable!());
             assert!(u.take_rows().is_empty());
         }
-        u.task_ended(t0 + 59_000, "w1", "g", Ended::Passed);
+        u.task_ended(t0 + 59_000, "w1", "g", Some("ann"), Ended::Passed);
         u.observe(t0 + 60_000, lab.iter().cloned(), queues);
         let rows = u.take_rows();
         let by = |name: &str| {
@@ -411,6 +429,19 @@ mod tests {
             .hours
             .iter()
             .all(|h| h.busy_ms + h.idle_ms + h.leased_ms == 60_000));
+    }
+
+    #[test]
+    fn a_task_shorter_than_a_tick_still_counts_as_busy_for_its_owner() {
+        let mut u = Usage::with_flush(1000);
+        let idle = [w("w1", Doing::Idle, None)];
+        u.observe(10_000, idle.iter().cloned(), Vec::new);
+        u.task_ended(10_400, "w1", "g", Some("bob"), Ended::Passed);
+        u.observe(11_000, idle.iter().cloned(), Vec::new);
+        let rows = u.take_rows();
+        let h = rows.hours.iter().find(|h| h.worker == "w1").unwrap();
+        assert_eq!((h.busy_ms, h.idle_ms, h.tasks), (1000, 0, 1));
+        assert_eq!(rows.owners[0].owner, "bob");
     }
 
     #[test]

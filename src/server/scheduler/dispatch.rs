@@ -130,7 +130,7 @@ impl<S: Store> Scheduler<S> {
         why: String,
     ) {
         self.count("infrastructure_failures", 1);
-        self.usage_task_ended(now, worker, crate::server::usage::Ended::Infrastructure);
+        self.usage_task_ended(now, id, worker, crate::server::usage::Ended::Infrastructure);
         self.health_event(
             now,
             worker,

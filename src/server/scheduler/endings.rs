@@ -39,7 +39,7 @@ impl<S: Store> Scheduler<S> {
                 Some(Verdict::Fail) => Ended::Failed,
                 _ => Ended::Other,
             };
-            self.usage_task_ended(now, w, how);
+            self.usage_task_ended(now, id, w, how);
             let attempt = Some(self.tasks[id].attempts);
             self.send_to_worker(
                 w,

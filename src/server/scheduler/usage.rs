@@ -80,8 +80,8 @@ impl<S: Store> Scheduler<S> {
             .collect()
     }
 
-    /// A task attempt ended on `worker`.
-    pub(super) fn usage_task_ended(&mut self, now: Instant, worker: &str, how: Ended) {
+    /// An attempt of task `id` ended on `worker`.
+    pub(super) fn usage_task_ended(&mut self, now: Instant, id: &TaskId, worker: &str, how: Ended) {
         let Some(group) = self
             .workers
             .get(worker)
@@ -89,7 +89,10 @@ impl<S: Store> Scheduler<S> {
         else {
             return;
         };
+        let owner = (self.tasks.get(id))
+            .and_then(|t| self.runs.get(&t.run))
+            .and_then(|r| r.request.owner.clone());
         let now_ms = self.wall_ms(now);
-        self.usage.task_ended(now_ms, worker, &group, how);
+        (self.usage).task_ended(now_ms, worker, &group, owner.as_deref(), how);
     }
 }

@@ -96,6 +96,19 @@ impl Session {
                 warn!("the server did not acknowledge the bye in time; stopping anyway");
                 return StopStep::Leave;
             }
+        } else if self.slot.as_ref().is_none_or(|s| s.finished)
+            && !self.outbox.is_empty()
+            && !matches!(self.link, Link::Up { .. })
+        {
+            // Nothing runs any more and the server is gone (it said
+            // `shutdown`, or went silent): an ack is not coming, and a
+            // stop must not wait `stop_timeout` for one. What is left is
+            // in worker.db and goes out at the next start.
+            warn!(
+                undelivered = self.outbox.len(),
+                "stopping while the server is unreachable: the undelivered messages stay in worker.db for the next start"
+            );
+            return StopStep::Leave;
         } else if self.stop_complete() {
             let (actions, sent) = self.bye(now, "stopped (SIGTERM) with nothing left to deliver");
             if !sent {

@@ -1217,6 +1217,28 @@ fn a_task_past_the_stop_timeout_is_stopped_and_what_is_left_kept_for_the_next_st
 }
 
 #[test]
+fn a_stopping_worker_whose_server_shut_down_after_the_report_leaves_at_once() {
+    let mut w = W::new();
+    w.two_lines_then_the_report();
+    w.s.begin_stop(w.now, rules(false));
+    assert_eq!(
+        w.s.poll_stop(w.now),
+        StopStep::Wait,
+        "the report's ack may come"
+    );
+    let a = w.msg(Body::Shutdown {
+        server: "s1".into(),
+    });
+    assert!(a.iter().any(|a| matches!(a, Action::Reconnect(_))), "{a:?}");
+    assert!(!w.s.outbox.is_empty(), "the report is still owed");
+    assert_eq!(
+        w.s.poll_stop(w.now),
+        StopStep::Leave,
+        "no ack is coming: the report stays in worker.db"
+    );
+}
+
+#[test]
 fn an_unreachable_server_gets_no_bye() {
     let mut w = W::new();
     w.s.begin_stop(w.now, rules(true));

@@ -72,6 +72,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::CancelRun { .. }
         | Body::GetEvents { .. }
         | Body::GetLogTail { .. }
+        | Body::FindInLog { .. }
         | Body::WebLink { .. }
         | Body::ListNotifications { .. }
         | Body::RetryNotification { .. }
@@ -99,6 +100,7 @@ pub fn check(env: &Envelope) -> Result<(), ProtocolError> {
         | Body::SeriesMatrix { .. }
         | Body::Queue { .. }
         | Body::Data { .. }
+        | Body::LogFound { .. }
         | Body::Progress { .. }
         | Body::LogLines { .. }
         | Body::Leases { .. }
@@ -589,6 +591,30 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             check_range(kind, "from", *from, 0..=MAX_SEQ)?;
         }
         Body::GetLogTail { task, .. } => check_id(kind, "task", task)?,
+        Body::FindInLog { task, find, .. } => {
+            use crate::protocol::logfind::{LogFind, MAX_FIND_TEXT, SEARCH_CHUNK};
+            check_id(kind, "task", task)?;
+            match find {
+                LogFind::Line { line } => {
+                    check_range(kind, "find.line", *line, 1..=MAX_READ_OFFSET + 1)?
+                }
+                LogFind::Offset { offset } => {
+                    check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)?
+                }
+                LogFind::Text { text, offset, skip } => {
+                    check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)?;
+                    check_range(kind, "find.skip", *skip, 0..=SEARCH_CHUNK)?;
+                    check_text(kind, "find.text", text, MAX_FIND_TEXT)?;
+                    if text.is_empty() || text.contains(['\n', '\r']) {
+                        return Err(invalid(
+                            kind,
+                            "find.text",
+                            "must be one line of 1 or more bytes".into(),
+                        ));
+                    }
+                }
+            }
+        }
         Body::WebLink { url, .. } => check_text(kind, "url", url, MAX_TEXT_BYTES)?,
         Body::ListNotifications { run: Some(r), .. } => check_id(kind, "run", r)?,
         Body::RetryNotification { id, .. } => {

@@ -82,6 +82,8 @@ impl Body {
             | Body::WorkerHealth { request, .. }
             | Body::HealthReport { request, .. }
             | Body::GetLogTail { request, .. }
+            | Body::FindInLog { request, .. }
+            | Body::LogFound { request, .. }
             | Body::WebLogin { request }
             | Body::WebLink { request, .. }
             | Body::ListNotifications { request, .. }
@@ -154,6 +156,8 @@ impl Body {
             Body::GetLog { .. } => "get_log",
             Body::GetFile { .. } => "get_file",
             Body::GetLogTail { .. } => "get_log_tail",
+            Body::FindInLog { .. } => "find_in_log",
+            Body::LogFound { .. } => "log_found",
             Body::WebLogin { .. } => "web_login",
             Body::WebLink { .. } => "web_link",
             Body::ListNotifications { .. } => "list_notifications",

@@ -286,6 +286,13 @@ pub enum Body {
         task: TaskId,
         max: u64,
     },
+    /// Finds a line, a byte's line or a text in a task's log (§5.7):
+    /// answered with `log_found`.
+    FindInLog {
+        request: u64,
+        task: TaskId,
+        find: crate::protocol::logfind::LogFind,
+    },
     /// Asks for a single-use sign-in link to the web dashboard for this
     /// connection's user (PROTOCOL.md §16). Answered with `web_link`.
     WebLogin {
@@ -717,6 +724,11 @@ pub enum Body {
         request: u64,
         url: String,
         expires_ms: u64,
+    },
+    /// Answer to `find_in_log`.
+    LogFound {
+        request: u64,
+        found: crate::protocol::logfind::LogFinding,
     },
     /// Bytes of a log or file are the third frame.
     Data {

@@ -23,6 +23,7 @@ pub mod header;
 mod kinds;
 pub mod leasing;
 pub mod limits;
+pub mod logfind;
 pub mod logtext;
 pub mod message;
 pub mod results;

@@ -225,6 +225,7 @@ impl<S: Store> Scheduler<S> {
                     },
                     Body::GetLog { task, .. }
                     | Body::GetLogTail { task, .. }
+                    | Body::FindInLog { task, .. }
                     | Body::GetFile { task, .. } => {
                         self.owner_of_task(task).cloned()
                     }
@@ -257,7 +258,7 @@ impl<S: Store> Scheduler<S> {
                     _ => match run.and_then(|r| self.runs.get(&r).map(|t| (r, t))) {
                         // A lease's transcript: also its shared viewers'.
                         Some((_, t))
-                            if matches!(b, Body::GetLog { .. } | Body::GetLogTail { .. } | Body::GetStatus { .. })
+                            if matches!(b, Body::GetLog { .. } | Body::GetLogTail { .. } | Body::FindInLog { .. } | Body::GetStatus { .. })
                                 && t.request.lease.as_ref().is_some_and(|l| l.shared.contains(name)) =>
                         {
                             Ok(())

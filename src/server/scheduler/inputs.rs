@@ -5,6 +5,7 @@
 
 use super::uploads::*;
 use super::*;
+use crate::protocol::logfind::{LogFind, LogFinding};
 use crate::server::store::files::{DeskError, FileJob, ReadSource, UploadKey};
 
 /// An input file upload and the client connection it answers to.
@@ -274,6 +275,55 @@ impl<S: Store> Scheduler<S> {
             max,
         });
         Ok(())
+    }
+
+    /// A `find_in_log`, handed to the file desk like a read (and bounded
+    /// with the reads).
+    pub(super) fn find_in_log(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        task: TaskId,
+        find: LogFind,
+    ) -> Result<(), (ErrorCode, String)> {
+        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
+            self.count("file_reads_busy", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
+            ));
+        }
+        self.reads_in_flight += 1;
+        self.file_job(FileJob::FindInLog {
+            peer: peer.clone(),
+            request,
+            task,
+            find,
+        });
+        Ok(())
+    }
+
+    /// The desk's answer to a `find_in_log`.
+    pub(super) fn answer_find(
+        &mut self,
+        peer: &PeerId,
+        request: u64,
+        result: Result<LogFinding, DeskError>,
+    ) {
+        self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
+        match result {
+            Ok(found) => self.send(peer, None, Body::LogFound { request, found }, None),
+            Err(DeskError::NotFound) => self.send_error(
+                peer,
+                Some(request),
+                ErrorCode::UnknownTask,
+                "the task has no log yet".into(),
+            ),
+            Err(e) => {
+                error!(error = %e, "a task log could not be searched");
+                self.send_error(peer, Some(request), ErrorCode::StorageFailed, e.to_string())
+            }
+        }
     }
 
     /// The connection of an input upload closed: its unused credit goes

@@ -149,6 +149,7 @@ impl<S: Store> Scheduler<S> {
                 .collect(),
             Body::GetLog { task, .. }
             | Body::GetLogTail { task, .. }
+            | Body::FindInLog { task, .. }
             | Body::GetFile { task, .. } => task
                 .rsplit_once('.')
                 .map(|(run, _)| run)

@@ -132,6 +132,7 @@ impl<S: Store> Scheduler<S> {
                     .collect(),
             }),
             body @ (Body::GetLogTail { .. }
+            | Body::FindInLog { .. }
             | Body::GetAudit { .. }
             | Body::GetLog { .. }
             | Body::GetFile { .. }
@@ -286,6 +287,13 @@ impl<S: Store> Scheduler<S> {
             )
         };
         match body {
+            Body::FindInLog { task, find, .. } => {
+                if !self.tasks.contains_key(&task) {
+                    return Some(no_task(&task));
+                }
+                // Searched by the file desk, off the loop.
+                return self.find_in_log(peer, request, task, find).err();
+            }
             Body::GetLogTail { task, max, .. } => {
                 if !self.tasks.contains_key(&task) {
                     return Some(no_task(&task));

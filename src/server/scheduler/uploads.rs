@@ -546,6 +546,11 @@ impl<S: Store> Scheduler<S> {
                 self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
                 self.answer_read(&peer, request, offset, result)
             }
+            FileDone::Found {
+                peer,
+                request,
+                result,
+            } => self.answer_find(&peer, request, result),
             FileDone::Opened { key, have } => {
                 if self.upload_ref(&key).is_none() {
                     return;

@@ -72,6 +72,14 @@ pub enum FileJob {
     /// Removes a task's folder: its log, result files and incoming copies
     /// (the retention policy).
     Prune { task: TaskId },
+    /// Finds a line or a text in a task's log for a client
+    /// ([`crate::server::store::logindex`]).
+    FindInLog {
+        peer: Bytes,
+        request: u64,
+        task: TaskId,
+        find: crate::protocol::logfind::LogFind,
+    },
     /// Reads up to `max` bytes of a stored file for a client.
     Read {
         peer: Bytes,
@@ -132,6 +140,11 @@ pub enum FileDone {
         request: u64,
         offset: u64,
         result: Result<(Vec<u8>, bool), DeskError>,
+    },
+    Found {
+        peer: Bytes,
+        request: u64,
+        result: Result<crate::protocol::logfind::LogFinding, DeskError>,
     },
 }
 
@@ -262,6 +275,21 @@ impl Desk {
                 }
                 return None;
             }
+            FileJob::FindInLog {
+                peer,
+                request,
+                task,
+                find,
+            } => FileDone::Found {
+                peer,
+                request,
+                result: super::logindex::find(&self.task_dir(&task), &find).map_err(|e| {
+                    match e.kind() {
+                        std::io::ErrorKind::NotFound => DeskError::NotFound,
+                        _ => io_error("search the log in", &self.task_dir(&task), e),
+                    }
+                }),
+            },
             FileJob::Read {
                 peer,
                 request,

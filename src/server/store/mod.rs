@@ -13,6 +13,7 @@ pub mod db;
 pub mod files;
 pub mod history;
 pub mod index;
+pub mod logindex;
 pub mod pg;
 pub mod results;
 pub mod sql;
@@ -79,8 +80,9 @@ pub trait Store {
 /// Task folders on disk: `<root>/tasks/<task>/log` and `…/files/<name>`.
 pub struct DiskStore {
     root: PathBuf,
-    /// Open append handles of recently written task logs.
-    logs: HashMap<TaskId, (File, PathBuf)>,
+    /// Open append handles of recently written task logs, with their
+    /// index's marker (none: a log from before the index).
+    logs: HashMap<TaskId, (File, PathBuf, Option<logindex::Marker>)>,
     /// The audit log, opened for appending at its first line.
     audit: Option<File>,
 }
@@ -96,6 +98,12 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn read_range(path: &Path, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
     let mut f = File::open(path).map_err(io("cannot open", path))?;
     let len = f.metadata().map_err(io("cannot stat", path))?.len();
@@ -105,7 +113,8 @@ fn read_range(path: &Path, offset: u64, max: u64) -> Result<(Vec<u8>, bool), Sto
     f.take(max)
         .read_to_end(&mut buf)
         .map_err(io("cannot read", path))?;
-    Ok((buf.clone(), offset + buf.len() as u64 >= len))
+    let eof = offset + buf.len() as u64 >= len;
+    Ok((buf, eof))
 }
 
 impl DiskStore {
@@ -239,13 +248,25 @@ impl DiskStore {
                 .append(true)
                 .open(&path)
                 .map_err(io("cannot open", &path))?;
+            let idx = dir.join("log.idx");
+            let marker = logindex::Marker::recover(&path, &idx).map_err(io("cannot read", &idx))?;
             if self.logs.len() >= OPEN_LOGS {
                 self.logs.clear(); // simple bound; reopening is cheap
             }
-            self.logs.insert(task.clone(), (f, path));
+            self.logs.insert(task.clone(), (f, path, marker));
         }
-        let (f, path) = self.logs.get_mut(task).expect("just opened");
+        let (f, path, marker) = self.logs.get_mut(task).expect("just opened");
         let before = f.metadata().map_err(io("cannot stat", path))?.len();
+        // The index's mark goes first: a mark past a torn end is cut at
+        // the next open, a line without a mark is only counted.
+        if let Some(mark) = marker.as_mut().and_then(|m| m.note(before, text, now_ms())) {
+            let idx = path.with_file_name("log.idx");
+            if let Err(e) = logindex::append_mark(&idx, &mark) {
+                // Not fatal to the log: the lines are stored, found by
+                // counting from an earlier mark.
+                tracing::warn!(task = %task, path = %idx.display(), error = %e, "cannot append to a log's index; its lines are counted from the previous mark");
+            }
+        }
         if let Err(e) = f.write_all(text) {
             // A full disk takes part of a write: cut it back so the log
             // holds whole lines only (the scheduler counts these as not

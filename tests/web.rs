@@ -191,8 +191,9 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
         LIMIT,
     )
     .await;
-    // Control characters are shown escaped, not interpreted.
-    b.wait_js("document.getElementById('log').textContent.includes('bell \\\\x07 and escape \\\\x1b[31m here')", LIMIT).await;
+    // Control characters are shown escaped, not interpreted; an SGR
+    // colour is drawn (live lines as the server draws stored ones).
+    b.wait_js("document.getElementById('log').textContent.includes('bell \\\\x07 and escape  here') && document.querySelector('#log .a-f1').textContent === ' here'", LIMIT).await;
     b.js("window.otsNotReloaded = true; return 1").await;
     release(dir.path(), &task_a);
     let marker = format!("AFTER-LOAD marker of {task_a}");

@@ -591,30 +591,7 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             check_range(kind, "from", *from, 0..=MAX_SEQ)?;
         }
         Body::GetLogTail { task, .. } => check_id(kind, "task", task)?,
-        Body::FindInLog { task, find, .. } => {
-            use crate::protocol::logfind::{LogFind, MAX_FIND_TEXT, SEARCH_CHUNK};
-            check_id(kind, "task", task)?;
-            match find {
-                LogFind::Line { line } => {
-                    check_range(kind, "find.line", *line, 1..=MAX_READ_OFFSET + 1)?
-                }
-                LogFind::Offset { offset } => {
-                    check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)?
-                }
-                LogFind::Text { text, offset, skip } => {
-                    check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)?;
-                    check_range(kind, "find.skip", *skip, 0..=SEARCH_CHUNK)?;
-                    check_text(kind, "find.text", text, MAX_FIND_TEXT)?;
-                    if text.is_empty() || text.contains(['\n', '\r']) {
-                        return Err(invalid(
-                            kind,
-                            "find.text",
-                            "must be one line of 1 or more bytes".into(),
-                        ));
-                    }
-                }
-            }
-        }
+        Body::FindInLog { task, find, .. } => check_find(kind, task, find)?,
         Body::WebLink { url, .. } => check_text(kind, "url", url, MAX_TEXT_BYTES)?,
         Body::ListNotifications { run: Some(r), .. } => check_id(kind, "run", r)?,
         Body::RetryNotification { id, .. } => {
@@ -767,6 +744,35 @@ fn check_leases(kind: &'static str, body: &Body, raw: Option<&[u8]>) -> Result<(
         _ => {}
     }
     Ok(())
+}
+
+/// `find_in_log`: the task, and a line, offset or search text in range.
+fn check_find(
+    kind: &'static str,
+    task: &str,
+    find: &crate::protocol::logfind::LogFind,
+) -> Result<(), ProtocolError> {
+    use crate::protocol::logfind::{LogFind, MAX_FIND_TEXT, SEARCH_CHUNK};
+    check_id(kind, "task", task)?;
+    match find {
+        LogFind::Line { line } => check_range(kind, "find.line", *line, 1..=MAX_READ_OFFSET + 1),
+        LogFind::Offset { offset } => {
+            check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)
+        }
+        LogFind::Text { text, offset, skip } => {
+            check_range(kind, "find.offset", *offset, 0..=MAX_READ_OFFSET)?;
+            check_range(kind, "find.skip", *skip, 0..=SEARCH_CHUNK)?;
+            check_text(kind, "find.text", text, MAX_FIND_TEXT)?;
+            if text.is_empty() || text.contains(['\n', '\r']) {
+                return Err(invalid(
+                    kind,
+                    "find.text",
+                    "must be one line of 1 or more bytes".into(),
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

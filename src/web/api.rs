@@ -8,8 +8,7 @@ use super::{leases, pages};
 use super::{Dashboard, MAX_REQUEST_BODY};
 use crate::web::download::download;
 use crate::web::html::{
-    audit_page, cancel_form, drain_form, lab_page, log_page, queue_page, run_page, runs_page,
-    worker_page,
+    audit_page, cancel_form, drain_form, lab_page, queue_page, run_page, runs_page, worker_page,
 };
 use crate::web::json::{
     api_audit, api_cancel, api_drain, api_events, api_log, api_log_stream, api_me, api_queue,
@@ -31,7 +30,8 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/runs", get(runs_page))
         .route("/runs/{run}", get(run_page))
         .route("/runs/{run}/cancel", post(cancel_form))
-        .route("/tasks/{task}/log", get(log_page))
+        .route("/tasks/{task}/log", get(super::logview::log_page))
+        .route("/tasks/{task}/log.txt", get(super::download::raw_log))
         .route("/tasks/{task}/files/{*name}", get(download))
         .route("/workers/{name}", get(worker_page))
         .route("/workers/{name}/drain", post(drain_form))

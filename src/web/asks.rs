@@ -232,8 +232,6 @@ pub(super) fn whole(start: u64, bytes: &[u8]) -> (u64, &[u8]) {
 #[derive(Deserialize, Default)]
 pub(super) struct LogQuery {
     #[serde(default)]
-    pub(super) q: Option<String>,
-    #[serde(default)]
     pub(super) before: Option<u64>,
     #[serde(default)]
     pub(super) after: Option<u64>,

@@ -1,15 +1,14 @@
 //! The HTML pages: the lab, the queue, testruns, a run, a task's log, a
 //! worker, the audit log; and the forms that act (cancel, drain).
 
-use super::pages::{self, LogView, RunsQuery};
+use super::pages::{self, RunsQuery};
 use super::sessions::Viewer;
 use super::{Dashboard, Failure};
 use crate::protocol::{Body, RunStatus};
 use crate::web::asks::{
-    audit_read, health, list_runs, log_chunk, owner_of, queues, run_notifications, status,
-    task_ended, workers, AuditQuery, LogQuery,
+    audit_read, health, list_runs, owner_of, queues, run_notifications, status, workers, AuditQuery,
 };
-use crate::web::extract::{ask_for, check_id, page_error, run_of_task, Page, D};
+use crate::web::extract::{ask_for, check_id, page_error, Page, D};
 use crate::web::signin::{forbidden_csrf, CsrfForm};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -82,48 +81,6 @@ pub(super) async fn run_page(
             };
             pages::run(&v, &s, owner.as_deref(), &deliveries, f.fragment.is_some())
         }
-        Err(e) => page_error(&v, e),
-    }
-}
-
-pub(super) async fn log_page(
-    State(d): D,
-    Page(v, peer): Page,
-    Path(task): Path<String>,
-    Query(q): Query<LogQuery>,
-) -> Response {
-    let run = match run_of_task(&task) {
-        Ok(r) => r,
-        Err(e) => return page_error(&v, e),
-    };
-    let s = match status(&d, &v, peer, &run).await {
-        Ok(s) => s,
-        Err(e) => return page_error(&v, e),
-    };
-    let Some(t) = s.tasks.iter().find(|t| t.task == task) else {
-        return page_error(
-            &v,
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                format!("testrun {run} has no task {task}"),
-            ),
-        );
-    };
-    match log_chunk(&d, &v, peer, &task, &q).await {
-        Ok((start, end, text, _)) => pages::task_log(
-            &v,
-            &LogView {
-                task: &task,
-                run: &run,
-                status: Some(t),
-                start,
-                end,
-                text: &text,
-                ended: task_ended(&s, &task),
-                filter: q.q.as_deref().filter(|f| !f.is_empty()),
-                paged: q.before.is_some() || q.after.is_some(),
-            },
-        ),
         Err(e) => page_error(&v, e),
     }
 }

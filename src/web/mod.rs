@@ -23,6 +23,7 @@
 //! - [`http`]: the listener (timeouts, TLS), letting connections in
 //!   through [`door`] (shares per user, per address, for strangers).
 
+mod ansi;
 pub mod api;
 mod asks;
 pub mod bridge;
@@ -35,6 +36,7 @@ pub mod http;
 mod json;
 mod leases;
 pub mod live;
+mod logview;
 pub mod pages;
 mod results;
 pub mod sessions;
@@ -74,6 +76,9 @@ pub struct WebConfig {
     pub trusted_proxies: Vec<IpAddr>,
     /// Security on: sessions carry identities from the allow-lists.
     pub secure: bool,
+    /// `web_failure_text`: the log viewer's "first failure" without a
+    /// failing test case.
+    pub failure_text: String,
 }
 
 /// Why the dashboard could not start.
@@ -130,6 +135,8 @@ pub struct Dashboard {
     /// Keys the CSRF tokens of trusted-proxy viewers (they have no
     /// session to hold one).
     proxy_secret: [u8; 32],
+    /// `web_failure_text`.
+    pub failure_text: String,
 }
 
 /// A running dashboard: what the serving loop needs of it.
@@ -185,6 +192,7 @@ pub async fn start(cfg: WebConfig, users: Option<Grants>) -> Result<WebHandle, W
             .and_then(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok()),
         trusted_proxies: cfg.trusted_proxies.clone(),
         proxy_secret: rand::random(),
+        failure_text: cfg.failure_text.clone(),
     });
     let app = api::router(dashboard.clone());
     tokio::spawn(http::serve(listener, tls, app, dashboard.clone()));

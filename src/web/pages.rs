@@ -547,65 +547,6 @@ pub fn run(
     )
 }
 
-/// What the task log page shows.
-pub struct LogView<'a> {
-    pub task: &'a str,
-    pub run: &'a str,
-    pub status: Option<&'a TaskStatus>,
-    /// The shown text starts and ends at these byte offsets.
-    pub start: u64,
-    pub end: u64,
-    pub text: &'a str,
-    pub ended: bool,
-    pub filter: Option<&'a str>,
-    /// Showing a page before the tail (no JavaScript).
-    pub paged: bool,
-}
-
-/// A task's log: the tail, earlier lines on scroll, live lines appended.
-pub fn task_log(v: &Viewer, view: &LogView<'_>) -> Response {
-    let LogView {
-        task,
-        run,
-        status,
-        start,
-        end,
-        text,
-        ended,
-        filter,
-        paged,
-    } = *view;
-    page(
-        v,
-        &format!("{task} log"),
-        html! {
-            h1 { "Log of task " (task) }
-            p {
-                "Testrun " a href={ "/runs/" (run) } { (run) }
-                @if let Some(t) = status {
-                    ", " span #task-state class={ "state " (name(&t.state)) } { (name(&t.state)) }
-                    @if let Some(vd) = &t.verdict { ", verdict " span class={ "verdict " (name(vd)) } { (name(vd)) } }
-                    @if let Some(w) = &t.worker { " on " a href={ "/workers/" (w) } { (w) } }
-                    ", " (t.log_lines_stored) " lines stored"
-                }
-            }
-            form.filters method="get" action={ "/tasks/" (task) "/log" } {
-                label { "filter " input #filter name="q" value=(filter.unwrap_or("")) size="30" placeholder="text the lines contain"; }
-                button type="submit" { "Apply" }
-                span #live-status { @if ended { "task ended" } @else { "" } }
-            }
-            @if start > 0 {
-                p { a #earlier href={ "/tasks/" (task) "/log?before=" (start) } { "Earlier lines" } }
-            }
-            div #log data-task=(task) data-run=(run) data-start=(start) data-end=(end)
-                data-live=(if ended || paged { "0" } else { "1" }) {
-                (log_lines(text, filter))
-            }
-            @if paged { p { a href={ "/tasks/" (task) "/log?after=" (end) } { "Later lines" } " · " a href={ "/tasks/" (task) "/log" } { "The end" } } }
-        },
-    )
-}
-
 /// One worker: device, health and its history, recent tasks.
 pub fn worker(
     v: &Viewer,

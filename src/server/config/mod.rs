@@ -91,6 +91,9 @@ pub struct ServerConfig {
     /// The dashboard's address as browsers reach it (behind a reverse
     /// proxy: `https://ots.example.org`); links are made with it.
     pub web_url: String,
+    /// The log viewer's "first failure", when no failing test case says
+    /// where it is: the first line containing this text (1–256 bytes).
+    pub web_failure_text: String,
     /// Trusted-proxy mode: the header in which a reverse proxy that
     /// authenticated the user names it (e.g. `X-Remote-User`); empty: off.
     pub web_proxy_user_header: String,
@@ -174,6 +177,7 @@ impl Default for ServerConfig {
             web_tls_key: None,
             web_insecure: false,
             web_url: String::new(),
+            web_failure_text: "FAIL".into(),
             web_proxy_user_header: String::new(),
             web_trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
             log_level: "info".into(),

@@ -87,8 +87,20 @@ impl ServerConfig {
                 )
             })?);
         }
+        let ft = &self.web_failure_text;
+        if ft.is_empty()
+            || ft.len() > crate::protocol::logfind::MAX_FIND_TEXT
+            || ft.contains(['\n', '\r'])
+        {
+            return Err(invalid(
+                "web_failure_text",
+                ft,
+                "must be one line of 1 to 256 bytes: the text of a log line that shows a failure, e.g. \"FAIL\"",
+            ));
+        }
         Ok(Some(crate::web::WebConfig {
             addr,
+            failure_text: ft.clone(),
             tls,
             url,
             proxy_user_header,

@@ -123,14 +123,7 @@ impl<S: Store> Scheduler<S> {
                 self.status(&run)
                     .map(|status| Body::Status { request, status })
             }),
-            Body::ListWorkers { .. } => Ok(Body::Workers {
-                request,
-                workers: self
-                    .workers
-                    .keys()
-                    .map(|name| self.worker_info(now, name))
-                    .collect(),
-            }),
+            Body::ListWorkers { .. } => Ok(self.workers_answer(now, request)),
             body @ (Body::GetLogTail { .. }
             | Body::FindInLog { .. }
             | Body::GetAudit { .. }
@@ -152,6 +145,14 @@ impl<S: Store> Scheduler<S> {
         match reply {
             Ok(body) => self.send(peer, None, body, None),
             Err((code, message)) => self.send_error(peer, Some(request), code, message),
+        }
+    }
+
+    fn workers_answer(&self, now: Instant, request: u64) -> Body {
+        let workers = self.workers.keys().map(|name| self.worker_info(now, name));
+        Body::Workers {
+            request,
+            workers: workers.collect(),
         }
     }
 

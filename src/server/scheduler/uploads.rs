@@ -376,39 +376,6 @@ impl<S: Store> Scheduler<S> {
         None
     }
 
-    /// The per-file limit and the store's quota, for any upload.
-    pub(super) fn size_refusal(&self, what: &str, size: u64) -> Option<(ErrorCode, String)> {
-        let limits = &self.cfg.limits;
-        if size > limits.max_file_bytes {
-            return Some((
-                ErrorCode::LimitReached,
-                format!(
-                    "{what} is {size} bytes, over the server's limit of {} (limits.max_file_bytes)",
-                    limits.max_file_bytes
-                ),
-            ));
-        }
-        if self
-            .stored_bytes
-            .saturating_add(self.uploading_bytes)
-            .saturating_add(size)
-            > limits.max_stored_file_bytes
-        {
-            return Some((
-                ErrorCode::StorageFailed,
-                format!(
-                    "{what} does not fit: the server's file area would exceed {} bytes (limits.max_stored_file_bytes; {} stored, {} being uploaded); free space or raise the limit",
-                    limits.max_stored_file_bytes, self.stored_bytes, self.uploading_bytes
-                ),
-            ));
-        }
-        None
-    }
-
-    // ------------------------------------------------------------------
-    // Input files, from clients
-    // ------------------------------------------------------------------
-
     // ------------------------------------------------------------------
     // Both kinds
     // ------------------------------------------------------------------

@@ -28,57 +28,91 @@
     }, every);
   });
 
-  // A task's log: earlier lines on scroll, new lines pushed as they come.
+  // A task's log: the server renders a window of it (numbered, coloured,
+  // folded); here only a #L permalink outside the window is opened on the
+  // server, the line asked for is scrolled to, and a running task's new
+  // lines are appended (at most MAX_LINES kept on the page).
   var log = document.getElementById('log');
   if (log) {
     var task = log.dataset.task;
-    var start = parseInt(log.dataset.start, 10);
     var end = parseInt(log.dataset.end, 10);
-    var filter = document.getElementById('filter');
+    var next = parseInt(log.dataset.nextLine, 10);
+    var MAX_LINES = 20000;
     var status = document.getElementById('live-status');
-    var needle = filter ? filter.value : '';
     var setStatus = function (s) { if (status) status.textContent = s; };
-    var show = function (div) { div.hidden = needle !== '' && div.textContent.indexOf(needle) < 0; };
+    var hash = /^#L(\d+)$/.exec(location.hash);
+    if (hash && !document.getElementById('L' + hash[1])) {
+      location.replace(location.pathname + '?line=' + hash[1] + '#L' + hash[1]);
+      return;
+    }
+    var here = document.querySelector('#log .here');
+    // SGR colours as the server draws them; other sequences stay visible.
+    var sgr = function (style, params) {
+      var ps = params === '' ? [0] : params.split(';').map(function (p) { return parseInt(p, 10) || 0; });
+      for (var i = 0; i < ps.length; i++) {
+        var p = ps[i];
+        if (p === 0) style = {};
+        else if (p === 1) style.bold = true;
+        else if (p === 22) style.bold = false;
+        else if (p >= 30 && p <= 37) style.fg = p - 30;
+        else if (p >= 90 && p <= 97) style.fg = p - 82;
+        else if (p === 39) delete style.fg;
+        else if (p >= 40 && p <= 47) style.bg = p - 40;
+        else if (p >= 100 && p <= 107) style.bg = p - 92;
+        else if (p === 49) delete style.bg;
+        else if (p === 38 || p === 48) { i += ps[i + 1] === 5 ? 2 : (ps[i + 1] === 2 ? 4 : 1); }
+      }
+      return style;
+    };
+    var liveStyle = {};
+    var colour = function (target, text) {
+      var re = /\x1b\[([0-9;]{0,64})m/g, last = 0, m;
+      var put = function (t) {
+        if (t === '') return;
+        var cls = [];
+        if (liveStyle.fg !== undefined) cls.push('a-f' + liveStyle.fg);
+        if (liveStyle.bg !== undefined) cls.push('a-b' + liveStyle.bg);
+        if (liveStyle.bold) cls.push('a-bold');
+        if (cls.length) { var s = document.createElement('span'); s.className = cls.join(' '); s.textContent = visible(t); target.appendChild(s); }
+        else target.appendChild(document.createTextNode(visible(t)));
+      };
+      while ((m = re.exec(text)) !== null) {
+        put(text.substring(last, m.index));
+        liveStyle = sgr(Object.assign({}, liveStyle), m[1]);
+        last = re.lastIndex;
+      }
+      put(text.substring(last));
+    };
+    var two = function (n) { return (n < 10 ? '0' : '') + n; };
     var render = function (text) {
       var frag = document.createDocumentFragment();
       var lines = text.split('\n');
       lines.pop(); // the text ends with a newline
+      var now = new Date();
+      var t = two(now.getUTCHours()) + ':' + two(now.getUTCMinutes()) + ':' + two(now.getUTCSeconds());
       lines.forEach(function (line) {
         var d = document.createElement('div');
         d.className = lineClass(line);
-        d.textContent = visible(line);
-        show(d);
+        d.id = 'L' + next;
+        var a = document.createElement('a');
+        a.className = 'n';
+        a.href = '?line=' + next + '#L' + next;
+        a.textContent = String(next);
+        var ts = document.createElement('span');
+        ts.className = 't';
+        ts.textContent = t;
+        var x = document.createElement('span');
+        x.className = 'x';
+        colour(x, line);
+        d.appendChild(a); d.appendChild(ts); d.appendChild(x);
         frag.appendChild(d);
+        next += 1;
       });
       return frag;
     };
-    if (filter) {
-      filter.addEventListener('input', function () {
-        needle = filter.value;
-        Array.prototype.forEach.call(log.children, show);
-      });
-    }
-    var loading = false;
-    var earlier = function () {
-      if (loading || start <= 0) return;
-      loading = true;
-      fetch('/api/tasks/' + encodeURIComponent(task) + '/log?before=' + start, { credentials: 'same-origin' })
-        .then(function (r) { return r.ok ? r.json() : null; })
-        .then(function (j) {
-          loading = false;
-          if (!j || j.end !== start) return;
-          var height = document.documentElement.scrollHeight;
-          log.insertBefore(render(j.text), log.firstChild);
-          start = j.start;
-          window.scrollBy(0, document.documentElement.scrollHeight - height);
-          if (start <= 0) { var a = document.getElementById('earlier'); if (a) a.remove(); }
-        }).catch(function () { loading = false; });
-    };
-    var link = document.getElementById('earlier');
-    if (link) link.addEventListener('click', function (e) { e.preventDefault(); earlier(); });
-    window.addEventListener('scroll', function () { if (window.scrollY < 50) earlier(); });
+    if (here && !hash) here.scrollIntoView({ block: 'center' });
     if (log.dataset.live === '1') {
-      window.scrollTo(0, document.documentElement.scrollHeight);
+      if (!hash) window.scrollTo(0, document.documentElement.scrollHeight);
       var es = new EventSource('/api/tasks/' + encodeURIComponent(task) + '/log/stream?from=' + end);
       setStatus('live');
       es.addEventListener('lines', function (e) {
@@ -86,6 +120,7 @@
         if (m.to <= end) return; // already shown
         var bottom = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40;
         log.appendChild(render(m.text));
+        while (log.children.length > MAX_LINES) log.removeChild(log.firstChild);
         end = m.to;
         log.dataset.end = String(end);
         if (bottom) window.scrollTo(0, document.documentElement.scrollHeight);
@@ -96,7 +131,7 @@
       es.onerror = function () {
         setStatus(es.readyState === EventSource.CLOSED ? 'disconnected: reload the page' : 'reconnecting…');
       };
-    } else {
+    } else if (!hash && !here && !/[?&](after|before|line)=/.test(location.search)) {
       window.scrollTo(0, document.documentElement.scrollHeight);
     }
   }

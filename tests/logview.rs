@@ -78,6 +78,15 @@ async fn a_million_line_log_is_read_by_line_number_search_and_colour() {
         .unwrap()
         .starts_with("text/plain"));
     assert_eq!(raw.header("x-content-type-options"), Some("nosniff"));
+    // Every page has its icon; a wrong path says so with the way back.
+    let icon = common::http::get(&base, "/favicon.ico", None);
+    assert_eq!(
+        (icon.status, icon.header("content-type")),
+        (200, Some("image/svg+xml"))
+    );
+    let lost = common::http::get(&base, "/no/such/page", Some(&session));
+    assert_eq!(lost.status, 404);
+    assert!(lost.text().contains("href=\"/runs\""), "{}", lost.text());
     let all = String::from_utf8(raw.body).unwrap();
     let lines: Vec<&str> = all.split_terminator('\n').collect();
     let total = lines.len() as u64;

@@ -52,6 +52,8 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/login", get(login).post(login_confirmed))
         .route("/logout", post(logout))
         .route("/static/ots.css", get(css))
+        .route("/favicon.svg", get(favicon))
+        .route("/favicon.ico", get(favicon))
         .route("/static/ots.js", get(js))
         .route("/api/me", get(api_me))
         .route("/api/workers", get(api_workers))
@@ -78,8 +80,16 @@ async fn harden(mut r: Response) -> Response {
     r
 }
 
-async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, "no such page").into_response()
+async fn not_found(uri: axum::http::Uri) -> Response {
+    // An API caller gets JSON-less text; a browser the page with the way back.
+    if uri.path().starts_with("/api/") {
+        return (StatusCode::NOT_FOUND, "no such page").into_response();
+    }
+    pages::not_found()
+}
+
+async fn favicon() -> Response {
+    static_asset("image/svg+xml", pages::FAVICON)
 }
 
 async fn css() -> Response {

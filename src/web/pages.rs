@@ -59,6 +59,18 @@ pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
     crate::text::escape_controls(text)
 }
 
+/// A result file worth reading in the browser (shown as plain text).
+fn text_file(name: &str) -> bool {
+    let ext = name
+        .rsplit_once('.')
+        .map_or("", |(_, e)| e)
+        .to_ascii_lowercase();
+    matches!(
+        ext.as_str(),
+        "txt" | "log" | "xml" | "json" | "csv" | "out" | "yaml" | "yml" | "md" | "html" | "tap"
+    )
+}
+
 /// The class of a stored log line by its stream prefix.
 fn line_class(line: &str) -> &'static str {
     if line.starts_with("[serial] ") {
@@ -92,6 +104,7 @@ fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " — ots" }
                 link rel="stylesheet" href="/static/ots.css";
+                link rel="icon" type="image/svg+xml" href="/favicon.svg";
                 script src="/static/ots.js" defer {}
             }
             body {
@@ -123,6 +136,27 @@ fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
 
 pub(super) fn page(viewer: &Viewer, title: &str, body: Markup) -> Response {
     layout(Some(viewer), title, body).into_response()
+}
+
+/// The dashboard's icon: a green square with a tick (SVG, no script).
+pub const FAVICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><rect width=\"16\" height=\"16\" rx=\"3\" fill=\"#1a7f37\"/><path d=\"M4 8.5l2.5 2.5L12 5.5\" stroke=\"#fff\" stroke-width=\"2\" fill=\"none\"/></svg>";
+
+/// A path the dashboard does not serve: said, with the way back (the
+/// navigation leads to sign-in for an anonymous visitor; no data here).
+pub fn not_found() -> Response {
+    let body = html! {
+        h1 { "Not found" }
+        p { "The dashboard has no such page. Go to:" }
+        nav.lognav {
+            a href="/" { "Lab" } a href="/queue" { "Queue" } a href="/runs" { "Runs" }
+            a href="/leases" { "Leases" } a href="/report" { "Report" }
+        }
+    };
+    (
+        StatusCode::NOT_FOUND,
+        layout(None, "Not found", body).into_response(),
+    )
+        .into_response()
 }
 
 /// What anonymous visitors get: how to sign in, no data.
@@ -459,7 +493,8 @@ fn task_row(t: &TaskStatus) -> Markup {
                         thead { tr { th { "result file" } th { "size" } th { "SHA-256" } } }
                         tbody { @for f in &t.files {
                             tr {
-                                td { a.download href=(file_href(&t.task, &f.name)) download { (f.name) } }
+                                td { a.download href=(file_href(&t.task, &f.name)) download { (f.name) }
+                                     @if text_file(&f.name) { " " a.view href={ (file_href(&t.task, &f.name)) "?view=1" } { "view" } } }
                                 td.num { (size(f.size)) }
                                 td.hash { code { (f.sha256) } }
                             }

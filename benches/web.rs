@@ -182,6 +182,11 @@ fn main() {
         ms(fx)
     );
 
+    // 1b. The whole log searched by the server (64 MiB pieces on its file
+    // desk), and a line found by number, while the loop's longest tick
+    // is watched; beside a plain scan of the file in this process.
+    whole_log_search(&base, &cookie, &task, &log, &metrics, size);
+
     // 2. Live views of a task printing 10 000 lines/s.
     let secs = std::env::var("OTS_BENCH_SECS").unwrap_or_else(|_| "12".into());
     let pid = server.proc.child.id();
@@ -292,4 +297,105 @@ fn main() {
         );
     }
     drop(server);
+}
+
+/// Lines of `log` holding `needle`, scanned in 1 MiB pieces (the floor).
+fn scan(log: &std::path::Path, needle: &[u8]) -> u64 {
+    let finder = memchr::memmem::Finder::new(needle);
+    let mut f = std::fs::File::open(log).unwrap();
+    let (mut buf, mut carry, mut count) = (vec![0u8; 1 << 20], Vec::new(), 0u64);
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        let whole = memchr::memrchr(b'\n', &carry).map_or(0, |i| i + 1);
+        for line in carry[..whole].split(|&b| b == b'\n') {
+            if finder.find(line).is_some() {
+                count += 1;
+            }
+        }
+        carry.drain(..whole);
+    }
+    count
+}
+
+fn whole_log_search(
+    base: &str,
+    cookie: &str,
+    task: &str,
+    log: &std::path::Path,
+    metrics: &str,
+    size: u64,
+) {
+    let mib = size as f64 / (1 << 20) as f64;
+    println!("whole-log search of the {mib:.0} MiB log (median / max of 3):");
+    for (what, needle, query) in [
+        (
+            "a text on no line",
+            &b"needle-on-no-line"[..],
+            "needle-on-no-line",
+        ),
+        (
+            "a text on every line",
+            &b"lazy dog"[..],
+            "lazy%20dog&m=1000000",
+        ),
+    ] {
+        let mut page = Vec::new();
+        let mut gaps = Vec::new();
+        let mut floor = Vec::new();
+        let mut count = String::new();
+        for _ in 0..3 {
+            let _ = tick_gap(metrics);
+            let t = Instant::now();
+            let r = http::get(base, &format!("/tasks/{task}/log?q={query}"), Some(cookie));
+            page.push(t.elapsed());
+            gaps.push(tick_gap(metrics));
+            assert_eq!(r.status, 200);
+            let body = r.text();
+            count = body
+                .split("id=\"match-count\">")
+                .nth(1)
+                .and_then(|t| t.split('<').next())
+                .unwrap_or("0")
+                .to_string();
+            let t = Instant::now();
+            let n = scan(log, needle);
+            floor.push(t.elapsed());
+            assert_eq!(count, n.to_string(), "the page's count differs from a scan");
+        }
+        let (pm, px) = median(page);
+        let (fm, fx) = median(floor);
+        let gap = gaps.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "  {what}: page {:8.0} ms / {:8.0} ms ({count} lines; {:.0} MiB/s); the serving loop's longest tick gap meanwhile {:.3} s (heartbeat 1 s)",
+            ms(pm),
+            ms(px),
+            mib / pm.as_secs_f64()
+        , gap);
+        println!(
+            "    baseline: the same scan in this process, 1 MiB reads: {:8.0} ms / {:8.0} ms",
+            ms(fm),
+            ms(fx)
+        );
+    }
+    let mut line = Vec::new();
+    for n in [1u64, 5_000_000, 10_000_000] {
+        let t = Instant::now();
+        let r = http::get(base, &format!("/tasks/{task}/log?line={n}"), Some(cookie));
+        line.push(t.elapsed());
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text().contains(&format!("id=\"L{n}\"")),
+            "line {n} not shown"
+        );
+    }
+    let (lm, lx) = median(line);
+    println!(
+        "  a line by number (1, 5 000 000, 10 000 000): page {:.2} ms / {:.2} ms",
+        ms(lm),
+        ms(lx)
+    );
 }

@@ -15,7 +15,8 @@ async fn main() {
             nix::sys::signal::SigHandler::SigDfl,
         );
     }
-    let cli = match Cli::try_parse() {
+    let args = cli::hoist_global_options(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

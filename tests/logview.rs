@@ -104,9 +104,23 @@ async fn a_million_line_log_is_read_by_line_number_search_and_colour() {
 
     let b = Browser::start().await;
     let c = &b.client;
-    b.open(&web_link(&server, "lvalice")).await;
-    b.wait_js("document.querySelector('.who')", LIMIT).await;
     let log = format!("{base}/tasks/{task}/log");
+    // A deep link opened before signing in is where sign-in leads.
+    b.open(&format!("{log}?q=WARNING&m=2")).await;
+    assert!(c.source().await.unwrap().contains("ots-submit web"));
+    b.open(&web_link(&server, "lvalice")).await;
+    b.wait_js(
+        "document.querySelector('.who') && document.getElementById('match-no')",
+        LIMIT,
+    )
+    .await;
+    let landed = c.current_url().await.unwrap();
+    assert!(
+        landed
+            .as_str()
+            .ends_with(&format!("/tasks/{task}/log?q=WARNING&m=2")),
+        "{landed}"
+    );
 
     // Each shown within a second of asking (navigation to the line in view).
     let timed = |what: &'static str, url: String, line: u64| {

@@ -116,9 +116,16 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
         .await;
     assert_eq!(anon_api, 401);
 
-    // Signed in through the link ots-submit printed.
+    // Signed in through the link ots-submit printed: it leads to the
+    // page asked for last before signing in.
     let link = web_link(&server, "webalice");
     b.open(&link).await;
+    b.wait_js(
+        &format!("location.pathname === '/runs/{run_a}' && document.getElementById('summary')"),
+        LIMIT,
+    )
+    .await;
+    b.open(&format!("{base}/")).await;
     b.wait_js("document.querySelector('tr[data-worker=\"web-w1\"]') && document.querySelector('tr[data-worker=\"web-w2\"]')", LIMIT).await;
     let who = b
         .js("return document.querySelector('.who').textContent")
@@ -172,6 +179,18 @@ async fn the_dashboard_in_a_browser_during_a_real_testrun() {
         ))
         .await;
     assert_eq!(api_no_csrf, 403);
+    assert_eq!(current_status(&server, &run_a)["state"], "running");
+    // With the token but unconfirmed (no JavaScript asked): the second
+    // step is asked for, and nothing is cancelled.
+    let asked = b
+        .js(&format!("return fetch('/api/me').then(r => r.json()).then(j => fetch('/runs/{run_a}/cancel', {{method: 'POST', headers: {{'Content-Type': 'application/x-www-form-urlencoded'}}, body: 'csrf=' + encodeURIComponent(j.csrf)}})).then(r => r.text())"))
+        .await;
+    let asked = asked.as_str().unwrap();
+    assert!(
+        asked.contains(&format!("Cancel testrun {run_a}?"))
+            && asked.contains("name=\"confirm\" value=\"yes\""),
+        "{asked}"
+    );
     assert_eq!(current_status(&server, &run_a)["state"], "running");
 
     // The run page in one tab, the task log in another, both live.

@@ -39,6 +39,54 @@ pub struct Conn {
     pub json: bool,
 }
 
+/// The connection options ([`Conn`]) that take a value.
+const CONN_VALUED: [&str; 5] = [
+    "--server",
+    "--security",
+    "--key",
+    "--server-key",
+    "--connect-timeout",
+];
+
+/// Connection options given before the subcommand (`ots-submit --server
+/// X runs`) moved after it, where clap reads them (each subcommand has
+/// its own [`Conn`]): placed at the end, before a `--` if there is one.
+/// Pure; anything else is left as it was, for clap to judge.
+pub fn hoist_global_options(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut rest = args.into_iter();
+    let Some(program) = rest.next() else {
+        return Vec::new();
+    };
+    let mut hoisted = Vec::new();
+    let mut rest: std::collections::VecDeque<_> = rest.collect();
+    while let Some(a) = rest.front().and_then(|a| a.to_str()).map(str::to_string) {
+        let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
+        let valued = CONN_VALUED.contains(&name);
+        if name != "--json" && !valued {
+            break;
+        }
+        hoisted.extend(rest.pop_front());
+        if valued && !a.contains('=') {
+            hoisted.extend(rest.pop_front());
+        }
+    }
+    let mut rest: Vec<_> = rest.into();
+    if hoisted.is_empty() || rest.is_empty() {
+        // Nothing moved, or no subcommand follows: clap says what is wrong.
+        return std::iter::once(program)
+            .chain(hoisted)
+            .chain(rest)
+            .collect();
+    }
+    let at = rest.iter().position(|a| a == "--").unwrap_or(rest.len());
+    let tail = rest.split_off(at);
+    std::iter::once(program)
+        .chain(rest)
+        .chain(hoisted)
+        .chain(tail)
+        .collect()
+}
+
 /// A `--server` value: each comma-separated endpoint `tcp://HOST:PORT`,
 /// or `HOST:PORT` for it; anything else is refused naming the form.
 pub fn parse_server(text: &str) -> Result<String, String> {

@@ -21,7 +21,7 @@ mod run;
 
 use crate::cli::args::{RunArgs, RunStateArg};
 use crate::cli::conn::fail;
-pub use crate::cli::conn::Conn;
+pub use crate::cli::conn::{hoist_global_options, Conn};
 use crate::cli::fetch::fetch_cmd;
 use crate::cli::lists::{cases, logs, queue, runs, workers};
 use crate::cli::manage::{
@@ -519,6 +519,39 @@ mod tests {
         assert!(parse_server("localhost").unwrap_err().contains("HOST:PORT"));
         assert!(parse_server("host:port").unwrap_err().contains("HOST:PORT"));
         assert!(parse_server(":5555").is_err());
+    }
+
+    #[test]
+    fn connection_options_before_the_subcommand_are_read_after_it() {
+        use clap::Parser;
+        let args = |s: &str| {
+            s.split(' ')
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+        };
+        let moved = hoist_global_options(args(
+            "ots-submit --server h:1 --json --key=k runs --limit 5",
+        ));
+        assert_eq!(
+            moved,
+            args("ots-submit runs --limit 5 --server h:1 --json --key=k")
+        );
+        let cli = super::Cli::try_parse_from(moved).unwrap();
+        let super::Command::Runs { conn, .. } = cli.command else {
+            panic!("not runs")
+        };
+        assert_eq!((conn.server.as_str(), conn.json), ("tcp://h:1", true));
+        // Before a `--`; nothing else moves; a lone option is clap's to refuse.
+        assert_eq!(
+            hoist_global_options(args("p --json logs t -- x")),
+            args("p logs t --json -- x")
+        );
+        assert_eq!(
+            hoist_global_options(args("p runs --json")),
+            args("p runs --json")
+        );
+        assert_eq!(hoist_global_options(args("p --server")), args("p --server"));
+        assert!(super::Cli::try_parse_from(hoist_global_options(args("p --bogus runs"))).is_err());
     }
 
     #[test]

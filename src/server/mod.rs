@@ -30,6 +30,7 @@
 pub mod cases;
 pub mod config;
 pub mod distribution;
+pub mod estimate;
 pub mod fairshare;
 pub mod health;
 pub mod lease;

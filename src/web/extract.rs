@@ -49,7 +49,19 @@ impl axum::extract::FromRequestParts<Arc<Dashboard>> for Page {
     ) -> Result<Self, Response> {
         viewer_of(parts, d)
             .map(|(v, peer)| Page(v, peer))
-            .map_err(|()| pages::sign_in(None))
+            .map_err(|()| {
+                let mut r = pages::sign_in(None);
+                // The page asked for is where sign-in leads (a deep link
+                // survives it): kept 15 minutes in a cookie of its own.
+                let wanted = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                if parts.method == axum::http::Method::GET && super::signin::local_path(wanted) {
+                    r.headers_mut().append(
+                        axum::http::header::SET_COOKIE,
+                        super::signin::next_cookie(d, &hex::encode(wanted), 900),
+                    );
+                }
+                r
+            })
     }
 }
 

@@ -120,8 +120,19 @@ pub(super) async fn cancel_form(
     if !d.csrf_ok(&v, f.csrf.as_deref()) {
         return forbidden_csrf(&v);
     }
+    let back = f.back_or(&format!("/runs/{run}"));
+    if !f.confirmed() {
+        return pages::confirm(
+            &v,
+            &format!("Cancel testrun {run}?"),
+            &format!("/runs/{run}/cancel"),
+            &[],
+            "Yes, cancel it (running tasks are stopped)",
+            &back,
+        );
+    }
     match cancel(&d, &v, peer, &run).await {
-        Ok(_) => Redirect::to(&format!("/runs/{run}")).into_response(),
+        Ok(_) => Redirect::to(&back).into_response(),
         Err(e) => page_error(&v, e),
     }
 }
@@ -139,8 +150,19 @@ pub(super) async fn drain_form(
         Ok(on) => on,
         Err(e) => return page_error(&v, e),
     };
+    let back = f.back_or(&format!("/workers/{name}"));
+    if on && !f.confirmed() {
+        return pages::confirm(
+            &v,
+            &format!("Drain worker {name}?"),
+            &format!("/workers/{name}/drain"),
+            &[("drain", "on")],
+            "Yes, drain it (it takes no new task until undrained)",
+            &back,
+        );
+    }
     match drain(&d, &v, peer, &name, on).await {
-        Ok(_) => Redirect::to(&format!("/workers/{name}")).into_response(),
+        Ok(_) => Redirect::to(&back).into_response(),
         Err(e) => page_error(&v, e),
     }
 }

@@ -219,16 +219,50 @@ fn csrf_field(v: &Viewer) -> Markup {
     html! { input type="hidden" name="csrf" value=(v.csrf); }
 }
 
-fn drain_form(v: &Viewer, w: &WorkerInfo) -> Markup {
+fn drain_form(v: &Viewer, w: &WorkerInfo, back: &str) -> Markup {
     html! {
         @if v.role() >= Role::Operator {
             form.inline method="post" action={ "/workers/" (w.name) "/drain" } {
                 (csrf_field(v))
+                input type="hidden" name="back" value=(back);
                 input type="hidden" name="drain" value=(if w.drained { "off" } else { "on" });
-                button type="submit" { (if w.drained { "Undrain" } else { "Drain" }) }
+                @if w.drained {
+                    input type="hidden" name="confirm" value="yes";
+                    button type="submit" { "Undrain" }
+                } @else {
+                    input type="hidden" name="confirm" value="";
+                    button type="submit" data-confirm={ "Drain " (w.name) "? It takes no new task until undrained." } { "Drain" }
+                }
             }
         }
     }
+}
+
+/// The second step of an action that ends or stops something, for a
+/// browser without JavaScript (with it, a dialog asked already): the
+/// same form again with `confirm=yes`, and the way back.
+pub fn confirm(
+    v: &Viewer,
+    question: &str,
+    action: &str,
+    fields: &[(&str, &str)],
+    yes: &str,
+    back: &str,
+) -> Response {
+    let body = html! {
+        h1 { (question) }
+        form method="post" action=(action) {
+            (csrf_field(v))
+            @for (k, val) in fields { input type="hidden" name=(k) value=(val); }
+            input type="hidden" name="back" value=(back);
+            input type="hidden" name="confirm" value="yes";
+            div.actions {
+                button.danger type="submit" { (yes) }
+                a href=(back) { "No, go back" }
+            }
+        }
+    };
+    page(v, question, body)
 }
 
 /// The lab: every worker, and counts per device group.
@@ -280,7 +314,7 @@ pub fn lab(v: &Viewer, workers: &[WorkerInfo], charts: Option<Markup>) -> Respon
                         td { (ago(w.last_heard_ms_ago)) " ago" }
                         td { (w.console.as_deref().unwrap_or("—")) }
                         td { (if w.drained { "yes" } else { "no" }) }
-                        td { (drain_form(v, w)) }
+                        td { (drain_form(v, w, "/")) }
                     }
                 }
             }
@@ -529,7 +563,8 @@ pub fn run_tasks(v: &Viewer, s: &RunStatus, owner: Option<&str>) -> Markup {
         @if may_cancel {
             form.inline method="post" action={ "/runs/" (s.run) "/cancel" } {
                 (csrf_field(v))
-                button.danger type="submit" { "Cancel testrun" }
+                input type="hidden" name="confirm" value="";
+                button.danger type="submit" data-confirm={ "Cancel testrun " (s.run) "? Its running tasks are stopped." } { "Cancel testrun" }
             }
         }
         p #summary {
@@ -602,7 +637,7 @@ pub fn worker(
                 tr { th { "task" } td { @if let Some(t) = &w.task { a href={ "/tasks/" (t) "/log" } { (t) } } @else { "—" } } }
                 tr { th { "last heard" } td { (ago(w.last_heard_ms_ago)) " ago" } }
                 tr { th { "console" } td { (w.console.as_deref().unwrap_or("—")) } }
-                tr { th { "drained" } td { (if w.drained { "yes" } else { "no" }) " " (drain_form(v, w)) } }
+                tr { th { "drained" } td { (if w.drained { "yes" } else { "no" }) " " (drain_form(v, w, &format!("/workers/{}", w.name))) } }
                 tr { th { "version" } td { (w.version.as_deref().unwrap_or("—")) } }
                 @if let Some(p) = &w.pinned { tr { th { "key serves" } td { (p) } } }
             }

@@ -25,6 +25,28 @@ pub(super) fn session_cookie(d: &Dashboard, value: &str, max_age: u64) -> Header
     .expect("cookie is ASCII")
 }
 
+/// The cookie naming the page to open after sign-in (hex of its path).
+pub(super) const NEXT: &str = "ots_next";
+
+pub(super) fn next_cookie(d: &Dashboard, value: &str, max_age: u64) -> HeaderValue {
+    let secure = if d.secure_cookie { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{NEXT}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .expect("cookie is ASCII")
+}
+
+/// The page to open after sign-in: the one asked for before it, if it is
+/// a path of this dashboard; else the lab.
+fn next_page(headers: &HeaderMap) -> String {
+    super::cookie_value(headers, NEXT)
+        .filter(|v| v.len() <= 2048)
+        .and_then(|v| hex::decode(v).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|p| local_path(p) && !p.starts_with("/login"))
+        .unwrap_or_else(|| "/".to_string())
+}
+
 /// Where a request came from, as the browser says (`Sec-Fetch-Site`,
 /// else `Origin`): true when it is this site or the user's own action
 /// (typed, pasted, opened from a terminal), false from another site or
@@ -60,14 +82,14 @@ pub(super) async fn login(
         (sessions.link_holder(now, &q.token), current)
     };
     let Some(holder) = holder else {
-        return sign_in_with(&d, &q.token);
+        return sign_in_with(&d, &q.token, &headers);
     };
     let as_who = holder
         .as_ref()
         .map_or_else(|| "local".to_string(), |i| i.label());
     let switching = current.as_ref().is_some_and(|c| *c != as_who);
     if own_action(&d, &headers) && !switching {
-        return sign_in_with(&d, &q.token);
+        return sign_in_with(&d, &q.token, &headers);
     }
     Counters::bump(&d.counters.sign_ins_confirmed);
     pages::confirm_sign_in(&as_who, current.as_deref(), &q.token)
@@ -94,14 +116,14 @@ pub(super) async fn login_confirmed(
     if !well_formed(&f.token) {
         return pages::sign_in(Some("This sign-in link is malformed."));
     }
-    sign_in_with(&d, &f.token)
+    sign_in_with(&d, &f.token, &headers)
 }
 
 fn well_formed(token: &str) -> bool {
     token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn sign_in_with(d: &Dashboard, token: &str) -> Response {
+fn sign_in_with(d: &Dashboard, token: &str, headers: &HeaderMap) -> Response {
     let signed = d.sessions.lock().expect("sessions").sign_in(
         Instant::now(),
         token,
@@ -111,11 +133,15 @@ fn sign_in_with(d: &Dashboard, token: &str) -> Response {
     match signed {
         Ok((cookie, _)) => {
             Counters::bump(&d.counters.sign_ins);
-            let mut r = Redirect::to("/").into_response();
+            let mut r = Redirect::to(&next_page(headers)).into_response();
             r.headers_mut().insert(
                 header::SET_COOKIE,
                 session_cookie(d, &cookie, super::sessions::SESSION_MAX_AGE.as_secs()),
             );
+            if super::cookie_value(headers, NEXT).is_some() {
+                r.headers_mut()
+                    .append(header::SET_COOKIE, next_cookie(d, "", 0));
+            }
             r
         }
         Err(e) => pages::sign_in(Some(&e.to_string())),
@@ -128,6 +154,36 @@ pub(super) struct CsrfForm {
     pub(super) csrf: Option<String>,
     #[serde(default)]
     pub(super) drain: Option<String>,
+    /// `yes`: the action was confirmed (a dialog, or the second step).
+    #[serde(default)]
+    pub(super) confirm: Option<String>,
+    /// The dashboard page to return to (a path of this dashboard only).
+    #[serde(default)]
+    pub(super) back: Option<String>,
+}
+
+impl CsrfForm {
+    pub(super) fn confirmed(&self) -> bool {
+        self.confirm.as_deref() == Some("yes")
+    }
+
+    /// `back` if it is a path of this dashboard, else `default`.
+    pub(super) fn back_or(&self, default: &str) -> String {
+        match self.back.as_deref() {
+            Some(b) if local_path(b) => b.to_string(),
+            _ => default.to_string(),
+        }
+    }
+}
+
+/// A path of this dashboard: `/…`, not `//host` or `/\host` (which a
+/// browser reads as another site), printable ASCII, at most 1024 bytes.
+pub(super) fn local_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.starts_with("/\\")
+        && p.len() <= 1024
+        && p.bytes().all(|b| b.is_ascii_graphic())
 }
 
 pub(super) fn forbidden_csrf(v: &Viewer) -> Response {

@@ -158,7 +158,12 @@
   // Buttons that end something ask first.
   document.querySelectorAll('button[data-confirm]').forEach(function (b) {
     if (!b.dataset.confirm) return;
-    b.addEventListener('click', function (e) { if (!window.confirm(b.dataset.confirm)) e.preventDefault(); });
+    b.addEventListener('click', function (e) {
+      if (!window.confirm(b.dataset.confirm)) { e.preventDefault(); return; }
+      // Asked here: the server need not ask again.
+      var c = b.form && b.form.querySelector('input[name=confirm]');
+      if (c) c.value = 'yes';
+    });
   });
 
   // A lease's console input: one stream per page, each line sent at the

@@ -88,6 +88,26 @@ pub fn ago_short(ms: u64) -> String {
     format!("{n}{}", ["s", "m", "h", "d"][u])
 }
 
+/// What a queued task waits for, in one phrase: "waits for w2 (busy
+/// with r1.1): about 3 min (2 min–4 min)"; a forecast with no worker says
+/// none may take it; an unknown time says so rather than guess.
+pub fn forecast(f: &crate::protocol::Forecast) -> String {
+    if f.worker.is_empty() {
+        return "no worker may take it for this attempt (every worker of its device is away, or its failed attempts exclude them)".into();
+    }
+    let busy = match &f.after {
+        Some(t) => format!(" (busy with {t})"),
+        None => String::new(),
+    };
+    let when = match (f.min_ms, f.ms, f.max_ms) {
+        (_, Some(0), _) if f.after.is_none() => "free now: starts at the next dispatch".to_string(),
+        (Some(lo), Some(ms), Some(hi)) if lo == hi => format!("about {}", ago(ms)),
+        (Some(lo), Some(ms), Some(hi)) => format!("about {} ({}–{})", ago(ms), ago(lo), ago(hi)),
+        _ => "when, is not known yet (no finished task of its kind to go by)".to_string(),
+    };
+    format!("waits for {}{busy}: {when}", f.worker)
+}
+
 /// `text` cut to at most `max` bytes, at a character boundary.
 pub fn clip_bytes(text: &str, max: usize) -> &str {
     if text.len() <= max {

@@ -148,6 +148,9 @@ pub(crate) async fn queue(conn: &Conn) -> Result<i32, ClientError> {
                 t.ahead_own,
                 t.ahead_others
             );
+            if let Some(f) = &t.forecast {
+                crate::outln!("{:<24}      {}", "", crate::text::forecast(f));
+            }
         }
         if q.length > q.tasks.len() as u64 {
             crate::outln!("{:<24} … {} more", q.key, q.length - q.tasks.len() as u64);

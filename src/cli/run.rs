@@ -8,7 +8,7 @@ use crate::client::follow::{follow, FollowItem};
 use crate::client::{exit, Client, ClientError};
 use crate::delivery::ranges::describe;
 use crate::protocol::{DeviceSpec, ProgressState, RunState, RunStatus, TestrunRequest};
-use crate::text::{ago_short as ago, escape_controls};
+use crate::text::escape_controls;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -370,8 +370,8 @@ pub(crate) fn print_summary(status: &RunStatus) {
                     }
                 )
             };
-            let estimate = match w.estimate_ms {
-                Some(ms) => format!("; may start in about {}", ago(ms)),
+            let estimate = match &w.forecast {
+                Some(f) => format!("; {}", crate::text::forecast(f)),
                 None => String::new(),
             };
             crate::outln!(

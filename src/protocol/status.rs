@@ -193,6 +193,32 @@ pub struct Waiting {
     /// As in `QueuedTask`.
     #[serde(default)]
     pub estimate_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
+}
+
+/// For whom a queued task waits and when it may start: the queue played
+/// forward from now (PROTOCOL.md §5.3 `list_queue`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forecast {
+    /// The worker expected to take it (empty: none may, for this
+    /// attempt), and the task that worker runs before it.
+    pub worker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Earliest, expected and latest start, ms from now, by the shortest,
+    /// mean and longest of recent durations; absent: not known (no
+    /// duration to go by for a task it waits behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
+    /// The workers it may use for this attempt: not away (drained, bad,
+    /// leased, lost…) and not excluded by its failed attempts (≤ 64).
+    #[serde(default)]
+    pub could_run_on: Vec<String>,
 }
 
 /// One state change of a task, as kept in its history.
@@ -456,10 +482,11 @@ pub struct QueuedTask {
     pub ahead_own: u64,
     #[serde(default)]
     pub ahead_others: u64,
-    /// When it may start (ms from now), from recent task durations under
-    /// the key and its healthy workers; none without data.
+    /// When it may start (ms from now): `forecast.ms`.
     #[serde(default)]
     pub estimate_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
 }
 
 /// Worker state in the server's registry.

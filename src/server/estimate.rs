@@ -111,10 +111,17 @@ pub struct Estimate {
     pub could_run_on: Vec<String>,
 }
 
+/// Workers listed in `could_run_on` at most.
+pub const LISTED: usize = 64;
+
 /// Plays the queue forward. `None` for a task no worker may take (every
-/// worker away or avoided). Cost: tasks × workers.
+/// worker away or avoided). Cost: (tasks + workers) × log(workers), plus
+/// each task's avoided workers.
 pub fn plan(workers: &[Candidate], tasks: &[Queued<'_>]) -> Vec<Option<Estimate>> {
-    // Per usable worker: when it is free (None: unknown) and with what.
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Per usable worker (sorted by name): when it is free (None:
+    // unknown) and with what.
     let mut slots: Vec<(&str, Option<Range>, Option<String>)> = workers
         .iter()
         .filter_map(|w| match &w.doing {
@@ -131,26 +138,44 @@ pub fn plan(workers: &[Candidate], tasks: &[Queued<'_>]) -> Vec<Option<Estimate>
             Doing::Away => None,
         })
         .collect();
+    slots.sort_by(|a, b| a.0.cmp(b.0));
+    // The first free on top: known times before unknown ones, then by name.
+    let rank =
+        |free: &Option<Range>, k: usize| Reverse((free.map_or((1u8, 0u64), |r| (0, r.mean)), k));
+    let mut heap: BinaryHeap<_> = slots
+        .iter()
+        .enumerate()
+        .map(|(k, s)| rank(&s.1, k))
+        .collect();
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let usable: Vec<usize> = (0..slots.len())
-            .filter(|&k| !t.avoid.iter().any(|a| a == slots[k].0))
-            .collect();
-        // The first free: known times before unknown ones, then by name.
-        let best = usable.iter().copied().min_by_key(|&k| {
-            let (name, free, _) = &slots[k];
-            (free.map_or((1, 0), |r| (0, r.mean)), *name)
-        });
+        let avoided = |k: usize| t.avoid.iter().any(|a| a == slots[k].0);
+        let mut skipped = Vec::new();
+        let mut best = None;
+        while let Some(Reverse((key, k))) = heap.pop() {
+            if avoided(k) {
+                skipped.push(Reverse((key, k)));
+            } else {
+                best = Some(k);
+                break;
+            }
+        }
+        heap.extend(skipped);
         let Some(k) = best else {
             out.push(None);
             continue;
         };
         let (name, free, busy_with) = slots[k].clone();
+        let could_run_on = (0..slots.len())
+            .filter(|&u| !avoided(u))
+            .take(LISTED)
+            .map(|u| slots[u].0.to_string())
+            .collect();
         out.push(Some(Estimate {
             worker: name.to_string(),
             busy_with,
             starts: free,
-            could_run_on: usable.iter().map(|&u| slots[u].0.to_string()).collect(),
+            could_run_on,
         }));
         // The worker is then busy with this task for its expected time.
         slots[k].1 = match (free, t.spread) {
@@ -158,6 +183,7 @@ pub fn plan(workers: &[Candidate], tasks: &[Queued<'_>]) -> Vec<Option<Estimate>
             _ => None,
         };
         slots[k].2 = Some(t.id.to_string());
+        heap.push(rank(&slots[k].1, k));
     }
     out
 }

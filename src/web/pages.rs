@@ -346,7 +346,7 @@ pub fn queue(v: &Viewer, queues: &[QueueInfo], fragment: bool) -> Response {
                     @for w in &q.workers { span.worker { a href={ "/workers/" (w.name) } { (w.name) } ": " (w.doing) } " " }
                 }
                 table {
-                    thead { tr { th { "#" } th { "task" } th { "testrun" } th { "owner" } th { "age" } th { "ahead (own / others)" } th { "estimate" } } }
+                    thead { tr { th { "#" } th { "task" } th { "testrun" } th { "owner" } th { "age" } th { "ahead (own / others)" } th { "waits for" } } }
                     tbody {
                         @for t in &q.tasks {
                             tr {
@@ -356,7 +356,7 @@ pub fn queue(v: &Viewer, queues: &[QueueInfo], fragment: bool) -> Response {
                                 td { (t.owner.as_deref().unwrap_or("—")) }
                                 td { (ago(t.age_ms)) }
                                 td { (t.ahead_own) " / " (t.ahead_others) }
-                                td { @if let Some(ms) = t.estimate_ms { "in ~" (ago(ms)) } @else { "—" } }
+                                td { @if let Some(f) = &t.forecast { (crate::text::forecast(f)) } @else { "—" } }
                             }
                         }
                     }
@@ -520,7 +520,7 @@ fn task_row(t: &TaskStatus) -> Markup {
                 @if let Some(w) = &t.waiting {
                     p.waiting { "Waiting under " (w.key) ": position " (w.position) ", "
                         (w.ahead_own) " of its owner's and " (w.ahead_others) " of others ahead"
-                        @if let Some(ms) = w.estimate_ms { "; starts in ~" (ago(ms)) } "." }
+                        @if let Some(f) = &w.forecast { "; " (crate::text::forecast(f)) } "." }
                 }
                 @if !t.files.is_empty() {
                     table.files {

@@ -59,7 +59,9 @@ impl<S: Store> Scheduler<S> {
         self.progress(id, pstate, worker.clone(), Some(reason));
         if let Some(ms) = ran {
             let key = self.task_device(id).routing_key();
+            let by_packages = super::health::packages_key(&key, &self.tasks[id].packages);
             self.record_duration(&key, ms);
+            self.record_duration(&by_packages, ms);
         }
         self.check_ended(now, id);
         if leases::is_lease_id(&run) {

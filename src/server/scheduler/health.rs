@@ -7,6 +7,7 @@
 //! the list a notifier takes them from.
 
 use super::*;
+use crate::server::estimate::Spread;
 use crate::server::health::{CheckReason, Event};
 
 /// Option of a health check's testrun saying why it runs (`new`,
@@ -327,13 +328,15 @@ impl<S: Store> Scheduler<S> {
         d.push_back(ms);
     }
 
-    /// When a task at `position` under `key` may start, from recent
-    /// durations and the healthy workers of the key; none without data.
-    pub(super) fn estimate_ms(&self, key: &str, position: u64, healthy: u64) -> Option<u64> {
-        let d = self.durations.get(key).filter(|d| !d.is_empty())?;
-        let mean = d.iter().sum::<u64>() / d.len() as u64;
-        let rounds = position.div_ceil(healthy.max(1));
-        Some(mean.saturating_mul(rounds))
+    /// How long a task like `id` takes: the recent durations of its
+    /// packages under its routing key, else of any task under the key.
+    pub(super) fn spread_of(&self, id: &TaskId) -> Option<Spread> {
+        let t = self.tasks.get(id)?;
+        let key = self.task_device(id).routing_key();
+        self.durations
+            .get(&packages_key(&key, &t.packages))
+            .or_else(|| self.durations.get(&key))
+            .and_then(|d| Spread::of(d.iter().copied()))
     }
 
     /// `worker_health`: the report, after an operator's action if any.
@@ -423,4 +426,9 @@ impl<S: Store> Scheduler<S> {
             recent,
         })
     }
+}
+
+/// Where the durations of tasks of these packages under `key` are kept.
+pub(super) fn packages_key(key: &str, packages: &[String]) -> String {
+    format!("{key}\u{1f}{}", packages.join(","))
 }

@@ -2378,6 +2378,8 @@ fn a_users_quota_counts_its_unfinished_tasks_until_they_end() {
     ));
 }
 
+#[path = "estimate_tests.rs"]
+mod estimate_tests;
 #[path = "health_tests.rs"]
 mod health_tests;
 #[path = "notify_tests.rs"]

@@ -4,6 +4,7 @@
 //! Each is built on request, never per message.
 
 use super::*;
+use crate::server::estimate::{self, Candidate, Doing, Queued};
 
 /// Queued tasks listed per routing key at most.
 const QUEUE_SHOWN: usize = 1000;
@@ -33,26 +34,28 @@ impl<S: Store> Scheduler<S> {
             .filter(|(_, q)| !q.is_empty())
             .map(|(key, q)| {
                 let able = by_key.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-                let healthy = able.iter().filter(|w| w.health.takes_tasks()).count() as u64;
+                let order = q.dispatch_order(QUEUE_SHOWN);
+                let ids: Vec<&TaskId> = order.iter().map(|(_, (_, _, id))| id).collect();
+                let mut forecasts = self.forecast(now, able, &ids).into_iter();
                 let mut seen: HashMap<&str, u64> = HashMap::new();
-                let tasks = q
-                    .dispatch_order(QUEUE_SHOWN)
+                let tasks = order
                     .into_iter()
                     .enumerate()
                     .filter_map(|(i, (owner, (_, _, id)))| {
+                        let forecast = forecasts.next().flatten();
                         let t = self.tasks.get(id)?;
                         let own = seen.get(owner).copied().unwrap_or(0);
                         *seen.entry(owner).or_default() += 1;
-                        let position = i as u64 + 1;
                         Some(QueuedTask {
                             task: id.clone(),
                             run: t.run.clone(),
-                            position,
+                            position: i as u64 + 1,
                             age_ms: now.saturating_duration_since(t.queued_at).as_millis() as u64,
                             owner: (!owner.is_empty()).then(|| owner.to_string()),
                             ahead_own: own,
                             ahead_others: i as u64 - own,
-                            estimate_ms: self.estimate_ms(key, position, healthy),
+                            estimate_ms: forecast.as_ref().and_then(|f| f.ms),
+                            forecast,
                         })
                     })
                     .collect();
@@ -117,16 +120,24 @@ impl<S: Store> Scheduler<S> {
                 doing: self.doing(w),
             })
             .collect();
-        let healthy = able.iter().filter(|w| w.health.takes_tasks()).count() as u64;
         let (mut own, mut others) = (0u64, 0u64);
         // The whole queue in dispatch order: bounded by
-        // limits.max_open_tasks, and asked for per status request only.
+        // limits.max_open_tasks, and asked for per status request only;
+        // played forward for its first QUEUE_SHOWN.
         let order = self
             .queues
             .get(key)
             .map(|q| q.dispatch_order(q.len()))
             .unwrap_or_default();
+        let ids: Vec<&TaskId> = order
+            .iter()
+            .take(QUEUE_SHOWN)
+            .map(|(_, (_, _, id))| id)
+            .collect();
+        // A status request has no clock of its own: the latest event's.
+        let mut forecasts = self.forecast(self.latest, &able, &ids).into_iter();
         for (i, (task_owner, (_, _, id))) in order.into_iter().enumerate() {
+            let forecast = forecasts.next().flatten();
             let Some(t) = self.tasks.get(id) else {
                 continue;
             };
@@ -140,7 +151,8 @@ impl<S: Store> Scheduler<S> {
                         ahead_others: others,
                         workers: workers.clone(),
                         workers_total: able.len() as u64,
-                        estimate_ms: self.estimate_ms(key, i as u64 + 1, healthy),
+                        estimate_ms: forecast.as_ref().and_then(|f| f.ms),
+                        forecast,
                     },
                 );
             }
@@ -149,6 +161,71 @@ impl<S: Store> Scheduler<S> {
             } else {
                 others += 1;
             }
+        }
+    }
+
+    /// The tasks `ids` (a queue's, in dispatch order) played forward on
+    /// the workers `able` to take them ([`estimate::plan`]).
+    fn forecast(&self, now: Instant, able: &[&Worker], ids: &[&TaskId]) -> Vec<Option<Forecast>> {
+        let workers: Vec<Candidate> = able
+            .iter()
+            .map(|w| Candidate {
+                name: w.name.clone(),
+                doing: self.doing_for_queue(now, w),
+            })
+            .collect();
+        let queued: Vec<Queued<'_>> = ids
+            .iter()
+            .map(|id| Queued {
+                id,
+                avoid: self.tasks.get(*id).map_or(&[][..], |t| t.avoid.as_slice()),
+                spread: self.spread_of(id),
+            })
+            .collect();
+        estimate::plan(&workers, &queued)
+            .into_iter()
+            .map(|e| {
+                Some(match e {
+                    // No worker may take it for this attempt: said so.
+                    None => Forecast::default(),
+                    Some(e) => Forecast {
+                        worker: e.worker,
+                        after: e.busy_with,
+                        min_ms: e.starts.map(|r| r.low),
+                        ms: e.starts.map(|r| r.mean),
+                        max_ms: e.starts.map(|r| r.high),
+                        could_run_on: e.could_run_on,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// A worker as a queued task sees it: free, busy (for how long so
+    /// far, and how long such tasks take), or away (drained, bad, held by
+    /// a lease, lost, stopped, waiting for its health check).
+    fn doing_for_queue(&self, now: Instant, w: &Worker) -> Doing {
+        if let Some(task) = &w.task {
+            let Some(t) = self.tasks.get(task) else {
+                return Doing::Away;
+            };
+            if leases::is_lease_id(&t.run) {
+                return Doing::Away;
+            }
+            return Doing::Busy {
+                task: task.clone(),
+                elapsed_ms: now.saturating_duration_since(t.since).as_millis() as u64,
+                spread: self.spread_of(task),
+            };
+        }
+        let away = matches!(w.state, WorkerState::Lost | WorkerState::Stopped)
+            || self.drained.contains(&w.name)
+            || self.checks.contains_key(&w.name)
+            || !w.health.takes_tasks();
+        if away {
+            Doing::Away
+        } else {
+            Doing::Free
         }
     }
 

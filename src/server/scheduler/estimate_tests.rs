@@ -108,7 +108,7 @@ fn a_task_whose_retries_exclude_two_of_three_workers_waits_for_the_third() {
     assert_eq!(q.tasks[0].task, t);
     assert_eq!(f.worker, third, "{f:?}");
     assert_eq!(f.after.as_deref(), Some(other.as_str()));
-    assert_eq!(f.could_run_on, [third.clone()]);
+    assert_eq!(f.could_run_on, vec![third.clone()]);
     // The other task has run 31 s (the second attempt's 1 s, then 30)
     // of 80–100 s (mean 90).
     let (lo, ms, hi) = (f.min_ms.unwrap(), f.ms.unwrap(), f.max_ms.unwrap());

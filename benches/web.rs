@@ -192,7 +192,11 @@ fn main() {
     // 2. Live views of a task printing 10 000 lines/s.
     let viewers: Vec<String> = (0..views.div_ceil(MAX_STREAMS_PER_USER))
         .map(|k| {
+            // Operators: they may watch the testrun the bench submitted.
             let user = format!("viewer{k}");
+            if let Some(keys) = &server.keys {
+                keys.user(&user, "operator");
+            }
             wait_allowed(&server, &user);
             let out = server.as_user(&user).submit(&["web"], LIMIT);
             assert!(out.status.success(), "{}", text(&out.stderr));

@@ -76,6 +76,17 @@ pub fn span_ms(ms: u64) -> String {
     }
 }
 
+/// How long something took, to the precision that matters: `420 ms`,
+/// `12.3 s`, `3 min 12 s`, `2 h 5 min`.
+pub fn took(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{} min {} s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{} h {} min", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
 /// `12 s`, `3 min`, `2 h`, `4 d` (the dashboard's).
 pub fn ago(ms: u64) -> String {
     let (n, u) = span(ms);

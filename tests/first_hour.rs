@@ -265,10 +265,12 @@ fn the_example_conductor_refuses_images_outside_its_folder_and_audit_reads_as_da
         "{shown}"
     );
     assert!(!shown.contains("at_ms"), "{shown}");
+    // --json: one document, as every list prints.
     let json = text(&submit(&server, &["audit", "--json"], LIMIT).stdout);
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("one JSON document");
+    let entries = doc.as_array().expect("an array of entries");
     assert!(
-        json.lines()
-            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        !entries.is_empty() && entries.iter().all(|e| e["at_ms"].is_u64()),
         "{json}"
     );
 }
@@ -325,4 +327,110 @@ fn completions_complete_subcommand_options_and_every_man_page_named_exists() {
             );
         }
     }
+}
+
+/// Issue 38: Tab completes what only the server knows — run ids, task
+/// ids, worker names and leases — through the generated bash and zsh
+/// scripts asking `ots-submit complete` as the user; with no server it
+/// completes nothing, at once.
+#[test]
+fn completion_asks_the_server_for_run_ids_tasks_workers_and_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs");
+    let mut c = Command::new(bin("ots-submit"));
+    c.arg("gen-docs").arg(&docs);
+    assert!(run_bounded(c, LIMIT).status.success());
+    let server = start_fresh_server(dir.path(), &[]);
+    let conductor = script(dir.path(), "ok.sh", "exit 0");
+    let _w = start_worker(
+        dir.path(),
+        "tab-w1",
+        "devicegroup:tab",
+        &server,
+        &[conductor.to_str().unwrap()],
+        &[],
+    );
+    assert!(wait_for_workers(&server, LIMIT, all_idle(&["tab-w1"])));
+    let out = submit(
+        &server,
+        &[
+            "run",
+            "--device",
+            "devicegroup:tab",
+            "--image",
+            "i",
+            "--packages",
+            "a,b",
+            "--distribution",
+            "perpackage",
+        ],
+        LIMIT,
+    );
+    let run = text(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert!(
+        run.starts_with('r'),
+        "{:?} {} {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    wait_status(&server, &run, LIMIT, finished);
+    let bin_dir = bin("ots-submit").parent().unwrap().display().to_string();
+    let script = docs.join("completions/bash/ots-submit");
+    let tab = |words: &str, server_up: bool| {
+        let n = words.split(' ').count() - 1;
+        let mut c = Command::new("bash");
+        c.arg("-c").arg(format!(
+            "source {script:?}; COMP_WORDS=({words}); COMP_CWORD={n}; _ots_submit_ids ots-submit; echo \"${{COMPREPLY[@]}}\""
+        ));
+        c.env(
+            "PATH",
+            format!("{bin_dir}:{}", std::env::var("PATH").unwrap()),
+        );
+        c.env(
+            "OTS_SERVER",
+            if server_up {
+                server.control.clone()
+            } else {
+                format!("tcp://127.0.0.1:{}", free_port())
+            },
+        );
+        submit_env(&mut c, &server, &server.user);
+        let t0 = std::time::Instant::now();
+        let out = text(&run_bounded(c, LIMIT).stdout).trim().to_string();
+        (out, t0.elapsed())
+    };
+    let (runs, _) = tab("ots-submit status r", true);
+    assert!(runs.split(' ').any(|r| r == run), "{runs}");
+    let (workers, _) = tab("ots-submit drain tab", true);
+    assert_eq!(workers, "tab-w1");
+    let (tasks, _) = tab(&format!("ots-submit logs {run} {run}."), true);
+    assert_eq!(tasks, format!("{run}.1 {run}.2"));
+    // Global options before the command are stepped over.
+    let (runs_after_options, _) = tab("ots-submit --connect-timeout 2s status r", true);
+    assert!(runs_after_options.contains(&run), "{runs_after_options}");
+    // Options still complete as before.
+    let (options, _) = tab("ots-submit status --", true);
+    assert!(options.contains("--json"), "{options}");
+    // No server: nothing, within the completion's own bound.
+    let (nothing, took) = tab("ots-submit status r", false);
+    assert_eq!(nothing, "");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // zsh and fish call the same command.
+    let zsh = std::fs::read_to_string(docs.join("completions/zsh/_ots-submit")).unwrap();
+    assert!(
+        zsh.contains("compdef _ots_submit_ids ots-submit")
+            && zsh.contains("ots-submit complete $kind"),
+        "zsh"
+    );
+    let fish = std::fs::read_to_string(docs.join("completions/fish/ots-submit.fish")).unwrap();
+    assert!(
+        fish.contains("ots-submit complete runs (commandline -ct)"),
+        "fish"
+    );
 }

@@ -562,19 +562,37 @@ fn the_dashboard_reserves_shows_the_console_and_types_once() {
         watcher.stderr.all()
     );
     watcher.kill();
-    // Release from the page.
-    let r = common::http::request(
-        &base,
-        "POST",
-        &format!("/leases/{lease}/act"),
-        &[
-            ("Cookie", &session),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Origin", &base),
-        ],
-        format!("csrf={csrf}&action=release").as_bytes(),
+    // Release from the page: asked first (no JavaScript here), then done,
+    // back on the page it was pressed on.
+    let post = |body: String| {
+        common::http::request(
+            &base,
+            "POST",
+            &format!("/leases/{lease}/act"),
+            &[
+                ("Cookie", &session),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", &base),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let asked = post(format!("csrf={csrf}&action=release&back=%2Fleases"));
+    assert_eq!(asked.status, 200, "{}", asked.text());
+    assert!(
+        asked.text().contains(&format!("End lease {lease}?")),
+        "{}",
+        asked.text()
     );
+    assert_eq!(
+        wait_lease(&server, "alice", &lease, |_| true)["state"],
+        "held"
+    );
+    let r = post(format!(
+        "csrf={csrf}&action=release&back=%2Fleases&confirm=yes"
+    ));
     assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location"), Some("/leases"));
     let l = wait_lease(&server, "alice", &lease, |l| l["state"] == "ended");
     assert!(
         l["ended"].as_str().unwrap().contains("released by alice"),

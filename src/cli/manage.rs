@@ -399,8 +399,15 @@ pub(crate) async fn audit(conn: &Conn) -> Result<i32, ClientError> {
     let text = client.audit().await?;
     let text = String::from_utf8_lossy(&text);
     if conn.json {
-        // JSON Lines, as the server keeps them.
-        crate::out!("{}", escape_controls(&text));
+        // One document, as every list prints: the entries, oldest first
+        // (a line the server could not have written is kept as text).
+        let entries: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String(l.to_string()))
+            })
+            .collect();
+        crate::outln!("{}", serde_json::Value::Array(entries));
         return Ok(exit::PASS);
     }
     // For people: the date, who, from where, what.

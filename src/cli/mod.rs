@@ -11,6 +11,7 @@
 //! - `fetch`: result files to a folder, with progress.
 
 mod args;
+mod complete;
 mod conn;
 mod fetch;
 mod leases;
@@ -240,6 +241,16 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Candidates for shell completion, one per line (the completion
+    /// scripts call it): KIND is runs, tasks, workers or leases.
+    #[command(hide = true)]
+    Complete {
+        kind: String,
+        #[arg(default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print the stored logs of a testrun's tasks.
     Logs {
         run: String,
@@ -354,7 +365,9 @@ pub async fn main(cli: Cli) -> i32 {
         }
         Command::GenDocs { dir } => {
             use clap::CommandFactory;
-            return match crate::docs::generate(Cli::command(), &dir) {
+            let made = crate::docs::generate(Cli::command(), &dir)
+                .and_then(|()| complete::add_to_scripts(&dir));
+            return match made {
                 Ok(()) => exit::PASS,
                 Err(e) => {
                     crate::errln!("ots-submit: cannot write into {}: {e}", dir.display());
@@ -417,6 +430,9 @@ pub async fn main(cli: Cli) -> i32 {
         } => health(&conn, &worker, Some(HealthAction::Retire), &reason).await,
         Command::Audit { conn } => audit(&conn).await,
         Command::Whoami { conn } => whoami(&conn).await,
+        Command::Complete { kind, prefix, conn } => {
+            return complete::complete(conn, &kind, &prefix).await
+        }
         Command::Logs {
             run,
             task,

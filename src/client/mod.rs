@@ -706,6 +706,7 @@ impl Client {
             request,
             offset,
             max,
+            before: None,
         })
         .await
     }

@@ -584,7 +584,12 @@ fn check_requests(kind: &'static str, env: &Envelope) -> Result<(), ProtocolErro
             check_id(kind, "worker", worker)?;
             check_text(kind, "reason", reason, MAX_TEXT_BYTES)?;
         }
-        Body::GetAudit { offset, .. } => check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?,
+        Body::GetAudit { offset, before, .. } => {
+            check_range(kind, "offset", *offset, 0..=MAX_READ_OFFSET)?;
+            if let Some(b) = before {
+                check_range(kind, "before", *b, 0..=MAX_READ_OFFSET)?;
+            }
+        }
         Body::GetStatus { run, .. } | Body::CancelRun { run, .. } => check_id(kind, "run", run)?,
         Body::GetEvents { run, from, .. } => {
             check_id(kind, "run", run)?;

@@ -369,11 +369,16 @@ pub enum Body {
     ListQueue {
         request: u64,
     },
-    /// Reads up to `max` bytes of the audit log from `offset` (admin).
+    /// Reads up to `max` bytes of the audit log from `offset` (admin);
+    /// with `before`, the whole lines of up to `max` bytes that end
+    /// there (past the end: the newest), `data.offset` saying where they
+    /// start.
     GetAudit {
         request: u64,
         offset: u64,
         max: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
     },
     /// Offers an input file, named by its content (class `file`): "how
     /// much of it do you have?" Answered with `input_credit` or an error.

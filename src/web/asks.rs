@@ -320,41 +320,53 @@ pub(super) async fn health(
 
 #[derive(Deserialize, Default)]
 pub(super) struct AuditQuery {
+    /// Oldest first from this byte (the old pages' links).
     #[serde(default)]
     pub(super) offset: Option<u64>,
+    /// Newest first, the entries before this byte (default: the end).
+    #[serde(default)]
+    pub(super) before: Option<u64>,
+    /// Only entries of this event (`cancel`, `lease_release`…), of this
+    /// identity, or whose line contains this text.
+    #[serde(default)]
+    pub(super) event: Option<String>,
+    #[serde(default)]
+    pub(super) identity: Option<String>,
+    #[serde(default)]
+    pub(super) q: Option<String>,
 }
 
-/// Bytes of the audit log a page shows.
+/// Bytes of the audit log a page reads at a time…
 pub(super) const AUDIT_PAGE: u64 = 256 * 1024;
+/// …and at most, looking back for entries that match its filters.
+pub(super) const AUDIT_SEARCH: u64 = 16 * AUDIT_PAGE;
+/// Entries a page shows at most.
+pub(super) const AUDIT_SHOWN: usize = 500;
 
+/// Reads the audit log: oldest first from `offset`, or newest first
+/// before `before`. Returns whole lines, where they start and end.
 pub(super) async fn audit_read(
     d: &Dashboard,
     v: &Viewer,
     peer: SocketAddr,
     offset: u64,
-) -> Result<(String, Option<u64>), Failure> {
-    if offset > MAX_READ_OFFSET {
+    before: Option<u64>,
+) -> Result<(String, u64, u64, bool), Failure> {
+    if offset > MAX_READ_OFFSET || before.is_some_and(|b| b > MAX_READ_OFFSET) {
         return Err(Failure::new(StatusCode::BAD_REQUEST, "offset out of range"));
     }
-    match d
-        .ask(
-            v,
-            peer,
-            Body::GetAudit {
-                request: 0,
-                offset,
-                max: AUDIT_PAGE,
-            },
-        )
-        .await?
-    {
-        (Body::Data { eof, .. }, raw) => {
+    let body = Body::GetAudit {
+        request: 0,
+        offset,
+        max: AUDIT_PAGE,
+        before,
+    };
+    match d.ask(v, peer, body).await? {
+        (Body::Data { offset, eof, .. }, raw) => {
             let raw = raw.unwrap_or_default();
             let n = memchr::memrchr(b'\n', &raw).map_or(0, |i| i + 1);
-            let next = (!eof || n < raw.len())
-                .then_some(offset + n as u64)
-                .filter(|_| n > 0);
-            Ok((String::from_utf8_lossy(&raw[..n]).into_owned(), next))
+            let text = String::from_utf8_lossy(&raw[..n]).into_owned();
+            Ok((text, offset, offset + n as u64, eof && n == raw.len()))
         }
         (other, _) => Err(unexpected("get_audit", &other)),
     }

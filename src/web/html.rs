@@ -6,7 +6,8 @@ use super::sessions::Viewer;
 use super::{Dashboard, Failure};
 use crate::protocol::{Body, RunStatus};
 use crate::web::asks::{
-    audit_read, health, list_runs, owner_of, queues, run_notifications, status, workers, AuditQuery,
+    audit_read, health, list_runs, owner_of, queues, run_notifications, status, workers,
+    AuditQuery, AUDIT_SEARCH, AUDIT_SHOWN,
 };
 use crate::web::extract::{ask_for, check_id, page_error, Page, D};
 use crate::web::signin::{forbidden_csrf, CsrfForm};
@@ -104,11 +105,78 @@ pub(super) async fn audit_page(
     Page(v, peer): Page,
     Query(q): Query<AuditQuery>,
 ) -> Response {
-    let offset = q.offset.unwrap_or(0);
-    match audit_read(&d, &v, peer, offset).await {
-        Ok((text, next)) => pages::audit(&v, offset, next, &text),
+    match audit_entries(&d, &v, peer, &q).await {
+        Ok(view) => pages::audit(&v, &q, &view),
         Err(e) => page_error(&v, e),
     }
+}
+
+/// The audit entries a page shows: oldest first from `offset`, or
+/// newest first before `before` — reading further back (up to
+/// `AUDIT_SEARCH` bytes) while filters leave the page short.
+async fn audit_entries(
+    d: &Dashboard,
+    v: &crate::web::sessions::Viewer,
+    peer: SocketAddr,
+    q: &AuditQuery,
+) -> Result<pages::AuditView, Failure> {
+    let keep = |e: &serde_json::Value| {
+        let field = |k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        q.event
+            .as_deref()
+            .filter(|f| !f.is_empty())
+            .is_none_or(|f| field("event") == f)
+            && q.identity
+                .as_deref()
+                .filter(|f| !f.is_empty())
+                .is_none_or(|f| field("identity").contains(f))
+            && q.q
+                .as_deref()
+                .filter(|f| !f.is_empty())
+                .is_none_or(|f| e.to_string().contains(f))
+    };
+    let parse = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    if let Some(offset) = q.offset {
+        let (text, _, end, eof) = audit_read(d, v, peer, offset, None).await?;
+        let entries = parse(&text)
+            .into_iter()
+            .filter(|e| keep(e))
+            .take(AUDIT_SHOWN)
+            .collect();
+        return Ok(pages::AuditView {
+            entries,
+            older: None,
+            newer: (!eof).then_some(end),
+            from: offset,
+            oldest_first: true,
+        });
+    }
+    let mut before = q.before.unwrap_or(crate::protocol::limits::MAX_READ_OFFSET);
+    let mut entries = Vec::new();
+    let mut read = 0u64;
+    let mut start;
+    loop {
+        let (text, s, end, _) = audit_read(d, v, peer, 0, Some(before)).await?;
+        start = s;
+        read += end - s;
+        entries.extend(parse(&text).into_iter().rev().filter(|e| keep(e)));
+        if s == 0 || entries.len() >= AUDIT_SHOWN || read >= AUDIT_SEARCH || end == s {
+            break;
+        }
+        before = s;
+    }
+    entries.truncate(AUDIT_SHOWN);
+    Ok(pages::AuditView {
+        entries,
+        older: (start > 0).then_some(start),
+        newer: None,
+        from: start,
+        oldest_first: false,
+    })
 }
 
 pub(super) async fn cancel_form(

@@ -177,13 +177,18 @@ pub(super) async fn api_audit(
     Api(v, peer): Api,
     Query(q): Query<AuditQuery>,
 ) -> Response {
+    // Oldest first from `offset` (`next`: where the following page
+    // starts), or with `before` the page that ends there (`previous`:
+    // where the one before it ends).
     let offset = q.offset.unwrap_or(0);
-    json(audit_read(&d, &v, peer, offset).await.map(|(text, next)| {
+    json(audit_read(&d, &v, peer, offset, q.before).await.map(|(text, start, end, eof)| {
         let entries: Vec<serde_json::Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        serde_json::json!({ "offset": offset, "next": next, "entries": entries })
+        let next = (!eof && end > start).then_some(end);
+        let previous = (q.before.is_some() && start > 0).then_some(start);
+        serde_json::json!({ "offset": start, "next": next, "previous": previous, "entries": entries })
     }))
 }
 

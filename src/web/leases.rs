@@ -96,6 +96,12 @@ pub(super) struct LeaseForm {
     /// `release`, `force`, `renew`, or a power action.
     #[serde(default)]
     action: Option<String>,
+    /// `yes`: a release was confirmed (a dialog, or the second step).
+    #[serde(default)]
+    confirm: Option<String>,
+    /// The dashboard page to return to.
+    #[serde(default)]
+    back: Option<String>,
     #[serde(default)]
     stream: Option<String>,
     #[serde(default)]
@@ -197,6 +203,20 @@ pub(super) async fn lease_form(
         return forbidden_csrf(&v);
     }
     let action = f.action.as_deref().unwrap_or("");
+    let back = match f.back.as_deref() {
+        Some(b) if super::signin::local_path(b) => b.to_string(),
+        _ => format!("/leases/{lease}"),
+    };
+    if matches!(action, "release" | "force") && f.confirm.as_deref() != Some("yes") {
+        return pages::confirm(
+            &v,
+            &format!("End lease {lease}?"),
+            &format!("/leases/{lease}/act"),
+            &[("action", action)],
+            "Yes, release it (its consoles close, the device goes back to CI)",
+            &back,
+        );
+    }
     let result = match action {
         "release" => act(&d, &v, peer, &lease, LeaseAction::Release, false, None)
             .await
@@ -217,7 +237,7 @@ pub(super) async fn lease_form(
         )),
     };
     match result {
-        Ok(None) => Redirect::to(&format!("/leases/{lease}")).into_response(),
+        Ok(None) => Redirect::to(&back).into_response(),
         Ok(Some(said)) => Redirect::to(&format!(
             "/leases/{lease}?power={}",
             pages::url_escape(&said)
@@ -453,6 +473,8 @@ fn leases_html(v: &Viewer, leases: &[DeviceLease]) -> Response {
                                         form.inline method="post" action={ "/leases/" (l.lease) "/act" } {
                                             input type="hidden" name="csrf" value=(v.csrf);
                                             input type="hidden" name="action" value=(if mine { "release" } else { "force" });
+                                            input type="hidden" name="confirm" value="";
+                                            input type="hidden" name="back" value="/leases";
                                             button type="submit" data-confirm={ "End lease " (l.lease) "?" } { @if mine { "Release" } @else { "Release (force)" } }
                                         }
                                     }
@@ -515,6 +537,7 @@ fn lease_html(
                     form.inline method="post" action={ "/leases/" (l.lease) "/act" } {
                         input type="hidden" name="csrf" value=(v.csrf);
                         input type="hidden" name="action" value=(if mine { "release" } else { "force" });
+                        input type="hidden" name="confirm" value="";
                         button type="submit" data-confirm={ "End lease " (l.lease) "?" } { @if mine { "Release" } @else { "Release (force)" } }
                     }
                 }

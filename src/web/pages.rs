@@ -298,7 +298,7 @@ pub fn lab(v: &Viewer, workers: &[WorkerInfo], charts: Option<Markup>) -> Respon
             }
         }
         h2 { "Workers (" (workers.len()) ")" }
-        table #workers {
+        table.cards #workers {
             thead { tr {
                 th { "worker" } th { "state" } th { "health" } th { "device" } th { "task" }
                 th { "last heard" } th { "console" } th { "drained" } th {}
@@ -345,7 +345,7 @@ pub fn queue(v: &Viewer, queues: &[QueueInfo], fragment: bool) -> Response {
                     "Workers that could take them (" (q.workers_total) "): "
                     @for w in &q.workers { span.worker { a href={ "/workers/" (w.name) } { (w.name) } ": " (w.doing) } " " }
                 }
-                table {
+                table.cards {
                     thead { tr { th { "#" } th { "task" } th { "testrun" } th { "owner" } th { "age" } th { "ahead (own / others)" } th { "waits for" } } }
                     tbody {
                         @for t in &q.tasks {
@@ -430,8 +430,8 @@ pub fn runs(v: &Viewer, q: &RunsQuery, runs: &[RunSummary], older: Option<u64>) 
                 label { "device group " input name="group" value=(q.group.as_deref().unwrap_or("")) size="12"; }
                 button type="submit" { "Filter" }
             }
-            table #runs {
-                thead { tr { th { "testrun" } th { "state" } th { "verdict" } th { "owner" } th { "device" } th { "tasks" } th { "submitted" } th { "ended" } } }
+            table.cards #runs {
+                thead { tr { th { "testrun" } th { "state" } th { "verdict" } th { "owner" } th { "device" } th { "tasks" } th { "submitted" } th { "ended" } th { "took" } } }
                 tbody {
                     @for r in runs {
                         tr {
@@ -441,8 +441,9 @@ pub fn runs(v: &Viewer, q: &RunsQuery, runs: &[RunSummary], older: Option<u64>) 
                             td { (r.owner.as_deref().unwrap_or("—")) }
                             td { (r.device) }
                             td.num { (r.tasks) }
-                            td { (when(r.submitted_ms)) }
-                            td { (r.ended_ms.map_or("—".to_string(), when)) }
+                            td { (stamp(r.submitted_ms)) }
+                            td { (stamp(r.ended_ms.unwrap_or(0))) }
+                            td.num { (run_took(r)) }
                         }
                     }
                 }
@@ -523,7 +524,7 @@ fn task_row(t: &TaskStatus) -> Markup {
                         @if let Some(f) = &w.forecast { "; " (crate::text::forecast(f)) } "." }
                 }
                 @if !t.files.is_empty() {
-                    table.files {
+                    table.files.cards {
                         thead { tr { th { "result file" } th { "size" } th { "SHA-256" } } }
                         tbody { @for f in &t.files {
                             tr {
@@ -572,7 +573,7 @@ pub fn run_tasks(v: &Viewer, s: &RunStatus, owner: Option<&str>) -> Markup {
             ", verdict " span #run-verdict class={ "verdict " (opt_name(&s.verdict)) } { (opt_name(&s.verdict)) }
             @if let Some(p) = &s.pruned { " — logs and files pruned " (when(p.at_ms)) ": " (p.reason) }
         }
-        table #tasks {
+        table.cards #tasks {
             thead { tr { th { "task" } th { "packages" } th { "state" } th { "worker" } th { "attempts" } th { "verdict" } th { "reason" } th { "log lines" } } }
             tbody { @for t in &s.tasks { (task_row(t)) } }
         }
@@ -599,12 +600,18 @@ pub fn run(
         &s.run,
         html! {
             h1 { "Testrun " (s.run) }
-            p { "Device " (s.device) ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) }
+            p { (if devices(s).len() > 1 { "Devices " } else { "Device " })
+                @for (i, d) in devices(s).iter().enumerate() { @if i > 0 { ", " } code { (d) } }
+                ", image " code { (s.image) } @if let Some(o) = owner { ", owner " (o) }
                 @if let Some(series) = &s.series { ", series " a href={ "/series/" (series) } { (series) } } }
+            @let (start, end) = run_times(s);
+            p #times { "Submitted " (stamp(start))
+                @if let Some(e) = end { ", ended " (stamp(e)) ", took " (crate::text::took(e.saturating_sub(start))) }
+                @else if start > 0 { ", running for " (crate::text::took(now_ms().saturating_sub(start))) } }
             div #run data-run=(s.run) data-live=(if open { "1" } else { "0" }) { (run_tasks(v, s, owner)) }
             @if !deliveries.is_empty() {
                 h2 { "Notifications" }
-                table #notifications {
+                table.cards #notifications {
                     thead { tr { th { "id" } th { "to" } th { "state" } th { "attempts" } th { "last" } th { "next try" } } }
                     tbody { @for n in deliveries {
                         tr { td { code { (n.id) } } td { (n.target) } td class={ "state " (n.state) } { (n.state) }
@@ -615,6 +622,73 @@ pub fn run(
             }
         },
     )
+}
+
+/// How long a listed testrun took, or has taken so far.
+fn run_took(r: &RunSummary) -> String {
+    match r.ended_ms {
+        _ if r.submitted_ms == 0 => "—".into(),
+        Some(e) => crate::text::took(e.saturating_sub(r.submitted_ms)),
+        None => format!(
+            "{} so far",
+            crate::text::took(now_ms().saturating_sub(r.submitted_ms))
+        ),
+    }
+}
+
+/// Every device spec of a testrun: its first and each task's own.
+fn devices(s: &RunStatus) -> Vec<String> {
+    let mut out = vec![s.device.to_string()];
+    for d in s.tasks.iter().filter_map(|t| t.device.as_ref()) {
+        let d = d.to_string();
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// When a testrun was submitted and ended (Unix ms; 0: not known), from
+/// its tasks' histories.
+fn run_times(s: &RunStatus) -> (u64, Option<u64>) {
+    let start = s
+        .tasks
+        .iter()
+        .filter_map(|t| t.history.first().map(|h| h.at_ms))
+        .min()
+        .unwrap_or(0);
+    let open = matches!(
+        s.state,
+        crate::protocol::RunState::Queued | crate::protocol::RunState::Running
+    );
+    let end = (!open)
+        .then(|| {
+            s.tasks
+                .iter()
+                .filter_map(|t| t.history.last().map(|h| h.at_ms))
+                .max()
+        })
+        .flatten();
+    (start, end)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS UTC` with the milliseconds on hover.
+pub fn stamp(ms: u64) -> Markup {
+    if ms == 0 {
+        return html! { "—" };
+    }
+    let full = crate::clock::human(ms);
+    let short = full
+        .rsplit_once('.')
+        .map_or(full.as_str(), |(s, _)| s)
+        .to_string();
+    html! { time datetime=(full.replace(' ', "T") + "Z") title={ (full) " UTC" } { (short) " UTC" } }
 }
 
 /// One worker: device, health and its history, recent tasks.
@@ -643,14 +717,14 @@ pub fn worker(
             }
             (chart)
             h2 { "Health history" }
-            table #health {
+            table.cards #health {
                 thead { tr { th { "at" } th { "from" } th { "to" } th { "reason" } } }
                 tbody { @for h in history.iter().rev() {
                     tr { td { (when(h.at_ms)) } td { (h.from.as_str()) } td class={ "health " (h.to.as_str()) } { (h.to.as_str()) } td { (h.reason) } }
                 } }
             }
             h2 { "Recent tasks" }
-            table #recent {
+            table.cards #recent {
                 thead { tr { th { "task" } th { "testrun" } th { "state" } th { "verdict" } th { "reason" } } }
                 tbody { @for t in recent {
                     tr { td { a href={ "/tasks/" (t.task) "/log" } { (t.task) } } td { a href={ "/runs/" (t.run) } { (t.run) } }
@@ -662,32 +736,53 @@ pub fn worker(
     )
 }
 
-/// The audit log from `offset` (admin).
-pub fn audit(v: &Viewer, offset: u64, next: Option<u64>, text: &str) -> Response {
-    let entries: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+/// What the audit page shows.
+pub struct AuditView {
+    pub entries: Vec<serde_json::Value>,
+    /// Where older entries end (newest first), newer ones start (oldest first).
+    pub older: Option<u64>,
+    pub newer: Option<u64>,
+    /// The byte the entries shown were read from.
+    pub from: u64,
+    pub oldest_first: bool,
+}
+
+/// The audit log (admin): newest first, filtered by event, identity or text.
+pub(super) fn audit(v: &Viewer, q: &super::asks::AuditQuery, a: &AuditView) -> Response {
     let field = |e: &serde_json::Value, k: &str| match e.get(k) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
         None => String::new(),
     };
+    let filters = format!(
+        "&event={}&identity={}&q={}",
+        url_escape(q.event.as_deref().unwrap_or("")),
+        url_escape(q.identity.as_deref().unwrap_or("")),
+        url_escape(q.q.as_deref().unwrap_or(""))
+    );
     page(
         v,
         "Audit",
         html! {
             h1 { "Audit log" }
-            p { "From byte " (offset) "." }
-            table #audit {
+            form.filters method="get" action="/audit" {
+                label { "event " input name="event" value=(q.event.as_deref().unwrap_or("")) size="14" placeholder="cancel, drain…"; }
+                label { "identity " input name="identity" value=(q.identity.as_deref().unwrap_or("")) size="14"; }
+                label { "text " input name="q" value=(q.q.as_deref().unwrap_or("")) size="16"; }
+                button type="submit" { "Filter" }
+            }
+            p { @if a.oldest_first { "Oldest first from byte " (a.from) "." } @else { "Newest first." }
+                " " (a.entries.len()) " entries shown." }
+            table.cards #audit {
                 thead { tr { th { "at" } th { "identity" } th { "address" } th { "event" } th { "detail" } } }
-                tbody { @for e in &entries {
-                    tr { td { (e.get("at_ms").and_then(|v| v.as_u64()).map_or(String::new(), when)) }
+                tbody { @for e in &a.entries {
+                    tr { td { (stamp(e.get("at_ms").and_then(|v| v.as_u64()).unwrap_or(0))) }
                          td { (field(e, "identity")) } td { (field(e, "address")) }
                          td { (field(e, "event")) } td { (visible(&field(e, "detail"))) } }
                 } }
             }
-            @if let Some(n) = next { p { a href={ "/audit?offset=" (n) } { "Later entries →" } } }
+            @if let Some(n) = a.older { p { a href={ "/audit?before=" (n) (filters) } { "Older entries →" } } }
+            @if let Some(n) = a.newer { p { a href={ "/audit?offset=" (n) (filters) } { "Later entries →" } } }
         },
     )
 }

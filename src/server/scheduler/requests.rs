@@ -315,8 +315,37 @@ impl<S: Store> Scheduler<S> {
                     }
                 }
             }
-            Body::GetAudit { offset, max, .. } => {
-                let read = self.store.read_audit(offset, max.min(MAX_READ_CHUNK));
+            Body::GetAudit {
+                offset,
+                max,
+                before,
+                ..
+            } => {
+                let max = max.min(MAX_READ_CHUNK);
+                // Newest first: the bytes that end at `before` (clamped to
+                // the end), whole lines only.
+                let (offset, read) = match before
+                    .map(|b| self.store.audit_len().map(|len| b.min(len)))
+                {
+                    Some(Ok(end)) => {
+                        let from = end.saturating_sub(max);
+                        let read = self.store.read_audit(from, end - from).map(|(mut b, eof)| {
+                            let head = if from == 0 {
+                                0
+                            } else {
+                                memchr::memchr(b'\n', &b).map_or(b.len(), |i| i + 1)
+                            };
+                            b.drain(..head);
+                            (b, eof)
+                        });
+                        let head = read
+                            .as_ref()
+                            .map_or(0, |(b, _)| (end - from) - b.len() as u64);
+                        (from + head, read)
+                    }
+                    Some(Err(e)) => (offset, Err(e)),
+                    None => (offset, self.store.read_audit(offset, max)),
+                };
                 self.send_data(peer, request, offset, read, ErrorCode::StorageFailed);
             }
             Body::GetLog {

@@ -70,6 +70,8 @@ pub trait Store {
     fn append_audit(&mut self, line: &str) -> Result<(), StoreError>;
     /// Reads up to `max` bytes of the audit log; returns bytes and eof.
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError>;
+    /// The audit log's length in bytes.
+    fn audit_len(&self) -> Result<u64, StoreError>;
     /// At a start: cuts the task's log back to its last whole line (a
     /// write cut short by a crash or a full disk); returns the bytes cut.
     fn repair_log(&mut self, _task: &TaskId) -> Result<u64, StoreError> {
@@ -203,6 +205,15 @@ impl Store for DiskStore {
     fn repair_log(&mut self, task: &TaskId) -> Result<u64, StoreError> {
         self.logs.remove(task);
         DiskStore::cut_torn_line(&self.task_dir(task).join("log"))
+    }
+
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        let path = self.root.join("audit.log");
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io("cannot stat", &path)(e)),
+        }
     }
 
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
@@ -373,6 +384,10 @@ impl Store for MemoryStore {
 
     fn read_audit(&self, offset: u64, max: u64) -> Result<(Vec<u8>, bool), StoreError> {
         Ok(slice(&self.audit, offset, max))
+    }
+
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        Ok(self.audit.len() as u64)
     }
 
     fn read_log_tail(&self, task: &TaskId, max: u64) -> Result<(u64, Vec<u8>), StoreError> {

@@ -17,6 +17,19 @@
     return 'l';
   }
 
+  // Tables shown as cards on a phone: each cell named by its column.
+  var label = function (root) {
+    root.querySelectorAll('table.cards').forEach(function (t) {
+      var names = Array.prototype.map.call(t.querySelectorAll('thead th'), function (th) { return th.textContent; });
+      t.querySelectorAll('tbody tr').forEach(function (tr) {
+        Array.prototype.forEach.call(tr.children, function (td, i) {
+          if (names[i] && !td.dataset.label) td.dataset.label = names[i];
+        });
+      });
+    });
+  };
+  label(document);
+
   // Parts of a page that refresh themselves (lab, queue).
   document.querySelectorAll('[data-refresh]').forEach(function (el) {
     var every = parseInt(el.dataset.every, 10) || 5000;
@@ -24,7 +37,7 @@
       fetch(el.dataset.refresh, { credentials: 'same-origin' }).then(function (r) {
         if (r.status === 401) { location.reload(); return null; }
         return r.ok ? r.text() : null;
-      }).then(function (html) { if (html !== null) el.innerHTML = html; }).catch(function () {});
+      }).then(function (html) { if (html !== null) { el.innerHTML = html; label(el); } }).catch(function () {});
     }, every);
   });
 
@@ -145,7 +158,7 @@
       pending = null;
       fetch('/runs/' + encodeURIComponent(id) + '?fragment=1', { credentials: 'same-origin' })
         .then(function (r) { return r.ok ? r.text() : null; })
-        .then(function (html) { if (html !== null) run.innerHTML = html; })
+        .then(function (html) { if (html !== null) { run.innerHTML = html; label(run); } })
         .catch(function () {});
     };
     var soon = function () { if (!pending) pending = setTimeout(refresh, 150); };

@@ -10,7 +10,7 @@ use super::{Counters, Dashboard, Failure};
 use crate::protocol::limits::is_safe_id;
 use crate::protocol::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -54,10 +54,10 @@ impl axum::extract::FromRequestParts<Arc<Dashboard>> for Page {
                 // The page asked for is where sign-in leads (a deep link
                 // survives it): kept 15 minutes in a cookie of its own.
                 let wanted = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                if parts.method == axum::http::Method::GET && super::signin::local_path(wanted) {
+                if parts.method == axum::http::Method::GET && super::sessions::local_path(wanted) {
                     r.headers_mut().append(
                         axum::http::header::SET_COOKIE,
-                        super::signin::next_cookie(d, &hex::encode(wanted), 900),
+                        next_cookie(d, &hex::encode(wanted), 900),
                     );
                 }
                 r
@@ -155,4 +155,15 @@ pub(super) fn api_csrf(
             "missing or wrong X-CSRF-Token (GET /api/me gives it)",
         ))
     })
+}
+
+/// The cookie naming the page to open after sign-in (hex of its path).
+pub(super) const NEXT: &str = "ots_next";
+
+pub(super) fn next_cookie(d: &Dashboard, value: &str, max_age: u64) -> HeaderValue {
+    let secure = if d.secure_cookie { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{NEXT}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .expect("cookie is ASCII")
 }

@@ -106,8 +106,16 @@ pub(super) async fn audit_page(
     Query(q): Query<AuditQuery>,
 ) -> Response {
     match audit_entries(&d, &v, peer, &q).await {
-        Ok(view) => pages::audit(&v, &q, &view),
+        Ok(view) => pages::audit(&v, &view),
         Err(e) => page_error(&v, e),
+    }
+}
+
+fn filters(q: &AuditQuery) -> pages::AuditFilters {
+    pages::AuditFilters {
+        event: q.event.clone(),
+        identity: q.identity.clone(),
+        q: q.q.clone(),
     }
 }
 
@@ -153,6 +161,7 @@ async fn audit_entries(
             newer: (!eof).then_some(end),
             from: offset,
             oldest_first: true,
+            filters: filters(q),
         });
     }
     let mut before = q.before.unwrap_or(crate::protocol::limits::MAX_READ_OFFSET);
@@ -176,6 +185,7 @@ async fn audit_entries(
         newer: None,
         from: start,
         oldest_first: false,
+        filters: filters(q),
     })
 }
 

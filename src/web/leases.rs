@@ -204,7 +204,7 @@ pub(super) async fn lease_form(
     }
     let action = f.action.as_deref().unwrap_or("");
     let back = match f.back.as_deref() {
-        Some(b) if super::signin::local_path(b) => b.to_string(),
+        Some(b) if super::sessions::local_path(b) => b.to_string(),
         _ => format!("/leases/{lease}"),
     };
     if matches!(action, "release" | "force") && f.confirm.as_deref() != Some("yes") {

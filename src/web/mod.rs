@@ -31,6 +31,7 @@ mod charts;
 pub mod door;
 mod download;
 mod extract;
+mod facts;
 mod html;
 pub mod http;
 mod json;

@@ -4,6 +4,7 @@
 //! reasons, log text) is escaped by the template, and control characters
 //! in log lines are shown as `\xNN`.
 
+use super::facts::{devices, now_ms, run_times, run_took, stamp};
 use super::sessions::Viewer;
 use crate::protocol::{
     HealthChange, QueueInfo, RecentTask, RunStatus, RunSummary, TaskStatus, WorkerInfo,
@@ -624,73 +625,6 @@ pub fn run(
     )
 }
 
-/// How long a listed testrun took, or has taken so far.
-fn run_took(r: &RunSummary) -> String {
-    match r.ended_ms {
-        _ if r.submitted_ms == 0 => "—".into(),
-        Some(e) => crate::text::took(e.saturating_sub(r.submitted_ms)),
-        None => format!(
-            "{} so far",
-            crate::text::took(now_ms().saturating_sub(r.submitted_ms))
-        ),
-    }
-}
-
-/// Every device spec of a testrun: its first and each task's own.
-fn devices(s: &RunStatus) -> Vec<String> {
-    let mut out = vec![s.device.to_string()];
-    for d in s.tasks.iter().filter_map(|t| t.device.as_ref()) {
-        let d = d.to_string();
-        if !out.contains(&d) {
-            out.push(d);
-        }
-    }
-    out
-}
-
-/// When a testrun was submitted and ended (Unix ms; 0: not known), from
-/// its tasks' histories.
-fn run_times(s: &RunStatus) -> (u64, Option<u64>) {
-    let start = s
-        .tasks
-        .iter()
-        .filter_map(|t| t.history.first().map(|h| h.at_ms))
-        .min()
-        .unwrap_or(0);
-    let open = matches!(
-        s.state,
-        crate::protocol::RunState::Queued | crate::protocol::RunState::Running
-    );
-    let end = (!open)
-        .then(|| {
-            s.tasks
-                .iter()
-                .filter_map(|t| t.history.last().map(|h| h.at_ms))
-                .max()
-        })
-        .flatten();
-    (start, end)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A time as `YYYY-MM-DD HH:MM:SS UTC` with the milliseconds on hover.
-pub fn stamp(ms: u64) -> Markup {
-    if ms == 0 {
-        return html! { "—" };
-    }
-    let full = crate::clock::human(ms);
-    let short = full
-        .rsplit_once('.')
-        .map_or(full.as_str(), |(s, _)| s)
-        .to_string();
-    html! { time datetime=(full.replace(' ', "T") + "Z") title={ (full) " UTC" } { (short) " UTC" } }
-}
-
 /// One worker: device, health and its history, recent tasks.
 pub fn worker(
     v: &Viewer,
@@ -745,10 +679,21 @@ pub struct AuditView {
     /// The byte the entries shown were read from.
     pub from: u64,
     pub oldest_first: bool,
+    /// The filters asked for, for the form and the links.
+    pub filters: AuditFilters,
+}
+
+/// The audit page's filters, as asked.
+#[derive(Default, Clone)]
+pub struct AuditFilters {
+    pub event: Option<String>,
+    pub identity: Option<String>,
+    pub q: Option<String>,
 }
 
 /// The audit log (admin): newest first, filtered by event, identity or text.
-pub(super) fn audit(v: &Viewer, q: &super::asks::AuditQuery, a: &AuditView) -> Response {
+pub fn audit(v: &Viewer, a: &AuditView) -> Response {
+    let q = &a.filters;
     let field = |e: &serde_json::Value, k: &str| match e.get(k) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),

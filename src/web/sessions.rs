@@ -431,6 +431,16 @@ impl Sessions {
     }
 }
 
+/// A path of this dashboard: `/…`, not `//host` or `/\host` (which a
+/// browser reads as another site), printable ASCII, at most 1024 bytes.
+pub fn local_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.starts_with("/\\")
+        && p.len() <= 1024
+        && p.bytes().all(|b| b.is_ascii_graphic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,10 @@
 //! and the CSRF check every form passes.
 
 use super::pages::{self};
+use super::sessions::local_path;
 use super::sessions::Viewer;
 use super::{Counters, Dashboard, COOKIE};
-use crate::web::extract::{Page, D};
+use crate::web::extract::{next_cookie, Page, D, NEXT};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -21,17 +22,6 @@ pub(super) fn session_cookie(d: &Dashboard, value: &str, max_age: u64) -> Header
     let secure = if d.secure_cookie { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-    ))
-    .expect("cookie is ASCII")
-}
-
-/// The cookie naming the page to open after sign-in (hex of its path).
-pub(super) const NEXT: &str = "ots_next";
-
-pub(super) fn next_cookie(d: &Dashboard, value: &str, max_age: u64) -> HeaderValue {
-    let secure = if d.secure_cookie { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{NEXT}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     ))
     .expect("cookie is ASCII")
 }
@@ -174,16 +164,6 @@ impl CsrfForm {
             _ => default.to_string(),
         }
     }
-}
-
-/// A path of this dashboard: `/…`, not `//host` or `/\host` (which a
-/// browser reads as another site), printable ASCII, at most 1024 bytes.
-pub(super) fn local_path(p: &str) -> bool {
-    p.starts_with('/')
-        && !p.starts_with("//")
-        && !p.starts_with("/\\")
-        && p.len() <= 1024
-        && p.bytes().all(|b| b.is_ascii_graphic())
 }
 
 pub(super) fn forbidden_csrf(v: &Viewer) -> Response {

@@ -65,6 +65,8 @@ IFS=',' read -r -a list <<< "$packages"
 for pkg in "${list[@]}"; do
     dir=$packages_dir/$pkg
     cases="" tests=0 failures=0
+    # The dashboard's log viewer folds what lies between these lines.
+    echo "::group::package $pkg"
     if [ ! -d "$dir" ]; then
         echo "[$pkg] package not found in $packages_dir" >&2
         cases="<testcase classname=\"$pkg\" name=\"package-present\"><failure message=\"package $pkg not found\"/></testcase>"
@@ -75,8 +77,10 @@ for pkg in "${list[@]}"; do
             name=$(basename "$t" .sh)
             out=$(mktemp)
             start=$(date +%s%N)
+            echo "::group::$pkg/$name"
             bash "$t" 2>&1 | tee "$out" | sed -u "s|^|[$pkg/$name] |"
             rc=${PIPESTATUS[0]}
+            echo "::endgroup::"
             secs=$(( ($(date +%s%N) - start) / 1000000 ))
             tests=$((tests + 1))
             body="<system-out>$(xml_escape < "$out")</system-out>"
@@ -91,6 +95,7 @@ for pkg in "${list[@]}"; do
             rm -f "$out"
         done
     fi
+    echo "::endgroup::"
     printf '<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="%s" tests="%d" failures="%d">%s</testsuite>\n' \
         "$pkg" "$tests" "$failures" "$cases" > "$results/$pkg.xml"
 done

@@ -258,5 +258,38 @@ async fn a_million_line_log_is_read_by_line_number_search_and_colour() {
         );
     }
     b.screenshot("log-phone").await;
+    // Every page fits a phone; the run's tasks are cards whose state,
+    // verdict and reason are on the screen, not off its edge.
+    for path in [
+        "/",
+        "/queue",
+        "/runs",
+        &format!("/runs/{run}"),
+        "/leases",
+        "/report",
+        "/no/such/page",
+    ] {
+        b.open(&format!("{base}{path}")).await;
+        b.wait_js("document.querySelector('main')", LIMIT).await;
+        let wide = b
+            .js("return [document.documentElement.scrollWidth, window.innerWidth]")
+            .await;
+        assert!(
+            wide[0].as_u64() <= wide[1].as_u64(),
+            "{path}: page scrolls sideways: {wide}"
+        );
+    }
+    b.open(&format!("{base}/runs/{run}")).await;
+    b.wait_js("document.querySelector('#tasks td[data-label]')", LIMIT)
+        .await;
+    let off = b
+        .js("return Array.from(document.querySelectorAll('#tasks td')).filter(td => td.getBoundingClientRect().right > window.innerWidth + 1).length")
+        .await;
+    assert_eq!(off, 0, "task cells off the screen");
+    assert!(
+        c.source().await.unwrap().contains(" UTC"),
+        "times carry their zone"
+    );
+    b.screenshot("run-phone").await;
     c.clone().close().await.unwrap();
 }

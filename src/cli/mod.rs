@@ -571,6 +571,25 @@ mod tests {
     }
 
     #[test]
+    fn usage_lines_name_only_what_is_required() {
+        use clap::CommandFactory;
+        let mut cli = super::Cli::command();
+        cli.build();
+        for sub in cli.get_subcommands_mut() {
+            let usage = sub.render_usage().to_string();
+            for optional in [
+                "--server <",
+                "--key <",
+                "--server-key <",
+                "--security <",
+                "--json",
+            ] {
+                assert!(!usage.contains(optional), "{usage}");
+            }
+        }
+    }
+
+    #[test]
     fn durations_parse_like_an_operator_writes_them() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));

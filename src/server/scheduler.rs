@@ -175,6 +175,8 @@ pub struct Scheduler<S: Store> {
     uploading_bytes: u64,
     /// Client file reads handed to the desk and not answered yet.
     reads_in_flight: usize,
+    /// `find_in_log`s on the desk, by asker (peer, request) → user.
+    finds: HashMap<(PeerId, u64), String>,
     /// Ended testruns whose files and logs are still kept, oldest first,
     /// and their bytes: the retention policy looks only at the front.
     retained: retention::Retained,
@@ -271,6 +273,7 @@ impl<S: Store> Scheduler<S> {
             stored_bytes: 0,
             uploading_bytes: 0,
             reads_in_flight: 0,
+            finds: HashMap::new(),
             retained: retention::Retained::default(),
             leases: leases::Leases::default(),
             pinned: BTreeMap::new(),

@@ -358,18 +358,31 @@ async fn read_as(
             return Ok((pos, false));
         }
         let max = until.map_or(CHUNK_BYTES, |u| (u - pos).min(CHUNK_BYTES));
-        let (body, raw) = d
-            .ask(
-                viewer,
-                peer,
-                Body::GetLog {
-                    request: 0,
-                    task: task.clone(),
-                    offset: pos,
-                    max,
-                },
-            )
-            .await?;
+        // A busy request path (many views catching up at once) is waited
+        // out, not a reason to end the view: the browser would reconnect
+        // and ask again anyway, at greater cost.
+        let mut backoff = Duration::from_millis(20);
+        let (body, raw) = loop {
+            let asked = d
+                .ask(
+                    viewer,
+                    peer,
+                    Body::GetLog {
+                        request: 0,
+                        task: task.clone(),
+                        offset: pos,
+                        max,
+                    },
+                )
+                .await;
+            match asked {
+                Err(AskError::Busy | AskError::Timeout) if backoff < Duration::from_secs(5) => {
+                    tokio::time::sleep(backoff).await; // backoff before asking again, not synchronisation
+                    backoff *= 2;
+                }
+                other => break other?,
+            }
+        };
         let Body::Data { eof, .. } = body else {
             return Err(Failure::new(
                 StatusCode::BAD_GATEWAY,

@@ -11,12 +11,13 @@
 
 use super::ansi::{self, Sgr};
 use super::asks::{read_log, read_tail, status, task_ended, whole, TAIL_BYTES};
+use super::bridge::AskError;
 use super::pages;
 use super::sessions::Viewer;
 use super::{Dashboard, Failure};
 use crate::protocol::logfind::{LogFind, LogFinding, LogMatches, LogPlace, LogTime};
-use crate::protocol::{Body, TaskStatus};
-use crate::web::extract::{ask_for, page_error, run_of_task, Page, D};
+use crate::protocol::{Body, ErrorCode, TaskStatus};
+use crate::web::extract::{page_error, run_of_task, Page, D};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -64,16 +65,29 @@ pub(super) async fn find_in_log(
     task: &str,
     find: LogFind,
 ) -> Result<LogFinding, Failure> {
-    let body = Body::FindInLog {
-        request: 0,
-        task: task.to_string(),
-        find,
-    };
-    ask_for(d, v, peer, body, |b, _| match b {
-        Body::LogFound { found, .. } => Ok(found),
-        other => Err(other.kind()),
-    })
-    .await
+    // The server answers 16 reads at once (4 searches per user): past
+    // them it says `limit_reached`, and the page asks again shortly.
+    let mut backoff = std::time::Duration::from_millis(20);
+    loop {
+        let body = Body::FindInLog {
+            request: 0,
+            task: task.to_string(),
+            find: find.clone(),
+        };
+        match d.ask(v, peer, body).await {
+            Ok((Body::LogFound { found, .. }, _)) => return Ok(found),
+            Ok((other, _)) => return Err(crate::web::extract::unexpected("find_in_log", &other)),
+            Err(AskError::Busy)
+            | Err(AskError::Refused {
+                code: ErrorCode::LimitReached,
+                ..
+            }) if backoff < std::time::Duration::from_secs(5) => {
+                tokio::time::sleep(backoff).await; // backoff before asking again, not synchronisation
+                backoff *= 2;
+            }
+            Err(e) => return Err(Failure::from(e)),
+        }
+    }
 }
 
 async fn place(

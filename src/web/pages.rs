@@ -30,12 +30,12 @@ fn opt_name<T: serde::Serialize>(v: &Option<T>) -> String {
 
 pub use crate::text::ago;
 
-/// A Unix ms time as UTC `YYYY-MM-DD HH:MM:SS.mmm` (`—` if unknown).
+/// A Unix ms time as `YYYY-MM-DD HH:MM:SS.mmm UTC` (`—` if unknown).
 pub fn when(ms: u64) -> String {
     if ms == 0 {
         return "—".into();
     }
-    crate::clock::human(ms)
+    format!("{} UTC", crate::clock::human(ms))
 }
 
 /// Bytes as `512 B`, `3.2 KiB`, `1.0 GiB`.

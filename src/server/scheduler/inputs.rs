@@ -27,6 +27,9 @@ pub const MAX_INPUT_UPLOADS_PER_USER: usize = 16;
 /// Client reads of stored files with the desk at once, at most (each up
 /// to 1 MiB): more are answered `limit_reached`, retried by clients.
 pub const MAX_READS_IN_FLIGHT: usize = 16;
+/// `find_in_log`s one user may have on the desk at once (of the reads
+/// above): one user's searches never hold every read.
+pub const MAX_FINDS_PER_USER: usize = 4;
 
 impl<S: Store> Scheduler<S> {
     pub(super) fn tell_client(&mut self, peer: &PeerId, request: u64, sha256: &str, what: Tell) {
@@ -322,6 +325,15 @@ impl<S: Store> Scheduler<S> {
                 format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
             ));
         }
+        let user = self.input_owner(peer);
+        if self.finds.values().filter(|u| **u == user).count() >= MAX_FINDS_PER_USER {
+            self.count("log_finds_busy", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("you have {MAX_FINDS_PER_USER} log searches in progress; retry when one is answered"),
+            ));
+        }
+        self.finds.insert((peer.clone(), request), user);
         self.reads_in_flight += 1;
         self.file_job(FileJob::FindInLog {
             peer: peer.clone(),
@@ -340,6 +352,7 @@ impl<S: Store> Scheduler<S> {
         result: Result<LogFinding, DeskError>,
     ) {
         self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
+        self.finds.remove(&(peer.clone(), request));
         match result {
             Ok(found) => self.send(peer, None, Body::LogFound { request, found }, None),
             Err(DeskError::NotFound) => self.send_error(

@@ -297,3 +297,66 @@ fn a_web_login_is_handed_to_the_shell_only_when_the_dashboard_is_served() {
         .on_message(lab.now, &wp, env(false, 0, Body::WebLogin { request: 5 }));
     assert!(lab.s.take_web_logins().is_empty());
 }
+
+/// `find_in_log` goes to the file desk under the owners' rule, and one
+/// user's searches never hold every read: 4 each at most.
+#[test]
+fn log_searches_are_the_owners_and_bounded_per_user() {
+    use crate::protocol::logfind::LogFind;
+    let mut lab = Lab::new();
+    lab.register("w", "devicegroup:g");
+    let (_, task) = lab.passed_run_of("ann", "w");
+    let find = |lab: &mut Lab, user: &str, role: Role, request: u64| {
+        let p = peer(&format!("web-{user}"));
+        lab.s.on_authenticated(
+            &p,
+            Identity::User {
+                name: user.into(),
+                role,
+            },
+            "web:127.0.0.1".into(),
+        );
+        lab.s.cfg.secure = true;
+        let body = Body::FindInLog {
+            request,
+            task: task.clone(),
+            find: LogFind::Line { line: 1 },
+        };
+        lab.s.on_message(lab.now, &p, env(false, 0, body));
+        lab.s.cfg.secure = false;
+        // The desk's jobs are left undone: the searches stay in progress.
+        let out = lab.s.take_outputs();
+        let desk = out.iter().any(|o| {
+            matches!(
+                o,
+                Output::File(crate::server::store::files::FileJob::FindInLog { .. })
+            )
+        });
+        let refused = out.iter().find_map(|o| match o {
+            Output::Send {
+                body: Body::Error { code, .. },
+                ..
+            } => Some(*code),
+            _ => None,
+        });
+        (desk, refused)
+    };
+    // Another submit user may not search ann's log.
+    assert_eq!(
+        find(&mut lab, "bob", Role::Submit, 1),
+        (false, Some(ErrorCode::Forbidden))
+    );
+    for r in 1..=4 {
+        assert_eq!(
+            find(&mut lab, "ann", Role::Submit, r),
+            (true, None),
+            "search {r}"
+        );
+    }
+    assert_eq!(
+        find(&mut lab, "ann", Role::Submit, 5),
+        (false, Some(ErrorCode::LimitReached))
+    );
+    // Others are not locked out by ann's searches.
+    assert_eq!(find(&mut lab, "opal", Role::Operator, 1), (true, None));
+}

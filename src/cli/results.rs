@@ -319,19 +319,20 @@ pub(crate) async fn report(args: ReportArgs) -> Result<i32, ClientError> {
         humantime::format_duration(std::time::Duration::from_secs(args.since.as_secs()))
     );
     let line = |l: &crate::protocol::results::UsageLine| {
-        let total = l.busy_ms + l.idle_ms + l.leased_ms + l.broken_ms + l.offline_ms;
+        let t = &l.time;
+        let total = t.total_ms();
         format!(
             "busy {} ({}), idle {}, leased {}, broken {}, offline {}; {} task attempts ({} passed, {} failed), {} infrastructure errors",
-            hours(l.busy_ms),
-            share(l.busy_ms + l.leased_ms, total),
-            hours(l.idle_ms),
-            hours(l.leased_ms),
-            hours(l.broken_ms),
-            hours(l.offline_ms),
-            l.tasks,
-            l.passed,
-            l.failed,
-            l.infra_errors
+            hours(t.busy_ms),
+            share(t.used_ms(), total),
+            hours(t.idle_ms),
+            hours(t.leased_ms),
+            hours(t.broken_ms),
+            hours(t.offline_ms),
+            t.tasks,
+            t.passed,
+            t.failed,
+            t.infra_errors
         )
     };
     if r.groups.is_empty() {

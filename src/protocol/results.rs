@@ -200,6 +200,15 @@ pub struct UsageLine {
     /// A worker's group (empty for a group's line).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub devicegroup: String,
+    #[serde(flatten)]
+    pub time: DeviceTime,
+}
+
+/// What a device (or all of a group's) did in a span: time in each state
+/// and the tasks that ended, by how. One set of counters for the report,
+/// the worker's hours and the rows the server adds up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceTime {
     pub busy_ms: u64,
     pub idle_ms: u64,
     pub leased_ms: u64,
@@ -209,6 +218,26 @@ pub struct UsageLine {
     pub passed: u64,
     pub failed: u64,
     pub infra_errors: u64,
+}
+
+impl DeviceTime {
+    /// Every state's time together: the span it covers.
+    pub fn total_ms(&self) -> u64 {
+        [
+            self.busy_ms,
+            self.idle_ms,
+            self.leased_ms,
+            self.broken_ms,
+            self.offline_ms,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
+    }
+
+    /// Time people and CI had of it (busy and leased).
+    pub fn used_ms(&self) -> u64 {
+        self.busy_ms.saturating_add(self.leased_ms)
+    }
 }
 
 /// Device time one owner used on one group.
@@ -248,15 +277,8 @@ pub struct LabPoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHour {
     pub hour_ms: u64,
-    pub busy_ms: u64,
-    pub idle_ms: u64,
-    pub leased_ms: u64,
-    pub broken_ms: u64,
-    pub offline_ms: u64,
-    pub tasks: u64,
-    pub passed: u64,
-    pub failed: u64,
-    pub infra_errors: u64,
+    #[serde(flatten)]
+    pub time: DeviceTime,
 }
 
 /// Cases × workers over a series' recent testruns (`get_series_matrix`):
@@ -286,3 +308,40 @@ pub const MAX_MATRIX_CASES: usize = 50;
 pub const MAX_MATRIX_WORKERS: usize = 64;
 /// Testruns a series matrix looks at, at most.
 pub const MAX_MATRIX_RUNS: u32 = 200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_time_travels_flat_as_the_nine_fields_it_always_was() {
+        let hour = WorkerHour {
+            hour_ms: 3_600_000,
+            time: DeviceTime {
+                busy_ms: 1,
+                idle_ms: 2,
+                leased_ms: 3,
+                broken_ms: 4,
+                offline_ms: 5,
+                tasks: 6,
+                passed: 7,
+                failed: 8,
+                infra_errors: u64::MAX,
+            },
+        };
+        let json = serde_json::to_value(&hour).unwrap();
+        assert_eq!(json["busy_ms"], 1);
+        assert_eq!(json["infra_errors"], u64::MAX);
+        assert!(json.get("time").is_none(), "{json}");
+        let wire = rmp_serde::to_vec_named(&hour).unwrap();
+        assert_eq!(rmp_serde::from_slice::<WorkerHour>(&wire).unwrap(), hour);
+        let line = UsageLine {
+            name: "w1".into(),
+            devicegroup: "g".into(),
+            time: hour.time,
+        };
+        let wire = rmp_serde::to_vec_named(&line).unwrap();
+        assert_eq!(rmp_serde::from_slice::<UsageLine>(&wire).unwrap(), line);
+        assert_eq!((hour.time.total_ms(), hour.time.used_ms()), (15, 4));
+    }
+}

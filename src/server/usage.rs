@@ -12,6 +12,7 @@
 //! state. Rows leave once a minute, as additions to what is stored
 //! (a restart loses at most the minute not yet committed).
 
+use crate::protocol::results::DeviceTime;
 use std::collections::BTreeMap;
 
 /// Longest stretch between two observations counted (a tick is due
@@ -78,15 +79,7 @@ pub struct HourRow {
     pub hour_ms: u64,
     pub worker: String,
     pub group: String,
-    pub busy_ms: u64,
-    pub idle_ms: u64,
-    pub leased_ms: u64,
-    pub broken_ms: u64,
-    pub offline_ms: u64,
-    pub tasks: u64,
-    pub passed: u64,
-    pub failed: u64,
-    pub infra_errors: u64,
+    pub time: DeviceTime,
 }
 
 /// Device time an owner used in one hour, on one group (additions).
@@ -181,11 +174,11 @@ impl Usage {
                 }
                 let row = self.hour_row(hour, w.name, w.group);
                 let slot = match w.doing {
-                    Doing::Busy => &mut row.busy_ms,
-                    Doing::Idle => &mut row.idle_ms,
-                    Doing::Leased => &mut row.leased_ms,
-                    Doing::Broken => &mut row.broken_ms,
-                    Doing::Offline => &mut row.offline_ms,
+                    Doing::Busy => &mut row.time.busy_ms,
+                    Doing::Idle => &mut row.time.idle_ms,
+                    Doing::Leased => &mut row.time.leased_ms,
+                    Doing::Broken => &mut row.time.broken_ms,
+                    Doing::Offline => &mut row.time.offline_ms,
                 };
                 *slot = slot.saturating_add(step);
                 if let (Some(owner), Doing::Busy | Doing::Leased) = (w.owner, w.doing) {
@@ -244,11 +237,11 @@ impl Usage {
         self.ended
             .insert(worker.to_string(), owner.map(str::to_string));
         let row = self.hour_row(now_ms / HOUR_MS * HOUR_MS, worker, group);
-        row.tasks += 1;
+        row.time.tasks += 1;
         match how {
-            Ended::Passed => row.passed += 1,
-            Ended::Failed => row.failed += 1,
-            Ended::Infrastructure => row.infra_errors += 1,
+            Ended::Passed => row.time.passed += 1,
+            Ended::Failed => row.time.failed += 1,
+            Ended::Infrastructure => row.time.infra_errors += 1,
             Ended::Other => {}
         }
     }
@@ -280,14 +273,7 @@ impl Usage {
                     ..HourRow::default()
                 },
             );
-            if done
-                != (HourRow {
-                    hour_ms: done.hour_ms,
-                    worker: done.worker.clone(),
-                    group: done.group.clone(),
-                    ..HourRow::default()
-                })
-            {
+            if done.time != DeviceTime::default() {
                 self.ready.hours.push(done);
             }
         }
@@ -337,14 +323,12 @@ impl Usage {
     /// What was counted so far leaves with the next rows (as additions).
     fn flush(&mut self) {
         for row in self.hours.values_mut() {
-            let empty = HourRow {
-                hour_ms: row.hour_ms,
-                worker: row.worker.clone(),
-                group: row.group.clone(),
-                ..HourRow::default()
-            };
-            if *row != empty {
-                self.ready.hours.push(std::mem::replace(row, empty));
+            if row.time != DeviceTime::default() {
+                let counted = std::mem::take(&mut row.time);
+                self.ready.hours.push(HourRow {
+                    time: counted,
+                    ..row.clone()
+                });
             }
         }
         for o in std::mem::take(&mut self.owners).into_values() {
@@ -412,11 +396,15 @@ mod tests {
                 .clone()
         };
         assert_eq!(
-            (by("w1").busy_ms, by("w1").tasks, by("w1").passed),
+            (
+                by("w1").time.busy_ms,
+                by("w1").time.tasks,
+                by("w1").time.passed
+            ),
             (60_000, 1, 1)
         );
-        assert_eq!(by("w2").idle_ms, 60_000);
-        assert_eq!(by("w3").leased_ms, 60_000);
+        assert_eq!(by("w2").time.idle_ms, 60_000);
+        assert_eq!(by("w3").time.leased_ms, 60_000);
         let ann = rows.owners.iter().find(|o| o.owner == "ann").unwrap();
         assert_eq!(ann.busy_ms, 60_000);
         // Additions: the next minute's rows count only the next minute.
@@ -425,10 +413,7 @@ mod tests {
         }
         u.observe(t0 + 120_000, lab.iter().cloned(), queues);
         let rows = u.take_rows();
-        assert!(rows
-            .hours
-            .iter()
-            .all(|h| h.busy_ms + h.idle_ms + h.leased_ms == 60_000));
+        assert!(rows.hours.iter().all(|h| h.time.total_ms() == 60_000));
     }
 
     #[test]
@@ -440,7 +425,7 @@ mod tests {
         u.observe(11_000, idle.iter().cloned(), Vec::new);
         let rows = u.take_rows();
         let h = rows.hours.iter().find(|h| h.worker == "w1").unwrap();
-        assert_eq!((h.busy_ms, h.idle_ms, h.tasks), (1000, 0, 1));
+        assert_eq!((h.time.busy_ms, h.time.idle_ms, h.time.tasks), (1000, 0, 1));
         assert_eq!(rows.owners[0].owner, "bob");
     }
 
@@ -451,7 +436,7 @@ mod tests {
         u.observe(0, lab.iter().cloned(), Vec::new);
         u.observe(3_600_000 * 5, lab.iter().cloned(), Vec::new);
         let rows = u.take_rows();
-        let total: u64 = rows.hours.iter().map(|h| h.busy_ms).sum();
+        let total: u64 = rows.hours.iter().map(|h| h.time.busy_ms).sum();
         assert_eq!(total, MAX_STEP_MS);
         assert!(rows.forget_before.is_some());
     }
@@ -466,7 +451,11 @@ mod tests {
         u.observe(h - 1_000, lab.iter().cloned(), Vec::new);
         u.observe(h + 1_000, lab.iter().cloned(), Vec::new);
         let rows = u.take_rows();
-        let hours: Vec<(u64, u64)> = rows.hours.iter().map(|r| (r.hour_ms, r.idle_ms)).collect();
+        let hours: Vec<(u64, u64)> = rows
+            .hours
+            .iter()
+            .map(|r| (r.hour_ms, r.time.idle_ms))
+            .collect();
         assert_eq!(hours, [(0, 4_000), (h, 2_000)]);
     }
 }

@@ -15,7 +15,8 @@ use super::bridge::AskError;
 use super::pages;
 use super::sessions::Viewer;
 use super::{Dashboard, Failure};
-use crate::protocol::logfind::{LogFind, LogFinding, LogMatches, LogPlace, LogTime};
+use crate::protocol::limits::MAX_READ_OFFSET;
+use crate::protocol::logfind::{LogFind, LogFinding, LogMatches, LogPlace, LogTime, SEARCH_CHUNK};
 use crate::protocol::{Body, ErrorCode, TaskStatus};
 use crate::web::extract::{page_error, run_of_task, Page, D};
 use axum::extract::{Path, Query, State};
@@ -122,7 +123,11 @@ async fn search(
         let find = LogFind::Text {
             text: text.to_string(),
             offset,
-            skip: want.saturating_sub(1).saturating_sub(count),
+            // A piece holds fewer matches than bytes: more is never asked.
+            skip: want
+                .saturating_sub(1)
+                .saturating_sub(count)
+                .min(SEARCH_CHUNK),
         };
         let LogFinding::Matches(LogMatches {
             to,
@@ -213,6 +218,10 @@ async fn view(
         let (count, at) = search(d, v, peer, task, &text, want, false).await?;
         if count == 0 {
             notice = Some(format!("No line of the log contains “{text}”."));
+        } else if at.is_none() {
+            notice = Some(format!(
+                "{count} lines contain “{text}”: there is no match {want}."
+            ));
         }
         let shown = at.map(|o| (want.min(count), o));
         target = shown.map(|(_, o)| o);
@@ -226,7 +235,8 @@ async fn view(
             ));
         }
     } else if let Some(n) = q.line {
-        let p = place(d, v, peer, task, LogFind::Line { line: n.max(1) }).await?;
+        let line = n.clamp(1, MAX_READ_OFFSET + 1);
+        let p = place(d, v, peer, task, LogFind::Line { line }).await?;
         if p.line > p.lines {
             notice = Some(format!("The log has {} lines; this is its end.", p.lines));
         } else {
@@ -258,10 +268,12 @@ async fn view(
             (s, lines.to_vec())
         }
     };
-    // A log that does not exist yet has no place: nothing numbered.
-    let first = place(d, v, peer, task, LogFind::Offset { offset: start })
-        .await
-        .unwrap_or_default();
+    // A log that does not exist yet has no place: nothing to number.
+    let first = match place(d, v, peer, task, LogFind::Offset { offset: start }).await {
+        Ok(p) => p,
+        Err(f) if f.status == StatusCode::NOT_FOUND => LogPlace::default(),
+        Err(f) => return Err(f),
+    };
     let text_window = String::from_utf8_lossy(&bytes).into_owned();
     let ended = task_ended(&s, task);
     Ok(pages::page(

@@ -194,22 +194,20 @@ fn hours(ms: u64) -> String {
 }
 
 fn usage_row(label: Markup, l: &UsageLine) -> Markup {
-    let total = l.busy_ms + l.idle_ms + l.leased_ms + l.broken_ms + l.offline_ms;
+    let total = l.time.total_ms();
     let used = if total == 0 {
         "–".to_string()
     } else {
-        format!(
-            "{:.0}%",
-            (l.busy_ms + l.leased_ms) as f64 * 100.0 / total as f64
-        )
+        format!("{:.0}%", l.time.used_ms() as f64 * 100.0 / total as f64)
     };
     html! {
         tr {
             td { (label) }
             td.num { (used) }
-            td.num { (hours(l.busy_ms)) } td.num { (hours(l.idle_ms)) } td.num { (hours(l.leased_ms)) }
-            td.num { (hours(l.broken_ms)) } td.num { (hours(l.offline_ms)) }
-            td.num { (l.tasks) } td.num { (l.passed) } td.num { (l.failed) } td.num { (l.infra_errors) }
+            @let t = &l.time;
+            td.num { (hours(t.busy_ms)) } td.num { (hours(t.idle_ms)) } td.num { (hours(t.leased_ms)) }
+            td.num { (hours(t.broken_ms)) } td.num { (hours(t.offline_ms)) }
+            td.num { (t.tasks) } td.num { (t.passed) } td.num { (t.failed) } td.num { (t.infra_errors) }
         }
     }
 }
@@ -335,22 +333,26 @@ pub(super) async fn worker_chart(
             let share: Vec<(u64, Vec<f64>)> = hours
                 .iter()
                 .map(|h| {
-                    let total = (h.busy_ms + h.idle_ms + h.leased_ms + h.broken_ms + h.offline_ms)
-                        .max(1) as f64;
-                    let rate = if h.passed + h.failed > 0 {
-                        h.passed as f64 * 100.0 / (h.passed + h.failed) as f64
+                    let total = h.time.total_ms().max(1) as f64;
+                    let rate = if h.time.passed + h.time.failed > 0 {
+                        h.time.passed as f64 * 100.0 / (h.time.passed + h.time.failed) as f64
                     } else {
                         0.0
                     };
                     (
                         h.hour_ms,
-                        vec![(h.busy_ms + h.leased_ms) as f64 * 100.0 / total, rate],
+                        vec![h.time.used_ms() as f64 * 100.0 / total, rate],
                     )
                 })
                 .collect();
             let errors: Vec<(u64, Vec<f64>)> = hours
                 .iter()
-                .map(|h| (h.hour_ms, vec![h.infra_errors as f64, h.tasks as f64]))
+                .map(|h| {
+                    (
+                        h.hour_ms,
+                        vec![h.time.infra_errors as f64, h.time.tasks as f64],
+                    )
+                })
                 .collect();
             html! {
                 h2 { "Last 7 days" }

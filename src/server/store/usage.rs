@@ -6,7 +6,8 @@
 use super::index::sql_int;
 use super::sql::{SqlParam, SqlRows, SqlValue};
 use crate::protocol::results::{
-    LabPoint, OwnerLine, Report, UsageLine, WorkerHour, MAX_MATRIX_CASES, MAX_MATRIX_WORKERS,
+    DeviceTime, LabPoint, OwnerLine, Report, UsageLine, WorkerHour, MAX_MATRIX_CASES,
+    MAX_MATRIX_WORKERS,
 };
 use crate::server::usage::UsageRows;
 
@@ -68,15 +69,15 @@ pub(crate) fn statements(rows: &UsageRows) -> Vec<(&'static str, Vec<SqlParam>)>
                 i(h.hour_ms),
                 t(&h.worker),
                 t(&h.group),
-                i(h.busy_ms),
-                i(h.idle_ms),
-                i(h.leased_ms),
-                i(h.broken_ms),
-                i(h.offline_ms),
-                i(h.tasks),
-                i(h.passed),
-                i(h.failed),
-                i(h.infra_errors),
+                i(h.time.busy_ms),
+                i(h.time.idle_ms),
+                i(h.time.leased_ms),
+                i(h.time.broken_ms),
+                i(h.time.offline_ms),
+                i(h.time.tasks),
+                i(h.time.passed),
+                i(h.time.failed),
+                i(h.time.infra_errors),
             ],
         ));
     }
@@ -168,6 +169,13 @@ fn line(name: String, group: String, r: &[SqlValue]) -> UsageLine {
     UsageLine {
         name,
         devicegroup: group,
+        time: device_time(r),
+    }
+}
+
+/// The nine sums every usage query selects, in `DeviceTime`'s order.
+fn device_time(r: &[SqlValue]) -> DeviceTime {
+    DeviceTime {
         busy_ms: n(&r[0]),
         idle_ms: n(&r[1]),
         leased_ms: n(&r[2]),
@@ -276,15 +284,7 @@ pub async fn worker_series<D: SqlRows>(
         .iter()
         .map(|r| WorkerHour {
             hour_ms: n(&r[0]),
-            busy_ms: n(&r[1]),
-            idle_ms: n(&r[2]),
-            leased_ms: n(&r[3]),
-            broken_ms: n(&r[4]),
-            offline_ms: n(&r[5]),
-            tasks: n(&r[6]),
-            passed: n(&r[7]),
-            failed: n(&r[8]),
-            infra_errors: n(&r[9]),
+            time: device_time(&r[1..]),
         })
         .collect())
 }

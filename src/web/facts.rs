@@ -1,7 +1,7 @@
 //! Small renderings of facts the pages share: times (UTC, with the
 //! milliseconds on hover), how long things took, a testrun's devices.
 
-use crate::protocol::{RunStatus, RunSummary};
+use crate::protocol::{ProgressState, RunStatus, RunSummary, TaskStatus};
 use maud::{html, Markup};
 
 /// How long a listed testrun took, or has taken so far.
@@ -69,4 +69,29 @@ pub fn stamp(ms: u64) -> Markup {
         .map_or(full.as_str(), |(s, _)| s)
         .to_string();
     html! { time datetime=(full.replace(' ', "T") + "Z") title={ (full) " UTC" } { (short) " UTC" } }
+}
+
+/// How long a task ran (its last attempt, from running to its end), or
+/// has been running so far; its start on hover.
+pub fn task_took(t: &TaskStatus) -> Markup {
+    let started = t
+        .history
+        .iter()
+        .rev()
+        .find(|h| h.state == ProgressState::Running)
+        .map(|h| h.at_ms);
+    let ended = t
+        .history
+        .last()
+        .filter(|h| matches!(h.state, ProgressState::Finished | ProgressState::Cancelled))
+        .map(|h| h.at_ms);
+    match (started, ended) {
+        (Some(s), Some(e)) => {
+            html! { span title={ "started " (crate::clock::human(s)) " UTC" } { (crate::text::took(e.saturating_sub(s))) } }
+        }
+        (Some(s), None) => {
+            html! { span title={ "started " (crate::clock::human(s)) " UTC" } { (crate::text::took(now_ms().saturating_sub(s))) " so far" } }
+        }
+        _ => html! { "—" },
+    }
 }

@@ -513,12 +513,13 @@ fn task_row(t: &TaskStatus) -> Markup {
                     } }
                 }
             }
+            td.num { (super::facts::task_took(t)) }
             td.num { (t.log_lines_stored) " stored"
                 @if let Some(p) = t.log_lines_produced { " of " (p) }
                 @if lost > 0 { ", " span.lost { (lost) " lost" } } }
         }
         @if !t.files.is_empty() || !t.history.is_empty() || t.waiting.is_some() {
-            tr.details { td colspan="8" {
+            tr.details { td colspan="9" {
                 @if let Some(w) = &t.waiting {
                     p.waiting { "Waiting under " (w.key) ": position " (w.position) ", "
                         (w.ahead_own) " of its owner's and " (w.ahead_others) " of others ahead"
@@ -575,7 +576,7 @@ pub fn run_tasks(v: &Viewer, s: &RunStatus, owner: Option<&str>) -> Markup {
             @if let Some(p) = &s.pruned { " — logs and files pruned " (when(p.at_ms)) ": " (p.reason) }
         }
         table.cards #tasks {
-            thead { tr { th { "task" } th { "packages" } th { "state" } th { "worker" } th { "attempts" } th { "verdict" } th { "reason" } th { "log lines" } } }
+            thead { tr { th { "task" } th { "packages" } th { "state" } th { "worker" } th { "attempts" } th { "verdict" } th { "reason" } th { "took" } th { "log lines" } } }
             tbody { @for t in &s.tasks { (task_row(t)) } }
         }
     }

@@ -403,8 +403,14 @@ fn render(w: &Window<'_>) -> Markup {
     let first_no = first.line.max(1);
     let mark = found.map(|f| f.text.as_str());
     let nodes = fold(&numbered.lines);
-    let mut style = Sgr::default();
-    let lines_html = render_nodes(&nodes, &numbered, first_no, target, mark, &mut style);
+    let lines_html = Drawing {
+        n: &numbered,
+        first_no,
+        target,
+        mark,
+        style: Sgr::default(),
+    }
+    .nodes(&nodes);
     html! {
         h1 { "Log of task " (task) }
         p {
@@ -453,74 +459,55 @@ fn render(w: &Window<'_>) -> Markup {
     }
 }
 
-fn render_nodes(
-    nodes: &[Node],
-    n: &Lines<'_>,
+/// Draws the window's lines: what each needs besides its index, and
+/// the colour a line leaves for the next.
+struct Drawing<'a> {
+    n: &'a Lines<'a>,
     first_no: u64,
     target: Option<u64>,
-    mark: Option<&str>,
-    style: &mut Sgr,
-) -> Markup {
-    html! {
-        @for node in nodes {
-            @match node {
-                Node::Line(i) => (line(*i, n, first_no, target, mark, style)),
-                Node::Group(open, inner) => {
-                    details.fold open {
-                        summary { (line(*open, n, first_no, target, mark, style)) }
-                        (render_nodes(inner, n, first_no, target, mark, style))
+    mark: Option<&'a str>,
+    style: Sgr,
+}
+
+impl Drawing<'_> {
+    fn nodes(&mut self, nodes: &[Node]) -> Markup {
+        html! {
+            @for node in nodes {
+                @match node {
+                    Node::Line(i) => (self.line(*i)),
+                    Node::Group(open, inner) => {
+                        details.fold open {
+                            summary { (self.line(*open)) }
+                            (self.nodes(inner))
+                        }
                     }
                 }
             }
         }
     }
-}
 
-fn line(
-    i: usize,
-    n: &Lines<'_>,
-    first_no: u64,
-    target: Option<u64>,
-    mark: Option<&str>,
-    style: &mut Sgr,
-) -> Markup {
-    let no = first_no + i as u64;
-    let text = n.lines[i];
-    let hit = mark.is_some_and(|m| text.contains(m));
-    let here = target == Some(n.offsets[i]);
-    let (body, after) = ansi::render(text, *style, mark.filter(|_| hit));
-    *style = after;
-    let class = format!(
-        "{}{}{}",
-        line_class(text),
-        if hit { " hit" } else { "" },
-        if here { " here" } else { "" }
-    );
-    let at = n.times[i];
-    html! {
-        div class=(class) id={ "L" (no) } {
-            a.n href={ "?line=" (no) "#L" (no) } title=[at.map(|ms| format!("received {} UTC", crate::clock::human(ms)))] { (no) }
-            span.t { (at.map(clock).unwrap_or_default()) }
-            span.x { (body) }
+    fn line(&mut self, i: usize) -> Markup {
+        let no = self.first_no + i as u64;
+        let text = self.n.lines[i];
+        let hit = self.mark.is_some_and(|m| text.contains(m));
+        let here = self.target == Some(self.n.offsets[i]);
+        let (body, after) = ansi::render(text, self.style, self.mark.filter(|_| hit));
+        self.style = after;
+        let class = format!(
+            "{}{}{}",
+            pages::line_class(text),
+            if hit { " hit" } else { "" },
+            if here { " here" } else { "" }
+        );
+        let at = self.n.times[i];
+        html! {
+            div class=(class) id={ "L" (no) } {
+                a.n href={ "?line=" (no) "#L" (no) } title=[at.map(|ms| format!("received {} UTC", crate::clock::human(ms)))] { (no) }
+                // The second is what a mark holds: HH:MM:SS of time_of_day.
+                span.t { (at.map(|ms| crate::clock::time_of_day(ms)[..8].to_string()).unwrap_or_default()) }
+                span.x { (body) }
+            }
         }
-    }
-}
-
-/// `HH:MM:SS` of a Unix ms time (UTC).
-fn clock(ms: u64) -> String {
-    let s = (ms / 1000) % 86_400;
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
-fn line_class(line: &str) -> &'static str {
-    if line.starts_with("[serial] ") {
-        "l serial"
-    } else if line.starts_with("[stderr] ") {
-        "l stderr"
-    } else if line.starts_with("[ots-worker] ") {
-        "l worker"
-    } else {
-        "l"
     }
 }
 
@@ -583,7 +570,6 @@ mod tests {
             n.times,
             [Some(1_000), Some(1_000), Some(61_000), Some(61_000)]
         );
-        assert_eq!(clock(61_000), "00:01:01");
         assert_eq!(urlenc("a b&c"), "a%20b%26c");
     }
 }

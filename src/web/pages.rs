@@ -73,7 +73,7 @@ fn text_file(name: &str) -> bool {
 }
 
 /// The class of a stored log line by its stream prefix.
-fn line_class(line: &str) -> &'static str {
+pub(super) fn line_class(line: &str) -> &'static str {
     if line.starts_with("[serial] ") {
         "l serial"
     } else if line.starts_with("[stderr] ") {

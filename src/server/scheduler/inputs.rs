@@ -252,6 +252,19 @@ impl<S: Store> Scheduler<S> {
         self.read_file(peer, request, ReadSource::Input { sha256 }, offset, max)
     }
 
+    /// Whether the desk may take one more client read (a file read or a
+    /// log search): refused, and counted, past `MAX_READS_IN_FLIGHT`.
+    fn read_slot(&mut self) -> Result<(), (ErrorCode, String)> {
+        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
+            self.count("file_reads_busy", 1);
+            return Err((
+                ErrorCode::LimitReached,
+                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Hands a client's read to the desk, within the bound on reads in
     /// flight.
     pub(super) fn read_file(
@@ -262,13 +275,7 @@ impl<S: Store> Scheduler<S> {
         offset: u64,
         max: u64,
     ) -> Result<(), (ErrorCode, String)> {
-        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
-            self.count("file_reads_busy", 1);
-            return Err((
-                ErrorCode::LimitReached,
-                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
-            ));
-        }
+        self.read_slot()?;
         self.reads_in_flight += 1;
         self.file_job(FileJob::Read {
             peer: peer.clone(),
@@ -318,13 +325,7 @@ impl<S: Store> Scheduler<S> {
         task: TaskId,
         find: LogFind,
     ) -> Result<(), (ErrorCode, String)> {
-        if self.reads_in_flight >= MAX_READS_IN_FLIGHT {
-            self.count("file_reads_busy", 1);
-            return Err((
-                ErrorCode::LimitReached,
-                format!("server busy: {MAX_READS_IN_FLIGHT} file reads in progress; retry"),
-            ));
-        }
+        self.read_slot()?;
         let user = self.input_owner(peer);
         if self.finds.values().filter(|u| **u == user).count() >= MAX_FINDS_PER_USER {
             self.count("log_finds_busy", 1);
